@@ -1,0 +1,1 @@
+"""The ``hf-stage-attribution`` command line (one module per sub-command)."""

@@ -1,0 +1,54 @@
+"""``hf-stage-attribution inspect LEDGER_DIR``: the stages of a ledger as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .table import fmt_float, render_table
+
+HEADERS = ["#", "name", "kind", "trainer", "steps", "optimizer", "lr range", "wd", "trainable", "data", "|delta|"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect", help="Show the stages recorded in a ledger.", description="Show the stages recorded in a ledger."
+    )
+    p.add_argument("ledger_dir", metavar="LEDGER_DIR", help="directory holding ledger.json")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    p.add_argument("--verify", action="store_true", help="re-hash every stage file against ledger.json")
+    p.add_argument("--remove-incomplete", action="store_true", help="delete stages left by an interrupted recording")
+    p.set_defaults(func=run)
+
+
+def format_summary(summary: dict) -> str:
+    rows = []
+    for s in summary["stages"]:
+        lr = "-" if s["lr_min"] is None else f"{fmt_float(s['lr_min'])}..{fmt_float(s['lr_max'])}"
+        wd = ",".join(fmt_float(w) for w in s["weight_decay"]) or "-"
+        rows.append([s["index"], s["name"], s["kind"], s["trainer"], s["steps"], s["optimizer"], lr, wd,
+                     s["trainable_parameters"], s["data"], fmt_float(s["delta_norm"], 4)])  # fmt: skip
+    head = (
+        f"Ledger {summary['ledger']} (format {summary['format_version']}, model {summary['model_class']}, "
+        f"{summary['num_parameters']:,} parameters, {len(summary['stages'])} stages)"
+    )
+    text = head + "\n" + render_table(HEADERS, rows)
+    if summary["incomplete_stages"]:
+        text += "\nIncomplete (interrupted) stages: " + ", ".join(summary["incomplete_stages"])
+        text += "\n  remove them with: hf-stage-attribution inspect LEDGER_DIR --remove-incomplete"
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..ledger import StageLedger
+    from ..ledger.summary import ledger_summary
+
+    ledger = StageLedger.load(args.ledger_dir)
+    if args.remove_incomplete:
+        for path in ledger.remove_incomplete():
+            print(f"removed incomplete stage {path}")
+    if args.verify:
+        ledger.verify()
+    summary = ledger_summary(ledger)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0

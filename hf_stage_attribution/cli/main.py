@@ -1,0 +1,52 @@
+"""Entry point of ``hf-stage-attribution``: collects the sub-commands and turns errors into one-line reasons."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module defines `register(subparsers)` adding one sub-command whose handler is `args.func(args) -> int`.
+SUBCOMMANDS = [
+    "hf_stage_attribution.cli.inspect_cmd",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-stage-attribution",
+        description="Which training stage is accountable for a model's behavior, and by how much.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMANDS:
+        importlib.import_module(module_name).register(sub)
+    return parser
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from ..errors import StageAttributionError
+
+    try:
+        return int(args.func(args) or 0)
+    except StageAttributionError as exc:
+        print(f"hf-stage-attribution {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hf-stage-attribution {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""One exception tree for the whole package.
+
+Every error derives from :class:`StageAttributionError` and from the builtin it refines
+(``ValueError``, ``KeyError``, ``RuntimeError``), so ``except ValueError`` keeps working.
+Every message says what was expected, what was found, and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class StageAttributionError(Exception):
+    """Base class of every error raised by hf-stage-attribution."""
+
+
+# --- ledger -------------------------------------------------------------------------------------------
+
+
+class LedgerError(StageAttributionError, ValueError):
+    """A ledger directory cannot be read or written as asked."""
+
+
+class LedgerFormatError(LedgerError):
+    """A ledger file is corrupt, of an unknown format version, or structurally invalid."""
+
+
+class LedgerMismatchError(LedgerError):
+    """A ledger belongs to another model, or its hashes do not chain."""
+
+
+class LedgerLockedError(LedgerError):
+    """Another process is writing this ledger."""
+
+
+class IncompleteStageError(LedgerError):
+    """A stage was started but never finished (the writer crashed or was interrupted)."""
+
+
+class UnsafeInputError(StageAttributionError, ValueError):
+    """Input that would read/write outside its directory or execute code (pickles, path escapes)."""
+
+
+# --- estimators ---------------------------------------------------------------------------------------
+
+
+class UnsupportedOptimizerError(StageAttributionError, ValueError):
+    """An optimizer whose update rule the propagation rules do not know."""
+
+
+class MissingCurvatureError(StageAttributionError, ValueError):
+    """A curvature-aware estimator was asked for, but the ledger holds no curvature material."""
+
+
+class ModelMismatchError(StageAttributionError, ValueError):
+    """A model's parameters do not match the ledger (names, shapes or final hash)."""
+
+
+class ReplayError(StageAttributionError, RuntimeError):
+    """A stage cannot be replayed (no replay data, no stage function, or the replay diverged)."""
+
+
+# --- behaviors, registries, reports --------------------------------------------------------------------
+
+
+class UnknownNameError(StageAttributionError, KeyError):
+    """A registry lookup for a name that is not registered; the message lists the known names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class BehaviorError(StageAttributionError, ValueError):
+    """A behavior is empty, returns non-finite values, or cannot be built from its spec."""
+
+
+class ScorerUnavailableError(BehaviorError):
+    """A toxicity/reward scorer cannot be loaded (typically: it needs a network download)."""
+
+
+class ReportError(StageAttributionError, ValueError):
+    """A report file is invalid or does not belong to the ledger/model it is used with."""
+
+
+class ModelCardError(StageAttributionError, ValueError):
+    """A README/model card cannot be parsed or updated safely."""
+
+
+class CheckpointImportError(StageAttributionError, ValueError):
+    """Published checkpoints cannot be turned into a ledger."""
+
+
+class InterventionError(StageAttributionError, ValueError):
+    """An intervention request is invalid (stage out of range, empty or non-finite sweep, ...)."""
+
+
+def unknown_name(kind: str, name: str, known: list[str] | tuple[str, ...]) -> UnknownNameError:
+    """Build the standard error for a registry miss, listing what is known."""
+    return UnknownNameError(f"Unknown {kind} {name!r}. Known {kind}s: {', '.join(sorted(known))}.")

@@ -1,0 +1,221 @@
+"""The ledger's on-disk schema: format version, validation of ``ledger.json`` and ``stage.json``.
+
+Validation is strict about what the code relies on (types, ranges, safe relative paths) and lenient about the
+rest: keys this version does not know are ignored with a warning, so a ledger written by a newer minor release
+still loads. A ``format_version`` newer than this library's is refused.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..errors import LedgerFormatError, UnsafeInputError
+
+FORMAT_NAME = "hf-stage-attribution-ledger"
+FORMAT_VERSION = 1
+MAX_NAME_LENGTH = 256
+MAX_COUNT = 10**12
+
+STAGE_KINDS = (
+    "pretraining",
+    "fine-tuning",
+    "sft",
+    "lora",
+    "dpo",
+    "grpo",
+    "reward",
+    "kto",
+    "rloo",
+    "ppo",
+    "distillation",
+    "custom",
+    "untracked",
+    "imported",
+)
+
+LEDGER_KEYS = {"format", "format_version", "created_with", "created_at", "model", "start", "stages"}
+STAGE_ENTRY_KEYS = {"index", "name", "kind", "dir", "start_hash", "end_hash", "chain_hash", "files"}
+STAGE_KEYS = {
+    "format_version", "index", "name", "kind", "trainer", "training_arguments", "optimizer", "learning_rates",
+    "num_steps", "gradient_clipping", "gradient_accumulation_steps", "seed", "epochs", "datasets",
+    "peft_config", "lora", "trainable_parameters", "optimizer_state_policy", "optimizer_state_file",
+    "start_hash", "end_hash", "end_digests", "wall_time_seconds", "started_at", "finished_at", "segments",
+    "curvature_loss", "trl", "replay", "notes", "delta_file", "lora_file", "world_size", "framework_versions",
+    "source",
+}  # fmt: skip
+
+_HEX = re.compile(r"^[0-9a-f]{16,128}$")
+
+
+def _fail(path: Path, what: str, found: Any, fix: str = "") -> LedgerFormatError:
+    shown = repr(found)
+    if len(shown) > 120:
+        shown = shown[:117] + "..."
+    return LedgerFormatError(f"{path}: expected {what}, found {shown}.{(' ' + fix) if fix else ''}")
+
+
+def warn_unknown_keys(path: Path, data: dict, known: set[str]) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(
+            f"{path}: ignoring keys this version of hf-stage-attribution does not know: {', '.join(unknown)} "
+            "(written by a newer version?).",
+            stacklevel=3,
+        )
+
+
+def check_version(path: Path, data: Any) -> None:
+    if not isinstance(data, dict):
+        raise _fail(path, "a JSON object", type(data).__name__)
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _fail(path, "an integer `format_version` >= 1", version)
+    if version > FORMAT_VERSION:
+        raise LedgerFormatError(
+            f"{path}: format_version {version} is newer than this library reads ({FORMAT_VERSION}). "
+            "Upgrade hf-stage-attribution (`pip install -U hf-stage-attribution`) to read this ledger."
+        )
+
+
+def check_name(path: Path, name: Any, what: str = "a stage name") -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH:
+        raise _fail(path, f"{what}: a non-empty string of at most {MAX_NAME_LENGTH} characters", name)
+    if any(ord(c) < 32 for c in name):
+        raise _fail(path, f"{what} without control characters", name)
+    return name
+
+
+def check_count(path: Path, value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT:
+        raise _fail(path, f"`{what}`: an integer between 0 and {MAX_COUNT}", value)
+    return value
+
+
+def check_hash(path: Path, value: Any, what: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not _HEX.match(value):
+        raise _fail(path, f"`{what}`: a lowercase hex digest", value)
+    return value
+
+
+def check_relative_path(path: Path, value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or value.startswith(("/", "\\")) or ":" in value:
+        raise UnsafeInputError(f"{path}: expected `{what}` to be a relative path inside the ledger, found {value!r}.")
+    if any(part in ("..", "") for part in Path(value).parts):
+        raise UnsafeInputError(f"{path}: `{what}` = {value!r} would leave the ledger directory.")
+    return value
+
+
+def validate_ledger(path: Path, data: Any) -> dict:
+    """Validate a parsed ``ledger.json``; return it (unknown keys warned about, not removed)."""
+    check_version(path, data)
+    if data.get("format") != FORMAT_NAME:
+        raise _fail(path, f"`format` = {FORMAT_NAME!r}", data.get("format"), "Is this an hf-stage-attribution ledger?")
+    warn_unknown_keys(path, data, LEDGER_KEYS)
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("parameters"), list):
+        raise _fail(path, "`model.parameters`: a list of [name, shape] pairs", model)
+    seen: set[str] = set()
+    for item in model["parameters"]:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_COUNT for d in item[1])
+        ):
+            raise _fail(path, "a [name, [non-negative dims...]] pair in `model.parameters`", item)
+        if item[0] in seen:
+            raise _fail(path, "unique parameter names", item[0])
+        seen.add(item[0])
+    start = data.get("start")
+    if start is not None:
+        if not isinstance(start, dict):
+            raise _fail(path, "`start`: an object", start)
+        check_relative_path(path, start.get("file"), "start.file")
+        check_hash(path, start.get("state_hash"), "start.state_hash")
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        raise _fail(path, "`stages`: a list", stages)
+    names: set[str] = set()
+    for position, entry in enumerate(stages):
+        if not isinstance(entry, dict):
+            raise _fail(path, "a stage entry object", entry)
+        warn_unknown_keys(path, entry, STAGE_ENTRY_KEYS)
+        if entry.get("index") != position:
+            raise _fail(path, f"stage entry {position} to have `index` {position}", entry.get("index"))
+        name = check_name(path, entry.get("name"))
+        if name in names:
+            raise _fail(path, "unique stage names", name)
+        names.add(name)
+        rel = check_relative_path(path, entry.get("dir"), f"stages[{position}].dir")
+        if not rel.startswith("stages/"):
+            raise UnsafeInputError(f"{path}: stage directory {rel!r} must be under stages/.")
+        for key in ("start_hash", "end_hash", "chain_hash"):
+            check_hash(path, entry.get(key), f"stages[{position}].{key}")
+        files = entry.get("files", {})
+        if not isinstance(files, dict):
+            raise _fail(path, f"`stages[{position}].files`: an object", files)
+        for rel_file, digest in files.items():
+            check_relative_path(path, rel_file, f"stages[{position}].files key")
+            check_hash(path, digest, f"stages[{position}].files[{rel_file!r}]")
+    return data
+
+
+def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
+    """Validate a parsed ``stage.json``."""
+    check_version(path, data)
+    warn_unknown_keys(path, data, STAGE_KEYS)
+    if check_name(path, data.get("name")) != expected_name:
+        raise _fail(path, f"the stage named {expected_name!r} (as in ledger.json)", data.get("name"))
+    kind = data.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise _fail(path, "`kind`: a non-empty string", kind)
+    steps = check_count(path, data.get("num_steps"), "num_steps")
+    lrs = data.get("learning_rates", [])
+    if not isinstance(lrs, list) or len(lrs) != steps:
+        raise _fail(
+            path,
+            f"`learning_rates`: a list with one entry per step ({steps})",
+            f"{type(lrs).__name__} of {len(lrs) if isinstance(lrs, list) else '?'}",
+        )
+    for row in lrs:
+        if not isinstance(row, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row):
+            raise _fail(path, "each `learning_rates` entry to be a list of numbers (one per param group)", row)
+    opt = data.get("optimizer")
+    if opt is not None:
+        if (
+            not isinstance(opt, dict)
+            or not isinstance(opt.get("type"), str)
+            or not isinstance(opt.get("param_groups"), list)
+        ):
+            raise _fail(path, "`optimizer`: an object with `type` and `param_groups`", opt)
+        for group in opt["param_groups"]:
+            if not isinstance(group, dict) or not isinstance(group.get("params", []), list):
+                raise _fail(path, "each param group to be an object with a `params` list", group)
+    trainable = data.get("trainable_parameters", [])
+    if not isinstance(trainable, list) or not all(isinstance(x, str) for x in trainable):
+        raise _fail(path, "`trainable_parameters`: a list of names", trainable)
+    policy = data.get("optimizer_state_policy", "fresh")
+    if policy not in ("fresh", "continued", "unknown"):
+        raise _fail(path, "`optimizer_state_policy` in fresh/continued/unknown", policy)
+    segments = data.get("segments", [])
+    if not isinstance(segments, list):
+        raise _fail(path, "`segments`: a list", segments)
+    for seg in segments:
+        if not isinstance(seg, dict):
+            raise _fail(path, "a segment object", seg)
+        start, end, mid = (
+            check_count(path, seg.get(k), f"segments[].{k}") for k in ("step_start", "step_end", "mid_step")
+        )
+        if not start <= mid < end <= steps:
+            raise _fail(path, f"segment steps with step_start <= mid_step < step_end <= num_steps ({steps})", seg)
+        check_relative_path(path, seg.get("dir"), "segments[].dir")
+    for key in ("delta_file", "lora_file", "optimizer_state_file"):
+        if data.get(key) is not None:
+            check_relative_path(path, data[key], key)
+    return data

@@ -1,0 +1,102 @@
+"""What the recorder keeps of an optimizer: its type, per-group hyperparameters and (where needed) its state."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+# Optimizers whose weight decay is decoupled from the gradient (θ ← θ − η λ θ applied directly).
+_DECOUPLED = ("AdamW", "Lion", "AdamW8bit", "PagedAdamW", "AdamWScheduleFree", "LAMB", "Adafactor")
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg", "sum", "step")
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's ``AcceleratedOptimizer`` (or similar) wrappers."""
+    seen = 0
+    while hasattr(optimizer, "optimizer") and not isinstance(optimizer, torch.optim.Optimizer) and seen < 8:
+        optimizer = optimizer.optimizer
+        seen += 1
+    if hasattr(optimizer, "optimizer") and type(optimizer).__name__ == "AcceleratedOptimizer":
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return repr(value)
+
+
+def decoupled_weight_decay(optimizer: torch.optim.Optimizer) -> bool | None:
+    """True for decoupled decay (AdamW & co.), False for coupled (SGD, Adam, RMSprop...), None if unknown."""
+    name = type(optimizer).__name__
+    if any(name.startswith(prefix) or name.endswith(prefix) for prefix in _DECOUPLED):
+        return True
+    if name in ("Adam", "NAdam", "RAdam"):
+        return bool(optimizer.param_groups[0].get("decoupled_weight_decay", False))
+    if name in ("SGD", "RMSprop", "Adagrad", "Adamax", "ASGD", "Rprop", "Adadelta"):
+        return False
+    return None
+
+
+def describe_optimizer(optimizer: Any, names_by_id: dict[int, str]) -> dict:
+    """The JSON-safe description stored in ``stage.json["optimizer"]``.
+
+    ``names_by_id`` maps ``id(parameter)`` to its ledger name: a base name, or ``<base weight>::A`` / ``::B``
+    for LoRA factors (listed under the group's ``lora_params``).
+    """
+    opt = unwrap_optimizer(optimizer)
+    groups = []
+    for group in opt.param_groups:
+        entry = {k: _json_safe(v) for k, v in group.items() if k != "params"}
+        names = [names_by_id.get(id(p)) for p in group["params"]]
+        entry["params"] = [n for n in names if n is not None and "::" not in n]
+        lora = [n for n in names if n is not None and "::" in n]
+        if lora:
+            entry["lora_params"] = lora
+        entry["num_unnamed_params"] = sum(1 for n in names if n is None)
+        groups.append(entry)
+    return {
+        "type": type(opt).__name__,
+        "module": type(opt).__module__,
+        "decoupled_weight_decay": decoupled_weight_decay(opt),
+        "param_groups": groups,
+    }
+
+
+def applied_learning_rates(optimizer: Any) -> list[float]:
+    """The learning rate of every param group as the optimizer holds it now."""
+    return [float(g["lr"]) for g in unwrap_optimizer(optimizer).param_groups]
+
+
+def has_state(optimizer: Any) -> bool:
+    return any(len(s) > 0 for s in unwrap_optimizer(optimizer).state.values())
+
+
+def optimizer_state_tensors(
+    optimizer: Any, names_by_id: dict[int, str], keys: tuple[str, ...] = STATE_KEYS
+) -> dict[str, torch.Tensor]:
+    """Flat ``{"<state key>/<name>": float32 tensor}`` of the optimizer state (scalars as 0-d tensors)."""
+    opt = unwrap_optimizer(optimizer)
+    out: dict[str, torch.Tensor] = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            name = names_by_id.get(id(p))
+            state = opt.state.get(p, {})
+            if name is None or not state:
+                continue
+            for key in keys:
+                value = state.get(key)
+                if isinstance(value, torch.Tensor):
+                    out[f"{key}/{name}"] = value.detach().to("cpu", torch.float32).clone()
+                elif isinstance(value, (int, float)):
+                    out[f"{key}/{name}"] = torch.tensor(float(value))
+    return out

@@ -1,0 +1,538 @@
+"""``StageRecording``: the framework-free recorder behind every front end (Trainer callback, custom loops).
+
+Life cycle: ``begin()`` → ``step(batch=None)`` after every optimizer step (before the scheduler advances) →
+``end()``. While a stage is recorded its files live in ``stages/.partial-<index>-<name>/``; only ``end()``
+renames the directory into place and then lists the stage in ``ledger.json``, so a crash never leaves a
+half-recorded stage in the ledger. Memory: one float32 copy of the *trainable* parameters (LoRA: of the factors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._hashing import combine_digests, tensor_digest
+from ..errors import LedgerError
+from ..params import base_parameters, lora_layers, state_digests, unwrap_model
+from .format import FORMAT_VERSION, check_name
+from .ledger import StageLedger, utc_now
+from .optimizer_info import (
+    applied_learning_rates,
+    describe_optimizer,
+    has_state,
+    optimizer_state_tensors,
+)
+from .segments import SegmentCapture, plan_segments
+from .storage import (
+    DirectoryLock,
+    atomic_write_json,
+    file_sha256,
+    slugify,
+    write_safetensors,
+    write_safetensors_stream,
+)
+
+
+def _is_main_process() -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class StageRecording:
+    """Record one stage into a :class:`StageLedger`.
+
+    Args:
+        ledger: the ledger (or its directory).
+        name: unique stage name. kind: ``pretraining``, ``sft``, ``lora``, ``dpo``, ... (``None``: ``lora`` when
+            the model carries LoRA adapters, else ``custom``).
+        model, optimizer, scheduler: what is being trained (scheduler only for the record).
+        loss_fn: ``f(model, batch) -> scalar`` or ``(forward, loss)``; kept in memory for curvature products.
+        num_steps: planned optimizer steps (needed to place curvature segments).
+        curvature_segments: segments with curvature material (default 3; 0 turns it off).
+        curvature_examples: examples kept per segment (default 256).
+        curvature_loss: JSON description of the loss for reloaded ledgers (e.g. ``{"type": "causal-lm"}``).
+        metadata: extra JSON-safe fields for ``stage.json`` (trainer, datasets, seeds, ...).
+        is_main_process: only the main process writes (default: rank 0 of torch.distributed / ``RANK``).
+        resume: continue an interrupted recording of the same stage from its last ``checkpoint()``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from hf_stage_attribution import StageLedger
+        >>> model = torch.nn.Linear(2, 1); opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        >>> rec = StageLedger(tempfile.mkdtemp()).record_stage("s1", model=model, optimizer=opt)
+        >>> rec.begin()
+        >>> opt.zero_grad(); model(torch.ones(4, 2)).sum().backward(); opt.step(); rec.step()
+        >>> rec.end().num_steps
+        1
+    """
+
+    def __init__(
+        self,
+        ledger: StageLedger | str | os.PathLike,
+        name: str,
+        kind: str | None = "custom",
+        model: torch.nn.Module | None = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        loss_fn: Callable | tuple[Callable, Callable] | None = None,
+        *,
+        num_steps: int | None = None,
+        curvature_segments: int = 3,
+        curvature_examples: int = 256,
+        curvature_loss: dict | None = None,
+        metadata: dict | None = None,
+        is_main_process: bool | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.ledger = ledger if isinstance(ledger, StageLedger) else StageLedger(ledger)
+        self.name = check_name(Path("stage name"), name)
+        self.kind = kind
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_fn = loss_fn
+        self.num_steps = num_steps
+        self.curvature_segments = int(curvature_segments)
+        self.curvature_examples = int(curvature_examples)
+        if self.curvature_segments < 0 or self.curvature_examples < 0:
+            raise LedgerError(
+                f"`curvature_segments` and `curvature_examples` must be >= 0, got {curvature_segments}, "
+                f"{curvature_examples}."
+            )
+        self.curvature_loss = (
+            curvature_loss if curvature_loss is not None else ({"type": "custom"} if loss_fn else None)
+        )
+        self.metadata: dict = dict(metadata or {})
+        self.is_main = _is_main_process() if is_main_process is None else bool(is_main_process)
+        self.resume = resume
+        self.active = False
+        self.finished = False
+        self.learning_rates: list[list[float]] = []
+        self._pending: list[Any] = []
+        self._lock: DirectoryLock | None = None
+        self.stage = None
+
+    # --- context manager -------------------------------------------------------------------------------
+
+    def __enter__(self) -> StageRecording:
+        self.begin()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.end()
+        else:
+            self.abort()
+
+    # --- begin -----------------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Snapshot the start of the stage; check the ledger belongs to this model and is continuous."""
+        if self.model is None:
+            raise LedgerError("StageRecording needs `model=`.")
+        if not self.is_main:
+            return
+        self.model = unwrap_model(self.model)
+        ledger = self.ledger
+        ledger.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = DirectoryLock(ledger.dir, f"recording stage {self.name!r}")
+        self._lock.acquire()
+        try:
+            self._begin_locked()
+        except BaseException:
+            self._lock.release()
+            raise
+        self.active = True
+
+    def _begin_locked(self) -> None:
+        ledger, model = self.ledger, self.model
+        if (ledger.dir / "ledger.json").exists():
+            ledger._reload()
+            ledger._check_same_model(model)
+        else:
+            ledger._initialize(model)
+        if any(s.name == self.name for s in ledger.stages):
+            raise LedgerError(
+                f"The ledger at {ledger.dir} already has a stage named {self.name!r}. Stage names are unique: "
+                "choose another name (or use a new ledger directory)."
+            )
+        self._lora = lora_layers(model)
+        if self.kind is None:
+            self.kind = "lora" if self._lora else "custom"
+        self._params = base_parameters(model)
+        self._names_by_id = self._name_parameters()
+        self.index = len(ledger.stages)
+        self.partial_dir = ledger.dir / "stages" / f".partial-{self.index:03d}-{slugify(self.name)}"
+        digests = state_digests(model)
+        resumed = self.resume and (self.partial_dir / "progress.json").exists()
+        if not resumed:
+            self._record_untracked(digests)
+            self.index = len(ledger.stages)
+            self.partial_dir = ledger.dir / "stages" / f".partial-{self.index:03d}-{slugify(self.name)}"
+            if self.partial_dir.exists():
+                shutil.rmtree(self.partial_dir)
+            self.partial_dir.mkdir(parents=True)
+        self.start_digests = digests if not resumed else self._load_progress()["start_digests"]
+        self._trainable = [n for n, p in self._params.items() if p.requires_grad and n not in self._lora]
+        self._snapshot = self._take_snapshot(resumed)
+        self._lora_start = self._lora_snapshot(resumed)
+        self.optimizer_state_policy = "fresh"
+        if self.optimizer is not None and has_state(self.optimizer) and not resumed:
+            self.optimizer_state_policy = "continued"
+            write_safetensors(
+                self.partial_dir / "optimizer_state.safetensors",
+                optimizer_state_tensors(self.optimizer, self._names_by_id),
+            )
+        self._capture = SegmentCapture(
+            self.partial_dir,
+            plan_segments(self.num_steps, self.curvature_segments if (self.loss_fn or self.curvature_loss) else 0),
+            self.curvature_examples,
+        )
+        self.started_at = utc_now()
+        self._t0 = time.time()
+        if resumed:
+            self._restore_progress()
+
+    def _name_parameters(self) -> dict[int, str]:
+        names = {id(p): n for n, p in self._params.items()}
+        for base, info in self._lora.items():
+            pair = info.factors()
+            if pair is not None:
+                names[id(pair[0])], names[id(pair[1])] = f"{base}::A", f"{base}::B"
+        return names
+
+    def _take_snapshot(self, resumed: bool) -> dict[str, torch.Tensor]:
+        path = self.partial_dir / "start_trainable.safetensors"
+        if resumed and path.exists():
+            from .storage import open_safetensors
+
+            handle = open_safetensors(path)
+            return {k: handle.get_tensor(k) for k in handle.keys()}
+        return {n: self._params[n].detach().to("cpu", torch.float32).clone() for n in self._trainable}
+
+    def _lora_snapshot(self, resumed: bool) -> dict[str, torch.Tensor]:
+        """Start factors (only where B is non-zero, i.e. the adapter was already trained) or start dense deltas."""
+        path = self.partial_dir / "start_lora.safetensors"
+        if resumed and path.exists():
+            from .storage import open_safetensors
+
+            handle = open_safetensors(path)
+            return {k: handle.get_tensor(k) for k in handle.keys()}
+        out: dict[str, torch.Tensor] = {}
+        for base, info in self._lora.items():
+            pair = info.factors()
+            if pair is None:
+                out[f"{base}::dense"] = info.delta()
+            elif bool(pair[1].detach().abs().sum() > 0):
+                out[f"{base}::A0"] = pair[0].detach().to("cpu", torch.float32).clone()
+                out[f"{base}::B0"] = pair[1].detach().to("cpu", torch.float32).clone()
+        return out
+
+    def _record_untracked(self, digests: dict[str, str]) -> None:
+        ledger = self.ledger
+        previous = ledger.final_digests
+        changed = [n for n in ledger.parameter_names if previous.get(n) != digests.get(n)]
+        if not changed:
+            return
+        merged = {}
+        final = ledger.final_state()
+        current = dict(_iter_selected_merged(self.model, changed, self._lora, self._params))
+        for name in changed:
+            merged[name] = current[name] - final[name]
+        merged = {n: d for n, d in merged.items() if bool(d.abs().sum() > 0)}
+        if not merged:
+            return
+        name = f"untracked-before-{self.name}"
+        warnings.warn(
+            f"The model's parameters at the start of stage {self.name!r} differ from the end of the previous stage "
+            f"in {len(merged)} tensor(s) (e.g. {next(iter(merged))!r}): weights were edited or merged between runs. "
+            f"Recording the difference as an explicit stage {name!r} of kind 'untracked'.",
+            stacklevel=4,
+        )
+        index = len(ledger.stages)
+        partial = ledger.dir / "stages" / f".partial-{index:03d}-{slugify(name)}"
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        sha = write_safetensors(partial / "delta.safetensors", merged)
+        info = {
+            "format_version": FORMAT_VERSION, "index": index, "name": name, "kind": "untracked", "optimizer": None,
+            "learning_rates": [], "num_steps": 0, "trainable_parameters": sorted(merged),
+            "delta_file": "delta.safetensors",
+            "optimizer_state_policy": "unknown", "start_hash": ledger.final_hash, "end_hash": combine_digests(digests),
+            "end_digests": digests, "started_at": utc_now(), "finished_at": utc_now(), "segments": [],
+            "notes": ["Parameters changed between recorded stages without a recorded training run."],
+        }  # fmt: skip
+        files = {"delta.safetensors": sha, "stage.json": atomic_write_json(partial / "stage.json", info)}
+        self._commit(partial, name, "untracked", ledger.final_hash, info["end_hash"], files)
+
+    # --- steps -----------------------------------------------------------------------------------------
+
+    def observe_batch(self, batch: Any) -> None:
+        """Offer a training batch seen during the current step (front ends call this from forward hooks)."""
+        if self.active:
+            self._pending.append(batch)
+
+    def step(self, batch: Any = None) -> None:
+        """Call after ``optimizer.step()`` and before ``scheduler.step()``: records the applied learning rates."""
+        if not self.active:
+            return
+        if self.optimizer is None:
+            raise LedgerError(f"Stage {self.name!r}: step() needs the optimizer (pass `optimizer=` to record_stage).")
+        self.learning_rates.append(applied_learning_rates(self.optimizer))
+        batches = [*self._pending, *([batch] if batch is not None else [])]
+        self._pending = []
+        t = len(self.learning_rates) - 1
+        self._capture.on_step(t, batches, self._midpoint_state)
+
+    def _midpoint_state(self) -> tuple[Iterator[tuple[str, torch.Tensor]], list, dict[str, torch.Tensor]]:
+        """Announced specs + a stream of θ_mid − θ_start, and the second moments, for the segment capture."""
+        names = self._trainable + list(self._lora)
+        specs = [(n, torch.float32, tuple(self._params[n].shape)) for n in names]
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            for n in self._trainable:
+                yield n, self._params[n].detach().to("cpu", torch.float32) - self._snapshot[n]
+            for n in self._lora:
+                yield n, self._lora_delta_now(n)
+
+        moments: dict[str, torch.Tensor] = {}
+        if self.optimizer is not None:
+            moments = optimizer_state_tensors(self.optimizer, self._names_by_id, ("exp_avg_sq", "square_avg", "step"))
+        return stream(), specs, moments
+
+    def _lora_delta_now(self, base: str) -> torch.Tensor:
+        delta = self._lora[base].delta()
+        if f"{base}::dense" in self._lora_start:
+            return delta - self._lora_start[f"{base}::dense"]
+        if f"{base}::A0" in self._lora_start:
+            info = self._lora[base]
+            start = self._lora_start[f"{base}::B0"] @ self._lora_start[f"{base}::A0"]
+            if info.layer_type == "embedding" or info.fan_in_fan_out:
+                start = start.T
+            return delta - start * info.scaling
+        return delta
+
+    # --- checkpoint / resume ---------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Persist progress so that ``resume=True`` can continue this stage after an interruption."""
+        if not self.active:
+            return
+        if not (self.partial_dir / "start_trainable.safetensors").exists():
+            write_safetensors(self.partial_dir / "start_trainable.safetensors", self._snapshot)
+            write_safetensors(self.partial_dir / "start_lora.safetensors", self._lora_start)
+        atomic_write_json(
+            self.partial_dir / "progress.json",
+            {
+                "learning_rates": self.learning_rates,
+                "start_digests": self.start_digests,
+                "optimizer_state_policy": self.optimizer_state_policy,
+                "segments": self._capture.state(),
+                "started_at": self.started_at,
+            },
+        )
+
+    def _load_progress(self) -> dict:
+        with open(self.partial_dir / "progress.json", encoding="utf-8") as fh:
+            return json.load(fh)
+
+    def _restore_progress(self, completed_steps: int | None = None) -> None:
+        progress = self._load_progress()
+        self.learning_rates = progress["learning_rates"]
+        self.optimizer_state_policy = progress["optimizer_state_policy"]
+        self.started_at = progress["started_at"]
+        self._capture.restore(progress["segments"])
+
+    def truncate(self, completed_steps: int) -> None:
+        """After resuming from a checkpoint at ``completed_steps``, forget steps recorded after it."""
+        if self.active and len(self.learning_rates) > completed_steps:
+            del self.learning_rates[completed_steps:]
+
+    # --- end -------------------------------------------------------------------------------------------
+
+    def update_metadata(self, **fields: Any) -> None:
+        self.metadata.update(fields)
+
+    @property
+    def replay_dir(self) -> Path | None:
+        """A directory inside the partial stage where front ends save what replay needs."""
+        if not self.active:
+            return None
+        path = self.partial_dir / "replay"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def abort(self) -> None:
+        """Drop the partial stage (used when training raised); the ledger keeps its earlier stages."""
+        if self.active:
+            shutil.rmtree(self.partial_dir, ignore_errors=True)
+            self.active = False
+        if self._lock is not None:
+            self._lock.release()
+
+    def end(self):
+        """Write the stage's files, then list it in ``ledger.json``; returns the new :class:`Stage`."""
+        if not self.active:
+            return None
+        try:
+            stage = self._end_locked()
+        finally:
+            self.active = False
+            if self._lock is not None:
+                self._lock.release()
+        self.finished = True
+        self.stage = stage
+        return stage
+
+    def _end_locked(self):
+        files: dict[str, str] = {}
+        end_digests = state_digests(self.model)
+        dense_names = list(self._trainable)
+        frozen_changed = [
+            n for n in self.ledger.parameter_names
+            if n not in self._snapshot and n not in self._lora and end_digests.get(n) != self.start_digests.get(n)
+        ]  # fmt: skip
+        other_lora = [n for n in self._lora if self._lora[n].layer_type == "other"]
+        if frozen_changed:
+            warnings.warn(
+                f"Stage {self.name!r}: {len(frozen_changed)} parameter(s) without requires_grad changed during the "
+                f"stage (e.g. {frozen_changed[0]!r}); their change is recorded in the stage delta.",
+                stacklevel=3,
+            )
+        all_dense = dense_names + frozen_changed + other_lora
+        if all_dense:
+            before = self.ledger.final_state() if frozen_changed else None
+
+            def stream() -> Iterator[tuple[str, torch.Tensor]]:
+                for n in dense_names:
+                    yield n, self._params[n].detach().to("cpu", torch.float32) - self._snapshot[n]
+                for n in frozen_changed:
+                    merged = dict(_iter_selected_merged(self.model, [n], self._lora, self._params))[n]
+                    yield n, merged - before[n]
+                for n in other_lora:
+                    yield n, self._lora_delta_now(n)
+
+            specs = [(n, torch.float32, tuple(self._params[n].shape)) for n in all_dense]
+            files["delta.safetensors"] = write_safetensors_stream(
+                self.partial_dir / "delta.safetensors", specs, stream()
+            )
+        lora_info = None
+        factor_layers = {n: i for n, i in self._lora.items() if i.layer_type != "other"}
+        if self._lora:
+            tensors: dict[str, torch.Tensor] = {}
+            for base, info in factor_layers.items():
+                a, b = info.factors()
+                tensors[f"{base}::A"] = a.detach().to("cpu", torch.float32)
+                tensors[f"{base}::B"] = b.detach().to("cpu", torch.float32)
+                for key in ("A0", "B0"):
+                    if f"{base}::{key}" in self._lora_start:
+                        tensors[f"{base}::{key}"] = self._lora_start[f"{base}::{key}"]
+            if tensors:
+                files["lora.safetensors"] = write_safetensors(self.partial_dir / "lora.safetensors", tensors)
+            lora_info = {
+                "modules": {
+                    n: {
+                        "scaling": i.scaling,
+                        "fan_in_fan_out": i.fan_in_fan_out,
+                        "layer_type": i.layer_type,
+                        "adapter": i.adapter,
+                    }
+                    for n, i in factor_layers.items()
+                },
+                "dense_modules": other_lora,
+            }
+        segments = self._capture.finish(files)
+        if self.num_steps is not None and segments == [] and self._capture.planned and self.learning_rates:
+            warnings.warn(f"Stage {self.name!r}: no curvature segment reached its midpoint.", stacklevel=3)
+        if self.curvature_segments and self.num_steps is None and (self.loss_fn or self.curvature_loss):
+            warnings.warn(
+                f"Stage {self.name!r}: no curvature material recorded because `num_steps` was not given; "
+                "pass num_steps=... to record_stage to enable the `aa-ggn` estimator.",
+                stacklevel=3,
+            )
+        if (self.partial_dir / "optimizer_state.safetensors").exists():
+            files["optimizer_state.safetensors"] = file_sha256(self.partial_dir / "optimizer_state.safetensors")
+        end_hash = combine_digests(end_digests)
+        info = {
+            "format_version": FORMAT_VERSION,
+            "index": self.index,
+            "name": self.name,
+            "kind": self.kind,
+            "optimizer": describe_optimizer(self.optimizer, self._names_by_id) if self.optimizer is not None else None,
+            "learning_rates": self.learning_rates,
+            "num_steps": len(self.learning_rates),
+            "trainable_parameters": sorted(set(all_dense) | set(self._lora)),
+            "delta_file": "delta.safetensors" if "delta.safetensors" in files else None,
+            "lora_file": "lora.safetensors" if "lora.safetensors" in files else None,
+            "lora": lora_info,
+            "optimizer_state_policy": self.optimizer_state_policy,
+            "optimizer_state_file": "optimizer_state.safetensors" if "optimizer_state.safetensors" in files else None,
+            "start_hash": combine_digests(self.start_digests),
+            "end_hash": end_hash,
+            "end_digests": end_digests,
+            "segments": segments,
+            "curvature_loss": self.curvature_loss,
+            "started_at": self.started_at,
+            "finished_at": utc_now(),
+            "wall_time_seconds": round(time.time() - self._t0, 3),
+            **_json_safe_metadata(self.metadata),
+        }
+        for leftover in ("start_trainable.safetensors", "start_lora.safetensors", "progress.json"):
+            (self.partial_dir / leftover).unlink(missing_ok=True)
+        replay = self.partial_dir / "replay"
+        if replay.is_dir():
+            for path in sorted(replay.rglob("*")):
+                if path.is_file():
+                    files[str(path.relative_to(self.partial_dir))] = file_sha256(path)
+        files["stage.json"] = atomic_write_json(self.partial_dir / "stage.json", info)
+        stage = self._commit(self.partial_dir, self.name, self.kind, info["start_hash"], end_hash, files)
+        self.ledger._remember_loss_fn(self.name, self.loss_fn)
+        return stage
+
+    def _commit(self, partial: Path, name: str, kind: str, start_hash: str, end_hash: str, files: dict[str, str]):
+        ledger = self.ledger
+        final = ledger.dir / "stages" / f"{len(ledger.stages):03d}-{slugify(name)}"
+        if final.exists():
+            raise LedgerError(
+                f"Cannot finish stage {name!r}: {final} already exists (left by an earlier crash?). Remove it."
+            )
+        os.replace(partial, final)
+        return ledger._append_stage(final.name, name, kind, start_hash, end_hash, files)
+
+
+def _iter_selected_merged(model, names: list[str], lora: dict, params: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    from ..params import merged_tensor
+
+    for n in names:
+        yield n, merged_tensor(n, params[n], lora)
+
+
+def _json_safe_metadata(metadata: dict) -> dict:
+    try:
+        return json.loads(json.dumps(metadata, default=_fallback, allow_nan=False))
+    except ValueError as exc:
+        raise LedgerError(f"Stage metadata must be JSON-safe (no NaN/inf): {exc}") from exc
+
+
+def _fallback(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+__all__ = ["StageRecording", "tensor_digest"]

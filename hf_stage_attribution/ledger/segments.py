@@ -1,0 +1,159 @@
+"""Curvature material (ESTIMATORS.md §4a): per segment, the midpoint parameters, second moments and examples.
+
+A stage of ``N`` planned steps is cut into ``S`` equal segments. During segment ``i`` the capture keeps up to
+``cap`` training examples, taken from evenly spaced steps (no RNG, no change to the data order); at the
+segment's midpoint step it writes θ_mid − θ_start and the optimizer's second moments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .storage import file_sha256, write_safetensors, write_safetensors_stream
+
+
+def plan_segments(num_steps: int | None, segments: int) -> list[tuple[int, int, int]]:
+    """``[(step_start, step_end, mid_step), ...]`` for ``segments`` equal parts of ``num_steps`` steps."""
+    if not num_steps or segments <= 0:
+        return []
+    segments = min(segments, num_steps)
+    bounds = [math.floor(i * num_steps / segments) for i in range(segments + 1)]
+    return [(a, b, a + (b - a) // 2) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _flatten(batch: Any) -> tuple[str, dict[str, torch.Tensor]] | None:
+    if isinstance(batch, torch.Tensor):
+        return "tensor", {"_": batch}
+    if isinstance(batch, (tuple, list)) and batch and all(isinstance(x, torch.Tensor) for x in batch):
+        return "tuple", {str(j): x for j, x in enumerate(batch)}
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        fields = {str(k): v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        return ("dict", fields) if fields else None
+    return None
+
+
+def _num_rows(fields: dict[str, torch.Tensor]) -> int:
+    return min((t.shape[0] for t in fields.values() if t.dim() > 0), default=1)
+
+
+class SegmentCapture:
+    """Collects curvature material while a stage runs; see the module docstring."""
+
+    def __init__(self, stage_dir: Path, plan: list[tuple[int, int, int]], cap: int) -> None:
+        self.stage_dir = stage_dir
+        self.plan = plan
+        self.cap = cap
+        self.planned = bool(plan)
+        self._status = [
+            {"mid_written": False, "examples_written": False, "num_examples": 0, "layout": None} for _ in plan
+        ]
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._batches = 0
+        self._stride: int | None = None
+        self._current: int | None = None
+
+    def _segment_of(self, t: int) -> int | None:
+        for i, (a, b, _) in enumerate(self.plan):
+            if a <= t < b:
+                return i
+        return None
+
+    def _dir(self, i: int) -> Path:
+        path = self.stage_dir / "segments" / str(i)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def on_step(self, t: int, batches: list[Any], midpoint_state: Callable) -> None:
+        i = self._segment_of(t)
+        if i is None:
+            return
+        if self._current != i:
+            self._flush()
+            self._current, self._buffer, self._batches, self._stride = i, {}, 0, None
+        a, b, mid = self.plan[i]
+        self._keep(i, t - a, b - a, batches)
+        if t == mid:
+            stream, specs, moments = midpoint_state()
+            d = self._dir(i)
+            write_safetensors_stream(d / "params_delta.safetensors", specs, stream)
+            if moments:
+                write_safetensors(d / "second_moments.safetensors", moments)
+            self._status[i]["mid_written"] = True
+        if t == b - 1:
+            self._flush()
+
+    def _keep(self, i: int, offset: int, length: int, batches: list[Any]) -> None:
+        status = self._status[i]
+        for batch in batches:
+            flat = _flatten(batch)
+            if flat is None or status["num_examples"] >= self.cap:
+                continue
+            layout, fields = flat
+            rows = _num_rows(fields)
+            if self._stride is None:
+                per_step = max(1, rows * max(1, len(batches)))
+                self._stride = max(1, math.ceil(length * per_step / max(1, self.cap)))
+            if offset % self._stride:
+                return
+            take = min(rows, self.cap - status["num_examples"])
+            for key, value in fields.items():
+                value = value.detach().to("cpu")
+                if value.dim() > 0 and value.shape[0] == rows:
+                    value = value[:take]
+                self._buffer[f"{self._batches}/{key}"] = value.clone()
+            status["layout"] = layout
+            status["num_examples"] += take
+            self._batches += 1
+
+    def _flush(self) -> None:
+        i = self._current
+        if i is None or self._status[i]["examples_written"]:
+            return
+        if self._buffer:
+            write_safetensors(self._dir(i) / "examples.safetensors", self._buffer)
+        self._status[i]["examples_written"] = True
+        self._buffer = {}
+
+    def state(self) -> list[dict]:
+        self._flush_partial()
+        return [dict(s) for s in self._status]
+
+    def _flush_partial(self) -> None:
+        """At a checkpoint, persist the examples gathered so far in the current segment."""
+        i = self._current
+        if i is not None and self._buffer and not self._status[i]["examples_written"]:
+            write_safetensors(self._dir(i) / "examples.safetensors", self._buffer)
+
+    def restore(self, status: list[dict]) -> None:
+        if len(status) == len(self._status):
+            self._status = [dict(s) for s in status]
+            for s in self._status:
+                s["examples_written"] = s["examples_written"] or s["num_examples"] > 0
+
+    def finish(self, files: dict[str, str]) -> list[dict]:
+        """Flush what is pending; return the ``stage.json`` entries of segments whose midpoint was reached."""
+        self._flush()
+        out = []
+        for i, ((a, b, mid), status) in enumerate(zip(self.plan, self._status)):
+            d = self.stage_dir / "segments" / str(i)
+            if not status["mid_written"]:
+                continue
+            for path in sorted(d.glob("*.safetensors")):
+                files[str(path.relative_to(self.stage_dir))] = file_sha256(path)
+            out.append(
+                {
+                    "index": len(out),
+                    "dir": f"segments/{i}",
+                    "step_start": a,
+                    "step_end": b,
+                    "mid_step": mid,
+                    "num_examples": status["num_examples"],
+                    "batch_layout": status["layout"] or "dict",
+                }
+            )
+        return out

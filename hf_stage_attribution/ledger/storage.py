@@ -1,0 +1,295 @@
+"""On-disk primitives of the ledger: atomic writes, streamed safetensors, safe paths and a directory lock.
+
+Nothing here knows about stages or models. Every write goes to a temporary file in the destination
+directory and is renamed into place, so a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import socket
+import struct
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._hashing import combine_digests, tensor_bytes, tensor_digest  # noqa: F401  (re-exported)
+from ..errors import LedgerError, LedgerFormatError, LedgerLockedError, UnsafeInputError
+
+LOCK_NAME = "ledger.lock"
+
+_DTYPE_TO_SAFETENSORS = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_error(path: Path, exc: OSError) -> LedgerError:
+    return LedgerError(
+        f"Could not write {path}: {exc.strerror or exc}. Check that the directory is writable and the disk has room; "
+        "nothing was left half-written."
+    )
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically; return the sha256 of the bytes."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _write_error(path, exc) from exc
+    _fsync_dir(path.parent)
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> str:
+    """Write ``obj`` as indented, key-sorted-as-given JSON atomically; return the file's sha256."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Read a JSON file, turning every failure into a :class:`LedgerFormatError` that names the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise LedgerFormatError(f"Expected the {what} at {path}, found no such file.") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerFormatError(f"Could not read the {what} {path}: {exc}.") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LedgerFormatError(
+            f"The {what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}). "
+            "It may be corrupt or truncated; restore it from a copy or re-record the stage."
+        ) from exc
+
+
+def write_safetensors_stream(
+    path: str | os.PathLike,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> str:
+    """Write a safetensors file one tensor at a time, atomically; return its sha256.
+
+    ``specs`` announces every tensor (name, dtype, shape) in the order ``tensors`` will yield them, so
+    the header can be written first and no more than one tensor is held at a time.
+    """
+    path = Path(path)
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in specs:
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {
+            "dtype": _DTYPE_TO_SAFETENSORS[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * ((8 - len(header_bytes) % 8) % 8)
+    sha = hashlib.sha256()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in (struct.pack("<Q", len(header_bytes)), header_bytes):
+                fh.write(chunk)
+                sha.update(chunk)
+            expected = iter(specs)
+            for name, tensor in tensors:
+                spec = next(expected, None)
+                if spec is None or spec[0] != name or tuple(tensor.shape) != tuple(spec[2]):
+                    raise LedgerError(
+                        f"Internal error writing {path}: tensor {name!r} does not match its announced spec {spec}."
+                    )
+                data = tensor_bytes(tensor.to(spec[1]))
+                fh.write(data)
+                sha.update(data)
+            if next(expected, None) is not None:
+                raise LedgerError(f"Internal error writing {path}: fewer tensors than announced.")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _write_error(path, exc) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return sha.hexdigest()
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> str:
+    """Write a small dict of tensors atomically (float32 kept as is); return the file's sha256."""
+    items = [(k, v.detach().to("cpu").contiguous()) for k, v in tensors.items()]
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in items]
+    return write_safetensors_stream(path, specs, iter(items), metadata)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_safetensors(path: str | os.PathLike):
+    """Open a safetensors file lazily (memory-mapped), with a clear error for a corrupt or truncated file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except FileNotFoundError as exc:
+        raise LedgerFormatError(f"Expected the tensor file {path}, found no such file.") from exc
+    except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
+        raise LedgerFormatError(
+            f"The tensor file {path} is not a valid safetensors file ({exc}). It may be truncated or corrupt; "
+            "re-record the stage or restore the file."
+        ) from exc
+
+
+_SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def slugify(name: str, max_len: int = 48) -> str:
+    """A file-system-safe fragment of a stage name (the name itself is kept verbatim in JSON)."""
+    slug = _SLUG.sub("-", name).strip("-.")[:max_len]
+    return slug or "stage"
+
+
+def safe_join(root: str | os.PathLike, relative: str) -> Path:
+    """Join ``relative`` under ``root``, refusing absolute paths, ``..`` and symlinks that leave ``root``."""
+    root_path = Path(root).resolve()
+    if not isinstance(relative, str) or not relative or relative.startswith(("/", "\\")) or ":" in relative:
+        raise UnsafeInputError(f"Expected a relative path inside {root_path}, got {relative!r}.")
+    parts = Path(relative).parts
+    if any(p in ("..", "") for p in parts):
+        raise UnsafeInputError(f"Expected a path inside {root_path}, got {relative!r} which leaves it.")
+    candidate = (root_path / relative).resolve()
+    if candidate != root_path and root_path not in candidate.parents:
+        raise UnsafeInputError(f"The path {relative!r} resolves to {candidate}, outside {root_path} (a symlink?).")
+    return candidate
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DirectoryLock:
+    """``<directory>/ledger.lock``, held exclusively; a stale lock of a dead process on this host is taken over.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> lock = DirectoryLock(d, "demo"); lock.acquire(); lock.release()
+    """
+
+    def __init__(self, directory: str | os.PathLike, purpose: str) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self.purpose = purpose
+        self.held = False
+
+    def acquire(self) -> None:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "purpose": self.purpose}
+        for _attempt in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(self.path)
+                if (
+                    holder
+                    and holder.get("host") == socket.gethostname()
+                    and not _pid_alive(int(holder.get("pid", -1)))
+                ):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)
+                    continue
+                raise LedgerLockedError(
+                    f"The ledger {self.directory} is being written by another process ({holder or 'unknown holder'}). "
+                    "Only one process may record into a ledger at a time: in distributed runs only the main process "
+                    f"records. If no other process is running, delete {self.path}."
+                ) from None
+            except OSError as exc:
+                raise _write_error(self.path, exc) from exc
+            with os.fdopen(fd, "w") as fh:
+                json.dump(info, fh)
+            self.held = True
+            return
+        raise LedgerLockedError(f"Could not take the lock {self.path}; delete it if no other process is recording.")
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.held = False
+
+    def __enter__(self) -> DirectoryLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite (fast + distributed tiers; `-m slow` runs the full-size checks separately).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest -q -m "not slow" "$@"
