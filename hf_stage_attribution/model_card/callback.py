@@ -1,0 +1,51 @@
+"""A Trainer callback that keeps the stage-attribution section in ``README.md`` when a trainer rewrites the card.
+
+TRL trainers write ``output_dir/README.md`` from their own template every time they save a checkpoint
+(``_save_checkpoint`` -> ``create_model_card``), which drops our section. ``on_save`` runs right after that
+write, and ``on_train_end`` after the last one, so re-writing the section there keeps it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ..report import AttributionReport
+from .writer import write_model_card
+
+
+class KeepStageAttributionSection(TrainerCallback):
+    """Re-write the stage-attribution section of ``readme_path`` after every save and at the end of training.
+
+    ``report`` is an :class:`AttributionReport` or the path of its JSON (re-read at each write, so a newer report
+    written there is picked up). Only the world-process-zero writes.
+
+    Example:
+        >>> import tempfile
+        >>> from hf_stage_attribution.report import AttributionReport
+        >>> report = AttributionReport.build({"toxicity": {"sft": [0.5, 0.7]}}, estimator="aa-linear", versions={})
+        >>> out = tempfile.mkdtemp()
+        >>> callback = KeepStageAttributionSection(report, f"{out}/README.md", plot=False)
+        >>> # SFTTrainer(..., args=SFTConfig(output_dir=out, ...), callbacks=[callback])
+    """
+
+    def __init__(self, report: AttributionReport | str | Path, readme_path: str | Path, plot: bool = True) -> None:
+        self.report = report
+        self.readme_path = Path(readme_path)
+        self.plot = plot
+        self.writes = 0
+
+    def rewrite(self) -> None:
+        """Write the section now (what the events below call)."""
+        if write_model_card(self.report, self.readme_path, plot=self.plot) is not None:
+            self.writes += 1
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.rewrite()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.rewrite()

@@ -1,0 +1,287 @@
+"""``write_model_card``: the stage-attribution section, YAML keys, sidecar JSON and plot of a model card.
+
+The section is rendered from ``section.md.jinja`` (package data) and placed between stable HTML-comment markers;
+the YAML key ``stage_attribution`` is read and checked with huggingface_hub's ``ModelCard``/``ModelCardData``.
+All files are computed in memory and validated before anything is written; each write is atomic.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelCardError, ReportError
+from ..report import AttributionReport
+from ..report_files import atomic_write_bytes
+from ..report_text import (
+    SIGN_CONVENTION,
+    behavior_view,
+    data_label,
+    escape_markdown,
+    fidelity_view,
+    fmt_lr,
+    interval_label,
+)
+from .card_text import METADATA_KEY, SECTION_BEGIN, SECTION_END, splice_metadata, splice_section, split_card
+
+SIDECAR_NAME = "stage_attribution.json"
+PLOT_NAME = "stage_attribution.png"
+TEMPLATE_NAME = "section.md.jinja"
+
+
+@dataclass
+class ModelCardFiles:
+    """What :func:`write_model_card` wrote (``plot`` is None with ``plot=False``) and where it pushed."""
+
+    readme: Path
+    sidecar: Path
+    plot: Path | None
+    pushed: str | None = None
+
+
+def _is_main_process() -> bool:
+    try:
+        from accelerate import PartialState
+    except ImportError:  # accelerate is a dependency, but keep the writer usable without it
+        return int(os.environ.get("RANK", "0")) == 0
+    return bool(PartialState().is_main_process)
+
+
+def _safe_code(text: Any) -> str:
+    value = str(text)
+    return f"`{value}`" if value and all(c.isalnum() or c in "._:-" for c in value) else escape_markdown(value)
+
+
+def render_section(report: AttributionReport, plot_name: str | None = PLOT_NAME, sidecar: str = SIDECAR_NAME) -> str:
+    """The card section (markers included, ``\\n`` line breaks) rendered from the package's Jinja template."""
+    from importlib.resources import files
+
+    import jinja2
+
+    source = files("hf_stage_attribution.model_card").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    stages = [
+        {
+            "index": s.index,
+            "name": escape_markdown(s.name),
+            "kind": escape_markdown(s.kind),
+            "steps": "n/a" if s.num_steps is None else str(s.num_steps),
+            "optimizer": escape_markdown(s.optimizer or "not recorded"),
+            "lr": fmt_lr(s.lr_min, s.lr_max),
+            "data": escape_markdown(data_label(s.data)),
+        }
+        for s in sorted(report.stages, key=lambda s: s.index)
+    ]
+    led = report.ledger or {}
+    ledger = ", ".join(
+        f"{label} {_safe_code(led[key])}"
+        for key, label in (
+            ("name", "directory"),
+            ("fingerprint", "fingerprint"),
+            ("final_hash", "final parameters hash"),
+        )
+        if led.get(key)
+    )
+    versions = ", ".join(f"{escape_markdown(k)} {escape_markdown(v)}" for k, v in report.versions.items())
+    text = env.from_string(source).render(
+        sign_convention=SIGN_CONVENTION,
+        stages=stages,
+        ledger=ledger or "not recorded",
+        estimator=_safe_code(report.estimator),
+        reason=escape_markdown(report.estimator_reason),
+        interval=escape_markdown(interval_label(report)),
+        behaviors=[behavior_view(report, b.name) for b in report.behaviors],
+        approximations=[escape_markdown(a) for a in report.approximations],
+        fidelity=fidelity_view(report),
+        plot=plot_name,
+        confidence=f"{float((report.interval or {}).get('confidence', 0.95)) * 100:g} %",
+        sidecar=sidecar,
+        versions=versions or "versions not recorded",
+    )
+    lines = [line.rstrip() for line in text.strip().split("\n")]
+    return "\n".join([SECTION_BEGIN, *lines, SECTION_END])
+
+
+def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) -> dict[str, Any]:
+    """The ``stage_attribution`` YAML value: estimator, ledger identity, top stage per behavior, file names."""
+    behaviors = []
+    for summary in report.behaviors:
+        top = report.top_stage(summary.name)
+        row = next(r for r in report.rows_for(summary.name) if r.stage == top)
+        entry = {"name": summary.name, "unit": summary.unit, "top_stage": top, "top_stage_effect": row.effect}
+        behaviors.append({**entry, "ci_low": row.ci_low, "ci_high": row.ci_high})
+    meta = {
+        "library_version": report.versions.get("hf-stage-attribution"),
+        "estimator": report.estimator,
+        "ledger_fingerprint": (report.ledger or {}).get("fingerprint"),
+        "ledger_final_hash": (report.ledger or {}).get("final_hash"),
+        "stages": [s.name for s in sorted(report.stages, key=lambda s: s.index)],
+        "behaviors": behaviors,
+        "replay_validated": report.fidelity is not None,
+        "report": SIDECAR_NAME,
+        "plot": plot_name,
+    }
+    for entry in behaviors:
+        if not entry["unit"]:
+            del entry["unit"]
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def _check_same_ledger(existing: Any, report: AttributionReport, readme: Path) -> None:
+    if not isinstance(existing, dict):
+        return
+    ledger = report.ledger or {}
+    for key, ours in (
+        ("ledger_fingerprint", ledger.get("fingerprint")),
+        ("ledger_final_hash", ledger.get("final_hash")),
+    ):
+        theirs = existing.get(key)
+        if theirs and theirs != ours:
+            raise ReportError(
+                f"The card {readme} records {METADATA_KEY}.{key} = {theirs!r}, but the report is for {ours!r}: the "
+                "report belongs to a different ledger/model. Use the report of this model's ledger, or pass "
+                "`overwrite=True` (CLI: --overwrite) to replace it; the card was not changed."
+            )
+
+
+def _parse_card(content: str, readme: Path) -> dict[str, Any]:
+    """The YAML of a valid card, checked with huggingface_hub's ModelCard; ModelCardError otherwise."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    parts = split_card(content)
+    try:
+        ModelCard(content[len(parts.bom) :])
+        data = yaml.safe_load(parts.yaml_text) if parts.yaml_start is not None else {}
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        raise ModelCardError(
+            f"Expected {readme} to be a model card (markdown with optional valid YAML front matter), but its front "
+            f"matter does not parse: {str(exc).splitlines()[0]}. Fix the YAML; the README was not changed."
+        ) from exc
+    return data or {}
+
+
+def compose_card(
+    content: str, report: AttributionReport, plot_name: str | None = PLOT_NAME, readme: Path | None = None,
+    overwrite: bool = False,
+) -> str:  # fmt: skip
+    """The README text ``content`` with our YAML key and section replaced (or added); everything else kept.
+
+    Raises ModelCardError for an invalid card and ReportError for a report of another ledger (unless
+    ``overwrite``). The result is parsed back with huggingface_hub and checked before it is returned.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    where = readme if readme is not None else Path("README.md")
+    original = _parse_card(content, where)
+    if not isinstance(original, dict):
+        raise ModelCardError(f"Expected the YAML front matter of {where} to be a mapping, found {type(original)}.")
+    if not overwrite:
+        _check_same_ledger(original.get(METADATA_KEY), report, where)
+    parts = split_card(content)
+    meta = card_metadata(report, plot_name)
+    block = ModelCardData(**{METADATA_KEY: meta}).to_yaml(line_break=parts.line_break)
+    section = render_section(report, plot_name).replace("\n", parts.line_break)
+    new = parts.bom + splice_metadata(parts, block) + splice_section(parts.body, section, parts.line_break)
+    parsed = _parse_card(new, where)
+    if parsed != {**original, METADATA_KEY: meta} or ModelCard(new[len(parts.bom) :]).text.count(SECTION_BEGIN) != 1:
+        raise ModelCardError(
+            f"Updating {where} would change YAML keys other than {METADATA_KEY!r} (unusual front matter layout, e.g. "
+            f"a flow-style mapping or anchors). Move {METADATA_KEY!r} to a block-style top-level key or remove it; "
+            "the README was not changed."
+        )
+    return new
+
+
+def _readme_path(readme_path: str | Path) -> Path:
+    readme = Path(readme_path)
+    if readme.is_dir() or str(readme_path).endswith(("/", os.sep)) or (not readme.exists() and not readme.suffix):
+        readme = readme / "README.md"
+    if not readme.parent.is_dir():
+        raise ModelCardError(
+            f"Expected the model directory {readme.parent} to exist, found nothing there. Save the model first "
+            "(`save_pretrained`) or pass the path of an existing README.md."
+        )
+    return readme
+
+
+def write_model_card(
+    report: AttributionReport | str | Path,
+    readme_path: str | Path,
+    push_to_hub: str | None = None,
+    create_pr: bool = False,
+    plot: bool = True,
+    overwrite: bool = False,
+    token: str | None = None,
+) -> ModelCardFiles | None:
+    """Write the "Accountability: training-stage attribution" section into a model card.
+
+    ``report`` is an :class:`AttributionReport` or the path of its JSON. The README (created if missing) gets the
+    section between stable markers and a ``stage_attribution`` YAML key; ``stage_attribution.json`` (the whole
+    report) and ``stage_attribution.png`` (with ``plot=True``) are written beside it. Re-running replaces our
+    section and key and changes nothing else. ``push_to_hub="user/repo"`` then uploads the three files in one
+    commit (a pull request with ``create_pr=True``). Only the main process writes; others return None.
+
+    Example:
+        >>> import tempfile
+        >>> from hf_stage_attribution.report import AttributionReport
+        >>> report = AttributionReport.build({"toxicity": {"pretraining": [0.1, 0.2], "sft": [0.9, 1.2]}},
+        ...                                  estimator="aa-linear", versions={})
+        >>> files = write_model_card(report, tempfile.mkdtemp(), plot=False)
+        >>> "## Accountability: training-stage attribution" in files.readme.read_text()
+        True
+    """
+    if isinstance(report, str | Path):
+        report = AttributionReport.from_json(report)
+    if not isinstance(report, AttributionReport):
+        raise ReportError(f"Expected an AttributionReport or the path of its JSON, got {type(report).__name__}.")
+    if not _is_main_process():
+        return None
+    readme = _readme_path(readme_path)
+    try:
+        content = readme.read_bytes().decode("utf-8") if readme.exists() else ""
+    except UnicodeDecodeError as exc:
+        raise ModelCardError(
+            f"Expected {readme} to be UTF-8 text, it is not ({exc}); the README was not changed."
+        ) from exc
+    plot_name = PLOT_NAME if plot else None
+    new_content = compose_card(content, report, plot_name, readme, overwrite)
+    png = None
+    if plot:
+        from ..report_plot import plot_png_bytes
+
+        png = plot_png_bytes(report)
+    files = ModelCardFiles(readme, readme.parent / SIDECAR_NAME, readme.parent / PLOT_NAME if plot else None)
+    if png is not None and files.plot is not None:
+        atomic_write_bytes(files.plot, png, ModelCardError)
+    atomic_write_bytes(files.sidecar, report.to_json().encode("utf-8"), ModelCardError)
+    atomic_write_bytes(readme, new_content.encode("utf-8"), ModelCardError)
+    if push_to_hub:
+        files.pushed = push_card(files, push_to_hub, create_pr=create_pr, token=token)
+    return files
+
+
+def push_card(files: ModelCardFiles, repo_id: str, create_pr: bool = False, token: str | None = None) -> str:
+    """Upload the README, the sidecar and the plot to ``repo_id`` in one commit; returns the commit or PR URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    paths = {"README.md": files.readme, SIDECAR_NAME: files.sidecar}
+    if files.plot is not None:
+        paths[PLOT_NAME] = files.plot
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in paths.items()]
+    try:
+        info = HfApi(token=token).create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message="Add training-stage attribution (hf-stage-attribution)",
+            create_pr=create_pr,
+            repo_type="model",
+        )
+    except Exception as exc:  # network, auth, offline mode, missing repo: all mean the push did not happen
+        raise ModelCardError(
+            f"The card was written to {files.readme}, but pushing it to {repo_id!r} failed: {exc}. Check the repo id, "
+            "your token (`hf auth login`) and network access (HF_HUB_OFFLINE), then push again."
+        ) from exc
+    return str(info.pr_url or info.commit_url)
