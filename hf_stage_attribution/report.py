@@ -139,6 +139,8 @@ class AttributionReport:
         if len(estimators) != 1 and "estimator" not in kwargs:
             raise ReportError(f"Expected one estimator for all behaviors, got {sorted(estimators)}: pass `estimator`.")
         kwargs.setdefault("estimator", estimators.pop())
+        reasons = [str(getattr(res, "reason", "") or "") for res in results.values()]
+        kwargs.setdefault("estimator_reason", next((r for r in reasons if r), ""))
         kwargs.setdefault("approximations", {name: list(res.approximations) for name, res in results.items()})
         diag = {name: dict(getattr(res, "diagnostics", None) or {}) for name, res in results.items()}
         if "unstable_modes" not in kwargs:
@@ -146,7 +148,7 @@ class AttributionReport:
         if "total_change" not in kwargs:
             totals = {name: d.pop("total_change") for name, d in diag.items() if d.get("total_change") is not None}
             kwargs["total_change"] = totals or None
-        kwargs.setdefault("notes", {name: json_safe(d) for name, d in diag.items() if d})
+        kwargs.setdefault("notes", {name: _small_notes(d) for name, d in diag.items() if d})
         return cls.build(per_example, **kwargs)
 
     # --- queries --------------------------------------------------------------------------------------
@@ -241,3 +243,14 @@ class AttributionReport:
         from .report_plot import save_report_plot
 
         return save_report_plot(self, Path(path))
+
+
+def _small_notes(diagnostics: Mapping[str, Any], limit: int = 2000) -> dict[str, Any]:
+    """The estimator diagnostics worth carrying in a report: JSON-safe values of at most ``limit`` characters
+    (per-tensor factors and the like stay out of the report and the card)."""
+    notes = {}
+    for key, value in diagnostics.items():
+        safe = json_safe(value)
+        if len(json.dumps(safe)) <= limit:
+            notes[str(key)] = safe
+    return notes

@@ -175,7 +175,9 @@ def diagnostics_lines(report: AttributionReport, name: str, unit: str) -> list[s
         lines.append("Approximations: " + "; ".join(escape_markdown(a) for a in diag.approximations) + ".")
     lines.append(f"Unstable curvature modes damped to zero: {diag.unstable_modes}.")
     for key, value in diag.notes.items():
-        lines.append(f"{escape_markdown(key)}: {escape_markdown(value)}.")
+        if isinstance(value, str | int | float | bool) and len(str(value)) <= 200:
+            shown = fmt_number(value, signed=False) if isinstance(value, float) else str(value)
+            lines.append(f"{escape_markdown(key)}: {escape_markdown(shown)}.")
     return lines
 
 
