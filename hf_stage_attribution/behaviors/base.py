@@ -1,0 +1,213 @@
+"""The Behavior interface (docs/internals.md) and the machinery shared by example-based behaviors.
+
+A behavior maps a model to a float tensor of per-example values ``f_i(θ)``; ``f(θ) = mean_i f_i(θ)``.
+Values are differentiable w.r.t. the model's parameters (the linear estimators backpropagate through them),
+computed with the model in eval mode (dropout off; the caller's train/eval flags are restored afterwards).
+
+Example:
+    >>> import torch
+    >>> from hf_stage_attribution.behaviors import PerExample
+    >>> model = torch.nn.Linear(3, 2)
+    >>> b = PerExample(lambda m, batch: m(torch.tensor(batch)).sum(-1), [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    >>> b(model).shape, len(b.select([1]))
+    (torch.Size([2]), 1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import BehaviorError
+from .data import ExampleData, jsonable
+
+__all__ = ["Behavior", "ExampleBehavior", "eval_mode", "check_values", "model_device"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put every submodule in eval mode, restoring each one's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-free module)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def check_values(values: Any, expected: int, who: str) -> torch.Tensor:
+    """``values`` as a 1-D float tensor of length ``expected`` with finite entries, else a BehaviorError."""
+    if not isinstance(values, torch.Tensor):
+        raise BehaviorError(f"Behavior {who!r} returned a {type(values).__name__}; expected a torch.Tensor.")
+    values = values.reshape(-1) if values.dim() > 1 and values.numel() == expected else values
+    if values.dim() != 1 or values.shape[0] != expected:
+        raise BehaviorError(
+            f"Behavior {who!r} returned shape {tuple(values.shape)}; expected one value per example ({expected},)."
+        )
+    if not values.is_floating_point():
+        values = values.float()
+    if not bool(torch.isfinite(values.detach()).all()):
+        bad = (~torch.isfinite(values.detach())).nonzero().reshape(-1)[:5].tolist()
+        raise BehaviorError(
+            f"Behavior {who!r} returned non-finite values at examples {bad}; check the model and the data "
+            "(for importance-weighted behaviors, use weighting='self-normalised' or stay closer to the final model)."
+        )
+    return values
+
+
+class Behavior(ABC):
+    """A per-example scalar behavior ``f_i(θ)`` of a model.
+
+    Subclasses set ``kind`` (registry name), ``unit`` (what one unit of the value means) and ``description``
+    (with the sign convention, e.g. "higher = more toxic"). ``splittable`` says whether ``select`` works (a bare
+    callable cannot be split across processes).
+
+    Example:
+        >>> import torch
+        >>> from hf_stage_attribution.behaviors import as_behavior
+        >>> b = as_behavior(lambda m: m.weight.sum(0), name="column-sums")
+        >>> b(torch.nn.Linear(2, 3)).shape
+        torch.Size([2])
+    """
+
+    kind: ClassVar[str] = "behavior"
+    splittable: ClassVar[bool] = True
+    unit: str = "behavior units"
+    description: str = ""
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or self.kind
+
+    @abstractmethod
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        """Per-example values, a float tensor of shape ``[len(self)]``."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of examples."""
+
+    @abstractmethod
+    def select(self, indices: Sequence[int]) -> Behavior:
+        """The behavior on the examples at ``indices`` (positions in this behavior), in that order."""
+
+    def prepare(self, model: torch.nn.Module) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Once, with the final model, before any evaluation (e.g. sample generations). A no-op by default."""
+
+    @property
+    def needs_prepare(self) -> bool:
+        """Whether :meth:`prepare` must run before the behavior can be evaluated."""
+        return False
+
+    @abstractmethod
+    def to_spec(self) -> dict[str, Any]:
+        """A JSON-safe dict that :func:`hf_stage_attribution.behaviors.from_spec` turns back into the behavior."""
+
+    def __bool__(self) -> bool:  # truthiness must not depend on __len__ (a bare callable has no length yet)
+        return True
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r})"
+
+
+class ExampleBehavior(Behavior):
+    """A behavior over a set of examples, evaluated batch by batch; the base of every built-in kind.
+
+    Subclasses implement ``_batch_values(model, rows, positions)`` → ``Tensor[len(rows)]`` (``positions`` are
+    the rows' positions in this behavior, to index per-example state kept in ``self._state``), and list their
+    JSON-safe constructor arguments in ``_spec_fields``.
+    """
+
+    _spec_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, examples: Any, *, name: str | None = None, batch_size: int = 32) -> None:
+        super().__init__(name)
+        self.data = ExampleData.from_any(examples)
+        if len(self.data) == 0:
+            raise BehaviorError(f"Behavior {self.name!r} ({self.kind}) got no examples; pass at least one example.")
+        if int(batch_size) < 1:
+            raise BehaviorError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+        self.batch_size = int(batch_size)
+        self._state: dict[str, list[Any]] = {}  # per-example state aligned with self.data (e.g. samples)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @abstractmethod
+    def _batch_values(self, model: torch.nn.Module, rows: list[Any], positions: range) -> torch.Tensor:
+        """Values for ``rows`` (the examples at ``positions``)."""
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        if self.needs_prepare:
+            raise BehaviorError(
+                f"Behavior {self.name!r} ({self.kind}) was not prepared; call behavior.prepare(final_model) once "
+                "with the final model before evaluating it."
+            )
+        chunks = []
+        with eval_mode(model):
+            for start in range(0, len(self), self.batch_size):
+                stop = min(start + self.batch_size, len(self))
+                values = self._batch_values(model, self._rows(start, stop), range(start, stop))
+                chunks.append(check_values(values, stop - start, self.name))
+        return torch.cat(chunks)
+
+    def _rows(self, start: int, stop: int) -> list[Any]:
+        return self.data.rows(start, stop)
+
+    def select(self, indices: Sequence[int]) -> ExampleBehavior:
+        idx = [int(i) for i in indices]
+        new = copy.copy(self)
+        new.data = self.data.select(idx)
+        new._state = {key: [values[i] for i in idx] for key, values in self._state.items()}
+        return new
+
+    def _spec_values(self) -> dict[str, Any]:
+        """Extra JSON-safe spec entries (tokenizer/model paths, scorer); overridden by subclasses."""
+        return {}
+
+    def to_spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"name": self.name, "kind": self.kind, **self.data.to_spec()}
+        spec["batch_size"] = self.batch_size
+        for field in self._spec_fields:
+            spec[field] = jsonable(getattr(self, field))
+        spec.update(self._spec_values())
+        return spec
+
+    @classmethod
+    def _spec_kwargs(cls, spec: dict[str, Any], base_dir: Path | None, trust_code: bool) -> dict[str, Any]:
+        """Constructor arguments for the non-plain spec entries (tokenizer/model paths, scorer)."""
+        return {}
+
+    _spec_special: ClassVar[tuple[str, ...]] = ()  # spec keys handled by _spec_kwargs
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], *, base_dir: str | Path | None = None, trust_code: bool = False):
+        """Build the behavior from a spec dict (see :meth:`to_spec`); relative paths resolve against base_dir."""
+        allowed = {"name", "kind", "data", "select", "batch_size", *cls._spec_fields, *cls._spec_special}
+        unknown = sorted(set(spec) - allowed)
+        if unknown:
+            raise BehaviorError(
+                f"Behavior spec of kind {cls.kind!r} has unknown keys {unknown}; allowed keys: {sorted(allowed)}."
+            )
+        if "data" not in spec:
+            raise BehaviorError(f"Behavior spec of kind {cls.kind!r} needs 'data' (a JSON/JSONL path or a list).")
+        base = Path(base_dir) if base_dir is not None else None
+        data = ExampleData.from_any(spec["data"], base_dir=base)
+        if spec.get("select") is not None:
+            data = data.select(spec["select"])
+        kwargs = {k: spec[k] for k in cls._spec_fields if k in spec}
+        kwargs.update(cls._spec_kwargs(spec, base, trust_code))
+        return cls(data, name=spec.get("name"), batch_size=spec.get("batch_size", 32), **kwargs)

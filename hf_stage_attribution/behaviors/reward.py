@@ -1,0 +1,233 @@
+"""Reward behaviors: a reward model's score of (prompt, response) pairs, in two roles.
+
+- :class:`PolicyReward` (``reward``): the attributed model is the **policy** (a causal LM); the reward model is
+  a fixed scorer (``AutoModelForSequenceClassification`` with 1 label). Responses are sampled once from the
+  final policy in ``prepare`` (or given under ``completion_key``), rewarded once, and the value at other policy
+  parameters is the importance-weighted estimate of :mod:`.importance` (self-normalised per prompt for samples,
+  plain ratio for given responses); its gradient at the final policy is the score-function surrogate
+  ``reward · ∇ log p(response | prompt)``. Higher = the policy earns more reward.
+- :class:`RewardModelScore` (``reward-model``): the attributed model **is** the reward model (e.g. a reward-modelling
+  stage in the ledger): its scalar output on each pair (``measure="score"``), or chosen minus rejected
+  (``measure="margin"``); differentiable in the reward model's parameters. Higher = more reward / preference.
+
+The text scored is ``prompt + separator + response``.
+
+Example:
+    >>> from hf_stage_attribution.testing.lm import tiny_tokenizer, tiny_bert_classifier
+    >>> from hf_stage_attribution.behaviors import RewardModelScore
+    >>> tok = tiny_tokenizer(); rm = tiny_bert_classifier(tok, num_labels=1)
+    >>> rows = [{"prompt": "you are", "chosen": " kind", "rejected": " a shit"}]
+    >>> RewardModelScore(rows, tokenizer=tok, measure="margin")(rm).shape
+    torch.Size([1])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import BehaviorError
+from .base import ExampleBehavior, eval_mode, model_device
+from .importance import SampledCompletionsBehavior
+from .loading import load_sequence_classifier, load_tokenizer, reference_path, resolve_path
+from .registry import register
+
+__all__ = ["PolicyReward", "RewardModelScore", "reward_scores"]
+
+REWARD_MEASURES = ("score", "margin")
+
+
+def reward_scores(
+    reward_model: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    *,
+    label_index: int = 0,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """The reward model's output ``logits[:, label_index]`` on ``texts`` (differentiable)."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    names = getattr(tokenizer, "model_input_names", None) or list(enc.keys())
+    device = model_device(reward_model)
+    logits = reward_model(**{k: v.to(device) for k, v in enc.items() if k in names}).logits
+    if logits.dim() != 2 or not 0 <= label_index < logits.shape[-1]:
+        raise BehaviorError(
+            f"The reward model returned logits of shape {tuple(logits.shape)}; expected "
+            f"[batch, labels] with label_index {label_index} (a model with num_labels=1)."
+        )
+    return logits[:, label_index].float()
+
+
+@register
+class RewardModelScore(ExampleBehavior):
+    """The reward model's own score (``measure="score"``, field ``response``) or preference margin
+    (``measure="margin"``: ``r(prompt + chosen) − r(prompt + rejected)``), as a behavior of the reward model.
+
+    Example:
+        >>> from hf_stage_attribution.testing.lm import tiny_tokenizer, tiny_bert_classifier
+        >>> tok = tiny_tokenizer()
+        >>> b = RewardModelScore([{"prompt": "hi", "response": " there"}], tokenizer=tok)
+        >>> b(tiny_bert_classifier(tok, num_labels=1)).shape
+        torch.Size([1])
+    """
+
+    kind: ClassVar[str] = "reward-model"
+    _spec_fields: ClassVar[tuple[str, ...]] = (
+        "measure", "prompt_key", "response_key", "chosen_key", "rejected_key", "separator", "label_index",
+        "max_length",
+    )  # fmt: skip
+    _spec_special: ClassVar[tuple[str, ...]] = ("tokenizer",)
+
+    def __init__(
+        self,
+        examples: Any,
+        *,
+        tokenizer: Any,
+        measure: str = "score",
+        prompt_key: str = "prompt",
+        response_key: str = "response",
+        chosen_key: str = "chosen",
+        rejected_key: str = "rejected",
+        separator: str = "",
+        label_index: int = 0,
+        max_length: int | None = None,
+        name: str | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        if measure not in REWARD_MEASURES:
+            raise BehaviorError(f"`measure` must be one of {REWARD_MEASURES}; got {measure!r}.")
+        super().__init__(examples, name=name or f"reward-model-{measure}", batch_size=batch_size)
+        if tokenizer is None:
+            raise BehaviorError(f"Behavior {self.name!r} needs the reward model's tokenizer.")
+        self._tokenizer_ref, self.tokenizer = tokenizer, load_tokenizer(tokenizer)
+        self.measure, self.prompt_key, self.response_key = measure, prompt_key, response_key
+        self.chosen_key, self.rejected_key, self.separator = chosen_key, rejected_key, separator
+        self.label_index, self.max_length = int(label_index), max_length
+        if measure == "score":
+            self.unit = "reward (the reward model's output)"
+            self.description = f"{self.name}: the reward model's score of prompt + response; higher = more reward."
+        else:
+            self.unit = "reward difference (chosen minus rejected)"
+            self.description = (
+                f"{self.name}: reward of prompt + chosen minus prompt + rejected; higher = the "
+                "reward model prefers the chosen response more."
+            )
+
+    def _texts(self, rows: list[dict[str, Any]], key: str, positions: range) -> list[str]:
+        for r, row in enumerate(rows):
+            if self.prompt_key not in row or key not in row:
+                raise BehaviorError(f"Example {positions[r]} needs {self.prompt_key!r} and {key!r} fields.")
+        return [f"{row[self.prompt_key]}{self.separator}{row[key]}" for row in rows]
+
+    def _batch_values(self, model: torch.nn.Module, rows: list[Any], positions: range) -> torch.Tensor:
+        if self.measure == "score":
+            texts = self._texts(rows, self.response_key, positions)
+        else:
+            texts = self._texts(rows, self.chosen_key, positions) + self._texts(rows, self.rejected_key, positions)
+        values = reward_scores(model, self.tokenizer, texts, label_index=self.label_index, max_length=self.max_length)
+        return values if self.measure == "score" else values[: len(rows)] - values[len(rows) :]
+
+    def _spec_values(self) -> dict[str, Any]:
+        return {"tokenizer": reference_path(self._tokenizer_ref, "tokenizer")}
+
+    @classmethod
+    def _spec_kwargs(cls, spec: dict[str, Any], base_dir: Path | None, trust_code: bool) -> dict[str, Any]:
+        return {"tokenizer": resolve_path(spec.get("tokenizer"), base_dir)}
+
+
+@register
+class PolicyReward(SampledCompletionsBehavior):
+    """A fixed reward model's estimated expected reward of the policy's responses to each prompt.
+
+    Example:
+        >>> from hf_stage_attribution.testing.lm import tiny_tokenizer, tiny_gpt2, tiny_bert_classifier
+        >>> tok = tiny_tokenizer(); policy = tiny_gpt2(tok); rm = tiny_bert_classifier(tok, num_labels=1)
+        >>> b = PolicyReward([{"prompt": "you are"}], tokenizer=tok, reward_model=rm, num_samples=2)
+        >>> b.prepare(policy)
+        >>> b(policy).shape
+        torch.Size([1])
+    """
+
+    kind: ClassVar[str] = "reward"
+    _spec_fields: ClassVar[tuple[str, ...]] = (
+        *SampledCompletionsBehavior._lm_fields, "separator", "label_index", "max_length",
+    )  # fmt: skip
+    _spec_special: ClassVar[tuple[str, ...]] = ("tokenizer", "reward_model", "reward_tokenizer")
+
+    def __init__(
+        self,
+        examples: Any,
+        *,
+        tokenizer: Any,
+        reward_model: Any,
+        reward_tokenizer: Any = None,
+        prompt_key: str = "prompt",
+        completion_key: str | None = None,
+        num_samples: int = 4,
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 0,
+        weighting: str | None = None,
+        separator: str = "",
+        label_index: int = 0,
+        max_length: int | None = None,
+        name: str | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__(examples, name=name or "policy-reward", batch_size=batch_size)
+        if tokenizer is None or reward_model is None:
+            raise BehaviorError(f"Behavior {self.name!r} needs the policy's tokenizer and a reward_model.")
+        self._tokenizer_ref, self._reward_ref = tokenizer, reward_model
+        self._reward_tokenizer_ref = reward_tokenizer
+        self._init_sampling(
+            load_tokenizer(tokenizer),
+            prompt_key=prompt_key,
+            completion_key=completion_key,
+            num_samples=num_samples,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            weighting=weighting,
+        )
+        self.reward_model = load_sequence_classifier(reward_model)
+        self.reward_tokenizer = load_tokenizer(reward_tokenizer) if reward_tokenizer is not None else self.tokenizer
+        self.separator, self.label_index, self.max_length = separator, int(label_index), max_length
+        self.unit = "reward (the reward model's output), expected over the policy's responses"
+        source = f"given {completion_key!r} responses" if completion_key else f"{self.num_samples} samples per prompt"
+        self.description = (
+            f"{self.name}: {self.weighting} importance-weighted estimate of the reward model's score of "
+            f"the policy's responses ({source} from the final policy); higher = more reward."
+        )
+
+    def _score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        texts = [f"{p}{self.separator}{c}" for p, c in zip(prompts, completions)]
+        out: list[float] = []
+        with eval_mode(self.reward_model), torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                out.extend(
+                    reward_scores(
+                        self.reward_model,
+                        self.reward_tokenizer,
+                        texts[i : i + self.batch_size],
+                        label_index=self.label_index,
+                        max_length=self.max_length,
+                    ).tolist()
+                )
+        return out
+
+    def _spec_values(self) -> dict[str, Any]:
+        spec = {
+            "tokenizer": reference_path(self._tokenizer_ref, "tokenizer"),
+            "reward_model": reference_path(self._reward_ref, "reward model"),
+        }
+        if self._reward_tokenizer_ref is not None:
+            spec["reward_tokenizer"] = reference_path(self._reward_tokenizer_ref, "reward tokenizer")
+        return spec
+
+    @classmethod
+    def _spec_kwargs(cls, spec: dict[str, Any], base_dir: Path | None, trust_code: bool) -> dict[str, Any]:
+        return {key: resolve_path(spec.get(key), base_dir) for key in cls._spec_special}
