@@ -58,6 +58,10 @@ class ReplayError(StageAttributionError, RuntimeError):
     """A stage cannot be replayed (no replay data, no stage function, or the replay diverged)."""
 
 
+class EstimatorError(StageAttributionError, ValueError):
+    """An estimator cannot be applied to this ledger, model or stage (e.g. ``lora-exact`` on a non-terminal stage)."""
+
+
 # --- behaviors, registries, reports --------------------------------------------------------------------
 
 

@@ -1,3 +1,40 @@
-"""Estimators of stage effects (ESTIMATORS.md): registry, propagation, embeddings, replay, fidelity."""
+"""Estimators of stage effects (ESTIMATORS.md): registry, propagation, embeddings, replay, fidelity.
+
+Example:
+    >>> from hf_stage_attribution import estimators
+    >>> estimators.names()[:3]
+    ['aa-fd', 'aa-ggn', 'aa-ggn-fd']
+    >>> # result = estimators.get("auto").estimate(ledger, model, behavior)
+"""
 
 from __future__ import annotations
+
+from . import finite_difference as _finite_difference  # noqa: F401  (registers delta-fd, aa-fd, aa-*-fd)
+from . import linear as _linear  # noqa: F401  (registers delta-linear, aa-linear, aa-ggn, aa-hvp)
+from . import lora_exact as _lora_exact  # noqa: F401  (registers lora-exact)
+from . import replay as _replay  # noqa: F401  (registers replay)
+from . import selection as _selection  # noqa: F401  (registers auto)
+from .base import EstimateResult, Estimator, get, names, register
+from .embeddings import StageEmbeddings, stage_embeddings
+from .fidelity import fidelity
+from .finite_difference import subtract_embedding
+from .propagation import run_recurrence
+from .replay import first_order_response, replay_gap, replay_model
+from .selection import choose_estimator
+
+__all__ = [
+    "EstimateResult",
+    "Estimator",
+    "StageEmbeddings",
+    "choose_estimator",
+    "fidelity",
+    "first_order_response",
+    "get",
+    "names",
+    "register",
+    "replay_gap",
+    "replay_model",
+    "run_recurrence",
+    "stage_embeddings",
+    "subtract_embedding",
+]

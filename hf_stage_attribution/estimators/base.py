@@ -1,0 +1,171 @@
+"""The estimator interface, its result, the registry, and helpers every estimator shares.
+
+An estimator answers ESTIMATORS.md §2's question for a behavior ``f(model) -> Tensor[n]``: per stage ``k``, the
+per-example effects ``τ_k(f_i)`` (positive: stage ``k`` raised the behavior).
+
+Example:
+    >>> from hf_stage_attribution import estimators
+    >>> "aa-linear" in estimators.names()
+    True
+    >>> # result = estimators.get("aa-linear").estimate(ledger, model, behavior)
+    >>> # result.mean["sft"], result.per_example["sft"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import BehaviorError, unknown_name
+
+Behavior = Callable[[torch.nn.Module], torch.Tensor]
+
+
+@dataclass
+class EstimateResult:
+    """Per-example stage effects of one behavior, as estimated by one estimator.
+
+    Attributes:
+        estimator: the registry name of the estimator that produced the numbers (for ``auto``: the one it chose).
+        per_example: ``{stage name: float64 Tensor[n]}``; empty when only means were asked for.
+        diagnostics: anything the estimator measured on the way (``D_j`` factors, norms, call counts...).
+        approximations: sentences naming the approximations the numbers rest on.
+        reason: why this estimator was used (filled by ``auto``).
+        means: ``{stage name: float}``; by default the means of ``per_example``.
+
+    Example:
+        >>> r = EstimateResult("aa-linear", {"sft": torch.tensor([1.0, 3.0], dtype=torch.float64)})
+        >>> r.mean
+        {'sft': 2.0}
+    """
+
+    estimator: str
+    per_example: dict[str, torch.Tensor]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    approximations: list[str] = field(default_factory=list)
+    reason: str = ""
+    means: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.means is None:
+            self.means = {k: float(v.to(torch.float64).mean()) for k, v in self.per_example.items()}
+
+    @property
+    def mean(self) -> dict[str, float]:
+        return dict(self.means or {})
+
+
+class Estimator:
+    """Base class; subclasses set ``name`` and implement :meth:`estimate`.
+
+    Example:
+        >>> class Zero(Estimator):
+        ...     name = "zero-example"
+        ...     def estimate(self, ledger, model, behavior, stages=None, **options):
+        ...         return EstimateResult(self.name, {})
+        >>> Zero().estimate(None, None, None).estimator
+        'zero-example'
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def estimate(self, ledger: Any, model: torch.nn.Module, behavior: Behavior, stages: Any = None, **options: Any):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+_REGISTRY: dict[str, type[Estimator]] = {}
+
+
+def register(cls: type[Estimator]) -> type[Estimator]:
+    """Register an :class:`Estimator` subclass under its ``name`` (usable as a class decorator)."""
+    if not cls.name:
+        raise ValueError(f"Estimator class {cls.__name__} needs a non-empty `name` to be registered.")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> Estimator:
+    """An instance of the estimator registered as ``name``."""
+    if name not in _REGISTRY:
+        raise unknown_name("estimator", name, list(_REGISTRY))
+    return _REGISTRY[name]()
+
+
+def names() -> list[str]:
+    """Registered estimator names, sorted."""
+    return sorted(_REGISTRY)
+
+
+# --- shared helpers ------------------------------------------------------------------------------------------
+
+
+def behavior_name(behavior: Any) -> str:
+    return str(getattr(behavior, "name", None) or getattr(behavior, "__name__", None) or repr(behavior))
+
+
+def check_finite(values: torch.Tensor, behavior: Any, where: str) -> torch.Tensor:
+    """``values`` as a float64 CPU vector; :class:`BehaviorError` naming the behavior and ``where`` if not finite."""
+    if not isinstance(values, torch.Tensor):
+        raise BehaviorError(
+            f"Behavior {behavior_name(behavior)!r} must return a Tensor[n] of per-example values, got "
+            f"{type(values).__name__} ({where})."
+        )
+    out = values.detach().to("cpu", torch.float64).reshape(-1)
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        raise BehaviorError(
+            f"Behavior {behavior_name(behavior)!r} returned {bad} non-finite value(s) out of {out.numel()} ({where}). "
+            "Expected finite per-example values: check the behavior (log of 0, division by 0) or the model weights."
+        )
+    if out.numel() == 0:
+        raise BehaviorError(f"Behavior {behavior_name(behavior)!r} returned no values ({where}); give it examples.")
+    return out
+
+
+def evaluate(behavior: Behavior, model: torch.nn.Module, where: str) -> torch.Tensor:
+    """Evaluate the behavior without gradients; a checked float64 vector."""
+    with torch.no_grad():
+        return check_finite(behavior(model), behavior, where)
+
+
+def resolve_stages(ledger: Any, stages: Any = None) -> list[Any]:
+    """Ledger stages from names/indices (all stages when ``None``), in ledger order."""
+    if stages is None:
+        return list(ledger.stages)
+    if isinstance(stages, (str, int)):
+        stages = [stages]
+    chosen = {ledger.stage(s).index for s in stages}
+    return [s for s in ledger.stages if s.index in chosen]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Evaluate behaviors without dropout; restore each module's training flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def prepare(ledger: Any, model: torch.nn.Module, behavior: Behavior, options: dict[str, Any]) -> None:
+    """Checks every estimator runs first: the model is the ledger's final model; the behavior is prepared on it.
+
+    Options: ``check_model`` (default True), ``prepare_behavior`` (default True; pass False when the caller, e.g. the
+    attributor, already called ``behavior.prepare(model)``).
+    """
+    if options.get("check_model", True):
+        ledger.check_model(model)
+    hook = getattr(behavior, "prepare", None)
+    if options.get("prepare_behavior", True) and callable(hook):
+        hook(model)

@@ -1,0 +1,111 @@
+"""Finite-difference estimators ``τ_k ≈ f(θ_K) − f(θ_K − v_k)``: ``delta-fd``, ``aa-fd``, ``aa-ggn-fd``, ``aa-hvp-fd``.
+
+The final model is shifted in place, tensor by tensor, and restored exactly from kept originals (also for a
+``PeftModel``: the shift goes into the base weights under the adapter, so the adapter's own delta stays). Cost: K+1
+forward passes over the behavior set.
+
+Example:
+    >>> from hf_stage_attribution import estimators
+    >>> # r = estimators.get("aa-fd").estimate(ledger, model, behavior); r.mean
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from .base import EstimateResult, Estimator, eval_mode, evaluate, prepare, register, resolve_stages
+from .embeddings import StageEmbeddings
+from .linear import embeddings_for, parameter_paths
+
+
+@contextlib.contextmanager
+def subtract_embedding(model: torch.nn.Module, emb: StageEmbeddings, k: int, scale: float = 1.0) -> Iterator[int]:
+    """Inside the block the model holds ``θ − scale · v_k``; afterwards exactly its original parameters.
+
+    Yields the number of tensors shifted.
+
+    Example:
+        >>> # with subtract_embedding(model, stage_embeddings(ledger), 0):
+        >>> #     counterfactual = behavior(model)
+    """
+    paths = parameter_paths(model)
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, v in emb.items(k):
+                if name not in paths:
+                    continue
+                param = paths[name][1]
+                originals[name] = param.detach().clone()
+                param.sub_((scale * v.to(torch.float64)).to(device=param.device, dtype=param.dtype))
+        yield len(originals)
+    finally:
+        with torch.no_grad():
+            for name, value in originals.items():
+                paths[name][1].copy_(value)
+
+
+class FiniteDifferenceEstimator(Estimator):
+    """``f(θ_K) − f(θ_K − v_k)`` with ``v_k`` of kind :attr:`kind`.
+
+    Options: ``step_scale`` (default 1: the estimator; ``s`` gives ``(f(θ_K) − f(θ_K − s·v_k)) / s``, the
+    finite-difference derivative used to check the linear read-out), ``check_model``, ``prepare_behavior``,
+    ``allow_identity_propagation``, ``recompute_embeddings``, ``loss_fns``, ``curvature_options``.
+
+    Example:
+        >>> from hf_stage_attribution import estimators
+        >>> estimators.get("aa-fd").kind
+        'aa-linear'
+    """
+
+    kind = "aa-linear"
+
+    def estimate(self, ledger, model, behavior, stages=None, **options):
+        chosen = resolve_stages(ledger, stages)
+        prepare(ledger, model, behavior, options)
+        emb = embeddings_for(ledger, self.kind, chosen, options, model)
+        scale = float(options.get("step_scale", 1.0))
+        per_example: dict[str, torch.Tensor] = {}
+        forward_calls = 0
+        with eval_mode(model):
+            final = evaluate(behavior, model, "evaluated on the final model")
+            forward_calls += 1
+            for stage in chosen:
+                with subtract_embedding(model, emb, stage.index, scale):
+                    shifted = evaluate(behavior, model, f"evaluated with stage {stage.name!r} removed ({self.name})")
+                    forward_calls += 1
+                per_example[stage.name] = (final - shifted) / scale
+        diagnostics = {
+            "embedding_kind": emb.kind,
+            "embedding_norms": {s.name: emb.norm(s.index) for s in chosen},
+            "calls": {"forward": forward_calls},
+            **emb.diagnostics,
+        }
+        return EstimateResult(self.name, per_example, diagnostics, list(emb.approximations))
+
+
+@register
+class DeltaFd(FiniteDifferenceEstimator):
+    name, kind = "delta-fd", "delta"
+    description = "f(θ_K) − f(θ_K − Δ_k): task-vector negation, the baseline."
+
+
+@register
+class AaFd(FiniteDifferenceEstimator):
+    name, kind = "aa-fd", "aa-linear"
+    description = "f(θ_K) − f(θ_K − v_k) with v_k propagated through later stages' optimizers."
+
+
+@register
+class AaGgnFd(FiniteDifferenceEstimator):
+    name, kind = "aa-ggn-fd", "aa-ggn"
+    description = "f(θ_K) − f(θ_K − v_k) with v_k propagated with Gauss-Newton curvature."
+
+
+@register
+class AaHvpFd(FiniteDifferenceEstimator):
+    name, kind = "aa-hvp-fd", "aa-hvp"
+    description = "f(θ_K) − f(θ_K − v_k) with v_k propagated with Hessian curvature."

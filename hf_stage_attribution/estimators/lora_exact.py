@@ -1,0 +1,90 @@
+"""``lora-exact``: the effect of a terminal, unmerged LoRA stage, ``f(with adapter) − f(adapter disabled)``.
+
+For the last stage no replay is needed (ESTIMATORS.md §2), and when that stage is a LoRA adapter still attached to
+the model, disabling it restores ``θ_{K−1}`` exactly: this is the definition, at the cost of two forward passes.
+PEFT's ``disable_adapter()`` also switches off ``modules_to_save`` copies; a base parameter the stage trained directly
+(e.g. ``bias="all"``) is not switched off, so such a stage is refused.
+
+Example:
+    >>> from hf_stage_attribution import estimators
+    >>> # r = estimators.get("lora-exact").estimate(ledger, peft_model, behavior); r.per_example["lora"]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import EstimatorError
+from .base import EstimateResult, Estimator, eval_mode, evaluate, prepare, register, resolve_stages
+
+
+def _directly_trained(model: torch.nn.Module, stage: Any) -> list[str]:
+    """Base names the stage changed outside the adapter and outside ``modules_to_save`` copies."""
+    from ..params import base_parameters
+
+    lora = stage.lora or {}
+    adapter_names = set(lora.get("modules", {})) | set(lora.get("dense_modules", []))
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    params = base_parameters(model)
+    out = []
+    for name in stage.delta_names():
+        if name in adapter_names or name not in params:
+            continue
+        if "modules_to_save." not in f".{by_id.get(id(params[name]), '')}":
+            out.append(name)
+    return out
+
+
+@register
+class LoraExact(Estimator):
+    """Exact effect of the last stage when it is a LoRA adapter still attached (unmerged) to the final model.
+
+    ``stages=None`` means the last stage; asking for any other stage raises :class:`EstimatorError`.
+    Options: ``check_model``, ``prepare_behavior``.
+
+    Example:
+        >>> from hf_stage_attribution import estimators
+        >>> estimators.get("lora-exact").name
+        'lora-exact'
+    """
+
+    name = "lora-exact"
+    description = "f(with adapter) − f(adapter disabled) for a terminal, unmerged LoRA stage (exact)."
+
+    def estimate(self, ledger, model, behavior, stages=None, **options):
+        from ..params import is_peft_model, lora_layers
+
+        last = ledger.stages[-1]
+        chosen = [last] if stages is None else resolve_stages(ledger, stages)
+        others = [s.name for s in chosen if s.index != last.index]
+        if others:
+            raise EstimatorError(
+                f"`lora-exact` only applies to the last stage ({last.name!r}), got {others}. Use `aa-fd`, `aa-ggn` "
+                "or `replay` for earlier stages."
+            )
+        lora = last.lora or {}
+        if not (lora.get("modules") or lora.get("dense_modules")):
+            raise EstimatorError(
+                f"`lora-exact` needs the last stage to be a LoRA stage; {last.name!r} (kind {last.kind!r}) has no "
+                "LoRA adapter. Use `aa-fd` (exact for the last stage up to the ledger's float32 delta) instead."
+            )
+        if not is_peft_model(model) or not lora_layers(model):
+            raise EstimatorError(
+                f"`lora-exact` needs the final model as a PeftModel with the adapter of {last.name!r} attached and "
+                f"unmerged; got {type(model).__name__} without active LoRA layers. Pass the PeftModel (not "
+                "merge_and_unload()'s result), or use `aa-fd`."
+            )
+        direct = _directly_trained(model, last)
+        if direct:
+            raise EstimatorError(
+                f"Stage {last.name!r} also trained {len(direct)} base parameter(s) directly (e.g. {direct[0]!r}), "
+                "which disabling the adapter does not undo. Use `aa-fd` for this stage."
+            )
+        prepare(ledger, model, behavior, options)
+        with eval_mode(model):
+            with_adapter = evaluate(behavior, model, "evaluated on the final model (adapter enabled)")
+            with model.disable_adapter():
+                without = evaluate(behavior, model, f"evaluated with the adapter of stage {last.name!r} disabled")
+        return EstimateResult(self.name, {last.name: with_adapter - without}, {"calls": {"forward": 2}}, [])

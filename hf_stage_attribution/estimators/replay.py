@@ -1,0 +1,174 @@
+"""Replay: the ground truth of ESTIMATORS.md §2, ``τ_k = f(θ_K) − f(θ̃_K^(−k))``.
+
+``θ̃_K^(−k)`` starts stage ``k+1`` from ``θ_{k−1}`` (``ledger.state_at(k−1)``) and re-runs stages ``k+1..K`` with
+their recorded recipe. A stage is re-run by ``stage_fns[stage name](model)`` (a callable that trains the given model
+in place exactly as that stage did; it may return a new model, e.g. a ``PeftModel`` wrapping it, and may accept a
+second argument: a dict with ``"stage"``, ``"removed"`` (the removed stage's index or None) and ``"scale"``), or,
+for stages recorded through the Trainer callback with replay data, by
+``hf_stage_attribution.integrations.replay.replay_trainer_stage(stage, model)``.
+
+Replay works on a copy of the final model (a ``PeftModel`` is unloaded to its base model first), so memory is about
+two models. The functions must be deterministic for replay with nothing removed to reproduce ``θ_K``.
+
+Example:
+    >>> # fns = {"pretrain": train_pretrain, "sft": train_sft}
+    >>> # cf = replay_model(ledger, model, removed=0, stage_fns=fns)      # θ̃_K^(−1)
+    >>> # r = estimators.get("replay").estimate(ledger, model, behavior, stage_fns=fns)
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..errors import ReplayError
+from .base import EstimateResult, Estimator, eval_mode, evaluate, prepare, register, resolve_stages
+
+StageFn = Callable[..., Any]
+
+
+def _working_copy(model: torch.nn.Module) -> torch.nn.Module:
+    from ..params import is_peft_model
+
+    work = copy.deepcopy(model)
+    if is_peft_model(work):
+        work = work.unload()
+        for p in work.parameters():
+            p.requires_grad_(True)
+    return work
+
+
+def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy a ``{base name: tensor}`` state into the model's base parameters, tensor by tensor."""
+    from ..params import base_parameters
+
+    params = base_parameters(model)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name].to(device=param.device, dtype=param.dtype))
+
+
+def _run_stage(stage: Any, model: torch.nn.Module, stage_fns: Mapping[str, StageFn], info: dict) -> torch.nn.Module:
+    fn = stage_fns.get(stage.name)
+    if fn is None:
+        try:
+            from ..integrations.replay import replay_trainer_stage
+        except ImportError:
+            replay_trainer_stage = None
+        if replay_trainer_stage is None or stage.replay_dir is None:
+            raise ReplayError(
+                f"Cannot replay stage {stage.index} {stage.name!r}: no stage function was given for it and the ledger "
+                "holds no replay data for it. Pass stage_fns={'" + stage.name + "': fn} where fn(model) trains the "
+                "model in place as that stage did, or record the stage with StageRecorder(..., save_replay_data=True)."
+            )
+        fn = lambda m, _info: replay_trainer_stage(stage, m)  # noqa: E731
+    takes_info = len(inspect.signature(fn).parameters) >= 2
+    result = fn(model, info) if takes_info else fn(model)
+    return result if isinstance(result, torch.nn.Module) else model
+
+
+def replay_model(
+    ledger: Any,
+    model: torch.nn.Module,
+    removed: int | None,
+    *,
+    stage_fns: Mapping[str, StageFn] | None = None,
+    scale: float = 0.0,
+) -> torch.nn.Module:
+    """The counterfactual final model with stage ``removed`` (index) taken out and later stages re-run.
+
+    The start is ``θ_{k−1} + scale · Δ_k`` (``scale=0``: removal; ``scale=1``: nothing removed). ``removed=None``
+    starts from ``θ_0`` and re-runs every stage (replay with nothing removed). ``model`` is not modified.
+    """
+    stage_fns = dict(stage_fns or {})
+    work = _working_copy(model)
+    if removed is None:
+        load_state(work, ledger.initial_state())
+        first = 0
+    else:
+        k = ledger.stage(removed).index
+        prev = ledger.state_at(k - 1)
+        if scale:
+            from ..ledger.state import LazyState
+
+            base, stage = prev, ledger.stages[k]
+            prev = LazyState(ledger.parameter_names, lambda n: base[n] + scale * stage.delta_tensor(n))
+        load_state(work, prev)
+        first = k + 1
+    for stage in ledger.stages[first:]:
+        info = {"stage": stage, "removed": removed, "scale": scale}
+        work = _run_stage(stage, work, stage_fns, info)
+    return work
+
+
+def replay_gap(ledger: Any, model: torch.nn.Module, *, stage_fns: Mapping[str, StageFn] | None = None) -> float:
+    """Max abs difference between the ledger's ``θ_K`` and replaying every stage from ``θ_0`` (should be ~0)."""
+    from ..params import iter_merged_state
+
+    final = ledger.final_state()
+    replayed = replay_model(ledger, model, None, stage_fns=stage_fns)
+    return max(float((t - final[n]).abs().max()) for n, t in iter_merged_state(replayed))
+
+
+def first_order_response(
+    ledger: Any,
+    model: torch.nn.Module,
+    behavior: Callable[[torch.nn.Module], torch.Tensor],
+    k: int | str,
+    eps: float = 1e-3,
+    *,
+    stage_fns: Mapping[str, StageFn] | None = None,
+) -> torch.Tensor:
+    """``(f(θ_K) − f(replay with stage k scaled to 1 − ε)) / ε`` per example: the exact first-order response of
+    real training to stage ``k`` (the ceiling of any first-order estimator). Used by the benchmarks."""
+    with eval_mode(model):
+        final = evaluate(behavior, model, "evaluated on the final model")
+    cf = replay_model(ledger, model, ledger.stage(k).index, stage_fns=stage_fns, scale=1.0 - eps)
+    with eval_mode(cf):
+        shifted = evaluate(behavior, cf, f"first-order response to stage {ledger.stage(k).name!r}")
+    return (final - shifted) / eps
+
+
+@register
+class Replay(Estimator):
+    """The ground truth: remove each stage and re-run the later ones (K − 1 partial retrainings).
+
+    Options: ``stage_fns={stage name: fn(model)}`` (see the module docstring), ``check_model``,
+    ``prepare_behavior``.
+
+    Example:
+        >>> from hf_stage_attribution import estimators
+        >>> estimators.get("replay").name
+        'replay'
+    """
+
+    name = "replay"
+    description = "Remove stage k, re-run stages k+1..K with their recorded recipe, evaluate (ground truth)."
+
+    def estimate(self, ledger, model, behavior, stages=None, **options):
+        chosen = resolve_stages(ledger, stages)
+        prepare(ledger, model, behavior, options)
+        stage_fns = options.get("stage_fns") or {}
+        with eval_mode(model):
+            final = evaluate(behavior, model, "evaluated on the final model")
+        per_example: dict[str, torch.Tensor] = {}
+        replayed: list[str] = []
+        for stage in chosen:
+            cf = replay_model(ledger, model, stage.index, stage_fns=stage_fns)
+            with eval_mode(cf):
+                value = evaluate(behavior, cf, f"evaluated after replay without stage {stage.name!r}")
+            per_example[stage.name] = final - value
+            replayed.extend(s.name for s in ledger.stages[stage.index + 1 :])
+            del cf
+        diagnostics = {"stages_replayed": len(replayed)}
+        approximations = []
+        if any(s.optimizer_state_policy == "continued" for s in ledger.stages[1:]):
+            approximations.append(
+                "Replay of a stage that continued the optimizer state: its stage function decides the state it "
+                "starts from (it receives the removed stage's index)."
+            )
+        return EstimateResult(self.name, per_example, diagnostics, approximations)

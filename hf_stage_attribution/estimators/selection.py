@@ -1,0 +1,72 @@
+"""The default estimator (``auto``): ``aa-ggn`` where the ledger holds curvature material, else ``aa-linear``.
+
+"Curvature material" means: every later stage that took optimizer steps (the stages any ``v_k`` is carried
+through) has recorded segments, a known optimizer, and a loss the curvature products can use (``loss_fns``, the
+in-memory ``loss_fn`` of this process, or a built-in ``curvature_loss`` type). The result names the estimator used
+and why.
+
+Example:
+    >>> # name, reason = choose_estimator(ledger)
+    >>> # r = estimators.get("auto").estimate(ledger, model, behavior); r.estimator, r.reason
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import StageAttributionError
+from .base import Estimator, get, register
+from .propagation import recorded_family
+
+
+def choose_estimator(ledger: Any, loss_fns: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """``(estimator name, reason)`` by the default rule of ESTIMATORS.md §4."""
+    later = [s for s in ledger.stages[1:] if s.num_steps and s.learning_rates]
+    if not later:
+        return "aa-linear", "no stage after the first took optimizer steps, so there is no curvature to propagate"
+    missing = [s.name for s in later if not s.segments]
+    if missing:
+        return "aa-linear", (
+            f"later stage(s) {missing} hold no curvature material (record them with curvature_segments=3 for aa-ggn)"
+        )
+    unknown = [s.name for s in later if recorded_family(s.optimizer) is None]
+    if unknown:
+        return "aa-linear", f"later stage(s) {unknown} used an optimizer the curvature propagation does not know"
+    try:
+        from .curvature_products import resolve_loss
+    except ImportError:  # pragma: no cover - the curvature module ships with the package
+        return "aa-linear", "the curvature-aware propagation is not available in this installation"
+    no_loss = []
+    for stage in later:
+        try:
+            resolve_loss(stage, loss_fns, "ggn")
+        except StageAttributionError:
+            no_loss.append(stage.name)
+    if no_loss:
+        return "aa-linear", (
+            f"later stage(s) {no_loss} have curvature segments but no usable (forward, loss) pair; pass "
+            "loss_fns={stage name: (forward, loss)} to use aa-ggn"
+        )
+    return "aa-ggn", f"every later stage ({', '.join(s.name for s in later)}) holds curvature material"
+
+
+@register
+class Auto(Estimator):
+    """Apply the default rule, then run the chosen estimator; ``result.reason`` says why it was chosen.
+
+    Example:
+        >>> from hf_stage_attribution import estimators
+        >>> estimators.get("auto").name
+        'auto'
+    """
+
+    name = "auto"
+    description = "aa-ggn where the ledger holds curvature material, else aa-linear."
+
+    def estimate(self, ledger, model, behavior, stages=None, **options):
+        chosen, reason = choose_estimator(ledger, options.get("loss_fns"))
+        result = get(chosen).estimate(ledger, model, behavior, stages, **options)
+        result.reason = reason
+        result.diagnostics["auto"] = {"chosen": chosen, "reason": reason}
+        return result
