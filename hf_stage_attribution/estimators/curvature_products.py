@@ -1,0 +1,287 @@
+"""Curvature-vector products of a stage's training loss at a checkpoint, on a captured sample (ESTIMATORS.md §4a).
+
+The loss is split into ``forward(model, batch) -> outputs`` and ``loss(outputs, batch) -> scalar``. The Gauss–Newton
+product is ``Jᵀ H_L J v`` (``J`` the Jacobian of the outputs in the parameters, ``H_L`` the Hessian of the loss in
+the outputs), computed with ``torch.func`` (``jvp`` for ``J v``, forward-over-reverse for ``H_L``, ``vjp`` for
+``Jᵀ``) on ``functional_call`` of the model with the checkpoint's parameters substituted; the Hessian product is
+forward-over-reverse on the whole loss. Nothing is materialised but the vectors.
+
+Built-in losses for stages recorded through the Hugging Face Trainer (``stage.curvature_loss["type"]``), all on
+``model(**batch).logits`` (``labels`` removed from the inputs): ``causal-lm`` (shifted next-token cross-entropy,
+``-100`` ignored; labels default to ``input_ids`` with padding masked), ``masked-lm`` / ``token-classification``
+(unshifted), ``sequence-classification`` (cross-entropy; mean squared error for one output or float labels) and
+``regression``.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2)
+    >>> batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    >>> spec = ((lambda m, b: m(b[0])), (lambda out, b: torch.nn.functional.cross_entropy(out, b[1])))
+    >>> op = CurvatureOperator(model, dict(model.named_parameters()), [batch], spec, mode="ggn")
+    >>> v = {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}
+    >>> out = op.apply(v, ["weight", "bias"])
+    >>> float(sum((out[k] * v[k].double()).sum() for k in v)) >= 0   # Gauss–Newton is PSD
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import MissingCurvatureError, ModelMismatchError
+
+LossSpec = tuple[Callable, Callable] | Callable
+
+
+# --- built-in losses on logits ----------------------------------------------------------------------------------
+
+
+def _logits(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _token_labels(batch: Mapping[str, Any]) -> torch.Tensor:
+    labels = batch.get("labels")
+    if labels is None:
+        labels = batch["input_ids"].clone()
+        if "attention_mask" in batch:
+            labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    return labels
+
+
+def _causal_lm_loss(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    labels = _token_labels(batch)[..., 1:]
+    logits = logits[..., :-1, :]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def _token_loss(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    labels = _token_labels(batch)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def _sequence_loss(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    labels = batch["labels"]
+    if logits.shape[-1] == 1 or labels.is_floating_point():
+        return torch.nn.functional.mse_loss(
+            logits.squeeze(-1), labels.to(logits.dtype).reshape(logits.squeeze(-1).shape)
+        )
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+BUILTIN_LOSSES: dict[str, tuple[Callable, Callable]] = {
+    "causal-lm": (_logits, _causal_lm_loss),
+    "masked-lm": (_logits, _token_loss),
+    "token-classification": (_logits, _token_loss),
+    "sequence-classification": (_logits, _sequence_loss),
+    "regression": (_logits, _sequence_loss),
+}
+
+
+def resolve_loss(stage: Any, loss_fns: Mapping[str, LossSpec] | None, mode: str) -> LossSpec:
+    """The loss of ``stage`` for curvature products: ``loss_fns[stage.name]``, else the in-memory ``stage.loss_fn``,
+    else the built-in loss named by ``stage.curvature_loss``. Gauss–Newton needs a ``(forward, loss)`` pair."""
+    spec = (loss_fns or {}).get(stage.name) or getattr(stage, "loss_fn", None)
+    kind = (getattr(stage, "curvature_loss", None) or {}).get("type")
+    if spec is None and kind in BUILTIN_LOSSES:
+        spec = BUILTIN_LOSSES[kind]
+    if spec is None:
+        raise MissingCurvatureError(
+            f"Stage {stage.name!r}: curvature products need the stage's loss, found none (curvature_loss="
+            f"{getattr(stage, 'curvature_loss', None)!r}; built-in types: {', '.join(BUILTIN_LOSSES)}). Pass "
+            f"`loss_fns={{{stage.name!r}: (forward, loss)}}` (forward(model, batch) -> outputs, loss(outputs, batch) "
+            "-> scalar), or record the stage with `loss_fn=`."
+        )
+    if mode == "ggn" and not (isinstance(spec, tuple) and len(spec) == 2):
+        raise MissingCurvatureError(
+            f"Stage {stage.name!r}: Gauss–Newton products need the loss split as a pair (forward(model, batch) -> "
+            "outputs, loss(outputs, batch) -> scalar), got a single callable. Pass the pair in `loss_fns`, or use "
+            "the Hessian estimator (aa-hvp), which works with f(model, batch) -> scalar."
+        )
+    return spec
+
+
+# --- the operator ---------------------------------------------------------------------------------------------------
+
+
+class _Call(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, fn: Callable) -> None:
+        super().__init__()
+        self.m, self.fn = model, fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.fn(self.m, batch)
+
+
+def _concat(batches: Sequence[Any], chunk_rows: int) -> list[Any]:
+    """Concatenate compatible batches along the first dimension into chunks of at most ``chunk_rows`` rows."""
+
+    def rows(b: Any) -> int:
+        first = next(iter(b.values())) if isinstance(b, Mapping) else (b[0] if isinstance(b, (tuple, list)) else b)
+        return int(first.shape[0])
+
+    def cat(group: list[Any]) -> Any:
+        b0 = group[0]
+        if isinstance(b0, Mapping):
+            return {k: torch.cat([g[k] for g in group]) for k in b0}
+        if isinstance(b0, (tuple, list)):
+            return tuple(torch.cat([g[i] for g in group]) for i in range(len(b0)))
+        return torch.cat(group)
+
+    try:
+        out, current, n = [], [], 0
+        for b in batches:
+            if current and n + rows(b) > chunk_rows:
+                out.append(cat(current))
+                current, n = [], 0
+            current.append(b)
+            n += rows(b)
+        if current:
+            out.append(cat(current))
+        return out
+    except (RuntimeError, TypeError, KeyError, IndexError, AttributeError):
+        return list(batches)  # ragged or exotic batches: use them one by one
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def _rows(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+    return min((int(v.shape[0]) for v in values if isinstance(v, torch.Tensor) and v.dim()), default=1)
+
+
+def _math_attention() -> Any:
+    """Scaled-dot-product attention through its composite ("math") kernel: the fused CPU/GPU kernels have no
+    forward-mode derivative, which the Gauss–Newton and Hessian products need."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+class CurvatureOperator:
+    """``v ↦ C̄ v``: Gauss–Newton (``mode="ggn"``) or Hessian (``"hvp"``) of a loss at given parameters, on a sample.
+
+    ``state`` maps base parameter names to the checkpoint's values (all of them); vectors are dicts of base names.
+    ``products`` counts operator applications (each is one pass over the whole sample).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        state: Mapping[str, torch.Tensor],
+        batches: Sequence[Any],
+        loss: LossSpec,
+        mode: str = "ggn",
+        *,
+        chunk_rows: int = 512,
+    ) -> None:
+        from ..params import base_parameters, unwrap_model
+
+        if mode not in ("ggn", "hvp"):
+            raise ValueError(f"`mode` must be 'ggn' or 'hvp', got {mode!r}.")
+        if not batches:
+            raise MissingCurvatureError("Curvature products need captured example batches, found none.")
+        self.model, self.mode = unwrap_model(model), mode
+        ref = next(self.model.parameters())
+        self.device, self.dtype = ref.device, ref.dtype
+        ids = {id(p): n for n, p in self.model.named_parameters()}
+        base = base_parameters(self.model)
+        self.module_name = {b: "m." + ids[id(p)] for b, p in base.items()}
+        self.fixed: dict[str, torch.Tensor] = {}
+        for b, p in base.items():
+            if b not in state:
+                raise ModelMismatchError(f"The ledger state has no tensor for the model's parameter {b!r}.")
+            self.fixed[self.module_name[b]] = state[b].to(self.device, p.dtype)
+        for name, p in self.model.named_parameters():  # un-merged LoRA factors: switch the adapter off (B = 0)
+            if id(p) not in {id(q) for q in base.values()} and ".lora_B." in f".{name}.".replace(
+                "lora_embedding_B", "lora_B"
+            ):
+                self.fixed["m." + name] = torch.zeros_like(p)
+        self.batches = [_to(b, self.device) for b in _concat(list(batches), chunk_rows)]
+        self.weights = [_rows(b) for b in self.batches]
+        if isinstance(loss, tuple):
+            self.forward_call, self.loss = _Call(self.model, loss[0]), loss[1]
+            self.scalar_call = _Call(self.model, lambda m, b: loss[1](loss[0](m, b), b))
+        else:
+            self.forward_call, self.loss, self.scalar_call = None, None, _Call(self.model, loss)
+        self.products = 0
+
+    def apply(self, vector: Mapping[str, torch.Tensor], out_names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``(C̄ v)`` restricted to ``out_names`` (float64 tensors); names absent from ``vector`` are zero."""
+        names = list(dict.fromkeys([*out_names, *vector]))
+        for n in names:
+            if n not in self.module_name:
+                raise ModelMismatchError(f"The model has no parameter {n!r} (base name) for curvature products.")
+        keys = [self.module_name[n] for n in names]
+        primals = {k: self.fixed[k] for k in keys}
+        tangents = {
+            self.module_name[n]: (vector[n] if n in vector else torch.zeros(()))
+            .to(self.device, self.fixed[self.module_name[n]].dtype)
+            .expand_as(self.fixed[self.module_name[n]])
+            .contiguous()
+            for n in names
+        }
+        total = {k: torch.zeros_like(primals[k], dtype=torch.float64) for k in keys}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with _math_attention():
+                for batch, w in zip(self.batches, self.weights):
+                    out = (
+                        self._ggn(primals, tangents, batch)
+                        if self.mode == "ggn"
+                        else self._hvp(primals, tangents, batch)
+                    )
+                    for k in keys:
+                        total[k] += w * out[k].to(torch.float64)
+        finally:
+            self.model.train(was_training)
+        self.products += 1
+        scale = 1.0 / sum(self.weights)
+        return {n: total[self.module_name[n]] * scale for n in out_names}
+
+    def _rest(self, primals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.fixed.items() if k not in primals}
+
+    def _ggn(self, primals: dict, tangents: dict, batch: Any) -> dict[str, torch.Tensor]:
+        from torch.func import functional_call, grad, jvp, vjp
+
+        rest = self._rest(primals)
+
+        def f(p: dict) -> Any:
+            return functional_call(self.forward_call, {**rest, **p}, (batch,))
+
+        out, jv = jvp(f, (primals,), (tangents,))
+        out = torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+        _, hjv = jvp(grad(lambda o: self.loss(o, batch)), (out,), (jv,))
+        _, pullback = vjp(f, primals)
+        return pullback(hjv)[0]
+
+    def _hvp(self, primals: dict, tangents: dict, batch: Any) -> dict[str, torch.Tensor]:
+        from torch.func import functional_call, grad, jvp
+
+        rest = self._rest(primals)
+
+        def loss(p: dict) -> torch.Tensor:
+            return functional_call(self.scalar_call, {**rest, **p}, (batch,))
+
+        return jvp(grad(loss), (primals,), (tangents,))[1]
