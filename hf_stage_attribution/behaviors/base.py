@@ -196,18 +196,14 @@ class ExampleBehavior(Behavior):
     @classmethod
     def from_spec(cls, spec: dict[str, Any], *, base_dir: str | Path | None = None, trust_code: bool = False):
         """Build the behavior from a spec dict (see :meth:`to_spec`); relative paths resolve against base_dir."""
-        allowed = {"name", "kind", "data", "select", "batch_size", *cls._spec_fields, *cls._spec_special}
+        allowed = {"name", "kind", "data", "select", "indices", "batch_size", *cls._spec_fields, *cls._spec_special}
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise BehaviorError(
                 f"Behavior spec of kind {cls.kind!r} has unknown keys {unknown}; allowed keys: {sorted(allowed)}."
             )
-        if "data" not in spec:
-            raise BehaviorError(f"Behavior spec of kind {cls.kind!r} needs 'data' (a JSON/JSONL path or a list).")
         base = Path(base_dir) if base_dir is not None else None
-        data = ExampleData.from_any(spec["data"], base_dir=base)
-        if spec.get("select") is not None:
-            data = data.select(spec["select"])
+        data = ExampleData.from_spec(spec, base_dir=base)
         kwargs = {k: spec[k] for k in cls._spec_fields if k in spec}
         kwargs.update(cls._spec_kwargs(spec, base, trust_code))
         return cls(data, name=spec.get("name"), batch_size=spec.get("batch_size", 32), **kwargs)

@@ -62,6 +62,9 @@ def import_callable(path: str, trust_code: bool) -> Callable[..., Any]:
     return obj
 
 
+_DATA_KEYS = ("name", "kind", "data", "select", "indices", "batch_size")
+
+
 @register
 class PerExample(ExampleBehavior):
     """Wraps ``fn(model, batch) -> Tensor[len(batch)]`` over examples (a list, or a ``datasets.Dataset`` whose
@@ -122,15 +125,10 @@ class PerExample(ExampleBehavior):
                 unit=spec.get("unit", "behavior units"),
                 description=spec.get("description", ""),
             )
-        base = Path(base_dir) if base_dir is not None else None
-        data = ExampleData.from_any(spec["data"], base_dir=base)
-        if spec.get("select") is not None:
-            data = data.select(spec["select"])
-        unknown = sorted(
-            set(spec) - {"name", "kind", "data", "select", "batch_size", "function", "unit", "description"}
-        )
+        unknown = sorted(set(spec) - {*_DATA_KEYS, "function", "unit", "description"})
         if unknown:
             raise BehaviorError(f"A 'custom' behavior spec has unknown keys {unknown}.")
+        data = ExampleData.from_spec(spec, base_dir=Path(base_dir) if base_dir is not None else None)
         return cls(
             fn,
             data,

@@ -138,7 +138,27 @@ class ExampleData:
             if self.indices != list(range(self.total)):
                 spec["select"] = list(self.indices)
             return spec
-        return {"data": jsonable(self.rows())}
+        spec = {"data": jsonable(self.rows())}
+        if self.indices != list(range(len(self))):
+            spec["indices"] = list(self.indices)  # original positions: they seed per-example sampling
+        return spec
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], base_dir: str | Path | None = None) -> ExampleData:
+        """The examples of a behavior spec: ``data`` (+ ``select`` for files, ``indices`` for inline data)."""
+        if "data" not in spec:
+            raise BehaviorError(
+                f"A behavior spec of kind {spec.get('kind')!r} needs 'data' (a JSON/JSONL path or a list)."
+            )
+        data = cls.from_any(spec["data"], base_dir=base_dir)
+        if spec.get("select") is not None:
+            data = data.select(spec["select"])
+        if spec.get("indices") is not None:
+            indices = [int(i) for i in spec["indices"]]
+            if len(indices) != len(data):
+                raise BehaviorError(f"'indices' has {len(indices)} entries for {len(data)} examples; they must match.")
+            data = ExampleData(data.items, data.source, indices, max(indices, default=-1) + 1)
+        return data
 
 
 def _is_dataset(obj: Any) -> bool:

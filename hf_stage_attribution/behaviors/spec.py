@@ -83,14 +83,17 @@ def load_specs(path: str | Path, *, trust_code: bool = False) -> dict[str, Behav
         )
     if not items:
         raise BehaviorError(f"Behavior spec file {str(path)!r} lists no behaviors; add at least one.")
-    out: dict[str, Behavior] = {}
-    for i, item in enumerate(items):
+    seen: set[str] = set()
+    for i, item in enumerate(items):  # check every name before building anything
         if not isinstance(item, Mapping) or not item.get("name"):
             raise BehaviorError(f"Behavior {i} in {str(path)!r} needs a 'name' (and a 'kind').")
-        if item["name"] in out:
+        if str(item["name"]) in seen:
             raise BehaviorError(
                 f"Behavior name {item['name']!r} appears twice in {str(path)!r}; names must be unique."
             )
+        seen.add(str(item["name"]))
+    out: dict[str, Behavior] = {}
+    for item in items:
         out[str(item["name"])] = from_spec(item, base_dir=Path(path).parent, trust_code=trust_code)
     return out
 
