@@ -37,6 +37,20 @@ def _directly_trained(model: torch.nn.Module, stage: Any) -> list[str]:
     return out
 
 
+def _check_adapter_is_stage(model: torch.nn.Module, stage: Any) -> None:
+    """Disabling the adapter must undo exactly the stage's delta (not also an initial non-zero adapter)."""
+    from ..params import lora_layers
+
+    for name, info in lora_layers(model).items():
+        recorded = stage.delta_tensor(name)
+        if not torch.allclose(info.delta(), recorded, rtol=1e-4, atol=1e-6):
+            raise EstimatorError(
+                f"The adapter on {name!r} does not equal the delta stage {stage.name!r} recorded there (the adapter "
+                "was not zero when the stage started, e.g. init_lora_weights=False, or it changed afterwards), so "
+                "disabling it would remove more than the stage. Use `aa-fd` for this stage."
+            )
+
+
 @register
 class LoraExact(Estimator):
     """Exact effect of the last stage when it is a LoRA adapter still attached (unmerged) to the final model.
@@ -82,6 +96,7 @@ class LoraExact(Estimator):
                 f"Stage {last.name!r} also trained {len(direct)} base parameter(s) directly (e.g. {direct[0]!r}), "
                 "which disabling the adapter does not undo. Use `aa-fd` for this stage."
             )
+        _check_adapter_is_stage(model, last)
         prepare(ledger, model, behavior, options)
         with eval_mode(model):
             with_adapter = evaluate(behavior, model, "evaluated on the final model (adapter enabled)")

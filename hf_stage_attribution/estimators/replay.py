@@ -52,6 +52,17 @@ def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Non
             param.copy_(state[name].to(device=param.device, dtype=param.dtype))
 
 
+def _takes_info(fn: StageFn) -> bool:
+    """True when ``fn`` requires a second positional argument (the replay info dict)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in params if p.kind in positional and p.default is inspect.Parameter.empty]
+    return len(required) >= 2 or any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
 def _run_stage(stage: Any, model: torch.nn.Module, stage_fns: Mapping[str, StageFn], info: dict) -> torch.nn.Module:
     fn = stage_fns.get(stage.name)
     if fn is None:
@@ -66,8 +77,7 @@ def _run_stage(stage: Any, model: torch.nn.Module, stage_fns: Mapping[str, Stage
                 "model in place as that stage did, or record the stage with StageRecorder(..., save_replay_data=True)."
             )
         fn = lambda m, _info: replay_trainer_stage(stage, m)  # noqa: E731
-    takes_info = len(inspect.signature(fn).parameters) >= 2
-    result = fn(model, info) if takes_info else fn(model)
+    result = fn(model, info) if _takes_info(fn) else fn(model)
     return result if isinstance(result, torch.nn.Module) else model
 
 
