@@ -225,3 +225,33 @@ def test_costs_follow_section_4(tmp_path):
     counting = Counting(behavior)
     estimators.get("replay").estimate(ledger, model, counting, stage_fns=fns)
     assert counting.calls == k + 1
+
+
+def test_curvature_embeddings_through_the_cache(tmp_path):
+    """auto picks aa-ggn where curvature material exists; with curvature off aa-ggn reproduces aa-linear, also
+    through a continued SGD state (the momentum tail enters as the curvature propagation's initial buffer)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(24, 4, dtype=torch.float64), torch.randint(0, 3, (24,))
+    pair = (lambda m, b: m(b[0]), lambda out, b: torch.nn.functional.cross_entropy(out, b[1]))
+    ledger = StageLedger(tmp_path / "ledger")
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=0.1)
+    for name in ("s1", "s2", "s3"):
+        if name == "s3":
+            opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.2)
+        with ledger.record_stage(name, model=model, optimizer=opt, loss_fn=pair, num_steps=6) as rec:
+            for _ in range(6):
+                opt.zero_grad()
+                pair[1](pair[0](model, (x, y)), (x, y)).backward()
+                opt.step()
+                rec.step((x, y))
+    assert ledger.stages[1].optimizer_state_policy == "continued" and ledger.stages[1].segments
+    behavior = lambda m: torch.log_softmax(m(x), -1)[:, 0]  # noqa: E731
+    auto = estimators.get("auto").estimate(ledger, model, behavior)
+    assert auto.estimator == "aa-ggn" and "curvature material" in auto.reason
+    assert auto.diagnostics["curvature"]["curvature_products"] > 0
+    off = estimators.get("aa-ggn").estimate(ledger, model, behavior, curvature_options={"curvature_scale": 0.0})
+    linear = estimators.get("aa-linear").estimate(ledger, model, behavior)
+    for stage in ("s1", "s2", "s3"):
+        assert torch.allclose(off.per_example[stage], linear.per_example[stage], atol=1e-10, rtol=0), stage
+    assert not torch.allclose(auto.per_example["s1"], linear.per_example["s1"], atol=1e-6)
