@@ -7,6 +7,7 @@ still loads. A ``format_version`` newer than this library's is refused.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -110,6 +111,56 @@ def check_relative_path(path: Path, value: Any, what: str) -> str:
     return value
 
 
+def check_digest_map(path: Path, value: Any, what: str) -> dict[str, str]:
+    """``{parameter name: hex digest}`` (per-tensor digests of a state)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise _fail(path, f"`{what}`: an object mapping parameter names to digests", value)
+    for name, digest in value.items():
+        check_hash(path, digest, f"{what}[{name!r}]")
+    return value
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_lora(path: Path, lora: Any) -> None:
+    """``lora``: ``{"modules": {base name: {"scaling": number, "fan_in_fan_out": bool, ...}}, ...}``."""
+    if lora is None:
+        return
+    if not isinstance(lora, dict) or not isinstance(lora.get("modules", {}), dict):
+        raise _fail(path, "`lora`: an object with a `modules` object", lora)
+    for name, spec in lora.get("modules", {}).items():
+        if (
+            not isinstance(spec, dict)
+            or not _is_number(spec.get("scaling"))
+            or not isinstance(spec.get("fan_in_fan_out", False), bool)
+            or not isinstance(spec.get("layer_type", "linear"), str)
+        ):
+            raise _fail(
+                path, f"`lora.modules[{name!r}]`: an object with a finite `scaling` and boolean `fan_in_fan_out`", spec
+            )
+    dense = lora.get("dense_modules", [])
+    if not isinstance(dense, list) or not all(isinstance(x, str) for x in dense):
+        raise _fail(path, "`lora.dense_modules`: a list of names", dense)
+
+
+def check_datasets(path: Path, datasets: Any) -> None:
+    """``datasets``: a list of objects whose ``name``/``fingerprint`` are strings and ``size`` a count."""
+    if datasets is None:
+        return
+    if not isinstance(datasets, list):
+        raise _fail(path, "`datasets`: a list of objects", datasets)
+    for d in datasets:
+        if not isinstance(d, dict):
+            raise _fail(path, "each `datasets` entry to be an object", d)
+        for key in ("name", "fingerprint", "revision", "split", "config"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise _fail(path, f"`datasets[].{key}`: a string", d[key])
+        if d.get("size") is not None:
+            check_count(path, d["size"], "datasets[].size")
+
+
 def validate_ledger(path: Path, data: Any) -> dict:
     """Validate a parsed ``ledger.json``; return it (unknown keys warned about, not removed)."""
     check_version(path, data)
@@ -133,11 +184,11 @@ def validate_ledger(path: Path, data: Any) -> dict:
             raise _fail(path, "unique parameter names", item[0])
         seen.add(item[0])
     start = data.get("start")
-    if start is not None:
-        if not isinstance(start, dict):
-            raise _fail(path, "`start`: an object", start)
-        check_relative_path(path, start.get("file"), "start.file")
-        check_hash(path, start.get("state_hash"), "start.state_hash")
+    if not isinstance(start, dict):
+        raise _fail(path, "`start`: an object describing the initial parameters (file, state_hash)", start)
+    check_relative_path(path, start.get("file"), "start.file")
+    check_hash(path, start.get("state_hash"), "start.state_hash")
+    check_digest_map(path, start.get("digests", {}), "start.digests")
     stages = data.get("stages")
     if not isinstance(stages, list):
         raise _fail(path, "`stages`: a list", stages)
@@ -184,8 +235,8 @@ def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
             f"{type(lrs).__name__} of {len(lrs) if isinstance(lrs, list) else '?'}",
         )
     for row in lrs:
-        if not isinstance(row, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row):
-            raise _fail(path, "each `learning_rates` entry to be a list of numbers (one per param group)", row)
+        if not isinstance(row, list) or not all(_is_number(x) for x in row):
+            raise _fail(path, "each `learning_rates` entry to be a list of finite numbers (one per param group)", row)
     opt = data.get("optimizer")
     if opt is not None:
         if (
@@ -195,8 +246,12 @@ def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
         ):
             raise _fail(path, "`optimizer`: an object with `type` and `param_groups`", opt)
         for group in opt["param_groups"]:
-            if not isinstance(group, dict) or not isinstance(group.get("params", []), list):
-                raise _fail(path, "each param group to be an object with a `params` list", group)
+            if (
+                not isinstance(group, dict)
+                or not isinstance(group.get("params", []), list)
+                or not all(isinstance(x, str) for x in group.get("params", []))
+            ):
+                raise _fail(path, "each param group to be an object with a `params` list of names", group)
     trainable = data.get("trainable_parameters", [])
     if not isinstance(trainable, list) or not all(isinstance(x, str) for x in trainable):
         raise _fail(path, "`trainable_parameters`: a list of names", trainable)
@@ -206,9 +261,14 @@ def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
     segments = data.get("segments", [])
     if not isinstance(segments, list):
         raise _fail(path, "`segments`: a list", segments)
-    for seg in segments:
+    for position, seg in enumerate(segments):
         if not isinstance(seg, dict):
             raise _fail(path, "a segment object", seg)
+        if check_count(path, seg.get("index"), "segments[].index") != position:
+            raise _fail(path, f"segment {position} to have `index` {position}", seg.get("index"))
+        check_count(path, seg.get("num_examples", 0), "segments[].num_examples")
+        if seg.get("batch_layout", "dict") not in ("tensor", "tuple", "dict"):
+            raise _fail(path, "`segments[].batch_layout` in tensor/tuple/dict", seg.get("batch_layout"))
         start, end, mid = (
             check_count(path, seg.get(k), f"segments[].{k}") for k in ("step_start", "step_end", "mid_step")
         )
@@ -218,4 +278,15 @@ def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
     for key in ("delta_file", "lora_file", "optimizer_state_file"):
         if data.get(key) is not None:
             check_relative_path(path, data[key], key)
+    check_lora(path, data.get("lora"))
+    if data.get("lora_file") is not None and data.get("lora") is None:
+        raise _fail(path, "a `lora` description next to `lora_file`", None)
+    check_digest_map(path, data.get("end_digests", {}), "end_digests")
+    check_datasets(path, data.get("datasets"))
+    loss = data.get("curvature_loss")
+    if loss is not None and (not isinstance(loss, dict) or not isinstance(loss.get("type", ""), str)):
+        raise _fail(path, '`curvature_loss`: an object such as {"type": "causal-lm"}', loss)
+    trainer = data.get("trainer")
+    if trainer is not None and not isinstance(trainer, (str, dict)):
+        raise _fail(path, "`trainer`: a class name or an object", trainer)
     return data

@@ -20,7 +20,16 @@ from ..errors import LedgerError, LedgerFormatError, LedgerMismatchError, ModelM
 from .format import FORMAT_NAME, FORMAT_VERSION, validate_ledger
 from .stage import Stage
 from .state import LazyState
-from .storage import atomic_write_json, open_safetensors, read_json, safe_join
+from .storage import (
+    LOCK_NAME,
+    DirectoryLock,
+    atomic_write_json,
+    ensure_inside,
+    io_errors,
+    open_safetensors,
+    read_json,
+    safe_join,
+)
 
 LEDGER_FILE = "ledger.json"
 START_FILE = "start.safetensors"
@@ -84,9 +93,11 @@ class StageLedger:
     # --- manifest --------------------------------------------------------------------------------------
 
     def _reload(self) -> None:
-        path = self.dir / LEDGER_FILE
+        path = ensure_inside(self.dir, self.dir / LEDGER_FILE)
         manifest = validate_ledger(path, read_json(path, "ledger file"))
+        self._check_layout()
         shapes = {name: tuple(shape) for name, shape in manifest["model"]["parameters"]}
+        _check_start_file(safe_join(self.dir, manifest["start"]["file"]), shapes)
         stages = [Stage(self.dir, entry, shapes) for entry in manifest["stages"]]
         for stage in stages:
             stage.loss_fn = self._loss_fns.get(stage.name)
@@ -130,7 +141,17 @@ class StageLedger:
 
     @property
     def embeddings_dir(self) -> Path:
-        return self.dir / "embeddings"
+        path = self.dir / "embeddings"
+        if path.is_symlink() or path.exists():
+            ensure_inside(self.dir, path)
+        return path
+
+    def _check_layout(self) -> None:
+        """Refuse a ledger whose fixed sub-paths (``stages/``, ``embeddings/``, the lock) are links leaving it."""
+        for name in ("stages", "embeddings", LOCK_NAME, START_FILE):
+            path = self.dir / name
+            if path.is_symlink() or path.exists():
+                ensure_inside(self.dir, path)
 
     def stage(self, key: int | str) -> Stage:
         """A stage by index or name."""
@@ -305,18 +326,32 @@ class StageLedger:
         stages_dir = self.dir / "stages"
         if not stages_dir.is_dir():
             return []
+        ensure_inside(self.dir, stages_dir)
         listed = {Path(entry["dir"]).name for entry in (self._manifest or {}).get("stages", [])}
         return sorted(p for p in stages_dir.iterdir() if p.name not in listed)
 
+    def leftover_files(self) -> list[Path]:
+        """Temporary files of writes that a killed process never finished (``.<name>.<random>.tmp``)."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+
     def remove_incomplete(self) -> list[Path]:
-        """Delete the directories of incomplete stages; return what was removed."""
+        """Delete incomplete stage directories and leftover temporary files; return what was removed.
+
+        Takes the ledger's lock, so it refuses (:class:`~hf_stage_attribution.errors.LedgerLockedError`) while
+        another process records, whose work in progress would otherwise be deleted. Links are removed, never
+        followed.
+        """
         removed = []
-        for path in self.incomplete_stages():
-            if path.is_symlink() or path.is_file():
-                path.unlink()
-            else:
-                shutil.rmtree(path)
-            removed.append(path)
+        with DirectoryLock(self.dir, "removing incomplete stages"):
+            for path in [*self.incomplete_stages(), *self.leftover_files()]:
+                with io_errors(path):
+                    if path.is_symlink() or not path.is_dir():
+                        path.unlink()
+                    else:
+                        shutil.rmtree(path)
+                removed.append(path)
         return removed
 
     def verify(self) -> None:
@@ -365,6 +400,27 @@ class StageLedger:
             for stage in self.stages:
                 if stage.name == name:
                     stage.loss_fn = loss_fn
+
+
+def _check_start_file(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """θ_0's file must hold exactly the ledger's parameters, as floats of the recorded shapes (header only)."""
+    handle = open_safetensors(path)
+    found = {}
+    for key in handle.keys():
+        view = handle.get_slice(key)
+        found[key] = (view.get_dtype(), tuple(view.get_shape()))
+    for name, shape in shapes.items():
+        if name not in found:
+            raise LedgerFormatError(
+                f"{path}: expected the initial value of {name!r} (listed in {LEDGER_FILE}), found none. The file "
+                "does not belong to this ledger or is corrupt."
+            )
+        dtype, found_shape = found[name]
+        if found_shape != shape or dtype not in ("F64", "F32", "F16", "BF16"):
+            raise LedgerFormatError(
+                f"{path}: expected {name!r} as a float tensor of shape {shape} (from {LEDGER_FILE}), found {dtype} "
+                f"{found_shape}. The file does not belong to this ledger or is corrupt."
+            )
 
 
 def _warn(message: str) -> None:

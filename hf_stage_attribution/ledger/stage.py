@@ -10,30 +10,103 @@ import torch
 
 from ..errors import IncompleteStageError, LedgerFormatError
 from .format import validate_stage
-from .storage import open_safetensors, read_json, safe_join
+from .storage import ensure_inside, open_safetensors, read_json, safe_join
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class _TensorFile:
-    """A memory-mapped safetensors file opened on first use."""
+    """A memory-mapped safetensors file opened on first use; ``check(path, {key: (dtype, shape)})`` vets its header."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, root: Path | None = None, check: Callable | None = None) -> None:
         self.path = path
+        self.root = root
+        self.check = check
         self._handle = None
+        self._keys: list[str] = []
+        self._key_set: set[str] = set()
 
     @property
     def handle(self):
         if self._handle is None and self.path is not None:
-            self._handle = open_safetensors(self.path)
+            if self.root is not None:
+                ensure_inside(self.root, self.path)
+            handle = open_safetensors(self.path)
+            keys = list(handle.keys())
+            if self.check is not None:
+                header = {}
+                for key in keys:
+                    view = handle.get_slice(key)
+                    header[key] = (view.get_dtype(), tuple(view.get_shape()))
+                self.check(self.path, header)
+            self._handle, self._keys, self._key_set = handle, keys, set(keys)
         return self._handle
 
     def keys(self) -> list[str]:
-        return list(self.handle.keys()) if self.path is not None else []
+        if self.path is None:
+            return []
+        self.handle  # noqa: B018  (opens and vets the file)
+        return list(self._keys)
 
     def get(self, key: str) -> torch.Tensor:
-        return self.handle.get_tensor(key)
+        if self.path is None:
+            raise LedgerFormatError(f"Expected a tensor file holding {key!r}, but the stage names none.")
+        handle = self.handle
+        if key not in self._key_set:
+            raise LedgerFormatError(f"{self.path}: expected a tensor {key!r}, found none (keys: {self._keys[:5]}...).")
+        try:
+            return handle.get_tensor(key)
+        except Exception as exc:  # safetensors' own error type for a bad buffer
+            raise LedgerFormatError(
+                f"{self.path}: could not read tensor {key!r} ({exc}); the file is corrupt."
+            ) from exc
 
 
-def _unflatten_batches(tensors: dict[str, torch.Tensor], layout: str) -> list[Any]:
+def _header_error(path: Path, expected: str, key: str, found: object) -> LedgerFormatError:
+    return LedgerFormatError(
+        f"{path}: expected {expected}, found {key!r} = {found}. The file does not belong to this ledger or is "
+        "corrupt; restore it or re-record the stage."
+    )
+
+
+def parameter_checker(shapes: dict[str, tuple[int, ...]], key_to_name: Callable[[str], str] = lambda k: k) -> Callable:
+    """A header check: every key names a parameter of the ledger's model, in a float dtype, with its shape."""
+
+    def check(path: Path, header: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+        for key, (dtype, shape) in header.items():
+            name = key_to_name(key)
+            if name not in shapes:
+                raise _header_error(path, "only parameters of the ledger's model", key, "an unknown name")
+            if dtype not in _FLOAT_DTYPES:
+                raise _header_error(path, "floating-point tensors", key, dtype)
+            if shape != tuple(shapes[name]):
+                raise _header_error(path, f"shape {tuple(shapes[name])} (from ledger.json)", key, shape)
+
+    return check
+
+
+def _check_prefixed(path: Path, header: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Optimizer-state files: keys ``<state key>/<parameter name>``, floating-point values."""
+    for key, (dtype, _shape) in header.items():
+        kind, sep, name = key.partition("/")
+        if not sep or not kind or not name:
+            raise _header_error(path, "keys of the form '<state key>/<parameter name>'", key, "a malformed key")
+        if dtype not in _FLOAT_DTYPES:
+            raise _header_error(path, "floating-point optimizer state", key, dtype)
+
+
+def _load_checked(tensor_file: _TensorFile) -> dict[str, torch.Tensor]:
+    return {k: tensor_file.get(k) for k in tensor_file.keys()}
+
+
+def _check_examples(path: Path, header: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    for key in header:
+        index, sep, field = key.partition("/")
+        if not sep or not index.isdigit() or not field:
+            raise _header_error(path, "example keys of the form '<batch index>/<field>'", key, "a malformed key")
+
+
+def _unflatten_batches(path: Path, tensors: dict[str, torch.Tensor], layout: str) -> list[Any]:
     grouped: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         index, _, field = key.partition("/")
@@ -42,8 +115,12 @@ def _unflatten_batches(tensors: dict[str, torch.Tensor], layout: str) -> list[An
     for index in sorted(grouped):
         fields = grouped[index]
         if layout == "tensor":
+            if set(fields) != {"_"}:
+                raise _header_error(path, "one field '_' per batch (batch_layout 'tensor')", index, sorted(fields))
             batches.append(fields["_"])
         elif layout == "tuple":
+            if set(fields) != {str(j) for j in range(len(fields))}:
+                raise _header_error(path, "fields 0..n-1 per batch (batch_layout 'tuple')", index, sorted(fields))
             batches.append(tuple(fields[str(j)] for j in range(len(fields))))
         else:
             batches.append(dict(fields))
@@ -63,26 +140,25 @@ class Segment:
         self.step_start = int(info["step_start"])
         self.step_end = int(info["step_end"])
         self.mid_step = int(info["mid_step"])
-        self.dir = safe_join(stage.dir, info["dir"])
+        self.dir = ensure_inside(stage.root, safe_join(stage.dir, info["dir"]))
 
     @property
     def learning_rates(self) -> list[list[float]]:
         return self.stage.learning_rates[self.step_start : self.step_end]
 
-    def _load(self, filename: str) -> dict[str, torch.Tensor]:
+    def _load(self, filename: str, check: Callable) -> dict[str, torch.Tensor]:
         path = self.dir / filename
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             return {}
-        handle = open_safetensors(path)
-        return {k: handle.get_tensor(k) for k in handle.keys()}
+        return _load_checked(_TensorFile(path, self.stage.root, check))
 
     def params_delta(self) -> dict[str, torch.Tensor]:
         """θ_mid − θ_stage_start for the tensors the stage trains (base names, float32; LoRA merged)."""
-        return self._load("params_delta.safetensors")
+        return self._load("params_delta.safetensors", parameter_checker(self.stage._shapes))
 
     def second_moments(self) -> dict[str, dict[str, torch.Tensor]] | None:
         """``{"exp_avg_sq": {name: T}, "step": {name: T}}`` at the midpoint, or None (non-Adam optimizers)."""
-        flat = self._load("second_moments.safetensors")
+        flat = self._load("second_moments.safetensors", _check_prefixed)
         if not flat:
             return None
         out: dict[str, dict[str, torch.Tensor]] = {}
@@ -93,7 +169,10 @@ class Segment:
 
     def examples(self) -> list[Any]:
         """The captured training batches (as given to ``step(batch)`` or seen by the model's forward)."""
-        return _unflatten_batches(self._load("examples.safetensors"), self.info.get("batch_layout", "dict"))
+        layout = self.info.get("batch_layout", "dict")
+        return _unflatten_batches(
+            self.dir / "examples.safetensors", self._load("examples.safetensors", _check_examples), layout
+        )
 
     @property
     def num_examples(self) -> int:
@@ -112,20 +191,26 @@ class Stage:
         self.entry = entry
         self.index = int(entry["index"])
         self.name: str = entry["name"]
+        self.root = Path(ledger_dir).resolve()
         self.dir = safe_join(ledger_dir, entry["dir"])
         if not self.dir.is_dir():
             raise IncompleteStageError(
                 f"Stage {self.name!r} is listed in {ledger_dir / 'ledger.json'} but its directory {self.dir} "
                 "is missing."
             )
-        self.info: dict = validate_stage(
-            self.dir / "stage.json", read_json(self.dir / "stage.json", "stage file"), self.name
-        )
+        stage_json = ensure_inside(self.root, self.dir / "stage.json")
+        self.info: dict = validate_stage(stage_json, read_json(stage_json, "stage file"), self.name)
         self._shapes = shapes
         self._dense = _TensorFile(
-            safe_join(self.dir, self.info["delta_file"]) if self.info.get("delta_file") else None
+            safe_join(self.dir, self.info["delta_file"]) if self.info.get("delta_file") else None,
+            self.root,
+            parameter_checker(shapes),
         )
-        self._lora = _TensorFile(safe_join(self.dir, self.info["lora_file"]) if self.info.get("lora_file") else None)
+        self._lora = _TensorFile(
+            safe_join(self.dir, self.info["lora_file"]) if self.info.get("lora_file") else None,
+            self.root,
+            self._check_lora_header,
+        )
         self.loss_fn: Callable | tuple | None = None  # in-memory only; set by the recorder of this process
         self.segments = [Segment(self, seg) for seg in self.info.get("segments", [])]
         self._names_cache: set[str] | None = None
@@ -167,7 +252,7 @@ class Stage:
     @property
     def replay_dir(self) -> Path | None:
         path = self.dir / "replay"
-        return path if path.is_dir() else None
+        return ensure_inside(self.root, path) if path.is_dir() else None
 
     @property
     def start_hash(self) -> str:
@@ -191,12 +276,21 @@ class Stage:
         rel = self.info.get("optimizer_state_file")
         if not rel:
             return None
-        handle = open_safetensors(safe_join(self.dir, rel))
+        flat = _load_checked(_TensorFile(safe_join(self.dir, rel), self.root, _check_prefixed))
         out: dict[str, dict[str, torch.Tensor]] = {}
-        for key in handle.keys():
+        for key, value in flat.items():
             kind, _, name = key.partition("/")
-            out.setdefault(kind, {})[name] = handle.get_tensor(key)
+            out.setdefault(kind, {})[name] = value
         return out
+
+    def _check_lora_header(self, path: Path, header: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+        modules = self._lora_modules()
+        for key, (dtype, shape) in header.items():
+            base, sep, part = key.partition("::")
+            if not sep or part not in ("A", "B", "A0", "B0") or base not in modules or base not in self._shapes:
+                raise _header_error(path, "LoRA factors '<LoRA-targeted parameter>::A|B|A0|B0'", key, "an unknown key")
+            if dtype not in _FLOAT_DTYPES or len(shape) != 2:
+                raise _header_error(path, "2-d floating-point LoRA factors", key, f"{dtype} {shape}")
 
     def _lora_modules(self) -> dict[str, dict]:
         return (self.lora or {}).get("modules", {})
@@ -215,6 +309,11 @@ class Stage:
         def product(a_key: str, b_key: str) -> torch.Tensor:
             a = self._lora.get(f"{name}::{a_key}").to(torch.float32)
             b = self._lora.get(f"{name}::{b_key}").to(torch.float32)
+            if b.shape[1] != a.shape[0]:
+                raise LedgerFormatError(
+                    f"{self._lora.path}: LoRA factors of {name!r} do not chain: B is {tuple(b.shape)}, A is "
+                    f"{tuple(a.shape)}. The stage files are inconsistent."
+                )
             out = b @ a
             if spec.get("layer_type") == "embedding" or spec.get("fan_in_fan_out"):
                 out = out.T

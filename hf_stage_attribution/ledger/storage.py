@@ -220,6 +220,31 @@ def safe_join(root: str | os.PathLike, relative: str) -> Path:
     return candidate
 
 
+def ensure_inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``path`` resolved (symlinks followed), refusing it when it lies outside ``root``.
+
+    For paths the code builds itself (``stage.json``, segment files, ``stages/``); paths read from JSON go
+    through :func:`safe_join`.
+    """
+    root_path = Path(root).resolve()
+    candidate = Path(path).resolve()
+    if candidate != root_path and root_path not in candidate.parents:
+        raise UnsafeInputError(
+            f"{path} resolves to {candidate}, outside the ledger directory {root_path} (a symlink planted in the "
+            "ledger?). Refusing to read or write it; remove the link or copy the real file into the ledger."
+        )
+    return candidate
+
+
+@contextlib.contextmanager
+def io_errors(path: str | os.PathLike):
+    """Turn an ``OSError`` raised inside the block (read-only directory, full disk) into a :class:`LedgerError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise _write_error(Path(getattr(exc, "filename", None) or path), exc) from exc
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -233,6 +258,10 @@ def _pid_alive(pid: int) -> bool:
 class DirectoryLock:
     """``<directory>/ledger.lock``, held exclusively; a stale lock of a dead process on this host is taken over.
 
+    The lock file is created complete (written to a temporary file, then hard-linked into place, which fails
+    if it exists), so a crash never leaves an empty, unreadable lock. Taking over a stale lock happens under an
+    ``flock`` on the directory, so two processes that find the same stale lock cannot both take it.
+
     Example:
         >>> import tempfile
         >>> d = tempfile.mkdtemp()
@@ -244,39 +273,66 @@ class DirectoryLock:
         self.path = self.directory / LOCK_NAME
         self.purpose = purpose
         self.held = False
+        self._token = ""
 
     def acquire(self) -> None:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "purpose": self.purpose}
-        for _attempt in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        for _attempt in range(3):
+            if self._create():
+                return
+            with _directory_guard(self.directory):
                 holder = _read_lock(self.path)
-                if (
-                    holder
+                stale = (
+                    holder is not None
                     and holder.get("host") == socket.gethostname()
-                    and not _pid_alive(int(holder.get("pid", -1)))
-                ):
+                    and isinstance(holder.get("pid"), int)
+                    and not _pid_alive(holder["pid"])
+                )
+                if stale:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.path)
                     continue
-                raise LedgerLockedError(
-                    f"The ledger {self.directory} is being written by another process ({holder or 'unknown holder'}). "
-                    "Only one process may record into a ledger at a time: in distributed runs only the main process "
-                    f"records. If no other process is running, delete {self.path}."
-                ) from None
-            except OSError as exc:
-                raise _write_error(self.path, exc) from exc
+            if holder is None and not os.path.lexists(self.path):
+                continue  # released between our attempt and the check: try again
+            raise LedgerLockedError(
+                f"The ledger {self.directory} is being written by another process ({holder or 'unknown holder'}). "
+                "Only one process may record into a ledger at a time: in distributed runs only the main process "
+                f"records. If no other process is running, delete {self.path}."
+            )
+        raise LedgerLockedError(f"Could not take the lock {self.path}; delete it if no other process is recording.")
+
+    def _create(self) -> bool:
+        self._token = f"{os.getpid()}-{time.time_ns()}"
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.time(),
+            "purpose": self.purpose,
+            "token": self._token,
+        }
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{LOCK_NAME}.", suffix=".tmp", dir=self.directory)
+        except OSError as exc:
+            raise _write_error(self.path, exc) from exc
+        try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(info, fh)
-            self.held = True
-            return
-        raise LedgerLockedError(f"Could not take the lock {self.path}; delete it if no other process is recording.")
+            os.link(tmp, self.path)  # atomic: fails with FileExistsError when the lock is held
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise _write_error(self.path, exc) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self.held = True
+        return True
 
     def release(self) -> None:
         if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            holder = _read_lock(self.path)
+            if holder is None or holder.get("token") == self._token:  # never delete a lock another process took
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
             self.held = False
 
     def __enter__(self) -> DirectoryLock:
@@ -287,9 +343,34 @@ class DirectoryLock:
         self.release()
 
 
+@contextlib.contextmanager
+def _directory_guard(directory: Path):
+    """An exclusive ``flock`` on the directory itself (POSIX); a no-op where flock is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover  (Windows)
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _read_lock(path: Path) -> dict | None:
     try:
-        data = json.loads(path.read_text())
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "r", encoding="utf-8") as fh:
+            data = json.loads(fh.read(4096))
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
         return None
