@@ -95,8 +95,10 @@ def test_stage_summaries_come_from_a_real_ledger(tmp_path):
     model = torch.nn.Linear(3, 2)
     ledger = StageLedger(tmp_path / "ledger")
     x = torch.randn(8, 3)
-    for name, opt in (("pre", torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)),
-                      ("ft", torch.optim.SGD(model.parameters(), lr=0.05))):  # fmt: skip
+    for name, opt in (
+        ("pre", torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)),
+        ("ft", torch.optim.SGD(model.parameters(), lr=0.05)),
+    ):
         meta = {"datasets": [{"name": f"{name}-data", "size": 8, "fingerprint": "0123456789abcdef"}]}
         with ledger.record_stage(name, kind="fine-tuning", model=model, optimizer=opt, metadata=meta) as rec:
             for _ in range(3):
@@ -118,17 +120,25 @@ def test_stage_summaries_come_from_a_real_ledger(tmp_path):
         {"datasets": [{"name": "pre-data", "size": 8, "fingerprint": "0123456789abcdef"}]},
     )
     assert rep.stages[1].optimizer == "SGD" and rep.stages[1].lr_max == 0.05
-    assert rep.ledger == {"name": "ledger", "fingerprint": ledger.fingerprint, "final_hash": ledger.final_hash,
-                          "num_stages": 2}  # fmt: skip
+    assert rep.ledger == {
+        "name": "ledger",
+        "fingerprint": ledger.fingerprint,
+        "final_hash": ledger.final_hash,
+        "num_stages": 2,
+    }
     assert "torch" in rep.versions and "hf-stage-attribution" in rep.versions
 
 
 def test_from_estimates_reads_real_estimate_results():
     from hf_stage_attribution.estimators.base import EstimateResult
 
-    res = EstimateResult("aa-ggn", {"sft": torch.tensor([1.0, 3.0], dtype=torch.float64)},
-                         diagnostics={"unstable_modes": 3, "krylov_size": 8, "factors": torch.zeros(5000)},
-                         approximations=["Gauss-Newton curvature"], reason="curvature material present")  # fmt: skip
+    res = EstimateResult(
+        "aa-ggn",
+        {"sft": torch.tensor([1.0, 3.0], dtype=torch.float64)},
+        diagnostics={"unstable_modes": 3, "krylov_size": 8, "factors": torch.zeros(5000)},
+        approximations=["Gauss-Newton curvature"],
+        reason="curvature material present",
+    )
     rep = AttributionReport.from_estimates({"toxicity": res}, versions={})
     assert rep.estimator == "aa-ggn" and rep.estimator_reason == "curvature material present"
     assert rep.rows[0].effect == 2.0 and rep.approximations == ["Gauss-Newton curvature"]

@@ -3,6 +3,8 @@
 TRL trainers write ``output_dir/README.md`` from their own template every time they save a checkpoint
 (``_save_checkpoint`` -> ``create_model_card``), which drops our section. ``on_save`` runs right after that
 write, and ``on_train_end`` after the last one, so re-writing the section there keeps it.
+``trainer.push_to_hub()`` writes the card once more *after* every callback event: push with
+``write_model_card(..., push_to_hub=repo_id)`` after training instead (it uploads README, sidecar and plot).
 """
 
 from __future__ import annotations

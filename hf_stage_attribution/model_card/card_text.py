@@ -65,7 +65,7 @@ def splice_metadata(parts: CardParts, block: str) -> str:
     if parts.yaml_start is None:
         return f"---{lb}{block}{lb}---{lb}"
     yaml_text = parts.yaml_text
-    lines = yaml_text.splitlines(keepends=True)
+    lines = re.findall(r"[^\n]*\n|[^\n]+$", yaml_text)  # only \n ends a line (str.splitlines also splits on \x85...)
     start = next((i for i, line in enumerate(lines) if _KEY_LINE.match(line)), None)
     if start is None:
         if not yaml_text:

@@ -172,7 +172,7 @@ def compose_card(
     Raises ModelCardError for an invalid card and ReportError for a report of another ledger (unless
     ``overwrite``). The result is parsed back with huggingface_hub and checked before it is returned.
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     where = readme if readme is not None else Path("README.md")
     original = _parse_card(content, where)
@@ -182,7 +182,7 @@ def compose_card(
         _check_same_ledger(original.get(METADATA_KEY), report, where)
     parts = split_card(content)
     meta = card_metadata(report, plot_name)
-    block = ModelCardData(**{METADATA_KEY: meta}).to_yaml(line_break=parts.line_break)
+    block = _dump_metadata(meta, parts.line_break)
     section = render_section(report, plot_name).replace("\n", parts.line_break)
     new = parts.bom + splice_metadata(parts, block) + splice_section(parts.body, section, parts.line_break)
     parsed = _parse_card(new, where)
@@ -193,6 +193,19 @@ def compose_card(
             "the README was not changed."
         )
     return new
+
+
+def _dump_metadata(meta: dict[str, Any], line_break: str) -> str:
+    """Our YAML key as huggingface_hub dumps card data; where that would not read back identically (PyYAML writes
+    some line-separator characters raw), the same data dumped with every non-ASCII character escaped."""
+    import yaml
+    from huggingface_hub import ModelCardData
+
+    block = ModelCardData(**{METADATA_KEY: meta}).to_yaml(line_break=line_break)
+    if yaml.safe_load(block) != {METADATA_KEY: meta}:
+        data = {METADATA_KEY: meta}
+        block = yaml.safe_dump(data, sort_keys=False, allow_unicode=False, line_break=line_break).rstrip("\r\n")
+    return block
 
 
 def _readme_path(readme_path: str | Path) -> Path:
