@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import StageAttributionError
-from .stage_propagation import StagePropagator, momentum_tail
+from .stage_propagation import StagePropagator, momentum_tail, next_trained, trains
 
 KINDS = ("delta", "aa-linear", "aa-ggn", "aa-hvp")
 FORMAT_NAME = "hf-stage-attribution-embeddings"
@@ -179,16 +179,17 @@ def propagate_linear(
     xs = {k: stages[k].delta_tensor(name).to(torch.float64) for k in ks}
     bufs: dict[int, torch.Tensor | None] = dict.fromkeys(ks)
     tails: set[int] = set()
+    following = {k: getattr(next_trained(stages, k), "index", None) for k in ks}
     for j in range(min(ks) + 1, len(stages)):
-        continued = stages[j].optimizer_state_policy == "continued"
+        fresh = trains(stages[j]) and stages[j].optimizer_state_policy != "continued"
         for k in ks:
             if k >= j:
                 continue
-            if j == k + 1:
+            if j == following[k]:
                 bufs[k] = momentum_tail(stages[k], stages[j], name, states)
                 if bufs[k] is not None:
                     tails.add(k)
-            elif not continued:
+            elif fresh:
                 bufs[k] = None
             xs[k], bufs[k] = props[j].apply(name, xs[k], bufs[k])
     return xs, tails

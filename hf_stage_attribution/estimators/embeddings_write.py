@@ -22,22 +22,21 @@ import torch
 
 from ..errors import MissingCurvatureError
 from .propagation import first_moment_key, recorded_family
-from .stage_propagation import StagePropagator, momentum_tail
+from .stage_propagation import StagePropagator, momentum_tail, next_trained
 
 
 def _propagators(ledger: Any, first: int, allow_identity: bool) -> dict[int, StagePropagator]:
     stages = ledger.stages
     return {
-        j: StagePropagator(stages[j], stages[j + 1] if j + 1 < len(stages) else None, allow_identity)
+        j: StagePropagator(stages[j], next_trained(stages, j), allow_identity)
         for j in range(first + 1, len(stages))
     }
 
 
 def _tail_names(ledger: Any, k: int, states: dict[int, Any]) -> set[str]:
-    stages = ledger.stages
-    if k + 1 >= len(stages) or stages[k + 1].optimizer_state_policy != "continued":
+    following = next_trained(ledger.stages, k)
+    if following is None or following.optimizer_state_policy != "continued" or not ledger.stages[k].num_steps:
         return set()
-    following = stages[k + 1]
     key = first_moment_key(recorded_family(following.optimizer) or "")
     if key is None:
         return set()
@@ -49,7 +48,7 @@ def _tail_names(ledger: Any, k: int, states: dict[int, Any]) -> set[str]:
 def _tail_notes(ledger: Any, tails: set[int]) -> list[str]:
     notes = []
     for k in sorted(tails):
-        removed, following = ledger.stages[k], ledger.stages[k + 1]
+        removed, following = ledger.stages[k], next_trained(ledger.stages, k)
         family = recorded_family(following.optimizer)
         groups = (following.optimizer or {}).get("param_groups", [])
         if family == "sgd" and removed.optimizer_state_policy != "continued":
@@ -94,7 +93,7 @@ def write_linear(ledger: Any, path: Path, wanted: list[int], allow_identity: boo
     order = [(name, [k for k in wanted if name in names_k[k]]) for name in ledger.parameter_names]
     order = [(name, ks) for name, ks in order if ks]
     specs = [(f"{k}/{name}", torch.float32, tuple(shapes[name])) for name, ks in order for k in ks]
-    tails = {k for k in wanted if k + 1 < len(stages) and _tail_names(ledger, k, states)}
+    tails = {k for k in wanted if _tail_names(ledger, k, states)}
     approximations = sorted({a for p in props.values() for a in p.approximations}) + _tail_notes(ledger, tails)
     meta = dict(meta, approximations=json.dumps(approximations), diagnostics=json.dumps(_diagnostics(ledger, props)))
 
@@ -178,7 +177,7 @@ def write_curvature(
                     continue
                 init = None
                 if stage.optimizer_state_policy == "continued":
-                    if j == k + 1:
+                    if stage is next_trained(stages, k):
                         init = {}
                         for name in _tail_names(ledger, k, states):
                             tail = momentum_tail(stages[k], stage, name, states)

@@ -5,7 +5,9 @@ their recorded recipe. A stage is re-run by ``stage_fns[stage name](model)`` (a 
 in place exactly as that stage did; it may return a new model, e.g. a ``PeftModel`` wrapping it, and may accept a
 second argument: a dict with ``"stage"``, ``"removed"`` (the removed stage's index or None) and ``"scale"``), or,
 for stages recorded through the Trainer callback with replay data, by
-``hf_stage_attribution.integrations.replay.replay_trainer_stage(stage, model)``.
+``hf_stage_attribution.integrations.replay.replay_trainer_stage(stage, model)``. A stage that took no optimizer
+step (an ``untracked`` edit between runs, an ``imported`` checkpoint difference) and has no stage function is
+re-applied as its recorded delta.
 
 Replay works on a copy of the final model (a ``PeftModel`` is unloaded to its base model first), so memory is about
 two models. The functions must be deterministic for replay with nothing removed to reproduce ``θ_K``.
@@ -63,8 +65,20 @@ def _takes_info(fn: StageFn) -> bool:
     return len(required) >= 2 or any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
+def _add_delta(model: torch.nn.Module, stage: Any) -> None:
+    from ..params import base_parameters
+
+    params = base_parameters(model)
+    with torch.no_grad():
+        for name, delta in stage.iter_delta():
+            params[name].add_(delta.to(device=params[name].device, dtype=params[name].dtype))
+
+
 def _run_stage(stage: Any, model: torch.nn.Module, stage_fns: Mapping[str, StageFn], info: dict) -> torch.nn.Module:
     fn = stage_fns.get(stage.name)
+    if fn is None and not (stage.num_steps and stage.learning_rates):
+        _add_delta(model, stage)  # an edit without training (untracked/imported): re-applied as recorded
+        return model
     if fn is None:
         try:
             from ..integrations.replay import replay_trainer_stage
@@ -175,7 +189,11 @@ class Replay(Estimator):
             replayed.extend(s.name for s in ledger.stages[stage.index + 1 :])
             del cf
         diagnostics = {"stages_replayed": len(replayed)}
-        approximations = []
+        approximations = [
+            f"Stage {s.name!r} took no optimizer steps ({s.kind}): replay re-applies its recorded delta."
+            for s in ledger.stages[min((c.index for c in chosen), default=0) + 1 :]
+            if not (s.num_steps and s.learning_rates) and s.name not in stage_fns
+        ]
         if any(s.optimizer_state_policy == "continued" for s in ledger.stages[1:]):
             approximations.append(
                 "Replay of a stage that continued the optimizer state: its stage function decides the state it "

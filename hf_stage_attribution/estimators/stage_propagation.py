@@ -209,14 +209,25 @@ class StagePropagator:
         )
 
 
+def trains(stage: Any) -> bool:
+    """Whether the stage took optimizer steps (stages without any, e.g. ``untracked`` edits, are transparent)."""
+    return bool(stage.num_steps and stage.learning_rates)
+
+
+def next_trained(stages: list[Any], k: int) -> Any:
+    """The first stage after index ``k`` that took optimizer steps (``None`` if there is none)."""
+    return next((s for s in stages[k + 1 :] if trains(s)), None)
+
+
 def momentum_tail(removed: Any, following: Any, name: str, states: dict[int, dict | None]) -> torch.Tensor | None:
     """First-moment difference ``m_k − m_cf`` entering stage ``following`` (= k+1) when ``removed`` (= k) is removed.
 
     ``m_k`` is the state ``following`` continued from; the counterfactual state is ``removed``'s own start state when
     it continued one, else a fresh (zero) state. ``states`` caches ``optimizer_state_at_start()`` per stage index.
-    Returns ``None`` when ``following`` started a fresh optimizer or keeps no first moment.
+    Returns ``None`` when ``following`` started a fresh optimizer or keeps no first moment, or when ``removed`` took
+    no optimizer step (removing it leaves the optimizer state as it was).
     """
-    if following.optimizer_state_policy != "continued":
+    if following.optimizer_state_policy != "continued" or not trains(removed):
         return None
     key = first_moment_key(recorded_family(following.optimizer) or "")
     if key is None:
