@@ -25,6 +25,11 @@ class ReportRow:
     """One (stage, behavior) effect: mean over examples, its bootstrap interval and the per-example effects.
 
     ``share`` is ``effect / (f(θ_K) − f(θ_0))`` when the total change is known (shares need not sum to 1).
+
+    Example:
+        >>> row = ReportRow("sft", 1, "toxicity", "aa-linear", 0.5, 0.2, 0.8, [0.1, 0.9], share=0.4)
+        >>> row.top_examples(1)
+        [(1, 0.9)]
     """
 
     stage: str
@@ -44,7 +49,12 @@ class ReportRow:
 
 @dataclass
 class StageSummary:
-    """What a reader needs to know about one training stage (from the ledger's ``stage.json``)."""
+    """What a reader needs to know about one training stage (from the ledger's ``stage.json``).
+
+    Example:
+        >>> StageSummary(0, "sft", kind="sft", num_steps=40, optimizer="AdamW", lr_min=1e-5, lr_max=2e-5).kind
+        'sft'
+    """
 
     index: int
     name: str
@@ -58,7 +68,12 @@ class StageSummary:
 
 @dataclass
 class BehaviorSummary:
-    """A behavior's name, unit, description and number of examples."""
+    """A behavior's name, unit, description and number of examples.
+
+    Example:
+        >>> BehaviorSummary("toxicity", unit="nats", num_examples=64).unit
+        'nats'
+    """
 
     name: str
     unit: str = ""
@@ -72,6 +87,11 @@ class BehaviorDiagnostics:
 
     ``linearisation_gap`` maps a stage name to ``{"linear", "fd", "gap", "relative_gap"}`` for the estimator pair in
     ``linearisation_pair`` (e.g. ``["aa-linear", "aa-fd"]``); ``relative_gap`` is ``|gap| / max_k |effect_k|``.
+
+    Example:
+        >>> d = BehaviorDiagnostics(total_change=1.0, sum_of_effects=0.7, interaction_residual=0.3)
+        >>> d.interaction_residual
+        0.3
     """
 
     total_change: float | None = None

@@ -21,7 +21,12 @@ _BOM = "\ufeff"
 
 @dataclass
 class CardParts:
-    """A README split as huggingface_hub splits it: byte-order mark, front matter (with its fences), body."""
+    """A README split as huggingface_hub splits it: byte-order mark, front matter (with its fences), body.
+
+    Example:
+        >>> split_card("---\\nlicense: mit\\n---\\n# Model\\n").yaml_text
+        'license: mit'
+    """
 
     bom: str
     head: str

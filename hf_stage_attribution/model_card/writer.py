@@ -33,7 +33,12 @@ TEMPLATE_NAME = "section.md.jinja"
 
 @dataclass
 class ModelCardFiles:
-    """What :func:`write_model_card` wrote (``plot`` is None with ``plot=False``) and where it pushed."""
+    """What :func:`write_model_card` wrote (``plot`` is None with ``plot=False``) and where it pushed.
+
+    Example:
+        >>> ModelCardFiles(Path("m/README.md"), Path("m/stage_attribution.json"), None).pushed is None
+        True
+    """
 
     readme: Path
     sidecar: Path
