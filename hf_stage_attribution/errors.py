@@ -92,6 +92,18 @@ class CheckpointImportError(StageAttributionError, ValueError):
     """Published checkpoints cannot be turned into a ledger."""
 
 
+class CheckpointNotFoundError(CheckpointImportError):
+    """A checkpoint's repository, revision, subfolder or weight files cannot be found (online or in the cache)."""
+
+
+class CheckpointMismatchError(CheckpointImportError):
+    """Two stage boundaries are not checkpoints of the same architecture (names or shapes differ)."""
+
+
+class UnsafeCheckpointError(CheckpointImportError, UnsafeInputError):
+    """A checkpoint file would have to be unpickled (refused without permission, or not plain tensors)."""
+
+
 class InterventionError(StageAttributionError, ValueError):
     """An intervention request is invalid (stage out of range, empty or non-finite sweep, ...)."""
 

@@ -90,6 +90,16 @@ class StageLedger:
             )
         return cls(path)
 
+    @classmethod
+    def from_checkpoints(cls, boundaries: list[dict], output_dir: str | os.PathLike, **options: Any) -> StageLedger:
+        """Build a ledger from published checkpoints (Hub revisions/repos, local or Trainer ``checkpoint-*``
+        folders, PEFT adapters); ``boundaries[0]`` is θ_0. Options: see
+        :func:`hf_stage_attribution.checkpoints.import_checkpoints`.
+        """
+        from ..checkpoints import import_checkpoints
+
+        return import_checkpoints(boundaries, output_dir, **options)
+
     # --- manifest --------------------------------------------------------------------------------------
 
     def _reload(self) -> None:
