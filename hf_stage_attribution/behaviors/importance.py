@@ -99,12 +99,12 @@ class SampledCompletionsBehavior(ExampleBehavior):
         start = tok.bos_token_id if tok.bos_token_id is not None else (eos if eos is not None else pad)
         return pad, eos, start
 
-    def _given_completions(self, rows: list[dict[str, Any]]) -> list[list[list[int]]]:
+    def _given_completions(self, rows: list[dict[str, Any]]) -> list[list[str]]:
         missing = [i for i, r in enumerate(rows) if self.completion_key not in r]
         if missing:
             raise BehaviorError(f"Examples {missing[:5]} have no {self.completion_key!r} field (the given response).")
         given = [r[self.completion_key] for r in rows]
-        return [[encode(self.tokenizer, c) for c in (g if isinstance(g, list) else [g])] for g in given]
+        return [list(g) if isinstance(g, list) else [g] for g in given]
 
     def _sampled_completions(self, model: torch.nn.Module, prompts: list[list[int]]) -> list[list[list[int]]]:
         pad, eos, _ = self._ids()
@@ -124,6 +124,14 @@ class SampledCompletionsBehavior(ExampleBehavior):
         )
         return [flat[i * m : (i + 1) * m] for i in range(len(prompts))]
 
+    def _decode(self, prompt: list[int], completion: list[int]) -> str:
+        """The completion's text as it continues the prompt (keeps a leading space that decoding alone drops)."""
+        eos = self.tokenizer.eos_token_id
+        body = [t for t in completion if t != eos]
+        full = self.tokenizer.decode(prompt + body, skip_special_tokens=True)
+        head = self.tokenizer.decode(prompt, skip_special_tokens=True)
+        return full[len(head) :] if full.startswith(head) else self.tokenizer.decode(body, skip_special_tokens=True)
+
     def prepare(self, model: torch.nn.Module) -> None:
         """Fix the completions (sampled from ``model``, the final model), their scores and ``log p_θK``."""
         rows = self.data.rows()
@@ -135,17 +143,15 @@ class SampledCompletionsBehavior(ExampleBehavior):
         raw_prompts = [encode(self.tokenizer, r[self.prompt_key]) for r in rows]
         with eval_mode(model), torch.no_grad():
             if self.completion_key is not None:  # given responses (one or a list per prompt), teacher-forced
-                completions = self._given_completions(rows)
+                texts = self._given_completions(rows)  # scored as given (decoding may not restore spacing)
+                completions = [[encode(self.tokenizer, t) for t in group] for group in texts]
                 rooms = [None if limit is None else limit - max(len(c) for c in g) for g in completions]
                 prompts = [fit_prompt(p, room, start) for p, room in zip(raw_prompts, rooms)]
             else:
                 room = None if limit is None else limit - self.max_new_tokens
                 prompts = [fit_prompt(p, room, start) for p in raw_prompts]
                 completions = self._sampled_completions(model, prompts)
-            texts = [
-                [self.tokenizer.decode([t for t in c if t != eos], skip_special_tokens=True) for c in group]
-                for group in completions
-            ]
+                texts = [[self._decode(p, c) for c in group] for p, group in zip(prompts, completions)]
             flat_scores = iter(
                 self._score(
                     [r[self.prompt_key] for r, g in zip(rows, texts) for _ in g], [t for g in texts for t in g]

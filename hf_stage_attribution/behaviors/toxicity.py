@@ -186,8 +186,8 @@ class GenerationToxicity(SampledCompletionsBehavior):
 
     def _score(self, prompts: list[str], completions: list[str]) -> list[float]:
         if self.score_prompt:
-            completions = [f"{p} {c}" for p, c in zip(prompts, completions)]
-        return self.scorer(completions)
+            return self.scorer([f"{p}{c}" for p, c in zip(prompts, completions)])
+        return self.scorer([c.strip() for c in completions])
 
     def _spec_values(self) -> dict[str, Any]:
         return {"tokenizer": reference_path(self._tokenizer_ref, "tokenizer"), "scorer": self.scorer.to_spec()}
