@@ -373,6 +373,15 @@ class StageRecording:
         path.mkdir(exist_ok=True)
         return path
 
+    def suspend(self) -> None:
+        """Stop recording without finishing: keep the partial stage (for a later ``resume=True``), release the lock.
+
+        Front ends call this when training was interrupted in this process and is about to resume from a checkpoint.
+        """
+        self.active = False
+        if self._lock is not None:
+            self._lock.release()
+
     def abort(self) -> None:
         """Drop the partial stage (used when training raised); the ledger keeps its earlier stages."""
         if self.active:

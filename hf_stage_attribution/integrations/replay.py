@@ -1,0 +1,235 @@
+"""Re-run a recorded Trainer/TRL stage from another start: the estimators' replay engine uses this to measure the
+ground truth ``τ_k`` (ESTIMATORS.md §2) for stages recorded with ``StageRecorder(save_replay_data=True)``.
+
+The config and trainer classes are imported by name, only from ``transformers`` and ``trl`` (never unpickled);
+the dataset is ``load_from_disk`` (Arrow), the processing class ``from_pretrained`` of a local folder. Training
+runs with ``output_dir`` in a temporary directory, ``report_to=[]``, no checkpoints and no Hub pushes, so no
+README or model card anywhere is touched.
+
+Example:
+    >>> # ledger = StageLedger.load("ledger"); model = ...  # θ at the stage's (counterfactual) start
+    >>> # model = replay_trainer_stage(ledger.stages[-1], model)  # trained exactly as the recorded stage was
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import importlib
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..errors import ReplayError
+from ..ledger.storage import open_safetensors, read_json
+from .replay_data import REPLAY_FILE
+
+_ALLOWED_MODULES = ("transformers", "trl")
+# Recorded arguments a replay overrides: no Hub, no logging integrations, no checkpoints, no evaluation.
+_OVERRIDES = {
+    "report_to": [],
+    "push_to_hub": False,
+    "hub_token": None,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "load_best_model_at_end": False,
+    "resume_from_checkpoint": None,
+    "disable_tqdm": True,
+}
+
+
+def import_class(entry: dict, what: str) -> Any:
+    """Import ``entry["module"].entry["class"]`` if the module is part of transformers or TRL."""
+    module, name = str(entry.get("module") or ""), str(entry.get("class") or entry.get("function") or "")
+    if module.split(".")[0] not in _ALLOWED_MODULES:
+        raise ReplayError(
+            f"The recorded {what} {module}.{name} is not from transformers/TRL, and replay imports nothing else. "
+            f"Pass it explicitly (e.g. `{'trainer_cls' if what == 'trainer' else what}=`)."
+        )
+    try:
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ReplayError(
+            f"Cannot import the recorded {what} {module}.{name} ({exc}): are the installed versions different?"
+        ) from exc
+    return obj
+
+
+def rebuild_arguments(info: dict, output_dir: str) -> Any:
+    """The training config of the stage, rebuilt from its class name and JSON fields (non-default ones only)."""
+    config_cls = import_class(info["config"], "config class")
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+    values = {}
+    for name, value in info["args"].items():
+        field = fields.get(name)
+        if field is None:
+            continue
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        if value != default:
+            values[name] = value
+    values.update({k: v for k, v in _OVERRIDES.items() if k in fields})
+    values["output_dir"] = output_dir
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return config_cls(**values)
+
+
+def _processing_class(replay_dir: Path, info: dict) -> Any:
+    entry = info.get("processing_class")
+    if not entry:
+        return None
+    from transformers import AutoProcessor, AutoTokenizer
+
+    loader = AutoProcessor if "Processor" in str(entry.get("class")) else AutoTokenizer
+    return loader.from_pretrained(str(replay_dir / entry["dir"]), trust_remote_code=False)
+
+
+def _collator(info: dict, processing_class: Any) -> Any:
+    entry = info.get("collator")
+    if not entry or not entry.get("rebuildable"):
+        return None
+    obj = import_class(entry, "data_collator")
+    if "function" in entry:
+        return obj
+    fields = {k: (processing_class if isinstance(v, dict) and v.get("$processing_class") else v)
+              for k, v in entry.get("fields", {}).items()}  # fmt: skip
+    return obj(**fields)
+
+
+def _reference(kind: str, info: dict, model: Any, ref_model: Any) -> Any:
+    ref = info.get("reference_model") or {}
+    policy = str(ref.get("policy", ""))
+    if ref_model is not None or kind not in ("dpo", "kto"):
+        return ref_model
+    if policy.startswith("copy of the stage start"):
+        return copy.deepcopy(model)
+    if policy.startswith(("adapter disabled", "precomputed", "none")):
+        return None
+    raise ReplayError(
+        f"The stage's reference model was {policy or 'not recorded'!r}: replay cannot rebuild it. Pass `ref_model=`."
+    )
+
+
+def replay_trainer_stage(
+    stage: Any,
+    model: Any,
+    *,
+    train_dataset: Any = None,
+    data_collator: Any = None,
+    ref_model: Any = None,
+    reward_funcs: Any = None,
+    trainer_cls: type | None = None,
+    peft_config: Any = None,
+    **trainer_kwargs: Any,
+) -> Any:
+    """Train ``model`` (θ at the stage's start, plain transformers model) exactly as ``stage`` was trained.
+
+    Returns the trained model in base parameter names: the same object trained in place, or for a PEFT stage the
+    base model with the adapter (rebuilt from the recorded config and start weights) trained and merged.
+    GRPO/RLOO stages need ``reward_funcs=`` (Python functions are not saved); a stage whose reference model was a
+    separate model needs ``ref_model=``.
+    """
+    replay_dir = getattr(stage, "replay_dir", None)
+    if replay_dir is None or not (Path(replay_dir) / REPLAY_FILE).exists():
+        raise ReplayError(
+            f"Stage {stage.name!r} has no replay data: record it with StageRecorder(..., save_replay_data=True), "
+            "or give the replay engine a stage function (stage_fns)."
+        )
+    if stage.optimizer_state_policy == "continued":
+        raise ReplayError(
+            f"Stage {stage.name!r} continued the previous stage's optimizer state inside one run; it cannot be "
+            "replayed on its own. Replay the whole run, or record its stages as separate runs."
+        )
+    replay_dir = Path(replay_dir)
+    info = read_json(replay_dir / REPLAY_FILE, "replay file")
+    kind = info.get("kind") or stage.kind
+    if kind in ("grpo", "rloo") and reward_funcs is None:
+        names = (stage.info.get("trl") or {}).get("reward_functions")
+        raise ReplayError(f"Replaying {kind} stage {stage.name!r} needs `reward_funcs=` (recorded: {names}).")
+    trainer_cls = trainer_cls or import_class(info["trainer"], "trainer")
+    given = {
+        "train_dataset": train_dataset,
+        "data_collator": data_collator,
+        "ref_model": ref_model,
+        "reward_funcs": reward_funcs,
+        "peft_config": peft_config,
+        "trainer_kwargs": trainer_kwargs,
+    }
+    output_dir = tempfile.mkdtemp(prefix="hsa-replay-")
+    try:
+        return _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given)
+    finally:
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -> Any:
+    from transformers import TrainerCallback
+
+    args = rebuild_arguments(info, output_dir)
+    processing_class = _processing_class(replay_dir, info)
+    dataset = given["train_dataset"]
+    if dataset is None:
+        if not info.get("dataset"):
+            raise ReplayError(f"Stage {stage.name!r}: its training dataset was not saved; pass `train_dataset=`.")
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(str(replay_dir / info["dataset"]["dir"]))
+    collator = given["data_collator"] if given["data_collator"] is not None else _collator(info, processing_class)
+    reference = _reference(kind, info, model, given["ref_model"])
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    train_model = model
+    if info.get("peft"):
+        from .peft import config_from_json, wrap_with_adapter
+
+        peft_info = info["peft"]
+        active = peft_info.get("active_adapter") or "default"
+        cfg = given["peft_config"] or config_from_json(peft_info["adapters"][active])
+        start = None
+        if peft_info.get("adapter_start_file"):
+            handle = open_safetensors(replay_dir / peft_info["adapter_start_file"])
+            start = {k: handle.get_tensor(k) for k in handle.keys()}
+        train_model = wrap_with_adapter(model, cfg, start, adapter_name=active)
+    steps = info.get("stage_steps") or [0, None]
+
+    class _StopAtStageEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if steps[1] is not None and state.global_step >= steps[1]:
+                control.should_training_stop = True
+            return control
+
+    kwargs = {"model": train_model, "args": args, "train_dataset": dataset, "processing_class": processing_class}
+    if collator is not None:
+        kwargs["data_collator"] = collator
+    if reference is not None:
+        kwargs["ref_model"] = reference
+    if given["reward_funcs"] is not None:
+        kwargs["reward_funcs"] = given["reward_funcs"]
+    kwargs.update(given["trainer_kwargs"])
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), _StopAtStageEnd()]
+    trainer = trainer_cls(**kwargs)
+    _check_collator(stage, info, trainer, collator is not None)
+    trainer.train()
+    if info.get("peft"):
+        merged = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else train_model
+        for name, param in merged.named_parameters():
+            with contextlib.suppress(KeyError):
+                param.requires_grad_(flags[name])
+        return merged
+    return model
+
+
+def _check_collator(stage: Any, info: dict, trainer: Any, rebuilt: bool) -> None:
+    entry = info.get("collator")
+    if rebuilt or not entry or "class" not in entry:
+        return
+    found = type(getattr(trainer, "data_collator", None)).__qualname__
+    if found != entry["class"]:
+        raise ReplayError(
+            f"Stage {stage.name!r} was trained with the data collator {entry['class']}, but the rebuilt trainer uses "
+            f"{found}. Pass `data_collator=` to replay_trainer_stage."
+        )

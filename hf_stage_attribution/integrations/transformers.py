@@ -1,0 +1,418 @@
+"""``StageRecorder``: a ``transformers.TrainerCallback`` that records a training run into a stage ledger.
+
+It works unchanged with ``Trainer`` and every TRL trainer (they subclass it) and only forwards what the Trainer
+tells it to the framework-free :class:`~hf_stage_attribution.ledger.recorder.StageRecording`:
+
+- ``on_train_begin``: start the stage (θ at the start, optimizer, planned steps), record the run's metadata,
+  save replay data if asked, and hook the model's forward to offer training batches for curvature material;
+- ``on_optimizer_step`` (after ``optimizer.step()``, *before* ``lr_scheduler.step()`` in transformers 5):
+  record the applied learning rate of every param group;
+- ``on_step_end``: end a stage and start the next at a ``stage_boundaries`` step (same optimizer: "continued");
+- ``on_step_end``/``on_save`` when the Trainer saves: persist progress, so a resumed run continues the stage;
+- ``on_train_end``: finish the stage and remove the hooks.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..errors import LedgerError
+from ..ledger.ledger import StageLedger
+from ..ledger.recorder import StageRecording
+from .run_info import find_trainer
+from .stage_metadata import RunContext, build_metadata, optimizer_warning, resolve_trainer_class
+from .trl import infer_curvature_loss, infer_stage_kind
+
+# Forward keyword arguments that are loss bookkeeping, not inputs (kept out of the captured batches).
+_NOT_INPUTS = ("num_items_in_batch",)
+# Ledger directory → the StageRecorder holding an unfinished recording there, in this process.
+_ACTIVE: dict[str, weakref.ReferenceType] = {}
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One stage of the run: global steps ``[start, end)``."""
+
+    name: str
+    kind: str | None
+    start: int
+    end: int
+
+
+class StageRecorder(TrainerCallback):
+    """Record a ``Trainer``/TRL run as one stage (or several, with ``stage_boundaries``) of a stage ledger.
+
+    Args:
+        ledger_dir: the ledger directory (created on first use; later runs append stages).
+        stage_name: the stage's unique name in the ledger.
+        stage_kind: ``pretraining``, ``sft``, ``lora``, ``dpo``, ...; default: inferred from the config class
+            (``SFTConfig`` → ``sft``, ``DPOConfig`` → ``dpo``, ...; plain ``TrainingArguments`` → ``fine-tuning``,
+            or ``lora`` on a PEFT model).
+        save_replay_data: also save what :func:`~hf_stage_attribution.integrations.replay.replay_trainer_stage`
+            needs (dataset, processing class, arguments, collator, PEFT config, reference policy).
+        curvature_segments, curvature_examples: curvature material per stage (``0`` segments turns it off).
+        stage_boundaries: ``{"anneal": 800}`` ends ``stage_name`` after global step 800 and records the rest of
+            the run as stage ``anneal`` (values may also be ``{"step": 800, "kind": "..."}``).
+        trainer_class: overrides the trainer class recorded (default: the trainer found on the call stack).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from datasets import Dataset
+        >>> from transformers import Trainer, TrainingArguments
+        >>> from hf_stage_attribution import StageLedger, StageRecorder
+        >>> from hf_stage_attribution.testing.lm import tiny_gpt2, tiny_tokenizer
+        >>> tok = tiny_tokenizer(); model = tiny_gpt2(tok)
+        >>> data = Dataset.from_dict({"input_ids": [[4, 5, 6, 7]] * 8, "labels": [[4, 5, 6, 7]] * 8})
+        >>> out = tempfile.mkdtemp()
+        >>> args = TrainingArguments(out, max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True)
+        >>> recorder = StageRecorder(out + "/ledger", "pretrain", stage_kind="pretraining")
+        >>> _ = Trainer(model=model, args=args, train_dataset=data, callbacks=[recorder]).train()
+        >>> [(s.name, s.kind, s.num_steps) for s in StageLedger.load(out + "/ledger").stages]
+        [('pretrain', 'pretraining', 2)]
+    """
+
+    def __init__(
+        self,
+        ledger_dir: str | os.PathLike,
+        stage_name: str,
+        stage_kind: str | None = None,
+        save_replay_data: bool = False,
+        curvature_segments: int = 3,
+        curvature_examples: int = 256,
+        stage_boundaries: dict[str, int | dict] | None = None,
+        trainer_class: str | type | None = None,
+    ) -> None:
+        self.ledger_dir = Path(ledger_dir)
+        self.stage_name = stage_name
+        self.stage_kind = stage_kind
+        self.save_replay_data = bool(save_replay_data)
+        self.curvature_segments = int(curvature_segments)
+        self.curvature_examples = int(curvature_examples)
+        self.trainer_class = trainer_class
+        self._boundaries = _parse_boundaries(stage_name, stage_boundaries)
+        self.recording: StageRecording | None = None
+        self.recorded_stages: list = []
+        self._part: _Part | None = None
+        self._parts: list[_Part] = []
+        self._context: RunContext | None = None
+        self._hooks: list[Any] = []
+        self._finalizer: weakref.finalize | None = None
+        self._skipped_steps: list[int] = []
+
+    # --- the plan ---------------------------------------------------------------------------------------
+
+    def _plan(self, max_steps: int) -> list[_Part]:
+        names = [self.stage_name] + [name for name, _, _ in self._boundaries]
+        kinds = [self.stage_kind] + [kind or self.stage_kind for _, _, kind in self._boundaries]
+        steps = [0] + [step for _, step, _ in self._boundaries if step < max_steps] + [max_steps]
+        dropped = [name for name, step, _ in self._boundaries if step >= max_steps]
+        if dropped:
+            warnings.warn(
+                f"StageRecorder: stage boundaries {dropped} are at or after the run's last step ({max_steps}); those "
+                "stages are not recorded.",
+                stacklevel=3,
+            )
+        return [_Part(names[i], kinds[i], steps[i], steps[i + 1]) for i in range(len(steps) - 1)]
+
+    @property
+    def ledger(self) -> StageLedger:
+        return StageLedger(self.ledger_dir)
+
+    # --- events -----------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._take_over_interrupted()
+        if self.recorded_stages and self.recording is None:
+            raise LedgerError(
+                f"This StageRecorder already recorded {[s.name for s in self.recorded_stages]} in {self.ledger_dir}; "
+                "a second train() call is a new stage: create a new StageRecorder with a new stage name."
+            )
+        trainer = find_trainer()
+        self._context = RunContext(
+            args=args,
+            trainer=trainer,
+            model=kwargs.get("model"),
+            optimizer=kwargs.get("optimizer"),
+            scheduler=kwargs.get("lr_scheduler"),
+            train_dataloader=kwargs.get("train_dataloader"),
+            processing_class=kwargs.get("processing_class"),
+            is_main=bool(state.is_world_process_zero),
+        )
+        self._parts = self._plan(int(state.max_steps))
+        step = int(state.global_step)
+        current = next((p for p in self._parts if p.start <= step < p.end), None)
+        if current is None:
+            return control  # resuming a run that had already finished: nothing left to record
+        if step > 0:
+            self._check_resumable(current, step)
+        self._start(current, resume_at=step if step > 0 else None)
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        recording = self.recording
+        if recording is None or not recording.active:
+            return control
+        optimizer = kwargs.get("optimizer")
+        if getattr(optimizer, "step_was_skipped", False):
+            self._skipped_steps.append(int(state.global_step))
+        recording.step()
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        part = self._part
+        if part is not None and int(state.global_step) == part.end and part.end < int(state.max_steps):
+            following = self._parts[self._parts.index(part) + 1]
+            self._finish()
+            self._start(following, resume_at=None)
+            strategy = getattr(args, "save_strategy", "no")
+            if getattr(strategy, "value", strategy) != "no":
+                control.should_save = True  # a checkpoint at the boundary: a crash after it resumes in the new stage
+        if control.should_save:
+            self._checkpoint()
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self._checkpoint()
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self._checkpoint()
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._finish()
+        self._remove_hooks()
+        self._part = None
+        return control
+
+    # --- recording --------------------------------------------------------------------------------------
+
+    def _start(self, part: _Part, resume_at: int | None) -> None:
+        ctx = self._context
+        kind = infer_stage_kind(ctx.args, ctx.model, part.kind)
+        recording = StageRecording(
+            self.ledger_dir,
+            part.name,
+            kind=kind,
+            model=ctx.model,
+            optimizer=ctx.optimizer,
+            scheduler=ctx.scheduler,
+            num_steps=part.end - part.start,
+            curvature_segments=self.curvature_segments,
+            curvature_examples=self.curvature_examples,
+            curvature_loss=infer_curvature_loss(kind, ctx.args, ctx.model),
+            is_main_process=ctx.is_main,
+            resume=resume_at is not None,
+        )
+        recording.begin()
+        self.recording, self._part, self._skipped_steps = recording, part, []
+        if not recording.active:
+            return  # not the main process: only rank 0 records
+        _ACTIVE[str(self.ledger_dir.resolve())] = weakref.ref(self)
+        # If this recorder is dropped while its stage is unfinished (train() raised), free the lock and the hooks.
+        self._finalizer = weakref.finalize(self, _release, recording, self._hooks)
+        notes: list[str] = []
+        if resume_at is not None:
+            notes += self._align_resumed(recording, part, resume_at)
+        trainer_class = resolve_trainer_class(self.trainer_class, ctx)
+        metadata, more_notes = build_metadata(ctx, kind, part, trainer_class, recording, self._boundaries)
+        notes += more_notes
+        warning = optimizer_warning(ctx.optimizer)
+        if warning is not None:
+            warnings.warn(f"Stage {part.name!r}: {warning}", UserWarning, stacklevel=3)
+            notes.append(warning)
+        if self.save_replay_data:
+            notes += self._save_replay(recording, ctx, kind, part, trainer_class, metadata)
+        metadata["notes"] = notes
+        recording.update_metadata(**metadata)
+        self._attach_hook(ctx.model)
+
+    def _align_resumed(self, recording: StageRecording, part: _Part, step: int) -> list[str]:
+        done = step - part.start
+        have = len(recording.learning_rates)
+        recording.truncate(done)
+        if have >= done:
+            return [f"Resumed from a Trainer checkpoint at global step {step} (step {done} of this stage)."]
+        message = (
+            f"Stage {part.name!r} resumed at global step {step}, but the recording's last checkpoint holds {have} of "
+            f"its {done} completed steps"
+            + (
+                ": the parameter change of the missing steps is recorded as an 'untracked' stage before it."
+                if have == 0
+                else "; the learning rates of the missing steps are absent from the record."
+            )
+        )
+        warnings.warn(message, UserWarning, stacklevel=4)
+        return [message]
+
+    def _save_replay(self, recording, ctx, kind, part, trainer_class, metadata) -> list[str]:
+        from .replay_data import REPLAY_FILE, save_replay_data
+        from .run_info import train_dataset
+
+        if part.start > 0:
+            metadata["replay"] = {"supported": False, "reason": "the stage continues the optimizer state of the "
+                                  "previous stage inside one run; replay the whole run instead"}  # fmt: skip
+            return []
+        replay_dir = recording.replay_dir
+        if (replay_dir / REPLAY_FILE).exists():  # resumed: saved by the interrupted run
+            from ..ledger.storage import read_json
+
+            info = read_json(replay_dir / REPLAY_FILE, "replay file")
+            metadata["replay"] = {
+                "dir": "replay",
+                "file": f"replay/{REPLAY_FILE}",
+                "dataset_saved": bool(info.get("dataset")),
+                "processing_class_saved": bool(info.get("processing_class")),
+                "collator_rebuildable": bool((info.get("collator") or {}).get("rebuildable")),
+            }
+            return []
+        summary, notes = save_replay_data(
+            replay_dir,
+            trainer=ctx.trainer,
+            args=ctx.args,
+            model=ctx.model,
+            dataset=train_dataset(ctx.trainer, ctx.train_dataloader),
+            processing_class=ctx.processing_class,
+            kind=kind,
+            trainer_class=trainer_class,
+            reference=(metadata.get("trl") or {}).get("reference_model"),
+            stage_steps=(part.start, part.end),
+        )
+        metadata["replay"] = summary
+        return notes
+
+    def _checkpoint(self) -> None:
+        if self.recording is not None and self.recording.active:
+            self.recording.checkpoint()
+
+    def _finish(self) -> None:
+        recording = self.recording
+        if recording is None:
+            return
+        if recording.active:
+            if self._skipped_steps:
+                notes = list(recording.metadata.get("notes", []))
+                notes.append(
+                    f"The optimizer skipped steps {self._skipped_steps} (mixed-precision overflow): their recorded "
+                    "learning rates were not applied."
+                )
+                recording.update_metadata(notes=notes)
+            stage = recording.end()
+            if stage is not None:
+                self.recorded_stages.append(stage)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self.recording = None
+        _ACTIVE.pop(str(self.ledger_dir.resolve()), None)
+
+    # --- interruption and resume ------------------------------------------------------------------------
+
+    def _suspend(self) -> None:
+        """Keep an interrupted recording's partial stage for resume; release the ledger lock and the hooks."""
+        if self.recording is not None and self.recording.active:
+            self.recording.suspend()
+        self.recording = None
+        self._remove_hooks()
+        _ACTIVE.pop(str(self.ledger_dir.resolve()), None)
+
+    def _take_over_interrupted(self) -> None:
+        """A train() of this process that raised left a recording open: suspend it so this run can resume it."""
+        ref = _ACTIVE.get(str(self.ledger_dir.resolve()))
+        other = ref() if ref is not None else None
+        if other is None or other.recording is None or not other.recording.active:
+            return
+        if other is not self:
+            warnings.warn(
+                f"StageRecorder: taking over the unfinished recording of stage {other.recording.name!r} in "
+                f"{self.ledger_dir} left by an interrupted train() in this process.",
+                UserWarning,
+                stacklevel=3,
+            )
+        other._suspend()
+
+    def _check_resumable(self, part: _Part, step: int) -> None:
+        if not self._context.is_main:
+            return
+        ledger = self.ledger
+        names = [s.name for s in ledger.stages] if ledger.exists else []
+        if part.name in names:
+            raise LedgerError(
+                f"Resuming at global step {step} inside stage {part.name!r} (steps {part.start}..{part.end}), but "
+                f"{self.ledger_dir} already holds a finished stage {part.name!r}. Resume from the checkpoint at the "
+                f"stage boundary (checkpoint-{part.end}, saved by StageRecorder when checkpoints are on) or a later "
+                "one, or record into a new ledger directory."
+            )
+        missing = [p.name for p in self._parts if p.end <= part.start and p.name not in names]
+        if missing:
+            warnings.warn(
+                f"Resuming inside stage {part.name!r}, but earlier stage(s) {missing} of this run are not in "
+                f"{self.ledger_dir}: their change will be recorded as an 'untracked' stage.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    # --- batches for curvature material -----------------------------------------------------------------
+
+    def _attach_hook(self, model: torch.nn.Module | None) -> None:
+        if model is None or self._hooks:
+            return
+        recorder = weakref.ref(self)  # the model must not keep an interrupted recorder alive
+
+        def offer_batch(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            owner = recorder()
+            recording = owner.recording if owner is not None else None
+            if recording is None or not recording.active or not module.training or not torch.is_grad_enabled():
+                return None
+            batch = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _NOT_INPUTS}
+            if args and isinstance(args[0], torch.Tensor) and "input_ids" not in batch:
+                batch["input_ids"] = args[0]
+            if batch:
+                recording.observe_batch(batch)
+            return None
+
+        self._hooks.append(model.register_forward_pre_hook(offer_batch, with_kwargs=True))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+
+def _release(recording: StageRecording, hooks: list) -> None:
+    """Finalizer of a recorder dropped mid-stage: keep the partial stage for resume, free the lock and hooks."""
+    recording.suspend()
+    for handle in hooks:
+        handle.remove()
+    hooks.clear()
+
+
+def _parse_boundaries(first: str, boundaries: dict[str, int | dict] | None) -> list[tuple[str, int, str | None]]:
+    if not boundaries:
+        return []
+    out: list[tuple[str, int, str | None]] = []
+    for name, value in boundaries.items():
+        step, kind = (value.get("step"), value.get("kind")) if isinstance(value, dict) else (value, None)
+        if isinstance(step, bool) or not isinstance(step, int) or step <= 0:
+            raise LedgerError(
+                f"`stage_boundaries[{name!r}]` must be a positive global step (an int, or {{'step': int, 'kind': "
+                f"str}}), got {value!r}."
+            )
+        out.append((str(name), step, kind))
+    out.sort(key=lambda item: item[1])
+    names = [first] + [name for name, _, _ in out]
+    steps = [step for _, step, _ in out]
+    if len(set(names)) != len(names) or len(set(steps)) != len(steps):
+        raise LedgerError(
+            f"`stage_boundaries` needs distinct stage names (also distinct from {first!r}) and distinct steps, got "
+            f"{boundaries!r}."
+        )
+    return out
