@@ -127,7 +127,11 @@ def availability(stages: list[StagePlan]) -> None:
             unavailable["aa-linear"] = unavailable["aa-fd"] = reason
         else:
             available += ["aa-linear", "aa-fd"]
-            reason = "every later stage has optimizer information" if k + 1 < len(stages) else "last stage"
+            reason = (
+                "every later stage has optimizer information, so aa-* can propagate this stage's delta"
+                if k + 1 < len(stages)
+                else "the last stage: no later stage moves its delta, so aa-* equals delta-*"
+            )
         if k == len(stages) - 1 and stage.adapter is not None:
             available.append("lora-exact")
             reason += "; a terminal LoRA adapter stage (lora-exact is exact)"
