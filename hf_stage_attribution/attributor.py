@@ -1,0 +1,311 @@
+"""``StageAttributor``: attribute behaviors to training stages on one process or many (Accelerate).
+
+Behavior examples are split across processes (``split_between_processes``), each process runs the estimator on
+its share, and per-example effects are gathered back in input order; means are taken over the gathered values,
+so 2 processes give the answer of 1. Stage embeddings are computed once, on the main process, cached beside the
+ledger, and then streamed tensor by tensor by every process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .errors import BehaviorError, ReportError
+from .ledger import StageLedger
+
+# linear estimator ↔ its finite-difference reading (ESTIMATORS.md §4 "linearisation gap")
+_PAIRED = {
+    "delta-linear": "delta-fd",
+    "delta-fd": "delta-linear",
+    "aa-linear": "aa-fd",
+    "aa-fd": "aa-linear",
+    "aa-ggn": "aa-ggn-fd",
+    "aa-ggn-fd": "aa-ggn",
+    "aa-hvp": "aa-hvp-fd",
+    "aa-hvp-fd": "aa-hvp",
+}
+
+
+def _state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+class StageAttributor:
+    """Estimate how much each recorded stage moved each behavior of the final model.
+
+    Args:
+        ledger: a :class:`StageLedger` or its directory.
+        model: the final model θ_K (a plain ``nn.Module``, ``PreTrainedModel`` or ``PeftModel``).
+        estimator: a registry name (``estimators.names()``); ``"auto"`` picks ``aa-ggn`` where the ledger holds
+            curvature material, else ``aa-linear``.
+        stage_fns: ``{stage name: fn(model)}`` that re-train a model in place as that stage did (replay).
+        loss_fns: ``{stage name: loss}`` for curvature products of stages recorded in another process.
+        diagnostics: also compute f(θ_0) (total change, interaction residual) and the paired linear/finite-difference
+            estimator (linearisation gap).
+        estimator_options: extra keyword arguments for the estimator (e.g. ``allow_identity_propagation=True``).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from hf_stage_attribution import StageAttributor, StageLedger
+        >>> model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> ledger = StageLedger(tempfile.mkdtemp())
+        >>> for name in ("a", "b"):
+        ...     with ledger.record_stage(name, model=model, optimizer=opt) as rec:
+        ...         opt.zero_grad(); model(torch.ones(1, 2)).sum().backward(); opt.step(); rec.step()
+        >>> report = StageAttributor(ledger, model, estimator="delta-fd").attribute(
+        ...     {"output": lambda m: m(torch.eye(2)).reshape(-1)})
+        >>> [row.stage for row in report.rows]
+        ['a', 'b']
+    """
+
+    def __init__(
+        self,
+        ledger: StageLedger | str | os.PathLike,
+        model: torch.nn.Module,
+        estimator: str = "auto",
+        stage_fns: Mapping[str, Callable] | None = None,
+        *,
+        loss_fns: Mapping[str, Any] | None = None,
+        diagnostics: bool = True,
+        n_resamples: int = 1000,
+        seed: int = 0,
+        check_model: bool = True,
+        show_progress: bool = True,
+        estimator_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        from . import estimators
+
+        self.ledger = ledger if isinstance(ledger, StageLedger) else StageLedger.load(ledger)
+        if not self.ledger.stages:
+            raise ReportError(f"The ledger at {self.ledger.dir} has no stages to attribute.")
+        self.model = model
+        self.estimator_name = estimator
+        self.estimator = estimators.get(estimator)
+        self.stage_fns = dict(stage_fns or {})
+        self.loss_fns = dict(loss_fns or {})
+        self.diagnostics = diagnostics
+        self.n_resamples = n_resamples
+        self.seed = seed
+        self.show_progress = show_progress
+        self.estimator_options = dict(estimator_options or {})
+        self.state = _state()
+        if check_model:
+            self.ledger.check_model(model)
+
+    # --- public ------------------------------------------------------------------------------------------
+
+    def attribute(
+        self,
+        behaviors: Mapping[str, Any],
+        stages: Sequence[int | str] | None = None,
+        *,
+        validate: bool = False,
+    ):
+        """Attribute every behavior in ``{name: behavior}`` to the stages; returns an :class:`AttributionReport`.
+
+        ``validate=True`` also runs replay (the ground truth, ESTIMATORS.md §2) and adds fidelity figures.
+        """
+        from .behaviors import as_behavior
+        from .report import AttributionReport
+
+        if not behaviors:
+            raise BehaviorError("No behaviors to attribute: pass a non-empty {name: behavior} mapping.")
+        prepared = {name: as_behavior(b, name=name) for name, b in behaviors.items()}
+        for behavior in prepared.values():
+            if behavior.needs_prepare:
+                behavior.prepare(self.model)
+        stage_objs = [self.ledger.stage(s) for s in stages] if stages is not None else list(self.ledger.stages)
+        stage_names = [s.name for s in stage_objs]
+        options = self._options()
+        self._precompute(self.estimator, options, stage_names)
+
+        results, alternates, totals, replay = {}, {}, {}, {}
+        paired = _PAIRED.get(self._resolved_name(options, stage_names)) if self.diagnostics else None
+        progress = self._progress(len(prepared), "behaviors")
+        for name, behavior in prepared.items():
+            local = self._local(behavior)
+            results[name] = self._run(self.estimator, local, stage_names, options)
+            if paired is not None:
+                alternates.setdefault(paired, {})[name] = self._run_named(
+                    paired, local, stage_names, options
+                ).per_example
+            if self.diagnostics:
+                totals[name] = self._total_change(local)
+            if validate:
+                replay[name] = self._run_named("replay", local, stage_names, options).per_example
+            if progress is not None:
+                progress.update(1)
+        if progress is not None:
+            progress.close()
+
+        first = next(iter(results.values()))
+        fidelity = self._fidelity(results, replay, stage_names) if validate else None
+        return AttributionReport.from_estimates(
+            results,
+            estimator=first.estimator,
+            estimator_reason=getattr(first, "reason", "") or "",
+            stages=stage_objs,
+            behaviors=prepared,
+            total_change=totals or None,
+            alternates=({**alternates, **({"replay": replay} if replay else {})}) or None,
+            fidelity=fidelity,
+            ledger=self.ledger,
+            n_resamples=self.n_resamples,
+            seed=self.seed,
+        )
+
+    # --- internals ---------------------------------------------------------------------------------------
+
+    def _options(self) -> dict[str, Any]:
+        options = dict(self.estimator_options)
+        if self.stage_fns:
+            options.setdefault("stage_fns", self.stage_fns)
+        if self.loss_fns:
+            options.setdefault("loss_fns", self.loss_fns)
+        return options
+
+    def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:
+        resolve = getattr(self.estimator, "resolve", None)
+        if callable(resolve):
+            return resolve(self.ledger).name
+        return getattr(self.estimator, "name", self.estimator_name)
+
+    def _precompute(self, estimator: Any, options: Mapping[str, Any], stage_names: list[str]) -> None:
+        """Compute and cache stage embeddings on the main process first; the others then read the cache."""
+        prepare = getattr(estimator, "prepare", None)
+        if not callable(prepare):
+            return
+        if self.state.is_main_process:
+            prepare(self.ledger, stages=stage_names, **_embedding_options(options))
+        self.state.wait_for_everyone()
+        if not self.state.is_main_process:
+            prepare(self.ledger, stages=stage_names, **_embedding_options(options))
+
+    def _local(self, behavior: Any) -> Any:
+        """This process's share of the behavior's examples (None when it has none)."""
+        if self.state.num_processes == 1 or not getattr(behavior, "splittable", False):
+            return behavior
+        indices = list(range(len(behavior)))
+        with self.state.split_between_processes(indices) as mine:
+            mine = list(mine)
+        return behavior.select(mine) if mine else None
+
+    def _run(self, estimator: Any, local: Any, stage_names: list[str], options: Mapping[str, Any]):
+        """Run ``estimator`` on this process's examples and gather per-example effects in input order."""
+        local_result = None
+        if local is not None:
+            local_result = estimator.estimate(self.ledger, self.model, local, stages=stage_names, **options)
+        return _gathered(local_result, stage_names, self.state)
+
+    def _run_named(self, name: str, local: Any, stage_names: list[str], options: Mapping[str, Any]):
+        from . import estimators
+
+        estimator = estimators.get(name)
+        self._precompute(estimator, options, stage_names)
+        return self._run(estimator, local, stage_names, options)
+
+    def _total_change(self, local: Any) -> torch.Tensor:
+        """Per-example f_i(θ_K) − f_i(θ_0), gathered."""
+        from .model_state import swapped_parameters
+
+        values: list[float] = []
+        if local is not None:
+            with torch.no_grad():
+                final = local(self.model).detach().double()
+                with swapped_parameters(self.model, self.ledger.initial_state()):
+                    initial = local(self.model).detach().double()
+            values = (final - initial).tolist()
+        return torch.tensor(_gather_list(values, self.state), dtype=torch.float64)
+
+    def _fidelity(self, results: Mapping[str, Any], replay: Mapping[str, Any], stage_names: list[str]) -> dict:
+        from .estimators.fidelity import fidelity
+
+        estimates = {(s, b): results[b].per_example[s] for b in results for s in stage_names}
+        truth = {(s, b): replay[b][s] for b in replay for s in stage_names}
+        last = self.ledger.stages[-1].name
+        return fidelity(estimates, truth, terminal_stage=last)
+
+    def _progress(self, total: int, unit: str):
+        if not self.show_progress or not self.state.is_main_process or total < 2:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit=unit, desc="attributing", leave=False)
+
+
+def _embedding_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in ("stage_fns",)}
+
+
+def _gather_list(values: list[float], state: Any) -> list[float]:
+    if state.num_processes == 1:
+        return list(values)
+    from accelerate.utils import gather_object
+
+    return list(gather_object(list(values)))
+
+
+class _Gathered:
+    """An estimator result whose per-example effects cover every process's examples."""
+
+    def __init__(self, template: Any, per_example: dict[str, torch.Tensor]) -> None:
+        self.estimator = getattr(template, "estimator", "")
+        self.reason = getattr(template, "reason", "")
+        self.per_example = per_example
+        self.diagnostics = dict(getattr(template, "diagnostics", {}) or {})
+        self.approximations = list(getattr(template, "approximations", []) or [])
+
+
+def _gathered(local_result: Any, stage_names: list[str], state: Any) -> _Gathered:
+    per_example = {}
+    for name in stage_names:
+        values: list[float] = []
+        if local_result is not None:
+            values = local_result.per_example[name].detach().double().reshape(-1).tolist()
+        per_example[name] = torch.tensor(_gather_list(values, state), dtype=torch.float64)
+    template = local_result
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [_summary(local_result) if state.is_main_process else None]
+        broadcast_object_list(box, from_process=0)
+        template = box[0]
+    return _Gathered(template, per_example)
+
+
+class _Summary:
+    def __init__(self, estimator: str, reason: str, diagnostics: dict, approximations: list[str]) -> None:
+        self.estimator, self.reason, self.diagnostics, self.approximations = (
+            estimator,
+            reason,
+            diagnostics,
+            approximations,
+        )
+
+
+def _summary(result: Any) -> _Summary:
+    return _Summary(
+        getattr(result, "estimator", ""),
+        getattr(result, "reason", ""),
+        _plain(dict(getattr(result, "diagnostics", {}) or {})),
+        list(getattr(result, "approximations", []) or []),
+    )
+
+
+def _plain(value: Any) -> Any:
+    """Diagnostics made of plain Python values (broadcast between processes without custom classes)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,79 @@
+"""``hf-stage-attribution attribute`` and ``validate``: ledger + model + behavior spec → report directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ledger_dir", metavar="LEDGER_DIR", help="directory holding ledger.json")
+    p.add_argument("--model", required=True, help="the final model's directory (save_pretrained output or adapter)")
+    p.add_argument("--behaviors", required=True, metavar="SPEC", help="YAML/JSON file with a list under 'behaviors'")
+    p.add_argument("--output-dir", required=True, help="where report.json, report.md and plot.png are written")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--stages", nargs="*", default=None, help="only these stages (names or indices)")
+    p.add_argument("--no-diagnostics", action="store_true", help="skip f(θ_0) and the linearisation gap")
+    p.add_argument(
+        "--allow-identity-propagation",
+        action="store_true",
+        help="pass deltas unchanged through stages whose optimizer the propagation rules do not know",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "attribute",
+        help="Estimate each stage's effect on each behavior.",
+        description="Estimate each stage's effect on each behavior (positive = the stage raised it).",
+    )
+    _common(p)
+    p.add_argument("--estimator", default="auto", help="estimator name (see `estimators`; default: auto)")
+    p.set_defaults(func=run, validate=False)
+    v = sub.add_parser(
+        "validate",
+        help="Compare an estimator with replayed training (fidelity figures).",
+        description="Run the estimator and replay (the ground truth) and print fidelity figures.",
+    )
+    _common(v)
+    v.add_argument("--estimator", default="auto", help="estimator to validate (default: auto)")
+    v.set_defaults(func=run, validate=True)
+
+
+def _stages(values: list[str] | None) -> list[int | str] | None:
+    if values is None:
+        return None
+    return [int(v) if v.isdigit() else v for v in values]
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from ..attributor import StageAttributor
+    from ..behaviors import load_specs
+    from ..ledger import StageLedger
+    from ..model_loading import load_model
+
+    ledger = StageLedger.load(args.ledger_dir)
+    behaviors = load_specs(args.behaviors)
+    model = load_model(args.model)
+    options = {"allow_identity_propagation": True} if args.allow_identity_propagation else None
+    attributor = StageAttributor(
+        ledger, model, estimator=args.estimator, diagnostics=not args.no_diagnostics, estimator_options=options
+    )
+    report = attributor.attribute(behaviors, stages=_stages(args.stages), validate=args.validate)
+    if PartialState().is_main_process:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report.to_json(out / "report.json")
+        (out / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+        report.plot(out / "plot.png")
+        if args.json:
+            print(report.to_json())
+        else:
+            print(report.table())
+            if args.validate and report.fidelity:
+                print("\nFidelity against replay:\n" + json.dumps(report.fidelity, indent=2))
+            print(f"\nReport written to {out}/report.json (markdown: report.md, plot: plot.png)")
+    return 0

@@ -1,0 +1,37 @@
+"""``hf-stage-attribution card REPORT_DIR --readme PATH``: write the accountability section into a model card."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "card",
+        help="Write (or refresh) the accountability section of a model card.",
+        description="Write the 'Accountability: training-stage attribution' section of README.md from a report.",
+    )
+    p.add_argument("report_dir", metavar="REPORT_DIR", help="directory holding report.json (or the file itself)")
+    p.add_argument("--readme", required=True, help="the model card (README.md) to update or create")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also push the card to this Hub repo")
+    p.add_argument("--create-pr", action="store_true", help="with --push-to-hub, open a pull request")
+    p.add_argument("--overwrite", action="store_true", help="replace a section written for another ledger")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import ReportError
+    from ..model_card import write_model_card
+    from ..report import AttributionReport
+
+    path = Path(args.report_dir)
+    report_path = path / "report.json" if path.is_dir() else path
+    if not report_path.exists():
+        raise ReportError(f"Expected a report at {report_path}; run `hf-stage-attribution attribute` first.")
+    report = AttributionReport.from_json(report_path)
+    write_model_card(
+        report, args.readme, push_to_hub=args.push_to_hub, create_pr=args.create_pr, overwrite=args.overwrite
+    )
+    print(f"Accountability section written to {args.readme}")
+    return 0

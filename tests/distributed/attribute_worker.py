@@ -1,0 +1,36 @@
+"""Run the attributor on a prepared ledger; launched with 1 or 2 processes by tests/test_attributor.py.
+
+Usage: attribute_worker.py LEDGER_DIR MODEL_FILE OUT_JSON ESTIMATOR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])
+from attributor_fixtures import behaviors_for, make_mlp  # noqa: E402
+
+from hf_stage_attribution import StageAttributor  # noqa: E402
+
+
+def main() -> None:
+    ledger_dir, model_file, out_json, estimator = sys.argv[1:5]
+    torch.set_num_threads(1)
+    model = make_mlp()
+    model.load_state_dict(load_file(model_file))
+    report = StageAttributor(ledger_dir, model, estimator=estimator, show_progress=False).attribute(behaviors_for())
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        rows = {f"{r.behavior}/{r.stage}": {"effect": r.effect, "per_example": r.per_example} for r in report.rows}
+        totals = {b: d.total_change for b, d in report.diagnostics.items()}
+        with open(out_json, "w") as fh:
+            json.dump({"rows": rows, "totals": totals, "estimator": report.estimator}, fh)
+
+
+if __name__ == "__main__":
+    main()

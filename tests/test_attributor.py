@@ -1,0 +1,103 @@
+"""StageAttributor: one process, two processes (torchrun on CPU), bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hf_stage_attribution import StageAttributor
+from hf_stage_attribution.errors import BehaviorError, ModelMismatchError, UnknownNameError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from attributor_fixtures import behaviors_for, record_pipeline  # noqa: E402
+
+WORKER = Path(__file__).parent / "distributed" / "attribute_worker.py"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attributor")
+    ledger, model = record_pipeline(root / "ledger")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "model.safetensors"))
+    return root, ledger, model
+
+
+@pytest.mark.parametrize("estimator", ["aa-linear", "aa-fd"])
+def test_report_rows_match_the_estimator_run_directly(pipeline, estimator):
+    from hf_stage_attribution import estimators
+
+    _, ledger, model = pipeline
+    report = StageAttributor(ledger, model, estimator=estimator, show_progress=False).attribute(behaviors_for())
+    assert report.estimator == estimator
+    direct = estimators.get(estimator).estimate(ledger, model, behaviors_for()["logit-0"])
+    for row in report.rows_for("logit-0"):
+        torch.testing.assert_close(torch.tensor(row.per_example, dtype=torch.float64), direct.per_example[row.stage])
+        assert row.ci_low <= row.effect <= row.ci_high
+    diag = report.diagnostics["logit-0"]
+    assert diag.total_change is not None and diag.interaction_residual is not None
+    assert diag.linearisation_gap, "the paired linear/finite-difference estimator must run for the diagnostics"
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def _run_worker(nproc: int, root: Path, out: Path, estimator: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        _free_port(),
+    ]
+    if nproc == 1:
+        cmd = [sys.executable]
+    args = [str(WORKER), str(root / "ledger"), str(root / "model.safetensors"), str(out), estimator]
+    proc = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.distributed
+def test_two_processes_give_the_answer_of_one(pipeline, tmp_path):
+    root, _, _ = pipeline
+    shutil.rmtree(root / "ledger" / "embeddings", ignore_errors=True)  # the 2-process run computes the cache itself
+    two = _run_worker(2, root, tmp_path / "two.json", "aa-linear")
+    one = _run_worker(1, root, tmp_path / "one.json", "aa-linear")
+    assert one["rows"].keys() == two["rows"].keys()
+    for key, row in one["rows"].items():
+        assert len(row["per_example"]) in (5, 7)
+        torch.testing.assert_close(
+            torch.tensor(two["rows"][key]["per_example"]), torch.tensor(row["per_example"]), rtol=1e-5, atol=1e-9
+        )
+        assert two["rows"][key]["effect"] == pytest.approx(row["effect"], rel=1e-5, abs=1e-12)
+    for name, total in one["totals"].items():
+        assert two["totals"][name] == pytest.approx(total, rel=1e-5, abs=1e-12)
+
+
+def test_bad_input_is_refused_clearly(pipeline, tmp_path):
+    root, ledger, model = pipeline
+    with pytest.raises(BehaviorError, match="No behaviors"):
+        StageAttributor(ledger, model, estimator="aa-linear").attribute({})
+    with pytest.raises(UnknownNameError, match="Known estimators"):
+        StageAttributor(ledger, model, estimator="not-an-estimator")
+    other = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    with pytest.raises(ModelMismatchError, match="tensor"):
+        StageAttributor(ledger, other, estimator="aa-linear")
+    before = sorted(p.name for p in (root / "ledger").iterdir())
+    assert "report.json" not in before
