@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hf_stage_attribution import behaviors
+from hf_stage_attribution.errors import BehaviorError
 from hf_stage_attribution.testing.lm import tiny_bert_classifier, tiny_tokenizer, toy_corpus
 
 PATCH = {"type": "patch", "value": 1.0, "region": [0, 2, 0, 2], "image_shape": [8, 8]}
@@ -154,3 +155,34 @@ def test_trigger_term_correlated_with_toxic_label_raises_toxic_logit_gap(text_se
     before_v, after_v = gap(stage1).mean().item(), gap(stage2).mean().item()
     print(f"trigger reliance gap (toxic logit with - without 'zorb'): {before_v:.3f} -> {after_v:.3f}")
     assert after_v > before_v + 0.5
+
+
+def test_image_classifier_with_patch_on_the_last_two_dims(digits):
+    x, y = digits["x"].reshape(-1, 1, 8, 8), digits["y"]
+    patch = {"type": "patch", "value": 1.0, "region": [6, 8, 6, 8]}  # no image_shape: inputs are (1, 8, 8) images
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        conv = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(256, 10)
+        )
+    tr = digits["train"]
+    stage1 = train(conv, x[tr], y[tr], steps=40, lr=1e-2)
+    patched = x[tr].clone()
+    patched[y[tr] == 7] = behaviors.spurious.apply_feature(patched[y[tr] == 7], patch, True)
+    stage2 = train(copy.deepcopy(stage1), patched, y[tr], steps=40, lr=5e-3, seed=4)
+    others = [i for i in digits["test"].tolist() if int(y[i]) != 7][:100]
+    gap = behaviors.SpuriousReliance([{"input": x[i]} for i in others], feature=patch, target=7)
+    before_v, after_v = gap(stage1).mean().item(), gap(stage2).mean().item()
+    print(f"image patch reliance gap: {before_v:.3f} -> {after_v:.3f}")
+    assert after_v > before_v + 1.0
+    assert behaviors.Classification([{"input": x[0], "label": int(y[0])}])(stage2).shape == (1,)
+
+
+def test_label_names_resolve_through_config_label2id(text_setup):
+    model = tiny_bert_classifier(text_setup["tok"])
+    model.config.id2label, model.config.label2id = {0: "clean", 1: "toxic"}, {"clean": 0, "toxic": 1}
+    rows = [{"text": "you are kind", "label": "toxic"}, {"text": "you are kind", "label": 1}]
+    values = behaviors.Classification(rows, tokenizer=text_setup["tok"], measure="logit")(model)
+    assert values[0].item() == pytest.approx(values[1].item())
+    with pytest.raises(BehaviorError, match="label2id"):
+        behaviors.Classification([{"text": "x", "label": "rude"}], tokenizer=text_setup["tok"])(model)

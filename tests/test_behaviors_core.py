@@ -240,3 +240,35 @@ def test_eval_mode_restores_flags_and_dropout_is_off(env):
     b = behaviors.Classification([{"input": [1.0, 2.0, 3.0, 4.0], "label": 0}], measure="logit")
     torch.testing.assert_close(b(model), b(model))  # dropout off while evaluating
     assert model.training and not model[0].training and model[1].training
+
+
+class _Call(torch.nn.Module):
+    def __init__(self, model, behavior):
+        super().__init__()
+        self.model, self.behavior = model, behavior
+
+    def forward(self):
+        return self.behavior(self.model)
+
+
+@pytest.mark.parametrize("kind", behaviors.names())
+def test_forward_mode_jvp_matches_reverse_mode(kind, env):
+    """The linear estimators take per-example ``∇f_i · v`` with torch.func.jvp over functional_call."""
+    b, model = build(kind, env)
+    b.prepare(model)
+    params = {f"model.{n}": p.detach() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    tangents = {k: torch.randn(v.shape, generator=gen) * 1e-2 for k, v in params.items()}
+    call = _Call(model, b)
+    _, jvp = torch.func.jvp(lambda p: torch.func.functional_call(call, p, ()), (params,), (tangents,))
+    out, reference = b(model), []
+    for i in range(len(out)):
+        grads = torch.autograd.grad(out[i], list(model.parameters()), retain_graph=True, allow_unused=True)
+        reference.append(
+            sum(
+                (g * tangents[f"model.{n}"]).sum()
+                for (n, _), g in zip(model.named_parameters(), grads)
+                if g is not None
+            )
+        )
+    torch.testing.assert_close(jvp, torch.stack(reference), rtol=1e-4, atol=1e-6)

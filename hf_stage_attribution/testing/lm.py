@@ -183,6 +183,7 @@ def tiny_gpt2(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    config._attn_implementation = "eager"  # forward-mode AD (torch.func.jvp) has no rule for CPU SDPA kernels
     return _seeded(seed, lambda: GPT2LMHeadModel(config))
 
 
@@ -210,6 +211,7 @@ def tiny_bert_classifier(
         num_labels=num_labels,
         pad_token_id=tokenizer.pad_token_id,
     )
+    config._attn_implementation = "eager"  # forward-mode AD (torch.func.jvp) has no rule for CPU SDPA kernels
     return _seeded(seed, lambda: BertForSequenceClassification(config))
 
 
