@@ -76,7 +76,7 @@ def _hub_error(exc: Exception, boundary: Boundary, cache_dir: Any, offline: bool
     from huggingface_hub import errors
 
     repo, rev = boundary.model, boundary.revision or "main"
-    target = f"{repo}@{rev}" + (f" ({what})" if what else "")
+    target = f"Revision {rev!r} of {repo}" + (f" (file {what})" if what else "")
     if isinstance(exc, errors.RevisionNotFoundError):
         return CheckpointNotFoundError(
             f"Revision {rev!r} of {repo} does not exist on the Hub. Check the branch, tag or commit name on the "
@@ -88,7 +88,7 @@ def _hub_error(exc: Exception, boundary: Boundary, cache_dir: Any, offline: bool
             "log in (`hf auth login`) / pass a token."
         )
     if isinstance(exc, errors.HFValidationError):
-        return CheckpointImportError(f"{target}: not a valid repo id or revision ({exc}).")
+        return CheckpointImportError(f"{target}: not a valid repo id or revision name ({exc}).")
     if isinstance(exc, (errors.EntryNotFoundError, FileNotFoundError)) or offline:
         root, known = _cached_revisions(repo, cache_dir)
         if offline or isinstance(exc, errors.LocalEntryNotFoundError):

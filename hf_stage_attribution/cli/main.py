@@ -9,6 +9,7 @@ import sys
 # Each module defines `register(subparsers)` adding one sub-command whose handler is `args.func(args) -> int`.
 SUBCOMMANDS = [
     "hf_stage_attribution.cli.inspect_cmd",
+    "hf_stage_attribution.cli.import_cmd",
     "hf_stage_attribution.cli.attribute_cmd",
     "hf_stage_attribution.cli.card_cmd",
     "hf_stage_attribution.cli.demo_cmd",
