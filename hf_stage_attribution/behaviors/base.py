@@ -156,6 +156,8 @@ class ExampleBehavior(Behavior):
                 f"Behavior {self.name!r} ({self.kind}) was not prepared; call behavior.prepare(final_model) once "
                 "with the final model before evaluating it."
             )
+        if len(self) == 0:  # an empty share of a split (more processes than examples)
+            return torch.zeros(0, device=model_device(model))
         chunks = []
         with eval_mode(model):
             for start in range(0, len(self), self.batch_size):

@@ -36,18 +36,12 @@ def read_spec_file(path: str | Path) -> Any:
     if not p.is_file():
         raise BehaviorError(f"Behavior spec file {str(p)!r} does not exist; pass a JSON or YAML file.")
     text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix == ".json":
-            return json.loads(text)
-        import yaml
+    import yaml
 
-        return yaml.safe_load(text)
-    except (json.JSONDecodeError, ValueError) as exc:  # yaml.YAMLError derives from Exception; caught below
+    try:
+        return json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise BehaviorError(f"Behavior spec file {str(p)!r} is not valid JSON/YAML: {exc}.") from None
-    except Exception as exc:
-        if type(exc).__module__.startswith("yaml"):
-            raise BehaviorError(f"Behavior spec file {str(p)!r} is not valid YAML: {exc}.") from None
-        raise
 
 
 def from_spec(
