@@ -247,6 +247,7 @@ def test_curvature_embeddings_through_the_cache(tmp_path):
                 rec.step((x, y))
     assert ledger.stages[1].optimizer_state_policy == "continued" and ledger.stages[1].segments
     behavior = lambda m: torch.log_softmax(m(x), -1)[:, 0]  # noqa: E731
+    assert estimators.get("auto").resolve(ledger).name == "aa-ggn"
     auto = estimators.get("auto").estimate(ledger, model, behavior)
     assert auto.estimator == "aa-ggn" and "curvature material" in auto.reason
     assert auto.diagnostics["curvature"]["curvature_products"] > 0

@@ -193,8 +193,10 @@ def test_adam_coupled_decay_with_segments(tmp_path):
 def test_embedding_cache_is_keyed_reused_and_invalidated(tmp_path):
     decay = lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.5)  # noqa: E731
     ledger, model, _, _ = _ledger_two_heads(tmp_path, decay)
-    emb = stage_embeddings(ledger, "aa-linear")
     path = ledger.embeddings_dir / "aa-linear.safetensors"
+    estimators.get("aa-fd").prepare(ledger)  # what the attributor runs on the main process first
+    assert path.exists()
+    emb = stage_embeddings(ledger, "aa-linear")
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:

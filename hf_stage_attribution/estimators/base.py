@@ -77,6 +77,12 @@ class Estimator:
     def estimate(self, ledger: Any, model: torch.nn.Module, behavior: Behavior, stages: Any = None, **options: Any):
         raise NotImplementedError
 
+    def prepare(self, ledger: Any, stages: Any = None, model: torch.nn.Module | None = None, **options: Any) -> None:
+        """Precompute what does not depend on the behavior (stage embeddings); a no-op by default.
+
+        The attributor calls it on the main process first, so that other processes read the cache.
+        """
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -158,14 +164,13 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             module.training = flag
 
 
-def prepare(ledger: Any, model: torch.nn.Module, behavior: Behavior, options: dict[str, Any]) -> None:
+def check_inputs(ledger: Any, model: torch.nn.Module, behavior: Behavior, options: dict[str, Any]) -> None:
     """Checks every estimator runs first: the model is the ledger's final model; the behavior is prepared on it.
 
-    Options: ``check_model`` (default True), ``prepare_behavior`` (default True; pass False when the caller, e.g. the
-    attributor, already called ``behavior.prepare(model)``).
+    Options: ``check_model`` (default True; the attributor, which checks once, may pass False), and
+    ``prepare_behavior`` (default True: a behavior whose ``needs_prepare`` is true is prepared on the final model).
     """
     if options.get("check_model", True):
         ledger.check_model(model)
-    hook = getattr(behavior, "prepare", None)
-    if options.get("prepare_behavior", True) and callable(hook):
-        hook(model)
+    if options.get("prepare_behavior", True) and getattr(behavior, "needs_prepare", False):
+        behavior.prepare(model)

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import torch
 
-from .base import EstimateResult, Estimator, eval_mode, evaluate, prepare, register, resolve_stages
+from .base import EstimateResult, check_inputs, eval_mode, evaluate, register, resolve_stages
 from .embeddings import StageEmbeddings
-from .linear import embeddings_for, parameter_paths
+from .linear import EmbeddingEstimator, embeddings_for, parameter_paths
 
 
 @contextlib.contextmanager
@@ -48,7 +48,7 @@ def subtract_embedding(model: torch.nn.Module, emb: StageEmbeddings, k: int, sca
                 paths[name][1].copy_(value)
 
 
-class FiniteDifferenceEstimator(Estimator):
+class FiniteDifferenceEstimator(EmbeddingEstimator):
     """``f(θ_K) − f(θ_K − v_k)`` with ``v_k`` of kind :attr:`kind`.
 
     Options: ``step_scale`` (default 1: the estimator; ``s`` gives ``(f(θ_K) − f(θ_K − s·v_k)) / s``, the
@@ -61,11 +61,9 @@ class FiniteDifferenceEstimator(Estimator):
         'aa-linear'
     """
 
-    kind = "aa-linear"
-
     def estimate(self, ledger, model, behavior, stages=None, **options):
         chosen = resolve_stages(ledger, stages)
-        prepare(ledger, model, behavior, options)
+        check_inputs(ledger, model, behavior, options)
         emb = embeddings_for(ledger, self.kind, chosen, options, model)
         scale = float(options.get("step_scale", 1.0))
         per_example: dict[str, torch.Tensor] = {}

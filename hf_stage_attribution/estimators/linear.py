@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .base import EstimateResult, Estimator, check_finite, eval_mode, prepare, register, resolve_stages
+from .base import EstimateResult, Estimator, check_finite, check_inputs, eval_mode, register, resolve_stages
 from .embeddings import StageEmbeddings, stage_embeddings
 
 LINEAR_READOUT = "Linear read-out: first-order Taylor step of the behavior along v_k (gradient at the final model)."
@@ -116,7 +116,16 @@ def mean_gradient(model, behavior, paths) -> tuple[dict[str, torch.Tensor], int]
     return {n: g for n, g in zip(names, grads) if g is not None}, values.numel()
 
 
-class LinearEstimator(Estimator):
+class EmbeddingEstimator(Estimator):
+    """Base of the estimators that read stage embeddings of kind :attr:`kind`; ``prepare`` fills the cache."""
+
+    kind = "aa-linear"
+
+    def prepare(self, ledger, stages=None, model=None, **options):
+        embeddings_for(ledger, self.kind, resolve_stages(ledger, stages), dict(options), model)
+
+
+class LinearEstimator(EmbeddingEstimator):
     """``∇f(θ_K) · v_k`` with ``v_k`` of kind :attr:`kind`.
 
     Options: ``per_example`` (default True: one JVP per stage; False: one backward pass, means only),
@@ -129,11 +138,9 @@ class LinearEstimator(Estimator):
         'delta'
     """
 
-    kind = "aa-linear"
-
     def estimate(self, ledger, model, behavior, stages=None, **options):
         chosen = resolve_stages(ledger, stages)
-        prepare(ledger, model, behavior, options)
+        check_inputs(ledger, model, behavior, options)
         emb = embeddings_for(ledger, self.kind, chosen, options, model)
         paths = parameter_paths(model)
         stats: dict[str, Any] = {}

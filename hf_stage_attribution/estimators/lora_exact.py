@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import EstimatorError
-from .base import EstimateResult, Estimator, eval_mode, evaluate, prepare, register, resolve_stages
+from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, register, resolve_stages
 
 
 def _directly_trained(model: torch.nn.Module, stage: Any) -> list[str]:
@@ -97,7 +97,7 @@ class LoraExact(Estimator):
                 "which disabling the adapter does not undo. Use `aa-fd` for this stage."
             )
         _check_adapter_is_stage(model, last)
-        prepare(ledger, model, behavior, options)
+        check_inputs(ledger, model, behavior, options)
         with eval_mode(model):
             with_adapter = evaluate(behavior, model, "evaluated on the final model (adapter enabled)")
             with model.disable_adapter():

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import ReplayError
-from .base import EstimateResult, Estimator, eval_mode, evaluate, prepare, register, resolve_stages
+from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, register, resolve_stages
 
 StageFn = Callable[..., Any]
 
@@ -175,7 +175,7 @@ class Replay(Estimator):
 
     def estimate(self, ledger, model, behavior, stages=None, **options):
         chosen = resolve_stages(ledger, stages)
-        prepare(ledger, model, behavior, options)
+        check_inputs(ledger, model, behavior, options)
         stage_fns = options.get("stage_fns") or {}
         with eval_mode(model):
             final = evaluate(behavior, model, "evaluated on the final model")

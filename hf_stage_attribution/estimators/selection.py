@@ -64,6 +64,13 @@ class Auto(Estimator):
     name = "auto"
     description = "aa-ggn where the ledger holds curvature material, else aa-linear."
 
+    def resolve(self, ledger: Any, loss_fns: Mapping[str, Any] | None = None) -> Estimator:
+        """The estimator the default rule picks for ``ledger`` (an instance; its ``name`` says which)."""
+        return get(choose_estimator(ledger, loss_fns)[0])
+
+    def prepare(self, ledger, stages=None, model=None, **options):
+        self.resolve(ledger, options.get("loss_fns")).prepare(ledger, stages, model, **options)
+
     def estimate(self, ledger, model, behavior, stages=None, **options):
         chosen, reason = choose_estimator(ledger, options.get("loss_fns"))
         result = get(chosen).estimate(ledger, model, behavior, stages, **options)
