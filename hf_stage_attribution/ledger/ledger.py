@@ -370,7 +370,7 @@ class StageLedger:
 
         for stage in self.stages:
             for rel, digest in stage.entry.get("files", {}).items():
-                path = safe_join(stage.dir, rel)
+                path = safe_join(stage.dir, rel, self.dir)
                 if not path.exists() or file_sha256(path) != digest:
                     raise LedgerFormatError(
                         f"{path} does not match the hash recorded in {self.dir / LEDGER_FILE}: the stage "

@@ -140,7 +140,7 @@ class Segment:
         self.step_start = int(info["step_start"])
         self.step_end = int(info["step_end"])
         self.mid_step = int(info["mid_step"])
-        self.dir = ensure_inside(stage.root, safe_join(stage.dir, info["dir"]))
+        self.dir = safe_join(stage.dir, info["dir"], stage.root)
 
     @property
     def learning_rates(self) -> list[list[float]]:
@@ -202,12 +202,12 @@ class Stage:
         self.info: dict = validate_stage(stage_json, read_json(stage_json, "stage file"), self.name)
         self._shapes = shapes
         self._dense = _TensorFile(
-            safe_join(self.dir, self.info["delta_file"]) if self.info.get("delta_file") else None,
+            safe_join(self.dir, self.info["delta_file"], self.root) if self.info.get("delta_file") else None,
             self.root,
             parameter_checker(shapes),
         )
         self._lora = _TensorFile(
-            safe_join(self.dir, self.info["lora_file"]) if self.info.get("lora_file") else None,
+            safe_join(self.dir, self.info["lora_file"], self.root) if self.info.get("lora_file") else None,
             self.root,
             self._check_lora_header,
         )
@@ -276,7 +276,7 @@ class Stage:
         rel = self.info.get("optimizer_state_file")
         if not rel:
             return None
-        flat = _load_checked(_TensorFile(safe_join(self.dir, rel), self.root, _check_prefixed))
+        flat = _load_checked(_TensorFile(safe_join(self.dir, rel, self.root), self.root, _check_prefixed))
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in flat.items():
             kind, _, name = key.partition("/")
@@ -317,6 +317,11 @@ class Stage:
             out = b @ a
             if spec.get("layer_type") == "embedding" or spec.get("fan_in_fan_out"):
                 out = out.T
+            if tuple(out.shape) != tuple(self._shapes[name]):
+                raise LedgerFormatError(
+                    f"{self._lora.path}: LoRA factors of {name!r} give a delta of shape {tuple(out.shape)}, expected "
+                    f"{tuple(self._shapes[name])} (from ledger.json). The stage files are inconsistent."
+                )
             return out * float(spec["scaling"])
 
         delta = product("A", "B")

@@ -206,15 +206,17 @@ def slugify(name: str, max_len: int = 48) -> str:
     return slug or "stage"
 
 
-def safe_join(root: str | os.PathLike, relative: str) -> Path:
-    """Join ``relative`` under ``root``, refusing absolute paths, ``..`` and symlinks that leave ``root``."""
-    root_path = Path(root).resolve()
+def safe_join(base: str | os.PathLike, relative: str, root: str | os.PathLike | None = None) -> Path:
+    """Join ``relative`` under ``base``, refusing absolute paths and ``..``; resolved (symlinks followed), the
+    result must stay inside ``root`` (default: ``base``; the ledger directory lets links point across stages)."""
+    base_path = Path(base).resolve()
+    root_path = Path(root).resolve() if root is not None else base_path
     if not isinstance(relative, str) or not relative or relative.startswith(("/", "\\")) or ":" in relative:
-        raise UnsafeInputError(f"Expected a relative path inside {root_path}, got {relative!r}.")
+        raise UnsafeInputError(f"Expected a relative path inside {base_path}, got {relative!r}.")
     parts = Path(relative).parts
     if any(p in ("..", "") for p in parts):
-        raise UnsafeInputError(f"Expected a path inside {root_path}, got {relative!r} which leaves it.")
-    candidate = (root_path / relative).resolve()
+        raise UnsafeInputError(f"Expected a path inside {base_path}, got {relative!r} which leaves it.")
+    candidate = (base_path / relative).resolve()
     if candidate != root_path and root_path not in candidate.parents:
         raise UnsafeInputError(f"The path {relative!r} resolves to {candidate}, outside {root_path} (a symlink?).")
     return candidate
