@@ -28,6 +28,7 @@ from .stage_propagation import StagePropagator, momentum_tail, next_trained, tra
 KINDS = ("delta", "aa-linear", "aa-ggn", "aa-hvp")
 FORMAT_NAME = "hf-stage-attribution-embeddings"
 FORMAT_VERSION = "1"
+_NORMS: dict[tuple, float] = {}
 
 
 class StageEmbeddings:
@@ -36,7 +37,18 @@ class StageEmbeddings:
     Attributes: ``kind``, ``stage_indices``, ``approximations`` (list of sentences), ``diagnostics`` (dict).
 
     Example:
-        >>> # emb = stage_embeddings(ledger); v = emb.get(0, "fc.weight"); emb.norm(0)
+        >>> import tempfile, torch
+        >>> from hf_stage_attribution import StageLedger
+        >>> model, ledger = torch.nn.Linear(2, 1), StageLedger(tempfile.mkdtemp())
+        >>> for name, decay in (("a", 0.0), ("b", 0.5)):
+        ...     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=decay)
+        ...     with ledger.record_stage(name, model=model, optimizer=opt) as rec:
+        ...         for _ in range(2):
+        ...             opt.zero_grad(); model(torch.ones(1, 2)).sum().backward(); opt.step(); rec.step()
+        >>> emb = stage_embeddings(ledger, "aa-linear")
+        >>> v, delta = emb.get(0, "weight"), ledger.stages[0].delta_tensor("weight")
+        >>> round(float(v[0, 0] / delta[0, 0]), 4)  # D_b = (1 − 0.1·0.5)²
+        0.9025
     """
 
     def __init__(self, ledger: Any, kind: str, path: Path | None = None) -> None:
@@ -80,7 +92,15 @@ class StageEmbeddings:
             yield name, self.get(k, name)
 
     def norm(self, k: int) -> float:
-        return float(sum(float(t.double().pow(2).sum()) for _, t in self.items(k)) ** 0.5)
+        """``‖v_k‖`` (computed once per cache file and process: every estimate reports it)."""
+        if self.path is None:
+            key = (str(self.ledger.dir), self.ledger.fingerprint, self.kind, k)
+        else:
+            stat = self.path.stat()
+            key = (str(self.path), stat.st_mtime_ns, stat.st_size, k)
+        if key not in _NORMS:
+            _NORMS[key] = float(sum(float(t.double().pow(2).sum()) for _, t in self.items(k)) ** 0.5)
+        return _NORMS[key]
 
     def __repr__(self) -> str:
         return f"StageEmbeddings(kind={self.kind!r}, stages={self.stage_indices}, path={self.path})"

@@ -53,6 +53,22 @@ class StagePropagator:
         allow_identity_propagation: propagate with ``D = 1`` where the optimizer is unknown instead of refusing.
 
     Attributes: ``family`` (``None`` for an identity stage), ``approximations`` (sentences for the report).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from hf_stage_attribution import StageLedger
+        >>> model, ledger = torch.nn.Linear(2, 1), StageLedger(tempfile.mkdtemp())
+        >>> for name, decay in (("a", 0.0), ("b", 0.5)):
+        ...     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=decay)
+        ...     with ledger.record_stage(name, model=model, optimizer=opt) as rec:
+        ...         for _ in range(2):
+        ...             opt.zero_grad(); model(torch.ones(1, 2)).sum().backward(); opt.step(); rec.step()
+        >>> prop = StagePropagator(ledger.stages[1])
+        >>> round(prop.factor("weight"), 4)
+        0.9025
+        >>> x, buf = prop.apply("weight", torch.ones(1, 2, dtype=torch.float64))
+        >>> [round(v, 4) for v in x.flatten().tolist()], buf
+        ([0.9025, 0.9025], None)
     """
 
     stage: Any
