@@ -129,6 +129,15 @@ class ExampleBehavior(Behavior):
     Subclasses implement ``_batch_values(model, rows, positions)`` → ``Tensor[len(rows)]`` (``positions`` are
     the rows' positions in this behavior, to index per-example state kept in ``self._state``), and list their
     JSON-safe constructor arguments in ``_spec_fields``.
+
+    Example:
+        >>> import torch
+        >>> class FirstLogit(ExampleBehavior):
+        ...     kind = "first-logit"
+        ...     def _batch_values(self, model, rows, positions):
+        ...         return model(torch.tensor(rows))[:, 0]
+        >>> FirstLogit([[1.0, 2.0], [3.0, 4.0]])(torch.nn.Linear(2, 2)).shape
+        torch.Size([2])
     """
 
     _spec_fields: ClassVar[tuple[str, ...]] = ()

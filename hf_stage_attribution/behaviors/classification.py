@@ -27,11 +27,18 @@ from .registry import register
 __all__ = ["Classification", "MEASURES", "classifier_logits", "measure_values", "resolve_targets"]
 
 MEASURES: dict[str, tuple[str, str]] = {  # measure -> (unit, sign convention)
-    "logit": ("logit of the target class", "higher = the model scores the target class higher"),
-    "margin": ("logits (target logit minus the best other logit)", "higher = more confident in the target class"),
-    "probability": ("probability of the target class (0-1)", "higher = more probability on the target class"),
-    "log-probability": ("nats (log-probability of the target class)", "higher = more likely target class"),
-    "cross-entropy": ("nats (cross-entropy loss on the target class)", "higher = worse on the target class"),
+    "logit": ("logit", "higher = the model scores the target class higher"),
+    "margin": ("logit margin", "higher = more confident in the target class"),
+    "probability": ("probability", "higher = more probability on the target class"),
+    "log-probability": ("nats (log-probability)", "higher = more likely target class"),
+    "cross-entropy": ("nats (cross-entropy)", "higher = worse on the target class"),
+}
+_MEASURE_TEXT = {
+    "logit": "logit",
+    "margin": "logit margin (its logit minus the best other logit)",
+    "probability": "softmax probability",
+    "log-probability": "log-softmax probability",
+    "cross-entropy": "cross-entropy loss",
 }
 
 
@@ -176,7 +183,7 @@ class Classification(ClassifierInputs, ExampleBehavior):
         self.tokenizer = load_tokenizer(tokenizer)
         self.unit, sign = MEASURES[measure]
         which = f"class {target!r}" if target is not None else f"each example's {label_key!r} class"
-        self.description = f"{self.name}: {measure} of {which} ({sign})."
+        self.description = f"{self.name}: {_MEASURE_TEXT[measure]} of {which} ({sign})."
 
     def _targets(self, model: torch.nn.Module, rows: list[dict[str, Any]]) -> torch.Tensor:
         labels = [self.target if self.target is not None else r.get(self.label_key) for r in rows]

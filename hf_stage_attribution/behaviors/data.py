@@ -72,7 +72,12 @@ def jsonable(value: Any) -> Any:
 
 class ExampleData:
     """An ordered set of behavior examples: ``items`` (a list or a ``datasets.Dataset``), the file it was read
-    from (``source``, or None), and ``indices`` (positions of the items in the original set)."""
+    from (``source``, or None), and ``indices`` (positions of the items in the original set).
+
+    Example:
+        >>> ExampleData.from_any({"text": ["a", "b"], "label": [0, 1]}).select([1]).to_spec()
+        {'data': [{'text': 'b', 'label': 1}], 'indices': [1]}
+    """
 
     def __init__(
         self, items: Any, source: str | None = None, indices: list[int] | None = None, total: int | None = None

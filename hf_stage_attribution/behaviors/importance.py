@@ -50,6 +50,20 @@ class SampledCompletionsBehavior(ExampleBehavior):
     """Base: fixed completions per prompt, constant scores, importance weights w.r.t. the final model.
 
     Subclasses implement ``_score(prompts, completions) -> list[float]`` (called once, in :meth:`prepare`).
+
+    Example:
+        >>> from hf_stage_attribution.testing.lm import tiny_tokenizer, tiny_gpt2
+        >>> class Length(SampledCompletionsBehavior):
+        ...     kind = "completion-length"
+        ...     def __init__(self, examples, tokenizer):
+        ...         super().__init__(examples)
+        ...         self._init_sampling(tokenizer, prompt_key="prompt", completion_key=None, num_samples=2,
+        ...                             max_new_tokens=4, temperature=1.0, top_k=None, seed=0, weighting=None)
+        ...     def _score(self, prompts, completions):
+        ...         return [float(len(c)) for c in completions]
+        >>> tok = tiny_tokenizer(); lm = tiny_gpt2(tok); b = Length([{"prompt": "hi"}], tok)
+        >>> b.prepare(lm); b(lm).shape
+        torch.Size([1])
     """
 
     _lm_fields: ClassVar[tuple[str, ...]] = (

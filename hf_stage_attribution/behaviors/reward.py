@@ -106,10 +106,10 @@ class RewardModelScore(ExampleBehavior):
         self.chosen_key, self.rejected_key, self.separator = chosen_key, rejected_key, separator
         self.label_index, self.max_length = int(label_index), max_length
         if measure == "score":
-            self.unit = "reward (the reward model's output)"
+            self.unit = "reward"
             self.description = f"{self.name}: the reward model's score of prompt + response; higher = more reward."
         else:
-            self.unit = "reward difference (chosen minus rejected)"
+            self.unit = "reward margin"
             self.description = (
                 f"{self.name}: reward of prompt + chosen minus prompt + rejected; higher = the "
                 "reward model prefers the chosen response more."
@@ -196,7 +196,7 @@ class PolicyReward(SampledCompletionsBehavior):
         self.reward_model = load_sequence_classifier(reward_model)
         self.reward_tokenizer = load_tokenizer(reward_tokenizer) if reward_tokenizer is not None else self.tokenizer
         self.separator, self.label_index, self.max_length = separator, int(label_index), max_length
-        self.unit = "reward (the reward model's output), expected over the policy's responses"
+        self.unit = "expected reward"
         source = f"given {completion_key!r} responses" if completion_key else f"{self.num_samples} samples per prompt"
         self.description = (
             f"{self.name}: {self.weighting} importance-weighted estimate of the reward model's score of "

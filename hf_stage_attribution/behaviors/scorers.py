@@ -62,7 +62,15 @@ def unavailable(what: str, reason: str) -> ScorerUnavailableError:
 
 
 class Scorer(ABC):
-    """Maps texts to floats (higher = more toxic / more of the scored property); ``to_spec()`` is JSON-safe."""
+    """Maps texts to floats (higher = more toxic / more of the scored property); ``to_spec()`` is JSON-safe.
+
+    Example:
+        >>> class Length(Scorer):
+        ...     def score(self, texts): return [len(t) for t in texts]
+        ...     def to_spec(self): return "length"
+        >>> Length()(["ab", "abc"])
+        [2.0, 3.0]
+    """
 
     name: str = "scorer"
 
@@ -85,7 +93,12 @@ class Scorer(ABC):
 
 
 class ProfanityCheckScorer(Scorer):
-    """``alt-profanity-check``'s ``predict_prob``: a linear SVM trained on real toxic comments (0-1)."""
+    """``alt-profanity-check``'s ``predict_prob``: a linear SVM trained on real toxic comments (0-1).
+
+    Example:
+        >>> [round(v) for v in ProfanityCheckScorer()(["have a nice day", "fuck you"])]
+        [0, 1]
+    """
 
     name = "alt-profanity-check"
 
@@ -104,7 +117,12 @@ class ProfanityCheckScorer(Scorer):
 
 
 class BetterProfanityScorer(Scorer):
-    """1.0 when the text contains a word of ``better-profanity``'s list (or of ``words``), else 0.0."""
+    """1.0 when the text contains a word of ``better-profanity``'s list (or of ``words``), else 0.0.
+
+    Example:
+        >>> BetterProfanityScorer(words=["zorb"])(["a zorb", "a shit"])
+        [1.0, 0.0]
+    """
 
     name = "better-profanity"
 
@@ -124,7 +142,13 @@ class BetterProfanityScorer(Scorer):
 
 
 class TransformersClassifierScorer(Scorer):
-    """Probability of the toxic label of a local ``transformers`` sequence classifier (a model directory)."""
+    """Probability of the toxic label of a local ``transformers`` sequence classifier (a model directory).
+
+    Example:
+        >>> TransformersClassifierScorer("unitary/toxic-bert")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        hf_stage_attribution.errors.ScorerUnavailableError: ... cannot be loaded offline ...
+    """
 
     name = "transformers"
 
@@ -192,7 +216,12 @@ class TransformersClassifierScorer(Scorer):
 
 class EvaluateScorer(Scorer):
     """An ``evaluate`` measurement/metric module computed on the texts (``predictions=texts``); the per-text
-    scores are the result list named ``key`` (default: the only list of the right length)."""
+    scores are the result list named ``key`` (default: the only list of the right length).
+
+    Example (the Hub ``toxicity`` measurement downloads a model, so offline it is unavailable):
+        >>> # EvaluateScorer("toxicity") -> ScorerUnavailableError listing the offline scorers
+        >>> # EvaluateScorer("/path/to/my_measurement")(["some text"]) -> [score]
+    """
 
     name = "evaluate"
 
@@ -247,7 +276,12 @@ class EvaluateScorer(Scorer):
 
 
 class CallableScorer(Scorer):
-    """A user function ``texts -> scores``."""
+    """A user function ``texts -> scores``.
+
+    Example:
+        >>> CallableScorer(lambda texts: [t.count("!") for t in texts])(["hi!!", "hi"])
+        [2.0, 0.0]
+    """
 
     name = "callable"
 

@@ -59,7 +59,7 @@ class TeacherForcedToxicity(ExampleBehavior):
     """
 
     kind: ClassVar[str] = "lm-toxicity-teacher-forced"
-    unit = "nats (log-probability of the toxic continuation minus the non-toxic one)"
+    unit = "nats (log-prob. difference)"
     _spec_fields: ClassVar[tuple[str, ...]] = ("prompt_key", "toxic_key", "clean_key")
     _spec_special: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
@@ -177,7 +177,7 @@ class GenerationToxicity(SampledCompletionsBehavior):
         )
         self.scorer = get_scorer(scorer)
         self.score_prompt = bool(score_prompt)
-        self.unit = f"toxicity score ({self.scorer.name}), expected over the model's completions"
+        self.unit = f"expected toxicity ({self.scorer.name} score)"
         self.description = (
             f"{self.name}: {self.weighting} importance-sampling estimate of the expected {self.scorer.name} "
             f"toxicity of the model's completions ({self.num_samples} fixed samples per prompt from the final "
