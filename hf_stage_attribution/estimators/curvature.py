@@ -63,9 +63,12 @@ def _missing_segments(stage: Any) -> MissingCurvatureError:
     )
 
 
-def _segment_ranges(stage: Any) -> list[tuple[Any, int, int]]:
-    """Segments with the step ranges they govern: contiguous, from step 0 to ``num_steps``."""
+def _segment_ranges(stage: Any, max_segments: int | None = None) -> list[tuple[Any, int, int]]:
+    """Segments with the step ranges they govern: contiguous, from step 0 to ``num_steps``. With ``max_segments``
+    only that many recorded segments are used (the ones at the centres of equal parts of the list)."""
     segs = sorted(stage.segments, key=lambda s: s.step_start)
+    if max_segments is not None and 0 < max_segments < len(segs):
+        segs = [segs[int((i + 0.5) * len(segs) / max_segments)] for i in range(max_segments)]
     out = []
     for i, seg in enumerate(segs):
         start = 0 if i == 0 else segs[i].step_start
@@ -91,6 +94,7 @@ def propagate(
     curvature_scale: float = 1.0,
     sample_size: int | None = None,
     chunk_rows: int = 512,
+    max_segments: int | None = None,
     allow_identity_propagation: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Carry ``v`` (a perturbation of the start of stage ``stage_index``) through that stage with curvature.
@@ -106,6 +110,7 @@ def propagate(
         initial_buffer: difference of the optimizer's first moment entering the stage (continued stages only).
         curvature_scale: multiplies ``C̄`` (``0`` gives exactly the curvature-free ``D_j`` propagation).
         sample_size: use at most this many captured examples per segment (default: all).
+        max_segments: use at most this many of the recorded segments (cheaper; each governs a longer range).
         allow_identity_propagation: pass ``v`` unchanged through a stage whose optimizer is unknown (else refuse).
 
     Returns:
@@ -141,7 +146,7 @@ def propagate(
         buf = {}
     curved = curvature_scale != 0.0 and family not in ("frozen", "lion")
     if not stage.segments:
-        if curved or family in ("adam", "rmsprop", "adagrad"):
+        if curved:
             raise _missing_segments(stage)
         layout = SegmentLayout.whole_stage(stage, family, continued)
         x, buf = layout.curvature_free(x, buf)
@@ -154,7 +159,7 @@ def propagate(
         )
     loss = resolve_loss(stage, loss_fns, mode) if curved else None
     theta_start = ledger.state_at(stage_index - 1) if curved else None
-    for seg, start, end in _segment_ranges(stage):
+    for seg, start, end in _segment_ranges(stage, max_segments):
         layout = SegmentLayout(stage, seg, family, start, end, continued, buffer_fresh=(start == 0 and not continued))
         x0, b0 = x, buf
         x, buf = layout.curvature_free(x0, b0)

@@ -56,7 +56,8 @@ class SegmentLayout:
         ref = max(sized)[1] if sized else 1.0
         for g, m in zip(self.groups, means):
             g.alpha, g.active = m / ref, curved and m > 0 and bool(g.names)
-        self.precond = self._preconditioners(seg) if seg is not None and family in PRECONDITIONED_FAMILIES else {}
+        self.seg = seg
+        self._precond: dict[str, torch.Tensor] | None = None
         self.active_names = [n for g in self.groups if g.active for n in g.names]
         self.active_set = set(self.active_names)
         shapes = stage._shapes if hasattr(stage, "_shapes") else {}
@@ -68,15 +69,32 @@ class SegmentLayout:
             total += size
         self.size = total
         self.group_index = np.zeros(total, dtype=np.int64)
-        scale = torch.zeros(total, dtype=torch.float64)
         for k, g in enumerate(x for x in self.groups if x.active):
             for n in g.names:
                 a, b = self.offsets[n]
                 self.group_index[a:b] = k
-                p = self.precond.get(n)
-                p = p.reshape(-1) if p is not None else torch.ones(b - a, dtype=torch.float64)
-                scale[a:b] = (p * g.alpha).sqrt()
-        self.scale = scale
+        self._scale: torch.Tensor | None = None
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """``s = √(P·ᾱ_g)`` over the active coordinates (flat, float64)."""
+        if self._scale is None:
+            scale = torch.zeros(self.size, dtype=torch.float64)
+            for g in (x for x in self.groups if x.active):
+                for n in g.names:
+                    a, b = self.offsets[n]
+                    p = self.precond.get(n)
+                    p = p.reshape(-1) if p is not None else torch.ones(b - a, dtype=torch.float64)
+                    scale[a:b] = (p * g.alpha).sqrt()
+            self._scale = scale
+        return self._scale
+
+    @property
+    def precond(self) -> dict[str, torch.Tensor]:
+        """The preconditioner ``1/(√v̂+ε)`` per tensor at the segment's midpoint (empty for SGD), read on first use."""
+        if self._precond is None:
+            self._precond = self._preconditioners(self.seg) if self.family in PRECONDITIONED_FAMILIES else {}
+        return self._precond
 
     @classmethod
     def whole_stage(cls, stage: Any, family: str, continued: bool) -> SegmentLayout:
@@ -92,6 +110,12 @@ class SegmentLayout:
         return int(max((float(t) for t in steps.values()), default=0.0))
 
     def _preconditioners(self, seg: Any) -> dict[str, torch.Tensor]:
+        if seg is None:
+            raise MissingCurvatureError(
+                f"Stage {self.stage.name!r} ({self.family}) needs the optimizer's second moments to propagate its "
+                "coupled weight decay or momentum, and holds no curvature segments. Record it with "
+                "`curvature_segments=3` (the default) and a loss, or use allow_identity_propagation."
+            )
         moments = seg.second_moments() or {}
         key = second_moment_key(self.family, moments)
         out = {}
@@ -111,24 +135,44 @@ class SegmentLayout:
     # --- curvature-free recurrence --------------------------------------------------------------------------------
 
     def curvature_free(self, x: dict[str, torch.Tensor], buf: dict[str, torch.Tensor] | None):
-        """``R_0``: every tensor through the recurrence without curvature (``D_j`` on the steps of this layout)."""
+        """``R_0``: every tensor through the recurrence without curvature (``D_j`` on the steps of this layout), one
+        :func:`~.propagation.run_recurrence` call per param group on the group's tensors laid end to end."""
         x = dict(x)
         new_buf = None if buf is None else dict(buf)
         for g in self.groups:
-            for n in g.names:
-                if n not in x and (buf is None or n not in buf):
-                    continue
-                x0 = x.get(n, torch.zeros(()))
-                b0 = None if buf is None else buf.get(n, torch.zeros(()))
-                if b0 is None and not self.buffer_fresh and self.family != "sgd":
-                    b0 = torch.zeros(())
-                p = self.precond.get(n, 1.0)
-                x1, b1 = run_recurrence(g.lrs, g.group, self.family, 0.0, x0.to(torch.float64), b0, p, self.step0)
-                x[n] = torch.as_tensor(x1, dtype=torch.float64).expand(self._shape(n, x0)).clone()
-                if b1 is not None:
-                    new_buf = {} if new_buf is None else new_buf
-                    new_buf[n] = torch.as_tensor(b1, dtype=torch.float64).expand(self._shape(n, x0)).clone()
+            names = [n for n in g.names if n in x or (buf is not None and n in buf)]
+            if not names:
+                continue
+            shapes = [self._shape(n, x[n] if n in x else buf[n]) for n in names]
+            sizes = [int(np.prod(s)) if s else 1 for s in shapes]
+
+            def cat(d: dict, names=names, shapes=shapes) -> torch.Tensor:
+                zero = torch.zeros(())
+                return torch.cat(
+                    [d.get(n, zero).to(torch.float64).expand(s).reshape(-1) for n, s in zip(names, shapes)]
+                )
+
+            b0 = None if buf is None else cat(buf)
+            p = torch.cat([self.precond[n].reshape(-1) for n in names]) if self._needs_precond(g, b0) else 1.0
+            x1, b1 = run_recurrence(g.lrs, g.group, self.family, 0.0, cat(x), b0, p, self.step0)
+            x1 = torch.as_tensor(x1, dtype=torch.float64).expand(sum(sizes))
+            for n, s, part in zip(names, shapes, torch.split(x1, sizes)):
+                x[n] = part.reshape(s).clone()
+            if b1 is not None:
+                b1 = torch.as_tensor(b1, dtype=torch.float64).expand(sum(sizes))
+                new_buf = {} if new_buf is None else new_buf
+                for n, s, part in zip(names, shapes, torch.split(b1, sizes)):
+                    new_buf[n] = part.reshape(s).clone()
         return x, new_buf
+
+    def _needs_precond(self, g: _Group, b0: torch.Tensor | None) -> bool:
+        """Whether ``P`` changes the curvature-free run: coupled decay under a preconditioner, or an Adam
+        first-moment difference (RMSprop's buffer already holds ``P·g``)."""
+        if self.family not in PRECONDITIONED_FAMILIES:
+            return False
+        coupled = self.family in ("adam", "rmsprop", "adagrad") and float(g.group.get("weight_decay") or 0.0) != 0.0
+        moment = self.family in ("adam", "adamw") and b0 is not None and bool(b0.abs().sum() > 0)
+        return coupled or moment
 
     def _shape(self, name: str, like: torch.Tensor) -> tuple[int, ...]:
         shapes = getattr(self.stage, "_shapes", {})

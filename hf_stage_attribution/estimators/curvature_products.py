@@ -181,7 +181,8 @@ class CurvatureOperator:
     """``v ↦ C̄ v``: Gauss–Newton (``mode="ggn"``) or Hessian (``"hvp"``) of a loss at given parameters, on a sample.
 
     ``state`` maps base parameter names to the checkpoint's values (all of them); vectors are dicts of base names.
-    ``products`` counts operator applications (each is one pass over the whole sample).
+    ``products`` counts operator applications (each is one pass over the whole sample). ``cache_graphs`` keeps
+    each batch's forward graph between products (much faster; memory: the activations of the whole sample).
     """
 
     def __init__(
@@ -193,6 +194,7 @@ class CurvatureOperator:
         mode: str = "ggn",
         *,
         chunk_rows: int = 512,
+        cache_graphs: bool = True,
     ) -> None:
         from ..params import base_parameters, unwrap_model
 
@@ -224,6 +226,8 @@ class CurvatureOperator:
         else:
             self.forward_call, self.loss, self.scalar_call = None, None, _Call(self.model, loss)
         self.products = 0
+        self.cache_graphs = cache_graphs
+        self._cache: tuple[tuple[str, ...], list[Callable]] | None = None
 
     def apply(self, vector: Mapping[str, torch.Tensor], out_names: Sequence[str]) -> dict[str, torch.Tensor]:
         """``(C̄ v)`` restricted to ``out_names`` (float64 tensors); names absent from ``vector`` are zero."""
@@ -241,23 +245,72 @@ class CurvatureOperator:
             for n in names
         }
         total = {k: torch.zeros_like(primals[k], dtype=torch.float64) for k in keys}
+        for fn, w in zip(self._closures(primals), self.weights):
+            out = fn(tangents)
+            for k in keys:
+                total[k] += w * out[k].to(torch.float64)
+        self.products += 1
+        scale = 1.0 / sum(self.weights)
+        return {n: total[self.module_name[n]] * scale for n in out_names}
+
+    def _closures(self, primals: dict[str, torch.Tensor]) -> list[Callable]:
+        """Per batch, ``tangents ↦ C̄_batch · tangents``. With ``cache_graphs`` the forward graph of each batch is
+        built once per set of differentiated tensors and reused by every product (backward passes only)."""
+        key = tuple(primals)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
         was_training = self.model.training
         self.model.eval()
         try:
             with _math_attention():
-                for batch, w in zip(self.batches, self.weights):
-                    out = (
-                        self._ggn(primals, tangents, batch)
-                        if self.mode == "ggn"
-                        else self._hvp(primals, tangents, batch)
-                    )
-                    for k in keys:
-                        total[k] += w * out[k].to(torch.float64)
+                if self.cache_graphs:
+                    try:
+                        closures = [self._closure(primals, b) for b in self.batches]
+                        self._cache = (key, closures)
+                        return closures
+                    except (NotImplementedError, RuntimeError):
+                        self.cache_graphs = False  # an op without double backward: recompute per product
+                plain = self._ggn if self.mode == "ggn" else self._hvp
+                return [lambda t, b=b: self._eval(plain, primals, t, b) for b in self.batches]
         finally:
             self.model.train(was_training)
-        self.products += 1
-        scale = 1.0 / sum(self.weights)
-        return {n: total[self.module_name[n]] * scale for n in out_names}
+
+    def _eval(self, fn: Callable, primals: dict, tangents: dict, batch: Any) -> dict[str, torch.Tensor]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with _math_attention():
+                return fn(primals, tangents, batch)
+        finally:
+            self.model.train(was_training)
+
+    def _closure(self, primals: dict[str, torch.Tensor], batch: Any) -> Callable:
+        from torch.func import functional_call, grad, vjp
+
+        rest = self._rest(primals)
+        if self.mode == "hvp":
+
+            def scalar(p: dict) -> torch.Tensor:
+                return functional_call(self.scalar_call, {**rest, **p}, (batch,))
+
+            _, hvp_fn = vjp(grad(scalar), primals)  # the Hessian is symmetric: vjp of the gradient is H·v
+            return lambda t: hvp_fn(t)[0]
+
+        def f(p: dict) -> Any:
+            return functional_call(self.forward_call, {**rest, **p}, (batch,))
+
+        out, pullback = vjp(f, primals)  # Jᵀ u
+        zeros = torch.utils._pytree.tree_map(lambda t: torch.zeros_like(t) if isinstance(t, torch.Tensor) else t, out)
+        _, jvp_fn = vjp(pullback, zeros)  # J v as the transpose of the (linear) pullback
+        detached = torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+        _, loss_hvp = vjp(grad(lambda o: self.loss(o, batch)), detached)  # H_L u
+
+        def apply(t: dict) -> dict[str, torch.Tensor]:
+            (jv,) = jvp_fn((t,))
+            (hjv,) = loss_hvp(jv)
+            return pullback(hjv)[0]
+
+        return apply
 
     def _rest(self, primals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.fixed.items() if k not in primals}

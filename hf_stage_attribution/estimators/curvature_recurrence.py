@@ -145,19 +145,28 @@ def run_projected(
     if len(coefs) > 1 and (masks is None or len(masks) != len(coefs)):
         raise ValueError("run_projected: one projected mask per param group is required with several groups.")
     sign = coefs[0].sign
-    uniform = len(coefs) == 1 or all(_same(coefs[0], c) for c in coefs[1:])
-    rows = None if uniform else [np.stack([getattr(c, k) for c in coefs], axis=1) for k in _KEYS]
+    dense_decay = isinstance(decay, np.ndarray) and decay.ndim == 2
+    curve = None if theta is None else sign * np.asarray(theta, dtype=np.float64)
+    push = None if theta is None or forcing is None else sign * np.asarray(forcing, dtype=np.float64)
+    if len(coefs) == 1 or all(_same(coefs[0], c) for c in coefs[1:]):
+        c = coefs[0]
+        for keep, eta, cb, cg, sg, sb in zip(c.keep.tolist(), c.eta.tolist(), c.cb.tolist(), c.cg.tolist(),
+                                             c.sg.tolist(), c.sb.tolist()):  # fmt: skip
+            g = decay @ x if dense_decay else decay * x
+            if curve is not None:
+                g = g + curve * x if push is None else g + curve * x + push
+            b = cb * b + cg * g
+            x = keep * x - eta * (sg * g + sb * b)
+        return x, b
+    rows = [np.stack([getattr(c, k) for c in coefs], axis=1) for k in _KEYS]
 
     def scale(k: int, t: int, v: np.ndarray) -> np.ndarray:
-        if uniform:
-            return getattr(coefs[0], _KEYS[k])[t] * v
-        vals = rows[k][t]
-        return sum(a * (m @ v) for a, m in zip(vals, masks))
+        return sum(a * (m @ v) for a, m in zip(rows[k][t], masks))
 
     for t in range(len(coefs[0])):
-        g = decay @ x if isinstance(decay, np.ndarray) and decay.ndim == 2 else decay * x
-        if theta is not None:
-            g = g + sign * (theta * x if forcing is None else theta * x + forcing)
+        g = decay @ x if dense_decay else decay * x
+        if curve is not None:
+            g = g + curve * x if push is None else g + curve * x + push
         b = scale(2, t, b) + scale(3, t, g)
         step = scale(4, t, g) + scale(5, t, b)
         x = scale(0, t, x) - scale(1, t, step)
@@ -172,11 +181,12 @@ def _same(a: GroupCoefficients, b: GroupCoefficients) -> bool:
 
 
 def segment_map(co: GroupCoefficients, theta: np.ndarray, decay: float | np.ndarray) -> np.ndarray:
-    """Per mode, the ``2×2`` map ``(x, b) → (x, b)`` of the whole run (shape ``(r, 2, 2)``)."""
+    """Per mode, the ``2×2`` map ``(x, b) → (x, b)`` of the whole run (shape ``(r, 2, 2)``); one batched run."""
     r = len(theta)
-    x1, b1 = run_projected([co], np.ones(r), np.zeros(r), theta=theta, decay=decay)
-    x2, b2 = run_projected([co], np.zeros(r), np.ones(r), theta=theta, decay=decay)
-    return np.stack([np.stack([x1, x2], -1), np.stack([b1, b2], -1)], -2)
+    d = np.concatenate([decay, decay]) if isinstance(decay, np.ndarray) else decay
+    x, b = run_projected([co], np.r_[np.ones(r), np.zeros(r)], np.r_[np.zeros(r), np.ones(r)],
+                         theta=np.r_[theta, theta], decay=d)  # fmt: skip
+    return np.stack([np.stack([x[:r], x[r:]], -1), np.stack([b[:r], b[r:]], -1)], -2)
 
 
 def unstable_modes(
@@ -184,9 +194,11 @@ def unstable_modes(
 ) -> np.ndarray:
     """Boolean mask of Ritz modes whose recurrence grows: spectral radius of the run's map above that of a
     curvature-free mode (and above 1). Non-finite maps count as growing."""
+    r = len(theta)
+    d = np.concatenate([decay, decay]) if isinstance(decay, np.ndarray) else decay
     with np.errstate(all="ignore"):
-        curved = segment_map(co, theta, decay)
-        flat = segment_map(co, np.zeros_like(theta), decay)
+        maps = segment_map(co, np.r_[theta, np.zeros(r)], d)
+        curved, flat = maps[:r], maps[r:]
         bad = ~np.isfinite(curved).all(axis=(1, 2))
         rho = np.abs(np.linalg.eigvals(np.where(np.isfinite(curved), curved, 0.0))).max(axis=1)
         rho0 = np.abs(np.linalg.eigvals(flat)).max(axis=1)

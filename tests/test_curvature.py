@@ -1,0 +1,351 @@
+"""Curvature-aware propagation (aa-ggn / aa-hvp, ESTIMATORS.md §4a): the recurrence, the Krylov algebra, the
+curvature products, exactness with curvature off, agreement with dense linear algebra, and the errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hf_stage_attribution import estimators
+from hf_stage_attribution.errors import MissingCurvatureError, UnsupportedOptimizerError
+from hf_stage_attribution.estimators.curvature import propagate
+from hf_stage_attribution.estimators.curvature_krylov import block_lanczos
+from hf_stage_attribution.estimators.curvature_products import BUILTIN_LOSSES, CurvatureOperator, resolve_loss
+from hf_stage_attribution.estimators.curvature_recurrence import group_coefficients, run_projected, unstable_modes
+from hf_stage_attribution.estimators.propagation import run_recurrence
+from hf_stage_attribution.estimators.stage_propagation import StagePropagator
+from hf_stage_attribution.ledger import StageLedger
+
+CE_PAIR = (lambda m, b: m(b[0]), lambda out, b: torch.nn.functional.cross_entropy(out, b[1]))
+MSE_PAIR = (lambda m, b: m(b[0]), lambda out, b: 0.5 * ((out - b[1]) ** 2).sum(-1).mean())
+
+# --- the recurrence in a Ritz basis -------------------------------------------------------------------------------
+
+FAMILY_GROUPS = [
+    ("sgd", {"momentum": 0.0, "dampening": 0.3, "weight_decay": 0.2}),
+    ("sgd", {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.2}),
+    ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.2}),
+    ("sgd", {"momentum": 0.9, "maximize": True, "weight_decay": 0.2}),
+    ("adam", {"betas": (0.9, 0.99), "weight_decay": 0.3}),
+    ("adamw", {"betas": (0.8, 0.99), "weight_decay": 0.3}),
+    ("rmsprop", {"momentum": 0.5, "weight_decay": 0.1}),
+    ("rmsprop", {"weight_decay": 0.1}),
+    ("adagrad", {"lr_decay": 0.1, "weight_decay": 0.1}),
+]
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+@pytest.mark.parametrize(("family", "group"), FAMILY_GROUPS)
+def test_projected_recurrence_is_run_recurrence_per_ritz_mode(family, group, fresh):
+    """One group: every Ritz mode follows exactly the scalar recurrence of estimators core, with curvature."""
+    lrs = list(np.random.default_rng(0).uniform(0.01, 0.2, size=17))
+    theta, x0, b0 = np.array([0.0, 0.5, 3.0]), np.array([1.0, 0.3, -2.0]), np.array([0.0, 0.5, 1.0])
+    co = group_coefficients(family, group, lrs, step0=3, buffer_fresh=fresh)
+    x, b = run_projected([co], x0, b0 if not (fresh and family == "sgd") else np.zeros(3), theta=theta, decay=co.lam_c)
+    f64 = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    buf0 = None if (fresh and family == "sgd") else f64(b0)
+    ref_x, ref_b = run_recurrence(lrs, group, family, curvature=f64(theta), x0=f64(x0), buf0=buf0, step0=3)
+    assert np.allclose(x, ref_x.numpy(), rtol=1e-12, atol=1e-12)
+    if isinstance(ref_b, torch.Tensor):
+        assert np.allclose(b, ref_b.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_unstable_modes_are_the_growing_ones():
+    """Heavy ball (μ = 0.9, η = 0.1) is stable for η·c < 2(1 + μ) = 3.8, i.e. c < 38."""
+    co = group_coefficients("sgd", {"momentum": 0.9}, [0.1] * 20)
+    assert unstable_modes(co, np.array([0.0, 1.0, 30.0, 37.0, 39.0, 50.0]), 0.0).tolist() == [
+        False, False, False, False, True, True,
+    ]  # fmt: skip
+
+
+# --- Krylov algebra and curvature products ------------------------------------------------------------------------
+
+
+def test_block_lanczos_exact_on_small_operator_and_stops_at_invariant_subspace():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    a = a @ a.T
+    q, h, products = block_lanczos(lambda v: a @ v, [torch.randn(6, generator=gen, dtype=torch.float64)], 10)
+    assert q.shape == (6, 6) and products == 6
+    assert torch.allclose(q.T @ q, torch.eye(6, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(torch.linalg.eigvalsh(h), torch.linalg.eigvalsh(a), atol=1e-9)
+    q0, h0, p0 = block_lanczos(lambda v: 0 * v, [torch.ones(6, dtype=torch.float64), torch.arange(6.0)], 10)
+    assert q0.shape[1] == 2 and p0 == 2 and float(h0.abs().max()) == 0.0  # zero operator: nothing beyond the start
+
+
+def _mlp(seed: int = 0, double: bool = True) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    return model.double() if double else model
+
+
+def _flat(d, names):
+    return torch.cat([d[n].reshape(-1) for n in names])
+
+
+def _unflat(f, model):
+    out, i = {}, 0
+    for n, p in model.named_parameters():
+        out[n] = f[i : i + p.numel()].reshape(p.shape)
+        i += p.numel()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ggn", "hvp"])
+def test_products_match_dense_matrices(mode):
+    model = _mlp()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))]
+    batches.append((torch.randn(4, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,), generator=gen)))
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    names = list(state)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    flat = _flat(state, names)
+    outputs = lambda f: torch.func.functional_call(model, _unflat(f, model), (x,))  # noqa: E731
+    if mode == "hvp":
+        dense = torch.autograd.functional.hessian(lambda f: torch.nn.functional.cross_entropy(outputs(f), y), flat)
+    else:
+        jac = torch.autograd.functional.jacobian(outputs, flat).reshape(-1, flat.numel())
+        out = outputs(flat).detach()
+        ce = lambda o: torch.nn.functional.cross_entropy(o.reshape(out.shape), y)  # noqa: E731
+        dense = jac.T @ torch.autograd.functional.hessian(ce, out.reshape(-1)) @ jac
+    op = CurvatureOperator(model, state, batches, CE_PAIR, mode=mode)
+    v = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in state.items()}
+    got = _flat(op.apply(v, names), names)
+    assert torch.allclose(got, dense @ _flat(v, names), atol=1e-12, rtol=1e-10)
+    assert op.products == 1
+
+
+def test_builtin_causal_lm_loss_gives_symmetric_psd_products():
+    from hf_stage_attribution.testing.lm import tiny_gpt2, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_gpt2(tok)
+    enc = tok(["the weather today is nice", "our team played well"], return_tensors="pt", padding=True)
+    stage = type("S", (), {"name": "sft", "loss_fn": None, "curvature_loss": {"type": "causal-lm"}})()
+    spec = resolve_loss(stage, None, "ggn")
+    assert spec is BUILTIN_LOSSES["causal-lm"]
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    op = CurvatureOperator(model, state, [dict(enc)], spec, mode="ggn")
+    names = [n for n in state if "h.0." in n][:4]
+    gen = torch.Generator().manual_seed(0)
+    u, w = ({n: torch.randn(state[n].shape, generator=gen) for n in names} for _ in range(2))
+    gu, gw = op.apply(u, names), op.apply(w, names)
+    dot = lambda a, b: sum(float((a[n].double() * b[n].double()).sum()) for n in names)  # noqa: E731
+    assert dot(u, gu) >= 0 and dot(w, gw) >= 0
+    assert abs(dot(w, gu) - dot(u, gw)) <= 1e-4 * (abs(dot(w, gu)) + 1e-8)
+
+
+# --- recorded ledgers ---------------------------------------------------------------------------------------------
+
+LATER = {
+    "sgd-momentum0-dampening": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.0, dampening=0.7, weight_decay=0.3),
+    "sgd-momentum-dampening": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.2),
+    "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.2),
+    "adam-coupled": lambda ps: torch.optim.Adam(ps, lr=0.02, weight_decay=0.3),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.02, weight_decay=0.5),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5, weight_decay=0.1),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.05, lr_decay=0.01),
+    "two-groups": lambda ps: torch.optim.AdamW(
+        [{"params": ps[:2], "weight_decay": 0.5}, {"params": ps[2:], "weight_decay": 0.0, "lr": 0.005}], lr=0.02
+    ),
+}
+
+
+def record_pipeline(path, model, data, later, *, steps=(8, 9), pair=CE_PAIR, segments=3, examples=64, batch=8):
+    """Stage s1 (SGD) then stage s2 with the optimizer ``later(list of params)``, both recorded with curvature."""
+    ledger = StageLedger(path)
+    makers = [lambda ps: torch.optim.SGD(ps, lr=0.1), later]
+    for i, (name, make) in enumerate(zip(("s1", "s2"), makers)):
+        opt = make(list(model.parameters()))
+        with ledger.record_stage(name, model=model, optimizer=opt, loss_fn=pair, num_steps=steps[i],
+                                 curvature_segments=segments, curvature_examples=examples) as rec:  # fmt: skip
+            for t in range(steps[i]):
+                b = tuple(d[(t * batch) % len(data[0]) :][:batch] for d in data)
+                opt.zero_grad()
+                pair[1](pair[0](model, b), b).backward()
+                opt.step()
+                rec.step(b)
+    return ledger
+
+
+def _ce_data(n=32, seed=0, double=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=gen, dtype=torch.float64 if double else torch.float32)
+    return x, torch.randint(0, 3, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("family", sorted(LATER))
+def test_curvature_off_reduces_exactly_to_d_j(tmp_path, family):
+    """curvature_scale=0: aa-ggn propagation equals the curvature-free D_j of estimators core (aa-linear) to 1e-10."""
+    model = _mlp()
+    ledger = record_pipeline(tmp_path / "l", model, _ce_data(), LATER[family])
+    v = {n: t.double() for n, t in ledger.stages[0].iter_delta()}
+    out, info = propagate(v, ledger, 1, mode="ggn", model=model, curvature_scale=0.0)
+    prop = StagePropagator(ledger.stages[1])
+    for name, t in v.items():
+        assert torch.allclose(out[name], prop.apply(name, t)[0], atol=1e-10, rtol=0), name
+    assert info["curvature_products"] == 0
+
+
+def test_linear_loss_has_no_curvature_so_aa_ggn_is_aa_linear(tmp_path):
+    """A later stage whose loss is linear in the outputs of a linear model: products vanish, propagation is D_j."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    coef = torch.randn(3, dtype=torch.float64)
+    pair = (lambda m, b: m(b[0]), lambda out, b: -(out * coef).sum(-1).mean())
+    ledger = record_pipeline(tmp_path / "l", model, _ce_data(), LATER["sgd-nesterov"], pair=pair)
+    v = {n: t.double() for n, t in ledger.stages[0].iter_delta()}
+    prop = StagePropagator(ledger.stages[1])
+    for mode in ("ggn", "hvp"):
+        out, info = propagate(v, ledger, 1, mode=mode, model=model)
+        assert info["curvature_products"] > 0
+        for name, t in v.items():
+            assert torch.allclose(out[name], prop.apply(name, t)[0], atol=1e-10, rtol=0), (mode, name)
+
+
+def _dense_reference(ledger, model, v, stage_index, mode, pair):
+    """The frozen-curvature recurrence with explicit matrices: per segment C̄ from autograd, torch's update rules."""
+    from hf_stage_attribution.estimators.curvature import _MidState, _segment_ranges
+
+    stage = ledger.stages[stage_index]
+    names = [n for n, _ in model.named_parameters()]
+    n_all = sum(p.numel() for p in model.parameters())
+    groups = stage.optimizer["param_groups"]
+    x, m = _flat(v, names), torch.zeros(n_all, dtype=torch.float64)
+    start = ledger.state_at(stage_index - 1)
+    for seg, a, e in _segment_ranges(stage):
+        op = CurvatureOperator(model, _MidState(start, seg.params_delta()), seg.examples(), pair, mode)
+        eye = torch.eye(n_all, dtype=torch.float64)
+        c = torch.stack([_flat(op.apply(_unflat(eye[i], model), names), names) for i in range(n_all)], 1)
+        if mode == "hvp":  # negative curvature is treated as flat, in the symmetrised coordinates of the method
+            from hf_stage_attribution.estimators.curvature_layout import SegmentLayout
+
+            scale = SegmentLayout(stage, seg, "adamw", a, e, False, buffer_fresh=a == 0).scale
+            evals, evecs = torch.linalg.eigh(scale[:, None] * c * scale[None, :])
+            c = (evecs * evals.clamp_min(0)) @ evecs.T / scale[:, None] / scale[None, :]
+        moments = seg.second_moments()
+        for t in range(a, e):
+            new_x = x.clone()
+            for gi, g in enumerate(groups):
+                idx = torch.cat([torch.arange(*_span(model, n)) for n in g["params"]])
+                lr, (b1, b2) = stage.learning_rates[t][gi], g["betas"]
+                p = torch.cat(
+                    [
+                        1.0
+                        / (
+                            (
+                                moments["exp_avg_sq"][n].double().reshape(-1) / (1 - b2 ** float(moments["step"][n]))
+                            ).sqrt()
+                            + g["eps"]
+                        )
+                        for n in g["params"]
+                    ]
+                )
+                grad = (c @ x)[idx]
+                m[idx] = b1 * m[idx] + (1 - b1) * grad
+                new_x[idx] = x[idx] * (1 - lr * g["weight_decay"]) - lr / (1 - b1 ** (t + 1)) * p * m[idx]
+            x = new_x
+    return x
+
+
+def _span(model, name):
+    i = 0
+    for n, p in model.named_parameters():
+        if n == name:
+            return i, i + p.numel()
+        i += p.numel()
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("mode", ["ggn", "hvp"])
+def test_full_krylov_basis_equals_dense_frozen_curvature_recurrence(tmp_path, mode):
+    """With a basis as large as the model (and two param groups with different decay and learning rate), the
+    Galerkin projection is exact: propagate equals the dense frozen-curvature AdamW recurrence."""
+    model = _mlp()
+    ledger = record_pipeline(tmp_path / "l", model, _ce_data(), LATER["two-groups"])
+    v = {n: t.double() for n, t in ledger.stages[0].iter_delta()}
+    n_all = sum(p.numel() for p in model.parameters())
+    out, info = propagate(v, ledger, 1, mode=mode, model=model, krylov_size=n_all + 2)
+    ref = _dense_reference(ledger, model, v, 1, mode, CE_PAIR)
+    names = [n for n, _ in model.named_parameters()]
+    assert info["unstable_modes"] == 0 and (info["negative_modes"] > 0) == (mode == "hvp")
+    assert torch.allclose(_flat(out, names), ref, atol=1e-9, rtol=1e-7)
+    small, _ = propagate(v, ledger, 1, mode=mode, model=model, krylov_size=4)
+    assert info["curvature_products"] > 3 * 4  # the basis grew past the small one
+    assert (_flat(small, names) - ref).norm() < (_flat(v, names) - ref).norm()  # even 4 vectors help
+
+
+def test_quadratic_full_batch_stage_is_propagated_exactly(tmp_path):
+    """MSE on a linear model with full-batch SGD (momentum, nesterov, coupled decay): the stage map is affine with a
+    constant Hessian, so aa-ggn's propagated delta equals replay's θ_K − θ̃_K to rounding."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2).double()
+    gen = torch.Generator().manual_seed(3)
+    x, y = (
+        torch.randn(16, 4, generator=gen, dtype=torch.float64),
+        torch.randn(16, 2, generator=gen, dtype=torch.float64),
+    )
+    later = LATER["sgd-nesterov"]
+    ledger = record_pipeline(tmp_path / "l", model, (x, y), later, pair=MSE_PAIR, batch=16, examples=16, steps=(6, 30))
+    v = {n: t.double() for n, t in ledger.stages[0].iter_delta()}
+    out, info = propagate(v, ledger, 1, mode="ggn", model=model, krylov_size=12)
+    replayed = torch.nn.Linear(4, 2).double()
+    with torch.no_grad():
+        for n, p in replayed.named_parameters():
+            p.copy_(ledger.state_at(-1)[n])
+    opt = later(list(replayed.parameters()))
+    for _ in range(30):
+        opt.zero_grad()
+        MSE_PAIR[1](replayed(x), (x, y)).backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        true = p.detach() - dict(replayed.named_parameters())[n].detach()
+        assert torch.allclose(out[n], true, atol=1e-9, rtol=1e-6), n
+    linear, _ = propagate(v, ledger, 1, model=model, curvature_scale=0.0)
+    assert max(float((linear[n] - out[n]).abs().max()) for n in v) > 1e-3  # curvature mattered
+
+
+# --- errors -------------------------------------------------------------------------------------------------------
+
+
+def test_missing_segments_unknown_optimizer_and_bad_loss_are_clear_errors(tmp_path):
+    model = _mlp()
+    data = _ce_data()
+    ledger = record_pipeline(tmp_path / "a", model, data, LATER["adamw"], segments=0)
+    v = {n: t.double() for n, t in ledger.stages[0].iter_delta()}
+    with pytest.raises(MissingCurvatureError, match=r"'s2'.*curvature_segments=3"):
+        propagate(v, ledger, 1, model=model)
+    with pytest.raises(MissingCurvatureError, match="s2"):
+        estimators.get("aa-ggn").estimate(ledger, model, lambda m: m(data[0]).sum(-1))
+    ledger = record_pipeline(tmp_path / "b", _mlp(), data, lambda ps: torch.optim.Adamax(ps, lr=0.01))
+    with pytest.raises(UnsupportedOptimizerError, match=r"'s2'.*Adamax"):
+        propagate(v, ledger, 1, model=model)
+    same, info = propagate(v, ledger, 1, model=model, allow_identity_propagation=True)
+    assert all(torch.equal(same[n], v[n]) for n in v) and "Adamax" in info["approximations"][0]
+    ledger = record_pipeline(tmp_path / "c", _mlp(), data, LATER["adamw"])
+    with pytest.raises(MissingCurvatureError, match="model="):
+        propagate(v, ledger, 1)
+    scalar = {"s2": lambda m, b: CE_PAIR[1](m(b[0]), b)}
+    with pytest.raises(MissingCurvatureError, match=r"\(forward"):
+        propagate(v, ledger, 1, model=model, loss_fns=scalar)
+    out, _ = propagate(v, ledger, 1, mode="hvp", model=model, loss_fns=scalar)  # the Hessian takes f(model, batch)
+    assert all(torch.isfinite(t).all() for t in out.values())
+
+
+def test_unstable_modes_are_damped_and_counted(tmp_path):
+    """A later stage whose step is far beyond the edge of stability in the top curvature directions."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, generator=gen, dtype=torch.float64) * torch.tensor(
+        [6.0, 1.0, 1.0, 1.0], dtype=torch.float64
+    )
+    y = torch.randn(16, 2, generator=gen, dtype=torch.float64)
+    ledger = record_pipeline(tmp_path / "l", model, (x, y), lambda ps: torch.optim.SGD(ps, lr=0.08), pair=MSE_PAIR,
+                             steps=(4, 6), batch=16, examples=16)  # fmt: skip
+    v = {n: t.double() for n, t in ledger.stages[0].iter_delta()}
+    out, info = propagate(v, ledger, 1, model=model)
+    assert info["unstable_modes"] > 0 and any("unstable" in a for a in info["approximations"])
+    assert all(torch.isfinite(t).all() and float(t.abs().max()) < 1e3 for t in out.values())
