@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import inspect
 import shutil
 import tempfile
 import warnings
@@ -61,22 +62,48 @@ def import_class(entry: dict, what: str) -> Any:
 
 
 def rebuild_arguments(info: dict, output_dir: str) -> Any:
-    """The training config of the stage, rebuilt from its class name and JSON fields (non-default ones only)."""
+    """The training config of the stage, rebuilt from its class name and recorded JSON fields.
+
+    Only fields that differ from the class defaults are passed; fields whose default is ``None`` are often derived in
+    ``__post_init__`` (e.g. GRPO's ``generation_batch_size`` from ``steps_per_generation``) and are passed only when
+    the derived value differs from the recorded one. Any remaining difference is reported as a warning.
+    """
     config_cls = import_class(info["config"], "config class")
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
-    values = {}
-    for name, value in info["args"].items():
-        field = fields.get(name)
-        if field is None:
-            continue
+    recorded = {k: v for k, v in info["args"].items() if k in fields}
+    overrides = {**{k: v for k, v in _OVERRIDES.items() if k in fields}, "output_dir": output_dir}
+    explicit, derived = {}, {}
+    for name, value in recorded.items():
+        field = fields[name]
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-        if value != default:
-            values[name] = value
-    values.update({k: v for k, v in _OVERRIDES.items() if k in fields})
-    values["output_dir"] = output_dir
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return config_cls(**values)
+        if value != default and name not in overrides:
+            (derived if default is None else explicit)[name] = value
+
+    def build(values: dict) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                return config_cls(**values, **overrides)
+            except (TypeError, ValueError) as exc:
+                raise ReplayError(f"Cannot rebuild the stage's {config_cls.__name__} from its record: {exc}") from exc
+
+    config = build(explicit)
+    missing = {k: v for k, v in derived.items() if _as_json(getattr(config, k, None)) != v}
+    if missing:
+        config = build({**explicit, **missing})
+    rebuilt = config.to_dict()
+    differ = sorted(k for k, v in recorded.items() if k not in overrides and k in rebuilt and rebuilt[k] != v)
+    if differ:
+        warnings.warn(
+            f"Replay: the rebuilt {config_cls.__name__} differs from the recorded arguments in {differ}.", stacklevel=3
+        )
+    return config
+
+
+def _as_json(value: Any) -> Any:
+    from .run_info import json_safe
+
+    return json_safe(value)
 
 
 def _processing_class(replay_dir: Path, info: dict) -> Any:
@@ -101,17 +128,25 @@ def _collator(info: dict, processing_class: Any) -> Any:
     return obj(**fields)
 
 
-def _reference(kind: str, info: dict, model: Any, ref_model: Any) -> Any:
+def _reference(kind: str, info: dict, model: Any, ref_model: Any, output_dir: str) -> Any:
+    """The reference model for the replay, following the recorded policy (the counterfactual start for a copy)."""
     ref = info.get("reference_model") or {}
     policy = str(ref.get("policy", ""))
-    if ref_model is not None or kind not in ("dpo", "kto"):
+    if ref_model is not None or kind not in ("dpo", "kto", "grpo", "rloo"):
         return ref_model
-    if policy.startswith("copy of the stage start"):
-        return copy.deepcopy(model)
     if policy.startswith(("adapter disabled", "precomputed", "none")):
         return None
+    if policy.startswith("copy of the stage start"):
+        if kind in ("dpo", "kto"):
+            return copy.deepcopy(model)
+        # GRPO/RLOO load their reference from the model's path: point it at a copy of the replay's start.
+        path = Path(output_dir) / "reference-start"
+        model.save_pretrained(str(path))
+        model.config._name_or_path = str(path)
+        return None
     raise ReplayError(
-        f"The stage's reference model was {policy or 'not recorded'!r}: replay cannot rebuild it. Pass `ref_model=`."
+        f"The stage's reference model was {policy or 'not recorded'!r}: replay cannot rebuild it. Pass `ref_model=`"
+        " (DPO/KTO), or for GRPO/RLOO give the model a `config._name_or_path` that holds the reference."
     )
 
 
@@ -180,7 +215,8 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
 
         dataset = load_from_disk(str(replay_dir / info["dataset"]["dir"]))
     collator = given["data_collator"] if given["data_collator"] is not None else _collator(info, processing_class)
-    reference = _reference(kind, info, model, given["ref_model"])
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    reference = _reference(kind, info, model, given["ref_model"], output_dir)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     train_model = model
     if info.get("peft"):
@@ -209,11 +245,15 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
         kwargs["ref_model"] = reference
     if given["reward_funcs"] is not None:
         kwargs["reward_funcs"] = given["reward_funcs"]
+    accepted = inspect.signature(trainer_cls.__init__).parameters
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted or k in ("model", "args")}
     kwargs.update(given["trainer_kwargs"])
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), _StopAtStageEnd()]
     trainer = trainer_cls(**kwargs)
     _check_collator(stage, info, trainer, collator is not None)
     trainer.train()
+    if name_or_path is not None:
+        model.config._name_or_path = name_or_path
     if info.get("peft"):
         merged = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else train_model
         for name, param in merged.named_parameters():

@@ -242,14 +242,15 @@ class StageRecorder(TrainerCallback):
         recording.truncate(done)
         if have >= done:
             return [f"Resumed from a Trainer checkpoint at global step {step} (step {done} of this stage)."]
+        if have > 0:
+            tail = "; the learning rates of the missing steps are absent from the record."
+        elif any(s.name == f"untracked-before-{part.name}" for s in recording.ledger.stages):
+            tail = ": their parameter change is recorded as the 'untracked' stage before it."
+        else:
+            tail = ": they are not recorded (the ledger starts at the resumed state)."
         message = (
             f"Stage {part.name!r} resumed at global step {step}, but the recording's last checkpoint holds {have} of "
-            f"its {done} completed steps"
-            + (
-                ": the parameter change of the missing steps is recorded as an 'untracked' stage before it."
-                if have == 0
-                else "; the learning rates of the missing steps are absent from the record."
-            )
+            f"its {done} completed steps{tail}"
         )
         warnings.warn(message, UserWarning, stacklevel=4)
         return [message]

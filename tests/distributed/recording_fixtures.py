@@ -97,4 +97,4 @@ def training_args(output_dir: str, **overrides: Any) -> Any:
 
 def trl_args(config_cls: Any, output_dir: str, **overrides: Any) -> Any:
     """A TRL config with the CPU-friendly settings (no bf16, no gradient checkpointing)."""
-    return config_cls(output_dir, **{**COMMON, "bf16": False, "gradient_checkpointing": False, **overrides})
+    return config_cls(output_dir, **{**COMMON, "bf16": False, "activation_checkpointing": False, **overrides})
