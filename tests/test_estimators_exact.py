@@ -290,3 +290,57 @@ def test_untracked_edit_between_continued_stages_is_transparent(tmp_path):
     replay = estimators.get("replay").estimate(ledger, model, behavior, stages=["s1"], stage_fns=fns)
     assert_same(estimators.get("aa-linear").estimate(ledger, model, behavior, stages=["s1"]), replay)
     assert any("re-applies its recorded delta" in a for a in replay.approximations)
+
+
+class _SquareNoForwardAD(torch.autograd.Function):
+    """x² with a backward but no forward-mode rule (forces the double-backward fallback)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def test_per_example_linear_readout_paths(tmp_path):
+    """Forward-mode JVP where it exists (also through SDPA attention of a transformers model), double backward
+    where an op has no forward-mode rule; both agree with the mean read by one backward pass."""
+    from hf_stage_attribution.testing.lm import tiny_gpt2, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_gpt2(tok)
+    model.config._attn_implementation = "sdpa"
+    enc = tok(["a b c d", "b c a", "d d c a b"], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    ledger = StageLedger(tmp_path / "ledger")
+    for name in ("a", "b"):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        with ledger.record_stage(name, model=model, optimizer=opt) as rec:
+            for _ in range(2):
+                opt.zero_grad()
+                model(**enc, labels=labels).loss.backward()
+                opt.step()
+                rec.step()
+
+    def logprob(m):
+        logits = m(**enc).logits[:, :-1]
+        return torch.log_softmax(logits, -1).gather(-1, enc["input_ids"][:, 1:, None]).squeeze(-1).sum(-1)
+
+    def squared(m):
+        return _SquareNoForwardAD.apply(logprob(m))
+
+    jvp = estimators.get("aa-linear").estimate(ledger, model, logprob)
+    assert jvp.diagnostics["calls"] == {"jvp": 2}
+    mean = estimators.get("aa-linear").estimate(ledger, model, logprob, per_example=False)
+    for stage in ("a", "b"):
+        assert jvp.mean[stage] == pytest.approx(mean.mean[stage], rel=1e-4, abs=1e-6)
+    fallback = estimators.get("aa-linear").estimate(ledger, model, squared)
+    assert fallback.diagnostics["calls"]["mode"] == "double-backward"
+    with torch.no_grad():
+        chain = 2 * logprob(model).double()
+    for stage in ("a", "b"):  # d(f²) = 2 f df
+        assert torch.allclose(fallback.per_example[stage], chain * jvp.per_example[stage], rtol=1e-4, atol=1e-6)

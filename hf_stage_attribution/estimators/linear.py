@@ -53,6 +53,16 @@ def parameter_paths(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Par
     return {base: (by_id[id(p)], p) for base, p in base_parameters(model).items() if id(p) in by_id}
 
 
+def _math_attention() -> contextlib.AbstractContextManager:
+    """Scaled-dot-product attention through its composite kernel: the fused CPU/GPU kernels have no forward-mode
+    (nor double-backward) derivative. A no-op where torch lacks ``sdpa_kernel``."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 class _Call(torch.nn.Module):
     """Lets ``functional_call`` run an arbitrary behavior ``f(model)`` with substituted parameters."""
 
@@ -86,14 +96,15 @@ def jvp_per_example(model, behavior, tangents: dict[str, torch.Tensor], paths, s
     }
     if stats.get("mode") != "double-backward":
         try:
-            _, out = torch.func.jvp(lambda p: torch.func.functional_call(wrapper, p, ()), (primals,), (tans,))
+            with _math_attention():
+                _, out = torch.func.jvp(lambda p: torch.func.functional_call(wrapper, p, ()), (primals,), (tans,))
             stats["jvp"] = stats.get("jvp", 0) + 1
             return out
         except (NotImplementedError, RuntimeError) as exc:
             stats["mode"] = "double-backward"
             stats["forward_mode_error"] = str(exc)[:300]
     params = [paths[n][1] for n in tangents]
-    with requires_grad(params), torch.enable_grad():
+    with requires_grad(params), torch.enable_grad(), _math_attention():
         out = behavior(model)
         w = torch.zeros_like(out, requires_grad=True)
         grads = torch.autograd.grad(out, params, grad_outputs=w, create_graph=True, allow_unused=True)
