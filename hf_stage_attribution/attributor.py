@@ -8,6 +8,7 @@ ledger, and then streamed tensor by tensor by every process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -95,6 +96,7 @@ class StageAttributor:
         self.show_progress = show_progress
         self.estimator_options = dict(estimator_options or {})
         self.state = _state()
+        _prefer_eager_attention(model)
         if check_model:
             self.ledger.check_model(model)
 
@@ -125,24 +127,26 @@ class StageAttributor:
         options = self._options()
         self._precompute(self.estimator, options, stage_names)
 
-        results, alternates, totals, replay = {}, {}, {}, {}
+        # All behaviors are evaluated together (one concatenated behavior), so each estimator runs once:
+        # one set of JVPs / finite differences / replayed pipelines serves every behavior.
+        locals_ = {name: self._local(behavior) for name, behavior in prepared.items()}
+        joint = _Joint(locals_)
+        runs = ["main"]
         paired = _PAIRED.get(self._resolved_name(options, stage_names)) if self.diagnostics else None
-        progress = self._progress(len(prepared), "behaviors")
-        for name, behavior in prepared.items():
-            local = self._local(behavior)
-            results[name] = self._run(self.estimator, local, stage_names, options)
-            if paired is not None:
-                alternates.setdefault(paired, {})[name] = self._run_named(
-                    paired, local, stage_names, options
-                ).per_example
-            if self.diagnostics:
-                totals[name] = self._total_change(local)
-            if validate:
-                replay[name] = self._run_named("replay", local, stage_names, options).per_example
+        runs += [paired] if paired else []
+        runs += ["replay"] if validate else []
+        progress = self._progress(len(runs) + int(self.diagnostics), "estimators")
+        results = self._run(self.estimator, joint, stage_names, options)
+        alternates: dict[str, dict] = {}
+        for name in runs[1:]:
             if progress is not None:
                 progress.update(1)
+            split = self._run_named(name, joint, stage_names, options)
+            alternates[name] = {b: r.per_example for b, r in split.items()}
+        totals = self._total_change(joint) if self.diagnostics else {}
         if progress is not None:
             progress.close()
+        replay = alternates.pop("replay", {})
 
         first = next(iter(results.values()))
         fidelity = self._fidelity(results, replay, stage_names) if validate else None
@@ -163,7 +167,8 @@ class StageAttributor:
     # --- internals ---------------------------------------------------------------------------------------
 
     def _options(self) -> dict[str, Any]:
-        options = dict(self.estimator_options)
+        # the model was checked once in __init__ and behaviors are prepared in attribute()
+        options = {"check_model": False, "prepare_behavior": False, **self.estimator_options}
         if self.stage_fns:
             options.setdefault("stage_fns", self.stage_fns)
         if self.loss_fns:
@@ -173,7 +178,7 @@ class StageAttributor:
     def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:
         resolve = getattr(self.estimator, "resolve", None)
         if callable(resolve):
-            return resolve(self.ledger).name
+            return resolve(self.ledger, options.get("loss_fns")).name
         return getattr(self.estimator, "name", self.estimator_name)
 
     def _precompute(self, estimator: Any, options: Mapping[str, Any], stage_names: list[str]) -> None:
@@ -182,10 +187,10 @@ class StageAttributor:
         if not callable(prepare):
             return
         if self.state.is_main_process:
-            prepare(self.ledger, stages=stage_names, **_embedding_options(options))
+            prepare(self.ledger, stages=stage_names, model=self.model, **_embedding_options(options))
         self.state.wait_for_everyone()
         if not self.state.is_main_process:
-            prepare(self.ledger, stages=stage_names, **_embedding_options(options))
+            prepare(self.ledger, stages=stage_names, model=self.model, **_embedding_options(options))
 
     def _local(self, behavior: Any) -> Any:
         """This process's share of the behavior's examples (None when it has none)."""
@@ -196,32 +201,34 @@ class StageAttributor:
             mine = list(mine)
         return behavior.select(mine) if mine else None
 
-    def _run(self, estimator: Any, local: Any, stage_names: list[str], options: Mapping[str, Any]):
-        """Run ``estimator`` on this process's examples and gather per-example effects in input order."""
+    def _run(self, estimator: Any, joint: _Joint, stage_names: list[str], options: Mapping[str, Any]) -> dict:
+        """Run ``estimator`` on this process's examples; ``{behavior: result}`` gathered in input order."""
         local_result = None
-        if local is not None:
-            local_result = estimator.estimate(self.ledger, self.model, local, stages=stage_names, **options)
-        return _gathered(local_result, stage_names, self.state)
+        if joint.parts:
+            local_result = estimator.estimate(self.ledger, self.model, joint, stages=stage_names, **options)
+        return _gathered(local_result, joint, stage_names, self.state)
 
-    def _run_named(self, name: str, local: Any, stage_names: list[str], options: Mapping[str, Any]):
+    def _run_named(self, name: str, joint: _Joint, stage_names: list[str], options: Mapping[str, Any]) -> dict:
         from . import estimators
 
         estimator = estimators.get(name)
         self._precompute(estimator, options, stage_names)
-        return self._run(estimator, local, stage_names, options)
+        return self._run(estimator, joint, stage_names, options)
 
-    def _total_change(self, local: Any) -> torch.Tensor:
-        """Per-example f_i(θ_K) − f_i(θ_0), gathered."""
+    def _total_change(self, joint: _Joint) -> dict[str, torch.Tensor]:
+        """Per-example f_i(θ_K) − f_i(θ_0) of every behavior, gathered."""
         from .model_state import swapped_parameters
 
-        values: list[float] = []
-        if local is not None:
+        local: dict[str, list[float]] = {name: [] for name in joint.names}
+        if joint.parts:
             with torch.no_grad():
-                final = local(self.model).detach().double()
+                final = joint.evaluate_parts(self.model)
                 with swapped_parameters(self.model, self.ledger.initial_state()):
-                    initial = local(self.model).detach().double()
-            values = (final - initial).tolist()
-        return torch.tensor(_gather_list(values, self.state), dtype=torch.float64)
+                    initial = joint.evaluate_parts(self.model)
+            local.update({name: (final[name] - initial[name]).tolist() for name in final})
+        return {
+            name: torch.tensor(_gather_list(values, self.state), dtype=torch.float64) for name, values in local.items()
+        }
 
     def _fidelity(self, results: Mapping[str, Any], replay: Mapping[str, Any], stage_names: list[str]) -> dict:
         from .estimators.fidelity import fidelity
@@ -239,8 +246,18 @@ class StageAttributor:
         return tqdm(total=total, unit=unit, desc="attributing", leave=False)
 
 
+def _prefer_eager_attention(model: torch.nn.Module) -> None:
+    """Forward-mode autodiff (per-example linear effects) has no rule for CPU SDPA kernels: use eager attention."""
+    config = getattr(model, "config", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    current = getattr(config, "_attn_implementation", None)
+    if config is not None and callable(setter) and current not in (None, "eager"):
+        with contextlib.suppress(ValueError, TypeError, AttributeError):  # models without an eager path keep theirs
+            setter("eager")
+
+
 def _embedding_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k not in ("stage_fns",)}
+    return {k: v for k, v in options.items() if k not in ("stage_fns", "check_model", "prepare_behavior")}
 
 
 def _gather_list(values: list[float], state: Any) -> list[float]:
@@ -249,6 +266,44 @@ def _gather_list(values: list[float], state: Any) -> list[float]:
     from accelerate.utils import gather_object
 
     return list(gather_object(list(values)))
+
+
+class _Joint:
+    """Several behaviors evaluated as one: values are concatenated in a fixed order and split back afterwards.
+
+    Each part is checked on its own, so an error names the behavior that produced it.
+    """
+
+    name = "behaviors"
+    splittable = False
+
+    def __init__(self, locals_: Mapping[str, Any]) -> None:
+        self.names = list(locals_)
+        self.parts = {name: b for name, b in locals_.items() if b is not None}
+        self.sizes: dict[str, int] = {}
+
+    def evaluate_parts(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        from .estimators.base import check_finite
+
+        out = {}
+        for name, behavior in self.parts.items():
+            values = behavior(model)
+            check_finite(values.detach(), behavior, "while attributing")
+            out[name] = values.reshape(-1)
+            self.sizes[name] = out[name].numel()
+        return out
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        parts = self.evaluate_parts(model)
+        return torch.cat([parts[name].to(torch.float64) for name in self.parts])
+
+    def split(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for name in self.parts:
+            n = self.sizes[name]
+            out[name] = values[offset : offset + n]
+            offset += n
+        return out
 
 
 class _Gathered:
@@ -262,13 +317,12 @@ class _Gathered:
         self.approximations = list(getattr(template, "approximations", []) or [])
 
 
-def _gathered(local_result: Any, stage_names: list[str], state: Any) -> _Gathered:
-    per_example = {}
-    for name in stage_names:
-        values: list[float] = []
-        if local_result is not None:
-            values = local_result.per_example[name].detach().double().reshape(-1).tolist()
-        per_example[name] = torch.tensor(_gather_list(values, state), dtype=torch.float64)
+def _gathered(local_result: Any, joint: _Joint, stage_names: list[str], state: Any) -> dict[str, _Gathered]:
+    local: dict[str, dict[str, list[float]]] = {name: {s: [] for s in stage_names} for name in joint.names}
+    if local_result is not None:
+        for stage in stage_names:
+            for name, values in joint.split(local_result.per_example[stage].detach().double().reshape(-1)).items():
+                local[name][stage] = values.tolist()
     template = local_result
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -276,7 +330,13 @@ def _gathered(local_result: Any, stage_names: list[str], state: Any) -> _Gathere
         box = [_summary(local_result) if state.is_main_process else None]
         broadcast_object_list(box, from_process=0)
         template = box[0]
-    return _Gathered(template, per_example)
+    return {
+        name: _Gathered(
+            template,
+            {s: torch.tensor(_gather_list(local[name][s], state), dtype=torch.float64) for s in stage_names},
+        )
+        for name in joint.names
+    }
 
 
 class _Summary:

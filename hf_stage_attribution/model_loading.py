@@ -36,7 +36,7 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     for arch in architectures:
         cls = getattr(transformers, arch, None)
         if cls is not None:
-            return cls.from_pretrained(path, trust_remote_code=trust_remote_code)
+            return cls.from_pretrained(path, trust_remote_code=trust_remote_code, attn_implementation="eager")
     if getattr(config, "auto_map", None) and not trust_remote_code:
         raise ModelMismatchError(
             f"{path} needs custom code (config.auto_map) to load; this tool never runs remote code implicitly. "

@@ -16,6 +16,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", nargs="*", default=None, help="only these stages (names or indices)")
     p.add_argument("--no-diagnostics", action="store_true", help="skip f(θ_0) and the linearisation gap")
     p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow behavior specs to import Python functions ('custom' kind, callable scorers)",
+    )
+    p.add_argument(
         "--allow-identity-propagation",
         action="store_true",
         help="pass deltas unchanged through stages whose optimizer the propagation rules do not know",
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ..model_loading import load_model
 
     ledger = StageLedger.load(args.ledger_dir)
-    behaviors = load_specs(args.behaviors)
+    behaviors = load_specs(args.behaviors, trust_code=args.trust_code)
     model = load_model(args.model)
     options = {"allow_identity_propagation": True} if args.allow_identity_propagation else None
     attributor = StageAttributor(

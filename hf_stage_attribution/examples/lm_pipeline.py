@@ -131,6 +131,7 @@ def build_lm_pipeline(
         callbacks=[recorder("lora", "lora")],
     ).train()
     model = peft_model.merge_and_unload()
+    model.requires_grad_(True)  # PEFT froze the base weights; the DPO stage trains them all again
 
     # 4. DPO: clean completions preferred over toxic ones
     DPOTrainer(
@@ -146,8 +147,6 @@ def build_lm_pipeline(
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     model.eval()
-    with torch.no_grad():
-        pass
     specs = lm_behavior_specs(corpus, model_dir)
     from ..behaviors import from_spec
 
@@ -169,7 +168,7 @@ def lm_behavior_specs(corpus: Any, tokenizer_dir: str | Path) -> list[dict]:
             "kind": "lm-toxicity-generations",
             "data": [{"prompt": p} for p in corpus.prompts],
             "tokenizer": str(tokenizer_dir),
-            "scorer": "profanity-check",
+            "scorer": "alt-profanity-check",
             "num_samples": 4,
             "max_new_tokens": 8,
         },

@@ -45,7 +45,7 @@ STAGE_KEYS = {
     "peft_config", "lora", "trainable_parameters", "optimizer_state_policy", "optimizer_state_file",
     "start_hash", "end_hash", "end_digests", "wall_time_seconds", "started_at", "finished_at", "segments",
     "curvature_loss", "trl", "replay", "notes", "delta_file", "lora_file", "world_size", "framework_versions",
-    "source",
+    "source", "recipe", "metadata", "estimator_availability",
 }  # fmt: skip
 
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
