@@ -221,3 +221,13 @@ def test_embedding_cache_is_keyed_reused_and_invalidated(tmp_path):
     assert torch.allclose(emb.get(0, "head1.weight"), expected, atol=1e-7)
     delta = stage_embeddings(ledger, "delta")
     assert torch.equal(delta.get(0, "head1.weight"), ledger.stages[0].delta_tensor("head1.weight"))
+
+
+def test_embedding_cache_grows_with_requested_stages(tmp_path):
+    decay = lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.5)  # noqa: E731
+    ledger, _, _, _ = _ledger_two_heads(tmp_path, decay)
+    assert stage_embeddings(ledger, "aa-linear", stages=["s2"]).stage_indices == [1]
+    assert stage_embeddings(ledger, "aa-linear", stages=["s1"]).stage_indices == [0, 1]
+    assert stage_embeddings(ledger, "aa-linear", stages=[1]).stage_indices == [0, 1]  # served from the cache
+    with_identity = stage_embeddings(ledger, "aa-linear", stages=["s1"], allow_identity_propagation=True)
+    assert with_identity.stage_indices == [0]  # other options: recomputed, not merged

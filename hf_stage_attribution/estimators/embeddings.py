@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from ..errors import StageAttributionError
 from .stage_propagation import StagePropagator, momentum_tail, next_trained, trains
 
 KINDS = ("delta", "aa-linear", "aa-ggn", "aa-hvp")
@@ -145,9 +144,10 @@ def stage_embeddings(
         options["loss_fns"] = ",".join(sorted(loss_fns))
     path = Path(ledger.embeddings_dir) / f"{kind}.safetensors"
     if path.exists() and not recompute:
-        cached = _read_if_fresh(ledger, kind, path, options, wanted)
+        cached, stored = _read_if_fresh(ledger, kind, path, options, wanted)
         if cached is not None:
             return cached
+        wanted = sorted(set(wanted) | set(stored))  # the cache grows: stages computed before are kept
     if kind == "aa-linear":
         from .embeddings_write import write_linear
 
@@ -175,20 +175,22 @@ def _metadata(ledger: Any, kind: str, options: Mapping[str, Any], wanted: list[i
 
 
 def _read_if_fresh(ledger: Any, kind: str, path: Path, options: Mapping[str, Any], wanted: list[int]):
+    """``(embeddings, [])`` when the cache serves ``wanted``; ``(None, stages worth keeping)`` otherwise."""
     try:
         emb = StageEmbeddings(ledger, kind, path)
         meta = emb._handle.metadata() or {}
-    except (OSError, ValueError, StageAttributionError, Exception):  # a corrupt cache is recomputed
-        return None
-    fresh = (
+    except Exception:  # a corrupt or unreadable cache is recomputed
+        return None, []
+    same = (
         meta.get("format") == FORMAT_NAME
         and meta.get("format_version") == FORMAT_VERSION
         and meta.get("kind") == kind
         and meta.get("fingerprint") == ledger.fingerprint
         and meta.get("options") == _options_key(options)
-        and set(wanted) <= set(emb.stage_indices)
     )
-    return emb if fresh else None
+    if same and set(wanted) <= set(emb.stage_indices):
+        return emb, []
+    return None, (list(emb.stage_indices) if same else [])
 
 
 def propagate_linear(

@@ -23,7 +23,8 @@ from .linear import EmbeddingEstimator, embeddings_for, parameter_paths
 
 @contextlib.contextmanager
 def subtract_embedding(model: torch.nn.Module, emb: StageEmbeddings, k: int, scale: float = 1.0) -> Iterator[int]:
-    """Inside the block the model holds ``θ − scale · v_k``; afterwards exactly its original parameters.
+    """Inside the block the model holds ``θ − scale · v_k``; afterwards exactly its original parameters (the
+    originals of the shifted tensors are kept on the CPU and copied back).
 
     Yields the number of tensors shifted.
 
@@ -39,7 +40,7 @@ def subtract_embedding(model: torch.nn.Module, emb: StageEmbeddings, k: int, sca
                 if name not in paths:
                     continue
                 param = paths[name][1]
-                originals[name] = param.detach().clone()
+                originals[name] = param.detach().to("cpu", copy=True)  # kept off the accelerator
                 param.sub_((scale * v.to(torch.float64)).to(device=param.device, dtype=param.dtype))
         yield len(originals)
     finally:
