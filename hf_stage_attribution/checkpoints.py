@@ -124,7 +124,7 @@ def _write_full(writer: LedgerWriter, plan: ImportPlan, stage: StagePlan, prev, 
     changed: list[str] = []
     with _progress(len(names), progress, f"{stage.name}: hashing") as bar:
         for name in names:
-            value = stage.state.get(name)
+            value = stage.state.get(name, writable=False)
             end[name] = digest(value)
             if end[name] != digests[name]:
                 changed.append(name)
@@ -135,7 +135,7 @@ def _write_full(writer: LedgerWriter, plan: ImportPlan, stage: StagePlan, prev, 
         with _progress(len(changed), progress, f"{stage.name}: deltas") as bar:
             for name in changed:
                 value = stage.state.get(name)
-                value.sub_(prev.get(name))
+                value.sub_(prev.get(name, writable=False))
                 bar.update()
                 yield name, value
 
@@ -154,12 +154,12 @@ def _write_full(writer: LedgerWriter, plan: ImportPlan, stage: StagePlan, prev, 
 def _write_adapter(writer: LedgerWriter, plan: ImportPlan, stage: StagePlan, prev) -> dict:
     adapter, shapes = stage.adapter, plan.shapes
     dense = sorted(adapter.replaced)
-    end = {n: digest(stage.state.get(n)) for n in [*adapter.modules, *dense]}
+    end = {n: digest(stage.state.get(n, writable=False)) for n in [*adapter.modules, *dense]}
 
     def deltas() -> Iterator[tuple[str, torch.Tensor]]:
         for name in dense:
             value = stage.state.get(name)
-            value.sub_(prev.get(name))
+            value.sub_(prev.get(name, writable=False))
             yield name, value
 
     lora = {"modules": adapter.modules, "dense_modules": [], "config": adapter.config}
@@ -193,7 +193,7 @@ def _write(plan: ImportPlan, directory: Path, progress: bool) -> None:
         def start() -> Iterator[tuple[str, torch.Tensor]]:
             for name in names:
                 bar.update()
-                yield name, plan.start_state.get(name)
+                yield name, plan.start_state.get(name, writable=False)
 
         writer.initialize(
             [(n, shapes[n]) for n in names], start(), model_class=plan.model_class, source=_ledger_source(plan)

@@ -112,15 +112,17 @@ class TensorReader:
             count *= d
         return size * count
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor as float32, copied out of the file (the file's pages are released before returning)."""
+    def get(self, name: str, copy: bool = True) -> torch.Tensor:
+        """The tensor as float32. ``copy=True``: in memory of its own (writable); ``copy=False``: possibly a read-only
+        view of the memory-mapped file (no copy for float32), whose pages are released when the tensor is freed.
+        """
         path = self._where[name]
         if self.pickled:
-            return self._loaded[path][name].to(torch.float32, copy=True)
+            return self._loaded[path][name].to(torch.float32, copy=copy)
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return handle.get_tensor(name).to(torch.float32, copy=True)
+            return handle.get_tensor(name).to(torch.float32, copy=copy)
 
 
 def pad_to(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -135,7 +137,8 @@ def pad_to(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 class CheckpointState:
     """θ at one boundary in the ledger's parameter space: ``get(name)`` → float32 tensor of the ledger's shape."""
 
-    def get(self, name: str) -> torch.Tensor:  # pragma: no cover - interface
+    def get(self, name: str, writable: bool = True) -> torch.Tensor:  # pragma: no cover - interface
+        """``writable=False`` allows a read-only view of a memory-mapped file (do not modify it in place)."""
         raise NotImplementedError
 
 
@@ -145,8 +148,8 @@ class FullState(CheckpointState):
     def __init__(self, reader: TensorReader, keys: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> None:
         self.reader, self.keys, self.shapes = reader, keys, shapes
 
-    def get(self, name: str) -> torch.Tensor:
-        return pad_to(self.reader.get(self.keys[name]), self.shapes[name])
+    def get(self, name: str, writable: bool = True) -> torch.Tensor:
+        return pad_to(self.reader.get(self.keys[name], copy=writable), self.shapes[name])
 
 
 class AdapterState(CheckpointState):
@@ -155,12 +158,13 @@ class AdapterState(CheckpointState):
     def __init__(self, base: CheckpointState, adapter: Any, shapes: dict[str, tuple[int, ...]]) -> None:
         self.base, self.adapter, self.shapes = base, adapter, shapes
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, writable: bool = True) -> torch.Tensor:
         if name in self.adapter.replaced:
-            return pad_to(self.adapter.reader.get(self.adapter.replaced[name]), self.shapes[name])
+            return pad_to(self.adapter.reader.get(self.adapter.replaced[name], copy=writable), self.shapes[name])
+        if name not in self.adapter.modules:
+            return self.base.get(name, writable)
         value = self.base.get(name)
-        if name in self.adapter.modules:
-            value += self.adapter.delta(name)
+        value += self.adapter.delta(name)
         return value
 
 
