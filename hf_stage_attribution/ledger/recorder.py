@@ -352,12 +352,13 @@ class StageRecording:
         self.learning_rates = progress["learning_rates"]
         self.optimizer_state_policy = progress["optimizer_state_policy"]
         self.started_at = progress["started_at"]
-        self._capture.restore(progress["segments"])
+        self._capture.restore(progress["segments"], len(self.learning_rates))
 
     def truncate(self, completed_steps: int) -> None:
         """After resuming from a checkpoint at ``completed_steps``, forget steps recorded after it."""
         if self.active and len(self.learning_rates) > completed_steps:
             del self.learning_rates[completed_steps:]
+            self._capture.rewind(completed_steps)
 
     # --- end -------------------------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .storage import file_sha256, write_safetensors, write_safetensors_stream
+from ..errors import LedgerError
+from .storage import file_sha256, open_safetensors, write_safetensors, write_safetensors_stream
 
 
 def plan_segments(num_steps: int | None, segments: int) -> list[tuple[int, int, int]]:
@@ -50,7 +51,8 @@ class SegmentCapture:
         self.cap = cap
         self.planned = bool(plan)
         self._status = [
-            {"mid_written": False, "examples_written": False, "num_examples": 0, "layout": None} for _ in plan
+            {"mid_written": False, "examples_written": False, "num_examples": 0, "layout": None, "kept": []}
+            for _ in plan
         ]
         self._buffer: dict[str, torch.Tensor] = {}
         self._batches = 0
@@ -76,7 +78,7 @@ class SegmentCapture:
             self._flush()
             self._current, self._buffer, self._batches, self._stride = i, {}, 0, None
         a, b, mid = self.plan[i]
-        self._keep(i, t - a, b - a, batches)
+        self._keep(i, t, b - a, batches)
         if t == mid:
             stream, specs, moments = midpoint_state()
             d = self._dir(i)
@@ -87,8 +89,9 @@ class SegmentCapture:
         if t == b - 1:
             self._flush()
 
-    def _keep(self, i: int, offset: int, length: int, batches: list[Any]) -> None:
+    def _keep(self, i: int, t: int, length: int, batches: list[Any]) -> None:
         status = self._status[i]
+        offset = t - self.plan[i][0]
         for batch in batches:
             flat = _flatten(batch)
             if flat is None or status["num_examples"] >= self.cap:
@@ -98,6 +101,7 @@ class SegmentCapture:
             if self._stride is None:
                 per_step = max(1, rows * max(1, len(batches)))
                 self._stride = max(1, math.ceil(length * per_step / max(1, self.cap)))
+                status["stride"] = self._stride
             if offset % self._stride:
                 return
             take = min(rows, self.cap - status["num_examples"])
@@ -108,6 +112,7 @@ class SegmentCapture:
                 self._buffer[f"{self._batches}/{key}"] = value.clone()
             status["layout"] = layout
             status["num_examples"] += take
+            status.setdefault("kept", []).append([t, take])  # which step each kept batch came from
             self._batches += 1
 
     def _flush(self) -> None:
@@ -121,7 +126,7 @@ class SegmentCapture:
 
     def state(self) -> list[dict]:
         self._flush_partial()
-        return [dict(s) for s in self._status]
+        return [dict(s, kept=[list(k) for k in s.get("kept", [])]) for s in self._status]
 
     def _flush_partial(self) -> None:
         """At a checkpoint, persist the examples gathered so far in the current segment."""
@@ -129,11 +134,39 @@ class SegmentCapture:
         if i is not None and self._buffer and not self._status[i]["examples_written"]:
             write_safetensors(self._dir(i) / "examples.safetensors", self._buffer)
 
-    def restore(self, status: list[dict]) -> None:
+    def restore(self, status: list[dict], completed: int) -> None:
+        """Continue from a checkpoint's :meth:`state` taken after ``completed`` steps."""
         if len(status) == len(self._status):
-            self._status = [dict(s) for s in status]
-            for s in self._status:
-                s["examples_written"] = s["examples_written"] or s["num_examples"] > 0
+            self._status = [dict(s, kept=[list(k) for k in s.get("kept", [])]) for s in status]
+            self.rewind(completed)
+
+    def rewind(self, completed: int) -> None:
+        """Put the capture where it stood after ``completed`` steps: forget midpoints and examples of later steps,
+        and reload the examples the segment in progress had kept, so a resumed stage captures what an
+        uninterrupted one would."""
+        self._current, self._buffer, self._batches, self._stride = None, {}, 0, None
+        for i, ((a, b, mid), status) in enumerate(zip(self.plan, self._status)):
+            status["mid_written"] = status["mid_written"] and mid < completed
+            if b <= completed:
+                continue  # finished (and flushed) before that step
+            kept = [k for k in status.get("kept", []) if k[0] < completed]
+            status.update(kept=kept, num_examples=sum(k[1] for k in kept), examples_written=False)
+            if not kept:
+                status["layout"] = None
+            if a < completed:
+                self._current, self._batches, self._stride = i, len(kept), status.get("stride")
+                self._buffer = self._reload_examples(i, len(kept)) if kept else {}
+
+    def _reload_examples(self, i: int, batches: int) -> dict[str, torch.Tensor]:
+        path = self.stage_dir / "segments" / str(i) / "examples.safetensors"
+        handle = open_safetensors(path)
+        out = {k: handle.get_tensor(k) for k in handle.keys() if int(k.partition("/")[0]) < batches}
+        if len({k.partition("/")[0] for k in out}) != batches:
+            raise LedgerError(
+                f"Cannot resume: {path} holds fewer than the {batches} example batches the checkpoint recorded. "
+                "Record the stage again without resume=True."
+            )
+        return out
 
     def finish(self, files: dict[str, str]) -> list[dict]:
         """Flush what is pending; return the ``stage.json`` entries of segments whose midpoint was reached."""
