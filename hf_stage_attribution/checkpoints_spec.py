@@ -172,7 +172,11 @@ def parse_boundaries(boundaries: Sequence[Mapping[str, Any]]) -> list[Boundary]:
 
 
 def load_spec(path: str | Path) -> list[dict[str, Any]]:
-    """Read a YAML or JSON spec file holding the boundary list under ``stages``."""
+    """Read a YAML or JSON spec file holding the boundary list under ``stages``.
+
+    A ``model`` starting with ``./`` or ``../`` is a folder relative to the spec file; other relative names are
+    local folders relative to the working directory if they exist, else Hub repo ids.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -199,4 +203,9 @@ def load_spec(path: str | Path) -> list[dict[str, Any]]:
         raise CheckpointImportError(
             f"{path}: unknown top-level keys {unknown}; expected `stages` (and `description`)."
         )
-    return list(data["stages"])
+    stages = [dict(entry) if isinstance(entry, Mapping) else entry for entry in data["stages"]]
+    for entry in stages:  # "./x" and "../x" are relative to the spec file, as a reader of the spec expects
+        model = entry.get("model") if isinstance(entry, dict) else None
+        if isinstance(model, str) and model.startswith(("./", "../")):
+            entry["model"] = str((path.parent / model).resolve())
+    return stages

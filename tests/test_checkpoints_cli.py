@@ -68,3 +68,13 @@ def test_help(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "SPEC" in out and "--output" in out and "--allow-pickle" in out
+
+
+def test_spec_paths_starting_with_dot_are_relative_to_the_spec(tmp_path):
+    from hf_stage_attribution.checkpoints_spec import load_spec
+
+    (tmp_path / "specs").mkdir()
+    path = tmp_path / "specs" / "spec.yaml"
+    path.write_text("stages:\n  - {model: ../runs/base}\n  - {model: org/name, revision: v1}\n")
+    stages = load_spec(path)
+    assert stages[0]["model"] == str((tmp_path / "runs" / "base").resolve()) and stages[1]["model"] == "org/name"
