@@ -300,6 +300,9 @@ def test_sigkill_at_named_point_leaves_a_loadable_recoverable_ledger(server, bas
     before = _digests(ledger_dir)
     outcome = server.run(ledger_dir, "c", point=point)
     assert "at" in outcome and outcome["signal"] == signal.SIGKILL, f"the writer never reached {point}: {outcome}"
+    if point == "after-stage-dir-rename":  # the orphaned stage dir is refused before training, not after it
+        refused = server.run(ledger_dir, "c")
+        assert "--remove-incomplete" in refused["error"]["error"], refused
     committed, _ = _check_after_kill(ledger_dir, before, ["a", "b"], point)
     assert committed == (point == "after-ledger-json-rename")
     if not committed:  # record the stage again: same result as a run that was never killed

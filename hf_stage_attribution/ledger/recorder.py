@@ -36,6 +36,7 @@ from .storage import (
     DirectoryLock,
     atomic_write_json,
     file_sha256,
+    io_errors,
     slugify,
     write_safetensors,
     write_safetensors_stream,
@@ -144,11 +145,13 @@ class StageRecording:
             return
         self.model = unwrap_model(self.model)
         ledger = self.ledger
-        ledger.dir.mkdir(parents=True, exist_ok=True)
+        with io_errors(ledger.dir):
+            ledger.dir.mkdir(parents=True, exist_ok=True)
         self._lock = DirectoryLock(ledger.dir, f"recording stage {self.name!r}")
         self._lock.acquire()
         try:
-            self._begin_locked()
+            with io_errors(ledger.dir):  # read-only or full disk: a LedgerError, not a bare OSError
+                self._begin_locked()
         except BaseException:
             self._lock.release()
             raise
@@ -165,6 +168,12 @@ class StageRecording:
             raise LedgerError(
                 f"The ledger at {ledger.dir} already has a stage named {self.name!r}. Stage names are unique: "
                 "choose another name (or use a new ledger directory)."
+            )
+        leftovers = [p for p in ledger.incomplete_stages() if p.is_symlink() or not p.name.startswith(".partial-")]
+        if leftovers:  # an interrupted commit (or a planted link): refuse now rather than after training
+            raise LedgerError(
+                f"{leftovers[0]} is in the ledger's stages/ but not listed in ledger.json: left by an interrupted "
+                f"recording. Remove it with `hf-stage-attribution inspect {ledger.dir} --remove-incomplete`."
             )
         self._lora = lora_layers(model)
         if self.kind is None:
@@ -293,7 +302,8 @@ class StageRecording:
         batches = [*self._pending, *([batch] if batch is not None else [])]
         self._pending = []
         t = len(self.learning_rates) - 1
-        self._capture.on_step(t, batches, self._midpoint_state)
+        with io_errors(self.partial_dir):
+            self._capture.on_step(t, batches, self._midpoint_state)
 
     def _midpoint_state(self) -> tuple[Iterator[tuple[str, torch.Tensor]], list, dict[str, torch.Tensor]]:
         """Announced specs + a stream of θ_mid − θ_start, and the second moments, for the segment capture."""
@@ -396,7 +406,12 @@ class StageRecording:
         if not self.active:
             return None
         try:
-            stage = self._end_locked()
+            with io_errors(self.partial_dir):
+                stage = self._end_locked()
+        except BaseException:
+            if self.partial_dir.is_dir() and not (self.partial_dir / "progress.json").exists():
+                shutil.rmtree(self.partial_dir, ignore_errors=True)  # not resumable: leave no half-written stage
+            raise
         finally:
             self.active = False
             if self._lock is not None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import LedgerError
-from .storage import file_sha256, open_safetensors, write_safetensors, write_safetensors_stream
+from .storage import file_sha256, io_errors, open_safetensors, write_safetensors, write_safetensors_stream
 
 
 def plan_segments(num_steps: int | None, segments: int) -> list[tuple[int, int, int]]:
@@ -67,7 +67,8 @@ class SegmentCapture:
 
     def _dir(self, i: int) -> Path:
         path = self.stage_dir / "segments" / str(i)
-        path.mkdir(parents=True, exist_ok=True)
+        with io_errors(path):
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     def on_step(self, t: int, batches: list[Any], midpoint_state: Callable) -> None:
