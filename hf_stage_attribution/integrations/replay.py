@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import ReplayError
 from ..ledger.storage import open_safetensors, read_json
 from .replay_data import REPLAY_FILE
+from .run_info import json_safe, training_arguments
 
 _ALLOWED_MODULES = ("transformers", "trl")
 # Recorded arguments a replay overrides: no Hub, no logging integrations, no checkpoints, no evaluation.
@@ -88,22 +89,16 @@ def rebuild_arguments(info: dict, output_dir: str) -> Any:
                 raise ReplayError(f"Cannot rebuild the stage's {config_cls.__name__} from its record: {exc}") from exc
 
     config = build(explicit)
-    missing = {k: v for k, v in derived.items() if _as_json(getattr(config, k, None)) != v}
+    missing = {k: v for k, v in derived.items() if json_safe(getattr(config, k, None)) != v}
     if missing:
         config = build({**explicit, **missing})
-    rebuilt = config.to_dict()
+    rebuilt = training_arguments(config)
     differ = sorted(k for k, v in recorded.items() if k not in overrides and k in rebuilt and rebuilt[k] != v)
     if differ:
         warnings.warn(
             f"Replay: the rebuilt {config_cls.__name__} differs from the recorded arguments in {differ}.", stacklevel=3
         )
     return config
-
-
-def _as_json(value: Any) -> Any:
-    from .run_info import json_safe
-
-    return json_safe(value)
 
 
 def _processing_class(replay_dir: Path, info: dict) -> Any:
@@ -169,16 +164,16 @@ def replay_trainer_stage(
     GRPO/RLOO stages need ``reward_funcs=`` (Python functions are not saved); a stage whose reference model was a
     separate model needs ``ref_model=``.
     """
+    if stage.optimizer_state_policy == "continued":
+        raise ReplayError(
+            f"Stage {stage.name!r} continued the previous stage's optimizer state inside one run; it cannot be "
+            "replayed on its own. Replay the whole run, or record its stages as separate runs."
+        )
     replay_dir = getattr(stage, "replay_dir", None)
     if replay_dir is None or not (Path(replay_dir) / REPLAY_FILE).exists():
         raise ReplayError(
             f"Stage {stage.name!r} has no replay data: record it with StageRecorder(..., save_replay_data=True), "
             "or give the replay engine a stage function (stage_fns)."
-        )
-    if stage.optimizer_state_policy == "continued":
-        raise ReplayError(
-            f"Stage {stage.name!r} continued the previous stage's optimizer state inside one run; it cannot be "
-            "replayed on its own. Replay the whole run, or record its stages as separate runs."
         )
     replay_dir = Path(replay_dir)
     info = read_json(replay_dir / REPLAY_FILE, "replay file")

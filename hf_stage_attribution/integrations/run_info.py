@@ -51,8 +51,15 @@ def json_safe(value: Any) -> Any:
 
 
 def training_arguments(args: Any) -> dict:
-    """``args.to_dict()`` made JSON-safe (tokens stay redacted as transformers redacts them)."""
+    """``args.to_dict()`` made JSON-safe. Hub credentials stay redacted as transformers redacts them; TRL's special
+    token fields (``eos_token``, ``pad_token``: strings of the vocabulary, which ``to_dict`` also masks because their
+    names end in ``_token``) are restored, since a replay needs them."""
     raw = args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
+    for key in raw:
+        if key.endswith("_token") and "hub" not in key:
+            value = getattr(args, key, None)
+            if value is None or isinstance(value, str):
+                raw[key] = value
     return json_safe(raw)
 
 
