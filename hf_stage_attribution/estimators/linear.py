@@ -133,6 +133,11 @@ class EmbeddingEstimator(Estimator):
     kind = "aa-linear"
 
     def prepare(self, ledger, stages=None, model=None, **options):
+        """Compute the stage embeddings into the cache. Curvature kinds need ``model`` (the architecture for the
+        curvature products); without it nothing is precomputed and ``estimate`` computes them instead."""
+        curvature_model = (options.get("curvature_options") or {}).get("model", model)
+        if self.kind in ("aa-ggn", "aa-hvp") and curvature_model is None:
+            return
         embeddings_for(ledger, self.kind, resolve_stages(ledger, stages), dict(options), model)
 
 
