@@ -79,3 +79,14 @@ def assert_same_deltas(imported, recorded, atol: float = 1e-6) -> None:
     for a, b in zip(imported.stages, recorded.stages):
         for name in recorded.parameter_names:
             torch.testing.assert_close(a.delta_tensor(name), b.delta_tensor(name), atol=atol, rtol=0)
+
+
+def test_recorded_run_saves_the_recorded_states(tmp_path):
+    from safetensors.torch import load_file
+
+    recorded, folders, rates = recorded_run(tmp_path, stage_steps=(2,))
+    saved = load_file(str(folders[1] / "model.safetensors"))
+    final = recorded.final_state()
+    for name in recorded.parameter_names:
+        torch.testing.assert_close(final[name], saved[name], atol=1e-6, rtol=0)
+    assert len(rates) == 1 and len(rates[0]) == 2 == recorded.stages[0].num_steps

@@ -62,3 +62,17 @@ def test_shrinking_or_other_architectures_are_refused(tmp_path):
         with pytest.raises(CheckpointMismatchError, match=message):
             StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False)
     assert _ls(tmp_path) == before
+
+
+def test_half_precision_checkpoints_give_float32_deltas(tmp_path):
+    model = tiny_gpt2(seed=7)
+    model.save_pretrained(tmp_path / "fp32")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, 2, seed=7)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    boundaries = [{"model": str(tmp_path / "fp32")}, {"model": str(tmp_path / "bf16"), "name": "bf16"}]
+    ledger = StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False)
+    name = "transformer.h.0.mlp.c_fc.weight"
+    delta = ledger.stages[0].delta_tensor(name)
+    expected = model.get_parameter(name).detach().float() - base[name]
+    assert delta.dtype == torch.float32 and torch.equal(delta, expected)
