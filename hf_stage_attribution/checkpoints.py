@@ -242,6 +242,9 @@ def import_checkpoints(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-", dir=out.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's private 0700 would otherwise become the ledger's mode
         _write(plan, tmp, progress)
         _publish(tmp, out, overwrite)
     except BaseException:
