@@ -40,6 +40,26 @@ _DTYPE_TO_SAFETENSORS = {
 }
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide ledgers from a shared team
+
+
+def _make_temp(path: Path) -> tuple[int, str]:
+    """A temporary file next to ``path`` with ordinary permissions (a :class:`LedgerError` when it cannot be made)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, _FILE_MODE)
+    return fd, tmp
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
         fd = os.open(path, os.O_RDONLY)
@@ -59,10 +79,7 @@ def _write_error(path: Path, exc: OSError) -> LedgerError:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
     """Write ``data`` to ``path`` atomically; return the sha256 of the bytes."""
     path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise _write_error(path, exc) from exc
+    fd, tmp = _make_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -128,10 +145,7 @@ def write_safetensors_stream(
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * ((8 - len(header_bytes) % 8) % 8)
     sha = hashlib.sha256()
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise _write_error(path, exc) from exc
+    fd, tmp = _make_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             for chunk in (struct.pack("<Q", len(header_bytes)), header_bytes):
@@ -311,10 +325,7 @@ class DirectoryLock:
             "purpose": self.purpose,
             "token": self._token,
         }
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{LOCK_NAME}.", suffix=".tmp", dir=self.directory)
-        except OSError as exc:
-            raise _write_error(self.path, exc) from exc
+        fd, tmp = _make_temp(self.path)
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(info, fh)
