@@ -47,8 +47,15 @@ class StagePlan:
     def propagatable(self) -> bool:
         """Whether ``D_j`` of this stage is known (optimizer + rates, or an adapter that leaves base weights be)."""
         if self.info.optimizer is not None and self.info.learning_rates:
-            return True
+            from .estimators.propagation import recorded_family
+
+            return recorded_family(self.info.optimizer) is not None
         return self.adapter is not None and not self.adapter.replaced
+
+    def why_not_propagatable(self) -> str:
+        if self.info.optimizer is not None:
+            return f"no propagation rule for optimizer {self.info.optimizer.get('type')!r}"
+        return self.info.missing or "optimizer unknown"
 
 
 @dataclass
@@ -122,7 +129,7 @@ def availability(stages: list[StagePlan]) -> None:
         blocking = [s for s in stages[k + 1 :] if not s.propagatable]
         available, unavailable = list(ALWAYS), {"aa-ggn": NO_CURVATURE, "aa-hvp": NO_CURVATURE, "replay": NO_REPLAY}
         if blocking:
-            why = "; ".join(f"{s.name}: {s.info.missing or 'optimizer unknown'}" for s in blocking)
+            why = "; ".join(f"{s.name}: {s.why_not_propagatable()}" for s in blocking)
             reason = f"later stage(s) lack optimizer information, so their propagation D_j is unknown ({why})"
             unavailable["aa-linear"] = unavailable["aa-fd"] = reason
         else:

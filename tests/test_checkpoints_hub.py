@@ -127,3 +127,12 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(hub, tmp_path, mon
     torch.testing.assert_close(
         ledger.final_state()["transformer.wpe.weight"], hub["recorded"].final_state()["transformer.wpe.weight"]
     )
+
+
+def test_an_optimizer_without_propagation_rule_does_not_enable_aa(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    opts = [{"type": "Adafactor", "learning_rates": r} for r in hub["rates"]]
+    ledger = StageLedger.from_checkpoints(_boundaries(opts), tmp_path / "l", cache_dir=hub["cache"], progress=False)
+    availability = ledger.stages[0].info["source"]["estimator_availability"]
+    assert availability["available"] == ["delta-linear", "delta-fd"]
+    assert "no propagation rule for optimizer 'Adafactor'" in availability["unavailable"]["aa-linear"]
