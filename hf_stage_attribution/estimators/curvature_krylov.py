@@ -22,9 +22,11 @@ import torch
 
 
 def _orthogonalise(w: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
+    if not basis:
+        return w
+    q = torch.stack(basis, dim=1)
     for _ in range(2):
-        for q in basis:
-            w = w - torch.dot(q, w) * q
+        w = w - q @ (q.T @ w)
     return w
 
 

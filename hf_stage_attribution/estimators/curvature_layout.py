@@ -181,11 +181,11 @@ class SegmentLayout:
     # --- flat coordinates -----------------------------------------------------------------------------------------
 
     def flat(self, d: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        out = torch.zeros(self.size, dtype=torch.float64)
+        parts = []
         for n, (a, b) in self.offsets.items():
-            if d is not None and n in d:
-                out[a:b] = d[n].reshape(-1).to(torch.float64)
-        return out
+            t = None if d is None else d.get(n)
+            parts.append(torch.zeros(b - a, dtype=torch.float64) if t is None else t.reshape(-1).to(torch.float64))
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
     def unflat(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: flat[a:b].reshape(self.shapes[n]) for n, (a, b) in self.offsets.items()}

@@ -285,32 +285,57 @@ class CurvatureOperator:
             self.model.train(was_training)
 
     def _closure(self, primals: dict[str, torch.Tensor], batch: Any) -> Callable:
-        from torch.func import functional_call, grad, vjp
+        """One batch's product as a closure over retained autograd graphs (built once, reused per product):
+        Hessian: double backward of the gradient; Gauss–Newton: ``J v`` by differentiating ``Jᵀ u`` in ``u``,
+        ``H_L`` by double backward of the loss in the outputs, ``Jᵀ`` by backward of the outputs."""
+        from torch.func import functional_call
 
+        keys = list(primals)
+        params = [primals[k].detach().requires_grad_(True) for k in keys]
+        leaves = dict(zip(keys, params))
         rest = self._rest(primals)
-        if self.mode == "hvp":
+        grad = torch.autograd.grad
 
-            def scalar(p: dict) -> torch.Tensor:
-                return functional_call(self.scalar_call, {**rest, **p}, (batch,))
+        def pack(values: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+            return {k: torch.zeros_like(p) if v is None else v for k, p, v in zip(keys, params, values)}
 
-            _, hvp_fn = vjp(grad(scalar), primals)  # the Hessian is symmetric: vjp of the gradient is H·v
-            return lambda t: hvp_fn(t)[0]
+        with torch.enable_grad():
+            if self.mode == "hvp":
+                loss = functional_call(self.scalar_call, {**rest, **leaves}, (batch,))
+                g = grad(loss, params, create_graph=True, allow_unused=True)
+                live = [i for i, x in enumerate(g) if x is not None and x.requires_grad]
 
-        def f(p: dict) -> Any:
-            return functional_call(self.forward_call, {**rest, **p}, (batch,))
+                def hvp(t: dict) -> dict[str, torch.Tensor]:
+                    if not live:
+                        return pack([None] * len(keys))
+                    out = grad([g[i] for i in live], params, [t[keys[i]] for i in live], retain_graph=True,
+                               allow_unused=True)  # fmt: skip
+                    return pack(out)
 
-        out, pullback = vjp(f, primals)  # Jᵀ u
-        zeros = torch.utils._pytree.tree_map(lambda t: torch.zeros_like(t) if isinstance(t, torch.Tensor) else t, out)
-        _, jvp_fn = vjp(pullback, zeros)  # J v as the transpose of the (linear) pullback
-        detached = torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
-        _, loss_hvp = vjp(grad(lambda o: self.loss(o, batch)), detached)  # H_L u
+                return hvp
+            out = functional_call(self.forward_call, {**rest, **leaves}, (batch,))
+            outs, spec = torch.utils._pytree.tree_flatten(out)
+            outs = [o for o in outs if isinstance(o, torch.Tensor)]
+            dummies = [torch.zeros_like(o, requires_grad=True) for o in outs]
+            gu = grad(outs, params, dummies, create_graph=True, allow_unused=True)
+            gu_live = [i for i, x in enumerate(gu) if x is not None and x.requires_grad]
+            detached = [o.detach().requires_grad_(True) for o in outs]
+            loss = self.loss(torch.utils._pytree.tree_unflatten(detached, spec), batch)
+            gl = grad(loss, detached, create_graph=True, allow_unused=True)
+            gl_live = [i for i, x in enumerate(gl) if x is not None and x.requires_grad]
 
-        def apply(t: dict) -> dict[str, torch.Tensor]:
-            (jv,) = jvp_fn((t,))
-            (hjv,) = loss_hvp(jv)
-            return pullback(hjv)[0]
+        def ggn(t: dict) -> dict[str, torch.Tensor]:
+            if not gu_live or not gl_live:
+                return pack([None] * len(keys))
+            jv = grad([gu[i] for i in gu_live], dummies, [t[keys[i]] for i in gu_live], retain_graph=True,
+                      allow_unused=True)  # fmt: skip
+            jv = [torch.zeros_like(d) if x is None else x for d, x in zip(dummies, jv)]
+            hjv = grad([gl[i] for i in gl_live], detached, [jv[i] for i in gl_live], retain_graph=True,
+                       allow_unused=True)  # fmt: skip
+            hjv = [torch.zeros_like(d) if x is None else x for d, x in zip(detached, hjv)]
+            return pack(grad(outs, params, hjv, retain_graph=True, allow_unused=True))
 
-        return apply
+        return ggn
 
     def _rest(self, primals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.fixed.items() if k not in primals}

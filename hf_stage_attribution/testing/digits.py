@@ -280,3 +280,43 @@ def build_digits_pipeline(
 
     fns = {spec.name: stage_fn(i) for i, spec in enumerate(specs)}
     return DigitsPipeline(config, seed, ledger, model, specs, data, digits_behaviors(data), fns, seconds=seconds)
+
+
+# --- fidelity against replay ----------------------------------------------------------------------------------------
+
+ESTIMATORS = ("delta-linear", "delta-fd", "aa-linear", "aa-fd", "aa-ggn", "aa-ggn-fd", "aa-hvp", "aa-hvp-fd")
+
+
+def replay_truth(pipe: DigitsPipeline) -> tuple[dict[tuple[str, str], torch.Tensor], float]:
+    """``τ_k`` per (stage, behavior) by replay (one counterfactual model per stage, every behavior), and seconds."""
+    from ..estimators.replay import replay_model
+
+    start = time.perf_counter()
+    truth = {}
+    with torch.no_grad():
+        final = {b: f(pipe.model) for b, f in pipe.behaviors.items()}
+        for stage in pipe.ledger.stages:
+            cf = replay_model(pipe.ledger, pipe.model, stage.index, stage_fns=pipe.stage_fns)
+            for b, f in pipe.behaviors.items():
+                truth[(stage.name, b)] = (final[b] - f(cf)).double()
+    return truth, time.perf_counter() - start
+
+
+def fidelity_rows(
+    pipe: DigitsPipeline, names: tuple[str, ...] = ESTIMATORS, truth: dict | None = None, **options: Any
+) -> dict[str, dict[str, Any]]:
+    """Per estimator: the fidelity figures of ``estimators.fidelity.fidelity`` against replay, plus ``seconds``."""
+    from .. import estimators
+    from ..estimators.fidelity import fidelity
+
+    truth = truth if truth is not None else replay_truth(pipe)[0]
+    rows = {}
+    for name in names:
+        start = time.perf_counter()
+        est = {}
+        for b, f in pipe.behaviors.items():
+            result = estimators.get(name).estimate(pipe.ledger, pipe.model, f, **options)
+            est.update({(stage, b): v for stage, v in result.per_example.items()})
+        rows[name] = dict(fidelity(est, truth, terminal_stage=pipe.ledger.stages[-1].name))
+        rows[name]["seconds"] = time.perf_counter() - start
+    return rows
