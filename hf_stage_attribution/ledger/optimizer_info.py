@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -81,12 +82,13 @@ def has_state(optimizer: Any) -> bool:
     return any(len(s) > 0 for s in unwrap_optimizer(optimizer).state.values())
 
 
-def optimizer_state_tensors(
+def optimizer_state_stream(
     optimizer: Any, names_by_id: dict[int, str], keys: tuple[str, ...] = STATE_KEYS
-) -> dict[str, torch.Tensor]:
-    """Flat ``{"<state key>/<name>": float32 tensor}`` of the optimizer state (scalars as 0-d tensors)."""
+) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], Iterator[tuple[str, torch.Tensor]]]:
+    """``(specs, stream)`` of the optimizer state for ``write_safetensors_stream``: one float32 CPU tensor at a
+    time under ``"<state key>/<name>"`` (scalars as 0-d tensors), so writing it never holds a second full copy."""
     opt = unwrap_optimizer(optimizer)
-    out: dict[str, torch.Tensor] = {}
+    entries: list[tuple[str, Any]] = []
     for group in opt.param_groups:
         for p in group["params"]:
             name = names_by_id.get(id(p))
@@ -95,8 +97,22 @@ def optimizer_state_tensors(
                 continue
             for key in keys:
                 value = state.get(key)
-                if isinstance(value, torch.Tensor):
-                    out[f"{key}/{name}"] = value.detach().to("cpu", torch.float32).clone()
-                elif isinstance(value, (int, float)):
-                    out[f"{key}/{name}"] = torch.tensor(float(value))
-    return out
+                if isinstance(value, (torch.Tensor, int, float)) and not isinstance(value, bool):
+                    entries.append((f"{key}/{name}", value))
+    specs = [
+        (k, torch.float32, tuple(v.shape) if isinstance(v, torch.Tensor) else ()) for k, v in entries
+    ]  # fmt: skip
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for k, v in entries:
+            yield k, (v.detach().to("cpu", torch.float32) if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
+
+    return specs, stream()
+
+
+def optimizer_state_tensors(
+    optimizer: Any, names_by_id: dict[int, str], keys: tuple[str, ...] = STATE_KEYS
+) -> dict[str, torch.Tensor]:
+    """Flat ``{"<state key>/<name>": float32 tensor}`` of the optimizer state (scalars as 0-d tensors)."""
+    _, stream = optimizer_state_stream(optimizer, names_by_id, keys)
+    return {k: v.clone() for k, v in stream}

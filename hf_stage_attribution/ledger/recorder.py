@@ -29,7 +29,7 @@ from .optimizer_info import (
     applied_learning_rates,
     describe_optimizer,
     has_state,
-    optimizer_state_tensors,
+    optimizer_state_stream,
 )
 from .segments import SegmentCapture, plan_segments
 from .storage import (
@@ -198,9 +198,9 @@ class StageRecording:
         self.optimizer_state_policy = "fresh"
         if self.optimizer is not None and has_state(self.optimizer) and not resumed:
             self.optimizer_state_policy = "continued"
-            write_safetensors(
+            write_safetensors_stream(
                 self.partial_dir / "optimizer_state.safetensors",
-                optimizer_state_tensors(self.optimizer, self._names_by_id),
+                *optimizer_state_stream(self.optimizer, self._names_by_id),
             )
         self._capture = SegmentCapture(
             self.partial_dir,
@@ -305,8 +305,8 @@ class StageRecording:
         with io_errors(self.partial_dir):
             self._capture.on_step(t, batches, self._midpoint_state)
 
-    def _midpoint_state(self) -> tuple[Iterator[tuple[str, torch.Tensor]], list, dict[str, torch.Tensor]]:
-        """Announced specs + a stream of θ_mid − θ_start, and the second moments, for the segment capture."""
+    def _midpoint_state(self) -> tuple[Iterator[tuple[str, torch.Tensor]], list, tuple[list, Iterator] | None]:
+        """A stream of θ_mid − θ_start with its announced specs, and the second moments as ``(specs, stream)``."""
         names = self._trainable + list(self._lora)
         specs = [(n, torch.float32, tuple(self._params[n].shape)) for n in names]
 
@@ -316,9 +316,9 @@ class StageRecording:
             for n in self._lora:
                 yield n, self._lora_delta_now(n)
 
-        moments: dict[str, torch.Tensor] = {}
+        moments = None
         if self.optimizer is not None:
-            moments = optimizer_state_tensors(self.optimizer, self._names_by_id, ("exp_avg_sq", "square_avg", "step"))
+            moments = optimizer_state_stream(self.optimizer, self._names_by_id, ("exp_avg_sq", "square_avg", "step"))
         return stream(), specs, moments
 
     def _lora_delta_now(self, base: str) -> torch.Tensor:

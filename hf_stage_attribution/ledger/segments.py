@@ -84,8 +84,8 @@ class SegmentCapture:
             stream, specs, moments = midpoint_state()
             d = self._dir(i)
             write_safetensors_stream(d / "params_delta.safetensors", specs, stream)
-            if moments:
-                write_safetensors(d / "second_moments.safetensors", moments)
+            if moments is not None and moments[0]:  # (specs, stream): written one tensor at a time
+                write_safetensors_stream(d / "second_moments.safetensors", *moments)
             self._status[i]["mid_written"] = True
         if t == b - 1:
             self._flush()
