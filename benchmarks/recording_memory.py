@@ -51,8 +51,13 @@ def run_one(config: str, steps: int, n_embd: int, n_layer: int) -> dict:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"config": config, "peak_rss_mb": peak / 1024, "before_train_mb": base / 1024, "trainable_mb": trainable / 2**20,
-            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    return {
+        "config": config,
+        "peak_rss_mb": peak / 1024,
+        "before_train_mb": base / 1024,
+        "trainable_mb": trainable / 2**20,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def measure(steps: int = 6, n_embd: int = 512, n_layer: int = 8) -> list[dict]:
