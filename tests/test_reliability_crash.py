@@ -10,7 +10,9 @@ same end state as a run that was never killed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -282,6 +284,11 @@ def _check_after_kill(
         assert s.delta() and s.learning_rates
     ledger.final_state().materialize()
     left = ledger.incomplete_stages() + ledger.leftover_files()
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        assert main(["inspect", str(ledger_dir)]) == 0
+    for path in left:  # inspect lists what was left behind and says how to remove it
+        assert path.name in shown.getvalue() and "--remove-incomplete" in shown.getvalue(), shown.getvalue()
     if named:  # from the partial directory's creation until the commit, the partial stage is reported
         assert (not committed and point != "lock-acquired") == bool(ledger.incomplete_stages()), (point, left)
     assert main(["inspect", str(ledger_dir), "--remove-incomplete"]) == 0
@@ -318,6 +325,7 @@ def test_sigkill_at_named_point_leaves_a_loadable_recoverable_ledger(server, bas
 @pytest.mark.parametrize("point", FIRST_STAGE_POINTS)
 def test_sigkill_while_creating_the_ledger(server, tmp_path, point):
     from hf_stage_attribution import StageLedger
+    from hf_stage_attribution.cli.main import main
     from hf_stage_attribution.errors import LedgerError
 
     ledger_dir = tmp_path / "fresh"
@@ -327,8 +335,9 @@ def test_sigkill_while_creating_the_ledger(server, tmp_path, point):
         StageLedger.load(ledger_dir)
     ledger = StageLedger(ledger_dir)
     assert ledger.leftover_files(), "the killed write should have left its temporary file"
-    ledger.remove_incomplete()
-    assert ledger.leftover_files() == []
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["inspect", str(ledger_dir), "--remove-incomplete"]) == 0
+    assert ledger.leftover_files() == [] and list(ledger_dir.iterdir()) == []
     assert "done" in server.run(ledger_dir, "a")
     assert [s.name for s in StageLedger.load(ledger_dir).stages] == ["a"]
 

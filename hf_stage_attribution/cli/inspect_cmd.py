@@ -17,7 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ledger_dir", metavar="LEDGER_DIR", help="directory holding ledger.json")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     p.add_argument("--verify", action="store_true", help="re-hash every stage file against ledger.json")
-    p.add_argument("--remove-incomplete", action="store_true", help="delete stages left by an interrupted recording")
+    p.add_argument(
+        "--remove-incomplete",
+        action="store_true",
+        help="delete stages and temporary files left by an interrupted recording (refused while one is running)",
+    )
     p.set_defaults(func=run)
 
 
@@ -39,16 +43,47 @@ def format_summary(summary: dict) -> str:
     return text
 
 
+def _leftovers_text(ledger) -> str:
+    """Temporary files of killed writes, and who is recording right now (the lock's holder), if anyone."""
+    from ..ledger.storage import lock_holder
+
+    lines = []
+    leftovers = ledger.leftover_files()
+    if leftovers:
+        lines.append("Temporary files of interrupted writes: " + ", ".join(p.name for p in leftovers))
+        lines.append("  remove them with: hf-stage-attribution inspect LEDGER_DIR --remove-incomplete")
+    holder = lock_holder(ledger.dir)
+    if holder:
+        lines.append(
+            f"Locked for writing by pid {holder.get('pid')} on {holder.get('host')} ({holder.get('purpose')}); "
+            "a stage being recorded shows as incomplete until it finishes."
+        )
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..ledger import StageLedger
     from ..ledger.summary import ledger_summary
 
-    ledger = StageLedger.load(args.ledger_dir)
+    directory = Path(args.ledger_dir)
+    if args.remove_incomplete and directory.is_dir() and not (directory / "ledger.json").exists():
+        # a writer killed while creating the ledger: nothing to show, but its leftovers can still go
+        for path in StageLedger(directory).remove_incomplete():
+            print(f"removed incomplete stage or temporary file {path}")
+        print(f"No ledger at {directory} yet (no ledger.json): nothing else to show.")
+        return 0
+    ledger = StageLedger.load(directory)
     if args.remove_incomplete:
         for path in ledger.remove_incomplete():
-            print(f"removed incomplete stage {path}")
+            print(f"removed incomplete stage or temporary file {path}")
     if args.verify:
         ledger.verify()
     summary = ledger_summary(ledger)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    if args.json:
+        summary["leftover_files"] = [p.name for p in ledger.leftover_files()]
+        print(json.dumps(summary, indent=2))
+    else:
+        print("\n".join(t for t in (format_summary(summary), _leftovers_text(ledger)) if t))
     return 0

@@ -341,10 +341,14 @@ class StageLedger:
         return sorted(p for p in stages_dir.iterdir() if p.name not in listed)
 
     def leftover_files(self) -> list[Path]:
-        """Temporary files of writes that a killed process never finished (``.<name>.<random>.tmp``)."""
+        """Temporary files of writes that a killed process never finished (``.<name>.<random>.tmp``), and a
+        ``start.safetensors`` that no ``ledger.json`` lists (the writer died while creating the ledger)."""
         if not self.dir.is_dir():
             return []
-        return sorted(p for p in self.dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+        found = [p for p in self.dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+        if not (self.dir / LEDGER_FILE).exists() and (self.dir / START_FILE).is_file():
+            found.append(self.dir / START_FILE)
+        return sorted(found)
 
     def remove_incomplete(self) -> list[Path]:
         """Delete incomplete stage directories and leftover temporary files; return what was removed.

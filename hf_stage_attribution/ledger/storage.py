@@ -376,6 +376,14 @@ def _directory_guard(directory: Path):
         os.close(fd)
 
 
+def lock_holder(directory: str | os.PathLike) -> dict | None:
+    """Who holds ``<directory>/ledger.lock`` (``pid``, ``host``, ``since``, ``purpose``), or None when unlocked.
+
+    A lock left by a dead process on this host is reported too (the next writer takes it over).
+    """
+    return _read_lock(Path(directory) / LOCK_NAME)
+
+
 def _read_lock(path: Path) -> dict | None:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
