@@ -139,6 +139,8 @@ def stage_embeddings(
     if kind == "delta":
         return StageEmbeddings(ledger, kind)
     wanted = _resolve_stages(ledger, stages)
+    if not allow_identity_propagation:
+        _require_optimizer_information(ledger, kind, wanted)
     options = {"allow_identity_propagation": allow_identity_propagation, **curvature_options}
     if loss_fns:
         options["loss_fns"] = ",".join(sorted(loss_fns))
@@ -161,6 +163,21 @@ def stage_embeddings(
             _metadata(ledger, kind, options, wanted),
         )  # fmt: skip
     return StageEmbeddings(ledger, kind, path)
+
+
+def _require_optimizer_information(ledger: Any, kind: str, wanted: list[int]) -> None:
+    """Propagation through a stage whose optimizer is unknown would silently equal task-vector negation: refuse."""
+    from ..errors import UnsupportedOptimizerError
+    from .selection import lacks_optimizer_information
+
+    first = min(wanted, default=len(ledger.stages))
+    blind = [s.name for s in ledger.stages[first + 1 :] if lacks_optimizer_information(s)]
+    if blind:
+        raise UnsupportedOptimizerError(
+            f"{kind} needs the optimizer and learning rates of later stage(s) {blind}, which were imported from "
+            "checkpoints without them. Use delta-linear/delta-fd, add the optimizer to the import spec, or pass "
+            "allow_identity_propagation=True to treat those stages as leaving the delta unchanged."
+        )
 
 
 def _metadata(ledger: Any, kind: str, options: Mapping[str, Any], wanted: list[int]) -> dict[str, str]:

@@ -22,6 +22,13 @@ from .propagation import recorded_family
 
 def choose_estimator(ledger: Any, loss_fns: Mapping[str, Any] | None = None) -> tuple[str, str]:
     """``(estimator name, reason)`` by the default rule of ESTIMATORS.md §4."""
+    blind = [s.name for s in ledger.stages[1:] if lacks_optimizer_information(s)]
+    if blind:
+        return "delta-linear", (
+            f"later stage(s) {blind} were imported from checkpoints without optimizer information, so only "
+            "task-vector estimators (delta-*) apply; give the stages' optimizer and learning rates in the import spec "
+            "to enable aa-*"
+        )
     later = [s for s in ledger.stages[1:] if s.num_steps and s.learning_rates]
     if not later:
         return "aa-linear", "no stage after the first took optimizer steps, so there is no curvature to propagate"
@@ -49,6 +56,12 @@ def choose_estimator(ledger: Any, loss_fns: Mapping[str, Any] | None = None) -> 
             "loss_fns={stage name: (forward, loss)} to use aa-ggn"
         )
     return "aa-ggn", f"every later stage ({', '.join(s.name for s in later)}) holds curvature material"
+
+
+def lacks_optimizer_information(stage: Any) -> bool:
+    """A stage that changed the model through training we know nothing of (imported without optimizer info)."""
+    source = stage.info.get("source") or {}
+    return stage.optimizer is None and source.get("type") == "checkpoints" and stage.kind != "untracked"
 
 
 @register
