@@ -48,14 +48,19 @@ def test_supported_optimizer_records_no_warning(tmp_path):
     from hf_stage_attribution import StageRecorder
 
     args = F.training_args(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8, optim="sgd")
-    trainer = Trainer(model=F.gpt2(), args=args, train_dataset=F.lm_dataset(),
-                      callbacks=[StageRecorder(tmp_path / "ledger", "sgd")])  # fmt: skip
+    model = F.gpt2()
+    recorder = StageRecorder(tmp_path / "ledger", "sgd", trainer_class="my_lab.trainers.CurriculumTrainer")
+    trainer = Trainer(model=model, args=args, train_dataset=F.lm_dataset(), callbacks=[recorder])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
     assert not [w for w in caught if "estimators support" in str(w.message)]
     (stage,) = StageLedger.load(tmp_path / "ledger").stages
     assert stage.optimizer["type"] == "SGD" and stage.info["notes"] == []
+    assert (
+        stage.info["trainer"]["class"] == "CurriculumTrainer" and stage.info["trainer"]["module"] == "my_lab.trainers"
+    )
+    assert not model._forward_pre_hooks  # the recorder's hook is gone after training
 
 
 def test_another_models_ledger_is_refused_and_left_intact(tmp_path):

@@ -137,3 +137,43 @@ def save_replay_data(
         "collator_rebuildable": bool(collator and collator.get("rebuildable")),
     }
     return summary, notes
+
+
+def save_stage_replay_data(recording: Any, ctx: Any, kind: str, part: Any, trainer_class: dict, metadata: dict):
+    """StageRecorder's entry point: save into ``recording.replay_dir`` (once; a resumed stage keeps what the
+    interrupted run saved) and set ``metadata["replay"]``; returns notes for ``stage.json``."""
+    from ..ledger.storage import read_json
+    from .run_info import train_dataset
+
+    if part.start > 0:
+        metadata["replay"] = {
+            "supported": False,
+            "reason": "the stage continues the optimizer state of the previous stage inside one run; replay the "
+            "whole run instead",
+        }
+        return []
+    replay_dir = recording.replay_dir
+    if (replay_dir / REPLAY_FILE).exists():
+        info = read_json(replay_dir / REPLAY_FILE, "replay file")
+        metadata["replay"] = {
+            "dir": "replay",
+            "file": f"replay/{REPLAY_FILE}",
+            "dataset_saved": bool(info.get("dataset")),
+            "processing_class_saved": bool(info.get("processing_class")),
+            "collator_rebuildable": bool((info.get("collator") or {}).get("rebuildable")),
+        }
+        return []
+    summary, notes = save_replay_data(
+        replay_dir,
+        trainer=ctx.trainer,
+        args=ctx.args,
+        model=ctx.model,
+        dataset=train_dataset(ctx.trainer, ctx.train_dataloader),
+        processing_class=ctx.processing_class,
+        kind=kind,
+        trainer_class=trainer_class,
+        reference=(metadata.get("trl") or {}).get("reference_model"),
+        stage_steps=(part.start, part.end),
+    )
+    metadata["replay"] = summary
+    return notes

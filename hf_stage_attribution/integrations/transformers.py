@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +26,16 @@ from transformers import TrainerCallback
 from ..errors import LedgerError
 from ..ledger.ledger import StageLedger
 from ..ledger.recorder import StageRecording
+from .replay_data import save_stage_replay_data
 from .run_info import find_trainer
 from .stage_metadata import RunContext, build_metadata, optimizer_warning, resolve_trainer_class
+from .stage_plan import StagePart, parse_boundaries, plan_parts
 from .trl import infer_curvature_loss, infer_stage_kind
 
 # Forward keyword arguments that are loss bookkeeping, not inputs (kept out of the captured batches).
 _NOT_INPUTS = ("num_items_in_batch",)
 # Ledger directory → the StageRecorder holding an unfinished recording there, in this process.
 _ACTIVE: dict[str, weakref.ReferenceType] = {}
-
-
-@dataclass(frozen=True)
-class _Part:
-    """One stage of the run: global steps ``[start, end)``."""
-
-    name: str
-    kind: str | None
-    start: int
-    end: int
 
 
 class StageRecorder(TrainerCallback):
@@ -72,9 +63,11 @@ class StageRecorder(TrainerCallback):
         >>> tok = tiny_tokenizer(); model = tiny_gpt2(tok)
         >>> data = Dataset.from_dict({"input_ids": [[4, 5, 6, 7]] * 8, "labels": [[4, 5, 6, 7]] * 8})
         >>> out = tempfile.mkdtemp()
-        >>> args = TrainingArguments(out, max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True)
+        >>> args = TrainingArguments(out, max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+        ...                          disable_tqdm=True, logging_strategy="no", save_strategy="no")
         >>> recorder = StageRecorder(out + "/ledger", "pretrain", stage_kind="pretraining")
-        >>> _ = Trainer(model=model, args=args, train_dataset=data, callbacks=[recorder]).train()
+        >>> _ = Trainer(model=model, args=args, train_dataset=data, callbacks=[recorder]).train()  # doctest: +ELLIPSIS
+        {'train_runtime': ...}
         >>> [(s.name, s.kind, s.num_steps) for s in StageLedger.load(out + "/ledger").stages]
         [('pretrain', 'pretraining', 2)]
     """
@@ -97,30 +90,15 @@ class StageRecorder(TrainerCallback):
         self.curvature_segments = int(curvature_segments)
         self.curvature_examples = int(curvature_examples)
         self.trainer_class = trainer_class
-        self._boundaries = _parse_boundaries(stage_name, stage_boundaries)
+        self._boundaries = parse_boundaries(stage_name, stage_boundaries)
         self.recording: StageRecording | None = None
         self.recorded_stages: list = []
-        self._part: _Part | None = None
-        self._parts: list[_Part] = []
+        self._part: StagePart | None = None
+        self._parts: list[StagePart] = []
         self._context: RunContext | None = None
         self._hooks: list[Any] = []
         self._finalizer: weakref.finalize | None = None
         self._skipped_steps: list[int] = []
-
-    # --- the plan ---------------------------------------------------------------------------------------
-
-    def _plan(self, max_steps: int) -> list[_Part]:
-        names = [self.stage_name] + [name for name, _, _ in self._boundaries]
-        kinds = [self.stage_kind] + [kind or self.stage_kind for _, _, kind in self._boundaries]
-        steps = [0] + [step for _, step, _ in self._boundaries if step < max_steps] + [max_steps]
-        dropped = [name for name, step, _ in self._boundaries if step >= max_steps]
-        if dropped:
-            warnings.warn(
-                f"StageRecorder: stage boundaries {dropped} are at or after the run's last step ({max_steps}); those "
-                "stages are not recorded.",
-                stacklevel=3,
-            )
-        return [_Part(names[i], kinds[i], steps[i], steps[i + 1]) for i in range(len(steps) - 1)]
 
     @property
     def ledger(self) -> StageLedger:
@@ -146,7 +124,7 @@ class StageRecorder(TrainerCallback):
             processing_class=kwargs.get("processing_class"),
             is_main=bool(state.is_world_process_zero),
         )
-        self._parts = self._plan(int(state.max_steps))
+        self._parts = plan_parts(self.stage_name, self.stage_kind, self._boundaries, int(state.max_steps))
         step = int(state.global_step)
         current = next((p for p in self._parts if p.start <= step < p.end), None)
         if current is None:
@@ -196,7 +174,7 @@ class StageRecorder(TrainerCallback):
 
     # --- recording --------------------------------------------------------------------------------------
 
-    def _start(self, part: _Part, resume_at: int | None) -> None:
+    def _start(self, part: StagePart, resume_at: int | None) -> None:
         ctx = self._context
         kind = infer_stage_kind(ctx.args, ctx.model, part.kind)
         recording = StageRecording(
@@ -231,12 +209,12 @@ class StageRecorder(TrainerCallback):
             warnings.warn(f"Stage {part.name!r}: {warning}", UserWarning, stacklevel=3)
             notes.append(warning)
         if self.save_replay_data:
-            notes += self._save_replay(recording, ctx, kind, part, trainer_class, metadata)
+            notes += save_stage_replay_data(recording, ctx, kind, part, trainer_class, metadata)
         metadata["notes"] = notes
         recording.update_metadata(**metadata)
         self._attach_hook(ctx.model)
 
-    def _align_resumed(self, recording: StageRecording, part: _Part, step: int) -> list[str]:
+    def _align_resumed(self, recording: StageRecording, part: StagePart, step: int) -> list[str]:
         done = step - part.start
         have = len(recording.learning_rates)
         recording.truncate(done)
@@ -254,42 +232,6 @@ class StageRecorder(TrainerCallback):
         )
         warnings.warn(message, UserWarning, stacklevel=4)
         return [message]
-
-    def _save_replay(self, recording, ctx, kind, part, trainer_class, metadata) -> list[str]:
-        from .replay_data import REPLAY_FILE, save_replay_data
-        from .run_info import train_dataset
-
-        if part.start > 0:
-            metadata["replay"] = {"supported": False, "reason": "the stage continues the optimizer state of the "
-                                  "previous stage inside one run; replay the whole run instead"}  # fmt: skip
-            return []
-        replay_dir = recording.replay_dir
-        if (replay_dir / REPLAY_FILE).exists():  # resumed: saved by the interrupted run
-            from ..ledger.storage import read_json
-
-            info = read_json(replay_dir / REPLAY_FILE, "replay file")
-            metadata["replay"] = {
-                "dir": "replay",
-                "file": f"replay/{REPLAY_FILE}",
-                "dataset_saved": bool(info.get("dataset")),
-                "processing_class_saved": bool(info.get("processing_class")),
-                "collator_rebuildable": bool((info.get("collator") or {}).get("rebuildable")),
-            }
-            return []
-        summary, notes = save_replay_data(
-            replay_dir,
-            trainer=ctx.trainer,
-            args=ctx.args,
-            model=ctx.model,
-            dataset=train_dataset(ctx.trainer, ctx.train_dataloader),
-            processing_class=ctx.processing_class,
-            kind=kind,
-            trainer_class=trainer_class,
-            reference=(metadata.get("trl") or {}).get("reference_model"),
-            stage_steps=(part.start, part.end),
-        )
-        metadata["replay"] = summary
-        return notes
 
     def _checkpoint(self) -> None:
         if self.recording is not None and self.recording.active:
@@ -340,7 +282,7 @@ class StageRecorder(TrainerCallback):
             )
         other._suspend()
 
-    def _check_resumable(self, part: _Part, step: int) -> None:
+    def _check_resumable(self, part: StagePart, step: int) -> None:
         if not self._context.is_main:
             return
         ledger = self.ledger
@@ -394,26 +336,3 @@ def _release(recording: StageRecording, hooks: list) -> None:
     for handle in hooks:
         handle.remove()
     hooks.clear()
-
-
-def _parse_boundaries(first: str, boundaries: dict[str, int | dict] | None) -> list[tuple[str, int, str | None]]:
-    if not boundaries:
-        return []
-    out: list[tuple[str, int, str | None]] = []
-    for name, value in boundaries.items():
-        step, kind = (value.get("step"), value.get("kind")) if isinstance(value, dict) else (value, None)
-        if isinstance(step, bool) or not isinstance(step, int) or step <= 0:
-            raise LedgerError(
-                f"`stage_boundaries[{name!r}]` must be a positive global step (an int, or {{'step': int, 'kind': "
-                f"str}}), got {value!r}."
-            )
-        out.append((str(name), step, kind))
-    out.sort(key=lambda item: item[1])
-    names = [first] + [name for name, _, _ in out]
-    steps = [step for _, step, _ in out]
-    if len(set(names)) != len(names) or len(set(steps)) != len(steps):
-        raise LedgerError(
-            f"`stage_boundaries` needs distinct stage names (also distinct from {first!r}) and distinct steps, got "
-            f"{boundaries!r}."
-        )
-    return out
