@@ -21,6 +21,20 @@ def reward_length(completions, **kwargs):
     return [len(c) / 10.0 for c in completions]
 
 
+def _trainer_with_lm_collator(model, out, callbacks):
+    """A plain Trainer whose collator holds the tokenizer (the Trainer itself has no processing_class)."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer
+
+    from hf_stage_attribution.testing.lm import toy_corpus
+
+    tok = F.tokenizer()
+    data = Dataset.from_dict(dict(tok(toy_corpus(0).clean[:32], truncation=True, max_length=32)))
+    args = F.training_args(out, max_steps=3, per_device_train_batch_size=8)
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    return Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=callbacks)
+
+
 def _sft(model, out, callbacks):
     from trl import SFTConfig, SFTTrainer
 
@@ -67,16 +81,23 @@ def _record(tmp_path, make, name="stage"):
 
 @pytest.mark.parametrize(
     ("make", "extra"),
-    [(_sft, {}), (_kto, {}), (_dpo_precomputed, {}), (_grpo, {"reward_funcs": [reward_length]})],
-    ids=["sft", "kto", "dpo-precomputed", "grpo"],
+    [
+        (_trainer_with_lm_collator, {}),
+        (_sft, {}),
+        (_kto, {}),
+        (_dpo_precomputed, {}),
+        (_grpo, {"reward_funcs": [reward_length]}),
+    ],
+    ids=["trainer-lm-collator", "sft", "kto", "dpo-precomputed", "grpo"],
 )
 def test_replay_from_the_same_start_reproduces_the_recorded_end(tmp_path, make, extra):
     from hf_stage_attribution.integrations.replay import replay_trainer_stage
 
     trained, start, stage = _record(tmp_path, make)
     info = json.loads((stage.replay_dir / "replay.json").read_text())
-    assert info["config"]["module"].startswith("trl.") and info["dataset"]["num_rows"] > 0
-    assert (stage.replay_dir / "processing_class" / "tokenizer.json").exists()
+    assert info["config"]["module"].startswith(("trl.", "transformers.")) and info["dataset"]["num_rows"] > 0
+    saved = "collator_tokenizer" if make is _trainer_with_lm_collator else "processing_class"
+    assert (stage.replay_dir / saved / "tokenizer.json").exists()
     assert not any(p.suffix in (".pkl", ".pickle", ".bin") for p in stage.replay_dir.rglob("*"))
     replayed = replay_trainer_stage(stage, start, **extra)
     diff = max((p - q).abs().max().item() for p, q in zip(trained.parameters(), replayed.parameters()))

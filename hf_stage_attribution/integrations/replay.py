@@ -101,25 +101,34 @@ def rebuild_arguments(info: dict, output_dir: str) -> Any:
     return config
 
 
+def _load_pretrained(path: Path, class_name: str) -> Any:
+    from transformers import AutoProcessor, AutoTokenizer
+
+    loader = AutoProcessor if "Processor" in class_name else AutoTokenizer
+    return loader.from_pretrained(str(path), trust_remote_code=False)
+
+
 def _processing_class(replay_dir: Path, info: dict) -> Any:
     entry = info.get("processing_class")
     if not entry:
         return None
-    from transformers import AutoProcessor, AutoTokenizer
-
-    loader = AutoProcessor if "Processor" in str(entry.get("class")) else AutoTokenizer
-    return loader.from_pretrained(str(replay_dir / entry["dir"]), trust_remote_code=False)
+    return _load_pretrained(replay_dir / entry["dir"], str(entry.get("class")))
 
 
-def _collator(info: dict, processing_class: Any) -> Any:
+def _collator(info: dict, processing_class: Any, replay_dir: Path) -> Any:
     entry = info.get("collator")
     if not entry or not entry.get("rebuildable"):
         return None
     obj = import_class(entry, "data_collator")
     if "function" in entry:
         return obj
-    fields = {k: (processing_class if isinstance(v, dict) and v.get("$processing_class") else v)
-              for k, v in entry.get("fields", {}).items()}  # fmt: skip
+    fields = {}
+    for name, value in entry.get("fields", {}).items():
+        if isinstance(value, dict) and value.get("$processing_class"):
+            value = processing_class
+        elif isinstance(value, dict) and "$pretrained" in value:
+            value = _load_pretrained(replay_dir / value["$pretrained"], "Tokenizer")
+        fields[name] = value
     return obj(**fields)
 
 
@@ -209,7 +218,9 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
         from datasets import load_from_disk
 
         dataset = load_from_disk(str(replay_dir / info["dataset"]["dir"]))
-    collator = given["data_collator"] if given["data_collator"] is not None else _collator(info, processing_class)
+    collator = given["data_collator"]
+    if collator is None:
+        collator = _collator(info, processing_class, replay_dir)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     reference = _reference(kind, info, model, given["ref_model"], output_dir)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}

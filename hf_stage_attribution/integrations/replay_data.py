@@ -30,8 +30,9 @@ MODEL_DEPENDENT_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps"
 def describe_collator(collator: Any, processing_class: Any) -> dict | None:
     """Class (or function) of the data collator and, for dataclass collators, their fields as JSON.
 
-    A field holding the processing class is written as ``{"$processing_class": true}``; the collator is marked
-    ``rebuildable: false`` when a field holds anything else that JSON cannot carry.
+    A field holding the processing class is written as ``{"$processing_class": true}``, another tokenizer as
+    ``{"$pretrained": "collator_<field>"}`` (saved with ``save_pretrained`` in that folder of the replay directory);
+    the collator is marked ``rebuildable: false`` when a field holds anything else that JSON cannot carry.
     """
     if collator is None:
         return None
@@ -50,8 +51,8 @@ def describe_collator(collator: Any, processing_class: Any) -> dict | None:
             out["fields"][field.name] = value
         elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
             out["fields"][field.name] = list(value)
-        elif hasattr(value, "save_pretrained") and processing_class is not None:
-            out["fields"][field.name] = {"$processing_class": True}
+        elif hasattr(value, "save_pretrained"):  # a tokenizer other than the trainer's: saved beside it
+            out["fields"][field.name] = {"$pretrained": f"collator_{field.name}"}
         else:
             out["rebuildable"] = False
             out.setdefault("unsupported_fields", []).append(field.name)
@@ -102,7 +103,11 @@ def save_replay_data(
     """Write the replay material into ``replay_dir``; returns the ``stage.json["replay"]`` summary and notes."""
     notes: list[str] = []
     replay_dir = Path(replay_dir)
-    collator = describe_collator(getattr(trainer, "data_collator", None), processing_class) if trainer else None
+    collator_obj = getattr(trainer, "data_collator", None) if trainer else None
+    collator = describe_collator(collator_obj, processing_class)
+    for name, value in (collator or {}).get("fields", {}).items():
+        if isinstance(value, dict) and "$pretrained" in value:
+            getattr(collator_obj, name).save_pretrained(str(replay_dir / value["$pretrained"]))
     peft_cfg = peft_config_json(model)
     adapter_file = None
     if peft_cfg is not None:
