@@ -31,7 +31,7 @@ Example:
     >>> import numpy as np
     >>> from hf_stage_attribution.estimators.propagation import run_recurrence
     >>> co = group_coefficients("sgd", {"momentum": 0.9, "weight_decay": 0.1}, [0.1] * 5, buffer_fresh=True)
-    >>> x, b = run_projected([co], np.array([1.0]), np.array([0.0]), theta=np.array([2.0]))
+    >>> x, b = run_projected([co], np.array([1.0]), np.array([0.0]), theta=np.array([2.0]), decay=co.lam_c)
     >>> ref, _ = run_recurrence([0.1] * 5, {"momentum": 0.9, "weight_decay": 0.1}, "SGD", curvature=2.0)
     >>> bool(abs(x[0] - ref) < 1e-12)
     True
