@@ -412,3 +412,59 @@ def test_curvature_shows_and_fades_with_the_later_learning_rate(tmp_path, kind):
     assert lin[0] > 0.3, gaps  # curvature of the later stage's loss makes replay and aa-linear differ
     assert lin[0] > lin[1] > lin[2], gaps
     assert all(gaps[s]["aa-ggn"] < gaps[s]["aa-linear"] for s in gaps), gaps
+
+
+@pytest.mark.parametrize("family", ["sgd", "adam"])
+def test_continued_optimizer_state_carries_the_first_moment_with_curvature(tmp_path, family):
+    """A stage that continued the previous stage's optimizer: the incoming first-moment difference (the momentum
+    tail) enters the Krylov block and the recurrence (no clone-first-step, Adam's step count keeps counting); with a
+    full basis the result equals the dense frozen-curvature recurrence, and the outgoing buffer is returned."""
+    from hf_stage_attribution.estimators.curvature import _MidState, _segment_ranges
+
+    model, data = _mlp(), _ce_data()
+    if family == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, dampening=0.2, weight_decay=0.1)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=0.02, betas=(0.8, 0.99), weight_decay=0.1)
+    ledger = StageLedger(tmp_path / "l")
+    for name, steps in (("s1", 5), ("s2", 9)):
+        with ledger.record_stage(name, model=model, optimizer=opt, loss_fn=CE_PAIR, num_steps=steps) as rec:
+            for t in range(steps):
+                b = tuple(d[(t * 8) % 32 :][:8] for d in data)
+                opt.zero_grad()
+                CE_PAIR[1](CE_PAIR[0](model, b), b).backward()
+                opt.step()
+                rec.step(b)
+    stage = ledger.stages[1]
+    assert stage.optimizer_state_policy == "continued"
+    names = [n for n, _ in model.named_parameters()]
+    n_all = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(5)
+    v = {n: t.double() for n, t in ledger.stages[0].iter_delta()}
+    buf0 = {n: 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in model.named_parameters()}
+    out, info = propagate(v, ledger, 1, model=model, krylov_size=n_all + 3, initial_buffer=buf0)
+    group = stage.optimizer["param_groups"][0]
+    x, m = _flat(v, names), _flat(buf0, names)
+    step0 = int(float(stage.optimizer_state_at_start()["step"][names[0]])) if family == "adam" else 0
+    for seg, a, e in _segment_ranges(stage):
+        op = CurvatureOperator(
+            model, _MidState(ledger.state_at(0), seg.params_delta()), seg.examples(), CE_PAIR, "ggn"
+        )
+        eye = torch.eye(n_all, dtype=torch.float64)
+        c = torch.stack([_flat(op.apply(_unflat(eye[i], model), names), names) for i in range(n_all)], 1)
+        if family == "adam":
+            mom, (b1, b2) = seg.second_moments(), group["betas"]
+            vhat = {n: mom["exp_avg_sq"][n].double().reshape(-1) / (1 - b2 ** float(mom["step"][n])) for n in names}
+            p = torch.cat([1.0 / (vhat[n].sqrt()
+                                  + group["eps"]) for n in names])  # fmt: skip
+        for t in range(a, e):
+            lr, g = stage.learning_rates[t][0], c @ x + group["weight_decay"] * x
+            if family == "sgd":
+                m = 0.9 * m + 0.8 * g
+                x = x - lr * m
+            else:
+                m = b1 * m + (1 - b1) * g
+                x = x - lr / (1 - b1 ** (step0 + t + 1)) * p * m
+    assert step0 == (5 if family == "adam" else 0)
+    assert torch.allclose(_flat(out, names), x, atol=1e-9, rtol=1e-7)
+    assert torch.allclose(_flat(info["buffer"], names), m, atol=1e-9, rtol=1e-7)

@@ -208,7 +208,7 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
     def apply_k(q: torch.Tensor) -> torch.Tensor:
         return layout.flat(op.apply(layout.unflat(q * s), layout.active_names)) * s * curvature_scale
 
-    q, h, _ = block_lanczos(apply_k, starts, krylov_size)
+    q, h, _ = block_lanczos(apply_k, starts, krylov_size, shift=layout.decay_diagonal)
     record["products"] = op.products
     record["basis_size"] = q.shape[1]
     if q.shape[1] == 0:

@@ -35,13 +35,17 @@ def block_lanczos(
     starts: Sequence[torch.Tensor],
     max_size: int,
     *,
+    shift: torch.Tensor | None = None,
     rtol: float = 1e-10,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """An orthonormal basis ``Q`` (``n×r``, ``r ≤ max_size``) of the block Krylov space of ``apply`` from ``starts``,
     the projected operator ``H = Qᵀ A Q`` (``r×r``, symmetrised) and the number of products spent (``= r``).
 
-    A start vector, or a new direction, is dropped when less than ``rtol`` of its norm survives orthogonalisation;
-    a new direction is also dropped when its norm is below ``rtol`` times the largest product norm seen (breakdown).
+    ``shift``: a diagonal ``D`` (vector) added to ``A`` when *growing* the space (``A q + D q``), not in ``H``: the
+    space is then a Krylov space of ``A + D`` (e.g. curvature plus a non-uniform coupled decay) while ``H`` stays the
+    projection of ``A`` alone. A start vector, or a new direction, is dropped when less than ``rtol`` of its norm
+    survives orthogonalisation; a new direction is also dropped when its norm is below ``rtol`` times the largest
+    direction norm seen (breakdown).
     """
     basis: list[torch.Tensor] = []
     for s in starts:
@@ -58,8 +62,11 @@ def block_lanczos(
     images: list[torch.Tensor] = []
     scale = 0.0
     while len(images) < len(basis):
-        w = apply(basis[len(images)]).to(torch.float64)
+        q = basis[len(images)]
+        w = apply(q).to(torch.float64)
         images.append(w)
+        if shift is not None:
+            w = w + shift * q
         norm = float(w.norm())
         scale = max(scale, norm)
         if len(basis) < max_size and norm > 0.0:

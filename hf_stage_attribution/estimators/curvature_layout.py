@@ -90,6 +90,17 @@ class SegmentLayout:
         return self._scale
 
     @property
+    def decay_diagonal(self) -> torch.Tensor | None:
+        """The coupled decay ``λ_c s²`` per active coordinate, or None when it is the same everywhere."""
+        lam = torch.tensor(
+            [_coupled_decay(self.family, g.group) for g in self.groups if g.active], dtype=torch.float64
+        )
+        if lam.numel() == 0:
+            return None
+        diag = lam[torch.from_numpy(self.group_index)] * self.scale**2
+        return None if bool((diag == diag[0]).all()) else diag
+
+    @property
     def precond(self) -> dict[str, torch.Tensor]:
         """The preconditioner ``1/(√v̂+ε)`` per tensor at the segment's midpoint (empty for SGD), read on first use."""
         if self._precond is None:
@@ -218,6 +229,10 @@ class SegmentLayout:
         lam = np.array([c.lam_c for c in coefs])[self.group_index] * (self.scale.numpy() ** 2)
         decay = float(lam[0]) if lam.size and np.all(lam == lam[0]) else (v.T * lam) @ v
         return Projection(coefs, masks, decay)
+
+
+def _coupled_decay(family: str, group: dict) -> float:
+    return float(group.get("weight_decay") or 0.0) if family in ("sgd", "adam", "rmsprop", "adagrad") else 0.0
 
 
 @dataclass
