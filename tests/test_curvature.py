@@ -455,8 +455,7 @@ def test_continued_optimizer_state_carries_the_first_moment_with_curvature(tmp_p
         if family == "adam":
             mom, (b1, b2) = seg.second_moments(), group["betas"]
             vhat = {n: mom["exp_avg_sq"][n].double().reshape(-1) / (1 - b2 ** float(mom["step"][n])) for n in names}
-            p = torch.cat([1.0 / (vhat[n].sqrt()
-                                  + group["eps"]) for n in names])  # fmt: skip
+            p = torch.cat([1.0 / (vhat[n].sqrt() + group["eps"]) for n in names])
         for t in range(a, e):
             lr, g = stage.learning_rates[t][0], c @ x + group["weight_decay"] * x
             if family == "sgd":
