@@ -27,8 +27,18 @@ optimizer, the difference ``b`` of the optimizer's first moment) to the end of s
 shared, each group's per-step scalars act through the projected group masks ``E_g = Vᵀ diag(1_g) V`` (Galerkin),
 learning-rate ratios are folded into ``s``, and only the curvature *correction* is projected (step 5), so the
 curvature-free part stays exact. Stability of a mode is judged with the scalars of the group that holds most of it.
+A coupled decay that differs between coordinates (``λ_c s²``: Adam/RMSprop with coupled decay, or groups with
+different decay) is added to ``K`` when the Krylov space is *grown* (not in the Ritz values), so the space follows
+the operator that actually drives the recurrence; with a basis as large as the model everything is exact.
 
-Cost: per segment ``≤ krylov_size + 1`` products on the captured sample, whatever the number of steps.
+Cost: per segment ``≤ krylov_size`` products on the captured sample (+1 when frozen tensors are perturbed),
+whatever the number of steps. Each product reuses the batch's autograd graph, built once per segment. Cheaper
+settings: ``max_segments`` (use fewer of the recorded segments), ``sample_size``, a smaller ``krylov_size``.
+
+Differences from ESTIMATORS.md §4a worth knowing: the Krylov space starts from the perturbation itself (the block
+``[u, b', f]``), so nothing of ``v`` lies outside it; the "outside component follows ``D_j``" rule is realised by the
+exact ``R_0`` in step 5. The Gauss–Newton/Hessian products run with the model in ``eval()`` mode (no dropout) so that
+the operator is deterministic and symmetric.
 
 Example:
     >>> # v = {name: tensor}  (e.g. a stage delta) ; ledger = StageLedger.load(dir)
