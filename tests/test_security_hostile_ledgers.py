@@ -173,6 +173,13 @@ ESCAPES = {
     ),
     "windows drive": ("ledger.json", lambda j: j["stages"][0].update(dir="C:/bait/stages/000-a"), "stages[0].dir"),
 }
+A = "stages/000-a/stage.json"
+ODD_PATHS = {
+    "NUL byte in a stage dir": ("ledger.json", lambda j: j["stages"][0].update(dir="stages/000-a\x00x"), "dir"),
+    "NUL byte in a delta file": (A, lambda j: j.update(delta_file="a\x00b"), "delta_file"),
+    "over-long path component": ("ledger.json", lambda j: j["stages"][0].update(dir="stages/" + "a" * 300), "dir"),
+    "over-long path": (A, lambda j: j["segments"][0].update(dir="s/" * 3000), "segments[].dir"),
+}
 
 
 @pytest.mark.parametrize("case", sorted(ESCAPES))
@@ -188,6 +195,23 @@ def test_paths_leaving_the_ledger_are_refused(hostile, case):
 
     edit_json(ledger / rel, fill)
     _refused(ledger, watch, UnsafeInputError, names)
+
+
+@pytest.mark.parametrize("case", sorted(ODD_PATHS))
+def test_paths_with_nul_bytes_or_over_long_names_are_refused(hostile, case):
+    ledger, _, watch = hostile
+    rel, mutate, names = ODD_PATHS[case]
+    edit_json(ledger / rel, mutate)
+    _refused(ledger, watch, LedgerFormatError, names)
+
+
+@pytest.mark.parametrize(
+    "rel", ["stages", "stages/000-a", "stages/000-a/stage.json", "stages/000-a/delta.safetensors"]
+)
+def test_symlink_loops_are_refused(hostile, rel):
+    ledger, _, watch = hostile
+    replace_with_link(ledger / rel, ledger / rel)
+    _refused(ledger, watch, UnsafeInputError, "loop")
 
 
 LINKS = [
@@ -274,7 +298,7 @@ def test_remove_incomplete_never_deletes_outside_the_ledger(hostile):
 
 # --- wrong types, huge or negative counts, future versions -----------------------------------------------------
 
-A, B, LEDGER = "stages/000-a/stage.json", "stages/001-b/stage.json", "ledger.json"
+B, LEDGER = "stages/001-b/stage.json", "ledger.json"
 SCHEMA = {
     "negative num_steps": (A, lambda j: j.update(num_steps=-1), "num_steps"),
     "huge num_steps": (A, lambda j: j.update(num_steps=10**30), "num_steps"),

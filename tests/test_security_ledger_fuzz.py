@@ -57,6 +57,10 @@ def _hostile_strings(bait: Path) -> list[str]:
         "C:\\bait",
         "a\x00b",
         "x" * 300,
+        "stages/" + "x" * 300,
+        "stages/a\x00b",
+        "stages/000-a/stage.json",
+        "segments/0/../../..",
         "a" * 64,
     ]
 

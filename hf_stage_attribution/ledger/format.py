@@ -103,11 +103,23 @@ def check_hash(path: Path, value: Any, what: str, optional: bool = False) -> str
     return value
 
 
+MAX_PATH_LENGTH = 1024
+MAX_PATH_PART = 255
+
+
 def check_relative_path(path: Path, value: Any, what: str) -> str:
     if not isinstance(value, str) or not value or value.startswith(("/", "\\")) or ":" in value:
         raise UnsafeInputError(f"{path}: expected `{what}` to be a relative path inside the ledger, found {value!r}.")
     if any(part in ("..", "") for part in Path(value).parts):
         raise UnsafeInputError(f"{path}: `{what}` = {value!r} would leave the ledger directory.")
+    if (
+        any(ord(c) < 32 or c == "\x7f" for c in value)
+        or len(value) > MAX_PATH_LENGTH
+        or any(len(part.encode("utf-8", "surrogatepass")) > MAX_PATH_PART for part in Path(value).parts)
+    ):
+        raise _fail(
+            path, f"`{what}`: a path without control characters, of at most {MAX_PATH_LENGTH} characters", value
+        )
     return value
 
 

@@ -230,10 +230,18 @@ def safe_join(base: str | os.PathLike, relative: str, root: str | os.PathLike | 
     parts = Path(relative).parts
     if any(p in ("..", "") for p in parts):
         raise UnsafeInputError(f"Expected a path inside {base_path}, got {relative!r} which leaves it.")
-    candidate = (base_path / relative).resolve()
+    candidate = _resolve(base_path / relative)
     if candidate != root_path and root_path not in candidate.parents:
         raise UnsafeInputError(f"The path {relative!r} resolves to {candidate}, outside {root_path} (a symlink?).")
     return candidate
+
+
+def _resolve(path: Path) -> Path:
+    """``path.resolve()``, with a clear error for symlink loops, NUL bytes and over-long names."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise UnsafeInputError(f"Cannot resolve the path {str(path)[:300]!r}: {exc}. Refusing it.") from exc
 
 
 def ensure_inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
@@ -243,7 +251,7 @@ def ensure_inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
     through :func:`safe_join`.
     """
     root_path = Path(root).resolve()
-    candidate = Path(path).resolve()
+    candidate = _resolve(Path(path))
     if candidate != root_path and root_path not in candidate.parents:
         raise UnsafeInputError(
             f"{path} resolves to {candidate}, outside the ledger directory {root_path} (a symlink planted in the "
