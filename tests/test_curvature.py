@@ -117,23 +117,31 @@ def test_products_match_dense_matrices(mode):
     assert op.products == 1
 
 
-def test_builtin_causal_lm_loss_gives_symmetric_psd_products():
-    from hf_stage_attribution.testing.lm import tiny_gpt2, tiny_tokenizer
+@pytest.mark.parametrize("loss_type", ["causal-lm", "sequence-classification", "regression"])
+def test_builtin_losses_give_symmetric_psd_gauss_newton_products(loss_type):
+    """Stages recorded through the Trainer name their loss (``stage.curvature_loss``); the built-ins work on
+    ``model(**batch).logits`` of real transformers models (the fused attention kernels are avoided)."""
+    from hf_stage_attribution.testing.lm import tiny_bert_classifier, tiny_gpt2, tiny_tokenizer
 
     tok = tiny_tokenizer()
-    model = tiny_gpt2(tok)
-    enc = tok(["the weather today is nice", "our team played well"], return_tensors="pt", padding=True)
-    stage = type("S", (), {"name": "sft", "loss_fn": None, "curvature_loss": {"type": "causal-lm"}})()
+    batch = dict(tok(["the weather today is nice", "our team played well"], return_tensors="pt", padding=True))
+    if loss_type == "causal-lm":
+        model, prefix = tiny_gpt2(tok), "h.0."
+    else:
+        model = tiny_bert_classifier(tok, num_labels=1 if loss_type == "regression" else 3)
+        batch["labels"] = torch.tensor([0.5, -1.0]) if loss_type == "regression" else torch.tensor([2, 0])
+        prefix = "classifier"
+    stage = type("S", (), {"name": "sft", "loss_fn": None, "curvature_loss": {"type": loss_type}})()
     spec = resolve_loss(stage, None, "ggn")
-    assert spec is BUILTIN_LOSSES["causal-lm"]
+    assert spec is BUILTIN_LOSSES[loss_type]
     state = {n: p.detach() for n, p in model.named_parameters()}
-    op = CurvatureOperator(model, state, [dict(enc)], spec, mode="ggn")
-    names = [n for n in state if "h.0." in n][:4]
+    op = CurvatureOperator(model, state, [batch], spec, mode="ggn")
+    names = [n for n in state if n.startswith(prefix) or f".{prefix}" in n][:4]
     gen = torch.Generator().manual_seed(0)
     u, w = ({n: torch.randn(state[n].shape, generator=gen) for n in names} for _ in range(2))
     gu, gw = op.apply(u, names), op.apply(w, names)
     dot = lambda a, b: sum(float((a[n].double() * b[n].double()).sum()) for n in names)  # noqa: E731
-    assert dot(u, gu) >= 0 and dot(w, gw) >= 0
+    assert dot(u, gu) > 0 and dot(w, gw) > 0
     assert abs(dot(w, gu) - dot(u, gw)) <= 1e-4 * (abs(dot(w, gu)) + 1e-8)
 
 

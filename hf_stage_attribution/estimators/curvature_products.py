@@ -9,8 +9,8 @@ forward-over-reverse on the whole loss. Nothing is materialised but the vectors.
 Built-in losses for stages recorded through the Hugging Face Trainer (``stage.curvature_loss["type"]``), all on
 ``model(**batch).logits`` (``labels`` removed from the inputs): ``causal-lm`` (shifted next-token cross-entropy,
 ``-100`` ignored; labels default to ``input_ids`` with padding masked), ``masked-lm`` / ``token-classification``
-(unshifted), ``sequence-classification`` (cross-entropy; mean squared error for one output or float labels) and
-``regression``.
+(unshifted), ``sequence-classification`` (cross-entropy; mean squared error for one output, binary cross-entropy for
+multi-label float labels) and ``regression``.
 
 Example:
     >>> import torch
@@ -70,11 +70,13 @@ def _token_loss(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
 
 
 def _sequence_loss(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """As transformers' sequence classifiers: MSE for one output (regression), binary cross-entropy for float labels
+    shaped like the logits (multi-label), cross-entropy otherwise."""
     labels = batch["labels"]
-    if logits.shape[-1] == 1 or labels.is_floating_point():
-        return torch.nn.functional.mse_loss(
-            logits.squeeze(-1), labels.to(logits.dtype).reshape(logits.squeeze(-1).shape)
-        )
+    if logits.shape[-1] == 1:
+        return torch.nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(logits.shape[:-1]))
+    if labels.is_floating_point() and labels.shape == logits.shape:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
     return torch.nn.functional.cross_entropy(logits, labels)
 
 
