@@ -244,6 +244,12 @@ def test_links_that_stay_inside_the_ledger_are_fine(hostile):
     read_everything(ledger)
 
 
+def test_a_ledger_reached_through_a_symlinked_directory_loads(hostile, tmp_path):
+    ledger, _, _ = hostile
+    (tmp_path / "alias").symlink_to(ledger, target_is_directory=True)
+    assert [s.name for s in read_everything(tmp_path / "alias").stages] == ["a", "b"]
+
+
 def test_replay_and_embeddings_links_leaving_the_ledger_are_refused(hostile):
     ledger, bait, watch = hostile
     (bait / "replay").mkdir()
