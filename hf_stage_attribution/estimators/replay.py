@@ -37,11 +37,23 @@ def _working_copy(model: torch.nn.Module) -> torch.nn.Module:
     from ..params import is_peft_model
 
     work = copy.deepcopy(model)
+    _drop_forward_wrappers(work)
     if is_peft_model(work):
         work = work.unload()
         for p in work.parameters():
             p.requires_grad_(True)
     return work
+
+
+def _drop_forward_wrappers(model: torch.nn.Module) -> None:
+    """Remove instance-level ``forward`` wrappers (Accelerate/Trainer set them during training).
+
+    They are closures over the *original* model's forward, so a deep copy would still run the original's
+    parameters; the class's own ``forward`` is what a replayed copy must use.
+    """
+    for module in model.modules():
+        for attr in ("forward", "_original_forward"):
+            module.__dict__.pop(attr, None)
 
 
 def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
