@@ -42,3 +42,29 @@ def swapped_parameters(model: torch.nn.Module, values: Mapping[str, torch.Tensor
         with torch.no_grad():
             for name, original in saved.items():
                 params[name].copy_(original)
+
+
+def drop_forward_wrappers(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove instance-level ``forward`` wrappers that Trainer/Accelerate leave on a trained model.
+
+    They are closures over the model's *original* forward: after ``copy.deepcopy`` the copy would still run the
+    original's parameters. Removing them restores each class's own ``forward``. Returns the model.
+    """
+    for module in model.modules():
+        for attr in ("forward", "_original_forward"):
+            module.__dict__.pop(attr, None)
+    return model
+
+
+def clean_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy that really runs its own parameters (see :func:`drop_forward_wrappers`).
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(1, 1); c = clean_copy(m)
+        >>> c.weight is m.weight
+        False
+    """
+    import copy
+
+    return drop_forward_wrappers(copy.deepcopy(model))

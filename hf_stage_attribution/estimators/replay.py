@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import ReplayError
+from ..model_state import clean_copy
 from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, register, resolve_stages
 
 StageFn = Callable[..., Any]
@@ -36,24 +36,12 @@ StageFn = Callable[..., Any]
 def _working_copy(model: torch.nn.Module) -> torch.nn.Module:
     from ..params import is_peft_model
 
-    work = copy.deepcopy(model)
-    _drop_forward_wrappers(work)
+    work = clean_copy(model)
     if is_peft_model(work):
         work = work.unload()
         for p in work.parameters():
             p.requires_grad_(True)
     return work
-
-
-def _drop_forward_wrappers(model: torch.nn.Module) -> None:
-    """Remove instance-level ``forward`` wrappers (Accelerate/Trainer set them during training).
-
-    They are closures over the *original* model's forward, so a deep copy would still run the original's
-    parameters; the class's own ``forward`` is what a replayed copy must use.
-    """
-    for module in model.modules():
-        for attr in ("forward", "_original_forward"):
-            module.__dict__.pop(attr, None)
 
 
 def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,13 +68,13 @@ def build_lm_pipeline(
     curvature_segments: int = 3,
 ) -> LMPipeline:
     """Train and record the four stages; save the final model; return the ledger, model and behaviors."""
-    import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from ..integrations.transformers import StageRecorder
+    from ..model_state import clean_copy
     from ..testing.lm import preference_pairs, tiny_gpt2, tiny_tokenizer, toy_corpus
 
     cfg = SIZES[size]
@@ -136,7 +135,7 @@ def build_lm_pipeline(
     # 4. DPO: clean completions preferred over toxic ones
     DPOTrainer(
         model=model,
-        ref_model=copy.deepcopy(model),
+        ref_model=clean_copy(model),  # a plain deepcopy would still run the policy's wrapped forward
         args=DPOConfig(**_trl_args(**_common_args(work / "dpo", cfg["dpo"], 1e-3, seed), beta=0.1, max_length=64)),
         train_dataset=Dataset.from_list(preference_pairs(seed)),
         processing_class=tokenizer,
