@@ -212,6 +212,15 @@ class StageRecording:
         if resumed:
             self._restore_progress()
 
+    def _optimizer_description(self) -> dict | None:
+        """Type and per-group hyperparameters; ``lr`` is the first applied rate (all are in ``learning_rates``)."""
+        if self.optimizer is None:
+            return None
+        description = describe_optimizer(self.optimizer, self._names_by_id)
+        for group, lr in zip(description["param_groups"], self.learning_rates[0] if self.learning_rates else []):
+            group["lr"] = lr
+        return description
+
     def _name_parameters(self) -> dict[int, str]:
         names = {id(p): n for n, p in self._params.items()}
         for base, info in self._lora.items():
@@ -318,7 +327,8 @@ class StageRecording:
 
         moments = None
         if self.optimizer is not None:
-            moments = optimizer_state_stream(self.optimizer, self._names_by_id, ("exp_avg_sq", "square_avg", "step"))
+            keys = ("exp_avg_sq", "square_avg", "sum", "max_exp_avg_sq", "step")  # Adam, RMSprop, Adagrad, amsgrad
+            moments = optimizer_state_stream(self.optimizer, self._names_by_id, keys)
         return stream(), specs, moments
 
     def _lora_delta_now(self, base: str) -> torch.Tensor:
@@ -494,7 +504,7 @@ class StageRecording:
             "index": self.index,
             "name": self.name,
             "kind": self.kind,
-            "optimizer": describe_optimizer(self.optimizer, self._names_by_id) if self.optimizer is not None else None,
+            "optimizer": self._optimizer_description(),
             "learning_rates": self.learning_rates,
             "num_steps": len(self.learning_rates),
             "trainable_parameters": sorted(set(all_dense) | set(self._lora)),
