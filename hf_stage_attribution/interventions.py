@@ -105,15 +105,18 @@ def _replay_point(ledger, model, stage, target, metrics, stage_fns, replay: bool
             if replay is False
             else ("no stage functions were given and the later stages hold no replay data")
         )
-        return None, None, f"replay without stage {stage.name!r} not run: {why}"
+        return None, None, f"Replay without stage {stage.name!r} not run: {why}"
     try:
         cf = replay_model(ledger, model, stage.index, stage_fns=stage_fns)
     except ReplayError as exc:
         if replay:
             raise
-        return None, None, f"replay without stage {stage.name!r} not available: {exc}"
+        return None, None, f"Replay without stage {stage.name!r} not available: {exc}"
     cf.eval()
-    note = f"replay: stage {stage.name!r} removed, {len(later)} later stage(s) re-run with their recorded recipe"
+    note = (
+        f"Replay without stage {stage.name!r}: the stage removed and the {len(later)} later stage(s) re-run with "
+        "their recorded recipe"
+    )
     return _evaluate(cf, target, metrics, "replay", 1.0), cf, note
 
 
@@ -151,10 +154,17 @@ def choose(
 
     chosen = min(feasible, key=lambda p: (score(p), abs(p.alpha)))
     rule = "no constraint" if constraint is None else constraint.describe()
-    return chosen, (
+    message = (
         f"α={chosen.alpha:g} chosen: the {'lowest' if direction == 'decrease' else 'highest'} {objective} among the "
         f"{len(feasible)} of {len(points)} α values that meet the constraint ({rule})."
     )
+    before = baseline.target if objective == "target" else baseline.metrics[objective]
+    if score(chosen) >= (before if direction == "decrease" else -before):
+        message += (
+            f" It does not {direction} {objective} relative to the original model: scaling this stage down does not "
+            "help here."
+        )
+    return chosen, message
 
 
 def _constraint_margin(point: SweepPoint, baseline: SweepPoint, constraint: Constraint) -> float:

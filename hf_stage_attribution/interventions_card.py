@@ -78,7 +78,7 @@ def render_section(result: Any, saved: Any = None, plot_name: str | None = "inte
         f"- Trade-off: {result.headline()}",
     ]
     if result.replay_note:
-        lines.append(f"- Replay: {result.replay_note}.")
+        lines.append(f"- {result.replay_note}.")
     lines += ["", "### Sweep", "", result.to_markdown(), ""]
     lines.append(
         "`variant`: `original` is the unedited final model, `delta` subtracts α·Δ_k (task-vector negation, for "

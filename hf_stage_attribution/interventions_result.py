@@ -25,7 +25,13 @@ RESULT_FORMAT_VERSION = 1
 class SweepPoint:
     """One evaluated model: ``variant`` (``original``, an embedding kind such as ``aa-linear`` or ``delta``, or
     ``replay``), its ``alpha``, the target behavior's mean and the utility metrics; ``feasible`` says whether it
-    meets the constraint (None: no constraint, or not a candidate)."""
+    meets the constraint (None: no constraint, or not a candidate).
+
+    Example:
+        >>> p = SweepPoint("aa-linear", 0.5, 1.25, {"accuracy": 96.0}, True)
+        >>> SweepPoint.from_dict(p.to_dict()) == p
+        True
+    """
 
     variant: str
     alpha: float
@@ -115,14 +121,16 @@ class InterventionResult:
 
     # --- text ------------------------------------------------------------------------------------------------
 
-    def _columns(self) -> list[str]:
+    def _columns(self, groups: bool = True) -> list[str]:
         names = list(self.baseline.metrics)
         first = [self.accuracy_metrics[k] for k in ("average", "worst_group") if k in self.accuracy_metrics]
-        return first + [n for n in names if n not in first and "[" not in n] + [n for n in names if "[" in n]
+        rest = [n for n in names if n not in first and "[" not in n]
+        return first + rest + ([n for n in names if "[" in n] if groups else [])
 
-    def rows(self) -> list[list[str]]:
-        """Table rows (strings): variant, α, target, utilities..., meets constraint, chosen."""
-        cols = self._columns()
+    def rows(self, groups: bool = True) -> list[list[str]]:
+        """Table rows (strings): variant, α, target, utilities (per-group accuracies with ``groups``), meets
+        constraint, chosen."""
+        cols = self._columns(groups)
         out = []
         for p in [self.baseline, *self.sweep(), *self.sweep("delta" if self.kind != "delta" else "-"),
                   *([self.replay] if self.replay else [])]:  # fmt: skip
@@ -133,15 +141,15 @@ class InterventionResult:
             )
         return out
 
-    def header(self) -> list[str]:
-        return ["variant", "α", self.target_name, *self._columns(), "meets constraint", "chosen"]
+    def header(self, groups: bool = True) -> list[str]:
+        return ["variant", "α", self.target_name, *self._columns(groups), "meets constraint", "chosen"]
 
-    def table(self) -> str:
-        """A plain-text table of the sweep, then the choice and the trade-off."""
+    def table(self, groups: bool = False) -> str:
+        """A plain-text table of the sweep (per-group accuracies with ``groups``), then the choice and trade-off."""
         from .cli.table import render_table
 
-        return "\n".join([render_table(self.header(), self.rows()), "", self.message, self.headline(),
-                          self.replay_note])  # fmt: skip
+        table = render_table(self.header(groups), self.rows(groups))
+        return "\n".join([table, "", self.message, self.headline(), self.replay_note])
 
     def to_markdown(self) -> str:
         head = self.header()

@@ -29,7 +29,13 @@ SWEEP_PLOT = "intervention_sweep.png"
 
 @dataclass
 class SavedIntervention:
-    """Where the intervened model went and whether it reproduces the evaluated figures after reloading."""
+    """Where the intervened model went and whether it reproduces the evaluated figures after reloading.
+
+    Example:
+        >>> s = SavedIntervention(Path("out"), "full", "aa-linear", 0.5, {"target": 1.0}, {"target": 1.0}, 0.0)
+        >>> s.to_dict()["form"], s.max_difference
+        ('full', 0.0)
+    """
 
     directory: Path
     form: str  # "full" or "adapter"
@@ -132,15 +138,16 @@ def _reload(directory: Path, form: str, saved: torch.nn.Module, result: Any, not
         return type(saved).from_pretrained(directory)
     from peft import PeftModel
 
-    from .model_loading import load_model
-
     base_ref = saved.peft_config[saved.active_adapter].base_model_name_or_path
-    if base_ref and Path(base_ref).is_dir():
-        return load_model(directory)
-    notes.append(
-        f"The adapter's base model {base_ref!r} is not a local directory; the reload check used the in-memory base."
-    )
-    base = copy.deepcopy(result.model).unload()
+    base_cls = type(saved.get_base_model())
+    if base_ref and Path(base_ref).is_dir() and hasattr(base_cls, "from_pretrained"):
+        base = base_cls.from_pretrained(base_ref)
+    else:
+        notes.append(
+            f"The adapter's base model {base_ref!r} is not a local directory; the reload check used the in-memory "
+            "base model."
+        )
+        base = copy.deepcopy(result.model).unload()
     return PeftModel.from_pretrained(base, directory)
 
 

