@@ -136,6 +136,26 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+_NUMBER_KEYS = ("lr", "weight_decay", "momentum", "dampening", "alpha", "lr_decay", "initial_accumulator_value")
+_NUMBER_OR_LIST_KEYS = ("eps", "betas")
+_FLAG_KEYS = ("nesterov", "amsgrad", "maximize", "centered", "decoupled_weight_decay")
+
+
+def check_hyperparameters(path: Path, group: dict) -> None:
+    """The hyperparameters readers compute with: numbers (or lists of numbers) and flags, or null."""
+    for key in _NUMBER_KEYS:
+        if group.get(key) is not None and not _is_number(group[key]):
+            raise _fail(path, f"param group `{key}`: a finite number or null", group[key])
+    for key in _NUMBER_OR_LIST_KEYS:
+        value = group.get(key)
+        listed = isinstance(value, list) and bool(value) and all(_is_number(x) for x in value)
+        if value is not None and not _is_number(value) and not listed:
+            raise _fail(path, f"param group `{key}`: a finite number, a list of them, or null", value)
+    for key in _FLAG_KEYS:
+        if group.get(key) is not None and not isinstance(group[key], bool):
+            raise _fail(path, f"param group `{key}`: true, false or null", group[key])
+
+
 def check_lora(path: Path, lora: Any) -> None:
     """``lora``: ``{"modules": {base name: {"scaling": number, "fan_in_fan_out": bool, ...}}, ...}``."""
     if lora is None:
@@ -264,6 +284,7 @@ def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
                 or not all(isinstance(x, str) for x in group.get("params", []))
             ):
                 raise _fail(path, "each param group to be an object with a `params` list of names", group)
+            check_hyperparameters(path, group)
     trainable = data.get("trainable_parameters", [])
     if not isinstance(trainable, list) or not all(isinstance(x, str) for x in trainable):
         raise _fail(path, "`trainable_parameters`: a list of names", trainable)
