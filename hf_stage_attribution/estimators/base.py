@@ -13,13 +13,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from ..behaviors.base import eval_mode  # noqa: F401  (re-exported for the estimators)
 from ..errors import BehaviorError, unknown_name
 
 Behavior = Callable[[torch.nn.Module], torch.Tensor]
@@ -150,18 +150,6 @@ def resolve_stages(ledger: Any, stages: Any = None) -> list[Any]:
         stages = [stages]
     chosen = {ledger.stage(s).index for s in stages}
     return [s for s in ledger.stages if s.index in chosen]
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Evaluate behaviors without dropout; restore each module's training flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def check_inputs(ledger: Any, model: torch.nn.Module, behavior: Behavior, options: dict[str, Any]) -> None:
