@@ -175,6 +175,7 @@ def test_pickle_disguised_as_model_safetensors_is_refused(tmp_path, how):
     assert not (tmp_path / "ledger").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("how", ["raw pickle", "torch.save"])
 def test_malicious_pytorch_model_bin_is_refused_even_when_pickles_are_allowed(tmp_path, how):
     base, later = tmp_path / "base", tmp_path / "later"
