@@ -7,6 +7,7 @@ HTML or end the card section early. Every number says its unit; positive = the s
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,22 @@ def escape_markdown(text: Any) -> str:
             out.append(" ")
         else:
             out.append(ch)
-    return "".join(out)
+    return _escape_line_start("".join(out))
+
+
+_BULLET = re.compile(r"^[-+*](?=\s|$)")
+_RULE = re.compile(r"^[-=_*](?:\s*[-=_*])+\s*$")
+_ORDERED_ITEM = re.compile(r"^(\d{1,9})([.)])(?=\s|$)")
+
+
+def _escape_line_start(text: str) -> str:
+    """Neutralise the block markers a text could start a line with: indented code, list items, rules, setext."""
+    stripped = text.lstrip(" ")
+    if stripped and len(text) - len(stripped) >= 4:
+        text = stripped
+    if _BULLET.match(text) or _RULE.match(text):
+        return "\\" + text
+    return _ORDERED_ITEM.sub(r"\1\\\2", text)
 
 
 def terminal_safe(text: Any) -> str:

@@ -130,6 +130,7 @@ def _shown(text: str) -> str:
 )
 def test_hostile_stage_dataset_and_behavior_names_do_not_change_the_rendered_structure(stage, behavior, data):
     stages = ["s0", stage] if stage.strip() and stage != "s0" else ["s0", "s1"]
+    behavior = behavior if behavior.strip() else "b"  # reports refuse blank behavior names (tested elsewhere)
     section = render_section(_report(stages, behavior, data), plot_name=None)
     found = _structure(section)
     assert _tags(found) == _tags(BASELINE)
@@ -137,12 +138,6 @@ def test_hostile_stage_dataset_and_behavior_names_do_not_change_the_rendered_str
     assert _shown(data) in found.cells, "the dataset name should appear, as text, in a table cell"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model_card room: a behavior description (from an untrusted spec) that starts with '---', '- ', '+ ', "
-    "'1. ' or 4 spaces becomes a rule, list or code block in the card (escape_markdown does not escape "
-    "line-start block markers); reported, remove this mark once fixed",
-)
 @pytest.mark.parametrize("description", ["---", "- item", "+ item", "1. item", "    indented code"])
 def test_hostile_behavior_descriptions_do_not_change_the_rendered_structure(description):
     found = _structure(render_section(_report(["s0", "s1"], "toxicity", "corpus", description), plot_name=None))
