@@ -1,0 +1,160 @@
+"""The pipelines the fidelity and cost figures are measured on, built fresh (offline) with a uniform interface.
+
+- ``digits-hf`` / ``digits-decay``: the 3-stage MLP on scikit-learn's digits (``testing.digits``; Hugging Face
+  defaults, and material decay), 7 behaviors, custom-loop recorder, replay by stage functions;
+- ``lm``: the 4-stage GPT-2 pipeline pretraining → SFT → LoRA (merged) → DPO (``examples.lm_pipeline``; Trainer
+  and TRL, ``StageRecorder`` with replay data), 4 behaviors, replay from the recorded replay data;
+- ``toxicity``: all-MiniLM-L6-v2 fine-tuned on identity-biased toxicity data, then a terminal LoRA stage
+  (``recipes/toxicity_classifier_minilm/pipeline.py``), 6 behaviors, replay by the recipe's stage functions.
+
+Example:
+    >>> from benchmarks.pipelines import PIPELINES
+    >>> PIPELINES
+    ('digits-hf', 'digits-decay', 'lm', 'toxicity')
+    >>> # pipe = build("digits-hf", seed=0, settings=Settings.make(quick=True), root=Path("/tmp/b"))
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .common import REPO, Settings
+
+PIPELINES = ("digits-hf", "digits-decay", "lm", "toxicity")
+TOXICITY_RECIPE = REPO / "recipes" / "toxicity_classifier_minilm" / "pipeline.py"
+
+
+@dataclass
+class BenchPipeline:
+    """One recorded pipeline, ready to be attributed: ledger, final model, behaviors and what replay needs."""
+
+    name: str
+    seed: int
+    ledger: Any
+    model: Any
+    behaviors: dict[str, Any]
+    stage_fns: dict[str, Any] | None = None
+    loss_fns: dict[str, Any] | None = None
+    curvature_options: dict[str, Any] = field(default_factory=dict)
+    build_seconds: float = 0.0
+    description: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def build(name: str, seed: int, settings: Settings, root: Path) -> BenchPipeline:
+    """Train and record pipeline ``name`` with ``seed`` under ``root`` (a fresh directory)."""
+    start = time.perf_counter()
+    if name.startswith("digits-"):
+        pipe = _digits(name.split("-", 1)[1], seed, settings, root)
+    elif name == "lm":
+        pipe = _lm(seed, settings, root)
+    elif name == "toxicity":
+        pipe = _toxicity(seed, settings, root)
+    else:
+        raise ValueError(f"unknown pipeline {name!r}; known: {PIPELINES}")
+    pipe.build_seconds = time.perf_counter() - start
+    pipe.ledger.check_model(pipe.model)
+    return pipe
+
+
+def _digits(config: str, seed: int, settings: Settings, root: Path) -> BenchPipeline:
+    from hf_stage_attribution.testing.digits import build_digits_pipeline
+
+    scale = settings.digits_steps_scale
+    p = build_digits_pipeline(config, root / "ledger", seed=seed, steps_scale=scale, base_steps_scale=scale)
+    steps = ", ".join(f"{s.name} {s.steps} steps {s.optimizer} wd={s.weight_decay}" for s in p.specs)
+    return BenchPipeline(
+        f"digits-{config}", seed, p.ledger, p.model, dict(p.behaviors), p.stage_fns,
+        {s.name: p.loss_fn for s in p.ledger.stages},
+        description=f"MLP 64-32-10 on sklearn digits; {steps}",
+    )  # fmt: skip
+
+
+def _lm(seed: int, settings: Settings, root: Path) -> BenchPipeline:
+    from transformers import AutoModelForCausalLM
+
+    from hf_stage_attribution import StageLedger
+    from hf_stage_attribution.examples.lm_pipeline import SIZES, build_lm_pipeline
+
+    from .dpo_curvature import dpo_loss_pair
+
+    p = build_lm_pipeline(root, size=settings.lm_size, seed=seed)
+    # The in-memory model has TRL's patched ``forward`` (a closure over the original model), which a deepcopy keeps:
+    # replay's working copy would evaluate the original weights. The saved final model has no patch.
+    model = AutoModelForCausalLM.from_pretrained(p.model_dir, attn_implementation="eager")
+    model.eval()
+    ledger = StageLedger.load(p.ledger_dir)
+    behaviors = dict(p.behaviors)
+    for behavior in behaviors.values():
+        if getattr(behavior, "needs_prepare", False):
+            behavior.prepare(model)
+    behaviors.update(_lm_logprob_behaviors(p.tokenizer, seed))
+    cfg = SIZES[settings.lm_size]
+    return BenchPipeline(
+        "lm", seed, ledger, model, behaviors, None, {"dpo": dpo_loss_pair(ledger, model, "dpo")}, {"chunk_rows": 1},
+        description=(
+            f"GPT-2 (n_embd={cfg['n_embd']}, n_layer={cfg['n_layer']}) size {settings.lm_size!r}: pretraining "
+            f"{cfg['pretraining']} → SFT {cfg['sft']} → LoRA {cfg['lora']} (merged) → DPO {cfg['dpo']} steps"
+        ),
+        notes=["aa-ggn/aa-hvp: the DPO stage's curvature loss is supplied by benchmarks/dpo_curvature.py "
+               "(no built-in DPO loss in the curvature engine)."],
+    )  # fmt: skip
+
+
+def _lm_logprob_behaviors(tokenizer: Any, seed: int, n: int = 16) -> dict[str, Any]:
+    """Per-sentence summed log-probability of clean and of toxic corpus sentences."""
+    from hf_stage_attribution.behaviors import PerExample
+    from hf_stage_attribution.behaviors.sequences import continuation_logprobs, encode
+    from hf_stage_attribution.testing.lm import toy_corpus
+
+    corpus = toy_corpus(seed)
+    start = tokenizer.bos_token_id
+
+    def logprob(model: Any, texts: list[str]) -> Any:
+        conts = [encode(tokenizer, t) for t in texts]
+        return continuation_logprobs(model, [[start]] * len(conts), conts, pad_id=tokenizer.pad_token_id)
+
+    return {
+        "logprob-clean": PerExample(logprob, corpus.clean[:n], name="logprob-clean", unit="nats"),
+        "logprob-toxic": PerExample(logprob, corpus.toxic[:n], name="logprob-toxic", unit="nats"),
+    }
+
+
+def load_toxicity_recipe() -> Any:
+    """The recipes engineer's ``pipeline.py`` imported by path (recipes are not a package)."""
+    name = "hsa_bench_toxicity_pipeline"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, TOXICITY_RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _toxicity(seed: int, settings: Settings, root: Path) -> BenchPipeline:
+    from hf_stage_attribution import StageLedger
+    from hf_stage_attribution.behaviors import Classification
+
+    recipe = load_toxicity_recipe()
+    p = recipe.build_toxicity_pipeline(root, size=settings.toxicity_size, seed=seed)
+    cfg = p.config
+    behaviors = dict(p.behaviors)
+    common = {"tokenizer": p.tokenizer, "max_length": cfg["max_length"]}
+    for group in ("clean", "clean+term", "toxic", "toxic+term"):
+        rows = [r for r in p.eval_rows if r["group"] == group]
+        behaviors[f"toxic-margin/{group}"] = Classification(rows, measure="margin", target=1, name=group, **common)
+    behaviors["cross-entropy"] = Classification(p.eval_rows, measure="cross-entropy", name="ce", **common)
+    return BenchPipeline(
+        "toxicity", seed, StageLedger.load(p.ledger_dir), p.model, behaviors, p.stage_fns,
+        description=(
+            f"all-MiniLM-L6-v2 (22.7M, pretrained) + 2-class head, size {settings.toxicity_size!r}: fine-tuning "
+            f"{cfg['ft_steps']} steps (identity term tied to toxic labels) → LoRA {cfg['lora_steps']} steps "
+            "(terminal, unmerged)"
+        ),
+    )  # fmt: skip

@@ -1,0 +1,91 @@
+"""The targets the figures are read against (issues 4 and 7), checked on the run's data: met, or missed by how much.
+
+Example:
+    >>> verdict(0.72, ">=", 0.9)
+    (False, 'missed by 0.180')
+    >>> verdict(1.5, "<=", 2.0)
+    (True, 'met with 0.500 to spare')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FLAT_TOLERANCE = 1.10  # "flat in K": the rise at the largest K at most 10 % above the rise at the smallest K
+
+
+def verdict(measured: float | None, op: str, target: float) -> tuple[bool | None, str]:
+    """Whether ``measured op target`` holds, and by how much it is met or missed."""
+    if measured is None:
+        return None, "not measured"
+    gap = measured - target if op == ">=" else target - measured
+    return (True, f"met with {gap:.3f} to spare") if gap >= 0 else (False, f"missed by {-gap:.3f}")
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (target, scope): measured value, target, met, margin, how it was read."""
+    rows: list[dict[str, Any]] = []
+
+    def add(target: str, scope: str, measured: float | None, op: str, goal: float, how: str, show: str = "") -> None:
+        met, margin = verdict(measured, op, goal)
+        shown = show or ("—" if measured is None else f"{measured:.3f}")
+        rows.append({"target": target, "scope": scope, "measured": measured, "shown": shown, "goal": f"{op} {goal}",
+                     "met": met, "margin": margin, "how": how})  # fmt: skip
+
+    for pipeline, block in (results.get("fidelity", {}).get("summary") or {}).items():
+        default = results["fidelity"]["pipelines"][pipeline]["default"]["name"]
+        nt = (block.get(default) or {}).get("non_terminal") or {}
+        how = f"default estimator {default}, non-terminal pairs, seeds pooled"
+        add("Spearman ≥ 0.9", pipeline, nt.get("spearman"), ">=", 0.9, how)
+        add("sign agreement ≥ 90 %", pipeline, nt.get("sign_agreement"), ">=", 0.9, how)
+        add("top-stage agreement 100 %", pipeline, nt.get("top_stage_agreement"), ">=", 1.0, how)
+    for pipeline, cost in (results.get("cost") or {}).items():
+        ggn = cost["estimators"].get("aa-ggn", {})
+        add("aa-ggn ≤ 25 % of replay's time", pipeline, ggn.get("cold_over_replay"), "<=", 0.25,
+            "aa-ggn cold (embeddings + read-out) / replay, median over seeds")  # fmt: skip
+        linear = {n: e["means_only_over_fb"] for n, e in cost["estimators"].items() if "means_only_over_fb" in e}
+        if linear:
+            worst = max(linear, key=linear.get)
+            add("linear estimators ≤ 2 × one forward+backward", pipeline, linear[worst], "<=", 2.0,
+                f"means-only read-out with the embedding cache warm; worst: {worst}")  # fmt: skip
+    overhead = results.get("overhead")
+    if overhead:
+        ratio = overhead["timing"].get("ratio/recorder", {}).get("median")
+        add("recording overhead ≤ 3 %", "Trainer + StageRecorder (defaults)", None if ratio is None else ratio - 1,
+            "<=", 0.03, "median of per-repetition time ratios − 1",
+            "—" if ratio is None else f"{100 * (ratio - 1):.1f} %")  # fmt: skip
+    memory = results.get("memory")
+    if memory:
+        head = {c["K"]: c["phases"][next(iter(c["phases"]))] for c in memory["cases"]}
+        params = memory["cases"][0]["parameter_bytes"]
+        at4 = head.get(4) or head[sorted(head)[len(head) // 2]]
+        add("attribution memory rise ≤ 2 × parameter bytes (K = 4)", "GPT-2 from config", at4["rise"] / params, "<=",
+            2.0, "peak RSS − RSS after loading model and ledger, StageAttributor aa-linear")  # fmt: skip
+        ks = sorted(head)
+        growth = head[ks[-1]]["rise"] / max(head[ks[0]]["rise"], 1)
+        add(f"memory rise flat in K (K={ks[-1]} ≤ {FLAT_TOLERANCE:.2f} × K={ks[0]})", "GPT-2 from config", growth,
+            "<=", FLAT_TOLERANCE, f"rise at K={ks[-1]} / rise at K={ks[0]}")  # fmt: skip
+    dist = results.get("distributed")
+    if dist:
+        worst = max(max(r["max_rel_diff_per_example"], r["max_rel_diff_means"]) for r in dist["estimators"].values())
+        add("2 processes = 1 process to 1e-5 relative", "digits, torchrun", worst, "<=", 1e-5,
+            "largest relative difference of per-example and mean effects", f"{worst:.1e}")  # fmt: skip
+    if "total_seconds" in results and not results["settings"]["quick"]:
+        add("full run < 30 min on 2 CPU cores", "this run", results["total_seconds"] / 60, "<=", 30.0,
+            "wall time of the whole command (machine shared, see load average)",
+            f"{results['total_seconds'] / 60:.1f} min")  # fmt: skip
+    return rows
+
+
+def render(results: dict[str, Any]) -> list[str]:
+    rows = evaluate(results)
+    met = sum(1 for r in rows if r["met"])
+    out = ["## Targets", "", f"{met} of {len(rows)} target checks met.", "",
+           "| target | scope | measured | goal | met | margin | how it is read |",
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        flag = {True: "yes", False: "**no**", None: "—"}[r["met"]]
+        out.append(
+            f"| {r['target']} | {r['scope']} | {r['shown']} | {r['goal']} | {flag} | {r['margin']} | {r['how']} |"
+        )
+    return out + [""]
