@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import platform
 import statistics
@@ -38,10 +39,10 @@ class Settings:
     lm_size: str = "tiny"
     toxicity_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     toxicity_size: str = "small"
-    timing_reps: int = 3
+    timing_min_seconds: float = 1.0  # each timing repeated until this long (once when a single run is longer)
     eps: float = 1e-3
-    overhead_reps: int = 5
-    overhead_model: dict[str, int] = field(default_factory=lambda: {"n_embd": 128, "n_layer": 4, "steps": 200})
+    overhead_reps: int = 4
+    overhead_model: dict[str, int] = field(default_factory=lambda: {"n_embd": 128, "n_layer": 4, "steps": 150})
     memory_model: dict[str, int] = field(
         default_factory=lambda: {"n_embd": 640, "n_layer": 10, "n_head": 10, "vocab": 8192, "positions": 128}
     )
@@ -55,7 +56,7 @@ class Settings:
             return cls(quick=False)
         return cls(
             quick=True, digits_seeds=[0, 1], digits_steps_scale=0.5, lm_seeds=[0], toxicity_seeds=[0],
-            timing_reps=2, overhead_reps=3, overhead_model={"n_embd": 64, "n_layer": 2, "steps": 60},
+            timing_min_seconds=0.5, overhead_reps=3, overhead_model={"n_embd": 64, "n_layer": 2, "steps": 30},
             memory_model={"n_embd": 128, "n_layer": 2, "n_head": 2, "vocab": 2048, "positions": 64},
         )  # fmt: skip
 
@@ -68,6 +69,18 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
+
+
+def repeated(fn: Callable[[], Any], min_seconds: float = 0.5, max_reps: int = 25) -> tuple[Any, float]:
+    """``(first result, median seconds)`` of ``fn`` run until ``min_seconds`` have passed (at least once, at most
+    ``max_reps`` times): millisecond timings get many repetitions, second-long ones a single run."""
+    result, first = timed(fn)
+    times, total = [first], first
+    while total < min_seconds and len(times) < max_reps:
+        _, seconds = timed(fn)
+        times.append(seconds)
+        total += seconds
+    return result, statistics.median(times)
 
 
 def median_spread(values: list[float]) -> dict[str, float]:
@@ -222,7 +235,7 @@ def child_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence library progress bars and warnings while a figure is measured."""
+    """Silence library progress bars, warnings and printed training logs while a figure is measured."""
     import logging
     import warnings
 
@@ -238,7 +251,7 @@ def quiet() -> Iterator[None]:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
 

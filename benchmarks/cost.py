@@ -2,10 +2,10 @@
 
 The floor is one forward+backward pass of the mean behavior over the whole behavior set, with respect to every
 base parameter (``estimators.linear.mean_gradient``: what ``aa-linear`` with ``per_example=False`` does before its
-dot products), median of a few repetitions. Estimator times come from :mod:`.fidelity` (measured in the same
-process, right after the floor): *embeddings* (computing the stage embeddings into an empty cache), *readout* (the
-per-example estimate with the cache warm), *cold* = embeddings + readout, and *means only* (linear estimators with
-``per_example=False``: ESTIMATORS.md §4's "one backward pass + K dot products").
+dot products), median of repetitions filling at least a second. Estimator times come from :mod:`.fidelity`
+(measured in the same process, right after the floor): *embeddings* (computing the stage embeddings into an
+empty cache), *readout* (the per-example estimate with the cache warm), *cold* = embeddings + readout, and *means
+only* (linear estimators with ``per_example=False``: ESTIMATORS.md §4's "one backward pass + K dot products").
 
 Example:
     >>> run = {"floor": {"forward_backward": 2.0}, "replay_seconds": 8.0, "times": {"aa-fd": {"cold": 4.0}}}
@@ -16,31 +16,31 @@ Example:
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from .common import repeated
 
-def floor_seconds(model: torch.nn.Module, behavior: Any, reps: int) -> dict[str, float]:
-    """Median seconds of one forward pass and of one forward+backward pass over the behavior set."""
+
+def floor_seconds(model: torch.nn.Module, behavior: Any, min_seconds: float = 1.0) -> dict[str, float]:
+    """Median seconds of one forward pass and of one forward+backward pass over the behavior set (repeated until
+    ``min_seconds`` have passed, after one warm-up pass)."""
     from hf_stage_attribution.estimators.base import eval_mode
     from hf_stage_attribution.estimators.linear import mean_gradient, parameter_paths
 
     paths = parameter_paths(model)
-    fwd, fb = [], []
+
+    def forward() -> None:
+        with torch.no_grad():
+            behavior(model)
+
     with eval_mode(model):
         mean_gradient(model, behavior, paths)  # warm-up (allocator, lazy kernels)
-        for _ in range(reps):
-            start = time.perf_counter()
-            with torch.no_grad():
-                behavior(model)
-            fwd.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            mean_gradient(model, behavior, paths)
-            fb.append(time.perf_counter() - start)
-    return {"forward": statistics.median(fwd), "forward_backward": statistics.median(fb)}
+        fwd = repeated(forward, min_seconds)[1]
+        fb = repeated(lambda: mean_gradient(model, behavior, paths), min_seconds)[1]
+    return {"forward": fwd, "forward_backward": fb}
 
 
 def ratios(run: Mapping[str, Any]) -> dict[str, dict[str, float]]:

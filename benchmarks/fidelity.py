@@ -1,13 +1,14 @@
 """Fidelity figure: every estimator against replay, per pipeline, over seeds, with the costs of the same run.
 
-Per pipeline and seed (:func:`measure`): the forward+backward floor, replay (the ground truth, timed), then each
-estimator: its stage embeddings computed from an empty cache (timed once per embedding kind and options; an ``-fd``
-estimator reads what its linear sibling computed), its per-example read-out, and for linear estimators the
-means-only read-out; *cold* cost = embeddings + read-out. Also ``aa-ggn``/``aa-ggn-fd`` in ESTIMATORS.md §5's cheap
-configuration, and the *exact first-order response* of real training,
+Per pipeline and seed (:func:`measure`), after an untimed warm-up: the forward+backward floor, replay (the ground
+truth), then each estimator: its stage embeddings computed from an empty cache (timed once per embedding kind and
+options; an ``-fd`` estimator reads what its linear sibling computed), its per-example read-out, and for linear
+estimators the means-only read-out; *cold* cost = embeddings + read-out. Also ``aa-ggn``/``aa-ggn-fd`` in
+ESTIMATORS.md §5's cheap configuration, and the *exact first-order response* of real training,
 ``(f(replay, stage k scaled to 1) − f(replay, stage k scaled to 1 − ε)) / ε``, the ceiling of any first-order
 method. All behaviors of a pipeline are evaluated as one concatenated behavior, so each estimator runs once per
-pipeline and seed.
+pipeline and seed. Every timing is the median of repetitions filling ``settings.timing_min_seconds`` (a single run
+when it is longer).
 
 :func:`summarise` pools the (stage, behavior) pairs of all seeds of a pipeline (a behavior of seed s counts as its
 own behavior) and computes ``estimators.fidelity`` on all pairs and on non-terminal pairs, plus the spread over
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .common import timed
+from .common import repeated, timed
 from .cost import floor_seconds
 
 ESTIMATORS = (
@@ -97,11 +98,15 @@ def measure(pipe: Any, settings: Any) -> dict[str, Any]:
         "behaviors": dict(joint.sizes), "build_seconds": pipe.build_seconds, "description": pipe.description,
         "notes": list(pipe.notes), "default": {"name": default, "reason": reason},
         "default_without_loss_fns": {"name": plain_default, "reason": plain_reason},
-        "floor": floor_seconds(model, joint, settings.timing_reps), "times": {}, "errors": {}, "diagnostics": {},
+        "times": {}, "errors": {}, "diagnostics": {},
     }  # fmt: skip
     values: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
+    for name in ("delta-linear", "delta-fd"):  # warm-up of lazy imports and kernels, not timed
+        estimators.get(name).estimate(ledger, model, joint, **opts)
+    least = settings.timing_min_seconds
+    run["floor"] = floor_seconds(model, joint, least)
 
-    result, seconds = timed(lambda: estimators.get("replay").estimate(ledger, model, joint, **opts))
+    result, seconds = repeated(lambda: estimators.get("replay").estimate(ledger, model, joint, **opts), least)
     values["replay"] = _pairs(joint, result.per_example)
     run["replay_seconds"] = seconds
     run["replay_stage_runs"] = result.diagnostics.get("stages_replayed")
@@ -115,12 +120,11 @@ def measure(pipe: Any, settings: Any) -> dict[str, Any]:
             if kind not in (None, "delta"):
                 key = (kind, repr(sorted(extra.items())))
                 if prepared[0] != key:  # cold: the cache is deleted and the embeddings computed, timed
-                    shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
                     prepared = (None, 0.0)
-                    seconds = timed(partial(est.prepare, ledger, model=model, **_embedding_options(options)))[1]
+                    seconds = repeated(partial(_cold_prepare, est, ledger, model, options), least)[1]
                     prepared = (key, seconds)
                 prepare = prepared[1]  # an -fd estimator reads the embeddings its linear sibling computed
-            result, readout = timed(partial(est.estimate, ledger, model, joint, **options))
+            result, readout = repeated(partial(est.estimate, ledger, model, joint, **options), least)
         except StageAttributionError as exc:  # not applicable here (e.g. lora-exact without a terminal LoRA)
             run["errors"][label] = f"n/a: {type(exc).__name__}: {str(exc)[:300]}"
             continue
@@ -129,7 +133,8 @@ def measure(pipe: Any, settings: Any) -> dict[str, Any]:
             continue
         times = {"embeddings": prepare, "readout": readout, "cold": prepare + readout}
         if name in LINEAR:
-            times["means_only"] = timed(partial(est.estimate, ledger, model, joint, **options, per_example=False))[1]
+            means_only = partial(est.estimate, ledger, model, joint, **options, per_example=False)
+            times["means_only"] = repeated(means_only, least)[1]
         values[label] = _pairs(joint, result.per_example)
         run["times"][label] = times
         run["diagnostics"][label] = {"approximations": list(result.approximations),
@@ -144,6 +149,11 @@ def measure(pipe: Any, settings: Any) -> dict[str, Any]:
     run["means"] = {est: {f"{s}/{b}": float(v.mean()) for (s, b), v in pairs.items()} for est, pairs in values.items()}
     run["_values"] = values  # per-example tensors for summarise (not serialised)
     return run
+
+
+def _cold_prepare(est: Any, ledger: Any, model: torch.nn.Module, options: Mapping[str, Any]) -> None:
+    shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
+    est.prepare(ledger, model=model, **_embedding_options(options))
 
 
 def _merge_curvature(opts: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,10 @@ measures, resetting the peak counter (``/proc/self/clear_refs``) before each:
 
 1. ``StageAttributor(ledger, model, estimator="aa-linear", diagnostics=False).attribute(...)`` (model check,
    stage-embedding computation, per-example read-out): the headline figure;
-2. the same work split into phases: embeddings into an empty cache (``prepare``), ``aa-linear`` per-example (one
-   JVP per stage), ``aa-linear`` means only (one backward + dot products), ``delta-linear`` per-example (reads the
-   ledger's deltas directly). Later phases may find memory the earlier ones left to the allocator.
+2. at K = 4 only, the same work split into phases: embeddings into an empty cache (``prepare``), ``aa-linear``
+   per-example (one JVP per stage), ``aa-linear`` means only (one backward + dot products), ``delta-linear``
+   per-example (reads the ledger's deltas directly). Later phases may find memory the earlier ones left to the
+   allocator.
 
 The rise is ``VmHWM − baseline`` over the model's parameter bytes; a sampling thread splits the peak into anonymous
 memory (tensors) and file-backed pages (memory-mapped safetensors).
@@ -165,8 +166,9 @@ def _warm_up(cfg: dict[str, int]) -> None:
     tiny(input_ids=ids).logits.sum().backward()
 
 
-def measure(case: Path, cfg: dict[str, int]) -> dict[str, Any]:
-    """In a fresh process: load the model and the ledger; the peak of the attribution, then of its phases."""
+def measure(case: Path, cfg: dict[str, int], split_phases: bool = True) -> dict[str, Any]:
+    """In a fresh process: load the model and the ledger; the peak of the attribution, then (``split_phases``) of its
+    phases one by one."""
     from safetensors.torch import load_file
 
     from hf_stage_attribution import StageAttributor, StageLedger, estimators
@@ -190,9 +192,12 @@ def measure(case: Path, cfg: dict[str, int]) -> dict[str, Any]:
             attributor = StageAttributor(ledger, model, estimator="aa-linear", diagnostics=False, show_progress=False)
             attributor.attribute({"logprob": behavior})
 
-        phases = {"attributor (aa-linear, embeddings computed)": _phase(attribute, baseline, case)}
+        out["phases"] = {"attributor (aa-linear, embeddings computed)": _phase(attribute, baseline, case)}
+        if not split_phases:
+            return out
         shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
         lin, delta = estimators.get("aa-linear"), estimators.get("delta-linear")
+        phases = out["phases"]
         phases["embeddings only (prepare)"] = _phase(lambda: lin.prepare(ledger, model=model), baseline, case)
         phases["aa-linear per-example (cached)"] = _phase(
             lambda: lin.estimate(ledger, model, behavior, check_model=False), baseline, case
@@ -203,7 +208,6 @@ def measure(case: Path, cfg: dict[str, int]) -> dict[str, Any]:
         phases["delta-linear per-example"] = _phase(
             lambda: delta.estimate(ledger, model, behavior, check_model=False), baseline, case
         )
-        out["phases"] = phases
     return out
 
 
@@ -223,9 +227,11 @@ def run(settings: Any, work: Path) -> dict[str, Any]:
     run_child(["-m", "benchmarks.memory", *args, *_cfg_args(cfg)], timeout=1800)
     info = json.loads(info_path.read_text())
     cases = []
+    phase_k = 4 if 4 in ks else ks[len(ks) // 2]
     for k in ks:
         path = root / f"K{k}.json"
-        run_child(["-m", "benchmarks.memory", "--measure", str(root / f"K{k}"), "--out", str(path),
+        split = [] if k == phase_k else ["--no-phases"]
+        run_child(["-m", "benchmarks.memory", "--measure", str(root / f"K{k}"), "--out", str(path), *split,
                    *_cfg_args(cfg)], timeout=1800)  # fmt: skip
         case = json.loads(path.read_text())
         for phase in case["phases"].values():
@@ -242,6 +248,7 @@ def main() -> None:
     parser.add_argument("--measure", type=Path)
     parser.add_argument("--ks", default="2,4,8")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--no-phases", action="store_true", help="only the whole attribution, not its phases")
     parser.add_argument("--out", type=Path, required=True)
     for key, default in (("n-embd", 128), ("n-layer", 2), ("n-head", 2), ("vocab", 2048), ("positions", 64)):
         parser.add_argument(f"--{key}", type=int, default=default)
@@ -250,7 +257,7 @@ def main() -> None:
     if a.build is not None:
         result = build(a.build, cfg, [int(k) for k in a.ks.split(",")], a.steps)
     else:
-        result = measure(a.measure, cfg)
+        result = measure(a.measure, cfg, split_phases=not a.no_phases)
     a.out.write_text(json.dumps(result))
 
 

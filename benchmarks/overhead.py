@@ -3,8 +3,8 @@
 A GPT-2 (``testing.lm.tiny_gpt2`` at the configured width/depth) trains as a causal LM on the toy corpus with
 ``transformers.Trainer``. Modes: ``none`` (no callback), ``recorder`` (``StageRecorder`` with its defaults: 3
 curvature segments × 256 examples) and ``recorder+replay`` (``save_replay_data=True``). Time: ``trainer.train()``
-only (the model and trainer are built outside the timer), modes interleaved in a rotating order for every
-repetition after one warm-up run of each, in this process; the ratio is the median of the per-repetition ratios
+only (the model and trainer are built outside the timer), modes interleaved in a rotating order for every repetition
+after one short warm-up run with the recorder, in this process; the ratio is the median of the per-repetition ratios
 with their min–max. Memory: one fresh subprocess per mode resets the peak-RSS counter after building the trainer and
 reads ``VmHWM`` after training; the extra peak is the recorder's rise minus the plain rise. Ledger size: bytes on
 disk of the recorded ledger over the model's parameter bytes.
@@ -63,18 +63,17 @@ def time_modes(cfg: dict[str, int], reps: int) -> dict[str, Any]:
     sizes: dict[str, float] = {}
     model_bytes = 0
     with quiet():
-        for rep in range(-1, reps):  # rep -1: warm-up of every mode, not counted
-            order = MODES[rep % len(MODES) :] + MODES[: rep % len(MODES)] if rep >= 0 else MODES
-            for mode in order:
+        with tempfile.TemporaryDirectory(prefix="hsa-bench-overhead-") as tmp:  # warm-up: every code path, short
+            _setup({**cfg, "steps": 8}, MODES[-1], Path(tmp))[1].train()
+        for rep in range(reps):
+            for mode in MODES[rep % len(MODES) :] + MODES[: rep % len(MODES)]:  # rotating order
                 with tempfile.TemporaryDirectory(prefix="hsa-bench-overhead-") as tmp:
                     model, trainer, ledger = _setup(cfg, mode, Path(tmp))
                     model_bytes = param_bytes(model)
                     gc.collect()
                     start = time.perf_counter()
                     trainer.train()
-                    elapsed = time.perf_counter() - start
-                    if rep >= 0:
-                        seconds[mode].append(elapsed)
+                    seconds[mode].append(time.perf_counter() - start)
                     if ledger is not None:
                         sizes[mode] = dir_bytes(ledger) / model_bytes
     out: dict[str, Any] = {"seconds": {m: median_spread(v) for m, v in seconds.items()}, "raw_seconds": seconds}

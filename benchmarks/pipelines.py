@@ -5,7 +5,7 @@
 - ``lm``: the 4-stage GPT-2 pipeline pretraining → SFT → LoRA (merged) → DPO (``examples.lm_pipeline``; Trainer
   and TRL, ``StageRecorder`` with replay data), 4 behaviors, replay from the recorded replay data;
 - ``toxicity``: all-MiniLM-L6-v2 fine-tuned on identity-biased toxicity data, then a terminal LoRA stage
-  (``recipes/toxicity_classifier_minilm/pipeline.py``), 6 behaviors, replay by the recipe's stage functions.
+  (``recipes/toxicity_classifier_minilm/pipeline.py``), 5 behaviors, replay by the recipe's stage functions.
 
 Example:
     >>> from benchmarks.pipelines import PIPELINES
@@ -149,7 +149,6 @@ def _toxicity(seed: int, settings: Settings, root: Path) -> BenchPipeline:
     for group in ("clean", "clean+term", "toxic", "toxic+term"):
         rows = [r for r in p.eval_rows if r["group"] == group]
         behaviors[f"toxic-margin/{group}"] = Classification(rows, measure="margin", target=1, name=group, **common)
-    behaviors["cross-entropy"] = Classification(p.eval_rows, measure="cross-entropy", name="ce", **common)
     return BenchPipeline(
         "toxicity", seed, StageLedger.load(p.ledger_dir), p.model, behaviors, p.stage_fns,
         description=(

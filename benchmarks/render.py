@@ -121,6 +121,9 @@ def _fidelity(results: dict[str, Any]) -> list[str]:
         if info.get("replay_gap") is not None:
             out += [f"- Replay with nothing removed reproduces θ_K to {info['replay_gap']:.2e} (max abs parameter "
                     "difference; first seed)."]  # fmt: skip
+        if len(info["stages"]) == 2:
+            out += ["- Only one stage is non-terminal here: its top-stage agreement is 100 % by construction, and its "
+                    "Spearman compares behaviors (and seeds) within that stage."]  # fmt: skip
         for note in info.get("notes", []):
             out += [f"- {note}"]
         for name, msg in info.get("errors", {}).items():
@@ -163,7 +166,7 @@ def _overhead(o: dict[str, Any]) -> list[str]:
            f"`Trainer` causal-LM training of a GPT-2 (n_embd={cfg['n_embd']}, n_layer={cfg['n_layer']}, "
            f"{t['model_parameter_bytes'] / MB:.1f} MB of parameters), {cfg['steps']} steps at batch 16 "
            f"({o['seconds_per_step'] * 1000:.0f} ms/step without recorder), modes interleaved, "
-           f"{t['seconds']['none']['n']} repetitions after a warm-up; ratio = median of per-repetition ratios. "
+           f"{t['seconds']['none']['n']} repetitions after a short warm-up; ratio = median of per-repetition ratios. "
            "Memory: one fresh process per mode, rise of peak RSS while training.", ""]  # fmt: skip
     header = ["mode", "train() s median (min–max)", "ratio to none (min–max)", "overhead", "extra peak memory",
               "ledger on disk / model"]  # fmt: skip
