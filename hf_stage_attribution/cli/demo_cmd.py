@@ -61,23 +61,23 @@ def run_lm(out: Path, size: str, validate: bool) -> Path:
 
 
 def run_digits(out: Path, size: str, validate: bool) -> Path:
-    from safetensors.torch import save_file
-
     from ..attributor import StageAttributor
-    from ..testing.digits import build_digits_pipeline
+    from ..behaviors import get as behavior_kind
+    from ..examples.spurious_digits import build_spurious_digits
 
-    _section("Digits classifier: 3 stages, a spurious corner patch in stage 2 (Hugging Face defaults)")
+    _section("Digits classifier: pretraining -> patch (a spurious corner patch on every 7) -> finetune")
     t0 = time.time()
-    scale = 0.3 if size == "tiny" else 1.0
-    pipe = build_digits_pipeline("hf", out / "digits" / "ledger", steps_scale=scale, base_steps_scale=scale)
-    stages = len(pipe.ledger.stages)
-    print(f"trained and recorded {stages} stages in {time.time() - t0:.1f}s; ledger: {pipe.ledger.dir}")
-    model_dir = out / "digits" / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in pipe.model.state_dict().items()}, str(model_dir / "model.safetensors"))
-    attributor = StageAttributor(pipe.ledger, pipe.model, stage_fns=pipe.stage_fns)
-    report = attributor.attribute(pipe.behaviors, validate=validate)
-    readme = model_dir / "README.md"
+    pipe = build_spurious_digits(out / "digits", size="small")
+    print(f"trained and recorded {len(pipe.stages)} stages in {time.time() - t0:.1f}s; ledger: {pipe.ledger_dir}")
+    held_out = pipe.clean_rows[:: max(1, len(pipe.clean_rows) // 120)]
+    behaviors = {
+        **pipe.behaviors,
+        "label-margin": behavior_kind("classification")(held_out, measure="margin", name="label-margin"),
+        "cross-entropy": behavior_kind("classification")(held_out, measure="cross-entropy", name="cross-entropy"),
+    }
+    attributor = StageAttributor(pipe.ledger_dir, pipe.model, stage_fns=pipe.stage_fns)
+    report = attributor.attribute(behaviors, validate=validate)
+    readme = pipe.model_dir / "README.md"
     _publish(report, out / "digits" / "report", readme)
     return readme
 
