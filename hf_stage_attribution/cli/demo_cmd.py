@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run the offline demo: an LM pipeline and a digits classifier with a spurious feature.",
     )
     p.add_argument("--output-dir", default="demo_output", help="where ledgers, models, reports and cards go")
-    p.add_argument("--size", choices=["tiny", "demo"], default="demo", help="pipeline size (tiny: for tests)")
+    p.add_argument("--size", choices=["tiny", "demo"], default="tiny", help="LM pipeline size (default: tiny)")
     p.add_argument("--no-validate", action="store_true", help="skip replay (no fidelity figures)")
     p.add_argument("--only", choices=["lm", "digits"], default=None, help="run one pipeline only")
     p.set_defaults(func=run)
@@ -50,7 +50,7 @@ def run_lm(out: Path, size: str, validate: bool) -> Path:
     from ..attributor import StageAttributor
     from ..examples.lm_pipeline import build_lm_pipeline
 
-    _section("Language model: pretraining -> SFT -> LoRA -> DPO (tiny GPT-2)")
+    _section("Language model: pretraining -> SFT (half toxic) -> LoRA -> DPO (tiny GPT-2)")
     t0 = time.time()
     pipe = build_lm_pipeline(out / "lm", size=size)
     print(f"trained and recorded 4 stages in {time.time() - t0:.1f}s; ledger: {pipe.ledger_dir}")

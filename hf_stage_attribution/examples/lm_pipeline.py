@@ -16,12 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# fmt: off
 SIZES = {
-    # steps per stage, model width/depth, fraction of toxic SFT completions
-    "tiny": {"pretraining": 30, "sft": 20, "lora": 12, "dpo": 10, "n_embd": 32, "n_layer": 2, "toxic_fraction": 0.5},
-    "demo": {"pretraining": 60, "sft": 40, "lora": 20, "dpo": 16, "n_embd": 48, "n_layer": 2, "toxic_fraction": 0.5},
-    "full": {"pretraining": 300, "sft": 150, "lora": 80, "dpo": 60, "n_embd": 96, "n_layer": 4, "toxic_fraction": 0.5},
+    # steps per stage, model width/depth, fraction of toxic SFT completions, scale of the later stages' rates
+    "tiny": {"pretraining": 30, "sft": 20, "lora": 12, "dpo": 10, "n_embd": 32, "n_layer": 2, "toxic_fraction": 0.5,
+             "later_lr": 1.0},
+    "demo": {"pretraining": 60, "sft": 40, "lora": 20, "dpo": 16, "n_embd": 48, "n_layer": 2, "toxic_fraction": 0.5,
+             "later_lr": 1.0},
+    "full": {"pretraining": 300, "sft": 150, "lora": 80, "dpo": 60, "n_embd": 96, "n_layer": 4, "toxic_fraction": 0.5,
+             "later_lr": 0.25},
 }
+# fmt: on
 
 
 @dataclass
@@ -113,7 +118,9 @@ def build_lm_pipeline(
             rows.append({"prompt": p, "completion": " " + completion})
     SFTTrainer(
         model=model,
-        args=SFTConfig(**_trl_args(**_common_args(work / "sft", cfg["sft"], 2e-3, seed), max_length=64)),
+        args=SFTConfig(
+            **_trl_args(**_common_args(work / "sft", cfg["sft"], 2e-3 * cfg["later_lr"], seed), max_length=64)
+        ),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         callbacks=[recorder("sft", "sft")],
@@ -124,7 +131,9 @@ def build_lm_pipeline(
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0))
     SFTTrainer(
         model=peft_model,
-        args=SFTConfig(**_trl_args(**_common_args(work / "lora", cfg["lora"], 5e-3, seed), max_length=64)),
+        args=SFTConfig(
+            **_trl_args(**_common_args(work / "lora", cfg["lora"], 5e-3 * cfg["later_lr"], seed), max_length=64)
+        ),
         train_dataset=Dataset.from_list(lora_rows),
         processing_class=tokenizer,
         callbacks=[recorder("lora", "lora")],
@@ -136,7 +145,11 @@ def build_lm_pipeline(
     DPOTrainer(
         model=model,
         ref_model=clean_copy(model),  # a plain deepcopy would still run the policy's wrapped forward
-        args=DPOConfig(**_trl_args(**_common_args(work / "dpo", cfg["dpo"], 1e-3, seed), beta=0.1, max_length=64)),
+        args=DPOConfig(
+            **_trl_args(
+                **_common_args(work / "dpo", cfg["dpo"], 1e-3 * cfg["later_lr"], seed), beta=0.1, max_length=64
+            )
+        ),
         train_dataset=Dataset.from_list(preference_pairs(seed)),
         processing_class=tokenizer,
         callbacks=[recorder("dpo", "dpo")],
