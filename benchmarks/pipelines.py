@@ -101,8 +101,13 @@ def _lm(seed: int, settings: Settings, root: Path) -> BenchPipeline:
             f"GPT-2 (n_embd={cfg['n_embd']}, n_layer={cfg['n_layer']}) size {settings.lm_size!r}: pretraining "
             f"{cfg['pretraining']} → SFT {cfg['sft']} → LoRA {cfg['lora']} (merged) → DPO {cfg['dpo']} steps"
         ),
-        notes=["aa-ggn/aa-hvp: the DPO stage's curvature loss is supplied by benchmarks/dpo_curvature.py "
-               "(no built-in DPO loss in the curvature engine)."],
+        notes=[
+            "aa-ggn/aa-hvp: the DPO stage's curvature loss is supplied by benchmarks/dpo_curvature.py (no built-in "
+            "DPO loss in the curvature engine).",
+            "The final model is reloaded from disk: the in-memory model returned by build_lm_pipeline keeps TRL's "
+            "patched `forward` (a closure over the original module), which `copy.deepcopy` keeps too, so replay's "
+            "working copy would evaluate the original weights (every replay effect 0).",
+        ],
     )  # fmt: skip
 
 

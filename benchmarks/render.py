@@ -168,13 +168,14 @@ def _overhead(o: dict[str, Any]) -> list[str]:
            f"({o['seconds_per_step'] * 1000:.0f} ms/step without recorder), modes interleaved, "
            f"{t['seconds']['none']['n']} repetitions after a short warm-up; ratio = median of per-repetition ratios. "
            "Memory: one fresh process per mode, rise of peak RSS while training.", ""]  # fmt: skip
-    header = ["mode", "train() s median (min–max)", "ratio to none (min–max)", "overhead", "extra peak memory",
-              "ledger on disk / model"]  # fmt: skip
+    header = ["mode", "train() s median (min–max)", "extra s (median)", "ratio to none (min–max)", "overhead",
+              "extra peak memory", "ledger on disk / model"]  # fmt: skip
     rows = []
     for mode, s in t["seconds"].items():
         ratio = t.get(f"ratio/{mode}")
         rows.append([
             mode, f"{s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f})",
+            f"{s['median'] - t['seconds']['none']['median']:.2f}",
             "1" if ratio is None else f"{ratio['median']:.3f} ({ratio['min']:.3f}–{ratio['max']:.3f})",
             "—" if ratio is None else pct(ratio["median"] - 1), mb(m["extra_peak_bytes"].get(mode)),
             fmt(t["ledger_over_model"].get(mode), 2),
