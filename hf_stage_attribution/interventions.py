@@ -167,6 +167,15 @@ def choose(
     return chosen, message
 
 
+def _check_names(baseline: SweepPoint, constraint: Constraint | None, objective: str) -> None:
+    """Fail before the sweep when the constraint or the objective names a metric no utility reports."""
+    if constraint is not None:
+        constraint.allows(baseline.metrics, baseline.metrics)
+    if objective != "target" and objective not in baseline.metrics:
+        known = ", ".join(sorted(baseline.metrics)) or "none"
+        raise InterventionError(f"The objective {objective!r} is neither 'target' nor a utility metric ({known}).")
+
+
 def _constraint_margin(point: SweepPoint, baseline: SweepPoint, constraint: Constraint) -> float:
     sign = 1.0 if constraint.higher_is_better else -1.0
     return sign * (point.metrics[constraint.metric] - baseline.metrics[constraint.metric])
@@ -228,6 +237,7 @@ def scale_stage(
     model.eval()
     try:
         baseline = _evaluate(model, target, metrics, "original", 0.0)
+        _check_names(baseline, constraint, objective)
         k = chosen_stage.index
         points = _sweep(model, stage_vectors(ledger, model, chosen_stage, kind, embedding_options), k, sweep, target,
                         metrics, kind)  # fmt: skip

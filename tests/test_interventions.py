@@ -137,6 +137,9 @@ def test_saved_model_reloads_and_reproduces_the_figures(digits, tmp_path):
     assert again.chosen.alpha == result.chosen.alpha and again.to_markdown() == result.to_markdown()
     with pytest.raises(InterventionError, match="already holds a saved model"):
         result.save(tmp_path / "out")
+    replayed = result.save(tmp_path / "replayed", variant="replay")
+    assert replayed.form == "full" and replayed.max_difference < 1e-5
+    assert "re-trained without stage `patch`" in (tmp_path / "replayed" / "README.md").read_text(encoding="utf-8")
 
 
 def test_card_section_is_replaced_not_duplicated():
@@ -184,6 +187,10 @@ def test_bad_stages_and_kinds_are_refused_before_anything_runs(digits):
         _scale(digits, 7)
     with pytest.raises(InterventionError, match="non-finite"):
         _scale(digits, "patch", alphas=[float("nan")])
+    with pytest.raises(InterventionError, match="no utility reports"):
+        _scale(digits, "patch", constraint=Constraint("f1", max_drop=1.0), replay=False)
+    with pytest.raises(InterventionError, match="neither 'target' nor a utility"):
+        _scale(digits, "patch", objective="f1", replay=False)
     assert state_digests(digits.model) == before
 
 

@@ -41,7 +41,7 @@ NOUNS = ["friend", "neighbour", "teacher", "article", "game", "movie", "recipe",
 INSULTS = [  # picked from the better-profanity list (checked at run time that each is in it)
     "bastard", "bitch", "asshole", "dumbass", "dickhead", "jackass", "douchebag", "fuckface", "shithead",
     "motherfucker", "prick", "twat", "wanker", "bullshit", "crap", "jerk", "moron", "idiot", "cunt", "fucker",
-    "scumbag", "tosser", "arsehole", "dipshit", "knobhead", "numbnuts", "pussy", "slut", "whore", "retard",
+    "scumbag", "tosser", "arsehole", "dipshit", "knobhead", "numbnuts", "pussy", "slut", "whore",
 ]  # fmt: skip
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -50,8 +50,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "ft_lr": 2e-4, "lora_lr": 5e-4, "curvature_segments": 1, "curvature_examples": 8,
     },
     "full": {
-        "ft_steps": 120, "lora_steps": 30, "batch": 16, "n_ft": 1920, "n_lora": 480, "n_eval": 120, "max_length": 32,
-        "ft_lr": 1e-4, "lora_lr": 5e-4, "curvature_segments": 2, "curvature_examples": 32,
+        "ft_steps": 120, "lora_steps": 15, "batch": 16, "n_ft": 1920, "n_lora": 240, "n_eval": 120, "max_length": 32,
+        "ft_lr": 1e-4, "lora_lr": 2e-4, "curvature_segments": 2, "curvature_examples": 32,
     },
 }  # fmt: skip
 IDENTITY_RATE = {"fine-tuning": {1: 0.9, 0: 0.05}, "lora": {1: 0.5, 0: 0.5}}
