@@ -23,13 +23,14 @@ _LAZY = {
     "StageRecorder": ("hf_stage_attribution.integrations.transformers", "StageRecorder"),
     "behaviors": ("hf_stage_attribution.behaviors", None),
     "estimators": ("hf_stage_attribution.estimators", None),
+    "interventions": ("hf_stage_attribution.interventions", None),
     "write_model_card": ("hf_stage_attribution.model_card", "write_model_card"),
 }
 
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover  (names for type checkers and IDEs)
-    from . import behaviors, estimators  # noqa: F401
+    from . import behaviors, estimators, interventions  # noqa: F401
     from .attributor import StageAttributor  # noqa: F401
     from .integrations.transformers import StageRecorder  # noqa: F401
     from .ledger import StageLedger  # noqa: F401

@@ -42,7 +42,11 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False) -> Any:
             f"{path} needs custom code (config.auto_map) to load; this tool never runs remote code implicitly. "
             "Load the model yourself in Python and use StageAttributor directly."
         )
-    return transformers.AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    raise ModelMismatchError(
+        f"{path} holds a {getattr(config, 'model_type', 'custom')!r} model whose architecture "
+        f"({', '.join(architectures) or 'none listed'}) is not a transformers class. Load it yourself in Python "
+        "and use StageAttributor (or register the class with transformers' Auto classes)."
+    )
 
 
 def _load_adapter(path: Path, trust_remote_code: bool) -> Any:

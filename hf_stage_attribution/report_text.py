@@ -23,6 +23,7 @@ _MD_ESCAPED = set("\\`*_[]|~$#!")
 _HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
 _FIDELITY_LABELS = {
     "num_pairs": "pairs",
+    "n_pairs": "pairs",
     "pearson": "Pearson r",
     "spearman": "Spearman ρ",
     "sign_agreement": "sign agreement",
@@ -202,10 +203,16 @@ def fidelity_view(report: AttributionReport) -> dict[str, Any] | None:
     fid = report.fidelity
     if not fid:
         return None
-    groups = fid if all(isinstance(v, dict) for v in fid.values()) else {"all pairs": fid}
+    blocks = {k: v for k, v in fid.items() if isinstance(v, dict)}
+    groups = blocks if blocks and all(isinstance(v, dict) for v in blocks.values()) else {"all pairs": fid}
+    if "all" in groups or "non_terminal" in groups:  # estimators.fidelity(): {"all", "non_terminal", "terminal_stage"}
+        terminal = fid.get("terminal_stage")
+        excluded = f" (all but {terminal})" if terminal else ""
+        names = {"all": "all pairs", "non_terminal": "non-terminal pairs" + excluded}
+        groups = {names.get(k, k): v for k, v in groups.items()}
     metrics: list[str] = []
-    for figures in groups.values():
-        metrics.extend(k for k in figures if k not in metrics)
+    for figures in groups.values():  # per-behavior breakdowns (dict values) stay in the JSON sidecar
+        metrics.extend(k for k, v in figures.items() if k not in metrics and not isinstance(v, dict))
     rows = []
     for group, figures in groups.items():
         cells = [escape_markdown(group)]

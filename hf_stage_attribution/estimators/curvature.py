@@ -62,6 +62,7 @@ from .curvature_recurrence import run_projected
 from .propagation import recorded_family, run_recurrence
 
 MODES = ("ggn", "hvp")
+PAIRED_BATCH_LOSSES = ("dpo",)  # losses whose batches must not be concatenated (chosen/rejected halves)
 
 
 def _missing_segments(stage: Any) -> MissingCurvatureError:
@@ -167,7 +168,9 @@ def propagate(
             f"Stage {stage.name!r}: curvature products need the model's architecture; pass `model=` (e.g. the final "
             "model: its parameter values are replaced by the ledger's)."
         )
-    loss = resolve_loss(stage, loss_fns, mode) if curved else None
+    loss = resolve_loss(stage, loss_fns, mode, ledger=ledger, model=model) if curved else None
+    if (stage.curvature_loss or {}).get("type") in PAIRED_BATCH_LOSSES:
+        chunk_rows = 1  # each captured batch holds its own chosen/rejected halves: never concatenate batches
     theta_start = ledger.state_at(stage_index - 1) if curved else None
     for seg, start, end in _segment_ranges(stage, max_segments):
         layout = SegmentLayout(stage, seg, family, start, end, continued, buffer_fresh=(start == 0 and not continued))

@@ -89,13 +89,21 @@ BUILTIN_LOSSES: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def resolve_loss(stage: Any, loss_fns: Mapping[str, LossSpec] | None, mode: str) -> LossSpec:
+def resolve_loss(
+    stage: Any, loss_fns: Mapping[str, LossSpec] | None, mode: str, *, ledger: Any = None, model: Any = None
+) -> LossSpec:
     """The loss of ``stage`` for curvature products: ``loss_fns[stage.name]``, else the in-memory ``stage.loss_fn``,
-    else the built-in loss named by ``stage.curvature_loss``. Gauss–Newton needs a ``(forward, loss)`` pair."""
+    else the built-in loss named by ``stage.curvature_loss`` (TRL DPO stages too: their reference log-probabilities
+    need ``ledger`` and ``model``; without them a placeholder check is done). Gauss–Newton needs a pair."""
     spec = (loss_fns or {}).get(stage.name) or getattr(stage, "loss_fn", None)
     kind = (getattr(stage, "curvature_loss", None) or {}).get("type")
     if spec is None and kind in BUILTIN_LOSSES:
         spec = BUILTIN_LOSSES[kind]
+    if spec is None and kind == "dpo":
+        from .curvature_trl import dpo_loss_pair, supports_dpo
+
+        if supports_dpo(stage):
+            spec = dpo_loss_pair(ledger, model, stage) if ledger is not None and model is not None else (None, None)
     if spec is None:
         raise MissingCurvatureError(
             f"Stage {stage.name!r}: curvature products need the stage's loss, found none (curvature_loss="
