@@ -52,7 +52,9 @@ def run_lm(out: Path, size: str, validate: bool) -> Path:
 
     _section("Language model: pretraining -> SFT (half toxic) -> LoRA -> DPO (tiny GPT-2)")
     t0 = time.time()
-    pipe = build_lm_pipeline(out / "lm", size=size)
+    # No curvature material for the LM here: at this size Gauss–Newton products cost more than replaying the stages
+    # (see BENCHMARKS.md), so the default rule picks aa-linear; the recipe lm_sft_lora_dpo records them.
+    pipe = build_lm_pipeline(out / "lm", size=size, curvature_segments=0)
     print(f"trained and recorded 4 stages in {time.time() - t0:.1f}s; ledger: {pipe.ledger_dir}")
     report = StageAttributor(pipe.ledger_dir, pipe.model).attribute(pipe.behaviors, validate=validate)
     readme = pipe.model_dir / "README.md"

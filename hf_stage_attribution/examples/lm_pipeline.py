@@ -70,7 +70,8 @@ def build_lm_pipeline(
     size: str = "demo",
     seed: int = 0,
     save_replay_data: bool = True,
-    curvature_segments: int = 3,
+    curvature_segments: int = 2,
+    curvature_examples: int = 64,
 ) -> LMPipeline:
     """Train and record the four stages; save the final model; return the ledger, model and behaviors."""
     from datasets import Dataset
@@ -92,7 +93,12 @@ def build_lm_pipeline(
 
     def recorder(name: str, kind: str) -> StageRecorder:
         return StageRecorder(
-            ledger_dir, name, stage_kind=kind, save_replay_data=save_replay_data, curvature_segments=curvature_segments
+            ledger_dir,
+            name,
+            stage_kind=kind,
+            save_replay_data=save_replay_data,
+            curvature_segments=curvature_segments,
+            curvature_examples=curvature_examples,
         )
 
     # 1. pretraining: plain Trainer, causal LM on clean sentences
