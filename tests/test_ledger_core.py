@@ -23,7 +23,9 @@ def _train(ledger, model, name, opt, steps=6, sched=None, **kw):
     def loss_fn(m, b):
         return torch.nn.functional.cross_entropy(m(b[0]), b[1])
 
-    with ledger.record_stage(name, model=model, optimizer=opt, scheduler=sched, loss_fn=loss_fn, num_steps=steps, **kw) as rec:
+    with ledger.record_stage(
+        name, model=model, optimizer=opt, scheduler=sched, loss_fn=loss_fn, num_steps=steps, **kw
+    ) as rec:
         for _ in range(steps):
             opt.zero_grad()
             loss_fn(model, (x, y)).backward()
@@ -95,7 +97,10 @@ def test_exception_during_stage_leaves_earlier_stages(tmp_path):
     model = _mlp()
     ledger = StageLedger(tmp_path)
     _train(ledger, model, "a", torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(RuntimeError), ledger.record_stage("b", model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)):
+    with (
+        pytest.raises(RuntimeError),
+        ledger.record_stage("b", model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)),
+    ):
         raise RuntimeError("boom")
     assert [s.name for s in StageLedger.load(tmp_path).stages] == ["a"]
     assert not (tmp_path / "ledger.lock").exists()
