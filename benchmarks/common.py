@@ -41,6 +41,7 @@ class Settings:
     toxicity_size: str = "small"
     timing_min_seconds: float = 1.0  # each timing repeated until this long (once when a single run is longer)
     eps: float = 1e-3
+    sweep_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     overhead_reps: int = 4
     overhead_model: dict[str, int] = field(default_factory=lambda: {"n_embd": 128, "n_layer": 4, "steps": 150})
     memory_model: dict[str, int] = field(
@@ -55,7 +56,8 @@ class Settings:
         if not quick:
             return cls(quick=False)
         return cls(
-            quick=True, digits_seeds=[0, 1], digits_steps_scale=0.5, lm_seeds=[0], toxicity_seeds=[0],
+            quick=True, digits_seeds=[0, 1], digits_steps_scale=0.5, sweep_scales=[0.5, 1.0], lm_seeds=[0],
+            toxicity_seeds=[0],
             timing_min_seconds=0.5, overhead_reps=3, overhead_model={"n_embd": 64, "n_layer": 2, "steps": 30},
             memory_model={"n_embd": 128, "n_layer": 2, "n_head": 2, "vocab": 2048, "positions": 64},
         )  # fmt: skip
@@ -208,6 +210,8 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError, IndexError):
         mem = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1]) * 1024
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "hf_stage_attribution"],
+                            cwd=REPO, capture_output=True, text=True)  # fmt: skip
     packages = ("torch", "transformers", "trl", "peft", "accelerate", "safetensors", "datasets")
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -220,6 +224,7 @@ def machine() -> dict[str, Any]:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
         "load_average_start": list(os.getloadavg()),
         "git_commit": commit.stdout.strip() or "unknown",
+        "package_files_modified": len(status.stdout.splitlines()),
     }
 
 
@@ -256,11 +261,13 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def run_child(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run ``python args...`` from the repository root with :func:`child_env`; raise with its output on failure."""
+def run_child(args: list[str], timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python args...`` from the repository root with :func:`child_env` (plus ``env``); raise with its output
+    on failure."""
     proc = subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout
-    )
+        [sys.executable, *args], cwd=REPO, env={**child_env(), **(env or {})}, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(
             f"benchmark child {args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

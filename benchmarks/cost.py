@@ -80,3 +80,52 @@ def summarise(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
             "seeds": len(group),
         }
     return out
+
+
+CHEAP = {"krylov_size": 8, "max_segments": 1, "sample_size": 64}  # ESTIMATORS.md §5's "cheap configuration"
+
+
+def length_sweep(settings: Any, work: Any) -> dict[str, Any]:
+    """``aa-ggn``'s cold cost against replay's as the later stages get longer (digits, HF defaults, first seed).
+
+    The first stage keeps its length; the later stages' step counts are multiplied by each of
+    ``settings.sweep_scales``. Replay re-runs those steps; ``aa-ggn`` runs a fixed number of curvature products per
+    segment, whatever the segment's length (ESTIMATORS.md §4a)."""
+    import time
+
+    start = time.perf_counter()
+    rows = [_sweep_point(scale, settings.digits_seeds[0], work) for scale in settings.sweep_scales]
+    return {"rows": rows, "figure_seconds": time.perf_counter() - start}
+
+
+def _sweep_point(scale: float, seed: int, work: Any) -> dict[str, Any]:
+    import shutil
+
+    from hf_stage_attribution import estimators
+    from hf_stage_attribution.testing.digits import build_digits_pipeline
+
+    from .common import quiet
+
+    with quiet():
+        p = build_digits_pipeline("hf", work / f"sweep-{scale}", seed=seed, steps_scale=scale)
+    behaviors = list(p.behaviors.values())
+    opts = {"check_model": False, "stage_fns": p.stage_fns, "loss_fns": {s.name: p.loss_fn for s in p.ledger.stages}}
+
+    def joint(model: Any) -> torch.Tensor:
+        return torch.cat([b(model).reshape(-1) for b in behaviors])
+
+    def replay() -> None:
+        estimators.get("replay").estimate(p.ledger, p.model, joint, **opts)
+
+    replay_seconds = repeated(replay, 1.0)[1]
+    row: dict[str, Any] = {"scale": scale, "later_steps": sum(s.num_steps for s in p.ledger.stages[1:]),
+                           "replay_seconds": replay_seconds}  # fmt: skip
+    for label, extra in (("aa-ggn", {}), ("aa-ggn (cheap)", CHEAP)):
+
+        def cold(extra: dict = extra) -> None:
+            shutil.rmtree(p.ledger.embeddings_dir, ignore_errors=True)
+            estimators.get("aa-ggn").estimate(p.ledger, p.model, joint, **opts, curvature_options=extra)
+
+        seconds = repeated(cold, 1.0)[1]
+        row[label] = {"seconds": seconds, "over_replay": seconds / replay_seconds}
+    return row

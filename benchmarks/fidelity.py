@@ -31,12 +31,11 @@ from typing import Any
 import torch
 
 from .common import repeated, timed
-from .cost import floor_seconds
+from .cost import CHEAP, floor_seconds
 
 ESTIMATORS = (
     "delta-linear", "delta-fd", "aa-linear", "aa-fd", "aa-ggn", "aa-ggn-fd", "aa-hvp", "aa-hvp-fd", "lora-exact",
 )  # fmt: skip
-CHEAP = {"krylov_size": 8, "max_segments": 1, "sample_size": 64}  # ESTIMATORS.md §5's "cheap configuration"
 # (label, registry name, extra curvature options); an estimator reading embeddings follows the one computing them
 VARIANTS = [(name, name, {}) for name in ESTIMATORS] + [
     ("aa-ggn (cheap)", "aa-ggn", CHEAP),

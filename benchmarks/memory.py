@@ -15,7 +15,9 @@ measures, resetting the peak counter (``/proc/self/clear_refs``) before each:
    allocator.
 
 The rise is ``VmHWM − baseline`` over the model's parameter bytes; a sampling thread splits the peak into anonymous
-memory (tensors) and file-backed pages (memory-mapped safetensors).
+memory (tensors) and file-backed pages (memory-mapped safetensors), and ``/proc/self/smaps`` gives the resident size
+of each ledger file. At K = 4 the measurement is repeated with ``MALLOC_MMAP_THRESHOLD_`` fixed, which stops glibc
+from keeping freed buffers in its heap: the difference is allocator retention, not memory the code holds.
 
 Example:
     >>> # python -m benchmarks.memory --build /tmp/mem --ks 2,4,8 --n-embd 128 --n-layer 2 --vocab 2048
@@ -33,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from .common import PeakSampler, dir_bytes, param_bytes, proc_status, quiet, reset_peak, run_child
+
+FIXED_THRESHOLD = 131072  # bytes: glibc then returns every freed block above it to the system (no heap retention)
 
 
 def _config(cfg: dict[str, int]) -> Any:
@@ -229,14 +233,21 @@ def run(settings: Any, work: Path) -> dict[str, Any]:
     cases = []
     phase_k = 4 if 4 in ks else ks[len(ks) // 2]
     for k in ks:
-        path = root / f"K{k}.json"
-        split = [] if k == phase_k else ["--no-phases"]
-        run_child(["-m", "benchmarks.memory", "--measure", str(root / f"K{k}"), "--out", str(path), *split,
-                   *_cfg_args(cfg)], timeout=1800)  # fmt: skip
-        case = json.loads(path.read_text())
-        for phase in case["phases"].values():
-            phase["rise_over_parameter_bytes"] = phase["rise"] / case["parameter_bytes"]
-        cases.append(case)
+        runs = [("glibc default", {})]
+        if k == phase_k:
+            runs.append(
+                (f"MALLOC_MMAP_THRESHOLD_={FIXED_THRESHOLD}", {"MALLOC_MMAP_THRESHOLD_": str(FIXED_THRESHOLD)})
+            )
+        for label, env in runs:
+            path = root / f"K{k}-{len(cases)}.json"
+            split = [] if k == phase_k else ["--no-phases"]
+            run_child(["-m", "benchmarks.memory", "--measure", str(root / f"K{k}"), "--out", str(path), *split,
+                       *_cfg_args(cfg)], timeout=1800, env=env)  # fmt: skip
+            case = json.loads(path.read_text())
+            case["malloc"] = label
+            for phase in case["phases"].values():
+                phase["rise_over_parameter_bytes"] = phase["rise"] / case["parameter_bytes"]
+            cases.append(case)
         shutil.rmtree(root / f"K{k}", ignore_errors=True)
     shutil.rmtree(root / "ledger", ignore_errors=True)
     return {"config": cfg, "build": info, "cases": cases, "figure_seconds": time.perf_counter() - start}

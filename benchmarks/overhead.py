@@ -3,11 +3,12 @@
 A GPT-2 (``testing.lm.tiny_gpt2`` at the configured width/depth) trains as a causal LM on the toy corpus with
 ``transformers.Trainer``. Modes: ``none`` (no callback), ``recorder`` (``StageRecorder`` with its defaults: 3
 curvature segments × 256 examples) and ``recorder+replay`` (``save_replay_data=True``). Time: ``trainer.train()``
-only (the model and trainer are built outside the timer), modes interleaved in a rotating order for every repetition
-after one short warm-up run with the recorder, in this process; the ratio is the median of the per-repetition ratios
-with their min–max. Memory: one fresh subprocess per mode resets the peak-RSS counter after building the trainer and
-reads ``VmHWM`` after training; the extra peak is the recorder's rise minus the plain rise. Ledger size: bytes on
-disk of the recorded ledger over the model's parameter bytes.
+only (the model and trainer are built outside the timer), wall clock and CPU time of this process (single-threaded
+training, so CPU time is the less noisy measure on a shared machine), modes interleaved in a rotating order for
+every repetition after one short warm-up run with the recorder, in this process; the ratio is the median of the
+per-repetition ratios with their min–max. Memory: one fresh subprocess per mode resets the peak-RSS counter after
+building the trainer and reads ``VmHWM`` after training; the extra peak is the recorder's rise minus the plain rise.
+Ledger size: bytes on disk of the recorded ledger over the model's parameter bytes.
 
 Example:
     >>> # python -m benchmarks.overhead --child recorder --out /tmp/o.json --n-embd 64 --n-layer 2 --steps 20
@@ -58,8 +59,9 @@ def _setup(cfg: dict[str, int], mode: str, work: Path) -> tuple[Any, Any, Path |
 
 
 def time_modes(cfg: dict[str, int], reps: int) -> dict[str, Any]:
-    """Interleaved repetitions of every mode in this process: seconds per run, ratios, ledger sizes."""
+    """Interleaved repetitions of every mode in this process: wall and CPU seconds per run, ratios, ledger sizes."""
     seconds: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
     sizes: dict[str, float] = {}
     model_bytes = 0
     with quiet():
@@ -71,15 +73,21 @@ def time_modes(cfg: dict[str, int], reps: int) -> dict[str, Any]:
                     model, trainer, ledger = _setup(cfg, mode, Path(tmp))
                     model_bytes = param_bytes(model)
                     gc.collect()
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     trainer.train()
                     seconds[mode].append(time.perf_counter() - start)
+                    cpu[mode].append(time.process_time() - start_cpu)
                     if ledger is not None:
                         sizes[mode] = dir_bytes(ledger) / model_bytes
-    out: dict[str, Any] = {"seconds": {m: median_spread(v) for m, v in seconds.items()}, "raw_seconds": seconds}
+    out: dict[str, Any] = {
+        "seconds": {m: median_spread(v) for m, v in seconds.items()},
+        "cpu_seconds": {m: median_spread(v) for m, v in cpu.items()},
+        "raw_seconds": seconds,
+        "raw_cpu_seconds": cpu,
+    }
     for mode in MODES[1:]:
-        paired = [w / n for w, n in zip(seconds[mode], seconds["none"])]
-        out[f"ratio/{mode}"] = median_spread(paired)
+        out[f"ratio/{mode}"] = median_spread([w / n for w, n in zip(seconds[mode], seconds["none"])])
+        out[f"cpu_ratio/{mode}"] = median_spread([w / n for w, n in zip(cpu[mode], cpu["none"])])
     out["ledger_over_model"] = sizes
     out["model_parameter_bytes"] = model_bytes
     return out

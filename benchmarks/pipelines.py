@@ -81,12 +81,8 @@ def _lm(seed: int, settings: Settings, root: Path) -> BenchPipeline:
     from hf_stage_attribution import StageLedger
     from hf_stage_attribution.examples.lm_pipeline import SIZES, build_lm_pipeline
 
-    from .dpo_curvature import dpo_loss_pair
-
     p = build_lm_pipeline(root, size=settings.lm_size, seed=seed)
-    # The in-memory model has TRL's patched ``forward`` (a closure over the original model), which a deepcopy keeps:
-    # replay's working copy would evaluate the original weights. The saved final model has no patch.
-    model = AutoModelForCausalLM.from_pretrained(p.model_dir, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(p.model_dir, attn_implementation="eager")  # the saved final model
     model.eval()
     ledger = StageLedger.load(p.ledger_dir)
     behaviors = dict(p.behaviors)
@@ -96,18 +92,11 @@ def _lm(seed: int, settings: Settings, root: Path) -> BenchPipeline:
     behaviors.update(_lm_logprob_behaviors(p.tokenizer, seed))
     cfg = SIZES[settings.lm_size]
     return BenchPipeline(
-        "lm", seed, ledger, model, behaviors, None, {"dpo": dpo_loss_pair(ledger, model, "dpo")}, {"chunk_rows": 1},
+        "lm", seed, ledger, model, behaviors,
         description=(
             f"GPT-2 (n_embd={cfg['n_embd']}, n_layer={cfg['n_layer']}) size {settings.lm_size!r}: pretraining "
             f"{cfg['pretraining']} → SFT {cfg['sft']} → LoRA {cfg['lora']} (merged) → DPO {cfg['dpo']} steps"
         ),
-        notes=[
-            "aa-ggn/aa-hvp: the DPO stage's curvature loss is supplied by benchmarks/dpo_curvature.py (no built-in "
-            "DPO loss in the curvature engine).",
-            "The final model is reloaded from disk: the in-memory model returned by build_lm_pipeline keeps TRL's "
-            "patched `forward` (a closure over the original module), which `copy.deepcopy` keeps too, so replay's "
-            "working copy would evaluate the original weights (every replay effect 0).",
-        ],
     )  # fmt: skip
 
 

@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             fid = run_fidelity(settings, names, work)
             results["cost"] = cost.summarise(fid.pop("_runs"))
             results["fidelity"] = fid
+            results["cost_sweep"] = cost.length_sweep(settings, work)
+            log(f"cost sweep: {results['cost_sweep']['figure_seconds']:.0f} s")
         if "overhead" in sections:
             results["overhead"] = overhead.run(settings, work)
             log(f"overhead: {results['overhead']['figure_seconds']:.0f} s")

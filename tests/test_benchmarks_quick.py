@@ -76,5 +76,5 @@ def test_quick_run_writes_every_section(tmp_path):
     assert "FAILED" not in text, "an estimator failed during the run (see the fidelity notes)"
     data = json.loads(out.with_suffix(".json").read_text())
     assert {"fidelity", "cost", "overhead", "memory", "distributed", "targets", "machine"} <= data.keys()
-    assert [c["K"] for c in data["memory"]["cases"]] == [2, 4, 8]
+    assert sorted({c["K"] for c in data["memory"]["cases"]}) == [2, 4, 8]
     assert all(r["equal_to_1e-5"] for r in data["distributed"]["estimators"].values())
