@@ -60,9 +60,9 @@ class StageEmbeddings:
         if path is None:  # "delta": straight from the ledger
             self.stage_indices = [s.index for s in ledger.stages]
             return
-        from safetensors import safe_open
+        from ..ledger.storage import open_safetensors
 
-        self._handle = safe_open(str(path), framework="pt")
+        self._handle = open_safetensors(path)
         meta = self._handle.metadata() or {}
         self.stage_indices = json.loads(meta.get("stages", "[]"))
         self.approximations = json.loads(meta.get("approximations", "[]"))

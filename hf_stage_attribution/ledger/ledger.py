@@ -421,8 +421,7 @@ def _check_start_file(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     handle = open_safetensors(path)
     found = {}
     for key in handle.keys():
-        view = handle.get_slice(key)
-        found[key] = (view.get_dtype(), tuple(view.get_shape()))
+        found[key] = handle.info(key)
     for name, shape in shapes.items():
         if name not in found:
             raise LedgerFormatError(

@@ -36,8 +36,7 @@ class _TensorFile:
             if self.check is not None:
                 header = {}
                 for key in keys:
-                    view = handle.get_slice(key)
-                    header[key] = (view.get_dtype(), tuple(view.get_shape()))
+                    header[key] = handle.info(key)
                 self.check(self.path, header)
             self._handle, self._keys, self._key_set = handle, keys, set(keys)
         return self._handle

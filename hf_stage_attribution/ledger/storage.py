@@ -196,19 +196,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def open_safetensors(path: str | os.PathLike):
-    """Open a safetensors file lazily (memory-mapped), with a clear error for a corrupt or truncated file."""
-    from safetensors import safe_open
+    """Open a safetensors file for tensor-by-tensor reads (validated header, plain reads: no memory map, so
+    streamed tensors do not accumulate in the resident set); a clear error for a corrupt or truncated file."""
+    from .tensor_reader import TensorFileReader
 
-    path = Path(path)
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except FileNotFoundError as exc:
-        raise LedgerFormatError(f"Expected the tensor file {path}, found no such file.") from exc
-    except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
-        raise LedgerFormatError(
-            f"The tensor file {path} is not a valid safetensors file ({exc}). It may be truncated or corrupt; "
-            "re-record the stage or restore the file."
-        ) from exc
+    return TensorFileReader(path)
 
 
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
