@@ -172,6 +172,7 @@ class LinearEstimator(EmbeddingEstimator):
                         continue
                     out = jvp_per_example(model, behavior, tangents, paths, stats)
                     per_example[stage.name] = check_finite(out, behavior, f"linear response to stage {stage.name!r}")
+                    del tangents, out  # release v_k before the next stage's is read: one embedding in memory at a time
             else:
                 grads, _ = mean_gradient(model, behavior, paths)
                 stats["backward"] = 1
