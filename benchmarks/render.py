@@ -42,17 +42,22 @@ def render(results: dict[str, Any]) -> str:
     out = _header(results)
     out += targets.render(results)
     if "fidelity" in results:
-        out += _fidelity(results)
-        out += _cost(results)
+        out += _produced(_fidelity(results), results, "fidelity.py, pipelines.py")
+        out += _produced(_cost(results), results, "cost.py (timings taken in fidelity.py)")
     if "overhead" in results:
-        out += _overhead(results["overhead"])
+        out += _produced(_overhead(results["overhead"]), results, "overhead.py")
     if "memory" in results:
-        out += _memory(results["memory"])
+        out += _produced(_memory(results["memory"]), results, "memory.py")
     if "distributed" in results:
-        out += _distributed(results["distributed"])
+        out += _produced(_distributed(results["distributed"]), results, "distributed.py")
     if "fidelity" in results:
-        out += _anchor(results)
+        out += _produced(_anchor(results), results, "render.py, from the fidelity and cost figures")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _produced(section: list[str], results: dict[str, Any], modules: str) -> list[str]:
+    """The section with the command that produced it under its heading."""
+    return [section[0], "", f"_Produced by `{results['command']}` (benchmarks/{modules})._", *section[1:]]
 
 
 def _header(results: dict[str, Any]) -> list[str]:

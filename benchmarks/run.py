@@ -8,7 +8,8 @@ against one forward+backward pass and against replay, same run (:mod:`benchmarks
 (:mod:`benchmarks.overhead`); attribution memory for K = 2, 4, 8 stages (:mod:`benchmarks.memory`); 2 processes vs 1
 (:mod:`benchmarks.distributed`); the task-vector anchor comparison; the targets, met or missed
 (:mod:`benchmarks.targets`). Offline; ``--quick`` takes minutes, the full run under 30 minutes on 2 CPU cores.
-``--sections`` and ``--pipelines`` restrict a run (the document then holds only what ran).
+``--sections`` and ``--pipelines`` restrict a run (the document then holds only what ran); ``--render-only JSON``
+writes the markdown again from an earlier run's JSON (no measurement).
 
 Example:
     >>> # python benchmarks/run.py --quick --output /tmp/BENCHMARKS.md
@@ -89,7 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="JSON file (default: beside --output, .json)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--pipelines", default=",".join(pipelines.PIPELINES), help="comma-separated subset")
+    parser.add_argument(
+        "--render-only", type=Path, default=None, metavar="JSON",
+        help="no measurement: write --output again from the BENCHMARKS.json of an earlier run",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.render_only is not None:
+        results = json.loads(args.render_only.read_text(encoding="utf-8"))
+        results["targets"] = targets.evaluate(results)
+        args.output.write_text(render.render(results), encoding="utf-8")
+        log(f"rendered {args.output} from {args.render_only} (figures of the run of {results['machine']['date']})")
+        return 0
     sections = [s for s in args.sections.split(",") if s]
     names = [p for p in args.pipelines.split(",") if p]
     unknown = sorted(set(sections) - set(SECTIONS)) + sorted(set(names) - set(pipelines.PIPELINES))

@@ -26,10 +26,16 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (target, scope): measured value, target, met, margin, how it was read."""
     rows: list[dict[str, Any]] = []
 
-    def add(target: str, scope: str, measured: float | None, op: str, goal: float, how: str, show: str = "") -> None:
-        met, margin = verdict(measured, op, goal)
+    def add(target: str, scope: str, measured: float | None, op: str, goal: float, how: str, show: str = "",
+            percent: bool = False) -> None:  # fmt: skip
+        met, margin = verdict(None if measured is None else (100 * measured if percent else measured), op,
+                              100 * goal if percent else goal)  # fmt: skip
+        if percent:
+            margin = margin.replace(" to spare", " points to spare") if met else f"{margin} points"
         shown = show or ("—" if measured is None else f"{measured:.3f}")
-        rows.append({"target": target, "scope": scope, "measured": measured, "shown": shown, "goal": f"{op} {goal}",
+        sign = {">=": "≥", "<=": "≤"}[op]
+        goal_shown = f"{sign} {100 * goal:g} %" if percent else f"{sign} {goal:g}"
+        rows.append({"target": target, "scope": scope, "measured": measured, "shown": shown, "goal": goal_shown,
                      "met": met, "margin": margin, "how": how})  # fmt: skip
 
     for pipeline, block in (results.get("fidelity", {}).get("summary") or {}).items():
@@ -59,7 +65,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         ratio = overhead["timing"].get("cpu_ratio/recorder", {}).get("median")
         add("recording overhead ≤ 3 %", "Trainer + StageRecorder (defaults)", None if ratio is None else ratio - 1,
             "<=", 0.03, "median of per-repetition CPU-time ratios − 1 (wall-time ratio in §3)",
-            "—" if ratio is None else f"{100 * (ratio - 1):.1f} %")  # fmt: skip
+            "—" if ratio is None else f"{100 * (ratio - 1):.1f} %", percent=True)  # fmt: skip
     memory = results.get("memory")
     if memory:
         default = [c for c in memory["cases"] if c.get("malloc", "glibc default") == "glibc default"]
