@@ -32,9 +32,16 @@ _PAIRED = {
 
 
 def _state():
+    """Accelerate's process state. Without an accelerator, ``cpu=True`` makes a torchrun / ``accelerate launch``
+    world of N processes a gloo process group (a plain ``PartialState()`` would see a single process there)."""
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not _has_accelerator())
+
+
+def _has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps is not None and mps.is_available())
 
 
 class StageAttributor:

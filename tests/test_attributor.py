@@ -77,8 +77,9 @@ def _run_worker(nproc: int, root: Path, out: Path, estimator: str) -> dict:
 def test_two_processes_give_the_answer_of_one(pipeline, tmp_path):
     root, _, _ = pipeline
     shutil.rmtree(root / "ledger" / "embeddings", ignore_errors=True)  # the 2-process run computes the cache itself
-    two = _run_worker(2, root, tmp_path / "two.json", "aa-linear")
-    one = _run_worker(1, root, tmp_path / "one.json", "aa-linear")
+    two = _run_worker(2, root, tmp_path / "two.json", "aa-ggn")
+    one = _run_worker(1, root, tmp_path / "one.json", "aa-ggn")
+    assert (two["processes"], one["processes"]) == (2, 1)  # the worker asserts accelerate sees them all
     assert one["rows"].keys() == two["rows"].keys()
     for key, row in one["rows"].items():
         assert len(row["per_example"]) in (5, 7)

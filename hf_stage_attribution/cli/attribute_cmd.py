@@ -53,8 +53,6 @@ def _stages(values: list[str] | None) -> list[int | str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from ..attributor import StageAttributor
     from ..behaviors import load_specs
     from ..ledger import StageLedger
@@ -68,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         ledger, model, estimator=args.estimator, diagnostics=not args.no_diagnostics, estimator_options=options
     )
     report = attributor.attribute(behaviors, stages=_stages(args.stages), validate=args.validate)
-    if PartialState().is_main_process:
+    if attributor.state.is_main_process:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         report.to_json(out / "report.json")

@@ -6,13 +6,14 @@ Usage: attribute_worker.py LEDGER_DIR MODEL_FILE OUT_JSON ESTIMATOR
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from attributor_fixtures import behaviors_for, make_mlp  # noqa: E402
+from attributor_fixtures import behaviors_for, forward, loss, make_mlp  # noqa: E402
 
 from hf_stage_attribution import StageAttributor  # noqa: E402
 
@@ -22,14 +23,16 @@ def main() -> None:
     torch.set_num_threads(1)
     model = make_mlp()
     model.load_state_dict(load_file(model_file))
-    report = StageAttributor(ledger_dir, model, estimator=estimator, show_progress=False).attribute(behaviors_for())
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    loss_fns = {f"stage{k}": (forward, loss) for k in range(3)}  # custom-loop losses are not stored in the ledger
+    attributor = StageAttributor(ledger_dir, model, estimator=estimator, loss_fns=loss_fns, show_progress=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    assert attributor.state.num_processes == world, (attributor.state.num_processes, world)
+    report = attributor.attribute(behaviors_for())
+    if attributor.state.is_main_process:
         rows = {f"{r.behavior}/{r.stage}": {"effect": r.effect, "per_example": r.per_example} for r in report.rows}
         totals = {b: d.total_change for b, d in report.diagnostics.items()}
         with open(out_json, "w") as fh:
-            json.dump({"rows": rows, "totals": totals, "estimator": report.estimator}, fh)
+            json.dump({"rows": rows, "totals": totals, "estimator": report.estimator, "processes": world}, fh)
 
 
 if __name__ == "__main__":
