@@ -214,21 +214,27 @@ def propagate_linear(
     ledger: Any, name: str, ks: list[int], props: dict[int, StagePropagator], states: dict[int, Any]
 ) -> tuple[dict[int, torch.Tensor], set[int]]:
     """``v_k`` of tensor ``name`` for each ``k`` in ``ks`` (float64), and the ``k`` whose momentum tail was used."""
-    stages = ledger.stages
-    xs = {k: stages[k].delta_tensor(name).to(torch.float64) for k in ks}
-    bufs: dict[int, torch.Tensor | None] = dict.fromkeys(ks)
     tails: set[int] = set()
-    following = {k: getattr(next_trained(stages, k), "index", None) for k in ks}
-    for j in range(min(ks) + 1, len(stages)):
-        fresh = trains(stages[j]) and stages[j].optimizer_state_policy != "continued"
-        for k in ks:
-            if k >= j:
-                continue
-            if j == following[k]:
-                bufs[k] = momentum_tail(stages[k], stages[j], name, states)
-                if bufs[k] is not None:
-                    tails.add(k)
-            elif fresh:
-                bufs[k] = None
-            xs[k], bufs[k] = props[j].apply(name, xs[k], bufs[k])
+    xs = {k: x for k, x in iter_propagated(ledger, name, ks, props, states, tails)}
     return xs, tails
+
+
+def iter_propagated(
+    ledger: Any, name: str, ks: list[int], props: dict[int, StagePropagator], states: dict[int, Any], tails: set[int]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(k, v_k of tensor name)`` one stage at a time (one float64 copy alive), adding to ``tails`` the
+    stages whose momentum tail was used. The recurrences are elementwise per stage, so this is exact."""
+    stages = ledger.stages
+    for k in ks:
+        x, buf = stages[k].delta_tensor(name).to(torch.float64), None
+        following = getattr(next_trained(stages, k), "index", None)
+        for j in range(k + 1, len(stages)):
+            if j == following:
+                buf = momentum_tail(stages[k], stages[j], name, states)
+                if buf is not None:
+                    tails.add(k)
+            elif trains(stages[j]) and stages[j].optimizer_state_policy != "continued":
+                buf = None
+            x, buf = props[j].apply(name, x, buf)
+        yield k, x
+        del x, buf

@@ -83,7 +83,7 @@ def _diagnostics(ledger: Any, props: dict[int, StagePropagator]) -> dict[str, An
 def write_linear(ledger: Any, path: Path, wanted: list[int], allow_identity: bool, meta: dict[str, str]) -> None:
     """Compute ``aa-linear`` embeddings tensor by tensor and stream them into ``path``."""
     from ..ledger.storage import write_safetensors_stream
-    from .embeddings import propagate_linear
+    from .embeddings import iter_propagated
 
     stages = ledger.stages
     props = _propagators(ledger, min(wanted) if wanted else len(stages), allow_identity)
@@ -99,9 +99,8 @@ def write_linear(ledger: Any, path: Path, wanted: list[int], allow_identity: boo
 
     def stream():
         for name, ks in order:
-            xs, _ = propagate_linear(ledger, name, ks, props, states)
-            for k in ks:
-                yield f"{k}/{name}", xs[k].to(torch.float32)
+            for k, x in iter_propagated(ledger, name, ks, props, states, set()):
+                yield f"{k}/{name}", x.to(torch.float32)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors_stream(path, specs, stream(), meta)
