@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hf_stage_attribution.examples.recipe_support import attribute_with_replay, rank_stages
+
 RECIPE = "toxicity_classifier_minilm"
 ALPHAS = [0.2, 0.4, 0.6, 0.8, 1.0]
 MAX_DROP = 2.0  # points of average accuracy the intervention may cost
@@ -39,33 +41,9 @@ def load_pipeline_module() -> Any:
     return module
 
 
-def ranking(report: Any, behavior: str) -> list[str]:
-    """Stages by |effect| on ``behavior``, most accountable first."""
-    rows = report.rows_for(behavior)
-    return [r.stage for r in sorted(rows, key=lambda r: (-abs(r.effect), r.stage_index))]
-
-
-def attribute(pipeline: Any, out: Path) -> tuple[Any, Any]:
-    """The default estimator's report (with fidelity against replay) and the replay report, written to ``out``."""
-    from hf_stage_attribution import StageAttributor
-    from hf_stage_attribution.estimators import fidelity
-    from hf_stage_attribution.report_build import json_safe
-
-    report = StageAttributor(pipeline.ledger_dir, pipeline.model, stage_fns=pipeline.stage_fns).attribute(
-        pipeline.behaviors
-    )
-    replay = StageAttributor(
-        pipeline.ledger_dir, pipeline.model, estimator="replay", stage_fns=pipeline.stage_fns, diagnostics=False
-    ).attribute(pipeline.behaviors)
-    estimates = {(r.stage, r.behavior): r.effect for r in report.rows}
-    truth = {(r.stage, r.behavior): r.effect for r in replay.rows}
-    report.fidelity = json_safe(fidelity(estimates, truth, terminal_stage=report.stages[-1].name))
-    out.mkdir(parents=True, exist_ok=True)
-    report.to_json(out / "report.json")
-    (out / "report.md").write_text(report.to_markdown(), encoding="utf-8")
-    report.plot(out / "plot.png")
-    replay.to_json(out / "replay.json")
-    return report, replay
+# The shared steps (kept under their recipe names, which tests and READMEs use).
+ranking = rank_stages
+attribute = attribute_with_replay
 
 
 def accuracy(pipeline: Any) -> Any:
