@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import InterventionError
+from .model_state import clean_copy
 
 SWEEP_JSON = "intervention.json"
 SWEEP_PLOT = "intervention_sweep.png"
@@ -65,7 +65,7 @@ def apply_scaling(model: torch.nn.Module, emb: Any, k: int, alpha: float) -> tup
     from .estimators.linear import parameter_paths
     from .params import is_peft_model, lora_layers
 
-    edited = copy.deepcopy(model)
+    edited = clean_copy(model)
     paths = parameter_paths(edited)
     names = [n for n in emb.names(k) if n in paths]
     if is_peft_model(edited):
@@ -115,7 +115,7 @@ def materialize(result: Any, alpha: float | None = None, variant: str | None = N
         raise InterventionError("This result was read from JSON and holds no model; re-run scale_stage to save one.")
     point = _resolve_point(result, alpha, variant)
     if point.variant == "replay":
-        model = copy.deepcopy(result.replay_model)
+        model = clean_copy(result.replay_model)
         model.eval()
         return model, "full"
     stage = result.ledger.stage(result.stage_index)
@@ -147,7 +147,7 @@ def _reload(directory: Path, form: str, saved: torch.nn.Module, result: Any, not
             f"The adapter's base model {base_ref!r} is not a local directory; the reload check used the in-memory "
             "base model."
         )
-        base = copy.deepcopy(result.model).unload()
+        base = clean_copy(result.model).unload()
     return PeftModel.from_pretrained(base, directory)
 
 

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import importlib
 import inspect
@@ -26,6 +25,7 @@ from typing import Any
 
 from ..errors import ReplayError
 from ..ledger.storage import open_safetensors, read_json
+from ..model_state import clean_copy
 from .replay_data import REPLAY_FILE
 from .run_info import json_safe, training_arguments
 
@@ -142,7 +142,7 @@ def _reference(kind: str, info: dict, model: Any, ref_model: Any, output_dir: st
         return None
     if policy.startswith("copy of the stage start"):
         if kind in ("dpo", "kto"):
-            return copy.deepcopy(model)
+            return clean_copy(model)
         # GRPO/RLOO load their reference from the model's path: point it at a copy of the replay's start.
         path = Path(output_dir) / "reference-start"
         model.save_pretrained(str(path))

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from hf_stage_attribution.examples.recipe_support import attribute_with_replay, rank_stages
+from hf_stage_attribution.examples.recipe_support import (
+    attribute_with_replay,
+    intervene_top_and_last,
+    publish_example_card,
+    rank_stages,
+)
 
 RECIPE = "spurious_digits"
 ALPHAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
@@ -97,11 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     card = write_model_card(report, pipeline.model_dir / "README.md")
     print(f"Model card: {card.readme if card else '(not the main process)'}")
     if args.update_example_card and card is not None:
-        dest = Path(__file__).resolve().parents[2] / "model_cards" / RECIPE
-        dest.mkdir(parents=True, exist_ok=True)
-        for path in (card.readme, card.sidecar, card.plot):
-            if path is not None:
-                shutil.copyfile(path, dest / path.name)
+        publish_example_card(card, RECIPE, Path(__file__).resolve().parents[2])
     summary: dict[str, Any] = {
         "recipe": RECIPE, "size": "small" if args.small else "full", "estimator": report.estimator,
         "rankings": ranks, "effects": {r.stage: r.effect for r in report.rows},
@@ -109,16 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "specs": write_specs(pipeline, out / "specs"),
     }  # fmt: skip
     if not args.no_intervention:
-        top, last = ranks["attribution"][0], ranks["attribution"][-1]
-        for label, stage in (("top-ranked", top), ("last-ranked", last)):
-            result = intervene(pipeline, stage)
-            print(f"\nIntervention on the {label} stage {stage!r}:\n{result.table()}")
-            summary[f"intervention_{label}"] = result.to_dict()
-            if label == "top-ranked" and result.chosen is not None:
-                saved = result.save(out / "intervened", card_from=pipeline.model_dir / "README.md")
-                summary["saved"] = saved.to_dict()
-                print(f"Saved the {saved.form} model to {saved.directory}; reloaded with from_pretrained, largest "
-                      f"difference to the evaluated figures: {saved.max_difference:.2g}")  # fmt: skip
+        intervene_top_and_last(
+            lambda stage: intervene(pipeline, stage), ranks["attribution"], out, summary,
+            card_from=pipeline.model_dir / "README.md",
+        )  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     print(f"\nDone in {time.time() - t0:.1f} s; summary in {out / 'summary.json'}")
     return summary
