@@ -82,7 +82,7 @@ def summarise(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-CHEAP = {"krylov_size": 8, "max_segments": 1, "sample_size": 64}  # ESTIMATORS.md §5's "cheap configuration"
+CHEAP = {"preset": "cheap"}  # curvature_options: ESTIMATORS.md §5's "cheap configuration" (CURVATURE_PRESETS)
 
 
 def length_sweep(settings: Any, work: Any) -> dict[str, Any]:

@@ -125,6 +125,29 @@ def test_attribute_then_card_twice_is_byte_identical(classifier_run, tmp_path, c
     assert readme.read_bytes() == first
 
 
+def test_attribute_with_the_cheap_curvature_preset(classifier_run, tmp_path, capsys):
+    """``--curvature-preset cheap``: aa-ggn uses one segment per later stage and at most 8 Krylov vectors, and the
+    report says which settings it ran with."""
+    from hf_stage_attribution.estimators.curvature import CURVATURE_PRESETS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["attribute"]
+    preset = next(a for a in sub._actions if a.dest == "curvature_preset")
+    assert sorted(preset.choices) == sorted(CURVATURE_PRESETS)
+    root = classifier_run
+    out = tmp_path / "report"
+    argv = ["attribute", str(root / "ledger"), "--model", str(root / "model"), "--behaviors"]
+    argv += [str(root / "behaviors.json"), "--estimator", "aa-ggn", "--curvature-preset", "cheap"]
+    assert main([*argv, "--output-dir", str(out), "--no-diagnostics"]) == 0
+    capsys.readouterr()
+    curvature = json.loads((out / "report.json").read_text())["diagnostics"]["margin"]["notes"]["curvature"]
+    assert curvature["settings"]["preset"] == "cheap" and curvature["settings"]["max_segments"] == 1
+    assert 0 < curvature["curvature_products"] <= 8
+    with pytest.raises(SystemExit):  # argparse refuses an unknown preset
+        main([*argv[:-1], "expensive", "--output-dir", str(out)])
+    assert "invalid choice: 'expensive'" in capsys.readouterr().err
+
+
 def test_attribute_bad_input_leaves_nothing(classifier_run, tmp_path, capsys):
     root = classifier_run
     out = tmp_path / "report"

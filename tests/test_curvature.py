@@ -59,6 +59,28 @@ def test_unstable_modes_are_the_growing_ones():
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(("family", "group"), FAMILY_GROUPS)
+def test_batched_independent_modes_equal_the_separate_runs(family, group):
+    """One batched pass (maps with and without curvature, forced response) gives what the separate runs give,
+    with the same modes judged unstable and damped."""
+    from hf_stage_attribution.estimators.curvature_recurrence import independent_modes
+
+    rng = np.random.default_rng(1)
+    lrs = list(rng.uniform(0.01, 0.2, size=13))
+    theta = np.array([0.0, 0.4, 2.0, 45.0, 400.0])
+    x0, b0, f = rng.normal(size=5), rng.normal(size=5), rng.normal(size=5)
+    co = group_coefficients(family, group, lrs, step0=2, buffer_fresh=False)
+    xc, bc, x0_, b0_, bad = independent_modes(co, theta, co.lam_c, x0, b0, f)
+    ref_bad = unstable_modes(co, theta, co.lam_c)
+    assert bad.tolist() == ref_bad.tolist()
+    keep = ~ref_bad
+    rx, rb = run_projected([co], x0[keep], b0[keep], theta=theta[keep], decay=co.lam_c, forcing=f[keep])
+    assert np.allclose(xc[keep], rx, rtol=1e-10, atol=1e-12) and np.allclose(bc[keep], rb, rtol=1e-10, atol=1e-12)
+    assert (xc[bad] == 0).all() and (bc[bad] == 0).all()
+    zx, zb = run_projected([co], x0, b0, decay=co.lam_c)
+    assert np.allclose(x0_, zx, rtol=1e-10, atol=1e-12) and np.allclose(b0_, zb, rtol=1e-10, atol=1e-12)
+
+
 # --- Krylov algebra and curvature products ------------------------------------------------------------------------
 
 
@@ -115,6 +137,9 @@ def test_products_match_dense_matrices(mode):
     got = _flat(op.apply(v, names), names)
     assert torch.allclose(got, dense @ _flat(v, names), atol=1e-12, rtol=1e-10)
     assert op.products == 1
+    shapes = {n: tuple(state[n].shape) for n in names}
+    assert torch.allclose(op.apply_flat(_flat(v, names), names, shapes), got, atol=1e-14, rtol=1e-12)
+    assert op.products == 2
 
 
 @pytest.mark.parametrize("loss_type", ["causal-lm", "sequence-classification", "regression"])
@@ -475,3 +500,39 @@ def test_continued_optimizer_state_carries_the_first_moment_with_curvature(tmp_p
     assert step0 == (5 if family == "adam" else 0)
     assert torch.allclose(_flat(out, names), x, atol=1e-9, rtol=1e-7)
     assert torch.allclose(_flat(info["buffer"], names), m, atol=1e-9, rtol=1e-7)
+
+
+def test_curvature_presets_expand_and_unknown_ones_are_refused():
+    from hf_stage_attribution.errors import UnknownNameError
+    from hf_stage_attribution.estimators.curvature import CURVATURE_PRESETS, curvature_settings
+
+    assert curvature_settings(None) == {"preset": "default", **CURVATURE_PRESETS["default"]}
+    cheap = curvature_settings({"preset": "cheap", "sample_size": 32, "model": "m"})
+    assert cheap == {"preset": "cheap", "krylov_size": 8, "max_segments": 1, "sample_size": 32, "model": "m"}
+    assert CURVATURE_PRESETS["cheap"] == {"krylov_size": 8, "max_segments": 1, "sample_size": None}
+    with pytest.raises(UnknownNameError, match="curvature preset 'fast'. Known curvature presets: cheap, default"):
+        curvature_settings({"preset": "fast"})
+
+
+def test_cheap_preset_is_the_explicit_cheap_setting(tmp_path):
+    """The preset gives the same embeddings as its options spelled out, with one segment and ≤ 8 products per
+    (stage, later stage) pair, and the cache tells the two settings apart from the default."""
+    from hf_stage_attribution.estimators.embeddings import stage_embeddings
+    from hf_stage_attribution.testing.digits import build_digits_pipeline
+
+    pipe = build_digits_pipeline("hf", tmp_path / "ledger", seed=0, steps_scale=0.2, base_steps_scale=0.2)
+    loss_fns = {s.name: pipe.loss_fn for s in pipe.ledger.stages}
+    preset = stage_embeddings(pipe.ledger, "aa-ggn", loss_fns=loss_fns, model=pipe.model, preset="cheap")
+    pairs = preset.diagnostics["curvature"]["per_stage_pair"]
+    assert len(pairs) == 3 and all(0 < p["curvature_products"] <= 8 for p in pairs.values())
+    first = {k: dict(preset.items(k)) for k in (0, 1)}
+    spelled = stage_embeddings(pipe.ledger, "aa-ggn", loss_fns=loss_fns, model=pipe.model, recompute=True,
+                               krylov_size=8, max_segments=1)  # fmt: skip
+    for k in (0, 1):
+        for name, t in spelled.items(k):
+            assert torch.equal(t, first[k][name])
+    default = stage_embeddings(pipe.ledger, "aa-ggn", loss_fns=loss_fns, model=pipe.model)
+    assert default.diagnostics["curvature"]["settings"]["preset"] == "default"
+    products = [e.diagnostics["curvature"]["curvature_products"] for e in (default, preset)]
+    assert products[0] > products[1]
+

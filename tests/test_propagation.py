@@ -231,3 +231,37 @@ def test_embedding_cache_grows_with_requested_stages(tmp_path):
     assert stage_embeddings(ledger, "aa-linear", stages=[1]).stage_indices == [0, 1]  # served from the cache
     with_identity = stage_embeddings(ledger, "aa-linear", stages=["s1"], allow_identity_propagation=True)
     assert with_identity.stage_indices == [0]  # other options: recomputed, not merged
+
+
+@pytest.mark.parametrize(
+    ("opt_type", "group"),
+    [
+        ("SGD", {"weight_decay": 0.3, "momentum": 0.9, "dampening": 0.2}),
+        ("SGD", {"weight_decay": 0.3, "momentum": 0.9, "nesterov": True}),
+        ("SGD", {"weight_decay": 0.0, "momentum": 0.0}),
+        ("AdamW", {"weight_decay": 0.1}),
+        ("AdamW", {"weight_decay": 0.0}),
+        ("Adam", {"weight_decay": 0.2}),
+        ("Adam", {"weight_decay": 0.0}),
+        ("RMSprop", {"weight_decay": 0.0, "momentum": 0.5}),
+        ("Adagrad", {"weight_decay": 0.1, "lr_decay": 0.01}),
+    ],
+)
+@pytest.mark.parametrize("curvature", [0.0, 0.7])
+def test_tensor_recurrence_equals_the_step_by_step_run(opt_type, group, curvature):
+    """Tensors go through the scalar transfer (or its Adam-preconditioner variant); the step-by-step run on each
+    coordinate alone, as Python floats, is the reference."""
+    gen = torch.Generator().manual_seed(0)
+    x0, buf0 = torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+    precond = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5
+    for p in (1.7, precond):
+        for buf in (None, buf0):
+            x, b = run_recurrence(LRS, group, opt_type, curvature, x0, buf, p, step0=3)
+            for i in range(5):
+                pi = float(p[i]) if isinstance(p, torch.Tensor) else p
+                ref_x, ref_b = run_recurrence(LRS, group, opt_type, curvature, float(x0[i]),
+                                              None if buf is None else float(buf[i]), pi, step0=3)  # fmt: skip
+                assert float(x[i]) == pytest.approx(ref_x, rel=1e-12, abs=1e-14)
+                assert (b is None) == (ref_b is None)
+                if b is not None:
+                    assert float(torch.as_tensor(b).expand(5)[i]) == pytest.approx(ref_b, rel=1e-12, abs=1e-14)

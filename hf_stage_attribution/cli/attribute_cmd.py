@@ -21,6 +21,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="allow behavior specs to import Python functions ('custom' kind, callable scorers)",
     )
     p.add_argument(
+        "--curvature-preset",
+        default=None,
+        choices=["default", "cheap"],
+        help="settings of aa-ggn/aa-hvp: 'cheap' = one curvature segment per later stage and 8 Krylov vectors",
+    )
+    p.add_argument(
         "--allow-identity-propagation",
         action="store_true",
         help="pass deltas unchanged through stages whose optimizer the propagation rules do not know",
@@ -61,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
     ledger = StageLedger.load(args.ledger_dir)
     behaviors = load_specs(args.behaviors, trust_code=args.trust_code)
     model = load_model(args.model)
-    options = {"allow_identity_propagation": True} if args.allow_identity_propagation else None
+    options: dict = {"allow_identity_propagation": True} if args.allow_identity_propagation else {}
+    if args.curvature_preset:
+        options["curvature_options"] = {"preset": args.curvature_preset}
     attributor = StageAttributor(
         ledger, model, estimator=args.estimator, diagnostics=not args.no_diagnostics, estimator_options=options
     )

@@ -58,10 +58,36 @@ from ..errors import MissingCurvatureError, UnsupportedOptimizerError
 from .curvature_krylov import block_lanczos
 from .curvature_layout import SegmentLayout
 from .curvature_products import CurvatureOperator, LossSpec, resolve_loss
-from .curvature_recurrence import run_projected
 from .propagation import recorded_family, run_recurrence
 
 MODES = ("ggn", "hvp")
+
+#: Named settings of the curvature-aware propagation: ``curvature_options={"preset": name}`` (CLI
+#: ``--curvature-preset``); explicit options override the preset's. ``default``: every recorded segment and a Krylov
+#: basis of 12 per segment. ``cheap``: one segment per later stage (the recorded one at its middle) and 8 Krylov
+#: vectors, ESTIMATORS.md §5's "cheap configuration": 8 products per later stage instead of 36 with the recorder's 3
+#: segments, for later stages too short (a few hundred steps) for the default to be cheap next to replay. Both use
+#: every example captured for the segment (the recorder's ``curvature_examples``); ``sample_size`` caps it.
+CURVATURE_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"krylov_size": 12, "max_segments": None, "sample_size": None},
+    "cheap": {"krylov_size": 8, "max_segments": 1, "sample_size": None},
+}
+
+
+def curvature_settings(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` with its ``preset`` (default: ``"default"``) expanded; explicit entries win.
+
+    Example:
+        >>> curvature_settings({"preset": "cheap", "krylov_size": 6})["krylov_size"], curvature_settings({})["preset"]
+        (6, 'default')
+    """
+    options = dict(options or {})
+    name = options.pop("preset", None) or "default"
+    if name not in CURVATURE_PRESETS:
+        from ..errors import unknown_name
+
+        raise unknown_name("curvature preset", str(name), tuple(CURVATURE_PRESETS))
+    return {"preset": name, **CURVATURE_PRESETS[name], **options}
 PAIRED_BATCH_LOSSES = ("dpo",)  # losses whose batches must not be concatenated (chosen/rejected halves)
 
 
@@ -219,7 +245,7 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
         starts.append(forcing)
 
     def apply_k(q: torch.Tensor) -> torch.Tensor:
-        return layout.flat(op.apply(layout.unflat(q * s), layout.active_names)) * s * curvature_scale
+        return op.apply_flat(q * s, layout.active_names, layout.shapes) * s * curvature_scale
 
     q, h, _ = block_lanczos(apply_k, starts, krylov_size, shift=layout.decay_diagonal)
     record["products"] = op.products
@@ -235,15 +261,8 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
     proj = layout.projection(basis)
     yx, yb = (basis.T @ u0).numpy(), (basis.T @ b0f).numpy()
     yf = (basis.T @ forcing).numpy() if forcing is not None else np.zeros_like(yx)
-    bad = proj.unstable(theta)
+    yc_x, yc_b, y0_x, y0_b, bad = proj.solve(theta, yx, yb, yf)
     record["unstable_modes"] = int(bad.sum())
-    keep = ~bad
-    yc_x, yc_b = np.zeros_like(yx), np.zeros_like(yb)
-    if keep.any():
-        sub = proj.restrict(keep)
-        yc_x[keep], yc_b[keep] = run_projected(sub.coefs, yx[keep], yb[keep], theta=theta[keep], masks=sub.masks,
-                                               decay=sub.decay, forcing=yf[keep])  # fmt: skip
-    y0_x, y0_b = run_projected(proj.coefs, yx, yb, masks=proj.masks, decay=proj.decay)
     dx = basis @ torch.from_numpy(yc_x - y0_x)
     db = basis @ torch.from_numpy(yc_b - y0_b)
     return dx, db
@@ -298,4 +317,4 @@ def _approximations(stage: Any, family: str, curved: bool, info: dict) -> list[s
     return out
 
 
-__all__ = ["MODES", "propagate", "run_recurrence"]
+__all__ = ["CURVATURE_PRESETS", "MODES", "curvature_settings", "propagate", "run_recurrence"]

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 
 from ..errors import MissingCurvatureError
-from .curvature_recurrence import CURVATURE_FAMILIES, GroupCoefficients, group_coefficients, unstable_modes
+from .curvature_recurrence import (
+    CURVATURE_FAMILIES,
+    GroupCoefficients,
+    _same,
+    group_coefficients,
+    independent_modes,
+    run_projected,
+    unstable_modes,
+)
 from .propagation import PRECONDITIONED_FAMILIES, preconditioner, run_recurrence, second_moment_key
 
 
@@ -257,6 +265,24 @@ class Projection:
                 d = decay if np.isscalar(decay) else decay[sel]
                 bad[sel] = unstable_modes(co, theta[sel], d)
         return bad
+
+    def solve(
+        self, theta: np.ndarray, x: np.ndarray, b: np.ndarray, forcing: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The segment's run on Ritz coordinates with curvature (unstable modes damped to zero) and without:
+        ``(x_C, b_C, x_0, b_0, unstable)``. Modes that do not couple (one group, or groups sharing every scalar,
+        and a scalar decay) are run together in one batched pass; otherwise through the Galerkin masks."""
+        if np.isscalar(self.decay) and (len(self.coefs) == 1 or all(_same(self.coefs[0], c) for c in self.coefs)):
+            return independent_modes(self.coefs[0], theta, float(self.decay), x, b, forcing)
+        bad = self.unstable(theta)
+        keep = ~bad
+        xc, bc = np.zeros_like(x), np.zeros_like(b)
+        if keep.any():
+            sub = self.restrict(keep)
+            xc[keep], bc[keep] = run_projected(sub.coefs, x[keep], b[keep], theta=theta[keep], masks=sub.masks,
+                                               decay=sub.decay, forcing=forcing[keep])  # fmt: skip
+        x0, b0 = run_projected(self.coefs, x, b, masks=self.masks, decay=self.decay)
+        return xc, bc, x0, b0, bad
 
     def restrict(self, keep: np.ndarray) -> Projection:
         masks = [m[np.ix_(keep, keep)] for m in self.masks]

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -223,8 +224,9 @@ class CurvatureOperator:
             if b not in state:
                 raise ModelMismatchError(f"The ledger state has no tensor for the model's parameter {b!r}.")
             self.fixed[self.module_name[b]] = state[b].to(self.device, p.dtype)
+        base_ids = {id(q) for q in base.values()}
         for name, p in self.model.named_parameters():  # un-merged LoRA factors: switch the adapter off (B = 0)
-            if id(p) not in {id(q) for q in base.values()} and ".lora_B." in f".{name}.".replace(
+            if id(p) not in base_ids and ".lora_B." in f".{name}.".replace(
                 "lora_embedding_B", "lora_B"
             ):
                 self.fixed["m." + name] = torch.zeros_like(p)
@@ -262,6 +264,26 @@ class CurvatureOperator:
         self.products += 1
         scale = 1.0 / sum(self.weights)
         return {n: total[self.module_name[n]].cpu() * scale for n in out_names}
+
+    def apply_flat(
+        self, flat: torch.Tensor, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]
+    ) -> torch.Tensor:
+        """``C̄ v`` for ``v`` laid end to end over ``names`` (float64, in that order and with those shapes), as the same
+        flat float64 vector: :meth:`apply` without building dicts of float64 tensors per product."""
+        for n in names:
+            if n not in self.module_name:
+                raise ModelMismatchError(f"The model has no parameter {n!r} (base name) for curvature products.")
+        keys = [self.module_name[n] for n in names]
+        primals = {k: self.fixed[k] for k in keys}
+        sizes = [math.prod(shapes[n]) for n in names]
+        parts = flat.to(self.device, self.dtype).split(sizes)
+        tangents = {k: part.view(shapes[n]).to(primals[k].dtype) for k, n, part in zip(keys, names, parts)}
+        total = torch.zeros(sum(sizes), dtype=torch.float64, device=self.device)
+        for fn, w in zip(self._closures(primals), self.weights):
+            out = fn(tangents)
+            total.add_(torch.cat([out[k].reshape(-1) for k in keys]).to(torch.float64), alpha=w)
+        self.products += 1
+        return total.cpu() / sum(self.weights)
 
     def _closures(self, primals: dict[str, torch.Tensor]) -> list[Callable]:
         """Per batch, ``tangents ↦ C̄_batch · tangents``. With ``cache_graphs`` the forward graph of each batch is

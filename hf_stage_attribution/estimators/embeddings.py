@@ -130,7 +130,8 @@ def stage_embeddings(
 
     ``allow_identity_propagation`` passes deltas through stages with an unknown optimizer with ``D = 1`` instead of
     raising :class:`~hf_stage_attribution.errors.UnsupportedOptimizerError`. ``loss_fns`` and ``curvature_options``
-    go to the curvature-aware propagation (``aa-ggn``/``aa-hvp`` only).
+    go to the curvature-aware propagation (``aa-ggn``/``aa-hvp`` only); ``preset="cheap"`` selects a named setting
+    (:data:`~.curvature.CURVATURE_PRESETS`).
     """
     if kind not in KINDS:
         from ..errors import unknown_name
@@ -141,6 +142,10 @@ def stage_embeddings(
     wanted = _resolve_stages(ledger, stages)
     if not allow_identity_propagation:
         _require_optimizer_information(ledger, kind, wanted)
+    if kind in ("aa-ggn", "aa-hvp"):
+        from .curvature import curvature_settings
+
+        curvature_options = curvature_settings(curvature_options)
     options = {"allow_identity_propagation": allow_identity_propagation, **curvature_options}
     if loss_fns:
         options["loss_fns"] = ",".join(sorted(loss_fns))

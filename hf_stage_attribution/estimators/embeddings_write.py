@@ -152,6 +152,7 @@ def write_curvature(
     stages = ledger.stages
     first = min(wanted) if wanted else len(stages)
     check_curvature_material(ledger, first, mode)
+    settings = {k: v for k, v in options.items() if k != "preset"}
     states: dict[int, Any] = {}
     approximations: set[str] = set()
     counts = {"curvature_products": 0, "example_products": 0, "unstable_modes": 0, "negative_modes": 0}
@@ -185,21 +186,22 @@ def write_curvature(
                         tails |= {k} if init else set()
                     else:
                         init = buf
-                v, info = propagate(v, ledger, j, mode=mode, loss_fns=loss_fns, initial_buffer=init, **options)
+                v, info = propagate(v, ledger, j, mode=mode, loss_fns=loss_fns, initial_buffer=init, **settings)
                 buf = info.get("buffer")
                 approximations |= set(info.get("approximations") or [])
                 for key in counts:
                     counts[key] += int(info.get(key) or 0)
                 per_pair[f"{stages[k].name} -> {stage.name}"] = {key: _json_safe(info.get(key)) for key in counts}
             temp = path.parent / f".{path.stem}-{k}.partial.safetensors"
-            write_safetensors(temp, {n: t.to(torch.float32).contiguous() for n, t in v.items()})
+            write_safetensors(temp, {n: t.to(torch.float32).contiguous() for n, t in v.items()}, durable=False)
             temps.append((k, temp))
             del v, buf
         approximations |= set(_tail_notes(ledger, tails))
         handles = [(k, open_safetensors(t)) for k, t in temps]
         order = [(k, h, n) for k, h in handles for ks in [set(h.keys())] for n in ledger.parameter_names if n in ks]
         specs = [(f"{k}/{name}", torch.float32, tuple(ledger.parameter_shapes[name])) for k, _, name in order]
-        diagnostics = {"curvature": {**counts, "per_stage_pair": per_pair}}
+        used = {k: _json_safe(v) for k, v in options.items() if k != "model"}
+        diagnostics = {"curvature": {**counts, "settings": used, "per_stage_pair": per_pair}}
         meta = dict(meta, approximations=json.dumps(sorted(approximations)), diagnostics=json.dumps(diagnostics))
         write_safetensors_stream(path, specs, ((f"{k}/{n}", h.get_tensor(n)) for k, h, n in order), meta)
     finally:

@@ -143,7 +143,55 @@ def run_recurrence(
     precond: Number = 1.0,
     step0: int = 0,
 ) -> tuple[Number, Number | None]:
-    """Run one stage's optimizer recurrence on a perturbation; see the module docstring for the semantics."""
+    """Run one stage's optimizer recurrence on a perturbation; see the module docstring for the semantics.
+
+    With scalar ``curvature`` and ``precond`` the run is linear in ``(x0, buf0)`` with scalar coefficients, so a
+    tensor perturbation is carried by running the recurrence on Python floats (its 2×2 transfer) and applying it
+    once, instead of step by step on the tensor."""
+    tensors = isinstance(x0, torch.Tensor) and (buf0 is None or isinstance(buf0, torch.Tensor))
+    if tensors and not isinstance(curvature, torch.Tensor):
+        if not isinstance(precond, torch.Tensor):
+            return _transfer(lrs, group, opt_type, float(curvature), x0, buf0, float(precond), step0)
+        family = _resolve(opt_type)
+        if _gradient_coefficient(family, group, float(curvature)) == 0.0:
+            # No gradient difference: P only scales Adam's first-moment difference in the update of x.
+            scale = precond if family in ("adam", "adamw") else None
+            return _transfer(lrs, group, opt_type, float(curvature), x0, buf0, 1.0, step0, buf_scale=scale)
+    return _run(lrs, group, opt_type, curvature, x0, buf0, precond, step0)
+
+
+def _gradient_coefficient(family: str, group: dict[str, Any], curvature: float) -> float:
+    """``c`` in "the loss-gradient difference is ``c·x``" for scalar curvature, coupled decay included."""
+    sign = -1.0 if group.get("maximize") else 1.0
+    return sign * curvature + (_f(group, "weight_decay", 0.0) if family in COUPLED_FAMILIES else 0.0)
+
+
+def _transfer(lrs: Sequence[float], group: dict[str, Any], opt_type: str, curvature: float, x0: torch.Tensor,
+              buf0: torch.Tensor | None, precond: float, step0: int,
+              buf_scale: torch.Tensor | None = None) -> tuple[Number, Number | None]:  # fmt: skip
+    """:func:`run_recurrence` on tensors through the scalar transfer ``(x, b) ↦ (a·x + b·buf, c·x + d·buf)``. A
+    fresh start (``buf0=None``: SGD's first step clones the gradient) is linear in ``x0`` alone. ``buf_scale``
+    multiplies ``buf`` where it enters ``x`` (Adam's preconditioner when there is no gradient difference)."""
+    x0 = x0.to(torch.float64)
+    a, c = _run(lrs, group, opt_type, curvature, 1.0, None if buf0 is None else 0.0, precond, step0)
+    if buf0 is None:
+        return a * x0, (None if c is None else c * x0)
+    b, d = _run(lrs, group, opt_type, curvature, 0.0, 1.0, precond, step0)
+    buf0 = buf0.to(torch.float64)
+    into_x = buf0 if buf_scale is None else buf_scale.to(torch.float64) * buf0
+    return a * x0 + b * into_x, (None if c is None else c * x0 + d * buf0)
+
+
+def _run(
+    lrs: Sequence[float],
+    group: dict[str, Any],
+    opt_type: str,
+    curvature: Number,
+    x0: Number,
+    buf0: Number | None,
+    precond: Number,
+    step0: int,
+) -> tuple[Number, Number | None]:
     family = _resolve(opt_type)
     x, c, p = _as64(x0), _as64(curvature), _as64(precond)
     buf = None if buf0 is None else _as64(buf0)

@@ -123,11 +123,14 @@ def write_safetensors_stream(
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
     tensors: Iterable[tuple[str, torch.Tensor]],
     metadata: dict[str, str] | None = None,
+    *,
+    durable: bool = True,
 ) -> str:
     """Write a safetensors file one tensor at a time, atomically; return its sha256.
 
     ``specs`` announces every tensor (name, dtype, shape) in the order ``tensors`` will yield them, so
-    the header can be written first and no more than one tensor is held at a time.
+    the header can be written first and no more than one tensor is held at a time. ``durable=False`` skips the
+    ``fsync`` (scratch files that are deleted, or merged into a durable file, before anything relies on them).
     """
     path = Path(path)
     header: dict[str, Any] = {}
@@ -164,7 +167,8 @@ def write_safetensors_stream(
             if next(expected, None) is not None:
                 raise LedgerError(f"Internal error writing {path}: fewer tensors than announced.")
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -178,12 +182,16 @@ def write_safetensors_stream(
 
 
 def write_safetensors(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    *,
+    durable: bool = True,
 ) -> str:
     """Write a small dict of tensors atomically (float32 kept as is); return the file's sha256."""
     items = [(k, v.detach().to("cpu").contiguous()) for k, v in tensors.items()]
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in items]
-    return write_safetensors_stream(path, specs, iter(items), metadata)
+    return write_safetensors_stream(path, specs, iter(items), metadata, durable=durable)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
