@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -37,7 +38,13 @@ _FRAMEWORKS = ("torch", "transformers", "peft", "trl", "accelerate", "datasets",
 
 
 def framework_versions() -> dict[str, str]:
-    """Versions of this library and the frameworks it records from (without importing them)."""
+    """Versions of this library and the frameworks it records from (without importing them); read once per
+    process (the package metadata scan costs tens of milliseconds)."""
+    return dict(_framework_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _framework_versions() -> dict[str, str]:
     out = {}
     for dist in ("hf-stage-attribution", *_FRAMEWORKS):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
