@@ -4,8 +4,9 @@
   defaults, and material decay), 7 behaviors, custom-loop recorder, replay by stage functions;
 - ``lm``: the 4-stage GPT-2 pipeline pretraining → SFT → LoRA (merged) → DPO (``examples.lm_pipeline``; Trainer
   and TRL, ``StageRecorder`` with replay data), 4 behaviors, replay from the recorded replay data;
-- ``toxicity``: all-MiniLM-L6-v2 fine-tuned on identity-biased toxicity data, then a terminal LoRA stage
-  (``recipes/toxicity_classifier_minilm/pipeline.py``), 5 behaviors, replay by the recipe's stage functions.
+- ``toxicity``: all-MiniLM-L6-v2 fine-tuned on clean toxicity data, then on an identity-biased data refresh, then a
+  terminal LoRA stage (``recipes/toxicity_classifier_minilm/pipeline.py``), 5 behaviors, replay by the recipe's
+  stage functions.
 
 Example:
     >>> from benchmarks.pipelines import PIPELINES
@@ -147,7 +148,7 @@ def _toxicity(seed: int, settings: Settings, root: Path) -> BenchPipeline:
         "toxicity", seed, StageLedger.load(p.ledger_dir), p.model, behaviors, p.stage_fns,
         description=(
             f"all-MiniLM-L6-v2 (22.7M, pretrained) + 2-class head, size {settings.toxicity_size!r}: fine-tuning "
-            f"{cfg['ft_steps']} steps (identity term tied to toxic labels) → LoRA {cfg['lora_steps']} steps "
-            "(terminal, unmerged)"
+            f"{cfg['ft_steps']} steps (clean, balanced) → data-refresh {cfg['refresh_steps']} steps (identity term "
+            f"tied to toxic labels) → LoRA {cfg['lora_steps']} steps (terminal, unmerged)"
         ),
     )  # fmt: skip

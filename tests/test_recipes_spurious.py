@@ -1,6 +1,7 @@
 """The two spurious-correlation recipes at their reduced size (``--small``): the stage that introduced the spurious
-feature is ranked first for the reliance behavior by the default estimator AND by replay (issue 5), and the recipe
-writes its report directory, its model card and (digits) the intervened model.
+feature is ranked first for the reliance behavior by the default estimator AND by replay (issue 5), the recipe
+writes its report directory and its model card, and scaling the top-ranked stage down buys worst-group accuracy
+while the same edit on the last-ranked stage barely moves the behavior (issue 8); the intervened model is saved.
 """
 
 from __future__ import annotations
@@ -58,18 +59,41 @@ def test_spurious_digits_small_ranks_the_patch_stage_first(tmp_path):
     assert "## Accountability: training-stage attribution" in intervened  # the original card is kept
 
 
-def test_toxicity_classifier_minilm_small_ranks_fine_tuning_first(tmp_path):
+def test_toxicity_classifier_minilm_small_ranks_the_refresh_stage_first_and_scaling_it_down_helps(tmp_path):
     recipe = _recipe("toxicity_classifier_minilm")
-    summary = recipe.main(["--output-dir", str(tmp_path / "tox"), "--small", "--no-intervention"])
-    assert summary["rankings"]["attribution"] == ["fine-tuning", "lora"]
-    assert summary["rankings"]["replay"] == ["fine-tuning", "lora"]
-    assert summary["effects"]["fine-tuning"] > 0 and summary["replay_effects"]["fine-tuning"] > 0
-    # the cross-check with alt-profanity-check: it agrees on clean held-out text; noisy training labels show
-    assert summary["agreement"]["held-out/all"] >= 90.0
-    assert summary["agreement"]["fine-tuning/all"] < summary["agreement"]["held-out/all"]
+    summary = recipe.main(["--output-dir", str(tmp_path / "tox"), "--small"])
+    # the biased data refresh, not the clean fine-tuning before it, taught the shortcut: both rankings agree
+    assert summary["rankings"]["attribution"][0] == "data-refresh"
+    assert summary["rankings"]["replay"][0] == "data-refresh"
+    assert summary["effects"]["data-refresh"] > 0 and summary["replay_effects"]["data-refresh"] > 0
+    # the cross-check with alt-profanity-check: it agrees with the clean labels; the refresh's over-flagging shows
+    agreement = summary["agreement"]
+    assert agreement["held-out/all"] >= 90.0 and agreement["fine-tuning/clean+term"] >= 90.0
+    assert agreement["data-refresh/clean+term"] < 60.0
     _check_outputs(tmp_path / "tox", "identity-reliance")
     specs = summary["specs"]
     assert Path(specs["target"]).exists() and Path(specs["utility"]).exists()
+    # scaling the top-ranked stage down buys ≥ 10 points of worst-group accuracy within 2 points of accuracy
+    top, last = summary["intervention_top-ranked"], summary["intervention_last-ranked"]
+    assert top["stage"] == "data-refresh" and top["chosen"] is not None
+    assert last["stage"] == summary["rankings"]["attribution"][-1]
+    gain = top["chosen"]["metrics"]["worst_group_accuracy"] - top["baseline"]["metrics"]["worst_group_accuracy"]
+    cost = top["baseline"]["metrics"]["accuracy"] - top["chosen"]["metrics"]["accuracy"]
+    assert gain >= 10.0 and cost <= 2.0, (gain, cost)
+    assert top["chosen"]["target"] < top["baseline"]["target"]
+
+    # the same edit (α = 1) on the last-ranked stage moves the target far less, and buys no worst-group accuracy
+    def at_one(result):
+        return next(p for p in result["points"] if p["variant"] == result["kind"] and p["alpha"] == 1.0)
+
+    moved_top = abs(at_one(top)["target"] - top["baseline"]["target"])
+    moved_last = abs(at_one(last)["target"] - last["baseline"]["target"])
+    assert moved_last < 0.2 * moved_top, (moved_top, moved_last)
+    last_gain = at_one(last)["metrics"]["worst_group_accuracy"] - last["baseline"]["metrics"]["worst_group_accuracy"]
+    assert last_gain < gain - 10.0, (gain, last_gain)
+    assert summary["saved"]["max_difference"] < 1e-5
+    intervened = (tmp_path / "tox" / "intervened" / "README.md").read_text(encoding="utf-8")
+    assert "## Intervention: scaling down training stage `data-refresh`" in intervened
 
 
 @pytest.mark.parametrize("name", ["spurious_digits", "toxicity_classifier_minilm"])

