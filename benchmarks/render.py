@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import targets
+from . import interventions, targets
 
 MB = 2**20
 
@@ -52,6 +52,8 @@ def render(results: dict[str, Any]) -> str:
         out += _produced(_distributed(results["distributed"]), results, "distributed.py")
     if "fidelity" in results:
         out += _produced(_anchor(results), results, "render.py, from the fidelity and cost figures")
+    if "interventions" in results:
+        out += _produced(interventions.render(results["interventions"]), results, "interventions.py, recipes/*/run.py")
     return "\n".join(out).rstrip() + "\n"
 
 

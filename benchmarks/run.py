@@ -6,7 +6,8 @@ Figures (one module each): fidelity of every estimator against replay on the dig
 MiniLM toxicity pipelines, with the exact first-order response beside them (:mod:`benchmarks.fidelity`); cost
 against one forward+backward pass and against replay, same run (:mod:`benchmarks.cost`); recording overhead
 (:mod:`benchmarks.overhead`); attribution memory for K = 2, 4, 8 stages (:mod:`benchmarks.memory`); 2 processes vs 1
-(:mod:`benchmarks.distributed`); the task-vector anchor comparison; the targets, met or missed
+(:mod:`benchmarks.distributed`); the task-vector anchor comparison; scaling the top- and last-ranked stage down in
+the spurious-correlation recipes (:mod:`benchmarks.interventions`); the targets, met or missed
 (:mod:`benchmarks.targets`). Offline; ``--quick`` takes minutes, the full run under 30 minutes on 2 CPU cores.
 ``--sections`` and ``--pipelines`` restrict a run (the document then holds only what ran); ``--render-only JSON``
 writes the markdown again from an earlier run's JSON (no measurement).
@@ -30,10 +31,20 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import cost, distributed, fidelity, memory, overhead, pipelines, render, targets  # noqa: E402
+from benchmarks import (  # noqa: E402
+    cost,
+    distributed,
+    fidelity,
+    interventions,
+    memory,
+    overhead,
+    pipelines,
+    render,
+    targets,
+)
 from benchmarks.common import REPO, Settings, machine, quiet  # noqa: E402
 
-SECTIONS = ("fidelity", "overhead", "memory", "distributed")
+SECTIONS = ("fidelity", "overhead", "memory", "distributed", "interventions")
 
 
 def log(message: str) -> None:
@@ -130,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         if "distributed" in sections:
             results["distributed"] = distributed.run(settings, work)
             log(f"distributed: {results['distributed']['figure_seconds']:.0f} s")
+        if "interventions" in sections:
+            results["interventions"] = interventions.run(settings, work)
+            log(f"interventions: {results['interventions']['figure_seconds']:.0f} s")
     results["total_seconds"] = time.perf_counter() - start
     results["load_average_end"] = list(os.getloadavg())
     results["targets"] = targets.evaluate(results)

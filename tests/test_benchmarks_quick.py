@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks import cost, fidelity, pipelines, render, targets  # noqa: E402
+from benchmarks import cost, fidelity, interventions, pipelines, render, targets  # noqa: E402
 from benchmarks.common import Settings  # noqa: E402
 
 SECTIONS = (
@@ -25,6 +25,7 @@ SECTIONS = (
     "## 4. Memory of attribution",
     "## 5. Distributed",
     "## 6. Anchor comparison",
+    "## 7. Interventions",
 )
 
 
@@ -59,6 +60,25 @@ def test_fidelity_and_cost_on_a_tiny_digits_pipeline(tmp_path):
     assert all(r["met"] in (True, False) for r in rows)
 
 
+def test_interventions_section_on_the_digits_recipe(tmp_path):
+    block = interventions.run(Settings.make(quick=True), tmp_path, recipes=("spurious_digits",))
+    r = block["recipes"]["spurious_digits"]
+    top, last = r["stages"]["top-ranked"], r["stages"]["last-ranked"]
+    assert (top["stage"], top["rank"], last["rank"]) == ("patch", 1, 3)
+    assert top["at_chosen"]["worst_group"] >= 10.0 and top["at_chosen"]["average"] >= -1.0
+    assert abs(last["at_alpha_1"]["target"]) < 0.2 * abs(top["at_alpha_1"]["target"])
+    assert sum(row["chosen"] for row in top["rows"]) == 1 and top["rows"][0]["variant"] == "original"
+    assert r["reload_max_difference"] < 1e-5
+    text = "\n".join(interventions.render(block))
+    assert text.startswith("## 7. Interventions") and "### Top-ranked vs last-ranked stage" in text
+    assert "| aa-linear | 0.6 |" in text and "| replay | 1 |" in text
+    (row,) = interventions.target_rows({"interventions": block})
+    assert row["scope"] == "spurious_digits" and row["met"] is True
+    # no α meeting the constraint: reported as missed, not as a figure
+    top["at_chosen"] = None
+    assert interventions.target_rows({"interventions": block})[0]["met"] is False
+
+
 @pytest.mark.slow
 def test_quick_run_writes_every_section(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
@@ -75,6 +95,7 @@ def test_quick_run_writes_every_section(tmp_path):
         assert f"### {pipeline}" in text
     assert "FAILED" not in text, "an estimator failed during the run (see the fidelity notes)"
     data = json.loads(out.with_suffix(".json").read_text())
-    assert {"fidelity", "cost", "overhead", "memory", "distributed", "targets", "machine"} <= data.keys()
+    sections = {"fidelity", "cost", "overhead", "memory", "distributed", "interventions", "targets", "machine"}
+    assert sections <= data.keys()
     assert sorted({c["K"] for c in data["memory"]["cases"]}) == [2, 4, 8]
     assert all(r["equal_to_1e-5"] for r in data["distributed"]["estimators"].values())
