@@ -53,8 +53,14 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             "aa-ggn cold (embeddings + read-out) / replay, median over seeds")  # fmt: skip
         cheap = cost["estimators"].get("aa-ggn (cheap)", {})
         if cheap:
-            add("aa-ggn ≤ 25 % of replay's time", f"{pipeline}, cheap preset", cheap.get("cold_over_replay"), "<=",
-                0.25, "as above, curvature_options={'preset': 'cheap'} (1 segment, 8 Krylov vectors per later stage)")
+            add(
+                "aa-ggn ≤ 25 % of replay's time",
+                f"{pipeline}, cheap preset",
+                cheap.get("cold_over_replay"),
+                "<=",
+                0.25,
+                "as above, curvature_options={'preset': 'cheap'} (1 segment, 8 Krylov vectors per later stage)",
+            )
         linear = {n: e["means_only_over_fb"] for n, e in cost["estimators"].items() if "means_only_over_fb" in e}
         if linear:
             worst = max(linear, key=linear.get)

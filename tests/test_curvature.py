@@ -535,4 +535,3 @@ def test_cheap_preset_is_the_explicit_cheap_setting(tmp_path):
     assert default.diagnostics["curvature"]["settings"]["preset"] == "default"
     products = [e.diagnostics["curvature"]["curvature_products"] for e in (default, preset)]
     assert products[0] > products[1]
-

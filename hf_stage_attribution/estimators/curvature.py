@@ -61,6 +61,7 @@ from .curvature_products import CurvatureOperator, LossSpec, resolve_loss
 from .propagation import recorded_family, run_recurrence
 
 MODES = ("ggn", "hvp")
+PAIRED_BATCH_LOSSES = ("dpo",)  # losses whose batches must not be concatenated (chosen/rejected halves)
 
 #: Named settings of the curvature-aware propagation: ``curvature_options={"preset": name}`` (CLI
 #: ``--curvature-preset``); explicit options override the preset's. ``default``: every recorded segment and a Krylov
@@ -88,7 +89,6 @@ def curvature_settings(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
         raise unknown_name("curvature preset", str(name), tuple(CURVATURE_PRESETS))
     return {"preset": name, **CURVATURE_PRESETS[name], **options}
-PAIRED_BATCH_LOSSES = ("dpo",)  # losses whose batches must not be concatenated (chosen/rejected halves)
 
 
 def _missing_segments(stage: Any) -> MissingCurvatureError:

@@ -226,9 +226,7 @@ class CurvatureOperator:
             self.fixed[self.module_name[b]] = state[b].to(self.device, p.dtype)
         base_ids = {id(q) for q in base.values()}
         for name, p in self.model.named_parameters():  # un-merged LoRA factors: switch the adapter off (B = 0)
-            if id(p) not in base_ids and ".lora_B." in f".{name}.".replace(
-                "lora_embedding_B", "lora_B"
-            ):
+            if id(p) not in base_ids and ".lora_B." in f".{name}.".replace("lora_embedding_B", "lora_B"):
                 self.fixed["m." + name] = torch.zeros_like(p)
         self.batches = [_to(b, self.device) for b in _concat(list(batches), chunk_rows)]
         self.weights = [_rows(b) for b in self.batches]

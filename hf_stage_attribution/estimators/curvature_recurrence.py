@@ -238,4 +238,3 @@ def independent_modes(
         xc = np.where(keep, xs[0] * x + xs[1] * b + xs[4], 0.0)
         bc = np.where(keep, bs[0] * x + bs[1] * b + bs[4], 0.0)
     return xc, bc, xs[2] * x + xs[3] * b, bs[2] * x + bs[3] * b, bad
-
