@@ -66,6 +66,19 @@ class Settings:
         return asdict(self)
 
 
+def import_script(module_name: str, path: Path) -> Any:
+    """A recipe file imported by path under ``module_name`` (recipes are scripts, not a package); imported once."""
+    import importlib.util
+
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     """``(fn(), wall seconds)``."""
     start = time.perf_counter()

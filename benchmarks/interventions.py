@@ -17,13 +17,11 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .common import REPO, Settings, quiet
+from .common import REPO, Settings, import_script, quiet
 
 RECIPES = ("spurious_digits", "toxicity_classifier_minilm")
 SEED = 0
@@ -33,14 +31,7 @@ def load_recipe(name: str) -> Any:
     """``recipes/<name>/run.py`` imported by path (recipes are scripts, not a package)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {RECIPES}")
-    module_name = f"hsa_bench_recipe_{name}_run"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, REPO / "recipes" / name / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_script(f"hsa_bench_recipe_{name}_run", REPO / "recipes" / name / "run.py")
 
 
 def run(settings: Settings, work: Path, recipes: tuple[str, ...] = RECIPES) -> dict[str, Any]:

@@ -17,14 +17,12 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import REPO, Settings
+from .common import REPO, Settings, import_script
 
 PIPELINES = ("digits-hf", "digits-decay", "lm", "toxicity")
 TOXICITY_RECIPE = REPO / "recipes" / "toxicity_classifier_minilm" / "pipeline.py"
@@ -122,14 +120,7 @@ def _lm_logprob_behaviors(tokenizer: Any, seed: int, n: int = 16) -> dict[str, A
 
 def load_toxicity_recipe() -> Any:
     """The recipes engineer's ``pipeline.py`` imported by path (recipes are not a package)."""
-    name = "hsa_bench_toxicity_pipeline"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, TOXICITY_RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_script("hsa_bench_toxicity_pipeline", TOXICITY_RECIPE)
 
 
 def _toxicity(seed: int, settings: Settings, root: Path) -> BenchPipeline:
