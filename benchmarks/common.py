@@ -66,6 +66,14 @@ class Settings:
         return asdict(self)
 
 
+def by_pipeline(runs: list[Any]) -> dict[str, list[Any]]:
+    """Per-seed runs grouped by their ``"pipeline"``, in first-seen order."""
+    groups: dict[str, list[Any]] = {}
+    for run in runs:
+        groups.setdefault(run["pipeline"], []).append(run)
+    return groups
+
+
 def import_script(module_name: str, path: Path) -> Any:
     """A recipe file imported by path under ``module_name`` (recipes are scripts, not a package); imported once."""
     import importlib.util

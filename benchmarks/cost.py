@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .common import repeated
+from .common import by_pipeline, repeated
 
 
 def floor_seconds(model: torch.nn.Module, behavior: Any, min_seconds: float = 1.0) -> dict[str, float]:
@@ -60,11 +60,8 @@ def ratios(run: Mapping[str, Any]) -> dict[str, dict[str, float]]:
 
 def summarise(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Median over seeds of every ratio, per pipeline and estimator, with the floor and replay seconds."""
-    by_pipeline: dict[str, list[Mapping[str, Any]]] = {}
-    for run in runs:
-        by_pipeline.setdefault(run["pipeline"], []).append(run)
     out: dict[str, Any] = {}
-    for pipeline, group in by_pipeline.items():
+    for pipeline, group in by_pipeline(runs).items():
         per_seed = [ratios(run) for run in group]
         names = list(dict.fromkeys(n for r in per_seed for n in r))
         table = {}

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .common import repeated, timed
+from .common import by_pipeline, repeated, timed
 from .cost import CHEAP, floor_seconds
 
 ESTIMATORS = (
@@ -205,11 +205,8 @@ def summarise(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Per pipeline and estimator (replay excluded): pooled fidelity over seeds, and the per-seed Spearman spread."""
     from hf_stage_attribution.estimators import fidelity
 
-    by_pipeline: dict[str, list[Mapping[str, Any]]] = {}
-    for run in runs:
-        by_pipeline.setdefault(run["pipeline"], []).append(run)
     out: dict[str, Any] = {}
-    for pipeline, group in by_pipeline.items():
+    for pipeline, group in by_pipeline(runs).items():
         names = [n for n in dict.fromkeys(n for run in group for n in run["_values"]) if n != "replay"]
         table: dict[str, Any] = {}
         for name in names:

@@ -38,6 +38,48 @@ def attribute_with_replay(pipeline: Any, out: Path) -> tuple[Any, Any]:
     return report, replay
 
 
+def rank_and_publish(
+    recipe: str,
+    behavior: str,
+    pipeline: Any,
+    report: Any,
+    replay: Any,
+    *,
+    size: str,
+    update_example_card: bool,
+    repo_root: Path,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Print both reports and both rankings on ``behavior``, write the model card beside ``pipeline.model_dir`` (and
+    copy it to ``model_cards/<recipe>/`` when asked); return the recipe summary (``extra`` entries appended)."""
+    from .. import write_model_card
+
+    print("\n" + report.table())  # noqa: T201 (recipe output)
+    print("\nReplay (ground truth):\n" + replay.table())  # noqa: T201
+    ranks = {"attribution": rank_stages(report, behavior), "replay": rank_stages(replay, behavior)}
+    print(  # noqa: T201
+        f"\nRanking by |effect| on {behavior}: {report.estimator}: {ranks['attribution']}; replay: {ranks['replay']}"
+    )
+    card = write_model_card(report, pipeline.model_dir / "README.md")
+    print(f"Model card: {card.readme if card else '(not the main process)'}")  # noqa: T201
+    if update_example_card and card is not None:
+        publish_example_card(card, recipe, repo_root)
+    return {
+        "recipe": recipe, "size": size, "estimator": report.estimator, "rankings": ranks,
+        "effects": {r.stage: r.effect for r in report.rows},
+        "replay_effects": {r.stage: r.effect for r in replay.rows}, "fidelity": report.fidelity, **extra,
+    }  # fmt: skip
+
+
+def write_summary(summary: dict[str, Any], out: Path, started: float) -> None:
+    """``out/summary.json`` and the recipe's closing line."""
+    import json
+    import time
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    print(f"\nDone in {time.time() - started:.1f} s; summary in {out / 'summary.json'}")  # noqa: T201
+
+
 def publish_example_card(card: Any, recipe: str, repo_root: Path) -> Path:
     """Copy a rendered card (README, sidecar JSON, plot) into ``<repo>/model_cards/<recipe>/``; return that folder."""
     import shutil

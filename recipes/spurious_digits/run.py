@@ -20,8 +20,9 @@ from typing import Any
 from hf_stage_attribution.examples.recipe_support import (
     attribute_with_replay,
     intervene_top_and_last,
-    publish_example_card,
+    rank_and_publish,
     rank_stages,
+    write_summary,
 )
 
 RECIPE = "spurious_digits"
@@ -85,7 +86,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
 
-    from hf_stage_attribution import write_model_card
     from hf_stage_attribution.examples.spurious_digits import build_spurious_digits
 
     t0 = time.time()
@@ -93,28 +93,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pipeline = build_spurious_digits(out, size="small" if args.small else "full", seed=args.seed)
     print(f"Recorded stages {[s.name for s in pipeline.stages]} into {pipeline.ledger_dir} ({time.time() - t0:.1f} s)")
     report, replay = attribute(pipeline, out / "report")
-    print("\n" + report.table())
-    print("\nReplay (ground truth):\n" + replay.table())
-    ranks = {"attribution": ranking(report, "patch-reliance"), "replay": ranking(replay, "patch-reliance")}
-    print(f"\nRanking by |effect| on patch-reliance: {report.estimator}: {ranks['attribution']}; "
-          f"replay: {ranks['replay']}")  # fmt: skip
-    card = write_model_card(report, pipeline.model_dir / "README.md")
-    print(f"Model card: {card.readme if card else '(not the main process)'}")
-    if args.update_example_card and card is not None:
-        publish_example_card(card, RECIPE, Path(__file__).resolve().parents[2])
-    summary: dict[str, Any] = {
-        "recipe": RECIPE, "size": "small" if args.small else "full", "estimator": report.estimator,
-        "rankings": ranks, "effects": {r.stage: r.effect for r in report.rows},
-        "replay_effects": {r.stage: r.effect for r in replay.rows}, "fidelity": report.fidelity,
-        "specs": write_specs(pipeline, out / "specs"),
-    }  # fmt: skip
+    summary = rank_and_publish(
+        RECIPE, "patch-reliance", pipeline, report, replay, size="small" if args.small else "full",
+        update_example_card=args.update_example_card, repo_root=Path(__file__).resolve().parents[2],
+        specs=write_specs(pipeline, out / "specs"),
+    )  # fmt: skip
     if not args.no_intervention:
         intervene_top_and_last(
-            lambda stage: intervene(pipeline, stage), ranks["attribution"], out, summary,
+            lambda stage: intervene(pipeline, stage), summary["rankings"]["attribution"], out, summary,
             card_from=pipeline.model_dir / "README.md",
         )  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    print(f"\nDone in {time.time() - t0:.1f} s; summary in {out / 'summary.json'}")
+    write_summary(summary, out, t0)
     return summary
 
 

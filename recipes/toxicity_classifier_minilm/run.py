@@ -25,8 +25,9 @@ from typing import Any
 from hf_stage_attribution.examples.recipe_support import (
     attribute_with_replay,
     intervene_top_and_last,
-    publish_example_card,
+    rank_and_publish,
     rank_stages,
+    write_summary,
 )
 
 RECIPE = "toxicity_classifier_minilm"
@@ -101,8 +102,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
 
-    from hf_stage_attribution import write_model_card
-
     tp = load_pipeline_module()
     t0 = time.time()
     out = Path(args.output_dir)
@@ -117,29 +116,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("alt-profanity-check agreement with our labels (%): "
           + ", ".join(f"{k} {v:.1f}" for k, v in pipeline.agreement.items()))  # fmt: skip
     report, replay = attribute(pipeline, out / "report")
-    print("\n" + report.table())
-    print("\nReplay (ground truth):\n" + replay.table())
-    ranks = {"attribution": ranking(report, BEHAVIOR), "replay": ranking(replay, BEHAVIOR)}
-    print(
-        f"\nRanking by |effect| on {BEHAVIOR}: {report.estimator}: {ranks['attribution']}; replay: {ranks['replay']}"
-    )
-    card = write_model_card(report, pipeline.model_dir / "README.md")
-    print(f"Model card: {card.readme if card else '(not the main process)'}")
-    if args.update_example_card and card is not None:
-        publish_example_card(card, RECIPE, Path(__file__).resolve().parents[2])
-    summary: dict[str, Any] = {
-        "recipe": RECIPE, "size": "small" if args.small else "full", "estimator": report.estimator,
-        "rankings": ranks, "effects": {r.stage: r.effect for r in report.rows},
-        "replay_effects": {r.stage: r.effect for r in replay.rows}, "fidelity": report.fidelity,
-        "agreement": pipeline.agreement, "specs": write_specs(pipeline, out / "specs"),
-    }  # fmt: skip
+    summary = rank_and_publish(
+        RECIPE, BEHAVIOR, pipeline, report, replay, size="small" if args.small else "full",
+        update_example_card=args.update_example_card, repo_root=Path(__file__).resolve().parents[2],
+        agreement=pipeline.agreement, specs=write_specs(pipeline, out / "specs"),
+    )  # fmt: skip
     if not args.no_intervention:
         intervene_top_and_last(
-            lambda stage: intervene(pipeline, stage), ranks["attribution"], out, summary,
+            lambda stage: intervene(pipeline, stage), summary["rankings"]["attribution"], out, summary,
             tokenizer=pipeline.tokenizer, card_from=pipeline.model_dir / "README.md",
         )  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    print(f"\nDone in {time.time() - t0:.1f} s; summary in {out / 'summary.json'}")
+    write_summary(summary, out, t0)
     return summary
 
 
