@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ..errors import StageAttributionError
 
+    started_distributed = _distributed_initialized()
     try:
         return int(args.func(args) or 0)
     except StageAttributionError as exc:
@@ -51,6 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hf-stage-attribution {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if not started_distributed and _distributed_initialized():
+            # the command (Accelerate's PartialState) set up the process group under torchrun/accelerate launch:
+            # close it, or gloo's threads may abort the process at interpreter exit
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _distributed_initialized() -> bool:
+    """Whether a torch.distributed process group exists (without importing torch when nothing has)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 if __name__ == "__main__":  # pragma: no cover

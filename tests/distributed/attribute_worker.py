@@ -33,6 +33,8 @@ def main() -> None:
         totals = {b: d.total_change for b, d in report.diagnostics.items()}
         with open(out_json, "w") as fh:
             json.dump({"rows": rows, "totals": totals, "estimator": report.estimator, "processes": world}, fh)
+    if torch.distributed.is_initialized():  # a clean shutdown: gloo's threads may abort the process at exit otherwise
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 import recording_fixtures as F  # noqa: E402
@@ -47,6 +49,8 @@ def main() -> None:
     parser.add_argument("--per-device-batch", type=int, required=True)
     ns = parser.parse_args()
     record(ns.out, ns.ledger, ns.per_device_batch)
+    if torch.distributed.is_initialized():  # a clean shutdown: gloo's threads may abort the process at exit otherwise
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
