@@ -32,7 +32,7 @@ def child(base: str, other: str, out: str) -> None:
     import transformers  # noqa: F401
     from transformers import Trainer  # noqa: F401
 
-    from hf_stage_attribution.checkpoints import import_checkpoints
+    from hf_stage_attribution.checkpoints.importer import import_checkpoints
 
     reset = True
     try:

@@ -156,7 +156,7 @@ def _warm_up(cfg: dict[str, int]) -> None:
     import torch
     from accelerate import PartialState
 
-    import hf_stage_attribution.estimators.embeddings_write  # noqa: F401
+    import hf_stage_attribution.estimators.embeddings.write  # noqa: F401
     import hf_stage_attribution.report  # noqa: F401
     from hf_stage_attribution.estimators.linear import _math_attention
 

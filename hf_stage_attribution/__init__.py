@@ -14,12 +14,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 _LAZY = {
     "AttributionReport": ("hf_stage_attribution.report", "AttributionReport"),
     "StageAttributor": ("hf_stage_attribution.attributor", "StageAttributor"),
-    "StageLedger": ("hf_stage_attribution.ledger", "StageLedger"),
+    "StageLedger": ("hf_stage_attribution.ledger.ledger", "StageLedger"),
     "StageRecorder": ("hf_stage_attribution.integrations.transformers", "StageRecorder"),
     "behaviors": ("hf_stage_attribution.behaviors", None),
     "estimators": ("hf_stage_attribution.estimators", None),
@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover  (names for type checkers and IDEs)
     from . import behaviors, estimators, interventions  # noqa: F401
     from .attributor import StageAttributor  # noqa: F401
     from .integrations.transformers import StageRecorder  # noqa: F401
-    from .ledger import StageLedger  # noqa: F401
+    from .ledger.ledger import StageLedger  # noqa: F401
     from .model_card import write_model_card  # noqa: F401
     from .report import AttributionReport  # noqa: F401
 

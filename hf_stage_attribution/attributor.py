@@ -14,9 +14,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from . import estimators
+from ._internal.model_state import swapped_parameters
+from .behaviors import as_behavior
 from .errors import BehaviorError, ReportError
+from .estimators.base import check_finite
+from .estimators.fidelity import fidelity
 from .ledger import StageLedger
+from .report.attribution import AttributionReport
 
 # linear estimator ↔ its finite-difference reading (ESTIMATORS.md §4 "linearisation gap")
 _PAIRED = {
@@ -87,7 +94,6 @@ class StageAttributor:
         show_progress: bool = True,
         estimator_options: Mapping[str, Any] | None = None,
     ) -> None:
-        from . import estimators
 
         self.ledger = ledger if isinstance(ledger, StageLedger) else StageLedger.load(ledger)
         if not self.ledger.stages:
@@ -120,8 +126,6 @@ class StageAttributor:
 
         ``validate=True`` also runs replay (the ground truth, ESTIMATORS.md §2) and adds fidelity figures.
         """
-        from .behaviors import as_behavior
-        from .report import AttributionReport
 
         if not behaviors:
             raise BehaviorError("No behaviors to attribute: pass a non-empty {name: behavior} mapping.")
@@ -216,7 +220,6 @@ class StageAttributor:
         return _gathered(local_result, joint, stage_names, self.state)
 
     def _run_named(self, name: str, joint: _Joint, stage_names: list[str], options: Mapping[str, Any]) -> dict:
-        from . import estimators
 
         estimator = estimators.get(name)
         self._precompute(estimator, options, stage_names)
@@ -224,7 +227,6 @@ class StageAttributor:
 
     def _total_change(self, joint: _Joint) -> dict[str, torch.Tensor]:
         """Per-example f_i(θ_K) − f_i(θ_0) of every behavior, gathered."""
-        from .model_state import swapped_parameters
 
         local: dict[str, list[float]] = {name: [] for name in joint.names}
         if joint.parts:
@@ -238,7 +240,6 @@ class StageAttributor:
         }
 
     def _fidelity(self, results: Mapping[str, Any], replay: Mapping[str, Any], stage_names: list[str]) -> dict:
-        from .estimators.fidelity import fidelity
 
         estimates = {(s, b): results[b].per_example[s] for b in results for s in stage_names}
         truth = {(s, b): replay[b][s] for b in replay for s in stage_names}
@@ -248,7 +249,6 @@ class StageAttributor:
     def _progress(self, total: int, unit: str):
         if not self.show_progress or not self.state.is_main_process or total < 2:
             return None
-        from tqdm.auto import tqdm
 
         return tqdm(total=total, unit=unit, desc="attributing", leave=False)
 
@@ -290,7 +290,6 @@ class _Joint:
         self.sizes: dict[str, int] = {}
 
     def evaluate_parts(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        from .estimators.base import check_finite
 
         out = {}
         for name, behavior in self.parts.items():

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from test_checkpoints_fixtures import recorded_run
 
-from hf_stage_attribution.checkpoints_cache import lay_out_hub_cache
+from hf_stage_attribution.checkpoints.cache import lay_out_hub_cache
 from hf_stage_attribution.cli.main import main
 
 
@@ -71,7 +71,7 @@ def test_help(capsys):
 
 
 def test_spec_paths_starting_with_dot_are_relative_to_the_spec(tmp_path):
-    from hf_stage_attribution.checkpoints_spec import load_spec
+    from hf_stage_attribution.checkpoints.spec import load_spec
 
     (tmp_path / "specs").mkdir()
     path = tmp_path / "specs" / "spec.yaml"

@@ -11,7 +11,7 @@ import torch
 from test_checkpoints_fixtures import assert_same_deltas, recorded_run
 
 from hf_stage_attribution import StageLedger
-from hf_stage_attribution.checkpoints_cache import lay_out_hub_cache
+from hf_stage_attribution.checkpoints.cache import lay_out_hub_cache
 from hf_stage_attribution.errors import CheckpointImportError, CheckpointNotFoundError
 
 
@@ -67,7 +67,7 @@ def test_revision_by_commit_hash_and_optimizer_from_the_spec(hub, tmp_path, monk
     assert [row[0] for row in stage.learning_rates] == pytest.approx(rates[0])
     assert set(stage.info["source"]["estimator_availability"]["available"]) >= {"aa-linear", "aa-fd"}
     # the propagation rules read the imported stage exactly as the recorded one (D_j of the later stage)
-    from hf_stage_attribution.estimators.stage_propagation import StagePropagator
+    from hf_stage_attribution.estimators.propagation.stage import StagePropagator
 
     imported, recorded = StagePropagator(ledger.stages[1]), StagePropagator(hub["recorded"].stages[1])
     for name in ("transformer.wte.weight", "transformer.h.0.mlp.c_fc.weight"):

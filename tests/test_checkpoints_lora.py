@@ -10,8 +10,8 @@ import pytest
 from test_checkpoints_fixtures import assert_same_deltas, tiny_gpt2, train
 
 from hf_stage_attribution import StageLedger
+from hf_stage_attribution._internal.params import lora_layers
 from hf_stage_attribution.errors import CheckpointImportError
-from hf_stage_attribution.params import lora_layers
 
 
 def _peft(model, **config):

@@ -85,7 +85,7 @@ def test_failing_stream_leaves_no_stage(tmp_path):
 
 
 def test_zero_copy_digest_equals_the_ledger_digest():
-    from hf_stage_attribution._hashing import tensor_digest
+    from hf_stage_attribution._internal.hashing import tensor_digest
 
     tensors = (torch.randn(5, 7), torch.randn(4, 6).T, torch.randn(3).half(), torch.zeros(0, 3), torch.tensor(2.0))
     for tensor in tensors:

@@ -128,7 +128,7 @@ def test_attribute_then_card_twice_is_byte_identical(classifier_run, tmp_path, c
 def test_attribute_with_the_cheap_curvature_preset(classifier_run, tmp_path, capsys):
     """``--curvature-preset cheap``: aa-ggn uses one segment per later stage and at most 8 Krylov vectors, and the
     report says which settings it ran with."""
-    from hf_stage_attribution.estimators.curvature import CURVATURE_PRESETS
+    from hf_stage_attribution.estimators.curvature.propagation import CURVATURE_PRESETS
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["attribute"]

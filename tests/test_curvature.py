@@ -9,12 +9,12 @@ import torch
 
 from hf_stage_attribution import estimators
 from hf_stage_attribution.errors import MissingCurvatureError, UnsupportedOptimizerError
-from hf_stage_attribution.estimators.curvature import propagate
-from hf_stage_attribution.estimators.curvature_krylov import block_lanczos
-from hf_stage_attribution.estimators.curvature_products import BUILTIN_LOSSES, CurvatureOperator, resolve_loss
-from hf_stage_attribution.estimators.curvature_recurrence import group_coefficients, run_projected, unstable_modes
-from hf_stage_attribution.estimators.propagation import run_recurrence
-from hf_stage_attribution.estimators.stage_propagation import StagePropagator
+from hf_stage_attribution.estimators.curvature.krylov import block_lanczos
+from hf_stage_attribution.estimators.curvature.products import BUILTIN_LOSSES, CurvatureOperator, resolve_loss
+from hf_stage_attribution.estimators.curvature.propagation import propagate
+from hf_stage_attribution.estimators.curvature.recurrence import group_coefficients, run_projected, unstable_modes
+from hf_stage_attribution.estimators.propagation.rules import run_recurrence
+from hf_stage_attribution.estimators.propagation.stage import StagePropagator
 from hf_stage_attribution.ledger import StageLedger
 
 CE_PAIR = (lambda m, b: m(b[0]), lambda out, b: torch.nn.functional.cross_entropy(out, b[1]))
@@ -63,7 +63,7 @@ def test_unstable_modes_are_the_growing_ones():
 def test_batched_independent_modes_equal_the_separate_runs(family, group):
     """One batched pass (maps with and without curvature, forced response) gives what the separate runs give,
     with the same modes judged unstable and damped."""
-    from hf_stage_attribution.estimators.curvature_recurrence import independent_modes
+    from hf_stage_attribution.estimators.curvature.recurrence import independent_modes
 
     rng = np.random.default_rng(1)
     lrs = list(rng.uniform(0.01, 0.2, size=13))
@@ -240,7 +240,7 @@ def test_linear_loss_has_no_curvature_so_aa_ggn_is_aa_linear(tmp_path):
 
 def _dense_reference(ledger, model, v, stage_index, mode, pair):
     """The frozen-curvature recurrence with explicit matrices: per segment C̄ from autograd, torch's update rules."""
-    from hf_stage_attribution.estimators.curvature import _MidState, _segment_ranges
+    from hf_stage_attribution.estimators.curvature.propagation import _MidState, _segment_ranges
 
     stage = ledger.stages[stage_index]
     names = [n for n, _ in model.named_parameters()]
@@ -253,7 +253,7 @@ def _dense_reference(ledger, model, v, stage_index, mode, pair):
         eye = torch.eye(n_all, dtype=torch.float64)
         c = torch.stack([_flat(op.apply(_unflat(eye[i], model), names), names) for i in range(n_all)], 1)
         if mode == "hvp":  # negative curvature is treated as flat, in the symmetrised coordinates of the method
-            from hf_stage_attribution.estimators.curvature_layout import SegmentLayout
+            from hf_stage_attribution.estimators.curvature.layout import SegmentLayout
 
             scale = SegmentLayout(stage, seg, "adamw", a, e, False, buffer_fresh=a == 0).scale
             evals, evecs = torch.linalg.eigh(scale[:, None] * c * scale[None, :])
@@ -452,7 +452,7 @@ def test_continued_optimizer_state_carries_the_first_moment_with_curvature(tmp_p
     """A stage that continued the previous stage's optimizer: the incoming first-moment difference (the momentum
     tail) enters the Krylov block and the recurrence (no clone-first-step, Adam's step count keeps counting); with a
     full basis the result equals the dense frozen-curvature recurrence, and the outgoing buffer is returned."""
-    from hf_stage_attribution.estimators.curvature import _MidState, _segment_ranges
+    from hf_stage_attribution.estimators.curvature.propagation import _MidState, _segment_ranges
 
     model, data = _mlp(), _ce_data()
     if family == "sgd":
@@ -504,7 +504,7 @@ def test_continued_optimizer_state_carries_the_first_moment_with_curvature(tmp_p
 
 def test_curvature_presets_expand_and_unknown_ones_are_refused():
     from hf_stage_attribution.errors import UnknownNameError
-    from hf_stage_attribution.estimators.curvature import CURVATURE_PRESETS, curvature_settings
+    from hf_stage_attribution.estimators.curvature.propagation import CURVATURE_PRESETS, curvature_settings
 
     assert curvature_settings(None) == {"preset": "default", **CURVATURE_PRESETS["default"]}
     cheap = curvature_settings({"preset": "cheap", "sample_size": 32, "model": "m"})
@@ -517,7 +517,7 @@ def test_curvature_presets_expand_and_unknown_ones_are_refused():
 def test_cheap_preset_is_the_explicit_cheap_setting(tmp_path):
     """The preset gives the same embeddings as its options spelled out, with one segment and ≤ 8 products per
     (stage, later stage) pair, and the cache tells the two settings apart from the default."""
-    from hf_stage_attribution.estimators.embeddings import stage_embeddings
+    from hf_stage_attribution.estimators.embeddings.cache import stage_embeddings
     from hf_stage_attribution.testing.digits import build_digits_pipeline
 
     pipe = build_digits_pipeline("hf", tmp_path / "ledger", seed=0, steps_scale=0.2, base_steps_scale=0.2)

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from hf_stage_attribution.estimators.curvature import propagate
+from hf_stage_attribution.estimators.curvature.propagation import propagate
+from hf_stage_attribution.estimators.propagation.stage import StagePropagator
 from hf_stage_attribution.estimators.replay import replay_gap, replay_model
-from hf_stage_attribution.estimators.stage_propagation import StagePropagator
 from hf_stage_attribution.testing.digits import ESTIMATORS, build_digits_pipeline, fidelity_rows, replay_truth
 
 SEEDS = (0, 1, 2)

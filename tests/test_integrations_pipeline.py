@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 import recording_fixtures as F  # noqa: E402
 
 from hf_stage_attribution import StageLedger  # noqa: E402
-from hf_stage_attribution.params import iter_merged_state  # noqa: E402
+from hf_stage_attribution._internal.params import iter_merged_state  # noqa: E402
 
 LRS = {"pretrain": 1e-2, "sft": 5e-3, "lora": 1e-2, "dpo": 5e-3}
 

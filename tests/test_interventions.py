@@ -13,8 +13,11 @@ import math
 import pytest
 import torch
 
+from hf_stage_attribution._internal.params import state_digests
 from hf_stage_attribution.errors import InterventionError
-from hf_stage_attribution.interventions import (
+from hf_stage_attribution.interventions.card import SECTION_BEGIN, SECTION_END, splice
+from hf_stage_attribution.interventions.result import SweepPoint
+from hf_stage_attribution.interventions.sweep import (
     Accuracy,
     Constraint,
     InterventionResult,
@@ -23,9 +26,6 @@ from hf_stage_attribution.interventions import (
     resolve_stage,
     scale_stage,
 )
-from hf_stage_attribution.interventions_card import SECTION_BEGIN, SECTION_END, splice
-from hf_stage_attribution.interventions_result import SweepPoint
-from hf_stage_attribution.params import state_digests
 
 TARGET = "patch-reliance"
 

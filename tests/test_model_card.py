@@ -391,7 +391,7 @@ def test_hostile_names_do_not_break_the_plot(tmp_path):
 _WRITER = """
 import sys
 from pathlib import Path
-from hf_stage_attribution.report_files import atomic_write_bytes
+from hf_stage_attribution.report.files import atomic_write_bytes
 path, big = Path(sys.argv[1]), int(sys.argv[2])
 contents = [b"A" * big, b"B" * big]
 print("ready", flush=True)

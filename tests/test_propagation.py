@@ -7,9 +7,9 @@ import torch
 
 from hf_stage_attribution import estimators
 from hf_stage_attribution.errors import UnsupportedOptimizerError
-from hf_stage_attribution.estimators.embeddings import stage_embeddings
-from hf_stage_attribution.estimators.propagation import optimizer_family, preconditioner, run_recurrence
-from hf_stage_attribution.estimators.stage_propagation import StagePropagator
+from hf_stage_attribution.estimators.embeddings.cache import stage_embeddings
+from hf_stage_attribution.estimators.propagation.rules import optimizer_family, preconditioner, run_recurrence
+from hf_stage_attribution.estimators.propagation.stage import StagePropagator
 from hf_stage_attribution.ledger import StageLedger
 
 LRS = [0.05 * (1 + 0.1 * t) for t in range(15)]

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from hf_stage_attribution import estimators
+from hf_stage_attribution._internal.params import iter_merged_state
 from hf_stage_attribution.errors import ReplayError
 from hf_stage_attribution.estimators.replay import replay_model
 from hf_stage_attribution.ledger import StageLedger
-from hf_stage_attribution.params import iter_merged_state
 
 STEPS = 8
 

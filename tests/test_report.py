@@ -11,7 +11,7 @@ import torch
 
 from hf_stage_attribution.errors import ReportError
 from hf_stage_attribution.report import AttributionReport, StageSummary
-from hf_stage_attribution.report_plot import DPI, figure_size
+from hf_stage_attribution.report.plot import DPI, figure_size
 
 STAGES = ["pretraining", "sft", "dpo"]
 

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import BehaviorError, ScorerUnavailableError
 from .custom import callable_path, import_callable
 from .loading import resolve_path
@@ -188,7 +190,6 @@ class TransformersClassifierScorer(Scorer):
         return matches[0]
 
     def score(self, texts: list[str]) -> list[float]:
-        import torch
 
         out: list[float] = []
         for i in range(0, len(texts), self.batch_size):

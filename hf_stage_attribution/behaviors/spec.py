@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..errors import BehaviorError
 from .base import Behavior
 from .registry import get
@@ -36,7 +38,6 @@ def read_spec_file(path: str | Path) -> Any:
     if not p.is_file():
         raise BehaviorError(f"Behavior spec file {str(p)!r} does not exist; pass a JSON or YAML file.")
     text = p.read_text(encoding="utf-8")
-    import yaml
 
     try:
         return json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)

@@ -6,6 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+from ..attributor import StageAttributor
+from ..behaviors import load_specs
+from ..integrations.model_loading import load_model
+from ..ledger import StageLedger
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("ledger_dir", metavar="LEDGER_DIR", help="directory holding ledger.json")
@@ -59,10 +64,6 @@ def _stages(values: list[str] | None) -> list[int | str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..attributor import StageAttributor
-    from ..behaviors import load_specs
-    from ..ledger import StageLedger
-    from ..model_loading import load_model
 
     ledger = StageLedger.load(args.ledger_dir)
     behaviors = load_specs(args.behaviors, trust_code=args.trust_code)

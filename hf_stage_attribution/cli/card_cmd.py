@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import ReportError
+from ..model_card import write_model_card
+from ..report.attribution import AttributionReport
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -21,9 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ReportError
-    from ..model_card import write_model_card
-    from ..report import AttributionReport
 
     path = Path(args.report_dir)
     report_path = path / "report.json" if path.is_dir() else path

@@ -13,6 +13,12 @@ import json
 import time
 from pathlib import Path
 
+from ..attributor import StageAttributor
+from ..behaviors import get as behavior_kind
+from ..examples.lm_pipeline import build_lm_pipeline
+from ..examples.spurious_digits import build_spurious_digits
+from ..model_card import write_model_card
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -32,7 +38,6 @@ def _section(title: str) -> None:
 
 
 def _publish(report, out: Path, readme: Path) -> None:
-    from ..model_card import write_model_card
 
     out.mkdir(parents=True, exist_ok=True)
     report.to_json(out / "report.json")
@@ -47,8 +52,6 @@ def _publish(report, out: Path, readme: Path) -> None:
 
 
 def run_lm(out: Path, size: str, validate: bool) -> Path:
-    from ..attributor import StageAttributor
-    from ..examples.lm_pipeline import build_lm_pipeline
 
     _section("Language model: pretraining -> SFT (half toxic) -> LoRA -> DPO (tiny GPT-2)")
     t0 = time.time()
@@ -63,9 +66,6 @@ def run_lm(out: Path, size: str, validate: bool) -> Path:
 
 
 def run_digits(out: Path, size: str, validate: bool) -> Path:
-    from ..attributor import StageAttributor
-    from ..behaviors import get as behavior_kind
-    from ..examples.spurious_digits import build_spurious_digits
 
     _section("Digits classifier: pretraining -> patch (a spurious corner patch on every 7) -> finetune")
     t0 = time.time()

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from .table import render_table
+from .._internal.table import render_table
+from ..checkpoints.importer import import_checkpoints
+from ..checkpoints.spec import load_spec
 
 HEADERS = ["#", "name", "kind", "from", "steps", "optimizer", "estimators"]
 
@@ -68,8 +70,6 @@ def summarize(ledger) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import import_checkpoints
-    from ..checkpoints_spec import load_spec
 
     boundaries = load_spec(args.spec)
     ledger = import_checkpoints(

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from .table import fmt_float, render_table
+from .._internal.table import fmt_float, render_table
+from ..ledger import StageLedger
+from ..ledger.storage import lock_holder
+from ..ledger.summary import ledger_summary
 
 HEADERS = ["#", "name", "kind", "trainer", "steps", "optimizer", "lr range", "wd", "trainable", "data", "|delta|"]
 
@@ -45,7 +49,6 @@ def format_summary(summary: dict) -> str:
 
 def _leftovers_text(ledger) -> str:
     """Temporary files of killed writes, and who is recording right now (the lock's holder), if anyone."""
-    from ..ledger.storage import lock_holder
 
     lines = []
     leftovers = ledger.leftover_files()
@@ -62,10 +65,6 @@ def _leftovers_text(ledger) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..ledger import StageLedger
-    from ..ledger.summary import ledger_summary
 
     directory = Path(args.ledger_dir)
     if args.remove_incomplete and directory.is_dir() and not (directory / "ledger.json").exists():

@@ -7,6 +7,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import InterventionError, StageAttributionError
+from ..examples.spurious_digits_model import MODEL_TYPE, DigitsMLP
+from ..integrations.model_loading import load_model
+from ..interventions.metrics import Constraint, load_target, load_utilities
+from ..interventions.sweep import check_alphas, resolve_stage, scale_stage
+from ..ledger import StageLedger
+
 DEFAULT_ALPHAS = "0.25,0.5,0.75,1.0"
 
 
@@ -53,7 +60,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _pair(text: str | None, flag: str) -> tuple[str, float] | None:
-    from ..errors import InterventionError
 
     if text is None:
         return None
@@ -67,7 +73,6 @@ def _pair(text: str | None, flag: str) -> tuple[str, float] | None:
 
 
 def _alphas(text: str) -> list[float]:
-    from ..errors import InterventionError
 
     parts = [t for t in text.replace(" ", "").split(",") if t]
     try:
@@ -77,8 +82,6 @@ def _alphas(text: str) -> list[float]:
 
 
 def constraint_from_args(args: argparse.Namespace):
-    from ..errors import InterventionError
-    from ..interventions_metrics import Constraint
 
     drop, floor = _pair(args.max_drop, "--max-drop"), _pair(args.min_value, "--min-value")
     if drop is None and floor is None:
@@ -95,15 +98,10 @@ def constraint_from_args(args: argparse.Namespace):
 
 
 def _load_model(path: str):
-    from ..errors import InterventionError, StageAttributionError
-    from ..examples.spurious_digits import MODEL_TYPE
-    from ..model_loading import load_model
 
     config = Path(path) / "config.json"
     try:
         if config.exists() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE:
-            from ..examples.spurious_digits_model import DigitsMLP  # the spurious_digits recipe's architecture
-
             return DigitsMLP.from_pretrained(path)
         return load_model(path)
     except StageAttributionError:
@@ -126,10 +124,6 @@ def _tokenizer(path: str):
 
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
-
-    from ..interventions import check_alphas, resolve_stage, scale_stage
-    from ..interventions_metrics import load_target, load_utilities
-    from ..ledger import StageLedger
 
     alphas = check_alphas(_alphas(args.alphas))
     constraint = constraint_from_args(args)

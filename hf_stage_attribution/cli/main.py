@@ -6,6 +6,11 @@ import argparse
 import importlib
 import sys
 
+import torch.distributed
+
+from .._version import __version__
+from ..errors import StageAttributionError
+
 # Each module defines `register(subparsers)` adding one sub-command whose handler is `args.func(args) -> int`.
 SUBCOMMANDS = [
     "hf_stage_attribution.cli.inspect_cmd",
@@ -30,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from .. import __version__
 
     return __version__
 
@@ -41,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from ..errors import StageAttributionError
 
     started_distributed = _distributed_initialized()
     try:
@@ -56,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         if not started_distributed and _distributed_initialized():
             # the command (Accelerate's PartialState) set up the process group under torchrun/accelerate launch:
             # close it, or gloo's threads may abort the process at interpreter exit
-            import torch.distributed
 
             torch.distributed.destroy_process_group()
 

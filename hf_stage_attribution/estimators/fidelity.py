@@ -94,9 +94,7 @@ def _block(pairs: list[Pair], est: dict[Pair, torch.Tensor], true: dict[Pair, to
         scale = float(t_b.abs().max())
         err = float((e_b - t_b).abs().quantile(0.5))
         scale_free[behavior] = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-    per_example = [
-        spearman(est[p], true[p]) for p in pairs if len(est[p]) > 1 and len(est[p]) == len(true[p])
-    ]
+    per_example = [spearman(est[p], true[p]) for p in pairs if len(est[p]) > 1 and len(est[p]) == len(true[p])]
     return {
         "n_pairs": len(pairs),
         "pearson": pearson(e, t),

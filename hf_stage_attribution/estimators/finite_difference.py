@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 
 from .base import EstimateResult, check_inputs, eval_mode, evaluate, register, resolve_stages
-from .embeddings import StageEmbeddings
+from .embeddings.cache import StageEmbeddings
 from .linear import EmbeddingEstimator, embeddings_for, parameter_paths
 
 

@@ -19,9 +19,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .._internal.params import base_parameters
 from .base import EstimateResult, Estimator, check_finite, check_inputs, eval_mode, register, resolve_stages
-from .embeddings import StageEmbeddings, stage_embeddings
+from .embeddings.cache import StageEmbeddings, stage_embeddings
 
 LINEAR_READOUT = "Linear read-out: first-order Taylor step of the behavior along v_k (gradient at the final model)."
 
@@ -47,7 +49,6 @@ def embeddings_for(
 
 def parameter_paths(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Parameter]]:
     """Base parameter name → (path in ``model.named_parameters()``, parameter)."""
-    from ..params import base_parameters
 
     by_id = {id(p): n for n, p in model.named_parameters()}
     return {base: (by_id[id(p)], p) for base, p in base_parameters(model).items() if id(p) in by_id}
@@ -55,11 +56,7 @@ def parameter_paths(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Par
 
 def _math_attention() -> contextlib.AbstractContextManager:
     """Scaled-dot-product attention through its composite kernel: the fused CPU/GPU kernels have no forward-mode
-    (nor double-backward) derivative. A no-op where torch lacks ``sdpa_kernel``."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        return contextlib.nullcontext()
+    (nor double-backward) derivative."""
     return sdpa_kernel([SDPBackend.MATH])
 
 
@@ -178,8 +175,11 @@ class LinearEstimator(EmbeddingEstimator):
                 stats["backward"] = 1
                 means = {
                     stage.name: float(
-                        sum((grads[n].double() * v.to(grads[n].device).double()).sum() for n, v in
-                            emb.items(stage.index) if n in grads)  # fmt: skip
+                        sum(
+                            (grads[n].double() * v.to(grads[n].device).double()).sum()
+                            for n, v in emb.items(stage.index)
+                            if n in grads
+                        )  # fmt: skip
                     )
                     for stage in chosen
                 }

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
+from .._internal.params import base_parameters, is_peft_model, lora_layers
 from ..errors import EstimatorError
 from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, register, resolve_stages
 
 
 def _directly_trained(model: torch.nn.Module, stage: Any) -> list[str]:
     """Base names the stage changed outside the adapter and outside ``modules_to_save`` copies."""
-    from ..params import base_parameters
 
     lora = stage.lora or {}
     adapter_names = set(lora.get("modules", {})) | set(lora.get("dense_modules", []))
@@ -39,7 +39,6 @@ def _directly_trained(model: torch.nn.Module, stage: Any) -> list[str]:
 
 def _check_adapter_is_stage(model: torch.nn.Module, stage: Any) -> None:
     """Disabling the adapter must undo exactly the stage's delta (not also an initial non-zero adapter)."""
-    from ..params import lora_layers
 
     for name, info in lora_layers(model).items():
         recorded = stage.delta_tensor(name)
@@ -68,7 +67,6 @@ class LoraExact(Estimator):
     description = "f(with adapter) − f(adapter disabled) for a terminal, unmerged LoRA stage (exact)."
 
     def estimate(self, ledger, model, behavior, stages=None, **options):
-        from ..params import is_peft_model, lora_layers
 
         last = ledger.stages[-1]
         chosen = [last] if stages is None else resolve_stages(ledger, stages)

@@ -26,15 +26,17 @@ from typing import Any
 
 import torch
 
+from .._internal.model_state import clean_copy
+from .._internal.params import base_parameters, is_peft_model, iter_merged_state
 from ..errors import ReplayError
-from ..model_state import clean_copy
+from ..integrations.replay import replay_trainer_stage
+from ..ledger.state import LazyState
 from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, register, resolve_stages
 
 StageFn = Callable[..., Any]
 
 
 def _working_copy(model: torch.nn.Module) -> torch.nn.Module:
-    from ..params import is_peft_model
 
     work = clean_copy(model)
     if is_peft_model(work):
@@ -46,7 +48,6 @@ def _working_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy a ``{base name: tensor}`` state into the model's base parameters, tensor by tensor."""
-    from ..params import base_parameters
 
     params = base_parameters(model)
     with torch.no_grad():
@@ -66,7 +67,6 @@ def _takes_info(fn: StageFn) -> bool:
 
 
 def _add_delta(model: torch.nn.Module, stage: Any) -> None:
-    from ..params import base_parameters
 
     params = base_parameters(model)
     with torch.no_grad():
@@ -80,11 +80,7 @@ def _run_stage(stage: Any, model: torch.nn.Module, stage_fns: Mapping[str, Stage
         _add_delta(model, stage)  # an edit without training (untracked/imported): re-applied as recorded
         return model
     if fn is None:
-        try:
-            from ..integrations.replay import replay_trainer_stage
-        except ImportError:
-            replay_trainer_stage = None
-        if replay_trainer_stage is None or stage.replay_dir is None:
+        if stage.replay_dir is None:
             raise ReplayError(
                 f"Cannot replay stage {stage.index} {stage.name!r}: no stage function was given for it and the ledger "
                 "holds no replay data for it. Pass stage_fns={'" + stage.name + "': fn} where fn(model) trains the "
@@ -117,8 +113,6 @@ def replay_model(
         k = ledger.stage(removed).index
         prev = ledger.state_at(k - 1)
         if scale:
-            from ..ledger.state import LazyState
-
             base, stage = prev, ledger.stages[k]
             prev = LazyState(ledger.parameter_names, lambda n: base[n] + scale * stage.delta_tensor(n))
         load_state(work, prev)
@@ -131,7 +125,6 @@ def replay_model(
 
 def replay_gap(ledger: Any, model: torch.nn.Module, *, stage_fns: Mapping[str, StageFn] | None = None) -> float:
     """Max abs difference between the ledger's ``θ_K`` and replaying every stage from ``θ_0`` (should be ~0)."""
-    from ..params import iter_merged_state
 
     final = ledger.final_state()
     replayed = replay_model(ledger, model, None, stage_fns=stage_fns)

@@ -17,7 +17,8 @@ from typing import Any
 
 from ..errors import StageAttributionError
 from .base import Estimator, get, register
-from .propagation import recorded_family
+from .curvature.products import resolve_loss
+from .propagation.rules import recorded_family
 
 
 def choose_estimator(ledger: Any, loss_fns: Mapping[str, Any] | None = None) -> tuple[str, str]:
@@ -40,10 +41,6 @@ def choose_estimator(ledger: Any, loss_fns: Mapping[str, Any] | None = None) -> 
     unknown = [s.name for s in later if recorded_family(s.optimizer) is None]
     if unknown:
         return "aa-linear", f"later stage(s) {unknown} used an optimizer the curvature propagation does not know"
-    try:
-        from .curvature_products import resolve_loss
-    except ImportError:  # pragma: no cover - the curvature module ships with the package
-        return "aa-linear", "the curvature-aware propagation is not available in this installation"
     no_loss = []
     for stage in later:
         try:

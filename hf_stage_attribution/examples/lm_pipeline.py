@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._internal.model_state import clean_copy
+from ..behaviors import from_spec
+from ..integrations.transformers import StageRecorder
+from ..testing.lm import preference_pairs, tiny_gpt2, tiny_tokenizer, toy_corpus
+
 # fmt: off
 SIZES = {
     # steps per stage, model width/depth, fraction of toxic SFT completions, scale of the later stages' rates
@@ -78,10 +83,6 @@ def build_lm_pipeline(
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-
-    from ..integrations.transformers import StageRecorder
-    from ..model_state import clean_copy
-    from ..testing.lm import preference_pairs, tiny_gpt2, tiny_tokenizer, toy_corpus
 
     cfg = SIZES[size]
     out = Path(output_dir)
@@ -166,7 +167,6 @@ def build_lm_pipeline(
     tokenizer.save_pretrained(model_dir)
     model.eval()
     specs = lm_behavior_specs(corpus, model_dir)
-    from ..behaviors import from_spec
 
     behaviors = {spec["name"]: from_spec(spec) for spec in specs}
     return LMPipeline(ledger_dir, model_dir, model, tokenizer, behaviors, specs)

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from pathlib import Path
 from typing import Any
+
+from ..attributor import StageAttributor
+from ..estimators import fidelity
+from ..model_card import write_model_card
+from ..report.build import json_safe
 
 
 def rank_stages(report: Any, behavior: str) -> list[str]:
@@ -17,9 +25,6 @@ def attribute_with_replay(pipeline: Any, out: Path) -> tuple[Any, Any]:
 
     ``pipeline`` has ``ledger_dir``, ``model``, ``stage_fns`` and ``behaviors``.
     """
-    from .. import StageAttributor
-    from ..estimators import fidelity
-    from ..report_build import json_safe
 
     report = StageAttributor(pipeline.ledger_dir, pipeline.model, stage_fns=pipeline.stage_fns).attribute(
         pipeline.behaviors
@@ -52,7 +57,6 @@ def rank_and_publish(
 ) -> dict[str, Any]:
     """Print both reports and both rankings on ``behavior``, write the model card beside ``pipeline.model_dir`` (and
     copy it to ``model_cards/<recipe>/`` when asked); return the recipe summary (``extra`` entries appended)."""
-    from .. import write_model_card
 
     print("\n" + report.table())  # noqa: T201 (recipe output)
     print("\nReplay (ground truth):\n" + replay.table())  # noqa: T201
@@ -73,8 +77,6 @@ def rank_and_publish(
 
 def write_summary(summary: dict[str, Any], out: Path, started: float) -> None:
     """``out/summary.json`` and the recipe's closing line."""
-    import json
-    import time
 
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     print(f"\nDone in {time.time() - started:.1f} s; summary in {out / 'summary.json'}")  # noqa: T201
@@ -82,7 +84,6 @@ def write_summary(summary: dict[str, Any], out: Path, started: float) -> None:
 
 def publish_example_card(card: Any, recipe: str, repo_root: Path) -> Path:
     """Copy a rendered card (README, sidecar JSON, plot) into ``<repo>/model_cards/<recipe>/``; return that folder."""
-    import shutil
 
     dest = repo_root / "model_cards" / recipe
     dest.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from ..behaviors import SpuriousReliance
+from ..errors import BehaviorError, LedgerError
+from ..ledger import StageLedger
+from .spurious_digits_model import DigitsMLP, DigitsMLPConfig
+
 TARGET_CLASS = 7
-MODEL_TYPE = "spurious-digits-mlp"  # the saved model's config.model_type (see spurious_digits_model)
 PATCH = {"type": "patch", "value": 1.0, "region": [0, 2, 0, 2]}
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -113,7 +118,6 @@ class _HFLike(torch.nn.Module):
         self.inner = inner
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
-        from types import SimpleNamespace
 
         logits = self.inner(pixel_values)
         loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
@@ -212,8 +216,6 @@ def make_stages(size: str = "full", seed: int = 0) -> tuple[list[DigitsStage], d
 
 def _size(size: str) -> dict[str, Any]:
     if size not in SIZES:
-        from ..errors import BehaviorError
-
         raise BehaviorError(f"Unknown spurious_digits size {size!r}; known sizes: {', '.join(SIZES)}.")
     return SIZES[size]
 
@@ -237,7 +239,6 @@ def evaluation_rows(held: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]]
 
 def reliance_behavior(held: dict[str, torch.Tensor], name: str = "patch-reliance") -> Any:
     """Margin of class 7 with the corner patch minus without, on held-out digits that are not 7s."""
-    from ..behaviors import SpuriousReliance
 
     rows = [
         {"input": x.tolist(), "label": int(y)}
@@ -248,7 +249,6 @@ def reliance_behavior(held: dict[str, torch.Tensor], name: str = "patch-reliance
 
 
 def new_model(size: str = "full", seed: int = 0) -> Any:
-    from .spurious_digits_model import DigitsMLP, DigitsMLPConfig
 
     torch.manual_seed(seed)
     config = DigitsMLPConfig(hidden_size=_size(size)["hidden"], id2label={i: str(i) for i in range(10)})
@@ -257,13 +257,10 @@ def new_model(size: str = "full", seed: int = 0) -> Any:
 
 def build_spurious_digits(output_dir: str | Path, size: str = "full", seed: int = 0) -> DigitsPipeline:
     """Train and record the three stages into ``<output_dir>/ledger``; save θ_K to ``<output_dir>/model``."""
-    from ..ledger import StageLedger
 
     out = Path(output_dir)
     ledger_dir, model_dir = out / "ledger", out / "model"
     if (ledger_dir / "ledger.json").exists():
-        from ..errors import LedgerError
-
         raise LedgerError(
             f"Expected an empty output directory, found a ledger at {ledger_dir}. Choose a new --output-dir "
             "or remove the old one."

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .spurious_digits import MODEL_TYPE
+MODEL_TYPE = "spurious-digits-mlp"  # the saved model's config.model_type
 
 
 class DigitsMLPConfig(PretrainedConfig):

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._internal.params import is_peft_model
 from ..errors import ReplayError
-from ..params import is_peft_model
 from .run_info import json_safe
 
 

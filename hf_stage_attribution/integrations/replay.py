@@ -23,9 +23,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .._internal.model_state import clean_copy
 from ..errors import ReplayError
 from ..ledger.storage import open_safetensors, read_json
-from ..model_state import clean_copy
+from .peft import config_from_json, wrap_with_adapter
 from .replay_data import REPLAY_FILE
 from .run_info import json_safe, training_arguments
 
@@ -226,8 +227,6 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     train_model = model
     if info.get("peft"):
-        from .peft import config_from_json, wrap_with_adapter
-
         peft_info = info["peft"]
         active = peft_info.get("active_adapter") or "default"
         cfg = given["peft_config"] or config_from_json(peft_info["adapters"][active])

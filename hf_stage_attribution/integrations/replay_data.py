@@ -17,9 +17,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..ledger.storage import atomic_write_json, write_safetensors
+from ..ledger.storage import atomic_write_json, read_json, write_safetensors
 from .peft import adapter_state, peft_config_json
-from .run_info import class_path, json_safe, replay_safe_arguments, training_arguments
+from .run_info import class_path, json_safe, replay_safe_arguments, train_dataset, training_arguments
 
 REPLAY_FILE = "replay.json"
 REPLAY_FORMAT = 1
@@ -147,8 +147,6 @@ def save_replay_data(
 def save_stage_replay_data(recording: Any, ctx: Any, kind: str, part: Any, trainer_class: dict, metadata: dict):
     """StageRecorder's entry point: save into ``recording.replay_dir`` (once; a resumed stage keeps what the
     interrupted run saved) and set ``metadata["replay"]``; returns notes for ``stage.json``."""
-    from ..ledger.storage import read_json
-    from .run_info import train_dataset
 
     if part.start > 0:
         metadata["replay"] = {

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..ledger.optimizer_info import optimizer_family
+
 # Redacted or machine-specific arguments that a replay must not reuse.
 _REDACTED = ("hub_token", "push_to_hub_token", "hub_model_id")
 
@@ -140,7 +142,6 @@ SUPPORTED_OPTIMIZERS = "SGD, Adam, AdamW (and HF adamw_* variants), RMSprop, Ada
 
 def optimizer_support_note(optimizer_type: str, decoupled: bool = False) -> str | None:
     """None when the estimators know ``optimizer_type``; else a note naming it (also used as the warning)."""
-    from ..estimators.propagation import optimizer_family
 
     if optimizer_family(optimizer_type, decoupled) is not None:
         return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..ledger.ledger import framework_versions
+from ..ledger.core import framework_versions
 from ..ledger.optimizer_info import decoupled_weight_decay, unwrap_optimizer
 from .peft import peft_config_json, peft_notes
 from .run_info import (

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._internal.hashing import combine_digests
+from .._internal.params import is_peft_model, state_digests, unwrap_model
 from .run_info import json_safe
 
 # Config class name (anywhere in the MRO) → stage kind, and the trainer class that config belongs to.
@@ -64,13 +66,11 @@ def infer_stage_kind(args: Any, model: Any, told: str | None = None) -> str:
     found = config_kind(args)
     if found is not None:
         return found[0]
-    from ..params import is_peft_model
 
     return "lora" if model is not None and is_peft_model(model) else "fine-tuning"
 
 
 def _base_model_class(model: Any) -> str:
-    from ..params import is_peft_model
 
     if model is not None and is_peft_model(model):
         model = model.get_base_model()
@@ -123,7 +123,6 @@ def reference_policy(trainer: Any, kind: str, args: Any, start_digests: dict[str
     """
     if kind not in ("dpo", "kto", "grpo", "rloo"):
         return None
-    from ..params import is_peft_model, state_digests
 
     ref = getattr(trainer, "ref_model", None) if trainer is not None else None
     model = getattr(trainer, "model", None) if trainer is not None else None
@@ -140,8 +139,6 @@ def reference_policy(trainer: Any, kind: str, args: Any, start_digests: dict[str
         else:
             out["policy"] = "unknown"
     else:
-        from ..params import unwrap_model
-
         ref = unwrap_model(ref)
         out["name_or_path"] = str(getattr(getattr(ref, "config", None), "_name_or_path", "") or "")
         digests = state_digests(ref)
@@ -149,8 +146,6 @@ def reference_policy(trainer: Any, kind: str, args: Any, start_digests: dict[str
         if same and set(digests) == set(start_digests or {}):
             out["policy"] = "copy of the stage start"
         else:
-            from .._hashing import combine_digests
-
             out["policy"] = "separate model"
             out["state_hash"] = combine_digests(digests)
     if getattr(args, "sync_ref_model", False):

@@ -1,62 +1,25 @@
-"""``StageLedger``: an ordered, versioned record of the stages that built a model."""
+"""``StageLedger``: an ordered, versioned record of the stages that built a model (the public facade).
+
+It is :class:`~hf_stage_attribution.ledger.core.LedgerCore` plus the two entry points that create stages: from a
+custom training loop (:meth:`StageLedger.record_stage`) and from published checkpoints
+(:meth:`StageLedger.from_checkpoints`, which calls the checkpoint importer; the importer itself only needs the core).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import functools
-import hashlib
-import importlib.metadata
 import os
-import shutil
-import warnings
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .._hashing import combine_digests
-from ..errors import LedgerError, LedgerFormatError, LedgerMismatchError, ModelMismatchError
-from .format import FORMAT_NAME, FORMAT_VERSION, validate_ledger
-from .stage import Stage
-from .state import LazyState
-from .storage import (
-    LOCK_NAME,
-    DirectoryLock,
-    atomic_write_json,
-    ensure_inside,
-    io_errors,
-    open_safetensors,
-    read_json,
-    safe_join,
-)
-
-LEDGER_FILE = "ledger.json"
-START_FILE = "start.safetensors"
-_FRAMEWORKS = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "safetensors", "huggingface_hub")
+from ..checkpoints.importer import import_checkpoints
+from ..errors import LedgerError
+from .core import LedgerCore
+from .recorder import StageRecording
 
 
-def framework_versions() -> dict[str, str]:
-    """Versions of this library and the frameworks it records from (without importing them); read once per
-    process (the package metadata scan costs tens of milliseconds)."""
-    return dict(_framework_versions())
-
-
-@functools.lru_cache(maxsize=1)
-def _framework_versions() -> dict[str, str]:
-    out = {}
-    for dist in ("hf-stage-attribution", *_FRAMEWORKS):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[dist] = importlib.metadata.version(dist)
-    return out
-
-
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-class StageLedger:
+class StageLedger(LedgerCore):
     """An ordered list of training stages recorded on disk (``ledger.json`` + safetensors).
 
     ``StageLedger(dir)`` opens a ledger or prepares a new one there (nothing is written until a stage is
@@ -75,318 +38,14 @@ class StageLedger:
         [('warmup', 3)]
     """
 
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.dir = Path(directory)
-        self._loss_fns: dict[str, Callable | tuple] = {}
-        self._manifest: dict | None = None
-        self.stages: list[Stage] = []
-        if (self.dir / LEDGER_FILE).exists():
-            self._reload()
-        elif self.dir.exists() and not self.dir.is_dir():
-            raise LedgerError(f"Expected a ledger directory at {self.dir}, found a file.")
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> StageLedger:
-        """Open an existing ledger; error if ``directory`` holds none."""
-        path = Path(directory)
-        if not (path / LEDGER_FILE).exists():
-            raise LedgerError(
-                f"Expected a ledger at {path} (a directory with {LEDGER_FILE}), found "
-                f"{'no such directory' if not path.exists() else 'no ' + LEDGER_FILE}. Record a stage with "
-                "StageRecorder / StageLedger.record_stage, or import checkpoints, to create one."
-            )
-        return cls(path)
-
     @classmethod
     def from_checkpoints(cls, boundaries: list[dict], output_dir: str | os.PathLike, **options: Any) -> StageLedger:
         """Build a ledger from published checkpoints (Hub revisions/repos, local or Trainer ``checkpoint-*``
         folders, PEFT adapters); ``boundaries[0]`` is θ_0. Options: see
-        :func:`hf_stage_attribution.checkpoints.import_checkpoints`.
+        :func:`hf_stage_attribution.checkpoints.importer.import_checkpoints`.
         """
-        from ..checkpoints import import_checkpoints
-
-        return import_checkpoints(boundaries, output_dir, **options)
-
-    # --- manifest --------------------------------------------------------------------------------------
-
-    def _reload(self) -> None:
-        path = ensure_inside(self.dir, self.dir / LEDGER_FILE)
-        manifest = validate_ledger(path, read_json(path, "ledger file"))
-        self._check_layout()
-        shapes = {name: tuple(shape) for name, shape in manifest["model"]["parameters"]}
-        _check_start_file(safe_join(self.dir, manifest["start"]["file"]), shapes)
-        stages = [Stage(self.dir, entry, shapes) for entry in manifest["stages"]]
-        for stage in stages:
-            stage.loss_fn = self._loss_fns.get(stage.name)
-        self._manifest, self._shapes, self.stages = manifest, shapes, stages
-
-    @property
-    def exists(self) -> bool:
-        return self._manifest is not None
-
-    @property
-    def manifest(self) -> dict:
-        if self._manifest is None:
-            raise LedgerError(f"The ledger at {self.dir} has no stages yet (no {LEDGER_FILE}).")
-        return self._manifest
-
-    @property
-    def parameter_names(self) -> list[str]:
-        return [name for name, _ in self.manifest["model"]["parameters"]]
-
-    @property
-    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        self.manifest  # noqa: B018  (raises a clear error on an empty ledger)
-        return dict(self._shapes)
-
-    @property
-    def fingerprint(self) -> str:
-        """Changes whenever a stage is added or removed (the last stage's chain hash)."""
-        if self.stages:
-            return self.stages[-1].entry["chain_hash"]
-        return self.manifest["start"]["state_hash"]
-
-    @property
-    def final_hash(self) -> str | None:
-        if self._manifest is None:
-            return None
-        return self.stages[-1].end_hash if self.stages else self.manifest["start"]["state_hash"]
-
-    @property
-    def final_digests(self) -> dict[str, str]:
-        return self.stages[-1].end_digests if self.stages else self.manifest["start"].get("digests", {})
-
-    @property
-    def embeddings_dir(self) -> Path:
-        path = self.dir / "embeddings"
-        if path.is_symlink() or path.exists():
-            ensure_inside(self.dir, path)
-        return path
-
-    def _check_layout(self) -> None:
-        """Refuse a ledger whose fixed sub-paths (``stages/``, ``embeddings/``, the lock) are links leaving it."""
-        for name in ("stages", "embeddings", LOCK_NAME, START_FILE):
-            path = self.dir / name
-            if path.is_symlink() or path.exists():
-                ensure_inside(self.dir, path)
-
-    def stage(self, key: int | str) -> Stage:
-        """A stage by index or name."""
-        for stage in self.stages:
-            if stage.index == key or stage.name == key:
-                return stage
-        known = ", ".join(f"{s.index}:{s.name}" for s in self.stages) or "none"
-        raise LedgerError(f"No stage {key!r} in the ledger at {self.dir}. Stages: {known}.")
-
-    def __len__(self) -> int:
-        return len(self.stages)
-
-    def __repr__(self) -> str:
-        return f"StageLedger({str(self.dir)!r}, stages={[s.name for s in self.stages]})"
-
-    # --- states ----------------------------------------------------------------------------------------
-
-    def initial_state(self) -> LazyState:
-        """θ_0, read lazily (memory-mapped) from ``start.safetensors``."""
-        start = self.manifest["start"]
-        handle = open_safetensors(safe_join(self.dir, start["file"]))
-        return LazyState(self.parameter_names, lambda name: handle.get_tensor(name).to(torch.float32))
-
-    def state_at(self, k: int) -> LazyState:
-        """θ_k = θ_0 + Σ_{j≤k} Δ_j, computed per tensor on access (``k = -1`` is θ_0)."""
-        if not -1 <= k < len(self.stages):
-            raise LedgerError(
-                f"Stage index {k} out of range: the ledger has {len(self.stages)} stages "
-                f"(use -1..{len(self.stages) - 1})."
-            )
-        initial = self.initial_state()
-        stages = self.stages[: k + 1]
-
-        def get(name: str) -> torch.Tensor:
-            value = initial[name].clone()
-            for stage in stages:
-                if name in stage._delta_name_set():
-                    value += stage.delta_tensor(name)
-            return value
-
-        return LazyState(self.parameter_names, get)
-
-    def final_state(self) -> LazyState:
-        return self.state_at(len(self.stages) - 1)
-
-    def check_model(self, model: torch.nn.Module, rtol: float = 1e-4, atol: float = 1e-6) -> None:
-        """Raise :class:`ModelMismatchError` naming the first tensor where ``model`` is not θ_K."""
-        from ..params import iter_merged_state
-
-        names = set(self.parameter_names)
-        expected = self.final_digests
-        final = None
-        seen = set()
-        for name, value in iter_merged_state(model):
-            if name not in names:
-                raise ModelMismatchError(
-                    f"The model has a parameter {name!r} that the ledger at {self.dir} does not know. "
-                    "Is this the model the ledger was recorded for?"
-                )
-            seen.add(name)
-            if tuple(value.shape) != self._shapes[name]:
-                raise ModelMismatchError(
-                    f"Parameter {name!r} has shape {tuple(value.shape)} in the model but {self._shapes[name]} in the "
-                    f"ledger at {self.dir}."
-                )
-            from .._hashing import tensor_digest
-
-            if expected.get(name) == tensor_digest(value):
-                continue
-            final = final or self.final_state()
-            ref = final[name]
-            if not torch.allclose(value, ref, rtol=rtol, atol=atol):
-                diff = (value - ref).abs().max().item()
-                raise ModelMismatchError(
-                    f"The model does not match the ledger's final state at tensor {name!r} (max abs difference "
-                    f"{diff:.3g}). Pass the final model of the recorded pipeline, or record the extra training "
-                    "as a stage."
-                )
-        missing = names - seen
-        if missing:
-            raise ModelMismatchError(
-                f"The model lacks {len(missing)} parameter(s) the ledger records, e.g. {sorted(missing)[0]!r}."
-            )
-
-    # --- writing (used by the recorder) ----------------------------------------------------------------
-
-    def _initialize(self, model: torch.nn.Module, model_class: str | None = None) -> None:
-        """Create ``ledger.json`` and ``start.safetensors`` (θ_0) from ``model``, streaming tensor by tensor."""
-        from ..params import base_parameters, iter_merged_state
-        from .storage import write_safetensors_stream
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        params = base_parameters(model)
-        specs = [(name, torch.float32, tuple(p.shape)) for name, p in params.items()]
-        digests: dict[str, str] = {}
-
-        def stream() -> Iterator[tuple[str, torch.Tensor]]:
-            from .._hashing import tensor_digest
-
-            for name, value in iter_merged_state(model):
-                digests[name] = tensor_digest(value)
-                yield name, value
-
-        sha = write_safetensors_stream(self.dir / START_FILE, specs, stream(), {"format": FORMAT_NAME})
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "created_with": framework_versions(),
-            "created_at": utc_now(),
-            "model": {
-                "class": model_class or type(model).__name__,
-                "parameters": [[name, list(shape)] for name, _, shape in specs],
-            },
-            "start": {"file": START_FILE, "sha256": sha, "state_hash": combine_digests(digests), "digests": digests},
-            "stages": [],
-        }
-        atomic_write_json(self.dir / LEDGER_FILE, manifest)
-        self._reload()
-
-    def _check_same_model(self, model: torch.nn.Module) -> None:
-        from ..params import base_parameters
-
-        params = base_parameters(model)
-        shapes = self._shapes
-        for name, param in params.items():
-            if name not in shapes:
-                raise LedgerMismatchError(
-                    f"{self.dir / LEDGER_FILE} was recorded for another model: it has no parameter {name!r}. "
-                    "Use a new ledger directory for a different model."
-                )
-            if tuple(param.shape) != shapes[name]:
-                raise LedgerMismatchError(
-                    f"{self.dir / LEDGER_FILE} was recorded for another model: {name!r} has shape {shapes[name]} "
-                    "there "
-                    f"but {tuple(param.shape)} here. Use a new ledger directory (or import resized checkpoints)."
-                )
-        missing = set(shapes) - set(params)
-        if missing:
-            raise LedgerMismatchError(
-                f"{self.dir / LEDGER_FILE} was recorded for another model: this one lacks {sorted(missing)[0]!r}."
-            )
-
-    def _append_stage(
-        self, stage_dir_name: str, name: str, kind: str, start_hash: str, end_hash: str, files: dict[str, str]
-    ) -> Stage:
-        manifest = self.manifest
-        prev_chain = self.fingerprint
-        chain = hashlib.sha256(
-            "\n".join(
-                [prev_chain, name, kind, start_hash, end_hash, *[f"{k}={files[k]}" for k in sorted(files)]]
-            ).encode()
-        ).hexdigest()
-        entry = {
-            "index": len(manifest["stages"]),
-            "name": name,
-            "kind": kind,
-            "dir": f"stages/{stage_dir_name}",
-            "start_hash": start_hash,
-            "end_hash": end_hash,
-            "chain_hash": chain,
-            "files": files,
-        }
-        new_manifest = dict(manifest, stages=[*manifest["stages"], entry])
-        atomic_write_json(self.dir / LEDGER_FILE, new_manifest)
-        self._reload()
-        return self.stages[-1]
-
-    # --- maintenance -----------------------------------------------------------------------------------
-
-    def incomplete_stages(self) -> list[Path]:
-        """Stage directories left by an interrupted recording (not listed in ``ledger.json``)."""
-        stages_dir = self.dir / "stages"
-        if not stages_dir.is_dir():
-            return []
-        ensure_inside(self.dir, stages_dir)
-        listed = {Path(entry["dir"]).name for entry in (self._manifest or {}).get("stages", [])}
-        return sorted(p for p in stages_dir.iterdir() if p.name not in listed)
-
-    def leftover_files(self) -> list[Path]:
-        """Temporary files of writes that a killed process never finished (``.<name>.<random>.tmp``), and a
-        ``start.safetensors`` that no ``ledger.json`` lists (the writer died while creating the ledger)."""
-        if not self.dir.is_dir():
-            return []
-        found = [p for p in self.dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
-        if not (self.dir / LEDGER_FILE).exists() and (self.dir / START_FILE).is_file():
-            found.append(self.dir / START_FILE)
-        return sorted(found)
-
-    def remove_incomplete(self) -> list[Path]:
-        """Delete incomplete stage directories and leftover temporary files; return what was removed.
-
-        Takes the ledger's lock, so it refuses (:class:`~hf_stage_attribution.errors.LedgerLockedError`) while
-        another process records, whose work in progress would otherwise be deleted. Links are removed, never
-        followed.
-        """
-        removed = []
-        with DirectoryLock(self.dir, "removing incomplete stages"):
-            for path in [*self.incomplete_stages(), *self.leftover_files()]:
-                with io_errors(path):
-                    if path.is_symlink() or not path.is_dir():
-                        path.unlink()
-                    else:
-                        shutil.rmtree(path)
-                removed.append(path)
-        return removed
-
-    def verify(self) -> None:
-        """Re-hash every stage file against ``ledger.json`` (slow on large ledgers)."""
-        from .storage import file_sha256
-
-        for stage in self.stages:
-            for rel, digest in stage.entry.get("files", {}).items():
-                path = safe_join(stage.dir, rel, self.dir)
-                if not path.exists() or file_sha256(path) != digest:
-                    raise LedgerFormatError(
-                        f"{path} does not match the hash recorded in {self.dir / LEDGER_FILE}: the stage "
-                        f"{stage.name!r} was modified or corrupted after it was recorded."
-                    )
+        import_checkpoints(boundaries, output_dir, **options)
+        return cls.load(output_dir)
 
     # --- custom loops ----------------------------------------------------------------------------------
 
@@ -399,7 +58,7 @@ class StageLedger:
         scheduler: Any = None,
         loss_fn: Callable | tuple[Callable, Callable] | None = None,
         **options: Any,
-    ):
+    ) -> StageRecording:
         """Record a stage of a custom training loop; a context manager yielding a :class:`StageRecording`.
 
         Call ``rec.step(batch=None)`` right after ``optimizer.step()`` and before ``scheduler.step()``. With
@@ -407,41 +66,8 @@ class StageLedger:
         products) the recorder also keeps curvature material (``curvature_segments``, default 3, needs
         ``num_steps``). Other options: see :class:`~hf_stage_attribution.ledger.recorder.StageRecording`.
         """
-        from .recorder import StageRecording
-
         if model is None:
             raise LedgerError("record_stage needs `model=` (the model being trained).")
         return StageRecording(
             self, name, kind=kind, model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, **options
         )
-
-    def _remember_loss_fn(self, name: str, loss_fn: Callable | tuple | None) -> None:
-        if loss_fn is not None:
-            self._loss_fns[name] = loss_fn
-            for stage in self.stages:
-                if stage.name == name:
-                    stage.loss_fn = loss_fn
-
-
-def _check_start_file(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """θ_0's file must hold exactly the ledger's parameters, as floats of the recorded shapes (header only)."""
-    handle = open_safetensors(path)
-    found = {}
-    for key in handle.keys():
-        found[key] = handle.info(key)
-    for name, shape in shapes.items():
-        if name not in found:
-            raise LedgerFormatError(
-                f"{path}: expected the initial value of {name!r} (listed in {LEDGER_FILE}), found none. The file "
-                "does not belong to this ledger or is corrupt."
-            )
-        dtype, found_shape = found[name]
-        if found_shape != shape or dtype not in ("F64", "F32", "F16", "BF16"):
-            raise LedgerFormatError(
-                f"{path}: expected {name!r} as a float tensor of shape {shape} (from {LEDGER_FILE}), found {dtype} "
-                f"{found_shape}. The file does not belong to this ledger or is corrupt."
-            )
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, stacklevel=3)

@@ -116,3 +116,73 @@ def optimizer_state_tensors(
     """Flat ``{"<state key>/<name>": float32 tensor}`` of the optimizer state (scalars as 0-d tensors)."""
     _, stream = optimizer_state_stream(optimizer, names_by_id, keys)
     return {k: v.clone() for k, v in stream}
+
+
+#: Families the propagation rules know. ``frozen``: no update; ``sgd``: torch SGD (coupled decay); ``adam``: Adam
+#: with coupled decay; ``adamw``: Adam with decoupled decay (torch AdamW, fused/foreach, HF ``adamw_*``, bitsandbytes
+#: AdamW); ``lion``: sign updates with decoupled decay; ``rmsprop`` and ``adagrad``: torch, coupled decay.
+FAMILIES = ("frozen", "sgd", "adam", "adamw", "lion", "rmsprop", "adagrad")
+
+#: Families whose weight decay enters the gradient (coupled) rather than the parameter (decoupled).
+COUPLED_FAMILIES = ("sgd", "adam", "rmsprop", "adagrad")
+#: Families whose first-order response is per coordinate because of a second-moment preconditioner.
+PRECONDITIONED_FAMILIES = ("adam", "adamw", "rmsprop", "adagrad")
+
+_ALIASES: dict[str, str] = {
+    "sgd": "sgd",
+    "adam": "adam",
+    "rmsprop": "rmsprop",
+    "adagrad": "adagrad",
+    "frozen": "frozen",
+    **{
+        name: "adamw"
+        for name in (
+            "adamw",
+            "adamwtorch",
+            "adamwtorchfused",
+            "adamwhf",
+            "adamwapexfused",
+            "adamwbnb8bit",
+            "adamw8bit",
+            "adamw32bit",
+            "pagedadamw",
+            "pagedadamw8bit",
+            "pagedadamw32bit",
+            "adamwtorch4bit",
+            "adamwtorch8bit",
+            "adamwtorchxla",
+            "adamwtorchnpufused",
+            "anyprecisionadamw",
+        )
+    },
+    **{name: "lion" for name in ("lion", "lion8bit", "lion32bit", "pagedlion", "pagedlion8bit", "pagedlion32bit")},
+}
+
+
+def _normalise(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def optimizer_family(opt_type: str, decoupled_weight_decay: bool = False) -> str | None:
+    """The family (one of :data:`FAMILIES`) of a recorded optimizer type, or ``None`` when it is unknown.
+
+    ``decoupled_weight_decay=True`` (torch ``Adam(..., decoupled_weight_decay=True)``) turns ``adam`` into ``adamw``.
+
+    Example:
+        >>> optimizer_family("PagedAdamW8bit"), optimizer_family("Adam", decoupled_weight_decay=True)
+        ('adamw', 'adamw')
+    """
+    family = _ALIASES.get(_normalise(opt_type))
+    if family == "adam" and decoupled_weight_decay:
+        return "adamw"
+    return family
+
+
+def recorded_family(optimizer: dict[str, Any] | None) -> str | None:
+    """The family of a ledger stage's ``optimizer`` dict (``None`` when absent or unknown)."""
+    if not optimizer or not optimizer.get("type"):
+        return None
+    decoupled = bool(optimizer.get("decoupled_weight_decay")) or any(
+        bool(g.get("decoupled_weight_decay")) for g in optimizer.get("param_groups", [])
+    )
+    return optimizer_family(str(optimizer["type"]), decoupled)

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from .._hashing import combine_digests, tensor_digest
+from .._internal.hashing import combine_digests, tensor_digest
+from .._internal.params import base_parameters, lora_layers, merged_tensor, state_digests, unwrap_model
 from ..errors import LedgerError
-from ..params import base_parameters, lora_layers, state_digests, unwrap_model
+from .core import LedgerCore, utc_now
 from .format import FORMAT_VERSION, check_name
-from .ledger import StageLedger, utc_now
 from .optimizer_info import (
     applied_learning_rates,
     describe_optimizer,
@@ -37,6 +37,7 @@ from .storage import (
     atomic_write_json,
     file_sha256,
     io_errors,
+    open_safetensors,
     slugify,
     write_safetensors,
     write_safetensors_stream,
@@ -79,7 +80,7 @@ class StageRecording:
 
     def __init__(
         self,
-        ledger: StageLedger | str | os.PathLike,
+        ledger: LedgerCore | str | os.PathLike,
         name: str,
         kind: str | None = "custom",
         model: torch.nn.Module | None = None,
@@ -95,7 +96,7 @@ class StageRecording:
         is_main_process: bool | None = None,
         resume: bool = False,
     ) -> None:
-        self.ledger = ledger if isinstance(ledger, StageLedger) else StageLedger(ledger)
+        self.ledger = ledger if isinstance(ledger, LedgerCore) else LedgerCore(ledger)
         self.name = check_name(Path("stage name"), name)
         self.kind = kind
         self.model = model
@@ -232,8 +233,6 @@ class StageRecording:
     def _take_snapshot(self, resumed: bool) -> dict[str, torch.Tensor]:
         path = self.partial_dir / "start_trainable.safetensors"
         if resumed and path.exists():
-            from .storage import open_safetensors
-
             handle = open_safetensors(path)
             return {k: handle.get_tensor(k) for k in handle.keys()}
         return {n: self._params[n].detach().to("cpu", torch.float32).clone() for n in self._trainable}
@@ -242,8 +241,6 @@ class StageRecording:
         """Start factors (only where B is non-zero, i.e. the adapter was already trained) or start dense deltas."""
         path = self.partial_dir / "start_lora.safetensors"
         if resumed and path.exists():
-            from .storage import open_safetensors
-
             handle = open_safetensors(path)
             return {k: handle.get_tensor(k) for k in handle.keys()}
         out: dict[str, torch.Tensor] = {}
@@ -547,7 +544,6 @@ class StageRecording:
 
 
 def _iter_selected_merged(model, names: list[str], lora: dict, params: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    from ..params import merged_tensor
 
     for n in names:
         yield n, merged_tensor(n, params[n], lora)

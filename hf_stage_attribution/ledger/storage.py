@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from .._hashing import combine_digests, tensor_bytes, tensor_digest  # noqa: F401  (re-exported)
+from .._internal.hashing import combine_digests, tensor_bytes, tensor_digest  # noqa: F401  (re-exported)
 from ..errors import LedgerError, LedgerFormatError, LedgerLockedError, UnsafeInputError
+from .tensor_reader import TensorFileReader
 
 LOCK_NAME = "ledger.lock"
 
@@ -206,7 +207,6 @@ def file_sha256(path: str | os.PathLike) -> str:
 def open_safetensors(path: str | os.PathLike):
     """Open a safetensors file for tensor-by-tensor reads (validated header, plain reads: no memory map, so
     streamed tensors do not accumulate in the resident set); a clear error for a corrupt or truncated file."""
-    from .tensor_reader import TensorFileReader
 
     return TensorFileReader(path)
 

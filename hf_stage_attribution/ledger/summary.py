@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .ledger import StageLedger
+from .core import LedgerCore
 from .stage import Stage
 
 
@@ -51,7 +51,7 @@ def stage_summary(stage: Stage, with_norm: bool = True) -> dict:
     }
 
 
-def ledger_summary(ledger: StageLedger, with_norm: bool = True) -> dict:
+def ledger_summary(ledger: LedgerCore, with_norm: bool = True) -> dict:
     """The whole ledger as JSON-safe data (what ``inspect --json`` prints)."""
     return {
         "ledger": str(ledger.dir),

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from .._hashing import combine_digests, tensor_digest
+from .._internal.hashing import combine_digests, tensor_digest
 from ..errors import LedgerError
+from .core import LEDGER_FILE, START_FILE, LedgerCore, framework_versions, utc_now
 from .format import FORMAT_NAME, FORMAT_VERSION, STAGE_KEYS, STAGE_KINDS, check_name
-from .ledger import LEDGER_FILE, START_FILE, StageLedger, framework_versions, utc_now
 from .stage import Stage
 from .storage import (
     DirectoryLock,
@@ -71,7 +71,7 @@ class LedgerWriter:
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(directory)
-        self.ledger = StageLedger(self.dir)
+        self.ledger = LedgerCore(self.dir)
 
     # --- θ_0 -------------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..report import AttributionReport
+from ..report.attribution import AttributionReport
 from .writer import write_model_card
 
 

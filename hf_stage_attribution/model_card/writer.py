@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import yaml
+
 from ..errors import ModelCardError, ReportError
-from ..report import AttributionReport
-from ..report_files import atomic_write_bytes
-from ..report_text import (
+from ..report.attribution import AttributionReport
+from ..report.files import atomic_write_bytes
+from ..report.plot import plot_png_bytes
+from ..report.text import (
     SIGN_CONVENTION,
     behavior_view,
     data_label,
@@ -62,8 +66,6 @@ def _safe_code(text: Any) -> str:
 def render_section(report: AttributionReport, plot_name: str | None = PLOT_NAME, sidecar: str = SIDECAR_NAME) -> str:
     """The card section (markers included, ``\\n`` line breaks) rendered from the package's Jinja template."""
     from importlib.resources import files
-
-    import jinja2
 
     source = files("hf_stage_attribution.model_card").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, autoescape=False)
@@ -153,7 +155,6 @@ def _check_same_ledger(existing: Any, report: AttributionReport, readme: Path) -
 
 def _parse_card(content: str, readme: Path) -> dict[str, Any]:
     """The YAML of a valid card, checked with huggingface_hub's ModelCard; ModelCardError otherwise."""
-    import yaml
     from huggingface_hub import ModelCard
 
     parts = split_card(content)
@@ -203,7 +204,6 @@ def compose_card(
 def _dump_metadata(meta: dict[str, Any], line_break: str) -> str:
     """Our YAML key as huggingface_hub dumps card data; where that would not read back identically (PyYAML writes
     some line-separator characters raw), the same data dumped with every non-ASCII character escaped."""
-    import yaml
     from huggingface_hub import ModelCardData
 
     block = ModelCardData(**{METADATA_KEY: meta}).to_yaml(line_break=line_break)
@@ -268,8 +268,6 @@ def write_model_card(
     new_content = compose_card(content, report, plot_name, readme, overwrite)
     png = None
     if plot:
-        from ..report_plot import plot_png_bytes
-
         png = plot_png_bytes(report)
     files = ModelCardFiles(readme, readme.parent / SIDECAR_NAME, readme.parent / PLOT_NAME if plot else None)
     if png is not None and files.plot is not None:

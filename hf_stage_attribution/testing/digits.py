@@ -36,6 +36,11 @@ from typing import Any
 
 import torch
 
+from .. import estimators
+from ..estimators.fidelity import fidelity
+from ..estimators.replay import replay_model
+from ..ledger.ledger import StageLedger
+
 CONFIGS = ("decay", "hf")
 PATCH_CLASS = 7
 _PATCH = (slice(0, 2), slice(6, 8))  # top-right 2×2 corner of the 8×8 image
@@ -263,7 +268,6 @@ def build_digits_pipeline(
     curvature_examples: int = 256,
 ) -> DigitsPipeline:
     """Train and record the three stages of ``config`` into a new ledger at ``ledger_dir`` (see module doc)."""
-    from ..ledger.ledger import StageLedger
 
     specs = stage_specs(config, lr_scale=lr_scale, steps_scale=steps_scale, base_steps_scale=base_steps_scale)
     data = digits_data(seed)
@@ -289,7 +293,6 @@ ESTIMATORS = ("delta-linear", "delta-fd", "aa-linear", "aa-fd", "aa-ggn", "aa-gg
 
 def replay_truth(pipe: DigitsPipeline) -> tuple[dict[tuple[str, str], torch.Tensor], float]:
     """``τ_k`` per (stage, behavior) by replay (one counterfactual model per stage, every behavior), and seconds."""
-    from ..estimators.replay import replay_model
 
     start = time.perf_counter()
     truth = {}
@@ -306,8 +309,6 @@ def fidelity_rows(
     pipe: DigitsPipeline, names: tuple[str, ...] = ESTIMATORS, truth: dict | None = None, **options: Any
 ) -> dict[str, dict[str, Any]]:
     """Per estimator: the fidelity figures of ``estimators.fidelity.fidelity`` against replay, plus ``seconds``."""
-    from .. import estimators
-    from ..estimators.fidelity import fidelity
 
     truth = truth if truth is not None else replay_truth(pipe)[0]
     rows = {}

@@ -23,6 +23,8 @@ import string
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 if TYPE_CHECKING:
     from transformers import BertForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -157,7 +159,6 @@ def tiny_tokenizer(
 
 
 def _seeded(seed: int, build: Any) -> Any:
-    import torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -228,7 +229,6 @@ def train_causal_lm(
 
     Deterministic for a given ``seed`` (batches drawn with ``random.Random(seed)``); returns the model.
     """
-    import torch
 
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

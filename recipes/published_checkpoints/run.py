@@ -81,7 +81,7 @@ def toxicity_behavior(tokenizer, corpus):
 def publish(out: Path):
     """Train the family, save one folder per revision, lay them out in a hub cache; return the final model."""
     from hf_stage_attribution import StageLedger
-    from hf_stage_attribution.checkpoints_cache import lay_out_hub_cache
+    from hf_stage_attribution.checkpoints.cache import lay_out_hub_cache
     from hf_stage_attribution.testing.lm import tiny_gpt2, tiny_tokenizer, toy_corpus, train_causal_lm
 
     tokenizer, corpus = tiny_tokenizer(), toy_corpus(0)

@@ -53,7 +53,7 @@ def write_specs(pipeline: Any, out: Path) -> dict[str, str]:
 
 
 def utilities(pipeline: Any) -> list[Any]:
-    from hf_stage_attribution.interventions import Accuracy
+    from hf_stage_attribution.interventions.sweep import Accuracy
 
     return [
         Accuracy(pipeline.clean_rows, name="accuracy"),
@@ -63,7 +63,7 @@ def utilities(pipeline: Any) -> list[Any]:
 
 
 def intervene(pipeline: Any, stage: str, alphas: list[float] = ALPHAS) -> Any:
-    from hf_stage_attribution.interventions import Constraint, scale_stage
+    from hf_stage_attribution.interventions.sweep import Constraint, scale_stage
 
     result = scale_stage(
         pipeline.ledger_dir, pipeline.model, stage, alphas, target=pipeline.behaviors["patch-reliance"],

@@ -54,7 +54,7 @@ attribute = attribute_with_replay
 
 
 def accuracy(pipeline: Any) -> Any:
-    from hf_stage_attribution.interventions import Accuracy
+    from hf_stage_attribution.interventions.sweep import Accuracy
 
     return Accuracy(pipeline.eval_rows, tokenizer=pipeline.tokenizer, group_key="group",
                     max_length=pipeline.config["max_length"])  # fmt: skip
@@ -76,7 +76,7 @@ def write_specs(pipeline: Any, out: Path) -> dict[str, str]:
 
 
 def intervene(pipeline: Any, stage: str, alphas: list[float] = ALPHAS, replay: bool | None = None) -> Any:
-    from hf_stage_attribution.interventions import Constraint, scale_stage
+    from hf_stage_attribution.interventions.sweep import Constraint, scale_stage
 
     return scale_stage(
         pipeline.ledger_dir, pipeline.model, stage, alphas, target=pipeline.behaviors[BEHAVIOR],

@@ -1,0 +1,253 @@
+"""``StageLedger.from_checkpoints``: a ledger from published checkpoints (Hub revisions or repos, local folders,
+Trainer ``checkpoint-*`` folders, PEFT adapters), streamed tensor by tensor.
+
+``boundaries`` is an ordered list; the first is the start θ_0 and each later one ends the stage named by it::
+
+    [{"model": "org/base"},                                       # θ_0 (Hub repo, default revision "main")
+     {"model": "org/base", "revision": "sft-v1", "name": "sft", "kind": "sft",
+      "optimizer": {"type": "AdamW", "weight_decay": 0.01, "lr": 2e-5, "lr_scheduler_type": "linear",
+                    "warmup_steps": 100, "num_steps": 3000}},     # optimizer info is optional
+     {"model": "runs/dpo", "checkpoints": "all", "name": "dpo", "kind": "dpo"},  # a Trainer output directory
+     {"model": "org/lora-adapter", "name": "lora"}]              # a PEFT adapter repo: a LoRA stage
+
+What the ledger records (read by reports and model cards):
+
+- ``stage.json["source"]``: ``{"type": "checkpoints", "model", "revision", "commit", "subfolder", "location",
+  "format", "files", "trainer", "resized", "estimator_availability"}``; the ledger's
+  ``ledger.json["model"]["source"]`` holds the start's provenance and a summary of ``estimator_availability``.
+- ``estimator_availability`` = ``{"available": [...], "unavailable": {name: why}, "reason": "..."}``: without
+  optimizer information on the later stages only ``delta-*`` (and ``lora-exact`` for a terminal adapter) apply;
+  with it, ``aa-*`` too. Imported stages never hold curvature material. A stage whose optimizer is unknown is
+  written with ``optimizer = None`` and ``num_steps = 0`` (``source["num_steps"]`` keeps the real count when known).
+- Resized vocabularies: the ledger's parameter space takes the largest shape; earlier states are zero-padded, the
+  resizing stage's delta covers the overlap and holds the added rows in full (``source["resized"]`` and notes).
+
+Nothing is left behind on failure: the ledger is written in a temporary sibling directory and renamed at the end.
+
+Example:
+    >>> # from hf_stage_attribution import StageLedger
+    >>> # ledger = StageLedger.from_checkpoints(
+    >>> #     [{"model": "org/m", "revision": "base"}, {"model": "org/m", "revision": "sft", "name": "sft"}], "ledger")
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import CheckpointImportError
+from ..ledger.core import LedgerCore
+from ..ledger.optimizer_info import STATE_KEYS
+from ..ledger.writer import LedgerWriter, digest
+from .hub import locate
+from .plan import ImportPlan, StagePlan, build_plan
+from .spec import parse_boundaries
+from .tensors import load_weights_only, pad_to
+
+__all__ = ["import_checkpoints"]
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise CheckpointImportError(
+            f"Expected a new or empty output directory, found {out} with files in it. Choose another directory or "
+            "pass overwrite=True (--overwrite) to replace it."
+        )
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif overwrite:
+            old = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        else:
+            raise CheckpointImportError(f"{out} appeared while importing; the import was not published.")
+    os.replace(tmp, out)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="tensor", leave=False)
+
+
+def _optimizer_state(stage: StagePlan, shapes: dict[str, tuple[int, ...]]):
+    """``(specs, stream)`` of the optimizer state the stage continued from (``optimizer.pt``, weights only)."""
+    info = stage.info
+    data = load_weights_only(info.state_file, "optimizer state")
+    state = data.get("state", {}) if isinstance(data, dict) else {}
+    items: list[tuple[str, str, Any]] = []
+    for index, name in enumerate(info.state_names or []):
+        entry = state.get(index) or {}
+        for key in STATE_KEYS:
+            value = entry.get(key)
+            if isinstance(value, torch.Tensor):
+                items.append((f"{key}/{name}", name, value))
+    specs = [(key, () if t.dim() == 0 else shapes[name]) for key, name, t in items]
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for key, name, value in items:
+            value = value.to(torch.float32, copy=True)
+            yield key, value if value.dim() == 0 else pad_to(value, shapes[name])
+
+    return specs, stream()
+
+
+def _source(stage: StagePlan) -> dict:
+    source = {"type": "checkpoints", **stage.location.source, "estimator_availability": stage.availability}
+    if stage.info.trainer:
+        source["trainer"] = stage.info.trainer
+    if stage.resized:
+        source["resized"] = stage.resized
+    if stage.info.optimizer is None and stage.info.num_steps:
+        source["num_steps"] = stage.info.num_steps
+    if stage.info.missing:
+        source["optimizer_unknown_because"] = stage.info.missing
+    return source
+
+
+def _write_full(writer: LedgerWriter, plan: ImportPlan, stage: StagePlan, prev, digests, progress: bool) -> dict:
+    names, shapes = plan.names, plan.shapes
+    end: dict[str, str] = {}
+    changed: list[str] = []
+    with _progress(len(names), progress, f"{stage.name}: hashing") as bar:
+        for name in names:
+            value = stage.state.get(name, writable=False)
+            end[name] = digest(value)
+            if end[name] != digests[name]:
+                changed.append(name)
+            del value
+            bar.update()
+
+    def deltas() -> Iterator[tuple[str, torch.Tensor]]:
+        with _progress(len(changed), progress, f"{stage.name}: deltas") as bar:
+            for name in changed:
+                value = stage.state.get(name)
+                value.sub_(prev.get(name, writable=False))
+                bar.update()
+                yield name, value
+
+    state = _optimizer_state(stage, shapes) if stage.info.state_file is not None else None
+    groups = (stage.info.optimizer or {}).get("param_groups", [])
+    trainable = sorted({n for g in groups for n in g.get("params", [])} | set(changed)) if groups else changed
+    writer.append_stage(
+        stage.name, stage.kind, [(n, shapes[n]) for n in changed], deltas(), end_digests=end,
+        learning_rates=stage.info.learning_rates if stage.info.optimizer else [], optimizer=stage.info.optimizer,
+        trainable_parameters=trainable, optimizer_state_policy=stage.info.optimizer_state_policy,
+        optimizer_state=state, notes=stage.notes, source=_source(stage),
+    )  # fmt: skip
+    return {n: end[n] for n in changed}
+
+
+def _write_adapter(writer: LedgerWriter, plan: ImportPlan, stage: StagePlan, prev) -> dict:
+    adapter, shapes = stage.adapter, plan.shapes
+    dense = sorted(adapter.replaced)
+    end = {n: digest(stage.state.get(n, writable=False)) for n in [*adapter.modules, *dense]}
+
+    def deltas() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in dense:
+            value = stage.state.get(name)
+            value.sub_(prev.get(name, writable=False))
+            yield name, value
+
+    lora = {"modules": adapter.modules, "dense_modules": [], "config": adapter.config}
+    writer.append_stage(
+        stage.name, stage.kind, [(n, shapes[n]) for n in dense], deltas(), end_digests=end,
+        learning_rates=stage.info.learning_rates if stage.info.optimizer else [], optimizer=stage.info.optimizer,
+        trainable_parameters=sorted([*adapter.modules, *dense]),
+        optimizer_state_policy=stage.info.optimizer_state_policy,
+        lora=lora, lora_tensors=adapter.factors, notes=stage.notes, source=_source(stage),
+    )  # fmt: skip
+    return end
+
+
+def _ledger_source(plan: ImportPlan) -> dict:
+    by_stage = {s.name: s.availability["available"] for s in plan.stages}
+    common = [e for e in plan.stages[0].availability["available"] if all(e in v for v in by_stage.values())]
+    reasons = "; ".join(f"{s.name}: {s.availability['reason']}" for s in plan.stages)
+    return {
+        "type": "checkpoints",
+        "start": {**plan.start.source, "name": plan.start.boundary.name},
+        "notes": plan.notes,
+        "estimator_availability": {"every_stage": common, "by_stage": by_stage, "reason": reasons},
+    }
+
+
+def _write(plan: ImportPlan, directory: Path, progress: bool) -> None:
+    writer = LedgerWriter(directory)
+    names, shapes = plan.names, plan.shapes
+    with _progress(len(names), progress, "start: writing θ_0") as bar:
+
+        def start() -> Iterator[tuple[str, torch.Tensor]]:
+            for name in names:
+                bar.update()
+                yield name, plan.start_state.get(name, writable=False)
+
+        writer.initialize(
+            [(n, shapes[n]) for n in names], start(), model_class=plan.model_class, source=_ledger_source(plan)
+        )
+    digests = dict(writer.ledger.final_digests)
+    prev = plan.start_state
+    for stage in plan.stages:
+        if stage.adapter is not None:
+            digests.update(_write_adapter(writer, plan, stage, prev))
+        else:
+            digests.update(_write_full(writer, plan, stage, prev, digests, progress))
+        prev = stage.state
+
+
+def import_checkpoints(
+    boundaries: Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> LedgerCore:
+    """Build a ledger at ``output_dir`` from stage boundaries (see the module docstring) and return it.
+
+    Args:
+        boundaries: the ordered boundary dicts (the first is θ_0).
+        output_dir: a new (or empty) directory; ``overwrite=True`` replaces an existing one once the import succeeded.
+        allow_pickle: accept ``pytorch_model.bin`` weights, read with ``torch.load(weights_only=True)`` only.
+        cache_dir, local_files_only, token: passed to huggingface_hub (``local_files_only`` defaults to
+            ``HF_HUB_OFFLINE``); a token is used for downloads and never stored.
+        progress: show tqdm progress bars.
+
+    Raises:
+        CheckpointImportError (and its subclasses CheckpointNotFoundError, CheckpointMismatchError,
+        UnsafeCheckpointError), with nothing written at ``output_dir``.
+    """
+    parsed = parse_boundaries(boundaries)
+    out = Path(output_dir).expanduser()
+    _check_output(out, overwrite)
+    hub = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
+    locations = [locate(b, allow_pickle=allow_pickle, **hub) for b in parsed]
+    plan = build_plan(locations)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's private 0700 would otherwise become the ledger's mode
+        _write(plan, tmp, progress)
+        _publish(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return LedgerCore.load(out)

@@ -1,0 +1,290 @@
+"""The coordinates of one segment of a later stage: param groups, preconditioner, symmetrising scale, projections.
+
+A :class:`SegmentLayout` knows, for the steps ``[start, end)`` governed by one curvature segment, which tensors
+the stage trains with which group's hyperparameters and learning rates, the frozen preconditioner ``P`` at the
+segment's midpoint, and the scale ``s = √(P·ᾱ_g)`` of the symmetrised coordinates (see ``curvature.py``). It runs
+the curvature-free recurrence ``R_0`` on every tensor (:func:`~.propagation.run_recurrence`, i.e. exactly ``D_j``)
+and builds the Galerkin projections that the curvature correction runs in.
+
+Example:
+    >>> # layout = SegmentLayout(stage, stage.segments[0], "sgd", 0, 50, continued=False, buffer_fresh=True)
+    >>> # x, buf = layout.curvature_free({"weight": delta}, None)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import MissingCurvatureError
+from ..propagation.rules import PRECONDITIONED_FAMILIES, preconditioner, run_recurrence, second_moment_key
+from .recurrence import (
+    CURVATURE_FAMILIES,
+    GroupCoefficients,
+    _same,
+    group_coefficients,
+    independent_modes,
+    run_projected,
+    unstable_modes,
+)
+
+
+@dataclass
+class _Group:
+    index: int
+    group: dict
+    names: list[str]
+    lrs: list[float]
+    alpha: float = 0.0
+    active: bool = False
+
+
+class SegmentLayout:
+    """Param groups, preconditioner and flat coordinates of the steps ``[start, end)`` of ``stage``."""
+
+    def __init__(
+        self, stage: Any, seg: Any, family: str, start: int, end: int, continued: bool, buffer_fresh: bool
+    ) -> None:
+        self.stage, self.family, self.start, self.end = stage, family, start, end
+        self.buffer_fresh = buffer_fresh
+        self.step0 = self._initial_step(stage, continued) + start
+        opt = stage.optimizer or {}
+        lrs = stage.learning_rates[start:end]
+        trainable = set(stage.trainable_parameters)
+        self.groups = [
+            _Group(i, g, [n for n in g.get("params", []) if n in trainable], [float(row[i]) for row in lrs])
+            for i, g in enumerate(opt.get("param_groups", []))
+        ]
+        means = [float(np.mean(g.lrs)) if g.lrs else 0.0 for g in self.groups]
+        curved = family in CURVATURE_FAMILIES
+        sized = [(len(g.names), m) for g, m in zip(self.groups, means) if m > 0 and g.names]
+        ref = max(sized)[1] if sized else 1.0
+        for g, m in zip(self.groups, means):
+            g.alpha, g.active = m / ref, curved and m > 0 and bool(g.names)
+        self.seg = seg
+        self._precond: dict[str, torch.Tensor] | None = None
+        self.active_names = [n for g in self.groups if g.active for n in g.names]
+        self.active_set = set(self.active_names)
+        shapes = stage._shapes if hasattr(stage, "_shapes") else {}
+        self.shapes = {n: tuple(shapes[n]) for n in self.active_names}
+        self.offsets, total = {}, 0
+        for n in self.active_names:
+            size = int(np.prod(self.shapes[n])) if self.shapes[n] else 1
+            self.offsets[n] = (total, total + size)
+            total += size
+        self.size = total
+        self.group_index = np.zeros(total, dtype=np.int64)
+        for k, g in enumerate(x for x in self.groups if x.active):
+            for n in g.names:
+                a, b = self.offsets[n]
+                self.group_index[a:b] = k
+        self._scale: torch.Tensor | None = None
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """``s = √(P·ᾱ_g)`` over the active coordinates (flat, float64)."""
+        if self._scale is None:
+            scale = torch.zeros(self.size, dtype=torch.float64)
+            for g in (x for x in self.groups if x.active):
+                for n in g.names:
+                    a, b = self.offsets[n]
+                    p = self.precond.get(n)
+                    p = p.reshape(-1) if p is not None else torch.ones(b - a, dtype=torch.float64)
+                    scale[a:b] = (p * g.alpha).sqrt()
+            self._scale = scale
+        return self._scale
+
+    @property
+    def decay_diagonal(self) -> torch.Tensor | None:
+        """The coupled decay ``λ_c s²`` per active coordinate, or None when it is the same everywhere."""
+        lam = torch.tensor(
+            [_coupled_decay(self.family, g.group) for g in self.groups if g.active], dtype=torch.float64
+        )
+        if lam.numel() == 0:
+            return None
+        diag = lam[torch.from_numpy(self.group_index)] * self.scale**2
+        return None if bool((diag == diag[0]).all()) else diag
+
+    @property
+    def precond(self) -> dict[str, torch.Tensor]:
+        """The preconditioner ``1/(√v̂+ε)`` per tensor at the segment's midpoint (empty for SGD), read on first use."""
+        if self._precond is None:
+            self._precond = self._preconditioners(self.seg) if self.family in PRECONDITIONED_FAMILIES else {}
+        return self._precond
+
+    @classmethod
+    def whole_stage(cls, stage: Any, family: str, continued: bool) -> SegmentLayout:
+        """A layout for all steps of a stage without curvature segments (curvature-free propagation only)."""
+        return cls(stage, None, family, 0, stage.num_steps, continued, buffer_fresh=not continued)
+
+    @staticmethod
+    def _initial_step(stage: Any, continued: bool) -> int:
+        if not continued:
+            return 0
+        state = stage.optimizer_state_at_start() or {}
+        steps = state.get("step") or {}
+        return int(max((float(t) for t in steps.values()), default=0.0))
+
+    def _preconditioners(self, seg: Any) -> dict[str, torch.Tensor]:
+        if seg is None:
+            raise MissingCurvatureError(
+                f"Stage {self.stage.name!r} ({self.family}) needs the optimizer's second moments to propagate its "
+                "coupled weight decay or momentum, and holds no curvature segments. Record it with "
+                "`curvature_segments=3` (the default) and a loss, or use allow_identity_propagation."
+            )
+        moments = seg.second_moments() or {}
+        key = second_moment_key(self.family, moments)
+        out = {}
+        for g in self.groups:
+            for n in g.names:
+                if key is None or n not in moments[key]:
+                    raise MissingCurvatureError(
+                        f"Stage {self.stage.name!r}, segment {seg.index}: the {self.family} optimizer's second moment "
+                        f"for {n!r} was not recorded at the midpoint, and the propagation needs its preconditioner. "
+                        "Re-record the stage (the recorder keeps exp_avg_sq / square_avg at each segment midpoint)."
+                    )
+                step = moments.get("step", {}).get(n)
+                step = float(step) if step is not None else float(self.step0 + 1)
+                out[n] = preconditioner(self.family, g.group, moments[key][n], step)
+        return out
+
+    # --- curvature-free recurrence --------------------------------------------------------------------------------
+
+    def curvature_free(self, x: dict[str, torch.Tensor], buf: dict[str, torch.Tensor] | None):
+        """``R_0``: every tensor through the recurrence without curvature (``D_j`` on the steps of this layout), one
+        :func:`~.propagation.run_recurrence` call per param group on the group's tensors laid end to end."""
+        x = dict(x)
+        new_buf = None if buf is None else dict(buf)
+        for g in self.groups:
+            names = [n for n in g.names if n in x or (buf is not None and n in buf)]
+            if not names:
+                continue
+            shapes = [self._shape(n, x[n] if n in x else buf[n]) for n in names]
+            sizes = [int(np.prod(s)) if s else 1 for s in shapes]
+
+            def cat(d: dict, names=names, shapes=shapes) -> torch.Tensor:
+                zero = torch.zeros(())
+                return torch.cat(
+                    [d.get(n, zero).to(torch.float64).expand(s).reshape(-1) for n, s in zip(names, shapes)]
+                )
+
+            b0 = None if buf is None else cat(buf)
+            p = torch.cat([self.precond[n].reshape(-1) for n in names]) if self._needs_precond(g, b0) else 1.0
+            x1, b1 = run_recurrence(g.lrs, g.group, self.family, 0.0, cat(x), b0, p, self.step0)
+            x1 = torch.as_tensor(x1, dtype=torch.float64).expand(sum(sizes))
+            for n, s, part in zip(names, shapes, torch.split(x1, sizes)):
+                x[n] = part.reshape(s).clone()
+            if b1 is not None:
+                b1 = torch.as_tensor(b1, dtype=torch.float64).expand(sum(sizes))
+                new_buf = {} if new_buf is None else new_buf
+                for n, s, part in zip(names, shapes, torch.split(b1, sizes)):
+                    new_buf[n] = part.reshape(s).clone()
+        return x, new_buf
+
+    def _needs_precond(self, g: _Group, b0: torch.Tensor | None) -> bool:
+        """Whether ``P`` changes the curvature-free run: coupled decay under a preconditioner, or an Adam
+        first-moment difference (RMSprop's buffer already holds ``P·g``)."""
+        if self.family not in PRECONDITIONED_FAMILIES:
+            return False
+        coupled = self.family in ("adam", "rmsprop", "adagrad") and float(g.group.get("weight_decay") or 0.0) != 0.0
+        moment = self.family in ("adam", "adamw") and b0 is not None and bool(b0.abs().sum() > 0)
+        return coupled or moment
+
+    def _shape(self, name: str, like: torch.Tensor) -> tuple[int, ...]:
+        shapes = getattr(self.stage, "_shapes", {})
+        return tuple(shapes.get(name, like.shape))
+
+    # --- flat coordinates -----------------------------------------------------------------------------------------
+
+    def flat(self, d: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        parts = []
+        for n, (a, b) in self.offsets.items():
+            t = None if d is None else d.get(n)
+            parts.append(torch.zeros(b - a, dtype=torch.float64) if t is None else t.reshape(-1).to(torch.float64))
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+    def unflat(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: flat[a:b].reshape(self.shapes[n]) for n, (a, b) in self.offsets.items()}
+
+    def add_correction(self, x: dict, buf: dict | None, dx: torch.Tensor, db: torch.Tensor):
+        """``x += s·dx`` and ``buf += db/s`` on the active tensors."""
+        x = dict(x)
+        dxs, dbs = self.unflat(dx * self.scale), self.unflat(db / self.scale)
+        has_buffer = buf is not None or bool(db.abs().sum() > 0)
+        buf = None if not has_buffer else dict(buf or {})
+        for n in self.active_names:
+            x[n] = x.get(n, torch.zeros(self.shapes[n], dtype=torch.float64)) + dxs[n]
+            if buf is not None:
+                buf[n] = buf.get(n, torch.zeros(self.shapes[n], dtype=torch.float64)) + dbs[n]
+        return x, buf
+
+    # --- projections ----------------------------------------------------------------------------------------------
+
+    def projection(self, basis: torch.Tensor) -> Projection:
+        """Group masks, coupled decay and per-group coefficients in the basis ``V`` (``n×r``)."""
+        active = [g for g in self.groups if g.active]
+        coefs = [
+            group_coefficients(
+                self.family, g.group, g.lrs, step0=self.step0, buffer_fresh=self.buffer_fresh, alpha=g.alpha
+            )
+            for g in active
+        ]
+        v = basis.numpy()
+        masks = [v[self.group_index == k].T @ v[self.group_index == k] for k in range(len(active))]
+        lam = np.array([c.lam_c for c in coefs])[self.group_index] * (self.scale.numpy() ** 2)
+        decay = float(lam[0]) if lam.size and np.all(lam == lam[0]) else (v.T * lam) @ v
+        return Projection(coefs, masks, decay)
+
+
+def _coupled_decay(family: str, group: dict) -> float:
+    return float(group.get("weight_decay") or 0.0) if family in ("sgd", "adam", "rmsprop", "adagrad") else 0.0
+
+
+@dataclass
+class Projection:
+    """The recurrence's ingredients in a Ritz basis: per-group coefficients, group masks ``E_g``, coupled decay."""
+
+    coefs: list[GroupCoefficients]
+    masks: list[np.ndarray]
+    decay: float | np.ndarray
+
+    def mode_decay(self) -> float | np.ndarray:
+        return self.decay if np.isscalar(self.decay) else np.diag(self.decay).copy()
+
+    def unstable(self, theta: np.ndarray) -> np.ndarray:
+        """Modes whose recurrence grows, judged with the scalars of the group that holds most of each mode."""
+        owner = np.argmax(np.stack([np.diag(m) for m in self.masks]), axis=0)
+        decay = self.mode_decay()
+        bad = np.zeros(len(theta), dtype=bool)
+        for k, co in enumerate(self.coefs):
+            sel = owner == k
+            if sel.any():
+                d = decay if np.isscalar(decay) else decay[sel]
+                bad[sel] = unstable_modes(co, theta[sel], d)
+        return bad
+
+    def solve(
+        self, theta: np.ndarray, x: np.ndarray, b: np.ndarray, forcing: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The segment's run on Ritz coordinates with curvature (unstable modes damped to zero) and without:
+        ``(x_C, b_C, x_0, b_0, unstable)``. Modes that do not couple (one group, or groups sharing every scalar,
+        and a scalar decay) are run together in one batched pass; otherwise through the Galerkin masks."""
+        if np.isscalar(self.decay) and (len(self.coefs) == 1 or all(_same(self.coefs[0], c) for c in self.coefs)):
+            return independent_modes(self.coefs[0], theta, float(self.decay), x, b, forcing)
+        bad = self.unstable(theta)
+        keep = ~bad
+        xc, bc = np.zeros_like(x), np.zeros_like(b)
+        if keep.any():
+            sub = self.restrict(keep)
+            xc[keep], bc[keep] = run_projected(sub.coefs, x[keep], b[keep], theta=theta[keep], masks=sub.masks,
+                                               decay=sub.decay, forcing=forcing[keep])  # fmt: skip
+        x0, b0 = run_projected(self.coefs, x, b, masks=self.masks, decay=self.decay)
+        return xc, bc, x0, b0, bad
+
+    def restrict(self, keep: np.ndarray) -> Projection:
+        masks = [m[np.ix_(keep, keep)] for m in self.masks]
+        decay = self.decay if np.isscalar(self.decay) else self.decay[np.ix_(keep, keep)]
+        return Projection(self.coefs, masks, decay)

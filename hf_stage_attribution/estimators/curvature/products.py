@@ -1,0 +1,391 @@
+"""Curvature-vector products of a stage's training loss at a checkpoint, on a captured sample (ESTIMATORS.md §4a).
+
+The loss is split into ``forward(model, batch) -> outputs`` and ``loss(outputs, batch) -> scalar``. The Gauss–Newton
+product is ``Jᵀ H_L J v`` (``J`` the Jacobian of the outputs in the parameters, ``H_L`` the Hessian of the loss in
+the outputs), computed with ``torch.func`` (``jvp`` for ``J v``, forward-over-reverse for ``H_L``, ``vjp`` for
+``Jᵀ``) on ``functional_call`` of the model with the checkpoint's parameters substituted; the Hessian product is
+forward-over-reverse on the whole loss. Nothing is materialised but the vectors.
+
+Built-in losses for stages recorded through the Hugging Face Trainer (``stage.curvature_loss["type"]``), all on
+``model(**batch).logits`` (``labels`` removed from the inputs): ``causal-lm`` (shifted next-token cross-entropy,
+``-100`` ignored; labels default to ``input_ids`` with padding masked), ``masked-lm`` / ``token-classification``
+(unshifted), ``sequence-classification`` (cross-entropy; mean squared error for one output, binary cross-entropy for
+multi-label float labels) and ``regression``.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2)
+    >>> batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    >>> spec = ((lambda m, b: m(b[0])), (lambda out, b: torch.nn.functional.cross_entropy(out, b[1])))
+    >>> op = CurvatureOperator(model, dict(model.named_parameters()), [batch], spec, mode="ggn")
+    >>> v = {"weight": torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), "bias": torch.zeros(2)}
+    >>> out = op.apply(v, ["weight", "bias"])
+    >>> float(sum((out[k] * v[k].double()).sum() for k in v)) > 0   # Gauss–Newton is PSD
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..._internal.params import base_parameters, unwrap_model
+from ...errors import MissingCurvatureError, ModelMismatchError
+from .trl import dpo_loss_pair, supports_dpo
+
+LossSpec = tuple[Callable, Callable] | Callable
+
+
+# --- built-in losses on logits ----------------------------------------------------------------------------------
+
+
+def _logits(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _token_labels(batch: Mapping[str, Any]) -> torch.Tensor:
+    labels = batch.get("labels")
+    if labels is None:
+        labels = batch["input_ids"].clone()
+        if "attention_mask" in batch:
+            labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    return labels
+
+
+def _causal_lm_loss(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    labels = _token_labels(batch)[..., 1:]
+    logits = logits[..., :-1, :]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def _token_loss(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    labels = _token_labels(batch)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def _sequence_loss(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """As transformers' sequence classifiers: MSE for one output (regression), binary cross-entropy for float labels
+    shaped like the logits (multi-label), cross-entropy otherwise."""
+    labels = batch["labels"]
+    if logits.shape[-1] == 1:
+        return torch.nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(logits.shape[:-1]))
+    if labels.is_floating_point() and labels.shape == logits.shape:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+BUILTIN_LOSSES: dict[str, tuple[Callable, Callable]] = {
+    "causal-lm": (_logits, _causal_lm_loss),
+    "masked-lm": (_logits, _token_loss),
+    "token-classification": (_logits, _token_loss),
+    "sequence-classification": (_logits, _sequence_loss),
+    "regression": (_logits, _sequence_loss),
+}
+
+
+def resolve_loss(
+    stage: Any, loss_fns: Mapping[str, LossSpec] | None, mode: str, *, ledger: Any = None, model: Any = None
+) -> LossSpec:
+    """The loss of ``stage`` for curvature products: ``loss_fns[stage.name]``, else the in-memory ``stage.loss_fn``,
+    else the built-in loss named by ``stage.curvature_loss`` (TRL DPO stages too: their reference log-probabilities
+    need ``ledger`` and ``model``; without them a placeholder check is done). Gauss–Newton needs a pair."""
+    spec = (loss_fns or {}).get(stage.name) or getattr(stage, "loss_fn", None)
+    kind = (getattr(stage, "curvature_loss", None) or {}).get("type")
+    if spec is None and kind in BUILTIN_LOSSES:
+        spec = BUILTIN_LOSSES[kind]
+    if spec is None and kind == "dpo" and supports_dpo(stage):
+        spec = dpo_loss_pair(ledger, model, stage) if ledger is not None and model is not None else (None, None)
+    if spec is None:
+        raise MissingCurvatureError(
+            f"Stage {stage.name!r}: curvature products need the stage's loss, found none (curvature_loss="
+            f"{getattr(stage, 'curvature_loss', None)!r}; built-in types: {', '.join(BUILTIN_LOSSES)}). Pass "
+            f"`loss_fns={{{stage.name!r}: (forward, loss)}}` (forward(model, batch) -> outputs, loss(outputs, batch) "
+            "-> scalar), or record the stage with `loss_fn=`."
+        )
+    if mode == "ggn" and not (isinstance(spec, tuple) and len(spec) == 2):
+        raise MissingCurvatureError(
+            f"Stage {stage.name!r}: Gauss–Newton products need the loss split as a pair (forward(model, batch) -> "
+            "outputs, loss(outputs, batch) -> scalar), got a single callable. Pass the pair in `loss_fns`, or use "
+            "the Hessian estimator (aa-hvp), which works with f(model, batch) -> scalar."
+        )
+    return spec
+
+
+# --- the operator ---------------------------------------------------------------------------------------------------
+
+
+class _Call(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, fn: Callable) -> None:
+        super().__init__()
+        self.m, self.fn = model, fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.fn(self.m, batch)
+
+
+def _concat(batches: Sequence[Any], chunk_rows: int) -> list[Any]:
+    """Concatenate compatible batches along the first dimension into chunks of at most ``chunk_rows`` rows."""
+
+    def rows(b: Any) -> int:
+        first = next(iter(b.values())) if isinstance(b, Mapping) else (b[0] if isinstance(b, (tuple, list)) else b)
+        return int(first.shape[0])
+
+    def cat(group: list[Any]) -> Any:
+        b0 = group[0]
+        if isinstance(b0, Mapping):
+            return {k: torch.cat([g[k] for g in group]) for k in b0}
+        if isinstance(b0, (tuple, list)):
+            return tuple(torch.cat([g[i] for g in group]) for i in range(len(b0)))
+        return torch.cat(group)
+
+    try:
+        out, current, n = [], [], 0
+        for b in batches:
+            if current and n + rows(b) > chunk_rows:
+                out.append(cat(current))
+                current, n = [], 0
+            current.append(b)
+            n += rows(b)
+        if current:
+            out.append(cat(current))
+        return out
+    except (RuntimeError, TypeError, KeyError, IndexError, AttributeError):
+        return list(batches)  # ragged or exotic batches: use them one by one
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def _rows(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+    return min((int(v.shape[0]) for v in values if isinstance(v, torch.Tensor) and v.dim()), default=1)
+
+
+def _math_attention() -> Any:
+    """Scaled-dot-product attention through its composite ("math") kernel: the fused CPU/GPU kernels have no
+    forward-mode derivative, which the Gauss–Newton and Hessian products need."""
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+class CurvatureOperator:
+    """``v ↦ C̄ v``: Gauss–Newton (``mode="ggn"``) or Hessian (``"hvp"``) of a loss at given parameters, on a sample.
+
+    ``state`` maps base parameter names to the checkpoint's values (all of them); vectors are dicts of base names.
+    ``products`` counts operator applications (each is one pass over the whole sample). ``cache_graphs`` keeps
+    each batch's forward graph between products (much faster; memory: the activations of the whole sample).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        state: Mapping[str, torch.Tensor],
+        batches: Sequence[Any],
+        loss: LossSpec,
+        mode: str = "ggn",
+        *,
+        chunk_rows: int = 512,
+        cache_graphs: bool = True,
+    ) -> None:
+
+        if mode not in ("ggn", "hvp"):
+            raise ValueError(f"`mode` must be 'ggn' or 'hvp', got {mode!r}.")
+        if not batches:
+            raise MissingCurvatureError("Curvature products need captured example batches, found none.")
+        self.model, self.mode = unwrap_model(model), mode
+        ref = next(self.model.parameters())
+        self.device, self.dtype = ref.device, ref.dtype
+        ids = {id(p): n for n, p in self.model.named_parameters()}
+        base = base_parameters(self.model)
+        self.module_name = {b: "m." + ids[id(p)] for b, p in base.items()}
+        self.fixed: dict[str, torch.Tensor] = {}
+        for b, p in base.items():
+            if b not in state:
+                raise ModelMismatchError(f"The ledger state has no tensor for the model's parameter {b!r}.")
+            self.fixed[self.module_name[b]] = state[b].to(self.device, p.dtype)
+        base_ids = {id(q) for q in base.values()}
+        for name, p in self.model.named_parameters():  # un-merged LoRA factors: switch the adapter off (B = 0)
+            if id(p) not in base_ids and ".lora_B." in f".{name}.".replace("lora_embedding_B", "lora_B"):
+                self.fixed["m." + name] = torch.zeros_like(p)
+        self.batches = [_to(b, self.device) for b in _concat(list(batches), chunk_rows)]
+        self.weights = [_rows(b) for b in self.batches]
+        if isinstance(loss, tuple):
+            self.forward_call, self.loss = _Call(self.model, loss[0]), loss[1]
+            self.scalar_call = _Call(self.model, lambda m, b: loss[1](loss[0](m, b), b))
+        else:
+            self.forward_call, self.loss, self.scalar_call = None, None, _Call(self.model, loss)
+        self.products = 0
+        self.cache_graphs = cache_graphs
+        self._cache: tuple[tuple[str, ...], list[Callable]] | None = None
+
+    def apply(self, vector: Mapping[str, torch.Tensor], out_names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``(C̄ v)`` restricted to ``out_names`` (float64 tensors); names absent from ``vector`` are zero."""
+        names = list(dict.fromkeys([*out_names, *vector]))
+        for n in names:
+            if n not in self.module_name:
+                raise ModelMismatchError(f"The model has no parameter {n!r} (base name) for curvature products.")
+        keys = [self.module_name[n] for n in names]
+        primals = {k: self.fixed[k] for k in keys}
+        tangents = {
+            self.module_name[n]: (vector[n] if n in vector else torch.zeros(()))
+            .to(self.device, self.fixed[self.module_name[n]].dtype)
+            .expand_as(self.fixed[self.module_name[n]])
+            .contiguous()
+            for n in names
+        }
+        total = {k: torch.zeros_like(primals[k], dtype=torch.float64) for k in keys}
+        for fn, w in zip(self._closures(primals), self.weights):
+            out = fn(tangents)
+            for k in keys:
+                total[k] += w * out[k].to(torch.float64)
+        self.products += 1
+        scale = 1.0 / sum(self.weights)
+        return {n: total[self.module_name[n]].cpu() * scale for n in out_names}
+
+    def apply_flat(
+        self, flat: torch.Tensor, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]
+    ) -> torch.Tensor:
+        """``C̄ v`` for ``v`` laid end to end over ``names`` (float64, in that order and with those shapes), as the same
+        flat float64 vector: :meth:`apply` without building dicts of float64 tensors per product."""
+        for n in names:
+            if n not in self.module_name:
+                raise ModelMismatchError(f"The model has no parameter {n!r} (base name) for curvature products.")
+        keys = [self.module_name[n] for n in names]
+        primals = {k: self.fixed[k] for k in keys}
+        sizes = [math.prod(shapes[n]) for n in names]
+        parts = flat.to(self.device, self.dtype).split(sizes)
+        tangents = {k: part.view(shapes[n]).to(primals[k].dtype) for k, n, part in zip(keys, names, parts)}
+        total = torch.zeros(sum(sizes), dtype=torch.float64, device=self.device)
+        for fn, w in zip(self._closures(primals), self.weights):
+            out = fn(tangents)
+            total.add_(torch.cat([out[k].reshape(-1) for k in keys]).to(torch.float64), alpha=w)
+        self.products += 1
+        return total.cpu() / sum(self.weights)
+
+    def _closures(self, primals: dict[str, torch.Tensor]) -> list[Callable]:
+        """Per batch, ``tangents ↦ C̄_batch · tangents``. With ``cache_graphs`` the forward graph of each batch is
+        built once per set of differentiated tensors and reused by every product (backward passes only)."""
+        key = tuple(primals)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with _math_attention():
+                if self.cache_graphs:
+                    try:
+                        closures = [self._closure(primals, b) for b in self.batches]
+                        self._cache = (key, closures)
+                        return closures
+                    except (NotImplementedError, RuntimeError):
+                        self.cache_graphs = False  # an op without double backward: recompute per product
+                plain = self._ggn if self.mode == "ggn" else self._hvp
+                return [lambda t, b=b: self._eval(plain, primals, t, b) for b in self.batches]
+        finally:
+            self.model.train(was_training)
+
+    def _eval(self, fn: Callable, primals: dict, tangents: dict, batch: Any) -> dict[str, torch.Tensor]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with _math_attention():
+                return fn(primals, tangents, batch)
+        finally:
+            self.model.train(was_training)
+
+    def _closure(self, primals: dict[str, torch.Tensor], batch: Any) -> Callable:
+        """One batch's product as a closure over retained autograd graphs (built once, reused per product):
+        Hessian: double backward of the gradient; Gauss–Newton: ``J v`` by differentiating ``Jᵀ u`` in ``u``,
+        ``H_L`` by double backward of the loss in the outputs, ``Jᵀ`` by backward of the outputs."""
+
+        keys = list(primals)
+        params = [primals[k].detach().requires_grad_(True) for k in keys]
+        leaves = dict(zip(keys, params))
+        rest = self._rest(primals)
+        grad = torch.autograd.grad
+
+        def pack(values: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+            return {k: torch.zeros_like(p) if v is None else v for k, p, v in zip(keys, params, values)}
+
+        with torch.enable_grad():
+            if self.mode == "hvp":
+                loss = functional_call(self.scalar_call, {**rest, **leaves}, (batch,))
+                g = grad(loss, params, create_graph=True, allow_unused=True)
+                live = [i for i, x in enumerate(g) if x is not None and x.requires_grad]
+
+                def hvp(t: dict) -> dict[str, torch.Tensor]:
+                    if not live:
+                        return pack([None] * len(keys))
+                    out = grad([g[i] for i in live], params, [t[keys[i]] for i in live], retain_graph=True,
+                               allow_unused=True)  # fmt: skip
+                    return pack(out)
+
+                return hvp
+            out = functional_call(self.forward_call, {**rest, **leaves}, (batch,))
+            outs, spec = torch.utils._pytree.tree_flatten(out)
+            outs = [o for o in outs if isinstance(o, torch.Tensor)]
+            dummies = [torch.zeros_like(o, requires_grad=True) for o in outs]
+            gu = grad(outs, params, dummies, create_graph=True, allow_unused=True)
+            gu_live = [i for i, x in enumerate(gu) if x is not None and x.requires_grad]
+            detached = [o.detach().requires_grad_(True) for o in outs]
+            loss = self.loss(torch.utils._pytree.tree_unflatten(detached, spec), batch)
+            gl = grad(loss, detached, create_graph=True, allow_unused=True)
+            gl_live = [i for i, x in enumerate(gl) if x is not None and x.requires_grad]
+
+        def ggn(t: dict) -> dict[str, torch.Tensor]:
+            if not gu_live or not gl_live:
+                return pack([None] * len(keys))
+            jv = grad([gu[i] for i in gu_live], dummies, [t[keys[i]] for i in gu_live], retain_graph=True,
+                      allow_unused=True)  # fmt: skip
+            jv = [torch.zeros_like(d) if x is None else x for d, x in zip(dummies, jv)]
+            hjv = grad([gl[i] for i in gl_live], detached, [jv[i] for i in gl_live], retain_graph=True,
+                       allow_unused=True)  # fmt: skip
+            hjv = [torch.zeros_like(d) if x is None else x for d, x in zip(detached, hjv)]
+            return pack(grad(outs, params, hjv, retain_graph=True, allow_unused=True))
+
+        return ggn
+
+    def _rest(self, primals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.fixed.items() if k not in primals}
+
+    def _ggn(self, primals: dict, tangents: dict, batch: Any) -> dict[str, torch.Tensor]:
+
+        rest = self._rest(primals)
+
+        def f(p: dict) -> Any:
+            return functional_call(self.forward_call, {**rest, **p}, (batch,))
+
+        out, jv = jvp(f, (primals,), (tangents,))
+        out = torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+        _, hjv = jvp(grad(lambda o: self.loss(o, batch)), (out,), (jv,))
+        _, pullback = vjp(f, primals)
+        return pullback(hjv)[0]
+
+    def _hvp(self, primals: dict, tangents: dict, batch: Any) -> dict[str, torch.Tensor]:
+
+        rest = self._rest(primals)
+
+        def loss(p: dict) -> torch.Tensor:
+            return functional_call(self.scalar_call, {**rest, **p}, (batch,))
+
+        return jvp(grad(loss), (primals,), (tangents,))[1]

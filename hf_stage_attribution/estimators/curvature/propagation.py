@@ -1,0 +1,317 @@
+"""Curvature-aware propagation of a perturbation through one later stage (``aa-ggn``, ``aa-hvp``; ESTIMATORS.md §4a).
+
+:func:`propagate` carries a perturbation ``x`` of the start of stage ``j`` (and, for a stage that continued its
+optimizer, the difference ``b`` of the optimizer's first moment) to the end of stage ``j``. Per recorded segment:
+
+1. **Curvature.** ``C̄`` is the Gauss–Newton matrix (``mode="ggn"``) or Hessian (``"hvp"``) of the stage's loss on
+   the segment's captured examples at its midpoint ``θ_mid = θ_{j−1} + segment.params_delta()``, used only through
+   products (:mod:`.curvature_products`).
+2. **Symmetrised coordinates.** ``u = x/s``, ``b' = s·b`` with ``s² = P·ᾱ_g``: ``P = 1/(√v̂+ε)`` the optimizer's
+   preconditioner frozen at the midpoint (``1`` for SGD), ``ᾱ_g`` the param group's mean learning rate in the
+   segment relative to the reference group (the largest one). Tensors the stage does not train (frozen, LoRA-targeted
+   base weights, groups at zero learning rate) keep ``s = 0``: their perturbation stays constant and acts as a
+   *forcing* ``f = s·C̄ x_frozen`` on the trained ones.
+3. **Krylov basis.** Block Lanczos of ``K = S C̄ S`` from ``[u, b', f]`` (``krylov_size`` products, float64, full
+   reorthogonalisation); Ritz pairs ``(Θ, V)``; negative Ritz values (Hessian; rounding for Gauss–Newton) are set
+   to zero and counted.
+4. **Recurrence.** The stage's own optimizer recurrence (:mod:`.curvature_recurrence`; momentum, dampening,
+   nesterov, coupled/decoupled decay, Adam's ``β1`` and bias correction) runs at every recorded ``η_t`` of the
+   segment on the Ritz coordinates with gradient difference ``Θ y (+ λ y + f)``. A Ritz mode whose recurrence grows
+   is *unstable*: it is damped to zero and counted in ``info``.
+5. **Exact where curvature is absent.** The result is ``R_0(x, b) + V·(Y_C − Y_0)``: ``R_0`` is the curvature-free
+   recurrence of :func:`~.propagation.run_recurrence` applied to every coordinate (exactly ``D_j``), ``Y_C`` and
+   ``Y_0`` the projected runs with and without curvature. With one param group (or groups sharing every scalar) this
+   is the plain Lanczos approximation ``V·Y_C``; with ``C̄ = 0`` it is ``R_0`` exactly, for every family.
+
+**Several param groups** with different hyperparameters (e.g. Hugging Face's decay/no-decay groups): the basis is
+shared, each group's per-step scalars act through the projected group masks ``E_g = Vᵀ diag(1_g) V`` (Galerkin),
+learning-rate ratios are folded into ``s``, and only the curvature *correction* is projected (step 5), so the
+curvature-free part stays exact. Stability of a mode is judged with the scalars of the group that holds most of it.
+A coupled decay that differs between coordinates (``λ_c s²``: Adam/RMSprop with coupled decay, or groups with
+different decay) is added to ``K`` when the Krylov space is *grown* (not in the Ritz values), so the space follows
+the operator that actually drives the recurrence; with a basis as large as the model everything is exact.
+
+Cost: per segment ``≤ krylov_size`` products on the captured sample (+1 when frozen tensors are perturbed),
+whatever the number of steps. Each product reuses the batch's autograd graph, built once per segment. Cheaper
+settings: ``max_segments`` (use fewer of the recorded segments), ``sample_size``, a smaller ``krylov_size``.
+
+Differences from ESTIMATORS.md §4a worth knowing: the Krylov space starts from the perturbation itself (the block
+``[u, b', f]``), so nothing of ``v`` lies outside it; the "outside component follows ``D_j``" rule is realised by the
+exact ``R_0`` in step 5. The Gauss–Newton/Hessian products run with the model in ``eval()`` mode (no dropout) so that
+the operator is deterministic and symmetric.
+
+Example:
+    >>> # v = {name: tensor}  (e.g. a stage delta) ; ledger = StageLedger.load(dir)
+    >>> # out, info = propagate(v, ledger, stage_index=2, mode="ggn", model=final_model)
+    >>> # info["curvature_products"], info["unstable_modes"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import MissingCurvatureError, UnsupportedOptimizerError, unknown_name
+from ..propagation.rules import recorded_family, run_recurrence
+from .krylov import block_lanczos
+from .layout import SegmentLayout
+from .products import CurvatureOperator, LossSpec, _rows, resolve_loss
+
+MODES = ("ggn", "hvp")
+PAIRED_BATCH_LOSSES = ("dpo",)  # losses whose batches must not be concatenated (chosen/rejected halves)
+
+#: Named settings of the curvature-aware propagation: ``curvature_options={"preset": name}`` (CLI
+#: ``--curvature-preset``); explicit options override the preset's. ``default``: every recorded segment and a Krylov
+#: basis of 12 per segment. ``cheap``: one segment per later stage (the recorded one at its middle) and 8 Krylov
+#: vectors, ESTIMATORS.md §5's "cheap configuration": 8 products per later stage instead of 36 with the recorder's 3
+#: segments, for later stages too short (a few hundred steps) for the default to be cheap next to replay. Both use
+#: every example captured for the segment (the recorder's ``curvature_examples``); ``sample_size`` caps it.
+CURVATURE_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"krylov_size": 12, "max_segments": None, "sample_size": None},
+    "cheap": {"krylov_size": 8, "max_segments": 1, "sample_size": None},
+}
+
+
+def curvature_settings(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` with its ``preset`` (default: ``"default"``) expanded; explicit entries win.
+
+    Example:
+        >>> curvature_settings({"preset": "cheap", "krylov_size": 6})["krylov_size"], curvature_settings({})["preset"]
+        (6, 'default')
+    """
+    options = dict(options or {})
+    name = options.pop("preset", None) or "default"
+    if name not in CURVATURE_PRESETS:
+        raise unknown_name("curvature preset", str(name), tuple(CURVATURE_PRESETS))
+    return {"preset": name, **CURVATURE_PRESETS[name], **options}
+
+
+def _missing_segments(stage: Any) -> MissingCurvatureError:
+    return MissingCurvatureError(
+        f"Stage {stage.name!r} (index {stage.index}) holds no curvature segments, which aa-ggn/aa-hvp need. Record "
+        "it with curvature material: `curvature_segments=3` (the default) and a loss — StageRecorder(...) for the "
+        "Trainer, or ledger.record_stage(name, ..., loss_fn=(forward, loss), num_steps=N) with rec.step(batch) "
+        "for custom loops — or use a curvature-free estimator (aa-linear)."
+    )
+
+
+def _segment_ranges(stage: Any, max_segments: int | None = None) -> list[tuple[Any, int, int]]:
+    """Segments with the step ranges they govern: contiguous, from step 0 to ``num_steps``. With ``max_segments``
+    only that many recorded segments are used (the ones at the centres of equal parts of the list)."""
+    segs = sorted(stage.segments, key=lambda s: s.step_start)
+    if max_segments is not None and 0 < max_segments < len(segs):
+        segs = [segs[int((i + 0.5) * len(segs) / max_segments)] for i in range(max_segments)]
+    out = []
+    for i, seg in enumerate(segs):
+        start = 0 if i == 0 else segs[i].step_start
+        end = stage.num_steps if i == len(segs) - 1 else segs[i + 1].step_start
+        out.append((seg, start, end))
+    return out
+
+
+def _as64(v: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    return {k: t.detach().to("cpu", torch.float64) for k, t in (v or {}).items()}
+
+
+def propagate(
+    v: Mapping[str, torch.Tensor],
+    ledger: Any,
+    stage_index: int,
+    mode: str = "ggn",
+    loss_fns: Mapping[str, LossSpec] | None = None,
+    krylov_size: int = 12,
+    *,
+    model: torch.nn.Module | None = None,
+    initial_buffer: Mapping[str, torch.Tensor] | None = None,
+    curvature_scale: float = 1.0,
+    sample_size: int | None = None,
+    chunk_rows: int = 512,
+    max_segments: int | None = None,
+    allow_identity_propagation: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Carry ``v`` (a perturbation of the start of stage ``stage_index``) through that stage with curvature.
+
+    Args:
+        v: ``{base name: tensor}``; names absent are zero.
+        ledger: a :class:`~hf_stage_attribution.ledger.ledger.StageLedger`.
+        stage_index: index of the later stage in ``ledger.stages``.
+        mode: ``"ggn"`` (Gauss–Newton, PSD) or ``"hvp"`` (Hessian, negative Ritz values treated as zero).
+        loss_fns: ``{stage name: (forward, loss) or f(model, batch)}`` overriding the stage's recorded loss.
+        krylov_size: Krylov basis size per segment (8–20 is typical).
+        model: the model architecture (any parameter values; the ledger's are substituted). Needed for curvature.
+        initial_buffer: difference of the optimizer's first moment entering the stage (continued stages only).
+        curvature_scale: multiplies ``C̄`` (``0`` gives exactly the curvature-free ``D_j`` propagation).
+        sample_size: use at most this many captured examples per segment (default: all).
+        max_segments: use at most this many of the recorded segments (cheaper; each governs a longer range).
+        allow_identity_propagation: pass ``v`` unchanged through a stage whose optimizer is unknown (else refuse).
+
+    Returns:
+        ``(out, info)``: the propagated perturbation (float64, names of ``v`` plus the tensors curvature moved) and
+        diagnostics: ``curvature_products``, ``example_products``, ``unstable_modes``, ``negative_modes``,
+        ``segments`` (per segment: steps, basis size, Ritz values...), ``approximations``, ``buffer`` (first-moment
+        difference leaving the stage, or None).
+    """
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+    stage = ledger.stages[stage_index]
+    x = _as64(v)
+    info: dict[str, Any] = {"mode": mode, "stage": stage.name, "curvature_products": 0, "example_products": 0,
+                            "unstable_modes": 0, "negative_modes": 0, "segments": [], "approximations": [],
+                            "buffer": None}  # fmt: skip
+    if stage.num_steps == 0:
+        return x, info
+    family = recorded_family(stage.optimizer)
+    if family is None:
+        kind = (stage.optimizer or {}).get("type")
+        if allow_identity_propagation:
+            info["approximations"] = [f"stage {stage.name!r}: optimizer {kind!r} unknown; passed with D = 1"]
+            return x, info
+        raise UnsupportedOptimizerError(
+            f"Stage {stage.name!r} (index {stage.index}) was trained with "
+            f"{'an unrecorded optimizer' if kind is None else repr(kind)}, whose update rule the propagation does not "
+            "know. Record the stage with a torch SGD/Adam/AdamW/RMSprop/Adagrad optimizer, or use an estimator "
+            "that does not propagate (delta-linear, delta-fd)."
+        )
+    continued = stage.optimizer_state_policy == "continued"
+    buf = _as64(initial_buffer) if continued else None
+    if continued and buf is None:
+        buf = {}
+    curved = curvature_scale != 0.0 and family not in ("frozen", "lion")
+    if not stage.segments:
+        if curved:
+            raise _missing_segments(stage)
+        layout = SegmentLayout.whole_stage(stage, family, continued)
+        x, buf = layout.curvature_free(x, buf)
+        info["buffer"] = buf
+        return x, info
+    if curved and model is None:
+        raise MissingCurvatureError(
+            f"Stage {stage.name!r}: curvature products need the model's architecture; pass `model=` (e.g. the final "
+            "model: its parameter values are replaced by the ledger's)."
+        )
+    loss = resolve_loss(stage, loss_fns, mode, ledger=ledger, model=model) if curved else None
+    if (stage.curvature_loss or {}).get("type") in PAIRED_BATCH_LOSSES:
+        chunk_rows = 1  # each captured batch holds its own chosen/rejected halves: never concatenate batches
+    theta_start = ledger.state_at(stage_index - 1) if curved else None
+    for seg, start, end in _segment_ranges(stage, max_segments):
+        layout = SegmentLayout(stage, seg, family, start, end, continued, buffer_fresh=(start == 0 and not continued))
+        x0, b0 = x, buf
+        x, buf = layout.curvature_free(x0, b0)
+        record = {"segment": seg.index, "steps": [start, end], "mid_step": seg.mid_step, "basis_size": 0,
+                  "products": 0, "ritz_values": [], "unstable_modes": 0, "negative_modes": 0}  # fmt: skip
+        info["segments"].append(record)
+        if not curved or not layout.active_names:
+            continue
+        correction = _curvature_correction(layout, x0, b0, model, theta_start, seg, loss, mode, krylov_size,
+                                           curvature_scale, sample_size, chunk_rows, record)  # fmt: skip
+        x, buf = layout.add_correction(x, buf, *correction)
+        for key in ("unstable_modes", "negative_modes"):
+            info[key] += record[key]
+        info["curvature_products"] += record["products"]
+        info["example_products"] += record["products"] * record["sample_size"]
+    info["buffer"] = buf
+    info["approximations"] = _approximations(stage, family, curved, info)
+    return x, info
+
+
+def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, model: torch.nn.Module,
+                          theta_start: Mapping[str, torch.Tensor], seg: Any, loss: LossSpec, mode: str,
+                          krylov_size: int, curvature_scale: float, sample_size: int | None, chunk_rows: int,
+                          record: dict) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``V·(Y_C − Y_0)`` for the position and the (scaled) first moment, flat over the active coordinates."""
+    delta_mid = seg.params_delta()
+    state = _MidState(theta_start, delta_mid)
+    batches = _take(seg.examples(), sample_size)
+    if not batches:
+        raise MissingCurvatureError(
+            f"Stage {layout.stage.name!r}, segment {seg.index}: no captured examples. Record the stage with "
+            "rec.step(batch) (custom loops) or through StageRecorder so that curvature material is kept."
+        )
+    op = CurvatureOperator(model, state, batches, loss, mode, chunk_rows=chunk_rows)
+    record["sample_size"] = sum(op.weights)
+    s = layout.scale
+    u0 = layout.flat(x0) / s
+    b0f = layout.flat(b0) * s if b0 is not None else torch.zeros_like(u0)
+    frozen = {k: t for k, t in x0.items() if k not in layout.active_set and bool(t.abs().sum() > 0)}
+    starts = [u0, b0f]
+    forcing = None
+    if frozen:
+        forcing = layout.flat(op.apply(frozen, layout.active_names)) * s * curvature_scale
+        starts.append(forcing)
+
+    def apply_k(q: torch.Tensor) -> torch.Tensor:
+        return op.apply_flat(q * s, layout.active_names, layout.shapes) * s * curvature_scale
+
+    q, h, _ = block_lanczos(apply_k, starts, krylov_size, shift=layout.decay_diagonal)
+    record["products"] = op.products
+    record["basis_size"] = q.shape[1]
+    if q.shape[1] == 0:
+        return torch.zeros_like(u0), torch.zeros_like(u0)
+    theta, w = torch.linalg.eigh(h)
+    record["ritz_values"] = [float(t) for t in theta]
+    negative = theta < -1e-12 * max(1.0, float(theta.abs().max()))
+    record["negative_modes"] = int(negative.sum()) if mode == "hvp" else 0
+    theta = theta.clamp_min(0.0).numpy()
+    basis = q @ w
+    proj = layout.projection(basis)
+    yx, yb = (basis.T @ u0).numpy(), (basis.T @ b0f).numpy()
+    yf = (basis.T @ forcing).numpy() if forcing is not None else np.zeros_like(yx)
+    yc_x, yc_b, y0_x, y0_b, bad = proj.solve(theta, yx, yb, yf)
+    record["unstable_modes"] = int(bad.sum())
+    dx = basis @ torch.from_numpy(yc_x - y0_x)
+    db = basis @ torch.from_numpy(yc_b - y0_b)
+    return dx, db
+
+
+class _MidState(Mapping):
+    """θ_mid = θ_stage_start + segment delta, per tensor on access."""
+
+    def __init__(self, start: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> None:
+        self.start, self.delta = start, delta
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self.start[name]
+        return value + self.delta[name].to(value.dtype) if name in self.delta else value
+
+    def __iter__(self):
+        return iter(self.start)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+def _take(batches: list[Any], limit: int | None) -> list[Any]:
+    if limit is None:
+        return batches
+
+    out, n = [], 0
+    for b in batches:
+        if n >= limit:
+            break
+        out.append(b)
+        n += _rows(b)
+    return out
+
+
+def _approximations(stage: Any, family: str, curved: bool, info: dict) -> list[str]:
+    out = []
+    if curved:
+        out.append(f"stage {stage.name!r}: curvature ({info['mode']}) frozen at each segment's midpoint, "
+                   "estimated on the captured sample")  # fmt: skip
+    if family in ("adam", "adamw", "rmsprop", "adagrad"):
+        out.append(f"stage {stage.name!r}: {family} preconditioner frozen at each segment's midpoint")
+    if family == "lion":
+        out.append(f"stage {stage.name!r}: Lion's sign update has no first-order response; only its decay is applied")
+    groups = (stage.optimizer or {}).get("param_groups", [])
+    if any(g.get("lora_params") for g in groups):
+        out.append(f"stage {stage.name!r}: the LoRA adapter's response to the perturbation is not modelled "
+                   "(its base weights are frozen; only fully trained tensors respond to curvature)")  # fmt: skip
+    if info["unstable_modes"]:
+        out.append(f"stage {stage.name!r}: {info['unstable_modes']} unstable Ritz mode(s) damped to zero")
+    return out
+
+
+__all__ = ["CURVATURE_PRESETS", "MODES", "curvature_settings", "propagate", "run_recurrence"]

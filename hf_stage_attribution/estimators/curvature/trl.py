@@ -1,0 +1,73 @@
+"""Built-in curvature losses for TRL preference stages (DPO), so ``aa-ggn`` works on ledgers recorded with TRL.
+
+A recorded DPO stage carries ``curvature_loss={"type": "dpo", "beta": β, "loss_type": ["sigmoid"], ...}`` and
+its captured batches hold the policy's inputs with chosen and rejected sequences concatenated along the batch
+(chosen first) and ``labels = -100`` on prompt and padding. ``forward`` returns each row's summed completion
+log-probability; ``loss`` is TRL's sigmoid DPO loss ``−log σ(β((lp_c − ref_c) − (lp_r − ref_r)))``. Splitting
+at the log-probabilities makes ``Jᵀ H J`` a valid (PSD) Gauss–Newton matrix of the DPO loss. The reference
+log-probabilities come from the stage's start θ_{j−1} (TRL's reference policy "copy of the stage start", or
+"adapter disabled" for a PEFT policy), computed once per batch.
+
+Example:
+    >>> # forward, loss = dpo_loss_pair(ledger, model, ledger.stage("dpo"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..._internal.model_state import clean_copy
+from ..._internal.params import unwrap_model
+from ..replay import load_state
+
+REFERENCE_POLICIES = ("copy of the stage start", "adapter disabled")
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probability of the labelled (non -100) tokens of every row (float32, differentiable)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    logits = (out.logits if hasattr(out, "logits") else out[0])[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    picked = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def supports_dpo(stage: Any) -> bool:
+    """Whether the stage's recorded DPO setup is one the built-in loss reproduces."""
+    spec = getattr(stage, "curvature_loss", None) or {}
+    reference = ((stage.info.get("trl") or {}).get("reference_model") or {}).get("policy")
+    loss_types = spec.get("loss_type") or ["sigmoid"]
+    loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+    return spec.get("type") == "dpo" and loss_types == ["sigmoid"] and reference in REFERENCE_POLICIES
+
+
+def dpo_loss_pair(ledger: Any, model: torch.nn.Module, stage: Any) -> tuple[Callable, Callable]:
+    """``(forward, loss)`` for a recorded DPO stage; ``model`` lends its architecture to the reference."""
+
+    beta = float((stage.curvature_loss or {}).get("beta", 0.1))
+    reference = clean_copy(unwrap_model(model))
+    if hasattr(reference, "peft_config") and hasattr(reference, "unload"):
+        reference = reference.unload()
+    load_state(reference, ledger.state_at(stage.index - 1))
+    reference.eval().requires_grad_(False)
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def ref_logprobs(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        ids, labels = batch["input_ids"], batch["labels"]
+        key = (tuple(ids.shape), int(ids.sum()), int(labels.sum()), int((ids * labels.clamp(min=0)).sum()))
+        if key not in cache:
+            with torch.no_grad():
+                cache[key] = sequence_logprobs(reference, batch)
+        return cache[key]
+
+    def loss(logps: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        half = logps.shape[0] // 2
+        ref = ref_logprobs(batch).to(logps.dtype)
+        margin = (logps[:half] - ref[:half]) - (logps[half:] - ref[half:])
+        return -torch.nn.functional.logsigmoid(beta * margin).mean()
+
+    return sequence_logprobs, loss

@@ -1,0 +1,208 @@
+"""Stage embeddings ``v_k`` (ESTIMATORS.md §3, §4a), computed tensor by tensor and cached beside the ledger.
+
+``v_k = (D_K ⊙ … ⊙ D_{k+1}) ⊙ Δ_k`` (+ the momentum tail where stage ``k+1`` continued the optimizer state) for
+``kind="aa-linear"``; ``kind="aa-ggn"``/``"aa-hvp"`` carry ``v`` through each later stage with curvature
+(``estimators.curvature.propagate``); ``kind="delta"`` is ``Δ_k`` itself, read from the ledger (no copy is made).
+
+The cache is ``<ledger>/embeddings/<kind>.safetensors``, keys ``"<stage index>/<param name>"`` (float32; a tensor
+that is absent is zero), metadata holding the ledger fingerprint, the kind and the options; a cache that does not
+match is recomputed. :class:`StageEmbeddings` reads it lazily (memory-mapped), one tensor at a time.
+
+Example:
+    >>> # emb = stage_embeddings(ledger, kind="aa-linear")
+    >>> # for name, v in emb.items(0): ...   # v_1 of the first stage, tensor by tensor
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import UnsupportedOptimizerError, unknown_name
+from ...ledger.storage import open_safetensors
+from ..curvature.propagation import curvature_settings
+from ..selection import lacks_optimizer_information
+from .write import write_curvature, write_linear
+
+KINDS = ("delta", "aa-linear", "aa-ggn", "aa-hvp")
+FORMAT_NAME = "hf-stage-attribution-embeddings"
+FORMAT_VERSION = "1"
+_NORMS: dict[tuple, float] = {}
+
+
+class StageEmbeddings:
+    """Lazy read access to the ``v_k`` of a ledger's stages.
+
+    Attributes: ``kind``, ``stage_indices``, ``approximations`` (list of sentences), ``diagnostics`` (dict).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from hf_stage_attribution import StageLedger
+        >>> model, ledger = torch.nn.Linear(2, 1), StageLedger(tempfile.mkdtemp())
+        >>> for name, decay in (("a", 0.0), ("b", 0.5)):
+        ...     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=decay)
+        ...     with ledger.record_stage(name, model=model, optimizer=opt) as rec:
+        ...         for _ in range(2):
+        ...             opt.zero_grad(); model(torch.ones(1, 2)).sum().backward(); opt.step(); rec.step()
+        >>> emb = stage_embeddings(ledger, "aa-linear")
+        >>> v, delta = emb.get(0, "weight"), ledger.stages[0].delta_tensor("weight")
+        >>> round(float(v[0, 0] / delta[0, 0]), 4)  # D_b = (1 − 0.1·0.5)²
+        0.9025
+    """
+
+    def __init__(self, ledger: Any, kind: str, path: Path | None = None) -> None:
+        self.ledger, self.kind, self.path = ledger, kind, path
+        self._shapes = ledger.parameter_shapes
+        self.approximations: list[str] = []
+        self.diagnostics: dict[str, Any] = {}
+        self._keys: dict[int, list[str]] = {}
+        self._handle = None
+        if path is None:  # "delta": straight from the ledger
+            self.stage_indices = [s.index for s in ledger.stages]
+            return
+
+        self._handle = open_safetensors(path)
+        meta = self._handle.metadata() or {}
+        self.stage_indices = json.loads(meta.get("stages", "[]"))
+        self.approximations = json.loads(meta.get("approximations", "[]"))
+        self.diagnostics = json.loads(meta.get("diagnostics", "{}"))
+        for key in self._handle.keys():
+            index, _, name = key.partition("/")
+            self._keys.setdefault(int(index), []).append(name)
+
+    def names(self, k: int) -> list[str]:
+        """Names of the tensors where ``v_k`` may be non-zero."""
+        if self._handle is None:
+            return self.ledger.stages[k].delta_names()
+        return list(self._keys.get(k, []))
+
+    def get(self, k: int, name: str) -> torch.Tensor:
+        """``v_k`` of one tensor (float32; zeros where the embedding does not touch it)."""
+        if self._handle is None:
+            return self.ledger.stages[k].delta_tensor(name)
+        if name in self._keys.get(k, ()):
+            return self._handle.get_tensor(f"{k}/{name}")
+        return torch.zeros(self._shapes[name], dtype=torch.float32)
+
+    def items(self, k: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, v_k tensor)`` for every tensor ``v_k`` touches, one at a time."""
+        for name in self.names(k):
+            yield name, self.get(k, name)
+
+    def norm(self, k: int) -> float:
+        """``‖v_k‖`` (computed once per cache file and process: every estimate reports it)."""
+        if self.path is None:
+            key = (str(self.ledger.dir), self.ledger.fingerprint, self.kind, k)
+        else:
+            stat = self.path.stat()
+            key = (str(self.path), stat.st_mtime_ns, stat.st_size, k)
+        if key not in _NORMS:
+            _NORMS[key] = float(sum(float(t.double().pow(2).sum()) for _, t in self.items(k)) ** 0.5)
+        return _NORMS[key]
+
+    def __repr__(self) -> str:
+        return f"StageEmbeddings(kind={self.kind!r}, stages={self.stage_indices}, path={self.path})"
+
+
+def _options_key(options: Mapping[str, Any]) -> str:
+    safe = {k: v for k, v in sorted(options.items()) if isinstance(v, (bool, int, float, str, type(None)))}
+    return json.dumps(safe, sort_keys=True)
+
+
+def _resolve_stages(ledger: Any, stages: Any) -> list[int]:
+    if stages is None:
+        return [s.index for s in ledger.stages]
+    return sorted({ledger.stage(s).index for s in stages})
+
+
+def stage_embeddings(
+    ledger: Any,
+    kind: str = "aa-linear",
+    stages: Any = None,
+    *,
+    allow_identity_propagation: bool = False,
+    loss_fns: Mapping[str, Any] | None = None,
+    recompute: bool = False,
+    **curvature_options: Any,
+) -> StageEmbeddings:
+    """Compute (or read from the cache) the stage embeddings of ``kind`` for ``stages`` (indices or names; all).
+
+    ``allow_identity_propagation`` passes deltas through stages with an unknown optimizer with ``D = 1`` instead of
+    raising :class:`~hf_stage_attribution.errors.UnsupportedOptimizerError`. ``loss_fns`` and ``curvature_options``
+    go to the curvature-aware propagation (``aa-ggn``/``aa-hvp`` only); ``preset="cheap"`` selects a named setting
+    (:data:`~.curvature.CURVATURE_PRESETS`).
+    """
+    if kind not in KINDS:
+        raise unknown_name("embedding kind", kind, KINDS)
+    if kind == "delta":
+        return StageEmbeddings(ledger, kind)
+    wanted = _resolve_stages(ledger, stages)
+    if not allow_identity_propagation:
+        _require_optimizer_information(ledger, kind, wanted)
+    if kind in ("aa-ggn", "aa-hvp"):
+        curvature_options = curvature_settings(curvature_options)
+    options = {"allow_identity_propagation": allow_identity_propagation, **curvature_options}
+    if loss_fns:
+        options["loss_fns"] = ",".join(sorted(loss_fns))
+    path = Path(ledger.embeddings_dir) / f"{kind}.safetensors"
+    if path.exists() and not recompute:
+        cached, stored = _read_if_fresh(ledger, kind, path, options, wanted)
+        if cached is not None:
+            return cached
+        wanted = sorted(set(wanted) | set(stored))  # the cache grows: stages computed before are kept
+    if kind == "aa-linear":
+        write_linear(ledger, path, wanted, allow_identity_propagation, _metadata(ledger, kind, options, wanted))
+    else:
+        mode = "ggn" if kind == "aa-ggn" else "hvp"
+        write_curvature(
+            ledger, path, wanted, mode, allow_identity_propagation, loss_fns, curvature_options,
+            _metadata(ledger, kind, options, wanted),
+        )  # fmt: skip
+    return StageEmbeddings(ledger, kind, path)
+
+
+def _require_optimizer_information(ledger: Any, kind: str, wanted: list[int]) -> None:
+    """Propagation through a stage whose optimizer is unknown would silently equal task-vector negation: refuse."""
+
+    first = min(wanted, default=len(ledger.stages))
+    blind = [s.name for s in ledger.stages[first + 1 :] if lacks_optimizer_information(s)]
+    if blind:
+        raise UnsupportedOptimizerError(
+            f"{kind} needs the optimizer and learning rates of later stage(s) {blind}, which were imported from "
+            "checkpoints without them. Use delta-linear/delta-fd, add the optimizer to the import spec, or pass "
+            "allow_identity_propagation=True to treat those stages as leaving the delta unchanged."
+        )
+
+
+def _metadata(ledger: Any, kind: str, options: Mapping[str, Any], wanted: list[int]) -> dict[str, str]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "fingerprint": ledger.fingerprint,
+        "options": _options_key(options),
+        "stages": json.dumps(wanted),
+    }
+
+
+def _read_if_fresh(ledger: Any, kind: str, path: Path, options: Mapping[str, Any], wanted: list[int]):
+    """``(embeddings, [])`` when the cache serves ``wanted``; ``(None, stages worth keeping)`` otherwise."""
+    try:
+        emb = StageEmbeddings(ledger, kind, path)
+        meta = emb._handle.metadata() or {}
+    except Exception:  # a corrupt or unreadable cache is recomputed
+        return None, []
+    same = (
+        meta.get("format") == FORMAT_NAME
+        and meta.get("format_version") == FORMAT_VERSION
+        and meta.get("kind") == kind
+        and meta.get("fingerprint") == ledger.fingerprint
+        and meta.get("options") == _options_key(options)
+    )
+    if same and set(wanted) <= set(emb.stage_indices):
+        return emb, []
+    return None, (list(emb.stage_indices) if same else [])

@@ -1,0 +1,202 @@
+"""Turning an intervention into a model on disk: ``θ_K − α · v_k`` materialised, saved with ``save_pretrained``,
+reloaded and re-evaluated, with a card section, the sweep JSON and its plot beside it.
+
+When the final model is a ``PeftModel`` and the edit only touches what the adapter holds (``v_k`` equals the
+adapter's own delta on every LoRA-targeted weight, plus ``modules_to_save`` copies), the edit is written *as an
+adapter*: LoRA ``B`` factors scaled by ``1 − α``. Any other edit is a dense change of the base weights, so the
+adapter is merged and the full model is saved.
+
+Example:
+    >>> # saved = save_intervention(result, "out/intervened", tokenizer=tokenizer)
+    >>> # saved.form, saved.max_difference     # "full" or "adapter"; reloaded vs. evaluated figures
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._internal.model_state import clean_copy
+from .._internal.params import is_peft_model, lora_layers
+from ..errors import InterventionError
+from ..estimators.linear import parameter_paths
+from .card import write_card_section
+from .metrics import evaluate_metrics, mean_value
+from .vectors import stage_vectors
+
+SWEEP_JSON = "intervention.json"
+SWEEP_PLOT = "intervention_sweep.png"
+
+
+@dataclass
+class SavedIntervention:
+    """Where the intervened model went and whether it reproduces the evaluated figures after reloading.
+
+    Example:
+        >>> s = SavedIntervention(Path("out"), "full", "aa-linear", 0.5, {"target": 1.0}, {"target": 1.0}, 0.0)
+        >>> s.to_dict()["form"], s.max_difference
+        ('full', 0.0)
+    """
+
+    directory: Path
+    form: str  # "full" or "adapter"
+    variant: str
+    alpha: float
+    figures: dict[str, float]
+    reloaded: dict[str, float] | None = None
+    max_difference: float | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "directory": str(self.directory), "form": self.form, "variant": self.variant, "alpha": self.alpha,
+            "figures": self.figures, "reloaded": self.reloaded, "max_difference": self.max_difference,
+            "files": self.files, "notes": self.notes,
+        }  # fmt: skip
+
+
+def _relative_close(v: torch.Tensor, ref: torch.Tensor) -> bool:
+    scale = float(ref.double().norm())
+    return float((v.double() - ref.double()).norm()) <= 1e-5 * scale + 1e-10
+
+
+def apply_scaling(model: torch.nn.Module, emb: Any, k: int, alpha: float) -> tuple[torch.nn.Module, str]:
+    """A deep copy of ``model`` holding ``θ − α · v_k`` and its form (``"adapter"`` or ``"full"``)."""
+
+    edited = clean_copy(model)
+    paths = parameter_paths(edited)
+    names = [n for n in emb.names(k) if n in paths]
+    if is_peft_model(edited):
+        lora = lora_layers(edited)
+        adapter_only = all(
+            (n in lora and lora[n].factors() is not None and _relative_close(emb.get(k, n), lora[n].delta()))
+            or "modules_to_save" in paths[n][0].split(".")
+            for n in names
+        )
+        if adapter_only:
+            with torch.no_grad():
+                for n in names:
+                    if n in lora:
+                        lora[n].factors()[1].mul_(1.0 - alpha)
+                    else:
+                        param = paths[n][1]
+                        param.sub_((alpha * emb.get(k, n).double()).to(param.device, param.dtype))
+            return edited, "adapter"
+    with torch.no_grad():
+        for n in names:
+            param = paths[n][1]
+            param.sub_((alpha * emb.get(k, n).double()).to(param.device, param.dtype))
+    if is_peft_model(edited):
+        edited = edited.merge_and_unload()
+    return edited, "full"
+
+
+def _resolve_point(result: Any, alpha: float | None, variant: str | None):
+    if variant == "replay":
+        if result.replay is None or result.replay_model is None:
+            raise InterventionError(f"No replay-without-stage model to save: {result.replay_note}.")
+        return result.replay
+    if alpha is None:
+        if result.chosen is None:
+            raise InterventionError(f"{result.message} Nothing was saved; pass alpha=... to save a model anyway.")
+        if variant is None or variant == result.chosen.variant:
+            return result.chosen
+        alpha = result.chosen.alpha
+    return result.point(alpha, variant)
+
+
+def materialize(result: Any, alpha: float | None = None, variant: str | None = None) -> tuple[torch.nn.Module, str]:
+    """The model of one evaluated point of ``result`` (default: the chosen one), as a new object, and its form."""
+
+    if result.model is None or result.ledger is None:
+        raise InterventionError("This result was read from JSON and holds no model; re-run scale_stage to save one.")
+    point = _resolve_point(result, alpha, variant)
+    if point.variant == "replay":
+        model = clean_copy(result.replay_model)
+        model.eval()
+        return model, "full"
+    stage = result.ledger.stage(result.stage_index)
+    emb = stage_vectors(result.ledger, result.model, stage, point.variant, result.embedding_options)
+    model, form = apply_scaling(result.model, emb, stage.index, point.alpha)
+    model.eval()
+    return model, form
+
+
+def _figures(result: Any, model: torch.nn.Module) -> dict[str, float]:
+
+    out = {"target": mean_value(result.target_behavior, model, result.target_name)}
+    out.update(evaluate_metrics(model, result.utility_metrics))
+    return out
+
+
+def _reload(directory: Path, form: str, saved: torch.nn.Module, result: Any, notes: list[str]) -> torch.nn.Module:
+    if form == "full":
+        return type(saved).from_pretrained(directory)
+    from peft import PeftModel
+
+    base_ref = saved.peft_config[saved.active_adapter].base_model_name_or_path
+    base_cls = type(saved.get_base_model())
+    if base_ref and Path(base_ref).is_dir() and hasattr(base_cls, "from_pretrained"):
+        base = base_cls.from_pretrained(base_ref)
+    else:
+        notes.append(
+            f"The adapter's base model {base_ref!r} is not a local directory; the reload check used the in-memory "
+            "base model."
+        )
+        base = clean_copy(result.model).unload()
+    return PeftModel.from_pretrained(base, directory)
+
+
+def save_intervention(
+    result: Any,
+    output_dir: str | Path,
+    *,
+    alpha: float | None = None,
+    variant: str | None = None,
+    tokenizer: Any = None,
+    card_from: str | Path | None = None,
+    verify: bool = True,
+    overwrite: bool = False,
+) -> SavedIntervention:
+    """Save the chosen model (or ``alpha``/``variant``) with ``save_pretrained`` into ``output_dir``.
+
+    Also writes ``README.md`` (the card of ``card_from``, or the one ``save_pretrained`` wrote, with an
+    intervention section between markers), ``intervention.json`` (the sweep, the choice, the saved figures) and
+    ``intervention_sweep.png``. With ``verify`` the model is reloaded from disk and re-evaluated; the largest
+    difference to the evaluated figures is recorded. No α met the constraint and no ``alpha`` given: an
+    :class:`InterventionError`, nothing written.
+    """
+
+    point = _resolve_point(result, alpha, variant)
+    out = Path(output_dir)
+    if not overwrite and any((out / name).exists() for name in ("config.json", "adapter_config.json", SWEEP_JSON)):
+        raise InterventionError(f"{out} already holds a saved model; pass overwrite=True or choose another directory.")
+    model, form = materialize(result, point.alpha, point.variant)
+    out.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    card_text = Path(card_from).read_text(encoding="utf-8") if card_from else None
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    figures = _figures(result, model)
+    saved = SavedIntervention(out, form, point.variant, point.alpha, figures, notes=notes)
+    if verify:
+        reloaded = _reload(out, form, model, result, notes)
+        reloaded.eval()
+        saved.reloaded = _figures(result, reloaded)
+        evaluated = {"target": point.target, **point.metrics}
+        saved.max_difference = max(abs(saved.reloaded[k] - evaluated[k]) for k in evaluated)
+    saved.files["plot"] = str(result.plot(out / SWEEP_PLOT))
+    payload = {**result.to_dict(), "saved": saved.to_dict()}
+    (out / SWEEP_JSON).write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    saved.files["json"] = str(out / SWEEP_JSON)
+    saved.files["readme"] = str(write_card_section(out / "README.md", result, saved, base_text=card_text))
+    return saved
+
+
+__all__ = ["SWEEP_JSON", "SWEEP_PLOT", "SavedIntervention", "apply_scaling", "materialize", "save_intervention"]

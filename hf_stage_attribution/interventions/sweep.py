@@ -1,0 +1,272 @@
+"""Interventions on an accountable stage: scale its contribution down and measure what it buys and what it costs.
+
+For a stage ``k`` and a sweep of ``α``, :func:`scale_stage` evaluates the models ``θ_K − α · v_k`` (``v_k`` the stage
+embedding of ``kind``, ESTIMATORS.md §3) and, for comparison, ``θ_K − α · Δ_k`` (task-vector negation), plus the
+replay-without-stage model ``θ̃_K^(−k)`` where replay is available; on each it measures a target behavior (e.g.
+spurious reliance) and utility metrics (e.g. average and worst-group accuracy) on held-out data, then picks ``α``
+under a :class:`~hf_stage_attribution.interventions.metrics.Constraint`. The final model is edited in place only
+inside a ``try/finally`` that restores it exactly; :meth:`InterventionResult.save` writes the chosen model with
+``save_pretrained`` (a LoRA adapter stays an adapter when only the adapter changes), a card section and a plot.
+
+Example:
+    >>> # from hf_stage_attribution import interventions
+    >>> # result = interventions.scale_stage(ledger, model, "patch", [0.25, 0.5, 1.0], target=reliance,
+    >>> #     utilities=[Accuracy(rows, group_key="group")], constraint=Constraint("accuracy", max_drop=1.0))
+    >>> # print(result.table()); result.save("out/intervened")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..behaviors import as_behavior
+from ..errors import InterventionError, ReplayError
+from ..estimators.finite_difference import subtract_embedding
+from ..estimators.replay import replay_model
+from ..ledger import StageLedger
+from .metrics import Accuracy, BehaviorMean, Constraint, as_metrics, evaluate_metrics, mean_value
+from .result import InterventionResult, SweepPoint
+from .vectors import KINDS, resolve_stage, stage_vectors
+
+
+def check_alphas(alphas: Any) -> list[float]:
+    """The sweep as sorted unique floats; :class:`InterventionError` for an empty or non-finite sweep."""
+    if isinstance(alphas, (int, float)):
+        alphas = [alphas]
+    try:
+        values = [float(a) for a in alphas]
+    except (TypeError, ValueError) as exc:
+        raise InterventionError(f"Expected a sequence of numbers for the α sweep, got {alphas!r} ({exc}).") from None
+    if not values:
+        raise InterventionError("The α sweep is empty; pass at least one α (e.g. [0.25, 0.5, 0.75, 1.0]).")
+    bad = [a for a in values if not math.isfinite(a)]
+    if bad:
+        raise InterventionError(f"The α sweep holds non-finite values {bad}; every α must be a finite number.")
+    return sorted(set(values))
+
+
+def _evaluate(model: torch.nn.Module, target: Any, metrics: list, variant: str, alpha: float) -> SweepPoint:
+    values = mean_value(target, model, getattr(target, "name", "target"))
+    return SweepPoint(variant, alpha, values, evaluate_metrics(model, metrics))
+
+
+def _sweep(model, emb, k: int, alphas: list[float], target, metrics, variant: str) -> list[SweepPoint]:
+
+    points = []
+    for alpha in alphas:
+        with subtract_embedding(model, emb, k, scale=alpha):
+            points.append(_evaluate(model, target, metrics, variant, alpha))
+    return points
+
+
+def _replay_point(ledger, model, stage, target, metrics, stage_fns, replay: bool | None):
+    """``(point, model, note)`` for the replay-without-stage model, or ``(None, None, why not)``."""
+
+    later = ledger.stages[stage.index + 1 :]
+    available = stage_fns is not None or all(s.replay_dir is not None for s in later)
+    if replay is False or (replay is None and not available):
+        why = (
+            "not requested"
+            if replay is False
+            else ("no stage functions were given and the later stages hold no replay data")
+        )
+        return None, None, f"Replay without stage {stage.name!r} not run: {why}"
+    try:
+        cf = replay_model(ledger, model, stage.index, stage_fns=stage_fns)
+    except ReplayError as exc:
+        if replay:
+            raise
+        return None, None, f"Replay without stage {stage.name!r} not available: {exc}"
+    cf.eval()
+    note = (
+        f"Replay without stage {stage.name!r}: the stage removed and the {len(later)} later stage(s) re-run with "
+        "their recorded recipe"
+    )
+    return _evaluate(cf, target, metrics, "replay", 1.0), cf, note
+
+
+def choose(
+    points: Sequence[SweepPoint],
+    baseline: SweepPoint,
+    constraint: Constraint | None,
+    objective: str = "target",
+    direction: str = "decrease",
+) -> tuple[SweepPoint | None, str]:
+    """Mark each point feasible or not; return the best feasible point by ``objective`` and a sentence saying why.
+
+    ``objective`` is ``"target"`` (its mean moved in ``direction``) or a utility metric name (``direction`` then says
+    whether lower or higher is better: ``"decrease"`` or ``"increase"``).
+    """
+    if direction not in ("decrease", "increase"):
+        raise InterventionError(f"`direction` must be 'decrease' or 'increase', got {direction!r}.")
+    for p in points:
+        p.feasible = True if constraint is None else constraint.allows(p.metrics, baseline.metrics)
+    feasible = [p for p in points if p.feasible]
+    if objective != "target" and points and objective not in points[0].metrics:
+        known = ", ".join(sorted(points[0].metrics)) or "none"
+        raise InterventionError(f"The objective {objective!r} is neither 'target' nor a utility metric ({known}).")
+    if not feasible:
+        best = max(points, key=lambda p: _constraint_margin(p, baseline, constraint))
+        return None, (
+            f"No α met the constraint ({constraint.describe()}): the closest was α={best.alpha:g} with "
+            f"{constraint.metric} = {best.metrics[constraint.metric]:.4g} (original model "
+            f"{baseline.metrics[constraint.metric]:.4g}). Try smaller α values or relax the constraint."
+        )
+
+    def score(p: SweepPoint) -> float:
+        value = p.target if objective == "target" else p.metrics[objective]
+        return value if direction == "decrease" else -value
+
+    chosen = min(feasible, key=lambda p: (score(p), abs(p.alpha)))
+    rule = "no constraint" if constraint is None else constraint.describe()
+    message = (
+        f"α={chosen.alpha:g} chosen: the {'lowest' if direction == 'decrease' else 'highest'} {objective} among the "
+        f"{len(feasible)} of {len(points)} α values that meet the constraint ({rule})."
+    )
+    before = baseline.target if objective == "target" else baseline.metrics[objective]
+    if score(chosen) >= (before if direction == "decrease" else -before):
+        message += (
+            f" It does not {direction} {objective} relative to the original model: scaling this stage down does not "
+            "help here."
+        )
+    return chosen, message
+
+
+def _check_names(baseline: SweepPoint, constraint: Constraint | None, objective: str) -> None:
+    """Fail before the sweep when the constraint or the objective names a metric no utility reports."""
+    if constraint is not None:
+        constraint.allows(baseline.metrics, baseline.metrics)
+    if objective != "target" and objective not in baseline.metrics:
+        known = ", ".join(sorted(baseline.metrics)) or "none"
+        raise InterventionError(f"The objective {objective!r} is neither 'target' nor a utility metric ({known}).")
+
+
+def _constraint_margin(point: SweepPoint, baseline: SweepPoint, constraint: Constraint) -> float:
+    sign = 1.0 if constraint.higher_is_better else -1.0
+    return sign * (point.metrics[constraint.metric] - baseline.metrics[constraint.metric])
+
+
+def scale_stage(
+    ledger: Any,
+    model: torch.nn.Module,
+    stage: int | str,
+    alphas: Sequence[float],
+    kind: str = "aa-linear",
+    *,
+    target: Any,
+    utilities: Any = None,
+    constraint: Constraint | None = None,
+    objective: str = "target",
+    target_direction: str = "decrease",
+    compare_delta: bool = True,
+    stage_fns: Mapping[str, Any] | None = None,
+    replay: bool | None = None,
+    embedding_options: Mapping[str, Any] | None = None,
+    check_model: bool = True,
+) -> InterventionResult:
+    """Sweep ``θ_K − α · v_k`` over ``alphas`` (and ``θ_K − α · Δ_k`` with ``compare_delta``), evaluate, choose ``α``.
+
+    Args:
+        ledger: a ``StageLedger`` or its directory; ``model``: the final model θ_K (left exactly as it was).
+        stage: the stage to act on (name or index); ``kind``: ``aa-linear`` (default), ``delta``, ``aa-ggn``,
+            ``aa-hvp``; ``alphas``: the sweep (non-empty, finite).
+        target: the behavior to move (``f(model) -> Tensor[n]``); its mean is reported; ``target_direction``:
+            ``"decrease"`` (default) or ``"increase"``.
+        utilities: :class:`Accuracy` (with ``group_key`` for worst-group accuracy), behaviors (their mean), or a
+            dict ``{name: behavior}``; evaluated on held-out data.
+        constraint: which utility may lose how much (e.g. ``Constraint("accuracy", max_drop=1.0)``); ``objective``:
+            ``"target"`` or a utility metric to optimise among the α values that meet it.
+        stage_fns: stage functions for the replay-without-stage model (``estimators.replay``); ``replay``:
+            ``None`` runs it when available, ``True`` requires it, ``False`` skips it.
+        embedding_options: ``allow_identity_propagation``, ``loss_fns``, ``curvature_options`` for ``v_k``.
+
+    Returns an :class:`InterventionResult` (``chosen`` is None, with a message, when no α meets the constraint).
+    """
+
+    ledger = ledger if isinstance(ledger, StageLedger) else StageLedger.load(ledger)
+    chosen_stage = resolve_stage(ledger, stage)
+    sweep = check_alphas(alphas)
+    if kind not in KINDS:
+        raise InterventionError(f"Unknown intervention kind {kind!r}; known kinds: {', '.join(KINDS)}.")
+    if target_direction not in ("decrease", "increase"):
+        raise InterventionError(f"`target_direction` must be 'decrease' or 'increase', got {target_direction!r}.")
+    if check_model:
+        ledger.check_model(model)
+    target = as_behavior(target, name=getattr(target, "name", None) or "target")
+    if getattr(target, "needs_prepare", False):
+        target.prepare(model)
+    metrics = as_metrics(utilities)
+    was_training = model.training
+    model.eval()
+    try:
+        baseline = _evaluate(model, target, metrics, "original", 0.0)
+        _check_names(baseline, constraint, objective)
+        k = chosen_stage.index
+        points = _sweep(model, stage_vectors(ledger, model, chosen_stage, kind, embedding_options), k, sweep, target,
+                        metrics, kind)  # fmt: skip
+        if compare_delta and kind != "delta":
+            delta = stage_vectors(ledger, model, chosen_stage, "delta")
+            points += _sweep(model, delta, k, sweep, target, metrics, "delta")
+        replay_point, replay_model_, replay_note = _replay_point(
+            ledger, model, chosen_stage, target, metrics, stage_fns, replay
+        )
+    finally:
+        model.train(was_training)
+    main = [p for p in points if p.variant == kind]
+    chosen, message = choose(main, baseline, constraint, objective, target_direction)
+    for p in points:
+        if p.variant != kind:
+            p.feasible = None if constraint is None else constraint.allows(p.metrics, baseline.metrics)
+    return InterventionResult(
+        stage=chosen_stage.name,
+        stage_index=chosen_stage.index,
+        kind=kind,
+        target_name=target.name,
+        target_unit=str(getattr(target, "unit", "") or ""),
+        target_direction=target_direction,
+        baseline=baseline,
+        points=points,
+        replay=replay_point,
+        replay_note=replay_note,
+        constraint=constraint,
+        objective=objective,
+        chosen=chosen,
+        message=message,
+        accuracy_metrics=_accuracy_names(metrics),
+        ledger=ledger,
+        model=model,
+        embedding_options=dict(embedding_options or {}),
+        replay_model=replay_model_,
+        target_behavior=target,
+        utility_metrics=metrics,
+    )
+
+
+def _accuracy_names(metrics: list) -> dict[str, str]:
+    """``{"average": name, "worst_group": name}`` of the first accuracy metrics, for headlines and plots."""
+    out: dict[str, str] = {}
+    for m in metrics:
+        if isinstance(m, Accuracy):
+            if m.groups is not None:
+                out.setdefault("worst_group", m.worst_group_name)
+            out.setdefault("average", m.name)
+    return out
+
+
+__all__ = [
+    "KINDS",
+    "Accuracy",
+    "BehaviorMean",
+    "Constraint",
+    "InterventionResult",
+    "SweepPoint",
+    "check_alphas",
+    "choose",
+    "resolve_stage",
+    "scale_stage",
+    "stage_vectors",
+]

@@ -1,0 +1,186 @@
+"""The result of a stage attribution: effects with intervals, diagnostics, fidelity; JSON, markdown, plot.
+
+Sign convention everywhere: a stage's *effect* is ``f(θ_K) − f(θ_K without stage k)`` in the behavior's unit;
+**positive = the stage raised the behavior**. Effects are estimated one stage at a time and are not a
+decomposition of the total change (``ESTIMATORS.md`` §5): the interaction residual says how far they are from it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ReportError
+from .build import build_report, json_safe
+from .files import atomic_write_bytes, load_report_dict
+from .plot import report_figure, save_report_plot
+from .schema import REPORT_FORMAT, REPORT_FORMAT_VERSION, BehaviorDiagnostics, BehaviorSummary, ReportRow, StageSummary
+from .text import render_markdown, render_table
+
+
+@dataclass
+class AttributionReport:
+    """Stage effects per behavior with 95 % bootstrap intervals, diagnostics, fidelity and provenance.
+
+    Example:
+        >>> report = AttributionReport.build(
+        ...     {"toxicity": {"pretraining": [0.1, 0.3], "sft": [0.9, 1.1]}},
+        ...     estimator="aa-linear", estimator_reason="no curvature material in the ledger",
+        ...     total_change={"toxicity": 1.5}, versions={})
+        >>> report.top_stage("toxicity")
+        'sft'
+        >>> AttributionReport.from_json(report.to_json()) == report
+        True
+    """
+
+    rows: list[ReportRow]
+    stages: list[StageSummary]
+    behaviors: list[BehaviorSummary]
+    estimator: str
+    estimator_reason: str = ""
+    approximations: list[str] = field(default_factory=list)
+    diagnostics: dict[str, BehaviorDiagnostics] = field(default_factory=dict)
+    fidelity: dict[str, Any] | None = None
+    ledger: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    interval: dict[str, Any] = field(default_factory=dict)
+
+    # --- construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, per_example: Mapping[str, Mapping[str, Any]], **kwargs: Any) -> AttributionReport:
+        """Build a report from per-example effects ``{behavior: {stage: Tensor | list}}``.
+
+        Keyword arguments (all optional but ``estimator``): ``estimator``, ``estimator_reason``, ``stages`` (ledger
+        ``Stage`` objects, :class:`StageSummary`, dicts or names, in ledger order), ``behaviors`` (``Behavior``
+        objects, :class:`BehaviorSummary`, dicts, names), ``approximations`` (a list, or ``{behavior: list}``),
+        ``total_change`` (``{behavior: per-example f_i(θ_K) − f_i(θ_0) or its mean}``), ``alternates``
+        (``{estimator: {behavior: {stage: per-example}}}``: other estimators' results, used for the linearisation
+        gap), ``unstable_modes`` (int or ``{behavior: int}``), ``notes`` (``{behavior: JSON-safe dict}``),
+        ``fidelity``, ``ledger`` (a ``StageLedger`` or a dict), ``versions``, ``n_resamples`` (1000), ``seed`` (0),
+        ``confidence`` (0.95).
+        """
+        return cls(**build_report(per_example, **kwargs))
+
+    @classmethod
+    def from_estimates(cls, results: Mapping[str, Any], **kwargs: Any) -> AttributionReport:
+        """Build a report from ``{behavior: EstimateResult}`` (``.estimator``, ``.per_example``, ``.diagnostics``,
+        ``.approximations``); other keyword arguments as :meth:`build`."""
+        if not results:
+            raise ReportError("Expected at least one behavior's estimate, got none: attribute at least one behavior.")
+        per_example = {name: dict(res.per_example) for name, res in results.items()}
+        estimators = {res.estimator for res in results.values()}
+        if len(estimators) != 1 and "estimator" not in kwargs:
+            raise ReportError(f"Expected one estimator for all behaviors, got {sorted(estimators)}: pass `estimator`.")
+        kwargs.setdefault("estimator", estimators.pop())
+        reasons = [str(getattr(res, "reason", "") or "") for res in results.values()]
+        kwargs.setdefault("estimator_reason", next((r for r in reasons if r), ""))
+        kwargs.setdefault("approximations", {name: list(res.approximations) for name, res in results.items()})
+        diag = {name: dict(getattr(res, "diagnostics", None) or {}) for name, res in results.items()}
+        if "unstable_modes" not in kwargs:
+            kwargs["unstable_modes"] = {name: int(d.pop("unstable_modes", 0) or 0) for name, d in diag.items()}
+        if "total_change" not in kwargs:
+            totals = {name: d.pop("total_change") for name, d in diag.items() if d.get("total_change") is not None}
+            kwargs["total_change"] = totals or None
+        kwargs.setdefault("notes", {name: _small_notes(d) for name, d in diag.items() if d})
+        return cls.build(per_example, **kwargs)
+
+    # --- queries --------------------------------------------------------------------------------------
+
+    def rows_for(self, behavior: str) -> list[ReportRow]:
+        """The rows of one behavior, in stage order."""
+        rows = [row for row in self.rows if row.behavior == behavior]
+        if not rows:
+            known = ", ".join(b.name for b in self.behaviors)
+            raise ReportError(f"Behavior {behavior!r} is not in this report. Known behaviors: {known}.")
+        return sorted(rows, key=lambda row: row.stage_index)
+
+    def top_stage(self, behavior: str, by: str = "abs") -> str:
+        """The most accountable stage for ``behavior``: largest ``|effect|`` (``by="abs"``), most raised
+        (``"raise"``) or most lowered (``"lower"``); ties go to the earlier stage."""
+        keys = {"abs": lambda r: -abs(r.effect), "raise": lambda r: -r.effect, "lower": lambda r: r.effect}
+        if by not in keys:
+            raise ReportError(f"`by` must be one of {sorted(keys)}, got {by!r}.")
+        return min(self.rows_for(behavior), key=lambda r: (keys[by](r), r.stage_index)).stage
+
+    def behavior(self, name: str) -> BehaviorSummary:
+        """The summary of one behavior."""
+        for summary in self.behaviors:
+            if summary.name == name:
+                return summary
+        known = ", ".join(b.name for b in self.behaviors)
+        raise ReportError(f"Behavior {name!r} is not in this report. Known behaviors: {known}.")
+
+    # --- serialisation --------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (the format written by :meth:`to_json`)."""
+        return {"format": REPORT_FORMAT, "format_version": REPORT_FORMAT_VERSION, **asdict(self)}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The report as JSON (floats kept exactly); also written atomically to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+        if path is not None:
+            atomic_write_bytes(Path(path), text.encode("utf-8"))
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_str: str | Path) -> AttributionReport:
+        """Read a report written by :meth:`to_json` from a path or a JSON string."""
+
+        data = load_report_dict(path_or_str, REPORT_FORMAT, REPORT_FORMAT_VERSION)
+        try:
+            return cls(
+                rows=[ReportRow(**row) for row in data["rows"]],
+                stages=[StageSummary(**s) for s in data["stages"]],
+                behaviors=[BehaviorSummary(**b) for b in data["behaviors"]],
+                estimator=data["estimator"],
+                estimator_reason=data.get("estimator_reason", ""),
+                approximations=list(data.get("approximations", [])),
+                diagnostics={k: BehaviorDiagnostics(**v) for k, v in data.get("diagnostics", {}).items()},
+                fidelity=data.get("fidelity"),
+                ledger=dict(data.get("ledger", {})),
+                versions=dict(data.get("versions", {})),
+                interval=dict(data.get("interval", {})),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ReportError(
+                f"Expected an hf-stage-attribution report with rows, stages, behaviors and estimator; the JSON does "
+                f"not fit ({exc!r}). Regenerate it with `AttributionReport.to_json`."
+            ) from exc
+
+    # --- presentation ---------------------------------------------------------------------------------
+
+    def to_markdown(self) -> str:
+        """Markdown: one table per behavior (units, intervals, sign convention) and the diagnostics."""
+
+        return render_markdown(self)
+
+    def table(self) -> str:
+        """A plain-text table for a terminal (names made terminal-safe)."""
+
+        return render_table(self)
+
+    def plot_figure(self) -> Any:
+        """A matplotlib ``Figure``: one bar group per stage, one bar per behavior, error bars = intervals."""
+
+        return report_figure(self)
+
+    def plot(self, path: str | Path) -> Path:
+        """Write :meth:`plot_figure` as a PNG to ``path`` (Agg backend, no GUI); returns the path."""
+
+        return save_report_plot(self, Path(path))
+
+
+def _small_notes(diagnostics: Mapping[str, Any], limit: int = 2000) -> dict[str, Any]:
+    """The estimator diagnostics worth carrying in a report: JSON-safe values of at most ``limit`` characters
+    (per-tensor factors and the like stay out of the report and the card)."""
+    notes = {}
+    for key, value in diagnostics.items():
+        safe = json_safe(value)
+        if len(json.dumps(safe)) <= limit:
+            notes[str(key)] = safe
+    return notes

@@ -1,0 +1,327 @@
+"""Turning per-example stage effects into report rows: means, bootstrap intervals, shares, diagnostics.
+
+Used by :meth:`hf_stage_attribution.report.schema.AttributionReport.build`; kept apart so ``report.py`` stays a plain
+results object. numpy only (torch tensors are read through ``.detach()`` without importing torch here).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ReportError
+from .schema import BehaviorDiagnostics, BehaviorSummary, ReportRow, StageSummary
+
+# (linear, finite-difference) estimator pairs whose disagreement is the linearisation gap (ESTIMATORS.md §4)
+LINEARISATION_PAIRS = (
+    ("aa-linear", "aa-fd"),
+    ("aa-ggn", "aa-ggn-fd"),
+    ("aa-hvp", "aa-hvp-fd"),
+    ("delta-linear", "delta-fd"),
+)
+_VERSION_DISTS = ("hf-stage-attribution", "torch", "transformers", "trl", "peft", "accelerate", "huggingface_hub")
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values (tensors and numpy values become numbers/lists; non-finite floats become None)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, str | bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "tolist"):
+        return json_safe(value.tolist())
+    if isinstance(value, Sequence):
+        return [json_safe(v) for v in value]
+    return str(value)
+
+
+def as_vector(value: Any, what: str) -> np.ndarray:
+    """A finite, non-empty float64 vector from a tensor, array, list or scalar; ReportError otherwise."""
+    if hasattr(value, "detach"):  # torch.Tensor, any dtype or device
+        value = value.detach().to("cpu").double().numpy()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ReportError(f"Expected numbers for {what}, got {type(value).__name__}: {exc}.") from exc
+    arr = arr.reshape(1) if arr.ndim == 0 else arr
+    if arr.ndim != 1 or arr.size == 0:
+        raise ReportError(f"Expected a non-empty 1-D per-example vector for {what}, got shape {tuple(arr.shape)}.")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise ReportError(
+            f"Expected finite effects for {what}, got {arr[bad[0]]} at example {int(bad[0])}: check the behavior "
+            "for overflow or a NaN loss."
+        )
+    return arr
+
+
+def bootstrap_intervals(
+    matrix: np.ndarray, n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap intervals of the row means of ``matrix`` (stages × examples).
+
+    The same resampled example indices are used for every row (a paired bootstrap), drawn from a fresh
+    ``numpy.random.default_rng(seed)`` so the result depends only on the inputs.
+    """
+    rows, n = matrix.shape
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_resamples, 2_000_000 // max(1, rows * n)))
+    means = np.empty((rows, n_resamples))
+    for start in range(0, n_resamples, chunk):
+        stop = min(n_resamples, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[:, start:stop] = matrix[:, idx].mean(axis=2)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha], axis=1)
+    return low, high
+
+
+def stage_summary(stage: Any, position: int) -> Any:
+    """A :class:`~.schema.StageSummary` from a ledger ``Stage``, a dict, a name or a summary."""
+
+    if isinstance(stage, StageSummary):
+        return stage
+    if isinstance(stage, str):
+        return StageSummary(index=position, name=stage)
+    if isinstance(stage, Mapping):
+        keys = StageSummary.__dataclass_fields__
+        return StageSummary(**{"index": position, **{k: json_safe(v) for k, v in stage.items() if k in keys}})
+    optimizer = getattr(stage, "optimizer", None) or None
+    rates = [float(lr) for step in (getattr(stage, "learning_rates", None) or []) for lr in step]
+    info = getattr(stage, "info", None) or {}
+    return StageSummary(
+        index=int(getattr(stage, "index", position)),
+        name=str(stage.name),
+        kind=str(getattr(stage, "kind", "custom")),
+        num_steps=getattr(stage, "num_steps", None),
+        optimizer=_optimizer_label(optimizer),
+        lr_min=min(rates) if rates else None,
+        lr_max=max(rates) if rates else None,
+        data=_data_identity(info),
+    )
+
+
+def _optimizer_label(optimizer: Mapping[str, Any] | None) -> str | None:
+    if not optimizer:
+        return None
+    label = str(optimizer.get("type", "unknown"))
+    decays = sorted({float(g.get("weight_decay") or 0.0) for g in optimizer.get("param_groups", [])} - {0.0})
+    if decays:
+        label += ", weight decay " + "/".join(f"{d:g}" for d in decays)
+    return label
+
+
+def _data_identity(info: Mapping[str, Any]) -> dict[str, Any] | None:
+    for key in ("dataset", "data", "datasets"):
+        value = info.get(key)
+        if isinstance(value, Mapping):
+            return json_safe(value)
+        if isinstance(value, list) and value:
+            return {"datasets": json_safe(value)}
+        if isinstance(value, str) and value:
+            return {"name": value}
+    return None
+
+
+def behavior_summary(name: str, behavior: Any, num_examples: int) -> Any:
+    """A :class:`~.schema.BehaviorSummary` from a ``Behavior``, a dict, a summary or None."""
+
+    if isinstance(behavior, BehaviorSummary):
+        return BehaviorSummary(name, behavior.unit, behavior.description, behavior.num_examples or num_examples)
+    if isinstance(behavior, Mapping):
+        return BehaviorSummary(name, str(behavior.get("unit", "")), str(behavior.get("description", "")), num_examples)
+    if behavior is None or isinstance(behavior, str):
+        return BehaviorSummary(name, "", "", num_examples)
+    return BehaviorSummary(
+        name, str(getattr(behavior, "unit", "") or ""), str(getattr(behavior, "description", "") or ""), num_examples
+    )
+
+
+def ledger_summary(ledger: Any) -> dict[str, Any]:
+    """``{"name", "fingerprint", "final_hash", "num_stages"}`` of a ``StageLedger`` (or a dict, kept as given)."""
+    if ledger is None:
+        return {}
+    if isinstance(ledger, Mapping):
+        return json_safe(ledger)
+    directory = getattr(ledger, "dir", None)
+    return {
+        "name": Path(directory).name if directory is not None else None,
+        "fingerprint": getattr(ledger, "fingerprint", None),
+        "final_hash": getattr(ledger, "final_hash", None),
+        "num_stages": len(getattr(ledger, "stages", []) or []),
+    }
+
+
+def default_versions() -> dict[str, str]:
+    """Installed versions of the package and the frameworks it reads (read from metadata, nothing imported)."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for dist in _VERSION_DISTS:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _per_behavior(value: Any, behavior: str, default: Any) -> Any:
+    return value.get(behavior, default) if isinstance(value, Mapping) else (default if value is None else value)
+
+
+def _ordered_union(lists: Sequence[Sequence[str]]) -> list[str]:
+    out: list[str] = []
+    for items in lists:
+        out.extend(str(item) for item in items if str(item) not in out)
+    return out
+
+
+def _check_names(names: Sequence[str], kind: str) -> None:
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise ReportError(f"Expected non-empty {kind} names (strings), got {name!r}: name every {kind}.")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if list(names).count(n) > 1})
+        raise ReportError(f"Expected distinct {kind} names, got duplicates {dup}: rename them.")
+
+
+def _linearisation(
+    behavior: str, estimator: str, per_example: Mapping[str, Any], alternates: Mapping[str, Mapping[str, Any]]
+) -> tuple[list[str] | None, dict[str, dict[str, float]]]:
+    sources = {name: results.get(behavior) for name, results in alternates.items() if results.get(behavior)}
+    sources[estimator] = per_example
+    for linear, fd in LINEARISATION_PAIRS:
+        if linear not in sources or fd not in sources:
+            continue
+        stages = [s for s in sources[linear] if s in sources[fd]]
+        lin = {s: float(as_vector(sources[linear][s], f"{linear} / {behavior} / {s}").mean()) for s in stages}
+        fdm = {s: float(as_vector(sources[fd][s], f"{fd} / {behavior} / {s}").mean()) for s in stages}
+        scale = max([max(abs(lin[s]), abs(fdm[s])) for s in stages] or [0.0])
+        gaps = {}
+        for s in stages:
+            gap = fdm[s] - lin[s]
+            gaps[s] = {"linear": lin[s], "fd": fdm[s], "gap": gap, "relative_gap": abs(gap) / scale if scale else 0.0}
+        return [linear, fd], gaps
+    return None, {}
+
+
+def build_report(
+    per_example: Mapping[str, Mapping[str, Any]],
+    *,
+    estimator: str,
+    estimator_reason: str = "",
+    stages: Sequence[Any] | None = None,
+    behaviors: Mapping[str, Any] | Sequence[Any] | None = None,
+    approximations: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    total_change: Mapping[str, Any] | None = None,
+    alternates: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    unstable_modes: int | Mapping[str, int] | None = None,
+    notes: Mapping[str, Mapping[str, Any]] | None = None,
+    fidelity: Mapping[str, Any] | None = None,
+    ledger: Any = None,
+    versions: Mapping[str, str] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """The keyword arguments of ``AttributionReport(...)``; see :meth:`AttributionReport.build`."""
+
+    if not per_example:
+        raise ReportError("Expected effects for at least one behavior, got none: attribute at least one behavior.")
+    if int(n_resamples) < 1 or not 0.0 < float(confidence) < 1.0:
+        raise ReportError(f"Expected `n_resamples` >= 1 and 0 < `confidence` < 1, got {n_resamples}, {confidence}.")
+    if stages is None:
+        stages = getattr(ledger, "stages", None) or list(next(iter(per_example.values())))
+    stage_list = [stage_summary(stage, position) for position, stage in enumerate(stages)]
+    _check_names([s.name for s in stage_list], "stage")
+    by_name = {s.name: s for s in stage_list}
+    _check_names(list(per_example), "behavior")
+    given = dict(behaviors) if isinstance(behaviors, Mapping) else {}
+    if behaviors is not None and not isinstance(behaviors, Mapping):
+        given = {getattr(b, "name", b if isinstance(b, str) else None): b for b in behaviors}
+    alternates = alternates or {}
+
+    rows, summaries, diagnostics, all_approx = [], [], {}, []
+    for behavior, effects in per_example.items():
+        unknown = [s for s in effects if s not in by_name]
+        if unknown or not effects:
+            raise ReportError(
+                f"Behavior {behavior!r}: expected effects for stages among {list(by_name)}, got {list(effects)}."
+            )
+        names = sorted(effects, key=lambda s: by_name[s].index)
+        vectors = [as_vector(effects[s], f"behavior {behavior!r}, stage {s!r}") for s in names]
+        if len({v.size for v in vectors}) != 1:
+            sizes = {s: v.size for s, v in zip(names, vectors)}
+            raise ReportError(f"Behavior {behavior!r}: expected as many examples for every stage, got {sizes}.")
+        matrix = np.stack(vectors)
+        means = matrix.mean(axis=1)
+        low, high = bootstrap_intervals(matrix, int(n_resamples), int(seed), float(confidence))
+        total_value = _per_behavior(total_change, behavior, None)
+        total = None if total_value is None else float(as_vector(total_value, f"total change of {behavior!r}").mean())
+        for k, stage in enumerate(names):
+            effect = float(means[k])
+            share = effect / total if total else None
+            rows.append(
+                ReportRow(
+                    stage,
+                    by_name[stage].index,
+                    behavior,
+                    estimator,
+                    effect,
+                    float(low[k]),
+                    float(high[k]),
+                    [float(x) for x in matrix[k]],
+                    share,
+                )
+            )
+        summaries.append(behavior_summary(behavior, given.get(behavior), int(matrix.shape[1])))
+        approx = _ordered_union([_per_behavior(approximations, behavior, [])])
+        all_approx.append(approx)
+        pair, gaps = _linearisation(behavior, estimator, effects, alternates)
+        total_sum = float(means.sum())
+        covers_all = len(names) == len(stage_list)
+        diagnostics[behavior] = BehaviorDiagnostics(
+            total_change=total,
+            sum_of_effects=total_sum,
+            interaction_residual=(total - total_sum) if total is not None and covers_all else None,
+            linearisation_pair=pair,
+            linearisation_gap=gaps,
+            approximations=approx,
+            unstable_modes=int(_per_behavior(unstable_modes, behavior, 0) or 0),
+            notes=json_safe(dict(_per_behavior(notes, behavior, {}) or {})),
+        )
+    return {
+        "rows": rows,
+        "stages": stage_list,
+        "behaviors": summaries,
+        "estimator": str(estimator),
+        "estimator_reason": str(estimator_reason),
+        "approximations": _ordered_union(all_approx),
+        "diagnostics": diagnostics,
+        "fidelity": None if fidelity is None else json_safe(_as_mapping(fidelity)),
+        "ledger": ledger_summary(ledger),
+        "versions": dict(default_versions() if versions is None else {str(k): str(v) for k, v in versions.items()}),
+        "interval": {
+            "method": "percentile bootstrap over behavior examples (paired across stages)",
+            "confidence": float(confidence),
+            "resamples": int(n_resamples),
+            "seed": int(seed),
+        },
+    }
+
+
+def _as_mapping(value: Any) -> Mapping[str, Any]:
+    if isinstance(value, Mapping):
+        return value
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    raise ReportError(f"Expected `fidelity` as a dict of figures, got {type(value).__name__}.")

@@ -1,0 +1,105 @@
+"""The rows and summaries an attribution report is made of (plain dataclasses, JSON-safe).
+
+Sign convention everywhere: a stage's *effect* is ``f(θ_K) − f(θ_K without stage k)`` in the behavior's unit;
+**positive = the stage raised the behavior**. Effects are estimated one stage at a time and are not a
+decomposition of the total change (``ESTIMATORS.md`` §5): the interaction residual says how far they are from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+REPORT_FORMAT = "hf-stage-attribution/report"
+REPORT_FORMAT_VERSION = 1
+
+
+def top_examples(per_example: Sequence[float], k: int = 5) -> list[tuple[int, float]]:
+    """``(index, value)`` of the ``k`` largest ``|value|``, largest first, ties by index."""
+    order = sorted(range(len(per_example)), key=lambda i: (-abs(per_example[i]), i))
+    return [(i, float(per_example[i])) for i in order[: max(0, int(k))]]
+
+
+@dataclass
+class ReportRow:
+    """One (stage, behavior) effect: mean over examples, its bootstrap interval and the per-example effects.
+
+    ``share`` is ``effect / (f(θ_K) − f(θ_0))`` when the total change is known (shares need not sum to 1).
+
+    Example:
+        >>> row = ReportRow("sft", 1, "toxicity", "aa-linear", 0.5, 0.2, 0.8, [0.1, 0.9], share=0.4)
+        >>> row.top_examples(1)
+        [(1, 0.9)]
+    """
+
+    stage: str
+    stage_index: int
+    behavior: str
+    estimator: str
+    effect: float
+    ci_low: float
+    ci_high: float
+    per_example: list[float]
+    share: float | None = None
+
+    def top_examples(self, k: int = 5) -> list[tuple[int, float]]:
+        """The ``k`` examples this stage moved most, as ``(example index, effect)``, largest ``|effect|`` first."""
+        return top_examples(self.per_example, k)
+
+
+@dataclass
+class StageSummary:
+    """What a reader needs to know about one training stage (from the ledger's ``stage.json``).
+
+    Example:
+        >>> StageSummary(0, "sft", kind="sft", num_steps=40, optimizer="AdamW", lr_min=1e-5, lr_max=2e-5).kind
+        'sft'
+    """
+
+    index: int
+    name: str
+    kind: str = "custom"
+    num_steps: int | None = None
+    optimizer: str | None = None
+    lr_min: float | None = None
+    lr_max: float | None = None
+    data: dict[str, Any] | None = None
+
+
+@dataclass
+class BehaviorSummary:
+    """A behavior's name, unit, description and number of examples.
+
+    Example:
+        >>> BehaviorSummary("toxicity", unit="nats", num_examples=64).unit
+        'nats'
+    """
+
+    name: str
+    unit: str = ""
+    description: str = ""
+    num_examples: int = 0
+
+
+@dataclass
+class BehaviorDiagnostics:
+    """``ESTIMATORS.md`` §4 diagnostics of one behavior.
+
+    ``linearisation_gap`` maps a stage name to ``{"linear", "fd", "gap", "relative_gap"}`` for the estimator pair in
+    ``linearisation_pair`` (e.g. ``["aa-linear", "aa-fd"]``); ``relative_gap`` is ``|gap| / max_k |effect_k|``.
+
+    Example:
+        >>> d = BehaviorDiagnostics(total_change=1.0, sum_of_effects=0.7, interaction_residual=0.3)
+        >>> d.interaction_residual
+        0.3
+    """
+
+    total_change: float | None = None
+    sum_of_effects: float = 0.0
+    interaction_residual: float | None = None
+    linearisation_pair: list[str] | None = None
+    linearisation_gap: dict[str, dict[str, float]] = field(default_factory=dict)
+    approximations: list[str] = field(default_factory=list)
+    unstable_modes: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
