@@ -15,9 +15,7 @@ from safetensors.torch import save_file
 
 from hf_stage_attribution import StageAttributor
 from hf_stage_attribution.errors import BehaviorError, ModelMismatchError, UnknownNameError
-
-sys.path.insert(0, str(Path(__file__).parent))
-from attributor_fixtures import behaviors_for, record_pipeline  # noqa: E402
+from tests.helpers.attributor import behaviors_for, record_pipeline
 
 WORKER = Path(__file__).parent / "distributed" / "attribute_worker.py"
 

@@ -42,6 +42,9 @@ class ReportRow:
     ci_high: float
     per_example: list[float]
     share: float | None = None
+    #: The effect measured by exact replay (``f(θ_K) − f(θ̃_K^(−k))``) when replay ran for this stage (``validate``),
+    #: else ``None``: the ground truth to show beside the estimate.
+    replay_effect: float | None = None
 
     def top_examples(self, k: int = 5) -> list[tuple[int, float]]:
         """The ``k`` examples this stage moved most, as ``(example index, effect)``, largest ``|effect|`` first."""
@@ -103,3 +106,8 @@ class BehaviorDiagnostics:
     approximations: list[str] = field(default_factory=list)
     unstable_modes: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    #: How far to trust this behavior's top-stage claim and ranking (empty when not assessed):
+    #: ``{"verdict": "verified" | "agree" | "unreliable", "label": text for the card (e.g. "verified by replay",
+    #: "estimated — estimators agree", "estimated — unreliable: <why>"), "reason": str, "evidence": {name: figure}}``.
+    #: Intervals only cover example sampling; the verdict covers the estimator's own error.
+    trust: dict[str, Any] = field(default_factory=dict)

@@ -12,10 +12,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from attributor_fixtures import behaviors_for, forward, loss, make_mlp  # noqa: E402
-
 from hf_stage_attribution import StageAttributor  # noqa: E402
+from tests.helpers.attributor import behaviors_for, forward, loss, make_mlp
 
 
 def main() -> None:

@@ -9,14 +9,10 @@ compares a 2-process run against a 1-process one.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import recording_fixtures as F  # noqa: E402
+import tests.helpers.recording as F
 
 MAX_STEPS = 6
 BOUNDARY = 4

@@ -1,0 +1,166 @@
+"""The command line: --help everywhere, inspect golden table, attribute → card end to end, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_stage_attribution import StageLedger
+from hf_stage_attribution.cli.main import SUBCOMMANDS, build_parser, main
+
+GOLDEN = Path(__file__).parent.parent / "fixtures" / "cli" / "inspect_table.txt"
+
+
+def _subcommands() -> list[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_every_subcommand_has_help(capsys):
+    names = _subcommands()
+    assert set(names) >= {"attribute", "card", "demo", "import-checkpoints", "inspect", "intervene", "validate"}
+    assert len(SUBCOMMANDS) >= 6
+    for name in names:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: hf-stage-attribution " + name in capsys.readouterr().out
+
+
+def _golden_ledger(root: Path) -> StageLedger:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    ledger = StageLedger(root)
+    x, y = torch.linspace(-1, 1, 24).reshape(8, 3), torch.arange(8) % 2
+    for name, opt in (
+        ("warmup", torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)),
+        ("finetune", torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)),
+    ):
+        with ledger.record_stage(name, kind="custom", model=model, optimizer=opt, curvature_segments=0) as rec:
+            for _ in range(3):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                rec.step()
+    return ledger
+
+
+def test_inspect_table_matches_the_golden_file(tmp_path, capsys):
+    _golden_ledger(tmp_path / "ledger")
+    assert main(["inspect", str(tmp_path / "ledger")]) == 0
+    text = capsys.readouterr().out.replace(str(tmp_path / "ledger"), "LEDGER")
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+    assert main(["inspect", str(tmp_path / "ledger"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in summary["stages"]] == ["warmup", "finetune"]
+    assert summary["stages"][0]["optimizer"] == "SGD"
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-stage-attribution inspect: error: Expected a ledger") and "\n" not in err
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory):
+    """Two Trainer stages on a tiny BERT classifier, recorded; the final model saved; a behavior spec."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from hf_stage_attribution import StageRecorder
+    from hf_stage_attribution.testing.lm import tiny_bert_classifier, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    tok = tiny_tokenizer()
+    model = tiny_bert_classifier(tok)
+    texts = ["the weather today is really nice", "you are a total idiot", "the food was warm", "such a stupid jerk"]
+    for k, (name, labels) in enumerate((("base", [0, 1, 0, 1]), ("flip", [1, 0, 1, 0]))):
+        data = Dataset.from_dict({"text": texts * 4, "label": labels * 4}).map(
+            lambda b: tok(b["text"], truncation=True, max_length=16, padding="max_length"), batched=True
+        )
+        args = TrainingArguments(
+            str(root / f"run{k}"), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3, use_cpu=True,
+            report_to=[], save_strategy="no", disable_tqdm=True, seed=k,
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=data.remove_columns(["text"]),
+                callbacks=[StageRecorder(root / "ledger", name, stage_kind="fine-tuning")]).train()  # fmt: skip
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    spec = {
+        "behaviors": [
+            {"name": "margin", "kind": "classification", "measure": "margin", "tokenizer": "model",
+             "data": [{"text": t, "label": i % 2} for i, t in enumerate(texts + ["a nice day", "what an idiot"])]},
+        ]
+    }  # fmt: skip
+    (root / "behaviors.json").write_text(json.dumps(spec))
+    return root
+
+
+def test_attribute_then_card_twice_is_byte_identical(classifier_run, tmp_path, capsys):
+    root = classifier_run
+    out = tmp_path / "report"
+    argv = ["attribute", str(root / "ledger"), "--model", str(root / "model"), "--behaviors"]
+    argv += [str(root / "behaviors.json"), "--estimator", "aa-linear", "--output-dir", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "margin" in table and "base" in table and "flip" in table
+    assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "plot.png"}
+    readme = tmp_path / "card" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text("---\nlicense: apache-2.0\n---\n\n# My classifier\n\nHand-written text.\n")
+    assert main(["card", str(out), "--readme", str(readme)]) == 0
+    first = readme.read_bytes()
+    assert b"Hand-written text." in first and b"stage_attribution" in first
+    assert main(["card", str(out), "--readme", str(readme)]) == 0
+    assert readme.read_bytes() == first
+
+
+def test_attribute_with_the_cheap_curvature_preset(classifier_run, tmp_path, capsys):
+    """``--curvature-preset cheap``: aa-ggn uses one segment per later stage and at most 8 Krylov vectors, and the
+    report says which settings it ran with."""
+    from hf_stage_attribution.estimators.curvature.propagation import CURVATURE_PRESETS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["attribute"]
+    preset = next(a for a in sub._actions if a.dest == "curvature_preset")
+    assert sorted(preset.choices) == sorted(CURVATURE_PRESETS)
+    root = classifier_run
+    out = tmp_path / "report"
+    argv = ["attribute", str(root / "ledger"), "--model", str(root / "model"), "--behaviors"]
+    argv += [str(root / "behaviors.json"), "--estimator", "aa-ggn", "--curvature-preset", "cheap"]
+    assert main([*argv, "--output-dir", str(out), "--no-diagnostics"]) == 0
+    capsys.readouterr()
+    curvature = json.loads((out / "report.json").read_text())["diagnostics"]["margin"]["notes"]["curvature"]
+    assert curvature["settings"]["preset"] == "cheap" and curvature["settings"]["max_segments"] == 1
+    assert 0 < curvature["curvature_products"] <= 8
+    with pytest.raises(SystemExit):  # argparse refuses an unknown preset
+        main([*argv[:-1], "expensive", "--output-dir", str(out)])
+    assert "invalid choice: 'expensive'" in capsys.readouterr().err
+
+
+def test_attribute_bad_input_leaves_nothing(classifier_run, tmp_path, capsys):
+    root = classifier_run
+    out = tmp_path / "report"
+    base = ["attribute", str(root / "ledger"), "--behaviors", str(root / "behaviors.json"), "--output-dir", str(out)]
+    assert main([*base, "--model", str(tmp_path / "missing")]) == 1
+    assert "Expected a model directory" in capsys.readouterr().err
+    bad_spec = tmp_path / "bad.json"
+    bad_spec.write_text(json.dumps({"behaviors": [{"name": "x", "kind": "no-such-kind", "data": [{"text": "a"}]}]}))
+    argv = ["attribute", str(root / "ledger"), "--model", str(root / "model"), "--behaviors", str(bad_spec)]
+    assert main([*argv, "--output-dir", str(out)]) == 1
+    assert "Known behavior kinds" in capsys.readouterr().err
+    assert not out.exists()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__]))

@@ -1,0 +1,41 @@
+"""The demo command and the LM recipe at reduced size: they run offline, print tables, write cards that parse."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from huggingface_hub import ModelCard
+
+from hf_stage_attribution.cli.main import main
+
+ROOT = Path(__file__).parent.parent.parent
+
+
+def test_demo_digits_part_prints_tables_and_writes_a_card_that_parses(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path), "--only", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert "patch-reliance" in out and "Fidelity against replay" in out and "model card:" in out
+    card = ModelCard.load(tmp_path / "digits" / "model" / "README.md")
+    meta = card.data.to_dict()["stage_attribution"]
+    assert meta["estimator"] == "aa-ggn" and meta["replay_validated"] is True
+    top = {entry["name"]: entry["top_stage"] for entry in meta["behaviors"]}
+    assert top["patch-reliance"] == "patch"
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("lm_recipe", ROOT / "recipes" / "lm_sft_lora_dpo" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lm_recipe_at_tiny_size_records_four_stages_and_publishes(tmp_path):
+    pipe, report, _, _ = _load_recipe().run(tmp_path, size="tiny", validate=True)
+    assert [s.name for s in report.stages] == ["pretraining", "sft", "lora", "dpo"]
+    assert {b.name for b in report.behaviors} == {"toxicity-teacher-forced", "toxicity-generations"}
+    assert report.fidelity is not None and report.fidelity["non_terminal"]["n_pairs"] == 6
+    rows = {r.stage: r.effect for r in report.rows_for("toxicity-teacher-forced")}
+    assert rows["sft"] > 0, "the SFT stage trained on toxic completions must raise teacher-forced toxicity"
+    card = ModelCard.load(pipe.model_dir / "README.md")
+    assert card.data.to_dict()["stage_attribution"]["estimator"] == report.estimator

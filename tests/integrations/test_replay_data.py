@@ -1,0 +1,125 @@
+"""``replay_trainer_stage`` rebuilds a recorded TRL stage from its replay data (Arrow dataset, saved tokenizer,
+JSON arguments, collator, reference policy) and, from the same start, reproduces the recorded end exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+import tests.helpers.recording as F
+from hf_stage_attribution import StageLedger  # noqa: E402
+from hf_stage_attribution.errors import ReplayError  # noqa: E402
+
+
+def reward_length(completions, **kwargs):
+    return [len(c) / 10.0 for c in completions]
+
+
+def _trainer_with_lm_collator(model, out, callbacks):
+    """A plain Trainer whose collator holds the tokenizer (the Trainer itself has no processing_class)."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer
+
+    from hf_stage_attribution.testing.lm import toy_corpus
+
+    tok = F.tokenizer()
+    data = Dataset.from_dict(dict(tok(toy_corpus(0).clean[:32], truncation=True, max_length=32)))
+    args = F.training_args(out, max_steps=3, per_device_train_batch_size=8)
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    return Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=callbacks)
+
+
+def _sft(model, out, callbacks):
+    from trl import SFTConfig, SFTTrainer
+
+    args = F.trl_args(SFTConfig, out, max_steps=3, per_device_train_batch_size=4, max_length=32)
+    return SFTTrainer(model=model, args=args, train_dataset=F.sft_dataset(), processing_class=F.tokenizer(),
+                      callbacks=callbacks)  # fmt: skip
+
+
+def _kto(model, out, callbacks):
+    from trl import KTOConfig, KTOTrainer
+
+    args = F.trl_args(KTOConfig, out, max_steps=2, per_device_train_batch_size=4, max_length=32)
+    return KTOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=F.unpaired_dataset(),
+                      processing_class=F.tokenizer(), callbacks=callbacks)  # fmt: skip
+
+
+def _dpo_precomputed(model, out, callbacks):
+    from trl import DPOConfig, DPOTrainer
+
+    args = F.trl_args(DPOConfig, out, max_steps=2, per_device_train_batch_size=4, max_length=32,
+                      precompute_ref_log_probs=True)  # fmt: skip
+    return DPOTrainer(model=model, args=args, train_dataset=F.preference_dataset(), processing_class=F.tokenizer(),
+                      callbacks=callbacks)  # fmt: skip
+
+
+def _grpo(model, out, callbacks):
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = F.trl_args(GRPOConfig, out, max_steps=2, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=4)  # fmt: skip
+    return GRPOTrainer(model=model, reward_funcs=[reward_length], args=args, train_dataset=F.prompt_dataset(),
+                       processing_class=F.tokenizer(), callbacks=callbacks)  # fmt: skip
+
+
+def _record(tmp_path, make, name="stage"):
+    from hf_stage_attribution import StageRecorder
+
+    model = F.gpt2()
+    start = copy.deepcopy(model)
+    recorder = StageRecorder(tmp_path / "ledger", name, save_replay_data=True, curvature_segments=0)
+    make(model, str(tmp_path / "out"), [recorder]).train()
+    return model, start, StageLedger.load(tmp_path / "ledger").stages[-1]
+
+
+@pytest.mark.parametrize(
+    ("make", "extra"),
+    [
+        (_trainer_with_lm_collator, {}),
+        (_sft, {}),
+        (_kto, {}),
+        (_dpo_precomputed, {}),
+        (_grpo, {"reward_funcs": [reward_length]}),
+    ],
+    ids=["trainer-lm-collator", "sft", "kto", "dpo-precomputed", "grpo"],
+)
+def test_replay_from_the_same_start_reproduces_the_recorded_end(tmp_path, make, extra):
+    from hf_stage_attribution.integrations.replay import replay_trainer_stage
+
+    trained, start, stage = _record(tmp_path, make)
+    info = json.loads((stage.replay_dir / "replay.json").read_text())
+    assert info["config"]["module"].startswith(("trl.", "transformers.")) and info["dataset"]["num_rows"] > 0
+    saved = "collator_tokenizer" if make is _trainer_with_lm_collator else "processing_class"
+    assert (stage.replay_dir / saved / "tokenizer.json").exists()
+    assert not any(p.suffix in (".pkl", ".pickle", ".bin") for p in stage.replay_dir.rglob("*"))
+    replayed = replay_trainer_stage(stage, start, **extra)
+    diff = max((p - q).abs().max().item() for p, q in zip(trained.parameters(), replayed.parameters()))
+    assert diff <= 1e-6, diff
+
+
+def test_replay_refuses_what_it_cannot_rebuild(tmp_path):
+    from transformers import Trainer
+
+    from hf_stage_attribution import StageRecorder
+    from hf_stage_attribution.integrations.replay import replay_trainer_stage
+
+    _, start, grpo = _record(tmp_path / "grpo", _grpo)
+    with pytest.raises(ReplayError, match=r"needs `reward_funcs=` \(recorded: \['reward_length'\]\)"):
+        replay_trainer_stage(grpo, start)
+    replay_json = grpo.replay_dir / "replay.json"
+    info = json.loads(replay_json.read_text())
+    replay_json.write_text(json.dumps({**info, "trainer": {"class": "Evil", "module": "os"}}))
+    with pytest.raises(ReplayError, match="replay imports nothing else"):
+        replay_trainer_stage(grpo, start, reward_funcs=[reward_length])
+
+    args = F.training_args(str(tmp_path / "plain"), max_steps=4, per_device_train_batch_size=8)
+    recorder = StageRecorder(tmp_path / "plain_ledger", "a", stage_boundaries={"b": 2})  # no replay data saved
+    Trainer(model=F.gpt2(), args=args, train_dataset=F.lm_dataset(), callbacks=[recorder]).train()
+    first, second = StageLedger.load(tmp_path / "plain_ledger").stages
+    with pytest.raises(ReplayError, match="save_replay_data=True"):
+        replay_trainer_stage(first, F.gpt2())
+    with pytest.raises(ReplayError, match="continued the previous stage's optimizer state"):
+        replay_trainer_stage(second, F.gpt2())
