@@ -18,6 +18,7 @@ from ._version import __version__ as __version__
 
 _LAZY = {
     "AttributionReport": ("hf_stage_attribution.report", "AttributionReport"),
+    "CurvatureConfig": ("hf_stage_attribution.estimators.curvature.config", "CurvatureConfig"),
     "StageAttributor": ("hf_stage_attribution.attributor", "StageAttributor"),
     "StageLedger": ("hf_stage_attribution.ledger.ledger", "StageLedger"),
     "StageRecorder": ("hf_stage_attribution.integrations.transformers", "StageRecorder"),
@@ -32,6 +33,7 @@ __all__ = sorted(_LAZY)
 if TYPE_CHECKING:  # pragma: no cover  (names for type checkers and IDEs)
     from . import behaviors, estimators, interventions  # noqa: F401
     from .attributor import StageAttributor  # noqa: F401
+    from .estimators.curvature.config import CurvatureConfig  # noqa: F401
     from .integrations.transformers import StageRecorder  # noqa: F401
     from .ledger.ledger import StageLedger  # noqa: F401
     from .model_card import write_model_card  # noqa: F401

@@ -21,6 +21,7 @@ from ._internal.model_state import swapped_parameters
 from .behaviors import as_behavior
 from .errors import BehaviorError, ReportError
 from .estimators.base import check_finite
+from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
@@ -64,6 +65,8 @@ class StageAttributor:
         diagnostics: also compute f(θ_0) (total change, interaction residual) and the paired linear/finite-difference
             estimator (linearisation gap).
         estimator_options: extra keyword arguments for the estimator (e.g. ``allow_identity_propagation=True``).
+        curvature: settings of the curvature-aware propagation (``aa-ggn``/``aa-hvp``), e.g.
+            ``CurvatureConfig.cheap()``; replaces ``estimator_options={"curvature_options": {...}}`` (deprecated).
 
     Example:
         >>> import tempfile, torch
@@ -93,6 +96,7 @@ class StageAttributor:
         check_model: bool = True,
         show_progress: bool = True,
         estimator_options: Mapping[str, Any] | None = None,
+        curvature: CurvatureConfig | None = None,
     ) -> None:
 
         self.ledger = ledger if isinstance(ledger, StageLedger) else StageLedger.load(ledger)
@@ -108,6 +112,9 @@ class StageAttributor:
         self.seed = seed
         self.show_progress = show_progress
         self.estimator_options = dict(estimator_options or {})
+        settings = resolve_curvature(curvature, self.estimator_options.pop("curvature_options", None))
+        if settings:
+            self.estimator_options["curvature_options"] = settings
         self.state = _state()
         _prefer_eager_attention(model)
         if check_model:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..attributor import StageAttributor
 from ..behaviors import load_specs
+from ..estimators.curvature.config import CurvatureConfig
 from ..integrations.model_loading import load_model
 from ..ledger import StageLedger
 
@@ -30,6 +31,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         choices=["default", "cheap"],
         help="settings of aa-ggn/aa-hvp: 'cheap' = one curvature segment per later stage and 8 Krylov vectors",
+    )
+    p.add_argument("--krylov-size", type=int, default=None, help="aa-ggn/aa-hvp: Krylov vectors per segment")
+    p.add_argument("--curvature-segments", type=int, default=None, help="aa-ggn/aa-hvp: segments used per later stage")
+    p.add_argument(
+        "--curvature-sample-size", type=int, default=None, help="aa-ggn/aa-hvp: examples per segment's products"
     )
     p.add_argument(
         "--allow-identity-propagation",
@@ -57,6 +63,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=run, validate=True)
 
 
+def curvature_config(args: argparse.Namespace) -> CurvatureConfig | None:
+    """The ``CurvatureConfig`` the curvature flags ask for (``None`` when none is given: the estimator's default)."""
+    flags = {
+        "krylov_size": args.krylov_size,
+        "max_segments": args.curvature_segments,
+        "sample_size": args.curvature_sample_size,
+    }
+    if args.curvature_preset is None and all(v is None for v in flags.values()):
+        return None
+    return CurvatureConfig.from_preset(args.curvature_preset or "default", **flags)
+
+
 def _stages(values: list[str] | None) -> list[int | str] | None:
     if values is None:
         return None
@@ -69,10 +87,13 @@ def run(args: argparse.Namespace) -> int:
     behaviors = load_specs(args.behaviors, trust_code=args.trust_code)
     model = load_model(args.model)
     options: dict = {"allow_identity_propagation": True} if args.allow_identity_propagation else {}
-    if args.curvature_preset:
-        options["curvature_options"] = {"preset": args.curvature_preset}
     attributor = StageAttributor(
-        ledger, model, estimator=args.estimator, diagnostics=not args.no_diagnostics, estimator_options=options
+        ledger,
+        model,
+        estimator=args.estimator,
+        diagnostics=not args.no_diagnostics,
+        estimator_options=options,
+        curvature=curvature_config(args),
     )
     report = attributor.attribute(behaviors, stages=_stages(args.stages), validate=args.validate)
     if attributor.state.is_main_process:

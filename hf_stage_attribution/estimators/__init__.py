@@ -15,6 +15,7 @@ from . import lora_exact as _lora_exact  # noqa: F401  (registers lora-exact)
 from . import replay as _replay  # noqa: F401  (registers replay)
 from . import selection as _selection  # noqa: F401  (registers auto)
 from .base import EstimateResult, Estimator, get, names, register
+from .curvature.config import CurvatureConfig
 from .embeddings.cache import StageEmbeddings, stage_embeddings
 from .fidelity import fidelity
 from .finite_difference import subtract_embedding
@@ -23,6 +24,7 @@ from .replay import first_order_response, replay_gap, replay_model
 from .selection import choose_estimator
 
 __all__ = [
+    "CurvatureConfig",
     "EstimateResult",
     "Estimator",
     "StageEmbeddings",
