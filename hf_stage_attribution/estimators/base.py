@@ -21,6 +21,7 @@ import torch
 
 from ..behaviors.base import eval_mode  # noqa: F401  (re-exported for the estimators)
 from ..errors import BehaviorError, unknown_name
+from ..ledger.core import LedgerCore
 
 Behavior = Callable[[torch.nn.Module], torch.Tensor]
 
@@ -74,10 +75,14 @@ class Estimator:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
 
-    def estimate(self, ledger: Any, model: torch.nn.Module, behavior: Behavior, stages: Any = None, **options: Any):
+    def estimate(
+        self, ledger: LedgerCore, model: torch.nn.Module, behavior: Behavior, stages: Any = None, **options: Any
+    ):
         raise NotImplementedError
 
-    def prepare(self, ledger: Any, stages: Any = None, model: torch.nn.Module | None = None, **options: Any) -> None:
+    def prepare(
+        self, ledger: LedgerCore, stages: Any = None, model: torch.nn.Module | None = None, **options: Any
+    ) -> None:
         """Precompute what does not depend on the behavior (stage embeddings); a no-op by default.
 
         The attributor calls it on the main process first, so that other processes read the cache.
@@ -142,7 +147,7 @@ def evaluate(behavior: Behavior, model: torch.nn.Module, where: str) -> torch.Te
         return check_finite(behavior(model), behavior, where)
 
 
-def resolve_stages(ledger: Any, stages: Any = None) -> list[Any]:
+def resolve_stages(ledger: LedgerCore, stages: Any = None) -> list[Any]:
     """Ledger stages from names/indices (all stages when ``None``), in ledger order."""
     if stages is None:
         return list(ledger.stages)
@@ -152,7 +157,7 @@ def resolve_stages(ledger: Any, stages: Any = None) -> list[Any]:
     return [s for s in ledger.stages if s.index in chosen]
 
 
-def check_inputs(ledger: Any, model: torch.nn.Module, behavior: Behavior, options: dict[str, Any]) -> None:
+def check_inputs(ledger: LedgerCore, model: torch.nn.Module, behavior: Behavior, options: dict[str, Any]) -> None:
     """Checks every estimator runs first: the model is the ledger's final model; the behavior is prepared on it.
 
     Options: ``check_model`` (default True; the attributor, which checks once, may pass False), and

@@ -22,6 +22,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._internal.params import base_parameters
+from ..ledger.core import LedgerCore
 from .base import EstimateResult, Estimator, check_finite, check_inputs, eval_mode, register, resolve_stages
 from .embeddings.cache import StageEmbeddings, stage_embeddings
 
@@ -29,7 +30,7 @@ LINEAR_READOUT = "Linear read-out: first-order Taylor step of the behavior along
 
 
 def embeddings_for(
-    ledger: Any, kind: str, stages: list[Any], options: dict[str, Any], model: torch.nn.Module | None = None
+    ledger: LedgerCore, kind: str, stages: list[Any], options: dict[str, Any], model: torch.nn.Module | None = None
 ) -> StageEmbeddings:
     """The embeddings an estimator reads, from the options it was given (see :class:`LinearEstimator`).
 

@@ -12,16 +12,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .._internal.params import base_parameters, is_peft_model, lora_layers
 from ..errors import EstimatorError
+from ..ledger.stage import Stage
 from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, register, resolve_stages
 
 
-def _directly_trained(model: torch.nn.Module, stage: Any) -> list[str]:
+def _directly_trained(model: torch.nn.Module, stage: Stage) -> list[str]:
     """Base names the stage changed outside the adapter and outside ``modules_to_save`` copies."""
 
     lora = stage.lora or {}
@@ -37,7 +36,7 @@ def _directly_trained(model: torch.nn.Module, stage: Any) -> list[str]:
     return out
 
 
-def _check_adapter_is_stage(model: torch.nn.Module, stage: Any) -> None:
+def _check_adapter_is_stage(model: torch.nn.Module, stage: Stage) -> None:
     """Disabling the adapter must undo exactly the stage's delta (not also an initial non-zero adapter)."""
 
     for name, info in lora_layers(model).items():

@@ -30,6 +30,8 @@ from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
 from ..errors import ReplayError
 from ..integrations.replay import replay_trainer_stage
+from ..ledger.core import LedgerCore
+from ..ledger.stage import Stage
 from ..ledger.state import LazyState
 from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, register, resolve_stages
 
@@ -66,7 +68,7 @@ def _takes_info(fn: StageFn) -> bool:
     return len(required) >= 2 or any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
-def _add_delta(model: torch.nn.Module, stage: Any) -> None:
+def _add_delta(model: torch.nn.Module, stage: Stage) -> None:
 
     params = base_parameters(model)
     with torch.no_grad():
@@ -74,7 +76,7 @@ def _add_delta(model: torch.nn.Module, stage: Any) -> None:
             params[name].add_(delta.to(device=params[name].device, dtype=params[name].dtype))
 
 
-def _run_stage(stage: Any, model: torch.nn.Module, stage_fns: Mapping[str, StageFn], info: dict) -> torch.nn.Module:
+def _run_stage(stage: Stage, model: torch.nn.Module, stage_fns: Mapping[str, StageFn], info: dict) -> torch.nn.Module:
     fn = stage_fns.get(stage.name)
     if fn is None and not (stage.num_steps and stage.learning_rates):
         _add_delta(model, stage)  # an edit without training (untracked/imported): re-applied as recorded
@@ -92,7 +94,7 @@ def _run_stage(stage: Any, model: torch.nn.Module, stage_fns: Mapping[str, Stage
 
 
 def replay_model(
-    ledger: Any,
+    ledger: LedgerCore,
     model: torch.nn.Module,
     removed: int | None,
     *,
@@ -123,7 +125,7 @@ def replay_model(
     return work
 
 
-def replay_gap(ledger: Any, model: torch.nn.Module, *, stage_fns: Mapping[str, StageFn] | None = None) -> float:
+def replay_gap(ledger: LedgerCore, model: torch.nn.Module, *, stage_fns: Mapping[str, StageFn] | None = None) -> float:
     """Max abs difference between the ledger's ``θ_K`` and replaying every stage from ``θ_0`` (should be ~0)."""
 
     final = ledger.final_state()
@@ -132,7 +134,7 @@ def replay_gap(ledger: Any, model: torch.nn.Module, *, stage_fns: Mapping[str, S
 
 
 def first_order_response(
-    ledger: Any,
+    ledger: LedgerCore,
     model: torch.nn.Module,
     behavior: Callable[[torch.nn.Module], torch.Tensor],
     k: int | str,

@@ -16,12 +16,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import StageAttributionError
+from ..ledger.core import LedgerCore
+from ..ledger.stage import Stage
 from .base import Estimator, get, register
 from .curvature.products import resolve_loss
 from .propagation.rules import recorded_family
 
 
-def choose_estimator(ledger: Any, loss_fns: Mapping[str, Any] | None = None) -> tuple[str, str]:
+def choose_estimator(ledger: LedgerCore, loss_fns: Mapping[str, Any] | None = None) -> tuple[str, str]:
     """``(estimator name, reason)`` by the default rule of ESTIMATORS.md §4."""
     blind = [s.name for s in ledger.stages[1:] if lacks_optimizer_information(s)]
     if blind:
@@ -55,7 +57,7 @@ def choose_estimator(ledger: Any, loss_fns: Mapping[str, Any] | None = None) -> 
     return "aa-ggn", f"every later stage ({', '.join(s.name for s in later)}) holds curvature material"
 
 
-def lacks_optimizer_information(stage: Any) -> bool:
+def lacks_optimizer_information(stage: Stage) -> bool:
     """A stage that changed the model through training we know nothing of (imported without optimizer info)."""
     source = stage.info.get("source") or {}
     return stage.optimizer is None and source.get("type") == "checkpoints" and stage.kind != "untracked"
@@ -74,7 +76,7 @@ class Auto(Estimator):
     name = "auto"
     description = "aa-ggn where the ledger holds curvature material, else aa-linear."
 
-    def resolve(self, ledger: Any, loss_fns: Mapping[str, Any] | None = None) -> Estimator:
+    def resolve(self, ledger: LedgerCore, loss_fns: Mapping[str, Any] | None = None) -> Estimator:
         """The estimator the default rule picks for ``ledger`` (an instance; its ``name`` says which)."""
         return get(choose_estimator(ledger, loss_fns)[0])
 

@@ -29,6 +29,7 @@ import torch
 from ..behaviors import SpuriousReliance
 from ..errors import BehaviorError, LedgerError
 from ..ledger import StageLedger
+from ..ledger.core import LedgerCore
 from .spurious_digits_model import DigitsMLP, DigitsMLPConfig
 
 TARGET_CLASS = 7
@@ -154,7 +155,7 @@ def digits_loss() -> tuple[Any, Any]:
     return forward, loss
 
 
-def train_stage(model: torch.nn.Module, stage: DigitsStage, ledger: Any = None) -> None:
+def train_stage(model: torch.nn.Module, stage: DigitsStage, ledger: LedgerCore = None) -> None:
     """Train ``model`` in place with the stage's recipe (AdamW, fresh state, seeded batch order, constant LR);
     with a ``ledger``, record the stage into it (curvature material included)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)

@@ -25,6 +25,7 @@ from typing import Any
 
 from .._internal.model_state import clean_copy
 from ..errors import ReplayError
+from ..ledger.stage import Stage
 from ..ledger.storage import open_safetensors, read_json
 from .peft import config_from_json, wrap_with_adapter
 from .replay_data import REPLAY_FILE
@@ -156,7 +157,7 @@ def _reference(kind: str, info: dict, model: Any, ref_model: Any, output_dir: st
 
 
 def replay_trainer_stage(
-    stage: Any,
+    stage: Stage,
     model: Any,
     *,
     train_dataset: Any = None,
@@ -268,7 +269,7 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
     return model
 
 
-def _check_collator(stage: Any, info: dict, trainer: Any, rebuilt: bool) -> None:
+def _check_collator(stage: Stage, info: dict, trainer: Any, rebuilt: bool) -> None:
     entry = info.get("collator")
     if rebuilt or not entry or "class" not in entry:
         return

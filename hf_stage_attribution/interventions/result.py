@@ -17,6 +17,7 @@ from typing import Any
 
 from .._internal.table import render_table
 from ..errors import InterventionError
+from ..ledger.core import LedgerCore
 from ..ledger.storage import atomic_write_bytes
 from .card import plot_sweep
 from .metrics import Constraint
@@ -82,7 +83,7 @@ class InterventionResult:
     chosen: SweepPoint | None = None
     message: str = ""
     accuracy_metrics: dict[str, str] = field(default_factory=dict)
-    ledger: Any = field(default=None, repr=False, compare=False)
+    ledger: LedgerCore = field(default=None, repr=False, compare=False)
     model: Any = field(default=None, repr=False, compare=False)
     embedding_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     replay_model: Any = field(default=None, repr=False, compare=False)

@@ -28,6 +28,7 @@ from ..errors import InterventionError, ReplayError
 from ..estimators.finite_difference import subtract_embedding
 from ..estimators.replay import replay_model
 from ..ledger import StageLedger
+from ..ledger.core import LedgerCore
 from .metrics import Accuracy, BehaviorMean, Constraint, as_metrics, evaluate_metrics, mean_value
 from .result import InterventionResult, SweepPoint
 from .vectors import KINDS, resolve_stage, stage_vectors
@@ -151,7 +152,7 @@ def _constraint_margin(point: SweepPoint, baseline: SweepPoint, constraint: Cons
 
 
 def scale_stage(
-    ledger: Any,
+    ledger: LedgerCore,
     model: torch.nn.Module,
     stage: int | str,
     alphas: Sequence[float],

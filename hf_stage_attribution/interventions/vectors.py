@@ -9,11 +9,13 @@ import torch
 
 from ..errors import InterventionError
 from ..estimators.linear import embeddings_for
+from ..ledger.core import LedgerCore
+from ..ledger.stage import Stage
 
 KINDS = ("aa-linear", "delta", "aa-ggn", "aa-hvp")
 
 
-def resolve_stage(ledger: Any, stage: int | str) -> Any:
+def resolve_stage(ledger: LedgerCore, stage: int | str) -> Any:
     """The ledger stage named or indexed by ``stage``; :class:`InterventionError` listing the stages otherwise."""
     stages = list(ledger.stages)
     listing = ", ".join(f"{s.index}:{s.name}" for s in stages) or "none"
@@ -35,7 +37,7 @@ def resolve_stage(ledger: Any, stage: int | str) -> Any:
 
 
 def stage_vectors(
-    ledger: Any, model: torch.nn.Module, stage: Any, kind: str, options: Mapping[str, Any] | None = None
+    ledger: LedgerCore, model: torch.nn.Module, stage: Stage, kind: str, options: Mapping[str, Any] | None = None
 ) -> Any:
     """The stage embeddings of ``kind`` holding ``v_k`` (``kind="delta"``: ``Δ_k``), computed or read from cache."""
     if kind not in KINDS:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ReportError
+from ..ledger.core import LedgerCore
 from .schema import BehaviorDiagnostics, BehaviorSummary, ReportRow, StageSummary
 
 # (linear, finite-difference) estimator pairs whose disagreement is the linearisation gap (ESTIMATORS.md §4)
@@ -146,7 +147,7 @@ def behavior_summary(name: str, behavior: Any, num_examples: int) -> Any:
     )
 
 
-def ledger_summary(ledger: Any) -> dict[str, Any]:
+def ledger_summary(ledger: LedgerCore) -> dict[str, Any]:
     """``{"name", "fingerprint", "final_hash", "num_stages"}`` of a ``StageLedger`` (or a dict, kept as given)."""
     if ledger is None:
         return {}
@@ -227,7 +228,7 @@ def build_report(
     unstable_modes: int | Mapping[str, int] | None = None,
     notes: Mapping[str, Mapping[str, Any]] | None = None,
     fidelity: Mapping[str, Any] | None = None,
-    ledger: Any = None,
+    ledger: LedgerCore = None,
     versions: Mapping[str, str] | None = None,
     n_resamples: int = 1000,
     seed: int = 0,

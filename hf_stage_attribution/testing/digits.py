@@ -39,6 +39,7 @@ import torch
 from .. import estimators
 from ..estimators.fidelity import fidelity
 from ..estimators.replay import replay_model
+from ..ledger.core import LedgerCore
 from ..ledger.ledger import StageLedger
 
 CONFIGS = ("decay", "hf")
@@ -166,7 +167,7 @@ def _optimizer(spec: StageSpec, model: torch.nn.Module) -> tuple[torch.optim.Opt
 
 
 def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: int, index: int, rec: Any = None,
-              ledger: Any = None, curvature: tuple[int, int] = (3, 256)) -> None:  # fmt: skip
+              ledger: LedgerCore = None, curvature: tuple[int, int] = (3, 256)) -> None:  # fmt: skip
     """Train ``model`` in place as stage ``index`` of the pipeline; recorded into ``ledger`` when one is given."""
     x, y = _stage_data(spec, data, seed, index)
     opt, scheduler = _optimizer(spec, model)
@@ -245,7 +246,7 @@ class DigitsPipeline:
 
     config: str
     seed: int
-    ledger: Any
+    ledger: LedgerCore
     model: torch.nn.Module
     specs: list[StageSpec]
     data: DigitsData

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ...errors import MissingCurvatureError
+from ...ledger.stage import Stage
 from ..propagation.rules import PRECONDITIONED_FAMILIES, preconditioner, run_recurrence, second_moment_key
 from .recurrence import (
     CURVATURE_FAMILIES,
@@ -46,7 +47,7 @@ class SegmentLayout:
     """Param groups, preconditioner and flat coordinates of the steps ``[start, end)`` of ``stage``."""
 
     def __init__(
-        self, stage: Any, seg: Any, family: str, start: int, end: int, continued: bool, buffer_fresh: bool
+        self, stage: Stage, seg: Any, family: str, start: int, end: int, continued: bool, buffer_fresh: bool
     ) -> None:
         self.stage, self.family, self.start, self.end = stage, family, start, end
         self.buffer_fresh = buffer_fresh
@@ -116,12 +117,12 @@ class SegmentLayout:
         return self._precond
 
     @classmethod
-    def whole_stage(cls, stage: Any, family: str, continued: bool) -> SegmentLayout:
+    def whole_stage(cls, stage: Stage, family: str, continued: bool) -> SegmentLayout:
         """A layout for all steps of a stage without curvature segments (curvature-free propagation only)."""
         return cls(stage, None, family, 0, stage.num_steps, continued, buffer_fresh=not continued)
 
     @staticmethod
-    def _initial_step(stage: Any, continued: bool) -> int:
+    def _initial_step(stage: Stage, continued: bool) -> int:
         if not continued:
             return 0
         state = stage.optimizer_state_at_start() or {}

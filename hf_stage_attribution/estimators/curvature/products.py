@@ -36,6 +36,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..._internal.params import base_parameters, unwrap_model
 from ...errors import MissingCurvatureError, ModelMismatchError
+from ...ledger.core import LedgerCore
+from ...ledger.stage import Stage
 from .trl import dpo_loss_pair, supports_dpo
 
 LossSpec = tuple[Callable, Callable] | Callable
@@ -95,7 +97,7 @@ BUILTIN_LOSSES: dict[str, tuple[Callable, Callable]] = {
 
 
 def resolve_loss(
-    stage: Any, loss_fns: Mapping[str, LossSpec] | None, mode: str, *, ledger: Any = None, model: Any = None
+    stage: Stage, loss_fns: Mapping[str, LossSpec] | None, mode: str, *, ledger: LedgerCore = None, model: Any = None
 ) -> LossSpec:
     """The loss of ``stage`` for curvature products: ``loss_fns[stage.name]``, else the in-memory ``stage.loss_fn``,
     else the built-in loss named by ``stage.curvature_loss`` (TRL DPO stages too: their reference log-probabilities

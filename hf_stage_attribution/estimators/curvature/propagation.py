@@ -55,6 +55,8 @@ import numpy as np
 import torch
 
 from ...errors import MissingCurvatureError, UnsupportedOptimizerError, unknown_name
+from ...ledger.core import LedgerCore
+from ...ledger.stage import Stage
 from ..propagation.rules import recorded_family, run_recurrence
 from .krylov import block_lanczos
 from .layout import SegmentLayout
@@ -89,7 +91,7 @@ def curvature_settings(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"preset": name, **CURVATURE_PRESETS[name], **options}
 
 
-def _missing_segments(stage: Any) -> MissingCurvatureError:
+def _missing_segments(stage: Stage) -> MissingCurvatureError:
     return MissingCurvatureError(
         f"Stage {stage.name!r} (index {stage.index}) holds no curvature segments, which aa-ggn/aa-hvp need. Record "
         "it with curvature material: `curvature_segments=3` (the default) and a loss — StageRecorder(...) for the "
@@ -98,7 +100,7 @@ def _missing_segments(stage: Any) -> MissingCurvatureError:
     )
 
 
-def _segment_ranges(stage: Any, max_segments: int | None = None) -> list[tuple[Any, int, int]]:
+def _segment_ranges(stage: Stage, max_segments: int | None = None) -> list[tuple[Any, int, int]]:
     """Segments with the step ranges they govern: contiguous, from step 0 to ``num_steps``. With ``max_segments``
     only that many recorded segments are used (the ones at the centres of equal parts of the list)."""
     segs = sorted(stage.segments, key=lambda s: s.step_start)
@@ -118,7 +120,7 @@ def _as64(v: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
 
 def propagate(
     v: Mapping[str, torch.Tensor],
-    ledger: Any,
+    ledger: LedgerCore,
     stage_index: int,
     mode: str = "ggn",
     loss_fns: Mapping[str, LossSpec] | None = None,
@@ -296,7 +298,7 @@ def _take(batches: list[Any], limit: int | None) -> list[Any]:
     return out
 
 
-def _approximations(stage: Any, family: str, curved: bool, info: dict) -> list[str]:
+def _approximations(stage: Stage, family: str, curved: bool, info: dict) -> list[str]:
     out = []
     if curved:
         out.append(f"stage {stage.name!r}: curvature ({info['mode']}) frozen at each segment's midpoint, "

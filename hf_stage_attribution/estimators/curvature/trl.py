@@ -15,12 +15,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 
 from ..._internal.model_state import clean_copy
 from ..._internal.params import unwrap_model
+from ...ledger.core import LedgerCore
+from ...ledger.stage import Stage
 from ..replay import load_state
 
 REFERENCE_POLICIES = ("copy of the stage start", "adapter disabled")
@@ -36,7 +37,7 @@ def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor])
     return (picked * mask).sum(-1)
 
 
-def supports_dpo(stage: Any) -> bool:
+def supports_dpo(stage: Stage) -> bool:
     """Whether the stage's recorded DPO setup is one the built-in loss reproduces."""
     spec = getattr(stage, "curvature_loss", None) or {}
     reference = ((stage.info.get("trl") or {}).get("reference_model") or {}).get("policy")
@@ -45,7 +46,7 @@ def supports_dpo(stage: Any) -> bool:
     return spec.get("type") == "dpo" and loss_types == ["sigmoid"] and reference in REFERENCE_POLICIES
 
 
-def dpo_loss_pair(ledger: Any, model: torch.nn.Module, stage: Any) -> tuple[Callable, Callable]:
+def dpo_loss_pair(ledger: LedgerCore, model: torch.nn.Module, stage: Stage) -> tuple[Callable, Callable]:
     """``(forward, loss)`` for a recorded DPO stage; ``model`` lends its architecture to the reference."""
 
     beta = float((stage.curvature_loss or {}).get("beta", 0.1))

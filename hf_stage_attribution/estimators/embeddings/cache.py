@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ...errors import UnsupportedOptimizerError, unknown_name
+from ...ledger.core import LedgerCore
 from ...ledger.storage import open_safetensors
 from ..curvature.propagation import curvature_settings
 from ..selection import lacks_optimizer_information
@@ -54,7 +55,7 @@ class StageEmbeddings:
         0.9025
     """
 
-    def __init__(self, ledger: Any, kind: str, path: Path | None = None) -> None:
+    def __init__(self, ledger: LedgerCore, kind: str, path: Path | None = None) -> None:
         self.ledger, self.kind, self.path = ledger, kind, path
         self._shapes = ledger.parameter_shapes
         self.approximations: list[str] = []
@@ -113,14 +114,14 @@ def _options_key(options: Mapping[str, Any]) -> str:
     return json.dumps(safe, sort_keys=True)
 
 
-def _resolve_stages(ledger: Any, stages: Any) -> list[int]:
+def _resolve_stages(ledger: LedgerCore, stages: Any) -> list[int]:
     if stages is None:
         return [s.index for s in ledger.stages]
     return sorted({ledger.stage(s).index for s in stages})
 
 
 def stage_embeddings(
-    ledger: Any,
+    ledger: LedgerCore,
     kind: str = "aa-linear",
     stages: Any = None,
     *,
@@ -165,7 +166,7 @@ def stage_embeddings(
     return StageEmbeddings(ledger, kind, path)
 
 
-def _require_optimizer_information(ledger: Any, kind: str, wanted: list[int]) -> None:
+def _require_optimizer_information(ledger: LedgerCore, kind: str, wanted: list[int]) -> None:
     """Propagation through a stage whose optimizer is unknown would silently equal task-vector negation: refuse."""
 
     first = min(wanted, default=len(ledger.stages))
@@ -178,7 +179,7 @@ def _require_optimizer_information(ledger: Any, kind: str, wanted: list[int]) ->
         )
 
 
-def _metadata(ledger: Any, kind: str, options: Mapping[str, Any], wanted: list[int]) -> dict[str, str]:
+def _metadata(ledger: LedgerCore, kind: str, options: Mapping[str, Any], wanted: list[int]) -> dict[str, str]:
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -189,7 +190,7 @@ def _metadata(ledger: Any, kind: str, options: Mapping[str, Any], wanted: list[i
     }
 
 
-def _read_if_fresh(ledger: Any, kind: str, path: Path, options: Mapping[str, Any], wanted: list[int]):
+def _read_if_fresh(ledger: LedgerCore, kind: str, path: Path, options: Mapping[str, Any], wanted: list[int]):
     """``(embeddings, [])`` when the cache serves ``wanted``; ``(None, stages worth keeping)`` otherwise."""
     try:
         emb = StageEmbeddings(ledger, kind, path)

@@ -21,20 +21,21 @@ from typing import Any
 import torch
 
 from ...errors import MissingCurvatureError
+from ...ledger.core import LedgerCore
 from ...ledger.storage import open_safetensors, write_safetensors, write_safetensors_stream
 from ..curvature.propagation import propagate
 from ..propagation.rules import first_moment_key, recorded_family
 from ..propagation.stage import StagePropagator, iter_propagated, momentum_tail, next_trained
 
 
-def _propagators(ledger: Any, first: int, allow_identity: bool) -> dict[int, StagePropagator]:
+def _propagators(ledger: LedgerCore, first: int, allow_identity: bool) -> dict[int, StagePropagator]:
     stages = ledger.stages
     return {
         j: StagePropagator(stages[j], next_trained(stages, j), allow_identity) for j in range(first + 1, len(stages))
     }
 
 
-def _tail_names(ledger: Any, k: int, states: dict[int, Any]) -> set[str]:
+def _tail_names(ledger: LedgerCore, k: int, states: dict[int, Any]) -> set[str]:
     following = next_trained(ledger.stages, k)
     if following is None or following.optimizer_state_policy != "continued" or not ledger.stages[k].num_steps:
         return set()
@@ -46,7 +47,7 @@ def _tail_names(ledger: Any, k: int, states: dict[int, Any]) -> set[str]:
     return set((states[following.index] or {}).get(key, {}))
 
 
-def _tail_notes(ledger: Any, tails: set[int]) -> list[str]:
+def _tail_notes(ledger: LedgerCore, tails: set[int]) -> list[str]:
     notes = []
     for k in sorted(tails):
         removed, following = ledger.stages[k], next_trained(ledger.stages, k)
@@ -67,7 +68,7 @@ def _tail_notes(ledger: Any, tails: set[int]) -> list[str]:
     return notes
 
 
-def _diagnostics(ledger: Any, props: dict[int, StagePropagator]) -> dict[str, Any]:
+def _diagnostics(ledger: LedgerCore, props: dict[int, StagePropagator]) -> dict[str, Any]:
     factors: dict[str, dict[str, float | str]] = {}
     for prop in props.values():
         groups = (prop.stage.optimizer or {}).get("param_groups", []) if prop.family else []
@@ -81,7 +82,9 @@ def _diagnostics(ledger: Any, props: dict[int, StagePropagator]) -> dict[str, An
     return {"D": factors}
 
 
-def write_linear(ledger: Any, path: Path, wanted: list[int], allow_identity: bool, meta: dict[str, str]) -> None:
+def write_linear(
+    ledger: LedgerCore, path: Path, wanted: list[int], allow_identity: bool, meta: dict[str, str]
+) -> None:
     """Compute ``aa-linear`` embeddings tensor by tensor and stream them into ``path``."""
 
     stages = ledger.stages
@@ -105,7 +108,7 @@ def write_linear(ledger: Any, path: Path, wanted: list[int], allow_identity: boo
     write_safetensors_stream(path, specs, stream(), meta)
 
 
-def check_curvature_material(ledger: Any, first: int, mode: str) -> None:
+def check_curvature_material(ledger: LedgerCore, first: int, mode: str) -> None:
     """Raise :class:`MissingCurvatureError` naming the first later stage that trained without curvature material."""
     for stage in ledger.stages[first + 1 :]:
         if stage.num_steps and stage.learning_rates and not stage.segments:
@@ -130,7 +133,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_curvature(
-    ledger: Any,
+    ledger: LedgerCore,
     path: Path,
     wanted: list[int],
     mode: str,

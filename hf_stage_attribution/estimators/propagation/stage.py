@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from ...errors import UnsupportedOptimizerError
+from ...ledger.core import LedgerCore
+from ...ledger.stage import Stage
 from .rules import (
     COUPLED_FAMILIES,
     first_moment_key,
@@ -72,7 +74,7 @@ class StagePropagator:
         ([0.9025, 0.9025], None)
     """
 
-    stage: Any
+    stage: Stage
     next_stage: Any = None
     allow_identity_propagation: bool = False
     approximations: list[str] = field(default_factory=list)
@@ -226,7 +228,7 @@ class StagePropagator:
         )
 
 
-def trains(stage: Any) -> bool:
+def trains(stage: Stage) -> bool:
     """Whether the stage took optimizer steps (stages without any, e.g. ``untracked`` edits, are transparent)."""
     return bool(stage.num_steps and stage.learning_rates)
 
@@ -262,7 +264,12 @@ def momentum_tail(removed: Any, following: Any, name: str, states: dict[int, dic
 
 
 def iter_propagated(
-    ledger: Any, name: str, ks: list[int], props: dict[int, StagePropagator], states: dict[int, Any], tails: set[int]
+    ledger: LedgerCore,
+    name: str,
+    ks: list[int],
+    props: dict[int, StagePropagator],
+    states: dict[int, Any],
+    tails: set[int],
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(k, v_k of tensor name)`` one stage at a time (one float64 copy alive), adding to ``tails`` the
     stages whose momentum tail was used. The recurrences are elementwise per stage, so this is exact."""
