@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite (fast + distributed tiers; `-m slow` runs the full-size checks separately).
+# The test suite (fast + distributed tiers, and the package's docstring examples: pyproject's testpaths and
+# --doctest-modules; `-m slow` runs the full-size checks separately).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -23,7 +23,7 @@ def swapped_parameters(model: torch.nn.Module, values: Mapping[str, torch.Tensor
         >>> import torch
         >>> m = torch.nn.Linear(1, 1, bias=False)
         >>> with swapped_parameters(m, {"weight": torch.zeros(1, 1)}):
-        ...     float(m.weight)
+        ...     float(m.weight.detach())
         0.0
     """
     params = base_parameters(model)

@@ -219,9 +219,10 @@ class EvaluateScorer(Scorer):
     """An ``evaluate`` measurement/metric module computed on the texts (``predictions=texts``); the per-text
     scores are the result list named ``key`` (default: the only list of the right length).
 
-    Example (the Hub ``toxicity`` measurement downloads a model, so offline it is unavailable):
-        >>> # EvaluateScorer("toxicity") -> ScorerUnavailableError listing the offline scorers
-        >>> # EvaluateScorer("/path/to/my_measurement")(["some text"]) -> [score]
+    Example (the Hub ``toxicity`` measurement downloads a model, so offline it is unavailable)::
+
+        EvaluateScorer("toxicity")  # offline: ScorerUnavailableError listing the offline scorers
+        EvaluateScorer("/path/to/my_measurement")(["some text"])  # -> [score]
     """
 
     name = "evaluate"

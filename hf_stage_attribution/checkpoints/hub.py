@@ -5,9 +5,10 @@ online and reads the local cache offline (``HF_HUB_OFFLINE=1`` or ``local_files_
 and the chosen weight files are fetched; pickle weights (``pytorch_model.bin``) are refused unless the caller
 allows them (and are then only read with ``torch.load(weights_only=True)``).
 
-Example:
-    >>> # loc = locate(Boundary("org/model", revision="v1.0"), local_files_only=True)
-    >>> # loc.directory, loc.weight_format, loc.source["commit"]
+Example, with ``org/model`` in the local Hub cache::
+
+    loc = locate(Boundary("org/model", revision="v1.0"), local_files_only=True)
+    loc.directory, loc.weight_format, loc.source["commit"]
 """
 
 from __future__ import annotations

@@ -24,10 +24,11 @@ What the ledger records (read by reports and model cards):
 
 Nothing is left behind on failure: the ledger is written in a temporary sibling directory and renamed at the end.
 
-Example:
-    >>> # from hf_stage_attribution import StageLedger
-    >>> # ledger = StageLedger.from_checkpoints(
-    >>> #     [{"model": "org/m", "revision": "base"}, {"model": "org/m", "revision": "sft", "name": "sft"}], "ledger")
+Example (with Hub repositories; local ``save_pretrained`` directories work the same way)::
+
+    from hf_stage_attribution import StageLedger
+    ledger = StageLedger.from_checkpoints(
+        [{"model": "org/m", "revision": "base"}, {"model": "org/m", "revision": "sft", "name": "sft"}], "ledger")
 """
 
 from __future__ import annotations

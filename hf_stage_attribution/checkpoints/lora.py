@@ -6,9 +6,10 @@ expanded by :class:`~hf_stage_attribution.ledger.stage.Stage` as ``scaling · B 
 and fan-in/fan-out layers, as PEFT's ``get_delta_weight``). ``modules_to_save`` (and trained biases) are whole
 tensors: they become dense deltas. DoRA and non-LoRA PEFT methods are refused (import the merged model instead).
 
-Example:
-    >>> # adapter = read_adapter(TensorReader([path]), adapter_config, ledger_shapes, "org/adapter")
-    >>> # adapter.modules["transformer.h.0.attn.c_attn.weight"]["scaling"]
+Example, with a PEFT adapter's ``adapter_model.safetensors`` at ``path`` and its ``adapter_config``::
+
+    adapter = read_adapter(TensorReader([path]), adapter_config, ledger_shapes, "org/adapter")
+    adapter.modules["transformer.h.0.attn.c_attn.weight"]["scaling"]
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 ``Trainer``'s weight-decay groups, from the model class built on the ``meta`` device (no memory, no download,
 never ``trust_remote_code``).
 
-Example:
-    >>> # names = parameter_names(config_dict)           # e.g. ['transformer.wte.weight', ...] or None
-    >>> # groups = trainer_groups(config_dict, [10, 18])  # [decay names, no-decay names] or None
+Example, with the ``config.json`` of a checkpoint read into ``config_dict``::
+
+    names = parameter_names(config_dict)           # e.g. ['transformer.wte.weight', ...] or None
+    groups = trainer_groups(config_dict, [10, 18])  # [decay names, no-decay names] or None
 """
 
 from __future__ import annotations

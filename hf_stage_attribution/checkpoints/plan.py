@@ -4,9 +4,10 @@ of each stage's training, and which estimators that information supports.
 Everything here reads headers and JSON only (plus LoRA factors, which are small), so errors in a late boundary
 (a missing revision, another architecture, a pickle) surface before the first byte of the ledger is written.
 
-Example:
-    >>> # plan = build_plan([locate(b) for b in parse_boundaries(boundaries)])
-    >>> # plan.names[:3], plan.stages[0].availability["available"]
+Example, for the ``boundaries`` of :meth:`StageLedger.from_checkpoints`::
+
+    plan = build_plan([locate(b) for b in parse_boundaries(boundaries)])
+    plan.names[:3], plan.stages[0].availability["available"]
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ Learning rates: the Trainer logs the rate *applied* at each logged step. When ev
 (``lr_scheduler_type`` + warmup, checked against every logged value), and without a known schedule they stay
 unknown (a warning says so) and the stage has no optimizer information: only ``delta-*`` estimators apply.
 
-Example:
-    >>> # info = training_info(location, previous_location, ledger_names)
-    >>> # info.optimizer, info.learning_rates[:2], info.optimizer_state_policy, info.missing
+Example, with two located Trainer checkpoints (see :func:`~.checkpoints.hub.locate`)::
+
+    info = training_info(location, previous_location, ledger_names)
+    info.optimizer, info.learning_rates[:2], info.optimizer_state_policy, info.missing
 """
 
 from __future__ import annotations

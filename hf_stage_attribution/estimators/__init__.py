@@ -4,7 +4,13 @@ Example:
     >>> from hf_stage_attribution import estimators
     >>> estimators.names()[:3]
     ['aa-fd', 'aa-ggn', 'aa-ggn-fd']
-    >>> # result = estimators.get("auto").estimate(ledger, model, behavior)
+    >>> import tempfile
+    >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+    >>> pipe = build_digits_pipeline("decay", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+    >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
+    >>> result = estimators.get("auto").estimate(ledger, model, behavior)
+    >>> result.estimator, sorted(result.mean) == sorted(s.name for s in ledger.stages)
+    ('aa-ggn', True)
 """
 
 from __future__ import annotations

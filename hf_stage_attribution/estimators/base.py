@@ -7,8 +7,14 @@ Example:
     >>> from hf_stage_attribution import estimators
     >>> "aa-linear" in estimators.names()
     True
-    >>> # result = estimators.get("aa-linear").estimate(ledger, model, behavior)
-    >>> # result.mean["sft"], result.per_example["sft"]
+    >>> import tempfile
+    >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+    >>> pipe = build_digits_pipeline("decay", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+    >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
+    >>> result = estimators.get("aa-linear").estimate(ledger, model, behavior)
+    >>> per_example = result.per_example["digits-patch"]
+    >>> per_example.shape == behavior(model).shape, abs(float(per_example.mean()) - result.mean["digits-patch"]) < 1e-5
+    (True, True)
 """
 
 from __future__ import annotations

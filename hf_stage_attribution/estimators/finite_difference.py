@@ -6,7 +6,13 @@ forward passes over the behavior set.
 
 Example:
     >>> from hf_stage_attribution import estimators
-    >>> # r = estimators.get("aa-fd").estimate(ledger, model, behavior); r.mean
+    >>> import tempfile
+    >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+    >>> pipe = build_digits_pipeline("decay", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+    >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
+    >>> r = estimators.get("aa-fd").estimate(ledger, model, behavior)
+    >>> list(r.mean), r.estimator
+    (['digits-base', 'digits-patch', 'digits-clean'], 'aa-fd')
 """
 
 from __future__ import annotations
@@ -29,8 +35,16 @@ def subtract_embedding(model: torch.nn.Module, emb: StageEmbeddings, k: int, sca
     Yields the number of tensors shifted.
 
     Example:
-        >>> # with subtract_embedding(model, stage_embeddings(ledger), 0):
-        >>> #     counterfactual = behavior(model)
+        >>> import tempfile
+        >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+        >>> pipe = build_digits_pipeline("decay", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+        >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
+        >>> from hf_stage_attribution.estimators.embeddings.cache import stage_embeddings
+        >>> before = [p.clone() for p in model.parameters()]
+        >>> with subtract_embedding(model, stage_embeddings(ledger, "aa-linear"), 0) as shifted:
+        ...     counterfactual = behavior(model)
+        >>> shifted > 0, all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # restored exactly
+        (True, True)
     """
     paths = parameter_paths(model)
     originals: dict[str, torch.Tensor] = {}

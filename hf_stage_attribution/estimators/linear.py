@@ -9,7 +9,16 @@ is left empty.
 
 Example:
     >>> from hf_stage_attribution import estimators
-    >>> # r = estimators.get("aa-linear").estimate(ledger, model, behavior); r.mean, r.per_example
+    >>> import tempfile
+    >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+    >>> pipe = build_digits_pipeline("decay", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+    >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
+    >>> r = estimators.get("aa-linear").estimate(ledger, model, behavior)
+    >>> list(r.mean), tuple(r.per_example["digits-base"].shape) == tuple(behavior(model).shape)
+    (['digits-base', 'digits-patch', 'digits-clean'], True)
+    >>> r_mean = estimators.get("aa-linear").estimate(ledger, model, behavior, per_example=False)
+    >>> abs(r_mean.mean["digits-patch"] - r.mean["digits-patch"]) < 1e-4, r_mean.per_example
+    (True, {})
 """
 
 from __future__ import annotations

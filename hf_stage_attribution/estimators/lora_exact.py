@@ -7,7 +7,13 @@ PEFT's ``disable_adapter()`` also switches off ``modules_to_save`` copies; a bas
 
 Example:
     >>> from hf_stage_attribution import estimators
-    >>> # r = estimators.get("lora-exact").estimate(ledger, peft_model, behavior); r.per_example["lora"]
+    >>> "lora-exact" in estimators.names()
+    True
+
+With a ledger whose last stage is a LoRA adapter still attached to ``peft_model``::
+
+    r = estimators.get("lora-exact").estimate(ledger, peft_model, behavior)
+    r.per_example["lora"]  # f(with adapter) − f(adapter disabled), per example
 """
 
 from __future__ import annotations

@@ -13,9 +13,19 @@ Replay works on a copy of the final model (a ``PeftModel`` is unloaded to its ba
 two models. The functions must be deterministic for replay with nothing removed to reproduce ``θ_K``.
 
 Example:
-    >>> # fns = {"pretrain": train_pretrain, "sft": train_sft}
-    >>> # cf = replay_model(ledger, model, removed=0, stage_fns=fns)      # θ̃_K^(−1)
-    >>> # r = estimators.get("replay").estimate(ledger, model, behavior, stage_fns=fns)
+    >>> import tempfile
+    >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+    >>> pipe = build_digits_pipeline("decay", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+    >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
+    >>> fns = pipe.stage_fns  # {"digits-base": f(model) that trains it again, ...}
+    >>> same = replay_model(ledger, model, removed=None, stage_fns=fns)  # nothing removed: θ_K again
+    >>> all(torch.equal(a, b) for a, b in zip(same.parameters(), model.parameters()))
+    True
+    >>> cf = replay_model(ledger, model, removed=0, stage_fns=fns)  # θ̃_K^(−1)
+    >>> from hf_stage_attribution import estimators
+    >>> r = estimators.get("replay").estimate(ledger, model, behavior, stage_fns=fns)
+    >>> torch.allclose(r.per_example["digits-base"], (behavior(model) - behavior(cf)).double(), atol=1e-5)
+    True
 """
 
 from __future__ import annotations

@@ -6,8 +6,16 @@ in-memory ``loss_fn`` of this process, or a built-in ``curvature_loss`` type). T
 and why.
 
 Example:
-    >>> # name, reason = choose_estimator(ledger)
-    >>> # r = estimators.get("auto").estimate(ledger, model, behavior); r.estimator, r.reason
+    >>> import tempfile
+    >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+    >>> pipe = build_digits_pipeline("decay", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+    >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
+    >>> choose_estimator(ledger)
+    ('aa-ggn', 'every later stage (digits-patch, digits-clean) holds curvature material')
+    >>> from hf_stage_attribution import estimators
+    >>> r = estimators.get("auto").estimate(ledger, model, behavior)
+    >>> r.estimator, r.reason == choose_estimator(ledger)[1]
+    ('aa-ggn', True)
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ pretraining (``Trainer``, causal LM on clean text) → SFT (TRL ``SFTTrainer``; 
 → LoRA (``SFTTrainer`` + PEFT on clean completions, merged) → DPO (TRL ``DPOTrainer``, clean preferred over toxic).
 Everything is built on the spot (tokenizer, model, data) and runs offline on a CPU in seconds at the demo size.
 
-Example:
-    >>> # result = build_lm_pipeline("out/lm", size="demo")
-    >>> # result.ledger_dir, result.model_dir, result.behaviors
+Example (trains three stages with the real Trainer/TRL)::
+
+    result = build_lm_pipeline("out/lm", size="demo")
+    result.ledger_dir, result.model_dir, result.behaviors
 """
 
 from __future__ import annotations

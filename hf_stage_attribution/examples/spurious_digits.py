@@ -12,9 +12,10 @@ The reliance behavior is the margin of class 7 on held-out *non-7* digits with t
 evaluation rows come in four groups, (is 7, has patch): worst-group accuracy is the accuracy where the patch and the
 label disagree (non-7 digits with the patch, 7s without).
 
-Example:
-    >>> # p = build_spurious_digits("out/digits", size="small")
-    >>> # report = StageAttributor(p.ledger_dir, p.model, stage_fns=p.stage_fns).attribute(p.behaviors, validate=True)
+Example (trains the pipeline: a minute at ``size="small"`` on a CPU)::
+
+    p = build_spurious_digits("out/digits", size="small")
+    report = StageAttributor(p.ledger_dir, p.model, stage_fns=p.stage_fns).attribute(p.behaviors, validate=True)
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ class DigitsStage:
 class DigitsPipeline:
     """What :func:`build_spurious_digits` produced (the model is the final one, θ_K).
 
-    Example:
-        >>> # p = build_spurious_digits("out", size="small"); p.stage_fns["patch"](model)  # re-run a stage
+    Example::
+
+        p = build_spurious_digits("out", size="small"); p.stage_fns["patch"](model)  # re-run a stage
     """
 
     ledger_dir: Path

@@ -16,8 +16,9 @@ from ..errors import ModelMismatchError
 def load_model(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     """Load the model saved at ``path`` (``save_pretrained`` output, or a PEFT adapter directory).
 
-    Example:
-        >>> # model = load_model("out/final")   # BertForSequenceClassification, GPT2LMHeadModel, PeftModel, ...
+    Example::
+
+        model = load_model("out/final")   # BertForSequenceClassification, GPT2LMHeadModel, PeftModel, ...
     """
     path = Path(path)
     if not path.is_dir():

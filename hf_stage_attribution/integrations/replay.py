@@ -6,9 +6,10 @@ the dataset is ``load_from_disk`` (Arrow), the processing class ``from_pretraine
 runs with ``output_dir`` in a temporary directory, ``report_to=[]``, no checkpoints and no Hub pushes, so no
 README or model card anywhere is touched.
 
-Example:
-    >>> # ledger = StageLedger.load("ledger"); model = ...  # θ at the stage's (counterfactual) start
-    >>> # model = replay_trainer_stage(ledger.stages[-1], model)  # trained exactly as the recorded stage was
+Example, on a ledger recorded with the Trainer callback and its replay data::
+
+    ledger = StageLedger.load("ledger"); model = ...  # θ at the stage's (counterfactual) start
+    model = replay_trainer_stage(ledger.stages[-1], model)  # trained exactly as the recorded stage was
 """
 
 from __future__ import annotations

@@ -65,7 +65,18 @@ class InterventionResult:
     point (None when no α met the constraint; ``message`` says so). :meth:`save` writes the chosen model.
 
     Example:
-        >>> # print(result.table()); result.plot("sweep.png"); result.save("out/intervened", tokenizer=tok)
+        >>> import tempfile
+        >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+        >>> pipe = build_digits_pipeline("decay", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+        >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
+        >>> from hf_stage_attribution.interventions import scale_stage
+        >>> result = scale_stage(ledger, model, "digits-patch", [0.5, 1.0], target=pipe.behaviors["patch_gap"])
+        >>> result.stage, result.chosen.variant, result.table().splitlines()[0].split()
+        ('digits-patch', 'aa-linear', ['variant', 'α', 'target', 'meets', 'constraint', 'chosen'])
+
+    Plotting needs matplotlib, and saving a ``save_pretrained`` model::
+
+        result.plot("sweep.png"); result.save("out/intervened", tokenizer=tok)
     """
 
     stage: str

@@ -6,9 +6,10 @@ adapter's own delta on every LoRA-targeted weight, plus ``modules_to_save`` copi
 adapter*: LoRA ``B`` factors scaled by ``1 − α``. Any other edit is a dense change of the base weights, so the
 adapter is merged and the full model is saved.
 
-Example:
-    >>> # saved = save_intervention(result, "out/intervened", tokenizer=tokenizer)
-    >>> # saved.form, saved.max_difference     # "full" or "adapter"; reloaded vs. evaluated figures
+Example, with the result of :func:`~hf_stage_attribution.interventions.sweep.scale_stage` on a Hugging Face model::
+
+    saved = save_intervention(result, "out/intervened", tokenizer=tokenizer)
+    saved.form, saved.max_difference     # "full" or "adapter"; reloaded vs. evaluated figures
 """
 
 from __future__ import annotations

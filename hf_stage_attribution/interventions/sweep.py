@@ -9,10 +9,21 @@ inside a ``try/finally`` that restores it exactly; :meth:`InterventionResult.sav
 ``save_pretrained`` (a LoRA adapter stays an adapter when only the adapter changes), a card section and a plot.
 
 Example:
-    >>> # from hf_stage_attribution import interventions
-    >>> # result = interventions.scale_stage(ledger, model, "patch", [0.25, 0.5, 1.0], target=reliance,
-    >>> #     utilities=[Accuracy(rows, group_key="group")], constraint=Constraint("accuracy", max_drop=1.0))
-    >>> # print(result.table()); result.save("out/intervened")
+    >>> import tempfile
+    >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+    >>> pipe = build_digits_pipeline("decay", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+    >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
+    >>> from hf_stage_attribution import interventions
+    >>> reliance = pipe.behaviors["patch_gap"]  # class-7 margin with the corner patch minus without
+    >>> result = interventions.scale_stage(ledger, model, "digits-patch", [0.5, 1.0], target=reliance)
+    >>> [(p.variant, p.alpha) for p in result.points]
+    [('aa-linear', 0.5), ('aa-linear', 1.0), ('delta', 0.5), ('delta', 1.0)]
+
+With utility metrics and a constraint, and a ``save_pretrained`` model to write::
+
+    result = interventions.scale_stage(ledger, model, "patch", [0.25, 0.5, 1.0], target=reliance,
+        utilities=[Accuracy(rows, group_key="group")], constraint=Constraint("accuracy", max_drop=1.0))
+    print(result.table()); result.save("out/intervened")
 """
 
 from __future__ import annotations

@@ -182,8 +182,18 @@ class Stage:
     """One complete stage of a ledger. See docs/internals.md for every attribute.
 
     Example:
-        >>> # ledger = StageLedger.load("ledger"); stage = ledger.stages[0]
-        >>> # stage.name, stage.kind, stage.num_steps, stage.learning_rates[0], stage.delta()
+        >>> import tempfile, torch
+        >>> from hf_stage_attribution import StageLedger
+        >>> model, directory = torch.nn.Linear(2, 1), tempfile.mkdtemp()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with StageLedger(directory).record_stage("sft", model=model, optimizer=opt) as rec:
+        ...     for _ in range(3):
+        ...         opt.zero_grad(); model(torch.ones(1, 2)).sum().backward(); opt.step(); rec.step()
+        >>> stage = StageLedger.load(directory).stages[0]
+        >>> stage.name, stage.num_steps, stage.learning_rates[0], sorted(stage.delta())
+        ('sft', 3, [0.1], ['bias', 'weight'])
+        >>> [round(v, 4) for v in stage.delta()["bias"].tolist()]  # three steps of lr·1 downhill
+        [-0.3]
     """
 
     def __init__(self, ledger_dir: Path, entry: dict, shapes: dict[str, tuple[int, ...]]) -> None:

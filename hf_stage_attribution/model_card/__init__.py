@@ -1,7 +1,13 @@
 """Model cards: the "Accountability: training-stage attribution" section, YAML keys, sidecar JSON and plot.
 
-    >>> from hf_stage_attribution.model_card import write_model_card      # doctest: +SKIP
-    >>> write_model_card(report, "my-model/README.md", push_to_hub=None)  # doctest: +SKIP
+    >>> import tempfile
+    >>> from hf_stage_attribution.model_card import write_model_card
+    >>> from hf_stage_attribution.report import AttributionReport
+    >>> report = AttributionReport.build({"toxicity": {"sft": [0.5, 0.7]}}, estimator="aa-linear", versions={})
+    >>> readme = f"{tempfile.mkdtemp()}/README.md"
+    >>> _ = write_model_card(report, readme, push_to_hub=None, plot=False)
+    >>> "training-stage attribution" in open(readme).read()
+    True
 
 ``keep_section_callback`` returns a ``transformers.TrainerCallback`` (transformers is imported only then).
 """

@@ -30,7 +30,13 @@ class KeepStageAttributionSection(TrainerCallback):
         >>> report = AttributionReport.build({"toxicity": {"sft": [0.5, 0.7]}}, estimator="aa-linear", versions={})
         >>> out = tempfile.mkdtemp()
         >>> callback = KeepStageAttributionSection(report, f"{out}/README.md", plot=False)
-        >>> # SFTTrainer(..., args=SFTConfig(output_dir=out, ...), callbacks=[callback])
+        >>> from transformers import TrainerCallback
+        >>> isinstance(callback, TrainerCallback)
+        True
+
+    Then pass it to a trainer::
+
+        SFTTrainer(..., args=SFTConfig(output_dir=out, ...), callbacks=[callback])
     """
 
     def __init__(self, report: AttributionReport | str | Path, readme_path: str | Path, plot: bool = True) -> None:

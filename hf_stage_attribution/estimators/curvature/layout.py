@@ -6,9 +6,10 @@ segment's midpoint, and the scale ``s = √(P·ᾱ_g)`` of the symmetrised coord
 the curvature-free recurrence ``R_0`` on every tensor (:func:`~.propagation.run_recurrence`, i.e. exactly ``D_j``)
 and builds the Galerkin projections that the curvature correction runs in.
 
-Example:
-    >>> # layout = SegmentLayout(stage, stage.segments[0], "sgd", 0, 50, continued=False, buffer_fresh=True)
-    >>> # x, buf = layout.curvature_free({"weight": delta}, None)
+Used by :func:`.curvature.propagation.propagate` (runnable example there), e.g.::
+
+    layout = SegmentLayout(stage, stage.segments[0], "sgd", 0, 50, continued=False, buffer_fresh=True)
+    x, buf = layout.curvature_free({"weight": delta}, None)
 """
 
 from __future__ import annotations

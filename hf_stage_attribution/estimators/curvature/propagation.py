@@ -41,9 +41,14 @@ exact ``R_0`` in step 5. The Gauss–Newton/Hessian products run with the model 
 the operator is deterministic and symmetric.
 
 Example:
-    >>> # v = {name: tensor}  (e.g. a stage delta) ; ledger = StageLedger.load(dir)
-    >>> # out, info = propagate(v, ledger, stage_index=2, mode="ggn", model=final_model)
-    >>> # info["curvature_products"], info["unstable_modes"]
+    >>> import tempfile
+    >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+    >>> pipe = build_digits_pipeline("decay", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+    >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
+    >>> v = ledger.stages[0].delta()  # {name: tensor}: the first stage's delta, carried through stage 1
+    >>> out, info = propagate(v, ledger, stage_index=1, mode="ggn", model=model)
+    >>> sorted(out) == sorted(v), info["curvature_products"] > 0
+    (True, True)
 """
 
 from __future__ import annotations

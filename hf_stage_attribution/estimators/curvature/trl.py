@@ -8,8 +8,9 @@ at the log-probabilities makes ``Jᵀ H J`` a valid (PSD) Gauss–Newton matrix 
 log-probabilities come from the stage's start θ_{j−1} (TRL's reference policy "copy of the stage start", or
 "adapter disabled" for a PEFT policy), computed once per batch.
 
-Example:
-    >>> # forward, loss = dpo_loss_pair(ledger, model, ledger.stage("dpo"))
+Example, on a ledger with a recorded TRL DPO stage::
+
+    forward, loss = dpo_loss_pair(ledger, model, ledger.stage("dpo"))
 """
 
 from __future__ import annotations

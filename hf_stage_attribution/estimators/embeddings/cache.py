@@ -9,8 +9,15 @@ that is absent is zero), metadata holding the ledger fingerprint, the kind and t
 match is recomputed. :class:`StageEmbeddings` reads it lazily (memory-mapped), one tensor at a time.
 
 Example:
-    >>> # emb = stage_embeddings(ledger, kind="aa-linear")
-    >>> # for name, v in emb.items(0): ...   # v_1 of the first stage, tensor by tensor
+    >>> import tempfile
+    >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+    >>> pipe = build_digits_pipeline("decay", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+    >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
+    >>> emb = stage_embeddings(ledger, kind="aa-linear")
+    >>> emb.stage_indices, [name for name, v in emb.items(0)]  # v_1 of the first stage, tensor by tensor
+    ([0, 1, 2], ['0.weight', '0.bias', '2.weight', '2.bias'])
+    >>> torch.equal(emb.get(2, "0.weight"), ledger.stages[2].delta_tensor("0.weight"))  # the last stage: Δ_K
+    True
 """
 
 from __future__ import annotations

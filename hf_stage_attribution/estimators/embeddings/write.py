@@ -5,8 +5,9 @@ streamed into the safetensors file. ``aa-ggn``/``aa-hvp`` need whole vectors (cu
 at a time is carried through the later stages, written to a temporary file, and the temporary files are then
 streamed into the cache.
 
-Example:
-    >>> # write_linear(ledger, path, [0, 1], False, metadata)   # see stage_embeddings
+Called by :func:`.embeddings.stage_embeddings` (whose docstring has a runnable example), e.g.::
+
+    write_linear(ledger, path, [0, 1], False, metadata)
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ perturbation of the parameters entering the stage (factual minus counterfactual)
 moment entering it (``None`` when the stage started a fresh optimizer). :func:`momentum_tail` gives the first-moment
 difference that enters stage ``k+1`` when stage ``k`` is removed and stage ``k+1`` continued the optimizer state.
 
-Example:
-    >>> # prop = StagePropagator(ledger.stages[2]); x, buf = prop.apply("fc.weight", delta.double())
+Example (a runnable one is in :class:`StagePropagator`)::
+
+    prop = StagePropagator(ledger.stages[2])
+    x, buf = prop.apply("fc.weight", delta.double())
 """
 
 from __future__ import annotations
