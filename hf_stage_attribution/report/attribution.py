@@ -19,7 +19,7 @@ from .files import atomic_write_bytes, load_report_dict
 from .plot import report_figure, save_report_plot
 from .schema import REPORT_FORMAT, REPORT_FORMAT_VERSION, BehaviorDiagnostics, BehaviorSummary, ReportRow, StageSummary
 from .text import render_markdown, render_table
-from .trust import stored_figures_trust
+from .trust import assess_trust, stored_figures_trust
 
 
 @dataclass
@@ -128,6 +128,34 @@ class AttributionReport:
         if diag is not None and diag.trust:
             return dict(diag.trust)
         return json_safe(stored_figures_trust(rows, diag, self.estimator, self.fidelity))
+
+    def verify_with_replay(self, replay: AttributionReport | Mapping[str, Mapping[str, float]]) -> None:
+        """Re-assess every behavior's trust verdict against exact replay run separately (a replay report, or
+        ``{behavior: {stage: mean effect}}``): "verified by replay" or "unreliable: replay disagrees — …". The
+        estimated verdict it replaces is kept in ``evidence["without_replay"]``; behaviors replay does not cover
+        keep theirs.
+
+        Example:
+            >>> est = AttributionReport.build({"f": {"a": [0.1], "b": [1.0]}}, estimator="aa-linear", versions={})
+            >>> est.verify_with_replay({"f": {"a": 2.0, "b": 1.0}})
+            >>> est.trust("f")["label"]
+            'unreliable: replay disagrees — replay names a as the top stage, the estimate b'
+        """
+        if isinstance(replay, AttributionReport):
+            replay = {b.name: {r.stage: r.effect for r in replay.rows_for(b.name)} for b in replay.behaviors}
+        for summary in self.behaviors:
+            truth = replay.get(summary.name)
+            rows = self.rows_for(summary.name)
+            if not truth or any(r.stage not in truth for r in rows):
+                continue
+            before = self.trust(summary.name)
+            verdict = assess_trust(
+                {r.stage: r.effect for r in rows}, estimator=self.estimator,
+                intervals={r.stage: (r.ci_low, r.ci_high) for r in rows},
+                replay={r.stage: float(truth[r.stage]) for r in rows},
+            )  # fmt: skip
+            verdict["evidence"]["without_replay"] = {k: before.get(k) for k in ("verdict", "label")}
+            self.diagnostics.setdefault(summary.name, BehaviorDiagnostics()).trust = json_safe(verdict)
 
     def top_stage_claim(self, behavior: str) -> dict[str, Any]:
         """The most accountable stage with its effect and how far to trust it: ``{"stage", "effect", "verdict",

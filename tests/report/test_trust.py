@@ -165,3 +165,16 @@ def test_the_attributor_gives_every_behavior_a_verdict_from_the_evidence_it_ran(
         .trust("logit-0")["label"]
         .startswith("estimated — unreliable: nothing to check it against")
     )
+
+
+def test_replay_run_separately_replaces_the_estimated_verdict():
+    rep = _report(OURS, {"aa-fd": [0.21, 1.9, -0.58, 0.1]})
+    assert rep.trust("f")["verdict"] == "agree"
+    truth = AttributionReport.build({"f": _effects([2.5, 1.8, -0.5, 0.1])}, estimator="replay", stages=STAGES,
+                                    versions={})  # fmt: skip
+    rep.verify_with_replay(truth)
+    t = rep.trust("f")
+    assert t["label"] == "unreliable: replay disagrees — replay names pretraining as the top stage, the estimate sft"
+    assert t["evidence"]["without_replay"] == {"verdict": "agree", "label": "estimated — estimators agree"}
+    rep.verify_with_replay({"other": {"sft": 1.0}})  # a behavior replay does not cover keeps its verdict
+    assert rep.trust("f") == t
