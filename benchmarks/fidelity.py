@@ -10,6 +10,9 @@ method. All behaviors of a pipeline are evaluated as one concatenated behavior, 
 pipeline and seed. Every timing is the median of repetitions filling ``settings.timing_min_seconds`` (a single run
 when it is longer).
 
+:func:`trust_calibration` gives, per estimator, the trust verdicts the report would print without replay
+(``report/trust.py``) and how often each verdict's claim was right against replay.
+
 :func:`summarise` pools the (stage, behavior) pairs of all seeds of a pipeline (a behavior of seed s counts as its
 own behavior) and computes ``estimators.fidelity`` on all pairs and on non-terminal pairs, plus the spread over
 seeds of the non-terminal Spearman.
