@@ -10,6 +10,9 @@ method. All behaviors of a pipeline are evaluated as one concatenated behavior, 
 pipeline and seed. Every timing is the median of repetitions filling ``settings.timing_min_seconds`` (a single run
 when it is longer).
 
+:func:`trust_calibration` gives, per estimator, the trust verdicts the report would print without replay
+(``report/trust.py``) and how often each verdict's claim was right against replay.
+
 :func:`summarise` pools the (stage, behavior) pairs of all seeds of a pipeline (a behavior of seed s counts as its
 own behavior) and computes ``estimators.fidelity`` on all pairs and on non-terminal pairs, plus the spread over
 seeds of the non-terminal Spearman.
@@ -231,3 +234,72 @@ def summarise(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
             table[name] = _clean(block)
         out[pipeline] = table
     return out
+
+
+def trust_calibration(runs: list[Mapping[str, Any]], second_opinion: str | None = "delta-fd") -> dict[str, Any]:
+    """How the report's trust verdicts (``report/trust.py``) fare against replay, per pipeline.
+
+    For each seed, behavior and estimator ``E`` that has a linear/finite-difference sibling, the verdict the
+    attributor would print without replay (``E`` checked against its sibling and task-vector negation, the
+    linearisation gap and the intervals, through ``AttributionReport.build``; ``second_opinion`` as the attributor's
+    ``SECOND_OPINION``, None: the sibling alone), and whether ``E``'s top stage is
+    replay's (``right``) and whether replay would have verified the whole claim, top stage, signs and ranking
+    (``verified``: the verdict ``validate`` would print). Calibration = how much more often "agree" is right than
+    "unreliable". Returns ``{pipeline: {"default", "estimators": {E: {verdict: {"n", "right", "verified"}}},
+    "reasons": {reason: n}}}`` (reasons of the default's "unreliable" verdicts, counted by kind).
+    """
+    from hf_stage_attribution.report import AttributionReport
+    from hf_stage_attribution.report.build import LINEARISATION_PAIRS
+    from hf_stage_attribution.report.trust import assess_trust, top_of
+
+    sibling = {a: b for pair in LINEARISATION_PAIRS for a, b in (pair, pair[::-1])}
+    out: dict[str, Any] = {}
+    for pipeline, group in by_pipeline(runs).items():
+        default = group[0]["default"]["name"]
+        table: dict[str, dict[str, dict[str, int]]] = {}
+        reasons: dict[str, int] = {}
+        for run in group:
+            values = run["_values"]
+            for name in [default, *(n for n in ESTIMATORS if n != default)]:
+                if name not in values or sibling.get(name) not in values:
+                    continue
+                per = _by_behavior(values[name])
+                others = {sibling[name], second_opinion} - {name, None}
+                alternates = {n: _by_behavior(values[n]) for n in others if n in values}
+                report = AttributionReport.build(per, estimator=name, stages=run["stages"], alternates=alternates,
+                                                 versions={}, n_resamples=400)  # fmt: skip
+                truth = _by_behavior(values["replay"])
+                for behavior in per:
+                    verdict = report.trust(behavior)
+                    replay = {s: float(v.mean()) for s, v in truth[behavior].items()}
+                    effects = {r.stage: r.effect for r in report.rows_for(behavior)}
+                    checked = assess_trust(effects, estimator=name, replay=replay)["verdict"]
+                    cells = table.setdefault(name, {})
+                    cell = cells.setdefault(verdict["verdict"], {"n": 0, "right": 0, "verified": 0})
+                    cell["n"] += 1
+                    cell["right"] += int(report.top_stage(behavior) == top_of(replay))
+                    cell["verified"] += int(checked == "verified")
+                    if name == default and verdict["verdict"] == "unreliable":
+                        for why in verdict["label"].split(": ", 1)[-1].split("; "):
+                            kind = _reason_kind(why)
+                            reasons[kind] = reasons.get(kind, 0) + 1
+        out[pipeline] = {"default": default, "estimators": table, "reasons": reasons}
+    return out
+
+
+def _by_behavior(pairs: Mapping[tuple[str, str], torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for (stage, behavior), value in pairs.items():
+        out.setdefault(behavior, {})[stage] = value
+    return out
+
+
+def _reason_kind(why: str) -> str:
+    for key, kind in (("name different top stages", "second opinion names another top stage"),
+                      ("disagree on the sign", "second opinion disagrees on a sign"),
+                      ("ranks the stages differently", "second opinion ranks the stages differently"),
+                      ("linearisation gap", "large linearisation gap"),
+                      ("intervals overlap", "top two intervals overlap")):  # fmt: skip
+        if key in why:
+            return kind
+    return why

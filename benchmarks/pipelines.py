@@ -4,6 +4,10 @@
   defaults, and material decay), 7 behaviors, custom-loop recorder, replay by stage functions;
 - ``lm``: the 4-stage GPT-2 pipeline pretraining → SFT → LoRA (merged) → DPO (``examples.lm_pipeline``; Trainer
   and TRL, ``StageRecorder`` with replay data), 4 behaviors, replay from the recorded replay data;
+- ``digits-undo`` / ``digits-first`` (:mod:`benchmarks.shortcut`): 4 stages with SGD + momentum, Adam, RMSprop
+  and AdamW under four schedules, where a later stage partly unlearns a shortcut an earlier one learned; and 3 stages
+  where the *first* stage is the accountable one (Adagrad, then short, slow fine-tunes); 7 digits behaviors,
+  custom-loop recorder with curvature material, replay by stage functions;
 - ``toxicity``: all-MiniLM-L6-v2 fine-tuned on clean toxicity data, then on an identity-biased data refresh, then a
   terminal LoRA stage (``recipes/toxicity_classifier_minilm/pipeline.py``), 5 behaviors, replay by the recipe's
   stage functions.
@@ -11,7 +15,7 @@
 Example:
     >>> from benchmarks.pipelines import PIPELINES
     >>> PIPELINES
-    ('digits-hf', 'digits-decay', 'lm', 'toxicity')
+    ('digits-hf', 'digits-decay', 'digits-undo', 'digits-first', 'lm', 'toxicity')
     >>> # pipe = build("digits-hf", seed=0, settings=Settings.make(quick=True), root=Path("/tmp/b"))
 """
 
@@ -24,7 +28,8 @@ from typing import Any
 
 from .common import REPO, Settings, import_script
 
-PIPELINES = ("digits-hf", "digits-decay", "lm", "toxicity")
+PIPELINES = ("digits-hf", "digits-decay", "digits-undo", "digits-first", "lm", "toxicity")
+SHORTCUT = {"digits-undo": "undo", "digits-first": "first"}  # benchmarks.shortcut configurations
 TOXICITY_RECIPE = REPO / "recipes" / "toxicity_classifier_minilm" / "pipeline.py"
 
 
@@ -48,7 +53,9 @@ class BenchPipeline:
 def build(name: str, seed: int, settings: Settings, root: Path) -> BenchPipeline:
     """Train and record pipeline ``name`` with ``seed`` under ``root`` (a fresh directory)."""
     start = time.perf_counter()
-    if name.startswith("digits-"):
+    if name in SHORTCUT:
+        pipe = _shortcut(name, seed, settings, root)
+    elif name.startswith("digits-"):
         pipe = _digits(name.split("-", 1)[1], seed, settings, root)
     elif name == "lm":
         pipe = _lm(seed, settings, root)
@@ -71,6 +78,18 @@ def _digits(config: str, seed: int, settings: Settings, root: Path) -> BenchPipe
         f"digits-{config}", seed, p.ledger, p.model, dict(p.behaviors), p.stage_fns,
         {s.name: p.loss_fn for s in p.ledger.stages},
         description=f"MLP 64-32-10 on sklearn digits; {steps}",
+    )  # fmt: skip
+
+
+def _shortcut(name: str, seed: int, settings: Settings, root: Path) -> BenchPipeline:
+    from hf_stage_attribution.testing.digits import forward, loss
+
+    from .shortcut import build_shortcut_pipeline, describe
+
+    p = build_shortcut_pipeline(SHORTCUT[name], root / "ledger", seed=seed, steps_scale=settings.digits_steps_scale)
+    return BenchPipeline(
+        name, seed, p.ledger, p.model, dict(p.behaviors), p.stage_fns, {s.name: (forward, loss) for s in p.specs},
+        description=describe(p.specs),
     )  # fmt: skip
 
 

@@ -145,6 +145,33 @@ def _fidelity(results: dict[str, Any]) -> list[str]:
         out += table(FIDELITY_HEADER, _fidelity_rows(block, "non_terminal", info["default"]["name"]))
         out += ["All pairs:", ""]
         out += table(FIDELITY_HEADER, _fidelity_rows(block, "all", info["default"]["name"]))
+        trust = (results["fidelity"].get("trust") or {}).get(pipeline)
+        if trust:
+            out += _trust(trust)
+    return out
+
+
+def _trust(trust: dict[str, Any]) -> list[str]:
+    """The trust verdicts the report would print without replay, and how often they were right (calibration)."""
+    out = ["Trust verdicts without replay (report/trust.py: each estimator checked against its linear/finite-"
+           "difference sibling and task-vector negation, the linearisation gap and the intervals), one per behavior "
+           "and seed. *top right*: the top stage is replay's; *replay verifies*: replay agrees on the top stage, the "
+           "signs and the ranking (the verdict `validate` prints). A calibrated verdict is right more often when it "
+           "says \"agree\" than when it says \"unreliable\".", ""]  # fmt: skip
+    rows = []
+    for name, cells in trust["estimators"].items():
+        label = f"**{name}** (default)" if name == trust["default"] else name
+        row = [label]
+        for verdict in ("agree", "unreliable"):
+            c = cells.get(verdict) or {"n": 0, "right": 0, "verified": 0}
+            n = c["n"]
+            row += [n, pct(c["right"] / n) if n else "—", pct(c["verified"] / n) if n else "—"]
+        rows.append(row)
+    out += table(["estimator", "agree", "agree: top right", "agree: replay verifies", "unreliable",
+                  "unreliable: top right", "unreliable: replay verifies"], rows)  # fmt: skip
+    if trust.get("reasons"):
+        why = ", ".join(f"{k} ({v})" for k, v in sorted(trust["reasons"].items(), key=lambda kv: -kv[1]))
+        out += [f'Why the default\'s verdicts said "unreliable" (a verdict can have several reasons): {why}.', ""]
     return out
 
 

@@ -79,8 +79,9 @@ def run_fidelity(settings: Settings, names: list[str], work: Path) -> dict[str, 
             entry["seeds"].append(seed)
             entry["errors"].update(run["errors"])
     summary = fidelity.summarise(runs)
+    trust = fidelity.trust_calibration(runs)
     serialisable = [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs]
-    return {"pipelines": info, "summary": summary, "runs": serialisable, "_runs": runs}
+    return {"pipelines": info, "summary": summary, "trust": trust, "runs": serialisable, "_runs": runs}
 
 
 def json_safe(value: Any) -> Any:

@@ -24,6 +24,32 @@ def verdict(measured: float | None, op: str, target: float) -> tuple[bool | None
     return (True, f"met with {gap:.3f} to spare") if gap >= 0 else (False, f"missed by {-gap:.3f}")
 
 
+NEGATION = "delta-fd"  # task-vector negation: the anchor the default must never do worse than (issue 13)
+_COMPARED = ("spearman", "sign_agreement", "top_stage_agreement")
+
+
+def not_worse_than(block: dict[str, Any], default: str, anchor: str) -> tuple[float | None, str]:
+    """``min(default − anchor)`` over :data:`_COMPARED` on all and non-terminal pairs, and where it is reached.
+
+    Example:
+        >>> fig = {"all": {"spearman": 0.9, "sign_agreement": 1.0, "top_stage_agreement": 1.0},
+        ...        "non_terminal": {"spearman": 0.7, "sign_agreement": 1.0, "top_stage_agreement": 1.0}}
+        >>> worst, where = not_worse_than({"a": fig, "b": {**fig, "non_terminal": {**fig["all"]}}}, "a", "b")
+        >>> round(worst, 3), where
+        (-0.2, 'non_terminal spearman 0.700 vs 0.900')
+    """
+    ours, theirs = block.get(default) or {}, block.get(anchor) or {}
+    gaps = []
+    for part in ("all", "non_terminal"):
+        for metric in _COMPARED:
+            a, b = (ours.get(part) or {}).get(metric), (theirs.get(part) or {}).get(metric)
+            if isinstance(a, int | float) and isinstance(b, int | float) and a == a and b == b:
+                gaps.append((a - b, f"{part} {metric} {a:.3f} vs {b:.3f}"))
+    if not gaps:
+        return None, "not measured"
+    return min(gaps, key=lambda g: g[0])
+
+
 def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (target, scope): measured value, target, met, margin, how it was read."""
     rows: list[dict[str, Any]] = []
@@ -47,6 +73,16 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         add("Spearman ≥ 0.9", pipeline, nt.get("spearman"), ">=", 0.9, how)
         add("sign agreement ≥ 90 %", pipeline, nt.get("sign_agreement"), ">=", 0.9, how)
         add("top-stage agreement 100 %", pipeline, nt.get("top_stage_agreement"), ">=", 1.0, how)
+        every = (block.get(default) or {}).get("all") or {}
+        how_all = f"default estimator {default}, all pairs (what the card claims), seeds pooled"
+        add("Spearman ≥ 0.9", f"{pipeline}, all pairs", every.get("spearman"), ">=", 0.9, how_all)
+        add("sign agreement ≥ 90 %", f"{pipeline}, all pairs", every.get("sign_agreement"), ">=", 0.9, how_all)
+        add("top-stage agreement ≥ 90 %", f"{pipeline}, all pairs", every.get("top_stage_agreement"), ">=", 0.9,
+            how_all)  # fmt: skip
+        worst, where = not_worse_than(block, default, NEGATION)
+        add(f"the default never does worse than task-vector negation ({NEGATION})", pipeline, worst, ">=", 0.0,
+            f"min over Spearman, sign and top-stage agreement, all and non-terminal pairs, of {default} − "
+            f"{NEGATION}; worst: {where}")  # fmt: skip
     for pipeline, cost in (results.get("cost") or {}).items():
         ggn = cost["estimators"].get("aa-ggn", {})
         add("aa-ggn ≤ 25 % of replay's time", pipeline, ggn.get("cold_over_replay"), "<=", 0.25,

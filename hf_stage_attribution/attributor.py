@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import estimators
 from ._internal.model_state import swapped_parameters
 from .behaviors import as_behavior
-from .errors import BehaviorError, ReportError
+from .errors import BehaviorError, ReportError, StageAttributionError
 from .estimators.base import check_finite
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
@@ -37,6 +37,9 @@ _PAIRED = {
     "aa-hvp": "aa-hvp-fd",
     "aa-hvp-fd": "aa-hvp",
 }
+# a cheap second opinion for the trust verdict (report/trust.py): task-vector negation, one evaluation of the
+# behaviors per stage at θ_K − Δ_k; it shares nothing with the propagation of the aa-* estimators
+SECOND_OPINION = "delta-fd"
 
 
 def _state():
@@ -132,6 +135,9 @@ class StageAttributor:
         """Attribute every behavior in ``{name: behavior}`` to the stages; returns an :class:`AttributionReport`.
 
         ``validate=True`` also runs replay (the ground truth, ESTIMATORS.md §2) and adds fidelity figures.
+        Every behavior gets a trust verdict (:meth:`AttributionReport.trust`): from replay when it ran, else from
+        the agreement of the estimator with its linear/finite-difference sibling and with task-vector negation
+        (``delta-fd``), both run with ``diagnostics=True``.
         """
 
         if not behaviors:
@@ -150,8 +156,11 @@ class StageAttributor:
         locals_ = {name: self._local(behavior) for name, behavior in prepared.items()}
         joint = _Joint(locals_)
         runs = ["main"]
-        paired = _PAIRED.get(self._resolved_name(options, stage_names)) if self.diagnostics else None
+        resolved = self._resolved_name(options, stage_names)
+        paired = _PAIRED.get(resolved) if self.diagnostics else None
         runs += [paired] if paired else []
+        if self.diagnostics and SECOND_OPINION not in (resolved, paired):
+            runs.append(SECOND_OPINION)
         runs += ["replay"] if validate else []
         progress = self._progress(len(runs) + int(self.diagnostics), "estimators")
         results = self._run(self.estimator, joint, stage_names, options)
@@ -159,7 +168,12 @@ class StageAttributor:
         for name in runs[1:]:
             if progress is not None:
                 progress.update(1)
-            split = self._run_named(name, joint, stage_names, options)
+            try:
+                split = self._run_named(name, joint, stage_names, options)
+            except StageAttributionError:
+                if name != SECOND_OPINION:
+                    raise
+                continue  # the second opinion does not apply to this ledger: the verdict goes without it
             alternates[name] = {b: r.per_example for b, r in split.items()}
         totals = self._total_change(joint) if self.diagnostics else {}
         if progress is not None:

@@ -35,6 +35,7 @@ def attribute_with_replay(pipeline: Any, out: Path) -> tuple[Any, Any]:
     estimates = {(r.stage, r.behavior): r.effect for r in report.rows}
     truth = {(r.stage, r.behavior): r.effect for r in replay.rows}
     report.fidelity = json_safe(fidelity(estimates, truth, terminal_stage=report.stages[-1].name))
+    report.verify_with_replay(replay)  # the card then says "verified by replay" or why replay disagrees
     out.mkdir(parents=True, exist_ok=True)
     report.to_json(out / "report.json")
     (out / "report.md").write_text(report.to_markdown(), encoding="utf-8")

@@ -118,7 +118,8 @@ def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) 
         top = report.top_stage(summary.name)
         row = next(r for r in report.rows_for(summary.name) if r.stage == top)
         entry = {"name": summary.name, "unit": summary.unit, "top_stage": top, "top_stage_effect": row.effect}
-        behaviors.append({**entry, "ci_low": row.ci_low, "ci_high": row.ci_high})
+        trust = {"top_stage_trust": report.trust(summary.name)["verdict"]}
+        behaviors.append({**entry, "ci_low": row.ci_low, "ci_high": row.ci_high, **trust})
     meta = {
         "library_version": report.versions.get("hf-stage-attribution"),
         "estimator": report.estimator,

@@ -19,6 +19,7 @@ from .files import atomic_write_bytes, load_report_dict
 from .plot import report_figure, save_report_plot
 from .schema import REPORT_FORMAT, REPORT_FORMAT_VERSION, BehaviorDiagnostics, BehaviorSummary, ReportRow, StageSummary
 from .text import render_markdown, render_table
+from .trust import assess_trust, stored_figures_trust
 
 
 @dataclass
@@ -59,7 +60,9 @@ class AttributionReport:
         objects, :class:`BehaviorSummary`, dicts, names), ``approximations`` (a list, or ``{behavior: list}``),
         ``total_change`` (``{behavior: per-example f_i(θ_K) − f_i(θ_0) or its mean}``), ``alternates``
         (``{estimator: {behavior: {stage: per-example}}}``: other estimators' results, used for the linearisation
-        gap), ``unstable_modes`` (int or ``{behavior: int}``), ``notes`` (``{behavior: JSON-safe dict}``),
+        gap and the trust verdict; the key ``"replay"`` is exact replay, which verifies or refutes the estimate,
+        see :mod:`~.trust`), ``unstable_modes`` (int or ``{behavior: int}``), ``notes`` (``{behavior: JSON-safe
+        dict}``),
         ``fidelity``, ``ledger`` (a ``StageLedger`` or a dict), ``versions``, ``n_resamples`` (1000), ``seed`` (0),
         ``confidence`` (0.95).
         """
@@ -100,11 +103,74 @@ class AttributionReport:
 
     def top_stage(self, behavior: str, by: str = "abs") -> str:
         """The most accountable stage for ``behavior``: largest ``|effect|`` (``by="abs"``), most raised
-        (``"raise"``) or most lowered (``"lower"``); ties go to the earlier stage."""
+        (``"raise"``) or most lowered (``"lower"``); ties go to the earlier stage.
+
+        How far to trust the ``by="abs"`` claim is :meth:`trust` (``"verified"``, ``"agree"`` or ``"unreliable"``);
+        :meth:`top_stage_claim` returns both together."""
         keys = {"abs": lambda r: -abs(r.effect), "raise": lambda r: -r.effect, "lower": lambda r: r.effect}
         if by not in keys:
             raise ReportError(f"`by` must be one of {sorted(keys)}, got {by!r}.")
         return min(self.rows_for(behavior), key=lambda r: (keys[by](r), r.stage_index)).stage
+
+    def trust(self, behavior: str) -> dict[str, Any]:
+        """The verdict on ``behavior``'s top-stage claim and ranking: ``{"verdict", "label", "reason",
+        "evidence"}`` (:func:`~.trust.assess_trust`). A report written before verdicts existed gets one assessed
+        from what it stores (effects, intervals, the linearisation pair's two readings, ``replay_effect``).
+
+        Example:
+            >>> report = AttributionReport.build({"f": {"a": [0.1, 0.3], "b": [0.9, 1.1]}}, estimator="aa-linear",
+            ...     alternates={"replay": {"f": {"a": [0.2, 0.2], "b": [1.0, 1.0]}}}, versions={})
+            >>> report.trust("f")["label"]
+            'verified by replay'
+        """
+        rows = self.rows_for(behavior)  # unknown behavior: a clear ReportError
+        diag = self.diagnostics.get(behavior)
+        if diag is not None and diag.trust:
+            return dict(diag.trust)
+        return json_safe(stored_figures_trust(rows, diag, self.estimator, self.fidelity))
+
+    def verify_with_replay(self, replay: AttributionReport | Mapping[str, Mapping[str, float]]) -> None:
+        """Re-assess every behavior's trust verdict against exact replay run separately (a replay report, or
+        ``{behavior: {stage: mean effect}}``): "verified by replay" or "unreliable: replay disagrees — …". The
+        estimated verdict it replaces is kept in ``evidence["without_replay"]``; behaviors replay does not cover
+        keep theirs.
+
+        Example:
+            >>> est = AttributionReport.build({"f": {"a": [0.1], "b": [1.0]}}, estimator="aa-linear", versions={})
+            >>> est.verify_with_replay({"f": {"a": 2.0, "b": 1.0}})
+            >>> est.trust("f")["label"]
+            'unreliable: replay disagrees — replay names a as the top stage, the estimate b'
+        """
+        if isinstance(replay, AttributionReport):
+            replay = {b.name: {r.stage: r.effect for r in replay.rows_for(b.name)} for b in replay.behaviors}
+        for summary in self.behaviors:
+            truth = replay.get(summary.name)
+            rows = self.rows_for(summary.name)
+            if not truth or any(r.stage not in truth for r in rows):
+                continue
+            before = self.trust(summary.name)
+            verdict = assess_trust(
+                {r.stage: r.effect for r in rows}, estimator=self.estimator,
+                intervals={r.stage: (r.ci_low, r.ci_high) for r in rows},
+                replay={r.stage: float(truth[r.stage]) for r in rows},
+            )  # fmt: skip
+            verdict["evidence"]["without_replay"] = {k: before.get(k) for k in ("verdict", "label")}
+            self.diagnostics.setdefault(summary.name, BehaviorDiagnostics()).trust = json_safe(verdict)
+
+    def top_stage_claim(self, behavior: str) -> dict[str, Any]:
+        """The most accountable stage with its effect and how far to trust it: ``{"stage", "effect", "verdict",
+        "label"}``.
+
+        Example:
+            >>> report = AttributionReport.build({"f": {"a": [0.1, 0.3], "b": [0.9, 1.1]}}, estimator="x", versions={})
+            >>> claim = report.top_stage_claim("f")
+            >>> claim["stage"], claim["verdict"]
+            ('b', 'unreliable')
+        """
+        stage = self.top_stage(behavior)
+        row = next(r for r in self.rows_for(behavior) if r.stage == stage)
+        trust = self.trust(behavior)
+        return {"stage": stage, "effect": row.effect, "verdict": trust["verdict"], "label": trust["label"]}
 
     def behavior(self, name: str) -> BehaviorSummary:
         """The summary of one behavior."""

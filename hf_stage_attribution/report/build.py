@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import ReportError
 from ..ledger.core import LedgerCore
 from .schema import BehaviorDiagnostics, BehaviorSummary, ReportRow, StageSummary
+from .trust import assess_trust
 
 # (linear, finite-difference) estimator pairs whose disagreement is the linearisation gap (ESTIMATORS.md §4)
 LINEARISATION_PAIRS = (
@@ -215,6 +216,29 @@ def _linearisation(
     return None, {}
 
 
+def _trust(
+    behavior: str,
+    estimator: str,
+    means: Mapping[str, float],
+    intervals: Mapping[str, tuple[float, float]],
+    alternates: Mapping[str, Mapping[str, Any]],
+    pair: list[str] | None,
+    gaps: Mapping[str, Mapping[str, float]],
+) -> dict[str, Any]:
+    """The trust verdict of one behavior (:func:`~.trust.assess_trust`) from the other estimators' results."""
+    opinions: dict[str, dict[str, float]] = {}
+    for name, results in alternates.items():
+        effects = results.get(behavior)
+        if effects:
+            opinions[name] = {s: float(as_vector(v, f"{name} / {behavior} / {s}").mean()) for s, v in effects.items()}
+    replay = opinions.pop("replay", None)
+    verdict = assess_trust(
+        means, estimator=estimator, intervals=intervals, second_opinions=opinions, linearisation_gap=gaps,
+        linearisation_pair=pair, replay=replay,
+    )  # fmt: skip
+    return json_safe(verdict)
+
+
 def build_report(
     per_example: Mapping[str, Mapping[str, Any]],
     *,
@@ -288,6 +312,9 @@ def build_report(
         approx = _ordered_union([_per_behavior(approximations, behavior, [])])
         all_approx.append(approx)
         pair, gaps = _linearisation(behavior, estimator, effects, alternates)
+        stage_means = {stage: float(means[k]) for k, stage in enumerate(names)}
+        stage_intervals = {stage: (float(low[k]), float(high[k])) for k, stage in enumerate(names)}
+        trust = _trust(behavior, str(estimator), stage_means, stage_intervals, alternates, pair, gaps)
         total_sum = float(means.sum())
         covers_all = len(names) == len(stage_list)
         diagnostics[behavior] = BehaviorDiagnostics(
@@ -299,6 +326,7 @@ def build_report(
             approximations=approx,
             unstable_modes=int(_per_behavior(unstable_modes, behavior, 0) or 0),
             notes=json_safe(dict(_per_behavior(notes, behavior, {}) or {})),
+            trust=trust,
         )
     return {
         "rows": rows,

@@ -19,6 +19,7 @@ SIGN_CONVENTION = (
     "the behavior**. Effects are estimated one stage at a time; they are not a decomposition of the total change "
     "and need not add up to it (see the interaction residual)."
 )
+_TABLE_MARK = {"verified": "*v", "agree": "*a", "unreliable": "*?"}
 _MD_ESCAPED = set("\\`*_[]|~$#!")
 _HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
 _FIDELITY_LABELS = {
@@ -151,6 +152,7 @@ def behavior_view(report: AttributionReport, name: str) -> dict[str, Any]:
         "align": ["---:", "---", "---:", "---", "---:", "---"],
         "rows": rows,
         "top": f"**{escape_markdown(top_name)}** (effect {fmt_number(top_row.effect)} {unit})",
+        "trust": escape_markdown(report.trust(name)["label"]),
         "diagnostics": diagnostics_lines(report, name, unit),
     }
 
@@ -244,7 +246,7 @@ def render_markdown(report: AttributionReport) -> str:
         if view["description"]:
             out += [view["description"], ""]
         out += [md_table(view["header"], view["align"], view["rows"]), ""]
-        out += [f"Most accountable stage: {view['top']}.", ""]
+        out += [f"Most accountable stage: {view['top']} — {view['trust']}.", ""]
         out += [f"- {line}" for line in view["diagnostics"]] + [""]
     if report.approximations:
         out += ["### Approximations", ""] + [f"- {escape_markdown(a)}" for a in report.approximations] + [""]
@@ -275,7 +277,7 @@ def render_table(report: AttributionReport) -> str:
                     interval,
                     fmt_share(row.share),
                     terminal_safe(summary.unit or "-"),
-                    "*" if row.stage == top else "",
+                    (_TABLE_MARK[report.trust(summary.name)["verdict"]]) if row.stage == top else "",
                 ]
             )
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
@@ -283,6 +285,7 @@ def render_table(report: AttributionReport) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(
         f"estimator: {terminal_safe(report.estimator)}; positive effect = the stage raised the behavior; "
-        "* = most accountable stage; effects do not add up to the total change."
+        "* = most accountable stage (*v verified by replay, *a estimators agree, *? unreliable); effects do not add "
+        "up to the total change."
     )
     return "\n".join(lines)

@@ -28,16 +28,34 @@ def loss(outputs, batch):
     return torch.nn.functional.cross_entropy(outputs, batch[1])
 
 
+OPTIMIZERS = [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.05),
+    lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    lambda p: torch.optim.SGD(p, lr=0.05),
+]
+
+
+def stage_fns(steps: int = 8) -> dict:
+    """``{stage name: fn(model)}`` re-training a model in place as :func:`record_pipeline`'s stages did (replay)."""
+
+    def make(k: int):
+        def train(model: torch.nn.Module) -> None:
+            opt, batch = OPTIMIZERS[k](model.parameters()), _data(k)
+            for _ in range(steps):
+                opt.zero_grad()
+                loss(forward(model, batch), batch).backward()
+                opt.step()
+
+        return train
+
+    return {f"stage{k}": make(k) for k in range(len(OPTIMIZERS))}
+
+
 def record_pipeline(ledger_dir: Path, steps: int = 8) -> tuple[StageLedger, torch.nn.Module]:
     """Three stages: SGD momentum with coupled decay, AdamW with decay, plain SGD."""
     model = make_mlp()
     ledger = StageLedger(ledger_dir)
-    optimizers = [
-        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.05),
-        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
-        lambda p: torch.optim.SGD(p, lr=0.05),
-    ]
-    for k, make_opt in enumerate(optimizers):
+    for k, make_opt in enumerate(OPTIMIZERS):
         opt = make_opt(model.parameters())
         batch = _data(k)
         with ledger.record_stage(

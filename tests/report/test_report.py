@@ -205,7 +205,7 @@ def test_terminal_table_marks_the_top_stage_and_neutralises_control_characters()
     text = rep.table()
     assert "\x1b" not in text and "a\\x1b[31mred" in text
     top_line = next(line for line in text.splitlines() if " b " in line)
-    assert top_line.rstrip().endswith("*") and "+3" in top_line
+    assert top_line.rstrip().endswith("*?") and "+3" in top_line  # nothing checked it: marked unreliable
 
 
 def test_plot_is_a_png_with_one_bar_group_per_stage(tmp_path):

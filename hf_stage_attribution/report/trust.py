@@ -1,0 +1,334 @@
+"""How far to trust a behavior's top-stage claim and stage ranking: a verdict from the evidence a run has.
+
+Pure functions of per-stage mean effects (numpy only). Three verdicts:
+
+- ``"verified"`` (label "verified by replay"): exact replay ran for every stage and agrees with the estimate on the
+  top stage, the signs of the stages that moved the behavior, and the ranking;
+- ``"agree"`` (label "estimated — estimators agree"): no replay, but a second opinion (the linear/finite-difference
+  pair of the linearisation gap, another estimator such as task-vector negation) names the same top stage and
+  ranking, the linearisation gap is small and the top stage's interval is clear of the runner-up's;
+- ``"unreliable"`` (label "estimated — unreliable: <why>", or "unreliable: replay disagrees — <why>"): anything else,
+  including an estimate with nothing to check it against.
+
+The bootstrap intervals of a report resample the behavior's examples only: they say nothing about the estimator's
+own error, which is what the verdict is about (:data:`INTERVAL_SCOPE` is put in every verdict's evidence).
+
+Example:
+    >>> v = assess_trust({"pre": 0.1, "sft": 2.0, "dpo": -0.5}, estimator="aa-linear",
+    ...                  second_opinions={"aa-fd": {"pre": 0.12, "sft": 1.9, "dpo": -0.45}})
+    >>> v["verdict"], v["label"]
+    ('agree', 'estimated — estimators agree')
+    >>> assess_trust({"pre": 0.1, "sft": 2.0}, estimator="aa-linear",
+    ...              replay={"pre": 3.0, "sft": 1.0})["label"]
+    'unreliable: replay disagrees — replay names pre as the top stage, the estimate sft'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+VERIFIED, AGREE, UNRELIABLE = "verified", "agree", "unreliable"
+VERDICTS = (VERIFIED, AGREE, UNRELIABLE)
+LABEL_VERIFIED = "verified by replay"
+LABEL_AGREE = "estimated — estimators agree"
+
+#: Stages compared by rank must keep their order up to one adjacent swap among four or more stages (Spearman of a
+#: single adjacent swap of 4 stages is 0.8); with three stages this means the exact order. It is the bar of a ranking
+#: claim, for replay and for a second opinion alike: a card lists every stage in order, so the order is claimed.
+SPEARMAN_MIN = 0.8
+#: Signs must agree on at least 90 % of the stages that moved the behavior (the benchmark's sign-agreement bar); with
+#: up to 9 such stages that is all of them. A positive/negative effect is the claim "the stage raised/lowered it".
+SIGN_AGREEMENT_MIN = 0.9
+#: A stage whose |effect| is under 5 % of the largest |effect| (in either of the two estimates compared) did not move
+#: the behavior noticeably; its sign is noise and is not counted. The same floor stops near-zero stages from
+#: deciding the top stage in a comparison.
+NEGLIGIBLE_SHARE = 0.05
+#: The linearisation gap ``|fd − linear| / max_k |effect_k|`` above which the first-order read-out is not trusted
+#: (ESTIMATORS.md §4): a quarter of the largest effect is enough to reorder stages whose effects differ by less,
+#: and it means f is visibly curved along the stage's update, where the linear and the finite-difference reading
+#: of the same propagated update can both be far from replay.
+LINEARISATION_GAP_MAX = 0.25
+_ROUNDING = 1e-9  # a figure exactly at a bar (Spearman 0.8 computed as 0.7999999999999999) meets it
+#: What the report's intervals cover: said in every verdict, so the card can show it beside the numbers.
+INTERVAL_SCOPE = (
+    "the intervals cover example sampling only (a percentile bootstrap over the behavior's examples), not the "
+    "estimator's own error"
+)
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    sorted_vals = values[order]
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and sorted_vals[j + 1] == sorted_vals[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation of two equal-length sequences (``nan`` with fewer than 2 values or a constant side).
+
+    Example:
+        >>> round(spearman([1.0, 2.0, 3.0], [10.0, 30.0, 20.0]), 12)
+        0.5
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.size < 2:
+        return math.nan
+    rx, ry = _ranks(x) - (x.size + 1) / 2.0, _ranks(y) - (y.size + 1) / 2.0
+    denom = float(np.linalg.norm(rx) * np.linalg.norm(ry))
+    return float(rx @ ry) / denom if denom > 0 else math.nan
+
+
+def top_of(effects: Mapping[str, float]) -> str:
+    """The stage of largest ``|effect|`` (ties to the first in order), as ``AttributionReport.top_stage``."""
+    names = list(effects)
+    return names[int(np.argmax([abs(float(effects[s])) for s in names]))]
+
+
+def compare(estimate: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, Any]:
+    """Agreement of two per-stage mean effects over their common stages (in ``estimate``'s order).
+
+    Returns ``{"stages", "top_stage", "reference_top_stage", "top_stage_equal", "spearman", "sign_agreement",
+    "signs_compared"}``; ``sign_agreement`` is over stages where either side moved the behavior by at least
+    :data:`NEGLIGIBLE_SHARE` of its largest effect (``nan`` when none did).
+
+    Example:
+        >>> c = compare({"a": 1.0, "b": -0.2, "c": 0.01}, {"a": 0.8, "b": -0.3, "c": -0.001})
+        >>> c["top_stage_equal"], c["sign_agreement"], c["signs_compared"]
+        (True, 1.0, 2)
+    """
+    stages = [s for s in estimate if s in reference]
+    est = np.array([float(estimate[s]) for s in stages])
+    ref = np.array([float(reference[s]) for s in stages])
+    scale_e, scale_r = float(np.abs(est).max(initial=0.0)), float(np.abs(ref).max(initial=0.0))
+    moved = (np.abs(est) >= NEGLIGIBLE_SHARE * scale_e) & (scale_e > 0)
+    moved |= (np.abs(ref) >= NEGLIGIBLE_SHARE * scale_r) & (scale_r > 0)
+    agree = np.sign(est[moved]) == np.sign(ref[moved])
+    top_e = top_of(dict(zip(stages, est))) if stages else None
+    top_r = top_of(dict(zip(stages, ref))) if stages else None
+    return {
+        "stages": len(stages),
+        "top_stage": top_e,
+        "reference_top_stage": top_r,
+        "top_stage_equal": top_e == top_r,
+        "spearman": spearman(est, ref),
+        "sign_agreement": float(agree.mean()) if agree.size else math.nan,
+        "signs_compared": int(agree.size),
+    }
+
+
+def _disagreements(c: Mapping[str, Any], ours: str, theirs: str) -> list[str]:
+    """Why comparison ``c`` (of ``ours`` against the reference ``theirs``) fails the bars, in words."""
+    why = []
+    if not c["top_stage_equal"] and theirs == "replay":
+        why.append(f"replay names {c['reference_top_stage']} as the top stage, {ours} {c['top_stage']}")
+    elif not c["top_stage_equal"]:
+        why.append(f"{ours} and {theirs} name different top stages ({c['top_stage']} and {c['reference_top_stage']})")
+    if not math.isnan(c["sign_agreement"]) and c["sign_agreement"] < SIGN_AGREEMENT_MIN - _ROUNDING:
+        wrong = round((1.0 - c["sign_agreement"]) * c["signs_compared"])
+        why.append(f"{ours} and {theirs} disagree on the sign of {wrong} of {c['signs_compared']} stages")
+    if c["stages"] >= 3 and not math.isnan(c["spearman"]) and c["spearman"] < SPEARMAN_MIN - _ROUNDING:
+        why.append(f"{theirs} ranks the stages differently (Spearman {c['spearman']:.2f})")
+    return why
+
+
+def _abs_interval(low: float, high: float) -> tuple[float, float]:
+    """The interval of ``|effect|`` for an interval ``[low, high]`` of the effect."""
+    if low <= 0.0 <= high:
+        return 0.0, max(-low, high)
+    return min(abs(low), abs(high)), max(abs(low), abs(high))
+
+
+def intervals_overlap(
+    effects: Mapping[str, float], intervals: Mapping[str, tuple[float, float]]
+) -> tuple[bool, str | None, str | None]:
+    """Whether the ``|effect|`` intervals of the top stage and the runner-up overlap, and those two stages.
+
+    Example:
+        >>> intervals_overlap({"a": 1.0, "b": -0.9}, {"a": (0.8, 1.2), "b": (-1.0, -0.8)})
+        (True, 'a', 'b')
+    """
+    ranked = sorted(effects, key=lambda s: -abs(float(effects[s])))
+    if len(ranked) < 2 or ranked[0] not in intervals or ranked[1] not in intervals:
+        return False, (ranked[0] if ranked else None), None
+    top_low, _ = _abs_interval(*intervals[ranked[0]])
+    _, second_high = _abs_interval(*intervals[ranked[1]])
+    return top_low <= second_high, ranked[0], ranked[1]
+
+
+def _largest_gap(gaps: Mapping[str, Mapping[str, float]] | None) -> tuple[float | None, str | None]:
+    values = {s: float(g.get("relative_gap", 0.0)) for s, g in (gaps or {}).items()}
+    if not values:
+        return None, None
+    stage = max(values, key=lambda s: values[s])
+    return values[stage], stage
+
+
+def _finish(verdict: str, label: str, reason: str, evidence: dict[str, Any]) -> dict[str, Any]:
+    evidence["intervals"] = INTERVAL_SCOPE
+    return {"verdict": verdict, "label": label, "reason": f"{reason} Note: {INTERVAL_SCOPE}.", "evidence": evidence}
+
+
+def assess_trust(
+    effects: Mapping[str, float],
+    *,
+    estimator: str,
+    intervals: Mapping[str, tuple[float, float]] | None = None,
+    second_opinions: Mapping[str, Mapping[str, float]] | None = None,
+    linearisation_gap: Mapping[str, Mapping[str, float]] | None = None,
+    linearisation_pair: Sequence[str] | None = None,
+    replay: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """The verdict on one behavior's top-stage claim and ranking (``BehaviorDiagnostics.trust``).
+
+    Args:
+        effects: ``{stage: mean effect}`` of the chosen estimator, in stage order.
+        estimator: its name (``"replay"`` is exact: verified).
+        intervals: ``{stage: (low, high)}`` bootstrap intervals of the effects.
+        second_opinions: ``{estimator: {stage: mean effect}}`` of other estimators of the same behavior.
+        linearisation_gap: ``{stage: {"relative_gap", ...}}`` (``BehaviorDiagnostics.linearisation_gap``) of
+            ``linearisation_pair``.
+        replay: ``{stage: mean effect}`` measured by exact replay; used when it covers every stage of ``effects``.
+
+    Returns ``{"verdict", "label", "reason", "evidence"}`` (JSON-safe apart from ``nan`` figures).
+
+    Example:
+        >>> assess_trust({"a": 1.0, "b": 0.1}, estimator="aa-linear")["label"]
+        'estimated — unreliable: nothing to check it against (no replay, no second estimate)'
+    """
+    effects = {str(s): float(v) for s, v in effects.items()}
+    if not effects:
+        raise ValueError("assess_trust needs the effect of at least one stage")
+    top = top_of(effects)
+    evidence: dict[str, Any] = {"estimator": estimator, "top_stage": top, "stages": len(effects)}
+    if estimator == "replay":
+        return _finish(VERIFIED, LABEL_VERIFIED, "The effects are exact replay (ground truth).", evidence)
+    if replay is not None and all(s in replay for s in effects):
+        c = compare(effects, {s: float(replay[s]) for s in effects})
+        evidence["replay"] = c
+        why = _disagreements(c, "the estimate", "replay")
+        if not why:
+            reason = (
+                f"Exact replay agrees: it names {top} as the top stage too, signs agree on {c['signs_compared']} "
+                f"stage(s) that moved the behavior, Spearman over {c['stages']} stages {c['spearman']:.2f}."
+            )
+            return _finish(VERIFIED, LABEL_VERIFIED, reason, evidence)
+        text = "; ".join(why)
+        return _finish(
+            UNRELIABLE, f"unreliable: replay disagrees — {text}", f"Exact replay disagrees: {text}.", evidence
+        )
+
+    why: list[str] = []
+    checks: list[str] = []
+    opinions = {name: dict(values) for name, values in (second_opinions or {}).items() if name != estimator}
+    evidence["second_opinions"] = {}
+    for name, values in opinions.items():
+        common = {s: v for s, v in effects.items() if s in values}
+        if not common:
+            continue
+        c = compare(common, {s: float(values[s]) for s in common})
+        evidence["second_opinions"][name] = c
+        checks.append(name)
+        why.extend(_disagreements(c, estimator, name))
+    gap, gap_stage = _largest_gap(linearisation_gap)
+    if gap is not None:
+        evidence["max_relative_linearisation_gap"] = gap
+        evidence["linearisation_gap_stage"] = gap_stage
+        evidence["linearisation_pair"] = list(linearisation_pair or [])
+        checks.append("linearisation gap")
+        if gap > LINEARISATION_GAP_MAX:
+            why.append(f"relative linearisation gap {gap:.2f} on stage {gap_stage}")
+    if intervals:
+        overlap, first, second = intervals_overlap(effects, intervals)
+        evidence["top_two_intervals_overlap"] = overlap
+        if overlap:
+            why.append(f"top two stages' intervals overlap ({first} and {second})")
+    if not checks:
+        why.insert(0, "nothing to check it against (no replay, no second estimate)")
+    if why:
+        text = "; ".join(why)
+        return _finish(UNRELIABLE, f"estimated — unreliable: {text}", f"Not checked by replay; {text}.", evidence)
+    reason = (
+        f"Not checked by replay; {', '.join(checks)} agree(s) with {estimator} on the top stage ({top}), the signs "
+        f"and the ranking, and the top stage's interval is clear of the runner-up's."
+    )
+    return _finish(AGREE, LABEL_AGREE, reason, evidence)
+
+
+def stored_figures_trust(
+    rows: Sequence[Any], diagnostics: Any, estimator: str, fidelity: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The verdict of a behavior assessed from a report's stored figures alone (a report written before verdicts
+    existed): its rows' effects, intervals and ``replay_effect``, the two readings of its linearisation pair, and
+    the report's replay ``fidelity`` when that covers this behavior alone (then it is this behavior's agreement).
+
+    Example:
+        >>> from hf_stage_attribution.report.schema import ReportRow
+        >>> rows = [ReportRow("a", 0, "f", "aa-linear", 0.1, 0.0, 0.2, [0.1]),
+        ...         ReportRow("b", 1, "f", "aa-linear", 2.0, 1.9, 2.1, [2.0])]
+        >>> stored_figures_trust(rows, None, "aa-linear")["verdict"]
+        'unreliable'
+    """
+    effects = {r.stage: float(r.effect) for r in rows}
+    intervals = {r.stage: (float(r.ci_low), float(r.ci_high)) for r in rows}
+    replayed = {r.stage: r.replay_effect for r in rows}
+    replay = replayed if all(v is not None for v in replayed.values()) else None
+    figures = _own_fidelity(fidelity, rows[0].behavior) if rows and replay is None else None
+    if figures is not None and estimator != "replay":
+        verdict = _fidelity_verdict(figures, top_of(effects))
+        verdict["evidence"]["assessed_from"] = "the report's replay fidelity (it was written without a verdict)"
+        return verdict
+    pair = list(getattr(diagnostics, "linearisation_pair", None) or [])
+    gaps = dict(getattr(diagnostics, "linearisation_gap", None) or {})
+    opinions = {}
+    if len(pair) == 2 and gaps and estimator in pair:
+        other = pair[1] if pair[0] == estimator else pair[0]
+        key = "fd" if other == pair[1] else "linear"
+        opinions[other] = {s: float(g[key]) for s, g in gaps.items() if key in g}
+    verdict = assess_trust(
+        effects, estimator=estimator, intervals=intervals, second_opinions=opinions, linearisation_gap=gaps or None,
+        linearisation_pair=pair or None, replay=replay,
+    )  # fmt: skip
+    verdict["evidence"]["assessed_from"] = "the report's stored figures (it was written without a verdict)"
+    return verdict
+
+
+def _own_fidelity(fidelity: Mapping[str, Any] | None, behavior: str) -> dict[str, Any] | None:
+    """``fidelity["all"]`` when it was computed on ``behavior`` alone (``estimators.fidelity`` layout), else None."""
+    block = (fidelity or {}).get("all")
+    if not isinstance(block, Mapping) or set(block.get("scale_free_error_per_behavior") or {}) != {behavior}:
+        return None
+    if any(not isinstance(block.get(k), int | float) for k in ("top_stage_agreement", "sign_agreement")):
+        return None
+    return dict(block)
+
+
+def _fidelity_verdict(figures: Mapping[str, Any], top: str) -> dict[str, Any]:
+    """The replay verdict from one behavior's fidelity figures (top-stage agreement, sign agreement, Spearman)."""
+    evidence: dict[str, Any] = {"top_stage": top, "replay": {k: figures.get(k) for k in (
+        "n_pairs", "top_stage_agreement", "sign_agreement", "spearman")}}  # fmt: skip
+    why = []
+    if figures["top_stage_agreement"] < 1.0:
+        why.append(f"replay names another top stage than {top}")
+    if figures["sign_agreement"] < SIGN_AGREEMENT_MIN - _ROUNDING:
+        why.append(f"signs agree on {100 * figures['sign_agreement']:.0f} % of the stages")
+    rho = figures.get("spearman")
+    if isinstance(rho, int | float) and (figures.get("n_pairs") or 0) >= 3 and rho < SPEARMAN_MIN - _ROUNDING:
+        why.append(f"replay ranks the stages differently (Spearman {rho:.2f})")
+    if why:
+        text = "; ".join(why)
+        return _finish(
+            UNRELIABLE, f"unreliable: replay disagrees — {text}", f"Exact replay disagrees: {text}.", evidence
+        )
+    return _finish(VERIFIED, LABEL_VERIFIED, f"Exact replay agrees: it names {top} as the top stage too.", evidence)

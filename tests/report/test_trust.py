@@ -1,0 +1,180 @@
+"""Trust verdicts on constructed per-example effects: each verdict, each reason, the JSON round trip, old reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hf_stage_attribution.report import AttributionReport
+from hf_stage_attribution.report import trust as T
+
+STAGES = ["pretraining", "sft", "lora", "dpo"]
+
+
+def _effects(means, sd=0.05, n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return {stage: rng.normal(mu, sd, n) for stage, mu in zip(STAGES, means)}
+
+
+def _report(means, alternates=None, sd=0.05, estimator="aa-linear", **kwargs) -> AttributionReport:
+    alt = {name: {"f": _effects(m, sd=0.0)} for name, m in (alternates or {}).items()}
+    return AttributionReport.build(
+        {"f": _effects(means, sd)}, estimator=estimator, stages=STAGES, alternates=alt, versions={}, **kwargs
+    )
+
+
+OURS = [0.2, 2.0, -0.6, 0.1]
+
+
+def test_replay_that_agrees_verifies_the_claim():
+    rep = _report(OURS, {"replay": [0.25, 1.8, -0.5, 0.12], "aa-fd": [3.0, 0.1, 0.1, 0.1]})
+    t = rep.trust("f")
+    assert (t["verdict"], t["label"]) == ("verified", "verified by replay")  # replay outranks any second opinion
+    assert t["evidence"]["replay"]["top_stage_equal"] and t["evidence"]["replay"]["spearman"] == pytest.approx(1.0)
+    assert t["evidence"]["intervals"] == T.INTERVAL_SCOPE and "example sampling only" in t["reason"]
+    assert rep.top_stage_claim("f") == {"stage": "sft", "effect": rep.rows[1].effect, "verdict": "verified",
+                                        "label": "verified by replay"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("replay", "why"),
+    [
+        ([2.5, 1.8, -0.5, 0.1], "replay names pretraining as the top stage, the estimate sft"),
+        ([0.25, 1.8, 0.5, 0.12], "disagree on the sign of 1 of 4 stages"),
+        ([-0.5, 1.8, 0.4, 0.3], "replay ranks the stages differently (Spearman 0.20)"),
+    ],
+)
+def test_replay_that_disagrees_makes_it_unreliable(replay, why):
+    t = _report(OURS, {"replay": replay}).trust("f")
+    assert t["verdict"] == "unreliable"
+    assert t["label"].startswith("unreliable: replay disagrees — ") and why in t["label"]
+
+
+def test_one_adjacent_swap_meets_the_ranking_bar():
+    assert _report(OURS, {"replay": [0.05, 1.8, -0.5, 0.12]}).trust("f")["verdict"] == "verified"  # Spearman 0.8
+
+
+def test_a_negligible_stage_may_have_either_sign():
+    # dpo moves the behavior by < 5 % of the largest effect on both sides: its sign is not a claim
+    t = _report(OURS, {"replay": [0.25, 1.8, -0.5, -0.01]}).trust("f")
+    assert t["verdict"] == "verified" and t["evidence"]["replay"]["signs_compared"] == 3
+
+
+def test_estimators_that_agree_without_replay():
+    rep = _report(OURS, {"aa-fd": [0.21, 1.9, -0.58, 0.1], "delta-fd": [0.3, 1.7, -0.4, 0.12]})
+    t = rep.trust("f")
+    assert (t["verdict"], t["label"]) == ("agree", "estimated — estimators agree")
+    assert set(t["evidence"]["second_opinions"]) == {"aa-fd", "delta-fd"}
+    assert t["evidence"]["max_relative_linearisation_gap"] == pytest.approx(0.1 / 2.0, abs=0.02)
+    assert t["evidence"]["top_two_intervals_overlap"] is False
+
+
+def test_estimators_naming_different_top_stages_are_unreliable():
+    t = _report(OURS, {"aa-fd": [2.5, 1.9, -0.58, 0.1]}).trust("f")
+    assert t["verdict"] == "unreliable"
+    assert t["label"].startswith("estimated — unreliable: aa-linear and aa-fd name different top stages (sft and "
+                                 "pretraining)")  # fmt: skip
+
+
+def test_a_large_linearisation_gap_is_unreliable_even_when_the_top_stage_agrees():
+    t = _report(OURS, {"aa-fd": [0.2, 2.0, 0.3, 0.1]}).trust("f")  # lora: -0.6 linear, +0.3 fd
+    assert t["verdict"] == "unreliable"
+    assert "relative linearisation gap 0.45 on stage lora" in t["label"]
+    assert "aa-linear and aa-fd disagree on the sign of 1 of 4 stages" in t["label"]
+
+
+def test_overlapping_intervals_of_the_top_two_stages_are_unreliable():
+    close = [0.2, 2.0, -1.95, 0.1]
+    rep = _report(close, {"aa-fd": close}, sd=1.0)
+    t = rep.trust("f")
+    assert t["verdict"] == "unreliable" and t["evidence"]["top_two_intervals_overlap"] is True
+    assert "top two stages' intervals overlap (sft and lora)" in t["label"]
+    # the same means with tight intervals agree
+    assert _report(close, {"aa-fd": close}, sd=0.01).trust("f")["verdict"] == "agree"
+
+
+def test_nothing_to_check_against_is_not_presented_as_agreement():
+    t = _report(OURS).trust("f")
+    assert t["verdict"] == "unreliable"
+    assert t["label"] == "estimated — unreliable: nothing to check it against (no replay, no second estimate)"
+
+
+def test_replay_as_the_estimator_is_verified_and_verdicts_survive_json(tmp_path):
+    assert _report(OURS, estimator="replay").trust("f")["verdict"] == "verified"
+    rep = _report(OURS, {"aa-fd": [2.5, 1.9, -0.58, 0.1]})
+    back = AttributionReport.from_json(rep.to_json(tmp_path / "r.json"))
+    assert back == rep and back.diagnostics["f"].trust["verdict"] == "unreliable"
+    assert "— estimated — unreliable: aa-linear and aa-fd name different top stages" in rep.to_markdown()
+    top_line = next(line for line in rep.table().splitlines() if " sft " in line)
+    assert top_line.rstrip().endswith("*?")
+
+
+def test_a_report_without_a_verdict_is_assessed_from_its_stored_figures():
+    rep = _report(OURS, {"aa-fd": [0.21, 1.9, -0.58, 0.1]})
+    rep.diagnostics["f"].trust = {}  # as written before verdicts existed
+    t = rep.trust("f")
+    assert t["verdict"] == "agree" and "assessed_from" in t["evidence"]  # the linearisation pair's two readings
+    for row, truth in zip(rep.rows, [2.5, 1.8, -0.5, 0.1]):
+        row.replay_effect = truth
+    assert rep.trust("f")["label"].startswith("unreliable: replay disagrees — replay names pretraining")
+    for row in rep.rows:
+        row.replay_effect = None
+    rep.fidelity = {"all": {"n_pairs": 4, "spearman": 1.0, "sign_agreement": 1.0, "top_stage_agreement": 1.0,
+                            "scale_free_error_per_behavior": {"f": 0.1}}}  # fmt: skip
+    assert rep.trust("f")["label"] == "verified by replay"  # a one-behavior fidelity is this behavior's
+    rep.fidelity["all"]["scale_free_error_per_behavior"] = {"f": 0.1, "g": 0.2}
+    assert rep.trust("f")["verdict"] == "agree"  # pooled over behaviors: not this behavior's
+
+
+def test_compare_and_spearman_match_their_definitions():
+    assert T.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert T.spearman([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(0.8)  # one adjacent swap: the bar
+    assert T.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254037844387)  # tied ranks averaged
+    c = T.compare({"a": 1.0, "b": -0.2}, {"a": 0.0, "b": 0.0})
+    assert c["top_stage_equal"] and c["sign_agreement"] == 0.0 and c["signs_compared"] == 2
+    assert T.intervals_overlap({"a": 1.0, "b": -0.5}, {"a": (0.4, 1.6), "b": (-0.6, -0.4)}) == (True, "a", "b")
+    assert T.intervals_overlap({"a": 1.0, "b": -0.5}, {"a": (0.7, 1.3), "b": (-0.6, -0.4)})[0] is False
+    assert T.intervals_overlap({"a": 1.0, "b": 0.1}, {"a": (-0.2, 2.0), "b": (0.0, 0.2)})[0] is True  # a spans 0
+
+
+def test_the_attributor_gives_every_behavior_a_verdict_from_the_evidence_it_ran(tmp_path):
+    from hf_stage_attribution import StageAttributor, estimators
+    from tests.helpers.attributor import behaviors_for, record_pipeline, stage_fns
+
+    ledger, model = record_pipeline(tmp_path / "ledger")
+    fns = stage_fns()
+    plain = StageAttributor(ledger, model, estimator="aa-linear", stage_fns=fns, show_progress=False)
+    report = plain.attribute(behaviors_for())
+    for name in ("target-logit", "logit-0"):
+        t = report.trust(name)
+        assert t["verdict"] in ("agree", "unreliable") and "replay" not in t["evidence"]
+        assert set(t["evidence"]["second_opinions"]) == {"aa-fd", "delta-fd"}  # the pair and task-vector negation
+        assert t["evidence"]["linearisation_pair"] == ["aa-linear", "aa-fd"]
+    validated = plain.attribute(behaviors_for(), validate=True)
+    for name in ("target-logit", "logit-0"):
+        t = validated.trust(name)
+        result = estimators.get("replay").estimate(ledger, model, behaviors_for()[name], stage_fns=fns)
+        replay = {stage: float(v.mean()) for stage, v in result.per_example.items()}
+        expected = T.compare({r.stage: r.effect for r in validated.rows_for(name)}, replay)
+        assert t["evidence"]["replay"] == pytest.approx(expected)
+        agrees = not T._disagreements(expected, "the estimate", "replay")
+        assert t["verdict"] == ("verified" if agrees else "unreliable")
+    no_diagnostics = StageAttributor(ledger, model, estimator="aa-linear", diagnostics=False, show_progress=False)
+    assert (
+        no_diagnostics.attribute(behaviors_for())
+        .trust("logit-0")["label"]
+        .startswith("estimated — unreliable: nothing to check it against")
+    )
+
+
+def test_replay_run_separately_replaces_the_estimated_verdict():
+    rep = _report(OURS, {"aa-fd": [0.21, 1.9, -0.58, 0.1]})
+    assert rep.trust("f")["verdict"] == "agree"
+    truth = AttributionReport.build({"f": _effects([2.5, 1.8, -0.5, 0.1])}, estimator="replay", stages=STAGES,
+                                    versions={})  # fmt: skip
+    rep.verify_with_replay(truth)
+    t = rep.trust("f")
+    assert t["label"] == "unreliable: replay disagrees — replay names pretraining as the top stage, the estimate sft"
+    assert t["evidence"]["without_replay"] == {"verdict": "agree", "label": "estimated — estimators agree"}
+    rep.verify_with_replay({"other": {"sft": 1.0}})  # a behavior replay does not cover keeps its verdict
+    assert rep.trust("f") == t
