@@ -21,7 +21,7 @@ import torch
 
 from ..errors import BehaviorError
 from .base import ExampleBehavior, model_device
-from .loading import load_tokenizer, reference_path, resolve_path
+from .loading import load_tokenizer, reference_path, spec_reference
 from .registry import register
 
 __all__ = ["Classification", "MEASURES", "classifier_logits", "measure_values", "resolve_targets"]
@@ -199,4 +199,4 @@ class Classification(ClassifierInputs, ExampleBehavior):
 
     @classmethod
     def _spec_kwargs(cls, spec: dict[str, Any], base_dir: Path | None, trust_code: bool) -> dict[str, Any]:
-        return {"tokenizer": resolve_path(spec.get("tokenizer"), base_dir)}
+        return {"tokenizer": spec_reference(spec.get("tokenizer"), base_dir, "tokenizer", trust_code=trust_code)}

@@ -1,5 +1,8 @@
 """Loading tokenizers and models that behaviors take either as objects or as local paths (offline only).
 
+A folder whose config needs custom code (``auto_map``) is refused unless ``trust_code=True`` (the spec loaders'
+and the CLI's one code opt-in, ``--trust-code``); models are read with ``use_safetensors=True``.
+
 Example:
     >>> from hf_stage_attribution.behaviors.loading import reference_path
     >>> reference_path("/tmp", "tokenizer")
@@ -11,9 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .._internal.pretrained import check_pretrained_dir, needs_custom_code
 from ..errors import BehaviorError
 
-__all__ = ["load_tokenizer", "load_sequence_classifier", "reference_path", "resolve_path"]
+__all__ = ["load_tokenizer", "load_sequence_classifier", "reference_path", "resolve_path", "spec_reference"]
 
 
 def resolve_path(ref: Any, base_dir: Path | None) -> Any:
@@ -35,22 +39,44 @@ def _local_dir(ref: str | Path, what: str) -> str:
     return str(path)
 
 
-def load_tokenizer(ref: Any) -> Any:
-    """A tokenizer object as given, or ``AutoTokenizer.from_pretrained`` of a local directory."""
+def load_tokenizer(ref: Any, *, trust_code: bool = False) -> Any:
+    """A tokenizer object as given, or ``AutoTokenizer.from_pretrained`` of a local directory (custom-code
+    tokenizers only with ``trust_code=True``)."""
     if ref is None or not isinstance(ref, (str, Path)):
         return ref
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_local_dir(ref, "tokenizer"), local_files_only=True)
+    path = _local_dir(ref, "tokenizer")
+    check_pretrained_dir(path, "tokenizer", trust_code=trust_code)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_code)
 
 
-def load_sequence_classifier(ref: Any) -> Any:
-    """A model object as given, or ``AutoModelForSequenceClassification`` loaded from a local directory."""
+def load_sequence_classifier(ref: Any, *, trust_code: bool = False) -> Any:
+    """A model object as given, or ``AutoModelForSequenceClassification`` loaded from a local directory
+    (safetensors weights only; custom-code models only with ``trust_code=True``)."""
     if not isinstance(ref, (str, Path)):
         return ref
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(_local_dir(ref, "model"), local_files_only=True)
+    path = _local_dir(ref, "model")
+    check_pretrained_dir(path, "model", trust_code=trust_code, weights=True)
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, local_files_only=True, trust_remote_code=trust_code, use_safetensors=True
+    )
+
+
+def spec_reference(ref: Any, base_dir: Path | None, what: str, *, trust_code: bool) -> Any:
+    """A tokenizer/model entry of a spec: the path resolved against ``base_dir``; a local folder that needs custom
+    code is refused without ``trust_code``, and with it loaded here (the behavior receives the object)."""
+    ref = resolve_path(ref, base_dir)
+    if not isinstance(ref, str) or not Path(ref).is_dir():
+        return ref
+    check_pretrained_dir(ref, what, trust_code=trust_code)
+    if not trust_code or not needs_custom_code(ref):
+        return ref
+    if what == "reward model":
+        return load_sequence_classifier(ref, trust_code=trust_code)
+    return load_tokenizer(ref, trust_code=trust_code)
 
 
 def reference_path(obj: Any, what: str) -> str:

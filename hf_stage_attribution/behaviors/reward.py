@@ -31,7 +31,7 @@ import torch
 from ..errors import BehaviorError
 from .base import ExampleBehavior, eval_mode, model_device
 from .importance import SampledCompletionsBehavior
-from .loading import load_sequence_classifier, load_tokenizer, reference_path, resolve_path
+from .loading import load_sequence_classifier, load_tokenizer, reference_path, spec_reference
 from .registry import register
 
 __all__ = ["PolicyReward", "RewardModelScore", "reward_scores"]
@@ -134,7 +134,7 @@ class RewardModelScore(ExampleBehavior):
 
     @classmethod
     def _spec_kwargs(cls, spec: dict[str, Any], base_dir: Path | None, trust_code: bool) -> dict[str, Any]:
-        return {"tokenizer": resolve_path(spec.get("tokenizer"), base_dir)}
+        return {"tokenizer": spec_reference(spec.get("tokenizer"), base_dir, "tokenizer", trust_code=trust_code)}
 
 
 @register
@@ -230,4 +230,7 @@ class PolicyReward(SampledCompletionsBehavior):
 
     @classmethod
     def _spec_kwargs(cls, spec: dict[str, Any], base_dir: Path | None, trust_code: bool) -> dict[str, Any]:
-        return {key: resolve_path(spec.get(key), base_dir) for key in cls._spec_special}
+        return {
+            key: spec_reference(spec.get(key), base_dir, key.replace("_", " "), trust_code=trust_code)
+            for key in cls._spec_special
+        }

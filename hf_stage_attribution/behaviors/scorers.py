@@ -6,6 +6,12 @@ Switch scorers with ``scorer=`` on the generation behavior: a name (``"alt-profa
 ``"better-profanity"``), a dict (``{"type": "transformers", "model": DIR, "toxic_label": "toxic"}``,
 ``{"type": "evaluate", "module": "toxicity" | FOLDER}``), a :class:`Scorer` or a callable ``texts -> scores``.
 
+Code opt-in: an ``evaluate`` module is a Python script (the Hub's or a local folder's) that ``evaluate.load``
+imports, a ``callable`` scorer imports a function, and a ``transformers`` model folder can name custom code
+(``auto_map``). None of them loads without ``trust_code=True`` (CLI: ``--trust-code``); the refusal is an
+:class:`~hf_stage_attribution.errors.UnsafeInputError` naming the opt-in. Model weights are read with
+``use_safetensors=True``.
+
 Example:
     >>> from hf_stage_attribution.behaviors.scorers import get_scorer
     >>> score = get_scorer("better-profanity")
@@ -24,7 +30,8 @@ from typing import Any
 
 import torch
 
-from ..errors import BehaviorError, ScorerUnavailableError
+from .._internal.pretrained import TRUST_CODE_HINT, check_pretrained_dir
+from ..errors import BehaviorError, ScorerUnavailableError, UnsafeInputError
 from .custom import callable_path, import_callable
 from .loading import resolve_path
 
@@ -144,7 +151,8 @@ class BetterProfanityScorer(Scorer):
 
 
 class TransformersClassifierScorer(Scorer):
-    """Probability of the toxic label of a local ``transformers`` sequence classifier (a model directory).
+    """Probability of the toxic label of a local ``transformers`` sequence classifier (a model directory; read
+    with ``use_safetensors=True``; a model or tokenizer with custom code needs ``trust_code=True``).
 
     Example:
         >>> TransformersClassifierScorer("unitary/toxic-bert")  # doctest: +IGNORE_EXCEPTION_DETAIL
@@ -155,16 +163,26 @@ class TransformersClassifierScorer(Scorer):
     name = "transformers"
 
     def __init__(
-        self, model: str, toxic_label: str | int | None = None, batch_size: int = 32, max_length: int | None = None
+        self,
+        model: str,
+        toxic_label: str | int | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        *,
+        trust_code: bool = False,
     ) -> None:
         if not isinstance(model, (str, Path)) or not Path(model).is_dir():
             raise unavailable(f"transformers:{model}", "not a local model directory; Hub downloads are not used")
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.model_path, self.batch_size, self.max_length = str(model), int(batch_size), max_length
+        check_pretrained_dir(self.model_path, "scorer model", trust_code=trust_code, weights=True)
+        load = {"local_files_only": True, "trust_remote_code": trust_code}
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-            self._model = AutoModelForSequenceClassification.from_pretrained(self.model_path, local_files_only=True)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path, **load)
+            self._model = AutoModelForSequenceClassification.from_pretrained(
+                self.model_path, use_safetensors=True, **load
+            )
         except (OSError, ValueError) as exc:
             raise unavailable(f"transformers:{model}", str(exc).splitlines()[0]) from None
         self._model.eval()
@@ -219,10 +237,13 @@ class EvaluateScorer(Scorer):
     """An ``evaluate`` measurement/metric module computed on the texts (``predictions=texts``); the per-text
     scores are the result list named ``key`` (default: the only list of the right length).
 
-    Example (the Hub ``toxicity`` measurement downloads a model, so offline it is unavailable)::
+    Loading a module imports its Python script, so it needs ``trust_code=True`` (the Hub ``toxicity``
+    measurement also downloads a model, so offline it is unavailable even then).
 
-        EvaluateScorer("toxicity")  # offline: ScorerUnavailableError listing the offline scorers
-        EvaluateScorer("/path/to/my_measurement")(["some text"])  # -> [score]
+    Example:
+        >>> EvaluateScorer("toxicity")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        hf_stage_attribution.errors.UnsafeInputError: The evaluate module 'toxicity' is ... trust_code=True ...
     """
 
     name = "evaluate"
@@ -234,7 +255,14 @@ class EvaluateScorer(Scorer):
         key: str | None = None,
         compute_kwargs: dict[str, Any] | None = None,
         module_type: str | None = None,
+        *,
+        trust_code: bool = False,
     ) -> None:
+        if not trust_code:
+            raise UnsafeInputError(
+                f"The evaluate module {str(module)!r} is a Python script that evaluate.load would import and run; "
+                f"{TRUST_CODE_HINT}."
+            )
         self.module, self.config_name, self.key = str(module), config_name, key
         self.compute_kwargs = dict(compute_kwargs or {})
         self.module_type = module_type or ("measurement" if self.module == "toxicity" else None)
@@ -310,7 +338,11 @@ _BY_NAME: dict[str, Callable[..., Scorer]] = {
 
 
 def get_scorer(spec: Any, *, base_dir: Path | None = None, trust_code: bool = False) -> Scorer:
-    """A :class:`Scorer` from a name, a dict ``{"type": ..., ...}``, a Scorer, or a callable."""
+    """A :class:`Scorer` from a name, a dict ``{"type": ..., ...}``, a Scorer, or a callable.
+
+    ``trust_code=True`` is needed for the dicts that load code: ``evaluate`` modules, ``callable`` functions named
+    by path, ``transformers`` models with custom code.
+    """
     if isinstance(spec, Scorer):
         return spec
     if callable(spec):
@@ -329,6 +361,7 @@ def get_scorer(spec: Any, *, base_dir: Path | None = None, trust_code: bool = Fa
         key = "model" if kind == "transformers" else "module"
         if key in options:
             options[key] = resolve_path(options[key], base_dir)
+        options["trust_code"] = trust_code
     try:
         return _BY_NAME[kind](**options)
     except TypeError as exc:

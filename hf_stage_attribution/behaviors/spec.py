@@ -51,7 +51,9 @@ def from_spec(
     """Build one behavior from a spec dict (or a JSON/YAML file holding one).
 
     ``kind`` picks the registered class (an unknown kind raises UnknownNameError listing the known ones);
-    ``trust_code=True`` is needed for specs that import a function (``custom`` kind, callable scorers).
+    ``trust_code=True`` is needed for specs that load code: a function (``custom`` kind, callable scorers), an
+    ``evaluate`` module, a tokenizer/model folder whose config names custom code (``auto_map``). Without it they
+    raise UnsafeInputError naming the opt-in; nothing in the spec itself can turn it on.
     """
     if isinstance(spec, (str, Path)):
         base_dir = Path(spec).parent if base_dir is None else base_dir

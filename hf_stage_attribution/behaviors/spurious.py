@@ -28,7 +28,7 @@ from .classification import (
     measure_values,
     resolve_targets,
 )
-from .loading import load_tokenizer, reference_path, resolve_path
+from .loading import load_tokenizer, reference_path, spec_reference
 from .registry import register
 
 __all__ = ["SpuriousReliance", "apply_feature"]
@@ -170,4 +170,4 @@ class SpuriousReliance(ClassifierInputs, ExampleBehavior):
 
     @classmethod
     def _spec_kwargs(cls, spec: dict[str, Any], base_dir: Path | None, trust_code: bool) -> dict[str, Any]:
-        return {"tokenizer": resolve_path(spec.get("tokenizer"), base_dir)}
+        return {"tokenizer": spec_reference(spec.get("tokenizer"), base_dir, "tokenizer", trust_code=trust_code)}

@@ -28,7 +28,7 @@ import torch
 from ..errors import BehaviorError
 from .base import ExampleBehavior
 from .importance import SampledCompletionsBehavior
-from .loading import load_tokenizer, reference_path, resolve_path
+from .loading import load_tokenizer, reference_path, spec_reference
 from .registry import register
 from .scorers import get_scorer
 from .sequences import continuation_logprobs, encode, fit_prompt, max_positions
@@ -115,7 +115,7 @@ class TeacherForcedToxicity(ExampleBehavior):
 
     @classmethod
     def _spec_kwargs(cls, spec: dict[str, Any], base_dir: Path | None, trust_code: bool) -> dict[str, Any]:
-        return {"tokenizer": resolve_path(spec.get("tokenizer"), base_dir)}
+        return {"tokenizer": spec_reference(spec.get("tokenizer"), base_dir, "tokenizer", trust_code=trust_code)}
 
 
 @register
@@ -194,7 +194,9 @@ class GenerationToxicity(SampledCompletionsBehavior):
 
     @classmethod
     def _spec_kwargs(cls, spec: dict[str, Any], base_dir: Path | None, trust_code: bool) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"tokenizer": resolve_path(spec.get("tokenizer"), base_dir)}
+        kwargs: dict[str, Any] = {
+            "tokenizer": spec_reference(spec.get("tokenizer"), base_dir, "tokenizer", trust_code=trust_code)
+        }
         if "scorer" in spec:
             kwargs["scorer"] = get_scorer(spec["scorer"], base_dir=base_dir, trust_code=trust_code)
         return kwargs

@@ -39,6 +39,7 @@ class CheckpointLocation:
     config: dict | None
     adapter_config: dict | None
     source: dict[str, Any]
+    allow_pickle: bool = False  # the caller's permission, also for optimizer.pt/scheduler.pt (see trainer.py)
 
     @property
     def is_adapter(self) -> bool:
@@ -229,4 +230,4 @@ def locate(
     if weight_format.startswith("peft-adapter"):
         adapter = _read_json(fetch("adapter_config.json"), "adapter config")
     source.update(format=weight_format, files=sorted(p.name for p in files))
-    return CheckpointLocation(boundary, directory, weight_format, files, config, adapter, source)
+    return CheckpointLocation(boundary, directory, weight_format, files, config, adapter, source, allow_pickle)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointImportError
+from ..errors import CheckpointImportError, UnsafeCheckpointError
 from ..ledger.core import LedgerCore
 from ..ledger.optimizer_info import STATE_KEYS
 from ..ledger.writer import LedgerWriter, digest
@@ -87,6 +87,8 @@ def _progress(total: int, enabled: bool, desc: str):
 def _optimizer_state(stage: StagePlan, shapes: dict[str, tuple[int, ...]]):
     """``(specs, stream)`` of the optimizer state the stage continued from (``optimizer.pt``, weights only)."""
     info = stage.info
+    if not stage.location.allow_pickle:  # state_file is only set with permission; checked again where it is read
+        raise UnsafeCheckpointError(f"Refused to unpickle {info.state_file}: pass allow_pickle=True to read it.")
     data = load_weights_only(info.state_file, "optimizer state")
     state = data.get("state", {}) if isinstance(data, dict) else {}
     items: list[tuple[str, str, Any]] = []
@@ -225,7 +227,8 @@ def import_checkpoints(
     Args:
         boundaries: the ordered boundary dicts (the first is θ_0).
         output_dir: a new (or empty) directory; ``overwrite=True`` replaces an existing one once the import succeeded.
-        allow_pickle: accept ``pytorch_model.bin`` weights, read with ``torch.load(weights_only=True)`` only.
+        allow_pickle: accept ``pytorch_model.bin`` weights and read Trainer checkpoints' ``optimizer.pt`` /
+            ``scheduler.pt``, all with ``torch.load(weights_only=True)`` only (without it those are not opened).
         cache_dir, local_files_only, token: passed to huggingface_hub (``local_files_only`` defaults to
             ``HF_HUB_OFFLINE``); a token is used for downloads and never stored.
         progress: show tqdm progress bars.

@@ -1,6 +1,9 @@
 """How a stage was trained, from what checkpoints publish: the spec's ``optimizer``, ``trainer_state.json``
-(``log_history`` learning rates), and ``optimizer.pt``/``scheduler.pt`` read with ``torch.load(weights_only=True)``.
-``training_args.bin`` is a pickle of arbitrary objects and is never read.
+(``log_history`` learning rates), and ``optimizer.pt``/``scheduler.pt``. Those two are pickles: they are read only
+with ``allow_pickle=True`` (CLI ``--allow-pickle``, the permission pickle weights need) and then with
+``torch.load(weights_only=True)``; without it they are not opened, a warning says what is lost (the optimizer
+type and param groups must then come from the boundary's ``optimizer``; a continued stage has no starting
+optimizer state). ``training_args.bin`` is a pickle of arbitrary objects and is never read.
 
 Learning rates: the Trainer logs the rate *applied* at each logged step. When every step of the stage is logged
 (``logging_steps = 1``) those are the rates; otherwise they are computed from the schedule the spec names
@@ -132,8 +135,18 @@ def _json_safe(value: Any) -> Any:
     return value if isinstance(value, (bool, int, float, str)) or value is None else repr(value)
 
 
-def _saved_groups(directory: Path) -> tuple[list[dict] | None, list[float] | None]:
+def _saved_groups(directory: Path, allow_pickle: bool, label: str) -> tuple[list[dict] | None, list[float] | None]:
     groups = base_lrs = None
+    pickles = [name for name in ("optimizer.pt", "scheduler.pt") if (directory / name).is_file()]
+    if pickles and not allow_pickle:
+        warnings.warn(
+            f"{label}: {' and '.join(pickles)} were not read: they are pickles, and unpickling needs "
+            "allow_pickle=True (CLI: --allow-pickle; they are then read with torch.load(weights_only=True)). "
+            "Without them the optimizer type and param groups come from the boundary's `optimizer` (give `type`), "
+            "and a continued stage has no starting optimizer state.",
+            stacklevel=5,
+        )
+        return None, None
     if (directory / "optimizer.pt").is_file():
         data = load_weights_only(directory / "optimizer.pt", "optimizer state")
         if isinstance(data, dict) and isinstance(data.get("param_groups"), list):
@@ -163,11 +176,15 @@ class _Builder:
         self.start = 0
         if self.state and prev_state and (same_run(prev_state, self.state) or siblings):
             self.start = prev_state["global_step"] if prev_state["global_step"] < self.state["global_step"] else 0
-        self.groups, self.base_lrs = (None, None) if loc.is_adapter else _saved_groups(loc.directory)
+        self.groups, self.base_lrs = (
+            (None, None) if loc.is_adapter else _saved_groups(loc.directory, loc.allow_pickle, self.label)
+        )
+        if not loc.allow_pickle and any((loc.directory / n).is_file() for n in ("optimizer.pt", "scheduler.pt")):
+            self.info.notes.append("optimizer.pt/scheduler.pt were not read (pickles; allow_pickle=True reads them).")
         if (loc.directory / "training_args.bin").exists():
             self.info.notes.append(
                 "training_args.bin was not read (it is a pickle); optimizer type and schedule come from "
-                "optimizer.pt/scheduler.pt (weights only), trainer_state.json and the spec."
+                "optimizer.pt/scheduler.pt (weights only, with allow_pickle=True), trainer_state.json and the spec."
             )
 
     def steps(self) -> int | None:
@@ -295,7 +312,8 @@ class _Builder:
         if self.start > 0:
             info.optimizer_state_policy = "continued"
             prev_opt = self.prev.directory / "optimizer.pt" if self.prev is not None else None
-            if prev_opt is not None and prev_opt.is_file() and info.state_names is not None:
+            readable = prev_opt is not None and prev_opt.is_file() and self.prev.allow_pickle
+            if readable and info.state_names is not None:
                 info.state_file = prev_opt
             else:
                 info.notes.append("Continued the optimizer of the previous checkpoint, whose state is not available.")

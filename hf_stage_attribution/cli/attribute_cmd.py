@@ -24,7 +24,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust-code",
         action="store_true",
-        help="allow behavior specs to import Python functions ('custom' kind, callable scorers)",
+        help="allow code to run: behavior specs that import Python functions ('custom' kind, callable scorers) "
+        "or evaluate modules, and models/tokenizers whose config names custom code (auto_map)",
     )
     p.add_argument(
         "--curvature-preset",
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     ledger = StageLedger.load(args.ledger_dir)
     behaviors = load_specs(args.behaviors, trust_code=args.trust_code)
-    model = load_model(args.model)
+    model = load_model(args.model, trust_code=args.trust_code)
     options: dict = {"allow_identity_propagation": True} if args.allow_identity_propagation else {}
     attributor = StageAttributor(
         ledger,

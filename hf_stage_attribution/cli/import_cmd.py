@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="accept pytorch_model.bin weights (read with torch.load(weights_only=True) only)",
+        help="accept pytorch_model.bin weights and read Trainer optimizer.pt/scheduler.pt "
+        "(all with torch.load(weights_only=True) only)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace LEDGER_DIR if it exists (after success)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..behaviors.loading import load_tokenizer
 from ..errors import InterventionError, StageAttributionError
 from ..examples.spurious_digits_model import MODEL_TYPE, DigitsMLP
 from ..integrations.model_loading import load_model
@@ -55,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="pass deltas unchanged through stages whose optimizer the propagation rules do not know",
     )
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow code to run: spec files that import Python functions or evaluate modules, and models/tokenizers "
+        "whose config names custom code (auto_map)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -97,13 +104,13 @@ def constraint_from_args(args: argparse.Namespace):
     )
 
 
-def _load_model(path: str):
+def _load_model(path: str, trust_code: bool = False):
 
     config = Path(path) / "config.json"
     try:
         if config.exists() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE:
-            return DigitsMLP.from_pretrained(path)
-        return load_model(path)
+            return DigitsMLP.from_pretrained(path, use_safetensors=True)
+        return load_model(path, trust_code=trust_code)
     except StageAttributionError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -114,12 +121,10 @@ def _load_model(path: str):
         ) from exc
 
 
-def _tokenizer(path: str):
+def _tokenizer(path: str, trust_code: bool = False):
     if not (Path(path) / "tokenizer_config.json").exists():
         return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path, trust_code=trust_code)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,8 +134,9 @@ def run(args: argparse.Namespace) -> int:
     constraint = constraint_from_args(args)
     ledger = StageLedger.load(args.ledger_dir)
     resolve_stage(ledger, args.stage)  # a clear error before the (slow) model and data loading
-    target, utilities = load_target(args.target), load_utilities(args.utility)
-    model = _load_model(args.model)
+    trust = args.trust_code
+    target, utilities = load_target(args.target, trust_code=trust), load_utilities(args.utility, trust_code=trust)
+    model = _load_model(args.model, trust)
     options = {"allow_identity_propagation": True} if args.allow_identity_propagation else None
     result = scale_stage(
         ledger, model, args.stage, alphas, args.kind, target=target, utilities=utilities, constraint=constraint,
@@ -143,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
     saved = None
     if result.chosen is not None and not args.no_save:
         card = Path(args.model) / "README.md"
-        saved = result.save(out, tokenizer=_tokenizer(args.model), card_from=card if card.exists() else None)
+        saved = result.save(
+            out, tokenizer=_tokenizer(args.model, args.trust_code), card_from=card if card.exists() else None
+        )
     else:
         out.mkdir(parents=True, exist_ok=True)
         result.to_json(out / "intervention.json")

@@ -1,7 +1,9 @@
 """Loading a model from a local directory for the command line: transformers models and PEFT adapters.
 
-``trust_remote_code`` is never enabled implicitly: a model whose config needs custom code is refused with a
-message saying how to load it from Python instead.
+Custom code is never run implicitly: a model whose config needs custom code (``auto_map``) is refused unless
+``trust_code=True`` (CLI: ``--trust-code``, the same opt-in that lets behavior specs import code), which is then
+passed on as ``trust_remote_code``. Weights are read with ``use_safetensors=True``; a folder with only
+``pytorch_model.bin`` is refused with a message saying how to convert it.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .._internal.pretrained import check_pretrained_dir
 from ..errors import ModelMismatchError
 
 
-def load_model(path: str | Path, *, trust_remote_code: bool = False) -> Any:
+def load_model(path: str | Path, *, trust_code: bool = False) -> Any:
     """Load the model saved at ``path`` (``save_pretrained`` output, or a PEFT adapter directory).
 
     Example::
@@ -27,22 +30,22 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False) -> Any:
             f"{'a file' if path.exists() else 'nothing'}. Pass the directory the final model was saved to."
         )
     if (path / "adapter_config.json").exists():
-        return _load_adapter(path, trust_remote_code)
+        return _load_adapter(path, trust_code)
     if not (path / "config.json").exists():
         raise ModelMismatchError(f"{path} has no config.json: it is not a transformers model directory.")
+    check_pretrained_dir(path, "model", trust_code=trust_code, weights=True)
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_code)
     architectures = getattr(config, "architectures", None) or []
+    load = {"trust_remote_code": trust_code, "use_safetensors": True, "attn_implementation": "eager"}
     for arch in architectures:
         cls = getattr(transformers, arch, None)
         if cls is not None:
-            return cls.from_pretrained(path, trust_remote_code=trust_remote_code, attn_implementation="eager")
-    if getattr(config, "auto_map", None) and not trust_remote_code:
-        raise ModelMismatchError(
-            f"{path} needs custom code (config.auto_map) to load; this tool never runs remote code implicitly. "
-            "Load the model yourself in Python and use StageAttributor directly."
-        )
+            return cls.from_pretrained(path, **load)
+    for auto in getattr(config, "auto_map", None) or {}:  # custom code, allowed by trust_code (checked above)
+        if auto.startswith("AutoModel") and hasattr(transformers, auto):
+            return getattr(transformers, auto).from_pretrained(path, **load)
     raise ModelMismatchError(
         f"{path} holds a {getattr(config, 'model_type', 'custom')!r} model whose architecture "
         f"({', '.join(architectures) or 'none listed'}) is not a transformers class. Load it yourself in Python "
@@ -50,7 +53,7 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     )
 
 
-def _load_adapter(path: Path, trust_remote_code: bool) -> Any:
+def _load_adapter(path: Path, trust_code: bool) -> Any:
     from peft import PeftModel
 
     with open(path / "adapter_config.json", encoding="utf-8") as fh:
@@ -60,4 +63,6 @@ def _load_adapter(path: Path, trust_remote_code: bool) -> Any:
             f"The adapter at {path} names its base model {base!r}, which is not a local directory. "
             "Merge the adapter (merge_and_unload + save_pretrained) or fix base_model_name_or_path."
         )
-    return PeftModel.from_pretrained(load_model(base, trust_remote_code=trust_remote_code), path)
+    check_pretrained_dir(path, "adapter", trust_code=trust_code, weights=True)
+    # the check above leaves PEFT only adapter_model.safetensors to read (it takes it over a .bin)
+    return PeftModel.from_pretrained(load_model(base, trust_code=trust_code), path)

@@ -225,22 +225,23 @@ class Constraint:
         }  # fmt: skip
 
 
-def load_target(path: str | Path) -> Any:
-    """The target behavior from a spec file (one behavior spec, or a list under ``behaviors`` with one entry)."""
+def load_target(path: str | Path, *, trust_code: bool = False) -> Any:
+    """The target behavior from a spec file (one behavior spec, or a list under ``behaviors`` with one entry);
+    ``trust_code`` as in :func:`~hf_stage_attribution.behaviors.load_specs`."""
 
     content = read_spec_file(path)
     items = content.get("behaviors", content) if isinstance(content, Mapping) else content
     if isinstance(items, Mapping):
-        return from_spec(dict(items), base_dir=Path(path).parent)
+        return from_spec(dict(items), base_dir=Path(path).parent, trust_code=trust_code)
     if not isinstance(items, list) or len(items) != 1:
         raise InterventionError(
             f"Expected {path} to hold exactly one target behavior spec (a mapping, or a one-item list under "
             f"'behaviors'), found {len(items) if isinstance(items, list) else type(items).__name__}."
         )
-    return from_spec(dict(items[0]), base_dir=Path(path).parent)
+    return from_spec(dict(items[0]), base_dir=Path(path).parent, trust_code=trust_code)
 
 
-def load_utilities(path: str | Path) -> list[Metric]:
+def load_utilities(path: str | Path, *, trust_code: bool = False) -> list[Metric]:
     """Utility metrics from a spec file: a list (under ``utilities`` or ``behaviors``) whose items are behavior
     specs (their mean is the metric) or ``{"kind": "accuracy", "data": ..., "group_key": ..., ...}``."""
 
@@ -258,7 +259,7 @@ def load_utilities(path: str | Path) -> list[Metric]:
         if not isinstance(item, Mapping) or "kind" not in item:
             raise InterventionError(f"Every utility in {path} needs a 'kind'; got {item!r:.80}.")
         if item["kind"] != "accuracy":
-            behavior = from_spec(dict(item), base_dir=base)
+            behavior = from_spec(dict(item), base_dir=base, trust_code=trust_code)
             out.append(BehaviorMean(behavior, name=str(item.get("name") or behavior.name)))
             continue
         spec = {k: v for k, v in item.items() if k != "kind"}

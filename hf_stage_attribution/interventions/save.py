@@ -137,13 +137,13 @@ def _figures(result: Any, model: torch.nn.Module) -> dict[str, float]:
 
 def _reload(directory: Path, form: str, saved: torch.nn.Module, result: Any, notes: list[str]) -> torch.nn.Module:
     if form == "full":
-        return type(saved).from_pretrained(directory)
+        return type(saved).from_pretrained(directory, use_safetensors=True)
     from peft import PeftModel
 
     base_ref = saved.peft_config[saved.active_adapter].base_model_name_or_path
     base_cls = type(saved.get_base_model())
     if base_ref and Path(base_ref).is_dir() and hasattr(base_cls, "from_pretrained"):
-        base = base_cls.from_pretrained(base_ref)
+        base = base_cls.from_pretrained(base_ref, use_safetensors=True)
     else:
         notes.append(
             f"The adapter's base model {base_ref!r} is not a local directory; the reload check used the in-memory "

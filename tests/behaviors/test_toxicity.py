@@ -203,7 +203,7 @@ def test_evaluate_module_from_a_local_folder(lm, tmp_path):
                 return {"word_toxicity": [sum(map(p.contains_profanity, t.split())) / max(len(t.split()), 1)
                                           for t in predictions]}
     '''))  # fmt: skip
-    scorer = behaviors.get_scorer({"type": "evaluate", "module": str(folder)})
+    scorer = behaviors.get_scorer({"type": "evaluate", "module": str(folder)}, trust_code=True)
     assert scorer(["you shit head", "nice day"]) == pytest.approx([1 / 3, 0.0])
     b = generations(lm, scorer=scorer)
     b.prepare(lm["toxic"])
@@ -213,7 +213,7 @@ def test_evaluate_module_from_a_local_folder(lm, tmp_path):
 
 def test_scorers_that_cannot_load_offline_say_which_work(tmp_path):
     with pytest.raises(ScorerUnavailableError, match="alt-profanity-check, better-profanity") as err:
-        behaviors.get_scorer({"type": "evaluate", "module": "toxicity"})  # the Hub measurement: needs a download
+        behaviors.get_scorer({"type": "evaluate", "module": "toxicity"}, trust_code=True)  # Hub: needs a download
     assert "offline" in str(err.value)
     with pytest.raises(ScorerUnavailableError, match="better-profanity"):
         behaviors.get_scorer({"type": "transformers", "model": "facebook/roberta-hate-speech-dynabench-r4-target"})

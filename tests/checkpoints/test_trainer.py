@@ -1,5 +1,6 @@
 """Importing a Trainer output directory: checkpoint-* folders become stages, learning rates come from log_history
-(or a known schedule), optimizer.pt/scheduler.pt are read weights-only, and no pickle is ever executed."""
+(or a known schedule), optimizer.pt/scheduler.pt are read only with allow_pickle=True and then weights-only, and no
+pickle is ever executed."""
 
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ def _same_rates(found, expected):
     torch.testing.assert_close(torch.tensor(found, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64))
 
 
-def _import(base, out, dest, **kw):
+def _import(base, out, dest, allow_pickle=True, **kw):
     boundaries = [{"model": str(base)}, {"model": str(out), "name": "sft", "kind": "sft", **kw}]
-    return StageLedger.from_checkpoints(boundaries, dest, progress=False)
+    return StageLedger.from_checkpoints(boundaries, dest, progress=False, allow_pickle=allow_pickle)
 
 
 def _weights(folder):
@@ -139,6 +140,35 @@ def test_malicious_optimizer_pickle_is_refused_and_never_runs(run, tmp_path, how
         _import(run["base"], out, tmp_path / "ledger")
     assert not marker.exists()
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_optimizer_and_scheduler_pickles_are_not_opened_without_allow_pickle(run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(run["out"], out)
+    marker = tmp_path / "pwned"
+    for ckpt in out.glob("checkpoint-*"):  # were they unpickled (weights-only or not), the import would fail
+        for name in ("optimizer.pt", "scheduler.pt"):
+            torch.save({"state": {}, "param_groups": [_Evil(str(marker))]}, ckpt / name)
+    calls = []
+    real_load = torch.load
+
+    def tripwire(*args, **kwargs):
+        calls.append(args)
+        return real_load(*args, **kwargs)
+
+    torch.load = tripwire
+    try:
+        with pytest.warns(UserWarning, match="optimizer.pt and scheduler.pt were not read.*allow_pickle=True"):
+            ledger = _import(run["base"], out, tmp_path / "ledger", allow_pickle=False, optimizer={"type": "AdamW"})
+    finally:
+        torch.load = real_load
+    assert calls == [] and not marker.exists()
+    first, second = ledger.stages
+    rates = [row[0] for row in first.learning_rates + second.learning_rates]  # one group: the spec names no decay
+    _same_rates(rates, [row[0] for row in run["applied"]])
+    assert first.optimizer["type"] == "AdamW" and first.optimizer["source"] == "spec"
+    assert second.optimizer_state_policy == "continued" and second.optimizer_state_at_start() is None
+    assert any("were not read (pickles" in note for note in first.info["notes"])
 
 
 def test_training_args_pickle_is_never_read(run, tmp_path):

@@ -143,6 +143,119 @@ def test_no_module_of_the_package_can_execute_code_from_data():
     assert found == {}
 
 
+# --- calls that import or run code: each one known, and each gated -----------------------------------------
+
+_CODE_LOADERS = (
+    "evaluate.load", "importlib.import_module", "importlib.__import__", "__import__", "builtins.__import__",
+    "importlib.util.spec_from_file_location", "importlib.util.module_from_spec",
+    "importlib.machinery.SourceFileLoader",
+    "runpy.run_path", "runpy.run_module", "compile", "builtins.compile", "pydoc.locate",
+    "transformers.dynamic_module_utils.get_class_from_dynamic_module",
+)  # fmt: skip
+# (file, enclosing function, call) -> why it cannot run code from data. A new entry needs a reviewed reason.
+KNOWN_CODE_LOADERS = {
+    ("hf_stage_attribution/__init__.py", "__getattr__", "importlib.import_module"): "lazy import of our own modules",
+    ("hf_stage_attribution/ledger/__init__.py", "__getattr__", "importlib.import_module"): "lazy own modules",
+    ("hf_stage_attribution/integrations/__init__.py", "__getattr__", "importlib.import_module"): "lazy own modules",
+    ("hf_stage_attribution/cli/main.py", "build_parser", "importlib.import_module"): "our own command modules",
+    ("hf_stage_attribution/behaviors/custom.py", "import_callable", "importlib.import_module"): "needs trust_code",
+    ("hf_stage_attribution/integrations/replay.py", "import_class", "importlib.import_module"):
+        "only transformers/trl modules (allow-list checked first)",
+    ("hf_stage_attribution/behaviors/scorers.py", "EvaluateScorer.__init__", "evaluate.load"): "needs trust_code",
+    # trust_remote_code given a variable: always the caller's trust_code (default False), never a file's value
+    ("hf_stage_attribution/behaviors/loading.py", "load_tokenizer", "trust_remote_code"): "trust_code",
+    ("hf_stage_attribution/behaviors/loading.py", "load_sequence_classifier", "trust_remote_code"): "trust_code",
+    ("hf_stage_attribution/integrations/model_loading.py", "load_model", "trust_remote_code"): "trust_code",
+    ("hf_stage_attribution/behaviors/scorers.py", "TransformersClassifierScorer.__init__", "trust_remote_code"):
+        "trust_code",
+}  # fmt: skip
+
+
+def code_loaders(source: str) -> set[tuple[str, str]]:
+    """``(enclosing function, call)`` for every call in ``source`` that imports code by a computed name, and
+    every ``trust_remote_code=`` that is not the literal ``False``."""
+    tree = ast.parse(source)
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = alias.name
+    found: set[tuple[str, str]] = set()
+
+    def visit(node: ast.AST, scope: list[str]) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            scope = [*scope, node.name]
+        if isinstance(node, ast.Call):
+            name = _dotted(node.func)
+            head, _, rest = name.partition(".")
+            full = f"{aliases.get(head, head)}.{rest}" if rest else aliases.get(head, head)
+            literal = node.args and isinstance(node.args[0], ast.Constant)
+            if full in _CODE_LOADERS and not (full == "importlib.import_module" and literal):
+                found.add((".".join(scope) or "<module>", full))
+            for k in node.keywords:
+                if k.arg == "trust_remote_code" and not (isinstance(k.value, ast.Constant) and k.value.value is False):
+                    found.add((".".join(scope) or "<module>", "trust_remote_code"))
+        if isinstance(node, ast.Dict):  # options dicts splatted into from_pretrained(**load)
+            for key, value in zip(node.keys, node.values):
+                opted_in = not (isinstance(value, ast.Constant) and value.value is False)
+                if isinstance(key, ast.Constant) and key.value == "trust_remote_code" and opted_in:
+                    found.add((".".join(scope) or "<module>", "trust_remote_code"))
+        for child in ast.iter_child_nodes(node):
+            visit(child, scope)
+
+    visit(tree, [])
+    return found
+
+
+def test_the_code_loader_scan_sees_every_way_of_importing_code():
+    bad = """
+import evaluate, importlib
+from importlib import import_module as im
+from transformers import AutoModel
+def f(path, name, trust):
+    evaluate.load(path)
+    im(name)
+    __import__(name)
+    importlib.util.spec_from_file_location("m", path)
+    AutoModel.from_pretrained(path, trust_remote_code=trust)
+    load = {"trust_remote_code": trust}
+"""
+    assert code_loaders(bad) == {
+        ("f", "evaluate.load"), ("f", "importlib.import_module"), ("f", "__import__"),
+        ("f", "importlib.util.spec_from_file_location"), ("f", "trust_remote_code"),
+    }  # fmt: skip
+    good = """
+import importlib
+def f(path):
+    importlib.import_module("json")
+    AutoModel.from_pretrained(path, trust_remote_code=False)
+"""
+    assert code_loaders(good) == set()
+
+
+def test_every_code_loading_call_of_the_package_is_a_known_gated_one():
+    """A new evaluate.load / import by computed name / trust_remote_code=<not False> fails here until it is gated
+    behind trust_code (or shown to load only our own modules) and listed in KNOWN_CODE_LOADERS."""
+    found = {
+        (str(path.relative_to(PACKAGE.parent)), scope, call)
+        for path in SOURCES
+        for scope, call in code_loaders(path.read_text(encoding="utf-8"))
+    }
+    assert found - set(KNOWN_CODE_LOADERS) == set(), "gate these behind trust_code and list them"
+    assert set(KNOWN_CODE_LOADERS) - found == set(), "stale entries: remove them"
+
+
+def test_grep_finds_every_evaluate_load_behind_trust_code():
+    hits = _grep(r"\bevaluate\.load\(")
+    assert len(hits) == 1 and "behaviors/scorers.py" in hits[0]
+    source = (PACKAGE / "behaviors" / "scorers.py").read_text(encoding="utf-8")
+    init = source[source.index("class EvaluateScorer") : source.index("evaluate.load(")]
+    assert "if not trust_code:" in init and "raise UnsafeInputError" in init
+
+
 # --- planted pickles -----------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,12 @@ The cache is ``<ledger>/embeddings/<kind>.safetensors``, keys ``"<stage index>/<
 that is absent is zero), metadata holding the ledger fingerprint, the kind and the options; a cache that does not
 match is recomputed. :class:`StageEmbeddings` reads it lazily (memory-mapped), one tensor at a time.
 
+For ``aa-ggn``/``aa-hvp`` the options include the loss each stage's curvature products use: a fingerprint of the
+callable(s) (``loss_fns[name]``, else the loss remembered at recording; see
+:func:`~hf_stage_attribution._internal.fingerprint.callable_fingerprint`: qualified name, bytecode and constants,
+closure values, defaults) or the built-in loss the ledger names. A loss that cannot be keyed (a callable object, a
+closure over a model) is never served from the cache: the embeddings are recomputed and a warning says why.
+
 Example:
     >>> import tempfile
     >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
@@ -23,12 +29,15 @@ Example:
 from __future__ import annotations
 
 import json
+import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..._internal.fingerprint import value_fingerprint
 from ...errors import UnsupportedOptimizerError, unknown_name
 from ...ledger.core import LedgerCore
 from ...ledger.storage import open_safetensors
@@ -117,8 +126,36 @@ class StageEmbeddings:
 
 
 def _options_key(options: Mapping[str, Any]) -> str:
-    safe = {k: v for k, v in sorted(options.items()) if isinstance(v, (bool, int, float, str, type(None)))}
+    """The options as they key the cache: JSON values as they are; the model (whose parameters the ledger
+    fingerprint already pins) left out; anything else by its fingerprint, or a one-off value when it has none
+    (so such a cache is never reused)."""
+    safe: dict[str, Any] = {}
+    for k, v in sorted(options.items()):
+        if isinstance(v, torch.nn.Module):
+            continue
+        try:
+            json.dumps(v)
+            safe[k] = v
+        except (TypeError, ValueError):
+            safe[k] = value_fingerprint(v) or f"unkeyable-{uuid.uuid4().hex}"
     return json.dumps(safe, sort_keys=True)
+
+
+def _loss_key(ledger: LedgerCore, loss_fns: Mapping[str, Any] | None) -> tuple[dict[str, str], list[str]]:
+    """``{stage name: what its curvature loss is}`` and the names whose loss cannot be keyed."""
+    key: dict[str, str] = {}
+    unkeyable: list[str] = []
+    for stage in ledger.stages:
+        spec = (loss_fns or {}).get(stage.name) or getattr(stage, "loss_fn", None)
+        if spec is None:  # the built-in loss named in stage.json: pinned by the ledger fingerprint
+            key[stage.name] = "recorded"
+            continue
+        digest = value_fingerprint(spec)
+        if digest is None:
+            unkeyable.append(stage.name)
+            digest = f"unkeyable-{uuid.uuid4().hex}"
+        key[stage.name] = digest
+    return key, unkeyable
 
 
 def _resolve_stages(ledger: LedgerCore, stages: Any) -> list[int]:
@@ -154,8 +191,16 @@ def stage_embeddings(
     if kind in ("aa-ggn", "aa-hvp"):
         curvature_options = curvature_settings(curvature_options)
     options = {"allow_identity_propagation": allow_identity_propagation, **curvature_options}
-    if loss_fns:
-        options["loss_fns"] = ",".join(sorted(loss_fns))
+    if kind in ("aa-ggn", "aa-hvp"):
+        options["loss_fns"], unkeyable = _loss_key(ledger, loss_fns)
+        if unkeyable and _cache_exists(ledger, kind) and not recompute:
+            warnings.warn(
+                f"{kind}: the curvature loss of stage(s) {unkeyable} cannot be fingerprinted (a callable object, a "
+                "bound method or a closure over something other than numbers, strings, tensors and functions), so "
+                "cached embeddings cannot be shown to match it; recomputing them. Pass plain functions (a "
+                "(forward, loss) pair) in loss_fns to let the cache be reused.",
+                stacklevel=2,
+            )
     path = Path(ledger.embeddings_dir) / f"{kind}.safetensors"
     if path.exists() and not recompute:
         cached, stored = _read_if_fresh(ledger, kind, path, options, wanted)
@@ -171,6 +216,11 @@ def stage_embeddings(
             _metadata(ledger, kind, options, wanted),
         )  # fmt: skip
     return StageEmbeddings(ledger, kind, path)
+
+
+def _cache_exists(ledger: LedgerCore, kind: str) -> bool:
+    """Whether a cache file for ``kind`` exists beside ``ledger``."""
+    return (Path(ledger.embeddings_dir) / f"{kind}.safetensors").exists()
 
 
 def _require_optimizer_information(ledger: LedgerCore, kind: str, wanted: list[int]) -> None:

@@ -1,0 +1,85 @@
+"""The stage-embedding cache is keyed on what changes the result: the curvature loss itself, not its stage name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_stage_attribution._internal.fingerprint import callable_fingerprint
+from hf_stage_attribution.estimators.embeddings.cache import stage_embeddings
+from tests.estimators.test_curvature import LATER, _ce_data, _mlp, record_pipeline
+
+
+def _tempered(temperature: float):
+    """A (forward, loss) pair whose loss is the cross-entropy of logits × ``temperature`` (a closure constant)."""
+    return (lambda m, b: m(b[0]), lambda out, b: torch.nn.functional.cross_entropy(out * temperature, b[1]))
+
+
+class _CallableLoss:
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, out, b):
+        return torch.nn.functional.cross_entropy(out * self.temperature, b[1])
+
+
+def _embedding(emb) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in emb.items(0)}
+
+
+@pytest.fixture
+def ledger_and_model(tmp_path):
+    model = _mlp()
+    ledger = record_pipeline(tmp_path / "l", model, _ce_data(), LATER["sgd-nesterov"], steps=(4, 4), segments=1)
+    return ledger, model
+
+
+def test_two_different_loss_functions_give_different_embeddings(ledger_and_model):
+    ledger, model = ledger_and_model
+    options = {"model": model, "krylov_size": 4, "sample_size": 16}
+    first = _embedding(stage_embeddings(ledger, "aa-ggn", [0], loss_fns={"s2": _tempered(1.0)}, **options))
+    second = _embedding(stage_embeddings(ledger, "aa-ggn", [0], loss_fns={"s2": _tempered(3.0)}, **options))
+    fresh = _embedding(
+        stage_embeddings(ledger, "aa-ggn", [0], loss_fns={"s2": _tempered(3.0)}, recompute=True, **options)
+    )
+    diff = max((first[n] - second[n]).abs().max().item() for n in first)
+    print(f"max |v(T=1) - v(T=3)| = {diff:.3g}")
+    assert diff > 1e-6, "the second loss was served the first loss's cached embeddings"
+    for name in fresh:  # and what the cache serves for T=3 is what T=3 computes
+        assert torch.equal(second[name], fresh[name])
+    path = ledger.embeddings_dir / "aa-ggn.safetensors"
+    stamp = path.stat().st_mtime_ns
+    again = _embedding(stage_embeddings(ledger, "aa-ggn", [0], loss_fns={"s2": _tempered(3.0)}, **options))
+    assert path.stat().st_mtime_ns == stamp, "an equal loss (a new closure, same code and constant) reuses the cache"
+    assert all(torch.equal(again[n], fresh[n]) for n in fresh)
+
+
+def test_a_loss_that_cannot_be_keyed_is_recomputed_and_says_so(ledger_and_model):
+    ledger, model = ledger_and_model
+    options = {"model": model, "krylov_size": 4, "sample_size": 16}
+    pair = (lambda m, b: m(b[0]), _CallableLoss(1.0))
+    assert callable_fingerprint(pair) is None
+    first = _embedding(stage_embeddings(ledger, "aa-ggn", [0], loss_fns={"s2": pair}, **options))
+    pair[1].temperature = 3.0  # the same object, another result: only recomputing can see it
+    with pytest.warns(UserWarning, match=r"stage\(s\) \['s2'\] cannot be fingerprinted.*recomputing"):
+        second = _embedding(stage_embeddings(ledger, "aa-ggn", [0], loss_fns={"s2": pair}, **options))
+    assert max((first[n] - second[n]).abs().max().item() for n in first) > 1e-6
+
+
+def test_fingerprints_see_code_constants_closures_and_partials():
+    import functools
+
+    def scaled(out, b, scale=1.0):
+        return (out * scale).sum()
+
+    assert callable_fingerprint(_tempered(1.0)) == callable_fingerprint(_tempered(1.0))
+    assert callable_fingerprint(_tempered(1.0)) != callable_fingerprint(_tempered(2.0))
+    assert callable_fingerprint(lambda x: x + 1) != callable_fingerprint(lambda x: x + 2)
+    assert callable_fingerprint(functools.partial(scaled, scale=2.0)) != callable_fingerprint(
+        functools.partial(scaled, scale=3.0)
+    )
+    weights = torch.ones(3)
+    closure = lambda out, b: (out * weights).sum()  # noqa: E731
+    before = callable_fingerprint(closure)
+    weights[0] = 2.0
+    assert callable_fingerprint(closure) != before
