@@ -170,8 +170,8 @@ def check_replayable(ledger: Any, plan: PartialReplayPlan, stage_fns: Mapping[st
             raise PartialReplayError(
                 f"Partial replay of stage {removed!r} (budget {plan.budget:g}) must stop stage {stage.index} "
                 f"{stage.name!r} after {leg.steps} optimizer step(s), but its stage function has no step-limited "
-                "form. Give it a keyword argument: fn(model, max_steps=None) that runs the full recipe (same data order, "
-                "seeds, optimizer and the learning-rate schedule of the whole stage) and stops after max_steps "
+                "form. Give it a keyword argument: fn(model, max_steps=None) that runs the full recipe (same data "
+                "order, seeds, optimizer and the learning-rate schedule of the whole stage) and stops after max_steps "
                 "optimizer steps, returning the model or (model, optimizer). Or use budget=0 / estimator='replay'."
             )
         why = (
