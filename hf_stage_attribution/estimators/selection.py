@@ -70,7 +70,8 @@ def choose_estimator(
         return PARTIAL_REPLAY, (
             f"every later stage ({', '.join(s.name for s in later)}) can be replayed step by step "
             f"({' and '.join(how)}), so a short exact replay of the next stage(s) at budget "
-            f"{PARTIAL_REPLAY_BUDGET:g} (25 % of replay's optimizer steps) replaces the first-order carry of their early, nonlinear steps; read out by finite "
+            f"{PARTIAL_REPLAY_BUDGET:g} (25 % of replay's optimizer steps) replaces the first-order carry of their "
+            "early, nonlinear steps; read out by finite "
             "difference, which is exact for the last stage and equals replay at budget 1"
         )
     fallback = _without_replay(ledger, later, loss_fns)
