@@ -83,6 +83,7 @@ class Leg:
     index: int
     steps: int
     full: bool
+    checkpoint: int | None = None  # a recorded segment whose midpoint parameters stand for the factual branch
 
 
 @dataclass
@@ -107,7 +108,9 @@ class PartialReplayPlan:
         parts = []
         for leg in self.legs:
             stage = ledger.stages[leg.index]
-            parts.append(f"{stage.name} {'whole' if leg.full else f'{leg.steps}/{stage.num_steps} steps ×2'}")
+            how = "whole" if leg.full else f"{leg.steps}/{stage.num_steps} steps"
+            how += "" if leg.full else (" ×2" if leg.checkpoint is None else f" (factual: segment {leg.checkpoint})")
+            parts.append(f"{stage.name} {how}")
         return ", ".join(parts)
 
 
@@ -118,7 +121,18 @@ def _weights(stage: Any, unit: str) -> list[float]:
     return [float(max(step)) if step else 0.0 for step in stage.learning_rates][: int(stage.num_steps)]
 
 
-def plan_partial_replay(ledger: Any, k: int, budget: float, unit: str = "steps") -> PartialReplayPlan:
+def _checkpoints(stage: Any) -> list[tuple[int, int]]:
+    """``(optimizer steps taken, segment index)`` of the recorded mid-stage parameters of ``stage``."""
+    out = []
+    for segment in getattr(stage, "segments", None) or []:
+        if (segment.dir / "params_delta.safetensors").exists():
+            out.append((segment.mid_step + 1, segment.index))  # recorded right after optimizer step mid_step
+    return sorted(out)
+
+
+def plan_partial_replay(
+    ledger: Any, k: int, budget: float, unit: str = "steps", use_checkpoints: bool = False
+) -> PartialReplayPlan:
     """The legs partial replay runs for stage index ``k`` at ``budget`` (see the module docstring, step 1).
 
     Example:
@@ -149,9 +163,13 @@ def plan_partial_replay(ledger: Any, k: int, budget: float, unit: str = "steps")
         while m < len(w) and 2 * (spent + w[m]) <= left * (1 + 1e-12):
             spent += w[m]
             m += 1
-        if m:
-            plan.legs.append(Leg(stage.index, m, False))
-            plan.cost_steps += 2 * m
+        leg = Leg(stage.index, m, False)
+        for steps, segment in _checkpoints(stage) if use_checkpoints else []:
+            if steps > leg.steps and steps < len(w) and sum(w[:steps]) <= left * (1 + 1e-12):
+                leg = Leg(stage.index, steps, False, segment)  # only the counterfactual branch runs
+        if leg.steps:
+            plan.legs.append(leg)
+            plan.cost_steps += leg.steps if leg.checkpoint is not None else 2 * leg.steps
         break
     if not any(leg.steps for leg in plan.legs):
         plan.legs = []  # only edits without optimizer steps: the propagation (D = 1) re-applies them exactly
@@ -308,6 +326,22 @@ def partial_embedding(
     if last.full:
         end = ledger.state_at(last.index)
         fact_state = {n: end[n].to(torch.float64) for n in ledger.parameter_names}
+    elif last.checkpoint is not None:
+        stage = stages[last.index]
+        segment = next(s for s in stage.segments if s.index == last.checkpoint)
+        start, moved = ledger.state_at(last.index - 1), segment.params_delta()
+        fact_state = {n: start[n].to(torch.float64) + moved[n].to(torch.float64) if n in moved else
+                      start[n].to(torch.float64) for n in ledger.parameter_names}  # fmt: skip
+        moments = segment.second_moments() or {}
+        fact_opt = {}
+        for key, by_name in moments.items():
+            for name, value in by_name.items():
+                fact_opt.setdefault(name, {})[key] = value
+        cf_opt = None  # the factual first moment was not recorded: no first-moment difference
+        notes.add(
+            f"Stage {stage.name!r}: the factual branch of the partial replay is the recorded mid-segment checkpoint "
+            f"(after {last.steps} steps); the first-moment difference there is taken as zero."
+        )
     else:
         stage = stages[last.index]
         fact = _started(model, ledger.state_at(last.index - 1))
@@ -367,6 +401,7 @@ def partial_replay_embeddings(
     budget_unit: str = "steps",
     stage_fns: Mapping[str, Any] | None = None,
     allow_identity_propagation: bool = False,
+    use_checkpoints: bool = False,
     reuse: bool = True,
 ) -> PartialReplayEmbeddings:
     """The partial-replay embeddings of ``stages`` (ledger stages) at ``budget``.
@@ -377,10 +412,10 @@ def partial_replay_embeddings(
     budget = check_budget(budget, budget_unit)
     stage_fns = dict(stage_fns or {})
     indices = [s.index for s in stages]
-    key = _memo_key(ledger, indices, budget, budget_unit, stage_fns)
+    key = (*_memo_key(ledger, indices, budget, budget_unit, stage_fns), use_checkpoints)
     if reuse and _MEMO.get("key") == key:
         return _MEMO["embeddings"]
-    plans = {k: plan_partial_replay(ledger, k, budget, budget_unit) for k in indices}
+    plans = {k: plan_partial_replay(ledger, k, budget, budget_unit, use_checkpoints) for k in indices}
     for plan in plans.values():
         check_replayable(ledger, plan, stage_fns)
     base = stage_embeddings(ledger, "aa-linear", indices, allow_identity_propagation=allow_identity_propagation)
@@ -430,6 +465,7 @@ class _PartialReplayMixin:
             budget=options.get("budget", DEFAULT_BUDGET), budget_unit=options.get("budget_unit", "steps"),
             stage_fns=options.get("stage_fns"),
             allow_identity_propagation=bool(options.get("allow_identity_propagation", False)),
+            use_checkpoints=bool(options.get("use_checkpoints", False)),
         )  # fmt: skip
 
     def prepare(self, ledger, stages=None, model=None, **options):

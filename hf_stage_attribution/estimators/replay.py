@@ -14,7 +14,8 @@ first ``m`` optimizer steps. A stage function supports that when it accepts a ke
 (``fn(model, max_steps=m)`` or ``fn(model, info, max_steps=m)``): with ``max_steps=None`` it trains the whole stage;
 with an integer it runs the *full* recipe (same data order, seeds, optimizer, and the learning-rate schedule of the
 whole stage — never a shorter ``max_steps``) and stops after ``m`` optimizer steps. It returns ``None``, the trained
-model, or a pair ``(model or None, optimizer)``; with the optimizer, the optimizer state at the stop (first and
+model, or a pair ``(model or None, optimizer)`` (or ``(model, {base name: {state key: tensor}})``, e.g. from
+``integrations.replay.stop_after_steps_callback``); with the optimizer, the optimizer state at the stop (first and
 second moments) enters the propagation of the rest of the stage. Trainer/TRL stages with replay data support the
 form through ``replay_trainer_stage(stage, model, max_steps=m)``. :func:`run_stage` runs either form.
 
@@ -157,6 +158,8 @@ def run_stage(
     model = result if isinstance(result, torch.nn.Module) else model
     if max_steps is None or optimizer is None:
         return model, None
+    if isinstance(optimizer, Mapping):  # already {base name: {state key: tensor}}
+        return model, dict(optimizer)
     return model, optimizer_state_by_name(model, optimizer)
 
 
