@@ -206,3 +206,30 @@ def test_partial_replay_of_trainer_stages_matches_replay_at_budget_one(trainer_l
     half = estimators.get("partial-replay").estimate(ledger, model, behavior, budget=0.5, **QUIET)
     assert half.diagnostics["partial_replay"]["steps_run"] == 2  # 3 steps = 50 % of 6: 1 step from each start
     assert all(torch.isfinite(v).all() for v in half.per_example.values())
+
+
+def test_a_trainer_stage_function_made_step_limited_with_the_stop_callback(trainer_ledger, tmp_path):
+    from transformers import Trainer
+
+    from hf_stage_attribution.integrations.replay import stop_after_steps_callback
+
+    ledger, model, behavior = trainer_ledger
+    args = F.training_args(str(tmp_path / "second"), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2,
+                           lr_scheduler_type="linear", warmup_steps=2, seed=1)  # fmt: skip
+    seen = []
+
+    def second(m, max_steps=None):  # the recorded recipe of stage "second", as a stage function
+        state: dict = {}
+        callbacks = [] if max_steps is None else [stop_after_steps_callback(max_steps, optimizer_out=state)]
+        Trainer(model=m, args=args, train_dataset=F.lm_dataset(seed=1), callbacks=callbacks).train()
+        seen.append(state)
+        return m, state
+
+    fns = {"second": second}
+    pr._MEMO.clear()
+    truth = estimators.get("replay").estimate(ledger, model, behavior, stage_fns=fns, **QUIET)
+    full = estimators.get("partial-replay").estimate(ledger, model, behavior, stage_fns=fns, budget=1.0, **QUIET)
+    torch.testing.assert_close(full.per_example["first"], truth.per_example["first"], rtol=1e-4, atol=1e-4)
+    seen.clear()
+    estimators.get("partial-replay").estimate(ledger, model, behavior, stage_fns=fns, budget=0.5, **QUIET)
+    assert len(seen) == 2 and all({float(e["step"]) for e in s.values()} == {1.0} for s in seen)
