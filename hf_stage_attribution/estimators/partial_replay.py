@@ -47,7 +47,9 @@ import torch
 from .._internal.params import iter_merged_state
 from ..errors import BudgetError, PartialReplayError
 from .base import register
+from .curvature.propagation import curvature_settings, propagate
 from .embeddings.cache import StageEmbeddings, stage_embeddings
+from .embeddings.write import check_curvature_material
 from .finite_difference import FiniteDifferenceEstimator
 from .linear import LinearEstimator
 from .propagation.rules import first_moment_key, preconditioner, run_recurrence, second_moment_key
@@ -56,6 +58,7 @@ from .replay import can_replay, load_state, run_stage, takes_max_steps, working_
 
 DEFAULT_BUDGET = 0.25
 BUDGET_UNITS = ("steps", "lr-mass")
+CARRIES = ("aa-linear", "aa-ggn")
 
 
 def check_budget(budget: Any, unit: str = "steps") -> float:
@@ -309,10 +312,36 @@ def _moment_difference(family: str | None, fact: Mapping | None, cf: Mapping | N
     return a.to(torch.float64) - b.to(torch.float64)
 
 
-def partial_embedding(
-    ledger: Any, model: torch.nn.Module, plan: PartialReplayPlan, stage_fns: Mapping[str, Any], notes: set[str]
+def _carry_with_curvature(
+    ledger: Any, last: int, v: dict[str, torch.Tensor], bufs: dict[str, torch.Tensor], curvature: dict, notes: set[str]
 ) -> dict[str, torch.Tensor]:
-    """``v_k`` of ``plan`` (float32 per base parameter name): replay its legs, carry the difference to ``θ_K``."""
+    """Carry ``v`` through the whole stages after ``last`` with Gauss–Newton curvature (ESTIMATORS.md §4a)."""
+    stages = ledger.stages
+    buf: dict[str, torch.Tensor] | None = bufs or None
+    for j in range(last + 1, len(stages)):
+        stage = stages[j]
+        if not trains(stage):
+            continue
+        init = buf if stage.optimizer_state_policy == "continued" else None
+        v, info = propagate(v, ledger, j, mode="ggn", initial_buffer=init, **curvature)
+        buf = info.get("buffer")
+        notes.update(info.get("approximations") or [])
+    return {n: t.to(torch.float32) for n, t in v.items() if bool(t.any())}
+
+
+def partial_embedding(
+    ledger: Any,
+    model: torch.nn.Module,
+    plan: PartialReplayPlan,
+    stage_fns: Mapping[str, Any],
+    notes: set[str],
+    curvature: dict[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``v_k`` of ``plan`` (float32 per base parameter name): replay its legs, carry the difference to ``θ_K``.
+
+    ``curvature`` (keyword arguments of :func:`~.curvature.propagation.propagate`, ``loss_fns`` and ``model``
+    included) carries it through the whole later stages with Gauss–Newton curvature instead of the ``aa-linear``
+    rules; the rest of the partially replayed stage is always carried with its curvature-free recurrence."""
     stages, k = ledger.stages, plan.stage
     cf = _started(model, ledger.state_at(k - 1))
     last = plan.legs[-1]
@@ -359,12 +388,18 @@ def partial_embedding(
     props = {j: StagePropagator(stages[j], next_trained(stages, j)) for j in range(last.index, len(stages))}
     rest = None if last.full else _RestOfStage(props[last.index], last.steps, fact_opt)
     out: dict[str, torch.Tensor] = {}
+    bufs: dict[str, torch.Tensor] = {}
     for name in ledger.parameter_names:
-        x = fact_state[name] - cf_state[name]
+        x = fact_state.pop(name) - cf_state.pop(name)
         buf = None
         if rest is not None:
             buf = _moment_difference(props[last.index].family, fact_opt, cf_opt, name)
             x, buf = rest.apply(name, x, buf)
+        if curvature is not None:  # carried below, whole vectors at a time
+            out[name] = x
+            if buf is not None:
+                bufs[name] = buf
+            continue
         for j in range(last.index + 1, len(stages)):
             if trains(stages[j]) and stages[j].optimizer_state_policy != "continued":
                 buf = None
@@ -373,6 +408,8 @@ def partial_embedding(
             out[name] = x.to(torch.float32)
     if rest is not None:
         notes |= rest.notes
+    if curvature is not None:
+        out = _carry_with_curvature(ledger, last.index, out, bufs, curvature, notes)
     continued = [s.name for s in stages[last.index + 1 :] if trains(s) and s.optimizer_state_policy == "continued"]
     if continued and (last.full or cf_opt is None):
         notes.add(
@@ -402,6 +439,9 @@ def partial_replay_embeddings(
     stage_fns: Mapping[str, Any] | None = None,
     allow_identity_propagation: bool = False,
     use_checkpoints: bool = False,
+    carry: str = "aa-linear",
+    loss_fns: Mapping[str, Any] | None = None,
+    curvature_options: Mapping[str, Any] | None = None,
     reuse: bool = True,
 ) -> PartialReplayEmbeddings:
     """The partial-replay embeddings of ``stages`` (ledger stages) at ``budget``.
@@ -412,7 +452,9 @@ def partial_replay_embeddings(
     budget = check_budget(budget, budget_unit)
     stage_fns = dict(stage_fns or {})
     indices = [s.index for s in stages]
-    key = (*_memo_key(ledger, indices, budget, budget_unit, stage_fns), use_checkpoints)
+    if carry not in CARRIES:
+        raise BudgetError(f"`carry` must be one of {CARRIES}, got {carry!r}.")
+    key = (*_memo_key(ledger, indices, budget, budget_unit, stage_fns), use_checkpoints, carry)
     if reuse and _MEMO.get("key") == key:
         return _MEMO["embeddings"]
     plans = {k: plan_partial_replay(ledger, k, budget, budget_unit, use_checkpoints) for k in indices}
@@ -420,19 +462,30 @@ def partial_replay_embeddings(
         check_replayable(ledger, plan, stage_fns)
     base = stage_embeddings(ledger, "aa-linear", indices, allow_identity_propagation=allow_identity_propagation)
     notes: set[str] = set()
+    curvature = None
+    if carry == "aa-ggn" and any(p.legs for p in plans.values()):
+        check_curvature_material(ledger, min(p.legs[-1].index for p in plans.values() if p.legs), "ggn")
+        curvature = {**curvature_settings(dict(curvature_options or {})), "loss_fns": loss_fns, "model": model}
+        curvature.pop("preset", None)
     vectors: dict[int, dict[str, torch.Tensor]] = {}
     seconds: dict[str, float] = {}
     for k, plan in plans.items():
         if not plan.legs:
             continue
         start = time.perf_counter()
-        vectors[k] = partial_embedding(ledger, model, plan, stage_fns, notes)
+        vectors[k] = partial_embedding(ledger, model, plan, stage_fns, notes, curvature)
         seconds[ledger.stages[k].name] = time.perf_counter() - start
     emb = PartialReplayEmbeddings(vectors, base, ledger.parameter_shapes)
     if vectors:
         emb.approximations = sorted(notes) + [
             "Partial replay: the next stage(s) replayed exactly for part of their steps (see diagnostics), the rest "
-            "carried with the first-order, curvature-free aa-linear rules."
+            + (
+                "carried with the first-order, curvature-free aa-linear rules."
+                if curvature is None
+                else "carried with the curvature-free recurrence to the end of the partial stage, then with "
+                "Gauss–Newton "
+                "curvature (aa-ggn) through the later stages."
+            )
         ]
     cost = sum(p.cost_steps for p in plans.values())
     total = sum(p.replay_steps for p in plans.values())
@@ -440,6 +493,7 @@ def partial_replay_embeddings(
         "partial_replay": {
             "budget": budget,
             "budget_unit": budget_unit,
+            "carry": carry,
             "plans": {ledger.stages[k].name: p.describe(ledger) for k, p in plans.items()},
             "steps_run": cost,
             "replay_steps": total,
@@ -466,6 +520,8 @@ class _PartialReplayMixin:
             stage_fns=options.get("stage_fns"),
             allow_identity_propagation=bool(options.get("allow_identity_propagation", False)),
             use_checkpoints=bool(options.get("use_checkpoints", False)),
+            carry=options.get("carry", "aa-linear"), loss_fns=options.get("loss_fns"),
+            curvature_options=options.get("curvature_options"),
         )  # fmt: skip
 
     def prepare(self, ledger, stages=None, model=None, **options):

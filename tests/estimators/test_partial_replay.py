@@ -233,3 +233,18 @@ def test_a_trainer_stage_function_made_step_limited_with_the_stop_callback(train
     seen.clear()
     estimators.get("partial-replay").estimate(ledger, model, behavior, stage_fns=fns, budget=0.5, **QUIET)
     assert len(seen) == 2 and all({float(e["step"]) for e in s.values()} == {1.0} for s in seen)
+
+
+def test_the_curvature_carry_reduces_to_the_linear_carry_without_curvature(digits):
+    pipe = digits["decay"]
+    loss_fns = {s.name: pipe.loss_fn for s in pipe.ledger.stages}
+    linear = _estimate("partial-replay", pipe, budget=0.1)
+    flat = _estimate("partial-replay", pipe, budget=0.1, carry="aa-ggn", loss_fns=loss_fns,
+                     curvature_options={"curvature_scale": 0.0})  # fmt: skip
+    curved = _estimate("partial-replay", pipe, budget=0.1, carry="aa-ggn", loss_fns=loss_fns)
+    first = pipe.ledger.stages[0].name
+    torch.testing.assert_close(flat.per_example[first], linear.per_example[first], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(curved.per_example[first], linear.per_example[first], rtol=1e-4, atol=1e-6)
+    assert curved.diagnostics["partial_replay"]["carry"] == "aa-ggn"
+    with pytest.raises(BudgetError, match="carry"):
+        _estimate("partial-replay", pipe, budget=0.1, carry="aa-hvp")
