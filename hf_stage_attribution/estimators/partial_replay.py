@@ -313,11 +313,22 @@ def _moment_difference(family: str | None, fact: Mapping | None, cf: Mapping | N
 
 
 def _carry_with_curvature(
-    ledger: Any, last: int, v: dict[str, torch.Tensor], bufs: dict[str, torch.Tensor], curvature: dict, notes: set[str]
+    ledger: Any,
+    last: int,
+    v: dict[str, torch.Tensor],
+    bufs: dict[str, torch.Tensor],
+    curvature: dict,
+    notes: set[str],
+    partial_steps: int | None,
 ) -> dict[str, torch.Tensor]:
-    """Carry ``v`` through the whole stages after ``last`` with Gauss–Newton curvature (ESTIMATORS.md §4a)."""
+    """Carry ``v`` with Gauss–Newton curvature (ESTIMATORS.md §4a) through the rest of stage ``last`` after its
+    first ``partial_steps`` steps (``None``: it was replayed whole), then through the later stages."""
     stages = ledger.stages
     buf: dict[str, torch.Tensor] | None = bufs or None
+    if partial_steps is not None:
+        v, info = propagate(v, ledger, last, mode="ggn", initial_buffer=buf, start_step=partial_steps, **curvature)
+        buf = info.get("buffer")
+        notes.update(info.get("approximations") or [])
     for j in range(last + 1, len(stages)):
         stage = stages[j]
         if not trains(stage):
@@ -340,8 +351,9 @@ def partial_embedding(
     """``v_k`` of ``plan`` (float32 per base parameter name): replay its legs, carry the difference to ``θ_K``.
 
     ``curvature`` (keyword arguments of :func:`~.curvature.propagation.propagate`, ``loss_fns`` and ``model``
-    included) carries it through the whole later stages with Gauss–Newton curvature instead of the ``aa-linear``
-    rules; the rest of the partially replayed stage is always carried with its curvature-free recurrence."""
+    included) carries it through the rest of the partially replayed stage and the later stages with Gauss–Newton
+    curvature (Adam's preconditioner then frozen at the recorded segment midpoints) instead of the ``aa-linear``
+    rules."""
     stages, k = ledger.stages, plan.stage
     cf = _started(model, ledger.state_at(k - 1))
     last = plan.legs[-1]
@@ -394,7 +406,8 @@ def partial_embedding(
         buf = None
         if rest is not None:
             buf = _moment_difference(props[last.index].family, fact_opt, cf_opt, name)
-            x, buf = rest.apply(name, x, buf)
+            if curvature is None:
+                x, buf = rest.apply(name, x, buf)
         if curvature is not None:  # carried below, whole vectors at a time
             out[name] = x
             if buf is not None:
@@ -409,7 +422,7 @@ def partial_embedding(
     if rest is not None:
         notes |= rest.notes
     if curvature is not None:
-        out = _carry_with_curvature(ledger, last.index, out, bufs, curvature, notes)
+        out = _carry_with_curvature(ledger, last.index, out, bufs, curvature, notes, None if last.full else last.steps)
     continued = [s.name for s in stages[last.index + 1 :] if trains(s) and s.optimizer_state_policy == "continued"]
     if continued and (last.full or cf_opt is None):
         notes.add(
@@ -464,7 +477,7 @@ def partial_replay_embeddings(
     notes: set[str] = set()
     curvature = None
     if carry == "aa-ggn" and any(p.legs for p in plans.values()):
-        check_curvature_material(ledger, min(p.legs[-1].index for p in plans.values() if p.legs), "ggn")
+        check_curvature_material(ledger, min(p.legs[-1].index for p in plans.values() if p.legs) - 1, "ggn")
         curvature = {**curvature_settings(dict(curvature_options or {})), "loss_fns": loss_fns, "model": model}
         curvature.pop("preset", None)
     vectors: dict[int, dict[str, torch.Tensor]] = {}
@@ -482,9 +495,7 @@ def partial_replay_embeddings(
             + (
                 "carried with the first-order, curvature-free aa-linear rules."
                 if curvature is None
-                else "carried with the curvature-free recurrence to the end of the partial stage, then with "
-                "Gauss–Newton "
-                "curvature (aa-ggn) through the later stages."
+                else "carried with Gauss–Newton curvature (aa-ggn)."
             )
         ]
     cost = sum(p.cost_steps for p in plans.values())

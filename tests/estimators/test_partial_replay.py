@@ -242,9 +242,10 @@ def test_the_curvature_carry_reduces_to_the_linear_carry_without_curvature(digit
     flat = _estimate("partial-replay", pipe, budget=0.1, carry="aa-ggn", loss_fns=loss_fns,
                      curvature_options={"curvature_scale": 0.0})  # fmt: skip
     curved = _estimate("partial-replay", pipe, budget=0.1, carry="aa-ggn", loss_fns=loss_fns)
-    first = pipe.ledger.stages[0].name
-    torch.testing.assert_close(flat.per_example[first], linear.per_example[first], rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(curved.per_example[first], linear.per_example[first], rtol=1e-4, atol=1e-6)
+    # stage 2's partial replay stops inside the SGD stage 3 (no preconditioner): the two carries coincide there
+    second = pipe.ledger.stages[1].name
+    torch.testing.assert_close(flat.per_example[second], linear.per_example[second], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(curved.per_example[second], linear.per_example[second], rtol=1e-4, atol=1e-6)
     assert curved.diagnostics["partial_replay"]["carry"] == "aa-ggn"
     with pytest.raises(BudgetError, match="carry"):
         _estimate("partial-replay", pipe, budget=0.1, carry="aa-hvp")
