@@ -2,7 +2,8 @@
 
 For every pipeline whose later stages can be replayed (stage functions or recorded replay data), per seed: replay
 (the ground truth, timed), ``delta-fd`` (the baseline to beat), and ``partial-replay`` / ``partial-replay-linear``
-at budgets 0, 5, 10, 25, 50, 100 % of replay's optimizer steps (``budget_unit="steps"``) and, outside ``--quick``,
+at budgets 0, 5, 10, 25, 50, 100 % of replay's optimizer steps (``budget_unit="steps"``), at 10, 25, 50 % with the
+opt-in Gauss–Newton carry (``carry="aa-ggn"``, pipelines that give ``loss_fns``) and, outside ``--quick``,
 of the later stages' learning-rate mass (``"lr-mass"``). Before the timings, one untimed partial replay at 25 %
 warms up the replay machinery (the Trainer/TRL imports would otherwise be charged to replay). Each budget's
 embeddings are computed cold (timed), then
@@ -35,6 +36,7 @@ from .common import by_pipeline, quiet, timed
 from .fidelity import Joint, _pairs
 
 BUDGETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+GGN_BUDGETS = (0.1, 0.25, 0.5)  # the opt-in Gauss–Newton carry, where the pipeline gives loss_fns
 READOUTS = ("partial-replay", "partial-replay-linear")
 BASELINE = "delta-fd"
 
@@ -118,6 +120,14 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
                 result, readout = timed(readout_fn)  # reads the memoised embeddings
                 values[label(name, budget, unit)] = _pairs(joint, result.per_example)
                 run["times"][label(name, budget, unit)] = prepare + readout
+    for budget in GGN_BUDGETS if pipe.loss_fns else ():
+        pr._MEMO.clear()
+        shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
+        ggn = {"carry": "aa-ggn", "loss_fns": pipe.loss_fns, "curvature_options": dict(pipe.curvature_options)}
+        fd = partial(estimators.get("partial-replay").estimate, ledger, model, joint, budget=budget, **ggn, **opts)
+        result, seconds = timed(fd)
+        values[label("partial-replay, ggn carry", budget, "steps")] = _pairs(joint, result.per_example)
+        run["times"][label("partial-replay, ggn carry", budget, "steps")] = seconds
     pr._MEMO.clear()
     run["_values"] = values
     return run
