@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import interventions, targets
+from . import interventions, partial_replay, targets
 
 MB = 2**20
 
@@ -54,6 +54,8 @@ def render(results: dict[str, Any]) -> str:
         out += _produced(_anchor(results), results, "render.py, from the fidelity and cost figures")
     if "interventions" in results:
         out += _produced(interventions.render(results["interventions"]), results, "interventions.py, recipes/*/run.py")
+    if "partial_replay" in results:
+        out += _produced(partial_replay.render(results["partial_replay"]), results, "partial_replay.py")
     return "\n".join(out).rstrip() + "\n"
 
 

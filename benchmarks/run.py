@@ -8,7 +8,9 @@ against one forward+backward pass and against replay, same run (:mod:`benchmarks
 (:mod:`benchmarks.overhead`); attribution memory for K = 2, 4, 8 stages (:mod:`benchmarks.memory`); 2 processes vs 1
 (:mod:`benchmarks.distributed`); the task-vector anchor comparison; scaling the top- and last-ranked stage down in
 the spurious-correlation recipes (:mod:`benchmarks.interventions`); the targets, met or missed
-(:mod:`benchmarks.targets`). Offline; ``--quick`` takes minutes, the full run under 30 minutes on 2 CPU cores.
+(:mod:`benchmarks.targets`); partial replay's fidelity-versus-cost curve
+(:mod:`benchmarks.partial_replay`; alone: ``--sections partial-replay``). Offline; ``--quick`` takes minutes, the
+full run under 30 minutes on 2 CPU cores.
 ``--sections`` and ``--pipelines`` restrict a run (the document then holds only what ran); ``--render-only JSON``
 writes the markdown again from an earlier run's JSON (no measurement).
 
@@ -38,13 +40,14 @@ from benchmarks import (  # noqa: E402
     interventions,
     memory,
     overhead,
+    partial_replay,
     pipelines,
     render,
     targets,
 )
 from benchmarks.common import REPO, Settings, machine, quiet  # noqa: E402
 
-SECTIONS = ("fidelity", "overhead", "memory", "distributed", "interventions")
+SECTIONS = ("fidelity", "overhead", "memory", "distributed", "interventions", "partial-replay")
 
 
 def log(message: str) -> None:
@@ -145,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         if "interventions" in sections:
             results["interventions"] = interventions.run(settings, work)
             log(f"interventions: {results['interventions']['figure_seconds']:.0f} s")
+        if "partial-replay" in sections:
+            results["partial_replay"] = partial_replay.run(settings, names, work, seeds_for, log)
+            log(f"partial replay: {results['partial_replay']['figure_seconds']:.0f} s")
     results["total_seconds"] = time.perf_counter() - start
     results["load_average_end"] = list(os.getloadavg())
     results["targets"] = targets.evaluate(results)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .interventions import target_rows
+from .partial_replay import target_rows as partial_replay_rows
 
 FLAT_TOLERANCE = 1.10  # "flat in K": the rise at the largest K at most 10 % above the rise at the smallest K
 
@@ -135,7 +136,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         add("full run < 30 min on 2 CPU cores", "this run", results["total_seconds"] / 60, "<=", 30.0,
             "wall time of the whole command (machine shared, see load average)",
             f"{results['total_seconds'] / 60:.1f} min")  # fmt: skip
-    return rows + target_rows(results)
+    return rows + target_rows(results) + partial_replay_rows(results)
 
 
 def render(results: dict[str, Any]) -> list[str]:

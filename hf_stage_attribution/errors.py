@@ -58,11 +58,20 @@ class ReplayError(StageAttributionError, RuntimeError):
     """A stage cannot be replayed (no replay data, no stage function, or the replay diverged)."""
 
 
+class PartialReplayError(ReplayError, ValueError):
+    """Partial replay cannot run a stage: no replay data nor stage function, or a stage function without the
+    step-limited form ``fn(model, max_steps=None)``; the message says how to record or write it."""
+
+
 class EstimatorError(StageAttributionError, ValueError):
     """An estimator cannot be applied to this ledger, model or stage (e.g. ``lora-exact`` on a non-terminal stage)."""
 
 
 # --- behaviors, registries, reports --------------------------------------------------------------------
+
+
+class BudgetError(EstimatorError):
+    """An estimator's budget (a fraction of replay's cost) outside [0, 1] or of the wrong type."""
 
 
 class UnknownNameError(StageAttributionError, KeyError):

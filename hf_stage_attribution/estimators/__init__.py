@@ -18,6 +18,7 @@ from __future__ import annotations
 from . import finite_difference as _finite_difference  # noqa: F401  (registers delta-fd, aa-fd, aa-*-fd)
 from . import linear as _linear  # noqa: F401  (registers delta-linear, aa-linear, aa-ggn, aa-hvp)
 from . import lora_exact as _lora_exact  # noqa: F401  (registers lora-exact)
+from . import partial_replay as _partial_replay  # noqa: F401  (registers partial-replay, partial-replay-linear)
 from . import replay as _replay  # noqa: F401  (registers replay)
 from . import selection as _selection  # noqa: F401  (registers auto)
 from .base import EstimateResult, Estimator, get, names, register

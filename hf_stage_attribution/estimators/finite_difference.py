@@ -24,7 +24,7 @@ import torch
 
 from .base import EstimateResult, check_inputs, eval_mode, evaluate, register, resolve_stages
 from .embeddings.cache import StageEmbeddings
-from .linear import EmbeddingEstimator, embeddings_for, parameter_paths
+from .linear import EmbeddingEstimator, parameter_paths
 
 
 @contextlib.contextmanager
@@ -79,7 +79,7 @@ class FiniteDifferenceEstimator(EmbeddingEstimator):
     def estimate(self, ledger, model, behavior, stages=None, **options):
         chosen = resolve_stages(ledger, stages)
         check_inputs(ledger, model, behavior, options)
-        emb = embeddings_for(ledger, self.kind, chosen, options, model)
+        emb = self.embeddings(ledger, chosen, options, model)
         scale = float(options.get("step_scale", 1.0))
         per_example: dict[str, torch.Tensor] = {}
         forward_calls = 0

@@ -139,6 +139,12 @@ class EmbeddingEstimator(Estimator):
 
     kind = "aa-linear"
 
+    def embeddings(
+        self, ledger: LedgerCore, stages: list[Any], options: dict[str, Any], model: torch.nn.Module
+    ) -> Any:
+        """The ``v_k`` this estimator reads (:class:`StageEmbeddings` or an object with its read interface)."""
+        return embeddings_for(ledger, self.kind, stages, options, model)
+
     def prepare(self, ledger, stages=None, model=None, **options):
         """Compute the stage embeddings into the cache. Curvature kinds need ``model`` (the architecture for the
         curvature products); without it nothing is precomputed and ``estimate`` computes them instead."""
@@ -164,7 +170,7 @@ class LinearEstimator(EmbeddingEstimator):
     def estimate(self, ledger, model, behavior, stages=None, **options):
         chosen = resolve_stages(ledger, stages)
         check_inputs(ledger, model, behavior, options)
-        emb = embeddings_for(ledger, self.kind, chosen, options, model)
+        emb = self.embeddings(ledger, chosen, options, model)
         paths = parameter_paths(model)
         stats: dict[str, Any] = {}
         per_example: dict[str, torch.Tensor] = {}

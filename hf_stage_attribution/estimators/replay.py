@@ -9,6 +9,16 @@ for stages recorded through the Trainer callback with replay data, by
 step (an ``untracked`` edit between runs, an ``imported`` checkpoint difference) and has no stage function is
 re-applied as its recorded delta.
 
+**Step-limited form (partial replay, ESTIMATORS.md §4b).** The ``partial-replay`` estimators stop a stage after its
+first ``m`` optimizer steps. A stage function supports that when it accepts a keyword argument ``max_steps``
+(``fn(model, max_steps=m)`` or ``fn(model, info, max_steps=m)``): with ``max_steps=None`` it trains the whole stage;
+with an integer it runs the *full* recipe (same data order, seeds, optimizer, and the learning-rate schedule of the
+whole stage — never a shorter ``max_steps``) and stops after ``m`` optimizer steps. It returns ``None``, the trained
+model, or a pair ``(model or None, optimizer)`` (or ``(model, {base name: {state key: tensor}})``, e.g. from
+``integrations.replay.stop_after_steps_callback``); with the optimizer, the optimizer state at the stop (first and
+second moments) enters the propagation of the rest of the stage. Trainer/TRL stages with replay data support the
+form through ``replay_trainer_stage(stage, model, max_steps=m)``. :func:`run_stage` runs either form.
+
 Replay works on a copy of the final model (a ``PeftModel`` is unloaded to its base model first), so memory is about
 two models. The functions must be deterministic for replay with nothing removed to reproduce ``θ_K``.
 
@@ -38,9 +48,8 @@ import torch
 
 from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
-from ..errors import ReplayError
-from ..integrations.replay import replay_trainer_stage
-from ..ledger.core import LedgerCore
+from ..errors import PartialReplayError, ReplayError
+from ..integrations.replay import optimizer_state_by_name, replay_trainer_stage
 from ..ledger.stage import Stage
 from ..ledger.state import LazyState
 from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, register, resolve_stages
@@ -48,7 +57,9 @@ from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, 
 StageFn = Callable[..., Any]
 
 
-def _working_copy(model: torch.nn.Module) -> torch.nn.Module:
+def working_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` to replay on (a ``PeftModel`` is unloaded to its base model, every parameter trainable
+    as in the replayed stages)."""
 
     work = clean_copy(model)
     if is_peft_model(work):
@@ -86,21 +97,85 @@ def _add_delta(model: torch.nn.Module, stage: Stage) -> None:
             params[name].add_(delta.to(device=params[name].device, dtype=params[name].dtype))
 
 
-def _run_stage(stage: Stage, model: torch.nn.Module, stage_fns: Mapping[str, StageFn], info: dict) -> torch.nn.Module:
+def takes_max_steps(fn: StageFn) -> bool:
+    """True when ``fn`` has the step-limited form: it accepts a ``max_steps`` keyword (or ``**kwargs``).
+
+    Example:
+        >>> takes_max_steps(lambda model, max_steps=None: None), takes_max_steps(lambda model: None)
+        (True, False)
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = "max_steps" in params and params["max_steps"].kind in keyword
+    return named or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def can_replay(stage: Stage, stage_fns: Mapping[str, StageFn], *, step_limited: bool = False) -> bool:
+    """Whether :func:`run_stage` can run ``stage`` (with ``step_limited``: stop it after ``m`` steps too)."""
+    if not (stage.num_steps and stage.learning_rates):
+        return True  # re-applied as its recorded delta
+    fn = stage_fns.get(stage.name)
+    if fn is not None:
+        return takes_max_steps(fn) or not step_limited
+    return stage.replay_dir is not None and stage.optimizer_state_policy != "continued"
+
+
+def _no_replay_message(stage: Stage) -> str:
+    return (
+        f"Cannot replay stage {stage.index} {stage.name!r}: no stage function was given for it and the ledger holds "
+        "no replay data for it. Pass stage_fns={'" + stage.name + "': fn} where fn(model) trains the model in place "
+        "as that stage did (for partial replay, fn(model, max_steps=None) that can stop after max_steps optimizer "
+        "steps), or record the stage with StageRecorder(..., save_replay_data=True)."
+    )
+
+
+def run_stage(
+    stage: Stage,
+    model: torch.nn.Module,
+    stage_fns: Mapping[str, StageFn],
+    info: dict,
+    max_steps: int | None = None,
+) -> tuple[torch.nn.Module, dict[str, dict[str, Any]] | None]:
+    """Run ``stage`` on ``model`` (in place where possible): the whole stage, or its first ``max_steps`` optimizer
+    steps (the step-limited form, see the module docstring). Returns ``(model, optimizer state by base name or
+    None)``; the optimizer state is only returned for a step-limited run whose function gives the optimizer."""
     fn = stage_fns.get(stage.name)
     if fn is None and not (stage.num_steps and stage.learning_rates):
         _add_delta(model, stage)  # an edit without training (untracked/imported): re-applied as recorded
-        return model
+        return model, None
+    if max_steps is not None and fn is not None and not takes_max_steps(fn):
+        raise PartialReplayError(
+            f"Partial replay needs to stop stage {stage.index} {stage.name!r} after {max_steps} optimizer step(s), "
+            f"but its stage function {getattr(fn, '__name__', repr(fn))} has no step-limited form. Give it a keyword "
+            "argument: fn(model, max_steps=None) that runs the full recipe (same data order, seeds, optimizer and "
+            "learning-rate schedule of the whole stage) and stops after max_steps optimizer steps, returning the "
+            "model or (model, optimizer); or use estimator='replay' or a budget of 0."
+        )
     if fn is None:
         if stage.replay_dir is None:
-            raise ReplayError(
-                f"Cannot replay stage {stage.index} {stage.name!r}: no stage function was given for it and the ledger "
-                "holds no replay data for it. Pass stage_fns={'" + stage.name + "': fn} where fn(model) trains the "
-                "model in place as that stage did, or record the stage with StageRecorder(..., save_replay_data=True)."
-            )
-        fn = lambda m, _info: replay_trainer_stage(stage, m)  # noqa: E731
-    result = fn(model, info) if _takes_info(fn) else fn(model)
-    return result if isinstance(result, torch.nn.Module) else model
+            raise ReplayError(_no_replay_message(stage))
+        if max_steps is None:
+            return replay_trainer_stage(stage, model), None
+        state: dict[str, dict[str, Any]] = {}
+        return replay_trainer_stage(stage, model, max_steps=max_steps, optimizer_out=state), state
+    kwargs = {} if max_steps is None else {"max_steps": int(max_steps)}
+    result = fn(model, info, **kwargs) if _takes_info(fn) else fn(model, **kwargs)
+    optimizer = None
+    if isinstance(result, tuple):
+        result, optimizer = (result + (None, None))[:2]
+    model = result if isinstance(result, torch.nn.Module) else model
+    if max_steps is None or optimizer is None:
+        return model, None
+    if isinstance(optimizer, Mapping):  # already {base name: {state key: tensor}}
+        return model, dict(optimizer)
+    return model, optimizer_state_by_name(model, optimizer)
+
+
+def _run_stage(stage: Stage, model: torch.nn.Module, stage_fns: Mapping[str, StageFn], info: dict) -> torch.nn.Module:
+    return run_stage(stage, model, stage_fns, info)[0]
 
 
 def replay_model(
@@ -117,7 +192,7 @@ def replay_model(
     starts from ``θ_0`` and re-runs every stage (replay with nothing removed). ``model`` is not modified.
     """
     stage_fns = dict(stage_fns or {})
-    work = _working_copy(model)
+    work = working_copy(model)
     if removed is None:
         load_state(work, ledger.initial_state())
         first = 0

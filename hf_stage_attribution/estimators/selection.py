@@ -1,4 +1,15 @@
-"""The default estimator (``auto``): ``aa-ggn`` where the ledger holds curvature material, else ``aa-linear``.
+"""The default estimator (``auto``): partial replay where the later stages can be replayed, else ``aa-ggn`` where
+the ledger holds curvature material, else ``aa-linear`` (``delta-linear`` when a later stage's optimizer is unknown).
+
+The rule, in order (:func:`choose_estimator`):
+
+1. a later stage imported from checkpoints without optimizer information → ``delta-linear``;
+2. every later stage that took optimizer steps can be replayed *step-limited* — the ledger holds its replay data
+   (``StageRecorder(..., save_replay_data=True)``) or ``stage_fns`` has a function with a ``max_steps`` keyword —
+   → ``partial-replay`` at :data:`~.partial_replay.DEFAULT_BUDGET` (25 % of replay's optimizer steps), read out by
+   finite difference: that read-out is exact for the terminal stage and at budget 1 (it *is* replay there), where
+   the linear read-out keeps the first-order error of the behavior;
+3. otherwise ``aa-ggn`` when every later stage holds curvature material, else ``aa-linear``.
 
 "Curvature material" means: every later stage that took optimizer steps (the stages any ``v_k`` is carried
 through) has recorded segments, a known optimizer, and a loss the curvature products can use (``loss_fns``, the
@@ -29,10 +40,30 @@ from ..ledger.stage import Stage
 from .base import Estimator, get, register
 from .curvature.products import resolve_loss
 from .propagation.rules import recorded_family
+from .replay import can_replay
+
+PARTIAL_REPLAY = "partial-replay"
+PARTIAL_REPLAY_BUDGET = 0.25  # = partial_replay.DEFAULT_BUDGET (a test keeps them equal)
 
 
-def choose_estimator(ledger: LedgerCore, loss_fns: Mapping[str, Any] | None = None) -> tuple[str, str]:
-    """``(estimator name, reason)`` by the default rule of ESTIMATORS.md §4."""
+def choose_estimator(
+    ledger: LedgerCore, loss_fns: Mapping[str, Any] | None = None, stage_fns: Mapping[str, Any] | None = None
+) -> tuple[str, str]:
+    """``(estimator name, reason)`` by the rule in the module docstring.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from hf_stage_attribution import StageLedger
+        >>> model, ledger = torch.nn.Linear(2, 1), StageLedger(tempfile.mkdtemp())
+        >>> for name in ("a", "b"):
+        ...     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ...     with ledger.record_stage(name, model=model, optimizer=opt) as rec:
+        ...         opt.zero_grad(); model(torch.ones(1, 2)).sum().backward(); opt.step(); rec.step()
+        >>> choose_estimator(ledger)[0]
+        'aa-linear'
+        >>> choose_estimator(ledger, stage_fns={"b": lambda model, max_steps=None: None})[0]
+        'partial-replay'
+    """
     blind = [s.name for s in ledger.stages[1:] if lacks_optimizer_information(s)]
     if blind:
         return "delta-linear", (
@@ -43,6 +74,25 @@ def choose_estimator(ledger: LedgerCore, loss_fns: Mapping[str, Any] | None = No
     later = [s for s in ledger.stages[1:] if s.num_steps and s.learning_rates]
     if not later:
         return "aa-linear", "no stage after the first took optimizer steps, so there is no curvature to propagate"
+    fns = dict(stage_fns or {})
+    if all(can_replay(s, fns, step_limited=True) for s in later):
+        how = sorted({"stage functions" if s.name in fns else "recorded replay data" for s in later})
+        return PARTIAL_REPLAY, (
+            f"every later stage ({', '.join(s.name for s in later)}) can be replayed step by step "
+            f"({' and '.join(how)}), so a short exact replay of the next stage(s) at budget "
+            f"{PARTIAL_REPLAY_BUDGET:g} (25 % of replay's optimizer steps) replaces the first-order carry of their "
+            "early, nonlinear steps; read out by finite "
+            "difference, which is exact for the last stage and equals replay at budget 1"
+        )
+    fallback = _without_replay(ledger, later, loss_fns)
+    unreplayable = [s.name for s in later if not can_replay(s, fns, step_limited=True)]
+    return fallback[0], (
+        f"{fallback[1]}; partial replay not used: later stage(s) {unreplayable} have neither replay data "
+        "(StageRecorder(..., save_replay_data=True)) nor a step-limited stage function (fn(model, max_steps=None))"
+    )
+
+
+def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str, Any] | None) -> tuple[str, str]:
     missing = [s.name for s in later if not s.segments]
     if missing:
         return "aa-linear", (
@@ -73,7 +123,10 @@ def lacks_optimizer_information(stage: Stage) -> bool:
 
 @register
 class Auto(Estimator):
-    """Apply the default rule, then run the chosen estimator; ``result.reason`` says why it was chosen.
+    """Apply the default rule (module docstring), then run the chosen estimator; ``result.reason`` says why.
+
+    Options: ``stage_fns`` and ``loss_fns`` (they decide the rule and go to the chosen estimator), ``budget``
+    (partial replay's, default 0.25), and every option of the chosen estimator.
 
     Example:
         >>> from hf_stage_attribution import estimators
@@ -82,17 +135,27 @@ class Auto(Estimator):
     """
 
     name = "auto"
-    description = "aa-ggn where the ledger holds curvature material, else aa-linear."
+    description = (
+        "partial-replay (budget 0.25, finite-difference read-out) where every later stage can be replayed step by "
+        "step (replay data or stage_fns with max_steps); else aa-ggn where the ledger holds curvature material, else "
+        "aa-linear."
+    )
 
-    def resolve(self, ledger: LedgerCore, loss_fns: Mapping[str, Any] | None = None) -> Estimator:
+    def resolve(
+        self, ledger: LedgerCore, loss_fns: Mapping[str, Any] | None = None, stage_fns: Mapping[str, Any] | None = None
+    ) -> Estimator:
         """The estimator the default rule picks for ``ledger`` (an instance; its ``name`` says which)."""
-        return get(choose_estimator(ledger, loss_fns)[0])
+        return get(choose_estimator(ledger, loss_fns, stage_fns)[0])
 
     def prepare(self, ledger, stages=None, model=None, **options):
-        self.resolve(ledger, options.get("loss_fns")).prepare(ledger, stages, model, **options)
+        self.resolve(ledger, options.get("loss_fns"), options.get("stage_fns")).prepare(
+            ledger, stages, model, **options
+        )
 
     def estimate(self, ledger, model, behavior, stages=None, **options):
-        chosen, reason = choose_estimator(ledger, options.get("loss_fns"))
+        chosen, reason = choose_estimator(ledger, options.get("loss_fns"), options.get("stage_fns"))
+        if chosen == PARTIAL_REPLAY:
+            options.setdefault("budget", PARTIAL_REPLAY_BUDGET)
         result = get(chosen).estimate(ledger, model, behavior, stages, **options)
         result.reason = reason
         result.diagnostics["auto"] = {"chosen": chosen, "reason": reason}

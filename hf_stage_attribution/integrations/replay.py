@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .._internal.model_state import clean_copy
+from .._internal.params import base_parameters
 from ..errors import ReplayError
 from ..ledger.stage import Stage
 from ..ledger.storage import open_safetensors, read_json
@@ -167,6 +168,8 @@ def replay_trainer_stage(
     reward_funcs: Any = None,
     trainer_cls: type | None = None,
     peft_config: Any = None,
+    max_steps: int | None = None,
+    optimizer_out: dict | None = None,
     **trainer_kwargs: Any,
 ) -> Any:
     """Train ``model`` (θ at the stage's start, plain transformers model) exactly as ``stage`` was trained.
@@ -175,7 +178,15 @@ def replay_trainer_stage(
     base model with the adapter (rebuilt from the recorded config and start weights) trained and merged.
     GRPO/RLOO stages need ``reward_funcs=`` (Python functions are not saved); a stage whose reference model was a
     separate model needs ``ref_model=``.
+
+    ``max_steps=m`` stops after the first ``m`` optimizer steps of the *full* recipe (a callback sets
+    ``control.should_training_stop``; the recorded ``max_steps`` and hence the learning-rate schedule are unchanged):
+    the partial replay of ESTIMATORS.md §4b. ``optimizer_out``, when given a dict, receives the optimizer's state
+    at the stop as ``{base parameter name: {state key: tensor}}`` (only tensors the optimizer trains under their
+    base name; a PEFT stage's adapter factors are not base parameters and are left out).
     """
+    if max_steps is not None and int(max_steps) < 0:
+        raise ReplayError(f"`max_steps` must be a non-negative number of optimizer steps or None, got {max_steps!r}.")
     if stage.optimizer_state_policy == "continued":
         raise ReplayError(
             f"Stage {stage.name!r} continued the previous stage's optimizer state inside one run; it cannot be "
@@ -201,6 +212,8 @@ def replay_trainer_stage(
         "reward_funcs": reward_funcs,
         "peft_config": peft_config,
         "trainer_kwargs": trainer_kwargs,
+        "max_steps": None if max_steps is None else int(max_steps),
+        "optimizer_out": optimizer_out,
     }
     output_dir = tempfile.mkdtemp(prefix="hsa-replay-")
     try:
@@ -237,7 +250,10 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
             handle = open_safetensors(replay_dir / peft_info["adapter_start_file"])
             start = {k: handle.get_tensor(k) for k in handle.keys()}
         train_model = wrap_with_adapter(model, cfg, start, adapter_name=active)
-    steps = info.get("stage_steps") or [0, None]
+    steps = list(info.get("stage_steps") or [0, None])
+    if given["max_steps"] is not None:  # stop early; the schedule still spans the whole recorded stage
+        stop = int(steps[0] or 0) + given["max_steps"]
+        steps[1] = stop if steps[1] is None else min(int(steps[1]), stop)
 
     class _StopAtStageEnd(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -258,7 +274,10 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), _StopAtStageEnd()]
     trainer = trainer_cls(**kwargs)
     _check_collator(stage, info, trainer, collator is not None)
-    trainer.train()
+    if given["max_steps"] != 0:
+        trainer.train()
+    if given["optimizer_out"] is not None:
+        given["optimizer_out"].update(optimizer_state_by_name(model, trainer.optimizer))
     if name_or_path is not None:
         model.config._name_or_path = name_or_path
     if info.get("peft"):
@@ -268,6 +287,54 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
                 param.requires_grad_(flags[name])
         return merged
     return model
+
+
+def stop_after_steps_callback(max_steps: int, start: int = 0, optimizer_out: dict | None = None) -> Any:
+    """A ``TrainerCallback`` that stops training once ``state.global_step`` reaches ``start + max_steps`` (without
+    touching ``max_steps`` in the arguments, so the learning-rate schedule is the whole stage's), and on stopping puts
+    the optimizer's state by base parameter name into ``optimizer_out`` (see :func:`optimizer_state_by_name`).
+
+    It turns a stage function that accepts Trainer callbacks into the step-limited form partial replay needs.
+
+    Example:
+        >>> # def fn(model, max_steps=None):
+        >>> #     callbacks = [] if max_steps is None else [stop_after_steps_callback(max_steps)]
+        >>> #     Trainer(model=model, args=args, train_dataset=ds, callbacks=callbacks).train(); return model
+    """
+    from transformers import TrainerCallback
+
+    class _StopAfterSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if state.global_step >= start + max_steps:
+                control.should_training_stop = True
+                if optimizer_out is not None and model is not None:
+                    optimizer_out.update(optimizer_state_by_name(model, optimizer))
+            return control
+
+    return _StopAfterSteps()
+
+
+def optimizer_state_by_name(model: Any, optimizer: Any) -> dict[str, dict[str, Any]]:
+    """``{base parameter name: {state key: CPU tensor copy}}`` of ``optimizer`` (torch or accelerate-wrapped) for
+    the parameters of ``model`` it holds state for; ``{}`` without an optimizer.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> model(torch.ones(1, 2)).sum().backward(); opt.step()
+        >>> sorted(optimizer_state_by_name(model, opt)["weight"])
+        ['momentum_buffer']
+    """
+    state = getattr(optimizer, "state", None)
+    if not state:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, param in base_parameters(model).items():
+        entry = state.get(param) if hasattr(state, "get") else None
+        if entry:
+            out[name] = {k: (v.detach().to("cpu", copy=True) if hasattr(v, "detach") else v) for k, v in entry.items()}
+    return out
 
 
 def _check_collator(stage: Stage, info: dict, trainer: Any, rebuilt: bool) -> None:

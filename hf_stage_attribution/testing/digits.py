@@ -167,8 +167,12 @@ def _optimizer(spec: StageSpec, model: torch.nn.Module) -> tuple[torch.optim.Opt
 
 
 def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: int, index: int, rec: Any = None,
-              ledger: LedgerCore = None, curvature: tuple[int, int] = (3, 256)) -> None:  # fmt: skip
-    """Train ``model`` in place as stage ``index`` of the pipeline; recorded into ``ledger`` when one is given."""
+              ledger: LedgerCore | None = None, curvature: tuple[int, int] = (3, 256),
+              max_steps: int | None = None) -> torch.optim.Optimizer:  # fmt: skip
+    """Train ``model`` in place as stage ``index`` of the pipeline; recorded into ``ledger`` when one is given.
+
+    ``max_steps`` stops after that many optimizer steps of the full recipe (the schedule spans the whole stage): the
+    step-limited form partial replay uses. Returns the optimizer."""
     x, y = _stage_data(spec, data, seed, index)
     opt, scheduler = _optimizer(spec, model)
     g = torch.Generator().manual_seed(3000 + 10 * seed + index)
@@ -184,7 +188,7 @@ def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: i
     model.train()
     try:
         with torch.enable_grad():
-            for t in range(spec.steps):
+            for t in range(spec.steps if max_steps is None else min(spec.steps, max_steps)):
                 idx = order[t * spec.batch_size : (t + 1) * spec.batch_size]
                 batch = (x[idx], y[idx])
                 opt.zero_grad(set_to_none=True)
@@ -200,6 +204,7 @@ def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: i
         raise
     if recording is not None:
         recording.end()
+    return opt
 
 
 # --- behaviors ----------------------------------------------------------------------------------------------------
@@ -251,7 +256,7 @@ class DigitsPipeline:
     specs: list[StageSpec]
     data: DigitsData
     behaviors: dict[str, Callable[[torch.nn.Module], torch.Tensor]]
-    stage_fns: dict[str, Callable[[torch.nn.Module], None]]
+    stage_fns: dict[str, Callable[..., Any]]
     loss_fn: tuple[Callable, Callable] = (forward, loss)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -280,8 +285,11 @@ def build_digits_pipeline(
         run_stage(model, spec, data, seed, index, ledger=ledger, curvature=(curvature_segments, curvature_examples))
         seconds[spec.name] = time.perf_counter() - start
 
-    def stage_fn(index: int) -> Callable[[torch.nn.Module], None]:
-        return lambda m: run_stage(m, specs[index], data, seed, index)
+    def stage_fn(index: int) -> Callable[..., tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        def fn(m: torch.nn.Module, max_steps: int | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+            return m, run_stage(m, specs[index], data, seed, index, max_steps=max_steps)
+
+        return fn
 
     fns = {spec.name: stage_fn(i) for i, spec in enumerate(specs)}
     return DigitsPipeline(config, seed, ledger, model, specs, data, digits_behaviors(data), fns, seconds=seconds)

@@ -98,3 +98,22 @@ def test_quick_run_writes_every_section(tmp_path):
     assert sections <= data.keys()
     assert sorted({c["K"] for c in data["memory"]["cases"]}) == [2, 4, 8]
     assert all(r["equal_to_1e-5"] for r in data["distributed"]["estimators"].values())
+
+
+def test_partial_replay_section_on_a_tiny_digits_pipeline(tmp_path):
+    from benchmarks import partial_replay
+
+    settings = Settings.make(quick=True)
+    settings.digits_steps_scale = 0.1
+    pipe = pipelines.build("digits-hf", 0, settings, tmp_path)
+    run = partial_replay.measure(pipe, settings, budgets=(0.0, 0.25, 1.0))
+    summary = partial_replay.summarise([run])["digits-hf"]
+    full = summary["table"][partial_replay.label("partial-replay", 1.0, "steps")]
+    assert full["all"]["spearman"] == pytest.approx(1.0) and full["all"]["top_stage_agreement"] == 1.0
+    assert summary["default"]["name"] == "partial-replay"
+    assert summary["plans"]["25 % (steps)"]["cost_fraction"] <= 0.25
+    text = "\n".join(partial_replay.render({"summary": {"digits-hf": summary}}))
+    assert text.startswith("## 8. Partial replay") and "| partial-replay @ 25 % (steps) |" in text
+    rows = partial_replay.target_rows({"partial_replay": {"summary": {"digits-hf": summary}}})
+    assert len(rows) == 8 and all(r["met"] in (True, False) for r in rows)
+    assert {r["target"] for r in rows} >= {"issue 13: never worse than delta-fd", "issue 13: ≤ 25 % of replay's time"}

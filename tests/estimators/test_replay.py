@@ -108,12 +108,12 @@ def test_replay_copies_do_not_run_the_original_models_wrapped_forward(tmp_path):
     """Trainer/Accelerate leave ``model.forward`` as a closure over the original; replay must not use it."""
     import types
 
-    from hf_stage_attribution.estimators.replay import _working_copy, load_state
+    from hf_stage_attribution.estimators.replay import load_state, working_copy
 
     model = torch.nn.Linear(2, 1)
     original_forward = model.forward
     model.forward = types.MethodType(lambda self, x: original_forward(x), model)  # what a wrapper looks like
-    work = _working_copy(model)
+    work = working_copy(model)
     load_state(work, {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)})
     assert float(work(torch.ones(1, 2))) == 0.0
     assert float(model(torch.ones(1, 2))) != 0.0

@@ -138,6 +138,7 @@ def propagate(
     chunk_rows: int = 512,
     max_segments: int | None = None,
     allow_identity_propagation: bool = False,
+    start_step: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Carry ``v`` (a perturbation of the start of stage ``stage_index``) through that stage with curvature.
 
@@ -154,6 +155,8 @@ def propagate(
         sample_size: use at most this many captured examples per segment (default: all).
         max_segments: use at most this many of the recorded segments (cheaper; each governs a longer range).
         allow_identity_propagation: pass ``v`` unchanged through a stage whose optimizer is unknown (else refuse).
+        start_step: carry ``v`` only through the steps ``start_step..num_steps`` (partial replay ran the first ones);
+            ``initial_buffer`` is then the first-moment difference at that step, whatever the stage's policy.
 
     Returns:
         ``(out, info)``: the propagated perturbation (float64, names of ``v`` plus the tensors curvature moved) and
@@ -183,8 +186,8 @@ def propagate(
             "that does not propagate (delta-linear, delta-fd)."
         )
     continued = stage.optimizer_state_policy == "continued"
-    buf = _as64(initial_buffer) if continued else None
-    if continued and buf is None:
+    buf = _as64(initial_buffer) if continued or start_step else None
+    if (continued or start_step) and buf is None:
         buf = {}
     curved = curvature_scale != 0.0 and family not in ("frozen", "lion")
     if not stage.segments:
@@ -204,6 +207,9 @@ def propagate(
         chunk_rows = 1  # each captured batch holds its own chosen/rejected halves: never concatenate batches
     theta_start = ledger.state_at(stage_index - 1) if curved else None
     for seg, start, end in _segment_ranges(stage, max_segments):
+        if end <= start_step:
+            continue
+        start = max(start, start_step)
         layout = SegmentLayout(stage, seg, family, start, end, continued, buffer_fresh=(start == 0 and not continued))
         x0, b0 = x, buf
         x, buf = layout.curvature_free(x0, b0)

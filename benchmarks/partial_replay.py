@@ -1,0 +1,277 @@
+"""Partial replay's fidelity-versus-cost curve (issue 13, ESTIMATORS.md §4b), per benchmark pipeline.
+
+For every pipeline whose later stages can be replayed (stage functions or recorded replay data), per seed: replay
+(the ground truth, timed), ``delta-fd`` (the baseline to beat), and ``partial-replay`` / ``partial-replay-linear``
+at budgets 0, 5, 10, 25, 50, 100 % of replay's optimizer steps (``budget_unit="steps"``), at 10, 25, 50 % with the
+opt-in Gauss–Newton carry (``carry="aa-ggn"``, pipelines that give ``loss_fns``) and, outside ``--quick``,
+of the later stages' learning-rate mass (``"lr-mass"``). Before the timings, one untimed partial replay at 25 %
+warms up the replay machinery (the Trainer/TRL imports would otherwise be charged to replay). Each budget's
+embeddings are computed cold (timed), then
+read out by finite difference and linearly (timed); *time ÷ replay* = (embeddings + read-out) / replay, per seed.
+Fidelity (``estimators.fidelity``) pools the (stage, behavior) pairs of all seeds, on all pairs and on non-terminal
+pairs; the non-terminal Spearman is also given per seed (median). Stage functions that take Trainer ``callbacks``
+but no ``max_steps`` (the toxicity recipe) are given the step-limited form with
+``integrations.replay.stop_after_steps_callback``.
+
+    python benchmarks/run.py --sections partial-replay [--pipelines digits-hf,lm] [--quick]
+
+Example:
+    >>> label("partial-replay", 0.25, "steps")
+    'partial-replay @ 25 % (steps)'
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+from . import pipelines
+from .common import by_pipeline, quiet, timed
+from .fidelity import Joint, _pairs
+
+BUDGETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+GGN_BUDGETS = (0.1, 0.25, 0.5)  # the opt-in Gauss–Newton carry, where the pipeline gives loss_fns
+READOUTS = ("partial-replay", "partial-replay-linear")
+BASELINE = "delta-fd"
+
+
+def label(name: str, budget: float, unit: str) -> str:
+    return f"{name} @ {100 * budget:g} % ({unit})"
+
+
+def units(settings: Any) -> tuple[str, ...]:
+    return ("steps",) if settings.quick else ("steps", "lr-mass")
+
+
+def _takes(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _with_callbacks(fn: Callable) -> Callable:
+    """``fn(model, callbacks)`` (a Trainer stage) in the step-limited form ``fn(model, max_steps=None)``."""
+    from hf_stage_attribution.integrations.replay import stop_after_steps_callback
+
+    def limited(model: Any, max_steps: int | None = None) -> Any:
+        if max_steps is None:
+            return fn(model)
+        state: dict = {}
+        out = fn(model, [stop_after_steps_callback(max_steps, optimizer_out=state)])
+        return (out if out is not None else model), state
+
+    return limited
+
+
+def step_limited_fns(pipe: Any) -> dict[str, Callable] | None:
+    """The pipeline's stage functions in the step-limited form (``None``: replay from the ledger's replay data)."""
+    from hf_stage_attribution.estimators.replay import takes_max_steps
+
+    if not pipe.stage_fns:
+        return None
+    out = {}
+    for name, fn in pipe.stage_fns.items():
+        out[name] = fn if takes_max_steps(fn) else (_with_callbacks(fn) if _takes(fn, "callbacks") else fn)
+    return out
+
+
+def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> dict[str, Any]:
+    """Replay, delta-fd, and the partial-replay family at every budget on one pipeline; values and timings."""
+    from hf_stage_attribution import estimators
+    from hf_stage_attribution.estimators import partial_replay as pr
+
+    ledger, model = pipe.ledger, pipe.model
+    joint = Joint(pipe.behaviors, model)
+    fns = step_limited_fns(pipe)
+    opts: dict[str, Any] = {"check_model": False, "prepare_behavior": False}
+    if fns:
+        opts["stage_fns"] = fns
+    default, reason = estimators.choose_estimator(ledger, pipe.loss_fns, fns)
+    stages = [s.name for s in ledger.stages]
+    run: dict[str, Any] = {"pipeline": pipe.name, "seed": pipe.seed, "stages": stages, "terminal": stages[-1],
+                           "default": {"name": default, "reason": reason}, "times": {}, "plans": {}}  # fmt: skip
+    estimators.get(BASELINE).estimate(ledger, model, joint, **opts)  # warm-up of lazy imports, not timed
+    chosen = list(ledger.stages)
+    # warm-up of the replay machinery (Trainer/TRL imports, kernels): one short partial replay, not timed
+    pr.partial_replay_embeddings(ledger, model, chosen, budget=0.25, stage_fns=fns, reuse=False)
+    values: dict[str, Any] = {}
+    result, run["replay_seconds"] = timed(lambda: estimators.get("replay").estimate(ledger, model, joint, **opts))
+    values["replay"] = _pairs(joint, result.per_example)
+    result, seconds = timed(lambda: estimators.get(BASELINE).estimate(ledger, model, joint, **opts))
+    values[BASELINE], run["times"][BASELINE] = _pairs(joint, result.per_example), seconds
+    for unit in units(settings):
+        for budget in budgets:
+            pr._MEMO.clear()
+            shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)  # cold: the aa-linear part is timed too
+            embed = partial(pr.partial_replay_embeddings, ledger, model, chosen, budget=budget, budget_unit=unit,
+                            stage_fns=fns)  # fmt: skip
+            emb, prepare = timed(embed)
+            run["plans"][f"{100 * budget:g} % ({unit})"] = emb.diagnostics["partial_replay"]
+            for name in READOUTS:
+                readout_fn = partial(estimators.get(name).estimate, ledger, model, joint, budget=budget,
+                                     budget_unit=unit, **opts)  # fmt: skip
+                result, readout = timed(readout_fn)  # reads the memoised embeddings
+                values[label(name, budget, unit)] = _pairs(joint, result.per_example)
+                run["times"][label(name, budget, unit)] = prepare + readout
+    for budget in GGN_BUDGETS if pipe.loss_fns else ():
+        pr._MEMO.clear()
+        shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
+        ggn = {"carry": "aa-ggn", "loss_fns": pipe.loss_fns, "curvature_options": dict(pipe.curvature_options)}
+        fd = partial(estimators.get("partial-replay").estimate, ledger, model, joint, budget=budget, **ggn, **opts)
+        result, seconds = timed(fd)
+        values[label("partial-replay, ggn carry", budget, "steps")] = _pairs(joint, result.per_example)
+        run["times"][label("partial-replay, ggn carry", budget, "steps")] = seconds
+    pr._MEMO.clear()
+    run["_values"] = values
+    return run
+
+
+def _median(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def summarise(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per pipeline and variant: pooled fidelity against replay, per-seed non-terminal Spearman, time ÷ replay."""
+    from hf_stage_attribution.estimators import fidelity
+
+    out: dict[str, Any] = {}
+    for pipeline, group in by_pipeline(runs).items():
+        names = [n for n in dict.fromkeys(n for run in group for n in run["_values"]) if n != "replay"]
+        table: dict[str, Any] = {}
+        for name in names:
+            est, true, per_seed, ratios = {}, {}, [], []
+            for run in group:
+                tag = f"@{run['seed']}"
+                e = {(s, b + tag): v for (s, b), v in run["_values"][name].items()}
+                t = {(s, b + tag): v for (s, b), v in run["_values"]["replay"].items()}
+                est.update(e)
+                true.update(t)
+                per_seed.append(fidelity(e, t, terminal_stage=run["terminal"])["non_terminal"]["spearman"])
+                ratios.append(run["times"][name] / run["replay_seconds"])
+            block = fidelity(est, true, terminal_stage=group[0]["terminal"])
+            table[name] = {
+                "all": {k: block["all"][k] for k in ("spearman", "sign_agreement", "top_stage_agreement", "n_pairs")},
+                "non_terminal": {
+                    k: block["non_terminal"][k]
+                    for k in ("spearman", "sign_agreement", "top_stage_agreement", "n_pairs")
+                },
+                "non_terminal_spearman_seed_median": _median(per_seed),
+                "time_over_replay": statistics.median(ratios),
+            }
+        first = group[0]
+        out[pipeline] = {
+            "seeds": [run["seed"] for run in group],
+            "default": first["default"],
+            "replay_seconds": statistics.median(run["replay_seconds"] for run in group),
+            "plans": first["plans"],
+            "table": table,
+        }
+    return out
+
+
+def run(settings: Any, names: list[str], work: Any, seeds_for: Callable, log: Callable[[str], None] = print) -> dict:
+    """Every replayable pipeline × seed (``seeds_for(settings, name)``): build, measure; then the summary."""
+    runs, skipped = [], {}
+    start = time.perf_counter()
+    for name in names:
+        for seed in seeds_for(settings, name):
+            t0 = time.perf_counter()
+            with quiet():
+                pipe = pipelines.build(name, seed, settings, work / f"partial-{name}-{seed}")
+                if not pipe.stage_fns and not all(s.replay_dir for s in pipe.ledger.stages[1:]):
+                    skipped[name] = "no stage functions and no replay data"
+                    break
+                runs.append(measure(pipe, settings))
+            del pipe
+            log(f"partial replay {name} seed {seed}: {time.perf_counter() - t0:.0f} s")
+    return {"summary": summarise(runs), "skipped": skipped, "budgets": list(BUDGETS), "units": list(units(settings)),
+            "figure_seconds": time.perf_counter() - start}  # fmt: skip
+
+
+# --- targets and rendering ---------------------------------------------------------------------------------------
+
+GOALS = (("spearman", "Spearman ≥ 0.9"), ("sign_agreement", "sign ≥ 90 %"), ("top_stage_agreement", "top ≥ 90 %"))
+
+
+def target_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Issue 13's acceptance, per pipeline: the default at its default budget against replay (all and non-terminal
+    pairs), its time, and never worse than delta-fd (non-terminal Spearman)."""
+    from .targets import verdict
+
+    block = results.get("partial_replay")
+    if not block:
+        return []
+    rows = []
+
+    def add(target: str, scope: str, measured: Any, op: str, goal: float, how: str, shown: str | None = None):
+        measured = None if measured is None or (isinstance(measured, float) and math.isnan(measured)) else measured
+        met, margin = verdict(measured, op, goal)
+        sign = {">=": "≥", "<=": "≤"}[op]
+        rows.append({"target": target, "scope": scope, "measured": measured, "goal": f"{sign} {goal:g}",
+                     "shown": shown or ("—" if measured is None else f"{measured:.3f}"), "met": met,
+                     "margin": margin, "how": how})  # fmt: skip
+
+    for pipeline, summary in block["summary"].items():
+        default = summary["default"]["name"]
+        if default != "partial-replay":
+            add("issue 13: default is partial replay", pipeline, None, ">=", 1.0, summary["default"]["reason"])
+            continue
+        key = label("partial-replay", 0.25, "steps")
+        row = summary["table"].get(key) or {}
+        for part in ("all", "non_terminal"):
+            for metric, name in GOALS:
+                how = f"{key} against replay, {part.replace('_', '-')} pairs, seeds pooled"
+                add(f"issue 13: {name}", f"{pipeline} ({part.replace('_', '-')})", row.get(part, {}).get(metric),
+                    ">=", 0.9, how)  # fmt: skip
+        add("issue 13: ≤ 25 % of replay's time", pipeline, row.get("time_over_replay"), "<=", 0.25,
+            f"{key}: (embeddings + read-out) / replay, median over seeds")  # fmt: skip
+        base = summary["table"].get(BASELINE, {}).get("non_terminal", {}).get("spearman")
+        ours = row.get("non_terminal", {}).get("spearman")
+        gap = None if base is None or ours is None else ours - base
+        add("issue 13: never worse than delta-fd", pipeline, gap, ">=", 0.0,
+            f"non-terminal Spearman of {key} − delta-fd's ({_f(ours)} vs {_f(base)})")  # fmt: skip
+    return rows
+
+
+def _f(value: Any) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _p(value: Any) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.0f} %"
+
+
+def render(block: Mapping[str, Any]) -> list[str]:
+    """The markdown section: per pipeline, the fidelity-versus-cost table."""
+    out = ["## 8. Partial replay: fidelity versus cost", "",
+           "Against replay; Spearman / sign / top-stage agreement pooled over seeds on all (stage, behavior) pairs "
+           "and "
+           "on non-terminal pairs; NT ρ median = median over seeds of the non-terminal Spearman; time ÷ replay = "
+           "(embeddings + read-out) / replay, median over seeds. Budget = fraction of replay's optimizer steps "
+           "(steps) or of the later stages' learning-rate mass (lr-mass).", ""]  # fmt: skip
+    for pipeline, summary in block["summary"].items():
+        out += [f"### {pipeline} (partial replay)", "",
+                f"Seeds {summary['seeds']}; replay {summary['replay_seconds']:.1f} s (median); `auto` → "
+                f"**{summary['default']['name']}**: {summary['default']['reason']}.", ""]  # fmt: skip
+        out += ["| variant | ρ all | sign all | top all | ρ NT | sign NT | top NT | NT ρ median | time ÷ replay |",
+                "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, row in summary["table"].items():
+            a, n = row["all"], row["non_terminal"]
+            out.append(
+                f"| {name} | {_f(a['spearman'])} | {_p(a['sign_agreement'])} | {_p(a['top_stage_agreement'])} | "
+                f"{_f(n['spearman'])} | {_p(n['sign_agreement'])} | {_p(n['top_stage_agreement'])} | "
+                f"{_f(row['non_terminal_spearman_seed_median'])} | {row['time_over_replay']:.3f} |"
+            )
+        plans = "; ".join(f"{b}: {p['plans']}" for b, p in summary["plans"].items() if p["steps_run"])
+        out += ["", f"Plans (first seed): {plans}", ""]
+    for pipeline, why in block.get("skipped", {}).items():
+        out += [f"{pipeline}: not measured ({why}).", ""]
+    return out

@@ -1,0 +1,585 @@
+"""Partial replay (ESTIMATORS.md §4b): a short exact replay of the next stage(s), then first-order propagation.
+
+For stage ``k`` and a budget ``b ∈ [0, 1]`` (a fraction of replay's cost for that stage, ``R_k`` = the optimizer steps
+of stages ``k+1..K``):
+
+1. **Plan** (:func:`plan_partial_replay`). Walk the later stages with ``b · R_k`` steps to spend: a stage that fits
+   is replayed whole from the counterfactual start (it costs its steps; its factual end ``θ_j`` is in the ledger);
+   the first one that does not fit is replayed for its first ``m`` steps from *both* starts (it costs ``2m``), and
+   the walk stops. ``budget_unit="lr-mass"`` spends the budget as a fraction of the later stages' learning-rate mass
+   ``Σ_t η_t`` instead of their steps (a warmup's tiny first steps then count for little).
+2. **Replay** the plan. The counterfactual branch starts at ``θ_{k−1}`` (the start the ``replay`` estimator uses)
+   and runs the whole stages, then the first ``m`` steps of the partial one; the factual branch starts at
+   ``θ_{j−1}`` (recorded) and runs the same ``m`` steps. A step-limited run uses the stage's *full* recipe and stops
+   after ``m`` optimizer steps (:func:`~.replay.run_stage`: Trainer/TRL replay data, or ``stage_fns`` with a
+   ``max_steps`` keyword); the learning-rate schedule is the whole stage's.
+3. **Carry** the difference ``x = θ_fact − θ_cf`` (and the first-moment difference when both runs returned their
+   optimizer) through the remaining steps of the partial stage — the stage's own recurrence at the remaining
+   recorded learning rates, Adam's preconditioner taken from the factual run's second moments at step ``m`` — and
+   through the later stages with the ``aa-linear`` rules (:class:`~.propagation.stage.StagePropagator`). The result
+   is the stage embedding ``v_k``.
+4. **Read out** by finite difference, ``f(θ_K) − f(θ_K − v_k)`` (``partial-replay``), or linearly,
+   ``∇f(θ_K) · v_k`` (``partial-replay-linear``), with the code of ``aa-fd`` / ``aa-linear``.
+
+Limits that are tests: budget 0 gives the ``aa-linear`` embedding itself (so ``partial-replay`` equals ``aa-fd`` and
+``partial-replay-linear`` equals ``aa-linear`` exactly); budget 1 replays every later stage whole, so
+``θ_K − v_k = θ̃_K^(−k)`` and ``partial-replay`` equals ``replay`` to float tolerance. The terminal stage has nothing
+to replay (``θ̃_K^(−K) = θ_{K−1}``): ``v_K = Δ_K`` at every budget, at no cost.
+
+Example:
+    >>> from hf_stage_attribution import estimators
+    >>> estimators.get("partial-replay").name, estimators.get("partial-replay-linear").kind
+    ('partial-replay', 'partial-replay')
+    >>> # r = estimators.get("partial-replay").estimate(ledger, model, behavior, stage_fns=fns, budget=0.25)
+    >>> # r.diagnostics["partial_replay"]["cost_fraction"]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._internal.params import iter_merged_state
+from ..errors import BudgetError, PartialReplayError
+from ..ledger.core import LedgerCore
+from ..ledger.stage import Stage
+from .base import register
+from .curvature.propagation import curvature_settings, propagate
+from .embeddings.cache import StageEmbeddings, stage_embeddings
+from .embeddings.write import check_curvature_material
+from .finite_difference import FiniteDifferenceEstimator
+from .linear import LinearEstimator
+from .propagation.rules import first_moment_key, preconditioner, run_recurrence, second_moment_key
+from .propagation.stage import StagePropagator, next_trained, trains
+from .replay import can_replay, load_state, run_stage, takes_max_steps, working_copy
+
+DEFAULT_BUDGET = 0.25
+BUDGET_UNITS = ("steps", "lr-mass")
+CARRIES = ("aa-linear", "aa-ggn")
+
+
+def check_budget(budget: Any, unit: str = "steps") -> float:
+    """``budget`` as a float in [0, 1]; :class:`~hf_stage_attribution.errors.BudgetError` otherwise.
+
+    Example:
+        >>> check_budget(0.25)
+        0.25
+    """
+    if unit not in BUDGET_UNITS:
+        raise BudgetError(f"`budget_unit` must be one of {BUDGET_UNITS}, got {unit!r}.")
+    ok = isinstance(budget, (int, float)) and not isinstance(budget, bool) and math.isfinite(float(budget))
+    if not ok or not 0.0 <= float(budget) <= 1.0:
+        raise BudgetError(
+            f"`budget` is the fraction of replay's cost that partial replay may spend: a number in [0, 1] (0: the "
+            f"propagation-only aa-linear/aa-fd, 1: replay itself), got {budget!r}. Pass e.g. budget={DEFAULT_BUDGET}."
+        )
+    return float(budget)
+
+
+@dataclass
+class Leg:
+    """One later stage in a plan: ``steps`` optimizer steps replayed; ``full`` when the whole stage is replayed."""
+
+    index: int
+    steps: int
+    full: bool
+    checkpoint: int | None = None  # a recorded segment whose midpoint parameters stand for the factual branch
+
+
+@dataclass
+class PartialReplayPlan:
+    """What partial replay runs for stage ``stage``: its legs, their cost and replay's, in optimizer steps."""
+
+    stage: int
+    budget: float
+    unit: str
+    legs: list[Leg] = field(default_factory=list)
+    cost_steps: int = 0
+    replay_steps: int = 0
+
+    @property
+    def fraction(self) -> float:
+        """Optimizer steps run ÷ replay's (0 when replay runs none, e.g. for the terminal stage)."""
+        return self.cost_steps / self.replay_steps if self.replay_steps else 0.0
+
+    def describe(self, ledger: LedgerCore) -> str:
+        if not self.legs:
+            return "no replay (propagation only)"
+        parts = []
+        for leg in self.legs:
+            stage = ledger.stages[leg.index]
+            how = "whole" if leg.full else f"{leg.steps}/{stage.num_steps} steps"
+            how += "" if leg.full else (" ×2" if leg.checkpoint is None else f" (factual: segment {leg.checkpoint})")
+            parts.append(f"{stage.name} {how}")
+        return ", ".join(parts)
+
+
+def _weights(stage: Stage, unit: str) -> list[float]:
+    """Per optimizer step of ``stage``: its cost in the budget's unit (1 per step, or the applied rate)."""
+    if unit == "steps":
+        return [1.0] * int(stage.num_steps)
+    return [float(max(step)) if step else 0.0 for step in stage.learning_rates][: int(stage.num_steps)]
+
+
+def _checkpoints(stage: Stage) -> list[tuple[int, int]]:
+    """``(optimizer steps taken, segment index)`` of the recorded mid-stage parameters of ``stage``."""
+    out = []
+    for segment in getattr(stage, "segments", None) or []:
+        if (segment.dir / "params_delta.safetensors").exists():
+            out.append((segment.mid_step + 1, segment.index))  # recorded right after optimizer step mid_step
+    return sorted(out)
+
+
+def plan_partial_replay(
+    ledger: LedgerCore, k: int, budget: float, unit: str = "steps", use_checkpoints: bool = False
+) -> PartialReplayPlan:
+    """The legs partial replay runs for stage index ``k`` at ``budget`` (see the module docstring, step 1).
+
+    Example:
+        >>> class S:  # a stand-in for ledger stages: 3 stages of 100 optimizer steps
+        ...     def __init__(self, i): self.index, self.num_steps, self.learning_rates = i, 100, [[0.1]] * 100
+        >>> class L: stages = [S(0), S(1), S(2)]
+        >>> p = plan_partial_replay(L(), 0, 0.75)
+        >>> [(leg.index, leg.steps, leg.full) for leg in p.legs], p.cost_steps, p.replay_steps
+        ([(1, 100, True), (2, 25, False)], 150, 200)
+    """
+    budget = check_budget(budget, unit)
+    stages = ledger.stages
+    later = [s for s in stages[k + 1 :] if trains(s)]
+    plan = PartialReplayPlan(k, budget, unit, replay_steps=sum(int(s.num_steps) for s in later))
+    weights = {s.index: _weights(s, unit) for s in later}
+    left = budget * sum(sum(w) for w in weights.values())
+    for stage in stages[k + 1 :]:
+        if not trains(stage):
+            plan.legs.append(Leg(stage.index, 0, True))  # re-applied as its recorded delta: free
+            continue
+        w = weights[stage.index]
+        if budget >= 1.0 or left >= sum(w) * (1 - 1e-12):
+            plan.legs.append(Leg(stage.index, len(w), True))
+            plan.cost_steps += len(w)
+            left -= sum(w)
+            continue
+        m, spent = 0, 0.0
+        while m < len(w) and 2 * (spent + w[m]) <= left * (1 + 1e-12):
+            spent += w[m]
+            m += 1
+        leg = Leg(stage.index, m, False)
+        for steps, segment in _checkpoints(stage) if use_checkpoints else []:
+            if steps > leg.steps and steps < len(w) and sum(w[:steps]) <= left * (1 + 1e-12):
+                leg = Leg(stage.index, steps, False, segment)  # only the counterfactual branch runs
+        if leg.steps:
+            plan.legs.append(leg)
+            plan.cost_steps += leg.steps if leg.checkpoint is not None else 2 * leg.steps
+        break
+    if not any(leg.steps for leg in plan.legs):
+        plan.legs = []  # only edits without optimizer steps: the propagation (D = 1) re-applies them exactly
+    return plan
+
+
+def check_replayable(ledger: LedgerCore, plan: PartialReplayPlan, stage_fns: Mapping[str, Any]) -> None:
+    """Raise :class:`PartialReplayError` before anything runs when a leg's stage cannot be (step-limited) replayed."""
+    for leg in plan.legs:
+        stage = ledger.stages[leg.index]
+        if can_replay(stage, stage_fns, step_limited=not leg.full):
+            continue
+        removed = ledger.stages[plan.stage].name
+        fn = stage_fns.get(stage.name)
+        if fn is not None and not takes_max_steps(fn):
+            raise PartialReplayError(
+                f"Partial replay of stage {removed!r} (budget {plan.budget:g}) must stop stage {stage.index} "
+                f"{stage.name!r} after {leg.steps} optimizer step(s), but its stage function has no step-limited "
+                "form. Give it a keyword argument: fn(model, max_steps=None) that runs the full recipe (same data "
+                "order, seeds, optimizer and the learning-rate schedule of the whole stage) and stops after max_steps "
+                "optimizer steps, returning the model or (model, optimizer). Or use budget=0 / estimator='replay'."
+            )
+        why = (
+            "it continued the previous stage's optimizer state inside one run (replay the whole run with stage_fns)"
+            if stage.optimizer_state_policy == "continued" and fn is None
+            else "no stage function was given for it and the ledger holds no replay data for it"
+        )
+        raise PartialReplayError(
+            f"Partial replay of stage {removed!r} (budget {plan.budget:g}) needs to replay stage {stage.index} "
+            f"{stage.name!r}, but {why}. Record it with StageRecorder(..., save_replay_data=True), or pass "
+            f"stage_fns={{{stage.name!r}: fn}} with fn(model, max_steps=None) training the model in place as that "
+            "stage did; or use budget=0 (aa-fd / aa-linear)."
+        )
+
+
+# --- the embeddings --------------------------------------------------------------------------------------------
+
+
+class PartialReplayEmbeddings:
+    """``v_k`` of partial replay, in memory: computed vectors for the stages that replayed something, the
+    ``aa-linear`` embeddings for the others (budget 0, a budget too small for one step, the terminal stage).
+
+    Same read interface as :class:`~.embeddings.cache.StageEmbeddings` (``items``, ``get``, ``names``, ``norm``).
+    """
+
+    kind = "partial-replay"
+
+    def __init__(self, vectors: dict[int, dict[str, torch.Tensor]], base: StageEmbeddings, shapes: Mapping) -> None:
+        self.vectors, self.base, self._shapes = vectors, base, shapes
+        self.approximations: list[str] = list(base.approximations)
+        self.diagnostics: dict[str, Any] = {}
+        self._norms: dict[int, float] = {}
+
+    def names(self, k: int) -> list[str]:
+        return list(self.vectors[k]) if k in self.vectors else self.base.names(k)
+
+    def get(self, k: int, name: str) -> torch.Tensor:
+        if k not in self.vectors:
+            return self.base.get(k, name)
+        v = self.vectors[k].get(name)
+        return v if v is not None else torch.zeros(self._shapes[name], dtype=torch.float32)
+
+    def items(self, k: int) -> Iterator[tuple[str, torch.Tensor]]:
+        if k not in self.vectors:
+            yield from self.base.items(k)
+            return
+        yield from self.vectors[k].items()
+
+    def norm(self, k: int) -> float:
+        if k not in self.vectors:
+            return self.base.norm(k)
+        if k not in self._norms:
+            self._norms[k] = float(sum(float(t.double().pow(2).sum()) for t in self.vectors[k].values()) ** 0.5)
+        return self._norms[k]
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.to(torch.float64) for name, t in iter_merged_state(model)}
+
+
+def _started(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    work = working_copy(model)
+    load_state(work, state)
+    return work
+
+
+class _RestOfStage:
+    """Carries ``(x, buf)`` through the steps ``m..n`` of a stage (its recurrence at the remaining recorded rates)."""
+
+    def __init__(self, prop: StagePropagator, m: int, factual_state: Mapping[str, Any] | None) -> None:
+        self.prop, self.m, self.state = prop, m, factual_state or {}
+        self.notes: set[str] = set()
+
+    def apply(self, name: str, x: torch.Tensor, buf: torch.Tensor | None):
+        rule = self.prop.rule(name)
+        if rule is None:
+            return x, None
+        lrs, family, group = rule.lrs[self.m :], rule.family, rule.group
+        coupled = bool(float(group.get("weight_decay") or 0.0)) and family in ("adam", "rmsprop", "adagrad")
+        needs_p = coupled or (buf is not None and family in ("adam", "adamw"))
+        precond: Any = 1.0
+        if needs_p:
+            entry = self.state.get(name) or {}
+            key = second_moment_key(family, {k: {name: v} for k, v in entry.items()})
+            if key is not None:
+                step = float(entry.get("step", self.m))
+                precond = preconditioner(family, group, entry[key], step)
+            elif coupled:
+                runs = [r for r in self.prop._preconditioner_runs() if r.moments] or [None]
+                run = next((r for r in runs if r is not None and r.start <= self.m < r.end), runs[0])
+                moments = (run.moments if run is not None else None) or {}
+                rkey = second_moment_key(family, moments)
+                if rkey is None or name not in moments[rkey]:
+                    raise PartialReplayError(self.prop._missing_state_message(name))
+                precond = preconditioner(family, group, moments[rkey][name], float(self.m + 1))
+                self.notes.add(
+                    f"Stage {self.prop.stage.name!r}: rest of the stage after the partial replay carried with the "
+                    "recorded second moments (the replay returned no optimizer state)."
+                )
+            else:
+                buf = None
+                self.notes.add(
+                    f"Stage {self.prop.stage.name!r}: the first-moment difference at the end of the partial replay "
+                    "was dropped (no second-moment state to precondition it)."
+                )
+        x, buf = run_recurrence(lrs, group, family, x0=x, buf0=buf, precond=precond, step0=self.m)
+        return x, (None if isinstance(buf, float) else buf)
+
+
+def _moment_difference(family: str | None, fact: Mapping | None, cf: Mapping | None, name: str):
+    key = first_moment_key(family or "")
+    if key is None or not fact or not cf:
+        return None
+    a, b = (fact.get(name) or {}).get(key), (cf.get(name) or {}).get(key)
+    if a is None or b is None:
+        return None
+    return a.to(torch.float64) - b.to(torch.float64)
+
+
+def _carry_with_curvature(
+    ledger: LedgerCore,
+    last: int,
+    v: dict[str, torch.Tensor],
+    bufs: dict[str, torch.Tensor],
+    curvature: dict,
+    notes: set[str],
+    partial_steps: int | None,
+) -> dict[str, torch.Tensor]:
+    """Carry ``v`` with Gauss–Newton curvature (ESTIMATORS.md §4a) through the rest of stage ``last`` after its
+    first ``partial_steps`` steps (``None``: it was replayed whole), then through the later stages."""
+    stages = ledger.stages
+    buf: dict[str, torch.Tensor] | None = bufs or None
+    if partial_steps is not None:
+        v, info = propagate(v, ledger, last, mode="ggn", initial_buffer=buf, start_step=partial_steps, **curvature)
+        buf = info.get("buffer")
+        notes.update(info.get("approximations") or [])
+    for j in range(last + 1, len(stages)):
+        stage = stages[j]
+        if not trains(stage):
+            continue
+        init = buf if stage.optimizer_state_policy == "continued" else None
+        v, info = propagate(v, ledger, j, mode="ggn", initial_buffer=init, **curvature)
+        buf = info.get("buffer")
+        notes.update(info.get("approximations") or [])
+    return {n: t.to(torch.float32) for n, t in v.items() if bool(t.any())}
+
+
+def partial_embedding(
+    ledger: LedgerCore,
+    model: torch.nn.Module,
+    plan: PartialReplayPlan,
+    stage_fns: Mapping[str, Any],
+    notes: set[str],
+    curvature: dict[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``v_k`` of ``plan`` (float32 per base parameter name): replay its legs, carry the difference to ``θ_K``.
+
+    ``curvature`` (keyword arguments of :func:`~.curvature.propagation.propagate`, ``loss_fns`` and ``model``
+    included) carries it through the rest of the partially replayed stage and the later stages with Gauss–Newton
+    curvature (Adam's preconditioner then frozen at the recorded segment midpoints) instead of the ``aa-linear``
+    rules."""
+    stages, k = ledger.stages, plan.stage
+    cf = _started(model, ledger.state_at(k - 1))
+    last = plan.legs[-1]
+    fact_state = cf_opt = fact_opt = None
+    for leg in plan.legs:
+        stage = stages[leg.index]
+        info = {"stage": stage, "removed": k, "scale": 0.0}
+        cf, opt = run_stage(stage, cf, stage_fns, info, max_steps=None if leg.full else leg.steps)
+        if not leg.full:
+            cf_opt = opt
+    if last.full:
+        end = ledger.state_at(last.index)
+        fact_state = {n: end[n].to(torch.float64) for n in ledger.parameter_names}
+    elif last.checkpoint is not None:
+        stage = stages[last.index]
+        segment = next(s for s in stage.segments if s.index == last.checkpoint)
+        start, moved = ledger.state_at(last.index - 1), segment.params_delta()
+        fact_state = {n: start[n].to(torch.float64) + moved[n].to(torch.float64) if n in moved else
+                      start[n].to(torch.float64) for n in ledger.parameter_names}  # fmt: skip
+        moments = segment.second_moments() or {}
+        fact_opt = {}
+        for key, by_name in moments.items():
+            for name, value in by_name.items():
+                fact_opt.setdefault(name, {})[key] = value
+        cf_opt = None  # the factual first moment was not recorded: no first-moment difference
+        notes.add(
+            f"Stage {stage.name!r}: the factual branch of the partial replay is the recorded mid-segment checkpoint "
+            f"(after {last.steps} steps); the first-moment difference there is taken as zero."
+        )
+    else:
+        stage = stages[last.index]
+        fact = _started(model, ledger.state_at(last.index - 1))
+        info = {"stage": stage, "removed": None, "scale": 1.0}
+        fact, fact_opt = run_stage(stage, fact, stage_fns, info, max_steps=last.steps)
+        fact_state = _state(fact)
+        del fact
+        if cf_opt is None or fact_opt is None:
+            notes.add(
+                f"Stage {stage.name!r}: its step-limited replay returned no optimizer, so the first-moment difference "
+                "after the partial replay is taken as zero."
+            )
+    cf_state = _state(cf)
+    del cf
+    props = {j: StagePropagator(stages[j], next_trained(stages, j)) for j in range(last.index, len(stages))}
+    rest = None if last.full else _RestOfStage(props[last.index], last.steps, fact_opt)
+    out: dict[str, torch.Tensor] = {}
+    bufs: dict[str, torch.Tensor] = {}
+    for name in ledger.parameter_names:
+        x = fact_state.pop(name) - cf_state.pop(name)
+        buf = None
+        if rest is not None:
+            buf = _moment_difference(props[last.index].family, fact_opt, cf_opt, name)
+            if curvature is None:
+                x, buf = rest.apply(name, x, buf)
+        if curvature is not None:  # carried below, whole vectors at a time
+            out[name] = x
+            if buf is not None:
+                bufs[name] = buf
+            continue
+        for j in range(last.index + 1, len(stages)):
+            if trains(stages[j]) and stages[j].optimizer_state_policy != "continued":
+                buf = None
+            x, buf = props[j].apply(name, x, buf)
+        if bool(x.any()):
+            out[name] = x.to(torch.float32)
+    if rest is not None:
+        notes |= rest.notes
+    if curvature is not None:
+        out = _carry_with_curvature(ledger, last.index, out, bufs, curvature, notes, None if last.full else last.steps)
+    continued = [s.name for s in stages[last.index + 1 :] if trains(s) and s.optimizer_state_policy == "continued"]
+    if continued and (last.full or cf_opt is None):
+        notes.add(
+            f"Stage(s) {continued} continued the optimizer state: the first-moment difference after the replayed "
+            "part is not carried into them."
+        )
+    for prop in props.values():
+        notes.update(prop.approximations)
+    return out
+
+
+_MEMO: dict[str, Any] = {}
+
+
+def _memo_key(ledger: LedgerCore, indices: list[int], budget: float, unit: str, stage_fns: Mapping[str, Any]) -> tuple:
+    fns = tuple(sorted((n, id(f)) for n, f in stage_fns.items()))
+    return (str(ledger.dir), ledger.fingerprint, budget, unit, tuple(indices), fns)
+
+
+def partial_replay_embeddings(
+    ledger: LedgerCore,
+    model: torch.nn.Module,
+    stages: list[Any],
+    *,
+    budget: float = DEFAULT_BUDGET,
+    budget_unit: str = "steps",
+    stage_fns: Mapping[str, Any] | None = None,
+    allow_identity_propagation: bool = False,
+    use_checkpoints: bool = False,
+    carry: str = "aa-linear",
+    loss_fns: Mapping[str, Any] | None = None,
+    curvature_options: Mapping[str, Any] | None = None,
+    reuse: bool = True,
+) -> PartialReplayEmbeddings:
+    """The partial-replay embeddings of ``stages`` (ledger stages) at ``budget``.
+
+    The last result is kept (for the same ledger, stages, budget and stage functions) so that the linear and the
+    finite-difference read-outs of one attribution replay once; ``reuse=False`` recomputes.
+    """
+    budget = check_budget(budget, budget_unit)
+    stage_fns = dict(stage_fns or {})
+    indices = [s.index for s in stages]
+    if carry not in CARRIES:
+        raise BudgetError(f"`carry` must be one of {CARRIES}, got {carry!r}.")
+    key = (*_memo_key(ledger, indices, budget, budget_unit, stage_fns), use_checkpoints, carry)
+    if reuse and _MEMO.get("key") == key:
+        return _MEMO["embeddings"]
+    plans = {k: plan_partial_replay(ledger, k, budget, budget_unit, use_checkpoints) for k in indices}
+    for plan in plans.values():
+        check_replayable(ledger, plan, stage_fns)
+    base = stage_embeddings(ledger, "aa-linear", indices, allow_identity_propagation=allow_identity_propagation)
+    notes: set[str] = set()
+    curvature = None
+    if carry == "aa-ggn" and any(p.legs for p in plans.values()):
+        check_curvature_material(ledger, min(p.legs[-1].index for p in plans.values() if p.legs) - 1, "ggn")
+        curvature = {**curvature_settings(dict(curvature_options or {})), "loss_fns": loss_fns, "model": model}
+        curvature.pop("preset", None)
+    vectors: dict[int, dict[str, torch.Tensor]] = {}
+    seconds: dict[str, float] = {}
+    for k, plan in plans.items():
+        if not plan.legs:
+            continue
+        start = time.perf_counter()
+        vectors[k] = partial_embedding(ledger, model, plan, stage_fns, notes, curvature)
+        seconds[ledger.stages[k].name] = time.perf_counter() - start
+    emb = PartialReplayEmbeddings(vectors, base, ledger.parameter_shapes)
+    if vectors:
+        emb.approximations = sorted(notes) + [
+            "Partial replay: the next stage(s) replayed exactly for part of their steps (see diagnostics), the rest "
+            + (
+                "carried with the first-order, curvature-free aa-linear rules."
+                if curvature is None
+                else "carried with Gauss–Newton curvature (aa-ggn)."
+            )
+        ]
+    cost = sum(p.cost_steps for p in plans.values())
+    total = sum(p.replay_steps for p in plans.values())
+    emb.diagnostics = {
+        "partial_replay": {
+            "budget": budget,
+            "budget_unit": budget_unit,
+            "carry": carry,
+            "plans": {ledger.stages[k].name: p.describe(ledger) for k, p in plans.items()},
+            "steps_run": cost,
+            "replay_steps": total,
+            "cost_fraction": cost / total if total else 0.0,
+            "seconds": seconds,
+        }
+    }
+    _MEMO.clear()
+    _MEMO.update(key=key, embeddings=emb, stage_fns=stage_fns)
+    return emb
+
+
+class _PartialReplayMixin:
+    """Options: ``budget`` (default 0.25, a fraction of replay's cost in [0, 1]), ``budget_unit`` (``"steps"`` or
+    ``"lr-mass"``), ``stage_fns`` (step-limited form, see :mod:`~.replay`), ``allow_identity_propagation``, plus the
+    read-out's options (``per_example``, ``check_model``, ``prepare_behavior``)."""
+
+    kind = "partial-replay"
+
+    def embeddings(self, ledger, stages, options, model):
+        return partial_replay_embeddings(
+            ledger, model, stages,
+            budget=options.get("budget", DEFAULT_BUDGET), budget_unit=options.get("budget_unit", "steps"),
+            stage_fns=options.get("stage_fns"),
+            allow_identity_propagation=bool(options.get("allow_identity_propagation", False)),
+            use_checkpoints=bool(options.get("use_checkpoints", False)),
+            carry=options.get("carry", "aa-linear"), loss_fns=options.get("loss_fns"),
+            curvature_options=options.get("curvature_options"),
+        )  # fmt: skip
+
+    def prepare(self, ledger, stages=None, model=None, **options):
+        """Validate the budget; the replays need the stage functions, so they run in ``estimate``."""
+        check_budget(options.get("budget", DEFAULT_BUDGET), options.get("budget_unit", "steps"))
+
+
+@register
+class PartialReplay(_PartialReplayMixin, FiniteDifferenceEstimator):
+    """``f(θ_K) − f(θ_K − v_k)`` with ``v_k`` from a partial replay of the next stage(s) (module docstring).
+
+    Example:
+        >>> from hf_stage_attribution import estimators
+        >>> estimators.get("partial-replay").name
+        'partial-replay'
+    """
+
+    name = "partial-replay"
+    description = (
+        "Replay the first part of the next stage(s) from both starts (a budget, fraction of replay's cost), carry "
+        "the difference on with the aa-linear rules, read out by finite difference."
+    )
+
+
+@register
+class PartialReplayLinear(_PartialReplayMixin, LinearEstimator):
+    """``∇f(θ_K) · v_k`` with ``v_k`` from a partial replay of the next stage(s) (module docstring).
+
+    Example:
+        >>> from hf_stage_attribution import estimators
+        >>> estimators.get("partial-replay-linear").name
+        'partial-replay-linear'
+    """
+
+    name = "partial-replay-linear"
+    description = "As partial-replay, read out linearly (gradient at the final model · v_k)."
+
+
+__all__ = [
+    "DEFAULT_BUDGET",
+    "PartialReplay",
+    "PartialReplayEmbeddings",
+    "PartialReplayLinear",
+    "PartialReplayPlan",
+    "check_budget",
+    "partial_replay_embeddings",
+    "plan_partial_replay",
+]

@@ -1,0 +1,251 @@
+"""Partial replay (ESTIMATORS.md §4b): its exact limits (budget 0 = the propagation-only sibling, budget 1 = replay),
+its budget plan, the step-limited replay of Trainer stages and stage functions, ``auto``'s choice, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tests.helpers.recording as F
+from hf_stage_attribution import StageLedger, estimators
+from hf_stage_attribution.errors import BudgetError, PartialReplayError, StageAttributionError
+from hf_stage_attribution.estimators import partial_replay as pr
+from hf_stage_attribution.estimators.selection import PARTIAL_REPLAY_BUDGET, choose_estimator
+from hf_stage_attribution.testing.digits import build_digits_pipeline
+
+QUIET = {"check_model": False, "prepare_behavior": False}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A small 3-stage digits pipeline per configuration (AdamW + warmup/decay; SGD momentum/nesterov + decay)."""
+    out = {}
+    for config in ("hf", "decay"):
+        root = tmp_path_factory.mktemp(f"digits-{config}")
+        out[config] = build_digits_pipeline(config, root, seed=0, steps_scale=0.1, base_steps_scale=0.1)
+    return out
+
+
+def _joint(pipe):
+    parts = [pipe.behaviors[n] for n in ("patch_gap", "margin_7", "loss_unseen")]
+    return lambda model: torch.cat([b(model) for b in parts])
+
+
+def _estimate(name, pipe, **options):
+    pr._MEMO.clear()
+    return estimators.get(name).estimate(pipe.ledger, pipe.model, _joint(pipe), stage_fns=pipe.stage_fns, **QUIET,
+                                         **options)  # fmt: skip
+
+
+@pytest.mark.parametrize("config", ["hf", "decay"])
+def test_budget_one_equals_replay_and_budget_zero_equals_the_propagation_only_sibling(digits, config):
+    pipe = digits[config]
+    replay = _estimate("replay", pipe)
+    full = _estimate("partial-replay", pipe, budget=1.0)
+    for stage, truth in replay.per_example.items():
+        torch.testing.assert_close(full.per_example[stage], truth, rtol=1e-5, atol=1e-5)
+    assert full.diagnostics["partial_replay"]["cost_fraction"] == pytest.approx(1.0)
+    for name, sibling in (("partial-replay", "aa-fd"), ("partial-replay-linear", "aa-linear")):
+        zero = _estimate(name, pipe, budget=0.0)
+        ref = _estimate(sibling, pipe)
+        assert zero.per_example.keys() == ref.per_example.keys()
+        for stage in ref.per_example:
+            assert torch.equal(zero.per_example[stage], ref.per_example[stage]), (name, stage)
+        assert zero.diagnostics["partial_replay"]["steps_run"] == 0
+
+
+def test_an_intermediate_budget_stays_within_it_and_the_last_stage_stays_exact(digits):
+    pipe = digits["hf"]
+    replay = _estimate("replay", pipe)
+    last = pipe.ledger.stages[-1].name
+    for budget in (0.1, 0.5, 0.9):
+        result = _estimate("partial-replay", pipe, budget=budget)
+        diag = result.diagnostics["partial_replay"]
+        assert 0 < diag["steps_run"] <= budget * diag["replay_steps"]
+        torch.testing.assert_close(result.per_example[last], replay.per_example[last], rtol=1e-5, atol=1e-5)
+        linear = _estimate("partial-replay-linear", pipe, budget=budget)
+        assert linear.diagnostics["partial_replay"]["steps_run"] == diag["steps_run"]
+        assert any("Partial replay" in a for a in result.approximations)
+
+
+def test_the_plan_spends_the_budget_on_the_next_stages_in_order(digits):
+    ledger = digits["hf"].ledger
+    n = [s.num_steps for s in ledger.stages]
+    plan = pr.plan_partial_replay(ledger, 0, 0.5)
+    assert plan.replay_steps == n[1] + n[2]
+    legs = [(leg.index, leg.steps, leg.full) for leg in plan.legs]
+    budget = 0.5 * (n[1] + n[2])
+    if budget >= n[1]:
+        assert (
+            legs[0] == (1, n[1], True)
+            and legs[1:] == [(2, int((budget - n[1]) // 2), False)][: int(budget > n[1] + 1)]
+        )
+    else:
+        assert legs == [(1, int(budget // 2), False)]
+    assert pr.plan_partial_replay(ledger, 2, 0.7).legs == []  # the terminal stage: nothing to replay
+    assert [leg.full for leg in pr.plan_partial_replay(ledger, 0, 1.0).legs] == [True, True]
+    mass = pr.plan_partial_replay(ledger, 1, 0.3, "lr-mass")
+    assert mass.unit == "lr-mass" and mass.legs and not mass.legs[0].full
+
+
+@pytest.mark.parametrize("budget", [-0.1, 1.5, math.nan, "0.5", True, None])
+def test_a_budget_outside_zero_one_is_refused(digits, budget):
+    with pytest.raises(BudgetError, match=r"number in \[0, 1\]"):
+        _estimate("partial-replay", digits["hf"], budget=budget)
+    with pytest.raises(BudgetError, match="budget_unit"):
+        _estimate("partial-replay", digits["hf"], budget=0.5, budget_unit="seconds")
+
+
+def test_a_stage_without_replay_material_or_step_limited_function_is_refused(digits):
+    pipe = digits["hf"]
+    later = pipe.ledger.stages[1].name
+    with pytest.raises(PartialReplayError, match=r"save_replay_data=True.*stage_fns=\{'digits-patch'"):
+        estimators.get("partial-replay").estimate(pipe.ledger, pipe.model, _joint(pipe), budget=0.5, **QUIET)
+    plain = dict(pipe.stage_fns)
+    plain[later] = lambda model: pipe.stage_fns[later](model)  # the whole stage only
+    with pytest.raises(PartialReplayError, match=r"no step-limited form.*fn\(model, max_steps=None\)"):
+        estimators.get("partial-replay").estimate(
+            pipe.ledger, pipe.model, _joint(pipe), stage_fns=plain, budget=0.1, **QUIET
+        )
+    # budget 0 replays nothing, so it needs nothing
+    result = estimators.get("partial-replay").estimate(pipe.ledger, pipe.model, _joint(pipe), budget=0.0, **QUIET)
+    assert set(result.per_example) == {s.name for s in pipe.ledger.stages}
+    assert issubclass(PartialReplayError, StageAttributionError) and issubclass(BudgetError, StageAttributionError)
+
+
+def test_auto_chooses_partial_replay_where_the_later_stages_can_be_replayed(digits):
+    pipe = digits["hf"]
+    assert PARTIAL_REPLAY_BUDGET == pr.DEFAULT_BUDGET
+    name, reason = choose_estimator(pipe.ledger, {s.name: pipe.loss_fn for s in pipe.ledger.stages}, pipe.stage_fns)
+    assert name == "partial-replay" and "stage functions" in reason and "0.25" in reason
+    name, reason = choose_estimator(pipe.ledger, {s.name: pipe.loss_fn for s in pipe.ledger.stages})
+    assert name == "aa-ggn" and "partial replay not used" in reason and "max_steps" in reason
+    plain = {n: (lambda fn: lambda model: fn(model))(f) for n, f in pipe.stage_fns.items()}
+    name, reason = choose_estimator(pipe.ledger, None, plain)  # whole-stage functions only: no partial replay
+    assert name in ("aa-ggn", "aa-linear") and "step-limited stage function" in reason
+    pr._MEMO.clear()
+    result = estimators.get("auto").estimate(pipe.ledger, pipe.model, _joint(pipe), stage_fns=pipe.stage_fns, **QUIET)
+    assert result.estimator == "partial-replay" and result.reason.startswith("every later stage")
+    assert result.diagnostics["partial_replay"]["budget"] == PARTIAL_REPLAY_BUDGET
+
+
+# --- Trainer stages with replay data ---------------------------------------------------------------------------
+
+
+class _Snapshot:
+    """Keeps a copy of the parameters after optimizer step ``at`` (a TrainerCallback built lazily)."""
+
+    def __new__(cls, at):
+        from transformers import TrainerCallback
+
+        class Snap(TrainerCallback):
+            params = None
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step == at:
+                    Snap.params = [p.detach().clone() for p in model.parameters()]
+
+        return Snap()
+
+
+@pytest.fixture(scope="module")
+def trainer_ledger(tmp_path_factory):
+    """Two Trainer stages (warmup + linear decay, AdamW) of a tiny GPT-2, recorded with replay data."""
+    from transformers import Trainer
+
+    from hf_stage_attribution import StageRecorder
+
+    root = tmp_path_factory.mktemp("trainer")
+    model = F.gpt2()
+    for i, name in enumerate(("first", "second")):
+        args = F.training_args(str(root / name), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2,
+                               lr_scheduler_type="linear", warmup_steps=2, seed=i)  # fmt: skip
+        recorder = StageRecorder(root / "ledger", name, save_replay_data=True, curvature_segments=0)
+        Trainer(model=model, args=args, train_dataset=F.lm_dataset(seed=i), callbacks=[recorder]).train()
+    ids = torch.tensor([[1, 5, 9, 12, 7], [3, 4, 8, 2, 6]])
+
+    def behavior(m):
+        return torch.log_softmax(m(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).sum((1, 2))
+
+    model.eval()
+    return StageLedger.load(root / "ledger"), model, behavior
+
+
+def test_a_step_limited_trainer_replay_stops_without_changing_the_schedule(trainer_ledger):
+    from hf_stage_attribution.estimators.replay import load_state, working_copy
+    from hf_stage_attribution.integrations.replay import replay_trainer_stage
+
+    ledger, model, _ = trainer_ledger
+    stage = ledger.stages[1]
+    starts = []
+    for _ in range(2):
+        work = working_copy(model)
+        load_state(work, ledger.state_at(0))
+        starts.append(work)
+    snap = _Snapshot(3)
+    replay_trainer_stage(stage, starts[0], callbacks=[snap])  # the whole stage, watched at step 3
+    state: dict = {}
+    stopped = replay_trainer_stage(stage, starts[1], max_steps=3, optimizer_out=state)
+    for p, q in zip(stopped.parameters(), type(snap).params):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
+    steps = {float(entry["step"]) for entry in state.values()}
+    assert steps == {3.0} and all("exp_avg_sq" in entry for entry in state.values())
+
+
+def test_partial_replay_of_trainer_stages_matches_replay_at_budget_one(trainer_ledger):
+    ledger, model, behavior = trainer_ledger
+    name, reason = choose_estimator(ledger)
+    assert name == "partial-replay" and "recorded replay data" in reason
+    pr._MEMO.clear()
+    truth = estimators.get("replay").estimate(ledger, model, behavior, **QUIET)
+    full = estimators.get("partial-replay").estimate(ledger, model, behavior, budget=1.0, **QUIET)
+    for stage in truth.per_example:
+        torch.testing.assert_close(full.per_example[stage], truth.per_example[stage], rtol=1e-4, atol=1e-4)
+    half = estimators.get("partial-replay").estimate(ledger, model, behavior, budget=0.5, **QUIET)
+    assert half.diagnostics["partial_replay"]["steps_run"] == 2  # 3 steps = 50 % of 6: 1 step from each start
+    assert all(torch.isfinite(v).all() for v in half.per_example.values())
+
+
+def test_a_trainer_stage_function_made_step_limited_with_the_stop_callback(trainer_ledger, tmp_path):
+    from transformers import Trainer
+
+    from hf_stage_attribution.integrations.replay import stop_after_steps_callback
+
+    ledger, model, behavior = trainer_ledger
+    args = F.training_args(str(tmp_path / "second"), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2,
+                           lr_scheduler_type="linear", warmup_steps=2, seed=1)  # fmt: skip
+    seen = []
+
+    def second(m, max_steps=None):  # the recorded recipe of stage "second", as a stage function
+        state: dict = {}
+        callbacks = [] if max_steps is None else [stop_after_steps_callback(max_steps, optimizer_out=state)]
+        Trainer(model=m, args=args, train_dataset=F.lm_dataset(seed=1), callbacks=callbacks).train()
+        seen.append(state)
+        return m, state
+
+    fns = {"second": second}
+    pr._MEMO.clear()
+    truth = estimators.get("replay").estimate(ledger, model, behavior, stage_fns=fns, **QUIET)
+    full = estimators.get("partial-replay").estimate(ledger, model, behavior, stage_fns=fns, budget=1.0, **QUIET)
+    torch.testing.assert_close(full.per_example["first"], truth.per_example["first"], rtol=1e-4, atol=1e-4)
+    seen.clear()
+    estimators.get("partial-replay").estimate(ledger, model, behavior, stage_fns=fns, budget=0.5, **QUIET)
+    assert len(seen) == 2 and all({float(e["step"]) for e in s.values()} == {1.0} for s in seen)
+
+
+def test_the_curvature_carry_reduces_to_the_linear_carry_without_curvature(digits):
+    pipe = digits["decay"]
+    loss_fns = {s.name: pipe.loss_fn for s in pipe.ledger.stages}
+    linear = _estimate("partial-replay", pipe, budget=0.1)
+    flat = _estimate("partial-replay", pipe, budget=0.1, carry="aa-ggn", loss_fns=loss_fns,
+                     curvature_options={"curvature_scale": 0.0})  # fmt: skip
+    curved = _estimate("partial-replay", pipe, budget=0.1, carry="aa-ggn", loss_fns=loss_fns)
+    # stage 2's partial replay stops inside the SGD stage 3 (no preconditioner): the two carries coincide there
+    second = pipe.ledger.stages[1].name
+    torch.testing.assert_close(flat.per_example[second], linear.per_example[second], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(curved.per_example[second], linear.per_example[second], rtol=1e-4, atol=1e-6)
+    assert curved.diagnostics["partial_replay"]["carry"] == "aa-ggn"
+    with pytest.raises(BudgetError, match="carry"):
+        _estimate("partial-replay", pipe, budget=0.1, carry="aa-hvp")
