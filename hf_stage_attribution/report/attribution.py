@@ -60,8 +60,9 @@ class AttributionReport:
         ``total_change`` (``{behavior: per-example f_i(θ_K) − f_i(θ_0) or its mean}``), ``alternates``
         (``{estimator: {behavior: {stage: per-example}}}``: other estimators' results, used for the linearisation
         gap), ``unstable_modes`` (int or ``{behavior: int}``), ``notes`` (``{behavior: JSON-safe dict}``),
-        ``fidelity``, ``ledger`` (a ``StageLedger`` or a dict), ``versions``, ``n_resamples`` (1000), ``seed`` (0),
-        ``confidence`` (0.95).
+        ``fidelity``, ``replay`` (``{behavior: {stage: per-example replay effects}}``, the ground truth shown beside
+        each estimate; defaults to ``alternates["replay"]``), ``ledger`` (a ``StageLedger`` or a dict),
+        ``versions``, ``n_resamples`` (1000), ``seed`` (0), ``confidence`` (0.95).
         """
         return cls(**build_report(per_example, **kwargs))
 
