@@ -106,8 +106,8 @@ def report_figure(report: AttributionReport) -> Any:
         )  # fmt: skip
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize="small", frameon=False)
     fig.suptitle(
-        _label(f"Stage effects ({report.estimator}; error bars: {conf:g} % intervals; positive = stage raised it)"),
-        fontsize="medium",
+        f"Stage effects ({_label(report.estimator)})\nerror bars: {conf:g} % intervals; positive = stage raised it",
+        fontsize="small",
     )
     fig.tight_layout(rect=(0.01, 0.06, 0.99, 0.99))
     return fig

@@ -241,10 +241,10 @@ def behavior_view(report: AttributionReport, name: str) -> dict[str, Any]:
     header += ["share of Σ\\|effect\\|", "most moved examples"]
     align += ["---:", "---"]
     diag = report.diagnostics.get(name)
-    caption = f"Effects in {unit}; positive = the stage raised {escape_markdown(name)}."
+    caption = f"Unit: {unit}. Positive = the stage raised {escape_markdown(name)}."
     if replay:
         caption += " Replay = the effect measured by re-running the later stages without the stage."
-    caption += " Share = the stage's |effect| over the sum of all stages' |effect|."
+    caption += " Share = the stage's absolute effect over the sum of all stages' absolute effects."
     if diag is not None and diag.interaction_residual is not None:
         caption += (
             f" Interaction residual (total change − sum of effects): {fmt_number(diag.interaction_residual)} {unit}."

@@ -193,8 +193,8 @@ def test_markdown_says_units_once_sign_convention_and_is_not_a_decomposition():
     md = _report(approximations=["Adam: preconditioner frozen at stage end"]).to_markdown()
     assert "positive = the stage raised the behavior" in md and "not a decomposition" in md
     # units said once, in each table's caption; the headers carry none
-    assert "Effects in nats; positive = the stage raised toxicity." in md
-    assert "Effects in logit; positive = the stage raised margin." in md
+    assert "Unit: nats. Positive = the stage raised toxicity." in md
+    assert "Unit: logit. Positive = the stage raised margin." in md
     assert md.count("| # | stage | estimate | 95 % interval | share of Σ\\|effect\\| | most moved examples |") == 2
     assert "effect ÷ total change" not in md and "interval (nats)" not in md
     table_rows = [line for line in md.splitlines() if line.startswith("| 1 | sft |")]
