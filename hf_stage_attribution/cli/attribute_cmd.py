@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..attributor import StageAttributor
 from ..behaviors import load_specs
 from ..integrations.model_loading import load_model
 from ..ledger import StageLedger
+from ..report.text import render_fidelity_table
+from .console import Console
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -71,21 +72,31 @@ def run(args: argparse.Namespace) -> int:
     options: dict = {"allow_identity_propagation": True} if args.allow_identity_propagation else {}
     if args.curvature_preset:
         options["curvature_options"] = {"preset": args.curvature_preset}
+    console = Console(verbose=getattr(args, "verbose", False))
     attributor = StageAttributor(
-        ledger, model, estimator=args.estimator, diagnostics=not args.no_diagnostics, estimator_options=options
+        ledger,
+        model,
+        estimator=args.estimator,
+        diagnostics=not args.no_diagnostics,
+        estimator_options=options,
+        show_progress=False,
     )
-    report = attributor.attribute(behaviors, stages=_stages(args.stages), validate=args.validate)
-    if attributor.state.is_main_process:
+    what = "estimates and replay" if args.validate else "estimates"
+    main_process = attributor.state.is_main_process
+    phase = console.phase(f"attributing {len(behaviors)} behaviors ({what})") if main_process else console.captured()
+    with phase:
+        report = attributor.attribute(behaviors, stages=_stages(args.stages), validate=args.validate)
+    if main_process:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         report.to_json(out / "report.json")
         (out / "report.md").write_text(report.to_markdown(), encoding="utf-8")
         report.plot(out / "plot.png")
         if args.json:
-            print(report.to_json())
+            print(report.to_json())  # every row carries its replay value (replay_effect) after `validate`
         else:
             print(report.table())
             if args.validate and report.fidelity:
-                print("\nFidelity against replay:\n" + json.dumps(report.fidelity, indent=2))
+                print("\nFidelity against replay:\n" + render_fidelity_table(report))
             print(f"\nReport written to {out}/report.json (markdown: report.md, plot: plot.png)")
     return 0
