@@ -15,7 +15,14 @@ from hf_stage_attribution.cli.console import Console, quiet_console
 
 
 def test_quiet_console_lowers_library_logs_and_restores_them():
-    before = (tf_logging.get_verbosity(), datasets.utils.logging.get_verbosity(), hub_utils.logging.get_verbosity())
+    def state():
+        return (
+            tf_logging.get_verbosity(), datasets.utils.logging.get_verbosity(), hub_utils.logging.get_verbosity(),
+            tf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled(),
+            hub_utils.are_progress_bars_disabled(),
+        )  # fmt: skip
+
+    before = state()
     with quiet_console():
         assert tf_logging.get_verbosity() == logging.ERROR and not tf_logging.is_progress_bar_enabled()
         assert hub_utils.logging.get_verbosity() == logging.ERROR and hub_utils.are_progress_bars_disabled()
@@ -26,8 +33,7 @@ def test_quiet_console_lowers_library_logs_and_restores_them():
             warnings.warn_explicit("gone", FutureWarning, "x.py", 1, module="transformers.training_args")
             warnings.warn_explicit("ours", UserWarning, "x.py", 1, module="hf_stage_attribution.report.files")
         assert [str(w.message) for w in seen] == ["ours"]  # our own warnings still show
-    after = (tf_logging.get_verbosity(), datasets.utils.logging.get_verbosity(), hub_utils.logging.get_verbosity())
-    assert after == before and tf_logging.is_progress_bar_enabled()
+    assert state() == before
 
 
 def test_verbose_changes_nothing():
