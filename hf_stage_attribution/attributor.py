@@ -191,6 +191,7 @@ class StageAttributor:
             total_change=totals or None,
             alternates=({**alternates, **({"replay": replay} if replay else {})}) or None,
             fidelity=fidelity,
+            replay=replay or None,  # per-stage ground truth shown beside each estimate (ReportRow.replay_effect)
             ledger=self.ledger,
             n_resamples=self.n_resamples,
             seed=self.seed,

@@ -7,6 +7,8 @@ Every message says what was expected, what was found, and what to do about it.
 
 from __future__ import annotations
 
+import difflib
+
 
 class StageAttributionError(Exception):
     """Base class of every error raised by hf-stage-attribution."""
@@ -117,6 +119,18 @@ class InterventionError(StageAttributionError, ValueError):
     """An intervention request is invalid (stage out of range, empty or non-finite sweep, ...)."""
 
 
+def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
+    """`` Did you mean 'x'?`` for the closest known name (difflib), or '' when none is close.
+
+    Example:
+        >>> did_you_mean("clasification", ["classification", "custom"])
+        " Did you mean 'classification'?"
+    """
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def unknown_name(kind: str, name: str, known: list[str] | tuple[str, ...]) -> UnknownNameError:
-    """Build the standard error for a registry miss, listing what is known."""
-    return UnknownNameError(f"Unknown {kind} {name!r}. Known {kind}s: {', '.join(sorted(known))}.")
+    """Build the standard error for a registry miss: the closest known name, then all of them."""
+    hint = did_you_mean(name, known)
+    return UnknownNameError(f"Unknown {kind} {name!r}.{hint} Known {kind}s: {', '.join(sorted(known))}.")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import BehaviorError
+from ..errors import BehaviorError, did_you_mean
 from .data import ExampleData, jsonable
 
 __all__ = ["Behavior", "ExampleBehavior", "eval_mode", "check_values", "model_device"]
@@ -89,8 +90,25 @@ class Behavior(ABC):
     unit: str = "behavior units"
     description: str = ""
 
+    #: Where the behavior's spec is (``"spec file 'b.yaml', line 3"``) when it was loaded from one; errors say it.
+    spec_origin: str | None = None
+
     def __init__(self, name: str | None = None) -> None:
         self.name = name or self.kind
+
+    def where(self) -> str:
+        """``Behavior 'name' (kind, spec file …, line …)``: how error messages name this behavior."""
+        origin = f", {self.spec_origin}" if self.spec_origin else ""
+        return f"Behavior {self.name!r} ({self.kind}{origin})"
+
+    def located(self, exc: BehaviorError) -> BehaviorError:
+        """``exc`` (same class) naming this behavior and its spec, unless its message already names them."""
+        message = str(exc)
+        if repr(self.name) in message and (not self.spec_origin or self.spec_origin in message):
+            return exc
+        new = type(exc)(f"{self.where()}: {message}")
+        new.__dict__.update(exc.__dict__)
+        return new
 
     @abstractmethod
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
@@ -171,7 +189,13 @@ class ExampleBehavior(Behavior):
         with eval_mode(model):
             for start in range(0, len(self), self.batch_size):
                 stop = min(start + self.batch_size, len(self))
-                values = self._batch_values(model, self._rows(start, stop), range(start, stop))
+                try:
+                    values = self._batch_values(model, self._rows(start, stop), range(start, stop))
+                except BehaviorError as exc:
+                    located = self.located(exc)
+                    if located is exc:
+                        raise
+                    raise located from exc
                 chunks.append(check_values(values, stop - start, self.name))
         return torch.cat(chunks)
 
@@ -209,12 +233,42 @@ class ExampleBehavior(Behavior):
         """Build the behavior from a spec dict (see :meth:`to_spec`); relative paths resolve against base_dir."""
         allowed = {"name", "kind", "data", "select", "indices", "batch_size", *cls._spec_fields, *cls._spec_special}
         unknown = sorted(set(spec) - allowed)
+        name = spec.get("name") or cls.kind
         if unknown:
+            hints = "".join(f" {k!r}:{did_you_mean(k, sorted(allowed))}" for k in unknown if did_you_mean(k, allowed))
             raise BehaviorError(
-                f"Behavior spec of kind {cls.kind!r} has unknown keys {unknown}; allowed keys: {sorted(allowed)}."
+                f"Behavior {name!r} ({cls.kind}): unknown spec keys {unknown}.{hints} Allowed keys: {sorted(allowed)}."
             )
         base = Path(base_dir) if base_dir is not None else None
         data = ExampleData.from_spec(spec, base_dir=base)
+        _check_named_fields(cls, spec, data, name)
         kwargs = {k: spec[k] for k in cls._spec_fields if k in spec}
         kwargs.update(cls._spec_kwargs(spec, base, trust_code))
         return cls(data, name=spec.get("name"), batch_size=spec.get("batch_size", 32), **kwargs)
+
+
+def _check_named_fields(cls: type, spec: dict[str, Any], data: ExampleData, name: str) -> None:
+    """Every field a spec renames (``*_key: column`` other than the default) must be a field of the examples: a typo
+    fails here, naming the behavior, rather than at evaluation time."""
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+    named = {
+        k: spec[k]
+        for k in cls._spec_fields
+        if k.endswith("_key") and isinstance(spec.get(k), str) and spec[k] != defaults.get(k)
+    }  # a field left at its default may be unused in the behavior's mode (e.g. text_key without a tokenizer)
+    if not named or len(data) == 0:
+        return
+    if data.is_dataset:
+        fields = list(data.items.column_names)
+    else:
+        first = data.rows(0, 1)[0]
+        if not isinstance(first, dict):
+            return
+        fields = list(first)
+    for key, column in named.items():
+        if column not in fields:
+            raise BehaviorError(
+                f"Behavior {name!r} ({cls.kind}): {key} {column!r} is not a field of its examples (fields: "
+                f"{', '.join(map(str, fields))}).{did_you_mean(column, [str(f) for f in fields])} Fix {key} in the "
+                "spec or rename the field in the data."
+            )

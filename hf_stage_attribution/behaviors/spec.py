@@ -25,11 +25,11 @@ from typing import Any
 
 import yaml
 
-from ..errors import BehaviorError
+from ..errors import BehaviorError, StageAttributionError, UnknownNameError
 from .base import Behavior
 from .registry import get
 
-__all__ = ["from_spec", "load_specs", "read_spec_file", "specs_document"]
+__all__ = ["from_spec", "load_specs", "read_spec_file", "spec_item_lines", "specs_document"]
 
 
 def read_spec_file(path: str | Path) -> Any:
@@ -61,16 +61,50 @@ def from_spec(
     if not isinstance(spec, Mapping):
         raise BehaviorError(f"A behavior spec must be a mapping with a 'kind'; got a {type(spec).__name__}.")
     if "kind" not in spec:
-        raise BehaviorError(f"A behavior spec needs 'kind' (one of the registered kinds); got keys {sorted(spec)}.")
+        raise BehaviorError(
+            f"Behavior {spec.get('name', '(unnamed)')!r}: a behavior spec needs 'kind' (one of the registered kinds); "
+            f"got keys {sorted(spec)}."
+        )
     cls = get(str(spec["kind"]))
     return cls.from_spec(dict(spec), base_dir=base_dir, trust_code=trust_code)
+
+
+def spec_item_lines(path: str | Path) -> list[int | None]:
+    """The 1-based line where each item of the file's behavior list starts (None where unknown).
+
+    JSON is read with the YAML parser too (it gives positions); a file it cannot read gives no lines.
+    """
+    try:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return []
+    if isinstance(root, yaml.MappingNode):
+        root = next((value for key, value in root.value if getattr(key, "value", None) == "behaviors"), None)
+    if not isinstance(root, yaml.SequenceNode):
+        return []
+    return [item.start_mark.line + 1 for item in root.value]
+
+
+def _where(path: str | Path, lines: list[int | None], i: int) -> str:
+    line = lines[i] if i < len(lines) else None
+    return f"spec file {str(path)!r}" + (f", line {line}" if line else f", behavior #{i}")
+
+
+def located(exc: StageAttributionError, name: str | None, where: str) -> StageAttributionError:
+    """``exc`` (same class) with a message that names the behavior and where its spec is."""
+    message = str(exc)
+    who = "" if name is None or repr(str(name)) in message else f"behavior {str(name)!r}: "
+    new = type(exc)(f"In {where}: {who}{message}")
+    if isinstance(exc, BehaviorError | UnknownNameError):
+        new.__dict__.update(exc.__dict__)
+    return new
 
 
 def load_specs(path: str | Path, *, trust_code: bool = False) -> dict[str, Behavior]:
     """``{name: Behavior}`` from a JSON/YAML file with a list under ``behaviors`` (or a bare list), in order.
 
     An empty list, a missing or duplicate name raise BehaviorError; relative paths inside resolve against the
-    file's folder.
+    file's folder. Every error names the behavior and the spec file (with the line where the item starts).
     """
     content = read_spec_file(path)
     items = content.get("behaviors") if isinstance(content, Mapping) else content
@@ -80,18 +114,25 @@ def load_specs(path: str | Path, *, trust_code: bool = False) -> dict[str, Behav
         )
     if not items:
         raise BehaviorError(f"Behavior spec file {str(path)!r} lists no behaviors; add at least one.")
+    lines = spec_item_lines(path)
     seen: set[str] = set()
     for i, item in enumerate(items):  # check every name before building anything
         if not isinstance(item, Mapping) or not item.get("name"):
-            raise BehaviorError(f"Behavior {i} in {str(path)!r} needs a 'name' (and a 'kind').")
+            raise BehaviorError(f"Behavior {i} in {_where(path, lines, i)} needs a 'name' (and a 'kind').")
         if str(item["name"]) in seen:
             raise BehaviorError(
-                f"Behavior name {item['name']!r} appears twice in {str(path)!r}; names must be unique."
+                f"Behavior name {item['name']!r} appears twice in {_where(path, lines, i)}; names must be unique."
             )
         seen.add(str(item["name"]))
     out: dict[str, Behavior] = {}
-    for item in items:
-        out[str(item["name"])] = from_spec(item, base_dir=Path(path).parent, trust_code=trust_code)
+    for i, item in enumerate(items):
+        where = _where(path, lines, i)
+        try:
+            behavior = from_spec(item, base_dir=Path(path).parent, trust_code=trust_code)
+        except (BehaviorError, UnknownNameError) as exc:
+            raise located(exc, str(item["name"]), where) from exc
+        behavior.spec_origin = where  # runtime errors of this behavior name its spec too
+        out[str(item["name"])] = behavior
     return out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..attributor import StageAttributor
@@ -11,6 +10,8 @@ from ..behaviors import load_specs
 from ..estimators.curvature.config import CurvatureConfig
 from ..integrations.model_loading import load_model
 from ..ledger import StageLedger
+from ..report.text import render_fidelity_table
+from .console import Console
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     behaviors = load_specs(args.behaviors, trust_code=args.trust_code)
     model = load_model(args.model, trust_code=args.trust_code)
     options: dict = {"allow_identity_propagation": True} if args.allow_identity_propagation else {}
+    console = Console(verbose=getattr(args, "verbose", False))
     attributor = StageAttributor(
         ledger,
         model,
@@ -95,19 +97,24 @@ def run(args: argparse.Namespace) -> int:
         diagnostics=not args.no_diagnostics,
         estimator_options=options,
         curvature=curvature_config(args),
+        show_progress=False,
     )
-    report = attributor.attribute(behaviors, stages=_stages(args.stages), validate=args.validate)
-    if attributor.state.is_main_process:
+    what = "estimates and replay" if args.validate else "estimates"
+    main_process = attributor.state.is_main_process
+    phase = console.phase(f"attributing {len(behaviors)} behaviors ({what})") if main_process else console.captured()
+    with phase:
+        report = attributor.attribute(behaviors, stages=_stages(args.stages), validate=args.validate)
+    if main_process:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         report.to_json(out / "report.json")
         (out / "report.md").write_text(report.to_markdown(), encoding="utf-8")
         report.plot(out / "plot.png")
         if args.json:
-            print(report.to_json())
+            print(report.to_json())  # every row carries its replay value (replay_effect) after `validate`
         else:
             print(report.table())
             if args.validate and report.fidelity:
-                print("\nFidelity against replay:\n" + json.dumps(report.fidelity, indent=2))
+                print("\nFidelity against replay:\n" + render_fidelity_table(report))
             print(f"\nReport written to {out}/report.json (markdown: report.md, plot: plot.png)")
     return 0

@@ -14,6 +14,7 @@ from ..integrations.model_loading import load_model
 from ..interventions.metrics import Constraint, load_target, load_utilities
 from ..interventions.sweep import check_alphas, resolve_stage, scale_stage
 from ..ledger import StageLedger
+from .console import Console
 
 DEFAULT_ALPHAS = "0.25,0.5,0.75,1.0"
 
@@ -138,12 +139,16 @@ def run(args: argparse.Namespace) -> int:
     target, utilities = load_target(args.target, trust_code=trust), load_utilities(args.utility, trust_code=trust)
     model = _load_model(args.model, trust)
     options = {"allow_identity_propagation": True} if args.allow_identity_propagation else None
-    result = scale_stage(
-        ledger, model, args.stage, alphas, args.kind, target=target, utilities=utilities, constraint=constraint,
-        objective=args.objective, target_direction=args.target_direction, compare_delta=not args.no_compare_delta,
-        replay=False if args.no_replay else None, embedding_options=options,
-    )  # fmt: skip
-    if not PartialState().is_main_process:
+    console = Console(verbose=getattr(args, "verbose", False))
+    main_process = PartialState().is_main_process
+    phase = console.phase(f"sweeping stage {args.stage} over {len(alphas)} scales") if main_process else None
+    with phase or console.captured():  # a replayed Trainer's log dicts must not mix into the table or the JSON
+        result = scale_stage(
+            ledger, model, args.stage, alphas, args.kind, target=target, utilities=utilities, constraint=constraint,
+            objective=args.objective, target_direction=args.target_direction, compare_delta=not args.no_compare_delta,
+            replay=False if args.no_replay else None, embedding_options=options,
+        )  # fmt: skip
+    if not main_process:
         return 0
     out = Path(args.output_dir)
     saved = None

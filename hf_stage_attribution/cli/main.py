@@ -10,6 +10,7 @@ import torch.distributed
 
 from .._version import __version__
 from ..errors import StageAttributionError
+from .console import quiet_console
 
 # Each module defines `register(subparsers)` adding one sub-command whose handler is `args.func(args) -> int`.
 SUBCOMMANDS = [
@@ -31,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in SUBCOMMANDS:
         importlib.import_module(module_name).register(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show third-party training logs, progress bars and warnings (hidden by default)",
+        )
     return parser
 
 
@@ -48,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started_distributed = _distributed_initialized()
     try:
-        return int(args.func(args) or 0)
+        with quiet_console(verbose=args.verbose):
+            return int(args.func(args) or 0)
     except StageAttributionError as exc:
         print(f"hf-stage-attribution {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -50,6 +50,7 @@ from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
 from ..errors import PartialReplayError, ReplayError
 from ..integrations.replay import optimizer_state_by_name, replay_trainer_stage
+from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from ..ledger.state import LazyState
 from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, register, resolve_stages

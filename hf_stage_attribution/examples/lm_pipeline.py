@@ -13,6 +13,7 @@ Example (trains three stages with the real Trainer/TRL)::
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,11 @@ def build_lm_pipeline(
     save_replay_data: bool = True,
     curvature_segments: int = 2,
     curvature_examples: int = 64,
+    stage_callbacks: Callable[[str], list[Any]] | None = None,
 ) -> LMPipeline:
-    """Train and record the four stages; save the final model; return the ledger, model and behaviors."""
+    """Train and record the four stages; save the final model; return the ledger, model and behaviors.
+
+    ``stage_callbacks(name)`` gives extra Trainer callbacks for the stage ``name`` (e.g. a progress bar)."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -93,15 +97,19 @@ def build_lm_pipeline(
     corpus = toy_corpus(seed)
     model = tiny_gpt2(tokenizer, n_embd=cfg["n_embd"], n_layer=cfg["n_layer"], seed=seed)
 
-    def recorder(name: str, kind: str) -> StageRecorder:
-        return StageRecorder(
-            ledger_dir,
-            name,
-            stage_kind=kind,
-            save_replay_data=save_replay_data,
-            curvature_segments=curvature_segments,
-            curvature_examples=curvature_examples,
-        )
+    def recorder(name: str, kind: str) -> list[Any]:
+        extra = list(stage_callbacks(name)) if stage_callbacks is not None else []
+        return [
+            *extra,
+            StageRecorder(
+                ledger_dir,
+                name,
+                stage_kind=kind,
+                save_replay_data=save_replay_data,
+                curvature_segments=curvature_segments,
+                curvature_examples=curvature_examples,
+            ),
+        ]
 
     # 1. pretraining: plain Trainer, causal LM on clean sentences
     texts = [t + tokenizer.eos_token for t in corpus.clean]
@@ -114,7 +122,7 @@ def build_lm_pipeline(
         train_dataset=pre_ds,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
-        callbacks=[recorder("pretraining", "pretraining")],
+        callbacks=recorder("pretraining", "pretraining"),
     ).train()
 
     # 2. SFT: prompt/completion pairs, a fraction of them toxic
@@ -131,7 +139,7 @@ def build_lm_pipeline(
         ),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        callbacks=[recorder("sft", "sft")],
+        callbacks=recorder("sft", "sft"),
     ).train()
 
     # 3. LoRA on clean completions, merged afterwards
@@ -144,7 +152,7 @@ def build_lm_pipeline(
         ),
         train_dataset=Dataset.from_list(lora_rows),
         processing_class=tokenizer,
-        callbacks=[recorder("lora", "lora")],
+        callbacks=recorder("lora", "lora"),
     ).train()
     model = peft_model.merge_and_unload()
     model.requires_grad_(True)  # PEFT froze the base weights; the DPO stage trains them all again
@@ -160,7 +168,7 @@ def build_lm_pipeline(
         ),
         train_dataset=Dataset.from_list(preference_pairs(seed)),
         processing_class=tokenizer,
-        callbacks=[recorder("dpo", "dpo")],
+        callbacks=recorder("dpo", "dpo"),
     ).train()
 
     model_dir = out / "model"

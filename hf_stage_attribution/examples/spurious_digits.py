@@ -20,6 +20,7 @@ Example (trains the pipeline: a minute at ``size="small"`` on a CPU)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -258,8 +259,12 @@ def new_model(size: str = "full", seed: int = 0) -> Any:
     return DigitsMLP(config)
 
 
-def build_spurious_digits(output_dir: str | Path, size: str = "full", seed: int = 0) -> DigitsPipeline:
-    """Train and record the three stages into ``<output_dir>/ledger``; save θ_K to ``<output_dir>/model``."""
+def build_spurious_digits(
+    output_dir: str | Path, size: str = "full", seed: int = 0, on_stage_end: Callable[[DigitsStage], Any] | None = None
+) -> DigitsPipeline:
+    """Train and record the three stages into ``<output_dir>/ledger``; save θ_K to ``<output_dir>/model``.
+
+    ``on_stage_end(stage)`` is called after each stage is recorded (e.g. to advance a progress bar)."""
 
     out = Path(output_dir)
     ledger_dir, model_dir = out / "ledger", out / "model"
@@ -273,6 +278,8 @@ def build_spurious_digits(output_dir: str | Path, size: str = "full", seed: int 
     ledger = StageLedger(ledger_dir)
     for stage in stages:
         train_stage(model, stage, ledger)
+        if on_stage_end is not None:
+            on_stage_end(stage)
     model.save_pretrained(model_dir)
     (model_dir / "README.md").write_text(CARD_INTRO.format(size=size, seed=seed), encoding="utf-8")
     grouped, clean = evaluation_rows(held)

@@ -8,9 +8,11 @@ All files are computed in memory and validated before anything is written; each 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import jinja2
 import yaml
@@ -23,6 +25,7 @@ from ..report.text import (
     SIGN_CONVENTION,
     behavior_view,
     data_label,
+    direction_word,
     escape_markdown,
     fidelity_view,
     fmt_lr,
@@ -63,6 +66,26 @@ def _safe_code(text: Any) -> str:
     return f"`{value}`" if value and all(c.isalnum() or c in "._:-" for c in value) else escape_markdown(value)
 
 
+def model_link(source: dict[str, Any] | None) -> str:
+    """Escaped markdown naming a stage's source model: a link to the Hub repo (at its revision) or the local path.
+
+    Example:
+        >>> model_link({"model": "org/base", "location": "hub", "revision": "v1"})
+        '[org/base](https://huggingface.co/org/base/tree/v1) (revision v1)'
+        >>> model_link(None)
+        ''
+    """
+    if not source or not source.get("model"):
+        return ""
+    model, revision = str(source["model"]), source.get("revision")
+    if source.get("location") == "hub" and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
+        url = f"https://huggingface.co/{model}" + (f"/tree/{quote(str(revision), safe='')}" if revision else "")
+        text = f"[{escape_markdown(model)}]({url})"
+    else:
+        text = f"local folder {_safe_code(model)}"
+    return text + (f" (revision {escape_markdown(revision)})" if revision else "")
+
+
 def render_section(report: AttributionReport, plot_name: str | None = PLOT_NAME, sidecar: str = SIDECAR_NAME) -> str:
     """The card section (markers included, ``\\n`` line breaks) rendered from the package's Jinja template."""
     from importlib.resources import files
@@ -78,6 +101,7 @@ def render_section(report: AttributionReport, plot_name: str | None = PLOT_NAME,
             "optimizer": escape_markdown(s.optimizer or "not recorded"),
             "lr": fmt_lr(s.lr_min, s.lr_max),
             "data": escape_markdown(data_label(s.data)),
+            "source": model_link(s.source),
         }
         for s in sorted(report.stages, key=lambda s: s.index)
     ]
@@ -95,6 +119,8 @@ def render_section(report: AttributionReport, plot_name: str | None = PLOT_NAME,
     text = env.from_string(source).render(
         sign_convention=SIGN_CONVENTION,
         stages=stages,
+        stage_sources=any(s["source"] for s in stages),
+        start=model_link(led.get("start_source")),
         ledger=ledger or "not recorded",
         estimator=_safe_code(report.estimator),
         reason=escape_markdown(report.estimator_reason),
@@ -112,20 +138,37 @@ def render_section(report: AttributionReport, plot_name: str | None = PLOT_NAME,
 
 
 def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) -> dict[str, Any]:
-    """The ``stage_attribution`` YAML value: estimator, ledger identity, top stage per behavior, file names."""
+    """The ``stage_attribution`` YAML value: estimator, ledger identity, the stages (machine-readable, with the
+    Hub/local model each was imported from), top stage per behavior with its direction, file names.
+
+    Counterfactual effects are not results of the model, so none of them goes into ``model-index``."""
     behaviors = []
     for summary in report.behaviors:
         top = report.top_stage(summary.name)
         row = next(r for r in report.rows_for(summary.name) if r.stage == top)
         entry = {"name": summary.name, "unit": summary.unit, "top_stage": top, "top_stage_effect": row.effect}
-        trust = {"top_stage_trust": report.trust(summary.name)["verdict"]}
-        behaviors.append({**entry, "ci_low": row.ci_low, "ci_high": row.ci_high, **trust})
+        entry["direction"] = direction_word(row.effect)
+        entry.update({"ci_low": row.ci_low, "ci_high": row.ci_high})
+        entry["top_stage_trust"] = report.trust(summary.name)["verdict"]
+        if row.replay_effect is not None:
+            entry["top_stage_replay_effect"] = row.replay_effect
+        behaviors.append(entry)
+    stages = []
+    for s in sorted(report.stages, key=lambda s: s.index):
+        stage: dict[str, Any] = {"index": s.index, "name": s.name, "kind": s.kind}
+        if s.num_steps is not None:
+            stage["num_steps"] = s.num_steps
+        if s.source:
+            stage["source"] = dict(s.source)
+        stages.append(stage)
+    ledger = report.ledger or {}
     meta = {
         "library_version": report.versions.get("hf-stage-attribution"),
         "estimator": report.estimator,
-        "ledger_fingerprint": (report.ledger or {}).get("fingerprint"),
-        "ledger_final_hash": (report.ledger or {}).get("final_hash"),
-        "stages": [s.name for s in sorted(report.stages, key=lambda s: s.index)],
+        "ledger_fingerprint": ledger.get("fingerprint"),
+        "ledger_final_hash": ledger.get("final_hash"),
+        "start_source": dict(ledger["start_source"]) if ledger.get("start_source") else None,
+        "stages": stages,
         "behaviors": behaviors,
         "replay_validated": report.fidelity is not None,
         "report": SIDECAR_NAME,
@@ -135,6 +178,28 @@ def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) 
         if not entry["unit"]:
             del entry["unit"]
     return {k: v for k, v in meta.items() if v is not None}
+
+
+#: The values the Hub accepts for ``base_model_relation``.
+BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
+
+
+def hub_provenance(report: AttributionReport) -> dict[str, str]:
+    """``{"base_model", "base_model_relation": "finetune"}`` when the ledger's start (θ_0) was imported from a Hub
+    repo (every stage trained from it), else ``{}``. A local start is named in the card text instead (the Hub only
+    links Hub repos). The writer adds these keys only to a card that has no ``base_model`` yet.
+
+    Example:
+        >>> from hf_stage_attribution.report import AttributionReport
+        >>> r = AttributionReport.build({"b": {"sft": [1.0]}}, estimator="x", versions={},
+        ...     ledger={"start_source": {"model": "org/base", "location": "hub", "revision": "main"}})
+        >>> hub_provenance(r)
+        {'base_model': 'org/base', 'base_model_relation': 'finetune'}
+    """
+    start = (report.ledger or {}).get("start_source") or {}
+    if start.get("location") != "hub" or not start.get("model"):
+        return {}
+    return {"base_model": str(start["model"]), "base_model_relation": "finetune"}
 
 
 def _check_same_ledger(existing: Any, report: AttributionReport, readme: Path) -> None:
@@ -190,10 +255,16 @@ def compose_card(
     parts = split_card(content)
     meta = card_metadata(report, plot_name)
     block = _dump_metadata(meta, parts.line_break)
+    links = {} if "base_model" in original else hub_provenance(report)  # never replace the author's own links
+    if links:
+        block += parts.line_break + yaml.safe_dump(links, sort_keys=False, line_break=parts.line_break).rstrip("\r\n")
     section = render_section(report, plot_name).replace("\n", parts.line_break)
     new = parts.bom + splice_metadata(parts, block) + splice_section(parts.body, section, parts.line_break)
     parsed = _parse_card(new, where)
-    if parsed != {**original, METADATA_KEY: meta} or ModelCard(new[len(parts.bom) :]).text.count(SECTION_BEGIN) != 1:
+    if (
+        parsed != {**original, METADATA_KEY: meta, **links}
+        or ModelCard(new[len(parts.bom) :]).text.count(SECTION_BEGIN) != 1
+    ):
         raise ModelCardError(
             f"Updating {where} would change YAML keys other than {METADATA_KEY!r} (unusual front matter layout, e.g. "
             f"a flow-style mapping or anchors). Move {METADATA_KEY!r} to a block-style top-level key or remove it; "

@@ -62,9 +62,9 @@ class AttributionReport:
         (``{estimator: {behavior: {stage: per-example}}}``: other estimators' results, used for the linearisation
         gap and the trust verdict; the key ``"replay"`` is exact replay, which verifies or refutes the estimate,
         see :mod:`~.trust`), ``unstable_modes`` (int or ``{behavior: int}``), ``notes`` (``{behavior: JSON-safe
-        dict}``),
-        ``fidelity``, ``ledger`` (a ``StageLedger`` or a dict), ``versions``, ``n_resamples`` (1000), ``seed`` (0),
-        ``confidence`` (0.95).
+        dict}``), ``fidelity``, ``replay`` (``{behavior: {stage: per-example replay effects}}``, the ground truth
+        shown beside each estimate; defaults to ``alternates["replay"]``), ``ledger`` (a ``StageLedger`` or a dict),
+        ``versions``, ``n_resamples`` (1000), ``seed`` (0), ``confidence`` (0.95).
         """
         return cls(**build_report(per_example, **kwargs))
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ReportError
+from ..errors import ReportError, StageAttributionError
 from ..ledger.core import LedgerCore
 from .schema import BehaviorDiagnostics, BehaviorSummary, ReportRow, StageSummary
 from .trust import assess_trust
@@ -109,7 +109,24 @@ def stage_summary(stage: Any, position: int) -> Any:
         lr_min=min(rates) if rates else None,
         lr_max=max(rates) if rates else None,
         data=_data_identity(info),
+        source=model_source(info.get("source")),
     )
+
+
+def model_source(source: Any) -> dict[str, Any] | None:
+    """The Hub/local model a stage (or the start) was imported from: ``{"model", "location", "revision", "commit",
+    "subfolder"}`` (present keys only), or None when the ledger names no model (a recorded training run).
+
+    Example:
+        >>> model_source({"type": "checkpoints", "model": "org/m", "location": "hub", "revision": "sft", "files": []})
+        {'model': 'org/m', 'location': 'hub', 'revision': 'sft'}
+        >>> model_source({"front_end": "StageRecorder"}) is None
+        True
+    """
+    if not isinstance(source, Mapping) or not source.get("model"):
+        return None
+    keys = ("model", "location", "revision", "commit", "subfolder")
+    return {k: json_safe(source[k]) for k in keys if source.get(k) is not None}
 
 
 def _optimizer_label(optimizer: Mapping[str, Any] | None) -> str | None:
@@ -148,19 +165,24 @@ def behavior_summary(name: str, behavior: Any, num_examples: int) -> Any:
     )
 
 
-def ledger_summary(ledger: LedgerCore) -> dict[str, Any]:
+def ledger_summary(ledger: LedgerCore | Mapping[str, Any] | None) -> dict[str, Any]:
     """``{"name", "fingerprint", "final_hash", "num_stages"}`` of a ``StageLedger`` (or a dict, kept as given)."""
     if ledger is None:
         return {}
     if isinstance(ledger, Mapping):
         return json_safe(ledger)
     directory = getattr(ledger, "dir", None)
-    return {
+    summary = {
         "name": Path(directory).name if directory is not None else None,
         "fingerprint": getattr(ledger, "fingerprint", None),
         "final_hash": getattr(ledger, "final_hash", None),
         "num_stages": len(getattr(ledger, "stages", []) or []),
     }
+    try:
+        start = model_source(((getattr(ledger, "manifest", None) or {}).get("model") or {}).get("source"))
+    except StageAttributionError:  # a ledger without a manifest yet
+        start = None
+    return {**summary, "start_source": start} if start else summary
 
 
 def default_versions() -> dict[str, str]:
@@ -252,7 +274,8 @@ def build_report(
     unstable_modes: int | Mapping[str, int] | None = None,
     notes: Mapping[str, Mapping[str, Any]] | None = None,
     fidelity: Mapping[str, Any] | None = None,
-    ledger: LedgerCore = None,
+    replay: Mapping[str, Mapping[str, Any]] | None = None,
+    ledger: LedgerCore | Mapping[str, Any] | None = None,
     versions: Mapping[str, str] | None = None,
     n_resamples: int = 1000,
     seed: int = 0,
@@ -274,6 +297,7 @@ def build_report(
     if behaviors is not None and not isinstance(behaviors, Mapping):
         given = {getattr(b, "name", b if isinstance(b, str) else None): b for b in behaviors}
     alternates = alternates or {}
+    replay = alternates.get("replay") if replay is None else replay
 
     rows, summaries, diagnostics, all_approx = [], [], {}, []
     for behavior, effects in per_example.items():
@@ -292,6 +316,7 @@ def build_report(
         low, high = bootstrap_intervals(matrix, int(n_resamples), int(seed), float(confidence))
         total_value = _per_behavior(total_change, behavior, None)
         total = None if total_value is None else float(as_vector(total_value, f"total change of {behavior!r}").mean())
+        truth = (replay or {}).get(behavior) or {}
         for k, stage in enumerate(names):
             effect = float(means[k])
             share = effect / total if total else None
@@ -306,6 +331,7 @@ def build_report(
                     float(high[k]),
                     [float(x) for x in matrix[k]],
                     share,
+                    _replay_mean(truth.get(stage), behavior, stage),
                 )
             )
         summaries.append(behavior_summary(behavior, given.get(behavior), int(matrix.shape[1])))
@@ -346,6 +372,13 @@ def build_report(
             "seed": int(seed),
         },
     }
+
+
+def _replay_mean(values: Any, behavior: str, stage: str) -> float | None:
+    """The mean replay effect of one (behavior, stage), or None when replay did not run for it."""
+    if values is None:
+        return None
+    return float(as_vector(values, f"replay of behavior {behavior!r}, stage {stage!r}").mean())
 
 
 def _as_mapping(value: Any) -> Mapping[str, Any]:

@@ -68,6 +68,9 @@ class StageSummary:
     lr_min: float | None = None
     lr_max: float | None = None
     data: dict[str, Any] | None = None
+    #: Where the stage's end state came from when it was imported from published checkpoints:
+    #: ``{"model", "location" ("hub" | "local"), "revision", "commit", "subfolder"}`` (None for recorded stages).
+    source: dict[str, Any] | None = None
 
 
 @dataclass

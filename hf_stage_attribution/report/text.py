@@ -85,11 +85,6 @@ def fmt_number(value: float | None, signed: bool = True) -> str:
     return f"{value:+.4g}" if signed else f"{value:.4g}"
 
 
-def fmt_share(value: float | None) -> str:
-    """A share of the total change as a signed percentage."""
-    return "n/a" if value is None else f"{100.0 * value:+.1f} %"
-
-
 def fmt_lr(low: float | None, high: float | None) -> str:
     """The applied learning-rate range of a stage."""
     if low is None or high is None:
@@ -128,31 +123,145 @@ def interval_label(report: AttributionReport) -> str:
     )
 
 
+def shares_of_absolute(effects: list[float]) -> list[float | None]:
+    """Each effect's share of the summed absolute effects, ``|e_k| / Σ_j |e_j|`` (None when every effect is 0).
+
+    Unlike ``effect ÷ total change`` these are between 0 and 1 and add up to 1, whatever the stages' interaction.
+
+    Example:
+        >>> shares_of_absolute([-3.0, 1.0])
+        [0.75, 0.25]
+    """
+    scale = sum(abs(e) for e in effects)
+    return [abs(e) / scale if scale else None for e in effects]
+
+
+def fmt_percent(value: float | None) -> str:
+    """An unsigned percentage (``n/a`` for None)."""
+    return "n/a" if value is None else f"{100.0 * value:.0f} %"
+
+
+def direction_word(effect: float) -> str:
+    """``raised`` / ``lowered`` / ``did not change`` for a stage effect (positive = raised)."""
+    return "raised" if effect > 0 else "lowered" if effect < 0 else "did not change"
+
+
+def _namers(escape: Any) -> tuple[Any, Any]:
+    """(stage-name formatter, plain formatter): bold escaped markdown by default, ``escape`` for both otherwise."""
+    if escape is None:
+        return (lambda text: f"**{escape_markdown(text)}**"), escape_markdown
+    return escape, escape
+
+
+def headline(report: AttributionReport, name: str, escape: Any = None) -> str:
+    """One sentence: which stage moved the behavior most and which way, with its effect, unit and interval.
+
+    Names are escaped for markdown (stage in bold) by default; pass ``escape=terminal_safe`` for a console.
+
+    Example:
+        >>> from hf_stage_attribution.report import AttributionReport
+        >>> r = AttributionReport.build({"tox": {"sft": [1.0, 1.2], "dpo": [-3.0, -2.8]}}, estimator="x",
+        ...                             behaviors={"tox": {"unit": "nats"}}, n_resamples=10, versions={})
+        >>> headline(r, "tox", escape=str)
+        'dpo lowered tox the most (-2.9 nats, 95 % interval [-3, -2.8]).'
+    """
+    stage_name, plain = _namers(escape)
+    raw_unit = report.behavior(name).unit
+    unit = unit_label(raw_unit) if escape is None else (escape(raw_unit) if raw_unit else "behavior units")
+    top = next(r for r in report.rows_for(name) if r.stage == report.top_stage(name))
+    if top.effect == 0:
+        return f"No stage moved {plain(name)}: every estimated effect is 0."
+    conf = f"{float((report.interval or {}).get('confidence', 0.95)) * 100:g} %"
+    sentence = (
+        f"{stage_name(top.stage)} {direction_word(top.effect)} {plain(name)} the most ({fmt_number(top.effect)} "
+        f"{unit}, {conf} interval [{fmt_number(top.ci_low)}, {fmt_number(top.ci_high)}])."
+    )
+    if top.ci_low <= 0.0 <= top.ci_high:
+        sentence += " Its interval includes 0: the examples cannot tell this effect from none."
+    return sentence
+
+
+def opposite_directions(report: AttributionReport, name: str, escape: Any = None) -> str:
+    """Where stages pushed the behavior in opposite directions, which raised and which lowered it ('' otherwise).
+
+    Example:
+        >>> from hf_stage_attribution.report import AttributionReport
+        >>> r = AttributionReport.build({"tox": {"sft": [1.0], "lora": [0.5], "dpo": [-3.0]}}, estimator="x",
+        ...                             versions={})
+        >>> opposite_directions(r, "tox", escape=str)
+        'Stages pushed tox in opposite directions: raised by sft (+1), lora (+0.5); lowered by dpo (-3).'
+    """
+    stage_name, plain = _namers(escape)
+    rows = report.rows_for(name)
+    up = [r for r in rows if r.effect > 0]
+    down = [r for r in rows if r.effect < 0]
+    if not up or not down:
+        return ""
+
+    def listed(group: list[Any]) -> str:
+        return ", ".join(f"{stage_name(r.stage)} ({fmt_number(r.effect)})" for r in group)
+
+    return f"Stages pushed {plain(name)} in opposite directions: raised by {listed(up)}; lowered by {listed(down)}."
+
+
+def has_replay(report: AttributionReport, name: str | None = None) -> bool:
+    """Whether any row (of ``name``, or of the whole report) carries a replay value."""
+    rows = report.rows if name is None else report.rows_for(name)
+    return any(r.replay_effect is not None for r in rows)
+
+
+def trust_label(report: AttributionReport, name: str) -> str:
+    """The escaped trust verdict label of a behavior ('' when the report has none)."""
+    diag = report.diagnostics.get(name)
+    label = (diag.trust or {}).get("label") if diag is not None else None
+    return escape_markdown(label) if label else ""
+
+
 def behavior_view(report: AttributionReport, name: str) -> dict[str, Any]:
-    """Escaped strings for one behavior: heading parts, table header and rows, top stage, diagnostics lines."""
+    """Escaped strings for one behavior: heading parts, table caption, header and rows, the direction sentences,
+    the trust label and the diagnostics lines."""
     summary = report.behavior(name)
     unit = unit_label(summary.unit)
     conf = f"{float((report.interval or {}).get('confidence', 0.95)) * 100:g} %"
+    rows_in = report.rows_for(name)
+    replay = has_replay(report, name)
+    shares = shares_of_absolute([r.effect for r in rows_in])
     rows = []
-    for row in report.rows_for(name):
+    for row, share in zip(rows_in, shares):
         top = ", ".join(f"#{i} ({fmt_number(v)})" for i, v in row.top_examples(3))
         interval = f"[{fmt_number(row.ci_low)}, {fmt_number(row.ci_high)}]"
         cells = [str(row.stage_index), escape_markdown(row.stage), fmt_number(row.effect), interval]
-        rows.append([*cells, fmt_share(row.share), top])
-    header = ["#", "stage", f"effect ({unit})", f"{conf} interval ({unit})", "effect ÷ total change"]
-    header.append("most moved examples")
-    top_name = report.top_stage(name)
-    top_row = next(r for r in report.rows_for(name) if r.stage == top_name)
+        if replay:
+            cells.append(fmt_number(row.replay_effect))
+        rows.append([*cells, fmt_percent(share), top])
+    header = ["#", "stage", "estimate", f"{conf} interval"]
+    align = ["---:", "---", "---:", "---"]
+    if replay:
+        header.append("replay (ground truth)")
+        align.append("---:")
+    header += ["share of Σ\\|effect\\|", "most moved examples"]
+    align += ["---:", "---"]
+    diag = report.diagnostics.get(name)
+    caption = f"Unit: {unit}. Positive = the stage raised {escape_markdown(name)}."
+    if replay:
+        caption += " Replay = the effect measured by re-running the later stages without the stage."
+    caption += " Share = the stage's absolute effect over the sum of all stages' absolute effects."
+    if diag is not None and diag.interaction_residual is not None:
+        caption += (
+            f" Interaction residual (total change − sum of effects): {fmt_number(diag.interaction_residual)} {unit}."
+        )
     return {
         "name": escape_markdown(name),
         "unit": unit,
         "description": escape_markdown(summary.description),
         "num_examples": summary.num_examples,
+        "caption": caption,
         "header": header,
-        "align": ["---:", "---", "---:", "---", "---:", "---"],
+        "align": align,
         "rows": rows,
-        "top": f"**{escape_markdown(top_name)}** (effect {fmt_number(top_row.effect)} {unit})",
-        "trust": escape_markdown(report.trust(name)["label"]),
+        "headline": headline(report, name),
+        "opposite": opposite_directions(report, name),
+        "trust": trust_label(report, name),
         "diagnostics": diagnostics_lines(report, name, unit),
     }
 
@@ -235,18 +344,20 @@ def md_table(header: list[str], align: list[str], rows: list[list[str]]) -> str:
 
 
 def render_markdown(report: AttributionReport) -> str:
-    """The report as markdown: one table per behavior, its diagnostics, the approximations and the fidelity."""
+    """The report as markdown: per behavior the direction sentence, a captioned table (estimate, interval, replay
+    when it ran, share of the summed |effects|) and its diagnostics; then the approximations and the fidelity."""
     out = [f"## Stage attribution (estimator: {escape_markdown(report.estimator)})", "", SIGN_CONVENTION, ""]
     if report.estimator_reason:
         out += [f"Why this estimator: {escape_markdown(report.estimator_reason)}.", ""]
     out += [f"Intervals: {escape_markdown(interval_label(report))}.", ""]
     for summary in report.behaviors:
         view = behavior_view(report, summary.name)
-        out += [f"### Behavior: {view['name']} (unit: {view['unit']}; {view['num_examples']} examples)", ""]
+        out += [f"### Behavior: {view['name']} ({view['num_examples']} examples)", ""]
         if view["description"]:
             out += [view["description"], ""]
-        out += [md_table(view["header"], view["align"], view["rows"]), ""]
-        out += [f"Most accountable stage: {view['top']} — {view['trust']}.", ""]
+        claim = view["headline"] + (f" Verdict: {view['trust']}." if view["trust"] else "")
+        out += [claim, ""] + ([view["opposite"], ""] if view["opposite"] else [])
+        out += [view["caption"], "", md_table(view["header"], view["align"], view["rows"]), ""]
         out += [f"- {line}" for line in view["diagnostics"]] + [""]
     if report.approximations:
         out += ["### Approximations", ""] + [f"- {escape_markdown(a)}" for a in report.approximations] + [""]
@@ -259,33 +370,50 @@ def render_markdown(report: AttributionReport) -> str:
     return "\n".join(out)
 
 
-def render_table(report: AttributionReport) -> str:
-    """A plain-text table (behavior, stage, effect, interval, share, unit) for a terminal."""
-    conf = f"{float((report.interval or {}).get('confidence', 0.95)) * 100:g}%"
-    header = ["behavior", "#", "stage", "effect", f"{conf} interval", "÷ total", "unit", "top"]
-    body = []
-    for summary in report.behaviors:
-        top = report.top_stage(summary.name)
-        for row in report.rows_for(summary.name):
-            interval = f"[{fmt_number(row.ci_low)}, {fmt_number(row.ci_high)}]"
-            body.append(
-                [
-                    terminal_safe(summary.name),
-                    str(row.stage_index),
-                    terminal_safe(row.stage),
-                    fmt_number(row.effect),
-                    interval,
-                    fmt_share(row.share),
-                    terminal_safe(summary.unit or "-"),
-                    (_TABLE_MARK[report.trust(summary.name)["verdict"]]) if row.stage == top else "",
-                ]
-            )
+def _text_table(header: list[str], body: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def render_table(report: AttributionReport) -> str:
+    """A plain-text table for a terminal (one row per stage and behavior; a replay column when replay ran), then
+    one line per behavior with its unit and which stage moved it most, and which way."""
+    conf = f"{float((report.interval or {}).get('confidence', 0.95)) * 100:g}%"
+    replay = has_replay(report)
+    header = ["behavior", "#", "stage", "estimate", f"{conf} interval"]
+    header += ["replay"] if replay else []
+    header += ["share", "top"]
+    body = []
+    for summary in report.behaviors:
+        top = report.top_stage(summary.name)
+        rows = report.rows_for(summary.name)
+        for row, share in zip(rows, shares_of_absolute([r.effect for r in rows])):
+            interval = f"[{fmt_number(row.ci_low)}, {fmt_number(row.ci_high)}]"
+            cells = [terminal_safe(summary.name), str(row.stage_index), terminal_safe(row.stage)]
+            cells += [fmt_number(row.effect), interval] + ([fmt_number(row.replay_effect)] if replay else [])
+            mark = _TABLE_MARK.get(report.trust(summary.name).get("verdict"), "*") if row.stage == top else ""
+            body.append([*cells, fmt_percent(share), mark])
+    lines = _text_table(header, body)
+    for summary in report.behaviors:
+        label = report.trust(summary.name).get("label")
+        verdict = f" Verdict: {terminal_safe(label)}." if label else ""
+        lines.append(f"* {headline(report, summary.name, terminal_safe)}{verdict}")
     lines.append(
-        f"estimator: {terminal_safe(report.estimator)}; positive effect = the stage raised the behavior; "
-        "* = most accountable stage (*v verified by replay, *a estimators agree, *? unreliable); effects do not add "
-        "up to the total change."
+        f"estimator: {terminal_safe(report.estimator)}; positive = the stage raised the behavior; share = |effect| "
+        "over the sum of |effects|"
+        + ("; replay = ground truth" if replay else "")
+        + "; top: *v verified by replay, *a estimators agree, *? unreliable."
     )
     return "\n".join(lines)
+
+
+def render_fidelity_table(report: AttributionReport) -> str:
+    """The fidelity figures as a plain-text table ('' when replay did not run)."""
+    fid = fidelity_view(report)
+    if fid is None:
+        return ""
+    unescape = lambda text: re.sub(r"\\(.)", r"\1", text)  # noqa: E731 (cells were escaped for markdown)
+    header = [unescape(h) for h in fid["header"]]
+    return "\n".join(_text_table(header, [[unescape(c) for c in row] for row in fid["rows"]]))

@@ -211,7 +211,9 @@ def test_bad_specs_and_inputs_raise_clear_errors(env, tmp_path):
         behaviors.load_specs(tmp_path / "dup.json")
     with pytest.raises(BehaviorError, match="no examples"):
         behaviors.Classification([])
-    with pytest.raises(BehaviorError, match="unknown keys"):
+    with pytest.raises(
+        BehaviorError, match=r"unknown spec keys \[.meassure.\]\. .meassure.: Did you mean .measure.\?"
+    ):
         behaviors.from_spec({"kind": "classification", "data": [{"input": [1.0]}], "meassure": "logit"})
     with pytest.raises(BehaviorError, match="does not exist"):
         behaviors.from_spec({"kind": "classification", "data": str(tmp_path / "missing.jsonl")})

@@ -93,7 +93,8 @@ def classifier_run(tmp_path_factory):
             report_to=[], save_strategy="no", disable_tqdm=True, seed=k,
         )  # fmt: skip
         Trainer(model=model, args=args, train_dataset=data.remove_columns(["text"]),
-                callbacks=[StageRecorder(root / "ledger", name, stage_kind="fine-tuning")]).train()  # fmt: skip
+                callbacks=[StageRecorder(root / "ledger", name, stage_kind="fine-tuning",
+                                         save_replay_data=True)]).train()  # fmt: skip
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     spec = {
@@ -146,6 +147,21 @@ def test_attribute_with_the_cheap_curvature_preset(classifier_run, tmp_path, cap
     with pytest.raises(SystemExit):  # argparse refuses an unknown preset
         main([*argv[:-1], "expensive", "--output-dir", str(out)])
     assert "invalid choice: 'expensive'" in capsys.readouterr().err
+
+
+def test_validate_json_carries_the_replay_value_of_every_stage(classifier_run, tmp_path, capsys):
+    root = classifier_run
+    argv = ["validate", str(root / "ledger"), "--model", str(root / "model"), "--behaviors"]
+    argv += [str(root / "behaviors.json"), "--estimator", "aa-linear", "--output-dir", str(tmp_path / "v")]
+    assert main([*argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)["rows"]
+    assert [r["stage"] for r in rows] == ["base", "flip"] and all(isinstance(r["replay_effect"], float) for r in rows)
+    assert "{'loss'" not in captured.out + captured.err  # the replayed Trainer's log dicts stay off the console
+    assert "\r" not in captured.err  # not a terminal: plain lines, no redraws
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "replay" in table.splitlines()[0] and "Fidelity against replay:\npairs of (stage, behavior)" in table
 
 
 def test_attribute_bad_input_leaves_nothing(classifier_run, tmp_path, capsys):

@@ -14,8 +14,14 @@ ROOT = Path(__file__).parent.parent.parent
 
 def test_demo_digits_part_prints_tables_and_writes_a_card_that_parses(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path), "--only", "digits"]) == 0
-    out = capsys.readouterr().out
-    assert "patch-reliance" in out and "Fidelity against replay" in out and "model card:" in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "patch-reliance" in out and "Fidelity against replay:\npairs of (stage, behavior)" in out
+    assert "* patch raised patch-reliance the most (+" in out and "model card:" in out
+    # a quiet console: one plain line per phase on a non-terminal stderr, no redraws, no library chatter
+    assert captured.err.splitlines()[0].startswith("training 3 stages: done (3/3) in ")
+    assert "attributing 3 behaviors (estimates and replay): done in " in captured.err
+    assert "\r" not in captured.err and len((out + captured.err).splitlines()) < 30
     card = ModelCard.load(tmp_path / "digits" / "model" / "README.md")
     meta = card.data.to_dict()["stage_attribution"]
     assert meta["estimator"] == "aa-ggn" and meta["replay_validated"] is True

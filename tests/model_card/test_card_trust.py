@@ -24,16 +24,17 @@ def _card(tmp_path, alternates) -> str:
 
 
 def _claim(card: str) -> str:
-    (line,) = [line for line in card.splitlines() if line.startswith("Most accountable stage:")]
+    (line,) = [line for line in card.splitlines() if " the most (" in line and " Verdict: " in line]
     return line
 
 
 def test_estimators_that_disagree_on_the_top_stage_make_the_card_say_unreliable(tmp_path):
     card = _card(tmp_path, {"aa-ggn-fd": [[2.6], [1.9], [-0.4]]})  # the finite-difference reading names pretraining
     claim = _claim(card)
-    assert claim.startswith("Most accountable stage: **sft** (effect +2.0")
+    assert claim.startswith("**sft** raised toxicity the most (+2.0")
     assert (
-        "nats) — estimated — unreliable: aa-ggn and aa-ggn-fd name different top stages (sft and pretraining)" in claim
+        "Verdict: estimated — unreliable: aa-ggn and aa-ggn-fd name different top stages (sft and pretraining)"
+        in claim
     )
     assert "relative linearisation gap 0.89 on stage pretraining" in claim
     meta = yaml.safe_load(card.split("---")[1])["stage_attribution"]
@@ -42,6 +43,6 @@ def test_estimators_that_disagree_on_the_top_stage_make_the_card_say_unreliable(
 
 def test_agreeing_estimators_and_replay_are_labelled_as_such(tmp_path):
     agree = _card(tmp_path, {"aa-ggn-fd": [[0.32], [1.95], [-0.5]], "delta-fd": [[0.25], [1.8], [-0.45]]})
-    assert _claim(agree).endswith("— estimated — estimators agree.")
+    assert _claim(agree).endswith("Verdict: estimated — estimators agree.")
     verified = _card(tmp_path, {"aa-ggn-fd": [[2.6], [1.9], [-0.4]], "replay": [[0.2], [1.7], [-0.6]]})
-    assert _claim(verified).endswith("— verified by replay.")
+    assert _claim(verified).endswith("Verdict: verified by replay.")

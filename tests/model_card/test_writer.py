@@ -62,14 +62,15 @@ def fixed_report(fingerprint: str = "4f2a9c0d11e3b7a5", final_hash: str = "9e8d7
         (0.84 + shift, 0.61, 1.07, [1.2, 0.5, 0.82]),
         (-0.31, -0.45, -0.18, [-0.4, -0.2, -0.33]),
     ]
+    replay = {"toxicity": [0.019, 0.79, -0.29], "margin": [1.46, -0.04, 0.003]}  # validate ran: ground truth
     rows = [
-        ReportRow(s.name, s.index, "toxicity", "aa-ggn", e, lo, hi, per, e / 0.62)
-        for s, (e, lo, hi, per) in zip(stages, tox)
+        ReportRow(s.name, s.index, "toxicity", "aa-ggn", e, lo, hi, per, e / 0.62, r)
+        for s, (e, lo, hi, per), r in zip(stages, tox, replay["toxicity"])
     ]
     margin = [(1.5, 1.1, 1.9, [1.0, 2.0]), (-0.05, -0.2, 0.1, [0.1, -0.2]), (0.002, -0.01, 0.014, [0.0, 0.004])]
     rows += [
-        ReportRow(s.name, s.index, "margin", "aa-ggn", e, lo, hi, per, None)
-        for s, (e, lo, hi, per) in zip(stages, margin)
+        ReportRow(s.name, s.index, "margin", "aa-ggn", e, lo, hi, per, None, r)
+        for s, (e, lo, hi, per), r in zip(stages, margin, replay["margin"])
     ]
     diagnostics = {
         "toxicity": BehaviorDiagnostics(
@@ -166,15 +167,81 @@ def test_card_parses_back_with_huggingface_hub(tmp_path):
         "report",
         "plot",
     ]
-    assert meta["estimator"] == "aa-ggn" and meta["stages"] == ["pretraining", "sft", "dpo"]
+    assert meta["estimator"] == "aa-ggn" and [s["name"] for s in meta["stages"]] == ["pretraining", "sft", "dpo"]
+    assert meta["stages"][1] == {"index": 1, "name": "sft", "kind": "sft", "num_steps": 40}
+    assert meta["behaviors"][0]["direction"] == "raised" and meta["behaviors"][0]["top_stage_replay_effect"] == 0.79
     assert [(b["name"], b["top_stage"]) for b in meta["behaviors"]] == [("toxicity", "sft"), ("margin", "pretraining")]
     section = _section(card.text)
     stages = _table_after(section, "### Training stages")
     assert [row[1] for row in stages] == ["pretraining", "sft", "dpo"] and stages[0][3] == "200"
     effects = _table_after(section, "#### toxicity")
-    assert [row[1:4] for row in effects][1] == ["sft", "+0.84", "[+0.61, +1.07]"]
+    assert [row[1:6] for row in effects][1] == ["sft", "+0.84", "[+0.61, +1.07]", "+0.79", "72 %"]
+    assert "**sft** raised toxicity the most (+0.84 nats, 95 % interval [+0.61, +1.07])." in section
+    assert "Unit: nats. Positive" in section and "(nats)" not in section
     assert AttributionReport.from_json(files.sidecar) == fixed_report()
     assert (tmp_path / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({PLOT_NAME})" in section
+
+
+def test_card_says_which_stages_raised_and_which_lowered_a_behavior(tmp_path):
+    report = AttributionReport.build(
+        {"toxicity": {"sft": [0.8, 0.9], "lora": [0.1, 0.3], "dpo": [-38.0, -38.32]}},
+        estimator="aa-linear",
+        behaviors={"toxicity": {"unit": "nats"}},
+        n_resamples=50,
+        versions={},
+    )
+    section = _section(write_model_card(report, tmp_path, plot=False).readme.read_text())
+    assert "**dpo** lowered toxicity the most (-38.16 nats, 95 % interval [" in section
+    assert (
+        "Stages pushed toxicity in opposite directions: raised by **sft** (+0.85), **lora** (+0.2); "
+        "lowered by **dpo** (-38.16)." in section
+    )
+    assert "Most accountable stage" not in section and "effect ÷ total change" not in section
+    # nothing checked this estimate (no replay, no second estimator): the claim says so
+    assert "Verdict: estimated — unreliable: nothing to check it against" in section
+
+
+def test_trust_verdict_sits_beside_the_direction_sentence(tmp_path):
+    report = fixed_report()
+    report.diagnostics["toxicity"].trust = {"verdict": "verified", "label": "verified by replay", "reason": "r"}
+    section = _section(write_model_card(report, tmp_path, plot=False).readme.read_text())
+    claim = next(line for line in section.splitlines() if line.startswith("**sft** raised toxicity the most"))
+    assert claim.endswith("]). Verdict: verified by replay.")
+    margin = next(line for line in section.splitlines() if line.startswith("**pretraining** raised margin"))
+    assert "Verdict" not in margin
+
+
+def test_hub_start_is_linked_as_base_model_and_nothing_enters_model_index(tmp_path):
+    report = fixed_report()
+    report.ledger["start_source"] = {"model": "org/base-lm", "location": "hub", "revision": "v1"}
+    report.stages[1].source = {"model": "/data/runs/sft", "location": "local"}
+    files = write_model_card(report, tmp_path, plot=False)
+    card = ModelCard.load(files.readme)
+    data = card.data.to_dict()
+    assert data["base_model"] == "org/base-lm" and data["base_model_relation"] == "finetune"
+    assert "model-index" not in data and "model_index" not in data and "eval_results" not in data
+    meta = data[METADATA_KEY]
+    assert meta["start_source"]["model"] == "org/base-lm"
+    assert meta["stages"][1]["source"] == {"model": "/data/runs/sft", "location": "local"}
+    section = _section(card.text)
+    assert "Start of the first stage (θ_0): [org/base-lm](https://huggingface.co/org/base-lm/tree/v1)" in section
+    assert [row[-1] for row in _table_after(section, "### Training stages")] == [
+        "n/a",
+        "local folder /data/runs/sft",
+        "n/a",
+    ]
+    before = files.readme.read_bytes()
+    write_model_card(report, tmp_path, plot=False)
+    assert files.readme.read_bytes() == before  # idempotent: the links are added once
+    # an author's own base_model (and model-index) are never replaced
+    readme = tmp_path / "own" / "README.md"
+    readme.parent.mkdir()
+    own = "---\nbase_model: org/other\nmodel-index:\n- name: m\n  results: []\n---\n# Model\n"
+    readme.write_text(own)
+    write_model_card(report, readme, plot=False)
+    data = ModelCard.load(readme).data.to_dict()
+    assert data["base_model"] == "org/other" and "base_model_relation" not in data
+    assert data["model-index"] == [{"name": "m", "results": []}]
 
 
 def test_twice_is_byte_identical_and_rewrites_nothing(tmp_path):
@@ -365,7 +432,7 @@ def test_hostile_names_keep_the_yaml_valid_and_the_tables_intact(stages, behavio
         readme.write_text("---\nlicense: mit\n---\n# Model\n")
         write_model_card(report, readme, plot=False)
         meta = ModelCard.load(readme).data.to_dict()[METADATA_KEY]
-        assert meta["stages"] == stages and [b["name"] for b in meta["behaviors"]] == behaviors
+        assert [s["name"] for s in meta["stages"]] == stages and [b["name"] for b in meta["behaviors"]] == behaviors
         assert meta["ledger_fingerprint"] == data and meta["behaviors"][0]["top_stage"] in stages
         front = readme.read_text().split("\n---\n")[0]
         assert yaml.safe_load(front.removeprefix("---\n"))["license"] == "mit"

@@ -189,15 +189,74 @@ def test_bad_inputs_are_refused_clearly(tmp_path):
         assert AttributionReport.from_json(json.dumps({**good, "future_key": 1})) == _report()
 
 
-def test_markdown_says_units_sign_convention_and_is_not_a_decomposition():
+def test_markdown_says_units_once_sign_convention_and_is_not_a_decomposition():
     md = _report(approximations=["Adam: preconditioner frozen at stage end"]).to_markdown()
     assert "positive = the stage raised the behavior" in md and "not a decomposition" in md
-    assert "| # | stage | effect (nats) | 95 % interval (nats) |" in md
-    assert "| # | stage | effect (logit) | 95 % interval (logit) |" in md
+    # units said once, in each table's caption; the headers carry none
+    assert "Unit: nats. Positive = the stage raised toxicity." in md
+    assert "Unit: logit. Positive = the stage raised margin." in md
+    assert md.count("| # | stage | estimate | 95 % interval | share of Σ\\|effect\\| | most moved examples |") == 2
+    assert "effect ÷ total change" not in md and "interval (nats)" not in md
     table_rows = [line for line in md.splitlines() if line.startswith("| 1 | sft |")]
     assert len(table_rows) == 2  # one table per behavior, one row per stage
-    assert "interaction residual" in md and "Adam: preconditioner frozen at stage end" in md
-    assert "Replay was not run" in md
+    assert "interaction residual" in md.lower() and "Adam: preconditioner frozen at stage end" in md
+    assert "Replay was not run" in md and "replay (ground truth)" not in md
+
+
+def test_direction_sentence_says_which_stage_and_which_way():
+    rep = _report()
+    md = rep.to_markdown()
+    sft = rep.rows_for("toxicity")[1]
+    assert f"**sft** raised toxicity the most ({sft.effect:+.4g} nats, 95 % interval [" in md
+    assert "**pretraining** raised margin the most" in md
+    # toxicity: pretraining and sft raised it, dpo lowered it
+    assert "Stages pushed toxicity in opposite directions: raised by **pretraining** (" in md
+    assert "; lowered by **dpo** (" in md
+    lowered = AttributionReport.build({"tox": {"sft": [0.2, 0.4], "dpo": [-38.0, -38.4]}}, estimator="x", versions={})
+    assert lowered.to_markdown().count("**dpo** lowered tox the most (-38.2 behavior units") == 1
+    same_way = AttributionReport.build({"tox": {"a": [1.0], "b": [2.0]}}, estimator="x", versions={})
+    assert "opposite directions" not in same_way.to_markdown()
+    assert "* b raised tox the most (+2" in same_way.table()
+
+
+def test_shares_are_of_the_summed_absolute_effects_with_the_residual_beside_them():
+    rep = AttributionReport.build(
+        {"tox": {"a": [3.0], "b": [-1.0]}}, estimator="x", total_change={"tox": 0.5}, versions={}
+    )
+    md = rep.to_markdown()
+    assert "| 0 | a | +3 | [+3, +3] | 75 % |" in md and "| 1 | b | -1 | [-1, -1] | 25 % |" in md
+    assert "Interaction residual (total change − sum of effects): -1.5 behavior units." in md
+
+
+def test_replay_values_sit_beside_the_estimates_in_markdown_table_and_json():
+    rep = _report(
+        replay={"toxicity": {"pretraining": [0.05, 0.15], "sft": [0.8, 1.0], "dpo": [-0.3]}},
+        fidelity={"all": {"pearson": 0.9, "n_pairs": 3}},
+    )
+    assert [r.replay_effect for r in rep.rows_for("toxicity")] == pytest.approx([0.1, 0.9, -0.3])
+    assert all(r.replay_effect is None for r in rep.rows_for("margin"))
+    md = rep.to_markdown()
+    assert "| # | stage | estimate | 95 % interval | replay (ground truth) |" in md
+    assert "Replay = the effect measured by re-running the later stages without the stage." in md
+    assert " | +0.9 | " in md
+    table = rep.table()
+    header = ["behavior", "#", "stage", "estimate", "95%", "interval", "replay", "share", "top"]
+    assert table.splitlines()[0].split() == header
+    assert json.loads(rep.to_json())["rows"][1]["replay_effect"] == pytest.approx(0.9)
+    assert AttributionReport.from_json(rep.to_json()) == rep
+    # replay given as an alternate estimator's results fills the same values
+    again = _report(alternates={"replay": {"toxicity": {"sft": [0.9]}}})
+    assert [r.replay_effect for r in again.rows_for("toxicity")] == [None, 0.9, None]
+
+
+def test_fidelity_prints_as_a_plain_table():
+    from hf_stage_attribution.report.text import render_fidelity_table
+
+    rep = _report(fidelity={"all": {"n_pairs": 6, "pearson": 0.99}, "non_terminal": {"n_pairs": 4, "pearson": 0.9}})
+    lines = render_fidelity_table(rep).splitlines()
+    assert lines[0].split() == ["pairs", "of", "(stage,", "behavior)", "pairs", "Pearson", "r"]
+    assert lines[2].split() == ["all", "pairs", "6", "0.99"] and lines[3].startswith("non-terminal pairs")
+    assert render_fidelity_table(_report()) == ""
 
 
 def test_terminal_table_marks_the_top_stage_and_neutralises_control_characters():
@@ -208,22 +267,32 @@ def test_terminal_table_marks_the_top_stage_and_neutralises_control_characters()
     assert top_line.rstrip().endswith("*?") and "+3" in top_line  # nothing checked it: marked unreliable
 
 
-def test_plot_is_a_png_with_one_bar_group_per_stage(tmp_path):
+def test_plot_has_one_panel_per_behavior_with_its_own_axis_units_and_replay_markers(tmp_path):
     from matplotlib.container import BarContainer
     from matplotlib.image import imread
 
-    rep = _report()
+    rep = _report(replay={"toxicity": {"pretraining": [0.1], "sft": [0.9], "dpo": [-0.3]}})
     path = rep.plot(tmp_path / "plot.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = figure_size(len(STAGES))
-    assert imread(path).shape[:2] == (round(height * DPI), round(width * DPI))
+    width, height = figure_size(len(STAGES), 2)
+    image = imread(path)
+    assert image.shape[:2] == (round(height * DPI), round(width * DPI))
+    # a light card on a transparent page: the corner is transparent, the inside opaque (light and dark themes)
+    assert image.shape[2] == 4 and image[0, 0, 3] == 0.0 and image[image.shape[0] // 2, 10, 3] == 1.0
     fig = rep.plot_figure()
-    ax = fig.axes[0]
-    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
-    assert len(bars) == 2 and all(len(c.patches) == len(STAGES) for c in bars)  # 2 behaviors x 3 stage groups
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["0: pretraining", "1: sft", "2: dpo"]
-    centres = sorted(p.get_x() + p.get_width() / 2 for c in bars for p in c.patches)
-    groups = [centres[i : i + 2] for i in range(0, 6, 2)]  # the two bars of a stage sit around its tick
-    assert all(abs(sum(g) / 2 - k) < 1e-9 for k, g in enumerate(groups))
+    panels = list(fig.axes)
+    assert len(panels) == 2  # one panel per behavior
+    assert [ax.get_title() for ax in panels] == ["toxicity\n(nats)", "margin\n(logit)"]  # units in the title
+    for ax in panels:
+        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+        assert len(bars) == 1 and len(bars[0].patches) == len(STAGES)
+        assert [t.get_text() for t in ax.get_xticklabels()] == STAGES  # stages in ledger order
+    tox, margin = panels
+    assert tox.get_shared_y_axes().get_siblings(tox) == [tox]  # each panel has its own y-axis
+    heights = [p.get_height() for c in tox.containers if isinstance(c, BarContainer) for p in c.patches]
+    assert heights == pytest.approx([r.effect for r in rep.rows_for("toxicity")])
+    markers = [line for line in tox.get_lines() if line.get_marker() == "D"]
+    assert len(markers) == 1 and list(markers[0].get_ydata()) == pytest.approx([0.1, 0.9, -0.3])
+    assert not [line for line in margin.get_lines() if line.get_marker() == "D"]  # no replay for margin
     assert rep.plot(tmp_path / "again.png").read_bytes() == data  # deterministic bytes

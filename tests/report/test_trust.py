@@ -104,7 +104,7 @@ def test_replay_as_the_estimator_is_verified_and_verdicts_survive_json(tmp_path)
     rep = _report(OURS, {"aa-fd": [2.5, 1.9, -0.58, 0.1]})
     back = AttributionReport.from_json(rep.to_json(tmp_path / "r.json"))
     assert back == rep and back.diagnostics["f"].trust["verdict"] == "unreliable"
-    assert "— estimated — unreliable: aa-linear and aa-fd name different top stages" in rep.to_markdown()
+    assert "Verdict: estimated — unreliable: aa-linear and aa-fd name different top stages" in rep.to_markdown()
     top_line = next(line for line in rep.table().splitlines() if " sft " in line)
     assert top_line.rstrip().endswith("*?")
 
