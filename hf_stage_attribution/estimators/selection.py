@@ -1,4 +1,10 @@
-"""The default estimator (``auto``): ``aa-ggn`` where the ledger holds curvature material, else ``aa-linear``.
+"""The default estimator (``auto``), in the order the rule checks:
+
+1. ``delta-linear`` when a later stage was imported from checkpoints without optimizer information (no optimizer,
+   no learning rates: :func:`lacks_optimizer_information`): propagating through it is impossible, so only the
+   task-vector estimators (``delta-*``) apply;
+2. ``aa-ggn`` where the ledger holds curvature material;
+3. else ``aa-linear``.
 
 "Curvature material" means: every later stage that took optimizer steps (the stages any ``v_k`` is carried
 through) has recorded segments, a known optimizer, and a loss the curvature products can use (``loss_fns``, the
@@ -72,7 +78,10 @@ class Auto(Estimator):
     """
 
     name = "auto"
-    description = "aa-ggn where the ledger holds curvature material, else aa-linear."
+    description = (
+        "delta-linear when a later stage was imported without optimizer information; else aa-ggn where the ledger "
+        "holds curvature material; else aa-linear."
+    )
 
     def resolve(self, ledger: Any, loss_fns: Mapping[str, Any] | None = None) -> Estimator:
         """The estimator the default rule picks for ``ledger`` (an instance; its ``name`` says which)."""
