@@ -3,8 +3,9 @@
 The digits pipeline (Hugging Face defaults, first digits seed) is recorded once; its final model is saved. Then, for
 each estimator, the embedding cache is deleted and the attributor runs in a fresh launch with 1 process (plain
 ``python``) and with 2 (``python -m torch.distributed.run --nproc_per_node 2``). Each process first initialises
-``PartialState(cpu=True)``: the attributor's own ``PartialState()`` does not see torchrun's processes on a machine
-without an accelerator (recorded by one extra launch without it: ``plain_partial_state_processes_seen``).
+``PartialState(cpu=True)``, as the attributor itself does on a machine without an accelerator; one extra launch
+initialises a plain ``PartialState()`` first instead, which does not see torchrun's processes there, and the
+attributor then reuses that single-process state (``plain_partial_state_processes_seen``).
 Behaviors are splittable (``behaviors.PerExample``) with example counts that do not divide by 2. Reported: the
 largest relative difference of per-example and mean effects (2 vs 1), the wall time of the ``attribute`` call on the
 main process and of the whole launch (start-up included), and their ratios.
@@ -86,8 +87,9 @@ def worker(root: Path, out: Path, estimator: str, cpu_state: bool = True) -> Non
     """One process of a launch: attribute and (main process) write per-example effects and the time.
 
     ``cpu_state``: initialise Accelerate's shared state with ``PartialState(cpu=True)`` before the attributor does.
-    Without it, ``PartialState()`` on a machine without an accelerator ignores torchrun's ``WORLD_SIZE`` (accelerate
-    1.15 only detects multi-CPU with ``cpu=True``) and every process attributes everything alone."""
+    With ``cpu_state=False`` a plain ``PartialState()`` is initialised first: on a machine without an accelerator it
+    ignores torchrun's ``WORLD_SIZE`` (accelerate only detects multi-CPU with ``cpu=True``), the attributor reuses
+    that shared state, and every process attributes everything alone (the attributor warns)."""
     import torch
     from accelerate import PartialState
     from safetensors.torch import load_file

@@ -283,9 +283,12 @@ def _distributed(d: dict[str, Any]) -> list[str]:
                      fmt(r["launch_ratio_2_over_1"], 2)])  # fmt: skip
     out += table(header, rows)
     seen = d.get("plain_partial_state_processes_seen")
-    out += [f"Every process first initialises `accelerate.PartialState(cpu=True)`. Without it, the attributor's "
-            f"own `PartialState()` saw **{seen} process(es)** under a 2-process torchrun on this CPU-only machine "
-            "(accelerate detects multi-CPU only with `cpu=True`), so each process attributed every example alone.",
+    out += [f"Every process first initialises `accelerate.PartialState(cpu=True)` (the attributor itself asks for "
+            "`PartialState(cpu=True)` on a machine without an accelerator). In one extra launch each process first "
+            f"initialised a plain `PartialState()` instead: accelerate's shared state then saw **{seen} process(es)** "
+            "under a 2-process torchrun on this CPU-only machine (it detects multi-CPU only with `cpu=True`), the "
+            "attributor reused that state, and each process attributed every example alone; the attributor now warns "
+            "when `WORLD_SIZE > 1` but it sees one process.",
             ""]  # fmt: skip
     return out
 

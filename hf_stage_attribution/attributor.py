@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,10 +45,33 @@ SECOND_OPINION = "delta-fd"
 
 def _state():
     """Accelerate's process state. Without an accelerator, ``cpu=True`` makes a torchrun / ``accelerate launch``
-    world of N processes a gloo process group (a plain ``PartialState()`` would see a single process there)."""
+    world of N processes a gloo process group (a plain ``PartialState()`` would see a single process there).
+
+    Accelerate's state is shared by the process: if the caller initialised it first (a plain ``PartialState()``
+    on a machine without an accelerator), that single-process state is what the attributor gets. When the
+    environment says ``WORLD_SIZE > 1`` but one process is seen, a warning says so: every process would attribute
+    every example alone."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not _has_accelerator())
+    state = PartialState(cpu=not _has_accelerator())
+    world = _env_world_size()
+    if world > 1 and state.num_processes == 1:
+        warnings.warn(
+            f"WORLD_SIZE={world} in the environment, but the attributor sees 1 process (accelerate's state was "
+            f"initialised as {state.distributed_type!s} before it, e.g. by a plain PartialState() on a machine "
+            "without an accelerator), so each of the launched processes attributes every example alone. "
+            "Initialise PartialState(cpu=True) first (or leave it to the attributor), or launch one process.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return state
+
+
+def _env_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 def _has_accelerator() -> bool:
@@ -61,8 +85,9 @@ class StageAttributor:
     Args:
         ledger: a :class:`StageLedger` or its directory.
         model: the final model θ_K (a plain ``nn.Module``, ``PreTrainedModel`` or ``PeftModel``).
-        estimator: a registry name (``estimators.names()``); ``"auto"`` picks ``aa-ggn`` where the ledger holds
-            curvature material, else ``aa-linear``.
+        estimator: a registry name (``estimators.names()``); ``"auto"`` picks ``delta-linear`` when a later stage
+            was imported from checkpoints without optimizer information, else ``aa-ggn`` where the ledger holds
+            curvature material, else ``aa-linear`` (``estimators.selection``; the report says which and why).
         stage_fns: ``{stage name: fn(model)}`` that re-train a model in place as that stage did (replay).
         loss_fns: ``{stage name: loss}`` for curvature products of stages recorded in another process.
         diagnostics: also compute f(θ_0) (total change, interaction residual) and the paired linear/finite-difference

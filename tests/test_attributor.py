@@ -100,3 +100,54 @@ def test_bad_input_is_refused_clearly(pipeline, tmp_path):
         StageAttributor(ledger, other, estimator="aa-linear")
     before = sorted(p.name for p in (root / "ledger").iterdir())
     assert "report.json" not in before
+
+
+def _tiny_ledger(path):
+    import torch
+
+    from hf_stage_attribution import StageLedger
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ledger = StageLedger(path)
+    with ledger.record_stage("a", model=model, optimizer=opt) as rec:
+        opt.zero_grad()
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        rec.step()
+    return ledger, model
+
+
+def test_a_world_size_the_attributor_does_not_see_is_warned_about(tmp_path, monkeypatch):
+    """torchrun says WORLD_SIZE=2 but accelerate's state (initialised before, single-process) sees one process."""
+    import warnings
+
+    import pytest
+    from accelerate import PartialState
+
+    from hf_stage_attribution import StageAttributor
+
+    ledger, model = _tiny_ledger(tmp_path / "l")
+    assert PartialState().num_processes == 1  # the shared state is initialised here, before WORLD_SIZE is set
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(UserWarning, match="WORLD_SIZE=2 in the environment, but the attributor sees 1 process"):
+        StageAttributor(ledger, model, estimator="delta-fd", show_progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        StageAttributor(ledger, model, estimator="delta-fd", show_progress=False)
+
+
+def test_the_auto_rule_documents_each_branch_the_code_takes():
+    from pathlib import Path
+
+    import hf_stage_attribution.estimators.selection as selection
+    from hf_stage_attribution import StageAttributor, estimators
+
+    branches = ["delta-linear", "aa-ggn", "aa-linear"]
+    source = Path(selection.__file__).read_text(encoding="utf-8")
+    code = source[source.index("def choose_estimator") : source.index("def lacks_optimizer_information")]
+    assert all(f'"{name}"' in code for name in branches)  # the branches the code has ...
+    for text in (selection.__doc__, estimators.get("auto").description, StageAttributor.__doc__):
+        assert all(name in text for name in branches), text  # ... each description names
+    assert "imported" in estimators.get("auto").description

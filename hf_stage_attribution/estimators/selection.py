@@ -136,9 +136,9 @@ class Auto(Estimator):
 
     name = "auto"
     description = (
-        "partial-replay (budget 0.25, finite-difference read-out) where every later stage can be replayed step by "
-        "step (replay data or stage_fns with max_steps); else aa-ggn where the ledger holds curvature material, else "
-        "aa-linear."
+        "delta-linear when a later stage was imported without optimizer information; else partial-replay (budget "
+        "0.25, finite-difference read-out) where every later stage can be replayed step by step (replay data or "
+        "stage_fns with max_steps); else aa-ggn where the ledger holds curvature material, else aa-linear."
     )
 
     def resolve(

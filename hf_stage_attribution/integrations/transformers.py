@@ -138,10 +138,12 @@ class StageRecorder(TrainerCallback):
         recording = self.recording
         if recording is None or not recording.active:
             return control
-        optimizer = kwargs.get("optimizer")
-        if getattr(optimizer, "step_was_skipped", False):
-            self._skipped_steps.append(int(state.global_step))
-        recording.step()
+        # accelerate's AcceleratedOptimizer sets step_was_skipped when its GradScaler found an overflow (fp16):
+        # the parameters and the scheduler did not move, so propagation must leave this step out
+        skipped = bool(getattr(kwargs.get("optimizer"), "step_was_skipped", False))
+        if skipped:
+            self._skipped_steps.append(int(state.global_step) + 1)
+        recording.step(skipped=skipped)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -245,8 +247,9 @@ class StageRecorder(TrainerCallback):
             if self._skipped_steps:
                 notes = list(recording.metadata.get("notes", []))
                 notes.append(
-                    f"The optimizer skipped steps {self._skipped_steps} (mixed-precision overflow): their recorded "
-                    "learning rates were not applied."
+                    f"The optimizer skipped global steps {self._skipped_steps} (mixed-precision overflow): their "
+                    "learning rates were not applied; stage.json lists them in `skipped_steps` and propagation "
+                    "leaves them out."
                 )
                 recording.update_metadata(notes=notes)
             stage = recording.end()

@@ -45,7 +45,7 @@ STAGE_KEYS = {
     "peft_config", "lora", "trainable_parameters", "optimizer_state_policy", "optimizer_state_file",
     "start_hash", "end_hash", "end_digests", "wall_time_seconds", "started_at", "finished_at", "segments",
     "curvature_loss", "trl", "replay", "notes", "delta_file", "lora_file", "world_size", "framework_versions",
-    "source", "recipe", "metadata", "estimator_availability",
+    "source", "recipe", "metadata", "estimator_availability", "skipped_steps",
 }  # fmt: skip
 
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
@@ -269,6 +269,13 @@ def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
     for row in lrs:
         if not isinstance(row, list) or not all(_is_number(x) for x in row):
             raise _fail(path, "each `learning_rates` entry to be a list of finite numbers (one per param group)", row)
+    skipped = data.get("skipped_steps", [])  # absent (ledgers before it existed): every step was applied
+    if (
+        not isinstance(skipped, list)
+        or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < steps for t in skipped)
+        or len(set(skipped)) != len(skipped)
+    ):
+        raise _fail(path, f"`skipped_steps`: distinct step indices in [0, {steps})", skipped)
     opt = data.get("optimizer")
     if opt is not None:
         if (

@@ -120,6 +120,7 @@ class StageRecording:
         self.active = False
         self.finished = False
         self.learning_rates: list[list[float]] = []
+        self.skipped_steps: list[int] = []
         self._pending: list[Any] = []
         self._lock: DirectoryLock | None = None
         self.stage = None
@@ -298,12 +299,21 @@ class StageRecording:
         if self.active:
             self._pending.append(batch)
 
-    def step(self, batch: Any = None) -> None:
-        """Call after ``optimizer.step()`` and before ``scheduler.step()``: records the applied learning rates."""
+    def step(self, batch: Any = None, *, skipped: bool | None = None) -> None:
+        """Call after ``optimizer.step()`` and before ``scheduler.step()``: records the applied learning rates.
+
+        ``skipped=True`` says the optimizer did not apply this step (a mixed-precision overflow: ``GradScaler``
+        or accelerate skipped it); the default reads accelerate's ``optimizer.step_was_skipped``. A skipped step's
+        rate is kept in ``learning_rates`` and its index listed in ``skipped_steps``; propagation leaves it out.
+        """
         if not self.active:
             return
         if self.optimizer is None:
             raise LedgerError(f"Stage {self.name!r}: step() needs the optimizer (pass `optimizer=` to record_stage).")
+        if skipped is None:
+            skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
+        if skipped:
+            self.skipped_steps.append(len(self.learning_rates))
         self.learning_rates.append(applied_learning_rates(self.optimizer))
         batches = [*self._pending, *([batch] if batch is not None else [])]
         self._pending = []
@@ -353,6 +363,7 @@ class StageRecording:
             self.partial_dir / "progress.json",
             {
                 "learning_rates": self.learning_rates,
+                "skipped_steps": self.skipped_steps,
                 "start_digests": self.start_digests,
                 "optimizer_state_policy": self.optimizer_state_policy,
                 "segments": self._capture.state(),
@@ -367,6 +378,7 @@ class StageRecording:
     def _restore_progress(self, completed_steps: int | None = None) -> None:
         progress = self._load_progress()
         self.learning_rates = progress["learning_rates"]
+        self.skipped_steps = [int(t) for t in progress.get("skipped_steps", [])]
         self.optimizer_state_policy = progress["optimizer_state_policy"]
         self.started_at = progress["started_at"]
         self._capture.restore(progress["segments"], len(self.learning_rates))
@@ -375,6 +387,7 @@ class StageRecording:
         """After resuming from a checkpoint at ``completed_steps``, forget steps recorded after it."""
         if self.active and len(self.learning_rates) > completed_steps:
             del self.learning_rates[completed_steps:]
+            self.skipped_steps = [t for t in self.skipped_steps if t < completed_steps]
             self._capture.rewind(completed_steps)
 
     # --- end -------------------------------------------------------------------------------------------
@@ -503,6 +516,7 @@ class StageRecording:
             "kind": self.kind,
             "optimizer": self._optimizer_description(),
             "learning_rates": self.learning_rates,
+            **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),  # absent: all applied
             "num_steps": len(self.learning_rates),
             "trainable_parameters": sorted(set(all_dense) | set(self._lora)),
             "delta_file": "delta.safetensors" if "delta.safetensors" in files else None,

@@ -3,6 +3,13 @@
 A stage of ``N`` planned steps is cut into ``S`` equal segments. During segment ``i`` the capture keeps up to
 ``cap`` training examples, taken from evenly spaced steps (no RNG, no change to the data order); at the
 segment's midpoint step it writes θ_mid − θ_start and the optimizer's second moments.
+
+Departure from ESTIMATORS.md §4a, which asks for segments of roughly constant learning rate: the segments are
+equal step splits, because they are planned before the first step and the schedule is usually not known then (a
+custom loop passes no scheduler; a scheduler can depend on run-time values). The propagation still applies every
+recorded per-step learning rate inside a segment; only the curvature and the preconditioner are frozen at its
+midpoint. More segments (``curvature_segments``) narrow the rate range each one covers. (Listed with the other
+departures in ``docs/internals.md``, "Departures from ESTIMATORS.md".)
 """
 
 from __future__ import annotations

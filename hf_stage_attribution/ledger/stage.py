@@ -240,7 +240,24 @@ class Stage:
 
     @property
     def learning_rates(self) -> list[list[float]]:
+        """The learning rates at every recorded optimizer step (skipped steps included; see ``skipped_steps``)."""
         return self.info.get("learning_rates", [])
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        """Steps (0-based, of this stage) whose update the optimizer skipped (mixed-precision overflow): their
+        learning rates are recorded but were never applied. Absent from older ledgers: every step was applied."""
+        return sorted(int(t) for t in self.info.get("skipped_steps", []))
+
+    def applied_learning_rates(self, start: int = 0, end: int | None = None) -> list[list[float]]:
+        """The learning rates of the steps in ``[start, end)`` that were applied (skipped steps left out)."""
+        skipped = set(self.skipped_steps)
+        end = len(self.learning_rates) if end is None else end
+        return [row for t, row in enumerate(self.learning_rates[start:end], start) if t not in skipped]
+
+    def applied_steps_before(self, step: int) -> int:
+        """How many of the steps before ``step`` were applied (the optimizer's own step count at ``step``)."""
+        return step - sum(1 for t in self.skipped_steps if t < step)
 
     @property
     def trainable_parameters(self) -> list[str]:

@@ -52,9 +52,10 @@ class SegmentLayout:
     ) -> None:
         self.stage, self.family, self.start, self.end = stage, family, start, end
         self.buffer_fresh = buffer_fresh
-        self.step0 = self._initial_step(stage, continued) + start
+        applied = getattr(stage, "applied_learning_rates", None)  # skipped (overflow) steps did not move θ
+        self.step0 = self._initial_step(stage, continued) + (stage.applied_steps_before(start) if applied else start)
         opt = stage.optimizer or {}
-        lrs = stage.learning_rates[start:end]
+        lrs = applied(start, end) if applied else stage.learning_rates[start:end]
         trainable = set(stage.trainable_parameters)
         self.groups = [
             _Group(i, g, [n for n in g.get("params", []) if n in trainable], [float(row[i]) for row in lrs])

@@ -88,8 +88,8 @@ class StagePropagator:
         self._cache: dict[tuple, tuple] = {}
         self._runs: list[_Run] | None = None
         self._start_state: dict | None = None
-        if stage.num_steps == 0 or not stage.learning_rates:
-            return  # no optimizer step was taken: the stage leaves every perturbation as it is (exactly)
+        if stage.num_steps == 0 or not _applied(stage):
+            return  # no optimizer step was applied: the stage leaves every perturbation as it is (exactly)
         family = recorded_family(stage.optimizer)
         if family is None:
             found = (stage.optimizer or {}).get("type") or "not recorded"
@@ -127,7 +127,7 @@ class StagePropagator:
             return None
         index = self._groups[name]
         group = self.stage.optimizer["param_groups"][index]
-        lrs = [float(step[index]) for step in self.stage.learning_rates]
+        lrs = [float(step[index]) for step in _applied(self.stage)]  # skipped (overflow) steps never moved θ
         return _Rule(self.family, index, group, lrs)
 
     def start_state(self) -> dict | None:
@@ -204,13 +204,13 @@ class StagePropagator:
         """Step ranges with the second-moment state that stands for each: segments, else the stage's start or end."""
         if self._runs is not None:
             return self._runs
-        n = len(self.stage.learning_rates)
+        n = len(_applied(self.stage))  # runs count applied steps, as rule().lrs does
         segments = sorted(
             ((s, s.second_moments()) for s in getattr(self.stage, "segments", [])), key=lambda p: p[0].step_start
         )
         segments = [(s, m) for s, m in segments if m]
         if segments:
-            starts = [0] + [s.step_start for s, _ in segments[1:]]
+            starts = [0] + [_applied_before(self.stage, s.step_start) for s, _ in segments[1:]]
             ends = starts[1:] + [n]
             self._runs = [_Run(a, b, m) for (a, b), (_, m) in zip(zip(starts, ends), segments)]
             return self._runs
@@ -230,9 +230,21 @@ class StagePropagator:
         )
 
 
+def _applied(stage: Stage) -> list[list[float]]:
+    """The learning rates of the steps the optimizer applied (all of them for stages without ``skipped_steps``)."""
+    method = getattr(stage, "applied_learning_rates", None)
+    return method() if callable(method) else list(stage.learning_rates)
+
+
+def _applied_before(stage: Stage, step: int) -> int:
+    method = getattr(stage, "applied_steps_before", None)
+    return method(step) if callable(method) else step
+
+
 def trains(stage: Stage) -> bool:
-    """Whether the stage took optimizer steps (stages without any, e.g. ``untracked`` edits, are transparent)."""
-    return bool(stage.num_steps and stage.learning_rates)
+    """Whether the stage applied optimizer steps (stages without any, e.g. ``untracked`` edits or stages whose every
+    step was skipped, are transparent)."""
+    return bool(stage.num_steps and _applied(stage))
 
 
 def next_trained(stages: list[Any], k: int) -> Any:
