@@ -2,9 +2,10 @@
 
     python benchmarks/recording_memory.py [--steps 6] [--n-embd 512] [--n-layer 8] [--wide N]
 
-Each configuration runs in its own fresh process and reports its peak resident set size (``ru_maxrss``); the extra
-peak of a recorded run over the plain run is compared with the size of one float32 copy of the trainable
-parameters (what the recorder is allowed to hold: the stage-start snapshot). Prints a table and a JSON line.
+Each configuration runs in its own fresh process and reports its peak resident set size (``VmHWM``, else
+``ru_maxrss``); the extra peak of a recorded run over the plain run is compared with the size of one float32 copy of
+the trainable parameters (what the recorder is allowed to hold: the stage-start snapshot). Prints a table and a JSON
+line.
 
 ``--wide N`` trains ``N`` parallel 512×512 linear layers instead (same Trainer, same recorder): many parameters in
 many tensors for almost no compute, so the one-copy bound is measured in seconds (the fast-tier test).
@@ -48,10 +49,24 @@ def _wide_model_and_data(width: int):
     return Wide(), rows
 
 
-def run_one(config: str, steps: int, n_embd: int, n_layer: int, wide: int | None = None) -> dict:
-    """Train in this process (the child); return peak RSS and the trainable float32 bytes."""
+def _peak_rss_kb() -> int:
+    """This process's peak resident set size in KiB. ``VmHWM`` (Linux) belongs to the process image, while
+    ``ru_maxrss`` survives ``exec``: a child started from a large process (a long pytest run) would report its
+    parent's peak, and every configuration the same number."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def run_one(config: str, steps: int, n_embd: int, n_layer: int, wide: int | None = None) -> dict:
+    """Train in this process (the child); return peak RSS and the trainable float32 bytes."""
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -76,9 +91,9 @@ def run_one(config: str, steps: int, n_embd: int, n_layer: int, wide: int | None
     callbacks = []
     if CONFIGS[config]:
         callbacks.append(StageRecorder(Path(out) / "ledger", "stage", **CONFIGS[config]))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _peak_rss_kb()
     Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_rss_kb()
     return {
         "config": config,
         "peak_rss_mb": peak / 1024,
