@@ -342,6 +342,26 @@ def test_sigkill_while_creating_the_ledger(server, tmp_path, point):
     assert [s.name for s in StageLedger.load(ledger_dir).stages] == ["a"]
 
 
+def test_sigkill_at_a_few_random_times(server, base, tmp_path):
+    """The fast variant of the random-kill check below (CI's fast tier): 4 kills spread over a recording slowed to
+    ~0.3 s (seeded, so the same times every run); every one leaves a loadable, recoverable ledger."""
+    import random
+
+    base_dir, reference_hash = base
+    rng, landed = random.Random(7), []
+    for i, (low, high) in enumerate([(0.0, 0.15), (0.15, 0.3), (0.3, 0.45), (0.45, 0.6)]):
+        ledger_dir = tmp_path / f"l{i}"
+        shutil.copytree(base_dir, ledger_dir)
+        before = _digests(ledger_dir)
+        outcome = server.run(ledger_dir, "c", kill_after=rng.uniform(low, high), slow=0.05)
+        assert outcome["signal"] in (0, signal.SIGKILL)
+        committed, left = _check_after_kill(ledger_dir, before, ["a", "b"], f"random kill {i}", named=False)
+        landed.append("committed" if committed else "mid-stage" if left else "before any write")
+        if not committed:
+            assert server.run(ledger_dir, "c")["done"]["end_hash"] == reference_hash
+    print(f"4 random kills: {landed}")
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_times_during_slow_writes(server, base, tmp_path):
     """30 kills at random times over a recording slowed to ~0.6 s; every one leaves a loadable ledger."""
