@@ -11,7 +11,7 @@ import torch
 
 from hf_stage_attribution.estimators.curvature.propagation import propagate
 from hf_stage_attribution.estimators.propagation.stage import StagePropagator
-from hf_stage_attribution.estimators.replay import replay_gap, replay_model
+from hf_stage_attribution.estimators.replay import replay_gap
 from hf_stage_attribution.testing.digits import ESTIMATORS, build_digits_pipeline, fidelity_rows, replay_truth
 
 SEEDS = (0, 1, 2)
@@ -93,22 +93,13 @@ def _ggn_cost(pipe) -> tuple[float, list[int]]:
     return time.perf_counter() - start, products
 
 
-def _replay_cost(pipe) -> float:
-    start = time.perf_counter()
-    for stage in pipe.ledger.stages[:-1]:
-        replay_model(pipe.ledger, pipe.model, stage.index, stage_fns=pipe.stage_fns)
-    return time.perf_counter() - start
-
-
 def test_aa_ggn_cost_does_not_grow_with_the_later_stages(tmp_path):
     """Doubling the later stages' step count doubles replay's work but not aa-ggn's: the same number of curvature
-    products (segments × Krylov size per later stage) and, coarsely, the same time."""
+    products (segments × Krylov size per later stage). Work is counted, not timed (a timed assertion is flaky on a
+    loaded machine); the wall-clock ratio is the cost-vs-length sweep of ``benchmarks/cost.py``."""
     pipes = {s: build_digits_pipeline("hf", tmp_path / f"x{s}", seed=0, steps_scale=s) for s in (0.5, 1.0)}
-    assert pipes[1.0].ledger.stages[2].num_steps == 2 * pipes[0.5].ledger.stages[2].num_steps
-    ggn = {s: min(_ggn_cost(p)[0] for _ in range(2)) for s, p in pipes.items()}
-    replay = {s: min(_replay_cost(p) for _ in range(2)) for s, p in pipes.items()}
+    later = {s: sum(stage.num_steps for stage in p.ledger.stages[1:]) for s, p in pipes.items()}
+    assert later[1.0] == 2 * later[0.5]  # replay re-runs every later step
     products = {s: _ggn_cost(p)[1] for s, p in pipes.items()}
-    print("seconds aa-ggn", ggn, "replay", replay, "products", products)
+    print("later optimizer steps", later, "curvature products", products)
     assert products[0.5] == products[1.0] and all(p > 0 for p in products[1.0])
-    assert replay[1.0] / replay[0.5] > 1.5
-    assert ggn[1.0] / ggn[0.5] < 1.35
