@@ -50,6 +50,8 @@ class StageRecorder(TrainerCallback):
         save_replay_data: also save what :func:`~hf_stage_attribution.integrations.replay.replay_trainer_stage`
             needs (dataset, processing class, arguments, collator, PEFT config, reference policy).
         curvature_segments, curvature_examples: curvature material per stage (``0`` segments turns it off).
+        curvature_material: ``"compact"`` (default, a few kB per segment) or ``"full"`` (θ_mid snapshots and full
+            second moments, 2× the trainable parameters per segment); see :class:`StageRecording`.
         stage_boundaries: ``{"anneal": 800}`` ends ``stage_name`` after global step 800 and records the rest of
             the run as stage ``anneal`` (values may also be ``{"step": 800, "kind": "..."}``).
         trainer_class: overrides the trainer class recorded (default: the trainer found on the call stack).
@@ -82,6 +84,7 @@ class StageRecorder(TrainerCallback):
         curvature_examples: int = 256,
         stage_boundaries: dict[str, int | dict] | None = None,
         trainer_class: str | type | None = None,
+        curvature_material: str = "compact",
     ) -> None:
         self.ledger_dir = Path(ledger_dir)
         self.stage_name = stage_name
@@ -89,6 +92,7 @@ class StageRecorder(TrainerCallback):
         self.save_replay_data = bool(save_replay_data)
         self.curvature_segments = int(curvature_segments)
         self.curvature_examples = int(curvature_examples)
+        self.curvature_material = curvature_material
         self.trainer_class = trainer_class
         self._boundaries = parse_boundaries(stage_name, stage_boundaries)
         self.recording: StageRecording | None = None
@@ -187,6 +191,7 @@ class StageRecorder(TrainerCallback):
             num_steps=part.end - part.start,
             curvature_segments=self.curvature_segments,
             curvature_examples=self.curvature_examples,
+            curvature_material=self.curvature_material,
             curvature_loss=infer_curvature_loss(kind, ctx.args, ctx.model),
             is_main_process=ctx.is_main,
             resume=resume_at is not None,
