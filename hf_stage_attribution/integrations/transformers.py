@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .._internal.params import unwrap_model
 from ..errors import LedgerError
 from ..ledger.ledger import StageLedger
 from ..ledger.recorder import StageRecording
@@ -30,7 +31,7 @@ from .replay_data import save_stage_replay_data
 from .run_info import find_trainer
 from .stage_metadata import RunContext, build_metadata, optimizer_warning, resolve_trainer_class
 from .stage_plan import StagePart, parse_boundaries, plan_parts
-from .trl import infer_curvature_loss, infer_stage_kind
+from .trl import infer_curvature_loss, infer_stage_kind, training_mode_warnings
 
 # Forward keyword arguments that are loss bookkeeping, not inputs (kept out of the captured batches).
 _NOT_INPUTS = ("num_items_in_batch",)
@@ -181,6 +182,8 @@ class StageRecorder(TrainerCallback):
     def _start(self, part: StagePart, resume_at: int | None) -> None:
         ctx = self._context
         kind = infer_stage_kind(ctx.args, ctx.model, part.kind)
+        for message in training_mode_warnings(ctx.args, unwrap_model(ctx.model)) if ctx.is_main else []:
+            warnings.warn(f"Stage {part.name!r}: {message}", stacklevel=2)
         recording = StageRecording(
             self.ledger_dir,
             part.name,

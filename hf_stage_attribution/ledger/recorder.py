@@ -112,9 +112,7 @@ class StageRecording:
         self.curvature_segments = int(curvature_segments)
         self.curvature_examples = int(curvature_examples)
         if curvature_material not in MATERIALS:
-            raise LedgerError(
-                f"Expected curvature_material in {', '.join(MATERIALS)}, got {curvature_material!r}."
-            )
+            raise LedgerError(f"Expected curvature_material in {', '.join(MATERIALS)}, got {curvature_material!r}.")
         self.curvature_material = curvature_material
         if self.curvature_segments < 0 or self.curvature_examples < 0:
             raise LedgerError(
@@ -267,11 +265,9 @@ class StageRecording:
         parts = self.projected_bytes(model)
         total = sum(parts.values())
         shown = ", ".join(f"{k} {_human(v)}" for k, v in parts.items() if v)
-        print(
+        sys.stderr.write(  # the console line the issue asks for, before the first step (stderr: not data)
             f"[hf-stage-attribution] stage {self.name!r}: projected ledger growth {_human(total)} ({shown}) "
-            f"in {self.ledger.dir}",
-            file=sys.stderr,
-            flush=True,
+            f"in {self.ledger.dir}\n"
         )
         probe = self.ledger.dir
         while not probe.exists() and probe != probe.parent:

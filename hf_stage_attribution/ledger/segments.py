@@ -45,9 +45,7 @@ def _num_rows(fields: dict[str, torch.Tensor]) -> int:
 class SegmentCapture:
     """Collects curvature material while a stage runs; see the module docstring."""
 
-    def __init__(
-        self, stage_dir: Path, plan: list[tuple[int, int, int]], cap: int, material: str = "compact"
-    ) -> None:
+    def __init__(self, stage_dir: Path, plan: list[tuple[int, int, int]], cap: int, material: str = "compact") -> None:
         if material not in MATERIALS:
             raise LedgerError(f"Expected curvature_material in {', '.join(MATERIALS)}, got {material!r}.")
         self.stage_dir = stage_dir

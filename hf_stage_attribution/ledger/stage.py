@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import torch
 from ..errors import IncompleteStageError, LedgerFormatError
 from .format import validate_stage
 from .segments import COL, ROW, lr_mass_fraction, unfactor_moment
+from .state import LazyState
 from .storage import ensure_inside, open_safetensors, read_json, safe_join
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -159,7 +160,7 @@ class Segment:
         "full" | "factored"}`` (format-1 ledgers: snapshots and full moments)."""
         return {"params": self.info.get("params", "snapshot"), "moments": self.info.get("moments", "full")}
 
-    def params_delta(self) -> dict[str, torch.Tensor]:
+    def params_delta(self) -> Mapping[str, torch.Tensor]:
         """θ_mid − θ_stage_start for the tensors the stage trains (base names, float32; LoRA merged).
 
         Compact material (``params == "interpolated"``) stores no snapshot: θ_mid − θ_start is the stage's Δ
@@ -167,7 +168,8 @@ class Segment:
         """
         if self.material["params"] == "interpolated":
             fraction = lr_mass_fraction(self.stage.learning_rates, self.mid_step)
-            return {name: delta * fraction for name, delta in self.stage.iter_delta()}
+            stage = self.stage
+            return LazyState(stage.delta_names(), lambda name: stage.delta_tensor(name) * fraction)
         return self._load("params_delta.safetensors", parameter_checker(self.stage._shapes))
 
     def second_moments(self) -> dict[str, dict[str, torch.Tensor]] | None:

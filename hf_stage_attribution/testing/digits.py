@@ -166,7 +166,7 @@ def _optimizer(spec: StageSpec, model: torch.nn.Module) -> tuple[torch.optim.Opt
 
 
 def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: int, index: int, rec: Any = None,
-              ledger: Any = None, curvature: tuple[int, int] = (3, 256)) -> None:  # fmt: skip
+              ledger: Any = None, curvature: tuple = (3, 256)) -> None:  # fmt: skip
     """Train ``model`` in place as stage ``index`` of the pipeline; recorded into ``ledger`` when one is given."""
     x, y = _stage_data(spec, data, seed, index)
     opt, scheduler = _optimizer(spec, model)
@@ -177,6 +177,7 @@ def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: i
         recording = ledger.record_stage(
             spec.name, kind=spec.kind, model=model, optimizer=opt, scheduler=scheduler, loss_fn=(forward, loss),
             num_steps=spec.steps, curvature_segments=curvature[0], curvature_examples=curvature[1],
+            curvature_material=curvature[2] if len(curvature) > 2 else "compact",
             metadata={"recipe": dataclasses.asdict(spec), "seed": seed},
         )  # fmt: skip
         recording.begin()
@@ -266,6 +267,7 @@ def build_digits_pipeline(
     base_steps_scale: float = 1.0,
     curvature_segments: int = 3,
     curvature_examples: int = 256,
+    curvature_material: str = "compact",
 ) -> DigitsPipeline:
     """Train and record the three stages of ``config`` into a new ledger at ``ledger_dir`` (see module doc)."""
 
@@ -276,7 +278,8 @@ def build_digits_pipeline(
     seconds = {}
     for index, spec in enumerate(specs):
         start = time.perf_counter()
-        run_stage(model, spec, data, seed, index, ledger=ledger, curvature=(curvature_segments, curvature_examples))
+        curvature = (curvature_segments, curvature_examples, curvature_material)
+        run_stage(model, spec, data, seed, index, ledger=ledger, curvature=curvature)
         seconds[spec.name] = time.perf_counter() - start
 
     def stage_fn(index: int) -> Callable[[torch.nn.Module], None]:

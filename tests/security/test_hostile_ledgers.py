@@ -344,7 +344,11 @@ SCHEMA = {
     "amsgrad as text": (A, lambda j: j["optimizer"]["param_groups"][0].update(amsgrad="yes"), "amsgrad"),
     "stage name differs from ledger.json": (A, lambda j: j.update(name="z"), "'a'"),
     "curvature loss not an object": (A, lambda j: j.update(curvature_loss="causal-lm"), "curvature_loss"),
-    "ledger format from the future": (LEDGER, lambda j: j.update(format_version=FORMAT_VERSION + 1), "newer than this library"),
+    "ledger format from the future": (
+        LEDGER,
+        lambda j: j.update(format_version=FORMAT_VERSION + 1),
+        "newer than this library",
+    ),
     "stage format from the future": (B, lambda j: j.update(format_version=99), "newer than this library"),
     "format version as text": (LEDGER, lambda j: j.update(format_version="1"), "format_version"),
     "not a ledger": (LEDGER, lambda j: j.update(format="something-else"), "format"),

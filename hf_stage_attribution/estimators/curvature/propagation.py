@@ -256,6 +256,7 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
     record["negative_modes"] = int(negative.sum()) if mode == "hvp" else 0
     theta = theta.clamp_min(0.0).numpy()
     basis = q @ w
+    del q  # the Krylov basis: only its rotation by the Ritz vectors is needed from here on
     proj = layout.projection(basis)
     yx, yb = (basis.T @ u0).numpy(), (basis.T @ b0f).numpy()
     yf = (basis.T @ forcing).numpy() if forcing is not None else np.zeros_like(yx)
