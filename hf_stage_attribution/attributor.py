@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -136,6 +137,7 @@ class StageAttributor:
         stage_objs = [self.ledger.stage(s) for s in stages] if stages is not None else list(self.ledger.stages)
         stage_names = [s.name for s in stage_objs]
         options = self._options()
+        self._announce_choice(options)
         self._precompute(self.estimator, options, stage_names)
 
         # All behaviors are evaluated together (one concatenated behavior), so each estimator runs once:
@@ -185,6 +187,14 @@ class StageAttributor:
         if self.loss_fns:
             options.setdefault("loss_fns", self.loss_fns)
         return options
+
+    def _announce_choice(self, options: Mapping[str, Any]) -> None:
+        """``auto``: say on the console which estimator the default rule picked and why, before any work (the reason
+        is also in the report's files and the card)."""
+        if self.estimator_name != "auto" or not self.state.is_main_process:
+            return
+        chosen, reason = estimators.choose_estimator(self.ledger, options.get("loss_fns"))
+        sys.stderr.write(f"[hf-stage-attribution] estimator auto -> {chosen}: {reason}\n")
 
     def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:
         resolve = getattr(self.estimator, "resolve", None)

@@ -32,6 +32,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="settings of aa-ggn/aa-hvp: 'cheap' = one curvature segment per later stage and 8 Krylov vectors",
     )
     p.add_argument(
+        "--krylov-size",
+        type=int,
+        default=None,
+        help="Krylov vectors per curvature segment of aa-ggn/aa-hvp (memory: one float64 model-sized vector each)",
+    )
+    p.add_argument(
         "--allow-identity-propagation",
         action="store_true",
         help="pass deltas unchanged through stages whose optimizer the propagation rules do not know",
@@ -71,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     options: dict = {"allow_identity_propagation": True} if args.allow_identity_propagation else {}
     if args.curvature_preset:
         options["curvature_options"] = {"preset": args.curvature_preset}
+    if args.krylov_size is not None:
+        options.setdefault("curvature_options", {})["krylov_size"] = args.krylov_size
     attributor = StageAttributor(
         ledger, model, estimator=args.estimator, diagnostics=not args.no_diagnostics, estimator_options=options
     )

@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import StageAttributionError
 from .base import Estimator, get, register
 from .curvature.products import resolve_loss
+from .curvature.propagation import CURVATURE_PRESETS, curvature_memory_problem
 from .propagation.rules import recorded_family
 
 
@@ -52,6 +53,9 @@ def choose_estimator(ledger: Any, loss_fns: Mapping[str, Any] | None = None) -> 
             f"later stage(s) {no_loss} have curvature segments but no usable (forward, loss) pair; pass "
             "loss_fns={stage name: (forward, loss)} to use aa-ggn"
         )
+    too_big = curvature_memory_problem(ledger, 0, CURVATURE_PRESETS["default"]["krylov_size"])
+    if too_big is not None:
+        return "aa-linear", f"aa-ggn would not fit in memory: {too_big}"
     return "aa-ggn", f"every later stage ({', '.join(s.name for s in later)}) holds curvature material"
 
 

@@ -31,12 +31,18 @@ def _record(directory, model, name, material="compact", lr=0.01):
     gen = torch.Generator().manual_seed(len(name))
     x, y = torch.randn(16, 32, generator=gen), torch.randint(0, 4, (16,), generator=gen)
 
+    def forward(m, b):
+        return m(b[0])
+
+    def loss(out, b):
+        return torch.nn.functional.cross_entropy(out, b[1])
+
     def loss_fn(m, b):
-        return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+        return loss(forward(m, b), b)
 
     ledger = StageLedger(directory)
     with ledger.record_stage(
-        name, model=model, optimizer=opt, loss_fn=loss_fn, num_steps=STEPS, curvature_material=material
+        name, model=model, optimizer=opt, loss_fn=(forward, loss), num_steps=STEPS, curvature_material=material
     ) as rec:
         for _ in range(STEPS):
             opt.zero_grad()

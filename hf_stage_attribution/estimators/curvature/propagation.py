@@ -48,13 +48,15 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from ...errors import MissingCurvatureError, UnsupportedOptimizerError, unknown_name
+from ..._internal.memory import available_memory_bytes, human_bytes
+from ...errors import EstimatorMemoryError, MissingCurvatureError, UnsupportedOptimizerError, unknown_name
 from ..propagation.rules import recorded_family, run_recurrence
 from .krylov import block_lanczos
 from .layout import SegmentLayout
@@ -87,6 +89,50 @@ def curvature_settings(options: Mapping[str, Any] | None) -> dict[str, Any]:
     if name not in CURVATURE_PRESETS:
         raise unknown_name("curvature preset", str(name), tuple(CURVATURE_PRESETS))
     return {"preset": name, **CURVATURE_PRESETS[name], **options}
+
+
+def curvature_peak_bytes(n: int, krylov_size: int) -> int:
+    """Estimated peak working memory of the curvature propagation over ``n`` coordinates: ``v_k`` carried and
+    propagated (float64), the Krylov basis with up to three start vectors and its rotation by the Ritz vectors, and a
+    few working vectors.
+
+    Example:
+        >>> curvature_peak_bytes(1000, 12)
+        304000
+    """
+    return 8 * n * (2 * (krylov_size + 3) + 8)
+
+
+def curvature_memory_problem(ledger: Any, first: int, krylov_size: int) -> str | None:
+    """``None`` when the curvature propagation of stage ``first`` onwards fits in the memory available now, else a
+    one-line explanation naming a setting that fits."""
+    names: set[str] = set()
+    for stage in ledger.stages[first:]:
+        names |= set(stage.delta_names())
+    shapes = ledger.parameter_shapes
+    n = sum(math.prod(shapes[name]) for name in names if name in shapes)
+    need, available = curvature_peak_bytes(n, krylov_size), available_memory_bytes()
+    if need <= available:
+        return None
+    fits = int((available / (8 * max(n, 1)) - 8) / 2 - 3)
+    if fits >= CURVATURE_PRESETS["cheap"]["krylov_size"]:
+        fix = f"use --curvature-preset cheap or curvature_options={{'krylov_size': {fits}}}"
+    elif fits >= 1:
+        fix = f"use curvature_options={{'krylov_size': {fits}}} (CLI: --krylov-size {fits}) or --estimator aa-linear"
+    else:
+        fix = "use --estimator aa-linear (no Krylov basis: about one model copy)"
+    return (
+        f"the curvature propagation needs about {human_bytes(need)} (Krylov basis of {krylov_size} float64 vectors "
+        f"over {n:,} coordinates) but {human_bytes(available)} is available: {fix}"
+    )
+
+
+def check_curvature_memory(ledger: Any, first: int, krylov_size: int, estimator: str) -> None:
+    """Raise :class:`EstimatorMemoryError` (one line, naming a setting that fits) before any curvature work that
+    would not fit in memory."""
+    problem = curvature_memory_problem(ledger, first, krylov_size)
+    if problem is not None:
+        raise EstimatorMemoryError(f"{estimator}: {problem}.")
 
 
 def _missing_segments(stage: Any) -> MissingCurvatureError:
