@@ -23,6 +23,7 @@ from .behaviors import as_behavior
 from .errors import BehaviorError, ReportError
 from .estimators.base import check_finite
 from .estimators.fidelity import fidelity
+from .estimators.replay import check_replayable
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
 
@@ -65,6 +66,8 @@ class StageAttributor:
         diagnostics: also compute f(θ_0) (total change, interaction residual) and the paired linear/finite-difference
             estimator (linearisation gap).
         estimator_options: extra keyword arguments for the estimator (e.g. ``allow_identity_propagation=True``).
+        ref_models: ``{stage name: reference model}`` for DPO/KTO stages whose reference replay cannot rebuild (a
+            separate model that is not at its recorded path any more); only replay (``validate=True``) uses them.
 
     Example:
         >>> import tempfile, torch
@@ -94,6 +97,7 @@ class StageAttributor:
         check_model: bool = True,
         show_progress: bool = True,
         estimator_options: Mapping[str, Any] | None = None,
+        ref_models: Mapping[str, Any] | None = None,
     ) -> None:
 
         self.ledger = ledger if isinstance(ledger, StageLedger) else StageLedger.load(ledger)
@@ -109,6 +113,7 @@ class StageAttributor:
         self.seed = seed
         self.show_progress = show_progress
         self.estimator_options = dict(estimator_options or {})
+        self.ref_models = dict(ref_models or {})
         self.state = _state()
         _prefer_eager_attention(model)
         if check_model:
@@ -137,6 +142,8 @@ class StageAttributor:
         stage_objs = [self.ledger.stage(s) for s in stages] if stages is not None else list(self.ledger.stages)
         stage_names = [s.name for s in stage_objs]
         options = self._options()
+        if validate or self.estimator_name == "replay":  # before any work: every stage replay needs can be re-run
+            check_replayable(self.ledger, [s.index for s in stage_objs], self.stage_fns, self.ref_models)
         self._announce_choice(options)
         self._precompute(self.estimator, options, stage_names)
 
@@ -184,6 +191,8 @@ class StageAttributor:
         options = {"check_model": False, "prepare_behavior": False, **self.estimator_options}
         if self.stage_fns:
             options.setdefault("stage_fns", self.stage_fns)
+        if self.ref_models:
+            options.setdefault("ref_models", self.ref_models)
         if self.loss_fns:
             options.setdefault("loss_fns", self.loss_fns)
         return options
@@ -274,7 +283,9 @@ def _prefer_eager_attention(model: torch.nn.Module) -> None:
 
 
 def _embedding_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k not in ("stage_fns", "check_model", "prepare_behavior")}
+    return {
+        k: v for k, v in options.items() if k not in ("stage_fns", "check_model", "prepare_behavior", "ref_models")
+    }
 
 
 def _gather_list(values: list[float], state: Any) -> list[float]:

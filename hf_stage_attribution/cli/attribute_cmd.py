@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..attributor import StageAttributor
 from ..behaviors import load_specs
+from ..errors import ReplayError
 from ..integrations.model_loading import load_model
 from ..ledger import StageLedger
 
@@ -30,6 +31,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         choices=["default", "cheap"],
         help="settings of aa-ggn/aa-hvp: 'cheap' = one curvature segment per later stage and 8 Krylov vectors",
+    )
+    p.add_argument(
+        "--ref-model",
+        action="append",
+        default=[],
+        metavar="STAGE=PATH",
+        help="the reference model a DPO/KTO stage trained against, where replay cannot rebuild it (repeatable)",
     )
     p.add_argument(
         "--krylov-size",
@@ -79,9 +87,16 @@ def run(args: argparse.Namespace) -> int:
         options["curvature_options"] = {"preset": args.curvature_preset}
     if args.krylov_size is not None:
         options.setdefault("curvature_options", {})["krylov_size"] = args.krylov_size
+    ref_models = {}
+    for item in args.ref_model:
+        stage, sep, path = item.partition("=")
+        if not sep or not stage or not path:
+            raise ReplayError(f"Expected --ref-model STAGE=PATH, got {item!r}.")
+        ref_models[stage] = load_model(path)
     attributor = StageAttributor(
-        ledger, model, estimator=args.estimator, diagnostics=not args.no_diagnostics, estimator_options=options
-    )
+        ledger, model, estimator=args.estimator, diagnostics=not args.no_diagnostics, estimator_options=options,
+        ref_models=ref_models,
+    )  # fmt: skip
     report = attributor.attribute(behaviors, stages=_stages(args.stages), validate=args.validate)
     if attributor.state.is_main_process:
         out = Path(args.output_dir)

@@ -29,7 +29,7 @@ import torch
 from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
 from ..errors import ReplayError
-from ..integrations.replay import replay_trainer_stage
+from ..integrations.replay import reference_problem, replay_trainer_stage
 from ..ledger.state import LazyState
 from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, register, resolve_stages
 
@@ -74,7 +74,40 @@ def _add_delta(model: torch.nn.Module, stage: Any) -> None:
             params[name].add_(delta.to(device=params[name].device, dtype=params[name].dtype))
 
 
-def _run_stage(stage: Any, model: torch.nn.Module, stage_fns: Mapping[str, StageFn], info: dict) -> torch.nn.Module:
+def check_replayable(
+    ledger: Any,
+    removed: list[int],
+    stage_fns: Mapping[str, StageFn] | None = None,
+    ref_models: Mapping[str, Any] | None = None,
+) -> None:
+    """Raise :class:`ReplayError` naming every stage that replay (removing each stage in ``removed``) could not
+    re-run, before any work: no stage function and no replay data, or a reference model it cannot rebuild."""
+    stage_fns, ref_models = dict(stage_fns or {}), dict(ref_models or {})
+    first = min(removed) if removed else len(ledger.stages)
+    problems = []
+    for stage in ledger.stages[first + 1 :]:
+        if stage.name in stage_fns or not (stage.num_steps and stage.learning_rates):
+            continue
+        if stage.replay_dir is None:
+            problems.append(
+                f"stage {stage.name!r} has no replay data and no stage function (record it with "
+                "StageRecorder(..., save_replay_data=True) or pass stage_fns)"
+            )
+            continue
+        problem = reference_problem(stage, ref_models.get(stage.name))
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ReplayError("Replay cannot re-run every stage it needs: " + "; ".join(problems) + ".")
+
+
+def _run_stage(
+    stage: Any,
+    model: torch.nn.Module,
+    stage_fns: Mapping[str, StageFn],
+    info: dict,
+    ref_models: Mapping[str, Any] | None = None,
+) -> torch.nn.Module:
     fn = stage_fns.get(stage.name)
     if fn is None and not (stage.num_steps and stage.learning_rates):
         _add_delta(model, stage)  # an edit without training (untracked/imported): re-applied as recorded
@@ -86,7 +119,8 @@ def _run_stage(stage: Any, model: torch.nn.Module, stage_fns: Mapping[str, Stage
                 "holds no replay data for it. Pass stage_fns={'" + stage.name + "': fn} where fn(model) trains the "
                 "model in place as that stage did, or record the stage with StageRecorder(..., save_replay_data=True)."
             )
-        fn = lambda m, _info: replay_trainer_stage(stage, m)  # noqa: E731
+        ref = (ref_models or {}).get(stage.name)
+        fn = lambda m, _info: replay_trainer_stage(stage, m, ref_model=ref)  # noqa: E731
     result = fn(model, info) if _takes_info(fn) else fn(model)
     return result if isinstance(result, torch.nn.Module) else model
 
@@ -98,6 +132,7 @@ def replay_model(
     *,
     stage_fns: Mapping[str, StageFn] | None = None,
     scale: float = 0.0,
+    ref_models: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
     """The counterfactual final model with stage ``removed`` (index) taken out and later stages re-run.
 
@@ -119,7 +154,7 @@ def replay_model(
         first = k + 1
     for stage in ledger.stages[first:]:
         info = {"stage": stage, "removed": removed, "scale": scale}
-        work = _run_stage(stage, work, stage_fns, info)
+        work = _run_stage(stage, work, stage_fns, info, ref_models)
     return work
 
 
@@ -170,12 +205,13 @@ class Replay(Estimator):
         chosen = resolve_stages(ledger, stages)
         check_inputs(ledger, model, behavior, options)
         stage_fns = options.get("stage_fns") or {}
+        check_replayable(ledger, [s.index for s in chosen], stage_fns, options.get("ref_models"))
         with eval_mode(model):
             final = evaluate(behavior, model, "evaluated on the final model")
         per_example: dict[str, torch.Tensor] = {}
         replayed: list[str] = []
         for stage in chosen:
-            cf = replay_model(ledger, model, stage.index, stage_fns=stage_fns)
+            cf = replay_model(ledger, model, stage.index, stage_fns=stage_fns, ref_models=options.get("ref_models"))
             with eval_mode(cf):
                 value = evaluate(behavior, cf, f"evaluated after replay without stage {stage.name!r}")
             per_example[stage.name] = final - value

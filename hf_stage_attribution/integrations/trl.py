@@ -96,7 +96,10 @@ def training_mode_warnings(args: Any, model: Any = None) -> list[str]:
             "so replay and estimates agree only to that precision. For exact replay train in float32 (TRL: "
             "bf16=False, fp16=False; on CPU also use_cpu=True)."
         )
-    if getattr(args, "gradient_checkpointing", False):
+    checkpointing = getattr(args, "activation_checkpointing", None)  # transformers 5's name; 4's below
+    if checkpointing is None:
+        checkpointing = getattr(args, "gradient_checkpointing", False)
+    if checkpointing:
         out.append(
             "The stage trains with gradient checkpointing: the recorded trajectory is the same, but replaying it "
             "and the curvature estimators' forward passes run without checkpointing (more memory, on CPU about 2x "

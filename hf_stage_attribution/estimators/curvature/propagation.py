@@ -103,6 +103,19 @@ def curvature_peak_bytes(n: int, krylov_size: int) -> int:
     return 8 * n * (2 * (krylov_size + 3) + 8)
 
 
+#: Bytes per parameter that the curvature operator's cached forward graphs (``cache_graphs``) held on top of the rest
+#: (measured: GPT-2, 4.2M parameters, 8 captured sequences of 16 tokens: peak 107× vs 53× the float32 parameter
+#: bytes without the cache). The cache only saves time: it is used when it fits twice over.
+GRAPH_CACHE_BYTES_PER_PARAMETER = 220
+
+
+def graph_cache_fits(layout: Any, krylov_size: int) -> bool:
+    """Whether the curvature operator may keep its forward graphs between products (faster) in the memory free."""
+    n = sum(math.prod(layout.shapes[name]) for name in layout.active_names)
+    need = curvature_peak_bytes(n, krylov_size) + GRAPH_CACHE_BYTES_PER_PARAMETER * n
+    return 2 * need <= available_memory_bytes()
+
+
 def curvature_memory_problem(ledger: Any, first: int, krylov_size: int) -> str | None:
     """``None`` when the curvature propagation of stage ``first`` onwards fits in the memory available now, else a
     one-line explanation naming a setting that fits."""
@@ -276,7 +289,9 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
             f"Stage {layout.stage.name!r}, segment {seg.index}: no captured examples. Record the stage with "
             "rec.step(batch) (custom loops) or through StageRecorder so that curvature material is kept."
         )
-    op = CurvatureOperator(model, state, batches, loss, mode, chunk_rows=chunk_rows)
+    op = CurvatureOperator(
+        model, state, batches, loss, mode, chunk_rows=chunk_rows, cache_graphs=graph_cache_fits(layout, krylov_size)
+    )
     record["sample_size"] = sum(op.weights)
     s = layout.scale
     u0 = layout.flat(x0) / s
