@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import estimators
+from ._internal.memory import release_freed_memory
 from ._internal.model_state import swapped_parameters
 from .behaviors import as_behavior
 from .errors import BehaviorError, ReportError
@@ -142,6 +143,7 @@ class StageAttributor:
         stage_objs = [self.ledger.stage(s) for s in stages] if stages is not None else list(self.ledger.stages)
         stage_names = [s.name for s in stage_objs]
         options = self._options()
+        release_freed_memory()  # model-sized buffers come and go: return them to the system, or peaks add up
         if validate or self.estimator_name == "replay":  # before any work: every stage replay needs can be re-run
             check_replayable(self.ledger, [s.index for s in stage_objs], self.stage_fns, self.ref_models)
         self._announce_choice(options)
@@ -236,6 +238,7 @@ class StageAttributor:
         local_result = None
         if joint.parts:
             local_result = estimator.estimate(self.ledger, self.model, joint, stages=stage_names, **options)
+            release_freed_memory()
         return _gathered(local_result, joint, stage_names, self.state)
 
     def _run_named(self, name: str, joint: _Joint, stage_names: list[str], options: Mapping[str, Any]) -> dict:

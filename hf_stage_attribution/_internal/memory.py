@@ -9,10 +9,49 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from pathlib import Path
 
 _OOM_MARKERS = ("can't allocate memory", "out of memory", "cannot allocate memory", "std::bad_alloc")
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_LIBC: ctypes.CDLL | None | bool = None
+
+
+def _libc() -> ctypes.CDLL | None:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            name = ctypes.util.find_library("c")
+            lib = ctypes.CDLL(name) if name else None
+            _LIBC = lib if lib is not None and hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
+
+
+def release_freed_memory(threshold: int = 131072) -> bool:
+    """Make glibc hand freed buffers back to the system instead of keeping them in its heap.
+
+    Attribution allocates and frees model-sized buffers one after another (a stage's embedding, a JVP's activations);
+    with glibc's default *dynamic* mmap threshold those buffers move into the heap after the first free and stay in
+    the process's resident set, so the peak RSS of later phases adds up (measured on SmolLM2-135M: the aa-linear
+    read-out of one behavior rose 3.97× the parameter bytes and kept 3.13× after returning; with buffers above
+    ``threshold`` bytes allocated by ``mmap``, 2.99× and 0.02×). Fixes the threshold (``mallopt(M_MMAP_THRESHOLD)``,
+    process-wide) and trims the heap now; ``HF_STAGE_ATTRIBUTION_KEEP_MALLOC=1`` opts out. Returns whether it
+    applied (False off glibc).
+    """
+    if os.environ.get("HF_STAGE_ATTRIBUTION_KEEP_MALLOC"):
+        return False
+    lib = _libc()
+    if lib is None:
+        return False
+    lib.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    lib.malloc_trim(0)
+    return True
 
 
 def _meminfo_available() -> int | None:
