@@ -90,8 +90,8 @@ def check_replayable(
             continue
         if stage.replay_dir is None:
             problems.append(
-                f"stage {stage.name!r} has no replay data and no stage function (record it with "
-                "StageRecorder(..., save_replay_data=True) or pass stage_fns)"
+                f"stage {stage.name!r} has no function in stage_fns and no replay data (pass stage_fns={{"
+                f"{stage.name!r}: fn}} or record it with StageRecorder(..., save_replay_data=True))"
             )
             continue
         problem = reference_problem(stage, ref_models.get(stage.name))

@@ -187,8 +187,10 @@ class Segment:
                 base = key[: -len(ROW)]
                 kind, _, name = base.partition("/")
                 col = flat.get(base + COL)
-                shape = self.stage._shapes.get(name)
-                if col is None or shape is None or shape[0] != value.numel() or math.prod(shape[1:]) != col.numel():
+                shape = self.stage._shapes.get(name)  # a base parameter; LoRA factors ("<name>::A") are matrices
+                if shape is None and col is not None:
+                    shape = (value.numel(), col.numel())
+                if col is None or shape[0] != value.numel() or math.prod(shape[1:]) != col.numel():
                     raise LedgerFormatError(
                         f"{self.dir / 'second_moments.safetensors'}: the factored moment {base!r} does not match the "
                         f"parameter's shape {shape} (or lacks its column means). Re-record the stage."
