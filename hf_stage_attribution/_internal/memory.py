@@ -102,7 +102,7 @@ def out_of_memory_message(exc: BaseException) -> str:
     """One line for an allocation failure: what ran out, and settings that need less.
 
     Example:
-        >>> out_of_memory_message(MemoryError()).split(":")[0]
+        >>> out_of_memory_message(MemoryError()).split(" (")[0]
         'Ran out of memory'
     """
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
