@@ -225,7 +225,8 @@ class StageRecording:
 
     def projected_bytes(self, model: torch.nn.Module | None = None) -> dict[str, int]:
         """The bytes this stage will add to the ledger, by part (``start``: θ_0 when the ledger is new; ``delta``:
-        float32 Δ of the trainable tensors; ``lora``: the factors; ``segments``: curvature material)."""
+        float32 Δ of the trainable tensors; ``lora``: the factors; ``segments``: curvature material, without the
+        kept training examples, whose size depends on the batches)."""
         model = unwrap_model(model if model is not None else self.model)
         params = base_parameters(model)
         lora = lora_layers(model)
@@ -250,13 +251,12 @@ class StageRecording:
                 (p.shape[0] + p.numel() // p.shape[0]) if p.dim() >= 2 else p.numel()
                 for n, p in params.items() if p.requires_grad
             )  # fmt: skip
-        examples = 64 * 1024 * max(1, self.curvature_examples // 64)  # token ids of the kept examples (estimate)
         continued = 8 * trainable if self.optimizer is not None and has_state(self.optimizer) else 0
         return {
             "start": start,
             "delta": 4 * dense,
             "lora": 4 * factors,
-            "segments": segments * (per_segment + examples),
+            "segments": segments * per_segment,  # + the kept training examples (batch-dependent, not projected)
             "optimizer_state": continued,
         }
 
