@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -18,12 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import estimators
+from ._internal.memory import release_freed_memory
 from ._internal.model_state import swapped_parameters
 from .behaviors import as_behavior
 from .errors import BehaviorError, ReportError, StageAttributionError
 from .estimators.base import check_finite
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
+from .estimators.replay import check_replayable
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
 
@@ -95,6 +98,8 @@ class StageAttributor:
         estimator_options: extra keyword arguments for the estimator (e.g. ``allow_identity_propagation=True``).
         curvature: settings of the curvature-aware propagation (``aa-ggn``/``aa-hvp``), e.g.
             ``CurvatureConfig.cheap()``; replaces ``estimator_options={"curvature_options": {...}}`` (deprecated).
+        ref_models: ``{stage name: reference model}`` for DPO/KTO stages whose reference replay cannot rebuild (a
+            separate model that is not at its recorded path any more); only replay (``validate=True``) uses them.
 
     Example:
         >>> import tempfile, torch
@@ -125,6 +130,7 @@ class StageAttributor:
         show_progress: bool = True,
         estimator_options: Mapping[str, Any] | None = None,
         curvature: CurvatureConfig | None = None,
+        ref_models: Mapping[str, Any] | None = None,
     ) -> None:
 
         self.ledger = ledger if isinstance(ledger, StageLedger) else StageLedger.load(ledger)
@@ -143,6 +149,7 @@ class StageAttributor:
         settings = resolve_curvature(curvature, self.estimator_options.pop("curvature_options", None))
         if settings:
             self.estimator_options["curvature_options"] = settings
+        self.ref_models = dict(ref_models or {})
         self.state = _state()
         _prefer_eager_attention(model)
         if check_model:
@@ -174,6 +181,10 @@ class StageAttributor:
         stage_objs = [self.ledger.stage(s) for s in stages] if stages is not None else list(self.ledger.stages)
         stage_names = [s.name for s in stage_objs]
         options = self._options()
+        release_freed_memory()  # model-sized buffers come and go: return them to the system, or peaks add up
+        if validate or self.estimator_name == "replay":  # before any work: every stage replay needs can be re-run
+            check_replayable(self.ledger, [s.index for s in stage_objs], self.stage_fns, self.ref_models)
+        self._announce_choice(options)
         self._precompute(self.estimator, options, stage_names)
 
         # All behaviors are evaluated together (one concatenated behavior), so each estimator runs once:
@@ -229,9 +240,19 @@ class StageAttributor:
         options = {"check_model": False, "prepare_behavior": False, **self.estimator_options}
         if self.stage_fns:
             options.setdefault("stage_fns", self.stage_fns)
+        if self.ref_models:
+            options.setdefault("ref_models", self.ref_models)
         if self.loss_fns:
             options.setdefault("loss_fns", self.loss_fns)
         return options
+
+    def _announce_choice(self, options: Mapping[str, Any]) -> None:
+        """``auto``: say on the console which estimator the default rule picked and why, before any work (the reason
+        is also in the report's files and the card)."""
+        if self.estimator_name != "auto" or not self.state.is_main_process:
+            return
+        chosen, reason = estimators.choose_estimator(self.ledger, options.get("loss_fns"))
+        sys.stderr.write(f"[hf-stage-attribution] estimator auto -> {chosen}: {reason}\n")
 
     def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:
         resolve = getattr(self.estimator, "resolve", None)
@@ -264,6 +285,7 @@ class StageAttributor:
         local_result = None
         if joint.parts:
             local_result = estimator.estimate(self.ledger, self.model, joint, stages=stage_names, **options)
+            release_freed_memory()
         return _gathered(local_result, joint, stage_names, self.state)
 
     def _run_named(self, name: str, joint: _Joint, stage_names: list[str], options: Mapping[str, Any]) -> dict:
@@ -311,7 +333,9 @@ def _prefer_eager_attention(model: torch.nn.Module) -> None:
 
 
 def _embedding_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k not in ("stage_fns", "check_model", "prepare_behavior")}
+    return {
+        k: v for k, v in options.items() if k not in ("stage_fns", "check_model", "prepare_behavior", "ref_models")
+    }
 
 
 def _gather_list(values: list[float], state: Any) -> list[float]:

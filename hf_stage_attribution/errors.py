@@ -69,6 +69,11 @@ class EstimatorError(StageAttributionError, ValueError):
     """An estimator cannot be applied to this ledger, model or stage (e.g. ``lora-exact`` on a non-terminal stage)."""
 
 
+class EstimatorMemoryError(StageAttributionError, MemoryError):
+    """An attribution would not fit in the memory available (refused before the work), or ran out of it; the
+    message names a setting that fits."""
+
+
 # --- behaviors, registries, reports --------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..attributor import StageAttributor
 from ..behaviors import load_specs
+from ..errors import ReplayError
 from ..estimators.curvature.config import CurvatureConfig
 from ..integrations.model_loading import load_model
 from ..ledger import StageLedger
@@ -34,10 +35,22 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=["default", "cheap"],
         help="settings of aa-ggn/aa-hvp: 'cheap' = one curvature segment per later stage and 8 Krylov vectors",
     )
-    p.add_argument("--krylov-size", type=int, default=None, help="aa-ggn/aa-hvp: Krylov vectors per segment")
+    p.add_argument(
+        "--krylov-size",
+        type=int,
+        default=None,
+        help="Krylov vectors per curvature segment of aa-ggn/aa-hvp (memory: one float64 model-sized vector each)",
+    )
     p.add_argument("--curvature-segments", type=int, default=None, help="aa-ggn/aa-hvp: segments used per later stage")
     p.add_argument(
         "--curvature-sample-size", type=int, default=None, help="aa-ggn/aa-hvp: examples per segment's products"
+    )
+    p.add_argument(
+        "--ref-model",
+        action="append",
+        default=[],
+        metavar="STAGE=PATH",
+        help="the reference model a DPO/KTO stage trained against, where replay cannot rebuild it (repeatable)",
     )
     p.add_argument(
         "--allow-identity-propagation",
@@ -89,6 +102,12 @@ def run(args: argparse.Namespace) -> int:
     behaviors = load_specs(args.behaviors, trust_code=args.trust_code)
     model = load_model(args.model, trust_code=args.trust_code)
     options: dict = {"allow_identity_propagation": True} if args.allow_identity_propagation else {}
+    ref_models = {}
+    for item in args.ref_model:
+        stage, sep, path = item.partition("=")
+        if not sep or not stage or not path:
+            raise ReplayError(f"Expected --ref-model STAGE=PATH, got {item!r}.")
+        ref_models[stage] = load_model(path, trust_code=args.trust_code)
     console = Console(verbose=getattr(args, "verbose", False))
     attributor = StageAttributor(
         ledger,
@@ -98,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         estimator_options=options,
         curvature=curvature_config(args),
         show_progress=False,
+        ref_models=ref_models,
     )
     what = "estimates and replay" if args.validate else "estimates"
     main_process = attributor.state.is_main_process

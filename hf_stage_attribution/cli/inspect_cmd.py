@@ -6,12 +6,26 @@ import argparse
 import json
 from pathlib import Path
 
+from .._internal.memory import human_bytes
 from .._internal.table import fmt_float, render_table
 from ..ledger import StageLedger
 from ..ledger.storage import lock_holder
 from ..ledger.summary import ledger_summary
 
-HEADERS = ["#", "name", "kind", "trainer", "steps", "optimizer", "lr range", "wd", "trainable", "data", "|delta|"]
+HEADERS = [
+    "#",
+    "name",
+    "kind",
+    "trainer",
+    "steps",
+    "optimizer",
+    "lr range",
+    "wd",
+    "trainable",
+    "data",
+    "|delta|",
+    "size (× model)",
+]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,10 +49,19 @@ def format_summary(summary: dict) -> str:
         lr = "-" if s["lr_min"] is None else f"{fmt_float(s['lr_min'])}..{fmt_float(s['lr_max'])}"
         wd = ",".join(fmt_float(w) for w in s["weight_decay"]) or "-"
         rows.append([s["index"], s["name"], s["kind"], s["trainer"], s["steps"], s["optimizer"], lr, wd,
-                     s["trainable_parameters"], s["data"], fmt_float(s["delta_norm"], 4)])  # fmt: skip
+                     s["trainable_parameters"], s["data"], fmt_float(s["delta_norm"], 4),
+                     f"{human_bytes(s['bytes'])} ({s['bytes'] / summary['model_bytes']:.2f}×)"])  # fmt: skip
     head = (
         f"Ledger {summary['ledger']} (format {summary['format_version']}, model {summary['model_class']}, "
-        f"{summary['num_parameters']:,} parameters, {len(summary['stages'])} stages)"
+        f"{summary['num_parameters']:,} parameters, {len(summary['stages'])} stages; "
+        f"{human_bytes(summary['ledger_bytes'])} on disk = {summary['ledger_bytes'] / summary['model_bytes']:.2f}× "
+        "the float32 model"
+        + (
+            f"; embedding cache {human_bytes(summary['embedding_cache_bytes'])}"
+            if summary["embedding_cache_bytes"]
+            else ""
+        )
+        + ")"
     )
     text = head + "\n" + render_table(HEADERS, rows)
     if summary["incomplete_stages"]:

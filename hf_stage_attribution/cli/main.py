@@ -8,6 +8,7 @@ import sys
 
 import torch.distributed
 
+from .._internal.memory import is_out_of_memory, out_of_memory_message
 from .._version import __version__
 from ..errors import StageAttributionError
 from .console import quiet_console
@@ -63,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hf-stage-attribution {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        print(f"hf-stage-attribution {args.command}: error: {out_of_memory_message(exc)}", file=sys.stderr)
+        return 1
     finally:
         if not started_distributed and _distributed_initialized():
             # the command (Accelerate's PartialState) set up the process group under torchrun/accelerate launch:

@@ -49,7 +49,7 @@ import torch
 from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
 from ..errors import PartialReplayError, ReplayError
-from ..integrations.replay import optimizer_state_by_name, replay_trainer_stage
+from ..integrations.replay import optimizer_state_by_name, reference_problem, replay_trainer_stage
 from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from ..ledger.state import LazyState
@@ -98,6 +98,33 @@ def _add_delta(model: torch.nn.Module, stage: Stage) -> None:
             params[name].add_(delta.to(device=params[name].device, dtype=params[name].dtype))
 
 
+def check_replayable(
+    ledger: LedgerCore,
+    removed: list[int],
+    stage_fns: Mapping[str, StageFn] | None = None,
+    ref_models: Mapping[str, Any] | None = None,
+) -> None:
+    """Raise :class:`ReplayError` naming every stage that replay (removing each stage in ``removed``) could not
+    re-run, before any work: no stage function and no replay data, or a reference model it cannot rebuild."""
+    stage_fns, ref_models = dict(stage_fns or {}), dict(ref_models or {})
+    first = min(removed) if removed else len(ledger.stages)
+    problems = []
+    for stage in ledger.stages[first + 1 :]:
+        if stage.name in stage_fns or not (stage.num_steps and stage.learning_rates):
+            continue
+        if stage.replay_dir is None:
+            problems.append(
+                f"stage {stage.name!r} has no function in stage_fns and no replay data (pass stage_fns={{"
+                f"{stage.name!r}: fn}} or record it with StageRecorder(..., save_replay_data=True))"
+            )
+            continue
+        problem = reference_problem(stage, ref_models.get(stage.name))
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ReplayError("Replay cannot re-run every stage it needs: " + "; ".join(problems) + ".")
+
+
 def takes_max_steps(fn: StageFn) -> bool:
     """True when ``fn`` has the step-limited form: it accepts a ``max_steps`` keyword (or ``**kwargs``).
 
@@ -139,6 +166,7 @@ def run_stage(
     stage_fns: Mapping[str, StageFn],
     info: dict,
     max_steps: int | None = None,
+    ref_models: Mapping[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, dict[str, Any]] | None]:
     """Run ``stage`` on ``model`` (in place where possible): the whole stage, or its first ``max_steps`` optimizer
     steps (the step-limited form, see the module docstring). Returns ``(model, optimizer state by base name or
@@ -158,10 +186,11 @@ def run_stage(
     if fn is None:
         if stage.replay_dir is None:
             raise ReplayError(_no_replay_message(stage))
+        ref = (ref_models or {}).get(stage.name)
         if max_steps is None:
-            return replay_trainer_stage(stage, model), None
+            return replay_trainer_stage(stage, model, ref_model=ref), None
         state: dict[str, dict[str, Any]] = {}
-        return replay_trainer_stage(stage, model, max_steps=max_steps, optimizer_out=state), state
+        return replay_trainer_stage(stage, model, ref_model=ref, max_steps=max_steps, optimizer_out=state), state
     kwargs = {} if max_steps is None else {"max_steps": int(max_steps)}
     result = fn(model, info, **kwargs) if _takes_info(fn) else fn(model, **kwargs)
     optimizer = None
@@ -175,8 +204,14 @@ def run_stage(
     return model, optimizer_state_by_name(model, optimizer)
 
 
-def _run_stage(stage: Stage, model: torch.nn.Module, stage_fns: Mapping[str, StageFn], info: dict) -> torch.nn.Module:
-    return run_stage(stage, model, stage_fns, info)[0]
+def _run_stage(
+    stage: Stage,
+    model: torch.nn.Module,
+    stage_fns: Mapping[str, StageFn],
+    info: dict,
+    ref_models: Mapping[str, Any] | None = None,
+) -> torch.nn.Module:
+    return run_stage(stage, model, stage_fns, info, ref_models=ref_models)[0]
 
 
 def replay_model(
@@ -186,6 +221,7 @@ def replay_model(
     *,
     stage_fns: Mapping[str, StageFn] | None = None,
     scale: float = 0.0,
+    ref_models: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
     """The counterfactual final model with stage ``removed`` (index) taken out and later stages re-run.
 
@@ -207,7 +243,7 @@ def replay_model(
         first = k + 1
     for stage in ledger.stages[first:]:
         info = {"stage": stage, "removed": removed, "scale": scale}
-        work = _run_stage(stage, work, stage_fns, info)
+        work = _run_stage(stage, work, stage_fns, info, ref_models)
     return work
 
 
@@ -258,12 +294,13 @@ class Replay(Estimator):
         chosen = resolve_stages(ledger, stages)
         check_inputs(ledger, model, behavior, options)
         stage_fns = options.get("stage_fns") or {}
+        check_replayable(ledger, [s.index for s in chosen], stage_fns, options.get("ref_models"))
         with eval_mode(model):
             final = evaluate(behavior, model, "evaluated on the final model")
         per_example: dict[str, torch.Tensor] = {}
         replayed: list[str] = []
         for stage in chosen:
-            cf = replay_model(ledger, model, stage.index, stage_fns=stage_fns)
+            cf = replay_model(ledger, model, stage.index, stage_fns=stage_fns, ref_models=options.get("ref_models"))
             with eval_mode(cf):
                 value = evaluate(behavior, cf, f"evaluated after replay without stage {stage.name!r}")
             per_example[stage.name] = final - value

@@ -39,6 +39,7 @@ from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from .base import Estimator, get, register
 from .curvature.products import resolve_loss
+from .curvature.propagation import CURVATURE_PRESETS, curvature_memory_problem
 from .propagation.rules import recorded_family
 from .replay import can_replay
 
@@ -112,6 +113,9 @@ def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str,
             f"later stage(s) {no_loss} have curvature segments but no usable (forward, loss) pair; pass "
             "loss_fns={stage name: (forward, loss)} to use aa-ggn"
         )
+    too_big = curvature_memory_problem(ledger, 0, CURVATURE_PRESETS["default"]["krylov_size"])
+    if too_big is not None:
+        return "aa-linear", f"aa-ggn would not fit in memory: {too_big}"
     return "aa-ggn", f"every later stage ({', '.join(s.name for s in later)}) holds curvature material"
 
 

@@ -24,8 +24,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .._internal.hashing import combine_digests
 from .._internal.model_state import clean_copy
-from .._internal.params import base_parameters
+from .._internal.params import base_parameters, state_digests
 from ..errors import ReplayError
 from ..ledger.stage import Stage
 from ..ledger.storage import open_safetensors, read_json
@@ -152,10 +153,60 @@ def _reference(kind: str, info: dict, model: Any, ref_model: Any, output_dir: st
         model.save_pretrained(str(path))
         model.config._name_or_path = str(path)
         return None
+    if policy.startswith("separate model") and kind in ("dpo", "kto"):
+        loaded = load_recorded_reference(ref)
+        if loaded is not None:
+            return loaded
     raise ReplayError(
         f"The stage's reference model was {policy or 'not recorded'!r}: replay cannot rebuild it. Pass `ref_model=`"
         " (DPO/KTO), or for GRPO/RLOO give the model a `config._name_or_path` that holds the reference."
     )
+
+
+def reference_problem(stage: Stage, ref_model: Any = None) -> str | None:
+    """``None`` when replay can rebuild (or was given) the stage's reference model, else why not and what to do.
+    Cheap: reads the recorded policy and, for a separate model, checks that its recorded path exists."""
+    replay_dir = getattr(stage, "replay_dir", None)
+    if replay_dir is None or not (Path(replay_dir) / REPLAY_FILE).exists():
+        return None  # the missing replay data is reported by replay itself
+    info = read_json(Path(replay_dir) / REPLAY_FILE, "replay file")
+    kind = info.get("kind") or stage.kind
+    if ref_model is not None or kind not in ("dpo", "kto", "grpo", "rloo"):
+        return None
+    ref = info.get("reference_model") or {}
+    policy = str(ref.get("policy", ""))
+    if policy.startswith(("adapter disabled", "precomputed", "none", "copy of the stage start")):
+        return None
+    path = str(ref.get("name_or_path") or "")
+    if policy.startswith("separate model") and kind in ("dpo", "kto") and path and Path(path).is_dir():
+        return None
+    where = f" loaded from {path!r}, which is not a directory here" if path else ""
+    return (
+        f"stage {stage.name!r} ({kind}) trained against a separate reference model{where} (state hash "
+        f"{ref.get('state_hash', '?')}): pass it as ref_models={{{stage.name!r}: model}} (CLI: --ref-model "
+        f"{stage.name}=PATH)"
+    )
+
+
+def load_recorded_reference(ref: dict) -> Any:
+    """The separate reference model of a DPO/KTO stage, loaded from its recorded path when that path holds exactly
+    the recorded weights (TRL's ``ref_model=None`` reloads the reference from ``config._name_or_path``); ``None``
+    when the path is missing. A path whose weights differ from the recorded state hash is an error."""
+    path = str(ref.get("name_or_path") or "")
+    if not path or not Path(path).is_dir():
+        return None
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    found = combine_digests(state_digests(loaded))
+    if ref.get("state_hash") and found != ref["state_hash"]:
+        raise ReplayError(
+            f"The stage's reference model was loaded from {path!r}, but the weights there now differ from the "
+            f"recorded ones (state hash {found[:12]} vs {str(ref['state_hash'])[:12]}). Pass the original reference "
+            "as ref_models={stage name: model} (CLI: --ref-model STAGE=PATH)."
+        )
+    loaded.eval()
+    return loaded
 
 
 def replay_trainer_stage(

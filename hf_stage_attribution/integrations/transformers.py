@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .._internal.params import unwrap_model
 from ..errors import LedgerError
 from ..ledger.ledger import StageLedger
 from ..ledger.recorder import StageRecording
@@ -30,7 +31,7 @@ from .replay_data import save_stage_replay_data
 from .run_info import find_trainer
 from .stage_metadata import RunContext, build_metadata, optimizer_warning, resolve_trainer_class
 from .stage_plan import StagePart, parse_boundaries, plan_parts
-from .trl import infer_curvature_loss, infer_stage_kind
+from .trl import infer_curvature_loss, infer_stage_kind, training_mode_warnings
 
 # Forward keyword arguments that are loss bookkeeping, not inputs (kept out of the captured batches).
 _NOT_INPUTS = ("num_items_in_batch",)
@@ -50,6 +51,8 @@ class StageRecorder(TrainerCallback):
         save_replay_data: also save what :func:`~hf_stage_attribution.integrations.replay.replay_trainer_stage`
             needs (dataset, processing class, arguments, collator, PEFT config, reference policy).
         curvature_segments, curvature_examples: curvature material per stage (``0`` segments turns it off).
+        curvature_material: ``"compact"`` (default, a few kB per segment) or ``"full"`` (θ_mid snapshots and full
+            second moments, 2× the trainable parameters per segment); see :class:`StageRecording`.
         stage_boundaries: ``{"anneal": 800}`` ends ``stage_name`` after global step 800 and records the rest of
             the run as stage ``anneal`` (values may also be ``{"step": 800, "kind": "..."}``).
         trainer_class: overrides the trainer class recorded (default: the trainer found on the call stack).
@@ -82,6 +85,7 @@ class StageRecorder(TrainerCallback):
         curvature_examples: int = 256,
         stage_boundaries: dict[str, int | dict] | None = None,
         trainer_class: str | type | None = None,
+        curvature_material: str = "compact",
     ) -> None:
         self.ledger_dir = Path(ledger_dir)
         self.stage_name = stage_name
@@ -89,6 +93,7 @@ class StageRecorder(TrainerCallback):
         self.save_replay_data = bool(save_replay_data)
         self.curvature_segments = int(curvature_segments)
         self.curvature_examples = int(curvature_examples)
+        self.curvature_material = curvature_material
         self.trainer_class = trainer_class
         self._boundaries = parse_boundaries(stage_name, stage_boundaries)
         self.recording: StageRecording | None = None
@@ -179,6 +184,8 @@ class StageRecorder(TrainerCallback):
     def _start(self, part: StagePart, resume_at: int | None) -> None:
         ctx = self._context
         kind = infer_stage_kind(ctx.args, ctx.model, part.kind)
+        for message in training_mode_warnings(ctx.args, unwrap_model(ctx.model)) if ctx.is_main else []:
+            warnings.warn(f"Stage {part.name!r}: {message}", stacklevel=2)
         recording = StageRecording(
             self.ledger_dir,
             part.name,
@@ -189,6 +196,7 @@ class StageRecorder(TrainerCallback):
             num_steps=part.end - part.start,
             curvature_segments=self.curvature_segments,
             curvature_examples=self.curvature_examples,
+            curvature_material=self.curvature_material,
             curvature_loss=infer_curvature_loss(kind, ctx.args, ctx.model),
             is_main_process=ctx.is_main,
             resume=resume_at is not None,

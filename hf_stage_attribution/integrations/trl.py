@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .._internal.hashing import combine_digests
 from .._internal.params import is_peft_model, state_digests, unwrap_model
 from .run_info import json_safe
@@ -60,14 +62,50 @@ def config_kind(args: Any) -> tuple[str, str] | None:
 
 
 def infer_stage_kind(args: Any, model: Any, told: str | None = None) -> str:
-    """``told`` if given; else the TRL config's kind; else ``lora`` for a PEFT model, else ``fine-tuning``."""
+    """``told`` if given; else the TRL config's kind (``lora`` for SFT of a PEFT model: the objective is SFT, the
+    stage trains adapters); else ``lora`` for a PEFT model, else ``fine-tuning``."""
     if told:
         return told
     found = config_kind(args)
     if found is not None:
+        if found[0] == "sft" and model is not None and is_peft_model(model):
+            return "lora"
         return found[0]
 
     return "lora" if model is not None and is_peft_model(model) else "fine-tuning"
+
+
+def training_mode_warnings(args: Any, model: Any = None) -> list[str]:
+    """What a run's settings mean for replay and the estimators: half-precision training (``bf16``/``fp16``, or
+    half-precision weights) and gradient checkpointing. TRL's configs turn both on by default.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> [m.split(":")[0] for m in training_mode_warnings(SimpleNamespace(bf16=True, gradient_checkpointing=False))]
+        ['The stage trains in bf16 mixed precision']
+    """
+    out = []
+    half = [k for k in ("bf16", "fp16") if getattr(args, k, False)]
+    dtypes = {p.dtype for p in model.parameters()} if model is not None and hasattr(model, "parameters") else set()
+    half_weights = sorted(str(d).replace("torch.", "") for d in dtypes if d in (torch.bfloat16, torch.float16))
+    if half or half_weights:
+        what = f"{half[0]} mixed precision" if half else f"{', '.join(half_weights)} weights"
+        out.append(
+            f"The stage trains in {what}: the ledger stores its Δ in float32, but replay re-runs the stage in the "
+            "same precision, whose rounding differs from run to run, and the estimators linearise a float32 model, "
+            "so replay and estimates agree only to that precision. For exact replay train in float32 (TRL: "
+            "bf16=False, fp16=False; on CPU also use_cpu=True)."
+        )
+    checkpointing = getattr(args, "activation_checkpointing", None)  # transformers 5's name; 4's below
+    if checkpointing is None:
+        checkpointing = getattr(args, "gradient_checkpointing", False)
+    if checkpointing:
+        out.append(
+            "The stage trains with gradient checkpointing: the recorded trajectory is the same, but replaying it "
+            "and the curvature estimators' forward passes run without checkpointing (more memory, on CPU about 2x "
+            "faster); set gradient_checkpointing=False unless memory requires it."
+        )
+    return out
 
 
 def _base_model_class(model: Any) -> str:
@@ -85,7 +123,7 @@ def infer_curvature_loss(kind: str, args: Any, model: Any) -> dict:
     ``loss_fns=`` entry from the caller: their captured batches hold the policy's forward inputs only.
     """
     model_class = _base_model_class(model)
-    if kind == "sft":
+    if kind == "sft" or (kind == "lora" and (config_kind(args) or ("",))[0] == "sft"):
         loss_type = getattr(args, "loss_type", "nll")
         return {"type": "causal-lm"} if loss_type in (None, "nll") else {"type": f"sft-{loss_type}"}
     if kind in ("dpo", "kto", "grpo", "rloo", "reward", "ppo", "distillation"):

@@ -16,7 +16,9 @@ from typing import Any
 from ..errors import LedgerFormatError, UnsafeInputError
 
 FORMAT_NAME = "hf-stage-attribution-ledger"
-FORMAT_VERSION = 1
+#: 1: curvature segments hold θ_mid snapshots and full second moments; 2: segments say how they store them
+#: (``params``: snapshot | interpolated, ``moments``: full | factored). Both are read.
+FORMAT_VERSION = 2
 MAX_NAME_LENGTH = 256
 MAX_COUNT = 10**12
 
@@ -315,6 +317,10 @@ def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
         if not start <= mid < end <= steps:
             raise _fail(path, f"segment steps with step_start <= mid_step < step_end <= num_steps ({steps})", seg)
         check_relative_path(path, seg.get("dir"), "segments[].dir")
+        if seg.get("params", "snapshot") not in ("snapshot", "interpolated"):
+            raise _fail(path, "`segments[].params` in snapshot/interpolated", seg.get("params"))
+        if seg.get("moments", "full") not in ("full", "factored"):
+            raise _fail(path, "`segments[].moments` in full/factored", seg.get("moments"))
     for key in ("delta_file", "lora_file", "optimizer_state_file"):
         if data.get(key) is not None:
             check_relative_path(path, data[key], key)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from .optimizer_info import (
     has_state,
     optimizer_state_stream,
 )
-from .segments import SegmentCapture, plan_segments
+from .segments import MATERIALS, SegmentCapture, plan_segments
 from .storage import (
     DirectoryLock,
     atomic_write_json,
@@ -62,6 +63,9 @@ class StageRecording:
         num_steps: planned optimizer steps (needed to place curvature segments).
         curvature_segments: segments with curvature material (default 3; 0 turns it off).
         curvature_examples: examples kept per segment (default 256).
+        curvature_material: ``"compact"`` (default: θ_mid interpolated from the stage's Δ, second moments stored as
+            row/column means: a few kB per segment) or ``"full"`` (a float32 θ_mid snapshot and full second moments
+            per segment, 2× the trainable parameters each; the most faithful ``aa-ggn``). See ``BENCHMARKS.md``.
         curvature_loss: JSON description of the loss for reloaded ledgers (e.g. ``{"type": "causal-lm"}``).
         metadata: extra JSON-safe fields for ``stage.json`` (trainer, datasets, seeds, ...).
         is_main_process: only the main process writes (default: rank 0 of torch.distributed / ``RANK``).
@@ -91,6 +95,7 @@ class StageRecording:
         num_steps: int | None = None,
         curvature_segments: int = 3,
         curvature_examples: int = 256,
+        curvature_material: str = "compact",
         curvature_loss: dict | None = None,
         metadata: dict | None = None,
         is_main_process: bool | None = None,
@@ -106,6 +111,9 @@ class StageRecording:
         self.num_steps = num_steps
         self.curvature_segments = int(curvature_segments)
         self.curvature_examples = int(curvature_examples)
+        if curvature_material not in MATERIALS:
+            raise LedgerError(f"Expected curvature_material in {', '.join(MATERIALS)}, got {curvature_material!r}.")
+        self.curvature_material = curvature_material
         if self.curvature_segments < 0 or self.curvature_examples < 0:
             raise LedgerError(
                 f"`curvature_segments` and `curvature_examples` must be >= 0, got {curvature_segments}, "
@@ -161,6 +169,7 @@ class StageRecording:
 
     def _begin_locked(self) -> None:
         ledger, model = self.ledger, self.model
+        self._check_disk(model)
         if (ledger.dir / "ledger.json").exists():
             ledger._reload()
             ledger._check_same_model(model)
@@ -208,11 +217,69 @@ class StageRecording:
             self.partial_dir,
             plan_segments(self.num_steps, self.curvature_segments if (self.loss_fn or self.curvature_loss) else 0),
             self.curvature_examples,
+            self.curvature_material,
         )
         self.started_at = utc_now()
         self._t0 = time.time()
         if resumed:
             self._restore_progress()
+
+    def projected_bytes(self, model: torch.nn.Module | None = None) -> dict[str, int]:
+        """The bytes this stage will add to the ledger, by part (``start``: θ_0 when the ledger is new; ``delta``:
+        float32 Δ of the trainable tensors; ``lora``: the factors; ``segments``: curvature material, without the
+        kept training examples, whose size depends on the batches)."""
+        model = unwrap_model(model if model is not None else self.model)
+        params = base_parameters(model)
+        lora = lora_layers(model)
+        new = not (self.ledger.dir / "ledger.json").exists()
+        start = sum(p.numel() for p in params.values()) * 4 if new else 0
+        dense = sum(p.numel() for n, p in params.items() if p.requires_grad and n not in lora)
+        factors = 0
+        for base, info in lora.items():
+            pair = info.factors()
+            if pair is None:
+                dense += params[base].numel()
+            else:
+                factors += 2 * (pair[0].numel() + pair[1].numel())  # end factors, and start factors when trained
+        trainable = dense + factors // 2
+        segments = len(plan_segments(self.num_steps, self.curvature_segments)) if (
+            self.loss_fn or self.curvature_loss
+        ) else 0  # fmt: skip
+        if self.curvature_material == "full":
+            per_segment = 8 * trainable  # θ_mid snapshot + second moments, float32
+        else:
+            per_segment = 4 * sum(
+                (p.shape[0] + p.numel() // p.shape[0]) if p.dim() >= 2 else p.numel()
+                for n, p in params.items() if p.requires_grad
+            )  # fmt: skip
+        continued = 8 * trainable if self.optimizer is not None and has_state(self.optimizer) else 0
+        return {
+            "start": start,
+            "delta": 4 * dense,
+            "lora": 4 * factors,
+            "segments": segments * per_segment,  # + the kept training examples (batch-dependent, not projected)
+            "optimizer_state": continued,
+        }
+
+    def _check_disk(self, model: torch.nn.Module) -> None:
+        """Print the projected size of this stage; refuse before any write when the disk cannot hold it."""
+        parts = self.projected_bytes(model)
+        total = sum(parts.values())
+        shown = ", ".join(f"{k} {_human(v)}" for k, v in parts.items() if v)
+        sys.stderr.write(  # the console line the issue asks for, before the first step (stderr: not data)
+            f"[hf-stage-attribution] stage {self.name!r}: projected ledger growth {_human(total)} ({shown}) "
+            f"in {self.ledger.dir}\n"
+        )
+        probe = self.ledger.dir
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free < total:
+            raise LedgerError(
+                f"Stage {self.name!r} needs about {_human(total)} in {self.ledger.dir} ({shown}), but the disk has "
+                f"{_human(free)} free. Free space, choose a ledger directory on a larger disk, or record less "
+                "(curvature_segments=0, or a LoRA stage)."
+            )
 
     def _optimizer_description(self) -> dict | None:
         """Type and per-group hyperparameters; ``lr`` is the first applied rate (all are in ``learning_rates``)."""
@@ -561,6 +628,14 @@ def _iter_selected_merged(model, names: list[str], lora: dict, params: dict) -> 
 
     for n in names:
         yield n, merged_tensor(n, params[n], lora)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def _json_safe_metadata(metadata: dict) -> dict:

@@ -52,10 +52,13 @@ def _num_rows(fields: dict[str, torch.Tensor]) -> int:
 class SegmentCapture:
     """Collects curvature material while a stage runs; see the module docstring."""
 
-    def __init__(self, stage_dir: Path, plan: list[tuple[int, int, int]], cap: int) -> None:
+    def __init__(self, stage_dir: Path, plan: list[tuple[int, int, int]], cap: int, material: str = "compact") -> None:
+        if material not in MATERIALS:
+            raise LedgerError(f"Expected curvature_material in {', '.join(MATERIALS)}, got {material!r}.")
         self.stage_dir = stage_dir
         self.plan = plan
         self.cap = cap
+        self.material = material
         self.planned = bool(plan)
         self._status = [
             {"mid_written": False, "examples_written": False, "num_examples": 0, "layout": None, "kept": []}
@@ -90,8 +93,11 @@ class SegmentCapture:
         if t == mid:
             stream, specs, moments = midpoint_state()
             d = self._dir(i)
-            write_safetensors_stream(d / "params_delta.safetensors", specs, stream)
+            if self.material == "full":  # compact: θ_mid is interpolated from the stage's Δ on reading
+                write_safetensors_stream(d / "params_delta.safetensors", specs, stream)
             if moments is not None and moments[0]:  # (specs, stream): written one tensor at a time
+                if self.material == "compact":
+                    moments = factor_moments(*moments)
                 write_safetensors_stream(d / "second_moments.safetensors", *moments)
             self._status[i]["mid_written"] = True
         if t == b - 1:
@@ -195,6 +201,88 @@ class SegmentCapture:
                     "mid_step": mid,
                     "num_examples": status["num_examples"],
                     "batch_layout": status["layout"] or "dict",
+                    **MATERIAL_FIELDS[self.material],
                 }
             )
         return out
+
+
+# --- compact curvature material (format version 2) ----------------------------------------------------------------
+#: ``full``: θ_mid − θ_start and the second moments as recorded (format 1; 2× the trainable parameters per segment).
+#: ``compact``: θ_mid − θ_start interpolated from the stage's Δ by learning-rate mass, second moments of matrices
+#: stored as Adafactor-style row and column means (a few kB per segment).
+MATERIALS = ("compact", "full")
+MATERIAL_FIELDS = {
+    "compact": {"params": "interpolated", "moments": "factored"},
+    "full": {"params": "snapshot", "moments": "full"},
+}
+ROW, COL = "::row", "::col"
+
+
+def _factorable(shape: tuple[int, ...]) -> bool:
+    return len(shape) >= 2 and shape[0] > 1 and math.prod(shape[1:]) > 1
+
+
+def factor_moments(specs: list, stream: Any) -> tuple[list, Any]:
+    """``(specs, stream)`` of second moments with each matrix replaced by its row means (``<key>::row``) and column
+    means (``<key>::col``, trailing dimensions flattened); vectors and scalars pass through. See
+    :func:`unfactor_moment` for the reconstruction.
+
+    Example:
+        >>> import torch
+        >>> specs, stream = factor_moments([("v/w", torch.float32, (2, 3))], iter([("v/w", torch.ones(2, 3))]))
+        >>> [(k, s) for k, _, s in specs], [(k, t.tolist()) for k, t in stream]
+        ([('v/w::row', (2,)), ('v/w::col', (3,))], [('v/w::row', [1.0, 1.0]), ('v/w::col', [1.0, 1.0, 1.0])])
+    """
+    out_specs = []
+    for key, dtype, shape in specs:
+        if _factorable(shape):
+            out_specs += [(key + ROW, dtype, (shape[0],)), (key + COL, dtype, (math.prod(shape[1:]),))]
+        else:
+            out_specs.append((key, dtype, shape))
+
+    def factored() -> Any:
+        for key, value in stream:
+            if _factorable(tuple(value.shape)):
+                flat = value.to(torch.float32).reshape(value.shape[0], -1)
+                yield key + ROW, flat.mean(dim=1)
+                yield key + COL, flat.mean(dim=0)
+            else:
+                yield key, value
+
+    return out_specs, factored()
+
+
+def unfactor_moment(row: torch.Tensor, col: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The rank-1 estimate ``r cᵀ / mean(r)`` of a non-negative matrix from its row and column means (Adafactor):
+    it has exactly the recorded row and column means.
+
+    Example:
+        >>> import torch
+        >>> v = torch.tensor([[1.0, 2.0], [2.0, 4.0]])
+        >>> unfactor_moment(v.mean(1), v.mean(0), (2, 2)).tolist()
+        [[1.0, 2.0], [2.0, 4.0]]
+    """
+    row, col = row.to(torch.float32), col.to(torch.float32)
+    total = row.mean()
+    if not bool(total > 0):
+        return torch.zeros(shape, dtype=torch.float32)
+    return (torch.outer(row, col) / total).clamp_min(0.0).reshape(shape)
+
+
+def lr_mass_fraction(learning_rates: list[list[float]], mid_step: int) -> float:
+    """Share of the stage's learning-rate mass applied up to and including step ``mid_step``: the fraction of the
+    stage's Δ that stands for θ_mid − θ_start in compact material (exact for SGD at a constant gradient; uniform
+    in steps when the rates are unknown or zero).
+
+    Example:
+        >>> lr_mass_fraction([[1.0], [1.0], [2.0]], 1)
+        0.5
+    """
+    mass = [sum(row) / len(row) if row else 0.0 for row in learning_rates]
+    total = sum(mass)
+    if not mass:
+        return 0.0
+    if total <= 0 or not math.isfinite(total):
+        return min(1.0, (mid_step + 1) / len(mass))
+    return min(1.0, sum(mass[: mid_step + 1]) / total)

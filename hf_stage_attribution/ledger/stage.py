@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 
 from ..errors import IncompleteStageError, LedgerFormatError
 from .format import validate_stage
+from .segments import COL, ROW, lr_mass_fraction, unfactor_moment
+from .state import LazyState
 from .storage import ensure_inside, open_safetensors, read_json, safe_join
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -151,17 +154,49 @@ class Segment:
             return {}
         return _load_checked(_TensorFile(path, self.stage.root, check))
 
-    def params_delta(self) -> dict[str, torch.Tensor]:
-        """θ_mid − θ_stage_start for the tensors the stage trains (base names, float32; LoRA merged)."""
+    @property
+    def material(self) -> dict[str, str]:
+        """How θ_mid and the second moments are stored: ``{"params": "snapshot" | "interpolated", "moments":
+        "full" | "factored"}`` (format-1 ledgers: snapshots and full moments)."""
+        return {"params": self.info.get("params", "snapshot"), "moments": self.info.get("moments", "full")}
+
+    def params_delta(self) -> Mapping[str, torch.Tensor]:
+        """θ_mid − θ_stage_start for the tensors the stage trains (base names, float32; LoRA merged).
+
+        Compact material (``params == "interpolated"``) stores no snapshot: θ_mid − θ_start is the stage's Δ
+        scaled by the share of the learning-rate mass applied up to the midpoint (:func:`lr_mass_fraction`).
+        """
+        if self.material["params"] == "interpolated":
+            fraction = lr_mass_fraction(self.stage.learning_rates, self.mid_step)
+            stage = self.stage
+            return LazyState(stage.delta_names(), lambda name: stage.delta_tensor(name) * fraction)
         return self._load("params_delta.safetensors", parameter_checker(self.stage._shapes))
 
     def second_moments(self) -> dict[str, dict[str, torch.Tensor]] | None:
-        """``{"exp_avg_sq": {name: T}, "step": {name: T}}`` at the midpoint, or None (non-Adam optimizers)."""
+        """``{"exp_avg_sq": {name: T}, "step": {name: T}}`` at the midpoint, or None (non-Adam optimizers).
+
+        Factored moments (compact material) are expanded to full tensors (:func:`unfactor_moment`)."""
         flat = self._load("second_moments.safetensors", _check_prefixed)
         if not flat:
             return None
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in flat.items():
+            if key.endswith(COL):
+                continue
+            if key.endswith(ROW):
+                base = key[: -len(ROW)]
+                kind, _, name = base.partition("/")
+                col = flat.get(base + COL)
+                shape = self.stage._shapes.get(name)  # a base parameter; LoRA factors ("<name>::A") are matrices
+                if shape is None and col is not None:
+                    shape = (value.numel(), col.numel())
+                if col is None or shape[0] != value.numel() or math.prod(shape[1:]) != col.numel():
+                    raise LedgerFormatError(
+                        f"{self.dir / 'second_moments.safetensors'}: the factored moment {base!r} does not match the "
+                        f"parameter's shape {shape} (or lacks its column means). Re-record the stage."
+                    )
+                out.setdefault(kind, {})[name] = unfactor_moment(value, col, shape)
+                continue
             kind, _, name = key.partition("/")
             out.setdefault(kind, {})[name] = value
         return out

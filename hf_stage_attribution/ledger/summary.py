@@ -48,7 +48,12 @@ def stage_summary(stage: Stage, with_norm: bool = True) -> dict:
         "data": _data_identity(stage),
         "delta_norm": norm,
         "curvature_segments": len(stage.segments),
+        "bytes": _dir_bytes(stage.dir),
     }
+
+
+def _dir_bytes(path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def ledger_summary(ledger: LedgerCore, with_norm: bool = True) -> dict:
@@ -59,6 +64,9 @@ def ledger_summary(ledger: LedgerCore, with_norm: bool = True) -> dict:
         "created_with": ledger.manifest.get("created_with", {}),
         "model_class": ledger.manifest["model"].get("class"),
         "num_parameters": sum(math.prod(s) for s in ledger.parameter_shapes.values()),
+        "model_bytes": 4 * sum(math.prod(s) for s in ledger.parameter_shapes.values()),
+        "ledger_bytes": _dir_bytes(ledger.dir) - _dir_bytes(ledger.dir / "embeddings"),  # the record itself
+        "embedding_cache_bytes": _dir_bytes(ledger.dir / "embeddings"),  # derived; safe to delete
         "fingerprint": ledger.fingerprint,
         "final_hash": ledger.final_hash,
         "stages": [stage_summary(s, with_norm) for s in ledger.stages],

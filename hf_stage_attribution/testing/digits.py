@@ -167,7 +167,7 @@ def _optimizer(spec: StageSpec, model: torch.nn.Module) -> tuple[torch.optim.Opt
 
 
 def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: int, index: int, rec: Any = None,
-              ledger: LedgerCore | None = None, curvature: tuple[int, int] = (3, 256),
+              ledger: LedgerCore | None = None, curvature: tuple = (3, 256),
               max_steps: int | None = None) -> torch.optim.Optimizer:  # fmt: skip
     """Train ``model`` in place as stage ``index`` of the pipeline; recorded into ``ledger`` when one is given.
 
@@ -182,6 +182,7 @@ def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: i
         recording = ledger.record_stage(
             spec.name, kind=spec.kind, model=model, optimizer=opt, scheduler=scheduler, loss_fn=(forward, loss),
             num_steps=spec.steps, curvature_segments=curvature[0], curvature_examples=curvature[1],
+            curvature_material=curvature[2] if len(curvature) > 2 else "compact",
             metadata={"recipe": dataclasses.asdict(spec), "seed": seed},
         )  # fmt: skip
         recording.begin()
@@ -272,6 +273,7 @@ def build_digits_pipeline(
     base_steps_scale: float = 1.0,
     curvature_segments: int = 3,
     curvature_examples: int = 256,
+    curvature_material: str = "compact",
 ) -> DigitsPipeline:
     """Train and record the three stages of ``config`` into a new ledger at ``ledger_dir`` (see module doc)."""
 
@@ -282,7 +284,8 @@ def build_digits_pipeline(
     seconds = {}
     for index, spec in enumerate(specs):
         start = time.perf_counter()
-        run_stage(model, spec, data, seed, index, ledger=ledger, curvature=(curvature_segments, curvature_examples))
+        curvature = (curvature_segments, curvature_examples, curvature_material)
+        run_stage(model, spec, data, seed, index, ledger=ledger, curvature=curvature)
         seconds[spec.name] = time.perf_counter() - start
 
     def stage_fn(index: int) -> Callable[..., tuple[torch.nn.Module, torch.optim.Optimizer]]:

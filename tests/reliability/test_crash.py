@@ -32,7 +32,7 @@ KILL_POINTS = [
     "lock-acquired",
     "partial-dir-created",
     "optimizer-state-mid-file",
-    "segment-params-mid-file",
+    "segment-moments-mid-file",
     "segment-examples-before-rename",
     "delta-mid-file",
     "delta-before-rename",
@@ -119,7 +119,7 @@ def _instrument(point: str) -> None:
         if current["count"] == 2:  # header and first tensor written, second one about to be
             for name, where in (
                 ("optimizer_state.safetensors", "optimizer-state-mid-file"),
-                ("params_delta.safetensors", "segment-params-mid-file"),
+                ("second_moments.safetensors", "segment-moments-mid-file"),
                 ("delta.safetensors", "delta-mid-file"),
                 ("start.safetensors", "initial-state-mid-file"),
             ):

@@ -200,11 +200,14 @@ def test_full_disk_gives_a_clear_error_and_changes_nothing(tiny_disk):
         pass
     os.ftruncate(fd, max(0, os.fstat(fd).st_size - 8 * 1024))
     os.close(fd)
-    with pytest.raises(LedgerError, match="No space left on device") as info:
+    # refused before any write: the recorder compares its projected growth with the free space (issue 16)
+    with pytest.raises(LedgerError, match=r"needs about .* but the disk has .* free"):
         _record(ledger_dir, "b", curvature=True)
-    _assert_refused_cleanly(
-        {"is_ledger_error": True, "message": str(info.value)}, ledger_dir, before, "No space left on device"
-    )
+    assert _files(ledger_dir) == before, "the ledger directory changed"
+    ledger = StageLedger.load(ledger_dir)
+    assert [s.name for s in ledger.stages] == ["a"]
+    assert ledger.incomplete_stages() == [] and ledger.leftover_files() == []
+    ledger.verify()
     filler.unlink()
     _record(ledger_dir, "b", curvature=True)
     assert [s.name for s in StageLedger.load(ledger_dir).stages] == ["a", "b"]

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_stage_attribution import StageLedger
 from hf_stage_attribution.errors import LedgerFormatError, StageAttributionError, UnsafeInputError
+from hf_stage_attribution.ledger.format import FORMAT_VERSION
 from hf_stage_attribution.ledger.summary import ledger_summary
 
 # --- helpers shared with test_security_ledger_fuzz.py ---------------------------------------------------------
@@ -39,7 +40,9 @@ def build_ledger(directory: Path) -> None:
         return torch.nn.functional.cross_entropy(m(b[0]), b[1])
 
     for name in ("a", "b"):
-        with ledger.record_stage(name, model=model, optimizer=opt, loss_fn=loss_fn, num_steps=4) as rec:
+        with ledger.record_stage(
+            name, model=model, optimizer=opt, loss_fn=loss_fn, num_steps=4, curvature_material="full"
+        ) as rec:
             for _ in range(4):
                 opt.zero_grad()
                 loss_fn(model, (x, y)).backward()
@@ -341,7 +344,11 @@ SCHEMA = {
     "amsgrad as text": (A, lambda j: j["optimizer"]["param_groups"][0].update(amsgrad="yes"), "amsgrad"),
     "stage name differs from ledger.json": (A, lambda j: j.update(name="z"), "'a'"),
     "curvature loss not an object": (A, lambda j: j.update(curvature_loss="causal-lm"), "curvature_loss"),
-    "ledger format from the future": (LEDGER, lambda j: j.update(format_version=2), "newer than this library"),
+    "ledger format from the future": (
+        LEDGER,
+        lambda j: j.update(format_version=FORMAT_VERSION + 1),
+        "newer than this library",
+    ),
     "stage format from the future": (B, lambda j: j.update(format_version=99), "newer than this library"),
     "format version as text": (LEDGER, lambda j: j.update(format_version="1"), "format_version"),
     "not a ledger": (LEDGER, lambda j: j.update(format="something-else"), "format"),

@@ -22,12 +22,21 @@ import torch
 
 
 def _orthogonalise(w: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
+    """``w`` minus its components along ``basis``, twice, one basis vector at a time (in place on ``w``'s copy):
+    no ``n × r`` matrix is stacked, so the working memory is one vector whatever the basis size."""
     if not basis:
         return w
-    q = torch.stack(basis, dim=1)
+    w = w.clone()
     for _ in range(2):
-        w = w - q @ (q.T @ w)
+        coefficients = [float(q @ w) for q in basis]  # classical Gram–Schmidt: all coefficients from the same w
+        for q, c in zip(basis, coefficients):
+            w.add_(q, alpha=-c)
     return w
+
+
+def basis_bytes(n: int, max_size: int) -> int:
+    """Peak bytes of :func:`block_lanczos` on ``n`` coordinates: the float64 basis plus four working vectors."""
+    return 8 * n * (max_size + 4)
 
 
 def block_lanczos(
@@ -46,8 +55,19 @@ def block_lanczos(
     projection of ``A`` alone. A start vector, or a new direction, is dropped when less than ``rtol`` of its norm
     survives orthogonalisation; a new direction is also dropped when its norm is below ``rtol`` times the largest
     direction norm seen (breakdown).
+
+    Memory: the basis and a few working vectors (:func:`basis_bytes`); products are not kept: ``H`` is filled as
+    each image ``A q_j`` is formed (``H_ij = q_i · A q_j`` for the vectors present then, the rest by symmetry).
     """
+    n = starts[0].numel() if starts else 0
+    rows = torch.empty(max(max_size, len(starts)), n, dtype=torch.float64)  # the basis, one contiguous row each
     basis: list[torch.Tensor] = []
+
+    def add(w: torch.Tensor) -> None:
+        row = rows[len(basis)]
+        torch.div(w, w.norm(), out=row)
+        basis.append(row)
+
     for s in starts:
         s = s.to(torch.float64)
         norm = float(s.norm())
@@ -55,16 +75,19 @@ def block_lanczos(
             continue
         w = _orthogonalise(s, basis)
         if float(w.norm()) > rtol * norm:
-            basis.append(w / w.norm())
+            add(w)
     if not basis:
-        n = starts[0].numel() if starts else 0
         return torch.zeros(n, 0, dtype=torch.float64), torch.zeros(0, 0, dtype=torch.float64), 0
-    images: list[torch.Tensor] = []
+    entries: dict[tuple[int, int], float] = {}
+    products = 0
     scale = 0.0
-    while len(images) < len(basis):
-        q = basis[len(images)]
+    while products < len(basis):
+        j = products
+        q = basis[j]
         w = apply(q).to(torch.float64)
-        images.append(w)
+        products += 1
+        for i, qi in enumerate(basis):
+            entries[(i, j)] = float(qi @ w)
         if shift is not None:
             w = w + shift * q
         norm = float(w.norm())
@@ -72,7 +95,15 @@ def block_lanczos(
         if len(basis) < max_size and norm > 0.0:
             w = _orthogonalise(w, basis)
             if float(w.norm()) > rtol * max(scale, norm):
-                basis.append(w / w.norm())
-    q = torch.stack(basis, dim=1)
-    h = q.T @ torch.stack(images, dim=1)
-    return q, 0.5 * (h + h.T), len(images)
+                add(w)
+        del w
+    r = len(basis)
+    h = torch.zeros(r, r, dtype=torch.float64)
+    for i in range(r):
+        for j in range(r):
+            if (i, j) in entries:
+                h[i, j] = entries[(i, j)]
+            elif (j, i) in entries:
+                h[i, j] = entries[(j, i)]
+    basis.clear()
+    return rows[:r].T, 0.5 * (h + h.T), products

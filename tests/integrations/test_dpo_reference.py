@@ -1,0 +1,85 @@
+"""TRL's default ``ref_model=None`` reloads the DPO reference from ``config._name_or_path`` (the folder the model was
+first loaded from, not the stage's start): the ledger records it as a separate model with its path and hash, replay
+rebuilds it from that path, and a reference that cannot be rebuilt is refused before any work, with the fix.
+Also: SFT of a PEFT model without ``stage_kind`` is recorded as kind ``lora``; bf16 and gradient checkpointing warn."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import tests.helpers.recording as F
+from hf_stage_attribution import StageAttributor, StageLedger, StageRecorder
+from hf_stage_attribution.errors import ReplayError
+from hf_stage_attribution.integrations.trl import training_mode_warnings
+
+
+def _logprob(model):
+    ids = torch.tensor([[4, 5, 6, 7, 8, 9]])
+    logits = model(input_ids=ids).logits[:, :-1]
+    return logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).reshape(-1)
+
+
+def test_dpo_with_the_default_reference_replays_from_the_recorded_path(tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer
+    from trl import DPOConfig, DPOTrainer
+
+    base_dir = tmp_path / "base"
+    F.gpt2().save_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)  # config._name_or_path = base_dir
+    ledger_dir = tmp_path / "ledger"
+    Trainer(
+        model=model, args=F.training_args(str(tmp_path / "o1"), max_steps=2, per_device_train_batch_size=4,
+                                          learning_rate=1e-2),
+        train_dataset=F.lm_dataset(16),
+        callbacks=[StageRecorder(ledger_dir, "ft", curvature_segments=0, save_replay_data=True)],
+    ).train()  # fmt: skip
+    args = F.trl_args(DPOConfig, str(tmp_path / "o2"), max_steps=2, per_device_train_batch_size=4, max_length=32,
+                      learning_rate=1e-2)  # fmt: skip
+    DPOTrainer(
+        model=model, ref_model=None, args=args, train_dataset=F.preference_dataset(8), processing_class=F.tokenizer(),
+        callbacks=[StageRecorder(ledger_dir, "dpo", curvature_segments=0, save_replay_data=True)],
+    ).train()  # fmt: skip
+    ledger = StageLedger.load(ledger_dir)
+    ref = ledger.stages[1].info["trl"]["reference_model"]
+    assert ref["policy"] == "separate model" and ref["name_or_path"] == str(base_dir) and ref["state_hash"]
+
+    report = StageAttributor(ledger, model, estimator="aa-linear", diagnostics=False, show_progress=False).attribute(
+        {"lp": _logprob}, validate=True
+    )
+    assert report.fidelity is not None
+
+    shutil.rmtree(base_dir)  # the reference can no longer be rebuilt: refused before any work, naming the fix
+    attributor = StageAttributor(ledger, model, estimator="aa-linear", diagnostics=False, show_progress=False)
+    with pytest.raises(
+        ReplayError, match=r"stage 'dpo' \(dpo\) trained against a separate reference.*--ref-model dpo="
+    ):
+        attributor.attribute({"lp": lambda m: 1 / 0}, validate=True)  # the behavior is never evaluated
+
+
+def test_peft_sft_is_recorded_as_lora_and_risky_settings_warn(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    model = get_peft_model(F.gpt2(), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0,
+                                                fan_in_fan_out=True))  # fmt: skip
+    args = F.trl_args(SFTConfig, str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=4, max_length=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a float32, checkpointing-free run: no training-mode warning
+        recorder = StageRecorder(tmp_path / "ledger", "adapter", curvature_segments=0)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=F.sft_dataset(8), processing_class=F.tokenizer(),
+                             callbacks=[recorder])  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "trains in" in str(w.message) or "checkpointing" in str(w.message)]
+    (stage,) = StageLedger.load(tmp_path / "ledger").stages
+    assert stage.kind == "lora" and stage.curvature_loss == {"type": "causal-lm"}
+    messages = training_mode_warnings(SimpleNamespace(bf16=True, fp16=False, gradient_checkpointing=True))
+    assert len(messages) == 2 and "bf16 mixed precision" in messages[0] and "replay" in messages[0]
+    assert "gradient checkpointing" in messages[1]
+    assert training_mode_warnings(SimpleNamespace(bf16=False), torch.nn.Linear(2, 2).to(torch.bfloat16))
