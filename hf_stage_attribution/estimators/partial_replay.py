@@ -152,6 +152,8 @@ def plan_partial_replay(
     plan = PartialReplayPlan(k, budget, unit, replay_steps=sum(int(s.num_steps) for s in later))
     weights = {s.index: _weights(s, unit) for s in later}
     left = budget * sum(sum(w) for w in weights.values())
+    if budget == 0.0:
+        return plan  # nothing replayed (not even a step that costs no learning-rate mass): the aa-linear embedding
     for stage in stages[k + 1 :]:
         if not trains(stage):
             plan.legs.append(Leg(stage.index, 0, True))  # re-applied as its recorded delta: free

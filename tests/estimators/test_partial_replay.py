@@ -47,8 +47,9 @@ def test_budget_one_equals_replay_and_budget_zero_equals_the_propagation_only_si
     for stage, truth in replay.per_example.items():
         torch.testing.assert_close(full.per_example[stage], truth, rtol=1e-5, atol=1e-5)
     assert full.diagnostics["partial_replay"]["cost_fraction"] == pytest.approx(1.0)
-    for name, sibling in (("partial-replay", "aa-fd"), ("partial-replay-linear", "aa-linear")):
-        zero = _estimate(name, pipe, budget=0.0)
+    for (name, sibling), unit in zip((("partial-replay", "aa-fd"), ("partial-replay-linear", "aa-linear")) * 2,
+                                     ("steps", "steps", "lr-mass", "lr-mass")):  # fmt: skip
+        zero = _estimate(name, pipe, budget=0.0, budget_unit=unit)
         ref = _estimate(sibling, pipe)
         assert zero.per_example.keys() == ref.per_example.keys()
         for stage in ref.per_example:
