@@ -17,7 +17,11 @@ of stages ``k+1..K``):
    optimizer) through the remaining steps of the partial stage — the stage's own recurrence at the remaining
    recorded learning rates, Adam's preconditioner taken from the factual run's second moments at step ``m`` — and
    through the later stages with the ``aa-linear`` rules (:class:`~.propagation.stage.StagePropagator`). The result
-   is the stage embedding ``v_k``.
+   is the stage embedding ``v_k``. Opt-in: ``carry="aa-ggn"`` (with ``loss_fns``/``curvature_options`` as for
+   ``aa-ggn``) carries it with Gauss–Newton curvature instead (ESTIMATORS.md §4a), from step ``m`` of the partial
+   stage on; ``use_checkpoints=True`` lets a recorded mid-segment checkpoint of the partial stage stand for the
+   factual branch (only the counterfactual branch then runs, up to that step; the first-moment difference there is
+   unknown and taken as zero).
 4. **Read out** by finite difference, ``f(θ_K) − f(θ_K − v_k)`` (``partial-replay``), or linearly,
    ``∇f(θ_K) · v_k`` (``partial-replay-linear``), with the code of ``aa-fd`` / ``aa-linear``.
 
@@ -25,6 +29,13 @@ Limits that are tests: budget 0 gives the ``aa-linear`` embedding itself (so ``p
 ``partial-replay-linear`` equals ``aa-linear`` exactly); budget 1 replays every later stage whole, so
 ``θ_K − v_k = θ̃_K^(−k)`` and ``partial-replay`` equals ``replay`` to float tolerance. The terminal stage has nothing
 to replay (``θ̃_K^(−K) = θ_{K−1}``): ``v_K = Δ_K`` at every budget, at no cost.
+
+Measured (``python benchmarks/run.py --sections partial-replay``, see BENCHMARKS.md §8): the momentum carry helps
+(digits-hf, 25 %, non-terminal Spearman 0.77 with it, 0.49 without); the finite-difference read-out beats the linear
+one at the default budget on every digits pipeline and is exact at budget 1, so it is the default read-out; the
+Gauss–Newton carry fixes the decay pipeline (0.39 → 0.81 at 25 %) but hurts digits-hf (0.77 → 0.62) and costs about
+3× more there, so it stays opt-in; the mid-segment checkpoint loses the first-moment difference and was worse at 25 %
+(0.70 vs 0.77), so it stays opt-in.
 
 Example:
     >>> from hf_stage_attribution import estimators
@@ -521,8 +532,9 @@ def partial_replay_embeddings(
 
 class _PartialReplayMixin:
     """Options: ``budget`` (default 0.25, a fraction of replay's cost in [0, 1]), ``budget_unit`` (``"steps"`` or
-    ``"lr-mass"``), ``stage_fns`` (step-limited form, see :mod:`~.replay`), ``allow_identity_propagation``, plus the
-    read-out's options (``per_example``, ``check_model``, ``prepare_behavior``)."""
+    ``"lr-mass"``), ``stage_fns`` (step-limited form, see :mod:`~.replay`), ``carry`` (``"aa-linear"`` or
+    ``"aa-ggn"``, with ``loss_fns`` and ``curvature_options``), ``use_checkpoints``, ``allow_identity_propagation``,
+    plus the read-out's options (``per_example``, ``check_model``, ``prepare_behavior``)."""
 
     kind = "partial-replay"
 
