@@ -550,6 +550,8 @@ def partial_replay_embeddings(
             "budget": budget,
             "budget_unit": budget_unit,
             "carry": carry,
+            "carry_moments": carry_moments,
+            "use_checkpoints": use_checkpoints,
             "plans": {ledger.stages[k].name: p.describe(ledger) for k, p in plans.items()},
             "steps_run": cost,
             "replay_steps": total,
