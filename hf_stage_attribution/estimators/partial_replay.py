@@ -17,7 +17,11 @@ of stages ``k+1..K``):
    optimizer) through the remaining steps of the partial stage — the stage's own recurrence at the remaining
    recorded learning rates, Adam's preconditioner taken from the factual run's second moments at step ``m`` — and
    through the later stages with the ``aa-linear`` rules (:class:`~.propagation.stage.StagePropagator`). The result
-   is the stage embedding ``v_k``.
+   is the stage embedding ``v_k``. Opt-in: ``carry="aa-ggn"`` (with ``loss_fns``/``curvature_options`` as for
+   ``aa-ggn``) carries it with Gauss–Newton curvature instead (ESTIMATORS.md §4a), from step ``m`` of the partial
+   stage on; ``use_checkpoints=True`` lets a recorded mid-segment checkpoint of the partial stage stand for the
+   factual branch (only the counterfactual branch then runs, up to that step; the first-moment difference there is
+   unknown and taken as zero).
 4. **Read out** by finite difference, ``f(θ_K) − f(θ_K − v_k)`` (``partial-replay``), or linearly,
    ``∇f(θ_K) · v_k`` (``partial-replay-linear``), with the code of ``aa-fd`` / ``aa-linear``.
 
@@ -25,6 +29,16 @@ Limits that are tests: budget 0 gives the ``aa-linear`` embedding itself (so ``p
 ``partial-replay-linear`` equals ``aa-linear`` exactly); budget 1 replays every later stage whole, so
 ``θ_K − v_k = θ̃_K^(−k)`` and ``partial-replay`` equals ``replay`` to float tolerance. The terminal stage has nothing
 to replay (``θ̃_K^(−K) = θ_{K−1}``): ``v_K = Δ_K`` at every budget, at no cost.
+
+Measured (``python benchmarks/run.py --sections partial-replay``, see BENCHMARKS.md §8; non-terminal Spearman at
+25 %): carrying Adam's first-moment difference helps (digits-hf 0.68 with it, 0.48 without), and carrying it as the
+difference of the two branches' update directions ``m̂/(√v̂+ε)`` — each with its own second moment — rather than
+as ``Δm`` preconditioned by the factual ``v̂`` alone avoids a blow-up after a few steps (LM pipeline: 0.96 against
+0.59); ``carry_moments=False`` drops it. The finite-difference read-out beats the linear one at the default budget on
+every pipeline and is exact at budget 1, so it is the default read-out. The Gauss–Newton carry fixes the decay
+pipeline (0.39 → 0.81) but hurts digits-hf and costs about 3× more there, so it stays opt-in; the mid-segment
+checkpoint loses the first-moment difference and was worse (0.70 vs 0.77 with the earlier carry), so it stays
+opt-in.
 
 Example:
     >>> from hf_stage_attribution import estimators
@@ -154,6 +168,8 @@ def plan_partial_replay(
     plan = PartialReplayPlan(k, budget, unit, replay_steps=sum(int(s.num_steps) for s in later))
     weights = {s.index: _weights(s, unit) for s in later}
     left = budget * sum(sum(w) for w in weights.values())
+    if budget == 0.0:
+        return plan  # nothing replayed (not even a step that costs no learning-rate mass): the aa-linear embedding
     for stage in stages[k + 1 :]:
         if not trains(stage):
             plan.legs.append(Leg(stage.index, 0, True))  # re-applied as its recorded delta: free
@@ -264,9 +280,21 @@ def _started(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch
 class _RestOfStage:
     """Carries ``(x, buf)`` through the steps ``m..n`` of a stage (its recurrence at the remaining recorded rates)."""
 
-    def __init__(self, prop: StagePropagator, m: int, factual_state: Mapping[str, Any] | None) -> None:
-        self.prop, self.m, self.state = prop, m, factual_state or {}
+    def __init__(
+        self, prop: StagePropagator, m: int, factual_state: Mapping[str, Any] | None, cf_state: Mapping | None = None
+    ) -> None:
+        self.prop, self.m, self.state, self.cf_state = prop, m, factual_state or {}, cf_state or {}
         self.notes: set[str] = set()
+
+    def _normalized(self, family: str, group: dict, entry: Mapping[str, Any]) -> torch.Tensor | None:
+        """Adam's update direction at the stop, ``m̂ / (√v̂ + ε)``, from one branch's optimizer state."""
+        key = second_moment_key(family, {k: {"_": v} for k, v in entry.items()})
+        if key is None or "exp_avg" not in entry:
+            return None
+        step = float(entry.get("step", self.m))
+        beta1 = float((group.get("betas") or (0.9, 0.999))[0])
+        m_hat = entry["exp_avg"].to(torch.float64) / (1.0 - beta1 ** max(step, 1.0))
+        return m_hat * preconditioner(family, group, entry[key], step)
 
     def apply(self, name: str, x: torch.Tensor, buf: torch.Tensor | None):
         rule = self.prop.rule(name)
@@ -274,6 +302,21 @@ class _RestOfStage:
             return x, None
         lrs, family, group = rule.lrs[self.m :], rule.family, rule.group
         coupled = bool(float(group.get("weight_decay") or 0.0)) and family in ("adam", "rmsprop", "adagrad")
+        if buf is not None and family in ("adam", "adamw") and not coupled:
+            # No gradient difference is modelled after the stop, so the moments only decay (β1) and each branch's
+            # momentum keeps moving it along its own update direction m̂/(√v̂+ε): carry the difference of the two
+            # directions, each normalised by its own second moment (a difference of first moments normalised by
+            # the factual branch's v̂ alone blows up where that v̂, from a few steps, is tiny).
+            u_f = self._normalized(family, group, self.state.get(name) or {})
+            u_c = self._normalized(family, group, self.cf_state.get(name) or {})
+            if u_f is not None and u_c is not None:
+                beta1 = float((group.get("betas") or (0.9, 0.999))[0])
+                # run_recurrence's x update divides by 1 − β1^(t+1) itself: hand it the raw-moment scale
+                scaled = (u_f - u_c) * (
+                    1.0 - beta1 ** max(float((self.state.get(name) or {}).get("step", self.m)), 1.0)
+                )
+                x, _ = run_recurrence(lrs, group, family, x0=x, buf0=scaled, precond=1.0, step0=self.m)
+                return x, None
         needs_p = coupled or (buf is not None and family in ("adam", "adamw"))
         precond: Any = 1.0
         if needs_p:
@@ -349,6 +392,7 @@ def partial_embedding(
     stage_fns: Mapping[str, Any],
     notes: set[str],
     curvature: dict[str, Any] | None = None,
+    carry_moments: bool = True,
 ) -> dict[str, torch.Tensor]:
     """``v_k`` of ``plan`` (float32 per base parameter name): replay its legs, carry the difference to ``θ_K``.
 
@@ -400,14 +444,14 @@ def partial_embedding(
     cf_state = _state(cf)
     del cf
     props = {j: StagePropagator(stages[j], next_trained(stages, j)) for j in range(last.index, len(stages))}
-    rest = None if last.full else _RestOfStage(props[last.index], last.steps, fact_opt)
+    rest = None if last.full else _RestOfStage(props[last.index], last.steps, fact_opt, cf_opt)
     out: dict[str, torch.Tensor] = {}
     bufs: dict[str, torch.Tensor] = {}
     for name in ledger.parameter_names:
         x = fact_state.pop(name) - cf_state.pop(name)
         buf = None
         if rest is not None:
-            buf = _moment_difference(props[last.index].family, fact_opt, cf_opt, name)
+            buf = _moment_difference(props[last.index].family, fact_opt, cf_opt, name) if carry_moments else None
             if curvature is None:
                 x, buf = rest.apply(name, x, buf)
         if curvature is not None:  # carried below, whole vectors at a time
@@ -457,6 +501,7 @@ def partial_replay_embeddings(
     carry: str = "aa-linear",
     loss_fns: Mapping[str, Any] | None = None,
     curvature_options: Mapping[str, Any] | None = None,
+    carry_moments: bool = True,
     reuse: bool = True,
 ) -> PartialReplayEmbeddings:
     """The partial-replay embeddings of ``stages`` (ledger stages) at ``budget``.
@@ -469,7 +514,7 @@ def partial_replay_embeddings(
     indices = [s.index for s in stages]
     if carry not in CARRIES:
         raise BudgetError(f"`carry` must be one of {CARRIES}, got {carry!r}.")
-    key = (*_memo_key(ledger, indices, budget, budget_unit, stage_fns), use_checkpoints, carry)
+    key = (*_memo_key(ledger, indices, budget, budget_unit, stage_fns), use_checkpoints, carry, carry_moments)
     if reuse and _MEMO.get("key") == key:
         return _MEMO["embeddings"]
     plans = {k: plan_partial_replay(ledger, k, budget, budget_unit, use_checkpoints) for k in indices}
@@ -488,7 +533,7 @@ def partial_replay_embeddings(
         if not plan.legs:
             continue
         start = time.perf_counter()
-        vectors[k] = partial_embedding(ledger, model, plan, stage_fns, notes, curvature)
+        vectors[k] = partial_embedding(ledger, model, plan, stage_fns, notes, curvature, carry_moments)
         seconds[ledger.stages[k].name] = time.perf_counter() - start
     emb = PartialReplayEmbeddings(vectors, base, ledger.parameter_shapes)
     if vectors:
@@ -507,6 +552,8 @@ def partial_replay_embeddings(
             "budget": budget,
             "budget_unit": budget_unit,
             "carry": carry,
+            "carry_moments": carry_moments,
+            "use_checkpoints": use_checkpoints,
             "plans": {ledger.stages[k].name: p.describe(ledger) for k, p in plans.items()},
             "steps_run": cost,
             "replay_steps": total,
@@ -521,8 +568,10 @@ def partial_replay_embeddings(
 
 class _PartialReplayMixin:
     """Options: ``budget`` (default 0.25, a fraction of replay's cost in [0, 1]), ``budget_unit`` (``"steps"`` or
-    ``"lr-mass"``), ``stage_fns`` (step-limited form, see :mod:`~.replay`), ``allow_identity_propagation``, plus the
-    read-out's options (``per_example``, ``check_model``, ``prepare_behavior``)."""
+    ``"lr-mass"``), ``stage_fns`` (step-limited form, see :mod:`~.replay`), ``carry`` (``"aa-linear"`` or
+    ``"aa-ggn"``, with ``loss_fns`` and ``curvature_options``), ``use_checkpoints``, ``carry_moments``,
+    ``allow_identity_propagation``,
+    plus the read-out's options (``per_example``, ``check_model``, ``prepare_behavior``)."""
 
     kind = "partial-replay"
 
@@ -535,6 +584,7 @@ class _PartialReplayMixin:
             use_checkpoints=bool(options.get("use_checkpoints", False)),
             carry=options.get("carry", "aa-linear"), loss_fns=options.get("loss_fns"),
             curvature_options=options.get("curvature_options"),
+            carry_moments=bool(options.get("carry_moments", True)),
         )  # fmt: skip
 
     def prepare(self, ledger, stages=None, model=None, **options):

@@ -47,8 +47,9 @@ def test_budget_one_equals_replay_and_budget_zero_equals_the_propagation_only_si
     for stage, truth in replay.per_example.items():
         torch.testing.assert_close(full.per_example[stage], truth, rtol=1e-5, atol=1e-5)
     assert full.diagnostics["partial_replay"]["cost_fraction"] == pytest.approx(1.0)
-    for name, sibling in (("partial-replay", "aa-fd"), ("partial-replay-linear", "aa-linear")):
-        zero = _estimate(name, pipe, budget=0.0)
+    for (name, sibling), unit in zip((("partial-replay", "aa-fd"), ("partial-replay-linear", "aa-linear")) * 2,
+                                     ("steps", "steps", "lr-mass", "lr-mass")):  # fmt: skip
+        zero = _estimate(name, pipe, budget=0.0, budget_unit=unit)
         ref = _estimate(sibling, pipe)
         assert zero.per_example.keys() == ref.per_example.keys()
         for stage in ref.per_example:
@@ -249,3 +250,26 @@ def test_the_curvature_carry_reduces_to_the_linear_carry_without_curvature(digit
     assert curved.diagnostics["partial_replay"]["carry"] == "aa-ggn"
     with pytest.raises(BudgetError, match="carry"):
         _estimate("partial-replay", pipe, budget=0.1, carry="aa-hvp")
+
+
+def test_a_recorded_mid_segment_checkpoint_is_the_factual_branch_at_its_step(digits):
+    from hf_stage_attribution._internal.params import iter_merged_state
+    from hf_stage_attribution.estimators.replay import load_state, run_stage, working_copy
+
+    pipe = digits["hf"]
+    ledger, stage = pipe.ledger, pipe.ledger.stages[2]
+    steps, index = pr._checkpoints(stage)[0]
+    segment = next(s for s in stage.segments if s.index == index)
+    work = working_copy(pipe.model)
+    load_state(work, ledger.state_at(1))
+    work, _ = run_stage(stage, work, pipe.stage_fns, {}, max_steps=steps)
+    start, moved = ledger.state_at(1), segment.params_delta()
+    for name, value in iter_merged_state(work):
+        torch.testing.assert_close(value, start[name] + moved.get(name, 0), rtol=1e-5, atol=1e-6)
+    n = stage.num_steps
+    budget = (steps + 0.5) / n  # enough for the checkpoint's steps from one start, not from two
+    plan = pr.plan_partial_replay(ledger, 1, budget, use_checkpoints=True)
+    assert [(leg.steps, leg.checkpoint) for leg in plan.legs] == [(steps, index)] and plan.cost_steps == steps
+    result = _estimate("partial-replay", pipe, budget=budget, use_checkpoints=True)
+    assert "segment" in result.diagnostics["partial_replay"]["plans"][ledger.stages[1].name]
+    assert any("mid-segment checkpoint" in a for a in result.approximations)
