@@ -44,8 +44,11 @@ Example:
     >>> from hf_stage_attribution import estimators
     >>> estimators.get("partial-replay").name, estimators.get("partial-replay-linear").kind
     ('partial-replay', 'partial-replay')
-    >>> # r = estimators.get("partial-replay").estimate(ledger, model, behavior, stage_fns=fns, budget=0.25)
-    >>> # r.diagnostics["partial_replay"]["cost_fraction"]
+
+On a recorded pipeline (``fns``: step-limited stage functions, or none when the ledger holds replay data)::
+
+    r = estimators.get("partial-replay").estimate(ledger, model, behavior, stage_fns=fns, budget=0.25)
+    r.diagnostics["partial_replay"]["cost_fraction"]
 """
 
 from __future__ import annotations

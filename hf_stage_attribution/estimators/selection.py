@@ -21,7 +21,8 @@ Example:
     >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
     >>> pipe = build_digits_pipeline("decay", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
     >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
-    >>> choose_estimator(ledger)
+    >>> name, reason = choose_estimator(ledger)  # no replay data, no stage functions: no partial replay
+    >>> name, reason.split(";")[0]
     ('aa-ggn', 'every later stage (digits-patch, digits-clean) holds curvature material')
     >>> from hf_stage_attribution import estimators
     >>> r = estimators.get("auto").estimate(ledger, model, behavior)

@@ -347,10 +347,12 @@ def stop_after_steps_callback(max_steps: int, start: int = 0, optimizer_out: dic
 
     It turns a stage function that accepts Trainer callbacks into the step-limited form partial replay needs.
 
-    Example:
-        >>> # def fn(model, max_steps=None):
-        >>> #     callbacks = [] if max_steps is None else [stop_after_steps_callback(max_steps)]
-        >>> #     Trainer(model=model, args=args, train_dataset=ds, callbacks=callbacks).train(); return model
+    Example (a stage function in the step-limited form)::
+
+        def fn(model, max_steps=None):
+            callbacks = [] if max_steps is None else [stop_after_steps_callback(max_steps)]
+            Trainer(model=model, args=args, train_dataset=ds, callbacks=callbacks).train()
+            return model
     """
     from transformers import TrainerCallback
 
