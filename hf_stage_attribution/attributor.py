@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from . import estimators
 from ._internal.memory import release_freed_memory
 from ._internal.model_state import swapped_parameters
+from ._internal.notices import notice
 from .behaviors import as_behavior
 from .errors import BehaviorError, ReportError, StageAttributionError
 from .estimators.base import check_finite
@@ -252,12 +252,12 @@ class StageAttributor:
         if self.estimator_name != "auto" or not self.state.is_main_process:
             return
         chosen, reason = estimators.choose_estimator(self.ledger, options.get("loss_fns"))
-        sys.stderr.write(f"[hf-stage-attribution] estimator auto -> {chosen}: {reason}\n")
+        notice(f"estimator auto -> {chosen}: {reason}", routine=False)
 
     def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:
         resolve = getattr(self.estimator, "resolve", None)
         if callable(resolve):
-            return resolve(self.ledger, options.get("loss_fns")).name
+            return resolve(self.ledger, options.get("loss_fns"), options.get("stage_fns")).name
         return getattr(self.estimator, "name", self.estimator_name)
 
     def _precompute(self, estimator: Any, options: Mapping[str, Any], stage_names: list[str]) -> None:

@@ -46,6 +46,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--curvature-sample-size", type=int, default=None, help="aa-ggn/aa-hvp: examples per segment's products"
     )
     p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="partial-replay (auto's choice where stages can be replayed): fraction of replay's optimizer steps "
+        "to spend, in [0, 1] (default 0.25; 0 = aa-fd, 1 = replay)",
+    )
+    p.add_argument(
         "--ref-model",
         action="append",
         default=[],
@@ -102,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     behaviors = load_specs(args.behaviors, trust_code=args.trust_code)
     model = load_model(args.model, trust_code=args.trust_code)
     options: dict = {"allow_identity_propagation": True} if args.allow_identity_propagation else {}
+    if args.budget is not None:
+        options["budget"] = args.budget
     ref_models = {}
     for item in args.ref_model:
         stage, sep, path = item.partition("=")

@@ -29,6 +29,8 @@ from typing import Any, TextIO
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from .._internal.notices import held_back
+
 # (category, module regex, message regex) of warnings the demo and CLI runs trigger that a user cannot act on
 _HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (FutureWarning, r"(transformers|trl|peft|accelerate|datasets|huggingface_hub|torch)(\..*)?$", ""),
@@ -92,7 +94,8 @@ def quiet_console(verbose: bool = False) -> Iterator[None]:
             warnings.filterwarnings("ignore", message=message, category=category, module=module)
         try:
             libraries.quiet()
-            yield
+            with held_back():  # routine notices (a stage's projected ledger size): --verbose shows them
+                yield
         finally:
             libraries.undo()
 

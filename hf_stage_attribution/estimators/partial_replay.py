@@ -21,7 +21,7 @@ of stages ``k+1..K``):
    ``aa-ggn``) carries it with Gauss–Newton curvature instead (ESTIMATORS.md §4a), from step ``m`` of the partial
    stage on; ``use_checkpoints=True`` lets a recorded mid-segment checkpoint of the partial stage stand for the
    factual branch (only the counterfactual branch then runs, up to that step; the first-moment difference there is
-   unknown and taken as zero).
+   unknown and taken as zero; checkpoints exist only in ledgers recorded with ``curvature_material="full"``).
 4. **Read out** by finite difference, ``f(θ_K) − f(θ_K − v_k)`` (``partial-replay``), or linearly,
    ``∇f(θ_K) · v_k`` (``partial-replay-linear``), with the code of ``aa-fd`` / ``aa-linear``.
 

@@ -161,6 +161,9 @@ class Auto(Estimator):
         chosen, reason = choose_estimator(ledger, options.get("loss_fns"), options.get("stage_fns"))
         if chosen == PARTIAL_REPLAY:
             options.setdefault("budget", PARTIAL_REPLAY_BUDGET)
+        else:  # a budget only means something to partial replay; the reason says why it was not chosen
+            options.pop("budget", None)
+            options.pop("budget_unit", None)
         result = get(chosen).estimate(ledger, model, behavior, stages, **options)
         result.reason = reason
         result.diagnostics["auto"] = {"chosen": chosen, "reason": reason}

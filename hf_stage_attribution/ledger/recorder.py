@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from .._internal.hashing import combine_digests, tensor_digest
+from .._internal.notices import notice
 from .._internal.params import base_parameters, lora_layers, merged_tensor, state_digests, unwrap_model
 from ..errors import LedgerError
 from .core import LedgerCore, utc_now
@@ -266,10 +266,7 @@ class StageRecording:
         parts = self.projected_bytes(model)
         total = sum(parts.values())
         shown = ", ".join(f"{k} {_human(v)}" for k, v in parts.items() if v)
-        sys.stderr.write(  # the console line the issue asks for, before the first step (stderr: not data)
-            f"[hf-stage-attribution] stage {self.name!r}: projected ledger growth {_human(total)} ({shown}) "
-            f"in {self.ledger.dir}\n"
-        )
+        notice(f"stage {self.name!r}: projected ledger growth {_human(total)} ({shown}) in {self.ledger.dir}")
         probe = self.ledger.dir
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent

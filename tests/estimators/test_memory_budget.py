@@ -64,7 +64,7 @@ def test_out_of_memory_errors_become_one_line_cli_errors(monkeypatch, capsys):
 
     class Parser:  # the real sub-command parsing, with a handler that runs out of memory
         def parse_args(self, argv):
-            return argparse.Namespace(func=boom, command="validate")
+            return argparse.Namespace(func=boom, command="validate", verbose=False)
 
     monkeypatch.setattr(cli_main, "build_parser", Parser)
     assert cli_main.main(["validate"]) == 1

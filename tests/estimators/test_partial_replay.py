@@ -252,11 +252,14 @@ def test_the_curvature_carry_reduces_to_the_linear_carry_without_curvature(digit
         _estimate("partial-replay", pipe, budget=0.1, carry="aa-hvp")
 
 
-def test_a_recorded_mid_segment_checkpoint_is_the_factual_branch_at_its_step(digits):
+def test_a_recorded_mid_segment_checkpoint_is_the_factual_branch_at_its_step(tmp_path):
     from hf_stage_attribution._internal.params import iter_merged_state
     from hf_stage_attribution.estimators.replay import load_state, run_stage, working_copy
 
-    pipe = digits["hf"]
+    # mid-segment parameters are only on disk with curvature_material="full" (the compact default interpolates them)
+    pipe = build_digits_pipeline(
+        "hf", tmp_path, seed=0, steps_scale=0.1, base_steps_scale=0.1, curvature_material="full"
+    )
     ledger, stage = pipe.ledger, pipe.ledger.stages[2]
     steps, index = pr._checkpoints(stage)[0]
     segment = next(s for s in stage.segments if s.index == index)
