@@ -122,8 +122,19 @@ def _optimizer(spec: Spec, model: torch.nn.Module) -> tuple[torch.optim.Optimize
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def run_stage(model: torch.nn.Module, spec: Spec, data: DigitsData, seed: int, index: int, ledger: Any = None) -> None:
-    """Train ``model`` in place as stage ``index``; recorded into ``ledger`` when one is given (else: replay)."""
+def run_stage(
+    model: torch.nn.Module,
+    spec: Spec,
+    data: DigitsData,
+    seed: int,
+    index: int,
+    ledger: Any = None,
+    max_steps: int | None = None,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Train ``model`` in place as stage ``index``; recorded into ``ledger`` when one is given (else: replay).
+
+    ``max_steps`` stops after that many optimizer steps of the full recipe (the schedule spans the whole stage): the
+    step-limited form partial replay needs. Returns the model and the optimizer (its state carries the momentum)."""
     x, y = _stage_data(spec, data, seed, index)
     opt, scheduler = _optimizer(spec, model)
     g = torch.Generator().manual_seed(6000 + 10 * seed + index)
@@ -139,7 +150,7 @@ def run_stage(model: torch.nn.Module, spec: Spec, data: DigitsData, seed: int, i
     model.train()
     try:
         with torch.enable_grad():
-            for t in range(spec.steps):
+            for t in range(spec.steps if max_steps is None else min(spec.steps, max_steps)):
                 idx = order[t * spec.batch_size : (t + 1) * spec.batch_size]
                 batch = (x[idx], y[idx])
                 opt.zero_grad(set_to_none=True)
@@ -154,6 +165,7 @@ def run_stage(model: torch.nn.Module, spec: Spec, data: DigitsData, seed: int, i
         raise
     if rec is not None:
         rec.end()
+    return model, opt
 
 
 @dataclass
@@ -166,7 +178,7 @@ class ShortcutPipeline:
     model: torch.nn.Module
     specs: list[Spec]
     behaviors: dict[str, Callable[[torch.nn.Module], torch.Tensor]]
-    stage_fns: dict[str, Callable[[torch.nn.Module], None]]
+    stage_fns: dict[str, Callable[..., Any]]
 
 
 def build_shortcut_pipeline(config: str, ledger_dir: str | Path, *, seed: int = 0, steps_scale: float = 1.0):
@@ -178,8 +190,11 @@ def build_shortcut_pipeline(config: str, ledger_dir: str | Path, *, seed: int = 
     for index, spec in enumerate(stages):
         run_stage(model, spec, data, seed, index, ledger=ledger)
 
-    def stage_fn(index: int) -> Callable[[torch.nn.Module], None]:
-        return lambda m: run_stage(m, stages[index], data, seed, index)
+    def stage_fn(index: int) -> Callable[..., Any]:
+        def fn(m: torch.nn.Module, max_steps: int | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+            return run_stage(m, stages[index], data, seed, index, max_steps=max_steps)
+
+        return fn
 
     fns = {spec.name: stage_fn(i) for i, spec in enumerate(stages)}
     return ShortcutPipeline(config, seed, ledger, model, stages, digits_behaviors(data), fns)
