@@ -212,8 +212,7 @@ def has_replay(report: AttributionReport, name: str | None = None) -> bool:
 
 def trust_label(report: AttributionReport, name: str) -> str:
     """The escaped trust verdict label of a behavior ('' when the report has none)."""
-    diag = report.diagnostics.get(name)
-    label = (diag.trust or {}).get("label") if diag is not None else None
+    label = report.trust(name).get("label")  # assessed from stored figures for a report written without one
     return escape_markdown(label) if label else ""
 
 

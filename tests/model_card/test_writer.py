@@ -208,7 +208,7 @@ def test_trust_verdict_sits_beside_the_direction_sentence(tmp_path):
     claim = next(line for line in section.splitlines() if line.startswith("**sft** raised toxicity the most"))
     assert claim.endswith("]). Verdict: verified by replay.")
     margin = next(line for line in section.splitlines() if line.startswith("**pretraining** raised margin"))
-    assert "Verdict" not in margin
+    assert " Verdict: " in margin  # no stored verdict: one is assessed from the report's own figures
 
 
 def test_hub_start_is_linked_as_base_model_and_nothing_enters_model_index(tmp_path):
