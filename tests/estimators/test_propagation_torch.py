@@ -269,3 +269,22 @@ def test_stage_propagator_matches_two_torch_runs(tmp_path, family, group):
     assert_close(x, pair.x, tol=1e-6 if coupled else 1e-12)
     if not coupled:
         assert prop.factor("w") == pytest.approx(float((pair.x / pair.x0)[0]), rel=1e-12)
+
+
+def test_centered_rmsprop_is_reported_as_an_approximation(tmp_path):
+    """``preconditioner`` uses 1/(√v+ε) where centered RMSprop divides by √(v − ḡ²)+ε: the report must say so."""
+    from hf_stage_attribution import StageLedger
+    from hf_stage_attribution.estimators.propagation.stage import StagePropagator
+
+    model = torch.nn.Linear(2, 1)
+    ledger = StageLedger(tmp_path / "ledger")
+    for name, centered in (("plain", False), ("centered", True)):
+        opt = torch.optim.RMSprop(model.parameters(), lr=0.01, centered=centered)
+        with ledger.record_stage(name, model=model, optimizer=opt) as rec:
+            opt.zero_grad()
+            model(torch.ones(1, 2)).sum().backward()
+            opt.step()
+            rec.step()
+    plain, centered = (StagePropagator(stage) for stage in ledger.stages)
+    assert not any("centered" in a for a in plain.approximations)
+    assert any("centered RMSprop" in a for a in centered.approximations)

@@ -118,6 +118,11 @@ class StagePropagator:
                 f"Stage {stage.name!r}: {stage.optimizer.get('type')} with coupled weight decay propagated per "
                 "coordinate with the preconditioner 1/(sqrt(v)+eps) frozen at the recorded second-moment state."
             )
+        if family == "rmsprop" and any(g.get("centered") for g in stage.optimizer.get("param_groups", [])):
+            self.approximations.append(
+                f"Stage {stage.name!r}: centered RMSprop propagated with the preconditioner 1/(sqrt(v)+eps); torch "
+                "divides by sqrt(v - mean(g)^2)+eps, so the response is off where the mean gradient is large."
+            )
 
     # --- lookup ----------------------------------------------------------------------------------------
 
