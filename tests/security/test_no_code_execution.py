@@ -64,9 +64,8 @@ def _is_true(node: ast.AST | None) -> bool:
     return isinstance(node, ast.Constant) and node.value is True
 
 
-def unsafe_calls(source: str) -> list[str]:
-    """What in ``source`` could execute code from data (see the test below for the rules)."""
-    tree = ast.parse(source)
+def _import_aliases(tree: ast.AST) -> dict[str, str]:
+    """``{local name: dotted name it was imported as}`` for every import in ``tree``."""
     aliases: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
@@ -75,6 +74,13 @@ def unsafe_calls(source: str) -> list[str]:
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 aliases[alias.asname or alias.name] = alias.name
+    return aliases
+
+
+def unsafe_calls(source: str) -> list[str]:
+    """What in ``source`` could execute code from data (see the test below for the rules)."""
+    tree = ast.parse(source)
+    aliases = _import_aliases(tree)
     found = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -175,14 +181,7 @@ def code_loaders(source: str) -> set[tuple[str, str]]:
     """``(enclosing function, call)`` for every call in ``source`` that imports code by a computed name, and
     every ``trust_remote_code=`` that is not the literal ``False``."""
     tree = ast.parse(source)
-    aliases: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            for alias in node.names:
-                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                aliases[alias.asname or alias.name] = alias.name
+    aliases = _import_aliases(tree)
     found: set[tuple[str, str]] = set()
 
     def visit(node: ast.AST, scope: list[str]) -> None:
