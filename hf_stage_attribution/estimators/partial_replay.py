@@ -71,7 +71,7 @@ from .embeddings.cache import StageEmbeddings, stage_embeddings
 from .embeddings.write import check_curvature_material
 from .finite_difference import FiniteDifferenceEstimator
 from .linear import LinearEstimator
-from .propagation.rules import first_moment_key, preconditioner, run_recurrence, second_moment_key
+from .propagation.rules import _betas, first_moment_key, preconditioner, run_recurrence, second_moment_key
 from .propagation.stage import StagePropagator, next_trained, trains
 from .replay import can_replay, load_state, run_stage, takes_max_steps, working_copy
 
@@ -295,8 +295,7 @@ class _RestOfStage:
         if key is None or "exp_avg" not in entry:
             return None
         step = float(entry.get("step", self.m))
-        beta1 = float((group.get("betas") or (0.9, 0.999))[0])
-        m_hat = entry["exp_avg"].to(torch.float64) / (1.0 - beta1 ** max(step, 1.0))
+        m_hat = entry["exp_avg"].to(torch.float64) / (1.0 - _betas(group)[0] ** max(step, 1.0))
         return m_hat * preconditioner(family, group, entry[key], step)
 
     def apply(self, name: str, x: torch.Tensor, buf: torch.Tensor | None):
@@ -313,11 +312,9 @@ class _RestOfStage:
             u_f = self._normalized(family, group, self.state.get(name) or {})
             u_c = self._normalized(family, group, self.cf_state.get(name) or {})
             if u_f is not None and u_c is not None:
-                beta1 = float((group.get("betas") or (0.9, 0.999))[0])
                 # run_recurrence's x update divides by 1 − β1^(t+1) itself: hand it the raw-moment scale
-                scaled = (u_f - u_c) * (
-                    1.0 - beta1 ** max(float((self.state.get(name) or {}).get("step", self.m)), 1.0)
-                )
+                step = float((self.state.get(name) or {}).get("step", self.m))
+                scaled = (u_f - u_c) * (1.0 - _betas(group)[0] ** max(step, 1.0))
                 x, _ = run_recurrence(lrs, group, family, x0=x, buf0=scaled, precond=1.0, step0=self.m)
                 return x, None
         needs_p = coupled or (buf is not None and family in ("adam", "adamw"))

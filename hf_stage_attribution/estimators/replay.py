@@ -204,16 +204,6 @@ def run_stage(
     return model, optimizer_state_by_name(model, optimizer)
 
 
-def _run_stage(
-    stage: Stage,
-    model: torch.nn.Module,
-    stage_fns: Mapping[str, StageFn],
-    info: dict,
-    ref_models: Mapping[str, Any] | None = None,
-) -> torch.nn.Module:
-    return run_stage(stage, model, stage_fns, info, ref_models=ref_models)[0]
-
-
 def replay_model(
     ledger: LedgerCore,
     model: torch.nn.Module,
@@ -243,7 +233,7 @@ def replay_model(
         first = k + 1
     for stage in ledger.stages[first:]:
         info = {"stage": stage, "removed": removed, "scale": scale}
-        work = _run_stage(stage, work, stage_fns, info, ref_models)
+        work, _ = run_stage(stage, work, stage_fns, info, ref_models=ref_models)
     return work
 
 

@@ -191,9 +191,10 @@ def stage_embeddings(
     if kind in ("aa-ggn", "aa-hvp"):
         curvature_options = curvature_settings(curvature_options)
     options = {"allow_identity_propagation": allow_identity_propagation, **curvature_options}
+    path = Path(ledger.embeddings_dir) / f"{kind}.safetensors"
     if kind in ("aa-ggn", "aa-hvp"):
         options["loss_fns"], unkeyable = _loss_key(ledger, loss_fns)
-        if unkeyable and _cache_exists(ledger, kind) and not recompute:
+        if unkeyable and path.exists() and not recompute:
             warnings.warn(
                 f"{kind}: the curvature loss of stage(s) {unkeyable} cannot be fingerprinted (a callable object, a "
                 "bound method or a closure over something other than numbers, strings, tensors and functions), so "
@@ -201,7 +202,6 @@ def stage_embeddings(
                 "(forward, loss) pair) in loss_fns to let the cache be reused.",
                 stacklevel=2,
             )
-    path = Path(ledger.embeddings_dir) / f"{kind}.safetensors"
     if path.exists() and not recompute:
         cached, stored = _read_if_fresh(ledger, kind, path, options, wanted)
         if cached is not None:
@@ -216,11 +216,6 @@ def stage_embeddings(
             _metadata(ledger, kind, options, wanted),
         )  # fmt: skip
     return StageEmbeddings(ledger, kind, path)
-
-
-def _cache_exists(ledger: LedgerCore, kind: str) -> bool:
-    """Whether a cache file for ``kind`` exists beside ``ledger``."""
-    return (Path(ledger.embeddings_dir) / f"{kind}.safetensors").exists()
 
 
 def _require_optimizer_information(ledger: LedgerCore, kind: str, wanted: list[int]) -> None:

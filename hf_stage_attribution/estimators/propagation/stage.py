@@ -88,7 +88,8 @@ class StagePropagator:
         self._cache: dict[tuple, tuple] = {}
         self._runs: list[_Run] | None = None
         self._start_state: dict | None = None
-        if stage.num_steps == 0 or not _applied(stage):
+        self._lrs = _applied(stage)  # skipped (overflow) steps never moved θ; read once, used per tensor
+        if stage.num_steps == 0 or not self._lrs:
             return  # no optimizer step was applied: the stage leaves every perturbation as it is (exactly)
         family = recorded_family(stage.optimizer)
         if family is None:
@@ -132,7 +133,7 @@ class StagePropagator:
             return None
         index = self._groups[name]
         group = self.stage.optimizer["param_groups"][index]
-        lrs = [float(step[index]) for step in _applied(self.stage)]  # skipped (overflow) steps never moved θ
+        lrs = [float(step[index]) for step in self._lrs]
         return _Rule(self.family, index, group, lrs)
 
     def start_state(self) -> dict | None:
@@ -209,7 +210,7 @@ class StagePropagator:
         """Step ranges with the second-moment state that stands for each: segments, else the stage's start or end."""
         if self._runs is not None:
             return self._runs
-        n = len(_applied(self.stage))  # runs count applied steps, as rule().lrs does
+        n = len(self._lrs)  # runs count applied steps, as rule().lrs does
         segments = sorted(
             ((s, s.second_moments()) for s in getattr(self.stage, "segments", [])), key=lambda p: p[0].step_start
         )
