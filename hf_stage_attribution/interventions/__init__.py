@@ -8,30 +8,7 @@ Example:
     ['aa-ggn', 'aa-hvp', 'aa-linear', 'delta']
 """
 
-from .sweep import (
-    KINDS,
-    Accuracy,
-    BehaviorMean,
-    Constraint,
-    InterventionResult,
-    SweepPoint,
-    check_alphas,
-    choose,
-    resolve_stage,
-    scale_stage,
-    stage_vectors,
-)
+from . import sweep
+from .sweep import *  # noqa: F403  (the public names, listed once in sweep.__all__)
 
-__all__ = [
-    "KINDS",
-    "Accuracy",
-    "BehaviorMean",
-    "Constraint",
-    "InterventionResult",
-    "SweepPoint",
-    "check_alphas",
-    "choose",
-    "resolve_stage",
-    "scale_stage",
-    "stage_vectors",
-]
+__all__ = list(sweep.__all__)

@@ -19,6 +19,7 @@ from .._internal.table import render_table
 from ..errors import InterventionError
 from ..ledger.core import LedgerCore
 from ..ledger.storage import atomic_write_bytes
+from ..report.text import md_table
 from .card import plot_sweep
 from .metrics import Constraint
 from .save import materialize, save_intervention
@@ -169,9 +170,7 @@ class InterventionResult:
 
     def to_markdown(self) -> str:
         head = self.header()
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in self.rows()]
-        return "\n".join(lines)
+        return md_table(head, ["---"] * len(head), [[c.replace("|", "\\|") for c in row] for row in self.rows()])
 
     # --- JSON ------------------------------------------------------------------------------------------------
 

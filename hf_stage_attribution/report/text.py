@@ -11,6 +11,8 @@ import re
 import unicodedata
 from typing import TYPE_CHECKING, Any
 
+from .._internal.table import render_table as text_table
+
 if TYPE_CHECKING:
     from .attribution import AttributionReport
 
@@ -369,13 +371,6 @@ def render_markdown(report: AttributionReport) -> str:
     return "\n".join(out)
 
 
-def _text_table(header: list[str], body: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
-
-
 def render_table(report: AttributionReport) -> str:
     """A plain-text table for a terminal (one row per stage and behavior; a replay column when replay ran), then
     one line per behavior with its unit and which stage moved it most, and which way."""
@@ -394,7 +389,7 @@ def render_table(report: AttributionReport) -> str:
             cells += [fmt_number(row.effect), interval] + ([fmt_number(row.replay_effect)] if replay else [])
             mark = _TABLE_MARK.get(report.trust(summary.name).get("verdict"), "*") if row.stage == top else ""
             body.append([*cells, fmt_percent(share), mark])
-    lines = _text_table(header, body)
+    lines = [text_table(header, body)]
     for summary in report.behaviors:
         label = report.trust(summary.name).get("label")
         verdict = f" Verdict: {terminal_safe(label)}." if label else ""
@@ -415,4 +410,4 @@ def render_fidelity_table(report: AttributionReport) -> str:
         return ""
     unescape = lambda text: re.sub(r"\\(.)", r"\1", text)  # noqa: E731 (cells were escaped for markdown)
     header = [unescape(h) for h in fid["header"]]
-    return "\n".join(_text_table(header, [[unescape(c) for c in row] for row in fid["rows"]]))
+    return text_table(header, [[unescape(c) for c in row] for row in fid["rows"]])
