@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
 
 from .._internal.notices import held_back
 
@@ -164,28 +163,8 @@ class Console:
             raise
         progress.close()
 
-    def callback(self, desc: str) -> TrainerCallback:
+    def callback(self, desc: str) -> Any:
         """A ``TrainerCallback`` that advances one phase bar per optimizer step of the trainer it is given to."""
-        return _StepProgress(self, desc)
+        from .step_progress import StepProgress  # deferred: it subclasses transformers.TrainerCallback
 
-
-class _StepProgress(TrainerCallback):
-    """Drives :class:`PhaseProgress` from a Trainer's steps (opened at ``on_train_begin``, closed at the end)."""
-
-    def __init__(self, console: Console, desc: str) -> None:
-        self.console, self.desc = console, desc
-        self.progress: PhaseProgress | None = None
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self.progress = PhaseProgress(self.desc, int(state.max_steps or 0) or None, self.console.stream,
-                                          self.console.live)  # fmt: skip
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.progress is not None:
-            self.progress.update(1)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.progress is not None:
-            self.progress.close()
-            self.progress = None
+        return StepProgress(lambda total: PhaseProgress(desc, total, self.stream, self.live))

@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .callback import KeepStageAttributionSection
 from .card_text import METADATA_KEY, SECTION_BEGIN, SECTION_END
 from .writer import (
     PLOT_NAME,
@@ -39,6 +38,7 @@ def keep_section_callback(
 ) -> Any:
     """A ``TrainerCallback`` that re-writes our section of ``readme_path`` on every save and at the end of training,
     so a TRL trainer rewriting ``README.md`` (``create_model_card``) does not remove it."""
+    from .callback import KeepStageAttributionSection  # deferred: it subclasses transformers.TrainerCallback
 
     return KeepStageAttributionSection(report_or_sidecar_path, readme_path, plot=plot)
 
