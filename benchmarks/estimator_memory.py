@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import param_bytes, proc_status, quiet, reset_peak, run_child  # noqa: E402
-from benchmarks.memory import _model, _tokens, _warm_up  # noqa: E402
+from benchmarks.memory import _load_case, _model, _tokens  # noqa: E402
 
 ESTIMATORS = (
     "delta-linear", "delta-fd", "aa-linear", "aa-fd", "aa-ggn", "aa-ggn-fd", "aa-hvp", "aa-hvp-fd", "replay",
@@ -38,10 +37,8 @@ ESTIMATORS = (
 STAGES, STEPS = 2, 3
 
 
-def _train(model: Any, cfg: dict[str, int], k: int) -> None:
-    import torch
-
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+def _steps(model: Any, opt: Any, cfg: dict[str, int], k: int, rec: Any = None) -> None:
+    """Stage ``k``'s training steps (each given to ``rec`` when recording)."""
     model.train()
     for step in range(STEPS):
         ids = _tokens(cfg, 100 * k + step, rows=4, width=16)
@@ -49,6 +46,14 @@ def _train(model: Any, cfg: dict[str, int], k: int) -> None:
         opt.zero_grad(set_to_none=True)
         model(**batch).loss.backward()
         opt.step()
+        if rec is not None:
+            rec.step(batch)
+
+
+def _train(model: Any, cfg: dict[str, int], k: int) -> None:
+    import torch
+
+    _steps(model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01), cfg, k)
     model.eval()
 
 
@@ -66,14 +71,7 @@ def build(root: Path, cfg: dict[str, int]) -> None:
             f"stage-{k}", kind="fine-tuning", model=model, optimizer=opt, num_steps=STEPS,
             curvature_loss={"type": "causal-lm"}, curvature_examples=8,
         ) as rec:  # fmt: skip
-            model.train()
-            for step in range(STEPS):
-                ids = _tokens(cfg, 100 * k + step, rows=4, width=16)
-                batch = {"input_ids": ids, "labels": ids}
-                opt.zero_grad(set_to_none=True)
-                model(**batch).loss.backward()
-                opt.step()
-                rec.step(batch)
+            _steps(model, opt, cfg, k, rec)
     save_file(
         {n: p.detach().contiguous() for n, p in model.state_dict().items() if n != "lm_head.weight"},
         str(root / "model.safetensors"),
@@ -82,18 +80,10 @@ def build(root: Path, cfg: dict[str, int]) -> None:
 
 def measure(root: Path, cfg: dict[str, int], name: str) -> dict[str, Any]:
     """In a fresh process: the peak RSS rise of one estimator's attribution over the parameter bytes."""
-    from safetensors.torch import load_file
-
-    from hf_stage_attribution import StageAttributor, StageLedger
+    from hf_stage_attribution import StageAttributor
 
     with quiet():
-        _warm_up(cfg)
-        model = _model(cfg)
-        model.load_state_dict(load_file(str(root / "model.safetensors")), strict=False)
-        model.tie_weights()
-        model.eval()
-        ledger = StageLedger.load(root / "ledger")
-        shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
+        model, ledger = _load_case(root, cfg)
         ids = _tokens(cfg, 7, rows=8, width=16)
 
         def logprob(m: Any) -> Any:

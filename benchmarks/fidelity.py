@@ -204,6 +204,26 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def pool_seeds(group: list[Mapping[str, Any]], name: str) -> tuple[dict, dict, list[float]]:
+    """``name``'s values and replay's over the runs of ``group`` that have ``name``, behaviors tagged by seed (a
+    behavior of each seed counts separately), and the non-terminal Spearman of each of those runs."""
+    from hf_stage_attribution.estimators import fidelity
+
+    est: dict = {}
+    true: dict = {}
+    per_seed: list[float] = []
+    for run in group:
+        if name not in run["_values"]:
+            continue
+        tag = f"@{run['seed']}"
+        e = {(s, b + tag): v for (s, b), v in run["_values"][name].items()}
+        t = {(s, b + tag): v for (s, b), v in run["_values"]["replay"].items()}
+        est.update(e)
+        true.update(t)
+        per_seed.append(fidelity(e, t, terminal_stage=run["terminal"])["non_terminal"]["spearman"])
+    return est, true, per_seed
+
+
 def summarise(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Per pipeline and estimator (replay excluded): pooled fidelity over seeds, and the per-seed Spearman spread."""
     from hf_stage_attribution.estimators import fidelity
@@ -213,16 +233,7 @@ def summarise(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
         names = [n for n in dict.fromkeys(n for run in group for n in run["_values"]) if n != "replay"]
         table: dict[str, Any] = {}
         for name in names:
-            est, true, per_seed = {}, {}, []
-            for run in group:
-                if name not in run["_values"]:
-                    continue
-                tag = f"@{run['seed']}"
-                e = {(s, b + tag): v for (s, b), v in run["_values"][name].items()}
-                t = {(s, b + tag): v for (s, b), v in run["_values"]["replay"].items()}
-                est.update(e)
-                true.update(t)
-                per_seed.append(fidelity(e, t, terminal_stage=run["terminal"])["non_terminal"]["spearman"])
+            est, true, per_seed = pool_seeds(group, name)
             if not est:
                 continue
             block = fidelity(est, true, terminal_stage=group[0]["terminal"])

@@ -170,22 +170,31 @@ def _warm_up(cfg: dict[str, int]) -> None:
     tiny(input_ids=ids).logits.sum().backward()
 
 
+def _load_case(case: Path, cfg: dict[str, int]) -> tuple[Any, Any]:
+    """Warm up, then the saved model (eval mode, tied weights) and the ledger of ``case``, its embedding cache
+    emptied."""
+    from safetensors.torch import load_file
+
+    from hf_stage_attribution import StageLedger
+
+    _warm_up(cfg)
+    model = _model(cfg)
+    model.load_state_dict(load_file(str(case / "model.safetensors")), strict=False)
+    model.tie_weights()
+    model.eval()
+    ledger = StageLedger.load(case / "ledger")
+    shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
+    return model, ledger
+
+
 def measure(case: Path, cfg: dict[str, int], split_phases: bool = True) -> dict[str, Any]:
     """In a fresh process: load the model and the ledger; the peak of the attribution, then (``split_phases``) of its
     phases one by one."""
-    from safetensors.torch import load_file
-
-    from hf_stage_attribution import StageAttributor, StageLedger, estimators
+    from hf_stage_attribution import StageAttributor, estimators
 
     with quiet():
-        _warm_up(cfg)
-        model = _model(cfg)
-        model.load_state_dict(load_file(str(case / "model.safetensors")), strict=False)
-        model.tie_weights()
-        model.eval()
-        ledger = StageLedger.load(case / "ledger")
+        model, ledger = _load_case(case, cfg)
         behavior = _behavior(cfg)
-        shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
         gc.collect()
         _BASE.update(proc_status())
         baseline = _BASE["VmRSS"]

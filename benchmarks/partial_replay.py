@@ -33,7 +33,7 @@ from typing import Any
 
 from . import pipelines
 from .common import by_pipeline, quiet, timed
-from .fidelity import Joint, _pairs
+from .fidelity import Joint, _pairs, pool_seeds
 
 BUDGETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
 GGN_BUDGETS = (0.1, 0.25, 0.5)  # the opt-in Gauss–Newton carry, where the pipeline gives loss_fns
@@ -147,15 +147,8 @@ def summarise(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
         names = [n for n in dict.fromkeys(n for run in group for n in run["_values"]) if n != "replay"]
         table: dict[str, Any] = {}
         for name in names:
-            est, true, per_seed, ratios = {}, {}, [], []
-            for run in group:
-                tag = f"@{run['seed']}"
-                e = {(s, b + tag): v for (s, b), v in run["_values"][name].items()}
-                t = {(s, b + tag): v for (s, b), v in run["_values"]["replay"].items()}
-                est.update(e)
-                true.update(t)
-                per_seed.append(fidelity(e, t, terminal_stage=run["terminal"])["non_terminal"]["spearman"])
-                ratios.append(run["times"][name] / run["replay_seconds"])
+            est, true, per_seed = pool_seeds(group, name)
+            ratios = [run["times"][name] / run["replay_seconds"] for run in group]
             block = fidelity(est, true, terminal_stage=group[0]["terminal"])
             table[name] = {
                 "all": {k: block["all"][k] for k in ("spearman", "sign_agreement", "top_stage_agreement", "n_pairs")},

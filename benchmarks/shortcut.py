@@ -45,6 +45,7 @@ from hf_stage_attribution.testing.digits import (
     digits_mlp,
     forward,
     loss,
+    train_steps,
 )
 
 CONFIGS = ("undo", "first")
@@ -147,24 +148,8 @@ def run_stage(
             metadata={"recipe": dataclasses.asdict(spec), "seed": seed},
         )  # fmt: skip
         rec.begin()
-    model.train()
-    try:
-        with torch.enable_grad():
-            for t in range(spec.steps if max_steps is None else min(spec.steps, max_steps)):
-                idx = order[t * spec.batch_size : (t + 1) * spec.batch_size]
-                batch = (x[idx], y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss(forward(model, batch), batch).backward()
-                opt.step()
-                if rec is not None:
-                    rec.step(batch)
-                scheduler.step()
-    except BaseException:
-        if rec is not None:
-            rec.abort()
-        raise
-    if rec is not None:
-        rec.end()
+    steps = spec.steps if max_steps is None else min(spec.steps, max_steps)
+    train_steps(model, opt, scheduler, (x, y), order, spec.batch_size, steps, rec)
     return model, opt
 
 

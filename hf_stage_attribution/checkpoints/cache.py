@@ -21,14 +21,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import CheckpointImportError
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from ..ledger.storage import file_sha256
 
 
 def lay_out_hub_cache(
@@ -48,7 +41,7 @@ def lay_out_hub_cache(
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         if not files:
             raise CheckpointImportError(f"Expected files to store as revision {revision!r}, found none in {folder}.")
-        digests = {str(p.relative_to(folder)): _sha256(p) for p in files}
+        digests = {str(p.relative_to(folder)): file_sha256(p) for p in files}
         commit = hashlib.sha1("\n".join(f"{k}:{v}" for k, v in sorted(digests.items())).encode()).hexdigest()
         if len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
             commit = revision

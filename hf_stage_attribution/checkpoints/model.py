@@ -52,11 +52,6 @@ def parameter_names(config: dict | None) -> list[str] | None:
     return None if model is None else [n for n, _ in model.named_parameters()]
 
 
-def buffer_names(config: dict | None) -> set[str]:
-    model = meta_model(config)
-    return set() if model is None else {n for n, _ in model.named_buffers()}
-
-
 def decay_parameter_names(config: dict | None) -> list[str] | None:
     """The names ``transformers.Trainer`` applies weight decay to (its own rule, from the installed version)."""
     model = meta_model(config)

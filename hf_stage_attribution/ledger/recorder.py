@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .._internal.hashing import combine_digests, tensor_digest
+from .._internal.memory import human_bytes
 from .._internal.notices import notice
 from .._internal.params import base_parameters, lora_layers, merged_tensor, state_digests, unwrap_model
 from ..errors import LedgerError
@@ -215,7 +216,7 @@ class StageRecording:
             )
         self._capture = SegmentCapture(
             self.partial_dir,
-            plan_segments(self.num_steps, self.curvature_segments if (self.loss_fn or self.curvature_loss) else 0),
+            self._segment_plan(),
             self.curvature_examples,
             self.curvature_material,
         )
@@ -242,9 +243,7 @@ class StageRecording:
             else:
                 factors += 2 * (pair[0].numel() + pair[1].numel())  # end factors, and start factors when trained
         trainable = dense + factors // 2
-        segments = len(plan_segments(self.num_steps, self.curvature_segments)) if (
-            self.loss_fn or self.curvature_loss
-        ) else 0  # fmt: skip
+        segments = len(self._segment_plan())
         if self.curvature_material == "full":
             per_segment = 8 * trainable  # θ_mid snapshot + second moments, float32
         else:
@@ -261,21 +260,25 @@ class StageRecording:
             "optimizer_state": continued,
         }
 
+    def _segment_plan(self) -> list[tuple[int, int, int]]:
+        """The curvature segments of this stage (none without a loss to compute curvature with)."""
+        return plan_segments(self.num_steps, self.curvature_segments if (self.loss_fn or self.curvature_loss) else 0)
+
     def _check_disk(self, model: torch.nn.Module) -> None:
         """Print the projected size of this stage; refuse before any write when the disk cannot hold it."""
         parts = self.projected_bytes(model)
         total = sum(parts.values())
-        shown = ", ".join(f"{k} {_human(v)}" for k, v in parts.items() if v)
-        notice(f"stage {self.name!r}: projected ledger growth {_human(total)} ({shown}) in {self.ledger.dir}")
+        shown = ", ".join(f"{k} {human_bytes(v)}" for k, v in parts.items() if v)
+        notice(f"stage {self.name!r}: projected ledger growth {human_bytes(total)} ({shown}) in {self.ledger.dir}")
         probe = self.ledger.dir
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
         free = shutil.disk_usage(probe).free
         if free < total:
             raise LedgerError(
-                f"Stage {self.name!r} needs about {_human(total)} in {self.ledger.dir} ({shown}), but the disk has "
-                f"{_human(free)} free. Free space, choose a ledger directory on a larger disk, or record less "
-                "(curvature_segments=0, or a LoRA stage)."
+                f"Stage {self.name!r} needs about {human_bytes(total)} in {self.ledger.dir} ({shown}), but the disk "
+                f"has {human_bytes(free)} free. Free space, choose a ledger directory on a larger disk, or record "
+                "less (curvature_segments=0, or a LoRA stage)."
             )
 
     def _optimizer_description(self) -> dict | None:
@@ -622,17 +625,8 @@ class StageRecording:
 
 
 def _iter_selected_merged(model, names: list[str], lora: dict, params: dict) -> Iterator[tuple[str, torch.Tensor]]:
-
     for n in names:
         yield n, merged_tensor(n, params[n], lora)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _json_safe_metadata(metadata: dict) -> dict:

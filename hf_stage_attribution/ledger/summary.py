@@ -58,6 +58,7 @@ def _dir_bytes(path) -> int:
 
 def ledger_summary(ledger: LedgerCore, with_norm: bool = True) -> dict:
     """The whole ledger as JSON-safe data (what ``inspect --json`` prints)."""
+    embedding_bytes = _dir_bytes(ledger.dir / "embeddings")
     return {
         "ledger": str(ledger.dir),
         "format_version": ledger.manifest["format_version"],
@@ -65,8 +66,8 @@ def ledger_summary(ledger: LedgerCore, with_norm: bool = True) -> dict:
         "model_class": ledger.manifest["model"].get("class"),
         "num_parameters": sum(math.prod(s) for s in ledger.parameter_shapes.values()),
         "model_bytes": 4 * sum(math.prod(s) for s in ledger.parameter_shapes.values()),
-        "ledger_bytes": _dir_bytes(ledger.dir) - _dir_bytes(ledger.dir / "embeddings"),  # the record itself
-        "embedding_cache_bytes": _dir_bytes(ledger.dir / "embeddings"),  # derived; safe to delete
+        "ledger_bytes": _dir_bytes(ledger.dir) - embedding_bytes,  # the record itself
+        "embedding_cache_bytes": embedding_bytes,  # derived; safe to delete
         "fingerprint": ledger.fingerprint,
         "final_hash": ledger.final_hash,
         "stages": [stage_summary(s, with_norm) for s in ledger.stages],

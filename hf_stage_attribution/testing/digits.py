@@ -186,11 +186,22 @@ def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: i
             metadata={"recipe": dataclasses.asdict(spec), "seed": seed},
         )  # fmt: skip
         recording.begin()
+    steps = spec.steps if max_steps is None else min(spec.steps, max_steps)
+    train_steps(model, opt, scheduler, (x, y), order, spec.batch_size, steps, recording)
+    return opt
+
+
+def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, scheduler: Any,
+                data: tuple[torch.Tensor, torch.Tensor], order: torch.Tensor, batch_size: int, steps: int,
+                recording: Any = None) -> None:  # fmt: skip
+    """The custom training loop of a digits stage: ``steps`` batches of ``batch_size`` taken from ``data`` in
+    ``order``; a begun ``recording`` gets every step and is ended (aborted on an exception)."""
+    x, y = data
     model.train()
     try:
         with torch.enable_grad():
-            for t in range(spec.steps if max_steps is None else min(spec.steps, max_steps)):
-                idx = order[t * spec.batch_size : (t + 1) * spec.batch_size]
+            for t in range(steps):
+                idx = order[t * batch_size : (t + 1) * batch_size]
                 batch = (x[idx], y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss(forward(model, batch), batch).backward()
@@ -205,7 +216,6 @@ def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: i
         raise
     if recording is not None:
         recording.end()
-    return opt
 
 
 # --- behaviors ----------------------------------------------------------------------------------------------------
