@@ -67,6 +67,26 @@ def tempered(logits: torch.Tensor, temperature: float, top_k: int | None) -> tor
     return logits
 
 
+LOGITS_CHUNK_BYTES = 64 * 2**20  # float32 logits materialised at once by continuation_logprobs (per row chunk)
+
+
+def _forward_keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward (a PEFT wrapper's base model's) takes ``logits_to_keep``."""
+    import inspect
+
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    """The output vocabulary size (for sizing the row chunks); a generous guess when the config has none."""
+    value = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(value) if isinstance(value, int) and value > 0 else 65536
+
+
 def continuation_logprobs(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -75,13 +95,45 @@ def continuation_logprobs(
     pad_id: int,
     temperature: float = 1.0,
     top_k: int | None = None,
+    chunk_bytes: int = LOGITS_CHUNK_BYTES,
 ) -> torch.Tensor:
-    """Summed ``log p(continuation | prompt)`` per row (float32, differentiable); one right-padded forward."""
+    """Summed ``log p(continuation | prompt)`` per row (float32, differentiable).
+
+    Rows run in right-padded chunks sized so that one chunk's logits stay under ``chunk_bytes`` (all rows at once
+    when they fit), and the LM head computes logits only from the first continuation position of the chunk on
+    (``logits_to_keep``, where the model's forward has it): a ``[rows, sequence, vocabulary]`` float32 tensor is
+    never materialised whole.
+    """
     if any(len(c) == 0 for c in continuations):
         raise BehaviorError("A continuation is empty after tokenization; every continuation needs a token.")
-    device = model_device(model)
+    if any(len(p) == 0 for p in prompts):
+        raise BehaviorError("A prompt is empty; every prompt needs a token (e.g. the tokenizer's bos/eos id).")
+    if len(prompts) != len(continuations):
+        raise BehaviorError(f"Got {len(prompts)} prompts but {len(continuations)} continuations; pass one each.")
     seqs = [p + c for p, c in zip(prompts, continuations)]
     width = max(len(s) for s in seqs)
+    keeps = _forward_keeps_logits(model)
+    per_row = width * _vocab_size(model) * 4
+    rows = max(1, int(chunk_bytes) // max(per_row, 1))
+    parts = [
+        _chunk_logprobs(model, prompts[i : i + rows], seqs[i : i + rows], width, pad_id, temperature, top_k, keeps)
+        for i in range(0, len(seqs), rows)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _chunk_logprobs(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    seqs: list[list[int]],
+    width: int,
+    pad_id: int,
+    temperature: float,
+    top_k: int | None,
+    keeps: bool,
+) -> torch.Tensor:
+    """:func:`continuation_logprobs` of one chunk of rows (padded to ``width``, the width of all rows)."""
+    device = model_device(model)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     scored = torch.zeros((len(seqs), width - 1), dtype=torch.bool)  # position t predicts token t+1
@@ -89,10 +141,14 @@ def continuation_logprobs(
         ids[r, : len(s)] = torch.tensor(s)
         mask[r, : len(s)] = 1
         scored[r, len(p) - 1 : len(s) - 1] = True
-    ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    first = min(len(p) for p in prompts) - 1  # the first position whose logits are read
+    keep = width - first  # positions first..width-1 (the last one predicts nothing and is dropped below)
+    ids, mask, scored = ids.to(device), mask.to(device), scored[:, first:].to(device)
+    extra = {"logits_to_keep": keep} if keeps else {}
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -keep:-1]
     picked = tempered(logits[scored], temperature, top_k).log_softmax(-1)
-    token_lp = picked.gather(1, ids[:, 1:][scored][:, None]).squeeze(1)
+    del logits
+    token_lp = picked.gather(1, ids[:, first + 1 :][scored][:, None]).squeeze(1)
     rows = torch.arange(len(seqs), device=device)[:, None].expand_as(scored)[scored]
     return torch.zeros(len(seqs), device=device, dtype=token_lp.dtype).index_add(0, rows, token_lp)
 
