@@ -251,7 +251,7 @@ class StageAttributor:
         is also in the report's files and the card)."""
         if self.estimator_name != "auto" or not self.state.is_main_process:
             return
-        chosen, reason = estimators.choose_estimator(self.ledger, options.get("loss_fns"))
+        chosen, reason = estimators.choose_estimator(self.ledger, options.get("loss_fns"), options.get("stage_fns"))
         notice(f"estimator auto -> {chosen}: {reason}", routine=False)
 
     def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:
@@ -261,7 +261,14 @@ class StageAttributor:
         return getattr(self.estimator, "name", self.estimator_name)
 
     def _precompute(self, estimator: Any, options: Mapping[str, Any], stage_names: list[str]) -> None:
-        """Compute and cache stage embeddings on the main process first; the others then read the cache."""
+        """Compute and cache stage embeddings on the main process first; the others then read the cache.
+
+        ``auto`` is resolved here as :meth:`attribute` resolves it (with ``stage_fns``), so only the embeddings of
+        the estimator that will run are computed (without them, a replayable ledger with curvature material had
+        ``aa-ggn`` embeddings precomputed for a ``partial-replay`` run)."""
+        resolve = getattr(estimator, "resolve", None)
+        if callable(resolve):
+            estimator = resolve(self.ledger, options.get("loss_fns"), options.get("stage_fns"))
         prepare = getattr(estimator, "prepare", None)
         if not callable(prepare):
             return

@@ -151,3 +151,19 @@ def test_the_auto_rule_documents_each_branch_the_code_takes():
     for text in (selection.__doc__, estimators.get("auto").description, StageAttributor.__doc__):
         assert all(name in text for name in branches), text  # ... each description names
     assert "imported" in estimators.get("auto").description
+
+
+def test_auto_precomputes_only_what_the_chosen_estimator_reads(tmp_path):
+    """With step-limited stage functions ``auto`` runs partial replay; the precompute step resolves ``auto`` the same
+    way, so no ``aa-ggn`` embeddings (the choice without stage functions on this curvature ledger) are computed."""
+    from hf_stage_attribution import estimators
+    from hf_stage_attribution.testing.digits import build_digits_pipeline
+
+    pipe = build_digits_pipeline("decay", tmp_path, steps_scale=0.05, base_steps_scale=0.05)
+    assert estimators.choose_estimator(pipe.ledger)[0] == "aa-ggn"  # what a resolution without stage_fns picks
+    report = StageAttributor(
+        pipe.ledger, pipe.model, stage_fns=pipe.stage_fns, diagnostics=False, show_progress=False
+    ).attribute({"margin_7": pipe.behaviors["margin_7"]})
+    assert report.estimator == "partial-replay"
+    written = sorted(p.name for p in Path(pipe.ledger.embeddings_dir).glob("*.safetensors"))
+    assert not any(name.startswith("aa-ggn") for name in written), written
