@@ -1,13 +1,21 @@
 """Peak RSS rise of every estimator (and ``validate``) over the parameter bytes, each in a fresh process.
 
-A GPT-2 built from a config is trained for two AdamW stages with the custom-loop recorder and curvature material
-(``curvature_loss={"type": "causal-lm"}``, so a reloaded ledger computes Gauss–Newton products). Then one fresh
+A GPT-2 built from a config is trained for two AdamW stages of 8 steps with the custom-loop recorder and curvature
+material (``curvature_loss={"type": "causal-lm"}``, so a reloaded ledger computes Gauss–Newton products). The stage
+functions have the step-limited form (``max_steps``), so ``partial-replay`` replays part of the next stage and
+``auto`` (hence ``validate``) resolves to ``partial-replay``, as on a ledger recorded with replay data. Then one fresh
 subprocess per estimator loads the model and the ledger, warms up (lazy imports and code pages land in the
-baseline), takes the RSS as the baseline and runs ``StageAttributor(..., estimator=name, diagnostics=False)
-.attribute(...)`` from an empty embedding cache (``validate`` runs the default estimator with ``validate=True``).
-The figure is ``(VmHWM − baseline) / parameter bytes``; the issue's bound is 3.
+baseline), measures one training step of a stage (a fresh model copy, its AdamW, one forward+backward+optimizer
+step: the peak rise is ``train_step_rise``), releases it, takes the RSS as the baseline and runs
+``StageAttributor(..., estimator=name, diagnostics=False).attribute(...)`` from an empty embedding cache
+(``validate`` runs the default estimator with ``validate=True``).
+
+The figure is ``(VmHWM − baseline) / parameter bytes``; issue 16's bound is 3. Rows that replay (``replay``,
+``partial-replay*``, ``validate``) have the bound "what one training step of the stage needs, plus one model copy":
+``rise / (train_step_rise + parameter bytes)`` ≤ 1 (column ``over_step_bound``).
 
     python -m benchmarks.estimator_memory --out /tmp/estimator_memory.json [--n-embd 256 --n-layer 4 --vocab 4096]
+    python -m benchmarks.estimator_memory --small --markdown   # the CI model (vocab 2048), a BENCHMARKS.md table
 
 Example:
     >>> # cfg = {"n_embd": 128, "n_layer": 2, "n_head": 2, "vocab": 2048, "positions": 64}
@@ -31,16 +39,20 @@ from benchmarks.common import param_bytes, proc_status, quiet, reset_peak, run_c
 from benchmarks.memory import _load_case, _model, _tokens  # noqa: E402
 
 ESTIMATORS = (
-    "delta-linear", "delta-fd", "aa-linear", "aa-fd", "aa-ggn", "aa-ggn-fd", "aa-hvp", "aa-hvp-fd", "replay",
-    "validate",
+    "delta-linear", "delta-fd", "aa-linear", "aa-fd", "aa-ggn", "aa-ggn-fd", "aa-hvp", "aa-hvp-fd", "partial-replay",
+    "partial-replay-linear", "replay", "validate",
 )  # fmt: skip
-STAGES, STEPS = 2, 3
+REPLAYING = ("partial-replay", "partial-replay-linear", "replay", "validate")  # bound: one training step + one copy
+BOUND = 3.0  # issue 16: peak RSS rise ≤ 3 × the parameter bytes
+DEFAULT = {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab": 4096, "positions": 64}  # 4.2M parameters
+SMALL = {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab": 2048, "positions": 64}  # the CI model (3.7M)
+STAGES, STEPS = 2, 8
 
 
-def _steps(model: Any, opt: Any, cfg: dict[str, int], k: int, rec: Any = None) -> None:
-    """Stage ``k``'s training steps (each given to ``rec`` when recording)."""
+def _steps(model: Any, opt: Any, cfg: dict[str, int], k: int, rec: Any = None, max_steps: int | None = None) -> None:
+    """Stage ``k``'s training steps (each given to ``rec`` when recording); the first ``max_steps`` only if given."""
     model.train()
-    for step in range(STEPS):
+    for step in range(STEPS if max_steps is None else min(STEPS, max_steps)):
         ids = _tokens(cfg, 100 * k + step, rows=4, width=16)
         batch = {"input_ids": ids, "labels": ids}
         opt.zero_grad(set_to_none=True)
@@ -50,11 +62,37 @@ def _steps(model: Any, opt: Any, cfg: dict[str, int], k: int, rec: Any = None) -
             rec.step(batch)
 
 
-def _train(model: Any, cfg: dict[str, int], k: int) -> None:
+def _train(model: Any, cfg: dict[str, int], k: int, max_steps: int | None = None) -> tuple[Any, Any]:
+    """Stage ``k`` as recorded (step-limited form: ``max_steps``); returns ``(model, optimizer)``."""
     import torch
 
-    _steps(model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01), cfg, k)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    _steps(model, opt, cfg, k, max_steps=max_steps)
     model.eval()
+    return model, opt
+
+
+def train_step_rise(model: Any, cfg: dict[str, int]) -> int:
+    """Peak RSS rise of one training step of a stage on a fresh copy of ``model``: the copy, its AdamW moments, the
+    gradients and the step's activations (what replay needs for a stage, besides the final model)."""
+    import copy
+
+    import torch
+
+    from hf_stage_attribution._internal.memory import release_freed_memory
+
+    gc.collect()
+    release_freed_memory()
+    baseline = proc_status()["VmRSS"]
+    reset_peak()
+    work = copy.deepcopy(model)
+    opt = torch.optim.AdamW(work.parameters(), lr=1e-3, weight_decay=0.01)
+    _steps(work, opt, cfg, 0, max_steps=1)
+    rise = proc_status()["VmHWM"] - baseline
+    del work, opt
+    gc.collect()
+    release_freed_memory()
+    return rise
 
 
 def build(root: Path, cfg: dict[str, int]) -> None:
@@ -79,8 +117,10 @@ def build(root: Path, cfg: dict[str, int]) -> None:
 
 
 def measure(root: Path, cfg: dict[str, int], name: str) -> dict[str, Any]:
-    """In a fresh process: the peak RSS rise of one estimator's attribution over the parameter bytes."""
+    """In a fresh process: the peak RSS rise of one estimator's attribution over the parameter bytes (and, for the
+    rows that replay, over one training step's rise plus one model copy)."""
     from hf_stage_attribution import StageAttributor
+    from hf_stage_attribution._internal.memory import release_freed_memory
 
     with quiet():
         model, ledger = _load_case(root, cfg)
@@ -90,20 +130,57 @@ def measure(root: Path, cfg: dict[str, int], name: str) -> dict[str, Any]:
             logits = m(input_ids=ids).logits[:, :-1]
             return logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
 
-        stage_fns = {f"stage-{k}": (lambda m, k=k: _train(m, cfg, k)) for k in range(STAGES)}
+        stage_fns = {
+            f"stage-{k}": (lambda m, max_steps=None, k=k: _train(m, cfg, k, max_steps)) for k in range(STAGES)
+        }
+        step = train_step_rise(model, cfg)
         gc.collect()
+        release_freed_memory()
         baseline = proc_status()["VmRSS"]
         reset_peak()
         start = time.perf_counter()
         estimator = "auto" if name == "validate" else name
-        StageAttributor(
+        report = StageAttributor(
             ledger, model, estimator=estimator, stage_fns=stage_fns, diagnostics=False, show_progress=False
         ).attribute({"logprob": logprob}, validate=name == "validate")
         rise = proc_status()["VmHWM"] - baseline
+        nbytes = param_bytes(model)
         return {
-            "estimator": name, "seconds": time.perf_counter() - start, "rise": rise,
-            "parameter_bytes": param_bytes(model), "rise_over_parameter_bytes": rise / param_bytes(model),
+            "estimator": name, "ran": report.estimator, "seconds": time.perf_counter() - start, "rise": rise,
+            "parameter_bytes": nbytes, "rise_over_parameter_bytes": rise / nbytes, "train_step_rise": step,
+            "train_step_over_parameter_bytes": step / nbytes, "over_step_bound": rise / (step + nbytes),
         }  # fmt: skip
+
+
+def within_bound(row: dict[str, Any]) -> bool:
+    """Issue 16's bound for ``row``: ≤ 3 × the parameter bytes, or (rows that replay) ≤ one training step's rise plus
+    one model copy."""
+    if row["estimator"] in REPLAYING and row["over_step_bound"] <= 1.0:
+        return True
+    return row["rise_over_parameter_bytes"] <= BOUND
+
+
+def markdown(rows: list[dict[str, Any]], cfg: dict[str, int]) -> str:
+    """The rows as a markdown table (BENCHMARKS.md §9)."""
+    nbytes = rows[0]["parameter_bytes"] if rows else 0
+    step = rows[0]["train_step_rise"] if rows else 0
+    lines = [
+        f"GPT-2 {nbytes / 4e6:.1f}M parameters ({', '.join(f'{k} {v}' for k, v in cfg.items())}); parameter bytes "
+        f"{nbytes / 1e6:.1f} MB; one training step (fresh copy + AdamW + forward/backward/step) rises "
+        f"{step / 1e6:.1f} MB = {step / nbytes if nbytes else 0:.2f}× parameter bytes.",
+        "",
+        "| estimator | ran | peak RSS rise (MB) | ÷ parameter bytes | ÷ (training step + model copy) | seconds | "
+        "within bound |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        step_col = f"{row['over_step_bound']:.2f}" if row["estimator"] in REPLAYING else "–"
+        lines.append(
+            f"| {row['estimator']} | {row.get('ran', row['estimator'])} | {row['rise'] / 1e6:.1f} | "
+            f"{row['rise_over_parameter_bytes']:.2f}× | {step_col} | {row['seconds']:.1f} | "
+            f"{'yes' if within_bound(row) else 'no'} |"
+        )
+    return "\n".join(lines)
 
 
 def _cfg_args(cfg: dict[str, int]) -> list[str]:
@@ -130,9 +207,13 @@ def main() -> None:
     parser.add_argument("--build", type=Path)
     parser.add_argument("--measure", type=Path)
     parser.add_argument("--estimator", default="aa-linear")
+    parser.add_argument("--estimators", help="comma-separated subset of the rows (default: all)")
+    parser.add_argument("--small", action="store_true", help="the CI model (vocab 2048) instead of the 4.2M default")
+    parser.add_argument("--markdown", action="store_true", help="print the rows as a markdown table")
     parser.add_argument("--out", type=Path)
-    for key, default in (("n-embd", 256), ("n-layer", 4), ("n-head", 4), ("vocab", 4096), ("positions", 64)):
-        parser.add_argument(f"--{key}", type=int, default=default)
+    base = SMALL if "--small" in sys.argv else DEFAULT
+    for key in ("n_embd", "n_layer", "n_head", "vocab", "positions"):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=base[key])
     a = parser.parse_args()
     cfg = {"n_embd": a.n_embd, "n_layer": a.n_layer, "n_head": a.n_head, "vocab": a.vocab, "positions": a.positions}
     if a.build is not None:
@@ -142,13 +223,23 @@ def main() -> None:
     else:
         import tempfile
 
+        names = tuple(a.estimators.split(",")) if a.estimators else ESTIMATORS
+        unknown = sorted(set(names) - set(ESTIMATORS))
+        if unknown:
+            parser.error(f"unknown row(s) {unknown}; choose from {', '.join(ESTIMATORS)}")
         with tempfile.TemporaryDirectory() as tmp:
-            rows = measure_all(cfg, Path(tmp))
-        text = json.dumps(rows, indent=2)
+            rows = measure_all(cfg, Path(tmp), names)
         if a.out is not None:
-            a.out.write_text(text)
+            a.out.write_text(json.dumps(rows, indent=2))
+        if a.markdown:
+            print(markdown(rows, cfg))
+            return
         for row in rows:
-            print(f"{row['estimator']:14s} rise {row['rise'] / 1e6:8.1f} MB = {row['rise_over_parameter_bytes']:.2f}x")
+            extra = f"  ÷(step+copy) {row['over_step_bound']:.2f}" if row["estimator"] in REPLAYING else ""
+            print(
+                f"{row['estimator']:22s} rise {row['rise'] / 1e6:8.1f} MB = {row['rise_over_parameter_bytes']:.2f}x"
+                f"{extra}  ({row['seconds']:.1f} s)"
+            )
 
 
 if __name__ == "__main__":
