@@ -49,7 +49,7 @@ import torch
 from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
 from ..errors import PartialReplayError, ReplayError
-from ..integrations.replay import optimizer_state_by_name, reference_problem, replay_trainer_stage
+from ..integrations.replay import reference_problem, replay_trainer_stage
 from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from ..ledger.state import LazyState
@@ -188,20 +188,52 @@ def run_stage(
             raise ReplayError(_no_replay_message(stage))
         ref = (ref_models or {}).get(stage.name)
         if max_steps is None:
-            return replay_trainer_stage(stage, model, ref_model=ref), None
+            model = replay_trainer_stage(stage, model, ref_model=ref)
+            drop_gradients(model)
+            return model, None
         state: dict[str, dict[str, Any]] = {}
-        return replay_trainer_stage(stage, model, ref_model=ref, max_steps=max_steps, optimizer_out=state), state
+        model = replay_trainer_stage(stage, model, ref_model=ref, max_steps=max_steps, optimizer_out=state)
+        drop_gradients(model)
+        return model, state
     kwargs = {} if max_steps is None else {"max_steps": int(max_steps)}
     result = fn(model, info, **kwargs) if _takes_info(fn) else fn(model, **kwargs)
     optimizer = None
     if isinstance(result, tuple):
         result, optimizer = (result + (None, None))[:2]
     model = result if isinstance(result, torch.nn.Module) else model
+    drop_gradients(model)  # the stage is over: its gradients are a model copy nobody reads
     if max_steps is None or optimizer is None:
         return model, None
     if isinstance(optimizer, Mapping):  # already {base name: {state key: tensor}}
         return model, dict(optimizer)
-    return model, optimizer_state_by_name(model, optimizer)
+    return model, _moments_by_name(model, optimizer)
+
+
+def drop_gradients(model: torch.nn.Module) -> None:
+    """Release every parameter's ``.grad`` (what ``zero_grad(set_to_none=True)`` does, for any optimizer).
+
+    Example:
+        >>> m = torch.nn.Linear(2, 1); m(torch.ones(1, 2)).sum().backward(); drop_gradients(m)
+        >>> m.weight.grad is None
+        True
+    """
+    for p in model.parameters():
+        p.grad = None
+
+
+def _moments_by_name(model: torch.nn.Module, optimizer: Any) -> dict[str, dict[str, Any]]:
+    """``{base name: {state key: tensor}}`` of a finished stage's optimizer, sharing its CPU tensors instead of
+    copying them (the optimizer is dropped right after, so a copy would only double the moments' memory for a
+    while); tensors on an accelerator are moved to the CPU."""
+    state = getattr(optimizer, "state", None)
+    if not state:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, param in base_parameters(model).items():
+        entry = state.get(param) if hasattr(state, "get") else None
+        if entry:
+            out[name] = {k: (v.detach().to("cpu") if isinstance(v, torch.Tensor) else v) for k, v in entry.items()}
+    return out
 
 
 def replay_model(
@@ -230,6 +262,7 @@ def replay_model(
             base, stage = prev, ledger.stages[k]
             prev = LazyState(ledger.parameter_names, lambda n: base[n] + scale * stage.delta_tensor(n))
         load_state(work, prev)
+        del prev  # read lazily tensor by tensor; nothing of it is needed while the stages run
         first = k + 1
     for stage in ledger.stages[first:]:
         info = {"stage": stage, "removed": removed, "scale": scale}

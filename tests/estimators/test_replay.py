@@ -117,3 +117,32 @@ def test_replay_copies_do_not_run_the_original_models_wrapped_forward(tmp_path):
     load_state(work, {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)})
     assert float(work(torch.ones(1, 2))) == 0.0
     assert float(model(torch.ones(1, 2))) != 0.0
+
+
+def test_a_replayed_stage_leaves_no_gradients_and_its_moments_are_not_copied():
+    """After a stage runs, its gradients are released; a step-limited stage's optimizer moments are handed on as the
+    optimizer's own CPU tensors, not as a second copy."""
+    from hf_stage_attribution.estimators.replay import run_stage
+
+    kept = {}
+
+    def fn(model, max_steps=None):
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        for _ in range(max_steps or 3):
+            opt.zero_grad()
+            model(torch.ones(2, 4)).pow(2).sum().backward()
+            opt.step()
+        kept["opt"] = opt
+        return model, opt
+
+    class S:
+        name, index, num_steps, learning_rates = "s", 0, 3, [[0.01]] * 3
+
+    model = torch.nn.Linear(4, 2)
+    model, state = run_stage(S(), model, {"s": fn}, {}, max_steps=2)
+    assert all(p.grad is None for p in model.parameters())
+    moments = kept["opt"].state[model.weight]
+    assert state["weight"]["exp_avg"].data_ptr() == moments["exp_avg"].data_ptr()
+    assert torch.equal(state["bias"]["exp_avg_sq"], kept["opt"].state[model.bias]["exp_avg_sq"])
+    model, state = run_stage(S(), model, {"s": fn}, {})
+    assert state is None and all(p.grad is None for p in model.parameters())
