@@ -54,9 +54,13 @@ On a recorded pipeline (``fns``: step-limited stage functions, or none when the 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import time
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -232,29 +236,141 @@ def check_replayable(ledger: LedgerCore, plan: PartialReplayPlan, stage_fns: Map
 # --- the embeddings --------------------------------------------------------------------------------------------
 
 
+class ScratchTensors:
+    """Named tensors in one file on disk, written once and read back one tensor at a time with plain reads (no memory
+    map, so nothing read stays in the process's resident set once the caller drops it).
+
+    Partial replay keeps its model-sized vectors here — a branch's parameters, its optimizer's moments, the
+    finished ``v_k`` — instead of in RAM: the peak holds one training step of a branch, not both branches plus their
+    moments plus float64 differences (GPT-2 4.2M: 11.9× → about 5× the parameter bytes).
+
+    Example:
+        >>> import tempfile, torch
+        >>> box = ScratchTensors(Path(tempfile.mkdtemp()) / "a.bin")
+        >>> box.write([("w", torch.arange(6.0).reshape(2, 3)), ("b", torch.tensor(1.5, dtype=torch.float64))])
+        >>> box.names(), box.get("w")[1].tolist(), float(box.get("b"))
+        (['w', 'b'], [3.0, 4.0, 5.0], 1.5)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._index: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        self._end = 0
+
+    def write(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Append ``(name, tensor)`` pairs (each copied to the CPU and written, one at a time)."""
+        with open(self.path, "ab") as f:
+            for name, tensor in tensors:
+                t = tensor.detach().to("cpu").contiguous()
+                flat = t.reshape(-1).view(torch.uint8)
+                flat.numpy().tofile(f)
+                self._index[name] = (self._end, flat.numel(), t.dtype, tuple(t.shape))
+                self._end += flat.numel()
+
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, read from disk into a fresh CPU tensor."""
+        import numpy as np
+
+        offset, nbytes, dtype, shape = self._index[name]
+        raw = np.fromfile(self.path, dtype=np.uint8, count=nbytes, offset=offset)
+        return torch.from_numpy(raw).view(dtype).reshape(shape)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._index:
+            yield name, self.get(name)
+
+
+class _ScratchDir:
+    """A temporary directory (under ``TMPDIR``) removed when this object is collected or the process exits."""
+
+    def __init__(self, prefix: str) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+    def file(self, name: str) -> ScratchTensors:
+        return ScratchTensors(self.path / f"{name}.bin")
+
+    def remove(self) -> None:
+        self._cleanup()
+
+
+class _StateOnDisk(Mapping):
+    """``{base name: {state key: tensor or number}}`` of an optimizer, its tensors on disk (read per entry)."""
+
+    def __init__(self, box: ScratchTensors, scalars: dict[str, dict[str, Any]], keys: dict[str, list[str]]) -> None:
+        self._box, self._scalars, self._keys = box, scalars, keys
+
+    @classmethod
+    def save(cls, box: ScratchTensors, state: Mapping[str, Mapping[str, Any]]) -> _StateOnDisk:
+        scalars: dict[str, dict[str, Any]] = {}
+        keys: dict[str, list[str]] = {}
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, entry in state.items():
+                keys[name] = list(entry)
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor) and value.numel() > 1:
+                        yield f"{name}\x00{key}", value
+                    else:
+                        scalars.setdefault(name, {})[key] = value
+
+        box.write(tensors())
+        return cls(box, scalars, keys)
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        if name not in self._keys:
+            raise KeyError(name)
+        small = self._scalars.get(name, {})
+        return {k: small[k] if k in small else self._box.get(f"{name}\x00{k}") for k in self._keys[name]}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class PartialReplayEmbeddings:
-    """``v_k`` of partial replay, in memory: computed vectors for the stages that replayed something, the
-    ``aa-linear`` embeddings for the others (budget 0, a budget too small for one step, the terminal stage).
+    """``v_k`` of partial replay: computed vectors (in scratch files on disk, read one tensor at a time) for the
+    stages that replayed something, the ``aa-linear`` embeddings for the others (budget 0, a budget too small for one
+    step, the terminal stage).
 
     Same read interface as :class:`~.embeddings.cache.StageEmbeddings` (``items``, ``get``, ``names``, ``norm``).
     """
 
     kind = "partial-replay"
 
-    def __init__(self, vectors: dict[int, dict[str, torch.Tensor]], base: StageEmbeddings, shapes: Mapping) -> None:
-        self.vectors, self.base, self._shapes = vectors, base, shapes
+    def __init__(
+        self,
+        vectors: Mapping[int, ScratchTensors | Mapping[str, torch.Tensor]],
+        base: StageEmbeddings,
+        shapes: Mapping,
+        scratch: _ScratchDir | None = None,
+    ) -> None:
+        self.vectors, self.base, self._shapes, self._scratch = dict(vectors), base, shapes, scratch
         self.approximations: list[str] = list(base.approximations)
         self.diagnostics: dict[str, Any] = {}
         self._norms: dict[int, float] = {}
 
     def names(self, k: int) -> list[str]:
-        return list(self.vectors[k]) if k in self.vectors else self.base.names(k)
+        if k not in self.vectors:
+            return self.base.names(k)
+        v = self.vectors[k]
+        return v.names() if isinstance(v, ScratchTensors) else list(v)
 
     def get(self, k: int, name: str) -> torch.Tensor:
         if k not in self.vectors:
             return self.base.get(k, name)
-        v = self.vectors[k].get(name)
-        return v if v is not None else torch.zeros(self._shapes[name], dtype=torch.float32)
+        v = self.vectors[k]
+        if name in v:
+            return v.get(name)
+        return torch.zeros(self._shapes[name], dtype=torch.float32)
 
     def items(self, k: int) -> Iterator[tuple[str, torch.Tensor]]:
         if k not in self.vectors:
@@ -266,7 +382,7 @@ class PartialReplayEmbeddings:
         if k not in self.vectors:
             return self.base.norm(k)
         if k not in self._norms:
-            self._norms[k] = float(sum(float(t.double().pow(2).sum()) for t in self.vectors[k].values()) ** 0.5)
+            self._norms[k] = float(sum(float(t.double().pow(2).sum()) for _, t in self.items(k)) ** 0.5)
         return self._norms[k]
 
 
@@ -385,6 +501,11 @@ def _carry_with_curvature(
     return {n: t.to(torch.float32) for n, t in v.items() if bool(t.any())}
 
 
+def _drop_grads(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
 def partial_embedding(
     ledger: LedgerCore,
     model: torch.nn.Module,
@@ -393,37 +514,72 @@ def partial_embedding(
     notes: set[str],
     curvature: dict[str, Any] | None = None,
     carry_moments: bool = True,
-) -> dict[str, torch.Tensor]:
+    scratch: _ScratchDir | None = None,
+) -> ScratchTensors | dict[str, torch.Tensor]:
     """``v_k`` of ``plan`` (float32 per base parameter name): replay its legs, carry the difference to ``θ_K``.
 
     ``curvature`` (keyword arguments of :func:`~.curvature.propagation.propagate`, ``loss_fns`` and ``model``
     included) carries it through the rest of the partially replayed stage and the later stages with Gauss–Newton
     curvature (Adam's preconditioner then frozen at the recorded segment midpoints) instead of the ``aa-linear``
-    rules."""
+    rules.
+
+    Memory: each branch's end parameters and optimizer state go to scratch files as soon as the branch stops (its
+    model copy, gradients and optimizer are then released), the factual end of a whole stage is read from the ledger
+    one tensor at a time, and ``v_k`` is written to ``scratch`` tensor by tensor (returned as
+    :class:`ScratchTensors`; a dict when ``scratch`` is None). The peak is one training step of one branch plus one
+    model copy. The branch files are removed before returning."""
+    branches = _ScratchDir("hfsa-partial-replay-branches-")
+    try:
+        return _partial_embedding(ledger, model, plan, stage_fns, notes, curvature, carry_moments, branches, scratch)
+    finally:
+        branches.remove()
+
+
+def _partial_embedding(
+    ledger: LedgerCore,
+    model: torch.nn.Module,
+    plan: PartialReplayPlan,
+    stage_fns: Mapping[str, Any],
+    notes: set[str],
+    curvature: dict[str, Any] | None,
+    carry_moments: bool,
+    branches: _ScratchDir,
+    scratch: _ScratchDir | None,
+) -> ScratchTensors | dict[str, torch.Tensor]:
     stages, k = ledger.stages, plan.stage
     cf = _started(model, ledger.state_at(k - 1))
     last = plan.legs[-1]
-    fact_state = cf_opt = fact_opt = None
+    cf_opt: Mapping[str, Any] | None = None
+    fact_opt: Mapping[str, Any] | None = None
     for leg in plan.legs:
         stage = stages[leg.index]
         info = {"stage": stage, "removed": k, "scale": 0.0}
         cf, opt = run_stage(stage, cf, stage_fns, info, max_steps=None if leg.full else leg.steps)
-        if not leg.full:
-            cf_opt = opt
+        _drop_grads(cf)
+        if not leg.full and opt is not None:
+            cf_opt = _StateOnDisk.save(branches.file("cf-optimizer"), opt)
+        del opt
+    cf_params = branches.file("cf")
+    cf_params.write(iter_merged_state(cf))
+    del cf  # the counterfactual branch is on disk: the factual one runs in the room it leaves
     if last.full:
         end = ledger.state_at(last.index)
-        fact_state = {n: end[n].to(torch.float64) for n in ledger.parameter_names}
+        fact_get = end.__getitem__
     elif last.checkpoint is not None:
         stage = stages[last.index]
         segment = next(s for s in stage.segments if s.index == last.checkpoint)
         start, moved = ledger.state_at(last.index - 1), segment.params_delta()
-        fact_state = {n: start[n].to(torch.float64) + moved[n].to(torch.float64) if n in moved else
-                      start[n].to(torch.float64) for n in ledger.parameter_names}  # fmt: skip
+
+        def fact_get(name: str) -> torch.Tensor:
+            value = start[name].to(torch.float64)
+            return value + moved[name].to(torch.float64) if name in moved else value
+
         moments = segment.second_moments() or {}
-        fact_opt = {}
-        for key, by_name in moments.items():
-            for name, value in by_name.items():
-                fact_opt.setdefault(name, {})[key] = value
+        by_name: dict[str, dict[str, Any]] = {}
+        for key, values in moments.items():
+            for name, value in values.items():
+                by_name.setdefault(name, {})[key] = value
+        fact_opt = by_name
         cf_opt = None  # the factual first moment was not recorded: no first-moment difference
         notes.add(
             f"Stage {stage.name!r}: the factual branch of the partial replay is the recorded mid-segment checkpoint "
@@ -433,42 +589,60 @@ def partial_embedding(
         stage = stages[last.index]
         fact = _started(model, ledger.state_at(last.index - 1))
         info = {"stage": stage, "removed": None, "scale": 1.0}
-        fact, fact_opt = run_stage(stage, fact, stage_fns, info, max_steps=last.steps)
-        fact_state = _state(fact)
+        fact, opt = run_stage(stage, fact, stage_fns, info, max_steps=last.steps)
+        _drop_grads(fact)
+        fact_opt = _StateOnDisk.save(branches.file("fact-optimizer"), opt) if opt is not None else None
+        del opt
+        fact_params = branches.file("fact")
+        fact_params.write(iter_merged_state(fact))
         del fact
+        fact_get = fact_params.get
         if cf_opt is None or fact_opt is None:
             notes.add(
                 f"Stage {stage.name!r}: its step-limited replay returned no optimizer, so the first-moment difference "
                 "after the partial replay is taken as zero."
             )
-    cf_state = _state(cf)
-    del cf
     props = {j: StagePropagator(stages[j], next_trained(stages, j)) for j in range(last.index, len(stages))}
     rest = None if last.full else _RestOfStage(props[last.index], last.steps, fact_opt, cf_opt)
     out: dict[str, torch.Tensor] = {}
     bufs: dict[str, torch.Tensor] = {}
-    for name in ledger.parameter_names:
-        x = fact_state.pop(name) - cf_state.pop(name)
-        buf = None
-        if rest is not None:
-            buf = _moment_difference(props[last.index].family, fact_opt, cf_opt, name) if carry_moments else None
-            if curvature is None:
-                x, buf = rest.apply(name, x, buf)
-        if curvature is not None:  # carried below, whole vectors at a time
-            out[name] = x
-            if buf is not None:
-                bufs[name] = buf
-            continue
-        for j in range(last.index + 1, len(stages)):
-            if trains(stages[j]) and stages[j].optimizer_state_policy != "continued":
-                buf = None
-            x, buf = props[j].apply(name, x, buf)
-        if bool(x.any()):
-            out[name] = x.to(torch.float32)
+
+    def carried() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in ledger.parameter_names:
+            x = fact_get(name).to(torch.float64) - cf_params.get(name).to(torch.float64)
+            buf = None
+            if rest is not None:
+                buf = _moment_difference(props[last.index].family, fact_opt, cf_opt, name) if carry_moments else None
+                if curvature is None:
+                    x, buf = rest.apply(name, x, buf)
+            if curvature is not None:  # carried below, whole vectors at a time
+                out[name] = x
+                if buf is not None:
+                    bufs[name] = buf
+                continue
+            for j in range(last.index + 1, len(stages)):
+                if trains(stages[j]) and stages[j].optimizer_state_policy != "continued":
+                    buf = None
+                x, buf = props[j].apply(name, x, buf)
+            if bool(x.any()):
+                yield name, x.to(torch.float32)
+
+    result: ScratchTensors | dict[str, torch.Tensor]
+    if curvature is not None or scratch is None:
+        result = dict(carried())
+    else:
+        result = scratch.file(f"v-{k}")
+        result.write(carried())
     if rest is not None:
         notes |= rest.notes
     if curvature is not None:
-        out = _carry_with_curvature(ledger, last.index, out, bufs, curvature, notes, None if last.full else last.steps)
+        result = _carry_with_curvature(
+            ledger, last.index, out, bufs, curvature, notes, None if last.full else last.steps
+        )
+        if scratch is not None:
+            box = scratch.file(f"v-{k}")
+            box.write(result.items())
+            result = box
     continued = [s.name for s in stages[last.index + 1 :] if trains(s) and s.optimizer_state_policy == "continued"]
     if continued and (last.full or cf_opt is None):
         notes.add(
@@ -477,7 +651,7 @@ def partial_embedding(
         )
     for prop in props.values():
         notes.update(prop.approximations)
-    return out
+    return result
 
 
 _MEMO: dict[str, Any] = {}
@@ -527,15 +701,17 @@ def partial_replay_embeddings(
         check_curvature_material(ledger, min(p.legs[-1].index for p in plans.values() if p.legs) - 1, "ggn")
         curvature = {**curvature_settings(dict(curvature_options or {})), "loss_fns": loss_fns, "model": model}
         curvature.pop("preset", None)
-    vectors: dict[int, dict[str, torch.Tensor]] = {}
+    vectors: dict[int, ScratchTensors | dict[str, torch.Tensor]] = {}
     seconds: dict[str, float] = {}
+    _MEMO.clear()  # the previous embeddings' scratch files go before new ones are written
+    scratch = _ScratchDir("hfsa-partial-replay-")
     for k, plan in plans.items():
         if not plan.legs:
             continue
         start = time.perf_counter()
-        vectors[k] = partial_embedding(ledger, model, plan, stage_fns, notes, curvature, carry_moments)
+        vectors[k] = partial_embedding(ledger, model, plan, stage_fns, notes, curvature, carry_moments, scratch)
         seconds[ledger.stages[k].name] = time.perf_counter() - start
-    emb = PartialReplayEmbeddings(vectors, base, ledger.parameter_shapes)
+    emb = PartialReplayEmbeddings(vectors, base, ledger.parameter_shapes, scratch)
     if vectors:
         emb.approximations = sorted(notes) + [
             "Partial replay: the next stage(s) replayed exactly for part of their steps (see diagnostics), the rest "

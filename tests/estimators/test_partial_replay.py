@@ -276,3 +276,30 @@ def test_a_recorded_mid_segment_checkpoint_is_the_factual_branch_at_its_step(tmp
     result = _estimate("partial-replay", pipe, budget=budget, use_checkpoints=True)
     assert "segment" in result.diagnostics["partial_replay"]["plans"][ledger.stages[1].name]
     assert any("mid-segment checkpoint" in a for a in result.approximations)
+
+
+def test_branches_and_embeddings_live_in_scratch_files_that_are_removed(digits, tmp_path, monkeypatch):
+    """The branch parameters/moments go to scratch files removed when ``v_k`` is done; ``v_k`` itself is read from
+    a scratch file (equal to the in-memory computation) that goes with the embeddings."""
+    import gc
+    import tempfile
+
+    pipe = digits["hf"]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    pr._MEMO.clear()
+    stages = list(pipe.ledger.stages)
+    emb = pr.partial_replay_embeddings(pipe.ledger, pipe.model, stages, budget=0.5, stage_fns=pipe.stage_fns)
+    k = min(emb.vectors)
+    assert isinstance(emb.vectors[k], pr.ScratchTensors)
+    assert [p.name.startswith("hfsa-partial-replay-branches-") for p in tmp_path.iterdir()] == [False]
+    plan = pr.plan_partial_replay(pipe.ledger, k, 0.5)
+    in_memory = pr.partial_embedding(pipe.ledger, pipe.model, plan, pipe.stage_fns, set())
+    assert sorted(in_memory) == sorted(emb.names(k))
+    for name, v in in_memory.items():
+        assert torch.equal(emb.get(k, name), v), name
+    assert dict(emb.items(k)).keys() == in_memory.keys()
+    assert emb.norm(k) == pytest.approx(math.sqrt(sum(float(v.double().pow(2).sum()) for v in in_memory.values())))
+    pr._MEMO.clear()
+    del emb
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
