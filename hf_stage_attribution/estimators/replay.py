@@ -19,8 +19,11 @@ model, or a pair ``(model or None, optimizer)`` (or ``(model, {base name: {state
 second moments) enters the propagation of the rest of the stage. Trainer/TRL stages with replay data support the
 form through ``replay_trainer_stage(stage, model, max_steps=m)``. :func:`run_stage` runs either form.
 
-Replay works on a copy of the final model (a ``PeftModel`` is unloaded to its base model first), so memory is about
-two models. The functions must be deterministic for replay with nothing removed to reproduce ``θ_K``.
+Replay works on a copy of the final model (a ``PeftModel`` is unloaded to its base model first). Its memory is one
+model copy plus what one training step of a stage needs: a stage's gradients are released when it ends, a
+step-limited stage's optimizer moments are handed on without a copy, and each counterfactual model is released
+before the next (GPT-2 4.2M: 4.9× the parameter bytes, 0.83 of "one training step + one model copy").
+The functions must be deterministic for replay with nothing removed to reproduce ``θ_K``.
 
 Example:
     >>> import tempfile
