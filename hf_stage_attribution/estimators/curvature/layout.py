@@ -241,6 +241,37 @@ class SegmentLayout:
         decay = float(lam[0]) if lam.size and np.all(lam == lam[0]) else (v.T * lam) @ v
         return Projection(coefs, masks, decay)
 
+    def projection_streamed(self, store: Any, rotation: np.ndarray) -> Projection:
+        """:meth:`projection` for the basis ``V = Q·rotation`` with ``Q`` the rows of a
+        :class:`~.scratch.VectorStore`: the group masks and the coupled decay are formed as weighted Gram matrices of
+        ``Q`` in one streamed pass over coordinate chunks (``Qᵀ diag(d) Q``), then rotated; no ``n×r`` matrix and no
+        model-sized weight vector is built."""
+        active = [g for g in self.groups if g.active]
+        coefs = [
+            group_coefficients(
+                self.family, g.group, g.lrs, step0=self.step0, buffer_fresh=self.buffer_fresh, alpha=g.alpha
+            )
+            for g in active
+        ]
+        lam_g = np.array([c.lam_c for c in coefs])
+        index, scale = self.group_index, self.scale.numpy()
+
+        def lam(lo: int, hi: int) -> np.ndarray:
+            return lam_g[index[lo:hi]] * scale[lo:hi] ** 2
+
+        first = float(lam(0, 1)[0]) if lam_g.size and index.size else 0.0
+        uniform = all(bool(np.all(lam(lo, lo + store.chunk) == first)) for lo in range(0, index.size, store.chunk))
+        weights: list = [(lambda lo, hi, k=k: (index[lo:hi] == k).astype(np.float64)) for k in range(len(active))]
+        if not uniform:
+            weights.append(lam)
+        grams = store.gram(weights)
+        masks = [rotation.T @ g @ rotation for g in grams[: len(active)]]
+        if uniform:
+            decay: float | np.ndarray = first
+        else:
+            decay = rotation.T @ grams[-1] @ rotation
+        return Projection(coefs, masks, decay)
+
 
 def _coupled_decay(family: str, group: dict) -> float:
     return float(group.get("weight_decay") or 0.0) if family in ("sgd", "adam", "rmsprop", "adagrad") else 0.0

@@ -240,6 +240,10 @@ class CurvatureOperator:
         self.cache_graphs = cache_graphs
         self._cache: tuple[tuple[str, ...], list[Callable]] | None = None
 
+    def release(self) -> None:
+        """Drop the substituted parameters, the batches and any cached graphs (the operator is unusable after)."""
+        self.fixed, self.batches, self.weights, self._cache = {}, [], [], None
+
     def apply(self, vector: Mapping[str, torch.Tensor], out_names: Sequence[str]) -> dict[str, torch.Tensor]:
         """``(C̄ v)`` restricted to ``out_names`` (float64 tensors); names absent from ``vector`` are zero."""
         names = list(dict.fromkeys([*out_names, *vector]))

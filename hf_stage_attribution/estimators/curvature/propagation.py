@@ -65,9 +65,10 @@ from ...errors import EstimatorMemoryError, MissingCurvatureError, UnsupportedOp
 from ...ledger.core import LedgerCore
 from ...ledger.stage import Stage
 from ..propagation.rules import recorded_family, run_recurrence
-from .krylov import block_lanczos
+from .krylov import lanczos_into
 from .layout import SegmentLayout
 from .products import CurvatureOperator, LossSpec, _rows, resolve_loss
+from .scratch import VectorStore
 
 MODES = ("ggn", "hvp")
 PAIRED_BATCH_LOSSES = ("dpo",)  # losses whose batches must not be concatenated (chosen/rejected halves)
@@ -114,13 +115,19 @@ def curvature_peak_bytes(n: int, krylov_size: int) -> int:
 #: (measured: GPT-2, 4.2M parameters, 8 captured sequences of 16 tokens: peak 107× vs 53× the float32 parameter
 #: bytes without the cache). The cache only saves time: it is used when it fits twice over.
 GRAPH_CACHE_BYTES_PER_PARAMETER = 220
+#: Largest graph cache (estimated bytes) kept: the cache is about 55× the float32 parameter bytes, far above the
+#: bound of issue 16 (peak RSS rise ≤ 3× parameter bytes), so it is only worth its speed on small models (tests, the
+#: digits pipelines), where its absolute size is negligible.
+GRAPH_CACHE_MAX_BYTES = 128 * 2**20
 
 
 def graph_cache_fits(layout: Any, krylov_size: int) -> bool:
-    """Whether the curvature operator may keep its forward graphs between products (faster) in the memory free."""
+    """Whether the curvature operator may keep its forward graphs between products (faster): only when the cache is
+    small in absolute terms (:data:`GRAPH_CACHE_MAX_BYTES`) and fits twice over in the memory free."""
     n = sum(math.prod(layout.shapes[name]) for name in layout.active_names)
-    need = curvature_peak_bytes(n, krylov_size) + GRAPH_CACHE_BYTES_PER_PARAMETER * n
-    return 2 * need <= available_memory_bytes()
+    cache = GRAPH_CACHE_BYTES_PER_PARAMETER * n
+    need = curvature_peak_bytes(n, krylov_size) + cache
+    return cache <= GRAPH_CACHE_MAX_BYTES and 2 * need <= available_memory_bytes()
 
 
 def curvature_memory_problem(ledger: LedgerCore, first: int, krylov_size: int) -> str | None:
@@ -319,26 +326,30 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
     def apply_k(q: torch.Tensor) -> torch.Tensor:
         return op.apply_flat(q * s, layout.active_names, layout.shapes) * s * curvature_scale
 
-    q, h, _ = block_lanczos(apply_k, starts, krylov_size, shift=layout.decay_diagonal)
-    record["products"] = op.products
-    record["basis_size"] = q.shape[1]
-    if q.shape[1] == 0:
-        return torch.zeros_like(u0), torch.zeros_like(u0)
-    theta, w = torch.linalg.eigh(h)
-    record["ritz_values"] = [float(t) for t in theta]
-    negative = theta < -1e-12 * max(1.0, float(theta.abs().max()))
-    record["negative_modes"] = int(negative.sum()) if mode == "hvp" else 0
-    theta = theta.clamp_min(0.0).numpy()
-    basis = q @ w
-    del q  # the Krylov basis: only its rotation by the Ritz vectors is needed from here on
-    proj = layout.projection(basis)
-    yx, yb = (basis.T @ u0).numpy(), (basis.T @ b0f).numpy()
-    yf = (basis.T @ forcing).numpy() if forcing is not None else np.zeros_like(yx)
-    yc_x, yc_b, y0_x, y0_b, bad = proj.solve(theta, yx, yb, yf)
-    record["unstable_modes"] = int(bad.sum())
-    dx = basis @ torch.from_numpy(yc_x - y0_x)
-    db = basis @ torch.from_numpy(yc_b - y0_b)
-    return dx, db
+    with VectorStore(layout.size, max(krylov_size, len(starts))) as store:
+        h, _ = lanczos_into(store, apply_k, starts, krylov_size, shift=layout.decay_diagonal)
+        record["products"] = op.products
+        record["basis_size"] = store.count
+        record["scratch"] = store.where
+        op.release()  # the substituted parameters, batches and any cached graphs: not needed past the products
+        del starts
+        if store.count == 0:
+            return torch.zeros_like(u0), torch.zeros_like(u0)
+        theta, w = torch.linalg.eigh(h)
+        record["ritz_values"] = [float(t) for t in theta]
+        negative = theta < -1e-12 * max(1.0, float(theta.abs().max()))
+        record["negative_modes"] = int(negative.sum()) if mode == "hvp" else 0
+        theta = theta.clamp_min(0.0).numpy()
+        # Ritz coordinates V·y with V = Q·w: inner products against the stored rows, then rotated (no n×r matrix)
+        yx, yb = (w.T @ store.dots(u0)).numpy(), (w.T @ store.dots(b0f)).numpy()
+        yf = (w.T @ store.dots(forcing)).numpy() if forcing is not None else np.zeros_like(yx)
+        del u0, b0f, forcing
+        proj = layout.projection_streamed(store, w.numpy())
+        yc_x, yc_b, y0_x, y0_b, bad = proj.solve(theta, yx, yb, yf)
+        record["unstable_modes"] = int(bad.sum())
+        coefficients = w @ torch.from_numpy(np.stack([yc_x - y0_x, yc_b - y0_b], axis=1))
+        both = store.combine(coefficients)
+    return both[:, 0], both[:, 1]
 
 
 class _MidState(Mapping):
