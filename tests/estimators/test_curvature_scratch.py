@@ -101,3 +101,50 @@ def test_propagation_with_the_basis_on_disk_equals_the_basis_in_ram(tmp_path, mo
     assert torch.allclose(_flat(disk, names), _flat(ram, names), atol=1e-11, rtol=1e-9)
     assert (_flat(ram, names) - _flat(v, names)).abs().max() != 0  # the stage moved the perturbation
     assert os.listdir(tmp_path / "scratch") == []
+
+
+def test_preflight_counts_the_basis_on_disk_and_refuses_when_the_scratch_disk_is_too_small(tmp_path, monkeypatch):
+    from hf_stage_attribution.estimators.curvature import propagation
+
+    model = _mlp()
+    ledger = record_pipeline(tmp_path / "l", model, _ce_data(), LATER["two-groups"])
+    n = sum(p.numel() for p in model.parameters())
+    monkeypatch.setenv(scratch.SCRATCH_ENV, "disk")
+    big = 10**7  # on disk only one chunk of the basis counts in RAM
+    assert propagation.curvature_peak_bytes(big, 12) < propagation.curvature_peak_bytes(big, 12, where="ram")
+    assert propagation.curvature_scratch_bytes(n, 12) == 8 * n * 15
+    assert propagation.curvature_memory_problem(ledger, 0, 12) is None
+    monkeypatch.setattr(propagation, "scratch_free_bytes", lambda: 8 * n * 12)  # room for 9 of 12 (+3) vectors
+    problem = propagation.curvature_memory_problem(ledger, 0, 12)
+    assert problem is not None and "\n" not in problem and "scratch disk" in problem
+    assert "krylov_size': 9" in problem and "--curvature-preset cheap" in problem
+    short = propagation.curvature_peak_bytes(n, 1) - 1  # RAM short whatever the basis size
+    monkeypatch.setenv("HF_STAGE_ATTRIBUTION_MEMORY_BYTES", str(short))
+    problem = propagation.curvature_memory_problem(ledger, 0, 12)
+    assert problem is not None and "in RAM (basis on disk" in problem and "use --estimator aa-linear" in problem
+
+
+def test_allocation_failures_in_the_curvature_path_become_one_line_errors(tmp_path, monkeypatch):
+    from hf_stage_attribution.estimators.curvature import propagation
+
+    model = _mlp()
+    ledger = record_pipeline(tmp_path / "l", model, _ce_data(), LATER["two-groups"])
+    v = {n: t.double() for n, t in ledger.stages[0].iter_delta()}
+
+    def fail(message, kind=RuntimeError):
+        def lanczos(*args, **kwargs):
+            raise kind(message)
+
+        return lanczos
+
+    oom = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate"
+    for message, kind in ((oom, RuntimeError), ("", MemoryError), ("[Errno 28] No space left on device", OSError)):
+        monkeypatch.setattr(propagation, "lanczos_into", fail(message, kind))
+        with pytest.raises(EstimatorMemoryError) as caught:
+            propagate(v, ledger, 1, mode="ggn", model=model, krylov_size=12)
+        text = str(caught.value)
+        assert "\n" not in text and text.startswith("aa-ggn: the curvature propagation ran out of memory")
+        assert "--curvature-preset cheap or --estimator aa-linear" in text
+    monkeypatch.setattr(propagation, "lanczos_into", fail("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not disguised
+        propagate(v, ledger, 1, mode="ggn", model=model, krylov_size=4)

@@ -65,10 +65,10 @@ from ...errors import EstimatorMemoryError, MissingCurvatureError, UnsupportedOp
 from ...ledger.core import LedgerCore
 from ...ledger.stage import Stage
 from ..propagation.rules import recorded_family, run_recurrence
-from .krylov import lanczos_into
+from .krylov import basis_bytes, lanczos_into
 from .layout import SegmentLayout
 from .products import CurvatureOperator, LossSpec, _rows, resolve_loss
-from .scratch import VectorStore
+from .scratch import SCRATCH_DIR_ENV, VectorStore, scratch_dir, scratch_free_bytes, scratch_mode
 
 MODES = ("ggn", "hvp")
 PAIRED_BATCH_LOSSES = ("dpo",)  # losses whose batches must not be concatenated (chosen/rejected halves)
@@ -99,16 +99,32 @@ def curvature_settings(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"preset": name, **CURVATURE_PRESETS[name], **options}
 
 
-def curvature_peak_bytes(n: int, krylov_size: int) -> int:
-    """Estimated peak working memory of the curvature propagation over ``n`` coordinates: ``v_k`` carried and
-    propagated (float64), the Krylov basis with up to three start vectors and its rotation by the Ritz vectors, and a
-    few working vectors.
+#: Model-sized float64 vectors the curvature propagation holds in RAM besides the Krylov basis, calibrated on the
+#: GPT-2 case of ``benchmarks/estimator_memory.py`` (4.2M parameters, basis on disk: 117 bytes per coordinate): the
+#: carried perturbation and first moment, the symmetrising scale, the start block, the Lanczos working vectors and
+#: one curvature product's working set.
+WORKING_VECTORS = 16
+
+
+def curvature_peak_bytes(n: int, krylov_size: int, *, where: str | None = None) -> int:
+    """Estimated peak RAM of the curvature propagation over ``n`` coordinates: :data:`WORKING_VECTORS` float64
+    vectors, plus the Krylov basis (up to ``krylov_size + 3`` float64 vectors) when it is kept in RAM (``where``,
+    default :func:`~.scratch.scratch_mode`'s choice); on disk only one streamed chunk of it is in RAM.
 
     Example:
         >>> curvature_peak_bytes(1000, 12)
-        304000
+        248000
     """
-    return 8 * n * (2 * (krylov_size + 3) + 8)
+    rows = krylov_size + 3
+    where = where or scratch_mode(n, rows)
+    return basis_bytes(n, rows, where=where) + 8 * n * (WORKING_VECTORS - 4)
+
+
+def curvature_scratch_bytes(n: int, krylov_size: int, *, where: str | None = None) -> int:
+    """Scratch disk the curvature propagation writes over ``n`` coordinates: the float64 Krylov basis when it is on
+    disk (``0`` when it is kept in RAM)."""
+    rows = krylov_size + 3
+    return 8 * n * rows if (where or scratch_mode(n, rows)) == "disk" else 0
 
 
 #: Bytes per parameter that the curvature operator's cached forward graphs (``cache_graphs``) held on top of the rest
@@ -131,27 +147,40 @@ def graph_cache_fits(layout: Any, krylov_size: int) -> bool:
 
 
 def curvature_memory_problem(ledger: LedgerCore, first: int, krylov_size: int) -> str | None:
-    """``None`` when the curvature propagation of stage ``first`` onwards fits in the memory available now, else a
-    one-line explanation naming a setting that fits."""
+    """``None`` when the curvature propagation of stage ``first`` onwards fits in the memory available now (and its
+    Krylov basis, when it goes to disk, in the scratch directory's free space), else a one-line explanation naming a
+    setting that fits."""
     names: set[str] = set()
     for stage in ledger.stages[first:]:
         names |= set(stage.delta_names())
     shapes = ledger.parameter_shapes
     n = sum(math.prod(shapes[name]) for name in names if name in shapes)
     need, available = curvature_peak_bytes(n, krylov_size), available_memory_bytes()
-    if need <= available:
+    disk = curvature_scratch_bytes(n, krylov_size)
+    free = scratch_free_bytes() if disk else 0
+    if need <= available and disk <= free:
         return None
-    fits = int((available / (8 * max(n, 1)) - 8) / 2 - 3)
-    if fits >= CURVATURE_PRESETS["cheap"]["krylov_size"]:
+    cheap = CURVATURE_PRESETS["cheap"]["krylov_size"]
+    fits = max((k for k in range(1, krylov_size) if _fits(n, k, available)), default=0)
+    if fits >= cheap:
         fix = f"use --curvature-preset cheap or curvature_options={{'krylov_size': {fits}}}"
     elif fits >= 1:
         fix = f"use curvature_options={{'krylov_size': {fits}}} (CLI: --krylov-size {fits}) or --estimator aa-linear"
     else:
         fix = "use --estimator aa-linear (no Krylov basis: about one model copy)"
-    return (
-        f"the curvature propagation needs about {human_bytes(need)} (Krylov basis of {krylov_size} float64 vectors "
-        f"over {n:,} coordinates) but {human_bytes(available)} is available: {fix}"
-    )
+    if need > available:
+        where = "in RAM" if scratch_mode(n, krylov_size + 3) == "ram" else f"in RAM (basis on disk, {scratch_dir()})"
+        what = f"about {human_bytes(need)} {where} (Krylov basis of {krylov_size} float64 vectors over {n:,} "
+        what += f"coordinates, {WORKING_VECTORS} working vectors) but {human_bytes(available)} is available"
+    else:
+        what = f"{human_bytes(disk)} of scratch disk for its Krylov basis of {krylov_size} float64 vectors over "
+        what += f"{n:,} coordinates but {scratch_dir()} has {human_bytes(free)} free ({SCRATCH_DIR_ENV} moves it)"
+    return f"the curvature propagation needs {what}: {fix}"
+
+
+def _fits(n: int, krylov_size: int, available: int) -> bool:
+    disk = curvature_scratch_bytes(n, krylov_size)
+    return curvature_peak_bytes(n, krylov_size) <= available and (not disk or disk <= scratch_free_bytes())
 
 
 def check_curvature_memory(ledger: LedgerCore, first: int, krylov_size: int, estimator: str) -> None:
@@ -284,8 +313,13 @@ def propagate(
         info["segments"].append(record)
         if not curved or not layout.active_names:
             continue
-        correction = _curvature_correction(layout, x0, b0, model, theta_start, seg, loss, mode, krylov_size,
-                                           curvature_scale, sample_size, chunk_rows, record)  # fmt: skip
+        try:
+            correction = _curvature_correction(layout, x0, b0, model, theta_start, seg, loss, mode, krylov_size,
+                                               curvature_scale, sample_size, chunk_rows, record)  # fmt: skip
+        except (MemoryError, RuntimeError, OSError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            raise _memory_error(mode, layout.size, krylov_size, exc) from None
         x, buf = layout.add_correction(x, buf, *correction)
         for key in ("unstable_modes", "negative_modes"):
             info[key] += record[key]
@@ -294,6 +328,25 @@ def propagate(
     info["buffer"] = buf
     info["approximations"] = _approximations(stage, family, curved, info)
     return x, info
+
+
+_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "no space left on device")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is running out of RAM (or of scratch disk for the Krylov basis)."""
+    return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+def _memory_error(mode: str, n: int, krylov_size: int, exc: BaseException) -> EstimatorMemoryError:
+    """The one-line error that replaces an allocation failure inside the curvature propagation."""
+    cheap = CURVATURE_PRESETS["cheap"]["krylov_size"]
+    smaller = "--curvature-preset cheap" if krylov_size > cheap else f"--krylov-size {max(1, krylov_size // 2)}"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return EstimatorMemoryError(
+        f"aa-{mode}: the curvature propagation ran out of memory over {n:,} coordinates with krylov_size="
+        f"{krylov_size} ({first}); use {smaller} or --estimator aa-linear."
+    )
 
 
 def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, model: torch.nn.Module,
