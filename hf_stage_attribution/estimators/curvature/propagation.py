@@ -376,8 +376,11 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
         forcing = layout.flat(op.apply(frozen, layout.active_names)) * s * curvature_scale
         starts.append(forcing)
 
+    work = {"in": torch.empty_like(u0), "out": torch.empty_like(u0)}  # the product's input and output, reused
+
     def apply_k(q: torch.Tensor) -> torch.Tensor:
-        return op.apply_flat(q * s, layout.active_names, layout.shapes) * s * curvature_scale
+        image = op.apply_into(work["out"], torch.mul(q, s, out=work["in"]), layout.active_names, layout.shapes)
+        return image.mul_(s).mul_(curvature_scale)
 
     with VectorStore(layout.size, max(krylov_size, len(starts))) as store:
         h, _ = lanczos_into(store, apply_k, starts, krylov_size, shift=layout.decay_diagonal)
@@ -386,6 +389,7 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
         record["scratch"] = store.where
         op.release()  # the substituted parameters, batches and any cached graphs: not needed past the products
         del starts
+        work.clear()
         if store.count == 0:
             return torch.zeros_like(u0), torch.zeros_like(u0)
         theta, w = torch.linalg.eigh(h)
