@@ -368,9 +368,9 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
     record["sample_size"] = sum(op.weights)
     s = layout.scale
     u0 = layout.flat(x0) / s
-    b0f = layout.flat(b0) * s if b0 is not None else torch.zeros_like(u0)
+    b0f = layout.flat(b0) * s if b0 is not None else None  # no first-moment difference: no start vector for it
     frozen = {k: t for k, t in x0.items() if k not in layout.active_set and bool(t.abs().sum() > 0)}
-    starts = [u0, b0f]
+    starts = [u0] if b0f is None else [u0, b0f]  # a zero start adds nothing to the basis
     forcing = None
     if frozen:
         forcing = layout.flat(op.apply(frozen, layout.active_names)) * s * curvature_scale
@@ -398,7 +398,8 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
         record["negative_modes"] = int(negative.sum()) if mode == "hvp" else 0
         theta = theta.clamp_min(0.0).numpy()
         # Ritz coordinates V·y with V = Q·w: inner products against the stored rows, then rotated (no n×r matrix)
-        yx, yb = (w.T @ store.dots(u0)).numpy(), (w.T @ store.dots(b0f)).numpy()
+        yx = (w.T @ store.dots(u0)).numpy()
+        yb = (w.T @ store.dots(b0f)).numpy() if b0f is not None else np.zeros_like(yx)
         yf = (w.T @ store.dots(forcing)).numpy() if forcing is not None else np.zeros_like(yx)
         del u0, b0f, forcing
         proj = layout.projection_streamed(store, w.numpy())
