@@ -100,10 +100,11 @@ def curvature_settings(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 #: Model-sized float64 vectors the curvature propagation holds in RAM besides the Krylov basis, calibrated on the
-#: GPT-2 case of ``benchmarks/estimator_memory.py`` (4.2M parameters, basis on disk: 117 bytes per coordinate): the
-#: carried perturbation and first moment, the symmetrising scale, the start block, the Lanczos working vectors and
-#: one curvature product's working set.
-WORKING_VECTORS = 16
+#: GPT-2 case of ``benchmarks/estimator_memory.py`` (4.2M parameters, basis on disk: peak RSS rise 142 bytes per
+#: coordinate, 35.5× the float32 parameter bytes): the carried perturbation and first moment (before and after the
+#: segment), the symmetrising scale, the start block, the Lanczos working vectors and one curvature product's
+#: working set.
+WORKING_VECTORS = 18
 
 
 def curvature_peak_bytes(n: int, krylov_size: int, *, where: str | None = None) -> int:
@@ -113,7 +114,7 @@ def curvature_peak_bytes(n: int, krylov_size: int, *, where: str | None = None) 
 
     Example:
         >>> curvature_peak_bytes(1000, 12)
-        248000
+        264000
     """
     rows = krylov_size + 3
     where = where or scratch_mode(n, rows)
