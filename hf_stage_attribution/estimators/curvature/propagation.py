@@ -307,21 +307,25 @@ def propagate(
             continue
         start = max(start, start_step)
         layout = SegmentLayout(stage, seg, family, start, end, continued, buffer_fresh=(start == 0 and not continued))
-        x0, b0 = x, buf
-        x, buf = layout.curvature_free(x0, b0)
         record = {"segment": seg.index, "steps": [start, end], "mid_step": seg.mid_step, "basis_size": 0,
                   "products": 0, "ritz_values": [], "unstable_modes": 0, "negative_modes": 0}  # fmt: skip
         info["segments"].append(record)
-        if not curved or not layout.active_names:
+        correction = None
+        if curved and layout.active_names:
+            # the correction first, from the segment's start (x, buf): R_0's new copy of them is made after it, so
+            # the two are never both in memory during the curvature products
+            try:
+                correction = _curvature_correction(layout, x, buf, model, theta_start, seg, loss, mode, krylov_size,
+                                                   curvature_scale, sample_size, chunk_rows, record)  # fmt: skip
+            except (MemoryError, RuntimeError, OSError) as exc:
+                if not _out_of_memory(exc):
+                    raise
+                raise _memory_error(mode, layout.size, krylov_size, exc) from None
+        x, buf = layout.curvature_free(x, buf)
+        if correction is None:
             continue
-        try:
-            correction = _curvature_correction(layout, x0, b0, model, theta_start, seg, loss, mode, krylov_size,
-                                               curvature_scale, sample_size, chunk_rows, record)  # fmt: skip
-        except (MemoryError, RuntimeError, OSError) as exc:
-            if not _out_of_memory(exc):
-                raise
-            raise _memory_error(mode, layout.size, krylov_size, exc) from None
         x, buf = layout.add_correction(x, buf, *correction)
+        del correction
         for key in ("unstable_modes", "negative_modes"):
             info[key] += record[key]
         info["curvature_products"] += record["products"]
