@@ -71,6 +71,7 @@ def lanczos_into(
     *,
     shift: torch.Tensor | None = None,
     rtol: float = 1e-10,
+    consume_starts: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Block Lanczos writing the orthonormal basis into ``store`` (its rows ``0..r−1``); returns the projected
     operator ``H = Qᵀ A Q`` (``r×r``, symmetrised) and the number of products spent (``= r``).
@@ -84,6 +85,8 @@ def lanczos_into(
     Memory: a few float64 working vectors besides the store (:func:`basis_bytes`); products are not kept: ``H`` is
     filled as each image ``A q_j`` is formed (``H_ij = q_i · A q_j`` for the vectors present then, the rest by
     symmetry). Inner products accumulate in float64 per coordinate chunk; nothing of the basis is stacked.
+    ``consume_starts``: ``starts`` is a list emptied as its vectors enter the basis, so that a caller holding no
+    other reference to them frees each start before the first product.
     """
     limit = max(max_size, len(starts))
 
@@ -91,14 +94,16 @@ def lanczos_into(
         w.div_(w.norm())
         store.write(store.count, w)
 
-    for s in starts:
+    pending = starts if consume_starts else list(starts)
+    while pending:
+        s = pending.pop(0)
         norm = float(s.norm())
         if norm == 0.0 or not torch.isfinite(s).all():
             continue
         w = _orthogonalise(s.to(torch.float64, copy=True), store)
         if float(w.norm()) > rtol * norm and store.count < limit:
             add(w)
-        del w
+        del w, s
     if store.count == 0:
         return torch.zeros(0, 0, dtype=torch.float64), 0
     entries: dict[tuple[int, int], float] = {}

@@ -388,7 +388,8 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
         return image.mul_(s).mul_(curvature_scale)
 
     with VectorStore(layout.size, max(krylov_size, len(starts))) as store:
-        h, _ = lanczos_into(store, apply_k, starts, krylov_size, shift=layout.decay_diagonal)
+        del u0, b0f  # held by `starts` only, which the Lanczos run empties: recomputed from x0, b0 afterwards
+        h, _ = lanczos_into(store, apply_k, starts, krylov_size, shift=layout.decay_diagonal, consume_starts=True)
         record["products"] = op.products
         record["basis_size"] = store.count
         record["scratch"] = store.where
@@ -396,17 +397,17 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
         del starts
         work.clear()
         if store.count == 0:
-            return torch.zeros_like(u0), torch.zeros_like(u0)
+            return torch.zeros(layout.size, dtype=torch.float64), torch.zeros(layout.size, dtype=torch.float64)
         theta, w = torch.linalg.eigh(h)
         record["ritz_values"] = [float(t) for t in theta]
         negative = theta < -1e-12 * max(1.0, float(theta.abs().max()))
         record["negative_modes"] = int(negative.sum()) if mode == "hvp" else 0
         theta = theta.clamp_min(0.0).numpy()
         # Ritz coordinates V·y with V = Q·w: inner products against the stored rows, then rotated (no n×r matrix)
-        yx = (w.T @ store.dots(u0)).numpy()
-        yb = (w.T @ store.dots(b0f)).numpy() if b0f is not None else np.zeros_like(yx)
+        yx = (w.T @ store.dots(layout.flat(x0).div_(s))).numpy()
+        yb = (w.T @ store.dots(layout.flat(b0).mul_(s))).numpy() if b0 is not None else np.zeros_like(yx)
         yf = (w.T @ store.dots(forcing)).numpy() if forcing is not None else np.zeros_like(yx)
-        del u0, b0f, forcing
+        del forcing
         proj = layout.projection_streamed(store, w.numpy())
         yc_x, yc_b, y0_x, y0_b, bad = proj.solve(theta, yx, yb, yf)
         record["unstable_modes"] = int(bad.sum())
