@@ -277,11 +277,17 @@ class CurvatureOperator:
         return self.apply_into(out, flat, names, shapes)
 
     def apply_into(
-        self, out: torch.Tensor, flat: torch.Tensor, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]
+        self,
+        out: torch.Tensor,
+        flat: torch.Tensor,
+        names: Sequence[str],
+        shapes: Mapping[str, tuple[int, ...]],
+        scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`apply_flat` written into the preallocated float64 vector ``out`` (returned): each batch's product
         is added tensor by tensor into ``out`` (no concatenated or float64 copy of it), and its graph is freed
-        before the next batch (unless the graphs are cached)."""
+        before the next batch (unless the graphs are cached). ``scale``: a flat vector multiplying ``flat``
+        elementwise first (``C̄ (s ⊙ v)``), one tensor at a time (no scaled copy of ``flat``)."""
         for n in names:
             if n not in self.module_name:
                 raise ModelMismatchError(f"The model has no parameter {n!r} (base name) for curvature products.")
@@ -289,7 +295,9 @@ class CurvatureOperator:
         primals = {k: self.fixed[k] for k in keys}
         sizes = [math.prod(shapes[n]) for n in names]
         tangents = {}
-        for k, n, part in zip(keys, names, flat.split(sizes)):
+        scales = scale.split(sizes) if scale is not None else [None] * len(sizes)
+        for k, n, part, sp in zip(keys, names, flat.split(sizes), scales):
+            part = part if sp is None else part * sp
             tangents[k] = part.to(self.device, self.dtype).view(shapes[n]).to(primals[k].dtype)
         cpu = out.device == self.device
         total = out if cpu else torch.empty(out.numel(), dtype=torch.float64, device=self.device)

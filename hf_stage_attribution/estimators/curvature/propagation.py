@@ -381,10 +381,10 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
         forcing = layout.flat(op.apply(frozen, layout.active_names)) * s * curvature_scale
         starts.append(forcing)
 
-    work = {"in": torch.empty_like(u0), "out": torch.empty_like(u0)}  # the product's input and output, reused
+    work = {"out": torch.empty_like(u0)}  # the product's output, reused
 
     def apply_k(q: torch.Tensor) -> torch.Tensor:
-        image = op.apply_into(work["out"], torch.mul(q, s, out=work["in"]), layout.active_names, layout.shapes)
+        image = op.apply_into(work["out"], q, layout.active_names, layout.shapes, scale=s)
         return image.mul_(s).mul_(curvature_scale)
 
     with VectorStore(layout.size, max(krylov_size, len(starts))) as store:
