@@ -32,8 +32,14 @@ different decay) is added to ``K`` when the Krylov space is *grown* (not in the 
 the operator that actually drives the recurrence; with a basis as large as the model everything is exact.
 
 Cost: per segment ``≤ krylov_size`` products on the captured sample (+1 when frozen tensors are perturbed),
-whatever the number of steps. Each product reuses the batch's autograd graph, built once per segment. Cheaper
-settings: ``max_segments`` (use fewer of the recorded segments), ``sample_size``, a smaller ``krylov_size``.
+whatever the number of steps. On small models each product reuses the batch's autograd graph, built once per
+segment; on larger ones the graphs are rebuilt per product and freed after each batch. Cheaper settings:
+``max_segments`` (use fewer of the recorded segments), ``sample_size``, a smaller ``krylov_size``.
+
+Memory (issue 16): the Krylov basis lives in a :class:`~.scratch.VectorStore` (in RAM when small, else a float64
+scratch file streamed in coordinate chunks), the start vectors are freed as they enter it, each product is written
+into one reused buffer, and the curvature-free recurrence runs a tensor at a time; :func:`curvature_memory_problem`
+refuses up front, in one line, when the RAM or the scratch disk needed is not there.
 
 Differences from ESTIMATORS.md §4a worth knowing: the Krylov space starts from the perturbation itself (the block
 ``[u, b', f]``), so nothing of ``v`` lies outside it; the "outside component follows ``D_j``" rule is realised by the
@@ -100,11 +106,11 @@ def curvature_settings(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 #: Model-sized float64 vectors the curvature propagation holds in RAM besides the Krylov basis, calibrated on the
-#: GPT-2 case of ``benchmarks/estimator_memory.py`` (4.2M parameters, basis on disk: peak RSS rise 142 bytes per
-#: coordinate, 35.5× the float32 parameter bytes): the carried perturbation and first moment (before and after the
-#: segment), the symmetrising scale, the start block, the Lanczos working vectors and one curvature product's
-#: working set.
-WORKING_VECTORS = 18
+#: GPT-2 case of ``benchmarks/estimator_memory.py`` (4.2M parameters, basis on disk: peak RSS rise 24.7× the float32
+#: parameter bytes for aa-ggn, 27.5× for aa-hvp, i.e. up to 110 bytes per coordinate): the carried perturbation and
+#: first moment, the optimizer's preconditioner and the symmetrising scale, the Lanczos working vectors, one
+#: curvature product's working set, and the estimator's own rows and embeddings around the propagation.
+WORKING_VECTORS = 14
 
 
 def curvature_peak_bytes(n: int, krylov_size: int, *, where: str | None = None) -> int:
@@ -114,7 +120,7 @@ def curvature_peak_bytes(n: int, krylov_size: int, *, where: str | None = None) 
 
     Example:
         >>> curvature_peak_bytes(1000, 12)
-        264000
+        232000
     """
     rows = krylov_size + 3
     where = where or scratch_mode(n, rows)
