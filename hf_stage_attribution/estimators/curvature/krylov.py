@@ -20,23 +20,25 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .scratch import CHUNK, VectorStore
 
-def _orthogonalise(w: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
-    """``w`` minus its components along ``basis``, twice, one basis vector at a time (in place on ``w``'s copy):
-    no ``n × r`` matrix is stacked, so the working memory is one vector whatever the basis size."""
-    if not basis:
-        return w
-    w = w.clone()
+
+def _orthogonalise(w: torch.Tensor, basis: VectorStore) -> torch.Tensor:
+    """``w`` minus its components along the rows of ``basis``, twice (classical Gram–Schmidt, repeated), in place
+    on ``w`` (float64): the inner products and the update stream over the basis in coordinate chunks, so the working
+    memory is ``w`` itself whatever the basis size and wherever it lives."""
     for _ in range(2):
-        coefficients = [float(q @ w) for q in basis]  # classical Gram–Schmidt: all coefficients from the same w
-        for q, c in zip(basis, coefficients):
-            w.add_(q, alpha=-c)
+        basis.subtract(w, basis.dots(w))  # classical Gram–Schmidt: all coefficients from the same w
     return w
 
 
-def basis_bytes(n: int, max_size: int) -> int:
-    """Peak bytes of :func:`block_lanczos` on ``n`` coordinates: the float64 basis plus four working vectors."""
-    return 8 * n * (max_size + 4)
+def basis_bytes(n: int, max_size: int, *, where: str = "ram") -> int:
+    """Peak RAM bytes of :func:`block_lanczos` on ``n`` coordinates: four float64 working vectors, plus the float64
+    basis itself when it is kept in RAM (``where="ram"``) or one streamed chunk of it when it is on disk."""
+    work = 8 * n * 4
+    if where == "ram":
+        return work + 8 * n * max_size
+    return work + 8 * max_size * min(n, CHUNK)
 
 
 def block_lanczos(
@@ -50,54 +52,81 @@ def block_lanczos(
     """An orthonormal basis ``Q`` (``n×r``, ``r ≤ max_size``) of the block Krylov space of ``apply`` from ``starts``,
     the projected operator ``H = Qᵀ A Q`` (``r×r``, symmetrised) and the number of products spent (``= r``).
 
+    The basis is kept in RAM: :func:`lanczos_into` with a :class:`~.scratch.VectorStore` is the same algorithm with
+    the basis wherever the store keeps it (on disk for large models).
+    """
+    n = starts[0].numel() if starts else 0
+    store = VectorStore(n, max(max_size, len(starts), 1), where="ram")
+    h, products = lanczos_into(store, apply, starts, max_size, shift=shift, rtol=rtol)
+    r = store.count
+    q = store._ram[:r].T if r else torch.zeros(n, 0, dtype=torch.float64)
+    return q, h, products
+
+
+def lanczos_into(
+    store: VectorStore,
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    starts: Sequence[torch.Tensor],
+    max_size: int,
+    *,
+    shift: torch.Tensor | None = None,
+    rtol: float = 1e-10,
+    consume_starts: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """Block Lanczos writing the orthonormal basis into ``store`` (its rows ``0..r−1``); returns the projected
+    operator ``H = Qᵀ A Q`` (``r×r``, symmetrised) and the number of products spent (``= r``).
+
     ``shift``: a diagonal ``D`` (vector) added to ``A`` when *growing* the space (``A q + D q``), not in ``H``: the
     space is then a Krylov space of ``A + D`` (e.g. curvature plus a non-uniform coupled decay) while ``H`` stays the
     projection of ``A`` alone. A start vector, or a new direction, is dropped when less than ``rtol`` of its norm
     survives orthogonalisation; a new direction is also dropped when its norm is below ``rtol`` times the largest
     direction norm seen (breakdown).
 
-    Memory: the basis and a few working vectors (:func:`basis_bytes`); products are not kept: ``H`` is filled as
-    each image ``A q_j`` is formed (``H_ij = q_i · A q_j`` for the vectors present then, the rest by symmetry).
+    Memory: a few float64 working vectors besides the store (:func:`basis_bytes`); products are not kept: ``H`` is
+    filled as each image ``A q_j`` is formed (``H_ij = q_i · A q_j`` for the vectors present then, the rest by
+    symmetry). Inner products accumulate in float64 per coordinate chunk; nothing of the basis is stacked.
+    ``consume_starts``: ``starts`` is a list emptied as its vectors enter the basis, so that a caller holding no
+    other reference to them frees each start before the first product.
     """
-    n = starts[0].numel() if starts else 0
-    rows = torch.empty(max(max_size, len(starts)), n, dtype=torch.float64)  # the basis, one contiguous row each
-    basis: list[torch.Tensor] = []
+    limit = max(max_size, len(starts))
 
     def add(w: torch.Tensor) -> None:
-        row = rows[len(basis)]
-        torch.div(w, w.norm(), out=row)
-        basis.append(row)
+        w.div_(w.norm())
+        store.write(store.count, w)
 
-    for s in starts:
-        s = s.to(torch.float64)
+    pending = starts if consume_starts else list(starts)
+    while pending:
+        s = pending.pop(0)
         norm = float(s.norm())
         if norm == 0.0 or not torch.isfinite(s).all():
             continue
-        w = _orthogonalise(s, basis)
-        if float(w.norm()) > rtol * norm:
+        w = _orthogonalise(s.to(torch.float64, copy=True), store)
+        if float(w.norm()) > rtol * norm and store.count < limit:
             add(w)
-    if not basis:
-        return torch.zeros(n, 0, dtype=torch.float64), torch.zeros(0, 0, dtype=torch.float64), 0
+        del w, s
+    if store.count == 0:
+        return torch.zeros(0, 0, dtype=torch.float64), 0
     entries: dict[tuple[int, int], float] = {}
     products = 0
     scale = 0.0
-    while products < len(basis):
+    q = torch.empty(store.n, dtype=torch.float64)
+    while products < store.count:
         j = products
-        q = basis[j]
+        store.read(j, out=q)
         w = apply(q).to(torch.float64)
         products += 1
-        for i, qi in enumerate(basis):
-            entries[(i, j)] = float(qi @ w)
+        for i, value in enumerate(store.dots(w).tolist()):
+            entries[(i, j)] = value
         if shift is not None:
-            w = w + shift * q
+            w.addcmul_(shift, q)
         norm = float(w.norm())
         scale = max(scale, norm)
-        if len(basis) < max_size and norm > 0.0:
-            w = _orthogonalise(w, basis)
+        if store.count < max_size and norm > 0.0:
+            w = _orthogonalise(w, store)
             if float(w.norm()) > rtol * max(scale, norm):
                 add(w)
         del w
-    r = len(basis)
+    r = store.count
     h = torch.zeros(r, r, dtype=torch.float64)
     for i in range(r):
         for j in range(r):
@@ -105,5 +134,4 @@ def block_lanczos(
                 h[i, j] = entries[(i, j)]
             elif (j, i) in entries:
                 h[i, j] = entries[(j, i)]
-    basis.clear()
-    return rows[:r].T, 0.5 * (h + h.T), products
+    return 0.5 * (h + h.T), products

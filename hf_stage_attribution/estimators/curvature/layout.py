@@ -79,7 +79,8 @@ class SegmentLayout:
             self.offsets[n] = (total, total + size)
             total += size
         self.size = total
-        self.group_index = np.zeros(total, dtype=np.int64)
+        # the active param group of each coordinate: int16 (a handful of groups) keeps it at a quarter of int64's size
+        self.group_index = np.zeros(total, dtype=np.int16 if len(self.groups) < 2**15 else np.int64)
         for k, g in enumerate(x for x in self.groups if x.active):
             for n in g.names:
                 a, b = self.offsets[n]
@@ -108,7 +109,7 @@ class SegmentLayout:
         )
         if lam.numel() == 0:
             return None
-        diag = lam[torch.from_numpy(self.group_index)] * self.scale**2
+        diag = lam[torch.from_numpy(self.group_index).long()] * self.scale**2
         return None if bool((diag == diag[0]).all()) else diag
 
     @property
@@ -157,43 +158,43 @@ class SegmentLayout:
     # --- curvature-free recurrence --------------------------------------------------------------------------------
 
     def curvature_free(self, x: dict[str, torch.Tensor], buf: dict[str, torch.Tensor] | None):
-        """``R_0``: every tensor through the recurrence without curvature (``D_j`` on the steps of this layout), one
-        :func:`~.propagation.run_recurrence` call per param group on the group's tensors laid end to end."""
+        """``R_0``: every tensor through the recurrence without curvature (``D_j`` on the steps of this layout).
+
+        The curvature-free recurrence is elementwise (per-group scalars, a per-coordinate preconditioner), so it runs
+        one tensor at a time: the result is the group-wide run's, and the working memory is one tensor, not a
+        float64 copy of the whole group. Whether the preconditioner enters is decided per group, as before."""
         x = dict(x)
         new_buf = None if buf is None else dict(buf)
         for g in self.groups:
             names = [n for n in g.names if n in x or (buf is not None and n in buf)]
             if not names:
                 continue
-            shapes = [self._shape(n, x[n] if n in x else buf[n]) for n in names]
-            sizes = [int(np.prod(s)) if s else 1 for s in shapes]
+            use_p = self._needs_precond(g, None if buf is None else [buf[n] for n in names if n in buf])
+            zero = torch.zeros((), dtype=torch.float64)
+            for n in names:
+                shape = self._shape(n, x[n] if n in x else buf[n])
+                size = int(np.prod(shape)) if shape else 1
 
-            def cat(d: dict, names=names, shapes=shapes) -> torch.Tensor:
-                zero = torch.zeros(())
-                return torch.cat(
-                    [d.get(n, zero).to(torch.float64).expand(s).reshape(-1) for n, s in zip(names, shapes)]
-                )
+                def flat(d: dict, n=n, shape=shape, zero=zero) -> torch.Tensor:
+                    return d.get(n, zero).to(torch.float64).expand(shape).reshape(-1)
 
-            b0 = None if buf is None else cat(buf)
-            p = torch.cat([self.precond[n].reshape(-1) for n in names]) if self._needs_precond(g, b0) else 1.0
-            x1, b1 = run_recurrence(g.lrs, g.group, self.family, 0.0, cat(x), b0, p, self.step0)
-            x1 = torch.as_tensor(x1, dtype=torch.float64).expand(sum(sizes))
-            for n, s, part in zip(names, shapes, torch.split(x1, sizes)):
-                x[n] = part.reshape(s).clone()
-            if b1 is not None:
-                b1 = torch.as_tensor(b1, dtype=torch.float64).expand(sum(sizes))
-                new_buf = {} if new_buf is None else new_buf
-                for n, s, part in zip(names, shapes, torch.split(b1, sizes)):
-                    new_buf[n] = part.reshape(s).clone()
+                b0 = None if buf is None else flat(buf)
+                p = self.precond[n].reshape(-1) if use_p else 1.0
+                x1, b1 = run_recurrence(g.lrs, g.group, self.family, 0.0, flat(x), b0, p, self.step0)
+                x[n] = _owned(x1, size, shape)
+                if b1 is not None:
+                    new_buf = {} if new_buf is None else new_buf
+                    new_buf[n] = _owned(b1, size, shape)
+                del b0, x1, b1
         return x, new_buf
 
-    def _needs_precond(self, g: _Group, b0: torch.Tensor | None) -> bool:
+    def _needs_precond(self, g: _Group, b0: list[torch.Tensor] | None) -> bool:
         """Whether ``P`` changes the curvature-free run: coupled decay under a preconditioner, or an Adam
-        first-moment difference (RMSprop's buffer already holds ``P·g``)."""
+        first-moment difference (RMSprop's buffer already holds ``P·g``) in the group's tensors ``b0``."""
         if self.family not in PRECONDITIONED_FAMILIES:
             return False
         coupled = self.family in ("adam", "rmsprop", "adagrad") and float(g.group.get("weight_decay") or 0.0) != 0.0
-        moment = self.family in ("adam", "adamw") and b0 is not None and bool(b0.abs().sum() > 0)
+        moment = self.family in ("adam", "adamw") and b0 is not None and any(bool(t.abs().sum() > 0) for t in b0)
         return coupled or moment
 
     def _shape(self, name: str, like: torch.Tensor) -> tuple[int, ...]:
@@ -213,15 +214,17 @@ class SegmentLayout:
         return {n: flat[a:b].reshape(self.shapes[n]) for n, (a, b) in self.offsets.items()}
 
     def add_correction(self, x: dict, buf: dict | None, dx: torch.Tensor, db: torch.Tensor):
-        """``x += s·dx`` and ``buf += db/s`` on the active tensors."""
+        """``x += s·dx`` and ``buf += db/s`` on the active tensors (new tensors, one at a time: no flat temporary)."""
         x = dict(x)
-        dxs, dbs = self.unflat(dx * self.scale), self.unflat(db / self.scale)
+        scale = self.scale
         has_buffer = buf is not None or bool(db.abs().sum() > 0)
         buf = None if not has_buffer else dict(buf or {})
         for n in self.active_names:
-            x[n] = x.get(n, torch.zeros(self.shapes[n], dtype=torch.float64)) + dxs[n]
+            a, b = self.offsets[n]
+            shape = self.shapes[n]
+            x[n] = x.get(n, torch.zeros(shape, dtype=torch.float64)) + (dx[a:b] * scale[a:b]).reshape(shape)
             if buf is not None:
-                buf[n] = buf.get(n, torch.zeros(self.shapes[n], dtype=torch.float64)) + dbs[n]
+                buf[n] = buf.get(n, torch.zeros(shape, dtype=torch.float64)) + (db[a:b] / scale[a:b]).reshape(shape)
         return x, buf
 
     # --- projections ----------------------------------------------------------------------------------------------
@@ -240,6 +243,45 @@ class SegmentLayout:
         lam = np.array([c.lam_c for c in coefs])[self.group_index] * (self.scale.numpy() ** 2)
         decay = float(lam[0]) if lam.size and np.all(lam == lam[0]) else (v.T * lam) @ v
         return Projection(coefs, masks, decay)
+
+    def projection_streamed(self, store: Any, rotation: np.ndarray) -> Projection:
+        """:meth:`projection` for the basis ``V = Q·rotation`` with ``Q`` the rows of a
+        :class:`~.scratch.VectorStore`: the group masks and the coupled decay are formed as weighted Gram matrices of
+        ``Q`` in one streamed pass over coordinate chunks (``Qᵀ diag(d) Q``), then rotated; no ``n×r`` matrix and no
+        model-sized weight vector is built."""
+        active = [g for g in self.groups if g.active]
+        coefs = [
+            group_coefficients(
+                self.family, g.group, g.lrs, step0=self.step0, buffer_fresh=self.buffer_fresh, alpha=g.alpha
+            )
+            for g in active
+        ]
+        lam_g = np.array([c.lam_c for c in coefs])
+        index, scale = self.group_index, self.scale.numpy()
+
+        def lam(lo: int, hi: int) -> np.ndarray:
+            return lam_g[index[lo:hi]] * scale[lo:hi] ** 2
+
+        first = float(lam(0, 1)[0]) if lam_g.size and index.size else 0.0
+        uniform = all(bool(np.all(lam(lo, lo + store.chunk) == first)) for lo in range(0, index.size, store.chunk))
+        weights: list = [(lambda lo, hi, k=k: (index[lo:hi] == k).astype(np.float64)) for k in range(len(active))]
+        if not uniform:
+            weights.append(lam)
+        grams = store.gram(weights)
+        masks = [rotation.T @ g @ rotation for g in grams[: len(active)]]
+        if uniform:
+            decay: float | np.ndarray = first
+        else:
+            decay = rotation.T @ grams[-1] @ rotation
+        return Projection(coefs, masks, decay)
+
+
+def _owned(value: Any, size: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A recurrence result (tensor or number) as a float64 tensor of ``shape`` that owns its storage."""
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.numel() == size and t.is_contiguous() and t.dim() > 0:
+        return t.reshape(shape)
+    return t.expand(size).reshape(shape).clone()
 
 
 def _coupled_decay(family: str, group: dict) -> float:

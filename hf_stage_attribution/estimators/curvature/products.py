@@ -240,6 +240,10 @@ class CurvatureOperator:
         self.cache_graphs = cache_graphs
         self._cache: tuple[tuple[str, ...], list[Callable]] | None = None
 
+    def release(self) -> None:
+        """Drop the substituted parameters, the batches and any cached graphs (the operator is unusable after)."""
+        self.fixed, self.batches, self.weights, self._cache = {}, [], [], None
+
     def apply(self, vector: Mapping[str, torch.Tensor], out_names: Sequence[str]) -> dict[str, torch.Tensor]:
         """``(C̄ v)`` restricted to ``out_names`` (float64 tensors); names absent from ``vector`` are zero."""
         names = list(dict.fromkeys([*out_names, *vector]))
@@ -269,20 +273,46 @@ class CurvatureOperator:
     ) -> torch.Tensor:
         """``C̄ v`` for ``v`` laid end to end over ``names`` (float64, in that order and with those shapes), as the same
         flat float64 vector: :meth:`apply` without building dicts of float64 tensors per product."""
+        out = torch.empty(flat.numel(), dtype=torch.float64)
+        return self.apply_into(out, flat, names, shapes)
+
+    def apply_into(
+        self,
+        out: torch.Tensor,
+        flat: torch.Tensor,
+        names: Sequence[str],
+        shapes: Mapping[str, tuple[int, ...]],
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`apply_flat` written into the preallocated float64 vector ``out`` (returned): each batch's product
+        is added tensor by tensor into ``out`` (no concatenated or float64 copy of it), and its graph is freed
+        before the next batch (unless the graphs are cached). ``scale``: a flat vector multiplying ``flat``
+        elementwise first (``C̄ (s ⊙ v)``), one tensor at a time (no scaled copy of ``flat``)."""
         for n in names:
             if n not in self.module_name:
                 raise ModelMismatchError(f"The model has no parameter {n!r} (base name) for curvature products.")
         keys = [self.module_name[n] for n in names]
         primals = {k: self.fixed[k] for k in keys}
         sizes = [math.prod(shapes[n]) for n in names]
-        parts = flat.to(self.device, self.dtype).split(sizes)
-        tangents = {k: part.view(shapes[n]).to(primals[k].dtype) for k, n, part in zip(keys, names, parts)}
-        total = torch.zeros(sum(sizes), dtype=torch.float64, device=self.device)
+        tangents = {}
+        scales = scale.split(sizes) if scale is not None else [None] * len(sizes)
+        for k, n, part, sp in zip(keys, names, flat.split(sizes), scales):
+            part = part if sp is None else part * sp
+            tangents[k] = part.to(self.device, self.dtype).view(shapes[n]).to(primals[k].dtype)
+        cpu = out.device == self.device
+        total = out if cpu else torch.empty(out.numel(), dtype=torch.float64, device=self.device)
+        total.zero_()
+        parts = total.split(sizes)
         for fn, w in zip(self._closures(primals), self.weights):
-            out = fn(tangents)
-            total.add_(torch.cat([out[k].reshape(-1) for k in keys]).to(torch.float64), alpha=w)
+            product = fn(tangents)
+            for k, part in zip(keys, parts):
+                part.add_(product.pop(k).reshape(-1), alpha=w)
+            del product
         self.products += 1
-        return total.cpu() / sum(self.weights)
+        total.div_(sum(self.weights))
+        if not cpu:
+            out.copy_(total)
+        return out
 
     def _closures(self, primals: dict[str, torch.Tensor]) -> list[Callable]:
         """Per batch, ``tangents ↦ C̄_batch · tangents``. With ``cache_graphs`` the forward graph of each batch is

@@ -32,8 +32,14 @@ different decay) is added to ``K`` when the Krylov space is *grown* (not in the 
 the operator that actually drives the recurrence; with a basis as large as the model everything is exact.
 
 Cost: per segment ``≤ krylov_size`` products on the captured sample (+1 when frozen tensors are perturbed),
-whatever the number of steps. Each product reuses the batch's autograd graph, built once per segment. Cheaper
-settings: ``max_segments`` (use fewer of the recorded segments), ``sample_size``, a smaller ``krylov_size``.
+whatever the number of steps. On small models each product reuses the batch's autograd graph, built once per
+segment; on larger ones the graphs are rebuilt per product and freed after each batch. Cheaper settings:
+``max_segments`` (use fewer of the recorded segments), ``sample_size``, a smaller ``krylov_size``.
+
+Memory (issue 16): the Krylov basis lives in a :class:`~.scratch.VectorStore` (in RAM when small, else a float64
+scratch file streamed in coordinate chunks), the start vectors are freed as they enter it, each product is written
+into one reused buffer, and the curvature-free recurrence runs a tensor at a time; :func:`curvature_memory_problem`
+refuses up front, in one line, when the RAM or the scratch disk needed is not there.
 
 Differences from ESTIMATORS.md §4a worth knowing: the Krylov space starts from the perturbation itself (the block
 ``[u, b', f]``), so nothing of ``v`` lies outside it; the "outside component follows ``D_j``" rule is realised by the
@@ -65,9 +71,10 @@ from ...errors import EstimatorMemoryError, MissingCurvatureError, UnsupportedOp
 from ...ledger.core import LedgerCore
 from ...ledger.stage import Stage
 from ..propagation.rules import recorded_family, run_recurrence
-from .krylov import block_lanczos
+from .krylov import basis_bytes, lanczos_into
 from .layout import SegmentLayout
 from .products import CurvatureOperator, LossSpec, _rows, resolve_loss
+from .scratch import SCRATCH_DIR_ENV, VectorStore, scratch_dir, scratch_free_bytes, scratch_mode
 
 MODES = ("ggn", "hvp")
 PAIRED_BATCH_LOSSES = ("dpo",)  # losses whose batches must not be concatenated (chosen/rejected halves)
@@ -98,53 +105,89 @@ def curvature_settings(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"preset": name, **CURVATURE_PRESETS[name], **options}
 
 
-def curvature_peak_bytes(n: int, krylov_size: int) -> int:
-    """Estimated peak working memory of the curvature propagation over ``n`` coordinates: ``v_k`` carried and
-    propagated (float64), the Krylov basis with up to three start vectors and its rotation by the Ritz vectors, and a
-    few working vectors.
+#: Model-sized float64 vectors the curvature propagation holds in RAM besides the Krylov basis, calibrated on the
+#: GPT-2 case of ``benchmarks/estimator_memory.py`` (4.2M parameters, basis on disk: peak RSS rise 24.7× the float32
+#: parameter bytes for aa-ggn, 27.5× for aa-hvp, i.e. up to 110 bytes per coordinate): the carried perturbation and
+#: first moment, the optimizer's preconditioner and the symmetrising scale, the Lanczos working vectors, one
+#: curvature product's working set, and the estimator's own rows and embeddings around the propagation.
+WORKING_VECTORS = 14
+
+
+def curvature_peak_bytes(n: int, krylov_size: int, *, where: str | None = None) -> int:
+    """Estimated peak RAM of the curvature propagation over ``n`` coordinates: :data:`WORKING_VECTORS` float64
+    vectors, plus the Krylov basis (up to ``krylov_size + 3`` float64 vectors) when it is kept in RAM (``where``,
+    default :func:`~.scratch.scratch_mode`'s choice); on disk only one streamed chunk of it is in RAM.
 
     Example:
         >>> curvature_peak_bytes(1000, 12)
-        304000
+        232000
     """
-    return 8 * n * (2 * (krylov_size + 3) + 8)
+    rows = krylov_size + 3
+    where = where or scratch_mode(n, rows)
+    return basis_bytes(n, rows, where=where) + 8 * n * (WORKING_VECTORS - 4)
+
+
+def curvature_scratch_bytes(n: int, krylov_size: int, *, where: str | None = None) -> int:
+    """Scratch disk the curvature propagation writes over ``n`` coordinates: the float64 Krylov basis when it is on
+    disk (``0`` when it is kept in RAM)."""
+    rows = krylov_size + 3
+    return 8 * n * rows if (where or scratch_mode(n, rows)) == "disk" else 0
 
 
 #: Bytes per parameter that the curvature operator's cached forward graphs (``cache_graphs``) held on top of the rest
 #: (measured: GPT-2, 4.2M parameters, 8 captured sequences of 16 tokens: peak 107× vs 53× the float32 parameter
 #: bytes without the cache). The cache only saves time: it is used when it fits twice over.
 GRAPH_CACHE_BYTES_PER_PARAMETER = 220
+#: Largest graph cache (estimated bytes) kept: the cache is about 55× the float32 parameter bytes, far above the
+#: bound of issue 16 (peak RSS rise ≤ 3× parameter bytes), so it is only worth its speed on small models (tests, the
+#: digits pipelines), where its absolute size is negligible.
+GRAPH_CACHE_MAX_BYTES = 128 * 2**20
 
 
 def graph_cache_fits(layout: Any, krylov_size: int) -> bool:
-    """Whether the curvature operator may keep its forward graphs between products (faster) in the memory free."""
+    """Whether the curvature operator may keep its forward graphs between products (faster): only when the cache is
+    small in absolute terms (:data:`GRAPH_CACHE_MAX_BYTES`) and fits twice over in the memory free."""
     n = sum(math.prod(layout.shapes[name]) for name in layout.active_names)
-    need = curvature_peak_bytes(n, krylov_size) + GRAPH_CACHE_BYTES_PER_PARAMETER * n
-    return 2 * need <= available_memory_bytes()
+    cache = GRAPH_CACHE_BYTES_PER_PARAMETER * n
+    need = curvature_peak_bytes(n, krylov_size) + cache
+    return cache <= GRAPH_CACHE_MAX_BYTES and 2 * need <= available_memory_bytes()
 
 
 def curvature_memory_problem(ledger: LedgerCore, first: int, krylov_size: int) -> str | None:
-    """``None`` when the curvature propagation of stage ``first`` onwards fits in the memory available now, else a
-    one-line explanation naming a setting that fits."""
+    """``None`` when the curvature propagation of stage ``first`` onwards fits in the memory available now (and its
+    Krylov basis, when it goes to disk, in the scratch directory's free space), else a one-line explanation naming a
+    setting that fits."""
     names: set[str] = set()
     for stage in ledger.stages[first:]:
         names |= set(stage.delta_names())
     shapes = ledger.parameter_shapes
     n = sum(math.prod(shapes[name]) for name in names if name in shapes)
     need, available = curvature_peak_bytes(n, krylov_size), available_memory_bytes()
-    if need <= available:
+    disk = curvature_scratch_bytes(n, krylov_size)
+    free = scratch_free_bytes() if disk else 0
+    if need <= available and disk <= free:
         return None
-    fits = int((available / (8 * max(n, 1)) - 8) / 2 - 3)
-    if fits >= CURVATURE_PRESETS["cheap"]["krylov_size"]:
+    cheap = CURVATURE_PRESETS["cheap"]["krylov_size"]
+    fits = max((k for k in range(1, krylov_size) if _fits(n, k, available)), default=0)
+    if fits >= cheap:
         fix = f"use --curvature-preset cheap or curvature_options={{'krylov_size': {fits}}}"
     elif fits >= 1:
         fix = f"use curvature_options={{'krylov_size': {fits}}} (CLI: --krylov-size {fits}) or --estimator aa-linear"
     else:
         fix = "use --estimator aa-linear (no Krylov basis: about one model copy)"
-    return (
-        f"the curvature propagation needs about {human_bytes(need)} (Krylov basis of {krylov_size} float64 vectors "
-        f"over {n:,} coordinates) but {human_bytes(available)} is available: {fix}"
-    )
+    if need > available:
+        where = "in RAM" if scratch_mode(n, krylov_size + 3) == "ram" else f"in RAM (basis on disk, {scratch_dir()})"
+        what = f"about {human_bytes(need)} {where} (Krylov basis of {krylov_size} float64 vectors over {n:,} "
+        what += f"coordinates, {WORKING_VECTORS} working vectors) but {human_bytes(available)} is available"
+    else:
+        what = f"{human_bytes(disk)} of scratch disk for its Krylov basis of {krylov_size} float64 vectors over "
+        what += f"{n:,} coordinates but {scratch_dir()} has {human_bytes(free)} free ({SCRATCH_DIR_ENV} moves it)"
+    return f"the curvature propagation needs {what}: {fix}"
+
+
+def _fits(n: int, krylov_size: int, available: int) -> bool:
+    disk = curvature_scratch_bytes(n, krylov_size)
+    return curvature_peak_bytes(n, krylov_size) <= available and (not disk or disk <= scratch_free_bytes())
 
 
 def check_curvature_memory(ledger: LedgerCore, first: int, krylov_size: int, estimator: str) -> None:
@@ -270,16 +313,25 @@ def propagate(
             continue
         start = max(start, start_step)
         layout = SegmentLayout(stage, seg, family, start, end, continued, buffer_fresh=(start == 0 and not continued))
-        x0, b0 = x, buf
-        x, buf = layout.curvature_free(x0, b0)
         record = {"segment": seg.index, "steps": [start, end], "mid_step": seg.mid_step, "basis_size": 0,
                   "products": 0, "ritz_values": [], "unstable_modes": 0, "negative_modes": 0}  # fmt: skip
         info["segments"].append(record)
-        if not curved or not layout.active_names:
+        correction = None
+        if curved and layout.active_names:
+            # the correction first, from the segment's start (x, buf): R_0's new copy of them is made after it, so
+            # the two are never both in memory during the curvature products
+            try:
+                correction = _curvature_correction(layout, x, buf, model, theta_start, seg, loss, mode, krylov_size,
+                                                   curvature_scale, sample_size, chunk_rows, record)  # fmt: skip
+            except (MemoryError, RuntimeError, OSError) as exc:
+                if not _out_of_memory(exc):
+                    raise
+                raise _memory_error(mode, layout.size, krylov_size, exc) from None
+        x, buf = layout.curvature_free(x, buf)
+        if correction is None:
             continue
-        correction = _curvature_correction(layout, x0, b0, model, theta_start, seg, loss, mode, krylov_size,
-                                           curvature_scale, sample_size, chunk_rows, record)  # fmt: skip
         x, buf = layout.add_correction(x, buf, *correction)
+        del correction
         for key in ("unstable_modes", "negative_modes"):
             info[key] += record[key]
         info["curvature_products"] += record["products"]
@@ -287,6 +339,25 @@ def propagate(
     info["buffer"] = buf
     info["approximations"] = _approximations(stage, family, curved, info)
     return x, info
+
+
+_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "no space left on device")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is running out of RAM (or of scratch disk for the Krylov basis)."""
+    return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+def _memory_error(mode: str, n: int, krylov_size: int, exc: BaseException) -> EstimatorMemoryError:
+    """The one-line error that replaces an allocation failure inside the curvature propagation."""
+    cheap = CURVATURE_PRESETS["cheap"]["krylov_size"]
+    smaller = "--curvature-preset cheap" if krylov_size > cheap else f"--krylov-size {max(1, krylov_size // 2)}"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return EstimatorMemoryError(
+        f"aa-{mode}: the curvature propagation ran out of memory over {n:,} coordinates with krylov_size="
+        f"{krylov_size} ({first}); use {smaller} or --estimator aa-linear."
+    )
 
 
 def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, model: torch.nn.Module,
@@ -308,37 +379,47 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
     record["sample_size"] = sum(op.weights)
     s = layout.scale
     u0 = layout.flat(x0) / s
-    b0f = layout.flat(b0) * s if b0 is not None else torch.zeros_like(u0)
+    b0f = layout.flat(b0) * s if b0 is not None else None  # no first-moment difference: no start vector for it
     frozen = {k: t for k, t in x0.items() if k not in layout.active_set and bool(t.abs().sum() > 0)}
-    starts = [u0, b0f]
+    starts = [u0] if b0f is None else [u0, b0f]  # a zero start adds nothing to the basis
     forcing = None
     if frozen:
         forcing = layout.flat(op.apply(frozen, layout.active_names)) * s * curvature_scale
         starts.append(forcing)
 
-    def apply_k(q: torch.Tensor) -> torch.Tensor:
-        return op.apply_flat(q * s, layout.active_names, layout.shapes) * s * curvature_scale
+    work = {"out": torch.empty_like(u0)}  # the product's output, reused
 
-    q, h, _ = block_lanczos(apply_k, starts, krylov_size, shift=layout.decay_diagonal)
-    record["products"] = op.products
-    record["basis_size"] = q.shape[1]
-    if q.shape[1] == 0:
-        return torch.zeros_like(u0), torch.zeros_like(u0)
-    theta, w = torch.linalg.eigh(h)
-    record["ritz_values"] = [float(t) for t in theta]
-    negative = theta < -1e-12 * max(1.0, float(theta.abs().max()))
-    record["negative_modes"] = int(negative.sum()) if mode == "hvp" else 0
-    theta = theta.clamp_min(0.0).numpy()
-    basis = q @ w
-    del q  # the Krylov basis: only its rotation by the Ritz vectors is needed from here on
-    proj = layout.projection(basis)
-    yx, yb = (basis.T @ u0).numpy(), (basis.T @ b0f).numpy()
-    yf = (basis.T @ forcing).numpy() if forcing is not None else np.zeros_like(yx)
-    yc_x, yc_b, y0_x, y0_b, bad = proj.solve(theta, yx, yb, yf)
-    record["unstable_modes"] = int(bad.sum())
-    dx = basis @ torch.from_numpy(yc_x - y0_x)
-    db = basis @ torch.from_numpy(yc_b - y0_b)
-    return dx, db
+    def apply_k(q: torch.Tensor) -> torch.Tensor:
+        image = op.apply_into(work["out"], q, layout.active_names, layout.shapes, scale=s)
+        return image.mul_(s).mul_(curvature_scale)
+
+    with VectorStore(layout.size, max(krylov_size, len(starts))) as store:
+        del u0, b0f  # held by `starts` only, which the Lanczos run empties: recomputed from x0, b0 afterwards
+        h, _ = lanczos_into(store, apply_k, starts, krylov_size, shift=layout.decay_diagonal, consume_starts=True)
+        record["products"] = op.products
+        record["basis_size"] = store.count
+        record["scratch"] = store.where
+        op.release()  # the substituted parameters, batches and any cached graphs: not needed past the products
+        del starts
+        work.clear()
+        if store.count == 0:
+            return torch.zeros(layout.size, dtype=torch.float64), torch.zeros(layout.size, dtype=torch.float64)
+        theta, w = torch.linalg.eigh(h)
+        record["ritz_values"] = [float(t) for t in theta]
+        negative = theta < -1e-12 * max(1.0, float(theta.abs().max()))
+        record["negative_modes"] = int(negative.sum()) if mode == "hvp" else 0
+        theta = theta.clamp_min(0.0).numpy()
+        # Ritz coordinates V·y with V = Q·w: inner products against the stored rows, then rotated (no n×r matrix)
+        yx = (w.T @ store.dots(layout.flat(x0).div_(s))).numpy()
+        yb = (w.T @ store.dots(layout.flat(b0).mul_(s))).numpy() if b0 is not None else np.zeros_like(yx)
+        yf = (w.T @ store.dots(forcing)).numpy() if forcing is not None else np.zeros_like(yx)
+        del forcing
+        proj = layout.projection_streamed(store, w.numpy())
+        yc_x, yc_b, y0_x, y0_b, bad = proj.solve(theta, yx, yb, yf)
+        record["unstable_modes"] = int(bad.sum())
+        coefficients = w @ torch.from_numpy(np.stack([yc_x - y0_x, yc_b - y0_b], axis=1))
+        both = store.combine(coefficients)
+    return both[:, 0], both[:, 1]
 
 
 class _MidState(Mapping):
