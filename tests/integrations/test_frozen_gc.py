@@ -49,3 +49,24 @@ def test_cyclic_garbage_made_inside_is_collected_by_a_forced_collection() -> Non
         a.other, b.other = b, a
         del a, b
         assert gc.collect() >= 2  # what a Trainer's forced collection does: the new cycle is found
+
+
+def test_replay_runs_stage_functions_with_the_collector_frozen() -> None:
+    import torch
+
+    from hf_stage_attribution.estimators.replay import run_stage
+
+    class FakeStage:  # what run_stage reads of a ledger stage
+        name, index, num_steps, learning_rates = "s", 1, 1, [[0.1]]
+
+    seen = {}
+
+    def fn(model, max_steps=None):
+        seen["enabled"], seen["frozen"] = gc.isenabled(), gc.get_freeze_count()
+        return model
+
+    model = torch.nn.Linear(2, 1)
+    out, state = run_stage(FakeStage(), model, {"s": fn}, {})
+    assert out is model and state is None
+    assert seen["enabled"] is False and seen["frozen"] > 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0
