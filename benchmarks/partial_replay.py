@@ -8,6 +8,8 @@ of the later stages' learning-rate mass (``"lr-mass"``). Before the timings, one
 warms up the replay machinery (the Trainer/TRL imports would otherwise be charged to replay). Each budget's
 embeddings are computed cold (timed), then
 read out by finite difference and linearly (timed); *time ÷ replay* = (embeddings + read-out) / replay, per seed.
+Every timing is the median of repeated runs until ``TIMING_SECONDS`` (0.25 s) have passed (one run when a single
+run is longer; at most 25): the digits pipelines' replays take tens of milliseconds, where one run is noise.
 Fidelity (``estimators.fidelity``) pools the (stage, behavior) pairs of all seeds, on all pairs and on non-terminal
 pairs; the non-terminal Spearman is also given per seed (median). Stage functions that take Trainer ``callbacks``
 but no ``max_steps`` (the toxicity recipe) are given the step-limited form with
@@ -32,13 +34,14 @@ from functools import partial
 from typing import Any
 
 from . import pipelines
-from .common import by_pipeline, quiet, timed
+from .common import by_pipeline, quiet, repeated
 from .fidelity import Joint, _pairs, pool_seeds
 
 BUDGETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
 GGN_BUDGETS = (0.1, 0.25, 0.5)  # the opt-in Gauss–Newton carry, where the pipeline gives loss_fns
 READOUTS = ("partial-replay", "partial-replay-linear")
 BASELINE = "delta-fd"
+TIMING_SECONDS = 0.25  # each timing repeated until this long, median (a single run when one is longer)
 
 
 def label(name: str, budget: float, unit: str) -> str:
@@ -82,6 +85,21 @@ def step_limited_fns(pipe: Any) -> dict[str, Callable] | None:
     return out
 
 
+def _cold(ledger: Any, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with nothing cached: partial replay's memo cleared, the embeddings cache removed."""
+    from hf_stage_attribution.estimators import partial_replay as pr
+
+    pr._MEMO.clear()
+    shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
+    return fn(*args, **kwargs)
+
+
+def _cold_embeddings(ledger: Any, *args: Any, **kwargs: Any) -> Any:
+    from hf_stage_attribution.estimators import partial_replay as pr
+
+    return _cold(ledger, pr.partial_replay_embeddings, ledger, *args, **kwargs)
+
+
 def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> dict[str, Any]:
     """Replay, delta-fd, and the partial-replay family at every budget on one pipeline; values and timings."""
     from hf_stage_attribution import estimators
@@ -102,30 +120,28 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
     # warm-up of the replay machinery (Trainer/TRL imports, kernels): one short partial replay, not timed
     pr.partial_replay_embeddings(ledger, model, chosen, budget=0.25, stage_fns=fns, reuse=False)
     values: dict[str, Any] = {}
-    result, run["replay_seconds"] = timed(lambda: estimators.get("replay").estimate(ledger, model, joint, **opts))
+    least = min(TIMING_SECONDS, settings.timing_min_seconds)
+    result, run["replay_seconds"] = repeated(lambda: estimators.get("replay").estimate(ledger, model, joint, **opts),
+                                             least)  # fmt: skip
     values["replay"] = _pairs(joint, result.per_example)
-    result, seconds = timed(lambda: estimators.get(BASELINE).estimate(ledger, model, joint, **opts))
+    result, seconds = repeated(lambda: estimators.get(BASELINE).estimate(ledger, model, joint, **opts), least)
     values[BASELINE], run["times"][BASELINE] = _pairs(joint, result.per_example), seconds
     for unit in units(settings):
         for budget in budgets:
-            pr._MEMO.clear()
-            shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)  # cold: the aa-linear part is timed too
-            embed = partial(pr.partial_replay_embeddings, ledger, model, chosen, budget=budget, budget_unit=unit,
-                            stage_fns=fns)  # fmt: skip
-            emb, prepare = timed(embed)
+            embed = partial(_cold_embeddings, ledger, model, chosen, budget=budget, budget_unit=unit, stage_fns=fns)
+            emb, prepare = repeated(embed, least)  # cold each time: the aa-linear part is timed too
             run["plans"][f"{100 * budget:g} % ({unit})"] = emb.diagnostics["partial_replay"]
             for name in READOUTS:
                 readout_fn = partial(estimators.get(name).estimate, ledger, model, joint, budget=budget,
                                      budget_unit=unit, **opts)  # fmt: skip
-                result, readout = timed(readout_fn)  # reads the memoised embeddings
+                result, readout = repeated(readout_fn, least)  # reads the memoised embeddings
                 values[label(name, budget, unit)] = _pairs(joint, result.per_example)
                 run["times"][label(name, budget, unit)] = prepare + readout
     for budget in GGN_BUDGETS if pipe.loss_fns else ():
-        pr._MEMO.clear()
-        shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
         ggn = {"carry": "aa-ggn", "loss_fns": pipe.loss_fns, "curvature_options": dict(pipe.curvature_options)}
-        fd = partial(estimators.get("partial-replay").estimate, ledger, model, joint, budget=budget, **ggn, **opts)
-        result, seconds = timed(fd)
+        fd = partial(_cold, ledger, estimators.get("partial-replay").estimate, ledger, model, joint, budget=budget,
+                     **ggn, **opts)  # fmt: skip
+        result, seconds = repeated(fd, least)
         values[label("partial-replay, ggn carry", budget, "steps")] = _pairs(joint, result.per_example)
         run["times"][label("partial-replay, ggn carry", budget, "steps")] = seconds
     pr._MEMO.clear()

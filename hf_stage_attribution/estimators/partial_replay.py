@@ -58,8 +58,9 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -414,7 +415,9 @@ class _RestOfStage:
         m_hat = entry["exp_avg"].to(torch.float64) / (1.0 - _betas(group)[0] ** max(step, 1.0))
         return m_hat * preconditioner(family, group, entry[key], step)
 
-    def apply(self, name: str, x: torch.Tensor, buf: torch.Tensor | None):
+    def apply(self, name: str, x: torch.Tensor, buf: torch.Tensor | Callable[[], torch.Tensor | None] | None):
+        """``(x, buf)`` after the rest of the stage; ``buf`` may be given as a function that computes it, called
+        only when the first-moment difference itself is carried (not on the update-direction path of Adam)."""
         rule = self.prop.rule(name)
         if rule is None:
             return x, None
@@ -433,6 +436,7 @@ class _RestOfStage:
                 scaled = (u_f - u_c) * (1.0 - _betas(group)[0] ** max(step, 1.0))
                 x, _ = run_recurrence(lrs, group, family, x0=x, buf0=scaled, precond=1.0, step0=self.m)
                 return x, None
+        buf = buf() if callable(buf) else buf
         needs_p = coupled or (buf is not None and family in ("adam", "adamw"))
         precond: Any = 1.0
         if needs_p:
@@ -612,9 +616,12 @@ def _partial_embedding(
             x = fact_get(name).to(torch.float64) - cf_params.get(name).to(torch.float64)
             buf = None
             if rest is not None:
-                buf = _moment_difference(props[last.index].family, fact_opt, cf_opt, name) if carry_moments else None
-                if curvature is None:
-                    x, buf = rest.apply(name, x, buf)
+                family = props[last.index].family
+                if curvature is None:  # the float64 moment difference is computed only where it is carried
+                    lazy = partial(_moment_difference, family, fact_opt, cf_opt, name) if carry_moments else None
+                    x, buf = rest.apply(name, x, lazy)
+                elif carry_moments:
+                    buf = _moment_difference(family, fact_opt, cf_opt, name)
             if curvature is not None:  # carried below, whole vectors at a time
                 out[name] = x
                 if buf is not None:

@@ -52,7 +52,7 @@ import torch
 from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
 from ..errors import PartialReplayError, ReplayError
-from ..integrations.replay import reference_problem, replay_trainer_stage
+from ..integrations.replay import frozen_gc, reference_problem, replay_trainer_stage
 from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from ..ledger.state import LazyState
@@ -199,7 +199,8 @@ def run_stage(
         drop_gradients(model)
         return model, state
     kwargs = {} if max_steps is None else {"max_steps": int(max_steps)}
-    result = fn(model, info, **kwargs) if _takes_info(fn) else fn(model, **kwargs)
+    with frozen_gc():  # speed only: the full collections of a Trainer inside fn scan just the new objects
+        result = fn(model, info, **kwargs) if _takes_info(fn) else fn(model, **kwargs)
     optimizer = None
     if isinstance(result, tuple):
         result, optimizer = (result + (None, None))[:2]

@@ -1,0 +1,72 @@
+"""``integrations.replay.frozen_gc``: the replayed training runs with the collector frozen, and the collector's
+state is restored afterwards, also when the training raises or the use is nested."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from hf_stage_attribution.integrations.replay import frozen_gc
+
+
+def test_frozen_inside_and_restored_after_an_error() -> None:
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError, match="boom"), frozen_gc():
+        assert not gc.isenabled()
+        assert gc.get_freeze_count() > 0
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == 0
+
+
+def test_nested_use_leaves_the_freeze_to_the_outer_one() -> None:
+    with frozen_gc():
+        frozen = gc.get_freeze_count()
+        with frozen_gc():
+            assert gc.get_freeze_count() >= frozen
+        assert gc.get_freeze_count() >= frozen > 0  # the inner exit did not unfreeze the outer's objects
+        assert not gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_a_disabled_collector_stays_disabled() -> None:
+    gc.disable()
+    try:
+        with frozen_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_cyclic_garbage_made_inside_is_collected_by_a_forced_collection() -> None:
+    class Node:
+        pass
+
+    with frozen_gc():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        del a, b
+        assert gc.collect() >= 2  # what a Trainer's forced collection does: the new cycle is found
+
+
+def test_replay_runs_stage_functions_with_the_collector_frozen() -> None:
+    import torch
+
+    from hf_stage_attribution.estimators.replay import run_stage
+
+    class FakeStage:  # what run_stage reads of a ledger stage
+        name, index, num_steps, learning_rates = "s", 1, 1, [[0.1]]
+
+    seen = {}
+
+    def fn(model, max_steps=None):
+        seen["enabled"], seen["frozen"] = gc.isenabled(), gc.get_freeze_count()
+        return model
+
+    model = torch.nn.Linear(2, 1)
+    out, state = run_stage(FakeStage(), model, {"s": fn}, {})
+    assert out is model and state is None
+    assert seen["enabled"] is False and seen["frozen"] > 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0
