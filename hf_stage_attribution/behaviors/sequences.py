@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import inspect
 from typing import Any
 
 import torch
@@ -72,8 +73,6 @@ LOGITS_CHUNK_BYTES = 64 * 2**20  # float32 logits materialised at once by contin
 
 def _forward_keeps_logits(model: torch.nn.Module) -> bool:
     """Whether the model's forward (a PEFT wrapper's base model's) takes ``logits_to_keep``."""
-    import inspect
-
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     try:
         return "logits_to_keep" in inspect.signature(inner.forward).parameters

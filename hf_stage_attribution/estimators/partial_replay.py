@@ -64,6 +64,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._internal.params import iter_merged_state
@@ -276,8 +277,6 @@ class ScratchTensors:
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``, read from disk into a fresh CPU tensor."""
-        import numpy as np
-
         offset, nbytes, dtype, shape = self._index[name]
         raw = np.fromfile(self.path, dtype=np.uint8, count=nbytes, offset=offset)
         return torch.from_numpy(raw).view(dtype).reshape(shape)

@@ -305,8 +305,9 @@ class CurvatureOperator:
         parts = total.split(sizes)
         for fn, w in zip(self._closures(primals), self.weights):
             product = fn(tangents)
-            for k, part in zip(keys, parts):
-                part.add_(product.pop(k).reshape(-1), alpha=w)
+            with torch.no_grad():  # values only; the views of ``total`` may come from a no-grad caller
+                for k, part in zip(keys, parts):
+                    part.add_(product.pop(k).reshape(-1), alpha=w)
             del product
         self.products += 1
         total.div_(sum(self.weights))
