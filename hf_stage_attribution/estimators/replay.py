@@ -52,7 +52,7 @@ import torch
 from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
 from ..errors import PartialReplayError, ReplayError
-from ..integrations.replay import frozen_gc, reference_problem, replay_trainer_stage
+from ..integrations.replay import frozen_gc, optimizer_state_by_name, reference_problem, replay_trainer_stage
 from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from ..ledger.state import LazyState
@@ -210,7 +210,7 @@ def run_stage(
         return model, None
     if isinstance(optimizer, Mapping):  # already {base name: {state key: tensor}}
         return model, dict(optimizer)
-    return model, _moments_by_name(model, optimizer)
+    return model, optimizer_state_by_name(model, optimizer, copy=False)
 
 
 def drop_gradients(model: torch.nn.Module) -> None:
@@ -223,21 +223,6 @@ def drop_gradients(model: torch.nn.Module) -> None:
     """
     for p in model.parameters():
         p.grad = None
-
-
-def _moments_by_name(model: torch.nn.Module, optimizer: Any) -> dict[str, dict[str, Any]]:
-    """``{base name: {state key: tensor}}`` of a finished stage's optimizer, sharing its CPU tensors instead of
-    copying them (the optimizer is dropped right after, so a copy would only double the moments' memory for a
-    while); tensors on an accelerator are moved to the CPU."""
-    state = getattr(optimizer, "state", None)
-    if not state:
-        return {}
-    out: dict[str, dict[str, Any]] = {}
-    for name, param in base_parameters(model).items():
-        entry = state.get(param) if hasattr(state, "get") else None
-        if entry:
-            out[name] = {k: (v.detach().to("cpu") if isinstance(v, torch.Tensor) else v) for k, v in entry.items()}
-    return out
 
 
 def replay_model(

@@ -404,9 +404,10 @@ def stop_after_steps_callback(max_steps: int, start: int = 0, optimizer_out: dic
     return _StopAfterSteps()
 
 
-def optimizer_state_by_name(model: Any, optimizer: Any) -> dict[str, dict[str, Any]]:
+def optimizer_state_by_name(model: Any, optimizer: Any, copy: bool = True) -> dict[str, dict[str, Any]]:
     """``{base parameter name: {state key: CPU tensor copy}}`` of ``optimizer`` (torch or accelerate-wrapped) for
-    the parameters of ``model`` it holds state for; ``{}`` without an optimizer.
+    the parameters of ``model`` it holds state for; ``{}`` without an optimizer. ``copy=False`` shares the CPU
+    tensors instead (for an optimizer that is dropped right after: a copy would only double the moments' memory).
 
     Example:
         >>> import torch
@@ -423,7 +424,7 @@ def optimizer_state_by_name(model: Any, optimizer: Any) -> dict[str, dict[str, A
     for name, param in base_parameters(model).items():
         entry = state.get(param) if hasattr(state, "get") else None
         if entry:
-            out[name] = {k: (v.detach().to("cpu", copy=True) if hasattr(v, "detach") else v) for k, v in entry.items()}
+            out[name] = {k: (v.detach().to("cpu", copy=copy) if hasattr(v, "detach") else v) for k, v in entry.items()}
     return out
 
 
