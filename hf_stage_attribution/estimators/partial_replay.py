@@ -73,6 +73,7 @@ from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from .base import register
 from .curvature.propagation import curvature_settings, propagate
+from .curvature.scratch import scratch_dir
 from .embeddings.cache import StageEmbeddings, stage_embeddings
 from .embeddings.write import check_curvature_material
 from .finite_difference import FiniteDifferenceEstimator
@@ -287,10 +288,11 @@ class ScratchTensors:
 
 
 class _ScratchDir:
-    """A temporary directory (under ``TMPDIR``) removed when this object is collected or the process exits."""
+    """A temporary directory (under :func:`~.curvature.scratch.scratch_dir`, where the curvature propagation's
+    Krylov basis also goes) removed when this object is collected or the process exits."""
 
     def __init__(self, prefix: str) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_dir()))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.path), True)
 
     def file(self, name: str) -> ScratchTensors:
@@ -504,11 +506,6 @@ def _carry_with_curvature(
     return {n: t.to(torch.float32) for n, t in v.items() if bool(t.any())}
 
 
-def _drop_grads(model: torch.nn.Module) -> None:
-    for p in model.parameters():
-        p.grad = None
-
-
 def partial_embedding(
     ledger: LedgerCore,
     model: torch.nn.Module,
@@ -558,7 +555,6 @@ def _partial_embedding(
         stage = stages[leg.index]
         info = {"stage": stage, "removed": k, "scale": 0.0}
         cf, opt = run_stage(stage, cf, stage_fns, info, max_steps=None if leg.full else leg.steps)
-        _drop_grads(cf)
         if not leg.full and opt is not None:
             cf_opt = _StateOnDisk.save(branches.file("cf-optimizer"), opt)
         del opt
@@ -593,7 +589,6 @@ def _partial_embedding(
         fact = _started(model, ledger.state_at(last.index - 1))
         info = {"stage": stage, "removed": None, "scale": 1.0}
         fact, opt = run_stage(stage, fact, stage_fns, info, max_steps=last.steps)
-        _drop_grads(fact)
         fact_opt = _StateOnDisk.save(branches.file("fact-optimizer"), opt) if opt is not None else None
         del opt
         fact_params = branches.file("fact")

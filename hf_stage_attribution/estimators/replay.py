@@ -190,11 +190,7 @@ def run_stage(
         if stage.replay_dir is None:
             raise ReplayError(_no_replay_message(stage))
         ref = (ref_models or {}).get(stage.name)
-        if max_steps is None:
-            model = replay_trainer_stage(stage, model, ref_model=ref)
-            drop_gradients(model)
-            return model, None
-        state: dict[str, dict[str, Any]] = {}
+        state: dict[str, dict[str, Any]] | None = None if max_steps is None else {}
         model = replay_trainer_stage(stage, model, ref_model=ref, max_steps=max_steps, optimizer_out=state)
         drop_gradients(model)
         return model, state

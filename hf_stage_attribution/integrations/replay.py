@@ -364,8 +364,8 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
     _check_collator(stage, info, trainer, collator is not None)
     if given["max_steps"] != 0:
         trainer.train()
-    if given["optimizer_out"] is not None:
-        given["optimizer_out"].update(optimizer_state_by_name(model, trainer.optimizer))
+    if given["optimizer_out"] is not None:  # the trainer is dropped on return: its moments are shared, not copied
+        given["optimizer_out"].update(optimizer_state_by_name(model, trainer.optimizer, copy=False))
     if name_or_path is not None:
         model.config._name_or_path = name_or_path
     if info.get("peft"):
