@@ -67,6 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._internal.memory import release_freed_memory
 from .._internal.params import iter_merged_state
 from ..errors import BudgetError, PartialReplayError
 from ..ledger.core import LedgerCore
@@ -561,6 +562,7 @@ def _partial_embedding(
     cf_params = branches.file("cf")
     cf_params.write(iter_merged_state(cf))
     del cf  # the counterfactual branch is on disk: the factual one runs in the room it leaves
+    release_freed_memory()  # a trained model is a reference cycle (its patched forward): freed only by a collection
     if last.full:
         end = ledger.state_at(last.index)
         fact_get = end.__getitem__
@@ -594,6 +596,7 @@ def _partial_embedding(
         fact_params = branches.file("fact")
         fact_params.write(iter_merged_state(fact))
         del fact
+        release_freed_memory()
         fact_get = fact_params.get
         if cf_opt is None or fact_opt is None:
             notes.add(

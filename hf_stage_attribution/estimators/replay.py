@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from .._internal.memory import release_freed_memory
 from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
 from ..errors import PartialReplayError, ReplayError
@@ -314,6 +315,7 @@ class Replay(Estimator):
             per_example[stage.name] = final - value
             replayed.extend(s.name for s in ledger.stages[stage.index + 1 :])
             del cf
+            release_freed_memory()  # a trained model is a reference cycle: free it before the next stage's copy
         diagnostics = {"stages_replayed": len(replayed)}
         approximations = [
             f"Stage {s.name!r} took no optimizer steps ({s.kind}): replay re-applies its recorded delta."

@@ -57,9 +57,12 @@ def frozen_gc() -> Iterator[None]:
     The objects alive on entry (the model, the loaded libraries: millions of them after ``import transformers``)
     go to the permanent generation (``gc.freeze``), so the full collections that a ``Trainer`` forces at the end of
     every ``train()`` (accelerate's ``free_memory``) only scan the objects made since; automatic collection is
-    disabled for the run. Both are restored on exit, also on error. Only speed changes: reference counting still
-    frees everything acyclic at once, and cyclic garbage made during the run is collected by those forced
-    collections or after the exit. Nested uses (or a caller that froze objects itself) leave the freeze to the
+    disabled for the run. Both are restored on exit, also on error. Reference counting still frees everything
+    acyclic at once; the cyclic garbage made during the run — a finished ``Trainer`` is a cycle holding its
+    optimizer's moments and, for DPO, a reference model — is collected on exit, before the objects are unfrozen, so
+    the collection scans only the objects made since entry and the memory is back before the next stage (without it,
+    each replayed DPO stage of SmolLM2-135M left ≈ 3× the parameter bytes behind until Python's next full
+    collection). Nested uses (or a caller that froze objects itself) leave the freeze and the collection to the
     outermost one.
 
     Example:
@@ -79,7 +82,8 @@ def frozen_gc() -> Iterator[None]:
         yield
     finally:
         if not outer:
-            gc.unfreeze()
+            gc.collect()  # the run's cyclic garbage (a finished Trainer with its optimizer moments and reference
+            gc.unfreeze()  # model) scanned among the new objects only, before the next model-sized allocation
         if enabled:
             gc.enable()
 

@@ -4,6 +4,7 @@ state is restored afterwards, also when the training raises or the use is nested
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 
@@ -70,3 +71,39 @@ def test_replay_runs_stage_functions_with_the_collector_frozen() -> None:
     assert out is model and state is None
     assert seen["enabled"] is False and seen["frozen"] > 0
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+class _Node:
+    pass
+
+
+def test_cyclic_garbage_made_inside_is_freed_on_exit_without_waiting_for_the_collector() -> None:
+    """A finished Trainer is a reference cycle holding its optimizer's moments (and a DPO reference model): it must
+    be gone when the replayed stage returns, not at Python's next full collection (issue 16: on SmolLM2-135M each
+    replayed DPO stage otherwise left ≈ 3× the parameter bytes behind)."""
+    gc.disable()  # no automatic collection can free it: only frozen_gc's own
+    try:
+        with frozen_gc():
+            node = _Node()
+            node.me = node
+            ref = weakref.ref(node)
+            del node
+            assert ref() is not None  # a cycle: reference counting alone does not free it
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_release_freed_memory_frees_cyclic_garbage() -> None:
+    from hf_stage_attribution._internal.memory import release_freed_memory
+
+    gc.disable()
+    try:
+        node = _Node()
+        node.me = node
+        ref = weakref.ref(node)
+        del node
+        release_freed_memory()
+        assert ref() is None
+    finally:
+        gc.enable()
