@@ -67,14 +67,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._internal.memory import release_freed_memory
+from .._internal.memory import human_bytes, release_freed_memory
 from .._internal.params import iter_merged_state
-from ..errors import BudgetError, PartialReplayError
+from ..errors import BudgetError, EstimatorMemoryError, PartialReplayError
 from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from .base import register
 from .curvature.propagation import curvature_settings, propagate
-from .curvature.scratch import scratch_dir
+from .curvature.scratch import SCRATCH_DIR_ENV, scratch_dir, scratch_free_bytes
 from .embeddings.cache import StageEmbeddings, stage_embeddings
 from .embeddings.write import check_curvature_material
 from .finite_difference import FiniteDifferenceEstimator
@@ -658,6 +658,40 @@ def _partial_embedding(
     return result
 
 
+#: Model-sized files the partial replay of one stage writes besides the ``v_k`` already kept: both branches' end
+#: parameters and optimizer state (Adam: two moments each).
+BRANCH_FILES = 6
+
+
+def partial_replay_scratch_bytes(ledger: LedgerCore, replayed: int) -> int:
+    """Scratch disk the partial replay of ``replayed`` stages needs at its peak: one ``v_k`` per replayed stage
+    (float32) plus, while the last one's branches run, :data:`BRANCH_FILES` model-sized files (removed after it).
+
+    Example:
+        >>> import tempfile
+        >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+        >>> pipe = build_digits_pipeline("hf", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+        >>> n = sum(math.prod(s) for s in pipe.ledger.parameter_shapes.values())
+        >>> partial_replay_scratch_bytes(pipe.ledger, 2) == 4 * n * (2 + BRANCH_FILES)
+        True
+    """
+    if replayed <= 0:
+        return 0
+    n = sum(math.prod(shape) for shape in ledger.parameter_shapes.values())
+    return 4 * n * (replayed + BRANCH_FILES)
+
+
+def check_partial_replay_disk(ledger: LedgerCore, replayed: int) -> None:
+    """Refuse, before any replay, when the scratch directory cannot hold what the partial replay writes."""
+    need, free = partial_replay_scratch_bytes(ledger, replayed), scratch_free_bytes()
+    if need > free:
+        raise EstimatorMemoryError(
+            f"partial-replay needs about {human_bytes(need)} of scratch disk under {scratch_dir()} (the branches' "
+            f"parameters and optimizer state and one embedding per replayed stage) but {human_bytes(free)} is free; "
+            f"set {SCRATCH_DIR_ENV} to a larger disk, or use --estimator aa-linear."
+        )
+
+
 _MEMO: dict[str, Any] = {}
 
 
@@ -698,6 +732,7 @@ def partial_replay_embeddings(
     plans = {k: plan_partial_replay(ledger, k, budget, budget_unit, use_checkpoints) for k in indices}
     for plan in plans.values():
         check_replayable(ledger, plan, stage_fns)
+    check_partial_replay_disk(ledger, sum(1 for p in plans.values() if p.legs))
     base = stage_embeddings(ledger, "aa-linear", indices, allow_identity_propagation=allow_identity_propagation)
     notes: set[str] = set()
     curvature = None

