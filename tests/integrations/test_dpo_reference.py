@@ -83,3 +83,50 @@ def test_peft_sft_is_recorded_as_lora_and_risky_settings_warn(tmp_path):
     assert len(messages) == 2 and "bf16 mixed precision" in messages[0] and "replay" in messages[0]
     assert "gradient checkpointing" in messages[1]
     assert training_mode_warnings(SimpleNamespace(bf16=False), torch.nn.Linear(2, 2).to(torch.bfloat16))
+
+
+def test_aa_ggn_takes_the_dpo_reference_from_its_recorded_path(tmp_path):
+    """With TRL's default ``ref_model=None`` the built-in DPO curvature loss uses the separate reference reloaded
+    from its recorded path (hash-checked), not the stage's start; aa-ggn then runs on the ledger."""
+    from transformers import AutoModelForCausalLM, Trainer
+    from trl import DPOConfig, DPOTrainer
+
+    from hf_stage_attribution.estimators.curvature.trl import dpo_loss_pair, sequence_logprobs, supports_dpo
+    from hf_stage_attribution.estimators.replay import load_state
+
+    base_dir = tmp_path / "base"
+    F.gpt2().save_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    ledger_dir = tmp_path / "ledger"
+    Trainer(
+        model=model, args=F.training_args(str(tmp_path / "o1"), max_steps=2, per_device_train_batch_size=4,
+                                          learning_rate=1e-2),
+        train_dataset=F.lm_dataset(16), callbacks=[StageRecorder(ledger_dir, "ft", curvature_segments=1)],
+    ).train()  # fmt: skip
+    args = F.trl_args(DPOConfig, str(tmp_path / "o2"), max_steps=2, per_device_train_batch_size=4, max_length=32,
+                      learning_rate=1e-2)  # fmt: skip
+    DPOTrainer(
+        model=model, ref_model=None, args=args, train_dataset=F.preference_dataset(8), processing_class=F.tokenizer(),
+        callbacks=[StageRecorder(ledger_dir, "dpo", curvature_segments=1)],
+    ).train()  # fmt: skip
+    ledger = StageLedger.load(ledger_dir)
+    stage = ledger.stages[1]
+    assert stage.info["trl"]["reference_model"]["policy"] == "separate model" and supports_dpo(stage)
+
+    forward, loss = dpo_loss_pair(ledger, model, stage)
+    batch = stage.segments[0].examples()[0]
+    start = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    load_state(start, ledger.state_at(0))
+    reference = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        lp, ref, same = forward(start, batch), sequence_logprobs(reference, batch), sequence_logprobs(start, batch)
+        half = lp.shape[0] // 2
+        beta = float(stage.curvature_loss.get("beta", 0.1))
+        expected = -torch.nn.functional.logsigmoid(beta * ((lp[:half] - ref[:half]) - (lp[half:] - ref[half:]))).mean()
+        assert torch.allclose(loss(lp, batch), expected, atol=1e-6)
+        assert not torch.allclose(ref, same)  # the stage start would have been a different reference
+
+    report = StageAttributor(ledger, model, estimator="aa-ggn", diagnostics=False, show_progress=False).attribute(
+        {"lp": _logprob}
+    )
+    assert report.estimator == "aa-ggn" and all(torch.isfinite(torch.tensor(r.effect)) for r in report.rows)

@@ -38,7 +38,7 @@ from ..._internal.params import base_parameters, unwrap_model
 from ...errors import MissingCurvatureError, ModelMismatchError
 from ...ledger.core import LedgerCore
 from ...ledger.stage import Stage
-from .trl import dpo_loss_pair, supports_dpo
+from .trl import dpo_loss_pair, dpo_support_problem, supports_dpo
 
 LossSpec = tuple[Callable, Callable] | Callable
 
@@ -108,6 +108,12 @@ def resolve_loss(
         spec = BUILTIN_LOSSES[kind]
     if spec is None and kind == "dpo" and supports_dpo(stage):
         spec = dpo_loss_pair(ledger, model, stage) if ledger is not None and model is not None else (None, None)
+    if spec is None and kind == "dpo":
+        raise MissingCurvatureError(
+            f"Stage {stage.name!r}: the built-in DPO loss for curvature products does not apply: "
+            f"{dpo_support_problem(stage)}. Pass `loss_fns={{{stage.name!r}: (forward, loss)}}` (forward(model, "
+            "batch) -> outputs, loss(outputs, batch) -> scalar), or use --estimator aa-linear."
+        )
     if spec is None:
         raise MissingCurvatureError(
             f"Stage {stage.name!r}: curvature products need the stage's loss, found none (curvature_loss="

@@ -6,7 +6,9 @@ its captured batches hold the policy's inputs with chosen and rejected sequences
 log-probability; ``loss`` is TRL's sigmoid DPO loss ``−log σ(β((lp_c − ref_c) − (lp_r − ref_r)))``. Splitting
 at the log-probabilities makes ``Jᵀ H J`` a valid (PSD) Gauss–Newton matrix of the DPO loss. The reference
 log-probabilities come from the stage's start θ_{j−1} (TRL's reference policy "copy of the stage start", or
-"adapter disabled" for a PEFT policy), computed once per batch.
+"adapter disabled" for a PEFT policy), or — for TRL's default ``ref_model=None``, which reloads
+``config._name_or_path`` — from that separate model, reloaded from its recorded path after checking its recorded
+weight hash (as replay does); computed once per batch.
 
 Example, on a ledger with a recorded TRL DPO stage::
 
@@ -21,11 +23,14 @@ import torch
 
 from ..._internal.model_state import clean_copy
 from ..._internal.params import unwrap_model
+from ...errors import MissingCurvatureError
+from ...integrations.replay import load_recorded_reference
 from ...ledger.core import LedgerCore
 from ...ledger.stage import Stage
 from ..replay import load_state
 
 REFERENCE_POLICIES = ("copy of the stage start", "adapter disabled")
+SEPARATE_REFERENCE = "separate model"
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -38,23 +43,49 @@ def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor])
     return (picked * mask).sum(-1)
 
 
-def supports_dpo(stage: Stage) -> bool:
-    """Whether the stage's recorded DPO setup is one the built-in loss reproduces."""
+def _reference_record(stage: Stage) -> dict:
+    return (stage.info.get("trl") or {}).get("reference_model") or {}
+
+
+def dpo_support_problem(stage: Stage) -> str | None:
+    """``None`` when the built-in loss reproduces the stage's recorded DPO setup, else what it does not support."""
     spec = getattr(stage, "curvature_loss", None) or {}
-    reference = ((stage.info.get("trl") or {}).get("reference_model") or {}).get("policy")
+    ref = _reference_record(stage)
+    policy = str(ref.get("policy") or "")
     loss_types = spec.get("loss_type") or ["sigmoid"]
     loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
-    return spec.get("type") == "dpo" and loss_types == ["sigmoid"] and reference in REFERENCE_POLICIES
+    if spec.get("type") != "dpo":
+        return f"the recorded loss is {spec.get('type')!r}, not 'dpo'"
+    if loss_types != ["sigmoid"]:
+        return f"the built-in DPO loss is TRL's 'sigmoid' loss; the stage used {loss_types}"
+    if policy in REFERENCE_POLICIES or (policy.startswith(SEPARATE_REFERENCE) and ref.get("name_or_path")):
+        return None
+    return f"its reference model was {policy or 'not recorded'!r}, which the built-in loss cannot rebuild"
+
+
+def supports_dpo(stage: Stage) -> bool:
+    """Whether the stage's recorded DPO setup is one the built-in loss reproduces."""
+    return dpo_support_problem(stage) is None
 
 
 def dpo_loss_pair(ledger: LedgerCore, model: torch.nn.Module, stage: Stage) -> tuple[Callable, Callable]:
     """``(forward, loss)`` for a recorded DPO stage; ``model`` lends its architecture to the reference."""
 
     beta = float((stage.curvature_loss or {}).get("beta", 0.1))
-    reference = clean_copy(unwrap_model(model))
-    if hasattr(reference, "peft_config") and hasattr(reference, "unload"):
-        reference = reference.unload()
-    load_state(reference, ledger.state_at(stage.index - 1))
+    ref = _reference_record(stage)
+    if str(ref.get("policy") or "").startswith(SEPARATE_REFERENCE):
+        reference = load_recorded_reference(ref)  # checks the recorded weight hash
+        if reference is None:
+            raise MissingCurvatureError(
+                f"Stage {stage.name!r}: its DPO reference was loaded from {ref.get('name_or_path')!r}, which is not "
+                "there any more. Put the reference back at that path, pass `loss_fns={stage name: (forward, loss)}`, "
+                "or use --estimator aa-linear."
+            )
+    else:
+        reference = clean_copy(unwrap_model(model))
+        if hasattr(reference, "peft_config") and hasattr(reference, "unload"):
+            reference = reference.unload()
+        load_state(reference, ledger.state_at(stage.index - 1))
     reference.eval().requires_grad_(False)
     cache: dict[tuple, torch.Tensor] = {}
 
