@@ -85,7 +85,7 @@ def test_peft_sft_is_recorded_as_lora_and_risky_settings_warn(tmp_path):
     assert training_mode_warnings(SimpleNamespace(bf16=False), torch.nn.Linear(2, 2).to(torch.bfloat16))
 
 
-def test_aa_ggn_takes_the_dpo_reference_from_its_recorded_path(tmp_path):
+def test_aa_ggn_takes_the_dpo_reference_from_its_recorded_path(tmp_path, monkeypatch):
     """With TRL's default ``ref_model=None`` the built-in DPO curvature loss uses the separate reference reloaded
     from its recorded path (hash-checked), not the stage's start; aa-ggn then runs on the ledger."""
     from transformers import AutoModelForCausalLM, Trainer
@@ -130,3 +130,15 @@ def test_aa_ggn_takes_the_dpo_reference_from_its_recorded_path(tmp_path):
         {"lp": _logprob}
     )
     assert report.estimator == "aa-ggn" and all(torch.isfinite(torch.tensor(r.effect)) for r in report.rows)
+
+    # the products of larger models (no retained graphs: functorch transforms) give the same effects; the reference's
+    # log-probabilities are computed before them (first computed inside a transform, they failed as "escaped")
+    import hf_stage_attribution.estimators.curvature.propagation as propagation
+
+    monkeypatch.setattr(propagation, "graph_cache_fits", lambda *a: False)
+    shutil.rmtree(ledger_dir / "embeddings")  # computed again, not read from the cache
+    functorch = StageAttributor(ledger, model, estimator="aa-ggn", diagnostics=False, show_progress=False).attribute(
+        {"lp": _logprob}
+    )
+    for a, b in zip(report.rows, functorch.rows):
+        assert a.stage == b.stage and abs(a.effect - b.effect) <= 1e-4 * max(1.0, abs(a.effect))

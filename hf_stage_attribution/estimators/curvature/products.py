@@ -245,6 +245,9 @@ class CurvatureOperator:
         self.products = 0
         self.cache_graphs = cache_graphs
         self._cache: tuple[tuple[str, ...], list[Callable]] | None = None
+        prepare = getattr(self.loss if self.loss is not None else loss, "prepare", None)
+        if callable(prepare):  # a loss with constants of its own (DPO's reference log-probabilities): computed
+            prepare(self.batches)  # here, outside the functorch transforms of the products
 
     def release(self) -> None:
         """Drop the substituted parameters, the batches and any cached graphs (the operator is unusable after)."""

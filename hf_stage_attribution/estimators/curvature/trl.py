@@ -103,4 +103,12 @@ def dpo_loss_pair(ledger: LedgerCore, model: torch.nn.Module, stage: Stage) -> t
         margin = (logps[:half] - ref[:half]) - (logps[half:] - ref[half:])
         return -torch.nn.functional.logsigmoid(beta * margin).mean()
 
+    def prepare(batches: list[Mapping[str, torch.Tensor]]) -> None:
+        # the reference's log-probabilities, computed before any product: a first forward of the reference inside a
+        # functorch transform (the products of larger models) leaves tensors of that transform's level in its
+        # caches, which the next product's level refuses ("escaped?")
+        for batch in batches:
+            ref_logprobs(batch)
+
+    loss.prepare = prepare  # type: ignore[attr-defined]
     return sequence_logprobs, loss
