@@ -14,6 +14,7 @@ Used by :func:`.curvature.propagation.propagate` (runnable example there), e.g.:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,9 @@ class SegmentLayout:
                 a, b = self.offsets[n]
                 self.group_index[a:b] = k
         self._scale: torch.Tensor | None = None
+        self._alpha = {n: g.alpha for g in self.groups if g.active for n in g.names}
+        self._starts = np.array([self.offsets[n][0] for n in self.active_names], dtype=np.int64)
+        self.carried = dict  # the mapping type that keeps carried vectors (a TensorFile on large models)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -100,6 +104,63 @@ class SegmentLayout:
                     scale[a:b] = (p * g.alpha).sqrt()
             self._scale = scale
         return self._scale
+
+    def scale_part(self, name: str, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Coordinates ``lo..hi`` (within the tensor; default: all) of ``s`` on the active tensor ``name`` (flat,
+        float64): the same values as :attr:`scale` there, computed on demand (no model-sized vector is kept)."""
+        a, b = self.offsets[name]
+        hi = b - a if hi is None else hi
+        precond = self.precond
+        if name not in precond:
+            p = torch.ones(hi - lo, dtype=torch.float64)
+        elif hasattr(precond, "read_flat"):  # a TensorFile: read only the part asked for
+            p = precond.read_flat(name, lo, hi)
+        else:
+            p = precond[name].reshape(-1)[lo:hi]
+        return (p * self._alpha[name]).sqrt()
+
+    def range_values(self, lo: int, hi: int, part: Any) -> torch.Tensor:
+        """The flat coordinates ``lo..hi`` of a per-tensor quantity ``part(name, lo, hi)`` (float64), over the tensors
+        that meet the range."""
+        pieces = []
+        for n in self._names_in(lo, hi):
+            a, b = self.offsets[n]
+            pieces.append(part(n, max(lo, a) - a, min(hi, b) - a))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64)
+
+    def _names_in(self, lo: int, hi: int) -> list[str]:
+        starts = self._starts
+        first = max(0, int(np.searchsorted(starts, lo, side="right")) - 1)
+        out = []
+        for n in self.active_names[first:]:
+            a, b = self.offsets[n]
+            if a >= hi:
+                break
+            if b > lo:
+                out.append(n)
+        return out
+
+    def decay_shift(self) -> Any:
+        """The coupled decay ``λ_c s²`` as a function of a coordinate range ``(lo, hi) -> float64 values`` (the
+        ``shift`` of :func:`~.krylov.lanczos_rows`), or None when it is the same everywhere: :attr:`decay_diagonal`
+        without a model-sized vector (checked and evaluated a tensor or a range at a time)."""
+        active = [g for g in self.groups if g.active]
+        lam = {n: _coupled_decay(self.family, g.group) for g in active for n in g.names}
+        if not lam or all(v == 0.0 for v in lam.values()):
+            return None
+
+        def part(n: str, lo: int, hi: int) -> torch.Tensor:
+            return lam[n] * self.scale_part(n, lo, hi) ** 2
+
+        first = None
+        for n in self.active_names:
+            d = part(n, 0, self.offsets[n][1] - self.offsets[n][0])
+            if d.numel() == 0:
+                continue
+            first = d[0] if first is None else first
+            if not bool((d == first).all()):
+                return lambda lo, hi: self.range_values(lo, hi, part)
+        return None
 
     @property
     def decay_diagonal(self) -> torch.Tensor | None:
@@ -141,7 +202,7 @@ class SegmentLayout:
             )
         moments = seg.second_moments() or {}
         key = second_moment_key(self.family, moments)
-        out = {}
+        out = self.carried()
         for g in self.groups:
             for n in g.names:
                 if key is None or n not in moments[key]:
@@ -152,24 +213,27 @@ class SegmentLayout:
                     )
                 step = moments.get("step", {}).get(n)
                 step = float(step) if step is not None else float(self.step0 + 1)
-                out[n] = preconditioner(self.family, g.group, moments[key][n], step)
+                out[n] = preconditioner(self.family, g.group, moments[key].pop(n), step)  # each moment freed once used
         return out
 
     # --- curvature-free recurrence --------------------------------------------------------------------------------
 
-    def curvature_free(self, x: dict[str, torch.Tensor], buf: dict[str, torch.Tensor] | None):
+    def curvature_free(self, x: dict[str, torch.Tensor], buf: dict[str, torch.Tensor] | None, *,
+                       in_place: bool = False):  # fmt: skip
         """``R_0``: every tensor through the recurrence without curvature (``D_j`` on the steps of this layout).
 
         The curvature-free recurrence is elementwise (per-group scalars, a per-coordinate preconditioner), so it runs
         one tensor at a time: the result is the group-wide run's, and the working memory is one tensor, not a
-        float64 copy of the whole group. Whether the preconditioner enters is decided per group, as before."""
-        x = dict(x)
-        new_buf = None if buf is None else dict(buf)
+        float64 copy of the whole group. Whether the preconditioner enters is decided per group, as before.
+        ``in_place``: write the results into the mappings ``x`` and ``buf`` themselves (dicts or
+        :class:`~.scratch.TensorFile`; a missing ``buf`` is made with :attr:`carried`) instead of new dicts."""
+        x = x if in_place else dict(x)
+        new_buf = None if buf is None else (buf if in_place else dict(buf))
         for g in self.groups:
             names = [n for n in g.names if n in x or (buf is not None and n in buf)]
             if not names:
                 continue
-            use_p = self._needs_precond(g, None if buf is None else [buf[n] for n in names if n in buf])
+            use_p = self._needs_precond(g, None if buf is None else (buf[n] for n in names if n in buf))
             zero = torch.zeros((), dtype=torch.float64)
             for n in names:
                 shape = self._shape(n, x[n] if n in x else buf[n])
@@ -183,12 +247,12 @@ class SegmentLayout:
                 x1, b1 = run_recurrence(g.lrs, g.group, self.family, 0.0, flat(x), b0, p, self.step0)
                 x[n] = _owned(x1, size, shape)
                 if b1 is not None:
-                    new_buf = {} if new_buf is None else new_buf
+                    new_buf = (self.carried() if in_place else {}) if new_buf is None else new_buf
                     new_buf[n] = _owned(b1, size, shape)
                 del b0, x1, b1
         return x, new_buf
 
-    def _needs_precond(self, g: _Group, b0: list[torch.Tensor] | None) -> bool:
+    def _needs_precond(self, g: _Group, b0: Iterable[torch.Tensor] | None) -> bool:
         """Whether ``P`` changes the curvature-free run: coupled decay under a preconditioner, or an Adam
         first-moment difference (RMSprop's buffer already holds ``P·g``) in the group's tensors ``b0``."""
         if self.family not in PRECONDITIONED_FAMILIES:
@@ -227,6 +291,36 @@ class SegmentLayout:
                 buf[n] = buf.get(n, torch.zeros(shape, dtype=torch.float64)) + (db[a:b] / scale[a:b]).reshape(shape)
         return x, buf
 
+    def add_correction_streamed(self, x: Any, buf: Any, store: Any, coefficients: torch.Tensor) -> Any:
+        """:meth:`add_correction` with ``(dx, db) = Q·coefficients`` (``Q`` the rows of a
+        :class:`~.scratch.VectorStore`, ``coefficients`` ``rows × 2``) formed a chunk at a time into each tensor, in
+        place on the mappings ``x`` and ``buf`` (a missing ``buf`` is made with :attr:`carried` when ``db ≠ 0``):
+        no flat ``n × 2`` correction and no model-sized scale. Returns ``buf``."""
+        c = coefficients.to(torch.float64)
+        if buf is None and bool(c[:, 1].abs().sum() > 0):
+            buf = self.carried()
+        chunk = store.chunk
+        for n in self.active_names:
+            a, b = self.offsets[n]
+            shape = self.shapes[n]
+            xn = x[n].reshape(-1) if n in x else torch.zeros(b - a, dtype=torch.float64)
+            bn = None if buf is None else (buf[n].reshape(-1) if n in buf else torch.zeros(b - a, dtype=torch.float64))
+            new_x = torch.empty(b - a, dtype=torch.float64)
+            new_b = None if bn is None else torch.empty(b - a, dtype=torch.float64)
+            for lo in range(0, b - a, chunk):
+                hi = min(b - a, lo + chunk)
+                both = store.combine_range(c, a + lo, a + hi)
+                s = self.scale_part(n, lo, hi)
+                new_x[lo:hi] = xn[lo:hi] + both[:, 0] * s
+                if new_b is not None:
+                    new_b[lo:hi] = bn[lo:hi] + both[:, 1] / s
+            del xn, bn
+            x[n] = new_x.reshape(shape)
+            if new_b is not None:
+                buf[n] = new_b.reshape(shape)
+            del new_x, new_b
+        return buf
+
     # --- projections ----------------------------------------------------------------------------------------------
 
     def projection(self, basis: torch.Tensor) -> Projection:
@@ -257,10 +351,10 @@ class SegmentLayout:
             for g in active
         ]
         lam_g = np.array([c.lam_c for c in coefs])
-        index, scale = self.group_index, self.scale.numpy()
+        index = self.group_index
 
         def lam(lo: int, hi: int) -> np.ndarray:
-            return lam_g[index[lo:hi]] * scale[lo:hi] ** 2
+            return lam_g[index[lo:hi]] * self.range_values(lo, hi, self.scale_part).numpy() ** 2
 
         first = float(lam(0, 1)[0]) if lam_g.size and index.size else 0.0
         uniform = all(bool(np.all(lam(lo, lo + store.chunk) == first)) for lo in range(0, index.size, store.chunk))

@@ -315,6 +315,53 @@ class CurvatureOperator:
             out.copy_(total)
         return out
 
+    def apply_parts(
+        self,
+        names: Sequence[str],
+        shapes: Mapping[str, tuple[int, ...]],
+        source: Callable[[int], torch.Tensor],
+        write: Callable[[int, torch.Tensor], None],
+        read: Callable[[int], torch.Tensor] | None = None,
+        finish: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> None:
+        """``C̄ v`` handed over one tensor at a time, so that neither ``v`` nor the result is ever a whole float64
+        vector in RAM: ``source(i)`` gives tensor ``names[i]`` of ``v`` (flat, float64), ``write(i, values)`` takes
+        that tensor of the result (flat float64 on the CPU). With several batches the running sums go through
+        ``write`` and come back through ``read(i)``; ``finish(i, values)`` is applied (in place) to each tensor of the
+        result before its last write. Same arithmetic as :meth:`apply_into`."""
+        for n in names:
+            if n not in self.module_name:
+                raise ModelMismatchError(f"The model has no parameter {n!r} (base name) for curvature products.")
+        keys = [self.module_name[n] for n in names]
+        primals = {k: self.fixed[k] for k in keys}
+        sizes = [math.prod(shapes[n]) for n in names]
+        tangents = {}
+        for i, (k, n) in enumerate(zip(keys, names)):
+            tangents[k] = source(i).to(self.device, self.dtype).view(shapes[n]).to(primals[k].dtype)
+        closures = self._closures(primals)
+        if len(closures) > 1 and read is None:
+            raise ValueError("apply_parts: several batches need `read` for the running sums.")
+        total = sum(self.weights)
+        for b, (fn, w) in enumerate(zip(closures, self.weights)):
+            product = fn(tangents)
+            last = b == len(closures) - 1
+            with torch.no_grad():
+                for i, (k, size) in enumerate(zip(keys, sizes)):
+                    if b == 0:
+                        acc = torch.zeros(size, dtype=torch.float64, device=self.device)
+                    else:
+                        acc = read(i).to(self.device)
+                    acc.add_(product.pop(k).reshape(-1), alpha=w)
+                    if last:
+                        acc = acc.div_(total).cpu()
+                        if finish is not None:
+                            finish(i, acc)
+                    write(i, acc.cpu())
+                    del acc
+            del product
+        del tangents
+        self.products += 1
+
     def _closures(self, primals: dict[str, torch.Tensor]) -> list[Callable]:
         """Per batch, ``tangents ↦ C̄_batch · tangents``. With ``cache_graphs`` the forward graph of each batch is
         built once per set of differentiated tensors and reused by every product (backward passes only)."""

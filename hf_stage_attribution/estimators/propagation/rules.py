@@ -226,13 +226,14 @@ def preconditioner(family: str, group: dict[str, Any], second_moment: torch.Tens
         >>> float(preconditioner("rmsprop", {"eps": 0.0}, torch.tensor([4.0]), step=3))
         0.5
     """
-    v = second_moment.to(torch.float64)
+    v = second_moment.to(torch.float64, copy=True)  # the one float64 tensor: every step below is in place on it
     if family in ("adam", "adamw"):
         beta2 = _betas(group)[1]
-        v = v / (1.0 - beta2 ** max(float(step), 1.0))
+        v.div_(1.0 - beta2 ** max(float(step), 1.0))
         eps = _f(group, "eps", 1e-8)
     elif family == "rmsprop":
         eps = _f(group, "eps", 1e-8)
     else:
         eps = _f(group, "eps", 1e-10)
-    return 1.0 / (v.clamp_min(0).sqrt() + eps)
+    v.clamp_min_(0).sqrt_().add_(eps)
+    return torch.div(1.0, v, out=v)
