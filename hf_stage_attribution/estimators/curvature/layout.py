@@ -80,12 +80,9 @@ class SegmentLayout:
             self.offsets[n] = (total, total + size)
             total += size
         self.size = total
-        # the active param group of each coordinate: int16 (a handful of groups) keeps it at a quarter of int64's size
-        self.group_index = np.zeros(total, dtype=np.int16 if len(self.groups) < 2**15 else np.int64)
-        for k, g in enumerate(x for x in self.groups if x.active):
-            for n in g.names:
-                a, b = self.offsets[n]
-                self.group_index[a:b] = k
+        # the active param group of each tensor (per coordinate: :meth:`group_range`, :attr:`group_index`)
+        self._index_dtype = np.int16 if len(self.groups) < 2**15 else np.int64
+        self._group_of = {n: k for k, g in enumerate(x for x in self.groups if x.active) for n in g.names}
         self._scale: torch.Tensor | None = None
         self._alpha = {n: g.alpha for g in self.groups if g.active for n in g.names}
         self._starts = np.array([self.offsets[n][0] for n in self.active_names], dtype=np.int64)
@@ -105,6 +102,20 @@ class SegmentLayout:
             self._scale = scale
         return self._scale
 
+    @property
+    def group_index(self) -> np.ndarray:
+        """The active param group of each coordinate (flat; built on each access: :meth:`group_range` gives a part)."""
+        return self.group_range(0, self.size)
+
+    def group_range(self, lo: int, hi: int) -> np.ndarray:
+        """The active param group of the coordinates ``lo..hi`` (``hi`` clipped to the size)."""
+        hi = min(hi, self.size)
+        out = np.empty(max(0, hi - lo), dtype=self._index_dtype)
+        for n in self._names_in(lo, hi):
+            a, b = self.offsets[n]
+            out[max(lo, a) - lo : min(hi, b) - lo] = self._group_of[n]
+        return out
+
     def scale_part(self, name: str, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Coordinates ``lo..hi`` (within the tensor; default: all) of ``s`` on the active tensor ``name`` (flat,
         float64): the same values as :attr:`scale` there, computed on demand (no model-sized vector is kept)."""
@@ -121,7 +132,8 @@ class SegmentLayout:
 
     def range_values(self, lo: int, hi: int, part: Any) -> torch.Tensor:
         """The flat coordinates ``lo..hi`` of a per-tensor quantity ``part(name, lo, hi)`` (float64), over the tensors
-        that meet the range."""
+        that meet the range (``hi`` clipped to the size)."""
+        hi = min(hi, self.size)
         pieces = []
         for n in self._names_in(lo, hi):
             a, b = self.offsets[n]
@@ -333,8 +345,9 @@ class SegmentLayout:
             for g in active
         ]
         v = basis.numpy()
-        masks = [v[self.group_index == k].T @ v[self.group_index == k] for k in range(len(active))]
-        lam = np.array([c.lam_c for c in coefs])[self.group_index] * (self.scale.numpy() ** 2)
+        index = self.group_index
+        masks = [v[index == k].T @ v[index == k] for k in range(len(active))]
+        lam = np.array([c.lam_c for c in coefs])[index] * (self.scale.numpy() ** 2)
         decay = float(lam[0]) if lam.size and np.all(lam == lam[0]) else (v.T * lam) @ v
         return Projection(coefs, masks, decay)
 
@@ -351,14 +364,14 @@ class SegmentLayout:
             for g in active
         ]
         lam_g = np.array([c.lam_c for c in coefs])
-        index = self.group_index
+        index = self.group_range  # per coordinate range: no model-sized index is kept
 
         def lam(lo: int, hi: int) -> np.ndarray:
-            return lam_g[index[lo:hi]] * self.range_values(lo, hi, self.scale_part).numpy() ** 2
+            return lam_g[index(lo, hi)] * self.range_values(lo, hi, self.scale_part).numpy() ** 2
 
-        first = float(lam(0, 1)[0]) if lam_g.size and index.size else 0.0
-        uniform = all(bool(np.all(lam(lo, lo + store.chunk) == first)) for lo in range(0, index.size, store.chunk))
-        weights: list = [(lambda lo, hi, k=k: (index[lo:hi] == k).astype(np.float64)) for k in range(len(active))]
+        first = float(lam(0, 1)[0]) if lam_g.size and self.size else 0.0
+        uniform = all(bool(np.all(lam(lo, lo + store.chunk) == first)) for lo in range(0, self.size, store.chunk))
+        weights: list = [(lambda lo, hi, k=k: (index(lo, hi) == k).astype(np.float64)) for k in range(len(active))]
         if not uniform:
             weights.append(lam)
         grams = store.gram(weights)

