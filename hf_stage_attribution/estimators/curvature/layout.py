@@ -33,6 +33,7 @@ from .recurrence import (
     run_projected,
     unstable_modes,
 )
+from .scratch import TensorFile
 
 
 @dataclass
@@ -245,11 +246,14 @@ class SegmentLayout:
             names = [n for n in g.names if n in x or (buf is not None and n in buf)]
             if not names:
                 continue
-            use_p = self._needs_precond(g, None if buf is None else (buf[n] for n in names if n in buf))
+            use_p = self._needs_precond(g, None if buf is None else _pieces(buf, names))
             zero = torch.zeros((), dtype=torch.float64)
             for n in names:
-                shape = self._shape(n, x[n] if n in x else buf[n])
+                shape = self._shape(n, _like(x, n) if n in x else _like(buf, n))
                 size = int(np.prod(shape)) if shape else 1
+                if in_place and size > R0_CHUNK and isinstance(x, TensorFile):
+                    new_buf = self._free_chunked(g, n, shape, size, x, buf, new_buf, use_p)
+                    continue
 
                 def flat(d: dict, n=n, shape=shape, zero=zero) -> torch.Tensor:
                     return d.get(n, zero).to(torch.float64).expand(shape).reshape(-1)
@@ -263,6 +267,26 @@ class SegmentLayout:
                     new_buf[n] = _owned(b1, size, shape)
                 del b0, x1, b1
         return x, new_buf
+
+    def _free_chunked(self, g: _Group, n: str, shape: tuple[int, ...], size: int, x: Any, buf: Any, new_buf: Any,
+                      use_p: bool) -> Any:  # fmt: skip
+        r""":meth:`curvature_free` of one large tensor kept in :class:`~.scratch.TensorFile`\ s, :data:`R0_CHUNK`
+        coordinates at a time (the recurrence is elementwise: the same numbers), read and written in place; returns
+        the buffer mapping (made with :attr:`carried` when the run creates it)."""
+        x.reserve(n, shape)
+        for lo in range(0, size, R0_CHUNK):
+            hi = min(size, lo + R0_CHUNK)
+            b0 = None if buf is None else _read(buf, n, lo, hi)
+            p = self.precond.read_flat(n, lo, hi) if use_p and hasattr(self.precond, "read_flat") else (
+                self.precond[n].reshape(-1)[lo:hi] if use_p else 1.0)  # fmt: skip
+            x1, b1 = run_recurrence(g.lrs, g.group, self.family, 0.0, _read(x, n, lo, hi), b0, p, self.step0)
+            x.write_flat(n, lo, _owned(x1, hi - lo, (hi - lo,)))
+            if b1 is not None:
+                new_buf = self.carried() if new_buf is None else new_buf
+                new_buf.reserve(n, shape)
+                new_buf.write_flat(n, lo, _owned(b1, hi - lo, (hi - lo,)))
+            del b0, p, x1, b1
+        return new_buf
 
     def _needs_precond(self, g: _Group, b0: Iterable[torch.Tensor] | None) -> bool:
         """Whether ``P`` changes the curvature-free run: coupled decay under a preconditioner, or an Adam
@@ -381,6 +405,37 @@ class SegmentLayout:
         else:
             decay = rotation.T @ grams[-1] @ rotation
         return Projection(coefs, masks, decay)
+
+
+#: Coordinates per piece of the curvature-free run of a tensor kept in a scratch file (2 MiB of float64).
+R0_CHUNK = 2**18
+
+
+def _like(d: Any, name: str) -> torch.Tensor:
+    """``d[name]``, or for a :class:`~.scratch.TensorFile` an empty tensor of its shape (nothing read)."""
+    return torch.empty(d.shape_of(name), dtype=torch.float64) if isinstance(d, TensorFile) else d[name]
+
+
+def _read(d: Any, name: str, lo: int, hi: int) -> torch.Tensor:
+    """Flat float64 coordinates ``lo..hi`` of ``d[name]`` (zeros when absent)."""
+    if name not in d:
+        return torch.zeros(hi - lo, dtype=torch.float64)
+    if isinstance(d, TensorFile):
+        return d.read_flat(name, lo, hi)
+    return d[name].reshape(-1)[lo:hi].to(torch.float64)
+
+
+def _pieces(d: Any, names: list[str]) -> Iterable[torch.Tensor]:
+    """The tensors ``d[n]`` present, a :data:`R0_CHUNK` piece at a time when ``d`` is a scratch file."""
+    for n in names:
+        if n not in d:
+            continue
+        if not isinstance(d, TensorFile):
+            yield d[n]
+            continue
+        size = int(np.prod(d.shape_of(n))) if d.shape_of(n) else 1
+        for lo in range(0, size, R0_CHUNK):
+            yield d.read_flat(n, lo, min(size, lo + R0_CHUNK))
 
 
 def _owned(value: Any, size: int, shape: tuple[int, ...]) -> torch.Tensor:

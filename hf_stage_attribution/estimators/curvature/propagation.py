@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._internal.memory import available_memory_bytes, human_bytes
+from ..._internal.memory import available_memory_bytes, human_bytes, release_freed_memory
 from ...errors import EstimatorMemoryError, MissingCurvatureError, UnsupportedOptimizerError, unknown_name
 from ...ledger.core import LedgerCore
 from ...ledger.stage import Stage
@@ -376,6 +376,7 @@ def propagate(
                 coefficients = _curvature_correction(layout, store, x, buf, model, theta_start, seg, loss, mode,
                                                      krylov_size, curvature_scale, sample_size, chunk_rows,
                                                      record)  # fmt: skip
+                release_freed_memory()  # the products' freed buffers back to the system before R_0
                 x, buf = layout.curvature_free(x, buf, in_place=True)
                 buf = layout.add_correction_streamed(x, buf, store, coefficients)
         except (MemoryError, RuntimeError, OSError) as exc:

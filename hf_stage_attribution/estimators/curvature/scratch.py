@@ -357,6 +357,28 @@ class TensorFile(Mapping):
                 raise OSError(f"short read from a scratch file ({got} of {out.nbytes} bytes)")
         return torch.from_numpy(out)
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The shape of ``name`` (without reading it)."""
+        return self._index[name][1]
+
+    def reserve(self, name: str, shape: tuple[int, ...]) -> None:
+        """Make room for ``name`` (zeros) if it is absent, to be filled with :meth:`write_flat`."""
+        if name in self._index:
+            return
+        nbytes = (int(np.prod(shape)) if shape else 1) * _ITEM
+        self._index[name] = (self._end, tuple(shape))
+        self._end += nbytes
+        os.ftruncate(self._fd, max(os.fstat(self._fd).st_size, self._end))
+
+    def write_flat(self, name: str, lo: int, values: torch.Tensor) -> None:
+        r"""Write flat coordinates ``lo..lo+len`` of ``name`` (present, or :meth:`reserve`\ d)."""
+        offset, shape = self._index[name]
+        flat = np.ascontiguousarray(values.detach().to("cpu", torch.float64).reshape(-1).numpy())
+        if lo + flat.size > (int(np.prod(shape)) if shape else 1):
+            raise ValueError(f"{name!r}: coordinates {lo}..{lo + flat.size} past its size")
+        if flat.size:
+            os.pwrite(self._fd, flat.data, offset + lo * _ITEM)
+
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         flat = np.ascontiguousarray(value.detach().to("cpu", torch.float64).reshape(-1).numpy())
         shape = tuple(value.shape)
@@ -386,7 +408,10 @@ class TensorFile(Mapping):
             self._fd = None
 
     def __del__(self) -> None:
-        self.close()
+        try:  # noqa: SIM105 - contextlib may be gone at interpreter exit too
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - at interpreter exit the os module may be gone already
+            pass
 
     def __reduce__(self) -> tuple:
         return (dict, (dict(self.items()),))  # pickled (torch.save, copy) as the plain dict it stands for

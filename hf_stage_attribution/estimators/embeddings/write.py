@@ -164,7 +164,7 @@ def write_curvature(
     temps: list[tuple[int, Path]] = []
     try:
         for k in wanted:
-            v = {name: t.to(torch.float64) for name, t in stages[k].iter_delta()}
+            v = dict(stages[k].iter_delta())  # as stored: propagate takes each tensor over in float64 (consume)
             buf = None
             for j in range(k + 1, len(stages)):
                 stage = stages[j]
