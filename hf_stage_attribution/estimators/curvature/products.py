@@ -491,7 +491,8 @@ class CurvatureOperator:
             tangents.clear()
         out = torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
         _, hjv = jvp(grad(lambda o: self.loss(o, batch)), (out,), (jv,))
-        _, pullback = vjp(f, primals)
+        del out, jv  # not needed for the backward pass: freed before its graph is built
+        pullback = vjp(f, primals)[1]  # the outputs themselves are not kept
         return pullback(hjv)[0]
 
     def _hvp(self, primals: dict, tangents: dict, batch: Any, consume_tangents: bool = False) -> dict[str, Any]:
