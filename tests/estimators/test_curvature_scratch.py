@@ -112,9 +112,9 @@ def test_preflight_counts_the_basis_on_disk_and_refuses_when_the_scratch_disk_is
     monkeypatch.setenv(scratch.SCRATCH_ENV, "disk")
     big = 10**7  # on disk only one chunk of the basis counts in RAM
     assert propagation.curvature_peak_bytes(big, 12) < propagation.curvature_peak_bytes(big, 12, where="ram")
-    assert propagation.curvature_scratch_bytes(n, 12) == 8 * n * 15
+    assert propagation.curvature_scratch_bytes(n, 12) == 8 * n * (15 + 3)  # basis, and x, buf, P (forced to disk)
     assert propagation.curvature_memory_problem(ledger, 0, 12) is None
-    monkeypatch.setattr(propagation, "scratch_free_bytes", lambda: 8 * n * 12)  # room for 9 of 12 (+3) vectors
+    monkeypatch.setattr(propagation, "scratch_free_bytes", lambda: 8 * n * 15)  # room for 9 of 12 (+3, +3) vectors
     problem = propagation.curvature_memory_problem(ledger, 0, 12)
     assert problem is not None and "\n" not in problem and "scratch disk" in problem
     assert "krylov_size': 9" in problem and "--curvature-preset cheap" in problem
@@ -139,12 +139,12 @@ def test_allocation_failures_in_the_curvature_path_become_one_line_errors(tmp_pa
 
     oom = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate"
     for message, kind in ((oom, RuntimeError), ("", MemoryError), ("[Errno 28] No space left on device", OSError)):
-        monkeypatch.setattr(propagation, "lanczos_into", fail(message, kind))
+        monkeypatch.setattr(propagation, "lanczos_rows", fail(message, kind))
         with pytest.raises(EstimatorMemoryError) as caught:
             propagate(v, ledger, 1, mode="ggn", model=model, krylov_size=12)
         text = str(caught.value)
         assert "\n" not in text and text.startswith("aa-ggn: the curvature propagation ran out of memory")
         assert "--curvature-preset cheap or --estimator aa-linear" in text
-    monkeypatch.setattr(propagation, "lanczos_into", fail("shape mismatch"))
+    monkeypatch.setattr(propagation, "lanczos_rows", fail("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not disguised
         propagate(v, ledger, 1, mode="ggn", model=model, krylov_size=4)

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -134,4 +135,69 @@ def lanczos_into(
                 h[i, j] = entries[(i, j)]
             elif (j, i) in entries:
                 h[i, j] = entries[(j, i)]
+    return 0.5 * (h + h.T), products
+
+
+def lanczos_rows(
+    store: VectorStore,
+    apply_row: Callable[[int, int], None],
+    fills: Sequence[Callable[[int], None]],
+    max_size: int,
+    *,
+    shift: Callable[[int, int], torch.Tensor] | None = None,
+    rtol: float = 1e-10,
+) -> tuple[torch.Tensor, int]:
+    """:func:`lanczos_into` with every model-sized vector in ``store``: the basis in its rows ``0..r−1`` and the
+    vector being formed in the *working row* just past them (``store`` needs one row of capacity more than the
+    basis). Nothing model-sized is held in RAM here, whether the store is in RAM or on disk.
+
+    ``fills``: per start vector, ``fill(row)`` writes it into row ``row``; ``apply_row(j, row)`` writes ``A q_j`` into
+    row ``row``; ``shift(lo, hi)``: the diagonal ``D`` at coordinates ``lo..hi`` (see :func:`lanczos_into`).
+    Same algorithm and results as :func:`lanczos_into` up to rounding (norms and inner products accumulate per chunk).
+    """
+    limit = min(max(max_size, len(fills)), store.capacity - 1)
+
+    def orthogonalise(row: int) -> float:
+        for _ in range(2):
+            store.row_subtract(row, store.row_dots(row))
+        return store.row_norm(row)
+
+    def accept(row: int, norm: float) -> None:
+        store.row_divide(row, norm)
+        store.count += 1
+
+    for fill in fills:
+        row = store.count
+        fill(row)
+        norm = store.row_norm(row)
+        if norm == 0.0 or not math.isfinite(norm):
+            continue
+        left = orthogonalise(row)
+        if left > rtol * norm and store.count < limit:
+            accept(row, left)
+    if store.count == 0:
+        return torch.zeros(0, 0, dtype=torch.float64), 0
+    entries: dict[tuple[int, int], float] = {}
+    products = 0
+    scale = 0.0
+    while products < store.count:
+        j, row = products, store.count
+        apply_row(j, row)
+        products += 1
+        for i, value in enumerate(store.row_dots(row).tolist()):
+            entries[(i, j)] = value
+        if shift is not None:
+            store.row_add_product(row, j, shift)
+        norm = store.row_norm(row)
+        scale = max(scale, norm)
+        if store.count < max_size and norm > 0.0:
+            left = orthogonalise(row)
+            if left > rtol * max(scale, norm):
+                accept(row, left)
+    r = store.count
+    h = torch.zeros(r, r, dtype=torch.float64)
+    for (i, j), value in entries.items():
+        h[i, j] = value
+        if (j, i) not in entries:
+            h[j, i] = value
     return 0.5 * (h + h.T), products

@@ -14,6 +14,7 @@ Used by :func:`.curvature.propagation.propagate` (runnable example there), e.g.:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from .recurrence import (
     run_projected,
     unstable_modes,
 )
+from .scratch import TensorFile
 
 
 @dataclass
@@ -79,13 +81,13 @@ class SegmentLayout:
             self.offsets[n] = (total, total + size)
             total += size
         self.size = total
-        # the active param group of each coordinate: int16 (a handful of groups) keeps it at a quarter of int64's size
-        self.group_index = np.zeros(total, dtype=np.int16 if len(self.groups) < 2**15 else np.int64)
-        for k, g in enumerate(x for x in self.groups if x.active):
-            for n in g.names:
-                a, b = self.offsets[n]
-                self.group_index[a:b] = k
+        # the active param group of each tensor (per coordinate: :meth:`group_range`, :attr:`group_index`)
+        self._index_dtype = np.int16 if len(self.groups) < 2**15 else np.int64
+        self._group_of = {n: k for k, g in enumerate(x for x in self.groups if x.active) for n in g.names}
         self._scale: torch.Tensor | None = None
+        self._alpha = {n: g.alpha for g in self.groups if g.active for n in g.names}
+        self._starts = np.array([self.offsets[n][0] for n in self.active_names], dtype=np.int64)
+        self.carried = dict  # the mapping type that keeps carried vectors (a TensorFile on large models)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -100,6 +102,78 @@ class SegmentLayout:
                     scale[a:b] = (p * g.alpha).sqrt()
             self._scale = scale
         return self._scale
+
+    @property
+    def group_index(self) -> np.ndarray:
+        """The active param group of each coordinate (flat; built on each access: :meth:`group_range` gives a part)."""
+        return self.group_range(0, self.size)
+
+    def group_range(self, lo: int, hi: int) -> np.ndarray:
+        """The active param group of the coordinates ``lo..hi`` (``hi`` clipped to the size)."""
+        hi = min(hi, self.size)
+        out = np.empty(max(0, hi - lo), dtype=self._index_dtype)
+        for n in self._names_in(lo, hi):
+            a, b = self.offsets[n]
+            out[max(lo, a) - lo : min(hi, b) - lo] = self._group_of[n]
+        return out
+
+    def scale_part(self, name: str, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Coordinates ``lo..hi`` (within the tensor; default: all) of ``s`` on the active tensor ``name`` (flat,
+        float64): the same values as :attr:`scale` there, computed on demand (no model-sized vector is kept)."""
+        a, b = self.offsets[name]
+        hi = b - a if hi is None else hi
+        precond = self.precond
+        if name not in precond:
+            p = torch.ones(hi - lo, dtype=torch.float64)
+        elif hasattr(precond, "read_flat"):  # a TensorFile: read only the part asked for
+            p = precond.read_flat(name, lo, hi)
+        else:
+            p = precond[name].reshape(-1)[lo:hi]
+        return (p * self._alpha[name]).sqrt()
+
+    def range_values(self, lo: int, hi: int, part: Any) -> torch.Tensor:
+        """The flat coordinates ``lo..hi`` of a per-tensor quantity ``part(name, lo, hi)`` (float64), over the tensors
+        that meet the range (``hi`` clipped to the size)."""
+        hi = min(hi, self.size)
+        pieces = []
+        for n in self._names_in(lo, hi):
+            a, b = self.offsets[n]
+            pieces.append(part(n, max(lo, a) - a, min(hi, b) - a))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64)
+
+    def _names_in(self, lo: int, hi: int) -> list[str]:
+        starts = self._starts
+        first = max(0, int(np.searchsorted(starts, lo, side="right")) - 1)
+        out = []
+        for n in self.active_names[first:]:
+            a, b = self.offsets[n]
+            if a >= hi:
+                break
+            if b > lo:
+                out.append(n)
+        return out
+
+    def decay_shift(self) -> Any:
+        """The coupled decay ``λ_c s²`` as a function of a coordinate range ``(lo, hi) -> float64 values`` (the
+        ``shift`` of :func:`~.krylov.lanczos_rows`), or None when it is the same everywhere: :attr:`decay_diagonal`
+        without a model-sized vector (checked and evaluated a tensor or a range at a time)."""
+        active = [g for g in self.groups if g.active]
+        lam = {n: _coupled_decay(self.family, g.group) for g in active for n in g.names}
+        if not lam or all(v == 0.0 for v in lam.values()):
+            return None
+
+        def part(n: str, lo: int, hi: int) -> torch.Tensor:
+            return lam[n] * self.scale_part(n, lo, hi) ** 2
+
+        first = None
+        for n in self.active_names:
+            d = part(n, 0, self.offsets[n][1] - self.offsets[n][0])
+            if d.numel() == 0:
+                continue
+            first = d[0] if first is None else first
+            if not bool((d == first).all()):
+                return lambda lo, hi: self.range_values(lo, hi, part)
+        return None
 
     @property
     def decay_diagonal(self) -> torch.Tensor | None:
@@ -141,7 +215,7 @@ class SegmentLayout:
             )
         moments = seg.second_moments() or {}
         key = second_moment_key(self.family, moments)
-        out = {}
+        out = self.carried()
         for g in self.groups:
             for n in g.names:
                 if key is None or n not in moments[key]:
@@ -152,28 +226,34 @@ class SegmentLayout:
                     )
                 step = moments.get("step", {}).get(n)
                 step = float(step) if step is not None else float(self.step0 + 1)
-                out[n] = preconditioner(self.family, g.group, moments[key][n], step)
+                out[n] = preconditioner(self.family, g.group, moments[key].pop(n), step)  # each moment freed once used
         return out
 
     # --- curvature-free recurrence --------------------------------------------------------------------------------
 
-    def curvature_free(self, x: dict[str, torch.Tensor], buf: dict[str, torch.Tensor] | None):
+    def curvature_free(self, x: dict[str, torch.Tensor], buf: dict[str, torch.Tensor] | None, *,
+                       in_place: bool = False):  # fmt: skip
         """``R_0``: every tensor through the recurrence without curvature (``D_j`` on the steps of this layout).
 
         The curvature-free recurrence is elementwise (per-group scalars, a per-coordinate preconditioner), so it runs
         one tensor at a time: the result is the group-wide run's, and the working memory is one tensor, not a
-        float64 copy of the whole group. Whether the preconditioner enters is decided per group, as before."""
-        x = dict(x)
-        new_buf = None if buf is None else dict(buf)
+        float64 copy of the whole group. Whether the preconditioner enters is decided per group, as before.
+        ``in_place``: write the results into the mappings ``x`` and ``buf`` themselves (dicts or
+        :class:`~.scratch.TensorFile`; a missing ``buf`` is made with :attr:`carried`) instead of new dicts."""
+        x = x if in_place else dict(x)
+        new_buf = None if buf is None else (buf if in_place else dict(buf))
         for g in self.groups:
             names = [n for n in g.names if n in x or (buf is not None and n in buf)]
             if not names:
                 continue
-            use_p = self._needs_precond(g, None if buf is None else [buf[n] for n in names if n in buf])
+            use_p = self._needs_precond(g, None if buf is None else _pieces(buf, names))
             zero = torch.zeros((), dtype=torch.float64)
             for n in names:
-                shape = self._shape(n, x[n] if n in x else buf[n])
+                shape = self._shape(n, _like(x, n) if n in x else _like(buf, n))
                 size = int(np.prod(shape)) if shape else 1
+                if in_place and size > R0_CHUNK and isinstance(x, TensorFile):
+                    new_buf = self._free_chunked(g, n, shape, size, x, buf, new_buf, use_p)
+                    continue
 
                 def flat(d: dict, n=n, shape=shape, zero=zero) -> torch.Tensor:
                     return d.get(n, zero).to(torch.float64).expand(shape).reshape(-1)
@@ -183,12 +263,32 @@ class SegmentLayout:
                 x1, b1 = run_recurrence(g.lrs, g.group, self.family, 0.0, flat(x), b0, p, self.step0)
                 x[n] = _owned(x1, size, shape)
                 if b1 is not None:
-                    new_buf = {} if new_buf is None else new_buf
+                    new_buf = (self.carried() if in_place else {}) if new_buf is None else new_buf
                     new_buf[n] = _owned(b1, size, shape)
                 del b0, x1, b1
         return x, new_buf
 
-    def _needs_precond(self, g: _Group, b0: list[torch.Tensor] | None) -> bool:
+    def _free_chunked(self, g: _Group, n: str, shape: tuple[int, ...], size: int, x: Any, buf: Any, new_buf: Any,
+                      use_p: bool) -> Any:  # fmt: skip
+        r""":meth:`curvature_free` of one large tensor kept in :class:`~.scratch.TensorFile`\ s, :data:`R0_CHUNK`
+        coordinates at a time (the recurrence is elementwise: the same numbers), read and written in place; returns
+        the buffer mapping (made with :attr:`carried` when the run creates it)."""
+        x.reserve(n, shape)
+        for lo in range(0, size, R0_CHUNK):
+            hi = min(size, lo + R0_CHUNK)
+            b0 = None if buf is None else _read(buf, n, lo, hi)
+            p = self.precond.read_flat(n, lo, hi) if use_p and hasattr(self.precond, "read_flat") else (
+                self.precond[n].reshape(-1)[lo:hi] if use_p else 1.0)  # fmt: skip
+            x1, b1 = run_recurrence(g.lrs, g.group, self.family, 0.0, _read(x, n, lo, hi), b0, p, self.step0)
+            x.write_flat(n, lo, _owned(x1, hi - lo, (hi - lo,)))
+            if b1 is not None:
+                new_buf = self.carried() if new_buf is None else new_buf
+                new_buf.reserve(n, shape)
+                new_buf.write_flat(n, lo, _owned(b1, hi - lo, (hi - lo,)))
+            del b0, p, x1, b1
+        return new_buf
+
+    def _needs_precond(self, g: _Group, b0: Iterable[torch.Tensor] | None) -> bool:
         """Whether ``P`` changes the curvature-free run: coupled decay under a preconditioner, or an Adam
         first-moment difference (RMSprop's buffer already holds ``P·g``) in the group's tensors ``b0``."""
         if self.family not in PRECONDITIONED_FAMILIES:
@@ -227,6 +327,36 @@ class SegmentLayout:
                 buf[n] = buf.get(n, torch.zeros(shape, dtype=torch.float64)) + (db[a:b] / scale[a:b]).reshape(shape)
         return x, buf
 
+    def add_correction_streamed(self, x: Any, buf: Any, store: Any, coefficients: torch.Tensor) -> Any:
+        """:meth:`add_correction` with ``(dx, db) = Q·coefficients`` (``Q`` the rows of a
+        :class:`~.scratch.VectorStore`, ``coefficients`` ``rows × 2``) formed a chunk at a time into each tensor, in
+        place on the mappings ``x`` and ``buf`` (a missing ``buf`` is made with :attr:`carried` when ``db ≠ 0``):
+        no flat ``n × 2`` correction and no model-sized scale. Returns ``buf``."""
+        c = coefficients.to(torch.float64)
+        if buf is None and bool(c[:, 1].abs().sum() > 0):
+            buf = self.carried()
+        chunk = store.chunk
+        for n in self.active_names:
+            a, b = self.offsets[n]
+            shape = self.shapes[n]
+            xn = x[n].reshape(-1) if n in x else torch.zeros(b - a, dtype=torch.float64)
+            bn = None if buf is None else (buf[n].reshape(-1) if n in buf else torch.zeros(b - a, dtype=torch.float64))
+            new_x = torch.empty(b - a, dtype=torch.float64)
+            new_b = None if bn is None else torch.empty(b - a, dtype=torch.float64)
+            for lo in range(0, b - a, chunk):
+                hi = min(b - a, lo + chunk)
+                both = store.combine_range(c, a + lo, a + hi)
+                s = self.scale_part(n, lo, hi)
+                new_x[lo:hi] = xn[lo:hi] + both[:, 0] * s
+                if new_b is not None:
+                    new_b[lo:hi] = bn[lo:hi] + both[:, 1] / s
+            del xn, bn
+            x[n] = new_x.reshape(shape)
+            if new_b is not None:
+                buf[n] = new_b.reshape(shape)
+            del new_x, new_b
+        return buf
+
     # --- projections ----------------------------------------------------------------------------------------------
 
     def projection(self, basis: torch.Tensor) -> Projection:
@@ -239,8 +369,9 @@ class SegmentLayout:
             for g in active
         ]
         v = basis.numpy()
-        masks = [v[self.group_index == k].T @ v[self.group_index == k] for k in range(len(active))]
-        lam = np.array([c.lam_c for c in coefs])[self.group_index] * (self.scale.numpy() ** 2)
+        index = self.group_index
+        masks = [v[index == k].T @ v[index == k] for k in range(len(active))]
+        lam = np.array([c.lam_c for c in coefs])[index] * (self.scale.numpy() ** 2)
         decay = float(lam[0]) if lam.size and np.all(lam == lam[0]) else (v.T * lam) @ v
         return Projection(coefs, masks, decay)
 
@@ -257,14 +388,14 @@ class SegmentLayout:
             for g in active
         ]
         lam_g = np.array([c.lam_c for c in coefs])
-        index, scale = self.group_index, self.scale.numpy()
+        index = self.group_range  # per coordinate range: no model-sized index is kept
 
         def lam(lo: int, hi: int) -> np.ndarray:
-            return lam_g[index[lo:hi]] * scale[lo:hi] ** 2
+            return lam_g[index(lo, hi)] * self.range_values(lo, hi, self.scale_part).numpy() ** 2
 
-        first = float(lam(0, 1)[0]) if lam_g.size and index.size else 0.0
-        uniform = all(bool(np.all(lam(lo, lo + store.chunk) == first)) for lo in range(0, index.size, store.chunk))
-        weights: list = [(lambda lo, hi, k=k: (index[lo:hi] == k).astype(np.float64)) for k in range(len(active))]
+        first = float(lam(0, 1)[0]) if lam_g.size and self.size else 0.0
+        uniform = all(bool(np.all(lam(lo, lo + store.chunk) == first)) for lo in range(0, self.size, store.chunk))
+        weights: list = [(lambda lo, hi, k=k: (index(lo, hi) == k).astype(np.float64)) for k in range(len(active))]
         if not uniform:
             weights.append(lam)
         grams = store.gram(weights)
@@ -274,6 +405,37 @@ class SegmentLayout:
         else:
             decay = rotation.T @ grams[-1] @ rotation
         return Projection(coefs, masks, decay)
+
+
+#: Coordinates per piece of the curvature-free run of a tensor kept in a scratch file (2 MiB of float64).
+R0_CHUNK = 2**18
+
+
+def _like(d: Any, name: str) -> torch.Tensor:
+    """``d[name]``, or for a :class:`~.scratch.TensorFile` an empty tensor of its shape (nothing read)."""
+    return torch.empty(d.shape_of(name), dtype=torch.float64) if isinstance(d, TensorFile) else d[name]
+
+
+def _read(d: Any, name: str, lo: int, hi: int) -> torch.Tensor:
+    """Flat float64 coordinates ``lo..hi`` of ``d[name]`` (zeros when absent)."""
+    if name not in d:
+        return torch.zeros(hi - lo, dtype=torch.float64)
+    if isinstance(d, TensorFile):
+        return d.read_flat(name, lo, hi)
+    return d[name].reshape(-1)[lo:hi].to(torch.float64)
+
+
+def _pieces(d: Any, names: list[str]) -> Iterable[torch.Tensor]:
+    """The tensors ``d[n]`` present, a :data:`R0_CHUNK` piece at a time when ``d`` is a scratch file."""
+    for n in names:
+        if n not in d:
+            continue
+        if not isinstance(d, TensorFile):
+            yield d[n]
+            continue
+        size = int(np.prod(d.shape_of(n))) if d.shape_of(n) else 1
+        for lo in range(0, size, R0_CHUNK):
+            yield d.read_flat(n, lo, min(size, lo + R0_CHUNK))
 
 
 def _owned(value: Any, size: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -66,15 +66,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._internal.memory import available_memory_bytes, human_bytes
+from ..._internal.memory import available_memory_bytes, human_bytes, release_freed_memory
 from ...errors import EstimatorMemoryError, MissingCurvatureError, UnsupportedOptimizerError, unknown_name
 from ...ledger.core import LedgerCore
 from ...ledger.stage import Stage
 from ..propagation.rules import recorded_family, run_recurrence
-from .krylov import basis_bytes, lanczos_into
+from .krylov import lanczos_rows
 from .layout import SegmentLayout
 from .products import CurvatureOperator, LossSpec, _rows, resolve_loss
-from .scratch import SCRATCH_DIR_ENV, VectorStore, scratch_dir, scratch_free_bytes, scratch_mode
+from .scratch import (
+    CHUNK,
+    SCRATCH_DIR_ENV,
+    TensorFile,
+    VectorStore,
+    carried_mode,
+    scratch_dir,
+    scratch_free_bytes,
+    scratch_mode,
+)
 
 MODES = ("ggn", "hvp")
 PAIRED_BATCH_LOSSES = ("dpo",)  # losses whose batches must not be concatenated (chosen/rejected halves)
@@ -105,33 +114,46 @@ def curvature_settings(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"preset": name, **CURVATURE_PRESETS[name], **options}
 
 
-#: Model-sized float64 vectors the curvature propagation holds in RAM besides the Krylov basis, calibrated on the
-#: GPT-2 case of ``benchmarks/estimator_memory.py`` (4.2M parameters, basis on disk: peak RSS rise 24.7× the float32
-#: parameter bytes for aa-ggn, 27.5× for aa-hvp, i.e. up to 110 bytes per coordinate): the carried perturbation and
-#: first moment, the optimizer's preconditioner and the symmetrising scale, the Lanczos working vectors, one
-#: curvature product's working set, and the estimator's own rows and embeddings around the propagation.
-WORKING_VECTORS = 14
+#: Model-sized float64 vectors' worth of RAM the curvature propagation needs besides the Krylov basis and the carried
+#: vectors, calibrated on the GPT-2 case of ``benchmarks/estimator_memory.py`` (4.2M parameters; basis, perturbation,
+#: first moment and preconditioner on disk): one curvature product's working set (θ_mid, the float32 tangent, the
+#: product's activations and gradients) and the estimator's rows around the propagation. Measured peak RSS rise:
+#: 5.9× the float32 parameter bytes for aa-ggn, 10.4× for aa-hvp (≈ 3 and 5 float64 vectors).
+WORKING_VECTORS = 5
+#: Model-sized float64 vectors carried through the propagation (perturbation, first-moment difference,
+#: preconditioner): in RAM on small models, in scratch files (:class:`~.scratch.TensorFile`) on large ones.
+CARRIED_VECTORS = 3
+
+
+def _basis_rows(krylov_size: int) -> int:
+    """Rows of the Krylov store (an upper bound): the basis (up to ``krylov_size + 3`` with the start block) and the
+    Lanczos working row."""
+    return krylov_size + 3
 
 
 def curvature_peak_bytes(n: int, krylov_size: int, *, where: str | None = None) -> int:
     """Estimated peak RAM of the curvature propagation over ``n`` coordinates: :data:`WORKING_VECTORS` float64
-    vectors, plus the Krylov basis (up to ``krylov_size + 3`` float64 vectors) when it is kept in RAM (``where``,
-    default :func:`~.scratch.scratch_mode`'s choice); on disk only one streamed chunk of it is in RAM.
+    vectors, the :data:`CARRIED_VECTORS` when they are kept in RAM (:func:`~.scratch.carried_mode`), plus the Krylov
+    basis (``krylov_size + 3`` float64 rows) when it is kept in RAM (``where``, default
+    :func:`~.scratch.scratch_mode`'s choice); on disk only one streamed chunk of it is in RAM.
 
     Example:
         >>> curvature_peak_bytes(1000, 12)
-        232000
+        184000
     """
-    rows = krylov_size + 3
+    rows = _basis_rows(krylov_size)
     where = where or scratch_mode(n, rows)
-    return basis_bytes(n, rows, where=where) + 8 * n * (WORKING_VECTORS - 4)
+    basis = 8 * n * rows if where == "ram" else 8 * rows * min(n, CHUNK)
+    carried = CARRIED_VECTORS if carried_mode(n) == "ram" else 0
+    return basis + 8 * n * (WORKING_VECTORS + carried)
 
 
 def curvature_scratch_bytes(n: int, krylov_size: int, *, where: str | None = None) -> int:
     """Scratch disk the curvature propagation writes over ``n`` coordinates: the float64 Krylov basis when it is on
-    disk (``0`` when it is kept in RAM)."""
-    rows = krylov_size + 3
-    return 8 * n * rows if (where or scratch_mode(n, rows)) == "disk" else 0
+    disk (``0`` when it is kept in RAM) and the carried vectors when they are."""
+    rows = _basis_rows(krylov_size)
+    basis = 8 * n * rows if (where or scratch_mode(n, rows)) == "disk" else 0
+    return basis + (8 * n * CARRIED_VECTORS if carried_mode(n) == "disk" else 0)
 
 
 #: Bytes per parameter that the curvature operator's cached forward graphs (``cache_graphs``) held on top of the rest
@@ -221,8 +243,29 @@ def _segment_ranges(stage: Stage, max_segments: int | None = None) -> list[tuple
     return out
 
 
-def _as64(v: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    return {k: t.detach().to("cpu", torch.float64) for k, t in (v or {}).items()}
+def _carrier(ledger: LedgerCore, stage: Stage, v: Mapping[str, torch.Tensor]) -> Any:
+    """The mapping type that keeps the carried vectors of ``stage``: ``dict`` (RAM), or :class:`~.scratch.TensorFile`
+    when a float64 vector over the tensors involved is large (:func:`~.scratch.carried_mode`)."""
+    shapes = ledger.parameter_shapes
+    names = set(v) | set(stage.trainable_parameters)
+    n = sum(math.prod(shapes[k]) if k in shapes else int(v[k].numel()) for k in names if k in shapes or k in v)
+    return dict if carried_mode(n) == "ram" else TensorFile
+
+
+def _carry(v: Mapping[str, torch.Tensor] | None, make: Any, consume: bool) -> Any:
+    """``v`` as float64 CPU tensors in a new mapping of type ``make`` (a dict shares tensors that are already float64
+    on the CPU). ``consume``: the caller gives ``v`` up: a dict is emptied as its tensors are moved (none is then
+    kept twice), a :class:`~.scratch.TensorFile` is taken over as it is."""
+    if v is None:
+        return None
+    if consume and isinstance(v, make) and make is TensorFile:
+        return v
+    out = make()
+    for k in list(v):
+        out[k] = v[k].detach().to("cpu", torch.float64)
+        if consume and isinstance(v, dict):
+            del v[k]
+    return out
 
 
 def propagate(
@@ -241,6 +284,7 @@ def propagate(
     max_segments: int | None = None,
     allow_identity_propagation: bool = False,
     start_step: int = 0,
+    consume: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Carry ``v`` (a perturbation of the start of stage ``stage_index``) through that stage with curvature.
 
@@ -259,9 +303,12 @@ def propagate(
         allow_identity_propagation: pass ``v`` unchanged through a stage whose optimizer is unknown (else refuse).
         start_step: carry ``v`` only through the steps ``start_step..num_steps`` (partial replay ran the first ones);
             ``initial_buffer`` is then the first-moment difference at that step, whatever the stage's policy.
+        consume: the caller gives up ``v`` and ``initial_buffer``: dicts are emptied as their tensors are taken over
+            (so that none is held twice), a :class:`~.scratch.TensorFile` returned by an earlier call is reused.
 
     Returns:
-        ``(out, info)``: the propagated perturbation (float64, names of ``v`` plus the tensors curvature moved) and
+        ``(out, info)``: the propagated perturbation (float64, names of ``v`` plus the tensors curvature moved; a
+        dict, or on large models a :class:`~.scratch.TensorFile` mapping that reads each tensor from disk) and
         diagnostics: ``curvature_products``, ``example_products``, ``unstable_modes``, ``negative_modes``,
         ``segments`` (per segment: steps, basis size, Ritz values...), ``approximations``, ``buffer`` (first-moment
         difference leaving the stage, or None).
@@ -269,7 +316,8 @@ def propagate(
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
     stage = ledger.stages[stage_index]
-    x = _as64(v)
+    make = _carrier(ledger, stage, v)
+    x = _carry(v, make, consume)
     info: dict[str, Any] = {"mode": mode, "stage": stage.name, "curvature_products": 0, "example_products": 0,
                             "unstable_modes": 0, "negative_modes": 0, "segments": [], "approximations": [],
                             "buffer": None}  # fmt: skip
@@ -288,15 +336,16 @@ def propagate(
             "that does not propagate (delta-linear, delta-fd)."
         )
     continued = stage.optimizer_state_policy == "continued"
-    buf = _as64(initial_buffer) if continued or start_step else None
+    buf = _carry(initial_buffer, make, consume) if continued or start_step else None
     if (continued or start_step) and buf is None:
-        buf = {}
+        buf = make()
     curved = curvature_scale != 0.0 and family not in ("frozen", "lion")
     if not stage.segments:
         if curved:
             raise _missing_segments(stage)
         layout = SegmentLayout.whole_stage(stage, family, continued)
-        x, buf = layout.curvature_free(x, buf)
+        layout.carried = make
+        x, buf = layout.curvature_free(x, buf, in_place=True)
         info["buffer"] = buf
         return x, info
     if curved and model is None:
@@ -313,25 +362,27 @@ def propagate(
             continue
         start = max(start, start_step)
         layout = SegmentLayout(stage, seg, family, start, end, continued, buffer_fresh=(start == 0 and not continued))
+        layout.carried = make
         record = {"segment": seg.index, "steps": [start, end], "mid_step": seg.mid_step, "basis_size": 0,
                   "products": 0, "ritz_values": [], "unstable_modes": 0, "negative_modes": 0}  # fmt: skip
         info["segments"].append(record)
-        correction = None
-        if curved and layout.active_names:
-            # the correction first, from the segment's start (x, buf): R_0's new copy of them is made after it, so
-            # the two are never both in memory during the curvature products
-            try:
-                correction = _curvature_correction(layout, x, buf, model, theta_start, seg, loss, mode, krylov_size,
-                                                   curvature_scale, sample_size, chunk_rows, record)  # fmt: skip
-            except (MemoryError, RuntimeError, OSError) as exc:
-                if not _out_of_memory(exc):
-                    raise
-                raise _memory_error(mode, layout.size, krylov_size, exc) from None
-        x, buf = layout.curvature_free(x, buf)
-        if correction is None:
+        if not (curved and layout.active_names):
+            x, buf = layout.curvature_free(x, buf, in_place=True)
             continue
-        x, buf = layout.add_correction(x, buf, *correction)
-        del correction
+        # the correction's coefficients first, from the segment's start (x, buf); then R_0 in place, then the
+        # correction V·(Y_C − Y_0) added a chunk at a time from the basis (still in its store)
+        try:
+            with VectorStore(layout.size, max(krylov_size, 3) + 1) as store:
+                coefficients = _curvature_correction(layout, store, x, buf, model, theta_start, seg, loss, mode,
+                                                     krylov_size, curvature_scale, sample_size, chunk_rows,
+                                                     record)  # fmt: skip
+                release_freed_memory()  # the products' freed buffers back to the system before R_0
+                x, buf = layout.curvature_free(x, buf, in_place=True)
+                buf = layout.add_correction_streamed(x, buf, store, coefficients)
+        except (MemoryError, RuntimeError, OSError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            raise _memory_error(mode, layout.size, krylov_size, exc) from None
         for key in ("unstable_modes", "negative_modes"):
             info[key] += record[key]
         info["curvature_products"] += record["products"]
@@ -360,11 +411,17 @@ def _memory_error(mode: str, n: int, krylov_size: int, exc: BaseException) -> Es
     )
 
 
-def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, model: torch.nn.Module,
-                          theta_start: Mapping[str, torch.Tensor], seg: Any, loss: LossSpec, mode: str,
-                          krylov_size: int, curvature_scale: float, sample_size: int | None, chunk_rows: int,
-                          record: dict) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``V·(Y_C − Y_0)`` for the position and the (scaled) first moment, flat over the active coordinates."""
+def _curvature_correction(layout: SegmentLayout, store: VectorStore, x0: Mapping, b0: Mapping | None,
+                          model: torch.nn.Module, theta_start: Mapping[str, torch.Tensor], seg: Any, loss: LossSpec,
+                          mode: str, krylov_size: int, curvature_scale: float, sample_size: int | None,
+                          chunk_rows: int, record: dict) -> torch.Tensor:  # fmt: skip
+    """The coefficients ``C`` (``rows × 2``) of the correction ``V·(Y_C − Y_0) = Q·C`` for the position and the
+    (scaled) first moment, ``Q`` the Krylov basis left in ``store`` (which needs a row more than the basis: the
+    Lanczos working vector lives there too).
+
+    Memory: every model-sized float64 vector (start vectors, the vector being orthogonalised, each product) is a
+    row of ``store``, handed to and from the curvature operator a tensor at a time; ``s`` is computed per tensor
+    (:meth:`~.layout.SegmentLayout.scale_part`). What stays in RAM is the operator's own working set."""
     delta_mid = seg.params_delta()
     state = _MidState(theta_start, delta_mid)
     batches = _take(seg.examples(), sample_size)
@@ -374,52 +431,88 @@ def _curvature_correction(layout: SegmentLayout, x0: dict, b0: dict | None, mode
             "rec.step(batch) (custom loops) or through StageRecorder so that curvature material is kept."
         )
     op = CurvatureOperator(
-        model, state, batches, loss, mode, chunk_rows=chunk_rows, cache_graphs=graph_cache_fits(layout, krylov_size)
-    )
+        model, state, batches, loss, mode, chunk_rows=chunk_rows, cache_graphs=graph_cache_fits(layout, krylov_size),
+        in_place=layout.carried is TensorFile,  # large models: θ_mid in the model's own parameters, restored after
+    )  # fmt: skip
+    try:
+        return _correction_with(op, layout, store, x0, b0, mode, krylov_size, curvature_scale, record)
+    finally:
+        op.release()  # the model's own parameter values back, whatever happened
+
+
+def _correction_with(op: CurvatureOperator, layout: SegmentLayout, store: VectorStore, x0: Mapping,
+                     b0: Mapping | None, mode: str, krylov_size: int, curvature_scale: float,
+                     record: dict) -> torch.Tensor:  # fmt: skip
+    """:func:`_curvature_correction` once its operator is built."""
     record["sample_size"] = sum(op.weights)
-    s = layout.scale
-    u0 = layout.flat(x0) / s
-    b0f = layout.flat(b0) * s if b0 is not None else None  # no first-moment difference: no start vector for it
-    frozen = {k: t for k, t in x0.items() if k not in layout.active_set and bool(t.abs().sum() > 0)}
-    starts = [u0] if b0f is None else [u0, b0f]  # a zero start adds nothing to the basis
+    names, offsets = layout.active_names, layout.offsets
+    bounds = [offsets[n] for n in names]
+
+    def part(d: Mapping | None, n: str) -> torch.Tensor:
+        a, b = offsets[n]
+        t = None if d is None else d.get(n)
+        return torch.zeros(b - a, dtype=torch.float64) if t is None else t.reshape(-1).to(torch.float64)
+
+    def u0(n: str) -> torch.Tensor:
+        return part(x0, n) / layout.scale_part(n)
+
+    def b0s(n: str) -> torch.Tensor:
+        return part(b0, n) * layout.scale_part(n)
+
+    def fill_with(values: Any) -> Any:
+        def fill(row: int) -> None:
+            for n in names:
+                store.write_range(row, offsets[n][0], values(n))
+
+        return fill
+
+    fills = [fill_with(u0)] if b0 is None else [fill_with(u0), fill_with(b0s)]  # no b0: no start vector for it
     forcing = None
-    if frozen:
-        forcing = layout.flat(op.apply(frozen, layout.active_names)) * s * curvature_scale
-        starts.append(forcing)
+    frozen = {}
+    for k in list(x0):
+        if k not in layout.active_set:
+            t = x0[k]
+            if bool(t.abs().sum() > 0):
+                frozen[k] = t
+    if frozen:  # kept in RAM: only LoRA-style stages with perturbed frozen tensors have a forcing
+        image = op.apply(frozen, names)
+        del frozen
+        forcing = torch.cat([image.pop(n).reshape(-1).to(torch.float64) * layout.scale_part(n) for n in names])
+        forcing.mul_(curvature_scale)
+        fills.append(lambda row, f=forcing: store.write_range(row, 0, f))
 
-    work = {"out": torch.empty_like(u0)}  # the product's output, reused
+    def apply_row(j: int, row: int) -> None:
+        op.apply_parts(
+            names, layout.shapes,
+            source=lambda i: store.read_range(j, *bounds[i]) * layout.scale_part(names[i]),
+            write=lambda i, t: store.write_range(row, bounds[i][0], t),
+            read=lambda i: store.read_range(row, *bounds[i]).clone(),
+            finish=lambda i, t: t.mul_(layout.scale_part(names[i])).mul_(curvature_scale),
+        )  # fmt: skip
 
-    def apply_k(q: torch.Tensor) -> torch.Tensor:
-        image = op.apply_into(work["out"], q, layout.active_names, layout.shapes, scale=s)
-        return image.mul_(s).mul_(curvature_scale)
-
-    with VectorStore(layout.size, max(krylov_size, len(starts))) as store:
-        del u0, b0f  # held by `starts` only, which the Lanczos run empties: recomputed from x0, b0 afterwards
-        h, _ = lanczos_into(store, apply_k, starts, krylov_size, shift=layout.decay_diagonal, consume_starts=True)
-        record["products"] = op.products
-        record["basis_size"] = store.count
-        record["scratch"] = store.where
-        op.release()  # the substituted parameters, batches and any cached graphs: not needed past the products
-        del starts
-        work.clear()
-        if store.count == 0:
-            return torch.zeros(layout.size, dtype=torch.float64), torch.zeros(layout.size, dtype=torch.float64)
-        theta, w = torch.linalg.eigh(h)
-        record["ritz_values"] = [float(t) for t in theta]
-        negative = theta < -1e-12 * max(1.0, float(theta.abs().max()))
-        record["negative_modes"] = int(negative.sum()) if mode == "hvp" else 0
-        theta = theta.clamp_min(0.0).numpy()
-        # Ritz coordinates V·y with V = Q·w: inner products against the stored rows, then rotated (no n×r matrix)
-        yx = (w.T @ store.dots(layout.flat(x0).div_(s))).numpy()
-        yb = (w.T @ store.dots(layout.flat(b0).mul_(s))).numpy() if b0 is not None else np.zeros_like(yx)
-        yf = (w.T @ store.dots(forcing)).numpy() if forcing is not None else np.zeros_like(yx)
-        del forcing
-        proj = layout.projection_streamed(store, w.numpy())
-        yc_x, yc_b, y0_x, y0_b, bad = proj.solve(theta, yx, yb, yf)
-        record["unstable_modes"] = int(bad.sum())
-        coefficients = w @ torch.from_numpy(np.stack([yc_x - y0_x, yc_b - y0_b], axis=1))
-        both = store.combine(coefficients)
-    return both[:, 0], both[:, 1]
+    h, _ = lanczos_rows(store, apply_row, fills, krylov_size, shift=layout.decay_shift())
+    del fills
+    record["products"] = op.products
+    record["basis_size"] = store.count
+    record["scratch"] = store.where
+    op.release()  # the substituted parameters, batches and any cached graphs: not needed past the products
+    if store.count == 0:
+        return torch.zeros(0, 2, dtype=torch.float64)
+    theta, w = torch.linalg.eigh(h)
+    record["ritz_values"] = [float(t) for t in theta]
+    negative = theta < -1e-12 * max(1.0, float(theta.abs().max()))
+    record["negative_modes"] = int(negative.sum()) if mode == "hvp" else 0
+    theta = theta.clamp_min(0.0).numpy()
+    # Ritz coordinates V·y with V = Q·w: inner products against the stored rows, then rotated (no n×r matrix)
+    yx = (w.T @ store.dots_parts((offsets[n][0], u0(n)) for n in names)).numpy()
+    yb = (w.T @ store.dots_parts((offsets[n][0], b0s(n)) for n in names)).numpy() if b0 is not None else None
+    yb = np.zeros_like(yx) if yb is None else yb
+    yf = (w.T @ store.dots(forcing)).numpy() if forcing is not None else np.zeros_like(yx)
+    del forcing
+    proj = layout.projection_streamed(store, w.numpy())
+    yc_x, yc_b, y0_x, y0_b, bad = proj.solve(theta, yx, yb, yf)
+    record["unstable_modes"] = int(bad.sum())
+    return w @ torch.from_numpy(np.stack([yc_x - y0_x, yc_b - y0_b], axis=1))
 
 
 class _MidState(Mapping):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 
 import numpy as np
@@ -57,6 +57,26 @@ def scratch_mode(n: int, rows: int) -> str:
     if forced not in ("", "auto"):
         raise EstimatorMemoryError(f"{SCRATCH_ENV} must be 'ram', 'disk' or 'auto', got {forced!r}.")
     return "ram" if _ITEM * n * rows <= RAM_BASIS_BYTES else "disk"
+
+
+#: Largest carried vector (bytes of one float64 model-sized vector) kept in RAM by default; above it the perturbation,
+#: the first-moment difference and the preconditioner the curvature propagation carries live in :class:`TensorFile`s.
+CARRIED_RAM_BYTES = 8 * 2**20
+
+
+def carried_mode(n: int) -> str:
+    """``"ram"`` or ``"disk"``: where the curvature propagation keeps its carried float64 vectors over ``n``
+    coordinates (``HF_STAGE_ATTRIBUTION_CURVATURE_SCRATCH`` forces either, as for the basis).
+
+    Example:
+        >>> carried_mode(1000), carried_mode(10**8)
+        ('ram', 'disk')
+    """
+    forced = os.environ.get(SCRATCH_ENV, "").strip().lower()
+    if forced in ("ram", "disk"):
+        return forced
+    scratch_mode(1, 1)  # validates the variable
+    return "ram" if _ITEM * n <= CARRIED_RAM_BYTES else "disk"
 
 
 def scratch_dir() -> str:
@@ -150,6 +170,101 @@ class VectorStore:
                 raise OSError(f"short read from the Krylov scratch file ({got} of {(hi - lo) * _ITEM} bytes)")
         return torch.from_numpy(block)
 
+    # --- one row as a working vector (streamed: no model-sized vector in RAM) ---------------------------------------
+
+    def read_range(self, i: int, lo: int, hi: int) -> torch.Tensor:
+        """Row ``i`` at coordinates ``lo..hi`` (float64; a view of the RAM rows, else a new tensor)."""
+        if self._ram is not None:
+            return self._ram[i, lo:hi]
+        out = np.empty(hi - lo, dtype=np.float64)
+        got = os.preadv(self._fd, [memoryview(out)], (i * self.n + lo) * _ITEM)
+        if got != (hi - lo) * _ITEM:
+            raise OSError(f"short read from the Krylov scratch file ({got} of {(hi - lo) * _ITEM} bytes)")
+        return torch.from_numpy(out)
+
+    def write_range(self, i: int, lo: int, values: torch.Tensor) -> None:
+        """Write ``values`` (float64) at coordinates ``lo..lo+len`` of row ``i`` (``i < capacity``; any row, the
+        rows past ``count`` serve as working vectors and do not count as written)."""
+        if i >= self.capacity:
+            raise IndexError(f"row {i} out of range (capacity {self.capacity})")
+        flat = values.detach().reshape(-1)
+        if self._ram is not None:
+            self._ram[i, lo : lo + flat.numel()].copy_(flat)
+            return
+        part = np.ascontiguousarray(flat.to(torch.float64).numpy())
+        os.pwrite(self._fd, part.data, (i * self.n + lo) * _ITEM)
+
+    def row_dots(self, i: int) -> torch.Tensor:
+        """``Qᵀ q_i`` over the rows written (``i`` a working row past them)."""
+        out = torch.zeros(self.count, dtype=torch.float64)
+        if self.count == 0:
+            return out
+        if self._ram is not None:
+            return self._ram[: self.count] @ self._ram[i]
+        for lo, hi in self._ranges():
+            out += self._block(lo, hi) @ self.read_range(i, lo, hi)
+        return out
+
+    def row_subtract(self, i: int, coefficients: torch.Tensor) -> None:
+        """``q_i −= Q c`` in place (``i`` a working row)."""
+        if self.count == 0:
+            return
+        c = coefficients.to(torch.float64)
+        if self._ram is not None:
+            self._ram[i].sub_(c @ self._ram[: self.count])
+            return
+        for lo, hi in self._ranges():
+            w = self.read_range(i, lo, hi)
+            w -= c @ self._block(lo, hi)
+            self.write_range(i, lo, w)
+
+    def row_norm(self, i: int) -> float:
+        """The Euclidean norm of row ``i``."""
+        if self._ram is not None:
+            return float(self._ram[i].norm())
+        total = 0.0
+        for lo, hi in self._ranges():
+            w = self.read_range(i, lo, hi)
+            total += float(w @ w)
+        return float(np.sqrt(total))
+
+    def row_divide(self, i: int, divisor: float) -> None:
+        """``q_i /= divisor`` in place."""
+        if self._ram is not None:
+            self._ram[i].div_(divisor)
+            return
+        for lo, hi in self._ranges():
+            self.write_range(i, lo, self.read_range(i, lo, hi).div_(divisor))
+
+    def row_add_product(self, i: int, j: int, weight: Callable[[int, int], torch.Tensor]) -> None:
+        """``q_i += d ⊙ q_j`` in place, ``d`` given per coordinate range as ``weight(lo, hi)`` (float64)."""
+        for lo, hi in self._ranges():
+            w = self.read_range(i, lo, hi)
+            w.addcmul_(weight(lo, hi), self.read_range(j, lo, hi))
+            if self._ram is None:
+                self.write_range(i, lo, w)
+
+    def combine_range(self, coefficients: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Coordinates ``lo..hi`` of ``Q C`` (a ``(hi−lo) × m`` float64 tensor), in streamed chunks."""
+        c = coefficients.to(torch.float64)
+        out = torch.empty(hi - lo, c.shape[1], dtype=torch.float64)
+        for a in range(lo, hi, self.chunk):
+            b = min(hi, a + self.chunk)
+            torch.matmul(self._block(a, b).T, c, out=out[a - lo : b - lo])
+        return out
+
+    def dots_parts(self, parts: Iterator[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """``Qᵀ w`` for ``w`` given in pieces ``(lo, values)`` that cover the coordinates (zero elsewhere)."""
+        out = torch.zeros(self.count, dtype=torch.float64)
+        if self.count == 0:
+            return out
+        for lo, values in parts:
+            values = values.reshape(-1).to(torch.float64)
+            for a in range(0, values.numel(), self.chunk):
+                b = min(values.numel(), a + self.chunk)
+                out += self._block(lo + a, lo + b) @ values[a:b]
+        return out
+
     # --- streamed linear algebra ----------------------------------------------------------------------------------
 
     def dots(self, w: torch.Tensor) -> torch.Tensor:
@@ -199,4 +314,110 @@ class VectorStore:
         return out
 
 
-__all__ = ["CHUNK", "RAM_BASIS_BYTES", "VectorStore", "scratch_free_bytes", "scratch_mode"]
+class TensorFile(Mapping):
+    """``{name: float64 tensor}`` kept in a scratch file (``pread``/``pwrite``, no memory map) instead of RAM: the
+    carried perturbation, first-moment difference and preconditioner of the curvature propagation on large models.
+
+    Reading a name returns a new float64 tensor (the caller's to keep or drop); assigning a name writes it (a name's
+    size is fixed by its first assignment). The file is unlinked as soon as it is open, so it disappears with the
+    object (:meth:`close`, or garbage collection) whatever happens.
+
+    Example:
+        >>> t = TensorFile()
+        >>> t["w"] = torch.ones(2, 3)
+        >>> t["w"].dtype, t["w"].shape, list(t)
+        (torch.float64, torch.Size([2, 3]), ['w'])
+    """
+
+    def __init__(self, items: Mapping[str, torch.Tensor] | None = None) -> None:
+        self._index: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self._end = 0
+        handle, path = tempfile.mkstemp(prefix="hfsa-carried-", suffix=".f64", dir=scratch_dir())
+        os.unlink(path)
+        self._fd: int | None = handle
+        for name, value in (items or {}).items():
+            self[name] = value
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        offset, shape = self._index[name]
+        out = np.empty(int(np.prod(shape)) if shape else 1, dtype=np.float64)
+        if out.size:
+            got = os.preadv(self._fd, [memoryview(out)], offset)
+            if got != out.nbytes:
+                raise OSError(f"short read from a scratch file ({got} of {out.nbytes} bytes)")
+        return torch.from_numpy(out).reshape(shape)
+
+    def read_flat(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Flat coordinates ``lo..hi`` of ``name`` (float64, a new tensor): a part of it without reading it all."""
+        offset, _ = self._index[name]
+        out = np.empty(max(0, hi - lo), dtype=np.float64)
+        if out.size:
+            got = os.preadv(self._fd, [memoryview(out)], offset + lo * _ITEM)
+            if got != out.nbytes:
+                raise OSError(f"short read from a scratch file ({got} of {out.nbytes} bytes)")
+        return torch.from_numpy(out)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The shape of ``name`` (without reading it)."""
+        return self._index[name][1]
+
+    def reserve(self, name: str, shape: tuple[int, ...]) -> None:
+        """Make room for ``name`` (zeros) if it is absent, to be filled with :meth:`write_flat`."""
+        if name in self._index:
+            return
+        nbytes = (int(np.prod(shape)) if shape else 1) * _ITEM
+        self._index[name] = (self._end, tuple(shape))
+        self._end += nbytes
+        os.ftruncate(self._fd, max(os.fstat(self._fd).st_size, self._end))
+
+    def write_flat(self, name: str, lo: int, values: torch.Tensor) -> None:
+        r"""Write flat coordinates ``lo..lo+len`` of ``name`` (present, or :meth:`reserve`\ d)."""
+        offset, shape = self._index[name]
+        flat = np.ascontiguousarray(values.detach().to("cpu", torch.float64).reshape(-1).numpy())
+        if lo + flat.size > (int(np.prod(shape)) if shape else 1):
+            raise ValueError(f"{name!r}: coordinates {lo}..{lo + flat.size} past its size")
+        if flat.size:
+            os.pwrite(self._fd, flat.data, offset + lo * _ITEM)
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        flat = np.ascontiguousarray(value.detach().to("cpu", torch.float64).reshape(-1).numpy())
+        shape = tuple(value.shape)
+        if name in self._index:
+            offset, old = self._index[name]
+            if int(np.prod(old)) != flat.size:
+                raise ValueError(f"{name!r}: {flat.size} values, the file holds {int(np.prod(old))}")
+        else:
+            offset, self._end = self._end, self._end + flat.nbytes
+        self._index[name] = (offset, shape)
+        if flat.size:
+            os.pwrite(self._fd, flat.data, offset)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def close(self) -> None:
+        """Free the file (the mapping is unusable after)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:  # noqa: SIM105 - contextlib may be gone at interpreter exit too
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - at interpreter exit the os module may be gone already
+            pass
+
+    def __reduce__(self) -> tuple:
+        return (dict, (dict(self.items()),))  # pickled (torch.save, copy) as the plain dict it stands for
+
+
+__all__ = [
+    "CARRIED_RAM_BYTES", "CHUNK", "RAM_BASIS_BYTES", "TensorFile", "VectorStore", "carried_mode", "scratch_free_bytes",
+    "scratch_mode",
+]  # fmt: skip

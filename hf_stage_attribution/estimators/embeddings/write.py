@@ -164,7 +164,7 @@ def write_curvature(
     temps: list[tuple[int, Path]] = []
     try:
         for k in wanted:
-            v = {name: t.to(torch.float64) for name, t in stages[k].iter_delta()}
+            v = dict(stages[k].iter_delta())  # as stored: propagate takes each tensor over in float64 (consume)
             buf = None
             for j in range(k + 1, len(stages)):
                 stage = stages[j]
@@ -188,7 +188,11 @@ def write_curvature(
                         tails |= {k} if init else set()
                     else:
                         init = buf
-                v, info = propagate(v, ledger, j, mode=mode, loss_fns=loss_fns, initial_buffer=init, **settings)
+                # consume: the dicts (or the scratch-file mappings of an earlier stage) are handed over, so that
+                # no carried vector is held twice while the stage is propagated
+                v, info = propagate(v, ledger, j, mode=mode, loss_fns=loss_fns, initial_buffer=init, consume=True,
+                                    **settings)  # fmt: skip
+                init = None
                 buf = info.get("buffer")
                 approximations |= set(info.get("approximations") or [])
                 for key in counts:

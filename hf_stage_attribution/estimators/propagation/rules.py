@@ -126,8 +126,15 @@ def _transfer(lrs: Sequence[float], group: dict[str, Any], opt_type: str, curvat
         return a * x0, (None if c is None else c * x0)
     b, d = _run(lrs, group, opt_type, curvature, 0.0, 1.0, precond, step0)
     buf0 = buf0.to(torch.float64)
-    into_x = buf0 if buf_scale is None else buf_scale.to(torch.float64) * buf0
-    return a * x0 + b * into_x, (None if c is None else c * x0 + d * buf0)
+    # a·x0 + b·(P·buf0) and c·x0 + d·buf0 with one temporary at a time (same operations, in place where possible)
+    term = buf0 * b if buf_scale is None else (buf_scale.to(torch.float64) * buf0).mul_(b)
+    x1 = a * x0
+    x1 = x1.add_(term) if x1.shape == torch.broadcast_shapes(x1.shape, term.shape) else x1 + term
+    del term
+    if c is None:
+        return x1, None
+    b1, term = c * x0, d * buf0
+    return x1, b1.add_(term) if b1.shape == torch.broadcast_shapes(b1.shape, term.shape) else b1 + term
 
 
 def _run(
@@ -226,13 +233,14 @@ def preconditioner(family: str, group: dict[str, Any], second_moment: torch.Tens
         >>> float(preconditioner("rmsprop", {"eps": 0.0}, torch.tensor([4.0]), step=3))
         0.5
     """
-    v = second_moment.to(torch.float64)
+    v = second_moment.to(torch.float64, copy=True)  # the one float64 tensor: every step below is in place on it
     if family in ("adam", "adamw"):
         beta2 = _betas(group)[1]
-        v = v / (1.0 - beta2 ** max(float(step), 1.0))
+        v.div_(1.0 - beta2 ** max(float(step), 1.0))
         eps = _f(group, "eps", 1e-8)
     elif family == "rmsprop":
         eps = _f(group, "eps", 1e-8)
     else:
         eps = _f(group, "eps", 1e-10)
-    return 1.0 / (v.clamp_min(0).sqrt() + eps)
+    v.clamp_min_(0).sqrt_().add_(eps)
+    return torch.div(1.0, v, out=v)
