@@ -282,14 +282,19 @@ class CurvatureOperator:
     def __del__(self) -> None:
         self.release()  # never leave the model holding the checkpoint's values
 
-    def apply(self, vector: Mapping[str, torch.Tensor], out_names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``(C̄ v)`` restricted to ``out_names`` (float64 tensors); names absent from ``vector`` are zero."""
-        names = list(dict.fromkeys([*out_names, *vector]))
+    def _primals(self, names: Sequence[str]) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """The module keys of ``names`` (base names) and their substituted values; a clear error for a name the
+        model does not have."""
         for n in names:
             if n not in self.module_name:
                 raise ModelMismatchError(f"The model has no parameter {n!r} (base name) for curvature products.")
         keys = [self.module_name[n] for n in names]
-        primals = {k: self.fixed[k] for k in keys}
+        return keys, {k: self.fixed[k] for k in keys}
+
+    def apply(self, vector: Mapping[str, torch.Tensor], out_names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``(C̄ v)`` restricted to ``out_names`` (float64 tensors); names absent from ``vector`` are zero."""
+        names = list(dict.fromkeys([*out_names, *vector]))
+        keys, primals = self._primals(names)
         tangents = {
             self.module_name[n]: (vector[n] if n in vector else torch.zeros(()))
             .to(self.device, self.fixed[self.module_name[n]].dtype)
@@ -326,11 +331,7 @@ class CurvatureOperator:
         is added tensor by tensor into ``out`` (no concatenated or float64 copy of it), and its graph is freed
         before the next batch (unless the graphs are cached). ``scale``: a flat vector multiplying ``flat``
         elementwise first (``C̄ (s ⊙ v)``), one tensor at a time (no scaled copy of ``flat``)."""
-        for n in names:
-            if n not in self.module_name:
-                raise ModelMismatchError(f"The model has no parameter {n!r} (base name) for curvature products.")
-        keys = [self.module_name[n] for n in names]
-        primals = {k: self.fixed[k] for k in keys}
+        keys, primals = self._primals(names)
         sizes = [math.prod(shapes[n]) for n in names]
         tangents = {}
         scales = scale.split(sizes) if scale is not None else [None] * len(sizes)
@@ -367,11 +368,7 @@ class CurvatureOperator:
         that tensor of the result (flat float64 on the CPU). With several batches the running sums go through
         ``write`` and come back through ``read(i)``; ``finish(i, values)`` is applied (in place) to each tensor of the
         result before its last write. Same arithmetic as :meth:`apply_into`."""
-        for n in names:
-            if n not in self.module_name:
-                raise ModelMismatchError(f"The model has no parameter {n!r} (base name) for curvature products.")
-        keys = [self.module_name[n] for n in names]
-        primals = {k: self.fixed[k] for k in keys}
+        keys, primals = self._primals(names)
         sizes = [math.prod(shapes[n]) for n in names]
         tangents = {}
         for i, (k, n) in enumerate(zip(keys, names)):
