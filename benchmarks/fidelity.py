@@ -93,13 +93,19 @@ def measure(pipe: Any, settings: Any) -> dict[str, Any]:
     opts.update({k: v for k, v in (("stage_fns", pipe.stage_fns), ("loss_fns", pipe.loss_fns)) if v})
     if pipe.curvature_options:
         opts["curvature_options"] = dict(pipe.curvature_options)
+    from .partial_replay import step_limited_fns
+
+    # the section measures the propagation estimators: its "default" is what `auto` picks where no later stage can
+    # be replayed; what `auto` picks with the pipeline's (step-limited) stage functions is recorded beside it
     default, reason = estimators.choose_estimator(ledger, pipe.loss_fns)
     plain_default, plain_reason = estimators.choose_estimator(ledger, None)
+    auto, auto_reason = estimators.choose_estimator(ledger, pipe.loss_fns, step_limited_fns(pipe))
     run: dict[str, Any] = {
         "pipeline": pipe.name, "seed": pipe.seed, "stages": stages, "terminal": stages[-1],
         "behaviors": dict(joint.sizes), "build_seconds": pipe.build_seconds, "description": pipe.description,
         "notes": list(pipe.notes), "default": {"name": default, "reason": reason},
         "default_without_loss_fns": {"name": plain_default, "reason": plain_reason},
+        "auto": {"name": auto, "reason": auto_reason},
         "times": {}, "errors": {}, "diagnostics": {},
     }  # fmt: skip
     values: dict[str, dict[tuple[str, str], torch.Tensor]] = {}

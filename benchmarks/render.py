@@ -129,7 +129,14 @@ def _fidelity(results: dict[str, Any]) -> list[str]:
         out += [f"### {pipeline}", "", f"- {info['description']}."]
         out += [f"- Seeds {info['seeds']}; stages {', '.join(info['stages'])}; behaviors (examples): "
                 f"{', '.join(f'{b} ({n})' for b, n in info['behaviors'].items())}."]  # fmt: skip
-        out += [f"- Default estimator (`auto`): **{info['default']['name']}** — {info['default']['reason']}."]
+        auto = info.get("auto") or info["default"]
+        if auto["name"] != info["default"]["name"]:  # partial replay: its figures are in section 8
+            out += [f"- Default estimator (`auto`, with the pipeline's stage functions): **{auto['name']}** — "
+                    f"{auto['reason']} (its fidelity and cost: section 8)."]  # fmt: skip
+            out += [f"- Where no later stage can be replayed, `auto` picks **{info['default']['name']}** — "
+                    f"{info['default']['reason']}; marked (default) below."]  # fmt: skip
+        else:
+            out += [f"- Default estimator (`auto`): **{info['default']['name']}** — {info['default']['reason']}."]
         plain = info["default_without_loss_fns"]
         if plain["name"] != info["default"]["name"]:
             out += [f"- Without the benchmark's `loss_fns`, `auto` picks {plain['name']}: {plain['reason']}."]

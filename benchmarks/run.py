@@ -77,6 +77,7 @@ def run_fidelity(settings: Settings, names: list[str], work: Path) -> dict[str, 
             entry = info.setdefault(name, {
                 "description": run["description"], "stages": run["stages"], "behaviors": run["behaviors"],
                 "default": run["default"], "default_without_loss_fns": run["default_without_loss_fns"],
+                "auto": run.get("auto"),
                 "notes": run["notes"], "seeds": [], "errors": {}, "replay_gap": run.get("replay_gap"),
             })  # fmt: skip
             entry["seeds"].append(seed)
