@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._internal.memory import human_bytes, release_freed_memory
+from .._internal.memory import collections_of_new_objects, human_bytes, release_freed_memory
 from .._internal.params import iter_merged_state
 from ..errors import BudgetError, EstimatorMemoryError, PartialReplayError
 from ..ledger.core import LedgerCore
@@ -744,12 +744,13 @@ def partial_replay_embeddings(
     seconds: dict[str, float] = {}
     _MEMO.clear()  # the previous embeddings' scratch files go before new ones are written
     scratch = _ScratchDir("hfsa-partial-replay-")
-    for k, plan in plans.items():
-        if not plan.legs:
-            continue
-        start = time.perf_counter()
-        vectors[k] = partial_embedding(ledger, model, plan, stage_fns, notes, curvature, carry_moments, scratch)
-        seconds[ledger.stages[k].name] = time.perf_counter() - start
+    with collections_of_new_objects():  # freeing each branch's model copy scans only what the replays made
+        for k, plan in plans.items():
+            if not plan.legs:
+                continue
+            start = time.perf_counter()
+            vectors[k] = partial_embedding(ledger, model, plan, stage_fns, notes, curvature, carry_moments, scratch)
+            seconds[ledger.stages[k].name] = time.perf_counter() - start
     emb = PartialReplayEmbeddings(vectors, base, ledger.parameter_shapes, scratch)
     if vectors:
         emb.approximations = sorted(notes) + [
