@@ -286,6 +286,7 @@ def test_branches_and_embeddings_live_in_scratch_files_that_are_removed(digits, 
 
     pipe = digits["hf"]
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(pr, "IN_MEMORY_BYTES", 0)  # the digits MLP is small enough to stay in RAM otherwise
     pr._MEMO.clear()
     stages = list(pipe.ledger.stages)
     emb = pr.partial_replay_embeddings(pipe.ledger, pipe.model, stages, budget=0.5, stage_fns=pipe.stage_fns)
@@ -342,3 +343,38 @@ def test_replay_and_partial_replay_free_their_models_scanning_only_what_they_mad
     assert gc.get_freeze_count() == 0 and gc.isenabled()
     for stage, value in first.per_example.items():
         assert torch.equal(again.per_example[stage], value), stage
+
+
+@pytest.mark.parametrize("config", ["hf", "decay"])
+def test_a_small_model_keeps_the_vectors_in_memory_with_the_same_numbers(digits, config, tmp_path, monkeypatch):
+    """Below ``IN_MEMORY_BYTES`` the branches and ``v_k`` stay in RAM (no scratch directory at all); the embeddings
+    and the read-out are bit-identical to the scratch-file path, and reading a vector twice gives fresh copies."""
+    import tempfile
+
+    pipe = digits[config]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stages = list(pipe.ledger.stages)
+    runs = {}
+    for limit in (0, pr.IN_MEMORY_BYTES):
+        monkeypatch.setattr(pr, "IN_MEMORY_BYTES", limit)
+        pr._MEMO.clear()
+        before = set(tmp_path.iterdir())
+        emb = pr.partial_replay_embeddings(pipe.ledger, pipe.model, stages, budget=0.5, stage_fns=pipe.stage_fns,
+                                           reuse=False)  # fmt: skip
+        if limit:
+            assert set(tmp_path.iterdir()) == before, "nothing written to the scratch directory"
+        vectors = {k: dict(emb.items(k)) for k in emb.vectors}
+        fd = _estimate("partial-replay", pipe, budget=0.5)
+        runs[limit] = (vectors, fd, emb)
+    (disk, disk_fd, _), (memory, memory_fd, emb) = runs[0], runs[pr.IN_MEMORY_BYTES]
+    assert disk.keys() == memory.keys() and disk
+    for k in disk:
+        assert disk[k].keys() == memory[k].keys()
+        for name, v in disk[k].items():
+            assert torch.equal(memory[k][name], v), (k, name)
+    for stage, value in disk_fd.per_example.items():
+        assert torch.equal(memory_fd.per_example[stage], value), stage
+    k, name = next((k, n) for k in memory for n in memory[k])
+    first = emb.get(k, name)
+    first.add_(1.0)
+    assert torch.equal(emb.get(k, name), memory[k][name])  # a caller's in-place change does not reach the store
