@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._internal.memory import human_bytes, release_freed_memory
+from .._internal.memory import collections_of_new_objects, human_bytes, release_freed_memory
 from .._internal.params import iter_merged_state
 from ..errors import BudgetError, EstimatorMemoryError, PartialReplayError
 from ..ledger.core import LedgerCore
@@ -288,19 +288,61 @@ class ScratchTensors:
             yield name, self.get(name)
 
 
+class _InMemoryTensors(ScratchTensors):
+    """:class:`ScratchTensors` held in RAM (CPU copies, each read handing out a fresh copy): for a small model, where
+    the file round trips cost more than the replayed steps and the copies take little room."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(Path(name))  # no file is ever made
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def write(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in tensors:
+            self._tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name].clone()
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._tensors:
+            yield name, self.get(name)
+
+
+#: Parameter bytes (float32) up to which partial replay keeps its model-sized vectors — both branches' parameters and
+#: optimizer moments, ``v_k`` — in RAM instead of scratch files (at most ``(BRANCH_FILES + K) ×`` this: a few MiB).
+#: Digits MLP (2.4k parameters): the file writes, reads and directory removals were a third of the embeddings' time.
+#: Larger models keep the disk path, which bounds the peak memory (issue 16).
+IN_MEMORY_BYTES = 1 << 20
+
+
+def _in_memory(ledger: LedgerCore) -> bool:
+    return 4 * sum(math.prod(shape) for shape in ledger.parameter_shapes.values()) <= IN_MEMORY_BYTES
+
+
 class _ScratchDir:
     """A temporary directory (under :func:`~.curvature.scratch.scratch_dir`, where the curvature propagation's
-    Krylov basis also goes) removed when this object is collected or the process exits."""
+    Krylov basis also goes) removed when this object is collected or the process exits; with ``in_memory`` no
+    directory, and its "files" are :class:`_InMemoryTensors`."""
 
-    def __init__(self, prefix: str) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_dir()))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+    def __init__(self, prefix: str, in_memory: bool = False) -> None:
+        self.path: Path | None = None
+        self._cleanup: weakref.finalize | None = None
+        if not in_memory:
+            self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_dir()))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.path), True)
 
     def file(self, name: str) -> ScratchTensors:
-        return ScratchTensors(self.path / f"{name}.bin")
+        return _InMemoryTensors(name) if self.path is None else ScratchTensors(self.path / f"{name}.bin")
 
     def remove(self) -> None:
-        self._cleanup()
+        if self._cleanup is not None:
+            self._cleanup()
 
 
 class _StateOnDisk(Mapping):
@@ -528,8 +570,9 @@ def partial_embedding(
     model copy, gradients and optimizer are then released), the factual end of a whole stage is read from the ledger
     one tensor at a time, and ``v_k`` is written to ``scratch`` tensor by tensor (returned as
     :class:`ScratchTensors`; a dict when ``scratch`` is None). The peak is one training step of one branch plus one
-    model copy. The branch files are removed before returning."""
-    branches = _ScratchDir("hfsa-partial-replay-branches-")
+    model copy. The branch files are removed before returning. A model of at most :data:`IN_MEMORY_BYTES` parameter
+    bytes keeps these vectors in RAM instead (same numbers, no file round trips)."""
+    branches = _ScratchDir("hfsa-partial-replay-branches-", in_memory=_in_memory(ledger))
     try:
         return _partial_embedding(ledger, model, plan, stage_fns, notes, curvature, carry_moments, branches, scratch)
     finally:
@@ -743,13 +786,14 @@ def partial_replay_embeddings(
     vectors: dict[int, ScratchTensors | dict[str, torch.Tensor]] = {}
     seconds: dict[str, float] = {}
     _MEMO.clear()  # the previous embeddings' scratch files go before new ones are written
-    scratch = _ScratchDir("hfsa-partial-replay-")
-    for k, plan in plans.items():
-        if not plan.legs:
-            continue
-        start = time.perf_counter()
-        vectors[k] = partial_embedding(ledger, model, plan, stage_fns, notes, curvature, carry_moments, scratch)
-        seconds[ledger.stages[k].name] = time.perf_counter() - start
+    scratch = _ScratchDir("hfsa-partial-replay-", in_memory=_in_memory(ledger))
+    with collections_of_new_objects():  # freeing each branch's model copy scans only what the replays made
+        for k, plan in plans.items():
+            if not plan.legs:
+                continue
+            start = time.perf_counter()
+            vectors[k] = partial_embedding(ledger, model, plan, stage_fns, notes, curvature, carry_moments, scratch)
+            seconds[ledger.stages[k].name] = time.perf_counter() - start
     emb = PartialReplayEmbeddings(vectors, base, ledger.parameter_shapes, scratch)
     if vectors:
         emb.approximations = sorted(notes) + [

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from .._internal.memory import release_freed_memory
+from .._internal.memory import collections_of_new_objects, release_freed_memory
 from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
 from ..errors import PartialReplayError, ReplayError
@@ -308,14 +308,16 @@ class Replay(Estimator):
             final = evaluate(behavior, model, "evaluated on the final model")
         per_example: dict[str, torch.Tensor] = {}
         replayed: list[str] = []
-        for stage in chosen:
-            cf = replay_model(ledger, model, stage.index, stage_fns=stage_fns, ref_models=options.get("ref_models"))
-            with eval_mode(cf):
-                value = evaluate(behavior, cf, f"evaluated after replay without stage {stage.name!r}")
-            per_example[stage.name] = final - value
-            replayed.extend(s.name for s in ledger.stages[stage.index + 1 :])
-            del cf
-            release_freed_memory()  # a trained model is a reference cycle: free it before the next stage's copy
+        with collections_of_new_objects():  # freeing each counterfactual model scans only what the replays made
+            for stage in chosen:
+                ref_models = options.get("ref_models")
+                cf = replay_model(ledger, model, stage.index, stage_fns=stage_fns, ref_models=ref_models)
+                with eval_mode(cf):
+                    value = evaluate(behavior, cf, f"evaluated after replay without stage {stage.name!r}")
+                per_example[stage.name] = final - value
+                replayed.extend(s.name for s in ledger.stages[stage.index + 1 :])
+                del cf
+                release_freed_memory()  # a trained model is a reference cycle: free it before the next stage's copy
         diagnostics = {"stages_replayed": len(replayed)}
         approximations = [
             f"Stage {s.name!r} took no optimizer steps ({s.kind}): replay re-applies its recorded delta."

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .._internal.hashing import combine_digests
+from .._internal.memory import collections_of_new_objects
 from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, state_digests
 from ..errors import ReplayError
@@ -62,8 +63,9 @@ def frozen_gc() -> Iterator[None]:
     optimizer's moments and, for DPO, a reference model — is collected on exit, before the objects are unfrozen, so
     the collection scans only the objects made since entry and the memory is back before the next stage (without it,
     each replayed DPO stage of SmolLM2-135M left ≈ 3× the parameter bytes behind until Python's next full
-    collection). Nested uses (or a caller that froze objects itself) leave the freeze and the collection to the
-    outermost one.
+    collection). Nested uses (or a caller that froze objects itself, e.g. the replay estimators, which freeze what was
+    alive when they began) leave the freeze to the outermost one but still collect on exit: that collection scans
+    only the objects made since the outer freeze, so the run's garbage is gone when the stage returns at every depth.
 
     Example:
         >>> import gc
@@ -74,16 +76,13 @@ def frozen_gc() -> Iterator[None]:
         (True, 0)
     """
     enabled = gc.isenabled()
-    outer = gc.get_freeze_count() > 0
     gc.disable()
-    if not outer:
-        gc.freeze()
     try:
-        yield
+        # on exit: the run's cyclic garbage (a finished Trainer with its optimizer moments and reference model)
+        # collected, scanned among the unfrozen objects only, before the next model-sized allocation
+        with collections_of_new_objects():
+            yield
     finally:
-        if not outer:
-            gc.collect()  # the run's cyclic garbage (a finished Trainer with its optimizer moments and reference
-            gc.unfreeze()  # model) scanned among the new objects only, before the next model-sized allocation
         if enabled:
             gc.enable()
 
