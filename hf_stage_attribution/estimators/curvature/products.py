@@ -515,7 +515,13 @@ class CurvatureOperator:
             live = [i for i, x in enumerate(g) if x is not None and x.requires_grad]
             out: Sequence[torch.Tensor | None] = [None] * len(keys)
             if live:
-                out = torch.autograd.grad([g[i] for i in live], params, [tangents[keys[i]] for i in live],
-                                          allow_unused=True)  # fmt: skip
-            del g
+                # g·v, then the gradient grads g nothing it does not need: each product g_i ⊙ v_i keeps v_i (not g_i)
+                # for the backward pass, so the gradient itself is freed before the second backward pass runs; the
+                # gradient flowing into each g_i is exactly v_i (1 · v_i), as with v passed as grad_outputs
+                dot = torch.stack([(g[i] * tangents[keys[i]]).sum() for i in live]).sum()
+                del g
+                out = torch.autograd.grad(dot, params, allow_unused=True)
+                del dot
+            else:
+                del g
         return {k: torch.zeros_like(p) if o is None else o.detach() for k, p, o in zip(keys, params, out)}
