@@ -405,13 +405,14 @@ class CurvatureOperator:
         self,
         names: Sequence[str],
         shapes: Mapping[str, tuple[int, ...]],
-        source: Callable[[int], torch.Tensor],
+        source: Callable[[int, int, int], torch.Tensor],
         write: Callable[[int, int, torch.Tensor], None],
         read: Callable[[int, int, int], torch.Tensor] | None = None,
         finish: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> None:
         """``C̄ v`` handed over in pieces, so that neither ``v`` nor the result is ever a whole float64 vector in RAM:
-        ``source(i)`` gives tensor ``names[i]`` of ``v`` (flat, float64), ``write(i, lo, values)`` takes the flat
+        ``source(i, lo, hi)`` gives the flat coordinates ``lo..hi`` of tensor ``names[i]`` of ``v`` (float64; asked
+        for in pieces of at most ``_ADD_CHUNK`` values), ``write(i, lo, values)`` takes the flat
         coordinates ``lo..lo+len(values)`` of that tensor of the result (float64 on the CPU; pieces of at most
         ``_ADD_CHUNK`` values). With several batches the running sums go through ``write`` and come back through
         ``read(i, lo, hi)``; ``finish(i, lo, values)`` is applied (in place) to each piece of the result before its
@@ -419,8 +420,12 @@ class CurvatureOperator:
         keys, primals = self._primals(names)
         sizes = [math.prod(shapes[n]) for n in names]
 
-        def tangent(i: int) -> torch.Tensor:
-            return source(i).to(self.device, self.dtype).view(shapes[names[i]]).to(primals[keys[i]].dtype)
+        def tangent(i: int) -> torch.Tensor:  # v's tensor i in the parameter's dtype, filled piece by piece
+            out = torch.empty(sizes[i], dtype=primals[keys[i]].dtype, device=self.device)
+            for lo in range(0, sizes[i], _ADD_CHUNK):
+                hi = min(lo + _ADD_CHUNK, sizes[i])
+                out[lo:hi] = source(i, lo, hi).to(self.device, self.dtype)
+            return out.view(shapes[names[i]])
 
         closures = self._closures(primals)
         if len(closures) > 1 and read is None:

@@ -494,7 +494,8 @@ def _correction_with(op: CurvatureOperator, layout: SegmentLayout, store: Vector
     def apply_row(j: int, row: int) -> None:
         op.apply_parts(
             names, layout.shapes,
-            source=lambda i: store.read_range(j, *bounds[i]) * layout.scale_part(names[i]),
+            source=lambda i, lo, hi: store.read_range(j, bounds[i][0] + lo, bounds[i][0] + hi)
+            * layout.scale_part(names[i], lo, hi),
             write=lambda i, lo, t: store.write_range(row, bounds[i][0] + lo, t),
             read=lambda i, lo, hi: running(row, bounds[i][0] + lo, bounds[i][0] + hi),
             finish=lambda i, lo, t: t.mul_(layout.scale_part(names[i], lo, lo + len(t))).mul_(curvature_scale),
