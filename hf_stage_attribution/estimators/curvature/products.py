@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,8 @@ from .scratch import TensorFile
 from .trl import dpo_loss_pair, dpo_support_problem, supports_dpo
 
 LossSpec = tuple[Callable, Callable] | Callable
+#: Elements per piece when a product is added into its float64 running sum (elementwise: same numbers).
+_ADD_CHUNK = 2**18
 
 
 # --- built-in losses on logits ----------------------------------------------------------------------------------
@@ -173,6 +176,43 @@ def _concat(batches: Sequence[Any], chunk_rows: int) -> list[Any]:
         return list(batches)  # ragged or exotic batches: use them one by one
 
 
+def _token_count(batch: Mapping[str, Any], loss: Callable) -> int:
+    """Tokens that a built-in token loss (``_causal_lm_loss``, ``_token_loss``) averages over in ``batch``."""
+    labels = _token_labels(batch)
+    labels = labels[..., 1:] if loss is _causal_lm_loss else labels
+    return int((labels != -100).sum())
+
+
+def _row_chunks(batches: list[Any], weights: list[int], loss: LossSpec, rows: int) -> tuple[list[Any], list[float]]:
+    """Each batch of a built-in token loss split into chunks of ``rows`` rows, each weighted by the batch's weight
+    times its share of the batch's tokens: the token mean over the batch is the chunks' token means so weighted, so
+    the weighted sum of the chunks' products is the batch's product (up to the order of float summation), while a
+    product's activations and graph are those of a chunk. Other losses (which need not be means over rows or
+    tokens), batches whose tensors are not all split by row, and batches with no token to average are kept whole;
+    chunks with no token are dropped (their share is zero)."""
+    token_losses = (_causal_lm_loss, _token_loss)
+    if not (isinstance(loss, tuple) and loss[0] is _logits and any(loss[1] is f for f in token_losses)):
+        return batches, list(weights)
+    out_b: list[Any] = []
+    out_w: list[float] = []
+    for b, w in zip(batches, weights):
+        n = _rows(b)
+        whole = n <= rows or not isinstance(b, Mapping)
+        whole = whole or any(not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != n for v in b.values())
+        total = 0 if whole else _token_count(b, loss[1])
+        if total == 0:
+            out_b.append(b)
+            out_w.append(w)
+            continue
+        for lo in range(0, n, rows):
+            chunk = {k: v[lo : lo + rows] for k, v in b.items()}
+            count = _token_count(chunk, loss[1])
+            if count:
+                out_b.append(chunk)
+                out_w.append(w * count / total)
+    return out_b, out_w
+
+
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -203,6 +243,9 @@ class CurvatureOperator:
     ``state`` maps base parameter names to the checkpoint's values (all of them); vectors are dicts of base names.
     ``products`` counts operator applications (each is one pass over the whole sample). ``cache_graphs`` keeps
     each batch's forward graph between products (much faster; memory: the activations of the whole sample).
+    ``product_rows`` (without ``cache_graphs``, built-in token losses only): each product runs over chunks of that
+    many rows of a batch, weighted by their tokens (:func:`_row_chunks`): the same product up to float summation
+    order, with a chunk's activations and graph instead of the batch's. ``sample_rows``: the rows of the sample.
     """
 
     def __init__(
@@ -216,6 +259,7 @@ class CurvatureOperator:
         chunk_rows: int = 512,
         cache_graphs: bool = True,
         in_place: bool = False,
+        product_rows: int | None = None,
     ) -> None:
 
         if mode not in ("ggn", "hvp"):
@@ -254,7 +298,10 @@ class CurvatureOperator:
             if id(p) not in base_ids and ".lora_B." in f".{name}.".replace("lora_embedding_B", "lora_B"):
                 self.fixed["m." + name] = torch.zeros_like(p)
         self.batches = [_to(b, self.device) for b in _concat(list(batches), chunk_rows)]
-        self.weights = [_rows(b) for b in self.batches]
+        self.weights: list[float] = [_rows(b) for b in self.batches]
+        self.sample_rows = sum(self.weights)
+        if product_rows is not None and not cache_graphs:
+            self.batches, self.weights = _row_chunks(self.batches, self.weights, loss, max(1, int(product_rows)))
         if isinstance(loss, tuple):
             self.forward_call, self.loss = _Call(self.model, loss[0]), loss[1]
             self.scalar_call = _Call(self.model, lambda m, b: loss[1](loss[0](m, b), b))
@@ -308,7 +355,7 @@ class CurvatureOperator:
             for k in keys:
                 total[k] += w * out[k].to(torch.float64)
         self.products += 1
-        scale = 1.0 / sum(self.weights)
+        scale = 1.0 / self.sample_rows
         return {n: total[self.module_name[n]].cpu() * scale for n in out_names}
 
     def apply_flat(
@@ -349,7 +396,7 @@ class CurvatureOperator:
                     part.add_(product.pop(k).reshape(-1), alpha=w)
             del product
         self.products += 1
-        total.div_(sum(self.weights))
+        total.div_(self.sample_rows)
         if not cpu:
             out.copy_(total)
         return out
@@ -358,42 +405,83 @@ class CurvatureOperator:
         self,
         names: Sequence[str],
         shapes: Mapping[str, tuple[int, ...]],
-        source: Callable[[int], torch.Tensor],
-        write: Callable[[int, torch.Tensor], None],
-        read: Callable[[int], torch.Tensor] | None = None,
-        finish: Callable[[int, torch.Tensor], None] | None = None,
+        source: Callable[[int, int, int], torch.Tensor],
+        write: Callable[[int, int, torch.Tensor], None],
+        read: Callable[[int, int, int], torch.Tensor] | None = None,
+        finish: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> None:
-        """``C̄ v`` handed over one tensor at a time, so that neither ``v`` nor the result is ever a whole float64
-        vector in RAM: ``source(i)`` gives tensor ``names[i]`` of ``v`` (flat, float64), ``write(i, values)`` takes
-        that tensor of the result (flat float64 on the CPU). With several batches the running sums go through
-        ``write`` and come back through ``read(i)``; ``finish(i, values)`` is applied (in place) to each tensor of the
-        result before its last write. Same arithmetic as :meth:`apply_into`."""
+        """``C̄ v`` handed over in pieces, so that neither ``v`` nor the result is ever a whole float64 vector in RAM:
+        ``source(i, lo, hi)`` gives the flat coordinates ``lo..hi`` of tensor ``names[i]`` of ``v`` (float64; asked
+        for in pieces of at most ``_ADD_CHUNK`` values), ``write(i, lo, values)`` takes the flat
+        coordinates ``lo..lo+len(values)`` of that tensor of the result (float64 on the CPU; pieces of at most
+        ``_ADD_CHUNK`` values). With several batches the running sums go through ``write`` and come back through
+        ``read(i, lo, hi)``; ``finish(i, lo, values)`` is applied (in place) to each piece of the result before its
+        last write. Same arithmetic as :meth:`apply_into` (elementwise, piece by piece)."""
         keys, primals = self._primals(names)
         sizes = [math.prod(shapes[n]) for n in names]
-        tangents = {}
-        for i, (k, n) in enumerate(zip(keys, names)):
-            tangents[k] = source(i).to(self.device, self.dtype).view(shapes[n]).to(primals[k].dtype)
+
+        def tangent(i: int) -> torch.Tensor:  # v's tensor i in the parameter's dtype, filled piece by piece
+            out = torch.empty(sizes[i], dtype=primals[keys[i]].dtype, device=self.device)
+            for lo in range(0, sizes[i], _ADD_CHUNK):
+                hi = min(lo + _ADD_CHUNK, sizes[i])
+                out[lo:hi] = source(i, lo, hi).to(self.device, self.dtype)
+            return out.view(shapes[names[i]])
+
         closures = self._closures(primals)
         if len(closures) > 1 and read is None:
             raise ValueError("apply_parts: several batches need `read` for the running sums.")
-        total = sum(self.weights)
+        lazy = self.mode == "hvp" and not self.cache_graphs  # the tangents are taken from `source` when needed
+        tangents = {} if lazy else {k: tangent(i) for i, k in enumerate(keys)}
+        if self.mode == "ggn" and not self.cache_graphs:
+            # Gauss–Newton without cached graphs: H_L J v of every batch first (the size of the outputs), then the
+            # tangents are dropped and the pullbacks run (same operations as _ggn, batch by batch)
+            hjvs = [self._eval(self._ggn_hjv, primals, tangents, b) for b in self.batches]
+            tangents.clear()
+            closures = [lambda t, u=u, b=b, **kw: self._eval(self._ggn_pullback, primals, u, b)
+                        for u, b in zip(hjvs, self.batches)]  # fmt: skip
+            del hjvs
+        total = self.sample_rows
+
+        def accumulate(i: int, values: torch.Tensor | None, b: int, w: float, last: bool) -> None:
+            """Tensor ``i`` of batch ``b``'s product (``None``: zero) added into its float64 running sum."""
+            flat = None if values is None else values.detach().reshape(-1)
+            with torch.no_grad():  # piece by piece: a float32 addend is cast to float64 by a temporary of its size
+                for lo in range(0, sizes[i], _ADD_CHUNK):
+                    hi = min(lo + _ADD_CHUNK, sizes[i])
+                    if b == 0:
+                        acc = torch.zeros(hi - lo, dtype=torch.float64, device=self.device)
+                    else:
+                        acc = read(i, lo, hi).to(self.device)
+                    if flat is not None:
+                        acc.add_(flat[lo:hi], alpha=w)
+                    if last:
+                        acc = acc.div_(total).cpu()
+                        if finish is not None:
+                            finish(i, lo, acc)
+                    write(i, lo, acc.cpu())
+                    del acc
+
+        if self.mode == "hvp" and not self.cache_graphs:
+            # Hessian without cached graphs: each tensor of a batch's product is added into its running sum as soon as
+            # the backward pass hands it over, so that no whole product is held, and each tensor of v is read from
+            # `source` when the batch's first backward pass needs it (same values as _hvp each time)
+            for b, (batch, w) in enumerate(zip(self.batches, self.weights)):
+                last = b == len(self.batches) - 1
+                done = self._eval(self._hvp_into, primals, tangent, batch,
+                                  sink=lambda i, t, b=b, w=w, last=last: accumulate(i, t, b, w, last))  # fmt: skip
+                for i in range(len(keys)):
+                    if i not in done:  # a tensor the loss does not reach: its product is zero
+                        accumulate(i, None, b, w, last)
+            del tangents
+            self.products += 1
+            return
+        order = sorted(range(len(keys)), key=sizes.__getitem__)
         for b, (fn, w) in enumerate(zip(closures, self.weights)):
             last = b == len(closures) - 1
             # the last batch of a product without cached graphs may drop the tangents once it no longer needs them
             product = fn(tangents, consume_tangents=True) if last and not self.cache_graphs else fn(tangents)
-            with torch.no_grad():
-                for i, (k, size) in enumerate(zip(keys, sizes)):
-                    if b == 0:
-                        acc = torch.zeros(size, dtype=torch.float64, device=self.device)
-                    else:
-                        acc = read(i).to(self.device)
-                    acc.add_(product.pop(k).reshape(-1), alpha=w)
-                    if last:
-                        acc = acc.div_(total).cpu()
-                        if finish is not None:
-                            finish(i, acc)
-                    write(i, acc.cpu())
-                    del acc
+            for i in order:  # smallest tensors first: the largest's float64 sum is made once the rest is freed
+                accumulate(i, product.pop(keys[i]), b, w, last)
             del product
         del tangents
         self.products += 1
@@ -487,17 +575,31 @@ class CurvatureOperator:
     def _ggn(self, primals: dict, tangents: dict, batch: Any, consume_tangents: bool = False) -> dict[str, Any]:
         """One batch's Gauss–Newton product; ``consume_tangents``: empty ``tangents`` once ``J v`` is formed (the
         caller's last use of them), so that they are not held during the backward pass."""
+        hjv = self._ggn_hjv(primals, tangents, batch)
+        if consume_tangents:
+            tangents.clear()
+        return self._ggn_pullback(primals, hjv, batch)
+
+    def _ggn_hjv(self, primals: dict, tangents: dict, batch: Any) -> Any:
+        """``H_L J v`` on one batch (the size of the batch's outputs)."""
         rest = self._rest(primals)
 
         def f(p: dict) -> Any:
             return functional_call(self.forward_call, {**rest, **p}, (batch,))
 
         out, jv = jvp(f, (primals,), (tangents,))
-        if consume_tangents:
-            tangents.clear()
         out = torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
         _, hjv = jvp(grad(lambda o: self.loss(o, batch)), (out,), (jv,))
         del out, jv  # not needed for the backward pass: freed before its graph is built
+        return hjv
+
+    def _ggn_pullback(self, primals: dict, hjv: Any, batch: Any) -> dict[str, Any]:
+        """``Jᵀ u`` on one batch for ``u = H_L J v`` (:meth:`_ggn_hjv`): the forward pass again, then its backward."""
+        rest = self._rest(primals)
+
+        def f(p: dict) -> Any:
+            return functional_call(self.forward_call, {**rest, **p}, (batch,))
+
         pullback = vjp(f, primals)[1]  # the outputs themselves are not kept
         return pullback(hjv)[0]
 
@@ -515,7 +617,57 @@ class CurvatureOperator:
             live = [i for i, x in enumerate(g) if x is not None and x.requires_grad]
             out: Sequence[torch.Tensor | None] = [None] * len(keys)
             if live:
-                out = torch.autograd.grad([g[i] for i in live], params, [tangents[keys[i]] for i in live],
-                                          allow_unused=True)  # fmt: skip
-            del g
+                # g·v, then the gradient grads g nothing it does not need: each product g_i ⊙ v_i keeps v_i (not g_i)
+                # for the backward pass, so the gradient itself is freed before the second backward pass runs; the
+                # gradient flowing into each g_i is exactly v_i (1 · v_i), as with v passed as grad_outputs
+                dot = torch.stack([(g[i] * tangents[keys[i]]).sum() for i in live]).sum()
+                del g
+                out = torch.autograd.grad(dot, params, allow_unused=True)
+                del dot
+            else:
+                del g
         return {k: torch.zeros_like(p) if o is None else o.detach() for k, p, o in zip(keys, params, out)}
+
+    def _hvp_into(self, primals: dict, tangent: Callable[[int], torch.Tensor], batch: Any,
+                  sink: Callable[[int, torch.Tensor], None]) -> set:  # fmt: skip
+        """One batch's Hessian product handed to ``sink(i, values)`` tensor by tensor (``i`` the position in
+        ``primals``) as the backward passes produce them, so that neither the gradient nor the product is ever
+        whole: a hook on each parameter's leaf takes its gradient from the first backward pass into ``g·v``
+        (``g_i ⊙ v_i``, with ``v_i = tangent(i)`` taken then, keeps ``v_i``, not ``g_i``, and only until the second
+        backward pass has used it; the gradient flowing into ``g_i`` is exactly ``v_i``, as with ``v`` passed as
+        grad_outputs) and its product from the second one into ``sink``. Returns the positions handed over (the
+        others are zero). Same values as :meth:`_hvp`."""
+        rest = self._rest(primals)
+        keys = list(primals)
+        params = [primals[k].detach().requires_grad_(True) for k in keys]
+        parts: list[torch.Tensor] = []
+        done: set[int] = set()
+        second = [False]
+
+        def take(p: torch.Tensor, i: int) -> None:
+            g, p.grad = p.grad, None
+            if second[0]:
+                if g is not None:
+                    done.add(i)
+                    sink(i, g)
+            elif g is not None and g.requires_grad:
+                parts.append((g * tangent(i)).sum())
+
+        hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: take(p, i)) for i, p in enumerate(params)]
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*create_graph=True will create a reference cycle")
+                loss = functional_call(self.scalar_call, {**rest, **dict(zip(keys, params))}, (batch,))
+                if loss.requires_grad:
+                    torch.autograd.backward(loss, inputs=params, create_graph=True)
+                del loss
+                if parts:
+                    dot = torch.stack(parts).sum()
+                    parts.clear()
+                    second[0] = True
+                    torch.autograd.backward(dot, inputs=params)
+                    del dot
+        finally:
+            for h in hooks:
+                h.remove()
+        return done
