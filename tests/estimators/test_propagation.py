@@ -165,6 +165,24 @@ def test_embedding_cache_is_keyed_reused_and_invalidated(tmp_path):
     assert torch.equal(delta.get(0, "head1.weight"), ledger.stages[0].delta_tensor("head1.weight"))
 
 
+def test_embedding_cache_written_by_another_package_version_is_recomputed(tmp_path, monkeypatch):
+    from hf_stage_attribution.estimators.embeddings import cache
+
+    ledger, _, _, _ = _ledger_two_heads(tmp_path, lambda ps: torch.optim.AdamW(ps, lr=0.1))
+    path = ledger.embeddings_dir / "aa-linear.safetensors"
+    stage_embeddings(ledger, "aa-linear")
+    mtime = path.stat().st_mtime_ns
+    stage_embeddings(ledger, "aa-linear")
+    assert path.stat().st_mtime_ns == mtime  # same version: reused
+    monkeypatch.setattr(cache, "__version__", "0.0.0-other")  # an upgrade (or downgrade) of the package
+    stage_embeddings(ledger, "aa-linear")
+    assert path.stat().st_mtime_ns != mtime  # never served: how embeddings are computed may have changed
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata()["package_version"] == "0.0.0-other"
+
+
 def test_embedding_cache_grows_with_requested_stages(tmp_path):
     decay = lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.5)  # noqa: E731
     ledger, _, _, _ = _ledger_two_heads(tmp_path, decay)

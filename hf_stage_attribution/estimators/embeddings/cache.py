@@ -5,8 +5,9 @@
 (``estimators.curvature.propagate``); ``kind="delta"`` is ``Δ_k`` itself, read from the ledger (no copy is made).
 
 The cache is ``<ledger>/embeddings/<kind>.safetensors``, keys ``"<stage index>/<param name>"`` (float32; a tensor
-that is absent is zero), metadata holding the ledger fingerprint, the kind and the options; a cache that does not
-match is recomputed. :class:`StageEmbeddings` reads it lazily (memory-mapped), one tensor at a time.
+that is absent is zero), metadata holding the ledger fingerprint, the kind, the options and the package version (an
+upgrade may change how embeddings are computed); a cache that does not match is recomputed.
+:class:`StageEmbeddings` reads it lazily (memory-mapped), one tensor at a time.
 
 For ``aa-ggn``/``aa-hvp`` the options include the loss each stage's curvature products use: a fingerprint of the
 callable(s) (``loss_fns[name]``, else the loss remembered at recording; see
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 from ..._internal.fingerprint import value_fingerprint
+from ..._version import __version__
 from ...errors import UnsupportedOptimizerError, unknown_name
 from ...ledger.core import LedgerCore
 from ...ledger.storage import open_safetensors
@@ -236,6 +238,7 @@ def _metadata(ledger: LedgerCore, kind: str, options: Mapping[str, Any], wanted:
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "kind": kind,
+        "package_version": __version__,  # an upgrade may change how embeddings are computed: never serve old ones
         "fingerprint": ledger.fingerprint,
         "options": _options_key(options),
         "stages": json.dumps(wanted),
@@ -253,6 +256,7 @@ def _read_if_fresh(ledger: LedgerCore, kind: str, path: Path, options: Mapping[s
         meta.get("format") == FORMAT_NAME
         and meta.get("format_version") == FORMAT_VERSION
         and meta.get("kind") == kind
+        and meta.get("package_version") == __version__
         and meta.get("fingerprint") == ledger.fingerprint
         and meta.get("options") == _options_key(options)
     )
