@@ -77,6 +77,13 @@ class _Node:
     pass
 
 
+def _dropped_cycle() -> weakref.ref:
+    """A weak reference to a self-referencing object that nothing else holds: only a collection frees it."""
+    node = _Node()
+    node.me = node
+    return weakref.ref(node)
+
+
 def test_cyclic_garbage_made_inside_is_freed_on_exit_without_waiting_for_the_collector() -> None:
     """A finished Trainer is a reference cycle holding its optimizer's moments (and a DPO reference model): it must
     be gone when the replayed stage returns, not at Python's next full collection (issue 16: on SmolLM2-135M each
@@ -84,10 +91,7 @@ def test_cyclic_garbage_made_inside_is_freed_on_exit_without_waiting_for_the_col
     gc.disable()  # no automatic collection can free it: only frozen_gc's own
     try:
         with frozen_gc():
-            node = _Node()
-            node.me = node
-            ref = weakref.ref(node)
-            del node
+            ref = _dropped_cycle()
             assert ref() is not None  # a cycle: reference counting alone does not free it
         assert ref() is None
     finally:
@@ -99,10 +103,7 @@ def test_release_freed_memory_frees_cyclic_garbage() -> None:
 
     gc.disable()
     try:
-        node = _Node()
-        node.me = node
-        ref = weakref.ref(node)
-        del node
+        ref = _dropped_cycle()
         release_freed_memory()
         assert ref() is None
     finally:
@@ -120,10 +121,7 @@ def test_a_use_inside_collections_of_new_objects_still_frees_its_garbage_on_exit
             frozen = gc.get_freeze_count()
             assert frozen > 0
             with frozen_gc():
-                node = _Node()
-                node.me = node
-                ref = weakref.ref(node)
-                del node
+                ref = _dropped_cycle()
             assert ref() is None
             assert gc.get_freeze_count() == frozen  # not unfrozen by the inner exit
         assert gc.get_freeze_count() == 0
@@ -143,10 +141,7 @@ def test_collections_of_new_objects_scan_only_what_was_made_inside() -> None:
         old_ref = weakref.ref(old)
         with collections_of_new_objects():
             del old
-            new = _Node()
-            new.me = new
-            new_ref = weakref.ref(new)
-            del new
+            new_ref = _dropped_cycle()
             release_freed_memory()
             assert new_ref() is None
             assert old_ref() is not None  # frozen: not scanned inside
