@@ -33,7 +33,7 @@ from .recurrence import (
     run_projected,
     unstable_modes,
 )
-from .scratch import TensorFile
+from .scratch import PIECE, TensorFile, pieces
 
 
 @dataclass
@@ -251,7 +251,7 @@ class SegmentLayout:
             for n in names:
                 shape = self._shape(n, _like(x, n) if n in x else _like(buf, n))
                 size = int(np.prod(shape)) if shape else 1
-                if in_place and size > R0_CHUNK and isinstance(x, TensorFile):
+                if in_place and size > PIECE and isinstance(x, TensorFile):
                     new_buf = self._free_chunked(g, n, shape, size, x, buf, new_buf, use_p)
                     continue
 
@@ -270,12 +270,11 @@ class SegmentLayout:
 
     def _free_chunked(self, g: _Group, n: str, shape: tuple[int, ...], size: int, x: Any, buf: Any, new_buf: Any,
                       use_p: bool) -> Any:  # fmt: skip
-        r""":meth:`curvature_free` of one large tensor kept in :class:`~.scratch.TensorFile`\ s, :data:`R0_CHUNK`
+        r""":meth:`curvature_free` of one large tensor kept in :class:`~.scratch.TensorFile`\ s, :data:`PIECE`
         coordinates at a time (the recurrence is elementwise: the same numbers), read and written in place; returns
         the buffer mapping (made with :attr:`carried` when the run creates it)."""
         x.reserve(n, shape)
-        for lo in range(0, size, R0_CHUNK):
-            hi = min(size, lo + R0_CHUNK)
+        for lo, hi in pieces(size):
             b0 = None if buf is None else _read(buf, n, lo, hi)
             p = self.precond.read_flat(n, lo, hi) if use_p and hasattr(self.precond, "read_flat") else (
                 self.precond[n].reshape(-1)[lo:hi] if use_p else 1.0)  # fmt: skip
@@ -407,10 +406,6 @@ class SegmentLayout:
         return Projection(coefs, masks, decay)
 
 
-#: Coordinates per piece of the curvature-free run of a tensor kept in a scratch file (2 MiB of float64).
-R0_CHUNK = 2**18
-
-
 def _like(d: Any, name: str) -> torch.Tensor:
     """``d[name]``, or for a :class:`~.scratch.TensorFile` an empty tensor of its shape (nothing read)."""
     return torch.empty(d.shape_of(name), dtype=torch.float64) if isinstance(d, TensorFile) else d[name]
@@ -426,7 +421,7 @@ def _read(d: Any, name: str, lo: int, hi: int) -> torch.Tensor:
 
 
 def _pieces(d: Any, names: list[str]) -> Iterable[torch.Tensor]:
-    """The tensors ``d[n]`` present, a :data:`R0_CHUNK` piece at a time when ``d`` is a scratch file."""
+    """The tensors ``d[n]`` present, a :data:`PIECE` piece at a time when ``d`` is a scratch file."""
     for n in names:
         if n not in d:
             continue
@@ -434,8 +429,8 @@ def _pieces(d: Any, names: list[str]) -> Iterable[torch.Tensor]:
             yield d[n]
             continue
         size = int(np.prod(d.shape_of(n))) if d.shape_of(n) else 1
-        for lo in range(0, size, R0_CHUNK):
-            yield d.read_flat(n, lo, min(size, lo + R0_CHUNK))
+        for lo, hi in pieces(size):
+            yield d.read_flat(n, lo, hi)
 
 
 def _owned(value: Any, size: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -39,6 +39,22 @@ from ...errors import EstimatorMemoryError
 RAM_BASIS_BYTES = 64 * 2**20
 #: Coordinates per chunk of the streamed operations (512 KiB of float64 per row read).
 CHUNK = 2**16
+#: Coordinates per piece when one model-sized tensor is processed elementwise a piece at a time (2 MiB of float64):
+#: the curvature-free run of a tensor kept on disk, tangents read and products added into their float64 sums.
+PIECE = 2**18
+
+
+def pieces(size: int, step: int = PIECE) -> Iterator[tuple[int, int]]:
+    """``(lo, hi)`` ranges covering ``0..size`` in pieces of at most ``step`` coordinates.
+
+    Example:
+        >>> list(pieces(5, 2))
+        [(0, 2), (2, 4), (4, 5)]
+    """
+    for lo in range(0, size, step):
+        yield lo, min(size, lo + step)
+
+
 SCRATCH_ENV = "HF_STAGE_ATTRIBUTION_CURVATURE_SCRATCH"
 SCRATCH_DIR_ENV = "HF_STAGE_ATTRIBUTION_SCRATCH_DIR"
 _ITEM = 8  # float64
@@ -154,8 +170,7 @@ class VectorStore:
         return out
 
     def _ranges(self) -> Iterator[tuple[int, int]]:
-        for lo in range(0, self.n, self.chunk):
-            yield lo, min(self.n, lo + self.chunk)
+        return pieces(self.n, self.chunk)
 
     def _block(self, lo: int, hi: int, first: int = 0, last: int | None = None) -> torch.Tensor:
         """Rows ``first..last`` (default: all written) at coordinates ``lo..hi``, as a ``rows × (hi−lo)`` tensor."""
@@ -418,6 +433,6 @@ class TensorFile(Mapping):
 
 
 __all__ = [
-    "CARRIED_RAM_BYTES", "CHUNK", "RAM_BASIS_BYTES", "TensorFile", "VectorStore", "carried_mode", "scratch_free_bytes",
-    "scratch_mode",
+    "CARRIED_RAM_BYTES", "CHUNK", "PIECE", "RAM_BASIS_BYTES", "TensorFile", "VectorStore", "carried_mode", "pieces",
+    "scratch_free_bytes", "scratch_mode",
 ]  # fmt: skip
