@@ -6,8 +6,7 @@ import argparse
 import importlib
 import sys
 
-import torch.distributed
-
+from .._internal.distributed import close_process_group, process_group_initialized
 from .._internal.memory import is_out_of_memory, out_of_memory_message
 from .._version import __version__
 from ..errors import StageAttributionError
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
 
-    started_distributed = _distributed_initialized()
+    started_distributed = process_group_initialized()
     try:
         with quiet_console(verbose=args.verbose):
             return int(args.func(args) or 0)
@@ -70,17 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-stage-attribution {args.command}: error: {out_of_memory_message(exc)}", file=sys.stderr)
         return 1
     finally:
-        if not started_distributed and _distributed_initialized():
+        if not started_distributed:
             # the command (Accelerate's PartialState) set up the process group under torchrun/accelerate launch:
             # close it, or gloo's threads may abort the process at interpreter exit
-
-            torch.distributed.destroy_process_group()
-
-
-def _distributed_initialized() -> bool:
-    """Whether a torch.distributed process group exists (without importing torch when nothing has)."""
-    dist = sys.modules.get("torch.distributed")
-    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+            close_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

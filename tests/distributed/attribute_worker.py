@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_stage_attribution import StageAttributor  # noqa: E402
+from hf_stage_attribution._internal.distributed import close_process_group
 from tests.helpers.attributor import behaviors_for, forward, loss, make_mlp
 
 
@@ -31,8 +32,7 @@ def main() -> None:
         totals = {b: d.total_change for b, d in report.diagnostics.items()}
         with open(out_json, "w") as fh:
             json.dump({"rows": rows, "totals": totals, "estimator": report.estimator, "processes": world}, fh)
-    if torch.distributed.is_initialized():  # a clean shutdown: gloo's threads may abort the process at exit otherwise
-        torch.distributed.destroy_process_group()
+    close_process_group()  # a clean shutdown: gloo's threads may abort the process at exit otherwise
 
 
 if __name__ == "__main__":

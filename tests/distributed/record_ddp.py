@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 import tests.helpers.recording as F
+from hf_stage_attribution._internal.distributed import close_process_group
 
 MAX_STEPS = 6
 BOUNDARY = 4
@@ -45,8 +44,7 @@ def main() -> None:
     parser.add_argument("--per-device-batch", type=int, required=True)
     ns = parser.parse_args()
     record(ns.out, ns.ledger, ns.per_device_batch)
-    if torch.distributed.is_initialized():  # a clean shutdown: gloo's threads may abort the process at exit otherwise
-        torch.distributed.destroy_process_group()
+    close_process_group()  # a clean shutdown: gloo's threads may abort the process at exit otherwise
 
 
 if __name__ == "__main__":
