@@ -20,7 +20,8 @@ from pathlib import Path
 _OOM_MARKERS = ("can't allocate memory", "out of memory", "cannot allocate memory", "std::bad_alloc")
 
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
+_M_MMAP_THRESHOLD = -3
 _LIBC: ctypes.CDLL | None | bool = None
 
 
@@ -59,6 +60,30 @@ def release_freed_memory(threshold: int = 131072) -> bool:
     if lib is None:
         return False
     lib.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    lib.mallopt(_M_TRIM_THRESHOLD, 0)  # free() then returns the heap's free top at once (beyond glibc's top pad)
+    lib.malloc_trim(0)
+    return True
+
+
+def trim_heap() -> bool:
+    """Hand the free pages inside glibc's heap back to the system (``malloc_trim(0)``), without a garbage collection:
+    cheap enough (well under a millisecond once transformers is loaded) to run after every curvature product.
+
+    Allocations below the mmap threshold (a row's activations, its forward-mode tangents, autograd's bookkeeping) come
+    from the heap; after a product frees them, the pages stay resident unless trimmed, and the next product's
+    allocations do not all fit in the holes, so the resident set creeps up product after product (GPT-2 3.7M,
+    ``aa-ggn``: peak RSS rise 3.24× the parameter bytes without a trim per product, 2.91× with one). Returns whether
+    it ran (False off glibc or with ``HF_STAGE_ATTRIBUTION_KEEP_MALLOC=1``).
+
+    Example:
+        >>> isinstance(trim_heap(), bool)
+        True
+    """
+    if os.environ.get("HF_STAGE_ATTRIBUTION_KEEP_MALLOC"):
+        return False
+    lib = _libc()
+    if lib is None:
+        return False
     lib.malloc_trim(0)
     return True
 

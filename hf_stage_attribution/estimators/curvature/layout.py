@@ -335,9 +335,21 @@ class SegmentLayout:
         if buf is None and bool(c[:, 1].abs().sum() > 0):
             buf = self.carried()
         chunk = store.chunk
+        on_disk = isinstance(x, TensorFile) and (buf is None or isinstance(buf, TensorFile))
         for n in self.active_names:
             a, b = self.offsets[n]
             shape = self.shapes[n]
+            if on_disk:  # each chunk read, corrected and written back: no float64 copies of a whole tensor
+                for d in (x,) if buf is None else (x, buf):
+                    d.reserve(n, shape)
+                for lo in range(0, b - a, chunk):
+                    hi = min(b - a, lo + chunk)
+                    both = store.combine_range(c, a + lo, a + hi)
+                    s = self.scale_part(n, lo, hi)
+                    x.write_flat(n, lo, x.read_flat(n, lo, hi) + both[:, 0] * s)
+                    if buf is not None:
+                        buf.write_flat(n, lo, buf.read_flat(n, lo, hi) + both[:, 1] / s)
+                continue
             xn = x[n].reshape(-1) if n in x else torch.zeros(b - a, dtype=torch.float64)
             bn = None if buf is None else (buf[n].reshape(-1) if n in buf else torch.zeros(b - a, dtype=torch.float64))
             new_x = torch.empty(b - a, dtype=torch.float64)

@@ -35,11 +35,12 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..._internal.memory import trim_heap
 from ..._internal.params import base_parameters, unwrap_model
 from ...errors import MissingCurvatureError, ModelMismatchError
 from ...ledger.core import LedgerCore
 from ...ledger.stage import Stage
-from .scratch import TensorFile, pieces
+from .scratch import CHUNK, TensorFile, pieces
 from .trl import dpo_loss_pair, dpo_support_problem, supports_dpo
 
 LossSpec = tuple[Callable, Callable] | Callable
@@ -410,9 +411,9 @@ class CurvatureOperator:
     ) -> None:
         """``C̄ v`` handed over in pieces, so that neither ``v`` nor the result is ever a whole float64 vector in RAM:
         ``source(i, lo, hi)`` gives the flat coordinates ``lo..hi`` of tensor ``names[i]`` of ``v`` (float64; asked
-        for in pieces of at most ``PIECE`` values), ``write(i, lo, values)`` takes the flat
+        for in pieces of at most ``CHUNK`` values), ``write(i, lo, values)`` takes the flat
         coordinates ``lo..lo+len(values)`` of that tensor of the result (float64 on the CPU; pieces of at most
-        ``PIECE`` values). With several batches the running sums go through ``write`` and come back through
+        ``CHUNK`` values). With several batches the running sums go through ``write`` and come back through
         ``read(i, lo, hi)``; ``finish(i, lo, values)`` is applied (in place) to each piece of the result before its
         last write. Same arithmetic as :meth:`apply_into` (elementwise, piece by piece)."""
         keys, primals = self._primals(names)
@@ -420,7 +421,7 @@ class CurvatureOperator:
 
         def tangent(i: int) -> torch.Tensor:  # v's tensor i in the parameter's dtype, filled piece by piece
             out = torch.empty(sizes[i], dtype=primals[keys[i]].dtype, device=self.device)
-            for lo, hi in pieces(sizes[i]):
+            for lo, hi in pieces(sizes[i], CHUNK):
                 out[lo:hi] = source(i, lo, hi).to(self.device, self.dtype)
             return out.view(shapes[names[i]])
 
@@ -443,7 +444,7 @@ class CurvatureOperator:
             """Tensor ``i`` of batch ``b``'s product (``None``: zero) added into its float64 running sum."""
             flat = None if values is None else values.detach().reshape(-1)
             with torch.no_grad():  # piece by piece: a float32 addend is cast to float64 by a temporary of its size
-                for lo, hi in pieces(sizes[i]):
+                for lo, hi in pieces(sizes[i], CHUNK):
                     if b == 0:
                         acc = torch.zeros(hi - lo, dtype=torch.float64, device=self.device)
                     else:
@@ -512,6 +513,7 @@ class CurvatureOperator:
                 return fn(primals, tangents, batch, **kw)
         finally:
             self.model.train(was_training)
+            trim_heap()  # the batch's small allocations freed: their heap pages back, or the next ones creep up
 
     def _closure(self, primals: dict[str, torch.Tensor], batch: Any) -> Callable:
         """One batch's product as a closure over retained autograd graphs (built once, reused per product):
