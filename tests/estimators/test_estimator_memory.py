@@ -57,7 +57,7 @@ def fast_rows(tmp_path_factory):
     for fork, names in ((True, [n for n in em.ESTIMATORS if n not in FRESH]), (False, FRESH)):
         out = folder / f"rows-{'forked' if fork else 'new'}.json"
         run_child(["-m", "benchmarks.estimator_memory", "--small", *(["--fork"] * fork), "--abort", "--jobs", "2",
-                   "--estimators", ",".join(names), "--out", str(out)])  # fmt: skip
+                   "--estimators", ",".join(names), "--out", str(out)], timeout=1800)  # fmt: skip
         rows.update((row["estimator"], row) for row in json.loads(out.read_text()))
     return rows
 
