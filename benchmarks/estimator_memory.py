@@ -245,6 +245,7 @@ def measure_all(
         run_child(
             ["-m", "benchmarks.estimator_memory", "--measure", str(case), "--estimator", name, "--out", str(out),
              *(["--abort"] if abort else []), *_cfg_args(cfg)], timeout=900,
+            env={"OMP_NUM_THREADS": "1"},  # one thread each, as the forked children: `jobs` of them share the cores
         )  # fmt: skip
         row = json.loads(out.read_text())
         shutil.rmtree(case, ignore_errors=True)
