@@ -61,8 +61,7 @@ def release_freed_memory(threshold: int = 131072) -> bool:
         return False
     lib.mallopt(_M_MMAP_THRESHOLD, int(threshold))
     lib.mallopt(_M_TRIM_THRESHOLD, 0)  # free() then returns the heap's free top at once (beyond glibc's top pad)
-    lib.malloc_trim(0)
-    return True
+    return trim_heap()
 
 
 def trim_heap() -> bool:

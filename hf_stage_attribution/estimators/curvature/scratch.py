@@ -40,7 +40,8 @@ RAM_BASIS_BYTES = 64 * 2**20
 #: Coordinates per chunk of the streamed operations (512 KiB of float64 per row read).
 CHUNK = 2**16
 #: Coordinates per piece when one model-sized tensor is processed elementwise a piece at a time (2 MiB of float64):
-#: the curvature-free run of a tensor kept on disk, tangents read and products added into their float64 sums.
+#: the curvature-free run of a tensor kept on disk (the curvature products read tangents and add into their float64
+#: sums in :data:`CHUNK` pieces instead: fewer float64 temporaries at once on top of a product's working set).
 PIECE = 2**18
 
 
