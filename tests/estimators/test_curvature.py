@@ -141,6 +141,24 @@ def test_products_match_dense_matrices(mode):
     assert torch.allclose(op.apply_flat(_flat(v, names), names, shapes), got, atol=1e-14, rtol=1e-12)
     assert op.products == 2
 
+    # the streamed path of large models (no cached graphs; pieces of v read on demand, sums written back in pieces;
+    # Hessian: v read again in the second backward pass) is the same product
+    streamed = CurvatureOperator(model, state, batches, CE_PAIR, mode=mode, cache_graphs=False)
+    sums: dict = {}
+    asked: list = []
+
+    def source(i, lo, hi):
+        asked.append(i)
+        return v[names[i]].reshape(-1)[lo:hi]
+
+    def write(i, lo, t):
+        sums.setdefault(i, torch.zeros(state[names[i]].numel(), dtype=torch.float64))[lo : lo + len(t)] = t
+
+    streamed.apply_parts(names, shapes, source, write, read=lambda i, lo, hi: sums[i][lo:hi].clone())
+    parts = torch.cat([sums[i] for i in range(len(names))])
+    assert torch.allclose(parts, dense @ _flat(v, names), atol=1e-12, rtol=1e-10)
+    assert streamed.products == 1 and set(asked) == set(range(len(names)))
+
 
 @pytest.mark.parametrize("loss_type", ["causal-lm", "sequence-classification", "regression"])
 def test_builtin_losses_give_symmetric_psd_gauss_newton_products(loss_type):

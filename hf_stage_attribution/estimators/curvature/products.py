@@ -236,6 +236,22 @@ def _math_attention() -> Any:
     return sdpa_kernel(SDPBackend.MATH)
 
 
+class _TangentDot(torch.autograd.Function):
+    """``(g · v).sum()`` for a gradient ``g`` and a tangent ``v = read()`` that is read again in the backward pass
+    instead of being kept for it: the gradient flowing into ``g`` is ``grad · v``, with ``v`` rebuilt at that
+    moment, so the tangents of a Hessian product are not all held between its two backward passes (same values as
+    ``(g * v).sum()``: the backward of ``sum`` then ``mul`` is ``grad · v`` too)."""
+
+    @staticmethod
+    def forward(ctx: Any, g: torch.Tensor, read: Callable[[], torch.Tensor]) -> torch.Tensor:
+        ctx.read = read
+        return (g * read()).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.read(), None
+
+
 class CurvatureOperator:
     """``v ↦ C̄ v``: Gauss–Newton (``mode="ggn"``) or Hessian (``"hvp"``) of a loss at given parameters, on a sample.
 
@@ -631,10 +647,10 @@ class CurvatureOperator:
         """One batch's Hessian product handed to ``sink(i, values)`` tensor by tensor (``i`` the position in
         ``primals``) as the backward passes produce them, so that neither the gradient nor the product is ever
         whole: a hook on each parameter's leaf takes its gradient from the first backward pass into ``g·v``
-        (``g_i ⊙ v_i``, with ``v_i = tangent(i)`` taken then, keeps ``v_i``, not ``g_i``, and only until the second
-        backward pass has used it; the gradient flowing into ``g_i`` is exactly ``v_i``, as with ``v`` passed as
-        grad_outputs) and its product from the second one into ``sink``. Returns the positions handed over (the
-        others are zero). Same values as :meth:`_hvp`."""
+        (``g_i · v_i`` by :class:`_TangentDot`, which keeps neither: ``v_i = tangent(i)`` is read when the dot is
+        formed and again when the second backward pass needs it; the gradient flowing into ``g_i`` is exactly
+        ``v_i``, as with ``v`` passed as grad_outputs) and its product from the second one into ``sink``. Returns
+        the positions handed over (the others are zero). Same values as :meth:`_hvp`."""
         rest = self._rest(primals)
         keys = list(primals)
         params = [primals[k].detach().requires_grad_(True) for k in keys]
@@ -649,7 +665,7 @@ class CurvatureOperator:
                     done.add(i)
                     sink(i, g)
             elif g is not None and g.requires_grad:
-                parts.append((g * tangent(i)).sum())
+                parts.append(_TangentDot.apply(g, lambda i=i: tangent(i)))  # v_i read again when needed
 
         hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: take(p, i)) for i, p in enumerate(params)]
         try:

@@ -18,9 +18,11 @@ Example, on a ledger with a recorded TRL DPO stage::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 
+from ..._internal.memory import release_freed_memory
 from ..._internal.model_state import clean_copy
 from ..._internal.params import unwrap_model
 from ...errors import MissingCurvatureError
@@ -68,25 +70,57 @@ def supports_dpo(stage: Stage) -> bool:
     return dpo_support_problem(stage) is None
 
 
+class _Reference:
+    """The DPO reference policy, built when its log-probabilities are first needed and dropped once a sample's are
+    cached (:func:`dpo_loss_pair`'s ``prepare``), so that it is not a second model held through the products."""
+
+    def __init__(self, build: Callable[[], torch.nn.Module]) -> None:
+        self._build, self._model = build, None
+
+    def get(self) -> torch.nn.Module:
+        if self._model is None:
+            self._model = self._build().eval().requires_grad_(False)
+        return self._model
+
+    def drop(self) -> None:
+        if self._model is not None:
+            self._model = None
+            release_freed_memory()  # collects cycles first: a copy of a trained model may hold one (patched forward)
+
+
 def dpo_loss_pair(ledger: LedgerCore, model: torch.nn.Module, stage: Stage) -> tuple[Callable, Callable]:
-    """``(forward, loss)`` for a recorded DPO stage; ``model`` lends its architecture to the reference."""
+    """``(forward, loss)`` for a recorded DPO stage; ``model`` lends its architecture to the reference.
+
+    The reference model is built when its log-probabilities are first needed (a recorded path that is gone is an
+    error at once; a path whose weights differ from the recorded hash, when it is loaded) and dropped by
+    ``loss.prepare(batches)`` once those batches' log-probabilities are cached."""
 
     beta = float((stage.curvature_loss or {}).get("beta", 0.1))
     ref = _reference_record(stage)
     if str(ref.get("policy") or "").startswith(SEPARATE_REFERENCE):
-        reference = load_recorded_reference(ref)  # checks the recorded weight hash
-        if reference is None:
+        path = str(ref.get("name_or_path") or "")
+        if not path or not Path(path).is_dir():
             raise MissingCurvatureError(
                 f"Stage {stage.name!r}: its DPO reference was loaded from {ref.get('name_or_path')!r}, which is not "
                 "there any more. Put the reference back at that path, pass `loss_fns={stage name: (forward, loss)}`, "
                 "or use --estimator aa-linear."
             )
+
+        def build() -> torch.nn.Module:
+            loaded = load_recorded_reference(ref)  # checks the recorded weight hash
+            if loaded is None:
+                raise MissingCurvatureError(f"Stage {stage.name!r}: its DPO reference at {path!r} is gone.")
+            return loaded
     else:
-        reference = clean_copy(unwrap_model(model))
-        if hasattr(reference, "peft_config") and hasattr(reference, "unload"):
-            reference = reference.unload()
-        load_state(reference, ledger.state_at(stage.index - 1))
-    reference.eval().requires_grad_(False)
+
+        def build() -> torch.nn.Module:
+            reference = clean_copy(unwrap_model(model))
+            if hasattr(reference, "peft_config") and hasattr(reference, "unload"):
+                reference = reference.unload()
+            load_state(reference, ledger.state_at(stage.index - 1))
+            return reference
+
+    reference = _Reference(build)
     cache: dict[tuple, torch.Tensor] = {}
 
     def ref_logprobs(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -94,7 +128,7 @@ def dpo_loss_pair(ledger: LedgerCore, model: torch.nn.Module, stage: Stage) -> t
         key = (tuple(ids.shape), int(ids.sum()), int(labels.sum()), int((ids * labels.clamp(min=0)).sum()))
         if key not in cache:
             with torch.no_grad():
-                cache[key] = sequence_logprobs(reference, batch)
+                cache[key] = sequence_logprobs(reference.get(), batch)
         return cache[key]
 
     def loss(logps: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -109,6 +143,7 @@ def dpo_loss_pair(ledger: LedgerCore, model: torch.nn.Module, stage: Stage) -> t
         # caches, which the next product's level refuses ("escaped?")
         for batch in batches:
             ref_logprobs(batch)
+        reference.drop()  # every product of these batches reads the cache: no second model held through them
 
     loss.prepare = prepare  # type: ignore[attr-defined]
     return sequence_logprobs, loss
