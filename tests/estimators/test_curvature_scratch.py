@@ -4,6 +4,9 @@ cleans up after itself, and the curvature propagation gives the same result with
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -29,7 +32,7 @@ def test_disk_store_streams_the_same_algebra_as_ram_and_deletes_its_file(tmp_pat
     c = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64)
     d = np.linspace(0.0, 1.0, n)
     with VectorStore(n, 5, where="disk", chunk=8) as disk:  # 8 coordinates per chunk: 5 chunks, a short last one
-        assert len(os.listdir(tmp_path)) == 1
+        assert os.listdir(tmp_path) == []  # unlinked once open: nothing is left behind even by a killed process
         for i, row in enumerate(rows):
             disk.write(i, row.float() if i == 0 else row)  # float32 input is widened, as the RAM store does
         ref = rows.clone()
@@ -46,11 +49,27 @@ def test_disk_store_streams_the_same_algebra_as_ram_and_deletes_its_file(tmp_pat
         assert torch.allclose(v, w - ref.T @ c, atol=1e-12)
         with pytest.raises(IndexError):
             disk.write(6, w)  # rows are appended in order
-    assert os.listdir(tmp_path) == []  # the scratch directory is gone with the store
+    assert os.listdir(tmp_path) == []
     with pytest.raises(RuntimeError, match="boom"), VectorStore(n, 2, where="disk") as disk:
         disk.write(0, w)
         raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []  # and on an exception
+
+
+def test_a_process_killed_with_a_disk_basis_leaves_no_scratch_file(tmp_path):
+    """A run killed by the kernel for memory (SIGKILL: no cleanup runs) used to leave its Krylov basis file behind."""
+    code = (
+        "import os, signal, torch\n"
+        "from hf_stage_attribution.estimators.curvature.scratch import VectorStore\n"
+        "store = VectorStore(1000, 4, where='disk')\n"
+        "store.write(0, torch.ones(1000, dtype=torch.float64))\n"
+        "print(len(os.listdir(os.environ['HF_STAGE_ATTRIBUTION_SCRATCH_DIR'])), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, scratch.SCRATCH_DIR_ENV: str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert done.stdout.strip() == "0" and os.listdir(tmp_path) == []
 
 
 def test_scratch_mode_keeps_small_bases_in_ram_and_can_be_forced(monkeypatch):

@@ -115,27 +115,24 @@ class VectorStore:
         self.where = where or scratch_mode(self.n, self.capacity)
         self.chunk = max(1, int(CHUNK if chunk is None else chunk))
         self._ram: torch.Tensor | None = None
-        self._dir: str | None = None
         self._fd: int | None = None
         if self.where == "ram":
             self._ram = torch.empty(self.capacity, self.n, dtype=torch.float64)
         elif self.where == "disk":
-            self._dir = tempfile.mkdtemp(prefix="hfsa-krylov-", dir=scratch_dir())
-            self._fd = os.open(os.path.join(self._dir, "basis.f64"), os.O_RDWR | os.O_CREAT, 0o600)
+            # unlinked as soon as it is open: the rows vanish with the process, even one killed for memory
+            self._fd, path = tempfile.mkstemp(prefix="hfsa-krylov-", suffix=".f64", dir=scratch_dir())
+            os.unlink(path)
         else:
             raise ValueError(f"`where` must be 'ram' or 'disk', got {self.where!r}.")
 
     # --- lifetime -------------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the rows (delete the scratch file and its directory)."""
+        """Free the rows (the scratch file, unlinked since it was opened, goes with its descriptor)."""
         self._ram = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
 
     def __enter__(self) -> VectorStore:
         return self
