@@ -98,18 +98,22 @@ def dpo_loss_pair(ledger: LedgerCore, model: torch.nn.Module, stage: Stage) -> t
     beta = float((stage.curvature_loss or {}).get("beta", 0.1))
     ref = _reference_record(stage)
     if str(ref.get("policy") or "").startswith(SEPARATE_REFERENCE):
-        path = str(ref.get("name_or_path") or "")
-        if not path or not Path(path).is_dir():
-            raise MissingCurvatureError(
+
+        def gone() -> MissingCurvatureError:
+            return MissingCurvatureError(
                 f"Stage {stage.name!r}: its DPO reference was loaded from {ref.get('name_or_path')!r}, which is not "
                 "there any more. Put the reference back at that path, pass `loss_fns={stage name: (forward, loss)}`, "
                 "or use --estimator aa-linear."
             )
 
+        path = str(ref.get("name_or_path") or "")
+        if not path or not Path(path).is_dir():
+            raise gone()
+
         def build() -> torch.nn.Module:
-            loaded = load_recorded_reference(ref)  # checks the recorded weight hash
+            loaded = load_recorded_reference(ref)  # checks the recorded weight hash; None: the path is gone
             if loaded is None:
-                raise MissingCurvatureError(f"Stage {stage.name!r}: its DPO reference at {path!r} is gone.")
+                raise gone()
             return loaded
     else:
 
