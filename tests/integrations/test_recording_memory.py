@@ -16,8 +16,9 @@ def test_recording_holds_about_one_extra_copy_fast_variant():
     rows = recording_memory.measure(steps=4, wide=64, configs=("recorder+boundary",))
     assert [row["config"] for row in rows] == ["plain", "recorder+boundary"]
     extra = rows[1]["extra_in_trainable_copies"]
-    # The snapshot is one copy (measured 1.23 with curvature capture and a boundary); a second copy would be >= 2.
-    assert 0.8 <= extra <= 1.6, extra
+    # The snapshot is one copy (measured 1.02 with curvature capture and a boundary, with the fixed mmap threshold that
+    # recording_memory.measure sets); a second copy would be >= 2, and a measurement that misses the snapshot < 0.8.
+    assert 0.8 <= extra <= 1.25, extra
 
 
 @pytest.mark.slow
