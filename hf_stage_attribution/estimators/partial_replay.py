@@ -54,7 +54,7 @@ On a recorded pipeline (``fns``: step-limited stage functions, or none when the 
 from __future__ import annotations
 
 import math
-import shutil
+import os
 import tempfile
 import time
 import weakref
@@ -241,35 +241,46 @@ def check_replayable(ledger: LedgerCore, plan: PartialReplayPlan, stage_fns: Map
 
 
 class ScratchTensors:
-    """Named tensors in one file on disk, written once and read back one tensor at a time with plain reads (no memory
-    map, so nothing read stays in the process's resident set once the caller drops it).
+    """Named tensors in one scratch file on disk, written once and read back one tensor at a time with plain reads
+    (no memory map, so nothing read stays in the process's resident set once the caller drops it).
 
     Partial replay keeps its model-sized vectors here — a branch's parameters, its optimizer's moments, the
     finished ``v_k`` — instead of in RAM: the peak holds one training step of a branch, not both branches plus their
     moments plus float64 differences (GPT-2 4.2M: 11.9× → about 5× the parameter bytes).
 
+    The file is made in ``directory`` (default: :func:`~.curvature.scratch.scratch_dir`) and unlinked as soon as it is
+    open, as the Krylov basis's is: its blocks go back to the file system when :meth:`close` runs, when this object
+    is collected, or with the process — also one killed for memory, which used to leave up to ``K + 4`` model-sized
+    files behind.
+
     Example:
-        >>> import tempfile, torch
-        >>> box = ScratchTensors(Path(tempfile.mkdtemp()) / "a.bin")
+        >>> import os, tempfile, torch
+        >>> where = tempfile.mkdtemp()
+        >>> box = ScratchTensors(where)
         >>> box.write([("w", torch.arange(6.0).reshape(2, 3)), ("b", torch.tensor(1.5, dtype=torch.float64))])
-        >>> box.names(), box.get("w")[1].tolist(), float(box.get("b"))
-        (['w', 'b'], [3.0, 4.0, 5.0], 1.5)
+        >>> box.names(), box.get("w")[1].tolist(), float(box.get("b")), os.listdir(where)
+        (['w', 'b'], [3.0, 4.0, 5.0], 1.5, [])
+        >>> box.close()
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, directory: str | Path | None = None, prefix: str = "hfsa-partial-replay-") -> None:
         self._index: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
         self._end = 0
+        fd, path = tempfile.mkstemp(prefix=prefix, suffix=".bin", dir=str(directory or scratch_dir()))
+        os.unlink(path)
+        self._fd = fd
+        self._close = weakref.finalize(self, os.close, fd)
 
     def write(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Append ``(name, tensor)`` pairs (each copied to the CPU and written, one at a time)."""
-        with open(self.path, "ab") as f:
-            for name, tensor in tensors:
-                t = tensor.detach().to("cpu").contiguous()
-                flat = t.reshape(-1).view(torch.uint8)
-                flat.numpy().tofile(f)
-                self._index[name] = (self._end, flat.numel(), t.dtype, tuple(t.shape))
-                self._end += flat.numel()
+        for name, tensor in tensors:
+            t = tensor.detach().to("cpu").contiguous()
+            flat = t.reshape(-1).view(torch.uint8).numpy()
+            done = 0
+            while done < flat.size:  # a single write may take fewer bytes than asked (e.g. above 2 GiB on Linux)
+                done += os.pwrite(self._fd, memoryview(flat[done:]), self._end + done)
+            self._index[name] = (self._end, int(flat.size), t.dtype, tuple(t.shape))
+            self._end += int(flat.size)
 
     def names(self) -> list[str]:
         return list(self._index)
@@ -280,20 +291,29 @@ class ScratchTensors:
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``, read from disk into a fresh CPU tensor."""
         offset, nbytes, dtype, shape = self._index[name]
-        raw = np.fromfile(self.path, dtype=np.uint8, count=nbytes, offset=offset)
+        raw = np.empty(nbytes, dtype=np.uint8)
+        done = 0
+        while done < nbytes:
+            got = os.preadv(self._fd, [memoryview(raw[done:])], offset + done)
+            if got <= 0:
+                raise OSError(f"partial replay's scratch file ended early reading {name!r} ({done} of {nbytes} bytes)")
+            done += got
         return torch.from_numpy(raw).view(dtype).reshape(shape)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._index:
             yield name, self.get(name)
 
+    def close(self) -> None:
+        """Give the file's blocks back (reads fail afterwards)."""
+        self._close()
+
 
 class _InMemoryTensors(ScratchTensors):
     """:class:`ScratchTensors` held in RAM (CPU copies, each read handing out a fresh copy): for a small model, where
     the file round trips cost more than the replayed steps and the copies take little room."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(Path(name))  # no file is ever made
+    def __init__(self) -> None:  # no file is ever made
         self._tensors: dict[str, torch.Tensor] = {}
 
     def write(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -313,6 +333,9 @@ class _InMemoryTensors(ScratchTensors):
         for name in self._tensors:
             yield name, self.get(name)
 
+    def close(self) -> None:
+        self._tensors.clear()
+
 
 #: Parameter bytes (float32) up to which partial replay keeps its model-sized vectors — both branches' parameters and
 #: optimizer moments, ``v_k`` — in RAM instead of scratch files (at most ``(BRANCH_FILES + K) ×`` this: a few MiB).
@@ -326,23 +349,23 @@ def _in_memory(ledger: LedgerCore) -> bool:
 
 
 class _ScratchDir:
-    """A temporary directory (under :func:`~.curvature.scratch.scratch_dir`, where the curvature propagation's
-    Krylov basis also goes) removed when this object is collected or the process exits; with ``in_memory`` no
-    directory, and its "files" are :class:`_InMemoryTensors`."""
+    """A maker of :class:`ScratchTensors` in :func:`~.curvature.scratch.scratch_dir` (each file unlinked as soon as it
+    is open, so nothing is left behind even by a killed process), all given back by :meth:`remove`; with
+    ``in_memory`` its "files" are :class:`_InMemoryTensors`."""
 
     def __init__(self, prefix: str, in_memory: bool = False) -> None:
-        self.path: Path | None = None
-        self._cleanup: weakref.finalize | None = None
-        if not in_memory:
-            self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_dir()))
-            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+        self.prefix, self.in_memory = prefix, in_memory
+        self._files: list[ScratchTensors] = []
 
     def file(self, name: str) -> ScratchTensors:
-        return _InMemoryTensors(name) if self.path is None else ScratchTensors(self.path / f"{name}.bin")
+        box = _InMemoryTensors() if self.in_memory else ScratchTensors(prefix=f"{self.prefix}{name}-")
+        self._files.append(box)
+        return box
 
     def remove(self) -> None:
-        if self._cleanup is not None:
-            self._cleanup()
+        for box in self._files:
+            box.close()
+        self._files.clear()
 
 
 class _StateOnDisk(Mapping):

@@ -4,6 +4,10 @@ its budget plan, the step-limited replay of Trainer stages and stage functions, 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ import tests.helpers.recording as F
 from hf_stage_attribution import StageLedger, estimators
 from hf_stage_attribution.errors import BudgetError, PartialReplayError, StageAttributionError
 from hf_stage_attribution.estimators import partial_replay as pr
+from hf_stage_attribution.estimators.curvature.scratch import SCRATCH_DIR_ENV
 from hf_stage_attribution.estimators.selection import PARTIAL_REPLAY_BUDGET, choose_estimator
 from hf_stage_attribution.testing.digits import build_digits_pipeline
 
@@ -278,9 +283,24 @@ def test_a_recorded_mid_segment_checkpoint_is_the_factual_branch_at_its_step(tmp
     assert any("mid-segment checkpoint" in a for a in result.approximations)
 
 
+def _open_scratch_files(where) -> list[str]:
+    """The files under ``where`` this process holds open (unlinked ones end in ``(deleted)``)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(where)):
+            out.append(target)
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads the open files from /proc")
 def test_branches_and_embeddings_live_in_scratch_files_that_are_removed(digits, tmp_path, monkeypatch):
-    """The branch parameters/moments go to scratch files removed when ``v_k`` is done; ``v_k`` itself is read from
-    a scratch file (equal to the in-memory computation) that goes with the embeddings."""
+    """The branch parameters/moments go to scratch files given back when ``v_k`` is done; ``v_k`` itself is read from
+    a scratch file (equal to the in-memory computation) that goes with the embeddings. Every file is unlinked as soon
+    as it is open: the directory stays empty throughout, so a killed run leaves nothing behind."""
     import gc
     import tempfile
 
@@ -288,11 +308,15 @@ def test_branches_and_embeddings_live_in_scratch_files_that_are_removed(digits, 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(pr, "IN_MEMORY_BYTES", 0)  # the digits MLP is small enough to stay in RAM otherwise
     pr._MEMO.clear()
+    gc.collect()
     stages = list(pipe.ledger.stages)
     emb = pr.partial_replay_embeddings(pipe.ledger, pipe.model, stages, budget=0.5, stage_fns=pipe.stage_fns)
     k = min(emb.vectors)
     assert isinstance(emb.vectors[k], pr.ScratchTensors)
-    assert [p.name.startswith("hfsa-partial-replay-branches-") for p in tmp_path.iterdir()] == [False]
+    held = _open_scratch_files(tmp_path)
+    assert list(tmp_path.iterdir()) == [] and held, held
+    assert all("hfsa-partial-replay-v-" in t and t.endswith("(deleted)") for t in held), held  # no branch file left
+    assert len(held) == len(emb.vectors)
     plan = pr.plan_partial_replay(pipe.ledger, k, 0.5)
     in_memory = pr.partial_embedding(pipe.ledger, pipe.model, plan, pipe.stage_fns, set())
     assert sorted(in_memory) == sorted(emb.names(k))
@@ -303,7 +327,25 @@ def test_branches_and_embeddings_live_in_scratch_files_that_are_removed(digits, 
     pr._MEMO.clear()
     del emb
     gc.collect()
-    assert list(tmp_path.iterdir()) == []
+    assert _open_scratch_files(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_process_killed_during_partial_replay_leaves_no_scratch_file(tmp_path):
+    """A run killed by the kernel for memory (SIGKILL: no cleanup runs) used to leave its branch and ``v_k`` files
+    (model-sized each) in the scratch directory."""
+    code = (
+        "import os, signal, torch\n"
+        "from hf_stage_attribution.estimators.partial_replay import ScratchTensors\n"
+        "box = ScratchTensors()\n"
+        "box.write([('w', torch.ones(1000))])\n"
+        "assert float(box.get('w').sum()) == 1000.0\n"
+        "print(len(os.listdir(os.environ['HF_STAGE_ATTRIBUTION_SCRATCH_DIR'])), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, SCRATCH_DIR_ENV: str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert done.stdout.strip() == "0" and os.listdir(tmp_path) == []
 
 
 def test_a_scratch_disk_too_small_is_refused_before_any_replay(digits, monkeypatch):
