@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -74,7 +73,7 @@ from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from .base import register
 from .curvature.propagation import curvature_settings, propagate
-from .curvature.scratch import SCRATCH_DIR_ENV, scratch_dir, scratch_free_bytes
+from .curvature.scratch import SCRATCH_DIR_ENV, open_unlinked, read_into, scratch_dir, scratch_free_bytes, write_from
 from .embeddings.cache import StageEmbeddings, stage_embeddings
 from .embeddings.write import check_curvature_material
 from .finite_difference import FiniteDifferenceEstimator
@@ -266,19 +265,15 @@ class ScratchTensors:
     def __init__(self, directory: str | Path | None = None, prefix: str = "hfsa-partial-replay-") -> None:
         self._index: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
         self._end = 0
-        fd, path = tempfile.mkstemp(prefix=prefix, suffix=".bin", dir=str(directory or scratch_dir()))
-        os.unlink(path)
-        self._fd = fd
-        self._close = weakref.finalize(self, os.close, fd)
+        self._fd = open_unlinked(prefix, ".bin", directory)
+        self._close = weakref.finalize(self, os.close, self._fd)
 
     def write(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Append ``(name, tensor)`` pairs (each copied to the CPU and written, one at a time)."""
         for name, tensor in tensors:
             t = tensor.detach().to("cpu").contiguous()
             flat = t.reshape(-1).view(torch.uint8).numpy()
-            done = 0
-            while done < flat.size:  # a single write may take fewer bytes than asked (e.g. above 2 GiB on Linux)
-                done += os.pwrite(self._fd, memoryview(flat[done:]), self._end + done)
+            write_from(self._fd, flat, self._end)
             self._index[name] = (self._end, int(flat.size), t.dtype, tuple(t.shape))
             self._end += int(flat.size)
 
@@ -292,12 +287,7 @@ class ScratchTensors:
         """The tensor ``name``, read from disk into a fresh CPU tensor."""
         offset, nbytes, dtype, shape = self._index[name]
         raw = np.empty(nbytes, dtype=np.uint8)
-        done = 0
-        while done < nbytes:
-            got = os.preadv(self._fd, [memoryview(raw[done:])], offset + done)
-            if got <= 0:
-                raise OSError(f"partial replay's scratch file ended early reading {name!r} ({done} of {nbytes} bytes)")
-            done += got
+        read_into(self._fd, raw, offset)
         return torch.from_numpy(raw).view(dtype).reshape(shape)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -348,7 +338,7 @@ def _in_memory(ledger: LedgerCore) -> bool:
     return 4 * sum(math.prod(shape) for shape in ledger.parameter_shapes.values()) <= IN_MEMORY_BYTES
 
 
-class _ScratchDir:
+class _ScratchFiles:
     """A maker of :class:`ScratchTensors` in :func:`~.curvature.scratch.scratch_dir` (each file unlinked as soon as it
     is open, so nothing is left behind even by a killed process), all given back by :meth:`remove`; with
     ``in_memory`` its "files" are :class:`_InMemoryTensors`."""
@@ -419,7 +409,7 @@ class PartialReplayEmbeddings:
         vectors: Mapping[int, ScratchTensors | Mapping[str, torch.Tensor]],
         base: StageEmbeddings,
         shapes: Mapping,
-        scratch: _ScratchDir | None = None,
+        scratch: _ScratchFiles | None = None,
     ) -> None:
         self.vectors, self.base, self._shapes, self._scratch = dict(vectors), base, shapes, scratch
         self.approximations: list[str] = list(base.approximations)
@@ -580,7 +570,7 @@ def partial_embedding(
     notes: set[str],
     curvature: dict[str, Any] | None = None,
     carry_moments: bool = True,
-    scratch: _ScratchDir | None = None,
+    scratch: _ScratchFiles | None = None,
 ) -> ScratchTensors | dict[str, torch.Tensor]:
     """``v_k`` of ``plan`` (float32 per base parameter name): replay its legs, carry the difference to ``θ_K``.
 
@@ -595,7 +585,7 @@ def partial_embedding(
     :class:`ScratchTensors`; a dict when ``scratch`` is None). The peak is one training step of one branch plus one
     model copy. The branch files are removed before returning. A model of at most :data:`IN_MEMORY_BYTES` parameter
     bytes keeps these vectors in RAM instead (same numbers, no file round trips)."""
-    branches = _ScratchDir("hfsa-partial-replay-branches-", in_memory=_in_memory(ledger))
+    branches = _ScratchFiles("hfsa-partial-replay-branches-", in_memory=_in_memory(ledger))
     try:
         return _partial_embedding(ledger, model, plan, stage_fns, notes, curvature, carry_moments, branches, scratch)
     finally:
@@ -610,8 +600,8 @@ def _partial_embedding(
     notes: set[str],
     curvature: dict[str, Any] | None,
     carry_moments: bool,
-    branches: _ScratchDir,
-    scratch: _ScratchDir | None,
+    branches: _ScratchFiles,
+    scratch: _ScratchFiles | None,
 ) -> ScratchTensors | dict[str, torch.Tensor]:
     stages, k = ledger.stages, plan.stage
     cf = _started(model, ledger.state_at(k - 1))
@@ -809,7 +799,7 @@ def partial_replay_embeddings(
     vectors: dict[int, ScratchTensors | dict[str, torch.Tensor]] = {}
     seconds: dict[str, float] = {}
     _MEMO.clear()  # the previous embeddings' scratch files go before new ones are written
-    scratch = _ScratchDir("hfsa-partial-replay-", in_memory=_in_memory(ledger))
+    scratch = _ScratchFiles("hfsa-partial-replay-", in_memory=_in_memory(ledger))
     with collections_of_new_objects():  # freeing each branch's model copy scans only what the replays made
         for k, plan in plans.items():
             if not plan.legs:

@@ -108,6 +108,34 @@ def scratch_free_bytes() -> int:
     return shutil.disk_usage(scratch_dir()).free
 
 
+def open_unlinked(prefix: str, suffix: str = ".bin", directory: str | os.PathLike | None = None) -> int:
+    """A read-write descriptor of a new file in ``directory`` (default :func:`scratch_dir`), unlinked as soon as it is
+    open: its blocks go back to the file system when the descriptor is closed — also by a process killed for memory,
+    where no cleanup runs."""
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=str(directory or scratch_dir()))
+    os.unlink(path)
+    return fd
+
+
+def read_into(fd: int, out: np.ndarray, offset: int) -> None:
+    """Fill the C-contiguous array ``out`` from ``fd`` at byte ``offset`` (``pread``, repeated while a read returns
+    fewer bytes than asked); :class:`OSError` where the file ends first."""
+    view, done = memoryview(out).cast("B"), 0
+    while done < view.nbytes:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"short read from a scratch file ({done} of {view.nbytes} bytes)")
+        done += got
+
+
+def write_from(fd: int, data: np.ndarray, offset: int) -> None:
+    """Write the C-contiguous array ``data`` to ``fd`` at byte ``offset`` (``pwrite``, repeated while a write takes
+    fewer bytes than given, e.g. above 2 GiB on Linux)."""
+    view, done = memoryview(data).cast("B"), 0
+    while done < view.nbytes:
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
 def _scoped_buffers(method: Callable) -> Callable:
     """Let ``method`` (one streamed operation of :class:`VectorStore`) reuse its chunk buffers across its chunks and
     free them when it returns: one allocation per operation instead of one per chunk (with the heap's mmap threshold
@@ -140,8 +168,7 @@ class VectorStore:
             self._ram = torch.empty(self.capacity, self.n, dtype=torch.float64)
         elif self.where == "disk":
             # unlinked as soon as it is open: the rows vanish with the process, even one killed for memory
-            self._fd, path = tempfile.mkstemp(prefix="hfsa-krylov-", suffix=".f64", dir=scratch_dir())
-            os.unlink(path)
+            self._fd = open_unlinked("hfsa-krylov-", ".f64")
         else:
             raise ValueError(f"`where` must be 'ram' or 'disk', got {self.where!r}.")
 
@@ -175,7 +202,7 @@ class VectorStore:
         else:
             for lo, hi in self._ranges():
                 part = np.ascontiguousarray(flat[lo:hi].to(torch.float64).numpy())
-                os.pwrite(self._fd, part.data, (i * self.n + lo) * _ITEM)
+                write_from(self._fd, part, (i * self.n + lo) * _ITEM)
         self.count = max(self.count, i + 1)
 
     @_scoped_buffers
@@ -203,10 +230,7 @@ class VectorStore:
             self._buffer = np.empty(max(rows, 1) * max(width, self.chunk), dtype=np.float64)
         block = self._buffer[: rows * width].reshape(rows, width)
         for r in range(first, last):
-            view = memoryview(block[r - first])
-            got = os.preadv(self._fd, [view], (r * self.n + lo) * _ITEM)
-            if got != (hi - lo) * _ITEM:
-                raise OSError(f"short read from the Krylov scratch file ({got} of {(hi - lo) * _ITEM} bytes)")
+            read_into(self._fd, block[r - first], (r * self.n + lo) * _ITEM)
         return torch.from_numpy(block)
 
     # --- one row as a working vector (streamed: no model-sized vector in RAM) ---------------------------------------
@@ -222,9 +246,7 @@ class VectorStore:
             if self._work is None or self._work.shape[1] < hi - lo:
                 self._work = np.empty((2, max(hi - lo, self.chunk)), dtype=np.float64)
             out = self._work[slot, : hi - lo]
-        got = os.preadv(self._fd, [memoryview(out)], (i * self.n + lo) * _ITEM)
-        if got != (hi - lo) * _ITEM:
-            raise OSError(f"short read from the Krylov scratch file ({got} of {(hi - lo) * _ITEM} bytes)")
+        read_into(self._fd, out, (i * self.n + lo) * _ITEM)
         return torch.from_numpy(out)
 
     def write_range(self, i: int, lo: int, values: torch.Tensor) -> None:
@@ -237,7 +259,7 @@ class VectorStore:
             self._ram[i, lo : lo + flat.numel()].copy_(flat)
             return
         part = np.ascontiguousarray(flat.to(torch.float64).numpy())
-        os.pwrite(self._fd, part.data, (i * self.n + lo) * _ITEM)
+        write_from(self._fd, part, (i * self.n + lo) * _ITEM)
 
     @_scoped_buffers
     def row_dots(self, i: int) -> torch.Tensor:
@@ -388,8 +410,7 @@ class TensorFile(Mapping):
     def __init__(self, items: Mapping[str, torch.Tensor] | None = None) -> None:
         self._index: dict[str, tuple[int, tuple[int, ...]]] = {}
         self._end = 0
-        handle, path = tempfile.mkstemp(prefix="hfsa-carried-", suffix=".f64", dir=scratch_dir())
-        os.unlink(path)
+        handle = open_unlinked("hfsa-carried-", ".f64")
         self._fd: int | None = handle
         for name, value in (items or {}).items():
             self[name] = value
@@ -397,20 +418,14 @@ class TensorFile(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         offset, shape = self._index[name]
         out = np.empty(int(np.prod(shape)) if shape else 1, dtype=np.float64)
-        if out.size:
-            got = os.preadv(self._fd, [memoryview(out)], offset)
-            if got != out.nbytes:
-                raise OSError(f"short read from a scratch file ({got} of {out.nbytes} bytes)")
+        read_into(self._fd, out, offset)
         return torch.from_numpy(out).reshape(shape)
 
     def read_flat(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Flat coordinates ``lo..hi`` of ``name`` (float64, a new tensor): a part of it without reading it all."""
         offset, _ = self._index[name]
         out = np.empty(max(0, hi - lo), dtype=np.float64)
-        if out.size:
-            got = os.preadv(self._fd, [memoryview(out)], offset + lo * _ITEM)
-            if got != out.nbytes:
-                raise OSError(f"short read from a scratch file ({got} of {out.nbytes} bytes)")
+        read_into(self._fd, out, offset + lo * _ITEM)
         return torch.from_numpy(out)
 
     def shape_of(self, name: str) -> tuple[int, ...]:
@@ -432,8 +447,7 @@ class TensorFile(Mapping):
         flat = np.ascontiguousarray(values.detach().to("cpu", torch.float64).reshape(-1).numpy())
         if lo + flat.size > (int(np.prod(shape)) if shape else 1):
             raise ValueError(f"{name!r}: coordinates {lo}..{lo + flat.size} past its size")
-        if flat.size:
-            os.pwrite(self._fd, flat.data, offset + lo * _ITEM)
+        write_from(self._fd, flat, offset + lo * _ITEM)
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         flat = np.ascontiguousarray(value.detach().to("cpu", torch.float64).reshape(-1).numpy())
@@ -445,8 +459,7 @@ class TensorFile(Mapping):
         else:
             offset, self._end = self._end, self._end + flat.nbytes
         self._index[name] = (offset, shape)
-        if flat.size:
-            os.pwrite(self._fd, flat.data, offset)
+        write_from(self._fd, flat, offset)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
