@@ -143,7 +143,8 @@ def test_products_match_dense_matrices(mode):
 
     # the streamed path of large models (no cached graphs; pieces of v read on demand, sums written back in pieces;
     # Hessian: v read again in the second backward pass) is the same product
-    streamed = CurvatureOperator(model, state, batches, CE_PAIR, mode=mode, cache_graphs=False)
+    streamed = CurvatureOperator(model, state, batches, CE_PAIR, mode=mode, cache_graphs=False, chunk_rows=6)
+    assert len(streamed.batches) == 2  # kept apart: the running sums go through write/read
     sums: dict = {}
     asked: list = []
 
@@ -158,6 +159,8 @@ def test_products_match_dense_matrices(mode):
     parts = torch.cat([sums[i] for i in range(len(names))])
     assert torch.allclose(parts, dense @ _flat(v, names), atol=1e-12, rtol=1e-10)
     assert streamed.products == 1 and set(asked) == set(range(len(names)))
+    if mode == "hvp":  # v written once to a scratch file, then read back by both backward passes of each batch
+        assert sorted(asked) == list(range(len(names)))
 
 
 @pytest.mark.parametrize("loss_type", ["causal-lm", "sequence-classification", "regression"])

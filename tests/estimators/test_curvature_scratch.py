@@ -131,9 +131,11 @@ def test_preflight_counts_the_basis_on_disk_and_refuses_when_the_scratch_disk_is
     monkeypatch.setenv(scratch.SCRATCH_ENV, "disk")
     big = 10**7  # on disk only one chunk of the basis counts in RAM
     assert propagation.curvature_peak_bytes(big, 12) < propagation.curvature_peak_bytes(big, 12, where="ram")
-    assert propagation.curvature_scratch_bytes(n, 12) == 8 * n * (15 + 3)  # basis, and x, buf, P (forced to disk)
+    # basis, x, buf, P and the model's own values (forced to disk), and a Hessian product's staged float32 tangent
+    assert propagation.curvature_scratch_bytes(n, 12) == 8 * n * (15 + 3 + 1) + 4 * n
     assert propagation.curvature_memory_problem(ledger, 0, 12) is None
-    monkeypatch.setattr(propagation, "scratch_free_bytes", lambda: 8 * n * 15)  # room for 9 of 12 (+3, +3) vectors
+    # room for 9 of the 12 basis vectors (+3 rows, +4 carried and saved vectors, + the tangent)
+    monkeypatch.setattr(propagation, "scratch_free_bytes", lambda: 8 * n * (9 + 3 + 4) + 4 * n)
     problem = propagation.curvature_memory_problem(ledger, 0, 12)
     assert problem is not None and "\n" not in problem and "scratch disk" in problem
     assert "krylov_size': 9" in problem and "--curvature-preset cheap" in problem

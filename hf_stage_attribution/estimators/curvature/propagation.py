@@ -150,10 +150,12 @@ def curvature_peak_bytes(n: int, krylov_size: int, *, where: str | None = None) 
 
 def curvature_scratch_bytes(n: int, krylov_size: int, *, where: str | None = None) -> int:
     """Scratch disk the curvature propagation writes over ``n`` coordinates: the float64 Krylov basis when it is on
-    disk (``0`` when it is kept in RAM) and the carried vectors when they are."""
+    disk (``0`` when it is kept in RAM); when the carried vectors are on disk, those and the model's own values while
+    a checkpoint is substituted in place (float64); and a Hessian product's tangent, staged once per product in the
+    parameters' dtype (counted at 4 bytes per coordinate)."""
     rows = _basis_rows(krylov_size)
     basis = 8 * n * rows if (where or scratch_mode(n, rows)) == "disk" else 0
-    return basis + (8 * n * CARRIED_VECTORS if carried_mode(n) == "disk" else 0)
+    return basis + (8 * n * (CARRIED_VECTORS + 1) if carried_mode(n) == "disk" else 0) + 4 * n
 
 
 #: Bytes per parameter that the curvature operator's cached forward graphs (``cache_graphs``) held on top of the rest

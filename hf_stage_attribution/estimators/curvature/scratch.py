@@ -392,41 +392,54 @@ class VectorStore:
         return out
 
 
-class TensorFile(Mapping):
-    """``{name: float64 tensor}`` kept in a scratch file (``pread``/``pwrite``, no memory map) instead of RAM: the
-    carried perturbation, first-moment difference and preconditioner of the curvature propagation on large models.
+def _bytes_of(t: torch.Tensor) -> np.ndarray:
+    """The bytes of the contiguous tensor ``t`` as a uint8 array sharing its memory (any dtype, bfloat16 included)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
 
-    Reading a name returns a new float64 tensor (the caller's to keep or drop); assigning a name writes it (a name's
-    size is fixed by its first assignment). The file is unlinked as soon as it is open, so it disappears with the
-    object (:meth:`close`, or garbage collection) whatever happens.
+
+class TensorFile(Mapping):
+    """``{name: tensor}`` of one dtype (default float64) kept in a scratch file (``pread``/``pwrite``, no memory map)
+    instead of RAM: the carried perturbation, first-moment difference and preconditioner of the curvature propagation
+    on large models, the model's own values while a checkpoint is substituted, a Hessian product's tangent.
+
+    Reading a name returns a new tensor of the file's dtype (the caller's to keep or drop); assigning a name writes it,
+    cast to that dtype (a name's size is fixed by its first assignment). The file is unlinked as soon as it is open,
+    so it disappears with the object (:meth:`close`, or garbage collection) whatever happens.
 
     Example:
         >>> t = TensorFile()
         >>> t["w"] = torch.ones(2, 3)
         >>> t["w"].dtype, t["w"].shape, list(t)
         (torch.float64, torch.Size([2, 3]), ['w'])
+        >>> TensorFile({"b": torch.arange(3.0)}, dtype=torch.bfloat16).read_flat("b", 1, 3)
+        tensor([1., 2.], dtype=torch.bfloat16)
     """
 
-    def __init__(self, items: Mapping[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self, items: Mapping[str, torch.Tensor] | None = None, *, dtype: torch.dtype = torch.float64,
+        prefix: str = "hfsa-carried-",
+    ) -> None:  # fmt: skip
         self._index: dict[str, tuple[int, tuple[int, ...]]] = {}
         self._end = 0
-        handle = open_unlinked("hfsa-carried-", ".f64")
+        self.dtype = dtype
+        self._item = torch.empty(0, dtype=dtype).element_size()
+        handle = open_unlinked(prefix, ".bin")
         self._fd: int | None = handle
         for name, value in (items or {}).items():
             self[name] = value
 
     def __getitem__(self, name: str) -> torch.Tensor:
         offset, shape = self._index[name]
-        out = np.empty(int(np.prod(shape)) if shape else 1, dtype=np.float64)
-        read_into(self._fd, out, offset)
-        return torch.from_numpy(out).reshape(shape)
+        out = torch.empty(int(np.prod(shape)) if shape else 1, dtype=self.dtype)
+        read_into(self._fd, _bytes_of(out), offset)
+        return out.reshape(shape)
 
     def read_flat(self, name: str, lo: int, hi: int) -> torch.Tensor:
-        """Flat coordinates ``lo..hi`` of ``name`` (float64, a new tensor): a part of it without reading it all."""
+        """Flat coordinates ``lo..hi`` of ``name`` (a new tensor): a part of it without reading it all."""
         offset, _ = self._index[name]
-        out = np.empty(max(0, hi - lo), dtype=np.float64)
-        read_into(self._fd, out, offset + lo * _ITEM)
-        return torch.from_numpy(out)
+        out = torch.empty(max(0, hi - lo), dtype=self.dtype)
+        read_into(self._fd, _bytes_of(out), offset + lo * self._item)
+        return out
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         """The shape of ``name`` (without reading it)."""
@@ -436,7 +449,7 @@ class TensorFile(Mapping):
         """Make room for ``name`` (zeros) if it is absent, to be filled with :meth:`write_flat`."""
         if name in self._index:
             return
-        nbytes = (int(np.prod(shape)) if shape else 1) * _ITEM
+        nbytes = (int(np.prod(shape)) if shape else 1) * self._item
         self._index[name] = (self._end, tuple(shape))
         self._end += nbytes
         os.ftruncate(self._fd, max(os.fstat(self._fd).st_size, self._end))
@@ -444,22 +457,22 @@ class TensorFile(Mapping):
     def write_flat(self, name: str, lo: int, values: torch.Tensor) -> None:
         r"""Write flat coordinates ``lo..lo+len`` of ``name`` (present, or :meth:`reserve`\ d)."""
         offset, shape = self._index[name]
-        flat = np.ascontiguousarray(values.detach().to("cpu", torch.float64).reshape(-1).numpy())
-        if lo + flat.size > (int(np.prod(shape)) if shape else 1):
-            raise ValueError(f"{name!r}: coordinates {lo}..{lo + flat.size} past its size")
-        write_from(self._fd, flat, offset + lo * _ITEM)
+        flat = values.detach().to("cpu", self.dtype).reshape(-1).contiguous()
+        if lo + flat.numel() > (int(np.prod(shape)) if shape else 1):
+            raise ValueError(f"{name!r}: coordinates {lo}..{lo + flat.numel()} past its size")
+        write_from(self._fd, _bytes_of(flat), offset + lo * self._item)
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
-        flat = np.ascontiguousarray(value.detach().to("cpu", torch.float64).reshape(-1).numpy())
+        flat = value.detach().to("cpu", self.dtype).reshape(-1).contiguous()
         shape = tuple(value.shape)
         if name in self._index:
             offset, old = self._index[name]
-            if int(np.prod(old)) != flat.size:
-                raise ValueError(f"{name!r}: {flat.size} values, the file holds {int(np.prod(old))}")
+            if int(np.prod(old)) != flat.numel():
+                raise ValueError(f"{name!r}: {flat.numel()} values, the file holds {int(np.prod(old))}")
         else:
-            offset, self._end = self._end, self._end + flat.nbytes
+            offset, self._end = self._end, self._end + flat.numel() * self._item
         self._index[name] = (offset, shape)
-        write_from(self._fd, flat, offset)
+        write_from(self._fd, _bytes_of(flat), offset)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
