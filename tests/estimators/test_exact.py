@@ -111,7 +111,7 @@ def test_momentum_tail_continued_sgd_state(tmp_path):
     sgd = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.3)  # noqa: E731
     adamw = lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.5)  # noqa: E731
     ledger = StageLedger(tmp_path / "ledger")
-    rec = lambda n: (lambda m, o: ledger.record_stage(n, model=m, optimizer=o))  # noqa: E731
+    rec = lambda n: lambda m, o: ledger.record_stage(n, model=m, optimizer=o)  # noqa: E731
     opt = run_stage(model, ce, sgd, SCHEDULES["constant"], STEPS, rec("s1"))
     run_stage(model, lin2, sgd, SCHEDULES["cosine"], STEPS, rec("s2"), opt=opt)
     run_stage(model, lin3, adamw, SCHEDULES["constant"], STEPS, rec("s3"))
@@ -268,7 +268,7 @@ def test_untracked_edit_between_continued_stages_is_transparent(tmp_path):
     lin = linear_loss(model, 3)
     sgd = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.3)  # noqa: E731
     ledger = StageLedger(tmp_path / "ledger")
-    record = lambda name: (lambda m, o: ledger.record_stage(name, model=m, optimizer=o))  # noqa: E731
+    record = lambda name: lambda m, o: ledger.record_stage(name, model=m, optimizer=o)  # noqa: E731
     opt = run_stage(model, ce, sgd, SCHEDULES["constant"], STEPS, record("s1"))
     with torch.no_grad():
         model.weight[0].add_(0.05)
