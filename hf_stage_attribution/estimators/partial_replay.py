@@ -63,7 +63,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .._internal.memory import collections_of_new_objects, human_bytes, release_freed_memory
@@ -73,7 +72,15 @@ from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from .base import register
 from .curvature.propagation import curvature_settings, propagate
-from .curvature.scratch import SCRATCH_DIR_ENV, open_unlinked, read_into, scratch_dir, scratch_free_bytes, write_from
+from .curvature.scratch import (
+    SCRATCH_DIR_ENV,
+    open_unlinked,
+    read_into,
+    scratch_dir,
+    scratch_free_bytes,
+    tensor_bytes,
+    write_from,
+)
 from .embeddings.cache import StageEmbeddings, stage_embeddings
 from .embeddings.write import check_curvature_material
 from .finite_difference import FiniteDifferenceEstimator
@@ -272,10 +279,10 @@ class ScratchTensors:
         """Append ``(name, tensor)`` pairs (each copied to the CPU and written, one at a time)."""
         for name, tensor in tensors:
             t = tensor.detach().to("cpu").contiguous()
-            flat = t.reshape(-1).view(torch.uint8).numpy()
-            write_from(self._fd, flat, self._end)
-            self._index[name] = (self._end, int(flat.size), t.dtype, tuple(t.shape))
-            self._end += int(flat.size)
+            raw = tensor_bytes(t)
+            write_from(self._fd, raw, self._end)
+            self._index[name] = (self._end, int(raw.size), t.dtype, tuple(t.shape))
+            self._end += int(raw.size)
 
     def names(self) -> list[str]:
         return list(self._index)
@@ -285,10 +292,10 @@ class ScratchTensors:
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``, read from disk into a fresh CPU tensor."""
-        offset, nbytes, dtype, shape = self._index[name]
-        raw = np.empty(nbytes, dtype=np.uint8)
-        read_into(self._fd, raw, offset)
-        return torch.from_numpy(raw).view(dtype).reshape(shape)
+        offset, _, dtype, shape = self._index[name]
+        out = torch.empty(shape, dtype=dtype)
+        read_into(self._fd, tensor_bytes(out), offset)
+        return out
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._index:

@@ -436,8 +436,9 @@ class CurvatureOperator:
         keys, primals = self._primals(names)
         sizes = [math.prod(shapes[n]) for n in names]
 
-        def tangent(i: int) -> torch.Tensor:  # v's tensor i in the parameter's dtype, filled piece by piece
-            out = torch.empty(sizes[i], dtype=primals[keys[i]].dtype, device=self.device)
+        def tangent(i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+            """v's tensor i in ``dtype`` (default: the parameter's), filled piece by piece."""
+            out = torch.empty(sizes[i], dtype=dtype or primals[keys[i]].dtype, device=self.device)
             for lo, hi in pieces(sizes[i], CHUNK):
                 out[lo:hi] = source(i, lo, hi).to(self.device, self.dtype)
             return out.view(shapes[names[i]])
@@ -479,8 +480,8 @@ class CurvatureOperator:
             # Hessian without cached graphs: each tensor of a batch's product is added into its running sum as soon as
             # the backward pass hands it over, so that no whole product is held, and each tensor of v is read when
             # the batch's backward passes need it (twice per batch: same values as _hvp each time)
-            if len(self.batches) > 1 and len({primals[k].dtype for k in keys}) == 1:
-                tangent = self._staged(keys, sizes, [shapes[n] for n in names], source)
+            if len(self.batches) > 1:
+                tangent = self._staged(keys, primals, tangent)
             for b, (batch, w) in enumerate(zip(self.batches, self.weights)):
                 last = b == len(self.batches) - 1
                 done = self._eval(self._hvp_into, primals, tangent, batch,
@@ -502,23 +503,18 @@ class CurvatureOperator:
         del tangents
         self.products += 1
 
-    def _staged(self, keys: list[str], sizes: list[int], shapes: list[tuple[int, ...]],
-                source: Callable[[int, int, int], torch.Tensor]) -> Callable[[int, int], torch.Tensor]:  # fmt: skip
-        """``v`` from ``source`` written once, in the parameters' dtype, to a scratch file (:class:`TensorFile`), and a
-        ``tangent(i)`` that reads tensor ``i`` back: the Hessian products without cached graphs read each tensor of
-        ``v`` twice per batch, and ``source`` (a float64 row of the Krylov basis times the preconditioner's square
-        root, on disk for large models) would otherwise be evaluated that often — 16 times per product for 8 captured
-        rows, most of the products' time on the 3.7M CI model. Same values as reading ``source`` each time."""
-        staged = TensorFile(dtype=self.fixed[keys[0]].dtype, prefix="hfsa-tangent-")
+    def _staged(self, keys: list[str], primals: dict[str, torch.Tensor],
+                build: Callable[[int, torch.dtype], torch.Tensor]) -> Callable[[int], torch.Tensor]:  # fmt: skip
+        """``v`` built once by ``build(i, dtype)`` (tensor by tensor, in the operator's dtype) into a scratch file
+        (:class:`TensorFile`), and a ``tangent(i)`` that reads tensor ``i`` back, cast to its parameter's dtype: the
+        Hessian products without cached graphs read each tensor of ``v`` twice per batch, and building it (a float64
+        row of the Krylov basis times the preconditioner's square root, on disk for large models) would otherwise run
+        that often — 16 times per product for 8 captured rows, most of the products' time on the 3.7M CI model. Same
+        values as building it each time (the same two casts)."""
+        staged = TensorFile(dtype=self.dtype, prefix="hfsa-tangent-")
         for i, k in enumerate(keys):
-            staged.reserve(k, shapes[i])
-            for lo, hi in pieces(sizes[i], CHUNK):
-                staged.write_flat(k, lo, source(i, lo, hi).to(self.dtype))
-
-        def tangent(i: int) -> torch.Tensor:
-            return staged[keys[i]].to(self.device)
-
-        return tangent
+            staged[k] = build(i, self.dtype)
+        return lambda i: staged[keys[i]].to(self.device, primals[keys[i]].dtype)
 
     def _closures(self, primals: dict[str, torch.Tensor]) -> list[Callable]:
         """Per batch, ``tangents ↦ C̄_batch · tangents``. With ``cache_graphs`` the forward graph of each batch is

@@ -392,8 +392,9 @@ class VectorStore:
         return out
 
 
-def _bytes_of(t: torch.Tensor) -> np.ndarray:
-    """The bytes of the contiguous tensor ``t`` as a uint8 array sharing its memory (any dtype, bfloat16 included)."""
+def tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of the contiguous CPU tensor ``t`` as a uint8 array sharing its memory (any dtype, bfloat16
+    included): what :func:`read_into` fills and :func:`write_from` writes."""
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
@@ -431,14 +432,14 @@ class TensorFile(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         offset, shape = self._index[name]
         out = torch.empty(int(np.prod(shape)) if shape else 1, dtype=self.dtype)
-        read_into(self._fd, _bytes_of(out), offset)
+        read_into(self._fd, tensor_bytes(out), offset)
         return out.reshape(shape)
 
     def read_flat(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Flat coordinates ``lo..hi`` of ``name`` (a new tensor): a part of it without reading it all."""
         offset, _ = self._index[name]
         out = torch.empty(max(0, hi - lo), dtype=self.dtype)
-        read_into(self._fd, _bytes_of(out), offset + lo * self._item)
+        read_into(self._fd, tensor_bytes(out), offset + lo * self._item)
         return out
 
     def shape_of(self, name: str) -> tuple[int, ...]:
@@ -460,7 +461,7 @@ class TensorFile(Mapping):
         flat = values.detach().to("cpu", self.dtype).reshape(-1).contiguous()
         if lo + flat.numel() > (int(np.prod(shape)) if shape else 1):
             raise ValueError(f"{name!r}: coordinates {lo}..{lo + flat.numel()} past its size")
-        write_from(self._fd, _bytes_of(flat), offset + lo * self._item)
+        write_from(self._fd, tensor_bytes(flat), offset + lo * self._item)
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         flat = value.detach().to("cpu", self.dtype).reshape(-1).contiguous()
@@ -472,7 +473,7 @@ class TensorFile(Mapping):
         else:
             offset, self._end = self._end, self._end + flat.numel() * self._item
         self._index[name] = (offset, shape)
-        write_from(self._fd, _bytes_of(flat), offset)
+        write_from(self._fd, tensor_bytes(flat), offset)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
