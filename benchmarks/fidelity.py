@@ -253,7 +253,9 @@ def summarise(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def trust_calibration(runs: list[Mapping[str, Any]], second_opinion: str | None = "delta-fd") -> dict[str, Any]:
+def trust_calibration(
+    runs: list[Mapping[str, Any]], second_opinion: str | None = "delta-fd", with_sibling: bool = True
+) -> dict[str, Any]:
     """How the report's trust verdicts (``report/trust.py``) fare against replay, per pipeline.
 
     For each seed, behavior and estimator ``E`` that has a linear/finite-difference sibling, the verdict the
@@ -264,6 +266,7 @@ def trust_calibration(runs: list[Mapping[str, Any]], second_opinion: str | None 
     (``verified``: the verdict ``validate`` would print). Calibration = how much more often "agree" is right than
     "unreliable". Returns ``{pipeline: {"default", "estimators": {E: {verdict: {"n", "right", "verified"}}},
     "reasons": {reason: n}}}`` (reasons of the default's "unreliable" verdicts, counted by kind).
+    ``with_sibling=False`` leaves the sibling out (``second_opinion`` alone, no linearisation gap).
     """
     from hf_stage_attribution.report import AttributionReport
     from hf_stage_attribution.report.build import LINEARISATION_PAIRS
@@ -278,10 +281,10 @@ def trust_calibration(runs: list[Mapping[str, Any]], second_opinion: str | None 
         for run in group:
             values = run["_values"]
             for name in [default, *(n for n in ESTIMATORS if n != default)]:
-                if name not in values or sibling.get(name) not in values:
+                if name not in values or (with_sibling and sibling.get(name) not in values):
                     continue
                 per = _by_behavior(values[name])
-                others = {sibling[name], second_opinion} - {name, None}
+                others = {sibling.get(name) if with_sibling else None, second_opinion} - {name, None}
                 alternates = {n: _by_behavior(values[n]) for n in others if n in values}
                 report = AttributionReport.build(per, estimator=name, stages=run["stages"], alternates=alternates,
                                                  versions={}, n_resamples=400)  # fmt: skip

@@ -4,7 +4,9 @@ For every pipeline whose later stages can be replayed (stage functions or record
 (the ground truth, timed), ``delta-fd`` (the baseline to beat), and ``partial-replay`` / ``partial-replay-linear``
 at budgets 0, 5, 10, 25, 50, 100 % of replay's optimizer steps (``budget_unit="steps"``), at 10, 25, 50 % with the
 opt-in Gauss–Newton carry (``carry="aa-ggn"``, pipelines that give ``loss_fns``) and, outside ``--quick``,
-of the later stages' learning-rate mass (``"lr-mass"``). Before the timings, one untimed partial replay at 25 %
+of the later stages' learning-rate mass (``"lr-mass"``), and at 10 and 25 % with the factual branch read from an
+early checkpoint (every pipeline is recorded with ``early_checkpoint=0.25``, which the other rows ignore). Before
+the timings, one untimed partial replay at 25 %
 warms up the replay machinery (the Trainer/TRL imports would otherwise be charged to replay). Each budget's
 embeddings are computed cold (timed), then
 read out by finite difference and linearly (timed); *time ÷ replay* = (embeddings + read-out) / replay, per seed.
@@ -38,6 +40,12 @@ from .common import by_pipeline, quiet, repeated
 from .fidelity import Joint, _pairs, pool_seeds
 
 BUDGETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: every pipeline is recorded with an early checkpoint at this fraction of each stage (``record_stage``'s opt-in
+#: ``early_checkpoint``); the budget rows ignore it (``use_early_checkpoints=False``: the default recording has
+#: none), the ``EARLY`` rows read the factual branch from it
+EARLY_CHECKPOINT = 0.25
+EARLY_BUDGETS = (0.1, 0.25)
+EARLY = "partial-replay, early checkpoint"
 GGN_BUDGETS = (0.1, 0.25, 0.5)  # the opt-in Gauss–Newton carry, where the pipeline gives loss_fns
 READOUTS = ("partial-replay", "partial-replay-linear")
 BASELINE = "delta-fd"
@@ -111,6 +119,7 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
     opts: dict[str, Any] = {"check_model": False, "prepare_behavior": False}
     if fns:
         opts["stage_fns"] = fns
+    early = any(getattr(s, "early_checkpoint", None) for s in ledger.stages)
     default, reason = estimators.choose_estimator(ledger, pipe.loss_fns, fns)
     stages = [s.name for s in ledger.stages]
     run: dict[str, Any] = {"pipeline": pipe.name, "seed": pipe.seed, "stages": stages, "terminal": stages[-1],
@@ -118,7 +127,8 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
     estimators.get(BASELINE).estimate(ledger, model, joint, **opts)  # warm-up of lazy imports, not timed
     chosen = list(ledger.stages)
     # warm-up of the replay machinery (Trainer/TRL imports, kernels): one short partial replay, not timed
-    pr.partial_replay_embeddings(ledger, model, chosen, budget=0.25, stage_fns=fns, reuse=False)
+    pr.partial_replay_embeddings(ledger, model, chosen, budget=0.25, stage_fns=fns, reuse=False,
+                                 use_early_checkpoints=False)  # fmt: skip
     values: dict[str, Any] = {}
     least = min(TIMING_SECONDS, settings.timing_min_seconds)
     result, run["replay_seconds"] = repeated(lambda: estimators.get("replay").estimate(ledger, model, joint, **opts),
@@ -128,19 +138,28 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
     values[BASELINE], run["times"][BASELINE] = _pairs(joint, result.per_example), seconds
     for unit in units(settings):
         for budget in budgets:
-            embed = partial(_cold_embeddings, ledger, model, chosen, budget=budget, budget_unit=unit, stage_fns=fns)
+            embed = partial(_cold_embeddings, ledger, model, chosen, budget=budget, budget_unit=unit, stage_fns=fns,
+                            use_early_checkpoints=False)  # fmt: skip
             emb, prepare = repeated(embed, least)  # cold each time: the aa-linear part is timed too
             run["plans"][f"{100 * budget:g} % ({unit})"] = emb.diagnostics["partial_replay"]
             for name in READOUTS:
                 readout_fn = partial(estimators.get(name).estimate, ledger, model, joint, budget=budget,
-                                     budget_unit=unit, **opts)  # fmt: skip
+                                     budget_unit=unit, use_early_checkpoints=False, **opts)  # fmt: skip
                 result, readout = repeated(readout_fn, least)  # reads the memoised embeddings
                 values[label(name, budget, unit)] = _pairs(joint, result.per_example)
                 run["times"][label(name, budget, unit)] = prepare + readout
+    for budget in EARLY_BUDGETS if early else ():  # the factual branch read from the recorded early checkpoint
+        embed = partial(_cold_embeddings, ledger, model, chosen, budget=budget, stage_fns=fns)
+        emb, prepare = repeated(embed, least)
+        run["plans"][f"{100 * budget:g} % (steps), early checkpoint"] = emb.diagnostics["partial_replay"]
+        readout_fn = partial(estimators.get("partial-replay").estimate, ledger, model, joint, budget=budget, **opts)
+        result, readout = repeated(readout_fn, least)
+        values[label(EARLY, budget, "steps")] = _pairs(joint, result.per_example)
+        run["times"][label(EARLY, budget, "steps")] = prepare + readout
     for budget in GGN_BUDGETS if pipe.loss_fns else ():
         ggn = {"carry": "aa-ggn", "loss_fns": pipe.loss_fns, "curvature_options": dict(pipe.curvature_options)}
         fd = partial(_cold, ledger, estimators.get("partial-replay").estimate, ledger, model, joint, budget=budget,
-                     **ggn, **opts)  # fmt: skip
+                     use_early_checkpoints=False, **ggn, **opts)  # fmt: skip
         result, seconds = repeated(fd, least)
         values[label("partial-replay, ggn carry", budget, "steps")] = _pairs(joint, result.per_example)
         run["times"][label("partial-replay, ggn carry", budget, "steps")] = seconds
@@ -182,8 +201,38 @@ def summarise(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
             "replay_seconds": statistics.median(run["replay_seconds"] for run in group),
             "plans": first["plans"],
             "table": table,
+            "trust": trust_at_default(group),
         }
     return out
+
+
+#: the verdict of the default with task-vector negation as its only second opinion (what the attributor printed for
+#: partial replay before its linear read-out joined the evidence), shown beside today's for comparison
+DELTA_ONLY = "partial-replay, delta-fd only"
+
+
+def trust_at_default(group: list[Mapping[str, Any]], budget: float = 0.25) -> dict[str, Any] | None:
+    """The trust verdicts the attributor prints for ``partial-replay`` at ``budget`` without replay (its linear
+    read-out and task-vector negation as second opinions, the linearisation gap, the intervals) and how often they
+    were right against replay; beside them the verdicts with task-vector negation alone (:data:`DELTA_ONLY`).
+    ``benchmarks.fidelity.trust_calibration``'s figures, one pipeline; None when a value is missing."""
+    from .fidelity import trust_calibration
+
+    fd, linear = label("partial-replay", budget, "steps"), label("partial-replay-linear", budget, "steps")
+    renamed = []
+    for run in group:
+        values = run["_values"]
+        if any(name not in values for name in (fd, linear, BASELINE, "replay")):
+            return None
+        renamed.append({**run, "default": {"name": "partial-replay"}, "_values": {
+            "partial-replay": values[fd], "partial-replay-linear": values[linear], BASELINE: values[BASELINE],
+            "replay": values["replay"]}})  # fmt: skip
+    pipeline = group[0]["pipeline"]
+    now = trust_calibration(renamed)[pipeline]
+    before = trust_calibration(renamed, with_sibling=False)[pipeline]
+    cells = {"partial-replay": now["estimators"].get("partial-replay", {})}
+    cells[DELTA_ONLY] = before["estimators"].get("partial-replay", {})
+    return {"default": "partial-replay", "budget": budget, "estimators": cells, "reasons": now["reasons"]}
 
 
 def run(settings: Any, names: list[str], work: Any, seeds_for: Callable, log: Callable[[str], None] = print) -> dict:
@@ -194,7 +243,7 @@ def run(settings: Any, names: list[str], work: Any, seeds_for: Callable, log: Ca
         for seed in seeds_for(settings, name):
             t0 = time.perf_counter()
             with quiet():
-                pipe = pipelines.build(name, seed, settings, work / f"partial-{name}-{seed}")
+                pipe = pipelines.build(name, seed, settings, work / f"partial-{name}-{seed}", EARLY_CHECKPOINT)
                 if not pipe.stage_fns and not all(s.replay_dir for s in pipe.ledger.stages[1:]):
                     skipped[name] = "no stage functions and no replay data"
                     break
@@ -233,19 +282,23 @@ def target_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         if default != "partial-replay":
             add("issue 13: default is partial replay", pipeline, None, ">=", 1.0, summary["default"]["reason"])
             continue
-        key = label("partial-replay", 0.25, "steps")
-        row = summary["table"].get(key) or {}
-        for part in ("all", "non_terminal"):
-            for metric, name in GOALS:
-                how = f"{key} against replay, {part.replace('_', '-')} pairs, seeds pooled"
-                add(f"issue 13: {name}", f"{pipeline} ({part.replace('_', '-')})", row.get(part, {}).get(metric),
-                    ">=", 0.9, how)  # fmt: skip
-        add("issue 13: ≤ 25 % of replay's time", pipeline, row.get("time_over_replay"), "<=", 0.25,
-            f"{key}: (embeddings + read-out) / replay, median over seeds")  # fmt: skip
-        worst, where = not_worse_than({key: row, BASELINE: summary["table"].get(BASELINE, {})}, key, BASELINE)
-        add("issue 13: never worse than delta-fd", pipeline, worst, ">=", 0.0,
-            f"min over Spearman, sign and top-stage agreement, all and non-terminal pairs, of {key} − "
-            f"{BASELINE}; worst: {where}")  # fmt: skip
+        # the default recording, then (where measured) a recording with the opt-in early checkpoint
+        for key, scope in ((label("partial-replay", 0.25, "steps"), pipeline),
+                           (label(EARLY, 0.25, "steps"), f"{pipeline}, early checkpoint")):  # fmt: skip
+            if key not in summary["table"] and scope != pipeline:
+                continue
+            row = summary["table"].get(key) or {}
+            for part in ("all", "non_terminal"):
+                for metric, name in GOALS:
+                    how = f"{key} against replay, {part.replace('_', '-')} pairs, seeds pooled"
+                    add(f"issue 13: {name}", f"{scope} ({part.replace('_', '-')})", row.get(part, {}).get(metric),
+                        ">=", 0.9, how)  # fmt: skip
+            add("issue 13: ≤ 25 % of replay's time", scope, row.get("time_over_replay"), "<=", 0.25,
+                f"{key}: (embeddings + read-out) / replay, median over seeds")  # fmt: skip
+            worst, where = not_worse_than({key: row, BASELINE: summary["table"].get(BASELINE, {})}, key, BASELINE)
+            add("issue 13: never worse than delta-fd", scope, worst, ">=", 0.0,
+                f"min over Spearman, sign and top-stage agreement, all and non-terminal pairs, of {key} − "
+                f"{BASELINE}; worst: {where}")  # fmt: skip
     return rows
 
 
@@ -280,6 +333,12 @@ def render(block: Mapping[str, Any]) -> list[str]:
             )
         plans = "; ".join(f"{b}: {p['plans']}" for b, p in summary["plans"].items() if p["steps_run"])
         out += ["", f"Plans (first seed): {plans}", ""]
+        if summary.get("trust"):
+            from .render import _trust  # render imports this module
+
+            out += [f"Trust verdicts of the default at {100 * summary['trust']['budget']:g} % (steps); "
+                    f"*{DELTA_ONLY}*: the same estimates checked against task-vector negation alone.", ""]  # fmt: skip
+            out += _trust(summary["trust"])
     for pipeline, why in block.get("skipped", {}).items():
         out += [f"{pipeline}: not measured ({why}).", ""]
     return out

@@ -50,17 +50,20 @@ class BenchPipeline:
     notes: list[str] = field(default_factory=list)
 
 
-def build(name: str, seed: int, settings: Settings, root: Path) -> BenchPipeline:
-    """Train and record pipeline ``name`` with ``seed`` under ``root`` (a fresh directory)."""
+def build(
+    name: str, seed: int, settings: Settings, root: Path, early_checkpoint: float | None = None
+) -> BenchPipeline:
+    """Train and record pipeline ``name`` with ``seed`` under ``root`` (a fresh directory); every stage with an
+    early checkpoint at that fraction of its steps when ``early_checkpoint`` is given (``record_stage``'s option)."""
     start = time.perf_counter()
     if name in SHORTCUT:
-        pipe = _shortcut(name, seed, settings, root)
+        pipe = _shortcut(name, seed, settings, root, early_checkpoint)
     elif name.startswith("digits-"):
-        pipe = _digits(name.split("-", 1)[1], seed, settings, root)
+        pipe = _digits(name.split("-", 1)[1], seed, settings, root, early_checkpoint)
     elif name == "lm":
-        pipe = _lm(seed, settings, root)
+        pipe = _lm(seed, settings, root, early_checkpoint)
     elif name == "toxicity":
-        pipe = _toxicity(seed, settings, root)
+        pipe = _toxicity(seed, settings, root, early_checkpoint)
     else:
         raise ValueError(f"unknown pipeline {name!r}; known: {PIPELINES}")
     pipe.build_seconds = time.perf_counter() - start
@@ -68,11 +71,13 @@ def build(name: str, seed: int, settings: Settings, root: Path) -> BenchPipeline
     return pipe
 
 
-def _digits(config: str, seed: int, settings: Settings, root: Path) -> BenchPipeline:
+def _digits(config: str, seed: int, settings: Settings, root: Path, early: float | None = None) -> BenchPipeline:
     from hf_stage_attribution.testing.digits import build_digits_pipeline
 
     scale = settings.digits_steps_scale
-    p = build_digits_pipeline(config, root / "ledger", seed=seed, steps_scale=scale, base_steps_scale=scale)
+    p = build_digits_pipeline(
+        config, root / "ledger", seed=seed, steps_scale=scale, base_steps_scale=scale, early_checkpoint=early
+    )
     steps = ", ".join(f"{s.name} {s.steps} steps {s.optimizer} wd={s.weight_decay}" for s in p.specs)
     return BenchPipeline(
         f"digits-{config}", seed, p.ledger, p.model, dict(p.behaviors), p.stage_fns,
@@ -81,25 +86,27 @@ def _digits(config: str, seed: int, settings: Settings, root: Path) -> BenchPipe
     )  # fmt: skip
 
 
-def _shortcut(name: str, seed: int, settings: Settings, root: Path) -> BenchPipeline:
+def _shortcut(name: str, seed: int, settings: Settings, root: Path, early: float | None = None) -> BenchPipeline:
     from hf_stage_attribution.testing.digits import forward, loss
 
     from .shortcut import build_shortcut_pipeline, describe
 
-    p = build_shortcut_pipeline(SHORTCUT[name], root / "ledger", seed=seed, steps_scale=settings.digits_steps_scale)
+    p = build_shortcut_pipeline(
+        SHORTCUT[name], root / "ledger", seed=seed, steps_scale=settings.digits_steps_scale, early_checkpoint=early
+    )
     return BenchPipeline(
         name, seed, p.ledger, p.model, dict(p.behaviors), p.stage_fns, {s.name: (forward, loss) for s in p.specs},
         description=describe(p.specs),
     )  # fmt: skip
 
 
-def _lm(seed: int, settings: Settings, root: Path) -> BenchPipeline:
+def _lm(seed: int, settings: Settings, root: Path, early: float | None = None) -> BenchPipeline:
     from transformers import AutoModelForCausalLM
 
     from hf_stage_attribution import StageLedger
     from hf_stage_attribution.examples.lm_pipeline import SIZES, build_lm_pipeline
 
-    p = build_lm_pipeline(root, size=settings.lm_size, seed=seed)
+    p = build_lm_pipeline(root, size=settings.lm_size, seed=seed, early_checkpoint=early)
     model = AutoModelForCausalLM.from_pretrained(p.model_dir, attn_implementation="eager")  # the saved final model
     model.eval()
     ledger = StageLedger.load(p.ledger_dir)
@@ -142,12 +149,12 @@ def load_toxicity_recipe() -> Any:
     return import_script("hsa_bench_toxicity_pipeline", TOXICITY_RECIPE)
 
 
-def _toxicity(seed: int, settings: Settings, root: Path) -> BenchPipeline:
+def _toxicity(seed: int, settings: Settings, root: Path, early: float | None = None) -> BenchPipeline:
     from hf_stage_attribution import StageLedger
     from hf_stage_attribution.behaviors import Classification
 
     recipe = load_toxicity_recipe()
-    p = recipe.build_toxicity_pipeline(root, size=settings.toxicity_size, seed=seed)
+    p = recipe.build_toxicity_pipeline(root, size=settings.toxicity_size, seed=seed, early_checkpoint=early)
     cfg = p.config
     behaviors = dict(p.behaviors)
     common = {"tokenizer": p.tokenizer, "max_length": cfg["max_length"]}

@@ -131,6 +131,7 @@ def run_stage(
     index: int,
     ledger: Any = None,
     max_steps: int | None = None,
+    early_checkpoint: float | None = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Train ``model`` in place as stage ``index``; recorded into ``ledger`` when one is given (else: replay).
 
@@ -145,7 +146,7 @@ def run_stage(
         rec = ledger.record_stage(
             spec.name, kind=spec.kind, model=model, optimizer=opt, scheduler=scheduler, loss_fn=(forward, loss),
             num_steps=spec.steps, curvature_segments=3, curvature_examples=256,
-            metadata={"recipe": dataclasses.asdict(spec), "seed": seed},
+            metadata={"recipe": dataclasses.asdict(spec), "seed": seed}, early_checkpoint=early_checkpoint,
         )  # fmt: skip
         rec.begin()
     steps = spec.steps if max_steps is None else min(spec.steps, max_steps)
@@ -166,14 +167,22 @@ class ShortcutPipeline:
     stage_fns: dict[str, Callable[..., Any]]
 
 
-def build_shortcut_pipeline(config: str, ledger_dir: str | Path, *, seed: int = 0, steps_scale: float = 1.0):
-    """Train and record ``config`` (``"undo"`` or ``"first"``) into a new ledger at ``ledger_dir``."""
+def build_shortcut_pipeline(
+    config: str,
+    ledger_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps_scale: float = 1.0,
+    early_checkpoint: float | None = None,
+):
+    """Train and record ``config`` (``"undo"`` or ``"first"``) into a new ledger at ``ledger_dir``
+    (``early_checkpoint``: as ``record_stage``'s)."""
     stages = specs(config, steps_scale)
     data = digits_data(seed)
     ledger = StageLedger(ledger_dir)
     model = digits_mlp(seed)
     for index, spec in enumerate(stages):
-        run_stage(model, spec, data, seed, index, ledger=ledger)
+        run_stage(model, spec, data, seed, index, ledger=ledger, early_checkpoint=early_checkpoint)
 
     def stage_fn(index: int) -> Callable[..., Any]:
         def fn(m: torch.nn.Module, max_steps: int | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

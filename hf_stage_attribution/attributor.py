@@ -40,6 +40,9 @@ _PAIRED = {
     "aa-ggn-fd": "aa-ggn",
     "aa-hvp": "aa-hvp-fd",
     "aa-hvp-fd": "aa-hvp",
+    # the two read-outs of the same memoised partial-replay embeddings: the second costs a read-out, not a replay
+    "partial-replay": "partial-replay-linear",
+    "partial-replay-linear": "partial-replay",
 }
 # a cheap second opinion for the trust verdict (report/trust.py): task-vector negation, one evaluation of the
 # behaviors per stage at θ_K − Δ_k; it shares nothing with the propagation of the aa-* estimators

@@ -79,12 +79,14 @@ def choose_estimator(
     fns = dict(stage_fns or {})
     if all(can_replay(s, fns, step_limited=True) for s in later):
         how = sorted({"stage functions" if s.name in fns else "recorded replay data" for s in later})
+        early = [s.name for s in later if getattr(s, "early_checkpoint", None) is not None]
         return PARTIAL_REPLAY, (
             f"every later stage ({', '.join(s.name for s in later)}) can be replayed step by step "
             f"({' and '.join(how)}), so a short exact replay of the next stage(s) at budget "
             f"{PARTIAL_REPLAY_BUDGET:g} (25 % of replay's optimizer steps) replaces the first-order carry of their "
             "early, nonlinear steps; read out by finite "
             "difference, which is exact for the last stage and equals replay at budget 1"
+            + (f"; the factual branch of {early} is read from their recorded early checkpoints" if early else "")
         )
     fallback = _without_replay(ledger, later, loss_fns)
     unreplayable = [s.name for s in later if not can_replay(s, fns, step_limited=True)]

@@ -80,8 +80,10 @@ def build_lm_pipeline(
     curvature_segments: int = 2,
     curvature_examples: int = 64,
     stage_callbacks: Callable[[str], list[Any]] | None = None,
+    early_checkpoint: float | None = None,
 ) -> LMPipeline:
     """Train and record the four stages; save the final model; return the ledger, model and behaviors.
+    ``early_checkpoint``: as :class:`~hf_stage_attribution.StageRecorder`'s (opt-in, for partial replay).
 
     ``stage_callbacks(name)`` gives extra Trainer callbacks for the stage ``name`` (e.g. a progress bar)."""
     from datasets import Dataset
@@ -108,6 +110,7 @@ def build_lm_pipeline(
                 save_replay_data=save_replay_data,
                 curvature_segments=curvature_segments,
                 curvature_examples=curvature_examples,
+                early_checkpoint=early_checkpoint,
             ),
         ]
 

@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from .._internal.params import unwrap_model
 from ..errors import LedgerError
 from ..ledger.ledger import StageLedger
-from ..ledger.recorder import StageRecording
+from ..ledger.recorder import StageRecording, check_early_checkpoint
 from .replay_data import save_stage_replay_data
 from .run_info import find_trainer
 from .stage_metadata import RunContext, build_metadata, optimizer_warning, resolve_trainer_class
@@ -56,6 +56,9 @@ class StageRecorder(TrainerCallback):
         stage_boundaries: ``{"anneal": 800}`` ends ``stage_name`` after global step 800 and records the rest of
             the run as stage ``anneal`` (values may also be ``{"step": 800, "kind": "..."}``).
         trainer_class: overrides the trainer class recorded (default: the trainer found on the call stack).
+        early_checkpoint: opt-in fraction in (0, 1) of each stage's steps after which its parameters and optimizer
+            state are saved, so that partial replay runs only the counterfactual branch of that stage (about 3
+            trainable-parameter sizes on disk with Adam); see :class:`StageRecording`.
 
     Example:
         >>> import tempfile, torch
@@ -86,6 +89,7 @@ class StageRecorder(TrainerCallback):
         stage_boundaries: dict[str, int | dict] | None = None,
         trainer_class: str | type | None = None,
         curvature_material: str = "compact",
+        early_checkpoint: float | None = None,
     ) -> None:
         self.ledger_dir = Path(ledger_dir)
         self.stage_name = stage_name
@@ -94,6 +98,7 @@ class StageRecorder(TrainerCallback):
         self.curvature_segments = int(curvature_segments)
         self.curvature_examples = int(curvature_examples)
         self.curvature_material = curvature_material
+        self.early_checkpoint = check_early_checkpoint(early_checkpoint)
         self.trainer_class = trainer_class
         self._boundaries = parse_boundaries(stage_name, stage_boundaries)
         self.recording: StageRecording | None = None
@@ -197,6 +202,7 @@ class StageRecorder(TrainerCallback):
             curvature_segments=self.curvature_segments,
             curvature_examples=self.curvature_examples,
             curvature_material=self.curvature_material,
+            early_checkpoint=self.early_checkpoint,
             curvature_loss=infer_curvature_loss(kind, ctx.args, ctx.model),
             is_main_process=ctx.is_main,
             resume=resume_at is not None,

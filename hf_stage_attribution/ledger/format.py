@@ -47,7 +47,7 @@ STAGE_KEYS = {
     "peft_config", "lora", "trainable_parameters", "optimizer_state_policy", "optimizer_state_file",
     "start_hash", "end_hash", "end_digests", "wall_time_seconds", "started_at", "finished_at", "segments",
     "curvature_loss", "trl", "replay", "notes", "delta_file", "lora_file", "world_size", "framework_versions",
-    "source", "recipe", "metadata", "estimator_availability", "skipped_steps",
+    "source", "recipe", "metadata", "estimator_availability", "skipped_steps", "early_checkpoint",
 }  # fmt: skip
 
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
@@ -324,6 +324,14 @@ def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
     for key in ("delta_file", "lora_file", "optimizer_state_file"):
         if data.get(key) is not None:
             check_relative_path(path, data[key], key)
+    early = data.get("early_checkpoint")
+    if early is not None:
+        if not isinstance(early, dict):
+            raise _fail(path, "`early_checkpoint`: an object with `steps` and two file names", early)
+        if not 0 < check_count(path, early.get("steps"), "early_checkpoint.steps") < steps:
+            raise _fail(path, f"`early_checkpoint.steps` in [1, num_steps) = [1, {steps})", early.get("steps"))
+        for key in ("params_delta_file", "optimizer_state_file"):
+            check_relative_path(path, early.get(key), f"early_checkpoint.{key}")
     check_lora(path, data.get("lora"))
     if data.get("lora_file") is not None and data.get("lora") is None:
         raise _fail(path, "a `lora` description next to `lora_file`", None)

@@ -71,6 +71,12 @@ class StageRecording:
         metadata: extra JSON-safe fields for ``stage.json`` (trainer, datasets, seeds, ...).
         is_main_process: only the main process writes (default: rank 0 of torch.distributed / ``RANK``).
         resume: continue an interrupted recording of the same stage from its last ``checkpoint()``.
+        early_checkpoint: opt-in, a fraction ``f`` in (0, 1) of ``num_steps``: after ``m = max(1, ⌊f ·
+            num_steps⌋)`` optimizer steps, save θ_m − θ_start (float32, LoRA merged) and the whole optimizer state
+            (Adam: both moments and the step) to ``early_checkpoint/`` in the stage. Partial replay then reads the
+            factual branch of this stage from it instead of replaying it (only the counterfactual branch runs;
+            ``estimators/partial_replay.py``). Costs about 3 trainable-parameter sizes (Adam) on disk, beyond the
+            K + 1.1 model sizes of a default ledger. Needs ``num_steps``.
 
     Example:
         >>> import tempfile, torch
@@ -101,6 +107,7 @@ class StageRecording:
         metadata: dict | None = None,
         is_main_process: bool | None = None,
         resume: bool = False,
+        early_checkpoint: float | None = None,
     ) -> None:
         self.ledger = ledger if isinstance(ledger, LedgerCore) else LedgerCore(ledger)
         self.name = check_name(Path("stage name"), name)
@@ -124,6 +131,8 @@ class StageRecording:
             curvature_loss if curvature_loss is not None else ({"type": "custom"} if loss_fn else None)
         )
         self.metadata: dict = dict(metadata or {})
+        self.early_checkpoint = check_early_checkpoint(early_checkpoint)
+        self._early_step: int | None = None
         self.is_main = _is_main_process() if is_main_process is None else bool(is_main_process)
         self.resume = resume
         self.active = False
@@ -152,6 +161,12 @@ class StageRecording:
         """Snapshot the start of the stage; check the ledger belongs to this model and is continuous."""
         if self.model is None:
             raise LedgerError("StageRecording needs `model=`.")
+        self._early_step = early_checkpoint_step(self.early_checkpoint, self.num_steps, self.name)
+        if self._early_step is not None and self.optimizer is None:
+            raise LedgerError(
+                f"Stage {self.name!r}: early_checkpoint={self.early_checkpoint} saves the optimizer state, but no "
+                "optimizer was given. Pass `optimizer=` to record_stage, or early_checkpoint=None."
+            )
         if not self.is_main:
             return
         self.model = unwrap_model(self.model)
@@ -252,12 +267,17 @@ class StageRecording:
                 for n, p in params.items() if p.requires_grad
             )  # fmt: skip
         continued = 8 * trainable if self.optimizer is not None and has_state(self.optimizer) else 0
+        early = 0
+        if early_checkpoint_step(self.early_checkpoint, self.num_steps, self.name) is not None:
+            merged = dense + sum(params[base].numel() for base in lora if lora[base].factors() is not None)
+            early = 4 * merged + 8 * trainable  # θ_m − θ_start (LoRA merged) + two moments (Adam)
         return {
             "start": start,
             "delta": 4 * dense,
             "lora": 4 * factors,
             "segments": segments * per_segment,  # + the kept training examples (batch-dependent, not projected)
             "optimizer_state": continued,
+            "early_checkpoint": early,
         }
 
     def _segment_plan(self) -> list[tuple[int, int, int]]:
@@ -387,6 +407,18 @@ class StageRecording:
         t = len(self.learning_rates) - 1
         with io_errors(self.partial_dir):
             self._capture.on_step(t, batches, self._midpoint_state)
+            if self._early_step is not None and t + 1 == self._early_step:
+                self._write_early_checkpoint()
+
+    def _write_early_checkpoint(self) -> None:
+        """θ_m − θ_start and the whole optimizer state after ``m`` steps, one tensor at a time."""
+        directory = self.partial_dir / EARLY_DIR
+        directory.mkdir(exist_ok=True)
+        stream, specs, _ = self._midpoint_state()
+        write_safetensors_stream(directory / "params_delta.safetensors", specs, stream)
+        write_safetensors_stream(
+            directory / "optimizer_state.safetensors", *optimizer_state_stream(self.optimizer, self._names_by_id)
+        )
 
     def _midpoint_state(self) -> tuple[Iterator[tuple[str, torch.Tensor]], list, tuple[list, Iterator] | None]:
         """A stream of θ_mid − θ_start with its announced specs, and the second moments as ``(specs, stream)``."""
@@ -456,6 +488,8 @@ class StageRecording:
             del self.learning_rates[completed_steps:]
             self.skipped_steps = [t for t in self.skipped_steps if t < completed_steps]
             self._capture.rewind(completed_steps)
+            if self._early_step is not None and completed_steps < self._early_step:
+                shutil.rmtree(self.partial_dir / EARLY_DIR, ignore_errors=True)  # written again when reached
 
     # --- end -------------------------------------------------------------------------------------------
 
@@ -575,6 +609,13 @@ class StageRecording:
             )
         if (self.partial_dir / "optimizer_state.safetensors").exists():
             files["optimizer_state.safetensors"] = file_sha256(self.partial_dir / "optimizer_state.safetensors")
+        early = None
+        if self._early_step is not None and (self.partial_dir / EARLY_DIR / "optimizer_state.safetensors").exists():
+            early = {"steps": self._early_step, "fraction": self.early_checkpoint}
+            for part in ("params_delta", "optimizer_state"):
+                rel = f"{EARLY_DIR}/{part}.safetensors"
+                files[rel] = file_sha256(self.partial_dir / rel)
+                early[f"{part}_file"] = rel
         end_hash = combine_digests(end_digests)
         info = {
             "format_version": FORMAT_VERSION,
@@ -595,6 +636,7 @@ class StageRecording:
             "end_hash": end_hash,
             "end_digests": end_digests,
             "segments": segments,
+            **({"early_checkpoint": early} if early else {}),  # absent: not recorded (opt-in)
             "curvature_loss": self.curvature_loss,
             "started_at": self.started_at,
             "finished_at": utc_now(),
@@ -622,6 +664,46 @@ class StageRecording:
             )
         os.replace(partial, final)
         return ledger._append_stage(final.name, name, kind, start_hash, end_hash, files)
+
+
+EARLY_DIR = "early_checkpoint"
+
+
+def check_early_checkpoint(value: Any) -> float | None:
+    """``early_checkpoint`` as a float in (0, 1), or None; :class:`LedgerError` otherwise.
+
+    Example:
+        >>> check_early_checkpoint(0.25), check_early_checkpoint(None)
+        (0.25, None)
+    """
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    if not ok or not 0.0 < float(value) < 1.0:
+        raise LedgerError(
+            "`early_checkpoint` is the fraction of the stage's planned optimizer steps after which its parameters "
+            f"and optimizer state are saved for partial replay: a number in (0, 1), got {value!r}. Pass e.g. "
+            "early_checkpoint=0.25, or None to save nothing."
+        )
+    return float(value)
+
+
+def early_checkpoint_step(fraction: float | None, num_steps: int | None, name: str) -> int | None:
+    """The optimizer step count after which the early checkpoint is saved (None: none is saved).
+
+    Example:
+        >>> early_checkpoint_step(0.25, 150, "sft"), early_checkpoint_step(0.25, 1, "sft")
+        (37, None)
+    """
+    if fraction is None:
+        return None
+    if num_steps is None:
+        raise LedgerError(
+            f"Stage {name!r}: early_checkpoint={fraction} is a fraction of the stage's planned optimizer steps, but "
+            "`num_steps` was not given. Pass num_steps=... to record_stage, or early_checkpoint=None."
+        )
+    m = max(1, math.floor(fraction * int(num_steps) + 1e-9))  # never past the fraction: a budget f fits it
+    return m if m < int(num_steps) else None  # a one-step stage has no step before its end to save
 
 
 def _iter_selected_merged(model, names: list[str], lora: dict, params: dict) -> Iterator[tuple[str, torch.Tensor]]:

@@ -213,6 +213,48 @@ class Segment:
         return int(self.info.get("num_examples", 0))
 
 
+class EarlyCheckpoint:
+    """The factual state a few steps into a stage, saved by ``record_stage(..., early_checkpoint=f)`` (opt-in).
+
+    Attributes: ``steps`` (optimizer steps taken when it was saved), ``fraction`` (the ``f`` asked for).
+    """
+
+    def __init__(self, stage: Stage, info: dict) -> None:
+        self.stage = stage
+        self.steps = int(info["steps"])
+        self.fraction = info.get("fraction")
+        parts = ("params_delta", "optimizer_state")
+        self._files = {key: safe_join(stage.dir, info[f"{key}_file"], stage.root) for key in parts}
+
+    def params_delta(self) -> Mapping[str, torch.Tensor]:
+        """θ_m − θ_stage_start of the tensors the stage trains (base names, float32; LoRA merged), read from the
+        memory-mapped file one tensor per access."""
+        tensors = _TensorFile(self._files["params_delta"], self.stage.root, parameter_checker(self.stage._shapes))
+        return LazyState(tensors.keys(), tensors.get)
+
+    def optimizer_state(self) -> Mapping[str, dict[str, Any]]:
+        """``{name: {state key: tensor}}`` after ``steps`` steps (``"step"`` a float; LoRA factors as
+        ``"<base>::A"``/``"<base>::B"``), the form a step-limited replay returns its optimizer state in; one
+        parameter's entries read per access."""
+        tensors = _TensorFile(self._files["optimizer_state"], self.stage.root, _check_prefixed)
+        keys: dict[str, list[tuple[str, str]]] = {}
+        for key in tensors.keys():
+            kind, _, name = key.partition("/")
+            keys.setdefault(name, []).append((kind, key))
+
+        def entry(name: str) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for kind, key in keys[name]:
+                value = tensors.get(key)
+                out[kind] = float(value) if kind == "step" and value.dim() == 0 else value
+            return out
+
+        return LazyState(list(keys), entry)
+
+    def __repr__(self) -> str:
+        return f"EarlyCheckpoint(stage={self.stage.name!r}, steps={self.steps})"
+
+
 class Stage:
     """One complete stage of a ledger. See docs/internals.md for every attribute.
 
@@ -257,6 +299,9 @@ class Stage:
         )
         self.loss_fn: Callable | tuple | None = None  # in-memory only; set by the recorder of this process
         self.segments = [Segment(self, seg) for seg in self.info.get("segments", [])]
+        early = self.info.get("early_checkpoint")
+        #: the factual state a few steps in (opt-in at recording; None when not recorded)
+        self.early_checkpoint: EarlyCheckpoint | None = EarlyCheckpoint(self, early) if early else None
         self._names_cache: set[str] | None = None
 
     # --- metadata --------------------------------------------------------------------------------------

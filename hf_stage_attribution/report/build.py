@@ -25,6 +25,7 @@ LINEARISATION_PAIRS = (
     ("aa-ggn", "aa-ggn-fd"),
     ("aa-hvp", "aa-hvp-fd"),
     ("delta-linear", "delta-fd"),
+    ("partial-replay-linear", "partial-replay"),
 )
 _VERSION_DISTS = ("hf-stage-attribution", "torch", "transformers", "trl", "peft", "accelerate", "huggingface_hub")
 

@@ -168,7 +168,8 @@ def _optimizer(spec: StageSpec, model: torch.nn.Module) -> tuple[torch.optim.Opt
 
 def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: int, index: int, rec: Any = None,
               ledger: LedgerCore | None = None, curvature: tuple = (3, 256),
-              max_steps: int | None = None) -> torch.optim.Optimizer:  # fmt: skip
+              max_steps: int | None = None,
+              early_checkpoint: float | None = None) -> torch.optim.Optimizer:  # fmt: skip
     """Train ``model`` in place as stage ``index`` of the pipeline; recorded into ``ledger`` when one is given.
 
     ``max_steps`` stops after that many optimizer steps of the full recipe (the schedule spans the whole stage): the
@@ -183,7 +184,7 @@ def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: i
             spec.name, kind=spec.kind, model=model, optimizer=opt, scheduler=scheduler, loss_fn=(forward, loss),
             num_steps=spec.steps, curvature_segments=curvature[0], curvature_examples=curvature[1],
             curvature_material=curvature[2] if len(curvature) > 2 else "compact",
-            metadata={"recipe": dataclasses.asdict(spec), "seed": seed},
+            metadata={"recipe": dataclasses.asdict(spec), "seed": seed}, early_checkpoint=early_checkpoint,
         )  # fmt: skip
         recording.begin()
     steps = spec.steps if max_steps is None else min(spec.steps, max_steps)
@@ -284,8 +285,10 @@ def build_digits_pipeline(
     curvature_segments: int = 3,
     curvature_examples: int = 256,
     curvature_material: str = "compact",
+    early_checkpoint: float | None = None,
 ) -> DigitsPipeline:
-    """Train and record the three stages of ``config`` into a new ledger at ``ledger_dir`` (see module doc)."""
+    """Train and record the three stages of ``config`` into a new ledger at ``ledger_dir`` (see module doc);
+    ``early_checkpoint``: as ``record_stage``'s (opt-in factual checkpoint for partial replay)."""
 
     specs = stage_specs(config, lr_scale=lr_scale, steps_scale=steps_scale, base_steps_scale=base_steps_scale)
     data = digits_data(seed)
@@ -295,7 +298,8 @@ def build_digits_pipeline(
     for index, spec in enumerate(specs):
         start = time.perf_counter()
         curvature = (curvature_segments, curvature_examples, curvature_material)
-        run_stage(model, spec, data, seed, index, ledger=ledger, curvature=curvature)
+        early = early_checkpoint
+        run_stage(model, spec, data, seed, index, ledger=ledger, curvature=curvature, early_checkpoint=early)
         seconds[spec.name] = time.perf_counter() - start
 
     def stage_fn(index: int) -> Callable[..., tuple[torch.nn.Module, torch.optim.Optimizer]]:

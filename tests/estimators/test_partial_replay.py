@@ -283,6 +283,39 @@ def test_a_recorded_mid_segment_checkpoint_is_the_factual_branch_at_its_step(tmp
     assert any("mid-segment checkpoint" in a for a in result.approximations)
 
 
+@pytest.mark.parametrize("config", ["hf", "decay"])
+def test_a_recorded_early_checkpoint_is_the_factual_branch_and_halves_the_leg(tmp_path, config):
+    """With ``early_checkpoint=0.25`` recorded, a 25 % budget replays the next stage's first quarter from the
+    counterfactual start only (cost: its steps, not twice them), and the embedding equals the one whose factual
+    branch is replayed over the same steps (the checkpoint stores θ_m − θ_start in float32: to 1e-6); budget 1 still
+    equals replay, and ``use_early_checkpoints=False`` gives back the two-branch plan."""
+    scale = {"steps_scale": 0.1, "base_steps_scale": 0.1}
+    pipe = build_digits_pipeline(config, tmp_path, seed=0, early_checkpoint=0.25, **scale)
+    ledger = pipe.ledger
+    early = ledger.stages[2].early_checkpoint
+    assert early is not None and early.steps == int(0.25 * ledger.stages[2].num_steps)
+    name, reason = choose_estimator(ledger, stage_fns=pipe.stage_fns)
+    assert name == "partial-replay" and "read from their recorded early checkpoints" in reason
+    plan = pr.plan_partial_replay(ledger, 1, 0.25)  # stage 1's replay is stage 2 alone: the checkpoint fits
+    assert [(leg.index, leg.steps, leg.early) for leg in plan.legs] == [(2, early.steps, True)]
+    assert plan.cost_steps == early.steps and "early checkpoint" in plan.describe(ledger)
+    two_branch = pr.plan_partial_replay(ledger, 1, 0.25, use_early_checkpoints=False)
+    assert not any(leg.early for leg in two_branch.legs) and two_branch.cost_steps == 2 * two_branch.legs[0].steps
+    read = pr.partial_embedding(ledger, pipe.model, plan, pipe.stage_fns, set())
+    plan.legs[0].early = False  # the same steps, the factual branch replayed
+    run = pr.partial_embedding(ledger, pipe.model, plan, pipe.stage_fns, set())
+    assert set(read) == set(run)
+    for name in run:
+        torch.testing.assert_close(read[name], run[name], rtol=1e-6, atol=1e-6)
+    result = _estimate("partial-replay", pipe, budget=0.25)
+    assert "early checkpoint" in result.diagnostics["partial_replay"]["plans"][ledger.stages[1].name]
+    assert any("recorded early checkpoint" in a for a in result.approximations)
+    truth = _estimate("replay", pipe)
+    full = _estimate("partial-replay", pipe, budget=1.0)
+    for stage in truth.per_example:
+        torch.testing.assert_close(full.per_example[stage], truth.per_example[stage], rtol=1e-4, atol=1e-5)
+
+
 def _open_scratch_files(where) -> list[str]:
     """The files under ``where`` this process holds open (unlinked ones end in ``(deleted)``)."""
     out = []
