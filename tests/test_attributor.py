@@ -202,3 +202,9 @@ def test_partial_replay_verdict_checks_its_linear_read_out_without_replaying_aga
     assert set(evidence["second_opinions"]) == {"partial-replay-linear", "delta-fd"}
     gap = evidence["max_relative_linearisation_gap"]
     assert ("linearisation gap" in diag.trust["label"]) == (gap > 0.25), (gap, diag.trust["label"])
+
+    # budget 1 replays every later stage whole: the estimate is replay, and the verdict says so
+    exact = StageAttributor(
+        pipe.ledger, pipe.model, stage_fns=pipe.stage_fns, show_progress=False, estimator_options={"budget": 1.0}
+    ).attribute({**behavior, "margin_3": pipe.behaviors["margin_3"]})
+    assert {exact.trust(name)["verdict"] for name in ("margin_7", "margin_3")} == {"verified"}

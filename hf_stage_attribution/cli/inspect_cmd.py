@@ -64,6 +64,10 @@ def format_summary(summary: dict) -> str:
         + ")"
     )
     text = head + "\n" + render_table(HEADERS, rows)
+    early = [f"{s['name']} after {s['early_checkpoint_steps']} steps" for s in summary["stages"]
+             if s.get("early_checkpoint_steps")]  # fmt: skip
+    if early:
+        text += "\nEarly checkpoints (partial replay reads the factual branch from them): " + ", ".join(early)
     if summary["incomplete_stages"]:
         text += "\nIncomplete (interrupted) stages: " + ", ".join(summary["incomplete_stages"])
         text += "\n  remove them with: hf-stage-attribution inspect LEDGER_DIR --remove-incomplete"

@@ -48,6 +48,7 @@ def stage_summary(stage: Stage, with_norm: bool = True) -> dict:
         "data": _data_identity(stage),
         "delta_norm": norm,
         "curvature_segments": len(stage.segments),
+        "early_checkpoint_steps": stage.early_checkpoint.steps if stage.early_checkpoint is not None else None,
         "bytes": _dir_bytes(stage.dir),
     }
 

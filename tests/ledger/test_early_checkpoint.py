@@ -59,6 +59,14 @@ def test_the_early_checkpoint_is_the_state_after_its_steps(tmp_path):
             torch.testing.assert_close(state[name][key], entry[key], rtol=0, atol=0)
     files = stage.entry["files"]  # hashed with the stage's other files
     assert {"early_checkpoint/params_delta.safetensors", "early_checkpoint/optimizer_state.safetensors"} <= set(files)
+    from hf_stage_attribution.cli.inspect_cmd import format_summary
+    from hf_stage_attribution.ledger.summary import ledger_summary
+
+    summary = ledger_summary(ledger)
+    assert summary["stages"][0]["early_checkpoint_steps"] == 2
+    assert "Early checkpoints (partial replay reads the factual branch from them): sft after 2 steps" in (
+        format_summary(summary)
+    )
 
 
 def test_without_the_option_nothing_is_saved(tmp_path):
