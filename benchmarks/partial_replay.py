@@ -120,6 +120,7 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
     if fns:
         opts["stage_fns"] = fns
     early = any(getattr(s, "early_checkpoint", None) for s in ledger.stages)
+    as_recorded_by_default = {"use_early_checkpoints": False}  # every row but the EARLY ones
     default, reason = estimators.choose_estimator(ledger, pipe.loss_fns, fns)
     stages = [s.name for s in ledger.stages]
     run: dict[str, Any] = {"pipeline": pipe.name, "seed": pipe.seed, "stages": stages, "terminal": stages[-1],
@@ -128,7 +129,7 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
     chosen = list(ledger.stages)
     # warm-up of the replay machinery (Trainer/TRL imports, kernels): one short partial replay, not timed
     pr.partial_replay_embeddings(ledger, model, chosen, budget=0.25, stage_fns=fns, reuse=False,
-                                 use_early_checkpoints=False)  # fmt: skip
+                                 **as_recorded_by_default)  # fmt: skip
     values: dict[str, Any] = {}
     least = min(TIMING_SECONDS, settings.timing_min_seconds)
     result, run["replay_seconds"] = repeated(lambda: estimators.get("replay").estimate(ledger, model, joint, **opts),
@@ -139,12 +140,12 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
     for unit in units(settings):
         for budget in budgets:
             embed = partial(_cold_embeddings, ledger, model, chosen, budget=budget, budget_unit=unit, stage_fns=fns,
-                            use_early_checkpoints=False)  # fmt: skip
+                            **as_recorded_by_default)  # fmt: skip
             emb, prepare = repeated(embed, least)  # cold each time: the aa-linear part is timed too
             run["plans"][f"{100 * budget:g} % ({unit})"] = emb.diagnostics["partial_replay"]
             for name in READOUTS:
                 readout_fn = partial(estimators.get(name).estimate, ledger, model, joint, budget=budget,
-                                     budget_unit=unit, use_early_checkpoints=False, **opts)  # fmt: skip
+                                     budget_unit=unit, **as_recorded_by_default, **opts)  # fmt: skip
                 result, readout = repeated(readout_fn, least)  # reads the memoised embeddings
                 values[label(name, budget, unit)] = _pairs(joint, result.per_example)
                 run["times"][label(name, budget, unit)] = prepare + readout
@@ -159,7 +160,7 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
     for budget in GGN_BUDGETS if pipe.loss_fns else ():
         ggn = {"carry": "aa-ggn", "loss_fns": pipe.loss_fns, "curvature_options": dict(pipe.curvature_options)}
         fd = partial(_cold, ledger, estimators.get("partial-replay").estimate, ledger, model, joint, budget=budget,
-                     use_early_checkpoints=False, **ggn, **opts)  # fmt: skip
+                     **as_recorded_by_default, **ggn, **opts)  # fmt: skip
         result, seconds = repeated(fd, least)
         values[label("partial-replay, ggn carry", budget, "steps")] = _pairs(joint, result.per_example)
         run["times"][label("partial-replay, ggn carry", budget, "steps")] = seconds

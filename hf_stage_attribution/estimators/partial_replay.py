@@ -550,6 +550,16 @@ class _RestOfStage:
         return x, (None if isinstance(buf, float) else buf)
 
 
+def _moved_from(start: Mapping[str, torch.Tensor], moved: Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """A recorded checkpoint's parameters by name, float64: the stage's start plus the recorded move (if any)."""
+
+    def get(name: str) -> torch.Tensor:
+        value = start[name].to(torch.float64)
+        return value + moved[name].to(torch.float64) if name in moved else value
+
+    return get
+
+
 def _moment_difference(family: str | None, fact: Mapping | None, cf: Mapping | None, name: str):
     key = first_moment_key(family or "")
     if key is None or not fact or not cf:
@@ -651,12 +661,7 @@ def _partial_embedding(
     elif last.early:
         stage = stages[last.index]
         early = stage.early_checkpoint
-        start, moved = ledger.state_at(last.index - 1), early.params_delta()
-
-        def fact_get(name: str) -> torch.Tensor:
-            value = start[name].to(torch.float64)
-            return value + moved[name].to(torch.float64) if name in moved else value
-
+        fact_get = _moved_from(ledger.state_at(last.index - 1), early.params_delta())
         fact_opt = early.optimizer_state()
         notes.add(
             f"Stage {stage.name!r}: the factual branch of the partial replay is the recorded early checkpoint (after "
@@ -665,12 +670,7 @@ def _partial_embedding(
     elif last.checkpoint is not None:
         stage = stages[last.index]
         segment = next(s for s in stage.segments if s.index == last.checkpoint)
-        start, moved = ledger.state_at(last.index - 1), segment.params_delta()
-
-        def fact_get(name: str) -> torch.Tensor:
-            value = start[name].to(torch.float64)
-            return value + moved[name].to(torch.float64) if name in moved else value
-
+        fact_get = _moved_from(ledger.state_at(last.index - 1), segment.params_delta())
         moments = segment.second_moments() or {}
         by_name: dict[str, dict[str, Any]] = {}
         for key, values in moments.items():

@@ -414,14 +414,14 @@ class StageRecording:
         """θ_m − θ_start and the whole optimizer state after ``m`` steps, one tensor at a time."""
         directory = self.partial_dir / EARLY_DIR
         directory.mkdir(exist_ok=True)
-        stream, specs, _ = self._midpoint_state()
+        stream, specs = self._moved_so_far()
         write_safetensors_stream(directory / "params_delta.safetensors", specs, stream)
         write_safetensors_stream(
             directory / "optimizer_state.safetensors", *optimizer_state_stream(self.optimizer, self._names_by_id)
         )
 
-    def _midpoint_state(self) -> tuple[Iterator[tuple[str, torch.Tensor]], list, tuple[list, Iterator] | None]:
-        """A stream of θ_mid − θ_start with its announced specs, and the second moments as ``(specs, stream)``."""
+    def _moved_so_far(self) -> tuple[Iterator[tuple[str, torch.Tensor]], list]:
+        """A stream of θ_now − θ_start (float32, LoRA merged) with its announced specs, one tensor at a time."""
         names = self._trainable + list(self._lora)
         specs = [(n, torch.float32, tuple(self._params[n].shape)) for n in names]
 
@@ -431,11 +431,16 @@ class StageRecording:
             for n in self._lora:
                 yield n, self._lora_delta_now(n)
 
+        return stream(), specs
+
+    def _midpoint_state(self) -> tuple[Iterator[tuple[str, torch.Tensor]], list, tuple[list, Iterator] | None]:
+        """A stream of θ_mid − θ_start with its announced specs, and the second moments as ``(specs, stream)``."""
+        stream, specs = self._moved_so_far()
         moments = None
         if self.optimizer is not None:
             keys = ("exp_avg_sq", "square_avg", "sum", "max_exp_avg_sq", "step")  # Adam, RMSprop, Adagrad, amsgrad
             moments = optimizer_state_stream(self.optimizer, self._names_by_id, keys)
-        return stream(), specs, moments
+        return stream, specs, moments
 
     def _lora_delta_now(self, base: str) -> torch.Tensor:
         delta = self._lora[base].delta()
