@@ -22,8 +22,9 @@ from ._internal.memory import release_freed_memory
 from ._internal.model_state import swapped_parameters
 from ._internal.notices import notice
 from .behaviors import as_behavior
+from .behaviors.base import eval_mode
 from .errors import BehaviorError, ReportError, StageAttributionError
-from .estimators.base import check_finite
+from .estimators.base import check_finite, evaluate
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
 from .estimators.replay import check_replayable
@@ -172,7 +173,8 @@ class StageAttributor:
         ``validate=True`` also runs replay (the ground truth, ESTIMATORS.md §2) and adds fidelity figures.
         Every behavior gets a trust verdict (:meth:`AttributionReport.trust`): from replay when it ran, else from
         the agreement of the estimator with its linear/finite-difference sibling and with task-vector negation
-        (``delta-fd``), both run with ``diagnostics=True``.
+        (``delta-fd``), both run with ``diagnostics=True``. The final model is evaluated once for all of them (and
+        for replay and the total change): every estimator that reads ``f(θ_K)`` is served the same values.
         """
 
         if not behaviors:
@@ -313,11 +315,10 @@ class StageAttributor:
 
         local: dict[str, list[float]] = {name: [] for name in joint.names}
         if joint.parts:
-            with torch.no_grad():
-                final = joint.evaluate_parts(self.model)
-                with swapped_parameters(self.model, self.ledger.initial_state()):
-                    initial = joint.evaluate_parts(self.model)
-            local.update({name: (final[name] - initial[name]).tolist() for name in final})
+            final = joint.split(joint.cached_final_values(self.model))
+            with torch.no_grad(), eval_mode(self.model), swapped_parameters(self.model, self.ledger.initial_state()):
+                initial = joint.evaluate_parts(self.model)
+            local.update({name: (final[name] - initial[name].to(torch.float64)).tolist() for name in final})
         return {
             name: torch.tensor(_gather_list(values, self.state), dtype=torch.float64) for name, values in local.items()
         }
@@ -380,6 +381,19 @@ class _Joint:
         self.names = list(locals_)
         self.parts = {name: b for name, b in locals_.items() if b is not None}
         self.sizes: dict[str, int] = {}
+        self._final: tuple[tuple, torch.Tensor] | None = None
+
+    def cached_final_values(self, model: torch.nn.Module) -> torch.Tensor:
+        """``f(θ_K)`` of every part (float64, concatenated): evaluated once and served to every estimator that asks
+        (``estimators.base.evaluate_final``) while the model holds the same parameters. The check is a weighted
+        float64 checksum per parameter and buffer tensor (and where it lives): a model left shifted, or another
+        model, is evaluated anew. ``attribute()`` asks 3 times (the estimator, task-vector negation, the total
+        change), 4 with ``validate=True`` (replay)."""
+        key = _fingerprint(model)
+        if self._final is None or self._final[0] != key:
+            with eval_mode(model):
+                self._final = (key, evaluate(self, model, "evaluated on the final model"))
+        return self._final[1].clone()
 
     def evaluate_parts(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
@@ -402,6 +416,35 @@ class _Joint:
             out[name] = values[offset : offset + n]
             offset += n
         return out
+
+
+_CHUNK = 1 << 20  # elements per chunk of the checksum: an 8 MB float64 temporary, whatever the tensor's size
+_CHECKSUM_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _checksum(t: torch.Tensor) -> float:
+    """``Σ_i w_i · t_i`` in float64 with fixed pseudo-random weights ``w_i ∈ [1, 2)``, one chunk at a time. A plain
+    sum would miss shifts whose entries sum to zero (the change of a classifier's bias under softmax cross-entropy
+    does); ``sum(dtype=torch.float64)`` would also materialise a float64 copy of the whole tensor."""
+    weights = _CHECKSUM_WEIGHTS.get(t.device)
+    if weights is None:
+        weights = torch.rand(_CHUNK, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 1.0
+        weights = _CHECKSUM_WEIGHTS.setdefault(t.device, weights.to(t.device))
+    flat, total = t.detach().reshape(-1), 0.0
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        total += float(torch.dot(chunk.to(torch.float64), weights[: chunk.numel()]))
+    return total
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    """Which model, and a checksum of each of its floating-point tensors (with where it lives and its shape)."""
+    with torch.no_grad():
+        return (id(model),) + tuple(
+            (t.data_ptr(), tuple(t.shape), _checksum(t))
+            for t in [*model.parameters(), *model.buffers()]
+            if t.is_floating_point()
+        )
 
 
 class _Gathered:

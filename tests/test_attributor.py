@@ -208,3 +208,72 @@ def test_partial_replay_verdict_checks_its_linear_read_out_without_replaying_aga
         pipe.ledger, pipe.model, stage_fns=pipe.stage_fns, show_progress=False, estimator_options={"budget": 1.0}
     ).attribute({**behavior, "margin_3": pipe.behaviors["margin_3"]})
     assert {exact.trust(name)["verdict"] for name in ("margin_7", "margin_3")} == {"verified"}
+
+
+def test_the_final_model_is_evaluated_once_for_every_estimator_that_reads_it(pipeline):
+    """``f(θ_K)`` is read by the estimator, task-vector negation (second opinion), the total change and replay
+    (``validate=True``): evaluated once and served again while the model is unchanged (it was evaluated 4 times);
+    the estimates, replay's effects and the total change are those computed without the shared value."""
+    from hf_stage_attribution import estimators
+    from hf_stage_attribution.behaviors import as_behavior
+    from tests.helpers.attributor import stage_fns
+
+    _, ledger, model = pipeline
+    final = [p.detach().clone() for p in model.parameters()]
+    base = behaviors_for()["logit-0"]
+    on_final = []
+
+    def counted(m):
+        inside_jvp = torch._C._functorch.is_functorch_wrapped_tensor(next(m.parameters()))  # the linear read-out
+        if m is model and not inside_jvp and all(torch.equal(p, q) for p, q in zip(m.parameters(), final)):
+            on_final.append(1)
+        return base(m)
+
+    attributor = StageAttributor(ledger, model, estimator="aa-fd", stage_fns=stage_fns(), show_progress=False)
+    report = attributor.attribute({"logit-0": counted}, validate=True)
+    assert len(on_final) == 1
+    direct = estimators.get("aa-fd").estimate(ledger, model, as_behavior(base))  # evaluates the final model itself
+    replay = estimators.get("replay").estimate(ledger, model, as_behavior(base), stage_fns=stage_fns())
+    for row in report.rows_for("logit-0"):
+        got = torch.as_tensor(row.per_example, dtype=torch.float64)
+        torch.testing.assert_close(got, direct.per_example[row.stage])
+        assert row.replay_effect == pytest.approx(float(replay.per_example[row.stage].mean()), abs=1e-12)
+    total = report.diagnostics["logit-0"].total_change
+    with torch.no_grad():
+        initial = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        initial.load_state_dict(dict(ledger.initial_state().items()), strict=True)
+    expected = (base(model) - base(initial)).double().mean()
+    torch.testing.assert_close(torch.as_tensor(total, dtype=torch.float64), expected)
+
+
+def test_the_shared_final_value_follows_the_model(pipeline):
+    """The joint behavior serves its kept ``f(θ_K)`` only while the model holds the same parameters: after an
+    in-place change, or for another model, it evaluates again."""
+    from hf_stage_attribution.attributor import _Joint
+
+    _, _, model = pipeline
+    joint = _Joint({"logit-0": behaviors_for()["logit-0"]})
+    first = joint.cached_final_values(model)
+    assert torch.equal(joint.cached_final_values(model), first)
+    with torch.no_grad():
+        bias = model[-1].bias
+        bias.add_(1.0)
+        try:
+            shifted = joint.cached_final_values(model)
+        finally:
+            bias.sub_(1.0)
+    torch.testing.assert_close(shifted, first + 1.0)
+    with torch.no_grad():
+        bias.add_(torch.tensor([1.0, -1.0, 0.0]))  # a shift whose entries sum to zero is seen too
+        try:
+            zero_sum = joint.cached_final_values(model)
+        finally:
+            bias.sub_(torch.tensor([1.0, -1.0, 0.0]))
+    assert not torch.equal(zero_sum, first)
+    torch.testing.assert_close(joint.cached_final_values(model), first)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other[-1].bias.add_(2.0)
+    torch.testing.assert_close(joint.cached_final_values(other), first + 2.0)
+    torch.testing.assert_close(joint.cached_final_values(model), first)

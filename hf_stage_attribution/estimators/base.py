@@ -153,6 +153,25 @@ def evaluate(behavior: Behavior, model: torch.nn.Module, where: str) -> torch.Te
         return check_finite(behavior(model), behavior, where)
 
 
+def evaluate_final(behavior: Behavior, model: torch.nn.Module) -> torch.Tensor:
+    """``f(θ_K)``: the behavior on the final model, without gradients, in eval mode; a checked float64 vector.
+
+    A behavior that keeps these values — one with a ``cached_final_values(model)`` method, such as the joint behavior
+    of :class:`~hf_stage_attribution.StageAttributor`, which evaluates the final model once per ``attribute()`` for
+    the estimator, its second opinions, replay and the total change — serves them instead of evaluating again.
+
+    Example:
+        >>> import torch
+        >>> evaluate_final(lambda m: m(torch.eye(2)).reshape(-1), torch.nn.Linear(2, 1)).dtype
+        torch.float64
+    """
+    keep = getattr(behavior, "cached_final_values", None)
+    if callable(keep):
+        return keep(model)
+    with eval_mode(model):
+        return evaluate(behavior, model, "evaluated on the final model")
+
+
 def resolve_stages(ledger: LedgerCore, stages: Any = None) -> list[Any]:
     """Ledger stages from names/indices (all stages when ``None``), in ledger order."""
     if stages is None:

@@ -57,7 +57,16 @@ from ..integrations.replay import frozen_gc, optimizer_state_by_name, reference_
 from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from ..ledger.state import LazyState
-from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, register, resolve_stages
+from .base import (
+    EstimateResult,
+    Estimator,
+    check_inputs,
+    eval_mode,
+    evaluate,
+    evaluate_final,
+    register,
+    resolve_stages,
+)
 
 StageFn = Callable[..., Any]
 
@@ -304,8 +313,7 @@ class Replay(Estimator):
         check_inputs(ledger, model, behavior, options)
         stage_fns = options.get("stage_fns") or {}
         check_replayable(ledger, [s.index for s in chosen], stage_fns, options.get("ref_models"))
-        with eval_mode(model):
-            final = evaluate(behavior, model, "evaluated on the final model")
+        final = evaluate_final(behavior, model)
         per_example: dict[str, torch.Tensor] = {}
         replayed: list[str] = []
         with collections_of_new_objects():  # freeing each counterfactual model scans only what the replays made

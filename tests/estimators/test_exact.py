@@ -344,3 +344,29 @@ def test_per_example_linear_readout_paths(tmp_path):
         chain = 2 * logprob(model).double()
     for stage in ("a", "b"):  # d(f²) = 2 f df
         assert torch.allclose(fallback.per_example[stage], chain * jvp.per_example[stage], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_subtract_embedding_holds_theta_minus_scaled_v_and_restores_it_exactly(dtype, scale):
+    """Inside the block the model holds θ − s·v as the float64 product cast to the parameter's dtype (at s = 1 the
+    cast is made from v directly: the same numbers without float64 temporaries); afterwards exactly θ."""
+    from hf_stage_attribution.estimators.finite_difference import subtract_embedding
+
+    class Emb:  # the read interface subtract_embedding uses
+        def __init__(self, vectors):
+            self.vectors = vectors
+
+        def items(self, k):
+            return iter(self.vectors.items())
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32).to(dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    v = {n: torch.randn(p.shape) * 1e-2 for n, p in model.named_parameters()}
+    with subtract_embedding(model, Emb(v), 0, scale) as shifted:
+        assert shifted == 2
+        for n, p in model.named_parameters():
+            expected = before[n] - (scale * v[n].to(torch.float64)).to(dtype)
+            assert torch.equal(p.detach(), expected), n
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
