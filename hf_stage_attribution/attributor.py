@@ -22,9 +22,8 @@ from ._internal.memory import release_freed_memory
 from ._internal.model_state import swapped_parameters
 from ._internal.notices import notice
 from .behaviors import as_behavior
-from .behaviors.base import eval_mode
 from .errors import BehaviorError, ReportError, StageAttributionError
-from .estimators.base import check_finite, evaluate
+from .estimators.base import check_finite, eval_mode, evaluate
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
 from .estimators.replay import check_replayable

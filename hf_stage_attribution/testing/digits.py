@@ -298,8 +298,8 @@ def build_digits_pipeline(
     for index, spec in enumerate(specs):
         start = time.perf_counter()
         curvature = (curvature_segments, curvature_examples, curvature_material)
-        early = early_checkpoint
-        run_stage(model, spec, data, seed, index, ledger=ledger, curvature=curvature, early_checkpoint=early)
+        run_stage(model, spec, data, seed, index, ledger=ledger, curvature=curvature,
+                  early_checkpoint=early_checkpoint)  # fmt: skip
         seconds[spec.name] = time.perf_counter() - start
 
     def stage_fn(index: int) -> Callable[..., tuple[torch.nn.Module, torch.optim.Optimizer]]:
