@@ -417,7 +417,7 @@ class _Joint:
         return out
 
 
-_CHUNK = 1 << 20  # elements per chunk of the checksum: an 8 MB float64 temporary, whatever the tensor's size
+_CHUNK = 1 << 14  # elements per chunk of the checksum: 128 kB of float64 weights and temporary, whatever the size
 _CHECKSUM_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 
