@@ -53,7 +53,13 @@ from .._internal.memory import collections_of_new_objects, release_freed_memory
 from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
 from ..errors import PartialReplayError, ReplayError
-from ..integrations.replay import frozen_gc, optimizer_state_by_name, reference_problem, replay_trainer_stage
+from ..integrations.replay import (
+    frozen_gc,
+    match_recorded_trainables,
+    optimizer_state_by_name,
+    reference_problem,
+    replay_trainer_stage,
+)
 from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from ..ledger.state import LazyState
@@ -188,6 +194,7 @@ def run_stage(
     if fn is None and not (stage.num_steps and stage.learning_rates):
         _add_delta(model, stage)  # an edit without training (untracked/imported): re-applied as recorded
         return model, None
+    match_recorded_trainables(model, stage)
     if max_steps is not None and fn is not None and not takes_max_steps(fn):
         raise PartialReplayError(
             f"Partial replay needs to stop stage {stage.index} {stage.name!r} after {max_steps} optimizer step(s), "

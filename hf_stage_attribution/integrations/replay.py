@@ -267,7 +267,8 @@ def replay_trainer_stage(
     Returns the trained model in base parameter names: the same object trained in place, or for a PEFT stage the
     base model with the adapter (rebuilt from the recorded config and start weights) trained and merged.
     GRPO/RLOO stages need ``reward_funcs=`` (Python functions are not saved); a stage whose reference model was a
-    separate model needs ``ref_model=``.
+    separate model needs ``ref_model=``. The base parameters train exactly when the stage trained them
+    (:func:`match_recorded_trainables`: a layer frozen when the stage was recorded stays frozen).
 
     ``max_steps=m`` stops after the first ``m`` optimizer steps of the *full* recipe (a callback sets
     ``control.should_training_stop``; the recorded ``max_steps`` and hence the learning-rate schedule are unchanged):
@@ -295,6 +296,7 @@ def replay_trainer_stage(
         names = (stage.info.get("trl") or {}).get("reward_functions")
         raise ReplayError(f"Replaying {kind} stage {stage.name!r} needs `reward_funcs=` (recorded: {names}).")
     trainer_cls = trainer_cls or import_class(info["trainer"], "trainer")
+    match_recorded_trainables(model, stage)
     given = {
         "train_dataset": train_dataset,
         "data_collator": data_collator,
@@ -378,6 +380,32 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
                 param.requires_grad_(flags[name])
         return merged
     return model
+
+
+def match_recorded_trainables(model: Any, stage: Stage) -> None:
+    """Give ``model``'s base parameters the ``requires_grad`` flags they had when ``stage`` was recorded: trainable
+    exactly when the ledger lists them among the stage's ``trainable_parameters``.
+
+    A replayed stage runs on a copy of the *final* model, whose flags are the last stage's (a ``PeftModel`` is
+    unloaded with every parameter trainable): a parameter the user froze before a dense stage (an embedding matrix,
+    say) would otherwise be trained by its replay, and replay with nothing removed would not reproduce ``θ_K``.
+    Left alone: LoRA stages (the adapter wrapper sets the flags), stages without training, and ledgers that list no
+    trainable parameters (written before the list existed).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> import torch
+        >>> m = torch.nn.Linear(2, 1)
+        >>> stage = SimpleNamespace(trainable_parameters=["bias"], lora=None, num_steps=3, learning_rates=[0.1] * 3)
+        >>> match_recorded_trainables(m, stage)
+        >>> m.weight.requires_grad, m.bias.requires_grad
+        (False, True)
+    """
+    names = set(getattr(stage, "trainable_parameters", None) or ())
+    if not names or getattr(stage, "lora", None) or not (stage.num_steps and stage.learning_rates):
+        return
+    for name, param in base_parameters(model).items():
+        param.requires_grad_(name in names)
 
 
 def stop_after_steps_callback(max_steps: int, start: int = 0, optimizer_out: dict | None = None) -> Any:

@@ -10,6 +10,7 @@ from hf_stage_attribution._internal.params import iter_merged_state
 from hf_stage_attribution.errors import ReplayError
 from hf_stage_attribution.estimators.replay import replay_model
 from hf_stage_attribution.ledger import StageLedger
+from tests.helpers.frozen import frozen_layer_then_lora
 
 STEPS = 8
 
@@ -146,3 +147,18 @@ def test_a_replayed_stage_leaves_no_gradients_and_its_moments_are_not_copied():
     assert torch.equal(state["bias"]["exp_avg_sq"], kept["opt"].state[model.bias]["exp_avg_sq"])
     model, state = run_stage(S(), model, {"s": fn}, {})
     assert state is None and all(p.grad is None for p in model.parameters())
+
+
+def test_replay_trains_only_what_each_stage_trained(tmp_path):
+    """A copy of a final ``PeftModel`` is unloaded with every parameter trainable; replay gives each dense stage the
+    flags the ledger recorded for it, so a layer the user froze stays frozen and nothing removed reproduces θ_K."""
+    from hf_stage_attribution.estimators.replay import run_stage, working_copy
+
+    ledger, model, fns, _ = frozen_layer_then_lora(tmp_path)
+    s1 = ledger.stages[0]
+    assert "0.weight" not in s1.trainable_parameters and "2.weight" in s1.trainable_parameters
+    work = working_copy(model)
+    before = work[0].weight.detach().clone()
+    run_stage(s1, work, fns, {"stage": s1, "removed": None, "scale": 1.0})
+    assert torch.equal(work[0].weight, before) and not work[0].weight.requires_grad
+    assert estimators.replay_gap(ledger, model, stage_fns=fns) < 1e-5

@@ -123,3 +123,23 @@ def test_replay_refuses_what_it_cannot_rebuild(tmp_path):
         replay_trainer_stage(first, F.gpt2())
     with pytest.raises(ReplayError, match="continued the previous stage's optimizer state"):
         replay_trainer_stage(second, F.gpt2())
+
+
+def test_replay_trains_only_the_parameters_the_stage_trained(tmp_path):
+    """The start handed to replay may have other flags than the recorded stage had (a copy of a final ``PeftModel`` is
+    unloaded with every parameter trainable): a layer frozen when the stage was recorded stays frozen in its replay."""
+    from hf_stage_attribution.integrations.replay import replay_trainer_stage
+    from hf_stage_attribution.integrations.transformers import StageRecorder
+
+    model = F.gpt2()
+    model.transformer.wpe.weight.requires_grad_(False)  # frozen by the user before the stage
+    start = copy.deepcopy(model)
+    recorder = StageRecorder(tmp_path / "ledger", "stage", save_replay_data=True, curvature_segments=0)
+    _trainer_with_lm_collator(model, str(tmp_path / "out"), [recorder]).train()
+    stage = StageLedger.load(tmp_path / "ledger").stages[-1]
+    assert "transformer.wpe.weight" not in stage.trainable_parameters
+    start.requires_grad_(True)  # what replay's working copy of an unloaded PeftModel looks like
+    replayed = replay_trainer_stage(stage, start)
+    assert not replayed.transformer.wpe.weight.requires_grad
+    diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), replayed.parameters()))
+    assert diff <= 1e-6, diff
