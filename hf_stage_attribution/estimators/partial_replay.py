@@ -474,41 +474,6 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.to(torch.float64) for name, t in iter_merged_state(model)}
 
 
-def _write_moved(
-    box: ScratchTensors, model: torch.nn.Module, start: Mapping[str, torch.Tensor]
-) -> Callable[[str], torch.Tensor]:
-    """Write to ``box`` the base parameters (merged, float32) of a replayed branch that differ from its ``start``;
-    return a reader of every base parameter, which reads one the branch left exactly as it started from ``start``.
-
-    A stage that trains part of the model (a LoRA leg changes the adapted weights only; a frozen embedding matrix
-    never moves) writes only that part: on all-MiniLM-L6-v2 with its word embeddings frozen, 44 of 91 MB.
-
-    Example:
-        >>> import tempfile
-        >>> m = torch.nn.Linear(2, 1)
-        >>> start = {n: t.clone() for n, t in iter_merged_state(m)}
-        >>> with torch.no_grad():
-        ...     _ = m.bias.add_(1.0)
-        >>> box = ScratchTensors(tempfile.mkdtemp())
-        >>> get = _write_moved(box, m, start)
-        >>> box.names(), torch.equal(get("weight"), start["weight"]), float(get("bias") - start["bias"])
-        (['bias'], True, 1.0)
-        >>> box.close()
-    """
-
-    def moved() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, t in iter_merged_state(model):
-            try:
-                if torch.equal(t, start[name]):
-                    continue
-            except KeyError:  # not in the ledger's state: kept as it is
-                pass
-            yield name, t
-
-    box.write(moved())
-    return lambda name: box.get(name) if name in box else start[name]
-
-
 def _started(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     work = working_copy(model)
     load_state(work, state)
@@ -675,8 +640,7 @@ def _partial_embedding(
     scratch: _ScratchFiles | None,
 ) -> ScratchTensors | dict[str, torch.Tensor]:
     stages, k = ledger.stages, plan.stage
-    cf_start = ledger.state_at(k - 1)
-    cf = _started(model, cf_start)
+    cf = _started(model, ledger.state_at(k - 1))
     last = plan.legs[-1]
     cf_opt: Mapping[str, Any] | None = None
     fact_opt: Mapping[str, Any] | None = None
@@ -687,7 +651,8 @@ def _partial_embedding(
         if not leg.full and opt is not None:
             cf_opt = _StateOnDisk.save(branches.file("cf-optimizer"), opt)
         del opt
-    cf_get = _write_moved(branches.file("cf"), cf, cf_start)
+    cf_params = branches.file("cf")
+    cf_params.write(iter_merged_state(cf))
     del cf  # the counterfactual branch is on disk: the factual one runs in the room it leaves
     release_freed_memory()  # a trained model is a reference cycle (its patched forward): freed only by a collection
     if last.full:
@@ -719,15 +684,16 @@ def _partial_embedding(
         )
     else:
         stage = stages[last.index]
-        fact_start = ledger.state_at(last.index - 1)
-        fact = _started(model, fact_start)
+        fact = _started(model, ledger.state_at(last.index - 1))
         info = {"stage": stage, "removed": None, "scale": 1.0}
         fact, opt = run_stage(stage, fact, stage_fns, info, max_steps=last.steps)
         fact_opt = _StateOnDisk.save(branches.file("fact-optimizer"), opt) if opt is not None else None
         del opt
-        fact_get = _write_moved(branches.file("fact"), fact, fact_start)
+        fact_params = branches.file("fact")
+        fact_params.write(iter_merged_state(fact))
         del fact
         release_freed_memory()
+        fact_get = fact_params.get
         if cf_opt is None or fact_opt is None:
             notes.add(
                 f"Stage {stage.name!r}: its step-limited replay returned no optimizer, so the first-moment difference "
@@ -740,7 +706,7 @@ def _partial_embedding(
 
     def carried() -> Iterator[tuple[str, torch.Tensor]]:
         for name in ledger.parameter_names:
-            x = fact_get(name).to(torch.float64) - cf_get(name).to(torch.float64)
+            x = fact_get(name).to(torch.float64) - cf_params.get(name).to(torch.float64)
             buf = None
             if rest is not None:
                 family = props[last.index].family

@@ -453,37 +453,3 @@ def test_a_small_model_keeps_the_vectors_in_memory_with_the_same_numbers(digits,
     first = emb.get(k, name)
     first.add_(1.0)
     assert torch.equal(emb.get(k, name), memory[k][name])  # a caller's in-place change does not reach the store
-
-
-def test_branches_write_only_the_parameters_they_moved_with_the_same_numbers(tmp_path, monkeypatch):
-    """A branch's parameters that its replayed steps left as they started (a layer frozen by the user, the weights a
-    LoRA leg does not adapt) are read from the start state instead of written to scratch: the estimates equal those
-    of writing every parameter, and budget 1 is still replay."""
-    from hf_stage_attribution._internal.params import iter_merged_state
-    from tests.helpers.frozen import frozen_layer_then_lora
-
-    ledger, model, fns, behavior = frozen_layer_then_lora(tmp_path)
-    monkeypatch.setattr(pr, "IN_MEMORY_BYTES", 0)  # scratch files, as for a real model
-    written: list[str] = []
-    write = pr.ScratchTensors.write
-
-    def counted(self, tensors):
-        write(self, ((written.append(name) or (name, t)) for name, t in tensors))
-
-    monkeypatch.setattr(pr.ScratchTensors, "write", counted)
-
-    def estimate(budget):
-        pr._MEMO.clear()
-        return estimators.get("partial-replay").estimate(ledger, model, behavior, budget=budget, stage_fns=fns,
-                                                         **QUIET).per_example  # fmt: skip
-
-    half = estimate(0.5)
-    plan = " ".join(str(v) for v in pr._MEMO["embeddings"].diagnostics["partial_replay"].values())
-    assert "×2" in plan  # a step-limited leg ran both branches
-    assert "2.weight" in written and "0.weight" not in written and "0.bias" not in written
-    monkeypatch.setattr(pr, "_write_moved", lambda box, m, start: (box.write(iter_merged_state(m)), box.get)[1])
-    everything = estimate(0.5)
-    assert all(torch.equal(half[s], everything[s]) for s in half)
-    replay = estimators.get("replay").estimate(ledger, model, behavior, stage_fns=fns, **QUIET).per_example
-    full = estimate(1.0)
-    assert all(torch.allclose(full[s], replay[s], atol=1e-6) for s in replay)
