@@ -155,6 +155,21 @@ def state_digests(model: torch.nn.Module) -> dict[str, str]:
     return {name: tensor_digest(t) for name, t in iter_merged_state(model)}
 
 
+def floating_buffer_digests(model: torch.nn.Module) -> dict[str, str]:
+    """Per-buffer digests of the floating-point buffers (BatchNorm running statistics, rotary caches), by name.
+
+    Example:
+        >>> bn = torch.nn.BatchNorm1d(2)
+        >>> before = floating_buffer_digests(bn)
+        >>> sorted(before)
+        ['running_mean', 'running_var']
+        >>> _ = bn(torch.randn(4, 2))
+        >>> before == floating_buffer_digests(bn)
+        False
+    """
+    return {name: tensor_digest(b) for name, b in model.named_buffers() if b.is_floating_point()}
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """Strip DDP/accelerate/compile wrappers (not PEFT: PEFT is seen through by name normalisation)."""
     seen = 0

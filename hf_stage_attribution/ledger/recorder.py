@@ -23,7 +23,14 @@ import torch
 from .._internal.hashing import combine_digests, tensor_digest
 from .._internal.memory import human_bytes
 from .._internal.notices import notice
-from .._internal.params import base_parameters, lora_layers, merged_tensor, state_digests, unwrap_model
+from .._internal.params import (
+    base_parameters,
+    floating_buffer_digests,
+    lora_layers,
+    merged_tensor,
+    state_digests,
+    unwrap_model,
+)
 from ..errors import LedgerError
 from .core import LedgerCore, utc_now
 from .format import FORMAT_VERSION, check_name
@@ -219,6 +226,7 @@ class StageRecording:
                 shutil.rmtree(self.partial_dir)
             self.partial_dir.mkdir(parents=True)
         self.start_digests = digests if not resumed else self._load_progress()["start_digests"]
+        self._buffer_digests = floating_buffer_digests(model)
         self._trainable = [n for n, p in self._params.items() if p.requires_grad and n not in self._lora]
         self._snapshot = self._take_snapshot(resumed)
         self._lora_start = self._lora_snapshot(resumed)
@@ -559,6 +567,16 @@ class StageRecording:
             warnings.warn(
                 f"Stage {self.name!r}: {len(frozen_changed)} parameter(s) without requires_grad changed during the "
                 f"stage (e.g. {frozen_changed[0]!r}); their change is recorded in the stage delta.",
+                stacklevel=3,
+            )
+        moved_buffers = [n for n, d in floating_buffer_digests(self.model).items() if self._buffer_digests.get(n) != d]
+        if moved_buffers:
+            warnings.warn(
+                f"Stage {self.name!r}: {len(moved_buffers)} floating-point buffer(s) changed during the stage (e.g. "
+                f"{moved_buffers[0]!r}: BatchNorm running statistics or the like). The ledger records parameters "
+                "only: replay and partial replay start every stage from the final model's buffers, so they agree with "
+                "the recorded run only approximately. Put such layers in eval mode while training if they should not "
+                "change.",
                 stacklevel=3,
             )
         all_dense = dense_names + frozen_changed + other_lora

@@ -140,3 +140,27 @@ def test_corrupt_unknown_version_and_escaping_ledgers(tmp_path):
         warnings.simplefilter("always")
         assert len(StageLedger.load(tmp_path).stages) == 1
     assert any("surprise" in str(w.message) for w in caught)
+
+
+def test_a_stage_that_changes_buffers_is_warned_about(tmp_path):
+    """The ledger holds parameters only: a stage that moves BatchNorm's running statistics gets a warning saying that
+    replay starts from the final model's buffers; a model without such buffers gets none."""
+    torch.manual_seed(0)
+    for name, model in (("bn", torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))),
+                        ("plain", torch.nn.Sequential(torch.nn.Linear(3, 4))),
+                        ("frozen-bn", torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)))):  # fmt: skip
+        if name == "frozen-bn":
+            model[1].eval()  # running statistics kept as they are: nothing to warn about
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ledger = StageLedger(tmp_path / name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with ledger.record_stage("s1", model=model, optimizer=opt) as rec:
+                model(torch.randn(8, 3)).pow(2).sum().backward()
+                opt.step()
+                rec.step()
+        said = [str(w.message) for w in caught if "buffer" in str(w.message)]
+        if name == "bn":
+            assert len(said) == 1 and "'1.running_mean'" in said[0] and "final model's buffers" in said[0]
+        else:
+            assert said == []
