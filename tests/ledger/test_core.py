@@ -146,9 +146,9 @@ def test_a_stage_that_changes_buffers_is_warned_about(tmp_path):
     """The ledger holds parameters only: a stage that moves BatchNorm's running statistics gets a warning saying that
     replay starts from the final model's buffers; a model without such buffers gets none."""
     torch.manual_seed(0)
-    for name, model in (("bn", torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))),
-                        ("plain", torch.nn.Sequential(torch.nn.Linear(3, 4))),
-                        ("frozen-bn", torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)))):  # fmt: skip
+    for name in ("bn", "plain", "frozen-bn"):
+        layers = [torch.nn.Linear(3, 4)] + ([] if name == "plain" else [torch.nn.BatchNorm1d(4)])
+        model = torch.nn.Sequential(*layers)
         if name == "frozen-bn":
             model[1].eval()  # running statistics kept as they are: nothing to warn about
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
