@@ -384,7 +384,8 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
 
 def match_recorded_trainables(model: Any, stage: Stage) -> None:
     """Give ``model``'s base parameters the ``requires_grad`` flags they had when ``stage`` was recorded: trainable
-    exactly when the ledger lists them among the stage's ``trainable_parameters``.
+    exactly when the ledger lists them among the stage's ``trainable_parameters`` and not among the parameters it
+    changed without ``requires_grad`` (the training code edited those in place; the optimizer did not train them).
 
     A replayed stage runs on a copy of the *final* model, whose flags are the last stage's (a ``PeftModel`` is
     unloaded with every parameter trainable): a parameter the user froze before a dense stage (an embedding matrix,
@@ -401,7 +402,7 @@ def match_recorded_trainables(model: Any, stage: Stage) -> None:
         >>> m.weight.requires_grad, m.bias.requires_grad
         (False, True)
     """
-    names = set(getattr(stage, "trainable_parameters", None) or ())
+    names = set(getattr(stage, "trainable_parameters", None) or ()) - set(getattr(stage, "changed_without_grad", ()))
     if not names or getattr(stage, "lora", None) or not (stage.num_steps and stage.learning_rates):
         return
     for name, param in base_parameters(model).items():

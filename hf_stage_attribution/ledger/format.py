@@ -48,6 +48,7 @@ STAGE_KEYS = {
     "start_hash", "end_hash", "end_digests", "wall_time_seconds", "started_at", "finished_at", "segments",
     "curvature_loss", "trl", "replay", "notes", "delta_file", "lora_file", "world_size", "framework_versions",
     "source", "recipe", "metadata", "estimator_availability", "skipped_steps", "early_checkpoint",
+    "changed_without_grad",
 }  # fmt: skip
 
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
@@ -297,6 +298,9 @@ def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
     trainable = data.get("trainable_parameters", [])
     if not isinstance(trainable, list) or not all(isinstance(x, str) for x in trainable):
         raise _fail(path, "`trainable_parameters`: a list of names", trainable)
+    unflagged = data.get("changed_without_grad", [])  # absent (ledgers before it existed): none is known
+    if not isinstance(unflagged, list) or not all(isinstance(x, str) and x in trainable for x in unflagged):
+        raise _fail(path, "`changed_without_grad`: a list of names from `trainable_parameters`", unflagged)
     policy = data.get("optimizer_state_policy", "fresh")
     if policy not in ("fresh", "continued", "unknown"):
         raise _fail(path, "`optimizer_state_policy` in fresh/continued/unknown", policy)

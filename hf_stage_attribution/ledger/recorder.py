@@ -650,6 +650,7 @@ class StageRecording:
             **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),  # absent: all applied
             "num_steps": len(self.learning_rates),
             "trainable_parameters": sorted(set(all_dense) | set(self._lora)),
+            **({"changed_without_grad": sorted(frozen_changed)} if frozen_changed else {}),
             "delta_file": "delta.safetensors" if "delta.safetensors" in files else None,
             "lora_file": "lora.safetensors" if "lora.safetensors" in files else None,
             "lora": lora_info,

@@ -344,6 +344,12 @@ class Stage:
         return self.info.get("trainable_parameters", [])
 
     @property
+    def changed_without_grad(self) -> list[str]:
+        """Parameters in ``trainable_parameters`` that changed during the stage without ``requires_grad`` (edited in
+        place by the training code, not by the optimizer); empty for ledgers written before the list existed."""
+        return self.info.get("changed_without_grad", [])
+
+    @property
     def optimizer_state_policy(self) -> str:
         return self.info.get("optimizer_state_policy", "fresh")
 

@@ -162,3 +162,37 @@ def test_replay_trains_only_what_each_stage_trained(tmp_path):
     run_stage(s1, work, fns, {"stage": s1, "removed": None, "scale": 1.0})
     assert torch.equal(work[0].weight, before) and not work[0].weight.requires_grad
     assert estimators.replay_gap(ledger, model, stage_fns=fns) < 1e-5
+
+
+def test_a_parameter_the_training_code_edits_without_grad_stays_untrained_in_replay(tmp_path):
+    """A parameter without ``requires_grad`` that the training code edits in place is listed among the stage's
+    trainable parameters (its change is in the delta) and, separately, as changed without grad: replay leaves it to the
+    stage function's edit instead of training it, and reproduces θ_K."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    model[0].bias.requires_grad_(False)
+
+    def train(m, ledger=None):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.05)
+        ctx = ledger.record_stage("s1", model=m, optimizer=opt) if ledger is not None else None
+        rec = ctx.__enter__() if ctx else None
+        for _ in range(4):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+            with torch.no_grad():
+                m[0].bias.mul_(0.9)  # an in-place edit, not an optimizer update
+            if rec:
+                rec.step()
+        if ctx:
+            ctx.__exit__(None, None, None)
+        return m
+
+    ledger = StageLedger(tmp_path / "ledger")
+    with pytest.warns(UserWarning, match="without requires_grad changed"):
+        train(model, ledger)
+    stage = StageLedger.load(tmp_path / "ledger").stages[0]
+    assert "0.bias" in stage.trainable_parameters and stage.changed_without_grad == ["0.bias"]
+    model.requires_grad_(True)  # as a copy of an unloaded PeftModel would be
+    assert estimators.replay_gap(ledger, model, stage_fns={"s1": train}) < 1e-6
