@@ -65,6 +65,7 @@ def test_toxicity_classifier_minilm_small_ranks_the_refresh_stage_first_and_scal
     # the biased data refresh, not the clean fine-tuning before it, taught the shortcut: both rankings agree
     assert summary["rankings"]["attribution"][0] == "data-refresh"
     assert summary["rankings"]["replay"][0] == "data-refresh"
+    assert summary["replay_gap"] < 1e-5  # the ground truth is the recorded recipe (frozen embeddings stay frozen)
     assert summary["effects"]["data-refresh"] > 0 and summary["replay_effects"]["data-refresh"] > 0
     # the cross-check with alt-profanity-check: it agrees with the clean labels; the refresh's over-flagging shows
     agreement = summary["agreement"]
