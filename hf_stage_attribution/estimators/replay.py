@@ -194,7 +194,6 @@ def run_stage(
     if fn is None and not (stage.num_steps and stage.learning_rates):
         _add_delta(model, stage)  # an edit without training (untracked/imported): re-applied as recorded
         return model, None
-    match_recorded_trainables(model, stage)
     if max_steps is not None and fn is not None and not takes_max_steps(fn):
         raise PartialReplayError(
             f"Partial replay needs to stop stage {stage.index} {stage.name!r} after {max_steps} optimizer step(s), "
@@ -211,6 +210,7 @@ def run_stage(
         model = replay_trainer_stage(stage, model, ref_model=ref, max_steps=max_steps, optimizer_out=state)
         drop_gradients(model)
         return model, state
+    match_recorded_trainables(model, stage)  # replay_trainer_stage above does the same for replay data
     kwargs = {} if max_steps is None else {"max_steps": int(max_steps)}
     with frozen_gc():  # speed only: the full collections of a Trainer inside fn scan just the new objects
         result = fn(model, info, **kwargs) if _takes_info(fn) else fn(model, **kwargs)
