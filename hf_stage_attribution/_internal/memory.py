@@ -37,7 +37,7 @@ def _libc() -> ctypes.CDLL | None:
     return _LIBC or None
 
 
-def release_freed_memory(threshold: int = 131072) -> bool:
+def release_freed_memory(threshold: int = 131072, collect: bool = True) -> bool:
     """Make glibc hand freed buffers back to the system instead of keeping them in its heap.
 
     Attribution allocates and frees model-sized buffers one after another (a stage's embedding, a JVP's activations);
@@ -51,9 +51,12 @@ def release_freed_memory(threshold: int = 131072) -> bool:
     First it runs Python's cyclic garbage collector: what an estimator leaves behind in reference cycles (a finished
     ``Trainer`` with its optimizer's moments and a DPO reference model, a PEFT wrapper) is otherwise freed only at
     Python's next full collection, so on SmolLM2-135M each later phase of ``validate`` started 4–6× the parameter
-    bytes above the first one's floor.
+    bytes above the first one's floor. ``collect=False`` skips it where what was freed had no cycles (a curvature
+    product's buffers): a full collection walks every object alive, 0.2 s a time once transformers is imported,
+    which made ``aa-ggn`` 5–26× slower on the benchmark pipelines when it ran once per curvature segment.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     if os.environ.get("HF_STAGE_ATTRIBUTION_KEEP_MALLOC"):
         return False
     lib = _libc()

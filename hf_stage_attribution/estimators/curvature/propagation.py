@@ -382,7 +382,9 @@ def propagate(
                 coefficients = _curvature_correction(layout, store, x, buf, model, theta_start, seg, loss, mode,
                                                      krylov_size, curvature_scale, sample_size, chunk_rows,
                                                      record)  # fmt: skip
-                release_freed_memory()  # the products' freed buffers back to the system before R_0
+                # the products' freed buffers back to the system before R_0 (freed by reference counting: no
+                # collection, which would walk every live object once per segment)
+                release_freed_memory(collect=False)
                 x, buf = layout.curvature_free(x, buf, in_place=True)
                 buf = layout.add_correction_streamed(x, buf, store, coefficients)
         except (MemoryError, RuntimeError, OSError) as exc:
