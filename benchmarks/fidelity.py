@@ -96,9 +96,10 @@ def measure(pipe: Any, settings: Any) -> dict[str, Any]:
     from .partial_replay import step_limited_fns
 
     # the section measures the propagation estimators: its "default" is what `auto` picks where no later stage can
-    # be replayed; what `auto` picks with the pipeline's (step-limited) stage functions is recorded beside it
-    default, reason = estimators.choose_estimator(ledger, pipe.loss_fns)
-    plain_default, plain_reason = estimators.choose_estimator(ledger, None)
+    # be replayed (also where the ledger holds replay data, as the LM pipeline's does); what `auto` picks with the
+    # pipeline's (step-limited) stage functions is recorded beside it
+    default, reason = estimators.choose_estimator(ledger, pipe.loss_fns, partial_replay=False)
+    plain_default, plain_reason = estimators.choose_estimator(ledger, None, partial_replay=False)
     auto, auto_reason = estimators.choose_estimator(ledger, pipe.loss_fns, step_limited_fns(pipe))
     run: dict[str, Any] = {
         "pipeline": pipe.name, "seed": pipe.seed, "stages": stages, "terminal": stages[-1],

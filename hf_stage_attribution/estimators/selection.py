@@ -49,9 +49,16 @@ PARTIAL_REPLAY_BUDGET = 0.25  # = partial_replay.DEFAULT_BUDGET (a test keeps th
 
 
 def choose_estimator(
-    ledger: LedgerCore, loss_fns: Mapping[str, Any] | None = None, stage_fns: Mapping[str, Any] | None = None
+    ledger: LedgerCore,
+    loss_fns: Mapping[str, Any] | None = None,
+    stage_fns: Mapping[str, Any] | None = None,
+    *,
+    partial_replay: bool = True,
 ) -> tuple[str, str]:
     """``(estimator name, reason)`` by the rule in the module docstring.
+
+    ``partial_replay=False`` skips step 2: what ``auto`` picks where no later stage can be replayed, even when the
+    ledger holds replay data (the benchmarks compare the propagation estimators on such ledgers).
 
     Example:
         >>> import tempfile, torch
@@ -63,8 +70,11 @@ def choose_estimator(
         ...         opt.zero_grad(); model(torch.ones(1, 2)).sum().backward(); opt.step(); rec.step()
         >>> choose_estimator(ledger)[0]
         'aa-linear'
-        >>> choose_estimator(ledger, stage_fns={"b": lambda model, max_steps=None: None})[0]
+        >>> fns = {"b": lambda model, max_steps=None: None}
+        >>> choose_estimator(ledger, stage_fns=fns)[0]
         'partial-replay'
+        >>> choose_estimator(ledger, stage_fns=fns, partial_replay=False)[0]  # as if no stage could be replayed
+        'aa-linear'
     """
     blind = [s.name for s in ledger.stages[1:] if lacks_optimizer_information(s)]
     if blind:
@@ -77,7 +87,7 @@ def choose_estimator(
     if not later:
         return "aa-linear", "no stage after the first took optimizer steps, so there is no curvature to propagate"
     fns = dict(stage_fns or {})
-    if all(can_replay(s, fns, step_limited=True) for s in later):
+    if partial_replay and all(can_replay(s, fns, step_limited=True) for s in later):
         how = sorted({"stage functions" if s.name in fns else "recorded replay data" for s in later})
         early = [s.name for s in later if getattr(s, "early_checkpoint", None) is not None]
         return PARTIAL_REPLAY, (
@@ -89,6 +99,8 @@ def choose_estimator(
             + (f"; the factual branch of {early} is read from their recorded early checkpoints" if early else "")
         )
     fallback = _without_replay(ledger, later, loss_fns)
+    if not partial_replay:
+        return fallback
     unreplayable = [s.name for s in later if not can_replay(s, fns, step_limited=True)]
     return fallback[0], (
         f"{fallback[1]}; partial replay not used: later stage(s) {unreplayable} have neither replay data "
