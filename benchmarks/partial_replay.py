@@ -3,7 +3,8 @@
 For every pipeline whose later stages can be replayed (stage functions or recorded replay data), per seed: replay
 (the ground truth, timed), ``delta-fd`` (the baseline to beat), and ``partial-replay`` / ``partial-replay-linear``
 at budgets 0, 5, 10, 25, 50, 100 % of replay's optimizer steps (``budget_unit="steps"``), at 10, 25, 50 % with the
-opt-in Gauss–Newton carry (``carry="aa-ggn"``, pipelines that give ``loss_fns``) and, outside ``--quick``,
+opt-in Gauss–Newton carry (``carry="aa-ggn"``, pipelines that give ``loss_fns``), at 10 and 25 % with the factual
+branch interpolated along the recorded stage delta (``factual="interpolated"``) and, outside ``--quick``,
 of the later stages' learning-rate mass (``"lr-mass"``), and at 10 and 25 % with the factual branch read from an
 early checkpoint (every pipeline is recorded with ``early_checkpoint=0.25``, which the other rows ignore). Before
 the timings, one untimed partial replay at 25 %
@@ -46,6 +47,10 @@ BUDGETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
 EARLY_CHECKPOINT = 0.25
 EARLY_BUDGETS = (0.1, 0.25)
 EARLY = "partial-replay, early checkpoint"
+#: the factual branch read off the recorded stage delta (``factual="interpolated"``, opt-in, nothing recorded): the
+#: budget buys twice the counterfactual steps
+INTERPOLATED_BUDGETS = (0.1, 0.25)
+INTERPOLATED = "partial-replay, interpolated factual"
 GGN_BUDGETS = (0.1, 0.25, 0.5)  # the opt-in Gauss–Newton carry, where the pipeline gives loss_fns
 READOUTS = ("partial-replay", "partial-replay-linear")
 BASELINE = "delta-fd"
@@ -157,6 +162,16 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
         result, readout = repeated(readout_fn, least)
         values[label(EARLY, budget, "steps")] = _pairs(joint, result.per_example)
         run["times"][label(EARLY, budget, "steps")] = prepare + readout
+    for budget in INTERPOLATED_BUDGETS:
+        embed = partial(_cold_embeddings, ledger, model, chosen, budget=budget, stage_fns=fns, factual="interpolated",
+                        **as_recorded_by_default)  # fmt: skip
+        emb, prepare = repeated(embed, least)
+        run["plans"][f"{100 * budget:g} % (steps), interpolated factual"] = emb.diagnostics["partial_replay"]
+        readout_fn = partial(estimators.get("partial-replay").estimate, ledger, model, joint, budget=budget,
+                             factual="interpolated", **as_recorded_by_default, **opts)  # fmt: skip
+        result, readout = repeated(readout_fn, least)
+        values[label(INTERPOLATED, budget, "steps")] = _pairs(joint, result.per_example)
+        run["times"][label(INTERPOLATED, budget, "steps")] = prepare + readout
     for budget in GGN_BUDGETS if pipe.loss_fns else ():
         ggn = {"carry": "aa-ggn", "loss_fns": pipe.loss_fns, "curvature_options": dict(pipe.curvature_options)}
         fd = partial(_cold, ledger, estimators.get("partial-replay").estimate, ledger, model, joint, budget=budget,

@@ -25,7 +25,11 @@ of stages ``k+1..K``):
    A stage recorded with an *early checkpoint* (``record_stage(..., early_checkpoint=f)``, opt-in: θ and the whole
    optimizer state after ``⌊f·n⌋`` steps) is planned as one leg up to it whenever its steps fit the budget: the
    factual branch, first moments included, is read from the checkpoint and only the counterfactual branch runs (it
-   costs its steps, not twice them); ``use_early_checkpoints=False`` ignores it.
+   costs its steps, not twice them); ``use_early_checkpoints=False`` ignores it. ``factual="interpolated"``
+   (opt-in, nothing recorded) does the same without a checkpoint: the factual branch after ``m`` steps of stage
+   ``j`` is taken as ``θ_{j−1} + μ_m Δ_j``, ``μ_m`` the share of the stage's learning-rate mass its first ``m``
+   steps spent, so the budget buys twice the steps of the counterfactual branch; exact where the stage's trajectory
+   is straight in learning-rate mass, the first-moment difference is then unknown (taken as zero).
 4. **Read out** by finite difference, ``f(θ_K) − f(θ_K − v_k)`` (``partial-replay``), or linearly,
    ``∇f(θ_K) · v_k`` (``partial-replay-linear``), with the code of ``aa-fd`` / ``aa-linear``.
 
@@ -99,6 +103,7 @@ from .replay import can_replay, load_state, run_stage, takes_max_steps, working_
 DEFAULT_BUDGET = 0.25
 BUDGET_UNITS = ("steps", "lr-mass")
 CARRIES = ("aa-linear", "aa-ggn")
+FACTUALS = ("replay", "interpolated")
 
 
 def check_budget(budget: Any, unit: str = "steps") -> float:
@@ -128,6 +133,7 @@ class Leg:
     full: bool
     checkpoint: int | None = None  # a recorded segment whose midpoint parameters stand for the factual branch
     early: bool = False  # the stage's recorded early checkpoint stands for the factual branch (after ``steps``)
+    interpolated: bool = False  # the factual branch after ``steps`` is read off the recorded stage delta (no replay)
 
 
 @dataclass
@@ -155,6 +161,8 @@ class PartialReplayPlan:
             how = "whole" if leg.full else f"{leg.steps}/{stage.num_steps} steps"
             if leg.early:
                 how += " (factual: recorded early checkpoint)"
+            elif leg.interpolated:
+                how += " (factual: interpolated)"
             elif not leg.full:
                 how += " ×2" if leg.checkpoint is None else f" (factual: segment {leg.checkpoint})"
             parts.append(f"{stage.name} {how}")
@@ -184,6 +192,7 @@ def plan_partial_replay(
     unit: str = "steps",
     use_checkpoints: bool = False,
     use_early_checkpoints: bool = True,
+    factual: str = "replay",
 ) -> PartialReplayPlan:
     """The legs partial replay runs for stage index ``k`` at ``budget`` (see the module docstring, step 1).
 
@@ -213,11 +222,11 @@ def plan_partial_replay(
             plan.cost_steps += len(w)
             left -= sum(w)
             continue
-        m, spent = 0, 0.0
-        while m < len(w) and 2 * (spent + w[m]) <= left * (1 + 1e-12):
+        m, spent, legs = 0, 0.0, 1 if factual == "interpolated" else 2
+        while m < len(w) and legs * (spent + w[m]) <= left * (1 + 1e-12):
             spent += w[m]
             m += 1
-        leg = Leg(stage.index, m, False)
+        leg = Leg(stage.index, m, False, interpolated=factual == "interpolated")
         for steps, segment in _checkpoints(stage) if use_checkpoints else []:
             if steps > leg.steps and steps < len(w) and sum(w[:steps]) <= left * (1 + 1e-12):
                 leg = Leg(stage.index, steps, False, segment)  # only the counterfactual branch runs
@@ -226,7 +235,8 @@ def plan_partial_replay(
             leg = Leg(stage.index, early.steps, False, early=True)  # the factual branch is read, not run
         if leg.steps:
             plan.legs.append(leg)
-            plan.cost_steps += leg.steps if (leg.checkpoint is not None or leg.early) else 2 * leg.steps
+            one = leg.checkpoint is not None or leg.early or leg.interpolated
+            plan.cost_steps += leg.steps if one else 2 * leg.steps
         break
     if not any(leg.steps for leg in plan.legs):
         plan.legs = []  # only edits without optimizer steps: the propagation (D = 1) re-applies them exactly
@@ -560,6 +570,23 @@ def _moved_from(start: Mapping[str, torch.Tensor], moved: Mapping[str, torch.Ten
     return get
 
 
+def _mass_fraction(stage: Stage, steps: int) -> float:
+    """The share of ``stage``'s learning-rate mass ``Σ_t η_t`` spent by its first ``steps`` steps (the share of
+    its steps when it recorded no rates)."""
+    rates = _weights(stage, "lr-mass")
+    total = sum(rates)
+    return sum(rates[:steps]) / total if total > 0 else steps / max(int(stage.num_steps), 1)
+
+
+def _interpolated(start: Mapping[str, torch.Tensor], stage: Stage, fraction: float) -> Callable[[str], torch.Tensor]:
+    """``θ_start + fraction · Δ`` by name, float64: the factual parameters part-way through ``stage``."""
+
+    def get(name: str) -> torch.Tensor:
+        return start[name].to(torch.float64) + fraction * stage.delta_tensor(name).to(torch.float64)
+
+    return get
+
+
 def _moment_difference(family: str | None, fact: Mapping | None, cf: Mapping | None, name: str):
     key = first_moment_key(family or "")
     if key is None or not fact or not cf:
@@ -666,6 +693,15 @@ def _partial_embedding(
         notes.add(
             f"Stage {stage.name!r}: the factual branch of the partial replay is the recorded early checkpoint (after "
             f"{last.steps} steps, with its optimizer state): only the counterfactual branch was replayed."
+        )
+    elif last.interpolated:
+        stage = stages[last.index]
+        fact_get = _interpolated(ledger.state_at(last.index - 1), stage, _mass_fraction(stage, last.steps))
+        fact_opt, cf_opt = cf_opt, None  # preconditioned by the counterfactual branch's moments; no Δm known
+        notes.add(
+            f"Stage {stage.name!r}: the factual branch of the partial replay (after {last.steps} steps) is the "
+            "stage's start plus the recorded stage delta scaled by the learning-rate mass of those steps; only the "
+            "counterfactual branch was replayed, the first-moment difference is taken as zero."
         )
     elif last.checkpoint is not None:
         stage = stages[last.index]
@@ -812,6 +848,7 @@ def partial_replay_embeddings(
     carry_moments: bool = True,
     reuse: bool = True,
     use_early_checkpoints: bool = True,
+    factual: str = "replay",
 ) -> PartialReplayEmbeddings:
     """The partial-replay embeddings of ``stages`` (ledger stages) at ``budget``.
 
@@ -827,17 +864,24 @@ def partial_replay_embeddings(
     indices = [s.index for s in stages]
     if carry not in CARRIES:
         raise BudgetError(f"`carry` must be one of {CARRIES}, got {carry!r}.")
+    if factual not in FACTUALS:
+        raise BudgetError(
+            f"`factual` must be one of {FACTUALS} (replay the factual branch, or read it off the recorded stage delta "
+            f"and spend the budget on the counterfactual branch alone), got {factual!r}."
+        )
     key = (
         *_memo_key(ledger, indices, budget, budget_unit, stage_fns),
         use_checkpoints,
         carry,
         carry_moments,
         use_early_checkpoints,
+        factual,
     )
     if reuse and _MEMO.get("key") == key:
         return _MEMO["embeddings"]
     plans = {
-        k: plan_partial_replay(ledger, k, budget, budget_unit, use_checkpoints, use_early_checkpoints) for k in indices
+        k: plan_partial_replay(ledger, k, budget, budget_unit, use_checkpoints, use_early_checkpoints, factual)
+        for k in indices
     }
     for plan in plans.values():
         check_replayable(ledger, plan, stage_fns)
@@ -912,6 +956,7 @@ class _PartialReplayMixin:
             curvature_options=options.get("curvature_options"),
             carry_moments=bool(options.get("carry_moments", True)),
             use_early_checkpoints=bool(options.get("use_early_checkpoints", True)),
+            factual=options.get("factual", "replay"),
         )  # fmt: skip
 
     def prepare(self, ledger, stages=None, model=None, **options):

@@ -455,3 +455,55 @@ def test_a_small_model_keeps_the_vectors_in_memory_with_the_same_numbers(digits,
     first = emb.get(k, name)
     first.add_(1.0)
     assert torch.equal(emb.get(k, name), memory[k][name])  # a caller's in-place change does not reach the store
+
+
+def _constant_gradient_pipeline(root):
+    """Three SGD stages of 8 steps on ``w · c`` (its gradient ``c`` does not depend on ``w``) under a decaying
+    learning rate: every trajectory is ``θ_start − c · Σ η``, exactly linear in the learning-rate mass."""
+    c = torch.tensor([[1.0, -2.0, 0.5]])
+    model, ledger = torch.nn.Linear(3, 1, bias=False), StageLedger(root)
+
+    def make(m):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+
+    def train(m, opt, sched, steps, rec=None):
+        for _ in range(steps):
+            opt.zero_grad()
+            m(c).sum().backward()
+            opt.step()
+            if rec is not None:
+                rec.step()
+            sched.step()
+        return m, opt
+
+    for name in ("a", "b", "c"):
+        opt, sched = make(model)
+        with ledger.record_stage(name, model=model, optimizer=opt, scheduler=sched) as rec:
+            train(model, opt, sched, 8, rec)
+
+    def fn(m, max_steps=None):  # the recorded recipe, stopping after max_steps optimizer steps
+        return train(m, *make(m), 8 if max_steps is None else max_steps)
+
+    fns = dict.fromkeys(("a", "b", "c"), fn)
+    return ledger, model, fns
+
+
+def test_an_interpolated_factual_branch_is_exact_on_a_straight_trajectory_and_runs_one_branch(tmp_path):
+    ledger, model, fns = _constant_gradient_pipeline(tmp_path / "ledger")
+    stages = list(ledger.stages)
+    replayed = pr.plan_partial_replay(ledger, 0, 6 / 16)  # 6 of 16 later steps: 3 steps of stage b from both starts
+    one = pr.plan_partial_replay(ledger, 0, 3 / 16, factual="interpolated")  # 3 steps, counterfactual branch only
+    legs = [[(leg.index, leg.steps) for leg in plan.legs] for plan in (replayed, one)]
+    assert legs == [[(1, 3)], [(1, 3)]]
+    assert (replayed.cost_steps, one.cost_steps) == (6, 3) and "factual: interpolated" in one.describe(ledger)
+    for budget, factual in ((6 / 16, "replay"), (3 / 16, "interpolated")):
+        pr._MEMO.clear()
+        emb = pr.partial_replay_embeddings(ledger, model, stages[:1], budget=budget, stage_fns=fns, factual=factual)
+        if factual == "replay":
+            reference = emb.get(0, "weight").clone()
+        else:
+            torch.testing.assert_close(emb.get(0, "weight"), reference, rtol=1e-6, atol=1e-7)
+            assert any("interpolated" in a or "learning-rate mass" in a for a in emb.approximations)
+    with pytest.raises(BudgetError, match="factual"):
+        pr.partial_replay_embeddings(ledger, model, stages[:1], budget=0.25, stage_fns=fns, factual="guess")
