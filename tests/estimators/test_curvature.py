@@ -556,3 +556,34 @@ def test_cheap_preset_is_the_explicit_cheap_setting(tmp_path):
     assert default.diagnostics["curvature"]["settings"]["preset"] == "default"
     products = [e.diagnostics["curvature"]["curvature_products"] for e in (default, preset)]
     assert products[0] > products[1]
+
+
+def test_the_dropped_dpo_reference_is_freed_with_a_full_collection_only_when_it_sits_in_a_cycle():
+    import gc
+    import weakref
+
+    from hf_stage_attribution.estimators.curvature.trl import _Reference
+
+    full = []
+
+    def count(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            full.append(1)
+
+    gc.callbacks.append(count)
+    try:
+        for cyclic in (False, True):
+            full.clear()
+
+            def build(cyclic=cyclic):  # a fresh model each time, as the reference's builder makes
+                module = torch.nn.Linear(2, 2)
+                if cyclic:
+                    module.me = [module]  # what a patched forward bound to its module amounts to
+                return module
+
+            ref = _Reference(build)
+            alive = weakref.ref(ref.get())
+            ref.drop()
+            assert alive() is None and len(full) == int(cyclic), cyclic
+    finally:
+        gc.callbacks.remove(count)
