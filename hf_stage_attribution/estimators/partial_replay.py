@@ -49,7 +49,11 @@ checkpoint loses the first-moment difference and was worse (0.70 vs 0.77 with th
 opt-in. The early checkpoint (every stage recorded with ``early_checkpoint=0.25``, 25 % budget) cuts
 time ÷ replay from 0.31 to 0.23 (digits-hf), 0.33 to 0.20 (digits-decay), 0.32 to 0.22 (digits-undo), 0.43 to 0.36
 (digits-first) and 0.40 to 0.30 (LM), with the same or better fidelity except on the LM pipeline (non-terminal
-Spearman 0.961 → 0.941); the toxicity recipe's cost is its stage functions' fixed setup (0.90 → 0.98).
+Spearman 0.961 → 0.941); the toxicity recipe's cost is its stage functions' fixed setup (0.90 → 0.98). The
+interpolated factual branch (``factual="interpolated"``, 25 %; Spearman / sign on all pairs) helps where the
+next stage's path is nearly straight in learning-rate mass and the extra counterfactual steps matter — digits-hf
+0.742 / 84 % → 0.854 / 100 %, digits-decay 0.797 / 64 % → 0.863 / 75 % — and hurts where it bends: digits-undo
+0.941 → 0.894, LM 0.980 → 0.923, toxicity top stage 87 % → 73 %; so it stays opt-in.
 
 Example:
     >>> from hf_stage_attribution import estimators
