@@ -53,6 +53,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         "to spend, in [0, 1] (default 0.25; 0 = aa-fd, 1 = replay)",
     )
     p.add_argument(
+        "--factual",
+        choices=["replay", "interpolated"],
+        default=None,
+        help="partial-replay: replay the factual branch too (default), or read it off the recorded stage delta "
+        "scaled by the learning-rate mass of the replayed steps and spend the whole budget on the counterfactual "
+        "branch (opt-in: better on some pipelines, worse on others, BENCHMARKS.md section 8)",
+    )
+    p.add_argument(
         "--ref-model",
         action="append",
         default=[],
@@ -111,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     options: dict = {"allow_identity_propagation": True} if args.allow_identity_propagation else {}
     if args.budget is not None:
         options["budget"] = args.budget
+    if args.factual is not None:
+        options["factual"] = args.factual
     ref_models = {}
     for item in args.ref_model:
         stage, sep, path = item.partition("=")

@@ -151,6 +151,25 @@ def test_attribute_with_the_cheap_curvature_preset(classifier_run, tmp_path, cap
     assert "invalid choice: 'expensive'" in capsys.readouterr().err
 
 
+def test_attribute_partial_replay_with_budget_and_interpolated_factual(classifier_run, tmp_path, capsys):
+    """``--budget`` and ``--factual`` reach partial replay: at 50 % of the 4 later steps, the interpolated factual
+    branch buys 2 counterfactual steps of stage ``flip`` where replaying both branches buys 1 each."""
+    root = classifier_run
+    argv = ["attribute", str(root / "ledger"), "--model", str(root / "model"), "--behaviors"]
+    argv += [str(root / "behaviors.json"), "--estimator", "partial-replay", "--budget", "0.5", "--no-diagnostics"]
+    plans = {}
+    for factual in ("replay", "interpolated"):
+        out = tmp_path / factual
+        assert main([*argv, "--factual", factual, "--output-dir", str(out)]) == 0
+        notes = json.loads((out / "report.json").read_text())["diagnostics"]["margin"]["notes"]
+        plans[factual] = notes["partial_replay"]["plans"]["base"]
+    capsys.readouterr()
+    assert plans == {"replay": "flip 1/4 steps ×2", "interpolated": "flip 2/4 steps (factual: interpolated)"}
+    with pytest.raises(SystemExit):
+        main([*argv, "--factual", "guess", "--output-dir", str(tmp_path / "bad")])
+    assert "invalid choice: 'guess'" in capsys.readouterr().err
+
+
 def test_validate_json_carries_the_replay_value_of_every_stage(classifier_run, tmp_path, capsys):
     root = classifier_run
     argv = ["validate", str(root / "ledger"), "--model", str(root / "model"), "--behaviors"]
