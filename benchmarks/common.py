@@ -28,6 +28,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
+#: the sections of ``benchmarks/run.py``, in the order it runs them (a full run runs them all)
+SECTIONS = ("fidelity", "overhead", "memory", "distributed", "interventions", "partial-replay")
+
+
 @dataclass
 class Settings:
     """Sizes of every figure; ``quick`` runs in minutes, the full run in under 30 minutes on 2 CPU cores."""

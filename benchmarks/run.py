@@ -45,9 +45,7 @@ from benchmarks import (  # noqa: E402
     render,
     targets,
 )
-from benchmarks.common import REPO, Settings, machine, quiet  # noqa: E402
-
-SECTIONS = ("fidelity", "overhead", "memory", "distributed", "interventions", "partial-replay")
+from benchmarks.common import REPO, SECTIONS, Settings, machine, quiet  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -126,7 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     settings = Settings.make(args.quick)
     command = "python benchmarks/run.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    results: dict[str, Any] = {"command": command, "machine": machine(), "settings": settings.to_dict()}
+    results: dict[str, Any] = {
+        "command": command,
+        "machine": machine(),
+        "settings": settings.to_dict(),
+        "sections_run": sections,
+        "pipelines_run": names or list(pipelines.PIPELINES),
+    }
     start = time.perf_counter()
     log(f"start: {command}")
     with tempfile.TemporaryDirectory(prefix="hsa-benchmarks-") as tmp:

@@ -128,3 +128,19 @@ def test_partial_replay_section_on_a_tiny_digits_pipeline(tmp_path):
     assert len(rows) == 16 and all(r["met"] in (True, False) for r in rows)  # default and early-checkpoint rows
     assert sum("early checkpoint" in r["scope"] for r in rows) == 8
     assert {r["target"] for r in rows} >= {"issue 13: never worse than delta-fd", "issue 13: ≤ 25 % of replay's time"}
+
+
+def test_the_thirty_minute_row_reads_only_a_full_run():
+    """A run of some sections or pipelines (merged into BENCHMARKS.json) says nothing of the full run's time."""
+    from benchmarks.common import SECTIONS
+    from benchmarks.pipelines import PIPELINES
+    from benchmarks.targets import evaluate
+
+    def row(**ran):
+        results = {"settings": {"quick": False}, "total_seconds": 900.0, **ran}
+        return next(r for r in evaluate(results) if r["target"].startswith("full run"))
+
+    for full in ({}, {"sections_run": list(SECTIONS), "pipelines_run": list(PIPELINES)}):
+        assert row(**full)["measured"] == 15.0 and row(**full)["met"] is True
+    for part in ({"sections_run": ["partial-replay"]}, {"sections_run": list(SECTIONS), "pipelines_run": ["lm"]}):
+        assert row(**part)["measured"] is None and "not a full run" in row(**part)["how"]
