@@ -84,7 +84,9 @@ from .._internal.memory import collections_of_new_objects, human_bytes, release_
 from .._internal.params import iter_merged_state
 from ..errors import BudgetError, EstimatorMemoryError, PartialReplayError
 from ..ledger.core import LedgerCore
+from ..ledger.segments import lr_mass_fraction
 from ..ledger.stage import Stage
+from ..ledger.state import LazyState
 from .base import register
 from .curvature.propagation import curvature_settings, propagate
 from .curvature.scratch import (
@@ -574,23 +576,6 @@ def _moved_from(start: Mapping[str, torch.Tensor], moved: Mapping[str, torch.Ten
     return get
 
 
-def _mass_fraction(stage: Stage, steps: int) -> float:
-    """The share of ``stage``'s learning-rate mass ``Σ_t η_t`` spent by its first ``steps`` steps (the share of
-    its steps when it recorded no rates)."""
-    rates = _weights(stage, "lr-mass")
-    total = sum(rates)
-    return sum(rates[:steps]) / total if total > 0 else steps / max(int(stage.num_steps), 1)
-
-
-def _interpolated(start: Mapping[str, torch.Tensor], stage: Stage, fraction: float) -> Callable[[str], torch.Tensor]:
-    """``θ_start + fraction · Δ`` by name, float64: the factual parameters part-way through ``stage``."""
-
-    def get(name: str) -> torch.Tensor:
-        return start[name].to(torch.float64) + fraction * stage.delta_tensor(name).to(torch.float64)
-
-    return get
-
-
 def _moment_difference(family: str | None, fact: Mapping | None, cf: Mapping | None, name: str):
     key = first_moment_key(family or "")
     if key is None or not fact or not cf:
@@ -700,7 +685,9 @@ def _partial_embedding(
         )
     elif last.interpolated:
         stage = stages[last.index]
-        fact_get = _interpolated(ledger.state_at(last.index - 1), stage, _mass_fraction(stage, last.steps))
+        share = lr_mass_fraction(stage.learning_rates, last.steps - 1)  # of the rates of steps 0..m-1
+        scaled = LazyState(stage.delta_names(), lambda name: stage.delta_tensor(name) * share)
+        fact_get = _moved_from(ledger.state_at(last.index - 1), scaled)
         fact_opt, cf_opt = cf_opt, None  # preconditioned by the counterfactual branch's moments; no Δm known
         notes.add(
             f"Stage {stage.name!r}: the factual branch of the partial replay (after {last.steps} steps) is the "
