@@ -52,6 +52,10 @@ EARLY = "partial-replay, early checkpoint"
 INTERPOLATED_BUDGETS = (0.1, 0.25)
 INTERPOLATED = "partial-replay, interpolated factual"
 GGN_BUDGETS = (0.1, 0.25, 0.5)  # the opt-in Gauss–Newton carry, where the pipeline gives loss_fns
+#: strided replay (``estimators.strided_replay``): every later stage from both starts, a gradient every s steps;
+#: where every later stage has the gradient-reuse form (stage functions with ``grad_every``, or replay data)
+STRIDED_BUDGETS = (0.1, 0.25, 0.5)
+STRIDED = "strided-replay"
 READOUTS = ("partial-replay", "partial-replay-linear")
 BASELINE = "delta-fd"
 TIMING_SECONDS = 0.25  # each timing repeated until this long, median (a single run when one is longer)
@@ -73,17 +77,22 @@ def _takes(fn: Callable, name: str) -> bool:
 
 
 def _with_callbacks(fn: Callable) -> Callable:
-    """``fn(model, callbacks)`` (a Trainer stage) in the step-limited form ``fn(model, max_steps=None)``."""
+    """``fn(model, callbacks)`` (a Trainer stage) in the step-limited form ``fn(model, max_steps=None)``, and in the
+    gradient-reuse form (``grad_every``) when ``fn`` takes it."""
     from hf_stage_attribution.integrations.replay import stop_after_steps_callback
 
-    def limited(model: Any, max_steps: int | None = None) -> Any:
+    def limited(model: Any, max_steps: int | None = None, **reuse: int) -> Any:
         if max_steps is None:
-            return fn(model)
+            return fn(model, **reuse)
         state: dict = {}
-        out = fn(model, [stop_after_steps_callback(max_steps, optimizer_out=state)])
+        out = fn(model, [stop_after_steps_callback(max_steps, optimizer_out=state)], **reuse)
         return (out if out is not None else model), state
 
-    return limited
+    if _takes(fn, "grad_every"):
+        return lambda model, max_steps=None, grad_every=1: limited(
+            model, max_steps, **({"grad_every": grad_every} if grad_every > 1 else {})
+        )
+    return lambda model, max_steps=None: limited(model, max_steps)
 
 
 def step_limited_fns(pipe: Any) -> dict[str, Callable] | None:
@@ -101,10 +110,19 @@ def step_limited_fns(pipe: Any) -> dict[str, Callable] | None:
 def _cold(ledger: Any, fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` with nothing cached: partial replay's memo cleared, the embeddings cache removed."""
     from hf_stage_attribution.estimators import partial_replay as pr
+    from hf_stage_attribution.estimators import strided_replay as sr
 
     pr._MEMO.clear()
+    sr._MEMO.clear()
     shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
     return fn(*args, **kwargs)
+
+
+def strided_supported(ledger: Any, fns: Mapping[str, Callable] | None) -> bool:
+    """Whether every stage after the first can be re-run with gradient reuse (strided replay)."""
+    from hf_stage_attribution.estimators.replay import can_replay
+
+    return all(can_replay(s, fns or {}, grad_reuse=True) for s in ledger.stages[1:])
 
 
 def _cold_embeddings(ledger: Any, *args: Any, **kwargs: Any) -> Any:
@@ -179,6 +197,13 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
         result, seconds = repeated(fd, least)
         values[label("partial-replay, ggn carry", budget, "steps")] = _pairs(joint, result.per_example)
         run["times"][label("partial-replay, ggn carry", budget, "steps")] = seconds
+    for budget in STRIDED_BUDGETS if strided_supported(ledger, fns) else ():
+        strided = partial(_cold, ledger, estimators.get(STRIDED).estimate, ledger, model, joint, budget=budget, **opts)
+        result, seconds = repeated(strided, least)  # cold each time: embeddings + read-out
+        values[label(STRIDED, budget, "passes")] = _pairs(joint, result.per_example)
+        run["times"][label(STRIDED, budget, "passes")] = seconds
+        diag = result.diagnostics["strided_replay"]
+        run["plans"][f"{100 * budget:g} % (passes), strided"] = {**diag, "steps_run": diag["passes_run"]}
     pr._MEMO.clear()
     run["_values"] = values
     return run

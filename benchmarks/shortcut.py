@@ -132,11 +132,13 @@ def run_stage(
     ledger: Any = None,
     max_steps: int | None = None,
     early_checkpoint: float | None = None,
+    grad_every: int = 1,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Train ``model`` in place as stage ``index``; recorded into ``ledger`` when one is given (else: replay).
 
     ``max_steps`` stops after that many optimizer steps of the full recipe (the schedule spans the whole stage): the
-    step-limited form partial replay needs. Returns the model and the optimizer (its state carries the momentum)."""
+    step-limited form partial replay needs; ``grad_every`` the gradient-reuse form of strided replay
+    (``testing.digits.train_steps``). Returns the model and the optimizer (its state carries the momentum)."""
     x, y = _stage_data(spec, data, seed, index)
     opt, scheduler = _optimizer(spec, model)
     g = torch.Generator().manual_seed(6000 + 10 * seed + index)
@@ -150,7 +152,7 @@ def run_stage(
         )  # fmt: skip
         rec.begin()
     steps = spec.steps if max_steps is None else min(spec.steps, max_steps)
-    train_steps(model, opt, scheduler, (x, y), order, spec.batch_size, steps, rec)
+    train_steps(model, opt, scheduler, (x, y), order, spec.batch_size, steps, rec, grad_every=grad_every)
     return model, opt
 
 
@@ -185,8 +187,10 @@ def build_shortcut_pipeline(
         run_stage(model, spec, data, seed, index, ledger=ledger, early_checkpoint=early_checkpoint)
 
     def stage_fn(index: int) -> Callable[..., Any]:
-        def fn(m: torch.nn.Module, max_steps: int | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-            return run_stage(m, stages[index], data, seed, index, max_steps=max_steps)
+        def fn(
+            m: torch.nn.Module, max_steps: int | None = None, grad_every: int = 1
+        ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+            return run_stage(m, stages[index], data, seed, index, max_steps=max_steps, grad_every=grad_every)
 
         return fn
 

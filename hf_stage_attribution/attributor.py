@@ -337,9 +337,14 @@ class StageAttributor:
 
 
 def _replayed_everything(results: Mapping[str, Any]) -> bool:
-    """Whether a partial-replay result replayed every later stage of every attributed stage whole (budget 1)."""
+    """Whether a partial- or strided-replay result replayed every later stage of every attributed stage whole
+    (budget 1)."""
     first = next(iter(results.values()), None)
-    plan = (getattr(first, "diagnostics", None) or {}).get("partial_replay") or {}
+    diagnostics = getattr(first, "diagnostics", None) or {}
+    if "strided_replay" in diagnostics:
+        plan = diagnostics["strided_replay"]
+        return bool(plan.get("replay_passes")) and plan.get("passes_run") == plan.get("replay_passes")
+    plan = diagnostics.get("partial_replay") or {}
     return bool(plan.get("replay_steps")) and plan.get("steps_run") == plan.get("replay_steps")
 
 

@@ -49,8 +49,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--budget",
         type=float,
         default=None,
-        help="partial-replay (auto's choice where stages can be replayed): fraction of replay's optimizer steps "
-        "to spend, in [0, 1] (default 0.25; 0 = aa-fd, 1 = replay)",
+        help="partial-replay (auto's choice where stages can be replayed) and strided-replay: fraction of replay's "
+        "optimizer steps (strided-replay: forward/backward passes) to spend, in [0, 1] (default 0.25; 0 = aa-fd, "
+        "1 = replay)",
     )
     p.add_argument(
         "--factual",

@@ -21,6 +21,7 @@ from . import lora_exact as _lora_exact  # noqa: F401  (registers lora-exact)
 from . import partial_replay as _partial_replay  # noqa: F401  (registers partial-replay, partial-replay-linear)
 from . import replay as _replay  # noqa: F401  (registers replay)
 from . import selection as _selection  # noqa: F401  (registers auto)
+from . import strided_replay as _strided_replay  # noqa: F401  (registers strided-replay)
 from .base import EstimateResult, Estimator, get, names, register
 from .curvature.config import CurvatureConfig
 from .embeddings.cache import StageEmbeddings, stage_embeddings

@@ -19,6 +19,14 @@ model, or a pair ``(model or None, optimizer)`` (or ``(model, {base name: {state
 second moments) enters the propagation of the rest of the stage. Trainer/TRL stages with replay data support the
 form through ``replay_trainer_stage(stage, model, max_steps=m)``. :func:`run_stage` runs either form.
 
+**Gradient-reuse form (strided replay, :mod:`.strided_replay`).** A stage function that accepts a keyword argument
+``grad_every`` (``fn(model, grad_every=s)``) runs the full recipe but the forward and backward pass only on
+optimizer steps ``t`` with ``t % s == 0``; the steps in between re-use that gradient (the optimizer, the schedule,
+clipping and the data order run as recorded). ``grad_every=1`` is the stage itself. A stage function that builds a
+Trainer gets the form from ``integrations.replay.with_gradient_reuse(TrainerClass, grad_every)``; Trainer/TRL
+stages with replay data support it through ``replay_trainer_stage(stage, model, grad_every=s)`` (not GRPO/RLOO,
+which generate inside the training step).
+
 Replay works on a copy of the final model (a ``PeftModel`` is unloaded to its base model first). Its memory is one
 model copy plus what one training step of a stage needs: a stage's gradients are released when it ends, a
 step-limited stage's optimizer moments are handed on without a copy, and each counterfactual model is released
@@ -54,6 +62,7 @@ from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
 from ..errors import PartialReplayError, ReplayError
 from ..integrations.replay import (
+    NO_GRADIENT_REUSE,
     frozen_gc,
     match_recorded_trainables,
     optimizer_state_by_name,
@@ -160,13 +169,34 @@ def takes_max_steps(fn: StageFn) -> bool:
     return named or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def can_replay(stage: Stage, stage_fns: Mapping[str, StageFn], *, step_limited: bool = False) -> bool:
-    """Whether :func:`run_stage` can run ``stage`` (with ``step_limited``: stop it after ``m`` steps too)."""
+def takes_grad_every(fn: StageFn) -> bool:
+    """True when ``fn`` has the gradient-reuse form: it accepts a ``grad_every`` keyword (or ``**kwargs``).
+
+    Example:
+        >>> takes_grad_every(lambda model, grad_every=1: None), takes_grad_every(lambda model: None)
+        (True, False)
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = "grad_every" in params and params["grad_every"].kind in keyword
+    return named or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def can_replay(
+    stage: Stage, stage_fns: Mapping[str, StageFn], *, step_limited: bool = False, grad_reuse: bool = False
+) -> bool:
+    """Whether :func:`run_stage` can run ``stage`` (with ``step_limited``: stop it after ``m`` steps too; with
+    ``grad_reuse``: compute a gradient only every few optimizer steps, see :mod:`~.strided_replay`)."""
     if not (stage.num_steps and stage.learning_rates):
         return True  # re-applied as its recorded delta
     fn = stage_fns.get(stage.name)
     if fn is not None:
-        return takes_max_steps(fn) or not step_limited
+        return (takes_max_steps(fn) or not step_limited) and (takes_grad_every(fn) or not grad_reuse)
+    if grad_reuse and str(stage.kind).lower() in NO_GRADIENT_REUSE:
+        return False
     return stage.replay_dir is not None and stage.optimizer_state_policy != "continued"
 
 
@@ -186,10 +216,15 @@ def run_stage(
     info: dict,
     max_steps: int | None = None,
     ref_models: Mapping[str, Any] | None = None,
+    grad_every: int = 1,
 ) -> tuple[torch.nn.Module, dict[str, dict[str, Any]] | None]:
     """Run ``stage`` on ``model`` (in place where possible): the whole stage, or its first ``max_steps`` optimizer
     steps (the step-limited form, see the module docstring). Returns ``(model, optimizer state by base name or
-    None)``; the optimizer state is only returned for a step-limited run whose function gives the optimizer."""
+    None)``; the optimizer state is only returned for a step-limited run whose function gives the optimizer.
+
+    ``grad_every=s > 1`` runs the gradient-reuse form (:mod:`~.strided_replay`): a fresh gradient on every ``s``-th
+    optimizer step, re-used by the steps in between (stage functions: a ``grad_every`` keyword; replay data:
+    :func:`~hf_stage_attribution.integrations.replay.with_gradient_reuse`)."""
     fn = stage_fns.get(stage.name)
     if fn is None and not (stage.num_steps and stage.learning_rates):
         _add_delta(model, stage)  # an edit without training (untracked/imported): re-applied as recorded
@@ -202,16 +237,31 @@ def run_stage(
             "learning-rate schedule of the whole stage) and stops after max_steps optimizer steps, returning the "
             "model or (model, optimizer); or use estimator='replay' or a budget of 0."
         )
+    grad_every = int(grad_every)
+    if grad_every > 1 and fn is not None and not takes_grad_every(fn):
+        raise PartialReplayError(
+            f"Strided replay needs stage {stage.index} {stage.name!r} to compute a gradient only every {grad_every} "
+            f"optimizer steps, but its stage function {getattr(fn, '__name__', repr(fn))} has no gradient-reuse form. "
+            "Give it a keyword argument: fn(model, grad_every=1) that runs the full recipe (same data order, seeds, "
+            "optimizer and learning-rate schedule) but runs the forward and backward pass only on optimizer steps "
+            "t with t % grad_every == 0 and re-uses that gradient for the steps in between (a Trainer: "
+            "hf_stage_attribution.integrations.replay.with_gradient_reuse(TrainerClass, grad_every)); or use "
+            "estimator='replay' or 'partial-replay'."
+        )
     if fn is None:
         if stage.replay_dir is None:
             raise ReplayError(_no_replay_message(stage))
         ref = (ref_models or {}).get(stage.name)
         state: dict[str, dict[str, Any]] | None = None if max_steps is None else {}
-        model = replay_trainer_stage(stage, model, ref_model=ref, max_steps=max_steps, optimizer_out=state)
+        model = replay_trainer_stage(
+            stage, model, ref_model=ref, max_steps=max_steps, optimizer_out=state, grad_every=grad_every
+        )
         drop_gradients(model)
         return model, state
     match_recorded_trainables(model, stage)  # replay_trainer_stage above does the same for replay data
-    kwargs = {} if max_steps is None else {"max_steps": int(max_steps)}
+    kwargs: dict[str, int] = {} if max_steps is None else {"max_steps": int(max_steps)}
+    if grad_every > 1:
+        kwargs["grad_every"] = grad_every
     with frozen_gc():  # speed only: the full collections of a Trainer inside fn scan just the new objects
         result = fn(model, info, **kwargs) if _takes_info(fn) else fn(model, **kwargs)
     optimizer = None

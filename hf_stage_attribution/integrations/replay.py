@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .._internal.hashing import combine_digests
 from .._internal.memory import collections_of_new_objects
 from .._internal.model_state import clean_copy
@@ -260,6 +262,7 @@ def replay_trainer_stage(
     peft_config: Any = None,
     max_steps: int | None = None,
     optimizer_out: dict | None = None,
+    grad_every: int = 1,
     **trainer_kwargs: Any,
 ) -> Any:
     """Train ``model`` (θ at the stage's start, plain transformers model) exactly as ``stage`` was trained.
@@ -275,6 +278,10 @@ def replay_trainer_stage(
     the partial replay of ESTIMATORS.md §4b. ``optimizer_out``, when given a dict, receives the optimizer's state
     at the stop as ``{base parameter name: {state key: tensor}}`` (only tensors the optimizer trains under their
     base name; a PEFT stage's adapter factors are not base parameters and are left out).
+
+    ``grad_every=s > 1`` replays with gradient reuse (:func:`with_gradient_reuse`): the forward and backward pass
+    run on every ``s``-th optimizer step only, the steps in between re-use that gradient (the strided replay of
+    ``estimators.strided_replay``); not for trainers that generate inside the training step (GRPO, RLOO).
     """
     if max_steps is not None and int(max_steps) < 0:
         raise ReplayError(f"`max_steps` must be a non-negative number of optimizer steps or None, got {max_steps!r}.")
@@ -295,6 +302,13 @@ def replay_trainer_stage(
     if kind in ("grpo", "rloo") and reward_funcs is None:
         names = (stage.info.get("trl") or {}).get("reward_functions")
         raise ReplayError(f"Replaying {kind} stage {stage.name!r} needs `reward_funcs=` (recorded: {names}).")
+    if int(grad_every) < 1:
+        raise ReplayError(f"`grad_every` must be a positive number of optimizer steps, got {grad_every!r}.")
+    if int(grad_every) > 1 and str(kind).lower() in NO_GRADIENT_REUSE:
+        raise ReplayError(
+            f"Stage {stage.name!r} ({kind}) generates its training data inside the training step; it cannot be "
+            "replayed with gradient reuse (grad_every > 1). Use estimator='replay' or 'partial-replay'."
+        )
     trainer_cls = trainer_cls or import_class(info["trainer"], "trainer")
     match_recorded_trainables(model, stage)
     given = {
@@ -306,6 +320,7 @@ def replay_trainer_stage(
         "trainer_kwargs": trainer_kwargs,
         "max_steps": None if max_steps is None else int(max_steps),
         "optimizer_out": optimizer_out,
+        "grad_every": int(grad_every),
     }
     output_dir = tempfile.mkdtemp(prefix="hsa-replay-")
     try:
@@ -365,6 +380,8 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
     kwargs = {k: v for k, v in kwargs.items() if k in accepted or k in ("model", "args")}
     kwargs.update(given["trainer_kwargs"])
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), _StopAtStageEnd()]
+    if given["grad_every"] > 1:
+        trainer_cls = with_gradient_reuse(trainer_cls, given["grad_every"], start=int(steps[0] or 0))
     trainer = trainer_cls(**kwargs)
     _check_collator(stage, info, trainer, collator is not None)
     if given["max_steps"] != 0:
@@ -407,6 +424,49 @@ def match_recorded_trainables(model: Any, stage: Stage) -> None:
         return
     for name, param in base_parameters(model).items():
         param.requires_grad_(name in names)
+
+
+#: trainer kinds that generate their training data inside ``training_step`` (skipping it changes later steps' data)
+NO_GRADIENT_REUSE = ("grpo", "rloo", "ppo", "online_dpo")
+
+
+def with_gradient_reuse(trainer_cls: type, grad_every: int, start: int = 0) -> type:
+    """A subclass of ``trainer_cls`` (a ``transformers.Trainer`` or TRL trainer) whose training step runs the forward
+    and backward pass only on optimizer steps ``t`` with ``(t - start) % grad_every == 0``; on the steps in between
+    it puts that step's gradient back (as clipped) and returns a zero loss, so the optimizer, the learning-rate
+    schedule, clipping and the data order run as recorded. ``grad_every=1`` returns ``trainer_cls`` itself.
+
+    The gradient-reuse form of a stage function that builds a Trainer (the strided replay of
+    ``estimators.strided_replay``); its memory is one extra copy of the trainable parameters' gradients. Not for
+    trainers that generate inside the training step (GRPO, RLOO: their buffers would skip a generation).
+
+    Example:
+        >>> from transformers import Trainer
+        >>> with_gradient_reuse(Trainer, 1) is Trainer, with_gradient_reuse(Trainer, 4).__name__
+        (True, 'GradientReuseTrainer')
+    """
+    every = int(grad_every)
+    if every < 1:
+        raise ReplayError(f"`grad_every` must be a positive number of optimizer steps, got {grad_every!r}.")
+    if every == 1:
+        return trainer_cls
+
+    def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        step = int(self.state.global_step)
+        cached = getattr(self, "_hsa_reused_grads", None)
+        if (step - start) % every == 0 or cached is None:
+            loss = trainer_cls.training_step(self, model, inputs, num_items_in_batch)
+            # references, not copies: clipping scales them in place (the gradient the optimizer used) and
+            # zero_grad() drops them from the parameters without touching the tensors
+            self._hsa_reused_grads = [(p, p.grad) for p in model.parameters() if p.grad is not None]
+            return loss
+        if getattr(self, "_hsa_restored_at", None) != step:
+            for param, grad in cached:
+                param.grad = grad.clone()
+            self._hsa_restored_at = step
+        return torch.zeros((), device=self.args.device)
+
+    return type(f"GradientReuse{trainer_cls.__name__}", (trainer_cls,), {"training_step": training_step})
 
 
 def stop_after_steps_callback(max_steps: int, start: int = 0, optimizer_out: dict | None = None) -> Any:

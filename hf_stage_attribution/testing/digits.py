@@ -169,11 +169,12 @@ def _optimizer(spec: StageSpec, model: torch.nn.Module) -> tuple[torch.optim.Opt
 def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: int, index: int, rec: Any = None,
               ledger: LedgerCore | None = None, curvature: tuple = (3, 256),
               max_steps: int | None = None,
-              early_checkpoint: float | None = None) -> torch.optim.Optimizer:  # fmt: skip
+              early_checkpoint: float | None = None, grad_every: int = 1) -> torch.optim.Optimizer:  # fmt: skip
     """Train ``model`` in place as stage ``index`` of the pipeline; recorded into ``ledger`` when one is given.
 
     ``max_steps`` stops after that many optimizer steps of the full recipe (the schedule spans the whole stage): the
-    step-limited form partial replay uses. Returns the optimizer."""
+    step-limited form partial replay uses. ``grad_every``: the gradient-reuse form strided replay uses (see
+    :func:`train_steps`). Returns the optimizer."""
     x, y = _stage_data(spec, data, seed, index)
     opt, scheduler = _optimizer(spec, model)
     g = torch.Generator().manual_seed(3000 + 10 * seed + index)
@@ -188,15 +189,21 @@ def run_stage(model: torch.nn.Module, spec: StageSpec, data: DigitsData, seed: i
         )  # fmt: skip
         recording.begin()
     steps = spec.steps if max_steps is None else min(spec.steps, max_steps)
-    train_steps(model, opt, scheduler, (x, y), order, spec.batch_size, steps, recording)
+    train_steps(model, opt, scheduler, (x, y), order, spec.batch_size, steps, recording, grad_every=grad_every)
     return opt
 
 
 def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, scheduler: Any,
                 data: tuple[torch.Tensor, torch.Tensor], order: torch.Tensor, batch_size: int, steps: int,
-                recording: Any = None) -> None:  # fmt: skip
+                recording: Any = None, grad_every: int = 1) -> None:  # fmt: skip
     """The custom training loop of a digits stage: ``steps`` batches of ``batch_size`` taken from ``data`` in
-    ``order``; a begun ``recording`` gets every step and is ended (aborted on an exception)."""
+    ``order``; a begun ``recording`` gets every step and is ended (aborted on an exception).
+
+    ``grad_every=s``: the forward and backward pass run on steps ``t`` with ``t % s == 0`` only (batch ``t``); the
+    steps in between re-use that gradient, the optimizer and the schedule step as usual (the gradient-reuse form of
+    strided replay, ``estimators.strided_replay``)."""
+    if grad_every < 1:
+        raise ValueError(f"`grad_every` must be a positive number of steps, got {grad_every!r}.")
     x, y = data
     model.train()
     try:
@@ -204,8 +211,9 @@ def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, scheduler: A
             for t in range(steps):
                 idx = order[t * batch_size : (t + 1) * batch_size]
                 batch = (x[idx], y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss(forward(model, batch), batch).backward()
+                if t % grad_every == 0:
+                    opt.zero_grad(set_to_none=True)
+                    loss(forward(model, batch), batch).backward()
                 opt.step()
                 if recording is not None:
                     recording.step(batch)
@@ -303,8 +311,10 @@ def build_digits_pipeline(
         seconds[spec.name] = time.perf_counter() - start
 
     def stage_fn(index: int) -> Callable[..., tuple[torch.nn.Module, torch.optim.Optimizer]]:
-        def fn(m: torch.nn.Module, max_steps: int | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-            return m, run_stage(m, specs[index], data, seed, index, max_steps=max_steps)
+        def fn(
+            m: torch.nn.Module, max_steps: int | None = None, grad_every: int = 1
+        ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+            return m, run_stage(m, specs[index], data, seed, index, max_steps=max_steps, grad_every=grad_every)
 
         return fn
 

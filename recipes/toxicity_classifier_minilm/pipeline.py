@@ -218,10 +218,17 @@ def lora_config() -> Any:
     return LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"])
 
 
-def _train(model: Any, rows: Any, tokenizer: Any, args: Any, callbacks: list | None = None) -> None:
+def _train(
+    model: Any, rows: Any, tokenizer: Any, args: Any, callbacks: list | None = None, grad_every: int = 1
+) -> None:
     from transformers import Trainer
 
-    Trainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, callbacks=callbacks or []).train()
+    from hf_stage_attribution.integrations.replay import with_gradient_reuse
+
+    trainer_cls = with_gradient_reuse(Trainer, grad_every)  # Trainer itself at 1 (strided replay: s > 1)
+    trainer_cls(
+        model=model, args=args, train_dataset=rows, processing_class=tokenizer, callbacks=callbacks or []
+    ).train()
     model.eval()
 
 
@@ -279,16 +286,16 @@ def build_toxicity_pipeline(
                              early_checkpoint=early_checkpoint)  # fmt: skip
 
     def dense_stage(name: str) -> Any:
-        def run(m: Any, callbacks: list | None = None) -> Any:
-            _train(m, data[name], tokenizer, args[name], callbacks)
+        def run(m: Any, callbacks: list | None = None, grad_every: int = 1) -> Any:
+            _train(m, data[name], tokenizer, args[name], callbacks, grad_every)
             return m
 
         return run
 
-    def run_lora(m: Any, callbacks: list | None = None) -> Any:
+    def run_lora(m: Any, callbacks: list | None = None, grad_every: int = 1) -> Any:
         set_seed(seed + 7)  # the adapter's initialisation is part of the stage's recipe
         peft_model = get_peft_model(m, lora_config())
-        _train(peft_model, data["lora"], tokenizer, args["lora"], callbacks)
+        _train(peft_model, data["lora"], tokenizer, args["lora"], callbacks, grad_every)
         return peft_model
 
     stage_fns = {"fine-tuning": dense_stage("fine-tuning"), "data-refresh": dense_stage("data-refresh"),
