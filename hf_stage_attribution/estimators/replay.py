@@ -153,6 +153,17 @@ def check_replayable(
         raise ReplayError("Replay cannot re-run every stage it needs: " + "; ".join(problems) + ".")
 
 
+def _takes_keyword(fn: StageFn, name: str) -> bool:
+    """Whether ``fn`` accepts keyword argument ``name`` (by name, or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = name in params and params[name].kind in keyword
+    return named or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def takes_max_steps(fn: StageFn) -> bool:
     """True when ``fn`` has the step-limited form: it accepts a ``max_steps`` keyword (or ``**kwargs``).
 
@@ -160,13 +171,7 @@ def takes_max_steps(fn: StageFn) -> bool:
         >>> takes_max_steps(lambda model, max_steps=None: None), takes_max_steps(lambda model: None)
         (True, False)
     """
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    named = "max_steps" in params and params["max_steps"].kind in keyword
-    return named or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return _takes_keyword(fn, "max_steps")
 
 
 def takes_grad_every(fn: StageFn) -> bool:
@@ -176,13 +181,7 @@ def takes_grad_every(fn: StageFn) -> bool:
         >>> takes_grad_every(lambda model, grad_every=1: None), takes_grad_every(lambda model: None)
         (True, False)
     """
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    named = "grad_every" in params and params["grad_every"].kind in keyword
-    return named or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return _takes_keyword(fn, "grad_every")
 
 
 def can_replay(
