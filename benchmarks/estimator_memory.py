@@ -42,34 +42,53 @@ from benchmarks.memory import _load_case, _model, _tokens  # noqa: E402
 
 ESTIMATORS = (
     "delta-linear", "delta-fd", "aa-linear", "aa-fd", "aa-ggn", "aa-ggn-fd", "aa-hvp", "aa-hvp-fd", "partial-replay",
-    "partial-replay-linear", "replay", "validate",
+    "partial-replay-linear", "strided-replay", "replay", "validate",
 )  # fmt: skip
-REPLAYING = ("partial-replay", "partial-replay-linear", "replay", "validate")  # bound: one training step + one copy
+REPLAYING = (
+    "partial-replay",
+    "partial-replay-linear",
+    "strided-replay",
+    "replay",
+    "validate",
+)  # bound: one training step + one copy
 BOUND = 3.0  # issue 16: peak RSS rise ≤ 3 × the parameter bytes
 DEFAULT = {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab": 4096, "positions": 64}  # 4.2M parameters
 SMALL = {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab": 2048, "positions": 64}  # the CI model (3.7M)
 STAGES, STEPS = 2, 8
 
 
-def _steps(model: Any, opt: Any, cfg: dict[str, int], k: int, rec: Any = None, max_steps: int | None = None) -> None:
-    """Stage ``k``'s training steps (each given to ``rec`` when recording); the first ``max_steps`` only if given."""
+def _steps(
+    model: Any,
+    opt: Any,
+    cfg: dict[str, int],
+    k: int,
+    rec: Any = None,
+    max_steps: int | None = None,
+    grad_every: int = 1,
+) -> None:
+    """Stage ``k``'s training steps (each given to ``rec`` when recording); the first ``max_steps`` only if given; a
+    gradient every ``grad_every`` steps, re-used in between (strided replay's form)."""
     model.train()
     for step in range(STEPS if max_steps is None else min(STEPS, max_steps)):
         ids = _tokens(cfg, 100 * k + step, rows=4, width=16)
         batch = {"input_ids": ids, "labels": ids}
-        opt.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        if step % grad_every == 0:
+            opt.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
         opt.step()
         if rec is not None:
             rec.step(batch)
 
 
-def _train(model: Any, cfg: dict[str, int], k: int, max_steps: int | None = None) -> tuple[Any, Any]:
-    """Stage ``k`` as recorded (step-limited form: ``max_steps``); returns ``(model, optimizer)``."""
+def _train(
+    model: Any, cfg: dict[str, int], k: int, max_steps: int | None = None, grad_every: int = 1
+) -> tuple[Any, Any]:
+    """Stage ``k`` as recorded (step-limited form: ``max_steps``; gradient-reuse form: ``grad_every``); returns
+    ``(model, optimizer)``."""
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    _steps(model, opt, cfg, k, max_steps=max_steps)
+    _steps(model, opt, cfg, k, max_steps=max_steps, grad_every=grad_every)
     model.eval()
     return model, opt
 
@@ -163,7 +182,8 @@ def measure(root: Path, cfg: dict[str, int], name: str, abort_to: Path | None = 
             return logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
 
         stage_fns = {
-            f"stage-{k}": (lambda m, max_steps=None, k=k: _train(m, cfg, k, max_steps)) for k in range(STAGES)
+            f"stage-{k}": (lambda m, max_steps=None, grad_every=1, k=k: _train(m, cfg, k, max_steps, grad_every))
+            for k in range(STAGES)
         }
         step = train_step_rise(model, cfg)
         nbytes = param_bytes(model)
