@@ -184,6 +184,19 @@ def takes_grad_every(fn: StageFn) -> bool:
     return _takes_keyword(fn, "grad_every")
 
 
+def no_gradient_reuse_message(stage: Stage, grad_every: int, fn: StageFn) -> str:
+    """Why stage function ``fn`` of ``stage`` cannot run strided replay's gradient-reuse form, and how to write it."""
+    return (
+        f"Strided replay needs stage {stage.index} {stage.name!r} to compute a gradient only every {grad_every} "
+        f"optimizer steps, but its stage function {getattr(fn, '__name__', repr(fn))} has no gradient-reuse form. "
+        "Give it a keyword argument: fn(model, grad_every=1) that runs the full recipe (same data order, seeds, "
+        "optimizer and learning-rate schedule) but runs the forward and backward pass only on optimizer steps "
+        "t with t % grad_every == 0 and re-uses that gradient for the steps in between (a Trainer: "
+        "hf_stage_attribution.integrations.replay.with_gradient_reuse(TrainerClass, grad_every)); or use "
+        "estimator='replay' or 'partial-replay'."
+    )
+
+
 def can_replay(
     stage: Stage, stage_fns: Mapping[str, StageFn], *, step_limited: bool = False, grad_reuse: bool = False
 ) -> bool:
@@ -238,15 +251,7 @@ def run_stage(
         )
     grad_every = int(grad_every)
     if grad_every > 1 and fn is not None and not takes_grad_every(fn):
-        raise PartialReplayError(
-            f"Strided replay needs stage {stage.index} {stage.name!r} to compute a gradient only every {grad_every} "
-            f"optimizer steps, but its stage function {getattr(fn, '__name__', repr(fn))} has no gradient-reuse form. "
-            "Give it a keyword argument: fn(model, grad_every=1) that runs the full recipe (same data order, seeds, "
-            "optimizer and learning-rate schedule) but runs the forward and backward pass only on optimizer steps "
-            "t with t % grad_every == 0 and re-uses that gradient for the steps in between (a Trainer: "
-            "hf_stage_attribution.integrations.replay.with_gradient_reuse(TrainerClass, grad_every)); or use "
-            "estimator='replay' or 'partial-replay'."
-        )
+        raise PartialReplayError(no_gradient_reuse_message(stage, grad_every, fn))
     if fn is None:
         if stage.replay_dir is None:
             raise ReplayError(_no_replay_message(stage))

@@ -74,7 +74,7 @@ from .partial_replay import (
     check_partial_replay_disk,
 )
 from .propagation.stage import trains
-from .replay import can_replay, run_stage, takes_grad_every
+from .replay import can_replay, no_gradient_reuse_message, run_stage, takes_grad_every
 
 _MEMO: dict[str, Any] = {}
 
@@ -90,11 +90,6 @@ class StridedReplayPlan:
     stages: list[int] = field(default_factory=list)
     cost_passes: int = 0
     replay_passes: int = 0
-
-    @property
-    def fraction(self) -> float:
-        """Forward/backward passes run ÷ replay's (0 when replay runs none, e.g. for the terminal stage)."""
-        return self.cost_passes / self.replay_passes if self.replay_passes else 0.0
 
     def describe(self, ledger: LedgerCore) -> str:
         if not self.stride:
@@ -146,12 +141,8 @@ def check_strided_replayable(ledger: LedgerCore, plan: StridedReplayPlan, stage_
         fn = stage_fns.get(stage.name)
         if fn is not None and not takes_grad_every(fn):
             raise PartialReplayError(
-                f"Strided replay of stage {removed!r} (budget {plan.budget:g}) must re-run stage {stage.index} "
-                f"{stage.name!r} computing a gradient every {plan.stride} optimizer steps, but its stage function has "
-                "no gradient-reuse form. Give it a keyword argument: fn(model, grad_every=1) that runs the full "
-                "recipe and runs the forward/backward pass only on steps t with t % grad_every == 0, re-using that "
-                "gradient in between (a Trainer: integrations.replay.with_gradient_reuse(TrainerClass, grad_every))."
-                " Or use estimator='partial-replay' or 'replay'."
+                f"Strided replay of stage {removed!r} (budget {plan.budget:g}): "
+                + no_gradient_reuse_message(stage, plan.stride, fn)
             )
         if fn is None and stage.replay_dir is not None and stage.optimizer_state_policy != "continued":
             why = f"it is a {stage.kind} stage, which generates its training data inside the training step"
@@ -172,14 +163,11 @@ def _branch_end(
 ):
     """Run the later stages of ``plan`` from ``θ_start`` with the plan's stride; the end parameters into ``box``."""
     work = _started(model, ledger.state_at(start))
+    counterfactual = start < plan.stage  # θ_{k−1}: stage k removed; θ_k: nothing removed
+    removed, scale = (plan.stage, 0.0) if counterfactual else (None, 1.0)
     for j in plan.stages:
         stage = ledger.stages[j]
-        counterfactual = start < plan.stage
-        info = {
-            "stage": stage,
-            "removed": plan.stage if counterfactual else None,
-            "scale": 0.0 if counterfactual else 1.0,
-        }
+        info = {"stage": stage, "removed": removed, "scale": scale}
         work, _ = run_stage(stage, work, stage_fns, info, grad_every=plan.stride)
     box.write(iter_merged_state(work))
     del work

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tests.helpers.recording as F
+import tests.helpers.replaying as H
 from hf_stage_attribution import StageLedger, estimators
 from hf_stage_attribution.errors import BudgetError, PartialReplayError, StageAttributionError
 from hf_stage_attribution.estimators import partial_replay as pr
@@ -26,21 +27,12 @@ QUIET = {"check_model": False, "prepare_behavior": False}
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """A small 3-stage digits pipeline per configuration (AdamW + warmup/decay; SGD momentum/nesterov + decay)."""
-    out = {}
-    for config in ("hf", "decay"):
-        root = tmp_path_factory.mktemp(f"digits-{config}")
-        out[config] = build_digits_pipeline(config, root, seed=0, steps_scale=0.1, base_steps_scale=0.1)
-    return out
-
-
-def _joint(pipe):
-    parts = [pipe.behaviors[n] for n in ("patch_gap", "margin_7", "loss_unseen")]
-    return lambda model: torch.cat([b(model) for b in parts])
+    return H.small_digits(tmp_path_factory.mktemp("digits"))
 
 
 def _estimate(name, pipe, **options):
     pr._MEMO.clear()
-    return estimators.get(name).estimate(pipe.ledger, pipe.model, _joint(pipe), stage_fns=pipe.stage_fns, **QUIET,
+    return estimators.get(name).estimate(pipe.ledger, pipe.model, H.joint(pipe), stage_fns=pipe.stage_fns, **QUIET,
                                          **options)  # fmt: skip
 
 
@@ -108,15 +100,15 @@ def test_a_stage_without_replay_material_or_step_limited_function_is_refused(dig
     pipe = digits["hf"]
     later = pipe.ledger.stages[1].name
     with pytest.raises(PartialReplayError, match=r"save_replay_data=True.*stage_fns=\{'digits-patch'"):
-        estimators.get("partial-replay").estimate(pipe.ledger, pipe.model, _joint(pipe), budget=0.5, **QUIET)
+        estimators.get("partial-replay").estimate(pipe.ledger, pipe.model, H.joint(pipe), budget=0.5, **QUIET)
     plain = dict(pipe.stage_fns)
     plain[later] = lambda model: pipe.stage_fns[later](model)  # the whole stage only
     with pytest.raises(PartialReplayError, match=r"no step-limited form.*fn\(model, max_steps=None\)"):
         estimators.get("partial-replay").estimate(
-            pipe.ledger, pipe.model, _joint(pipe), stage_fns=plain, budget=0.1, **QUIET
+            pipe.ledger, pipe.model, H.joint(pipe), stage_fns=plain, budget=0.1, **QUIET
         )
     # budget 0 replays nothing, so it needs nothing
-    result = estimators.get("partial-replay").estimate(pipe.ledger, pipe.model, _joint(pipe), budget=0.0, **QUIET)
+    result = estimators.get("partial-replay").estimate(pipe.ledger, pipe.model, H.joint(pipe), budget=0.0, **QUIET)
     assert set(result.per_example) == {s.name for s in pipe.ledger.stages}
     assert issubclass(PartialReplayError, StageAttributionError) and issubclass(BudgetError, StageAttributionError)
 
@@ -132,7 +124,7 @@ def test_auto_chooses_partial_replay_where_the_later_stages_can_be_replayed(digi
     name, reason = choose_estimator(pipe.ledger, None, plain)  # whole-stage functions only: no partial replay
     assert name in ("aa-ggn", "aa-linear") and "step-limited stage function" in reason
     pr._MEMO.clear()
-    result = estimators.get("auto").estimate(pipe.ledger, pipe.model, _joint(pipe), stage_fns=pipe.stage_fns, **QUIET)
+    result = estimators.get("auto").estimate(pipe.ledger, pipe.model, H.joint(pipe), stage_fns=pipe.stage_fns, **QUIET)
     assert result.estimator == "partial-replay" and result.reason.startswith("every later stage")
     assert result.diagnostics["partial_replay"]["budget"] == PARTIAL_REPLAY_BUDGET
 
@@ -159,24 +151,7 @@ class _Snapshot:
 @pytest.fixture(scope="module")
 def trainer_ledger(tmp_path_factory):
     """Two Trainer stages (warmup + linear decay, AdamW) of a tiny GPT-2, recorded with replay data."""
-    from transformers import Trainer
-
-    from hf_stage_attribution import StageRecorder
-
-    root = tmp_path_factory.mktemp("trainer")
-    model = F.gpt2()
-    for i, name in enumerate(("first", "second")):
-        args = F.training_args(str(root / name), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2,
-                               lr_scheduler_type="linear", warmup_steps=2, seed=i)  # fmt: skip
-        recorder = StageRecorder(root / "ledger", name, save_replay_data=True, curvature_segments=0)
-        Trainer(model=model, args=args, train_dataset=F.lm_dataset(seed=i), callbacks=[recorder]).train()
-    ids = torch.tensor([[1, 5, 9, 12, 7], [3, 4, 8, 2, 6]])
-
-    def behavior(m):
-        return torch.log_softmax(m(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).sum((1, 2))
-
-    model.eval()
-    return StageLedger.load(root / "ledger"), model, behavior
+    return H.trainer_stages(tmp_path_factory.mktemp("trainer"), ("first", "second"))
 
 
 def test_a_step_limited_trainer_replay_stops_without_changing_the_schedule(trainer_ledger):

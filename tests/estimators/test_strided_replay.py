@@ -10,34 +10,26 @@ import pytest
 import torch
 
 import tests.helpers.recording as F
-from hf_stage_attribution import StageLedger, estimators
+import tests.helpers.replaying as H
+from hf_stage_attribution import estimators
 from hf_stage_attribution.errors import BudgetError, PartialReplayError, ReplayError
 from hf_stage_attribution.estimators import strided_replay as sr
 from hf_stage_attribution.estimators.replay import can_replay
 from hf_stage_attribution.integrations.replay import with_gradient_reuse
-from hf_stage_attribution.testing.digits import build_digits_pipeline
 
 QUIET = {"check_model": False, "prepare_behavior": False}
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    out = {}
-    for config in ("hf", "decay"):
-        root = tmp_path_factory.mktemp(f"strided-{config}")
-        out[config] = build_digits_pipeline(config, root, seed=0, steps_scale=0.1, base_steps_scale=0.1)
-    return out
-
-
-def _joint(pipe):
-    parts = [pipe.behaviors[n] for n in ("patch_gap", "margin_7", "loss_unseen")]
-    return lambda model: torch.cat([b(model) for b in parts])
+    """A small 3-stage digits pipeline per configuration (AdamW + warmup/decay; SGD momentum/nesterov + decay)."""
+    return H.small_digits(tmp_path_factory.mktemp("digits"))
 
 
 def _estimate(name, pipe, stage_fns=None, **options):
     sr._MEMO.clear()
     fns = pipe.stage_fns if stage_fns is None else stage_fns
-    return estimators.get(name).estimate(pipe.ledger, pipe.model, _joint(pipe), stage_fns=fns, **QUIET, **options)
+    return estimators.get(name).estimate(pipe.ledger, pipe.model, H.joint(pipe), stage_fns=fns, **QUIET, **options)
 
 
 @pytest.mark.parametrize("config", ["hf", "decay"])
@@ -161,24 +153,7 @@ def test_with_gradient_reuse_refuses_a_stride_below_one():
 @pytest.fixture(scope="module")
 def trainer_ledger(tmp_path_factory):
     """Two Trainer stages (warmup + linear decay, AdamW) of a tiny GPT-2, recorded with replay data."""
-    from transformers import Trainer
-
-    from hf_stage_attribution import StageRecorder
-
-    root = tmp_path_factory.mktemp("strided-trainer")
-    model = F.gpt2()
-    for i, name in enumerate(("first", "second", "third")):
-        args = F.training_args(str(root / name), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2,
-                               lr_scheduler_type="linear", warmup_steps=2, seed=i)  # fmt: skip
-        recorder = StageRecorder(root / "ledger", name, save_replay_data=True, curvature_segments=0)
-        Trainer(model=model, args=args, train_dataset=F.lm_dataset(seed=i), callbacks=[recorder]).train()
-    ids = torch.tensor([[1, 5, 9, 12, 7], [3, 4, 8, 2, 6]])
-
-    def behavior(m):
-        return torch.log_softmax(m(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).sum((1, 2))
-
-    model.eval()
-    return StageLedger.load(root / "ledger"), model, behavior
+    return H.trainer_stages(tmp_path_factory.mktemp("strided-trainer"), ("first", "second", "third"))
 
 
 def test_strided_replay_of_trainer_stages_matches_replay_at_budget_one_and_runs_within_budget(trainer_ledger):
