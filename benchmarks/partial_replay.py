@@ -250,16 +250,22 @@ def summarise(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
 #: the verdict of the default with task-vector negation as its only second opinion (what the attributor printed for
 #: partial replay before its linear read-out joined the evidence), shown beside today's for comparison
 DELTA_ONLY = "partial-replay, delta-fd only"
+#: the verdict with the linear read-out and task-vector negation (what the attributor printed before strided replay
+#: became the second opinion of a replaying estimate, ``estimators.second_opinion``)
+WITH_DELTA = "partial-replay, sibling + delta-fd"
 
 
 def trust_at_default(group: list[Mapping[str, Any]], budget: float = 0.25) -> dict[str, Any] | None:
     """The trust verdicts the attributor prints for ``partial-replay`` at ``budget`` without replay (its linear
-    read-out and task-vector negation as second opinions, the linearisation gap, the intervals) and how often they
-    were right against replay; beside them the verdicts with task-vector negation alone (:data:`DELTA_ONLY`).
-    ``benchmarks.fidelity.trust_calibration``'s figures, one pipeline; None when a value is missing."""
+    read-out and its second opinion — strided replay at the same budget where the pipeline has it, else task-vector
+    negation — as the attributor chooses, the linearisation gap, the intervals) and how often they were right against
+    replay; beside them the verdicts with the linear read-out and task-vector negation (:data:`WITH_DELTA`) and with
+    task-vector negation alone (:data:`DELTA_ONLY`). ``benchmarks.fidelity.trust_calibration``'s figures, one
+    pipeline; None when a value is missing."""
     from .fidelity import trust_calibration
 
     fd, linear = label("partial-replay", budget, "steps"), label("partial-replay-linear", budget, "steps")
+    strided = label(STRIDED, budget, "passes")
     renamed = []
     for run in group:
         values = run["_values"]
@@ -267,13 +273,17 @@ def trust_at_default(group: list[Mapping[str, Any]], budget: float = 0.25) -> di
             return None
         renamed.append({**run, "default": {"name": "partial-replay"}, "_values": {
             "partial-replay": values[fd], "partial-replay-linear": values[linear], BASELINE: values[BASELINE],
-            "replay": values["replay"]}})  # fmt: skip
+            "replay": values["replay"], **({STRIDED: values[strided]} if strided in values else {})}})  # fmt: skip
     pipeline = group[0]["pipeline"]
-    now = trust_calibration(renamed)[pipeline]
-    before = trust_calibration(renamed, with_sibling=False)[pipeline]
+    second = STRIDED if all(STRIDED in run["_values"] for run in renamed) else BASELINE
+    now = trust_calibration(renamed, second_opinion=second)[pipeline]
     cells = {"partial-replay": now["estimators"].get("partial-replay", {})}
-    cells[DELTA_ONLY] = before["estimators"].get("partial-replay", {})
-    return {"default": "partial-replay", "budget": budget, "estimators": cells, "reasons": now["reasons"]}
+    if second != BASELINE:
+        cells[WITH_DELTA] = trust_calibration(renamed)[pipeline]["estimators"].get("partial-replay", {})
+    alone = trust_calibration(renamed, with_sibling=False)[pipeline]
+    cells[DELTA_ONLY] = alone["estimators"].get("partial-replay", {})
+    return {"default": "partial-replay", "budget": budget, "second_opinion": second, "estimators": cells,
+            "reasons": now["reasons"]}  # fmt: skip
 
 
 def run(settings: Any, names: list[str], work: Any, seeds_for: Callable, log: Callable[[str], None] = print) -> dict:
@@ -377,8 +387,11 @@ def render(block: Mapping[str, Any]) -> list[str]:
         if summary.get("trust"):
             from .render import _trust  # render imports this module
 
-            out += [f"Trust verdicts of the default at {100 * summary['trust']['budget']:g} % (steps); "
-                    f"*{DELTA_ONLY}*: the same estimates checked against task-vector negation alone.", ""]  # fmt: skip
+            trust = summary["trust"]
+            out += [f"Trust verdicts of the default at {100 * trust['budget']:g} % (steps), its second opinion "
+                    f"{trust.get('second_opinion', BASELINE)}; *{WITH_DELTA}*: the same estimates checked against "
+                    f"their linear read-out and task-vector negation; *{DELTA_ONLY}*: against task-vector negation "
+                    "alone.", ""]  # fmt: skip
             out += _trust(summary["trust"])
     for pipeline, why in block.get("skipped", {}).items():
         out += [f"{pipeline}: not measured ({why}).", ""]

@@ -162,8 +162,10 @@ def _fidelity(results: dict[str, Any]) -> list[str]:
 
 def _trust(trust: dict[str, Any]) -> list[str]:
     """The trust verdicts the report would print without replay, and how often they were right (calibration)."""
+    second = trust.get("second_opinion", "delta-fd")
+    second = "task-vector negation" if second == "delta-fd" else f"{second} (the attributor's second opinion)"
     out = ["Trust verdicts without replay (report/trust.py: each estimator checked against its linear/finite-"
-           "difference sibling and task-vector negation, the linearisation gap and the intervals), one per behavior "
+           f"difference sibling and {second}, the linearisation gap and the intervals), one per behavior "
            "and seed. *top right*: the top stage is replay's; *replay verifies*: replay agrees on the top stage, the "
            "signs and the ranking (the verdict `validate` prints). A calibrated verdict is right more often when it "
            "says \"agree\" than when it says \"unreliable\".", ""]  # fmt: skip

@@ -27,6 +27,8 @@ from .estimators.base import check_finite, eval_mode, evaluate
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
 from .estimators.replay import check_replayable
+from .estimators.second_opinion import DEFAULT_SECOND_OPINION
+from .estimators.selection import PARTIAL_REPLAY_BUDGET
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
 
@@ -44,9 +46,8 @@ _PAIRED = {
     "partial-replay": "partial-replay-linear",
     "partial-replay-linear": "partial-replay",
 }
-# a cheap second opinion for the trust verdict (report/trust.py): task-vector negation, one evaluation of the
-# behaviors per stage at θ_K − Δ_k; it shares nothing with the propagation of the aa-* estimators
-SECOND_OPINION = "delta-fd"
+# the trust verdict's second opinion where nothing better applies (estimators.second_opinion): task-vector negation
+SECOND_OPINION = DEFAULT_SECOND_OPINION
 
 
 def _state():
@@ -171,9 +172,12 @@ class StageAttributor:
 
         ``validate=True`` also runs replay (the ground truth, ESTIMATORS.md §2) and adds fidelity figures.
         Every behavior gets a trust verdict (:meth:`AttributionReport.trust`): from replay when it ran, else from
-        the agreement of the estimator with its linear/finite-difference sibling and with task-vector negation
-        (``delta-fd``), both run with ``diagnostics=True``. The final model is evaluated once for all of them (and
-        for replay and the total change): every estimator that reads ``f(θ_K)`` is served the same values.
+        the agreement of the estimator with its linear/finite-difference sibling and with a second opinion, both run
+        with ``diagnostics=True``: for a replaying estimate the other replay family at the same budget
+        (``partial-replay`` ↔ ``strided-replay``, where the later stages have the form it needs), else
+        task-vector negation (``delta-fd``; :func:`estimators.choose_second_opinion` says which and why). The final
+        model is evaluated once for all of them (and for replay and the total change): every estimator that reads
+        ``f(θ_K)`` is served the same values.
         """
 
         if not behaviors:
@@ -199,8 +203,9 @@ class StageAttributor:
         resolved = self._resolved_name(options, stage_names)
         paired = _PAIRED.get(resolved) if self.diagnostics else None
         runs += [paired] if paired else []
-        if self.diagnostics and SECOND_OPINION not in (resolved, paired):
-            runs.append(SECOND_OPINION)
+        second = self._second_opinion(resolved, options, stage_objs, validate) if self.diagnostics else None
+        if second and second not in (resolved, paired):
+            runs.append(second)
         runs += ["replay"] if validate else []
         progress = self._progress(len(runs) + int(self.diagnostics), "estimators")
         results = self._run(self.estimator, joint, stage_names, options)
@@ -213,7 +218,7 @@ class StageAttributor:
             except StageAttributionError:
                 if name != SECOND_OPINION:
                     raise
-                continue  # the second opinion does not apply to this ledger: the verdict goes without it
+                continue  # task-vector negation does not apply to this ledger: the verdict goes without it
             alternates[name] = {b: r.per_example for b, r in split.items()}
         totals = self._total_change(joint) if self.diagnostics else {}
         if progress is not None:
@@ -261,6 +266,21 @@ class StageAttributor:
             return
         chosen, reason = estimators.choose_estimator(self.ledger, options.get("loss_fns"), options.get("stage_fns"))
         notice(f"estimator auto -> {chosen}: {reason}", routine=False)
+
+    def _second_opinion(self, resolved: str, options: Mapping[str, Any], stages: list[Any], validate: bool) -> str:
+        """The estimator the trust verdict checks ``resolved`` against (:func:`estimators.choose_second_opinion`):
+        the other replay family for a replaying estimate, else task-vector negation. With ``validate`` replay decides
+        the verdict, so the cheap task-vector negation is run (as evidence shown beside it) instead of a second
+        replay."""
+        if validate:
+            return SECOND_OPINION
+        budget = options.get("budget", PARTIAL_REPLAY_BUDGET)
+        name, reason = estimators.choose_second_opinion(
+            self.ledger, resolved, [s.index for s in stages], options.get("stage_fns"), budget
+        )
+        if name != SECOND_OPINION and self.state.is_main_process:
+            notice(f"trust verdicts: {reason}")
+        return name
 
     def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:
         resolve = getattr(self.estimator, "resolve", None)

@@ -29,6 +29,7 @@ from .fidelity import fidelity
 from .finite_difference import subtract_embedding
 from .propagation.rules import run_recurrence
 from .replay import first_order_response, replay_gap, replay_model
+from .second_opinion import choose_second_opinion
 from .selection import choose_estimator
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "Estimator",
     "StageEmbeddings",
     "choose_estimator",
+    "choose_second_opinion",
     "fidelity",
     "first_order_response",
     "get",

@@ -121,13 +121,15 @@ def test_partial_replay_section_on_a_tiny_digits_pipeline(tmp_path):
     assert 0 < strided["cost_fraction"] <= 0.25 and "stride" in str(strided["plans"])
     assert summary["table"][partial_replay.label(partial_replay.STRIDED, 0.25, "passes")]["all"]["n_pairs"] > 0
     trust = summary["trust"]["estimators"]  # one verdict per behavior, with and without the linear read-out
-    for cells in (trust["partial-replay"], trust[partial_replay.DELTA_ONLY]):
+    assert summary["trust"]["second_opinion"] == partial_replay.STRIDED  # the attributor's choice on this pipeline
+    for cells in (trust["partial-replay"], trust[partial_replay.WITH_DELTA], trust[partial_replay.DELTA_ONLY]):
         assert sum(c["n"] for c in cells.values()) == len(pipe.behaviors)
         assert all(0 <= c["verified"] <= c["right"] <= c["n"] for c in cells.values())  # verified implies top right
     text = "\n".join(partial_replay.render({"summary": {"digits-hf": summary}}))
     assert text.startswith("## 8. Partial replay") and "| partial-replay @ 25 % (steps) |" in text
     assert "| strided-replay @ 25 % (passes) |" in text
     assert "| **partial-replay** (default) |" in text and f"| {partial_replay.DELTA_ONLY} |" in text
+    assert f"| {partial_replay.WITH_DELTA} |" in text and "its second opinion strided-replay" in text
     rows = partial_replay.target_rows({"partial_replay": {"summary": {"digits-hf": summary}}})
     assert len(rows) == 16 and all(r["met"] in (True, False) for r in rows)  # default and early-checkpoint rows
     assert sum("early checkpoint" in r["scope"] for r in rows) == 8

@@ -181,7 +181,7 @@ def test_the_attributor_runs_strided_replay_and_calls_budget_one_verified_by_rep
     ).attribute(behaviors)  # fmt: skip
     assert report.estimator == "strided-replay"
     evidence = report.diagnostics["margin_7"].trust["evidence"]
-    assert "delta-fd" in evidence["second_opinions"]
+    assert "partial-replay" in evidence["second_opinions"]  # the other replay family checks it
     sr._MEMO.clear()
     exact = StageAttributor(
         pipe.ledger, pipe.model, estimator="strided-replay", stage_fns=pipe.stage_fns, show_progress=False,

@@ -1,0 +1,101 @@
+"""The second opinion of a trust verdict (``report/trust.py``): which estimator checks the chosen one.
+
+A replaying estimate (``partial-replay``, ``strided-replay``) is checked against the other replay family at the
+same budget where the ledger allows it; every other estimate against task-vector negation (``delta-fd``). The
+attributor runs the second opinion beside the estimate when ``diagnostics=True`` and replay does not run.
+
+Example:
+    >>> REPLAY_CHECKS["partial-replay"], REPLAY_CHECKS["strided-replay"]
+    ('strided-replay', 'partial-replay')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..ledger.core import LedgerCore
+from .propagation.stage import trains
+from .replay import can_replay
+from .selection import PARTIAL_REPLAY, PARTIAL_REPLAY_BUDGET
+from .strided_replay import plan_strided_replay
+
+STRIDED_REPLAY = "strided-replay"
+#: the second opinion of a trust verdict (report/trust.py) when nothing better applies: task-vector negation, one
+#: evaluation of the behaviors per stage at θ_K − Δ_k; it shares nothing with the propagation of the aa-* estimators
+DEFAULT_SECOND_OPINION = "delta-fd"
+#: the second opinion of a replaying estimate: the other replay family at the same budget. Partial replay runs the
+#: next stage's first steps exactly and carries the rest to first order; strided replay runs every later stage with
+#: stale gradients: two estimates of the same v_k whose errors come from different places. Task-vector negation
+#: ignores how the later stages react to a removed update altogether. Measured against replay (BENCHMARKS.md §8,
+#: the default's trust verdicts), strided replay is the better check: see the module docstring of ``attributor``.
+REPLAY_CHECKS = {
+    PARTIAL_REPLAY: STRIDED_REPLAY,
+    "partial-replay-linear": STRIDED_REPLAY,
+    STRIDED_REPLAY: PARTIAL_REPLAY,
+}
+
+
+def choose_second_opinion(
+    ledger: LedgerCore,
+    estimator: str,
+    stages: list[int] | None = None,
+    stage_fns: Mapping[str, Any] | None = None,
+    budget: float = PARTIAL_REPLAY_BUDGET,
+) -> tuple[str, str]:
+    """``(estimator name, reason)`` of the second opinion a trust verdict checks ``estimator`` against, for the
+    attributed stage indices ``stages`` (default: all).
+
+    A replaying estimate (``partial-replay``, ``strided-replay``) is checked against the other replay family at the
+    same ``budget`` (:data:`REPLAY_CHECKS`) when every later stage of every attributed stage can be re-run in the form
+    it needs (strided replay: the gradient-reuse form, ``fn(model, grad_every=1)`` or replay data of a kind that
+    allows it, and a budget that buys a pass per later stage; partial replay: the step-limited form) and
+    ``0 < budget < 1``: at budget 0 both are ``aa-fd``, at budget 1 both are replay. Anything else is checked
+    against task-vector negation (:data:`DEFAULT_SECOND_OPINION`).
+
+    Example:
+        >>> import tempfile
+        >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+        >>> pipe = build_digits_pipeline("hf", tempfile.mkdtemp(), steps_scale=0.1, base_steps_scale=0.1)
+        >>> choose_second_opinion(pipe.ledger, "partial-replay", stage_fns=pipe.stage_fns)[0]
+        'strided-replay'
+        >>> choose_second_opinion(pipe.ledger, "partial-replay")[0]  # no stage functions: nothing to re-run
+        'delta-fd'
+        >>> choose_second_opinion(pipe.ledger, "aa-linear", stage_fns=pipe.stage_fns)[0]
+        'delta-fd'
+    """
+    other = REPLAY_CHECKS.get(estimator)
+    if other is None:
+        return DEFAULT_SECOND_OPINION, f"{estimator} is checked against task-vector negation"
+    budget = float(budget)
+    if not 0.0 < budget < 1.0:
+        return DEFAULT_SECOND_OPINION, (
+            f"at budget {budget:g} {other} would give the same estimate as {estimator} "
+            f"({'aa-fd' if budget <= 0 else 'replay'}), so task-vector negation checks it"
+        )
+    fns = dict(stage_fns or {})
+    indices = list(range(len(ledger.stages))) if stages is None else [int(k) for k in stages]
+    later = {j for k in indices for j in range(k + 1, len(ledger.stages)) if trains(ledger.stages[j])}
+    strided = other == STRIDED_REPLAY
+    need = {"grad_reuse": True} if strided else {"step_limited": True}
+    missing = [ledger.stages[j].name for j in sorted(later) if not can_replay(ledger.stages[j], fns, **need)]
+    short = [
+        ledger.stages[k].name
+        for k in indices
+        if strided and any(j > k for j in later) and plan_strided_replay(ledger, k, budget).stride < 2
+    ]
+    form = (
+        "the gradient-reuse form (fn(model, grad_every=1), or replay data of a kind that allows it)"
+        if strided
+        else "the step-limited form (fn(model, max_steps=None), or replay data)"
+    )
+    if missing or short:
+        why = f"later stage(s) {missing} lack {form}" if missing else f"budget {budget:g} buys no pass for {short}"
+        return DEFAULT_SECOND_OPINION, f"{other} does not apply ({why}), so task-vector negation checks {estimator}"
+    return other, (
+        f"{estimator} is checked against {other} at the same budget ({budget:g}), which estimates every stage's "
+        "effect by another route; the verdict says 'agree' only when both do"
+    )
+
+
+__all__ = ["DEFAULT_SECOND_OPINION", "REPLAY_CHECKS", "choose_second_opinion"]
