@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from hf_stage_attribution import StageAttributor
 from hf_stage_attribution.errors import BehaviorError, ModelMismatchError, UnknownNameError
 from tests.helpers.attributor import behaviors_for, record_pipeline
+from tests.helpers.replaying import count_stage_runs
 
 WORKER = Path(__file__).parent / "distributed" / "attribute_worker.py"
 
@@ -178,14 +179,7 @@ def test_partial_replay_verdict_checks_its_linear_read_out_without_replaying_aga
     from hf_stage_attribution.testing.digits import build_digits_pipeline
 
     pipe = build_digits_pipeline("hf", tmp_path, steps_scale=0.05, base_steps_scale=0.05)
-    replays: list[str] = []
-    run_stage = partial_replay.run_stage
-
-    def counted(stage, *args, **kwargs):
-        replays.append(stage.name)
-        return run_stage(stage, *args, **kwargs)
-
-    monkeypatch.setattr(partial_replay, "run_stage", counted)
+    replays = count_stage_runs(monkeypatch, partial_replay)
     behavior = {"margin_7": pipe.behaviors["margin_7"]}
     plain = StageAttributor(pipe.ledger, pipe.model, stage_fns=pipe.stage_fns, diagnostics=False, show_progress=False)
     plain.attribute(behavior)

@@ -9,7 +9,7 @@ from hf_stage_attribution import StageAttributor
 from hf_stage_attribution.estimators import choose_second_opinion
 from hf_stage_attribution.estimators import partial_replay as pr
 from hf_stage_attribution.estimators import strided_replay as sr
-from tests.helpers.replaying import small_digits
+from tests.helpers.replaying import count_stage_runs, small_digits
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +73,7 @@ def test_the_attributor_checks_partial_replay_against_strided_replay_unless_repl
         agrees = strided["top_stage_equal"] and strided["spearman"] >= 0.8 - 1e-9
         assert agrees or verdict["verdict"] == "unreliable", verdict
     # with validate, replay decides: the cheap task-vector negation is the evidence beside it, no second replay
-    ran: list[str] = []
-    run_stage = sr.run_stage
-
-    def counted(stage, *args, **kwargs):
-        ran.append(stage.name)
-        return run_stage(stage, *args, **kwargs)
-
-    monkeypatch.setattr(sr, "run_stage", counted)
+    ran = count_stage_runs(monkeypatch, sr)
     checked = attributor.attribute(behaviors, validate=True)
     assert ran == [] and {checked.trust(n)["verdict"] for n in behaviors} <= {"verified", "unreliable"}
     assert all("replay" in checked.trust(n)["evidence"] for n in behaviors)

@@ -21,6 +21,19 @@ def small_digits(root: Path) -> Any:
     }
 
 
+def count_stage_runs(monkeypatch: Any, module: Any) -> list[str]:
+    """The names of the stages ``module.run_stage`` re-runs from now on (``monkeypatch`` wraps it), in order."""
+    ran: list[str] = []
+    run_stage = module.run_stage
+
+    def counted(stage: Any, *args: Any, **kwargs: Any) -> Any:
+        ran.append(stage.name)
+        return run_stage(stage, *args, **kwargs)
+
+    monkeypatch.setattr(module, "run_stage", counted)
+    return ran
+
+
 def joint(pipe: Any) -> Any:
     """Three of the digits behaviors concatenated into one."""
     parts = [pipe.behaviors[n] for n in ("patch_gap", "margin_7", "loss_unseen")]
