@@ -130,16 +130,29 @@ def check_budget(budget: Any, unit: str = "steps") -> float:
     return float(budget)
 
 
+#: where a partial leg's factual branch (the parameters after ``steps`` from θ_k) comes from: replayed
+#: (``"replay"``, two branches), a recorded segment's midpoint parameters (``"segment"``), the stage's recorded early
+#: checkpoint (``"early"``), or the recorded stage delta scaled by the learning-rate mass of the steps
+#: (``"interpolated"``); every source but ``"replay"`` runs the counterfactual branch only
+FACTUAL_SOURCES = ("replay", "segment", "early", "interpolated")
+
+
 @dataclass
 class Leg:
-    """One later stage in a plan: ``steps`` optimizer steps replayed; ``full`` when the whole stage is replayed."""
+    """One later stage in a plan: ``steps`` optimizer steps replayed; ``full`` when the whole stage is replayed;
+    ``factual``: where a partial leg's factual branch comes from (:data:`FACTUAL_SOURCES`), ``segment`` the
+    recorded segment's index when that is ``"segment"``."""
 
     index: int
     steps: int
     full: bool
-    checkpoint: int | None = None  # a recorded segment whose midpoint parameters stand for the factual branch
-    early: bool = False  # the stage's recorded early checkpoint stands for the factual branch (after ``steps``)
-    interpolated: bool = False  # the factual branch after ``steps`` is read off the recorded stage delta (no replay)
+    factual: str = "replay"
+    segment: int | None = None
+
+    @property
+    def one_branch(self) -> bool:
+        """Whether only the counterfactual branch runs (the factual one is read from what was recorded)."""
+        return not self.full and self.factual != "replay"
 
 
 @dataclass
@@ -165,12 +178,12 @@ class PartialReplayPlan:
         for leg in self.legs:
             stage = ledger.stages[leg.index]
             how = "whole" if leg.full else f"{leg.steps}/{stage.num_steps} steps"
-            if leg.early:
-                how += " (factual: recorded early checkpoint)"
-            elif leg.interpolated:
-                how += " (factual: interpolated)"
-            elif not leg.full:
-                how += " ×2" if leg.checkpoint is None else f" (factual: segment {leg.checkpoint})"
+            if not leg.full:
+                how += {
+                    "early": " (factual: recorded early checkpoint)",
+                    "interpolated": " (factual: interpolated)",
+                    "segment": f" (factual: segment {leg.segment})",
+                }.get(leg.factual, " ×2")
             parts.append(f"{stage.name} {how}")
         return ", ".join(parts)
 
@@ -232,17 +245,16 @@ def plan_partial_replay(
         while m < len(w) and legs * (spent + w[m]) <= left * (1 + 1e-12):
             spent += w[m]
             m += 1
-        leg = Leg(stage.index, m, False, interpolated=factual == "interpolated")
+        leg = Leg(stage.index, m, False, "interpolated" if factual == "interpolated" else "replay")
         for steps, segment in _checkpoints(stage) if use_checkpoints else []:
             if steps > leg.steps and steps < len(w) and sum(w[:steps]) <= left * (1 + 1e-12):
-                leg = Leg(stage.index, steps, False, segment)  # only the counterfactual branch runs
+                leg = Leg(stage.index, steps, False, "segment", segment)  # only the counterfactual branch runs
         early = getattr(stage, "early_checkpoint", None) if use_early_checkpoints else None
         if early is not None and early.steps < len(w) and sum(w[: early.steps]) <= left * (1 + 1e-12):
-            leg = Leg(stage.index, early.steps, False, early=True)  # the factual branch is read, not run
+            leg = Leg(stage.index, early.steps, False, "early")  # the factual branch is read, not run
         if leg.steps:
             plan.legs.append(leg)
-            one = leg.checkpoint is not None or leg.early or leg.interpolated
-            plan.cost_steps += leg.steps if one else 2 * leg.steps
+            plan.cost_steps += leg.steps if leg.one_branch else 2 * leg.steps
         break
     if not any(leg.steps for leg in plan.legs):
         plan.legs = []  # only edits without optimizer steps: the propagation (D = 1) re-applies them exactly
@@ -674,7 +686,7 @@ def _partial_embedding(
     if last.full:
         end = ledger.state_at(last.index)
         fact_get = end.__getitem__
-    elif last.early:
+    elif last.factual == "early":
         stage = stages[last.index]
         early = stage.early_checkpoint
         fact_get = _moved_from(ledger.state_at(last.index - 1), early.params_delta())
@@ -683,7 +695,7 @@ def _partial_embedding(
             f"Stage {stage.name!r}: the factual branch of the partial replay is the recorded early checkpoint (after "
             f"{last.steps} steps, with its optimizer state): only the counterfactual branch was replayed."
         )
-    elif last.interpolated:
+    elif last.factual == "interpolated":
         stage = stages[last.index]
         share = lr_mass_fraction(stage.learning_rates, last.steps - 1)  # of the rates of steps 0..m-1
         scaled = LazyState(stage.delta_names(), lambda name: stage.delta_tensor(name) * share)
@@ -694,9 +706,9 @@ def _partial_embedding(
             "stage's start plus the recorded stage delta scaled by the learning-rate mass of those steps; only the "
             "counterfactual branch was replayed, the first-moment difference is taken as zero."
         )
-    elif last.checkpoint is not None:
+    elif last.factual == "segment":
         stage = stages[last.index]
-        segment = next(s for s in stage.segments if s.index == last.checkpoint)
+        segment = next(s for s in stage.segments if s.index == last.segment)
         fact_get = _moved_from(ledger.state_at(last.index - 1), segment.params_delta())
         moments = segment.second_moments() or {}
         by_name: dict[str, dict[str, Any]] = {}

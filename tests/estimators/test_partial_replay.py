@@ -254,7 +254,8 @@ def test_a_recorded_mid_segment_checkpoint_is_the_factual_branch_at_its_step(tmp
     n = stage.num_steps
     budget = (steps + 0.5) / n  # enough for the checkpoint's steps from one start, not from two
     plan = pr.plan_partial_replay(ledger, 1, budget, use_checkpoints=True)
-    assert [(leg.steps, leg.checkpoint) for leg in plan.legs] == [(steps, index)] and plan.cost_steps == steps
+    assert [(leg.steps, leg.factual, leg.segment) for leg in plan.legs] == [(steps, "segment", index)]
+    assert plan.cost_steps == steps and plan.legs[0].one_branch
     result = _estimate("partial-replay", pipe, budget=budget, use_checkpoints=True)
     assert "segment" in result.diagnostics["partial_replay"]["plans"][ledger.stages[1].name]
     assert any("mid-segment checkpoint" in a for a in result.approximations)
@@ -274,12 +275,13 @@ def test_a_recorded_early_checkpoint_is_the_factual_branch_and_halves_the_leg(tm
     name, reason = choose_estimator(ledger, stage_fns=pipe.stage_fns)
     assert name == "partial-replay" and "read from their recorded early checkpoints" in reason
     plan = pr.plan_partial_replay(ledger, 1, 0.25)  # stage 1's replay is stage 2 alone: the checkpoint fits
-    assert [(leg.index, leg.steps, leg.early) for leg in plan.legs] == [(2, early.steps, True)]
+    assert [(leg.index, leg.steps, leg.factual) for leg in plan.legs] == [(2, early.steps, "early")]
     assert plan.cost_steps == early.steps and "early checkpoint" in plan.describe(ledger)
     two_branch = pr.plan_partial_replay(ledger, 1, 0.25, use_early_checkpoints=False)
-    assert not any(leg.early for leg in two_branch.legs) and two_branch.cost_steps == 2 * two_branch.legs[0].steps
+    assert {leg.factual for leg in two_branch.legs} == {"replay"} and not two_branch.legs[0].one_branch
+    assert two_branch.cost_steps == 2 * two_branch.legs[0].steps
     read = pr.partial_embedding(ledger, pipe.model, plan, pipe.stage_fns, set())
-    plan.legs[0].early = False  # the same steps, the factual branch replayed
+    plan.legs[0].factual = "replay"  # the same steps, the factual branch replayed
     run = pr.partial_embedding(ledger, pipe.model, plan, pipe.stage_fns, set())
     assert set(read) == set(run)
     for name in run:
