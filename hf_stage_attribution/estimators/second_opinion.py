@@ -28,7 +28,8 @@ DEFAULT_SECOND_OPINION = "delta-fd"
 #: next stage's first steps exactly and carries the rest to first order; strided replay runs every later stage with
 #: stale gradients: two estimates of the same v_k whose errors come from different places. Task-vector negation
 #: ignores how the later stages react to a removed update altogether. Measured against replay (BENCHMARKS.md §8,
-#: the default's trust verdicts), strided replay is the better check: see the module docstring of ``attributor``.
+#: the default's trust verdicts over six pipelines): with strided replay as the check, "estimators agree" named
+#: replay's top stage in 45 of 45 behaviors, with task-vector negation in 49 of 52 (0 of 3 on digits-hf).
 REPLAY_CHECKS = {
     PARTIAL_REPLAY: STRIDED_REPLAY,
     "partial-replay-linear": STRIDED_REPLAY,
