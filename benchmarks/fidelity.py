@@ -262,7 +262,7 @@ def trust_calibration(
     For each seed, behavior and estimator ``E`` that has a linear/finite-difference sibling, the verdict the
     attributor would print without replay (``E`` checked against its sibling and task-vector negation, the
     linearisation gap and the intervals, through ``AttributionReport.build``; ``second_opinion`` as the attributor's
-    ``SECOND_OPINION``, None: the sibling alone), and whether ``E``'s top stage is
+    ``estimators.second_opinion.DEFAULT_SECOND_OPINION``, None: the sibling alone), and whether ``E``'s top stage is
     replay's (``right``) and whether replay would have verified the whole claim, top stage, signs and ranking
     (``verified``: the verdict ``validate`` would print). Calibration = how much more often "agree" is right than
     "unreliable". Returns ``{pipeline: {"default", "estimators": {E: {verdict: {"n", "right", "verified"}}},

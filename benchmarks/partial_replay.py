@@ -203,7 +203,7 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
         values[label(STRIDED, budget, "passes")] = _pairs(joint, result.per_example)
         run["times"][label(STRIDED, budget, "passes")] = seconds
         diag = result.diagnostics["strided_replay"]
-        run["plans"][f"{100 * budget:g} % (passes), strided"] = {**diag, "steps_run": diag["passes_run"]}
+        run["plans"][f"{100 * budget:g} % (passes), strided"] = diag
     pr._MEMO.clear()
     run["_values"] = values
     return run
@@ -382,7 +382,7 @@ def render(block: Mapping[str, Any]) -> list[str]:
                 f"{_f(n['spearman'])} | {_p(n['sign_agreement'])} | {_p(n['top_stage_agreement'])} | "
                 f"{_f(row['non_terminal_spearman_seed_median'])} | {row['time_over_replay']:.3f} |"
             )
-        plans = "; ".join(f"{b}: {p['plans']}" for b, p in summary["plans"].items() if p["steps_run"])
+        plans = "; ".join(f"{b}: {p['plans']}" for b, p in summary["plans"].items() if p["cost_fraction"])
         out += ["", f"Plans (first seed): {plans}", ""]
         if summary.get("trust"):
             from .render import _trust  # render imports this module

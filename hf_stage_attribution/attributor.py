@@ -46,8 +46,6 @@ _PAIRED = {
     "partial-replay": "partial-replay-linear",
     "partial-replay-linear": "partial-replay",
 }
-# the trust verdict's second opinion where nothing better applies (estimators.second_opinion): task-vector negation
-SECOND_OPINION = DEFAULT_SECOND_OPINION
 
 
 def _state():
@@ -216,7 +214,7 @@ class StageAttributor:
             try:
                 split = self._run_named(name, joint, stage_names, options)
             except StageAttributionError:
-                if name != SECOND_OPINION:
+                if name != DEFAULT_SECOND_OPINION:
                     raise
                 continue  # task-vector negation does not apply to this ledger: the verdict goes without it
             alternates[name] = {b: r.per_example for b, r in split.items()}
@@ -273,12 +271,12 @@ class StageAttributor:
         the verdict, so the cheap task-vector negation is run (as evidence shown beside it) instead of a second
         replay."""
         if validate:
-            return SECOND_OPINION
+            return DEFAULT_SECOND_OPINION
         budget = options.get("budget", PARTIAL_REPLAY_BUDGET)
         name, reason = estimators.choose_second_opinion(
             self.ledger, resolved, [s.index for s in stages], options.get("stage_fns"), budget
         )
-        if name != SECOND_OPINION and self.state.is_main_process:
+        if name != DEFAULT_SECOND_OPINION and self.state.is_main_process:
             notice(f"trust verdicts: {reason}")
         return name
 
@@ -358,14 +356,11 @@ class StageAttributor:
 
 def _replayed_everything(results: Mapping[str, Any]) -> bool:
     """Whether a partial- or strided-replay result replayed every later stage of every attributed stage whole
-    (budget 1)."""
+    (budget 1): its diagnostics' ``cost_fraction`` (run ÷ replay's steps or passes, 0 when replay runs none) is 1."""
     first = next(iter(results.values()), None)
     diagnostics = getattr(first, "diagnostics", None) or {}
-    if "strided_replay" in diagnostics:
-        plan = diagnostics["strided_replay"]
-        return bool(plan.get("replay_passes")) and plan.get("passes_run") == plan.get("replay_passes")
-    plan = diagnostics.get("partial_replay") or {}
-    return bool(plan.get("replay_steps")) and plan.get("steps_run") == plan.get("replay_steps")
+    plan = diagnostics.get("partial_replay") or diagnostics.get("strided_replay") or {}
+    return plan.get("cost_fraction") == 1.0
 
 
 def _prefer_eager_attention(model: torch.nn.Module) -> None:

@@ -184,8 +184,7 @@ def test_partial_replay_of_trainer_stages_matches_replay_at_budget_one(trainer_l
     pr._MEMO.clear()
     truth = estimators.get("replay").estimate(ledger, model, behavior, **QUIET)
     full = estimators.get("partial-replay").estimate(ledger, model, behavior, budget=1.0, **QUIET)
-    for stage in truth.per_example:
-        torch.testing.assert_close(full.per_example[stage], truth.per_example[stage], rtol=1e-4, atol=1e-4)
+    H.assert_same_effects(full, truth, rtol=1e-4, atol=1e-4)
     half = estimators.get("partial-replay").estimate(ledger, model, behavior, budget=0.5, **QUIET)
     assert half.diagnostics["partial_replay"]["steps_run"] == 2  # 3 steps = 50 % of 6: 1 step from each start
     assert all(torch.isfinite(v).all() for v in half.per_example.values())
@@ -291,8 +290,7 @@ def test_a_recorded_early_checkpoint_is_the_factual_branch_and_halves_the_leg(tm
     assert any("recorded early checkpoint" in a for a in result.approximations)
     truth = _estimate("replay", pipe)
     full = _estimate("partial-replay", pipe, budget=1.0)
-    for stage in truth.per_example:
-        torch.testing.assert_close(full.per_example[stage], truth.per_example[stage], rtol=1e-4, atol=1e-5)
+    H.assert_same_effects(full, truth, rtol=1e-4, atol=1e-5)
 
 
 def _open_scratch_files(where) -> list[str]:

@@ -161,8 +161,7 @@ def test_strided_replay_of_trainer_stages_matches_replay_at_budget_one_and_runs_
     sr._MEMO.clear()
     truth = estimators.get("replay").estimate(ledger, model, behavior, **QUIET)
     full = estimators.get("strided-replay").estimate(ledger, model, behavior, budget=1.0, **QUIET)
-    for stage in truth.per_example:
-        torch.testing.assert_close(full.per_example[stage], truth.per_example[stage], rtol=1e-4, atol=1e-4)
+    H.assert_same_effects(full, truth, rtol=1e-4, atol=1e-4)
     part = estimators.get("strided-replay").estimate(ledger, model, behavior, budget=0.75, **QUIET)
     diag = part.diagnostics["strided_replay"]
     assert diag["strides"] == {"first": 3, "second": 3, "third": 0}  # 2·(2+2) ≤ 9 of 12; 2·2 ≤ 4.5 of 6

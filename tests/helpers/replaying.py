@@ -34,6 +34,13 @@ def count_stage_runs(monkeypatch: Any, module: Any) -> list[str]:
     return ran
 
 
+def assert_same_effects(result: Any, truth: Any, rtol: float, atol: float) -> None:
+    """Every stage's per-example effects of ``result`` equal ``truth``'s (e.g. a replaying estimate at budget 1 and
+    replay) within ``rtol``/``atol``."""
+    for stage in truth.per_example:
+        torch.testing.assert_close(result.per_example[stage], truth.per_example[stage], rtol=rtol, atol=atol)
+
+
 def joint(pipe: Any) -> Any:
     """Three of the digits behaviors concatenated into one."""
     parts = [pipe.behaviors[n] for n in ("patch_gap", "margin_7", "loss_unseen")]
