@@ -27,7 +27,7 @@ from .estimators.base import check_finite, eval_mode, evaluate
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
 from .estimators.replay import check_replayable
-from .estimators.second_opinion import DEFAULT_SECOND_OPINION
+from .estimators.second_opinion import DEFAULT_SECOND_OPINION, check_second_opinion
 from .estimators.selection import PARTIAL_REPLAY_BUDGET
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
@@ -90,13 +90,21 @@ class StageAttributor:
     Args:
         ledger: a :class:`StageLedger` or its directory.
         model: the final model θ_K (a plain ``nn.Module``, ``PreTrainedModel`` or ``PeftModel``).
-        estimator: a registry name (``estimators.names()``); ``"auto"`` picks ``delta-linear`` when a later stage
-            was imported from checkpoints without optimizer information, else ``aa-ggn`` where the ledger holds
-            curvature material, else ``aa-linear`` (``estimators.selection``; the report says which and why).
+        estimator: a registry name (``estimators.names()``); ``"auto"`` picks ``partial-replay`` where every later
+            stage can be re-run (replay data or ``stage_fns``), ``delta-linear`` when a later stage was imported from
+            checkpoints without optimizer information, else ``aa-ggn`` where the ledger holds curvature material,
+            else ``aa-linear`` (``estimators.selection``; the report says which and why).
         stage_fns: ``{stage name: fn(model)}`` that re-train a model in place as that stage did (replay).
         loss_fns: ``{stage name: loss}`` for curvature products of stages recorded in another process.
-        diagnostics: also compute f(θ_0) (total change, interaction residual) and the paired linear/finite-difference
-            estimator (linearisation gap).
+        diagnostics: also compute f(θ_0) (total change, interaction residual), the paired linear/finite-difference
+            estimator (linearisation gap) and the second opinion of the trust verdicts.
+        second_opinion: what the trust verdicts check the estimate against when replay does not run: ``"auto"``
+            (:func:`estimators.choose_second_opinion`: the other replay family at the same budget for a replaying
+            estimate, where the later stages have the form it needs, else task-vector negation), ``"delta-fd"``
+            (task-vector negation: one evaluation per stage, the cheap check), or ``"strided-replay"`` /
+            ``"partial-replay"`` (that family, where it applies). A replay family re-runs every later stage, so the
+            check can cost as much as replay itself (``BENCHMARKS.md`` §8, §9): ``validate=True`` then answers the
+            question outright for about the same time.
         estimator_options: extra keyword arguments for the estimator (e.g. ``allow_identity_propagation=True``).
         curvature: settings of the curvature-aware propagation (``aa-ggn``/``aa-hvp``), e.g.
             ``CurvatureConfig.cheap()``; replaces ``estimator_options={"curvature_options": {...}}`` (deprecated).
@@ -133,6 +141,7 @@ class StageAttributor:
         estimator_options: Mapping[str, Any] | None = None,
         curvature: CurvatureConfig | None = None,
         ref_models: Mapping[str, Any] | None = None,
+        second_opinion: str = "auto",
     ) -> None:
 
         self.ledger = ledger if isinstance(ledger, StageLedger) else StageLedger.load(ledger)
@@ -144,6 +153,7 @@ class StageAttributor:
         self.stage_fns = dict(stage_fns or {})
         self.loss_fns = dict(loss_fns or {})
         self.diagnostics = diagnostics
+        self.second_opinion = check_second_opinion(second_opinion)
         self.n_resamples = n_resamples
         self.seed = seed
         self.show_progress = show_progress
@@ -274,9 +284,9 @@ class StageAttributor:
             return DEFAULT_SECOND_OPINION
         budget = options.get("budget", PARTIAL_REPLAY_BUDGET)
         name, reason = estimators.choose_second_opinion(
-            self.ledger, resolved, [s.index for s in stages], options.get("stage_fns"), budget
+            self.ledger, resolved, [s.index for s in stages], options.get("stage_fns"), budget, self.second_opinion
         )
-        if name != DEFAULT_SECOND_OPINION and self.state.is_main_process:
+        if (name != DEFAULT_SECOND_OPINION or self.second_opinion != "auto") and self.state.is_main_process:
             notice(f"trust verdicts: {reason}")
         return name
 

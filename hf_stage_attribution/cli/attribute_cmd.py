@@ -9,6 +9,7 @@ from ..attributor import StageAttributor
 from ..behaviors import load_specs
 from ..errors import ReplayError
 from ..estimators.curvature.config import CurvatureConfig
+from ..estimators.second_opinion import SECOND_OPINIONS
 from ..integrations.model_loading import load_model
 from ..ledger import StageLedger
 from ..report.text import render_fidelity_table
@@ -23,6 +24,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--stages", nargs="*", default=None, help="only these stages (names or indices)")
     p.add_argument("--no-diagnostics", action="store_true", help="skip f(θ_0) and the linearisation gap")
+    p.add_argument(
+        "--second-opinion",
+        default="auto",
+        choices=list(SECOND_OPINIONS),
+        help="what the trust verdicts check the estimate against without replay: 'auto' (the other replay family "
+        "for a replaying estimate, else task-vector negation), 'delta-fd' (the cheap check), or a replay family; a "
+        "replay family can take as long as replay itself ('validate' answers the question outright)",
+    )
     p.add_argument(
         "--trust-code",
         action="store_true",
@@ -138,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         curvature=curvature_config(args),
         show_progress=False,
         ref_models=ref_models,
+        second_opinion=args.second_opinion,
     )
     what = "estimates and replay" if args.validate else "estimates"
     main_process = attributor.state.is_main_process

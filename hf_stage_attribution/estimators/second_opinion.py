@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import EstimatorError
 from ..ledger.core import LedgerCore
 from .propagation.stage import trains
 from .replay import can_replay
@@ -35,6 +36,35 @@ REPLAY_CHECKS = {
     "partial-replay-linear": STRIDED_REPLAY,
     STRIDED_REPLAY: PARTIAL_REPLAY,
 }
+#: what ``StageAttributor(second_opinion=...)`` accepts: the rule above, task-vector negation, or a replay family
+SECOND_OPINIONS = ("auto", DEFAULT_SECOND_OPINION, STRIDED_REPLAY, PARTIAL_REPLAY)
+#: why a replay family as the check is not free: said on the console whenever one runs
+REPLAY_CHECK_COST = (
+    "it re-runs every later stage in two branches, which can take as long as replay itself (BENCHMARKS.md §8, §9): "
+    "validate=True answers the question outright for about the same time, second_opinion='delta-fd' is the cheap check"
+)
+
+
+def check_second_opinion(value: Any) -> str:
+    """``value`` if it is one of :data:`SECOND_OPINIONS`, else :class:`EstimatorError` saying what is accepted.
+
+    Example:
+        >>> check_second_opinion("delta-fd")
+        'delta-fd'
+        >>> try:
+        ...     check_second_opinion("replay")
+        ... except ValueError as err:
+        ...     print(str(err).split(". ")[-1])
+        To check the estimates against replay itself, pass validate=True to attribute().
+    """
+    if isinstance(value, str) and value in SECOND_OPINIONS:
+        return value
+    hint = ""
+    if value == "replay":
+        hint = " To check the estimates against replay itself, pass validate=True to attribute()."
+    raise EstimatorError(
+        f"second_opinion={value!r}: expected one of {', '.join(repr(v) for v in SECOND_OPINIONS)}.{hint}"
+    )
 
 
 def choose_second_opinion(
@@ -43,9 +73,14 @@ def choose_second_opinion(
     stages: list[int] | None = None,
     stage_fns: Mapping[str, Any] | None = None,
     budget: float = PARTIAL_REPLAY_BUDGET,
+    requested: str = "auto",
 ) -> tuple[str, str]:
     """``(estimator name, reason)`` of the second opinion a trust verdict checks ``estimator`` against, for the
     attributed stage indices ``stages`` (default: all).
+
+    ``requested`` (:data:`SECOND_OPINIONS`) overrides the rule below: ``"delta-fd"`` always gives task-vector
+    negation; a replay family is used where it applies (the same conditions) and is not ``estimator`` itself, else
+    task-vector negation with the reason why.
 
     A replaying estimate (``partial-replay``, ``strided-replay``) is checked against the other replay family at the
     same ``budget`` (:data:`REPLAY_CHECKS`) when every later stage of every attributed stage can be re-run in the form
@@ -65,9 +100,16 @@ def choose_second_opinion(
         >>> choose_second_opinion(pipe.ledger, "aa-linear", stage_fns=pipe.stage_fns)[0]
         'delta-fd'
     """
-    other = REPLAY_CHECKS.get(estimator)
+    requested = check_second_opinion(requested)
+    if requested == DEFAULT_SECOND_OPINION:
+        return DEFAULT_SECOND_OPINION, f"{estimator} is checked against task-vector negation (as asked: delta-fd)"
+    other = REPLAY_CHECKS.get(estimator) if requested == "auto" else requested
     if other is None:
         return DEFAULT_SECOND_OPINION, f"{estimator} is checked against task-vector negation"
+    if other == estimator or estimator.startswith(f"{other}-") or REPLAY_CHECKS.get(other) is None:
+        return DEFAULT_SECOND_OPINION, (
+            f"{other} would give {estimator}'s own estimate, so task-vector negation checks {estimator}"
+        )
     budget = float(budget)
     if not 0.0 < budget < 1.0:
         return DEFAULT_SECOND_OPINION, (
@@ -95,8 +137,15 @@ def choose_second_opinion(
         return DEFAULT_SECOND_OPINION, f"{other} does not apply ({why}), so task-vector negation checks {estimator}"
     return other, (
         f"{estimator} is checked against {other} at the same budget ({budget:g}), which estimates every stage's "
-        "effect by another route; the verdict says 'agree' only when both do"
+        f"effect by another route; the verdict says 'agree' only when both do; {REPLAY_CHECK_COST}"
     )
 
 
-__all__ = ["DEFAULT_SECOND_OPINION", "REPLAY_CHECKS", "choose_second_opinion"]
+__all__ = [
+    "DEFAULT_SECOND_OPINION",
+    "REPLAY_CHECKS",
+    "REPLAY_CHECK_COST",
+    "SECOND_OPINIONS",
+    "check_second_opinion",
+    "choose_second_opinion",
+]

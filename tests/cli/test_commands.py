@@ -201,3 +201,22 @@ def test_attribute_bad_input_leaves_nothing(classifier_run, tmp_path, capsys):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__]))
+
+
+def test_attribute_with_the_cheap_second_opinion(classifier_run, tmp_path, capsys):
+    """``--second-opinion delta-fd`` reaches the attributor: the trust verdicts are checked against task-vector
+    negation, and no other replay family runs beside partial replay."""
+    root = classifier_run
+    argv = ["attribute", str(root / "ledger"), "--model", str(root / "model"), "--behaviors"]
+    argv += [str(root / "behaviors.json"), "--estimator", "partial-replay", "--budget", "0.5"]
+    texts = {}
+    for choice in ("auto", "delta-fd"):
+        out = tmp_path / choice
+        assert main([*argv, "--second-opinion", choice, "--output-dir", str(out)]) == 0
+        texts[choice] = (out / "report.json").read_text()
+    capsys.readouterr()
+    assert "strided-replay" in texts["auto"]  # by default the other replay family checks partial replay
+    assert "delta-fd" in texts["delta-fd"] and "strided-replay" not in texts["delta-fd"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--second-opinion", "replay", "--output-dir", str(tmp_path / "bad")])
+    assert "invalid choice: 'replay'" in capsys.readouterr().err

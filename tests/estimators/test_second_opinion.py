@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hf_stage_attribution import StageAttributor
+from hf_stage_attribution.errors import EstimatorError
 from hf_stage_attribution.estimators import choose_second_opinion
 from hf_stage_attribution.estimators import partial_replay as pr
 from hf_stage_attribution.estimators import strided_replay as sr
@@ -77,3 +78,36 @@ def test_the_attributor_checks_partial_replay_against_strided_replay_unless_repl
     checked = attributor.attribute(behaviors, validate=True)
     assert ran == [] and {checked.trust(n)["verdict"] for n in behaviors} <= {"verified", "unreliable"}
     assert all("replay" in checked.trust(n)["evidence"] for n in behaviors)
+
+
+def test_the_second_opinion_can_be_chosen(pipe):
+    ledger, fns = pipe.ledger, pipe.stage_fns
+    name, reason = choose_second_opinion(ledger, "partial-replay", stage_fns=fns, requested="delta-fd")
+    assert name == "delta-fd" and "as asked" in reason
+    # a replay family checks a propagation-only estimate where it applies, and says what it costs
+    name, reason = choose_second_opinion(ledger, "aa-linear", stage_fns=fns, requested="strided-replay")
+    assert name == "strided-replay" and "validate=True" in reason and "second_opinion='delta-fd'" in reason
+    # ... but never the estimate's own family (the same estimate), and not where it does not apply
+    for estimator in ("partial-replay", "partial-replay-linear"):
+        name, reason = choose_second_opinion(ledger, estimator, stage_fns=fns, requested="partial-replay")
+        assert name == "delta-fd" and "own estimate" in reason
+    assert choose_second_opinion(ledger, "aa-linear", requested="strided-replay")[0] == "delta-fd"  # no stage fns
+
+
+@pytest.mark.parametrize("value", ["replay", "strided", None, 1])
+def test_an_unknown_second_opinion_is_a_clear_error(pipe, value):
+    with pytest.raises(EstimatorError, match="expected one of 'auto', 'delta-fd'") as err:
+        StageAttributor(pipe.ledger, pipe.model, second_opinion=value, show_progress=False)
+    assert ("validate=True" in str(err.value)) == (value == "replay")
+
+
+def test_the_attributor_runs_the_second_opinion_asked_for(pipe, monkeypatch):
+    behaviors = {"margin_7": pipe.behaviors["margin_7"]}
+    pr._MEMO.clear()
+    ran = count_stage_runs(monkeypatch, sr)
+    attributor = StageAttributor(
+        pipe.ledger, pipe.model, stage_fns=pipe.stage_fns, show_progress=False, second_opinion="delta-fd"
+    )
+    report = attributor.attribute(behaviors)
+    assert report.estimator == "partial-replay" and ran == []  # no strided replay ran
+    assert set(report.trust("margin_7")["evidence"]["second_opinions"]) == {"partial-replay-linear", "delta-fd"}
