@@ -106,7 +106,7 @@ def choose_second_opinion(
     other = REPLAY_CHECKS.get(estimator) if requested == "auto" else requested
     if other is None:
         return DEFAULT_SECOND_OPINION, f"{estimator} is checked against task-vector negation"
-    if other == estimator or estimator.startswith(f"{other}-") or REPLAY_CHECKS.get(other) is None:
+    if other == estimator or estimator.startswith(f"{other}-"):  # partial-replay-linear: partial replay's embeddings
         return DEFAULT_SECOND_OPINION, (
             f"{other} would give {estimator}'s own estimate, so task-vector negation checks {estimator}"
         )
