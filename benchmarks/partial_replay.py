@@ -360,7 +360,7 @@ def target_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 def time_with_check(summary: Mapping[str, Any], budget: float = 0.25) -> float | None:
     """Time ÷ replay of the default as the attributor runs it without ``validate``: the estimate (``partial-replay``
     at ``budget``) plus its second opinion (strided replay at the same budget where the pipeline has it — the check
-    that runs beside it, ``estimators.second_opinion``), the sum of the two per-seed medians; None when either is
+    that runs beside it, ``estimators.second_opinion``), the sum of the two medians over seeds; None when either is
     missing. Task-vector negation as the second opinion costs a read-out (its time is added the same way).
 
     Example:

@@ -292,6 +292,8 @@ def one_step(out: Path, stage_name: str) -> dict:
 
 
 def main() -> None:
+    from hf_stage_attribution.estimators.second_opinion import SECOND_OPINIONS  # the package (and torch), deferred
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("out/smollm2_sft_lora_dpo"))
     parser.add_argument("--phase", choices=["train", "attribute", "one-step", "all"], default="all")
@@ -319,7 +321,7 @@ def main() -> None:
         "replay then runs only the counterfactual branch of that stage)",
     )  # fmt: skip
     parser.add_argument(
-        "--second-opinion", default="auto", choices=["auto", "delta-fd", "strided-replay", "partial-replay"],
+        "--second-opinion", default="auto", choices=SECOND_OPINIONS,
         help="what the trust verdicts check the estimate against without --validate (StageAttributor's option)",
     )  # fmt: skip
     parser.add_argument(
