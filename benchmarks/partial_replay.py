@@ -253,19 +253,26 @@ DELTA_ONLY = "partial-replay, delta-fd only"
 #: the verdict with the linear read-out and task-vector negation (what the attributor printed before strided replay
 #: became the second opinion of a replaying estimate, ``estimators.second_opinion``)
 WITH_DELTA = "partial-replay, sibling + delta-fd"
+#: the verdict with the linear read-out and partial replay itself at a smaller budget as the second opinion: the
+#: cheaper check that was measured against strided replay (it costs the estimate at 10 %, not about one replay) and
+#: not adopted — two budgets of one family share their carry's errors, so they agree where both are wrong
+SMALLER_BUDGET = 0.1
+TWO_BUDGETS = f"partial-replay, sibling + itself at {100 * SMALLER_BUDGET:g} %"
 
 
 def trust_at_default(group: list[Mapping[str, Any]], budget: float = 0.25) -> dict[str, Any] | None:
     """The trust verdicts the attributor prints for ``partial-replay`` at ``budget`` without replay (its linear
     read-out and its second opinion — strided replay at the same budget where the pipeline has it, else task-vector
     negation — as the attributor chooses, the linearisation gap, the intervals) and how often they were right against
-    replay; beside them the verdicts with the linear read-out and task-vector negation (:data:`WITH_DELTA`) and with
-    task-vector negation alone (:data:`DELTA_ONLY`). ``benchmarks.fidelity.trust_calibration``'s figures, one
-    pipeline; None when a value is missing."""
+    replay; beside them the verdicts with the linear read-out and task-vector negation (:data:`WITH_DELTA`), with
+    task-vector negation alone (:data:`DELTA_ONLY`) and with the linear read-out and partial replay at
+    :data:`SMALLER_BUDGET` (:data:`TWO_BUDGETS`, where that budget was measured).
+    ``benchmarks.fidelity.trust_calibration``'s figures, one pipeline; None when a value is missing."""
     from .fidelity import trust_calibration
 
     fd, linear = label("partial-replay", budget, "steps"), label("partial-replay-linear", budget, "steps")
     strided = label(STRIDED, budget, "passes")
+    smaller = label("partial-replay", SMALLER_BUDGET, "steps")
     renamed = []
     for run in group:
         values = run["_values"]
@@ -273,7 +280,8 @@ def trust_at_default(group: list[Mapping[str, Any]], budget: float = 0.25) -> di
             return None
         renamed.append({**run, "default": {"name": "partial-replay"}, "_values": {
             "partial-replay": values[fd], "partial-replay-linear": values[linear], BASELINE: values[BASELINE],
-            "replay": values["replay"], **({STRIDED: values[strided]} if strided in values else {})}})  # fmt: skip
+            "replay": values["replay"], **({STRIDED: values[strided]} if strided in values else {}),
+            **({TWO_BUDGETS: values[smaller]} if smaller in values else {})}})  # fmt: skip
     pipeline = group[0]["pipeline"]
     second = STRIDED if all(STRIDED in run["_values"] for run in renamed) else BASELINE
     now = trust_calibration(renamed, second_opinion=second)[pipeline]
@@ -282,6 +290,9 @@ def trust_at_default(group: list[Mapping[str, Any]], budget: float = 0.25) -> di
         cells[WITH_DELTA] = trust_calibration(renamed)[pipeline]["estimators"].get("partial-replay", {})
     alone = trust_calibration(renamed, with_sibling=False)[pipeline]
     cells[DELTA_ONLY] = alone["estimators"].get("partial-replay", {})
+    if all(TWO_BUDGETS in run["_values"] for run in renamed):
+        two = trust_calibration(renamed, second_opinion=TWO_BUDGETS)[pipeline]
+        cells[TWO_BUDGETS] = two["estimators"].get("partial-replay", {})
     return {"default": "partial-replay", "budget": budget, "second_opinion": second, "estimators": cells,
             "reasons": now["reasons"]}  # fmt: skip
 
@@ -423,7 +434,8 @@ def render(block: Mapping[str, Any]) -> list[str]:
             out += [f"Trust verdicts of the default at {100 * trust['budget']:g} % (steps), its second opinion "
                     f"{trust.get('second_opinion', BASELINE)}; *{WITH_DELTA}*: the same estimates checked against "
                     f"their linear read-out and task-vector negation; *{DELTA_ONLY}*: against task-vector negation "
-                    "alone.", ""]  # fmt: skip
+                    f"alone; *{TWO_BUDGETS}*: against their linear read-out and partial replay at "
+                    f"{100 * SMALLER_BUDGET:g} % (a cheaper check of the same family).", ""]  # fmt: skip
             out += _trust(summary["trust"])
     for pipeline, why in block.get("skipped", {}).items():
         out += [f"{pipeline}: not measured ({why}).", ""]

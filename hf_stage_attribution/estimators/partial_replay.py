@@ -98,7 +98,7 @@ from .curvature.scratch import (
     tensor_bytes,
     write_from,
 )
-from .embeddings.cache import StageEmbeddings, stage_embeddings
+from .embeddings.cache import StageEmbeddings, require_optimizer_information, stage_embeddings
 from .embeddings.write import check_curvature_material
 from .finite_difference import FiniteDifferenceEstimator
 from .linear import LinearEstimator
@@ -889,7 +889,12 @@ def partial_replay_embeddings(
     for plan in plans.values():
         check_replayable(ledger, plan, stage_fns)
     check_partial_replay_disk(ledger, sum(1 for p in plans.values() if p.legs))
-    base = stage_embeddings(ledger, "aa-linear", indices, allow_identity_propagation=allow_identity_propagation)
+    if not allow_identity_propagation:  # refused before any replay, as the aa-linear embeddings of all would be
+        require_optimizer_information(ledger, "aa-linear", indices)
+    # the aa-linear embeddings serve only the stages with nothing to replay (the last one, or a budget too small):
+    # computing them for the replayed ones too cost a whole propagation and a model-sized cache entry per stage
+    propagated = [k for k in indices if not plans[k].legs]
+    base = stage_embeddings(ledger, "aa-linear", propagated, allow_identity_propagation=allow_identity_propagation)
     notes: set[str] = set()
     curvature = None
     if carry == "aa-ggn" and any(p.legs for p in plans.values()):

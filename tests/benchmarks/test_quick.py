@@ -106,7 +106,7 @@ def test_partial_replay_section_on_a_tiny_digits_pipeline(tmp_path):
     settings = Settings.make(quick=True)
     settings.digits_steps_scale = 0.1
     pipe = pipelines.build("digits-hf", 0, settings, tmp_path, early_checkpoint=partial_replay.EARLY_CHECKPOINT)
-    run = partial_replay.measure(pipe, settings, budgets=(0.0, 0.25, 1.0))
+    run = partial_replay.measure(pipe, settings, budgets=(0.0, partial_replay.SMALLER_BUDGET, 0.25, 1.0))
     summary = partial_replay.summarise([run])["digits-hf"]
     early = summary["table"][partial_replay.label(partial_replay.EARLY, 0.25, "steps")]  # half the legs' cost
     assert "early checkpoint" in str(summary["plans"]["25 % (steps), early checkpoint"]["plans"])
@@ -122,7 +122,8 @@ def test_partial_replay_section_on_a_tiny_digits_pipeline(tmp_path):
     assert summary["table"][partial_replay.label(partial_replay.STRIDED, 0.25, "passes")]["all"]["n_pairs"] > 0
     trust = summary["trust"]["estimators"]  # one verdict per behavior, with and without the linear read-out
     assert summary["trust"]["second_opinion"] == partial_replay.STRIDED  # the attributor's choice on this pipeline
-    for cells in (trust["partial-replay"], trust[partial_replay.WITH_DELTA], trust[partial_replay.DELTA_ONLY]):
+    checks = (partial_replay.WITH_DELTA, partial_replay.DELTA_ONLY, partial_replay.TWO_BUDGETS)
+    for cells in (trust["partial-replay"], *(trust[name] for name in checks)):
         assert sum(c["n"] for c in cells.values()) == len(pipe.behaviors)
         assert all(0 <= c["verified"] <= c["right"] <= c["n"] for c in cells.values())  # verified implies top right
     text = "\n".join(partial_replay.render({"summary": {"digits-hf": summary}}))
@@ -130,6 +131,7 @@ def test_partial_replay_section_on_a_tiny_digits_pipeline(tmp_path):
     assert "| strided-replay @ 25 % (passes) |" in text
     assert "| **partial-replay** (default) |" in text and f"| {partial_replay.DELTA_ONLY} |" in text
     assert f"| {partial_replay.WITH_DELTA} |" in text and "its second opinion strided-replay" in text
+    assert f"| {partial_replay.TWO_BUDGETS} |" in text
     rows = partial_replay.target_rows({"partial_replay": {"summary": {"digits-hf": summary}}})
     assert len(rows) == 17 and all(r["met"] in (True, False) for r in rows)  # default and early-checkpoint rows
     assert sum("early checkpoint" in r["scope"] for r in rows) == 8

@@ -482,3 +482,24 @@ def test_an_interpolated_factual_branch_is_exact_on_a_straight_trajectory_and_ru
             assert any("interpolated" in a or "learning-rate mass" in a for a in emb.approximations)
     with pytest.raises(BudgetError, match="factual"):
         pr.partial_replay_embeddings(ledger, model, stages[:1], budget=0.25, stage_fns=fns, factual="guess")
+
+
+@pytest.mark.parametrize("name", ["partial-replay", "strided-replay"])
+def test_only_the_stages_left_to_propagation_get_aa_linear_embeddings(digits, name):
+    """A replayed stage's ``aa-linear`` embedding is never read: the replay families compute (and cache) those of the
+    stages they leave to propagation only (here the last one), and a cache that holds every stage's gives the same
+    estimates."""
+    from hf_stage_attribution.estimators import strided_replay as sr
+    from hf_stage_attribution.estimators.embeddings.cache import StageEmbeddings, stage_embeddings
+
+    pipe = digits["hf"]
+    cache = pipe.ledger.embeddings_dir / "aa-linear.safetensors"
+    cache.unlink(missing_ok=True)
+    sr._MEMO.clear()
+    lean = _estimate(name, pipe, budget=0.25)
+    assert StageEmbeddings(pipe.ledger, "aa-linear", cache).stage_indices == [len(pipe.ledger.stages) - 1]
+    stage_embeddings(pipe.ledger, "aa-linear")  # every stage's, as before
+    sr._MEMO.clear()
+    full = _estimate(name, pipe, budget=0.25)
+    for stage, value in lean.per_example.items():
+        assert torch.equal(full.per_example[stage], value), stage

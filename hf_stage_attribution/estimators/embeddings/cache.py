@@ -189,7 +189,7 @@ def stage_embeddings(
         return StageEmbeddings(ledger, kind)
     wanted = _resolve_stages(ledger, stages)
     if not allow_identity_propagation:
-        _require_optimizer_information(ledger, kind, wanted)
+        require_optimizer_information(ledger, kind, wanted)
     if kind in ("aa-ggn", "aa-hvp"):
         curvature_options = curvature_settings(curvature_options)
     options = {"allow_identity_propagation": allow_identity_propagation, **curvature_options}
@@ -220,8 +220,11 @@ def stage_embeddings(
     return StageEmbeddings(ledger, kind, path)
 
 
-def _require_optimizer_information(ledger: LedgerCore, kind: str, wanted: list[int]) -> None:
-    """Propagation through a stage whose optimizer is unknown would silently equal task-vector negation: refuse."""
+def require_optimizer_information(ledger: LedgerCore, kind: str, wanted: list[int]) -> None:
+    """Propagation through a stage whose optimizer is unknown would silently equal task-vector negation: refuse
+    (:class:`~hf_stage_attribution.errors.UnsupportedOptimizerError`) when a stage after the first of ``wanted``
+    was imported without its optimizer and learning rates. The replaying estimators call it before any replay.
+    """
 
     first = min(wanted, default=len(ledger.stages))
     blind = [s.name for s in ledger.stages[first + 1 :] if lacks_optimizer_information(s)]
