@@ -26,11 +26,12 @@ from .errors import BehaviorError, ReportError, StageAttributionError
 from .estimators.base import check_finite, eval_mode, evaluate
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
-from .estimators.replay import check_replayable
+from .estimators.replay import check_replayable, replay_needs
 from .estimators.second_opinion import DEFAULT_SECOND_OPINION, check_second_opinion
 from .estimators.selection import PARTIAL_REPLAY_BUDGET
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
+from .report.build import ledger_summary
 
 # linear estimator ↔ its finite-difference reading (ESTIMATORS.md §4 "linearisation gap")
 _PAIRED = {
@@ -239,6 +240,10 @@ class StageAttributor:
 
         first = next(iter(results.values()))
         fidelity = self._fidelity(results, replay, stage_names) if validate else None
+        ledger = ledger_summary(self.ledger)
+        if not replay:  # what would settle the verdicts: the card and the CLI say it (report.ledger["replay_needs"])
+            needs = replay_needs(self.ledger, [s.index for s in stage_objs], self.stage_fns, self.ref_models)
+            ledger["replay_needs"] = needs.to_dict()
         return AttributionReport.from_estimates(
             results,
             estimator=first.estimator,
@@ -249,7 +254,7 @@ class StageAttributor:
             alternates=({**alternates, **({"replay": replay} if replay else {})}) or None,
             fidelity=fidelity,
             replay=replay or None,  # per-stage ground truth shown beside each estimate (ReportRow.replay_effect)
-            ledger=self.ledger,
+            ledger=ledger,
             n_resamples=self.n_resamples,
             seed=self.seed,
         )

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -126,19 +127,61 @@ def _add_delta(model: torch.nn.Module, stage: Stage) -> None:
             params[name].add_(delta.to(device=params[name].device, dtype=params[name].dtype))
 
 
-def check_replayable(
+@dataclass
+class ReplayNeeds:
+    """What replay would re-run to remove each stage of a set, and what stops it (:func:`replay_needs`)."""
+
+    #: optimizer steps replay re-runs: for each removed stage ``k``, every step of the trained stages after it
+    optimizer_steps: int
+    #: the stages it re-runs (trained stages after the first removed one), in ledger order
+    stages: list[str]
+    #: one sentence per stage it could not re-run (no stage function and no replay data, or an unrebuildable reference)
+    problems: list[str]
+    #: the stages it would re-run with a given stage function (``stage_fns``; the CLI cannot pass those)
+    by_function: list[str]
+
+    @property
+    def possible(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer_steps": self.optimizer_steps,
+            "stages": list(self.stages),
+            "problems": list(self.problems),
+            "by_function": list(self.by_function),
+        }
+
+
+def replay_needs(
     ledger: LedgerCore,
     removed: list[int],
     stage_fns: Mapping[str, StageFn] | None = None,
     ref_models: Mapping[str, Any] | None = None,
-) -> None:
-    """Raise :class:`ReplayError` naming every stage that replay (removing each stage in ``removed``) could not
-    re-run, before any work: no stage function and no replay data, or a reference model it cannot rebuild."""
+) -> ReplayNeeds:
+    """The optimizer steps replay re-runs to remove each stage index in ``removed``, the stages it re-runs, and what
+    stops it (the same problems :func:`check_replayable` raises with).
+
+    Example:
+        >>> import tempfile
+        >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
+        >>> pipe = build_digits_pipeline("hf", tempfile.mkdtemp(), steps_scale=0.05, base_steps_scale=0.05)
+        >>> [s.num_steps for s in pipe.ledger.stages]
+        [10, 8, 8]
+        >>> needs = replay_needs(pipe.ledger, [0, 1, 2], pipe.stage_fns)  # removing 0 re-runs 8 + 8, removing 1: 8
+        >>> needs.optimizer_steps, needs.stages, needs.possible
+        (24, ['digits-patch', 'digits-clean'], True)
+        >>> replay_needs(pipe.ledger, [0]).problems[0].split(" (")[0]  # no stage functions, no replay data
+        "stage 'digits-patch' has no function in stage_fns and no replay data"
+    """
     stage_fns, ref_models = dict(stage_fns or {}), dict(ref_models or {})
     first = min(removed) if removed else len(ledger.stages)
-    problems = []
-    for stage in ledger.stages[first + 1 :]:
-        if stage.name in stage_fns or not (stage.num_steps and stage.learning_rates):
+    trained = [s for s in ledger.stages[first + 1 :] if s.num_steps and s.learning_rates]
+    steps = sum(int(s.num_steps) for k in removed for s in trained if s.index > k)
+    problems, by_function = [], []
+    for stage in trained:
+        if stage.name in stage_fns:
+            by_function.append(stage.name)
             continue
         if stage.replay_dir is None:
             problems.append(
@@ -149,6 +192,18 @@ def check_replayable(
         problem = reference_problem(stage, ref_models.get(stage.name))
         if problem:
             problems.append(problem)
+    return ReplayNeeds(steps, [s.name for s in trained], problems, by_function)
+
+
+def check_replayable(
+    ledger: LedgerCore,
+    removed: list[int],
+    stage_fns: Mapping[str, StageFn] | None = None,
+    ref_models: Mapping[str, Any] | None = None,
+) -> None:
+    """Raise :class:`ReplayError` naming every stage that replay (removing each stage in ``removed``) could not
+    re-run, before any work: no stage function and no replay data, or a reference model it cannot rebuild."""
+    problems = replay_needs(ledger, removed, stage_fns, ref_models).problems
     if problems:
         raise ReplayError("Replay cannot re-run every stage it needs: " + "; ".join(problems) + ".")
 

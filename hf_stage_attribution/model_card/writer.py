@@ -30,6 +30,7 @@ from ..report.text import (
     fidelity_view,
     fmt_lr,
     interval_label,
+    replay_hint,
 )
 from .card_text import METADATA_KEY, SECTION_BEGIN, SECTION_END, splice_metadata, splice_section, split_card
 
@@ -128,6 +129,7 @@ def render_section(report: AttributionReport, plot_name: str | None = PLOT_NAME,
         behaviors=[behavior_view(report, b.name) for b in report.behaviors],
         approximations=[escape_markdown(a) for a in report.approximations],
         fidelity=fidelity_view(report),
+        replay_hint=replay_hint(report),
         plot=plot_name,
         confidence=f"{float((report.interval or {}).get('confidence', 0.95)) * 100:g} %",
         sidecar=sidecar,

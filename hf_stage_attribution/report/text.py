@@ -212,6 +212,44 @@ def has_replay(report: AttributionReport, name: str | None = None) -> bool:
     return any(r.replay_effect is not None for r in rows)
 
 
+def replay_hint(report: AttributionReport, escape: Any = None) -> str:
+    """What would check the estimates against replay — the command and the optimizer steps replay re-runs — or why
+    replay cannot run from this ledger; escaped with ``escape`` (default: :func:`escape_markdown`). Empty when replay
+    ran, when there is nothing to re-run, or for a report written before the attributor recorded it
+    (``report.ledger["replay_needs"]``, from :func:`~hf_stage_attribution.estimators.replay.replay_needs`).
+
+    Example:
+        >>> from hf_stage_attribution.report import AttributionReport
+        >>> r = AttributionReport.build({"b": {"sft": [1.0], "dpo": [0.5]}}, estimator="partial-replay", versions={},
+        ...     ledger={"replay_needs": {"optimizer_steps": 40, "stages": ["dpo"], "problems": []}})
+        >>> replay_hint(r, str).split(": ")[-1]
+        'replay re-runs 40 optimizer steps in all, of stage(s) dpo.'
+    """
+    escape = escape or escape_markdown
+    needs = (report.ledger or {}).get("replay_needs")
+    if not isinstance(needs, dict):
+        return ""
+    problems = [str(p) for p in needs.get("problems") or []]
+    if problems:
+        return escape(
+            "Replay cannot run from this ledger, so nothing can check these estimates against ground truth: "
+            + "; ".join(problems)
+            + "."
+        )
+    steps, stages = int(needs.get("optimizer_steps") or 0), [str(s) for s in needs.get("stages") or []]
+    if not steps:
+        return ""
+    how = (
+        "attribute(..., validate=True) with the same stage_fns"  # the CLI cannot pass stage functions
+        if needs.get("by_function")
+        else "hf-stage-attribution validate (or attribute(..., validate=True))"
+    )
+    return escape(
+        f"To check these estimates against replay, run {how}: replay re-runs {steps} optimizer steps in all, of "
+        f"stage(s) {', '.join(stages)}."
+    )
+
+
 def trust_label(report: AttributionReport, name: str) -> str:
     """The escaped trust verdict label of a behavior ('' when the report has none)."""
     label = report.trust(name).get("label")  # assessed from stored figures for a report written without one
@@ -365,7 +403,12 @@ def render_markdown(report: AttributionReport) -> str:
     fid = fidelity_view(report)
     out += ["### Fidelity against replay", ""]
     if fid is None:
-        out += ["Replay was not run: these effects have not been checked against ground truth.", ""]
+        hint = replay_hint(report)
+        out += [
+            "Replay was not run: these effects have not been checked against ground truth."
+            + (f" {hint}" if hint else ""),
+            "",
+        ]
     else:
         out += [md_table(fid["header"], fid["align"], fid["rows"]), ""]
     return "\n".join(out)
@@ -394,6 +437,9 @@ def render_table(report: AttributionReport) -> str:
         label = report.trust(summary.name).get("label")
         verdict = f" Verdict: {terminal_safe(label)}." if label else ""
         lines.append(f"* {headline(report, summary.name, terminal_safe)}{verdict}")
+    hint = "" if replay else replay_hint(report, terminal_safe)
+    if hint and any(report.trust(b.name).get("verdict") == "unreliable" for b in report.behaviors):
+        lines.append(f"Unreliable verdict(s): {hint}")
     lines.append(
         f"estimator: {terminal_safe(report.estimator)}; positive = the stage raised the behavior; share = |effect| "
         "over the sum of |effects|"
