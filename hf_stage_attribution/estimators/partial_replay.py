@@ -827,6 +827,22 @@ def check_partial_replay_disk(ledger: LedgerCore, replayed: int) -> None:
         )
 
 
+def propagated_embeddings(
+    ledger: LedgerCore, indices: list[int], replayed: set[int], allow_identity_propagation: bool = False
+) -> StageEmbeddings:
+    """The ``aa-linear`` embeddings of the attributed stages ``indices`` that a replay family leaves to propagation
+    (those not in ``replayed``: the last stage, or one the budget gives no replay) — the only ones it reads.
+
+    Computing them for the replayed stages too cost a whole propagation and a model-sized cache entry per stage. A
+    stage imported without its optimizer is still refused for every attributed stage, before any replay, as the
+    embeddings of all of them would be (``allow_identity_propagation`` lifts it).
+    """
+    if not allow_identity_propagation:
+        require_optimizer_information(ledger, "aa-linear", indices)
+    propagated = [k for k in indices if k not in replayed]
+    return stage_embeddings(ledger, "aa-linear", propagated, allow_identity_propagation=allow_identity_propagation)
+
+
 _MEMO: dict[str, Any] = {}
 
 
@@ -889,12 +905,7 @@ def partial_replay_embeddings(
     for plan in plans.values():
         check_replayable(ledger, plan, stage_fns)
     check_partial_replay_disk(ledger, sum(1 for p in plans.values() if p.legs))
-    if not allow_identity_propagation:  # refused before any replay, as the aa-linear embeddings of all would be
-        require_optimizer_information(ledger, "aa-linear", indices)
-    # the aa-linear embeddings serve only the stages with nothing to replay (the last one, or a budget too small):
-    # computing them for the replayed ones too cost a whole propagation and a model-sized cache entry per stage
-    propagated = [k for k in indices if not plans[k].legs]
-    base = stage_embeddings(ledger, "aa-linear", propagated, allow_identity_propagation=allow_identity_propagation)
+    base = propagated_embeddings(ledger, indices, {k for k, p in plans.items() if p.legs}, allow_identity_propagation)
     notes: set[str] = set()
     curvature = None
     if carry == "aa-ggn" and any(p.legs for p in plans.values()):

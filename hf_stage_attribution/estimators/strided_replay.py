@@ -61,7 +61,6 @@ from .._internal.params import iter_merged_state
 from ..errors import PartialReplayError
 from ..ledger.core import LedgerCore
 from .base import register
-from .embeddings.cache import require_optimizer_information, stage_embeddings
 from .finite_difference import FiniteDifferenceEstimator
 from .partial_replay import (
     DEFAULT_BUDGET,
@@ -72,6 +71,7 @@ from .partial_replay import (
     _started,
     check_budget,
     check_partial_replay_disk,
+    propagated_embeddings,
 )
 from .propagation.stage import trains
 from .replay import can_replay, no_gradient_reuse_message, run_stage, takes_grad_every
@@ -233,12 +233,8 @@ def strided_replay_embeddings(
     for plan in plans.values():
         check_strided_replayable(ledger, plan, stage_fns)
     check_partial_replay_disk(ledger, sum(1 for p in plans.values() if p.stride))
-    if not allow_identity_propagation:  # refused before any replay, as the aa-linear embeddings of all would be
-        require_optimizer_information(ledger, "aa-linear", indices)
-    # the aa-linear embeddings serve only the stages with nothing to replay (the last one, or a budget too small):
-    # computing them for the replayed ones too cost a whole propagation and a model-sized cache entry per stage
-    propagated = [k for k in indices if not plans[k].stride]
-    base = stage_embeddings(ledger, "aa-linear", propagated, allow_identity_propagation=allow_identity_propagation)
+    strided = {k for k, p in plans.items() if p.stride}
+    base = propagated_embeddings(ledger, indices, strided, allow_identity_propagation)
     vectors: dict[int, ScratchTensors | dict[str, torch.Tensor]] = {}
     seconds: dict[str, float] = {}
     _MEMO.clear()
