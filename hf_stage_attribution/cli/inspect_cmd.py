@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .._internal.memory import human_bytes
 from .._internal.table import fmt_float, render_table
+from ..estimators.replay import replay_needs
 from ..ledger import StageLedger
 from ..ledger.storage import lock_holder
 from ..ledger.summary import ledger_summary
@@ -68,6 +69,15 @@ def format_summary(summary: dict) -> str:
              if s.get("early_checkpoint_steps")]  # fmt: skip
     if early:
         text += "\nEarly checkpoints (partial replay reads the factual branch from them): " + ", ".join(early)
+    replay = summary.get("replay") or {}
+    if replay.get("optimizer_steps"):  # what `validate` would re-run to remove every stage, from this ledger alone
+        if replay["problems"]:
+            text += "\nReplay (validate) cannot run from this ledger alone: " + "; ".join(replay["problems"])
+        else:
+            text += (
+                f"\nReplay (validate) re-runs {replay['optimizer_steps']} optimizer steps in all, of stage(s) "
+                f"{', '.join(replay['stages'])}, from the recorded replay data"
+            )
     if summary["incomplete_stages"]:
         text += "\nIncomplete (interrupted) stages: " + ", ".join(summary["incomplete_stages"])
         text += "\n  remove them with: hf-stage-attribution inspect LEDGER_DIR --remove-incomplete"
@@ -107,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.verify:
         ledger.verify()
     summary = ledger_summary(ledger)
+    summary["replay"] = replay_needs(ledger, [s.index for s in ledger.stages]).to_dict()  # the CLI has no stage_fns
     if args.json:
         summary["leftover_files"] = [p.name for p in ledger.leftover_files()]
         print(json.dumps(summary, indent=2))

@@ -65,6 +65,9 @@ def test_inspect_table_matches_the_golden_file(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert [s["name"] for s in summary["stages"]] == ["warmup", "finetune"]
     assert summary["stages"][0]["optimizer"] == "SGD"
+    # what validate would re-run: custom loops recorded without replay data, so it cannot from the ledger alone
+    assert summary["replay"]["optimizer_steps"] == 3 and summary["replay"]["stages"] == ["finetune"]
+    assert "no replay data" in summary["replay"]["problems"][0]
 
 
 def test_errors_are_one_line_and_nonzero(tmp_path, capsys):
