@@ -12,6 +12,7 @@ from ..estimators.replay import replay_needs
 from ..ledger import StageLedger
 from ..ledger.storage import lock_holder
 from ..ledger.summary import ledger_summary
+from ..report.text import replay_work
 
 HEADERS = [
     "#",
@@ -74,10 +75,7 @@ def format_summary(summary: dict) -> str:
         if replay["problems"]:
             text += "\nReplay (validate) cannot run from this ledger alone: " + "; ".join(replay["problems"])
         else:
-            text += (
-                f"\nReplay (validate) re-runs {replay['optimizer_steps']} optimizer steps in all, of stage(s) "
-                f"{', '.join(replay['stages'])}, from the recorded replay data"
-            )
+            text += f"\nReplay (validate) {replay_work(replay)}, from the recorded replay data"
     if summary["incomplete_stages"]:
         text += "\nIncomplete (interrupted) stages: " + ", ".join(summary["incomplete_stages"])
         text += "\n  remove them with: hf-stage-attribution inspect LEDGER_DIR --remove-incomplete"

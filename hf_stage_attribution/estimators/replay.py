@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -145,12 +145,7 @@ class ReplayNeeds:
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer_steps": self.optimizer_steps,
-            "stages": list(self.stages),
-            "problems": list(self.problems),
-            "by_function": list(self.by_function),
-        }
+        return asdict(self)
 
 
 def replay_needs(

@@ -236,18 +236,26 @@ def replay_hint(report: AttributionReport, escape: Any = None) -> str:
             + "; ".join(problems)
             + "."
         )
-    steps, stages = int(needs.get("optimizer_steps") or 0), [str(s) for s in needs.get("stages") or []]
-    if not steps:
+    if not needs.get("optimizer_steps"):
         return ""
     how = (
         "attribute(..., validate=True) with the same stage_fns"  # the CLI cannot pass stage functions
         if needs.get("by_function")
         else "hf-stage-attribution validate (or attribute(..., validate=True))"
     )
-    return escape(
-        f"To check these estimates against replay, run {how}: replay re-runs {steps} optimizer steps in all, of "
-        f"stage(s) {', '.join(stages)}."
-    )
+    return escape(f"To check these estimates against replay, run {how}: replay {replay_work(needs)}.")
+
+
+def replay_work(needs: dict[str, Any]) -> str:
+    """What replay re-runs — ``replay_needs(...).to_dict()`` (:mod:`~hf_stage_attribution.estimators.replay`) — as
+    the clause the card, the terminal table and ``inspect`` print (plain text; the caller escapes it).
+
+    Example:
+        >>> replay_work({"optimizer_steps": 24, "stages": ["lora", "dpo"], "problems": []})
+        're-runs 24 optimizer steps in all, of stage(s) lora, dpo'
+    """
+    stages = ", ".join(str(s) for s in needs.get("stages") or [])
+    return f"re-runs {int(needs.get('optimizer_steps') or 0)} optimizer steps in all, of stage(s) {stages}"
 
 
 def trust_label(report: AttributionReport, name: str) -> str:
