@@ -415,19 +415,34 @@ class _Joint:
         self.names = list(locals_)
         self.parts = {name: b for name, b in locals_.items() if b is not None}
         self.sizes: dict[str, int] = {}
-        self._final: tuple[tuple, torch.Tensor] | None = None
+        self._kept: dict[tuple, torch.Tensor] = {}  # fingerprint of the parameters -> values, oldest first
+
+    def cached_values(self, model: torch.nn.Module, where: str = "evaluated on the final model") -> torch.Tensor:
+        """The values of every part at the parameters ``model`` holds now (float64, concatenated), evaluated once per
+        distinct parameter state of one ``attribute()`` and served again whenever the model holds the same numbers.
+
+        The key is a weighted float64 checksum of each parameter and buffer tensor, with where it lives (a model
+        left shifted, or another model, is evaluated anew). It serves ``f(θ_K)`` to the estimator, its second
+        opinions, replay and the total change, and the finite-difference read-outs' shifted states
+        (``estimators.base.evaluate_shifted``): every estimate leaves the last stage out as ``θ_K − Δ_K`` with the
+        same recorded tensors, so the estimate and its check evaluate that state once between them. Only states the
+        plain forward evaluates are asked for (not, say, a model with an adapter disabled). At most
+        :data:`KEPT_STATES` states are kept (a few floats per example each)."""
+        key = _fingerprint(model)
+        values = self._kept.pop(key, None)
+        if values is None:
+            with eval_mode(model):
+                values = evaluate(self, model, where)
+        self._kept[key] = values  # most recent last
+        while len(self._kept) > KEPT_STATES:
+            self._kept.pop(next(iter(self._kept)))
+        return values.clone()
 
     def cached_final_values(self, model: torch.nn.Module) -> torch.Tensor:
-        """``f(θ_K)`` of every part (float64, concatenated): evaluated once and served to every estimator that asks
-        (``estimators.base.evaluate_final``) while the model holds the same parameters. The check is a weighted
-        float64 checksum per parameter and buffer tensor (and where it lives): a model left shifted, or another
-        model, is evaluated anew. ``attribute()`` asks 3 times (the estimator, task-vector negation, the total
-        change), 4 with ``validate=True`` (replay)."""
-        key = _fingerprint(model)
-        if self._final is None or self._final[0] != key:
-            with eval_mode(model):
-                self._final = (key, evaluate(self, model, "evaluated on the final model"))
-        return self._final[1].clone()
+        """``f(θ_K)`` of every part (float64, concatenated), kept as :meth:`cached_values` keeps every state
+        (``estimators.base.evaluate_final``). ``attribute()`` asks 3 times (the estimator, task-vector negation, the
+        total change), 4 with ``validate=True`` (replay)."""
+        return self.cached_values(model)
 
     def evaluate_parts(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
@@ -452,6 +467,8 @@ class _Joint:
         return out
 
 
+#: parameter states whose behavior values one attribution keeps (:meth:`_Joint.cached_values`)
+KEPT_STATES = 64
 _CHUNK = 1 << 14  # elements per chunk of the checksum: 128 kB of float64 weights and temporary, whatever the size
 _CHECKSUM_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 

@@ -273,3 +273,37 @@ def test_the_shared_final_value_follows_the_model(pipeline):
         other[-1].bias.add_(2.0)
     torch.testing.assert_close(joint.cached_final_values(other), first + 2.0)
     torch.testing.assert_close(joint.cached_final_values(model), first)
+
+
+def test_the_model_without_its_last_stage_is_evaluated_once_for_the_estimate_and_its_check(pipeline):
+    """Every finite-difference estimate leaves the last stage out as ``θ_K − Δ_K`` with the same recorded tensors:
+    ``aa-fd`` and its second opinion, task-vector negation, evaluated that state twice; the joint behavior now keeps
+    it (``_Joint.cached_values``). The estimates are those of the estimators run on their own."""
+    from hf_stage_attribution import estimators
+    from hf_stage_attribution.behaviors import as_behavior
+    from hf_stage_attribution.report.trust import compare
+
+    _, ledger, model = pipeline
+    last = ledger.stages[-1]
+    without_last = [
+        (p - last.delta_tensor(name)) if name in last.delta_names() else p.detach().clone()
+        for name, p in model.named_parameters()
+    ]
+    base = behaviors_for()["logit-0"]
+    on_shifted = []
+
+    def counted(m):
+        inside_jvp = torch._C._functorch.is_functorch_wrapped_tensor(next(m.parameters()))  # the linear read-out
+        if m is model and not inside_jvp and all(torch.equal(p, q) for p, q in zip(m.parameters(), without_last)):
+            on_shifted.append(1)
+        return base(m)
+
+    report = StageAttributor(ledger, model, estimator="aa-fd", show_progress=False).attribute({"logit-0": counted})
+    assert len(on_shifted) == 1, "θ_K − Δ_K is evaluated once for aa-fd and task-vector negation together"
+    direct = estimators.get("aa-fd").estimate(ledger, model, as_behavior(base))
+    for row in report.rows_for("logit-0"):
+        torch.testing.assert_close(torch.tensor(row.per_example, dtype=torch.float64), direct.per_example[row.stage])
+    negation = estimators.get("delta-fd").estimate(ledger, model, as_behavior(base))
+    effects = {row.stage: row.effect for row in report.rows_for("logit-0")}
+    expected = compare(effects, {s: float(v.mean()) for s, v in negation.per_example.items()})
+    assert report.trust("logit-0")["evidence"]["second_opinions"]["delta-fd"] == pytest.approx(expected)

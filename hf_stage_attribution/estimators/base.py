@@ -172,6 +172,23 @@ def evaluate_final(behavior: Behavior, model: torch.nn.Module) -> torch.Tensor:
         return evaluate(behavior, model, "evaluated on the final model")
 
 
+def evaluate_shifted(behavior: Behavior, model: torch.nn.Module, where: str) -> torch.Tensor:
+    """The behavior at the parameters ``model`` holds now (a finite-difference read-out's ``θ_K − v_k``), without
+    gradients; a checked float64 vector. A behavior with a ``cached_values(model, where)`` method (the joint behavior
+    of :class:`~hf_stage_attribution.StageAttributor`) serves the values of a parameter state it has evaluated
+    before: the estimate and its second opinion both leave the last stage out as ``θ_K − Δ_K``, one evaluation.
+
+    Example:
+        >>> import torch
+        >>> evaluate_shifted(lambda m: m(torch.eye(2)).reshape(-1), torch.nn.Linear(2, 1), "shifted").shape
+        torch.Size([2])
+    """
+    keep = getattr(behavior, "cached_values", None)
+    if callable(keep):
+        return keep(model, where)
+    return evaluate(behavior, model, where)
+
+
 def resolve_stages(ledger: LedgerCore, stages: Any = None) -> list[Any]:
     """Ledger stages from names/indices (all stages when ``None``), in ledger order."""
     if stages is None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .base import EstimateResult, check_inputs, eval_mode, evaluate, evaluate_final, register, resolve_stages
+from .base import EstimateResult, check_inputs, eval_mode, evaluate_final, evaluate_shifted, register, resolve_stages
 from .embeddings.cache import StageEmbeddings
 from .linear import EmbeddingEstimator, parameter_paths
 
@@ -91,7 +91,9 @@ class FiniteDifferenceEstimator(EmbeddingEstimator):
             forward_calls += 1
             for stage in chosen:
                 with subtract_embedding(model, emb, stage.index, scale):
-                    shifted = evaluate(behavior, model, f"evaluated with stage {stage.name!r} removed ({self.name})")
+                    shifted = evaluate_shifted(
+                        behavior, model, f"evaluated with stage {stage.name!r} removed ({self.name})"
+                    )
                     forward_calls += 1
                 per_example[stage.name] = (final - shifted) / scale
         diagnostics = {
