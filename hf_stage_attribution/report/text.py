@@ -227,7 +227,7 @@ def replay_hint(report: AttributionReport, escape: Any = None) -> str:
     """
     escape = escape or escape_markdown
     needs = (report.ledger or {}).get("replay_needs")
-    if not isinstance(needs, dict):
+    if not isinstance(needs, dict) or _checked_by_replay(report):
         return ""
     problems = [str(p) for p in needs.get("problems") or []]
     if problems:
@@ -244,6 +244,11 @@ def replay_hint(report: AttributionReport, escape: Any = None) -> str:
         else "hf-stage-attribution validate (or attribute(..., validate=True))"
     )
     return escape(f"To check these estimates against replay, run {how}: replay {replay_work(needs)}.")
+
+
+def _checked_by_replay(report: AttributionReport) -> bool:
+    """Whether replay run apart from the attribution (``report.verify_with_replay``) already decided a verdict."""
+    return any("replay" in (report.trust(b.name).get("evidence") or {}) for b in report.behaviors)
 
 
 def replay_work(needs: dict[str, Any]) -> str:

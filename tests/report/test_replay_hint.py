@@ -68,3 +68,7 @@ def test_the_terminal_table_says_how_to_settle_an_unreliable_verdict():
     assert "replay re-runs 24 optimizer steps in all, of stage(s) lora, dpo." in table
     old = AttributionReport.build(effects, estimator="partial-replay", versions={})  # written before the field
     assert "Unreliable verdict(s)" not in render_table(old) and replay_hint(old) == ""
+    # replay run apart (a recipe's separate replay report, ``verify_with_replay``) settles the verdict: no hint
+    report.verify_with_replay({"b": {"sft": 0.1, "lora": 0.2, "dpo": -0.5}})
+    assert report.trust("b")["label"].startswith("unreliable: replay disagrees")
+    assert replay_hint(report) == "" and "Unreliable verdict(s)" not in render_table(report)
