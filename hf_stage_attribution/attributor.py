@@ -91,10 +91,11 @@ class StageAttributor:
     Args:
         ledger: a :class:`StageLedger` or its directory.
         model: the final model θ_K (a plain ``nn.Module``, ``PreTrainedModel`` or ``PeftModel``).
-        estimator: a registry name (``estimators.names()``); ``"auto"`` picks ``delta-linear`` when a later stage
-            was imported from checkpoints without optimizer information, else ``partial-replay`` where every later
-            stage can be re-run step by step (replay data or ``stage_fns``), else ``aa-ggn`` where the ledger holds
-            curvature material, else ``aa-linear`` (``estimators.selection``; the report says which and why).
+        estimator: a registry name (``estimators.names()``); ``"auto"`` picks ``delta-fd`` when a later stage was
+            imported from checkpoints without optimizer information, else ``partial-replay`` where every later stage
+            can be re-run step by step (replay data or ``stage_fns``), else ``aa-ggn`` where the ledger holds
+            curvature material that fits in memory, else ``aa-fd`` (``estimators.selection``; the report says which
+            and why).
         stage_fns: ``{stage name: fn(model)}`` that re-train a model in place as that stage did (replay).
         loss_fns: ``{stage name: loss}`` for curvature products of stages recorded in another process.
         diagnostics: also compute f(θ_0) (total change, interaction residual), the paired linear/finite-difference

@@ -145,10 +145,11 @@ def test_the_auto_rule_documents_each_branch_the_code_takes():
     import hf_stage_attribution.estimators.selection as selection
     from hf_stage_attribution import StageAttributor, estimators
 
-    branches = ["delta-linear", "aa-ggn", "aa-linear"]
+    branches = ["delta-fd", "partial-replay", "aa-ggn", "aa-fd"]
     source = Path(selection.__file__).read_text(encoding="utf-8")
     code = source[source.index("def choose_estimator") : source.index("def lacks_optimizer_information")]
-    assert all(f'"{name}"' in code for name in branches)  # the branches the code has ...
+    returned = [f'"{name}"' if name != selection.PARTIAL_REPLAY else "PARTIAL_REPLAY" for name in branches]
+    assert all(text in code for text in returned)  # the branches the code has ...
     for text in (selection.__doc__, estimators.get("auto").description, StageAttributor.__doc__):
         assert all(name in text for name in branches), text  # ... each description names
     assert "imported" in estimators.get("auto").description

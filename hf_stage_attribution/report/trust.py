@@ -233,14 +233,20 @@ def assess_trust(
     checks: list[str] = []
     opinions = {name: dict(values) for name, values in (second_opinions or {}).items() if name != estimator}
     evidence["second_opinions"] = {}
+    same: list[str] = []
     for name, values in opinions.items():
         common = {s: v for s, v in effects.items() if s in values}
         if not common:
             continue
         c = compare(common, {s: float(values[s]) for s in common})
         evidence["second_opinions"][name] = c
+        if len(common) == len(effects) and _same_numbers(effects, values):
+            same.append(name)  # the same computation by another name (aa-fd where nothing changes the carry)
+            continue
         checks.append(name)
         why.extend(_disagreements(c, estimator, name))
+    if same:
+        evidence["same_as_estimate"] = same
     gap, gap_stage = _largest_gap(linearisation_gap)
     if gap is not None:
         evidence["max_relative_linearisation_gap"] = gap
@@ -263,7 +269,28 @@ def assess_trust(
         f"Not checked by replay; {', '.join(checks)} agree(s) with {estimator} on the top stage ({top}), the signs "
         f"and the ranking, and the top stage's interval is clear of the runner-up's."
     )
+    if same:
+        reason += (
+            f" {', '.join(same)} gave the same numbers as {estimator} (the later stages carried each update "
+            "unchanged), so it is not counted as a check."
+        )
     return _finish(AGREE, LABEL_AGREE, reason, evidence)
+
+
+#: Two estimates whose stage effects differ by at most this share of the largest |effect| are the same numbers (a
+#: second opinion that computed what the estimate computed, to float precision, is not a second opinion).
+SAME_NUMBERS = 1e-9
+
+
+def _same_numbers(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+    """Whether ``b`` gives ``a``'s numbers on every stage of ``a``, to :data:`SAME_NUMBERS` of the largest |effect|.
+
+    Example:
+        >>> _same_numbers({"x": 1.0, "y": -0.5}, {"x": 1.0, "y": -0.5 + 1e-12}), _same_numbers({"x": 1.0}, {"x": 0.9})
+        (True, False)
+    """
+    scale = max([abs(v) for v in a.values()] + [abs(float(b[s])) for s in a] + [0.0])
+    return all(abs(float(b[s]) - v) <= SAME_NUMBERS * scale for s, v in a.items())
 
 
 def stored_figures_trust(

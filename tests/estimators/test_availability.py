@@ -24,12 +24,12 @@ def test_checkpoints_without_optimizer_information_allow_only_delta_estimators(t
 
     model = GPT2LMHeadModel.from_pretrained(folders[-1], attn_implementation="eager")
     name, reason = estimators.selection.choose_estimator(ledger)
-    assert name == "delta-linear" and "without optimizer information" in reason
+    assert name == "delta-fd" and "without optimizer information" in reason
     result = estimators.get("auto").estimate(ledger, model, _behavior)
-    assert result.estimator == "delta-linear"
+    assert result.estimator == "delta-fd"
     with pytest.raises(UnsupportedOptimizerError, match="imported from checkpoints"):
-        estimators.get("aa-linear").estimate(ledger, model, _behavior)
-    forced = estimators.get("aa-linear").estimate(ledger, model, _behavior, allow_identity_propagation=True)
+        estimators.get("aa-fd").estimate(ledger, model, _behavior)
+    forced = estimators.get("aa-fd").estimate(ledger, model, _behavior, allow_identity_propagation=True)
     for stage in result.per_example:
         torch.testing.assert_close(forced.per_example[stage], result.per_example[stage])
 

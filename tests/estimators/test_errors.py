@@ -53,7 +53,7 @@ def test_aa_ggn_without_curvature_material(tmp_path):
     with pytest.raises(MissingCurvatureError, match=r"'s2'.*curvature_segments=3.*StageRecorder"):
         estimators.get("aa-ggn").estimate(ledger, model, behavior)
     result = estimators.get("auto").estimate(ledger, model, behavior)
-    assert result.estimator == "aa-linear" and "curvature" in result.reason and "'s2'" in result.reason
+    assert result.estimator == "aa-fd" and "curvature" in result.reason and "'s2'" in result.reason
 
 
 def test_behavior_returning_nan(tmp_path):

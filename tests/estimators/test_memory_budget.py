@@ -41,16 +41,16 @@ def test_aa_ggn_refuses_before_any_work_when_its_basis_does_not_fit(two_stages, 
     assert not ledger.embeddings_dir.exists() or not any(ledger.embeddings_dir.rglob("*.safetensors"))
 
 
-def test_auto_falls_back_to_aa_linear_and_says_so_on_the_console(two_stages, monkeypatch, capsys):
+def test_auto_falls_back_to_aa_fd_and_says_so_on_the_console(two_stages, monkeypatch, capsys):
     ledger, model = two_stages
     assert estimators.choose_estimator(ledger)[0] == "aa-ggn"
     monkeypatch.setenv("HF_STAGE_ATTRIBUTION_MEMORY_BYTES", "1000")
     chosen, reason = estimators.choose_estimator(ledger)
-    assert chosen == "aa-linear" and "would not fit in memory" in reason
+    assert chosen == "aa-fd" and "would not fit in memory" in reason
     report = StageAttributor(ledger, model, diagnostics=False, show_progress=False).attribute({"out": _behavior})
-    assert report.estimator == "aa-linear"
+    assert report.estimator == "aa-fd"
     err = capsys.readouterr().err
-    assert "estimator auto -> aa-linear: aa-ggn would not fit in memory" in err
+    assert "estimator auto -> aa-fd: aa-ggn would not fit in memory" in err
 
 
 def test_out_of_memory_errors_become_one_line_cli_errors(monkeypatch, capsys):

@@ -93,6 +93,22 @@ def test_overlapping_intervals_of_the_top_two_stages_are_unreliable():
     assert _report(close, {"aa-fd": close}, sd=0.01).trust("f")["verdict"] == "agree"
 
 
+def test_a_second_opinion_with_the_same_numbers_is_not_counted_as_a_check():
+    """``aa-fd`` and task-vector negation coincide where the later stages carry an update unchanged (Adam without
+    weight decay: five of the six benchmark pipelines); the agreement of a computation with itself is no evidence."""
+    same = {"delta-fd": OURS}
+    alone = _report(OURS, same, sd=0.0, estimator="aa-fd").trust("f")
+    assert alone["verdict"] == "unreliable" and alone["evidence"]["same_as_estimate"] == ["delta-fd"]
+    assert alone["label"] == "estimated — unreliable: nothing to check it against (no replay, no second estimate)"
+    with_sibling = _report(OURS, {**same, "aa-linear": [0.21, 1.9, -0.58, 0.1]}, sd=0.0, estimator="aa-fd")
+    t = with_sibling.trust("f")
+    assert t["verdict"] == "agree" and t["evidence"]["same_as_estimate"] == ["delta-fd"]
+    assert "aa-linear, linearisation gap agree(s) with aa-fd" in t["reason"]
+    assert "delta-fd gave the same numbers as aa-fd" in t["reason"]
+    nearly = _report(OURS, {"delta-fd": [0.2, 2.0, -0.6, 0.1001]}, sd=0.0, estimator="aa-fd").trust("f")
+    assert "same_as_estimate" not in nearly["evidence"] and nearly["verdict"] == "agree"  # a real, if small, change
+
+
 def test_nothing_to_check_against_is_not_presented_as_agreement():
     t = _report(OURS).trust("f")
     assert t["verdict"] == "unreliable"
