@@ -207,6 +207,20 @@ def test_partial_replay_verdict_checks_its_linear_read_out_without_replaying_aga
     assert {exact.trust(name)["verdict"] for name in ("margin_7", "margin_3")} == {"verified"}
 
 
+def _counted_at(model: torch.nn.Module, params: list[torch.Tensor], base):
+    """``base`` as a behavior that also counts its plain evaluations of ``model`` holding ``params`` (not the linear
+    read-out's forward-mode passes); returns ``(behavior, hits)``."""
+    hits: list[int] = []
+
+    def counted(m):
+        inside_jvp = torch._C._functorch.is_functorch_wrapped_tensor(next(m.parameters()))
+        if m is model and not inside_jvp and all(torch.equal(p, q) for p, q in zip(m.parameters(), params)):
+            hits.append(1)
+        return base(m)
+
+    return counted, hits
+
+
 def test_the_final_model_is_evaluated_once_for_every_estimator_that_reads_it(pipeline):
     """``f(θ_K)`` is read by the estimator, task-vector negation (second opinion), the total change and replay
     (``validate=True``): evaluated once and served again while the model is unchanged (it was evaluated 4 times);
@@ -216,15 +230,8 @@ def test_the_final_model_is_evaluated_once_for_every_estimator_that_reads_it(pip
     from tests.helpers.attributor import stage_fns
 
     _, ledger, model = pipeline
-    final = [p.detach().clone() for p in model.parameters()]
     base = behaviors_for()["logit-0"]
-    on_final = []
-
-    def counted(m):
-        inside_jvp = torch._C._functorch.is_functorch_wrapped_tensor(next(m.parameters()))  # the linear read-out
-        if m is model and not inside_jvp and all(torch.equal(p, q) for p, q in zip(m.parameters(), final)):
-            on_final.append(1)
-        return base(m)
+    counted, on_final = _counted_at(model, [p.detach().clone() for p in model.parameters()], base)
 
     attributor = StageAttributor(ledger, model, estimator="aa-fd", stage_fns=stage_fns(), show_progress=False)
     report = attributor.attribute({"logit-0": counted}, validate=True)
@@ -291,13 +298,7 @@ def test_the_model_without_its_last_stage_is_evaluated_once_for_the_estimate_and
         for name, p in model.named_parameters()
     ]
     base = behaviors_for()["logit-0"]
-    on_shifted = []
-
-    def counted(m):
-        inside_jvp = torch._C._functorch.is_functorch_wrapped_tensor(next(m.parameters()))  # the linear read-out
-        if m is model and not inside_jvp and all(torch.equal(p, q) for p, q in zip(m.parameters(), without_last)):
-            on_shifted.append(1)
-        return base(m)
+    counted, on_shifted = _counted_at(model, without_last, base)
 
     report = StageAttributor(ledger, model, estimator="aa-fd", show_progress=False).attribute({"logit-0": counted})
     assert len(on_shifted) == 1, "θ_K − Δ_K is evaluated once for aa-fd and task-vector negation together"

@@ -271,8 +271,9 @@ def assess_trust(
     )
     if same:
         reason += (
-            f" {', '.join(same)} gave the same numbers as {estimator} (the later stages carried each update "
-            "unchanged), so it is not counted as a check."
+            f" {', '.join(same)} gave the same numbers as {estimator} (the same computation by another route, e.g. "
+            "aa-fd and task-vector negation where the later stages carry an update unchanged), so it is not counted "
+            "as a check."
         )
     return _finish(AGREE, LABEL_AGREE, reason, evidence)
 
