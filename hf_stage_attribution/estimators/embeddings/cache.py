@@ -79,6 +79,7 @@ class StageEmbeddings:
         self.approximations: list[str] = []
         self.diagnostics: dict[str, Any] = {}
         self._keys: dict[int, list[str]] = {}
+        self._unchanged: dict[int, set[str]] = {}  # v_k = the recorded delta, read from the ledger (not copied)
         self._handle = None
         if path is None:  # "delta": straight from the ledger
             self.stage_indices = [s.index for s in ledger.stages]
@@ -92,16 +93,21 @@ class StageEmbeddings:
         for key in self._handle.keys():
             index, _, name = key.partition("/")
             self._keys.setdefault(int(index), []).append(name)
+        for index, names in json.loads(meta.get("unchanged", "{}")).items():
+            self._unchanged[int(index)] = set(names)
 
     def names(self, k: int) -> list[str]:
         """Names of the tensors where ``v_k`` may be non-zero."""
         if self._handle is None:
             return self.ledger.stages[k].delta_names()
-        return list(self._keys.get(k, []))
+        stored, same = self._keys.get(k, []), self._unchanged.get(k, set())
+        if not same:
+            return list(stored)
+        return [n for n in self.ledger.parameter_names if n in same or n in stored]
 
     def get(self, k: int, name: str) -> torch.Tensor:
         """``v_k`` of one tensor (float32; zeros where the embedding does not touch it)."""
-        if self._handle is None:
+        if self._handle is None or name in self._unchanged.get(k, ()):
             return self.ledger.stages[k].delta_tensor(name)
         if name in self._keys.get(k, ()):
             return self._handle.get_tensor(f"{k}/{name}")

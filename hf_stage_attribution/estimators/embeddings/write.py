@@ -86,19 +86,34 @@ def _diagnostics(ledger: LedgerCore, props: dict[int, StagePropagator]) -> dict[
 def write_linear(
     ledger: LedgerCore, path: Path, wanted: list[int], allow_identity: bool, meta: dict[str, str]
 ) -> None:
-    """Compute ``aa-linear`` embeddings tensor by tensor and stream them into ``path``."""
+    """Compute ``aa-linear`` embeddings tensor by tensor and stream them into ``path``.
+
+    A tensor whose embedding is the recorded delta itself, bit for bit (no later stage changes it: the last stage,
+    or later stages that ran Adam or SGD without weight decay), is not copied: the metadata key ``unchanged`` lists
+    it (``{k: [names]}``) and :class:`~.cache.StageEmbeddings` reads it from the ledger."""
 
     stages = ledger.stages
     props = _propagators(ledger, min(wanted) if wanted else len(stages), allow_identity)
     states: dict[int, Any] = {}
-    names_k = {k: set(stages[k].delta_names()) | _tail_names(ledger, k, states) for k in wanted}
+    tail_k = {k: _tail_names(ledger, k, states) for k in wanted}
+    names_k = {k: set(stages[k].delta_names()) | tail_k[k] for k in wanted}
+    unchanged = {
+        k: sorted(
+            name
+            for name in stages[k].delta_names()
+            if name not in tail_k[k] and all(props[j].leaves_unchanged(name) for j in range(k + 1, len(stages)))
+        )
+        for k in wanted
+    }
     shapes = ledger.parameter_shapes
-    order = [(name, [k for k in wanted if name in names_k[k]]) for name in ledger.parameter_names]
+    copied = {k: names_k[k] - set(unchanged[k]) for k in wanted}
+    order = [(name, [k for k in wanted if name in copied[k]]) for name in ledger.parameter_names]
     order = [(name, ks) for name, ks in order if ks]
     specs = [(f"{k}/{name}", torch.float32, tuple(shapes[name])) for name, ks in order for k in ks]
     tails = {k for k in wanted if _tail_names(ledger, k, states)}
     approximations = sorted({a for p in props.values() for a in p.approximations}) + _tail_notes(ledger, tails)
     meta = dict(meta, approximations=json.dumps(approximations), diagnostics=json.dumps(_diagnostics(ledger, props)))
+    meta["unchanged"] = json.dumps({str(k): names for k, names in unchanged.items() if names})
 
     def stream():
         for name, ks in order:

@@ -156,6 +156,31 @@ class StagePropagator:
             return None
         return float(run_recurrence(rule.lrs, rule.group, rule.family, step0=self._step0(name))[0])
 
+    def leaves_unchanged(self, name: str) -> bool:
+        """Whether carrying tensor ``name`` through this stage (fresh, without a momentum tail) returns it unchanged,
+        bit for bit: the stage does not train it, or its recurrence is ``D = 1`` with no buffer carried on (Adam or
+        SGD without weight decay). Lets the embedding cache point at the recorded delta instead of copying it.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from hf_stage_attribution import StageLedger
+            >>> model, ledger = torch.nn.Linear(2, 1), StageLedger(tempfile.mkdtemp())
+            >>> for name, decay in (("a", 0.0), ("b", 0.0), ("c", 0.5)):
+            ...     opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=decay)
+            ...     with ledger.record_stage(name, model=model, optimizer=opt) as rec:
+            ...         opt.zero_grad(); model(torch.ones(1, 2)).sum().backward(); opt.step(); rec.step()
+            >>> [StagePropagator(s).leaves_unchanged("weight") for s in ledger.stages]
+            [True, True, False]
+        """
+        rule = self.rule(name)
+        if rule is None:
+            return True
+        wd = float(rule.group.get("weight_decay") or 0.0)
+        if wd and rule.family in ("adam", "rmsprop", "adagrad"):
+            return False  # per coordinate
+        a, c = run_recurrence(rule.lrs, rule.group, rule.family, step0=self._step0(name))
+        return a == 1.0 and not c
+
     # --- application -----------------------------------------------------------------------------------
 
     def apply(self, name: str, x: torch.Tensor, buf: torch.Tensor | None = None):
