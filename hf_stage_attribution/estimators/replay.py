@@ -140,10 +140,6 @@ class ReplayNeeds:
     #: the stages it would re-run with a given stage function (``stage_fns``; the CLI cannot pass those)
     by_function: list[str]
 
-    @property
-    def possible(self) -> bool:
-        return not self.problems
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -164,7 +160,7 @@ def replay_needs(
         >>> [s.num_steps for s in pipe.ledger.stages]
         [10, 8, 8]
         >>> needs = replay_needs(pipe.ledger, [0, 1, 2], pipe.stage_fns)  # removing 0 re-runs 8 + 8, removing 1: 8
-        >>> needs.optimizer_steps, needs.stages, needs.possible
+        >>> needs.optimizer_steps, needs.stages, not needs.problems
         (24, ['digits-patch', 'digits-clean'], True)
         >>> replay_needs(pipe.ledger, [0]).problems[0].split(" (")[0]  # no stage functions, no replay data
         "stage 'digits-patch' has no function in stage_fns and no replay data"

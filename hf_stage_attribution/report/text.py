@@ -450,7 +450,7 @@ def render_table(report: AttributionReport) -> str:
         label = report.trust(summary.name).get("label")
         verdict = f" Verdict: {terminal_safe(label)}." if label else ""
         lines.append(f"* {headline(report, summary.name, terminal_safe)}{verdict}")
-    hint = "" if replay else replay_hint(report, terminal_safe)
+    hint = replay_hint(report, terminal_safe)  # empty once replay decided the verdicts
     if hint and any(report.trust(b.name).get("verdict") == "unreliable" for b in report.behaviors):
         lines.append(f"Unreliable verdict(s): {hint}")
     lines.append(

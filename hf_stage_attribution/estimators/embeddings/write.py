@@ -110,7 +110,7 @@ def write_linear(
     order = [(name, [k for k in wanted if name in copied[k]]) for name in ledger.parameter_names]
     order = [(name, ks) for name, ks in order if ks]
     specs = [(f"{k}/{name}", torch.float32, tuple(shapes[name])) for name, ks in order for k in ks]
-    tails = {k for k in wanted if _tail_names(ledger, k, states)}
+    tails = {k for k in wanted if tail_k[k]}
     approximations = sorted({a for p in props.values() for a in p.approximations}) + _tail_notes(ledger, tails)
     meta = dict(meta, approximations=json.dumps(approximations), diagnostics=json.dumps(_diagnostics(ledger, props)))
     meta["unchanged"] = json.dumps({str(k): names for k, names in unchanged.items() if names})

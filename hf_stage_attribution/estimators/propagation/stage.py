@@ -24,7 +24,6 @@ from ...errors import UnsupportedOptimizerError
 from ...ledger.core import LedgerCore
 from ...ledger.stage import Stage
 from .rules import (
-    COUPLED_FAMILIES,
     first_moment_key,
     preconditioner,
     recorded_family,
@@ -46,6 +45,11 @@ class _Run:
     start: int
     end: int
     moments: dict[str, dict[str, torch.Tensor]] | None
+
+
+def _per_coordinate(rule: _Rule) -> bool:
+    """Coupled weight decay under a preconditioner (Adam, RMSprop, Adagrad): the transfer is per coordinate."""
+    return bool(float(rule.group.get("weight_decay") or 0.0)) and rule.family in ("adam", "rmsprop", "adagrad")
 
 
 @dataclass
@@ -151,10 +155,9 @@ class StagePropagator:
         rule = self.rule(name)
         if rule is None:
             return 1.0
-        coef = float(rule.group.get("weight_decay") or 0.0) if rule.family in COUPLED_FAMILIES else 0.0
-        if coef and rule.family in ("adam", "rmsprop", "adagrad"):
+        if _per_coordinate(rule):
             return None
-        return float(run_recurrence(rule.lrs, rule.group, rule.family, step0=self._step0(name))[0])
+        return float(self._coefficients(rule, self._step0(name), False)[0])
 
     def leaves_unchanged(self, name: str) -> bool:
         """Whether carrying tensor ``name`` through this stage (fresh, without a momentum tail) returns it unchanged,
@@ -175,10 +178,9 @@ class StagePropagator:
         rule = self.rule(name)
         if rule is None:
             return True
-        wd = float(rule.group.get("weight_decay") or 0.0)
-        if wd and rule.family in ("adam", "rmsprop", "adagrad"):
-            return False  # per coordinate
-        a, c = run_recurrence(rule.lrs, rule.group, rule.family, step0=self._step0(name))
+        if _per_coordinate(rule):
+            return False
+        a, _, c, _ = self._coefficients(rule, self._step0(name), False)
         return a == 1.0 and not c
 
     # --- application -----------------------------------------------------------------------------------
@@ -188,25 +190,27 @@ class StagePropagator:
         rule = self.rule(name)
         if rule is None:
             return x, buf
-        wd = float(rule.group.get("weight_decay") or 0.0)
-        coupled_pre = bool(wd) and rule.family in ("adam", "rmsprop", "adagrad")
         adam_tail = buf is not None and rule.family in ("adam", "adamw")
-        if coupled_pre or adam_tail:
+        if _per_coordinate(rule) or adam_tail:
             return self._apply_per_coordinate(name, rule, x, buf)
         return self._apply_linear(name, rule, x, buf)
 
-    def _apply_linear(self, name: str, rule: _Rule, x: torch.Tensor, buf: torch.Tensor | None):
-        step0 = self._step0(name)
-        key = (rule.group_index, step0, buf is not None)
+    def _coefficients(self, rule: _Rule, step0: int, with_buf: bool) -> tuple:
+        """The stage's scalar transfer ``(a, b, c, d)``: ``(x, buf) ↦ (a·x + b·buf, c·x + d·buf)`` (``b``, ``d``
+        None for a fresh start), run once per parameter group and starting step."""
+        key = (rule.group_index, step0, with_buf)
         if key not in self._cache:
-            if buf is None:
+            if not with_buf:
                 a, c = run_recurrence(rule.lrs, rule.group, rule.family, step0=step0)
                 self._cache[key] = (a, None, c, None)
             else:
                 a, c = run_recurrence(rule.lrs, rule.group, rule.family, x0=1.0, buf0=0.0, step0=step0)
                 b, d = run_recurrence(rule.lrs, rule.group, rule.family, x0=0.0, buf0=1.0, step0=step0)
                 self._cache[key] = (a, b, c, d)
-        a, b, c, d = self._cache[key]
+        return self._cache[key]
+
+    def _apply_linear(self, name: str, rule: _Rule, x: torch.Tensor, buf: torch.Tensor | None):
+        a, b, c, d = self._coefficients(rule, self._step0(name), buf is not None)
         if buf is None:
             return a * x, (c * x if c else None)
         if c is None and d is None:
