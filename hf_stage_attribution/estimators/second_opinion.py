@@ -34,9 +34,9 @@ DEFAULT_SECOND_OPINION = "delta-fd"
 #: stale gradients: two estimates of the same v_k whose errors come from different places. Task-vector negation
 #: ignores how the later stages react to a removed update altogether. Measured against replay (BENCHMARKS.md §8,
 #: the default's trust verdicts over six pipelines): with strided replay as the check, "estimators agree" named
-#: replay's top stage in 45 of 45 behaviors, with task-vector negation in 49 of 52 (0 of 3 on digits-hf).
+#: replay's top stage in 45 of 45 behaviors, with task-vector negation in 49 of 53 (0 of 4 on digits-hf).
 #: Partial replay itself at 10 % (a cheaper check: 0.16–0.54 × replay's time, where strided replay costs about one
-#: replay on these models) was measured too and not adopted: 56 of 58 right, replay verified 47 of them (strided
+#: replay on these models) was measured too and not adopted: 57 of 59 right, replay verified 48 of them (strided
 #: replay: 44 of 45); two budgets of one family share the errors of its carry (BENCHMARKS.md §8, §9).
 REPLAY_CHECKS = {
     PARTIAL_REPLAY: STRIDED_REPLAY,

@@ -219,9 +219,24 @@ def _check_names(names: Sequence[str], kind: str) -> None:
         raise ReportError(f"Expected distinct {kind} names, got duplicates {dup}: rename them.")
 
 
+def _last_stage(stage_list: Sequence[StageSummary], ledger: Any, given: bool) -> str | None:
+    """The name of the ledger's last stage among ``stage_list``, or None when it is not there or not known (stages
+    inferred from the effects, which may cover a subset)."""
+    count = ledger.get("num_stages") if isinstance(ledger, Mapping) else len(getattr(ledger, "stages", None) or [])
+    if isinstance(count, int) and count > 0:
+        return next((s.name for s in stage_list if s.index == count - 1), None)
+    return stage_list[-1].name if given and stage_list else None
+
+
 def _linearisation(
-    behavior: str, estimator: str, per_example: Mapping[str, Any], alternates: Mapping[str, Mapping[str, Any]]
+    behavior: str,
+    estimator: str,
+    per_example: Mapping[str, Any],
+    alternates: Mapping[str, Mapping[str, Any]],
+    last_stage: str | None = None,
 ) -> tuple[list[str] | None, dict[str, dict[str, float]]]:
+    """The linearisation pair of ``behavior`` and its per-stage gaps; the ledger's last stage, where the
+    finite-difference reading f(θ_K) − f(θ_K − Δ_K) is replay itself, is marked ``fd_exact``."""
     sources = {name: results.get(behavior) for name, results in alternates.items() if results.get(behavior)}
     sources[estimator] = per_example
     for linear, fd in LINEARISATION_PAIRS:
@@ -235,6 +250,8 @@ def _linearisation(
         for s in stages:
             gap = fdm[s] - lin[s]
             gaps[s] = {"linear": lin[s], "fd": fdm[s], "gap": gap, "relative_gap": abs(gap) / scale if scale else 0.0}
+            if s == last_stage:
+                gaps[s]["fd_exact"] = True
         return [linear, fd], gaps
     return None, {}
 
@@ -288,9 +305,11 @@ def build_report(
         raise ReportError("Expected effects for at least one behavior, got none: attribute at least one behavior.")
     if int(n_resamples) < 1 or not 0.0 < float(confidence) < 1.0:
         raise ReportError(f"Expected `n_resamples` >= 1 and 0 < `confidence` < 1, got {n_resamples}, {confidence}.")
+    given_stages = stages is not None or getattr(ledger, "stages", None) is not None
     if stages is None:
         stages = getattr(ledger, "stages", None) or list(next(iter(per_example.values())))
     stage_list = [stage_summary(stage, position) for position, stage in enumerate(stages)]
+    last_stage = _last_stage(stage_list, ledger, given_stages)
     _check_names([s.name for s in stage_list], "stage")
     by_name = {s.name: s for s in stage_list}
     _check_names(list(per_example), "behavior")
@@ -338,7 +357,7 @@ def build_report(
         summaries.append(behavior_summary(behavior, given.get(behavior), int(matrix.shape[1])))
         approx = _ordered_union([_per_behavior(approximations, behavior, [])])
         all_approx.append(approx)
-        pair, gaps = _linearisation(behavior, estimator, effects, alternates)
+        pair, gaps = _linearisation(behavior, estimator, effects, alternates, last_stage)
         stage_means = {stage: float(means[k]) for k, stage in enumerate(names)}
         stage_intervals = {stage: (float(low[k]), float(high[k])) for k, stage in enumerate(names)}
         trust = _trust(behavior, str(estimator), stage_means, stage_intervals, alternates, pair, gaps)

@@ -93,7 +93,8 @@ class BehaviorDiagnostics:
     """``ESTIMATORS.md`` §4 diagnostics of one behavior.
 
     ``linearisation_gap`` maps a stage name to ``{"linear", "fd", "gap", "relative_gap"}`` for the estimator pair in
-    ``linearisation_pair`` (e.g. ``["aa-linear", "aa-fd"]``); ``relative_gap`` is ``|gap| / max_k |effect_k|``.
+    ``linearisation_pair`` (e.g. ``["aa-linear", "aa-fd"]``); ``relative_gap`` is ``|gap| / max_k |effect_k|``; the
+    ledger's last stage also carries ``"fd_exact": True`` (the finite-difference reading is replay itself there).
 
     Example:
         >>> d = BehaviorDiagnostics(total_change=1.0, sum_of_effects=0.7, interaction_residual=0.3)

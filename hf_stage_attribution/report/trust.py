@@ -10,6 +10,12 @@ Pure functions of per-stage mean effects (numpy only). Three verdicts:
 - ``"unreliable"`` (label "estimated — unreliable: <why>", or "unreliable: replay disagrees — <why>"): anything else,
   including an estimate with nothing to check it against.
 
+A finite-difference estimate of the ledger's last stage, f(θ_K) − f(θ_K − Δ_K), is replay itself (no later stage to
+carry the update through): there its linear sibling's reading and the linearisation gap measure the linear read-out's
+own error, not the estimate's, so for the finite-difference side of a pair that stage takes the estimate's value in
+the sibling's opinion and leaves the gap out (``evidence["exact_stages"]``; the report marks the gap ``fd_exact``).
+For the linear side the same gap is its own error there and counts.
+
 The bootstrap intervals of a report resample the behavior's examples only: they say nothing about the estimator's
 own error, which is what the verdict is about (:data:`INTERVAL_SCOPE` is put in every verdict's evidence).
 
@@ -175,6 +181,20 @@ def _largest_gap(gaps: Mapping[str, Mapping[str, float]] | None) -> tuple[float 
     return values[stage], stage
 
 
+def _exact_stages(
+    effects: Mapping[str, float],
+    estimator: str,
+    gaps: Mapping[str, Mapping[str, Any]] | None,
+    pair: Sequence[str] | None,
+) -> list[str]:
+    """Stages where ``estimator`` is the finite-difference side of its linearisation pair and that reading is
+    exact (``fd_exact``: the ledger's last stage, where f(θ_K) − f(θ_K − Δ_K) is replay itself)."""
+    pair = list(pair or [])
+    if len(pair) != 2 or estimator != pair[1]:
+        return []
+    return [s for s in effects if (gaps or {}).get(s, {}).get("fd_exact")]
+
+
 def _finish(verdict: str, label: str, reason: str, evidence: dict[str, Any]) -> dict[str, Any]:
     evidence["intervals"] = INTERVAL_SCOPE
     return {"verdict": verdict, "label": label, "reason": f"{reason} Note: {INTERVAL_SCOPE}.", "evidence": evidence}
@@ -232,6 +252,13 @@ def assess_trust(
     why: list[str] = []
     checks: list[str] = []
     opinions = {name: dict(values) for name, values in (second_opinions or {}).items() if name != estimator}
+    exact = _exact_stages(effects, estimator, linearisation_gap, linearisation_pair)
+    if exact:  # the linear sibling's reading there is its own first-order error, not a view of the estimate's
+        evidence["exact_stages"] = exact
+        sibling = opinions.get(str(list(linearisation_pair or [])[0]))
+        for stage in exact if sibling is not None else ():
+            sibling[stage] = effects[stage]
+        linearisation_gap = {s: g for s, g in (linearisation_gap or {}).items() if s not in exact}
     evidence["second_opinions"] = {}
     same: list[str] = []
     for name, values in opinions.items():

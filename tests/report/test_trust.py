@@ -83,6 +83,27 @@ def test_a_large_linearisation_gap_is_unreliable_even_when_the_top_stage_agrees(
     assert "aa-linear and aa-fd disagree on the sign of 1 of 4 stages" in t["label"]
 
 
+def test_the_last_stage_of_a_finite_difference_estimate_is_exact_so_its_linear_reading_is_no_check():
+    """f(θ_K) − f(θ_K − Δ_K) is replay itself for the ledger's last stage: there the linear sibling's reading (and
+    its gap) measures the linear read-out's own error, not the estimate's. The same numbers with the linear
+    read-out as the estimate keep that gap: it *is* the estimate's error then."""
+    ours, linear = [0.2, 0.6, -0.3, 2.0], [0.21, 0.58, -0.29, -0.9]  # dpo read linearly: wrong sign, not the top
+    fd = _report(ours, {"partial-replay-linear": linear}, sd=0.0, estimator="partial-replay")
+    t = fd.trust("f")
+    assert t["verdict"] == "agree" and t["evidence"]["exact_stages"] == ["dpo"]
+    assert fd.diagnostics["f"].linearisation_gap["dpo"]["fd_exact"] is True  # still shown, marked
+    assert "fd_exact" not in fd.diagnostics["f"].linearisation_gap["sft"]
+    lin = _report(linear, {"partial-replay": ours}, sd=0.0, estimator="partial-replay-linear").trust("f")
+    assert lin["verdict"] == "unreliable" and "exact_stages" not in lin["evidence"]
+    assert "relative linearisation gap 1.45 on stage dpo" in lin["label"]
+    # without the ledger's last stage among the stages the effects cover, no stage is exact
+    sub = AttributionReport.build(
+        {"f": _effects(ours, 0.0)}, estimator="partial-replay", stages=STAGES + ["later"], versions={},
+        alternates={"partial-replay-linear": {"f": _effects(linear, sd=0.0)}},
+    )  # fmt: skip
+    assert sub.trust("f")["verdict"] == "unreliable" and "exact_stages" not in sub.trust("f")["evidence"]
+
+
 def test_overlapping_intervals_of_the_top_two_stages_are_unreliable():
     close = [0.2, 2.0, -1.95, 0.1]
     rep = _report(close, {"aa-fd": close}, sd=1.0)
