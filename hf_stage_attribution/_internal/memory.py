@@ -184,7 +184,7 @@ def out_of_memory_message(exc: BaseException) -> str:
         detail = detail[:157] + "..."
     return (
         f"Ran out of memory ({detail}; {human_bytes(available_memory_bytes())} available now). Use settings that "
-        "need less: --estimator aa-linear (no Krylov basis), --curvature-preset cheap, fewer or smaller behaviors, "
+        "need less: --estimator aa-fd (no Krylov basis), --curvature-preset cheap, fewer or smaller behaviors, "
         "or --no-diagnostics."
     )
 

@@ -823,7 +823,7 @@ def check_partial_replay_disk(ledger: LedgerCore, replayed: int) -> None:
         raise EstimatorMemoryError(
             f"partial-replay needs about {human_bytes(need)} of scratch disk under {scratch_dir()} (the branches' "
             f"parameters and optimizer state and one embedding per replayed stage) but {human_bytes(free)} is free; "
-            f"set {SCRATCH_DIR_ENV} to a larger disk, or use --estimator aa-linear."
+            f"set {SCRATCH_DIR_ENV} to a larger disk, or use --estimator aa-fd."
         )
 
 

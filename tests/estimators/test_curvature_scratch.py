@@ -142,7 +142,7 @@ def test_preflight_counts_the_basis_on_disk_and_refuses_when_the_scratch_disk_is
     short = propagation.curvature_peak_bytes(n, 1) - 1  # RAM short whatever the basis size
     monkeypatch.setenv("HF_STAGE_ATTRIBUTION_MEMORY_BYTES", str(short))
     problem = propagation.curvature_memory_problem(ledger, 0, 12)
-    assert problem is not None and "in RAM (basis on disk" in problem and "use --estimator aa-linear" in problem
+    assert problem is not None and "in RAM (basis on disk" in problem and "use --estimator aa-fd" in problem
 
 
 def test_allocation_failures_in_the_curvature_path_become_one_line_errors(tmp_path, monkeypatch):
@@ -165,7 +165,7 @@ def test_allocation_failures_in_the_curvature_path_become_one_line_errors(tmp_pa
             propagate(v, ledger, 1, mode="ggn", model=model, krylov_size=12)
         text = str(caught.value)
         assert "\n" not in text and text.startswith("aa-ggn: the curvature propagation ran out of memory")
-        assert "--curvature-preset cheap or --estimator aa-linear" in text
+        assert "--curvature-preset cheap or --estimator aa-fd" in text
     monkeypatch.setattr(propagation, "lanczos_rows", fail("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not disguised
         propagate(v, ledger, 1, mode="ggn", model=model, krylov_size=4)

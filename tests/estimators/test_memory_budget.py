@@ -36,7 +36,7 @@ def test_aa_ggn_refuses_before_any_work_when_its_basis_does_not_fit(two_stages, 
     problem = curvature_memory_problem(ledger, 0, 12)
     assert problem is not None and "--curvature-preset cheap" in problem and "\n" not in problem
     monkeypatch.setenv("HF_STAGE_ATTRIBUTION_MEMORY_BYTES", "1000")
-    with pytest.raises(EstimatorMemoryError, match=r"aa-ggn: .* use --estimator aa-linear"):
+    with pytest.raises(EstimatorMemoryError, match=r"aa-ggn: .* use --estimator aa-fd"):
         estimators.get("aa-ggn").estimate(ledger, model, _behavior)
     assert not ledger.embeddings_dir.exists() or not any(ledger.embeddings_dir.rglob("*.safetensors"))
 
@@ -69,4 +69,4 @@ def test_out_of_memory_errors_become_one_line_cli_errors(monkeypatch, capsys):
     monkeypatch.setattr(cli_main, "build_parser", Parser)
     assert cli_main.main(["validate"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Ran out of memory" in err and "--estimator aa-linear" in err
+    assert err.count("\n") == 0 and "Ran out of memory" in err and "--estimator aa-fd" in err

@@ -115,7 +115,7 @@ def resolve_loss(
         raise MissingCurvatureError(
             f"Stage {stage.name!r}: the built-in DPO loss for curvature products does not apply: "
             f"{dpo_support_problem(stage)}. Pass `loss_fns={{{stage.name!r}: (forward, loss)}}` (forward(model, "
-            "batch) -> outputs, loss(outputs, batch) -> scalar), or use --estimator aa-linear."
+            "batch) -> outputs, loss(outputs, batch) -> scalar), or use --estimator aa-fd."
         )
     if spec is None:
         raise MissingCurvatureError(

@@ -200,9 +200,9 @@ def curvature_memory_problem(ledger: LedgerCore, first: int, krylov_size: int) -
     if fits >= cheap:
         fix = f"use --curvature-preset cheap or curvature_options={{'krylov_size': {fits}}}"
     elif fits >= 1:
-        fix = f"use curvature_options={{'krylov_size': {fits}}} (CLI: --krylov-size {fits}) or --estimator aa-linear"
+        fix = f"use curvature_options={{'krylov_size': {fits}}} (CLI: --krylov-size {fits}) or --estimator aa-fd"
     else:
-        fix = "use --estimator aa-linear (no Krylov basis: about one model copy)"
+        fix = "use --estimator aa-fd (no Krylov basis: about one model copy)"
     if need > available:
         where = "in RAM" if scratch_mode(n, krylov_size + 3) == "ram" else f"in RAM (basis on disk, {scratch_dir()})"
         what = f"about {human_bytes(need)} {where} (Krylov basis of {krylov_size} float64 vectors over {n:,} "
@@ -231,7 +231,7 @@ def _missing_segments(stage: Stage) -> MissingCurvatureError:
         f"Stage {stage.name!r} (index {stage.index}) holds no curvature segments, which aa-ggn/aa-hvp need. Record "
         "it with curvature material: `curvature_segments=3` (the default) and a loss — StageRecorder(...) for the "
         "Trainer, or ledger.record_stage(name, ..., loss_fn=(forward, loss), num_steps=N) with rec.step(batch) "
-        "for custom loops — or use a curvature-free estimator (aa-linear)."
+        "for custom loops — or use a curvature-free estimator (aa-fd)."
     )
 
 
@@ -415,7 +415,7 @@ def _memory_error(mode: str, n: int, krylov_size: int, exc: BaseException) -> Es
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
     return EstimatorMemoryError(
         f"aa-{mode}: the curvature propagation ran out of memory over {n:,} coordinates with krylov_size="
-        f"{krylov_size} ({first}); use {smaller} or --estimator aa-linear."
+        f"{krylov_size} ({first}); use {smaller} or --estimator aa-fd."
     )
 
 

@@ -90,7 +90,7 @@ def group_coefficients(
     if family not in CURVATURE_FAMILIES:
         raise UnsupportedOptimizerError(
             f"Expected an optimizer family with a curvature recurrence ({', '.join(CURVATURE_FAMILIES)}), "
-            f"got {family!r}. Use a curvature-free estimator (aa-linear) for such stages."
+            f"got {family!r}. Use a curvature-free estimator (aa-fd) for such stages."
         )
     lr = np.asarray(lrs, dtype=np.float64)
     n = len(lr)

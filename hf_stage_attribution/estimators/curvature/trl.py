@@ -108,7 +108,7 @@ def dpo_loss_pair(ledger: LedgerCore, model: torch.nn.Module, stage: Stage) -> t
             return MissingCurvatureError(
                 f"Stage {stage.name!r}: its DPO reference was loaded from {ref.get('name_or_path')!r}, which is not "
                 "there any more. Put the reference back at that path, pass `loss_fns={stage name: (forward, loss)}`, "
-                "or use --estimator aa-linear."
+                "or use --estimator aa-fd."
             )
 
         path = str(ref.get("name_or_path") or "")
