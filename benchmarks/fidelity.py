@@ -274,6 +274,7 @@ def trust_calibration(
     from hf_stage_attribution.report.trust import assess_trust, top_of
 
     sibling = {a: b for pair in LINEARISATION_PAIRS for a, b in (pair, pair[::-1])}
+    FD_READINGS = {fd for _, fd in LINEARISATION_PAIRS}  # noqa: N806 (a set of names, read-only)
     out: dict[str, Any] = {}
     for pipeline, group in by_pipeline(runs).items():
         default = group[0]["default"]["name"]
@@ -287,6 +288,9 @@ def trust_calibration(
                 per = _by_behavior(values[name])
                 others = {sibling.get(name) if with_sibling else None, second_opinion} - {name, None}
                 alternates = {n: _by_behavior(values[n]) for n in others if n in values}
+                linear = sibling.get(name) if with_sibling and name in FD_READINGS else None
+                for effects in alternates.get(linear, {}).values():  # as the attributor: the last stage's linear
+                    effects.pop(run["terminal"], None)  # reading is not computed beside an exact fd one
                 report = AttributionReport.build(per, estimator=name, stages=run["stages"], alternates=alternates,
                                                  versions={}, n_resamples=400)  # fmt: skip
                 truth = _by_behavior(values["replay"])

@@ -191,8 +191,13 @@ def test_partial_replay_verdict_checks_its_linear_read_out_without_replaying_aga
     report = attributor.attribute(behavior)
     assert report.estimator == "partial-replay" and without and replays == without
     diag = report.diagnostics["margin_7"]
-    assert set(diag.linearisation_gap) == {s.name for s in pipe.ledger.stages}
+    # the last stage's finite-difference reading is replay itself: its linear reading is not computed
+    last = pipe.ledger.stages[-1].name
+    assert set(diag.linearisation_gap) == {s.name for s in pipe.ledger.stages} - {last}
     evidence = diag.trust["evidence"]
+    assert evidence["exact_stages"] == [last]
+    assert evidence["second_opinions"]["partial-replay-linear"]["stages"] == len(pipe.ledger.stages)
+    assert f"not read linearly: {last} (the last stage" in report.to_markdown()
     assert evidence["linearisation_pair"] == ["partial-replay-linear", "partial-replay"]
     # the digits stage functions have the gradient-reuse form: strided replay is the second opinion (its own
     # replays, counted by tests/estimators/test_second_opinion.py), task-vector negation is not needed

@@ -846,9 +846,9 @@ def propagated_embeddings(
 _MEMO: dict[str, Any] = {}
 
 
-def _memo_key(ledger: LedgerCore, indices: list[int], budget: float, unit: str, stage_fns: Mapping[str, Any]) -> tuple:
+def _memo_key(ledger: LedgerCore, budget: float, unit: str, stage_fns: Mapping[str, Any]) -> tuple:
     fns = tuple(sorted((n, id(f)) for n, f in stage_fns.items()))
-    return (str(ledger.dir), ledger.fingerprint, budget, unit, tuple(indices), fns)
+    return (str(ledger.dir), ledger.fingerprint, budget, unit, fns)
 
 
 def partial_replay_embeddings(
@@ -875,8 +875,9 @@ def partial_replay_embeddings(
     counterfactual start only, up to the checkpoint, when that fits the budget (``use_early_checkpoints=False``
     ignores the checkpoints).
 
-    The last result is kept (for the same ledger, stages, budget and stage functions) so that the linear and the
-    finite-difference read-outs of one attribution replay once; ``reuse=False`` recomputes.
+    The last result is kept (for the same ledger, budget, options and stage functions) so that the linear and the
+    finite-difference read-outs of one attribution replay once: it serves any subset of the stages it was computed
+    for (each ``v_k`` is computed on its own); ``reuse=False`` recomputes.
     """
     budget = check_budget(budget, budget_unit)
     stage_fns = dict(stage_fns or {})
@@ -889,14 +890,14 @@ def partial_replay_embeddings(
             f"and spend the budget on the counterfactual branch alone), got {factual!r}."
         )
     key = (
-        *_memo_key(ledger, indices, budget, budget_unit, stage_fns),
+        *_memo_key(ledger, budget, budget_unit, stage_fns),
         use_checkpoints,
         carry,
         carry_moments,
         use_early_checkpoints,
         factual,
     )
-    if reuse and _MEMO.get("key") == key:
+    if reuse and _MEMO.get("key") == key and set(indices) <= set(_MEMO["indices"]):
         return _MEMO["embeddings"]
     plans = {
         k: plan_partial_replay(ledger, k, budget, budget_unit, use_checkpoints, use_early_checkpoints, factual)
@@ -951,7 +952,7 @@ def partial_replay_embeddings(
         }
     }
     _MEMO.clear()
-    _MEMO.update(key=key, embeddings=emb, stage_fns=stage_fns)
+    _MEMO.update(key=key, indices=tuple(indices), embeddings=emb, stage_fns=stage_fns)
     return emb
 
 

@@ -245,7 +245,12 @@ def _linearisation(
         stages = [s for s in sources[linear] if s in sources[fd]]
         lin = {s: float(as_vector(sources[linear][s], f"{linear} / {behavior} / {s}").mean()) for s in stages}
         fdm = {s: float(as_vector(sources[fd][s], f"{fd} / {behavior} / {s}").mean()) for s in stages}
-        scale = max([max(abs(lin[s]), abs(fdm[s])) for s in stages] or [0.0])
+        # the largest effect of either reading; a stage read by finite difference alone (the attributor skips the
+        # linear reading of the last stage, which is exact) still counts
+        fd_only = [
+            float(as_vector(v, f"{fd} / {behavior} / {s}").mean()) for s, v in sources[fd].items() if s not in lin
+        ]
+        scale = max([max(abs(lin[s]), abs(fdm[s])) for s in stages] + [abs(v) for v in fd_only] or [0.0])
         gaps = {}
         for s in stages:
             gap = fdm[s] - lin[s]
@@ -264,17 +269,20 @@ def _trust(
     alternates: Mapping[str, Mapping[str, Any]],
     pair: list[str] | None,
     gaps: Mapping[str, Mapping[str, float]],
+    last_stage: str | None = None,
 ) -> dict[str, Any]:
-    """The trust verdict of one behavior (:func:`~.trust.assess_trust`) from the other estimators' results."""
+    """The trust verdict of one behavior (:func:`~.trust.assess_trust`) from the other estimators' results; the
+    ledger's last stage is exact when ``estimator`` is the finite-difference side of ``pair``."""
     opinions: dict[str, dict[str, float]] = {}
     for name, results in alternates.items():
         effects = results.get(behavior)
         if effects:
             opinions[name] = {s: float(as_vector(v, f"{name} / {behavior} / {s}").mean()) for s, v in effects.items()}
     replay = opinions.pop("replay", None)
+    exact = [last_stage] if pair and estimator == pair[1] and last_stage in means else []
     verdict = assess_trust(
         means, estimator=estimator, intervals=intervals, second_opinions=opinions, linearisation_gap=gaps,
-        linearisation_pair=pair, replay=replay,
+        linearisation_pair=pair, replay=replay, exact_stages=exact,
     )  # fmt: skip
     return json_safe(verdict)
 
@@ -360,7 +368,7 @@ def build_report(
         pair, gaps = _linearisation(behavior, estimator, effects, alternates, last_stage)
         stage_means = {stage: float(means[k]) for k, stage in enumerate(names)}
         stage_intervals = {stage: (float(low[k]), float(high[k])) for k, stage in enumerate(names)}
-        trust = _trust(behavior, str(estimator), stage_means, stage_intervals, alternates, pair, gaps)
+        trust = _trust(behavior, str(estimator), stage_means, stage_intervals, alternates, pair, gaps, last_stage)
         total_sum = float(means.sum())
         covers_all = len(names) == len(stage_list)
         diagnostics[behavior] = BehaviorDiagnostics(

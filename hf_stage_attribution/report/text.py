@@ -345,6 +345,12 @@ def diagnostics_lines(report: AttributionReport, name: str, unit: str) -> list[s
             f"{escape_markdown(s)} {fmt_number(g['gap'])} ({100 * g['relative_gap']:.0f} %)"
             for s, g in diag.linearisation_gap.items()
         )
+        unread = [r.stage for r in report.rows_for(name) if r.stage not in diag.linearisation_gap]
+        if unread and report.estimator == diag.linearisation_pair[1]:
+            gaps += (
+                f"; not read linearly: {', '.join(escape_markdown(s) for s in unread)} (the last stage, where the "
+                "finite-difference reading is replay itself)"
+            )
         lines.append(
             f"Linearisation gap ({fd} − {linear}) per stage, {unit} (share of the largest effect): {gaps}. "
             "A large gap means the first-order step in f is not trustworthy for that stage."

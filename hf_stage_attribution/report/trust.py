@@ -209,6 +209,7 @@ def assess_trust(
     linearisation_gap: Mapping[str, Mapping[str, float]] | None = None,
     linearisation_pair: Sequence[str] | None = None,
     replay: Mapping[str, float] | None = None,
+    exact_stages: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The verdict on one behavior's top-stage claim and ranking (``BehaviorDiagnostics.trust``).
 
@@ -220,6 +221,9 @@ def assess_trust(
         linearisation_gap: ``{stage: {"relative_gap", ...}}`` (``BehaviorDiagnostics.linearisation_gap``) of
             ``linearisation_pair``.
         replay: ``{stage: mean effect}`` measured by exact replay; used when it covers every stage of ``effects``.
+        exact_stages: stages where the estimate is exact (the ledger's last stage of a finite-difference reading):
+            the linear sibling (``linearisation_pair[0]``) takes the estimate's value there and their gap is left
+            out. Default: the stages whose gap is marked ``fd_exact``, when ``estimator`` is the pair's second.
 
     Returns ``{"verdict", "label", "reason", "evidence"}`` (JSON-safe apart from ``nan`` figures).
 
@@ -252,10 +256,14 @@ def assess_trust(
     why: list[str] = []
     checks: list[str] = []
     opinions = {name: dict(values) for name, values in (second_opinions or {}).items() if name != estimator}
-    exact = _exact_stages(effects, estimator, linearisation_gap, linearisation_pair)
+    if exact_stages is None:
+        exact = _exact_stages(effects, estimator, linearisation_gap, linearisation_pair)
+    else:
+        exact = [str(s) for s in exact_stages if str(s) in effects]
     if exact:  # the linear sibling's reading there is its own first-order error, not a view of the estimate's
         evidence["exact_stages"] = exact
-        sibling = opinions.get(str(list(linearisation_pair or [])[0]))
+        pair = list(linearisation_pair or [])
+        sibling = opinions.get(str(pair[0])) if len(pair) == 2 else None
         for stage in exact if sibling is not None else ():
             sibling[stage] = effects[stage]
         linearisation_gap = {s: g for s, g in (linearisation_gap or {}).items() if s not in exact}

@@ -368,7 +368,7 @@ def test_a_scratch_disk_too_small_is_refused_before_any_replay(digits, monkeypat
     calls = []
     monkeypatch.setattr(pr, "scratch_free_bytes", lambda: 1000)
     monkeypatch.setattr(pr, "run_stage", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
-    with pytest.raises(EstimatorMemoryError, match="scratch disk.*HF_STAGE_ATTRIBUTION_SCRATCH_DIR.*aa-linear"):
+    with pytest.raises(EstimatorMemoryError, match="scratch disk.*HF_STAGE_ATTRIBUTION_SCRATCH_DIR.*aa-fd"):
         pr.partial_replay_embeddings(pipe.ledger, pipe.model, list(pipe.ledger.stages), budget=0.5,
                                      stage_fns=pipe.stage_fns)  # fmt: skip
     assert calls == []
