@@ -186,9 +186,10 @@ class StageAttributor:
         the agreement of the estimator with its linear/finite-difference sibling and with a second opinion, both run
         with ``diagnostics=True``: for a replaying estimate the other replay family at the same budget
         (``partial-replay`` ↔ ``strided-replay``, where the later stages have the form it needs), else
-        task-vector negation (``delta-fd``; :func:`estimators.choose_second_opinion` says which and why). The final
-        model is evaluated once for all of them (and for replay and the total change): every estimator that reads
-        ``f(θ_K)`` is served the same values.
+        task-vector negation (``delta-fd``; :func:`estimators.choose_second_opinion` says which and why). Beside a
+        finite-difference estimate the sibling skips the ledger's last stage, where f(θ_K) − f(θ_K − Δ_K) is replay
+        itself (``report/trust.py``). The final model is evaluated once for all of them (and for replay and the total
+        change): every estimator that reads ``f(θ_K)`` is served the same values.
         """
 
         if not behaviors:
