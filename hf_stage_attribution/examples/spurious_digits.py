@@ -68,7 +68,7 @@ class DigitsStage:
     Example:
         >>> s = DigitsStage("warmup", "custom", torch.zeros(4, 8, 8), torch.zeros(4, dtype=torch.long), 2, 1e-2, 2, 0)
         >>> m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-        >>> train_stage(_HFLike(m), s)  # two AdamW steps on the stage's data
+        >>> opt = train_stage(_HFLike(m), s)  # two AdamW steps on the stage's data (returns the optimizer)
     """
 
     name: str
@@ -102,14 +102,17 @@ class DigitsPipeline:
 
     @property
     def stage_fns(self) -> dict[str, Any]:
-        """``{stage name: fn(model)}`` re-training a model in place exactly as the stage did (for replay)."""
+        """``{stage name: fn(model, max_steps=None, grad_every=1)}`` re-training a model in place exactly as the stage
+        did (for replay), in the step-limited form partial replay uses and the gradient-reuse form strided replay
+        uses (``estimators.replay``)."""
         return {s.name: _replayer(s) for s in self.stages}
 
 
 def _replayer(stage: DigitsStage):
-    def fn(model: torch.nn.Module) -> torch.nn.Module:
-        train_stage(model, stage)
-        return model
+    def fn(
+        model: torch.nn.Module, max_steps: int | None = None, grad_every: int = 1
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        return model, train_stage(model, stage, max_steps=max_steps, grad_every=grad_every)
 
     return fn
 
@@ -158,13 +161,25 @@ def digits_loss() -> tuple[Any, Any]:
     return forward, loss
 
 
-def train_stage(model: torch.nn.Module, stage: DigitsStage, ledger: LedgerCore = None) -> None:
-    """Train ``model`` in place with the stage's recipe (AdamW, fresh state, seeded batch order, constant LR);
-    with a ``ledger``, record the stage into it (curvature material included)."""
+def train_stage(
+    model: torch.nn.Module,
+    stage: DigitsStage,
+    ledger: LedgerCore = None,
+    max_steps: int | None = None,
+    grad_every: int = 1,
+) -> torch.optim.Optimizer:
+    """Train ``model`` in place with the stage's recipe (AdamW, fresh state, seeded batch order, constant LR) and
+    return the optimizer; with a ``ledger``, record the stage into it (curvature material included).
+
+    ``max_steps`` stops after that many optimizer steps of the full recipe (the step-limited form of partial
+    replay); ``grad_every=s`` runs the forward and backward pass on steps ``t % s == 0`` only and re-uses that
+    gradient in between, the batch order unchanged (the gradient-reuse form of strided replay)."""
+    if grad_every < 1:
+        raise ValueError(f"`grad_every` must be a positive number of steps, got {grad_every!r}.")
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
     if ledger is None:
-        _loop(model, stage, optimizer, None)
-        return
+        _loop(model, stage, optimizer, None, max_steps, grad_every)
+        return optimizer
     with ledger.record_stage(
         stage.name,
         kind=stage.kind,
@@ -175,19 +190,28 @@ def train_stage(model: torch.nn.Module, stage: DigitsStage, ledger: LedgerCore =
         curvature_loss={"type": "sequence-classification"},
         metadata={"datasets": [{"name": "sklearn-digits", "size": len(stage.labels)}], "seed": stage.seed},
     ) as recording:
-        _loop(model, stage, optimizer, recording)
+        _loop(model, stage, optimizer, recording, max_steps, grad_every)
+    return optimizer
 
 
-def _loop(model: torch.nn.Module, stage: DigitsStage, optimizer: Any, recording: Any) -> None:
+def _loop(
+    model: torch.nn.Module,
+    stage: DigitsStage,
+    optimizer: Any,
+    recording: Any,
+    max_steps: int | None = None,
+    grad_every: int = 1,
+) -> None:
     generator = torch.Generator().manual_seed(stage.seed)
     model.train()
     n = len(stage.labels)
-    for _ in range(stage.steps):
+    for t in range(stage.steps if max_steps is None else min(stage.steps, max_steps)):
         idx = torch.randint(0, n, (stage.batch_size,), generator=generator)
         batch = {"pixel_values": stage.images[idx], "labels": stage.labels[idx]}
-        optimizer.zero_grad(set_to_none=True)
-        out = model(**batch)
-        out.loss.backward()
+        if t % grad_every == 0:
+            optimizer.zero_grad(set_to_none=True)
+            out = model(**batch)
+            out.loss.backward()
         optimizer.step()
         if recording is not None:
             recording.step(batch)

@@ -24,7 +24,7 @@ def test_demo_digits_part_prints_tables_and_writes_a_card_that_parses(tmp_path, 
     assert "\r" not in captured.err and len((out + captured.err).splitlines()) < 30
     card = ModelCard.load(tmp_path / "digits" / "model" / "README.md")
     meta = card.data.to_dict()["stage_attribution"]
-    assert meta["estimator"] == "aa-ggn" and meta["replay_validated"] is True
+    assert meta["estimator"] == "partial-replay" and meta["replay_validated"] is True
     top = {entry["name"]: entry["top_stage"] for entry in meta["behaviors"]}
     assert top["patch-reliance"] == "patch"
 
