@@ -10,7 +10,10 @@ The rule, in order (:func:`choose_estimator`):
    finite difference: that read-out is exact for the terminal stage and at budget 1 (it *is* replay there), where
    the linear read-out keeps the first-order error of the behavior;
 3. otherwise ``aa-ggn`` when every later stage holds curvature material and its Krylov basis fits in memory, else
-   ``aa-fd``: the ``aa-linear`` carry (learning rates, momentum, weight decay) read out by finite difference.
+   ``aa-fd``: the ``aa-linear`` carry (learning rates, momentum, weight decay) read out by finite difference. When
+   the basis has to go to scratch disk (above 64 MiB, about 0.56 M parameters), the reason says so and names
+   ``aa-fd`` as the fast choice on large models (on SmolLM2-135M ``aa-ggn`` had not finished after 19.5 min,
+   ``aa-fd`` took 56 s).
 
 Without curvature, the finite-difference read-out is the choice for the same reason as in step 2. Measured against
 replay on the six benchmark pipelines (``BENCHMARKS.md`` §1, all (stage, behavior) pairs, what the card claims):
@@ -49,12 +52,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .._internal.memory import human_bytes
 from ..errors import StageAttributionError
 from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from .base import Estimator, get, register
 from .curvature.products import resolve_loss
-from .curvature.propagation import CURVATURE_PRESETS, curvature_memory_problem
+from .curvature.propagation import CURVATURE_PRESETS, curvature_basis_on_disk, curvature_memory_problem
 from .propagation.rules import recorded_family
 from .replay import can_replay
 
@@ -142,10 +146,19 @@ def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str,
             f"later stage(s) {no_loss} have curvature segments but no usable (forward, loss) pair; pass "
             "loss_fns={stage name: (forward, loss)} to use aa-ggn"
         )
-    too_big = curvature_memory_problem(ledger, 0, CURVATURE_PRESETS["default"]["krylov_size"])
+    krylov = CURVATURE_PRESETS["default"]["krylov_size"]
+    too_big = curvature_memory_problem(ledger, 0, krylov)
     if too_big is not None:
         return "aa-fd", f"aa-ggn would not fit in memory: {too_big}"
-    return "aa-ggn", f"every later stage ({', '.join(s.name for s in later)}) holds curvature material"
+    reason = f"every later stage ({', '.join(s.name for s in later)}) holds curvature material"
+    on_disk = curvature_basis_on_disk(ledger, 0, krylov)
+    if on_disk is not None:  # measured, not guessed: what that costs on a real model (BENCHMARKS.md §9)
+        reason += (
+            f"; its Krylov basis ({human_bytes(on_disk)}) goes to scratch disk, which grows with the model: on "
+            "SmolLM2-135M aa-ggn had not finished after 19.5 min where aa-fd took 56 s (BENCHMARKS.md §9), so "
+            "estimator='aa-fd' (CLI --estimator aa-fd) is the fast choice on large models"
+        )
+    return "aa-ggn", reason
 
 
 def lacks_optimizer_information(stage: Stage) -> bool:

@@ -53,6 +53,17 @@ def test_auto_falls_back_to_aa_fd_and_says_so_on_the_console(two_stages, monkeyp
     assert "estimator auto -> aa-fd: aa-ggn would not fit in memory" in err
 
 
+def test_auto_says_when_the_aa_ggn_basis_goes_to_scratch_disk(two_stages, monkeypatch):
+    """aa-ggn stays auto's choice, but the reason names the cost a disk-backed basis was measured to have at scale
+    (BENCHMARKS.md §9) and the fast alternative; a basis kept in RAM says nothing of it."""
+    ledger, _ = two_stages
+    name, reason = estimators.choose_estimator(ledger)
+    assert name == "aa-ggn" and "scratch disk" not in reason
+    monkeypatch.setenv("HF_STAGE_ATTRIBUTION_CURVATURE_SCRATCH", "disk")  # as for a model of > 0.5 M parameters
+    name, reason = estimators.choose_estimator(ledger)
+    assert name == "aa-ggn" and "goes to scratch disk" in reason and "estimator='aa-fd'" in reason
+
+
 def test_out_of_memory_errors_become_one_line_cli_errors(monkeypatch, capsys):
     oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
                        "allocate 1076120064 bytes. Error code 12 (Cannot allocate memory)")  # fmt: skip

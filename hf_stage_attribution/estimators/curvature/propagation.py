@@ -181,15 +181,29 @@ def graph_cache_fits(layout: Any, krylov_size: int) -> bool:
     return cache <= GRAPH_CACHE_MAX_BYTES and 2 * need <= available_memory_bytes()
 
 
-def curvature_memory_problem(ledger: LedgerCore, first: int, krylov_size: int) -> str | None:
-    """``None`` when the curvature propagation of stage ``first`` onwards fits in the memory available now (and its
-    Krylov basis, when it goes to disk, in the scratch directory's free space), else a one-line explanation naming a
-    setting that fits."""
+def curvature_coordinates(ledger: LedgerCore, first: int) -> int:
+    """How many coordinates the curvature propagation of stage ``first`` onwards carries (the parameters any of
+    those stages changed)."""
     names: set[str] = set()
     for stage in ledger.stages[first:]:
         names |= set(stage.delta_names())
     shapes = ledger.parameter_shapes
-    n = sum(math.prod(shapes[name]) for name in names if name in shapes)
+    return sum(math.prod(shapes[name]) for name in names if name in shapes)
+
+
+def curvature_basis_on_disk(ledger: LedgerCore, first: int, krylov_size: int) -> int | None:
+    """Bytes of the Krylov basis of stage ``first`` onwards when it goes to scratch disk (too large to keep in RAM
+    by default, :func:`~.scratch.scratch_mode`), else None."""
+    n = curvature_coordinates(ledger, first)
+    rows = _basis_rows(krylov_size)
+    return 8 * n * rows if scratch_mode(n, rows) == "disk" else None
+
+
+def curvature_memory_problem(ledger: LedgerCore, first: int, krylov_size: int) -> str | None:
+    """``None`` when the curvature propagation of stage ``first`` onwards fits in the memory available now (and its
+    Krylov basis, when it goes to disk, in the scratch directory's free space), else a one-line explanation naming a
+    setting that fits."""
+    n = curvature_coordinates(ledger, first)
     need, available = curvature_peak_bytes(n, krylov_size), available_memory_bytes()
     disk = curvature_scratch_bytes(n, krylov_size)
     free = scratch_free_bytes() if disk else 0
