@@ -270,11 +270,10 @@ def trust_calibration(
     ``with_sibling=False`` leaves the sibling out (``second_opinion`` alone, no linearisation gap).
     """
     from hf_stage_attribution.report import AttributionReport
-    from hf_stage_attribution.report.build import LINEARISATION_PAIRS
+    from hf_stage_attribution.report.build import FD_READINGS, LINEARISATION_PAIRS
     from hf_stage_attribution.report.trust import assess_trust, top_of
 
     sibling = {a: b for pair in LINEARISATION_PAIRS for a, b in (pair, pair[::-1])}
-    FD_READINGS = {fd for _, fd in LINEARISATION_PAIRS}  # noqa: N806 (a set of names, read-only)
     out: dict[str, Any] = {}
     for pipeline, group in by_pipeline(runs).items():
         default = group[0]["default"]["name"]

@@ -31,7 +31,7 @@ from .estimators.second_opinion import DEFAULT_SECOND_OPINION, check_second_opin
 from .estimators.selection import PARTIAL_REPLAY_BUDGET
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
-from .report.build import LINEARISATION_PAIRS, ledger_summary
+from .report.build import FD_READINGS, ledger_summary
 
 # linear estimator ↔ its finite-difference reading (ESTIMATORS.md §4 "linearisation gap")
 _PAIRED = {
@@ -47,7 +47,6 @@ _PAIRED = {
     "partial-replay": "partial-replay-linear",
     "partial-replay-linear": "partial-replay",
 }
-_FD_READINGS = {fd for _, fd in LINEARISATION_PAIRS}  # the finite-difference side of each pair
 
 
 def _state():
@@ -217,7 +216,7 @@ class StageAttributor:
         # A finite-difference reading of the ledger's last stage is replay itself: its linear sibling's reading there
         # would only measure the linear read-out's own error, which the verdict does not use (report/trust.py)
         last = self.ledger.stages[-1].name
-        paired_stages = [s for s in stage_names if s != last] if resolved in _FD_READINGS else stage_names
+        paired_stages = [s for s in stage_names if s != last] if resolved in FD_READINGS else stage_names
         paired = paired if paired_stages else None
         runs += [paired] if paired else []
         second = self._second_opinion(resolved, options, stage_objs, validate) if self.diagnostics else None

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReportError
-from .build import build_report, json_safe
+from .build import build_report, json_safe, last_stage_name
 from .files import atomic_write_bytes, load_report_dict
 from .plot import report_figure, save_report_plot
 from .schema import REPORT_FORMAT, REPORT_FORMAT_VERSION, BehaviorDiagnostics, BehaviorSummary, ReportRow, StageSummary
@@ -127,7 +127,10 @@ class AttributionReport:
         diag = self.diagnostics.get(behavior)
         if diag is not None and diag.trust:
             return dict(diag.trust)
-        return json_safe(stored_figures_trust(rows, diag, self.estimator, self.fidelity))
+        # the ledger's last stage: from the ledger's stage count, else where the stored gap marks it exact
+        flagged = [s for s, g in (diag.linearisation_gap if diag else {}).items() if g.get("fd_exact")]
+        last = last_stage_name(self.stages, self.ledger, given=False) or next(iter(flagged), None)
+        return json_safe(stored_figures_trust(rows, diag, self.estimator, self.fidelity, last))
 
     def verify_with_replay(self, replay: AttributionReport | Mapping[str, Mapping[str, float]]) -> None:
         """Re-assess every behavior's trust verdict against exact replay run separately (a replay report, or

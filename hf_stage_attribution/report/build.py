@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ReportError, StageAttributionError
 from ..ledger.core import LedgerCore
 from .schema import BehaviorDiagnostics, BehaviorSummary, ReportRow, StageSummary
-from .trust import assess_trust
+from .trust import assess_trust, exact_stages
 
 # (linear, finite-difference) estimator pairs whose disagreement is the linearisation gap (ESTIMATORS.md §4)
 LINEARISATION_PAIRS = (
@@ -27,6 +27,8 @@ LINEARISATION_PAIRS = (
     ("delta-linear", "delta-fd"),
     ("partial-replay-linear", "partial-replay"),
 )
+#: the finite-difference side of each pair: exact on the ledger's last stage (report/trust.py ``exact_stages``)
+FD_READINGS = frozenset(fd for _, fd in LINEARISATION_PAIRS)
 _VERSION_DISTS = ("hf-stage-attribution", "torch", "transformers", "trl", "peft", "accelerate", "huggingface_hub")
 
 
@@ -219,7 +221,7 @@ def _check_names(names: Sequence[str], kind: str) -> None:
         raise ReportError(f"Expected distinct {kind} names, got duplicates {dup}: rename them.")
 
 
-def _last_stage(stage_list: Sequence[StageSummary], ledger: Any, given: bool) -> str | None:
+def last_stage_name(stage_list: Sequence[StageSummary], ledger: Any, given: bool) -> str | None:
     """The name of the ledger's last stage among ``stage_list``, or None when it is not there or not known (stages
     inferred from the effects, which may cover a subset)."""
     count = ledger.get("num_stages") if isinstance(ledger, Mapping) else len(getattr(ledger, "stages", None) or [])
@@ -242,15 +244,12 @@ def _linearisation(
     for linear, fd in LINEARISATION_PAIRS:
         if linear not in sources or fd not in sources:
             continue
-        stages = [s for s in sources[linear] if s in sources[fd]]
+        fdm = {s: float(as_vector(v, f"{fd} / {behavior} / {s}").mean()) for s, v in sources[fd].items()}
+        stages = [s for s in sources[linear] if s in fdm]
         lin = {s: float(as_vector(sources[linear][s], f"{linear} / {behavior} / {s}").mean()) for s in stages}
-        fdm = {s: float(as_vector(sources[fd][s], f"{fd} / {behavior} / {s}").mean()) for s in stages}
         # the largest effect of either reading; a stage read by finite difference alone (the attributor skips the
         # linear reading of the last stage, which is exact) still counts
-        fd_only = [
-            float(as_vector(v, f"{fd} / {behavior} / {s}").mean()) for s, v in sources[fd].items() if s not in lin
-        ]
-        scale = max([max(abs(lin[s]), abs(fdm[s])) for s in stages] + [abs(v) for v in fd_only] or [0.0])
+        scale = max([abs(v) for v in lin.values()] + [abs(v) for v in fdm.values()] or [0.0])
         gaps = {}
         for s in stages:
             gap = fdm[s] - lin[s]
@@ -279,10 +278,9 @@ def _trust(
         if effects:
             opinions[name] = {s: float(as_vector(v, f"{name} / {behavior} / {s}").mean()) for s, v in effects.items()}
     replay = opinions.pop("replay", None)
-    exact = [last_stage] if pair and estimator == pair[1] and last_stage in means else []
     verdict = assess_trust(
         means, estimator=estimator, intervals=intervals, second_opinions=opinions, linearisation_gap=gaps,
-        linearisation_pair=pair, replay=replay, exact_stages=exact,
+        linearisation_pair=pair, replay=replay, exact_stages=exact_stages(means, estimator, pair, last_stage),
     )  # fmt: skip
     return json_safe(verdict)
 
@@ -317,7 +315,7 @@ def build_report(
     if stages is None:
         stages = getattr(ledger, "stages", None) or list(next(iter(per_example.values())))
     stage_list = [stage_summary(stage, position) for position, stage in enumerate(stages)]
-    last_stage = _last_stage(stage_list, ledger, given_stages)
+    last_stage = last_stage_name(stage_list, ledger, given_stages)
     _check_names([s.name for s in stage_list], "stage")
     by_name = {s.name: s for s in stage_list}
     _check_names(list(per_example), "behavior")

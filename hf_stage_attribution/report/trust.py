@@ -13,7 +13,8 @@ Pure functions of per-stage mean effects (numpy only). Three verdicts:
 A finite-difference estimate of the ledger's last stage, f(θ_K) − f(θ_K − Δ_K), is replay itself (no later stage to
 carry the update through): there its linear sibling's reading and the linearisation gap measure the linear read-out's
 own error, not the estimate's, so for the finite-difference side of a pair that stage takes the estimate's value in
-the sibling's opinion and leaves the gap out (``evidence["exact_stages"]``; the report marks the gap ``fd_exact``).
+the sibling's opinion and leaves the gap out (:func:`exact_stages`, ``evidence["exact_stages"]``; the report marks
+the gap ``fd_exact`` where the linear reading was computed).
 For the linear side the same gap is its own error there and counts.
 
 The bootstrap intervals of a report resample the behavior's examples only: they say nothing about the estimator's
@@ -181,18 +182,20 @@ def _largest_gap(gaps: Mapping[str, Mapping[str, float]] | None) -> tuple[float 
     return values[stage], stage
 
 
-def _exact_stages(
-    effects: Mapping[str, float],
-    estimator: str,
-    gaps: Mapping[str, Mapping[str, Any]] | None,
-    pair: Sequence[str] | None,
+def exact_stages(
+    effects: Mapping[str, float], estimator: str, pair: Sequence[str] | None, last_stage: str | None
 ) -> list[str]:
-    """Stages where ``estimator`` is the finite-difference side of its linearisation pair and that reading is
-    exact (``fd_exact``: the ledger's last stage, where f(θ_K) − f(θ_K − Δ_K) is replay itself)."""
+    """``[last_stage]`` when ``estimator`` is the finite-difference side of its linearisation ``pair`` and the
+    effects cover the ledger's last stage, where f(θ_K) − f(θ_K − Δ_K) is replay itself; else ``[]``.
+
+    Example:
+        >>> exact_stages({"sft": 1.0, "dpo": 0.2}, "aa-fd", ["aa-linear", "aa-fd"], "dpo")
+        ['dpo']
+        >>> exact_stages({"sft": 1.0, "dpo": 0.2}, "aa-linear", ["aa-linear", "aa-fd"], "dpo")
+        []
+    """
     pair = list(pair or [])
-    if len(pair) != 2 or estimator != pair[1]:
-        return []
-    return [s for s in effects if (gaps or {}).get(s, {}).get("fd_exact")]
+    return [last_stage] if len(pair) == 2 and estimator == pair[1] and last_stage in effects else []
 
 
 def _finish(verdict: str, label: str, reason: str, evidence: dict[str, Any]) -> dict[str, Any]:
@@ -221,9 +224,9 @@ def assess_trust(
         linearisation_gap: ``{stage: {"relative_gap", ...}}`` (``BehaviorDiagnostics.linearisation_gap``) of
             ``linearisation_pair``.
         replay: ``{stage: mean effect}`` measured by exact replay; used when it covers every stage of ``effects``.
-        exact_stages: stages where the estimate is exact (the ledger's last stage of a finite-difference reading):
-            the linear sibling (``linearisation_pair[0]``) takes the estimate's value there and their gap is left
-            out. Default: the stages whose gap is marked ``fd_exact``, when ``estimator`` is the pair's second.
+        exact_stages: stages where the estimate is exact (:func:`exact_stages`: the ledger's last stage of a
+            finite-difference reading): the linear sibling (``linearisation_pair[0]``) takes the estimate's value
+            there and their gap is left out.
 
     Returns ``{"verdict", "label", "reason", "evidence"}`` (JSON-safe apart from ``nan`` figures).
 
@@ -256,10 +259,7 @@ def assess_trust(
     why: list[str] = []
     checks: list[str] = []
     opinions = {name: dict(values) for name, values in (second_opinions or {}).items() if name != estimator}
-    if exact_stages is None:
-        exact = _exact_stages(effects, estimator, linearisation_gap, linearisation_pair)
-    else:
-        exact = [str(s) for s in exact_stages if str(s) in effects]
+    exact = [str(s) for s in exact_stages or () if str(s) in effects]
     if exact:  # the linear sibling's reading there is its own first-order error, not a view of the estimate's
         evidence["exact_stages"] = exact
         pair = list(linearisation_pair or [])
@@ -330,11 +330,16 @@ def _same_numbers(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
 
 
 def stored_figures_trust(
-    rows: Sequence[Any], diagnostics: Any, estimator: str, fidelity: Mapping[str, Any] | None = None
+    rows: Sequence[Any],
+    diagnostics: Any,
+    estimator: str,
+    fidelity: Mapping[str, Any] | None = None,
+    last_stage: str | None = None,
 ) -> dict[str, Any]:
     """The verdict of a behavior assessed from a report's stored figures alone (a report written before verdicts
     existed): its rows' effects, intervals and ``replay_effect``, the two readings of its linearisation pair, and
-    the report's replay ``fidelity`` when that covers this behavior alone (then it is this behavior's agreement).
+    the report's replay ``fidelity`` when that covers this behavior alone (then it is this behavior's agreement);
+    ``last_stage``, the ledger's, is exact for a finite-difference estimate (:func:`exact_stages`).
 
     Example:
         >>> from hf_stage_attribution.report.schema import ReportRow
@@ -359,9 +364,10 @@ def stored_figures_trust(
         other = pair[1] if pair[0] == estimator else pair[0]
         key = "fd" if other == pair[1] else "linear"
         opinions[other] = {s: float(g[key]) for s, g in gaps.items() if key in g}
+    exact = exact_stages(effects, estimator, pair, last_stage)
     verdict = assess_trust(
         effects, estimator=estimator, intervals=intervals, second_opinions=opinions, linearisation_gap=gaps or None,
-        linearisation_pair=pair or None, replay=replay,
+        linearisation_pair=pair or None, replay=replay, exact_stages=exact,
     )  # fmt: skip
     verdict["evidence"]["assessed_from"] = "the report's stored figures (it was written without a verdict)"
     return verdict
