@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
 import shutil
 import statistics
@@ -69,42 +68,10 @@ def units(settings: Any) -> tuple[str, ...]:
     return ("steps",) if settings.quick else ("steps", "lr-mass")
 
 
-def _takes(fn: Callable, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _with_callbacks(fn: Callable) -> Callable:
-    """``fn(model, callbacks)`` (a Trainer stage) in the step-limited form ``fn(model, max_steps=None)``, and in the
-    gradient-reuse form (``grad_every``) when ``fn`` takes it."""
-    from hf_stage_attribution.integrations.replay import stop_after_steps_callback
-
-    def limited(model: Any, max_steps: int | None = None, **reuse: int) -> Any:
-        if max_steps is None:
-            return fn(model, **reuse)
-        state: dict = {}
-        out = fn(model, [stop_after_steps_callback(max_steps, optimizer_out=state)], **reuse)
-        return (out if out is not None else model), state
-
-    if _takes(fn, "grad_every"):
-        return lambda model, max_steps=None, grad_every=1: limited(
-            model, max_steps, **({"grad_every": grad_every} if grad_every > 1 else {})
-        )
-    return lambda model, max_steps=None: limited(model, max_steps)
-
-
 def step_limited_fns(pipe: Any) -> dict[str, Callable] | None:
-    """The pipeline's stage functions in the step-limited form (``None``: replay from the ledger's replay data)."""
-    from hf_stage_attribution.estimators.replay import takes_max_steps
-
-    if not pipe.stage_fns:
-        return None
-    out = {}
-    for name, fn in pipe.stage_fns.items():
-        out[name] = fn if takes_max_steps(fn) else (_with_callbacks(fn) if _takes(fn, "callbacks") else fn)
-    return out
+    """The pipeline's stage functions (``None``: replay from the ledger's replay data). Those that take Trainer
+    ``callbacks`` are step-limited by the package itself (the callback form of ``estimators.replay``)."""
+    return dict(pipe.stage_fns) if pipe.stage_fns else None
 
 
 def _cold(ledger: Any, fn: Callable, *args: Any, **kwargs: Any) -> Any:

@@ -104,7 +104,7 @@ from .finite_difference import FiniteDifferenceEstimator
 from .linear import LinearEstimator
 from .propagation.rules import _betas, first_moment_key, preconditioner, run_recurrence, second_moment_key
 from .propagation.stage import StagePropagator, next_trained, trains
-from .replay import can_replay, load_state, run_stage, takes_max_steps, working_copy
+from .replay import STEP_LIMITED_HOW, can_replay, load_state, run_stage, step_limitable, working_copy
 
 DEFAULT_BUDGET = 0.25
 BUDGET_UNITS = ("steps", "lr-mass")
@@ -269,13 +269,11 @@ def check_replayable(ledger: LedgerCore, plan: PartialReplayPlan, stage_fns: Map
             continue
         removed = ledger.stages[plan.stage].name
         fn = stage_fns.get(stage.name)
-        if fn is not None and not takes_max_steps(fn):
+        if fn is not None and not step_limitable(fn):
             raise PartialReplayError(
                 f"Partial replay of stage {removed!r} (budget {plan.budget:g}) must stop stage {stage.index} "
                 f"{stage.name!r} after {leg.steps} optimizer step(s), but its stage function has no step-limited "
-                "form. Give it a keyword argument: fn(model, max_steps=None) that runs the full recipe (same data "
-                "order, seeds, optimizer and the learning-rate schedule of the whole stage) and stops after max_steps "
-                "optimizer steps, returning the model or (model, optimizer). Or use budget=0 / estimator='replay'."
+                f"form. {STEP_LIMITED_HOW} Or use budget=0 / estimator='replay'."
             )
         why = (
             "it continued the previous stage's optimizer state inside one run (replay the whole run with stage_fns)"

@@ -17,7 +17,11 @@ whole stage — never a shorter ``max_steps``) and stops after ``m`` optimizer s
 model, or a pair ``(model or None, optimizer)`` (or ``(model, {base name: {state key: tensor}})``, e.g. from
 ``integrations.replay.stop_after_steps_callback``); with the optimizer, the optimizer state at the stop (first and
 second moments) enters the propagation of the rest of the stage. Trainer/TRL stages with replay data support the
-form through ``replay_trainer_stage(stage, model, max_steps=m)``. :func:`run_stage` runs either form.
+form through ``replay_trainer_stage(stage, model, max_steps=m)``. **Callback form:** a stage function that takes a
+``callbacks`` keyword and hands it to its ``Trainer`` (``fn(model, callbacks=None)``) needs nothing more:
+:func:`run_stage` passes ``callbacks=[stop_after_steps_callback(m, optimizer_out=...)]``, which stops the Trainer
+after ``m`` optimizer steps without touching its ``max_steps`` and returns the optimizer state at the stop (a
+``max_steps`` keyword, when the function has both, wins). :func:`run_stage` runs every form.
 
 **Gradient-reuse form (strided replay, :mod:`.strided_replay`).** A stage function that accepts a keyword argument
 ``grad_every`` (``fn(model, grad_every=s)``) runs the full recipe but the forward and backward pass only on
@@ -69,6 +73,7 @@ from ..integrations.replay import (
     optimizer_state_by_name,
     reference_problem,
     replay_trainer_stage,
+    stop_after_steps_callback,
 )
 from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
@@ -199,6 +204,15 @@ def check_replayable(
         raise ReplayError("Replay cannot re-run every stage it needs: " + "; ".join(problems) + ".")
 
 
+#: How to give a stage function the step-limited form (the error messages that need one say it).
+STEP_LIMITED_HOW = (
+    "Give it a keyword argument: fn(model, max_steps=None) that runs the full recipe (same data order, seeds, "
+    "optimizer and the learning-rate schedule of the whole stage) and stops after max_steps optimizer steps, "
+    "returning the model or (model, optimizer); or, when it trains with a transformers Trainer, "
+    "fn(model, callbacks=None) that passes the callbacks on to the Trainer (the package then adds one that stops it)."
+)
+
+
 def _takes_keyword(fn: StageFn, name: str) -> bool:
     """Whether ``fn`` accepts keyword argument ``name`` (by name, or through ``**kwargs``)."""
     try:
@@ -218,6 +232,33 @@ def takes_max_steps(fn: StageFn) -> bool:
         (True, False)
     """
     return _takes_keyword(fn, "max_steps")
+
+
+def takes_callbacks(fn: StageFn) -> bool:
+    """True when ``fn`` names a ``callbacks`` keyword: the ``TrainerCallback`` list it hands to its ``Trainer``.
+
+    Example:
+        >>> takes_callbacks(lambda model, callbacks=None: None), takes_callbacks(lambda model: None)
+        (True, False)
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return "callbacks" in params and params["callbacks"].kind in keyword
+
+
+def step_limitable(fn: StageFn) -> bool:
+    """True when :func:`run_stage` can stop ``fn`` after its first ``m`` optimizer steps: ``fn`` has the
+    step-limited form (a ``max_steps`` keyword), or takes Trainer ``callbacks`` (the callback form: ``run_stage``
+    hands it :func:`~hf_stage_attribution.integrations.replay.stop_after_steps_callback`).
+
+    Example:
+        >>> step_limitable(lambda model, callbacks=None: None), step_limitable(lambda model: None)
+        (True, False)
+    """
+    return takes_max_steps(fn) or takes_callbacks(fn)
 
 
 def takes_grad_every(fn: StageFn) -> bool:
@@ -252,7 +293,7 @@ def can_replay(
         return True  # re-applied as its recorded delta
     fn = stage_fns.get(stage.name)
     if fn is not None:
-        return (takes_max_steps(fn) or not step_limited) and (takes_grad_every(fn) or not grad_reuse)
+        return (step_limitable(fn) or not step_limited) and (takes_grad_every(fn) or not grad_reuse)
     if grad_reuse and str(stage.kind).lower() in NO_GRADIENT_REUSE:
         return False
     return stage.replay_dir is not None and stage.optimizer_state_policy != "continued"
@@ -287,13 +328,12 @@ def run_stage(
     if fn is None and not (stage.num_steps and stage.learning_rates):
         _add_delta(model, stage)  # an edit without training (untracked/imported): re-applied as recorded
         return model, None
-    if max_steps is not None and fn is not None and not takes_max_steps(fn):
+    if max_steps is not None and fn is not None and not step_limitable(fn):
         raise PartialReplayError(
             f"Partial replay needs to stop stage {stage.index} {stage.name!r} after {max_steps} optimizer step(s), "
-            f"but its stage function {getattr(fn, '__name__', repr(fn))} has no step-limited form. Give it a keyword "
-            "argument: fn(model, max_steps=None) that runs the full recipe (same data order, seeds, optimizer and "
-            "learning-rate schedule of the whole stage) and stops after max_steps optimizer steps, returning the "
-            "model or (model, optimizer); or use estimator='replay' or a budget of 0."
+            f"but its stage function {getattr(fn, '__name__', repr(fn))} has no step-limited form. "
+            + STEP_LIMITED_HOW
+            + " Or use estimator='replay' or a budget of 0."
         )
     grad_every = int(grad_every)
     if grad_every > 1 and fn is not None and not takes_grad_every(fn):
@@ -309,7 +349,12 @@ def run_stage(
         drop_gradients(model)
         return model, state
     match_recorded_trainables(model, stage)  # replay_trainer_stage above does the same for replay data
-    kwargs: dict[str, int] = {} if max_steps is None else {"max_steps": int(max_steps)}
+    kwargs: dict[str, Any] = {}
+    stopped: dict[str, dict[str, Any]] = {}  # the callback form's optimizer state at the stop
+    if max_steps is not None and takes_max_steps(fn):
+        kwargs["max_steps"] = int(max_steps)
+    elif max_steps is not None:  # the callback form: the Trainer inside fn stops itself, the schedule untouched
+        kwargs["callbacks"] = [stop_after_steps_callback(int(max_steps), optimizer_out=stopped)]
     if grad_every > 1:
         kwargs["grad_every"] = grad_every
     with frozen_gc():  # speed only: the full collections of a Trainer inside fn scan just the new objects
@@ -317,6 +362,8 @@ def run_stage(
     optimizer = None
     if isinstance(result, tuple):
         result, optimizer = (result + (None, None))[:2]
+    if optimizer is None and stopped:
+        optimizer = stopped
     model = result if isinstance(result, torch.nn.Module) else model
     drop_gradients(model)  # the stage is over: its gradients are a model copy nobody reads
     if max_steps is None or optimizer is None:

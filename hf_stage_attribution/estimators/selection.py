@@ -122,7 +122,8 @@ def choose_estimator(
     unreplayable = [s.name for s in later if not can_replay(s, fns, step_limited=True)]
     return fallback[0], (
         f"{fallback[1]}; partial replay not used: later stage(s) {unreplayable} have neither replay data "
-        "(StageRecorder(..., save_replay_data=True)) nor a step-limited stage function (fn(model, max_steps=None))"
+        "(StageRecorder(..., save_replay_data=True)) nor a step-limited stage function (fn(model, max_steps=None), "
+        "or fn(model, callbacks=None) handing the callbacks to its Trainer)"
     )
 
 

@@ -217,6 +217,57 @@ def test_a_trainer_stage_function_made_step_limited_with_the_stop_callback(train
     assert len(seen) == 2 and all({float(e["step"]) for e in s.values()} == {1.0} for s in seen)
 
 
+def test_a_trainer_stage_function_that_takes_callbacks_is_step_limited_by_the_package(trainer_ledger, tmp_path):
+    """The callback form: ``fn(model, callbacks=None)`` handing its callbacks to the Trainer needs no ``max_steps``;
+    the package adds the stop callback, and the estimate equals the explicit step-limited form's."""
+    from transformers import Trainer
+
+    from hf_stage_attribution.estimators.replay import can_replay, step_limitable
+    from hf_stage_attribution.integrations.replay import stop_after_steps_callback
+
+    ledger, model, behavior = trainer_ledger
+    args = F.training_args(str(tmp_path / "second"), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2,
+                           lr_scheduler_type="linear", warmup_steps=2, seed=1)  # fmt: skip
+    handed = []
+
+    def with_callbacks(m, callbacks=None):  # a stage function as users write it for a Trainer stage
+        handed.append(list(callbacks or []))
+        Trainer(model=m, args=args, train_dataset=F.lm_dataset(seed=1), callbacks=callbacks or []).train()
+        return m
+
+    def explicit(m, max_steps=None):
+        state: dict = {}
+        callbacks = [] if max_steps is None else [stop_after_steps_callback(max_steps, optimizer_out=state)]
+        Trainer(model=m, args=args, train_dataset=F.lm_dataset(seed=1), callbacks=callbacks).train()
+        return m, state
+
+    assert step_limitable(with_callbacks) and not step_limitable(lambda m: m)
+    assert can_replay(ledger.stages[1], {"second": with_callbacks}, step_limited=True)
+    name, reason = choose_estimator(ledger, None, {"second": with_callbacks})
+    assert name == "partial-replay" and "stage functions" in reason
+    estimates = {}
+    for form, fn in (("callbacks", with_callbacks), ("max_steps", explicit)):
+        pr._MEMO.clear()
+        estimates[form] = estimators.get("partial-replay").estimate(
+            ledger, model, behavior, stage_fns={"second": fn}, budget=0.5, **QUIET
+        )
+    assert len(handed) == 2 and all(len(cbs) == 1 for cbs in handed)  # both branches: the stop callback only
+    by_callback, by_max_steps = (estimates[f].per_example["first"] for f in ("callbacks", "max_steps"))
+    torch.testing.assert_close(by_callback, by_max_steps, rtol=0, atol=0)
+    # the first-moment difference was carried: without the optimizer state the estimate differs
+    pr._MEMO.clear()
+    dropped = estimators.get("partial-replay").estimate(ledger, model, behavior, stage_fns={"second": explicit},
+                                                        budget=0.5, carry_moments=False, **QUIET)  # fmt: skip
+    assert not torch.equal(dropped.per_example["first"], estimates["callbacks"].per_example["first"])
+    handed.clear()
+    pr._MEMO.clear()
+    truth = estimators.get("replay").estimate(ledger, model, behavior, stage_fns={"second": with_callbacks}, **QUIET)
+    assert handed == [[]]  # the whole stage: no callback added
+    full = estimators.get("partial-replay").estimate(ledger, model, behavior, stage_fns={"second": with_callbacks},
+                                                     budget=1.0, **QUIET)  # fmt: skip
+    torch.testing.assert_close(full.per_example["first"], truth.per_example["first"], rtol=1e-4, atol=1e-4)
+
+
 def test_the_curvature_carry_reduces_to_the_linear_carry_without_curvature(digits):
     pipe = digits["decay"]
     loss_fns = {s.name: pipe.loss_fn for s in pipe.ledger.stages}
