@@ -96,7 +96,9 @@ class StageAttributor:
             can be re-run step by step (replay data or ``stage_fns``), else ``aa-ggn`` where the ledger holds
             curvature material that fits in memory, else ``aa-fd`` (``estimators.selection``; the report says which
             and why).
-        stage_fns: ``{stage name: fn(model)}`` that re-train a model in place as that stage did (replay).
+        stage_fns: ``{stage name: fn(model)}`` that re-train a model in place as that stage did (replay); partial
+            replay needs them to stop early: a ``max_steps`` keyword, or a ``callbacks`` keyword handed to their
+            ``Trainer`` (``estimators.replay``'s step-limited and callback forms).
         loss_fns: ``{stage name: loss}`` for curvature products of stages recorded in another process.
         diagnostics: also compute f(θ_0) (total change, interaction residual), the paired linear/finite-difference
             estimator (linearisation gap) and the second opinion of the trust verdicts.

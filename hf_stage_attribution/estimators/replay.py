@@ -359,6 +359,13 @@ def run_stage(
         kwargs["grad_every"] = grad_every
     with frozen_gc():  # speed only: the full collections of a Trainer inside fn scan just the new objects
         result = fn(model, info, **kwargs) if _takes_info(fn) else fn(model, **kwargs)
+    if "callbacks" in kwargs and kwargs["callbacks"][0].stopped_at is None:
+        raise PartialReplayError(
+            f"Partial replay asked the stage function {getattr(fn, '__name__', repr(fn))} of stage {stage.index} "
+            f"{stage.name!r} to stop after {max_steps} optimizer step(s) through its `callbacks` argument, but the "
+            "callback never ran: pass the callbacks on to the Trainer (Trainer(..., callbacks=callbacks)), or give "
+            "the function a max_steps keyword. " + STEP_LIMITED_HOW
+        )
     optimizer = None
     if isinstance(result, tuple):
         result, optimizer = (result + (None, None))[:2]

@@ -474,7 +474,9 @@ def stop_after_steps_callback(max_steps: int, start: int = 0, optimizer_out: dic
     touching ``max_steps`` in the arguments, so the learning-rate schedule is the whole stage's), and on stopping puts
     the optimizer's state by base parameter name into ``optimizer_out`` (see :func:`optimizer_state_by_name`).
 
-    It turns a stage function that accepts Trainer callbacks into the step-limited form partial replay needs.
+    It turns a stage function that accepts Trainer callbacks into the step-limited form partial replay needs
+    (``estimators.replay.run_stage`` adds it to such a function's ``callbacks`` itself); its ``stopped_at`` attribute
+    is the step it stopped the training at, ``None`` while it has not fired.
 
     Example (a stage function in the step-limited form)::
 
@@ -486,9 +488,12 @@ def stop_after_steps_callback(max_steps: int, start: int = 0, optimizer_out: dic
     from transformers import TrainerCallback
 
     class _StopAfterSteps(TrainerCallback):
+        stopped_at: int | None = None  # the step it stopped the training at (None: it never fired)
+
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
             if state.global_step >= start + max_steps:
                 control.should_training_stop = True
+                self.stopped_at = int(state.global_step)
                 if optimizer_out is not None and model is not None:
                     optimizer_out.update(optimizer_state_by_name(model, optimizer))
             return control

@@ -241,6 +241,14 @@ def test_a_trainer_stage_function_that_takes_callbacks_is_step_limited_by_the_pa
         Trainer(model=m, args=args, train_dataset=F.lm_dataset(seed=1), callbacks=callbacks).train()
         return m, state
 
+    def ignores_them(m, callbacks=None):  # takes callbacks but never hands them to its Trainer
+        Trainer(model=m, args=args, train_dataset=F.lm_dataset(seed=1)).train()
+        return m
+
+    pr._MEMO.clear()
+    with pytest.raises(PartialReplayError, match=r"callback never ran.*Trainer\(\.\.\., callbacks=callbacks\)"):
+        estimators.get("partial-replay").estimate(ledger, model, behavior, stage_fns={"second": ignores_them},
+                                                  budget=0.5, **QUIET)  # fmt: skip
     assert step_limitable(with_callbacks) and not step_limitable(lambda m: m)
     assert can_replay(ledger.stages[1], {"second": with_callbacks}, step_limited=True)
     name, reason = choose_estimator(ledger, None, {"second": with_callbacks})
