@@ -185,7 +185,8 @@ class Auto(Estimator):
     description = (
         "delta-fd when a later stage was imported without optimizer information; else partial-replay (budget "
         "0.25, finite-difference read-out) where every later stage can be replayed step by step (replay data or "
-        "stage_fns with max_steps); else aa-ggn where the ledger holds curvature material, else aa-fd."
+        "stage_fns with max_steps, or callbacks for their Trainer); else aa-ggn where the ledger holds curvature "
+        "material, else aa-fd."
     )
 
     def resolve(
