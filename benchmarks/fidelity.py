@@ -93,14 +93,12 @@ def measure(pipe: Any, settings: Any) -> dict[str, Any]:
     opts.update({k: v for k, v in (("stage_fns", pipe.stage_fns), ("loss_fns", pipe.loss_fns)) if v})
     if pipe.curvature_options:
         opts["curvature_options"] = dict(pipe.curvature_options)
-    from .partial_replay import step_limited_fns
-
     # the section measures the propagation estimators: its "default" is what `auto` picks where no later stage can
     # be replayed (also where the ledger holds replay data, as the LM pipeline's does); what `auto` picks with the
     # pipeline's (step-limited) stage functions is recorded beside it
     default, reason = estimators.choose_estimator(ledger, pipe.loss_fns, partial_replay=False)
     plain_default, plain_reason = estimators.choose_estimator(ledger, None, partial_replay=False)
-    auto, auto_reason = estimators.choose_estimator(ledger, pipe.loss_fns, step_limited_fns(pipe))
+    auto, auto_reason = estimators.choose_estimator(ledger, pipe.loss_fns, pipe.stage_fns)
     run: dict[str, Any] = {
         "pipeline": pipe.name, "seed": pipe.seed, "stages": stages, "terminal": stages[-1],
         "behaviors": dict(joint.sizes), "build_seconds": pipe.build_seconds, "description": pipe.description,

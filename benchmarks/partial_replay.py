@@ -68,12 +68,6 @@ def units(settings: Any) -> tuple[str, ...]:
     return ("steps",) if settings.quick else ("steps", "lr-mass")
 
 
-def step_limited_fns(pipe: Any) -> dict[str, Callable] | None:
-    """The pipeline's stage functions (``None``: replay from the ledger's replay data). Those that take Trainer
-    ``callbacks`` are step-limited by the package itself (the callback form of ``estimators.replay``)."""
-    return dict(pipe.stage_fns) if pipe.stage_fns else None
-
-
 def _cold(ledger: Any, fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` with nothing cached: partial replay's memo cleared, the embeddings cache removed."""
     from hf_stage_attribution.estimators import partial_replay as pr
@@ -105,7 +99,7 @@ def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> d
 
     ledger, model = pipe.ledger, pipe.model
     joint = Joint(pipe.behaviors, model)
-    fns = step_limited_fns(pipe)
+    fns = pipe.stage_fns or None  # None: the ledger's replay data (callback-taking functions: the package limits them)
     opts: dict[str, Any] = {"check_model": False, "prepare_behavior": False}
     if fns:
         opts["stage_fns"] = fns

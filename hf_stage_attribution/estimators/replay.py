@@ -235,18 +235,13 @@ def takes_max_steps(fn: StageFn) -> bool:
 
 
 def takes_callbacks(fn: StageFn) -> bool:
-    """True when ``fn`` names a ``callbacks`` keyword: the ``TrainerCallback`` list it hands to its ``Trainer``.
+    """True when ``fn`` accepts a ``callbacks`` keyword: the ``TrainerCallback`` list it hands to its ``Trainer``.
 
     Example:
         >>> takes_callbacks(lambda model, callbacks=None: None), takes_callbacks(lambda model: None)
         (True, False)
     """
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return "callbacks" in params and params["callbacks"].kind in keyword
+    return _takes_keyword(fn, "callbacks")
 
 
 def step_limitable(fn: StageFn) -> bool:
@@ -351,20 +346,22 @@ def run_stage(
     match_recorded_trainables(model, stage)  # replay_trainer_stage above does the same for replay data
     kwargs: dict[str, Any] = {}
     stopped: dict[str, dict[str, Any]] = {}  # the callback form's optimizer state at the stop
+    stop = None
     if max_steps is not None and takes_max_steps(fn):
         kwargs["max_steps"] = int(max_steps)
     elif max_steps is not None:  # the callback form: the Trainer inside fn stops itself, the schedule untouched
-        kwargs["callbacks"] = [stop_after_steps_callback(int(max_steps), optimizer_out=stopped)]
+        stop = stop_after_steps_callback(int(max_steps), optimizer_out=stopped)
+        kwargs["callbacks"] = [stop]
     if grad_every > 1:
         kwargs["grad_every"] = grad_every
     with frozen_gc():  # speed only: the full collections of a Trainer inside fn scan just the new objects
         result = fn(model, info, **kwargs) if _takes_info(fn) else fn(model, **kwargs)
-    if "callbacks" in kwargs and kwargs["callbacks"][0].stopped_at is None:
+    if stop is not None and stop.stopped_at is None:
         raise PartialReplayError(
             f"Partial replay asked the stage function {getattr(fn, '__name__', repr(fn))} of stage {stage.index} "
             f"{stage.name!r} to stop after {max_steps} optimizer step(s) through its `callbacks` argument, but the "
             "callback never ran: pass the callbacks on to the Trainer (Trainer(..., callbacks=callbacks)), or give "
-            "the function a max_steps keyword. " + STEP_LIMITED_HOW
+            "the function a max_steps keyword that stops it after that many steps of the whole stage's recipe."
         )
     optimizer = None
     if isinstance(result, tuple):
