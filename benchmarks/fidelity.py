@@ -321,7 +321,8 @@ def _reason_kind(why: str) -> str:
                       ("disagree on the sign", "second opinion disagrees on a sign"),
                       ("ranks the stages differently", "second opinion ranks the stages differently"),
                       ("linearisation gap", "large linearisation gap"),
-                      ("intervals overlap", "top two intervals overlap")):  # fmt: skip
+                      ("intervals overlap", "top two intervals overlap"),
+                      ("-fold on", "second opinion's size more than 2-fold off on a stage")):  # fmt: skip
         if key in why:
             return kind
     return why

@@ -6,7 +6,9 @@ Pure functions of per-stage mean effects (numpy only). Three verdicts:
   top stage, the signs of the stages that moved the behavior, and the ranking;
 - ``"agree"`` (label "estimated — estimators agree"): no replay, but a second opinion (the linear/finite-difference
   pair of the linearisation gap, another estimator such as task-vector negation) names the same top stage and
-  ranking, the linearisation gap is small and the top stage's interval is clear of the runner-up's;
+  ranking, another estimator than the sibling gives every stage that moved the behavior a size within a factor of
+  :data:`SIZE_RATIO_MAX` (else that stage's sign is not settled), the linearisation gap is small and the top
+  stage's interval is clear of the runner-up's;
 - ``"unreliable"`` (label "estimated — unreliable: <why>", or "unreliable: replay disagrees — <why>"): anything else,
   including an estimate with nothing to check it against.
 
@@ -59,6 +61,12 @@ NEGLIGIBLE_SHARE = 0.05
 #: and it means f is visibly curved along the stage's update, where the linear and the finite-difference reading
 #: of the same propagated update can both be far from replay.
 LINEARISATION_GAP_MAX = 0.25
+#: Two estimators that give a stage the same sign but sizes more than this factor apart do not settle that sign:
+#: their disagreement is then larger than the smaller of the two, so an error of that size reaches zero. Seen on
+#: a real model (the MiniLM recipe): partial and strided replay at one budget both said +, 1.62 and 0.79, replay
+#: said −0.68. Counted for stages that moved the behavior (:data:`NEGLIGIBLE_SHARE`), against a second opinion
+#: other than the linear sibling (whose disagreement is the linearisation gap, judged on its own scale).
+SIZE_RATIO_MAX = 2.0
 _ROUNDING = 1e-9  # a figure exactly at a bar (Spearman 0.8 computed as 0.7999999999999999) meets it
 #: What the report's intervals cover: said in every verdict, so the card can show it beside the numbers.
 INTERVAL_SCOPE = (
@@ -148,6 +156,31 @@ def _disagreements(c: Mapping[str, Any], ours: str, theirs: str) -> list[str]:
     if c["stages"] >= 3 and not math.isnan(c["spearman"]) and c["spearman"] < SPEARMAN_MIN - _ROUNDING:
         why.append(f"{theirs} ranks the stages differently (Spearman {c['spearman']:.2f})")
     return why
+
+
+def unsettled_signs(estimate: Mapping[str, float], other: Mapping[str, float]) -> list[str]:
+    """Stages (in ``estimate``'s order) that moved the behavior, where ``other`` gives the same sign but a size more
+    than :data:`SIZE_RATIO_MAX` times larger or smaller.
+
+    Example:
+        >>> unsettled_signs({"ft": 1.62, "refresh": 2.09, "lora": -0.73}, {"ft": 0.79, "refresh": 2.08, "lora": -0.73})
+        ['ft']
+        >>> unsettled_signs({"a": 1.0, "b": 0.01}, {"a": 0.6, "b": 0.001})  # b moved nothing
+        []
+    """
+    stages = [s for s in estimate if s in other]
+    scale_e = max((abs(float(estimate[s])) for s in stages), default=0.0)
+    scale_o = max((abs(float(other[s])) for s in stages), default=0.0)
+    out = []
+    for s in stages:
+        a, b = float(estimate[s]), float(other[s])
+        if a * b <= 0.0:
+            continue  # opposite signs (or a zero) are the sign check's business
+        if abs(a) < NEGLIGIBLE_SHARE * scale_e and abs(b) < NEGLIGIBLE_SHARE * scale_o:
+            continue
+        if max(abs(a), abs(b)) > SIZE_RATIO_MAX * min(abs(a), abs(b)) + _ROUNDING:
+            out.append(s)
+    return out
 
 
 def _abs_interval(low: float, high: float) -> tuple[float, float]:
@@ -269,6 +302,8 @@ def assess_trust(
         linearisation_gap = {s: g for s, g in (linearisation_gap or {}).items() if s not in exact}
     evidence["second_opinions"] = {}
     same: list[str] = []
+    sized: list[str] = []  # second opinions whose sizes were compared (not the linear sibling)
+    sibling = [str(n) for n in linearisation_pair or () if str(n) != estimator]
     for name, values in opinions.items():
         common = {s: v for s, v in effects.items() if s in values}
         if not common:
@@ -280,6 +315,15 @@ def assess_trust(
             continue
         checks.append(name)
         why.extend(_disagreements(c, estimator, name))
+        if name in sibling:
+            continue
+        sized.append(name)
+        unsettled = unsettled_signs(common, values)
+        evidence.setdefault("unsettled_signs", {})[name] = unsettled
+        if unsettled:
+            pairs = ", ".join(f"{s} ({common[s]:+.3g} vs {float(values[s]):+.3g})" for s in unsettled)
+            fold = f"{SIZE_RATIO_MAX:g}-fold"
+            why.append(f"{estimator} and {name} differ more than {fold} on {pairs}, so the sign is not settled")
     if same:
         evidence["same_as_estimate"] = same
     gap, gap_stage = _largest_gap(linearisation_gap)
@@ -304,6 +348,11 @@ def assess_trust(
         f"Not checked by replay; {', '.join(checks)} agree(s) with {estimator} on the top stage ({top}), the signs "
         f"and the ranking, and the top stage's interval is clear of the runner-up's."
     )
+    if sized:
+        reason += (
+            f" {', '.join(sized)} also put(s) every stage that moved the behavior within a factor of "
+            f"{SIZE_RATIO_MAX:g} of {estimator}'s size."
+        )
     if same:
         reason += (
             f" {', '.join(same)} gave the same numbers as {estimator} (the same computation by another route, e.g. "

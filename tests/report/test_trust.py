@@ -104,6 +104,32 @@ def test_the_last_stage_of_a_finite_difference_estimate_is_exact_so_its_linear_r
     assert sub.trust("f")["verdict"] == "unreliable" and "exact_stages" not in sub.trust("f")["evidence"]
 
 
+def test_a_second_opinion_more_than_twofold_off_on_a_stage_leaves_its_sign_unsettled():
+    """The MiniLM recipe's case: partial and strided replay at one budget agreed on the top stage, the signs and the
+    ranking (+1.62 and +0.79 on the first stage) while replay said −0.68 there. A second opinion that is more than
+    twice (or under half) the estimate on a stage that moved the behavior does not settle that stage's sign; the
+    linear sibling's own disagreement is judged by the linearisation gap instead."""
+    ours, linear = [1.62, 2.09, -0.73, 0.3], [1.55, 2.0, -0.34, 0.3]  # lora read linearly: −0.34, gap 0.19 < 0.25
+    strided = [0.79, 2.08, -0.73, 0.3]
+
+    def verdict(second):
+        alt = {"partial-replay-linear": linear, "strided-replay": second}
+        return _report(ours, alt, sd=0.0, estimator="partial-replay").trust("f")
+
+    t = verdict(strided)
+    assert t["verdict"] == "unreliable"
+    assert t["label"] == ("estimated — unreliable: partial-replay and strided-replay differ more than 2-fold on "
+                          "pretraining (+1.62 vs +0.79), so the sign is not settled")  # fmt: skip
+    assert t["evidence"]["unsettled_signs"] == {"strided-replay": ["pretraining"]}  # not the sibling (lora 2.1-fold)
+    assert t["evidence"]["second_opinions"]["strided-replay"]["top_stage_equal"]  # the other checks all pass
+    ok = verdict([0.85, 2.08, -0.73, 0.3])  # 1.9-fold: within the factor
+    assert ok["verdict"] == "agree" and ok["evidence"]["unsettled_signs"] == {"strided-replay": []}
+    assert "strided-replay also put(s) every stage that moved the behavior within a factor of 2" in ok["reason"]
+    # a stage that moved nothing on either side (under 5 % of the largest effect) is not a sign claim
+    assert T.unsettled_signs({"a": 2.0, "b": 0.09}, {"a": 2.0, "b": 0.01}) == []
+    assert T.unsettled_signs({"a": 2.0, "b": 0.3}, {"a": 2.0, "b": -0.9}) == []  # opposite signs: the sign check's
+
+
 def test_overlapping_intervals_of_the_top_two_stages_are_unreliable():
     close = [0.2, 2.0, -1.95, 0.1]
     rep = _report(close, {"aa-fd": close}, sd=1.0)
