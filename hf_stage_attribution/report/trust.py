@@ -111,6 +111,19 @@ def top_of(effects: Mapping[str, float]) -> str:
     return names[int(np.argmax([abs(float(effects[s])) for s in names]))]
 
 
+def _common(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The stages of ``a`` (in its order) that ``b`` also has, and both estimates' effects there."""
+    stages = [s for s in a if s in b]
+    return stages, np.array([float(a[s]) for s in stages]), np.array([float(b[s]) for s in stages])
+
+
+def _moved(est: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Which stages moved the behavior: |effect| at least :data:`NEGLIGIBLE_SHARE` of the largest, in either."""
+    scale_e, scale_r = float(np.abs(est).max(initial=0.0)), float(np.abs(ref).max(initial=0.0))
+    moved = (np.abs(est) >= NEGLIGIBLE_SHARE * scale_e) & (scale_e > 0)
+    return moved | ((np.abs(ref) >= NEGLIGIBLE_SHARE * scale_r) & (scale_r > 0))
+
+
 def compare(estimate: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, Any]:
     """Agreement of two per-stage mean effects over their common stages (in ``estimate``'s order).
 
@@ -123,12 +136,8 @@ def compare(estimate: Mapping[str, float], reference: Mapping[str, float]) -> di
         >>> c["top_stage_equal"], c["sign_agreement"], c["signs_compared"]
         (True, 1.0, 2)
     """
-    stages = [s for s in estimate if s in reference]
-    est = np.array([float(estimate[s]) for s in stages])
-    ref = np.array([float(reference[s]) for s in stages])
-    scale_e, scale_r = float(np.abs(est).max(initial=0.0)), float(np.abs(ref).max(initial=0.0))
-    moved = (np.abs(est) >= NEGLIGIBLE_SHARE * scale_e) & (scale_e > 0)
-    moved |= (np.abs(ref) >= NEGLIGIBLE_SHARE * scale_r) & (scale_r > 0)
+    stages, est, ref = _common(estimate, reference)
+    moved = _moved(est, ref)
     agree = np.sign(est[moved]) == np.sign(ref[moved])
     top_e = top_of(dict(zip(stages, est))) if stages else None
     top_r = top_of(dict(zip(stages, ref))) if stages else None
@@ -168,19 +177,11 @@ def unsettled_signs(estimate: Mapping[str, float], other: Mapping[str, float]) -
         >>> unsettled_signs({"a": 1.0, "b": 0.01}, {"a": 0.6, "b": 0.001})  # b moved nothing
         []
     """
-    stages = [s for s in estimate if s in other]
-    scale_e = max((abs(float(estimate[s])) for s in stages), default=0.0)
-    scale_o = max((abs(float(other[s])) for s in stages), default=0.0)
-    out = []
-    for s in stages:
-        a, b = float(estimate[s]), float(other[s])
-        if a * b <= 0.0:
-            continue  # opposite signs (or a zero) are the sign check's business
-        if abs(a) < NEGLIGIBLE_SHARE * scale_e and abs(b) < NEGLIGIBLE_SHARE * scale_o:
-            continue
-        if max(abs(a), abs(b)) > SIZE_RATIO_MAX * min(abs(a), abs(b)) + _ROUNDING:
-            out.append(s)
-    return out
+    stages, est, ref = _common(estimate, other)
+    small, large = np.minimum(np.abs(est), np.abs(ref)), np.maximum(np.abs(est), np.abs(ref))
+    # opposite signs (or a zero) are the sign check's business
+    off = _moved(est, ref) & (est * ref > 0.0) & (large > SIZE_RATIO_MAX * small + _ROUNDING)
+    return [s for s, flag in zip(stages, off) if flag]
 
 
 def _abs_interval(low: float, high: float) -> tuple[float, float]:
