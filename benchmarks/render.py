@@ -166,7 +166,8 @@ def _trust(trust: dict[str, Any]) -> list[str]:
     second = "task-vector negation" if second == "delta-fd" else f"{second} (the attributor's second opinion)"
     out = ["Trust verdicts without replay (report/trust.py: each estimator checked against its linear/finite-"
            f"difference sibling and {second} (top stage, signs, ranking, and every stage's size within 2-fold of "
-           "the second opinion's), the linearisation gap and the intervals), one per behavior "
+           "the second opinion's), the linearisation gap (not counted for partial replay's finite-difference "
+           "reading when strided replay checks it) and the intervals), one per behavior "
            "and seed. *top right*: the top stage is replay's; *replay verifies*: replay agrees on the top stage, the "
            "signs and the ranking (the verdict `validate` prints). A calibrated verdict is right more often when it "
            "says \"agree\" than when it says \"unreliable\".", ""]  # fmt: skip

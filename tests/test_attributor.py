@@ -172,8 +172,9 @@ def test_auto_precomputes_only_what_the_chosen_estimator_reads(tmp_path):
 
 
 def test_partial_replay_verdict_checks_its_linear_read_out_without_replaying_again(tmp_path, monkeypatch):
-    """The trust verdict of ``partial-replay`` weighs its linear read-out (the linearisation gap, as for every aa-*
-    estimator), computed from the same memoised embeddings: the diagnostics add read-outs, not step-limited replays.
+    """The trust verdict of ``partial-replay`` weighs its linear read-out (its top stage, signs and ranking; the
+    linearisation gap is shown but not counted where strided replay checks the estimate), computed from the same
+    memoised embeddings: the diagnostics add read-outs, not step-limited replays.
     Measured (BENCHMARKS.md §8, verdict calibration): with task-vector negation as the only second opinion the
     digits-hf verdicts said "agree" for 16 of 35 behaviors, of which 4 named replay's top stage."""
     from hf_stage_attribution.estimators import partial_replay
@@ -202,8 +203,10 @@ def test_partial_replay_verdict_checks_its_linear_read_out_without_replaying_aga
     # the digits stage functions have the gradient-reuse form: strided replay is the second opinion (its own
     # replays, counted by tests/estimators/test_second_opinion.py), task-vector negation is not needed
     assert set(evidence["second_opinions"]) == {"partial-replay-linear", "strided-replay"}
-    gap = evidence["max_relative_linearisation_gap"]
-    assert ("linearisation gap" in diag.trust["label"]) == (gap > 0.25), (gap, diag.trust["label"])
+    # the finite-difference reading checked by the other replay family: the gap is the linear read-out's own error,
+    # shown in the evidence and not counted (report/trust.py gap_counts)
+    assert evidence["max_relative_linearisation_gap"] > 0 and evidence["linearisation_gap_counted"] is False
+    assert "linearisation gap" not in diag.trust["label"]
 
     # budget 1 replays every later stage whole: the estimate is replay, and the verdict says so
     exact = StageAttributor(

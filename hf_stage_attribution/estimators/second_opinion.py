@@ -34,7 +34,8 @@ DEFAULT_SECOND_OPINION = "delta-fd"
 #: stale gradients: two estimates of the same v_k whose errors come from different places. Task-vector negation
 #: ignores how the later stages react to a removed update altogether. Measured against replay (BENCHMARKS.md §8,
 #: the default's trust verdicts over six pipelines): with strided replay as the check, "estimators agree" named
-#: replay's top stage in 45 of 45 behaviors, with task-vector negation in 49 of 53 (0 of 4 on digits-hf).
+#: replay's top stage in 44 of 44 behaviors and replay verified all 44 (the linearisation gap is then not counted,
+#: report/trust.py ``gap_counts``), with task-vector negation in 38 of 38, 34 verified.
 #: Partial replay itself at 10 % (a cheaper check: 0.16–0.54 × replay's time, where strided replay costs about one
 #: replay on these models) was measured too and not adopted: 57 of 59 right, replay verified 48 of them (strided
 #: replay: 44 of 45); two budgets of one family share the errors of its carry (BENCHMARKS.md §8, §9).

@@ -130,6 +130,35 @@ def test_a_second_opinion_more_than_twofold_off_on_a_stage_leaves_its_sign_unset
     assert T.unsettled_signs({"a": 2.0, "b": 0.3}, {"a": 2.0, "b": -0.9}) == []  # opposite signs: the sign check's
 
 
+def test_the_gap_of_a_replaying_fd_estimate_checked_by_the_other_replay_family_is_not_a_reason():
+    """SmolLM2's case: partial replay read by finite difference, strided replay agreeing on everything, and a
+    linearisation gap of about half the largest effect — replay verified the claims. The gap is the linear
+    read-out's error there; with task-vector negation as the check, or for the linear read-out itself, it counts."""
+    ours, linear = [0.2, 2.0, -0.6, 0.1], [0.2, 1.0, -0.6, 0.1]  # sft read linearly: 1.0, gap 0.5 of the largest
+    strided = [0.25, 1.8, -0.55, 0.1]
+
+    def verdict(estimator, sibling, second_name, second=strided):
+        alt = {sibling: linear, second_name: second}
+        return _report(ours, alt, sd=0.0, estimator=estimator).trust("f")
+
+    t = verdict("partial-replay", "partial-replay-linear", "strided-replay")
+    assert t["verdict"] == "agree", t["label"]
+    assert t["evidence"]["linearisation_gap_counted"] is False
+    assert t["evidence"]["max_relative_linearisation_gap"] == pytest.approx(0.5)  # still in the evidence
+    assert "The linearisation gap (0.50 of the largest effect, on sft) is the linear read-out's error" in t["reason"]
+    # the other replay family must itself agree: a disagreement on the ranking is still unreliable
+    bad = verdict("partial-replay", "partial-replay-linear", "strided-replay", second=[0.25, 1.8, 0.6, -0.9])
+    assert bad["verdict"] == "unreliable" and "linearisation gap" not in bad["label"]
+    # task-vector negation shares none of the replay: the gap still counts
+    neg = verdict("partial-replay", "partial-replay-linear", "delta-fd")
+    assert neg["verdict"] == "unreliable" and "relative linearisation gap 0.50 on stage sft" in neg["label"]
+    assert neg["evidence"]["linearisation_gap_counted"] is True
+    # the linear read-out as the estimate: the gap is its own error
+    lin = _report(linear, {"partial-replay": ours, "strided-replay": strided}, sd=0.0,
+                  estimator="partial-replay-linear").trust("f")  # fmt: skip
+    assert lin["verdict"] == "unreliable" and "relative linearisation gap 0.50 on stage sft" in lin["label"]
+
+
 def test_overlapping_intervals_of_the_top_two_stages_are_unreliable():
     close = [0.2, 2.0, -1.95, 0.1]
     rep = _report(close, {"aa-fd": close}, sd=1.0)
