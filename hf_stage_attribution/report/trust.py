@@ -80,6 +80,8 @@ SIZE_RATIO_MAX = 2.0
 #: Estimators that re-run the later stages' training themselves (part of it exactly, or all of it with stale
 #: gradients): each one's error is in its replayed embedding, and the other reaches the same effect by another
 #: route through the same training, so one is an independent check of the other's finite-difference reading.
+#: (The estimators' own names, ``estimators.selection.PARTIAL_REPLAY`` and ``second_opinion.STRIDED_REPLAY``: this
+#: module stays free of the estimators' imports, and tests/estimators/test_second_opinion.py keeps them equal.)
 REPLAY_FAMILIES = frozenset({"partial-replay", "strided-replay"})
 _ROUNDING = 1e-9  # a figure exactly at a bar (Spearman 0.8 computed as 0.7999999999999999) meets it
 #: What the report's intervals cover: said in every verdict, so the card can show it beside the numbers.
@@ -242,8 +244,13 @@ def exact_stages(
         >>> exact_stages({"sft": 1.0, "dpo": 0.2}, "aa-linear", ["aa-linear", "aa-fd"], "dpo")
         []
     """
-    pair = list(pair or [])
-    return [last_stage] if len(pair) == 2 and estimator == pair[1] and last_stage in effects else []
+    return [last_stage] if _fd_side(estimator, pair) and last_stage in effects else []
+
+
+def _fd_side(estimator: str, pair: Sequence[str] | None) -> bool:
+    """Whether ``estimator`` is the finite-difference side of its linearisation ``pair`` ``[linear, fd]``."""
+    names = [str(n) for n in pair or ()]
+    return len(names) == 2 and estimator == names[1]
 
 
 def gap_counts(estimator: str, linearisation_pair: Sequence[str] | None, checked_by: Sequence[str]) -> bool:
@@ -260,10 +267,8 @@ def gap_counts(estimator: str, linearisation_pair: Sequence[str] | None, checked
         >>> gap_counts("partial-replay-linear", pair, ["partial-replay", "strided-replay"])
         True
     """
-    pair = [str(n) for n in linearisation_pair or ()]
-    fd_side = len(pair) == 2 and estimator == pair[1]
     independent = [n for n in checked_by if n in REPLAY_FAMILIES and n != estimator]
-    return not (fd_side and estimator in REPLAY_FAMILIES and independent)
+    return not (_fd_side(estimator, linearisation_pair) and estimator in REPLAY_FAMILIES and independent)
 
 
 def _finish(verdict: str, label: str, reason: str, evidence: dict[str, Any]) -> dict[str, Any]:

@@ -111,3 +111,12 @@ def test_the_attributor_runs_the_second_opinion_asked_for(pipe, monkeypatch):
     report = attributor.attribute(behaviors)
     assert report.estimator == "partial-replay" and ran == []  # no strided replay ran
     assert set(report.trust("margin_7")["evidence"]["second_opinions"]) == {"partial-replay-linear", "delta-fd"}
+
+
+def test_the_trust_verdicts_replay_families_are_the_estimators_names():
+    """report/trust.py names the replay families without importing the estimators; they must stay the same names."""
+    from hf_stage_attribution.estimators.second_opinion import REPLAY_CHECKS, STRIDED_REPLAY
+    from hf_stage_attribution.estimators.selection import PARTIAL_REPLAY
+    from hf_stage_attribution.report.trust import REPLAY_FAMILIES
+
+    assert REPLAY_FAMILIES == {PARTIAL_REPLAY, STRIDED_REPLAY} == set(REPLAY_CHECKS.values())
