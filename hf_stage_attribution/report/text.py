@@ -12,6 +12,7 @@ import unicodedata
 from typing import TYPE_CHECKING, Any
 
 from .._internal.table import render_table as text_table
+from .trust import AGREE, REPLAY_FAMILIES, VERIFIED
 
 if TYPE_CHECKING:
     from .attribution import AttributionReport
@@ -269,6 +270,37 @@ def trust_label(report: AttributionReport, name: str) -> str:
     return escape_markdown(label) if label else ""
 
 
+def trust_evidence(report: AttributionReport, name: str) -> str:
+    """What supports a behavior's verdict, escaped: the verdict's reason when it is "verified by replay" or
+    "estimated — estimators agree" (which checks agreed, on what); '' for "unreliable", whose label says why.
+
+    Example:
+        >>> from hf_stage_attribution.report import AttributionReport
+        >>> report = AttributionReport.build({"f": {"a": [0.1, 0.3], "b": [0.9, 1.1]}}, estimator="aa-linear",
+        ...     alternates={"replay": {"f": {"a": [0.2, 0.2], "b": [1.0, 1.0]}}}, versions={})
+        >>> trust_evidence(report, "f").split(":")[0]
+        'Exact replay agrees'
+    """
+    trust = report.trust(name)
+    if trust.get("verdict") in (AGREE, VERIFIED) and trust.get("reason"):
+        return escape_markdown(str(trust["reason"]))
+    return ""
+
+
+def _gap_meaning(report: AttributionReport, name: str) -> str:
+    """The last sentence of the linearisation-gap diagnostic: what a large gap means, or — where the verdict does
+    not count it (:func:`~.trust.gap_counts`) — why not."""
+    evidence = report.trust(name).get("evidence") or {}
+    if evidence.get("linearisation_gap_counted") is False:
+        checkers = [n for n in evidence.get("second_opinions") or {} if n in REPLAY_FAMILIES and n != report.estimator]
+        by = ", ".join(escape_markdown(n) for n in checkers) or "another replay family"
+        return (
+            f"Not counted in the verdict: {escape_markdown(report.estimator)} reads the embedding it replayed "
+            f"exactly, and {by} checked that embedding by another route, so the gap is the linear read-out's error."
+        )
+    return "A large gap means the first-order step in f is not trustworthy for that stage."
+
+
 def behavior_view(report: AttributionReport, name: str) -> dict[str, Any]:
     """Escaped strings for one behavior: heading parts, table caption, header and rows, the direction sentences,
     the trust label and the diagnostics lines."""
@@ -314,6 +346,7 @@ def behavior_view(report: AttributionReport, name: str) -> dict[str, Any]:
         "headline": headline(report, name),
         "opposite": opposite_directions(report, name),
         "trust": trust_label(report, name),
+        "evidence": trust_evidence(report, name),
         "diagnostics": diagnostics_lines(report, name, unit),
     }
 
@@ -353,7 +386,7 @@ def diagnostics_lines(report: AttributionReport, name: str, unit: str) -> list[s
             )
         lines.append(
             f"Linearisation gap ({fd} − {linear}) per stage, {unit} (share of the largest effect): {gaps}. "
-            "A large gap means the first-order step in f is not trustworthy for that stage."
+            + _gap_meaning(report, name)
         )
     else:
         lines.append("Linearisation gap: not computed (needs both a linear and a finite-difference estimate).")
@@ -414,7 +447,8 @@ def render_markdown(report: AttributionReport) -> str:
         if view["description"]:
             out += [view["description"], ""]
         claim = view["headline"] + (f" Verdict: {view['trust']}." if view["trust"] else "")
-        out += [claim, ""] + ([view["opposite"], ""] if view["opposite"] else [])
+        out += [claim, ""] + ([f"Evidence: {view['evidence']}", ""] if view["evidence"] else [])
+        out += [view["opposite"], ""] if view["opposite"] else []
         out += [view["caption"], "", md_table(view["header"], view["align"], view["rows"]), ""]
         out += [f"- {line}" for line in view["diagnostics"]] + [""]
     if report.approximations:
