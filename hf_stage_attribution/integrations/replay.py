@@ -4,7 +4,8 @@ ground truth ``τ_k`` (ESTIMATORS.md §2) for stages recorded with ``StageRecord
 The config and trainer classes are imported by name, only from ``transformers`` and ``trl`` (never unpickled);
 the dataset is ``load_from_disk`` (Arrow), the processing class ``from_pretrained`` of a local folder. Training
 runs with ``output_dir`` in a temporary directory, ``report_to=[]``, no checkpoints and no Hub pushes, so no
-README or model card anywhere is touched.
+README or model card anywhere is touched; it prints no log lines of its own (the trainer's printer callbacks are
+removed: a replay's loss dicts on the screen would read as the user's training).
 
 Example, on a ledger recorded with the Trainer callback and its replay data::
 
@@ -332,6 +333,7 @@ def replay_trainer_stage(
 
 def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -> Any:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     args = rebuild_arguments(info, output_dir)
     processing_class = _processing_class(replay_dir, info)
@@ -383,6 +385,8 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
     if given["grad_every"] > 1:
         trainer_cls = with_gradient_reuse(trainer_cls, given["grad_every"], start=int(steps[0] or 0))
     trainer = trainer_cls(**kwargs)
+    for printer in (PrinterCallback, ProgressCallback):  # a replay's loss dicts would read as the user's training
+        trainer.remove_callback(printer)
     _check_collator(stage, info, trainer, collator is not None)
     if given["max_steps"] != 0:
         trainer.train()

@@ -86,16 +86,18 @@ def _record(tmp_path, make, name="stage"):
     ],
     ids=["trainer-lm-collator", "sft", "kto", "dpo-precomputed", "grpo"],
 )
-def test_replay_from_the_same_start_reproduces_the_recorded_end(tmp_path, make, extra):
+def test_replay_from_the_same_start_reproduces_the_recorded_end(tmp_path, make, extra, capsys):
     from hf_stage_attribution.integrations.replay import replay_trainer_stage
 
     trained, start, stage = _record(tmp_path, make)
+    assert "'train_runtime'" in capsys.readouterr().out  # the recorded training printed its log dicts
     info = json.loads((stage.replay_dir / "replay.json").read_text())
     assert info["config"]["module"].startswith(("trl.", "transformers.")) and info["dataset"]["num_rows"] > 0
     saved = "collator_tokenizer" if make is _trainer_with_lm_collator else "processing_class"
     assert (stage.replay_dir / saved / "tokenizer.json").exists()
     assert not any(p.suffix in (".pkl", ".pickle", ".bin") for p in stage.replay_dir.rglob("*"))
     replayed = replay_trainer_stage(stage, start, **extra)
+    assert "'train_runtime'" not in capsys.readouterr().out  # its replay prints none (they would read as training)
     diff = max((p - q).abs().max().item() for p, q in zip(trained.parameters(), replayed.parameters()))
     assert diff <= 1e-6, diff
 
