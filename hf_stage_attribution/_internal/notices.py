@@ -1,5 +1,6 @@
 """One-line notices the library writes for a person on stderr (not data, not warnings): the projected size of a
-stage before recording, the estimator ``auto`` chose and why.
+stage before recording, the estimator ``auto`` chose and why; and the library warnings nobody can act on, which
+the CLI and every replayed training ignore (:func:`harmless_warnings_ignored`).
 
 A script that records or attributes sees them; the CLI's quiet console holds back the routine ones (``--verbose``
 shows them) through :func:`held_back`.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Iterator
 
 PREFIX = "[hf-stage-attribution] "
@@ -44,3 +46,68 @@ def held_back() -> Iterator[list[str]]:
         yield _held[-1]
     finally:
         _held.pop()
+
+
+_LIBRARIES = r"(transformers|trl|peft|accelerate|datasets|huggingface_hub|torch)(\..*)?$"
+
+#: (category, module regex, message regex) of warnings from the training libraries that a user of this package
+#: cannot act on: their own deprecations (one library calling another's deprecated API), PEFT's ``fan_in_fan_out``
+#: note on GPT-2, and PEFT noticing that an adapter's base model moved (a replay wraps a copy of the final model,
+#: not the folder the adapter was trained from).
+HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (FutureWarning, _LIBRARIES, ""),
+    (DeprecationWarning, _LIBRARIES, ""),
+    (UserWarning, r"peft(\..*)?$", r"fan_in_fan_out is set to False"),
+    (UserWarning, r"peft(\..*)?$", r"The PEFT config's `base_model_name_or_path` was renamed"),
+)
+
+
+@contextlib.contextmanager
+def harmless_warnings_ignored() -> Iterator[None]:
+    """:data:`HARMLESS_WARNINGS` ignored inside the block (the CLI's quiet console; every replayed training, whose
+    warnings the user already saw when the stage was trained); the previous filters come back on exit.
+
+    Example:
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     with harmless_warnings_ignored():
+        ...         warnings.warn_explicit("old API", FutureWarning, "x.py", 1, module="transformers.trainer")
+        ...         warnings.warn_explicit("yours", FutureWarning, "y.py", 1, module="my_training_script")
+        >>> [str(w.message) for w in seen]
+        ['yours']
+    """
+    with warnings.catch_warnings():
+        for category, module, message in HARMLESS_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        yield
+
+
+@contextlib.contextmanager
+def library_progress_bars_off() -> Iterator[None]:
+    """transformers' and datasets' progress bars off inside the block — a replay's reloading of a reference model
+    and its trainer's dataset preparation are not the user's — and back as they were on exit.
+
+    Example:
+        >>> import datasets
+        >>> before = datasets.is_progress_bar_enabled()
+        >>> with library_progress_bars_off():
+        ...     datasets.is_progress_bar_enabled()
+        False
+        >>> datasets.is_progress_bar_enabled() == before
+        True
+    """
+    import datasets
+    import transformers.utils.logging as tf_logging
+
+    restore = []
+    try:
+        if tf_logging.is_progress_bar_enabled():
+            tf_logging.disable_progress_bar()
+            restore.append(tf_logging.enable_progress_bar)
+        if datasets.is_progress_bar_enabled():
+            datasets.disable_progress_bars()
+            restore.append(datasets.enable_progress_bars)
+        yield
+    finally:
+        for enable in reversed(restore):
+            enable()

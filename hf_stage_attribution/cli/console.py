@@ -22,20 +22,12 @@ import contextlib
 import io
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
-from .._internal.notices import held_back
-
-# (category, module regex, message regex) of warnings the demo and CLI runs trigger that a user cannot act on
-_HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
-    (FutureWarning, r"(transformers|trl|peft|accelerate|datasets|huggingface_hub|torch)(\..*)?$", ""),
-    (DeprecationWarning, r"(transformers|trl|peft|accelerate|datasets|huggingface_hub|torch)(\..*)?$", ""),
-    (UserWarning, r"peft(\..*)?$", r"fan_in_fan_out is set to False"),
-)
+from .._internal.notices import harmless_warnings_ignored, held_back
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -88,9 +80,7 @@ def quiet_console(verbose: bool = False) -> Iterator[None]:
         yield
         return
     libraries = _Libraries()
-    with warnings.catch_warnings():
-        for category, module, message in _HARMLESS_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    with harmless_warnings_ignored():
         try:
             libraries.quiet()
             with held_back():  # routine notices (a stage's projected ledger size): --verbose shows them

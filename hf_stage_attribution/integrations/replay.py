@@ -4,8 +4,10 @@ ground truth ``τ_k`` (ESTIMATORS.md §2) for stages recorded with ``StageRecord
 The config and trainer classes are imported by name, only from ``transformers`` and ``trl`` (never unpickled);
 the dataset is ``load_from_disk`` (Arrow), the processing class ``from_pretrained`` of a local folder. Training
 runs with ``output_dir`` in a temporary directory, ``report_to=[]``, no checkpoints and no Hub pushes, so no
-README or model card anywhere is touched; it prints no log lines of its own (the trainer's printer callbacks are
-removed: a replay's loss dicts on the screen would read as the user's training).
+README or model card anywhere is touched. It shows nothing of its own: the trainer's printer callbacks are removed,
+the progress bars of transformers and datasets are off and the libraries' known-harmless warnings ignored while it
+runs (a replay's loss dicts and bars on the screen would read as the user's training; its warnings were shown when
+the stage was trained).
 
 Example, on a ledger recorded with the Trainer callback and its replay data::
 
@@ -32,6 +34,7 @@ import torch
 from .._internal.hashing import combine_digests
 from .._internal.memory import collections_of_new_objects
 from .._internal.model_state import clean_copy
+from .._internal.notices import harmless_warnings_ignored, library_progress_bars_off
 from .._internal.params import base_parameters, state_digests
 from ..errors import ReplayError
 from ..ledger.stage import Stage
@@ -325,7 +328,7 @@ def replay_trainer_stage(
     }
     output_dir = tempfile.mkdtemp(prefix="hsa-replay-")
     try:
-        with frozen_gc():
+        with frozen_gc(), harmless_warnings_ignored(), library_progress_bars_off():  # not the user's training
             return _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given)
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)

@@ -39,6 +39,16 @@ def _sft(model, out, callbacks):
                       callbacks=callbacks)  # fmt: skip
 
 
+def _sft_lora(model, out, callbacks):
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    args = F.trl_args(SFTConfig, out, max_steps=2, per_device_train_batch_size=4, max_length=32)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True)
+    return SFTTrainer(model=model, args=args, train_dataset=F.sft_dataset(), processing_class=F.tokenizer(),
+                      peft_config=lora, callbacks=callbacks)  # fmt: skip
+
+
 def _kto(model, out, callbacks):
     from trl import KTOConfig, KTOTrainer
 
@@ -145,3 +155,28 @@ def test_replay_trains_only_the_parameters_the_stage_trained(tmp_path):
     assert not replayed.transformer.wpe.weight.requires_grad
     diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), replayed.parameters()))
     assert diff <= 1e-6, diff
+
+
+def test_a_replay_shows_none_of_the_library_warnings_its_recorded_training_showed(tmp_path):
+    """Deprecations the training libraries raise inside each other (transformers' `is_gradient_checkpointing`, read
+    by PEFT's `get_peft_model` and TRL's DPO loss) are shown when the stage is trained; its replays — ten in one
+    default attribution of SmolLM2-135M — show none of them (`_internal.notices.HARMLESS_WARNINGS`)."""
+    import warnings
+
+    from hf_stage_attribution.integrations.replay import replay_trainer_stage
+
+    def library_deprecations(seen) -> list[str]:
+        def library(path: str) -> bool:
+            return path.replace("\\", "/").split("site-packages/")[-1].startswith(("transformers", "trl"))
+
+        deprecations = (FutureWarning, DeprecationWarning)
+        return [str(w.message) for w in seen if issubclass(w.category, deprecations) and library(w.filename)]
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trained, start, stage = _record(tmp_path, _sft_lora)
+    assert library_deprecations(seen), "the recorded LoRA stage raised no library deprecation: nothing to check"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        replay_trainer_stage(stage, start)
+    assert library_deprecations(seen) == []
