@@ -355,6 +355,17 @@ def _amount(value: float | None, unit: str) -> str:
     return "n/a" if value is None else f"{fmt_number(value)} {unit}"
 
 
+def _uses_curvature(*names: Any) -> bool:
+    """Whether an estimator (or embedding kind) propagates with curvature (``aa-ggn*``, ``aa-hvp*``): only those
+    have unstable modes to report; a "0" beside any other estimator would suggest curvature it never used.
+
+    Example:
+        >>> _uses_curvature("aa-ggn-fd", None), _uses_curvature("partial-replay", "partial-replay")
+        (True, False)
+    """
+    return any(isinstance(n, str) and ("ggn" in n or "hvp" in n) for n in names)
+
+
 def diagnostics_lines(report: AttributionReport, name: str, unit: str) -> list[str]:
     """ESTIMATORS.md §4 diagnostics of one behavior as escaped markdown bullet texts."""
     diag = report.diagnostics.get(name)
@@ -392,7 +403,8 @@ def diagnostics_lines(report: AttributionReport, name: str, unit: str) -> list[s
         lines.append("Linearisation gap: not computed (needs both a linear and a finite-difference estimate).")
     if diag.approximations and diag.approximations != report.approximations:
         lines.append("Approximations: " + "; ".join(escape_markdown(a) for a in diag.approximations) + ".")
-    lines.append(f"Unstable curvature modes damped to zero: {diag.unstable_modes}.")
+    if diag.unstable_modes or _uses_curvature(report.estimator, diag.notes.get("embedding_kind")):
+        lines.append(f"Unstable curvature modes damped to zero: {diag.unstable_modes}.")
     for key, value in diag.notes.items():
         if isinstance(value, str | int | float | bool) and len(str(value)) <= 200:
             shown = fmt_number(value, signed=False) if isinstance(value, float) else str(value)

@@ -101,6 +101,9 @@ def test_the_gap_diagnostic_says_when_the_verdict_does_not_count_it(tmp_path):
         "checked that embedding by another route, so the gap is the linear read-out's error."
     )
     assert "not trustworthy" not in gap
+    # no curvature in partial replay's aa-linear carry: no "unstable curvature modes: 0" line suggesting some
+    assert "Unstable curvature modes" not in checked
+    assert "- Unstable curvature modes damped to zero: 0." in _card(tmp_path, {"aa-ggn-fd": [[2.6], [1.9], [-0.4]]})
     rng = np.random.default_rng(0)
     means = {"sft": 4.8, "lora": -0.2, "dpo": -1.1}
     report = AttributionReport.build(
