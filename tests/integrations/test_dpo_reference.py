@@ -142,3 +142,28 @@ def test_aa_ggn_takes_the_dpo_reference_from_its_recorded_path(tmp_path, monkeyp
     )
     for a, b in zip(report.rows, functorch.rows):
         assert a.stage == b.stage and abs(a.effect - b.effect) <= 1e-4 * max(1.0, abs(a.effect))
+
+
+def test_a_reference_folder_is_hashed_once_per_process_until_its_files_change(tmp_path, monkeypatch):
+    """A default attribution replays a DPO stage several times: the reference reloaded from its recorded folder is
+    checked against the recorded hash each time, but hashed only while the folder's files are new to the process."""
+    from hf_stage_attribution._internal.hashing import combine_digests
+    from hf_stage_attribution._internal.params import state_digests
+    from hf_stage_attribution.integrations import replay
+
+    folder = tmp_path / "base"
+    model = F.gpt2()
+    model.save_pretrained(folder)
+    recorded = combine_digests(state_digests(model))
+    ref = {"policy": "separate model", "name_or_path": str(folder), "state_hash": recorded}
+    hashed = []
+    monkeypatch.setattr(replay, "state_digests", lambda m: hashed.append(1) or state_digests(m))
+    for _ in range(3):
+        assert replay.load_recorded_reference(ref) is not None
+    assert len(hashed) == 1
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(folder)  # the weights there changed: hashed again, and refused
+    with pytest.raises(ReplayError, match="the weights there now differ from the recorded ones"):
+        replay.load_recorded_reference(ref)
+    assert len(hashed) == 2

@@ -197,6 +197,10 @@ def test_replay_as_the_estimator_is_verified_and_verdicts_survive_json(tmp_path)
     back = AttributionReport.from_json(rep.to_json(tmp_path / "r.json"))
     assert back == rep and back.diagnostics["f"].trust["verdict"] == "unreliable"
     assert "Verdict: estimated — unreliable: aa-linear and aa-fd name different top stages" in rep.to_markdown()
+    assert "Evidence:" not in rep.to_markdown()  # an unreliable label says why itself
+    verified = _report(OURS, estimator="replay").to_markdown().split("\n\n")
+    claim = next(i for i, block in enumerate(verified) if "Verdict: verified by replay." in block)
+    assert verified[claim + 1].startswith("Evidence: The effects are exact replay (ground truth).")
     top_line = next(line for line in rep.table().splitlines() if " sft " in line)
     assert top_line.rstrip().endswith("*?")
 
