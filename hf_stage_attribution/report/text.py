@@ -288,9 +288,16 @@ def trust_evidence(report: AttributionReport, name: str) -> str:
 
 
 def _gap_meaning(report: AttributionReport, name: str) -> str:
-    """The last sentence of the linearisation-gap diagnostic: what a large gap means, or — where the verdict does
-    not count it (:func:`~.trust.gap_counts`) — why not."""
-    evidence = report.trust(name).get("evidence") or {}
+    """The last sentence of the linearisation-gap diagnostic: what a large gap means, that a verdict verified by
+    replay does not rest on it, or — where an estimated verdict does not count it (:func:`~.trust.gap_counts`) — why
+    not."""
+    trust = report.trust(name)
+    evidence = trust.get("evidence") or {}
+    if trust.get("verdict") == VERIFIED:
+        return (
+            "A large gap means the first-order step in f is not trustworthy for that stage; the verdict rests on "
+            "replay, not on this reading."
+        )
     if evidence.get("linearisation_gap_counted") is False:
         checkers = [n for n in evidence.get("second_opinions") or {} if n in REPLAY_FAMILIES and n != report.estimator]
         by = ", ".join(escape_markdown(n) for n in checkers) or "another replay family"

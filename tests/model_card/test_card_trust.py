@@ -48,7 +48,7 @@ def test_agreeing_estimators_and_replay_are_labelled_as_such(tmp_path):
     assert _claim(verified).endswith("Verdict: verified by replay.")
 
 
-def _replay_family_card(tmp_path, strided: list[float], estimator: str = "partial-replay") -> str:
+def _replay_family_card(tmp_path, strided: list[float], replay: list[float] | None = None) -> str:
     """SmolLM2's shape: partial replay's finite-difference reading, its linear read-out 46 % off on `sft`, and
     strided replay as the second opinion (values per stage sft, lora, dpo)."""
     rng = np.random.default_rng(0)
@@ -59,8 +59,10 @@ def _replay_family_card(tmp_path, strided: list[float], estimator: str = "partia
         "partial-replay-linear": {"toxicity": {"sft": [2.6], "lora": [-0.2], "dpo": [-1.0]}},
         "strided-replay": {"toxicity": {s: [v] for s, v in zip(stages, strided)}},
     }
+    if replay is not None:
+        alternates["replay"] = {"toxicity": {s: [v] for s, v in zip(stages, replay)}}
     report = AttributionReport.build(
-        per_example, estimator=estimator, stages=stages, behaviors={"toxicity": {"unit": "nats"}},
+        per_example, estimator="partial-replay", stages=stages, behaviors={"toxicity": {"unit": "nats"}},
         alternates=alternates, versions={},
     )  # fmt: skip
     files = write_model_card(report, tmp_path / "README.md", plot=False)
@@ -117,3 +119,7 @@ def test_the_gap_diagnostic_says_when_the_verdict_does_not_count_it(tmp_path):
     (gap,) = [line for line in card.splitlines() if line.startswith("- Linearisation gap")]
     assert gap.endswith("A large gap means the first-order step in f is not trustworthy for that stage.")
     assert "relative linearisation gap 0.46 on stage sft" in _claim(card)
+    verified = _replay_family_card(tmp_path, strided=[4.0, -0.25, -1.1], replay=[4.9, -0.21, -1.1])
+    assert _claim(verified).endswith("Verdict: verified by replay.")
+    (gap,) = [line for line in verified.splitlines() if line.startswith("- Linearisation gap")]
+    assert gap.endswith("not trustworthy for that stage; the verdict rests on replay, not on this reading.")
