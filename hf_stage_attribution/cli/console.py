@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
-from .._internal.notices import harmless_warnings_ignored, held_back
+from .._internal.notices import harmless_warnings_ignored, held_back, library_progress_bars_off
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -40,7 +40,8 @@ def is_terminal(stream: TextIO) -> bool:
 
 
 class _Libraries:
-    """Save, lower and restore the logging verbosity and progress bars of transformers, datasets and the Hub."""
+    """Save, lower and restore the logging verbosity of transformers, datasets and the Hub, and the Hub's progress
+    bars (transformers' and datasets' bars: :func:`~.._internal.notices.library_progress_bars_off`)."""
 
     def __init__(self) -> None:
         self.restore: list[Any] = []
@@ -52,14 +53,8 @@ class _Libraries:
 
         self.restore.append((tf_logging.set_verbosity, tf_logging.get_verbosity()))
         tf_logging.set_verbosity_error()
-        if tf_logging.is_progress_bar_enabled():
-            tf_logging.disable_progress_bar()
-            self.restore.append((tf_logging.enable_progress_bar,))
         self.restore.append((datasets.utils.logging.set_verbosity, datasets.utils.logging.get_verbosity()))
         datasets.utils.logging.set_verbosity_error()
-        if datasets.is_progress_bar_enabled():
-            datasets.disable_progress_bars()
-            self.restore.append((datasets.enable_progress_bars,))
         self.restore.append((hub_utils.logging.set_verbosity, hub_utils.logging.get_verbosity()))
         hub_utils.logging.set_verbosity_error()  # "Repo card metadata block was not found…"
         if not hub_utils.are_progress_bars_disabled():
@@ -80,7 +75,7 @@ def quiet_console(verbose: bool = False) -> Iterator[None]:
         yield
         return
     libraries = _Libraries()
-    with harmless_warnings_ignored():
+    with harmless_warnings_ignored(), library_progress_bars_off():
         try:
             libraries.quiet()
             with held_back():  # routine notices (a stage's projected ledger size): --verbose shows them

@@ -12,7 +12,7 @@ import unicodedata
 from typing import TYPE_CHECKING, Any
 
 from .._internal.table import render_table as text_table
-from .trust import AGREE, REPLAY_FAMILIES, VERIFIED
+from .trust import AGREE, VERIFIED, replay_checks
 
 if TYPE_CHECKING:
     from .attribution import AttributionReport
@@ -287,6 +287,9 @@ def trust_evidence(report: AttributionReport, name: str) -> str:
     return ""
 
 
+_GAP_MEANS = "A large gap means the first-order step in f is not trustworthy for that stage."
+
+
 def _gap_meaning(report: AttributionReport, name: str) -> str:
     """The last sentence of the linearisation-gap diagnostic: what a large gap means, that a verdict verified by
     replay does not rest on it, or — where an estimated verdict does not count it (:func:`~.trust.gap_counts`) — why
@@ -294,18 +297,15 @@ def _gap_meaning(report: AttributionReport, name: str) -> str:
     trust = report.trust(name)
     evidence = trust.get("evidence") or {}
     if trust.get("verdict") == VERIFIED:
-        return (
-            "A large gap means the first-order step in f is not trustworthy for that stage; the verdict rests on "
-            "replay, not on this reading."
-        )
+        return f"{_GAP_MEANS[:-1]}; the verdict rests on replay, not on this reading."
     if evidence.get("linearisation_gap_counted") is False:
-        checkers = [n for n in evidence.get("second_opinions") or {} if n in REPLAY_FAMILIES and n != report.estimator]
+        checkers = replay_checks(report.estimator, evidence.get("second_opinions") or {})
         by = ", ".join(escape_markdown(n) for n in checkers) or "another replay family"
         return (
             f"Not counted in the verdict: {escape_markdown(report.estimator)} reads the embedding it replayed "
             f"exactly, and {by} checked that embedding by another route, so the gap is the linear read-out's error."
         )
-    return "A large gap means the first-order step in f is not trustworthy for that stage."
+    return _GAP_MEANS
 
 
 def behavior_view(report: AttributionReport, name: str) -> dict[str, Any]:

@@ -45,7 +45,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -267,8 +267,19 @@ def gap_counts(estimator: str, linearisation_pair: Sequence[str] | None, checked
         >>> gap_counts("partial-replay-linear", pair, ["partial-replay", "strided-replay"])
         True
     """
-    independent = [n for n in checked_by if n in REPLAY_FAMILIES and n != estimator]
+    independent = replay_checks(estimator, checked_by)
     return not (_fd_side(estimator, linearisation_pair) and estimator in REPLAY_FAMILIES and independent)
+
+
+def replay_checks(estimator: str, names: Iterable[str]) -> list[str]:
+    """The estimators among ``names`` that check ``estimator`` by replaying the later stages another way: the other
+    replay families (:data:`REPLAY_FAMILIES`), in the order given.
+
+    Example:
+        >>> replay_checks("partial-replay", ["partial-replay-linear", "strided-replay", "delta-fd"])
+        ['strided-replay']
+    """
+    return [str(n) for n in names if n in REPLAY_FAMILIES and n != estimator]
 
 
 def _finish(verdict: str, label: str, reason: str, evidence: dict[str, Any]) -> dict[str, Any]:
