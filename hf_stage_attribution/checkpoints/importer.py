@@ -44,38 +44,107 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointImportError, UnsafeCheckpointError
-from ..ledger.core import LedgerCore
+from ..errors import CheckpointImportError, StageAttributionError, UnsafeCheckpointError
+from ..ledger.core import LEDGER_ENTRIES, LEDGER_FILE, STAGES_DIR, LedgerCore, is_temp_file
 from ..ledger.optimizer_info import STATE_KEYS
 from ..ledger.writer import LedgerWriter, digest
 from .hub import locate
 from .plan import ImportPlan, StagePlan, build_plan
-from .spec import parse_boundaries
+from .spec import Boundary, parse_boundaries
 from .tensors import load_weights_only, pad_to
 
 __all__ = ["import_checkpoints"]
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+def _check_output(out: Path, overwrite: bool, inputs: Sequence[tuple[Path, str]] = ()) -> None:
+    """Refuse, before any work, an output that is a file, holds an input of the import, is a non-empty folder other
+    than a ledger, or is a ledger without ``overwrite`` (``--overwrite`` replaces a ledger and nothing else)."""
+    target = out.resolve()
+    for path, label in inputs:
+        if path == target or target in path.parents:
+            raise CheckpointImportError(
+                f"Expected an output directory apart from the checkpoints being imported, found {out}, which "
+                f"{'is' if path == target else 'contains'} the input {label} ({path}). Choose another directory "
+                "for the ledger."
+            )
+    if out.is_symlink() and not out.exists():
         raise CheckpointImportError(
-            f"Expected a new or empty output directory, found {out} with files in it. Choose another directory or "
-            "pass overwrite=True (--overwrite) to replace it."
+            f"Expected a new or empty output directory, found {out}, a link to a missing path. Remove the link or "
+            "choose another directory."
+        )
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise CheckpointImportError(
+            f"Expected a new or empty output directory, found {out}, which is a file; --overwrite only replaces a "
+            "ledger. Choose a directory path for the ledger."
+        )
+    problem = _not_a_ledger(out)
+    if problem:
+        raise CheckpointImportError(
+            f"Expected a new or empty output directory (or an existing ledger, with overwrite=True / --overwrite), "
+            f"found {out}, which {problem}. Nothing was changed: --overwrite only replaces a ledger; choose another "
+            "directory."
+        )
+    if not overwrite:
+        raise CheckpointImportError(
+            f"Expected a new or empty output directory, found an existing ledger at {out}. Choose another directory "
+            "or pass overwrite=True (--overwrite) to replace it."
         )
 
 
+def _not_a_ledger(directory: Path) -> str | None:
+    """Why ``directory`` is not a ledger that ``overwrite`` may replace (None when it is one): it must hold a
+    ``ledger.json`` that loads, and nothing at its top or in ``stages/`` that the package does not write."""
+    names = sorted(p.name for p in directory.iterdir())
+    if LEDGER_FILE not in names:
+        return f"holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} but no {LEDGER_FILE} (not a ledger)"
+    foreign = [n for n in names if n not in LEDGER_ENTRIES and not is_temp_file(n)]
+    if foreign:
+        return f"holds a ledger and other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+    try:
+        ledger = LedgerCore.load(directory)
+    except (StageAttributionError, OSError) as exc:
+        return f"holds a {LEDGER_FILE} that does not load ({str(exc).splitlines()[0][:200]})"
+    known = {Path(stage.entry["dir"]).name for stage in ledger.stages} | {p.name for p in ledger.incomplete_stages()}
+    stages_dir = directory / STAGES_DIR
+    extra = sorted(p.name for p in stages_dir.iterdir()) if stages_dir.is_dir() and not stages_dir.is_symlink() else []
+    extra = [n for n in extra if n not in known]
+    if extra:
+        return f"holds a ledger whose {STAGES_DIR}/ also holds {', '.join(extra[:3])}, which the package did not write"
+    return None
+
+
+def _local_inputs(boundaries: Sequence[Boundary], cache_dir: str | os.PathLike | None) -> list[tuple[Path, str]]:
+    """The local folders the import reads (boundary folders, their subfolders, the Hub cache given)."""
+    found = []
+    for boundary in boundaries:
+        path = Path(boundary.model).expanduser()
+        label = f"of boundary {boundary.index} ({boundary.name!r})"
+        if path.exists():
+            found.append((path.resolve(), label))
+            if boundary.subfolder:
+                found.append(((path / boundary.subfolder).resolve(), label))
+    if cache_dir is not None:
+        found.append((Path(cache_dir).expanduser().resolve(), "Hub cache (cache_dir)"))
+    return found
+
+
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if out.is_dir() and not any(out.iterdir()):
+    if out.exists() or out.is_symlink():
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
             out.rmdir()
-        elif overwrite:
+        elif overwrite and out.is_dir() and not out.is_symlink() and _not_a_ledger(out) is None:
             old = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
             return
         else:
-            raise CheckpointImportError(f"{out} appeared while importing; the import was not published.")
+            raise CheckpointImportError(
+                f"{out} appeared or changed while importing (it is not a ledger that overwrite may replace); the "
+                "import was not published and nothing was changed. Choose another output directory."
+            )
     os.replace(tmp, out)
 
 
@@ -226,7 +295,8 @@ def import_checkpoints(
 
     Args:
         boundaries: the ordered boundary dicts (the first is θ_0).
-        output_dir: a new (or empty) directory; ``overwrite=True`` replaces an existing one once the import succeeded.
+        output_dir: a new (or empty) directory; ``overwrite=True`` replaces an existing ledger (and nothing else:
+            a file, a folder holding other files or any input of the import is refused) once the import succeeded.
         allow_pickle: accept ``pytorch_model.bin`` weights and read Trainer checkpoints' ``optimizer.pt`` /
             ``scheduler.pt``, all with ``torch.load(weights_only=True)`` only (without it those are not opened).
         cache_dir, local_files_only, token: passed to huggingface_hub (``local_files_only`` defaults to
@@ -239,7 +309,7 @@ def import_checkpoints(
     """
     parsed = parse_boundaries(boundaries)
     out = Path(output_dir).expanduser()
-    _check_output(out, overwrite)
+    _check_output(out, overwrite, _local_inputs(parsed, cache_dir))
     hub = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
     locations = [locate(b, allow_pickle=allow_pickle, **hub) for b in parsed]
     plan = build_plan(locations)

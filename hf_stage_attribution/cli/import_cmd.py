@@ -43,7 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="accept pytorch_model.bin weights and read Trainer optimizer.pt/scheduler.pt "
         "(all with torch.load(weights_only=True) only)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace LEDGER_DIR if it exists (after success)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace LEDGER_DIR if it holds a ledger (after success); a file or any other folder is never replaced",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     p.set_defaults(func=run)

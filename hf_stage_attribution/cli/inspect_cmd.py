@@ -36,11 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("ledger_dir", metavar="LEDGER_DIR", help="directory holding ledger.json")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
-    p.add_argument("--verify", action="store_true", help="re-hash every stage file against ledger.json")
+    p.add_argument(
+        "--verify", action="store_true", help="re-hash every stage file against ledger.json (prints how many matched)"
+    )
     p.add_argument(
         "--remove-incomplete",
         action="store_true",
-        help="delete stages and temporary files left by an interrupted recording (refused while one is running)",
+        help="delete stages and temporary files left by an interrupted recording (only what the package wrote; "
+        "refused while one is running, and where ledger.json is missing but stages are present)",
     )
     p.set_defaults(func=run)
 
@@ -112,13 +115,15 @@ def run(args: argparse.Namespace) -> int:
     if args.remove_incomplete:
         for path in ledger.remove_incomplete():
             print(f"removed incomplete stage or temporary file {path}")
-    if args.verify:
-        ledger.verify()
+    verified = ledger.verify() if args.verify else None  # a mismatch raises: the command fails, naming the file
     summary = ledger_summary(ledger)
     summary["replay"] = replay_needs(ledger, [s.index for s in ledger.stages]).to_dict()  # the CLI has no stage_fns
     if args.json:
         summary["leftover_files"] = [p.name for p in ledger.leftover_files()]
+        if verified is not None:
+            summary["verified_files"] = verified
         print(json.dumps(summary, indent=2))
     else:
-        print("\n".join(t for t in (format_summary(summary), _leftovers_text(ledger)) if t))
+        done = None if verified is None else f"verified: {verified} file(s) match the hashes recorded in ledger.json"
+        print("\n".join(t for t in (format_summary(summary), _leftovers_text(ledger), done) if t))
     return 0

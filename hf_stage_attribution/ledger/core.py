@@ -9,6 +9,7 @@ import functools
 import hashlib
 import importlib.metadata
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ import torch
 
 from .._internal.hashing import combine_digests, tensor_digest
 from .._internal.params import base_parameters, iter_merged_state
-from ..errors import LedgerError, LedgerFormatError, LedgerMismatchError, ModelMismatchError
+from ..errors import LedgerError, LedgerFormatError, LedgerMismatchError, ModelMismatchError, StageAttributionError
 from .format import FORMAT_NAME, FORMAT_VERSION, validate_ledger
 from .stage import Stage
 from .state import LazyState
@@ -37,6 +38,14 @@ from .storage import (
 
 LEDGER_FILE = "ledger.json"
 START_FILE = "start.safetensors"
+STAGES_DIR = "stages"
+# What the package writes at the top of a ledger directory (``embeddings/`` is the behaviors' embedding cache)
+LEDGER_ENTRIES = (LEDGER_FILE, START_FILE, STAGES_DIR, "embeddings", LOCK_NAME)
+# How the recorder and the writer name stage folders: ``NNN-<slug>`` once committed, ``.partial-NNN-<slug>`` while
+# being written; and the temporary files of atomic writes at the top (``.<name>.<mkstemp>.tmp``)
+_STAGE_DIR = re.compile(r"^\d{3,}-[A-Za-z0-9._-]+$")
+_PARTIAL_DIR = re.compile(r"^\.partial-\d{3,}-[A-Za-z0-9._-]+$")
+_TEMP_FILE = re.compile(r"^\.(?:ledger\.json|start\.safetensors|ledger\.lock)\.[A-Za-z0-9_]+\.tmp$")
 _FRAMEWORKS = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "safetensors", "huggingface_hub")
 
 
@@ -241,8 +250,10 @@ class LedgerCore:
     # --- writing (used by the recorder) ----------------------------------------------------------------
 
     def _initialize(self, model: torch.nn.Module, model_class: str | None = None) -> None:
-        """Create ``ledger.json`` and ``start.safetensors`` (θ_0) from ``model``, streaming tensor by tensor."""
+        """Create ``ledger.json`` and ``start.safetensors`` (θ_0) from ``model``, streaming tensor by tensor; refuses,
+        before writing anything, a directory holding ledger files without ``ledger.json``."""
 
+        self.check_not_unindexed("nothing was written")
         self.dir.mkdir(parents=True, exist_ok=True)
         params = base_parameters(model)
         specs = [(name, torch.float32, tuple(p.shape)) for name, p in params.items()]
@@ -320,33 +331,80 @@ class LedgerCore:
     # --- maintenance -----------------------------------------------------------------------------------
 
     def incomplete_stages(self) -> list[Path]:
-        """Stage directories left by an interrupted recording (not listed in ``ledger.json``)."""
-        stages_dir = self.dir / "stages"
-        if not stages_dir.is_dir():
+        """Stage directories left by an interrupted recording: folders of ``stages/`` named as the package names
+        them (``.partial-NNN-<name>``, or ``NNN-<name>`` holding a ``stage.json``) that ``ledger.json`` does not
+        list, and links (never followed). Anything else in ``stages/`` is not the package's and is left alone; with
+        no ``ledger.json`` nothing can be told apart from a recorded stage, so none is reported."""
+        stages_dir = self.dir / STAGES_DIR
+        if not stages_dir.is_dir() or not (self.dir / LEDGER_FILE).exists():
             return []
         ensure_inside(self.dir, stages_dir)
         listed = {Path(entry["dir"]).name for entry in (self._manifest or {}).get("stages", [])}
-        return sorted(p for p in stages_dir.iterdir() if p.name not in listed)
+        return sorted(p for p in stages_dir.iterdir() if p.name not in listed and _written_stage_or_link(p))
 
     def leftover_files(self) -> list[Path]:
-        """Temporary files of writes that a killed process never finished (``.<name>.<random>.tmp``), and a
-        ``start.safetensors`` that no ``ledger.json`` lists (the writer died while creating the ledger)."""
+        """Temporary files of writes that a killed process never finished (``.ledger.json.<random>.tmp``, ...), and
+        a ``start.safetensors`` of this package that no ``ledger.json`` lists while ``stages/`` is empty (the writer
+        died while creating the ledger)."""
         if not self.dir.is_dir():
             return []
-        found = [p for p in self.dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
-        if not (self.dir / LEDGER_FILE).exists() and (self.dir / START_FILE).is_file():
+        found = [p for p in self.dir.iterdir() if is_temp_file(p.name) and not p.is_dir()]
+        if self.unindexed_content() == [self.dir / START_FILE] and _is_ledger_start(self.dir / START_FILE):
             found.append(self.dir / START_FILE)
         return sorted(found)
+
+    def unindexed_content(self) -> list[Path]:
+        """What a directory without ``ledger.json`` holds that belongs in a ledger (``start.safetensors``, the
+        entries of ``stages/``); empty when ``ledger.json`` exists or there is nothing of the kind."""
+        if (self.dir / LEDGER_FILE).exists() or not self.dir.is_dir():
+            return []
+        found = []
+        start, stages_dir = self.dir / START_FILE, self.dir / STAGES_DIR
+        if start.is_symlink() or start.exists():
+            found.append(start)
+        if stages_dir.is_dir() and not stages_dir.is_symlink():
+            found.extend(sorted(stages_dir.iterdir()))
+        elif stages_dir.is_symlink() or stages_dir.exists():
+            found.append(stages_dir)
+        return found
+
+    def check_not_unindexed(self, consequence: str) -> None:
+        """Raise :class:`LedgerError` when the directory holds ledger files but no ``ledger.json`` (a ledger whose
+        index was lost, or another project's folder): writing a new index or removing "incomplete" stages there
+        would replace θ_0 or delete recorded stages. A lone ``start.safetensors`` of this package (a ledger whose
+        creation was interrupted) is pointed to ``--remove-incomplete``."""
+        found = self.unindexed_content()
+        if not found:
+            return
+        shown = ", ".join(str(p.relative_to(self.dir)) for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        interrupted = found == [self.dir / START_FILE] and _is_ledger_start(found[0])
+        fix = (
+            f"remove the leftover with `hf-stage-attribution inspect {self.dir} --remove-incomplete` if a recording "
+            "was interrupted while creating this ledger, "
+            if interrupted
+            else ""
+        )
+        raise LedgerError(
+            f"Expected a new ledger directory or one with its index {LEDGER_FILE}, found {shown} in {self.dir} but no "
+            f"{LEDGER_FILE}: the ledger index is missing (or the folder is not a ledger); {consequence}. Restore "
+            f"{LEDGER_FILE} from a backup, {fix}or use a new directory."
+        )
 
     def remove_incomplete(self) -> list[Path]:
         """Delete incomplete stage directories and leftover temporary files; return what was removed.
 
-        Takes the ledger's lock, so it refuses (:class:`~hf_stage_attribution.errors.LedgerLockedError`) while
-        another process records, whose work in progress would otherwise be deleted. Links are removed, never
-        followed.
+        Only what the package itself writes is removed (see :meth:`incomplete_stages` and :meth:`leftover_files`);
+        a directory holding ledger files but no ``ledger.json`` is refused (:class:`LedgerError`), as nothing there
+        can be told apart from a recorded stage. Takes the ledger's lock, so it refuses
+        (:class:`~hf_stage_attribution.errors.LedgerLockedError`) while another process records, whose work in
+        progress would otherwise be deleted. Links are removed, never followed.
         """
+        self._check_removable()
         removed = []
         with DirectoryLock(self.dir, "removing incomplete stages"):
+            self._check_removable()
+            if (self.dir / LEDGER_FILE).exists():
+                self._reload()  # what is listed now, not when this object was made
             for path in [*self.incomplete_stages(), *self.leftover_files()]:
                 with io_errors(path):
                     if path.is_symlink() or not path.is_dir():
@@ -356,9 +414,16 @@ class LedgerCore:
                 removed.append(path)
         return removed
 
-    def verify(self) -> None:
-        """Re-hash every stage file against ``ledger.json`` (slow on large ledgers)."""
+    def _check_removable(self) -> None:
+        found = self.unindexed_content()
+        if found and not (found == [self.dir / START_FILE] and _is_ledger_start(found[0])):
+            self.check_not_unindexed("nothing was removed")
 
+    def verify(self) -> int:
+        """Re-hash every stage file against ``ledger.json`` (slow on large ledgers); return how many files were
+        checked, or raise :class:`LedgerFormatError` naming the first that does not match."""
+
+        checked = 0
         for stage in self.stages:
             for rel, digest in stage.entry.get("files", {}).items():
                 path = safe_join(stage.dir, rel, self.dir)
@@ -367,6 +432,8 @@ class LedgerCore:
                         f"{path} does not match the hash recorded in {self.dir / LEDGER_FILE}: the stage "
                         f"{stage.name!r} was modified or corrupted after it was recorded."
                     )
+                checked += 1
+        return checked
 
     def _remember_loss_fn(self, name: str, loss_fn: Callable | tuple | None) -> None:
         if loss_fn is not None:
@@ -394,6 +461,39 @@ def _check_start_file(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
                 f"{path}: expected {name!r} as a float tensor of shape {shape} (from {LEDGER_FILE}), found {dtype} "
                 f"{found_shape}. The file does not belong to this ledger or is corrupt."
             )
+
+
+def is_temp_file(name: str) -> bool:
+    """Whether ``name`` is a temporary file the package's atomic writes leave at the top of a ledger when killed.
+
+    Example:
+        >>> is_temp_file(".ledger.json.k2x_9a1b.tmp"), is_temp_file("notes.tmp")
+        (True, False)
+    """
+    return bool(_TEMP_FILE.match(name))
+
+
+def _written_stage_or_link(path: Path) -> bool:
+    """A folder of ``stages/`` as the package names it (``.partial-NNN-<name>``, or ``NNN-<name>`` with its
+    ``stage.json``), or a link (removing a link loses nothing; its target is never followed)."""
+    if path.is_symlink():
+        return True
+    if not path.is_dir():
+        return False
+    if _PARTIAL_DIR.match(path.name):
+        return True
+    return bool(_STAGE_DIR.match(path.name)) and (path / "stage.json").is_file()
+
+
+def _is_ledger_start(path: Path) -> bool:
+    """Whether ``path`` is a ``start.safetensors`` this package wrote (a regular file whose header says so)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open_safetensors(path) as handle:
+            return handle.metadata().get("format") == FORMAT_NAME
+    except (StageAttributionError, OSError):
+        return False
 
 
 def _warn(message: str) -> None:

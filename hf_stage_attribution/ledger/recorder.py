@@ -192,6 +192,7 @@ class StageRecording:
 
     def _begin_locked(self) -> None:
         ledger, model = self.ledger, self.model
+        ledger.check_not_unindexed("nothing was written")  # before any write: θ_0 and the stages stay as they are
         self._check_disk(model)
         if (ledger.dir / "ledger.json").exists():
             ledger._reload()
@@ -208,6 +209,13 @@ class StageRecording:
             raise LedgerError(
                 f"{leftovers[0]} is in the ledger's stages/ but not listed in ledger.json: left by an interrupted "
                 f"recording. Remove it with `hf-stage-attribution inspect {ledger.dir} --remove-incomplete`."
+            )
+        final = ledger.dir / "stages" / f"{len(ledger.stages):03d}-{slugify(self.name)}"
+        if final.is_symlink() or final.exists():  # not the package's (those are leftovers above): refuse now
+            raise LedgerError(
+                f"Expected no {final.name} in {final.parent} (where stage {self.name!r} will be stored), found one "
+                "that ledger.json does not list and the package did not write. Move it out of stages/ (the package "
+                "never deletes it), or use a new ledger directory."
             )
         self._lora = lora_layers(model)
         if self.kind is None:

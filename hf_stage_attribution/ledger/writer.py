@@ -89,6 +89,7 @@ class LedgerWriter:
                 f"Expected an empty directory for a new ledger at {self.dir}, found an existing {LEDGER_FILE}. "
                 "Choose a new directory."
             )
+        self.ledger.check_not_unindexed("nothing was written")  # θ_0 or stages of a ledger whose index was lost
         names = [name for name, _ in specs]
         if len(set(names)) != len(names):
             raise LedgerError(f"Parameter names must be unique; got duplicates in {names[:5]}...")
