@@ -9,6 +9,7 @@ ledger, and then streamed tensor by tensor by every process.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -158,8 +159,8 @@ class StageAttributor:
         self.loss_fns = dict(loss_fns or {})
         self.diagnostics = diagnostics
         self.second_opinion = check_second_opinion(second_opinion)
-        self.n_resamples = n_resamples
-        self.seed = seed
+        self.n_resamples = _check_int("n_resamples", n_resamples, minimum=1, example="n_resamples=1000")
+        self.seed = _check_int("seed", seed, minimum=None, example="seed=0")
         self.show_progress = show_progress
         self.estimator_options = dict(estimator_options or {})
         settings = resolve_curvature(curvature, self.estimator_options.pop("curvature_options", None))
@@ -176,11 +177,14 @@ class StageAttributor:
     def attribute(
         self,
         behaviors: Mapping[str, Any],
-        stages: Sequence[int | str] | None = None,
+        stages: Sequence[int | str] | int | str | None = None,
         *,
         validate: bool = False,
     ):
         """Attribute every behavior in ``{name: behavior}`` to the stages; returns an :class:`AttributionReport`.
+
+        ``stages`` limits the attribution to those stages (names or indices; one name or index alone is one stage);
+        ``None`` attributes every stage.
 
         ``validate=True`` also runs replay (the ground truth, ESTIMATORS.md §2) and adds fidelity figures.
         Every behavior gets a trust verdict (:meth:`AttributionReport.trust`): from replay when it ran, else from
@@ -193,13 +197,19 @@ class StageAttributor:
         change): every estimator that reads ``f(θ_K)`` is served the same values.
         """
 
+        if not isinstance(behaviors, Mapping):
+            raise BehaviorError(
+                "Expected behaviors as a {name: behavior} mapping (e.g. {'toxicity': behavior}), found a "
+                f"{type(behaviors).__name__}. Name each behavior in a dict; the names label the report's rows."
+            )
         if not behaviors:
             raise BehaviorError("No behaviors to attribute: pass a non-empty {name: behavior} mapping.")
+        stage_objs = [self.ledger.stage(s) for s in _stage_list(stages)] if stages is not None else None
+        stage_objs = stage_objs if stage_objs is not None else list(self.ledger.stages)
         prepared = {name: as_behavior(b, name=name) for name, b in behaviors.items()}
         for behavior in prepared.values():
             if behavior.needs_prepare:
                 behavior.prepare(self.model)
-        stage_objs = [self.ledger.stage(s) for s in stages] if stages is not None else list(self.ledger.stages)
         stage_names = [s.name for s in stage_objs]
         options = self._options()
         release_freed_memory()  # model-sized buffers come and go: return them to the system, or peaks add up
@@ -376,6 +386,45 @@ class StageAttributor:
             return None
 
         return tqdm(total=total, unit=unit, desc="attributing", leave=False)
+
+
+def _check_int(name: str, value: Any, *, minimum: int | None, example: str) -> int:
+    """``value`` as an int, or ReportError naming the argument, what it expected and what it found.
+
+    Example:
+        >>> _check_int("seed", 3, minimum=None, example="seed=0")
+        3
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ReportError(
+            f"Expected {name} to be an integer (e.g. {example}), found {type(value).__name__} {value!r}. Pass a "
+            "whole number."
+        )
+    if minimum is not None and value < minimum:
+        raise ReportError(f"Expected {name} to be at least {minimum} (e.g. {example}), found {value}.")
+    return int(value)
+
+
+def _stage_list(stages: Any) -> list[int | str]:
+    """``stages`` as a list of names/indices: one name or index alone counts as one stage; empty is refused.
+
+    Example:
+        >>> _stage_list("sft"), _stage_list(["sft", 2])
+        (['sft'], ['sft', 2])
+    """
+    if isinstance(stages, str | int) and not isinstance(stages, bool):
+        return [stages]
+    if not isinstance(stages, Sequence | set | frozenset) or isinstance(stages, bytes):
+        raise ReportError(
+            f"Expected stages to be stage names or indices (a list such as ['sft', 'dpo'], or one name), found "
+            f"{type(stages).__name__} {stages!r}."
+        )
+    if not stages:
+        raise ReportError(
+            "Expected stages to name at least one stage, found an empty list. Name the stages (e.g. ['sft']), or "
+            "pass stages=None to attribute every stage."
+        )
+    return list(stages)
 
 
 def _replayed_everything(results: Mapping[str, Any]) -> bool:

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import warnings
 from collections.abc import Iterator
@@ -111,3 +112,55 @@ def library_progress_bars_off() -> Iterator[None]:
     finally:
         for enable in reversed(restore):
             enable()
+
+
+#: (logger, message) of library log lines that say nothing to a user of this package: huggingface_hub noting that a
+#: README the model-card writer is about to create has no YAML front matter yet.
+HARMLESS_LOG_MESSAGES: tuple[tuple[str, str], ...] = (
+    ("huggingface_hub.repocard", "Repo card metadata block was not found. Setting CardData to empty."),
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, messages: set[str]) -> None:
+        super().__init__()
+        self.messages = messages
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.messages
+
+
+@contextlib.contextmanager
+def harmless_log_messages_dropped() -> Iterator[None]:
+    """:data:`HARMLESS_LOG_MESSAGES` dropped inside the block (exactly those messages; every other record of the
+    same loggers passes); the filters are removed on exit.
+
+    Example:
+        >>> import logging
+        >>> seen = []
+        >>> class Keep(logging.Handler):
+        ...     def emit(self, record):
+        ...         seen.append(record.getMessage())
+        >>> log = logging.getLogger("huggingface_hub.repocard")
+        >>> handler = Keep()
+        >>> log.addHandler(handler)
+        >>> with harmless_log_messages_dropped():
+        ...     log.warning("Repo card metadata block was not found. Setting CardData to empty.")
+        ...     log.warning("something else")
+        >>> log.removeHandler(handler)
+        >>> seen
+        ['something else']
+    """
+    installed = []
+    by_logger: dict[str, set[str]] = {}
+    for name, message in HARMLESS_LOG_MESSAGES:
+        by_logger.setdefault(name, set()).add(message)
+    for name, messages in by_logger.items():
+        log_filter = _DropMessages(messages)
+        logging.getLogger(name).addFilter(log_filter)
+        installed.append((name, log_filter))
+    try:
+        yield
+    finally:
+        for name, log_filter in installed:
+            logging.getLogger(name).removeFilter(log_filter)

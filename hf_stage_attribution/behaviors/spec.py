@@ -33,16 +33,62 @@ __all__ = ["from_spec", "load_specs", "read_spec_file", "spec_item_lines", "spec
 
 
 def read_spec_file(path: str | Path) -> Any:
-    """Parse a JSON (``.json``) or YAML (``.yaml``/``.yml``, or anything else) spec file."""
+    """Parse a JSON (``.json``) or YAML (``.yaml``/``.yml``, or anything else) spec file.
+
+    A missing path, a directory, a file that is not UTF-8 text and a file that does not parse each raise a one-line
+    BehaviorError (with the line and column of a parse error).
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "b.yaml").write_text("behaviors: [a, b")
+        >>> read_spec_file(folder / "b.yaml")
+        Traceback (most recent call last):
+        ...
+        hf_stage_attribution.errors.BehaviorError: Behavior spec file '...' is not valid YAML: ...line 1, column 17...
+    """
     p = Path(path)
+    if p.is_dir():
+        raise BehaviorError(
+            f"Expected the behavior spec to be a YAML/JSON file, but {str(p)!r} is a directory. Pass the spec file "
+            "itself (e.g. behaviors.yaml)."
+        )
     if not p.is_file():
         raise BehaviorError(f"Behavior spec file {str(p)!r} does not exist; pass a JSON or YAML file.")
-    text = p.read_text(encoding="utf-8")
-
     try:
-        return json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise BehaviorError(f"Behavior spec file {str(p)!r} is not valid JSON/YAML: {exc}.") from None
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BehaviorError(
+            f"Expected the behavior spec {str(p)!r} to be a YAML/JSON text file (UTF-8), found bytes that are not "
+            f"UTF-8 text (at byte {exc.start}). Pass the spec file, not a data or model file."
+        ) from None
+    except OSError as exc:
+        raise BehaviorError(f"Cannot read the behavior spec file {str(p)!r}: {exc.strerror or exc}.") from None
+    if p.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BehaviorError(
+                f"Behavior spec file {str(p)!r} is not valid JSON: {exc.msg} at line {exc.lineno}, column "
+                f"{exc.colno}. Fix the file (JSON needs double quotes and no trailing commas)."
+            ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BehaviorError(
+            f"Behavior spec file {str(p)!r} is not valid YAML: {_yaml_problem(exc)}. Fix the file (check the "
+            "indentation and the brackets/quotes there)."
+        ) from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong and where (1-based line and column)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = " ".join(part for part in (getattr(exc, "context", None), problem) if part) or type(exc).__name__
+    if mark is None:
+        return " ".join(str(exc).split())
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def from_spec(

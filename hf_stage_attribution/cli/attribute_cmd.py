@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 from ..attributor import StageAttributor
 from ..behaviors import load_specs
-from ..errors import ReplayError
+from ..errors import ReplayError, ReportError, StageAttributionError
+from ..estimators import names as estimator_names
 from ..estimators.curvature.config import CurvatureConfig
 from ..estimators.second_opinion import SECOND_OPINIONS
-from ..integrations.model_loading import load_model
+from ..examples.spurious_digits_model import MODEL_TYPE, DigitsMLP
+from ..integrations.model_loading import is_load_error, load_error, load_model
 from ..ledger import StageLedger
 from ..report.text import render_fidelity_table
 from .console import Console
@@ -22,7 +26,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--behaviors", required=True, metavar="SPEC", help="YAML/JSON file with a list under 'behaviors'")
     p.add_argument("--output-dir", required=True, help="where report.json, report.md and plot.png are written")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    p.add_argument("--stages", nargs="*", default=None, help="only these stages (names or indices)")
+    p.add_argument(
+        "--stages",
+        nargs="*",
+        default=None,
+        metavar="STAGE",
+        help="only these stages (names or indices), space- or comma-separated: '--stages sft,dpo' or "
+        "'--stages sft dpo'; the space-separated form takes every word after it, so put it after LEDGER_DIR",
+    )
     p.add_argument("--no-diagnostics", action="store_true", help="skip f(θ_0) and the linearisation gap")
     p.add_argument(
         "--second-opinion",
@@ -91,7 +102,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Estimate each stage's effect on each behavior (positive = the stage raised it).",
     )
     _common(p)
-    p.add_argument("--estimator", default="auto", help="estimator name (see `estimators`; default: auto)")
+    p.add_argument(
+        "--estimator",
+        default="auto",
+        help=f"estimator name, one of: {', '.join(estimator_names())} (default: auto, which picks one and says why)",
+    )
     p.set_defaults(func=run, validate=False)
     v = sub.add_parser(
         "validate",
@@ -99,7 +114,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run the estimator and replay (the ground truth) and print fidelity figures.",
     )
     _common(v)
-    v.add_argument("--estimator", default="auto", help="estimator to validate (default: auto)")
+    v.add_argument(
+        "--estimator",
+        default="auto",
+        help=f"estimator to validate, one of: {', '.join(estimator_names())} (default: auto)",
+    )
     v.set_defaults(func=run, validate=True)
 
 
@@ -116,16 +135,68 @@ def curvature_config(args: argparse.Namespace) -> CurvatureConfig | None:
 
 
 def _stages(values: list[str] | None) -> list[int | str] | None:
+    """``--stages`` as names and indices: space- and comma-separated words, in order, without empty items.
+
+    Example:
+        >>> _stages(["sft,dpo", "3"])
+        ['sft', 'dpo', 3]
+    """
     if values is None:
         return None
-    return [int(v) if v.isdigit() else v for v in values]
+    words = [w.strip() for v in values for w in v.split(",") if w.strip()]
+    if not words:
+        raise ReportError(
+            "Expected --stages to name at least one stage (names or indices, e.g. --stages sft,dpo), found none. "
+            "Name the stages, or leave --stages out to attribute every stage."
+        )
+    return [int(w) if w.isdigit() else w for w in words]
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """``--output-dir`` as a Path, refused before any work when it (or a folder above it) is an existing file.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> check_output_dir(folder / "new" / "report") == folder / "new" / "report"
+        True
+    """
+    out = Path(path)
+    for candidate in (out, *out.parents):
+        if candidate.exists() and not candidate.is_dir():
+            where = "is" if candidate == out else f"is under {candidate}, which is"
+            raise ReportError(
+                f"Expected --output-dir to be a directory (existing or new), but {out} {where} an existing file. "
+                "Pass another --output-dir; nothing was computed or written."
+            )
+        if candidate.is_dir():
+            break
+    return out
+
+
+def load_cli_model(path: str | Path, trust_code: bool = False) -> Any:
+    """The final model of ``--model``: what :func:`~hf_stage_attribution.integrations.model_loading.load_model`
+    reads (a transformers or PEFT folder), or the package's example ``DigitsMLP`` (``demo``, the ``spurious_digits``
+    recipe), which is not a transformers class; an unreadable folder raises the one-line ModelMismatchError."""
+    config = Path(path) / "config.json"
+    try:
+        if config.exists() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE:
+            return DigitsMLP.from_pretrained(path, use_safetensors=True)
+        return load_model(path, trust_code=trust_code)
+    except StageAttributionError:
+        raise
+    except Exception as exc:
+        if not is_load_error(exc):
+            raise
+        raise load_error(path, exc) from exc
 
 
 def run(args: argparse.Namespace) -> int:
-
+    out = check_output_dir(args.output_dir)  # before the ledger, the model and the (long) attribution
+    stages = _stages(args.stages)
     ledger = StageLedger.load(args.ledger_dir)
     behaviors = load_specs(args.behaviors, trust_code=args.trust_code)
-    model = load_model(args.model, trust_code=args.trust_code)
+    model = load_cli_model(args.model, trust_code=args.trust_code)
     options: dict = {"allow_identity_propagation": True} if args.allow_identity_propagation else {}
     if args.budget is not None:
         options["budget"] = args.budget
@@ -153,9 +224,8 @@ def run(args: argparse.Namespace) -> int:
     main_process = attributor.state.is_main_process
     phase = console.phase(f"attributing {len(behaviors)} behaviors ({what})") if main_process else console.captured()
     with phase:
-        report = attributor.attribute(behaviors, stages=_stages(args.stages), validate=args.validate)
+        report = attributor.attribute(behaviors, stages=stages, validate=args.validate)
     if main_process:
-        out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         report.to_json(out / "report.json")
         (out / "report.md").write_text(report.to_markdown(), encoding="utf-8")

@@ -17,7 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Write the 'Accountability: training-stage attribution' section of README.md from a report.",
     )
     p.add_argument("report_dir", metavar="REPORT_DIR", help="directory holding report.json (or the file itself)")
-    p.add_argument("--readme", required=True, help="the model card (README.md) to update or create")
+    p.add_argument(
+        "--readme",
+        required=True,
+        help="the model card to update or create: the model directory (its README.md) or a file ending in .md",
+    )
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also push the card to this Hub repo")
     p.add_argument("--create-pr", action="store_true", help="with --push-to-hub, open a pull request")
     p.add_argument("--overwrite", action="store_true", help="replace a section written for another ledger")
@@ -31,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     if not report_path.exists():
         raise ReportError(f"Expected a report at {report_path}; run `hf-stage-attribution attribute` first.")
     report = AttributionReport.from_json(report_path)
-    write_model_card(
+    files = write_model_card(
         report, args.readme, push_to_hub=args.push_to_hub, create_pr=args.create_pr, overwrite=args.overwrite
     )
-    print(f"Accountability section written to {args.readme}")
+    print(f"Accountability section written to {files.readme if files is not None else args.readme}")
     return 0

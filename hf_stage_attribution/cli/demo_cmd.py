@@ -10,13 +10,16 @@ tables, the fidelity tables and where the cards are; ``--verbose`` shows the lib
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 from ..attributor import StageAttributor
-from ..behaviors import get as behavior_kind
+from ..errors import LedgerError
 from ..examples.lm_pipeline import build_lm_pipeline
-from ..examples.spurious_digits import build_spurious_digits
+from ..examples.spurious_digits import build_spurious_digits, demo_behaviors
 from ..model_card import write_model_card
 from ..report.attribution import AttributionReport
 from ..report.text import render_fidelity_table
@@ -53,6 +56,40 @@ def _publish(report: AttributionReport, out: Path, readme: Path) -> None:
     print(f"model card: {readme}", flush=True)
 
 
+def write_behavior_specs(specs: list[dict[str, Any]], path: Path) -> Path:
+    """Write ``{"behaviors": specs}`` to ``path`` (the file ``attribute --behaviors`` reads), with tokenizer folders
+    relative to it, so that the demo's output can be attributed again from the command line, and moved.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> (folder / "model").mkdir()
+        >>> spec = {"name": "t", "kind": "lm-toxicity-teacher-forced", "tokenizer": str(folder / "model"), "data": []}
+        >>> written = write_behavior_specs([spec], folder / "behaviors.json")
+        >>> json.loads(written.read_text())["behaviors"][0]["tokenizer"]
+        'model'
+    """
+    portable = []
+    for spec in specs:
+        spec = dict(spec)
+        tokenizer = spec.get("tokenizer")
+        if isinstance(tokenizer, str) and Path(tokenizer).is_dir():  # resolved against the spec's folder when read
+            spec["tokenizer"] = os.path.relpath(Path(tokenizer).resolve(), path.parent.resolve())
+        portable.append(spec)
+    lines = ",\n".join(" " + json.dumps(spec) for spec in portable)  # one behavior per line
+    path.write_text('{"behaviors": [\n' + lines + "\n]}\n", encoding="utf-8")
+    return path
+
+
+def _next_commands(part: Path, ledger: Path, model: Path, spec: Path, how: str) -> None:
+    print(
+        f"Run it again from the command line ({how}):\n"
+        f"  hf-stage-attribution attribute {ledger} --model {model} --behaviors {spec} "
+        f"--output-dir {part / 'report-cli'}",
+        flush=True,
+    )
+
+
 def _attribute(console: Console, attributor: StageAttributor, behaviors: dict, validate: bool) -> AttributionReport:
     what = "estimates and replay" if validate else "estimates"
     with console.phase(f"attributing {len(behaviors)} behaviors ({what})") as phase:
@@ -79,6 +116,8 @@ def run_lm(out: Path, size: str, validate: bool, console: Console | None = None)
     report = _attribute(console, attributor, pipe.behaviors, validate)
     readme = pipe.model_dir / "README.md"
     _publish(report, out / "lm" / "report", readme)
+    spec = write_behavior_specs(pipe.behavior_specs, out / "lm" / "behaviors.json")
+    _next_commands(out / "lm", pipe.ledger_dir, pipe.model_dir, spec, "`validate` with the same arguments adds replay")
     return readme
 
 
@@ -89,21 +128,48 @@ def run_digits(out: Path, size: str, validate: bool, console: Console | None = N
     with console.phase("training 3 stages", total=3) as phase:
         pipe = build_spurious_digits(out / "digits", size="small", on_stage_end=lambda stage: phase.update())
         phase.note = f"ledger: {pipe.ledger_dir}"
-    held_out = pipe.clean_rows[:: max(1, len(pipe.clean_rows) // 120)]
-    behaviors = {
-        **pipe.behaviors,
-        "label-margin": behavior_kind("classification")(held_out, measure="margin", name="label-margin"),
-        "cross-entropy": behavior_kind("classification")(held_out, measure="cross-entropy", name="cross-entropy"),
-    }
+    behaviors = demo_behaviors(pipe)
     attributor = StageAttributor(pipe.ledger_dir, pipe.model, stage_fns=pipe.stage_fns, show_progress=False)
     report = _attribute(console, attributor, behaviors, validate)
     readme = pipe.model_dir / "README.md"
     _publish(report, out / "digits" / "report", readme)
+    spec = write_behavior_specs([b.to_spec() for b in behaviors.values()], out / "digits" / "behaviors.json")
+    how = "without replay: these stages have no replay data, and a command line cannot pass stage functions"
+    _next_commands(out / "digits", pipe.ledger_dir, pipe.model_dir, spec, how)
     return readme
+
+
+def check_fresh_output(out: Path, parts: list[str]) -> None:
+    """LedgerError, before any training, when ``out`` is a file or already holds a demo run (``out/lm`` or
+    ``out/digits`` not empty): the demo never writes over nor deletes earlier output.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> check_fresh_output(folder, ["lm", "digits"])  # an empty folder is fine
+        >>> (folder / "digits").mkdir(); _ = (folder / "digits" / "x").write_text("")
+        >>> check_fresh_output(folder, ["lm"])  # only the parts that will run are checked
+    """
+    if out.exists() and not out.is_dir():
+        raise LedgerError(
+            f"Expected --output-dir to be a directory (new or empty), found a file at {out}. Pass another "
+            "--output-dir; nothing was trained."
+        )
+    used = [
+        part for part in parts if (out / part).exists() and (not (out / part).is_dir() or any((out / part).iterdir()))
+    ]
+    if used:
+        found = " and ".join(f"{out / part}" for part in used)
+        raise LedgerError(
+            f"Expected --output-dir {out} to hold no earlier demo run, found {found} from a previous run. Pass a new "
+            f"--output-dir (e.g. --output-dir {out}-2), or delete {found} yourself to run it again there; nothing "
+            "was trained or changed."
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
+    check_fresh_output(out, [part for part in ("lm", "digits") if args.only in (None, part)])
     console = Console(verbose=getattr(args, "verbose", False))
     t0 = time.time()
     cards = []

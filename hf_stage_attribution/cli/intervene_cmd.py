@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 from ..behaviors.loading import load_tokenizer
-from ..errors import InterventionError, StageAttributionError
-from ..examples.spurious_digits_model import MODEL_TYPE, DigitsMLP
-from ..integrations.model_loading import load_model
+from ..errors import InterventionError
 from ..interventions.metrics import Constraint, load_target, load_utilities
 from ..interventions.sweep import check_alphas, resolve_stage, scale_stage
 from ..ledger import StageLedger
+from .attribute_cmd import check_output_dir, load_cli_model
 from .console import Console
 
 DEFAULT_ALPHAS = "0.25,0.5,0.75,1.0"
@@ -48,7 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-value", metavar="METRIC=VALUE", help="constraint: METRIC must stay at least VALUE")
     p.add_argument("--lower-is-better", action="store_true", help="the constraint metric is a loss (lower is better)")
     p.add_argument("--objective", default="target", help="'target' (default) or a utility metric to optimise")
-    p.add_argument("--target-direction", choices=("decrease", "increase"), default="decrease")
+    p.add_argument(
+        "--target-direction",
+        choices=("decrease", "increase"),
+        default="decrease",
+        help="whether the intervention should lower the target behavior (default: decrease) or raise it (increase); "
+        "α is chosen to move the target's mean that way",
+    )
     p.add_argument("--no-compare-delta", action="store_true", help="skip the θ_K − α·Δ_k comparison sweep")
     p.add_argument("--no-replay", action="store_true", help="skip the replay-without-stage model")
     p.add_argument("--no-save", action="store_true", help="only evaluate the sweep; save no model")
@@ -105,23 +110,6 @@ def constraint_from_args(args: argparse.Namespace):
     )
 
 
-def _load_model(path: str, trust_code: bool = False):
-
-    config = Path(path) / "config.json"
-    try:
-        if config.exists() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE:
-            return DigitsMLP.from_pretrained(path, use_safetensors=True)
-        return load_model(path, trust_code=trust_code)
-    except StageAttributionError:
-        raise
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise InterventionError(
-            f"Cannot load the model at {path} ({first}). Expected a save_pretrained directory or a PEFT adapter "
-            "whose base model is a local directory."
-        ) from exc
-
-
 def _tokenizer(path: str, trust_code: bool = False):
     if not (Path(path) / "tokenizer_config.json").exists():
         return None
@@ -131,13 +119,14 @@ def _tokenizer(path: str, trust_code: bool = False):
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
+    check_output_dir(args.output_dir)  # before the sweep: a file there would only fail at the end
     alphas = check_alphas(_alphas(args.alphas))
     constraint = constraint_from_args(args)
     ledger = StageLedger.load(args.ledger_dir)
     resolve_stage(ledger, args.stage)  # a clear error before the (slow) model and data loading
     trust = args.trust_code
     target, utilities = load_target(args.target, trust_code=trust), load_utilities(args.utility, trust_code=trust)
-    model = _load_model(args.model, trust)
+    model = load_cli_model(args.model, trust)
     options = {"allow_identity_propagation": True} if args.allow_identity_propagation else None
     console = Console(verbose=getattr(args, "verbose", False))
     main_process = PartialState().is_main_process

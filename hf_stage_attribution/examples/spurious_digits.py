@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..behaviors import SpuriousReliance
+from ..behaviors import get as get_behavior_kind
 from ..errors import BehaviorError, LedgerError
 from ..ledger import StageLedger
 from ..ledger.core import LedgerCore
@@ -167,9 +168,11 @@ def train_stage(
     ledger: LedgerCore = None,
     max_steps: int | None = None,
     grad_every: int = 1,
+    early_checkpoint: float | None = None,
 ) -> torch.optim.Optimizer:
     """Train ``model`` in place with the stage's recipe (AdamW, fresh state, seeded batch order, constant LR) and
-    return the optimizer; with a ``ledger``, record the stage into it (curvature material included).
+    return the optimizer; with a ``ledger``, record the stage into it (curvature material included, and an early
+    checkpoint at that fraction of the steps when ``early_checkpoint`` is given: ``record_stage``'s option).
 
     ``max_steps`` stops after that many optimizer steps of the full recipe (the step-limited form of partial
     replay); ``grad_every=s`` runs the forward and backward pass on steps ``t % s == 0`` only and re-uses that
@@ -189,6 +192,7 @@ def train_stage(
         num_steps=stage.steps,
         curvature_loss={"type": "sequence-classification"},
         metadata={"datasets": [{"name": "sklearn-digits", "size": len(stage.labels)}], "seed": stage.seed},
+        early_checkpoint=early_checkpoint,
     ) as recording:
         _loop(model, stage, optimizer, recording, max_steps, grad_every)
     return optimizer
@@ -276,6 +280,19 @@ def reliance_behavior(held: dict[str, torch.Tensor], name: str = "patch-reliance
     return SpuriousReliance(rows, feature=dict(PATCH), target=TARGET_CLASS, measure="margin", name=name)
 
 
+def demo_behaviors(pipe: DigitsPipeline, per_behavior: int = 120) -> dict[str, Any]:
+    """The behaviors ``hf-stage-attribution demo`` attributes on this pipeline: ``patch-reliance`` and, on about
+    ``per_behavior`` clean held-out digits, the label margin and the cross-entropy (``behaviors`` kind
+    ``classification``). The benchmarks measure the same (``benchmarks/pipelines.py``, ``digits-demo``)."""
+    held_out = pipe.clean_rows[:: max(1, len(pipe.clean_rows) // per_behavior)]
+    classification = get_behavior_kind("classification")
+    return {
+        **pipe.behaviors,
+        "label-margin": classification(held_out, measure="margin", name="label-margin"),
+        "cross-entropy": classification(held_out, measure="cross-entropy", name="cross-entropy"),
+    }
+
+
 def new_model(size: str = "full", seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
@@ -284,11 +301,16 @@ def new_model(size: str = "full", seed: int = 0) -> Any:
 
 
 def build_spurious_digits(
-    output_dir: str | Path, size: str = "full", seed: int = 0, on_stage_end: Callable[[DigitsStage], Any] | None = None
+    output_dir: str | Path,
+    size: str = "full",
+    seed: int = 0,
+    on_stage_end: Callable[[DigitsStage], Any] | None = None,
+    early_checkpoint: float | None = None,
 ) -> DigitsPipeline:
     """Train and record the three stages into ``<output_dir>/ledger``; save θ_K to ``<output_dir>/model``.
 
-    ``on_stage_end(stage)`` is called after each stage is recorded (e.g. to advance a progress bar)."""
+    ``on_stage_end(stage)`` is called after each stage is recorded (e.g. to advance a progress bar);
+    ``early_checkpoint``: as ``record_stage``'s (opt-in factual checkpoint for partial replay)."""
 
     out = Path(output_dir)
     ledger_dir, model_dir = out / "ledger", out / "model"
@@ -301,7 +323,7 @@ def build_spurious_digits(
     model = new_model(size, seed)
     ledger = StageLedger(ledger_dir)
     for stage in stages:
-        train_stage(model, stage, ledger)
+        train_stage(model, stage, ledger, early_checkpoint=early_checkpoint)
         if on_stage_end is not None:
             on_stage_end(stage)
     model.save_pretrained(model_dir)
@@ -320,6 +342,7 @@ __all__ = [
     "DigitsStage",
     "add_patch",
     "build_spurious_digits",
+    "demo_behaviors",
     "digits_loss",
     "evaluation_rows",
     "make_stages",

@@ -212,6 +212,10 @@ def scale_stage(
     if getattr(target, "needs_prepare", False):
         target.prepare(model)
     metrics = as_metrics(utilities)
+    for metric in metrics:  # a utility built from a generation-based behavior is prepared on θ_K, as the target is
+        behavior = getattr(metric, "behavior", None)
+        if getattr(behavior, "needs_prepare", False):
+            behavior.prepare(model)
     was_training = model.training
     model.eval()
     try:

@@ -17,6 +17,7 @@ from urllib.parse import quote
 import jinja2
 import yaml
 
+from .._internal.notices import harmless_log_messages_dropped
 from ..errors import ModelCardError, ReportError
 from ..report.attribution import AttributionReport
 from ..report.files import atomic_write_bytes
@@ -221,13 +222,19 @@ def _check_same_ledger(existing: Any, report: AttributionReport, readme: Path) -
             )
 
 
-def _parse_card(content: str, readme: Path) -> dict[str, Any]:
-    """The YAML of a valid card, checked with huggingface_hub's ModelCard; ModelCardError otherwise."""
+def _model_card(text: str) -> Any:
+    """huggingface_hub's ``ModelCard(text)``, without its log line about a README that has no front matter yet."""
     from huggingface_hub import ModelCard
 
+    with harmless_log_messages_dropped():
+        return ModelCard(text)
+
+
+def _parse_card(content: str, readme: Path) -> dict[str, Any]:
+    """The YAML of a valid card, checked with huggingface_hub's ModelCard; ModelCardError otherwise."""
     parts = split_card(content)
     try:
-        ModelCard(content[len(parts.bom) :])
+        _model_card(content[len(parts.bom) :])
         data = yaml.safe_load(parts.yaml_text) if parts.yaml_start is not None else {}
     except (yaml.YAMLError, ValueError, TypeError) as exc:
         raise ModelCardError(
@@ -235,6 +242,28 @@ def _parse_card(content: str, readme: Path) -> dict[str, Any]:
             f"matter does not parse: {str(exc).splitlines()[0]}. Fix the YAML; the README was not changed."
         ) from exc
     return data or {}
+
+
+_SECTION_HEADING = re.compile(
+    r"^[ \t]{0,3}#{1,6}[ \t]+Accountability:[ \t]*training-stage attribution[ \t#]*$", re.M | re.I
+)
+
+
+def _check_no_unmarked_section(body: str, readme: Path) -> None:
+    """ModelCardError when the body has our heading but none of our markers (written by hand, or the markers were
+    removed): appending a second section would show the heading twice, and replacing text we did not write could
+    lose the author's words, so the writer refuses and says how to go on."""
+    if SECTION_BEGIN in body or SECTION_END in body:
+        return
+    match = _SECTION_HEADING.search(body)
+    if match:
+        line = body.count("\n", 0, match.start()) + 1
+        raise ModelCardError(
+            f"Expected {readme} to have no 'Accountability: training-stage attribution' heading outside the "
+            f"writer's markers, found one without them (line {line} of the body: {match.group(0).strip()!r}). "
+            f"Delete or rename that section, or put '{SECTION_BEGIN}' before it and '{SECTION_END}' after it so "
+            "the writer replaces it; the README was not changed."
+        )
 
 
 def compose_card(
@@ -246,8 +275,6 @@ def compose_card(
     Raises ModelCardError for an invalid card and ReportError for a report of another ledger (unless
     ``overwrite``). The result is parsed back with huggingface_hub and checked before it is returned.
     """
-    from huggingface_hub import ModelCard
-
     where = readme if readme is not None else Path("README.md")
     original = _parse_card(content, where)
     if not isinstance(original, dict):
@@ -255,6 +282,7 @@ def compose_card(
     if not overwrite:
         _check_same_ledger(original.get(METADATA_KEY), report, where)
     parts = split_card(content)
+    _check_no_unmarked_section(parts.body, where)
     meta = card_metadata(report, plot_name)
     block = _dump_metadata(meta, parts.line_break)
     links = {} if "base_model" in original else hub_provenance(report)  # never replace the author's own links
@@ -265,7 +293,7 @@ def compose_card(
     parsed = _parse_card(new, where)
     if (
         parsed != {**original, METADATA_KEY: meta, **links}
-        or ModelCard(new[len(parts.bom) :]).text.count(SECTION_BEGIN) != 1
+        or _model_card(new[len(parts.bom) :]).text.count(SECTION_BEGIN) != 1
     ):
         raise ModelCardError(
             f"Updating {where} would change YAML keys other than {METADATA_KEY!r} (unusual front matter layout, e.g. "
@@ -288,15 +316,46 @@ def _dump_metadata(meta: dict[str, Any], line_break: str) -> str:
 
 
 def _readme_path(readme_path: str | Path) -> Path:
+    """The README to write: ``readme_path`` itself when its name ends in ``.md`` (any case), ``README.md`` inside
+    it when it is a directory (or a path without suffix that does not exist yet); ModelCardError otherwise, before
+    anything is written, so that ``--readme model/config.json`` cannot replace a model file by a card."""
     readme = Path(readme_path)
     if readme.is_dir() or str(readme_path).endswith(("/", os.sep)) or (not readme.exists() and not readme.suffix):
         readme = readme / "README.md"
+    elif not readme.name.lower().endswith(".md"):
+        found = "an existing file" if readme.exists() else "a new file"
+        raise ModelCardError(
+            f"Expected the model card to be a markdown file (a name ending in .md, e.g. README.md) or a model "
+            f"directory, found {found} named {readme.name!r}: {readme}. Pass the model directory or its README.md; "
+            "nothing was written."
+        )
     if not readme.parent.is_dir():
         raise ModelCardError(
             f"Expected the model directory {readme.parent} to exist, found nothing there. Save the model first "
             "(`save_pretrained`) or pass the path of an existing README.md."
         )
+    if readme.is_dir():
+        raise ModelCardError(
+            f"Expected {readme} to be a markdown file, found a directory. Pass the model directory that holds it "
+            "(its README.md is written there) or the path of a README file; nothing was written."
+        )
     return readme
+
+
+def _write_target(readme: Path) -> Path:
+    """Where the README's bytes go: a symlinked README is written through to its target (atomically there), so
+    the link itself is kept."""
+    if not readme.is_symlink():
+        return readme
+    target = readme.resolve()
+    if target.is_dir() or not target.parent.is_dir():
+        raise ModelCardError(
+            f"Expected the symlink {readme} to point to a markdown file (or a new one in an existing directory), "
+            f"found it points to {target}, which is "
+            f"{'a directory' if target.is_dir() else 'in a directory that does not exist'}. Fix the link or pass "
+            "another README; nothing was written."
+        )
+    return target
 
 
 def write_model_card(
@@ -316,6 +375,12 @@ def write_model_card(
     section and key and changes nothing else. ``push_to_hub="user/repo"`` then uploads the three files in one
     commit (a pull request with ``create_pr=True``). Only the main process writes; others return None.
 
+    ``readme_path`` is the model directory (its ``README.md`` is used) or a file whose name ends in ``.md`` (any
+    case); anything else (``config.json``, ``notes.txt``) raises ModelCardError before anything is written. A
+    symlinked README is written through to its target (the link is kept). A card that already has an
+    "Accountability: training-stage attribution" heading without the writer's markers raises ModelCardError
+    (``overwrite`` does not change that): wrap the old section in the markers, or delete it, first.
+
     Example:
         >>> import tempfile
         >>> from hf_stage_attribution.report import AttributionReport
@@ -332,6 +397,7 @@ def write_model_card(
     if not _is_main_process():
         return None
     readme = _readme_path(readme_path)
+    _write_target(readme)  # a broken symlink is refused before anything is written
     try:
         content = readme.read_bytes().decode("utf-8") if readme.exists() else ""
     except UnicodeDecodeError as exc:
@@ -347,7 +413,7 @@ def write_model_card(
     if png is not None and files.plot is not None:
         atomic_write_bytes(files.plot, png, ModelCardError)
     atomic_write_bytes(files.sidecar, report.to_json().encode("utf-8"), ModelCardError)
-    atomic_write_bytes(readme, new_content.encode("utf-8"), ModelCardError)
+    atomic_write_bytes(_write_target(readme), new_content.encode("utf-8"), ModelCardError)
     if push_to_hub:
         files.pushed = push_card(files, push_to_hub, create_pr=create_pr, token=token)
     return files

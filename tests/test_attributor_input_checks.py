@@ -1,0 +1,75 @@
+"""StageAttributor's input checks: every misuse is refused with a message that says what was expected, before the
+(slow) estimation; a single stage name is one stage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_stage_attribution import StageAttributor, StageLedger
+from hf_stage_attribution.errors import BehaviorError, ReportError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ledger = StageLedger(tmp_path_factory.mktemp("ledger"))
+    for name in ("sft", "dpo"):
+        with ledger.record_stage(name, model=model, optimizer=opt) as rec:
+            opt.zero_grad()
+            model(torch.ones(1, 2)).sum().backward()
+            opt.step()
+            rec.step()
+    return ledger, model
+
+
+def output(model: torch.nn.Module) -> torch.Tensor:
+    return model(torch.eye(2)).reshape(-1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seed": "x"}, r"Expected seed to be an integer .* found str 'x'"),
+        ({"seed": 1.5}, r"Expected seed to be an integer"),
+        ({"seed": True}, r"Expected seed to be an integer"),
+        ({"n_resamples": "100"}, r"Expected n_resamples to be an integer .* found str '100'"),
+        ({"n_resamples": 0}, r"Expected n_resamples to be at least 1"),
+        ({"n_resamples": -5}, r"at least 1"),
+    ],
+)
+def test_seed_and_n_resamples_are_checked_in_the_constructor(tiny, kwargs, match):
+    ledger, model = tiny
+    with pytest.raises(ReportError, match=match):
+        StageAttributor(ledger, model, estimator="delta-fd", **kwargs)
+
+
+def test_integer_like_seed_and_resamples_are_kept():
+    import numpy as np
+
+    from hf_stage_attribution.attributor import _check_int
+
+    assert _check_int("seed", np.int64(3), minimum=None, example="seed=0") == 3
+    assert type(_check_int("seed", np.int64(3), minimum=None, example="seed=0")) is int
+
+
+def test_a_list_of_behaviors_is_refused_clearly(tiny):
+    ledger, model = tiny
+    attributor = StageAttributor(ledger, model, estimator="delta-fd", diagnostics=False)
+    with pytest.raises(BehaviorError, match=r"Expected behaviors as a \{name: behavior\} mapping .* found a list"):
+        attributor.attribute([output])
+
+
+def test_one_stage_name_is_one_stage_and_an_empty_list_is_refused(tiny):
+    ledger, model = tiny
+    attributor = StageAttributor(ledger, model, estimator="delta-fd", diagnostics=False, n_resamples=50)
+    report = attributor.attribute({"out": output}, stages="dpo")
+    assert {row.stage for row in report.rows} == {"dpo"}
+    report = attributor.attribute({"out": output}, stages=0)
+    assert {row.stage for row in report.rows} == {"sft"}
+    with pytest.raises(ReportError, match="Expected stages to name at least one stage, found an empty list"):
+        attributor.attribute({"out": output}, stages=[])
+    with pytest.raises(ReportError, match="Expected stages to be stage names or indices"):
+        attributor.attribute({"out": output}, stages=1.5)
