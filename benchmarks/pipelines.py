@@ -8,6 +8,10 @@
   and AdamW under four schedules, where a later stage partly unlearns a shortcut an earlier one learned; and 3 stages
   where the *first* stage is the accountable one (Adagrad, then short, slow fine-tunes); 7 digits behaviors,
   custom-loop recorder with curvature material, replay by stage functions;
+- ``digits-demo``: the demo's pipeline (``examples.spurious_digits``, size ``small``): an MLP pretrained from its
+  initialisation, then 200 AdamW steps on digits whose 7s carry a corner patch, then a short fine-tune; the demo's
+  3 behaviors. Added after the demo's "estimators agree" named the wrong stage: without ``pretraining`` the
+  ``patch`` stage learns the digits from scratch, which neither replay family's check sees at 25 %;
 - ``toxicity``: all-MiniLM-L6-v2 fine-tuned on clean toxicity data, then on an identity-biased data refresh, then a
   terminal LoRA stage (``recipes/toxicity_classifier_minilm/pipeline.py``), 5 behaviors, replay by the recipe's
   stage functions.
@@ -15,7 +19,7 @@
 Example:
     >>> from benchmarks.pipelines import PIPELINES
     >>> PIPELINES
-    ('digits-hf', 'digits-decay', 'digits-undo', 'digits-first', 'lm', 'toxicity')
+    ('digits-hf', 'digits-decay', 'digits-undo', 'digits-first', 'digits-demo', 'lm', 'toxicity')
     >>> # pipe = build("digits-hf", seed=0, settings=Settings.make(quick=True), root=Path("/tmp/b"))
 """
 
@@ -28,7 +32,7 @@ from typing import Any
 
 from .common import REPO, Settings, import_script
 
-PIPELINES = ("digits-hf", "digits-decay", "digits-undo", "digits-first", "lm", "toxicity")
+PIPELINES = ("digits-hf", "digits-decay", "digits-undo", "digits-first", "digits-demo", "lm", "toxicity")
 SHORTCUT = {"digits-undo": "undo", "digits-first": "first"}  # benchmarks.shortcut configurations
 TOXICITY_RECIPE = REPO / "recipes" / "toxicity_classifier_minilm" / "pipeline.py"
 
@@ -58,6 +62,8 @@ def build(
     start = time.perf_counter()
     if name in SHORTCUT:
         pipe = _shortcut(name, seed, settings, root, early_checkpoint)
+    elif name == "digits-demo":
+        pipe = _demo(seed, root, early_checkpoint)
     elif name.startswith("digits-"):
         pipe = _digits(name.split("-", 1)[1], seed, settings, root, early_checkpoint)
     elif name == "lm":
@@ -97,6 +103,24 @@ def _shortcut(name: str, seed: int, settings: Settings, root: Path, early: float
     return BenchPipeline(
         name, seed, p.ledger, p.model, dict(p.behaviors), p.stage_fns, {s.name: (forward, loss) for s in p.specs},
         description=describe(p.specs),
+    )  # fmt: skip
+
+
+def _demo(seed: int, root: Path, early: float | None = None) -> BenchPipeline:
+    from hf_stage_attribution import StageLedger
+    from hf_stage_attribution.examples.spurious_digits import SIZES, build_spurious_digits, demo_behaviors, digits_loss
+
+    p = build_spurious_digits(root, size="small", seed=seed, early_checkpoint=early)  # the demo's size, at every scale
+    ledger = StageLedger.load(p.ledger_dir)
+    steps = SIZES["small"]["steps"]
+    return BenchPipeline(
+        "digits-demo", seed, ledger, p.model, demo_behaviors(p), p.stage_fns,
+        {s.name: digits_loss() for s in ledger.stages},
+        description=(
+            f"the demo's pipeline (examples.spurious_digits, size 'small'): MLP 64-{SIZES['small']['hidden']}-10, "
+            f"AdamW at constant rates; pretraining {steps['pretraining']} steps from the initialisation → patch "
+            f"{steps['patch']} steps (every 7 with a corner patch) → finetune {steps['finetune']} steps"
+        ),
     )  # fmt: skip
 
 
