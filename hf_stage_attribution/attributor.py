@@ -27,6 +27,7 @@ from .errors import BehaviorError, ReportError, StageAttributionError
 from .estimators.base import check_finite, eval_mode, evaluate
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
+from .estimators.partial_replay import check_budget
 from .estimators.replay import check_replayable, replay_needs
 from .estimators.second_opinion import DEFAULT_SECOND_OPINION, check_second_opinion
 from .estimators.selection import PARTIAL_REPLAY_BUDGET
@@ -163,6 +164,9 @@ class StageAttributor:
         self.seed = _check_int("seed", seed, minimum=None, example="seed=0")
         self.show_progress = show_progress
         self.estimator_options = dict(estimator_options or {})
+        if "budget" in self.estimator_options or "budget_unit" in self.estimator_options:
+            # before any work, and also where `auto` picks an estimator without a budget (it would drop it silently)
+            check_budget(self.estimator_options.get("budget", 0.0), self.estimator_options.get("budget_unit", "steps"))
         settings = resolve_curvature(curvature, self.estimator_options.pop("curvature_options", None))
         if settings:
             self.estimator_options["curvature_options"] = settings

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_stage_attribution import StageAttributor, StageLedger
-from hf_stage_attribution.errors import BehaviorError, ReportError
+from hf_stage_attribution.errors import BehaviorError, BudgetError, ReportError
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,13 @@ def test_one_stage_name_is_one_stage_and_an_empty_list_is_refused(tiny):
         attributor.attribute({"out": output}, stages=[])
     with pytest.raises(ReportError, match="Expected stages to be stage names or indices"):
         attributor.attribute({"out": output}, stages=1.5)
+
+
+@pytest.mark.parametrize("options", [{"budget": -0.1}, {"budget": "0.25"}, {"budget": 1.5}, {"budget_unit": "flops"}])
+def test_a_budget_is_checked_even_where_auto_would_not_use_it(tiny, options):
+    """This ledger has no replay data and no stage functions, so `auto` picks an estimator without a budget and used
+    to drop it silently; a bad budget is a mistake whatever the estimator, and is refused in the constructor."""
+    ledger, model = tiny
+    with pytest.raises(BudgetError, match="budget"):
+        StageAttributor(ledger, model, estimator_options=options, show_progress=False)
+    StageAttributor(ledger, model, estimator_options={"budget": 0.1}, show_progress=False)  # a good one is kept

@@ -9,12 +9,12 @@ from typing import Any
 
 from ..attributor import StageAttributor
 from ..behaviors import load_specs
-from ..errors import ReplayError, ReportError, StageAttributionError
+from ..errors import ReplayError, ReportError
 from ..estimators import names as estimator_names
 from ..estimators.curvature.config import CurvatureConfig
 from ..estimators.second_opinion import SECOND_OPINIONS
 from ..examples.spurious_digits_model import MODEL_TYPE, DigitsMLP
-from ..integrations.model_loading import is_load_error, load_error, load_model
+from ..integrations.model_loading import load_model, model_load_errors
 from ..ledger import StageLedger
 from ..report.text import render_fidelity_table
 from .console import Console
@@ -179,16 +179,10 @@ def load_cli_model(path: str | Path, trust_code: bool = False) -> Any:
     reads (a transformers or PEFT folder), or the package's example ``DigitsMLP`` (``demo``, the ``spurious_digits``
     recipe), which is not a transformers class; an unreadable folder raises the one-line ModelMismatchError."""
     config = Path(path) / "config.json"
-    try:
+    with model_load_errors(path):
         if config.exists() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE:
             return DigitsMLP.from_pretrained(path, use_safetensors=True)
         return load_model(path, trust_code=trust_code)
-    except StageAttributionError:
-        raise
-    except Exception as exc:
-        if not is_load_error(exc):
-            raise
-        raise load_error(path, exc) from exc
 
 
 def run(args: argparse.Namespace) -> int:

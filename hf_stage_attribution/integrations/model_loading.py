@@ -8,7 +8,9 @@ passed on as ``trust_remote_code``. Weights are read with ``use_safetensors=True
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ def load_model(path: str | Path, *, trust_code: bool = False) -> Any:
         model = load_model("out/final")   # BertForSequenceClassification, GPT2LMHeadModel, PeftModel, ...
     """
     path = Path(path)
-    try:
+    with model_load_errors(path):
         if not path.is_dir():
             raise ModelMismatchError(
                 f"Expected a model directory (save_pretrained output) at {path}, found "
@@ -56,6 +58,23 @@ def load_model(path: str | Path, *, trust_code: bool = False) -> Any:
             f"({', '.join(architectures) or 'none listed'}) is not a transformers class. Load it yourself in Python "
             "and use StageAttributor (or register the class with transformers' Auto classes)."
         )
+
+
+@contextlib.contextmanager
+def model_load_errors(path: str | Path) -> Iterator[None]:
+    """Inside the block, an error that says the model folder ``path`` is unreadable (:func:`is_load_error`)
+    becomes the one-line :func:`load_error`; the package's own errors and anything else pass unchanged.
+
+    Example:
+        >>> try:
+        ...     with model_load_errors("m"):
+        ...         raise OSError("config.json is not a valid JSON file")
+        ... except ModelMismatchError as err:
+        ...     print(str(err)[:63])
+        Cannot load the model at m (OSError: config.json is not a valid
+    """
+    try:
+        yield
     except StageAttributionError:
         raise
     except Exception as exc:

@@ -420,10 +420,19 @@ class LedgerCore:
             self.check_not_unindexed("nothing was removed")
 
     def verify(self) -> int:
-        """Re-hash every stage file against ``ledger.json`` (slow on large ledgers); return how many files were
-        checked, or raise :class:`LedgerFormatError` naming the first that does not match."""
+        """Re-hash θ_0's file and every stage file against ``ledger.json`` (slow on large ledgers); return how many
+        files were checked, or raise :class:`LedgerFormatError` naming the first that does not match."""
 
+        start = self.manifest["start"]
         checked = 0
+        if start.get("sha256"):
+            path = safe_join(self.dir, start["file"])
+            if not path.exists() or file_sha256(path) != start["sha256"]:
+                raise LedgerFormatError(
+                    f"{path} does not match the hash recorded in {self.dir / LEDGER_FILE}: θ_0 (the parameters every "
+                    "stage starts from) was modified or corrupted after it was recorded."
+                )
+            checked += 1
         for stage in self.stages:
             for rel, digest in stage.entry.get("files", {}).items():
                 path = safe_join(stage.dir, rel, self.dir)

@@ -17,7 +17,15 @@ from ..errors import ReportError
 from .build import build_report, json_safe, last_stage_name
 from .files import atomic_write_bytes, load_report_dict
 from .plot import report_figure, save_report_plot
-from .schema import REPORT_FORMAT, REPORT_FORMAT_VERSION, BehaviorDiagnostics, BehaviorSummary, ReportRow, StageSummary
+from .schema import (
+    REPORT_FORMAT,
+    REPORT_FORMAT_VERSION,
+    BehaviorDiagnostics,
+    BehaviorSummary,
+    ReportRow,
+    StageSummary,
+    type_problem,
+)
 from .text import render_markdown, render_table
 from .trust import assess_trust, stored_figures_trust
 
@@ -201,8 +209,22 @@ class AttributionReport:
         """Read a report written by :meth:`to_json` from a path or a JSON string."""
 
         data = load_report_dict(path_or_str, REPORT_FORMAT, REPORT_FORMAT_VERSION)
+
+        def unfit(problem: str) -> ReportError:
+            return ReportError(
+                f"Expected an hf-stage-attribution report with rows, stages, behaviors and estimator; the JSON does "
+                f"not fit ({problem}). Regenerate it with `AttributionReport.to_json`."
+            )
+
+        containers = {"rows": list, "stages": list, "behaviors": list, "estimator": str, "estimator_reason": str,
+                      "approximations": list, "diagnostics": dict, "fidelity": (dict, type(None)), "ledger": dict,
+                      "versions": dict, "interval": dict}  # fmt: skip
+        for key, kind in containers.items():
+            if key in data and not isinstance(data[key], kind):
+                found = type(data[key]).__name__
+                raise unfit(f"{key}: expected {getattr(kind, '__name__', 'an object or null')}, found {found}")
         try:
-            return cls(
+            report = cls(
                 rows=[ReportRow(**row) for row in data["rows"]],
                 stages=[StageSummary(**s) for s in data["stages"]],
                 behaviors=[BehaviorSummary(**b) for b in data["behaviors"]],
@@ -216,10 +238,18 @@ class AttributionReport:
                 interval=dict(data.get("interval", {})),
             )
         except (KeyError, TypeError) as exc:
-            raise ReportError(
-                f"Expected an hf-stage-attribution report with rows, stages, behaviors and estimator; the JSON does "
-                f"not fit ({exc!r}). Regenerate it with `AttributionReport.to_json`."
-            ) from exc
+            raise unfit(repr(exc)) from exc
+        parts = [
+            *((row, f"rows[{i}]") for i, row in enumerate(report.rows)),
+            *((stage, f"stages[{i}]") for i, stage in enumerate(report.stages)),
+            *((behavior, f"behaviors[{i}]") for i, behavior in enumerate(report.behaviors)),
+            *((diag, f"diagnostics[{name!r}]") for name, diag in report.diagnostics.items()),
+        ]
+        for part, where in parts:
+            problem = type_problem(part, where)
+            if problem:
+                raise unfit(problem)
+        return report
 
     # --- presentation ---------------------------------------------------------------------------------
 

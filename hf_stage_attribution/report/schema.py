@@ -7,6 +7,9 @@ decomposition of the total change (``ESTIMATORS.md`` §5): the interaction resid
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,7 +109,7 @@ class BehaviorDiagnostics:
     sum_of_effects: float = 0.0
     interaction_residual: float | None = None
     linearisation_pair: list[str] | None = None
-    linearisation_gap: dict[str, dict[str, float]] = field(default_factory=dict)
+    linearisation_gap: dict[str, dict[str, float | bool | None]] = field(default_factory=dict)  # None: not finite
     approximations: list[str] = field(default_factory=list)
     unstable_modes: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
@@ -115,3 +118,60 @@ class BehaviorDiagnostics:
     #: "estimated — estimators agree", "estimated — unreliable: <why>"), "reason": str, "evidence": {name: figure}}``.
     #: Intervals only cover example sampling; the verdict covers the estimator's own error.
     trust: dict[str, Any] = field(default_factory=dict)
+
+
+def type_problem(obj: Any, where: str) -> str | None:
+    """What in the dataclass ``obj`` (read from JSON) does not have its field's declared type, as
+    ``"<where>.<field>: expected <type>, found <what>"``; None when every field fits. Fields typed ``Any`` or with
+    types this does not know pass.
+
+    Example:
+        >>> type_problem(ReportRow("sft", 1, "tox", "aa-fd", "x", 0.0, 1.0, []), "rows[0]")
+        "rows[0].effect: expected float, found str 'x'"
+        >>> type_problem(StageSummary(0, "sft"), "stages[0]") is None
+        True
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        expected = hints.get(f.name, Any)
+        if not _fits(value, expected):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            return f"{where}.{f.name}: expected {_type_name(expected)}, found {type(value).__name__} {shown}"
+    return None
+
+
+def _fits(value: Any, expected: Any) -> bool:
+    if expected is Any:
+        return True
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict) and (
+            not args or all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+        )
+    if expected is dict or expected is list:
+        return isinstance(value, expected)
+    return True
+
+
+def _type_name(expected: Any) -> str:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(expected))
+    if expected is type(None):
+        return "null"
+    return getattr(expected, "__name__", None) if typing.get_origin(expected) is None else str(expected)
