@@ -23,7 +23,7 @@ from ._internal.memory import release_freed_memory
 from ._internal.model_state import swapped_parameters
 from ._internal.notices import notice
 from .behaviors import as_behavior
-from .errors import BehaviorError, ReportError, StageAttributionError
+from .errors import BehaviorError, ReportError, StageAttributionError, did_you_mean
 from .estimators.base import check_finite, eval_mode, evaluate
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
@@ -171,6 +171,10 @@ class StageAttributor:
         if settings:
             self.estimator_options["curvature_options"] = settings
         self.ref_models = dict(ref_models or {})
+        names = [s.name for s in self.ledger.stages]
+        _check_stage_names("stage_fns", self.stage_fns, names)
+        _check_stage_names("ref_models", self.ref_models, names)
+        _check_stage_names("loss_fns", self.loss_fns, names)
         self.state = _state()
         _prefer_eager_attention(model)
         if check_model:
@@ -210,6 +214,12 @@ class StageAttributor:
             raise BehaviorError("No behaviors to attribute: pass a non-empty {name: behavior} mapping.")
         stage_objs = [self.ledger.stage(s) for s in _stage_list(stages)] if stages is not None else None
         stage_objs = stage_objs if stage_objs is not None else list(self.ledger.stages)
+        repeated = sorted({s.name for s in stage_objs if sum(t.index == s.index for t in stage_objs) > 1})
+        if repeated:  # found before the estimation, not when the report is built
+            raise ReportError(
+                f"Expected each stage once in stages={stages!r}, found {', '.join(map(repr, repeated))} more than "
+                "once (by name or by index). Name each stage once."
+            )
         prepared = {name: as_behavior(b, name=name) for name, b in behaviors.items()}
         for behavior in prepared.values():
             if behavior.needs_prepare:
@@ -407,6 +417,22 @@ def _check_int(name: str, value: Any, *, minimum: int | None, example: str) -> i
     if minimum is not None and value < minimum:
         raise ReportError(f"Expected {name} to be at least {minimum} (e.g. {example}), found {value}.")
     return int(value)
+
+
+def _check_stage_names(what: str, given: Mapping[str, Any], stages: list[str]) -> None:
+    """ReportError when ``given`` (``stage_fns``, ``ref_models``, ``loss_fns``) names a stage the ledger does not
+    have: a misspelt name would leave the real stage without its function, found only later (or never).
+
+    Example:
+        >>> _check_stage_names("stage_fns", {"sft": print}, ["pretraining", "sft"])
+    """
+    unknown = [name for name in given if name not in stages]
+    if unknown:
+        hint = did_you_mean(str(unknown[0]), stages)
+        raise ReportError(
+            f"Expected {what} keyed by the ledger's stage names ({', '.join(map(repr, stages))}), found "
+            f"{', '.join(map(repr, unknown))}, which the ledger does not have.{hint} Fix the name(s)."
+        )
 
 
 def _stage_list(stages: Any) -> list[int | str]:

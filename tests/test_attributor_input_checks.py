@@ -83,3 +83,19 @@ def test_a_budget_is_checked_even_where_auto_would_not_use_it(tiny, options):
     with pytest.raises(BudgetError, match="budget"):
         StageAttributor(ledger, model, estimator_options=options, show_progress=False)
     StageAttributor(ledger, model, estimator_options={"budget": 0.1}, show_progress=False)  # a good one is kept
+
+
+@pytest.mark.parametrize("what", ["stage_fns", "ref_models", "loss_fns"])
+def test_a_misspelt_stage_name_is_refused_with_the_closest_one(tiny, what):
+    """A typo left the real stage without its function: replay then said the stage had none, never why."""
+    ledger, model = tiny
+    with pytest.raises(ReportError, match=r"found 'dop', which the ledger does not have\. Did you mean 'dpo'\?"):
+        StageAttributor(ledger, model, show_progress=False, **{what: {"dop": object()}})
+
+
+@pytest.mark.parametrize("stages", [["sft", "sft"], [0, "sft"]])
+def test_a_stage_named_twice_is_refused_before_the_estimation(tiny, stages):
+    ledger, model = tiny
+    attributor = StageAttributor(ledger, model, estimator="delta-fd", show_progress=False)
+    with pytest.raises(ReportError, match=r"found 'sft' more than once \(by name or by index\)"):
+        attributor.attribute({"out": output}, stages=stages)
