@@ -44,9 +44,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointImportError, StageAttributionError, UnsafeCheckpointError
+from ..errors import CheckpointImportError, LedgerLockedError, StageAttributionError, UnsafeCheckpointError
 from ..ledger.core import LEDGER_ENTRIES, LEDGER_FILE, STAGES_DIR, LedgerCore, is_temp_file
 from ..ledger.optimizer_info import STATE_KEYS
+from ..ledger.storage import DirectoryLock
 from ..ledger.writer import LedgerWriter, digest
 from .hub import locate
 from .plan import ImportPlan, StagePlan, build_plan
@@ -91,6 +92,21 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[tuple[Path, str]]
             f"Expected a new or empty output directory, found an existing ledger at {out}. Choose another directory "
             "or pass overwrite=True (--overwrite) to replace it."
         )
+    _check_not_recording(out)
+
+
+def _check_not_recording(ledger_dir: Path) -> None:
+    """Refuse to replace a ledger that another process is recording into (it holds the ledger's lock)."""
+    lock = DirectoryLock(ledger_dir, "checking that no process records into it before replacing it")
+    try:
+        lock.acquire()
+    except LedgerLockedError as exc:
+        raise CheckpointImportError(
+            f"Expected a ledger that --overwrite may replace, found one that another process is recording into "
+            f"({str(exc).splitlines()[0][:200]}). Nothing was changed: wait for the recording to end, or choose "
+            "another output directory."
+        ) from exc
+    lock.release()
 
 
 def _not_a_ledger(directory: Path) -> str | None:
@@ -135,6 +151,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
             out.rmdir()
         elif overwrite and out.is_dir() and not out.is_symlink() and _not_a_ledger(out) is None:
+            _check_not_recording(out)
             old = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
             os.replace(out, old)
             os.replace(tmp, out)

@@ -17,6 +17,7 @@ from hf_stage_attribution import StageLedger
 from hf_stage_attribution.checkpoints.importer import import_checkpoints
 from hf_stage_attribution.cli.main import main
 from hf_stage_attribution.errors import CheckpointImportError
+from hf_stage_attribution.ledger.storage import DirectoryLock
 from tests.checkpoints.test_fixtures import recorded_run
 
 
@@ -127,3 +128,18 @@ def test_the_python_entry_point_refuses_the_same(work):
     with pytest.raises(CheckpointImportError, match="is the input"):
         StageLedger.from_checkpoints(boundaries, runs / "ckpt-0", overwrite=True, progress=False)
     assert _snapshot(runs) == before
+
+
+def test_overwrite_refuses_a_ledger_that_another_process_records_into(work, capsys):
+    """The recorder holds the ledger's lock for the whole stage; replacing the folder under it would lose the stage."""
+    root, runs, spec = work
+    out = root / "ledger"
+    assert _import(spec, out) == 0
+    capsys.readouterr()
+    before = _snapshot(out)
+    with DirectoryLock(out, "recording a stage"):  # what StageRecorder holds while a stage trains
+        assert _import(spec, out, "--overwrite") == 1
+        err = capsys.readouterr().err
+        assert "another process is recording into" in err and "Nothing was changed" in err
+    assert _snapshot(out) == before
+    assert _import(spec, out, "--overwrite") == 0  # once the recording ended, the ledger may be replaced
