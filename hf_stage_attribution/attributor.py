@@ -12,6 +12,7 @@ import contextlib
 import numbers
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -212,9 +213,11 @@ class StageAttributor:
             )
         if not behaviors:
             raise BehaviorError("No behaviors to attribute: pass a non-empty {name: behavior} mapping.")
-        stage_objs = [self.ledger.stage(s) for s in _stage_list(stages)] if stages is not None else None
-        stage_objs = stage_objs if stage_objs is not None else list(self.ledger.stages)
-        repeated = sorted({s.name for s in stage_objs if sum(t.index == s.index for t in stage_objs) > 1})
+        stage_objs = (
+            list(self.ledger.stages) if stages is None else [self.ledger.stage(s) for s in _stage_list(stages)]
+        )
+        counts = Counter(s.index for s in stage_objs)
+        repeated = sorted({s.name for s in stage_objs if counts[s.index] > 1})
         if repeated:  # found before the estimation, not when the report is built
             raise ReportError(
                 f"Expected each stage once in stages={stages!r}, found {', '.join(map(repr, repeated))} more than "

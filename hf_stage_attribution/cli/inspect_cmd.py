@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ledger_dir", metavar="LEDGER_DIR", help="directory holding ledger.json")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     p.add_argument(
-        "--verify", action="store_true", help="re-hash every stage file against ledger.json (prints how many matched)"
+        "--verify",
+        action="store_true",
+        help="re-hash θ_0's file and every stage file against ledger.json (prints how many matched)",
     )
     p.add_argument(
         "--remove-incomplete",

@@ -41,8 +41,9 @@ START_FILE = "start.safetensors"
 STAGES_DIR = "stages"
 # What the package writes at the top of a ledger directory (``embeddings/`` is the behaviors' embedding cache)
 LEDGER_ENTRIES = (LEDGER_FILE, START_FILE, STAGES_DIR, "embeddings", LOCK_NAME)
-# How the recorder and the writer name stage folders: ``NNN-<slug>`` once committed, ``.partial-NNN-<slug>`` while
-# being written; and the temporary files of atomic writes at the top (``.<name>.<mkstemp>.tmp``)
+# How the recorder and the writer name stage folders (``storage.stage_dir_name``): ``NNN-<slug>`` once committed,
+# ``.partial-NNN-<slug>`` while being written; and the temporary files of atomic writes at the top
+# (``.<name>.<mkstemp>.tmp``)
 _STAGE_DIR = re.compile(r"^\d{3,}-[A-Za-z0-9._-]+$")
 _PARTIAL_DIR = re.compile(r"^\.partial-\d{3,}-[A-Za-z0-9._-]+$")
 _TEMP_FILE = re.compile(r"^\.(?:ledger\.json|start\.safetensors|ledger\.lock)\.[A-Za-z0-9_]+\.tmp$")
@@ -349,7 +350,7 @@ class LedgerCore:
         if not self.dir.is_dir():
             return []
         found = [p for p in self.dir.iterdir() if is_temp_file(p.name) and not p.is_dir()]
-        if self.unindexed_content() == [self.dir / START_FILE] and _is_ledger_start(self.dir / START_FILE):
+        if self._interrupted_creation(self.unindexed_content()):
             found.append(self.dir / START_FILE)
         return sorted(found)
 
@@ -368,6 +369,11 @@ class LedgerCore:
             found.append(stages_dir)
         return found
 
+    def _interrupted_creation(self, unindexed: list[Path]) -> bool:
+        """Whether ``unindexed`` (:meth:`unindexed_content`) is only a ``start.safetensors`` this package wrote: a
+        ledger whose creation was interrupted before its ``ledger.json``, which ``--remove-incomplete`` may remove."""
+        return unindexed == [self.dir / START_FILE] and _is_ledger_start(unindexed[0])
+
     def check_not_unindexed(self, consequence: str) -> None:
         """Raise :class:`LedgerError` when the directory holds ledger files but no ``ledger.json`` (a ledger whose
         index was lost, or another project's folder): writing a new index or removing "incomplete" stages there
@@ -377,7 +383,7 @@ class LedgerCore:
         if not found:
             return
         shown = ", ".join(str(p.relative_to(self.dir)) for p in found[:3]) + (", ..." if len(found) > 3 else "")
-        interrupted = found == [self.dir / START_FILE] and _is_ledger_start(found[0])
+        interrupted = self._interrupted_creation(found)
         fix = (
             f"remove the leftover with `hf-stage-attribution inspect {self.dir} --remove-incomplete` if a recording "
             "was interrupted while creating this ledger, "
@@ -416,7 +422,7 @@ class LedgerCore:
 
     def _check_removable(self) -> None:
         found = self.unindexed_content()
-        if found and not (found == [self.dir / START_FILE] and _is_ledger_start(found[0])):
+        if found and not self._interrupted_creation(found):
             self.check_not_unindexed("nothing was removed")
 
     def verify(self) -> int:

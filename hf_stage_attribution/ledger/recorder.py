@@ -47,7 +47,7 @@ from .storage import (
     file_sha256,
     io_errors,
     open_safetensors,
-    slugify,
+    stage_dir_name,
     write_safetensors,
     write_safetensors_stream,
 )
@@ -210,7 +210,7 @@ class StageRecording:
                 f"{leftovers[0]} is in the ledger's stages/ but not listed in ledger.json: left by an interrupted "
                 f"recording. Remove it with `hf-stage-attribution inspect {ledger.dir} --remove-incomplete`."
             )
-        final = ledger.dir / "stages" / f"{len(ledger.stages):03d}-{slugify(self.name)}"
+        final = ledger.dir / "stages" / stage_dir_name(len(ledger.stages), self.name)
         if final.is_symlink() or final.exists():  # not the package's (those are leftovers above): refuse now
             raise LedgerError(
                 f"Expected no {final.name} in {final.parent} (where stage {self.name!r} will be stored), found one "
@@ -223,13 +223,13 @@ class StageRecording:
         self._params = base_parameters(model)
         self._names_by_id = self._name_parameters()
         self.index = len(ledger.stages)
-        self.partial_dir = ledger.dir / "stages" / f".partial-{self.index:03d}-{slugify(self.name)}"
+        self.partial_dir = ledger.dir / "stages" / stage_dir_name(self.index, self.name, partial=True)
         digests = state_digests(model)
         resumed = self.resume and (self.partial_dir / "progress.json").exists()
         if not resumed:
             self._record_untracked(digests)
             self.index = len(ledger.stages)
-            self.partial_dir = ledger.dir / "stages" / f".partial-{self.index:03d}-{slugify(self.name)}"
+            self.partial_dir = ledger.dir / "stages" / stage_dir_name(self.index, self.name, partial=True)
             if self.partial_dir.exists():
                 shutil.rmtree(self.partial_dir)
             self.partial_dir.mkdir(parents=True)
@@ -379,7 +379,7 @@ class StageRecording:
             stacklevel=4,
         )
         index = len(ledger.stages)
-        partial = ledger.dir / "stages" / f".partial-{index:03d}-{slugify(name)}"
+        partial = ledger.dir / "stages" / stage_dir_name(index, name, partial=True)
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
@@ -689,7 +689,7 @@ class StageRecording:
 
     def _commit(self, partial: Path, name: str, kind: str, start_hash: str, end_hash: str, files: dict[str, str]):
         ledger = self.ledger
-        final = ledger.dir / "stages" / f"{len(ledger.stages):03d}-{slugify(name)}"
+        final = ledger.dir / "stages" / stage_dir_name(len(ledger.stages), name)
         if final.exists():
             raise LedgerError(
                 f"Cannot finish stage {name!r}: {final} already exists (left by an earlier crash?). Remove it."

@@ -220,6 +220,17 @@ def slugify(name: str, max_len: int = 48) -> str:
     return slug or "stage"
 
 
+def stage_dir_name(index: int, name: str, partial: bool = False) -> str:
+    """The folder of stage ``index`` named ``name`` under ``stages/``: ``NNN-<slug>`` once committed,
+    ``.partial-NNN-<slug>`` while it is being written (``core.incomplete_stages`` recognises both).
+
+    Example:
+        >>> stage_dir_name(1, "SFT run #2"), stage_dir_name(1, "sft", partial=True)
+        ('001-SFT-run-2', '.partial-001-sft')
+    """
+    return f"{'.partial-' if partial else ''}{index:03d}-{slugify(name)}"
+
+
 def safe_join(base: str | os.PathLike, relative: str, root: str | os.PathLike | None = None) -> Path:
     """Join ``relative`` under ``base``, refusing absolute paths and ``..``; resolved (symlinks followed), the
     result must stay inside ``root`` (default: ``base``; the ledger directory lets links point across stages)."""

@@ -37,7 +37,7 @@ from .stage import Stage
 from .storage import (
     DirectoryLock,
     atomic_write_json,
-    slugify,
+    stage_dir_name,
     write_safetensors,
     write_safetensors_stream,
 )
@@ -174,7 +174,7 @@ class LedgerWriter:
         learning_rates = list(learning_rates or [])
         self._check_stage_inputs(delta_specs, end_digests, learning_rates, optimizer, lora, lora_tensors, metadata)
         index = len(ledger.stages)
-        partial = self.dir / "stages" / f".partial-{index:03d}-{slugify(name)}"
+        partial = self.dir / "stages" / stage_dir_name(index, name, partial=True)
         with DirectoryLock(self.dir, f"writing stage {name!r} from tensors"):
             if partial.exists():
                 shutil.rmtree(partial)
@@ -271,7 +271,7 @@ class LedgerWriter:
             **(metadata or {}),
         }
         files["stage.json"] = atomic_write_json(partial / "stage.json", info)
-        final = self.dir / "stages" / f"{index:03d}-{slugify(name)}"
+        final = self.dir / "stages" / stage_dir_name(index, name)
         if final.exists():
             raise LedgerError(f"Cannot write stage {name!r}: {final} already exists. Use a new ledger directory.")
         os.replace(partial, final)
