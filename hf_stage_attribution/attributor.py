@@ -112,7 +112,9 @@ class StageAttributor:
             ``"partial-replay"`` (that family, where it applies). A replay family re-runs every later stage, so the
             check can cost as much as replay itself (``BENCHMARKS.md`` §8, §9): ``validate=True`` then answers the
             question outright for about the same time.
-        estimator_options: extra keyword arguments for the estimator (e.g. ``allow_identity_propagation=True``).
+        estimator_options: extra keyword arguments for the estimator (e.g. ``allow_identity_propagation=True``, or
+            ``budget=0.1`` for partial replay); a name the estimator does not read is refused (``auto`` takes the
+            options of every estimator it can pick).
         curvature: settings of the curvature-aware propagation (``aa-ggn``/``aa-hvp``), e.g.
             ``CurvatureConfig.cheap()``; replaces ``estimator_options={"curvature_options": {...}}`` (deprecated).
         ref_models: ``{stage name: reference model}`` for DPO/KTO stages whose reference replay cannot rebuild (a
@@ -169,6 +171,9 @@ class StageAttributor:
             # before any work, and also where `auto` picks an estimator without a budget (it would drop it silently)
             check_budget(self.estimator_options.get("budget", 0.0), self.estimator_options.get("budget_unit", "steps"))
         settings = resolve_curvature(curvature, self.estimator_options.pop("curvature_options", None))
+        # a misspelt or misplaced option was ignored silently (budgt=0.1 ran at the default budget); the curvature
+        # settings are checked by resolve_curvature and go wherever a curvature-aware propagation runs
+        estimators.check_options(estimator, self.estimator_options)
         if settings:
             self.estimator_options["curvature_options"] = settings
         self.ref_models = dict(ref_models or {})

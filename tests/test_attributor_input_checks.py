@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_stage_attribution import StageAttributor, StageLedger
-from hf_stage_attribution.errors import BehaviorError, BudgetError, ReportError
+from hf_stage_attribution.errors import BehaviorError, BudgetError, EstimatorError, ReportError
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,39 @@ def test_a_stage_named_twice_is_refused_before_the_estimation(tiny, stages):
     attributor = StageAttributor(ledger, model, estimator="delta-fd", show_progress=False)
     with pytest.raises(ReportError, match=r"found 'sft' more than once \(by name or by index\)"):
         attributor.attribute({"out": output}, stages=stages)
+
+
+def test_a_misspelt_estimator_option_is_refused_with_the_closest_one(tiny):
+    """Every estimator took ``**options``: ``budgt=0.1`` was ignored and the estimate ran at the default budget."""
+    ledger, model = tiny
+    with pytest.raises(EstimatorError, match=r"no option 'budgt'\. Did you mean 'budget'\?.*Its options: .*budget"):
+        StageAttributor(ledger, model, estimator="partial-replay", estimator_options={"budgt": 0.1})
+    with pytest.raises(EstimatorError, match=r"no option 'carry_moment'\. Did you mean 'carry_moments'\?"):
+        StageAttributor(ledger, model, estimator_options={"carry_moment": False})  # auto
+
+
+def test_an_option_of_another_estimator_names_the_estimators_that_read_it(tiny):
+    ledger, model = tiny
+    with pytest.raises(EstimatorError, match=r"'aa-fd' has no option 'budget'\. It is an option of auto, "):
+        StageAttributor(ledger, model, estimator="aa-fd", estimator_options={"budget": 0.1})
+    with pytest.raises(EstimatorError, match=r"'replay' has no option 'step_scale'.*delta-fd"):
+        StageAttributor(ledger, model, estimator="replay", estimator_options={"step_scale": 0.5})
+    # auto takes the options of every estimator it can pick (each goes to the chosen one)
+    StageAttributor(ledger, model, estimator_options={"budget": 0.1, "factual": "interpolated", "per_example": True})
+    StageAttributor(ledger, model, estimator="strided-replay", estimator_options={"budget": 0.5})
+
+
+def test_every_option_an_estimator_reads_is_declared():
+    """The declared options (``Estimator.options``) cover every ``options.get("…")`` of the estimators' code, so
+    the check above never refuses an option that works."""
+    import re
+    from pathlib import Path
+
+    from hf_stage_attribution import estimators
+    from hf_stage_attribution.estimators import base
+
+    root = Path(estimators.__file__).parent
+    read = {m for f in root.rglob("*.py") for m in re.findall(r"options\.get\(\"(\w+)\"", f.read_text())}
+    declared = set().union(*(type(estimators.get(n)).accepted_options() for n in estimators.names()))
+    assert read and read <= declared, sorted(read - declared)
+    assert all(type(estimators.get(n)).accepted_options() >= base.COMMON_OPTIONS for n in estimators.names())

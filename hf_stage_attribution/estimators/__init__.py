@@ -22,7 +22,7 @@ from . import partial_replay as _partial_replay  # noqa: F401  (registers partia
 from . import replay as _replay  # noqa: F401  (registers replay)
 from . import selection as _selection  # noqa: F401  (registers auto)
 from . import strided_replay as _strided_replay  # noqa: F401  (registers strided-replay)
-from .base import EstimateResult, Estimator, get, names, register
+from .base import EstimateResult, Estimator, check_options, get, names, register
 from .curvature.config import CurvatureConfig
 from .embeddings.cache import StageEmbeddings, stage_embeddings
 from .fidelity import fidelity
@@ -37,6 +37,7 @@ __all__ = [
     "EstimateResult",
     "Estimator",
     "StageEmbeddings",
+    "check_options",
     "choose_estimator",
     "choose_second_opinion",
     "fidelity",

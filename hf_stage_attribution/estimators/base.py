@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..behaviors.base import eval_mode  # noqa: F401  (re-exported for the estimators)
-from ..errors import BehaviorError, unknown_name
+from ..errors import BehaviorError, EstimatorError, did_you_mean, unknown_name
 from ..ledger.core import LedgerCore
 
 Behavior = Callable[[torch.nn.Module], torch.Tensor]
@@ -80,6 +80,14 @@ class Estimator:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: the option names :meth:`estimate` reads (``None``: not declared, every name is passed on unchecked — a
+    #: third-party estimator); :func:`check_options` refuses any other name before any work
+    options: ClassVar[frozenset[str] | None] = None
+
+    @classmethod
+    def accepted_options(cls) -> frozenset[str] | None:
+        """The option names this estimator reads (:attr:`options`; ``None``: not declared, not checked)."""
+        return cls.options
 
     def estimate(
         self, ledger: LedgerCore, model: torch.nn.Module, behavior: Behavior, stages: Any = None, **options: Any
@@ -119,6 +127,44 @@ def get(name: str) -> Estimator:
 def names() -> list[str]:
     """Registered estimator names, sorted."""
     return sorted(_REGISTRY)
+
+
+#: the options every built-in estimator reads (:func:`check_inputs`)
+COMMON_OPTIONS = frozenset({"check_model", "prepare_behavior"})
+
+
+def check_options(estimator: str, options: Any) -> None:
+    """Refuse option names that estimator ``estimator`` does not read (a misspelt ``budgt=0.1`` was ignored
+    silently, and the estimate ran at the default budget): :class:`EstimatorError` naming the closest option and
+    the estimators that do read a name meant for another one. Estimators that declare no :attr:`Estimator.options`
+    are not checked.
+
+    Example:
+        >>> check_options("partial-replay", {"budget": 0.1})
+        >>> try:
+        ...     check_options("partial-replay", {"budgt": 0.1})
+        ... except EstimatorError as err:
+        ...     print(str(err).split("?")[0] + "?")
+        Estimator 'partial-replay' has no option 'budgt'. Did you mean 'budget'?
+    """
+    if estimator not in _REGISTRY:
+        raise unknown_name("estimator", estimator, list(_REGISTRY))
+    accepted = _REGISTRY[estimator].accepted_options()
+    if accepted is None:
+        return
+    unknown = [key for key in options if key not in accepted]
+    if not unknown:
+        return
+    key, more = unknown[0], unknown[1:]
+    readers = sorted(n for n, cls in _REGISTRY.items() if key in (cls.accepted_options() or ()))
+    if readers:
+        hint = f" It is an option of {', '.join(readers)}: pass it with one of those estimators, or drop it."
+    else:
+        hint = did_you_mean(key, sorted(accepted))
+    also = f" Also not an option of it: {', '.join(map(repr, more))}." if more else ""
+    raise EstimatorError(
+        f"Estimator {estimator!r} has no option {key!r}.{hint}{also} Its options: {', '.join(sorted(accepted))}."
+    )
 
 
 # --- shared helpers ------------------------------------------------------------------------------------------

@@ -79,6 +79,8 @@ class FiniteDifferenceEstimator(EmbeddingEstimator):
         'aa-linear'
     """
 
+    options = EmbeddingEstimator.options | {"step_scale"}
+
     def estimate(self, ledger, model, behavior, stages=None, **options):
         chosen = resolve_stages(ledger, stages)
         check_inputs(ledger, model, behavior, options)

@@ -32,7 +32,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._internal.params import base_parameters
 from ..ledger.core import LedgerCore
-from .base import EstimateResult, Estimator, check_finite, check_inputs, eval_mode, register, resolve_stages
+from .base import (
+    COMMON_OPTIONS,
+    EstimateResult,
+    Estimator,
+    check_finite,
+    check_inputs,
+    eval_mode,
+    register,
+    resolve_stages,
+)
 from .embeddings.cache import StageEmbeddings, stage_embeddings
 
 LINEAR_READOUT = "Linear read-out: first-order Taylor step of the behavior along v_k (gradient at the final model)."
@@ -141,6 +150,8 @@ class EmbeddingEstimator(Estimator):
     """Base of the estimators that read stage embeddings of kind :attr:`kind`; ``prepare`` fills the cache."""
 
     kind = "aa-linear"
+    #: read by :func:`embeddings_for` (``loss_fns``/``curvature_options`` by the curvature kinds)
+    options = COMMON_OPTIONS | {"allow_identity_propagation", "recompute_embeddings", "loss_fns", "curvature_options"}
 
     def embeddings(
         self, ledger: LedgerCore, stages: list[Any], options: dict[str, Any], model: torch.nn.Module
@@ -169,6 +180,8 @@ class LinearEstimator(EmbeddingEstimator):
         >>> estimators.get("delta-linear").kind
         'delta'
     """
+
+    options = EmbeddingEstimator.options | {"per_example"}
 
     def estimate(self, ledger, model, behavior, stages=None, **options):
         chosen = resolve_stages(ledger, stages)

@@ -23,7 +23,16 @@ import torch
 from .._internal.params import base_parameters, is_peft_model, lora_layers
 from ..errors import EstimatorError
 from ..ledger.stage import Stage
-from .base import EstimateResult, Estimator, check_inputs, eval_mode, evaluate, register, resolve_stages
+from .base import (
+    COMMON_OPTIONS,
+    EstimateResult,
+    Estimator,
+    check_inputs,
+    eval_mode,
+    evaluate,
+    register,
+    resolve_stages,
+)
 
 
 def _directly_trained(model: torch.nn.Module, stage: Stage) -> list[str]:
@@ -69,6 +78,7 @@ class LoraExact(Estimator):
     """
 
     name = "lora-exact"
+    options = COMMON_OPTIONS
     description = "f(with adapter) − f(adapter disabled) for a terminal, unmerged LoRA stage (exact)."
 
     def estimate(self, ledger, model, behavior, stages=None, **options):

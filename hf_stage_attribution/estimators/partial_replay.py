@@ -87,7 +87,7 @@ from ..ledger.core import LedgerCore
 from ..ledger.segments import lr_mass_fraction
 from ..ledger.stage import Stage
 from ..ledger.state import LazyState
-from .base import register
+from .base import COMMON_OPTIONS, register
 from .curvature.propagation import curvature_settings, propagate
 from .curvature.scratch import (
     SCRATCH_DIR_ENV,
@@ -954,6 +954,13 @@ def partial_replay_embeddings(
     return emb
 
 
+#: what :meth:`_PartialReplayMixin.embeddings` reads
+PARTIAL_REPLAY_OPTIONS = frozenset({
+    "budget", "budget_unit", "stage_fns", "allow_identity_propagation", "use_checkpoints", "carry", "loss_fns",
+    "curvature_options", "carry_moments", "use_early_checkpoints", "factual",
+})  # fmt: skip
+
+
 class _PartialReplayMixin:
     """Options: ``budget`` (default 0.25, a fraction of replay's cost in [0, 1]), ``budget_unit`` (``"steps"`` or
     ``"lr-mass"``), ``stage_fns`` (step-limited form, see :mod:`~.replay`), ``carry`` (``"aa-linear"`` or
@@ -993,6 +1000,7 @@ class PartialReplay(_PartialReplayMixin, FiniteDifferenceEstimator):
     """
 
     name = "partial-replay"
+    options = COMMON_OPTIONS | PARTIAL_REPLAY_OPTIONS | {"step_scale"}
     description = (
         "Replay the first part of the next stage(s) from both starts (a budget, fraction of replay's cost), carry "
         "the difference on with the aa-linear rules, read out by finite difference."
@@ -1010,6 +1018,7 @@ class PartialReplayLinear(_PartialReplayMixin, LinearEstimator):
     """
 
     name = "partial-replay-linear"
+    options = COMMON_OPTIONS | PARTIAL_REPLAY_OPTIONS | {"per_example"}
     description = "As partial-replay, read out linearly (gradient at the final model · v_k)."
 
 

@@ -79,6 +79,7 @@ from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from ..ledger.state import LazyState
 from .base import (
+    COMMON_OPTIONS,
     EstimateResult,
     Estimator,
     check_inputs,
@@ -464,6 +465,7 @@ class Replay(Estimator):
     """
 
     name = "replay"
+    options = COMMON_OPTIONS | {"stage_fns", "ref_models"}
     description = "Remove stage k, re-run stages k+1..K with their recorded recipe, evaluate (ground truth)."
 
     def estimate(self, ledger, model, behavior, stages=None, **options):

@@ -182,6 +182,15 @@ class Auto(Estimator):
     """
 
     name = "auto"
+    #: what the rule can pick: their options are auto's (:meth:`accepted_options`)
+    candidates = (PARTIAL_REPLAY, "aa-ggn", "aa-fd", "delta-fd")
+
+    @classmethod
+    def accepted_options(cls) -> frozenset[str] | None:
+        """The options of every estimator the rule can pick: each goes to the chosen one (a budget only means
+        something to partial replay, and is dropped when the rule picks another)."""
+        return frozenset().union(*(type(get(name)).accepted_options() or () for name in cls.candidates))
+
     description = (
         "delta-fd when a later stage was imported without optimizer information; else partial-replay (budget "
         "0.25, finite-difference read-out) where every later stage can be replayed step by step (replay data or "

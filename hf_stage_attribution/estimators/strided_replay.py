@@ -60,7 +60,7 @@ from .._internal.memory import collections_of_new_objects, release_freed_memory
 from .._internal.params import iter_merged_state
 from ..errors import PartialReplayError
 from ..ledger.core import LedgerCore
-from .base import register
+from .base import COMMON_OPTIONS, register
 from .finite_difference import FiniteDifferenceEstimator
 from .partial_replay import (
     DEFAULT_BUDGET,
@@ -284,6 +284,7 @@ class StridedReplay(FiniteDifferenceEstimator):
     """
 
     name, kind = "strided-replay", "strided-replay"
+    options = COMMON_OPTIONS | {"budget", "stage_fns", "allow_identity_propagation", "step_scale"}
     description = (
         "Re-run every later stage from both starts with a fresh gradient only every s steps (a budget, fraction of "
         "replay's passes), read the difference out by finite difference."

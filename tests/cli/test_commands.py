@@ -200,6 +200,12 @@ def test_attribute_bad_input_leaves_nothing(classifier_run, tmp_path, capsys):
     assert main([*argv, "--output-dir", str(out)]) == 1
     assert "Known behavior kinds" in capsys.readouterr().err
     assert not out.exists()
+    # --budget is partial (and strided) replay's: with another estimator it was ignored silently
+    good = [*base, "--model", str(root / "model"), "--estimator", "aa-fd", "--budget", "0.1"]
+    assert main(good) == 1
+    err = capsys.readouterr().err
+    assert "Estimator 'aa-fd' has no option 'budget'. It is an option of auto, partial-replay" in err
+    assert not out.exists()
 
 
 if __name__ == "__main__":  # pragma: no cover
