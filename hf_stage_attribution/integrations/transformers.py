@@ -138,6 +138,14 @@ class StageRecorder(TrainerCallback):
         step = int(state.global_step)
         current = next((p for p in self._parts if p.start <= step < p.end), None)
         if current is None:
+            if int(state.max_steps) <= 0 and state.is_world_process_zero:
+                warnings.warn(
+                    f"StageRecorder: this train() takes no optimizer step (max_steps = {state.max_steps}: "
+                    f"num_train_epochs = {getattr(args, 'num_train_epochs', None)!r}, or an empty dataset), so "
+                    f"nothing is recorded for stage {self.stage_name!r}.",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return control  # resuming a run that had already finished: nothing left to record
         if step > 0:
             self._check_resumable(current, step)
@@ -240,6 +248,12 @@ class StageRecorder(TrainerCallback):
             tail = "; the learning rates of the missing steps are absent from the record."
         elif any(s.name == f"untracked-before-{part.name}" for s in recording.ledger.stages):
             tail = ": their parameter change is recorded as the 'untracked' stage before it."
+        elif recording.ledger.exists and recording.ledger.stages:
+            # begin() found the model at the ledger's final state (else it would have recorded an untracked stage)
+            tail = (
+                f": the stage starts at the resumed state, where the ledger's last stage "
+                f"{recording.ledger.stages[-1].name!r} ends, and holds the steps this run takes from there."
+            )
         else:
             tail = ": they are not recorded (the ledger starts at the resumed state)."
         message = (
@@ -304,6 +318,14 @@ class StageRecorder(TrainerCallback):
             return
         ledger = self.ledger
         names = [s.name for s in ledger.stages] if ledger.exists else []
+        if part.name in names and ledger.stage(part.name).num_steps == step - part.start:
+            raise LedgerError(
+                f"Stage {part.name!r} in {self.ledger_dir} finished after {step - part.start} step(s), at global step "
+                f"{step}, where this run resumes; this run goes on to step {part.end} (max_steps or "
+                "num_train_epochs raised after it finished?). A finished stage is not extended: record the "
+                f"continuation as a new stage, e.g. StageRecorder({str(self.ledger_dir)!r}, "
+                f"'{part.name}-continued')."
+            )
         if part.name in names:
             raise LedgerError(
                 f"Resuming at global step {step} inside stage {part.name!r} (steps {part.start}..{part.end}), but "

@@ -324,6 +324,14 @@ class LedgerCore:
             "chain_hash": chain,
             "files": files,
         }
+        try:  # the checks every reader makes, before the index lists the stage: a stage that fails them made the
+            Stage(self.dir, entry, self._shapes)  # whole ledger unreadable, earlier stages included
+        except StageAttributionError as exc:
+            raise type(exc)(
+                f"{exc} Stage {name!r} was not added to {self.dir / LEDGER_FILE} (the ledger is as before); its "
+                f"folder {entry['dir']} is left as an incomplete stage: `hf-stage-attribution inspect {self.dir} "
+                "--remove-incomplete` removes it. Please report this: the recorder wrote a stage it cannot read."
+            ) from exc
         new_manifest = dict(manifest, stages=[*manifest["stages"], entry])
         atomic_write_json(self.dir / LEDGER_FILE, new_manifest)
         self._reload()

@@ -571,6 +571,18 @@ class StageRecording:
             if n not in self._snapshot and n not in self._lora and end_digests.get(n) != self.start_digests.get(n)
         ]  # fmt: skip
         other_lora = [n for n in self._lora if self._lora[n].layer_type == "other"]
+        if not self.learning_rates:
+            moved = sum(1 for n, d in end_digests.items() if d != self.start_digests.get(n))
+            warnings.warn(
+                f"Stage {self.name!r} ended after 0 optimizer steps (`step()` was never called on its recording): "
+                + (
+                    "no parameter changed, so it records nothing but a zero delta. "
+                    if not moved
+                    else f"{moved} parameter tensor(s) changed without a recorded step; the delta holds that change. "
+                )
+                + "Call `rec.step()` after each `optimizer.step()` (StageRecorder does it for a Trainer).",
+                stacklevel=3,
+            )
         if frozen_changed:
             warnings.warn(
                 f"Stage {self.name!r}: {len(frozen_changed)} parameter(s) without requires_grad changed during the "
@@ -629,7 +641,7 @@ class StageRecording:
                 },
                 "dense_modules": other_lora,
             }
-        segments = self._capture.finish(files)
+        segments = self._capture.finish(files, completed=len(self.learning_rates))
         if self.num_steps is not None and segments == [] and self._capture.planned and self.learning_rates:
             warnings.warn(f"Stage {self.name!r}: no curvature segment reached its midpoint.", stacklevel=3)
         if self.curvature_segments and self.num_steps is None and (self.loss_fn or self.curvature_loss):

@@ -182,14 +182,29 @@ class SegmentCapture:
             )
         return out
 
-    def finish(self, files: dict[str, str]) -> list[dict]:
-        """Flush what is pending; return the ``stage.json`` entries of segments whose midpoint was reached."""
+    def finish(self, files: dict[str, str], completed: int | None = None) -> list[dict]:
+        """Flush what is pending; return the ``stage.json`` entries of segments whose midpoint was reached.
+
+        ``completed``: the steps the stage actually took. A stage stopped early (an early-stopping callback, a
+        ``break`` in the loop) ends before its planned ``num_steps``: a segment whose midpoint was reached keeps its
+        material with its end cut to the last step taken, one whose midpoint was not is left out (the plan is
+        made before the first step).
+
+        Example:
+            >>> import tempfile
+            >>> capture = SegmentCapture(Path(tempfile.mkdtemp()), plan_segments(8, 2), cap=4)
+            >>> capture._status[1]["mid_written"] = True  # as if step 6 (the second midpoint) had been reached
+            >>> [(s["step_start"], s["mid_step"], s["step_end"]) for s in capture.finish({}, completed=7)]
+            [(4, 6, 7)]
+        """
         self._flush()
         out = []
         for i, ((a, b, mid), status) in enumerate(zip(self.plan, self._status)):
             d = self.stage_dir / "segments" / str(i)
-            if not status["mid_written"]:
+            if not status["mid_written"] or (completed is not None and mid >= completed):
                 continue
+            if completed is not None:
+                b = min(b, completed)
             for path in sorted(d.glob("*.safetensors")):
                 files[str(path.relative_to(self.stage_dir))] = file_sha256(path)
             out.append(
