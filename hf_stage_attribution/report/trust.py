@@ -402,6 +402,11 @@ def assess_trust(
             why.append(f"top two stages' intervals overlap ({first} and {second})")
     if not checks:
         why.insert(0, "nothing to check it against (no replay, no second estimate)")
+    elif not sized:  # the sibling reads the same stage embeddings: it checks the read-out, not the embeddings
+        named = f"{', '.join(same)} gave the same numbers as {estimator}" if same else "no second estimate ran"
+        readers = [c for c in checks if c != "linearisation gap"]
+        what = f"{', '.join(readers)} read(s) the same stage embeddings" if readers else "only the read-outs compared"
+        why.append(f"no independent second opinion ({named}; {what})")
     if why:
         text = "; ".join(why)
         return _finish(UNRELIABLE, f"estimated — unreliable: {text}", f"Not checked by replay; {text}.", evidence)

@@ -88,7 +88,9 @@ def test_the_last_stage_of_a_finite_difference_estimate_is_exact_so_its_linear_r
     its gap) measures the linear read-out's own error, not the estimate's. The same numbers with the linear
     read-out as the estimate keep that gap: it *is* the estimate's error then."""
     ours, linear = [0.2, 0.6, -0.3, 2.0], [0.21, 0.58, -0.29, -0.9]  # dpo read linearly: wrong sign, not the top
-    fd = _report(ours, {"partial-replay-linear": linear}, sd=0.0, estimator="partial-replay")
+    strided = [0.22, 0.55, -0.31, 2.0]  # the independent check of a replaying estimate
+    opinions = {"partial-replay-linear": linear, "strided-replay": strided}
+    fd = _report(ours, opinions, sd=0.0, estimator="partial-replay")
     t = fd.trust("f")
     assert t["verdict"] == "agree" and t["evidence"]["exact_stages"] == ["dpo"]
     assert fd.diagnostics["f"].linearisation_gap["dpo"]["fd_exact"] is True  # still shown, marked
@@ -166,7 +168,7 @@ def test_overlapping_intervals_of_the_top_two_stages_are_unreliable():
     assert t["verdict"] == "unreliable" and t["evidence"]["top_two_intervals_overlap"] is True
     assert "top two stages' intervals overlap (sft and lora)" in t["label"]
     # the same means with tight intervals agree
-    assert _report(close, {"aa-fd": close}, sd=0.01).trust("f")["verdict"] == "agree"
+    assert _report(close, {"aa-fd": close, "delta-fd": close}, sd=0.01).trust("f")["verdict"] == "agree"
 
 
 def test_a_second_opinion_with_the_same_numbers_is_not_counted_as_a_check():
@@ -178,8 +180,17 @@ def test_a_second_opinion_with_the_same_numbers_is_not_counted_as_a_check():
     assert alone["label"] == "estimated — unreliable: nothing to check it against (no replay, no second estimate)"
     with_sibling = _report(OURS, {**same, "aa-linear": [0.21, 1.9, -0.58, 0.1]}, sd=0.0, estimator="aa-fd")
     t = with_sibling.trust("f")
+    # the sibling reads the same stage embeddings: it checks the read-out, not the propagation (an auditor's case:
+    # the card said "estimators agree" with nothing independent behind it)
+    assert t["verdict"] == "unreliable" and t["evidence"]["same_as_estimate"] == ["delta-fd"]
+    assert t["label"] == (
+        "estimated — unreliable: no independent second opinion (delta-fd gave the same numbers as aa-fd; aa-linear "
+        "read(s) the same stage embeddings)"
+    )
+    independent = {**same, "aa-linear": [0.21, 1.9, -0.58, 0.1], "aa-ggn-fd": [0.25, 1.8, -0.5, 0.12]}
+    t = _report(OURS, independent, sd=0.0, estimator="aa-fd").trust("f")
     assert t["verdict"] == "agree" and t["evidence"]["same_as_estimate"] == ["delta-fd"]
-    assert "aa-linear, linearisation gap agree(s) with aa-fd" in t["reason"]
+    assert "aa-linear, aa-ggn-fd, linearisation gap agree(s) with aa-fd" in t["reason"]
     assert "delta-fd gave the same numbers as aa-fd" in t["reason"]
     nearly = _report(OURS, {"delta-fd": [0.2, 2.0, -0.6, 0.1001]}, sd=0.0, estimator="aa-fd").trust("f")
     assert "same_as_estimate" not in nearly["evidence"] and nearly["verdict"] == "agree"  # a real, if small, change
@@ -209,7 +220,9 @@ def test_a_report_without_a_verdict_is_assessed_from_its_stored_figures():
     rep = _report(OURS, {"aa-fd": [0.21, 1.9, -0.58, 0.1]})
     rep.diagnostics["f"].trust = {}  # as written before verdicts existed
     t = rep.trust("f")
-    assert t["verdict"] == "agree" and "assessed_from" in t["evidence"]  # the linearisation pair's two readings
+    # such a report stored the linearisation pair's two readings, no independent second opinion
+    assert t["verdict"] == "unreliable" and "assessed_from" in t["evidence"]
+    assert "no independent second opinion (no second estimate ran; aa-fd read(s) the same" in t["label"]
     for row, truth in zip(rep.rows, [2.5, 1.8, -0.5, 0.1]):
         row.replay_effect = truth
     assert rep.trust("f")["label"].startswith("unreliable: replay disagrees — replay names pretraining")
@@ -219,7 +232,7 @@ def test_a_report_without_a_verdict_is_assessed_from_its_stored_figures():
                             "scale_free_error_per_behavior": {"f": 0.1}}}  # fmt: skip
     assert rep.trust("f")["label"] == "verified by replay"  # a one-behavior fidelity is this behavior's
     rep.fidelity["all"]["scale_free_error_per_behavior"] = {"f": 0.1, "g": 0.2}
-    assert rep.trust("f")["verdict"] == "agree"  # pooled over behaviors: not this behavior's
+    assert rep.trust("f") == t  # pooled over behaviors: not this behavior's, so the stored figures decide
 
 
 def test_compare_and_spearman_match_their_definitions():
@@ -264,7 +277,7 @@ def test_the_attributor_gives_every_behavior_a_verdict_from_the_evidence_it_ran(
 
 
 def test_replay_run_separately_replaces_the_estimated_verdict():
-    rep = _report(OURS, {"aa-fd": [0.21, 1.9, -0.58, 0.1]})
+    rep = _report(OURS, {"aa-fd": [0.21, 1.9, -0.58, 0.1], "delta-fd": [0.3, 1.7, -0.4, 0.12]})
     assert rep.trust("f")["verdict"] == "agree"
     truth = AttributionReport.build({"f": _effects([2.5, 1.8, -0.5, 0.1])}, estimator="replay", stages=STAGES,
                                     versions={})  # fmt: skip
