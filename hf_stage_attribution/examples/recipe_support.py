@@ -10,7 +10,7 @@ from typing import Any
 
 from ..attributor import StageAttributor
 from ..estimators import fidelity
-from ..model_card import write_model_card
+from ..model_card import strip_attribution, write_model_card
 from ..report.build import json_safe
 
 
@@ -96,7 +96,14 @@ def publish_example_card(card: Any, recipe: str, repo_root: Path) -> Path:
 
 def intervene_top_and_last(intervene: Any, ranks: list[str], out: Path, summary: dict, **save_kwargs: Any) -> None:
     """Scale the top- and the last-ranked stage (``intervene(stage) -> InterventionResult``), print both sweeps,
-    save the top-ranked stage's chosen model under ``out/intervened`` and record everything in ``summary``."""
+    save the top-ranked stage's chosen model under ``out/intervened`` and record everything in ``summary``.
+
+    A ``card_from`` card is copied without its stage-attribution section and key (they describe the unedited
+    model; ``model_card.strip_attribution``), the rest of it byte for byte."""
+    card_from = save_kwargs.pop("card_from", None)
+    if card_from is not None and Path(card_from).is_file():
+        save_kwargs["card_text"] = strip_attribution(Path(card_from).read_bytes().decode("utf-8"))
+        save_kwargs.setdefault("derived_from", Path(card_from).resolve().parent)
     for label, stage in (("top-ranked", ranks[0]), ("last-ranked", ranks[-1])):
         result = intervene(stage)
         print(f"\nIntervention on the {label} stage {stage!r}:\n{result.table()}")  # noqa: T201 (recipe output)

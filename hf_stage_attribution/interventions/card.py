@@ -19,6 +19,7 @@ from typing import Any
 from .._version import __version__
 from ..errors import ModelCardError
 from ..ledger.storage import atomic_write_bytes
+from ..report.text import escape_markdown
 
 SECTION_BEGIN = "<!-- hf-stage-attribution-intervention:begin -->"
 SECTION_END = "<!-- hf-stage-attribution-intervention:end -->"
@@ -47,8 +48,15 @@ def splice(content: str, section: str) -> str:
     )
 
 
-def render_section(result: Any, saved: Any = None, plot_name: str | None = "intervention_sweep.png") -> str:
-    """The markdown section: what was done, the sweep table, the trade-off, the plot and the reload check."""
+def _code(text: str) -> str:
+    return f"`{text}`" if "`" not in text and "\n" not in text and "\r" not in text else escape_markdown(text)
+
+
+def render_section(
+    result: Any, saved: Any = None, plot_name: str | None = "intervention_sweep.png", derived_from: str | None = None
+) -> str:
+    """The markdown section: what was done (and from which model, ``derived_from``, when given), the sweep table,
+    the trade-off, the plot and the reload check."""
 
     point = result.chosen if saved is None else _saved_point(result, saved)
     lines = [SECTION_BEGIN, f"## Intervention: scaling down training stage `{result.stage}`", ""]
@@ -66,6 +74,8 @@ def render_section(result: Any, saved: Any = None, plot_name: str | None = "inte
         )
     else:
         lines.append(f"A sweep of θ_K − α · v over α, v = {what}; no α met the constraint, so no model was chosen.")
+    if derived_from:
+        lines.append(f"It is derived from the model {_code(str(derived_from))}.")
     if saved is not None:
         form = "a LoRA adapter (its B factors scaled by 1 − α)" if saved.form == "adapter" else "a full model"
         lines.append(f"It is saved as {form}.")
@@ -81,11 +91,16 @@ def render_section(result: Any, saved: Any = None, plot_name: str | None = "inte
     if result.replay_note:
         lines.append(f"- {result.replay_note}.")
     lines += ["", "### Sweep", "", result.to_markdown(), ""]
-    lines.append(
+    legend = (
         "`variant`: `original` is the unedited final model, `delta` subtracts α·Δ_k (task-vector negation, for "
-        "comparison), `replay` is the pipeline re-trained without the stage. Accuracies are in percent on held-out "
-        "data; worst-group accuracy is the lowest accuracy over the groups (spurious feature × label)."
+        "comparison), `replay` is the pipeline re-trained without the stage."
     )
+    if result.accuracy_metrics:
+        legend += " Accuracies are in percent on held-out data"
+        if "worst_group" in result.accuracy_metrics:
+            legend += "; worst-group accuracy is the lowest accuracy over the groups (spurious feature × label)"
+        legend += "."
+    lines.append(legend)
     if plot_name:
         lines += ["", f"![Intervention sweep]({plot_name})"]
     if saved is not None and saved.max_difference is not None:
@@ -101,13 +116,19 @@ def _saved_point(result: Any, saved: Any) -> Any:
     return result.point(saved.alpha, saved.variant)
 
 
-def write_card_section(readme: str | Path, result: Any, saved: Any = None, base_text: str | None = None) -> Path:
+def write_card_section(
+    readme: str | Path, result: Any, saved: Any = None, base_text: str | None = None, derived_from: str | None = None
+) -> Path:
     """Write our section into ``readme`` (``base_text`` replaces its current content first, e.g. the original
-    model's card); the rest of the card is kept."""
+    model's card); the rest of the card is kept byte for byte. ``derived_from`` names the edited model."""
 
     path = Path(readme)
-    content = base_text if base_text is not None else (path.read_text(encoding="utf-8") if path.exists() else "")
-    atomic_write_bytes(path, splice(content, render_section(result, saved)).encode("utf-8"))
+    if base_text is not None:
+        content = base_text
+    else:
+        content = path.read_bytes().decode("utf-8") if path.exists() else ""  # bytes: keep \r\n line endings
+    section = render_section(result, saved, derived_from=derived_from)
+    atomic_write_bytes(path, splice(content, section).encode("utf-8"))
     return path
 
 

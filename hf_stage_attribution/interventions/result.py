@@ -147,7 +147,7 @@ class InterventionResult:
 
     def rows(self, groups: bool = True) -> list[list[str]]:
         """Table rows (strings): variant, α, target, utilities (per-group accuracies with ``groups``), meets
-        constraint, chosen."""
+        constraint, chosen. Target and utilities show 4 significant digits."""
         cols = self._columns(groups)
         out = []
         for p in [self.baseline, *self.sweep(), *self.sweep("delta" if self.kind != "delta" else "-"),
@@ -155,7 +155,7 @@ class InterventionResult:
             mark = "*" if p is self.chosen else ""
             ok = "" if p.feasible is None else ("yes" if p.feasible else "no")
             out.append(
-                [p.variant, f"{p.alpha:g}", f"{p.target:+.4g}", *[f"{p.metrics[c]:.2f}" for c in cols], ok, mark]
+                [p.variant, f"{p.alpha:g}", f"{p.target:+.4g}", *[f"{p.metrics[c]:.4g}" for c in cols], ok, mark]
             )
         return out
 

@@ -161,18 +161,25 @@ def save_intervention(
     variant: str | None = None,
     tokenizer: Any = None,
     card_from: str | Path | None = None,
+    card_text: str | None = None,
+    derived_from: str | Path | None = None,
     verify: bool = True,
     overwrite: bool = False,
 ) -> SavedIntervention:
     """Save the chosen model (or ``alpha``/``variant``) with ``save_pretrained`` into ``output_dir``.
 
-    Also writes ``README.md`` (the card of ``card_from``, or the one ``save_pretrained`` wrote, with an
-    intervention section between markers), ``intervention.json`` (the sweep, the choice, the saved figures) and
-    ``intervention_sweep.png``. With ``verify`` the model is reloaded from disk and re-evaluated; the largest
-    difference to the evaluated figures is recorded. No α met the constraint and no ``alpha`` given: an
-    :class:`InterventionError`, nothing written.
+    Also writes ``README.md`` (``card_text``, else the card file ``card_from`` as it is, else the one
+    ``save_pretrained`` wrote, with an intervention section between markers that names ``derived_from``, default
+    the folder of ``card_from``), ``intervention.json`` (the sweep, the choice, the saved figures) and
+    ``intervention_sweep.png``. The source model's attribution section does not describe the edited weights: pass
+    ``card_text=hf_stage_attribution.model_card.strip_attribution(source_card_text)`` rather than ``card_from`` for
+    a card that has one (the ``intervene`` command does). With ``verify`` the model is reloaded from disk and
+    re-evaluated; the largest difference to the evaluated figures is recorded. No α met the constraint and no
+    ``alpha`` given: an :class:`InterventionError`, nothing written.
     """
 
+    if card_from is not None and card_text is not None:
+        raise InterventionError("Pass card_from (a card file) or card_text (its text), not both.")
     point = _resolve_point(result, alpha, variant)
     out = Path(output_dir)
     if not overwrite and any((out / name).exists() for name in ("config.json", "adapter_config.json", SWEEP_JSON)):
@@ -180,7 +187,9 @@ def save_intervention(
     model, form = materialize(result, point.alpha, point.variant)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    card_text = Path(card_from).read_text(encoding="utf-8") if card_from else None
+    if card_from:
+        card_text = Path(card_from).read_bytes().decode("utf-8")  # bytes: its line endings are kept
+        derived_from = derived_from if derived_from is not None else Path(card_from).parent
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -196,7 +205,9 @@ def save_intervention(
     payload = {**result.to_dict(), "saved": saved.to_dict()}
     (out / SWEEP_JSON).write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     saved.files["json"] = str(out / SWEEP_JSON)
-    saved.files["readme"] = str(write_card_section(out / "README.md", result, saved, base_text=card_text))
+    source = str(derived_from) if derived_from is not None else None
+    readme = write_card_section(out / "README.md", result, saved, base_text=card_text, derived_from=source)
+    saved.files["readme"] = str(readme)
     return saved
 
 

@@ -9,6 +9,8 @@
     >>> "training-stage attribution" in open(readme).read()
     True
 
+``strip_attribution`` removes the section and the YAML key again, for the card of a model derived from this one.
+
 ``keep_section_callback`` returns a ``transformers.TrainerCallback`` (transformers is imported only then).
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .card_text import METADATA_KEY, SECTION_BEGIN, SECTION_END
+from .card_text import METADATA_KEY, SECTION_BEGIN, SECTION_END, strip_attribution
 from .writer import (
     PLOT_NAME,
     SIDECAR_NAME,
@@ -55,5 +57,6 @@ __all__ = [
     "keep_section_callback",
     "push_card",
     "render_section",
+    "strip_attribution",
     "write_model_card",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from urllib.parse import quote
 import jinja2
 import yaml
 
+from .._internal.distributed import process_group_initialized
 from .._internal.notices import harmless_log_messages_dropped
 from ..errors import ModelCardError, ReportError
 from ..report.attribution import AttributionReport
@@ -56,11 +58,22 @@ class ModelCardFiles:
 
 
 def _is_main_process() -> bool:
-    try:
-        from accelerate import PartialState
-    except ImportError:  # accelerate is a dependency, but keep the writer usable without it
-        return int(os.environ.get("RANK", "0")) == 0
-    return bool(PartialState().is_main_process)
+    """Whether this process writes the card: rank 0 of an initialised torch.distributed process group; else rank 0
+    by the launcher's ``RANK`` (or ``LOCAL_RANK``) environment variable, as torchrun and ``accelerate launch`` set
+    it; else the main process of accelerate's state when something initialised one; else True. Creates no
+    distributed state (a plain ``PartialState()`` on CPU would see one process on every rank, and each would write).
+    """
+    if process_group_initialized():  # torch.distributed is imported then: no import (or torch) needed here
+        return sys.modules["torch.distributed"].get_rank() == 0
+    for name in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value.lstrip("-").isdigit():
+            return int(value) == 0
+    state = sys.modules.get("accelerate.state")
+    partial_state = getattr(state, "PartialState", None)
+    if partial_state is not None and partial_state._shared_state:  # initialised by the caller: its answer
+        return bool(partial_state().is_main_process)
+    return True
 
 
 def _safe_code(text: Any) -> str:

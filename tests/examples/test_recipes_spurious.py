@@ -56,7 +56,9 @@ def test_spurious_digits_small_ranks_the_patch_stage_first(tmp_path):
     assert summary["saved"]["max_difference"] < 1e-5
     intervened = (tmp_path / "digits" / "intervened" / "README.md").read_text(encoding="utf-8")
     assert "## Intervention: scaling down training stage `patch`" in intervened
-    assert "## Accountability: training-stage attribution" in intervened  # the original card is kept
+    # the source card is kept without its accountability section, which describes the unedited model
+    assert "## Accountability: training-stage attribution" not in intervened and "stage_attribution:" not in intervened
+    assert "It is derived from the model" in intervened
 
 
 def test_toxicity_classifier_minilm_small_ranks_the_refresh_stage_first_and_scaling_it_down_helps(tmp_path):
