@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .._internal.distributed import is_main_process
 from ..behaviors.loading import load_tokenizer
 from ..errors import InterventionError, ModelCardError
 from ..interventions.metrics import Constraint, load_target, load_utilities
@@ -143,8 +144,6 @@ def source_card(model_dir: str | Path) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     check_output_dir(args.output_dir)  # before the sweep: a file there would only fail at the end
     alphas = check_alphas(_alphas(args.alphas))
     constraint = constraint_from_args(args)
@@ -156,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_cli_model(args.model, trust)
     options = {"allow_identity_propagation": True} if args.allow_identity_propagation else None
     console = Console(verbose=getattr(args, "verbose", False))
-    main_process = PartialState().is_main_process
+    main_process = is_main_process()  # rank 0 also on CPU under torchrun (a plain PartialState() saw one process)
     phase = console.phase(f"sweeping stage {args.stage} over {len(alphas)} scales") if main_process else None
     with phase or console.captured():  # a replayed Trainer's log dicts must not mix into the table or the JSON
         result = scale_stage(

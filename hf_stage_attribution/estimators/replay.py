@@ -31,6 +31,13 @@ Trainer gets the form from ``integrations.replay.with_gradient_reuse(TrainerClas
 stages with replay data support it through ``replay_trainer_stage(stage, model, grad_every=s)`` (not GRPO/RLOO,
 which generate inside the training step).
 
+**Several processes.** Under torchrun / ``accelerate launch`` every process replays every stage whole (the
+attributor splits the behaviour examples, not the training): a stage recorded in a world of another size
+(typically one process) is re-run as a single-process run inside each process
+(:func:`~hf_stage_attribution.integrations.replay.replay_world`: its Trainer neither wraps the model in DDP nor
+splits the data), so 2 processes give the answer of 1; a stage recorded in a world of the current size is re-run
+in that world.
+
 Replay works on a copy of the final model (a ``PeftModel`` is unloaded to its base model first). Its memory is one
 model copy plus what one training step of a stage needs: a stage's gradients are released when it ends, a
 step-limited stage's optimizer moments are handed on without a copy, and each counterfactual model is released
@@ -73,6 +80,7 @@ from ..integrations.replay import (
     optimizer_state_by_name,
     reference_problem,
     replay_trainer_stage,
+    replay_world,
     stop_after_steps_callback,
 )
 from ..ledger.core import LedgerCore
@@ -355,7 +363,9 @@ def run_stage(
         kwargs["callbacks"] = [stop]
     if grad_every > 1:
         kwargs["grad_every"] = grad_every
-    with frozen_gc():  # speed only: the full collections of a Trainer inside fn scan just the new objects
+    # frozen_gc for speed only: the full collections of a Trainer inside fn scan just the new objects; replay_world:
+    # a Trainer built by fn in a multi-process world trains the 1-process recording as one process, not with DDP
+    with replay_world(stage, model), frozen_gc():
         result = fn(model, info, **kwargs) if _takes_info(fn) else fn(model, **kwargs)
     if stop is not None and stop.stopped_at is None:
         raise PartialReplayError(

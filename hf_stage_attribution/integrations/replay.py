@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .._internal.distributed import replays_alone, single_process_world
 from .._internal.hashing import combine_digests
 from .._internal.memory import collections_of_new_objects
 from .._internal.model_state import clean_copy
@@ -91,6 +92,50 @@ def frozen_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def recorded_world_size(stage: Any) -> int:
+    """The number of processes ``stage`` was trained in (the Trainer callback records it; 1 when not recorded).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> recorded_world_size(SimpleNamespace(info={"world_size": 2})), recorded_world_size(SimpleNamespace())
+        (2, 1)
+    """
+    info = getattr(stage, "info", None)
+    value = info.get("world_size") if isinstance(info, dict) else None
+    try:
+        return max(1, int(value or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+@contextlib.contextmanager
+def replay_world(stage: Any, model: Any = None) -> Iterator[None]:
+    """The process world a replay of ``stage`` trains in: in a multi-process world (torchrun, ``accelerate
+    launch``) whose size differs from the stage's recorded one (:func:`recorded_world_size`, typically 1), a
+    single-process run (:func:`~hf_stage_attribution._internal.distributed.single_process_world`): each process of a
+    multi-process attribution replays the whole stage for its share of the behaviour examples, so its Trainer must
+    neither wrap the model in DDP nor split the data across the processes — the trajectory is the recorded one and
+    2 processes give the answer of 1. A stage recorded in a world of the current size replays in that world, as it
+    was trained. Elsewhere (one process) nothing changes.
+
+    ``model``, when given, is moved back to the device its parameters were on at entry if a single-process run moved
+    it (on an accelerator a single-process Trainer trains on the first device, not this process's own).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> with replay_world(SimpleNamespace(info={"world_size": 1})):  # one process here: as it is
+        ...     pass
+    """
+    if not replays_alone(recorded_world_size(stage)):
+        yield
+        return
+    device = next((p.device for p in model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    with single_process_world():
+        yield
+    if device is not None and any(p.device != device for p in model.parameters()):
+        model.to(device)
 
 
 def import_class(entry: dict, what: str) -> Any:
@@ -348,7 +393,8 @@ def replay_trainer_stage(
     }
     output_dir = tempfile.mkdtemp(prefix="hsa-replay-")
     try:
-        with frozen_gc(), harmless_warnings_ignored(), library_progress_bars_off():  # not the user's training
+        # not the user's training; a 1-process recording replays as one process in each process of a larger world
+        with replay_world(stage, model), frozen_gc(), harmless_warnings_ignored(), library_progress_bars_off():
             return _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given)
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)

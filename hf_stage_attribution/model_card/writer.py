@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from urllib.parse import quote
 import jinja2
 import yaml
 
-from .._internal.distributed import process_group_initialized
+from .._internal.distributed import is_main_process
 from .._internal.notices import harmless_log_messages_dropped
 from ..errors import ModelCardError, ReportError
 from ..report.attribution import AttributionReport
@@ -55,25 +54,6 @@ class ModelCardFiles:
     sidecar: Path
     plot: Path | None
     pushed: str | None = None
-
-
-def _is_main_process() -> bool:
-    """Whether this process writes the card: rank 0 of an initialised torch.distributed process group; else rank 0
-    by the launcher's ``RANK`` (or ``LOCAL_RANK``) environment variable, as torchrun and ``accelerate launch`` set
-    it; else the main process of accelerate's state when something initialised one; else True. Creates no
-    distributed state (a plain ``PartialState()`` on CPU would see one process on every rank, and each would write).
-    """
-    if process_group_initialized():  # torch.distributed is imported then: no import (or torch) needed here
-        return sys.modules["torch.distributed"].get_rank() == 0
-    for name in ("RANK", "LOCAL_RANK"):
-        value = os.environ.get(name, "").strip()
-        if value.lstrip("-").isdigit():
-            return int(value) == 0
-    state = sys.modules.get("accelerate.state")
-    partial_state = getattr(state, "PartialState", None)
-    if partial_state is not None and partial_state._shared_state:  # initialised by the caller: its answer
-        return bool(partial_state().is_main_process)
-    return True
 
 
 def _safe_code(text: Any) -> str:
@@ -407,7 +387,7 @@ def write_model_card(
         report = AttributionReport.from_json(report)
     if not isinstance(report, AttributionReport):
         raise ReportError(f"Expected an AttributionReport or the path of its JSON, got {type(report).__name__}.")
-    if not _is_main_process():
+    if not is_main_process():
         return None
     readme = _readme_path(readme_path)
     _write_target(readme)  # a broken symlink is refused before anything is written
