@@ -27,9 +27,9 @@ STRIDED_REPLAY = "strided-replay"
 #: For ``aa-fd`` (``auto`` without replay or curvature material) it gives the same numbers wherever the later stages
 #: carry an update unchanged (Adam without weight decay), and the verdict then does not count it
 #: (``same_as_estimate``) and, with no other second opinion, says "unreliable: no independent second opinion" (the
-#: linear sibling reads the same embeddings). Measured (BENCHMARKS.md §1, six pipelines, before that rule, when the
-#: sibling alone could make "agree"): aa-fd's "agree" named replay's top stage in 50 of 55 behaviors (replay verified
-#: 43), aa-ggn's in 20 of 21 (20).
+#: linear sibling reads the same embeddings). Measured (BENCHMARKS.md §1, seven pipelines): aa-fd's "agree" named
+#: replay's top stage in 23 of 32 behaviors (replay verified 15), aa-ggn's in 12 of 13 (12); before that rule, when
+#: the sibling alone could make "agree", aa-fd's were 54 of 64 (43).
 DEFAULT_SECOND_OPINION = "delta-fd"
 #: the second opinion of a replaying estimate: the other replay family at the same budget. Partial replay runs the
 #: next stage's first steps exactly and carries the rest to first order; strided replay runs every later stage with
