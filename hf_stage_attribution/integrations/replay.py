@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .._internal.distributed import replays_alone, single_process_world
+from .._internal.distributed import replays_alone, single_process_world, world_size
 from .._internal.hashing import combine_digests
 from .._internal.memory import collections_of_new_objects
 from .._internal.model_state import clean_copy
@@ -128,7 +128,18 @@ def replay_world(stage: Any, model: Any = None) -> Iterator[None]:
         >>> with replay_world(SimpleNamespace(info={"world_size": 1})):  # one process here: as it is
         ...     pass
     """
-    if not replays_alone(recorded_world_size(stage)):
+    recorded, current = recorded_world_size(stage), world_size()
+    if recorded > 1 and recorded != current:  # measured: a 2-process recording replayed in 1 process, θ_K off by 0.06
+        where = "1 process" if current == 1 else f"{current} processes, each as one process"
+        warnings.warn(
+            f"Stage {getattr(stage, 'name', '?')!r} was recorded in {recorded} processes (DDP) and is replayed in "
+            f"{where}: each step sees other data than in the recorded run, so this replay, and the estimates and "
+            f"verdicts built on it, are not the recorded training. Run the attribution in {recorded} processes "
+            f"(torchrun --nproc_per_node {recorded}) to replay it as recorded.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if not replays_alone(recorded):
         yield
         return
     device = next((p.device for p in model.parameters()), None) if isinstance(model, torch.nn.Module) else None

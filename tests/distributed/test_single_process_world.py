@@ -4,6 +4,7 @@ after it (in one process, the launcher's world simulated by its environment vari
 from __future__ import annotations
 
 import os
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -55,6 +56,23 @@ def test_replay_world_isolates_only_a_recording_of_another_size(monkeypatch):
         assert "WORLD_SIZE" not in os.environ
     assert os.environ["WORLD_SIZE"] == "2"
     assert recorded_world_size(SimpleNamespace(info={})) == 1  # not recorded (custom loop): one process
+
+
+def test_a_recording_of_more_processes_replayed_in_another_world_says_it_is_not_the_recorded_run(monkeypatch):
+    """Measured (a throwaway torchrun script): two Trainer stages recorded in 2 processes replay to θ_K within 4e-9
+    in 2 processes, but 0.06 away in 1 process (each step sees other data); that replay is no ground truth."""
+    two = SimpleNamespace(name="sft", info={"world_size": 2})
+    recorded_in_two = r"'sft' was recorded in 2 processes .* replayed in 1 process: .*torchrun --nproc_per_node 2"
+    with pytest.warns(UserWarning, match=recorded_in_two), replay_world(two):
+        pass
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.warns(UserWarning, match=r"replayed in 4 processes, each as one process"), replay_world(two):
+        pass
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with replay_world(two), replay_world(SimpleNamespace(name="a", info={"world_size": 1})):
+            pass
 
 
 def test_stage_functions_run_in_a_single_process_world(monkeypatch):
