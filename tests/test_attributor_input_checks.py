@@ -6,23 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_stage_attribution import StageAttributor, StageLedger
+from hf_stage_attribution import StageAttributor
 from hf_stage_attribution.errors import BehaviorError, BudgetError, EstimatorError, ReportError
+from tests.helpers.tiny import linear_ledger
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(2, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ledger = StageLedger(tmp_path_factory.mktemp("ledger"))
-    for name in ("sft", "dpo"):
-        with ledger.record_stage(name, model=model, optimizer=opt) as rec:
-            opt.zero_grad()
-            model(torch.ones(1, 2)).sum().backward()
-            opt.step()
-            rec.step()
-    return ledger, model
+    return linear_ledger(tmp_path_factory.mktemp("ledger"), ("sft", "dpo"), seed=0)
 
 
 def output(model: torch.nn.Module) -> torch.Tensor:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from .._internal.distributed import is_main_process
 from ..behaviors.loading import load_tokenizer
-from ..errors import InterventionError, ModelCardError
+from ..errors import InterventionError
 from ..interventions.metrics import Constraint, load_target, load_utilities
 from ..interventions.sweep import check_alphas, resolve_stage, scale_stage
 from ..ledger import StageLedger
-from ..model_card import strip_attribution
+from ..model_card import derived_card_text
 from .attribute_cmd import check_output_dir, load_cli_model
 from .console import Console
 
@@ -118,38 +118,13 @@ def _tokenizer(path: str, trust_code: bool = False):
     return load_tokenizer(path, trust_code=trust_code)
 
 
-def source_card(model_dir: str | Path) -> str | None:
-    """The text of ``model_dir``'s README for the edited model's card: the user's own text and YAML kept byte for
-    byte, the stage-attribution section and its ``stage_attribution`` key removed (they describe the unedited
-    model, and their sidecar files are not copied). None without a README, or when nothing but ours was in it
-    (the edited model then keeps the card ``save_pretrained`` wrote, if any).
-
-    Example:
-        >>> import tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> _ = (folder / "README.md").write_text("---\\nlicense: mit\\nstage_attribution: {}\\n---\\n# Mine\\n")
-        >>> source_card(folder)
-        '---\\nlicense: mit\\n---\\n# Mine\\n'
-    """
-    card = Path(model_dir) / "README.md"
-    if not card.is_file():
-        return None
-    try:
-        text = card.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ModelCardError(
-            f"Expected {card} to be UTF-8 text, it is not ({exc}). Fix or remove the README and retry."
-        ) from exc
-    return strip_attribution(text) or None
-
-
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output_dir)  # before the sweep: a file there would only fail at the end
     alphas = check_alphas(_alphas(args.alphas))
     constraint = constraint_from_args(args)
     ledger = StageLedger.load(args.ledger_dir)
     resolve_stage(ledger, args.stage)  # a clear error before the (slow) model and data loading
-    card_text = source_card(args.model)  # a broken card fails here, not after the sweep
+    card_text = derived_card_text(args.model)  # a broken card fails here, not after the sweep
     trust = args.trust_code
     target, utilities = load_target(args.target, trust_code=trust), load_utilities(args.utility, trust_code=trust)
     model = load_cli_model(args.model, trust)

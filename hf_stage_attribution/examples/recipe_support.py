@@ -10,7 +10,7 @@ from typing import Any
 
 from ..attributor import StageAttributor
 from ..estimators import fidelity
-from ..model_card import strip_attribution, write_model_card
+from ..model_card import derived_card_text, write_model_card
 from ..report.build import json_safe
 
 
@@ -102,7 +102,7 @@ def intervene_top_and_last(intervene: Any, ranks: list[str], out: Path, summary:
     model; ``model_card.strip_attribution``), the rest of it byte for byte."""
     card_from = save_kwargs.pop("card_from", None)
     if card_from is not None and Path(card_from).is_file():
-        save_kwargs["card_text"] = strip_attribution(Path(card_from).read_bytes().decode("utf-8"))
+        save_kwargs["card_text"] = derived_card_text(card_from)
         save_kwargs.setdefault("derived_from", Path(card_from).resolve().parent)
     for label, stage in (("top-ranked", ranks[0]), ("last-ranked", ranks[-1])):
         result = intervene(stage)

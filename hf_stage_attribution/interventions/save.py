@@ -172,10 +172,10 @@ def save_intervention(
     ``save_pretrained`` wrote, with an intervention section between markers that names ``derived_from``, default
     the folder of ``card_from``), ``intervention.json`` (the sweep, the choice, the saved figures) and
     ``intervention_sweep.png``. The source model's attribution section does not describe the edited weights: pass
-    ``card_text=hf_stage_attribution.model_card.strip_attribution(source_card_text)`` rather than ``card_from`` for
-    a card that has one (the ``intervene`` command does). With ``verify`` the model is reloaded from disk and
-    re-evaluated; the largest difference to the evaluated figures is recorded. No α met the constraint and no
-    ``alpha`` given: an :class:`InterventionError`, nothing written.
+    ``card_text=hf_stage_attribution.model_card.derived_card_text(source_model_dir)`` rather than ``card_from`` for
+    a card that has one (the ``intervene`` command and the recipes do). With ``verify`` the model is reloaded from
+    disk and re-evaluated; the largest difference to the evaluated figures is recorded. No α met the constraint and
+    no ``alpha`` given: an :class:`InterventionError`, nothing written.
     """
 
     if card_from is not None and card_text is not None:

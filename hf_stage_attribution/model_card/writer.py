@@ -34,7 +34,15 @@ from ..report.text import (
     interval_label,
     replay_hint,
 )
-from .card_text import METADATA_KEY, SECTION_BEGIN, SECTION_END, splice_metadata, splice_section, split_card
+from .card_text import (
+    METADATA_KEY,
+    SECTION_BEGIN,
+    SECTION_END,
+    splice_metadata,
+    splice_section,
+    split_card,
+    strip_attribution,
+)
 
 SIDECAR_NAME = "stage_attribution.json"
 PLOT_NAME = "stage_attribution.png"
@@ -54,6 +62,36 @@ class ModelCardFiles:
     sidecar: Path
     plot: Path | None
     pushed: str | None = None
+
+
+def read_card(path: str | Path) -> str:
+    """The text of the card at ``path``, read as bytes so that its line endings stay as they are;
+    :class:`ModelCardError` when it is not UTF-8 (nothing is changed)."""
+    readme = Path(path)
+    try:
+        return readme.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelCardError(
+            f"Expected {readme} to be UTF-8 text, it is not ({exc}); the README was not changed."
+        ) from exc
+
+
+def derived_card_text(model_dir: str | Path) -> str | None:
+    """The card of ``model_dir`` (its ``README.md``, or the card file itself when a file is given) for a model derived
+    from it (an intervention): the user's own text and YAML kept
+    byte for byte, the stage-attribution section and its ``stage_attribution`` key removed (they describe the source
+    model's weights, and their sidecar files are not copied). None without a README, or when nothing but ours was in
+    it (the derived model then keeps the card ``save_pretrained`` wrote, if any).
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "README.md").write_text("---\\nlicense: mit\\nstage_attribution: {}\\n---\\n# Mine\\n")
+        >>> derived_card_text(folder)
+        '---\\nlicense: mit\\n---\\n# Mine\\n'
+    """
+    card = Path(model_dir) if Path(model_dir).is_file() else Path(model_dir) / "README.md"
+    return (strip_attribution(read_card(card)) or None) if card.is_file() else None
 
 
 def _safe_code(text: Any) -> str:
@@ -391,12 +429,7 @@ def write_model_card(
         return None
     readme = _readme_path(readme_path)
     _write_target(readme)  # a broken symlink is refused before anything is written
-    try:
-        content = readme.read_bytes().decode("utf-8") if readme.exists() else ""
-    except UnicodeDecodeError as exc:
-        raise ModelCardError(
-            f"Expected {readme} to be UTF-8 text, it is not ({exc}); the README was not changed."
-        ) from exc
+    content = read_card(readme) if readme.exists() else ""
     plot_name = PLOT_NAME if plot else None
     new_content = compose_card(content, report, plot_name, readme, overwrite)
     png = None

@@ -6,13 +6,13 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
 
-from hf_stage_attribution import CurvatureConfig, StageAttributor, StageLedger
+from hf_stage_attribution import CurvatureConfig, StageAttributor
 from hf_stage_attribution.cli.attribute_cmd import curvature_config
 from hf_stage_attribution.cli.main import build_parser
 from hf_stage_attribution.errors import StageAttributionError, UnknownNameError
 from hf_stage_attribution.estimators.curvature.propagation import CURVATURE_PRESETS, curvature_settings
+from tests.helpers.tiny import linear_ledger
 
 
 def test_presets_are_constructors_and_match_the_preset_table():
@@ -41,16 +41,7 @@ def test_unknown_preset_suggests_the_known_ones():
 
 @pytest.fixture
 def ledger_and_model(tmp_path):
-    model = torch.nn.Linear(2, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ledger = StageLedger(tmp_path / "ledger")
-    for name in ("a", "b"):
-        with ledger.record_stage(name, model=model, optimizer=opt) as rec:
-            opt.zero_grad()
-            model(torch.ones(1, 2)).sum().backward()
-            opt.step()
-            rec.step()
-    return ledger, model
+    return linear_ledger(tmp_path / "ledger")
 
 
 def test_attributor_takes_the_typed_config(ledger_and_model):

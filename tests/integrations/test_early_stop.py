@@ -17,6 +17,7 @@ import torch
 import tests.helpers.recording as F
 from hf_stage_attribution import StageLedger, StageRecorder
 from hf_stage_attribution.errors import LedgerError, LedgerFormatError
+from tests.helpers.tiny import linear_ledger
 
 
 def _train(out: Path, ledger: Path, name: str, max_steps: int, stop_at: int | None = None, model=None, **kwargs):
@@ -67,14 +68,7 @@ def test_a_custom_loop_that_breaks_early_gives_a_readable_stage(tmp_path):
 
 def test_a_stage_that_fails_the_readers_checks_is_not_listed(tmp_path):
     """Defence in depth: the index lists a stage only after it passed the checks every reader makes."""
-    model = torch.nn.Linear(2, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ledger = StageLedger(tmp_path / "ledger")
-    with ledger.record_stage("a", model=model, optimizer=opt) as rec:
-        opt.zero_grad()
-        model(torch.ones(1, 2)).sum().backward()
-        opt.step()
-        rec.step()
+    ledger, _ = linear_ledger(tmp_path / "ledger", ("a",))
     bad = ledger.dir / "stages" / "001-b"
     bad.mkdir()
     info = json.loads((ledger.stages[0].dir / "stage.json").read_text())
