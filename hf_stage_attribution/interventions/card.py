@@ -19,7 +19,7 @@ from typing import Any
 from .._version import __version__
 from ..errors import ModelCardError
 from ..ledger.storage import atomic_write_bytes
-from ..report.text import escape_markdown
+from ..report.text import dominant_line_break, escape_markdown
 
 SECTION_BEGIN = "<!-- hf-stage-attribution-intervention:begin -->"
 SECTION_END = "<!-- hf-stage-attribution-intervention:end -->"
@@ -32,14 +32,26 @@ _KIND_TEXT = {
 
 
 def splice(content: str, section: str) -> str:
-    """``content`` with our section replaced (or appended); ModelCardError for broken markers."""
+    """``content`` with our section replaced (or appended); ModelCardError for broken markers. The section's lines
+    end as most lines of ``content`` do (a ``\\r\\n`` card gets ``\\r\\n`` lines).
+
+    Example:
+        >>> splice("# M\\r\\n", SECTION_BEGIN + "\\nx\\n" + SECTION_END).count("\\r\\n")
+        5
+    """
+    line_break = dominant_line_break(content)
+    if line_break != "\n":
+        section = section.replace("\r\n", "\n").replace("\n", line_break)
     begins = [m.start() for m in re.finditer(re.escape(SECTION_BEGIN), content)]
     ends = [m.start() for m in re.finditer(re.escape(SECTION_END), content)]
     if not begins and not ends:
         if not content:
-            return section + "\n"
-        sep = "" if content.endswith("\n\n") else ("\n" if content.endswith("\n") else "\n\n")
-        return content + sep + section + "\n"
+            return section + line_break
+        if content.endswith(line_break * 2) or content.endswith("\n\n"):
+            sep = ""
+        else:
+            sep = line_break if content.endswith("\n") else line_break * 2
+        return content + sep + section + line_break
     if len(begins) == 1 and len(ends) == 1 and begins[0] < ends[0]:
         return content[: begins[0]] + section + content[ends[0] + len(SECTION_END) :]
     raise ModelCardError(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import yaml
 
 from ..errors import ModelCardError
+from ..report.text import dominant_line_break
 
 SECTION_BEGIN = "<!-- hf-stage-attribution:begin -->"
 SECTION_END = "<!-- hf-stage-attribution:end -->"
@@ -45,18 +46,6 @@ class CardParts:
     def yaml_text(self) -> str:
         """The YAML between the fences ('' without front matter)."""
         return "" if self.yaml_start is None else self.head[self.yaml_start : self.yaml_end]
-
-
-def dominant_line_break(text: str) -> str:
-    """The line ending most lines of ``text`` use, ``"\\r\\n"`` or ``"\\n"`` (a tie, or no line at all: ``"\\r\\n"``
-    when there is one, else ``"\\n"``); the ending of the lines the writer adds.
-
-    Example:
-        >>> dominant_line_break("---\\nlicense: mit\\n---\\n# M\\r\\nline\\n"), dominant_line_break("a\\r\\nb\\n")
-        ('\\n', '\\r\\n')
-    """
-    crlf = text.count("\r\n")
-    return "\r\n" if crlf and crlf >= text.count("\n") - crlf else "\n"
 
 
 def _ending(line: str) -> str:

@@ -81,6 +81,18 @@ def _escape_code(ch: str) -> str:
     return f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
 
 
+def dominant_line_break(text: str) -> str:
+    """The line ending most lines of ``text`` use, ``"\\r\\n"`` or ``"\\n"`` (a tie, or no line at all: ``"\\r\\n"``
+    when there is one, else ``"\\n"``); the ending of the lines the card writers add to an existing card.
+
+    Example:
+        >>> dominant_line_break("---\\nlicense: mit\\n---\\n# M\\r\\nline\\n"), dominant_line_break("a\\r\\nb\\n")
+        ('\\n', '\\r\\n')
+    """
+    crlf = text.count("\r\n")
+    return "\r\n" if crlf and crlf >= text.count("\n") - crlf else "\n"
+
+
 def fmt_number(value: float | None, signed: bool = True) -> str:
     """4 significant digits, signed by default; ``n/a`` for None."""
     if value is None:

@@ -154,6 +154,16 @@ def test_card_section_is_replaced_not_duplicated():
         splice(f"{SECTION_END}\n{SECTION_BEGIN}\n", "x")
 
 
+def test_card_section_lines_end_as_the_cards_do():
+    card = "# Model\r\n\r\nText.\r\n"
+    once = splice(card, f"{SECTION_BEGIN}\nfirst\nsecond\n{SECTION_END}")
+    assert once.startswith(card) and "\n" not in once.replace("\r\n", "")
+    twice = splice(once, f"{SECTION_BEGIN}\nthird\n{SECTION_END}")
+    assert twice == card + f"\r\n{SECTION_BEGIN}\r\nthird\r\n{SECTION_END}\r\n"
+    section = f"{SECTION_BEGIN}\nx\n{SECTION_END}"
+    assert splice("# Model\n", section) == f"# Model\n\n{section}\n"
+
+
 # --- bad input ---------------------------------------------------------------------------------------------------
 
 

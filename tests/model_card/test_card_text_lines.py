@@ -13,8 +13,8 @@ from hf_stage_attribution.model_card import (
     strip_attribution,
     write_model_card,
 )
-from hf_stage_attribution.model_card.card_text import dominant_line_break
 from hf_stage_attribution.report import AttributionReport
+from hf_stage_attribution.report.text import dominant_line_break
 
 
 def _report() -> AttributionReport:
