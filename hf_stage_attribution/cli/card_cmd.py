@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "card",
         help="Write (or refresh) the accountability section of a model card.",
-        description="Write the 'Accountability: training-stage attribution' section of README.md from a report.",
+        description="Write the 'Accountability: training-stage attribution' section of README.md from a report, "
+        "with the whole report (stage_attribution.json) and its plot (stage_attribution.png) beside the card.",
     )
     p.add_argument("report_dir", metavar="REPORT_DIR", help="directory holding report.json (or the file itself)")
     p.add_argument(
@@ -24,7 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also push the card to this Hub repo")
     p.add_argument("--create-pr", action="store_true", help="with --push-to-hub, open a pull request")
-    p.add_argument("--overwrite", action="store_true", help="replace a section written for another ledger")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a section written for another ledger, and a "
+        "stage_attribution.json/.png beside the card that is not this ledger's report",
+    )
     p.set_defaults(func=run)
 
 

@@ -32,7 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Train, record, attribute, validate and publish two tiny pipelines (offline).",
         description="Run the offline demo: an LM pipeline and a digits classifier with a spurious feature.",
     )
-    p.add_argument("--output-dir", default="demo_output", help="where ledgers, models, reports and cards go")
+    p.add_argument(
+        "--output-dir",
+        default="demo_output",
+        help="where ledgers, models, reports and cards go (default: demo_output)",
+    )
     p.add_argument("--size", choices=["tiny", "demo"], default="tiny", help="LM pipeline size (default: tiny)")
     p.add_argument("--no-validate", action="store_true", help="skip replay (no fidelity figures)")
     p.add_argument("--only", choices=["lm", "digits"], default=None, help="run one pipeline only")

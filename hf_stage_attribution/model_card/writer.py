@@ -7,6 +7,7 @@ All files are computed in memory and validated before anything is written; each 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ..errors import ModelCardError, ReportError
 from ..report.attribution import AttributionReport
 from ..report.files import atomic_write_bytes
 from ..report.plot import plot_png_bytes
+from ..report.schema import REPORT_FORMAT
 from ..report.text import (
     SIGN_CONVENTION,
     behavior_view,
@@ -253,6 +255,42 @@ def _check_same_ledger(existing: Any, report: AttributionReport, readme: Path) -
             )
 
 
+def _check_sidecars(folder: Path, report: AttributionReport, plot: bool, readme: Path) -> None:
+    """ModelCardError (unless ``overwrite``, checked by the caller) when ``stage_attribution.json`` or ``.png`` in
+    ``folder`` would replace a file the writer did not write for this ledger: a JSON that is not a stage-attribution
+    report, the report of another ledger (another card in the same folder links to it), or a plot without our
+    report beside it. The plot is always written with the report, so a report of this ledger vouches for it."""
+    sidecar, png = folder / SIDECAR_NAME, folder / PLOT_NAME
+    ours = False
+    if sidecar.exists():
+        try:
+            existing = json.loads(sidecar.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            existing = None
+        if not isinstance(existing, dict) or existing.get("format") != REPORT_FORMAT:
+            raise ModelCardError(
+                f"Expected {sidecar} to be absent or a stage-attribution report written by this package (the card "
+                f"links its report under that name), found another file there. Move it away, or pass "
+                f"`overwrite=True` (CLI: --overwrite) to replace it; nothing was written."
+            )
+        theirs, mine = existing.get("ledger") or {}, report.ledger or {}
+        for key in ("fingerprint", "final_hash"):
+            if isinstance(theirs, dict) and theirs.get(key) and theirs.get(key) != mine.get(key):
+                raise ModelCardError(
+                    f"Expected {sidecar} to be absent or this ledger's report, found the report of another ledger "
+                    f"(ledger {key} {theirs.get(key)!r}, this report's {mine.get(key)!r}): another card in "
+                    f"{folder} may link to it. Write {readme.name} in its own folder, or pass `overwrite=True` "
+                    "(CLI: --overwrite) to replace the report and plot; nothing was written."
+                )
+        ours = True
+    if plot and png.exists() and not ours:
+        raise ModelCardError(
+            f"Expected {png} to be absent or the plot of this ledger's report, found a plot with no "
+            f"{SIDECAR_NAME} of this package beside it. Move it away, or pass `overwrite=True` (CLI: --overwrite) "
+            "to replace it; nothing was written."
+        )
+
+
 def _model_card(text: str) -> Any:
     """huggingface_hub's ``ModelCard(text)``, without its log line about a README that has no front matter yet."""
     from huggingface_hub import ModelCard
@@ -403,8 +441,11 @@ def write_model_card(
     ``report`` is an :class:`AttributionReport` or the path of its JSON. The README (created if missing) gets the
     section between stable markers and a ``stage_attribution`` YAML key; ``stage_attribution.json`` (the whole
     report) and ``stage_attribution.png`` (with ``plot=True``) are written beside it. Re-running replaces our
-    section and key and changes nothing else. ``push_to_hub="user/repo"`` then uploads the three files in one
-    commit (a pull request with ``create_pr=True``). Only the main process writes; others return None.
+    section and key and changes nothing else. Those two names are shared by every card in one folder: a
+    ``stage_attribution.json`` that is not this ledger's report (another file, or another ledger's report), or a
+    plot without this ledger's report beside it, raises ModelCardError unless ``overwrite``.
+    ``push_to_hub="user/repo"`` then uploads the three files in one commit (a pull request with ``create_pr=True``).
+    Only the main process writes; others return None.
 
     ``readme_path`` is the model directory (its ``README.md`` is used) or a file whose name ends in ``.md`` (any
     case); anything else (``config.json``, ``notes.txt``) raises ModelCardError before anything is written. A
@@ -432,6 +473,8 @@ def write_model_card(
     content = read_card(readme) if readme.exists() else ""
     plot_name = PLOT_NAME if plot else None
     new_content = compose_card(content, report, plot_name, readme, overwrite)
+    if not overwrite:
+        _check_sidecars(readme.parent, report, plot, readme)
     png = None
     if plot:
         png = plot_png_bytes(report)

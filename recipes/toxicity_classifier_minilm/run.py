@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--identity-term", default=None, help="the identity term (default: the pipeline's)")
     parser.add_argument(
-        "--curvature-segments", type=int, default=None, help="curvature segments per stage (0: none, aa-linear)"
+        "--curvature-segments",
+        type=int,
+        default=None,
+        help="curvature segments per stage (0: none; the default estimator stays partial-replay)",
     )
     parser.add_argument("--no-intervention", action="store_true", help="stop after attribution and the card")
     parser.add_argument(

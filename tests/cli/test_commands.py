@@ -229,3 +229,12 @@ def test_attribute_with_the_cheap_second_opinion(classifier_run, tmp_path, capsy
     with pytest.raises(SystemExit):
         main([*argv, "--second-opinion", "replay", "--output-dir", str(tmp_path / "bad")])
     assert "invalid choice: 'replay'" in capsys.readouterr().err
+
+
+def test_module_form_runs_the_command():
+    import subprocess
+
+    from hf_stage_attribution import __version__
+
+    done = subprocess.run([sys.executable, "-m", "hf_stage_attribution", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and __version__ in done.stdout

@@ -113,3 +113,31 @@ def test_a_new_readme_logs_nothing_from_huggingface_hub(tmp_path, caplog):
     assert not [r for r in caplog.records if "metadata block was not found" in r.getMessage()]
     logging.getLogger("huggingface_hub.repocard").warning("still reported")
     assert "still reported" in caplog.text  # only the one message, and only inside the writer
+
+
+def test_a_sidecar_the_writer_did_not_write_is_kept(tmp_path):
+    from hf_stage_attribution.model_card import PLOT_NAME
+
+    (tmp_path / SIDECAR_NAME).write_text('{"mine": 1}')
+    with pytest.raises(ModelCardError, match=r"another file there.*--overwrite.*nothing was written"):
+        write_model_card(fixed_report(), tmp_path, plot=False)
+    assert (tmp_path / SIDECAR_NAME).read_text() == '{"mine": 1}' and not (tmp_path / "README.md").exists()
+    (tmp_path / SIDECAR_NAME).unlink()
+    (tmp_path / PLOT_NAME).write_bytes(b"user png")
+    with pytest.raises(ModelCardError, match=r"a plot with no stage_attribution\.json"):
+        write_model_card(fixed_report(), tmp_path)
+    assert (tmp_path / PLOT_NAME).read_bytes() == b"user png" and not (tmp_path / "README.md").exists()
+    write_model_card(fixed_report(), tmp_path, plot=False)  # the plot is not touched without plot=True
+    assert (tmp_path / PLOT_NAME).read_bytes() == b"user png"
+    write_model_card(fixed_report(), tmp_path, overwrite=True)
+    assert (tmp_path / PLOT_NAME).read_bytes().startswith(b"\x89PNG")
+
+
+def test_two_cards_of_different_ledgers_in_one_folder_do_not_share_a_report(tmp_path):
+    write_model_card(fixed_report(), tmp_path / "CARD.md")
+    report_before = (tmp_path / SIDECAR_NAME).read_bytes()
+    with pytest.raises(ModelCardError, match=r"report of another ledger.*own folder"):
+        write_model_card(fixed_report(fingerprint="0000000000000000"), tmp_path / "OTHER.md")
+    assert (tmp_path / SIDECAR_NAME).read_bytes() == report_before and not (tmp_path / "OTHER.md").exists()
+    write_model_card(fixed_report(shift=1.0), tmp_path / "CARD.md")  # the same ledger re-written: fine
+    assert main(["card", str(tmp_path / SIDECAR_NAME), "--readme", str(tmp_path / "THIRD.md")]) == 0
