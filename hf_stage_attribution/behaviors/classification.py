@@ -23,8 +23,9 @@ from ..errors import BehaviorError
 from .base import ExampleBehavior, model_device
 from .loading import load_tokenizer, reference_path, spec_reference
 from .registry import register
+from .text_inputs import encode_texts, padding_id, pooling_pad_id
 
-__all__ = ["Classification", "MEASURES", "classifier_logits", "measure_values", "resolve_targets"]
+__all__ = ["Classification", "MEASURES", "classifier_logits", "label_ids", "measure_values", "resolve_targets"]
 
 MEASURES: dict[str, tuple[str, str]] = {  # measure -> (unit, sign convention)
     "logit": ("logit", "higher = the model scores the target class higher"),
@@ -85,15 +86,24 @@ def measure_values(logits: torch.Tensor, targets: torch.Tensor, measure: str) ->
     return -log_probs  # cross-entropy
 
 
+def label_ids(model: torch.nn.Module) -> dict[str, int]:
+    """Label name -> class index from ``model.config``: ``label2id``, completed by inverting ``id2label`` (a config
+    reloaded from disk may have ``id2label`` names and no or default ``label2id``)."""
+    config = getattr(model, "config", None)
+    names = {str(v): int(k) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    return {**names, **{str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}}
+
+
 def resolve_targets(model: torch.nn.Module, labels: list[Any], device: torch.device) -> torch.Tensor:
-    """Class indices from ints or label names (through ``model.config.label2id``)."""
-    label2id = getattr(getattr(model, "config", None), "label2id", None) or {}
+    """Class indices from ints or label names (through ``model.config.label2id``, else its ``id2label``)."""
+    label2id = label_ids(model)
     out = []
     for label in labels:
         if isinstance(label, str):
             if label not in label2id:
                 raise BehaviorError(
-                    f"Label {label!r} is not in the model's config.label2id {sorted(label2id)}; use a class index."
+                    f"Label {label!r} is not a class name of the model (config.label2id / id2label: "
+                    f"{sorted(label2id)}); use a class index or one of these names."
                 )
             label = label2id[label]
         if label is None:
@@ -120,14 +130,20 @@ class ClassifierInputs:
     max_length: int | None
 
     def _encode(self, model: torch.nn.Module, texts: list[Any], pairs: list[Any] | None = None) -> Any:
+        """Stacked tensors, or (with a tokenizer) the texts right-padded as :mod:`.text_inputs` describes."""
         if self.tokenizer is None:
             return stack_inputs(texts, model)
-        enc = self.tokenizer(
-            texts, pairs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        pad_id = padding_id(self.tokenizer, model)
+        return encode_texts(
+            self.tokenizer, texts, pairs, max_length=self.max_length, pad_id=pad_id, device=model_device(model)
         )
-        names = getattr(self.tokenizer, "model_input_names", None) or list(enc.keys())
-        device = model_device(model)
-        return {k: v.to(device) for k, v in enc.items() if k in names}
+
+    def _logits(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """:func:`classifier_logits` of ``inputs`` from :meth:`_encode` (a score head gets a pad id if it has none)."""
+        if not isinstance(inputs, dict):
+            return classifier_logits(model, inputs)
+        with pooling_pad_id(model, padding_id(self.tokenizer, model)):
+            return classifier_logits(model, inputs)
 
     def _inputs_of(self, rows: list[dict[str, Any]]) -> tuple[list[Any], list[Any] | None]:
         key = self.text_key if self.tokenizer is not None else self.input_key
@@ -191,7 +207,7 @@ class Classification(ClassifierInputs, ExampleBehavior):
 
     def _batch_values(self, model: torch.nn.Module, rows: list[Any], positions: range) -> torch.Tensor:
         texts, pairs = self._inputs_of(rows)
-        logits = classifier_logits(model, self._encode(model, texts, pairs))
+        logits = self._logits(model, self._encode(model, texts, pairs))
         return measure_values(logits, self._targets(model, rows), self.measure)
 
     def _spec_values(self) -> dict[str, Any]:

@@ -22,15 +22,23 @@ __all__ = ["ExampleData", "read_json_examples", "jsonable"]
 
 def read_json_examples(path: str | Path) -> list[Any]:
     """Read examples from a ``.json`` file (a list, or ``{"examples": [...]}`` / ``{"data": [...]}``) or a
-    ``.jsonl`` file (one JSON value per line)."""
+    ``.jsonl`` file (one JSON value per line); suffixes in any case, UTF-8 with or without a byte-order mark. A file
+    with another suffix is read as one JSON value when it parses as one, else as JSONL."""
     p = Path(path)
     if not p.is_file():
         raise BehaviorError(f"Behavior data file {str(p)!r} does not exist; expected a .json or .jsonl file path.")
-    text = p.read_text(encoding="utf-8")
+    text = p.read_text(encoding="utf-8-sig")
+    suffix = p.suffix.lower()
     try:
-        if p.suffix == ".jsonl" or (p.suffix != ".json" and "\n{" in text.strip()):
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        value = json.loads(text)
+        if suffix == ".jsonl":
+            return _json_lines(text)
+        if suffix == ".json":
+            value = json.loads(text)
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                return _json_lines(text)
     except json.JSONDecodeError as exc:
         raise BehaviorError(f"Behavior data file {str(p)!r} is not valid JSON/JSONL ({exc}); fix the file.") from None
     if isinstance(value, Mapping):
@@ -41,6 +49,19 @@ def read_json_examples(path: str | Path) -> list[Any]:
     if not isinstance(value, list):
         raise BehaviorError(f"Behavior data file {str(p)!r} holds a {type(value).__name__}; expected a list.")
     return value
+
+
+def _json_lines(text: str) -> list[Any]:
+    """One JSON value per non-blank line; a bad line's error names its line number in the file."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise json.JSONDecodeError(f"JSONL line {number}: {exc.msg}", exc.doc, exc.pos) from None
+    return rows
 
 
 def _columns_to_rows(columns: Mapping[str, Any], where: str) -> list[dict[str, Any]]:

@@ -17,7 +17,12 @@ from typing import Any
 from .._internal.pretrained import check_pretrained_dir, needs_custom_code
 from ..errors import BehaviorError
 
-__all__ = ["load_tokenizer", "load_sequence_classifier", "reference_path", "resolve_path", "spec_reference"]
+__all__ = [
+    "folder_tokenizer", "load_tokenizer", "load_sequence_classifier", "reference_path", "resolve_path",
+    "spec_reference",
+]  # fmt: skip
+
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def resolve_path(ref: Any, base_dir: Path | None) -> Any:
@@ -49,6 +54,21 @@ def load_tokenizer(ref: Any, *, trust_code: bool = False) -> Any:
     path = _local_dir(ref, "tokenizer")
     check_pretrained_dir(path, "tokenizer", trust_code=trust_code)
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_code)
+
+
+def folder_tokenizer(model_ref: Any) -> Any:
+    """The tokenizer saved beside a model: in the folder ``model_ref`` names, or the folder a model object was
+    loaded from (``name_or_path``); None when there is no such folder, it holds no tokenizer files, or (for an
+    object) its tokenizer needs custom code."""
+    is_path = isinstance(model_ref, (str, Path))
+    folder = model_ref if is_path else getattr(model_ref, "name_or_path", None)
+    if not isinstance(folder, (str, Path)) or not folder or not Path(folder).is_dir():
+        return None
+    if not any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    if not is_path and needs_custom_code(folder):
+        return None  # an object loaded with trust_code; its folder's tokenizer is not loaded behind the user's back
+    return load_tokenizer(str(folder))
 
 
 def load_sequence_classifier(ref: Any, *, trust_code: bool = False) -> Any:

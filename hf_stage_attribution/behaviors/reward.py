@@ -29,14 +29,21 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import BehaviorError
-from .base import ExampleBehavior, eval_mode, model_device
+from .base import ExampleBehavior, eval_mode
 from .importance import SampledCompletionsBehavior
-from .loading import load_sequence_classifier, load_tokenizer, reference_path, spec_reference
+from .loading import folder_tokenizer, load_sequence_classifier, load_tokenizer, reference_path, spec_reference
 from .registry import register
+from .text_inputs import embedding_rows, forward_texts
 
 __all__ = ["PolicyReward", "RewardModelScore", "reward_scores"]
 
 REWARD_MEASURES = ("score", "margin")
+
+
+def _vocab_slack(rows: int) -> int:
+    """How many more embedding rows than tokenizer ids still count as the same vocabulary (embedding matrices are
+    often padded: Qwen2.5 151936 rows for 151665 ids, Phi-2 51200 for 50295)."""
+    return max(128, int(0.02 * rows))
 
 
 def reward_scores(
@@ -47,11 +54,9 @@ def reward_scores(
     label_index: int = 0,
     max_length: int | None = None,
 ) -> torch.Tensor:
-    """The reward model's output ``logits[:, label_index]`` on ``texts`` (differentiable)."""
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    names = getattr(tokenizer, "model_input_names", None) or list(enc.keys())
-    device = model_device(reward_model)
-    logits = reward_model(**{k: v.to(device) for k, v in enc.items() if k in names}).logits
+    """The reward model's output ``logits[:, label_index]`` on ``texts`` (differentiable; right-padded with the pad
+    or eos token whatever the tokenizer's padding side, see :mod:`.text_inputs`)."""
+    logits = forward_texts(reward_model, tokenizer, texts, max_length=max_length).logits
     if logits.dim() != 2 or not 0 <= label_index < logits.shape[-1]:
         raise BehaviorError(
             f"The reward model returned logits of shape {tuple(logits.shape)}; expected "
@@ -141,6 +146,11 @@ class RewardModelScore(ExampleBehavior):
 class PolicyReward(SampledCompletionsBehavior):
     """A fixed reward model's estimated expected reward of the policy's responses to each prompt.
 
+    The reward model's texts are encoded with ``reward_tokenizer``; left out, it is the tokenizer saved in the reward
+    model's folder (``reward_model`` given as a folder, or an object loaded from one), else the policy's
+    ``tokenizer``, which is refused (a :class:`~hf_stage_attribution.errors.BehaviorError` naming
+    ``reward_tokenizer=``) when its vocabulary does not fit the reward model's embeddings.
+
     Example:
         >>> from hf_stage_attribution.testing.lm import tiny_tokenizer, tiny_gpt2, tiny_bert_classifier
         >>> tok = tiny_tokenizer(); policy = tiny_gpt2(tok); rm = tiny_bert_classifier(tok, num_labels=1)
@@ -194,7 +204,10 @@ class PolicyReward(SampledCompletionsBehavior):
             weighting=weighting,
         )
         self.reward_model = load_sequence_classifier(reward_model)
-        self.reward_tokenizer = load_tokenizer(reward_tokenizer) if reward_tokenizer is not None else self.tokenizer
+        if reward_tokenizer is not None:
+            self.reward_tokenizer = load_tokenizer(reward_tokenizer)
+        else:
+            self.reward_tokenizer = folder_tokenizer(reward_model) or self._policy_tokenizer_for_reward()
         self.separator, self.label_index, self.max_length = separator, int(label_index), max_length
         self.unit = "expected reward"
         source = f"given {completion_key!r} responses" if completion_key else f"{self.num_samples} samples per prompt"
@@ -202,6 +215,20 @@ class PolicyReward(SampledCompletionsBehavior):
             f"{self.name}: {self.weighting} importance-weighted estimate of the reward model's score of "
             f"the policy's responses ({source} from the final policy); higher = more reward."
         )
+
+    def _policy_tokenizer_for_reward(self) -> Any:
+        """The policy's tokenizer, when its vocabulary fits the reward model's (no folder tokenizer was found)."""
+        size = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else None
+        config = getattr(self.reward_model, "config", None)
+        rows = embedding_rows(self.reward_model) or getattr(config, "vocab_size", None)
+        if isinstance(size, int) and isinstance(rows, int) and (size > rows or rows - size > _vocab_slack(rows)):
+            raise BehaviorError(
+                f"Behavior {self.name!r}: the reward model takes {rows} token ids (its input embeddings / "
+                f"config.vocab_size) but the policy's tokenizer has {size}; without `reward_tokenizer` and without a "
+                "tokenizer saved in the reward model's folder, the policy's tokenizer would encode the reward model's "
+                "inputs. Pass reward_tokenizer= (the reward model's own tokenizer, an object or its folder)."
+            )
+        return self.tokenizer
 
     def _score(self, prompts: list[str], completions: list[str]) -> list[float]:
         texts = [f"{p}{self.separator}{c}" for p, c in zip(prompts, completions)]

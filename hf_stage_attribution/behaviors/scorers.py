@@ -34,6 +34,7 @@ from .._internal.pretrained import TRUST_CODE_HINT, check_pretrained_dir
 from ..errors import BehaviorError, ScorerUnavailableError, UnsafeInputError
 from .custom import callable_path, import_callable
 from .loading import resolve_path
+from .text_inputs import forward_texts
 
 __all__ = [
     "Scorer",
@@ -47,6 +48,45 @@ __all__ = [
 ]
 
 _TOXIC_LABEL_HINTS = ("toxic", "hate", "offensive", "abusive", "profan", "insult")
+_TOXIC_LABEL_NAMES = ("toxic", "toxicity", "hate", "offensive", "abusive", "profane", "profanity", "insult")
+_NEGATIONS = ("non", "not", "no-", "no_", "no ")
+_FUNCTIONS = ("sigmoid", "softmax", "none")
+
+
+def _is_negated(name: str) -> bool:
+    """Whether a label name says *not* toxic (``non-toxic``, ``nothate``, ``not_offensive``, ``no-hate``)."""
+    lowered = name.lower().strip()
+    return lowered.startswith(_NEGATIONS) or any(f"{sep}{neg}" in lowered for sep in "-_ " for neg in ("non", "not"))
+
+
+def toxic_label_guess(id2label: dict[int, str]) -> list[int]:
+    """Classes whose name says toxic: the class named exactly ``toxic`` (else ``toxicity``, ``hate``, …, in that
+    order: unitary/toxic-bert's labels include ``toxic`` and ``insult``), else the names containing a hint
+    (``severe_toxic``, ``HATE_SPEECH``) that are not negated (``non-toxic``, ``nothate``)."""
+    for exact in _TOXIC_LABEL_NAMES:
+        found = [i for i, name in id2label.items() if name.lower().strip() == exact]
+        if found:
+            return found
+    return [
+        i
+        for i, name in id2label.items()
+        if any(h in name.lower() for h in _TOXIC_LABEL_HINTS) and not _is_negated(name)
+    ]
+
+
+def score_function(config: Any) -> str:
+    """What turns a classifier's logits into scores, as transformers' text-classification pipeline decides:
+    ``none`` for ``problem_type="regression"``, ``sigmoid`` for multi-label models or a single logit, ``softmax``
+    for several labels, else ``config.function_to_apply`` when set, else ``none``."""
+    problem_type = getattr(config, "problem_type", None)
+    num_labels = getattr(config, "num_labels", None)
+    if problem_type == "regression":
+        return "none"
+    if problem_type == "multi_label_classification" or num_labels == 1:
+        return "sigmoid"
+    if problem_type == "single_label_classification" or (isinstance(num_labels, int) and num_labels > 1):
+        return "softmax"
+    return str(getattr(config, "function_to_apply", None) or "none").lower()
 
 
 def offline_scorers() -> list[str]:
@@ -154,6 +194,14 @@ class TransformersClassifierScorer(Scorer):
     """Probability of the toxic label of a local ``transformers`` sequence classifier (a model directory; read
     with ``use_safetensors=True``; a model or tokenizer with custom code needs ``trust_code=True``).
 
+    Logits become probabilities as transformers' text-classification pipeline turns them (``function_to_apply``
+    overrides it): a sigmoid for multi-label models (``problem_type="multi_label_classification"``, e.g.
+    unitary/toxic-bert) and single-logit models, a softmax over the labels otherwise, the raw value for regression.
+    Without ``toxic_label`` the toxic class is guessed from ``id2label`` (``toxic``/``hate``/… exactly, else a name
+    containing such a word that is not negated like ``non-toxic``; the only class of a single-logit model; class 1
+    of two unnamed classes). Texts are right-padded whatever the tokenizer's padding side, with its eos token when
+    it has no pad token (see :mod:`.text_inputs`).
+
     Example:
         >>> TransformersClassifierScorer("unitary/toxic-bert")  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
@@ -168,9 +216,15 @@ class TransformersClassifierScorer(Scorer):
         toxic_label: str | int | None = None,
         batch_size: int = 32,
         max_length: int | None = None,
+        function_to_apply: str | None = None,
         *,
         trust_code: bool = False,
     ) -> None:
+        if function_to_apply is not None and str(function_to_apply).lower() not in _FUNCTIONS:
+            raise BehaviorError(
+                f"`function_to_apply` must be one of {', '.join(_FUNCTIONS)} or None (the pipeline's choice); got "
+                f"{function_to_apply!r}."
+            )
         if not isinstance(model, (str, Path)) or not Path(model).is_dir():
             raise unavailable(f"transformers:{model}", "not a local model directory; Hub downloads are not used")
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -186,7 +240,13 @@ class TransformersClassifierScorer(Scorer):
         except (OSError, ValueError) as exc:
             raise unavailable(f"transformers:{model}", str(exc).splitlines()[0]) from None
         self._model.eval()
-        self.toxic_label = toxic_label
+        self.toxic_label, self.function_to_apply = toxic_label, function_to_apply
+        self._function = str(function_to_apply).lower() if function_to_apply else score_function(self._model.config)
+        if self._function not in _FUNCTIONS:
+            raise BehaviorError(
+                f"{self.model_path}'s config.function_to_apply is {self._function!r}; expected one of "
+                f"{', '.join(_FUNCTIONS)}: pass function_to_apply= to the scorer."
+            )
         self._index = self._label_index(toxic_label)
 
     def _label_index(self, label: str | int | None) -> int:
@@ -198,8 +258,7 @@ class TransformersClassifierScorer(Scorer):
         if isinstance(label, str):
             matches = [i for i, name in id2label.items() if name == label]
         else:
-            matches = [i for i, name in id2label.items() if any(h in name.lower() for h in _TOXIC_LABEL_HINTS)]
-            matches = matches or ([1] if len(id2label) == 2 else [])
+            matches = toxic_label_guess(id2label) or ([1] if len(id2label) == 2 else [0] if len(id2label) == 1 else [])
         if len(matches) != 1:
             raise BehaviorError(
                 f"Cannot tell the toxic label of {self.model_path} among {id2label}; pass "
@@ -208,29 +267,27 @@ class TransformersClassifierScorer(Scorer):
         return matches[0]
 
     def score(self, texts: list[str]) -> list[float]:
-
         out: list[float] = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self._tokenizer(
-                texts[i : i + self.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
+            batch = texts[i : i + self.batch_size]
             with torch.no_grad():
-                probs = self._model(**enc).logits.float().softmax(-1)[:, self._index]
-            out.extend(probs.tolist())
+                logits = forward_texts(self._model, self._tokenizer, batch, max_length=self.max_length).logits.float()
+            if self._function == "softmax":
+                logits = logits.softmax(-1)
+            elif self._function == "sigmoid":
+                logits = logits.sigmoid()
+            out.extend(logits[:, self._index].tolist())
         return out
 
     def to_spec(self) -> dict[str, Any]:
-        return {
+        spec = {
             "type": self.name,
             "model": self.model_path,
             "toxic_label": self.toxic_label,
             "batch_size": self.batch_size,
             "max_length": self.max_length,
         }
+        return spec if self.function_to_apply is None else {**spec, "function_to_apply": self.function_to_apply}
 
 
 class EvaluateScorer(Scorer):

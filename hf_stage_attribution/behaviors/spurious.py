@@ -24,7 +24,6 @@ from .classification import (
     MEASURES,
     ClassifierInputs,
     check_measure,
-    classifier_logits,
     measure_values,
     resolve_targets,
 )
@@ -102,6 +101,11 @@ class SpuriousReliance(ClassifierInputs, ExampleBehavior):
     suffix, or into a ``{term}`` placeholder with ``position="template"``), or from ``paired_key`` naming the
     field that holds the input with the feature (the plain input is ``text``/``input``).
 
+    Texts are truncated to ``max_length`` (default: the tokenizer's ``model_max_length``); an example whose two
+    texts differ but encode to the same tokens (a suffix feature on a text longer than that) would measure a gap of
+    0 whatever the model, so it is refused with a :class:`~hf_stage_attribution.errors.BehaviorError` naming the
+    examples of the batch it found.
+
     Example:
         >>> import torch
         >>> rows = [{"input": [0.0, 0.0, 0.0, 0.0], "input_patched": [1.0, 0.0, 0.0, 0.0]}]
@@ -159,11 +163,34 @@ class SpuriousReliance(ClassifierInputs, ExampleBehavior):
         else:
             with_feature = [apply_feature(v, self.feature, True) for v in plain]
             plain = [apply_feature(v, self.feature, False) for v in plain]
-        logits = classifier_logits(model, self._encode(model, [*with_feature, *plain]))
+        inputs = self._encode(model, [*with_feature, *plain])
+        if isinstance(inputs, dict):
+            self._check_feature_kept(inputs, with_feature, plain, positions)
+        logits = self._logits(model, inputs)
         labels = [self.target if self.target is not None else r.get(self.label_key) for r in rows]
         targets = resolve_targets(model, labels, model_device(model))
         values = measure_values(logits, torch.cat([targets, targets]), self.measure)
         return values[: len(rows)] - values[len(rows) :]
+
+    def _check_feature_kept(
+        self, inputs: dict[str, torch.Tensor], with_feature: list[Any], plain: list[Any], positions: range
+    ) -> None:
+        """Refuse examples whose texts differ but whose encodings do not: truncation (to ``max_length``, else the
+        tokenizer's ``model_max_length``) cut the feature off, so the gap would be 0 whatever the model."""
+        n = len(plain)
+        same = (inputs["input_ids"][:n] == inputs["input_ids"][n:]).all(dim=1)
+        if "attention_mask" in inputs:
+            same &= (inputs["attention_mask"][:n] == inputs["attention_mask"][n:]).all(dim=1)
+        found = same.nonzero().flatten().tolist()
+        lost = [self.data.indices[positions[i]] for i in found if with_feature[i] != plain[i]]
+        if lost:
+            limit = self.max_length or getattr(self.tokenizer, "model_max_length", None)
+            raise BehaviorError(
+                f"{len(lost)} of the {n} examples in this batch (examples {lost[:10]} of the set) encode to the same "
+                f"tokens with and without the feature after truncation to {limit} tokens, so they would measure a gap "
+                "of 0 whatever the model; raise `max_length`, shorten these texts, or put the feature where "
+                "truncation keeps it (position='prefix')."
+            )
 
     def _spec_values(self) -> dict[str, Any]:
         return {} if self._tokenizer_ref is None else {"tokenizer": reference_path(self._tokenizer_ref, "tokenizer")}

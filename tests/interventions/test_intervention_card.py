@@ -44,7 +44,8 @@ def test_intervene_keeps_the_source_card_but_not_its_attribution_section(digits,
     assert main([*argv, "--stage", "patch", "--alphas", "0.5,1", "--no-replay", "--output-dir", str(out)]) == 0
     capsys.readouterr()
     card = (out / "README.md").read_bytes().decode("utf-8")
-    assert card.startswith(own + "\n" + INTERVENTION_BEGIN)  # every byte of the owner's card, then ours
+    assert card.startswith(own + "\r\n" + INTERVENTION_BEGIN + "\r\n")  # every byte of the owner's card, then ours
+    assert "\n" not in card[len(own) :].replace("\r\n", "")  # ours ends its lines as most of the card's do
     assert SECTION_BEGIN not in card and SECTION_END not in card and f"{METADATA_KEY}:" not in card
     assert "stage_attribution.json" not in card and not (out / "stage_attribution.json").exists()
     assert f"It is derived from the model `{model.resolve()}`." in card
