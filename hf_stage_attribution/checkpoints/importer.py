@@ -21,6 +21,17 @@ What the ledger records (read by reports and model cards):
   written with ``optimizer = None`` and ``num_steps = 0`` (``source["num_steps"]`` keeps the real count when known).
 - Resized vocabularies: the ledger's parameter space takes the largest shape; earlier states are zero-padded, the
   resizing stage's delta covers the overlap and holds the added rows in full (``source["resized"]`` and notes).
+  Only the input/output embeddings may grow, and only where config.json's ``vocab_size`` grew too (when both
+  configs give it); any other shape change is another architecture, refused with the tensors and config fields.
+- Quantized checkpoints (a ``quantization_config`` in config.json, float8 or integer weights, quantization scales)
+  are refused: their tensors are codes and scales, not weights. Dequantize and save them in float32/bf16 first.
+- Adapters: an adapter boundary is applied to the last full boundary before it. Right after a full boundary its
+  stage is the adapter's delta. Right after another adapter it must be a later version of that adapter on the same
+  base (``checkpoint-<step>`` folders of one Trainer run, revisions of one Hub repo, or adapter configs naming the
+  same ``base_model_name_or_path``/``revision``): it then replaces that adapter, and its stage is the difference
+  of the two (factors ``A``/``B`` minus ``A0``/``B0``); where the base cannot be decided the import is refused. An
+  adapter trained on an earlier adapter merged into the model is imported by giving that merged model as the
+  boundary before it.
 
 Nothing is left behind on failure: the ledger is written in a temporary sibling directory and renamed at the end.
 
@@ -240,24 +251,33 @@ def _write_full(writer: LedgerWriter, plan: ImportPlan, stage: StagePlan, prev, 
     return {n: end[n] for n in changed}
 
 
+def _dense_delta(stage: StagePlan, prev: Any, name: str) -> torch.Tensor:
+    """The dense part of an adapter stage's delta of ``name``: the change the stored factors do not hold."""
+    factors = stage.factors.factors
+    if f"{name}::A0" in factors:  # both adapters' LoRA parts are in the factors: compare what lies under them
+        value = stage.state.get(name, lora=False)
+        value.sub_(prev.get(name, writable=False, lora=False))
+        return value
+    value = stage.state.get(name, lora=f"{name}::A" not in factors)
+    value.sub_(prev.get(name, writable=False))
+    return value
+
+
 def _write_adapter(writer: LedgerWriter, plan: ImportPlan, stage: StagePlan, prev) -> dict:
-    adapter, shapes = stage.adapter, plan.shapes
-    dense = sorted(adapter.replaced)
-    end = {n: digest(stage.state.get(n, writable=False)) for n in [*adapter.modules, *dense]}
+    factors, shapes = stage.factors, plan.shapes
+    changed = sorted({*factors.modules, *factors.dense})
+    end = {n: digest(stage.state.get(n, writable=False)) for n in changed}
 
     def deltas() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in dense:
-            value = stage.state.get(name)
-            value.sub_(prev.get(name, writable=False))
-            yield name, value
+        for name in factors.dense:
+            yield name, _dense_delta(stage, prev, name)
 
-    lora = {"modules": adapter.modules, "dense_modules": [], "config": adapter.config}
+    lora = {"modules": factors.modules, "dense_modules": [], "config": stage.adapter.config}
     writer.append_stage(
-        stage.name, stage.kind, [(n, shapes[n]) for n in dense], deltas(), end_digests=end,
+        stage.name, stage.kind, [(n, shapes[n]) for n in factors.dense], deltas(), end_digests=end,
         learning_rates=stage.info.learning_rates if stage.info.optimizer else [], optimizer=stage.info.optimizer,
-        trainable_parameters=sorted([*adapter.modules, *dense]),
-        optimizer_state_policy=stage.info.optimizer_state_policy,
-        lora=lora, lora_tensors=adapter.factors, notes=stage.notes, source=_source(stage),
+        trainable_parameters=changed, optimizer_state_policy=stage.info.optimizer_state_policy,
+        lora=lora, lora_tensors=factors.factors, notes=stage.notes, source=_source(stage),
     )  # fmt: skip
     return end
 

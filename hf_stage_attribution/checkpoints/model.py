@@ -5,6 +5,8 @@ never ``trust_remote_code``).
 Example, with the ``config.json`` of a checkpoint read into ``config_dict``::
 
     names = parameter_names(config_dict)           # e.g. ['transformer.wte.weight', ...] or None
+    tied_parameters(config_dict)                   # e.g. {'lm_head.weight': 'transformer.wte.weight'} or None
+    embedding_parameters(config_dict)              # e.g. {'transformer.wte.weight'} or None
     groups = trainer_groups(config_dict, [10, 18])  # [decay names, no-decay names] or None
 """
 
@@ -50,6 +52,32 @@ def parameter_names(config: dict | None) -> list[str] | None:
     """Names of the model's parameters (tied weights once), in module order; None without a buildable config."""
     model = meta_model(config)
     return None if model is None else [n for n, _ in model.named_parameters()]
+
+
+def tied_parameters(config: dict | None) -> dict[str, str] | None:
+    """``{alias: parameter}`` for the model's tied weights (``lm_head.weight`` → the input embedding), or None."""
+    model = meta_model(config)
+    if model is None:
+        return None
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    return {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if canonical[id(p)] != n}
+
+
+def embedding_parameters(config: dict | None) -> set[str] | None:
+    """Names of the input and output embeddings' parameters (the tensors a resized vocabulary grows), or None."""
+    model = meta_model(config)
+    if model is None:
+        return None
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    out: set[str] = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, get)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        if isinstance(module, torch.nn.Module):
+            out |= {canonical[id(p)] for p in module.parameters()}
+    return out
 
 
 def decay_parameter_names(config: dict | None) -> list[str] | None:

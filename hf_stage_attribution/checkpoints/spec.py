@@ -2,9 +2,12 @@
 
 A boundary is a checkpoint that ends a stage: ``{"model": repo id or local path, "revision": ..., "subfolder": ...,
 "name": ..., "kind": ..., "optimizer": {...}}``. The first boundary is the starting point θ_0 (its ``name`` labels
-the start); each later one ends the stage of that name. A local Trainer output directory (``checkpoint-<step>``
-folders) expands into one boundary per checkpoint (``"checkpoints": "all"``, stage names ``<name>@<step>``) or
-only its last one (``"checkpoints": "last"``).
+the start); each later one ends the stage of that name, whose delta is the change from the previous boundary's
+model to this one's. A local Trainer output directory (``checkpoint-<step>`` folders) expands into one boundary per
+checkpoint (``"checkpoints": "all"``, stage names ``<name>@<step>``) or only its last one (``"checkpoints":
+"last"``). A PEFT adapter boundary's model is its base plus the adapter: the base is the last full boundary before
+it, so successive checkpoints or revisions of one adapter each stand for that base plus their own adapter (see
+:mod:`~hf_stage_attribution.checkpoints.importer` for the rule and when it refuses).
 
 Example:
     >>> bs = parse_boundaries([{"model": "org/base"}, {"model": "org/base", "revision": "sft", "kind": "sft"}])

@@ -152,30 +152,71 @@ class FullState(CheckpointState):
 
 
 class AdapterState(CheckpointState):
-    """A PEFT adapter on top of the previous boundary's state: ``base + scaling·B@A``; modules_to_save replace."""
+    """A PEFT adapter on its base's state: ``base + scaling·B@A``; modules_to_save replace the base tensor, and a
+    base layer saved beside LoRA factors (an embedding's, PEFT's ``save_embedding_layers``) replaces it under them.
+    """
 
     def __init__(self, base: CheckpointState, adapter: Any, shapes: dict[str, tuple[int, ...]]) -> None:
         self.base, self.adapter, self.shapes = base, adapter, shapes
 
-    def get(self, name: str, writable: bool = True) -> torch.Tensor:
+    def get(self, name: str, writable: bool = True, lora: bool = True) -> torch.Tensor:
+        """``lora=False``: the value under the LoRA delta (the replaced or base tensor), as a dense delta needs."""
+        factored = lora and name in self.adapter.modules
         if name in self.adapter.replaced:
-            return pad_to(self.adapter.reader.get(self.adapter.replaced[name], copy=writable), self.shapes[name])
-        if name not in self.adapter.modules:
+            key = self.adapter.replaced[name]
+            value = pad_to(self.adapter.reader.get(key, copy=writable or factored), self.shapes[name])
+        elif not factored:
             return self.base.get(name, writable)
-        value = self.base.get(name)
-        value += self.adapter.delta(name)
+        else:
+            value = self.base.get(name)
+        if factored:
+            value += self.adapter.delta(name)
         return value
 
 
-def growth(name: str, before: tuple[int, ...], after: tuple[int, ...], label: str) -> int | None:
-    """The one dimension along which a tensor grew between boundaries (None if unchanged); else a clear error."""
-    if before == after:
-        return None
-    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
-    if len(before) != len(after) or len(changed) != 1 or after[changed[0]] < before[changed[0]]:
-        raise CheckpointMismatchError(
-            f"{label}: tensor {name!r} has shape {after}, the previous boundary {before}. Only growth along one "
-            "dimension (a resized vocabulary) can be imported; anything else is a different architecture. Import "
-            "checkpoints of one model, in training order."
-        )
-    return changed[0]
+_EMBEDDING_MODULES = {"wte", "embed_tokens", "word_embeddings", "embed_in", "embed_out", "lm_head", "shared",
+                      "tok_embeddings", "output"}  # fmt: skip
+
+
+def _is_embedding(name: str, embeddings: set[str] | None) -> bool:
+    if embeddings is not None:
+        return name in embeddings
+    parts = name.split(".")  # no buildable config: judged by the module's name
+    return len(parts) >= 2 and parts[-2] in _EMBEDDING_MODULES
+
+
+def growth(
+    changed: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+    embeddings: set[str] | None,
+    vocab: tuple[int | None, int | None],
+    config_changes: list[str],
+    label: str,
+) -> dict[str, int]:
+    """``{name: dimension it grew along}`` for the tensors whose shape ``changed`` (``(before, after)``) since the
+    previous boundary, when that is a resized vocabulary: only input/output ``embeddings`` (their parameter names;
+    None: judged by name) grow, along one dimension, and the configs' ``vocab_size`` (``vocab``: before, after)
+    grew too where both are known. Anything else is a different architecture: a clear error naming the tensors and
+    the ``config_changes`` (``"field: before -> after"``).
+    """
+    dims: dict[str, int] = {}
+    bad: list[str] = []
+    for name, (before, after) in changed.items():
+        diff = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+        if len(before) == len(after) and len(diff) == 1 and after[diff[0]] > before[diff[0]]:
+            dims[name] = diff[0]
+        if name not in dims or not _is_embedding(name, embeddings):
+            bad.append(f"{name} {list(before)} -> {list(after)}")
+    old, new = vocab
+    vocab_grew = old is None or new is None or new > old
+    if not bad and vocab_grew:
+        return dims
+    found = f"{len(bad)} tensor(s) of another shape ({'; '.join(bad[:4])}{'; ...' if len(bad) > 4 else ''})"
+    if not bad:
+        grown = ", ".join(sorted(dims)[:4])
+        found = f"embeddings that grew ({grown}) while config.json's vocab_size did not ({old} -> {new})"
+    fields = f"; config.json fields that differ: {', '.join(config_changes[:6])}" if config_changes else ""
+    raise CheckpointMismatchError(
+        f"{label}: expected the architecture of the previous boundary, where only a resized vocabulary (the "
+        f"input/output embeddings growing with config.json's vocab_size) may change shapes; found {found}{fields}. "
+        "Import checkpoints of one model, in training order."
+    )

@@ -8,12 +8,18 @@ SPEC is a YAML or JSON file with the ordered boundaries under ``stages`` (the fi
          optimizer: {type: AdamW, weight_decay: 0.01, lr: 2.0e-5, lr_scheduler_type: linear, warmup_steps: 100,
                      num_steps: 3000}}
       - {model: runs/dpo, name: dpo, kind: dpo}           # a Trainer output directory with checkpoint-* folders
+
+Warnings of the import (rates hidden by ``logging_steps``, pickles not read) are printed as one line each,
+``hf-stage-attribution import-checkpoints: warning: ...``, like the command's errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
+from typing import Any
 
 from .._internal.table import render_table
 from ..checkpoints.importer import import_checkpoints
@@ -68,27 +74,37 @@ def summarize(ledger) -> dict:
             "index": stage.index, "name": stage.name, "kind": stage.kind, "from": where,
             "num_steps": stage.num_steps, "optimizer": (stage.optimizer or {}).get("type"),
             "estimators": availability.get("available", []), "reason": availability.get("reason"),
-            "notes": stage.info.get("notes", []),
+            "source_num_steps": source.get("num_steps"), "notes": stage.info.get("notes", []),
         })  # fmt: skip
     start = (ledger.manifest["model"].get("source") or {}).get("start", {})
     return {"ledger": str(ledger.dir), "start": start, "num_parameters": len(ledger.parameter_names), "stages": stages}
 
 
-def run(args: argparse.Namespace) -> int:
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """``warnings.showwarning`` for the command: one line on stderr, without the source file and line."""
+    print(f"hf-stage-attribution import-checkpoints: warning: {message}", file=sys.stderr)
 
+
+def run(args: argparse.Namespace) -> int:
     boundaries = load_spec(args.spec)
-    ledger = import_checkpoints(
-        boundaries, args.output, allow_pickle=args.allow_pickle, cache_dir=args.cache_dir,
-        local_files_only=True if args.offline else None, overwrite=args.overwrite, progress=not args.no_progress,
-    )  # fmt: skip
+    with warnings.catch_warnings():  # the filters stay as they are; only how a warning is shown changes
+        warnings.showwarning = _show_warning
+        ledger = import_checkpoints(
+            boundaries, args.output, allow_pickle=args.allow_pickle, cache_dir=args.cache_dir,
+            local_files_only=True if args.offline else None, overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )  # fmt: skip
     summary = summarize(ledger)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     rows = []
     for s in summary["stages"]:
+        steps = s["num_steps"] or s["source_num_steps"] or "-"  # optimizer unknown: the ledger records 0 steps
         estimators = ", ".join(s["estimators"])
-        rows.append([s["index"], s["name"], s["kind"], s["from"], s["num_steps"] or "-", s["optimizer"], estimators])
+        rows.append([s["index"], s["name"], s["kind"], s["from"], steps, s["optimizer"], estimators])
     start = summary["start"]
     print(f"Imported {len(rows)} stage(s) into {summary['ledger']} (start: {start.get('model')})")
     print(render_table(HEADERS, rows))

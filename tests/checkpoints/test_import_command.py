@@ -62,6 +62,30 @@ def test_errors_are_one_line_with_nonzero_exit(cache, tmp_path, capsys):
     assert "under `stages`" in capsys.readouterr().err
 
 
+def test_warnings_are_one_line_each_and_steps_come_from_trainer_state(cache, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    for step, folder in ((2, "v1"), (4, "v2")):  # Trainer checkpoints whose log hides per-step rates
+        shutil.copytree(
+            cache["dir"] / "models--org--tiny" / "snapshots" / cache["commits"][folder], run / f"checkpoint-{step}"
+        )
+        state = {"global_step": step, "logging_steps": 2, "max_steps": 4,
+                 "log_history": [{"step": s, "learning_rate": 0.01} for s in range(2, step + 1, 2)]}  # fmt: skip
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(state))
+    spec = _spec(tmp_path, [{"model": "org/tiny", "revision": "v0"}, {"model": str(run), "name": "sft"}])
+    args = ["import-checkpoints", spec, "--output", str(tmp_path / "a"), "--cache-dir", str(cache["dir"])]
+    assert main([*args, "--offline", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 2 and all(
+        line.startswith("hf-stage-attribution import-checkpoints: warning: ") for line in lines
+    )
+    assert "logging_steps=2" in lines[0] and ".py" not in captured.err  # no source file, no source line
+    rows = [line.split() for line in captured.out.splitlines() if line.startswith(("0 ", "1 "))]
+    assert [row[4] for row in rows] == ["2", "2"]  # steps: from trainer_state.json (no optimizer information)
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["import-checkpoints", "--help"])

@@ -1,13 +1,16 @@
 """Differing shapes between boundaries: a resized vocabulary imports (overlap delta + added rows), another
-architecture or a shrinking tensor is a clear error with nothing left behind."""
+architecture or a shrinking tensor is a clear error with nothing left behind; so is a quantized checkpoint."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from hf_stage_attribution import StageLedger
-from hf_stage_attribution.errors import CheckpointMismatchError
+from hf_stage_attribution.errors import CheckpointImportError, CheckpointMismatchError
 from tests.checkpoints.test_fixtures import tiny_gpt2, train
 
 
@@ -58,10 +61,81 @@ def test_shrinking_or_other_architectures_are_refused(tmp_path):
             boundaries = boundaries[::-1]
             boundaries[0].pop("name")
             boundaries[1]["name"] = "x"
-            message = "Only growth"
+            message = "only a resized vocabulary.*wte.weight \\[80, 16\\] -> \\[64, 16\\].*vocab_size: 80 -> 64"
         with pytest.raises(CheckpointMismatchError, match=message):
             StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False)
     assert _ls(tmp_path) == before
+
+
+def _tiny_llama(intermediate_size: int = 32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=intermediate_size, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def test_only_embeddings_grow_and_only_with_the_vocabulary(tmp_path):
+    _tiny_llama(32).save_pretrained(tmp_path / "a")
+    _tiny_llama(48).save_pretrained(tmp_path / "wider-mlp")  # same names, other shapes: another architecture
+    boundaries = [{"model": str(tmp_path / "a")}, {"model": str(tmp_path / "wider-mlp"), "name": "x"}]
+    with pytest.raises(CheckpointMismatchError, match="mlp.gate_proj.weight \\[32, 16\\] -> \\[48, 16\\].*"
+                       "intermediate_size: 32 -> 48"):  # fmt: skip
+        StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False)
+    model = _tiny_llama(32)
+    model.resize_token_embeddings(70)
+    model.save_pretrained(tmp_path / "resized")
+    config = json.loads((tmp_path / "resized" / "config.json").read_text())
+    (tmp_path / "resized" / "config.json").write_text(json.dumps({**config, "vocab_size": 64}))
+    boundaries[1]["model"] = str(tmp_path / "resized")
+    with pytest.raises(CheckpointMismatchError, match="embeddings that grew.*vocab_size did not \\(64 -> 64\\)"):
+        StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False)
+    assert _ls(tmp_path) == ["a", "resized", "wider-mlp"]
+    (tmp_path / "resized" / "config.json").write_text(json.dumps(config))  # vocab_size 70: a resized vocabulary
+    ledger = StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False)
+    assert sorted(ledger.stages[0].info["source"]["resized"]) == ["lm_head.weight", "model.embed_tokens.weight"]
+
+
+def _quantized(folder, codes, scales: dict | None = None, quantization_config: dict | None = None):
+    """``folder``'s checkpoint with its projection weights stored as ``codes(weight)`` (+ ``scales``)."""
+    weights = load_file(str(folder / "model.safetensors"))
+    out = {}
+    for name, value in weights.items():
+        if name.endswith("proj.weight"):
+            out[name] = codes(value)
+            out.update({name.replace(".weight", suffix): s.clone() for suffix, s in (scales or {}).items()})
+        else:
+            out[name] = value
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if quantization_config:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+
+
+def _fp8(value):
+    return (value / (value.abs().max() / 448.0)).to(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize(
+    ("codes", "scales", "quantization_config", "message"),
+    [
+        (_fp8, {".weight_scale_inv": torch.ones(1, 1)}, {"quant_method": "fp8"}, "quant_method 'fp8'"),
+        (_fp8, {".weight_scale_inv": torch.ones(1, 1)}, None, "float8 tensor"),
+        (lambda v: torch.zeros(v.numel() // 2, 1, dtype=torch.uint8), {".weight.absmax": torch.ones(4)}, None,
+         "integer tensor.*U8"),
+    ],
+    ids=["fp8-config", "fp8-tensors", "bitsandbytes-like"],
+)  # fmt: skip
+def test_quantized_checkpoints_are_refused(tmp_path, codes, scales, quantization_config, message):
+    _tiny_llama().save_pretrained(tmp_path / "base")
+    _tiny_llama().save_pretrained(tmp_path / "sft")
+    _quantized(tmp_path / "sft", codes, scales, quantization_config)
+    boundaries = [{"model": str(tmp_path / "base")}, {"model": str(tmp_path / "sft"), "name": "sft"}]
+    with pytest.raises(CheckpointImportError, match=f"found a quantized one.*{message}.*Dequantize.*save_pretrained"):
+        StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False)
+    assert _ls(tmp_path) == ["base", "sft"]
 
 
 def test_half_precision_checkpoints_give_float32_deltas(tmp_path):
