@@ -104,7 +104,15 @@ from .finite_difference import FiniteDifferenceEstimator
 from .linear import LinearEstimator
 from .propagation.rules import _betas, first_moment_key, preconditioner, run_recurrence, second_moment_key
 from .propagation.stage import StagePropagator, next_trained, trains
-from .replay import STEP_LIMITED_HOW, can_replay, load_state, run_stage, step_limitable, working_copy
+from .replay import (
+    STEP_LIMITED_HOW,
+    can_replay,
+    load_state,
+    replay_data_problem,
+    run_stage,
+    step_limitable,
+    working_copy,
+)
 
 DEFAULT_BUDGET = 0.25
 BUDGET_UNITS = ("steps", "lr-mass")
@@ -275,11 +283,8 @@ def check_replayable(ledger: LedgerCore, plan: PartialReplayPlan, stage_fns: Map
                 f"{stage.name!r} after {leg.steps} optimizer step(s), but its stage function has no step-limited "
                 f"form. {STEP_LIMITED_HOW} Or use budget=0 / estimator='replay'."
             )
-        why = (
-            "it continued the previous stage's optimizer state inside one run (replay the whole run with stage_fns)"
-            if stage.optimizer_state_policy == "continued" and fn is None
-            else "no stage function was given for it and the ledger holds no replay data for it"
-        )
+        problem = replay_data_problem(stage) if fn is None else None
+        why = problem or "no stage function was given for it and the ledger holds no replay data for it"
         raise PartialReplayError(
             f"Partial replay of stage {removed!r} (budget {plan.budget:g}) needs to replay stage {stage.index} "
             f"{stage.name!r}, but {why}. Record it with StageRecorder(..., save_replay_data=True), or pass "
@@ -551,7 +556,10 @@ class _RestOfStage:
         if needs_p:
             entry = self.state.get(name) or {}
             key = second_moment_key(family, {k: {name: v} for k, v in entry.items()})
-            if key is not None:
+            # Adagrad's sum only grows: frozen after the first few replayed steps, 1/(√sum+ε) is far too large for the
+            # rest of the stage and the carry diverges (η·λ/√sum ≫ 2); the recorded segment moments stand for it
+            early_sum = family == "adagrad" and coupled and bool(self.prop._preconditioner_runs()[0].moments)
+            if key is not None and not early_sum:
                 step = float(entry.get("step", self.m))
                 precond = preconditioner(family, group, entry[key], step)
             elif coupled:
@@ -562,9 +570,14 @@ class _RestOfStage:
                 if rkey is None or name not in moments[rkey]:
                     raise PartialReplayError(self.prop._missing_state_message(name))
                 precond = preconditioner(family, group, moments[rkey][name], float(self.m + 1))
+                why = (
+                    "Adagrad's accumulated sum after the replayed steps is too small to stand for the rest"
+                    if early_sum
+                    else "the replay returned no optimizer state"
+                )
                 self.notes.add(
                     f"Stage {self.prop.stage.name!r}: rest of the stage after the partial replay carried with the "
-                    "recorded second moments (the replay returned no optimizer state)."
+                    f"recorded second moments ({why})."
                 )
             else:
                 buf = None

@@ -196,6 +196,10 @@ def replay_needs(
                 f"{stage.name!r}: fn}} or record it with StageRecorder(..., save_replay_data=True))"
             )
             continue
+        problem = replay_data_problem(stage)
+        if problem:
+            problems.append(f"stage {stage.name!r} cannot be replayed from its replay data: {problem}")
+            continue
         problem = reference_problem(stage, ref_models.get(stage.name))
         if problem:
             problems.append(problem)
@@ -302,7 +306,37 @@ def can_replay(
         return (step_limitable(fn) or not step_limited) and (takes_grad_every(fn) or not grad_reuse)
     if grad_reuse and str(stage.kind).lower() in NO_GRADIENT_REUSE:
         return False
-    return stage.replay_dir is not None and stage.optimizer_state_policy != "continued"
+    return stage.replay_dir is not None and replay_data_problem(stage) is None
+
+
+def replay_data_problem(stage: Stage) -> str | None:
+    """Why ``stage`` cannot be re-run from its recorded replay data, as a clause; ``None`` when nothing stands in the
+    way (whether it holds replay data at all is :attr:`~hf_stage_attribution.ledger.stage.Stage.replay_dir`).
+
+    - It continued the previous stage's optimizer state inside one run: the state it started from is not its own.
+    - Its learning-rate schedule is metric-driven (``reduce_lr_on_plateau``): the rates depend on the recorded run's
+      evaluation losses, and the replay data keep no evaluation set (a replay runs no evaluation), so a replayed
+      stage would not apply the recorded rates. A stage function that evaluates as the stage did can replay it.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> stage = SimpleNamespace(name="sft", optimizer_state_policy="fresh",
+        ...                         info={"training_arguments": {"lr_scheduler_type": "reduce_lr_on_plateau"}})
+        >>> replay_data_problem(stage).split(" (")[0]
+        'its learning-rate schedule is metric-driven'
+    """
+    if stage.optimizer_state_policy == "continued":
+        return "it continued the previous stage's optimizer state inside one run (replay the whole run with stage_fns)"
+    args = (getattr(stage, "info", None) or {}).get("training_arguments") or {}
+    schedule = str(args.get("lr_scheduler_type") or "") if isinstance(args, dict) else ""
+    if "plateau" in schedule.lower():
+        return (
+            f"its learning-rate schedule is metric-driven ({schedule}: each rate depends on the recorded run's "
+            "evaluation loss), and the replay data hold no evaluation set, so a replay would not apply the recorded "
+            f"learning rates. Pass stage_fns={{{stage.name!r}: fn}} with fn running the stage with its evaluations, "
+            "or use a propagation estimator (aa-ggn, aa-fd)"
+        )
+    return None
 
 
 def _no_replay_message(stage: Stage) -> str:
@@ -347,6 +381,9 @@ def run_stage(
     if fn is None:
         if stage.replay_dir is None:
             raise ReplayError(_no_replay_message(stage))
+        problem = replay_data_problem(stage)
+        if problem:
+            raise ReplayError(f"Cannot replay stage {stage.index} {stage.name!r} from its replay data: {problem}.")
         ref = (ref_models or {}).get(stage.name)
         state: dict[str, dict[str, Any]] | None = None if max_steps is None else {}
         model = replay_trainer_stage(

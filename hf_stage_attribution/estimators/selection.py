@@ -4,16 +4,21 @@ the ledger holds curvature material, else ``aa-fd`` (``delta-fd`` when a later s
 The rule, in order (:func:`choose_estimator`):
 
 1. a later stage imported from checkpoints without optimizer information → ``delta-fd`` (task-vector negation);
+   likewise a later stage whose optimizer the propagation rules do not know (torch ``Adamax``, ``NAdam``, HF
+   ``adafactor`` ...): every estimator that carries a removed stage's delta (``aa-*``, partial replay's carry of the
+   rest) would refuse it, and the reason names the stage and its optimizer;
 2. every later stage that took optimizer steps can be replayed *step-limited* — the ledger holds its replay data
    (``StageRecorder(..., save_replay_data=True)``) or ``stage_fns`` has a function with a ``max_steps`` keyword —
    → ``partial-replay`` at :data:`~.partial_replay.DEFAULT_BUDGET` (25 % of replay's optimizer steps), read out by
    finite difference: that read-out is exact for the terminal stage and at budget 1 (it *is* replay there), where
    the linear read-out keeps the first-order error of the behavior;
-3. otherwise ``aa-ggn`` when every later stage holds curvature material and its Krylov basis fits in memory, else
-   ``aa-fd``: the ``aa-linear`` carry (learning rates, momentum, weight decay) read out by finite difference. When
-   the basis has to go to scratch disk (above 64 MiB, about 0.56 M parameters), the reason says so and names
-   ``aa-fd`` as the fast choice on large models (on SmolLM2-135M ``aa-ggn`` had not finished after 19.5 min,
-   ``aa-fd`` took 56 s).
+3. otherwise ``delta-fd`` when a later stage's coupled weight decay under a second-moment preconditioner (``Adam``,
+   ``RMSprop``, ``Adagrad`` with ``weight_decay``) cannot be carried because the ledger holds no second moments for it
+   (:func:`~.propagation.stage.carry_problem`); else ``aa-ggn`` when every later stage holds curvature material and
+   its Krylov basis fits in memory, else ``aa-fd``: the ``aa-linear`` carry (learning rates, momentum, weight decay)
+   read out by finite difference. When the basis has to go to scratch disk (above 64 MiB, about 0.56 M parameters),
+   the reason says so and names ``aa-fd`` as the fast choice on large models (on SmolLM2-135M ``aa-ggn`` had not
+   finished after 19.5 min, ``aa-fd`` took 56 s).
 
 Without curvature, the finite-difference read-out is the choice for the same reason as in step 2. Measured against
 replay on the six benchmark pipelines (``BENCHMARKS.md`` §1, all (stage, behavior) pairs, what the card claims):
@@ -60,7 +65,8 @@ from .base import Estimator, get, register
 from .curvature.products import resolve_loss
 from .curvature.propagation import CURVATURE_PRESETS, curvature_basis_on_disk, curvature_memory_problem
 from .propagation.rules import recorded_family
-from .replay import can_replay
+from .propagation.stage import carry_problem, next_trained
+from .replay import can_replay, replay_data_problem
 
 PARTIAL_REPLAY = "partial-replay"
 PARTIAL_REPLAY_BUDGET = 0.25  # = partial_replay.DEFAULT_BUDGET (a test keeps them equal)
@@ -104,6 +110,9 @@ def choose_estimator(
     later = [s for s in ledger.stages[1:] if s.num_steps and s.learning_rates]
     if not later:
         return "aa-fd", "no stage after the first took optimizer steps, so there is no curvature to propagate"
+    unknown = [s for s in later if recorded_family(s.optimizer) is None]
+    if unknown:
+        return "delta-fd", _no_carry_reason([carry_problem(s) or s.name for s in unknown])
     fns = dict(stage_fns or {})
     if partial_replay and all(can_replay(s, fns, step_limited=True) for s in later):
         how = sorted({"stage functions" if s.name in fns else "recorded replay data" for s in later})
@@ -119,23 +128,40 @@ def choose_estimator(
     fallback = _without_replay(ledger, later, loss_fns)
     if not partial_replay:
         return fallback
-    unreplayable = [s.name for s in later if not can_replay(s, fns, step_limited=True)]
-    return fallback[0], (
-        f"{fallback[1]}; partial replay not used: later stage(s) {unreplayable} have neither replay data "
-        "(StageRecorder(..., save_replay_data=True)) nor a step-limited stage function (fn(model, max_steps=None), "
-        "or fn(model, callbacks=None) handing the callbacks to its Trainer)"
+    unreplayable = [s for s in later if not can_replay(s, fns, step_limited=True)]
+    blocked = [(s, replay_data_problem(s)) for s in unreplayable if s.name not in fns and s.replay_dir is not None]
+    blocked = [(s, why) for s, why in blocked if why]
+    others = [s.name for s in unreplayable if s not in [b for b, _ in blocked]]
+    why_not = [f"stage {s.name!r} cannot be replayed from its replay data: {why}" for s, why in blocked]
+    if others:
+        why_not.append(
+            f"later stage(s) {others} have neither replay data (StageRecorder(..., save_replay_data=True)) nor a "
+            "step-limited stage function (fn(model, max_steps=None), or fn(model, callbacks=None) handing the "
+            "callbacks to its Trainer)"
+        )
+    return fallback[0], f"{fallback[1]}; partial replay not used: " + "; ".join(why_not)
+
+
+def _no_carry_reason(problems: list[str]) -> str:
+    """The reason ``auto`` gives for ``delta-fd`` when a later stage cannot be propagated."""
+    return (
+        "; ".join(problems)
+        + ". Every aa-* estimator carries a removed stage's delta through each later stage and would refuse, so "
+        "task-vector negation (delta-fd: no propagation, exact for the last stage) is used; replay (stage_fns or "
+        "replay data) gives the ground truth"
     )
 
 
 def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str, Any] | None) -> tuple[str, str]:
+    following = {s.index: next_trained(ledger.stages, s.index) for s in later}
+    stuck = [why for s in later if (why := carry_problem(s, following[s.index])) is not None]
+    if stuck:
+        return "delta-fd", _no_carry_reason(stuck)
     missing = [s.name for s in later if not s.segments]
     if missing:
         return "aa-fd", (
             f"later stage(s) {missing} hold no curvature material (record them with curvature_segments=3 for aa-ggn)"
         )
-    unknown = [s.name for s in later if recorded_family(s.optimizer) is None]
-    if unknown:
-        return "aa-fd", f"later stage(s) {unknown} used an optimizer the curvature propagation does not know"
     no_loss = []
     for stage in later:
         try:
@@ -192,10 +218,12 @@ class Auto(Estimator):
         return frozenset().union(*(type(get(name)).accepted_options() or () for name in cls.candidates))
 
     description = (
-        "delta-fd when a later stage was imported without optimizer information; else partial-replay (budget "
+        "delta-fd when a later stage was imported without optimizer information or used an optimizer the "
+        "propagation does not know; else partial-replay (budget "
         "0.25, finite-difference read-out) where every later stage can be replayed step by step (replay data or "
-        "stage_fns with max_steps, or callbacks for their Trainer); else aa-ggn where the ledger holds curvature "
-        "material, else aa-fd."
+        "stage_fns with max_steps, or callbacks for their Trainer); else delta-fd when a later stage's coupled decay "
+        "cannot be carried (no recorded second moments); else aa-ggn where the ledger holds curvature material, "
+        "else aa-fd."
     )
 
     def resolve(

@@ -74,7 +74,7 @@ from .partial_replay import (
     propagated_embeddings,
 )
 from .propagation.stage import trains
-from .replay import can_replay, no_gradient_reuse_message, run_stage, takes_grad_every
+from .replay import can_replay, no_gradient_reuse_message, replay_data_problem, run_stage, takes_grad_every
 
 _MEMO: dict[str, Any] = {}
 
@@ -144,10 +144,11 @@ def check_strided_replayable(ledger: LedgerCore, plan: StridedReplayPlan, stage_
                 f"Strided replay of stage {removed!r} (budget {plan.budget:g}): "
                 + no_gradient_reuse_message(stage, plan.stride, fn)
             )
-        if fn is None and stage.replay_dir is not None and stage.optimizer_state_policy != "continued":
+        problem = replay_data_problem(stage) if fn is None else None
+        if problem:
+            why = problem
+        elif fn is None and stage.replay_dir is not None:
             why = f"it is a {stage.kind} stage, which generates its training data inside the training step"
-        elif fn is None and stage.optimizer_state_policy == "continued":
-            why = "it continued the previous stage's optimizer state inside one run (replay it with stage_fns)"
         else:
             why = "no stage function was given for it and the ledger holds no replay data for it"
         raise PartialReplayError(

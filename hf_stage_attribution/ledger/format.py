@@ -48,7 +48,7 @@ STAGE_KEYS = {
     "start_hash", "end_hash", "end_digests", "wall_time_seconds", "started_at", "finished_at", "segments",
     "curvature_loss", "trl", "replay", "notes", "delta_file", "lora_file", "world_size", "framework_versions",
     "source", "recipe", "metadata", "estimator_availability", "skipped_steps", "early_checkpoint",
-    "changed_without_grad",
+    "changed_without_grad", "unstepped_parameters",
 }  # fmt: skip
 
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
@@ -301,6 +301,9 @@ def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
     unflagged = data.get("changed_without_grad", [])  # absent (ledgers before it existed): none is known
     if not isinstance(unflagged, list) or not all(isinstance(x, str) and x in trainable for x in unflagged):
         raise _fail(path, "`changed_without_grad`: a list of names from `trainable_parameters`", unflagged)
+    unstepped = data.get("unstepped_parameters", [])  # absent (ledgers before it existed): every one was stepped
+    if not isinstance(unstepped, list) or not all(isinstance(x, str) and x in trainable for x in unstepped):
+        raise _fail(path, "`unstepped_parameters`: a list of names from `trainable_parameters`", unstepped)
     policy = data.get("optimizer_state_policy", "fresh")
     if policy not in ("fresh", "continued", "unknown"):
         raise _fail(path, "`optimizer_state_policy` in fresh/continued/unknown", policy)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -78,8 +78,45 @@ def applied_learning_rates(optimizer: Any) -> list[float]:
     return [float(g["lr"]) for g in unwrap_optimizer(optimizer).param_groups]
 
 
+def _stepped(state: Mapping[str, Any]) -> bool:
+    """Whether one parameter's optimizer state comes from steps already taken: a ``step`` counter above 0, or (for
+    optimizers that keep none, SGD's ``momentum_buffer``) any state at all. State an optimizer builds when it is
+    constructed (torch ``Adagrad``: ``sum`` = ``initial_accumulator_value``, ``step`` = 0) is a fresh optimizer's."""
+    if "step" not in state:
+        return len(state) > 0
+    step = state["step"]
+    return float(step) > 0 if isinstance(step, (torch.Tensor, int, float)) else True
+
+
 def has_state(optimizer: Any) -> bool:
-    return any(len(s) > 0 for s in unwrap_optimizer(optimizer).state.values())
+    """Whether ``optimizer`` holds state from optimizer steps already taken (a stage that starts with it continues
+    that state); a state whose ``step`` is 0 everywhere (built at construction) does not count.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> has_state(torch.optim.Adagrad(model.parameters(), lr=0.1))  # sum = 0, step = 0 from __init__
+        False
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> model(torch.ones(1, 2)).sum().backward(); opt.step()
+        >>> has_state(opt)
+        True
+    """
+    return any(_stepped(s) for s in unwrap_optimizer(optimizer).state.values())
+
+
+def no_step_taken(state: Mapping[str, Mapping[str, Any]] | None) -> bool:
+    """Whether a recorded optimizer state (``{state key: {name: tensor}}``, as ``Stage.optimizer_state_at_start``
+    returns it) was taken before any step: it has ``step`` counters and all are 0. Its moments are the
+    constructor's (Adagrad's zero ``sum``), not second moments any step measured.
+
+    Example:
+        >>> no_step_taken({"sum": {"w": torch.zeros(2)}, "step": {"w": torch.tensor(0.0)}})
+        True
+        >>> no_step_taken({"exp_avg_sq": {"w": torch.ones(2)}, "step": {"w": torch.tensor(3.0)}}), no_step_taken(None)
+        (False, False)
+    """
+    steps = (state or {}).get("step") or {}
+    return bool(steps) and all(float(t) == 0 for t in steps.values())
 
 
 def optimizer_state_stream(

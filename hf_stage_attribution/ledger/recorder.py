@@ -236,6 +236,7 @@ class StageRecording:
         self.start_digests = digests if not resumed else self._load_progress()["start_digests"]
         self._buffer_digests = floating_buffer_digests(model)
         self._trainable = [n for n, p in self._params.items() if p.requires_grad and n not in self._lora]
+        self._without_grad = list(self._trainable)  # shrinks as tensors get a gradient at an optimizer step
         self._snapshot = self._take_snapshot(resumed)
         self._lora_start = self._lora_snapshot(resumed)
         self.optimizer_state_policy = "fresh"
@@ -418,6 +419,7 @@ class StageRecording:
         if skipped:
             self.skipped_steps.append(len(self.learning_rates))
         self.learning_rates.append(applied_learning_rates(self.optimizer))
+        self._note_gradients()
         batches = [*self._pending, *([batch] if batch is not None else [])]
         self._pending = []
         t = len(self.learning_rates) - 1
@@ -425,6 +427,21 @@ class StageRecording:
             self._capture.on_step(t, batches, self._midpoint_state)
             if self._early_step is not None and t + 1 == self._early_step:
                 self._write_early_checkpoint()
+
+    def _note_gradients(self) -> None:
+        """Forget the trainable tensors that hold a gradient at this optimizer step: torch optimizers skip a tensor
+        whose ``grad`` is None (no update, no weight decay), so the ones left at the end were never stepped. Only the
+        tensors without a gradient so far are looked at: once each has had one, this costs nothing."""
+        if self._without_grad:
+            self._without_grad = [n for n in self._without_grad if self._params[n].grad is None]
+
+    def _unstepped_parameters(self, end_digests: dict[str, str]) -> list[str]:
+        """Trainable tensors the optimizer never stepped in this stage: no gradient at any recorded step, and
+        unchanged from start to end. Empty when no step was recorded or when no tensor ever showed a gradient here
+        (a framework that keeps gradients away from the parameters, e.g. DeepSpeed: then nothing is known)."""
+        if not self.learning_rates or len(self._without_grad) == len(self._trainable):
+            return []
+        return sorted(n for n in self._without_grad if end_digests.get(n) == self.start_digests.get(n))
 
     def _write_early_checkpoint(self) -> None:
         """θ_m − θ_start and the whole optimizer state after ``m`` steps, one tensor at a time."""
@@ -486,6 +503,7 @@ class StageRecording:
                 "skipped_steps": self.skipped_steps,
                 "start_digests": self.start_digests,
                 "optimizer_state_policy": self.optimizer_state_policy,
+                "without_grad": self._without_grad,
                 "segments": self._capture.state(),
                 "started_at": self.started_at,
             },
@@ -500,6 +518,8 @@ class StageRecording:
         self.learning_rates = progress["learning_rates"]
         self.skipped_steps = [int(t) for t in progress.get("skipped_steps", [])]
         self.optimizer_state_policy = progress["optimizer_state_policy"]
+        without_grad = set(progress.get("without_grad", ()))  # absent (older progress files): none is known
+        self._without_grad = [n for n in self._without_grad if n in without_grad]
         self.started_at = progress["started_at"]
         self._capture.restore(progress["segments"], len(self.learning_rates))
 
@@ -660,6 +680,7 @@ class StageRecording:
                 files[rel] = file_sha256(self.partial_dir / rel)
                 early[f"{part}_file"] = rel
         end_hash = combine_digests(end_digests)
+        unstepped = self._unstepped_parameters(end_digests)
         info = {
             "format_version": FORMAT_VERSION,
             "index": self.index,
@@ -671,6 +692,7 @@ class StageRecording:
             "num_steps": len(self.learning_rates),
             "trainable_parameters": sorted(set(all_dense) | set(self._lora)),
             **({"changed_without_grad": sorted(frozen_changed)} if frozen_changed else {}),
+            **({"unstepped_parameters": unstepped} if unstepped else {}),  # absent: every trainable tensor stepped
             "delta_file": "delta.safetensors" if "delta.safetensors" in files else None,
             "lora_file": "lora.safetensors" if "lora.safetensors" in files else None,
             "lora": lora_info,

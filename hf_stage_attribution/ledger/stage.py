@@ -350,6 +350,13 @@ class Stage:
         return self.info.get("changed_without_grad", [])
 
     @property
+    def unstepped_parameters(self) -> list[str]:
+        """Parameters in ``trainable_parameters`` that the optimizer never stepped in this stage (no gradient at any
+        optimizer step, so torch skipped them: no update, no weight decay); the propagation leaves them as they
+        are. Empty for ledgers written before the list existed, and where the recorder saw no gradients at all."""
+        return self.info.get("unstepped_parameters", [])
+
+    @property
     def optimizer_state_policy(self) -> str:
         return self.info.get("optimizer_state_policy", "fresh")
 

@@ -58,7 +58,8 @@ class SegmentLayout:
         self.step0 = self._initial_step(stage, continued) + (stage.applied_steps_before(start) if applied else start)
         opt = stage.optimizer or {}
         lrs = applied(start, end) if applied else stage.learning_rates[start:end]
-        trainable = set(stage.trainable_parameters)
+        # tensors the optimizer never stepped in this stage (grad None throughout) are left as they are
+        trainable = set(stage.trainable_parameters) - set(getattr(stage, "unstepped_parameters", ()))
         self.groups = [
             _Group(i, g, [n for n in g.get("params", []) if n in trainable], [float(row[i]) for row in lrs])
             for i, g in enumerate(opt.get("param_groups", []))

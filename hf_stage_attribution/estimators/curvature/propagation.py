@@ -589,7 +589,25 @@ def _approximations(stage: Stage, family: str, curved: bool, info: dict) -> list
                    "(its base weights are frozen; only fully trained tensors respond to curvature)")  # fmt: skip
     if info["unstable_modes"]:
         out.append(f"stage {stage.name!r}: {info['unstable_modes']} unstable Ritz mode(s) damped to zero")
+    clipping = (getattr(stage, "info", None) or {}).get("gradient_clipping") or {}
+    if curved and clipping.get("enabled"):
+        out.append(clipping_note(stage.name, clipping.get("max_grad_norm")))
     return out
+
+
+def clipping_note(stage_name: str, max_grad_norm: Any) -> str:
+    """The approximation note for a later stage that clipped its gradients, carried with curvature.
+
+    Example:
+        >>> clipping_note("sft", 1.0).split(";")[0]
+        "stage 'sft': gradient clipping was enabled (max_grad_norm=1.0)"
+    """
+    return (
+        f"stage {stage_name!r}: gradient clipping was enabled (max_grad_norm={max_grad_norm}); the curvature carry "
+        "does not model its rescaling of the gradient (the ledger keeps no per-step gradient norms), so on steps "
+        "where clipping was active the carried re-learning response of that stage is larger than the one training "
+        "applied"
+    )
 
 
 __all__ = ["CURVATURE_PRESETS", "MODES", "curvature_settings", "propagate", "run_recurrence"]

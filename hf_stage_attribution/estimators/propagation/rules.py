@@ -229,9 +229,16 @@ def second_moment_key(family: str, state: dict[str, Any]) -> str | None:
 def preconditioner(family: str, group: dict[str, Any], second_moment: torch.Tensor, step: float) -> torch.Tensor:
     """``1/(√v̂ + ε)`` in float64 from a recorded second moment (Adam: bias-corrected by ``step``).
 
+    Adagrad: where the accumulated sum is exactly 0 no gradient (and no coupled decay: the parameter was 0 too) ever
+    reached the coordinate, and its update ``g/(√(Σg²)+ε)`` is sign-like there, bounded by the learning rate, with no
+    first-order response to freeze: the preconditioner is 0 (the perturbation passes that coordinate unchanged)
+    instead of ``1/ε = 1e10``, which would blow the carried perturbation up by ``η·λ/ε`` per step.
+
     Example:
         >>> float(preconditioner("rmsprop", {"eps": 0.0}, torch.tensor([4.0]), step=3))
         0.5
+        >>> preconditioner("adagrad", {}, torch.tensor([4.0, 0.0]), step=3).tolist()
+        [0.499999999975, 0.0]
     """
     v = second_moment.to(torch.float64, copy=True)  # the one float64 tensor: every step below is in place on it
     if family in ("adam", "adamw"):
@@ -242,5 +249,9 @@ def preconditioner(family: str, group: dict[str, Any], second_moment: torch.Tens
         eps = _f(group, "eps", 1e-8)
     else:
         eps = _f(group, "eps", 1e-10)
+        unreached = second_moment == 0
+        if bool(unreached.any()):
+            v.clamp_min_(0).sqrt_().add_(eps)
+            return torch.div(1.0, v, out=v).masked_fill_(unreached, 0.0)
     v.clamp_min_(0).sqrt_().add_(eps)
     return torch.div(1.0, v, out=v)

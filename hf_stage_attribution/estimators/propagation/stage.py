@@ -22,6 +22,7 @@ import torch
 
 from ...errors import UnsupportedOptimizerError
 from ...ledger.core import LedgerCore
+from ...ledger.optimizer_info import no_step_taken
 from ...ledger.stage import Stage
 from .rules import (
     first_moment_key,
@@ -111,7 +112,8 @@ class StagePropagator:
             )
             return
         self.family = family
-        trainable = set(stage.trainable_parameters)
+        # tensors the optimizer never stepped here (grad None throughout: torch skipped them) pass unchanged (D = 1)
+        trainable = set(stage.trainable_parameters) - set(getattr(stage, "unstepped_parameters", ()))
         for index, group in enumerate(stage.optimizer.get("param_groups", [])):
             for name in group.get("params", []):
                 if name in trainable:
@@ -122,6 +124,11 @@ class StagePropagator:
             self.approximations.append(
                 f"Stage {stage.name!r}: {stage.optimizer.get('type')} with coupled weight decay propagated per "
                 "coordinate with the preconditioner 1/(sqrt(v)+eps) frozen at the recorded second-moment state."
+                + (
+                    " Coordinates whose accumulated sum is 0 (no gradient reached them) pass unchanged."
+                    if family == "adagrad"
+                    else ""
+                )
             )
         if family == "rmsprop" and any(g.get("centered") for g in stage.optimizer.get("param_groups", [])):
             self.approximations.append(
@@ -141,8 +148,10 @@ class StagePropagator:
         return _Rule(self.family, index, group, lrs)
 
     def start_state(self) -> dict | None:
+        """The optimizer state the stage continued (``{state key: {name: tensor}}``; empty when it holds none or
+        when that state was taken before any step, e.g. torch Adagrad's constructor state in older ledgers)."""
         if self._start_state is None and self.stage.optimizer_state_policy == "continued":
-            self._start_state = self.stage.optimizer_state_at_start() or {}
+            self._start_state = _stepped_state(self.stage.optimizer_state_at_start())
         return self._start_state
 
     def _step0(self, name: str) -> int:
@@ -251,7 +260,7 @@ class StagePropagator:
             return self._runs
         state = self.start_state()
         if not state and self.next_stage is not None and self.next_stage.optimizer_state_policy == "continued":
-            state = self.next_stage.optimizer_state_at_start()
+            state = _stepped_state(self.next_stage.optimizer_state_at_start())
         self._runs = [_Run(0, n, state or None)]
         return self._runs
 
@@ -263,6 +272,52 @@ class StagePropagator:
             "Record curvature segments (curvature_segments=3 with num_steps and loss_fn in record_stage / "
             "StageRecorder), or pass allow_identity_propagation=True to ignore the decay (approximate)."
         )
+
+
+def _stepped_state(state: dict | None) -> dict:
+    """``state`` unless it was taken before any optimizer step (its moments are then the constructor's, such as
+    Adagrad's zero ``sum``: a preconditioner 1/(0+eps) from it would blow a perturbation up), else ``{}``."""
+    return {} if state is None or no_step_taken(state) else state
+
+
+def carry_problem(stage: Stage, next_stage: Any = None) -> str | None:
+    """Why the curvature-free carry (:class:`StagePropagator`) cannot take perturbations through ``stage``, in one
+    sentence naming the stage and its optimizer; ``None`` when it can. Two causes: an optimizer whose update rule the
+    rules do not know, and coupled weight decay under a second-moment preconditioner (Adam, RMSprop, Adagrad) with no
+    recorded second moments (no curvature segments, no continued state). Reads no model-sized tensor when the stage
+    has curvature segments.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from hf_stage_attribution import StageLedger
+        >>> model, ledger = torch.nn.Linear(2, 1), StageLedger(tempfile.mkdtemp())
+        >>> opt = torch.optim.Adamax(model.parameters(), lr=0.1)
+        >>> with ledger.record_stage("a", model=model, optimizer=opt) as rec:
+        ...     opt.zero_grad(); model(torch.ones(1, 2)).sum().backward(); opt.step(); rec.step()
+        >>> carry_problem(ledger.stages[0]).split(",")[0]
+        "stage 'a' was trained with optimizer 'Adamax'"
+    """
+    if not trains(stage):
+        return None
+    found = (stage.optimizer or {}).get("type") or "not recorded"
+    if recorded_family(stage.optimizer) is None:
+        return (
+            f"stage {stage.name!r} was trained with optimizer {found!r}, whose update rule the propagation does not "
+            "know"
+        )
+    prop = StagePropagator(stage, next_stage)
+    needs = [n for n in prop._groups if _per_coordinate(prop.rule(n))]
+    if not needs or any((seg.dir / "second_moments.safetensors").exists() for seg in getattr(stage, "segments", [])):
+        return None
+    for run in prop._preconditioner_runs():  # no segment holds moments: the continued start or end state
+        moments = run.moments or {}
+        key = second_moment_key(prop.family, moments)
+        if key is None or any(n not in moments[key] for n in needs):
+            return (
+                f"stage {stage.name!r} was trained with {found} and coupled weight decay, whose propagation needs the "
+                "optimizer's recorded second moments, and the ledger holds none for it (no curvature segments)"
+            )
+    return None
 
 
 def _applied(stage: Stage) -> list[list[float]]:
