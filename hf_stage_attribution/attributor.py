@@ -34,7 +34,7 @@ from .estimators.second_opinion import DEFAULT_SECOND_OPINION, check_second_opin
 from .estimators.selection import PARTIAL_REPLAY_BUDGET
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
-from .report.build import FD_READINGS, ledger_summary
+from .report.build import FD_READINGS, ledger_summary, min_resamples
 
 # linear estimator ↔ its finite-difference reading (ESTIMATORS.md §4 "linearisation gap")
 _PAIRED = {
@@ -163,7 +163,9 @@ class StageAttributor:
         self.loss_fns = dict(loss_fns or {})
         self.diagnostics = diagnostics
         self.second_opinion = check_second_opinion(second_opinion)
-        self.n_resamples = _check_int("n_resamples", n_resamples, minimum=1, example="n_resamples=1000")
+        self.n_resamples = _check_int(
+            "n_resamples", n_resamples, minimum=min_resamples(0.95), example="n_resamples=1000"
+        )
         self.seed = _check_int("seed", seed, minimum=None, example="seed=0")
         self.show_progress = show_progress
         self.estimator_options = dict(estimator_options or {})

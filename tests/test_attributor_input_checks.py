@@ -27,8 +27,8 @@ def output(model: torch.nn.Module) -> torch.Tensor:
         ({"seed": 1.5}, r"Expected seed to be an integer"),
         ({"seed": True}, r"Expected seed to be an integer"),
         ({"n_resamples": "100"}, r"Expected n_resamples to be an integer .* found str '100'"),
-        ({"n_resamples": 0}, r"Expected n_resamples to be at least 1"),
-        ({"n_resamples": -5}, r"at least 1"),
+        ({"n_resamples": 0}, r"Expected n_resamples to be at least 40"),
+        ({"n_resamples": -5}, r"at least 40"),
     ],
 )
 def test_seed_and_n_resamples_are_checked_in_the_constructor(tiny, kwargs, match):

@@ -153,6 +153,12 @@ class AttributionReport:
             'unreliable: replay disagrees — replay names a as the top stage, the estimate b'
         """
         if isinstance(replay, AttributionReport):
+            if replay.estimator != "replay":
+                raise ReportError(
+                    f"Expected a report of exact replay (estimator 'replay') to verify against, got one of estimator "
+                    f"{replay.estimator!r}: its numbers are another estimate, not the ground truth. Run "
+                    "StageAttributor(..., estimator='replay') or attribute(..., validate=True); nothing was changed."
+                )
             replay = {b.name: {r.stage: r.effect for r in replay.rows_for(b.name)} for b in replay.behaviors}
         for summary in self.behaviors:
             truth = replay.get(summary.name)

@@ -309,8 +309,15 @@ def build_report(
 
     if not per_example:
         raise ReportError("Expected effects for at least one behavior, got none: attribute at least one behavior.")
-    if int(n_resamples) < 1 or not 0.0 < float(confidence) < 1.0:
-        raise ReportError(f"Expected `n_resamples` >= 1 and 0 < `confidence` < 1, got {n_resamples}, {confidence}.")
+    if not 0.0 < float(confidence) < 1.0:
+        raise ReportError(f"Expected 0 < `confidence` < 1, got {confidence}.")
+    if int(n_resamples) < min_resamples(confidence):
+        tail = 50 * (1 - float(confidence))
+        raise ReportError(
+            f"Expected `n_resamples` >= {min_resamples(confidence)} for a {100 * float(confidence):g} % interval (its "
+            f"ends are the {tail:g}th and {100 - tail:g}th percentiles of the resampled means, which fewer resamples "
+            f"cannot place), got {n_resamples}. The default is 1000."
+        )
     given_stages = stages is not None or getattr(ledger, "stages", None) is not None
     if stages is None:
         stages = getattr(ledger, "stages", None) or list(next(iter(per_example.values())))
@@ -322,8 +329,15 @@ def build_report(
     given = dict(behaviors) if isinstance(behaviors, Mapping) else {}
     if behaviors is not None and not isinstance(behaviors, Mapping):
         given = {getattr(b, "name", b if isinstance(b, str) else None): b for b in behaviors}
-    alternates = alternates or {}
-    replay = alternates.get("replay") if replay is None else replay
+    alternates = dict(alternates or {})
+    if replay is None:
+        replay = alternates.get("replay")
+    elif "replay" not in alternates:
+        alternates["replay"] = replay  # replay shown beside the estimates is evidence for the verdict too
+    elif alternates["replay"] is not replay:
+        raise ReportError(
+            "Expected replay once: pass it as `replay=` (or `alternates['replay']`), not both with different values."
+        )
 
     rows, summaries, diagnostics, all_approx = [], [], {}, []
     for behavior, effects in per_example.items():
@@ -345,7 +359,7 @@ def build_report(
         truth = (replay or {}).get(behavior) or {}
         for k, stage in enumerate(names):
             effect = float(means[k])
-            share = effect / total if total else None
+            share = effect / total if total is not None and abs(total) > _tiny(means) else None
             rows.append(
                 ReportRow(
                     stage,
@@ -398,6 +412,23 @@ def build_report(
             "seed": int(seed),
         },
     }
+
+
+def min_resamples(confidence: float) -> int:
+    """The fewest bootstrap resamples for a percentile interval at ``confidence``: each tail must hold at least one
+    resampled mean, ``⌈2 / (1 − confidence)⌉`` (40 at 95 %).
+
+    Example:
+        >>> min_resamples(0.95), min_resamples(0.9)
+        (40, 20)
+    """
+    return math.ceil(round(2.0 / (1.0 - float(confidence)), 9))
+
+
+def _tiny(means: np.ndarray) -> float:
+    """Below this a total change is 0 for shares: float rounding of the stage effects' size (a share divided by it
+    would be ~1e16). Example: ``_tiny(np.array([1.0, -1.0]))`` is about 4.4e-15."""
+    return 1e-12 * float(np.abs(means).sum()) + 1e-300
 
 
 def _replay_mean(values: Any, behavior: str, stage: str) -> float | None:

@@ -176,7 +176,7 @@ def headline(report: AttributionReport, name: str, escape: Any = None) -> str:
     Example:
         >>> from hf_stage_attribution.report import AttributionReport
         >>> r = AttributionReport.build({"tox": {"sft": [1.0, 1.2], "dpo": [-3.0, -2.8]}}, estimator="x",
-        ...                             behaviors={"tox": {"unit": "nats"}}, n_resamples=10, versions={})
+        ...                             behaviors={"tox": {"unit": "nats"}}, n_resamples=40, versions={})
         >>> headline(r, "tox", escape=str)
         'dpo lowered tox the most (-2.9 nats, 95 % interval [-3, -2.8]).'
     """
