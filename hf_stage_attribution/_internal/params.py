@@ -134,6 +134,166 @@ def lora_layers(model: torch.nn.Module) -> dict[str, LoraInfo]:
     return out
 
 
+_RECORDABLE_PEFT_TYPES = ("LORA", "ADALORA")
+_MERGE_ADVICE = (
+    "merge the adapter (`model = model.merge_and_unload()`) and record the merged model as a full fine-tuning stage"
+)
+
+
+def _peft_type(config: object) -> str:
+    kind = getattr(config, "peft_type", None)
+    return str(getattr(kind, "value", kind) or "unknown").upper()
+
+
+def _identity_keys(param: torch.Tensor) -> list[tuple]:
+    """Keys under which two tied parameters meet: the same object, or the same memory with the same layout."""
+    keys: list[tuple] = [("id", id(param))]
+    if param.device.type != "meta" and param.numel() > 0:
+        keys.append(("memory", param.device, param.data_ptr(), tuple(param.shape), param.stride()))
+    return keys
+
+
+def _shared_names(model: torch.nn.Module) -> dict[tuple, set[str]]:
+    """Identity key of every parameter → all base names it is reachable under (a tied weight: two or more)."""
+    out: dict[tuple, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        base = normalize_name(name)
+        if base is not None:
+            for key in _identity_keys(param):
+                out.setdefault(key, set()).add(base)
+    return out
+
+
+def _tied_partners(param: torch.Tensor, own: str, shared: dict[tuple, set[str]]) -> list[str]:
+    names: set[str] = set()
+    for key in _identity_keys(param):
+        names |= shared.get(key, set())
+    return sorted(names - {own})
+
+
+def peft_recording_problems(model: torch.nn.Module) -> list[str]:
+    """What in a PEFT model a stage recording cannot represent faithfully; one sentence each (empty: recordable).
+
+    The ledger stores a LoRA stage as ``scaling · B @ A`` per base weight, in the base model's parameter space (one
+    tensor per tied group). Refused: non-LoRA PEFT methods (IA3, prompt/prefix tuning, ...), LoRA variants whose
+    update is not ``scaling · B @ A`` (DoRA), LoRA biases (``lora_bias``), trainable tokens, and a LoRA or
+    ``modules_to_save`` copy on a tied weight (it would change one of the tied modules without the other).
+
+    Example:
+        >>> peft_recording_problems(torch.nn.Linear(2, 1))
+        []
+    """
+    if not is_peft_model(model):
+        return []
+    problems = _config_problems(dict(getattr(model, "peft_config", {}) or {}))
+    if problems:
+        return problems
+    dora, bias, tied = _layer_findings(model)
+    if dora:
+        problems.append(
+            f"LoRA variant on {_listing(dora)}: its update is not the ledger's scaling·B@A (DoRA rescales the "
+            f"updated weight by a learned magnitude vector); train plain LoRA (without use_dora=True), or "
+            f"{_MERGE_ADVICE}"
+        )
+    if bias:
+        problems.append(
+            f"LoRA bias (lora_bias=True) on {_listing(bias)}: lora_B's bias adds a term to the base bias that the "
+            f"ledger's LoRA format (scaling·B@A on the weight) does not hold; train with lora_bias=False, or "
+            f"{_MERGE_ADVICE}"
+        )
+    if tied:
+        problems.append(
+            f"adapter on a tied weight: {_listing(tied)}. The ledger holds one tensor per tied group, but the adapter "
+            "changes it in one of the tied modules only (e.g. the input embedding and not the output head), which "
+            "the ledger cannot represent; leave the tied module out of target_modules/modules_to_save, untie the "
+            "weights (tie_word_embeddings=False) before the first recorded stage, or "
+            f"{_MERGE_ADVICE}"
+        )
+    return problems
+
+
+def _config_problems(configs: dict) -> list[str]:
+    """Problems read off the adapters' configs: non-LoRA PEFT methods and trainable tokens."""
+    problems: list[str] = []
+    for adapter, config in sorted(configs.items()):
+        kind = _peft_type(config)
+        if kind not in _RECORDABLE_PEFT_TYPES:
+            remedy = (
+                "prompt and prefix tuning cannot be merged into the base weights: train a LoRA adapter instead"
+                if getattr(config, "is_prompt_learning", False)
+                else f"train a LoRA adapter instead, or {_MERGE_ADVICE}"
+            )
+            problems.append(
+                f"adapter {adapter!r} is a PEFT {kind} adapter: the ledger records LoRA factors (scaling·B@A) or "
+                f"dense deltas of the base model's parameters, and {kind} trains parameters outside that space; "
+                f"{remedy}"
+            )
+        elif getattr(config, "trainable_token_indices", None):
+            problems.append(
+                f"adapter {adapter!r} trains PEFT trainable tokens (trainable_token_indices="
+                f"{config.trainable_token_indices!r}), which the ledger cannot store as LoRA factors; {_MERGE_ADVICE}"
+            )
+    return problems
+
+
+def _layer_findings(model: torch.nn.Module) -> tuple[list[str], list[str], list[str]]:
+    """Active, unmerged adapter layers with a LoRA variant (DoRA), a LoRA bias, or on a tied weight."""
+    shared = _shared_names(model)
+    dora: list[str] = []
+    bias: list[str] = []
+    tied: list[str] = []
+    for mod_name, module in model.named_modules():
+        if getattr(module, "disable_adapters", False):
+            continue
+        if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
+            tied += _tied_copies(mod_name, module, shared)
+            continue
+        if not (hasattr(module, "scaling") and hasattr(module, "base_layer") and hasattr(module, "lora_A")):
+            continue
+        merged = set(getattr(module, "merged_adapters", []))
+        for adapter in _active_adapters(module):
+            if adapter in merged or adapter not in module.scaling:
+                continue
+            variant = getattr(module, "lora_variant", {}).get(adapter)
+            use_dora = getattr(module, "use_dora", {}).get(adapter, False)
+            if variant is not None or use_dora or adapter in getattr(module, "lora_magnitude_vector", {}):
+                label = type(variant).__name__ if variant is not None else "DoRA"
+                label = "DoRA" if use_dora or "Dora" in label else label
+                dora.append(f"{_module_name(mod_name)} ({label})")
+            layer_b = module.lora_B[adapter] if adapter in module.lora_B else None  # noqa: SIM401 (ModuleDict: no get)
+            if getattr(module, "lora_bias", {}).get(adapter, False) or getattr(layer_b, "bias", None) is not None:
+                bias.append(_module_name(mod_name))
+            weight = getattr(module.get_base_layer(), "weight", None)
+            own = normalize_name(f"{mod_name}.weight")
+            partners = _tied_partners(weight, own, shared) if weight is not None and own else []
+            if partners:
+                tied.append(f"{own} (LoRA, tied to {', '.join(partners)})")
+    return dora, bias, tied
+
+
+def _tied_copies(mod_name: str, module: torch.nn.Module, shared: dict[tuple, set[str]]) -> list[str]:
+    """A ``modules_to_save`` wrapper's active copies of a tied weight (trained apart from the weight it is tied to)."""
+    out: list[str] = []
+    for adapter in _active_adapters(module):
+        if adapter not in module.modules_to_save:
+            continue
+        for pname, param in module.original_module.named_parameters():
+            own = normalize_name(f"{mod_name}.{pname}")
+            partners = _tied_partners(param, own, shared) if own else []
+            if partners:
+                out.append(f"{own} (modules_to_save, tied to {', '.join(partners)})")
+    return out
+
+
+def _module_name(name: str) -> str:
+    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+
+
+def _listing(items: list[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(i) if " " not in i else i for i in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def merged_tensor(name: str, param: torch.Tensor, lora: dict[str, LoraInfo]) -> torch.Tensor:
     """The effective float32 CPU value of a base parameter: base weight plus the active LoRA delta, if any."""
     value = param.detach().to("cpu", torch.float32)

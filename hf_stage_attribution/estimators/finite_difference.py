@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import ModelMismatchError
 from .base import EstimateResult, check_inputs, eval_mode, evaluate_final, evaluate_shifted, register, resolve_stages
 from .embeddings.cache import StageEmbeddings
 from .linear import EmbeddingEstimator, parameter_paths
@@ -32,7 +33,8 @@ def subtract_embedding(model: torch.nn.Module, emb: StageEmbeddings, k: int, sca
     """Inside the block the model holds ``θ − scale · v_k``; afterwards exactly its original parameters (the
     originals of the shifted tensors are kept on the CPU and copied back).
 
-    Yields the number of tensors shifted.
+    Yields the number of tensors shifted. A tensor of ``v_k`` that the model does not hold (by base name) is a
+    :class:`~hf_stage_attribution.errors.ModelMismatchError`, raised with the model restored.
 
     Example:
         >>> import tempfile
@@ -52,7 +54,12 @@ def subtract_embedding(model: torch.nn.Module, emb: StageEmbeddings, k: int, sca
         with torch.no_grad():
             for name, v in emb.items(k):
                 if name not in paths:
-                    continue
+                    raise ModelMismatchError(
+                        f"Expected every tensor of stage {k}'s vector to be a parameter of the model, found {name!r}, "
+                        f"which the model does not hold under that name (a tied duplicate, or another architecture?). "
+                        "Shifting the others alone would not remove the stage: pass the model the ledger was recorded "
+                        "from."
+                    )
                 param = paths[name][1]
                 originals[name] = param.detach().to("cpu", copy=True)  # kept off the accelerator
                 # at scale 1 (the estimators) v is cast straight to the parameter's dtype: the same numbers as the

@@ -15,6 +15,9 @@ Example, with the result of :func:`~hf_stage_attribution.interventions.sweep.sca
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,11 +70,23 @@ def _relative_close(v: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def apply_scaling(model: torch.nn.Module, emb: Any, k: int, alpha: float) -> tuple[torch.nn.Module, str]:
-    """A deep copy of ``model`` holding ``θ − α · v_k`` and its form (``"adapter"`` or ``"full"``)."""
+    """A deep copy of ``model`` holding ``θ − α · v_k`` and its form (``"adapter"`` or ``"full"``).
+
+    Every tensor of ``v_k`` must be a parameter of ``model`` (by base name), and there must be at least one: an
+    :class:`~hf_stage_attribution.errors.InterventionError` otherwise, not a partial (or empty, "adapter") edit.
+    """
 
     edited = clean_copy(model)
     paths = parameter_paths(edited)
-    names = [n for n in emb.names(k) if n in paths]
+    names = list(emb.names(k))
+    missing = [n for n in names if n not in paths]
+    if missing or not names:
+        found = f"{len(missing)} the model does not hold (e.g. {missing[0]!r})" if missing else "no tensor at all"
+        raise InterventionError(
+            f"Expected stage {k}'s vector to name parameters of the model, found {found}: scaling "
+            f"{'the others' if missing else 'nothing'} would not edit the stage out. Pass the model the ledger was "
+            "recorded from (a stage on a tied duplicate of a weight cannot be scaled)."
+        )
     if is_peft_model(edited):
         lora = lora_layers(edited)
         adapter_only = all(
@@ -175,7 +190,9 @@ def save_intervention(
     ``card_text=hf_stage_attribution.model_card.derived_card_text(source_model_dir)`` rather than ``card_from`` for
     a card that has one (the ``intervene`` command and the recipes do). With ``verify`` the model is reloaded from
     disk and re-evaluated; the largest difference to the evaluated figures is recorded. No α met the constraint and
-    no ``alpha`` given: an :class:`InterventionError`, nothing written.
+    no ``alpha`` given: an :class:`InterventionError`, nothing written. A ``PeftModel`` with several adapters saves
+    its active one only, into ``output_dir`` itself. A save that fails part-way removes what it added to
+    ``output_dir`` (files it overwrote, with ``overwrite=True``, stay overwritten).
     """
 
     if card_from is not None and card_text is not None:
@@ -185,12 +202,77 @@ def save_intervention(
     if not overwrite and any((out / name).exists() for name in ("config.json", "adapter_config.json", SWEEP_JSON)):
         raise InterventionError(f"{out} already holds a saved model; pass overwrite=True or choose another directory.")
     model, form = materialize(result, point.alpha, point.variant)
-    out.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = []
+    _check_savable(model, form)
     if card_from:
         card_text = Path(card_from).read_bytes().decode("utf-8")  # bytes: its line endings are kept
         derived_from = derived_from if derived_from is not None else Path(card_from).parent
-    model.save_pretrained(out)
+    existed = out.exists()
+    before = set(out.iterdir()) if existed and out.is_dir() else set()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write(result, out, point, model, form, tokenizer, card_text, derived_from, verify)
+    except BaseException:
+        _remove_written(out, existed, before)
+        raise
+
+
+def _check_savable(model: torch.nn.Module, form: str) -> None:
+    """Refuse (before anything is written) an adapter with more than one active adapter: which one to save?"""
+    if form == "adapter" and is_peft_model(model) and len(_active(model)) != 1:
+        raise InterventionError(
+            f"Expected one active adapter to save, found {_active(model)!r}. Activate the one the stage trained "
+            "(model.set_adapter(name)) and scale the stage again."
+        )
+
+
+def _active(model: torch.nn.Module) -> list[str]:
+    active = getattr(model, "active_adapters", None) or getattr(model, "active_adapter", [])
+    return [active] if isinstance(active, str) else list(active)
+
+
+def _save_model(model: torch.nn.Module, out: Path, form: str) -> None:
+    """``save_pretrained`` into ``out``; a PeftModel with several adapters saves only its active one, into ``out``
+    itself (where PEFT would write a subfolder per adapter not named ``default``), so that it reloads from there."""
+    if form != "adapter" or not is_peft_model(model) or list(model.peft_config) == ["default"]:
+        model.save_pretrained(out)
+        return
+    (active,) = _active(model)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as tmp:
+        model.save_pretrained(tmp, selected_adapters=[active])
+        staged = [p for p in Path(tmp).iterdir() if p.is_file()]
+        if active != "default":
+            staged += [p for p in (Path(tmp) / active).iterdir() if p.is_file()]
+        for path in staged:
+            os.replace(path, out / path.name)
+
+
+def _remove_written(out: Path, existed: bool, before: set[Path]) -> None:
+    """After a failed save, remove what it added to ``out`` (all of ``out`` when the save created it)."""
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in out.iterdir():
+        if path not in before:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _write(
+    result: Any,
+    out: Path,
+    point: Any,
+    model: torch.nn.Module,
+    form: str,
+    tokenizer: Any,
+    card_text: str | None,
+    derived_from: str | Path | None,
+    verify: bool,
+) -> SavedIntervention:
+    """The files of :func:`save_intervention` (model, tokenizer, figures, reload check, plot, JSON, card)."""
+    notes: list[str] = []
+    _save_model(model, out, form)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     figures = _figures(result, model)

@@ -28,6 +28,7 @@ from .._internal.params import (
     floating_buffer_digests,
     lora_layers,
     merged_tensor,
+    peft_recording_problems,
     state_digests,
     unwrap_model,
 )
@@ -174,6 +175,7 @@ class StageRecording:
                 f"Stage {self.name!r}: early_checkpoint={self.early_checkpoint} saves the optimizer state, but no "
                 "optimizer was given. Pass `optimizer=` to record_stage, or early_checkpoint=None."
             )
+        self._check_recordable(unwrap_model(self.model))
         if not self.is_main:
             return
         self.model = unwrap_model(self.model)
@@ -189,6 +191,16 @@ class StageRecording:
             self._lock.release()
             raise
         self.active = True
+
+    def _check_recordable(self, model: torch.nn.Module) -> None:
+        """Refuse, before anything is written, a PEFT model whose training the ledger cannot represent exactly."""
+        problems = peft_recording_problems(model)
+        if problems:
+            raise LedgerError(
+                f"Stage {self.name!r} cannot be recorded faithfully from this PeftModel: "
+                + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+                + ". Nothing was written; the ledger is unchanged."
+            )
 
     def _begin_locked(self) -> None:
         ledger, model = self.ledger, self.model
