@@ -85,6 +85,7 @@ from ..integrations.replay import (
     replay_world,
     stop_after_steps_callback,
 )
+from ..integrations.trl import UNKNOWN_OBJECTIVE, stage_objective
 from ..ledger.core import LedgerCore
 from ..ledger.stage import Stage
 from ..ledger.state import LazyState
@@ -304,7 +305,7 @@ def can_replay(
     fn = stage_fns.get(stage.name)
     if fn is not None:
         return (step_limitable(fn) or not step_limited) and (takes_grad_every(fn) or not grad_reuse)
-    if grad_reuse and str(stage.kind).lower() in NO_GRADIENT_REUSE:
+    if grad_reuse and (str(stage.kind).lower() in NO_GRADIENT_REUSE or stage_objective(stage) in NO_GRADIENT_REUSE):
         return False
     return stage.replay_dir is not None and replay_data_problem(stage) is None
 
@@ -317,6 +318,11 @@ def replay_data_problem(stage: Stage) -> str | None:
     - Its learning-rate schedule is metric-driven (``reduce_lr_on_plateau``): the rates depend on the recorded run's
       evaluation losses, and the replay data keep no evaluation set (a replay runs no evaluation), so a replayed
       stage would not apply the recorded rates. A stage function that evaluates as the stage did can replay it.
+    - It trained with SFT packing or SFT padding-free batches: the replay data hold the dataset as the trainer had
+      already packed it, which ``SFTTrainer`` would pack again (and it refuses the recorded collator with
+      padding-free batches), so a replay would not train on the recorded batches.
+    - It trained a TRL objective this package does not know (``stage.info["trl"]["objective"] == "unknown"``): its
+      trainer may need models or reward functions besides the policy that the replay data do not hold.
 
     Example:
         >>> from types import SimpleNamespace
@@ -335,6 +341,24 @@ def replay_data_problem(stage: Stage) -> str | None:
             "evaluation loss), and the replay data hold no evaluation set, so a replay would not apply the recorded "
             f"learning rates. Pass stage_fns={{{stage.name!r}: fn}} with fn running the stage with its evaluations, "
             "or use a propagation estimator (aa-ggn, aa-fd)"
+        )
+    sft = isinstance(args, dict) and "packing" in args  # an SFTConfig (or subclass): DPO's padding_free replays
+    packed = [k for k in ("packing", "padding_free") if sft and args.get(k)]
+    if packed:
+        return (
+            f"it trained with SFT {' and '.join(f'{k}=True' for k in packed)}: its replay data hold the dataset as "
+            "SFTTrainer had already packed it, which a replay would pack again (and SFTTrainer refuses the recorded "
+            f"collator with padding-free batches), so a replay would not train on the recorded batches. Pass "
+            f"stage_fns={{{stage.name!r}: fn}} with fn running the SFTTrainer on the original dataset, or use a "
+            "propagation estimator (aa-ggn, aa-fd)"
+        )
+    if stage_objective(stage) == UNKNOWN_OBJECTIVE:
+        config = ((getattr(stage, "info", None) or {}).get("trl") or {}).get("config_class", "?")
+        return (
+            f"it trained with the TRL config {config}, whose objective this package does not know: its trainer may "
+            "need models or reward functions besides the policy (a reference, a teacher, a judge) that the replay "
+            f"data do not hold. Pass stage_fns={{{stage.name!r}: fn}} with fn running the stage's trainer, or use a "
+            "propagation estimator (aa-fd)"
         )
     return None
 

@@ -43,6 +43,7 @@ from ..ledger.storage import open_safetensors, read_json
 from .peft import config_from_json, wrap_with_adapter
 from .replay_data import REPLAY_FILE
 from .run_info import json_safe, training_arguments
+from .trl import REFERENCE_OBJECTIVES, REWARD_OBJECTIVES, TEACHER_OBJECTIVES, stage_objective
 
 _ALLOWED_MODULES = ("transformers", "trl")
 # Recorded arguments a replay overrides: no Hub, no logging integrations, no checkpoints, no evaluation.
@@ -238,52 +239,109 @@ def _collator(info: dict, processing_class: Any, replay_dir: Path) -> Any:
     return obj(**fields)
 
 
-def _reference(kind: str, info: dict, model: Any, ref_model: Any, output_dir: str) -> Any:
+def replay_objective(stage: Any, info: dict) -> str:
+    """The objective replay re-runs: the recorded TRL objective where the stage kind names only its family
+    (:func:`~hf_stage_attribution.integrations.trl.stage_objective`), else the kind in the replay file."""
+    trl = (getattr(stage, "info", None) or {}).get("trl") or {}
+    return str(trl.get("objective") or info.get("kind") or stage_objective(stage))
+
+
+def _reference(objective: str, info: dict, model: Any, ref_model: Any, output_dir: str) -> Any:
     """The reference model for the replay, following the recorded policy (the counterfactual start for a copy)."""
     ref = info.get("reference_model") or {}
     policy = str(ref.get("policy", ""))
-    if ref_model is not None or kind not in ("dpo", "kto", "grpo", "rloo"):
-        return ref_model
+    if ref_model is not None or objective not in REFERENCE_OBJECTIVES:
+        return ref_model if objective not in TEACHER_OBJECTIVES else None
     if policy.startswith(("adapter disabled", "precomputed", "none")):
         return None
     if policy.startswith("copy of the stage start"):
-        if kind in ("dpo", "kto"):
+        if objective in _REF_MODEL_OBJECTIVES:
             return clean_copy(model)
         # GRPO/RLOO load their reference from the model's path: point it at a copy of the replay's start.
         path = Path(output_dir) / "reference-start"
         model.save_pretrained(str(path))
         model.config._name_or_path = str(path)
         return None
-    if policy.startswith("separate model") and kind in ("dpo", "kto"):
+    if policy.startswith("separate model") and objective in _REF_MODEL_OBJECTIVES:
         loaded = load_recorded_reference(ref)
         if loaded is not None:
             return loaded
     raise ReplayError(
         f"The stage's reference model was {policy or 'not recorded'!r}: replay cannot rebuild it. Pass `ref_model=`"
-        " (DPO/KTO), or for GRPO/RLOO give the model a `config._name_or_path` that holds the reference."
+        " (DPO/KTO/OnlineDPO), or for GRPO/RLOO give the model a `config._name_or_path` that holds the reference."
+    )
+
+
+#: objectives whose trainer takes the reference as ``ref_model=`` (GRPO/RLOO load it from the model's path)
+_REF_MODEL_OBJECTIVES = ("dpo", "kto", "online_dpo")
+
+
+def _teacher(stage: Stage, objective: str, model: Any, given: Any) -> Any:
+    """The teacher of a distillation stage for its replay: ``given`` (``ref_model=``, as ``ref_models`` passes it),
+    else rebuilt as recorded (``stage.info["trl"]["teacher_model"]``): a copy of the replay's start, or the separate
+    model loaded from its recorded folder when that holds the recorded weights. ``None`` for other objectives and a
+    stage that had no teacher model."""
+    if objective not in TEACHER_OBJECTIVES:
+        return None
+    if given is not None:
+        return given
+    teacher = ((getattr(stage, "info", None) or {}).get("trl") or {}).get("teacher_model") or {}
+    policy = str(teacher.get("policy", ""))
+    if policy == "none":
+        return None
+    if policy.startswith("copy of the stage start"):
+        return clean_copy(model).eval()
+    loaded = load_recorded_reference(teacher) if policy.startswith("separate model") else None
+    if loaded is None:
+        raise ReplayError(f"Cannot replay stage {stage.name!r}: {teacher_problem(stage, objective, teacher)}.")
+    return loaded
+
+
+def teacher_problem(stage: Stage, objective: str, teacher: dict) -> str:
+    """Why replay cannot rebuild the teacher of a distillation stage, and how to give it (a clause)."""
+    path = str(teacher.get("name_or_path") or "")
+    where = f" loaded from {path!r}, which is not a directory here" if path else " built in memory (no folder)"
+    if not teacher:
+        where = " that was not recorded (a ledger written before teachers were recorded)"
+    return (
+        f"stage {stage.name!r} ({objective}) trained against a teacher model{where} (state hash "
+        f"{teacher.get('state_hash', '?')}), which its replay data do not hold: pass the teacher as "
+        f"ref_models={{{stage.name!r}: teacher}} (CLI: --ref-model {stage.name}=PATH; replay_trainer_stage: "
+        "ref_model=teacher), or stage_fns"
     )
 
 
 def reference_problem(stage: Stage, ref_model: Any = None) -> str | None:
-    """``None`` when replay can rebuild (or was given) the stage's reference model, else why not and what to do.
-    Cheap: reads the recorded policy and, for a separate model, checks that its recorded path exists."""
+    """``None`` when replay can rebuild (or was given) the stage's reference model — for a distillation stage its
+    teacher, which ``ref_model`` then stands for — else why not and what to do. Cheap: reads the recorded policy and,
+    for a separate model, checks that its recorded path exists."""
     replay_dir = getattr(stage, "replay_dir", None)
     if replay_dir is None or not (Path(replay_dir) / REPLAY_FILE).exists():
         return None  # the missing replay data is reported by replay itself
     info = read_json(Path(replay_dir) / REPLAY_FILE, "replay file")
-    kind = info.get("kind") or stage.kind
-    if ref_model is not None or kind not in ("dpo", "kto", "grpo", "rloo"):
+    objective = replay_objective(stage, info)
+    if ref_model is not None:
+        return None
+    if objective in TEACHER_OBJECTIVES:
+        teacher = ((getattr(stage, "info", None) or {}).get("trl") or {}).get("teacher_model") or {}
+        policy, path = str(teacher.get("policy", "")), str(teacher.get("name_or_path") or "")
+        if policy == "none" or policy.startswith("copy of the stage start"):
+            return None
+        if policy.startswith("separate model") and path and Path(path).is_dir():
+            return None
+        return teacher_problem(stage, objective, teacher)
+    if objective not in REFERENCE_OBJECTIVES:
         return None
     ref = info.get("reference_model") or {}
     policy = str(ref.get("policy", ""))
     if policy.startswith(("adapter disabled", "precomputed", "none", "copy of the stage start")):
         return None
     path = str(ref.get("name_or_path") or "")
-    if policy.startswith("separate model") and kind in ("dpo", "kto") and path and Path(path).is_dir():
+    if policy.startswith("separate model") and objective in _REF_MODEL_OBJECTIVES and path and Path(path).is_dir():
         return None
     where = f" loaded from {path!r}, which is not a directory here" if path else ""
     return (
-        f"stage {stage.name!r} ({kind}) trained against a separate reference model{where} (state hash "
+        f"stage {stage.name!r} ({objective}) trained against a separate reference model{where} (state hash "
         f"{ref.get('state_hash', '?')}): pass it as ref_models={{{stage.name!r}: model}} (CLI: --ref-model "
         f"{stage.name}=PATH)"
     )
@@ -349,8 +407,10 @@ def replay_trainer_stage(
 
     Returns the trained model in base parameter names: the same object trained in place, or for a PEFT stage the
     base model with the adapter (rebuilt from the recorded config and start weights) trained and merged.
-    GRPO/RLOO stages need ``reward_funcs=`` (Python functions are not saved); a stage whose reference model was a
-    separate model needs ``ref_model=``. The base parameters train exactly when the stage trained them
+    GRPO/RLOO/OnlineDPO stages need ``reward_funcs=`` (Python functions are not saved); a stage whose reference model
+    was a separate model that replay cannot load from its recorded folder needs ``ref_model=``, and so does a
+    distillation stage (DistillationTrainer, GKD) whose teacher it cannot: there ``ref_model`` is the teacher. The
+    base parameters train exactly when the stage trained them
     (:func:`match_recorded_trainables`: a layer frozen when the stage was recorded stays frozen).
 
     ``max_steps=m`` stops after the first ``m`` optimizer steps of the *full* recipe (a callback sets
@@ -361,7 +421,8 @@ def replay_trainer_stage(
 
     ``grad_every=s > 1`` replays with gradient reuse (:func:`with_gradient_reuse`): the forward and backward pass
     run on every ``s``-th optimizer step only, the steps in between re-use that gradient (the strided replay of
-    ``estimators.strided_replay``); not for trainers that generate inside the training step (GRPO, RLOO).
+    ``estimators.strided_replay``); not for trainers that generate inside the training step (GRPO, RLOO, OnlineDPO,
+    distillation).
     """
     if max_steps is not None and int(max_steps) < 0:
         raise ReplayError(f"`max_steps` must be a non-negative number of optimizer steps or None, got {max_steps!r}.")
@@ -379,14 +440,24 @@ def replay_trainer_stage(
     replay_dir = Path(replay_dir)
     info = read_json(replay_dir / REPLAY_FILE, "replay file")
     kind = info.get("kind") or stage.kind
-    if kind in ("grpo", "rloo") and reward_funcs is None:
+    objective = replay_objective(stage, info)
+    if objective in REWARD_OBJECTIVES and reward_funcs is None:
         names = (stage.info.get("trl") or {}).get("reward_functions")
-        raise ReplayError(f"Replaying {kind} stage {stage.name!r} needs `reward_funcs=` (recorded: {names}).")
+        raise ReplayError(f"Replaying {objective} stage {stage.name!r} needs `reward_funcs=` (recorded: {names}).")
+    recorded = info.get("args") or {}
+    packed = [k for k in ("packing", "padding_free") if "packing" in recorded and recorded.get(k)]
+    if packed and train_dataset is None:  # SFTTrainer would pack the saved (packed) dataset again
+        raise ReplayError(
+            f"Stage {stage.name!r} trained with SFT {' and '.join(f'{k}=True' for k in packed)}: its replay data hold "
+            "the dataset as SFTTrainer had already packed it, which a replay would pack again, so it would not train "
+            "on the recorded batches. Replay it with a stage function (stage_fns) that runs the SFTTrainer on the "
+            "original dataset."
+        )
     if int(grad_every) < 1:
         raise ReplayError(f"`grad_every` must be a positive number of optimizer steps, got {grad_every!r}.")
-    if int(grad_every) > 1 and str(kind).lower() in NO_GRADIENT_REUSE:
+    if int(grad_every) > 1 and (str(kind).lower() in NO_GRADIENT_REUSE or objective in NO_GRADIENT_REUSE):
         raise ReplayError(
-            f"Stage {stage.name!r} ({kind}) generates its training data inside the training step; it cannot be "
+            f"Stage {stage.name!r} ({objective}) generates its training data inside the training step; it cannot be "
             "replayed with gradient reuse (grad_every > 1). Use estimator='replay' or 'partial-replay'."
         )
     trainer_cls = trainer_cls or import_class(info["trainer"], "trainer")
@@ -406,12 +477,12 @@ def replay_trainer_stage(
     try:
         # not the user's training; a 1-process recording replays as one process in each process of a larger world
         with replay_world(stage, model), frozen_gc(), harmless_warnings_ignored(), library_progress_bars_off():
-            return _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given)
+            return _run(stage, model, info, replay_dir, objective, trainer_cls, output_dir, given)
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
-def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -> Any:
+def _run(stage, model, info, replay_dir, objective, trainer_cls, output_dir, given) -> Any:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -428,7 +499,8 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
     if collator is None:
         collator = _collator(info, processing_class, replay_dir)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-    reference = _reference(kind, info, model, given["ref_model"], output_dir)
+    reference = _reference(objective, info, model, given["ref_model"], output_dir)
+    teacher = _teacher(stage, objective, model, given["ref_model"])
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     train_model = model
     if info.get("peft"):
@@ -456,6 +528,8 @@ def _run(stage, model, info, replay_dir, kind, trainer_cls, output_dir, given) -
         kwargs["data_collator"] = collator
     if reference is not None:
         kwargs["ref_model"] = reference
+    if teacher is not None:
+        kwargs["teacher_model"] = teacher
     if given["reward_funcs"] is not None:
         kwargs["reward_funcs"] = given["reward_funcs"]
     accepted = inspect.signature(trainer_cls.__init__).parameters
@@ -510,8 +584,9 @@ def match_recorded_trainables(model: Any, stage: Stage) -> None:
         param.requires_grad_(name in names)
 
 
-#: trainer kinds that generate their training data inside ``training_step`` (skipping it changes later steps' data)
-NO_GRADIENT_REUSE = ("grpo", "rloo", "ppo", "online_dpo")
+#: stage kinds and TRL objectives that generate their training data inside ``training_step`` (skipping it changes
+#: later steps' data): GRPO, RLOO, PPO, OnlineDPO, GKD and DistillationTrainer (on-policy completions)
+NO_GRADIENT_REUSE = ("grpo", "rloo", "ppo", "online_dpo", "gkd", "distillation")
 
 
 def with_gradient_reuse(trainer_cls: type, grad_every: int, start: int = 0) -> type:

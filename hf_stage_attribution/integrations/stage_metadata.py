@@ -24,7 +24,7 @@ from .run_info import (
     train_dataset,
     training_arguments,
 )
-from .trl import config_kind, trl_settings
+from .trl import config_kind, trl_notes, trl_settings
 
 
 @dataclass
@@ -108,4 +108,5 @@ def build_metadata(ctx: RunContext, kind: str, part: Any, trainer_class: dict, r
     settings = trl_settings(ctx.trainer, kind, ctx.args, getattr(recording, "start_digests", None))
     if settings is not None:
         metadata["trl"] = settings
+    notes += trl_notes(kind, ctx.args)
     return metadata, notes

@@ -21,7 +21,9 @@ from .._internal.hashing import combine_digests
 from .._internal.params import is_peft_model, state_digests, unwrap_model
 from .run_info import json_safe
 
-# Config class name (anywhere in the MRO) → stage kind, and the trainer class that config belongs to.
+# Config class name (the most specific TRL class in the MRO) → stage kind, and the trainer class that config belongs
+# to. The kind is one of the ledger's stage kinds (``ledger.format.STAGE_KINDS``): for the trainers below the last
+# comment it names the family only, and their objective is in :data:`OBJECTIVES`.
 CONFIG_KINDS: dict[str, tuple[str, str]] = {
     "SFTConfig": ("sft", "SFTTrainer"),
     "DPOConfig": ("dpo", "DPOTrainer"),
@@ -31,7 +33,24 @@ CONFIG_KINDS: dict[str, tuple[str, str]] = {
     "RLOOConfig": ("rloo", "RLOOTrainer"),
     "PPOConfig": ("ppo", "PPOTrainer"),
     "DistillationConfig": ("distillation", "DistillationTrainer"),
+    # trl.experimental
+    "OnlineDPOConfig": ("dpo", "OnlineDPOTrainer"),
+    "CPOConfig": ("custom", "CPOTrainer"),
+    "ORPOConfig": ("custom", "ORPOTrainer"),
+    "GKDConfig": ("distillation", "GKDTrainer"),
 }
+
+#: The objective (``stage.json["trl"]["objective"]``) of the configs whose stage kind names only their family.
+OBJECTIVES: dict[str, str] = {"OnlineDPOConfig": "online_dpo", "CPOConfig": "cpo", "ORPOConfig": "orpo",
+                              "GKDConfig": "gkd"}  # fmt: skip
+#: The objective recorded for a TRL config class this module does not know (its loss and models are not known).
+UNKNOWN_OBJECTIVE = "unknown"
+#: Objectives trained against a reference policy (``trl.reference_model``), and against a teacher
+#: (``trl.teacher_model``).
+REFERENCE_OBJECTIVES = ("dpo", "kto", "grpo", "rloo", "online_dpo")
+TEACHER_OBJECTIVES = ("distillation", "gkd")
+#: Objectives whose rewards come from reward functions (Python code that replay data cannot hold).
+REWARD_OBJECTIVES = ("grpo", "rloo", "online_dpo")
 
 # Per kind: the config fields that describe its objective.
 _SETTINGS: dict[str, tuple[str, ...]] = {
@@ -50,15 +69,73 @@ _SETTINGS: dict[str, tuple[str, ...]] = {
     "rloo": ("num_generations", "max_completion_length", "beta", "num_iterations", "epsilon", "epsilon_high",
              "temperature", "top_p", "top_k", "reward_weights", "normalize_advantages", "reward_clip_range",
              "steps_per_generation", "generation_batch_size", "use_vllm", "mask_truncated_completions"),
+    "online_dpo": ("beta", "loss_type", "max_new_tokens", "max_length", "temperature", "top_p", "top_k",
+                   "missing_eos_penalty", "reward_model_path", "reward_weights", "use_vllm"),
+    "cpo": ("beta", "loss_type", "cpo_alpha", "simpo_gamma", "label_smoothing", "max_length", "truncation_mode"),
+    "orpo": ("beta", "max_length", "max_completion_length", "truncation_mode"),
+    "gkd": ("lmbda", "beta", "temperature", "max_new_tokens", "seq_kd", "max_length", "teacher_model_name_or_path"),
 }  # fmt: skip
 
 
-def config_kind(args: Any) -> tuple[str, str] | None:
-    """(kind, trainer class name) for a TRL config (or a subclass of one), None for plain ``TrainingArguments``."""
+def _config_entry(args: Any) -> tuple[str, str, str] | None:
+    """(kind, trainer class name, objective) of the most specific TRL config class in ``type(args).__mro__``.
+
+    A user's subclass of a TRL config is skipped over (it keeps its TRL parent's objective); a TRL class this module
+    does not know (``trl.experimental``: GOLD, GMPO, SDFT, ...) gives kind ``custom`` and objective ``unknown``, never
+    the objective of a TRL class it subclasses (GKD and GOLD subclass ``SFTConfig`` but are distillation)."""
     for cls in type(args).__mro__:
-        if cls.__name__ in CONFIG_KINDS:
-            return CONFIG_KINDS[cls.__name__]
+        name = cls.__name__
+        if name in CONFIG_KINDS:
+            kind, trainer = CONFIG_KINDS[name]
+            return kind, trainer, OBJECTIVES.get(name, kind)
+        if str(cls.__module__).split(".")[0] == "trl" and not name.startswith("_"):
+            return "custom", name.removesuffix("Config") + "Trainer", UNKNOWN_OBJECTIVE
     return None
+
+
+def config_kind(args: Any) -> tuple[str, str] | None:
+    """(kind, trainer class name) for a TRL config (or a subclass of one), None for plain ``TrainingArguments``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> config_kind(SimpleNamespace()) is None
+        True
+    """
+    found = _config_entry(args)
+    return None if found is None else found[:2]
+
+
+def config_objective(args: Any) -> str | None:
+    """The objective a TRL config trains (``dpo``, ``online_dpo``, ``gkd``, ..., ``unknown`` for a TRL config class
+    this module does not know); None for plain ``TrainingArguments``."""
+    found = _config_entry(args)
+    return None if found is None else found[2]
+
+
+def stage_objective(stage: Any) -> str:
+    """The objective of a recorded stage: ``stage.info["trl"]["objective"]`` where the kind names only its family
+    (OnlineDPO is kind ``dpo``, objective ``online_dpo``), else the stage kind.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> stage_objective(SimpleNamespace(kind="dpo", info={"trl": {"objective": "online_dpo"}}))
+        'online_dpo'
+        >>> stage_objective(SimpleNamespace(kind="grpo"))
+        'grpo'
+    """
+    info = getattr(stage, "info", None)
+    trl = info.get("trl") if isinstance(info, dict) else None
+    found = trl.get("objective") if isinstance(trl, dict) else None
+    return str(found or getattr(stage, "kind", "") or "")
+
+
+def _objective(kind: str, args: Any) -> str:
+    """The objective behind a stage of ``kind`` trained with ``args``: the config's where it names one that the kind
+    does not (OnlineDPO, CPO, ORPO, GKD, unknown TRL configs), else the kind."""
+    found = _config_entry(args)
+    if found is not None and found[2] != found[0]:
+        return found[2]
+    return kind
 
 
 def infer_stage_kind(args: Any, model: Any, told: str | None = None) -> str:
@@ -120,14 +197,29 @@ def infer_curvature_loss(kind: str, args: Any, model: Any) -> dict:
 
     Built-in types the estimators compute: ``causal-lm``, ``masked-lm``, ``token-classification``,
     ``sequence-classification``. Preference and RL objectives are described (type, β, loss type) but need a
-    ``loss_fns=`` entry from the caller: their captured batches hold the policy's forward inputs only.
+    ``loss_fns=`` entry from the caller: their captured batches hold the policy's forward inputs only. So are the
+    objectives of TRL's experimental trainers (``online_dpo``, ``cpo``, ``orpo``, ``gkd``: never a causal-LM loss),
+    and a TRL config this module does not know is ``custom`` (its loss is not guessed).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> infer_curvature_loss("sft", SimpleNamespace(loss_type="nll"), None)
+        {'type': 'causal-lm'}
     """
     model_class = _base_model_class(model)
+    objective = _objective(kind, args)
+    if objective == UNKNOWN_OBJECTIVE:  # not guessed: TRL's experimental trainers train many other losses
+        return {"type": "custom", "config_class": type(args).__name__, "model_class": model_class}
+    if objective in OBJECTIVES.values():  # described; the curvature products need a loss_fns= entry
+        out: dict[str, Any] = {"type": objective, "model_class": model_class}
+        keys = ("beta", "loss_type", "lmbda", "temperature") if objective == "gkd" else ("beta", "loss_type")
+        out.update({key: json_safe(getattr(args, key)) for key in keys if hasattr(args, key)})
+        return out
     if kind == "sft" or (kind == "lora" and (config_kind(args) or ("",))[0] == "sft"):
         loss_type = getattr(args, "loss_type", "nll")
         return {"type": "causal-lm"} if loss_type in (None, "nll") else {"type": f"sft-{loss_type}"}
     if kind in ("dpo", "kto", "grpo", "rloo", "reward", "ppo", "distillation"):
-        out: dict[str, Any] = {"type": kind if kind != "reward" else "pairwise-reward", "model_class": model_class}
+        out = {"type": kind if kind != "reward" else "pairwise-reward", "model_class": model_class}
         for key in ("beta", "loss_type"):
             if hasattr(args, key):
                 out[key] = json_safe(getattr(args, key))
@@ -154,12 +246,13 @@ def _callable_name(fn: Any) -> str:
 
 
 def reference_policy(trainer: Any, kind: str, args: Any, start_digests: dict[str, str] | None) -> dict | None:
-    """How the stage's reference model was defined (DPO, KTO, GRPO, RLOO); None for kinds without one.
+    """How the stage's reference model was defined (DPO, KTO, GRPO, RLOO, OnlineDPO); None for objectives without
+    one.
 
     ``policy`` is one of ``copy of the stage start``, ``adapter disabled``, ``precomputed``, ``none (beta=0)``,
     ``loaded from <path>`` or ``separate model``; ``sync_ref_model`` adds ``synced every N steps``.
     """
-    if kind not in ("dpo", "kto", "grpo", "rloo"):
+    if _objective(kind, args) not in REFERENCE_OBJECTIVES:
         return None
 
     ref = getattr(trainer, "ref_model", None) if trainer is not None else None
@@ -191,18 +284,71 @@ def reference_policy(trainer: Any, kind: str, args: Any, start_digests: dict[str
     return out
 
 
+def teacher_policy(trainer: Any, start_digests: dict[str, str] | None) -> dict:
+    """The teacher a distillation stage trained against (``stage.json["trl"]["teacher_model"]``): ``policy`` is
+    ``separate model`` (with ``name_or_path`` and ``state_hash``, as a separate DPO reference), ``copy of the stage
+    start``, ``none`` (the trainer held no teacher model: a teacher server, or none) or ``unknown`` (no trainer)."""
+    if trainer is None:
+        return {"policy": "unknown (the trainer was not found from the callback)"}
+    teacher = getattr(trainer, "teacher_model", None)
+    if teacher is None or not hasattr(teacher, "parameters"):
+        return {"policy": "none"}
+    teacher = unwrap_model(teacher)
+    out: dict[str, Any] = {"name_or_path": str(getattr(getattr(teacher, "config", None), "_name_or_path", "") or "")}
+    digests = state_digests(teacher)
+    if start_digests is not None and digests == start_digests:
+        out["policy"] = "copy of the stage start"
+    else:
+        out["policy"] = "separate model"
+        out["state_hash"] = combine_digests(digests)
+    return out
+
+
+def trl_notes(kind: str, args: Any) -> list[str]:
+    """Notes for ``stage.json`` on what the package does not know about a TRL run's objective.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> trl_notes("sft", SimpleNamespace())
+        []
+    """
+    objective, name = _objective(kind, args), type(args).__name__
+    if objective == UNKNOWN_OBJECTIVE:
+        return [
+            f"The TRL config {name} is not one this package knows: the stage's objective is unknown, so it is "
+            "recorded as kind 'custom' with no curvature loss guessed (aa-ggn needs loss_fns={stage name: "
+            "(forward, loss)}), and replay from its replay data is refused (the trainer may need models or reward "
+            "functions besides the policy that replay cannot rebuild); pass stage_fns={stage name: fn} to replay it."
+        ]
+    if objective in OBJECTIVES.values():
+        return [
+            f"The stage trains TRL's {objective} objective ({name}): no built-in curvature loss computes it, so "
+            f"aa-ggn needs loss_fns={{stage name: (forward, loss)}} for it; the propagation estimators without "
+            "curvature (aa-fd) and replay do not."
+        ]
+    return []
+
+
 def trl_settings(trainer: Any, kind: str, args: Any, start_digests: dict[str, str] | None = None) -> dict | None:
-    """The TRL-specific settings of a run (``stage.json["trl"]``), or None for plain transformers runs."""
+    """The TRL-specific settings of a run (``stage.json["trl"]``), or None for plain transformers runs.
+
+    ``objective`` is added where the kind names only its family (``online_dpo``, ``cpo``, ``orpo``, ``gkd``) or the
+    config class is unknown (``unknown``); ``teacher_model`` for distillation (:func:`teacher_policy`)."""
     if config_kind(args) is None:
         return None
+    objective = _objective(kind, args)
     out: dict[str, Any] = {"config_class": type(args).__name__}
-    for key in _SETTINGS.get(kind, ()):
+    for key in _SETTINGS.get(objective, ()):
         if hasattr(args, key):
             out[key] = json_safe(getattr(args, key))
+    if objective != kind:
+        out["objective"] = objective
     ref = reference_policy(trainer, kind, args, start_digests)
     if ref is not None:
         out["reference_model"] = ref
-    if trainer is not None and kind in ("grpo", "rloo"):
+    if objective in TEACHER_OBJECTIVES:
+        out["teacher_model"] = teacher_policy(trainer, start_digests)
+    if trainer is not None and objective in REWARD_OBJECTIVES:
         names = getattr(trainer, "reward_func_names", None)
         funcs = getattr(trainer, "reward_funcs", None) or []
         out["reward_functions"] = [str(n) for n in names] if names else [_callable_name(f) for f in funcs]
