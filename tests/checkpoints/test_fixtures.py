@@ -8,10 +8,10 @@ import torch
 from hf_stage_attribution import StageLedger
 
 
-def tiny_gpt2(seed: int = 0, vocab: int = 64, layers: int = 2):
+def tiny_gpt2(seed: int = 0, vocab: int = 64, layers: int = 2, tie: bool = True):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=layers, n_head=2, n_positions=32)
+    config = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=layers, n_head=2, n_positions=32, tie_word_embeddings=tie)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return GPT2LMHeadModel(config)

@@ -20,6 +20,7 @@ from hf_stage_attribution.estimators.propagation.rules import preconditioner
 from hf_stage_attribution.estimators.propagation.stage import StagePropagator, carry_problem
 from hf_stage_attribution.estimators.replay import can_replay
 from hf_stage_attribution.estimators.selection import choose_estimator
+from tests.helpers.tiny import TwoLinear
 
 STEPS = 6
 
@@ -135,20 +136,10 @@ def test_propagatable_stages_keep_their_choice(tmp_path):
 # --- 5. a tensor the later stage never stepped --------------------------------------------------------------------
 
 
-class _Two(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(3, 2, bias=False)
-        self.b = torch.nn.Linear(3, 2, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.a(x) + self.b(x)
-
-
 def test_tensor_without_gradient_is_carried_unchanged(tmp_path):
     """AdamW(weight_decay=0.6) over all parameters; the later loss ignores ``b.weight`` (grad None: torch skips it)."""
     torch.manual_seed(0)
-    model = _Two().double()
+    model = TwoLinear().double()
     x = torch.randn(8, 3, dtype=torch.float64)
     ca = torch.randn(2, 3, dtype=torch.float64)
     recipes = [

@@ -12,30 +12,18 @@ from hf_stage_attribution.errors import InterventionError, ModelMismatchError
 from hf_stage_attribution.estimators.finite_difference import subtract_embedding
 from hf_stage_attribution.interventions import scale_stage
 from hf_stage_attribution.interventions.save import apply_scaling
+from tests.helpers.tiny import one_layer_gpt2, record_lm_steps
 
 V = 32
 DATA = torch.randint(0, V, (4, 8), generator=torch.Generator().manual_seed(0))
 
 
 def _gpt2() -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=V, n_positions=16, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-    )  # fmt: skip
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(config)
+    return one_layer_gpt2(V)
 
 
 def _train(ledger: StageLedger, name: str, model: torch.nn.Module, steps: int = 2) -> None:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    with ledger.record_stage(name, kind=None, model=model, optimizer=opt, curvature_segments=0) as rec:
-        for _ in range(steps):
-            opt.zero_grad()
-            model(input_ids=DATA, labels=DATA).loss.backward()
-            opt.step()
-            rec.step()
+    record_lm_steps(ledger, name, model, DATA, lr=5e-2, steps=steps)
 
 
 def _target(model: torch.nn.Module) -> torch.Tensor:

@@ -16,18 +16,7 @@ from hf_stage_attribution import StageLedger
 from hf_stage_attribution.errors import LedgerFormatError
 from hf_stage_attribution.ledger.format import validate_stage
 from hf_stage_attribution.ledger.optimizer_info import has_state, no_step_taken
-
-
-class Two(torch.nn.Module):
-    """Two bias-free linear maps summed; a loss may use only ``a``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(3, 2, bias=False)
-        self.b = torch.nn.Linear(3, 2, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.a(x) + self.b(x)
+from tests.helpers.tiny import TwoLinear
 
 
 def _train(ledger, name, model, opt, loss, steps=3):
@@ -65,7 +54,7 @@ def test_sgd_momentum_state_counts_as_continued(tmp_path):
 
 def test_unused_tensor_is_listed_as_unstepped(tmp_path):
     torch.manual_seed(0)
-    model, x = Two(), torch.randn(8, 3)
+    model, x = TwoLinear(), torch.randn(8, 3)
     ledger = StageLedger(tmp_path / "ledger")
     opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.6)
     both = _train(ledger, "both", model, opt, lambda: model(x).pow(2).mean())

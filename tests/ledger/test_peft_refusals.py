@@ -12,31 +12,18 @@ import torch
 from hf_stage_attribution import StageLedger
 from hf_stage_attribution._internal.params import peft_recording_problems
 from hf_stage_attribution.errors import LedgerError
+from tests.helpers.tiny import one_layer_gpt2, record_lm_steps
 
 V = 32
 DATA = torch.randint(0, V, (4, 8), generator=torch.Generator().manual_seed(0))
 
 
 def _gpt2(tie: bool = True) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=V, n_positions=16, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, tie_word_embeddings=tie,
-    )  # fmt: skip
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(config)
+    return one_layer_gpt2(V, tie=tie)
 
 
 def _train(ledger: StageLedger, name: str, model: torch.nn.Module, steps: int = 2) -> None:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    with ledger.record_stage(name, kind=None, model=model, optimizer=opt, curvature_segments=0) as rec:
-        for _ in range(steps):
-            opt.zero_grad()
-            model(input_ids=DATA, labels=DATA).loss.backward()
-            opt.step()
-            rec.step()
+    record_lm_steps(ledger, name, model, DATA, lr=1e-2, steps=steps)
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
