@@ -127,6 +127,19 @@ def _unknown_tensor(key: str, base: str | None, tied: dict[str, str] | None, lab
     )
 
 
+def _check_not_tied(key: str, base: str, tied: dict[str, str] | None, label: str) -> None:
+    """Refuse an adapter tensor (LoRA factor or module_to_save) on a parameter other modules share: the adapter
+    changes it in its own module only (an input-embedding LoRA leaves the tied output head as it was), but the ledger
+    holds one tensor for the whole tied group."""
+    aliases = sorted(alias for alias, shared in (tied or {}).items() if shared == base)
+    if aliases:
+        raise CheckpointImportError(
+            f"{label}: adapter tensor {key!r} trains {base!r}, which the base model ties to {', '.join(aliases)} (one "
+            "tensor in the ledger's parameter space); the adapter changes it in one module only, which the ledger "
+            f"cannot represent. {_MERGED} (Or train the adapter without that module, or untie the weights.)"
+        )
+
+
 def _collect(reader: TensorReader, out: AdapterDelta, shapes: dict, tied: dict[str, str] | None, label: str) -> dict:
     """Sort the adapter's tensors into LoRA factor pieces (returned) and replaced base tensors (``out.replaced``)."""
     pieces: dict[str, dict[str, tuple[str, str]]] = {}
@@ -147,6 +160,7 @@ def _collect(reader: TensorReader, out: AdapterDelta, shapes: dict, tied: dict[s
         base = normalize_name(stripped)
         if base is None or base not in shapes:
             raise _unknown_tensor(key, base, tied, label)
+        _check_not_tied(key, base, tied, label)
         out.replaced[base] = key
     return pieces
 
@@ -172,6 +186,7 @@ def read_adapter(
         base = f"{module}.weight"
         if base not in shapes:
             raise _unknown_tensor(parts["A"][0], base, tied, label)
+        _check_not_tied(parts["A"][0], base, tied, label)
         a = reader.get(parts["A"][0])
         b = reader.get(parts["B"][0])
         layer_type = parts["A"][1]

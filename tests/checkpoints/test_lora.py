@@ -93,3 +93,13 @@ def test_adapter_errors(full_then_adapter, tmp_path):
             [{"model": str(root / "full")}, {"model": str(dora)}], tmp_path / "b", progress=False
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dora"]
+
+
+def test_an_adapter_on_a_tied_embedding_is_refused(tmp_path):
+    model = tiny_gpt2(seed=2)  # wte and lm_head tied: a LoRA on wte changes the lookup, not the head
+    model.save_pretrained(tmp_path / "base")
+    _peft(model, target_modules=["c_attn", "wte"]).save_pretrained(tmp_path / "adapter")
+    boundaries = [{"model": str(tmp_path / "base")}, {"model": str(tmp_path / "adapter"), "name": "adapter"}]
+    with pytest.raises(CheckpointImportError, match=r"'transformer\.wte\.weight', which the base model ties to"):
+        StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False)
+    assert not (tmp_path / "ledger").exists()
