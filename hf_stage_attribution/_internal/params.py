@@ -237,37 +237,32 @@ def _config_problems(configs: dict) -> list[str]:
 
 
 def _layer_findings(model: torch.nn.Module) -> tuple[list[str], list[str], list[str]]:
-    """Active, unmerged adapter layers with a LoRA variant (DoRA), a LoRA bias, or on a tied weight."""
+    """Active, unmerged adapter layers (:func:`lora_layers`) with a LoRA variant (DoRA), a LoRA bias, or on a tied
+    weight; and ``modules_to_save`` copies of a tied weight."""
     shared = _shared_names(model)
     dora: list[str] = []
     bias: list[str] = []
     tied: list[str] = []
+    for own, info in lora_layers(model).items():
+        module, adapter, name = info.module, info.adapter, own.removesuffix(".weight")
+        variant = getattr(module, "lora_variant", {}).get(adapter)
+        use_dora = getattr(module, "use_dora", {}).get(adapter, False)
+        if variant is not None or use_dora or adapter in getattr(module, "lora_magnitude_vector", {}):
+            label = type(variant).__name__ if variant is not None else "DoRA"
+            label = "DoRA" if use_dora or "Dora" in label else label
+            dora.append(f"{name} ({label})")
+        lora_b = getattr(module, "lora_B", {})
+        layer_b = lora_b[adapter] if adapter in lora_b else None  # noqa: SIM401 (ModuleDict: no get)
+        if getattr(module, "lora_bias", {}).get(adapter, False) or getattr(layer_b, "bias", None) is not None:
+            bias.append(name)
+        weight = getattr(module.get_base_layer(), "weight", None)
+        partners = _tied_partners(weight, own, shared) if weight is not None else []
+        if partners:
+            tied.append(f"{own} (LoRA, tied to {', '.join(partners)})")
     for mod_name, module in model.named_modules():
-        if getattr(module, "disable_adapters", False):
-            continue
-        if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
+        wrapper = hasattr(module, "original_module") and hasattr(module, "modules_to_save")
+        if wrapper and not getattr(module, "disable_adapters", False):
             tied += _tied_copies(mod_name, module, shared)
-            continue
-        if not (hasattr(module, "scaling") and hasattr(module, "base_layer") and hasattr(module, "lora_A")):
-            continue
-        merged = set(getattr(module, "merged_adapters", []))
-        for adapter in _active_adapters(module):
-            if adapter in merged or adapter not in module.scaling:
-                continue
-            variant = getattr(module, "lora_variant", {}).get(adapter)
-            use_dora = getattr(module, "use_dora", {}).get(adapter, False)
-            if variant is not None or use_dora or adapter in getattr(module, "lora_magnitude_vector", {}):
-                label = type(variant).__name__ if variant is not None else "DoRA"
-                label = "DoRA" if use_dora or "Dora" in label else label
-                dora.append(f"{_module_name(mod_name)} ({label})")
-            layer_b = module.lora_B[adapter] if adapter in module.lora_B else None  # noqa: SIM401 (ModuleDict: no get)
-            if getattr(module, "lora_bias", {}).get(adapter, False) or getattr(layer_b, "bias", None) is not None:
-                bias.append(_module_name(mod_name))
-            weight = getattr(module.get_base_layer(), "weight", None)
-            own = normalize_name(f"{mod_name}.weight")
-            partners = _tied_partners(weight, own, shared) if weight is not None and own else []
-            if partners:
-                tied.append(f"{own} (LoRA, tied to {', '.join(partners)})")
     return dora, bias, tied
 
 
@@ -283,10 +278,6 @@ def _tied_copies(mod_name: str, module: torch.nn.Module, shared: dict[tuple, set
             if partners:
                 out.append(f"{own} (modules_to_save, tied to {', '.join(partners)})")
     return out
-
-
-def _module_name(name: str) -> str:
-    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
 
 
 def _listing(items: list[str], limit: int = 4) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 from .._version import __version__
 from ..errors import ModelCardError
 from ..ledger.storage import atomic_write_bytes
-from ..report.text import dominant_line_break, escape_markdown
+from ..report.text import append_block, dominant_line_break, escape_markdown
 
 SECTION_BEGIN = "<!-- hf-stage-attribution-intervention:begin -->"
 SECTION_END = "<!-- hf-stage-attribution-intervention:end -->"
@@ -45,13 +45,7 @@ def splice(content: str, section: str) -> str:
     begins = [m.start() for m in re.finditer(re.escape(SECTION_BEGIN), content)]
     ends = [m.start() for m in re.finditer(re.escape(SECTION_END), content)]
     if not begins and not ends:
-        if not content:
-            return section + line_break
-        if content.endswith(line_break * 2) or content.endswith("\n\n"):
-            sep = ""
-        else:
-            sep = line_break if content.endswith("\n") else line_break * 2
-        return content + sep + section + line_break
+        return append_block(content, section, line_break)
     if len(begins) == 1 and len(ends) == 1 and begins[0] < ends[0]:
         return content[: begins[0]] + section + content[ends[0] + len(SECTION_END) :]
     raise ModelCardError(

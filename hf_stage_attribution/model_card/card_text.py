@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import yaml
 
 from ..errors import ModelCardError
-from ..report.text import dominant_line_break
+from ..report.text import append_block, dominant_line_break, ends_with_blank_line, line_ending
 
 SECTION_BEGIN = "<!-- hf-stage-attribution:begin -->"
 SECTION_END = "<!-- hf-stage-attribution:end -->"
@@ -22,7 +22,6 @@ METADATA_KEY = "stage_attribution"
 _KEY_LINE = re.compile(rf"""^(?:{METADATA_KEY}|"{METADATA_KEY}"|'{METADATA_KEY}')[ \t]*:""")
 _EMPTY_FRONT_MATTER = re.compile(r"^(\s*---[ \t]*(?:\r\n|\r|\n))(---[ \t]*(?:\r\n|\n|$))")
 _BOM = "\ufeff"
-_LINE_END = re.compile(r"(?:\r\n|\r|\n)\Z")
 _LINE_START = re.compile(r"\A(?:\r\n|\r|\n)")
 
 
@@ -46,12 +45,6 @@ class CardParts:
     def yaml_text(self) -> str:
         """The YAML between the fences ('' without front matter)."""
         return "" if self.yaml_start is None else self.head[self.yaml_start : self.yaml_end]
-
-
-def _ending(line: str) -> str:
-    """The line break that ends ``line`` ('' for none)."""
-    match = _LINE_END.search(line)
-    return match.group(0) if match else ""
 
 
 def split_card(content: str) -> CardParts:
@@ -118,7 +111,7 @@ def splice_metadata(parts: CardParts, block: str) -> str:
             new_yaml = yaml_text + (closing.group(0) if closing else lb) + block
     else:
         start, end = span
-        new_yaml = "".join(lines[:start]) + block + _ending(lines[end - 1]) + "".join(lines[end:])
+        new_yaml = "".join(lines[:start]) + block + line_ending(lines[end - 1]) + "".join(lines[end:])
     if parts.yaml_start == parts.yaml_end and not yaml_text and parts.head[parts.yaml_start :].startswith("---"):
         new_yaml += lb  # an empty front matter '---\n---' has no line break before its closing fence
     return parts.head[: parts.yaml_start] + new_yaml + parts.head[parts.yaml_end :]
@@ -144,8 +137,8 @@ def remove_metadata(parts: CardParts) -> str:
     if not "".join(kept + after).strip():
         return ""
     new_yaml = "".join(kept + after)
-    if not after and not _ending(lines[end - 1]):  # our key was the last line: the closing fence's break ends
-        new_yaml = new_yaml[: len(new_yaml) - len(_ending(new_yaml))]  # the line before it now
+    if not after and not line_ending(lines[end - 1]):  # our key was the last line: the closing fence's break ends
+        new_yaml = new_yaml[: len(new_yaml) - len(line_ending(new_yaml))]  # the line before it now
     try:
         original = yaml.safe_load(yaml_text)
     except yaml.YAMLError as exc:
@@ -182,22 +175,11 @@ def _section_span(body: str) -> tuple[int, int] | None:
     )
 
 
-def _ends_with_blank_line(text: str) -> bool:
-    last = _ending(text)
-    return bool(last) and bool(_ending(text[: len(text) - len(last)]))
-
-
 def splice_section(body: str, section: str, line_break: str) -> str:
     """``body`` with the text between our markers (markers included) replaced by ``section``, or it appended."""
     span = _section_span(body)
     if span is None:
-        if not body:
-            return section + line_break
-        if _ends_with_blank_line(body):
-            return body + section + line_break
-        if _ending(body):
-            return body + line_break + section + line_break
-        return body + line_break + line_break + section + line_break
+        return append_block(body, section, line_break)
     return body[: span[0]] + section + body[span[1] :]
 
 
@@ -214,8 +196,8 @@ def remove_section(body: str) -> str:
         return body
     before, after = body[: span[0]], body[span[1] :]
     after = after[len(_LINE_START.match(after).group(0)) :] if _LINE_START.match(after) else after
-    if not after and _ends_with_blank_line(before):
-        before = before[: len(before) - len(_ending(before))]
+    if not after and ends_with_blank_line(before):
+        before = before[: len(before) - len(line_ending(before))]
     return before + after
 
 

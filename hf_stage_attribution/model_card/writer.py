@@ -238,21 +238,30 @@ def hub_provenance(report: AttributionReport) -> dict[str, str]:
     return {"base_model": str(start["model"]), "base_model_relation": "finetune"}
 
 
+def _other_ledger(recorded: Any, report: AttributionReport) -> tuple[str, Any, Any] | None:
+    """``(key, recorded value, this report's)`` for the first of ``fingerprint``/``final_hash`` that ``recorded``
+    (a ``{key: value}`` of a card or a report written earlier) gives and the report's ledger does not match."""
+    if not isinstance(recorded, dict):
+        return None
+    ours = report.ledger or {}
+    for key in ("fingerprint", "final_hash"):
+        theirs = recorded.get(key)
+        if theirs and theirs != ours.get(key):
+            return key, theirs, ours.get(key)
+    return None
+
+
 def _check_same_ledger(existing: Any, report: AttributionReport, readme: Path) -> None:
     if not isinstance(existing, dict):
         return
-    ledger = report.ledger or {}
-    for key, ours in (
-        ("ledger_fingerprint", ledger.get("fingerprint")),
-        ("ledger_final_hash", ledger.get("final_hash")),
-    ):
-        theirs = existing.get(key)
-        if theirs and theirs != ours:
-            raise ReportError(
-                f"The card {readme} records {METADATA_KEY}.{key} = {theirs!r}, but the report is for {ours!r}: the "
-                "report belongs to a different ledger/model. Use the report of this model's ledger, or pass "
-                "`overwrite=True` (CLI: --overwrite) to replace it; the card was not changed."
-            )
+    found = _other_ledger({k: existing.get(f"ledger_{k}") for k in ("fingerprint", "final_hash")}, report)
+    if found:
+        key, theirs, ours = found
+        raise ReportError(
+            f"The card {readme} records {METADATA_KEY}.ledger_{key} = {theirs!r}, but the report is for {ours!r}: the "
+            "report belongs to a different ledger/model. Use the report of this model's ledger, or pass "
+            "`overwrite=True` (CLI: --overwrite) to replace it; the card was not changed."
+        )
 
 
 def _check_sidecars(folder: Path, report: AttributionReport, plot: bool, readme: Path) -> None:
@@ -273,15 +282,15 @@ def _check_sidecars(folder: Path, report: AttributionReport, plot: bool, readme:
                 f"links its report under that name), found another file there. Move it away, or pass "
                 f"`overwrite=True` (CLI: --overwrite) to replace it; nothing was written."
             )
-        theirs, mine = existing.get("ledger") or {}, report.ledger or {}
-        for key in ("fingerprint", "final_hash"):
-            if isinstance(theirs, dict) and theirs.get(key) and theirs.get(key) != mine.get(key):
-                raise ModelCardError(
-                    f"Expected {sidecar} to be absent or this ledger's report, found the report of another ledger "
-                    f"(ledger {key} {theirs.get(key)!r}, this report's {mine.get(key)!r}): another card in "
-                    f"{folder} may link to it. Write {readme.name} in its own folder, or pass `overwrite=True` "
-                    "(CLI: --overwrite) to replace the report and plot; nothing was written."
-                )
+        found = _other_ledger(existing.get("ledger"), report)
+        if found:
+            key, theirs, ours_value = found
+            raise ModelCardError(
+                f"Expected {sidecar} to be absent or this ledger's report, found the report of another ledger "
+                f"(ledger {key} {theirs!r}, this report's {ours_value!r}): another card in {folder} may link to it. "
+                f"Write {readme.name} in its own folder, or pass `overwrite=True` (CLI: --overwrite) to replace the "
+                "report and plot; nothing was written."
+            )
         ours = True
     if plot and png.exists() and not ours:
         raise ModelCardError(

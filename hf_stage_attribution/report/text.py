@@ -93,6 +93,37 @@ def dominant_line_break(text: str) -> str:
     return "\r\n" if crlf and crlf >= text.count("\n") - crlf else "\n"
 
 
+_LINE_END = re.compile(r"(?:\r\n|\r|\n)\Z")
+
+
+def line_ending(text: str) -> str:
+    """The line break that ends ``text`` ('' for none)."""
+    match = _LINE_END.search(text)
+    return match.group(0) if match else ""
+
+
+def ends_with_blank_line(text: str) -> bool:
+    """Whether ``text`` ends with an empty line (two line breaks, of any kind)."""
+    last = line_ending(text)
+    return bool(last) and bool(line_ending(text[: len(text) - len(last)]))
+
+
+def append_block(text: str, block: str, line_break: str) -> str:
+    """``text`` with ``block`` appended after a blank line and ended by ``line_break`` (the card writers' sections).
+
+    Example:
+        >>> append_block("# M\\r\\n", "ours", "\\r\\n"), append_block("", "ours", "\\n")
+        ('# M\\r\\n\\r\\nours\\r\\n', 'ours\\n')
+    """
+    if not text:
+        return block + line_break
+    if ends_with_blank_line(text):
+        return text + block + line_break
+    if line_ending(text):
+        return text + line_break + block + line_break
+    return text + line_break + line_break + block + line_break
+
+
 def fmt_number(value: float | None, signed: bool = True) -> str:
     """4 significant digits, signed by default; ``n/a`` for None."""
     if value is None:
