@@ -31,7 +31,7 @@ from .estimators.fidelity import fidelity
 from .estimators.partial_replay import check_budget
 from .estimators.replay import check_replayable, replay_needs
 from .estimators.second_opinion import DEFAULT_SECOND_OPINION, check_second_opinion
-from .estimators.selection import PARTIAL_REPLAY_BUDGET
+from .estimators.selection import PARTIAL_REPLAY_BUDGET, replay_inputs
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
 from .report.build import FD_READINGS, ledger_summary, min_resamples
@@ -118,7 +118,12 @@ class StageAttributor:
         curvature: settings of the curvature-aware propagation (``aa-ggn``/``aa-hvp``), e.g.
             ``CurvatureConfig.cheap()``; replaces ``estimator_options={"curvature_options": {...}}`` (deprecated).
         ref_models: ``{stage name: reference model}`` for DPO/KTO stages whose reference replay cannot rebuild (a
-            separate model that is not at its recorded path any more); only replay (``validate=True``) uses them.
+            separate model that is not at its recorded path any more; for a distillation stage, its teacher); every
+            estimator that replays a stage from its replay data uses them (replay, partial and strided replay).
+        reward_funcs: ``{stage name: reward functions}`` (what the stage's ``GRPOTrainer``/``RLOOTrainer``/
+            ``OnlineDPOTrainer`` took as ``reward_funcs``: callables, reward models or their paths): a ledger holds
+            no Python functions, so without them a GRPO/RLOO/OnlineDPO stage cannot be replayed from its replay
+            data, and ``auto`` does not pick partial replay for a ledger that has one after the first stage.
 
     Example:
         >>> import tempfile, torch
@@ -151,6 +156,7 @@ class StageAttributor:
         curvature: CurvatureConfig | None = None,
         ref_models: Mapping[str, Any] | None = None,
         second_opinion: str = "auto",
+        reward_funcs: Mapping[str, Any] | None = None,
     ) -> None:
 
         self.ledger = ledger if isinstance(ledger, StageLedger) else StageLedger.load(ledger)
@@ -179,9 +185,11 @@ class StageAttributor:
         if settings:
             self.estimator_options["curvature_options"] = settings
         self.ref_models = dict(ref_models or {})
+        self.reward_funcs = dict(reward_funcs or {})
         names = [s.name for s in self.ledger.stages]
         _check_stage_names("stage_fns", self.stage_fns, names)
         _check_stage_names("ref_models", self.ref_models, names)
+        _check_stage_names("reward_funcs", self.reward_funcs, names)
         _check_stage_names("loss_fns", self.loss_fns, names)
         self.state = _state()
         _prefer_eager_attention(model)
@@ -238,7 +246,9 @@ class StageAttributor:
         options = self._options()
         release_freed_memory()  # model-sized buffers come and go: return them to the system, or peaks add up
         if validate or self.estimator_name == "replay":  # before any work: every stage replay needs can be re-run
-            check_replayable(self.ledger, [s.index for s in stage_objs], self.stage_fns, self.ref_models)
+            check_replayable(
+                self.ledger, [s.index for s in stage_objs], self.stage_fns, self.ref_models, self.reward_funcs
+            )
         self._announce_choice(options)
         self._precompute(self.estimator, options, stage_names)
 
@@ -285,7 +295,9 @@ class StageAttributor:
         fidelity = self._fidelity(results, replay, stage_names) if validate else None
         ledger = ledger_summary(self.ledger)
         if not replay:  # what would settle the verdicts: the card and the CLI say it (report.ledger["replay_needs"])
-            needs = replay_needs(self.ledger, [s.index for s in stage_objs], self.stage_fns, self.ref_models)
+            needs = replay_needs(
+                self.ledger, [s.index for s in stage_objs], self.stage_fns, self.ref_models, self.reward_funcs
+            )
             ledger["replay_needs"] = needs.to_dict()
         return AttributionReport.from_estimates(
             results,
@@ -311,6 +323,8 @@ class StageAttributor:
             options.setdefault("stage_fns", self.stage_fns)
         if self.ref_models:
             options.setdefault("ref_models", self.ref_models)
+        if self.reward_funcs:
+            options.setdefault("reward_funcs", self.reward_funcs)
         if self.loss_fns:
             options.setdefault("loss_fns", self.loss_fns)
         return options
@@ -320,7 +334,9 @@ class StageAttributor:
         is also in the report's files and the card)."""
         if self.estimator_name != "auto" or not self.state.is_main_process:
             return
-        chosen, reason = estimators.choose_estimator(self.ledger, options.get("loss_fns"), options.get("stage_fns"))
+        chosen, reason = estimators.choose_estimator(
+            self.ledger, options.get("loss_fns"), options.get("stage_fns"), **replay_inputs(options)
+        )
         notice(f"estimator auto -> {chosen}: {reason}", routine=False)
 
     def _second_opinion(self, resolved: str, options: Mapping[str, Any], stages: list[Any], validate: bool) -> str:
@@ -332,7 +348,13 @@ class StageAttributor:
             return DEFAULT_SECOND_OPINION
         budget = options.get("budget", PARTIAL_REPLAY_BUDGET)
         name, reason = estimators.choose_second_opinion(
-            self.ledger, resolved, [s.index for s in stages], options.get("stage_fns"), budget, self.second_opinion
+            self.ledger,
+            resolved,
+            [s.index for s in stages],
+            options.get("stage_fns"),
+            budget,
+            self.second_opinion,
+            **replay_inputs(options),
         )
         if (name != DEFAULT_SECOND_OPINION or self.second_opinion != "auto") and self.state.is_main_process:
             notice(f"trust verdicts: {reason}")
@@ -341,7 +363,8 @@ class StageAttributor:
     def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:
         resolve = getattr(self.estimator, "resolve", None)
         if callable(resolve):
-            return resolve(self.ledger, options.get("loss_fns"), options.get("stage_fns")).name
+            inputs = replay_inputs(options)
+            return resolve(self.ledger, options.get("loss_fns"), options.get("stage_fns"), **inputs).name
         return getattr(self.estimator, "name", self.estimator_name)
 
     def _precompute(self, estimator: Any, options: Mapping[str, Any], stage_names: list[str]) -> None:
@@ -352,7 +375,8 @@ class StageAttributor:
         ``aa-ggn`` embeddings precomputed for a ``partial-replay`` run)."""
         resolve = getattr(estimator, "resolve", None)
         if callable(resolve):
-            estimator = resolve(self.ledger, options.get("loss_fns"), options.get("stage_fns"))
+            inputs = replay_inputs(options)
+            estimator = resolve(self.ledger, options.get("loss_fns"), options.get("stage_fns"), **inputs)
         prepare = getattr(estimator, "prepare", None)
         if not callable(prepare):
             return
@@ -430,8 +454,9 @@ def _check_int(name: str, value: Any, *, minimum: int | None, example: str) -> i
 
 
 def _check_stage_names(what: str, given: Mapping[str, Any], stages: list[str]) -> None:
-    """ReportError when ``given`` (``stage_fns``, ``ref_models``, ``loss_fns``) names a stage the ledger does not
-    have: a misspelt name would leave the real stage without its function, found only later (or never).
+    """ReportError when ``given`` (``stage_fns``, ``ref_models``, ``reward_funcs``, ``loss_fns``) names a stage the
+    ledger does not have: a misspelt name would leave the real stage without its function, found only later (or
+    never).
 
     Example:
         >>> _check_stage_names("stage_fns", {"sft": print}, ["pretraining", "sft"])
@@ -488,7 +513,9 @@ def _prefer_eager_attention(model: torch.nn.Module) -> None:
 
 def _embedding_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        k: v for k, v in options.items() if k not in ("stage_fns", "check_model", "prepare_behavior", "ref_models")
+        k: v
+        for k, v in options.items()
+        if k not in ("stage_fns", "check_model", "prepare_behavior", "ref_models", "reward_funcs")
     }
 
 

@@ -41,24 +41,27 @@ def callable_path(fn: Any) -> str:
     return f"{module}:{qualname}"
 
 
-def import_callable(path: str, trust_code: bool) -> Callable[..., Any]:
-    """Import ``"module:qualname"``; only with ``trust_code=True`` since it runs the module's code."""
+def import_callable(
+    path: str, trust_code: bool, *, what: str = "behavior function", source: str = "The behavior spec"
+) -> Callable[..., Any]:
+    """Import ``"module:qualname"``; only with ``trust_code=True`` since it runs the module's code (``what`` and
+    ``source`` name the function and where it was named, in the errors)."""
     if not trust_code:
         raise UnsafeInputError(
-            f"The behavior spec names the function {path!r}; importing it runs code. Pass trust_code=True "
-            "(CLI: --trust-code) if you trust the spec."
+            f"{source} names the function {path!r}; importing it runs code. Pass trust_code=True "
+            "(CLI: --trust-code) if you trust it."
         )
     module_name, _, qualname = path.partition(":")
     if not module_name or not qualname:
-        raise BehaviorError(f"`function` must look like 'package.module:function'; got {path!r}.")
+        raise BehaviorError(f"The {what} must look like 'package.module:function'; got {path!r}.")
     try:
         obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
-        raise BehaviorError(f"Cannot import the behavior function {path!r}: {exc}.") from None
+        raise BehaviorError(f"Cannot import the {what} {path!r}: {exc}.") from None
     if not callable(obj):
-        raise BehaviorError(f"The behavior function {path!r} is a {type(obj).__name__}, not a callable.")
+        raise BehaviorError(f"The {what} {path!r} is a {type(obj).__name__}, not a callable.")
     return obj
 
 

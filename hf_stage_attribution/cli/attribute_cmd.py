@@ -9,6 +9,7 @@ from typing import Any
 
 from ..attributor import StageAttributor
 from ..behaviors import load_specs
+from ..behaviors.custom import import_callable
 from ..errors import ReplayError, ReportError
 from ..estimators import names as estimator_names
 from ..estimators.curvature.config import CurvatureConfig
@@ -86,7 +87,17 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="STAGE=PATH",
-        help="the reference model a DPO/KTO stage trained against, where replay cannot rebuild it (repeatable)",
+        help="the reference model a DPO/KTO stage trained against (a distillation stage: its teacher), where "
+        "replay cannot rebuild it (repeatable)",
+    )
+    p.add_argument(
+        "--reward-func",
+        action="append",
+        default=[],
+        metavar="STAGE=MODULE:FUNCTION",
+        help="a reward function of a GRPO/RLOO/OnlineDPO stage, which replay needs and no ledger holds: an importable "
+        "function (needs --trust-code) or STAGE=PATH of a reward model folder; repeat it for each of the stage's "
+        "reward functions, in the order its trainer took them",
     )
     p.add_argument(
         "--allow-identity-propagation",
@@ -185,6 +196,35 @@ def load_cli_model(path: str | Path, trust_code: bool = False) -> Any:
         return load_model(path, trust_code=trust_code)
 
 
+def reward_functions(items: list[str], trust_code: bool = False) -> dict[str, list[Any]]:
+    """``{stage: [reward function, ...]}`` from ``--reward-func STAGE=MODULE:FUNCTION`` (imported, with
+    ``trust_code``) or ``STAGE=PATH`` of a reward model folder (passed on as its path, which the TRL trainer loads as
+    it loads a reward model named by path), in the order given.
+
+    Example:
+        >>> reward_functions(["rl=operator:length_hint", "rl=operator:not_"], trust_code=True)
+        {'rl': [<built-in function length_hint>, <built-in function not_>]}
+    """
+    out: dict[str, list[Any]] = {}
+    for item in items:
+        stage, sep, value = item.partition("=")
+        if not sep or not stage or not value:
+            raise ReplayError(
+                f"Expected --reward-func STAGE=MODULE:FUNCTION (or STAGE=PATH of a reward model folder), got {item!r}."
+            )
+        if Path(value).is_dir():
+            out.setdefault(stage, []).append(str(Path(value)))
+            continue
+        if ":" not in value:
+            raise ReplayError(
+                f"--reward-func {item!r}: {value!r} is neither a folder here nor an importable "
+                "'package.module:function'. Give the function's import path, or the reward model's folder."
+            )
+        source = f"--reward-func {item!r}"
+        out.setdefault(stage, []).append(import_callable(value, trust_code, what="reward function", source=source))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     out = check_output_dir(args.output_dir)  # before the ledger, the model and the (long) attribution
     stages = _stages(args.stages)
@@ -202,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not stage or not path:
             raise ReplayError(f"Expected --ref-model STAGE=PATH, got {item!r}.")
         ref_models[stage] = load_model(path, trust_code=args.trust_code)
+    reward_funcs = reward_functions(args.reward_func, trust_code=args.trust_code)
     console = Console(verbose=getattr(args, "verbose", False))
     attributor = StageAttributor(
         ledger,
@@ -213,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
         show_progress=False,
         ref_models=ref_models,
         second_opinion=args.second_opinion,
+        reward_funcs=reward_funcs,
     )
     what = "estimates and replay" if args.validate else "estimates"
     main_process = attributor.state.is_main_process

@@ -111,6 +111,7 @@ from .replay import (
     replay_data_problem,
     run_stage,
     step_limitable,
+    trainer_input_problem,
     working_copy,
 )
 
@@ -269,11 +270,15 @@ def plan_partial_replay(
     return plan
 
 
-def check_replayable(ledger: LedgerCore, plan: PartialReplayPlan, stage_fns: Mapping[str, Any]) -> None:
-    """Raise :class:`PartialReplayError` before anything runs when a leg's stage cannot be (step-limited) replayed."""
+def check_replayable(
+    ledger: LedgerCore, plan: PartialReplayPlan, stage_fns: Mapping[str, Any], inputs: Mapping[str, Any] | None = None
+) -> None:
+    """Raise :class:`PartialReplayError` before anything runs when a leg's stage cannot be (step-limited) replayed
+    (``inputs``: the ``ref_models`` and ``reward_funcs`` given for replay, see :func:`~.replay.run_stage`)."""
+    inputs = dict(inputs or {})
     for leg in plan.legs:
         stage = ledger.stages[leg.index]
-        if can_replay(stage, stage_fns, step_limited=not leg.full):
+        if can_replay(stage, stage_fns, step_limited=not leg.full, **inputs):
             continue
         removed = ledger.stages[plan.stage].name
         fn = stage_fns.get(stage.name)
@@ -284,6 +289,8 @@ def check_replayable(ledger: LedgerCore, plan: PartialReplayPlan, stage_fns: Map
                 f"form. {STEP_LIMITED_HOW} Or use budget=0 / estimator='replay'."
             )
         problem = replay_data_problem(stage) if fn is None else None
+        if fn is None and problem is None and stage.replay_dir is not None:
+            problem = trainer_input_problem(stage, **inputs)
         why = problem or "no stage function was given for it and the ledger holds no replay data for it"
         raise PartialReplayError(
             f"Partial replay of stage {removed!r} (budget {plan.budget:g}) needs to replay stage {stage.index} "
@@ -646,6 +653,7 @@ def partial_embedding(
     curvature: dict[str, Any] | None = None,
     carry_moments: bool = True,
     scratch: _ScratchFiles | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> ScratchTensors | dict[str, torch.Tensor]:
     """``v_k`` of ``plan`` (float32 per base parameter name): replay its legs, carry the difference to ``θ_K``.
 
@@ -659,10 +667,14 @@ def partial_embedding(
     one tensor at a time, and ``v_k`` is written to ``scratch`` tensor by tensor (returned as
     :class:`ScratchTensors`; a dict when ``scratch`` is None). The peak is one training step of one branch plus one
     model copy. The branch files are removed before returning. A model of at most :data:`IN_MEMORY_BYTES` parameter
-    bytes keeps these vectors in RAM instead (same numbers, no file round trips)."""
+    bytes keeps these vectors in RAM instead (same numbers, no file round trips). ``inputs``: the ``ref_models`` and
+    ``reward_funcs`` of :func:`~.replay.run_stage`."""
     branches = _ScratchFiles("hfsa-partial-replay-branches-", in_memory=_in_memory(ledger))
+    inputs = dict(inputs or {})
     try:
-        return _partial_embedding(ledger, model, plan, stage_fns, notes, curvature, carry_moments, branches, scratch)
+        return _partial_embedding(
+            ledger, model, plan, stage_fns, notes, curvature, carry_moments, branches, scratch, inputs
+        )
     finally:
         branches.remove()
 
@@ -677,6 +689,7 @@ def _partial_embedding(
     carry_moments: bool,
     branches: _ScratchFiles,
     scratch: _ScratchFiles | None,
+    inputs: dict[str, Any],
 ) -> ScratchTensors | dict[str, torch.Tensor]:
     stages, k = ledger.stages, plan.stage
     cf = _started(model, ledger.state_at(k - 1))
@@ -686,7 +699,7 @@ def _partial_embedding(
     for leg in plan.legs:
         stage = stages[leg.index]
         info = {"stage": stage, "removed": k, "scale": 0.0}
-        cf, opt = run_stage(stage, cf, stage_fns, info, max_steps=None if leg.full else leg.steps)
+        cf, opt = run_stage(stage, cf, stage_fns, info, max_steps=None if leg.full else leg.steps, **inputs)
         if not leg.full and opt is not None:
             cf_opt = _StateOnDisk.save(branches.file("cf-optimizer"), opt)
         del opt
@@ -736,7 +749,7 @@ def _partial_embedding(
         stage = stages[last.index]
         fact = _started(model, ledger.state_at(last.index - 1))
         info = {"stage": stage, "removed": None, "scale": 1.0}
-        fact, opt = run_stage(stage, fact, stage_fns, info, max_steps=last.steps)
+        fact, opt = run_stage(stage, fact, stage_fns, info, max_steps=last.steps, **inputs)
         fact_opt = _StateOnDisk.save(branches.file("fact-optimizer"), opt) if opt is not None else None
         del opt
         fact_params = branches.file("fact")
@@ -857,9 +870,12 @@ def propagated_embeddings(
 _MEMO: dict[str, Any] = {}
 
 
-def _memo_key(ledger: LedgerCore, budget: float, unit: str, stage_fns: Mapping[str, Any]) -> tuple:
+def _memo_key(
+    ledger: LedgerCore, budget: float, unit: str, stage_fns: Mapping[str, Any], inputs: Mapping[str, Any]
+) -> tuple:
     fns = tuple(sorted((n, id(f)) for n, f in stage_fns.items()))
-    return (str(ledger.dir), ledger.fingerprint, budget, unit, fns)
+    given = tuple(sorted((key, n, id(v)) for key, by_stage in inputs.items() for n, v in (by_stage or {}).items()))
+    return (str(ledger.dir), ledger.fingerprint, budget, unit, fns, given)
 
 
 def partial_replay_embeddings(
@@ -879,12 +895,15 @@ def partial_replay_embeddings(
     reuse: bool = True,
     use_early_checkpoints: bool = True,
     factual: str = "replay",
+    ref_models: Mapping[str, Any] | None = None,
+    reward_funcs: Mapping[str, Any] | None = None,
 ) -> PartialReplayEmbeddings:
     """The partial-replay embeddings of ``stages`` (ledger stages) at ``budget``.
 
     A stage recorded with an early checkpoint (``record_stage(..., early_checkpoint=f)``) is replayed from the
     counterfactual start only, up to the checkpoint, when that fits the budget (``use_early_checkpoints=False``
-    ignores the checkpoints).
+    ignores the checkpoints). A stage replayed from its replay data gets ``ref_models[name]`` (its reference model or
+    teacher) and ``reward_funcs[name]`` (GRPO/RLOO/OnlineDPO), as in :func:`~.replay.run_stage`.
 
     The last result is kept (for the same ledger, budget, options and stage functions) so that the linear and the
     finite-difference read-outs of one attribution replay once: it serves any subset of the stages it was computed
@@ -892,6 +911,7 @@ def partial_replay_embeddings(
     """
     budget = check_budget(budget, budget_unit)
     stage_fns = dict(stage_fns or {})
+    inputs = {"ref_models": dict(ref_models or {}), "reward_funcs": dict(reward_funcs or {})}
     indices = [s.index for s in stages]
     if carry not in CARRIES:
         raise BudgetError(f"`carry` must be one of {CARRIES}, got {carry!r}.")
@@ -901,7 +921,7 @@ def partial_replay_embeddings(
             f"and spend the budget on the counterfactual branch alone), got {factual!r}."
         )
     key = (
-        *_memo_key(ledger, budget, budget_unit, stage_fns),
+        *_memo_key(ledger, budget, budget_unit, stage_fns, inputs),
         use_checkpoints,
         carry,
         carry_moments,
@@ -915,7 +935,7 @@ def partial_replay_embeddings(
         for k in indices
     }
     for plan in plans.values():
-        check_replayable(ledger, plan, stage_fns)
+        check_replayable(ledger, plan, stage_fns, inputs)
     check_partial_replay_disk(ledger, sum(1 for p in plans.values() if p.legs))
     base = propagated_embeddings(ledger, indices, {k for k, p in plans.items() if p.legs}, allow_identity_propagation)
     notes: set[str] = set()
@@ -933,7 +953,9 @@ def partial_replay_embeddings(
             if not plan.legs:
                 continue
             start = time.perf_counter()
-            vectors[k] = partial_embedding(ledger, model, plan, stage_fns, notes, curvature, carry_moments, scratch)
+            vectors[k] = partial_embedding(
+                ledger, model, plan, stage_fns, notes, curvature, carry_moments, scratch, inputs
+            )
             seconds[ledger.stages[k].name] = time.perf_counter() - start
     emb = PartialReplayEmbeddings(vectors, base, ledger.parameter_shapes, scratch)
     if vectors:
@@ -970,7 +992,7 @@ def partial_replay_embeddings(
 #: what :meth:`_PartialReplayMixin.embeddings` reads
 PARTIAL_REPLAY_OPTIONS = frozenset({
     "budget", "budget_unit", "stage_fns", "allow_identity_propagation", "use_checkpoints", "carry", "loss_fns",
-    "curvature_options", "carry_moments", "use_early_checkpoints", "factual",
+    "curvature_options", "carry_moments", "use_early_checkpoints", "factual", "ref_models", "reward_funcs",
 })  # fmt: skip
 
 
@@ -978,8 +1000,9 @@ class _PartialReplayMixin:
     """Options: ``budget`` (default 0.25, a fraction of replay's cost in [0, 1]), ``budget_unit`` (``"steps"`` or
     ``"lr-mass"``), ``stage_fns`` (step-limited form, see :mod:`~.replay`), ``carry`` (``"aa-linear"`` or
     ``"aa-ggn"``, with ``loss_fns`` and ``curvature_options``), ``use_checkpoints``, ``carry_moments``,
-    ``use_early_checkpoints`` (default True), ``allow_identity_propagation``,
-    plus the read-out's options (``per_example``, ``check_model``, ``prepare_behavior``)."""
+    ``use_early_checkpoints`` (default True), ``allow_identity_propagation``, ``ref_models`` and ``reward_funcs``
+    (``{stage name: ...}`` for stages replayed from replay data, as for ``replay``), plus the read-out's options
+    (``per_example``, ``check_model``, ``prepare_behavior``)."""
 
     kind = "partial-replay"
 
@@ -995,6 +1018,7 @@ class _PartialReplayMixin:
             carry_moments=bool(options.get("carry_moments", True)),
             use_early_checkpoints=bool(options.get("use_early_checkpoints", True)),
             factual=options.get("factual", "replay"),
+            ref_models=options.get("ref_models"), reward_funcs=options.get("reward_funcs"),
         )  # fmt: skip
 
     def prepare(self, ledger, stages=None, model=None, **options):

@@ -83,6 +83,7 @@ from ..integrations.replay import (
     reference_problem,
     replay_trainer_stage,
     replay_world,
+    reward_problem,
     stop_after_steps_callback,
 )
 from ..integrations.trl import UNKNOWN_OBJECTIVE, stage_objective
@@ -166,6 +167,7 @@ def replay_needs(
     removed: list[int],
     stage_fns: Mapping[str, StageFn] | None = None,
     ref_models: Mapping[str, Any] | None = None,
+    reward_funcs: Mapping[str, Any] | None = None,
 ) -> ReplayNeeds:
     """The optimizer steps replay re-runs to remove each stage index in ``removed``, the stages it re-runs, and what
     stops it (the same problems :func:`check_replayable` raises with).
@@ -182,7 +184,7 @@ def replay_needs(
         >>> replay_needs(pipe.ledger, [0]).problems[0].split(" (")[0]  # no stage functions, no replay data
         "stage 'digits-patch' has no function in stage_fns and no replay data"
     """
-    stage_fns, ref_models = dict(stage_fns or {}), dict(ref_models or {})
+    stage_fns = dict(stage_fns or {})
     first = min(removed) if removed else len(ledger.stages)
     trained = [s for s in ledger.stages[first + 1 :] if s.num_steps and s.learning_rates]
     steps = sum(int(s.num_steps) for k in removed for s in trained if s.index > k)
@@ -201,7 +203,7 @@ def replay_needs(
         if problem:
             problems.append(f"stage {stage.name!r} cannot be replayed from its replay data: {problem}")
             continue
-        problem = reference_problem(stage, ref_models.get(stage.name))
+        problem = trainer_input_problem(stage, ref_models, reward_funcs)
         if problem:
             problems.append(problem)
     return ReplayNeeds(steps, [s.name for s in trained], problems, by_function)
@@ -212,10 +214,12 @@ def check_replayable(
     removed: list[int],
     stage_fns: Mapping[str, StageFn] | None = None,
     ref_models: Mapping[str, Any] | None = None,
+    reward_funcs: Mapping[str, Any] | None = None,
 ) -> None:
     """Raise :class:`ReplayError` naming every stage that replay (removing each stage in ``removed``) could not
-    re-run, before any work: no stage function and no replay data, or a reference model it cannot rebuild."""
-    problems = replay_needs(ledger, removed, stage_fns, ref_models).problems
+    re-run, before any work: no stage function and no replay data, a reference model it cannot rebuild, or reward
+    functions that were not given."""
+    problems = replay_needs(ledger, removed, stage_fns, ref_models, reward_funcs).problems
     if problems:
         raise ReplayError("Replay cannot re-run every stage it needs: " + "; ".join(problems) + ".")
 
@@ -295,11 +299,28 @@ def no_gradient_reuse_message(stage: Stage, grad_every: int, fn: StageFn) -> str
     )
 
 
+def trainer_input_problem(
+    stage: Stage, ref_models: Mapping[str, Any] | None = None, reward_funcs: Mapping[str, Any] | None = None
+) -> str | None:
+    """What a replay of ``stage`` from its replay data needs besides them and was not given, as a clause (``None``
+    when nothing): a reference model or teacher it cannot rebuild (:func:`reference_problem`; ``ref_models``), or
+    the reward functions of a GRPO/RLOO/OnlineDPO stage (:func:`reward_problem`; ``reward_funcs``)."""
+    ref = (ref_models or {}).get(stage.name)
+    return reference_problem(stage, ref) or reward_problem(stage, (reward_funcs or {}).get(stage.name))
+
+
 def can_replay(
-    stage: Stage, stage_fns: Mapping[str, StageFn], *, step_limited: bool = False, grad_reuse: bool = False
+    stage: Stage,
+    stage_fns: Mapping[str, StageFn],
+    *,
+    step_limited: bool = False,
+    grad_reuse: bool = False,
+    ref_models: Mapping[str, Any] | None = None,
+    reward_funcs: Mapping[str, Any] | None = None,
 ) -> bool:
     """Whether :func:`run_stage` can run ``stage`` (with ``step_limited``: stop it after ``m`` steps too; with
-    ``grad_reuse``: compute a gradient only every few optimizer steps, see :mod:`~.strided_replay`)."""
+    ``grad_reuse``: compute a gradient only every few optimizer steps, see :mod:`~.strided_replay`), given the
+    reference models and reward functions passed for replay (:func:`trainer_input_problem`)."""
     if not (stage.num_steps and stage.learning_rates):
         return True  # re-applied as its recorded delta
     fn = stage_fns.get(stage.name)
@@ -307,7 +328,9 @@ def can_replay(
         return (step_limitable(fn) or not step_limited) and (takes_grad_every(fn) or not grad_reuse)
     if grad_reuse and (str(stage.kind).lower() in NO_GRADIENT_REUSE or stage_objective(stage) in NO_GRADIENT_REUSE):
         return False
-    return stage.replay_dir is not None and replay_data_problem(stage) is None
+    if stage.replay_dir is None or replay_data_problem(stage) is not None:
+        return False
+    return trainer_input_problem(stage, ref_models, reward_funcs) is None
 
 
 def replay_data_problem(stage: Stage) -> str | None:
@@ -380,6 +403,7 @@ def run_stage(
     max_steps: int | None = None,
     ref_models: Mapping[str, Any] | None = None,
     grad_every: int = 1,
+    reward_funcs: Mapping[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, dict[str, Any]] | None]:
     """Run ``stage`` on ``model`` (in place where possible): the whole stage, or its first ``max_steps`` optimizer
     steps (the step-limited form, see the module docstring). Returns ``(model, optimizer state by base name or
@@ -387,7 +411,10 @@ def run_stage(
 
     ``grad_every=s > 1`` runs the gradient-reuse form (:mod:`~.strided_replay`): a fresh gradient on every ``s``-th
     optimizer step, re-used by the steps in between (stage functions: a ``grad_every`` keyword; replay data:
-    :func:`~hf_stage_attribution.integrations.replay.with_gradient_reuse`)."""
+    :func:`~hf_stage_attribution.integrations.replay.with_gradient_reuse`).
+
+    A stage replayed from its replay data gets ``ref_models[stage name]`` as its reference model (a distillation
+    stage: its teacher) and ``reward_funcs[stage name]`` as its reward functions (GRPO/RLOO/OnlineDPO)."""
     fn = stage_fns.get(stage.name)
     if fn is None and not (stage.num_steps and stage.learning_rates):
         _add_delta(model, stage)  # an edit without training (untracked/imported): re-applied as recorded
@@ -409,9 +436,16 @@ def run_stage(
         if problem:
             raise ReplayError(f"Cannot replay stage {stage.index} {stage.name!r} from its replay data: {problem}.")
         ref = (ref_models or {}).get(stage.name)
+        rewards = (reward_funcs or {}).get(stage.name)
         state: dict[str, dict[str, Any]] | None = None if max_steps is None else {}
         model = replay_trainer_stage(
-            stage, model, ref_model=ref, max_steps=max_steps, optimizer_out=state, grad_every=grad_every
+            stage,
+            model,
+            ref_model=ref,
+            reward_funcs=rewards,
+            max_steps=max_steps,
+            optimizer_out=state,
+            grad_every=grad_every,
         )
         drop_gradients(model)
         return model, state
@@ -471,6 +505,7 @@ def replay_model(
     stage_fns: Mapping[str, StageFn] | None = None,
     scale: float = 0.0,
     ref_models: Mapping[str, Any] | None = None,
+    reward_funcs: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
     """The counterfactual final model with stage ``removed`` (index) taken out and later stages re-run.
 
@@ -493,7 +528,7 @@ def replay_model(
         first = k + 1
     for stage in ledger.stages[first:]:
         info = {"stage": stage, "removed": removed, "scale": scale}
-        work, _ = run_stage(stage, work, stage_fns, info, ref_models=ref_models)
+        work, _ = run_stage(stage, work, stage_fns, info, ref_models=ref_models, reward_funcs=reward_funcs)
     return work
 
 
@@ -528,7 +563,8 @@ def first_order_response(
 class Replay(Estimator):
     """The ground truth: remove each stage and re-run the later ones (K − 1 partial retrainings).
 
-    Options: ``stage_fns={stage name: fn(model)}`` (see the module docstring), ``check_model``,
+    Options: ``stage_fns={stage name: fn(model)}`` (see the module docstring), ``ref_models={stage name: model}``
+    and ``reward_funcs={stage name: [fn, ...]}`` for stages replayed from replay data, ``check_model``,
     ``prepare_behavior``.
 
     Example:
@@ -538,21 +574,21 @@ class Replay(Estimator):
     """
 
     name = "replay"
-    options = COMMON_OPTIONS | {"stage_fns", "ref_models"}
+    options = COMMON_OPTIONS | {"stage_fns", "ref_models", "reward_funcs"}
     description = "Remove stage k, re-run stages k+1..K with their recorded recipe, evaluate (ground truth)."
 
     def estimate(self, ledger, model, behavior, stages=None, **options):
         chosen = resolve_stages(ledger, stages)
         check_inputs(ledger, model, behavior, options)
         stage_fns = options.get("stage_fns") or {}
-        check_replayable(ledger, [s.index for s in chosen], stage_fns, options.get("ref_models"))
+        inputs = {"ref_models": options.get("ref_models"), "reward_funcs": options.get("reward_funcs")}
+        check_replayable(ledger, [s.index for s in chosen], stage_fns, **inputs)
         final = evaluate_final(behavior, model)
         per_example: dict[str, torch.Tensor] = {}
         replayed: list[str] = []
         with collections_of_new_objects():  # freeing each counterfactual model scans only what the replays made
             for stage in chosen:
-                ref_models = options.get("ref_models")
-                cf = replay_model(ledger, model, stage.index, stage_fns=stage_fns, ref_models=ref_models)
+                cf = replay_model(ledger, model, stage.index, stage_fns=stage_fns, **inputs)
                 with eval_mode(cf):
                     value = evaluate(behavior, cf, f"evaluated after replay without stage {stage.name!r}")
                 per_example[stage.name] = final - value

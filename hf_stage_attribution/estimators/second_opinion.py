@@ -84,6 +84,9 @@ def choose_second_opinion(
     stage_fns: Mapping[str, Any] | None = None,
     budget: float = PARTIAL_REPLAY_BUDGET,
     requested: str = "auto",
+    *,
+    ref_models: Mapping[str, Any] | None = None,
+    reward_funcs: Mapping[str, Any] | None = None,
 ) -> tuple[str, str]:
     """``(estimator name, reason)`` of the second opinion a trust verdict checks ``estimator`` against, for the
     attributed stage indices ``stages`` (default: all).
@@ -97,7 +100,8 @@ def choose_second_opinion(
     it needs (strided replay: the gradient-reuse form, ``fn(model, grad_every=1)`` or replay data of a kind that
     allows it, and a budget that buys a pass per later stage; partial replay: the step-limited form) and
     ``0 < budget < 1``: at budget 0 both are ``aa-fd``, at budget 1 both are replay. Anything else is checked
-    against task-vector negation (:data:`DEFAULT_SECOND_OPINION`).
+    against task-vector negation (:data:`DEFAULT_SECOND_OPINION`). ``ref_models`` and ``reward_funcs`` are what
+    replay would be given (:func:`~.replay.can_replay`).
 
     Example:
         >>> import tempfile
@@ -130,7 +134,8 @@ def choose_second_opinion(
     indices = list(range(len(ledger.stages))) if stages is None else [int(k) for k in stages]
     later = {j for k in indices for j in range(k + 1, len(ledger.stages)) if trains(ledger.stages[j])}
     strided = other == STRIDED_REPLAY
-    need = {"grad_reuse": True} if strided else {"step_limited": True}
+    need: dict[str, Any] = {"grad_reuse": True} if strided else {"step_limited": True}
+    need.update(ref_models=ref_models, reward_funcs=reward_funcs)
     missing = [ledger.stages[j].name for j in sorted(later) if not can_replay(ledger.stages[j], fns, **need)]
     short = [
         ledger.stages[k].name

@@ -66,7 +66,7 @@ from .curvature.products import resolve_loss
 from .curvature.propagation import CURVATURE_PRESETS, curvature_basis_on_disk, curvature_memory_problem
 from .propagation.rules import recorded_family
 from .propagation.stage import carry_problem, next_trained
-from .replay import can_replay, replay_data_problem
+from .replay import can_replay, replay_data_problem, trainer_input_problem
 
 PARTIAL_REPLAY = "partial-replay"
 PARTIAL_REPLAY_BUDGET = 0.25  # = partial_replay.DEFAULT_BUDGET (a test keeps them equal)
@@ -78,11 +78,15 @@ def choose_estimator(
     stage_fns: Mapping[str, Any] | None = None,
     *,
     partial_replay: bool = True,
+    ref_models: Mapping[str, Any] | None = None,
+    reward_funcs: Mapping[str, Any] | None = None,
 ) -> tuple[str, str]:
     """``(estimator name, reason)`` by the rule in the module docstring.
 
     ``partial_replay=False`` skips step 2: what ``auto`` picks where no later stage can be replayed, even when the
-    ledger holds replay data (the benchmarks compare the propagation estimators on such ledgers).
+    ledger holds replay data (the benchmarks compare the propagation estimators on such ledgers). ``ref_models`` and
+    ``reward_funcs`` (``{stage name: ...}``) are what replay would be given: a later stage whose replay data need a
+    reference model or reward functions that were not given cannot be replayed.
 
     Example:
         >>> import tempfile, torch
@@ -114,7 +118,8 @@ def choose_estimator(
     if unknown:
         return "delta-fd", _no_carry_reason([carry_problem(s) or s.name for s in unknown])
     fns = dict(stage_fns or {})
-    if partial_replay and all(can_replay(s, fns, step_limited=True) for s in later):
+    inputs = {"ref_models": ref_models, "reward_funcs": reward_funcs}
+    if partial_replay and all(can_replay(s, fns, step_limited=True, **inputs) for s in later):
         how = sorted({"stage functions" if s.name in fns else "recorded replay data" for s in later})
         early = [s.name for s in later if getattr(s, "early_checkpoint", None) is not None]
         return PARTIAL_REPLAY, (
@@ -128,8 +133,12 @@ def choose_estimator(
     fallback = _without_replay(ledger, later, loss_fns)
     if not partial_replay:
         return fallback
-    unreplayable = [s for s in later if not can_replay(s, fns, step_limited=True)]
-    blocked = [(s, replay_data_problem(s)) for s in unreplayable if s.name not in fns and s.replay_dir is not None]
+    unreplayable = [s for s in later if not can_replay(s, fns, step_limited=True, **inputs)]
+    blocked = [
+        (s, replay_data_problem(s) or trainer_input_problem(s, **inputs))
+        for s in unreplayable
+        if s.name not in fns and s.replay_dir is not None
+    ]
     blocked = [(s, why) for s, why in blocked if why]
     others = [s.name for s in unreplayable if s not in [b for b, _ in blocked]]
     why_not = [f"stage {s.name!r} cannot be replayed from its replay data: {why}" for s, why in blocked]
@@ -188,6 +197,16 @@ def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str,
     return "aa-ggn", reason
 
 
+def replay_inputs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``ref_models`` and ``reward_funcs`` among an estimator's ``options`` (what replay would be given).
+
+    Example:
+        >>> replay_inputs({"budget": 0.1, "reward_funcs": {"rl": [len]}})
+        {'ref_models': None, 'reward_funcs': {'rl': [<built-in function len>]}}
+    """
+    return {"ref_models": options.get("ref_models"), "reward_funcs": options.get("reward_funcs")}
+
+
 def lacks_optimizer_information(stage: Stage) -> bool:
     """A stage that changed the model through training we know nothing of (imported without optimizer info)."""
     source = stage.info.get("source") or {}
@@ -227,18 +246,24 @@ class Auto(Estimator):
     )
 
     def resolve(
-        self, ledger: LedgerCore, loss_fns: Mapping[str, Any] | None = None, stage_fns: Mapping[str, Any] | None = None
+        self,
+        ledger: LedgerCore,
+        loss_fns: Mapping[str, Any] | None = None,
+        stage_fns: Mapping[str, Any] | None = None,
+        **inputs: Any,
     ) -> Estimator:
-        """The estimator the default rule picks for ``ledger`` (an instance; its ``name`` says which)."""
-        return get(choose_estimator(ledger, loss_fns, stage_fns)[0])
+        """The estimator the default rule picks for ``ledger`` (an instance; its ``name`` says which); ``inputs``:
+        the ``ref_models`` and ``reward_funcs`` replay would be given (:func:`choose_estimator`)."""
+        return get(choose_estimator(ledger, loss_fns, stage_fns, **inputs)[0])
 
     def prepare(self, ledger, stages=None, model=None, **options):
-        self.resolve(ledger, options.get("loss_fns"), options.get("stage_fns")).prepare(
+        self.resolve(ledger, options.get("loss_fns"), options.get("stage_fns"), **replay_inputs(options)).prepare(
             ledger, stages, model, **options
         )
 
     def estimate(self, ledger, model, behavior, stages=None, **options):
-        chosen, reason = choose_estimator(ledger, options.get("loss_fns"), options.get("stage_fns"))
+        inputs = replay_inputs(options)
+        chosen, reason = choose_estimator(ledger, options.get("loss_fns"), options.get("stage_fns"), **inputs)
         if chosen == PARTIAL_REPLAY:
             options.setdefault("budget", PARTIAL_REPLAY_BUDGET)
         else:  # a budget only means something to partial replay; the reason says why it was not chosen

@@ -74,7 +74,14 @@ from .partial_replay import (
     propagated_embeddings,
 )
 from .propagation.stage import trains
-from .replay import can_replay, no_gradient_reuse_message, replay_data_problem, run_stage, takes_grad_every
+from .replay import (
+    can_replay,
+    no_gradient_reuse_message,
+    replay_data_problem,
+    run_stage,
+    takes_grad_every,
+    trainer_input_problem,
+)
 
 _MEMO: dict[str, Any] = {}
 
@@ -130,13 +137,17 @@ def plan_strided_replay(ledger: LedgerCore, k: int, budget: float) -> StridedRep
     return plan
 
 
-def check_strided_replayable(ledger: LedgerCore, plan: StridedReplayPlan, stage_fns: Mapping[str, Any]) -> None:
+def check_strided_replayable(
+    ledger: LedgerCore, plan: StridedReplayPlan, stage_fns: Mapping[str, Any], inputs: Mapping[str, Any] | None = None
+) -> None:
     """Raise :class:`PartialReplayError` before anything runs when a later stage cannot be replayed with gradient
-    reuse; the message says how to give it the form."""
+    reuse; the message says how to give it the form (``inputs``: ``ref_models`` and ``reward_funcs``, as for
+    :func:`~.replay.run_stage`)."""
+    inputs = dict(inputs or {})
     removed = ledger.stages[plan.stage].name
     for j in plan.stages:
         stage = ledger.stages[j]
-        if can_replay(stage, stage_fns, grad_reuse=plan.stride > 1):
+        if can_replay(stage, stage_fns, grad_reuse=plan.stride > 1, **inputs):
             continue
         fn = stage_fns.get(stage.name)
         if fn is not None and not takes_grad_every(fn):
@@ -145,6 +156,8 @@ def check_strided_replayable(ledger: LedgerCore, plan: StridedReplayPlan, stage_
                 + no_gradient_reuse_message(stage, plan.stride, fn)
             )
         problem = replay_data_problem(stage) if fn is None else None
+        if fn is None and problem is None and stage.replay_dir is not None:
+            problem = trainer_input_problem(stage, **inputs)
         if problem:
             why = problem
         elif fn is None and stage.replay_dir is not None:
@@ -160,7 +173,13 @@ def check_strided_replayable(ledger: LedgerCore, plan: StridedReplayPlan, stage_
 
 
 def _branch_end(
-    ledger: LedgerCore, model: torch.nn.Module, plan: StridedReplayPlan, start: int, stage_fns, box: ScratchTensors
+    ledger: LedgerCore,
+    model: torch.nn.Module,
+    plan: StridedReplayPlan,
+    start: int,
+    stage_fns,
+    box: ScratchTensors,
+    inputs: Mapping[str, Any],
 ):
     """Run the later stages of ``plan`` from ``θ_start`` with the plan's stride; the end parameters into ``box``."""
     work = _started(model, ledger.state_at(start))
@@ -169,7 +188,7 @@ def _branch_end(
     for j in plan.stages:
         stage = ledger.stages[j]
         info = {"stage": stage, "removed": removed, "scale": scale}
-        work, _ = run_stage(stage, work, stage_fns, info, grad_every=plan.stride)
+        work, _ = run_stage(stage, work, stage_fns, info, grad_every=plan.stride, **inputs)
     box.write(iter_merged_state(work))
     del work
     release_freed_memory()  # a trained model can be a reference cycle: freed only by a collection
@@ -181,19 +200,22 @@ def strided_embedding(
     plan: StridedReplayPlan,
     stage_fns: Mapping[str, Any],
     scratch: _ScratchFiles | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> ScratchTensors | dict[str, torch.Tensor]:
     """``v_k = θ_fact − θ_cf`` of ``plan`` (float32 per base parameter name, zeros left out); in a scratch file of
-    ``scratch`` when given, else a dict."""
+    ``scratch`` when given, else a dict. ``inputs``: ``ref_models`` and ``reward_funcs`` of
+    :func:`~.replay.run_stage`."""
+    inputs = dict(inputs or {})
     branches = _ScratchFiles("hfsa-strided-replay-branches-", in_memory=_in_memory(ledger))
     try:
         k = plan.stage
         cf = branches.file("cf")
-        _branch_end(ledger, model, plan, k - 1, stage_fns, cf)
+        _branch_end(ledger, model, plan, k - 1, stage_fns, cf, inputs)
         if plan.stride == 1:
             fact_get = ledger.state_at(len(ledger.stages) - 1).__getitem__  # exact replay: the factual end is θ_K
         else:
             fact = branches.file("fact")
-            _branch_end(ledger, model, plan, k, stage_fns, fact)
+            _branch_end(ledger, model, plan, k, stage_fns, fact, inputs)
             fact_get = fact.get
 
         def differences():
@@ -220,19 +242,23 @@ def strided_replay_embeddings(
     stage_fns: Mapping[str, Any] | None = None,
     allow_identity_propagation: bool = False,
     reuse: bool = True,
+    ref_models: Mapping[str, Any] | None = None,
+    reward_funcs: Mapping[str, Any] | None = None,
 ) -> PartialReplayEmbeddings:
     """The strided-replay embeddings of ``stages`` (ledger stages) at ``budget``; the last result is kept for the same
-    ledger, stages, budget and stage functions (``reuse=False`` recomputes)."""
+    ledger, stages, budget, stage functions, reference models and reward functions (``reuse=False`` recomputes)."""
     budget = check_budget(budget)
     stage_fns = dict(stage_fns or {})
+    inputs = {"ref_models": dict(ref_models or {}), "reward_funcs": dict(reward_funcs or {})}
     indices = [s.index for s in stages]
     fns = tuple(sorted((n, id(f)) for n, f in stage_fns.items()))
-    key = (str(ledger.dir), ledger.fingerprint, budget, tuple(indices), fns)
+    given = tuple(sorted((key, n, id(v)) for key, by_stage in inputs.items() for n, v in by_stage.items()))
+    key = (str(ledger.dir), ledger.fingerprint, budget, tuple(indices), fns, given)
     if reuse and _MEMO.get("key") == key:
         return _MEMO["embeddings"]
     plans = {k: plan_strided_replay(ledger, k, budget) for k in indices}
     for plan in plans.values():
-        check_strided_replayable(ledger, plan, stage_fns)
+        check_strided_replayable(ledger, plan, stage_fns, inputs)
     check_partial_replay_disk(ledger, sum(1 for p in plans.values() if p.stride))
     strided = {k for k, p in plans.items() if p.stride}
     base = propagated_embeddings(ledger, indices, strided, allow_identity_propagation)
@@ -245,7 +271,7 @@ def strided_replay_embeddings(
             if not plan.stride:
                 continue
             start = time.perf_counter()
-            vectors[k] = strided_embedding(ledger, model, plan, stage_fns, scratch)
+            vectors[k] = strided_embedding(ledger, model, plan, stage_fns, scratch, inputs)
             seconds[ledger.stages[k].name] = time.perf_counter() - start
     emb = PartialReplayEmbeddings(vectors, base, ledger.parameter_shapes, scratch)
     emb.kind = "strided-replay"
@@ -276,7 +302,8 @@ def strided_replay_embeddings(
 class StridedReplay(FiniteDifferenceEstimator):
     """``f(θ_K) − f(θ_K − v_k)`` with ``v_k`` the difference of two strided replays of the later stages (module
     docstring). Options: ``budget`` (default 0.25, a fraction of replay's forward/backward passes in [0, 1]),
-    ``stage_fns`` (gradient-reuse form), ``allow_identity_propagation``, and the read-out's options.
+    ``stage_fns`` (gradient-reuse form), ``ref_models`` and ``reward_funcs`` (``{stage name: ...}`` for stages
+    replayed from replay data, as for ``replay``), ``allow_identity_propagation``, and the read-out's options.
 
     Example:
         >>> from hf_stage_attribution import estimators
@@ -285,7 +312,9 @@ class StridedReplay(FiniteDifferenceEstimator):
     """
 
     name, kind = "strided-replay", "strided-replay"
-    options = COMMON_OPTIONS | {"budget", "stage_fns", "allow_identity_propagation", "step_scale"}
+    options = COMMON_OPTIONS | {
+        "budget", "stage_fns", "allow_identity_propagation", "step_scale", "ref_models", "reward_funcs",
+    }  # fmt: skip
     description = (
         "Re-run every later stage from both starts with a fresh gradient only every s steps (a budget, fraction of "
         "replay's passes), read the difference out by finite difference."
@@ -295,6 +324,7 @@ class StridedReplay(FiniteDifferenceEstimator):
         return strided_replay_embeddings(
             ledger, model, stages, budget=options.get("budget", DEFAULT_BUDGET), stage_fns=options.get("stage_fns"),
             allow_identity_propagation=bool(options.get("allow_identity_propagation", False)),
+            ref_models=options.get("ref_models"), reward_funcs=options.get("reward_funcs"),
         )  # fmt: skip
 
     def prepare(self, ledger, stages=None, model=None, **options):

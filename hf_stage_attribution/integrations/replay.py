@@ -347,6 +347,34 @@ def reference_problem(stage: Stage, ref_model: Any = None) -> str | None:
     )
 
 
+def reward_problem(stage: Stage, reward_funcs: Any = None) -> str | None:
+    """``None`` when ``stage`` needs no reward functions to replay (or was given them), else why it does and how to
+    give them, as a clause: a GRPO/RLOO/OnlineDPO stage scores its generations with reward functions (Python
+    callables or reward models) that no ledger can hold.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> grpo = SimpleNamespace(name="rl", kind="grpo", info={"trl": {"reward_functions": ["reward_len"]}})
+        >>> reward_problem(grpo).split(":")[0]
+        "stage 'rl' (grpo) scores its generations with reward functions (recorded: ['reward_len'])"
+        >>> reward_problem(grpo, [len]) is None
+        True
+    """
+    if reward_funcs is not None:
+        return None
+    trl = (getattr(stage, "info", None) or {}).get("trl") or {}
+    objective = str(trl.get("objective") or stage_objective(stage))
+    if objective not in REWARD_OBJECTIVES:
+        return None
+    names = trl.get("reward_functions")
+    return (
+        f"stage {stage.name!r} ({objective}) scores its generations with reward functions (recorded: {names}): "
+        "a ledger holds no Python functions, so pass them as reward_funcs={"
+        f"{stage.name!r}: [fn, ...]}} (CLI: --reward-func {stage.name}=MODULE:FUNCTION, or {stage.name}=PATH of a "
+        "reward model; replay_trainer_stage: reward_funcs=[fn, ...]), or stage_fns"
+    )
+
+
 #: ``{folder identity: state hash}`` of the reference folders hashed in this process (:func:`_folder_identity`): a
 #: default attribution replays a DPO stage up to six times, and hashing the reference each time cost SmolLM2-135M
 #: 0.5 s per replay (a 7B model ≈ 30 s). A folder whose files changed in any way hashes again.
@@ -443,7 +471,10 @@ def replay_trainer_stage(
     objective = replay_objective(stage, info)
     if objective in REWARD_OBJECTIVES and reward_funcs is None:
         names = (stage.info.get("trl") or {}).get("reward_functions")
-        raise ReplayError(f"Replaying {objective} stage {stage.name!r} needs `reward_funcs=` (recorded: {names}).")
+        raise ReplayError(
+            f"Replaying {objective} stage {stage.name!r} needs `reward_funcs=` (recorded: {names}): a ledger holds no "
+            "Python functions. Pass the stage's reward functions (or reward models) as reward_funcs=[fn, ...]."
+        )
     recorded = info.get("args") or {}
     packed = [k for k in ("packing", "padding_free") if "packing" in recorded and recorded.get(k)]
     if packed and train_dataset is None:  # SFTTrainer would pack the saved (packed) dataset again

@@ -101,7 +101,11 @@ def test_a_stage_function_without_the_gradient_reuse_form_is_refused_before_anyt
 def test_generating_trainer_stages_cannot_be_replayed_with_gradient_reuse():
     stage = SimpleNamespace(name="grpo", kind="grpo", num_steps=4, learning_rates=[[0.1]] * 4, replay_dir="x",
                             optimizer_state_policy="fresh")  # fmt: skip
-    assert can_replay(stage, {}) and not can_replay(stage, {}, grad_reuse=True)
+    rewards = {"grpo": [len]}  # a GRPO stage replays only with its reward functions
+    assert can_replay(stage, {}, reward_funcs=rewards) and not can_replay(
+        stage, {}, grad_reuse=True, reward_funcs=rewards
+    )
+    assert not can_replay(stage, {})
 
 
 # --- gradient reuse in a Trainer ---------------------------------------------------------------------------------

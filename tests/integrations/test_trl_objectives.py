@@ -72,7 +72,11 @@ def test_online_dpo_replays_a_copy_of_its_start_and_refuses_gradient_reuse(tmp_p
     stage, trained = _record(tmp_path, _online_dpo(None))
     assert stage.info["trl"]["reference_model"]["policy"] == "copy of the stage start"
     assert reference_problem(stage) is None
-    assert can_replay(stage, {}) and not can_replay(stage, {}, grad_reuse=True)
+    rewards = {"x": [reward_length]}  # without its reward functions it cannot replay at all
+    assert can_replay(stage, {}, reward_funcs=rewards) and not can_replay(
+        stage, {}, grad_reuse=True, reward_funcs=rewards
+    )
+    assert not can_replay(stage, {})
     with pytest.raises(ReplayError, match="needs `reward_funcs=`"):
         replay_trainer_stage(stage, F.gpt2())
     with pytest.raises(ReplayError, match=r"\(online_dpo\) generates its training data"):
