@@ -17,6 +17,8 @@ from ..estimators.second_opinion import SECOND_OPINIONS
 from ..examples.spurious_digits_model import MODEL_TYPE, DigitsMLP
 from ..integrations.model_loading import load_model, model_load_errors
 from ..ledger import StageLedger
+from ..report import REPORT_FORMAT
+from ..report.files import atomic_write_bytes
 from ..report.text import render_fidelity_table
 from .console import Console
 
@@ -26,6 +28,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="the final model's directory (save_pretrained output or adapter)")
     p.add_argument("--behaviors", required=True, metavar="SPEC", help="YAML/JSON file with a list under 'behaviors'")
     p.add_argument("--output-dir", required=True, help="where report.json, report.md and plot.png are written")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace report.json, report.md and plot.png in --output-dir even when they are not an earlier "
+        "report of this package (an earlier report there is always replaced)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument(
         "--stages",
@@ -89,6 +97,15 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="STAGE=PATH",
         help="the reference model a DPO/KTO stage trained against (a distillation stage: its teacher), where "
         "replay cannot rebuild it (repeatable)",
+    )
+    p.add_argument(
+        "--stage-fn",
+        action="append",
+        default=[],
+        metavar="STAGE=MODULE:FUNCTION",
+        help="a function that re-trains a stage as it was trained (Python API: stage_fns; the forms are in the "
+        "README), for replay and partial replay of a stage without replay data; needs --trust-code (repeatable, one "
+        "per stage)",
     )
     p.add_argument(
         "--reward-func",
@@ -185,6 +202,55 @@ def check_output_dir(path: str | Path) -> Path:
     return out
 
 
+#: what ``attribute``/``validate`` write into ``--output-dir``
+REPORT_FILES = ("report.json", "report.md", "plot.png")
+
+
+def check_report_files(out: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, an ``--output-dir`` whose ``report.json``/``report.md``/``plot.png`` are not an earlier
+    report of this package (its ``report.json`` has the package's report format): a rerun replaces its own report,
+    never files someone else wrote there, unless ``overwrite``.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp()); _ = (folder / "report.md").write_text("my notes")
+        >>> try:
+        ...     check_report_files(folder)
+        ... except ReportError as err:
+        ...     print(str(err).split(":")[0])
+        Expected --output-dir to hold no report files or an earlier hf-stage-attribution report
+        >>> check_report_files(folder, overwrite=True)
+    """
+    if overwrite or not out.is_dir():
+        return
+    present = [name for name in REPORT_FILES if (out / name).exists()]
+    if not present:
+        return
+    why = _not_a_report(out / "report.json")
+    if why is None:
+        return  # an earlier run of attribute/validate: replaced as a whole
+    raise ReportError(
+        "Expected --output-dir to hold no report files or an earlier hf-stage-attribution report: "
+        f"{out} holds {', '.join(present)}, and {why}. Pass another --output-dir, or --overwrite to replace "
+        f"{', '.join(present)}; nothing was computed or written."
+    )
+
+
+def _not_a_report(path: Path) -> str | None:
+    """Why ``path`` is not a report.json this package wrote (``None`` when it is one)."""
+    if not path.exists():
+        return "no report.json says they are an earlier report"
+    if not path.is_file():
+        return "report.json there is not a file"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "its report.json is not JSON"
+    if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
+        return "its report.json is not an hf-stage-attribution report"
+    return None
+
+
 def load_cli_model(path: str | Path, trust_code: bool = False) -> Any:
     """The final model of ``--model``: what :func:`~hf_stage_attribution.integrations.model_loading.load_model`
     reads (a transformers or PEFT folder), or the package's example ``DigitsMLP`` (``demo``, the ``spurious_digits``
@@ -225,8 +291,28 @@ def reward_functions(items: list[str], trust_code: bool = False) -> dict[str, li
     return out
 
 
+def stage_functions(items: list[str], trust_code: bool = False) -> dict[str, Any]:
+    """``{stage: function}`` from ``--stage-fn STAGE=MODULE:FUNCTION`` (imported, only with ``trust_code``).
+
+    Example:
+        >>> fns = stage_functions(["sft=copy:deepcopy"], trust_code=True)
+        >>> {name: fn.__name__ for name, fn in fns.items()}
+        {'sft': 'deepcopy'}
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        stage, sep, value = item.partition("=")
+        if not sep or not stage or ":" not in value:
+            raise ReplayError(f"Expected --stage-fn STAGE=MODULE:FUNCTION, got {item!r}.")
+        if stage in out:
+            raise ReplayError(f"--stage-fn names stage {stage!r} twice; give each stage one function.")
+        out[stage] = import_callable(value, trust_code, what="stage function", source=f"--stage-fn {item!r}")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     out = check_output_dir(args.output_dir)  # before the ledger, the model and the (long) attribution
+    check_report_files(out, overwrite=args.overwrite)
     stages = _stages(args.stages)
     ledger = StageLedger.load(args.ledger_dir)
     behaviors = load_specs(args.behaviors, trust_code=args.trust_code)
@@ -243,11 +329,13 @@ def run(args: argparse.Namespace) -> int:
             raise ReplayError(f"Expected --ref-model STAGE=PATH, got {item!r}.")
         ref_models[stage] = load_model(path, trust_code=args.trust_code)
     reward_funcs = reward_functions(args.reward_func, trust_code=args.trust_code)
+    stage_fns = stage_functions(args.stage_fn, trust_code=args.trust_code)
     console = Console(verbose=getattr(args, "verbose", False))
     attributor = StageAttributor(
         ledger,
         model,
         estimator=args.estimator,
+        stage_fns=stage_fns,
         diagnostics=not args.no_diagnostics,
         estimator_options=options,
         curvature=curvature_config(args),
@@ -264,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         report.to_json(out / "report.json")
-        (out / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+        atomic_write_bytes(out / "report.md", report.to_markdown().encode("utf-8"))
         report.plot(out / "plot.png")
         if args.json:
             print(report.to_json())  # every row carries its replay value (replay_effect) after `validate`

@@ -23,7 +23,7 @@ HEADERS = [
     "optimizer",
     "lr range",
     "wd",
-    "trainable",
+    "trainable tensors",
     "data",
     "|delta|",
     "size (× model)",

@@ -196,7 +196,8 @@ def replay_needs(
         if stage.replay_dir is None:
             problems.append(
                 f"stage {stage.name!r} has no function in stage_fns and no replay data (pass stage_fns={{"
-                f"{stage.name!r}: fn}} or record it with StageRecorder(..., save_replay_data=True))"
+                f"{stage.name!r}: fn}} (CLI: --stage-fn {stage.name}=MODULE:FUNCTION) or record it with "
+                "StageRecorder(..., save_replay_data=True))"
             )
             continue
         problem = replay_data_problem(stage)

@@ -283,7 +283,8 @@ def replay_hint(report: AttributionReport, escape: Any = None) -> str:
     if not needs.get("optimizer_steps"):
         return ""
     how = (
-        "attribute(..., validate=True) with the same stage_fns"  # the CLI cannot pass stage functions
+        "hf-stage-attribution validate with the same --stage-fn (or attribute(..., validate=True) with the same "
+        "stage_fns)"
         if needs.get("by_function")
         else "hf-stage-attribution validate (or attribute(..., validate=True))"
     )

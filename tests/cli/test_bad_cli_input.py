@@ -98,6 +98,67 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(classifier_run,
     assert blocker.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("command", ["attribute", "validate"])
+@pytest.mark.parametrize("theirs", ["report.md", "report.json"])
+def test_report_files_the_package_did_not_write_are_refused_before_any_work(
+    classifier_run,  # noqa: F811
+    tmp_path,
+    capsys,
+    command,
+    theirs,
+):
+    root = classifier_run
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / theirs).write_text('{"mine": 1}' if theirs.endswith(".json") else "precious notes")
+    argv = _attribute_argv(root, tmp_path, tmp_path / "no-such-model", out=out)  # the model would fail later
+    argv[0] = command
+    assert main(argv) == 1
+    err = _one_line_error(capsys, command)
+    assert f"holds {theirs}" in err and "--overwrite" in err and "Cannot load" not in err
+    assert sorted(p.name for p in out.iterdir()) == [theirs]
+
+
+def test_a_rerun_replaces_its_own_report_and_overwrite_replaces_any(classifier_run, tmp_path, capsys):  # noqa: F811
+    root = classifier_run
+    out = tmp_path / "report"
+    argv = [*_attribute_argv(root, tmp_path, root / "model", out=out), "--estimator", "delta-fd", "--json"]
+    assert main([*argv, "--stages", "flip"]) == 0
+    assert main([*argv, "--stages", "base"]) == 0  # its own earlier report: replaced
+    assert {row["stage"] for row in json.loads((out / "report.json").read_text())["rows"]} == {"base"}
+    capsys.readouterr()
+    (out / "report.json").write_text('{"mine": 1}')
+    assert main(argv) == 1
+    assert "is not an hf-stage-attribution report" in _one_line_error(capsys, "attribute")
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((out / "report.json").read_text())["format"] != "mine"
+
+
+CALLS: list[str] = []
+
+
+def replay_from_data(model, info, max_steps=None):
+    """A stage function for --stage-fn: replays the stage from its replay data, and says it ran."""
+    from hf_stage_attribution.integrations.replay import replay_trainer_stage
+
+    CALLS.append(info["stage"].name)
+    return replay_trainer_stage(info["stage"], model, max_steps=max_steps)
+
+
+def test_stage_functions_by_import_path_drive_replay_only_with_trust_code(classifier_run, tmp_path, capsys):  # noqa: F811
+    root = classifier_run
+    argv = [*_attribute_argv(root, tmp_path, root / "model"), "--estimator", "replay", "--json", "--stages", "base"]
+    fn = f"flip={__name__}:replay_from_data"
+    assert main([*argv, "--stage-fn", fn]) == 1
+    assert "names the function" in _one_line_error(capsys, "attribute") and not CALLS
+    assert main([*argv, "--stage-fn", "flip=nowhere", "--trust-code"]) == 1
+    assert "Expected --stage-fn STAGE=MODULE:FUNCTION" in _one_line_error(capsys, "attribute")
+    assert main(argv) == 0  # from the replay data
+    want = json.loads(capsys.readouterr().out)["rows"][0]["effect"]
+    assert main([*argv, "--stage-fn", fn, "--trust-code", "--overwrite"]) == 0
+    assert CALLS == ["flip"] and json.loads(capsys.readouterr().out)["rows"][0]["effect"] == pytest.approx(want)
+
+
 def test_stages_accept_commas_and_refuse_an_empty_list(classifier_run, tmp_path, capsys):  # noqa: F811
     root = classifier_run
     argv = [*_attribute_argv(root, tmp_path, root / "model"), "--estimator", "aa-linear", "--json"]
