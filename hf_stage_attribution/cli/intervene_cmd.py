@@ -10,7 +10,9 @@ from pathlib import Path
 from .._internal.distributed import is_main_process
 from ..behaviors.loading import load_tokenizer
 from ..errors import InterventionError
+from ..interventions.folder import SWEEP_JSON, SWEEP_PLOT, check_output_folder
 from ..interventions.metrics import Constraint, load_target, load_utilities
+from ..interventions.save import save_sweep
 from ..interventions.sweep import check_alphas, resolve_stage, scale_stage
 from ..ledger import StageLedger
 from ..model_card import derived_card_text
@@ -27,8 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "For the stage --stage, evaluate θ_K − α·v_k for each α (and θ_K − α·Δ_k for comparison, and the "
             "replay-without-stage model when the ledger holds replay data) on the target behavior and the utility "
-            "metrics, pick α under the constraint, and save the chosen model (save_pretrained), a README section, "
-            "intervention.json and intervention_sweep.png in --output-dir."
+            "metrics, pick α in [0, 1] under the constraint, and save the chosen model (save_pretrained), a README "
+            "section, intervention.json and intervention_sweep.png in --output-dir. When no α meets the constraint "
+            "or improves the objective on the original model (or with --no-save), no model is saved: only "
+            "intervention.json and intervention_sweep.png are written, the reason is printed, and the exit code is "
+            "0. An --output-dir that already holds a model, a card or an earlier sweep is refused before any work "
+            "unless --overwrite is given."
         ),
     )
     p.add_argument("ledger_dir", metavar="LEDGER_DIR", help="directory holding ledger.json")
@@ -43,7 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(data, label, optional group_key for worst-group accuracy, tokenizer)",
     )
     p.add_argument("--output-dir", required=True, help="where the chosen model and the sweep files are written")
-    p.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f"comma-separated α values (default {DEFAULT_ALPHAS})")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier intervention saved in --output-dir (its model, tokenizer, card and sweep files, as "
+        "a whole); a README.md there without this package's intervention section is still refused",
+    )
+    p.add_argument(
+        "--alphas",
+        default=DEFAULT_ALPHAS,
+        help=f"comma-separated α values in [0, 1]: 0 keeps the stage, 1 removes it (default {DEFAULT_ALPHAS})",
+    )
     p.add_argument("--kind", default="aa-linear", help="aa-linear (default), delta, aa-ggn or aa-hvp")
     p.add_argument("--max-drop", metavar="METRIC=VALUE", help="constraint: METRIC may drop by at most VALUE")
     p.add_argument("--min-value", metavar="METRIC=VALUE", help="constraint: METRIC must stay at least VALUE")
@@ -120,6 +136,7 @@ def _tokenizer(path: str, trust_code: bool = False):
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output_dir)  # before the sweep: a file there would only fail at the end
+    check_output_folder(Path(args.output_dir), args.overwrite, option="--overwrite")  # an earlier save, a foreign card
     alphas = check_alphas(_alphas(args.alphas))
     constraint = constraint_from_args(args)
     ledger = StageLedger.load(args.ledger_dir)
@@ -148,11 +165,10 @@ def run(args: argparse.Namespace) -> int:
             tokenizer=_tokenizer(args.model, args.trust_code),
             card_text=card_text,
             derived_from=Path(args.model).resolve(),
+            overwrite=args.overwrite,
         )
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        result.to_json(out / "intervention.json")
-        result.plot(out / "intervention_sweep.png")
+        save_sweep(result, out, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({**result.to_dict(), "saved": saved.to_dict() if saved else None}, indent=2))
         return 0
@@ -160,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
     if saved is not None:
         check = f"; reloaded, max difference {saved.max_difference:.2g}" if saved.max_difference is not None else ""
         print(f"\nSaved the {saved.form} model (α={saved.alpha:g}, {saved.variant}) to {out}{check}.")
+        for note in saved.notes:
+            print(f"Note: {note}")
     else:
-        print(f"\nNo model saved; the sweep is in {out}/intervention.json and {out}/intervention_sweep.png.")
+        why = "--no-save was given" if args.no_save and result.chosen is not None else "no α was chosen (see above)"
+        print(f"\nNo model saved: {why}. The sweep is in {out / SWEEP_JSON} and {out / SWEEP_PLOT}.")
     return 0

@@ -79,7 +79,7 @@ def render_section(
             f"(index {result.stage_index}) scaled down: θ = θ_K − α · v, v = {used}, **α = {point.alpha:g}**."
         )
     else:
-        lines.append(f"A sweep of θ_K − α · v over α, v = {what}; no α met the constraint, so no model was chosen.")
+        lines.append(f"A sweep of θ_K − α · v over α, v = {what}; no model was chosen (see the choice below).")
     if derived_from:
         lines.append(f"It is derived from the model {_code(str(derived_from))}.")
     if saved is not None:
@@ -97,10 +97,7 @@ def render_section(
     if result.replay_note:
         lines.append(f"- {result.replay_note}.")
     lines += ["", "### Sweep", "", result.to_markdown(), ""]
-    legend = (
-        "`variant`: `original` is the unedited final model, `delta` subtracts α·Δ_k (task-vector negation, for "
-        "comparison), `replay` is the pipeline re-trained without the stage."
-    )
+    legend = _legend(result)
     if result.accuracy_metrics:
         legend += " Accuracies are in percent on held-out data"
         if "worst_group" in result.accuracy_metrics:
@@ -114,6 +111,20 @@ def render_section(
                       f"absolute difference {saved.max_difference:.2g})."]  # fmt: skip
     lines += ["", f"_Written by hf-stage-attribution {__version__}._", SECTION_END]
     return "\n".join(lines)
+
+
+def _legend(result: Any) -> str:
+    """What each ``variant`` of the sweep table is, for the variants the table holds."""
+    parts = ["`original` is the unedited final model"]
+    if result.kind == "delta":
+        parts.append("`delta` subtracts α·Δ_k, the stage's own parameter delta (task-vector negation)")
+    else:
+        parts.append(f"`{result.kind}` subtracts α·v_k, {_KIND_TEXT.get(result.kind, result.kind)}")
+        if any(p.variant == "delta" for p in result.points):
+            parts.append("`delta` subtracts α·Δ_k (task-vector negation, for comparison)")
+    if result.replay is not None:
+        parts.append("`replay` is the pipeline re-trained without the stage")
+    return "`variant`: " + ", ".join(parts) + "."
 
 
 def _saved_point(result: Any, saved: Any) -> Any:

@@ -21,10 +21,10 @@ from ..ledger.core import LedgerCore
 from ..ledger.storage import atomic_write_bytes
 from ..report.text import md_table
 from .card import plot_sweep
+from .folder import RESULT_FORMAT
 from .metrics import Constraint
 from .save import materialize, save_intervention
 
-RESULT_FORMAT = "hf-stage-attribution/intervention"
 RESULT_FORMAT_VERSION = 1
 
 
@@ -63,7 +63,8 @@ class InterventionResult:
 
     ``points`` holds the sweep of the main variant (``kind``) and of the comparison variant (``delta``);
     ``replay`` the replay-without-stage model's figures (or None, ``replay_note`` says why); ``chosen`` the picked
-    point (None when no α met the constraint; ``message`` says so). :meth:`save` writes the chosen model.
+    point (None when no α > 0 met the constraint or improved on the original model; ``message`` says which).
+    :meth:`save` writes the chosen model.
 
     Example:
         >>> import tempfile
@@ -73,7 +74,7 @@ class InterventionResult:
         >>> from hf_stage_attribution.interventions import scale_stage
         >>> result = scale_stage(ledger, model, "digits-patch", [0.5, 1.0], target=pipe.behaviors["patch_gap"])
         >>> result.stage, result.chosen.variant, result.table().splitlines()[0].split()
-        ('digits-patch', 'aa-linear', ['variant', 'α', 'target', 'meets', 'constraint', 'chosen'])
+        ('digits-patch', 'aa-linear', ['variant', 'α', 'target', 'chosen'])
 
     Plotting needs matplotlib, and saving a ``save_pretrained`` model::
 
@@ -147,20 +148,20 @@ class InterventionResult:
 
     def rows(self, groups: bool = True) -> list[list[str]]:
         """Table rows (strings): variant, α, target, utilities (per-group accuracies with ``groups``), meets
-        constraint, chosen. Target and utilities show 4 significant digits."""
+        constraint (only with a constraint), chosen. Target and utilities show 4 significant digits."""
         cols = self._columns(groups)
         out = []
         for p in [self.baseline, *self.sweep(), *self.sweep("delta" if self.kind != "delta" else "-"),
                   *([self.replay] if self.replay else [])]:  # fmt: skip
             mark = "*" if p is self.chosen else ""
-            ok = "" if p.feasible is None else ("yes" if p.feasible else "no")
-            out.append(
-                [p.variant, f"{p.alpha:g}", f"{p.target:+.4g}", *[f"{p.metrics[c]:.4g}" for c in cols], ok, mark]
-            )
+            ok = ["" if p.feasible is None else ("yes" if p.feasible else "no")] if self.constraint is not None else []
+            out.append([p.variant, f"{p.alpha:g}", f"{p.target:+.4g}", *[f"{p.metrics[c]:.4g}" for c in cols], *ok,
+                        mark])  # fmt: skip
         return out
 
     def header(self, groups: bool = True) -> list[str]:
-        return ["variant", "α", self.target_name, *self._columns(groups), "meets constraint", "chosen"]
+        meets = ["meets constraint"] if self.constraint is not None else []
+        return ["variant", "α", self.target_name, *self._columns(groups), *meets, "chosen"]
 
     def table(self, groups: bool = False) -> str:
         """A plain-text table of the sweep (per-group accuracies with ``groups``), then the choice and trade-off."""

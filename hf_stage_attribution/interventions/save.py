@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +28,9 @@ from .._internal.params import is_peft_model, lora_layers
 from ..errors import InterventionError
 from ..estimators.linear import parameter_paths
 from .card import write_card_section
+from .folder import README, SWEEP_JSON, SWEEP_PLOT, check_output_folder, install, leftover_partials, staged
 from .metrics import evaluate_metrics, mean_value
 from .vectors import stage_vectors
-
-SWEEP_JSON = "intervention.json"
-SWEEP_PLOT = "intervention_sweep.png"
 
 
 @dataclass
@@ -123,6 +120,11 @@ def _resolve_point(result: Any, alpha: float | None, variant: str | None):
         if variant is None or variant == result.chosen.variant:
             return result.chosen
         alpha = result.chosen.alpha
+    if float(alpha) == 0.0:
+        raise InterventionError(
+            "Expected an α in (0, 1] to save, got α=0: that is the original model itself, with no stage scaled down. "
+            "Nothing was saved; pass one of the sweep's other α values."
+        )
     return result.point(alpha, variant)
 
 
@@ -189,31 +191,60 @@ def save_intervention(
     ``intervention_sweep.png``. The source model's attribution section does not describe the edited weights: pass
     ``card_text=hf_stage_attribution.model_card.derived_card_text(source_model_dir)`` rather than ``card_from`` for
     a card that has one (the ``intervene`` command and the recipes do). With ``verify`` the model is reloaded from
-    disk and re-evaluated; the largest difference to the evaluated figures is recorded. No α met the constraint and
-    no ``alpha`` given: an :class:`InterventionError`, nothing written. A ``PeftModel`` with several adapters saves
-    its active one only, into ``output_dir`` itself. A save that fails part-way removes what it added to
-    ``output_dir`` (files it overwrote, with ``overwrite=True``, stay overwritten).
+    disk and re-evaluated; the largest difference to the evaluated figures is recorded. A ``PeftModel`` with several
+    adapters saves its active one only, into ``output_dir`` itself.
+
+    An :class:`InterventionError`, nothing written: no model was chosen (no α met the constraint or improved on the
+    original model) and no ``alpha`` given; ``alpha=0`` (the original model itself); an ``output_dir`` holding a saved
+    model's or an intervention's files (``README.md``, ``*.safetensors``, ``*.bin``, ``config.json``, tokenizer
+    files, ``intervention.json``…) without ``overwrite``. With ``overwrite`` the earlier intervention's files are
+    replaced as a whole, but a ``README.md`` this package did not write (no intervention section) is still refused;
+    an earlier card of ours keeps its own text when neither ``card_text`` nor ``card_from`` is given. Everything is
+    written into a hidden ``.<name>.partial-*`` folder beside ``output_dir`` and moved into place at the end: a save
+    that fails (or is killed) part way leaves ``output_dir`` as it was.
     """
 
     if card_from is not None and card_text is not None:
         raise InterventionError("Pass card_from (a card file) or card_text (its text), not both.")
     point = _resolve_point(result, alpha, variant)
     out = Path(output_dir)
-    if not overwrite and any((out / name).exists() for name in ("config.json", "adapter_config.json", SWEEP_JSON)):
-        raise InterventionError(f"{out} already holds a saved model; pass overwrite=True or choose another directory.")
+    check_output_folder(out, overwrite)
     model, form = materialize(result, point.alpha, point.variant)
     _check_savable(model, form)
     if card_from:
         card_text = Path(card_from).read_bytes().decode("utf-8")  # bytes: its line endings are kept
         derived_from = derived_from if derived_from is not None else Path(card_from).parent
-    existed = out.exists()
-    before = set(out.iterdir()) if existed and out.is_dir() else set()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        return _write(result, out, point, model, form, tokenizer, card_text, derived_from, verify)
-    except BaseException:
-        _remove_written(out, existed, before)
-        raise
+    with staged(out) as partial:
+        saved = _write(result, out, partial, point, model, form, tokenizer, card_text, derived_from, verify)
+        install(partial, out)
+    saved.notes += _leftover_note(out)
+    return saved
+
+
+def save_sweep(result: Any, output_dir: str | Path, *, overwrite: bool = False) -> dict[str, str]:
+    """Write only ``intervention.json`` and ``intervention_sweep.png`` (no model) into ``output_dir``, under the rules
+    of :func:`save_intervention`: a folder holding a saved model's or an intervention's files is refused without
+    ``overwrite``; with it, the earlier intervention's files (its model and card included) are replaced, so that the
+    folder never holds a model and a sweep of two different interventions."""
+
+    out = Path(output_dir)
+    check_output_folder(out, overwrite)
+    with staged(out) as partial:
+        result.to_json(partial / SWEEP_JSON)
+        result.plot(partial / SWEEP_PLOT)
+        install(partial, out)
+    return {"json": str(out / SWEEP_JSON), "plot": str(out / SWEEP_PLOT)}
+
+
+def _leftover_note(out: Path) -> list[str]:
+    left = leftover_partials(out)
+    if not left:
+        return []
+    names = ", ".join(p.name for p in left[:3]) + (" …" if len(left) > 3 else "")
+    return [
+        f"{len(left)} folder(s) beside {out} were left by an interrupted save ({names}); nothing reads them: delete "
+        "them to free the space."
+    ]
 
 
 def _check_savable(model: torch.nn.Module, form: str) -> None:
@@ -246,22 +277,10 @@ def _save_model(model: torch.nn.Module, out: Path, form: str) -> None:
             os.replace(path, out / path.name)
 
 
-def _remove_written(out: Path, existed: bool, before: set[Path]) -> None:
-    """After a failed save, remove what it added to ``out`` (all of ``out`` when the save created it)."""
-    if not existed:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for path in out.iterdir():
-        if path not in before:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-
-
 def _write(
     result: Any,
     out: Path,
+    partial: Path,
     point: Any,
     model: torch.nn.Module,
     form: str,
@@ -270,27 +289,54 @@ def _write(
     derived_from: str | Path | None,
     verify: bool,
 ) -> SavedIntervention:
-    """The files of :func:`save_intervention` (model, tokenizer, figures, reload check, plot, JSON, card)."""
+    """The files of :func:`save_intervention` (model, tokenizer, figures, reload check, plot, JSON, card), written
+    into ``partial``; the returned record names them as they will be in ``out``."""
     notes: list[str] = []
-    _save_model(model, out, form)
+    _save_model(model, partial, form)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        tokenizer.save_pretrained(partial)
+        _drop_loading_options(partial / "tokenizer_config.json")
     figures = _figures(result, model)
     saved = SavedIntervention(out, form, point.variant, point.alpha, figures, notes=notes)
     if verify:
-        reloaded = _reload(out, form, model, result, notes)
+        reloaded = _reload(partial, form, model, result, notes)
         reloaded.eval()
         saved.reloaded = _figures(result, reloaded)
         evaluated = {"target": point.target, **point.metrics}
         saved.max_difference = max(abs(saved.reloaded[k] - evaluated[k]) for k in evaluated)
-    saved.files["plot"] = str(result.plot(out / SWEEP_PLOT))
-    payload = {**result.to_dict(), "saved": saved.to_dict()}
-    (out / SWEEP_JSON).write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    result.plot(partial / SWEEP_PLOT)
+    saved.files["plot"] = str(out / SWEEP_PLOT)
     saved.files["json"] = str(out / SWEEP_JSON)
+    saved.files["readme"] = str(out / README)
+    payload = {**result.to_dict(), "saved": saved.to_dict()}
+    (partial / SWEEP_JSON).write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    if card_text is None and not (partial / README).exists() and (out / README).exists():
+        card_text = (out / README).read_bytes().decode("utf-8")  # our earlier card (checked): its own text is kept
     source = str(derived_from) if derived_from is not None else None
-    readme = write_card_section(out / "README.md", result, saved, base_text=card_text, derived_from=source)
-    saved.files["readme"] = str(readme)
+    write_card_section(partial / README, result, saved, base_text=card_text, derived_from=source)
     return saved
 
 
-__all__ = ["SWEEP_JSON", "SWEEP_PLOT", "SavedIntervention", "apply_scaling", "materialize", "save_intervention"]
+def _drop_loading_options(path: Path) -> None:
+    """Remove the loading options (``local_files_only``) that ``from_pretrained`` keeps in a tokenizer's init
+    arguments and ``save_pretrained`` writes back: they describe how this package loaded it, not the tokenizer."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config, dict) and any(key in config for key in _LOADING_OPTIONS):
+        kept = {k: v for k, v in config.items() if k not in _LOADING_OPTIONS}
+        path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+_LOADING_OPTIONS = ("local_files_only",)
+
+
+__all__ = [
+    "SWEEP_JSON",
+    "SWEEP_PLOT",
+    "SavedIntervention",
+    "apply_scaling",
+    "materialize",
+    "save_intervention",
+    "save_sweep",
+]

@@ -46,7 +46,12 @@ from .vectors import KINDS, resolve_stage, stage_vectors
 
 
 def check_alphas(alphas: Any) -> list[float]:
-    """The sweep as sorted unique floats; :class:`InterventionError` for an empty or non-finite sweep."""
+    """The sweep as sorted unique floats; :class:`InterventionError` for an empty or non-finite sweep, an α outside
+    [0, 1], or a sweep without an α > 0.
+
+    ``θ_K − α · v_k`` scales the stage's contribution down: α = 0 keeps it whole (the original model), α = 1 removes
+    it. α > 1 would push past removing the stage and α < 0 would amplify it; neither is scaling it down.
+    """
     if isinstance(alphas, (int, float)):
         alphas = [alphas]
     try:
@@ -58,7 +63,31 @@ def check_alphas(alphas: Any) -> list[float]:
     bad = [a for a in values if not math.isfinite(a)]
     if bad:
         raise InterventionError(f"The α sweep holds non-finite values {bad}; every α must be a finite number.")
+    outside = [a for a in values if not 0.0 <= a <= 1.0]
+    if outside:
+        raise InterventionError(
+            f"Expected every α in [0, 1], got {', '.join(f'{a:g}' for a in outside)}. The intervention θ_K − α·v_k "
+            "scales the stage's contribution down (α = 0 keeps it, α = 1 removes it); α > 1 would overshoot the "
+            "removal and α < 0 would amplify the stage. Pass values in [0, 1] (e.g. 0.25,0.5,0.75,1)."
+        )
+    if max(values) == 0.0:
+        raise InterventionError(
+            "The α sweep holds only α = 0, the original model itself; add at least one α in (0, 1] (e.g. 0.5,1)."
+        )
     return sorted(set(values))
+
+
+def check_stage_changed(stage: Any) -> None:
+    """:class:`InterventionError` when the stage changed no parameter (no tensor, or an all-zero Δ_k): scaling it
+    down would change nothing. Reads Δ_k tensor by tensor and stops at the first non-zero one."""
+    for _, delta in stage.iter_delta():
+        if bool(delta.any()):
+            return
+    raise InterventionError(
+        f"Expected stage {stage.name!r} (index {stage.index}) to have changed the model's parameters, but its "
+        "recorded delta is zero (e.g. a learning rate of 0, or every step skipped): there is nothing to scale down, "
+        "and every α would give the original model. Choose a stage that trained; nothing was evaluated or written."
+    )
 
 
 def _evaluate(model: torch.nn.Module, target: Any, metrics: list, variant: str, alpha: float) -> SweepPoint:
@@ -108,43 +137,51 @@ def choose(
     objective: str = "target",
     direction: str = "decrease",
 ) -> tuple[SweepPoint | None, str]:
-    """Mark each point feasible or not; return the best feasible point by ``objective`` and a sentence saying why.
+    """Mark each point feasible or not (None without a constraint); return the best feasible point with α > 0 by
+    ``objective`` and a sentence saying why, or ``(None, why not)`` when no α > 0 meets the constraint or the best
+    one does not improve ``objective`` on the original model (then no model is worth saving).
 
     ``objective`` is ``"target"`` (its mean moved in ``direction``) or a utility metric name (``direction`` then says
     whether lower or higher is better: ``"decrease"`` or ``"increase"``).
     """
     if direction not in ("decrease", "increase"):
         raise InterventionError(f"`direction` must be 'decrease' or 'increase', got {direction!r}.")
-    for p in points:
-        p.feasible = True if constraint is None else constraint.allows(p.metrics, baseline.metrics)
-    feasible = [p for p in points if p.feasible]
     if objective != "target" and points and objective not in points[0].metrics:
         known = ", ".join(sorted(points[0].metrics)) or "none"
         raise InterventionError(f"The objective {objective!r} is neither 'target' nor a utility metric ({known}).")
+    for p in points:
+        p.feasible = None if constraint is None else constraint.allows(p.metrics, baseline.metrics)
+    candidates = [p for p in points if p.alpha != 0.0]  # α = 0 is the original model, not an intervention
+    if not candidates:
+        return None, "No α > 0 in the sweep (α = 0 is the original model), so no model was chosen."
+    feasible = [p for p in candidates if p.feasible is not False]
     if not feasible:
-        best = max(points, key=lambda p: _constraint_margin(p, baseline, constraint))
+        best = max(candidates, key=lambda p: _constraint_margin(p, baseline, constraint))
         return None, (
             f"No α met the constraint ({constraint.describe()}): the closest was α={best.alpha:g} with "
             f"{constraint.metric} = {best.metrics[constraint.metric]:.4g} (original model "
             f"{baseline.metrics[constraint.metric]:.4g}). Try smaller α values or relax the constraint."
         )
 
+    def value(p: SweepPoint) -> float:
+        return p.target if objective == "target" else p.metrics[objective]
+
     def score(p: SweepPoint) -> float:
-        value = p.target if objective == "target" else p.metrics[objective]
-        return value if direction == "decrease" else -value
+        return value(p) if direction == "decrease" else -value(p)
 
     chosen = min(feasible, key=lambda p: (score(p), abs(p.alpha)))
     rule = "no constraint" if constraint is None else constraint.describe()
+    if score(chosen) >= score(baseline):
+        among = "" if constraint is None else f" among those that meet the constraint ({rule})"
+        return None, (
+            f"No α improves on the original model: the best{among} is α={chosen.alpha:g}, with {objective} = "
+            f"{value(chosen):.4g} (original model {value(baseline):.4g}). Scaling this stage down does not "
+            f"{direction} {objective} here, so no model was chosen."
+        )
     message = (
         f"α={chosen.alpha:g} chosen: the {'lowest' if direction == 'decrease' else 'highest'} {objective} among the "
-        f"{len(feasible)} of {len(points)} α values that meet the constraint ({rule})."
+        f"{len(feasible)} of {len(candidates)} α values that meet the constraint ({rule})."
     )
-    before = baseline.target if objective == "target" else baseline.metrics[objective]
-    if score(chosen) >= (before if direction == "decrease" else -before):
-        message += (
-            f" It does not {direction} {objective} relative to the original model: scaling this stage down does not "
-            "help here."
-        )
     return chosen, message
 
 
@@ -185,7 +222,8 @@ def scale_stage(
     Args:
         ledger: a ``StageLedger`` or its directory; ``model``: the final model θ_K (left exactly as it was).
         stage: the stage to act on (name or index); ``kind``: ``aa-linear`` (default), ``delta``, ``aa-ggn``,
-            ``aa-hvp``; ``alphas``: the sweep (non-empty, finite).
+            ``aa-hvp``; ``alphas``: the sweep (non-empty, each α in [0, 1], at least one α > 0; 0 keeps the stage
+            whole, 1 removes it).
         target: the behavior to move (``f(model) -> Tensor[n]``); its mean is reported; ``target_direction``:
             ``"decrease"`` (default) or ``"increase"``.
         utilities: :class:`Accuracy` (with ``group_key`` for worst-group accuracy), behaviors (their mean), or a
@@ -196,7 +234,9 @@ def scale_stage(
             ``None`` runs it when available, ``True`` requires it, ``False`` skips it.
         embedding_options: ``allow_identity_propagation``, ``loss_fns``, ``curvature_options`` for ``v_k``.
 
-    Returns an :class:`InterventionResult` (``chosen`` is None, with a message, when no α meets the constraint).
+    Returns an :class:`InterventionResult` (``chosen`` is None, with a message, when no α > 0 meets the constraint
+    or improves ``objective`` on the original model). A stage that changed no parameter is an
+    :class:`InterventionError` before anything is evaluated.
     """
 
     ledger = ledger if isinstance(ledger, StageLedger) else StageLedger.load(ledger)
@@ -206,6 +246,7 @@ def scale_stage(
         raise InterventionError(f"Unknown intervention kind {kind!r}; known kinds: {', '.join(KINDS)}.")
     if target_direction not in ("decrease", "increase"):
         raise InterventionError(f"`target_direction` must be 'decrease' or 'increase', got {target_direction!r}.")
+    check_stage_changed(chosen_stage)
     if check_model:
         ledger.check_model(model)
     target = as_behavior(target, name=getattr(target, "name", None) or "target")
@@ -281,6 +322,7 @@ __all__ = [
     "InterventionResult",
     "SweepPoint",
     "check_alphas",
+    "check_stage_changed",
     "choose",
     "resolve_stage",
     "scale_stage",

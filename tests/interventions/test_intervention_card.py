@@ -73,7 +73,9 @@ def test_utilities_show_the_targets_significant_digits():
 
 def test_the_accuracy_note_only_with_an_accuracy_utility():
     assert "Accuracies are in percent" not in render_section(_result({}))
-    assert "`replay` is the pipeline re-trained without the stage." in render_section(_result({}))
+    legend = render_section(_result({}))  # only the variants the table holds: no delta, no replay rows here
+    assert "`variant`: `original` is the unedited final model, `aa-linear` subtracts α·v_k" in legend
+    assert "`delta`" not in legend and "`replay`" not in legend
     average = render_section(_result({"average": "toxicity"}))
     assert "Accuracies are in percent on held-out data." in average and "worst-group" not in average
     both = render_section(_result({"average": "toxicity", "worst_group": "toxicity"}))

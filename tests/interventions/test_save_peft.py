@@ -86,6 +86,8 @@ def test_a_failed_save_leaves_nothing_behind(two_adapters, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         result.save(kept, alpha=1.0, variant="delta", tokenizer=BrokenTokenizer())
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "ledger", "new"]  # no hidden partial folder left
+    assert list((tmp_path / "new").iterdir()) == []
 
 
 class _Vectors:

@@ -102,7 +102,9 @@ def test_the_original_model_is_left_untouched(digits):
             raise RuntimeError("boom")
         return digits.behaviors[TARGET](model)
 
-    with pytest.raises(RuntimeError, match="boom"):
+    from hf_stage_attribution.errors import BehaviorError
+
+    with pytest.raises((RuntimeError, BehaviorError), match="boom"):  # a custom behavior's error may come wrapped
         scale_stage(digits.ledger_dir, digits.model, "patch", [0.5, 1.0], target=failing, replay=False)
     assert state_digests(digits.model) == before
 
@@ -232,8 +234,16 @@ def test_constraint_and_choice_rules():
     assert chosen.alpha == 0.5 and "2 of 3" in message
     chosen, _ = choose(pts, base, None)
     assert chosen.alpha == 1.0
-    chosen, _ = choose(pts, base, Constraint("accuracy", max_drop=5.0), objective="accuracy", direction="increase")
-    assert chosen.alpha == 0.25
+    # every α lowers accuracy: asked to raise it, none is chosen (a model worse than the original is not saved)
+    chosen, message = choose(
+        pts, base, Constraint("accuracy", max_drop=5.0), objective="accuracy", direction="increase"
+    )
+    assert chosen is None and message.startswith("No α improves on the original model: the best among those that")
+    chosen, _ = choose(pts, base, Constraint("accuracy", max_drop=5.0), objective="accuracy", direction="decrease")
+    assert chosen.alpha == 1.0
+    # α = 0 is the original model: never chosen, even where it ties the best
+    chosen, message = choose([SweepPoint("aa-linear", 0.0, 5.0, {"accuracy": 90.0}), *pts], base, None)
+    assert chosen.alpha == 1.0 and "of 3 α values" in message
     with pytest.raises(InterventionError, match="neither 'target' nor a utility"):
         choose(pts, base, None, objective="f1")
     with pytest.raises(InterventionError, match="no utility reports"):
@@ -336,3 +346,48 @@ def test_cli_intervene(digits, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["intervene", "--help"])
     assert info.value.code == 0 and "--max-drop" in capsys.readouterr().out
+
+
+def test_cli_refuses_an_earlier_intervention_before_the_sweep_and_overwrite_replaces_it(digits, tmp_path, capsys):
+    from hf_stage_attribution.cli.main import main
+
+    target, utility = _write_specs(digits, tmp_path / "specs")
+    common = [str(digits.ledger_dir), "--model", str(digits.model_dir), "--utility", utility, "--stage", "patch",
+              "--alphas", "0.5,1", "--no-replay"]  # fmt: skip
+    out = tmp_path / "cli"
+    assert main(["intervene", *common, "--target", target, "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"config.json", "README.md", "intervention.json"} <= set(before)
+    # refused up front (a missing target spec would fail the loading that comes later), naming the CLI's flag
+    for extra in ([], ["--no-save"]):
+        argv = ["intervene", *common, "--target", str(tmp_path / "missing.json"), "--output-dir", str(out), *extra]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "already holds a saved model" in err and "--overwrite" in err and "overwrite=True" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite with --no-save replaces the earlier intervention as a whole: no model left that the sweep does not
+    # describe
+    argv = ["intervene", *common, "--target", target, "--output-dir", str(out), "--no-save", "--overwrite"]
+    assert main(argv) == 0
+    assert "No model saved: --no-save was given" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["intervention.json", "intervention_sweep.png"]
+    assert json.loads((out / "intervention.json").read_text(encoding="utf-8")).get("saved") is None
+    with pytest.raises(SystemExit):
+        main(["intervene", "--help"])
+    assert "--overwrite" in capsys.readouterr().out
+
+
+def test_cli_saves_no_model_when_no_alpha_improves_on_the_original(digits, tmp_path, capsys):
+    from hf_stage_attribution.cli.main import main
+
+    target, utility = _write_specs(digits, tmp_path / "specs")
+    out = tmp_path / "cli"
+    # scaling the patch stage down lowers the patch reliance: asked to raise it, no α helps
+    argv = ["intervene", str(digits.ledger_dir), "--model", str(digits.model_dir), "--target", target, "--utility",
+            utility, "--stage", "patch", "--alphas", "0.5,1", "--no-replay", "--target-direction", "increase",
+            "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "No α improves on the original model" in printed and "No model saved: no α was chosen" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["intervention.json", "intervention_sweep.png"]
