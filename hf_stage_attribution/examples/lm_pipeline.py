@@ -184,13 +184,14 @@ def build_lm_pipeline(
     return LMPipeline(ledger_dir, model_dir, model, tokenizer, behaviors, specs)
 
 
-def lm_behavior_specs(corpus: Any, tokenizer_dir: str | Path) -> list[dict]:
-    """Toxicity behaviors of the LM pipeline as JSON-safe specs (usable by the CLI)."""
+def lm_behavior_specs(corpus: Any, tokenizer_dir: str | Path, separator: str = "") -> list[dict]:
+    """Toxicity behaviors of the LM pipeline as JSON-safe specs (usable by the CLI); ``separator`` starts each
+    teacher-forced continuation (``" "`` for a byte-level BPE tokenizer, see ``ToyCorpus.teacher_forced_examples``)."""
     return [
         {
             "name": "toxicity-teacher-forced",
             "kind": "lm-toxicity-teacher-forced",
-            "data": corpus.teacher_forced_examples(),
+            "data": corpus.teacher_forced_examples(separator),
             "tokenizer": str(tokenizer_dir),
         },
         {

@@ -62,10 +62,18 @@ class ToyCorpus:
     clean: list[str] = field(default_factory=list)
     toxic: list[str] = field(default_factory=list)
 
-    def teacher_forced_examples(self) -> list[dict[str, str]]:
-        """``{"prompt", "toxic", "clean"}`` rows for the teacher-forced toxicity behavior."""
+    def teacher_forced_examples(self, separator: str = "") -> list[dict[str, str]]:
+        """``{"prompt", "toxic", "clean"}`` rows for the teacher-forced toxicity behavior; ``separator`` starts each
+        continuation (``" "`` for byte-level BPE tokenizers such as GPT-2's or SmolLM2's, which tokenize prompt and
+        continuation apart: without it they score "…today isa prick"; the tiny Metaspace tokenizer of this module
+        needs none).
+
+        Example:
+            >>> toy_corpus(0).teacher_forced_examples(" ")[0]["clean"].startswith(" ")
+            True
+        """
         return [
-            {"prompt": p, "toxic": t, "clean": c}
+            {"prompt": p, "toxic": separator + t, "clean": separator + c}
             for p, t, c in zip(self.prompts, self.toxic_completions, self.clean_completions)
         ]
 

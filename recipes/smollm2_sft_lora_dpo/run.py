@@ -191,7 +191,8 @@ def _behaviors(model_dir: Path) -> dict:
     from hf_stage_attribution.examples.lm_pipeline import lm_behavior_specs
     from hf_stage_attribution.testing.lm import toy_corpus
 
-    return {s["name"]: from_spec(s) for s in lm_behavior_specs(toy_corpus(0), model_dir)}
+    # SmolLM2's byte-level BPE tokenizes prompt and continuation apart: the continuations start with a space
+    return {s["name"]: from_spec(s) for s in lm_behavior_specs(toy_corpus(0), model_dir, separator=" ")}
 
 
 def forward_backward_seconds(model, tokenizer) -> float:
