@@ -150,14 +150,22 @@ class InterventionResult:
         """Table rows (strings): variant, α, target, utilities (per-group accuracies with ``groups``), meets
         constraint (only with a constraint), chosen. Target and utilities show 4 significant digits."""
         cols = self._columns(groups)
+        percent = self._percent_columns(cols)
         out = []
         for p in [self.baseline, *self.sweep(), *self.sweep("delta" if self.kind != "delta" else "-"),
                   *([self.replay] if self.replay else [])]:  # fmt: skip
             mark = "*" if p is self.chosen else ""
             ok = ["" if p.feasible is None else ("yes" if p.feasible else "no")] if self.constraint is not None else []
-            out.append([p.variant, f"{p.alpha:g}", f"{p.target:+.4g}", *[f"{p.metrics[c]:.4g}" for c in cols], *ok,
-                        mark])  # fmt: skip
+            values = [f"{p.metrics[c]:.2f}" if c in percent else f"{p.metrics[c]:.4g}" for c in cols]
+            out.append([p.variant, f"{p.alpha:g}", f"{p.target:+.4g}", *values, *ok, mark])
         return out
+
+    def _percent_columns(self, cols: list[str]) -> set[str]:
+        """The accuracy columns (percent, per group too): printed with two decimals, so 100 reads 100.00 beside
+        95.21 rather than 100 (4 significant digits)."""
+        names = set(self.accuracy_metrics.values())
+        average = self.accuracy_metrics.get("average")
+        return {c for c in cols if c in names or (average is not None and c.startswith(f"{average}["))}
 
     def header(self, groups: bool = True) -> list[str]:
         meets = ["meets constraint"] if self.constraint is not None else []

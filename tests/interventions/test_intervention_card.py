@@ -90,3 +90,20 @@ def test_save_names_the_source_model_and_refuses_two_cards(tmp_path):
         save_intervention(_result({}), tmp_path, card_from=tmp_path / "README.md", card_text="# x\n")
     assert "derived from the model `org/model`." in render_section(_result({}), derived_from="org/model")
     assert json.loads(_result({}).to_json())["points"][0]["metrics"] == {"toxicity": 0.13549}
+
+
+def test_accuracy_columns_print_two_decimals_so_100_reads_like_95_21():
+    acc = {"accuracy": 100.0, "worst_group_accuracy": 95.21, "accuracy[a]": 100.0, "accuracy[b]": 95.21, "loss": 0.5}
+    base = SweepPoint("original", 0.0, 1.0, acc)
+    point = SweepPoint("aa-linear", 1.0, 0.5, {**acc, "accuracy": 95.21, "loss": 100.0})
+    result = InterventionResult(
+        stage="s", stage_index=0, kind="aa-linear", target_name="target", target_unit="", target_direction="decrease",
+        baseline=base, points=[point], chosen=point,
+        accuracy_metrics={"average": "accuracy", "worst_group": "worst_group_accuracy"},
+    )  # fmt: skip
+    rows = {row[0]: row for row in result.rows(groups=True)}
+    head = result.header(groups=True)
+    original = dict(zip(head, rows["original"]))
+    assert original["accuracy"] == "100.00" and original["worst_group_accuracy"] == "95.21"
+    assert original["accuracy[a]"] == "100.00" and original["loss"] == "0.5"  # not an accuracy: 4 significant digits
+    assert dict(zip(head, rows["aa-linear"]))["loss"] == "100"
