@@ -48,7 +48,7 @@ STAGE_KEYS = {
     "start_hash", "end_hash", "end_digests", "wall_time_seconds", "started_at", "finished_at", "segments",
     "curvature_loss", "trl", "replay", "notes", "delta_file", "lora_file", "world_size", "framework_versions",
     "source", "recipe", "metadata", "estimator_availability", "skipped_steps", "early_checkpoint",
-    "changed_without_grad", "unstepped_parameters",
+    "changed_without_grad", "unstepped_parameters", "scheduler",
 }  # fmt: skip
 
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")

@@ -61,7 +61,9 @@ class StageLedger(LedgerCore):
     ) -> StageRecording:
         """Record a stage of a custom training loop; a context manager yielding a :class:`StageRecording`.
 
-        Call ``rec.step(batch=None)`` right after ``optimizer.step()`` and before ``scheduler.step()``. With
+        Call ``rec.step(batch=None)`` right after ``optimizer.step()``, before ``scheduler.step()`` and
+        ``optimizer.zero_grad()`` (under accelerate's gradient accumulation, also on the micro-batches: those record
+        no step). With
         ``batch`` and ``loss_fn`` (``f(model, batch) -> scalar`` or a ``(forward, loss)`` pair for Gauss–Newton
         products) the recorder also keeps curvature material (``curvature_segments``, default 3, needs
         ``num_steps``). Other options: see :class:`~hf_stage_attribution.ledger.recorder.StageRecording`.

@@ -119,6 +119,134 @@ def no_step_taken(state: Mapping[str, Mapping[str, Any]] | None) -> bool:
     return bool(steps) and all(float(t) == 0 for t in steps.values())
 
 
+def gradients_synced(optimizer: Any) -> bool:
+    """Whether the optimizer step just taken applied an update: False on the micro-batches of gradient accumulation
+    that accelerate's ``AcceleratedOptimizer`` turns into a no-op (its ``gradient_state.sync_gradients`` is False
+    inside ``accelerator.accumulate`` until the last micro-batch); True for any other optimizer.
+
+    Example:
+        >>> gradients_synced(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1))
+        True
+    """
+    return bool(getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True))
+
+
+def step_marks(optimizer: Any, params: Mapping[str, torch.Tensor]) -> dict[str, float | None]:
+    """What the optimizer's state says, now, about the steps each named parameter has taken: its ``step`` counter
+    (Adam & co., Adagrad), ``None`` for a state without one (SGD's momentum buffer); a parameter without state is
+    left out. torch optimizers create or advance a parameter's state only when it has a gradient at a step, so
+    comparing two marks (:func:`stepped_since`) tells which parameters were stepped in between."""
+    state = unwrap_optimizer(optimizer).state
+    marks: dict[str, float | None] = {}
+    for name, p in params.items():
+        entry = state.get(p) if isinstance(state, Mapping) else None
+        if not entry:
+            continue
+        step = entry.get("step") if isinstance(entry, Mapping) else None
+        marks[name] = (
+            float(step) if isinstance(step, (torch.Tensor, int, float)) and not isinstance(step, bool) else None
+        )
+    return marks
+
+
+def stepped_since(before: Mapping[str, float | None], after: Mapping[str, float | None]) -> set[str]:
+    """The parameters the optimizer stepped between two :func:`step_marks`: a ``step`` counter that advanced, or a
+    state that appeared. A state without a counter that existed before tells nothing (not listed).
+
+    Example:
+        >>> sorted(stepped_since({"a": 4.0, "b": 4.0, "m": None}, {"a": 10.0, "b": 4.0, "m": None, "c": None}))
+        ['a', 'c']
+    """
+
+    def advanced(name: str, mark: float | None) -> bool:
+        if name not in before:
+            return True  # a state the optimizer created: it stepped this parameter
+        return mark is not None and before[name] is not None and mark > before[name]
+
+    return {name for name, mark in after.items() if advanced(name, mark)}
+
+
+def ownership_problem(optimizer: Any, model: torch.nn.Module) -> str | None:
+    """Why ``optimizer`` cannot be the optimizer that trains ``model`` (None when it can): none of the model's
+    trainable parameters is in its param groups, or its groups hold tensors that are not the model's parameters.
+    Optimizers that step copies of the parameters (DeepSpeed's flat partitions: not a ``torch.optim.Optimizer``)
+    and sharded models (FSDP) are not checked.
+
+    Example:
+        >>> model, other = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        >>> ownership_problem(torch.optim.SGD(model.parameters(), lr=0.1), model) is None
+        True
+        >>> ownership_problem(torch.optim.SGD(other.parameters(), lr=0.1), model)[:46]
+        'none of its 2 tensors is a parameter of the mo'
+    """
+    opt = unwrap_optimizer(optimizer)
+    if not isinstance(opt, torch.optim.Optimizer):
+        return None
+    if any("FullyShardedDataParallel" in type(m).__name__ or "FSDP" in type(m).__name__ for m in model.modules()):
+        return None
+    own = {id(p) for p in model.parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    tensors = [p for group in opt.param_groups for p in group["params"]]
+    foreign = [p for p in tensors if id(p) not in own]
+    if trainable and not any(id(p) in trainable for p in tensors):
+        if len(foreign) == len(tensors):
+            return (
+                f"none of its {len(tensors)} tensors is a parameter of the model (shapes "
+                f"{_shapes(foreign)}): it is another model's optimizer"
+            )
+        return "it holds only parameters of the model that do not require gradients, none of its trainable ones"
+    if foreign:
+        return (
+            f"{len(foreign)} of its {len(tensors)} tensors are not parameters of the model (shapes "
+            f"{_shapes(foreign)}): the ledger records the model's parameters only"
+        )
+    return None
+
+
+def _shapes(tensors: list[torch.Tensor]) -> str:
+    shown = ", ".join(str(tuple(t.shape)) for t in tensors[:3])
+    return shown + (", ..." if len(tensors) > 3 else "")
+
+
+def describe_scheduler(scheduler: Any) -> dict | None:
+    """The JSON-safe description stored in ``stage.json["scheduler"]``: its type and module, and the scalars (and
+    short lists of scalars) of its ``state_dict()`` at the start of the stage (``last_epoch``, ``base_lrs``, ...).
+    accelerate's ``AcceleratedScheduler`` is unwrapped.
+
+    Example:
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> d = describe_scheduler(torch.optim.lr_scheduler.StepLR(opt, step_size=3))
+        >>> d["type"], d["state_at_start"]["step_size"], d["state_at_start"]["last_epoch"]
+        ('StepLR', 3, 0)
+    """
+    if scheduler is None:
+        return None
+    seen = 0
+    while type(scheduler).__name__ == "AcceleratedScheduler" and hasattr(scheduler, "scheduler") and seen < 8:
+        scheduler, seen = scheduler.scheduler, seen + 1
+    description: dict[str, Any] = {"type": type(scheduler).__name__, "module": type(scheduler).__module__}
+    state_dict = getattr(scheduler, "state_dict", None)
+    try:
+        state = state_dict() if callable(state_dict) else None
+    except Exception:  # a third-party scheduler whose state_dict fails: its type is still worth keeping
+        state = None
+    if isinstance(state, Mapping):
+        description["state_at_start"] = {
+            str(k): _json_safe(v) for k, v in state.items() if _is_scalar(v) or _is_short_scalar_list(v)
+        }
+    return description
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, (bool, int, float, str)) or value is None
+
+
+def _is_short_scalar_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) <= 64 and all(_is_scalar(v) for v in value)
+
+
 def optimizer_state_stream(
     optimizer: Any, names_by_id: dict[int, str], keys: tuple[str, ...] = STATE_KEYS
 ) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], Iterator[tuple[str, torch.Tensor]]]:

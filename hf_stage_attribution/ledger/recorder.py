@@ -38,8 +38,13 @@ from .format import FORMAT_VERSION, check_name
 from .optimizer_info import (
     applied_learning_rates,
     describe_optimizer,
+    describe_scheduler,
+    gradients_synced,
     has_state,
     optimizer_state_stream,
+    ownership_problem,
+    step_marks,
+    stepped_since,
 )
 from .segments import MATERIALS, SegmentCapture, plan_segments
 from .storage import (
@@ -67,7 +72,8 @@ class StageRecording:
         ledger: the ledger (or its directory).
         name: unique stage name. kind: ``pretraining``, ``sft``, ``lora``, ``dpo``, ... (``None``: ``lora`` when
             the model carries LoRA adapters, else ``custom``).
-        model, optimizer, scheduler: what is being trained (scheduler only for the record).
+        model, optimizer, scheduler: what is being trained (the scheduler's type and start state go into
+            ``stage.json["scheduler"]``, for the record).
         loss_fn: ``f(model, batch) -> scalar`` or ``(forward, loss)``; kept in memory for curvature products.
         num_steps: planned optimizer steps (needed to place curvature segments).
         curvature_segments: segments with curvature material (default 3; 0 turns it off).
@@ -76,7 +82,8 @@ class StageRecording:
             row/column means: a few kB per segment) or ``"full"`` (a float32 θ_mid snapshot and full second moments
             per segment, 2× the trainable parameters each; the most faithful ``aa-ggn``). See ``BENCHMARKS.md``.
         curvature_loss: JSON description of the loss for reloaded ledgers (e.g. ``{"type": "causal-lm"}``).
-        metadata: extra JSON-safe fields for ``stage.json`` (trainer, datasets, seeds, ...).
+        metadata: extra JSON-safe fields for ``stage.json`` (trainer, datasets, seeds, ...: a custom loop's seed and
+            data identity are recorded only here).
         is_main_process: only the main process writes (default: rank 0 of torch.distributed / ``RANK``).
         resume: continue an interrupted recording of the same stage from its last ``checkpoint()``.
         early_checkpoint: opt-in, a fraction ``f`` in (0, 1) of ``num_steps``: after ``m = max(1, ⌊f ·
@@ -145,6 +152,7 @@ class StageRecording:
         self.resume = resume
         self.active = False
         self.finished = False
+        self._begun = False  # begin() succeeded on this (main) process: step() and end() outside it are mistakes
         self.learning_rates: list[list[float]] = []
         self.skipped_steps: list[int] = []
         self._pending: list[Any] = []
@@ -169,6 +177,13 @@ class StageRecording:
         """Snapshot the start of the stage; check the ledger belongs to this model and is continuous."""
         if self.model is None:
             raise LedgerError("StageRecording needs `model=`.")
+        if self.active or self.finished:
+            raise LedgerError(
+                f"Stage {self.name!r}: begin() was called again, but the stage was already begun"
+                + (" and has ended" if self.finished else "")
+                + ". Call begin() once per recording (a `with ledger.record_stage(...) as rec:` block calls it for "
+                "you); to record more training, start a new stage with ledger.record_stage(<another name>, ...)."
+            )
         self._early_step = early_checkpoint_step(self.early_checkpoint, self.num_steps, self.name)
         if self._early_step is not None and self.optimizer is None:
             raise LedgerError(
@@ -176,6 +191,7 @@ class StageRecording:
                 "optimizer was given. Pass `optimizer=` to record_stage, or early_checkpoint=None."
             )
         self._check_recordable(unwrap_model(self.model))
+        self._check_optimizer(unwrap_model(self.model))
         if not self.is_main:
             return
         self.model = unwrap_model(self.model)
@@ -191,6 +207,7 @@ class StageRecording:
             self._lock.release()
             raise
         self.active = True
+        self._begun = True
 
     def _check_recordable(self, model: torch.nn.Module) -> None:
         """Refuse, before anything is written, a PEFT model whose training the ledger cannot represent exactly."""
@@ -200,6 +217,19 @@ class StageRecording:
                 f"Stage {self.name!r} cannot be recorded faithfully from this PeftModel: "
                 + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
                 + ". Nothing was written; the ledger is unchanged."
+            )
+
+    def _check_optimizer(self, model: torch.nn.Module) -> None:
+        """Refuse, before anything is written, an optimizer that does not train this model's parameters."""
+        if self.optimizer is None:
+            return
+        problem = ownership_problem(self.optimizer, model)
+        if problem:
+            raise LedgerError(
+                f"Stage {self.name!r}: expected `optimizer=` to be the optimizer that steps this model's parameters "
+                f"(built over model.parameters(), or the model's param groups), found one where {problem}. Pass the "
+                "optimizer the training loop calls step() on; keep tensors that are not the model's parameters in "
+                "another optimizer. Nothing was written; the ledger is unchanged."
             )
 
     def _begin_locked(self) -> None:
@@ -249,6 +279,8 @@ class StageRecording:
         self._buffer_digests = floating_buffer_digests(model)
         self._trainable = [n for n, p in self._params.items() if p.requires_grad and n not in self._lora]
         self._without_grad = list(self._trainable)  # shrinks as tensors get a gradient at an optimizer step
+        self._marks_at_begin = self._step_marks()  # the optimizer's own record of steps taken, to compare at the end
+        self.scheduler_description = describe_scheduler(self.scheduler)
         self._snapshot = self._take_snapshot(resumed)
         self._lora_start = self._lora_snapshot(resumed)
         self.optimizer_state_policy = "fresh"
@@ -418,14 +450,27 @@ class StageRecording:
     def step(self, batch: Any = None, *, skipped: bool | None = None) -> None:
         """Call after ``optimizer.step()`` and before ``scheduler.step()``: records the applied learning rates.
 
+        Under gradient accumulation (accelerate's ``accumulate``), calls on the micro-batches where the optimizer
+        did not step (``optimizer.gradient_state.sync_gradients`` is False) record no step: their batches join the
+        next optimizer step's. Call it before ``optimizer.zero_grad()`` where possible (the gradients then show
+        which tensors were stepped; the optimizer's own state says it too, for torch optimizers).
+
         ``skipped=True`` says the optimizer did not apply this step (a mixed-precision overflow: ``GradScaler``
         or accelerate skipped it); the default reads accelerate's ``optimizer.step_was_skipped``. A skipped step's
         rate is kept in ``learning_rates`` and its index listed in ``skipped_steps``; propagation leaves it out.
         """
         if not self.active:
-            return
+            if self.is_main:
+                raise LedgerError(self._inactive_message("step()"))
+            return  # only the main process records
         if self.optimizer is None:
             raise LedgerError(f"Stage {self.name!r}: step() needs the optimizer (pass `optimizer=` to record_stage).")
+        if not gradients_synced(self.optimizer):
+            # a gradient-accumulation micro-batch: accelerate's optimizer.step() did nothing; its batch belongs to
+            # the optimizer step that follows (for the curvature material)
+            if batch is not None:
+                self._pending.append(batch)
+            return
         if skipped is None:
             skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
         if skipped:
@@ -447,13 +492,40 @@ class StageRecording:
         if self._without_grad:
             self._without_grad = [n for n in self._without_grad if self._params[n].grad is None]
 
+    def _inactive_message(self, call: str) -> str:
+        if not self._begun:
+            return (
+                f"Stage {self.name!r}: {call} before begin(): nothing is being recorded. Use `with "
+                "ledger.record_stage(...) as rec:` around the training loop, or call rec.begin() before the first "
+                "optimizer step."
+            )
+        state = "ended" if self.finished else "was aborted or suspended"
+        return (
+            f"Stage {self.name!r}: {call} after the stage {state}: this optimizer step is not part of any recorded "
+            "stage. Call rec.step() inside the `with ledger.record_stage(...)` block (before end()); to record more "
+            "training, start a new stage with ledger.record_stage(<another name>, ...)."
+        )
+
+    def _step_marks(self) -> dict[str, float | None]:
+        if self.optimizer is None:
+            return {}
+        return step_marks(self.optimizer, {n: self._params[n] for n in self._trainable})
+
     def _unstepped_parameters(self, end_digests: dict[str, str]) -> list[str]:
-        """Trainable tensors the optimizer never stepped in this stage: no gradient at any recorded step, and
-        unchanged from start to end. Empty when no step was recorded or when no tensor ever showed a gradient here
-        (a framework that keeps gradients away from the parameters, e.g. DeepSpeed: then nothing is known)."""
-        if not self.learning_rates or len(self._without_grad) == len(self._trainable):
+        """Trainable tensors the optimizer never stepped in this stage, unchanged from start to end. A tensor was
+        stepped when it held a gradient at a recorded step, or when the optimizer's own state for it advanced since
+        begin() (a ``step`` counter, or a state that appeared: torch optimizers touch neither for a tensor without
+        a gradient), so ``optimizer.zero_grad()`` before ``rec.step()`` loses nothing. Empty when no step was
+        recorded or when neither source knows (no gradient on the parameters and no per-parameter optimizer state:
+        e.g. DeepSpeed, which keeps both away from them)."""
+        if not self.learning_rates:
             return []
-        return sorted(n for n in self._without_grad if end_digests.get(n) == self.start_digests.get(n))
+        by_state = stepped_since(self._marks_at_begin, self._step_marks())
+        if len(self._without_grad) == len(self._trainable) and not by_state:
+            return []
+        return sorted(
+            n for n in self._without_grad if n not in by_state and end_digests.get(n) == self.start_digests.get(n)
+        )
 
     def _write_early_checkpoint(self) -> None:
         """θ_m − θ_start and the whole optimizer state after ``m`` steps, one tensor at a time."""
@@ -516,6 +588,7 @@ class StageRecording:
                 "start_digests": self.start_digests,
                 "optimizer_state_policy": self.optimizer_state_policy,
                 "without_grad": self._without_grad,
+                "optimizer_marks_at_begin": self._marks_at_begin,
                 "segments": self._capture.state(),
                 "started_at": self.started_at,
             },
@@ -532,6 +605,8 @@ class StageRecording:
         self.optimizer_state_policy = progress["optimizer_state_policy"]
         without_grad = set(progress.get("without_grad", ()))  # absent (older progress files): none is known
         self._without_grad = [n for n in self._without_grad if n in without_grad]
+        if isinstance(progress.get("optimizer_marks_at_begin"), dict):  # absent (older progress files): from here
+            self._marks_at_begin = progress["optimizer_marks_at_begin"]
         self.started_at = progress["started_at"]
         self._capture.restore(progress["segments"], len(self.learning_rates))
 
@@ -578,6 +653,8 @@ class StageRecording:
     def end(self):
         """Write the stage's files, then list it in ``ledger.json``; returns the new :class:`Stage`."""
         if not self.active:
+            if self.is_main and not self._begun:
+                raise LedgerError(self._inactive_message("end()"))
             return None
         try:
             with io_errors(self.partial_dir):
@@ -699,6 +776,7 @@ class StageRecording:
             "name": self.name,
             "kind": self.kind,
             "optimizer": self._optimizer_description(),
+            **({"scheduler": self.scheduler_description} if self.scheduler_description else {}),
             "learning_rates": self.learning_rates,
             **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),  # absent: all applied
             "num_steps": len(self.learning_rates),

@@ -328,6 +328,13 @@ class DirectoryLock:
                     continue
             if holder is None and not os.path.lexists(self.path):
                 continue  # released between our attempt and the check: try again
+            if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                raise LedgerLockedError(
+                    f"Cannot start {self.purpose} in the ledger {self.directory}: this process is already "
+                    f"{holder.get('purpose', 'writing it')}; end it first (leave its `with` block, or call its end() "
+                    "or abort()). One process writes one stage at a time; the lock is this process's own, do not "
+                    "delete it."
+                )
             raise LedgerLockedError(
                 f"The ledger {self.directory} is being written by another process ({holder or 'unknown holder'}). "
                 "Only one process may record into a ledger at a time: in distributed runs only the main process "
