@@ -25,10 +25,29 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._internal.notices import notice
 from ..errors import BehaviorError, did_you_mean
 from .data import ExampleData, jsonable
 
-__all__ = ["Behavior", "ExampleBehavior", "eval_mode", "check_values", "model_device"]
+__all__ = [
+    "Behavior", "ExampleBehavior", "eval_mode", "check_values", "model_device", "one_line", "record_truncation",
+]  # fmt: skip
+
+_truncation_logs: list[list[tuple[int, int, int, str]]] = []
+
+
+def record_truncation(truncated: int, total: int, length: int, limit_source: str) -> None:
+    """Tell the behavior being evaluated (if any) that ``truncated`` of ``total`` texts were cut to ``length`` tokens
+    (``limit_source`` says whose limit that is); the behavior says so once (see :meth:`ExampleBehavior.truncation`)."""
+    if _truncation_logs:
+        _truncation_logs[-1].append((truncated, total, length, limit_source))
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (whitespace collapsed), cut to ``limit`` characters (for wrapping a library's
+    or a user function's multi-line message into a BehaviorError)."""
+    text = " ".join(str(exc).split()) or repr(exc)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @contextlib.contextmanager
@@ -169,6 +188,34 @@ class ExampleBehavior(Behavior):
             raise BehaviorError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
         self.batch_size = int(batch_size)
         self._state: dict[str, list[Any]] = {}  # per-example state aligned with self.data (e.g. samples)
+        self._truncation_said: set[tuple[int, int, int]] = set()  # shared with select() copies: said once
+
+    @contextlib.contextmanager
+    def truncation(self) -> Iterator[None]:
+        """Texts encoded inside that were longer than the tokenizer's limit (or ``max_length``) are counted; on exit,
+        a notice says how many were truncated and to what length, once per behavior (and its selections) and count.
+        """
+        _truncation_logs.append([])
+        try:
+            yield
+            log = _truncation_logs[-1]
+        finally:
+            _truncation_logs.pop()
+        truncated = sum(entry[0] for entry in log)
+        if not truncated:
+            return
+        total, length, source = sum(entry[1] for entry in log), log[0][2], log[0][3]
+        key = (truncated, total, length)
+        said = getattr(self, "_truncation_said", None)
+        if said is None or key in said:
+            return
+        said.add(key)
+        notice(
+            f"{self.where()}: {truncated} of {total} texts it encoded were longer than {length} tokens "
+            f"({source}) and were truncated to {length}; its values score the truncated texts. Set `max_length` (up "
+            "to the model's limit) or shorten the texts to score them whole.",
+            routine=False,
+        )
 
     def __len__(self) -> int:
         return len(self.data)
@@ -186,7 +233,7 @@ class ExampleBehavior(Behavior):
         if len(self) == 0:  # an empty share of a split (more processes than examples)
             return torch.zeros(0, device=model_device(model))
         chunks = []
-        with eval_mode(model):
+        with eval_mode(model), self.truncation():
             for start in range(0, len(self), self.batch_size):
                 stop = min(start + self.batch_size, len(self))
                 try:

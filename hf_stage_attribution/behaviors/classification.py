@@ -123,6 +123,9 @@ def stack_inputs(values: list[Any], model: torch.nn.Module) -> torch.Tensor:
 class ClassifierInputs:
     """Mixin: turn rows into classifier inputs, text (with a tokenizer) or tensors."""
 
+    data: Any
+    name: str
+    kind: ClassVar[str]
     tokenizer: Any
     text_key: str
     text_pair_key: str | None
@@ -144,6 +147,22 @@ class ClassifierInputs:
             return classifier_logits(model, inputs)
         with pooling_pad_id(model, padding_id(self.tokenizer, model)):
             return classifier_logits(model, inputs)
+
+    def _check_text_has_tokenizer(self) -> None:
+        """Text examples without a tokenizer fail here, when the behavior is built, not after the model loaded."""
+        if self.tokenizer is not None or len(self.data) == 0:
+            return
+        if self.data.is_dataset:
+            fields = set(self.data.items.column_names)
+        else:
+            first = self.data.rows(0, 1)[0]
+            fields = set(first) if isinstance(first, dict) else set()
+        if self.text_key in fields and self.input_key not in fields:
+            raise BehaviorError(
+                f"Behavior {self.name!r} ({self.kind}): its examples have a {self.text_key!r} field and no "
+                f"{self.input_key!r} tensor, and it has no tokenizer; text examples need 'tokenizer' (a local folder "
+                "with the model's tokenizer, usually the model's own folder, or a tokenizer object)."
+            )
 
     def _inputs_of(self, rows: list[dict[str, Any]]) -> tuple[list[Any], list[Any] | None]:
         key = self.text_key if self.tokenizer is not None else self.input_key
@@ -197,6 +216,7 @@ class Classification(ClassifierInputs, ExampleBehavior):
         self.input_key, self.label_key, self.max_length = input_key, label_key, max_length
         self._tokenizer_ref = tokenizer
         self.tokenizer = load_tokenizer(tokenizer)
+        self._check_text_has_tokenizer()
         self.unit, sign = MEASURES[measure]
         which = f"class {target!r}" if target is not None else f"each example's {label_key!r} class"
         self.description = f"{self.name}: {_MEASURE_TEXT[measure]} of {which} ({sign})."

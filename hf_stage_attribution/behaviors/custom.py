@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import BehaviorError, UnsafeInputError
-from .base import Behavior, ExampleBehavior, check_values, eval_mode
+from ..errors import BehaviorError, StageAttributionError, UnsafeInputError
+from .base import Behavior, ExampleBehavior, check_values, eval_mode, one_line
 from .data import ExampleData
 from .registry import register
 
@@ -56,13 +56,68 @@ def import_callable(
         raise BehaviorError(f"The {what} must look like 'package.module:function'; got {path!r}.")
     try:
         obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # not on the path, or the module's own code raised: one line, its error as the cause
+        raise _import_error(exc, module_name, path, what) from exc
+    try:
         for part in qualname.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
+    except AttributeError as exc:
         raise BehaviorError(f"Cannot import the {what} {path!r}: {exc}.") from None
     if not callable(obj):
         raise BehaviorError(f"The {what} {path!r} is a {type(obj).__name__}, not a callable.")
     return obj
+
+
+def _import_error(exc: Exception, module_name: str, path: str, what: str) -> BehaviorError:
+    """The one-line error for a module that is not on the path, needs a missing module, or raised on import."""
+    if isinstance(exc, ModuleNotFoundError):
+        missing = exc.name or module_name
+        if module_name == missing or module_name.startswith(missing + "."):
+            return BehaviorError(
+                f"Cannot import the {what} {path!r}: no module named {missing!r} on the Python path. The module must "
+                "be importable: install it, or add the folder that holds it to PYTHONPATH (e.g. PYTHONPATH=DIR "
+                "hf-stage-attribution ...); a spec file's folder is not searched."
+            )
+        return BehaviorError(
+            f"Cannot import the {what} {path!r}: importing {module_name!r} needs the module {missing!r}, which is not "
+            "installed; install it in this environment."
+        )
+    return BehaviorError(
+        f"Cannot import the {what} {path!r}: importing the module {module_name!r} raised "
+        f"{type(exc).__name__}: {one_line(exc)}."
+    )
+
+
+class _UserRuntimeError(BehaviorError, RuntimeError):
+    """A user function's RuntimeError, wrapped: still a RuntimeError, so callers that fall back on one (the linear
+    estimators leave forward-mode AD for double backward when an operation has no forward-mode rule) keep working."""
+
+
+class _UserNotImplementedError(BehaviorError, NotImplementedError):
+    """A user function's NotImplementedError, wrapped (see :class:`_UserRuntimeError`)."""
+
+
+def call_user_function(behavior: Behavior, fn: Callable[..., Any], *args: Any, where: str = "") -> Any:
+    """``fn(*args)``; an exception raised in the user's function is re-raised as a one-line BehaviorError naming the
+    behavior (and ``where``, e.g. the examples), with the original exception as ``__cause__`` (a RuntimeError or
+    NotImplementedError stays one too). The package's own errors and out-of-memory errors pass through unchanged."""
+    try:
+        return fn(*args)
+    except (StageAttributionError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+        wrapper = (
+            _UserNotImplementedError
+            if isinstance(exc, NotImplementedError)
+            else _UserRuntimeError
+            if isinstance(exc, RuntimeError)
+            else BehaviorError
+        )
+        raise wrapper(
+            f"{behavior.where()}: its function {name!r} raised {type(exc).__name__}: {one_line(exc)}{where}. Fix the "
+            "function (in Python, the original exception is this error's __cause__)."
+        ) from exc
 
 
 _DATA_KEYS = ("name", "kind", "data", "select", "indices", "batch_size")
@@ -108,7 +163,8 @@ class PerExample(ExampleBehavior):
         return self.data.batch(start, stop)
 
     def _batch_values(self, model: torch.nn.Module, rows: Any, positions: range) -> torch.Tensor:
-        return self.fn(model, rows)
+        where = f" on examples {positions.start}-{positions.stop - 1}"
+        return call_user_function(self, self.fn, model, rows, where=where)
 
     def _spec_values(self) -> dict[str, Any]:
         return {"function": callable_path(self.fn)}
@@ -177,7 +233,7 @@ class CallableBehavior(Behavior):
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
         with eval_mode(model):
-            raw = self.fn(model)
+            raw = call_user_function(self, self.fn, model)
         n = self._n if self._n is not None else (raw.numel() if isinstance(raw, torch.Tensor) else -1)
         values = check_values(raw, n, self.name)
         self._n = values.shape[0]

@@ -15,14 +15,23 @@ from pathlib import Path
 from typing import Any
 
 from .._internal.pretrained import check_pretrained_dir, needs_custom_code
-from ..errors import BehaviorError
+from ..errors import BehaviorError, StageAttributionError
+from .base import one_line
 
 __all__ = [
-    "folder_tokenizer", "load_tokenizer", "load_sequence_classifier", "reference_path", "resolve_path",
-    "spec_reference",
+    "folder_tokenizer", "has_tokenizer_files", "load_tokenizer", "load_sequence_classifier", "reference_path",
+    "resolve_path", "spec_reference",
 ]  # fmt: skip
 
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+_TOKENIZER_FILES = (
+    "tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+    "sentencepiece.bpe.model",
+)  # fmt: skip
+
+
+def has_tokenizer_files(folder: str | Path) -> bool:
+    """Whether ``folder`` holds one of the files ``tokenizer.save_pretrained`` writes (``_TOKENIZER_FILES``)."""
+    return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
 
 
 def resolve_path(ref: Any, base_dir: Path | None) -> Any:
@@ -34,12 +43,18 @@ def resolve_path(ref: Any, base_dir: Path | None) -> Any:
     return ref
 
 
+def _not_a_folder(path: Path) -> str:
+    return "is a file, not a folder" if path.exists() else "does not exist"
+
+
 def _local_dir(ref: str | Path, what: str) -> str:
     path = Path(ref)
     if not path.is_dir():
+        where = "" if path.is_absolute() else " (a relative path is taken from the working directory)"
         raise BehaviorError(
-            f"The {what} {str(ref)!r} is not a local directory; behaviors load {what}s offline only: "
-            f"save it with save_pretrained(DIR) and pass DIR, or pass the object itself."
+            f"The {what} {str(ref)!r} is not a local directory: {str(path.absolute())!r} {_not_a_folder(path)}"
+            f"{where}; behaviors load {what}s offline only: save it with save_pretrained(DIR) and pass DIR, or pass "
+            "the object itself."
         )
     return str(path)
 
@@ -53,7 +68,22 @@ def load_tokenizer(ref: Any, *, trust_code: bool = False) -> Any:
 
     path = _local_dir(ref, "tokenizer")
     check_pretrained_dir(path, "tokenizer", trust_code=trust_code)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_code)
+    folder, expected = str(Path(path).resolve()), ", ".join(_TOKENIZER_FILES)
+    if not has_tokenizer_files(path):
+        raise BehaviorError(
+            f"The tokenizer folder {folder!r} holds no tokenizer files (expected one of {expected}); pass the "
+            "folder that tokenizer.save_pretrained(DIR) wrote (usually the model's folder)."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_code)
+    except StageAttributionError:
+        raise
+    except Exception as exc:  # transformers raises ValueError/OSError/KeyError/... with multi-line messages
+        raise BehaviorError(
+            f"Cannot load a tokenizer from the folder {folder!r} (AutoTokenizer said: {one_line(exc)}); expected the "
+            f"files tokenizer.save_pretrained(DIR) writes ({expected}) — pass the folder holding the model's own "
+            "tokenizer."
+        ) from exc
 
 
 def folder_tokenizer(model_ref: Any) -> Any:
@@ -64,7 +94,7 @@ def folder_tokenizer(model_ref: Any) -> Any:
     folder = model_ref if is_path else getattr(model_ref, "name_or_path", None)
     if not isinstance(folder, (str, Path)) or not folder or not Path(folder).is_dir():
         return None
-    if not any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES):
+    if not has_tokenizer_files(folder):
         return None
     if not is_path and needs_custom_code(folder):
         return None  # an object loaded with trust_code; its folder's tokenizer is not loaded behind the user's back
@@ -89,7 +119,9 @@ def spec_reference(ref: Any, base_dir: Path | None, what: str, *, trust_code: bo
     """A tokenizer/model entry of a spec: the path resolved against ``base_dir``; a local folder that needs custom
     code is refused without ``trust_code``, and with it loaded here (the behavior receives the object)."""
     ref = resolve_path(ref, base_dir)
-    if not isinstance(ref, str) or not Path(ref).is_dir():
+    if isinstance(ref, str) and not Path(ref).is_dir():
+        raise BehaviorError(_missing_reference(ref, base_dir, what))
+    if not isinstance(ref, str):
         return ref
     check_pretrained_dir(ref, what, trust_code=trust_code)
     if not trust_code or not needs_custom_code(ref):
@@ -97,6 +129,26 @@ def spec_reference(ref: Any, base_dir: Path | None, what: str, *, trust_code: bo
     if what == "reward model":
         return load_sequence_classifier(ref, trust_code=trust_code)
     return load_tokenizer(ref, trust_code=trust_code)
+
+
+def _missing_reference(ref: str, base_dir: Path | None, what: str) -> str:
+    """Where a spec's ``what`` path ``ref`` (not a folder) was looked for: relative paths are taken from the spec
+    file's folder, then from the working directory."""
+    path = Path(ref)
+    if path.is_absolute():
+        looked = f"{ref!r} {_not_a_folder(path)}"
+    elif base_dir is not None:
+        in_spec = Path(base_dir).absolute() / ref
+        looked = (
+            f"relative paths are taken from the spec file's folder ({str(in_spec)!r} {_not_a_folder(in_spec)}), "
+            f"then from the working directory ({str(path.absolute())!r} {_not_a_folder(path)})"
+        )
+    else:
+        looked = f"a relative path is taken from the working directory: {str(path.absolute())!r} {_not_a_folder(path)}"
+    return (
+        f"The {what} {ref!r} is not a local directory: {looked}. Behaviors load {what}s offline only: give the folder "
+        "that save_pretrained(DIR) wrote, relative to the spec file or absolute."
+    )
 
 
 def reference_path(obj: Any, what: str) -> str:

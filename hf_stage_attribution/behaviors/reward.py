@@ -35,7 +35,7 @@ from .loading import folder_tokenizer, load_sequence_classifier, load_tokenizer,
 from .registry import register
 from .text_inputs import embedding_rows, forward_texts
 
-__all__ = ["PolicyReward", "RewardModelScore", "reward_scores"]
+__all__ = ["PolicyReward", "RewardModelScore", "reward_index", "reward_scores"]
 
 REWARD_MEASURES = ("score", "margin")
 
@@ -46,18 +46,43 @@ def _vocab_slack(rows: int) -> int:
     return max(128, int(0.02 * rows))
 
 
+def _label_names(model: torch.nn.Module, count: int) -> str:
+    """``0: 'NEGATIVE', 1: 'POSITIVE'`` from ``config.id2label`` (indices alone where it names none)."""
+    names = {int(k): v for k, v in (getattr(getattr(model, "config", None), "id2label", None) or {}).items()}
+    return ", ".join(f"{i}: {names[i]!r}" if i in names else str(i) for i in range(count))
+
+
+def reward_index(model: torch.nn.Module, label_index: int | None, labels: int | None = None) -> int:
+    """The logit that is the reward: ``label_index``, or 0 for a one-label model. A classifier with several labels
+    and no ``label_index`` is refused (its logit 0 is a class, often the negative one, not a reward)."""
+    if label_index is not None:
+        return int(label_index)
+    if labels is None:
+        labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if isinstance(labels, int) and labels > 1:
+        raise BehaviorError(
+            f"The reward model is a classifier with {labels} labels ({_label_names(model, labels)}; config.id2label) "
+            "and no `label_index` says which logit is the reward; set label_index to the class whose logit should "
+            "count as reward (a reward model trained as one, e.g. with TRL's RewardTrainer, has num_labels=1)."
+        )
+    return 0
+
+
 def reward_scores(
     reward_model: torch.nn.Module,
     tokenizer: Any,
     texts: list[str],
     *,
-    label_index: int = 0,
+    label_index: int | None = None,
     max_length: int | None = None,
 ) -> torch.Tensor:
     """The reward model's output ``logits[:, label_index]`` on ``texts`` (differentiable; right-padded with the pad
-    or eos token whatever the tokenizer's padding side, see :mod:`.text_inputs`)."""
+    or eos token whatever the tokenizer's padding side, see :mod:`.text_inputs`). Without ``label_index`` the model
+    must have a single output (``num_labels=1``)."""
     logits = forward_texts(reward_model, tokenizer, texts, max_length=max_length).logits
-    if logits.dim() != 2 or not 0 <= label_index < logits.shape[-1]:
+    if logits.dim() == 2:
+        label_index = reward_index(reward_model, label_index, labels=logits.shape[-1])
+    if logits.dim() != 2 or label_index is None or not 0 <= label_index < logits.shape[-1]:
         raise BehaviorError(
             f"The reward model returned logits of shape {tuple(logits.shape)}; expected "
             f"[batch, labels] with label_index {label_index} (a model with num_labels=1)."
@@ -96,7 +121,7 @@ class RewardModelScore(ExampleBehavior):
         chosen_key: str = "chosen",
         rejected_key: str = "rejected",
         separator: str = "",
-        label_index: int = 0,
+        label_index: int | None = None,
         max_length: int | None = None,
         name: str | None = None,
         batch_size: int = 32,
@@ -109,7 +134,8 @@ class RewardModelScore(ExampleBehavior):
         self._tokenizer_ref, self.tokenizer = tokenizer, load_tokenizer(tokenizer)
         self.measure, self.prompt_key, self.response_key = measure, prompt_key, response_key
         self.chosen_key, self.rejected_key, self.separator = chosen_key, rejected_key, separator
-        self.label_index, self.max_length = int(label_index), max_length
+        self.label_index = None if label_index is None else int(label_index)
+        self.max_length = max_length
         if measure == "score":
             self.unit = "reward"
             self.description = f"{self.name}: the reward model's score of prompt + response; higher = more reward."
@@ -182,7 +208,7 @@ class PolicyReward(SampledCompletionsBehavior):
         seed: int = 0,
         weighting: str | None = None,
         separator: str = "",
-        label_index: int = 0,
+        label_index: int | None = None,
         max_length: int | None = None,
         name: str | None = None,
         batch_size: int = 32,
@@ -208,7 +234,12 @@ class PolicyReward(SampledCompletionsBehavior):
             self.reward_tokenizer = load_tokenizer(reward_tokenizer)
         else:
             self.reward_tokenizer = folder_tokenizer(reward_model) or self._policy_tokenizer_for_reward()
-        self.separator, self.label_index, self.max_length = separator, int(label_index), max_length
+        self.separator, self.max_length = separator, max_length
+        try:
+            reward_index(self.reward_model, label_index)  # a multi-label classifier needs label_index, said now
+        except BehaviorError as exc:
+            raise BehaviorError(f"Behavior {self.name!r} ({self.kind}): {exc}") from None
+        self.label_index = None if label_index is None else int(label_index)
         self.unit = "expected reward"
         source = f"given {completion_key!r} responses" if completion_key else f"{self.num_samples} samples per prompt"
         self.description = (
@@ -233,7 +264,7 @@ class PolicyReward(SampledCompletionsBehavior):
     def _score(self, prompts: list[str], completions: list[str]) -> list[float]:
         texts = [f"{p}{self.separator}{c}" for p, c in zip(prompts, completions)]
         out: list[float] = []
-        with eval_mode(self.reward_model), torch.no_grad():
+        with eval_mode(self.reward_model), torch.no_grad(), self.truncation():
             for i in range(0, len(texts), self.batch_size):
                 out.extend(
                     reward_scores(

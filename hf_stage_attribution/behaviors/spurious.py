@@ -145,6 +145,7 @@ class SpuriousReliance(ClassifierInputs, ExampleBehavior):
         self.label_key, self.max_length = label_key, max_length
         self._tokenizer_ref = tokenizer
         self.tokenizer = load_tokenizer(tokenizer)
+        self._check_text_has_tokenizer()
         unit, _ = MEASURES[measure]
         self.unit = f"difference in {unit}"
         what = self.feature["type"] if self.feature else f"the {paired_key!r} variant"

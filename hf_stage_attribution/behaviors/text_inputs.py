@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import BehaviorError
-from .base import model_device
+from .base import model_device, record_truncation
 
 __all__ = ["embedding_rows", "encode_texts", "forward_texts", "padding_id", "pooling_pad_id"]
 
@@ -89,6 +89,7 @@ def encode_texts(
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     names = getattr(tokenizer, "model_input_names", None) or list(enc.keys())
     ids = enc["input_ids"]
+    _note_truncation(tokenizer, texts, pairs, ids, max_length)
     width = max(len(row) for row in ids)
     out = {}
     for key in [k for k in enc.keys() if k in names]:
@@ -97,6 +98,27 @@ def encode_texts(
     if "attention_mask" in names and "attention_mask" not in out:
         out["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids], dtype=torch.long)
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def _note_truncation(
+    tokenizer: Any, texts: list[Any], pairs: list[Any] | None, ids: list[list[int]], max_length: int | None
+) -> None:
+    """Count the texts that ``truncation=True`` cut (:func:`~.base.record_truncation`): a row that reached the limit
+    is encoded again with one more token allowed; it was cut when it fills that too."""
+    limit = max_length if max_length is not None else getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or limit >= 10**9:  # no limit (transformers' VERY_LARGE_INTEGER)
+        return
+    full = [i for i, row in enumerate(ids) if len(row) >= limit]
+    if full:
+        again = tokenizer(
+            [texts[i] for i in full], [pairs[i] for i in full] if pairs is not None else None, truncation=True,
+            max_length=limit + 1,
+        )["input_ids"]  # fmt: skip
+        cut = sum(len(row) > limit for row in again)
+    else:
+        cut = 0
+    source = "`max_length`" if max_length is not None else "the tokenizer's model_max_length"
+    record_truncation(cut, len(ids), limit, source)
 
 
 @contextmanager

@@ -7,7 +7,8 @@
   through importance weights of completions sampled once from the final model (see :mod:`.importance`).
 
 Prompt and continuation are tokenized separately and concatenated (no special tokens); with byte-level BPE
-tokenizers (GPT-2) start continuations with a space.
+tokenizers (GPT-2, Llama 3, Qwen, SmolLM) start continuations with a space: a one-time notice names the first
+example that does not (its values are computed as given).
 
 Example:
     >>> from hf_stage_attribution.testing.lm import tiny_tokenizer, tiny_gpt2, toy_corpus
@@ -25,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._internal.notices import notice
 from ..errors import BehaviorError
 from .base import ExampleBehavior
 from .importance import SampledCompletionsBehavior
@@ -41,6 +43,34 @@ def _alternatives(value: Any, key: str) -> list[str]:
     if not values or not all(isinstance(v, str) and v for v in values):
         raise BehaviorError(f"Field {key!r} must be a non-empty string or list of strings; got {value!r:.80}.")
     return values
+
+
+def splits_leading_space(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` is byte-level BPE (its backend pre-tokenizer is, or contains, ``ByteLevel``; a slow GPT-2
+    tokenizer has a ``byte_encoder``) and encodes "a" and " a" differently, so that text tokenized on its own lacks
+    the leading space a word has in running text."""
+    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    try:
+        state = pre.__getstate__() if pre is not None else b""
+    except (AttributeError, TypeError, ValueError):
+        state = b""
+    byte_level = b'"type":"ByteLevel"' in state if isinstance(state, bytes) else False
+    if not byte_level and not hasattr(tokenizer, "byte_encoder"):
+        return False
+    try:
+        return encode(tokenizer, "a") != encode(tokenizer, " a")
+    except Exception:  # a tokenizer that cannot encode the probe: no notice here, evaluation says what is wrong
+        return False
+
+
+_said: set[str] = set()  # leading-space notices already given in this process (a rebuilt behavior says it once)
+
+
+def _glued(prompt: Any, continuation: Any) -> bool:
+    return (
+        isinstance(prompt, str) and isinstance(continuation, str) and bool(prompt) and bool(continuation)
+        and not prompt[-1].isspace() and not continuation[0].isspace()
+    )  # fmt: skip
 
 
 @register
@@ -84,6 +114,36 @@ class TeacherForcedToxicity(ExampleBehavior):
             f"{self.name}: log p(toxic continuation | prompt) - log p(non-toxic continuation | prompt), summed over "
             "tokens; higher = more toxic."
         )
+        self._check_leading_spaces()
+
+    def _check_leading_spaces(self) -> None:
+        """A notice (once, when built) if a byte-level tokenizer will see a continuation glued to its prompt."""
+        if not splits_leading_space(self.tokenizer):
+            return
+        first, count = None, 0
+        for i, row in enumerate(self.data.rows()):
+            if not isinstance(row, dict):
+                continue
+            for key in (self.toxic_key, self.clean_key):
+                options = row.get(key) if isinstance(row.get(key), list) else [row.get(key)]
+                glued = next((c for c in options if _glued(row.get(self.prompt_key), c)), None)
+                if glued is not None:
+                    count += 1
+                    first = first or (i, row[self.prompt_key], key, glued)
+                    break
+        if first is None:
+            return
+        i, prompt, key, text = first
+        message = (
+            f"{self.where()}: its tokenizer is byte-level BPE, where a word's leading space belongs to its token, and "
+            f"prompt and continuation are tokenized separately; in {count} of {len(self)} examples a continuation "
+            f"starts without a space after a prompt that ends without one, so its first word is scored as a "
+            f"different token than in running text (e.g. example {i}: prompt {prompt!r:.60} + {key} {text!r:.60}). "
+            f"Start continuations with a space ({(' ' + text)!r:.60})."
+        )
+        if message not in _said:
+            _said.add(message)
+            notice(message, routine=False)
 
     def _batch_values(self, model: torch.nn.Module, rows: list[Any], positions: range) -> torch.Tensor:
         tok = self.tokenizer
