@@ -23,6 +23,7 @@ from . import estimators
 from ._internal.memory import release_freed_memory
 from ._internal.model_state import swapped_parameters
 from ._internal.notices import notice
+from ._internal.precision import float32_working_model, half_precision_dtype
 from .behaviors import as_behavior
 from .errors import BehaviorError, ReportError, StageAttributionError, did_you_mean
 from .estimators.base import check_finite, eval_mode, evaluate
@@ -195,6 +196,22 @@ class StageAttributor:
         _prefer_eager_attention(model)
         if check_model:
             self.ledger.check_model(model)
+        #: the report's note when the model's weights are half precision (the attribution then runs on a float32 copy)
+        self.precision_note = ""
+        half = half_precision_dtype(model)
+        if half is not None:
+            self.model = float32_working_model(model)
+            name = str(half).replace("torch.", "")
+            self.precision_note = (
+                f"The model's weights are {name}: the attribution ran on a float32 copy of them (exact: the ledger's "
+                f"states are float32), so behaviors were evaluated and finite differences taken in float32 (in {name} "
+                f"their rounding noise swamps small effects); replays trained in {name}, as the stages did."
+            )
+            if self.state.is_main_process:
+                notice(
+                    f"the model's weights are {name}: attributing on a float32 copy (memory: one float32 model more)",
+                    routine=False,
+                )
 
     # --- public ------------------------------------------------------------------------------------------
 
@@ -271,6 +288,9 @@ class StageAttributor:
         runs += ["replay"] if validate else []
         progress = self._progress(len(runs) + int(self.diagnostics), "estimators")
         results = self._run(self.estimator, joint, stage_names, options)
+        if self.precision_note:
+            for result in results.values():
+                result.approximations = [*result.approximations, self.precision_note]
         alternates: dict[str, dict] = {}
         for name in runs[1:]:
             if progress is not None:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .._internal.precision import subtract_
 from ..errors import ModelMismatchError
 from .base import EstimateResult, check_inputs, eval_mode, evaluate_final, evaluate_shifted, register, resolve_stages
 from .embeddings.cache import StageEmbeddings
@@ -65,7 +66,7 @@ def subtract_embedding(model: torch.nn.Module, emb: StageEmbeddings, k: int, sca
                 # at scale 1 (the estimators) v is cast straight to the parameter's dtype: the same numbers as the
                 # float64 round trip, without two float64 temporaries per tensor (≈ 40× faster on a 28M-entry one)
                 step = v if scale == 1.0 else scale * v.to(torch.float64)
-                param.sub_(step.to(device=param.device, dtype=param.dtype))
+                subtract_(param, step)  # a half-precision parameter rounded once
         yield len(originals)
     finally:
         with torch.no_grad():

@@ -74,6 +74,7 @@ import torch
 from .._internal.memory import collections_of_new_objects, release_freed_memory
 from .._internal.model_state import clean_copy
 from .._internal.params import base_parameters, is_peft_model, iter_merged_state
+from .._internal.precision import TRAINING_DTYPES, to_float32, to_training_dtypes
 from ..errors import PartialReplayError, ReplayError
 from ..integrations.replay import (
     NO_GRADIENT_REUSE,
@@ -107,13 +108,15 @@ StageFn = Callable[..., Any]
 
 def working_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` to replay on (a ``PeftModel`` is unloaded to its base model, every parameter trainable
-    as in the replayed stages)."""
+    as in the replayed stages). The float32 working model of a half-precision one (``_internal.precision``: what the
+    attributor evaluates) gives a copy in the dtypes it was trained in, so the replayed stages train as recorded."""
 
     work = clean_copy(model)
     if is_peft_model(work):
         work = work.unload()
         for p in work.parameters():
             p.requires_grad_(True)
+    to_training_dtypes(work, model)
     return work
 
 
@@ -530,6 +533,8 @@ def replay_model(
     for stage in ledger.stages[first:]:
         info = {"stage": stage, "removed": removed, "scale": scale}
         work, _ = run_stage(stage, work, stage_fns, info, ref_models=ref_models, reward_funcs=reward_funcs)
+    if getattr(model, TRAINING_DTYPES, None):  # trained in half precision, evaluated like the model it replaces
+        to_float32(work)
     return work
 
 

@@ -355,7 +355,7 @@ def reward_problem(stage: Stage, reward_funcs: Any = None) -> str | None:
     Example:
         >>> from types import SimpleNamespace
         >>> grpo = SimpleNamespace(name="rl", kind="grpo", info={"trl": {"reward_functions": ["reward_len"]}})
-        >>> reward_problem(grpo).split(":")[0]
+        >>> reward_problem(grpo).split(": a ledger")[0]
         "stage 'rl' (grpo) scores its generations with reward functions (recorded: ['reward_len'])"
         >>> reward_problem(grpo, [len]) is None
         True

@@ -197,7 +197,8 @@ class StageRecorder(TrainerCallback):
     def _start(self, part: StagePart, resume_at: int | None) -> None:
         ctx = self._context
         kind = infer_stage_kind(ctx.args, ctx.model, part.kind)
-        for message in training_mode_warnings(ctx.args, unwrap_model(ctx.model)) if ctx.is_main else []:
+        mode_notes = training_mode_warnings(ctx.args, unwrap_model(ctx.model)) if ctx.is_main else []
+        for message in mode_notes:
             warnings.warn(f"Stage {part.name!r}: {message}", stacklevel=2)
         recording = StageRecording(
             self.ledger_dir,
@@ -222,7 +223,7 @@ class StageRecorder(TrainerCallback):
         _ACTIVE[str(self.ledger_dir.resolve())] = weakref.ref(self)
         # If this recorder is dropped while its stage is unfinished (train() raised), free the lock and the hooks.
         self._finalizer = weakref.finalize(self, _release, recording, self._hooks)
-        notes: list[str] = []
+        notes: list[str] = list(mode_notes)  # kept in stage.json: the warning alone was lost with the console
         if resume_at is not None:
             notes += self._align_resumed(recording, part, resume_at)
         trainer_class = resolve_trainer_class(self.trainer_class, ctx)

@@ -169,9 +169,9 @@ def training_mode_warnings(args: Any, model: Any = None) -> list[str]:
         what = f"{half[0]} mixed precision" if half else f"{', '.join(half_weights)} weights"
         out.append(
             f"The stage trains in {what}: the ledger stores its Δ in float32, but replay re-runs the stage in the "
-            "same precision, whose rounding differs from run to run, and the estimators linearise a float32 model, "
-            "so replay and estimates agree only to that precision. For exact replay train in float32 (TRL: "
-            "bf16=False, fp16=False; on CPU also use_cpu=True)."
+            "same precision, whose rounding differs from run to run, so replay and the estimates agree only to that "
+            "precision (the attributor evaluates a float32 copy of half-precision weights). For exact replay train "
+            "in float32 (TRL: bf16=False, fp16=False; on CPU also use_cpu=True)."
         )
     checkpointing = getattr(args, "activation_checkpointing", None)  # transformers 5's name; 4's below
     if checkpointing is None:

@@ -25,6 +25,7 @@ import torch
 
 from .._internal.model_state import clean_copy
 from .._internal.params import is_peft_model, lora_layers
+from .._internal.precision import subtract_
 from ..errors import InterventionError
 from ..estimators.linear import parameter_paths
 from .card import write_card_section
@@ -97,13 +98,11 @@ def apply_scaling(model: torch.nn.Module, emb: Any, k: int, alpha: float) -> tup
                     if n in lora:
                         lora[n].factors()[1].mul_(1.0 - alpha)
                     else:
-                        param = paths[n][1]
-                        param.sub_((alpha * emb.get(k, n).double()).to(param.device, param.dtype))
+                        subtract_(paths[n][1], alpha * emb.get(k, n).double())
             return edited, "adapter"
     with torch.no_grad():
         for n in names:
-            param = paths[n][1]
-            param.sub_((alpha * emb.get(k, n).double()).to(param.device, param.dtype))
+            subtract_(paths[n][1], alpha * emb.get(k, n).double())  # a half-precision parameter rounded once
     if is_peft_model(edited):
         edited = edited.merge_and_unload()
     return edited, "full"

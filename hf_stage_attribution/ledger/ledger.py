@@ -8,11 +8,13 @@ custom training loop (:meth:`StageLedger.record_stage`) and from published check
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .._internal.precision import half_precision_dtype, half_precision_note
 from ..checkpoints.importer import import_checkpoints
 from ..errors import LedgerError
 from .core import LedgerCore
@@ -70,6 +72,12 @@ class StageLedger(LedgerCore):
         """
         if model is None:
             raise LedgerError("record_stage needs `model=` (the model being trained).")
-        return StageRecording(
+        recording = StageRecording(
             self, name, kind=kind, model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, **options
         )
+        half = half_precision_dtype(model)
+        if half is not None and recording.is_main:  # the Trainer callback says it itself (training_mode_warnings)
+            note = half_precision_note(half)
+            warnings.warn(f"Stage {name!r}: {note}", UserWarning, stacklevel=2)
+            recording.update_metadata(notes=[*recording.metadata.get("notes", []), note])
+        return recording

@@ -1,0 +1,122 @@
+"""Models with bfloat16 weights (how most Hugging Face fine-tuning loads them): the attributor evaluates a float32
+copy (bf16 evaluations are rounding noise for small effects), a finite difference removes the last stage exactly
+(bf16 subtraction rounded twice), replays still train in bf16 as the stages did, ``check_model`` accepts one bf16
+rounding step, and a custom loop that trains bf16 weights says so in its stage notes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from hf_stage_attribution import StageAttributor, StageLedger, estimators
+from hf_stage_attribution._internal.precision import float32_working_model
+from hf_stage_attribution.errors import ModelMismatchError
+from hf_stage_attribution.estimators.embeddings.cache import stage_embeddings
+from hf_stage_attribution.estimators.finite_difference import subtract_embedding
+from hf_stage_attribution.estimators.replay import replay_model
+
+X = torch.linspace(-1, 1, 24).reshape(6, 4)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).to(torch.bfloat16)
+
+
+def _train(model, seed: int, steps: int = 3) -> None:
+    """SGD steps on the model's own dtype (what a stage function replays)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        dtype = next(model.parameters()).dtype
+        (model(X.to(dtype)).float() ** 2).mean().backward()
+        opt.step()
+
+
+def behavior(model):
+    dtype = next(model.parameters()).dtype
+    return model(X.to(dtype))[:, 0].float()
+
+
+def _ledger(tmp_path):
+    model = _model()
+    ledger = StageLedger(tmp_path / "ledger")
+    states = [{n: p.detach().clone() for n, p in model.named_parameters()}]
+    for k, name in enumerate(("a", "b")):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rec = ledger.record_stage(name, model=model, optimizer=opt, num_steps=3, curvature_segments=0)
+        assert any("trains bfloat16 weights" in str(w.message) for w in caught)
+        with rec:
+            torch.manual_seed(k)
+            for _ in range(3):
+                opt.zero_grad()
+                (model(X.to(torch.bfloat16)).float() ** 2).mean().backward()
+                opt.step()
+                rec.step()
+        states.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return StageLedger.load(tmp_path / "ledger"), model, states
+
+
+def test_the_last_stage_is_removed_exactly_and_the_notes_say_bf16(tmp_path):
+    ledger, model, states = _ledger(tmp_path)
+    assert any("trains bfloat16 weights" in note for note in ledger.stages[0].info.get("notes", []))
+    with subtract_embedding(model, stage_embeddings(ledger, "delta"), 1):  # θ_K − Δ_K, rounded once: θ_{K−1}
+        assert all(torch.equal(p, states[1][n]) for n, p in model.named_parameters())
+    assert all(torch.equal(p, states[2][n]) for n, p in model.named_parameters())
+
+
+def test_the_attributor_evaluates_a_float32_copy_and_says_so(tmp_path):
+    ledger, model, _ = _ledger(tmp_path)
+    report = StageAttributor(ledger, model, estimator="delta-fd", show_progress=False, diagnostics=False).attribute(
+        {"out": behavior}
+    )
+    assert next(model.parameters()).dtype == torch.bfloat16  # the user's model is left as it was
+    want = estimators.get("delta-fd").estimate(ledger, float32_working_model(model), behavior)
+    for row in report.rows:
+        assert row.effect == pytest.approx(float(want.per_example[row.stage].mean()), abs=1e-12)
+    assert any("float32 copy" in note for note in report.approximations)
+
+
+def test_replay_trains_in_bf16_and_hands_back_float32(tmp_path):
+    ledger, model, _ = _ledger(tmp_path)
+    seen = []
+
+    def stage_fn(k):
+        def fn(m):
+            seen.append(next(m.parameters()).dtype)
+            _train(m, k)
+
+        return fn
+
+    fns = {"a": stage_fn(0), "b": stage_fn(1)}
+    work = float32_working_model(model)
+    cf = replay_model(ledger, work, 0, stage_fns=fns)
+    direct = replay_model(ledger, model, 0, stage_fns=fns)  # the bf16 model itself
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert next(cf.parameters()).dtype == torch.float32
+    assert all(torch.equal(a, b.float()) for a, b in zip(cf.parameters(), direct.parameters()))
+
+
+def test_check_model_accepts_one_bf16_rounding_step_and_no_more(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    ledger = StageLedger(tmp_path / "ledger")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ledger.record_stage("a", model=model, optimizer=opt, curvature_segments=0) as rec:
+        opt.zero_grad()
+        model(X).sum().backward()
+        opt.step()
+        rec.step()
+    rounded = torch.nn.Linear(4, 2)
+    rounded.load_state_dict(model.state_dict())
+    rounded = rounded.to(torch.bfloat16)
+    ledger.check_model(rounded)  # θ_K rounded to bf16: no extra training
+    with torch.no_grad():
+        rounded.weight[0, 0] += 0.1
+    with pytest.raises(ModelMismatchError, match="more than one rounding step of its half-precision dtype"):
+        ledger.check_model(rounded)
