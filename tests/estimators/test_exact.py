@@ -350,7 +350,8 @@ def test_per_example_linear_readout_paths(tmp_path):
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_subtract_embedding_holds_theta_minus_scaled_v_and_restores_it_exactly(dtype, scale):
     """Inside the block the model holds θ − s·v as the float64 product cast to the parameter's dtype (at s = 1 the
-    cast is made from v directly: the same numbers without float64 temporaries); afterwards exactly θ."""
+    cast is made from v directly: the same numbers without float64 temporaries); a bf16 parameter rounded once (the
+    difference taken in float64, not v cast to bf16 and subtracted in bf16); afterwards exactly θ."""
     from hf_stage_attribution.estimators.finite_difference import subtract_embedding
 
     class Emb:  # the read interface subtract_embedding uses
@@ -367,6 +368,9 @@ def test_subtract_embedding_holds_theta_minus_scaled_v_and_restores_it_exactly(d
     with subtract_embedding(model, Emb(v), 0, scale) as shifted:
         assert shifted == 2
         for n, p in model.named_parameters():
-            expected = before[n] - (scale * v[n].to(torch.float64)).to(dtype)
+            if dtype == torch.bfloat16:
+                expected = (before[n].double() - scale * v[n].to(torch.float64)).to(dtype)
+            else:
+                expected = before[n] - (scale * v[n].to(torch.float64)).to(dtype)
             assert torch.equal(p.detach(), expected), n
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())

@@ -80,6 +80,8 @@ def test_the_attributor_evaluates_a_float32_copy_and_says_so(tmp_path):
     for row in report.rows:
         assert row.effect == pytest.approx(float(want.per_example[row.stage].mean()), abs=1e-12)
     assert any("float32 copy" in note for note in report.approximations)
+    with pytest.warns(UserWarning, match="evaluates and shifts them in bfloat16"):  # called directly: said
+        estimators.get("delta-fd").estimate(ledger, model, behavior)
 
 
 def test_replay_trains_in_bf16_and_hands_back_float32(tmp_path):
