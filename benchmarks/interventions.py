@@ -181,7 +181,7 @@ def _comparison(block: dict[str, Any]) -> list[str]:
     for name, r in block["recipes"].items():
         for s in r["stages"].values():
             one, ch, rp = s["at_alpha_1"] or {}, s["at_chosen"] or {}, s["replay"] or {}
-            alpha = f"{ch['alpha']:g}" if ch else "none met the constraint"
+            alpha = f"{ch['alpha']:g}" if ch else "none chosen"  # none met the constraint or improved the target
             lines.append(
                 f"| {name} | `{s['stage']}` ({s['rank']}) | {s['target_name']} | {_num(one.get('target'), 3, True)} | "
                 f"{_num(one.get('average'), 1, True)} | {_num(one.get('worst_group'), 1, True)} | "

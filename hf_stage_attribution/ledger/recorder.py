@@ -59,6 +59,11 @@ from .storage import (
 )
 
 
+def _snapshot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a trainable tensor's start snapshot is kept in: its own for bf16/fp16 (exact), else float32."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _is_main_process() -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
@@ -384,7 +389,12 @@ class StageRecording:
         if resumed and path.exists():
             handle = open_safetensors(path)
             return {k: handle.get_tensor(k) for k in handle.keys()}
-        return {n: self._params[n].detach().to("cpu", torch.float32).clone() for n in self._trainable}
+        # float32, except half-precision weights, kept in their own dtype: exact, and half the memory (SmolLM2-135M
+        # in bf16: the float32 copy was +0.59 GB of peak RSS); the deltas below subtract it in float32 either way
+        return {
+            n: self._params[n].detach().to("cpu", _snapshot_dtype(self._params[n].dtype)).clone()
+            for n in self._trainable
+        }
 
     def _lora_snapshot(self, resumed: bool) -> dict[str, torch.Tensor]:
         """Start factors (only where B is non-zero, i.e. the adapter was already trained) or start dense deltas."""

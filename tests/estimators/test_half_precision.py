@@ -122,3 +122,22 @@ def test_check_model_accepts_one_bf16_rounding_step_and_no_more(tmp_path):
         rounded.weight[0, 0] += 0.1
     with pytest.raises(ModelMismatchError, match="more than one rounding step of its half-precision dtype"):
         ledger.check_model(rounded)
+
+
+def test_the_recorder_keeps_a_bf16_start_snapshot_in_bf16_and_the_delta_exact(tmp_path):
+    model = _model()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = StageLedger(tmp_path / "ledger").record_stage("a", model=model, optimizer=opt, curvature_segments=0)
+    with rec:
+        assert {t.dtype for t in rec._snapshot.values()} == {torch.bfloat16}  # half a float32 copy's memory
+        opt.zero_grad()
+        (model(X.to(torch.bfloat16)).float() ** 2).mean().backward()
+        opt.step()
+        rec.step()
+    (stage,) = StageLedger.load(tmp_path / "ledger").stages
+    for name, delta in stage.iter_delta():
+        assert delta.dtype == torch.float32
+        assert torch.equal(start[name].float() + delta, dict(model.named_parameters())[name].float())
