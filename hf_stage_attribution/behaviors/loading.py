@@ -110,9 +110,17 @@ def load_sequence_classifier(ref: Any, *, trust_code: bool = False) -> Any:
 
     path = _local_dir(ref, "model")
     check_pretrained_dir(path, "model", trust_code=trust_code, weights=True)
-    return AutoModelForSequenceClassification.from_pretrained(
-        path, local_files_only=True, trust_remote_code=trust_code, use_safetensors=True
-    )
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_code, use_safetensors=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:  # transformers' multi-line messages
+        raise BehaviorError(
+            f"Cannot load a sequence-classification (reward) model from {Path(path).resolve()}: "
+            f"{type(exc).__name__}: {one_line(exc)}. Expected a folder written by save_pretrained of an "
+            "AutoModelForSequenceClassification model (config.json with a *ForSequenceClassification architecture, "
+            "safetensors weights)."
+        ) from exc
 
 
 def spec_reference(ref: Any, base_dir: Path | None, what: str, *, trust_code: bool) -> Any:

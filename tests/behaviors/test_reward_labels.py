@@ -53,3 +53,22 @@ def test_policy_reward_with_a_two_label_reward_model_is_refused_when_built(tok, 
     b = behaviors.PolicyReward(ROWS, tokenizer=tok, reward_model=two_labels, completion_key="response", label_index=1)
     b.prepare(tiny_gpt2(tok))
     assert len(b._state["scores"]) == 2
+
+
+def test_a_reward_model_folder_that_does_not_load_is_one_line(tmp_path):
+    """Weights of another shape in the folder: transformers' multi-line error becomes one BehaviorError naming it."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from hf_stage_attribution.behaviors.loading import load_sequence_classifier
+    from hf_stage_attribution.errors import BehaviorError
+
+    def model(width):
+        config = GPT2Config(vocab_size=50, n_embd=width, n_layer=1, n_head=2, n_positions=16, num_labels=1)
+        return GPT2ForSequenceClassification(config)
+
+    model(8).save_pretrained(tmp_path / "rm")
+    model(16).save_pretrained(tmp_path / "other")
+    (tmp_path / "rm" / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(BehaviorError, match="Cannot load a sequence-classification") as caught:
+        load_sequence_classifier(str(tmp_path / "rm"))
+    assert "\n" not in str(caught.value)

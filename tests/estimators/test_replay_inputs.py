@@ -13,9 +13,10 @@ import torch
 
 import tests.helpers.recording as F
 from hf_stage_attribution import StageAttributor, StageLedger, StageRecorder, estimators
+from hf_stage_attribution._internal.params import iter_merged_state
 from hf_stage_attribution.cli.attribute_cmd import reward_functions
 from hf_stage_attribution.errors import PartialReplayError, ReplayError, StageAttributionError, UnsafeInputError
-from hf_stage_attribution.estimators.replay import replay_needs
+from hf_stage_attribution.estimators.replay import replay_model, replay_needs
 
 STEPS = {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-2}
 
@@ -127,3 +128,35 @@ def test_cli_reward_functions_import_only_with_trust_code(tmp_path):
         reward_functions(["rl"])
     with pytest.raises(ReplayError, match="neither a folder here nor an importable"):
         reward_functions(["rl=no_such_thing"], trust_code=True)
+
+
+def test_a_reward_model_folder_given_by_path_replays_the_stage(tmp_path):
+    """--reward-func STAGE=PATH: the TRL trainer loads the reward model from the folder, as it did when trained."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    tok = F.tokenizer()
+    folder = tmp_path / "reward-model"
+    config = GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64, num_labels=1,
+                        pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(3)
+    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+    def grpo_with_model(model, out, callbacks):
+        from trl import GRPOConfig, GRPOTrainer
+
+        args = F.trl_args(GRPOConfig, out, num_generations=2, max_completion_length=4, **STEPS)
+        return GRPOTrainer(model=model, reward_funcs=[str(folder)], args=args, train_dataset=F.prompt_dataset(),
+                           processing_class=tok, callbacks=callbacks)  # fmt: skip
+
+    ledger, model = _ledger(tmp_path, grpo_with_model)
+    rewards = reward_functions([f"rl={folder}"])  # a folder: no code is imported, no --trust-code needed
+    assert rewards == {"rl": [str(folder)]}
+    kw = {"show_progress": False, "diagnostics": False, "reward_funcs": rewards}
+    replay = StageAttributor(ledger, model, estimator="replay", **kw).attribute({"logits": _behavior}, stages=["sft"])
+    full = StageAttributor(ledger, model, estimator="partial-replay", estimator_options={"budget": 1.0}, **kw)
+    got = full.attribute({"logits": _behavior}, stages=["sft"])
+    assert got.rows[0].effect == pytest.approx(replay.rows[0].effect, abs=1e-5) and replay.rows[0].effect != 0.0
+    again = replay_model(ledger, model, None, reward_funcs=rewards)  # nothing removed: the recorded θ_K again
+    final = ledger.final_state()
+    assert max(float((t - final[n]).abs().max()) for n, t in iter_merged_state(again)) <= 1e-5
