@@ -37,6 +37,9 @@ from .ledger import StageLedger
 from .report.attribution import AttributionReport
 from .report.build import FD_READINGS, ledger_summary, min_resamples
 
+#: how a model with bf16/fp16 weights is evaluated (``StageAttributor(half_precision=...)``)
+HALF_PRECISION_MODES = ("float32-copy", "native")
+
 # linear estimator ↔ its finite-difference reading (ESTIMATORS.md §4 "linearisation gap")
 _PAIRED = {
     "delta-linear": "delta-fd",
@@ -121,6 +124,10 @@ class StageAttributor:
         ref_models: ``{stage name: reference model}`` for DPO/KTO stages whose reference replay cannot rebuild (a
             separate model that is not at its recorded path any more; for a distillation stage, its teacher); every
             estimator that replays a stage from its replay data uses them (replay, partial and strided replay).
+        half_precision: a model with bf16/fp16 weights is evaluated on a float32 copy (``"float32-copy"``, the
+            default: bf16 evaluations round every activation, and finite differences of them are noise for small
+            effects) or in its own dtype (``"native"``: no copy, for a model whose float32 copy does not fit in
+            memory; the report says the estimates carry that noise). Replays train in the model's dtype either way.
         reward_funcs: ``{stage name: reward functions}`` (what the stage's ``GRPOTrainer``/``RLOOTrainer``/
             ``OnlineDPOTrainer`` took as ``reward_funcs``: callables, reward models or their paths): a ledger holds
             no Python functions, so without them a GRPO/RLOO/OnlineDPO stage cannot be replayed from its replay
@@ -158,6 +165,7 @@ class StageAttributor:
         ref_models: Mapping[str, Any] | None = None,
         second_opinion: str = "auto",
         reward_funcs: Mapping[str, Any] | None = None,
+        half_precision: str = "float32-copy",
     ) -> None:
 
         self.ledger = ledger if isinstance(ledger, StageLedger) else StageLedger.load(ledger)
@@ -198,10 +206,22 @@ class StageAttributor:
             self.ledger.check_model(model)
         #: the report's note when the model's weights are half precision (the attribution then runs on a float32 copy)
         self.precision_note = ""
+        if half_precision not in HALF_PRECISION_MODES:
+            raise ReportError(
+                f"Expected half_precision to be one of {', '.join(map(repr, HALF_PRECISION_MODES))}, got "
+                f"{half_precision!r}: 'float32-copy' evaluates a bf16/fp16 model on a float32 copy (exact, one "
+                "float32 model of memory more), 'native' in its own dtype (no copy; rounding noise in the estimates)."
+            )
         half = half_precision_dtype(model)
-        if half is not None:
+        name = str(half).replace("torch.", "")
+        if half is not None and half_precision == "native":
+            self.precision_note = (
+                f"The model's weights are {name} and were evaluated in {name} (half_precision='native', no float32 "
+                "copy): finite differences and replay's differences carry its rounding noise, which can swamp small "
+                "effects; half_precision='float32-copy' (the default) evaluates them in float32."
+            )
+        elif half is not None:
             self.model = float32_working_model(model)
-            name = str(half).replace("torch.", "")
             self.precision_note = (
                 f"The model's weights are {name}: the attribution ran on a float32 copy of them (exact: the ledger's "
                 f"states are float32), so behaviors were evaluated and finite differences taken in float32 (in {name} "
@@ -345,6 +365,8 @@ class StageAttributor:
             options.setdefault("ref_models", self.ref_models)
         if self.reward_funcs:
             options.setdefault("reward_funcs", self.reward_funcs)
+        if self.precision_note:  # said in the report: the estimators need not warn about a half-precision model
+            options["precision_noted"] = True
         if self.loss_fns:
             options.setdefault("loss_fns", self.loss_fns)
         return options
@@ -535,7 +557,7 @@ def _embedding_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {
         k: v
         for k, v in options.items()
-        if k not in ("stage_fns", "check_model", "prepare_behavior", "ref_models", "reward_funcs")
+        if k not in ("stage_fns", "check_model", "prepare_behavior", "ref_models", "reward_funcs", "precision_noted")
     }
 
 

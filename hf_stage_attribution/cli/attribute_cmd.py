@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..attributor import StageAttributor
+from ..attributor import HALF_PRECISION_MODES, StageAttributor
 from ..behaviors import load_specs
 from ..behaviors.custom import import_callable
 from ..errors import ReplayError, ReportError
@@ -97,6 +97,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="STAGE=PATH",
         help="the reference model a DPO/KTO stage trained against (a distillation stage: its teacher), where "
         "replay cannot rebuild it (repeatable)",
+    )
+    p.add_argument(
+        "--half-precision",
+        choices=list(HALF_PRECISION_MODES),
+        default="float32-copy",
+        help="a model with bf16/fp16 weights: evaluate it on a float32 copy (default; one float32 model of memory "
+        "more) or in its own dtype ('native': no copy, rounding noise in the estimates, said in the report)",
     )
     p.add_argument(
         "--stage-fn",
@@ -343,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
         ref_models=ref_models,
         second_opinion=args.second_opinion,
         reward_funcs=reward_funcs,
+        half_precision=args.half_precision,
     )
     what = "estimates and replay" if args.validate else "estimates"
     main_process = attributor.state.is_main_process

@@ -132,7 +132,7 @@ def names() -> list[str]:
 
 
 #: the options every built-in estimator reads (:func:`check_inputs`)
-COMMON_OPTIONS = frozenset({"check_model", "prepare_behavior"})
+COMMON_OPTIONS = frozenset({"check_model", "prepare_behavior", "precision_noted"})
 
 
 def check_options(estimator: str, options: Any) -> None:
@@ -250,13 +250,15 @@ def resolve_stages(ledger: LedgerCore, stages: Any = None) -> list[Any]:
 def check_inputs(ledger: LedgerCore, model: torch.nn.Module, behavior: Behavior, options: dict[str, Any]) -> None:
     """Checks every estimator runs first: the model is the ledger's final model; the behavior is prepared on it.
 
-    Options: ``check_model`` (default True; the attributor, which checks once, may pass False), and
-    ``prepare_behavior`` (default True: a behavior whose ``needs_prepare`` is true is prepared on the final model).
-    """
+    Options: ``check_model`` (default True; the attributor, which checks once, may pass False),
+    ``prepare_behavior`` (default True: a behavior whose ``needs_prepare`` is true is prepared on the final model),
+    and ``precision_noted`` (default False: a model with bf16/fp16 weights gets a warning that the estimate is taken
+    in that dtype; the attributor, whose report says it, passes True)."""
     if options.get("check_model", True):
         ledger.check_model(model)
     half = str(half_precision_dtype(model)).replace("torch.", "")
-    if half != "None":  # StageAttributor passes its float32 copy: this is a direct call on the user's model
+    # StageAttributor passes its float32 copy, or says in the report that it evaluates in half precision
+    if half != "None" and not options.get("precision_noted"):
         warnings.warn(
             f"The model's weights are {half}: this estimator evaluates and shifts them in {half}, whose rounding "
             "noise can swamp small effects (SmolLM2: delta-fd -0.005 in bf16 where float32 gives -0.042). Use "

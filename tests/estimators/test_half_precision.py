@@ -12,7 +12,7 @@ import torch
 
 from hf_stage_attribution import StageAttributor, StageLedger, estimators
 from hf_stage_attribution._internal.precision import float32_working_model
-from hf_stage_attribution.errors import ModelMismatchError
+from hf_stage_attribution.errors import ModelMismatchError, ReportError
 from hf_stage_attribution.estimators.embeddings.cache import stage_embeddings
 from hf_stage_attribution.estimators.finite_difference import subtract_embedding
 from hf_stage_attribution.estimators.replay import replay_model
@@ -82,6 +82,21 @@ def test_the_attributor_evaluates_a_float32_copy_and_says_so(tmp_path):
     assert any("float32 copy" in note for note in report.approximations)
     with pytest.warns(UserWarning, match="evaluates and shifts them in bfloat16"):  # called directly: said
         estimators.get("delta-fd").estimate(ledger, model, behavior)
+
+
+def test_native_half_precision_evaluates_the_model_itself_and_says_so(tmp_path):
+    ledger, model, _ = _ledger(tmp_path)
+    kw = {"estimator": "delta-fd", "show_progress": False, "diagnostics": False}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*evaluates and shifts them")  # said in the report instead
+        report = StageAttributor(ledger, model, half_precision="native", **kw).attribute({"out": behavior})
+    assert any("were evaluated in bfloat16 (half_precision='native'" in note for note in report.approximations)
+    with pytest.warns(UserWarning):  # the same estimate, called directly, warns
+        want = estimators.get("delta-fd").estimate(ledger, model, behavior)
+    for row in report.rows:
+        assert row.effect == pytest.approx(float(want.per_example[row.stage].mean()), abs=1e-12)
+    with pytest.raises(ReportError, match="Expected half_precision to be one of 'float32-copy', 'native'"):
+        StageAttributor(ledger, model, half_precision="bf16", **kw)
 
 
 def test_replay_trains_in_bf16_and_hands_back_float32(tmp_path):
