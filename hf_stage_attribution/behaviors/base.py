@@ -201,21 +201,25 @@ class ExampleBehavior(Behavior):
             log = _truncation_logs[-1]
         finally:
             _truncation_logs.pop()
-        truncated = sum(entry[0] for entry in log)
-        if not truncated:
-            return
-        total, length, source = sum(entry[1] for entry in log), log[0][2], log[0][3]
-        key = (truncated, total, length)
+        by_source: dict[str, list[tuple[int, int, int, str]]] = {}
+        for entry in log:
+            by_source.setdefault(entry[3], []).append(entry)
         said = getattr(self, "_truncation_said", None)
-        if said is None or key in said:
-            return
-        said.add(key)
-        notice(
-            f"{self.where()}: {truncated} of {total} texts it encoded were longer than {length} tokens "
-            f"({source}) and were truncated to {length}; its values score the truncated texts. Set `max_length` (up "
-            "to the model's limit) or shorten the texts to score them whole.",
-            routine=False,
-        )
+        for source, entries in by_source.items():
+            truncated = sum(entry[0] for entry in entries)
+            if not truncated or said is None:
+                continue
+            total, length = sum(entry[1] for entry in entries), next(e[2] for e in entries if e[0])
+            key = (truncated, total, length)
+            if key in said:
+                continue
+            said.add(key)
+            notice(
+                f"{self.where()}: {truncated} of {total} texts it encoded were longer than {length} tokens "
+                f"({source}) and were truncated to {length}; its values score the truncated texts. Set `max_length` "
+                "(up to the model's limit) or shorten the texts to score them whole.",
+                routine=False,
+            )
 
     def __len__(self) -> int:
         return len(self.data)

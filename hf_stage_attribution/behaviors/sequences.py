@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import BehaviorError
-from .base import model_device
+from .base import model_device, record_truncation
 
 __all__ = [
     "continuation_logprobs", "sample_continuations", "encode", "fit_prompt", "max_positions", "sample_seed",
@@ -46,11 +46,19 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def fit_prompt(prompt: list[int], room: int | None, start_id: int) -> list[int]:
-    """``prompt`` cut from the left to ``room`` tokens (never empty: ``start_id`` when it is)."""
+    """``prompt`` cut from the left to ``room`` tokens (never empty: ``start_id`` when it is); a cut is counted for
+    the evaluating behavior's truncation notice (:meth:`~.base.ExampleBehavior.truncation`)."""
     if room is not None and room < 1:
         raise BehaviorError(f"No room left for the prompt in the model's context (room {room}); shorten the text.")
     ids = list(prompt) if prompt else [start_id]
-    return ids[-room:] if room is not None else ids
+    if room is None:
+        return ids
+    record_truncation(int(len(ids) > room), 1, room, PROMPT_CUT)
+    return ids[-room:]
+
+
+#: how :func:`fit_prompt`'s cuts are described in the truncation notice
+PROMPT_CUT = "prompts: the model's context less the continuation; cut from the left, their last tokens kept"
 
 
 def sample_seed(seed: int, index: int, sample: int) -> int:

@@ -98,3 +98,18 @@ def test_reward_model_texts_are_counted_too(capsys):
                                measure="margin", name="rm-long")(rm)  # fmt: skip
     [said] = notices(capsys)
     assert "Behavior 'rm-long' (reward-model): 2 of 2 texts it encoded were longer than 64 tokens" in said
+
+
+def test_prompts_cut_to_fit_the_models_context_are_counted(capsys):
+    tok = tiny_tokenizer()
+    model = tiny_gpt2(tok, n_positions=32)  # room for 32 tokens: the long prompt loses its start
+    rows = [{"prompt": LONG, "toxic": " a jerk", "clean": " a friend"}, {"prompt": "you are", "toxic": " a jerk",
+            "clean": " a friend"}]  # fmt: skip
+    b = behaviors.TeacherForcedToxicity(rows, tokenizer=tok, name="long-prompts")
+    values = b(model)
+    [said] = notices(capsys)
+    assert "Behavior 'long-prompts'" in said and "2 of 4 texts it encoded were longer than" in said
+    assert "prompts: the model's context less the continuation; cut from the left" in said
+    assert torch.isfinite(values).all()
+    b(model)
+    assert notices(capsys) == []
