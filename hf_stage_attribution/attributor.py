@@ -30,9 +30,9 @@ from .estimators.base import check_finite, eval_mode, evaluate
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
 from .estimators.partial_replay import check_budget
-from .estimators.replay import check_replayable, replay_needs
+from .estimators.replay import check_replayable, replay_inputs, replay_needs
 from .estimators.second_opinion import DEFAULT_SECOND_OPINION, check_second_opinion
-from .estimators.selection import PARTIAL_REPLAY_BUDGET, replay_inputs
+from .estimators.selection import PARTIAL_REPLAY_BUDGET
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
 from .report.build import FD_READINGS, ledger_summary, min_resamples

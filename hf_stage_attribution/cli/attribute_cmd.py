@@ -269,6 +269,21 @@ def load_cli_model(path: str | Path, trust_code: bool = False) -> Any:
         return load_model(path, trust_code=trust_code)
 
 
+def stage_item(item: str, form: str, need: str = "") -> tuple[str, str]:
+    """``(stage, value)`` of a ``STAGE=VALUE`` option (``--ref-model``, ``--reward-func``, ``--stage-fn``); a
+    ReplayError naming ``form`` (the option and what it takes) when either side is empty or ``need`` is not in the
+    value.
+
+    Example:
+        >>> stage_item("dpo=models/ref", "--ref-model STAGE=PATH")
+        ('dpo', 'models/ref')
+    """
+    stage, sep, value = item.partition("=")
+    if not sep or not stage or not value or need not in value:
+        raise ReplayError(f"Expected {form}, got {item!r}.")
+    return stage, value
+
+
 def reward_functions(items: list[str], trust_code: bool = False) -> dict[str, list[Any]]:
     """``{stage: [reward function, ...]}`` from ``--reward-func STAGE=MODULE:FUNCTION`` (imported, with
     ``trust_code``) or ``STAGE=PATH`` of a reward model folder (passed on as its path, which the TRL trainer loads as
@@ -280,11 +295,7 @@ def reward_functions(items: list[str], trust_code: bool = False) -> dict[str, li
     """
     out: dict[str, list[Any]] = {}
     for item in items:
-        stage, sep, value = item.partition("=")
-        if not sep or not stage or not value:
-            raise ReplayError(
-                f"Expected --reward-func STAGE=MODULE:FUNCTION (or STAGE=PATH of a reward model folder), got {item!r}."
-            )
+        stage, value = stage_item(item, "--reward-func STAGE=MODULE:FUNCTION (or STAGE=PATH of a reward model folder)")
         if Path(value).is_dir():
             out.setdefault(stage, []).append(str(Path(value)))
             continue
@@ -308,9 +319,7 @@ def stage_functions(items: list[str], trust_code: bool = False) -> dict[str, Any
     """
     out: dict[str, Any] = {}
     for item in items:
-        stage, sep, value = item.partition("=")
-        if not sep or not stage or ":" not in value:
-            raise ReplayError(f"Expected --stage-fn STAGE=MODULE:FUNCTION, got {item!r}.")
+        stage, value = stage_item(item, "--stage-fn STAGE=MODULE:FUNCTION", need=":")
         if stage in out:
             raise ReplayError(f"--stage-fn names stage {stage!r} twice; give each stage one function.")
         out[stage] = import_callable(value, trust_code, what="stage function", source=f"--stage-fn {item!r}")
@@ -331,9 +340,7 @@ def run(args: argparse.Namespace) -> int:
         options["factual"] = args.factual
     ref_models = {}
     for item in args.ref_model:
-        stage, sep, path = item.partition("=")
-        if not sep or not stage or not path:
-            raise ReplayError(f"Expected --ref-model STAGE=PATH, got {item!r}.")
+        stage, path = stage_item(item, "--ref-model STAGE=PATH")
         ref_models[stage] = load_model(path, trust_code=args.trust_code)
     reward_funcs = reward_functions(args.reward_func, trust_code=args.trust_code)
     stage_fns = stage_functions(args.stage_fn, trust_code=args.trust_code)

@@ -108,10 +108,10 @@ from .replay import (
     STEP_LIMITED_HOW,
     can_replay,
     load_state,
-    replay_data_problem,
+    replay_inputs_key,
     run_stage,
+    stage_replay_problem,
     step_limitable,
-    trainer_input_problem,
     working_copy,
 )
 
@@ -288,9 +288,7 @@ def check_replayable(
                 f"{stage.name!r} after {leg.steps} optimizer step(s), but its stage function has no step-limited "
                 f"form. {STEP_LIMITED_HOW} Or use budget=0 / estimator='replay'."
             )
-        problem = replay_data_problem(stage) if fn is None else None
-        if fn is None and problem is None and stage.replay_dir is not None:
-            problem = trainer_input_problem(stage, **inputs)
+        problem = stage_replay_problem(stage, **inputs) if fn is None else None
         why = problem or "no stage function was given for it and the ledger holds no replay data for it"
         raise PartialReplayError(
             f"Partial replay of stage {removed!r} (budget {plan.budget:g}) needs to replay stage {stage.index} "
@@ -874,8 +872,7 @@ def _memo_key(
     ledger: LedgerCore, budget: float, unit: str, stage_fns: Mapping[str, Any], inputs: Mapping[str, Any]
 ) -> tuple:
     fns = tuple(sorted((n, id(f)) for n, f in stage_fns.items()))
-    given = tuple(sorted((key, n, id(v)) for key, by_stage in inputs.items() for n, v in (by_stage or {}).items()))
-    return (str(ledger.dir), ledger.fingerprint, budget, unit, fns, given)
+    return (str(ledger.dir), ledger.fingerprint, budget, unit, fns, replay_inputs_key(inputs))
 
 
 def partial_replay_embeddings(

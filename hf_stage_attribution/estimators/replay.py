@@ -332,9 +332,35 @@ def can_replay(
         return (step_limitable(fn) or not step_limited) and (takes_grad_every(fn) or not grad_reuse)
     if grad_reuse and (str(stage.kind).lower() in NO_GRADIENT_REUSE or stage_objective(stage) in NO_GRADIENT_REUSE):
         return False
-    if stage.replay_dir is None or replay_data_problem(stage) is not None:
-        return False
-    return trainer_input_problem(stage, ref_models, reward_funcs) is None
+    return stage.replay_dir is not None and stage_replay_problem(stage, ref_models, reward_funcs) is None
+
+
+def stage_replay_problem(
+    stage: Stage, ref_models: Mapping[str, Any] | None = None, reward_funcs: Mapping[str, Any] | None = None
+) -> str | None:
+    """Why ``stage`` cannot be re-run from its replay data with the given reference models and reward functions, as
+    a clause (``None`` when nothing stands in the way): :func:`replay_data_problem`, then — for a stage that holds
+    replay data — :func:`trainer_input_problem`. What :func:`can_replay`, ``auto`` and the partial/strided replay
+    checks say."""
+    problem = replay_data_problem(stage)
+    if problem is None and getattr(stage, "replay_dir", None) is not None:
+        problem = trainer_input_problem(stage, ref_models, reward_funcs)
+    return problem
+
+
+def replay_inputs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``ref_models`` and ``reward_funcs`` among an estimator's ``options`` (what replay would be given).
+
+    Example:
+        >>> replay_inputs({"budget": 0.1, "reward_funcs": {"rl": [len]}})
+        {'ref_models': None, 'reward_funcs': {'rl': [<built-in function len>]}}
+    """
+    return {"ref_models": options.get("ref_models"), "reward_funcs": options.get("reward_funcs")}
+
+
+def replay_inputs_key(inputs: Mapping[str, Any]) -> tuple:
+    """A memo key for the ``ref_models`` and ``reward_funcs`` given (object identities by stage name)."""
+    return tuple(sorted((key, n, id(v)) for key, by_stage in inputs.items() for n, v in (by_stage or {}).items()))
 
 
 def replay_data_problem(stage: Stage) -> str | None:
@@ -587,7 +613,7 @@ class Replay(Estimator):
         chosen = resolve_stages(ledger, stages)
         check_inputs(ledger, model, behavior, options)
         stage_fns = options.get("stage_fns") or {}
-        inputs = {"ref_models": options.get("ref_models"), "reward_funcs": options.get("reward_funcs")}
+        inputs = replay_inputs(options)
         check_replayable(ledger, [s.index for s in chosen], stage_fns, **inputs)
         final = evaluate_final(behavior, model)
         per_example: dict[str, torch.Tensor] = {}

@@ -66,7 +66,7 @@ from .curvature.products import resolve_loss
 from .curvature.propagation import CURVATURE_PRESETS, curvature_basis_on_disk, curvature_memory_problem
 from .propagation.rules import recorded_family
 from .propagation.stage import carry_problem, next_trained
-from .replay import can_replay, replay_data_problem, trainer_input_problem
+from .replay import can_replay, replay_inputs, stage_replay_problem
 
 PARTIAL_REPLAY = "partial-replay"
 PARTIAL_REPLAY_BUDGET = 0.25  # = partial_replay.DEFAULT_BUDGET (a test keeps them equal)
@@ -135,9 +135,7 @@ def choose_estimator(
         return fallback
     unreplayable = [s for s in later if not can_replay(s, fns, step_limited=True, **inputs)]
     blocked = [
-        (s, replay_data_problem(s) or trainer_input_problem(s, **inputs))
-        for s in unreplayable
-        if s.name not in fns and s.replay_dir is not None
+        (s, stage_replay_problem(s, **inputs)) for s in unreplayable if s.name not in fns and s.replay_dir is not None
     ]
     blocked = [(s, why) for s, why in blocked if why]
     others = [s.name for s in unreplayable if s not in [b for b, _ in blocked]]
@@ -195,16 +193,6 @@ def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str,
             "estimator='aa-fd' (CLI --estimator aa-fd) is the fast choice on large models"
         )
     return "aa-ggn", reason
-
-
-def replay_inputs(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``ref_models`` and ``reward_funcs`` among an estimator's ``options`` (what replay would be given).
-
-    Example:
-        >>> replay_inputs({"budget": 0.1, "reward_funcs": {"rl": [len]}})
-        {'ref_models': None, 'reward_funcs': {'rl': [<built-in function len>]}}
-    """
-    return {"ref_models": options.get("ref_models"), "reward_funcs": options.get("reward_funcs")}
 
 
 def lacks_optimizer_information(stage: Stage) -> bool:

@@ -77,10 +77,10 @@ from .propagation.stage import trains
 from .replay import (
     can_replay,
     no_gradient_reuse_message,
-    replay_data_problem,
+    replay_inputs_key,
     run_stage,
+    stage_replay_problem,
     takes_grad_every,
-    trainer_input_problem,
 )
 
 _MEMO: dict[str, Any] = {}
@@ -155,9 +155,7 @@ def check_strided_replayable(
                 f"Strided replay of stage {removed!r} (budget {plan.budget:g}): "
                 + no_gradient_reuse_message(stage, plan.stride, fn)
             )
-        problem = replay_data_problem(stage) if fn is None else None
-        if fn is None and problem is None and stage.replay_dir is not None:
-            problem = trainer_input_problem(stage, **inputs)
+        problem = stage_replay_problem(stage, **inputs) if fn is None else None
         if problem:
             why = problem
         elif fn is None and stage.replay_dir is not None:
@@ -252,8 +250,7 @@ def strided_replay_embeddings(
     inputs = {"ref_models": dict(ref_models or {}), "reward_funcs": dict(reward_funcs or {})}
     indices = [s.index for s in stages]
     fns = tuple(sorted((n, id(f)) for n, f in stage_fns.items()))
-    given = tuple(sorted((key, n, id(v)) for key, by_stage in inputs.items() for n, v in by_stage.items()))
-    key = (str(ledger.dir), ledger.fingerprint, budget, tuple(indices), fns, given)
+    key = (str(ledger.dir), ledger.fingerprint, budget, tuple(indices), fns, replay_inputs_key(inputs))
     if reuse and _MEMO.get("key") == key:
         return _MEMO["embeddings"]
     plans = {k: plan_strided_replay(ledger, k, budget) for k in indices}

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from .._internal.hashing import combine_digests
 from .._internal.params import is_peft_model, state_digests, unwrap_model
+from .._internal.precision import HALF_DTYPES
 from .run_info import json_safe
 
 # Config class name (the most specific TRL class in the MRO) → stage kind, and the trainer class that config belongs
@@ -164,7 +163,7 @@ def training_mode_warnings(args: Any, model: Any = None) -> list[str]:
     out = []
     half = [k for k in ("bf16", "fp16") if getattr(args, k, False)]
     dtypes = {p.dtype for p in model.parameters()} if model is not None and hasattr(model, "parameters") else set()
-    half_weights = sorted(str(d).replace("torch.", "") for d in dtypes if d in (torch.bfloat16, torch.float16))
+    half_weights = sorted(str(d).replace("torch.", "") for d in dtypes if d in HALF_DTYPES)
     if half or half_weights:
         what = f"{half[0]} mixed precision" if half else f"{', '.join(half_weights)} weights"
         out.append(

@@ -19,6 +19,7 @@ import torch
 
 from .._internal.hashing import combine_digests, tensor_digest
 from .._internal.params import base_parameters, iter_merged_state
+from .._internal.precision import HALF_DTYPES
 from ..errors import LedgerError, LedgerFormatError, LedgerMismatchError, ModelMismatchError, StageAttributionError
 from .format import FORMAT_NAME, FORMAT_VERSION, validate_ledger
 from .stage import Stage
@@ -240,7 +241,7 @@ class LedgerCore:
                 continue
             final = final or self.final_state()
             ref = final[name]
-            half = dtypes.get(name) in (torch.bfloat16, torch.float16)  # within one rounding step of that dtype
+            half = dtypes.get(name) in HALF_DTYPES  # within one rounding step of that dtype
             tolerance = max(rtol, torch.finfo(dtypes[name]).eps) if half else rtol
             if not torch.allclose(value, ref, rtol=tolerance, atol=atol):
                 diff = (value - ref).abs().max().item()

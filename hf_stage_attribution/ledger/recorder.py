@@ -32,6 +32,7 @@ from .._internal.params import (
     state_digests,
     unwrap_model,
 )
+from .._internal.precision import HALF_DTYPES
 from ..errors import LedgerError
 from .core import LedgerCore, utc_now
 from .format import FORMAT_VERSION, check_name
@@ -61,7 +62,7 @@ from .storage import (
 
 def _snapshot_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a trainable tensor's start snapshot is kept in: its own for bf16/fp16 (exact), else float32."""
-    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return dtype if dtype in HALF_DTYPES else torch.float32
 
 
 def _is_main_process() -> bool:
