@@ -13,6 +13,10 @@ Example:
     True
     >>> callable_fingerprint(make(2.0)) == callable_fingerprint(make(3.0))
     False
+    >>> def logits(model, batch):  # reads an attribute named like itself: hashed once, not forever
+    ...     return model(batch).logits
+    >>> callable_fingerprint(logits) is not None
+    True
     >>> class Loss:
     ...     def __call__(self, x): return x
     >>> callable_fingerprint(Loss()) is None
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 import types
 from typing import Any
 
@@ -34,6 +39,17 @@ _SIMPLE = (bool, int, float, complex, str, bytes, type(None))
 _MAX_DEPTH = 12
 # functions of installed libraries are keyed by name: their code changes only with the library's version
 _LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "numpy", "math", "functools", "builtins")
+
+
+_STATE = threading.local()
+
+
+def _active() -> set[int]:
+    """The functions whose code is being hashed, innermost last (per thread): a function met again inside itself is
+    hashed by name only."""
+    if not hasattr(_STATE, "active"):
+        _STATE.active = set()
+    return _STATE.active
 
 
 class _Unkeyable(Exception):
@@ -110,16 +126,24 @@ def _callable(fn: Any, h: Any, depth: int) -> None:
         return
     if isinstance(fn, types.FunctionType):
         h.update(f"fn:{fn.__module__}.{fn.__qualname__}:".encode())
-        _code(fn.__code__, fn.__globals__, h, depth)
-        _value(fn.__defaults__ or (), h, depth + 1)
-        _value(dict(fn.__kwdefaults__ or {}), h, depth + 1)
-        for cell in fn.__closure__ or ():
-            try:
-                contents = cell.cell_contents
-            except ValueError:  # an empty cell
-                h.update(b"empty-cell;")
-                continue
-            _value(contents, h, depth + 1)
+        active = _active()
+        if id(fn) in active:  # named again inside itself (recursion, or `.logits` read in a global `logits`)
+            h.update(b"again;")
+            return
+        active.add(id(fn))
+        try:
+            _code(fn.__code__, fn.__globals__, h, depth)
+            _value(fn.__defaults__ or (), h, depth + 1)
+            _value(dict(fn.__kwdefaults__ or {}), h, depth + 1)
+            for cell in fn.__closure__ or ():
+                try:
+                    contents = cell.cell_contents
+                except ValueError:  # an empty cell
+                    h.update(b"empty-cell;")
+                    continue
+                _value(contents, h, depth + 1)
+        finally:
+            active.discard(id(fn))
         return
     if isinstance(fn, types.BuiltinFunctionType):  # C functions (torch.sum, len): fixed by the installed version
         owner = fn.__self__

@@ -124,6 +124,16 @@ def _common(p: argparse.ArgumentParser) -> None:
         "reward functions, in the order its trainer took them",
     )
     p.add_argument(
+        "--loss-fn",
+        action="append",
+        default=[],
+        metavar="STAGE=MODULE:FORWARD,LOSS",
+        help="a stage's training loss for the curvature estimators (aa-ggn, aa-hvp), which a custom loop's ledger "
+        "does not keep: MODULE:FORWARD,LOSS names forward(model, batch) -> outputs and loss(outputs, batch) -> scalar "
+        "(Gauss-Newton needs the pair), MODULE:FUNCTION one f(model, batch) -> scalar (aa-hvp only); it replaces a "
+        "recorded loss; needs --trust-code (Python API: loss_fns; repeatable, one per stage)",
+    )
+    p.add_argument(
         "--allow-identity-propagation",
         action="store_true",
         help="pass deltas unchanged through stages whose optimizer the propagation rules do not know",
@@ -270,9 +280,9 @@ def load_cli_model(path: str | Path, trust_code: bool = False) -> Any:
 
 
 def stage_item(item: str, form: str, need: str = "") -> tuple[str, str]:
-    """``(stage, value)`` of a ``STAGE=VALUE`` option (``--ref-model``, ``--reward-func``, ``--stage-fn``); a
-    ReplayError naming ``form`` (the option and what it takes) when either side is empty or ``need`` is not in the
-    value.
+    """``(stage, value)`` of a ``STAGE=VALUE`` option (``--ref-model``, ``--reward-func``, ``--stage-fn``,
+    ``--loss-fn``); a ReplayError naming ``form`` (the option and what it takes) when either side is empty or ``need``
+    is not in the value.
 
     Example:
         >>> stage_item("dpo=models/ref", "--ref-model STAGE=PATH")
@@ -326,6 +336,31 @@ def stage_functions(items: list[str], trust_code: bool = False) -> dict[str, Any
     return out
 
 
+def loss_functions(items: list[str], trust_code: bool = False) -> dict[str, Any]:
+    """``{stage: (forward, loss)}`` from ``--loss-fn STAGE=MODULE:FORWARD,LOSS``, or ``{stage: f}`` from
+    ``STAGE=MODULE:FUNCTION`` (imported, only with ``trust_code``).
+
+    Example:
+        >>> fns = loss_functions(["sft=operator:getitem,truediv", "dpo=operator:sub"], trust_code=True)
+        >>> [f.__name__ for f in fns["sft"]], fns["dpo"].__name__
+        (['getitem', 'truediv'], 'sub')
+    """
+    form = "--loss-fn STAGE=MODULE:FORWARD,LOSS (or STAGE=MODULE:FUNCTION)"
+    out: dict[str, Any] = {}
+    for item in items:
+        stage, value = stage_item(item, form, need=":")
+        module, _, names = value.partition(":")
+        parts = names.split(",")
+        if len(parts) > 2 or not all(parts):
+            raise ReplayError(f"Expected {form}, got {item!r}.")
+        if stage in out:
+            raise ReplayError(f"--loss-fn names stage {stage!r} twice; give each stage one loss.")
+        source = f"--loss-fn {item!r}"
+        fns = tuple(import_callable(f"{module}:{n}", trust_code, what="loss function", source=source) for n in parts)
+        out[stage] = fns if len(fns) == 2 else fns[0]
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     out = check_output_dir(args.output_dir)  # before the ledger, the model and the (long) attribution
     check_report_files(out, overwrite=args.overwrite)
@@ -344,6 +379,7 @@ def run(args: argparse.Namespace) -> int:
         ref_models[stage] = load_model(path, trust_code=args.trust_code)
     reward_funcs = reward_functions(args.reward_func, trust_code=args.trust_code)
     stage_fns = stage_functions(args.stage_fn, trust_code=args.trust_code)
+    loss_fns = loss_functions(args.loss_fn, trust_code=args.trust_code)
     console = Console(verbose=getattr(args, "verbose", False))
     attributor = StageAttributor(
         ledger,
@@ -357,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
         ref_models=ref_models,
         second_opinion=args.second_opinion,
         reward_funcs=reward_funcs,
+        loss_fns=loss_fns,
         half_precision=args.half_precision,
     )
     what = "estimates and replay" if args.validate else "estimates"

@@ -178,7 +178,7 @@ def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str,
     if no_loss:
         return "aa-fd", (
             f"later stage(s) {no_loss} have curvature segments but no usable (forward, loss) pair; pass "
-            "loss_fns={stage name: (forward, loss)} to use aa-ggn"
+            "loss_fns={stage name: (forward, loss)} (CLI: --loss-fn STAGE=MODULE:FORWARD,LOSS) to use aa-ggn"
         )
     krylov = CURVATURE_PRESETS["default"]["krylov_size"]
     too_big = curvature_memory_problem(ledger, 0, krylov)

@@ -9,8 +9,10 @@ import re
 import shutil
 
 import pytest
+import torch
 
-from hf_stage_attribution import estimators
+from hf_stage_attribution import StageAttributor, estimators
+from hf_stage_attribution.behaviors import load_specs
 from hf_stage_attribution.cli.main import build_parser, main
 from hf_stage_attribution.errors import ModelMismatchError
 from hf_stage_attribution.integrations.model_loading import load_model
@@ -157,6 +159,40 @@ def test_stage_functions_by_import_path_drive_replay_only_with_trust_code(classi
     want = json.loads(capsys.readouterr().out)["rows"][0]["effect"]
     assert main([*argv, "--stage-fn", fn, "--trust-code", "--overwrite"]) == 0
     assert CALLS == ["flip"] and json.loads(capsys.readouterr().out)["rows"][0]["effect"] == pytest.approx(want)
+
+
+def logits(model, batch):
+    """The forward half of a --loss-fn pair for the recorded classifier (batches as its Trainer collated them)."""
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def tempered_loss(outputs, batch):
+    return 3.0 * torch.nn.functional.cross_entropy(outputs, batch["labels"])
+
+
+def test_loss_functions_by_import_path_drive_the_curvature_estimators_only_with_trust_code(
+    classifier_run,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    root = classifier_run
+    argv = [*_attribute_argv(root, tmp_path, root / "model"), "--estimator", "aa-ggn", "--json", "--stages", "base"]
+    pair = f"flip={__name__}:logits,tempered_loss"
+    assert main([*argv, "--loss-fn", pair]) == 1
+    assert "names the function" in _one_line_error(capsys, "attribute") and not (tmp_path / "report").exists()
+    for bad in ("flip=nowhere", f"flip={__name__}:logits,tempered_loss,logits", f"flip={__name__}:logits,"):
+        assert main([*argv, "--loss-fn", bad, "--trust-code"]) == 1
+        assert "Expected --loss-fn STAGE=MODULE:FORWARD,LOSS" in _one_line_error(capsys, "attribute")
+    assert main([*argv, "--loss-fn", pair, "--trust-code"]) == 0
+    given = json.loads(capsys.readouterr().out)["rows"][0]["effect"]
+    model = load_model(root / "model")
+    spec = {"flip": (logits, tempered_loss)}
+    want = StageAttributor(root / "ledger", model, estimator="aa-ggn", loss_fns=spec, show_progress=False).attribute(
+        load_specs(root / "behaviors.json"), stages=["base"]
+    )
+    assert given == pytest.approx(want.rows[0].effect, rel=1e-6)
+    assert main([*argv, "--overwrite"]) == 0  # the recorded loss (3 × smaller): another curvature, another estimate
+    assert json.loads(capsys.readouterr().out)["rows"][0]["effect"] != pytest.approx(given, rel=1e-6)
 
 
 def test_stages_accept_commas_and_refuse_an_empty_list(classifier_run, tmp_path, capsys):  # noqa: F811

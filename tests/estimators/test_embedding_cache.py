@@ -85,6 +85,29 @@ def test_fingerprints_see_code_constants_closures_and_partials():
     assert callable_fingerprint(closure) != before
 
 
+def logits(model, batch):  # reads `.logits`, the name of this global function: a (forward, loss) pair's usual shape
+    return model(batch).logits
+
+
+SCALE = 1.0
+
+
+def depth(n):  # recursive, through a global
+    return SCALE if n == 0 else depth(n - 1)
+
+
+def test_a_function_named_again_inside_itself_is_fingerprinted_and_its_globals_still_count():
+    global SCALE
+    assert callable_fingerprint(logits) is not None  # was None: hashed `logits` inside `logits` until too deep
+    before = callable_fingerprint(depth)
+    assert before is not None
+    SCALE = 2.0
+    try:
+        assert callable_fingerprint(depth) != before
+    finally:
+        SCALE = 1.0
+
+
 def test_an_embedding_equal_to_the_recorded_delta_is_read_from_the_ledger_not_copied(tmp_path):
     """Later stages that ran Adam or SGD without weight decay carry an update unchanged, bit for bit, and the last
     stage has nothing to carry it through: the cache lists those tensors as ``unchanged`` and reads them from the

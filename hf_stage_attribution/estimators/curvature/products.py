@@ -115,14 +115,15 @@ def resolve_loss(
         raise MissingCurvatureError(
             f"Stage {stage.name!r}: the built-in DPO loss for curvature products does not apply: "
             f"{dpo_support_problem(stage)}. Pass `loss_fns={{{stage.name!r}: (forward, loss)}}` (forward(model, "
-            "batch) -> outputs, loss(outputs, batch) -> scalar), or use --estimator aa-fd."
+            "batch) -> outputs, loss(outputs, batch) -> scalar; CLI: --loss-fn STAGE=MODULE:FORWARD,LOSS), or use "
+            "--estimator aa-fd."
         )
     if spec is None:
         raise MissingCurvatureError(
             f"Stage {stage.name!r}: curvature products need the stage's loss, found none (curvature_loss="
             f"{getattr(stage, 'curvature_loss', None)!r}; built-in types: {', '.join(BUILTIN_LOSSES)}). Pass "
             f"`loss_fns={{{stage.name!r}: (forward, loss)}}` (forward(model, batch) -> outputs, loss(outputs, batch) "
-            "-> scalar), or record the stage with `loss_fn=`."
+            "-> scalar; CLI: --loss-fn STAGE=MODULE:FORWARD,LOSS), or record the stage with `loss_fn=`."
         )
     if mode == "ggn" and not (isinstance(spec, tuple) and len(spec) == 2):
         raise MissingCurvatureError(
