@@ -35,6 +35,35 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 TRAINING_DTYPES = "_hsa_training_dtypes"
 
 
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a value known to be a tensor of ``dtype`` is stored in exactly: its own for bf16/fp16, else float32.
+
+    Example:
+        >>> storage_dtype(torch.bfloat16), storage_dtype(torch.float64)
+        (torch.bfloat16, torch.float32)
+    """
+    return dtype if dtype in HALF_DTYPES else torch.float32
+
+
+def exact_cast(value: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``value`` in ``dtype``, refusing a cast that would round (a stored θ_0 must read back bit for bit).
+
+    Example:
+        >>> exact_cast(torch.tensor([0.5, 2.0]), torch.bfloat16, "w").dtype
+        torch.bfloat16
+        >>> exact_cast(torch.tensor([1 / 3]), torch.bfloat16, "w")
+        Traceback (most recent call last):
+        ...
+        ValueError: 'w' holds values that torch.bfloat16 would round (expected values of that dtype)
+    """
+    if value.dtype == dtype:
+        return value
+    out = value.to(dtype)
+    if not torch.equal(out.to(value.dtype), value):
+        raise ValueError(f"{name!r} holds values that {dtype} would round (expected values of that dtype)")
+    return out
+
+
 def half_precision_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The half-precision dtype of the model's floating parameters (the first by name where several), else None."""
     for _, param in model.named_parameters():
@@ -74,10 +103,10 @@ def half_precision_note(dtype: torch.dtype) -> str:
     """What training half-precision weights means for replay and the estimates (a stage note and a warning)."""
     name = str(dtype).replace("torch.", "")
     return (
-        f"The stage trains {name} weights: the ledger stores θ and Δ in float32 (exactly), the attributor evaluates a "
-        f"float32 copy of the model, and replay re-runs the stage in {name}, whose rounding differs from run to run "
-        "(a replay with nothing removed lands within about one rounding step of θ_K, not on it). For exact replay "
-        "train float32 weights (with autocast for speed)."
+        f"The stage trains {name} weights: the ledger stores them exactly (in {name}, float32 where that rounds), "
+        f"the attributor evaluates a float32 copy of the model, and replay re-runs the stage in {name}, whose "
+        "rounding differs from run to run (a replay with nothing removed lands within about one rounding step of θ_K, "
+        "not on it). For exact replay train float32 weights (with autocast for speed)."
     )
 
 

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointImportError, LedgerLockedError, StageAttributionError, UnsafeCheckpointError
 from ..ledger.core import LEDGER_ENTRIES, LEDGER_FILE, STAGES_DIR, LedgerCore, is_temp_file
 from ..ledger.optimizer_info import STATE_KEYS
+from ..ledger.residual import split_delta
 from ..ledger.storage import DirectoryLock
 from ..ledger.writer import LedgerWriter, digest
 from .hub import locate
@@ -222,12 +223,21 @@ def _write_full(writer: LedgerWriter, plan: ImportPlan, stage: StagePlan, prev, 
     names, shapes = plan.names, plan.shapes
     end: dict[str, str] = {}
     changed: list[str] = []
+    dtypes: dict[str, torch.dtype] = {}  # half-precision checkpoints: their Δ in that dtype, plus a residual
+    residual: dict[str, torch.Tensor] = {}
     with _progress(len(names), progress, f"{stage.name}: hashing") as bar:
         for name in names:
             value = stage.state.get(name, writable=False)
             end[name] = digest(value)
             if end[name] != digests[name]:
                 changed.append(name)
+                dtype = stage.state.stored_dtype(name)
+                if dtype != torch.float32 and prev.stored_dtype(name) == dtype:
+                    split = split_delta(value - prev.get(name, writable=False), dtype)
+                    if split is not None:
+                        dtypes[name] = dtype
+                        if split[1].numel():
+                            residual[f"{name}::index"], residual[f"{name}::value"] = split[1], split[2]
             del value
             bar.update()
 
@@ -246,7 +256,7 @@ def _write_full(writer: LedgerWriter, plan: ImportPlan, stage: StagePlan, prev, 
         stage.name, stage.kind, [(n, shapes[n]) for n in changed], deltas(), end_digests=end,
         learning_rates=stage.info.learning_rates if stage.info.optimizer else [], optimizer=stage.info.optimizer,
         trainable_parameters=trainable, optimizer_state_policy=stage.info.optimizer_state_policy,
-        optimizer_state=state, notes=stage.notes, source=_source(stage),
+        optimizer_state=state, notes=stage.notes, source=_source(stage), delta_dtypes=dtypes, delta_residual=residual,
     )  # fmt: skip
     return {n: end[n] for n in changed}
 
@@ -305,7 +315,11 @@ def _write(plan: ImportPlan, directory: Path, progress: bool) -> None:
                 yield name, plan.start_state.get(name, writable=False)
 
         writer.initialize(
-            [(n, shapes[n]) for n in names], start(), model_class=plan.model_class, source=_ledger_source(plan)
+            [(n, shapes[n]) for n in names],
+            start(),
+            model_class=plan.model_class,
+            source=_ledger_source(plan),
+            dtypes={n: plan.start_state.stored_dtype(n) for n in names},
         )
     digests = dict(writer.ledger.final_digests)
     prev = plan.start_state

@@ -28,6 +28,7 @@ from ..errors import CheckpointImportError, CheckpointMismatchError, UnsafeCheck
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _TORCH_TO_ST = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_HALF_BY_NAME = {"F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def load_weights_only(path: str | os.PathLike, what: str = "checkpoint file") -> Any:
@@ -140,6 +141,10 @@ class CheckpointState:
         """``writable=False`` allows a read-only view of a memory-mapped file (do not modify it in place)."""
         raise NotImplementedError
 
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype ``name``'s values have exactly (``get`` returns them as float32): float32 unless stated."""
+        return torch.float32
+
 
 class FullState(CheckpointState):
     """A full checkpoint; tensors smaller than the ledger's shape (before a vocabulary resize) are zero-padded."""
@@ -149,6 +154,10 @@ class FullState(CheckpointState):
 
     def get(self, name: str, writable: bool = True) -> torch.Tensor:
         return pad_to(self.reader.get(self.keys[name], copy=writable), self.shapes[name])
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """A bf16/fp16 checkpoint tensor's own dtype (its zero padding is exact there too), else float32."""
+        return _HALF_BY_NAME.get(self.reader.dtype(self.keys[name]), torch.float32)
 
 
 class AdapterState(CheckpointState):

@@ -17,8 +17,12 @@ from ..errors import LedgerFormatError, UnsafeInputError
 
 FORMAT_NAME = "hf-stage-attribution-ledger"
 #: 1: curvature segments hold θ_mid snapshots and full second moments; 2: segments say how they store them
-#: (``params``: snapshot | interpolated, ``moments``: full | factored). Both are read.
-FORMAT_VERSION = 2
+#: (``params``: snapshot | interpolated, ``moments``: full | factored); 3: a stage may store a half-precision
+#: weight's Δ in that dtype, the entries it would round as a sparse float32 residual (``delta_residual_file``).
+#: All are read.
+FORMAT_VERSION = 3
+#: the version written in a file that uses nothing newer, so that older releases keep reading such ledgers
+BASE_FORMAT_VERSION = 2
 MAX_NAME_LENGTH = 256
 MAX_COUNT = 10**12
 
@@ -48,7 +52,7 @@ STAGE_KEYS = {
     "start_hash", "end_hash", "end_digests", "wall_time_seconds", "started_at", "finished_at", "segments",
     "curvature_loss", "trl", "replay", "notes", "delta_file", "lora_file", "world_size", "framework_versions",
     "source", "recipe", "metadata", "estimator_availability", "skipped_steps", "early_checkpoint",
-    "changed_without_grad", "unstepped_parameters", "scheduler",
+    "changed_without_grad", "unstepped_parameters", "scheduler", "delta_residual_file",
 }  # fmt: skip
 
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
@@ -328,9 +332,11 @@ def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
             raise _fail(path, "`segments[].params` in snapshot/interpolated", seg.get("params"))
         if seg.get("moments", "full") not in ("full", "factored"):
             raise _fail(path, "`segments[].moments` in full/factored", seg.get("moments"))
-    for key in ("delta_file", "lora_file", "optimizer_state_file"):
+    for key in ("delta_file", "lora_file", "optimizer_state_file", "delta_residual_file"):
         if data.get(key) is not None:
             check_relative_path(path, data[key], key)
+    if data.get("delta_residual_file") is not None and (data.get("delta_file") is None or data["format_version"] < 3):
+        raise _fail(path, "`delta_residual_file` only beside a `delta_file`, in format_version 3 or later", data)
     early = data.get("early_checkpoint")
     if early is not None:
         if not isinstance(early, dict):

@@ -32,10 +32,10 @@ from .._internal.params import (
     state_digests,
     unwrap_model,
 )
-from .._internal.precision import HALF_DTYPES
+from .._internal.precision import HALF_DTYPES, storage_dtype
 from ..errors import LedgerError
 from .core import LedgerCore, utc_now
-from .format import FORMAT_VERSION, check_name
+from .format import BASE_FORMAT_VERSION, FORMAT_VERSION, check_name
 from .optimizer_info import (
     applied_learning_rates,
     describe_optimizer,
@@ -47,6 +47,7 @@ from .optimizer_info import (
     step_marks,
     stepped_since,
 )
+from .residual import RESIDUAL_FILE, split_delta
 from .segments import MATERIALS, SegmentCapture, plan_segments
 from .storage import (
     DirectoryLock,
@@ -58,11 +59,6 @@ from .storage import (
     write_safetensors,
     write_safetensors_stream,
 )
-
-
-def _snapshot_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a trainable tensor's start snapshot is kept in: its own for bf16/fp16 (exact), else float32."""
-    return dtype if dtype in HALF_DTYPES else torch.float32
 
 
 def _is_main_process() -> bool:
@@ -308,14 +304,16 @@ class StageRecording:
             self._restore_progress()
 
     def projected_bytes(self, model: torch.nn.Module | None = None) -> dict[str, int]:
-        """The bytes this stage will add to the ledger, by part (``start``: θ_0 when the ledger is new; ``delta``:
-        float32 Δ of the trainable tensors; ``lora``: the factors; ``segments``: curvature material, without the
-        kept training examples, whose size depends on the batches)."""
+        """The bytes this stage will add to the ledger, by part (``start``: θ_0 when the ledger is new, as stored;
+        ``delta``: Δ of the trainable tensors, float32 or their half-precision dtype; ``lora``: the factors;
+        ``segments``: curvature material, without the kept training examples, whose size depends on the batches)."""
         model = unwrap_model(model if model is not None else self.model)
         params = base_parameters(model)
         lora = lora_layers(model)
         new = not (self.ledger.dir / "ledger.json").exists()
-        start = sum(p.numel() for p in params.values()) * 4 if new else 0
+        start = 0
+        if new:  # θ_0: a half-precision weight in its own dtype, one under a LoRA adapter merged in float32
+            start = sum(p.numel() * (4 if n in lora else storage_dtype(p.dtype).itemsize) for n, p in params.items())
         dense = sum(p.numel() for n, p in params.items() if p.requires_grad and n not in lora)
         factors = 0
         for base, info in lora.items():
@@ -338,9 +336,12 @@ class StageRecording:
         if early_checkpoint_step(self.early_checkpoint, self.num_steps, self.name) is not None:
             merged = dense + sum(params[base].numel() for base in lora if lora[base].factors() is not None)
             early = 4 * merged + 8 * trainable  # θ_m − θ_start (LoRA merged) + two moments (Adam)
+        half = sum(
+            p.numel() for n, p in params.items() if p.requires_grad and n not in lora and p.dtype in HALF_DTYPES
+        )  # a half-precision Δ in its own dtype (+ a residual of the few entries it rounds, not projected)
         return {
             "start": start,
-            "delta": 4 * dense,
+            "delta": 4 * dense - 2 * half,
             "lora": 4 * factors,
             "segments": segments * per_segment,  # + the kept training examples (batch-dependent, not projected)
             "optimizer_state": continued,
@@ -393,7 +394,7 @@ class StageRecording:
         # float32, except half-precision weights, kept in their own dtype: exact, and half the memory (SmolLM2-135M
         # in bf16: the float32 copy was +0.59 GB of peak RSS); the deltas below subtract it in float32 either way
         return {
-            n: self._params[n].detach().to("cpu", _snapshot_dtype(self._params[n].dtype)).clone()
+            n: self._params[n].detach().to("cpu", storage_dtype(self._params[n].dtype)).clone()
             for n in self._trainable
         }
 
@@ -441,7 +442,8 @@ class StageRecording:
         partial.mkdir(parents=True)
         sha = write_safetensors(partial / "delta.safetensors", merged)
         info = {
-            "format_version": FORMAT_VERSION, "index": index, "name": name, "kind": "untracked", "optimizer": None,
+            "format_version": BASE_FORMAT_VERSION, "index": index, "name": name, "kind": "untracked",
+            "optimizer": None,
             "learning_rates": [], "num_steps": 0, "trainable_parameters": sorted(merged),
             "delta_file": "delta.safetensors",
             "optimizer_state_policy": "unknown", "start_hash": ledger.final_hash, "end_hash": combine_digests(digests),
@@ -720,22 +722,39 @@ class StageRecording:
                 stacklevel=3,
             )
         all_dense = dense_names + frozen_changed + other_lora
+        residual: dict[str, torch.Tensor] = {}
         if all_dense:
             before = self.ledger.final_state() if frozen_changed else None
 
+            def dense_delta(n: str) -> torch.Tensor:
+                return self._params[n].detach().to("cpu", torch.float32) - self._snapshot[n]
+
+            # a half-precision weight's Δ in its own dtype, the entries it rounds in a float32 residual (format 3)
+            stored: dict[str, torch.dtype] = {}
+            for n in dense_names:
+                dtype = self._params[n].dtype
+                if dtype in HALF_DTYPES and self._snapshot[n].dtype == dtype:
+                    split = split_delta(dense_delta(n), dtype)
+                    if split is not None:
+                        stored[n] = dtype
+                        if split[1].numel():
+                            residual[f"{n}::index"], residual[f"{n}::value"] = split[1], split[2]
+
             def stream() -> Iterator[tuple[str, torch.Tensor]]:
                 for n in dense_names:
-                    yield n, self._params[n].detach().to("cpu", torch.float32) - self._snapshot[n]
+                    yield n, dense_delta(n).to(stored.get(n, torch.float32))
                 for n in frozen_changed:
                     merged = dict(_iter_selected_merged(self.model, [n], self._lora, self._params))[n]
                     yield n, merged - before[n]
                 for n in other_lora:
                     yield n, self._lora_delta_now(n)
 
-            specs = [(n, torch.float32, tuple(self._params[n].shape)) for n in all_dense]
+            specs = [(n, stored.get(n, torch.float32), tuple(self._params[n].shape)) for n in all_dense]
             files["delta.safetensors"] = write_safetensors_stream(
                 self.partial_dir / "delta.safetensors", specs, stream()
             )
+            if residual:
+                files[RESIDUAL_FILE] = write_safetensors(self.partial_dir / RESIDUAL_FILE, residual)
         lora_info = None
         factor_layers = {n: i for n, i in self._lora.items() if i.layer_type != "other"}
         if self._lora:
@@ -782,7 +801,7 @@ class StageRecording:
         end_hash = combine_digests(end_digests)
         unstepped = self._unstepped_parameters(end_digests)
         info = {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if residual else BASE_FORMAT_VERSION,  # older releases read the rest
             "index": self.index,
             "name": self.name,
             "kind": self.kind,
@@ -795,6 +814,7 @@ class StageRecording:
             **({"changed_without_grad": sorted(frozen_changed)} if frozen_changed else {}),
             **({"unstepped_parameters": unstepped} if unstepped else {}),  # absent: every trainable tensor stepped
             "delta_file": "delta.safetensors" if "delta.safetensors" in files else None,
+            **({"delta_residual_file": RESIDUAL_FILE} if residual else {}),
             "lora_file": "lora.safetensors" if "lora.safetensors" in files else None,
             "lora": lora_info,
             "optimizer_state_policy": self.optimizer_state_policy,

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import IncompleteStageError, LedgerFormatError
 from .format import validate_stage
+from .residual import check_positions, join_delta, residual_checker
 from .segments import COL, ROW, lr_mass_fraction, unfactor_moment
 from .state import LazyState
 from .storage import ensure_inside, open_safetensors, read_json, safe_join
@@ -297,6 +298,10 @@ class Stage:
             self.root,
             self._check_lora_header,
         )
+        residual = self.info.get("delta_residual_file")  # format 3: half-precision Δs' rounded entries
+        self._residual = _TensorFile(
+            safe_join(self.dir, residual, self.root) if residual else None, self.root, residual_checker(shapes)
+        )
         self.loss_fn: Callable | tuple | None = None  # in-memory only; set by the recorder of this process
         self.segments = [Segment(self, seg) for seg in self.info.get("segments", [])]
         early = self.info.get("early_checkpoint")
@@ -454,7 +459,12 @@ class Stage:
             raise LedgerFormatError(f"Stage {self.name!r}: no parameter {name!r} in this ledger's model.")
         out: torch.Tensor | None = None
         if self._dense.path is not None and name in set(self._dense.keys()):
-            out = self._dense.get(name).to(torch.float32)
+            out = self._dense.get(name)
+            if self._residual.path is not None and f"{name}::index" in set(self._residual.keys()):
+                index = self._residual.get(f"{name}::index")
+                check_positions(self._residual.path, name, index, out.numel())
+                out = join_delta(out, index, self._residual.get(f"{name}::value"))
+            out = out.to(torch.float32)
         spec = self._lora_modules().get(name)
         if spec is not None:
             lora = self._lora_delta(name, spec)

@@ -23,16 +23,18 @@ import contextlib
 import hashlib
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._internal.hashing import combine_digests, tensor_digest
+from .._internal.precision import exact_cast, storage_dtype
 from ..errors import LedgerError
 from .core import LEDGER_FILE, START_FILE, LedgerCore, framework_versions, utc_now
-from .format import FORMAT_NAME, FORMAT_VERSION, STAGE_KEYS, STAGE_KINDS, check_name
+from .format import BASE_FORMAT_VERSION, FORMAT_NAME, FORMAT_VERSION, STAGE_KEYS, STAGE_KINDS, check_name
+from .residual import RESIDUAL_FILE
 from .stage import Stage
 from .storage import (
     DirectoryLock,
@@ -82,8 +84,12 @@ class LedgerWriter:
         *,
         model_class: str,
         source: dict | None = None,
+        dtypes: Mapping[str, torch.dtype] | None = None,
     ) -> None:
-        """Write ``start.safetensors`` (float32) and ``ledger.json`` from ``tensors``, yielded in ``specs`` order."""
+        """Write ``start.safetensors`` and ``ledger.json`` from ``tensors``, yielded in ``specs`` order.
+
+        θ_0 is stored as float32, except the tensors ``dtypes`` names as bf16/fp16 (their values must be of that dtype,
+        e.g. a bf16 checkpoint's weights): those are stored in their own dtype, exactly and at half the size."""
         if (self.dir / LEDGER_FILE).exists():
             raise LedgerError(
                 f"Expected an empty directory for a new ledger at {self.dir}, found an existing {LEDGER_FILE}. "
@@ -96,16 +102,18 @@ class LedgerWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         digests: dict[str, str] = {}
 
+        stored = {name: storage_dtype((dtypes or {}).get(name, torch.float32)) for name, _ in specs}
+
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
             for name, value in tensors:
                 value = value.to(torch.float32)
                 digests[name] = digest(value)
-                yield name, value
+                yield name, exact_cast(value, stored[name], name)
 
         with DirectoryLock(self.dir, "writing a ledger from tensors"):
             sha = write_safetensors_stream(
                 self.dir / START_FILE,
-                [(name, torch.float32, tuple(shape)) for name, shape in specs],
+                [(name, stored[name], tuple(shape)) for name, shape in specs],
                 stream(),
                 {"format": FORMAT_NAME},
             )
@@ -114,7 +122,7 @@ class LedgerWriter:
                 model["source"] = source
             manifest = {
                 "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
+                "format_version": BASE_FORMAT_VERSION,
                 "created_with": framework_versions(),
                 "created_at": utc_now(),
                 "model": model,
@@ -149,13 +157,15 @@ class LedgerWriter:
         notes: list[str] | None = None,
         source: dict | None = None,
         metadata: dict | None = None,
+        delta_dtypes: Mapping[str, torch.dtype] | None = None,
+        delta_residual: Mapping[str, torch.Tensor] | None = None,
     ) -> Stage:
         """Append one complete stage.
 
         Args:
             name, kind: the stage's unique name and its kind (one of ``format.STAGE_KINDS``).
             delta_specs, deltas: ``(name, shape)`` of every changed tensor and a stream yielding their dense Δ in
-                that order (float32 is written whatever the input dtype).
+                that order (written in float32 whatever the input dtype, unless ``delta_dtypes`` says otherwise).
             end_digests: per-tensor digests of the stage's end state for the tensors it changed (the others keep
                 the previous stage's digests).
             learning_rates: the rate applied at each optimizer step, per param group (``[]``: unknown/none).
@@ -163,6 +173,8 @@ class LedgerWriter:
             optimizer_state: ``(specs, stream)`` of ``"<state key>/<name>"`` tensors the stage continued from.
             lora, lora_tensors: the ``lora`` description and its ``"<name>::A"`` / ``"<name>::B"`` factors.
             notes, source, metadata: JSON-safe extras (``metadata`` keys must be ``stage.json`` keys).
+            delta_dtypes, delta_residual: a half-precision dtype to store some Δs in, and the entries that dtype
+                rounds as ``"<name>::index"``/``"<name>::value"`` tensors (``ledger.residual.split_delta``; format 3).
         """
         ledger = self.ledger
         ledger.manifest  # noqa: B018  (a clear error before initialize())
@@ -183,7 +195,7 @@ class LedgerWriter:
                 return self._write_stage(
                     partial, index, name, kind, delta_specs, deltas, end_digests, learning_rates, optimizer,
                     trainable_parameters, optimizer_state_policy, optimizer_state, lora, lora_tensors, notes, source,
-                    metadata,
+                    metadata, dict(delta_dtypes or {}), dict(delta_residual or {}),
                 )  # fmt: skip
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -223,14 +235,20 @@ class LedgerWriter:
     def _write_stage(
         self, partial, index, name, kind, delta_specs, deltas, end_digests, learning_rates, optimizer,
         trainable_parameters, optimizer_state_policy, optimizer_state, lora, lora_tensors, notes, source, metadata,
+        delta_dtypes, delta_residual,
     ) -> Stage:  # fmt: skip
         ledger = self.ledger
         files: dict[str, str] = {}
         started = utc_now()
+        stored = {n: storage_dtype(delta_dtypes.get(n, torch.float32)) for n, _ in delta_specs}
         if delta_specs:
             files["delta.safetensors"] = write_safetensors_stream(
-                partial / "delta.safetensors", [(n, torch.float32, tuple(s)) for n, s in delta_specs], deltas
+                partial / "delta.safetensors",
+                [(n, stored[n], tuple(s)) for n, s in delta_specs],
+                ((n, value.to(stored[n])) for n, value in deltas),
             )
+        if delta_residual:
+            files[RESIDUAL_FILE] = write_safetensors(partial / RESIDUAL_FILE, dict(delta_residual))
         if lora_tensors:
             files["lora.safetensors"] = write_safetensors(
                 partial / "lora.safetensors", {k: v.to(torch.float32) for k, v in lora_tensors.items()}
@@ -245,7 +263,7 @@ class LedgerWriter:
         end_hash = combine_digests(full_digests)
         changed = sorted({n for n, _ in delta_specs} | set((lora or {}).get("modules", {})))
         info = {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if delta_residual else BASE_FORMAT_VERSION,
             "index": index,
             "name": name,
             "kind": kind,
@@ -254,6 +272,7 @@ class LedgerWriter:
             "num_steps": len(learning_rates),
             "trainable_parameters": sorted(trainable_parameters) if trainable_parameters is not None else changed,
             "delta_file": "delta.safetensors" if "delta.safetensors" in files else None,
+            **({"delta_residual_file": RESIDUAL_FILE} if delta_residual else {}),
             "lora_file": "lora.safetensors" if "lora.safetensors" in files else None,
             "lora": lora,
             "optimizer_state_policy": optimizer_state_policy,

@@ -150,3 +150,40 @@ def test_half_precision_checkpoints_give_float32_deltas(tmp_path):
     delta = ledger.stages[0].delta_tensor(name)
     expected = model.get_parameter(name).detach().float() - base[name]
     assert delta.dtype == torch.float32 and torch.equal(delta, expected)
+
+
+def test_a_half_precision_start_checkpoint_is_stored_in_its_own_dtype(tmp_path):
+    model = tiny_gpt2(seed=8).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    base = {n: p.detach().float() for n, p in model.named_parameters()}
+    trained = tiny_gpt2(seed=8)
+    train(trained, 2, seed=8)
+    trained.save_pretrained(tmp_path / "fp32")
+    boundaries = [{"model": str(tmp_path / "bf16")}, {"model": str(tmp_path / "fp32"), "name": "sft"}]
+    ledger = StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False)
+    stored = load_file(tmp_path / "ledger" / "start.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}  # half a float32 θ_0's size, exactly
+    start = ledger.initial_state()
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert start[name].dtype == torch.float32 and torch.equal(start[name], base[name])
+    ledger.check_model(trained)  # θ_0 + Δ is the trained model
+
+
+def test_two_bf16_checkpoints_give_a_bf16_delta_read_back_exactly(tmp_path):
+    model = tiny_gpt2(seed=9).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    base = {n: p.detach().float() for n, p in model.named_parameters()}
+    trained = tiny_gpt2(seed=9)
+    train(trained, 2, seed=9)
+    trained = trained.to(torch.bfloat16)
+    trained.save_pretrained(tmp_path / "sft")
+    boundaries = [{"model": str(tmp_path / "base")}, {"model": str(tmp_path / "sft"), "name": "sft"}]
+    ledger = StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False)
+    (stage,) = ledger.stages
+    stored = load_file(stage.dir / "delta.safetensors")
+    dtypes = [t.dtype for t in stored.values()]
+    assert dtypes.count(torch.bfloat16) > dtypes.count(torch.float32)  # half a float32 Δ (but where bf16 rounds a lot)
+    for name, delta in stage.iter_delta():
+        assert torch.equal(delta, trained.get_parameter(name).detach().float() - base[name])
+    ledger.check_model(trained)
+    ledger.verify()

@@ -16,6 +16,7 @@ from hf_stage_attribution.errors import ModelMismatchError, ReportError
 from hf_stage_attribution.estimators.embeddings.cache import stage_embeddings
 from hf_stage_attribution.estimators.finite_difference import subtract_embedding
 from hf_stage_attribution.estimators.replay import replay_model
+from hf_stage_attribution.ledger.storage import open_safetensors
 
 X = torch.linspace(-1, 1, 24).reshape(6, 4)
 
@@ -156,3 +157,60 @@ def test_the_recorder_keeps_a_bf16_start_snapshot_in_bf16_and_the_delta_exact(tm
     for name, delta in stage.iter_delta():
         assert delta.dtype == torch.float32
         assert torch.equal(start[name].float() + delta, dict(model.named_parameters())[name].float())
+
+
+def test_a_bf16_models_start_is_stored_in_bf16_and_read_back_exactly(tmp_path):
+    ledger, model, states = _ledger(tmp_path)
+    handle = open_safetensors(tmp_path / "ledger" / "start.safetensors")
+    assert {handle.info(name)[0] for name in handle.keys()} == {"BF16"}  # half a float32 θ_0's size
+    start = ledger.initial_state()
+    for name, value in states[0].items():
+        assert start[name].dtype == torch.float32 and torch.equal(start[name], value.float())
+    ledger.check_model(model)  # θ_0 + ΣΔ is the trained bf16 model
+    projected = StageLedger(tmp_path / "new").record_stage("a", model=model, curvature_segments=0).projected_bytes()
+    assert projected["start"] == 2 * sum(p.numel() for p in model.parameters())  # what the file holds
+    StageLedger.load(tmp_path / "ledger").verify()  # the hashes of the bf16 θ_0 file hold
+
+
+class _Two(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def test_a_weight_under_a_lora_adapter_is_stored_merged_in_float32(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = _Two().to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["up"], init_lora_weights=False))
+    merged = model.base_model.model.up.weight.float() + model.base_model.model.up.get_delta_weight("default").float()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = StageLedger(tmp_path / "ledger").record_stage("lora", model=model, optimizer=opt, curvature_segments=0)
+    with rec:
+        opt.zero_grad()
+        (model(X.to(torch.bfloat16)).float() ** 2).mean().backward()
+        opt.step()
+        rec.step()
+    handle = open_safetensors(tmp_path / "ledger" / "start.safetensors")
+    dtypes = {name: handle.info(name)[0] for name in handle.keys()}
+    assert dtypes == {"up.weight": "F32", "up.bias": "BF16", "down.weight": "BF16", "down.bias": "BF16"}
+    ledger = StageLedger.load(tmp_path / "ledger")
+    torch.testing.assert_close(ledger.initial_state()["up.weight"], merged, rtol=0, atol=1e-7)
+    ledger.check_model(model)
+
+
+def test_a_start_value_its_dtype_would_round_is_refused_and_nothing_is_written(tmp_path):
+    from hf_stage_attribution.ledger.writer import LedgerWriter
+
+    with pytest.raises(ValueError, match="'w' holds values that torch.bfloat16 would round"):
+        LedgerWriter(tmp_path / "ledger").initialize(
+            [("w", (1,))], iter([("w", torch.tensor([1 / 3]))]), model_class="Toy", dtypes={"w": torch.bfloat16}
+        )
+    assert not (tmp_path / "ledger" / "ledger.json").exists()
+    assert [p.name for p in (tmp_path / "ledger").iterdir()] == []
