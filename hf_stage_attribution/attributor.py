@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import estimators
 from ._internal.memory import release_freed_memory
-from ._internal.model_state import swapped_parameters
+from ._internal.model_state import swapped_parameters, without_accelerate_wrapper
 from ._internal.notices import notice
 from ._internal.precision import float32_working_model, half_precision_dtype
 from .behaviors import as_behavior
@@ -220,8 +220,12 @@ class StageAttributor:
                 "copy): finite differences and replay's differences carry its rounding noise, which can swamp small "
                 "effects; half_precision='float32-copy' (the default) evaluates them in float32."
             )
-        elif half is not None:
-            self.model = float32_working_model(model)
+        if half is None or half_precision == "native":
+            # accelerate's autocast wrapper, left on the object a Trainer(bf16=True) trained, would evaluate it under
+            # bf16 autocast: evaluate a view without it (same parameters, the user's model unchanged)
+            self.model = without_accelerate_wrapper(model)
+        else:
+            self.model = float32_working_model(model)  # a clean copy: no wrapper
             self.precision_note = (
                 f"The model's weights are {name}: the attribution ran on a float32 copy of them (exact: the ledger's "
                 f"states are float32), so behaviors were evaluated and finite differences taken in float32 (in {name} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -45,15 +46,77 @@ def swapped_parameters(model: torch.nn.Module, values: Mapping[str, torch.Tensor
                 params[name].copy_(original)
 
 
+#: what ``accelerate``'s ``Accelerator.prepare_model`` leaves on the model it prepared: the original forward (beside
+#: the mixed-precision ``forward`` wrapper it installs as an instance attribute) and the flag that makes any later
+#: ``prepare_model`` (the next Trainer's) return the model as it is, without its own autocast wrapper
+_ACCELERATE_ORIGINAL, _ACCELERATE_PREPARED = "_original_forward", "_is_accelerate_prepared"
+
+
+def has_accelerate_wrapper(module: torch.nn.Module) -> bool:
+    """Whether ``module`` itself carries accelerate's mixed-precision ``forward`` wrapper or its "prepared" flag."""
+    return _ACCELERATE_ORIGINAL in module.__dict__ or _ACCELERATE_PREPARED in module.__dict__
+
+
+def drop_accelerate_wrapper(module: torch.nn.Module) -> bool:
+    """Undo, on ``module`` itself (in place, not its children), what ``Accelerator.prepare_model`` left on it.
+
+    The effect of ``accelerate.utils.extract_model_from_parallel(module, keep_fp32_wrapper=False)``: the
+    autocast ``forward`` wrapper goes and the forward it replaced comes back (the class's own ``forward`` when
+    that is what it wrapped; any other callable, e.g. a hook's, is put back as the instance's ``forward``). The
+    "prepared" flag goes too, so that a later Trainer prepares the module again (and autocasts it as its own
+    arguments say). Returns whether anything was removed.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(1, 1); m._original_forward = m.forward; m.forward = lambda x: x
+        >>> m._is_accelerate_prepared = True
+        >>> drop_accelerate_wrapper(m), "forward" in m.__dict__, hasattr(m, "_is_accelerate_prepared")
+        (True, False, False)
+    """
+    state = module.__dict__
+    changed = state.pop(_ACCELERATE_PREPARED, None) is not None
+    if _ACCELERATE_ORIGINAL not in state:
+        return changed
+    original = state.pop(_ACCELERATE_ORIGINAL)
+    own = getattr(type(module), "forward", None)
+    if isinstance(original, types.MethodType) and original.__func__ is own:
+        state.pop("forward", None)  # the class's forward, bound to this object (a shallow copy binds to itself)
+    else:
+        state["forward"] = original
+    return True
+
+
+def without_accelerate_wrapper(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` itself, or, where accelerate's mixed-precision wrapper is still on it (the object a
+    ``Trainer(bf16=True)`` trained), a shallow copy without the wrapper that shares every submodule, parameter,
+    buffer and hook with ``model``: it runs the same weights in the precision the caller asks for (no leftover
+    autocast), and ``model`` is not changed.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(1, 1); m._original_forward = m.forward; m.forward = lambda x: x
+        >>> v = without_accelerate_wrapper(m)
+        >>> v is m, v.weight is m.weight, "forward" in m.__dict__, "forward" in v.__dict__
+        (False, True, True, False)
+    """
+    if not has_accelerate_wrapper(model):
+        return model
+    view = copy.copy(model)  # own __dict__; the _parameters/_modules/_buffers dicts are the model's
+    drop_accelerate_wrapper(view)
+    return view
+
+
 def drop_forward_wrappers(model: torch.nn.Module) -> torch.nn.Module:
     """Remove instance-level ``forward`` wrappers that Trainer/Accelerate leave on a trained model.
 
     They are closures over the model's *original* forward: after ``copy.deepcopy`` the copy would still run the
-    original's parameters. Removing them restores each class's own ``forward``. Returns the model.
+    original's parameters. Removing them restores each class's own ``forward``. Accelerate's "prepared" flag goes
+    as well (:func:`drop_accelerate_wrapper`): with it a Trainer given the copy (a replay) would skip its own
+    mixed-precision setup and train without the autocast the recorded run had. Returns the model.
     """
     for module in model.modules():
-        for attr in ("forward", "_original_forward"):
-            module.__dict__.pop(attr, None)
+        drop_accelerate_wrapper(module)
+        module.__dict__.pop("forward", None)
     return model
 
 

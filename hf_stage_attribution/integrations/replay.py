@@ -34,7 +34,7 @@ import torch
 from .._internal.distributed import replays_alone, single_process_world, world_size
 from .._internal.hashing import combine_digests
 from .._internal.memory import collections_of_new_objects
-from .._internal.model_state import clean_copy
+from .._internal.model_state import clean_copy, drop_accelerate_wrapper
 from .._internal.notices import harmless_warnings_ignored, library_progress_bars_off
 from .._internal.params import base_parameters, state_digests
 from ..errors import ReplayError
@@ -42,7 +42,7 @@ from ..ledger.stage import Stage
 from ..ledger.storage import open_safetensors, read_json
 from .peft import config_from_json, wrap_with_adapter
 from .replay_data import REPLAY_FILE
-from .run_info import json_safe, training_arguments
+from .run_info import attn_implementation, json_safe, training_arguments
 from .trl import REFERENCE_OBJECTIVES, REWARD_OBJECTIVES, TEACHER_OBJECTIVES, stage_objective
 
 _ALLOWED_MODULES = ("transformers", "trl")
@@ -439,7 +439,11 @@ def replay_trainer_stage(
     was a separate model that replay cannot load from its recorded folder needs ``ref_model=``, and so does a
     distillation stage (DistillationTrainer, GKD) whose teacher it cannot: there ``ref_model`` is the teacher. The
     base parameters train exactly when the stage trained them
-    (:func:`match_recorded_trainables`: a layer frozen when the stage was recorded stays frozen).
+    (:func:`match_recorded_trainables`: a layer frozen when the stage was recorded stays frozen). The stage trains
+    as recorded in two more respects: accelerate's mixed-precision wrapper that an earlier Trainer left on ``model``
+    is taken off (in place; the replay's Trainer then autocasts as the recorded arguments say, and none is left on
+    the result), and the model trains with the attention implementation the stage recorded (``stage.json``'s
+    ``trainer.attn_implementation``; its own comes back afterwards; a warning names both where it cannot switch).
 
     ``max_steps=m`` stops after the first ``m`` optimizer steps of the *full* recipe (a callback sets
     ``control.should_training_stop``; the recorded ``max_steps`` and hence the learning-rate schedule are unchanged):
@@ -493,6 +497,7 @@ def replay_trainer_stage(
         )
     trainer_cls = trainer_cls or import_class(info["trainer"], "trainer")
     match_recorded_trainables(model, stage)
+    drop_accelerate_wrappers(model)  # a model a Trainer prepared: the replay's Trainer must set up its own autocast
     given = {
         "train_dataset": train_dataset,
         "data_collator": data_collator,
@@ -507,10 +512,76 @@ def replay_trainer_stage(
     output_dir = tempfile.mkdtemp(prefix="hsa-replay-")
     try:
         # not the user's training; a 1-process recording replays as one process in each process of a larger world
-        with replay_world(stage, model), frozen_gc(), harmless_warnings_ignored(), library_progress_bars_off():
-            return _run(stage, model, info, replay_dir, objective, trainer_cls, output_dir, given)
+        with (
+            replay_world(stage, model),
+            recorded_attention(stage, model),
+            frozen_gc(),
+            harmless_warnings_ignored(),
+            library_progress_bars_off(),
+        ):
+            trained = _run(stage, model, info, replay_dir, objective, trainer_cls, output_dir, given)
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
+        # the replay's Trainer left its autocast wrapper: evaluations of the result, and the next stage's replay on
+        # the same model, must not run under it
+        drop_accelerate_wrappers(model)
+    drop_accelerate_wrappers(trained)
+    return trained
+
+
+def drop_accelerate_wrappers(model: Any) -> None:
+    """Take accelerate's mixed-precision ``forward`` wrapper and "prepared" flag off ``model`` and its submodules,
+    in place (:func:`~hf_stage_attribution._internal.model_state.drop_accelerate_wrapper`)."""
+    if isinstance(model, torch.nn.Module):
+        for module in model.modules():
+            drop_accelerate_wrapper(module)
+
+
+def recorded_attn_implementation(stage: Any) -> str | None:
+    """The attention implementation (``config._attn_implementation``: ``eager``, ``sdpa``, ...) the stage trained
+    with, as the recorder stored it in ``stage.json``'s ``trainer`` entry; None for ledgers written before it did.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> recorded_attn_implementation(SimpleNamespace(info={"trainer": {"attn_implementation": "eager"}}))
+        'eager'
+    """
+    trainer = (getattr(stage, "info", None) or {}).get("trainer")
+    value = trainer.get("attn_implementation") if isinstance(trainer, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+@contextlib.contextmanager
+def recorded_attention(stage: Any, model: Any) -> Iterator[None]:
+    """Train ``model`` with the attention implementation ``stage`` recorded (:func:`recorded_attn_implementation`)
+    inside the block, and give it back its own on exit. The kernels round differently (under bf16 autocast a
+    stage recorded with ``eager`` and replayed with ``sdpa`` misses θ_K by more than its own largest update), so a
+    model loaded with another default (``from_pretrained`` picks ``sdpa``) would not replay the recorded training.
+    Where the model cannot switch, a warning names both. Nothing changes for a ledger that recorded none."""
+    recorded, current = recorded_attn_implementation(stage), attn_implementation(model)
+    if recorded is None or current is None or recorded == current:
+        yield
+        return
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        with contextlib.suppress(Exception):  # unknown / unavailable implementation: warned below
+            setter(recorded)
+    switched = attn_implementation(model) == recorded
+    if not switched:
+        warnings.warn(
+            f"Stage {getattr(stage, 'name', '?')!r} was trained with attention implementation {recorded!r}, but the "
+            f"model replaying it uses {attn_implementation(model)!r} and cannot switch: the kernels round "
+            f"differently, so this replay (and the estimates built on it) does not reproduce the recorded training "
+            f"exactly. Load the model with attn_implementation={recorded!r}.",
+            UserWarning,
+            stacklevel=4,
+        )
+    try:
+        yield
+    finally:
+        if switched:
+            with contextlib.suppress(Exception):
+                model.set_attn_implementation(current)
 
 
 def _run(stage, model, info, replay_dir, objective, trainer_cls, output_dir, given) -> Any:

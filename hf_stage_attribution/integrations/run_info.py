@@ -65,6 +65,19 @@ def training_arguments(args: Any) -> dict:
     return json_safe(raw)
 
 
+def attn_implementation(model: Any) -> str | None:
+    """The attention implementation the model runs (``config._attn_implementation``: ``eager``, ``sdpa``, ...;
+    a PEFT model's is its base model's), or None where it has none.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> attn_implementation(SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa")))
+        'sdpa'
+    """
+    value = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return value if isinstance(value, str) else None
+
+
 def class_path(obj_or_cls: Any) -> dict[str, str]:
     """``{"class": name, "module": module}`` of an object or a class."""
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)

@@ -17,6 +17,7 @@ from ..ledger.core import framework_versions
 from ..ledger.optimizer_info import decoupled_weight_decay, unwrap_optimizer
 from .peft import peft_config_json, peft_notes
 from .run_info import (
+    attn_implementation,
     class_path,
     dataset_identity,
     json_safe,
@@ -93,7 +94,12 @@ def build_metadata(ctx: RunContext, kind: str, part: Any, trainer_class: dict, r
         )
     dataset = train_dataset(ctx.trainer, ctx.train_dataloader)
     metadata: dict[str, Any] = {
-        "trainer": {**trainer_class, "config_class": type(ctx.args).__name__},
+        "trainer": {
+            **trainer_class,
+            "config_class": type(ctx.args).__name__,
+            # the kernels round differently: replay trains with the same one (integrations/replay.py)
+            "attn_implementation": attn_implementation(ctx.model),
+        },
         "training_arguments": training_arguments(ctx.args),
         **run_settings(ctx),
         "datasets": [d for d in [dataset_identity(dataset, "train")] if d is not None],

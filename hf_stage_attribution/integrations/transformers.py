@@ -197,7 +197,7 @@ class StageRecorder(TrainerCallback):
     def _start(self, part: StagePart, resume_at: int | None) -> None:
         ctx = self._context
         kind = infer_stage_kind(ctx.args, ctx.model, part.kind)
-        mode_notes = training_mode_warnings(ctx.args, unwrap_model(ctx.model)) if ctx.is_main else []
+        mode_notes = training_mode_warnings(ctx.args, unwrap_model(ctx.model), ctx.trainer) if ctx.is_main else []
         for message in mode_notes:
             warnings.warn(f"Stage {part.name!r}: {message}", stacklevel=2)
         recording = StageRecording(

@@ -151,9 +151,34 @@ def infer_stage_kind(args: Any, model: Any, told: str | None = None) -> str:
     return "lora" if model is not None and is_peft_model(model) else "fine-tuning"
 
 
-def training_mode_warnings(args: Any, model: Any = None) -> list[str]:
+def mixed_precision_ran(trainer: Any) -> bool | None:
+    """Whether the trainer's accelerator really trains in mixed precision: False where ``bf16``/``fp16`` is set but
+    accelerate did not take it up (``fp16=True`` on a CPU: ``native_amp`` False, no autocast, no GradScaler, the
+    stage trains in float32), None where it cannot tell (no trainer, or DeepSpeed/Megatron-LM, which run their own
+    mixed precision without accelerate's autocast).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> mixed_precision_ran(SimpleNamespace(accelerator=SimpleNamespace(native_amp=False, distributed_type="NO")))
+        False
+    """
+    accelerator = getattr(trainer, "accelerator", None)
+    native = getattr(accelerator, "native_amp", None)
+    if not isinstance(native, bool):
+        return None
+    if native or getattr(accelerator, "fp8_enabled", False):
+        return True
+    backend = getattr(accelerator, "distributed_type", None)
+    backend = str(getattr(backend, "value", backend)).upper()
+    return None if "DEEPSPEED" in backend or "MEGATRON" in backend else False
+
+
+def training_mode_warnings(args: Any, model: Any = None, trainer: Any = None) -> list[str]:
     """What a run's settings mean for replay and the estimators: half-precision training (``bf16``/``fp16``, or
     half-precision weights) and gradient checkpointing. TRL's configs turn both on by default.
+
+    With ``trainer`` given, a ``bf16``/``fp16`` flag its accelerator did not act on (:func:`mixed_precision_ran`:
+    ``fp16=True`` on a CPU) gets a one-line note that it had no effect instead of the mixed-precision warning.
 
     Example:
         >>> from types import SimpleNamespace
@@ -162,6 +187,13 @@ def training_mode_warnings(args: Any, model: Any = None) -> list[str]:
     """
     out = []
     half = [k for k in ("bf16", "fp16") if getattr(args, k, False)]
+    if half and mixed_precision_ran(trainer) is False:
+        device = getattr(getattr(getattr(trainer, "accelerator", None), "device", None), "type", None) or "this device"
+        out.append(
+            f"{half[0]}=True had no effect on {device}: accelerate did not enable mixed precision (no autocast), "
+            "so the stage trains in its weights' own precision."
+        )
+        half = []
     dtypes = {p.dtype for p in model.parameters()} if model is not None and hasattr(model, "parameters") else set()
     half_weights = sorted(str(d).replace("torch.", "") for d in dtypes if d in HALF_DTYPES)
     if half or half_weights:
