@@ -9,6 +9,8 @@ ledger, and then streamed tensor by tensor by every process.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import numbers
 import os
 import warnings
@@ -295,8 +297,12 @@ class StageAttributor:
 
         # All behaviors are evaluated together (one concatenated behavior), so each estimator runs once:
         # one set of JVPs / finite differences / replayed pipelines serves every behavior.
+        if self.state.num_processes > 1:  # every process must attribute the same thing, or the gathered rows mix
+            _check_same_inputs(prepared, stage_names, self.ledger.fingerprint, self.estimator_name, self.state)
         locals_ = {name: self._local(behavior) for name, behavior in prepared.items()}
-        joint = _Joint(locals_)
+        # a behavior that cannot be split (a bare f(model)) is evaluated whole in every process: not gathered
+        unsplit = {name for name, b in prepared.items() if not getattr(b, "splittable", False)}
+        joint = _Joint(locals_, unsplit if self.state.num_processes > 1 else set())
         runs = ["main"]
         resolved = self._resolved_name(options, stage_names)
         paired = _PAIRED.get(resolved) if self.diagnostics else None
@@ -465,7 +471,10 @@ class StageAttributor:
                 initial = joint.evaluate_parts(self.model)
             local.update({name: (final[name] - initial[name].to(torch.float64)).tolist() for name in final})
         return {
-            name: torch.tensor(_gather_list(values, self.state), dtype=torch.float64) for name, values in local.items()
+            name: torch.tensor(
+                values if name in joint.unsplit else _gather_list(values, self.state), dtype=torch.float64
+            )
+            for name, values in local.items()
         }
 
     def _fidelity(self, results: Mapping[str, Any], replay: Mapping[str, Any], stage_names: list[str]) -> dict:
@@ -582,8 +591,9 @@ class _Joint:
     name = "behaviors"
     splittable = False
 
-    def __init__(self, locals_: Mapping[str, Any]) -> None:
+    def __init__(self, locals_: Mapping[str, Any], unsplit: set[str] | None = None) -> None:
         self.names = list(locals_)
+        self.unsplit = set(unsplit or ())  # evaluated whole in every process: their values are not gathered
         self.parts = {name: b for name, b in locals_.items() if b is not None}
         self.sizes: dict[str, int] = {}
         self._kept: dict[tuple, torch.Tensor] = {}  # fingerprint of the parameters -> values, oldest first
@@ -693,13 +703,62 @@ def _gathered(local_result: Any, joint: _Joint, stage_names: list[str], state: A
         box = [_summary(local_result) if state.is_main_process else None]
         broadcast_object_list(box, from_process=0)
         template = box[0]
+
+    def values(name: str, stage: str) -> list[float]:
+        return local[name][stage] if name in joint.unsplit else _gather_list(local[name][stage], state)
+
     return {
-        name: _Gathered(
-            template,
-            {s: torch.tensor(_gather_list(local[name][s], state), dtype=torch.float64) for s in stage_names},
-        )
+        name: _Gathered(template, {s: torch.tensor(values(name, s), dtype=torch.float64) for s in stage_names})
         for name in joint.names
     }
+
+
+def _input_description(behavior: Any) -> tuple[str, int | None, str | None]:
+    """``(type, number of examples, hash of its spec)`` of a behavior, as far as it can tell (None where not)."""
+    try:
+        size: int | None = len(behavior)
+    except Exception:  # a bare callable has no length before it is evaluated
+        size = None
+    try:
+        spec = json.dumps(behavior.to_spec(), sort_keys=True, default=str)
+        digest: str | None = hashlib.sha256(spec.encode()).hexdigest()[:16]
+    except Exception:  # a behavior built from Python functions has no spec
+        digest = None
+    return type(behavior).__name__, size, digest
+
+
+def _check_same_inputs(
+    prepared: Mapping[str, Any], stage_names: list[str], ledger_fingerprint: str, estimator: str, state: Any
+) -> None:
+    """Every process must be given the same behaviors (names, sizes, specs), ledger, stages and estimator; else a
+    BehaviorError in every process, naming what differs (the gathered report would mix different inputs)."""
+    from accelerate.utils import gather_object
+
+    mine = {
+        "behaviors": {name: _input_description(b) for name, b in prepared.items()},
+        "ledger": ledger_fingerprint,
+        "stages": list(stage_names),
+        "estimator": estimator,
+    }
+    every = gather_object([mine])
+    for rank, theirs in enumerate(every):
+        if theirs == every[0]:
+            continue
+        what = [key for key in mine if theirs[key] != every[0][key]]
+        detail = ""
+        if "behaviors" in what:
+            names = sorted(set(theirs["behaviors"]) ^ set(every[0]["behaviors"])) or [
+                n for n in theirs["behaviors"] if theirs["behaviors"][n] != every[0]["behaviors"].get(n)
+            ]
+            detail = (
+                f" (behavior(s) {names}: type, number of examples and spec hash {theirs['behaviors'].get(names[0])} "
+            )
+            detail += f"in process {rank}, {every[0]['behaviors'].get(names[0])} in process 0)"
+        raise BehaviorError(
+            f"Expected every process to attribute the same inputs, found different {', '.join(what)} in process "
+            f"{rank} and process 0{detail}. Give every process the same behavior specs, ledger, stages and estimator "
+            "(e.g. the same spec file path on every node)."
+        )
 
 
 class _Summary:

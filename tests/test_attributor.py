@@ -53,8 +53,8 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
-def _run_worker(nproc: int, root: Path, out: Path, estimator: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
+def _run_worker(nproc: int, root: Path, out: Path, estimator: str, mode: str = "", ok: bool = True) -> dict | str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent), HSA_TEST_BEHAVIORS=mode)
     cmd = [
         sys.executable,
         "-m",
@@ -68,6 +68,9 @@ def _run_worker(nproc: int, root: Path, out: Path, estimator: str) -> dict:
         cmd = [sys.executable]
     args = [str(WORKER), str(root / "ledger"), str(root / "model.safetensors"), str(out), estimator]
     proc = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
+    if not ok:
+        assert proc.returncode != 0 and not out.exists()
+        return proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -88,6 +91,29 @@ def test_two_processes_give_the_answer_of_one(pipeline, tmp_path):
         assert two["rows"][key]["effect"] == pytest.approx(row["effect"], rel=1e-5, abs=1e-12)
     for name, total in one["totals"].items():
         assert two["totals"][name] == pytest.approx(total, rel=1e-5, abs=1e-12)
+
+
+@pytest.mark.distributed
+def test_a_bare_function_behavior_is_counted_once_in_two_processes(pipeline, tmp_path):
+    root, _, _ = pipeline
+    two = _run_worker(2, root, tmp_path / "two.json", "aa-fd", mode="bare")
+    one = _run_worker(1, root, tmp_path / "one.json", "aa-fd", mode="bare")
+    for key, row in one["rows"].items():
+        if key.startswith("bare/"):  # was each process's 6 values, twice (and intervals 1/√2 too narrow)
+            assert len(row["per_example"]) == len(two["rows"][key]["per_example"]) == 6
+        torch.testing.assert_close(
+            torch.tensor(two["rows"][key]["per_example"]), torch.tensor(row["per_example"]), rtol=1e-5, atol=1e-9
+        )
+        assert two["rows"][key]["ci"] == pytest.approx(row["ci"], rel=1e-5, abs=1e-12)
+    assert two["totals"]["bare"] == pytest.approx(one["totals"]["bare"], rel=1e-5, abs=1e-12)
+
+
+@pytest.mark.distributed
+def test_processes_given_different_behaviors_are_refused(pipeline, tmp_path):
+    root, _, _ = pipeline
+    out = _run_worker(2, root, tmp_path / "two.json", "aa-fd", mode="mismatch", ok=False)
+    assert "Expected every process to attribute the same inputs, found different behaviors in process 1" in out
+    assert "logit-0" in out
 
 
 def test_bad_input_is_refused_clearly(pipeline, tmp_path):

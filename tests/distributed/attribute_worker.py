@@ -26,9 +26,19 @@ def main() -> None:
     attributor = StageAttributor(ledger_dir, model, estimator=estimator, loss_fns=loss_fns, show_progress=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     assert attributor.state.num_processes == world, (attributor.state.num_processes, world)
-    report = attributor.attribute(behaviors_for())
+    behaviors = behaviors_for()
+    mode = os.environ.get("HSA_TEST_BEHAVIORS", "")
+    if mode == "bare":  # a bare f(model): not split between processes, evaluated whole in each
+        x = torch.linspace(-1, 1, 24).reshape(6, 4)
+        behaviors["bare"] = lambda m: m(x)[:, 1]
+    if mode == "mismatch" and os.environ.get("RANK") == "1":  # one process given other examples
+        behaviors["logit-0"] = behaviors["logit-0"].select([0, 1, 2])
+    report = attributor.attribute(behaviors)
     if attributor.state.is_main_process:
-        rows = {f"{r.behavior}/{r.stage}": {"effect": r.effect, "per_example": r.per_example} for r in report.rows}
+        rows = {
+            f"{r.behavior}/{r.stage}": {"effect": r.effect, "per_example": r.per_example, "ci": [r.ci_low, r.ci_high]}
+            for r in report.rows
+        }
         totals = {b: d.total_change for b, d in report.diagnostics.items()}
         with open(out_json, "w") as fh:
             json.dump({"rows": rows, "totals": totals, "estimator": report.estimator, "processes": world}, fh)
