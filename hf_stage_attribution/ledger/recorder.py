@@ -723,6 +723,7 @@ class StageRecording:
             )
         all_dense = dense_names + frozen_changed + other_lora
         residual: dict[str, torch.Tensor] = {}
+        nonfinite: list[str] = []
         if all_dense:
             before = self.ledger.final_state() if frozen_changed else None
 
@@ -740,7 +741,7 @@ class StageRecording:
                         if split[1].numel():
                             residual[f"{n}::index"], residual[f"{n}::value"] = split[1], split[2]
 
-            def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            def deltas() -> Iterator[tuple[str, torch.Tensor]]:
                 for n in dense_names:
                     yield n, dense_delta(n).to(stored.get(n, torch.float32))
                 for n in frozen_changed:
@@ -749,12 +750,27 @@ class StageRecording:
                 for n in other_lora:
                     yield n, self._lora_delta_now(n)
 
+            def stream() -> Iterator[tuple[str, torch.Tensor]]:
+                for n, value in deltas():
+                    if not bool(torch.isfinite(value).all()):
+                        nonfinite.append(n)
+                    yield n, value
+
             specs = [(n, stored.get(n, torch.float32), tuple(self._params[n].shape)) for n in all_dense]
             files["delta.safetensors"] = write_safetensors_stream(
                 self.partial_dir / "delta.safetensors", specs, stream()
             )
             if residual:
                 files[RESIDUAL_FILE] = write_safetensors(self.partial_dir / RESIDUAL_FILE, residual)
+        if nonfinite:  # recorded as it happened, but said: every estimate after this stage is undefined
+            note = (
+                f"{len(nonfinite)} parameter tensor(s) changed to NaN or infinite values in this stage (e.g. "
+                f"{nonfinite[0]!r}): the training diverged (float16 weights: Adam's default eps=1e-8 is 0 in "
+                "float16). Behaviors evaluated after this stage are not finite, so no estimate can be made; fix the "
+                "training and record the stage again."
+            )
+            warnings.warn(f"Stage {self.name!r}: {note}", stacklevel=3)
+            self.metadata["notes"] = [*self.metadata.get("notes", []), note]
         lora_info = None
         factor_layers = {n: i for n, i in self._lora.items() if i.layer_type != "other"}
         if self._lora:

@@ -140,3 +140,17 @@ def test_a_format_2_stage_that_names_a_residual_is_refused(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 2}))
     with pytest.raises(LedgerFormatError, match="`delta_residual_file` only beside a `delta_file`, in format_versi"):
         StageLedger.load(tmp_path / "ledger")
+
+
+def test_a_stage_that_turns_weights_into_nan_is_recorded_with_a_warning_and_a_note(tmp_path):
+    model = torch.nn.Linear(4, 2).to(torch.float16)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)  # eps=1e-8 is 0 in float16: 0 / 0 on a zero gradient
+    rec = StageLedger(tmp_path / "ledger").record_stage("a", model=model, optimizer=opt, curvature_segments=0)
+    with pytest.warns(UserWarning, match="changed to NaN or infinite values in this stage"), rec:
+        model.weight.grad = torch.zeros_like(model.weight)
+        model.bias.grad = torch.zeros_like(model.bias)
+        opt.step()
+        rec.step()
+    assert model.weight.isnan().all()
+    (stage,) = StageLedger.load(tmp_path / "ledger").stages
+    assert any("changed to NaN or infinite values" in note for note in stage.info["notes"])
