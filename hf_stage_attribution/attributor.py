@@ -318,9 +318,10 @@ class StageAttributor:
         runs += ["replay"] if validate else []
         progress = self._progress(len(runs) + int(self.diagnostics), "estimators")
         results = self._run(self.estimator, joint, stage_names, options)
-        if self.precision_note:
-            for result in results.values():
-                result.approximations = [*result.approximations, self.precision_note]
+        for note in [self.precision_note, _training_precision_note(self.ledger)]:
+            if note:
+                for result in results.values():
+                    result.approximations = [*result.approximations, note]
         alternates: dict[str, dict] = {}
         for name in runs[1:]:
             if progress is not None:
@@ -711,6 +712,25 @@ def _gathered(local_result: Any, joint: _Joint, stage_names: list[str], state: A
         name: _Gathered(template, {s: torch.tensor(values(name, s), dtype=torch.float64) for s in stage_names})
         for name in joint.names
     }
+
+
+def _training_precision_note(ledger: Any) -> str | None:
+    """Which stages trained in half or mixed precision (their recorded notes say so), for the report: replay re-runs
+    them in that precision, so replay-based estimates and replay itself agree with the recorded run only to it."""
+    marker = "The stage trains in "
+    found = {}
+    for stage in ledger.stages:
+        for note in stage.info.get("notes") or []:
+            if isinstance(note, str) and note.startswith(marker):
+                found[stage.name] = note[len(marker) :].split(":")[0]
+    if not found:
+        return None
+    listed = ", ".join(f"{name} ({what})" for name, what in found.items())
+    return (
+        f"Stages trained in reduced precision: {listed}. Replay re-runs them in that precision (as recorded, "
+        "deterministic on CPU; GPU kernels may round differently from run to run), so replay-based estimates and "
+        "replay itself reproduce the recorded training only to that precision."
+    )
 
 
 def _input_description(behavior: Any) -> tuple[str, int | None, str | None]:

@@ -199,7 +199,7 @@ def training_mode_warnings(args: Any, model: Any = None, trainer: Any = None) ->
     if half or half_weights:
         what = f"{half[0]} mixed precision" if half else f"{', '.join(half_weights)} weights"
         out.append(
-            f"The stage trains in {what}: the ledger stores its Δ in float32, but replay re-runs the stage in the "
+            f"The stage trains in {what}: the ledger stores its Δ exactly, but replay re-runs the stage in the "
             "same precision, whose rounding differs from run to run, so replay and the estimates agree only to that "
             "precision (the attributor evaluates a float32 copy of half-precision weights). For exact replay train "
             "in float32 (TRL: bf16=False, fp16=False; on CPU also use_cpu=True)."
