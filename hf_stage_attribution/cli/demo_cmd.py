@@ -10,6 +10,7 @@ tables, the fidelity tables and where the cards are; ``--verbose`` shows the lib
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -19,7 +20,7 @@ from typing import Any
 from ..attributor import StageAttributor
 from ..errors import LedgerError
 from ..examples.lm_pipeline import build_lm_pipeline
-from ..examples.spurious_digits import build_spurious_digits, demo_behaviors
+from ..examples.spurious_digits import build_spurious_digits, demo_behaviors, make_stages, train_stage
 from ..model_card import write_model_card
 from ..report.attribution import AttributionReport
 from ..report.text import render_fidelity_table
@@ -85,13 +86,54 @@ def write_behavior_specs(specs: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def _next_commands(part: Path, ledger: Path, model: Path, spec: Path, how: str) -> None:
+def _next_commands(part: Path, ledger: Path, model: Path, spec: Path, how: str, extra: str = "") -> None:
     print(
         f"Run it again from the command line ({how}):\n"
         f"  hf-stage-attribution attribute {ledger} --model {model} --behaviors {spec} "
-        f"--output-dir {part / 'report-cli'}",
+        f"--output-dir {part / 'report-cli'}{extra}",
         flush=True,
     )
+
+
+#: The digits pipeline the demo builds (``build_spurious_digits(..., size="small")``, seed 0).
+DIGITS_SIZE, DIGITS_SEED = "small", 0
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_stages() -> dict[str, Any]:
+    return {s.name: s for s in make_stages(DIGITS_SIZE, DIGITS_SEED)[0]}
+
+
+def _replay_digits(name: str, model: Any, max_steps: int | None, grad_every: int) -> tuple[Any, Any]:
+    return model, train_stage(model, _digits_stages()[name], max_steps=max_steps, grad_every=grad_every)
+
+
+def digits_pretraining(model: Any, max_steps: int | None = None, grad_every: int = 1) -> tuple[Any, Any]:
+    """The demo digits pipeline's stage ``pretraining`` as a stage function (``--stage-fn pretraining=...``)."""
+    return _replay_digits("pretraining", model, max_steps, grad_every)
+
+
+def digits_patch(model: Any, max_steps: int | None = None, grad_every: int = 1) -> tuple[Any, Any]:
+    """The demo digits pipeline's stage ``patch`` as a stage function (``--stage-fn patch=...``)."""
+    return _replay_digits("patch", model, max_steps, grad_every)
+
+
+def digits_finetune(model: Any, max_steps: int | None = None, grad_every: int = 1) -> tuple[Any, Any]:
+    """The demo digits pipeline's stage ``finetune`` as a stage function (``--stage-fn finetune=...``)."""
+    return _replay_digits("finetune", model, max_steps, grad_every)
+
+
+def digits_stage_fn_options() -> str:
+    """The ``--trust-code --stage-fn STAGE=MODULE:FUNCTION`` options that give the command line the digits stages'
+    training functions (the demo passes them in Python as ``stage_fns``).
+
+    Example:
+        >>> digits_stage_fn_options().split()[:2]
+        ['--trust-code', '--stage-fn']
+    """
+    module = __name__
+    fns = {"pretraining": "digits_pretraining", "patch": "digits_patch", "finetune": "digits_finetune"}
+    return " --trust-code" + "".join(f" --stage-fn {stage}={module}:{fn}" for stage, fn in fns.items())
 
 
 def _attribute(console: Console, attributor: StageAttributor, behaviors: dict, validate: bool) -> AttributionReport:
@@ -130,7 +172,9 @@ def run_digits(out: Path, size: str, validate: bool, console: Console | None = N
     console = console or Console()
     _section("Digits classifier: pretraining -> patch (a spurious corner patch on every 7) -> finetune")
     with console.phase("training 3 stages", total=3) as phase:
-        pipe = build_spurious_digits(out / "digits", size="small", on_stage_end=lambda stage: phase.update())
+        pipe = build_spurious_digits(
+            out / "digits", size=DIGITS_SIZE, seed=DIGITS_SEED, on_stage_end=lambda stage: phase.update()
+        )
         phase.note = f"ledger: {pipe.ledger_dir}"
     behaviors = demo_behaviors(pipe)
     attributor = StageAttributor(pipe.ledger_dir, pipe.model, stage_fns=pipe.stage_fns, show_progress=False)
@@ -138,8 +182,11 @@ def run_digits(out: Path, size: str, validate: bool, console: Console | None = N
     readme = pipe.model_dir / "README.md"
     _publish(report, out / "digits" / "report", readme)
     spec = write_behavior_specs([b.to_spec() for b in behaviors.values()], out / "digits" / "behaviors.json")
-    how = "without replay: these stages have no replay data, and a command line cannot pass stage functions"
-    _next_commands(out / "digits", pipe.ledger_dir, pipe.model_dir, spec, how)
+    how = (
+        "these stages have no replay data: --stage-fn passes their training functions, as the demo did in Python, "
+        "so the estimates match the demo's; `validate` with the same arguments adds replay"
+    )
+    _next_commands(out / "digits", pipe.ledger_dir, pipe.model_dir, spec, how, digits_stage_fn_options())
     return readme
 
 
@@ -171,11 +218,23 @@ def check_fresh_output(out: Path, parts: list[str]) -> None:
         )
 
 
+def process_start() -> float | None:
+    """When this process started (seconds since the epoch; Linux ``/proc``), so that "Done in" counts the start-up
+    and imports too; None where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        started_ago = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - started_ago
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     check_fresh_output(out, [part for part in ("lm", "digits") if args.only in (None, part)])
     console = Console(verbose=getattr(args, "verbose", False))
-    t0 = time.time()
+    t0 = process_start() or time.time()
     cards = []
     if args.only in (None, "lm"):
         cards.append(run_lm(out, args.size, not args.no_validate, console))

@@ -50,6 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def times(ratio: float) -> str:
+    """A size ratio with enough digits to be read: two decimals, or two significant digits below 0.01.
+
+    Example:
+        >>> times(6.4321), times(0.003143), times(0.0)
+        ('6.43×', '0.0031×', '0×')
+    """
+    if ratio == 0:
+        return "0×"
+    return f"{ratio:.2f}×" if abs(ratio) >= 0.01 else f"{ratio:.2g}×"
+
+
 def format_summary(summary: dict) -> str:
     rows = []
     for s in summary["stages"]:
@@ -57,11 +69,11 @@ def format_summary(summary: dict) -> str:
         wd = ",".join(fmt_float(w) for w in s["weight_decay"]) or "-"
         rows.append([s["index"], s["name"], s["kind"], s["trainer"], s["steps"], s["optimizer"], lr, wd,
                      s["trainable_parameters"], s["data"], fmt_float(s["delta_norm"], 4),
-                     f"{human_bytes(s['bytes'])} ({s['bytes'] / summary['model_bytes']:.2f}×)"])  # fmt: skip
+                     f"{human_bytes(s['bytes'])} ({times(s['bytes'] / summary['model_bytes'])})"])  # fmt: skip
     head = (
         f"Ledger {summary['ledger']} (format {summary['format_version']}, model {summary['model_class']}, "
         f"{summary['num_parameters']:,} parameters, {len(summary['stages'])} stages; "
-        f"{human_bytes(summary['ledger_bytes'])} on disk = {summary['ledger_bytes'] / summary['model_bytes']:.2f}× "
+        f"{human_bytes(summary['ledger_bytes'])} on disk = {times(summary['ledger_bytes'] / summary['model_bytes'])} "
         "the float32 model"
         + (
             f"; embedding cache {human_bytes(summary['embedding_cache_bytes'])}"

@@ -28,11 +28,13 @@ from ..report.schema import REPORT_FORMAT
 from ..report.text import (
     SIGN_CONVENTION,
     behavior_view,
+    claimed_top_stage,
     data_label,
     direction_word,
     escape_markdown,
     fidelity_view,
     fmt_lr,
+    has_interval,
     interval_label,
     replay_hint,
 )
@@ -177,14 +179,28 @@ def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) 
     """The ``stage_attribution`` YAML value: estimator, ledger identity, the stages (machine-readable, with the
     Hub/local model each was imported from), top stage per behavior with its direction, file names.
 
+    Where replay ran for every stage, ``top_stage`` and ``direction`` are replay's (the measured answer) and
+    ``estimated_top_stage`` names the estimate's when it differs; ``top_stage_effect``, ``ci_low``/``ci_high`` are the
+    estimate for that stage (no interval keys for one example). A behavior no stage moved has no ``top_stage``.
+
     Counterfactual effects are not results of the model, so none of them goes into ``model-index``."""
     behaviors = []
     for summary in report.behaviors:
-        top = report.top_stage(summary.name)
+        entry: dict[str, Any] = {"name": summary.name, "unit": summary.unit}
+        top = claimed_top_stage(report, summary.name)
+        if top is None:
+            entry["direction"] = direction_word(0.0)
+            entry["top_stage_trust"] = report.trust(summary.name)["verdict"]
+            behaviors.append(entry)
+            continue
         row = next(r for r in report.rows_for(summary.name) if r.stage == top)
-        entry = {"name": summary.name, "unit": summary.unit, "top_stage": top, "top_stage_effect": row.effect}
-        entry["direction"] = direction_word(row.effect)
-        entry.update({"ci_low": row.ci_low, "ci_high": row.ci_high})
+        entry.update({"top_stage": top, "top_stage_effect": row.effect})
+        estimated = report.top_stage(summary.name)
+        if estimated != top:
+            entry["estimated_top_stage"] = estimated
+        entry["direction"] = direction_word(row.effect if row.replay_effect is None else row.replay_effect)
+        if has_interval(row):
+            entry.update({"ci_low": row.ci_low, "ci_high": row.ci_high})
         entry["top_stage_trust"] = report.trust(summary.name)["verdict"]
         if row.replay_effect is not None:
             entry["top_stage_replay_effect"] = row.replay_effect

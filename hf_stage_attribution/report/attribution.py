@@ -27,7 +27,7 @@ from .schema import (
     type_problem,
 )
 from .text import render_markdown, render_table
-from .trust import assess_trust, stored_figures_trust
+from .trust import LABEL_GROUND_TRUTH, LABEL_VERIFIED, assess_trust, stored_figures_trust
 
 
 @dataclass
@@ -120,6 +120,26 @@ class AttributionReport:
             raise ReportError(f"`by` must be one of {sorted(keys)}, got {by!r}.")
         return min(self.rows_for(behavior), key=lambda r: (keys[by](r), r.stage_index)).stage
 
+    def replay_top_stage(self, behavior: str) -> str | None:
+        """The stage of largest ``|replay effect|`` (ties to the earlier stage) when replay ran for every stage of
+        ``behavior`` and moved it; else None. Where it differs from :meth:`top_stage`, replay's is the measured answer.
+
+        Example:
+            >>> r = AttributionReport.build({"f": {"a": [0.1], "b": [1.0]}}, estimator="x", versions={},
+            ...                             replay={"f": {"a": [2.0], "b": [1.0]}})
+            >>> r.top_stage("f"), r.replay_top_stage("f")
+            ('b', 'a')
+        """
+        rows = self.rows_for(behavior)
+        if any(r.replay_effect is None for r in rows) or all(r.replay_effect == 0 for r in rows):
+            return None
+        return min(rows, key=lambda r: (-abs(float(r.replay_effect or 0.0)), r.stage_index)).stage
+
+    def moved(self, behavior: str) -> bool:
+        """Whether any stage moved ``behavior`` (a nonzero estimate, or a nonzero replay value where replay ran):
+        a behavior no stage moved has no top stage to name."""
+        return any(r.effect != 0 or (r.replay_effect or 0.0) != 0 for r in self.rows_for(behavior))
+
     def trust(self, behavior: str) -> dict[str, Any]:
         """The verdict on ``behavior``'s top-stage claim and ranking: ``{"verdict", "label", "reason",
         "evidence"}`` (:func:`~.trust.assess_trust`). A report written before verdicts existed gets one assessed
@@ -134,7 +154,10 @@ class AttributionReport:
         rows = self.rows_for(behavior)  # unknown behavior: a clear ReportError
         diag = self.diagnostics.get(behavior)
         if diag is not None and diag.trust:
-            return dict(diag.trust)
+            stored = dict(diag.trust)
+            if self.estimator == "replay" and stored.get("label") == LABEL_VERIFIED:
+                stored["label"] = LABEL_GROUND_TRUTH  # written before replay stopped "verifying" itself
+            return stored
         # the ledger's last stage: from the ledger's stage count, else where the stored gap marks it exact
         flagged = [s for s, g in (diag.linearisation_gap if diag else {}).items() if g.get("fd_exact")]
         last = last_stage_name(self.stages, self.ledger, given=False) or next(iter(flagged), None)
@@ -144,13 +167,16 @@ class AttributionReport:
         """Re-assess every behavior's trust verdict against exact replay run separately (a replay report, or
         ``{behavior: {stage: mean effect}}``): "verified by replay" or "unreliable: replay disagrees — …". The
         estimated verdict it replaces is kept in ``evidence["without_replay"]``; behaviors replay does not cover
-        keep theirs.
+        keep theirs. Each covered row gets replay's value as ``replay_effect``, so the table, the plot and the card
+        show the replay column as they do after ``attribute(..., validate=True)``.
 
         Example:
-            >>> est = AttributionReport.build({"f": {"a": [0.1], "b": [1.0]}}, estimator="aa-linear", versions={})
-            >>> est.verify_with_replay({"f": {"a": 2.0, "b": 1.0}})
+            >>> est = AttributionReport.build({"f": {"a": [0.9], "b": [1.0]}}, estimator="aa-linear", versions={})
+            >>> est.verify_with_replay({"f": {"a": 1.5, "b": 1.0}})
             >>> est.trust("f")["label"]
             'unreliable: replay disagrees — replay names a as the top stage, the estimate b'
+            >>> [r.replay_effect for r in est.rows_for("f")]
+            [1.5, 1.0]
         """
         if isinstance(replay, AttributionReport):
             if replay.estimator != "replay":
@@ -173,6 +199,8 @@ class AttributionReport:
             )  # fmt: skip
             verdict["evidence"]["without_replay"] = {k: before.get(k) for k in ("verdict", "label")}
             self.diagnostics.setdefault(summary.name, BehaviorDiagnostics()).trust = json_safe(verdict)
+            for row in rows:
+                row.replay_effect = float(truth[row.stage])
 
     def top_stage_claim(self, behavior: str) -> dict[str, Any]:
         """The most accountable stage with its effect and how far to trust it: ``{"stage", "effect", "verdict",
@@ -245,6 +273,8 @@ class AttributionReport:
             )
         except (KeyError, TypeError) as exc:
             raise unfit(repr(exc)) from exc
+        if not any(isinstance(row, dict) and "share_of_abs_effects" in row for row in data["rows"]):
+            report._fill_shares_of_abs_effects()  # a report written before the field existed
         parts = [
             *((row, f"rows[{i}]") for i, row in enumerate(report.rows)),
             *((stage, f"stages[{i}]") for i, stage in enumerate(report.stages)),
@@ -256,6 +286,15 @@ class AttributionReport:
             if problem:
                 raise unfit(problem)
         return report
+
+    def _fill_shares_of_abs_effects(self) -> None:
+        """Set every row's ``share_of_abs_effects`` from the effects (``|effect| / Σ|effect|`` per behavior)."""
+        for summary in self.behaviors:
+            rows = [row for row in self.rows if row.behavior == summary.name]
+            scale = sum(abs(float(row.effect)) for row in rows if isinstance(row.effect, int | float))
+            for row in rows:
+                if isinstance(row.effect, int | float):
+                    row.share_of_abs_effects = abs(float(row.effect)) / scale if scale > 0 else None
 
     # --- presentation ---------------------------------------------------------------------------------
 

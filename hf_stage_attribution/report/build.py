@@ -75,9 +75,16 @@ def bootstrap_intervals(
     """Percentile bootstrap intervals of the row means of ``matrix`` (stages × examples).
 
     The same resampled example indices are used for every row (a paired bootstrap), drawn from a fresh
-    ``numpy.random.default_rng(seed)`` so the result depends only on the inputs.
+    ``numpy.random.default_rng(seed)`` so the result depends only on the inputs. With fewer than 2 examples there is
+    no sampling to resample: both ends are ``nan`` (the report stores None and prints no interval).
+
+    Example:
+        >>> bootstrap_intervals(np.array([[2.0], [-1.0]]), n_resamples=40)[0].tolist()
+        [nan, nan]
     """
     rows, n = matrix.shape
+    if n < 2:
+        return np.full(rows, np.nan), np.full(rows, np.nan)
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_resamples, 2_000_000 // max(1, rows * n)))
     means = np.empty((rows, n_resamples))
@@ -264,7 +271,7 @@ def _trust(
     behavior: str,
     estimator: str,
     means: Mapping[str, float],
-    intervals: Mapping[str, tuple[float, float]],
+    intervals: Mapping[str, tuple[float, float] | None],
     alternates: Mapping[str, Mapping[str, Any]],
     pair: list[str] | None,
     gaps: Mapping[str, Mapping[str, float]],
@@ -357,6 +364,7 @@ def build_report(
         total_value = _per_behavior(total_change, behavior, None)
         total = None if total_value is None else float(as_vector(total_value, f"total change of {behavior!r}").mean())
         truth = (replay or {}).get(behavior) or {}
+        abs_total = float(np.abs(means).sum())
         for k, stage in enumerate(names):
             effect = float(means[k])
             share = effect / total if total is not None and abs(total) > _tiny(means) else None
@@ -367,11 +375,12 @@ def build_report(
                     behavior,
                     estimator,
                     effect,
-                    float(low[k]),
-                    float(high[k]),
+                    _finite(low[k]),
+                    _finite(high[k]),
                     [float(x) for x in matrix[k]],
                     share,
                     _replay_mean(truth.get(stage), behavior, stage),
+                    abs(effect) / abs_total if abs_total > 0 else None,
                 )
             )
         summaries.append(behavior_summary(behavior, given.get(behavior), int(matrix.shape[1])))
@@ -379,7 +388,9 @@ def build_report(
         all_approx.append(approx)
         pair, gaps = _linearisation(behavior, estimator, effects, alternates, last_stage)
         stage_means = {stage: float(means[k]) for k, stage in enumerate(names)}
-        stage_intervals = {stage: (float(low[k]), float(high[k])) for k, stage in enumerate(names)}
+        stage_intervals = {
+            stage: (float(low[k]), float(high[k])) if matrix.shape[1] > 1 else None for k, stage in enumerate(names)
+        }
         trust = _trust(behavior, str(estimator), stage_means, stage_intervals, alternates, pair, gaps, last_stage)
         total_sum = float(means.sum())
         covers_all = len(names) == len(stage_list)
@@ -412,6 +423,12 @@ def build_report(
             "seed": int(seed),
         },
     }
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float, None where it is not finite (no interval)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def min_resamples(confidence: float) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ReportError
 from .files import atomic_write_bytes
-from .text import terminal_safe
+from .text import has_interval, terminal_safe
 
 if TYPE_CHECKING:
     from .attribution import AttributionReport
@@ -27,6 +27,9 @@ DPI = 100
 PANEL_IN = (3.6, 3.0)  # width, height of one behavior's panel in inches
 MAX_COLUMNS = 3
 RAISED, LOWERED, REPLAY = "#3b7dd8", "#d9822b", "#1f1f1f"  # mid-contrast blue / orange; replay markers near-black
+UNCHANGED = "#9a9a9a"  # a stage whose effect is exactly 0 neither raised nor lowered the behavior
+#: Longest names drawn (characters); longer ones end in "…" (the full names are in the table beside the plot).
+TICK_CHARS, TITLE_CHARS = 18, 32
 CARD = "#ffffff"
 
 
@@ -43,9 +46,18 @@ def figure_size(num_stages: int, num_behaviors: int = 1) -> tuple[float, float]:
     return (round(width * columns + 0.4, 2), round(PANEL_IN[1] * rows + 0.6, 2))
 
 
-def _label(text: str) -> str:
+def _label(text: str, limit: int | None = None) -> str:
+    """``text`` safe to draw, cut to ``limit`` characters with an ellipsis.
+
+    Example:
+        >>> _label("a" * 30, limit=10)
+        'aaaaaaaaa…'
+    """
+    text = terminal_safe(text)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
     # matplotlib would parse "$...$" as mathtext (and fail on bad TeX); control characters have no glyph
-    return terminal_safe(text).replace("$", r"\$")
+    return text.replace("$", r"\$")
 
 
 def report_figure(report: AttributionReport) -> Any:
@@ -77,10 +89,11 @@ def report_figure(report: AttributionReport) -> Any:
         ax.set_facecolor(CARD)
         by_stage = {row.stage: row for row in report.rows if row.behavior == summary.name}
         effect = np.array([by_stage[s.name].effect if s.name in by_stage else np.nan for s in stages])
-        low = np.array([by_stage[s.name].ci_low if s.name in by_stage else np.nan for s in stages])
-        high = np.array([by_stage[s.name].ci_high if s.name in by_stage else np.nan for s in stages])
+        banded = {name: row for name, row in by_stage.items() if has_interval(row)}  # one example: no interval
+        low = np.array([_or_nan(banded[s.name].ci_low) if s.name in banded else np.nan for s in stages])
+        high = np.array([_or_nan(banded[s.name].ci_high) if s.name in banded else np.nan for s in stages])
         yerr = np.nan_to_num(np.vstack([effect - low, high - effect]).clip(min=0.0))
-        colors = [RAISED if e >= 0 else LOWERED for e in np.nan_to_num(effect)]
+        colors = [RAISED if e > 0 else LOWERED if e < 0 else UNCHANGED for e in np.nan_to_num(effect)]
         ax.bar(x, np.nan_to_num(effect), 0.6, yerr=yerr, capsize=3, color=colors, ecolor="#4d4d4d", label="estimate")
         replay = [by_stage[s.name].replay_effect if s.name in by_stage else None for s in stages]
         if any(v is not None for v in replay):
@@ -92,9 +105,9 @@ def report_figure(report: AttributionReport) -> Any:
             )  # fmt: skip
         ax.axhline(0.0, color="#4d4d4d", linewidth=0.8)
         ax.set_xticks(x)
-        ax.set_xticklabels([_label(s.name) for s in stages], rotation=20, ha="right", fontsize="small")
+        ax.set_xticklabels([_label(s.name, TICK_CHARS) for s in stages], rotation=20, ha="right", fontsize="small")
         unit = summary.unit or "behavior units"
-        ax.set_title(f"{_label(summary.name)}\n({_label(unit)})", fontsize="medium")
+        ax.set_title(f"{_label(summary.name, TITLE_CHARS)}\n({_label(unit, TITLE_CHARS)})", fontsize="medium")
         ax.tick_params(labelsize="small")
         ax.grid(axis="y", color="#d0d0d0", linewidth=0.6)
         ax.set_axisbelow(True)
@@ -106,11 +119,16 @@ def report_figure(report: AttributionReport) -> Any:
         )  # fmt: skip
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize="small", frameon=False)
     fig.suptitle(
-        f"Stage effects ({_label(report.estimator)})\nerror bars: {conf:g} % intervals; positive = stage raised it",
+        f"Stage effects ({_label(report.estimator, TITLE_CHARS)}); positive = stage raised it\n"
+        f"error bars: {conf:g} % intervals (example sampling only)",
         fontsize="small",
     )
     fig.tight_layout(rect=(0.01, 0.06, 0.99, 0.99))
     return fig
+
+
+def _or_nan(value: float | None) -> float:
+    return np.nan if value is None else float(value)
 
 
 def plot_png_bytes(report: AttributionReport) -> bytes:

@@ -28,7 +28,11 @@ def top_examples(per_example: Sequence[float], k: int = 5) -> list[tuple[int, fl
 class ReportRow:
     """One (stage, behavior) effect: mean over examples, its bootstrap interval and the per-example effects.
 
-    ``share`` is ``effect / (f(θ_K) − f(θ_0))`` when the total change is known (shares need not sum to 1).
+    ``share`` is ``effect / (f(θ_K) − f(θ_0))``, the signed share of the total change, when the total change is known
+    (these need not sum to 1). ``share_of_abs_effects`` is ``|effect| / Σ_j |effect_j|`` over the behavior's stages,
+    the "share of Σ|effect|" the console, report.md and card show (None in reports written before it existed, and
+    when every effect is 0). ``ci_low``/``ci_high`` are None for a behavior of one example: one example gives no
+    sampling interval.
 
     Example:
         >>> row = ReportRow("sft", 1, "toxicity", "aa-linear", 0.5, 0.2, 0.8, [0.1, 0.9], share=0.4)
@@ -41,13 +45,15 @@ class ReportRow:
     behavior: str
     estimator: str
     effect: float
-    ci_low: float
-    ci_high: float
+    ci_low: float | None
+    ci_high: float | None
     per_example: list[float]
     share: float | None = None
     #: The effect measured by exact replay (``f(θ_K) − f(θ̃_K^(−k))``) when replay ran for this stage (``validate``),
     #: else ``None``: the ground truth to show beside the estimate.
     replay_effect: float | None = None
+    #: ``|effect| / Σ_j |effect_j|`` over the behavior's stages (what the tables call "share of Σ|effect|").
+    share_of_abs_effects: float | None = None
 
     def top_examples(self, k: int = 5) -> list[tuple[int, float]]:
         """The ``k`` examples this stage moved most, as ``(example index, effect)``, largest ``|effect|`` first."""

@@ -192,6 +192,57 @@ def direction_word(effect: float) -> str:
     return "raised" if effect > 0 else "lowered" if effect < 0 else "did not change"
 
 
+#: Printed wherever an interval is: what it covers (the estimator's own error is the verdict's business).
+INTERVAL_SHORT = "example sampling"
+
+
+def interval_header(report: AttributionReport, space: str = " ") -> str:
+    """The interval column's name, with what it covers: ``95 % interval (example sampling)``."""
+    conf = f"{float((report.interval or {}).get('confidence', 0.95)) * 100:g}{space}%"
+    return f"{conf} interval ({INTERVAL_SHORT})"
+
+
+def has_interval(row: Any) -> bool:
+    """Whether a row has a sampling interval (a behavior of one example has none; a report written before that was
+    said stores a zero-width one, which is not shown either)."""
+    return row.ci_low is not None and row.ci_high is not None and len(row.per_example) >= 2
+
+
+def fmt_interval(row: Any) -> str:
+    """``[low, high]``, or ``n/a (1 example)`` where one example gives no sampling interval."""
+    if not has_interval(row):
+        return "n/a (1 example)"
+    return f"[{fmt_number(row.ci_low)}, {fmt_number(row.ci_high)}]"
+
+
+def examples_label(count: int) -> str:
+    """``1 example`` / ``N examples``."""
+    return f"{count} example" if count == 1 else f"{count} examples"
+
+
+def _sign(value: float | None) -> int:
+    return 0 if not value else (1 if value > 0 else -1)
+
+
+def unsettled_sign_reasons(report: AttributionReport, name: str) -> dict[str, str]:
+    """``{stage: why}`` for the stages of ``name`` whose estimated sign is not a claim: another estimator gives the
+    other sign, or a size more than 2-fold off (the verdict's evidence), or the interval includes 0. Stages replay
+    measured are left out: replay's sign is the answer there (:func:`opposite_directions` says which it is)."""
+    evidence = report.trust(name).get("evidence") or {}
+    out: dict[str, str] = {}
+    for opinion, stages in (evidence.get("sign_disagreements") or {}).items():
+        for stage in stages or []:
+            out.setdefault(str(stage), f"{opinion} gives the other sign")
+    for opinion, stages in (evidence.get("unsettled_signs") or {}).items():
+        for stage in stages or []:
+            out.setdefault(str(stage), f"{opinion}'s size differs more than 2-fold")
+    for row in report.rows_for(name):
+        if has_interval(row) and row.effect != 0 and row.ci_low <= 0.0 <= row.ci_high:
+            out.setdefault(row.stage, "its interval includes 0")
+    replayed = {r.stage for r in report.rows_for(name) if r.replay_effect is not None}
+    return {stage: why for stage, why in out.items() if stage not in replayed}
+
+
 def _namers(escape: Any) -> tuple[Any, Any]:
     """(stage-name formatter, plain formatter): bold escaped markdown by default, ``escape`` for both otherwise."""
     if escape is None:
@@ -209,20 +260,41 @@ def headline(report: AttributionReport, name: str, escape: Any = None) -> str:
         >>> r = AttributionReport.build({"tox": {"sft": [1.0, 1.2], "dpo": [-3.0, -2.8]}}, estimator="x",
         ...                             behaviors={"tox": {"unit": "nats"}}, n_resamples=40, versions={})
         >>> headline(r, "tox", escape=str)
-        'dpo lowered tox the most (-2.9 nats, 95 % interval [-3, -2.8]).'
+        'dpo lowered tox the most (-2.9 nats, 95 % interval (example sampling) [-3, -2.8]).'
     """
     stage_name, plain = _namers(escape)
     raw_unit = report.behavior(name).unit
     unit = unit_label(raw_unit) if escape is None else (escape(raw_unit) if raw_unit else "behavior units")
     top = next(r for r in report.rows_for(name) if r.stage == report.top_stage(name))
-    if top.effect == 0:
+    if not report.moved(name):
         return f"No stage moved {plain(name)}: every estimated effect is 0."
-    conf = f"{float((report.interval or {}).get('confidence', 0.95)) * 100:g} %"
-    sentence = (
-        f"{stage_name(top.stage)} {direction_word(top.effect)} {plain(name)} the most ({fmt_number(top.effect)} "
-        f"{unit}, {conf} interval [{fmt_number(top.ci_low)}, {fmt_number(top.ci_high)}])."
-    )
-    if top.ci_low <= 0.0 <= top.ci_high:
+
+    def amount(row: Any) -> str:
+        if not has_interval(row):
+            return f"{fmt_number(row.effect)} {unit}; one example: no sampling interval"
+        return f"{fmt_number(row.effect)} {unit}, {interval_header(report)} {fmt_interval(row)}"
+
+    measured = report.replay_top_stage(name)
+    if measured is not None and (measured != top.stage or _sign(top.replay_effect) != _sign(top.effect)):
+        truth = next(r for r in report.rows_for(name) if r.stage == measured)
+        sentence = (
+            f"Replay (ground truth): {stage_name(measured)} {direction_word(truth.replay_effect or 0.0)} "
+            f"{plain(name)} "
+            f"the most ({fmt_number(truth.replay_effect)} {unit})."
+        )
+        if top.effect == 0:
+            return sentence + " The estimate put every effect at 0."
+        if measured != top.stage:
+            return sentence + f" The estimate named {stage_name(top.stage)} instead ({amount(top)})."
+        return sentence + f" The estimate gave it the other sign ({amount(top)})."
+    unsettled = unsettled_sign_reasons(report, name).get(top.stage)
+    if unsettled and unsettled != "its interval includes 0":
+        return (
+            f"{stage_name(top.stage)} moved {plain(name)} the most ({amount(top)}); its sign is not settled: "
+            f"{plain(unsettled)}."
+        )
+    sentence = f"{stage_name(top.stage)} {direction_word(top.effect)} {plain(name)} the most ({amount(top)})."
+    if has_interval(top) and top.ci_low <= 0.0 <= top.ci_high:
         sentence += " Its interval includes 0: the examples cannot tell this effect from none."
     return sentence
 
@@ -230,24 +302,80 @@ def headline(report: AttributionReport, name: str, escape: Any = None) -> str:
 def opposite_directions(report: AttributionReport, name: str, escape: Any = None) -> str:
     """Where stages pushed the behavior in opposite directions, which raised and which lowered it ('' otherwise).
 
+    A sign is claimed only where it is settled: where replay ran, replay's sign (and the estimate's, when it differs);
+    elsewhere a stage whose sign another estimator contradicts, or whose interval includes 0, is listed as "sign not
+    settled" (:func:`unsettled_sign_reasons`).
+
     Example:
         >>> from hf_stage_attribution.report import AttributionReport
-        >>> r = AttributionReport.build({"tox": {"sft": [1.0], "lora": [0.5], "dpo": [-3.0]}}, estimator="x",
-        ...                             versions={})
+        >>> r = AttributionReport.build({"tox": {"sft": [1.0, 1.1], "lora": [0.5, 0.6], "dpo": [-3.0, -2.9]}},
+        ...                             estimator="x", versions={})
         >>> opposite_directions(r, "tox", escape=str)
-        'Stages pushed tox in opposite directions: raised by sft (+1), lora (+0.5); lowered by dpo (-3).'
+        'Stages pushed tox in opposite directions: raised by sft (+1.05), lora (+0.55); lowered by dpo (-2.95).'
     """
     stage_name, plain = _namers(escape)
     rows = report.rows_for(name)
-    up = [r for r in rows if r.effect > 0]
-    down = [r for r in rows if r.effect < 0]
-    if not up or not down:
+    unsettled = unsettled_sign_reasons(report, name)
+    up, down, open_ = [], [], []
+    for r in rows:
+        if r.replay_effect is not None:
+            if _sign(r.replay_effect) == 0:
+                continue
+            text = f"{stage_name(r.stage)} ({fmt_number(r.effect)}; replay {fmt_number(r.replay_effect)})"
+            if _sign(r.effect) not in (0, _sign(r.replay_effect)):
+                text = (
+                    f"{stage_name(r.stage)} (replay {fmt_number(r.replay_effect)}; the estimate, "
+                    f"{fmt_number(r.effect)}, has the other sign)"
+                )
+            (up if r.replay_effect > 0 else down).append(text)
+        elif r.effect != 0 and r.stage in unsettled:
+            open_.append(
+                f"{stage_name(r.stage)} ({fmt_number(r.effect)}, sign not settled: {plain(unsettled[r.stage])})"
+            )
+        elif r.effect != 0:
+            (up if r.effect > 0 else down).append(f"{stage_name(r.stage)} ({fmt_number(r.effect)})")
+    signs = {_sign(r.effect) for r in rows} | {_sign(r.replay_effect) for r in rows}
+    if not ({1, -1} <= signs):
         return ""
+    unnamed = _unnamed_sign_disagreements(report, name)
+    if unnamed:  # replay checked it apart, in a report that did not keep replay's values: which sign is off is unknown
+        return (
+            f"The estimates point {plain(name)} in opposite directions ({', '.join(up + down + open_)}), but replay "
+            f"gives the other sign for {unnamed}; this report, written before replay's values were kept beside the "
+            "estimates, does not say which, so no stage's sign is claimed here."
+        )
+    if up and down:
+        text = (
+            f"Stages pushed {plain(name)} in opposite directions: raised by {', '.join(up)}; "
+            f"lowered by {', '.join(down)}"
+        )
+        return text + (f"; and {', '.join(open_)}." if open_ else ".")
+    parts = ([f"raised by {', '.join(up)}"] if up else []) + ([f"lowered by {', '.join(down)}"] if down else [])
+    return (
+        f"The estimates point {plain(name)} in opposite directions, but not every sign is settled: "
+        + "; ".join(parts + open_)
+        + "."
+    )
 
-    def listed(group: list[Any]) -> str:
-        return ", ".join(f"{stage_name(r.stage)} ({fmt_number(r.effect)})" for r in group)
 
-    return f"Stages pushed {plain(name)} in opposite directions: raised by {listed(up)}; lowered by {listed(down)}."
+def claimed_top_stage(report: AttributionReport, name: str) -> str | None:
+    """The stage the report names as the answer for ``name``: replay's top stage where replay ran for every stage
+    (the measured answer), else the estimate's; None when no stage moved the behavior."""
+    if not report.moved(name):
+        return None
+    return report.replay_top_stage(name) or report.top_stage(name)
+
+
+def _unnamed_sign_disagreements(report: AttributionReport, name: str) -> str:
+    """ "N of M stages" where the verdict says replay disagrees on N signs but the rows carry no replay values to say
+    which ('' otherwise): a report whose replay ran apart before ``verify_with_replay`` kept them."""
+    if has_replay(report, name):
+        return ""
+    figures = (report.trust(name).get("evidence") or {}).get("replay") or {}
+    agreement, compared = figures.get("sign_agreement"), figures.get("signs_compared")
+    if not isinstance(agreement, int | float) or not isinstance(compared, int) or agreement >= 1.0:
+        return ""
+    return f"{round((1.0 - agreement) * compared)} of these {compared} stages"
 
 
 def has_replay(report: AttributionReport, name: str | None = None) -> bool:
@@ -357,19 +485,18 @@ def behavior_view(report: AttributionReport, name: str) -> dict[str, Any]:
     the trust label and the diagnostics lines."""
     summary = report.behavior(name)
     unit = unit_label(summary.unit)
-    conf = f"{float((report.interval or {}).get('confidence', 0.95)) * 100:g} %"
     rows_in = report.rows_for(name)
     replay = has_replay(report, name)
     shares = shares_of_absolute([r.effect for r in rows_in])
     rows = []
     for row, share in zip(rows_in, shares):
-        top = ", ".join(f"#{i} ({fmt_number(v)})" for i, v in row.top_examples(3))
-        interval = f"[{fmt_number(row.ci_low)}, {fmt_number(row.ci_high)}]"
-        cells = [str(row.stage_index), escape_markdown(row.stage), fmt_number(row.effect), interval]
+        moved = [(i, v) for i, v in row.top_examples(3) if v != 0]
+        top = ", ".join(f"#{i} ({fmt_number(v)})" for i, v in moved) or "none (every example's effect is 0)"
+        cells = [str(row.stage_index), escape_markdown(row.stage), fmt_number(row.effect), fmt_interval(row)]
         if replay:
             cells.append(fmt_number(row.replay_effect))
         rows.append([*cells, fmt_percent(share), top])
-    header = ["#", "stage", "estimate", f"{conf} interval"]
+    header = ["#", "stage", "estimate", interval_header(report)]
     align = ["---:", "---", "---:", "---"]
     if replay:
         header.append("replay (ground truth)")
@@ -380,7 +507,15 @@ def behavior_view(report: AttributionReport, name: str) -> dict[str, Any]:
     caption = f"Unit: {unit}. Positive = the stage raised {escape_markdown(name)}."
     if replay:
         caption += " Replay = the effect measured by re-running the later stages without the stage."
-    caption += " Share = the stage's absolute effect over the sum of all stages' absolute effects."
+    caption += (
+        " Share of Σ\\|effect\\| = the stage's absolute effect over the sum of all stages' absolute effects (the"
+        " report's JSON carries it as `share_of_abs_effects`; its `share` is another figure, the signed share of the"
+        " total change)."
+    )
+    if all(has_interval(r) for r in rows_in):
+        caption += " The intervals cover example sampling only, not the estimator's own error (see the verdict)."
+    else:
+        caption += " One example: no sampling interval; the verdict says how far to trust the estimate."
     if diag is not None and diag.interaction_residual is not None:
         caption += (
             f" Interaction residual (total change − sum of effects): {fmt_number(diag.interaction_residual)} {unit}."
@@ -390,6 +525,7 @@ def behavior_view(report: AttributionReport, name: str) -> dict[str, Any]:
         "unit": unit,
         "description": escape_markdown(summary.description),
         "num_examples": summary.num_examples,
+        "examples": examples_label(summary.num_examples),
         "caption": caption,
         "header": header,
         "align": align,
@@ -423,7 +559,10 @@ def diagnostics_lines(report: AttributionReport, name: str, unit: str) -> list[s
     if diag is None:
         return ["No diagnostics were recorded for this behavior."]
     if diag.total_change is None:
-        lines = ["Total change f(θ_K) − f(θ_0): not evaluated, so shares and the interaction residual are n/a."]
+        lines = [
+            "Total change f(θ_K) − f(θ_0): not evaluated, so the interaction residual and the report JSON's `share` "
+            "(the signed share of the total change) are n/a; the share of Σ\\|effect\\| above does not need it."
+        ]
     else:
         lines = [f"Total change f(θ_K) − f(θ_0): {_amount(diag.total_change, unit)}."]
     if diag.interaction_residual is None:
@@ -506,7 +645,7 @@ def render_markdown(report: AttributionReport) -> str:
     out += [f"Intervals: {escape_markdown(interval_label(report))}.", ""]
     for summary in report.behaviors:
         view = behavior_view(report, summary.name)
-        out += [f"### Behavior: {view['name']} ({view['num_examples']} examples)", ""]
+        out += [f"### Behavior: {view['name']} ({view['examples']})", ""]
         if view["description"]:
             out += [view["description"], ""]
         claim = view["headline"] + (f" Verdict: {view['trust']}." if view["trust"] else "")
@@ -533,19 +672,17 @@ def render_markdown(report: AttributionReport) -> str:
 def render_table(report: AttributionReport) -> str:
     """A plain-text table for a terminal (one row per stage and behavior; a replay column when replay ran), then
     one line per behavior with its unit and which stage moved it most, and which way."""
-    conf = f"{float((report.interval or {}).get('confidence', 0.95)) * 100:g}%"
     replay = has_replay(report)
-    header = ["behavior", "#", "stage", "estimate", f"{conf} interval"]
+    header = ["behavior", "#", "stage", "estimate", interval_header(report, space="")]
     header += ["replay"] if replay else []
-    header += ["share", "top"]
+    header += ["share of Σ|effect|", "top"]
     body = []
     for summary in report.behaviors:
-        top = report.top_stage(summary.name)
+        top = claimed_top_stage(report, summary.name)
         rows = report.rows_for(summary.name)
         for row, share in zip(rows, shares_of_absolute([r.effect for r in rows])):
-            interval = f"[{fmt_number(row.ci_low)}, {fmt_number(row.ci_high)}]"
             cells = [terminal_safe(summary.name), str(row.stage_index), terminal_safe(row.stage)]
-            cells += [fmt_number(row.effect), interval] + ([fmt_number(row.replay_effect)] if replay else [])
+            cells += [fmt_number(row.effect), fmt_interval(row)] + ([fmt_number(row.replay_effect)] if replay else [])
             mark = _TABLE_MARK.get(report.trust(summary.name).get("verdict"), "*") if row.stage == top else ""
             body.append([*cells, fmt_percent(share), mark])
     lines = [text_table(header, body)]
@@ -557,10 +694,15 @@ def render_table(report: AttributionReport) -> str:
     if hint and any(report.trust(b.name).get("verdict") == "unreliable" for b in report.behaviors):
         lines.append(f"Unreliable verdict(s): {hint}")
     lines.append(
-        f"estimator: {terminal_safe(report.estimator)}; positive = the stage raised the behavior; share = |effect| "
-        "over the sum of |effects|"
-        + ("; replay = ground truth" if replay else "")
-        + "; top: *v verified by replay, *a estimators agree, *? unreliable."
+        f"estimator: {terminal_safe(report.estimator)}; positive = the stage raised the behavior; intervals cover "
+        "example sampling only, not the estimator's own error; share of Σ|effect| = |effect| over the sum of "
+        "|effects| (report.json: share_of_abs_effects)"
+        + ("; replay = ground truth, and top = replay's top stage" if replay else "")
+        + (
+            "; top: *v replay (ground truth)."
+            if report.estimator == "replay"
+            else "; top: *v verified by replay, *a estimators agree, *? unreliable."
+        )
     )
     return "\n".join(lines)
 

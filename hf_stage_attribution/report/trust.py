@@ -3,12 +3,15 @@
 Pure functions of per-stage mean effects (numpy only). Three verdicts:
 
 - ``"verified"`` (label "verified by replay"): exact replay ran for every stage and agrees with the estimate on the
-  top stage, the signs of the stages that moved the behavior, and the ranking;
+  top stage, the signs of the stages that moved the behavior, the ranking, and the sizes: every stage that moved the
+  behavior has an estimated ``|effect|`` within a factor of :data:`SIZE_RATIO_MAX` of replay's (the bar a second
+  opinion's sizes must meet for "agree"; else "unreliable: replay disagrees — <stage>'s size is N× replay's");
 - ``"agree"`` (label "estimated — estimators agree"): no replay, but a second opinion (the linear/finite-difference
   pair of the linearisation gap, another estimator such as task-vector negation) names the same top stage and
   ranking, another estimator than the sibling gives every stage that moved the behavior a size within a factor of
   :data:`SIZE_RATIO_MAX` (else that stage's sign is not settled), the linearisation gap is small and the top
-  stage's interval is clear of the runner-up's;
+  stage's ``|effect|`` interval is clear of the runner-up's (a behavior of one example has no sampling interval:
+  that check does not apply, and neither passes nor fails the verdict);
 - ``"unreliable"`` (label "estimated — unreliable: <why>", or "unreliable: replay disagrees — <why>"): anything else,
   including an estimate with nothing to check it against.
 
@@ -31,15 +34,19 @@ the 12 behaviors that the gap alone called unreliable was verified by replay, an
 
 The bootstrap intervals of a report resample the behavior's examples only: they say nothing about the estimator's
 own error, which is what the verdict is about (:data:`INTERVAL_SCOPE` is put in every verdict's evidence).
+A behavior no stage moved (every effect exactly 0) has no top stage: ``evidence["top_stage"]`` is None and no
+ranking is checked.
 
 Example:
     >>> v = assess_trust({"pre": 0.1, "sft": 2.0, "dpo": -0.5}, estimator="aa-linear",
     ...                  second_opinions={"aa-fd": {"pre": 0.12, "sft": 1.9, "dpo": -0.45}})
     >>> v["verdict"], v["label"]
     ('agree', 'estimated — estimators agree')
-    >>> assess_trust({"pre": 0.1, "sft": 2.0}, estimator="aa-linear",
-    ...              replay={"pre": 3.0, "sft": 1.0})["label"]
+    >>> label = assess_trust({"pre": 0.1, "sft": 2.0}, estimator="aa-linear", replay={"pre": 3.0, "sft": 1.0})["label"]
+    >>> label.split("; ")[0]
     'unreliable: replay disagrees — replay names pre as the top stage, the estimate sft'
+    >>> label.split("; ")[1]
+    "pre's size is 0.033× replay's (+0.1 vs +3)"
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ VERIFIED, AGREE, UNRELIABLE = "verified", "agree", "unreliable"
 VERDICTS = (VERIFIED, AGREE, UNRELIABLE)
 LABEL_VERIFIED = "verified by replay"
 LABEL_AGREE = "estimated — estimators agree"
+#: The label of a report whose effects are replay itself: it is the ground truth, not something replay verified.
+LABEL_GROUND_TRUTH = "replay (ground truth)"
 
 #: Stages compared by rank must keep their order up to one adjacent swap among four or more stages (Spearman of a
 #: single adjacent swap of 4 stages is 0.8); with three stages this means the exact order. It is the bar of a ranking
@@ -168,8 +177,27 @@ def compare(estimate: Mapping[str, float], reference: Mapping[str, float]) -> di
     }
 
 
-def _disagreements(c: Mapping[str, Any], ours: str, theirs: str) -> list[str]:
-    """Why comparison ``c`` (of ``ours`` against the reference ``theirs``) fails the bars, in words."""
+def sign_disagreements(estimate: Mapping[str, float], reference: Mapping[str, float]) -> list[str]:
+    """The stages (in ``estimate``'s order) that moved the behavior where ``reference`` gives the other sign.
+
+    Example:
+        >>> sign_disagreements({"ft": 1.62, "new": 2.09, "lora": -0.7}, {"ft": -0.68, "new": 2.0, "lora": -0.7})
+        ['ft']
+    """
+    stages, est, ref = _common(estimate, reference)
+    off = _moved(est, ref) & (np.sign(est) != np.sign(ref))
+    return [s for s, flag in zip(stages, off) if flag]
+
+
+def _disagreements(
+    c: Mapping[str, Any],
+    ours: str,
+    theirs: str,
+    estimate: Mapping[str, float] | None = None,
+    reference: Mapping[str, float] | None = None,
+) -> list[str]:
+    """Why comparison ``c`` (of ``ours`` against the reference ``theirs``) fails the bars, in words; given the two
+    estimates, a sign disagreement names its stages and both values."""
     why = []
     if not c["top_stage_equal"] and theirs == "replay":
         why.append(f"replay names {c['reference_top_stage']} as the top stage, {ours} {c['top_stage']}")
@@ -177,7 +205,10 @@ def _disagreements(c: Mapping[str, Any], ours: str, theirs: str) -> list[str]:
         why.append(f"{ours} and {theirs} name different top stages ({c['top_stage']} and {c['reference_top_stage']})")
     if not math.isnan(c["sign_agreement"]) and c["sign_agreement"] < SIGN_AGREEMENT_MIN - _ROUNDING:
         wrong = round((1.0 - c["sign_agreement"]) * c["signs_compared"])
-        why.append(f"{ours} and {theirs} disagree on the sign of {wrong} of {c['signs_compared']} stages")
+        named = sign_disagreements(estimate, reference) if estimate is not None and reference is not None else []
+        which = ", ".join(f"{s}: {float(estimate[s]):+.4g} vs {float(reference[s]):+.4g}" for s in named)  # type: ignore[index]
+        which = f" ({which})" if which else ""
+        why.append(f"{ours} and {theirs} disagree on the sign of {wrong} of {c['signs_compared']} stages{which}")
     if c["stages"] >= 3 and not math.isnan(c["spearman"]) and c["spearman"] < SPEARMAN_MIN - _ROUNDING:
         why.append(f"{theirs} ranks the stages differently (Spearman {c['spearman']:.2f})")
     return why
@@ -207,21 +238,63 @@ def _abs_interval(low: float, high: float) -> tuple[float, float]:
     return min(abs(low), abs(high)), max(abs(low), abs(high))
 
 
+def _has_interval(interval: Any) -> bool:
+    """Whether ``interval`` is a ``(low, high)`` pair of numbers (a behavior of one example has none: ``None``)."""
+    return interval is not None and all(isinstance(v, int | float) and not isinstance(v, bool) for v in interval)
+
+
 def intervals_overlap(
-    effects: Mapping[str, float], intervals: Mapping[str, tuple[float, float]]
-) -> tuple[bool, str | None, str | None]:
-    """Whether the ``|effect|`` intervals of the top stage and the runner-up overlap, and those two stages.
+    effects: Mapping[str, float], intervals: Mapping[str, tuple[float, float] | None]
+) -> tuple[bool | None, str | None, str | None]:
+    """Whether the ``|effect|`` intervals of the top stage and the runner-up overlap, and those two stages; ``None``
+    instead of a bool when either has no interval (one example: no sampling interval), so the check did not apply.
 
     Example:
         >>> intervals_overlap({"a": 1.0, "b": -0.9}, {"a": (0.8, 1.2), "b": (-1.0, -0.8)})
         (True, 'a', 'b')
+        >>> intervals_overlap({"a": 2.0, "b": -1.0}, {"a": None, "b": None})
+        (None, 'a', 'b')
     """
     ranked = sorted(effects, key=lambda s: -abs(float(effects[s])))
     if len(ranked) < 2 or ranked[0] not in intervals or ranked[1] not in intervals:
         return False, (ranked[0] if ranked else None), None
+    if not (_has_interval(intervals[ranked[0]]) and _has_interval(intervals[ranked[1]])):
+        return None, ranked[0], ranked[1]
     top_low, _ = _abs_interval(*intervals[ranked[0]])
     _, second_high = _abs_interval(*intervals[ranked[1]])
     return top_low <= second_high, ranked[0], ranked[1]
+
+
+def size_overlap_text(first: str, second: str, intervals: Mapping[str, tuple[float, float]]) -> str:
+    """The reason "the sizes of <first> and <second> overlap within their intervals (|first| ≥ a, |second| ≤ b)": what
+    :func:`intervals_overlap` compares (the ranges of ``|effect|``, not the intervals of the signed effects).
+
+    Example:
+        >>> size_overlap_text("sft", "dpo", {"sft": (1.462, 10.49), "dpo": (-1.655, -1.128)})
+        'the sizes of sft and dpo overlap within their intervals (|sft| ≥ 1.462, |dpo| ≤ 1.655)'
+    """
+    top_low, _ = _abs_interval(*intervals[first])
+    _, second_high = _abs_interval(*intervals[second])
+    return (
+        f"the sizes of {first} and {second} overlap within their intervals (|{first}| ≥ {top_low:.4g}, "
+        f"|{second}| ≤ {second_high:.4g})"
+    )
+
+
+def size_mismatches(estimate: Mapping[str, float], replay: Mapping[str, float]) -> dict[str, float]:
+    """``{stage: |estimate| / |replay|}`` for the stages that moved the behavior where the two have the same sign but
+    sizes more than :data:`SIZE_RATIO_MAX` apart (:func:`unsettled_signs`): the size bar of "verified by replay".
+
+    Example:
+        >>> size_mismatches({"pre": -9.268, "sft": 0.4747}, {"pre": -8.025, "sft": 2.004})
+        {'sft': 0.2369}
+    """
+    return {s: round(abs(float(estimate[s])) / abs(float(replay[s])), 4) for s in unsettled_signs(estimate, replay)}
+
+
+def no_stage_moved(effects: Mapping[str, float]) -> bool:
+    """Whether every effect is exactly 0 (then there is no top stage to name, nor a ranking)."""
+    return all(float(v) == 0.0 for v in effects.values())
 
 
 def _largest_gap(gaps: Mapping[str, Mapping[str, float]] | None) -> tuple[float | None, str | None]:
@@ -291,7 +364,7 @@ def assess_trust(
     effects: Mapping[str, float],
     *,
     estimator: str,
-    intervals: Mapping[str, tuple[float, float]] | None = None,
+    intervals: Mapping[str, tuple[float, float] | None] | None = None,
     second_opinions: Mapping[str, Mapping[str, float]] | None = None,
     linearisation_gap: Mapping[str, Mapping[str, float]] | None = None,
     linearisation_pair: Sequence[str] | None = None,
@@ -303,7 +376,8 @@ def assess_trust(
     Args:
         effects: ``{stage: mean effect}`` of the chosen estimator, in stage order.
         estimator: its name (``"replay"`` is exact: verified).
-        intervals: ``{stage: (low, high)}`` bootstrap intervals of the effects.
+        intervals: ``{stage: (low, high)}`` bootstrap intervals of the effects (``None`` for a stage without one: a
+            behavior of one example, where the interval check does not apply).
         second_opinions: ``{estimator: {stage: mean effect}}`` of other estimators of the same behavior.
         linearisation_gap: ``{stage: {"relative_gap", ...}}`` (``BehaviorDiagnostics.linearisation_gap``) of
             ``linearisation_pair``.
@@ -321,18 +395,33 @@ def assess_trust(
     effects = {str(s): float(v) for s, v in effects.items()}
     if not effects:
         raise ValueError("assess_trust needs the effect of at least one stage")
-    top = top_of(effects)
+    still = no_stage_moved(effects)
+    top = None if still else top_of(effects)
     evidence: dict[str, Any] = {"estimator": estimator, "top_stage": top, "stages": len(effects)}
     if estimator == "replay":
-        return _finish(VERIFIED, LABEL_VERIFIED, "The effects are exact replay (ground truth).", evidence)
+        return _finish(VERIFIED, LABEL_GROUND_TRUTH, "The effects are exact replay (ground truth).", evidence)
     if replay is not None and all(s in replay for s in effects):
-        c = compare(effects, {s: float(replay[s]) for s in effects})
+        truth = {s: float(replay[s]) for s in effects}
+        c = compare(effects, truth)
+        sizes = size_mismatches(effects, truth)
         evidence["replay"] = c
-        why = _disagreements(c, "the estimate", "replay")
+        evidence["replay_sign_disagreements"] = sign_disagreements(effects, truth)
+        evidence["replay_size_ratios_off"] = sizes
+        if still and no_stage_moved(truth):
+            reason = "Exact replay agrees: no stage moved the behavior (every effect is 0 in both)."
+            return _finish(VERIFIED, LABEL_VERIFIED, reason, evidence)
+        why = _disagreements(c, "the estimate", "replay", effects, truth)
+        if still:  # the estimate names no top stage; replay does
+            why = [f"replay names {c['reference_top_stage']} as the top stage, the estimate none (every effect 0)"]
+        why += [
+            f"{s}'s size is {ratio:.2g}× replay's ({effects[s]:+.4g} vs {truth[s]:+.4g})" for s, ratio in sizes.items()
+        ]
         if not why:
             reason = (
                 f"Exact replay agrees: it names {top} as the top stage too, signs agree on {c['signs_compared']} "
-                f"stage(s) that moved the behavior, Spearman over {c['stages']} stages {c['spearman']:.2f}."
+                f"stage(s) that moved the behavior, Spearman over {c['stages']} stages {c['spearman']:.2f}, and every "
+                f"stage that moved the behavior has an estimated size within a factor of {SIZE_RATIO_MAX:g} of "
+                "replay's."
             )
             return _finish(VERIFIED, LABEL_VERIFIED, reason, evidence)
         text = "; ".join(why)
@@ -365,7 +454,11 @@ def assess_trust(
             same.append(name)  # the same computation by another name (aa-fd where nothing changes the carry)
             continue
         checks.append(name)
-        why.extend(_disagreements(c, estimator, name))
+        if not still:  # with every effect 0 there is no top stage, ranking or sign to disagree on
+            why.extend(_disagreements(c, estimator, name, common, values))
+        wrong_signs = sign_disagreements(common, values)
+        if wrong_signs:
+            evidence.setdefault("sign_disagreements", {})[name] = wrong_signs
         if name in sibling:
             continue
         sized.append(name)
@@ -395,11 +488,17 @@ def assess_trust(
                 f"error: {estimator} reads its replayed embedding exactly, and another replay family checked that "
                 "embedding, so the gap is not counted."
             )
-    if intervals:
+    interval_note = ", and the top stage's |effect| interval is clear of the runner-up's"
+    if intervals and not still:
         overlap, first, second = intervals_overlap(effects, intervals)
         evidence["top_two_intervals_overlap"] = overlap
-        if overlap:
-            why.append(f"top two stages' intervals overlap ({first} and {second})")
+        if overlap is None:
+            evidence["interval_check"] = "did not apply: one example, no sampling interval"
+            interval_note = "; the interval check did not apply (one example: no sampling interval)"
+        elif overlap and first is not None and second is not None:
+            why.append(size_overlap_text(first, second, intervals))  # type: ignore[arg-type]
+    elif still:
+        interval_note = "; no stage moved the behavior (every effect is 0), so there is no top stage to rank"
     if not checks:
         why.insert(0, "nothing to check it against (no replay, no second estimate)")
     elif not sized:  # the sibling reads the same stage embeddings: it checks the read-out, not the embeddings
@@ -412,7 +511,9 @@ def assess_trust(
         return _finish(UNRELIABLE, f"estimated — unreliable: {text}", f"Not checked by replay; {text}.", evidence)
     reason = (
         f"Not checked by replay; {', '.join(checks)} agree(s) with {estimator} on the top stage ({top}), the signs "
-        f"and the ranking, and the top stage's interval is clear of the runner-up's."
+        f"and the ranking{interval_note}."
+        if not still
+        else f"Not checked by replay; {', '.join(checks)} agree(s) with {estimator}{interval_note}."
     )
     if sized:
         reason += (
@@ -465,7 +566,10 @@ def stored_figures_trust(
         'unreliable'
     """
     effects = {r.stage: float(r.effect) for r in rows}
-    intervals = {r.stage: (float(r.ci_low), float(r.ci_high)) for r in rows}
+    intervals = {
+        r.stage: (float(r.ci_low), float(r.ci_high)) if r.ci_low is not None and r.ci_high is not None else None
+        for r in rows
+    }
     replayed = {r.stage: r.replay_effect for r in rows}
     replay = replayed if all(v is not None for v in replayed.values()) else None
     figures = _own_fidelity(fidelity, rows[0].behavior) if rows and replay is None else None

@@ -60,3 +60,38 @@ def test_phase_is_one_plain_line_off_a_terminal_and_keeps_library_prints_back(ca
     with verbose.phase("loud"):
         print("shown")
     assert capsys.readouterr().out == "shown\n"
+
+
+# --- the demo's and inspect's words (audit of 2026-12-06, problems 12 and 13) ------------------------------------
+
+_IMPORTED_AT = __import__("time").time()
+
+
+def test_the_demo_hint_passes_the_digits_stage_functions_on_the_command_line():
+    import inspect
+
+    from hf_stage_attribution.cli import demo_cmd
+    from hf_stage_attribution.cli.attribute_cmd import stage_functions
+
+    assert "cannot pass stage functions" not in inspect.getsource(demo_cmd.run_digits)
+    options = demo_cmd.digits_stage_fn_options().split()
+    assert options[0] == "--trust-code"
+    fns = stage_functions([options[i + 1] for i, o in enumerate(options) if o == "--stage-fn"], trust_code=True)
+    assert sorted(fns) == ["finetune", "patch", "pretraining"]
+    from hf_stage_attribution.examples.spurious_digits import new_model
+
+    model, optimizer = fns["patch"](new_model("small"), max_steps=1)  # the stage's own recipe, one step
+    assert model is not None and optimizer.state
+
+
+def test_the_demo_timer_starts_when_the_process_did():
+    from hf_stage_attribution.cli.demo_cmd import process_start
+
+    started = process_start()
+    assert started is not None and started < _IMPORTED_AT
+
+
+def test_inspect_prints_enough_digits_for_a_small_stage():
+    from hf_stage_attribution.cli.inspect_cmd import times
+
+    assert times(285.7e3 / 90.9e6) == "0.0031×" and times(6.431) == "6.43×"

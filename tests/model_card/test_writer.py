@@ -176,7 +176,7 @@ def test_card_parses_back_with_huggingface_hub(tmp_path):
     assert [row[1] for row in stages] == ["pretraining", "sft", "dpo"] and stages[0][3] == "200"
     effects = _table_after(section, "#### toxicity")
     assert [row[1:6] for row in effects][1] == ["sft", "+0.84", "[+0.61, +1.07]", "+0.79", "72 %"]
-    assert "**sft** raised toxicity the most (+0.84 nats, 95 % interval [+0.61, +1.07])." in section
+    assert "**sft** raised toxicity the most (+0.84 nats, 95 % interval (example sampling) [+0.61, +1.07])." in section
     assert "Unit: nats. Positive" in section and "(nats)" not in section
     assert AttributionReport.from_json(files.sidecar) == fixed_report()
     assert (tmp_path / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({PLOT_NAME})" in section
@@ -191,7 +191,7 @@ def test_card_says_which_stages_raised_and_which_lowered_a_behavior(tmp_path):
         versions={},
     )
     section = _section(write_model_card(report, tmp_path, plot=False).readme.read_text())
-    assert "**dpo** lowered toxicity the most (-38.16 nats, 95 % interval [" in section
+    assert "**dpo** lowered toxicity the most (-38.16 nats, 95 % interval (example sampling) [" in section
     assert (
         "Stages pushed toxicity in opposite directions: raised by **sft** (+0.85), **lora** (+0.2); "
         "lowered by **dpo** (-38.16)." in section

@@ -195,7 +195,13 @@ def test_markdown_says_units_once_sign_convention_and_is_not_a_decomposition():
     # units said once, in each table's caption; the headers carry none
     assert "Unit: nats. Positive = the stage raised toxicity." in md
     assert "Unit: logit. Positive = the stage raised margin." in md
-    assert md.count("| # | stage | estimate | 95 % interval | share of Σ\\|effect\\| | most moved examples |") == 2
+    assert (
+        md.count(
+            "| # | stage | estimate | 95 % interval (example sampling) | share of Σ\\|effect\\| "
+            "| most moved examples |"
+        )
+        == 2
+    )
     assert "effect ÷ total change" not in md and "interval (nats)" not in md
     table_rows = [line for line in md.splitlines() if line.startswith("| 1 | sft |")]
     assert len(table_rows) == 2  # one table per behavior, one row per stage
@@ -207,7 +213,7 @@ def test_direction_sentence_says_which_stage_and_which_way():
     rep = _report()
     md = rep.to_markdown()
     sft = rep.rows_for("toxicity")[1]
-    assert f"**sft** raised toxicity the most ({sft.effect:+.4g} nats, 95 % interval [" in md
+    assert f"**sft** raised toxicity the most ({sft.effect:+.4g} nats, 95 % interval (example sampling) [" in md
     assert "**pretraining** raised margin the most" in md
     # toxicity: pretraining and sft raised it, dpo lowered it
     assert "Stages pushed toxicity in opposite directions: raised by **pretraining** (" in md
@@ -221,7 +227,7 @@ def test_direction_sentence_says_which_stage_and_which_way():
 
 def test_shares_are_of_the_summed_absolute_effects_with_the_residual_beside_them():
     rep = AttributionReport.build(
-        {"tox": {"a": [3.0], "b": [-1.0]}}, estimator="x", total_change={"tox": 0.5}, versions={}
+        {"tox": {"a": [3.0, 3.0], "b": [-1.0, -1.0]}}, estimator="x", total_change={"tox": 0.5}, versions={}
     )
     md = rep.to_markdown()
     assert "| 0 | a | +3 | [+3, +3] | 75 % |" in md and "| 1 | b | -1 | [-1, -1] | 25 % |" in md
@@ -236,11 +242,12 @@ def test_replay_values_sit_beside_the_estimates_in_markdown_table_and_json():
     assert [r.replay_effect for r in rep.rows_for("toxicity")] == pytest.approx([0.1, 0.9, -0.3])
     assert all(r.replay_effect is None for r in rep.rows_for("margin"))
     md = rep.to_markdown()
-    assert "| # | stage | estimate | 95 % interval | replay (ground truth) |" in md
+    assert "| # | stage | estimate | 95 % interval (example sampling) | replay (ground truth) |" in md
     assert "Replay = the effect measured by re-running the later stages without the stage." in md
     assert " | +0.9 | " in md
     table = rep.table()
-    header = ["behavior", "#", "stage", "estimate", "95%", "interval", "replay", "share", "top"]
+    header = ["behavior", "#", "stage", "estimate", "95%", "interval", "(example", "sampling)", "replay", "share",
+              "of", "Σ|effect|", "top"]  # fmt: skip
     assert table.splitlines()[0].split() == header
     assert json.loads(rep.to_json())["rows"][1]["replay_effect"] == pytest.approx(0.9)
     assert AttributionReport.from_json(rep.to_json()) == rep
