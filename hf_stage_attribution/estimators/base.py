@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._internal.model_state import has_accelerate_wrapper
 from .._internal.precision import half_precision_dtype
 from ..behaviors.base import eval_mode  # noqa: F401  (re-exported for the estimators)
 from ..errors import BehaviorError, EstimatorError, did_you_mean, unknown_name
@@ -264,6 +265,15 @@ def check_inputs(ledger: LedgerCore, model: torch.nn.Module, behavior: Behavior,
             "noise can swamp small effects (SmolLM2: delta-fd -0.005 in bf16 where float32 gives -0.042). Use "
             "StageAttributor, which evaluates a float32 copy and replays in the model's dtype, or pass a float32 "
             "copy (copy.deepcopy(model).float(); replays then train in float32).",
+            UserWarning,
+            stacklevel=3,
+        )
+    if has_accelerate_wrapper(model):  # StageAttributor evaluates a view without it
+        warnings.warn(
+            "The model still carries accelerate's mixed-precision forward wrapper (a Trainer with bf16/fp16 trained "
+            "this object): this estimator evaluates it under that autocast, not in its weights' precision. Use "
+            "StageAttributor, which evaluates the same weights without the wrapper, or pass "
+            "hf_stage_attribution._internal.model_state.without_accelerate_wrapper(model).",
             UserWarning,
             stacklevel=3,
         )

@@ -64,8 +64,9 @@ from ..ledger.stage import Stage
 from .base import Estimator, get, register
 from .curvature.products import resolve_loss
 from .curvature.propagation import CURVATURE_PRESETS, curvature_basis_on_disk, curvature_memory_problem
+from .partial_plan import unreplayed_stages
 from .propagation.rules import recorded_family
-from .propagation.stage import carry_problem, next_trained
+from .propagation.stage import carry_problem, next_trained, trains
 from .replay import can_replay, replay_inputs, stage_replay_problem
 
 PARTIAL_REPLAY = "partial-replay"
@@ -92,14 +93,15 @@ def choose_estimator(
         >>> import tempfile, torch
         >>> from hf_stage_attribution import StageLedger
         >>> model, ledger = torch.nn.Linear(2, 1), StageLedger(tempfile.mkdtemp())
-        >>> for name in ("a", "b"):
+        >>> for name, steps in (("a", 1), ("b", 8)):
         ...     opt = torch.optim.SGD(model.parameters(), lr=0.1)
         ...     with ledger.record_stage(name, model=model, optimizer=opt) as rec:
-        ...         opt.zero_grad(); model(torch.ones(1, 2)).sum().backward(); opt.step(); rec.step()
+        ...         for _ in range(steps):
+        ...             opt.zero_grad(); model(torch.ones(1, 2)).sum().backward(); opt.step(); rec.step()
         >>> choose_estimator(ledger)[0]
         'aa-fd'
         >>> fns = {"b": lambda model, max_steps=None: None}
-        >>> choose_estimator(ledger, stage_fns=fns)[0]
+        >>> choose_estimator(ledger, stage_fns=fns)[0]  # 25 % of b's 8 steps: one step from each start
         'partial-replay'
         >>> choose_estimator(ledger, stage_fns=fns, partial_replay=False)[0]  # as if no stage could be replayed
         'aa-fd'
@@ -119,9 +121,26 @@ def choose_estimator(
         return "delta-fd", _no_carry_reason([carry_problem(s) or s.name for s in unknown])
     fns = dict(stage_fns or {})
     inputs = {"ref_models": ref_models, "reward_funcs": reward_funcs}
+    bare = unreplayed_stages(ledger, range(len(ledger.stages)), PARTIAL_REPLAY_BUDGET)
+    if partial_replay and all(can_replay(s, fns, step_limited=True, **inputs) for s in later) and bare:
+        non_terminal = [s.name for s in ledger.stages[:-1] if any(trains(t) for t in ledger.stages[s.index + 1 :])]
+        if set(non_terminal) <= set(bare):  # partial replay would be the propagation-only carry everywhere
+            fallback = _without_replay(ledger, later, loss_fns)
+            return fallback[0], (
+                f"{fallback[1]}; partial replay not used: at budget {PARTIAL_REPLAY_BUDGET:g} it would replay no "
+                f"optimizer step for any stage (a step from each of two starts costs more than "
+                f"{PARTIAL_REPLAY_BUDGET:.0%} of replay's steps: the later stages are too short), so it would be "
+                "the propagation-only carry; estimator='replay' re-runs them whole"
+            )
     if partial_replay and all(can_replay(s, fns, step_limited=True, **inputs) for s in later):
         how = sorted({"stage functions" if s.name in fns else "recorded replay data" for s in later})
         early = [s.name for s in later if getattr(s, "early_checkpoint", None) is not None]
+        unreplayed = (
+            f"; at that budget no step fits for {bare} (their next stage is too short), whose estimates are the "
+            "propagation-only carry (aa-fd)"
+            if bare
+            else ""
+        )
         return PARTIAL_REPLAY, (
             f"every later stage ({', '.join(s.name for s in later)}) can be replayed step by step "
             f"({' and '.join(how)}), so a short exact replay of the next stage(s) at budget "
@@ -129,6 +148,7 @@ def choose_estimator(
             "early, nonlinear steps; read out by finite "
             "difference, which is exact for the last stage and equals replay at budget 1"
             + (f"; the factual branch of {early} is read from their recorded early checkpoints" if early else "")
+            + unreplayed
         )
     fallback = _without_replay(ledger, later, loss_fns)
     if not partial_replay:

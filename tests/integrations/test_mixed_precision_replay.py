@@ -155,3 +155,15 @@ def test_bf16_on_cpu_is_still_reported_as_mixed_precision(bf16_run):
     _, ledger, caught = bf16_run
     assert [m for m in caught if "trains in bf16 mixed precision" in m]
     assert [m for m in ledger.stages[0].info.get("notes") or [] if "bf16 mixed precision" in m]
+
+
+def test_an_estimator_called_directly_on_the_trained_object_says_it_runs_under_the_wrapper(bf16_run):
+    from hf_stage_attribution import estimators
+
+    model, ledger, _ = bf16_run
+    x = torch.tensor(F.lm_dataset(4, seed=3)["input_ids"])
+    with pytest.warns(UserWarning, match="still carries accelerate's mixed-precision forward wrapper"):
+        estimators.get("delta-fd").estimate(ledger, model, lambda m: m(x).logits[:, -1, 0])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*mixed-precision forward wrapper")
+        estimators.get("delta-fd").estimate(ledger, _fresh_copy(model), lambda m: m(x).logits[:, -1, 0])

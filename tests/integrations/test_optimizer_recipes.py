@@ -38,7 +38,7 @@ def test_hf_adagrad_stage_is_fresh_and_replays(tmp_path):
     assert stage.optimizer["type"] == "Adagrad"
     assert stage.optimizer_state_policy == "fresh"  # before: "continued" (Adagrad's constructor state)
     assert can_replay(stage, {}, step_limited=True)
-    assert choose_estimator(ledger)[0] == "partial-replay"
+    assert "would replay no optimizer step" in choose_estimator(ledger)[1]  # replayable; 25 % of 4 steps is none
     replay = estimators.get("replay").estimate(ledger, model, behavior, stages=["s1"])
     assert torch.isfinite(torch.tensor(replay.mean["s1"]))
 
