@@ -152,15 +152,21 @@ def test_half_precision_checkpoints_give_float32_deltas(tmp_path):
     assert delta.dtype == torch.float32 and torch.equal(delta, expected)
 
 
-def test_a_half_precision_start_checkpoint_is_stored_in_its_own_dtype(tmp_path):
-    model = tiny_gpt2(seed=8).to(torch.bfloat16)
-    model.save_pretrained(tmp_path / "bf16")
+def _bf16_base_then_trained(tmp_path, seed: int, trained_dtype: torch.dtype):
+    """A bf16 checkpoint, then the same model trained 2 steps in float32 and saved in ``trained_dtype``, imported."""
+    model = tiny_gpt2(seed=seed).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
     base = {n: p.detach().float() for n, p in model.named_parameters()}
-    trained = tiny_gpt2(seed=8)
-    train(trained, 2, seed=8)
-    trained.save_pretrained(tmp_path / "fp32")
-    boundaries = [{"model": str(tmp_path / "bf16")}, {"model": str(tmp_path / "fp32"), "name": "sft"}]
-    ledger = StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False)
+    trained = tiny_gpt2(seed=seed)
+    train(trained, 2, seed=seed)
+    trained = trained.to(trained_dtype)
+    trained.save_pretrained(tmp_path / "sft")
+    boundaries = [{"model": str(tmp_path / "base")}, {"model": str(tmp_path / "sft"), "name": "sft"}]
+    return StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False), base, trained
+
+
+def test_a_half_precision_start_checkpoint_is_stored_in_its_own_dtype(tmp_path):
+    ledger, base, trained = _bf16_base_then_trained(tmp_path, 8, torch.float32)
     stored = load_file(tmp_path / "ledger" / "start.safetensors")
     assert {t.dtype for t in stored.values()} == {torch.bfloat16}  # half a float32 θ_0's size, exactly
     start = ledger.initial_state()
@@ -170,15 +176,7 @@ def test_a_half_precision_start_checkpoint_is_stored_in_its_own_dtype(tmp_path):
 
 
 def test_two_bf16_checkpoints_give_a_bf16_delta_read_back_exactly(tmp_path):
-    model = tiny_gpt2(seed=9).to(torch.bfloat16)
-    model.save_pretrained(tmp_path / "base")
-    base = {n: p.detach().float() for n, p in model.named_parameters()}
-    trained = tiny_gpt2(seed=9)
-    train(trained, 2, seed=9)
-    trained = trained.to(torch.bfloat16)
-    trained.save_pretrained(tmp_path / "sft")
-    boundaries = [{"model": str(tmp_path / "base")}, {"model": str(tmp_path / "sft"), "name": "sft"}]
-    ledger = StageLedger.from_checkpoints(boundaries, tmp_path / "ledger", progress=False)
+    ledger, base, trained = _bf16_base_then_trained(tmp_path, 9, torch.bfloat16)
     (stage,) = ledger.stages
     stored = load_file(stage.dir / "delta.safetensors")
     dtypes = [t.dtype for t in stored.values()]
