@@ -175,7 +175,8 @@ class InterventionResult:
         """A plain-text table of the sweep (per-group accuracies with ``groups``), then the choice and trade-off."""
 
         table = render_table(self.header(groups), self.rows(groups))
-        return "\n".join([table, "", self.message, self.headline(), self.replay_note])
+        lines = [self.message] if self.chosen is None else [self.message, self.headline()]  # the same sentence once
+        return "\n".join([table, "", *lines, self.replay_note])
 
     def to_markdown(self) -> str:
         head = self.header()

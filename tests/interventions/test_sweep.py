@@ -211,6 +211,7 @@ def test_an_unsatisfiable_constraint_gives_a_clear_result_and_saves_nothing(digi
     result = _scale(digits, "patch", constraint=Constraint("accuracy", min_value=100.5), replay=False)
     assert result.chosen is None
     assert result.message.startswith("No α met the constraint (accuracy ≥ 100.5)")
+    assert result.table().count(result.message) == 1  # not repeated as the trade-off headline
     assert all(p.feasible is False for p in result.sweep())
     with pytest.raises(InterventionError, match="No α met the constraint"):
         result.save(tmp_path / "nothing")
