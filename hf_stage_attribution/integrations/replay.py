@@ -263,7 +263,7 @@ def _reference(objective: str, info: dict, model: Any, ref_model: Any, output_di
         model.config._name_or_path = str(path)
         return None
     if policy.startswith("separate model") and objective in _REF_MODEL_OBJECTIVES:
-        loaded = load_recorded_reference(ref)
+        loaded = load_recorded_reference(ref, attn_implementation(model))
         if loaded is not None:
             return loaded
     raise ReplayError(
@@ -388,18 +388,27 @@ def _folder_identity(path: Path) -> tuple:
     return (str(path.resolve()), tuple(files))
 
 
-def load_recorded_reference(ref: dict) -> Any:
+def load_recorded_reference(ref: dict, attention: str | None = None) -> Any:
     """The separate reference model of a DPO/KTO stage, loaded from its recorded path when that path holds exactly
     the recorded weights (TRL's ``ref_model=None`` reloads the reference from ``config._name_or_path``); ``None``
     when the path is missing. A path whose weights differ from the recorded state hash is an error. The hash of an
-    unchanged folder is computed once per process (:data:`_VERIFIED_REFERENCES`)."""
+    unchanged folder is computed once per process (:data:`_VERIFIED_REFERENCES`).
+
+    It is loaded in the recorded dtype and attention implementation (``ref["dtype"]``, ``ref["attn_implementation"]``;
+    ledgers recorded before they were kept: float32 and ``attention``, the policy's, as TRL loads it): the kernels
+    round differently, and a DPO stage replayed against an ``sdpa`` reference of an ``eager`` run missed its update
+    by 2e-5 in float32 and by all of it under bf16 autocast."""
     path = str(ref.get("name_or_path") or "")
     if not path or not Path(path).is_dir():
         return None
     from transformers import AutoModelForCausalLM
 
     folder = _folder_identity(Path(path))
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    options: dict[str, Any] = {"dtype": ref.get("dtype") if ref.get("dtype") in ("bfloat16", "float16") else "float32"}
+    attention = ref.get("attn_implementation") or attention
+    if attention:
+        options["attn_implementation"] = attention
+    loaded = AutoModelForCausalLM.from_pretrained(path, **options)
     unchanged = _folder_identity(Path(path)) == folder  # nothing was written there while it loaded
     found = _VERIFIED_REFERENCES.get(folder) if unchanged else None
     if found is None:  # hashed once per unchanged folder and process

@@ -18,7 +18,7 @@ from typing import Any
 from .._internal.hashing import combine_digests
 from .._internal.params import is_peft_model, state_digests, unwrap_model
 from .._internal.precision import HALF_DTYPES
-from .run_info import json_safe
+from .run_info import attn_implementation, json_safe
 
 # Config class name (the most specific TRL class in the MRO) → stage kind, and the trainer class that config belongs
 # to. The kind is one of the ledger's stage kinds (``ledger.format.STAGE_KINDS``): for the trainers below the last
@@ -303,6 +303,12 @@ def reference_policy(trainer: Any, kind: str, args: Any, start_digests: dict[str
     else:
         ref = unwrap_model(ref)
         out["name_or_path"] = str(getattr(getattr(ref, "config", None), "_name_or_path", "") or "")
+        # how TRL loaded it: replay loads it the same way (eager and sdpa round differently: 2e-5 on a tiny GPT-2
+        # in float32, the whole update under bf16 autocast)
+        out["attn_implementation"] = attn_implementation(ref)
+        first = next(iter(ref.parameters()), None)
+        if first is not None:
+            out["dtype"] = str(first.dtype).replace("torch.", "")
         digests = state_digests(ref)
         same = start_digests is not None and digests == {n: start_digests.get(n) for n in digests}
         if same and set(digests) == set(start_digests or {}):

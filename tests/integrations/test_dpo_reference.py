@@ -167,3 +167,26 @@ def test_a_reference_folder_is_hashed_once_per_process_until_its_files_change(tm
     with pytest.raises(ReplayError, match="the weights there now differ from the recorded ones"):
         replay.load_recorded_reference(ref)
     assert len(hashed) == 2
+
+
+def test_the_default_reference_replays_with_the_recorded_attention_implementation(tmp_path):
+    """TRL loads the default reference with the policy's attention implementation; replay loaded it with
+    ``from_pretrained``'s default (sdpa), which rounds differently from an eager run: the DPO stage missed θ_K by 8e-6
+    on this model in float32 (the whole update under bf16 autocast)."""
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from hf_stage_attribution.estimators.replay import replay_gap
+
+    F.gpt2().save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    args = F.trl_args(DPOConfig, str(tmp_path / "o"), max_steps=3, per_device_train_batch_size=4, max_length=32,
+                      learning_rate=1e-2)  # fmt: skip
+    DPOTrainer(
+        model=model, ref_model=None, args=args, train_dataset=F.preference_dataset(8), processing_class=F.tokenizer(),
+        callbacks=[StageRecorder(tmp_path / "ledger", "dpo", curvature_segments=0, save_replay_data=True)],
+    ).train()  # fmt: skip
+    ledger = StageLedger.load(tmp_path / "ledger")
+    ref = ledger.stages[0].info["trl"]["reference_model"]
+    assert ref["attn_implementation"] == "eager" and ref["dtype"] == "float32"
+    assert replay_gap(ledger, model) < 1e-7

@@ -106,7 +106,10 @@ def test_rloo_trainer_records_its_reference_and_replays_to_the_recorded_end(tmp_
     assert (stage.kind, stage.num_steps, stage.info["trainer"]["class"]) == ("rloo", 2, "RLOOTrainer")
     trl = stage.info["trl"]
     assert trl["beta"] == 0.05 and trl["num_generations"] == 2 and trl["reward_functions"] == ["reward_length"]
-    assert trl["reference_model"] == {"name_or_path": str(tmp_path / "init"), "policy": "copy of the stage start"}
+    assert trl["reference_model"] == {
+        "name_or_path": str(tmp_path / "init"), "policy": "copy of the stage start", "attn_implementation": "sdpa",
+        "dtype": "float32",
+    }  # fmt: skip
     # Replay from the same start (sampling, rewards and the reference rebuilt from the replay's start).
     replayed = replay_trainer_stage(
         stage, AutoModelForCausalLM.from_pretrained(tmp_path / "init"), reward_funcs=[reward_length]
