@@ -24,6 +24,7 @@ import importlib
 import inspect
 import shutil
 import tempfile
+import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -507,6 +508,7 @@ def replay_trainer_stage(
     trainer_cls = trainer_cls or import_class(info["trainer"], "trainer")
     match_recorded_trainables(model, stage)
     drop_accelerate_wrappers(model)  # a model a Trainer prepared: the replay's Trainer must set up its own autocast
+    inherited_autocast(stage, model)  # ... unless the recorded stage trained under an earlier Trainer's
     given = {
         "train_dataset": train_dataset,
         "data_collator": data_collator,
@@ -536,6 +538,34 @@ def replay_trainer_stage(
         drop_accelerate_wrappers(model)
     drop_accelerate_wrappers(trained)
     return trained
+
+
+def inherited_autocast(stage: Any, model: Any) -> bool:
+    """Put on ``model`` the mixed-precision wrapper the recorded stage started with, when it did (stage.json
+    ``trainer.inherited_autocast_wrapper``: the model an earlier ``Trainer(bf16=True)`` had trained still carried
+    accelerate's autocast wrapper, so this stage's accelerate left the model as it was and it trained under that
+    wrapper). A DPO stage trained so after a bf16 SFT stage lands 0.024 away from the same DPO on a fresh model
+    (tiny GPT-2, 3 steps: more than its whole update), so a replay from a clean copy needs the wrapper back: an
+    autocast forward in the stage's recorded precision with float32 outputs, marked prepared, as accelerate makes it.
+    Returns whether it did."""
+    trainer = (getattr(stage, "info", None) or {}).get("trainer")
+    if not isinstance(trainer, dict) or not trainer.get("inherited_autocast_wrapper"):
+        return False
+    args = (getattr(stage, "info", None) or {}).get("training_arguments") or {}
+    dtype = torch.bfloat16 if args.get("bf16") else torch.float16 if args.get("fp16") else None
+    if dtype is None or not isinstance(model, torch.nn.Module):
+        return False
+    from accelerate.utils import convert_outputs_to_fp32
+
+    device = "cuda" if torch.cuda.is_available() and not args.get("use_cpu") else "cpu"
+    forward = model.forward
+    func = getattr(forward, "__func__", None)
+    autocast = torch.autocast(device_type=device, dtype=dtype)(func if func is not None else forward)
+    model.__dict__["_original_forward"] = forward
+    wrapped = convert_outputs_to_fp32(autocast)
+    model.__dict__["forward"] = types.MethodType(wrapped, model) if func is not None else wrapped
+    model.__dict__["_is_accelerate_prepared"] = True
+    return True
 
 
 def drop_accelerate_wrappers(model: Any) -> None:

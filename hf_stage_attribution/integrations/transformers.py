@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .._internal.model_state import has_accelerate_wrapper
 from .._internal.params import unwrap_model
 from ..errors import LedgerError
 from ..ledger.ledger import StageLedger
@@ -115,6 +116,14 @@ class StageRecorder(TrainerCallback):
         return StageLedger(self.ledger_dir)
 
     # --- events -----------------------------------------------------------------------------------------
+
+    def on_init_end(self, args, state, control, **kwargs):
+        # before this Trainer prepares the model: does it still carry an earlier Trainer's autocast wrapper? Then
+        # this Trainer's accelerate leaves the model as it is and the stage trains under that wrapper, which a
+        # replay from a clean copy must put back to land on the recorded run (integrations/replay.py)
+        model = kwargs.get("model")
+        self._inherited_autocast = has_accelerate_wrapper(unwrap_model(model)) if model is not None else None
+        return control
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._take_over_interrupted()
@@ -228,6 +237,8 @@ class StageRecorder(TrainerCallback):
             notes += self._align_resumed(recording, part, resume_at)
         trainer_class = resolve_trainer_class(self.trainer_class, ctx)
         metadata, more_notes = build_metadata(ctx, kind, part, trainer_class, recording, self._boundaries)
+        if getattr(self, "_inherited_autocast", None) is not None and isinstance(metadata.get("trainer"), dict):
+            metadata["trainer"]["inherited_autocast_wrapper"] = self._inherited_autocast
         notes += more_notes
         warning = optimizer_warning(ctx.optimizer)
         if warning is not None:

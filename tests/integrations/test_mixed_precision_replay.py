@@ -167,3 +167,30 @@ def test_an_estimator_called_directly_on_the_trained_object_says_it_runs_under_t
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*mixed-precision forward wrapper")
         estimators.get("delta-fd").estimate(ledger, _fresh_copy(model), lambda m: m(x).logits[:, -1, 0])
+
+
+def test_a_dpo_stage_trained_under_the_previous_trainers_autocast_wrapper_replays_to_its_end(tmp_path):
+    """SFT then DPO with bf16=True on one model object: the DPO stage trains under the SFT Trainer's leftover wrapper
+    (accelerate leaves a prepared model as it is), which lands 0.02 away from the same DPO on a fresh model — more
+    than its whole update. The recorder notes it (stage.json trainer.inherited_autocast_wrapper) and replay puts the
+    wrapper back on its clean copy."""
+    from transformers import AutoModelForCausalLM, Trainer
+    from trl import DPOConfig, DPOTrainer
+
+    F.gpt2().save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    ledger_dir = tmp_path / "ledger"
+    first = F.training_args(str(tmp_path / "o1"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                            bf16=True)  # fmt: skip
+    recorder = StageRecorder(ledger_dir, "ft", curvature_segments=0, save_replay_data=True)
+    Trainer(model=model, args=first, train_dataset=F.lm_dataset(16), callbacks=[recorder]).train()
+    args = F.trl_args(DPOConfig, str(tmp_path / "o2"), max_steps=3, per_device_train_batch_size=4, max_length=32,
+                      learning_rate=1e-2, bf16=True)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recorder = StageRecorder(ledger_dir, "dpo", curvature_segments=0, save_replay_data=True)
+        DPOTrainer(model=model, ref_model=None, args=args, train_dataset=F.preference_dataset(8),
+                   processing_class=F.tokenizer(), callbacks=[recorder]).train()  # fmt: skip
+    ledger = StageLedger.load(ledger_dir)
+    assert [s.info["trainer"].get("inherited_autocast_wrapper") for s in ledger.stages] == [False, True]
+    assert replay_gap(ledger, model) < EXACT  # was 0.0217: the DPO replay trained without that wrapper
