@@ -57,6 +57,12 @@ def has_accelerate_wrapper(module: torch.nn.Module) -> bool:
     return _ACCELERATE_ORIGINAL in module.__dict__ or _ACCELERATE_PREPARED in module.__dict__
 
 
+def has_autocast_wrapper(module: torch.nn.Module) -> bool:
+    """Whether ``module`` itself carries accelerate's mixed-precision ``forward`` wrapper (installed only when mixed
+    precision ran: a float32 Trainer leaves the "prepared" flag alone)."""
+    return _ACCELERATE_ORIGINAL in module.__dict__
+
+
 def drop_accelerate_wrapper(module: torch.nn.Module) -> bool:
     """Undo, on ``module`` itself (in place, not its children), what ``Accelerator.prepare_model`` left on it.
 

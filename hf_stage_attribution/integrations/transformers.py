@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .._internal.model_state import has_accelerate_wrapper
+from .._internal.model_state import has_autocast_wrapper
 from .._internal.params import unwrap_model
 from ..errors import LedgerError
 from ..ledger.ledger import StageLedger
@@ -122,7 +122,9 @@ class StageRecorder(TrainerCallback):
         # this Trainer's accelerate leaves the model as it is and the stage trains under that wrapper, which a
         # replay from a clean copy must put back to land on the recorded run (integrations/replay.py)
         model = kwargs.get("model")
-        self._inherited_autocast = has_accelerate_wrapper(unwrap_model(model)) if model is not None else None
+        # the autocast wrapper itself (accelerate installs it only with native mixed precision), not just the
+        # "prepared" flag a float32 Trainer leaves too
+        self._inherited_autocast = has_autocast_wrapper(unwrap_model(model)) if model is not None else None
         return control
 
     def on_train_begin(self, args, state, control, **kwargs):

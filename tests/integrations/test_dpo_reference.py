@@ -47,6 +47,8 @@ def test_dpo_with_the_default_reference_replays_from_the_recorded_path(tmp_path)
     ledger = StageLedger.load(ledger_dir)
     ref = ledger.stages[1].info["trl"]["reference_model"]
     assert ref["policy"] == "separate model" and ref["name_or_path"] == str(base_dir) and ref["state_hash"]
+    # a float32 Trainer leaves only accelerate's "prepared" flag: no autocast wrapper for replay to put back
+    assert ledger.stages[1].info["trainer"]["inherited_autocast_wrapper"] is False
 
     report = StageAttributor(ledger, model, estimator="aa-linear", diagnostics=False, show_progress=False).attribute(
         {"lp": _logprob}, validate=True

@@ -145,6 +145,7 @@ def test_replay_warns_when_the_recorded_attention_cannot_be_set(bf16_run):
 
 def test_fp16_that_does_nothing_on_cpu_is_not_reported_as_mixed_precision(tmp_path):
     model, ledger, caught = _train(tmp_path, "fp16", steps=2)
+    assert ledger.stages[0].info["trainer"]["inherited_autocast_wrapper"] is False
     notes = ledger.stages[0].info.get("notes") or []
     assert not [m for m in caught + notes if "mixed precision:" in m or "trains in fp16" in m]
     assert [m for m in caught if "fp16=True had no effect" in m]
