@@ -317,11 +317,18 @@ def _by_behavior(pairs: Mapping[tuple[str, str], torch.Tensor]) -> dict[str, dic
 
 
 def _reason_kind(why: str) -> str:
+    """The kind of an "unreliable" reason, for the counts of §8.
+
+    Example:
+        >>> _reason_kind("the sizes of sft and dpo overlap within their intervals (|sft| ≥ 1.462, |dpo| ≤ 1.655)")
+        'top two intervals overlap'
+    """
     for key, kind in (("name different top stages", "second opinion names another top stage"),
                       ("disagree on the sign", "second opinion disagrees on a sign"),
                       ("ranks the stages differently", "second opinion ranks the stages differently"),
                       ("linearisation gap", "large linearisation gap"),
-                      ("intervals overlap", "top two intervals overlap"),
+                      ("intervals overlap", "top two intervals overlap"),  # the wording before 2026-12-06
+                      ("overlap within their intervals", "top two intervals overlap"),
                       ("-fold on", "second opinion's size more than 2-fold off on a stage")):  # fmt: skip
         if key in why:
             return kind

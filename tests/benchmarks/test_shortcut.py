@@ -37,3 +37,11 @@ def test_shortcut_pipelines_record_mixed_optimizers_and_replay_exactly(tmp_path,
     assert {r["scope"] for r in rows} == {name, f"{name}, all pairs"}
     text = "\n".join(render._trust(calibration))
     assert "| **aa-ggn** (default) |" in text and "replay verifies" in text
+
+
+def test_the_reason_counts_know_the_overlap_reason_in_both_wordings():
+    from hf_stage_attribution.report.trust import size_overlap_text
+
+    new = size_overlap_text("sft", "dpo", {"sft": (1.462, 10.49), "dpo": (-1.655, -1.128)})
+    for why in (new, "top two stages' intervals overlap (sft and dpo)"):
+        assert fidelity._reason_kind(why) == "top two intervals overlap"
