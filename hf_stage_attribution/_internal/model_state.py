@@ -92,6 +92,28 @@ def drop_accelerate_wrapper(module: torch.nn.Module) -> bool:
     return True
 
 
+def drop_accelerate_wrappers(model: object) -> None:
+    """:func:`drop_accelerate_wrapper` on ``model`` and every submodule, in place (a no-op for a non-module)."""
+    if isinstance(model, torch.nn.Module):
+        for module in model.modules():
+            drop_accelerate_wrapper(module)
+
+
+def add_autocast_wrapper(module: torch.nn.Module, dtype: torch.dtype, device_type: str) -> None:
+    """Put on ``module`` (in place) the mixed-precision ``forward`` wrapper accelerate's ``prepare_model`` installs:
+    the forward under ``torch.autocast(device_type, dtype)``, float32 outputs, the original kept beside it and the
+    module marked prepared (:func:`drop_accelerate_wrapper` takes it off again)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    forward = module.forward
+    func = getattr(forward, "__func__", None)
+    autocast = torch.autocast(device_type=device_type, dtype=dtype)(func if func is not None else forward)
+    wrapped = convert_outputs_to_fp32(autocast)
+    module.__dict__[_ACCELERATE_ORIGINAL] = forward
+    module.__dict__["forward"] = types.MethodType(wrapped, module) if func is not None else wrapped
+    module.__dict__[_ACCELERATE_PREPARED] = True
+
+
 def without_accelerate_wrapper(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` itself, or, where accelerate's mixed-precision wrapper is still on it (the object a
     ``Trainer(bf16=True)`` trained), a shallow copy without the wrapper that shares every submodule, parameter,
@@ -120,8 +142,8 @@ def drop_forward_wrappers(model: torch.nn.Module) -> torch.nn.Module:
     as well (:func:`drop_accelerate_wrapper`): with it a Trainer given the copy (a replay) would skip its own
     mixed-precision setup and train without the autocast the recorded run had. Returns the model.
     """
+    drop_accelerate_wrappers(model)
     for module in model.modules():
-        drop_accelerate_wrapper(module)
         module.__dict__.pop("forward", None)
     return model
 

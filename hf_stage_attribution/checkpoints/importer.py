@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointImportError, LedgerLockedError, StageAttributionError, UnsafeCheckpointError
 from ..ledger.core import LEDGER_ENTRIES, LEDGER_FILE, STAGES_DIR, LedgerCore, is_temp_file
 from ..ledger.optimizer_info import STATE_KEYS
-from ..ledger.residual import split_delta
+from ..ledger.residual import store_half
 from ..ledger.storage import DirectoryLock
 from ..ledger.writer import LedgerWriter, digest
 from .hub import locate
@@ -233,11 +233,7 @@ def _write_full(writer: LedgerWriter, plan: ImportPlan, stage: StagePlan, prev, 
                 changed.append(name)
                 dtype = stage.state.stored_dtype(name)
                 if dtype != torch.float32 and prev.stored_dtype(name) == dtype:
-                    split = split_delta(value - prev.get(name, writable=False), dtype)
-                    if split is not None:
-                        dtypes[name] = dtype
-                        if split[1].numel():
-                            residual[f"{name}::index"], residual[f"{name}::value"] = split[1], split[2]
+                    store_half(name, value - prev.get(name, writable=False), dtype, dtypes, residual)
             del value
             bar.update()
 

@@ -24,7 +24,6 @@ import importlib
 import inspect
 import shutil
 import tempfile
-import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from .._internal.distributed import replays_alone, single_process_world, world_size
 from .._internal.hashing import combine_digests
 from .._internal.memory import collections_of_new_objects
-from .._internal.model_state import clean_copy, drop_accelerate_wrapper
+from .._internal.model_state import add_autocast_wrapper, clean_copy, drop_accelerate_wrappers
 from .._internal.notices import harmless_warnings_ignored, library_progress_bars_off
 from .._internal.params import base_parameters, state_digests
 from ..errors import ReplayError
@@ -555,25 +554,8 @@ def inherited_autocast(stage: Any, model: Any) -> bool:
     dtype = torch.bfloat16 if args.get("bf16") else torch.float16 if args.get("fp16") else None
     if dtype is None or not isinstance(model, torch.nn.Module):
         return False
-    from accelerate.utils import convert_outputs_to_fp32
-
-    device = "cuda" if torch.cuda.is_available() and not args.get("use_cpu") else "cpu"
-    forward = model.forward
-    func = getattr(forward, "__func__", None)
-    autocast = torch.autocast(device_type=device, dtype=dtype)(func if func is not None else forward)
-    model.__dict__["_original_forward"] = forward
-    wrapped = convert_outputs_to_fp32(autocast)
-    model.__dict__["forward"] = types.MethodType(wrapped, model) if func is not None else wrapped
-    model.__dict__["_is_accelerate_prepared"] = True
+    add_autocast_wrapper(model, dtype, "cuda" if torch.cuda.is_available() and not args.get("use_cpu") else "cpu")
     return True
-
-
-def drop_accelerate_wrappers(model: Any) -> None:
-    """Take accelerate's mixed-precision ``forward`` wrapper and "prepared" flag off ``model`` and its submodules,
-    in place (:func:`~hf_stage_attribution._internal.model_state.drop_accelerate_wrapper`)."""
-    if isinstance(model, torch.nn.Module):
-        for module in model.modules():
-            drop_accelerate_wrapper(module)
 
 
 def recorded_attn_implementation(stage: Any) -> str | None:

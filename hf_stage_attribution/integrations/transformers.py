@@ -110,6 +110,7 @@ class StageRecorder(TrainerCallback):
         self._hooks: list[Any] = []
         self._finalizer: weakref.finalize | None = None
         self._skipped_steps: list[int] = []
+        self._inherited_autocast: bool | None = None  # on_init_end: the model carried an earlier Trainer's wrapper
 
     @property
     def ledger(self) -> StageLedger:
@@ -239,7 +240,7 @@ class StageRecorder(TrainerCallback):
             notes += self._align_resumed(recording, part, resume_at)
         trainer_class = resolve_trainer_class(self.trainer_class, ctx)
         metadata, more_notes = build_metadata(ctx, kind, part, trainer_class, recording, self._boundaries)
-        if getattr(self, "_inherited_autocast", None) is not None and isinstance(metadata.get("trainer"), dict):
+        if self._inherited_autocast is not None and isinstance(metadata.get("trainer"), dict):
             metadata["trainer"]["inherited_autocast_wrapper"] = self._inherited_autocast
         notes += more_notes
         warning = optimizer_warning(ctx.optimizer)

@@ -47,7 +47,7 @@ from .optimizer_info import (
     step_marks,
     stepped_since,
 )
-from .residual import RESIDUAL_FILE, split_delta
+from .residual import RESIDUAL_FILE, store_half
 from .segments import MATERIALS, SegmentCapture, plan_segments
 from .storage import (
     DirectoryLock,
@@ -735,11 +735,7 @@ class StageRecording:
             for n in dense_names:
                 dtype = self._params[n].dtype
                 if dtype in HALF_DTYPES and self._snapshot[n].dtype == dtype:
-                    split = split_delta(dense_delta(n), dtype)
-                    if split is not None:
-                        stored[n] = dtype
-                        if split[1].numel():
-                            residual[f"{n}::index"], residual[f"{n}::value"] = split[1], split[2]
+                    store_half(n, dense_delta(n), dtype, stored, residual)
 
             def deltas() -> Iterator[tuple[str, torch.Tensor]]:
                 for n in dense_names:

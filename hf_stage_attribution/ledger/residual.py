@@ -49,6 +49,29 @@ def split_delta(
     return half.reshape(delta.shape), index, flat[index].clone()
 
 
+def residual_keys(name: str) -> tuple[str, str]:
+    """The residual file's keys of parameter ``name``: its flat positions and their float32 values."""
+    return f"{name}::index", f"{name}::value"
+
+
+def store_half(
+    name: str,
+    delta: torch.Tensor,
+    dtype: torch.dtype,
+    stored: dict[str, torch.dtype],
+    residual: dict[str, torch.Tensor],
+) -> None:
+    """Where :func:`split_delta` allows it, mark ``name``'s Δ to be stored in ``dtype`` (``stored``) and put the
+    entries ``dtype`` rounds in ``residual`` (the writers' pre-pass: the recorder, the checkpoint importer)."""
+    split = split_delta(delta, dtype)
+    if split is None:
+        return
+    stored[name] = dtype
+    if split[1].numel():
+        index_key, value_key = residual_keys(name)
+        residual[index_key], residual[value_key] = split[1], split[2]
+
+
 def join_delta(half: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """The float32 Δ: ``half`` in float32 with the residual's entries put back."""
     out = half.to(torch.float32, copy=True)

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import IncompleteStageError, LedgerFormatError
 from .format import validate_stage
-from .residual import check_positions, join_delta, residual_checker
+from .residual import check_positions, join_delta, residual_checker, residual_keys
 from .segments import COL, ROW, lr_mass_fraction, unfactor_moment
 from .state import LazyState
 from .storage import ensure_inside, open_safetensors, read_json, safe_join
@@ -460,10 +460,11 @@ class Stage:
         out: torch.Tensor | None = None
         if self._dense.path is not None and name in set(self._dense.keys()):
             out = self._dense.get(name)
-            if self._residual.path is not None and f"{name}::index" in set(self._residual.keys()):
-                index = self._residual.get(f"{name}::index")
+            index_key, value_key = residual_keys(name)
+            if self._residual.path is not None and index_key in set(self._residual.keys()):
+                index = self._residual.get(index_key)
                 check_positions(self._residual.path, name, index, out.numel())
-                out = join_delta(out, index, self._residual.get(f"{name}::value"))
+                out = join_delta(out, index, self._residual.get(value_key))
             out = out.to(torch.float32)
         spec = self._lora_modules().get(name)
         if spec is not None:
