@@ -13,9 +13,10 @@ import hashlib
 import json
 import numbers
 import os
+import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -203,7 +204,6 @@ class StageAttributor:
         _check_stage_names("reward_funcs", self.reward_funcs, names)
         _check_stage_names("loss_fns", self.loss_fns, names)
         self.state = _state()
-        _prefer_eager_attention(model)
         if check_model:
             self.ledger.check_model(model)
         #: the report's note when the model's weights are half precision (the attribution then runs on a float32 copy)
@@ -263,7 +263,10 @@ class StageAttributor:
         itself (``report/trust.py``). The final model is evaluated once for all of them (and for replay and the total
         change): every estimator that reads ``f(θ_K)`` is served the same values.
         """
+        with _eager_attention(self.model):  # the model's own attention implementation comes back afterwards
+            return self._attribute(behaviors, stages, validate)
 
+    def _attribute(self, behaviors: Mapping[str, Any], stages: Any, validate: bool):
         if not isinstance(behaviors, Mapping):
             raise BehaviorError(
                 "Expected behaviors as a {name: behavior} mapping (e.g. {'toxicity': behavior}), found a "
@@ -557,14 +560,25 @@ def _replayed_everything(results: Mapping[str, Any]) -> bool:
     return plan.get("cost_fraction") == 1.0
 
 
-def _prefer_eager_attention(model: torch.nn.Module) -> None:
-    """Forward-mode autodiff (per-example linear effects) has no rule for CPU SDPA kernels: use eager attention."""
+@contextlib.contextmanager
+def _eager_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluate ``model`` with eager attention inside the block and give it back its own on exit: forward-mode
+    autodiff (per-example linear effects) has no rule for CPU SDPA kernels. The user's model is not left switched
+    (it was: an attributed model generated with eager attention afterwards)."""
     config = getattr(model, "config", None)
     setter = getattr(model, "set_attn_implementation", None)
     current = getattr(config, "_attn_implementation", None)
-    if config is not None and callable(setter) and current not in (None, "eager"):
+    switched = False
+    if config is not None and callable(setter) and isinstance(current, str) and current != "eager":
         with contextlib.suppress(ValueError, TypeError, AttributeError):  # models without an eager path keep theirs
             setter("eager")
+            switched = True
+    try:
+        yield
+    finally:
+        if switched:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                setter(current)
 
 
 def _embedding_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -714,15 +728,20 @@ def _gathered(local_result: Any, joint: _Joint, stage_names: list[str], state: A
     }
 
 
+_PRECISION_NOTE = re.compile(r"The stage trains (?:in (?P<mixed>[^:]+)|(?P<weights>b?float16) weights):")
+
+
 def _training_precision_note(ledger: Any) -> str | None:
     """Which stages trained in half or mixed precision (their recorded notes say so), for the report: replay re-runs
     them in that precision, so replay-based estimates and replay itself agree with the recorded run only to it."""
-    marker = "The stage trains in "
     found = {}
     for stage in ledger.stages:
         for note in stage.info.get("notes") or []:
-            if isinstance(note, str) and note.startswith(marker):
-                found[stage.name] = note[len(marker) :].split(":")[0]
+            # a Trainer's mixed precision ("The stage trains in bf16 mixed precision: ...") or half-precision weights
+            # (record_stage and the Trainer: "The stage trains bfloat16 weights: ...", _internal/precision.py)
+            match = _PRECISION_NOTE.match(note) if isinstance(note, str) else None
+            if match:
+                found[stage.name] = match.group("mixed") or f"{match.group('weights')} weights"
     if not found:
         return None
     listed = ", ".join(f"{name} ({what})" for name, what in found.items())

@@ -343,3 +343,24 @@ def test_the_model_without_its_last_stage_is_evaluated_once_for_the_estimate_and
     effects = {row.stage: row.effect for row in report.rows_for("logit-0")}
     expected = compare(effects, {s: float(v.mean()) for s, v in negation.per_example.items()})
     assert report.trust("logit-0")["evidence"]["second_opinions"]["delta-fd"] == pytest.approx(expected)
+
+
+def test_the_model_keeps_its_attention_implementation(tmp_path):
+    """Per-example linear effects need eager attention (forward-mode autodiff has no rule for CPU SDPA kernels): the
+    attributor switches for its own work and gives the user's model back its own implementation."""
+    from hf_stage_attribution import StageLedger
+    from hf_stage_attribution.behaviors import PerExample
+    from tests.helpers.tiny import one_layer_gpt2, record_lm_steps
+
+    model = one_layer_gpt2(vocab_size=11)
+    model.set_attn_implementation("sdpa")
+    data = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
+    ledger = StageLedger(tmp_path / "ledger")
+    for k, name in enumerate(["a", "b"]):
+        record_lm_steps(ledger, name, model, data[k::2], lr=1e-2)
+    rows = [data[i] for i in range(4)]
+    behavior = PerExample(lambda m, batch: m(input_ids=torch.stack(batch)).logits[:, -1, 0], rows, batch_size=2)
+    report = StageAttributor(ledger, model, estimator="aa-linear", show_progress=False).attribute({"logit": behavior})
+    assert model.config._attn_implementation == "sdpa"  # was left "eager" by the attributor
+    assert [r.stage for r in report.rows_for("logit")] == ["a", "b"]
+    assert all(torch.isfinite(torch.tensor(r.per_example)).all() for r in report.rows_for("logit"))

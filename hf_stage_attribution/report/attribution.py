@@ -203,19 +203,36 @@ class AttributionReport:
                 row.replay_effect = float(truth[row.stage])
 
     def top_stage_claim(self, behavior: str) -> dict[str, Any]:
-        """The most accountable stage with its effect and how far to trust it: ``{"stage", "effect", "verdict",
-        "label"}``.
+        """The stage the report names as accountable for ``behavior``, with its effect and how far to trust it:
+        ``{"stage", "effect", "verdict", "label", "source", "estimated_stage"}`` (and ``"replay_effect"`` where replay
+        ran for it). Where replay ran for every stage, its top stage is the answer (``source`` ``"replay"``), as in
+        the headline and the card; ``estimated_stage`` is the estimate's own (:meth:`top_stage`). A behavior no stage
+        moved names none (``stage`` None).
 
         Example:
             >>> report = AttributionReport.build({"f": {"a": [0.1, 0.3], "b": [0.9, 1.1]}}, estimator="x", versions={})
             >>> claim = report.top_stage_claim("f")
-            >>> claim["stage"], claim["verdict"]
-            ('b', 'unreliable')
+            >>> claim["stage"], claim["verdict"], claim["source"]
+            ('b', 'unreliable', 'estimate')
+            >>> r = AttributionReport.build({"f": {"a": [0.1], "b": [1.0]}}, estimator="x", versions={},
+            ...                             replay={"f": {"a": [2.0], "b": [1.0]}})
+            >>> c = r.top_stage_claim("f")
+            >>> c["stage"], c["source"], c["estimated_stage"], c["replay_effect"]
+            ('a', 'replay', 'b', 2.0)
         """
-        stage = self.top_stage(behavior)
-        row = next(r for r in self.rows_for(behavior) if r.stage == stage)
         trust = self.trust(behavior)
-        return {"stage": stage, "effect": row.effect, "verdict": trust["verdict"], "label": trust["label"]}
+        claim: dict[str, Any] = {"verdict": trust["verdict"], "label": trust["label"]}
+        if not self.moved(behavior):
+            return {"stage": None, "effect": 0.0, **claim, "source": "estimate", "estimated_stage": None}
+        estimated = self.top_stage(behavior)
+        measured = self.replay_top_stage(behavior)
+        stage = measured or estimated
+        row = next(r for r in self.rows_for(behavior) if r.stage == stage)
+        claim = {"stage": stage, "effect": row.effect, **claim}
+        claim.update({"source": "replay" if measured else "estimate", "estimated_stage": estimated})
+        if row.replay_effect is not None:
+            claim["replay_effect"] = row.replay_effect
+        return claim
 
     def behavior(self, name: str) -> BehaviorSummary:
         """The summary of one behavior."""

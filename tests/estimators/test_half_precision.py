@@ -81,6 +81,10 @@ def test_the_attributor_evaluates_a_float32_copy_and_says_so(tmp_path):
     for row in report.rows:
         assert row.effect == pytest.approx(float(want.per_example[row.stage].mean()), abs=1e-12)
     assert any("float32 copy" in note for note in report.approximations)
+    # the stages' own notes (bf16 weights, not a Trainer's mixed precision) are named too
+    assert (
+        "Stages trained in reduced precision: a (bfloat16 weights), b (bfloat16 weights)." in report.approximations[-1]
+    )
     with pytest.warns(UserWarning, match="evaluates and shifts them in bfloat16"):  # called directly: said
         estimators.get("delta-fd").estimate(ledger, model, behavior)
 

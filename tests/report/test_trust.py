@@ -7,6 +7,7 @@ import pytest
 
 from hf_stage_attribution.report import AttributionReport
 from hf_stage_attribution.report import trust as T
+from hf_stage_attribution.report.text import claimed_top_stage
 
 STAGES = ["pretraining", "sft", "lora", "dpo"]
 
@@ -33,7 +34,21 @@ def test_replay_that_agrees_verifies_the_claim():
     assert t["evidence"]["replay"]["top_stage_equal"] and t["evidence"]["replay"]["spearman"] == pytest.approx(1.0)
     assert t["evidence"]["intervals"] == T.INTERVAL_SCOPE and "example sampling only" in t["reason"]
     assert rep.top_stage_claim("f") == {"stage": "sft", "effect": rep.rows[1].effect, "verdict": "verified",
-                                        "label": "verified by replay"}  # fmt: skip
+                                        "label": "verified by replay", "source": "replay", "estimated_stage": "sft",
+                                        "replay_effect": 1.8}  # fmt: skip
+
+
+def test_the_claimed_top_stage_is_replays_where_replay_ran():
+    """``top_stage_claim`` names what the headline and the card name: replay's top stage where it ran for every
+    stage (it returned the estimate's while the card named replay's)."""
+    rep = _report(OURS, {"replay": [2.5, 1.8, -0.5, 0.1]})
+    claim = rep.top_stage_claim("f")
+    assert (claim["stage"], claim["source"], claim["estimated_stage"]) == ("pretraining", "replay", "sft")
+    assert claim["replay_effect"] == 2.5 and claim["effect"] == rep.rows[0].effect
+    assert claim["verdict"] == "unreliable"
+    assert claimed_top_stage(rep, "f") == claim["stage"]
+    still = _report([0.0, 0.0, 0.0, 0.0], sd=0.0)
+    assert still.top_stage_claim("f")["stage"] is None  # no stage moved it: none is named
 
 
 @pytest.mark.parametrize(
