@@ -86,6 +86,7 @@ from ..integrations.replay import (
     replay_world,
     reward_problem,
     stop_after_steps_callback,
+    trainer_class_problem,
 )
 from ..integrations.trl import UNKNOWN_OBJECTIVE, stage_objective
 from ..ledger.core import LedgerCore
@@ -307,10 +308,15 @@ def trainer_input_problem(
     stage: Stage, ref_models: Mapping[str, Any] | None = None, reward_funcs: Mapping[str, Any] | None = None
 ) -> str | None:
     """What a replay of ``stage`` from its replay data needs besides them and was not given, as a clause (``None``
-    when nothing): a reference model or teacher it cannot rebuild (:func:`reference_problem`; ``ref_models``), or
+    when nothing): a trainer class it does not import (:func:`trainer_class_problem`), a reference model or teacher it
+    cannot rebuild (:func:`reference_problem`; ``ref_models``), or
     the reward functions of a GRPO/RLOO/OnlineDPO stage (:func:`reward_problem`; ``reward_funcs``)."""
     ref = (ref_models or {}).get(stage.name)
-    return reference_problem(stage, ref) or reward_problem(stage, (reward_funcs or {}).get(stage.name))
+    return (
+        trainer_class_problem(stage)
+        or reference_problem(stage, ref)
+        or reward_problem(stage, (reward_funcs or {}).get(stage.name))
+    )
 
 
 def can_replay(
@@ -368,6 +374,8 @@ def replay_data_problem(stage: Stage) -> str | None:
     way (whether it holds replay data at all is :attr:`~hf_stage_attribution.ledger.stage.Stage.replay_dir`).
 
     - It continued the previous stage's optimizer state inside one run: the state it started from is not its own.
+    - It trained with an optimizer or scheduler given to the Trainer (``stage.json`` ``trainer.optimizer_given``):
+      a replay's Trainer would build the recorded arguments' defaults instead.
     - Its learning-rate schedule is metric-driven (``reduce_lr_on_plateau``): the rates depend on the recorded run's
       evaluation losses, and the replay data keep no evaluation set (a replay runs no evaluation), so a replayed
       stage would not apply the recorded rates. A stage function that evaluates as the stage did can replay it.
@@ -386,6 +394,14 @@ def replay_data_problem(stage: Stage) -> str | None:
     """
     if stage.optimizer_state_policy == "continued":
         return "it continued the previous stage's optimizer state inside one run (replay the whole run with stage_fns)"
+    trainer = (getattr(stage, "info", None) or {}).get("trainer")
+    given = trainer.get("optimizer_given") if isinstance(trainer, dict) else None
+    if given:
+        return (
+            f"it trained with {given}, which its replay data cannot rebuild (a replay's Trainer builds the optimizer "
+            f"and schedule from the recorded TrainingArguments). Pass stage_fns={{{stage.name!r}: fn}} with fn "
+            "training the stage with the same optimizer and schedule, or use a propagation estimator (aa-ggn, aa-fd)"
+        )
     args = (getattr(stage, "info", None) or {}).get("training_arguments") or {}
     schedule = str(args.get("lr_scheduler_type") or "") if isinstance(args, dict) else ""
     if "plateau" in schedule.lower():

@@ -40,7 +40,9 @@ from .._internal.params import base_parameters, state_digests
 from ..errors import ReplayError
 from ..ledger.stage import Stage
 from ..ledger.storage import open_safetensors, read_json
+from .eval_rng import eval_rng_callback
 from .peft import config_from_json, wrap_with_adapter
+from .recipe_check import recipe_check_callback
 from .replay_data import REPLAY_FILE
 from .run_info import attn_implementation, json_safe, training_arguments
 from .trl import REFERENCE_OBJECTIVES, REWARD_OBJECTIVES, TEACHER_OBJECTIVES, stage_objective
@@ -53,6 +55,7 @@ _OVERRIDES = {
     "hub_token": None,
     "save_strategy": "no",
     "eval_strategy": "no",
+    "eval_on_start": False,  # else the replay's Trainer, given no eval_dataset, raises before its first step
     "load_best_model_at_end": False,
     "resume_from_checkpoint": None,
     "disable_tqdm": True,
@@ -156,7 +159,9 @@ def import_class(entry: dict, what: str) -> Any:
     if module.split(".")[0] not in _ALLOWED_MODULES:
         raise ReplayError(
             f"The recorded {what} {module}.{name} is not from transformers/TRL, and replay imports nothing else. "
-            f"Pass it explicitly (e.g. `{'trainer_cls' if what == 'trainer' else what}=`)."
+            f"Pass it explicitly to replay_trainer_stage (`{'trainer_cls' if what == 'trainer' else what}=`), or, "
+            "through StageAttributor or the CLI, replay the stage with a stage function (stage_fns / --stage-fn) "
+            "that trains it as it was."
         )
     try:
         obj = importlib.import_module(module)
@@ -167,6 +172,33 @@ def import_class(entry: dict, what: str) -> Any:
             f"Cannot import the recorded {what} {module}.{name} ({exc}): are the installed versions different?"
         ) from exc
     return obj
+
+
+def trainer_class_problem(stage: Any) -> str | None:
+    """Why the trainer class ``stage`` recorded cannot be imported by a replay, as a clause (``None`` when it can):
+    replay imports only transformers' and TRL's classes, so a ``Trainer`` subclass of the user's (its own
+    ``compute_loss``, say) needs ``trainer_cls=`` (:func:`replay_trainer_stage`) or a stage function.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> stage = SimpleNamespace(name="sft", info={"trainer": {"class": "WeightedTrainer", "module": "__main__"}})
+        >>> trainer_class_problem(stage).split(",")[0]
+        'it trained with the trainer class __main__.WeightedTrainer'
+        >>> trainer_class_problem(SimpleNamespace(name="sft", info={"trainer": {"module": "trl.trainer"}})) is None
+        True
+    """
+    entry = (getattr(stage, "info", None) or {}).get("trainer")
+    if not isinstance(entry, dict) or not entry.get("module"):
+        return None
+    module = str(entry["module"])
+    if module.split(".")[0] in _ALLOWED_MODULES:
+        return None
+    return (
+        f"it trained with the trainer class {module}.{entry.get('class')}, which a replay does not import (only "
+        f"transformers' and TRL's): pass stage_fns={{{stage.name!r}: fn}} with fn training the stage with that "
+        "trainer (or call integrations.replay.replay_trainer_stage(..., trainer_cls=...) yourself), or use a "
+        "propagation estimator (aa-ggn, aa-fd)"
+    )
 
 
 def rebuild_arguments(info: dict, output_dir: str) -> Any:
@@ -658,9 +690,15 @@ def _run(stage, model, info, replay_dir, objective, trainer_cls, output_dir, giv
     accepted = inspect.signature(trainer_cls.__init__).parameters
     kwargs = {k: v for k, v in kwargs.items() if k in accepted or k in ("model", "args")}
     kwargs.update(given["trainer_kwargs"])
-    kwargs["callbacks"] = [*kwargs.get("callbacks", []), _StopAtStageEnd()]
+    # the recorded optimizer and learning rates, or a ReplayError (integrations/recipe_check.py)
+    check = recipe_check_callback(stage, int(steps[0] or 0))
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), _StopAtStageEnd(), check]
     if given["grad_every"] > 1:
         trainer_cls = with_gradient_reuse(trainer_cls, given["grad_every"], start=int(steps[0] or 0))
+    # the random generators as the recorded run's evaluations left them (a replay runs none; integrations/eval_rng.py)
+    restore_rng = eval_rng_callback(stage, info, replay_dir)
+    if restore_rng is not None:
+        kwargs["callbacks"] = [*kwargs["callbacks"], restore_rng]
     trainer = trainer_cls(**kwargs)
     for printer in (PrinterCallback, ProgressCallback):  # a replay's loss dicts would read as the user's training
         trainer.remove_callback(printer)

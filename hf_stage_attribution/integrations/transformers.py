@@ -28,6 +28,8 @@ from .._internal.params import unwrap_model
 from ..errors import LedgerError
 from ..ledger.ledger import StageLedger
 from ..ledger.recorder import StageRecording, check_early_checkpoint
+from .eval_rng import EvalRngLog
+from .recipe_check import given_optimizer_reason
 from .replay_data import save_stage_replay_data
 from .run_info import find_trainer
 from .stage_metadata import RunContext, build_metadata, optimizer_warning, resolve_trainer_class
@@ -111,6 +113,8 @@ class StageRecorder(TrainerCallback):
         self._finalizer: weakref.finalize | None = None
         self._skipped_steps: list[int] = []
         self._inherited_autocast: bool | None = None  # on_init_end: the model carried an earlier Trainer's wrapper
+        self._init_optimizers: tuple[Any, Any] = (None, None)  # on_init_end: what the Trainer was given
+        self._eval_rng: EvalRngLog | None = None  # generator states after evaluations (a replayable stage's)
 
     @property
     def ledger(self) -> StageLedger:
@@ -126,6 +130,8 @@ class StageRecorder(TrainerCallback):
         # the autocast wrapper itself (accelerate installs it only with native mixed precision), not just the
         # "prepared" flag a float32 Trainer leaves too
         self._inherited_autocast = has_autocast_wrapper(unwrap_model(model)) if model is not None else None
+        # an optimizer or scheduler the user gave the Trainer: a replay would build the arguments' defaults instead
+        self._init_optimizers = (kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
         return control
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -189,6 +195,13 @@ class StageRecorder(TrainerCallback):
             self._checkpoint()
         return control
 
+    def on_evaluate(self, args, state, control, **kwargs):
+        # an evaluation during the stage drew from the random generators and its replay runs none: keep their states
+        # after the last evaluation at this step, for the replay to put back (integrations/eval_rng.py)
+        if self._eval_rng is not None and self.recording is not None and self.recording.active:
+            self._eval_rng.capture(int(state.global_step))
+        return control
+
     def on_epoch_end(self, args, state, control, **kwargs):
         if control.should_save:
             self._checkpoint()
@@ -242,6 +255,13 @@ class StageRecorder(TrainerCallback):
         metadata, more_notes = build_metadata(ctx, kind, part, trainer_class, recording, self._boundaries)
         if self._inherited_autocast is not None and isinstance(metadata.get("trainer"), dict):
             metadata["trainer"]["inherited_autocast_wrapper"] = self._inherited_autocast
+        given = given_optimizer_reason(*self._init_optimizers, ctx.trainer)
+        if given and isinstance(metadata.get("trainer"), dict):
+            metadata["trainer"]["optimizer_given"] = given
+            notes.append(
+                f"The stage trains with {given}: a Trainer replay would rebuild the optimizer and schedule from the "
+                "TrainingArguments instead, so the stage is replayed only by a stage function (stage_fns)."
+            )
         notes += more_notes
         warning = optimizer_warning(ctx.optimizer)
         if warning is not None:
@@ -249,6 +269,8 @@ class StageRecorder(TrainerCallback):
             notes.append(warning)
         if self.save_replay_data:
             notes += save_stage_replay_data(recording, ctx, kind, part, trainer_class, metadata)
+            if part.start == 0:  # a replayable stage; a resumed one keeps the states saved before the interruption
+                self._eval_rng = EvalRngLog.resume(recording.replay_dir, resume_at) if resume_at else EvalRngLog()
         metadata["notes"] = notes
         recording.update_metadata(**metadata)
         self._attach_hook(ctx.model)
@@ -280,6 +302,8 @@ class StageRecorder(TrainerCallback):
 
     def _checkpoint(self) -> None:
         if self.recording is not None and self.recording.active:
+            if self._eval_rng is not None:  # a resumed run continues from what is on disk
+                self._eval_rng.save(self.recording.replay_dir)
             self.recording.checkpoint()
 
     def _finish(self) -> None:
@@ -295,12 +319,16 @@ class StageRecorder(TrainerCallback):
                     "leaves them out."
                 )
                 recording.update_metadata(notes=notes)
+            if self._eval_rng is not None:  # before end(): it lists the replay files with their hashes
+                self._eval_rng.save(recording.replay_dir)
+                if self._eval_rng.notes():
+                    recording.update_metadata(notes=[*recording.metadata.get("notes", []), *self._eval_rng.notes()])
             stage = recording.end()
             if stage is not None:
                 self.recorded_stages.append(stage)
         if self._finalizer is not None:
             self._finalizer.detach()
-        self.recording = None
+        self.recording, self._eval_rng = None, None
         _ACTIVE.pop(str(self.ledger_dir.resolve()), None)
 
     # --- interruption and resume ------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""A stage trained by the user's own ``Trainer`` subclass (its own ``compute_loss``): a replay imports only
+transformers' and TRL's classes, so the attributor's replays must say so up front and point to ``stage_fns`` (they
+failed half way through the attribution, with advice — ``trainer_cls=`` — that the attributor cannot take)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tests.helpers.recording as F
+from hf_stage_attribution import StageAttributor, StageLedger, StageRecorder
+from hf_stage_attribution.errors import ReplayError
+from hf_stage_attribution.integrations.replay import replay_trainer_stage
+
+
+def _weighted_trainer():
+    from transformers import Trainer
+
+    class WeightedTrainer(Trainer):  # what users write for a class-weighted or auxiliary loss
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            loss = 2.0 * outputs.loss
+            return (loss, outputs) if return_outputs else loss
+
+    return WeightedTrainer
+
+
+def test_a_user_trainer_class_is_refused_up_front_and_replays_with_trainer_cls(tmp_path):
+    from transformers import Trainer
+
+    ledger_dir, model = tmp_path / "ledger", F.gpt2()
+    for name, cls in (("pre", Trainer), ("sft", _weighted_trainer())):
+        args = F.training_args(str(tmp_path / name), per_device_train_batch_size=8, learning_rate=5e-3, max_steps=3)
+        recorder = StageRecorder(ledger_dir, name, save_replay_data=True)
+        cls(model=model, args=args, train_dataset=F.lm_dataset(24), callbacks=[recorder]).train()
+    ledger = StageLedger.load(ledger_dir)
+    behavior = lambda m: m(input_ids=torch.arange(8)[None]).logits[0, -1, :3]  # noqa: E731
+    attributor = StageAttributor(ledger, model, show_progress=False)
+    with pytest.raises(
+        ReplayError, match=r"trainer class .*WeightedTrainer, which a replay does not import.*stage_fns="
+    ):
+        attributor.attribute({"logits": behavior}, validate=True)
+    assert "replay" not in attributor.attribute({"logits": behavior}).estimator  # `auto` does not pick a replay
+    # called directly, the replay takes the class and lands on the recorded parameters
+    sft = ledger.stages[1]
+    start = F.gpt2()
+    start.load_state_dict({k: v.clone() for k, v in ledger.state_at(0).items()}, strict=False)
+    replayed = replay_trainer_stage(sft, start, trainer_cls=_weighted_trainer())
+    for name, param in model.named_parameters():
+        # from θ_1 as the ledger rebuilds it (θ_0 + Δ in float32, one rounding that Adam's early steps amplify)
+        torch.testing.assert_close(dict(replayed.named_parameters())[name], param, atol=1e-5, rtol=0)
