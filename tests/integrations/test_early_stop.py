@@ -28,9 +28,15 @@ def _train(out: Path, ledger: Path, name: str, max_steps: int, stop_at: int | No
             if state.global_step == stop_at:
                 control.should_training_stop = True
 
-    args = F.training_args(str(out), per_device_train_batch_size=4, learning_rate=1e-3, max_steps=max_steps, **kwargs)
-    callbacks = [StageRecorder(ledger, name), Stop()]
-    trainer = Trainer(model=model or F.gpt2(), args=args, train_dataset=F.lm_dataset(64), callbacks=callbacks)
+    eval_dataset = kwargs.pop("eval_dataset", None)
+    best = {"eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 2,
+            "learning_rate": 5e-2, "load_best_model_at_end": True, "metric_for_best_model": "loss",
+            "greater_is_better": True}  # fmt: skip
+    kwargs = {**(best if eval_dataset is not None else {"learning_rate": 1e-3}), **kwargs}
+    args = F.training_args(str(out), per_device_train_batch_size=4, max_steps=max_steps, **kwargs)
+    callbacks = [StageRecorder(ledger, name, save_replay_data=eval_dataset is not None), Stop()]
+    trainer = Trainer(model=model or F.gpt2(), args=args, train_dataset=F.lm_dataset(64), eval_dataset=eval_dataset,
+                      callbacks=callbacks)  # fmt: skip
     trainer.train()
     return trainer
 
@@ -119,3 +125,21 @@ def test_resuming_a_finished_stage_after_raising_max_steps_names_the_way_out(tmp
     assert any("where the ledger's last stage 'pre' ends" in str(w.message) for w in caught)
     ledger = StageLedger(ledger_dir)
     assert [(s.name, s.num_steps) for s in ledger.stages] == [("pre", 4), ("pre-continued", 4)]
+
+
+def test_a_stage_that_loads_its_best_checkpoint_at_the_end_ends_at_that_step(tmp_path):
+    """``load_best_model_at_end``: the stage's parameters are its best checkpoint's (here step 2 of 6: the metric
+    prefers the highest loss), so it is recorded as its first 2 steps and a replay stops there (it ran all 6 and
+    missed θ_K by 90 % of the largest update)."""
+    from hf_stage_attribution.estimators.replay import replay_model
+
+    ledger_dir = tmp_path / "ledger"
+    trainer = _train(tmp_path / "a", ledger_dir, "sft", max_steps=6, eval_dataset=F.lm_dataset(16, seed=2))
+    assert trainer.state.best_global_step == 2
+    stage = StageLedger.load(ledger_dir).stages[0]
+    assert stage.num_steps == 2 and len(stage.learning_rates) == 2
+    assert any("loaded its best checkpoint (global step 2 of 6)" in note for note in stage.info["notes"])
+    assert json.loads((stage.replay_dir / "replay.json").read_text())["stage_steps"] == [0, 2]
+    replayed = replay_model(StageLedger.load(ledger_dir), trainer.model, None)
+    gap = max((p - q).abs().max().item() for p, q in zip(replayed.parameters(), trainer.model.parameters()))
+    assert gap < 1e-6, gap
