@@ -374,6 +374,7 @@ def replay_data_problem(stage: Stage) -> str | None:
     way (whether it holds replay data at all is :attr:`~hf_stage_attribution.ledger.stage.Stage.replay_dir`).
 
     - It continued the previous stage's optimizer state inside one run: the state it started from is not its own.
+    - Its training dataset was not saved (an iterable or streaming dataset; ``stage.json``'s ``replay.dataset_saved``).
     - It trained with an optimizer or scheduler given to the Trainer (``stage.json`` ``trainer.optimizer_given``):
       a replay's Trainer would build the recorded arguments' defaults instead.
     - Its learning-rate schedule is metric-driven (``reduce_lr_on_plateau``): the rates depend on the recorded run's
@@ -394,7 +395,15 @@ def replay_data_problem(stage: Stage) -> str | None:
     """
     if stage.optimizer_state_policy == "continued":
         return "it continued the previous stage's optimizer state inside one run (replay the whole run with stage_fns)"
-    trainer = (getattr(stage, "info", None) or {}).get("trainer")
+    info = getattr(stage, "info", None) or {}
+    replay = info.get("replay")
+    if isinstance(replay, dict) and replay.get("dataset_saved") is False:
+        return (
+            "its training dataset was not saved with its replay data (only a `datasets.Dataset` is saved, not a torch "
+            f"dataset or an iterable/streaming one). Pass stage_fns={{{stage.name!r}: fn}} with fn training the stage "
+            "on the same data, or use a propagation estimator (aa-ggn, aa-fd)"
+        )
+    trainer = info.get("trainer")
     given = trainer.get("optimizer_given") if isinstance(trainer, dict) else None
     if given:
         return (

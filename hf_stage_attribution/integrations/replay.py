@@ -646,7 +646,11 @@ def _run(stage, model, info, replay_dir, objective, trainer_cls, output_dir, giv
     dataset = given["train_dataset"]
     if dataset is None:
         if not info.get("dataset"):
-            raise ReplayError(f"Stage {stage.name!r}: its training dataset was not saved; pass `train_dataset=`.")
+            raise ReplayError(
+                f"Stage {stage.name!r}: its training dataset was not saved with its replay data; pass "
+                "`train_dataset=` (replay_trainer_stage), or, through StageAttributor or the CLI, a stage function "
+                "(stage_fns / --stage-fn) that trains the stage on the same data."
+            )
         from datasets import load_from_disk
 
         dataset = load_from_disk(str(replay_dir / info["dataset"]["dir"]))

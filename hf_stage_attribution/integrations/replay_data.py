@@ -67,7 +67,7 @@ def _save_dataset(dataset: Any, target: Path, notes: list[str]) -> dict | None:
     if Dataset is None or not isinstance(dataset, Dataset):
         notes.append(
             f"replay: the training dataset ({type(dataset).__name__}) is not a `datasets.Dataset`, so it was not "
-            "saved; replay needs `train_dataset=`."
+            "saved; a replay needs `train_dataset=` (replay_trainer_stage) or a stage function (stage_fns)."
         )
         return None
     dropped = [c for c in MODEL_DEPENDENT_COLUMNS if c in dataset.column_names]

@@ -1,6 +1,7 @@
-"""A stage trained by the user's own ``Trainer`` subclass (its own ``compute_loss``): a replay imports only
-transformers' and TRL's classes, so the attributor's replays must say so up front and point to ``stage_fns`` (they
-failed half way through the attribution, with advice — ``trainer_cls=`` — that the attributor cannot take)."""
+"""Stages whose replay data a replay cannot use as they are — the user's own ``Trainer`` subclass (a custom
+``compute_loss``: a replay imports only transformers' and TRL's classes) and a training dataset that was not saved
+(a torch or iterable dataset) — are refused up front with ``stage_fns`` as the way (the attributor's replays failed
+half way through, with advice — ``trainer_cls=``, ``train_dataset=`` — that the attributor cannot take)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,20 @@ def test_a_user_trainer_class_is_refused_up_front_and_replays_with_trainer_cls(t
     for name, param in model.named_parameters():
         # from θ_1 as the ledger rebuilds it (θ_0 + Δ in float32, one rounding that Adam's early steps amplify)
         torch.testing.assert_close(dict(replayed.named_parameters())[name], param, atol=1e-5, rtol=0)
+
+
+def test_a_stage_whose_dataset_was_not_saved_is_refused_up_front(tmp_path):
+    from transformers import Trainer
+
+    ledger_dir, model = tmp_path / "ledger", F.gpt2()
+    rows = F.lm_dataset(24)
+    for name, data in (("pre", rows), ("sft", rows.to_iterable_dataset())):
+        args = F.training_args(str(tmp_path / name), per_device_train_batch_size=8, learning_rate=5e-3, max_steps=3)
+        recorder = StageRecorder(ledger_dir, name, save_replay_data=True)
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[recorder]).train()
+    sft = StageLedger.load(ledger_dir).stages[1]
+    assert sft.info["replay"]["dataset_saved"] is False
+    attributor = StageAttributor(ledger_dir, model, show_progress=False)
+    behavior = lambda m: m(input_ids=torch.arange(8)[None]).logits[0, -1, :3]  # noqa: E731
+    with pytest.raises(ReplayError, match=r"training dataset was not saved with its replay data.*stage_fns="):
+        attributor.attribute({"logits": behavior}, validate=True)
