@@ -391,7 +391,11 @@ class StageAttributor:
         if self.estimator_name != "auto" or not self.state.is_main_process:
             return
         chosen, reason = estimators.choose_estimator(
-            self.ledger, options.get("loss_fns"), options.get("stage_fns"), **replay_inputs(options)
+            self.ledger,
+            options.get("loss_fns"),
+            options.get("stage_fns"),
+            **replay_inputs(options),
+            budget=options.get("budget", PARTIAL_REPLAY_BUDGET),
         )
         notice(f"estimator auto -> {chosen}: {reason}", routine=False)
 
@@ -419,7 +423,7 @@ class StageAttributor:
     def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:
         resolve = getattr(self.estimator, "resolve", None)
         if callable(resolve):
-            inputs = replay_inputs(options)
+            inputs = {**replay_inputs(options), "budget": options.get("budget", PARTIAL_REPLAY_BUDGET)}
             return resolve(self.ledger, options.get("loss_fns"), options.get("stage_fns"), **inputs).name
         return getattr(self.estimator, "name", self.estimator_name)
 

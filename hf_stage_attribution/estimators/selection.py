@@ -81,8 +81,10 @@ def choose_estimator(
     partial_replay: bool = True,
     ref_models: Mapping[str, Any] | None = None,
     reward_funcs: Mapping[str, Any] | None = None,
+    budget: float = PARTIAL_REPLAY_BUDGET,
 ) -> tuple[str, str]:
-    """``(estimator name, reason)`` by the rule in the module docstring.
+    """``(estimator name, reason)`` by the rule in the module docstring; ``budget``: partial replay's (the default
+    unless the caller gives one), which the reason names and which decides whether it would replay any step.
 
     ``partial_replay=False`` skips step 2: what ``auto`` picks where no later stage can be replayed, even when the
     ledger holds replay data (the benchmarks compare the propagation estimators on such ledgers). ``ref_models`` and
@@ -121,15 +123,15 @@ def choose_estimator(
         return "delta-fd", _no_carry_reason([carry_problem(s) or s.name for s in unknown])
     fns = dict(stage_fns or {})
     inputs = {"ref_models": ref_models, "reward_funcs": reward_funcs}
-    bare = unreplayed_stages(ledger, range(len(ledger.stages)), PARTIAL_REPLAY_BUDGET)
+    bare = unreplayed_stages(ledger, range(len(ledger.stages)), budget)
     if partial_replay and all(can_replay(s, fns, step_limited=True, **inputs) for s in later) and bare:
         non_terminal = [s.name for s in ledger.stages[:-1] if any(trains(t) for t in ledger.stages[s.index + 1 :])]
         if set(non_terminal) <= set(bare):  # partial replay would be the propagation-only carry everywhere
             fallback = _without_replay(ledger, later, loss_fns)
             return fallback[0], (
-                f"{fallback[1]}; partial replay not used: at budget {PARTIAL_REPLAY_BUDGET:g} it would replay no "
+                f"{fallback[1]}; partial replay not used: at budget {budget:g} it would replay no "
                 f"optimizer step for any stage (a step from each of two starts costs more than "
-                f"{PARTIAL_REPLAY_BUDGET:.0%} of replay's steps: the later stages are too short), so it would be "
+                f"{budget:.0%} of replay's steps: the later stages are too short), so it would be "
                 "the propagation-only carry; estimator='replay' re-runs them whole"
             )
     if partial_replay and all(can_replay(s, fns, step_limited=True, **inputs) for s in later):
@@ -144,7 +146,7 @@ def choose_estimator(
         return PARTIAL_REPLAY, (
             f"every later stage ({', '.join(s.name for s in later)}) can be replayed step by step "
             f"({' and '.join(how)}), so a short exact replay of the next stage(s) at budget "
-            f"{PARTIAL_REPLAY_BUDGET:g} (25 % of replay's optimizer steps) replaces the first-order carry of their "
+            f"{budget:g} ({budget * 100:g} % of replay's optimizer steps) replaces the first-order carry of their "
             "early, nonlinear steps; read out by finite "
             "difference, which is exact for the last stage and equals replay at budget 1"
             + (f"; the factual branch of {early} is read from their recorded early checkpoints" if early else "")
@@ -265,12 +267,13 @@ class Auto(Estimator):
         return get(choose_estimator(ledger, loss_fns, stage_fns, **inputs)[0])
 
     def prepare(self, ledger, stages=None, model=None, **options):
-        self.resolve(ledger, options.get("loss_fns"), options.get("stage_fns"), **replay_inputs(options)).prepare(
+        inputs = {**replay_inputs(options), "budget": options.get("budget", PARTIAL_REPLAY_BUDGET)}
+        self.resolve(ledger, options.get("loss_fns"), options.get("stage_fns"), **inputs).prepare(
             ledger, stages, model, **options
         )
 
     def estimate(self, ledger, model, behavior, stages=None, **options):
-        inputs = replay_inputs(options)
+        inputs = {**replay_inputs(options), "budget": options.get("budget", PARTIAL_REPLAY_BUDGET)}
         chosen, reason = choose_estimator(ledger, options.get("loss_fns"), options.get("stage_fns"), **inputs)
         if chosen == PARTIAL_REPLAY:
             options.setdefault("budget", PARTIAL_REPLAY_BUDGET)

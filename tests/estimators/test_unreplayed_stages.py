@@ -77,3 +77,15 @@ def test_auto_does_not_pick_partial_replay_where_it_would_replay_nothing(tmp_pat
     assert "partial replay not used: at budget 0.25 it would replay no optimizer step for any stage" in reason
     with_more = _pipeline(tmp_path / "longer", {"a": 4, "b": 8})
     assert estimators.choose_estimator(with_more[0], stage_fns=with_more[2])[0] == "partial-replay"
+
+
+def test_auto_judges_and_names_the_budget_it_is_given(tmp_path):
+    """``auto`` with ``budget=1.0`` ran partial replay at 1.0 while its reason said "budget 0.25", and judged
+    whether any step fits at 0.25."""
+    ledger, model, fns = _pipeline(tmp_path / "ledger", {"a": 4, "b": 2})
+    assert estimators.choose_estimator(ledger, stage_fns=fns)[0] != "partial-replay"  # at 0.25 no step fits
+    name, reason = estimators.choose_estimator(ledger, stage_fns=fns, budget=1.0)
+    assert name == "partial-replay" and "at budget 1 (100 % of replay's optimizer steps)" in reason
+    attributor = StageAttributor(ledger, model, stage_fns=fns, show_progress=False, estimator_options={"budget": 1.0})
+    report = attributor.attribute({"out": _behavior()})
+    assert report.estimator == "partial-replay" and "at budget 1 (100 % of" in report.estimator_reason
