@@ -373,7 +373,8 @@ def replay_data_problem(stage: Stage) -> str | None:
     """Why ``stage`` cannot be re-run from its recorded replay data, as a clause; ``None`` when nothing stands in the
     way (whether it holds replay data at all is :attr:`~hf_stage_attribution.ledger.stage.Stage.replay_dir`).
 
-    - It continued the previous stage's optimizer state inside one run: the state it started from is not its own.
+    - It continued the previous stage's optimizer state (inside one run, or a second ``train()`` of one Trainer): the
+      state it started from is not its own.
     - Its training dataset was not saved (an iterable or streaming dataset; ``stage.json``'s ``replay.dataset_saved``).
     - It trained with an optimizer or scheduler given to the Trainer (``stage.json`` ``trainer.optimizer_given``):
       a replay's Trainer would build the recorded arguments' defaults instead.
@@ -394,7 +395,10 @@ def replay_data_problem(stage: Stage) -> str | None:
         'its learning-rate schedule is metric-driven'
     """
     if stage.optimizer_state_policy == "continued":
-        return "it continued the previous stage's optimizer state inside one run (replay the whole run with stage_fns)"
+        return (
+            "it continued the previous stage's optimizer state (stage boundaries inside one run, or a second train() "
+            "of the same Trainer): replay the whole run with stage_fns, or record each stage with a new Trainer"
+        )
     info = getattr(stage, "info", None) or {}
     replay = info.get("replay")
     if isinstance(replay, dict) and replay.get("dataset_saved") is False:

@@ -501,8 +501,9 @@ def replay_trainer_stage(
         raise ReplayError(f"`max_steps` must be a non-negative number of optimizer steps or None, got {max_steps!r}.")
     if stage.optimizer_state_policy == "continued":
         raise ReplayError(
-            f"Stage {stage.name!r} continued the previous stage's optimizer state inside one run; it cannot be "
-            "replayed on its own. Replay the whole run, or record its stages as separate runs."
+            f"Stage {stage.name!r} continued the previous stage's optimizer state (stage boundaries inside one run, "
+            "or a second train() of the same Trainer); it cannot be replayed on its own. Replay the whole run with a "
+            "stage function (stage_fns), or record its stages as separate runs (a new Trainer for each)."
         )
     replay_dir = getattr(stage, "replay_dir", None)
     if replay_dir is None or not (Path(replay_dir) / REPLAY_FILE).exists():
