@@ -35,6 +35,8 @@ def test_a_user_trainer_class_is_refused_up_front_and_replays_with_trainer_cls(t
         recorder = StageRecorder(ledger_dir, name, save_replay_data=True)
         cls(model=model, args=args, train_dataset=F.lm_dataset(24), callbacks=[recorder]).train()
     ledger = StageLedger.load(ledger_dir)
+    assert any("replay: the stage trained with the trainer class" in n for n in ledger.stages[1].info["notes"])
+    assert not any("trainer class" in n for n in ledger.stages[0].info["notes"])
     behavior = lambda m: m(input_ids=torch.arange(8)[None]).logits[0, -1, :3]  # noqa: E731
     attributor = StageAttributor(ledger, model, show_progress=False)
     with pytest.raises(
