@@ -275,6 +275,17 @@ def headline(report: AttributionReport, name: str, escape: Any = None) -> str:
         return f"{fmt_number(row.effect)} {unit}, {interval_header(report)} {fmt_interval(row)}"
 
     measured = report.replay_top_stage(name)
+    tie = replay_tie(report, name) if measured is not None else None
+    if tie is not None:  # replay's own examples do not separate its top two stages: it names neither alone
+        first, second = (next(r for r in report.rows_for(name) if r.stage == s) for s in tie)
+        sentence = (
+            f"Replay (ground truth): {stage_name(first.stage)} and {stage_name(second.stage)} moved {plain(name)} "
+            f"about as much ({fmt_number(first.replay_effect)} and {fmt_number(second.replay_effect)} {unit}; their "
+            "difference is within example sampling, so replay does not tell which moved it more)."
+        )
+        if top.effect == 0:
+            return sentence + " The estimate put every effect at 0."
+        return sentence + f" The estimate named {stage_name(top.stage)} ({amount(top)})."
     if measured is not None and (measured != top.stage or _sign(top.replay_effect) != _sign(top.effect)):
         truth = next(r for r in report.rows_for(name) if r.stage == measured)
         sentence = (
@@ -356,6 +367,19 @@ def opposite_directions(report: AttributionReport, name: str, escape: Any = None
         + "; ".join(parts + open_)
         + "."
     )
+
+
+def replay_tie(report: AttributionReport, name: str) -> tuple[str, str] | None:
+    """``(replay's top stage, the runner-up)`` where replay ran for every stage of ``name`` and its own examples do
+    not separate the two (``trust(name)["evidence"]["replay"]["top_separation"]``, a paired bootstrap stored when the
+    report was built); None otherwise (separated, or nothing stored: replay given as means only)."""
+    replay = ((report.trust(name).get("evidence") or {}).get("replay")) or {}
+    sep = replay.get("top_separation") if isinstance(replay, dict) else None
+    if not isinstance(sep, dict) or sep.get("separated", True):
+        return None
+    if report.replay_top_stage(name) != sep.get("top"):
+        return None  # stored for other replay values than the rows carry (re-verified since): not this replay's
+    return str(sep["top"]), str(sep["runner_up"])
 
 
 def claimed_top_stage(report: AttributionReport, name: str) -> str | None:

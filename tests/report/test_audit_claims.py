@@ -67,6 +67,25 @@ def test_headline_says_when_replay_gives_the_top_stage_the_other_sign():
     assert "The estimate gave it the other sign (+3.05" in text
 
 
+def test_headline_does_not_name_a_top_stage_replays_own_examples_do_not_separate():
+    """Replay is exact for the examples it ran on, not for the behavior they sample: MiniLM's two stages replayed to
+    +2.648 and +2.650 (intervals ±0.1) and the headline said "stage2 raised margin the most"."""
+    est = {"m": {"stage1": [3.0, 3.2, 3.1, 2.9], "stage2": [1.9, 2.1, 2.0, 2.2]}}
+    tied = {"m": {"stage1": [2.5, 2.8, 2.6, 2.69], "stage2": [2.8, 2.5, 2.7, 2.6]}}
+    rep = _build(est, replay=tied, behaviors={"m": {"unit": "logits"}})
+    sep = rep.trust("m")["evidence"]["replay"]["top_separation"]
+    assert (sep["top"], sep["runner_up"], sep["separated"]) == ("stage2", "stage1", False)
+    assert sep["interval"][0] < 0 < sep["interval"][1]
+    text = headline(rep, "m", escape=str)
+    assert text.startswith("Replay (ground truth): stage2 and stage1 moved m about as much (+2.65 and +2.647 logits;")
+    assert "replay does not tell which moved it more). The estimate named stage1 (+3.05 logits" in text
+    assert "stage2 raised m the most" not in text
+    apart = {"m": {"stage1": [1.0, 1.1, 0.9, 1.05], "stage2": [2.8, 2.5, 2.7, 2.6]}}  # separated: named as before
+    rep = _build(est, replay=apart, behaviors={"m": {"unit": "logits"}})
+    assert rep.trust("m")["evidence"]["replay"]["top_separation"]["separated"] is True
+    assert headline(rep, "m", escape=str).startswith("Replay (ground truth): stage2 raised m the most (+2.65 logits).")
+
+
 # --- 2: replay run apart shows replay's values -------------------------------------------------------------------
 
 
