@@ -17,6 +17,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from .._internal.memory import human_bytes
+from .._internal.notices import notice
 from ..ledger.storage import atomic_write_json, read_json, write_safetensors
 from .peft import adapter_state, peft_config_json
 from .run_info import class_path, json_safe, replay_safe_arguments, train_dataset, training_arguments
@@ -178,5 +180,9 @@ def save_stage_replay_data(recording: Any, ctx: Any, kind: str, part: Any, train
         reference=(metadata.get("trl") or {}).get("reference_model"),
         stage_steps=(part.start, part.end),
     )
+    # a copy of the training dataset (and the tokenizer): not in the projected ledger growth, so said here
+    summary["bytes"] = sum(f.stat().st_size for f in replay_dir.rglob("*") if f.is_file())
+    size = human_bytes(summary["bytes"])
+    notice(f"stage {part.name!r}: replay data {size} (training dataset, tokenizer, collator), {recording.ledger.dir}")
     metadata["replay"] = summary
     return notes

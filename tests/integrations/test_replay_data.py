@@ -100,7 +100,11 @@ def test_replay_from_the_same_start_reproduces_the_recorded_end(tmp_path, make, 
     from hf_stage_attribution.integrations.replay import replay_trainer_stage
 
     trained, start, stage = _record(tmp_path, make)
-    assert "'train_runtime'" in capsys.readouterr().out  # the recorded training printed its log dicts
+    printed = capsys.readouterr()
+    assert "'train_runtime'" in printed.out  # the recorded training printed its log dicts
+    # the replay data (a copy of the dataset) are not in the projected growth: their size is said and kept
+    assert f"stage {stage.name!r}: replay data " in printed.err
+    assert stage.info["replay"]["bytes"] == sum(f.stat().st_size for f in stage.replay_dir.rglob("*") if f.is_file())
     info = json.loads((stage.replay_dir / "replay.json").read_text())
     assert info["config"]["module"].startswith(("trl.", "transformers.")) and info["dataset"]["num_rows"] > 0
     saved = "collator_tokenizer" if make is _trainer_with_lm_collator else "processing_class"
