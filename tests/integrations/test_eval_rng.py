@@ -106,3 +106,22 @@ def test_a_ledger_whose_evaluations_left_no_generator_states_warns_once(tmp_path
         warnings.simplefilter("always")
         replay_trainer_stage(stage, copy.deepcopy(start), max_steps=1)
     assert not [w for w in seen if "evaluated during training" in str(w.message)]  # once per stage
+
+
+def test_an_evaluation_at_each_epoch_end_replays_exactly(tmp_path):
+    """``eval_strategy="epoch"``: the evaluation runs after the epoch's last step (``on_step_end``, then
+    ``on_epoch_end``, then the evaluation) and the next epoch's dataloader draws after it; the states put back at that
+    step's ``on_step_end`` must give the recorded stream (nothing draws in between)."""
+    from transformers import Trainer
+
+    model = _gpt2_with_dropout()
+    start = copy.deepcopy(model)
+    args = F.training_args(str(tmp_path / "out"), num_train_epochs=3, per_device_train_batch_size=8,
+                           learning_rate=5e-3, eval_strategy="epoch")  # fmt: skip
+    recorder = StageRecorder(tmp_path / "ledger", "sft", save_replay_data=True, curvature_segments=0)
+    Trainer(model=model, args=args, train_dataset=F.lm_dataset(16), eval_dataset=F.lm_dataset(8, seed=2),
+            callbacks=[recorder]).train()  # fmt: skip
+    stage = StageLedger.load(tmp_path / "ledger").stages[-1]
+    assert json.loads((stage.replay_dir / "replay.json").read_text())["eval_rng"]["steps"] == [2, 4, 6]
+    replayed = replay_trainer_stage(stage, start)
+    assert _gap(model, replayed) <= 1e-7, _gap(model, replayed)
