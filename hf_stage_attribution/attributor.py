@@ -8,7 +8,6 @@ ledger, and then streamed tensor by tensor by every process.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import numbers
@@ -16,7 +15,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import estimators
 from ._internal.memory import release_freed_memory
-from ._internal.model_state import swapped_parameters, without_accelerate_wrapper
+from ._internal.model_state import attention_switched, swapped_parameters, without_accelerate_wrapper
 from ._internal.notices import notice
 from ._internal.precision import float32_working_model, half_precision_dtype
 from .behaviors import as_behavior
@@ -35,7 +34,7 @@ from .estimators.fidelity import fidelity
 from .estimators.partial_replay import check_budget
 from .estimators.replay import check_replayable, replay_inputs, replay_needs
 from .estimators.second_opinion import DEFAULT_SECOND_OPINION, check_second_opinion
-from .estimators.selection import PARTIAL_REPLAY_BUDGET
+from .estimators.selection import PARTIAL_REPLAY_BUDGET, choice_inputs
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
 from .report.build import FD_READINGS, ledger_summary, min_resamples
@@ -263,7 +262,9 @@ class StageAttributor:
         itself (``report/trust.py``). The final model is evaluated once for all of them (and for replay and the total
         change): every estimator that reads ``f(θ_K)`` is served the same values.
         """
-        with _eager_attention(self.model):  # the model's own attention implementation comes back afterwards
+        # forward-mode autodiff (per-example linear effects) has no rule for CPU SDPA kernels: eager attention for
+        # the attribution only; the user's model gets its own implementation back afterwards
+        with attention_switched(self.model, "eager"):
             return self._attribute(behaviors, stages, validate)
 
     def _attribute(self, behaviors: Mapping[str, Any], stages: Any, validate: bool):
@@ -394,8 +395,7 @@ class StageAttributor:
             self.ledger,
             options.get("loss_fns"),
             options.get("stage_fns"),
-            **replay_inputs(options),
-            budget=options.get("budget", PARTIAL_REPLAY_BUDGET),
+            **choice_inputs(options),
         )
         notice(f"estimator auto -> {chosen}: {reason}", routine=False)
 
@@ -423,7 +423,7 @@ class StageAttributor:
     def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:
         resolve = getattr(self.estimator, "resolve", None)
         if callable(resolve):
-            inputs = {**replay_inputs(options), "budget": options.get("budget", PARTIAL_REPLAY_BUDGET)}
+            inputs = choice_inputs(options)
             return resolve(self.ledger, options.get("loss_fns"), options.get("stage_fns"), **inputs).name
         return getattr(self.estimator, "name", self.estimator_name)
 
@@ -562,27 +562,6 @@ def _replayed_everything(results: Mapping[str, Any]) -> bool:
     diagnostics = getattr(first, "diagnostics", None) or {}
     plan = diagnostics.get("partial_replay") or diagnostics.get("strided_replay") or {}
     return plan.get("cost_fraction") == 1.0
-
-
-@contextlib.contextmanager
-def _eager_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Evaluate ``model`` with eager attention inside the block and give it back its own on exit: forward-mode
-    autodiff (per-example linear effects) has no rule for CPU SDPA kernels. The user's model is not left switched
-    (it was: an attributed model generated with eager attention afterwards)."""
-    config = getattr(model, "config", None)
-    setter = getattr(model, "set_attn_implementation", None)
-    current = getattr(config, "_attn_implementation", None)
-    switched = False
-    if config is not None and callable(setter) and isinstance(current, str) and current != "eager":
-        with contextlib.suppress(ValueError, TypeError, AttributeError):  # models without an eager path keep theirs
-            setter("eager")
-            switched = True
-    try:
-        yield
-    finally:
-        if switched:
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                setter(current)
 
 
 def _embedding_options(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -159,3 +159,34 @@ def clean_copy(model: torch.nn.Module) -> torch.nn.Module:
     """
 
     return drop_forward_wrappers(copy.deepcopy(model))
+
+
+@contextlib.contextmanager
+def attention_switched(model: torch.nn.Module, implementation: str) -> Iterator[bool]:
+    """Run ``model`` with attention implementation ``implementation`` (``config._attn_implementation``: ``eager``,
+    ``sdpa``, ...) inside the block and give it back its own on exit; yields whether the model runs ``implementation``
+    (False where it cannot switch, or has no attention implementation to switch).
+
+    Example:
+        >>> import torch
+        >>> with attention_switched(torch.nn.Linear(1, 1), "eager") as switched:
+        ...     switched
+        False
+    """
+    config = getattr(model, "config", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    current = getattr(config, "_attn_implementation", None)
+    if not isinstance(current, str) or current == implementation:
+        yield current == implementation
+        return
+    switched = False
+    if callable(setter):
+        with contextlib.suppress(Exception):  # an unknown or unavailable implementation: the model keeps its own
+            setter(implementation)
+            switched = getattr(config, "_attn_implementation", None) == implementation
+    try:
+        yield switched
+    finally:
+        if switched:
+            with contextlib.suppress(Exception):
+                setter(current)

@@ -73,6 +73,17 @@ PARTIAL_REPLAY = "partial-replay"
 PARTIAL_REPLAY_BUDGET = 0.25  # = partial_replay.DEFAULT_BUDGET (a test keeps them equal)
 
 
+def choice_inputs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`choose_estimator` reads from an estimator's ``options`` besides the stage and loss functions: the
+    reference models and reward functions replay would be given, and partial replay's budget.
+
+    Example:
+        >>> choice_inputs({"budget": 1.0})
+        {'ref_models': None, 'reward_funcs': None, 'budget': 1.0}
+    """
+    return {**replay_inputs(options), "budget": options.get("budget", PARTIAL_REPLAY_BUDGET)}
+
+
 def choose_estimator(
     ledger: LedgerCore,
     loss_fns: Mapping[str, Any] | None = None,
@@ -267,13 +278,13 @@ class Auto(Estimator):
         return get(choose_estimator(ledger, loss_fns, stage_fns, **inputs)[0])
 
     def prepare(self, ledger, stages=None, model=None, **options):
-        inputs = {**replay_inputs(options), "budget": options.get("budget", PARTIAL_REPLAY_BUDGET)}
+        inputs = choice_inputs(options)
         self.resolve(ledger, options.get("loss_fns"), options.get("stage_fns"), **inputs).prepare(
             ledger, stages, model, **options
         )
 
     def estimate(self, ledger, model, behavior, stages=None, **options):
-        inputs = {**replay_inputs(options), "budget": options.get("budget", PARTIAL_REPLAY_BUDGET)}
+        inputs = choice_inputs(options)
         chosen, reason = choose_estimator(ledger, options.get("loss_fns"), options.get("stage_fns"), **inputs)
         if chosen == PARTIAL_REPLAY:
             options.setdefault("budget", PARTIAL_REPLAY_BUDGET)

@@ -13,12 +13,11 @@ rates at every step. A difference stops the replay with a :class:`~hf_stage_attr
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 from ..errors import ReplayError
-from ..ledger.optimizer_info import applied_learning_rates, unwrap_optimizer
+from ..ledger.optimizer_info import applied_learning_rates, describe_optimizer
 
 #: param-group entries that choose a kernel or bookkeeping, not the update rule's numbers; ``lr`` is checked per step
 _NOT_COMPARED = frozenset(
@@ -49,10 +48,6 @@ def given_optimizer_reason(init_optimizer: Any, init_scheduler: Any, trainer: An
     return " and ".join(given) or None
 
 
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
 def optimizer_difference(recorded: dict | None, optimizer: Any) -> str | None:
     """How ``optimizer`` differs from the recorded description (``stage.json["optimizer"]``): its class, number of
     param groups, or a hyperparameter of a group (``lr`` is compared per step elsewhere); ``None`` when it matches or
@@ -71,18 +66,17 @@ def optimizer_difference(recorded: dict | None, optimizer: Any) -> str | None:
     """
     if not isinstance(recorded, dict) or not recorded.get("type"):
         return None
-    opt = unwrap_optimizer(optimizer)
-    if type(opt).__name__ != recorded["type"]:
-        return f"the optimizer is {type(opt).__name__}, recorded {recorded['type']}"
-    groups = recorded.get("param_groups") or []
-    if len(groups) != len(opt.param_groups):
-        return f"the optimizer has {len(opt.param_groups)} param group(s), recorded {len(groups)}"
-    for k, (want, group) in enumerate(zip(groups, opt.param_groups)):
-        for key in sorted(set(want) - _NOT_COMPARED):
-            have, was = _plain(group.get(key)), _plain(want[key])
-            unset = key == "fused" and not have and not was  # fused=None and fused=False run the same kernel
-            if key in group and have != was and not unset:
-                return f"param group {k} has {key}={have!r}, recorded {want[key]!r}"
+    described = describe_optimizer(optimizer, {})  # the replay's optimizer in the form the recorder stored
+    if described["type"] != recorded["type"]:
+        return f"the optimizer is {described['type']}, recorded {recorded['type']}"
+    groups, have_groups = recorded.get("param_groups") or [], described["param_groups"]
+    if len(groups) != len(have_groups):
+        return f"the optimizer has {len(have_groups)} param group(s), recorded {len(groups)}"
+    for k, (want, group) in enumerate(zip(groups, have_groups)):
+        for key in sorted((set(want) & set(group)) - _NOT_COMPARED):
+            unset = key == "fused" and not group[key] and not want[key]  # fused=None and False: the same kernel
+            if group[key] != want[key] and not unset:
+                return f"param group {k} has {key}={group[key]!r}, recorded {want[key]!r}"
     return None
 
 

@@ -34,7 +34,7 @@ import torch
 from .._internal.distributed import replays_alone, single_process_world, world_size
 from .._internal.hashing import combine_digests
 from .._internal.memory import collections_of_new_objects
-from .._internal.model_state import add_autocast_wrapper, clean_copy, drop_accelerate_wrappers
+from .._internal.model_state import add_autocast_wrapper, attention_switched, clean_copy, drop_accelerate_wrappers
 from .._internal.notices import harmless_warnings_ignored, library_progress_bars_off
 from .._internal.params import base_parameters, state_digests
 from ..errors import ReplayError
@@ -187,18 +187,31 @@ def trainer_class_problem(stage: Any) -> str | None:
         >>> trainer_class_problem(SimpleNamespace(name="sft", info={"trainer": {"module": "trl.trainer"}})) is None
         True
     """
-    entry = (getattr(stage, "info", None) or {}).get("trainer")
+    path = unimported_trainer_class((getattr(stage, "info", None) or {}).get("trainer"))
+    if path is None:
+        return None
+    return (
+        f"it trained with the trainer class {path}, which a replay does not import (only transformers' and TRL's): "
+        f"pass stage_fns={{{stage.name!r}: fn}} with fn training the stage with that trainer (or call "
+        "integrations.replay.replay_trainer_stage(..., trainer_cls=...) yourself), or use a propagation estimator "
+        "(aa-ggn, aa-fd)"
+    )
+
+
+def unimported_trainer_class(entry: Any) -> str | None:
+    """``"module.Class"`` of a recorded trainer class (``stage.json["trainer"]``) that a replay does not import (it
+    imports only transformers' and TRL's classes); None for theirs or where none is recorded.
+
+    Example:
+        >>> unimported_trainer_class({"class": "WeightedTrainer", "module": "my_lab.train"})
+        'my_lab.train.WeightedTrainer'
+        >>> unimported_trainer_class({"class": "SFTTrainer", "module": "trl.trainer.sft_trainer"}) is None
+        True
+    """
     if not isinstance(entry, dict) or not entry.get("module"):
         return None
     module = str(entry["module"])
-    if module.split(".")[0] in _ALLOWED_MODULES:
-        return None
-    return (
-        f"it trained with the trainer class {module}.{entry.get('class')}, which a replay does not import (only "
-        f"transformers' and TRL's): pass stage_fns={{{stage.name!r}: fn}} with fn training the stage with that "
-        "trainer (or call integrations.replay.replay_trainer_stage(..., trainer_cls=...) yourself), or use a "
-        "propagation estimator (aa-ggn, aa-fd)"
-    )
+    return None if module.split(".")[0] in _ALLOWED_MODULES else f"{module}.{entry.get('class')}"
 
 
 def rebuild_arguments(info: dict, output_dir: str) -> Any:
@@ -616,26 +629,17 @@ def recorded_attention(stage: Any, model: Any) -> Iterator[None]:
     if recorded is None or current is None or recorded == current:
         yield
         return
-    setter = getattr(model, "set_attn_implementation", None)
-    if callable(setter):
-        with contextlib.suppress(Exception):  # unknown / unavailable implementation: warned below
-            setter(recorded)
-    switched = attn_implementation(model) == recorded
-    if not switched:
-        warnings.warn(
-            f"Stage {getattr(stage, 'name', '?')!r} was trained with attention implementation {recorded!r}, but the "
-            f"model replaying it uses {attn_implementation(model)!r} and cannot switch: the kernels round "
-            f"differently, so this replay (and the estimates built on it) does not reproduce the recorded training "
-            f"exactly. Load the model with attn_implementation={recorded!r}.",
-            UserWarning,
-            stacklevel=4,
-        )
-    try:
+    with attention_switched(model, recorded) as switched:
+        if not switched:
+            warnings.warn(
+                f"Stage {getattr(stage, 'name', '?')!r} was trained with attention implementation {recorded!r}, but "
+                f"the model replaying it uses {current!r} and cannot switch: the kernels round differently, so this "
+                f"replay (and the estimates built on it) does not reproduce the recorded training exactly. Load the "
+                f"model with attn_implementation={recorded!r}.",
+                UserWarning,
+                stacklevel=4,
+            )
         yield
-    finally:
-        if switched:
-            with contextlib.suppress(Exception):
-                model.set_attn_implementation(current)
 
 
 def _run(stage, model, info, replay_dir, objective, trainer_cls, output_dir, given) -> Any:

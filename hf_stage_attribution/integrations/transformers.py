@@ -19,7 +19,6 @@ import re
 import warnings
 import weakref
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ from ..ledger.recorder import StageRecording, check_early_checkpoint
 from ..ledger.storage import atomic_write_json, read_json
 from .eval_rng import EvalRngLog
 from .recipe_check import given_optimizer_reason
-from .replay import trainer_class_problem
+from .replay import unimported_trainer_class
 from .replay_data import REPLAY_FILE, save_stage_replay_data
 from .run_info import find_trainer
 from .stage_metadata import RunContext, build_metadata, optimizer_warning, resolve_trainer_class
@@ -274,9 +273,13 @@ class StageRecorder(TrainerCallback):
             notes.append(warning)
         if self.save_replay_data:
             notes += save_stage_replay_data(recording, ctx, kind, part, trainer_class, metadata)
-            unimported = trainer_class_problem(SimpleNamespace(name=part.name, info={"trainer": trainer_class}))
+            unimported = unimported_trainer_class(trainer_class)
             if unimported:  # said when it is recorded, not first when a replay is asked for
-                notes.append(f"replay: the stage {unimported.removeprefix('it ').split(', or use')[0]}.")
+                notes.append(
+                    f"replay: the stage trained with the trainer class {unimported}, which a replay does not import "
+                    f"(only transformers' and TRL's): pass stage_fns={{{part.name!r}: fn}} to replay it (or "
+                    "integrations.replay.replay_trainer_stage(..., trainer_cls=...))."
+                )
             if part.start == 0:  # a replayable stage; a resumed one keeps the states saved before the interruption
                 self._eval_rng = EvalRngLog.resume(recording.replay_dir, resume_at) if resume_at else EvalRngLog()
         metadata["notes"] = notes

@@ -85,6 +85,21 @@ def bootstrap_intervals(
     rows, n = matrix.shape
     if n < 2:
         return np.full(rows, np.nan), np.full(rows, np.nan)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(resampled_means(matrix, n_resamples, seed), [alpha, 1.0 - alpha], axis=1)
+    return low, high
+
+
+def resampled_means(matrix: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """The row means of ``matrix`` (stages × examples) over ``n_resamples`` resamples of its examples (rows ×
+    resamples): the same example indices for every row (paired), from a fresh ``numpy.random.default_rng(seed)``,
+    drawn in chunks that keep the index array below about 2 million entries.
+
+    Example:
+        >>> resampled_means(np.array([[1.0, 1.0], [2.0, 4.0]]), n_resamples=3).shape
+        (2, 3)
+    """
+    rows, n = matrix.shape
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_resamples, 2_000_000 // max(1, rows * n)))
     means = np.empty((rows, n_resamples))
@@ -92,9 +107,7 @@ def bootstrap_intervals(
         stop = min(n_resamples, start + chunk)
         idx = rng.integers(0, n, size=(stop - start, n))
         means[:, start:stop] = matrix[:, idx].mean(axis=2)
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha], axis=1)
-    return low, high
+    return means
 
 
 def replay_top_separation(
@@ -122,9 +135,8 @@ def replay_top_separation(
     matrix = np.stack(vectors)
     order = sorted(range(len(names)), key=lambda k: (-abs(float(matrix[k].mean())), k))
     top, runner = order[0], order[1]
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, matrix.shape[1], size=(n_resamples, matrix.shape[1]))
-    diff = np.abs(matrix[top][idx].mean(axis=1)) - np.abs(matrix[runner][idx].mean(axis=1))
+    means = resampled_means(matrix[[top, runner]], n_resamples, seed)  # paired, as the intervals
+    diff = np.abs(means[0]) - np.abs(means[1])
     alpha = (1.0 - confidence) / 2.0
     low, high = (float(q) for q in np.quantile(diff, [alpha, 1.0 - alpha]))
     return {

@@ -385,9 +385,7 @@ def replay_tie(report: AttributionReport, name: str) -> tuple[str, str] | None:
 def claimed_top_stage(report: AttributionReport, name: str) -> str | None:
     """The stage the report names as the answer for ``name``: replay's top stage where replay ran for every stage
     (the measured answer), else the estimate's; None when no stage moved the behavior."""
-    if not report.moved(name):
-        return None
-    return report.replay_top_stage(name) or report.top_stage(name)
+    return report.top_stage_claim(name)["stage"]
 
 
 def _unnamed_sign_disagreements(report: AttributionReport, name: str) -> str:
