@@ -37,6 +37,7 @@ from ..report.text import (
     has_interval,
     interval_label,
     replay_hint,
+    replay_tie,
 )
 from .card_text import (
     METADATA_KEY,
@@ -180,7 +181,8 @@ def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) 
     Hub/local model each was imported from), top stage per behavior with its direction, file names.
 
     Where replay ran for every stage, ``top_stage`` and ``direction`` are replay's (the measured answer) and
-    ``estimated_top_stage`` names the estimate's when it differs; ``top_stage_effect``, ``ci_low``/``ci_high`` are the
+    ``estimated_top_stage`` names the estimate's when it differs, ``top_stage_tied_with`` replay's runner-up where
+    replay's own examples do not separate it from ``top_stage``; ``top_stage_effect``, ``ci_low``/``ci_high`` are the
     estimate for that stage (no interval keys for one example). A behavior no stage moved has no ``top_stage``.
 
     Counterfactual effects are not results of the model, so none of them goes into ``model-index``."""
@@ -204,6 +206,9 @@ def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) 
         entry["top_stage_trust"] = report.trust(summary.name)["verdict"]
         if row.replay_effect is not None:
             entry["top_stage_replay_effect"] = row.replay_effect
+        tie = replay_tie(report, summary.name)
+        if tie is not None:  # replay's own examples do not separate its top two: the other one moved it about as much
+            entry["top_stage_tied_with"] = tie[1]
         behaviors.append(entry)
     stages = []
     for s in sorted(report.stages, key=lambda s: s.index):

@@ -327,9 +327,11 @@ def _trust(
     pair: list[str] | None,
     gaps: Mapping[str, Mapping[str, float]],
     last_stage: str | None = None,
+    replay_tie: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The trust verdict of one behavior (:func:`~.trust.assess_trust`) from the other estimators' results; the
-    ledger's last stage is exact when ``estimator`` is the finite-difference side of ``pair``."""
+    ledger's last stage is exact when ``estimator`` is the finite-difference side of ``pair``; ``replay_tie`` is
+    replay's top two where its examples do not separate them."""
     opinions: dict[str, dict[str, float]] = {}
     for name, results in alternates.items():
         effects = results.get(behavior)
@@ -339,6 +341,7 @@ def _trust(
     verdict = assess_trust(
         means, estimator=estimator, intervals=intervals, second_opinions=opinions, linearisation_gap=gaps,
         linearisation_pair=pair, replay=replay, exact_stages=exact_stages(means, estimator, pair, last_stage),
+        replay_tie=replay_tie,
     )  # fmt: skip
     return json_safe(verdict)
 
@@ -442,10 +445,13 @@ def build_report(
         stage_intervals = {
             stage: (float(low[k]), float(high[k])) if matrix.shape[1] > 1 else None for k, stage in enumerate(names)
         }
-        trust = _trust(behavior, str(estimator), stage_means, stage_intervals, alternates, pair, gaps, last_stage)
         in_order = sorted(truth, key=lambda st: by_name[st].index if st in by_name else 0)
         ordered_truth = {st: truth[st] for st in in_order}
         separation = replay_top_separation(ordered_truth, int(n_resamples), int(seed), float(confidence))
+        tie = None if separation is None or separation["separated"] else [separation["top"], separation["runner_up"]]
+        trust = _trust(
+            behavior, str(estimator), stage_means, stage_intervals, alternates, pair, gaps, last_stage, tie
+        )  # fmt: skip
         replay_evidence = (trust.get("evidence") or {}).get("replay")
         if separation is not None and isinstance(replay_evidence, dict):
             replay_evidence["top_separation"] = separation  # read by the headline: a tie is not named as a top stage

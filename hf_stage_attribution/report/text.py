@@ -701,11 +701,12 @@ def render_table(report: AttributionReport) -> str:
     body = []
     for summary in report.behaviors:
         top = claimed_top_stage(report, summary.name)
+        marked = set(replay_tie(report, summary.name) or ()) | {top}  # replay's top two where it cannot rank them
         rows = report.rows_for(summary.name)
         for row, share in zip(rows, shares_of_absolute([r.effect for r in rows])):
             cells = [terminal_safe(summary.name), str(row.stage_index), terminal_safe(row.stage)]
             cells += [fmt_number(row.effect), fmt_interval(row)] + ([fmt_number(row.replay_effect)] if replay else [])
-            mark = _TABLE_MARK.get(report.trust(summary.name).get("verdict"), "*") if row.stage == top else ""
+            mark = _TABLE_MARK.get(report.trust(summary.name).get("verdict"), "*") if row.stage in marked else ""
             body.append([*cells, fmt_percent(share), mark])
     lines = [text_table(header, body)]
     for summary in report.behaviors:
@@ -720,6 +721,11 @@ def render_table(report: AttributionReport) -> str:
         "example sampling only, not the estimator's own error; share of Σ|effect| = |effect| over the sum of "
         "|effects| (report.json: share_of_abs_effects)"
         + ("; replay = ground truth, and top = replay's top stage" if replay else "")
+        + (
+            " (its top two where replay's examples do not separate them)"
+            if replay and any(replay_tie(report, b.name) for b in report.behaviors)
+            else ""
+        )
         + (
             "; top: *v replay (ground truth)."
             if report.estimator == "replay"

@@ -5,7 +5,12 @@ Pure functions of per-stage mean effects (numpy only). Three verdicts:
 - ``"verified"`` (label "verified by replay"): exact replay ran for every stage and agrees with the estimate on the
   top stage, the signs of the stages that moved the behavior, the ranking, and the sizes: every stage that moved the
   behavior has an estimated ``|effect|`` within a factor of :data:`SIZE_RATIO_MAX` of replay's (the bar a second
-  opinion's sizes must meet for "agree"; else "unreliable: replay disagrees — <stage>'s size is N× replay's");
+  opinion's sizes must meet for "agree"; else "unreliable: replay disagrees — <stage>'s size is N× replay's").
+  Replay is exact for the examples it ran on, not for the behavior they sample: where its own examples do not
+  separate its top two stages (a paired bootstrap, ``evidence["replay"]["top_separation"]``), an estimate naming the
+  runner-up is not contradicted on the top stage or on those two's order, and the label says so ("verified by
+  replay — replay does not separate <top> and <runner-up>"); replay given as means only carries no sampling, so the
+  top stages must then be equal;
 - ``"agree"`` (label "estimated — estimators agree"): no replay, but a second opinion (the linear/finite-difference
   pair of the linearisation gap, another estimator such as task-vector negation) names the same top stage and
   ranking, another estimator than the sibling gives every stage that moved the behavior a size within a factor of
@@ -355,6 +360,28 @@ def replay_checks(estimator: str, names: Iterable[str]) -> list[str]:
     return [str(n) for n in names if n in REPLAY_FAMILIES and n != estimator]
 
 
+def _replay_tie(c: Mapping[str, Any], replay_tie: Sequence[str] | None) -> list[str] | None:
+    """``[replay's top, the estimate's top]`` where the two differ and ``replay_tie`` says replay's examples do not
+    separate exactly these two (replay's top and its runner-up); else None."""
+    if c["top_stage_equal"] or not replay_tie or len(replay_tie) != 2:
+        return None
+    first, second = (str(s) for s in replay_tie)
+    if (c["reference_top_stage"], c["top_stage"]) != (first, second):
+        return None
+    return [first, second]
+
+
+def _tied_spearman(effects: Mapping[str, float], truth: Mapping[str, float], tied: Sequence[str]) -> float:
+    """Spearman of the estimate against replay with replay's two ``tied`` stages given one rank (their mean value)
+    where they moved the behavior the same way; their signs differing, replay's values as they are."""
+    first, second = tied
+    ranked = dict(truth)
+    if math.copysign(1.0, truth[first]) == math.copysign(1.0, truth[second]):
+        ranked[first] = ranked[second] = (truth[first] + truth[second]) / 2.0
+    stages = list(effects)
+    return spearman([effects[s] for s in stages], [ranked[s] for s in stages])
+
+
 def _finish(verdict: str, label: str, reason: str, evidence: dict[str, Any]) -> dict[str, Any]:
     evidence["intervals"] = INTERVAL_SCOPE
     return {"verdict": verdict, "label": label, "reason": f"{reason} Note: {INTERVAL_SCOPE}.", "evidence": evidence}
@@ -370,6 +397,7 @@ def assess_trust(
     linearisation_pair: Sequence[str] | None = None,
     replay: Mapping[str, float] | None = None,
     exact_stages: Sequence[str] | None = None,
+    replay_tie: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The verdict on one behavior's top-stage claim and ranking (``BehaviorDiagnostics.trust``).
 
@@ -385,6 +413,11 @@ def assess_trust(
         exact_stages: stages where the estimate is exact (:func:`exact_stages`: the ledger's last stage of a
             finite-difference reading): the linear sibling (``linearisation_pair[0]``) takes the estimate's value
             there and their gap is left out.
+        replay_tie: ``(replay's top stage, its runner-up)`` where replay's own examples do not separate the two
+            (:func:`~.build.replay_top_separation`, from replay's per-example values). An estimate naming the
+            runner-up is then not contradicted on the top stage — replay is exact for the examples it ran on, not for
+            the behavior they sample — and the label says replay ties the two; signs, ranking and sizes are checked
+            as always. Replay given as means only cannot say this, and the top stages must then be equal.
 
     Returns ``{"verdict", "label", "reason", "evidence"}`` (JSON-safe apart from ``nan`` figures).
 
@@ -410,12 +443,35 @@ def assess_trust(
         if still and no_stage_moved(truth):
             reason = "Exact replay agrees: no stage moved the behavior (every effect is 0 in both)."
             return _finish(VERIFIED, LABEL_VERIFIED, reason, evidence)
-        why = _disagreements(c, "the estimate", "replay", effects, truth)
+        tied = None if still else _replay_tie(c, replay_tie)
+        judged = c
+        if tied:  # replay does not rank its top two: neither the top stage nor their order counts against the estimate
+            evidence["replay_top_tie"] = tied
+            judged = {**c, "top_stage_equal": True, "spearman": _tied_spearman(effects, truth, tied)}
+            evidence["replay_tie_spearman"] = judged["spearman"]
+        why = _disagreements(judged, "the estimate", "replay", effects, truth)
         if still:  # the estimate names no top stage; replay does
             why = [f"replay names {c['reference_top_stage']} as the top stage, the estimate none (every effect 0)"]
         why += [
             f"{s}'s size is {ratio:.2g}× replay's ({effects[s]:+.4g} vs {truth[s]:+.4g})" for s, ratio in sizes.items()
         ]
+        if not why and tied:
+            first, second = tied
+            reason = (
+                f"Exact replay agrees within its own example sampling: it moved the behavior about as much at {first} "
+                f"({truth[first]:+.4g}) as at {second} ({truth[second]:+.4g}), a difference its examples do not "
+                f"separate, so the estimate's top stage {top} is not contradicted; signs agree on "
+                f"{c['signs_compared']} stage(s) that moved the behavior, "
+                + (
+                    f"Spearman over {c['stages']} stages {judged['spearman']:.2f} with those two as tied, "
+                    if c["stages"] >= 3
+                    else ""
+                )
+                + f"and every stage that moved the behavior has an estimated size within a factor of "
+                f"{SIZE_RATIO_MAX:g} of replay's."
+            )
+            label = f"{LABEL_VERIFIED} — replay does not separate {first} and {second}"
+            return _finish(VERIFIED, label, reason, evidence)
         if not why:
             reason = (
                 f"Exact replay agrees: it names {top} as the top stage too, signs agree on {c['signs_compared']} "

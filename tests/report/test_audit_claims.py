@@ -80,10 +80,31 @@ def test_headline_does_not_name_a_top_stage_replays_own_examples_do_not_separate
     assert text.startswith("Replay (ground truth): stage2 and stage1 moved m about as much (+2.65 and +2.647 logits;")
     assert "replay does not tell which moved it more). The estimate named stage1 (+3.05 logits" in text
     assert "stage2 raised m the most" not in text
+    # nor is the estimate that names the runner-up "contradicted" by replay (it said "unreliable: replay disagrees")
+    t = rep.trust("m")
+    assert t["verdict"] == "verified"
+    assert t["label"] == "verified by replay — replay does not separate stage2 and stage1"
+    assert t["evidence"]["replay_top_tie"] == ["stage2", "stage1"]
+    assert "Spearman" not in t["reason"]  # two stages: a ranking of two tied stages says nothing
+    marked = [line for line in rep.table().splitlines() if line.rstrip().endswith("*v")]
+    assert len(marked) == 2  # the console marks both stages replay cannot rank
+    assert "top = replay's top stage (its top two where replay's examples do not separate them)" in rep.table()
+    from hf_stage_attribution.model_card.writer import card_metadata
+
+    entry = card_metadata(rep)["behaviors"][0]
+    assert (entry["top_stage"], entry["top_stage_tied_with"], entry["estimated_top_stage"]) == ("stage2", "stage1",
+                                                                                                 "stage1")  # fmt: skip
+    assert entry["top_stage_trust"] == "verified"
+    # replay given as means only carries no sampling: the point top stages must agree, as before
+    means_only = _build(est, behaviors={"m": {"unit": "logits"}})
+    means_only.verify_with_replay({"m": {"stage1": 2.6475, "stage2": 2.65}})
+    assert means_only.trust("m")["label"].startswith("unreliable: replay disagrees — replay names stage2")
     apart = {"m": {"stage1": [1.0, 1.1, 0.9, 1.05], "stage2": [2.8, 2.5, 2.7, 2.6]}}  # separated: named as before
     rep = _build(est, replay=apart, behaviors={"m": {"unit": "logits"}})
     assert rep.trust("m")["evidence"]["replay"]["top_separation"]["separated"] is True
     assert headline(rep, "m", escape=str).startswith("Replay (ground truth): stage2 raised m the most (+2.65 logits).")
+    assert rep.trust("m")["label"].startswith("unreliable: replay disagrees — replay names stage2 as the top stage")
+    assert "top_stage_tied_with" not in card_metadata(rep)["behaviors"][0]
 
 
 # --- 2: replay run apart shows replay's values -------------------------------------------------------------------

@@ -65,6 +65,32 @@ def test_replay_that_disagrees_makes_it_unreliable(replay, why):
     assert t["label"].startswith("unreliable: replay disagrees — ") and why in t["label"]
 
 
+def test_a_top_stage_replay_ties_with_its_own_is_not_contradicted_but_every_other_check_still_holds():
+    """Replay is exact for the examples it ran on; where they do not separate its top two stages, an estimate naming
+    the runner-up is verified (with a label that says so) if signs, ranking and sizes agree — and only then."""
+    est, replay = {"a": 0.2, "b": 2.0, "c": 1.9}, {"a": 0.25, "b": 1.8, "c": 1.81}
+    plain = T.assess_trust(est, estimator="aa-linear", replay=replay)
+    assert plain["label"] == ("unreliable: replay disagrees — replay names c as the top stage, the estimate b; replay "
+                              "ranks the stages differently (Spearman 0.50)")  # fmt: skip
+    tied = T.assess_trust(est, estimator="aa-linear", replay=replay, replay_tie=["c", "b"])
+    assert (tied["verdict"], tied["label"]) == ("verified", "verified by replay — replay does not separate c and b")
+    assert tied["evidence"]["replay_top_tie"] == ["c", "b"]
+    assert tied["evidence"]["replay"]["spearman"] == pytest.approx(0.5)  # the point ranking stays in the evidence
+    assert tied["evidence"]["replay_tie_spearman"] == pytest.approx(np.sqrt(0.75))  # ranks (1, 3, 2) vs (1, 2.5, 2.5)
+    assert "Spearman over 3 stages 0.87 with those two as tied" in tied["reason"]
+    other = T.assess_trust(est, estimator="aa-linear", replay=replay, replay_tie=["c", "a"])  # not the estimate's top
+    assert other["verdict"] == "unreliable" and "replay_top_tie" not in other["evidence"]
+    wrong_sign = T.assess_trust({**est, "a": -0.3}, estimator="aa-linear", replay=replay, replay_tie=["c", "b"])
+    assert wrong_sign["label"].startswith(
+        "unreliable: replay disagrees — the estimate and replay disagree on the sign"
+    )
+    assert "names c as the top stage" not in wrong_sign["label"]  # the tie is not a reason; the sign is
+    too_big = T.assess_trust({**est, "b": 4.0}, estimator="aa-linear", replay=replay, replay_tie=["c", "b"])
+    assert too_big["label"] == "unreliable: replay disagrees — b's size is 2.2× replay's (+4 vs +1.8)"
+    same_top = T.assess_trust({**est, "c": 2.1}, estimator="aa-linear", replay=replay, replay_tie=["c", "b"])
+    assert same_top["label"] == "verified by replay" and "replay_top_tie" not in same_top["evidence"]
+
+
 def test_one_adjacent_swap_meets_the_ranking_bar():
     # sizes within 2-fold of replay (problem 10 of the audit: "verified" covers sizes too)
     assert _report(OURS, {"replay": [0.11, 1.8, -0.5, 0.12]}).trust("f")["verdict"] == "verified"  # Spearman 0.8
