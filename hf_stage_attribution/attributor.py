@@ -25,7 +25,7 @@ from . import estimators
 from ._internal.memory import release_freed_memory
 from ._internal.model_state import attention_switched, swapped_parameters, without_accelerate_wrapper
 from ._internal.notices import notice
-from ._internal.precision import float32_working_model, half_precision_dtype
+from ._internal.precision import float32_working_model, half_precision_dtype, precision_description
 from .behaviors import as_behavior
 from .errors import BehaviorError, ReportError, StageAttributionError, did_you_mean
 from .estimators.base import check_finite, eval_mode, evaluate
@@ -719,7 +719,11 @@ def _training_precision_note(ledger: Any) -> str | None:
     them in that precision, so replay-based estimates and replay itself agree with the recorded run only to it."""
     found = {}
     for stage in ledger.stages:
-        for note in stage.info.get("notes") or []:
+        recorded = precision_description(stage.info.get("training_precision"))
+        if recorded:  # stage.json's structured field (both recorders write it)
+            found[stage.name] = recorded
+            continue
+        for note in stage.info.get("notes") or []:  # a ledger recorded before that field: its notes say it
             # a Trainer's mixed precision ("The stage trains in bf16 mixed precision: ...") or half-precision weights
             # (record_stage and the Trainer: "The stage trains bfloat16 weights: ...", _internal/precision.py)
             match = _PRECISION_NOTE.match(note) if isinstance(note, str) else None

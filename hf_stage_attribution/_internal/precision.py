@@ -110,6 +110,28 @@ def half_precision_note(dtype: torch.dtype) -> str:
     )
 
 
+def precision_description(record: object) -> str | None:
+    """What a stage's ``training_precision`` (stage.json) says in words — its mixed precision (``"bf16 mixed
+    precision"``) or else its half-precision weights (``"bfloat16 weights"``) — or None where it is not such a record.
+
+    Example:
+        >>> precision_description({"mixed": "bf16", "weights": ["bfloat16"]})
+        'bf16 mixed precision'
+        >>> precision_description({"weights": ["float16"]})
+        'float16 weights'
+        >>> precision_description(None) is None
+        True
+    """
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("mixed"), str):
+        return f"{record['mixed']} mixed precision"
+    weights = record.get("weights")
+    if isinstance(weights, list) and weights and all(isinstance(w, str) for w in weights):
+        return f"{', '.join(weights)} weights"
+    return None
+
+
 def float32_working_model(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` with every floating parameter and buffer in float32 (exact: bf16 and fp16 values are
     float32 values), remembering each one's dtype for :func:`to_training_dtypes`."""

@@ -37,7 +37,7 @@ from .replay_data import REPLAY_FILE, save_stage_replay_data
 from .run_info import find_trainer
 from .stage_metadata import RunContext, build_metadata, optimizer_warning, resolve_trainer_class
 from .stage_plan import StagePart, parse_boundaries, plan_parts
-from .trl import infer_curvature_loss, infer_stage_kind, training_mode_warnings
+from .trl import infer_curvature_loss, infer_stage_kind, training_mode_warnings, training_precision
 
 # Forward keyword arguments that are loss bookkeeping, not inputs (kept out of the captured batches).
 _NOT_INPUTS = ("num_items_in_batch",)
@@ -257,6 +257,9 @@ class StageRecorder(TrainerCallback):
             notes += self._align_resumed(recording, part, resume_at)
         trainer_class = resolve_trainer_class(self.trainer_class, ctx)
         metadata, more_notes = build_metadata(ctx, kind, part, trainer_class, recording, self._boundaries)
+        precision = training_precision(ctx.args, unwrap_model(ctx.model), ctx.trainer)
+        if precision is not None:  # what the report's precision note reads (the note above says it in words)
+            metadata["training_precision"] = precision
         if self._inherited_autocast is not None and isinstance(metadata.get("trainer"), dict):
             metadata["trainer"]["inherited_autocast_wrapper"] = self._inherited_autocast
         given = given_optimizer_reason(*self._init_optimizers, ctx.trainer)

@@ -17,7 +17,7 @@ from typing import Any
 
 from .._internal.hashing import combine_digests
 from .._internal.params import is_peft_model, state_digests, unwrap_model
-from .._internal.precision import HALF_DTYPES
+from .._internal.precision import HALF_DTYPES, precision_description
 from .run_info import attn_implementation, json_safe
 
 # Config class name (the most specific TRL class in the MRO) → stage kind, and the trainer class that config belongs
@@ -173,6 +173,27 @@ def mixed_precision_ran(trainer: Any) -> bool | None:
     return None if "DEEPSPEED" in backend or "MEGATRON" in backend else False
 
 
+def training_precision(args: Any, model: Any = None, trainer: Any = None) -> dict[str, Any] | None:
+    """The stage's reduced precision for ``stage.json["training_precision"]``: ``{"mixed": "bf16"}`` where the run's
+    ``bf16``/``fp16`` flag took effect (:func:`mixed_precision_ran` not False), ``{"weights": ["bfloat16"]}`` where
+    the model's weights are half precision (both keys where both hold); None for a float32 run.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> training_precision(SimpleNamespace(bf16=True)), training_precision(SimpleNamespace(fp16=False))
+        ({'mixed': 'bf16'}, None)
+    """
+    out: dict[str, Any] = {}
+    half = [k for k in ("bf16", "fp16") if getattr(args, k, False)]
+    if half and mixed_precision_ran(trainer) is not False:
+        out["mixed"] = half[0]
+    dtypes = {p.dtype for p in model.parameters()} if model is not None and hasattr(model, "parameters") else set()
+    weights = sorted(str(d).replace("torch.", "") for d in dtypes if d in HALF_DTYPES)
+    if weights:
+        out["weights"] = weights
+    return out or None
+
+
 def training_mode_warnings(args: Any, model: Any = None, trainer: Any = None) -> list[str]:
     """What a run's settings mean for replay and the estimators: half-precision training (``bf16``/``fp16``, or
     half-precision weights) and gradient checkpointing. TRL's configs turn both on by default.
@@ -193,11 +214,8 @@ def training_mode_warnings(args: Any, model: Any = None, trainer: Any = None) ->
             f"{half[0]}=True had no effect on {device}: accelerate did not enable mixed precision (no autocast), "
             "so the stage trains in its weights' own precision."
         )
-        half = []
-    dtypes = {p.dtype for p in model.parameters()} if model is not None and hasattr(model, "parameters") else set()
-    half_weights = sorted(str(d).replace("torch.", "") for d in dtypes if d in HALF_DTYPES)
-    if half or half_weights:
-        what = f"{half[0]} mixed precision" if half else f"{', '.join(half_weights)} weights"
+    what = precision_description(training_precision(args, model, trainer))
+    if what:
         out.append(
             f"The stage trains in {what}: the ledger stores its Δ exactly, but replay re-runs the stage in the "
             "same precision, whose rounding differs from run to run, so replay and the estimates agree only to that "

@@ -52,7 +52,7 @@ STAGE_KEYS = {
     "start_hash", "end_hash", "end_digests", "wall_time_seconds", "started_at", "finished_at", "segments",
     "curvature_loss", "trl", "replay", "notes", "delta_file", "lora_file", "world_size", "framework_versions",
     "source", "recipe", "metadata", "estimator_availability", "skipped_steps", "early_checkpoint",
-    "changed_without_grad", "unstepped_parameters", "scheduler", "delta_residual_file",
+    "changed_without_grad", "unstepped_parameters", "scheduler", "delta_residual_file", "training_precision",
 }  # fmt: skip
 
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
@@ -345,6 +345,18 @@ def validate_stage(path: Path, data: Any, expected_name: str) -> dict:
             raise _fail(path, f"`early_checkpoint.steps` in [1, num_steps) = [1, {steps})", early.get("steps"))
         for key in ("params_delta_file", "optimizer_state_file"):
             check_relative_path(path, early.get(key), f"early_checkpoint.{key}")
+    precision = data.get("training_precision")  # absent: float32, or a ledger from before the field (its notes say)
+    if precision is not None and (
+        not isinstance(precision, dict)
+        or not precision
+        or set(precision) - {"mixed", "weights"}
+        or precision.get("mixed", "bf16") not in ("bf16", "fp16")
+        or not isinstance(precision.get("weights", []), list)
+        or not all(w in ("bfloat16", "float16") for w in precision.get("weights", []))
+    ):
+        raise _fail(
+            path, '`training_precision`: an object such as {"mixed": "bf16"} or {"weights": ["bfloat16"]}', precision
+        )
     check_lora(path, data.get("lora"))
     if data.get("lora_file") is not None and data.get("lora") is None:
         raise _fail(path, "a `lora` description next to `lora_file`", None)

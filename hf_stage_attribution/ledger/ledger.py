@@ -79,5 +79,8 @@ class StageLedger(LedgerCore):
         if half is not None and recording.is_main:  # the Trainer callback says it itself (training_mode_warnings)
             note = half_precision_note(half)
             warnings.warn(f"Stage {name!r}: {note}", UserWarning, stacklevel=2)
-            recording.update_metadata(notes=[*recording.metadata.get("notes", []), note])
+            recording.update_metadata(
+                notes=[*recording.metadata.get("notes", []), note],
+                training_precision={"weights": [str(half).replace("torch.", "")]},
+            )
         return recording

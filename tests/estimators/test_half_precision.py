@@ -218,3 +218,34 @@ def test_a_start_value_its_dtype_would_round_is_refused_and_nothing_is_written(t
         )
     assert not (tmp_path / "ledger" / "ledger.json").exists()
     assert [p.name for p in (tmp_path / "ledger").iterdir()] == []
+
+
+def test_stage_json_records_the_precision_as_a_field_and_the_report_reads_it(tmp_path):
+    """The report's precision note reads ``stage.json["training_precision"]`` (both recorders write it), not the
+    wording of a note; a ledger recorded before the field still has its notes read."""
+    from types import SimpleNamespace
+
+    from hf_stage_attribution.attributor import _training_precision_note
+
+    ledger, _, _ = _ledger(tmp_path)
+    assert [s.info.get("training_precision") for s in ledger.stages] == [{"weights": ["bfloat16"]}] * 2
+
+    def stage(name, info):
+        return SimpleNamespace(name=name, info=info)
+
+    reworded = stage("a", {"training_precision": {"mixed": "fp16"}, "notes": ["another wording entirely"]})
+    old = stage("b", {"notes": ["The stage trains in bf16 mixed precision: the ledger stores ..."]})
+    plain = stage("c", {"notes": ["The stage trains with gradient checkpointing: ..."]})
+    note = _training_precision_note(SimpleNamespace(stages=[reworded, old, plain]))
+    assert note.startswith("Stages trained in reduced precision: a (fp16 mixed precision), b (bf16 mixed precision).")
+    assert _training_precision_note(SimpleNamespace(stages=[plain])) is None
+
+
+@pytest.mark.parametrize("bad", [{}, {"mixed": "fp8"}, {"weights": "bfloat16"}, {"weights": ["float32"]}, ["bf16"]])
+def test_a_malformed_training_precision_field_is_a_clear_error(tmp_path, bad):
+    from hf_stage_attribution.errors import LedgerFormatError
+    from hf_stage_attribution.ledger.format import validate_stage
+
+    data = {"format_version": 3, "name": "s", "kind": "sft", "num_steps": 0, "training_precision": bad}
+    with pytest.raises(LedgerFormatError, match=r"`training_precision`: an object such as \{\"mixed\": \"bf16\"\}"):
+        validate_stage(tmp_path / "stage.json", data, "s")

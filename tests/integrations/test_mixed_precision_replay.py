@@ -90,6 +90,7 @@ def test_attributor_evaluates_the_trained_object_without_autocast_and_leaves_it_
         )
         effects[name] = report.rows_for("t")[0].effect
         assert "Stages trained in reduced precision: s (bf16 mixed precision)." in " ".join(report.approximations)
+    assert ledger.stages[0].info["training_precision"] == {"mixed": "bf16"}  # what that note reads
     assert effects["trained"] == pytest.approx(effects["fresh"], rel=1e-6, abs=1e-9)  # was 1e-3 apart (b13)
     assert set(model.__dict__) >= set(before) and all(model.__dict__[k] is v for k, v in before.items())
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
