@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReportError
-from .build import build_report, json_safe, last_stage_name
+from .build import build_report, json_safe, last_stage_name, replay_top_separation
 from .files import atomic_write_bytes, load_report_dict
 from .plot import report_figure, save_report_plot
 from .schema import (
@@ -185,18 +185,28 @@ class AttributionReport:
                     f"{replay.estimator!r}: its numbers are another estimate, not the ground truth. Run "
                     "StageAttributor(..., estimator='replay') or attribute(..., validate=True); nothing was changed."
                 )
+            examples = {b.name: {r.stage: r.per_example for r in replay.rows_for(b.name)} for b in replay.behaviors}
             replay = {b.name: {r.stage: r.effect for r in replay.rows_for(b.name)} for b in replay.behaviors}
+        else:
+            examples = {}
         for summary in self.behaviors:
             truth = replay.get(summary.name)
             rows = self.rows_for(summary.name)
             if not truth or any(r.stage not in truth for r in rows):
                 continue
             before = self.trust(summary.name)
+            per = examples.get(summary.name) or {}  # a replay report's examples: do they separate its top two?
+            ordered = {r.stage: per[r.stage] for r in rows} if all(r.stage in per for r in rows) else None
+            separation = replay_top_separation(ordered)
             verdict = assess_trust(
                 {r.stage: r.effect for r in rows}, estimator=self.estimator,
                 intervals={r.stage: (r.ci_low, r.ci_high) for r in rows},
                 replay={r.stage: float(truth[r.stage]) for r in rows},
+                replay_tie=None if not separation or separation["separated"] else [separation["top"],
+                                                                                   separation["runner_up"]],
             )  # fmt: skip
+            if separation is not None:
+                verdict["evidence"]["replay"]["top_separation"] = separation
             verdict["evidence"]["without_replay"] = {k: before.get(k) for k in ("verdict", "label")}
             self.diagnostics.setdefault(summary.name, BehaviorDiagnostics()).trust = json_safe(verdict)
             for row in rows:

@@ -95,6 +95,13 @@ def test_headline_does_not_name_a_top_stage_replays_own_examples_do_not_separate
     assert (entry["top_stage"], entry["top_stage_tied_with"], entry["estimated_top_stage"]) == ("stage2", "stage1",
                                                                                                  "stage1")  # fmt: skip
     assert entry["top_stage_trust"] == "verified"
+    # a replay report run apart carries its examples: verify_with_replay sees the same tie
+    apart_est = _build(est, behaviors={"m": {"unit": "logits"}})
+    apart_est.verify_with_replay(_build(tied, estimator="replay", behaviors={"m": {"unit": "logits"}}))
+    t = apart_est.trust("m")
+    assert t["label"] == "verified by replay — replay does not separate stage2 and stage1"
+    assert t["evidence"]["replay"]["top_separation"]["separated"] is False
+    assert "stage2 and stage1 moved m about as much" in headline(apart_est, "m", escape=str)
     # replay given as means only carries no sampling: the point top stages must agree, as before
     means_only = _build(est, behaviors={"m": {"unit": "logits"}})
     means_only.verify_with_replay({"m": {"stage1": 2.6475, "stage2": 2.65}})
