@@ -629,7 +629,7 @@ class StageRecording:
             del self.learning_rates[completed_steps:]
             self.skipped_steps = [t for t in self.skipped_steps if t < completed_steps]
             self._capture.rewind(completed_steps)
-            if self._early_step is not None and completed_steps < self._early_step:
+            if self._early_step is not None and completed_steps <= self._early_step:
                 shutil.rmtree(self.partial_dir / EARLY_DIR, ignore_errors=True)  # written again when reached
 
     # --- end -------------------------------------------------------------------------------------------
@@ -804,6 +804,10 @@ class StageRecording:
         if (self.partial_dir / "optimizer_state.safetensors").exists():
             files["optimizer_state.safetensors"] = file_sha256(self.partial_dir / "optimizer_state.safetensors")
         early = None
+        if self._early_step is not None and self._early_step >= len(self.learning_rates):
+            # the stage ended at (or before) its early step — a callback stopped it, or a best checkpoint cut it
+            # there: the checkpoint is the stage's end, not a point inside it; nothing to keep
+            shutil.rmtree(self.partial_dir / EARLY_DIR, ignore_errors=True)
         if self._early_step is not None and (self.partial_dir / EARLY_DIR / "optimizer_state.safetensors").exists():
             early = {"steps": self._early_step, "fraction": self.early_checkpoint}
             for part in ("params_delta", "optimizer_state"):

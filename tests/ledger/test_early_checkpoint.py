@@ -11,6 +11,7 @@ import torch
 import tests.helpers.recording as F
 from hf_stage_attribution import StageLedger
 from hf_stage_attribution.errors import LedgerError, LedgerFormatError, UnsafeInputError
+from hf_stage_attribution.ledger.recorder import EARLY_DIR
 
 
 def _mlp(seed: int = 0) -> torch.nn.Module:
@@ -128,3 +129,26 @@ def test_the_trainer_recorder_saves_the_early_checkpoint(tmp_path):
     assert set(delta) == set(stage.delta_names())
     with pytest.raises(LedgerError, match=r"\(0, 1\)"):
         StageRecorder(tmp_path / "ledger", "again", early_checkpoint=2)
+
+
+@pytest.mark.parametrize("stop", [2, 3])
+def test_a_stage_that_ends_at_its_early_step_is_recorded_without_the_checkpoint(tmp_path, stop):
+    """A callback stopping training at the early step (or a best checkpoint cutting the stage there) made the end
+    of ``train()`` raise LedgerFormatError — "early_checkpoint.steps in [1, 2), found 2" — and the stage was lost."""
+    from transformers import Trainer, TrainerCallback
+
+    from hf_stage_attribution import StageRecorder
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= stop
+
+    args = F.training_args(str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2)
+    recorder = StageRecorder(tmp_path / "ledger", "ft", curvature_segments=0, early_checkpoint=0.25)  # step 2
+    Trainer(model=F.gpt2(), args=args, train_dataset=F.lm_dataset(), callbacks=[recorder, StopAt()]).train()
+    stage = StageLedger.load(tmp_path / "ledger").stages[0]
+    assert stage.num_steps == stop
+    if stop == 2:  # the checkpoint would be the stage's end: none is kept, and no file of it is left behind
+        assert stage.early_checkpoint is None and not (stage.dir / EARLY_DIR).exists()
+    else:
+        assert stage.early_checkpoint.steps == 2
