@@ -143,9 +143,10 @@ def check_replayable(
             )
         problem = stage_replay_problem(stage, **inputs) if fn is None else None
         why = problem or "no stage function was given for it and the ledger holds no replay data for it"
+        record = "" if problem else "Record it with StageRecorder(..., save_replay_data=True), or pass "
         raise PartialReplayError(
             f"Partial replay of stage {removed!r} (budget {plan.budget:g}) needs to replay stage {stage.index} "
-            f"{stage.name!r}, but {why}. Record it with StageRecorder(..., save_replay_data=True), or pass "
+            f"{stage.name!r}, but {why}. {record or 'Pass '}"
             f"stage_fns={{{stage.name!r}: fn}} with fn(model, max_steps=None) training the model in place as that "
             "stage did; or use budget=0 (aa-fd / aa-linear)."
         )

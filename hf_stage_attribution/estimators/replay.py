@@ -197,16 +197,17 @@ def replay_needs(
         if stage.name in stage_fns:
             by_function.append(stage.name)
             continue
+        problem = replay_data_problem(stage)  # before "no replay data": recording them would not help then
+        if problem:
+            where = "from its replay data" if stage.replay_dir is not None else "without a stage function"
+            problems.append(f"stage {stage.name!r} cannot be replayed {where}: {problem}")
+            continue
         if stage.replay_dir is None:
             problems.append(
                 f"stage {stage.name!r} has no function in stage_fns and no replay data (pass stage_fns={{"
                 f"{stage.name!r}: fn}} (CLI: --stage-fn {stage.name}=MODULE:FUNCTION) or record it with "
                 "StageRecorder(..., save_replay_data=True))"
             )
-            continue
-        problem = replay_data_problem(stage)
-        if problem:
-            problems.append(f"stage {stage.name!r} cannot be replayed from its replay data: {problem}")
             continue
         problem = trainer_input_problem(stage, ref_models, reward_funcs)
         if problem:
@@ -489,11 +490,12 @@ def run_stage(
     if grad_every > 1 and fn is not None and not takes_grad_every(fn):
         raise PartialReplayError(no_gradient_reuse_message(stage, grad_every, fn))
     if fn is None:
+        problem = replay_data_problem(stage)  # first: recording replay data would not help then
+        if problem:
+            where = "from its replay data" if stage.replay_dir is not None else "without a stage function"
+            raise ReplayError(f"Cannot replay stage {stage.index} {stage.name!r} {where}: {problem}.")
         if stage.replay_dir is None:
             raise ReplayError(_no_replay_message(stage))
-        problem = replay_data_problem(stage)
-        if problem:
-            raise ReplayError(f"Cannot replay stage {stage.index} {stage.name!r} from its replay data: {problem}.")
         ref = (ref_models or {}).get(stage.name)
         rewards = (reward_funcs or {}).get(stage.name)
         state: dict[str, dict[str, Any]] | None = None if max_steps is None else {}

@@ -167,12 +167,13 @@ def choose_estimator(
     if not partial_replay:
         return fallback
     unreplayable = [s for s in later if not can_replay(s, fns, step_limited=True, **inputs)]
-    blocked = [
-        (s, stage_replay_problem(s, **inputs)) for s in unreplayable if s.name not in fns and s.replay_dir is not None
-    ]
+    # a stage's own problem first (one that continued the optimizer state has no replay data, and recording them
+    # would not help): only the rest lack replay data and a stage function
+    blocked = [(s, stage_replay_problem(s, **inputs)) for s in unreplayable if s.name not in fns]
     blocked = [(s, why) for s, why in blocked if why]
     others = [s.name for s in unreplayable if s not in [b for b, _ in blocked]]
-    why_not = [f"stage {s.name!r} cannot be replayed from its replay data: {why}" for s, why in blocked]
+    where = {True: "from its replay data", False: "without a stage function"}
+    why_not = [f"stage {s.name!r} cannot be replayed {where[s.replay_dir is not None]}: {why}" for s, why in blocked]
     if others:
         why_not.append(
             f"later stage(s) {others} have neither replay data (StageRecorder(..., save_replay_data=True)) nor a "

@@ -162,9 +162,11 @@ def check_strided_replayable(
             why = f"it is a {stage.kind} stage, which generates its training data inside the training step"
         else:
             why = "no stage function was given for it and the ledger holds no replay data for it"
+        unrecorded = not problem and stage.replay_dir is None  # only then would recording replay data help
+        record = "Record it with StageRecorder(..., save_replay_data=True), or pass " if unrecorded else "Pass "
         raise PartialReplayError(
             f"Strided replay of stage {removed!r} (budget {plan.budget:g}) needs to re-run stage {stage.index} "
-            f"{stage.name!r}, but {why}. Record it with StageRecorder(..., save_replay_data=True), or pass "
+            f"{stage.name!r}, but {why}. {record}"
             f"stage_fns={{{stage.name!r}: fn}} with fn(model, grad_every=1) training the model in place as that "
             "stage did; or use estimator='partial-replay' (aa-fd at budget 0)."
         )

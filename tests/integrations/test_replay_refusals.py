@@ -68,3 +68,37 @@ def test_a_stage_whose_dataset_was_not_saved_is_refused_up_front(tmp_path):
     behavior = lambda m: m(input_ids=torch.arange(8)[None]).logits[0, -1, :3]  # noqa: E731
     with pytest.raises(ReplayError, match=r"training dataset was not saved with its replay data.*stage_fns="):
         attributor.attribute({"logits": behavior}, validate=True)
+
+
+def test_a_stage_that_continued_the_optimizer_state_is_refused_for_that_reason_not_for_missing_replay_data(tmp_path):
+    """One Trainer run split by ``stage_boundaries``, recorded with ``save_replay_data=True``: its second part
+    continued the optimizer state, so it has no replay data of its own. ``auto``'s reason, the replay refusal and the
+    partial-replay refusal told the user to record it with ``save_replay_data=True`` — which it was."""
+    from transformers import Trainer
+
+    from hf_stage_attribution.errors import PartialReplayError
+
+    ledger_dir, model = tmp_path / "ledger", F.gpt2()
+    args = F.training_args(str(tmp_path / "a"), per_device_train_batch_size=8, learning_rate=5e-3, max_steps=3)
+    Trainer(model=model, args=args, train_dataset=F.lm_dataset(24),
+            callbacks=[StageRecorder(ledger_dir, "a", save_replay_data=True)]).train()  # fmt: skip
+    args = F.training_args(str(tmp_path / "b"), per_device_train_batch_size=8, learning_rate=5e-3, max_steps=4)
+    recorder = StageRecorder(ledger_dir, "b1", save_replay_data=True, stage_boundaries={"b2": 2})
+    Trainer(model=model, args=args, train_dataset=F.lm_dataset(24, seed=1), callbacks=[recorder]).train()
+    ledger = StageLedger.load(ledger_dir)
+    assert [s.optimizer_state_policy for s in ledger.stages] == ["fresh", "fresh", "continued"]
+    behavior = lambda m: m(input_ids=torch.arange(8)[None]).logits[0, -1, :3]  # noqa: E731
+    attributor = StageAttributor(ledger, model, show_progress=False, diagnostics=False)
+    report = attributor.attribute({"logits": behavior})
+    assert "stage 'b2' cannot be replayed without a stage function: it continued the previous stage's optimizer" in (
+        report.estimator_reason
+    )
+    assert "neither replay data" not in report.estimator_reason
+    with pytest.raises(ReplayError, match="continued the previous stage's optimizer state") as refused:
+        attributor.attribute({"logits": behavior}, validate=True)
+    assert "save_replay_data=True" not in str(refused.value)
+    partial = StageAttributor(ledger, model, "partial-replay", show_progress=False, diagnostics=False,
+                              estimator_options={"budget": 1.0})  # fmt: skip
+    with pytest.raises(PartialReplayError, match="continued the previous stage's optimizer state") as refused:
+        partial.attribute({"logits": behavior})
+    assert "save_replay_data=True" not in str(refused.value)
