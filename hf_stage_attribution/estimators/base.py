@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._internal.model_state import has_accelerate_wrapper
+from .._internal.model_state import has_autocast_wrapper
 from .._internal.precision import half_precision_dtype
 from ..behaviors.base import eval_mode  # noqa: F401  (re-exported for the estimators)
 from ..errors import BehaviorError, EstimatorError, did_you_mean, unknown_name
@@ -268,7 +268,7 @@ def check_inputs(ledger: LedgerCore, model: torch.nn.Module, behavior: Behavior,
             UserWarning,
             stacklevel=3,
         )
-    if has_accelerate_wrapper(model):  # StageAttributor evaluates a view without it
+    if has_autocast_wrapper(model):  # StageAttributor evaluates a view without it (a float32 run leaves none)
         warnings.warn(
             "The model still carries accelerate's mixed-precision forward wrapper (a Trainer with bf16/fp16 trained "
             "this object): this estimator evaluates it under that autocast, not in its weights' precision. Use "

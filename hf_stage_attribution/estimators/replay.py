@@ -210,6 +210,8 @@ def replay_needs(
             )
             continue
         problem = trainer_input_problem(stage, ref_models, reward_funcs)
+        if problem and not problem.startswith(f"stage {stage.name!r}"):  # a trainer class's clause names none
+            problem = f"stage {stage.name!r} cannot be replayed from its replay data: {problem}"
         if problem:
             problems.append(problem)
     return ReplayNeeds(steps, [s.name for s in trained], problems, by_function)

@@ -141,9 +141,14 @@ def choose_estimator(
             fallback = _without_replay(ledger, later, loss_fns)
             return fallback[0], (
                 f"{fallback[1]}; partial replay not used: at budget {budget:g} it would replay no "
-                f"optimizer step for any stage (a step from each of two starts costs more than "
-                f"{budget:.0%} of replay's steps: the later stages are too short), so it would be "
-                "the propagation-only carry; estimator='replay' re-runs them whole"
+                "optimizer step for any stage ("
+                + (
+                    "a budget of 0 buys none"
+                    if budget <= 0
+                    else f"a step from each of two starts costs more than {budget:.0%} of replay's steps: the later "
+                    "stages are too short"
+                )
+                + "), so it would be the propagation-only carry; estimator='replay' re-runs them whole"
             )
     if partial_replay and all(can_replay(s, fns, step_limited=True, **inputs) for s in later):
         how = sorted({"stage functions" if s.name in fns else "recorded replay data" for s in later})

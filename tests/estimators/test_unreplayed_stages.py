@@ -89,3 +89,6 @@ def test_auto_judges_and_names_the_budget_it_is_given(tmp_path):
     attributor = StageAttributor(ledger, model, stage_fns=fns, show_progress=False, estimator_options={"budget": 1.0})
     report = attributor.attribute({"out": _behavior()})
     assert report.estimator == "partial-replay" and "at budget 1 (100 % of" in report.estimator_reason
+    name, reason = estimators.choose_estimator(ledger, stage_fns=fns, budget=0.0)
+    assert name != "partial-replay" and "at budget 0 it would replay no optimizer step" in reason
+    assert "a budget of 0 buys none" in reason and "too short" not in reason  # the budget, not the stages' length

@@ -171,6 +171,26 @@ def test_an_estimator_called_directly_on_the_trained_object_says_it_runs_under_t
         estimators.get("delta-fd").estimate(ledger, _fresh_copy(model), lambda m: m(x).logits[:, -1, 0])
 
 
+def test_an_estimator_called_directly_on_a_float32_trainers_object_does_not_warn_of_a_wrapper(tmp_path):
+    """A float32 Trainer leaves accelerate's "prepared" flag on the model but no autocast wrapper: the warning that
+    the estimator evaluates under that autocast was false there."""
+    from transformers import Trainer
+
+    from hf_stage_attribution import estimators
+    from hf_stage_attribution._internal.model_state import has_accelerate_wrapper, has_autocast_wrapper
+
+    model = F.gpt2(n_embd=32)
+    args = F.training_args(str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=2)
+    recorder = StageRecorder(str(tmp_path / "ledger"), "s", curvature_segments=0)
+    Trainer(model=model, args=args, train_dataset=F.lm_dataset(16), callbacks=[recorder]).train()
+    assert has_accelerate_wrapper(model) and not has_autocast_wrapper(model)  # the flag alone
+    x = torch.tensor(F.lm_dataset(4, seed=3)["input_ids"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*mixed-precision forward wrapper")
+        ledger = StageLedger(str(tmp_path / "ledger"))
+        estimators.get("delta-fd").estimate(ledger, model, lambda m: m(x).logits[:, -1, 0])
+
+
 def test_a_dpo_stage_trained_under_the_previous_trainers_autocast_wrapper_replays_to_its_end(tmp_path):
     """SFT then DPO with bf16=True on one model object: the DPO stage trains under the SFT Trainer's leftover wrapper
     (accelerate leaves a prepared model as it is), which lands 0.02 away from the same DPO on a fresh model — more

@@ -43,7 +43,9 @@ def test_a_user_trainer_class_is_refused_up_front_and_replays_with_trainer_cls(t
     behavior = lambda m: m(input_ids=torch.arange(8)[None]).logits[0, -1, :3]  # noqa: E731
     attributor = StageAttributor(ledger, model, show_progress=False)
     with pytest.raises(
-        ReplayError, match=r"trainer class .*WeightedTrainer, which a replay does not import.*stage_fns="
+        ReplayError,
+        match=r"stage 'sft' cannot be replayed from its replay data: it trained with the trainer class "
+        r".*WeightedTrainer, which a replay does not import.*stage_fns=",
     ):
         attributor.attribute({"logits": behavior}, validate=True)
     assert "replay" not in attributor.attribute({"logits": behavior}).estimator  # `auto` does not pick a replay
