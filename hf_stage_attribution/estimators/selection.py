@@ -162,8 +162,10 @@ def choose_estimator(
         return PARTIAL_REPLAY, (
             f"every later stage ({', '.join(s.name for s in later)}) can be replayed step by step "
             f"({' and '.join(how)}), so a short exact replay of the next stage(s) at budget "
-            f"{budget:g} ({budget * 100:g} % of replay's optimizer steps) replaces the first-order carry of their "
-            "early, nonlinear steps; read out by finite "
+            f"{budget:g} ({budget * 100:g} % of replay's optimizer steps) stands in for the first-order carry of "
+            "their early, nonlinear steps (it ranked the stages better than propagation alone on the benchmark "
+            "pipelines, BENCHMARKS.md §8, but not on every run with short stages: the verdict says how far to trust "
+            "it, validate=True re-runs them whole); read out by finite "
             "difference, which is exact for the last stage and equals replay at budget 1"
             + (f"; the factual branch of {early} is read from their recorded early checkpoints" if early else "")
             + unreplayed
