@@ -79,6 +79,31 @@ def _save_dataset(dataset: Any, target: Path, notes: list[str]) -> dict | None:
     return {"dir": target.name, "dropped_columns": dropped, "num_rows": len(dataset)}
 
 
+def projected_dataset_bytes(dataset: Any) -> int:
+    """About the bytes ``save_to_disk`` will write for ``dataset`` as replay data: its Arrow table's size, scaled to
+    the rows an indices mapping (``select``/``shuffle``) keeps; 0 for anything but a ``datasets.Dataset`` (not saved).
+
+    Example:
+        >>> from datasets import Dataset
+        >>> rows = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 100})
+        >>> whole, half = projected_dataset_bytes(rows), projected_dataset_bytes(rows.select(range(50)))
+        >>> whole > 0, half == whole // 2
+        (True, True)
+        >>> projected_dataset_bytes([1, 2, 3])
+        0
+    """
+    try:
+        from datasets import Dataset
+    except ImportError:  # pragma: no cover  (datasets is a library requirement)
+        return 0
+    if not isinstance(dataset, Dataset):
+        return 0
+    table = dataset.data
+    total = int(getattr(table, "nbytes", 0) or 0)
+    rows = int(getattr(table, "num_rows", 0) or 0)
+    return total if rows <= 0 else int(total * min(1.0, len(dataset) / rows))
+
+
 def _save_processing_class(processing_class: Any, target: Path, notes: list[str]) -> dict | None:
     if processing_class is None:
         return None
@@ -180,7 +205,7 @@ def save_stage_replay_data(recording: Any, ctx: Any, kind: str, part: Any, train
         reference=(metadata.get("trl") or {}).get("reference_model"),
         stage_steps=(part.start, part.end),
     )
-    # a copy of the training dataset (and the tokenizer): not in the projected ledger growth, so said here
+    # a copy of the training dataset (and the tokenizer): projected from the dataset before, measured here
     summary["bytes"] = sum(f.stat().st_size for f in replay_dir.rglob("*") if f.is_file())
     size = human_bytes(summary["bytes"])
     notice(f"stage {part.name!r}: replay data {size} (training dataset, tokenizer, collator), {recording.ledger.dir}")

@@ -33,8 +33,8 @@ from ..ledger.storage import atomic_write_json, read_json
 from .eval_rng import EvalRngLog
 from .recipe_check import given_optimizer_reason
 from .replay import unimported_trainer_class
-from .replay_data import REPLAY_FILE, save_stage_replay_data
-from .run_info import find_trainer
+from .replay_data import REPLAY_FILE, projected_dataset_bytes, save_stage_replay_data
+from .run_info import find_trainer, train_dataset
 from .stage_metadata import RunContext, build_metadata, optimizer_warning, resolve_trainer_class
 from .stage_plan import StagePart, parse_boundaries, plan_parts
 from .trl import infer_curvature_loss, infer_stage_kind, training_mode_warnings, training_precision
@@ -245,6 +245,9 @@ class StageRecorder(TrainerCallback):
             is_main_process=ctx.is_main,
             resume=resume_at is not None,
         )
+        if self.save_replay_data and part.start == 0 and resume_at is None:  # a copy of the training dataset
+            dataset = train_dataset(ctx.trainer, ctx.train_dataloader)
+            recording.projected_extra["replay_data"] = projected_dataset_bytes(dataset)
         recording.begin()
         self.recording, self._part, self._skipped_steps = recording, part, []
         if not recording.active:

@@ -150,6 +150,9 @@ class StageRecording:
         self.metadata: dict = dict(metadata or {})
         self.early_checkpoint = check_early_checkpoint(early_checkpoint)
         self._early_step: int | None = None
+        #: bytes a front end will add to the stage folder besides the recorder's own files (the Trainer callback's
+        #: replay data: ``{"replay_data": n}``), set before :meth:`begin`: projected and checked against free disk
+        self.projected_extra: dict[str, int] = {}
         self.is_main = _is_main_process() if is_main_process is None else bool(is_main_process)
         self.resume = resume
         self.active = False
@@ -306,7 +309,8 @@ class StageRecording:
     def projected_bytes(self, model: torch.nn.Module | None = None) -> dict[str, int]:
         """The bytes this stage will add to the ledger, by part (``start``: θ_0 when the ledger is new, as stored;
         ``delta``: Δ of the trainable tensors, float32 or their half-precision dtype; ``lora``: the factors;
-        ``segments``: curvature material, without the kept training examples, whose size depends on the batches)."""
+        ``segments``: curvature material, without the kept training examples, whose size depends on the batches;
+        and what a front end adds, :attr:`projected_extra`: the Trainer callback's ``replay_data``)."""
         model = unwrap_model(model if model is not None else self.model)
         params = base_parameters(model)
         lora = lora_layers(model)
@@ -346,6 +350,7 @@ class StageRecording:
             "segments": segments * per_segment,  # + the kept training examples (batch-dependent, not projected)
             "optimizer_state": continued,
             "early_checkpoint": early,
+            **{k: int(v) for k, v in self.projected_extra.items()},
         }
 
     def _segment_plan(self) -> list[tuple[int, int, int]]:

@@ -184,3 +184,38 @@ def test_a_replay_shows_none_of_the_library_warnings_its_recorded_training_showe
         warnings.simplefilter("always")
         replay_trainer_stage(stage, start)
     assert library_deprecations(seen) == []
+
+
+def test_the_replay_data_are_in_the_projected_growth_and_the_disk_check(tmp_path, capsys, monkeypatch):
+    """The copy of the training dataset was written after the disk check and left out of the projection."""
+    import re
+    from collections import namedtuple
+
+    from transformers import Trainer
+
+    from hf_stage_attribution import StageRecorder
+    from hf_stage_attribution.errors import LedgerError
+    from hf_stage_attribution.ledger import recorder as recorder_module
+
+    rows = F.lm_dataset(512)
+    args = F.training_args(str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=8)
+    recorder = StageRecorder(tmp_path / "ledger", "s", save_replay_data=True, curvature_segments=0)
+    Trainer(model=F.gpt2(), args=args, train_dataset=rows, callbacks=[recorder]).train()
+    err = capsys.readouterr().err
+    projected = re.search(r"projected ledger growth ([\d.]+ [kMG]?B) \(.*replay_data ([\d.]+ [kMG]?B)\)", err)
+    assert projected, err
+
+    def size(text: str) -> float:
+        value, unit = text.split()
+        return float(value) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+
+    total, replay_data = size(projected.group(1)), size(projected.group(2))
+    saved = sum(f.stat().st_size for f in (tmp_path / "ledger").rglob("replay/dataset/*.arrow"))
+    assert 0.5 * saved <= replay_data <= 2 * saved  # the Arrow table's size, as written
+    usage = namedtuple("usage", "total used free")
+    free = int(total - replay_data / 2)  # room for everything but half the copy of the dataset
+    monkeypatch.setattr(recorder_module.shutil, "disk_usage", lambda path: usage(10**12, 10**12, free))
+    recorder = StageRecorder(tmp_path / "ledger2", "s", save_replay_data=True, curvature_segments=0)
+    with pytest.raises(LedgerError, match=r"needs about .*replay_data .* but the disk has"):
+        Trainer(model=F.gpt2(), args=args, train_dataset=rows, callbacks=[recorder]).train()
+    assert not (tmp_path / "ledger2" / "ledger.json").exists()
