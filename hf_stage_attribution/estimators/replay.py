@@ -199,8 +199,7 @@ def replay_needs(
             continue
         problem = replay_data_problem(stage)  # before "no replay data": recording them would not help then
         if problem:
-            where = "from its replay data" if stage.replay_dir is not None else "without a stage function"
-            problems.append(f"stage {stage.name!r} cannot be replayed {where}: {problem}")
+            problems.append(f"stage {stage.name!r} cannot be replayed {unreplayable_route(stage)}: {problem}")
             continue
         if stage.replay_dir is None:
             problems.append(
@@ -372,6 +371,12 @@ def replay_inputs_key(inputs: Mapping[str, Any]) -> tuple:
     return tuple(sorted((key, n, id(v)) for key, by_stage in inputs.items() for n, v in (by_stage or {}).items()))
 
 
+def unreplayable_route(stage: Stage) -> str:
+    """How a stage with a :func:`replay_data_problem` cannot be replayed, for messages: "from its replay data" where
+    it holds some, "without a stage function" where it does not (a stage that continued the optimizer state)."""
+    return "from its replay data" if getattr(stage, "replay_dir", None) is not None else "without a stage function"
+
+
 def replay_data_problem(stage: Stage) -> str | None:
     """Why ``stage`` cannot be re-run from its recorded replay data, as a clause; ``None`` when nothing stands in the
     way (whether it holds replay data at all is :attr:`~hf_stage_attribution.ledger.stage.Stage.replay_dir`).
@@ -494,8 +499,9 @@ def run_stage(
     if fn is None:
         problem = replay_data_problem(stage)  # first: recording replay data would not help then
         if problem:
-            where = "from its replay data" if stage.replay_dir is not None else "without a stage function"
-            raise ReplayError(f"Cannot replay stage {stage.index} {stage.name!r} {where}: {problem}.")
+            raise ReplayError(
+                f"Cannot replay stage {stage.index} {stage.name!r} {unreplayable_route(stage)}: {problem}."
+            )
         if stage.replay_dir is None:
             raise ReplayError(_no_replay_message(stage))
         ref = (ref_models or {}).get(stage.name)

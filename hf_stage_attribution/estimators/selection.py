@@ -67,7 +67,7 @@ from .curvature.propagation import CURVATURE_PRESETS, curvature_basis_on_disk, c
 from .partial_plan import unreplayed_stages
 from .propagation.rules import recorded_family
 from .propagation.stage import carry_problem, next_trained, trains
-from .replay import can_replay, replay_inputs, stage_replay_problem
+from .replay import can_replay, replay_inputs, stage_replay_problem, unreplayable_route
 
 PARTIAL_REPLAY = "partial-replay"
 PARTIAL_REPLAY_BUDGET = 0.25  # = partial_replay.DEFAULT_BUDGET (a test keeps them equal)
@@ -179,8 +179,7 @@ def choose_estimator(
     blocked = [(s, stage_replay_problem(s, **inputs)) for s in unreplayable if s.name not in fns]
     blocked = [(s, why) for s, why in blocked if why]
     others = [s.name for s in unreplayable if s not in [b for b, _ in blocked]]
-    where = {True: "from its replay data", False: "without a stage function"}
-    why_not = [f"stage {s.name!r} cannot be replayed {where[s.replay_dir is not None]}: {why}" for s, why in blocked]
+    why_not = [f"stage {s.name!r} cannot be replayed {unreplayable_route(s)}: {why}" for s, why in blocked]
     if others:
         why_not.append(
             f"later stage(s) {others} have neither replay data (StageRecorder(..., save_replay_data=True)) nor a "
