@@ -117,6 +117,13 @@ def recipe_check_callback(stage: Any, start: int) -> Any:
 
         def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
             t = int(state.global_step) - int(start)
+            if optimizer is not None and t >= len(recorded_rates) > 0:  # a replay must stop where the stage did
+                raise ReplayError(
+                    f"Replay of stage {name!r} runs optimizer step {t}, but the stage took {len(recorded_rates)} "
+                    "step(s): its replay data say it ran longer than it did (a ledger recorded before a stage that "
+                    "stopped early was replayed up to its steps). Replay it with replay_trainer_stage(..., "
+                    f"max_steps={len(recorded_rates)}), or pass stage_fns={{{name!r}: fn}}."
+                )
             if optimizer is None or not 0 <= t < len(recorded_rates):
                 return control
             applied = applied_learning_rates(optimizer)

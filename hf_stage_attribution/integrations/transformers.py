@@ -344,12 +344,7 @@ class StageRecorder(TrainerCallback):
             )
             recording.update_metadata(notes=notes, replay={"supported": False, "reason": notes[-1]})
             return
-        recording.truncate(best - part.start)
-        replay_file = recording.replay_dir / REPLAY_FILE if recording.metadata.get("replay") else None
-        if replay_file is not None and replay_file.exists():  # the replay stops there (the schedule is the run's)
-            info = read_json(replay_file, "replay file")
-            info["stage_steps"] = [part.start, best]
-            atomic_write_json(replay_file, info)
+        recording.truncate(best - part.start)  # _finish then stops the replay there (the schedule is the run's)
         notes.append(
             f"The Trainer loaded its best checkpoint (global step {best} of {int(state.global_step)}) at the end "
             "(load_best_model_at_end): the stage's parameters end there, so it is recorded as its first "
@@ -358,11 +353,27 @@ class StageRecorder(TrainerCallback):
         )
         recording.update_metadata(notes=notes)
 
+    def _stop_replay_where_the_stage_ended(self, recording: StageRecording) -> None:
+        """A stage that ended before its planned end — a callback stopped training, or ``load_best_model_at_end``
+        cut it at its best step — is replayed up to the steps it took (the learning-rate schedule stays the whole
+        run's): its replay data were saved at its start with the planned end (a tiny GPT-2 stopped at step 3 of 8
+        replayed all 8 and missed θ_K by 1.6× the stage's update)."""
+        part = self._part
+        replay_file = recording.replay_dir / REPLAY_FILE if recording.metadata.get("replay") else None
+        if part is None or replay_file is None or not replay_file.exists():
+            return
+        end = part.start + len(recording.learning_rates)
+        info = read_json(replay_file, "replay file")
+        if list(info.get("stage_steps") or []) != [part.start, end]:
+            info["stage_steps"] = [part.start, end]
+            atomic_write_json(replay_file, info)
+
     def _finish(self) -> None:
         recording = self.recording
         if recording is None:
             return
         if recording.active:
+            self._stop_replay_where_the_stage_ended(recording)
             if self._skipped_steps:
                 notes = list(recording.metadata.get("notes", []))
                 notes.append(

@@ -634,7 +634,7 @@ class StageRecording:
             del self.learning_rates[completed_steps:]
             self.skipped_steps = [t for t in self.skipped_steps if t < completed_steps]
             self._capture.rewind(completed_steps)
-            if self._early_step is not None and completed_steps <= self._early_step:
+            if self._early_step is not None and completed_steps < self._early_step:
                 shutil.rmtree(self.partial_dir / EARLY_DIR, ignore_errors=True)  # written again when reached
 
     # --- end -------------------------------------------------------------------------------------------

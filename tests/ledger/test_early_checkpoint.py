@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -152,3 +153,40 @@ def test_a_stage_that_ends_at_its_early_step_is_recorded_without_the_checkpoint(
         assert stage.early_checkpoint is None and not (stage.dir / EARLY_DIR).exists()
     else:
         assert stage.early_checkpoint.steps == 2
+
+
+@pytest.mark.parametrize("back_to", [1, 2, 3])
+def test_a_resume_at_or_after_the_early_step_keeps_the_checkpoint_and_one_before_writes_it_again(tmp_path, back_to):
+    """Training that resumes from a checkpoint at step ``back_to`` (the recorder's progress saved later): the early
+    checkpoint (after step 2) is still the state after its steps at 2 and 3, and written again from 1. At exactly
+    the early step it was deleted and never written again (``truncate`` dropped it for ``completed_steps <= 2``)."""
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x, y = torch.randn(12, 3, generator=torch.Generator().manual_seed(1)), torch.arange(12) % 2
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    saved, at_two = {}, {}
+
+    def step(rec, t):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        rec.step()
+        if t + 1 == back_to:  # what a Trainer checkpoint keeps
+            saved.update(model=copy.deepcopy(model.state_dict()), opt=copy.deepcopy(opt.state_dict()))
+        if t + 1 == 2:
+            at_two.update({n: p.detach().clone() - start[n] for n, p in model.named_parameters()})
+
+    with StageLedger(tmp_path / "ledger").record_stage(
+        "sft", model=model, optimizer=opt, num_steps=8, early_checkpoint=0.25, curvature_segments=0
+    ) as rec:
+        for t in range(5):
+            step(rec, t)
+        model.load_state_dict(saved["model"])  # the run resumes from its checkpoint at step `back_to`
+        opt.load_state_dict(saved["opt"])
+        rec.truncate(back_to)
+        for t in range(back_to, 8):
+            step(rec, t)
+    stage = StageLedger.load(tmp_path / "ledger").stages[0]
+    assert stage.num_steps == 8 and stage.early_checkpoint is not None and stage.early_checkpoint.steps == 2
+    for name, value in stage.early_checkpoint.params_delta().items():
+        torch.testing.assert_close(value, at_two[name], rtol=0, atol=0)
