@@ -710,6 +710,15 @@ class StageRecording:
                 + "Call `rec.step()` after each `optimizer.step()` (StageRecorder does it for a Trainer).",
                 stacklevel=3,
             )
+        ran = len(self.learning_rates)
+        if self.num_steps is not None and ran > int(self.num_steps):
+            note = (
+                f"The stage was planned with num_steps={self.num_steps} but took {ran} optimizer steps: its curvature "
+                f"segments and early checkpoint were placed over the first {self.num_steps} steps only (the learning "
+                "rates, the delta and replay cover all of them). Give num_steps the number of steps the loop runs."
+            )
+            warnings.warn(f"Stage {self.name!r}: {note}", stacklevel=3)
+            self.metadata["notes"] = [*self.metadata.get("notes", []), note]
         if frozen_changed:
             warnings.warn(
                 f"Stage {self.name!r}: {len(frozen_changed)} parameter(s) without requires_grad changed during the "

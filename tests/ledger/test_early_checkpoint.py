@@ -20,7 +20,7 @@ def _mlp(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
 
 
-def _record(ledger_dir, steps=8, early=0.3, watch=None, **kw):
+def _record(ledger_dir, steps=8, early=0.3, watch=None, num_steps_given=None, **kw):
     """A custom AdamW loop recorded with ``early_checkpoint=early``; ``watch`` gets (params, optimizer state) copies
     after that many optimizer steps."""
     model = _mlp()
@@ -29,7 +29,7 @@ def _record(ledger_dir, steps=8, early=0.3, watch=None, **kw):
     seen = {}
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     with StageLedger(ledger_dir).record_stage(
-        "sft", model=model, optimizer=opt, num_steps=steps, early_checkpoint=early, **kw
+        "sft", model=model, optimizer=opt, num_steps=num_steps_given or steps, early_checkpoint=early, **kw
     ) as rec:
         for t in range(steps):
             opt.zero_grad()
@@ -190,3 +190,12 @@ def test_a_resume_at_or_after_the_early_step_keeps_the_checkpoint_and_one_before
     assert stage.num_steps == 8 and stage.early_checkpoint is not None and stage.early_checkpoint.steps == 2
     for name, value in stage.early_checkpoint.params_delta().items():
         torch.testing.assert_close(value, at_two[name], rtol=0, atol=0)
+
+
+def test_more_steps_than_num_steps_is_said_where_segments_and_the_early_checkpoint_were_placed(tmp_path):
+    """Planned 2, ran 5: the early checkpoint (after step ⌊0.25 · 2⌋ = 0 → 1) and the segments covered the first 2
+    steps of 5 while stage.json said nothing (a custom loop whose num_steps was wrong)."""
+    with pytest.warns(UserWarning, match=r"planned with num_steps=2 but took 5 optimizer steps"):
+        _record(tmp_path / "ledger", steps=5, early=0.5, num_steps_given=2)
+    stage = StageLedger.load(tmp_path / "ledger").stages[0]
+    assert stage.num_steps == 5 and any("planned with num_steps=2 but took 5" in n for n in stage.info["notes"])
