@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from .._internal.model_state import has_autocast_wrapper
-from .._internal.params import unwrap_model
+from .._internal.params import state_digests, unwrap_model
 from ..errors import LedgerError
 from ..ledger.ledger import StageLedger
 from ..ledger.recorder import StageRecording, check_early_checkpoint
@@ -372,6 +372,22 @@ class StageRecorder(TrainerCallback):
         recording = self.recording
         if recording is None:
             return
+        part = self._part
+        empty_boundary_part = (
+            recording.active and part is not None and part.start > 0 and not recording.learning_rates
+        ) and state_digests(recording.model) == recording.start_digests
+        if empty_boundary_part:
+            # training stopped exactly at a stage boundary: the next stage took no step. Committed, it was an empty
+            # stage whose name a resume from the boundary's checkpoint could not use any more
+            recording.abort()
+            warnings.warn(
+                f"Training stopped at the boundary of stage {part.name!r} (global step {part.start}), before its "
+                f"first step: it is not recorded. Resuming this run from checkpoint-{part.start} records it.",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._close()
+            return
         if recording.active:
             self._stop_replay_where_the_stage_ended(recording)
             if self._skipped_steps:
@@ -389,6 +405,10 @@ class StageRecorder(TrainerCallback):
             stage = recording.end()
             if stage is not None:
                 self.recorded_stages.append(stage)
+        self._close()
+
+    def _close(self) -> None:
+        """Forget the finished (or dropped) recording: its finalizer, its evaluation states, the active entry."""
         if self._finalizer is not None:
             self._finalizer.detach()
         self.recording, self._eval_rng = None, None

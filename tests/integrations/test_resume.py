@@ -136,3 +136,37 @@ def test_resume_without_recorded_progress_records_the_gap_as_untracked(tmp_path)
     assert [(s.name, s.num_steps) for s in ledger.stages] == [("late", 2)]
     assert any("holds 0 of its 2 completed steps: they are not recorded" in str(w.message) for w in caught)
     assert "holds 0 of its 2" in ledger.stages[0].info["notes"][-1]
+
+
+def test_training_stopped_at_a_stage_boundary_records_no_empty_stage_and_a_resume_records_it(tmp_path):
+    """A stop exactly at a ``stage_boundaries`` step committed an empty next stage (0 steps, zero delta) with a
+    warning to call ``rec.step()``, and its name then refused a resume from the boundary's checkpoint."""
+    from transformers import Trainer, TrainerCallback
+
+    from hf_stage_attribution import StageRecorder
+
+    class StopAt5(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = control.should_training_stop or state.global_step >= 5
+            return control
+
+    def trainer(model, callbacks):
+        args = F.training_args(str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=8,
+                               learning_rate=1e-2, save_strategy="steps", save_steps=5)  # fmt: skip
+        return Trainer(model=model, args=args, train_dataset=F.lm_dataset(), callbacks=callbacks)
+
+    model = F.gpt2()
+    recorder = StageRecorder(tmp_path / "ledger", "main", curvature_segments=0, stage_boundaries={"anneal": 5})
+    with pytest.warns(UserWarning, match=r"stopped at the boundary of stage 'anneal' \(global step 5\)"):
+        trainer(model, [recorder, StopAt5()]).train()
+    ledger = StageLedger.load(tmp_path / "ledger")
+    assert [(s.name, s.num_steps) for s in ledger.stages] == [("main", 5)]
+    assert not list((tmp_path / "ledger").glob("*partial*")) and not (tmp_path / "ledger" / "ledger.lock").exists()
+    resumed = F.gpt2()
+    recorder = StageRecorder(tmp_path / "ledger", "main", curvature_segments=0, stage_boundaries={"anneal": 5})
+    trainer(resumed, [recorder]).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-5"))
+    ledger = StageLedger.load(tmp_path / "ledger")
+    assert [(s.name, s.num_steps) for s in ledger.stages] == [("main", 5), ("anneal", 3)]
+    final = ledger.final_state()
+    for name, param in resumed.named_parameters():
+        torch.testing.assert_close(final[name], param.detach(), atol=1e-6, rtol=0)
