@@ -416,6 +416,22 @@ class StageRecorder(TrainerCallback):
 
     # --- interruption and resume ------------------------------------------------------------------------
 
+    def release(self) -> None:
+        """Let go of a stage whose ``train()`` raised, in a process that goes on (a notebook): its partial stage is
+        kept for a resume, the ledger's lock and the model's hooks are freed. Until then (or until this recorder is
+        garbage-collected) the ledger stays locked by this process. ``trainer.train(resume_from_checkpoint=...)``
+        with a ``StageRecorder`` on the same ledger resumes the stage; ``hf-stage-attribution inspect DIR
+        --remove-incomplete`` drops it. Does nothing when no stage is being recorded.
+
+        Example:
+            >>> import tempfile
+            >>> StageRecorder(tempfile.mkdtemp(), "sft").release()  # nothing recorded yet: nothing to let go
+        """
+        self._suspend()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._part = None
+
     def _suspend(self) -> None:
         """Keep an interrupted recording's partial stage for resume; release the ledger lock and the hooks."""
         if self.recording is not None and self.recording.active:

@@ -332,13 +332,26 @@ class DirectoryLock:
                 raise LedgerLockedError(
                     f"Cannot start {self.purpose} in the ledger {self.directory}: this process is already "
                     f"{holder.get('purpose', 'writing it')}; end it first (leave its `with` block, or call its end() "
-                    "or abort()). One process writes one stage at a time; the lock is this process's own, do not "
-                    "delete it."
+                    "or abort(); a StageRecorder whose train() raised: call its release()). One process writes one "
+                    "stage at a time; the lock is this process's own, do not delete it."
                 )
+            alive_here = (
+                holder is not None
+                and holder.get("host") == socket.gethostname()
+                and isinstance(holder.get("pid"), int)
+                and _pid_alive(holder["pid"])
+            )
+            what_to_do = (
+                f"Process {holder['pid']} on this host is running: if it is a notebook or script whose train() "
+                f"raised, call its StageRecorder's release() there (or end that process); do not delete {self.path} "
+                "while it runs."
+                if alive_here and holder is not None
+                else f"If no other process is running, delete {self.path}."
+            )
             raise LedgerLockedError(
                 f"The ledger {self.directory} is being written by another process ({holder or 'unknown holder'}). "
                 "Only one process may record into a ledger at a time: in distributed runs only the main process "
-                f"records. If no other process is running, delete {self.path}."
+                f"records. {what_to_do}"
             )
         raise LedgerLockedError(f"Could not take the lock {self.path}; delete it if no other process is recording.")
 

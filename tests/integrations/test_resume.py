@@ -161,7 +161,10 @@ def test_training_stopped_at_a_stage_boundary_records_no_empty_stage_and_a_resum
         trainer(model, [recorder, StopAt5()]).train()
     ledger = StageLedger.load(tmp_path / "ledger")
     assert [(s.name, s.num_steps) for s in ledger.stages] == [("main", 5)]
-    assert not list((tmp_path / "ledger").glob("*partial*")) and not (tmp_path / "ledger" / "ledger.lock").exists()
+    assert (
+        not list((tmp_path / "ledger" / "stages").glob(".partial-*"))
+        and not (tmp_path / "ledger" / "ledger.lock").exists()
+    )
     resumed = F.gpt2()
     recorder = StageRecorder(tmp_path / "ledger", "main", curvature_segments=0, stage_boundaries={"anneal": 5})
     trainer(resumed, [recorder]).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-5"))
@@ -170,3 +173,48 @@ def test_training_stopped_at_a_stage_boundary_records_no_empty_stage_and_a_resum
     final = ledger.final_state()
     for name, param in resumed.named_parameters():
         torch.testing.assert_close(final[name], param.detach(), atol=1e-6, rtol=0)
+
+
+def test_a_recorder_whose_train_raised_is_released_in_a_process_that_goes_on(tmp_path):
+    """In a notebook the crashed Trainer and its recorder stay referenced, so the ledger stayed locked; the messages
+    told a Trainer user to leave a `with` block they do not have, and another process to delete a live lock."""
+    import json
+    import os
+    import socket
+
+    from transformers import Trainer, TrainerCallback
+
+    from hf_stage_attribution import StageRecorder
+    from hf_stage_attribution.errors import LedgerLockedError
+    from hf_stage_attribution.ledger.storage import DirectoryLock, lock_holder
+
+    class CrashAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise _Crash("simulated crash")
+
+    model = F.gpt2()
+    args = F.training_args(str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=8, save_strategy="steps",
+                           save_steps=2)  # fmt: skip
+    recorder = StageRecorder(tmp_path / "ledger", "main", curvature_segments=0)
+    trainer = Trainer(model=model, args=args, train_dataset=F.lm_dataset(), callbacks=[recorder, CrashAt3()])
+    with contextlib.suppress(_Crash):
+        trainer.train()
+    with pytest.raises(LedgerLockedError, match=r"a StageRecorder whose train\(\) raised: call its release\(\)"):
+        StageLedger(tmp_path / "ledger").record_stage("other", model=model).begin()
+    recorder.release()
+    assert lock_holder(tmp_path / "ledger") is None  # freed, and the partial stage is kept for a resume
+    assert list((tmp_path / "ledger" / "stages").glob(".partial-*-main"))
+    recorder = StageRecorder(tmp_path / "ledger", "main", curvature_segments=0)
+    resumed = F.gpt2()
+    Trainer(model=resumed, args=args, train_dataset=F.lm_dataset(), callbacks=[recorder]).train(
+        resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2")
+    )
+    assert [(s.name, s.num_steps) for s in StageLedger.load(tmp_path / "ledger").stages] == [("main", 8)]
+    # a lock of a live process on this host (the test runner's parent): not "delete it", but where to release it
+    other = tmp_path / "locked"
+    other.mkdir()
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "since": 0.0, "purpose": "recording stage 'x'"}
+    (other / "ledger.lock").write_text(json.dumps({**holder, "token": "t"}))
+    with pytest.raises(LedgerLockedError, match=r"is running: if it is a notebook or script whose train\(\) raised"):
+        DirectoryLock(other, "test").acquire()
