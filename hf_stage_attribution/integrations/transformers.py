@@ -245,6 +245,7 @@ class StageRecorder(TrainerCallback):
             is_main_process=ctx.is_main,
             resume=resume_at is not None,
         )
+        recording.align_on_resume = False  # _align_resumed aligns with the Trainer's global step
         if self.save_replay_data and part.start == 0 and resume_at is None:  # a copy of the training dataset
             dataset = train_dataset(ctx.trainer, ctx.train_dataloader)
             recording.projected_extra["replay_data"] = projected_dataset_bytes(dataset)

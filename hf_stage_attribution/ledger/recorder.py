@@ -155,6 +155,11 @@ class StageRecording:
         self.projected_extra: dict[str, int] = {}
         self.is_main = _is_main_process() if is_main_process is None else bool(is_main_process)
         self.resume = resume
+        #: on a resume, match the model against the states the recording's checkpoints saw and drop the steps after
+        #: the one it is at (a custom loop); the Trainer front end aligns with the Trainer's global step instead
+        self.align_on_resume = True
+        self._checkpoints: list[list] = []  # [steps recorded, digest of the model's state] at each checkpoint()
+        self._resume_digest: str | None = None
         self.active = False
         self.finished = False
         self._begun = False  # begin() succeeded on this (main) process: step() and end() outside it are mistakes
@@ -213,6 +218,12 @@ class StageRecording:
             raise
         self.active = True
         self._begun = True
+        if self._resume_digest is not None:
+            try:
+                self._align_with_model(self._resume_digest)
+            except LedgerError:
+                self.suspend()  # the partial stage stays for a resume from the right model
+                raise
 
     def _check_recordable(self, model: torch.nn.Module) -> None:
         """Refuse, before anything is written, a PEFT model whose training the ledger cannot represent exactly."""
@@ -303,8 +314,36 @@ class StageRecording:
         )
         self.started_at = utc_now()
         self._t0 = time.time()
+        self._resume_digest = combine_digests(digests) if resumed and self.align_on_resume else None
         if resumed:
             self._restore_progress()
+
+    def _align_with_model(self, digest: str) -> None:
+        """A custom loop resumed with ``resume=True``: the recording's progress is that of its last ``checkpoint()``,
+        but the model may have been saved less often. Find the checkpoint whose model state it is and forget the
+        steps recorded after it (they will be run again); refuse a model at none of them. A progress file written
+        before these states were kept is trusted as it is."""
+        saved = self._checkpoints
+        if not saved or saved[-1][1] == digest:
+            return
+        matches = [int(steps) for steps, seen in saved if seen == digest]
+        if not matches:
+            raise LedgerError(
+                f"Cannot resume stage {self.name!r}: the model is not in the state of any of the recording's "
+                f"checkpoints (steps {[int(s) for s, _ in saved]}); it was last checkpointed after "
+                f"{len(self.learning_rates)} step(s). Resume from a model saved where rec.checkpoint() was called "
+                "(call it whenever you save the model), or record the stage again without resume=True."
+            )
+        steps = matches[-1]
+        note = (
+            f"Resumed from a model at step {steps} of the stage, before the recording's last checkpoint (step "
+            f"{len(self.learning_rates)}): the {len(self.learning_rates) - steps} step(s) after it are recorded as "
+            "they are run again."
+        )
+        warnings.warn(f"Stage {self.name!r}: {note}", UserWarning, stacklevel=4)
+        self.truncate(steps)
+        self._checkpoints = [entry for entry in saved if int(entry[0]) <= steps]
+        self.metadata["notes"] = [*self.metadata.get("notes", []), note]
 
     def projected_bytes(self, model: torch.nn.Module | None = None) -> dict[str, int]:
         """The bytes this stage will add to the ledger, by part (``start``: θ_0 when the ledger is new, as stored;
@@ -598,9 +637,14 @@ class StageRecording:
         if not (self.partial_dir / "start_trainable.safetensors").exists():
             write_safetensors(self.partial_dir / "start_trainable.safetensors", self._snapshot)
             write_safetensors(self.partial_dir / "start_lora.safetensors", self._lora_start)
+        if self.align_on_resume:  # one hash of the model per checkpoint, for a resume to match
+            digest = combine_digests(state_digests(self.model))
+            self._checkpoints = [e for e in self._checkpoints if int(e[0]) < len(self.learning_rates)]
+            self._checkpoints.append([len(self.learning_rates), digest])
         atomic_write_json(
             self.partial_dir / "progress.json",
             {
+                "checkpoints": self._checkpoints,  # the model's state at each checkpoint: what a resume matches
                 "learning_rates": self.learning_rates,
                 "skipped_steps": self.skipped_steps,
                 "start_digests": self.start_digests,
@@ -627,6 +671,9 @@ class StageRecording:
             self._marks_at_begin = progress["optimizer_marks_at_begin"]
         self.started_at = progress["started_at"]
         self._capture.restore(progress["segments"], len(self.learning_rates))
+        saved = progress.get("checkpoints")  # absent (older progress files): nothing to match a resume against
+        if isinstance(saved, list) and all(isinstance(e, list) and len(e) == 2 for e in saved):
+            self._checkpoints = [[int(steps), str(digest)] for steps, digest in saved]
 
     def truncate(self, completed_steps: int) -> None:
         """After resuming from a checkpoint at ``completed_steps``, forget steps recorded after it."""

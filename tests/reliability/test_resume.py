@@ -122,7 +122,7 @@ def _run_and_kill(*args) -> None:
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
-def _resume(ledger_dir: Path) -> StageLedger:
+def _resume(ledger_dir: Path, truncate: bool = True) -> StageLedger:
     model, opt, sched = _setup(ledger_dir.parent / "pre.safetensors")
     saved = torch.load(ledger_dir.parent / "ckpt.pt", weights_only=True)
     model.load_state_dict(saved["model"])
@@ -131,7 +131,8 @@ def _resume(ledger_dir: Path) -> StageLedger:
     done = json.loads((ledger_dir.parent / "ckpt.json").read_text())["done"]
     rec = _recording(ledger_dir, model, opt, sched, resume=True)
     rec.begin()
-    rec.truncate(done)
+    if truncate:
+        rec.truncate(done)
     _train(rec, model, opt, sched, range(done, STEPS))
     rec.end()
     return StageLedger.load(ledger_dir)
@@ -189,3 +190,31 @@ def test_killed_and_resumed_stage_equals_an_uninterrupted_one(reference, tmp_pat
     interrupted = StageLedger.load(ledger_dir)
     assert [s.name for s in interrupted.stages] == ["pre"] and interrupted.incomplete_stages()
     _assert_same(reference, _resume(ledger_dir))
+
+
+def test_a_resume_without_truncate_is_matched_to_the_checkpoint_the_model_was_saved_at(reference, tmp_path):
+    """``rec.checkpoint()`` at every step, the model saved at step 3, killed after step 6: resumed without
+    ``truncate(3)`` the stage recorded 11 steps (learning rates of steps 3-5 twice) with no warning."""
+    ledger_dir = tmp_path / "ledger"
+    _prelude(ledger_dir)
+    _run_and_kill(ledger_dir, 3, True, 6)
+    with pytest.warns(UserWarning, match=r"Resumed from a model at step 3 of the stage, before the recording's last "
+                                         r"checkpoint \(step 6\)"):  # fmt: skip
+        resumed = _resume(ledger_dir, truncate=False)
+    _assert_same(reference, resumed)
+
+
+def test_a_resume_from_a_model_at_no_checkpoint_is_refused(tmp_path):
+    from hf_stage_attribution.errors import LedgerError
+
+    ledger_dir = tmp_path / "ledger"
+    _prelude(ledger_dir)
+    _run_and_kill(ledger_dir, 3, True, 6)
+    model, opt, sched = _setup(ledger_dir.parent / "pre.safetensors")  # the stage's start: no checkpoint saw it
+    rec = _recording(ledger_dir, model, opt, sched, resume=True)
+    with pytest.raises(LedgerError, match=r"the model is not in the state of any of the recording's checkpoints"):
+        rec.begin()
+    from hf_stage_attribution.ledger.storage import lock_holder
+
+    assert lock_holder(ledger_dir) is None and StageLedger.load(ledger_dir).incomplete_stages()  # kept for a resume
+    _resume(ledger_dir, truncate=False)  # from the saved model (step 3), it goes on
