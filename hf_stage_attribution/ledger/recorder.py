@@ -631,7 +631,9 @@ class StageRecording:
     # --- checkpoint / resume ---------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """Persist progress so that ``resume=True`` can continue this stage after an interruption."""
+        """Persist progress so that ``resume=True`` can continue this stage after an interruption. Call it where the
+        model (and optimizer) are saved: a resume matches the model it is given against the states the checkpoints
+        saw (one hash of the parameters per call) and continues from the one it is at."""
         if not self.active:
             return
         if not (self.partial_dir / "start_trainable.safetensors").exists():
