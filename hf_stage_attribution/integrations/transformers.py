@@ -360,8 +360,8 @@ class StageRecorder(TrainerCallback):
         run's): its replay data were saved at its start with the planned end (a tiny GPT-2 stopped at step 3 of 8
         replayed all 8 and missed θ_K by 1.6× the stage's update)."""
         part = self._part
-        replay_file = recording.replay_dir / REPLAY_FILE if recording.metadata.get("replay") else None
-        if part is None or replay_file is None or not replay_file.exists():
+        replay_file = recording.partial_dir / "replay" / REPLAY_FILE  # not .replay_dir: that makes the folder
+        if part is None or not recording.metadata.get("replay") or not replay_file.exists():
             return
         end = part.start + len(recording.learning_rates)
         info = read_json(replay_file, "replay file")
