@@ -50,7 +50,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=list(SECOND_OPINIONS),
         help="what the trust verdicts check the estimate against without replay: 'auto' (the other replay family "
         "for a replaying estimate, else task-vector negation), 'delta-fd' (the cheap check), or a replay family; a "
-        "replay family can take as long as replay itself ('validate' answers the question outright)",
+        "replay family can take as long as replay itself or longer ('validate' answers the question outright)",
     )
     p.add_argument(
         "--trust-code",

@@ -248,7 +248,7 @@ class StageRecorder(TrainerCallback):
         recording.align_on_resume = False  # _align_resumed aligns with the Trainer's global step
         if self.save_replay_data and part.start == 0 and resume_at is None:  # a copy of the training dataset
             dataset = train_dataset(ctx.trainer, ctx.train_dataloader)
-            recording.projected_extra["replay_data"] = projected_dataset_bytes(dataset)
+            recording.projected_extra["replay_dataset"] = projected_dataset_bytes(dataset)  # not the tokenizer (MBs)
         recording.begin()
         self.recording, self._part, self._skipped_steps = recording, part, []
         if not recording.active:

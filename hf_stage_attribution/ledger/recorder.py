@@ -151,7 +151,8 @@ class StageRecording:
         self.early_checkpoint = check_early_checkpoint(early_checkpoint)
         self._early_step: int | None = None
         #: bytes a front end will add to the stage folder besides the recorder's own files (the Trainer callback's
-        #: replay data: ``{"replay_data": n}``), set before :meth:`begin`: projected and checked against free disk
+        #: copy of the training dataset: ``{"replay_dataset": n}``), set before :meth:`begin`: projected and checked
+        #: against free disk
         self.projected_extra: dict[str, int] = {}
         self.is_main = _is_main_process() if is_main_process is None else bool(is_main_process)
         self.resume = resume
@@ -349,7 +350,7 @@ class StageRecording:
         """The bytes this stage will add to the ledger, by part (``start``: θ_0 when the ledger is new, as stored;
         ``delta``: Δ of the trainable tensors, float32 or their half-precision dtype; ``lora``: the factors;
         ``segments``: curvature material, without the kept training examples, whose size depends on the batches;
-        and what a front end adds, :attr:`projected_extra`: the Trainer callback's ``replay_data``)."""
+        and what a front end adds, :attr:`projected_extra`: the Trainer callback's ``replay_dataset``)."""
         model = unwrap_model(model if model is not None else self.model)
         params = base_parameters(model)
         lora = lora_layers(model)

@@ -202,7 +202,7 @@ def test_the_replay_data_are_in_the_projected_growth_and_the_disk_check(tmp_path
     recorder = StageRecorder(tmp_path / "ledger", "s", save_replay_data=True, curvature_segments=0)
     Trainer(model=F.gpt2(), args=args, train_dataset=rows, callbacks=[recorder]).train()
     err = capsys.readouterr().err
-    projected = re.search(r"projected ledger growth ([\d.]+ [kMG]?B) \(.*replay_data ([\d.]+ [kMG]?B)\)", err)
+    projected = re.search(r"projected ledger growth ([\d.]+ [kMG]?B) \(.*replay_dataset ([\d.]+ [kMG]?B)\)", err)
     assert projected, err
 
     def size(text: str) -> float:
@@ -216,6 +216,6 @@ def test_the_replay_data_are_in_the_projected_growth_and_the_disk_check(tmp_path
     free = int(total - replay_data / 2)  # room for everything but half the copy of the dataset
     monkeypatch.setattr(recorder_module.shutil, "disk_usage", lambda path: usage(10**12, 10**12, free))
     recorder = StageRecorder(tmp_path / "ledger2", "s", save_replay_data=True, curvature_segments=0)
-    with pytest.raises(LedgerError, match=r"needs about .*replay_data .* but the disk has"):
+    with pytest.raises(LedgerError, match=r"needs about .*replay_dataset .* but the disk has"):
         Trainer(model=F.gpt2(), args=args, train_dataset=rows, callbacks=[recorder]).train()
     assert not (tmp_path / "ledger2" / "ledger.json").exists()
