@@ -115,6 +115,7 @@ class StageRecorder(TrainerCallback):
         self._hooks: list[Any] = []
         self._finalizer: weakref.finalize | None = None
         self._skipped_steps: list[int] = []
+        self._empty_reason: str | None = None  # why a stage boundary's part ends with no step (said when dropped)
         self._inherited_autocast: bool | None = None  # on_init_end: the model carried an earlier Trainer's wrapper
         self._init_optimizers: tuple[Any, Any] = (None, None)  # on_init_end: what the Trainer was given
         self._eval_rng: EvalRngLog | None = None  # generator states after evaluations (a replayable stage's)
@@ -337,7 +338,14 @@ class StageRecorder(TrainerCallback):
         if best is None or best >= int(state.global_step):
             return
         notes = list(recording.metadata.get("notes", []))
-        if best <= part.start:  # an earlier stage of this run holds the best checkpoint: this one ends before it began
+        if best == part.start:  # the best checkpoint is this stage's start: its whole update was discarded
+            recording.truncate(0)  # _finish drops it, as a stage stopped at its boundary
+            self._empty_reason = (
+                f"The Trainer loaded its best checkpoint (global step {best}, load_best_model_at_end), the start of "
+                f"stage {part.name!r}: the stage's update was discarded, so it is not recorded."
+            )
+            return
+        if best < part.start:  # an earlier stage of this run holds the best checkpoint: this one ends before it began
             notes.append(
                 f"The Trainer loaded its best checkpoint (global step {best}) at the end (load_best_model_at_end), "
                 f"which is before this stage began (step {part.start}): the stage's update takes the parameters back "
@@ -381,12 +389,11 @@ class StageRecorder(TrainerCallback):
             # training stopped exactly at a stage boundary: the next stage took no step. Committed, it was an empty
             # stage whose name a resume from the boundary's checkpoint could not use any more
             recording.abort()
-            warnings.warn(
+            reason = self._empty_reason or (
                 f"Training stopped at the boundary of stage {part.name!r} (global step {part.start}), before its "
-                f"first step: it is not recorded. Resuming this run from checkpoint-{part.start} records it.",
-                UserWarning,
-                stacklevel=3,
+                f"first step: it is not recorded. Resuming this run from checkpoint-{part.start} records it."
             )
+            warnings.warn(reason, UserWarning, stacklevel=3)
             self._close()
             return
         if recording.active:
@@ -412,7 +419,7 @@ class StageRecorder(TrainerCallback):
         """Forget the finished (or dropped) recording: its finalizer, its evaluation states, the active entry."""
         if self._finalizer is not None:
             self._finalizer.detach()
-        self.recording, self._eval_rng = None, None
+        self.recording, self._eval_rng, self._empty_reason = None, None, None
         _ACTIVE.pop(str(self.ledger_dir.resolve()), None)
 
     # --- interruption and resume ------------------------------------------------------------------------

@@ -218,3 +218,33 @@ def test_a_recorder_whose_train_raised_is_released_in_a_process_that_goes_on(tmp
     (other / "ledger.lock").write_text(json.dumps({**holder, "token": "t"}))
     with pytest.raises(LedgerLockedError, match=r"is running: if it is a notebook or script whose train\(\) raised"):
         DirectoryLock(other, "test").acquire()
+
+
+def test_a_best_checkpoint_at_a_stage_boundary_drops_the_later_stage(tmp_path):
+    """``load_best_model_at_end`` picking the boundary's checkpoint discards the later stage's whole update: it was
+    recorded with its learning rates, curvature segments and a zero delta, describing a trajectory that is gone."""
+    from transformers import Trainer, TrainerCallback
+
+    from hf_stage_attribution import StageRecorder
+
+    class EarliestIsBest(TrainerCallback):  # a metric that makes the first evaluation (step 4) the best
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            metrics["eval_earliness"] = -float(state.global_step)
+            return control
+
+    args = F.training_args(str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2,
+                           eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
+                           load_best_model_at_end=True, metric_for_best_model="earliness",
+                           greater_is_better=True)  # fmt: skip
+    model = F.gpt2()
+    recorder = StageRecorder(tmp_path / "ledger", "main", curvature_segments=0, stage_boundaries={"anneal": 4})
+    trainer = Trainer(model=model, args=args, train_dataset=F.lm_dataset(), eval_dataset=F.lm_dataset(8, seed=2),
+                      callbacks=[EarliestIsBest(), recorder])  # fmt: skip
+    with pytest.warns(UserWarning, match=r"best checkpoint \(global step 4.*the start of stage 'anneal'"):
+        trainer.train()
+    assert trainer.state.best_global_step == 4
+    ledger = StageLedger.load(tmp_path / "ledger")
+    assert [(s.name, s.num_steps) for s in ledger.stages] == [("main", 4)]
+    final = ledger.final_state()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(final[name], param.detach(), atol=1e-6, rtol=0)
