@@ -111,7 +111,8 @@ def _leftovers_text(ledger) -> str:
     if holder:
         lines.append(
             f"Locked for writing by pid {holder.get('pid')} on {holder.get('host')} ({holder.get('purpose')}); "
-            "a stage being recorded shows as incomplete until it finishes."
+            "a stage being recorded shows as incomplete until it finishes (if that process's train() raised and it "
+            "goes on, a notebook say, its StageRecorder's release() frees the lock and keeps the stage for a resume)."
         )
     return "\n".join(lines)
 

@@ -202,6 +202,9 @@ def test_a_recorder_whose_train_raised_is_released_in_a_process_that_goes_on(tmp
         trainer.train()
     with pytest.raises(LedgerLockedError, match=r"a StageRecorder whose train\(\) raised: call its release\(\)"):
         StageLedger(tmp_path / "ledger").record_stage("other", model=model).begin()
+    from hf_stage_attribution.cli.inspect_cmd import _leftovers_text
+
+    assert "its StageRecorder's release() frees the lock" in _leftovers_text(StageLedger(tmp_path / "ledger"))
     recorder.release()
     assert lock_holder(tmp_path / "ledger") is None  # freed, and the partial stage is kept for a resume
     assert list((tmp_path / "ledger" / "stages").glob(".partial-*-main"))
