@@ -110,6 +110,19 @@ def half_precision_note(dtype: torch.dtype) -> str:
     )
 
 
+def half_weight_dtypes(model: object) -> list[str]:
+    """The half-precision dtypes of ``model``'s parameters by name (``["bfloat16"]``), sorted; ``[]`` for a float32
+    model or an object without parameters — ``stage.json["training_precision"]["weights"]``.
+
+    Example:
+        >>> half_weight_dtypes(torch.nn.Linear(2, 1).to(torch.bfloat16)), half_weight_dtypes(torch.nn.Linear(2, 1))
+        (['bfloat16'], [])
+    """
+    parameters = getattr(model, "parameters", None)
+    dtypes = {p.dtype for p in parameters()} if callable(parameters) else set()
+    return sorted(str(d).replace("torch.", "") for d in dtypes if d in HALF_DTYPES)
+
+
 def precision_description(record: object) -> str | None:
     """What a stage's ``training_precision`` (stage.json) says in words — its mixed precision (``"bf16 mixed
     precision"``) or else its half-precision weights (``"bfloat16 weights"``) — or None where it is not such a record.

@@ -368,7 +368,7 @@ class StageRecorder(TrainerCallback):
         run's): its replay data were saved at its start with the planned end (a tiny GPT-2 stopped at step 3 of 8
         replayed all 8 and missed θ_K by 1.6× the stage's update)."""
         part = self._part
-        replay_file = recording.partial_dir / "replay" / REPLAY_FILE  # not .replay_dir: that makes the folder
+        replay_file = recording.replay_path / REPLAY_FILE  # not .replay_dir: that makes the folder
         if part is None or not recording.metadata.get("replay") or not replay_file.exists():
             return
         end = part.start + len(recording.learning_rates)
@@ -436,8 +436,7 @@ class StageRecorder(TrainerCallback):
             >>> StageRecorder(tempfile.mkdtemp(), "sft").release()  # nothing recorded yet: nothing to let go
         """
         self._suspend()
-        if self._finalizer is not None:
-            self._finalizer.detach()
+        self._close()
         self._part = None
 
     def _suspend(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .._internal.hashing import combine_digests
 from .._internal.params import is_peft_model, state_digests, unwrap_model
-from .._internal.precision import HALF_DTYPES, precision_description
+from .._internal.precision import half_weight_dtypes, precision_description
 from .run_info import attn_implementation, json_safe
 
 # Config class name (the most specific TRL class in the MRO) → stage kind, and the trainer class that config belongs
@@ -187,8 +187,7 @@ def training_precision(args: Any, model: Any = None, trainer: Any = None) -> dic
     half = [k for k in ("bf16", "fp16") if getattr(args, k, False)]
     if half and mixed_precision_ran(trainer) is not False:
         out["mixed"] = half[0]
-    dtypes = {p.dtype for p in model.parameters()} if model is not None and hasattr(model, "parameters") else set()
-    weights = sorted(str(d).replace("torch.", "") for d in dtypes if d in HALF_DTYPES)
+    weights = half_weight_dtypes(model)
     if weights:
         out["weights"] = weights
     return out or None

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .._internal.precision import half_precision_dtype, half_precision_note
+from .._internal.precision import half_precision_dtype, half_precision_note, half_weight_dtypes
 from ..checkpoints.importer import import_checkpoints
 from ..errors import LedgerError
 from .core import LedgerCore
@@ -81,6 +81,6 @@ class StageLedger(LedgerCore):
             warnings.warn(f"Stage {name!r}: {note}", UserWarning, stacklevel=2)
             recording.update_metadata(
                 notes=[*recording.metadata.get("notes", []), note],
-                training_precision={"weights": [str(half).replace("torch.", "")]},
+                training_precision={"weights": half_weight_dtypes(model)},
             )
         return recording

@@ -697,9 +697,13 @@ class StageRecording:
         """A directory inside the partial stage where front ends save what replay needs."""
         if not self.active:
             return None
-        path = self.partial_dir / "replay"
-        path.mkdir(exist_ok=True)
-        return path
+        self.replay_path.mkdir(exist_ok=True)
+        return self.replay_path
+
+    @property
+    def replay_path(self) -> Path:
+        """Where :attr:`replay_dir` is, without making it (to read what a front end saved there, if anything)."""
+        return self.partial_dir / "replay"
 
     def suspend(self) -> None:
         """Stop recording without finishing: keep the partial stage (for a later ``resume=True``), release the lock.

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReportError
-from .build import build_report, json_safe, last_stage_name, replay_top_separation
+from .build import build_report, json_safe, last_stage_name, replay_top_separation, unseparated_top_two
 from .files import atomic_write_bytes, load_report_dict
 from .plot import report_figure, save_report_plot
 from .schema import (
@@ -202,8 +202,7 @@ class AttributionReport:
                 {r.stage: r.effect for r in rows}, estimator=self.estimator,
                 intervals={r.stage: (r.ci_low, r.ci_high) for r in rows},
                 replay={r.stage: float(truth[r.stage]) for r in rows},
-                replay_tie=None if not separation or separation["separated"] else [separation["top"],
-                                                                                   separation["runner_up"]],
+                replay_tie=unseparated_top_two(separation),
             )  # fmt: skip
             if separation is not None:
                 verdict["evidence"]["replay"]["top_separation"] = separation

@@ -148,6 +148,19 @@ def replay_top_separation(
     }
 
 
+def unseparated_top_two(separation: Mapping[str, Any] | None) -> list[str] | None:
+    """``[replay's top, its runner-up]`` where :func:`replay_top_separation` found its examples do not separate them
+    (what :func:`~.trust.assess_trust` takes as ``replay_tie``); None otherwise.
+
+    Example:
+        >>> unseparated_top_two({"top": "b", "runner_up": "a", "separated": False}), unseparated_top_two(None)
+        (['b', 'a'], None)
+    """
+    if not separation or separation.get("separated", True):
+        return None
+    return [str(separation["top"]), str(separation["runner_up"])]
+
+
 def stage_summary(stage: Any, position: int) -> Any:
     """A :class:`~.schema.StageSummary` from a ledger ``Stage``, a dict, a name or a summary."""
 
@@ -448,9 +461,9 @@ def build_report(
         in_order = sorted(truth, key=lambda st: by_name[st].index if st in by_name else 0)
         ordered_truth = {st: truth[st] for st in in_order}
         separation = replay_top_separation(ordered_truth, int(n_resamples), int(seed), float(confidence))
-        tie = None if separation is None or separation["separated"] else [separation["top"], separation["runner_up"]]
         trust = _trust(
-            behavior, str(estimator), stage_means, stage_intervals, alternates, pair, gaps, last_stage, tie
+            behavior, str(estimator), stage_means, stage_intervals, alternates, pair, gaps, last_stage,
+            unseparated_top_two(separation),
         )  # fmt: skip
         replay_evidence = (trust.get("evidence") or {}).get("replay")
         if separation is not None and isinstance(replay_evidence, dict):
