@@ -110,7 +110,8 @@ class StageAttributor:
             ``Trainer`` (``estimators.replay``'s step-limited and callback forms).
         loss_fns: ``{stage name: loss}`` for curvature products of stages recorded in another process.
         diagnostics: also compute f(θ_0) (total change, interaction residual), the paired linear/finite-difference
-            estimator (linearisation gap) and the second opinion of the trust verdicts.
+            estimator (linearisation gap; not with ``attribute(..., validate=True)``, where replay measures the
+            estimate's error itself) and the second opinion of the trust verdicts.
         second_opinion: what the trust verdicts check the estimate against when replay does not run: ``"auto"``
             (:func:`estimators.choose_second_opinion`: the other replay family at the same budget for a replaying
             estimate, where the later stages have the form it needs, else task-vector negation), ``"delta-fd"``
@@ -309,7 +310,9 @@ class StageAttributor:
         joint = _Joint(locals_, unsplit if self.state.num_processes > 1 else set())
         runs = ["main"]
         resolved = self._resolved_name(options, stage_names)
-        paired = _PAIRED.get(resolved) if self.diagnostics else None
+        # with validate, replay decides every verdict and measures the estimate's error itself: the sibling (a
+        # forward-mode pass per example beside a finite-difference estimate, 42 s of 136 s on SmolLM2-135M) is not run
+        paired = _PAIRED.get(resolved) if self.diagnostics and not validate else None
         # A finite-difference reading of the ledger's last stage is replay itself: its linear sibling's reading there
         # would only measure the linear read-out's own error, which the verdict does not use (report/trust.py)
         last = self.ledger.stages[-1].name

@@ -284,6 +284,24 @@ def test_the_final_model_is_evaluated_once_for_every_estimator_that_reads_it(pip
     torch.testing.assert_close(torch.as_tensor(total, dtype=torch.float64), expected)
 
 
+def test_validate_does_not_run_the_linear_sibling(pipeline):
+    """With ``validate=True`` replay decides every verdict and measures the estimate's error itself: the linear
+    sibling of a finite-difference estimate (a forward-mode pass per example) is not run, the report says why the
+    linearisation gap is absent, and without validate the sibling runs as before."""
+    from tests.helpers.attributor import stage_fns
+
+    _, ledger, model = pipeline
+    attributor = StageAttributor(ledger, model, estimator="aa-fd", stage_fns=stage_fns(), show_progress=False)
+    validated = attributor.attribute(behaviors_for(), validate=True)
+    diag = validated.diagnostics["logit-0"]
+    assert not diag.linearisation_pair and not diag.linearisation_gap
+    assert validated.trust("logit-0")["verdict"] in ("verified", "unreliable")  # replay's verdict
+    assert "Linearisation gap: not computed (replay ran" in validated.to_markdown()
+    plain = attributor.attribute(behaviors_for())
+    assert plain.diagnostics["logit-0"].linearisation_pair == ["aa-linear", "aa-fd"]
+    assert plain.diagnostics["logit-0"].linearisation_gap
+
+
 def test_the_shared_final_value_follows_the_model(pipeline):
     """The joint behavior serves its kept ``f(θ_K)`` only while the model holds the same parameters: after an
     in-place change, or for another model, it evaluates again."""

@@ -611,6 +611,10 @@ def diagnostics_lines(report: AttributionReport, name: str, unit: str) -> list[s
             f"Linearisation gap ({fd} − {linear}) per stage, {unit} (share of the largest effect): {gaps}. "
             + _gap_meaning(report, name)
         )
+    elif report.estimator == "replay":
+        lines.append("Linearisation gap: none (the effects are replay itself).")
+    elif report.fidelity is not None:
+        lines.append("Linearisation gap: not computed (replay ran and measured the estimate's error itself).")
     else:
         lines.append("Linearisation gap: not computed (needs both a linear and a finite-difference estimate).")
     if diag.approximations and diag.approximations != report.approximations:
