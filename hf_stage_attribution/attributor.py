@@ -198,31 +198,44 @@ class StageAttributor:
             self.estimator_options["curvature_options"] = settings
         self.ref_models = dict(ref_models or {})
         self.reward_funcs = dict(reward_funcs or {})
-        names = [s.name for s in self.ledger.stages]
-        _check_stage_names("stage_fns", self.stage_fns, names)
-        _check_stage_names("ref_models", self.ref_models, names)
-        _check_stage_names("reward_funcs", self.reward_funcs, names)
-        _check_stage_names("loss_fns", self.loss_fns, names)
         self.state = _state()
-        if check_model:
-            self.ledger.check_model(model)
-        #: the report's note when the model's weights are half precision (the attribution then runs on a float32 copy)
-        self.precision_note = ""
         if half_precision not in HALF_PRECISION_MODES:
             raise ReportError(
                 f"Expected half_precision to be one of {', '.join(map(repr, HALF_PRECISION_MODES))}, got "
                 f"{half_precision!r}: 'float32-copy' evaluates a bf16/fp16 model on a float32 copy (exact, one "
                 "float32 model of memory more), 'native' in its own dtype (no copy; rounding noise in the estimates)."
             )
+        self.half_precision = half_precision
+        self.check_model = check_model
+        self._check_inputs_against_ledger()
+        self._use_model(model)
+
+    def _check_inputs_against_ledger(self) -> None:
+        names = [s.name for s in self.ledger.stages]
+        _check_stage_names("stage_fns", self.stage_fns, names)
+        _check_stage_names("ref_models", self.ref_models, names)
+        _check_stage_names("reward_funcs", self.reward_funcs, names)
+        _check_stage_names("loss_fns", self.loss_fns, names)
+
+    def _use_model(self, model: torch.nn.Module) -> None:
+        """Check ``model`` against the ledger's final state and set up what the attribution evaluates: a view without
+        accelerate's autocast wrapper, or a float32 copy of half-precision weights. Remembers a checksum of
+        ``model`` so that :meth:`attribute` can tell when its weights changed in place since."""
+        if self.check_model:
+            self.ledger.check_model(model)
+        self._user_model = model
+        self._checked = (self.ledger.fingerprint, _fingerprint(model))
+        #: the report's note when the model's weights are half precision (the attribution then runs on a float32 copy)
+        self.precision_note = ""
         half = half_precision_dtype(model)
         name = str(half).replace("torch.", "")
-        if half is not None and half_precision == "native":
+        if half is not None and self.half_precision == "native":
             self.precision_note = (
                 f"The model's weights are {name} and were evaluated in {name} (half_precision='native', no float32 "
                 "copy): finite differences and replay's differences carry its rounding noise, which can swamp small "
                 "effects; half_precision='float32-copy' (the default) evaluates them in float32."
             )
-        if half is None or half_precision == "native":
+        if half is None or self.half_precision == "native":
             # accelerate's autocast wrapper, left on the object a Trainer(bf16=True) trained, would evaluate it under
             # bf16 autocast: evaluate a view without it (same parameters, the user's model unchanged)
             self.model = without_accelerate_wrapper(model)
@@ -238,6 +251,24 @@ class StageAttributor:
                     f"the model's weights are {name}: attributing on a float32 copy (memory: one float32 model more)",
                     routine=False,
                 )
+
+    def _refresh(self) -> None:
+        """Before each :meth:`attribute`: the ledger as it is on disk now, and the model checked against it again
+        where either changed since the last check. A stage recorded into the same folder after this attributor was
+        made (through another ``StageLedger`` object or a ``StageRecorder``), or the model trained further in place,
+        was attributed with the old ledger and the old check: a 4-stage ledger read as its first 3, effects of the
+        wrong sign, no error."""
+        if self.ledger.refresh():  # in place: keeps the loss functions registered in this process
+            if self.state.is_main_process:
+                notice(
+                    f"the ledger at {self.ledger.dir} changed since this attributor was made (now "
+                    f"{len(self.ledger.stages)} stages: {', '.join(s.name for s in self.ledger.stages)}): attributing "
+                    "it as it is now",
+                    routine=False,
+                )
+            self._check_inputs_against_ledger()
+        if self._checked != (self.ledger.fingerprint, _fingerprint(self._user_model)):
+            self._use_model(self._user_model)
 
     # --- public ------------------------------------------------------------------------------------------
 
@@ -263,6 +294,7 @@ class StageAttributor:
         itself (``report/trust.py``). The final model is evaluated once for all of them (and for replay and the total
         change): every estimator that reads ``f(θ_K)`` is served the same values.
         """
+        self._refresh()
         # forward-mode autodiff (per-example linear effects) has no rule for CPU SDPA kernels: eager attention for
         # the attribution only; the user's model gets its own implementation back afterwards
         with attention_switched(self.model, "eager"):

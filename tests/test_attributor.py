@@ -302,6 +302,38 @@ def test_validate_does_not_run_the_linear_sibling(pipeline):
     assert plain.diagnostics["logit-0"].linearisation_gap
 
 
+def test_attribute_again_reads_the_ledger_and_the_model_as_they_are_now(tmp_path):
+    """One attributor, ``attribute()`` called again after a stage was recorded into the same folder (through another
+    ``StageLedger`` object, training the same model in place): the ledger is read as it is now (4 stages, the numbers
+    of a fresh attributor; it was attributed as its first 3 with the new model: a sign flip, an 11× effect, the new
+    stage missing), and a model trained further without recording is refused as a fresh attributor refuses it."""
+    from tests.helpers.attributor import _data, forward, loss
+
+    ledger, model = record_pipeline(tmp_path / "ledger")
+    behaviors = {"logit-0": behaviors_for()["logit-0"]}
+    attributor = StageAttributor(tmp_path / "ledger", model, estimator="aa-fd", diagnostics=False, show_progress=False)
+    first = attributor.attribute(behaviors)
+    assert [r.stage for r in first.rows_for("logit-0")] == ["stage0", "stage1", "stage2"]
+    opt, batch = torch.optim.SGD(model.parameters(), lr=0.5, weight_decay=0.5), _data(7)
+    with ledger.record_stage(
+        "stage3", kind="custom", model=model, optimizer=opt, loss_fn=(forward, loss), num_steps=4
+    ) as rec:
+        for _ in range(4):
+            opt.zero_grad()
+            loss(forward(model, batch), batch).backward()
+            opt.step()
+            rec.step(batch)
+    again = attributor.attribute(behaviors)
+    fresh = StageAttributor(tmp_path / "ledger", model, estimator="aa-fd", diagnostics=False, show_progress=False)
+    expected = {r.stage: r.effect for r in fresh.attribute(behaviors).rows_for("logit-0")}
+    assert {r.stage: r.effect for r in again.rows_for("logit-0")} == expected
+    assert len(expected) == 4
+    with torch.no_grad():
+        model[0].bias.add_(0.5)  # trained further, not recorded
+    with pytest.raises(ModelMismatchError, match="does not match the ledger's final state"):
+        attributor.attribute(behaviors)
+
+
 def test_the_shared_final_value_follows_the_model(pipeline):
     """The joint behavior serves its kept ``f(θ_K)`` only while the model holds the same parameters: after an
     in-place change, or for another model, it evaluates again."""

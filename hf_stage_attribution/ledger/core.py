@@ -118,6 +118,20 @@ class LedgerCore:
             stage.loss_fn = self._loss_fns.get(stage.name)
         self._manifest, self._shapes, self.stages = manifest, shapes, stages
 
+    def refresh(self) -> bool:
+        """Re-read ``ledger.json``: the stages recorded now, not when this object was made (by another
+        ``StageLedger`` object, a ``StageRecorder`` or another process); returns whether they changed.
+
+        Example:
+            >>> import tempfile
+            >>> LedgerCore(tempfile.mkdtemp()).refresh()  # nothing recorded there, before or now
+            False
+        """
+        before = self.fingerprint if self.exists else None
+        if (self.dir / LEDGER_FILE).exists():
+            self._reload()
+        return (self.fingerprint if self.exists else None) != before
+
     @property
     def exists(self) -> bool:
         return self._manifest is not None
