@@ -32,7 +32,7 @@ from .estimators.base import check_finite, eval_mode, evaluate
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
 from .estimators.partial_replay import check_budget
-from .estimators.replay import check_replayable, replay_inputs, replay_needs
+from .estimators.replay import check_replayable, replay_inputs, replay_needs, reusing_replays
 from .estimators.second_opinion import DEFAULT_SECOND_OPINION, check_second_opinion
 from .estimators.selection import PARTIAL_REPLAY_BUDGET, choice_inputs
 from .ledger import StageLedger
@@ -297,7 +297,9 @@ class StageAttributor:
         self._refresh()
         # forward-mode autodiff (per-example linear effects) has no rule for CPU SDPA kernels: eager attention for
         # the attribution only; the user's model gets its own implementation back afterwards
-        with attention_switched(self.model, "eager"):
+        # a replay's result serves the other read-out of this attribution, and is dropped with it (user stage functions
+        # can change between calls)
+        with attention_switched(self.model, "eager"), reusing_replays():
             return self._attribute(behaviors, stages, validate)
 
     def _attribute(self, behaviors: Mapping[str, Any], stages: Any, validate: bool):

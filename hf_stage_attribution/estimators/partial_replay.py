@@ -111,8 +111,10 @@ from .propagation.stage import StagePropagator, next_trained, trains
 from .replay import (
     STEP_LIMITED_HOW,
     can_replay,
+    kept_replays,
     load_state,
     replay_inputs_key,
+    reusing,
     run_stage,
     stage_replay_problem,
     step_limitable,
@@ -719,7 +721,7 @@ def propagated_embeddings(
     return stage_embeddings(ledger, "aa-linear", propagated, allow_identity_propagation=allow_identity_propagation)
 
 
-_MEMO: dict[str, Any] = {}
+_MEMO: dict[str, Any] = kept_replays({})
 
 
 def _memo_key(
@@ -727,6 +729,16 @@ def _memo_key(
 ) -> tuple:
     fns = tuple(sorted((n, id(f)) for n, f in stage_fns.items()))
     return (str(ledger.dir), ledger.fingerprint, budget, unit, fns, replay_inputs_key(inputs))
+
+
+def _options_key(value: Any) -> Any:
+    """A memo key for a mapping of options (curvature settings, loss functions by stage): values by identity unless
+    they are plain numbers, strings, booleans or None."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _options_key(v)) for k, v in value.items()))
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return ("id", id(value))
 
 
 def partial_replay_embeddings(
@@ -756,9 +768,10 @@ def partial_replay_embeddings(
     ignores the checkpoints). A stage replayed from its replay data gets ``ref_models[name]`` (its reference model or
     teacher) and ``reward_funcs[name]`` (GRPO/RLOO/OnlineDPO), as in :func:`~.replay.run_stage`.
 
-    The last result is kept (for the same ledger, budget, options and stage functions) so that the linear and the
-    finite-difference read-outs of one attribution replay once: it serves any subset of the stages it was computed
-    for (each ``v_k`` is computed on its own); ``reuse=False`` recomputes.
+    Inside :func:`~.replay.reusing_replays` (one ``StageAttributor.attribute`` call opens it) the last result is
+    kept (for the same ledger, budget, options and stage functions) so that the linear and the finite-difference
+    read-outs of one attribution replay once: it serves any subset of the stages it was computed for (each ``v_k`` is
+    computed on its own); ``reuse=False`` recomputes, and outside such a block every call replays.
     """
     budget = check_budget(budget, budget_unit)
     stage_fns = dict(stage_fns or {})
@@ -778,8 +791,11 @@ def partial_replay_embeddings(
         carry_moments,
         use_early_checkpoints,
         factual,
+        allow_identity_propagation,
+        _options_key(curvature_options) if carry == "aa-ggn" else None,
+        _options_key(loss_fns) if carry == "aa-ggn" else None,
     )
-    if reuse and _MEMO.get("key") == key and set(indices) <= set(_MEMO["indices"]):
+    if reuse and reusing() and _MEMO.get("key") == key and set(indices) <= set(_MEMO["indices"]):
         return _MEMO["embeddings"]
     plans = {
         k: plan_partial_replay(ledger, k, budget, budget_unit, use_checkpoints, use_early_checkpoints, factual)
@@ -848,7 +864,8 @@ def partial_replay_embeddings(
         }
     }
     _MEMO.clear()
-    _MEMO.update(key=key, indices=tuple(indices), embeddings=emb, stage_fns=stage_fns)
+    if reusing():  # kept for the other read-out of this attribution only (estimators.replay.reusing_replays)
+        _MEMO.update(key=key, indices=tuple(indices), embeddings=emb, stage_fns=stage_fns)
     return emb
 
 

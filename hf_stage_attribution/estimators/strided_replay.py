@@ -76,14 +76,16 @@ from .partial_replay import (
 from .propagation.stage import trains
 from .replay import (
     can_replay,
+    kept_replays,
     no_gradient_reuse_message,
     replay_inputs_key,
+    reusing,
     run_stage,
     stage_replay_problem,
     takes_grad_every,
 )
 
-_MEMO: dict[str, Any] = {}
+_MEMO: dict[str, Any] = kept_replays({})
 
 
 @dataclass
@@ -245,15 +247,19 @@ def strided_replay_embeddings(
     ref_models: Mapping[str, Any] | None = None,
     reward_funcs: Mapping[str, Any] | None = None,
 ) -> PartialReplayEmbeddings:
-    """The strided-replay embeddings of ``stages`` (ledger stages) at ``budget``; the last result is kept for the same
-    ledger, stages, budget, stage functions, reference models and reward functions (``reuse=False`` recomputes)."""
+    """The strided-replay embeddings of ``stages`` (ledger stages) at ``budget``; inside
+    :func:`~.replay.reusing_replays` the last result is kept for the same ledger, stages, budget, stage functions,
+    reference models and reward functions (``reuse=False`` recomputes; outside such a block every call replays)."""
     budget = check_budget(budget)
     stage_fns = dict(stage_fns or {})
     inputs = {"ref_models": dict(ref_models or {}), "reward_funcs": dict(reward_funcs or {})}
     indices = [s.index for s in stages]
     fns = tuple(sorted((n, id(f)) for n, f in stage_fns.items()))
-    key = (str(ledger.dir), ledger.fingerprint, budget, tuple(indices), fns, replay_inputs_key(inputs))
-    if reuse and _MEMO.get("key") == key:
+    key = (
+        str(ledger.dir), ledger.fingerprint, budget, tuple(indices), fns, replay_inputs_key(inputs),
+        allow_identity_propagation,
+    )  # fmt: skip
+    if reuse and reusing() and _MEMO.get("key") == key:
         return _MEMO["embeddings"]
     plans = {k: plan_strided_replay(ledger, k, budget) for k in indices}
     for plan in plans.values():
@@ -293,7 +299,8 @@ def strided_replay_embeddings(
             "seconds": seconds,
         }
     }
-    _MEMO.update(key=key, embeddings=emb)
+    if reusing():  # kept for the other read-out of this attribution only (estimators.replay.reusing_replays)
+        _MEMO.update(key=key, embeddings=emb)
     return emb
 
 

@@ -34,7 +34,8 @@ the same training; the gap measures only how curved f is along ``v_k``, i.e. the
 then stays in the evidence (``evidence["linearisation_gap_counted"] = False``) and is not a reason for "unreliable"
 (:func:`gap_counts`). Measured against replay (BENCHMARKS.md §8, six pipelines, the default's verdicts): every one of
 the 12 behaviors that the gap alone called unreliable was verified by replay, and "agree" went from 32 behaviors to
-44, replay verifying all of them; with task-vector negation as the check the gap still screens out wrong claims
+44, replay verifying all of them (41 under the size bar of "verified" added later, 2026-12-06: 3 have a non-top
+stage 2.3–3.5× replay's size); with task-vector negation as the check the gap still screens out wrong claims
 (without it, 43 of 49 "agree"s verified instead of 34 of 38), so there, and for every other estimator, it counts.
 
 The bootstrap intervals of a report resample the behavior's examples only: they say nothing about the estimator's

@@ -563,3 +563,35 @@ def test_only_the_stages_left_to_propagation_get_aa_linear_embeddings(digits, na
     full = _estimate(name, pipe, budget=0.25)
     for stage, value in lean.per_example.items():
         assert torch.equal(full.per_example[stage], value), stage
+
+
+@pytest.mark.parametrize("name", ["partial-replay", "strided-replay"])
+def test_a_replay_is_kept_only_within_one_attribution(digits, monkeypatch, name):
+    """Outside ``reusing_replays()`` every call replays: a stage function is user code whose behaviour can change
+    between calls with the same object (a data-order seed read from a config the user fixed was served the earlier
+    replay: partial replay 0.137 off, strided replay of the other sign). Inside it (``StageAttributor.attribute`` opens
+    one) the second read-out reads the first one's replay, another option that changes the embedding is another key,
+    and the kept result is dropped when the block ends."""
+    from hf_stage_attribution.estimators import strided_replay as sr
+    from hf_stage_attribution.estimators.replay import reusing_replays
+
+    pipe, module = digits["hf"], (pr if name == "partial-replay" else sr)
+    ran = H.count_stage_runs(monkeypatch, module)
+    linear = "partial-replay-linear" if name == "partial-replay" else name
+
+    def run(estimator, **options):
+        return estimators.get(estimator).estimate(pipe.ledger, pipe.model, H.joint(pipe), stage_fns=pipe.stage_fns,
+                                                  **QUIET, **options)  # fmt: skip
+
+    run(name)
+    once = len(ran)
+    assert once > 0
+    run(linear)
+    assert len(ran) == 2 * once  # no block open: replayed again
+    with reusing_replays():
+        run(name)
+        run(linear)
+        assert len(ran) == 3 * once  # one replay for both read-outs
+        run(name, allow_identity_propagation=True)
+        assert len(ran) == 4 * once  # another option, another key
+    assert not pr._MEMO and not sr._MEMO
