@@ -148,3 +148,38 @@ def test_an_embedding_equal_to_the_recorded_delta_is_read_from_the_ledger_not_co
             if k > 0:
                 assert torch.equal(emb.get(k, name), stages[k].delta_tensor(name))
     assert not torch.equal(emb.get(0, "weight"), stages[0].delta_tensor("weight"))
+
+
+CLASS_WEIGHTS = torch.ones(3)
+WEIGHTS_BY_NAME = {"scale": 1.0}
+CRITERION = torch.nn.CrossEntropyLoss()
+
+
+def weighted_loss(out, b):  # reads a global tensor and a global dict
+    return torch.nn.functional.cross_entropy(out * WEIGHTS_BY_NAME["scale"], b[1], weight=CLASS_WEIGHTS)
+
+
+def criterion_loss(out, b):  # reads a global loss module, whose state the fingerprint cannot read
+    return CRITERION(out, b[1])
+
+
+def test_globals_a_loss_reads_are_fingerprinted_by_content_or_make_it_unkeyable():
+    """A global tensor, list or dict a loss reads changes its fingerprint when its content changes (a loss's class
+    weights changed from (1, 1, 1) to (20, 1, 0.05) kept the fingerprint, and the cached aa-ggn result was served
+    again: +16 % on one stage); a global object whose state cannot be read (an ``nn.Module`` criterion) makes the
+    loss unkeyable, so its cache is never reused."""
+    before = callable_fingerprint(weighted_loss)
+    assert before is not None
+    CLASS_WEIGHTS[0] = 20.0
+    try:
+        after_tensor = callable_fingerprint(weighted_loss)
+    finally:
+        CLASS_WEIGHTS[0] = 1.0
+    WEIGHTS_BY_NAME["scale"] = 2.0
+    try:
+        after_dict = callable_fingerprint(weighted_loss)
+    finally:
+        WEIGHTS_BY_NAME["scale"] = 1.0
+    assert len({before, after_tensor, after_dict}) == 3
+    assert callable_fingerprint(weighted_loss) == before
+    assert callable_fingerprint(criterion_loss) is None
