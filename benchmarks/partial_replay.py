@@ -95,7 +95,7 @@ def _cold_embeddings(ledger: Any, *args: Any, **kwargs: Any) -> Any:
 def measure(pipe: Any, settings: Any, budgets: tuple[float, ...] = BUDGETS) -> dict[str, Any]:
     """Replay, delta-fd, and the partial-replay family at every budget on one pipeline; values and timings (inside
     one ``reusing_replays`` block, as in an attribution: the read-outs read the embeddings computed just before)."""
-    from hf_stage_attribution.estimators.replay import reusing_replays
+    from hf_stage_attribution.estimators import reusing_replays
 
     with reusing_replays():
         return _measure(pipe, settings, budgets)

@@ -26,13 +26,14 @@ from ._internal.memory import release_freed_memory
 from ._internal.model_state import attention_switched, swapped_parameters, without_accelerate_wrapper
 from ._internal.notices import notice
 from ._internal.precision import float32_working_model, half_precision_dtype, precision_description
+from ._internal.reuse import reusing_replays
 from .behaviors import as_behavior
 from .errors import BehaviorError, ReportError, StageAttributionError, did_you_mean
 from .estimators.base import check_finite, eval_mode, evaluate
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
 from .estimators.partial_replay import check_budget
-from .estimators.replay import check_replayable, replay_inputs, replay_needs, reusing_replays
+from .estimators.replay import check_replayable, replay_inputs, replay_needs
 from .estimators.second_opinion import DEFAULT_SECOND_OPINION, check_second_opinion
 from .estimators.selection import PARTIAL_REPLAY_BUDGET, choice_inputs
 from .ledger import StageLedger

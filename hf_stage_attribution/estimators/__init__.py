@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+from .._internal.reuse import reusing_replays
 from . import finite_difference as _finite_difference  # noqa: F401  (registers delta-fd, aa-fd, aa-*-fd)
 from . import linear as _linear  # noqa: F401  (registers delta-linear, aa-linear, aa-ggn, aa-hvp)
 from . import lora_exact as _lora_exact  # noqa: F401  (registers lora-exact)
@@ -47,6 +48,7 @@ __all__ = [
     "register",
     "replay_gap",
     "replay_model",
+    "reusing_replays",
     "run_recurrence",
     "stage_embeddings",
     "subtract_embedding",

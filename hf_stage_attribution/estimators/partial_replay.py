@@ -81,6 +81,7 @@ import torch
 
 from .._internal.memory import collections_of_new_objects, human_bytes, release_freed_memory
 from .._internal.params import iter_merged_state
+from .._internal.reuse import kept_replays, reusing
 from ..errors import BudgetError, EstimatorMemoryError, PartialReplayError
 from ..ledger.core import LedgerCore
 from ..ledger.segments import lr_mass_fraction
@@ -111,10 +112,8 @@ from .propagation.stage import StagePropagator, next_trained, trains
 from .replay import (
     STEP_LIMITED_HOW,
     can_replay,
-    kept_replays,
     load_state,
     replay_inputs_key,
-    reusing,
     run_stage,
     stage_replay_problem,
     step_limitable,
@@ -768,10 +767,11 @@ def partial_replay_embeddings(
     ignores the checkpoints). A stage replayed from its replay data gets ``ref_models[name]`` (its reference model or
     teacher) and ``reward_funcs[name]`` (GRPO/RLOO/OnlineDPO), as in :func:`~.replay.run_stage`.
 
-    Inside :func:`~.replay.reusing_replays` (one ``StageAttributor.attribute`` call opens it) the last result is
-    kept (for the same ledger, budget, options and stage functions) so that the linear and the finite-difference
-    read-outs of one attribution replay once: it serves any subset of the stages it was computed for (each ``v_k`` is
-    computed on its own); ``reuse=False`` recomputes, and outside such a block every call replays.
+    Inside :func:`~hf_stage_attribution.estimators.reusing_replays` (one ``StageAttributor.attribute`` call opens
+    it) the last result is kept (for the same ledger, budget, options and stage functions) so that the linear and the
+    finite-difference read-outs of one attribution replay once: it serves any subset of the stages it was computed
+    for (each ``v_k`` is computed on its own); ``reuse=False`` recomputes, and outside such a block every call
+    replays.
     """
     budget = check_budget(budget, budget_unit)
     stage_fns = dict(stage_fns or {})
@@ -864,7 +864,7 @@ def partial_replay_embeddings(
         }
     }
     _MEMO.clear()
-    if reusing():  # kept for the other read-out of this attribution only (estimators.replay.reusing_replays)
+    if reusing():  # kept for the other read-out of this attribution only (estimators.reusing_replays)
         _MEMO.update(key=key, indices=tuple(indices), embeddings=emb, stage_fns=stage_fns)
     return emb
 

@@ -65,8 +65,7 @@ Example:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -83,6 +82,7 @@ from ..integrations.replay import (
     match_recorded_trainables,
     optimizer_state_by_name,
     reference_problem,
+    replay_files_problem,
     replay_trainer_stage,
     replay_world,
     reward_problem,
@@ -312,13 +312,15 @@ def trainer_input_problem(
 ) -> str | None:
     """What a replay of ``stage`` from its replay data needs besides them and was not given, as a clause (``None``
     when nothing): a trainer class it does not import (:func:`trainer_class_problem`), a reference model or teacher it
-    cannot rebuild (:func:`reference_problem`; ``ref_models``), or
-    the reward functions of a GRPO/RLOO/OnlineDPO stage (:func:`reward_problem`; ``reward_funcs``)."""
+    cannot rebuild, or one given in ``ref_models`` that is not the recorded one (:func:`reference_problem`), the
+    reward functions of a GRPO/RLOO/OnlineDPO stage (:func:`reward_problem`; ``reward_funcs``), or replay files that
+    no longer hash as recorded (:func:`replay_files_problem`)."""
     ref = (ref_models or {}).get(stage.name)
     return (
         trainer_class_problem(stage)
         or reference_problem(stage, ref)
         or reward_problem(stage, (reward_funcs or {}).get(stage.name))
+        or replay_files_problem(stage)
     )
 
 
@@ -370,49 +372,6 @@ def replay_inputs(options: Mapping[str, Any]) -> dict[str, Any]:
 def replay_inputs_key(inputs: Mapping[str, Any]) -> tuple:
     """A memo key for the ``ref_models`` and ``reward_funcs`` given (object identities by stage name)."""
     return tuple(sorted((key, n, id(v)) for key, by_stage in inputs.items() for n, v in (by_stage or {}).items()))
-
-
-#: the replaying estimators' kept results (partial and strided replay register theirs with :func:`kept_replays`)
-_KEPT: list[dict[str, Any]] = []
-_REUSING = [0]  # how many :func:`reusing_replays` blocks are open
-
-
-def kept_replays(memo: dict[str, Any]) -> dict[str, Any]:
-    """Register a replaying estimator's memo: it is used only inside :func:`reusing_replays` and emptied when the
-    outermost block ends."""
-    _KEPT.append(memo)
-    return memo
-
-
-def reusing() -> bool:
-    """Whether a :func:`reusing_replays` block is open (a replaying estimator then keeps and serves its result)."""
-    return _REUSING[0] > 0
-
-
-@contextmanager
-def reusing_replays() -> Iterator[None]:
-    """Inside this block a replaying estimator (``partial-replay``, ``strided-replay``) keeps its last result and
-    serves it again for the same ledger, budget and inputs — the linear and finite-difference read-outs of one
-    attribution replay once (``StageAttributor.attribute`` opens one). Outside it every call replays: a stage function
-    is user code whose behaviour can change between calls with the same object (a data-order seed read from a config
-    the user fixed; a result kept across calls was served again, 1.4 off on a largest effect of 1.8). The kept
-    results (and their scratch files) are dropped when the outermost block ends.
-
-    Example:
-        >>> with reusing_replays():
-        ...     reusing()
-        True
-        >>> reusing()
-        False
-    """
-    _REUSING[0] += 1
-    try:
-        yield
-    finally:
-        _REUSING[0] -= 1
-        if not _REUSING[0]:
-            for memo in _KEPT:
-                memo.clear()
 
 
 def unreplayable_route(stage: Stage) -> str:

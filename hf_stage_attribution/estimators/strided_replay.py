@@ -58,6 +58,7 @@ import torch
 
 from .._internal.memory import collections_of_new_objects, release_freed_memory
 from .._internal.params import iter_merged_state
+from .._internal.reuse import kept_replays, reusing
 from ..errors import PartialReplayError
 from ..ledger.core import LedgerCore
 from .base import COMMON_OPTIONS, register
@@ -76,10 +77,8 @@ from .partial_replay import (
 from .propagation.stage import trains
 from .replay import (
     can_replay,
-    kept_replays,
     no_gradient_reuse_message,
     replay_inputs_key,
-    reusing,
     run_stage,
     stage_replay_problem,
     takes_grad_every,
@@ -248,8 +247,9 @@ def strided_replay_embeddings(
     reward_funcs: Mapping[str, Any] | None = None,
 ) -> PartialReplayEmbeddings:
     """The strided-replay embeddings of ``stages`` (ledger stages) at ``budget``; inside
-    :func:`~.replay.reusing_replays` the last result is kept for the same ledger, stages, budget, stage functions,
-    reference models and reward functions (``reuse=False`` recomputes; outside such a block every call replays)."""
+    :func:`~hf_stage_attribution.estimators.reusing_replays` the last result is kept for the same ledger, stages,
+    budget, stage functions, reference models and reward functions (``reuse=False`` recomputes; outside such a block
+    every call replays)."""
     budget = check_budget(budget)
     stage_fns = dict(stage_fns or {})
     inputs = {"ref_models": dict(ref_models or {}), "reward_funcs": dict(reward_funcs or {})}
@@ -299,7 +299,7 @@ def strided_replay_embeddings(
             "seconds": seconds,
         }
     }
-    if reusing():  # kept for the other read-out of this attribution only (estimators.replay.reusing_replays)
+    if reusing():  # kept for the other read-out of this attribution only (estimators.reusing_replays)
         _MEMO.update(key=key, embeddings=emb)
     return emb
 

@@ -36,10 +36,11 @@ from .._internal.hashing import combine_digests
 from .._internal.memory import collections_of_new_objects
 from .._internal.model_state import add_autocast_wrapper, attention_switched, clean_copy, drop_accelerate_wrappers
 from .._internal.notices import harmless_warnings_ignored, library_progress_bars_off
-from .._internal.params import base_parameters, state_digests
+from .._internal.params import base_parameters, state_digests, unwrap_model
+from .._internal.reuse import kept_replays, reusing
 from ..errors import ReplayError
 from ..ledger.stage import Stage
-from ..ledger.storage import open_safetensors, read_json
+from ..ledger.storage import file_sha256, open_safetensors, read_json
 from .eval_rng import eval_rng_callback
 from .peft import config_from_json, wrap_with_adapter
 from .recipe_check import recipe_check_callback
@@ -366,7 +367,7 @@ def reference_problem(stage: Stage, ref_model: Any = None) -> str | None:
     info = read_json(Path(replay_dir) / REPLAY_FILE, "replay file")
     objective = replay_objective(stage, info)
     if ref_model is not None:
-        return None
+        return given_reference_problem(stage, objective, info, ref_model)
     if objective in TEACHER_OBJECTIVES:
         teacher = ((getattr(stage, "info", None) or {}).get("trl") or {}).get("teacher_model") or {}
         policy, path = str(teacher.get("policy", "")), str(teacher.get("name_or_path") or "")
@@ -642,10 +643,87 @@ def recorded_attention(stage: Any, model: Any) -> Iterator[None]:
         yield
 
 
+#: ``{stage folder: identity of its replay files}`` whose hashes matched ``ledger.json`` in this process (a default
+#: attribution replays a stage several times; an edited or replaced file changes its identity and hashes again)
+_VERIFIED_REPLAY_DATA: dict[str, tuple] = {}
+
+
+def replay_files_problem(stage: Stage) -> str | None:
+    """``None`` when ``stage``'s replay files (dataset, tokenizer, collator, replay file) hash as ``ledger.json``
+    recorded, else which one does not, as a clause: an edited or replaced dataset was replayed silently (the first
+    stage's effect 31 % off), though ``StageLedger.verify()`` would have caught it. Ledgers recorded before replay
+    files were hashed are not checked. Hashed once per unchanged folder and process."""
+    files = {rel: digest for rel, digest in (getattr(stage, "entry", None) or {}).get("files", {}).items()
+             if rel.split("/")[0] == "replay"}  # fmt: skip
+    if not files:
+        return None
+    stage_dir = Path(stage.dir)
+    identity = []
+    for rel in sorted(files):
+        path = stage_dir / rel
+        st = path.stat() if path.is_file() else None
+        identity.append((rel, None if st is None else (st.st_size, st.st_mtime_ns, st.st_ino)))
+    key = str(stage_dir.resolve())
+    if _VERIFIED_REPLAY_DATA.get(key) == tuple(identity):
+        return None
+    for rel, digest in files.items():
+        path = stage_dir / rel
+        if not path.is_file() or file_sha256(path) != digest:
+            state = "is missing" if not path.is_file() else "does not match the hash recorded in ledger.json"
+            return (
+                f"its replay data file {path} {state}: the dataset, tokenizer or collator it would replay with "
+                "changed after the stage was recorded, so a replay would train on other data than the stage did. "
+                "Restore the file (StageLedger.verify() checks every file), or pass "
+                f"stage_fns={{{stage.name!r}: fn}} with fn training the stage on its original data"
+            )
+    _VERIFIED_REPLAY_DATA[key] = tuple(identity)
+    return None
+
+
+#: ``{id(model given): the recorded state hash it matched}`` within one attribution (``_internal.reuse``): a DPO
+#: stage is replayed several times, and hashing a 7B reference costs about 30 s
+_VERIFIED_GIVEN: dict[int, str] = kept_replays({})
+
+
+def given_reference_problem(stage: Stage, objective: str, info: dict, given: Any) -> str | None:
+    """``None`` unless ``given``, a reference model (or a distillation stage's teacher) passed for the replay
+    (``ref_models``), differs from the one the stage trained against, where it recorded a separate model with a state
+    hash: another model, or the right one trained further in place, replays another counterfactual (33 % and 13 % off
+    on a tiny GPT-2, silently). A stage whose reference was a copy of its start, or that recorded no hash, is not
+    checked."""
+    if objective in TEACHER_OBJECTIVES:
+        recorded, what = ((getattr(stage, "info", None) or {}).get("trl") or {}).get("teacher_model") or {}, "teacher"
+    elif objective in REFERENCE_OBJECTIVES:
+        recorded, what = info.get("reference_model") or {}, "reference model"
+    else:
+        return None
+    expected = recorded.get("state_hash")
+    if not expected or not str(recorded.get("policy", "")).startswith("separate model"):
+        return None
+    if not hasattr(given, "parameters") or (reusing() and _VERIFIED_GIVEN.get(id(given)) == expected):
+        return None
+    found = combine_digests(state_digests(unwrap_model(given)))
+    if found != expected:
+        where = recorded.get("name_or_path") or "a model built in memory"
+        return (
+            f"the {what} given for stage {stage.name!r} (ref_models) is not the one it trained against: its weights "
+            f"hash to {found[:12]}, the recorded {what}'s ({where!r}) to {str(expected)[:12]}. Pass the {what} the "
+            "stage used, unchanged: another model, or that one trained further, replays another counterfactual"
+        )
+    if reusing():
+        _VERIFIED_GIVEN[id(given)] = expected
+    return None
+
+
 def _run(stage, model, info, replay_dir, objective, trainer_cls, output_dir, given) -> Any:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    problem = replay_files_problem(stage) or (
+        given_reference_problem(stage, objective, info, given["ref_model"]) if given["ref_model"] is not None else None
+    )
+    if problem:
+        raise ReplayError(f"Cannot replay stage {stage.name!r}: {problem}.")
     args = rebuild_arguments(info, output_dir)
     processing_class = _processing_class(replay_dir, info)
     dataset = given["train_dataset"]

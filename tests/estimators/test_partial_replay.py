@@ -572,8 +572,8 @@ def test_a_replay_is_kept_only_within_one_attribution(digits, monkeypatch, name)
     replay: partial replay 0.137 off, strided replay of the other sign). Inside it (``StageAttributor.attribute`` opens
     one) the second read-out reads the first one's replay, another option that changes the embedding is another key,
     and the kept result is dropped when the block ends."""
+    from hf_stage_attribution.estimators import reusing_replays
     from hf_stage_attribution.estimators import strided_replay as sr
-    from hf_stage_attribution.estimators.replay import reusing_replays
 
     pipe, module = digits["hf"], (pr if name == "partial-replay" else sr)
     ran = H.count_stage_runs(monkeypatch, module)

@@ -24,7 +24,8 @@ def _logprob(model):
     return logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).reshape(-1)
 
 
-def test_dpo_with_the_default_reference_replays_from_the_recorded_path(tmp_path):
+def _record_sft_then_dpo(tmp_path):
+    """An SFT stage, then DPO with TRL's default reference (reloaded from the base folder): (ledger, model, base)."""
     from transformers import AutoModelForCausalLM, Trainer
     from trl import DPOConfig, DPOTrainer
 
@@ -44,7 +45,11 @@ def test_dpo_with_the_default_reference_replays_from_the_recorded_path(tmp_path)
         model=model, ref_model=None, args=args, train_dataset=F.preference_dataset(8), processing_class=F.tokenizer(),
         callbacks=[StageRecorder(ledger_dir, "dpo", curvature_segments=0, save_replay_data=True)],
     ).train()  # fmt: skip
-    ledger = StageLedger.load(ledger_dir)
+    return StageLedger.load(ledger_dir), model, base_dir
+
+
+def test_dpo_with_the_default_reference_replays_from_the_recorded_path(tmp_path):
+    ledger, model, base_dir = _record_sft_then_dpo(tmp_path)
     ref = ledger.stages[1].info["trl"]["reference_model"]
     assert ref["policy"] == "separate model" and ref["name_or_path"] == str(base_dir) and ref["state_hash"]
     # a float32 Trainer leaves only accelerate's "prepared" flag: no autocast wrapper for replay to put back
@@ -144,6 +149,30 @@ def test_aa_ggn_takes_the_dpo_reference_from_its_recorded_path(tmp_path, monkeyp
     )
     for a, b in zip(report.rows, functorch.rows):
         assert a.stage == b.stage and abs(a.effect - b.effect) <= 1e-4 * max(1.0, abs(a.effect))
+
+
+def test_a_reference_model_given_must_be_the_recorded_one(tmp_path):
+    """A reference passed in ``ref_models`` is checked against the recorded reference's hash before any work:
+    another model (the earlier stage's effect 33 % off on a tiny GPT-2) or the right one trained further in place
+    (13 % off between two attributions) replays another counterfactual, silently; the recorded one replays as the
+    reference rebuilt from its folder does."""
+    from transformers import AutoModelForCausalLM
+
+    ledger, model, base_dir = _record_sft_then_dpo(tmp_path)
+    rebuilt = StageAttributor(ledger, model, estimator="replay", diagnostics=False, show_progress=False)
+    expected = {r.stage: r.effect for r in rebuilt.attribute({"lp": _logprob}).rows_for("lp")}
+    reference = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")  # as TRL loaded it
+    attributor = StageAttributor(ledger, model, estimator="replay", diagnostics=False, show_progress=False,
+                                 ref_models={"dpo": reference})  # fmt: skip
+    assert {r.stage: r.effect for r in attributor.attribute({"lp": _logprob}).rows_for("lp")} == expected
+    with torch.no_grad():
+        next(reference.parameters()).add_(0.01)  # trained further in place
+    with pytest.raises(ReplayError, match=r"the reference model given for stage 'dpo' \(ref_models\) is not the one"):
+        attributor.attribute({"lp": lambda m: 1 / 0})  # refused before any work: the behavior is never evaluated
+    other = StageAttributor(ledger, model, estimator="replay", diagnostics=False, show_progress=False,
+                            ref_models={"dpo": F.gpt2(seed=1)})  # fmt: skip
+    with pytest.raises(ReplayError, match="its weights hash to"):
+        other.attribute({"lp": lambda m: 1 / 0})
 
 
 def test_a_reference_folder_is_hashed_once_per_process_until_its_files_change(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import tests.helpers.recording as F
 from hf_stage_attribution import StageLedger, StageRecorder
 from hf_stage_attribution.integrations.eval_rng import EVAL_RNG_FILE
 from hf_stage_attribution.integrations.replay import replay_trainer_stage
+from hf_stage_attribution.ledger.storage import file_sha256
 
 
 def _gpt2_with_dropout(p: float = 0.1):
@@ -100,6 +101,13 @@ def test_a_ledger_whose_evaluations_left_no_generator_states_warns_once(tmp_path
     info = json.loads(replay_json.read_text())
     del info["eval_rng"]
     replay_json.write_text(json.dumps(info))
+    ledger_json = tmp_path / "ledger" / "ledger.json"  # whose hashes then listed the replay files it had
+    manifest = json.loads(ledger_json.read_text())
+    files = manifest["stages"][stage.index]["files"]
+    del files[f"replay/{EVAL_RNG_FILE}"]
+    files["replay/replay.json"] = file_sha256(replay_json)
+    ledger_json.write_text(json.dumps(manifest))
+    stage = StageLedger.load(tmp_path / "ledger").stages[-1]
     with pytest.warns(UserWarning, match=r"Stage 'sft' evaluated during training \(eval_strategy='steps' every 2"):
         replay_trainer_stage(stage, copy.deepcopy(start), max_steps=1)
     with warnings.catch_warnings(record=True) as seen:

@@ -219,3 +219,32 @@ def test_the_replay_data_are_in_the_projected_growth_and_the_disk_check(tmp_path
     with pytest.raises(LedgerError, match=r"needs about .*replay_dataset .* but the disk has"):
         Trainer(model=F.gpt2(), args=args, train_dataset=rows, callbacks=[recorder]).train()
     assert not (tmp_path / "ledger2" / "ledger.json").exists()
+
+
+def test_replay_data_edited_after_recording_is_refused(tmp_path):
+    """The replay files are hashed in ``ledger.json``; a replay re-hashes them before it trains (once per unchanged
+    folder and process): a saved dataset replaced by another with the same columns was replayed silently (the first
+    stage's effect 31 % off on a tiny GPT-2), though ``StageLedger.verify()`` caught it. ``auto``'s and the up-front
+    checks' reason says so too."""
+    import shutil
+
+    from transformers import Trainer
+
+    from hf_stage_attribution import StageRecorder
+    from hf_stage_attribution.estimators.replay import stage_replay_problem
+    from hf_stage_attribution.integrations.replay import replay_trainer_stage
+
+    model = F.gpt2()
+    start = copy.deepcopy(model)
+    args = F.training_args(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4)
+    recorder = StageRecorder(tmp_path / "ledger", "ft", curvature_segments=0, save_replay_data=True)
+    Trainer(model=model, args=args, train_dataset=F.lm_dataset(16), callbacks=[recorder]).train()
+    stage = StageLedger.load(tmp_path / "ledger").stages[-1]
+    assert stage_replay_problem(stage) is None
+    replay_trainer_stage(stage, copy.deepcopy(start))  # unchanged: replays
+    F.lm_dataset(16, seed=5).save_to_disk(str(tmp_path / "other"))
+    shutil.rmtree(stage.replay_dir / "dataset")
+    shutil.copytree(tmp_path / "other", stage.replay_dir / "dataset")
+    with pytest.raises(ReplayError, match=r"Cannot replay stage 'ft': its replay data file .*does not match the hash"):
+        replay_trainer_stage(stage, copy.deepcopy(start))
+    assert "does not match the hash recorded in ledger.json" in stage_replay_problem(stage)
