@@ -22,12 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import estimators
+from ._internal.hashing import weighted_checksum
 from ._internal.memory import release_freed_memory
 from ._internal.model_state import attention_switched, swapped_parameters, without_accelerate_wrapper
 from ._internal.notices import notice
 from ._internal.precision import float32_working_model, half_precision_dtype, precision_description
 from ._internal.reuse import reusing_replays
 from .behaviors import as_behavior
+from .behaviors.base import needs_preparing
 from .errors import BehaviorError, ReportError, StageAttributionError, did_you_mean
 from .estimators.base import check_finite, eval_mode, evaluate
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
@@ -323,7 +325,7 @@ class StageAttributor:
             )
         prepared = {name: as_behavior(b, name=name) for name, b in behaviors.items()}
         for behavior in prepared.values():
-            if behavior.needs_prepare:
+            if needs_preparing(behavior, self.model):  # not prepared yet, or on a model with other weights
                 behavior.prepare(self.model)
         stage_names = [s.name for s in stage_objs]
         options = self._options()
@@ -686,30 +688,13 @@ class _Joint:
 
 #: parameter states whose behavior values one attribution keeps (:meth:`_Joint.cached_values`)
 KEPT_STATES = 64
-_CHUNK = 1 << 14  # elements per chunk of the checksum: 128 kB of float64 weights and temporary, whatever the size
-_CHECKSUM_WEIGHTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _checksum(t: torch.Tensor) -> float:
-    """``Σ_i w_i · t_i`` in float64 with fixed pseudo-random weights ``w_i ∈ [1, 2)``, one chunk at a time. A plain
-    sum would miss shifts whose entries sum to zero (the change of a classifier's bias under softmax cross-entropy
-    does); ``sum(dtype=torch.float64)`` would also materialise a float64 copy of the whole tensor."""
-    weights = _CHECKSUM_WEIGHTS.get(t.device)
-    if weights is None:
-        weights = torch.rand(_CHUNK, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 1.0
-        weights = _CHECKSUM_WEIGHTS.setdefault(t.device, weights.to(t.device))
-    flat, total = t.detach().reshape(-1), 0.0
-    for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start : start + _CHUNK]
-        total += float(torch.dot(chunk.to(torch.float64), weights[: chunk.numel()]))
-    return total
 
 
 def _fingerprint(model: torch.nn.Module) -> tuple:
     """Which model, and a checksum of each of its floating-point tensors (with where it lives and its shape)."""
     with torch.no_grad():
         return (id(model),) + tuple(
-            (t.data_ptr(), tuple(t.shape), _checksum(t))
+            (t.data_ptr(), tuple(t.shape), weighted_checksum(t))
             for t in [*model.parameters(), *model.buffers()]
             if t.is_floating_point()
         )

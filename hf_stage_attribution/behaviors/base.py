@@ -149,6 +149,11 @@ class Behavior(ABC):
         """Whether :meth:`prepare` must run before the behavior can be evaluated."""
         return False
 
+    def needs_prepare_for(self, model: torch.nn.Module) -> bool:
+        """Whether :meth:`prepare` must run before attributing ``model`` (the final model): not prepared yet, or
+        prepared on a model with other weights (a behavior that keeps what it computed on the final model)."""
+        return self.needs_prepare
+
     @abstractmethod
     def to_spec(self) -> dict[str, Any]:
         """A JSON-safe dict that :func:`hf_stage_attribution.behaviors.from_spec` turns back into the behavior."""
@@ -158,6 +163,19 @@ class Behavior(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r})"
+
+
+def needs_preparing(behavior: Any, model: torch.nn.Module) -> bool:
+    """Whether ``behavior`` must be prepared before attributing ``model``, the final model
+    (:meth:`Behavior.needs_prepare_for`; ``needs_prepare`` for an object that only has that).
+
+    Example:
+        >>> from hf_stage_attribution.behaviors import as_behavior
+        >>> needs_preparing(as_behavior(lambda m: m.weight.sum(), name="f"), torch.nn.Linear(2, 1))
+        False
+    """
+    check = getattr(behavior, "needs_prepare_for", None)
+    return bool(check(model)) if callable(check) else bool(getattr(behavior, "needs_prepare", False))
 
 
 class ExampleBehavior(Behavior):

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._internal.hashing import values_checksum
 from ..errors import BehaviorError
 from .base import ExampleBehavior, eval_mode
 from .sequences import continuation_logprobs, encode, fit_prompt, max_positions, sample_continuations, sample_seed
@@ -103,6 +104,12 @@ class SampledCompletionsBehavior(ExampleBehavior):
     def needs_prepare(self) -> bool:
         return "scores" not in self._state
 
+    def needs_prepare_for(self, model: torch.nn.Module) -> bool:
+        """Also when the completions, scores and ``log p_θK`` were taken on a model with other weights: the samples
+        and their importance weights stand for the final model they were drawn from (a behavior object reused for a
+        ledger extended by one stage kept the earlier model's samples: effects of the wrong sign, silently)."""
+        return self.needs_prepare or getattr(self, "_prepared_on", None) != values_checksum(model)
+
     def _score(self, prompts: list[str], completions: list[str]) -> list[float]:
         raise NotImplementedError
 
@@ -175,6 +182,7 @@ class SampledCompletionsBehavior(ExampleBehavior):
             state["scores"] = [[next(flat_scores) for _ in g] for g in texts]
             state["final_logprobs"] = self._final_logprobs(model, state)
         self._state = state
+        self._prepared_on = values_checksum(model)  # (select() copies carry it, as they carry the state)
 
     def _final_logprobs(self, model: torch.nn.Module, state: dict[str, list[Any]]) -> list[list[float]]:
         out: list[torch.Tensor] = []

@@ -28,7 +28,10 @@ import torch
 
 from .._internal.model_state import has_autocast_wrapper
 from .._internal.precision import half_precision_dtype
-from ..behaviors.base import eval_mode  # noqa: F401  (re-exported for the estimators)
+from ..behaviors.base import (
+    eval_mode,  # noqa: F401  (re-exported for the estimators)
+    needs_preparing,
+)
 from ..errors import BehaviorError, EstimatorError, did_you_mean, unknown_name
 from ..ledger.core import LedgerCore
 
@@ -252,7 +255,8 @@ def check_inputs(ledger: LedgerCore, model: torch.nn.Module, behavior: Behavior,
     """Checks every estimator runs first: the model is the ledger's final model; the behavior is prepared on it.
 
     Options: ``check_model`` (default True; the attributor, which checks once, may pass False),
-    ``prepare_behavior`` (default True: a behavior whose ``needs_prepare`` is true is prepared on the final model),
+    ``prepare_behavior`` (default True: a behavior not prepared on the final model yet — or prepared on a model with
+    other weights — is prepared on it),
     and ``precision_noted`` (default False: a model with bf16/fp16 weights gets a warning that the estimate is taken
     in that dtype; the attributor, whose report says it, passes True)."""
     if options.get("check_model", True):
@@ -277,5 +281,5 @@ def check_inputs(ledger: LedgerCore, model: torch.nn.Module, behavior: Behavior,
             UserWarning,
             stacklevel=3,
         )
-    if options.get("prepare_behavior", True) and getattr(behavior, "needs_prepare", False):
+    if options.get("prepare_behavior", True) and needs_preparing(behavior, model):
         behavior.prepare(model)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..behaviors import as_behavior
+from ..behaviors.base import needs_preparing
 from ..errors import InterventionError, ReplayError
 from ..estimators.finite_difference import subtract_embedding
 from ..estimators.replay import replay_model
@@ -250,12 +251,12 @@ def scale_stage(
     if check_model:
         ledger.check_model(model)
     target = as_behavior(target, name=getattr(target, "name", None) or "target")
-    if getattr(target, "needs_prepare", False):
+    if needs_preparing(target, model):
         target.prepare(model)
     metrics = as_metrics(utilities)
     for metric in metrics:  # a utility built from a generation-based behavior is prepared on θ_K, as the target is
         behavior = getattr(metric, "behavior", None)
-        if getattr(behavior, "needs_prepare", False):
+        if behavior is not None and needs_preparing(behavior, model):
             behavior.prepare(model)
     was_training = model.training
     model.eval()

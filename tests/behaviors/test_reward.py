@@ -101,3 +101,36 @@ def test_policy_reward_with_given_responses(setup):
     torch.testing.assert_close(b(policy), direct, rtol=1e-5, atol=1e-5)  # weight 1 at the final policy
     with pytest.raises(BehaviorError, match="reward_model"):
         behaviors.PolicyReward(rows, tokenizer=tok, reward_model=None)
+
+
+def test_a_generation_behavior_is_prepared_again_for_a_model_with_other_weights(setup):
+    """A behavior that keeps completions, scores and ``log p_θK`` from the final model it was prepared on is prepared
+    again when the next attribution's final model has other weights (a ledger extended by one stage, the same
+    behavior object: the earlier model's samples were kept, effects of the wrong sign), not for the same values held
+    by another object (a float32 copy); the attributor, estimators and the intervention sweep go through
+    ``needs_preparing``."""
+    from hf_stage_attribution.behaviors.base import needs_preparing
+    from hf_stage_attribution.estimators.base import check_inputs
+
+    tok, rm = setup["tok"], setup["rm"]
+    policy = tiny_gpt2(tok)
+    b = behaviors.PolicyReward([{"prompt": "your friend is"}], tokenizer=tok, reward_model=rm, num_samples=3,
+                               max_new_tokens=6)  # fmt: skip
+    assert needs_preparing(b, policy)
+    b.prepare(policy)
+    assert not needs_preparing(b, policy) and not needs_preparing(b, copy.deepcopy(policy))
+    assert not needs_preparing(b.select([0]), policy)  # a process's share carries what it was prepared on
+    trained = copy.deepcopy(policy)
+    with torch.no_grad():
+        next(trained.parameters()).add_(0.5)
+    assert needs_preparing(b, trained)
+
+    class Ledger:  # check_inputs reads the model check only when asked
+        pass
+
+    check_inputs(Ledger(), trained, b, {"check_model": False})
+    fresh = behaviors.PolicyReward([{"prompt": "your friend is"}], tokenizer=tok, reward_model=rm, num_samples=3,
+                                   max_new_tokens=6)  # fmt: skip
+    fresh.prepare(trained)
+    assert b.samples() == fresh.samples()
+    torch.testing.assert_close(b(trained), fresh(trained))
