@@ -164,7 +164,8 @@ def test_a_reference_model_given_must_be_the_recorded_one(tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")  # as TRL loaded it
     attributor = StageAttributor(ledger, model, estimator="replay", diagnostics=False, show_progress=False,
                                  ref_models={"dpo": reference})  # fmt: skip
-    assert {r.stage: r.effect for r in attributor.attribute({"lp": _logprob}).rows_for("lp")} == expected
+    given = {r.stage: r.effect for r in attributor.attribute({"lp": _logprob}).rows_for("lp")}
+    assert given == pytest.approx(expected, rel=1e-3, abs=1e-6)  # float noise (threads); another reference: 33 % off
     with torch.no_grad():
         next(reference.parameters()).add_(0.01)  # trained further in place
     with pytest.raises(ReplayError, match=r"the reference model given for stage 'dpo' \(ref_models\) is not the one"):
