@@ -296,6 +296,10 @@ def _reference(objective: str, info: dict, model: Any, ref_model: Any, output_di
     """The reference model for the replay, following the recorded policy (the counterfactual start for a copy)."""
     ref = info.get("reference_model") or {}
     policy = str(ref.get("policy", ""))
+    if ref_model is not None and objective in REFERENCE_OBJECTIVES and "synced every" in policy:
+        # TRL's sync_ref_model mixes the policy into the reference in place: the replay trains a copy, or the model
+        # the user gave would be changed by the first replay and stand for another reference in the next ones
+        return clean_copy(ref_model)
     if ref_model is not None or objective not in REFERENCE_OBJECTIVES:
         return ref_model if objective not in TEACHER_OBJECTIVES else None
     if policy.startswith(("adapter disabled", "precomputed", "none")):

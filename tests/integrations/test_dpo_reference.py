@@ -5,6 +5,7 @@ Also: SFT of a PEFT model without ``stage_kind`` is recorded as kind ``lora``; b
 
 from __future__ import annotations
 
+import copy
 import shutil
 import warnings
 from types import SimpleNamespace
@@ -222,3 +223,37 @@ def test_the_default_reference_replays_with_the_recorded_attention_implementatio
     ref = ledger.stages[0].info["trl"]["reference_model"]
     assert ref["attn_implementation"] == "eager" and ref["dtype"] == "float32"
     assert replay_gap(ledger, model) < 1e-7
+
+
+def test_a_synced_reference_given_for_replay_is_not_changed_by_it(tmp_path):
+    """With ``sync_ref_model`` TRL mixes the policy into the reference in place: a reference given in ``ref_models``
+    was changed by the first replay and stood for another reference in the next ones (and no longer matched the
+    recorded one). The replay trains a copy: the given model is unchanged, and attributing again replays the same."""
+    from transformers import Trainer
+    from trl import DPOConfig, DPOTrainer
+
+    model, reference = F.gpt2(), F.gpt2(seed=1)  # a separate reference built in memory
+    ledger_dir = tmp_path / "ledger"
+    Trainer(
+        model=model, args=F.training_args(str(tmp_path / "o1"), max_steps=2, per_device_train_batch_size=4,
+                                          learning_rate=1e-2),
+        train_dataset=F.lm_dataset(16),
+        callbacks=[StageRecorder(ledger_dir, "ft", curvature_segments=0, save_replay_data=True)],
+    ).train()  # fmt: skip
+    args = F.trl_args(DPOConfig, str(tmp_path / "o"), max_steps=2, per_device_train_batch_size=4, max_length=32,
+                      learning_rate=1e-2, sync_ref_model=True, ref_model_sync_steps=1)  # fmt: skip
+    DPOTrainer(
+        model=model, ref_model=copy.deepcopy(reference), args=args, train_dataset=F.preference_dataset(8),
+        processing_class=F.tokenizer(),
+        callbacks=[StageRecorder(ledger_dir, "dpo", curvature_segments=0, save_replay_data=True)],
+    ).train()  # fmt: skip
+    ledger = StageLedger.load(ledger_dir)
+    assert "synced every 1 steps" in ledger.stages[1].info["trl"]["reference_model"]["policy"]
+    before = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    attributor = StageAttributor(ledger, model, estimator="replay", diagnostics=False, show_progress=False,
+                                 ref_models={"dpo": reference})  # fmt: skip
+    first = {r.stage: r.effect for r in attributor.attribute({"lp": _logprob}).rows_for("lp")}
+    assert first["ft"] != 0.0  # removing ft replays dpo with the given reference
+    assert all(torch.equal(p, before[n]) for n, p in reference.named_parameters())
+    again = {r.stage: r.effect for r in attributor.attribute({"lp": _logprob}).rows_for("lp")}
+    assert again == pytest.approx(first, rel=1e-6, abs=1e-9)
