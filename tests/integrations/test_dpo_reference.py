@@ -25,21 +25,28 @@ def _logprob(model):
     return logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).reshape(-1)
 
 
-def _record_sft_then_dpo(tmp_path):
-    """An SFT stage, then DPO with TRL's default reference (reloaded from the base folder): (ledger, model, base)."""
-    from transformers import AutoModelForCausalLM, Trainer
-    from trl import DPOConfig, DPOTrainer
+def _record_ft(model, tmp_path, ledger_dir) -> None:
+    """A 2-step Trainer stage ``ft`` of ``model`` recorded with replay data into ``ledger_dir``."""
+    from transformers import Trainer
 
-    base_dir = tmp_path / "base"
-    F.gpt2().save_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)  # config._name_or_path = base_dir
-    ledger_dir = tmp_path / "ledger"
     Trainer(
         model=model, args=F.training_args(str(tmp_path / "o1"), max_steps=2, per_device_train_batch_size=4,
                                           learning_rate=1e-2),
         train_dataset=F.lm_dataset(16),
         callbacks=[StageRecorder(ledger_dir, "ft", curvature_segments=0, save_replay_data=True)],
     ).train()  # fmt: skip
+
+
+def _record_sft_then_dpo(tmp_path):
+    """An SFT stage, then DPO with TRL's default reference (reloaded from the base folder): (ledger, model, base)."""
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    base_dir = tmp_path / "base"
+    F.gpt2().save_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)  # config._name_or_path = base_dir
+    ledger_dir = tmp_path / "ledger"
+    _record_ft(model, tmp_path, ledger_dir)
     args = F.trl_args(DPOConfig, str(tmp_path / "o2"), max_steps=2, per_device_train_batch_size=4, max_length=32,
                       learning_rate=1e-2)  # fmt: skip
     DPOTrainer(
@@ -229,17 +236,11 @@ def test_a_synced_reference_given_for_replay_is_not_changed_by_it(tmp_path):
     """With ``sync_ref_model`` TRL mixes the policy into the reference in place: a reference given in ``ref_models``
     was changed by the first replay and stood for another reference in the next ones (and no longer matched the
     recorded one). The replay trains a copy: the given model is unchanged, and attributing again replays the same."""
-    from transformers import Trainer
     from trl import DPOConfig, DPOTrainer
 
     model, reference = F.gpt2(), F.gpt2(seed=1)  # a separate reference built in memory
     ledger_dir = tmp_path / "ledger"
-    Trainer(
-        model=model, args=F.training_args(str(tmp_path / "o1"), max_steps=2, per_device_train_batch_size=4,
-                                          learning_rate=1e-2),
-        train_dataset=F.lm_dataset(16),
-        callbacks=[StageRecorder(ledger_dir, "ft", curvature_segments=0, save_replay_data=True)],
-    ).train()  # fmt: skip
+    _record_ft(model, tmp_path, ledger_dir)
     args = F.trl_args(DPOConfig, str(tmp_path / "o"), max_steps=2, per_device_train_batch_size=4, max_length=32,
                       learning_rate=1e-2, sync_ref_model=True, ref_model_sync_steps=1)  # fmt: skip
     DPOTrainer(
