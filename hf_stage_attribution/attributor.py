@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import estimators
-from ._internal.hashing import weighted_checksum
+from ._internal.hashing import values_checksum
 from ._internal.memory import release_freed_memory
 from ._internal.model_state import attention_switched, swapped_parameters, without_accelerate_wrapper
 from ._internal.notices import notice
@@ -692,13 +692,9 @@ KEPT_STATES = 64
 
 
 def _fingerprint(model: torch.nn.Module) -> tuple:
-    """Which model, and a checksum of each of its floating-point tensors (with where it lives and its shape)."""
-    with torch.no_grad():
-        return (id(model),) + tuple(
-            (t.data_ptr(), tuple(t.shape), weighted_checksum(t))
-            for t in [*model.parameters(), *model.buffers()]
-            if t.is_floating_point()
-        )
+    """Which model, where its floating-point tensors live, and their values (:func:`values_checksum`)."""
+    places = tuple(t.data_ptr() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+    return (id(model), places, values_checksum(model))
 
 
 class _Gathered:

@@ -25,7 +25,7 @@ import inspect
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from .._internal.params import base_parameters, state_digests, unwrap_model
 from .._internal.reuse import kept_replays, reusing
 from ..errors import ReplayError
 from ..ledger.stage import Stage
-from ..ledger.storage import file_sha256, open_safetensors, read_json
+from ..ledger.storage import open_safetensors, read_json
 from .eval_rng import eval_rng_callback
 from .peft import config_from_json, wrap_with_adapter
 from .recipe_check import recipe_check_callback
@@ -431,11 +431,19 @@ def reward_problem(stage: Stage, reward_funcs: Any = None) -> str | None:
 _VERIFIED_REFERENCES: dict[tuple, str] = {}
 
 
+def _files_identity(paths: Iterable[Path]) -> tuple:
+    """Each file as its resolved path, size, modification time in ns and inode (None for a missing one), sorted: a
+    file written again, replaced or removed changes it."""
+    out = []
+    for path in paths:
+        st = path.stat() if path.is_file() else None
+        out.append((str(path.resolve()), None if st is None else (st.st_size, st.st_mtime_ns, st.st_ino)))
+    return tuple(sorted(out))
+
+
 def _folder_identity(path: Path) -> tuple:
-    """A folder as its resolved path and each file's (name, size, modification time in ns, inode)."""
-    files = sorted((f.name, st.st_size, st.st_mtime_ns, st.st_ino) for f in path.iterdir() if f.is_file()
-                   for st in (f.stat(),))  # fmt: skip
-    return (str(path.resolve()), tuple(files))
+    """A folder as its resolved path and the :func:`_files_identity` of the files in it."""
+    return (str(path.resolve()), _files_identity(f for f in path.iterdir() if f.is_file()))
 
 
 def load_recorded_reference(ref: dict, attention: str | None = None) -> Any:
@@ -647,40 +655,33 @@ def recorded_attention(stage: Any, model: Any) -> Iterator[None]:
         yield
 
 
-#: ``{stage folder: identity of its replay files}`` whose hashes matched ``ledger.json`` in this process (a default
-#: attribution replays a stage several times; an edited or replaced file changes its identity and hashes again)
-_VERIFIED_REPLAY_DATA: dict[str, tuple] = {}
+#: the :func:`_files_identity` of each stage's replay files that hashed as ``ledger.json`` recorded in this process (a
+#: default attribution replays a stage several times; an edited or replaced file changes its identity: hashed again)
+_VERIFIED_REPLAY_DATA: set[tuple] = set()
 
 
 def replay_files_problem(stage: Stage) -> str | None:
     """``None`` when ``stage``'s replay files (dataset, tokenizer, collator, replay file) hash as ``ledger.json``
-    recorded, else which one does not, as a clause: an edited or replaced dataset was replayed silently (the first
-    stage's effect 31 % off), though ``StageLedger.verify()`` would have caught it. Ledgers recorded before replay
-    files were hashed are not checked. Hashed once per unchanged folder and process."""
-    files = {rel: digest for rel, digest in (getattr(stage, "entry", None) or {}).get("files", {}).items()
-             if rel.split("/")[0] == "replay"}  # fmt: skip
+    recorded (:meth:`~hf_stage_attribution.ledger.stage.Stage.changed_file`), else which one does not, as a clause:
+    an edited or replaced dataset was replayed silently (the first stage's effect 31 % off), though
+    ``StageLedger.verify()`` would have caught it. Ledgers recorded before replay files were hashed are not checked.
+    Hashed once per unchanged set of files and process."""
+    files = [path for path, _ in stage.recorded_files("replay/")] if hasattr(stage, "recorded_files") else []
     if not files:
         return None
-    stage_dir = Path(stage.dir)
-    identity = []
-    for rel in sorted(files):
-        path = stage_dir / rel
-        st = path.stat() if path.is_file() else None
-        identity.append((rel, None if st is None else (st.st_size, st.st_mtime_ns, st.st_ino)))
-    key = str(stage_dir.resolve())
-    if _VERIFIED_REPLAY_DATA.get(key) == tuple(identity):
+    identity = _files_identity(files)
+    if identity in _VERIFIED_REPLAY_DATA:
         return None
-    for rel, digest in files.items():
-        path = stage_dir / rel
-        if not path.is_file() or file_sha256(path) != digest:
-            state = "is missing" if not path.is_file() else "does not match the hash recorded in ledger.json"
-            return (
-                f"its replay data file {path} {state}: the dataset, tokenizer or collator it would replay with "
-                "changed after the stage was recorded, so a replay would train on other data than the stage did. "
-                "Restore the file (StageLedger.verify() checks every file), or pass "
-                f"stage_fns={{{stage.name!r}: fn}} with fn training the stage on its original data"
-            )
-    _VERIFIED_REPLAY_DATA[key] = tuple(identity)
+    path = stage.changed_file("replay/")
+    if path is not None:
+        state = "is missing" if not path.is_file() else "does not match the hash recorded in ledger.json"
+        return (
+            f"its replay data file {path} {state}: the dataset, tokenizer or collator it would replay with "
+            "changed after the stage was recorded, so a replay would train on other data than the stage did. "
+            "Restore the file (StageLedger.verify() checks every file), or pass "
+            f"stage_fns={{{stage.name!r}: fn}} with fn training the stage on its original data"
+        )
+    _VERIFIED_REPLAY_DATA.add(identity)
     return None
 
 

@@ -479,14 +479,13 @@ class LedgerCore:
                 )
             checked += 1
         for stage in self.stages:
-            for rel, digest in stage.entry.get("files", {}).items():
-                path = safe_join(stage.dir, rel, self.dir)
-                if not path.exists() or file_sha256(path) != digest:
-                    raise LedgerFormatError(
-                        f"{path} does not match the hash recorded in {self.dir / LEDGER_FILE}: the stage "
-                        f"{stage.name!r} was modified or corrupted after it was recorded."
-                    )
-                checked += 1
+            path = stage.changed_file()
+            if path is not None:
+                raise LedgerFormatError(
+                    f"{path} does not match the hash recorded in {self.dir / LEDGER_FILE}: the stage "
+                    f"{stage.name!r} was modified or corrupted after it was recorded."
+                )
+            checked += len(stage.recorded_files())
         return checked
 
     def _remember_loss_fn(self, name: str, loss_fn: Callable | tuple | None) -> None:

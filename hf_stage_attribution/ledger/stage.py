@@ -14,7 +14,7 @@ from .format import validate_stage
 from .residual import check_positions, join_delta, residual_checker, residual_keys
 from .segments import COL, ROW, lr_mass_fraction, unfactor_moment
 from .state import LazyState
-from .storage import ensure_inside, open_safetensors, read_json, safe_join
+from .storage import ensure_inside, file_sha256, open_safetensors, read_json, safe_join
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -372,6 +372,22 @@ class Stage:
     @property
     def curvature_loss(self) -> dict | None:
         return self.info.get("curvature_loss")
+
+    def recorded_files(self, under: str = "") -> list[tuple[Path, str]]:
+        """``(path, sha256)`` of each file ``ledger.json`` lists for this stage (those whose path relative to the
+        stage folder starts with ``under``, e.g. ``"replay/"``), each path kept inside the ledger."""
+        files = self.entry.get("files", {})
+        return [
+            (safe_join(self.dir, rel, self.root), digest) for rel, digest in files.items() if rel.startswith(under)
+        ]
+
+    def changed_file(self, under: str = "") -> Path | None:
+        """The first of :meth:`recorded_files` that is missing or no longer hashes as recorded; None when all match
+        (what ``StageLedger.verify()`` checks for every stage, and replay for its replay files)."""
+        for path, digest in self.recorded_files(under):
+            if not path.is_file() or file_sha256(path) != digest:
+                return path
+        return None
 
     @property
     def replay_dir(self) -> Path | None:
