@@ -31,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="replace a section written for another ledger, and a "
         "stage_attribution.json/.png beside the card that is not this ledger's report",
     )
+    p.add_argument(
+        "--allow-other-weights",
+        action="store_true",
+        help="write the card even where the weights beside it (model.safetensors) are not the model the report "
+        "attributes; the section then says so in bold",
+    )
     p.set_defaults(func=run)
 
 
@@ -42,7 +48,14 @@ def run(args: argparse.Namespace) -> int:
         raise ReportError(f"Expected a report at {report_path}; run `hf-stage-attribution attribute` first.")
     report = AttributionReport.from_json(report_path)
     files = write_model_card(
-        report, args.readme, push_to_hub=args.push_to_hub, create_pr=args.create_pr, overwrite=args.overwrite
+        report,
+        args.readme,
+        push_to_hub=args.push_to_hub,
+        create_pr=args.create_pr,
+        overwrite=args.overwrite,
+        allow_other_weights=args.allow_other_weights,
     )
     print(f"Accountability section written to {files.readme if files is not None else args.readme}")
+    if files is not None and files.weights is not None:
+        print(f"Weights: {files.weights.summary()}.")
     return 0

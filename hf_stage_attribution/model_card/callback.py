@@ -22,7 +22,9 @@ class KeepStageAttributionSection(TrainerCallback):
     """Re-write the stage-attribution section of ``readme_path`` after every save and at the end of training.
 
     ``report`` is an :class:`AttributionReport` or the path of its JSON (re-read at each write, so a newer report
-    written there is picked up). Only the world-process-zero writes.
+    written there is picked up). Only the world-process-zero writes. Weights saved beside the README that are not
+    the model the report attributes stop the write (and the training) with ModelCardError unless
+    ``allow_other_weights`` (see :func:`~.writer.write_model_card`).
 
     Example:
         >>> import tempfile
@@ -39,15 +41,22 @@ class KeepStageAttributionSection(TrainerCallback):
         SFTTrainer(..., args=SFTConfig(output_dir=out, ...), callbacks=[callback])
     """
 
-    def __init__(self, report: AttributionReport | str | Path, readme_path: str | Path, plot: bool = True) -> None:
+    def __init__(
+        self, report: AttributionReport | str | Path, readme_path: str | Path, plot: bool = True,
+        allow_other_weights: bool = False,
+    ) -> None:  # fmt: skip
         self.report = report
         self.readme_path = Path(readme_path)
         self.plot = plot
+        self.allow_other_weights = allow_other_weights
         self.writes = 0
 
     def rewrite(self) -> None:
         """Write the section now (what the events below call)."""
-        if write_model_card(self.report, self.readme_path, plot=self.plot) is not None:
+        written = write_model_card(
+            self.report, self.readme_path, plot=self.plot, allow_other_weights=self.allow_other_weights
+        )
+        if written is not None:
             self.writes += 1
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -48,6 +48,7 @@ from .card_text import (
     split_card,
     strip_attribution,
 )
+from .weights import WeightsCheck, check_card_weights, require_attributed_weights, weights_note
 
 SIDECAR_NAME = "stage_attribution.json"
 PLOT_NAME = "stage_attribution.png"
@@ -67,6 +68,8 @@ class ModelCardFiles:
     sidecar: Path
     plot: Path | None
     pushed: str | None = None
+    #: what the weights beside the card were found to be (None: no weight file there, or a report without digests)
+    weights: WeightsCheck | None = None
 
 
 def read_card(path: str | Path) -> str:
@@ -124,8 +127,12 @@ def model_link(source: dict[str, Any] | None) -> str:
     return text + (f" (revision {escape_markdown(revision)})" if revision else "")
 
 
-def render_section(report: AttributionReport, plot_name: str | None = PLOT_NAME, sidecar: str = SIDECAR_NAME) -> str:
-    """The card section (markers included, ``\\n`` line breaks) rendered from the package's Jinja template."""
+def render_section(
+    report: AttributionReport, plot_name: str | None = PLOT_NAME, sidecar: str = SIDECAR_NAME,
+    weights_note: str | None = None,
+) -> str:  # fmt: skip
+    """The card section (markers included, ``\\n`` line breaks) rendered from the package's Jinja template;
+    ``weights_note`` (:func:`~.weights.weights_note`) is shown under the heading, in bold."""
     from importlib.resources import files
 
     source = files("hf_stage_attribution.model_card").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
@@ -171,6 +178,7 @@ def render_section(report: AttributionReport, plot_name: str | None = PLOT_NAME,
         confidence=f"{float((report.interval or {}).get('confidence', 0.95)) * 100:g} %",
         sidecar=sidecar,
         versions=versions or "versions not recorded",
+        weights_note=escape_markdown(weights_note) if weights_note else None,
     )
     lines = [line.rstrip() for line in text.strip().split("\n")]
     return "\n".join([SECTION_BEGIN, *lines, SECTION_END])
@@ -367,7 +375,7 @@ def _check_no_unmarked_section(body: str, readme: Path) -> None:
 
 def compose_card(
     content: str, report: AttributionReport, plot_name: str | None = PLOT_NAME, readme: Path | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, weights_note: str | None = None,
 ) -> str:  # fmt: skip
     """The README text ``content`` with our YAML key and section replaced (or added); everything else kept.
 
@@ -387,7 +395,7 @@ def compose_card(
     links = {} if "base_model" in original else hub_provenance(report)  # never replace the author's own links
     if links:
         block += parts.line_break + yaml.safe_dump(links, sort_keys=False, line_break=parts.line_break).rstrip("\r\n")
-    section = render_section(report, plot_name).replace("\n", parts.line_break)
+    section = render_section(report, plot_name, weights_note=weights_note).replace("\n", parts.line_break)
     new = parts.bom + splice_metadata(parts, block) + splice_section(parts.body, section, parts.line_break)
     parsed = _parse_card(new, where)
     if (
@@ -465,6 +473,7 @@ def write_model_card(
     plot: bool = True,
     overwrite: bool = False,
     token: str | None = None,
+    allow_other_weights: bool = False,
 ) -> ModelCardFiles | None:
     """Write the "Accountability: training-stage attribution" section into a model card.
 
@@ -482,6 +491,14 @@ def write_model_card(
     symlinked README is written through to its target (the link is kept). A card that already has an
     "Accountability: training-stage attribution" heading without the writer's markers raises ModelCardError
     (``overwrite`` does not change that): wrap the old section in the markers, or delete it, first.
+
+    The weights beside the card (``model.safetensors`` or its shards in the README's folder) must be the model the
+    report attributes: every float32 tensor the report's ledger recorded a digest for is hashed and compared
+    (:func:`~.weights.check_card_weights`; ``files.weights`` says what was found). Weights that differ (the model was
+    trained or edited after it was recorded, or the report is of another run) raise ModelCardError before anything
+    is written, unless ``allow_other_weights``: the section then says, in bold under its heading, that the weights
+    published with it are not the model it describes. Half-precision weights (rounded) and folders holding only an
+    adapter or pickled weights cannot be compared; ``files.weights`` says so and the card is written.
 
     Example:
         >>> import tempfile
@@ -502,13 +519,17 @@ def write_model_card(
     _write_target(readme)  # a broken symlink is refused before anything is written
     content = read_card(readme) if readme.exists() else ""
     plot_name = PLOT_NAME if plot else None
-    new_content = compose_card(content, report, plot_name, readme, overwrite)
+    weights = check_card_weights(readme.parent, report.ledger)
+    require_attributed_weights(weights, allow_other_weights)
+    new_content = compose_card(content, report, plot_name, readme, overwrite, weights_note(weights))
     if not overwrite:
         _check_sidecars(readme.parent, report, plot, readme)
     png = None
     if plot:
         png = plot_png_bytes(report)
-    files = ModelCardFiles(readme, readme.parent / SIDECAR_NAME, readme.parent / PLOT_NAME if plot else None)
+    files = ModelCardFiles(
+        readme, readme.parent / SIDECAR_NAME, readme.parent / PLOT_NAME if plot else None, weights=weights
+    )
     if png is not None and files.plot is not None:
         atomic_write_bytes(files.plot, png, ModelCardError)
     atomic_write_bytes(files.sidecar, report.to_json().encode("utf-8"), ModelCardError)

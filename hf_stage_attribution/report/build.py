@@ -240,7 +240,9 @@ def behavior_summary(name: str, behavior: Any, num_examples: int) -> Any:
 
 
 def ledger_summary(ledger: LedgerCore | Mapping[str, Any] | None) -> dict[str, Any]:
-    """``{"name", "fingerprint", "final_hash", "num_stages"}`` of a ``StageLedger`` (or a dict, kept as given)."""
+    """``{"name", "fingerprint", "final_hash", "final_digests", "num_stages"}`` of a ``StageLedger`` (or a dict, kept
+    as given). ``final_digests`` (per-tensor digests of the final model, as the recorder took them) let a model card
+    check that the weights published beside it are the model attributed (``model_card/weights.py``)."""
     if ledger is None:
         return {}
     if isinstance(ledger, Mapping):
@@ -252,6 +254,12 @@ def ledger_summary(ledger: LedgerCore | Mapping[str, Any] | None) -> dict[str, A
         "final_hash": getattr(ledger, "final_hash", None),
         "num_stages": len(getattr(ledger, "stages", []) or []),
     }
+    try:
+        digests = dict(getattr(ledger, "final_digests", None) or {})
+    except StageAttributionError:  # a ledger without a manifest yet
+        digests = {}
+    if digests:
+        summary["final_digests"] = digests
     try:
         start = model_source(((getattr(ledger, "manifest", None) or {}).get("model") or {}).get("source"))
     except StageAttributionError:  # a ledger without a manifest yet

@@ -1,0 +1,157 @@
+"""Are the weights beside a model card the model its accountability section attributes?
+
+A report names the final model of the ledger it attributes: ``report.ledger["final_digests"]``, the per-tensor
+digests the recorder took at the end of the last stage (sha256 of each effective parameter's float32 values; a
+LoRA stage's digest is of the merged weight). A card written into a model folder that holds other weights (the model
+trained further without recording, a report of another run) would publish claims about a model nobody attributed.
+:func:`check_card_weights` reads the folder's ``model.safetensors`` (or its ``model-XXXXX-of-YYYYY.safetensors``
+shards) tensor by tensor and compares every float32 tensor whose name the report knows with the recorded digest.
+
+What it cannot check, it says so rather than guess: tensors saved in another dtype (a bfloat16 ``save_pretrained``
+rounds every value, so its digest differs without any training), a folder with only a PEFT adapter
+(``adapter_model.safetensors``: the base weights are elsewhere) or only ``pytorch_model.bin`` (never unpickled), and
+a report without digests (built from effects alone, or written by a version before 2026-12-07).
+
+Example:
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from safetensors.torch import save_file
+    >>> from hf_stage_attribution._internal.hashing import tensor_digest
+    >>> folder, w = Path(tempfile.mkdtemp()), torch.ones(2, 2)
+    >>> save_file({"w": w}, folder / "model.safetensors")
+    >>> check_card_weights(folder, {"final_digests": {"w": tensor_digest(w)}}).summary()
+    'the weights beside the card are the attributed model: 1 of 1 tensors match its recorded digests'
+    >>> check_card_weights(folder, {"final_digests": {"w": tensor_digest(w + 1e-3)}}).differ
+    ['w']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._internal.hashing import tensor_digest
+from ..errors import LedgerFormatError, ModelCardError
+from ..ledger.storage import open_safetensors
+
+#: the weight files of a ``save_pretrained`` folder: one file, or shards named by transformers' convention
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+#: the escape named by every error below, as the API and the CLI spell it
+ALLOW = "allow_other_weights=True (CLI: --allow-other-weights)"
+
+
+@dataclass
+class WeightsCheck:
+    """What :func:`check_card_weights` found in ``folder``: tensors that ``match`` the recorded digests, the names
+    that ``differ``, how many known tensors were ``unchecked`` (saved in a rounded dtype), the ``files`` read and
+    those that were ``unreadable`` (not a safetensors file this package can parse: never a reason to refuse).
+
+    Example:
+        >>> WeightsCheck(Path("m"), ["model.safetensors"], matched=3).summary()
+        'the weights beside the card are the attributed model: 3 of 3 tensors match its recorded digests'
+    """
+
+    folder: Path
+    files: list[str]
+    matched: int = 0
+    differ: list[str] = field(default_factory=list)
+    unchecked: int = 0
+    unchecked_dtypes: set[str] = field(default_factory=set)
+    unreadable: list[str] = field(default_factory=list)
+
+    @property
+    def checked(self) -> int:
+        return self.matched + len(self.differ)
+
+    def summary(self) -> str:
+        """One sentence for the console (and, for other weights, the card)."""
+        if self.differ:
+            shown = ", ".join(repr(n) for n in self.differ[:3]) + (", …" if len(self.differ) > 3 else "")
+            return (
+                f"the weights beside the card are not the attributed model: {len(self.differ)} of {self.checked} "
+                f"tensors differ from its recorded digests ({shown})"
+            )
+        unread = f"{', '.join(self.unreadable)} could not be read" if self.unreadable else ""
+        if not self.checked:
+            why = (
+                f"saved as {', '.join(sorted(self.unchecked_dtypes))}, not float32: rounded, so not comparable"
+                if self.unchecked
+                else unread or "no tensor there has the name of an attributed parameter"
+            )
+            return f"the weights beside the card could not be checked against the attributed model ({why})"
+        extra = f"; {self.unchecked} more saved in another dtype were not checked" if self.unchecked else ""
+        extra += f"; {unread}" if unread else ""
+        return (
+            f"the weights beside the card are the attributed model: {self.matched} of {self.checked} tensors match "
+            f"its recorded digests{extra}"
+        )
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The ``save_pretrained`` safetensors weight files directly in ``folder`` (sorted; symlinks are not read)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if WEIGHT_FILE.fullmatch(p.name) and p.is_file() and not p.is_symlink())
+
+
+def check_card_weights(folder: str | Path, ledger: Mapping[str, Any] | None) -> WeightsCheck | None:
+    """Compare the weights in ``folder`` with the final model a report's ``ledger`` summary names.
+
+    Returns None when there is nothing to compare: no weight file in ``folder`` (see :data:`WEIGHT_FILE`), or no
+    ``final_digests`` in ``ledger``. Streams one tensor at a time; only float32 (and float64) tensors are hashed:
+    the recorded digests are of float32 values, which a float64 copy keeps exactly and a half-precision copy rounds.
+    A file that cannot be parsed is listed in ``unreadable``, not read further (and never unpickled).
+    """
+    folder = Path(folder)
+    digests = (ledger or {}).get("final_digests")
+    files = weight_files(folder)
+    if not files or not isinstance(digests, Mapping) or not digests:
+        return None
+    check = WeightsCheck(folder, [p.name for p in files])
+    for path in files:
+        try:
+            reader = open_safetensors(path)
+            for name in reader.keys():
+                if name not in digests:
+                    continue
+                dtype, _ = reader.info(name)
+                if dtype not in ("F32", "F64"):
+                    check.unchecked += 1
+                    check.unchecked_dtypes.add(_DTYPE_NAMES.get(dtype, dtype.lower()))
+                elif tensor_digest(reader.get_tensor(name)) == digests[name]:
+                    check.matched += 1
+                else:
+                    check.differ.append(name)
+        except LedgerFormatError:
+            check.unreadable.append(path.name)
+    return check
+
+
+def require_attributed_weights(check: WeightsCheck | None, allow_other_weights: bool) -> None:
+    """ModelCardError when ``check`` found weights that differ from the attributed model, unless
+    ``allow_other_weights`` (then the section says so: :func:`weights_note`)."""
+    if check is None or not check.differ or allow_other_weights:
+        return
+    raise ModelCardError(
+        f"Expected the weights in {check.folder} to be the model the report attributes (the final model of its "
+        f"ledger), found that {check.summary().split(': ', 1)[1]}. The model was changed after it was recorded "
+        "(trained further, edited), or the report is of another run: attribute this model (record its later "
+        "stages in the ledger and attribute again), or write the card beside the attributed model. Pass "
+        f"{ALLOW} to write it here anyway (the section then says the weights differ); nothing was written."
+    )
+
+
+def weights_note(check: WeightsCheck | None) -> str | None:
+    """The sentence the card section carries when it is written beside weights that differ (None otherwise)."""
+    if check is None or not check.differ:
+        return None
+    return (
+        f"Caution: {check.summary()}. Everything below describes the model the ledger recorded, not the weights "
+        "published with this card."
+    )
+
+
+_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16"}

@@ -1,0 +1,119 @@
+"""The card writer checks that the weights beside the card are the model its report attributes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hf_stage_attribution import StageLedger
+from hf_stage_attribution.errors import ModelCardError
+from hf_stage_attribution.model_card import write_model_card
+from hf_stage_attribution.model_card.weights import check_card_weights
+from hf_stage_attribution.report import AttributionReport
+
+
+def _recorded(tmp_path):
+    """A tiny GPT-2 trained in two recorded stages, and a report of its ledger."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    ledger = StageLedger(tmp_path / "ledger")
+    ids = torch.randint(0, 32, (2, 8))
+    for name in ("sft", "dpo"):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        with ledger.record_stage(name, model=model, optimizer=opt) as rec:
+            for _ in range(2):
+                opt.zero_grad()
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                rec.step()
+    report = AttributionReport.build(
+        {"loss": {"sft": [0.4, 0.6], "dpo": [-0.1, 0.1]}}, estimator="aa-linear", stages=ledger.stages, ledger=ledger
+    )
+    return model, report
+
+
+def test_a_card_beside_the_attributed_weights_says_they_match(tmp_path):
+    model, report = _recorded(tmp_path)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    assert set(report.ledger["final_digests"]) == {n for n, _ in model.named_parameters()}
+
+    files = write_model_card(report, folder, plot=False)
+
+    assert files.weights is not None and not files.weights.differ
+    assert files.weights.matched == len(report.ledger["final_digests"])
+    assert "match its recorded digests" in files.weights.summary()
+    assert "Caution" not in files.readme.read_text()
+    again = AttributionReport.from_json(files.sidecar)  # the sidecar keeps the digests for a later check
+    assert check_card_weights(folder, again.ledger).matched == files.weights.matched
+
+
+def test_weights_trained_after_the_report_refuse_the_card_and_write_nothing(tmp_path):
+    model, report = _recorded(tmp_path)
+    folder = tmp_path / "model"
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.add_(1e-4)  # trained further, without recording
+    model.save_pretrained(folder)
+    (folder / "README.md").write_text("# my model\n", encoding="utf-8")
+
+    with pytest.raises(ModelCardError, match=r"1 of \d+ tensors differ .*'transformer.h.0.mlp.c_fc.weight'") as err:
+        write_model_card(report, folder, plot=False)
+
+    assert "allow_other_weights=True" in str(err.value) and "nothing was written" in str(err.value)
+    assert (folder / "README.md").read_text(encoding="utf-8") == "# my model\n"
+    assert not (folder / "stage_attribution.json").exists()
+
+    files = write_model_card(report, folder, plot=False, allow_other_weights=True)
+    text = files.readme.read_text(encoding="utf-8")
+    assert "**Caution: the weights beside the card are not the attributed model: 1 of" in text
+    assert "# my model" in text  # the author's card is kept
+
+
+def test_weights_that_cannot_be_compared_are_said_so_and_the_card_is_written(tmp_path):
+    model, report = _recorded(tmp_path)
+    half = tmp_path / "half"
+    model.to(torch.bfloat16).save_pretrained(half)  # rounded: its digests differ without any training
+    files = write_model_card(report, half, plot=False)
+    assert files.weights.checked == 0 and files.weights.unchecked > 0
+    assert "could not be checked" in files.weights.summary() and "bfloat16" in files.weights.summary()
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    files = write_model_card(report, broken, plot=False)
+    assert files.weights.unreadable == ["model.safetensors"] and "could not be read" in files.weights.summary()
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")  # a PEFT adapter alone: the base weights are elsewhere
+    assert write_model_card(report, adapter, plot=False).weights is None
+
+
+def test_a_report_without_digests_is_not_checked(tmp_path):
+    model, _ = _recorded(tmp_path)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    report = AttributionReport.build({"loss": {"sft": [0.4, 0.6]}}, estimator="aa-linear")
+    assert write_model_card(report, folder, plot=False).weights is None
+
+
+def test_the_cli_refuses_other_weights_and_names_its_escape(tmp_path):
+    model, report = _recorded(tmp_path)
+    folder = tmp_path / "model"
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.01)  # tied to the embeddings: both names differ in the checkpoint
+    model.save_pretrained(folder)
+    (tmp_path / "report.json").write_text(report.to_json(), encoding="utf-8")
+    cmd = [sys.executable, "-m", "hf_stage_attribution", "card", str(tmp_path), "--readme", str(folder)]
+
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode != 0 and "--allow-other-weights" in refused.stderr
+    assert not (folder / "README.md").exists()
+
+    allowed = subprocess.run([*cmd, "--allow-other-weights"], capture_output=True, text=True)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "Weights: the weights beside the card are not the attributed model" in allowed.stdout
