@@ -66,7 +66,8 @@ def rank_and_publish(
         f"\nRanking by |effect| on {behavior}: {report.estimator}: {ranks['attribution']}; replay: {ranks['replay']}"
     )
     card = write_model_card(report, pipeline.model_dir / "README.md")
-    print(f"Model card: {card.readme if card else '(not the main process)'}")  # noqa: T201
+    weights = f" ({card.weights.summary()})" if card is not None and card.weights is not None else ""
+    print(f"Model card: {card.readme if card else '(not the main process)'}{weights}")  # noqa: T201
     if update_example_card and card is not None:
         publish_example_card(card, recipe, repo_root)
     return {

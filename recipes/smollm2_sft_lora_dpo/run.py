@@ -246,8 +246,10 @@ def attribute(
     report_dir = out / f"report-{tag}"
     report_dir.mkdir(parents=True, exist_ok=True)
     report.to_json(report_dir / "report.json")
-    write_model_card(report, model_dir / "README.md")
+    card = write_model_card(report, model_dir / "README.md")
     print(report.table())
+    if card is not None and card.weights is not None:
+        print(f"Model card {card.readme}: {card.weights.summary()}")
     result = {
         "estimator": estimator, "factual": factual, "resolved": report.estimator, "validate": validate,
         "seconds": seconds,
