@@ -183,6 +183,29 @@ def test_embedding_cache_written_by_another_package_version_is_recomputed(tmp_pa
         assert handle.metadata()["package_version"] == "0.0.0-other"
 
 
+def test_embedding_cache_whose_bytes_changed_is_recomputed_not_used(tmp_path):
+    from hf_stage_attribution.estimators.embeddings import cache
+
+    ledger, _, _, _ = _ledger_two_heads(tmp_path, lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.5))
+    path = ledger.embeddings_dir / "aa-linear.safetensors"
+    fresh = stage_embeddings(ledger, "aa-linear").get(0, "head1.weight").clone()
+    data = bytearray(path.read_bytes())
+    data[-4:] = torch.tensor([123.0]).numpy().tobytes()  # one float of a well-formed file, changed
+    path.write_bytes(bytes(data))
+    cache._VERIFIED.clear()  # another process: nothing verified yet
+
+    with pytest.warns(UserWarning, match="do not hash to the digest written with them"):
+        again = stage_embeddings(ledger, "aa-linear")
+    assert torch.equal(again.get(0, "head1.weight"), fresh)
+    assert 123.0 not in torch.cat([t.flatten() for _, t in again.items(0)] + [t.flatten() for _, t in again.items(1)])
+
+    (path.parent / f"{path.name}.sha256").unlink()  # a cache written before digests existed: recomputed, silently
+    cache._VERIFIED.clear()
+    mtime = path.stat().st_mtime_ns
+    stage_embeddings(ledger, "aa-linear")
+    assert path.stat().st_mtime_ns != mtime and (path.parent / f"{path.name}.sha256").exists()
+
+
 def test_embedding_cache_grows_with_requested_stages(tmp_path):
     decay = lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.5)  # noqa: E731
     ledger, _, _, _ = _ledger_two_heads(tmp_path, decay)

@@ -6,7 +6,10 @@
 
 The cache is ``<ledger>/embeddings/<kind>.safetensors``, keys ``"<stage index>/<param name>"`` (float32; a tensor
 that is absent is zero), metadata holding the ledger fingerprint, the kind, the options and the package version (an
-upgrade may change how embeddings are computed); a cache that does not match is recomputed.
+upgrade may change how embeddings are computed); a cache that does not match is recomputed. Beside it,
+``<kind>.safetensors.sha256`` holds the file's sha256 as it was written: a cache whose bytes no longer hash to it
+(changed, corrupted, or its write interrupted), or that has no digest, is recomputed, never used (hashed once per
+process while the file's size, modification time and inode stay the same).
 :class:`StageEmbeddings` reads it lazily (memory-mapped), one tensor at a time.
 
 For ``aa-ggn``/``aa-hvp`` the options include the loss each stage's curvature products use: a fingerprint of the
@@ -42,7 +45,7 @@ from ..._internal.fingerprint import value_fingerprint
 from ..._version import __version__
 from ...errors import UnsupportedOptimizerError, unknown_name
 from ...ledger.core import LedgerCore
-from ...ledger.storage import open_safetensors
+from ...ledger.storage import atomic_write_bytes, file_sha256, open_safetensors
 from ..curvature.propagation import curvature_settings
 from ..selection import lacks_optimizer_information
 from .write import write_curvature, write_linear
@@ -216,13 +219,15 @@ def stage_embeddings(
             return cached
         wanted = sorted(set(wanted) | set(stored))  # the cache grows: stages computed before are kept
     if kind == "aa-linear":
-        write_linear(ledger, path, wanted, allow_identity_propagation, _metadata(ledger, kind, options, wanted))
+        sha = write_linear(ledger, path, wanted, allow_identity_propagation, _metadata(ledger, kind, options, wanted))
     else:
         mode = "ggn" if kind == "aa-ggn" else "hvp"
-        write_curvature(
+        sha = write_curvature(
             ledger, path, wanted, mode, allow_identity_propagation, loss_fns, curvature_options,
             _metadata(ledger, kind, options, wanted),
         )  # fmt: skip
+    atomic_write_bytes(_digest_path(path), sha.encode("ascii"))
+    _VERIFIED[str(path)] = _identity(path)
     return StageEmbeddings(ledger, kind, path)
 
 
@@ -254,8 +259,44 @@ def _metadata(ledger: LedgerCore, kind: str, options: Mapping[str, Any], wanted:
     }
 
 
+#: the identity (size, modification time, inode) of each cache file that hashed to its digest in this process
+_VERIFIED: dict[str, tuple] = {}
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _intact(path: Path) -> bool:
+    """Whether the cache file's bytes hash to the digest written beside it (a missing digest: not shown intact)."""
+    try:
+        identity = _identity(path)
+        if _VERIFIED.get(str(path)) == identity:
+            return True
+        expected = _digest_path(path).read_bytes().decode("ascii", "replace").strip()
+        if file_sha256(path) != expected:
+            return False
+    except OSError:
+        return False
+    _VERIFIED[str(path)] = identity
+    return True
+
+
 def _read_if_fresh(ledger: LedgerCore, kind: str, path: Path, options: Mapping[str, Any], wanted: list[int]):
     """``(embeddings, [])`` when the cache serves ``wanted``; ``(None, stages worth keeping)`` otherwise."""
+    if not _intact(path):
+        if _digest_path(path).exists():
+            warnings.warn(
+                f"The cached {kind} embeddings {path} do not hash to the digest written with them (changed, "
+                "corrupted, or their write was interrupted); recomputing them.",
+                stacklevel=3,
+            )
+        return None, []
     try:
         emb = StageEmbeddings(ledger, kind, path)
         meta = emb._handle.metadata() or {}

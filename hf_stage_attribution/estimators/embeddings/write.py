@@ -83,10 +83,8 @@ def _diagnostics(ledger: LedgerCore, props: dict[int, StagePropagator]) -> dict[
     return {"D": factors}
 
 
-def write_linear(
-    ledger: LedgerCore, path: Path, wanted: list[int], allow_identity: bool, meta: dict[str, str]
-) -> None:
-    """Compute ``aa-linear`` embeddings tensor by tensor and stream them into ``path``.
+def write_linear(ledger: LedgerCore, path: Path, wanted: list[int], allow_identity: bool, meta: dict[str, str]) -> str:
+    """Compute ``aa-linear`` embeddings tensor by tensor and stream them into ``path``; return the file's sha256.
 
     A tensor whose embedding is the recorded delta itself, bit for bit (no later stage changes it: the last stage,
     or later stages that ran Adam or SGD without weight decay), is not copied: the metadata key ``unchanged`` lists
@@ -121,7 +119,7 @@ def write_linear(
                 yield f"{k}/{name}", x.to(torch.float32)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors_stream(path, specs, stream(), meta)
+    return write_safetensors_stream(path, specs, stream(), meta)
 
 
 def check_curvature_material(ledger: LedgerCore, first: int, mode: str) -> None:
@@ -157,8 +155,9 @@ def write_curvature(
     loss_fns: Mapping[str, Any] | None,
     options: Mapping[str, Any],
     meta: dict[str, str],
-) -> None:
-    """Compute ``aa-ggn``/``aa-hvp`` embeddings one stage at a time and stream them into ``path``.
+) -> str:
+    """Compute ``aa-ggn``/``aa-hvp`` embeddings one stage at a time and stream them into ``path``; return the file's
+    sha256.
 
     ``options`` go to :func:`~.curvature.propagate` (``model`` — the architecture, needed for curvature products —,
     ``krylov_size``, ``curvature_scale``, ``sample_size`` ...). The momentum tail enters the stage after the removed
@@ -224,7 +223,7 @@ def write_curvature(
         used = {k: _json_safe(v) for k, v in options.items() if k != "model"}
         diagnostics = {"curvature": {**counts, "settings": used, "per_stage_pair": per_pair}}
         meta = dict(meta, approximations=json.dumps(sorted(approximations)), diagnostics=json.dumps(diagnostics))
-        write_safetensors_stream(path, specs, ((f"{k}/{n}", h.get_tensor(n)) for k, h, n in order), meta)
+        return write_safetensors_stream(path, specs, ((f"{k}/{n}", h.get_tensor(n)) for k, h, n in order), meta)
     finally:
         for _, temp in temps:
             with contextlib.suppress(OSError):
