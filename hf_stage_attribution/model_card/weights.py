@@ -7,8 +7,10 @@ trained further without recording, a report of another run) would publish claims
 :func:`check_card_weights` reads the folder's ``model.safetensors`` (or its ``model-XXXXX-of-YYYYY.safetensors``
 shards) tensor by tensor and compares every float32 tensor whose name the report knows with the recorded digest.
 
-What it cannot check, it says so rather than guess: tensors saved in another dtype (a bfloat16 ``save_pretrained``
-rounds every value, so its digest differs without any training), a folder with only a PEFT adapter
+What it cannot check, it says so rather than guess: tensors saved in half precision that do not hash as recorded
+(a bfloat16 ``save_pretrained`` of float32 weights rounds every value, so its digest differs without any training;
+weights that were half precision when recorded, such as an imported bfloat16 checkpoint, do hash as recorded), a
+folder with only a PEFT adapter
 (``adapter_model.safetensors``: the base weights are elsewhere) or only ``pytorch_model.bin`` (never unpickled), and
 a report without digests (built from effects alone, or written by a version before 2026-12-07).
 
@@ -101,9 +103,11 @@ def check_card_weights(folder: str | Path, ledger: Mapping[str, Any] | None) -> 
     """Compare the weights in ``folder`` with the final model a report's ``ledger`` summary names.
 
     Returns None when there is nothing to compare: no weight file in ``folder`` (see :data:`WEIGHT_FILE`), or no
-    ``final_digests`` in ``ledger``. Streams one tensor at a time; only float32 (and float64) tensors are hashed:
-    the recorded digests are of float32 values, which a float64 copy keeps exactly and a half-precision copy rounds.
-    A file that cannot be parsed is listed in ``unreadable``, not read further (and never unpickled).
+    ``final_digests`` in ``ledger``. Streams one tensor at a time. The recorded digests are of float32 values: a
+    float32 (or float64) tensor that hashes otherwise differs; a half-precision one that hashes the same (a model
+    trained, or a checkpoint imported, in that precision) matches, and one that hashes otherwise is only
+    ``unchecked`` (the recorded value rounded for the save looks the same). A file that cannot be parsed is listed in
+    ``unreadable``, not read further (and never unpickled).
     """
     folder = Path(folder)
     digests = (ledger or {}).get("final_digests")
@@ -118,13 +122,13 @@ def check_card_weights(folder: str | Path, ledger: Mapping[str, Any] | None) -> 
                 if name not in digests:
                     continue
                 dtype, _ = reader.info(name)
-                if dtype not in ("F32", "F64"):
+                if tensor_digest(reader.get_tensor(name)) == digests[name]:
+                    check.matched += 1
+                elif dtype in ("F32", "F64"):
+                    check.differ.append(name)
+                else:  # rounded: another value may be the recorded one rounded, or another model's
                     check.unchecked += 1
                     check.unchecked_dtypes.add(_DTYPE_NAMES.get(dtype, dtype.lower()))
-                elif tensor_digest(reader.get_tensor(name)) == digests[name]:
-                    check.matched += 1
-                else:
-                    check.differ.append(name)
         except LedgerFormatError:
             check.unreadable.append(path.name)
     return check

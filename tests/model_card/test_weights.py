@@ -117,3 +117,16 @@ def test_the_cli_refuses_other_weights_and_names_its_escape(tmp_path):
     allowed = subprocess.run([*cmd, "--allow-other-weights"], capture_output=True, text=True)
     assert allowed.returncode == 0, allowed.stderr
     assert "Weights: the weights beside the card are not the attributed model" in allowed.stdout
+
+
+def test_half_precision_weights_that_were_recorded_in_half_precision_match(tmp_path):
+    from safetensors.torch import save_file
+
+    from hf_stage_attribution._internal.hashing import tensor_digest
+
+    w = torch.randn(4, 4).to(torch.bfloat16)  # an imported bfloat16 checkpoint: the ledger holds its float32 upcast
+    save_file({"w": w, "b": torch.randn(4).to(torch.bfloat16)}, tmp_path / "model.safetensors")
+    recorded = {"w": tensor_digest(w.float()), "b": tensor_digest(torch.randn(4))}  # b: float32 weights, rounded
+    check = check_card_weights(tmp_path, {"final_digests": recorded})
+    assert (check.matched, check.differ, check.unchecked) == (1, [], 1)
+    assert "1 more saved in another dtype were not checked" in check.summary()
