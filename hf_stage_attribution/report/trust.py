@@ -41,7 +41,8 @@ stage 2.3–3.5× replay's size); with task-vector negation as the check the gap
 The bootstrap intervals of a report resample the behavior's examples only: they say nothing about the estimator's
 own error, which is what the verdict is about (:data:`INTERVAL_SCOPE` is put in every verdict's evidence).
 A behavior no stage moved (every effect exactly 0) has no top stage: ``evidence["top_stage"]`` is None and no
-ranking is checked.
+ranking is checked; a second opinion that moved it at any stage contradicts "no stage moved it" ("unreliable:
+<name> moved it (<stage> <value>, ...)"; the linear sibling's reading is judged by the linearisation gap instead).
 
 Example:
     >>> v = assess_trust({"pre": 0.1, "sft": 2.0, "dpo": -0.5}, estimator="aa-linear",
@@ -218,6 +219,20 @@ def _disagreements(
     if c["stages"] >= 3 and not math.isnan(c["spearman"]) and c["spearman"] < SPEARMAN_MIN - _ROUNDING:
         why.append(f"{theirs} ranks the stages differently (Spearman {c['spearman']:.2f})")
     return why
+
+
+def _moved_where_still(estimator: str, name: str, values: Mapping[str, float]) -> list[str]:
+    """The reason "<name> moved it (<stage> <value>, ...) where <estimator> put every effect at 0" when the second
+    opinion ``values`` moved the behavior at a stage; ``[]`` when it too put every effect at 0.
+
+    Example:
+        >>> _moved_where_still("lora-exact", "delta-fd", {"pre": 0.0, "sft": -2.0})
+        ['delta-fd moved it (sft -2) where lora-exact put every effect at 0']
+        >>> _moved_where_still("lora-exact", "delta-fd", {"pre": 0.0, "sft": 0.0})
+        []
+    """
+    moved = ", ".join(f"{s} {v:+.4g}" for s, v in values.items() if v != 0.0)
+    return [f"{name} moved it ({moved}) where {estimator} put every effect at 0"] if moved else []
 
 
 def unsettled_signs(estimate: Mapping[str, float], other: Mapping[str, float]) -> list[str]:
@@ -511,8 +526,10 @@ def assess_trust(
             same.append(name)  # the same computation by another name (aa-fd where nothing changes the carry)
             continue
         checks.append(name)
-        if not still:  # with every effect 0 there is no top stage, ranking or sign to disagree on
+        if not still:
             why.extend(_disagreements(c, estimator, name, common, values))
+        elif name not in sibling or not linearisation_gap:  # the sibling's reading is judged by the gap
+            why.extend(_moved_where_still(estimator, name, {s: float(values[s]) for s in common}))
         wrong_signs = sign_disagreements(common, values)
         if wrong_signs:
             evidence.setdefault("sign_disagreements", {})[name] = wrong_signs

@@ -1,0 +1,24 @@
+"""Verdicts that claimed more than their evidence (audit of the trust verdicts): each test builds the case the audit
+found and checks the verdict no longer outruns what was checked."""
+
+from __future__ import annotations
+
+from hf_stage_attribution.report import AttributionReport
+from hf_stage_attribution.report import trust as T
+
+
+def test_a_second_opinion_that_moved_a_behavior_the_estimate_puts_at_zero_is_no_agreement():
+    """An estimate of 0 at every stage (a piecewise-constant behavior read to first order) beside a second opinion
+    that moved it was "estimated — estimators agree": with no top stage the disagreements were skipped."""
+    zero = {"acc": {"pre": [0.0, 0.0, 0.0], "sft": [0.0, 0.0, 0.0], "dpo": [0.0, 0.0, 0.0]}}
+    moved = {"acc": {"pre": [0.3, 0.4, 0.5], "sft": [-2.0, -2.2, -1.8], "dpo": [0.1, 0.1, 0.1]}}
+    t = AttributionReport.build(zero, estimator="lora-exact", alternates={"delta-fd": moved}, versions={}).trust("acc")
+    assert t["verdict"] == "unreliable"
+    assert t["label"] == (
+        "estimated — unreliable: delta-fd moved it (pre +0.4, sft -2, dpo +0.1) where lora-exact put every effect at 0"
+    )
+    assert t["evidence"]["sign_disagreements"] == {"delta-fd": ["pre", "sft", "dpo"]}
+    # a second opinion that also put every effect at 0 does not contradict it (it is the same numbers: no check)
+    zeros = {"delta-fd": {"a": 0.0, "b": 0.0}}
+    still = T.assess_trust({"a": 0.0, "b": 0.0}, estimator="lora-exact", second_opinions=zeros)
+    assert "moved it" not in still["label"]
