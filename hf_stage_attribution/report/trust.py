@@ -12,11 +12,13 @@ Pure functions of per-stage mean effects (numpy only). Three verdicts:
   replay — replay does not separate <top> and <runner-up>"); replay given as means only carries no sampling, so the
   top stages must then be equal;
 - ``"agree"`` (label "estimated — estimators agree"): no replay, but a second opinion (the linear/finite-difference
-  pair of the linearisation gap, another estimator such as task-vector negation) names the same top stage and
-  ranking, another estimator than the sibling gives every stage that moved the behavior a size within a factor of
-  :data:`SIZE_RATIO_MAX` (else that stage's sign is not settled), the linearisation gap is small and the top
-  stage's ``|effect|`` interval is clear of the runner-up's (a behavior of one example has no sampling interval:
-  that check does not apply, and neither passes nor fails the verdict);
+  pair of the linearisation gap, another estimator such as task-vector negation) that gives every stage of the
+  estimate an effect (one that leaves stages out is no check, ``evidence["second_opinions_partial"]``, though a
+  contradiction on the stages it covers still counts) names the same top stage and ranking, another estimator than
+  the sibling gives every stage that moved the behavior a size within a factor of :data:`SIZE_RATIO_MAX` (else that
+  stage's sign is not settled), the linearisation gap is small and the top stage's ``|effect|`` interval is clear of
+  the runner-up's (a behavior of one example has no sampling interval: that check does not apply, and neither
+  passes nor fails the verdict);
 - ``"unreliable"`` (label "estimated — unreliable: <why>", or "unreliable: replay disagrees — <why>"): anything else,
   including an estimate with nothing to check it against.
 
@@ -515,6 +517,7 @@ def assess_trust(
     evidence["second_opinions"] = {}
     same: list[str] = []
     sized: list[str] = []  # second opinions whose sizes were compared (not the linear sibling)
+    partial: dict[str, list[str]] = {}  # second opinions that left stages out: {name: the stages left out}
     sibling = [str(n) for n in linearisation_pair or () if str(n) != estimator]
     for name, values in opinions.items():
         common = {s: v for s, v in effects.items() if s in values}
@@ -525,7 +528,11 @@ def assess_trust(
         if len(common) == len(effects) and _same_numbers(effects, values):
             same.append(name)  # the same computation by another name (aa-fd where nothing changes the carry)
             continue
-        checks.append(name)
+        missing = [s for s in effects if s not in values]
+        if missing:  # no check of the stages it left out; a contradiction where it ran still counts
+            partial[name] = missing
+        else:
+            checks.append(name)
         if not still:
             why.extend(_disagreements(c, estimator, name, common, values))
         elif name not in sibling or not linearisation_gap:  # the sibling's reading is judged by the gap
@@ -535,7 +542,8 @@ def assess_trust(
             evidence.setdefault("sign_disagreements", {})[name] = wrong_signs
         if name in sibling:
             continue
-        sized.append(name)
+        if not missing:
+            sized.append(name)
         unsettled = unsettled_signs(common, values)
         evidence.setdefault("unsettled_signs", {})[name] = unsettled
         if unsettled:
@@ -573,10 +581,15 @@ def assess_trust(
             why.append(size_overlap_text(first, second, intervals))  # type: ignore[arg-type]
     elif still:
         interval_note = "; no stage moved the behavior (every effect is 0), so there is no top stage to rank"
+    left_out = "; ".join(f"{n} gave no effect for {', '.join(m)} (not counted as a check)" for n, m in partial.items())
+    if partial:
+        evidence["second_opinions_partial"] = partial
     if not checks:
-        why.insert(0, "nothing to check it against (no replay, no second estimate)")
+        why.insert(0, f"nothing to check it against (no replay; {left_out})" if partial else
+                   "nothing to check it against (no replay, no second estimate)")  # fmt: skip
     elif not sized:  # the sibling reads the same stage embeddings: it checks the read-out, not the embeddings
         named = f"{', '.join(same)} gave the same numbers as {estimator}" if same else "no second estimate ran"
+        named += f"; {left_out}" if partial else ""
         readers = [c for c in checks if c != "linearisation gap"]
         what = f"{', '.join(readers)} read(s) the same stage embeddings" if readers else "only the read-outs compared"
         why.append(f"no independent second opinion ({named}; {what})")
@@ -595,6 +608,8 @@ def assess_trust(
             f"{SIZE_RATIO_MAX:g} of {estimator}'s size."
         )
     reason += uncounted
+    if partial:
+        reason += f" {left_out}: a second opinion checks only the stages it covers."
     if same:
         reason += (
             f" {', '.join(same)} gave the same numbers as {estimator} (the same computation by another route, e.g. "

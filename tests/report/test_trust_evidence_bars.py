@@ -22,3 +22,26 @@ def test_a_second_opinion_that_moved_a_behavior_the_estimate_puts_at_zero_is_no_
     zeros = {"delta-fd": {"a": 0.0, "b": 0.0}}
     still = T.assess_trust({"a": 0.0, "b": 0.0}, estimator="lora-exact", second_opinions=zeros)
     assert "moved it" not in still["label"]
+
+
+def test_a_second_opinion_that_leaves_stages_out_is_no_check_of_them():
+    """A second opinion of the top stage alone gave "agree ... on the signs and the ranking" with the other stages
+    never checked; it is no check now, and what it covers can still contradict the estimate."""
+    est = {"f": {"pre": [0.1, 0.12, 0.11], "sft": [2.0, 2.1, 1.9], "dpo": [-1.0, -1.1, -0.9]}}
+    only_sft = {"delta-fd": {"f": {"sft": [2.0, 2.1, 1.9]}}}
+    t = AttributionReport.build(est, estimator="lora-exact", alternates=only_sft, versions={}).trust("f")
+    assert t["verdict"] == "unreliable"
+    assert t["label"] == (
+        "estimated — unreliable: nothing to check it against (no replay; delta-fd gave no effect for pre, dpo (not "
+        "counted as a check))"
+    )
+    assert t["evidence"]["second_opinions_partial"] == {"delta-fd": ["pre", "dpo"]}
+    effects = {"pre": 0.1, "sft": 2.0, "dpo": -1.0}
+    full = {"pre": 0.11, "sft": 1.9, "dpo": -0.9}
+    both = T.assess_trust(effects, estimator="lora-exact", second_opinions={"delta-fd": full, "tv": {"sft": 1.9}})
+    assert both["verdict"] == "agree" and "tv gave no effect for pre, dpo (not counted as a check)" in both["reason"]
+    wrong = T.assess_trust(effects, estimator="lora-exact", second_opinions={"delta-fd": full, "tv": {"sft": -1.9}})
+    assert (
+        wrong["verdict"] == "unreliable"
+        and "lora-exact and tv disagree on the sign of 1 of 1 stages" in wrong["label"]
+    )
