@@ -14,7 +14,8 @@ Pure functions of per-stage mean effects (numpy only). Three verdicts:
 - ``"agree"`` (label "estimated — estimators agree"): no replay, but a second opinion (the linear/finite-difference
   pair of the linearisation gap, another estimator such as task-vector negation) that gives every stage of the
   estimate an effect (one that leaves stages out is no check, ``evidence["second_opinions_partial"]``, though a
-  contradiction on the stages it covers still counts) names the same top stage and ranking, another estimator than
+  contradiction on the stages it covers still counts) names the same top stage (not tied with another: a tie broken
+  by stage order confirms nothing, ``evidence["second_opinion_top_ties"]``) and ranking, another estimator than
   the sibling gives every stage that moved the behavior a size within a factor of :data:`SIZE_RATIO_MAX` (else that
   stage's sign is not settled), the linearisation gap is small and the top stage's ``|effect|`` interval is clear of
   the runner-up's (a behavior of one example has no sampling interval: that check does not apply, and neither
@@ -143,6 +144,21 @@ def top_of(effects: Mapping[str, float]) -> str:
     """The stage of largest ``|effect|`` (ties to the first in order), as ``AttributionReport.top_stage``."""
     names = list(effects)
     return names[int(np.argmax([abs(float(effects[s])) for s in names]))]
+
+
+def top_tie(effects: Mapping[str, float]) -> list[str]:
+    """The stages (in order) that share the largest ``|effect|`` (to :data:`SAME_NUMBERS` of it) when two or more do;
+    ``[]`` when one stage is largest or no stage moved. :func:`top_of` breaks such a tie by stage order, which is no
+    ranking: a second opinion that ties the estimate's top stage with another does not confirm it.
+
+    Example:
+        >>> top_tie({"pre": 0.1, "sft": 1.9, "dpo": -1.9}), top_tie({"pre": 0.1, "sft": 2.0, "dpo": -1.9})
+        (['sft', 'dpo'], [])
+    """
+    sizes = {s: abs(float(v)) for s, v in effects.items()}
+    largest = max(sizes.values(), default=0.0)
+    tied = [s for s, v in sizes.items() if largest - v <= SAME_NUMBERS * largest]
+    return tied if largest > 0.0 and len(tied) > 1 else []
 
 
 def _common(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -533,6 +549,12 @@ def assess_trust(
             partial[name] = missing
         else:
             checks.append(name)
+        tied = [] if still else top_tie({s: float(values[s]) for s in common})
+        if c["top_stage"] in tied:  # it ranks the estimate's top stage level with another: no confirmation of it
+            evidence.setdefault("second_opinion_top_ties", {})[name] = tied
+            size = abs(float(values[tied[0]]))
+            why.append(f"{name} gives {', '.join(tied)} the same size ({size:.4g}), so it does not confirm {top}")
+            c = {**c, "top_stage_equal": True}  # the tie is the reason, not the stage order that broke it
         if not still:
             why.extend(_disagreements(c, estimator, name, common, values))
         elif name not in sibling or not linearisation_gap:  # the sibling's reading is judged by the gap

@@ -45,3 +45,20 @@ def test_a_second_opinion_that_leaves_stages_out_is_no_check_of_them():
         wrong["verdict"] == "unreliable"
         and "lora-exact and tv disagree on the sign of 1 of 1 stages" in wrong["label"]
     )
+
+
+def test_a_second_opinion_that_ties_the_top_stage_with_another_does_not_confirm_it():
+    """A second opinion giving the top two stages exactly the same size had its tie broken by stage order and counted
+    as agreeing on the top stage (one example: no interval check either)."""
+    est = {"f": {"pre": [0.1], "sft": [2.0], "dpo": [-1.99]}}
+    tied = {"delta-fd": {"f": {"pre": [0.1], "sft": [1.9], "dpo": [-1.9]}}}
+    t = AttributionReport.build(est, estimator="lora-exact", alternates=tied, versions={}).trust("f")
+    assert t["verdict"] == "unreliable"
+    assert (
+        t["label"] == "estimated — unreliable: delta-fd gives sft, dpo the same size (1.9), so it does not confirm sft"
+    )
+    assert t["evidence"]["second_opinion_top_ties"] == {"delta-fd": ["sft", "dpo"]}
+    # the estimate's top stage first, by a margin: agreement as before
+    ahead = T.assess_trust({"pre": 0.1, "sft": 2.0, "dpo": -1.0}, estimator="lora-exact",
+                           second_opinions={"delta-fd": {"pre": 0.1, "sft": 1.9, "dpo": -1.1}})  # fmt: skip
+    assert ahead["verdict"] == "agree"
