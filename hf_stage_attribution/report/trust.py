@@ -10,7 +10,9 @@ Pure functions of per-stage mean effects (numpy only). Three verdicts:
   separate its top two stages (a paired bootstrap, ``evidence["replay"]["top_separation"]``), an estimate naming the
   runner-up is not contradicted on the top stage or on those two's order, and the label says so ("verified by
   replay — replay does not separate <top> and <runner-up>"); replay given as means only carries no sampling, so the
-  top stages must then be equal;
+  top stages must then be equal. Replay of only some of the stages verifies nothing, but it is checked all the same
+  on the stages it ran for (``evidence["replay_some_stages"]``): a disagreement there is "unreliable: replay
+  disagrees — on the stages it ran for (...): <why>", and where it agrees the verdict is the second opinions';
 - ``"agree"`` (label "estimated — estimators agree"): no replay, but a second opinion (the linear/finite-difference
   pair of the linearisation gap, another estimator such as task-vector negation) that gives every stage of the
   estimate an effect (one that leaves stages out is no check, ``evidence["second_opinions_partial"]``, though a
@@ -416,6 +418,39 @@ def _tied_spearman(effects: Mapping[str, float], truth: Mapping[str, float], tie
     return spearman([effects[s] for s in stages], [ranked[s] for s in stages])
 
 
+def _partial_replay(
+    effects: Mapping[str, float],
+    truth: Mapping[str, float],
+    replay_tie: Sequence[str] | None,
+    evidence: dict[str, Any],
+) -> list[str]:
+    """Where replay ran for some of the stages of ``effects`` only (``truth``): the estimate's disagreements with it
+    there (top stage among them, signs, ranking, sizes, as for full replay), recorded in
+    ``evidence["replay_some_stages"]``; ``[]`` when it agrees there."""
+    ours = {s: effects[s] for s in truth}
+    c = compare(ours, truth)
+    sizes = size_mismatches(ours, truth)
+    evidence["replay_some_stages"] = {
+        **c,
+        "not_run": [s for s in effects if s not in truth],
+        "sign_disagreements": sign_disagreements(ours, truth),
+        "size_ratios_off": sizes,
+    }
+    still, truth_still = no_stage_moved(ours), no_stage_moved(truth)
+    if still and truth_still:
+        return []
+    if still:
+        moved = ", ".join(f"{s} {v:+.4g}" for s, v in truth.items() if v != 0.0)
+        return [f"replay moved it ({moved}) where the estimate put every effect there at 0"]
+    tied = None if truth_still else _replay_tie(c, replay_tie)
+    judged = c
+    if tied:
+        evidence["replay_some_stages"]["top_tie"] = tied
+        judged = {**c, "top_stage_equal": True, "spearman": _tied_spearman(ours, truth, tied)}
+    why = _disagreements(judged, "the estimate", "replay", ours, truth)
+    return why + [f"{s}'s size is {r:.2g}× replay's ({ours[s]:+.4g} vs {truth[s]:+.4g})" for s, r in sizes.items()]
+
+
 def _finish(verdict: str, label: str, reason: str, evidence: dict[str, Any]) -> dict[str, Any]:
     evidence["intervals"] = INTERVAL_SCOPE
     return {"verdict": verdict, "label": label, "reason": f"{reason} Note: {INTERVAL_SCOPE}.", "evidence": evidence}
@@ -443,7 +478,8 @@ def assess_trust(
         second_opinions: ``{estimator: {stage: mean effect}}`` of other estimators of the same behavior.
         linearisation_gap: ``{stage: {"relative_gap", ...}}`` (``BehaviorDiagnostics.linearisation_gap``) of
             ``linearisation_pair``.
-        replay: ``{stage: mean effect}`` measured by exact replay; used when it covers every stage of ``effects``.
+        replay: ``{stage: mean effect}`` measured by exact replay; it verifies when it covers every stage of
+            ``effects``, and covering some stages only it can still contradict the estimate there.
         exact_stages: stages where the estimate is exact (:func:`exact_stages`: the ledger's last stage of a
             finite-difference reading): the linear sibling (``linearisation_pair[0]``) takes the estimate's value
             there and their gap is left out.
@@ -519,7 +555,20 @@ def assess_trust(
             UNRELIABLE, f"unreliable: replay disagrees — {text}", f"Exact replay disagrees: {text}.", evidence
         )
 
-    why: list[str] = []
+    checked = "Not checked by replay"
+    ran = [s for s in effects if s in (replay or {})]
+    if ran:  # replay of some stages only: no verification, but a contradiction there is one
+        why = _partial_replay(effects, {s: float(replay[s]) for s in ran}, replay_tie, evidence)  # type: ignore[index]
+        if why:
+            text = f"on the stages it ran for ({', '.join(ran)}): " + "; ".join(why)
+            return _finish(
+                UNRELIABLE, f"unreliable: replay disagrees — {text}", f"Exact replay disagrees {text}.", evidence
+            )
+        checked = (
+            f"Checked by replay on {', '.join(ran)} only (it agrees there on the top stage among them, the signs and "
+            f"the sizes), not on {', '.join(s for s in effects if s not in ran)}, so not verified"
+        )
+    why = []
     checks: list[str] = []
     opinions = {name: dict(values) for name, values in (second_opinions or {}).items() if name != estimator}
     exact = [str(s) for s in exact_stages or () if str(s) in effects]
@@ -617,12 +666,12 @@ def assess_trust(
         why.append(f"no independent second opinion ({named}; {what})")
     if why:
         text = "; ".join(why)
-        return _finish(UNRELIABLE, f"estimated — unreliable: {text}", f"Not checked by replay; {text}.", evidence)
+        return _finish(UNRELIABLE, f"estimated — unreliable: {text}", f"{checked}; {text}.", evidence)
     reason = (
-        f"Not checked by replay; {', '.join(checks)} agree(s) with {estimator} on the top stage ({top}), the signs "
+        f"{checked}; {', '.join(checks)} agree(s) with {estimator} on the top stage ({top}), the signs "
         f"and the ranking{interval_note}."
         if not still
-        else f"Not checked by replay; {', '.join(checks)} agree(s) with {estimator}{interval_note}."
+        else f"{checked}; {', '.join(checks)} agree(s) with {estimator}{interval_note}."
     )
     if sized:
         reason += (

@@ -62,3 +62,23 @@ def test_a_second_opinion_that_ties_the_top_stage_with_another_does_not_confirm_
     ahead = T.assess_trust({"pre": 0.1, "sft": 2.0, "dpo": -1.0}, estimator="lora-exact",
                            second_opinions={"delta-fd": {"pre": 0.1, "sft": 1.9, "dpo": -1.1}})  # fmt: skip
     assert ahead["verdict"] == "agree"
+
+
+def test_replay_of_some_stages_is_evidence_there_and_verifies_nothing():
+    """Replay given for some stages only was dropped from the verdict: "estimators agree" beside a replay column that
+    gave the headline's top stage the other sign."""
+    est = {"f": {"pre": [0.1, 0.12, 0.11], "sft": [2.0, 2.1, 1.9], "dpo": [-1.0, -1.1, -0.9]}}
+    fd = {"delta-fd": {"f": {"pre": [0.1] * 3, "sft": [1.9] * 3, "dpo": [-0.9] * 3}}}
+    opposite = {"f": {"sft": [-2.0] * 3, "dpo": [-0.9] * 3}}
+    t = AttributionReport.build(est, estimator="lora-exact", alternates=fd, replay=opposite, versions={}).trust("f")
+    assert t["verdict"] == "unreliable"
+    assert t["label"] == (
+        "unreliable: replay disagrees — on the stages it ran for (sft, dpo): the estimate and replay disagree on the "
+        "sign of 1 of 2 stages (sft: +2 vs -2)"
+    )
+    assert t["evidence"]["replay_some_stages"]["not_run"] == ["pre"]
+    agreeing = {"f": {"sft": [1.8] * 3, "dpo": [-0.9] * 3}}
+    t = AttributionReport.build(est, estimator="lora-exact", alternates=fd, replay=agreeing, versions={}).trust("f")
+    assert (t["verdict"], t["label"]) == ("agree", "estimated — estimators agree")  # the second opinion's verdict
+    assert t["reason"].startswith("Checked by replay on sft, dpo only (it agrees there on the top stage among them")
+    assert "not on pre, so not verified" in t["reason"]
