@@ -468,6 +468,8 @@ def build_report(
         }
         in_order = sorted(truth, key=lambda st: by_name[st].index if st in by_name else 0)
         ordered_truth = {st: truth[st] for st in in_order}
+        if estimator == "replay":  # the effects are replay: do its own examples separate its top two?
+            ordered_truth = {stage: effects[stage] for stage in names}
         separation = replay_top_separation(ordered_truth, int(n_resamples), int(seed), float(confidence))
         trust = _trust(
             behavior, str(estimator), stage_means, stage_intervals, alternates, pair, gaps, last_stage,

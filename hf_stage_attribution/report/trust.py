@@ -9,10 +9,12 @@ Pure functions of per-stage mean effects (numpy only). Three verdicts:
   Replay is exact for the examples it ran on, not for the behavior they sample: where its own examples do not
   separate its top two stages (a paired bootstrap, ``evidence["replay"]["top_separation"]``), an estimate naming the
   runner-up is not contradicted on the top stage or on those two's order, and the label says so ("verified by
-  replay — replay does not separate <top> and <runner-up>"); replay given as means only carries no sampling, so the
-  top stages must then be equal. Replay of only some of the stages verifies nothing, but it is checked all the same
-  on the stages it ran for (``evidence["replay_some_stages"]``): a disagreement there is "unreliable: replay
-  disagrees — on the stages it ran for (...): <why>", and where it agrees the verdict is the second opinions';
+  replay — replay does not separate <top> and <runner-up>"; effects that are replay itself, "replay (ground truth)",
+  say the same: "replay (ground truth) — its examples do not separate <top> and <runner-up>"); replay given as means
+  only carries no sampling, so the top stages must then be equal. Replay of only some of the stages verifies
+  nothing, but it is checked all the same on the stages it ran for (``evidence["replay_some_stages"]``): a
+  disagreement there is "unreliable: replay disagrees — on the stages it ran for (...): <why>", and where it agrees
+  the verdict is the second opinions';
 - ``"agree"`` (label "estimated — estimators agree"): no replay, but a second opinion (the linear/finite-difference
   pair of the linearisation gap, another estimator such as task-vector negation) that gives every stage of the
   estimate an effect (one that leaves stages out is no check, ``evidence["second_opinions_partial"]``, though a
@@ -418,6 +420,28 @@ def _tied_spearman(effects: Mapping[str, float], truth: Mapping[str, float], tie
     return spearman([effects[s] for s in stages], [ranked[s] for s in stages])
 
 
+def _ground_truth(
+    effects: Mapping[str, float], top: str | None, replay_tie: Sequence[str] | None, evidence: dict[str, Any]
+) -> dict[str, Any]:
+    """The verdict of effects that are replay itself: ground truth for the examples it ran on. Where those examples do
+    not separate its top two stages (``replay_tie``, replay's top first) the label says so, as it does where the same
+    replay validates an estimate; ``evidence["replay"]`` is where the report keeps replay's ``top_separation``."""
+    evidence["replay"] = {"ground_truth": True, "top_stage": top, "stages": len(effects)}
+    pair = [str(s) for s in replay_tie or ()]
+    if top is None or len(pair) != 2 or pair[0] != top or pair[1] not in effects:
+        return _finish(VERIFIED, LABEL_GROUND_TRUTH, "The effects are exact replay (ground truth).", evidence)
+    first, second = pair
+    evidence["replay_top_tie"] = pair
+    reason = (
+        f"The effects are exact replay (ground truth) for the examples it ran on; it moved the behavior about as much "
+        f"at {first} ({effects[first]:+.4g}) as at {second} ({effects[second]:+.4g}), a difference its examples do "
+        "not separate, so replay does not tell which moved it more."
+    )
+    return _finish(
+        VERIFIED, f"{LABEL_GROUND_TRUTH} — its examples do not separate {first} and {second}", reason, evidence
+    )
+
+
 def _partial_replay(
     effects: Mapping[str, float],
     truth: Mapping[str, float],
@@ -472,7 +496,8 @@ def assess_trust(
 
     Args:
         effects: ``{stage: mean effect}`` of the chosen estimator, in stage order.
-        estimator: its name (``"replay"`` is exact: verified).
+        estimator: its name (``"replay"`` is exact: verified, labelled "replay (ground truth)", and "— its examples
+            do not separate <top> and <runner-up>" with ``replay_tie``).
         intervals: ``{stage: (low, high)}`` bootstrap intervals of the effects (``None`` for a stage without one: a
             behavior of one example, where the interval check does not apply).
         second_opinions: ``{estimator: {stage: mean effect}}`` of other estimators of the same behavior.
@@ -502,7 +527,7 @@ def assess_trust(
     top = None if still else top_of(effects)
     evidence: dict[str, Any] = {"estimator": estimator, "top_stage": top, "stages": len(effects)}
     if estimator == "replay":
-        return _finish(VERIFIED, LABEL_GROUND_TRUTH, "The effects are exact replay (ground truth).", evidence)
+        return _ground_truth(effects, top, replay_tie, evidence)
     if replay is not None and all(s in replay for s in effects):
         truth = {s: float(replay[s]) for s in effects}
         c = compare(effects, truth)

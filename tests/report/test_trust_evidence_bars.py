@@ -3,6 +3,8 @@ found and checks the verdict no longer outruns what was checked."""
 
 from __future__ import annotations
 
+import json
+
 from hf_stage_attribution.report import AttributionReport
 from hf_stage_attribution.report import trust as T
 
@@ -82,3 +84,39 @@ def test_replay_of_some_stages_is_evidence_there_and_verifies_nothing():
     assert (t["verdict"], t["label"]) == ("agree", "estimated — estimators agree")  # the second opinion's verdict
     assert t["reason"].startswith("Checked by replay on sft, dpo only (it agrees there on the top stage among them")
     assert "not on pre, so not verified" in t["reason"]
+
+
+REPLAY_TIE = {"f": {"pre": [0.1, 0.12, 0.11, 0.1], "sft": [2.6, 2.7, 2.65, 2.9], "dpo": [-2.7, -2.6, -2.66, -2.8]}}
+
+
+def test_ground_truth_whose_examples_do_not_separate_its_top_two_says_so():
+    """Effects that are replay itself were "replay (ground truth)" with no look at whether replay's examples separate
+    its top two stages, while the same numbers validating an estimate said replay does not tell which moved it more."""
+    rep = AttributionReport.build(REPLAY_TIE, estimator="replay", versions={}, n_resamples=200)
+    t = rep.trust("f")
+    assert (t["verdict"], t["label"]) == (
+        "verified",
+        "replay (ground truth) — its examples do not separate sft and dpo",
+    )
+    sep = t["evidence"]["replay"]["top_separation"]
+    assert (sep["top"], sep["runner_up"], sep["separated"]) == ("sft", "dpo", False)
+    assert t["evidence"]["replay_top_tie"] == ["sft", "dpo"]
+    # the same separation as where this replay validates an estimate
+    validated = AttributionReport.build(
+        REPLAY_TIE, estimator="aa-linear", replay=REPLAY_TIE, versions={}, n_resamples=200
+    )
+    assert validated.trust("f")["evidence"]["replay"]["top_separation"] == sep
+    # a report stored without it (no verdict, or a verdict without the separation) gets it from its examples
+    old = json.loads(rep.to_json())
+    old["diagnostics"]["f"]["trust"] = {}
+    assert AttributionReport.from_json(json.dumps(old)).trust("f")["label"] == t["label"]
+    old["diagnostics"]["f"]["trust"] = {
+        "verdict": "verified",
+        "label": "replay (ground truth)",
+        "reason": "",
+        "evidence": {},
+    }
+    assert AttributionReport.from_json(json.dumps(old)).trust("f")["label"] == t["label"]
+    separated = {"f": {"pre": [0.1, 0.12, 0.11, 0.1], "sft": [2.6, 2.7, 2.65, 2.9], "dpo": [-1.0, -1.1, -0.9, -1.0]}}
+    apart = AttributionReport.build(separated, estimator="replay", versions={}, n_resamples=200).trust("f")
+    assert apart["label"] == "replay (ground truth)" and apart["evidence"]["replay"]["top_separation"]["separated"]
