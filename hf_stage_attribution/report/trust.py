@@ -789,9 +789,22 @@ def _own_fidelity(fidelity: Mapping[str, Any] | None, behavior: str) -> dict[str
 
 
 def _fidelity_verdict(figures: Mapping[str, Any], top: str) -> dict[str, Any]:
-    """The replay verdict from one behavior's fidelity figures (top-stage agreement, sign agreement, Spearman)."""
+    """The replay verdict from one behavior's fidelity figures (top-stage agreement, sign agreement, Spearman, the
+    scale-free error). They hold no per-stage sizes, so they cannot meet the size bar of "verified by replay": where
+    they agree the verdict is "unreliable" saying so. The scale-free error (``median_k |τ̂_k − τ_k| / max_k |τ_k|``)
+    is at most 1 when every stage that moved the behavior is within :data:`SIZE_RATIO_MAX` of replay's size (such a
+    stage is off by at most its replay size, a stage that moved nothing by a few % of the largest), so one above 1
+    is replay disagreeing on sizes.
+
+    Example:
+        >>> figures = {"n_pairs": 3, "top_stage_agreement": 1.0, "sign_agreement": 1.0, "spearman": 1.0}
+        >>> _fidelity_verdict({**figures, "scale_free_error": 4.5}, "sft")["label"].split(" (")[0]
+        "unreliable: replay disagrees — sizes: the median stage's error is 4.5× replay's largest |effect|"
+        >>> _fidelity_verdict({**figures, "scale_free_error": 0.1}, "sft")["verdict"]
+        'unreliable'
+    """
     evidence: dict[str, Any] = {"top_stage": top, "replay": {k: figures.get(k) for k in (
-        "n_pairs", "top_stage_agreement", "sign_agreement", "spearman")}}  # fmt: skip
+        "n_pairs", "top_stage_agreement", "sign_agreement", "spearman", "scale_free_error")}}  # fmt: skip
     why = []
     if figures["top_stage_agreement"] < 1.0:
         why.append(f"replay names another top stage than {top}")
@@ -800,9 +813,19 @@ def _fidelity_verdict(figures: Mapping[str, Any], top: str) -> dict[str, Any]:
     rho = figures.get("spearman")
     if isinstance(rho, int | float) and (figures.get("n_pairs") or 0) >= 3 and rho < SPEARMAN_MIN - _ROUNDING:
         why.append(f"replay ranks the stages differently (Spearman {rho:.2f})")
+    error = figures.get("scale_free_error")
+    if isinstance(error, int | float) and not isinstance(error, bool) and error > 1.0 + _ROUNDING:
+        why.append(
+            f"sizes: the median stage's error is {error:.2g}× replay's largest |effect| (above 1: a stage that moved "
+            f"the behavior is more than {SIZE_RATIO_MAX:g}-fold off replay's size)"
+        )
     if why:
         text = "; ".join(why)
         return _finish(
             UNRELIABLE, f"unreliable: replay disagrees — {text}", f"Exact replay disagrees: {text}.", evidence
         )
-    return _finish(VERIFIED, LABEL_VERIFIED, f"Exact replay agrees: it names {top} as the top stage too.", evidence)
+    text = (
+        "replay's stored figures agree on the top stage, the signs and the ranking, but hold no per-stage sizes to "
+        f"check against the {SIZE_RATIO_MAX:g}-fold bar of {LABEL_VERIFIED!r}"
+    )
+    return _finish(UNRELIABLE, f"estimated — unreliable: {text}", f"Exact replay agrees in part: {text}.", evidence)

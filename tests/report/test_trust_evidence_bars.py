@@ -120,3 +120,21 @@ def test_ground_truth_whose_examples_do_not_separate_its_top_two_says_so():
     separated = {"f": {"pre": [0.1, 0.12, 0.11, 0.1], "sft": [2.6, 2.7, 2.65, 2.9], "dpo": [-1.0, -1.1, -0.9, -1.0]}}
     apart = AttributionReport.build(separated, estimator="replay", versions={}, n_resamples=200).trust("f")
     assert apart["label"] == "replay (ground truth)" and apart["evidence"]["replay"]["top_separation"]["separated"]
+
+
+def test_replay_fidelity_figures_without_sizes_do_not_verify():
+    """A report stored without a verdict, with one behavior's replay fidelity figures, was "verified by replay" from
+    top stage, signs and Spearman alone, with every estimate 10× replay's size (scale-free error 4.5 ignored)."""
+    rep = AttributionReport.build(
+        {"f": {"pre": [0.1, 0.12, 0.11], "sft": [2.0, 2.1, 1.9], "dpo": [-1.0, -1.1, -0.9]}},
+        estimator="aa-linear", versions={},
+    )  # fmt: skip
+    rep.diagnostics["f"].trust = {}  # as written before verdicts existed
+    figures = {"n_pairs": 3, "spearman": 1.0, "sign_agreement": 1.0, "top_stage_agreement": 1.0}
+    rep.fidelity = {"all": {**figures, "scale_free_error": 4.5, "scale_free_error_per_behavior": {"f": 4.5}}}
+    t = rep.trust("f")
+    assert t["verdict"] == "unreliable"
+    assert t["label"].startswith("unreliable: replay disagrees — sizes: the median stage's error is 4.5× replay's")
+    rep.fidelity = {"all": {**figures, "scale_free_error": 0.05, "scale_free_error_per_behavior": {"f": 0.05}}}
+    t = rep.trust("f")
+    assert t["verdict"] == "unreliable" and "hold no per-stage sizes" in t["label"]
