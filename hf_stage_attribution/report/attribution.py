@@ -27,7 +27,16 @@ from .schema import (
     type_problem,
 )
 from .text import render_markdown, render_table
-from .trust import LABEL_GROUND_TRUTH, LABEL_VERIFIED, assess_trust, stored_figures_trust
+from .trust import (
+    AGREE,
+    LABEL_AGREE,
+    LABEL_GROUND_TRUTH,
+    LABEL_VERIFIED,
+    VERDICTS,
+    VERIFIED,
+    assess_trust,
+    stored_figures_trust,
+)
 
 
 @dataclass
@@ -153,16 +162,54 @@ class AttributionReport:
         """
         rows = self.rows_for(behavior)  # unknown behavior: a clear ReportError
         diag = self.diagnostics.get(behavior)
+        stored, unsupported = None, ""
         if diag is not None and diag.trust:
             stored = dict(diag.trust)
             if self.estimator == "replay" and stored.get("label") == LABEL_VERIFIED:
                 stored["label"] = LABEL_GROUND_TRUTH  # written before replay stopped "verifying" itself
-        else:
+            unsupported = self._unsupported(rows, stored)
+            if unsupported:
+                stored = None
+            elif not _label_fits(stored, self.estimator):  # no label, or one that is not this verdict's
+                stored["stored_label"], stored["label"] = stored.get("label"), _label_for(stored, self.estimator)
+        if stored is None:
             # the ledger's last stage: from the ledger's stage count, else where the stored gap marks it exact
             flagged = [s for s, g in (diag.linearisation_gap if diag else {}).items() if g.get("fd_exact")]
             last = last_stage_name(self.stages, self.ledger, given=False) or next(iter(flagged), None)
             stored = json_safe(stored_figures_trust(rows, diag, self.estimator, self.fidelity, last))
+            if diag is not None and diag.trust:
+                kept = {k: diag.trust.get(k) for k in ("verdict", "label")}
+                stored["evidence"]["stored_verdict_unsupported"] = {**kept, "why": unsupported}
+                stored["evidence"]["assessed_from"] = (
+                    f"the report's stored figures (its stored verdict is not backed by what it stores: {unsupported})"
+                )
         return self._ground_truth_separation(rows, stored) if self.estimator == "replay" else stored
+
+    def _unsupported(self, rows: list[ReportRow], stored: Mapping[str, Any]) -> str:
+        """Why a stored verdict is not backed by the evidence this report stores ('' when it is): "verified" needs
+        replay (the report's effects, replay values in every row, or ``evidence["replay"]``'s comparison), "agree"
+        needs the second opinions it agreed with and no replay of every stage; an unknown verdict is no verdict."""
+        verdict, evidence = stored.get("verdict"), stored.get("evidence")
+        evidence = evidence if isinstance(evidence, Mapping) else {}
+        replayed = all(r.replay_effect is not None for r in rows)
+        if verdict not in VERDICTS:
+            return f"unknown verdict {verdict!r}"
+        if verdict == VERIFIED:
+            compared = evidence.get("replay")
+            if (
+                self.estimator == "replay"
+                or replayed
+                or (isinstance(compared, Mapping) and "top_stage_equal" in compared)
+            ):
+                return ""
+            return "it says verified, but no replay value or replay comparison is stored"
+        if verdict == AGREE:
+            if replayed:
+                return "it says the estimators agree, but replay ran for every stage"
+            opinions = evidence.get("second_opinions")
+            if not (isinstance(opinions, Mapping) and opinions):
+                return "it says the estimators agree, but no second opinion is stored"
+        return ""
 
     def _ground_truth_separation(self, rows: list[ReportRow], verdict: dict[str, Any]) -> dict[str, Any]:
         """A ground-truth verdict (the effects are replay) with replay's own paired bootstrap of its top two stages
@@ -364,6 +411,43 @@ class AttributionReport:
         """Write :meth:`plot_figure` as a PNG to ``path`` (Agg backend, no GUI); returns the path."""
 
         return save_report_plot(self, Path(path))
+
+
+def _label_fits(verdict: Mapping[str, Any], estimator: str) -> bool:
+    """Whether a stored verdict's label is one its verdict gives (:mod:`~.trust`)."""
+    label, kind = verdict.get("label"), verdict.get("verdict")
+    if not isinstance(label, str) or not label:
+        return False
+    if kind == VERIFIED:
+        return label.startswith(LABEL_GROUND_TRUTH if estimator == "replay" else LABEL_VERIFIED)
+    if kind == AGREE:
+        return label == LABEL_AGREE
+    return label.startswith(("estimated — unreliable: ", "unreliable: replay disagrees — "))
+
+
+def _label_for(verdict: Mapping[str, Any], estimator: str) -> str:
+    """The label of a stored verdict that lost its own: from the verdict, and for "unreliable" from its reason.
+
+    Example:
+        >>> _label_for({"verdict": "unreliable", "reason": "Not checked by replay; nothing to check. Note: x."}, "x")
+        'estimated — unreliable: nothing to check'
+        >>> _label_for({"verdict": "unreliable"}, "x")
+        'estimated — unreliable: the stored verdict gives no reason'
+    """
+    kind = verdict.get("verdict")
+    if kind == VERIFIED:
+        return LABEL_GROUND_TRUTH if estimator == "replay" else LABEL_VERIFIED
+    if kind == AGREE:
+        return LABEL_AGREE
+    reason = str(verdict.get("reason") or "").split(" Note: ")[0].strip().rstrip(".")
+    for start, label in (
+        ("Exact replay disagrees: ", "unreliable: replay disagrees — "),
+        ("Exact replay disagrees ", "unreliable: replay disagrees — "),  # on the stages it ran for (...): ...
+        ("; ", "estimated — unreliable: "),
+    ):
+        if start in reason:
+            return label + reason.split(start, 1)[1]
+    return "estimated — unreliable: " + (reason or "the stored verdict gives no reason")
 
 
 def _small_notes(diagnostics: Mapping[str, Any], limit: int = 2000) -> dict[str, Any]:

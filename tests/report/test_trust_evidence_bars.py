@@ -138,3 +138,36 @@ def test_replay_fidelity_figures_without_sizes_do_not_verify():
     rep.fidelity = {"all": {**figures, "scale_free_error": 0.05, "scale_free_error_per_behavior": {"f": 0.05}}}
     t = rep.trust("f")
     assert t["verdict"] == "unreliable" and "hold no per-stage sizes" in t["label"]
+
+
+def _edited(report: AttributionReport, **trust) -> AttributionReport:
+    data = json.loads(report.to_json())
+    data["diagnostics"]["f"]["trust"] = trust
+    return AttributionReport.from_json(json.dumps(data))
+
+
+def test_a_stored_verdict_must_be_backed_by_what_the_report_stores():
+    """A report.json edited to say "verified" with no replay anywhere rendered "verified by replay"; a stored verdict
+    without a label rendered none. Now an unbacked verdict is assessed again from the stored figures and a missing
+    label is rebuilt from the verdict."""
+    est = {"f": {"pre": [0.1, 0.12, 0.11], "sft": [2.0, 2.1, 1.9], "dpo": [-1.0, -1.1, -0.9]}}
+    rep = AttributionReport.build(est, estimator="aa-linear", versions={})
+    original = rep.trust("f")
+    claimed = _edited(rep, **{**original, "verdict": "verified", "label": "verified by replay", "reason": "Agrees."})
+    t = claimed.trust("f")
+    assert t["verdict"] == "unreliable" and t["label"] == original["label"]
+    assert t["evidence"]["stored_verdict_unsupported"]["verdict"] == "verified"
+    assert "Verdict: verified by replay" not in claimed.to_markdown()
+    agree = _edited(rep, **{**original, "verdict": "agree", "label": "estimated — estimators agree"})
+    assert agree.trust("f")["verdict"] == "unreliable"  # no second opinion stored
+    unlabelled = _edited(rep, verdict="unreliable")
+    assert unlabelled.trust("f")["label"] == "estimated — unreliable: the stored verdict gives no reason"
+    assert "Verdict: estimated — unreliable" in unlabelled.to_markdown()
+    # a verdict backed by what is stored stays as written, its lost label rebuilt
+    fd = {"delta-fd": {"f": {"pre": [0.1] * 3, "sft": [1.9] * 3, "dpo": [-0.9] * 3}}}
+    agreed = AttributionReport.build(est, estimator="aa-linear", alternates=fd, versions={})
+    assert agreed.trust("f")["verdict"] == "agree"
+    kept = _edited(agreed, **{**agreed.trust("f"), "label": ""})
+    assert (kept.trust("f")["verdict"], kept.trust("f")["label"]) == ("agree", "estimated — estimators agree")
+    replayed = AttributionReport.build(est, estimator="aa-linear", replay=est, versions={})
+    assert _edited(replayed, **replayed.trust("f")).trust("f") == replayed.trust("f")
