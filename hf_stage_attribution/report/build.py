@@ -300,6 +300,17 @@ def _check_names(names: Sequence[str], kind: str) -> None:
         raise ReportError(f"Expected distinct {kind} names, got duplicates {dup}: rename them.")
 
 
+def ledger_stage_count(ledger: Any) -> int | None:
+    """How many stages the ledger has (a ``StageLedger``, or a summary dict's ``num_stages``); None when not known.
+
+    Example:
+        >>> ledger_stage_count({"num_stages": 3}), ledger_stage_count(None)
+        (3, None)
+    """
+    count = ledger.get("num_stages") if isinstance(ledger, Mapping) else len(getattr(ledger, "stages", None) or [])
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
+
+
 def last_stage_name(stage_list: Sequence[StageSummary], ledger: Any, given: bool) -> str | None:
     """The name of the ledger's last stage among ``stage_list``, or None when it is not there or not known (stages
     inferred from the effects, which may cover a subset)."""
@@ -405,6 +416,7 @@ def build_report(
         stages = getattr(ledger, "stages", None) or list(next(iter(per_example.values())))
     stage_list = [stage_summary(stage, position) for position, stage in enumerate(stages)]
     last_stage = last_stage_name(stage_list, ledger, given_stages)
+    ledger_count = ledger_stage_count(ledger)
     _check_names([s.name for s in stage_list], "stage")
     by_name = {s.name: s for s in stage_list}
     _check_names(list(per_example), "behavior")
@@ -479,7 +491,8 @@ def build_report(
         if separation is not None and isinstance(replay_evidence, dict):
             replay_evidence["top_separation"] = separation  # read by the headline: a tie is not named as a top stage
         total_sum = float(means.sum())
-        covers_all = len(names) == len(stage_list)
+        # the total change is over every stage of the ledger: a residual needs an effect for each of them
+        covers_all = len(names) == len(stage_list) and (ledger_count is None or len(names) == ledger_count)
         diagnostics[behavior] = BehaviorDiagnostics(
             total_change=total,
             sum_of_effects=total_sum,

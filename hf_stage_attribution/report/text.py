@@ -243,6 +243,50 @@ def unsettled_sign_reasons(report: AttributionReport, name: str) -> dict[str, st
     return {stage: why for stage, why in out.items() if stage not in replayed}
 
 
+def stage_coverage(report: AttributionReport, name: str | None = None) -> dict[str, Any] | None:
+    """``{"attributed", "of", "left_out"}`` where the report (or behavior ``name``) attributes only some of the
+    ledger's stages (``report.ledger["num_stages"]``): how many were attributed, of how many, and the names of those
+    left out (``#index`` where the report does not know a name); None where every stage was attributed or the ledger's
+    stage count is not known. A top stage, a share of Σ|effect| or an interaction residual covers the attributed
+    stages only: a stage left out may have moved the behavior more.
+
+    Example:
+        >>> from hf_stage_attribution.report import AttributionReport
+        >>> r = AttributionReport.build({"f": {"pre": [1.0], "sft": [2.0]}}, estimator="x", versions={},
+        ...     ledger={"num_stages": 3, "stage_names": ["pre", "sft", "patch"]})
+        >>> stage_coverage(r)
+        {'attributed': 2, 'of': 3, 'left_out': ['patch']}
+    """
+    ledger = report.ledger or {}
+    count = ledger.get("num_stages")
+    indices = {s.index for s in report.stages}
+    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+        indices |= set(range(count))
+    attributed = {s.index for s in report.stages} if name is None else {r.stage_index for r in report.rows_for(name)}
+    left_out = sorted(indices - attributed)
+    if not left_out:
+        return None
+    names = ledger.get("stage_names")
+    known = {i: str(n) for i, n in enumerate(names)} if isinstance(names, list) else {}
+    known.update({s.index: s.name for s in report.stages})
+    return {
+        "attributed": len(attributed),
+        "of": len(indices),
+        "left_out": [known.get(i, f"#{i}") for i in left_out],
+    }
+
+
+def coverage_clause(report: AttributionReport, name: str | None = None, escape: Any = None) -> str:
+    """``2 attributed stages of 3 (not attributed: patch)`` where only some stages were attributed, else ''; names
+    escaped with ``escape`` (default: :func:`escape_markdown`)."""
+    cover = stage_coverage(report, name)
+    if cover is None:
+        return ""
+    escape = escape or escape_markdown
+    left_out = ", ".join(escape(s) for s in cover["left_out"])
+    return f"{cover['attributed']} attributed stages of {cover['of']} (not attributed: {left_out})"
+
+
 def _namers(escape: Any) -> tuple[Any, Any]:
     """(stage-name formatter, plain formatter): bold escaped markdown by default, ``escape`` for both otherwise."""
     if escape is None:
@@ -538,7 +582,7 @@ def behavior_view(report: AttributionReport, name: str) -> dict[str, Any]:
         caption += " The intervals cover example sampling only, not the estimator's own error (see the verdict)."
     else:
         caption += " One example: no sampling interval; the verdict says how far to trust the estimate."
-    if diag is not None and diag.interaction_residual is not None:
+    if diag is not None and diag.interaction_residual is not None and stage_coverage(report, name) is None:
         caption += (
             f" Interaction residual (total change − sum of effects): {fmt_number(diag.interaction_residual)} {unit}."
         )
@@ -587,7 +631,10 @@ def diagnostics_lines(report: AttributionReport, name: str, unit: str) -> list[s
         ]
     else:
         lines = [f"Total change f(θ_K) − f(θ_0): {_amount(diag.total_change, unit)}."]
-    if diag.interaction_residual is None:
+    partial = coverage_clause(report, name)
+    if partial:  # the total change covers every stage of the ledger, the sum only the attributed ones
+        residual = f"n/a (needs an effect for every stage of the ledger; the effects cover the {partial})"
+    elif diag.interaction_residual is None:
         residual = "n/a (needs the total change and an effect for every stage)"
     else:
         residual = _amount(diag.interaction_residual, unit)
