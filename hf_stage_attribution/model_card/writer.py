@@ -29,6 +29,7 @@ from ..report.text import (
     SIGN_CONVENTION,
     behavior_view,
     claimed_top_stage,
+    coverage_note,
     data_label,
     direction_word,
     escape_markdown,
@@ -38,6 +39,7 @@ from ..report.text import (
     interval_label,
     replay_hint,
     replay_tie,
+    stage_coverage,
 )
 from .card_text import (
     METADATA_KEY,
@@ -163,6 +165,7 @@ def render_section(
     versions = ", ".join(f"{escape_markdown(k)} {escape_markdown(v)}" for k, v in report.versions.items())
     text = env.from_string(source).render(
         sign_convention=SIGN_CONVENTION,
+        coverage=coverage_note(report),
         stages=stages,
         stage_sources=any(s["source"] for s in stages),
         start=model_link(led.get("start_source")),
@@ -192,6 +195,8 @@ def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) 
     ``estimated_top_stage`` names the estimate's when it differs, ``top_stage_tied_with`` replay's runner-up where
     replay's own examples do not separate it from ``top_stage``; ``top_stage_effect``, ``ci_low``/``ci_high`` are the
     estimate for that stage (no interval keys for one example). A behavior no stage moved has no ``top_stage``.
+    Where only some of the ledger's stages were attributed, ``stages_not_attributed`` names the others and each
+    behavior's ``top_stage_not_compared_with`` those its top stage was not compared with.
 
     Counterfactual effects are not results of the model, so none of them goes into ``model-index``."""
     behaviors = []
@@ -217,6 +222,9 @@ def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) 
         tie = replay_tie(report, summary.name)
         if tie is not None:  # replay's own examples do not separate its top two: the other one moved it about as much
             entry["top_stage_tied_with"] = tie[1]
+        cover = stage_coverage(report, summary.name)
+        if cover is not None:  # the top stage is the top of the attributed stages only
+            entry["top_stage_not_compared_with"] = cover["left_out"]
         behaviors.append(entry)
     stages = []
     for s in sorted(report.stages, key=lambda s: s.index):
@@ -234,6 +242,7 @@ def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) 
         "ledger_final_hash": ledger.get("final_hash"),
         "start_source": dict(ledger["start_source"]) if ledger.get("start_source") else None,
         "stages": stages,
+        "stages_not_attributed": (stage_coverage(report) or {}).get("left_out"),
         "behaviors": behaviors,
         "replay_validated": report.fidelity is not None,
         "report": SIDECAR_NAME,

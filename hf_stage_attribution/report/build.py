@@ -240,9 +240,10 @@ def behavior_summary(name: str, behavior: Any, num_examples: int) -> Any:
 
 
 def ledger_summary(ledger: LedgerCore | Mapping[str, Any] | None) -> dict[str, Any]:
-    """``{"name", "fingerprint", "final_hash", "final_digests", "num_stages"}`` of a ``StageLedger`` (or a dict, kept
-    as given). ``final_digests`` (per-tensor digests of the final model, as the recorder took them) let a model card
-    check that the weights published beside it are the model attributed (``model_card/weights.py``)."""
+    """``{"name", "fingerprint", "final_hash", "final_digests", "num_stages", "stage_names"}`` of a ``StageLedger``
+    (or a dict, kept as given). ``final_digests`` (per-tensor digests of the final model, as the recorder took them)
+    let a model card check that the weights published beside it are the model attributed (``model_card/weights.py``);
+    ``stage_names`` let a report of some stages name the others."""
     if ledger is None:
         return {}
     if isinstance(ledger, Mapping):
@@ -253,6 +254,8 @@ def ledger_summary(ledger: LedgerCore | Mapping[str, Any] | None) -> dict[str, A
         "fingerprint": getattr(ledger, "fingerprint", None),
         "final_hash": getattr(ledger, "final_hash", None),
         "num_stages": len(getattr(ledger, "stages", []) or []),
+        # a report of some stages names the others (report/text.py stage_coverage)
+        "stage_names": [str(s.name) for s in getattr(ledger, "stages", []) or []],
     }
     try:
         digests = dict(getattr(ledger, "final_digests", None) or {})

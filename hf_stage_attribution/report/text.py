@@ -276,15 +276,34 @@ def stage_coverage(report: AttributionReport, name: str | None = None) -> dict[s
     }
 
 
-def coverage_clause(report: AttributionReport, name: str | None = None, escape: Any = None) -> str:
-    """``2 attributed stages of 3 (not attributed: patch)`` where only some stages were attributed, else ''; names
-    escaped with ``escape`` (default: :func:`escape_markdown`)."""
-    cover = stage_coverage(report, name)
+def coverage_note(report: AttributionReport, escape: Any = None) -> str:
+    """The sentence the card and report.md put before the effects where only some of the ledger's stages were
+    attributed ('' otherwise)."""
+    cover, left_out = _coverage(report, None, escape)
     if cover is None:
         return ""
+    verb = "was" if cover["attributed"] == 1 else "were"
+    return (
+        f"Only {cover['attributed']} of the ledger's {cover['of']} stages {verb} attributed (not attributed: "
+        f"{left_out}): each top stage and share below is among those, and a stage left out may be more accountable."
+    )
+
+
+def coverage_clause(report: AttributionReport, name: str | None = None, escape: Any = None) -> str:
+    """``2 attributed stages of 3 only (not attributed: patch)`` where only some stages were attributed, else '';
+    names escaped with ``escape`` (default: :func:`escape_markdown`)."""
+    cover, left_out = _coverage(report, name, escape)
+    if cover is None:
+        return ""
+    plural = "s" if cover["attributed"] != 1 else ""
+    return f"{cover['attributed']} attributed stage{plural} of {cover['of']} only (not attributed: {left_out})"
+
+
+def _coverage(report: AttributionReport, name: str | None, escape: Any) -> tuple[dict[str, Any] | None, str]:
+    """(:func:`stage_coverage`, the escaped names of the stages left out)."""
+    cover = stage_coverage(report, name)
     escape = escape or escape_markdown
-    left_out = ", ".join(escape(s) for s in cover["left_out"])
-    return f"{cover['attributed']} attributed stages of {cover['of']} (not attributed: {left_out})"
+    return cover, ", ".join(escape(s) for s in (cover or {}).get("left_out", []))
 
 
 def _namers(escape: Any) -> tuple[Any, Any]:
@@ -295,7 +314,9 @@ def _namers(escape: Any) -> tuple[Any, Any]:
 
 
 def headline(report: AttributionReport, name: str, escape: Any = None) -> str:
-    """One sentence: which stage moved the behavior most and which way, with its effect, unit and interval.
+    """One sentence: which stage moved the behavior most and which way, with its effect, unit and interval; where
+    only some of the ledger's stages were attributed, a second one saying the comparison covers those only and
+    naming the stages left out (:func:`stage_coverage`).
 
     Names are escaped for markdown (stage in bold) by default; pass ``escape=terminal_safe`` for a console.
 
@@ -306,6 +327,15 @@ def headline(report: AttributionReport, name: str, escape: Any = None) -> str:
         >>> headline(r, "tox", escape=str)
         'dpo lowered tox the most (-2.9 nats, 95 % interval (example sampling) [-3, -2.8]).'
     """
+    sentence = _top_claim(report, name, escape)
+    partial = coverage_clause(report, name, _namers(escape)[1])
+    if partial:
+        sentence += f" Among the {partial}: a stage left out may have moved it more."
+    return sentence
+
+
+def _top_claim(report: AttributionReport, name: str, escape: Any = None) -> str:
+    """The first sentence of :func:`headline`: the top stage among the rows of ``name``."""
     stage_name, plain = _namers(escape)
     raw_unit = report.behavior(name).unit
     unit = unit_label(raw_unit) if escape is None else (escape(raw_unit) if raw_unit else "behavior units")
@@ -573,8 +603,13 @@ def behavior_view(report: AttributionReport, name: str) -> dict[str, Any]:
     caption = f"Unit: {unit}. Positive = the stage raised {escape_markdown(name)}."
     if replay:
         caption += " Replay = the effect measured by re-running the later stages without the stage."
+    cover, left_out = _coverage(report, name, None)
+    over = "all stages' absolute effects ("
+    if cover is not None:
+        over = f"the attributed stages' absolute effects ({cover['attributed']} of {cover['of']}; not attributed: "
+        over += f"{left_out}; "
     caption += (
-        " Share of Σ\\|effect\\| = the stage's absolute effect over the sum of all stages' absolute effects (the"
+        f" Share of Σ\\|effect\\| = the stage's absolute effect over the sum of {over}the"
         " report's JSON carries it as `share_of_abs_effects`; its `share` is another figure, the signed share of the"
         " total change)."
     )
@@ -631,9 +666,9 @@ def diagnostics_lines(report: AttributionReport, name: str, unit: str) -> list[s
         ]
     else:
         lines = [f"Total change f(θ_K) − f(θ_0): {_amount(diag.total_change, unit)}."]
-    partial = coverage_clause(report, name)
-    if partial:  # the total change covers every stage of the ledger, the sum only the attributed ones
-        residual = f"n/a (needs an effect for every stage of the ledger; the effects cover the {partial})"
+    cover, left_out = _coverage(report, name, None)
+    if cover is not None:  # the total change covers every stage of the ledger, the sum only the attributed ones
+        residual = f"n/a (needs an effect for every stage of the ledger; not attributed: {left_out})"
     elif diag.interaction_residual is None:
         residual = "n/a (needs the total change and an effect for every stage)"
     else:
@@ -713,6 +748,7 @@ def render_markdown(report: AttributionReport) -> str:
     """The report as markdown: per behavior the direction sentence, a captioned table (estimate, interval, replay
     when it ran, share of the summed |effects|) and its diagnostics; then the approximations and the fidelity."""
     out = [f"## Stage attribution (estimator: {escape_markdown(report.estimator)})", "", SIGN_CONVENTION, ""]
+    out += [coverage_note(report), ""] if coverage_note(report) else []
     if report.estimator_reason:
         out += [f"Why this estimator: {escape_markdown(report.estimator_reason)}.", ""]
     out += [f"Intervals: {escape_markdown(interval_label(report))}.", ""]
@@ -770,7 +806,9 @@ def render_table(report: AttributionReport) -> str:
     lines.append(
         f"estimator: {terminal_safe(report.estimator)}; positive = the stage raised the behavior; intervals cover "
         "example sampling only, not the estimator's own error; share of Σ|effect| = |effect| over the sum of "
-        "|effects| (report.json: share_of_abs_effects)"
+        "|effects|"
+        + (" of the attributed stages" if any(stage_coverage(report, b.name) for b in report.behaviors) else "")
+        + " (report.json: share_of_abs_effects)"
         + ("; replay = ground truth, and top = replay's top stage" if replay else "")
         + (
             " (its top two where replay's examples do not separate them)"

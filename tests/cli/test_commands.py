@@ -188,6 +188,26 @@ def test_validate_json_carries_the_replay_value_of_every_stage(classifier_run, t
     assert "replay" in table.splitlines()[0] and "Fidelity against replay:\npairs of (stage, behavior)" in table
 
 
+def test_attribute_some_stages_says_so_in_the_console_and_the_card(classifier_run, tmp_path, capsys):
+    """``--stages base``: the top stage is the top of the attributed stage only; the console, report.md and the
+    card say so and name the stage left out (flip), the card's YAML lists it."""
+    root = classifier_run
+    out = tmp_path / "report"
+    argv = ["attribute", str(root / "ledger"), "--model", str(root / "model"), "--behaviors"]
+    argv += [str(root / "behaviors.json"), "--estimator", "aa-linear", "--no-diagnostics", "--output-dir", str(out)]
+    assert main([*argv, "--stages", "base"]) == 0
+    scope = "Among the 1 attributed stage of 2 only (not attributed: flip)"
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("* ")]
+    assert scope in line
+    assert scope in (out / "report.md").read_text(encoding="utf-8")
+    readme = tmp_path / "card" / "README.md"
+    readme.parent.mkdir()
+    assert main(["card", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text(encoding="utf-8")
+    assert scope in text and "Only 1 of the ledger's 2 stages was attributed (not attributed: flip)" in text
+    assert "stages_not_attributed:\n  - flip" in text
+
+
 def test_attribute_bad_input_leaves_nothing(classifier_run, tmp_path, capsys):
     root = classifier_run
     out = tmp_path / "report"

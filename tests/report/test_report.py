@@ -125,6 +125,7 @@ def test_stage_summaries_come_from_a_real_ledger(tmp_path):
         "fingerprint": ledger.fingerprint,
         "final_hash": ledger.final_hash,
         "num_stages": 2,
+        "stage_names": ["pre", "ft"],  # a report of some stages names the others
         "final_digests": ledger.final_digests,  # what a model card checks the weights beside it against
     }
     assert "torch" in rep.versions and "hf-stage-attribution" in rep.versions

@@ -29,7 +29,7 @@ def test_a_subset_of_the_ledgers_stages_has_no_interaction_residual():
     report = _subset()
     assert report.diagnostics["loss"].interaction_residual is None
     line = next(x for x in diagnostics_lines(report, "loss", "units") if "interaction residual" in x)
-    assert "n/a (needs an effect for every stage of the ledger; the effects cover the 2 attributed stages of 3" in line
+    assert "n/a (needs an effect for every stage of the ledger; not attributed: patch)" in line
     assert "Interaction residual (total change − sum of effects)" not in report.to_markdown()
     every = AttributionReport.build(
         {"loss": {"base": [0.1, 0.1], "clean": [-0.5, -0.5], "patch": [-1.6, -1.6]}}, estimator="aa-linear",
@@ -43,3 +43,31 @@ def test_a_stored_residual_of_a_subset_is_not_shown():
     report = _subset()
     report.diagnostics["loss"].interaction_residual = -1.55
     assert "-1.55" not in report.to_markdown()
+
+
+# --- H1: a top stage among some of the ledger's stages says so, and names the stages left out -------------------
+
+
+def test_headline_of_a_subset_says_the_top_stage_is_among_the_attributed_stages_only():
+    report = _subset(replay={"loss": {"base": [0.1] * 3, "clean": [-0.46] * 3}})
+    scope = "Among the 2 attributed stages of 3 only (not attributed: patch): a stage left out may have moved it more."
+    (line,) = [x for x in report.table().splitlines() if x.startswith("* ")]
+    assert line.startswith("* clean lowered loss the most (") and scope in line
+    assert "share of Σ|effect| = |effect| over the sum of |effects| of the attributed stages" in report.table()
+    md = report.to_markdown()
+    assert "Only 2 of the ledger's 3 stages were attributed (not attributed: patch)" in md
+    assert "the most (-0.46 behavior units" in md and scope in md
+    assert "absolute effects (2 of 3; not attributed: patch; the report's JSON" in md
+
+
+def test_a_report_that_attributes_every_stage_says_nothing_about_coverage():
+    report = AttributionReport.build(
+        {"loss": {"base": [0.1, 0.1], "clean": [-0.5, -0.5], "patch": [-1.6, -1.6]}}, estimator="aa-linear",
+        ledger=LEDGER, versions={}, n_resamples=200,
+    )  # fmt: skip
+    assert "attributed stage" not in report.table() + report.to_markdown()
+
+
+def test_an_old_report_without_stage_names_numbers_the_stages_left_out():
+    report = _subset(ledger={"num_stages": 3})
+    assert "(not attributed: #2)" in report.table()  # base is #0, clean #1 by position: #2 has no name here

@@ -1,0 +1,46 @@
+"""The card's claims follow their evidence (the trust audit: H1, M2, M5, M7): a top stage among some of the
+ledger's stages says so in the prose and the YAML, replay values in the rows count as replay having run, the YAML
+states no sign the prose withholds, and a "verified" headline gives replay's measured size beside the estimate's."""
+
+from __future__ import annotations
+
+import yaml
+
+from hf_stage_attribution import write_model_card
+from hf_stage_attribution.report import AttributionReport
+
+LEDGER = {"name": "ledger", "num_stages": 3, "stage_names": ["base", "clean", "patch"]}
+
+
+def _card(tmp_path, report: AttributionReport) -> tuple[str, dict]:
+    files = write_model_card(report, tmp_path / "README.md", plot=False)
+    text = files.readme.read_text(encoding="utf-8")
+    return text, yaml.safe_load(text.split("---")[1])["stage_attribution"]
+
+
+def test_card_of_a_subset_names_the_stages_left_out_in_the_prose_and_the_yaml(tmp_path):
+    report = AttributionReport.build(
+        {"loss": {"base": [0.1, 0.12, 0.11], "clean": [-0.46, -0.47, -0.45]}}, estimator="aa-linear",
+        stages=["base", "clean"], replay={"loss": {"base": [0.1] * 3, "clean": [-0.46] * 3}}, ledger=LEDGER,
+        versions={}, n_resamples=200,
+    )  # fmt: skip
+    text, meta = _card(tmp_path, report)
+    intro = "**Only 2 of the ledger's 3 stages were attributed (not attributed: patch): each top stage and share"
+    assert intro in text
+    (claim,) = [line for line in text.splitlines() if " the most (" in line]
+    assert claim.startswith("**clean** lowered loss the most (")
+    assert "Among the 2 attributed stages of 3 only (not attributed: patch)" in claim
+    assert claim.endswith("Verdict: verified by replay.")
+    assert meta["stages_not_attributed"] == ["patch"]
+    assert meta["behaviors"][0]["top_stage"] == "clean"
+    assert meta["behaviors"][0]["top_stage_not_compared_with"] == ["patch"]
+
+
+def test_card_of_every_stage_has_no_coverage_keys(tmp_path):
+    report = AttributionReport.build(
+        {"loss": {"base": [0.1, 0.1], "clean": [-0.5, -0.5], "patch": [-1.6, -1.6]}}, estimator="aa-linear",
+        ledger=LEDGER, versions={}, n_resamples=200,
+    )  # fmt: skip
+    text, meta = _card(tmp_path, report)
+    assert "stages_not_attributed" not in meta and "top_stage_not_compared_with" not in meta["behaviors"][0]
+    assert "attributed stage" not in text and "were attributed" not in text
