@@ -37,7 +37,9 @@ from ..report.text import (
     fmt_lr,
     has_interval,
     interval_label,
+    replay_checked,
     replay_hint,
+    replay_note,
     replay_tie,
     stage_coverage,
 )
@@ -177,6 +179,7 @@ def render_section(
         approximations=[escape_markdown(a) for a in report.approximations],
         fidelity=fidelity_view(report),
         replay_hint=replay_hint(report),
+        replay_note=replay_note(report),
         plot=plot_name,
         confidence=f"{float((report.interval or {}).get('confidence', 0.95)) * 100:g} %",
         sidecar=sidecar,
@@ -244,7 +247,7 @@ def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) 
         "stages": stages,
         "stages_not_attributed": (stage_coverage(report) or {}).get("left_out"),
         "behaviors": behaviors,
-        "replay_validated": report.fidelity is not None,
+        "replay_validated": replay_checked(report),  # fidelity figures, or replay values beside every estimate
         "report": SIDECAR_NAME,
         "plot": plot_name,
     }

@@ -515,6 +515,60 @@ def replay_hint(report: AttributionReport, escape: Any = None) -> str:
     return escape(f"To check these estimates against replay, run {how}: replay {replay_work(needs)}.")
 
 
+def replay_checked(report: AttributionReport) -> bool:
+    """Whether replay checked every behavior: fidelity figures, or replay values in every row of a behavior (or, in
+    a report written before ``verify_with_replay`` kept them, replay evidence in its verdict). The card's
+    ``replay_validated`` key; where it is False, :func:`replay_note` says what replay did cover.
+
+    Example:
+        >>> from hf_stage_attribution.report import AttributionReport
+        >>> r = AttributionReport.build({"f": {"a": [0.9], "b": [1.0]}}, estimator="aa-linear", versions={})
+        >>> before = replay_checked(r)
+        >>> r.verify_with_replay({"f": {"a": 0.8, "b": 1.1}})
+        >>> before, replay_checked(r)
+        (False, True)
+    """
+    if report.fidelity is not None:
+        return True
+    return all(_replay_in(report, b.name) == "all" for b in report.behaviors)
+
+
+def _replay_in(report: AttributionReport, name: str) -> str:
+    """``"all"`` (replay values in every row of ``name``, or its verdict rests on replay run apart), ``"some"`` or
+    ``"none"``."""
+    rows = report.rows_for(name)
+    if all(r.replay_effect is not None for r in rows):
+        return "all"
+    if "replay" in (report.trust(name).get("evidence") or {}):
+        return "all"
+    return "some" if any(r.replay_effect is not None for r in rows) else "none"
+
+
+def replay_note(report: AttributionReport) -> str:
+    """Escaped: what replay checked where it ran without fidelity figures (``verify_with_replay``, a partial replay
+    that replayed every later stage whole); '' where it did not run (the card and report.md then say so) or where
+    fidelity figures stand in the fidelity section."""
+    if report.fidelity is not None:
+        return ""
+    coverage = {b.name: _replay_in(report, b.name) for b in report.behaviors}
+    if all(c == "none" for c in coverage.values()):
+        return ""
+    if all(c == "all" for c in coverage.values()):
+        kept = all(r.replay_effect is not None for r in report.rows)
+        where = (
+            "its measured effects are the replay (ground truth) column above, and the verdicts rest on them"
+            if kept
+            else "the verdicts that say so rest on it (this report does not keep every measured value)"
+        )
+        return f"Replay re-ran the later stages without each stage: {where}. No fidelity figures were computed."
+    checked = [escape_markdown(n) for n, c in coverage.items() if c != "none"]
+    partly = [escape_markdown(n) for n, c in coverage.items() if c != "all"]
+    return (
+        f"Replay checked only part of this report (behavior(s) {', '.join(checked)}: the replay (ground truth) "
+        f"column above); the other effects, of {', '.join(partly)}, have not been checked against ground truth."
+    )
+
+
 def _checked_by_replay(report: AttributionReport) -> bool:
     """Whether replay run apart from the attribution (``report.verify_with_replay``) already decided a verdict."""
     return any("replay" in (report.trust(b.name).get("evidence") or {}) for b in report.behaviors)
@@ -766,7 +820,9 @@ def render_markdown(report: AttributionReport) -> str:
         out += ["### Approximations", ""] + [f"- {escape_markdown(a)}" for a in report.approximations] + [""]
     fid = fidelity_view(report)
     out += ["### Fidelity against replay", ""]
-    if fid is None:
+    if fid is None and replay_note(report):  # replay ran without fidelity figures (verify_with_replay)
+        out += [replay_note(report), ""]
+    elif fid is None:
         hint = replay_hint(report)
         out += [
             "Replay was not run: these effects have not been checked against ground truth."

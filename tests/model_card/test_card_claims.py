@@ -44,3 +44,33 @@ def test_card_of_every_stage_has_no_coverage_keys(tmp_path):
     text, meta = _card(tmp_path, report)
     assert "stages_not_attributed" not in meta and "top_stage_not_compared_with" not in meta["behaviors"][0]
     assert "attributed stage" not in text and "were attributed" not in text
+
+
+# --- M2: replay values beside every estimate are replay having run -----------------------------------------------
+
+
+def _estimate() -> AttributionReport:
+    return AttributionReport.build(
+        {"f": {"pre": [0.1, 0.12, 0.11], "sft": [2.0, 2.1, 1.9], "dpo": [-1.0, -1.1, -0.9]}}, estimator="aa-linear",
+        versions={}, n_resamples=200,
+    )  # fmt: skip
+
+
+def test_card_after_verify_with_replay_does_not_say_replay_was_not_run(tmp_path):
+    report = _estimate()
+    report.verify_with_replay({"f": {"pre": 0.1, "sft": 1.8, "dpo": -0.9}})
+    assert report.fidelity is None  # replay ran apart: no fidelity figures, its values are in the rows
+    text, meta = _card(tmp_path, report)
+    assert "Verdict: verified by replay." in text
+    assert "Replay was not run" not in text and "not been checked against ground truth" not in text
+    assert (
+        "Replay re-ran the later stages without each stage: its measured effects are the replay (ground truth)" in text
+    )
+    assert meta["replay_validated"] is True and meta["behaviors"][0]["top_stage_trust"] == "verified"
+    assert "Replay was not run" not in report.to_markdown()
+
+
+def test_card_without_replay_still_says_it_was_not_run(tmp_path):
+    text, meta = _card(tmp_path, _estimate())
+    assert "Replay was not run for this report: the effects above have not been checked against ground truth." in text
+    assert meta["replay_validated"] is False
