@@ -42,6 +42,7 @@ from ..report.text import (
     replay_note,
     replay_tie,
     stage_coverage,
+    unsettled_sign_reasons,
 )
 from .card_text import (
     METADATA_KEY,
@@ -198,6 +199,9 @@ def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) 
     ``estimated_top_stage`` names the estimate's when it differs, ``top_stage_tied_with`` replay's runner-up where
     replay's own examples do not separate it from ``top_stage``; ``top_stage_effect``, ``ci_low``/``ci_high`` are the
     estimate for that stage (no interval keys for one example). A behavior no stage moved has no ``top_stage``.
+    ``direction`` is ``not settled`` (``direction_not_settled_because`` says why) where the prose withholds the sign:
+    no replay value, and another estimator gives the other sign or a size more than 2-fold off, or the interval
+    includes 0.
     Where only some of the ledger's stages were attributed, ``stages_not_attributed`` names the others and each
     behavior's ``top_stage_not_compared_with`` those its top stage was not compared with.
 
@@ -217,6 +221,9 @@ def card_metadata(report: AttributionReport, plot_name: str | None = PLOT_NAME) 
         if estimated != top:
             entry["estimated_top_stage"] = estimated
         entry["direction"] = direction_word(row.effect if row.replay_effect is None else row.replay_effect)
+        unsettled = unsettled_sign_reasons(report, summary.name).get(top)  # replay's sign is settled
+        if unsettled:  # the prose withholds the sign (another estimator's sign or size, an interval across 0)
+            entry.update({"direction": "not settled", "direction_not_settled_because": unsettled})
         if has_interval(row):
             entry.update({"ci_low": row.ci_low, "ci_high": row.ci_high})
         entry["top_stage_trust"] = report.trust(summary.name)["verdict"]

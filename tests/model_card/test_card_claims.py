@@ -74,3 +74,26 @@ def test_card_without_replay_still_says_it_was_not_run(tmp_path):
     text, meta = _card(tmp_path, _estimate())
     assert "Replay was not run for this report: the effects above have not been checked against ground truth." in text
     assert meta["replay_validated"] is False
+
+
+# --- M5: the YAML states no sign the prose withholds --------------------------------------------------------------
+
+
+def test_yaml_direction_is_not_settled_where_the_prose_withholds_the_sign(tmp_path):
+    across_zero = AttributionReport.build(
+        {"f": {"pre": [0.05, -0.05, 0.04, -0.03], "sft": [3.0, -1.0, 2.5, -0.9]}}, estimator="aa-linear",
+        versions={}, n_resamples=200,
+    )  # fmt: skip
+    text, meta = _card(tmp_path, across_zero)
+    assert "Its interval includes 0: the examples cannot tell this effect from none." in text
+    entry = meta["behaviors"][0]
+    assert entry["direction"] == "not settled" and entry["direction_not_settled_because"] == "its interval includes 0"
+    size_off = AttributionReport.build(
+        {"f": {"pre": [0.1, 0.1, 0.1], "sft": [2.0, 2.1, 1.9]}}, estimator="lora-exact",
+        alternates={"delta-fd": {"f": {"pre": [0.1, 0.1, 0.1], "sft": [0.5, 0.6, 0.4]}}}, versions={}, n_resamples=200,
+    )  # fmt: skip
+    text, meta = _card(tmp_path, size_off)
+    assert "**sft** moved f the most (" in text and "its sign is not settled" in text
+    assert meta["behaviors"][0]["direction"] == "not settled"
+    settled = _estimate()
+    assert _card(tmp_path, settled)[1]["behaviors"][0]["direction"] == "raised"
