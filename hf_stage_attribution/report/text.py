@@ -378,7 +378,11 @@ def _top_claim(report: AttributionReport, name: str, escape: Any = None) -> str:
             f"{stage_name(top.stage)} moved {plain(name)} the most ({amount(top)}); its sign is not settled: "
             f"{plain(unsettled)}."
         )
-    sentence = f"{stage_name(top.stage)} {direction_word(top.effect)} {plain(name)} the most ({amount(top)})."
+    # where replay measured it, its size stands beside the estimate's: "verified" bounds sizes within 2-fold only
+    measured_size = "" if top.replay_effect is None else f"; replay measured {fmt_number(top.replay_effect)}"
+    sentence = (
+        f"{stage_name(top.stage)} {direction_word(top.effect)} {plain(name)} the most ({amount(top)}{measured_size})."
+    )
     if has_interval(top) and top.ci_low <= 0.0 <= top.ci_high:
         sentence += " Its interval includes 0: the examples cannot tell this effect from none."
     return sentence

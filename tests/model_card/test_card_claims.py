@@ -97,3 +97,20 @@ def test_yaml_direction_is_not_settled_where_the_prose_withholds_the_sign(tmp_pa
     assert meta["behaviors"][0]["direction"] == "not settled"
     settled = _estimate()
     assert _card(tmp_path, settled)[1]["behaviors"][0]["direction"] == "raised"
+
+
+# --- M7: replay's measured size beside a "verified" estimate, in the prose and the YAML --------------------------
+
+
+def test_card_gives_replays_size_beside_a_verified_estimate(tmp_path):
+    report = AttributionReport.build(
+        {"f": {"pre": [0.1, 0.12, 0.11, 0.1], "sft": [1.9, 1.95, 1.85, 1.9], "dpo": [-0.5, -0.55, -0.45, -0.5]}},
+        estimator="aa-linear", replay={"f": {"pre": [0.1] * 4, "sft": [1.0] * 4, "dpo": [-0.5] * 4}}, versions={},
+        n_resamples=200,
+    )  # fmt: skip
+    text, meta = _card(tmp_path, report)
+    (claim,) = [line for line in text.splitlines() if " the most (" in line]
+    assert claim.startswith("**sft** raised f the most (+1.9 behavior units")
+    assert claim.endswith("; replay measured +1). Verdict: verified by replay.")
+    entry = meta["behaviors"][0]
+    assert entry["top_stage_effect"] == 1.9 and entry["top_stage_replay_effect"] == 1.0

@@ -176,7 +176,8 @@ def test_card_parses_back_with_huggingface_hub(tmp_path):
     assert [row[1] for row in stages] == ["pretraining", "sft", "dpo"] and stages[0][3] == "200"
     effects = _table_after(section, "#### toxicity")
     assert [row[1:6] for row in effects][1] == ["sft", "+0.84", "[+0.61, +1.07]", "+0.79", "72 %"]
-    assert "**sft** raised toxicity the most (+0.84 nats, 95 % interval (example sampling) [+0.61, +1.07])." in section
+    claim = "**sft** raised toxicity the most (+0.84 nats, 95 % interval (example sampling) [+0.61, +1.07]"
+    assert claim + "; replay measured +0.79)." in section
     assert "Unit: nats. Positive" in section and "(nats)" not in section
     assert AttributionReport.from_json(files.sidecar) == fixed_report()
     assert (tmp_path / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({PLOT_NAME})" in section
@@ -206,7 +207,7 @@ def test_trust_verdict_sits_beside_the_direction_sentence(tmp_path):
     report.diagnostics["toxicity"].trust = {"verdict": "verified", "label": "verified by replay", "reason": "r"}
     section = _section(write_model_card(report, tmp_path, plot=False).readme.read_text())
     claim = next(line for line in section.splitlines() if line.startswith("**sft** raised toxicity the most"))
-    assert claim.endswith("]). Verdict: verified by replay.")
+    assert claim.endswith("]; replay measured +0.79). Verdict: verified by replay.")
     margin = next(line for line in section.splitlines() if line.startswith("**pretraining** raised margin"))
     assert " Verdict: " in margin  # no stored verdict: one is assessed from the report's own figures
 

@@ -71,3 +71,19 @@ def test_a_report_that_attributes_every_stage_says_nothing_about_coverage():
 def test_an_old_report_without_stage_names_numbers_the_stages_left_out():
     report = _subset(ledger={"num_stages": 3})
     assert "(not attributed: #2)" in report.table()  # base is #0, clean #1 by position: #2 has no name here
+
+
+# --- M7: a headline where replay ran gives replay's measured size beside the estimate's ---------------------------
+
+
+def test_verified_headline_gives_replays_size_beside_the_estimate():
+    report = AttributionReport.build(
+        {"f": {"pre": [0.1, 0.12, 0.11, 0.1], "sft": [1.9, 1.95, 1.85, 1.9], "dpo": [-0.5, -0.55, -0.45, -0.5]}},
+        estimator="aa-linear", replay={"f": {"pre": [0.1] * 4, "sft": [1.0] * 4, "dpo": [-0.5] * 4}}, versions={},
+        n_resamples=200,
+    )  # fmt: skip
+    assert report.trust("f")["verdict"] == "verified"
+    (line,) = [x for x in report.table().splitlines() if x.startswith("* ")]
+    assert line.startswith("* sft raised f the most (+1.9 behavior units, 95 % interval (example sampling) [")
+    assert "; replay measured +1). Verdict: verified by replay." in line
+    assert "; replay measured +1). Verdict: verified by replay." in report.to_markdown()
