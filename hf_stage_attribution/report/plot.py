@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ReportError
 from .files import atomic_write_bytes
-from .text import has_interval, terminal_safe
+from .text import has_interval, terminal_safe, unsettled_sign_reasons
 
 if TYPE_CHECKING:
     from .attribution import AttributionReport
@@ -28,6 +28,7 @@ PANEL_IN = (3.6, 3.0)  # width, height of one behavior's panel in inches
 MAX_COLUMNS = 3
 RAISED, LOWERED, REPLAY = "#3b7dd8", "#d9822b", "#1f1f1f"  # mid-contrast blue / orange; replay markers near-black
 UNCHANGED = "#9a9a9a"  # a stage whose effect is exactly 0 neither raised nor lowered the behavior
+UNSETTLED = "#c8c8c8"  # a stage whose sign the report does not claim (report/text.py unsettled_sign_reasons)
 #: Longest names drawn (characters); longer ones end in "…" (the full names are in the table beside the plot).
 TICK_CHARS, TITLE_CHARS = 18, 32
 CARD = "#ffffff"
@@ -83,7 +84,7 @@ def report_figure(report: AttributionReport) -> Any:
     )  # fmt: skip
     x = np.arange(len(stages))
     conf = float((report.interval or {}).get("confidence", 0.95)) * 100
-    any_replay = False
+    any_replay = any_open = False
     for j, summary in enumerate(report.behaviors):
         ax = fig.add_subplot(rows, columns, j + 1)
         ax.set_facecolor(CARD)
@@ -93,7 +94,13 @@ def report_figure(report: AttributionReport) -> Any:
         low = np.array([_or_nan(banded[s.name].ci_low) if s.name in banded else np.nan for s in stages])
         high = np.array([_or_nan(banded[s.name].ci_high) if s.name in banded else np.nan for s in stages])
         yerr = np.nan_to_num(np.vstack([effect - low, high - effect]).clip(min=0.0))
-        colors = [RAISED if e > 0 else LOWERED if e < 0 else UNCHANGED for e in np.nan_to_num(effect)]
+        # a sign the prose withholds (another estimator's sign or size, an interval across 0) is not drawn as one
+        open_ = unsettled_sign_reasons(report, summary.name)
+        any_open = any_open or any(s.name in open_ for s in stages)
+        colors = [
+            UNSETTLED if s.name in open_ else RAISED if e > 0 else LOWERED if e < 0 else UNCHANGED
+            for s, e in zip(stages, np.nan_to_num(effect))
+        ]
         ax.bar(x, np.nan_to_num(effect), 0.6, yerr=yerr, capsize=3, color=colors, ecolor="#4d4d4d", label="estimate")
         replay = [by_stage[s.name].replay_effect if s.name in by_stage else None for s in stages]
         if any(v is not None for v in replay):
@@ -112,6 +119,8 @@ def report_figure(report: AttributionReport) -> Any:
         ax.grid(axis="y", color="#d0d0d0", linewidth=0.6)
         ax.set_axisbelow(True)
     handles = [Patch(color=RAISED, label="raised it"), Patch(color=LOWERED, label="lowered it")]
+    if any_open:
+        handles.append(Patch(color=UNSETTLED, label="sign not settled"))
     if any_replay:
         handles.append(
             Line2D([], [], linestyle="none", marker="D", markerfacecolor="none", markeredgecolor=REPLAY,

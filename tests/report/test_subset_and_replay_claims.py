@@ -87,3 +87,23 @@ def test_verified_headline_gives_replays_size_beside_the_estimate():
     assert line.startswith("* sft raised f the most (+1.9 behavior units, 95 % interval (example sampling) [")
     assert "; replay measured +1). Verdict: verified by replay." in line
     assert "; replay measured +1). Verdict: verified by replay." in report.to_markdown()
+
+
+# --- L4: the plot draws no sign the prose withholds ---------------------------------------------------------------
+
+
+def test_plot_does_not_colour_an_unsettled_sign_as_raised_or_lowered():
+    from matplotlib.colors import to_hex
+
+    from hf_stage_attribution.report.plot import LOWERED, RAISED, UNSETTLED
+
+    report = AttributionReport.build(
+        {"f": {"pre": [0.5, 0.6, 0.55, 0.5], "sft": [3.0, -1.0, 2.5, -0.9]}}, estimator="aa-linear", versions={},
+        n_resamples=200,
+    )  # fmt: skip
+    fig = report.plot_figure()
+    colours = [to_hex(bar.get_facecolor()) for bar in fig.axes[0].patches]
+    assert colours == [RAISED, UNSETTLED]  # sft's interval includes 0: the card says its sign is not settled
+    assert "sign not settled" in [text.get_text() for text in fig.legends[0].get_texts()]
+    settled = AttributionReport.build({"f": {"a": [1.0, 1.1], "b": [-2.0, -2.1]}}, estimator="x", versions={})
+    assert [to_hex(bar.get_facecolor()) for bar in settled.plot_figure().axes[0].patches] == [RAISED, LOWERED]
