@@ -349,14 +349,18 @@ def _top_claim(report: AttributionReport, name: str, escape: Any = None) -> str:
         return f"{fmt_number(row.effect)} {unit}, {interval_header(report)} {fmt_interval(row)}"
 
     measured = report.replay_top_stage(name)
-    tie = replay_tie(report, name) if measured is not None else None
+    ground_truth = report.estimator == "replay"  # the effects are replay's own
+    tie = replay_tie(report, name) if measured is not None or ground_truth else None
     if tie is not None:  # replay's own examples do not separate its top two stages: it names neither alone
         first, second = (next(r for r in report.rows_for(name) if r.stage == s) for s in tie)
+        a, b = (r.effect if ground_truth else r.replay_effect for r in (first, second))
         sentence = (
             f"Replay (ground truth): {stage_name(first.stage)} and {stage_name(second.stage)} moved {plain(name)} "
-            f"about as much ({fmt_number(first.replay_effect)} and {fmt_number(second.replay_effect)} {unit}; their "
+            f"about as much ({fmt_number(a)} and {fmt_number(b)} {unit}; their "
             "difference is within example sampling, so replay does not tell which moved it more)."
         )
+        if ground_truth:
+            return sentence
         if top.effect == 0:
             return sentence + " The estimate put every effect at 0."
         return sentence + f" The estimate named {stage_name(top.stage)} ({amount(top)})."
@@ -448,14 +452,16 @@ def opposite_directions(report: AttributionReport, name: str, escape: Any = None
 
 
 def replay_tie(report: AttributionReport, name: str) -> tuple[str, str] | None:
-    """``(replay's top stage, the runner-up)`` where replay ran for every stage of ``name`` and its own examples do
-    not separate the two (``trust(name)["evidence"]["replay"]["top_separation"]``, a paired bootstrap stored when the
-    report was built); None otherwise (separated, or nothing stored: replay given as means only)."""
+    """``(replay's top stage, the runner-up)`` where replay ran for every stage of ``name`` (or is the report's
+    estimator) and its own examples do not separate the two (``trust(name)["evidence"]["replay"]["top_separation"]``,
+    a paired bootstrap stored when the report was built); None otherwise (separated, or nothing stored: replay given
+    as means only)."""
     replay = ((report.trust(name).get("evidence") or {}).get("replay")) or {}
     sep = replay.get("top_separation") if isinstance(replay, dict) else None
     if not isinstance(sep, dict) or sep.get("separated", True):
         return None
-    if report.replay_top_stage(name) != sep.get("top"):
+    measured = report.top_stage(name) if report.estimator == "replay" else report.replay_top_stage(name)
+    if measured != sep.get("top"):
         return None  # stored for other replay values than the rows carry (re-verified since): not this replay's
     return str(sep["top"]), str(sep["runner_up"])
 
@@ -869,7 +875,16 @@ def render_table(report: AttributionReport) -> str:
         "|effects|"
         + (" of the attributed stages" if any(stage_coverage(report, b.name) for b in report.behaviors) else "")
         + " (report.json: share_of_abs_effects)"
-        + ("; replay = ground truth, and top = replay's top stage" if replay else "")
+        + (
+            (
+                "; replay = ground truth, and top = replay's top stage"
+                if all(r.replay_effect is not None for r in report.rows)
+                else "; replay = ground truth where it ran, and top = replay's top stage where it ran for every "
+                "stage (else the estimate's)"
+            )
+            if replay
+            else ""
+        )
         + (
             " (its top two where replay's examples do not separate them)"
             if replay and any(replay_tie(report, b.name) for b in report.behaviors)

@@ -171,3 +171,23 @@ def test_a_stored_verdict_must_be_backed_by_what_the_report_stores():
     assert (kept.trust("f")["verdict"], kept.trust("f")["label"]) == ("agree", "estimated — estimators agree")
     replayed = AttributionReport.build(est, estimator="aa-linear", replay=est, versions={})
     assert _edited(replayed, **replayed.trust("f")).trust("f") == replayed.trust("f")
+
+
+def test_ground_truth_headline_and_card_name_neither_of_two_stages_its_examples_do_not_separate():
+    from hf_stage_attribution.model_card.writer import card_metadata
+    from hf_stage_attribution.report.text import headline
+
+    rep = AttributionReport.build(REPLAY_TIE, estimator="replay", versions={}, n_resamples=200)
+    line = headline(rep, "f", escape=str)
+    assert line.startswith("Replay (ground truth): sft and dpo moved f about as much (+2.713 and -2.69")
+    assert "the most" not in line
+    assert card_metadata(rep)["behaviors"][0]["top_stage_tied_with"] == "dpo"
+
+
+def test_the_console_footer_says_replay_names_the_top_stage_only_where_it_ran_for_every_stage():
+    estimate = {"f": {"pre": [0.1, 0.1], "sft": [2.0, 2.1], "dpo": [-1.0, -1.0]}}
+    some = AttributionReport.build(estimate, estimator="x", replay={"f": {"sft": -2.0, "dpo": -0.9}}, versions={})
+    every = AttributionReport.build(estimate, estimator="x", replay={"f": {"pre": 3.0, "sft": -2.0, "dpo": -0.9}},
+                                    versions={})  # fmt: skip
+    assert "top = replay's top stage where it ran for every stage (else the estimate's)" in some.table()
+    assert "replay = ground truth, and top = replay's top stage;" in every.table()
