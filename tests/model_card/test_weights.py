@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -101,22 +98,23 @@ def test_a_report_without_digests_is_not_checked(tmp_path):
     assert write_model_card(report, folder, plot=False).weights is None
 
 
-def test_the_cli_refuses_other_weights_and_names_its_escape(tmp_path):
+def test_the_cli_refuses_other_weights_and_names_its_escape(tmp_path, capsys):
+    from hf_stage_attribution.cli.main import main
+
     model, report = _recorded(tmp_path)
     folder = tmp_path / "model"
     with torch.no_grad():
         model.lm_head.weight.mul_(1.01)  # tied to the embeddings: both names differ in the checkpoint
     model.save_pretrained(folder)
     (tmp_path / "report.json").write_text(report.to_json(), encoding="utf-8")
-    cmd = [sys.executable, "-m", "hf_stage_attribution", "card", str(tmp_path), "--readme", str(folder)]
+    argv = ["card", str(tmp_path), "--readme", str(folder)]
 
-    refused = subprocess.run(cmd, capture_output=True, text=True)
-    assert refused.returncode != 0 and "--allow-other-weights" in refused.stderr
+    assert main(argv) == 1
+    assert "--allow-other-weights" in capsys.readouterr().err
     assert not (folder / "README.md").exists()
 
-    allowed = subprocess.run([*cmd, "--allow-other-weights"], capture_output=True, text=True)
-    assert allowed.returncode == 0, allowed.stderr
-    assert "Weights: the weights beside the card are not the attributed model" in allowed.stdout
+    assert main([*argv, "--allow-other-weights"]) == 0
+    assert "Weights: the weights beside the card are not the attributed model" in capsys.readouterr().out
 
 
 def test_half_precision_weights_that_were_recorded_in_half_precision_match(tmp_path):
