@@ -5,14 +5,14 @@ digests the recorder took at the end of the last stage (sha256 of each effective
 LoRA stage's digest is of the merged weight). A card written into a model folder that holds other weights (the model
 trained further without recording, a report of another run) would publish claims about a model nobody attributed.
 :func:`check_card_weights` reads the folder's ``model.safetensors`` (or its ``model-XXXXX-of-YYYYY.safetensors``
-shards) tensor by tensor and compares every float32 tensor whose name the report knows with the recorded digest.
+shards) tensor by tensor and compares every tensor whose name the report knows with the recorded digest.
 
 What it cannot check, it says so rather than guess: tensors saved in half precision that do not hash as recorded
 (a bfloat16 ``save_pretrained`` of float32 weights rounds every value, so its digest differs without any training;
 weights that were half precision when recorded, such as an imported bfloat16 checkpoint, do hash as recorded), a
-folder with only a PEFT adapter
-(``adapter_model.safetensors``: the base weights are elsewhere) or only ``pytorch_model.bin`` (never unpickled), and
-a report without digests (built from effects alone, or written by a version before 2026-12-07).
+folder with only a PEFT adapter (``adapter_model.safetensors``: the base weights are elsewhere) or only
+``pytorch_model.bin`` (never unpickled), and a report without digests (built from effects alone, or written by a
+version before 2026-12-07).
 
 Example:
     >>> import tempfile, torch
