@@ -512,12 +512,13 @@ def write_model_card(
     (``overwrite`` does not change that): wrap the old section in the markers, or delete it, first.
 
     The weights beside the card (``model.safetensors`` or its shards in the README's folder) must be the model the
-    report attributes: every float32 tensor the report's ledger recorded a digest for is hashed and compared
+    report attributes: every tensor the report's ledger recorded a digest for is hashed and compared
     (:func:`~.weights.check_card_weights`; ``files.weights`` says what was found). Weights that differ (the model was
     trained or edited after it was recorded, or the report is of another run) raise ModelCardError before anything
     is written, unless ``allow_other_weights``: the section then says, in bold under its heading, that the weights
-    published with it are not the model it describes. Half-precision weights (rounded) and folders holding only an
-    adapter or pickled weights cannot be compared; ``files.weights`` says so and the card is written.
+    published with it are not the model it describes. Half-precision weights that do not hash as recorded (a
+    rounded save of float32 weights) and folders holding only an adapter or pickled weights cannot be compared;
+    ``files.weights`` says so and the card is written.
 
     Example:
         >>> import tempfile
