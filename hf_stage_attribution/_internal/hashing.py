@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import torch
 
@@ -32,6 +33,26 @@ def combine_digests(digests: dict[str, str]) -> str:
         h.update(digests[name].encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """A file's size, modification time in ns and inode (``None`` for a missing file or not a file): what keys the
+    in-process memos of files already hashed or read; writing a file again, replacing or removing it changes it.
+
+    Example:
+        >>> import tempfile
+        >>> path = tempfile.mkdtemp() + "/f"
+        >>> file_identity(path) is None
+        True
+        >>> _ = open(path, "w").write("x")
+        >>> file_identity(path)[0]
+        1
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino) if os.path.isfile(path) else None
 
 
 _CHUNK = 1 << 14  # elements per chunk of the checksum: 128 kB of float64 weights and temporary, whatever the size

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .._internal.distributed import replays_alone, single_process_world, world_size
-from .._internal.hashing import combine_digests
+from .._internal.hashing import combine_digests, file_identity
 from .._internal.memory import collections_of_new_objects
 from .._internal.model_state import add_autocast_wrapper, attention_switched, clean_copy, drop_accelerate_wrappers
 from .._internal.notices import harmless_warnings_ignored, library_progress_bars_off
@@ -434,11 +434,7 @@ _VERIFIED_REFERENCES: dict[tuple, str] = {}
 def _files_identity(paths: Iterable[Path]) -> tuple:
     """Each file as its resolved path, size, modification time in ns and inode (None for a missing one), sorted: a
     file written again, replaced or removed changes it."""
-    out = []
-    for path in paths:
-        st = path.stat() if path.is_file() else None
-        out.append((str(path.resolve()), None if st is None else (st.st_size, st.st_mtime_ns, st.st_ino)))
-    return tuple(sorted(out))
+    return tuple(sorted((str(path.resolve()), file_identity(path)) for path in paths))
 
 
 def _folder_identity(path: Path) -> tuple:

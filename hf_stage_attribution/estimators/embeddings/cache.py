@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ..._internal.fingerprint import value_fingerprint
+from ..._internal.hashing import file_identity
 from ..._version import __version__
 from ...errors import UnsupportedOptimizerError, unknown_name
 from ...ledger.core import LedgerCore
@@ -126,8 +127,7 @@ class StageEmbeddings:
         if self.path is None:
             key = (str(self.ledger.dir), self.ledger.fingerprint, self.kind, k)
         else:
-            stat = self.path.stat()
-            key = (str(self.path), stat.st_mtime_ns, stat.st_size, k)
+            key = (str(self.path), file_identity(self.path), k)
         if key not in _NORMS:
             _NORMS[key] = float(sum(float(t.double().pow(2).sum()) for _, t in self.items(k)) ** 0.5)
         return _NORMS[key]
@@ -227,7 +227,7 @@ def stage_embeddings(
             _metadata(ledger, kind, options, wanted),
         )  # fmt: skip
     atomic_write_bytes(_digest_path(path), sha.encode("ascii"))
-    _VERIFIED[str(path)] = _identity(path)
+    _VERIFIED[str(path)] = file_identity(path)
     return StageEmbeddings(ledger, kind, path)
 
 
@@ -267,17 +267,14 @@ def _digest_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.sha256")
 
 
-def _identity(path: Path) -> tuple:
-    st = path.stat()
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
 def _intact(path: Path) -> bool:
     """Whether the cache file's bytes hash to the digest written beside it (a missing digest: not shown intact)."""
+    identity = file_identity(path)
+    if identity is None:
+        return False
+    if _VERIFIED.get(str(path)) == identity:
+        return True
     try:
-        identity = _identity(path)
-        if _VERIFIED.get(str(path)) == identity:
-            return True
         expected = _digest_path(path).read_bytes().decode("ascii", "replace").strip()
         if file_sha256(path) != expected:
             return False
