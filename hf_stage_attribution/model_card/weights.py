@@ -29,18 +29,24 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._internal.hashing import tensor_digest
+from .._internal.hashing import combine_digests, file_identity, tensor_digest
 from ..errors import LedgerFormatError, ModelCardError
 from ..ledger.storage import open_safetensors
 
 #: the weight files of a ``save_pretrained`` folder: one file, or shards named by transformers' convention
 WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+#: ``{(weight files with their identities, combined recorded digests): WeightsCheck}`` of the folders checked in this
+#: process: ``KeepStageAttributionSection`` writes the card at every save, and hashing unchanged weights again cost
+#: SmolLM2-135M about 1 s per write (a 7B model ≈ a minute). Weight files written again, replaced or removed check
+#: again.
+_CHECKED: dict[tuple, WeightsCheck] = {}
 #: the escape named by every error below, as the API and the CLI spell it
 ALLOW = "allow_other_weights=True (CLI: --allow-other-weights)"
 
@@ -107,13 +113,22 @@ def check_card_weights(folder: str | Path, ledger: Mapping[str, Any] | None) -> 
     float32 (or float64) tensor that hashes otherwise differs; a half-precision one that hashes the same (a model
     trained, or a checkpoint imported, in that precision) matches, and one that hashes otherwise is only
     ``unchecked`` (the recorded value rounded for the save looks the same). A file that cannot be parsed is listed in
-    ``unreadable``, not read further (and never unpickled).
+    ``unreadable``, not read further (and never unpickled). Unchanged weight files are read once per process for
+    the same digests (:data:`_CHECKED`).
     """
     folder = Path(folder)
     digests = (ledger or {}).get("final_digests")
     files = weight_files(folder)
     if not files or not isinstance(digests, Mapping) or not digests:
         return None
+    key = (
+        tuple((str(p.resolve()), file_identity(p)) for p in files),
+        combine_digests({str(k): str(v) for k, v in digests.items()}),
+    )
+    if key in _CHECKED:
+        found = copy.deepcopy(_CHECKED[key])
+        found.folder = folder
+        return found
     check = WeightsCheck(folder, [p.name for p in files])
     for path in files:
         try:
@@ -131,6 +146,8 @@ def check_card_weights(folder: str | Path, ledger: Mapping[str, Any] | None) -> 
                     check.unchecked_dtypes.add(_DTYPE_NAMES.get(dtype, dtype.lower()))
         except LedgerFormatError:
             check.unreadable.append(path.name)
+    if all(identity == file_identity(Path(name)) for name, identity in key[0]):  # nothing was written meanwhile
+        _CHECKED[key] = copy.deepcopy(check)
     return check
 
 

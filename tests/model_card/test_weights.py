@@ -128,3 +128,25 @@ def test_half_precision_weights_that_were_recorded_in_half_precision_match(tmp_p
     check = check_card_weights(tmp_path, {"final_digests": recorded})
     assert (check.matched, check.differ, check.unchecked) == (1, [], 1)
     assert "1 more saved in another dtype were not checked" in check.summary()
+
+
+def test_unchanged_weights_are_read_once_and_weights_saved_again_are_read_again(tmp_path, monkeypatch):
+    from hf_stage_attribution.model_card import weights as weights_module
+
+    model, report = _recorded(tmp_path)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    reads = []
+    real = weights_module.open_safetensors
+    monkeypatch.setattr(weights_module, "open_safetensors", lambda path: reads.append(path) or real(path))
+
+    first = check_card_weights(folder, report.ledger)
+    first.differ.append("edited by the caller")  # the memo hands out copies
+    second = check_card_weights(folder, report.ledger)
+    assert len(reads) == 1 and not second.differ and second.matched == first.matched
+
+    with torch.no_grad():
+        model.lm_head.weight.add_(1e-3)  # trained further and saved over the same file
+    model.save_pretrained(folder)
+    third = check_card_weights(folder, report.ledger)
+    assert len(reads) == 2 and third.differ == ["transformer.wte.weight"]  # tied with lm_head, saved once
