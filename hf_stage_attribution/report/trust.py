@@ -243,9 +243,9 @@ def _disagreements(
     return why
 
 
-def _moved_where_still(estimator: str, name: str, values: Mapping[str, float]) -> list[str]:
-    """The reason "<name> moved it (<stage> <value>, ...) where <estimator> put every effect at 0" when the second
-    opinion ``values`` moved the behavior at a stage; ``[]`` when it too put every effect at 0.
+def _moved_where_still(estimator: str, name: str, values: Mapping[str, float], where: str = "") -> list[str]:
+    """The reason "<name> moved it (<stage> <value>, ...) where <estimator> put every effect<where> at 0" when the
+    second opinion (or replay) ``values`` moved the behavior at a stage; ``[]`` when it too put every effect at 0.
 
     Example:
         >>> _moved_where_still("lora-exact", "delta-fd", {"pre": 0.0, "sft": -2.0})
@@ -254,7 +254,7 @@ def _moved_where_still(estimator: str, name: str, values: Mapping[str, float]) -
         []
     """
     moved = ", ".join(f"{s} {v:+.4g}" for s, v in values.items() if v != 0.0)
-    return [f"{name} moved it ({moved}) where {estimator} put every effect at 0"] if moved else []
+    return [f"{name} moved it ({moved}) where {estimator} put every effect{where} at 0"] if moved else []
 
 
 def unsettled_signs(estimate: Mapping[str, float], other: Mapping[str, float]) -> list[str]:
@@ -464,8 +464,7 @@ def _partial_replay(
     if still and truth_still:
         return []
     if still:
-        moved = ", ".join(f"{s} {v:+.4g}" for s, v in truth.items() if v != 0.0)
-        return [f"replay moved it ({moved}) where the estimate put every effect there at 0"]
+        return _moved_where_still("the estimate", "replay", truth, " there")
     tied = None if truth_still else _replay_tie(c, replay_tie)
     judged = c
     if tied:
