@@ -51,9 +51,16 @@ REPLAYING = (
     "replay",
     "validate",
 )  # bound: one training step + one copy
+#: the finite-difference read-outs of the curvature rows and the row whose embeddings they read. With
+#: ``pair_readouts`` (CI) each runs in its base row's process right after it, reading the embeddings that run cached:
+#: its figure is the larger of the base row's rise and the read-out's rise over the same baseline (the embedding pass
+#: is the same computation; what the read-out adds on top is measured, above whatever the first run left resident).
+READOUT_OF = {"aa-ggn-fd": "aa-ggn", "aa-hvp-fd": "aa-hvp"}
 BOUND = 3.0  # issue 16: peak RSS rise ≤ 3 × the parameter bytes
-DEFAULT = {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab": 4096, "positions": 64}  # 4.2M parameters
-SMALL = {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab": 2048, "positions": 64}  # the CI model (3.7M)
+DEFAULT = {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab": 4096, "positions": 64, "curvature_examples": 8}  # 4.2M
+#: the CI model (3.7M parameters), with half the curvature examples: the curvature rows' products run per example
+#: (aa-ggn 74 s with 8 on one thread), while their peak is set by model-sized vectors, not by how many examples
+SMALL = {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab": 2048, "positions": 64, "curvature_examples": 4}
 STAGES, STEPS = 2, 8
 
 
@@ -128,7 +135,7 @@ def build(root: Path, cfg: dict[str, int]) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
         with ledger.record_stage(
             f"stage-{k}", kind="fine-tuning", model=model, optimizer=opt, num_steps=STEPS,
-            curvature_loss={"type": "causal-lm"}, curvature_examples=8,
+            curvature_loss={"type": "causal-lm"}, curvature_examples=cfg.get("curvature_examples", 8),
         ) as rec:  # fmt: skip
             _steps(model, opt, cfg, k, rec)
     save_file(
@@ -149,7 +156,7 @@ def _watch(limit: float, baseline: int, row: dict[str, Any], out: Path, start: f
     the row is over its bound whatever it would have reached (the figure is then a lower bound)."""
     import os
 
-    while True:
+    while not row.get("finished"):  # its run ended within the bound
         rise = proc_status()["VmHWM"] - baseline
         if rise > limit:
             nbytes = row["parameter_bytes"]
@@ -162,19 +169,30 @@ def _watch(limit: float, baseline: int, row: dict[str, Any], out: Path, start: f
         time.sleep(0.02)
 
 
-def measure(root: Path, cfg: dict[str, int], name: str, abort_to: Path | None = None) -> dict[str, Any]:
+def measure(
+    root: Path,
+    cfg: dict[str, int],
+    name: str,
+    abort_to: Path | None = None,
+    *,
+    baseline: int | None = None,
+    cached: bool = False,
+) -> dict[str, Any]:
     """In a fresh process: the peak RSS rise of one estimator's attribution over the parameter bytes (and, for the
     rows that replay, over one training step's rise plus one model copy).
 
     With ``abort_to``, the run stops as soon as the rise passes the row's bound (:func:`limit_bytes`) and the row,
-    marked ``aborted``, is written there: the CI test learns "over the bound" without waiting for the whole run."""
+    marked ``aborted``, is written there: the CI test learns "over the bound" without waiting for the whole run.
+    ``baseline``: the RSS the rise is measured from (default: this process's after loading; :func:`measure_pair`
+    passes its first run's); ``cached``: keep the embeddings an earlier run cached (by default the run starts from an
+    empty cache)."""
     import threading
 
     from hf_stage_attribution import StageAttributor
     from hf_stage_attribution._internal.memory import release_freed_memory
 
     with quiet():
-        model, ledger = _load_case(root, cfg)
+        model, ledger = _load_case(root, cfg, empty_cache=not cached)
         ids = _tokens(cfg, 7, rows=8, width=16)
 
         def logprob(m: Any) -> Any:
@@ -189,7 +207,8 @@ def measure(root: Path, cfg: dict[str, int], name: str, abort_to: Path | None = 
         nbytes = param_bytes(model)
         gc.collect()
         release_freed_memory()
-        baseline = proc_status()["VmRSS"]
+        if baseline is None:
+            baseline = proc_status()["VmRSS"]
         reset_peak()
         start = time.perf_counter()
         if abort_to is not None:
@@ -201,13 +220,43 @@ def measure(root: Path, cfg: dict[str, int], name: str, abort_to: Path | None = 
         report = StageAttributor(
             ledger, model, estimator=estimator, stage_fns=stage_fns, diagnostics=False, show_progress=False
         ).attribute({"logprob": logprob}, validate=name == "validate")
+        if abort_to is not None:
+            row["finished"] = True
         rise = proc_status()["VmHWM"] - baseline
         return {
             "estimator": name, "ran": report.estimator, "seconds": time.perf_counter() - start, "rise": rise,
             "parameter_bytes": nbytes, "rise_over_parameter_bytes": rise / nbytes, "train_step_rise": step,
             "train_step_over_parameter_bytes": step / nbytes, "over_step_bound": rise / (step + nbytes),
-            "aborted": False,
+            "aborted": False, "baseline": baseline,
         }  # fmt: skip
+
+
+def measure_pair(root: Path, cfg: dict[str, int], names: list[str], abort_to: Path | None = None) -> list[dict]:
+    """:func:`measure` of a curvature row and then its finite-difference read-out (:data:`READOUT_OF`) in this
+    process, the read-out from the embeddings the first run cached and against the first run's baseline; the
+    read-out's row reports the larger of the two rises (``paired_with``: the first row)."""
+    first = measure(root, cfg, names[0], abort_to)
+    if abort_to is not None:  # kept if the read-out then passes the bound (its row is then written to abort_to)
+        _first_row(abort_to).write_text(json.dumps(first))
+    gc.collect()
+    second = measure(root, cfg, names[1], abort_to, baseline=first["baseline"], cached=True)
+    nbytes, step = second["parameter_bytes"], second["train_step_rise"]
+    rise = max(first["rise"], second["rise"])
+    second.update(
+        rise=rise, rise_over_parameter_bytes=rise / nbytes, over_step_bound=rise / (step + nbytes),
+        seconds=first["seconds"] + second["seconds"], paired_with=names[0],
+    )  # fmt: skip
+    return [first, second]
+
+
+def _first_row(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.first.json")
+
+
+def _groups(names: tuple[str, ...], pair_readouts: bool) -> list[list[str]]:
+    """The rows, each alone, or with ``pair_readouts`` each read-out after its base row when both are asked for."""
+    paired = {r for r, base in READOUT_OF.items() if pair_readouts and r in names and base in names}
+    return [[n, *[r for r in paired if READOUT_OF[r] == n]] for n in names if n not in paired]
 
 
 def within_bound(row: dict[str, Any]) -> bool:
@@ -246,33 +295,50 @@ def _cfg_args(cfg: dict[str, int]) -> list[str]:
 
 
 def measure_all(
-    cfg: dict[str, int], root: Path, names: tuple[str, ...] = ESTIMATORS, *, jobs: int = 1, abort: bool = False
+    cfg: dict[str, int],
+    root: Path,
+    names: tuple[str, ...] = ESTIMATORS,
+    *,
+    jobs: int = 1,
+    abort: bool = False,
+    pair_readouts: bool = False,
 ) -> list[dict[str, Any]]:
     """Build once, then one fresh subprocess per estimator (``jobs`` of them at a time: each measures its own RSS).
 
     ``abort``: each child stops as soon as its row passes its bound (the row is then marked ``aborted`` and its
-    figure is a lower bound), so rows far over the bound cost seconds, not minutes."""
+    figure is a lower bound), so rows far over the bound cost seconds, not minutes. ``pair_readouts``: the
+    finite-difference read-outs of the curvature rows run in their base row's process (:func:`measure_pair`; CI:
+    the curvature products dominate the time, and the pair computes them once)."""
     from concurrent.futures import ThreadPoolExecutor
 
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "model.safetensors").exists():
         run_child(["-m", "benchmarks.estimator_memory", "--build", str(root), *_cfg_args(cfg)], timeout=900)
 
-    def one(name: str) -> dict[str, Any]:
-        case = _case_for(root, name)
-        out = root / f"{name}.json"
+    def one(group: list[str]) -> list[dict[str, Any]]:
+        case = _case_for(root, group[0])
+        out = root / f"{group[0]}.json"
         out.unlink(missing_ok=True)
+        _first_row(out).unlink(missing_ok=True)
         run_child(
-            ["-m", "benchmarks.estimator_memory", "--measure", str(case), "--estimator", name, "--out", str(out),
-             *(["--abort"] if abort else []), *_cfg_args(cfg)], timeout=900,
+            ["-m", "benchmarks.estimator_memory", "--measure", str(case), "--estimator", ",".join(group),
+             "--out", str(out), *(["--abort"] if abort else []), *_cfg_args(cfg)], timeout=900,
             env={"OMP_NUM_THREADS": "1"},  # one thread each, as the forked children: `jobs` of them share the cores
         )  # fmt: skip
-        row = json.loads(out.read_text())
+        found = json.loads(out.read_text())
         shutil.rmtree(case, ignore_errors=True)
-        return row
+        if isinstance(found, list):
+            return found
+        if len(group) == 1:
+            return [found]
+        # a pair stopped past its bound: the read-out is over it, and the first row too unless it had finished
+        first = _first_row(out)
+        head = json.loads(first.read_text()) if first.exists() else {**found, "estimator": group[0]}
+        return [head, {**found, "estimator": group[1], "paired_with": group[0]}]
 
     with ThreadPoolExecutor(max_workers=max(1, int(jobs))) as pool:
-        return list(pool.map(one, names))
+        rows = {row["estimator"]: row for found in pool.map(one, _groups(names, pair_readouts)) for row in found}
+    return [rows[name] for name in names]
 
 
 def _case_for(root: Path, name: str) -> Path:
@@ -347,16 +413,26 @@ def main() -> None:
     parser.add_argument("--abort", action="store_true", help="stop each run once it passes its bound (CI)")
     parser.add_argument("--jobs", type=int, default=1, help="children measured at a time")
     parser.add_argument("--fork", action="store_true", help="fork the children from one warmed-up process (CI)")
+    parser.add_argument(
+        "--pair-readouts", action="store_true", help="run aa-ggn-fd / aa-hvp-fd after their base row, in its process"
+    )
     parser.add_argument("--out", type=Path)
     base = SMALL if "--small" in sys.argv else DEFAULT
-    for key in ("n_embd", "n_layer", "n_head", "vocab", "positions"):
+    for key in base:
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=base[key])
     a = parser.parse_args()
-    cfg = {"n_embd": a.n_embd, "n_layer": a.n_layer, "n_head": a.n_head, "vocab": a.vocab, "positions": a.positions}
+    cfg = {key: getattr(a, key) for key in base}
     if a.build is not None:
         build(a.build, cfg)
     elif a.measure is not None:
-        a.out.write_text(json.dumps(measure(a.measure, cfg, a.estimator, a.out if a.abort else None)))
+        group = a.estimator.split(",")
+        abort_to = a.out if a.abort else None
+        found = (
+            measure_pair(a.measure, cfg, group, abort_to)
+            if len(group) == 2
+            else measure(a.measure, cfg, group[0], abort_to)
+        )
+        a.out.write_text(json.dumps(found))
     else:
         import tempfile
 
@@ -365,8 +441,10 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown row(s) {unknown}; choose from {', '.join(ESTIMATORS)}")
         with tempfile.TemporaryDirectory() as tmp:
-            how = measure_forked if a.fork else measure_all
-            rows = how(cfg, Path(tmp), names, jobs=a.jobs, abort=a.abort)
+            if a.fork:
+                rows = measure_forked(cfg, Path(tmp), names, jobs=a.jobs, abort=a.abort)
+            else:
+                rows = measure_all(cfg, Path(tmp), names, jobs=a.jobs, abort=a.abort, pair_readouts=a.pair_readouts)
         if a.out is not None:
             a.out.write_text(json.dumps(rows, indent=2))
         if a.markdown:

@@ -170,9 +170,9 @@ def _warm_up(cfg: dict[str, int]) -> None:
     tiny(input_ids=ids).logits.sum().backward()
 
 
-def _load_case(case: Path, cfg: dict[str, int]) -> tuple[Any, Any]:
+def _load_case(case: Path, cfg: dict[str, int], empty_cache: bool = True) -> tuple[Any, Any]:
     """Warm up, then the saved model (eval mode, tied weights) and the ledger of ``case``, its embedding cache
-    emptied."""
+    emptied (unless not ``empty_cache``)."""
     from safetensors.torch import load_file
 
     from hf_stage_attribution import StageLedger
@@ -183,7 +183,8 @@ def _load_case(case: Path, cfg: dict[str, int]) -> tuple[Any, Any]:
     model.tie_weights()
     model.eval()
     ledger = StageLedger.load(case / "ledger")
-    shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
+    if empty_cache:
+        shutil.rmtree(ledger.embeddings_dir, ignore_errors=True)
     return model, ledger
 
 
