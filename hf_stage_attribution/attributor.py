@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import estimators
 from ._internal.hashing import values_checksum
-from ._internal.memory import release_freed_memory
+from ._internal.memory import release_freed_memory, size_heap_for
 from ._internal.model_state import attention_switched, swapped_parameters, without_accelerate_wrapper
 from ._internal.notices import notice
 from ._internal.precision import float32_working_model, half_precision_dtype, precision_description
@@ -329,6 +329,7 @@ class StageAttributor:
                 behavior.prepare(self.model)
         stage_names = [s.name for s in stage_objs]
         options = self._options()
+        size_heap_for(sum(t.numel() * t.element_size() for t in self.model.parameters()))
         release_freed_memory()  # model-sized buffers come and go: return them to the system, or peaks add up
         if validate or self.estimator_name == "replay":  # before any work: every stage replay needs can be re-run
             check_replayable(

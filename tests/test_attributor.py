@@ -414,3 +414,20 @@ def test_the_model_keeps_its_attention_implementation(tmp_path):
     assert model.config._attn_implementation == "sdpa"  # was left "eager" by the attributor
     assert [r.stage for r in report.rows_for("logit")] == ["a", "b"]
     assert all(torch.isfinite(torch.tensor(r.per_example)).all() for r in report.rows_for("logit"))
+
+
+def test_attribute_sizes_the_allocator_threshold_for_the_model_it_attributes(pipeline, monkeypatch):
+    """Every ``release_freed_memory`` of an attribution fixes glibc's mmap threshold for the model attributed
+    (``_internal.memory.mmap_threshold_for``): 128 KiB for this tiny model, as the memory bounds were measured."""
+    from hf_stage_attribution import attributor as attributor_module
+    from hf_stage_attribution._internal import memory
+
+    _, ledger, model = pipeline
+    sized = []
+    monkeypatch.setattr(attributor_module, "size_heap_for", lambda n: sized.append(n) or memory.size_heap_for(n))
+    StageAttributor(ledger, model, estimator="delta-linear", diagnostics=False, show_progress=False).attribute(
+        behaviors_for()
+    )
+    assert sized == [sum(p.numel() * 4 for p in model.parameters())]
+    assert memory._THRESHOLD[0] == memory.MMAP_THRESHOLD_MIN == memory.mmap_threshold_for(sized[0])
+    assert memory.mmap_threshold_for(600_000_000) == memory.MMAP_THRESHOLD_MAX

@@ -37,7 +37,35 @@ def _libc() -> ctypes.CDLL | None:
     return _LIBC or None
 
 
-def release_freed_memory(threshold: int = 131072, collect: bool = True) -> bool:
+#: the fixed mmap threshold of :func:`release_freed_memory`: ``parameter bytes / 512`` of the model being attributed
+#: (:func:`size_heap_for`), within these bounds. Measured on SmolLM2-135M (538 MB; the recipe's ``validate``, back to
+#: back, 2 threads; BENCHMARKS.md §9): 128 KiB 149.8 s (84.8 s of CPU in the kernel: every buffer above the threshold
+#: is a fresh ``mmap`` whose pages fault in zeroed), peak RSS rise 2.90 GB, max RSS 3.96 GB; 1 MiB 119.8 s (48.4 s),
+#: 2.64 GB, 4.07 GB; 32 MiB (one run) 121.4 s, 2.78 GB, 4.22 GB. Models up to 64 MB keep 128 KiB, the threshold the
+#: memory bounds of the test suite were measured with (a 3.7M GPT-2 at 4 MiB: aa-ggn 2.3× faster, but a rise of 3.74×
+#: the parameter bytes against 2.2×, past issue 16's bound of 3).
+MMAP_THRESHOLD_MIN, MMAP_THRESHOLD_MAX = 128 << 10, 1 << 20
+_THRESHOLD = [MMAP_THRESHOLD_MIN]
+
+
+def mmap_threshold_for(parameter_bytes: int) -> int:
+    """The mmap threshold for a model of ``parameter_bytes`` (see :data:`MMAP_THRESHOLD_MIN`).
+
+    Example:
+        >>> mmap_threshold_for(14_800_000), mmap_threshold_for(538_000_000), mmap_threshold_for(28_000_000_000)
+        (131072, 1048576, 1048576)
+    """
+    return max(MMAP_THRESHOLD_MIN, min(MMAP_THRESHOLD_MAX, int(parameter_bytes) // 512))
+
+
+def size_heap_for(parameter_bytes: int) -> int:
+    """Set the threshold every later :func:`release_freed_memory` of this process fixes to the one for a model of
+    ``parameter_bytes`` (the attributor does it for the model it attributes); returns it."""
+    _THRESHOLD[0] = mmap_threshold_for(parameter_bytes)
+    return _THRESHOLD[0]
+
+
+def release_freed_memory(threshold: int | None = None, collect: bool = True) -> bool:
     """Make glibc hand freed buffers back to the system instead of keeping them in its heap.
 
     Attribution allocates and frees model-sized buffers one after another (a stage's embedding, a JVP's activations);
@@ -45,7 +73,8 @@ def release_freed_memory(threshold: int = 131072, collect: bool = True) -> bool:
     the process's resident set, so the peak RSS of later phases adds up (measured on SmolLM2-135M: the aa-linear
     read-out of one behavior rose 3.97× the parameter bytes and kept 3.13× after returning; with buffers above
     ``threshold`` bytes allocated by ``mmap``, 2.99× and 0.02×). Fixes the threshold (``mallopt(M_MMAP_THRESHOLD)``,
-    process-wide) and trims the heap now; ``HF_STAGE_ATTRIBUTION_KEEP_MALLOC=1`` opts out. Returns whether it
+    process-wide; default: the one :func:`size_heap_for` set, 128 KiB unless a larger model is attributed) and trims
+    the heap now; ``HF_STAGE_ATTRIBUTION_KEEP_MALLOC=1`` opts out. Returns whether it
     applied (False off glibc).
 
     First it runs Python's cyclic garbage collector: what an estimator leaves behind in reference cycles (a finished
@@ -62,7 +91,7 @@ def release_freed_memory(threshold: int = 131072, collect: bool = True) -> bool:
     lib = _libc()
     if lib is None:
         return False
-    lib.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    lib.mallopt(_M_MMAP_THRESHOLD, int(_THRESHOLD[0] if threshold is None else threshold))
     lib.mallopt(_M_TRIM_THRESHOLD, 0)  # free() then returns the heap's free top at once (beyond glibc's top pad)
     return trim_heap()
 
