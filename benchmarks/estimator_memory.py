@@ -8,7 +8,8 @@ subprocess per estimator loads the model and the ledger, warms up (lazy imports 
 baseline), measures one training step of a stage (a fresh model copy, its AdamW, one forward+backward+optimizer
 step: the peak rise is ``train_step_rise``), releases it, takes the RSS as the baseline and runs
 ``StageAttributor(..., estimator=name, diagnostics=False).attribute(...)`` from an empty embedding cache
-(``validate`` runs the default estimator with ``validate=True``).
+(``validate`` runs the default estimator with ``validate=True``). With ``--pair-readouts`` (the CI test) ``aa-ggn-fd``
+and ``aa-hvp-fd`` run in their base row's process instead, from the embeddings it cached (:func:`measure_pair`).
 
 The figure is ``(VmHWM − baseline) / parameter bytes``; issue 16's bound is 3. Rows that replay (``replay``,
 ``partial-replay*``, ``validate``) have the bound "what one training step of the stage needs, plus one model copy":

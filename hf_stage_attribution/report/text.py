@@ -547,9 +547,7 @@ def _replay_in(report: AttributionReport, name: str) -> str:
     """``"all"`` (replay values in every row of ``name``, or its verdict rests on replay run apart), ``"some"`` or
     ``"none"``."""
     rows = report.rows_for(name)
-    if all(r.replay_effect is not None for r in rows):
-        return "all"
-    if "replay" in (report.trust(name).get("evidence") or {}):
+    if all(r.replay_effect is not None for r in rows) or _verdict_rests_on_replay(report, name):
         return "all"
     return "some" if any(r.replay_effect is not None for r in rows) else "none"
 
@@ -579,9 +577,14 @@ def replay_note(report: AttributionReport) -> str:
     )
 
 
+def _verdict_rests_on_replay(report: AttributionReport, name: str) -> bool:
+    """Whether replay run apart from the attribution (``report.verify_with_replay``) decided ``name``'s verdict."""
+    return "replay" in (report.trust(name).get("evidence") or {})
+
+
 def _checked_by_replay(report: AttributionReport) -> bool:
     """Whether replay run apart from the attribution (``report.verify_with_replay``) already decided a verdict."""
-    return any("replay" in (report.trust(b.name).get("evidence") or {}) for b in report.behaviors)
+    return any(_verdict_rests_on_replay(report, b.name) for b in report.behaviors)
 
 
 def replay_work(needs: dict[str, Any]) -> str:
