@@ -41,7 +41,8 @@ def _libc() -> ctypes.CDLL | None:
 #: (:func:`size_heap_for`), within these bounds. Measured on SmolLM2-135M (538 MB; the recipe's ``validate``, back to
 #: back, 2 threads; BENCHMARKS.md §9): 128 KiB 149.8 s (84.8 s of CPU in the kernel: every buffer above the threshold
 #: is a fresh ``mmap`` whose pages fault in zeroed), peak RSS rise 2.90 GB, max RSS 3.96 GB; 1 MiB 119.8 s (48.4 s),
-#: 2.64 GB, 4.07 GB; 32 MiB (one run) 121.4 s, 2.78 GB, 4.22 GB. Models up to 64 MB keep 128 KiB, the threshold the
+#: 2.64 GB, 4.07 GB (a third run 126.4 s, 3.02 GB, 4.08 GB: the rise varies by run); 32 MiB (one run) 121.4 s,
+#: 2.78 GB, 4.22 GB. Models up to 64 MB keep 128 KiB, the threshold the
 #: memory bounds of the test suite were measured with (a 3.7M GPT-2 at 4 MiB: aa-ggn 2.3× faster, but a rise of 3.74×
 #: the parameter bytes against 2.2×, past issue 16's bound of 3).
 MMAP_THRESHOLD_MIN, MMAP_THRESHOLD_MAX = 128 << 10, 1 << 20
