@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 
 import torch
 
@@ -53,6 +54,25 @@ def file_identity(path: str | os.PathLike) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_size, st.st_mtime_ns, st.st_ino) if os.path.isfile(path) else None
+
+
+def files_identity(paths: Iterable[str | os.PathLike]) -> tuple:
+    """Each file as its resolved path and :func:`file_identity`, sorted: equal as long as none of the files is written
+    again, replaced or removed (the key of the in-process memos of replay files, reference folders and the weights
+    beside a card).
+
+    Example:
+        >>> import tempfile
+        >>> path = tempfile.mkdtemp() + "/f"
+        >>> _ = open(path, "w").write("x")
+        >>> before = files_identity([path])
+        >>> before == files_identity([path])
+        True
+        >>> _ = open(path, "w").write("xy")
+        >>> before == files_identity([path])
+        False
+    """
+    return tuple(sorted((os.path.realpath(p), file_identity(p)) for p in paths))
 
 
 _CHUNK = 1 << 14  # elements per chunk of the checksum: 128 kB of float64 weights and temporary, whatever the size

@@ -25,14 +25,14 @@ import inspect
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._internal.distributed import replays_alone, single_process_world, world_size
-from .._internal.hashing import combine_digests, file_identity
+from .._internal.hashing import combine_digests, files_identity
 from .._internal.memory import collections_of_new_objects
 from .._internal.model_state import add_autocast_wrapper, attention_switched, clean_copy, drop_accelerate_wrappers
 from .._internal.notices import harmless_warnings_ignored, library_progress_bars_off
@@ -431,15 +431,9 @@ def reward_problem(stage: Stage, reward_funcs: Any = None) -> str | None:
 _VERIFIED_REFERENCES: dict[tuple, str] = {}
 
 
-def _files_identity(paths: Iterable[Path]) -> tuple:
-    """Each file as its resolved path, size, modification time in ns and inode (None for a missing one), sorted: a
-    file written again, replaced or removed changes it."""
-    return tuple(sorted((str(path.resolve()), file_identity(path)) for path in paths))
-
-
 def _folder_identity(path: Path) -> tuple:
-    """A folder as its resolved path and the :func:`_files_identity` of the files in it."""
-    return (str(path.resolve()), _files_identity(f for f in path.iterdir() if f.is_file()))
+    """A folder as its resolved path and the :func:`files_identity` of the files in it."""
+    return (str(path.resolve()), files_identity(f for f in path.iterdir() if f.is_file()))
 
 
 def load_recorded_reference(ref: dict, attention: str | None = None) -> Any:
@@ -651,7 +645,7 @@ def recorded_attention(stage: Any, model: Any) -> Iterator[None]:
         yield
 
 
-#: the :func:`_files_identity` of each stage's replay files that hashed as ``ledger.json`` recorded in this process (a
+#: the :func:`files_identity` of each stage's replay files that hashed as ``ledger.json`` recorded in this process (a
 #: default attribution replays a stage several times; an edited or replaced file changes its identity: hashed again)
 _VERIFIED_REPLAY_DATA: set[tuple] = set()
 
@@ -665,7 +659,7 @@ def replay_files_problem(stage: Stage) -> str | None:
     files = [path for path, _ in stage.recorded_files("replay/")] if hasattr(stage, "recorded_files") else []
     if not files:
         return None
-    identity = _files_identity(files)
+    identity = files_identity(files)
     if identity in _VERIFIED_REPLAY_DATA:
         return None
     path = stage.changed_file("replay/")

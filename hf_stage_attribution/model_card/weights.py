@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._internal.hashing import combine_digests, file_identity, tensor_digest
+from .._internal.hashing import combine_digests, files_identity, tensor_digest
 from ..errors import LedgerFormatError, ModelCardError
 from ..ledger.storage import open_safetensors
 
@@ -121,10 +121,7 @@ def check_card_weights(folder: str | Path, ledger: Mapping[str, Any] | None) -> 
     files = weight_files(folder)
     if not files or not isinstance(digests, Mapping) or not digests:
         return None
-    key = (
-        tuple((str(p.resolve()), file_identity(p)) for p in files),
-        combine_digests({str(k): str(v) for k, v in digests.items()}),
-    )
+    key = (files_identity(files), combine_digests({str(k): str(v) for k, v in digests.items()}))
     if key in _CHECKED:
         found = copy.deepcopy(_CHECKED[key])
         found.folder = folder
@@ -146,7 +143,7 @@ def check_card_weights(folder: str | Path, ledger: Mapping[str, Any] | None) -> 
                     check.unchecked_dtypes.add(_DTYPE_NAMES.get(dtype, dtype.lower()))
         except LedgerFormatError:
             check.unreadable.append(path.name)
-    if all(identity == file_identity(Path(name)) for name, identity in key[0]):  # nothing was written meanwhile
+    if files_identity(files) == key[0]:  # nothing was written meanwhile
         _CHECKED[key] = copy.deepcopy(check)
     return check
 
