@@ -26,6 +26,7 @@ from ._internal.hashing import values_checksum
 from ._internal.memory import release_freed_memory, size_heap_for
 from ._internal.model_state import attention_switched, swapped_parameters, without_accelerate_wrapper
 from ._internal.notices import notice
+from ._internal.params import rounded_digests
 from ._internal.precision import float32_working_model, half_precision_dtype, precision_description
 from ._internal.reuse import reusing_replays
 from .behaviors import as_behavior
@@ -228,6 +229,7 @@ class StageAttributor:
             self.ledger.check_model(model)
         self._user_model = model
         self._checked = (self.ledger.fingerprint, _fingerprint(model))
+        self._rounded: dict[str, dict[str, str]] | None = None  # the model's rounded digests (_rounded_digests)
         #: the report's note when the model's weights are half precision (the attribution then runs on a float32 copy)
         self.precision_note = ""
         half = half_precision_dtype(model)
@@ -391,6 +393,8 @@ class StageAttributor:
         first = next(iter(results.values()))
         fidelity = self._fidelity(results, replay, stage_names) if validate else None
         ledger = ledger_summary(self.ledger)
+        if ledger.get("final_digests"):  # a card beside a bfloat16/float16 save of this model can check it too
+            ledger["final_digests_rounded"] = self._rounded_digests(ledger["final_digests"])
         if not replay:  # what would settle the verdicts: the card and the CLI say it (report.ledger["replay_needs"])
             needs = replay_needs(
                 self.ledger, [s.index for s in stage_objs], self.stage_fns, self.ref_models, self.reward_funcs
@@ -461,6 +465,13 @@ class StageAttributor:
         if (name != DEFAULT_SECOND_OPINION or self.second_opinion != "auto") and self.state.is_main_process:
             notice(f"trust verdicts: {reason}")
         return name
+
+    def _rounded_digests(self, recorded: dict[str, str]) -> dict[str, dict[str, str]]:
+        """The digests of the user's model rounded to bfloat16 and float16, for the tensors that are the recorded final
+        model (``_internal/params.rounded_digests``; at 135M parameters about 2 s, so once per checked model)."""
+        if self._rounded is None:
+            self._rounded = rounded_digests(self._user_model, recorded)
+        return self._rounded
 
     def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:
         resolve = getattr(self.estimator, "resolve", None)

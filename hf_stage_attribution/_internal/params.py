@@ -306,6 +306,34 @@ def state_digests(model: torch.nn.Module) -> dict[str, str]:
     return {name: tensor_digest(t) for name, t in iter_merged_state(model)}
 
 
+#: the dtypes a ``save_pretrained`` commonly rounds float32 weights to for publishing (``model.to(torch.bfloat16)``)
+ROUNDED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def rounded_digests(model: torch.nn.Module, recorded: dict[str, str]) -> dict[str, dict[str, str]]:
+    """``{dtype name: {name: digest}}`` of the effective parameters of ``model`` rounded to each of
+    :data:`ROUNDED_DTYPES`, for the tensors whose float32 digest is the ``recorded`` one (the others are left out:
+    their rounding would describe another model). A model card's weights check compares weights saved in half
+    precision with them (``model_card/weights.py``): the digest of a bfloat16 save of the recorded float32 weights.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> rounded = rounded_digests(model, state_digests(model))
+        >>> rounded["bfloat16"]["weight"] == tensor_digest(model.weight.to(torch.bfloat16))
+        True
+        >>> rounded_digests(model, {"weight": "0" * 32})["float16"]  # not the recorded weights: nothing to round
+        {}
+    """
+    out: dict[str, dict[str, str]] = {name: {} for name in ROUNDED_DTYPES}
+    for name, value in iter_merged_state(model):
+        if recorded.get(name) != tensor_digest(value):
+            continue
+        for dtype_name, dtype in ROUNDED_DTYPES.items():
+            out[dtype_name][name] = tensor_digest(value.to(dtype))
+    return out
+
+
 def floating_buffer_digests(model: torch.nn.Module) -> dict[str, str]:
     """Per-buffer digests of the floating-point buffers (BatchNorm running statistics, rotary caches), by name.
 

@@ -7,10 +7,16 @@ trained further without recording, a report of another run) would publish claims
 :func:`check_card_weights` reads the folder's ``model.safetensors`` (or its ``model-XXXXX-of-YYYYY.safetensors``
 shards) tensor by tensor and compares every tensor whose name the report knows with the recorded digest.
 
-What it cannot check, it says so rather than guess: tensors saved in half precision that do not hash as recorded
-(a bfloat16 ``save_pretrained`` of float32 weights rounds every value, so its digest differs without any training;
-weights that were half precision when recorded, such as an imported bfloat16 checkpoint, do hash as recorded), a
-folder with only a PEFT adapter (``adapter_model.safetensors``: the base weights are elsewhere) or only
+Weights saved in half precision (``model.to(torch.bfloat16).save_pretrained(...)`` of float32 weights, as models are
+often published) round every value, so they hash otherwise without any training: they are compared with
+``report.ledger["final_digests_rounded"]``, the digests of the attributed model rounded to bfloat16 and float16
+(``_internal/params.rounded_digests``; the attributor adds them, at about 2 s for 135M parameters). Weights that were
+half precision when recorded, such as an imported bfloat16 checkpoint, hash as recorded.
+
+What it cannot check, it says so rather than guess: tensors saved in half precision that match neither (the attributed
+model rounded another way, or another model: the rounded values alone cannot tell), or with no rounded digests in the
+report (built from a ledger without the model, or by a version before 2026-12-07), a folder with only a PEFT adapter
+(``adapter_model.safetensors``: the base weights are elsewhere) or only
 ``pytorch_model.bin`` (never unpickled), and a report without digests (built from effects alone, or written by a
 version before 2026-12-07).
 
@@ -53,9 +59,11 @@ ALLOW = "allow_other_weights=True (CLI: --allow-other-weights)"
 
 @dataclass
 class WeightsCheck:
-    """What :func:`check_card_weights` found in ``folder``: tensors that ``match`` the recorded digests, the names
-    that ``differ``, how many known tensors were ``unchecked`` (saved in a rounded dtype), the ``files`` read and
-    those that were ``unreadable`` (not a safetensors file this package can parse: never a reason to refuse).
+    """What :func:`check_card_weights` found in ``folder``: tensors that ``match`` the recorded digests (``rounded`` of
+    them saved in the half-precision dtypes ``rounded_dtypes`` and matching the attributed model rounded to them), the
+    names that ``differ``, how many known tensors were ``unchecked`` (saved in a rounded dtype that could not be
+    compared), the ``files`` read and those that were ``unreadable`` (not a safetensors file this package can parse:
+    never a reason to refuse).
 
     Example:
         >>> WeightsCheck(Path("m"), ["model.safetensors"], matched=3).summary()
@@ -65,6 +73,8 @@ class WeightsCheck:
     folder: Path
     files: list[str]
     matched: int = 0
+    rounded: int = 0
+    rounded_dtypes: set[str] = field(default_factory=set)
     differ: list[str] = field(default_factory=list)
     unchecked: int = 0
     unchecked_dtypes: set[str] = field(default_factory=set)
@@ -90,7 +100,11 @@ class WeightsCheck:
                 else unread or "no tensor there has the name of an attributed parameter"
             )
             return f"the weights beside the card could not be checked against the attributed model ({why})"
-        extra = f"; {self.unchecked} more saved in another dtype were not checked" if self.unchecked else ""
+        extra = ""
+        if self.rounded:
+            dtypes = ", ".join(sorted(self.rounded_dtypes))
+            extra = f" ({self.rounded} saved as {dtypes}: compared with the attributed model rounded to {dtypes})"
+        extra += f"; {self.unchecked} more saved in another dtype were not checked" if self.unchecked else ""
         extra += f"; {unread}" if unread else ""
         return (
             f"the weights beside the card are the attributed model: {self.matched} of {self.checked} tensors match "
@@ -121,7 +135,12 @@ def check_card_weights(folder: str | Path, ledger: Mapping[str, Any] | None) -> 
     files = weight_files(folder)
     if not files or not isinstance(digests, Mapping) or not digests:
         return None
-    key = (files_identity(files), combine_digests({str(k): str(v) for k, v in digests.items()}))
+    rounded = _rounded_digests((ledger or {}).get("final_digests_rounded"))
+    key = (
+        files_identity(files),
+        combine_digests({str(k): str(v) for k, v in digests.items()}),
+        tuple((dtype, combine_digests(values)) for dtype, values in sorted(rounded.items())),
+    )
     if key in _CHECKED:
         found = copy.deepcopy(_CHECKED[key])
         found.folder = folder
@@ -134,13 +153,19 @@ def check_card_weights(folder: str | Path, ledger: Mapping[str, Any] | None) -> 
                 if name not in digests:
                     continue
                 dtype, _ = reader.info(name)
-                if tensor_digest(reader.get_tensor(name)) == digests[name]:
+                found = tensor_digest(reader.get_tensor(name))
+                dtype_name = _DTYPE_NAMES.get(dtype, dtype.lower())
+                if found == digests[name]:
                     check.matched += 1
                 elif dtype in ("F32", "F64"):
                     check.differ.append(name)
-                else:  # rounded: another value may be the recorded one rounded, or another model's
+                elif found == rounded.get(dtype_name, {}).get(name):  # the attributed model, rounded for the save
+                    check.matched += 1
+                    check.rounded += 1
+                    check.rounded_dtypes.add(dtype_name)
+                else:  # rounded otherwise: another value may be the recorded one rounded, or another model's
                     check.unchecked += 1
-                    check.unchecked_dtypes.add(_DTYPE_NAMES.get(dtype, dtype.lower()))
+                    check.unchecked_dtypes.add(dtype_name)
         except LedgerFormatError:
             check.unreadable.append(path.name)
     if files_identity(files) == key[0]:  # nothing was written meanwhile
@@ -173,3 +198,16 @@ def weights_note(check: WeightsCheck | None) -> str | None:
 
 
 _DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16"}
+
+
+def _rounded_digests(value: Any) -> dict[str, dict[str, str]]:
+    """``report.ledger["final_digests_rounded"]`` as ``{dtype name: {tensor name: digest}}`` of strings; anything
+    else in a report read from disk (hand-edited, another version) is no rounded digest, not an error: those tensors
+    are then only unchecked."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {
+        str(dtype): {str(k): str(v) for k, v in values.items()}
+        for dtype, values in value.items()
+        if isinstance(values, Mapping)
+    }

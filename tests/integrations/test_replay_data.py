@@ -31,6 +31,22 @@ def _trainer_with_lm_collator(model, out, callbacks):
     return Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=callbacks)
 
 
+def _trainer_grouped_by_length(model, out, callbacks):
+    """Batches of similar lengths (``train_sampling_strategy="group_by_length"``, transformers 5's name for
+    ``group_by_length=True``): the replay rebuilds the same LengthGroupedSampler from the recorded arguments."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer
+
+    from hf_stage_attribution.testing.lm import toy_corpus
+
+    tok = F.tokenizer()
+    texts = [t * (1 + i % 4) for i, t in enumerate(toy_corpus(0).clean[:48])]  # lengths that differ
+    data = Dataset.from_dict(dict(tok(texts, truncation=True, max_length=48)))
+    args = F.training_args(out, max_steps=3, per_device_train_batch_size=8, train_sampling_strategy="group_by_length")
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    return Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=callbacks)
+
+
 def _sft(model, out, callbacks):
     from trl import SFTConfig, SFTTrainer
 
@@ -89,12 +105,13 @@ def _record(tmp_path, make, name="stage"):
     ("make", "extra"),
     [
         (_trainer_with_lm_collator, {}),
+        (_trainer_grouped_by_length, {}),
         (_sft, {}),
         (_kto, {}),
         (_dpo_precomputed, {}),
         (_grpo, {"reward_funcs": [reward_length]}),
     ],
-    ids=["trainer-lm-collator", "sft", "kto", "dpo-precomputed", "grpo"],
+    ids=["trainer-lm-collator", "trainer-group-by-length", "sft", "kto", "dpo-precomputed", "grpo"],
 )
 def test_replay_from_the_same_start_reproduces_the_recorded_end(tmp_path, make, extra, capsys):
     from hf_stage_attribution.integrations.replay import replay_trainer_stage
@@ -107,7 +124,8 @@ def test_replay_from_the_same_start_reproduces_the_recorded_end(tmp_path, make, 
     assert stage.info["replay"]["bytes"] == sum(f.stat().st_size for f in stage.replay_dir.rglob("*") if f.is_file())
     info = json.loads((stage.replay_dir / "replay.json").read_text())
     assert info["config"]["module"].startswith(("trl.", "transformers.")) and info["dataset"]["num_rows"] > 0
-    saved = "collator_tokenizer" if make is _trainer_with_lm_collator else "processing_class"
+    plain = make in (_trainer_with_lm_collator, _trainer_grouped_by_length)
+    saved = "collator_tokenizer" if plain else "processing_class"
     assert (stage.replay_dir / saved / "tokenizer.json").exists()
     assert not any(p.suffix in (".pkl", ".pickle", ".bin") for p in stage.replay_dir.rglob("*"))
     replayed = replay_trainer_stage(stage, start, **extra)

@@ -90,6 +90,45 @@ def test_weights_that_cannot_be_compared_are_said_so_and_the_card_is_written(tmp
     assert write_model_card(report, adapter, plot=False).weights is None
 
 
+def test_weights_published_in_half_precision_match_the_attributed_model_rounded(tmp_path):
+    """A model attributed in float32 and saved in bfloat16 or float16 (as models are often published): the
+    attributor's report carries the attributed model's rounded digests, and the card's check compares with them."""
+    from hf_stage_attribution import StageAttributor
+
+    model, built = _recorded(tmp_path)
+    ids = torch.randint(0, 32, (2, 8))
+
+    def loss(m):
+        with torch.no_grad():
+            return m(input_ids=ids, labels=ids).loss.reshape(1)
+
+    report = StageAttributor(StageLedger.load(tmp_path / "ledger"), model, estimator="delta-fd", show_progress=False)
+    report = report.attribute({"loss": loss})
+    rounded = report.ledger["final_digests_rounded"]
+    assert set(rounded) == {"bfloat16", "float16"} and set(rounded["bfloat16"]) == set(report.ledger["final_digests"])
+    assert "final_digests_rounded" not in built.ledger  # a report built from effects alone has no model to round
+    n = len(report.ledger["final_digests"])
+
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        folder = tmp_path / name
+        copy_ = type(model)(model.config)
+        copy_.load_state_dict(model.state_dict())
+        copy_.to(dtype).save_pretrained(folder)
+        files = write_model_card(report, folder, plot=False)
+        assert (files.weights.matched, files.weights.rounded, files.weights.unchecked) == (n, n, 0)
+        assert files.weights.summary().endswith(f"({n} saved as {name}: compared with the attributed model rounded "
+                                                f"to {name})")  # fmt: skip
+        again = AttributionReport.from_json(files.sidecar)  # the sidecar keeps the rounded digests
+        assert check_card_weights(folder, again.ledger).rounded == n
+        assert check_card_weights(folder, built.ledger).unchecked == n  # without them: only unchecked, as before
+
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.add_(1e-2)  # trained further, then published in bfloat16
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "later")
+    check = check_card_weights(tmp_path / "later", report.ledger)
+    assert (check.matched, check.rounded, check.unchecked) == (n - 1, n - 1, 1)  # not called a match
+
+
 def test_a_report_without_digests_is_not_checked(tmp_path):
     model, _ = _recorded(tmp_path)
     folder = tmp_path / "model"
