@@ -468,9 +468,10 @@ class StageAttributor:
 
     def _rounded_digests(self, recorded: dict[str, str]) -> dict[str, dict[str, str]]:
         """The digests of the user's model rounded to bfloat16 and float16, for the tensors that are the recorded final
-        model (``_internal/params.rounded_digests``; at 135M parameters about 2 s, so once per checked model)."""
+        model (``_internal/params.rounded_digests``: a half-precision model's own tensors where ``check_model``
+        checked them; at 135M parameters about 2 s, so once per checked model)."""
         if self._rounded is None:
-            self._rounded = rounded_digests(self._user_model, recorded)
+            self._rounded = rounded_digests(self._user_model, recorded, half_checked=self.check_model)
         return self._rounded
 
     def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:

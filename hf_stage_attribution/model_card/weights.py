@@ -9,8 +9,9 @@ shards) tensor by tensor and compares every tensor whose name the report knows w
 
 Weights saved in half precision (``model.to(torch.bfloat16).save_pretrained(...)`` of float32 weights, as models are
 often published) round every value, so they hash otherwise without any training: they are compared with
-``report.ledger["final_digests_rounded"]``, the digests of the attributed model rounded to bfloat16 and float16
-(``_internal/params.rounded_digests``; the attributor adds them, at about 2 s for 135M parameters). Weights that were
+``report.ledger["final_digests_rounded"]``, the digests of the attributed model rounded to bfloat16 and float16 (of
+a half-precision model attributed itself, its own tensors; ``_internal/params.rounded_digests``: the attributor adds
+them, at about 2 s for 135M parameters). Weights that were
 half precision when recorded, such as an imported bfloat16 checkpoint, hash as recorded.
 
 What it cannot check, it says so rather than guess: tensors saved in half precision that match neither (the attributed

@@ -122,6 +122,20 @@ def test_weights_published_in_half_precision_match_the_attributed_model_rounded(
         assert check_card_weights(folder, again.ledger).rounded == n
         assert check_card_weights(folder, built.ledger).unchecked == n  # without them: only unchecked, as before
 
+    # the published bfloat16 model attributed itself: checked against the float32 record to a rounding step
+    half = type(model)(model.config)
+    half.load_state_dict(model.state_dict())
+    half.to(torch.bfloat16).save_pretrained(tmp_path / "half")
+    for checked, expected in ((True, n), (False, 0)):
+        attributor = StageAttributor(
+            StageLedger.load(tmp_path / "ledger"), half, estimator="delta-fd", show_progress=False, check_model=checked
+        )
+        ledger = attributor.attribute({"loss": loss}).ledger
+        assert (len(ledger["final_digests_rounded"]["bfloat16"]), ledger["final_digests_rounded"]["float16"]) == (
+            expected, {}
+        )  # fmt: skip
+        assert check_card_weights(tmp_path / "half", ledger).rounded == expected  # unchecked model: not vouched for
+
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.add_(1e-2)  # trained further, then published in bfloat16
     model.to(torch.bfloat16).save_pretrained(tmp_path / "later")
