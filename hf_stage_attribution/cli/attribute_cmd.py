@@ -20,6 +20,7 @@ from ..ledger import StageLedger
 from ..report import REPORT_FORMAT
 from ..report.files import atomic_write_bytes
 from ..report.text import render_fidelity_table
+from .commands import command_help
 from .console import Console
 
 
@@ -143,7 +144,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "attribute",
-        help="Estimate each stage's effect on each behavior.",
+        help=command_help("attribute"),
         description="Estimate each stage's effect on each behavior (positive = the stage raised it).",
     )
     _common(p)
@@ -155,7 +156,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, validate=False)
     v = sub.add_parser(
         "validate",
-        help="Compare an estimator with replayed training (fidelity figures).",
+        help=command_help("validate"),
         description="Run the estimator and replay (the ground truth) and print fidelity figures.",
     )
     _common(v)

@@ -8,12 +8,13 @@ from pathlib import Path
 from ..errors import ReportError
 from ..model_card import write_model_card
 from ..report.attribution import AttributionReport
+from .commands import command_help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "card",
-        help="Write (or refresh) the accountability section of a model card.",
+        help=command_help("card"),
         description="Write the 'Accountability: training-stage attribution' section of README.md from a report, "
         "with the whole report (stage_attribution.json) and its plot (stage_attribution.png) beside the card.",
     )

@@ -24,13 +24,14 @@ from ..examples.spurious_digits import build_spurious_digits, demo_behaviors, ma
 from ..model_card import write_model_card
 from ..report.attribution import AttributionReport
 from ..report.text import render_fidelity_table
+from .commands import command_help
 from .console import Console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="Train, record, attribute, validate and publish two tiny pipelines (offline).",
+        help=command_help("demo"),
         description="Run the offline demo: an LM pipeline and a digits classifier with a spurious feature.",
     )
     p.add_argument(

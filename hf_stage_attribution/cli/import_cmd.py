@@ -24,6 +24,7 @@ from typing import Any
 from .._internal.table import render_table
 from ..checkpoints.importer import import_checkpoints
 from ..checkpoints.spec import load_spec
+from .commands import command_help
 
 HEADERS = ["#", "name", "kind", "from", "steps", "optimizer", "estimators"]
 
@@ -31,7 +32,7 @@ HEADERS = ["#", "name", "kind", "from", "steps", "optimizer", "estimators"]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "import-checkpoints",
-        help="Build a ledger from published checkpoints (Hub revisions, local or Trainer folders, adapters).",
+        help=command_help("import-checkpoints"),
         description=(
             "Build a ledger from an ordered list of checkpoints: Hub repos/revisions (online, or from the local cache "
             "with HF_HUB_OFFLINE=1), local folders, Trainer output directories and PEFT adapters. The first entry "

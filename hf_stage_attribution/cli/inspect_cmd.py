@@ -13,6 +13,7 @@ from ..ledger import StageLedger
 from ..ledger.storage import lock_holder
 from ..ledger.summary import ledger_summary
 from ..report.text import replay_work
+from .commands import command_help
 
 HEADERS = [
     "#",
@@ -31,9 +32,7 @@ HEADERS = [
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inspect", help="Show the stages recorded in a ledger.", description="Show the stages recorded in a ledger."
-    )
+    p = sub.add_parser("inspect", help=command_help("inspect"), description="Show the stages recorded in a ledger.")
     p.add_argument("ledger_dir", metavar="LEDGER_DIR", help="directory holding ledger.json")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     p.add_argument(

@@ -17,6 +17,7 @@ from ..interventions.sweep import check_alphas, resolve_stage, scale_stage
 from ..ledger import StageLedger
 from ..model_card import derived_card_text
 from .attribute_cmd import check_output_dir, load_cli_model
+from .commands import command_help
 from .console import Console
 
 DEFAULT_ALPHAS = "0.25,0.5,0.75,1.0"
@@ -25,7 +26,7 @@ DEFAULT_ALPHAS = "0.25,0.5,0.75,1.0"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "intervene",
-        help="Scale a stage's contribution down (θ_K − α·v_k) and measure target vs. utility.",
+        help=command_help("intervene"),
         description=(
             "For the stage --stage, evaluate θ_K − α·v_k for each α (and θ_K − α·Δ_k for comparison, and the "
             "replay-without-stage model when the ledger holds replay data) on the target behavior and the utility "

@@ -10,35 +10,49 @@ from .._internal.distributed import close_process_group, process_group_initializ
 from .._internal.memory import is_out_of_memory, out_of_memory_message
 from .._version import __version__
 from ..errors import StageAttributionError
+from .commands import COMMANDS, SUBCOMMANDS, command_help, command_module
 from .console import quiet_console
 
-# Each module defines `register(subparsers)` adding one sub-command whose handler is `args.func(args) -> int`.
-SUBCOMMANDS = [
-    "hf_stage_attribution.cli.inspect_cmd",
-    "hf_stage_attribution.cli.import_cmd",
-    "hf_stage_attribution.cli.attribute_cmd",
-    "hf_stage_attribution.cli.card_cmd",
-    "hf_stage_attribution.cli.demo_cmd",
-    "hf_stage_attribution.cli.intervene_cmd",
-]
+#: build_parser's default: every command's module, with all their arguments (what the tests and the docs inspect)
+ALL = "*"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
+    """The parser of ``hf-stage-attribution``: with ``command`` (a command name, as :func:`command_in` finds it),
+    only that command's module is imported and registered whole, the others are listed by their help line
+    (:data:`~.commands.COMMANDS`); ``None`` (no command given) lists them all; :data:`ALL` registers every module.
+    Each module defines ``register(subparsers)`` adding its sub-command(s), whose handler is
+    ``args.func(args) -> int``."""
     parser = argparse.ArgumentParser(
         prog="hf-stage-attribution",
         description="Which training stage is accountable for a model's behavior, and by how much.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in SUBCOMMANDS:
+    modules = SUBCOMMANDS if command == ALL else [command_module(command)] if command in COMMANDS else []
+    for module_name in modules:
         importlib.import_module(module_name).register(sub)
-    for command in sub.choices.values():
-        command.add_argument(
+    for name in COMMANDS:  # the commands not imported: their line in the listing (an unknown name is refused)
+        if name not in sub.choices:
+            sub.add_parser(name, help=command_help(name))
+    for command_parser in sub.choices.values():
+        command_parser.add_argument(
             "--verbose",
             action="store_true",
             help="show third-party training logs, progress bars and warnings (hidden by default)",
         )
     return parser
+
+
+def command_in(argv: list[str]) -> str | None:
+    """The command ``argv`` names: its first word that is not an option (the top-level options, ``--help`` and
+    ``--version``, take no value), or None.
+
+    Example:
+        >>> command_in(["card", "report", "--readme", "m"]), command_in(["--help"])
+        ('card', None)
+    """
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _version() -> str:
@@ -47,7 +61,8 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_in(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -74,6 +74,9 @@ def test_out_of_memory_errors_become_one_line_cli_errors(monkeypatch, capsys):
         raise oom
 
     class Parser:  # the real sub-command parsing, with a handler that runs out of memory
+        def __init__(self, command=None):
+            assert command == "validate"  # main builds the parser of the command it is given
+
         def parse_args(self, argv):
             return argparse.Namespace(func=boom, command="validate", verbose=False)
 
