@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 SUBCOMMANDS = list(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
 
+#: the commands that use neither transformers nor datasets: the quiet console does not import them to quiet them
+WITHOUT_TRAINING_LIBRARIES = frozenset({"card", "inspect"})
+
+
 def command_module(name: str) -> str:
     """The module that defines command ``name``."""
     return COMMANDS[name][0]

@@ -46,15 +46,17 @@ class _Libraries:
     def __init__(self) -> None:
         self.restore: list[Any] = []
 
-    def quiet(self) -> None:
-        import datasets
+    def quiet(self, training_libraries: bool = True) -> None:
         import huggingface_hub.utils as hub_utils
-        import transformers.utils.logging as tf_logging
 
-        self.restore.append((tf_logging.set_verbosity, tf_logging.get_verbosity()))
-        tf_logging.set_verbosity_error()
-        self.restore.append((datasets.utils.logging.set_verbosity, datasets.utils.logging.get_verbosity()))
-        datasets.utils.logging.set_verbosity_error()
+        if training_libraries:
+            import datasets
+            import transformers.utils.logging as tf_logging
+
+            self.restore.append((tf_logging.set_verbosity, tf_logging.get_verbosity()))
+            tf_logging.set_verbosity_error()
+            self.restore.append((datasets.utils.logging.set_verbosity, datasets.utils.logging.get_verbosity()))
+            datasets.utils.logging.set_verbosity_error()
         self.restore.append((hub_utils.logging.set_verbosity, hub_utils.logging.get_verbosity()))
         hub_utils.logging.set_verbosity_error()  # "Repo card metadata block was not found…"
         if not hub_utils.are_progress_bars_disabled():
@@ -68,16 +70,19 @@ class _Libraries:
 
 
 @contextlib.contextmanager
-def quiet_console(verbose: bool = False) -> Iterator[None]:
+def quiet_console(verbose: bool = False, training_libraries: bool = True) -> Iterator[None]:
     """Third-party logs, progress bars and known-harmless warnings off inside the block (nothing changes with
-    ``verbose=True``); the previous settings come back on exit."""
+    ``verbose=True``); the previous settings come back on exit. ``training_libraries=False``: a command that uses
+    neither transformers nor datasets (``card``, ``inspect``) leaves them alone instead of importing them (3 s) to
+    quiet them."""
     if verbose:
         yield
         return
     libraries = _Libraries()
-    with harmless_warnings_ignored(), library_progress_bars_off():
+    bars = library_progress_bars_off() if training_libraries else contextlib.nullcontext()
+    with harmless_warnings_ignored(), bars:
         try:
-            libraries.quiet()
+            libraries.quiet(training_libraries)
             with held_back():  # routine notices (a stage's projected ledger size): --verbose shows them
                 yield
         finally:
