@@ -10,7 +10,7 @@ from .._internal.distributed import close_process_group, process_group_initializ
 from .._internal.memory import is_out_of_memory, out_of_memory_message
 from .._version import __version__
 from ..errors import StageAttributionError
-from .commands import COMMANDS, SUBCOMMANDS, WITHOUT_TRAINING_LIBRARIES, command_help, command_module
+from .commands import COMMANDS, SUBCOMMANDS, command_help, command_module, uses_training_libraries
 from .console import quiet_console
 
 #: build_parser's default: every command's module, with all their arguments (what the tests and the docs inspect)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started_distributed = process_group_initialized()
     try:
-        with quiet_console(verbose=args.verbose, training_libraries=args.command not in WITHOUT_TRAINING_LIBRARIES):
+        with quiet_console(verbose=args.verbose, training_libraries=uses_training_libraries(args.command)):
             return int(args.func(args) or 0)
     except StageAttributionError as exc:
         print(f"hf-stage-attribution {args.command}: error: {exc}", file=sys.stderr)

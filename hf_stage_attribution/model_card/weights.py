@@ -11,15 +11,14 @@ Weights saved in half precision (``model.to(torch.bfloat16).save_pretrained(...)
 often published) round every value, so they hash otherwise without any training: they are compared with
 ``report.ledger["final_digests_rounded"]``, the digests of the attributed model rounded to bfloat16 and float16 (of
 a half-precision model attributed itself, its own tensors; ``_internal/params.rounded_digests``: the attributor adds
-them, at about 2 s for 135M parameters). Weights that were
-half precision when recorded, such as an imported bfloat16 checkpoint, hash as recorded.
+them, at about 2 s for 135M parameters). Weights that were half precision when recorded, such as an imported bfloat16
+checkpoint, hash as recorded.
 
 What it cannot check, it says so rather than guess: tensors saved in half precision that match neither (the attributed
 model rounded another way, or another model: the rounded values alone cannot tell), or with no rounded digests in the
 report (built from a ledger without the model, or by a version before 2026-12-07), a folder with only a PEFT adapter
-(``adapter_model.safetensors``: the base weights are elsewhere) or only
-``pytorch_model.bin`` (never unpickled), and a report without digests (built from effects alone, or written by a
-version before 2026-12-07).
+(``adapter_model.safetensors``: the base weights are elsewhere) or only ``pytorch_model.bin`` (never unpickled), and
+a report without digests (built from effects alone, or written by a version before 2026-12-07).
 
 Example:
     >>> import tempfile, torch

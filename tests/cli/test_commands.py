@@ -45,12 +45,12 @@ def test_the_command_table_is_what_the_modules_register():
         return {c.dest: c.help for c in action._choices_actions}
 
     full = listing(build_parser())
-    assert full == {name: help_ for name, (_, help_) in COMMANDS.items()}
+    assert full == {name: command.help for name, command in COMMANDS.items()}
     assert listing(build_parser("card")) == full and listing(build_parser(None)) == full
     for name in COMMANDS:  # the module the table names registers the command whole (a listed one has no description)
         choices = next(a for a in build_parser(name)._actions if a.dest == "command").choices
         assert choices[name].description and not any(choices[n].description for n in choices if n != name and
-                                                      COMMANDS[n][0] != COMMANDS[name][0])  # fmt: skip
+                                                      COMMANDS[n].module != COMMANDS[name].module)  # fmt: skip
 
 
 def test_a_command_imports_only_its_own_module():
