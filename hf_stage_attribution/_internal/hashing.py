@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterable
 
 import torch
@@ -53,7 +54,7 @@ def file_identity(path: str | os.PathLike) -> tuple[int, int, int] | None:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino) if os.path.isfile(path) else None
+    return (st.st_size, st.st_mtime_ns, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
 def files_identity(paths: Iterable[str | os.PathLike]) -> tuple:

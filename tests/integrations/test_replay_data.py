@@ -17,34 +17,31 @@ def reward_length(completions, **kwargs):
     return [len(c) / 10.0 for c in completions]
 
 
-def _trainer_with_lm_collator(model, out, callbacks):
+def _lm_trainer(model, out, callbacks, texts, max_length, **args):
     """A plain Trainer whose collator holds the tokenizer (the Trainer itself has no processing_class)."""
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer
 
-    from hf_stage_attribution.testing.lm import toy_corpus
-
     tok = F.tokenizer()
-    data = Dataset.from_dict(dict(tok(toy_corpus(0).clean[:32], truncation=True, max_length=32)))
-    args = F.training_args(out, max_steps=3, per_device_train_batch_size=8)
+    data = Dataset.from_dict(dict(tok(texts, truncation=True, max_length=max_length)))
+    args = F.training_args(out, max_steps=3, per_device_train_batch_size=8, **args)
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
     return Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=callbacks)
+
+
+def _trainer_with_lm_collator(model, out, callbacks):
+    from hf_stage_attribution.testing.lm import toy_corpus
+
+    return _lm_trainer(model, out, callbacks, toy_corpus(0).clean[:32], 32)
 
 
 def _trainer_grouped_by_length(model, out, callbacks):
     """Batches of similar lengths (``train_sampling_strategy="group_by_length"``, transformers 5's name for
     ``group_by_length=True``): the replay rebuilds the same LengthGroupedSampler from the recorded arguments."""
-    from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, Trainer
-
     from hf_stage_attribution.testing.lm import toy_corpus
 
-    tok = F.tokenizer()
     texts = [t * (1 + i % 4) for i, t in enumerate(toy_corpus(0).clean[:48])]  # lengths that differ
-    data = Dataset.from_dict(dict(tok(texts, truncation=True, max_length=48)))
-    args = F.training_args(out, max_steps=3, per_device_train_batch_size=8, train_sampling_strategy="group_by_length")
-    collator = DataCollatorForLanguageModeling(tok, mlm=False)
-    return Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=callbacks)
+    return _lm_trainer(model, out, callbacks, texts, 48, train_sampling_strategy="group_by_length")
 
 
 def _sft(model, out, callbacks):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -111,9 +113,7 @@ def test_weights_published_in_half_precision_match_the_attributed_model_rounded(
 
     for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
         folder = tmp_path / name
-        copy_ = type(model)(model.config)
-        copy_.load_state_dict(model.state_dict())
-        copy_.to(dtype).save_pretrained(folder)
+        copy.deepcopy(model).to(dtype).save_pretrained(folder)
         files = write_model_card(report, folder, plot=False)
         assert (files.weights.matched, files.weights.rounded, files.weights.unchecked) == (n, n, 0)
         assert files.weights.summary().endswith(f"({n} saved as {name}: compared with the attributed model rounded "
@@ -123,9 +123,8 @@ def test_weights_published_in_half_precision_match_the_attributed_model_rounded(
         assert check_card_weights(folder, built.ledger).unchecked == n  # without them: only unchecked, as before
 
     # the published bfloat16 model attributed itself: checked against the float32 record to a rounding step
-    half = type(model)(model.config)
-    half.load_state_dict(model.state_dict())
-    half.to(torch.bfloat16).save_pretrained(tmp_path / "half")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half.save_pretrained(tmp_path / "half")
     for checked, expected in ((True, n), (False, 0)):
         attributor = StageAttributor(
             StageLedger.load(tmp_path / "ledger"), half, estimator="delta-fd", show_progress=False, check_model=checked
