@@ -163,7 +163,7 @@ def _fidelity(results: dict[str, Any]) -> list[str]:
 def _trust(trust: dict[str, Any]) -> list[str]:
     """The trust verdicts the report would print without replay, and how often they were right (calibration)."""
     second = trust.get("second_opinion", "delta-fd")
-    second = "task-vector negation" if second == "delta-fd" else f"{second} (the attributor's second opinion)"
+    second = "task-vector negation" if second == "delta-fd" else f"{second} (the second opinion asked for)"
     out = ["Trust verdicts without replay (report/trust.py: each estimator checked against its linear/finite-"
            f"difference sibling and {second} (top stage, signs, ranking, and every stage's size within 2-fold of "
            "the second opinion's), the linearisation gap (not counted for partial replay's finite-difference "

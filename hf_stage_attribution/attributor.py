@@ -37,7 +37,7 @@ from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
 from .estimators.partial_replay import check_budget
 from .estimators.replay import check_replayable, replay_inputs, replay_needs
-from .estimators.second_opinion import DEFAULT_SECOND_OPINION, check_second_opinion
+from .estimators.second_opinion import DEFAULT_SECOND_OPINION, REPLAY, check_second_opinion
 from .estimators.selection import PARTIAL_REPLAY_BUDGET, choice_inputs
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
@@ -116,13 +116,14 @@ class StageAttributor:
         diagnostics: also compute f(θ_0) (total change, interaction residual), the paired linear/finite-difference
             estimator (linearisation gap; not with ``attribute(..., validate=True)``, where replay measures the
             estimate's error itself) and the second opinion of the trust verdicts.
-        second_opinion: what the trust verdicts check the estimate against when replay does not run: ``"auto"``
-            (:func:`estimators.choose_second_opinion`: the other replay family at the same budget for a replaying
-            estimate, where the later stages have the form it needs, else task-vector negation), ``"delta-fd"``
-            (task-vector negation: one evaluation per stage, the cheap check), or ``"strided-replay"`` /
-            ``"partial-replay"`` (that family, where it applies). A replay family re-runs every later stage, so the
-            check can cost as much as replay itself (``BENCHMARKS.md`` §8, §9): ``validate=True`` then answers the
-            question outright for about the same time.
+        second_opinion: what the trust verdicts check the estimate against (with ``diagnostics=True``): ``"auto"``
+            (:func:`estimators.choose_second_opinion`: replay itself for a replaying estimate where every later
+            stage can be re-run whole, so the attribution runs as with ``validate=True`` and the verdicts say
+            "verified by replay" or how replay disagrees; else task-vector negation), ``"delta-fd"`` (task-vector
+            negation: one evaluation per stage, the cheap check, no replay), ``"replay"`` (replay wherever it can
+            run, for any estimator), or ``"strided-replay"`` / ``"partial-replay"`` (the other replay family at
+            the same budget, where it applies). Replay as the check costs one replay beside the estimate; a replay
+            family re-runs every later stage in two branches, about as long or longer (``BENCHMARKS.md`` §8, §9).
         estimator_options: extra keyword arguments for the estimator (e.g. ``allow_identity_propagation=True``, or
             ``budget=0.1`` for partial replay); a name the estimator does not read is refused (``auto`` takes the
             options of every estimator it can pick).
@@ -289,12 +290,12 @@ class StageAttributor:
         ``stages`` limits the attribution to those stages (names or indices; one name or index alone is one stage);
         ``None`` attributes every stage.
 
-        ``validate=True`` also runs replay (the ground truth, ESTIMATORS.md §2) and adds fidelity figures.
+        ``validate=True`` also runs replay (the ground truth, ESTIMATORS.md §2) and adds fidelity figures; so does
+        the default check of a replaying estimate where every later stage can be re-run (``second_opinion``).
         Every behavior gets a trust verdict (:meth:`AttributionReport.trust`): from replay when it ran, else from
         the agreement of the estimator with its linear/finite-difference sibling and with a second opinion, both run
-        with ``diagnostics=True``: for a replaying estimate the other replay family at the same budget
-        (``partial-replay`` ↔ ``strided-replay``, where the later stages have the form it needs), else
-        task-vector negation (``delta-fd``; :func:`estimators.choose_second_opinion` says which and why). Beside a
+        with ``diagnostics=True``: task-vector negation (``delta-fd``), or the check asked for with
+        ``second_opinion`` (:func:`estimators.choose_second_opinion` says which and why). Beside a
         finite-difference estimate the sibling skips the ledger's last stage, where f(θ_K) − f(θ_K − Δ_K) is replay
         itself (``report/trust.py``). The final model is evaluated once for all of them (and for replay and the total
         change): every estimator that reads ``f(θ_K)`` is served the same values.
@@ -350,6 +351,9 @@ class StageAttributor:
         joint = _Joint(locals_, unsplit if self.state.num_processes > 1 else set())
         runs = ["main"]
         resolved = self._resolved_name(options, stage_names)
+        second = self._second_opinion(resolved, options, stage_objs, validate) if self.diagnostics else None
+        if second == REPLAY:  # replay checks the estimate: as validate=True, with task-vector negation beside it
+            validate, second = True, DEFAULT_SECOND_OPINION
         # with validate, replay decides every verdict and measures the estimate's error itself: the sibling (a
         # forward-mode pass per example beside a finite-difference estimate) is not run (SmolLM2-135M, validate:
         # 133.2 s -> 124.2 s)
@@ -360,7 +364,6 @@ class StageAttributor:
         paired_stages = [s for s in stage_names if s != last] if resolved in FD_READINGS else stage_names
         paired = paired if paired_stages else None
         runs += [paired] if paired else []
-        second = self._second_opinion(resolved, options, stage_objs, validate) if self.diagnostics else None
         if second and second not in (resolved, paired):
             runs.append(second)
         runs += ["replay"] if validate else []
@@ -447,9 +450,10 @@ class StageAttributor:
 
     def _second_opinion(self, resolved: str, options: Mapping[str, Any], stages: list[Any], validate: bool) -> str:
         """The estimator the trust verdict checks ``resolved`` against (:func:`estimators.choose_second_opinion`):
-        the other replay family for a replaying estimate, else task-vector negation. With ``validate`` replay decides
-        the verdict, so the cheap task-vector negation is run (as evidence shown beside it) instead of a second
-        replay."""
+        replay itself for a replaying estimate where every later stage can be re-run (``"replay"``: the attribution
+        then runs as with ``validate``), else task-vector negation, or the check asked for. With ``validate`` replay
+        decides the verdict, so the cheap task-vector negation is run (as evidence shown beside it) instead of a
+        second replay."""
         if validate:
             return DEFAULT_SECOND_OPINION
         budget = options.get("budget", PARTIAL_REPLAY_BUDGET)
@@ -463,7 +467,8 @@ class StageAttributor:
             **replay_inputs(options),
         )
         if (name != DEFAULT_SECOND_OPINION or self.second_opinion != "auto") and self.state.is_main_process:
-            notice(f"trust verdicts: {reason}")
+            # a replaying check costs about one replay: said even where routine notices are held back (the CLI)
+            notice(f"trust verdicts: {reason}", routine=name == DEFAULT_SECOND_OPINION)
         return name
 
     def _rounded_digests(self, recorded: dict[str, str]) -> dict[str, dict[str, str]]:

@@ -214,7 +214,10 @@ def test_partial_replay_verdict_checks_its_linear_read_out_without_replaying_aga
     without = list(replays)
     partial_replay._MEMO.clear()
     replays.clear()
-    attributor = StageAttributor(pipe.ledger, pipe.model, stage_fns=pipe.stage_fns, show_progress=False)
+    # strided replay as the check, as asked (by default replay itself checks it and no sibling runs)
+    attributor = StageAttributor(
+        pipe.ledger, pipe.model, stage_fns=pipe.stage_fns, show_progress=False, second_opinion="strided-replay"
+    )
     report = attributor.attribute(behavior)
     assert report.estimator == "partial-replay" and without and replays == without
     diag = report.diagnostics["margin_7"]
@@ -226,8 +229,8 @@ def test_partial_replay_verdict_checks_its_linear_read_out_without_replaying_aga
     assert evidence["second_opinions"]["partial-replay-linear"]["stages"] == len(pipe.ledger.stages)
     assert f"not read linearly: {last} (the last stage" in report.to_markdown()
     assert evidence["linearisation_pair"] == ["partial-replay-linear", "partial-replay"]
-    # the digits stage functions have the gradient-reuse form: strided replay is the second opinion (its own
-    # replays, counted by tests/estimators/test_second_opinion.py), task-vector negation is not needed
+    # the digits stage functions have the gradient-reuse form: strided replay is the second opinion asked for (its
+    # own replays, counted by tests/estimators/test_second_opinion.py), task-vector negation is not needed
     assert set(evidence["second_opinions"]) == {"partial-replay-linear", "strided-replay"}
     # the finite-difference reading checked by the other replay family: the gap is the linear read-out's own error,
     # shown in the evidence and not counted (report/trust.py gap_counts)

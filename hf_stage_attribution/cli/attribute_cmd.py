@@ -49,9 +49,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--second-opinion",
         default="auto",
         choices=list(SECOND_OPINIONS),
-        help="what the trust verdicts check the estimate against without replay: 'auto' (the other replay family "
-        "for a replaying estimate, else task-vector negation), 'delta-fd' (the cheap check), or a replay family; a "
-        "replay family can take as long as replay itself or longer ('validate' answers the question outright)",
+        help="what the trust verdicts check the estimate against: 'auto' (replay itself for a replaying estimate "
+        "where every later stage can be re-run, as 'validate' does; else task-vector negation), 'delta-fd' (the "
+        "cheap check, no replay), 'replay' (wherever it can run), or a replay family at the same budget (as long "
+        "as replay itself or longer)",
     )
     p.add_argument(
         "--trust-code",
@@ -408,10 +409,10 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_bytes(out / "report.md", report.to_markdown().encode("utf-8"))
         report.plot(out / "plot.png")
         if args.json:
-            print(report.to_json())  # every row carries its replay value (replay_effect) after `validate`
+            print(report.to_json())  # every row carries its replay value (replay_effect) where replay ran
         else:
             print(report.table())
-            if args.validate and report.fidelity:
+            if report.fidelity:  # validate, or replay as the default check of a replaying estimate
                 print("\nFidelity against replay:\n" + render_fidelity_table(report))
             print(f"\nReport written to {out}/report.json (markdown: report.md, plot: plot.png)")
     return 0

@@ -40,7 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="where ledgers, models, reports and cards go (default: demo_output)",
     )
     p.add_argument("--size", choices=["tiny", "demo"], default="tiny", help="LM pipeline size (default: tiny)")
-    p.add_argument("--no-validate", action="store_true", help="skip replay (no fidelity figures)")
+    p.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="skip replay: no fidelity figures; the trust verdicts check the estimates against task-vector negation",
+    )
     p.add_argument("--only", choices=["lm", "digits"], default=None, help="run one pipeline only")
     p.set_defaults(func=run)
 
@@ -178,14 +182,19 @@ def run_digits(out: Path, size: str, validate: bool, console: Console | None = N
         )
         phase.note = f"ledger: {pipe.ledger_dir}"
     behaviors = demo_behaviors(pipe)
-    attributor = StageAttributor(pipe.ledger_dir, pipe.model, stage_fns=pipe.stage_fns, show_progress=False)
+    # with these stage functions the default check of the estimate is replay itself: without validate, the cheap one
+    second_opinion = "auto" if validate else "delta-fd"
+    attributor = StageAttributor(
+        pipe.ledger_dir, pipe.model, stage_fns=pipe.stage_fns, show_progress=False, second_opinion=second_opinion
+    )
     report = _attribute(console, attributor, behaviors, validate)
     readme = pipe.model_dir / "README.md"
     _publish(report, out / "digits" / "report", readme)
     spec = write_behavior_specs([b.to_spec() for b in behaviors.values()], out / "digits" / "behaviors.json")
     how = (
         "these stages have no replay data: --stage-fn passes their training functions, as the demo did in Python, "
-        "so the estimates match the demo's; `validate` with the same arguments adds replay"
+        "so the estimates match the demo's; with them `attribute` checks the estimates against replay itself, as "
+        "`validate` does (`--second-opinion delta-fd`: the cheap check, without replay)"
     )
     _next_commands(out / "digits", pipe.ledger_dir, pipe.model_dir, spec, how, digits_stage_fn_options())
     return readme

@@ -1,8 +1,10 @@
 """The second opinion of a trust verdict (``report/trust.py``): which estimator checks the chosen one.
 
-A replaying estimate (``partial-replay``, ``strided-replay``) is checked against the other replay family at the
-same budget where the ledger allows it; every other estimate against task-vector negation (``delta-fd``). The
-attributor runs the second opinion beside the estimate when ``diagnostics=True`` and replay does not run.
+A replaying estimate (``partial-replay``, ``strided-replay``) is checked against replay itself where every stage
+replay needs can be re-run whole (the attributor then runs as with ``validate=True``: the verdicts say "verified by
+replay" or why not); every other estimate, and a replaying one that replay cannot check, against task-vector
+negation (``delta-fd``). The other replay family at the same budget is a check on request. The attributor runs the
+second opinion beside the estimate when ``diagnostics=True``.
 
 Example:
     >>> REPLAY_CHECKS["partial-replay"], REPLAY_CHECKS["strided-replay"]
@@ -17,7 +19,7 @@ from typing import Any
 from ..errors import EstimatorError
 from ..ledger.core import LedgerCore
 from .propagation.stage import trains
-from .replay import can_replay
+from .replay import can_replay, replay_needs
 from .selection import PARTIAL_REPLAY, PARTIAL_REPLAY_BUDGET
 from .strided_replay import plan_strided_replay
 
@@ -31,29 +33,41 @@ STRIDED_REPLAY = "strided-replay"
 #: replay's top stage in 23 of 32 behaviors (replay verified 15), aa-ggn's in 12 of 13 (12); before that rule, when
 #: the sibling alone could make "agree", aa-fd's were 54 of 64 (43).
 DEFAULT_SECOND_OPINION = "delta-fd"
-#: the second opinion of a replaying estimate: the other replay family at the same budget. Partial replay runs the
-#: next stage's first steps exactly and carries the rest to first order; strided replay runs every later stage with
-#: stale gradients: two estimates of the same v_k whose errors come from different places. Task-vector negation
-#: ignores how the later stages react to a removed update altogether. Measured against replay (BENCHMARKS.md §8,
-#: the default's trust verdicts over six pipelines): with strided replay as the check, "estimators agree" named
-#: replay's top stage in 44 of 44 behaviors and replay verified 41 under the size bar of "verified" (all 44 before it;
-#: the linearisation gap is then not counted, report/trust.py ``gap_counts``), with task-vector negation in 38 of 38,
-#: 31 verified (34 before the size bar).
-#: Partial replay itself at 10 % (a cheaper check: 0.16–0.54 × replay's time, where strided replay costs about one
-#: replay on these models) was measured too and not adopted: 57 of 59 right, replay verified 48 of them (strided
-#: replay: 44 of 45); two budgets of one family share the errors of its carry (BENCHMARKS.md §8, §9).
+#: the second opinion of a replaying estimate where every later stage can be re-run whole: replay itself. The other
+#: replay family at the same budget (partial replay runs the next stage's first steps exactly and carries the rest to
+#: first order; strided replay runs every later stage with stale gradients) re-runs every later stage in two
+#: branches: about one replay's time on the benchmarks and more on SmolLM2-135M, for a second estimate, not the answer.
+#: Measured (BENCHMARKS.md §8, seven pipelines, the default at 25 %): with strided replay as its check the default
+#: cost 1.13–1.51 × replay's time and its verdicts said "estimators agree" for 46 of 182 behaviors × seeds (45 named
+#: replay's top stage, replay verified 41); with replay as the check (and task-vector negation beside it) it costs
+#: 1.34–1.89 × (the sum of the medians; behaviors that are slow to evaluate cost most), replay verifies 68 of the 182,
+#: and every other verdict says how replay disagrees, with replay's values beside the estimate. On SmolLM2-135M
+#: (BENCHMARKS.md §9, 28 steps after SFT) it is the cheaper one: 193 s with replay, 199 s with the strided check, run
+#: one after the other (an earlier pair, on a faster machine state: 120 s and 177 s).
+#: Task-vector negation as the check: "agree" right in 38 of 38 (31 verified, six pipelines); partial replay at 10 %
+#: (0.16–0.54 × replay's time): 57 of 59 right, 48 verified (two budgets of one family share their carry's errors).
+REPLAY = "replay"
+#: the other replay family at the same budget: the check when it is asked for (``second_opinion="strided-replay"`` /
+#: ``"partial-replay"``)
 REPLAY_CHECKS = {
     PARTIAL_REPLAY: STRIDED_REPLAY,
     "partial-replay-linear": STRIDED_REPLAY,
     STRIDED_REPLAY: PARTIAL_REPLAY,
 }
 #: what ``StageAttributor(second_opinion=...)`` accepts: the rule above, task-vector negation, or a replay family
-SECOND_OPINIONS = ("auto", DEFAULT_SECOND_OPINION, STRIDED_REPLAY, PARTIAL_REPLAY)
+SECOND_OPINIONS = ("auto", DEFAULT_SECOND_OPINION, REPLAY, STRIDED_REPLAY, PARTIAL_REPLAY)
 #: why a replay family as the check is not free: said on the console whenever one runs
 REPLAY_CHECK_COST = (
     "it re-runs every later stage in two branches, which can take as long as replay itself or longer (BENCHMARKS.md "
-    "§8, §9; SmolLM2-135M, 28 steps: the default with this check 177 s, with validate=True 120 s, replay alone 99 s): "
-    "validate=True answers the question outright for less, second_opinion='delta-fd' is the cheap check"
+    "§8, §9; SmolLM2-135M, 28 steps: the default with this check 199 s, with replay as the check 193 s): "
+    "second_opinion='replay' answers the question outright for about as much, second_opinion='delta-fd' is the "
+    "cheap check"
+)
+#: what replay as the check costs, and the cheap alternative: said on the console whenever it runs
+REPLAY_COST = (
+    "it costs one replay beside the estimate (BENCHMARKS.md §8: 1.34–1.89 × replay's time in all, the strided check "
+    "1.13–1.51 ×; §9, SmolLM2-135M: 193 s, with the strided check 199 s); second_opinion='delta-fd' is the cheap "
+    "check (no replay)"
 )
 
 
@@ -64,19 +78,14 @@ def check_second_opinion(value: Any) -> str:
         >>> check_second_opinion("delta-fd")
         'delta-fd'
         >>> try:
-        ...     check_second_opinion("replay")
+        ...     check_second_opinion("strided")
         ... except ValueError as err:
-        ...     print(str(err).split(". ")[-1])
-        To check the estimates against replay itself, pass validate=True to attribute().
+        ...     print(str(err))
+        second_opinion='strided': expected one of 'auto', 'delta-fd', 'replay', 'strided-replay', 'partial-replay'.
     """
     if isinstance(value, str) and value in SECOND_OPINIONS:
         return value
-    hint = ""
-    if value == "replay":
-        hint = " To check the estimates against replay itself, pass validate=True to attribute()."
-    raise EstimatorError(
-        f"second_opinion={value!r}: expected one of {', '.join(repr(v) for v in SECOND_OPINIONS)}.{hint}"
-    )
+    raise EstimatorError(f"second_opinion={value!r}: expected one of {', '.join(repr(v) for v in SECOND_OPINIONS)}.")
 
 
 def choose_second_opinion(
@@ -93,32 +102,53 @@ def choose_second_opinion(
     """``(estimator name, reason)`` of the second opinion a trust verdict checks ``estimator`` against, for the
     attributed stage indices ``stages`` (default: all).
 
-    ``requested`` (:data:`SECOND_OPINIONS`) overrides the rule below: ``"delta-fd"`` always gives task-vector
-    negation; a replay family is used where it applies (the same conditions) and is not ``estimator`` itself, else
-    task-vector negation with the reason why.
+    ``"auto"``: a replaying estimate (``partial-replay``, ``strided-replay``) at ``0 < budget < 1`` is checked against
+    replay itself (:data:`REPLAY`) when every stage that replay of the attributed stages re-runs can be re-run
+    (:func:`~.replay.replay_needs`: a stage function or replay data, with the reference models and reward functions
+    ``ref_models`` and ``reward_funcs`` that replay would be given); at budget 0 the estimate is ``aa-fd`` and at
+    budget 1 replay, and anything else is checked against task-vector negation (:data:`DEFAULT_SECOND_OPINION`).
 
-    A replaying estimate (``partial-replay``, ``strided-replay``) is checked against the other replay family at the
-    same ``budget`` (:data:`REPLAY_CHECKS`) when every later stage of every attributed stage can be re-run in the form
-    it needs (strided replay: the gradient-reuse form, ``fn(model, grad_every=1)`` or replay data of a kind that
-    allows it, and a budget that buys a pass per later stage; partial replay: the step-limited form) and
-    ``0 < budget < 1``: at budget 0 both are ``aa-fd``, at budget 1 both are replay. Anything else is checked
-    against task-vector negation (:data:`DEFAULT_SECOND_OPINION`). ``ref_models`` and ``reward_funcs`` are what
-    replay would be given (:func:`~.replay.can_replay`).
+    ``requested`` (:data:`SECOND_OPINIONS`) overrides that rule: ``"delta-fd"`` always gives task-vector negation;
+    ``"replay"`` gives replay wherever it can run (for any estimator but replay); a replay family is used where the
+    later stages have the form it needs (strided replay: the gradient-reuse form, ``fn(model, grad_every=1)`` or
+    replay data of a kind that allows it, and a budget that buys a pass per later stage; partial replay: the
+    step-limited form), ``0 < budget < 1``, and it is not ``estimator`` itself. Where the check asked for does not
+    apply, task-vector negation, with the reason why.
 
     Example:
         >>> import tempfile
         >>> from hf_stage_attribution.testing.digits import build_digits_pipeline
         >>> pipe = build_digits_pipeline("hf", tempfile.mkdtemp(), steps_scale=0.1, base_steps_scale=0.1)
         >>> choose_second_opinion(pipe.ledger, "partial-replay", stage_fns=pipe.stage_fns)[0]
-        'strided-replay'
+        'replay'
         >>> choose_second_opinion(pipe.ledger, "partial-replay")[0]  # no stage functions: nothing to re-run
         'delta-fd'
+        >>> fns = pipe.stage_fns
+        >>> choose_second_opinion(pipe.ledger, "partial-replay", stage_fns=fns, requested="strided-replay")[0]
+        'strided-replay'
         >>> choose_second_opinion(pipe.ledger, "aa-linear", stage_fns=pipe.stage_fns)[0]
         'delta-fd'
     """
     requested = check_second_opinion(requested)
     if requested == DEFAULT_SECOND_OPINION:
         return DEFAULT_SECOND_OPINION, f"{estimator} is checked against task-vector negation (as asked: delta-fd)"
+    budget = float(budget)
+    fns = dict(stage_fns or {})
+    indices = list(range(len(ledger.stages))) if stages is None else [int(k) for k in stages]
+    if requested == REPLAY or (requested == "auto" and estimator in REPLAY_CHECKS):
+        if estimator == REPLAY or (requested == "auto" and budget >= 1.0):
+            return DEFAULT_SECOND_OPINION, f"{estimator} is replay itself here: task-vector negation stands beside it"
+        if requested == "auto" and budget <= 0.0:
+            return DEFAULT_SECOND_OPINION, (
+                f"{estimator} at budget {budget:g} is aa-fd, a propagation-only estimate, which task-vector negation "
+                "checks as it checks aa-fd (second_opinion='replay' checks it against replay)"
+            )
+        problems = replay_needs(ledger, indices, fns, ref_models, reward_funcs).problems
+        if problems:
+            return DEFAULT_SECOND_OPINION, (
+                f"replay cannot check {estimator} ({'; '.join(problems)}), so task-vector negation checks it"
+            )
+        return REPLAY, f"{estimator} is checked against replay itself, which every later stage allows: {REPLAY_COST}"
     other = REPLAY_CHECKS.get(estimator) if requested == "auto" else requested
     if other is None:
         return DEFAULT_SECOND_OPINION, f"{estimator} is checked against task-vector negation"
@@ -126,14 +156,11 @@ def choose_second_opinion(
         return DEFAULT_SECOND_OPINION, (
             f"{other} would give {estimator}'s own estimate, so task-vector negation checks {estimator}"
         )
-    budget = float(budget)
     if not 0.0 < budget < 1.0:
         return DEFAULT_SECOND_OPINION, (
             f"at budget {budget:g} {other} would give the same estimate as {estimator} "
             f"({'aa-fd' if budget <= 0 else 'replay'}), so task-vector negation checks it"
         )
-    fns = dict(stage_fns or {})
-    indices = list(range(len(ledger.stages))) if stages is None else [int(k) for k in stages]
     later = {j for k in indices for j in range(k + 1, len(ledger.stages)) if trains(ledger.stages[j])}
     strided = other == STRIDED_REPLAY
     need: dict[str, Any] = {"grad_reuse": True} if strided else {"step_limited": True}
@@ -160,8 +187,10 @@ def choose_second_opinion(
 
 __all__ = [
     "DEFAULT_SECOND_OPINION",
+    "REPLAY",
     "REPLAY_CHECKS",
     "REPLAY_CHECK_COST",
+    "REPLAY_COST",
     "SECOND_OPINIONS",
     "check_second_opinion",
     "choose_second_opinion",

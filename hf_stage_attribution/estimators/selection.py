@@ -164,8 +164,8 @@ def choose_estimator(
             f"({' and '.join(how)}), so a short exact replay of the next stage(s) at budget "
             f"{budget:g} ({budget * 100:g} % of replay's optimizer steps) stands in for the first-order carry of "
             "their early, nonlinear steps (it ranked the stages better than propagation alone on the benchmark "
-            "pipelines, BENCHMARKS.md §8, but not on every run with short stages: the verdict says how far to trust "
-            "it, validate=True re-runs them whole); read out by finite "
+            "pipelines, BENCHMARKS.md §8, but not on every run with short stages: its trust verdicts check it "
+            "against replay, which re-runs them whole); read out by finite "
             "difference, which is exact for the last stage and equals replay at budget 1"
             + (f"; the factual branch of {early} is read from their recorded early checkpoints" if early else "")
             + unreplayed

@@ -23,12 +23,14 @@ def rank_stages(report: Any, behavior: str) -> list[str]:
 def attribute_with_replay(pipeline: Any, out: Path) -> tuple[Any, Any]:
     """The default estimator's report (with fidelity against replay) and the replay report, written to ``out``.
 
-    ``pipeline`` has ``ledger_dir``, ``model``, ``stage_fns`` and ``behaviors``.
+    ``pipeline`` has ``ledger_dir``, ``model``, ``stage_fns`` and ``behaviors``. The estimate is checked against
+    strided replay first (``second_opinion="strided-replay"``; by default replay itself would check it): the recipes
+    show what the verdict said before replay (``trust.evidence.without_replay``) beside replay's.
     """
 
-    report = StageAttributor(pipeline.ledger_dir, pipeline.model, stage_fns=pipeline.stage_fns).attribute(
-        pipeline.behaviors
-    )
+    report = StageAttributor(
+        pipeline.ledger_dir, pipeline.model, stage_fns=pipeline.stage_fns, second_opinion="strided-replay"
+    ).attribute(pipeline.behaviors)
     replay = StageAttributor(
         pipeline.ledger_dir, pipeline.model, estimator="replay", stage_fns=pipeline.stage_fns, diagnostics=False
     ).attribute(pipeline.behaviors)

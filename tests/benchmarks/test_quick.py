@@ -121,7 +121,7 @@ def test_partial_replay_section_on_a_tiny_digits_pipeline(tmp_path):
     assert 0 < strided["cost_fraction"] <= 0.25 and "stride" in str(strided["plans"])
     assert summary["table"][partial_replay.label(partial_replay.STRIDED, 0.25, "passes")]["all"]["n_pairs"] > 0
     trust = summary["trust"]["estimators"]  # one verdict per behavior, with and without the linear read-out
-    assert summary["trust"]["second_opinion"] == partial_replay.STRIDED  # the attributor's choice on this pipeline
+    assert summary["trust"]["second_opinion"] == partial_replay.STRIDED  # the verdicts without replay: strided checks
     checks = (partial_replay.WITH_DELTA, partial_replay.DELTA_ONLY, partial_replay.TWO_BUDGETS)
     for cells in (trust["partial-replay"], *(trust[name] for name in checks)):
         assert sum(c["n"] for c in cells.values()) == len(pipe.behaviors)
@@ -136,11 +136,19 @@ def test_partial_replay_section_on_a_tiny_digits_pipeline(tmp_path):
     assert len(rows) == 17 and all(r["met"] in (True, False) for r in rows)  # default and early-checkpoint rows
     assert sum("early checkpoint" in r["scope"] for r in rows) == 8
     assert {r["target"] for r in rows} >= {"issue 13: never worse than delta-fd", "issue 13: ≤ 25 % of replay's time"}
-    # what a user waits for without validate: the estimate and its strided check, both re-running later stages
+    # what a user waits for: the estimate and its check, replay itself (task-vector negation beside it)
     checked = next(r for r in rows if r["target"].endswith("with its trust check"))
-    strided_time = summary["table"][partial_replay.label(partial_replay.STRIDED, 0.25, "passes")]["time_over_replay"]
-    assert checked["measured"] == pytest.approx(same["time_over_replay"] + strided_time)
+    negation = summary["table"][partial_replay.BASELINE]["time_over_replay"]
+    assert checked["measured"] == pytest.approx(same["time_over_replay"] + 1.0 + negation)
     assert f"**{checked['measured']:.2f}**" in text
+    strided_time = summary["table"][partial_replay.label(partial_replay.STRIDED, 0.25, "passes")]["time_over_replay"]
+    strided_check = partial_replay.time_with_check(summary, check=partial_replay.STRIDED)
+    assert strided_check == pytest.approx(same["time_over_replay"] + strided_time)
+    assert f"`second_opinion='strided-replay'`, the default's check before 2026-12-07): {strided_check:.2f}" in text
+    by_replay = partial_replay.replay_checked(summary["trust"])  # replay's verdicts: verified where replay verifies
+    cells = trust["partial-replay"].values()
+    assert by_replay["n"] == len(pipe.behaviors) and by_replay["verified"] == sum(c["verified"] for c in cells)
+    assert f"verified by replay {by_replay['verified']} of {by_replay['n']}" in text
 
 
 def test_the_thirty_minute_row_reads_only_a_full_run():

@@ -273,22 +273,28 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 def test_attribute_with_the_cheap_second_opinion(classifier_run, tmp_path, capsys):
-    """``--second-opinion delta-fd`` reaches the attributor: the trust verdicts are checked against task-vector
-    negation, and no other replay family runs beside partial replay."""
+    """``--second-opinion`` reaches the attributor: by default replay itself checks partial replay (its values and the
+    fidelity table are printed); ``delta-fd`` checks it against task-vector negation without any replay; a replay
+    family as asked."""
     root = classifier_run
     argv = ["attribute", str(root / "ledger"), "--model", str(root / "model"), "--behaviors"]
     argv += [str(root / "behaviors.json"), "--estimator", "partial-replay", "--budget", "0.5"]
-    texts = {}
-    for choice in ("auto", "delta-fd"):
+    reports, printed = {}, {}
+    for choice in ("auto", "delta-fd", "strided-replay"):
         out = tmp_path / choice
         assert main([*argv, "--second-opinion", choice, "--output-dir", str(out)]) == 0
-        texts[choice] = (out / "report.json").read_text()
-    capsys.readouterr()
-    assert "strided-replay" in texts["auto"]  # by default the other replay family checks partial replay
-    assert "delta-fd" in texts["delta-fd"] and "strided-replay" not in texts["delta-fd"]
+        reports[choice] = json.loads((out / "report.json").read_text())
+        printed[choice] = capsys.readouterr()
+    assert reports["auto"]["fidelity"] and all(r["replay_effect"] is not None for r in reports["auto"]["rows"])
+    assert "checked against replay itself" in printed["auto"].err and "Fidelity against replay" in printed["auto"].out
+    for choice in ("delta-fd", "strided-replay"):  # no replay: no replay values, no fidelity
+        assert not reports[choice]["fidelity"] and all(r["replay_effect"] is None for r in reports[choice]["rows"])
+        assert "Fidelity against replay" not in printed[choice].out
+    assert "delta-fd" in json.dumps(reports["delta-fd"]) and "strided-replay" not in json.dumps(reports["delta-fd"])
+    assert "strided-replay" in json.dumps(reports["strided-replay"])
     with pytest.raises(SystemExit):
-        main([*argv, "--second-opinion", "replay", "--output-dir", str(tmp_path / "bad")])
-    assert "invalid choice: 'replay'" in capsys.readouterr().err
+        main([*argv, "--second-opinion", "validate", "--output-dir", str(tmp_path / "bad")])
+    assert "invalid choice: 'validate'" in capsys.readouterr().err
 
 
 def test_module_form_runs_the_command():

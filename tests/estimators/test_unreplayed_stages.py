@@ -56,18 +56,22 @@ def _behavior():
     return PerExample(lambda m, batch: m(torch.stack(batch))[:, 0], list(X), batch_size=4)
 
 
-def test_a_stage_whose_next_stage_is_too_short_is_named_and_checked_against_negation(tmp_path):
+def test_a_stage_whose_next_stage_is_too_short_is_named_and_checked_by_replay(tmp_path):
     ledger, model, fns = _pipeline(tmp_path / "ledger", {"a": 8, "b": 16, "c": 2})
     assert unreplayed_stages(ledger, range(3), 0.25) == ["b"]  # a: 1 step of b from each start; b: c has 2 steps
-    assert estimators.choose_second_opinion(ledger, "partial-replay", [0], stage_fns=fns)[0] == "strided-replay"
+    strided = "strided-replay"
+    assert estimators.choose_second_opinion(ledger, "partial-replay", [0], fns, requested=strided)[0] == strided
     name, reason = estimators.choose_estimator(ledger, stage_fns=fns)
     assert name == "partial-replay" and "no step fits for ['b']" in reason
-    second, why = estimators.choose_second_opinion(ledger, "partial-replay", stage_fns=fns)
+    second, why = estimators.choose_second_opinion(ledger, "partial-replay", stage_fns=fns, requested=strided)
     assert second == "delta-fd" and "['b']" in why  # strided replay buys no pass there either
+    assert estimators.choose_second_opinion(ledger, "partial-replay", stage_fns=fns)[0] == "replay"  # the default
     report = StageAttributor(ledger, model, stage_fns=fns, show_progress=False).attribute({"out": _behavior()})
     assert report.estimator == "partial-replay"
     assert any("replayed no optimizer step for ['b']" in note for note in report.approximations)
-    assert report.trust("out")["evidence"]["second_opinions"].keys() >= {"delta-fd"}
+    assert "replay" in report.trust("out")["evidence"] and report.fidelity is not None
+    asked = StageAttributor(ledger, model, stage_fns=fns, show_progress=False, second_opinion=strided)
+    assert asked.attribute({"out": _behavior()}).trust("out")["evidence"]["second_opinions"].keys() >= {"delta-fd"}
 
 
 def test_auto_does_not_pick_partial_replay_where_it_would_replay_nothing(tmp_path):
