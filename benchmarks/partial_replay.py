@@ -233,11 +233,10 @@ def trust_at_default(group: list[Mapping[str, Any]], budget: float = 0.25) -> di
     """The trust verdicts the attributor prints for ``partial-replay`` at ``budget`` without replay (its linear
     read-out and its second opinion — strided replay at the same budget where the pipeline has it, as
     ``second_opinion="strided-replay"`` asks and ``auto`` chose before 2026-12-07 (it now checks against replay
-    itself, :func:`replay_checked`), else task-vector negation — the linearisation gap, the intervals) and how
-    often they were right against
-    replay; beside them the verdicts with the linear read-out and task-vector negation (:data:`WITH_DELTA`), with
-    task-vector negation alone (:data:`DELTA_ONLY`) and with the linear read-out and partial replay at
-    :data:`SMALLER_BUDGET` (:data:`TWO_BUDGETS`, where that budget was measured).
+    itself, :func:`verdicts_by_replay`), else task-vector negation — the linearisation gap, the intervals) and how
+    often they were right against replay; beside them the verdicts with the linear read-out and task-vector negation
+    (:data:`WITH_DELTA`), with task-vector negation alone (:data:`DELTA_ONLY`) and with the linear read-out and
+    partial replay at :data:`SMALLER_BUDGET` (:data:`TWO_BUDGETS`, where that budget was measured).
     ``benchmarks.fidelity.trust_calibration``'s figures, one pipeline; None when a value is missing."""
     from .fidelity import trust_calibration
 
@@ -363,13 +362,13 @@ def time_with_check(summary: Mapping[str, Any], budget: float = 0.25, check: str
     return float(own["time_over_replay"]) + sum(float(p["time_over_replay"]) for p in parts)
 
 
-def replay_checked(trust: Mapping[str, Any]) -> dict[str, int]:
+def verdicts_by_replay(trust: Mapping[str, Any]) -> dict[str, int]:
     """The default's verdicts with replay as its check: replay's verdict on every behavior × seed, so "verified" where
     replay verifies the estimate (the *replay verifies* counts of its verdicts without replay, summed) and
     "unreliable: replay disagrees" elsewhere.
 
     Example:
-        >>> replay_checked({"estimators": {"partial-replay": {"agree": {"n": 4, "right": 4, "verified": 3},
+        >>> verdicts_by_replay({"estimators": {"partial-replay": {"agree": {"n": 4, "right": 4, "verified": 3},
         ...                                                   "unreliable": {"n": 31, "right": 12, "verified": 4}}}})
         {'n': 35, 'verified': 7, 'unreliable': 28}
     """
@@ -421,7 +420,7 @@ def render(block: Mapping[str, Any]) -> list[str]:
             from .render import _trust  # render imports this module
 
             trust = summary["trust"]
-            by_replay = replay_checked(trust)
+            by_replay = verdicts_by_replay(trust)
             out += [f"Trust verdicts of the default with replay as its check: verified by replay "
                     f"{by_replay['verified']} of {by_replay['n']} (behavior × seed), \"unreliable: replay disagrees\" "
                     f"{by_replay['unreliable']}, each with replay's values beside the estimate.", ""]  # fmt: skip

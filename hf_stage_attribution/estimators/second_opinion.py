@@ -109,11 +109,11 @@ def choose_second_opinion(
     budget 1 replay, and anything else is checked against task-vector negation (:data:`DEFAULT_SECOND_OPINION`).
 
     ``requested`` (:data:`SECOND_OPINIONS`) overrides that rule: ``"delta-fd"`` always gives task-vector negation;
-    ``"replay"`` gives replay wherever it can run (for any estimator but replay); a replay family is used where the
-    later stages have the form it needs (strided replay: the gradient-reuse form, ``fn(model, grad_every=1)`` or
-    replay data of a kind that allows it, and a budget that buys a pass per later stage; partial replay: the
-    step-limited form), ``0 < budget < 1``, and it is not ``estimator`` itself. Where the check asked for does not
-    apply, task-vector negation, with the reason why.
+    ``"replay"`` gives replay wherever it can run (for any estimator but replay, and a replaying one at budget 1,
+    which is replay); a replay family is used where the later stages have the form it needs (strided replay: the
+    gradient-reuse form, ``fn(model, grad_every=1)`` or replay data of a kind that allows it, and a budget that buys a
+    pass per later stage; partial replay: the step-limited form), ``0 < budget < 1``, and it is not ``estimator``
+    itself. Where the check asked for does not apply, task-vector negation, with the reason why.
 
     Example:
         >>> import tempfile
@@ -136,7 +136,7 @@ def choose_second_opinion(
     fns = dict(stage_fns or {})
     indices = list(range(len(ledger.stages))) if stages is None else [int(k) for k in stages]
     if requested == REPLAY or (requested == "auto" and estimator in REPLAY_CHECKS):
-        if estimator == REPLAY or (requested == "auto" and budget >= 1.0):
+        if estimator == REPLAY or (estimator in REPLAY_CHECKS and budget >= 1.0):  # a second replay adds nothing
             return DEFAULT_SECOND_OPINION, f"{estimator} is replay itself here: task-vector negation stands beside it"
         if requested == "auto" and budget <= 0.0:
             return DEFAULT_SECOND_OPINION, (

@@ -145,7 +145,7 @@ def test_partial_replay_section_on_a_tiny_digits_pipeline(tmp_path):
     strided_check = partial_replay.time_with_check(summary, check=partial_replay.STRIDED)
     assert strided_check == pytest.approx(same["time_over_replay"] + strided_time)
     assert f"`second_opinion='strided-replay'`, the default's check before 2026-12-07): {strided_check:.2f}" in text
-    by_replay = partial_replay.replay_checked(summary["trust"])  # replay's verdicts: verified where replay verifies
+    by_replay = partial_replay.verdicts_by_replay(summary["trust"])  # verified where replay verifies the estimate
     cells = trust["partial-replay"].values()
     assert by_replay["n"] == len(pipe.behaviors) and by_replay["verified"] == sum(c["verified"] for c in cells)
     assert f"verified by replay {by_replay['verified']} of {by_replay['n']}" in text
