@@ -352,8 +352,8 @@ class StageAttributor:
         runs = ["main"]
         resolved = self._resolved_name(options, stage_names)
         second = self._second_opinion(resolved, options, stage_objs, validate) if self.diagnostics else None
-        if second == REPLAY:  # replay checks the estimate: as validate=True, with task-vector negation beside it
-            validate, second = True, DEFAULT_SECOND_OPINION
+        if second == REPLAY:  # replay checks the estimate: the attribution runs as with validate=True
+            validate, second = True, None
         # with validate, replay decides every verdict and measures the estimate's error itself: the sibling (a
         # forward-mode pass per example beside a finite-difference estimate) is not run (SmolLM2-135M, validate:
         # 133.2 s -> 124.2 s)
@@ -448,14 +448,17 @@ class StageAttributor:
         )
         notice(f"estimator auto -> {chosen}: {reason}", routine=False)
 
-    def _second_opinion(self, resolved: str, options: Mapping[str, Any], stages: list[Any], validate: bool) -> str:
+    def _second_opinion(
+        self, resolved: str, options: Mapping[str, Any], stages: list[Any], validate: bool
+    ) -> str | None:
         """The estimator the trust verdict checks ``resolved`` against (:func:`estimators.choose_second_opinion`):
         replay itself for a replaying estimate where every later stage can be re-run (``"replay"``: the attribution
-        then runs as with ``validate``), else task-vector negation, or the check asked for. With ``validate`` replay
-        decides the verdict, so the cheap task-vector negation is run (as evidence shown beside it) instead of a
-        second replay."""
+        then runs as with ``validate``), else task-vector negation, or the check asked for. None with ``validate``:
+        replay decides every verdict, and the report keeps no other estimator's values beside it (task-vector
+        negation was run there until 2026-12-07 and its values were dropped: 0.01–0.34 × replay's time on the
+        benchmarks, BENCHMARKS.md §8)."""
         if validate:
-            return DEFAULT_SECOND_OPINION
+            return None
         budget = options.get("budget", PARTIAL_REPLAY_BUDGET)
         name, reason = estimators.choose_second_opinion(
             self.ledger,

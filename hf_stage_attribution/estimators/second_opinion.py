@@ -39,8 +39,8 @@ DEFAULT_SECOND_OPINION = "delta-fd"
 #: branches: about one replay's time on the benchmarks and more on SmolLM2-135M, for a second estimate, not the answer.
 #: Measured (BENCHMARKS.md §8, seven pipelines, the default at 25 %): with strided replay as its check the default
 #: cost 1.13–1.51 × replay's time and its verdicts said "estimators agree" for 46 of 182 behaviors × seeds (45 named
-#: replay's top stage, replay verified 41); with replay as the check (and task-vector negation beside it) it costs
-#: 1.34–1.89 × (the sum of the medians; behaviors that are slow to evaluate cost most), replay verifies 68 of the 182,
+#: replay's top stage, replay verified 41); with replay as the check it costs 1.32–1.60 × (the estimate and one
+#: replay, the sum of the medians), replay verifies 68 of the 182,
 #: and every other verdict says how replay disagrees, with replay's values beside the estimate. On SmolLM2-135M
 #: (BENCHMARKS.md §9, 28 steps after SFT) it is the cheaper one: 193 s with replay, 199 s with the strided check, run
 #: one after the other (an earlier pair, on a faster machine state: 120 s and 177 s).
@@ -65,7 +65,7 @@ REPLAY_CHECK_COST = (
 )
 #: what replay as the check costs, and the cheap alternative: said on the console whenever it runs
 REPLAY_COST = (
-    "it costs one replay beside the estimate (BENCHMARKS.md §8: 1.34–1.89 × replay's time in all, the strided check "
+    "it costs one replay beside the estimate (BENCHMARKS.md §8: 1.32–1.60 × replay's time in all, the strided check "
     "1.13–1.51 ×; §9, SmolLM2-135M: 193 s, with the strided check 199 s); second_opinion='delta-fd' is the cheap "
     "check (no replay)"
 )

@@ -122,7 +122,7 @@ def test_the_attributor_checks_partial_replay_against_replay_and_strided_replay_
         strided = verdict["evidence"]["second_opinions"][STRIDED]
         agrees = strided["top_stage_equal"] and strided["spearman"] >= 0.8 - 1e-9
         assert agrees or verdict["verdict"] == "unreliable", verdict
-    # with validate, replay decides: the cheap task-vector negation is the evidence beside it, no second replay
+    # with validate, replay decides: no second opinion runs beside it (the report would not use its values)
     ran = count_stage_runs(monkeypatch, sr)
     checked = attributor.attribute(behaviors, validate=True)
     assert ran == [] and {checked.trust(n)["verdict"] for n in behaviors} <= {"verified", "unreliable"}
