@@ -42,7 +42,7 @@ DEFAULT_SECOND_OPINION = "delta-fd"
 #: replay's top stage, replay verified 41); with replay as the check it costs 1.32–1.60 × (the estimate and one
 #: replay, the sum of the medians), replay verifies 68 of the 182,
 #: and every other verdict says how replay disagrees, with replay's values beside the estimate. On SmolLM2-135M
-#: (BENCHMARKS.md §9, 28 steps after SFT) it is the cheaper one: 193 s with replay, 199 s with the strided check, run
+#: (BENCHMARKS.md §9, 28 steps after SFT) it is the cheaper one: 188 s with replay, 199 s with the strided check, run
 #: one after the other (an earlier pair, on a faster machine state: 120 s and 177 s).
 #: Task-vector negation as the check: "agree" right in 38 of 38 (31 verified, six pipelines); partial replay at 10 %
 #: (0.16–0.54 × replay's time): 57 of 59 right, 48 verified (two budgets of one family share their carry's errors).
@@ -59,14 +59,14 @@ SECOND_OPINIONS = ("auto", DEFAULT_SECOND_OPINION, REPLAY, STRIDED_REPLAY, PARTI
 #: why a replay family as the check is not free: said on the console whenever one runs
 REPLAY_CHECK_COST = (
     "it re-runs every later stage in two branches, which can take as long as replay itself or longer (BENCHMARKS.md "
-    "§8, §9; SmolLM2-135M, 28 steps: the default with this check 199 s, with replay as the check 193 s): "
+    "§8, §9; SmolLM2-135M, 28 steps: the default with this check 199 s, with replay as the check 188 s): "
     "second_opinion='replay' answers the question outright for about as much, second_opinion='delta-fd' is the "
     "cheap check"
 )
 #: what replay as the check costs, and the cheap alternative: said on the console whenever it runs
 REPLAY_COST = (
     "it costs one replay beside the estimate (BENCHMARKS.md §8: 1.32–1.60 × replay's time in all, the strided check "
-    "1.13–1.51 ×; §9, SmolLM2-135M: 193 s, with the strided check 199 s); second_opinion='delta-fd' is the cheap "
+    "1.13–1.51 ×; §9, SmolLM2-135M: 188 s, with the strided check 199 s); second_opinion='delta-fd' is the cheap "
     "check (no replay)"
 )
 
