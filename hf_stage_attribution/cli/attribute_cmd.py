@@ -401,8 +401,10 @@ def run(args: argparse.Namespace) -> int:
     what = "estimates and replay" if args.validate else "estimates"
     main_process = attributor.state.is_main_process
     phase = console.phase(f"attributing {len(behaviors)} behaviors ({what})") if main_process else console.captured()
-    with phase:
+    with phase as progress:
         report = attributor.attribute(behaviors, stages=stages, validate=args.validate)
+        if main_process and report.fidelity and not args.validate:  # the default check of a replaying estimate
+            progress.note = "replay ran as the check of the estimates (--second-opinion delta-fd: the cheap check)"
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         report.to_json(out / "report.json")

@@ -287,9 +287,10 @@ def test_attribute_with_the_cheap_second_opinion(classifier_run, tmp_path, capsy
         printed[choice] = capsys.readouterr()
     assert reports["auto"]["fidelity"] and all(r["replay_effect"] is not None for r in reports["auto"]["rows"])
     assert "checked against replay itself" in printed["auto"].err and "Fidelity against replay" in printed["auto"].out
+    assert "replay ran as the check of the estimates" in printed["auto"].err
     for choice in ("delta-fd", "strided-replay"):  # no replay: no replay values, no fidelity
         assert not reports[choice]["fidelity"] and all(r["replay_effect"] is None for r in reports[choice]["rows"])
-        assert "Fidelity against replay" not in printed[choice].out
+        assert "Fidelity against replay" not in printed[choice].out and "replay ran" not in printed[choice].err
     assert "delta-fd" in json.dumps(reports["delta-fd"]) and "strided-replay" not in json.dumps(reports["delta-fd"])
     assert "strided-replay" in json.dumps(reports["strided-replay"])
     with pytest.raises(SystemExit):
