@@ -354,10 +354,10 @@ def time_with_check(summary: Mapping[str, Any], budget: float = 0.25, check: str
     """
     table = summary["table"]
     own = table.get(label("partial-replay", budget, "steps"))
-    parts = [{"time_over_replay": 1.0}] if check == "replay" else [table.get(label(STRIDED, budget, "passes"))]
-    if not own or not all(parts):
+    strided = table.get(label(STRIDED, budget, "passes"))
+    if not own or (check != "replay" and not strided):
         return None
-    return float(own["time_over_replay"]) + sum(float(p["time_over_replay"]) for p in parts)
+    return float(own["time_over_replay"]) + (1.0 if check == "replay" else float(strided["time_over_replay"]))
 
 
 def verdicts_by_replay(trust: Mapping[str, Any]) -> dict[str, int]:

@@ -35,17 +35,14 @@ STRIDED_REPLAY = "strided-replay"
 DEFAULT_SECOND_OPINION = "delta-fd"
 #: the second opinion of a replaying estimate where every later stage can be re-run whole: replay itself. The other
 #: replay family at the same budget (partial replay runs the next stage's first steps exactly and carries the rest to
-#: first order; strided replay runs every later stage with stale gradients) re-runs every later stage in two
-#: branches: about one replay's time on the benchmarks and more on SmolLM2-135M, for a second estimate, not the answer.
-#: Measured (BENCHMARKS.md §8, seven pipelines, the default at 25 %): with strided replay as its check the default
-#: cost 1.13–1.51 × replay's time and its verdicts said "estimators agree" for 46 of 182 behaviors × seeds (45 named
-#: replay's top stage, replay verified 41); with replay as the check it costs 1.32–1.60 × (the estimate and one
-#: replay, the sum of the medians), replay verifies 68 of the 182,
-#: and every other verdict says how replay disagrees, with replay's values beside the estimate. On SmolLM2-135M
-#: (BENCHMARKS.md §9, 28 steps after SFT) it is the cheaper one: 188 s with replay, 199 s with the strided check, run
-#: one after the other (an earlier pair, on a faster machine state: 120 s and 177 s).
-#: Task-vector negation as the check: "agree" right in 38 of 38 (31 verified, six pipelines); partial replay at 10 %
-#: (0.16–0.54 × replay's time): 57 of 59 right, 48 verified (two budgets of one family share their carry's errors).
+#: first order; strided replay runs every later stage with stale gradients) re-runs every later stage in two branches
+#: for a second estimate, not the answer, at about the same cost (:data:`REPLAY_COST`, :data:`REPLAY_CHECK_COST`).
+#: Measured (BENCHMARKS.md §8, seven pipelines, the default at 25 %): with strided replay as the check the verdicts
+#: said "estimators agree" for 46 of 182 behaviors × seeds (45 named replay's top stage, replay verified 41); with
+#: replay as the check replay verifies 68 of the 182, and every other verdict says how replay disagrees, with replay's
+#: values beside the estimate. Task-vector negation as the check: "agree" right in 38 of 38 (31 verified, six
+#: pipelines); partial replay at 10 % (0.16–0.54 × replay's time): 57 of 59 right, 48 verified (two budgets of one
+#: family share their carry's errors).
 REPLAY = "replay"
 #: the other replay family at the same budget: the check when it is asked for (``second_opinion="strided-replay"`` /
 #: ``"partial-replay"``)
@@ -149,9 +146,9 @@ def choose_second_opinion(
                 f"replay cannot check {estimator} ({'; '.join(problems)}), so task-vector negation checks it"
             )
         return REPLAY, f"{estimator} is checked against replay itself, which every later stage allows: {REPLAY_COST}"
-    other = REPLAY_CHECKS.get(estimator) if requested == "auto" else requested
-    if other is None:
+    if requested == "auto":  # an estimate that does not replay: the cheap check
         return DEFAULT_SECOND_OPINION, f"{estimator} is checked against task-vector negation"
+    other = requested  # a replay family, asked for
     if other == estimator or estimator.startswith(f"{other}-"):  # partial-replay-linear: partial replay's embeddings
         return DEFAULT_SECOND_OPINION, (
             f"{other} would give {estimator}'s own estimate, so task-vector negation checks {estimator}"
