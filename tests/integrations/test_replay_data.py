@@ -52,16 +52,6 @@ def _sft(model, out, callbacks):
                       callbacks=callbacks)  # fmt: skip
 
 
-def _sft_lora(model, out, callbacks):
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    args = F.trl_args(SFTConfig, out, max_steps=2, per_device_train_batch_size=4, max_length=32)
-    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True)
-    return SFTTrainer(model=model, args=args, train_dataset=F.sft_dataset(), processing_class=F.tokenizer(),
-                      peft_config=lora, callbacks=callbacks)  # fmt: skip
-
-
 def _kto(model, out, callbacks):
     from trl import KTOConfig, KTOTrainer
 
@@ -178,8 +168,9 @@ def test_replay_trains_only_the_parameters_the_stage_trained(tmp_path):
 
 def test_a_replay_shows_none_of_the_library_warnings_its_recorded_training_showed(tmp_path):
     """Deprecations the training libraries raise inside each other (transformers' `is_gradient_checkpointing`, read
-    by PEFT's `get_peft_model` and TRL's DPO loss) are shown when the stage is trained; its replays — ten in one
-    default attribution of SmolLM2-135M — show none of them (`_internal.notices.HARMLESS_WARNINGS`)."""
+    by TRL's DPO loss at every step; PEFT's `get_peft_model` read it too before peft 0.22) are shown when the stage is
+    trained; its replays — ten in one default attribution of SmolLM2-135M — show none of them
+    (`_internal.notices.HARMLESS_WARNINGS`)."""
     import warnings
 
     from hf_stage_attribution.integrations.replay import replay_trainer_stage
@@ -193,8 +184,8 @@ def test_a_replay_shows_none_of_the_library_warnings_its_recorded_training_showe
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        trained, start, stage = _record(tmp_path, _sft_lora)
-    assert library_deprecations(seen), "the recorded LoRA stage raised no library deprecation: nothing to check"
+        trained, start, stage = _record(tmp_path, _dpo_precomputed)
+    assert library_deprecations(seen), "the recorded DPO stage raised no library deprecation: nothing to check"
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         replay_trainer_stage(stage, start)
