@@ -12,6 +12,25 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+#: The libraries the package plugs into: the end of every test run names their releases.
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub", "safetensors")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The releases the tests ran against, just before the short summary: CI installs the newest releases that
+    ``pyproject.toml`` allows, so a failure that a new release caused names it (peft 0.22 stopped raising a
+    deprecation that a test recorded, 2026-12-07)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def release(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    terminalreporter.write_sep("-", "libraries")
+    terminalreporter.write_line(" ".join(f"{name}=={release(name)}" for name in LIBRARIES))
+
 
 @pytest.fixture(autouse=True)
 def _offline_hf_home(tmp_path_factory, monkeypatch):
