@@ -106,7 +106,7 @@ class StageAttributor:
         model: the final model θ_K (a plain ``nn.Module``, ``PreTrainedModel`` or ``PeftModel``).
         estimator: a registry name (``estimators.names()``); ``"auto"`` picks ``delta-fd`` when a later stage was
             imported from checkpoints without optimizer information, else ``partial-replay`` where every later stage
-            can be re-run step by step (replay data or ``stage_fns``), else ``aa-ggn`` where the ledger holds
+            can be re-run step by step (replay data or ``stage_fns``), else ``aa-ggn-fd`` where the ledger holds
             curvature material that fits in memory, else ``aa-fd`` (``estimators.selection``; the report says which
             and why).
         stage_fns: ``{stage name: fn(model)}`` that re-train a model in place as that stage did (replay); partial

@@ -171,7 +171,7 @@ def test_the_auto_rule_documents_each_branch_the_code_takes():
     import hf_stage_attribution.estimators.selection as selection
     from hf_stage_attribution import StageAttributor, estimators
 
-    branches = ["delta-fd", "partial-replay", "aa-ggn", "aa-fd"]
+    branches = ["delta-fd", "partial-replay", "aa-ggn-fd", "aa-fd"]
     source = Path(selection.__file__).read_text(encoding="utf-8")
     code = source[source.index("def choose_estimator") : source.index("def lacks_optimizer_information")]
     returned = [f'"{name}"' if name != selection.PARTIAL_REPLAY else "PARTIAL_REPLAY" for name in branches]
@@ -183,12 +183,13 @@ def test_the_auto_rule_documents_each_branch_the_code_takes():
 
 def test_auto_precomputes_only_what_the_chosen_estimator_reads(tmp_path):
     """With step-limited stage functions ``auto`` runs partial replay; the precompute step resolves ``auto`` the same
-    way, so no ``aa-ggn`` embeddings (the choice without stage functions on this curvature ledger) are computed."""
+    way, so no ``aa-ggn`` embeddings (``aa-ggn-fd``'s: the choice without stage functions on this curvature ledger)
+    are computed."""
     from hf_stage_attribution import estimators
     from hf_stage_attribution.testing.digits import build_digits_pipeline
 
     pipe = build_digits_pipeline("decay", tmp_path, steps_scale=0.05, base_steps_scale=0.05)
-    assert estimators.choose_estimator(pipe.ledger)[0] == "aa-ggn"  # what a resolution without stage_fns picks
+    assert estimators.choose_estimator(pipe.ledger)[0] == "aa-ggn-fd"  # what a resolution without stage_fns picks
     report = StageAttributor(
         pipe.ledger, pipe.model, stage_fns=pipe.stage_fns, diagnostics=False, show_progress=False
     ).attribute({"margin_7": pipe.behaviors["margin_7"]})

@@ -10,7 +10,7 @@ Example:
     >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
     >>> result = estimators.get("auto").estimate(ledger, model, behavior)
     >>> result.estimator, sorted(result.mean) == sorted(s.name for s in ledger.stages)
-    ('aa-ggn', True)
+    ('aa-ggn-fd', True)
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The default estimator (``auto``): partial replay where the later stages can be replayed, else ``aa-ggn`` where
-the ledger holds curvature material, else ``aa-fd`` (``delta-fd`` when a later stage's optimizer is unknown).
+"""The default estimator (``auto``): partial replay where the later stages can be replayed, else ``aa-ggn-fd`` where
+the ledger holds curvature material, else ``aa-fd`` (``delta-fd`` when a later stage's optimizer is unknown); every
+choice is read out by finite difference.
 
 The rule, in order (:func:`choose_estimator`):
 
@@ -14,19 +15,27 @@ The rule, in order (:func:`choose_estimator`):
    the linear read-out keeps the first-order error of the behavior;
 3. otherwise ``delta-fd`` when a later stage's coupled weight decay under a second-moment preconditioner (``Adam``,
    ``RMSprop``, ``Adagrad`` with ``weight_decay``) cannot be carried because the ledger holds no second moments for it
-   (:func:`~.propagation.stage.carry_problem`); else ``aa-ggn`` when every later stage holds curvature material and
-   its Krylov basis fits in memory, else ``aa-fd``: the ``aa-linear`` carry (learning rates, momentum, weight decay)
-   read out by finite difference. When the basis has to go to scratch disk (above 64 MiB, about 0.56 M parameters),
-   the reason says so and names ``aa-fd`` as the fast choice on large models (on SmolLM2-135M ``aa-ggn`` had not
-   finished after 19.5 min, ``aa-fd`` took 56 s).
+   (:func:`~.propagation.stage.carry_problem`); else ``aa-ggn-fd`` when every later stage holds curvature material
+   and its Krylov basis fits in memory, else ``aa-fd``: the ``aa-linear`` carry (learning rates, momentum, weight
+   decay) read out by finite difference. When the basis has to go to scratch disk (above 64 MiB, about 0.56 M
+   parameters), the reason says so and names ``aa-fd`` as the fast choice on large models (on SmolLM2-135M ``aa-ggn``
+   had not finished after 19.5 min, ``aa-fd`` took 56 s).
 
-Without curvature, the finite-difference read-out is the choice for the same reason as in step 2. Measured against
-replay on the six benchmark pipelines (``BENCHMARKS.md`` §1, all (stage, behavior) pairs, what the card claims):
-Spearman of ``aa-fd`` 0.50 / 0.69 / 0.92 / 0.99 / 0.98 / 0.98 against ``aa-linear``'s 0.54 / 0.70 / 0.85 / 0.94 /
-0.72 / 0.97 (higher on four pipelines, by up to 0.26; lower on digits-hf and digits-decay, by 0.05 and 0.01; mean
-sign agreement 88 % against 84 %, top stage 71 % against 72 %), and never worse than task-vector negation, which
-``aa-linear`` was on five of six (non-terminal pairs); ``delta-fd`` against ``delta-linear`` likewise. It also costs
-one evaluation per stage and no forward-mode pass. ``aa-ggn`` comes first where it fits: it carries how the later
+The finite-difference read-out is the choice in step 3 for the same reason as in step 2: f(θ_K) − f(θ_K − v_k) is
+exact for the last stage (v_K = Δ_K), where the linear read-out keeps the behavior's first-order error, and it costs
+one evaluation per stage and no forward-mode pass. Measured against replay on the benchmark pipelines
+(``BENCHMARKS.md`` §1, all (stage, behavior) pairs, what the card claims): Spearman of ``aa-fd`` 0.50 / 0.69 / 0.92 /
+0.99 / 0.98 / 0.98 against ``aa-linear``'s 0.54 / 0.70 / 0.85 / 0.94 / 0.72 / 0.97 (higher on four pipelines, by up to
+0.26; lower on digits-hf and digits-decay, by 0.05 and 0.01; mean sign agreement 88 % against 84 %, top stage 71 %
+against 72 %), and never worse than task-vector negation, which ``aa-linear`` was on five of six (non-terminal
+pairs); ``delta-fd`` against ``delta-linear`` likewise. With curvature, on the seven pipelines (digits-hf,
+digits-decay, digits-undo, digits-first, digits-demo, lm, toxicity), Spearman of ``aa-ggn-fd`` 0.54 / 0.84 / 0.98 /
+0.99 / 0.90 / 0.98 / 0.98 against ``aa-ggn``'s 0.78 / 0.79 / 0.95 / 0.95 / 0.76 / 0.77 / 0.90 (the linear read-out,
+auto's choice until 2026-12-07): of the 42 figures (Spearman, sign and top-stage agreement; all and non-terminal
+pairs) 27 higher, 7 equal, 8 lower (5 of them on digits-hf, where ``aa-ggn`` stays ahead: 0.78 against 0.54); not
+worse than task-vector negation on five pipelines, where ``aa-ggn`` was on one (digits-decay; it lost 0.30 of
+Spearman to it on lm); its "estimators agree" verdicts right 17 of 18 times against ``aa-ggn``'s 12 of 13. A
+curvature-aware carry comes first where it fits: it carries how the later
 stages react to a removed update, which neither task-vector negation nor the curvature-free carry can (the two give
 the same numbers wherever the later stages ran Adam without weight decay); where its Krylov basis fits neither in
 memory nor in the scratch directory, ``auto`` says so and runs ``aa-fd``. On SmolLM2-135M (``BENCHMARKS.md`` §9)
@@ -45,11 +54,11 @@ Example:
     >>> ledger, model, behavior = pipe.ledger, pipe.model, pipe.behaviors["margin_7"]
     >>> name, reason = choose_estimator(ledger)  # no replay data, no stage functions: no partial replay
     >>> name, reason.split(";")[0]
-    ('aa-ggn', 'every later stage (digits-patch, digits-clean) holds curvature material')
+    ('aa-ggn-fd', 'every later stage (digits-patch, digits-clean) holds curvature material')
     >>> from hf_stage_attribution import estimators
     >>> r = estimators.get("auto").estimate(ledger, model, behavior)
     >>> r.estimator, r.reason == choose_estimator(ledger)[1]
-    ('aa-ggn', True)
+    ('aa-ggn-fd', True)
 """
 
 from __future__ import annotations
@@ -207,7 +216,8 @@ def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str,
     missing = [s.name for s in later if not s.segments]
     if missing:
         return "aa-fd", (
-            f"later stage(s) {missing} hold no curvature material (record them with curvature_segments=3 for aa-ggn)"
+            f"later stage(s) {missing} hold no curvature material (record them with curvature_segments=3 for "
+            "aa-ggn-fd)"
         )
     no_loss = []
     for stage in later:
@@ -218,12 +228,12 @@ def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str,
     if no_loss:
         return "aa-fd", (
             f"later stage(s) {no_loss} have curvature segments but no usable (forward, loss) pair; pass "
-            "loss_fns={stage name: (forward, loss)} (CLI: --loss-fn STAGE=MODULE:FORWARD,LOSS) to use aa-ggn"
+            "loss_fns={stage name: (forward, loss)} (CLI: --loss-fn STAGE=MODULE:FORWARD,LOSS) to use aa-ggn-fd"
         )
     krylov = CURVATURE_PRESETS["default"]["krylov_size"]
     too_big = curvature_memory_problem(ledger, 0, krylov)
     if too_big is not None:
-        return "aa-fd", f"aa-ggn would not fit in memory: {too_big}"
+        return "aa-fd", f"aa-ggn-fd would not fit in memory: {too_big}"
     reason = f"every later stage ({', '.join(s.name for s in later)}) holds curvature material"
     on_disk = curvature_basis_on_disk(ledger, 0, krylov)
     if on_disk is not None:  # measured, not guessed: what that costs on a real model (BENCHMARKS.md §9)
@@ -232,7 +242,7 @@ def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str,
             "SmolLM2-135M aa-ggn had not finished after 19.5 min where aa-fd took 56 s (BENCHMARKS.md §9), so "
             "estimator='aa-fd' (CLI --estimator aa-fd) is the fast choice on large models"
         )
-    return "aa-ggn", reason
+    return "aa-ggn-fd", reason
 
 
 def lacks_optimizer_information(stage: Stage) -> bool:
@@ -256,7 +266,7 @@ class Auto(Estimator):
 
     name = "auto"
     #: what the rule can pick: their options are auto's (:meth:`accepted_options`)
-    candidates = (PARTIAL_REPLAY, "aa-ggn", "aa-fd", "delta-fd")
+    candidates = (PARTIAL_REPLAY, "aa-ggn-fd", "aa-fd", "delta-fd")
 
     @classmethod
     def accepted_options(cls) -> frozenset[str] | None:
@@ -269,7 +279,7 @@ class Auto(Estimator):
         "propagation does not know; else partial-replay (budget "
         "0.25, finite-difference read-out) where every later stage can be replayed step by step (replay data or "
         "stage_fns with max_steps, or callbacks for their Trainer); else delta-fd when a later stage's coupled decay "
-        "cannot be carried (no recorded second moments); else aa-ggn where the ledger holds curvature material, "
+        "cannot be carried (no recorded second moments); else aa-ggn-fd where the ledger holds curvature material, "
         "else aa-fd."
     )
 

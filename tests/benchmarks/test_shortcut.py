@@ -21,9 +21,9 @@ def test_shortcut_pipelines_record_mixed_optimizers_and_replay_exactly(tmp_path,
     assert any(len(set(r)) > 1 for r in rates), "the stages' schedules must change the learning rate"
     run = fidelity.measure(pipe, settings)
     assert run["replay_gap"] < 1e-5, "replay with nothing removed must reproduce θ_K"
-    assert "aa-ggn" in run["times"] and run["default"]["name"] == "aa-ggn"
+    assert "aa-ggn-fd" in run["times"] and run["default"]["name"] == "aa-ggn-fd"
     calibration = fidelity.trust_calibration([run])[name]
-    cells = calibration["estimators"]["aa-ggn"]
+    cells = calibration["estimators"]["aa-ggn-fd"]
     assert sum(c["n"] for c in cells.values()) == len(run["behaviors"])  # one verdict per behavior
     assert all(0 <= c["right"] <= c["n"] and 0 <= c["verified"] <= c["n"] for c in cells.values())
     assert set(cells) <= {"agree", "unreliable"}  # no replay in the verdict: never "verified"
@@ -32,11 +32,11 @@ def test_shortcut_pipelines_record_mixed_optimizers_and_replay_exactly(tmp_path,
                             "pipelines": {name: {"default": run["default"]}}}}  # fmt: skip
     rows = [r for r in targets.evaluate(results) if r["scope"].startswith(name)]
     negation = next(r for r in rows if "task-vector negation" in r["target"])
-    worst, _ = targets.not_worse_than(summary[name], "aa-ggn", "delta-fd")
+    worst, _ = targets.not_worse_than(summary[name], "aa-ggn-fd", "delta-fd")
     assert negation["measured"] == worst and negation["met"] == (worst >= 0)
     assert {r["scope"] for r in rows} == {name, f"{name}, all pairs"}
     text = "\n".join(render._trust(calibration))
-    assert "| **aa-ggn** (default) |" in text and "replay verifies" in text
+    assert "| **aa-ggn-fd** (default) |" in text and "replay verifies" in text
 
 
 def test_the_reason_counts_know_the_overlap_reason_in_both_wordings():

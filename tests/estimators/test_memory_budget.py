@@ -43,25 +43,25 @@ def test_aa_ggn_refuses_before_any_work_when_its_basis_does_not_fit(two_stages, 
 
 def test_auto_falls_back_to_aa_fd_and_says_so_on_the_console(two_stages, monkeypatch, capsys):
     ledger, model = two_stages
-    assert estimators.choose_estimator(ledger)[0] == "aa-ggn"
+    assert estimators.choose_estimator(ledger)[0] == "aa-ggn-fd"
     monkeypatch.setenv("HF_STAGE_ATTRIBUTION_MEMORY_BYTES", "1000")
     chosen, reason = estimators.choose_estimator(ledger)
     assert chosen == "aa-fd" and "would not fit in memory" in reason
     report = StageAttributor(ledger, model, diagnostics=False, show_progress=False).attribute({"out": _behavior})
     assert report.estimator == "aa-fd"
     err = capsys.readouterr().err
-    assert "estimator auto -> aa-fd: aa-ggn would not fit in memory" in err
+    assert "estimator auto -> aa-fd: aa-ggn-fd would not fit in memory" in err
 
 
 def test_auto_says_when_the_aa_ggn_basis_goes_to_scratch_disk(two_stages, monkeypatch):
-    """aa-ggn stays auto's choice, but the reason names the cost a disk-backed basis was measured to have at scale
+    """aa-ggn-fd stays auto's choice, but the reason names the cost a disk-backed basis was measured to have at scale
     (BENCHMARKS.md §9) and the fast alternative; a basis kept in RAM says nothing of it."""
     ledger, _ = two_stages
     name, reason = estimators.choose_estimator(ledger)
-    assert name == "aa-ggn" and "scratch disk" not in reason
+    assert name == "aa-ggn-fd" and "scratch disk" not in reason
     monkeypatch.setenv("HF_STAGE_ATTRIBUTION_CURVATURE_SCRATCH", "disk")  # as for a model of > 0.5 M parameters
     name, reason = estimators.choose_estimator(ledger)
-    assert name == "aa-ggn" and "goes to scratch disk" in reason and "estimator='aa-fd'" in reason
+    assert name == "aa-ggn-fd" and "goes to scratch disk" in reason and "estimator='aa-fd'" in reason
 
 
 def test_out_of_memory_errors_become_one_line_cli_errors(monkeypatch, capsys):

@@ -120,10 +120,10 @@ def test_auto_chooses_partial_replay_where_the_later_stages_can_be_replayed(digi
     name, reason = choose_estimator(pipe.ledger, {s.name: pipe.loss_fn for s in pipe.ledger.stages}, pipe.stage_fns)
     assert name == "partial-replay" and "stage functions" in reason and "0.25" in reason
     name, reason = choose_estimator(pipe.ledger, {s.name: pipe.loss_fn for s in pipe.ledger.stages})
-    assert name == "aa-ggn" and "partial replay not used" in reason and "max_steps" in reason
+    assert name == "aa-ggn-fd" and "partial replay not used" in reason and "max_steps" in reason
     plain = {n: (lambda fn: lambda model: fn(model))(f) for n, f in pipe.stage_fns.items()}
     name, reason = choose_estimator(pipe.ledger, None, plain)  # whole-stage functions only: no partial replay
-    assert name in ("aa-ggn", "aa-linear") and "step-limited stage function" in reason
+    assert name in ("aa-ggn-fd", "aa-fd") and "step-limited stage function" in reason
     pr._MEMO.clear()
     result = estimators.get("auto").estimate(pipe.ledger, pipe.model, H.joint(pipe), stage_fns=pipe.stage_fns, **QUIET)
     assert result.estimator == "partial-replay" and result.reason.startswith("every later stage")
