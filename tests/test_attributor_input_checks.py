@@ -107,8 +107,12 @@ def test_an_option_of_another_estimator_names_the_estimators_that_read_it(tiny):
         StageAttributor(ledger, model, estimator="aa-fd", estimator_options={"budget": 0.1})
     with pytest.raises(EstimatorError, match=r"'replay' has no option 'step_scale'.*delta-fd"):
         StageAttributor(ledger, model, estimator="replay", estimator_options={"step_scale": 0.5})
-    # auto takes the options of every estimator it can pick (each goes to the chosen one)
-    StageAttributor(ledger, model, estimator_options={"budget": 0.1, "factual": "interpolated", "per_example": True})
+    # auto takes the options of every estimator it can pick (each goes to the chosen one) ...
+    StageAttributor(ledger, model, estimator_options={"budget": 0.1, "factual": "interpolated", "step_scale": 0.5})
+    StageAttributor(ledger, model, estimator_options={"recompute_embeddings": True})  # aa-ggn-fd's, aa-fd's
+    # ... and no other: every estimator it picks reads by finite difference, none reads per example linearly
+    with pytest.raises(EstimatorError, match=r"'auto' has no option 'per_example'\. It is an option of aa-ggn, "):
+        StageAttributor(ledger, model, estimator_options={"per_example": False})
     StageAttributor(ledger, model, estimator="strided-replay", estimator_options={"budget": 0.5})
 
 

@@ -53,7 +53,7 @@ def test_fidelity_and_cost_on_a_tiny_digits_pipeline(tmp_path):
             "seeds": [0], "errors": run["errors"], "notes": [], "replay_gap": run["replay_gap"]}}},
     }  # fmt: skip
     text = render.render(results)
-    assert "## 1. Fidelity against replay" in text and "| **aa-ggn** (default) |" in text
+    assert "## 1. Fidelity against replay" in text and "| **aa-ggn-fd** (default) |" in text
     rows = targets.evaluate(results)
     assert {r["target"] for r in rows} >= {"Spearman ≥ 0.9", "aa-ggn ≤ 25 % of replay's time"}
     assert all(r["met"] in (True, False) for r in rows)
