@@ -28,19 +28,20 @@ one evaluation per stage and no forward-mode pass. Measured against replay on th
 0.99 / 0.98 / 0.98 against ``aa-linear``'s 0.54 / 0.70 / 0.85 / 0.94 / 0.72 / 0.97 (higher on four pipelines, by up to
 0.26; lower on digits-hf and digits-decay, by 0.05 and 0.01; mean sign agreement 88 % against 84 %, top stage 71 %
 against 72 %), and never worse than task-vector negation, which ``aa-linear`` was on five of six (non-terminal
-pairs); ``delta-fd`` against ``delta-linear`` likewise. With curvature, on the seven pipelines (digits-hf,
-digits-decay, digits-undo, digits-first, digits-demo, lm, toxicity), Spearman of ``aa-ggn-fd`` 0.54 / 0.84 / 0.98 /
-0.99 / 0.90 / 0.98 / 0.98 against ``aa-ggn``'s 0.78 / 0.79 / 0.95 / 0.95 / 0.76 / 0.77 / 0.90 (the linear read-out,
-auto's choice until 2026-12-07): of the 42 figures (Spearman, sign and top-stage agreement; all and non-terminal
-pairs) 27 higher, 7 equal, 8 lower (5 of them on digits-hf, where ``aa-ggn`` stays ahead: 0.78 against 0.54); not
-worse than task-vector negation on five pipelines, where ``aa-ggn`` was on one (digits-decay; it lost 0.30 of
-Spearman to it on lm); its "estimators agree" verdicts right 17 of 18 times against ``aa-ggn``'s 12 of 13. A
-curvature-aware carry comes first where it fits: it carries how the later
-stages react to a removed update, which neither task-vector negation nor the curvature-free carry can (the two give
-the same numbers wherever the later stages ran Adam without weight decay); where its Krylov basis fits neither in
-memory nor in the scratch directory, ``auto`` says so and runs ``aa-fd``. On SmolLM2-135M (``BENCHMARKS.md`` §9)
-``aa-fd`` took 64.8 s against ``aa-linear``'s 76.4 s and came within 3.1 % of replay's effect of the SFT stage on
+pairs); ``delta-fd`` against ``delta-linear`` likewise. On SmolLM2-135M (``BENCHMARKS.md`` §9) ``aa-fd`` took
+64.8 s against ``aa-linear``'s 76.4 s and came within 3.1 % of replay's effect of the SFT stage on
 both behaviors, where ``aa-linear`` was 47 % low on one and 2.3× high on the other.
+
+With curvature the same holds. A curvature-aware carry comes first where it fits: it carries how the later stages react
+to a removed update, which neither task-vector negation nor the curvature-free carry can (the two give the same numbers
+wherever the later stages ran Adam without weight decay); where its Krylov basis fits neither in memory nor in the
+scratch directory, ``auto`` says so and runs ``aa-fd``. Measured, its finite-difference reading ``aa-ggn-fd`` against
+the linear one ``aa-ggn`` (``auto``'s choice until 2026-12-07) on the seven pipelines (digits-hf, digits-decay,
+digits-undo, digits-first, digits-demo, lm, toxicity): Spearman over all pairs 0.54 / 0.84 / 0.98 / 0.99 / 0.90 / 0.98
+/ 0.98 against 0.78 / 0.79 / 0.95 / 0.95 / 0.76 / 0.77 / 0.90: of the 42 figures (Spearman, sign and top-stage
+agreement; all and non-terminal pairs) 27 higher, 7 equal, 8 lower (5 of them on digits-hf, where ``aa-ggn`` stays
+ahead: 0.78 against 0.54); not worse than task-vector negation on five pipelines, where ``aa-ggn`` was on one
+(digits-decay; it lost 0.30 of Spearman to it on lm); "estimators agree" right 17 of 18 times against 12 of 13.
 
 "Curvature material" means: every later stage that took optimizer steps (the stages any ``v_k`` is carried
 through) has recorded segments, a known optimizer, and a loss the curvature products can use (``loss_fns``, the
