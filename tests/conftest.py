@@ -12,24 +12,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
-#: The libraries the package plugs into: the end of every test run names their releases.
-LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub", "safetensors")
-
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The releases the tests ran against, just before the short summary: CI installs the newest releases that
-    ``pyproject.toml`` allows, so a failure that a new release caused names it (peft 0.22 stopped raising a
-    deprecation that a test recorded, 2026-12-07)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def release(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
+    """The releases the tests ran against (those a ledger records, ``ledger.core.framework_versions``), just before
+    the short summary: CI installs the newest releases that ``pyproject.toml`` allows, so a failure that a new release
+    caused names it (peft 0.22 stopped raising a deprecation that a test recorded, 2026-12-07)."""
     terminalreporter.write_sep("-", "libraries")
-    terminalreporter.write_line(" ".join(f"{name}=={release(name)}" for name in LIBRARIES))
+    try:  # a package that does not import must not hide the short summary below
+        from hf_stage_attribution.ledger.core import framework_versions
+
+        line = " ".join(f"{name}=={version}" for name, version in framework_versions().items())
+    except Exception as exc:  # noqa: BLE001
+        line = f"unknown: the package does not import ({exc!r})"
+    terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)
