@@ -56,6 +56,33 @@ def test_disk_store_streams_the_same_algebra_as_ram_and_deletes_its_file(tmp_pat
     assert os.listdir(tmp_path) == []  # and on an exception
 
 
+@pytest.mark.parametrize("where", ["disk", "ram"])
+def test_a_subtraction_returns_the_next_dots_or_the_norm_bit_for_bit(where):
+    """Gram–Schmidt's passes fused with the reads of the next step (krylov.lanczos_rows): the same row and the same
+    numbers as the separate calls, chunk for chunk."""
+    n, rows = 37, _rows(37, 4)
+    w = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    stores = [VectorStore(n, 5, where=where, chunk=8) for _ in range(2)]
+    for store in stores:
+        for i, row in enumerate(rows):
+            store.write(i, row)
+        store.write_range(4, 0, w)
+    separate, fused = stores
+    separate.row_subtract(4, separate.row_dots(4))
+    second = separate.row_dots(4)
+    separate.row_subtract(4, second)
+    fused_second = fused.row_subtract(4, fused.row_dots(4), then="dots")
+    assert torch.equal(fused_second, second)
+    assert fused.row_subtract(4, fused_second, then="norm") == separate.row_norm(4)
+    assert torch.equal(fused.read_range(4, 0, n), separate.read_range(4, 0, n))
+    with pytest.raises(ValueError, match="`then` must be None, 'dots' or 'norm'"):
+        fused.row_subtract(4, second, then="norms")
+    empty = VectorStore(n, 2, where=where)
+    empty.write_range(0, 0, w)
+    assert empty.row_subtract(0, torch.zeros(0), then="norm") == pytest.approx(float(w.norm()), rel=1e-15)
+    assert empty.row_subtract(0, torch.zeros(0), then="dots").numel() == 0
+
+
 def test_a_process_killed_with_a_disk_basis_leaves_no_scratch_file(tmp_path):
     """A run killed by the kernel for memory (SIGKILL: no cleanup runs) used to leave its Krylov basis file behind."""
     code = (
@@ -131,11 +158,11 @@ def test_preflight_counts_the_basis_on_disk_and_refuses_when_the_scratch_disk_is
     monkeypatch.setenv(scratch.SCRATCH_ENV, "disk")
     big = 10**7  # on disk only one chunk of the basis counts in RAM
     assert propagation.curvature_peak_bytes(big, 12) < propagation.curvature_peak_bytes(big, 12, where="ram")
-    # basis, x, buf, P and the model's own values (forced to disk), and a Hessian product's staged float32 tangent
-    assert propagation.curvature_scratch_bytes(n, 12) == 8 * n * (15 + 3 + 1) + 4 * n
+    # basis, x, buf, P, s and the model's own values (forced to disk), and a Hessian product's staged float32 tangent
+    assert propagation.curvature_scratch_bytes(n, 12) == 8 * n * (15 + 3 + 2) + 4 * n
     assert propagation.curvature_memory_problem(ledger, 0, 12) is None
-    # room for 9 of the 12 basis vectors (+3 rows, +4 carried and saved vectors, + the tangent)
-    monkeypatch.setattr(propagation, "scratch_free_bytes", lambda: 8 * n * (9 + 3 + 4) + 4 * n)
+    # room for 9 of the 12 basis vectors (+3 rows, +5 carried, scale and saved vectors, + the tangent)
+    monkeypatch.setattr(propagation, "scratch_free_bytes", lambda: 8 * n * (9 + 3 + 5) + 4 * n)
     problem = propagation.curvature_memory_problem(ledger, 0, 12)
     assert problem is not None and "\n" not in problem and "scratch disk" in problem
     assert "krylov_size': 9" in problem and "--curvature-preset cheap" in problem

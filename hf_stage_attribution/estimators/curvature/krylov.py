@@ -157,10 +157,12 @@ def lanczos_rows(
     """
     limit = min(max(max_size, len(fills)), store.capacity - 1)
 
-    def orthogonalise(row: int) -> float:
-        for _ in range(2):
-            store.row_subtract(row, store.row_dots(row))
-        return store.row_norm(row)
+    def orthogonalise(row: int, dots: torch.Tensor | None = None) -> float:
+        """Two Gram–Schmidt passes on ``row`` (``dots``: its ``Qᵀ q`` when already known); its norm after them. Each
+        subtraction also returns what the next step needs (the second pass's dots, the norm) from the same read of
+        the basis: three passes over it instead of five, the same numbers."""
+        dots = store.row_dots(row) if dots is None else dots
+        return store.row_subtract(row, store.row_subtract(row, dots, then="dots"), then="norm")
 
     def accept(row: int, norm: float) -> None:
         store.row_divide(row, norm)
@@ -184,14 +186,15 @@ def lanczos_rows(
         j, row = products, store.count
         apply_row(j, row)
         products += 1
-        for i, value in enumerate(store.row_dots(row).tolist()):
+        dots = store.row_dots(row)
+        for i, value in enumerate(dots.tolist()):
             entries[(i, j)] = value
         if shift is not None:
             store.row_add_product(row, j, shift)
         norm = store.row_norm(row)
         scale = max(scale, norm)
         if store.count < max_size and norm > 0.0:
-            left = orthogonalise(row)
+            left = orthogonalise(row, dots if shift is None else None)  # unshifted: the dots just taken are its first
             if left > rtol * max(scale, norm):
                 accept(row, left)
     r = store.count

@@ -433,15 +433,24 @@ class CurvatureOperator:
         coordinates ``lo..lo+len(values)`` of that tensor of the result (float64 on the CPU; pieces of at most
         ``CHUNK`` values). With several batches the running sums go through ``write`` and come back through
         ``read(i, lo, hi)``; ``finish(i, lo, values)`` is applied (in place) to each piece of the result before its
-        last write. Same arithmetic as :meth:`apply_into` (elementwise, piece by piece)."""
+        last write. A piece that ``source`` or ``read`` returns is used up before the next call of the same function
+        and may be changed in place: the callers hand out views of buffers they reuse. Same arithmetic as
+        :meth:`apply_into` (elementwise, piece by piece).
+
+        The float64 running sums and casts of the pieces go through two ``CHUNK`` buffers reused piece after piece: a
+        new 512 KiB tensor per piece is, below glibc's mmap threshold, a fresh mapping whose pages all fault in."""
         keys, primals = self._primals(names)
         sizes = [math.prod(shapes[n]) for n in names]
+        on_cpu = self.device.type == "cpu"
+        work = torch.empty(2, CHUNK, dtype=torch.float64, device=self.device)  # a running sum, a float64 addend
 
         def tangent(i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
             """v's tensor i in ``dtype`` (default: the parameter's), filled piece by piece."""
             out = torch.empty(sizes[i], dtype=dtype or primals[keys[i]].dtype, device=self.device)
             for lo, hi in pieces(sizes[i], CHUNK):
-                out[lo:hi] = source(i, lo, hi).to(self.device, self.dtype)
+                piece = source(i, lo, hi)
+                # one rounding to the operator's dtype, cast in place when that is the tensor's own
+                out[lo:hi] = piece if out.dtype == self.dtype else piece.to(self.device, self.dtype)
             return out.view(shapes[names[i]])
 
         closures = self._closures(primals)
@@ -462,14 +471,18 @@ class CurvatureOperator:
         def accumulate(i: int, values: torch.Tensor | None, b: int, w: float, last: bool) -> None:
             """Tensor ``i`` of batch ``b``'s product (``None``: zero) added into its float64 running sum."""
             flat = None if values is None else values.detach().reshape(-1)
-            with torch.no_grad():  # piece by piece: a float32 addend is cast to float64 by a temporary of its size
+            with torch.no_grad():  # piece by piece, through the reused buffers (`work`)
                 for lo, hi in pieces(sizes[i], CHUNK):
                     if b == 0:
-                        acc = torch.zeros(hi - lo, dtype=torch.float64, device=self.device)
+                        acc = work[0, : hi - lo].zero_()
                     else:
-                        acc = read(i, lo, hi).to(self.device)
+                        acc = read(i, lo, hi)
+                        acc = acc if on_cpu else work[0, : hi - lo].copy_(acc)
                     if flat is not None:
-                        acc.add_(flat[lo:hi], alpha=w)
+                        addend = flat[lo:hi]
+                        if addend.dtype != torch.float64:  # exactly the float64 values add_ would promote it to
+                            addend = work[1, : hi - lo].copy_(addend)
+                        acc.add_(addend, alpha=w)
                     if last:
                         acc = acc.div_(total).cpu()
                         if finish is not None:

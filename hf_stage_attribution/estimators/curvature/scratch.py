@@ -147,7 +147,7 @@ def _scoped_buffers(method: Callable) -> Callable:
         try:
             return method(self, *args, **kwargs)
         finally:
-            self._buffer = self._work = None
+            self.release_buffers()
 
     return scoped
 
@@ -189,6 +189,11 @@ class VectorStore:
 
     def __del__(self) -> None:
         self.close()
+
+    def release_buffers(self) -> None:
+        """Drop the reused chunk buffers (:meth:`read_range`'s working slots, the block buffer) until they are next
+        needed: a caller that read through the slots between streamed operations frees them when it is done."""
+        self._buffer = self._work = None
 
     # --- rows -----------------------------------------------------------------------------------------------------
 
@@ -274,18 +279,29 @@ class VectorStore:
         return out
 
     @_scoped_buffers
-    def row_subtract(self, i: int, coefficients: torch.Tensor) -> None:
-        """``q_i −= Q c`` in place (``i`` a working row)."""
-        if self.count == 0:
-            return
+    def row_subtract(self, i: int, coefficients: torch.Tensor, then: str | None = None) -> Any:
+        """``q_i −= Q c`` in place (``i`` a working row). ``then="dots"`` returns :meth:`row_dots` of the result and
+        ``then="norm"`` its :meth:`row_norm`, computed in the same pass over the rows (on disk each chunk of ``Q`` is
+        read once for both), with the same values and summation order as the separate call: Gram–Schmidt's second
+        pass reads the basis half as often."""
+        if then not in (None, "dots", "norm"):
+            raise ValueError(f"`then` must be None, 'dots' or 'norm', got {then!r}.")
         c = coefficients.to(torch.float64)
-        if self._ram is not None:
-            self._ram[i].sub_(c @ self._ram[: self.count])
-            return
+        if self.count == 0 or self._ram is not None:
+            if self.count and self._ram is not None:
+                self._ram[i].sub_(c @ self._ram[: self.count])
+            return None if then is None else self.row_dots(i) if then == "dots" else self.row_norm(i)
+        dots, total = torch.zeros(self.count, dtype=torch.float64), 0.0
         for lo, hi in self._ranges():
             w = self.read_range(i, lo, hi, slot=0)
-            w.addmv_(self._block(lo, hi).T, c, alpha=-1.0)  # in place: no temporary per chunk
+            block = self._block(lo, hi)
+            w.addmv_(block.T, c, alpha=-1.0)  # in place: no temporary per chunk
             self.write_range(i, lo, w)
+            if then == "dots":
+                dots += block @ w
+            elif then == "norm":
+                total += float(w @ w)
+        return None if then is None else dots if then == "dots" else float(np.sqrt(total))
 
     @_scoped_buffers
     def row_norm(self, i: int) -> float:
@@ -435,10 +451,11 @@ class TensorFile(Mapping):
         read_into(self._fd, tensor_bytes(out), offset)
         return out.reshape(shape)
 
-    def read_flat(self, name: str, lo: int, hi: int) -> torch.Tensor:
-        """Flat coordinates ``lo..hi`` of ``name`` (a new tensor): a part of it without reading it all."""
+    def read_flat(self, name: str, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat coordinates ``lo..hi`` of ``name`` (a new tensor, or read into the contiguous ``out`` of the file's
+        dtype and ``hi − lo`` values): a part of it without reading it all."""
         offset, _ = self._index[name]
-        out = torch.empty(max(0, hi - lo), dtype=self.dtype)
+        out = torch.empty(max(0, hi - lo), dtype=self.dtype) if out is None else out
         read_into(self._fd, tensor_bytes(out), offset + lo * self._item)
         return out
 
