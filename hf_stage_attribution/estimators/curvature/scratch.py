@@ -279,7 +279,7 @@ class VectorStore:
         return out
 
     @_scoped_buffers
-    def row_subtract(self, i: int, coefficients: torch.Tensor, then: str | None = None) -> Any:
+    def row_subtract(self, i: int, coefficients: torch.Tensor, then: str | None = None) -> torch.Tensor | float | None:
         """``q_i −= Q c`` in place (``i`` a working row). ``then="dots"`` returns :meth:`row_dots` of the result and
         ``then="norm"`` its :meth:`row_norm`, computed in the same pass over the rows (on disk each chunk of ``Q`` is
         read once for both), with the same values and summation order as the separate call: Gram–Schmidt's second
