@@ -83,6 +83,17 @@ def test_a_subtraction_returns_the_next_dots_or_the_norm_bit_for_bit(where):
     assert empty.row_subtract(0, torch.zeros(0), then="dots").numel() == 0
 
 
+def test_a_store_still_open_at_interpreter_exit_closes_quietly(monkeypatch):
+    """At interpreter exit the modules' globals are cleared before the last objects go: a disk store still open then
+    must not print "Exception ignored in VectorStore.__del__" (its ``os`` is gone), as TensorFile does not."""
+    store = VectorStore(10, 2, where="disk")
+    fd = store._fd
+    monkeypatch.setattr(scratch, "os", None)  # what interpreter teardown leaves in the module
+    store.__del__()  # no AttributeError
+    monkeypatch.undo()
+    os.close(fd)
+
+
 def test_a_process_killed_with_a_disk_basis_leaves_no_scratch_file(tmp_path):
     """A run killed by the kernel for memory (SIGKILL: no cleanup runs) used to leave its Krylov basis file behind."""
     code = (

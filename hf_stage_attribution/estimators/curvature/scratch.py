@@ -188,7 +188,10 @@ class VectorStore:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:  # noqa: SIM105 - contextlib may be gone at interpreter exit too
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - a store alive at interpreter exit: the os module may be gone already
+            pass
 
     def release_buffers(self) -> None:
         """Drop the reused chunk buffers (:meth:`read_range`'s working slots, the block buffer) until they are next
