@@ -101,7 +101,7 @@ class SegmentLayout:
                     a, b = self.offsets[n]
                     p = self.precond.get(n)
                     p = p.reshape(-1) if p is not None else torch.ones(b - a, dtype=torch.float64)
-                    scale[a:b] = (p * g.alpha).sqrt()
+                    self._s_of(n, p, out=scale[a:b])
             self._scale = scale
         return self._scale
 
@@ -135,6 +135,11 @@ class SegmentLayout:
             return self._scale_file().read_flat(name, lo, hi, out=out)
         else:
             p = precond[name].reshape(-1)[lo:hi]
+        return self._s_of(name, p, out)
+
+    def _s_of(self, name: str, p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``√(p·ᾱ)`` for values ``p`` of the preconditioner on tensor ``name`` (into ``out`` when given): the one
+        place ``s`` is computed, whether whole (:attr:`scale`), on demand (:meth:`scale_part`) or once into a file."""
         return (p * self._alpha[name]).sqrt() if out is None else torch.mul(p, self._alpha[name], out=out).sqrt_()
 
     def _scale_file(self) -> TensorFile:
@@ -150,7 +155,7 @@ class SegmentLayout:
                 a, b = self.offsets[n]
                 scales.reserve(n, (b - a,))
                 for lo, hi in pieces(b - a):
-                    scales.write_flat(n, lo, (self.precond.read_flat(n, lo, hi) * self._alpha[n]).sqrt())
+                    scales.write_flat(n, lo, self._s_of(n, self.precond.read_flat(n, lo, hi)))
             self._scales = scales
         return self._scales
 
