@@ -202,6 +202,13 @@ def replay_needs(
         if problem:
             problems.append(f"stage {stage.name!r} cannot be replayed {unreplayable_route(stage)}: {problem}")
             continue
+        if stage.replay_dir is None and stage.imported_from is not None:  # a checkpoint holds no replay data
+            problems.append(
+                f"stage {stage.name!r} was imported from checkpoints ({stage.imported_from}) and has no function in "
+                f"stage_fns (pass stage_fns={{{stage.name!r}: fn}} (CLI: --stage-fn {stage.name}=MODULE:FUNCTION), "
+                "a function that re-runs its training)"
+            )
+            continue
         if stage.replay_dir is None:
             problems.append(
                 f"stage {stage.name!r} has no function in stage_fns and no replay data (pass stage_fns={{"

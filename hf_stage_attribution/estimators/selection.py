@@ -191,11 +191,14 @@ def choose_estimator(
     others = [s.name for s in unreplayable if s not in [b for b, _ in blocked]]
     why_not = [f"stage {s.name!r} cannot be replayed {unreplayable_route(s)}: {why}" for s, why in blocked]
     if others:
+        imported = all(ledger.stage(name).imported_from is not None for name in others)
         why_not.append(
-            f"later stage(s) {others} have neither replay data (StageRecorder(..., save_replay_data=True)) nor a "
-            "step-limited stage function (fn(model, max_steps=None), or fn(model, callbacks=None) handing the "
-            "callbacks to its Trainer)"
-        )
+            f"later stage(s) {others} have neither replay data "
+            + ("(imported from checkpoints, which carry none)" if imported else
+               "(StageRecorder(..., save_replay_data=True))")
+            + " nor a step-limited stage function (fn(model, max_steps=None), or fn(model, callbacks=None) handing "
+            "the callbacks to its Trainer)"
+        )  # fmt: skip
     return fallback[0], f"{fallback[1]}; partial replay not used: " + "; ".join(why_not)
 
 
@@ -214,11 +217,16 @@ def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str,
     stuck = [why for s in later if (why := carry_problem(s, following[s.index])) is not None]
     if stuck:
         return "delta-fd", _no_carry_reason(stuck)
-    missing = [s.name for s in later if not s.segments]
+    missing = [s for s in later if not s.segments]
     if missing:
+        names = [s.name for s in missing]
+        if all(s.imported_from is not None for s in missing):  # checkpoints carry none: only a recorded run has it
+            return "aa-fd", (
+                f"later stage(s) {names} hold no curvature material (imported from checkpoints, which carry none; "
+                "aa-ggn-fd needs the stages recorded with curvature_segments=3)"
+            )
         return "aa-fd", (
-            f"later stage(s) {missing} hold no curvature material (record them with curvature_segments=3 for "
-            "aa-ggn-fd)"
+            f"later stage(s) {names} hold no curvature material (record them with curvature_segments=3 for aa-ggn-fd)"
         )
     no_loss = []
     for stage in later:
@@ -248,8 +256,7 @@ def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str,
 
 def lacks_optimizer_information(stage: Stage) -> bool:
     """A stage that changed the model through training we know nothing of (imported without optimizer info)."""
-    source = stage.info.get("source") or {}
-    return stage.optimizer is None and source.get("type") == "checkpoints" and stage.kind != "untracked"
+    return stage.optimizer is None and stage.imported_from is not None and stage.kind != "untracked"
 
 
 @register

@@ -390,6 +390,17 @@ class Stage:
         return None
 
     @property
+    def imported_from(self) -> str | None:
+        """Where an imported stage's end checkpoint came from (``repo@revision``, a repo id or a folder, as its
+        ``source`` names it); None for a stage the recorder saw train (no replay data or curvature material can
+        exist for an imported one: what to do instead differs)."""
+        source = self.info.get("source") or {}
+        if source.get("type") != "checkpoints":
+            return None
+        model, revision = str(source.get("model", "?")), source.get("revision")
+        return f"{model}@{revision}" if revision else model
+
+    @property
     def replay_dir(self) -> Path | None:
         path = self.dir / "replay"
         return ensure_inside(self.root, path) if path.is_dir() else None

