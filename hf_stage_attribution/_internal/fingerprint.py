@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .hashing import tensor_bytes
+
 __all__ = ["callable_fingerprint", "value_fingerprint"]
 
 _SIMPLE = (bool, int, float, complex, str, bytes, type(None))
@@ -81,7 +83,7 @@ def _value(value: Any, h: Any, depth: int) -> None:
     elif isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(tensor_bytes(t))
     elif isinstance(value, torch.dtype):
         h.update(f"dtype:{value};".encode())
     elif isinstance(value, types.ModuleType):

@@ -10,19 +10,25 @@ from collections.abc import Iterable
 import torch
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The raw little-endian bytes of a tensor (contiguous, on CPU)."""
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (contiguous, on CPU): a view of its memory, not a copy, where the
+    tensor is already contiguous on the CPU (files, hashes and ``bytes(...)`` all take it). A ``bytes`` copy per
+    tensor was, beside the tensor itself, the largest allocation of every ledger write and digest (SmolLM2-135M's
+    embedding: 113 MB).
+
+    Example:
+        >>> bytes(tensor_bytes(torch.tensor([1.0, -2.0], dtype=torch.bfloat16))).hex()
+        '803f00c0'
+    """
     t = tensor.detach().to("cpu").contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().tobytes()
-    return t.numpy().tobytes()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     """sha256 (first 32 hex digits) of a tensor's float32 values and shape."""
     t = tensor.detach().to("cpu", torch.float32).contiguous()
     h = hashlib.sha256(str(tuple(t.shape)).encode())
-    h.update(t.numpy().tobytes())
+    h.update(tensor_bytes(t))
     return h.hexdigest()[:32]
 
 
