@@ -19,7 +19,8 @@ The rule, in order (:func:`choose_estimator`):
    and its Krylov basis fits in memory, else ``aa-fd``: the ``aa-linear`` carry (learning rates, momentum, weight
    decay) read out by finite difference. When the basis has to go to scratch disk (above 64 MiB, about 0.56 M
    parameters), the reason says so and names ``aa-fd`` as the fast choice on large models (on SmolLM2-135M ``aa-ggn``
-   had not finished after 19.5 min, ``aa-fd`` took 56 s).
+   took about 13 min with the ``cheap`` preset and had not finished after 19.5 min with the default one, ``aa-fd`` took
+   56 s).
 
 The finite-difference read-out is the choice in step 3 for the same reason as in step 2: f(θ_K) − f(θ_K − v_k) is
 exact for the last stage (v_K = Δ_K), where the linear read-out keeps the behavior's first-order error, and it costs
@@ -248,8 +249,9 @@ def _without_replay(ledger: LedgerCore, later: list[Any], loss_fns: Mapping[str,
     if on_disk is not None:  # measured, not guessed: what that costs on a real model (BENCHMARKS.md §9)
         reason += (
             f"; its Krylov basis ({human_bytes(on_disk)}) goes to scratch disk, which grows with the model: on "
-            "SmolLM2-135M aa-ggn had not finished after 19.5 min where aa-fd took 56 s (BENCHMARKS.md §9), so "
-            "estimator='aa-fd' (CLI --estimator aa-fd) is the fast choice on large models"
+            "SmolLM2-135M aa-ggn took about 13 min with the cheap preset (unfinished after 19.5 min with the default "
+            "one) where aa-fd took 56 s (BENCHMARKS.md §9), so estimator='aa-fd' (CLI --estimator aa-fd) is the fast "
+            "choice on large models"
         )
     return "aa-ggn-fd", reason
 
