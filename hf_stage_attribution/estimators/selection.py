@@ -189,12 +189,12 @@ def choose_estimator(
     # would not help): only the rest lack replay data and a stage function
     blocked = [(s, stage_replay_problem(s, **inputs)) for s in unreplayable if s.name not in fns]
     blocked = [(s, why) for s, why in blocked if why]
-    others = [s.name for s in unreplayable if s not in [b for b, _ in blocked]]
+    others = [s for s in unreplayable if s not in [b for b, _ in blocked]]
     why_not = [f"stage {s.name!r} cannot be replayed {unreplayable_route(s)}: {why}" for s, why in blocked]
     if others:
-        imported = all(ledger.stage(name).imported_from is not None for name in others)
+        imported = all(s.imported_from is not None for s in others)
         why_not.append(
-            f"later stage(s) {others} have neither replay data "
+            f"later stage(s) {[s.name for s in others]} have neither replay data "
             + ("(imported from checkpoints, which carry none)" if imported else
                "(StageRecorder(..., save_replay_data=True))")
             + " nor a step-limited stage function (fn(model, max_steps=None), or fn(model, callbacks=None) handing "

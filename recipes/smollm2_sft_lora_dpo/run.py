@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 
 STEPS = {"sft": 12, "lora": 8, "dpo": 8}
+LEARNING_RATES = {"sft": 2e-5, "lora": 2e-4, "dpo": 5e-6}
 BATCH, MAX_LENGTH = 4, 64
 
 
@@ -145,8 +146,8 @@ def train(
     ]
     t0 = time.perf_counter()
     SFTTrainer(
-        model=model, args=SFTConfig(**_args(runs / "sft", STEPS["sft"], 2e-5)), train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer, callbacks=recorder("sft", "sft"),
+        model=model, args=SFTConfig(**_args(runs / "sft", STEPS["sft"], LEARNING_RATES["sft"])),
+        train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=recorder("sft", "sft"),
     ).train()  # fmt: skip
     times["sft"] = time.perf_counter() - t0
     if record:  # what a team publishes per stage, for --phase import (not timed)
@@ -159,7 +160,7 @@ def train(
     )
     t0 = time.perf_counter()
     SFTTrainer(
-        model=peft_model, args=SFTConfig(**_args(runs / "lora", STEPS["lora"], 2e-4)),
+        model=peft_model, args=SFTConfig(**_args(runs / "lora", STEPS["lora"], LEARNING_RATES["lora"])),
         train_dataset=Dataset.from_list(clean), processing_class=tokenizer,
         callbacks=recorder("lora", None),  # no stage_kind: a PEFT model is recorded as `lora`
     ).train()  # fmt: skip
@@ -172,7 +173,7 @@ def train(
     t0 = time.perf_counter()
     DPOTrainer(
         model=model, ref_model=clean_copy(model) if dpo_reference == "stage-start" else None,
-        args=DPOConfig(**_args(runs / "dpo", STEPS["dpo"], 5e-6), beta=0.1),
+        args=DPOConfig(**_args(runs / "dpo", STEPS["dpo"], LEARNING_RATES["dpo"]), beta=0.1),
         train_dataset=Dataset.from_list(preference_pairs(0)[:32]), processing_class=tokenizer,
         callbacks=recorder("dpo", "dpo"),
     ).train()  # fmt: skip
@@ -284,16 +285,17 @@ def attribute(
 
 #: the releases ``train`` saves, laid out as huggingface_hub lays out downloads (``--phase import``)
 REPO, LORA_REPO = "local/smollm2-stages", "local/smollm2-lora"
-LEARNING_RATES = {"sft": 2e-5, "lora": 2e-4, "dpo": 5e-6}
 
 
-def import_spec(out: Path) -> list[dict]:
+def import_spec() -> list[dict]:
     """The boundaries a team that published its stages would write: θ_0 and each stage's release, with what its
-    training arguments say about the optimizer (TRL's AdamW, no weight decay, linear schedule, 1 warmup step)."""
+    training arguments (:func:`_args`) say about the optimizer (the Trainer's AdamW)."""
 
     def optimizer(name: str) -> dict:
-        return {"type": "AdamW", "weight_decay": 0.0, "lr": LEARNING_RATES[name], "lr_scheduler_type": "linear",
-                "warmup_steps": 1, "num_steps": STEPS[name]}  # fmt: skip
+        a = _args(Path(name), STEPS[name], LEARNING_RATES[name])
+        return {"type": "AdamW", "weight_decay": a["weight_decay"], "lr": a["learning_rate"],
+                "lr_scheduler_type": a["lr_scheduler_type"], "warmup_steps": a["warmup_steps"],
+                "num_steps": a["max_steps"]}  # fmt: skip
 
     return [
         {"model": REPO, "revision": "base"},
@@ -323,7 +325,7 @@ def import_published(out: Path) -> dict:
     lay_out_hub_cache(cache, REPO, {"base": out / "base", "sft": releases / "sft", "dpo": out / "model"})
     lay_out_hub_cache(cache, LORA_REPO, {"main": releases / "lora"})
     spec = out / "import-spec.json"
-    spec.write_text(json.dumps({"stages": import_spec(out)}, indent=2))
+    spec.write_text(json.dumps({"stages": import_spec()}, indent=2))
     ledger_dir = out / "imported-ledger"
     # the libraries the command loads (the schedule from transformers pulls in its Trainer's imports, ~0.4 GB) are
     # loaded before the baseline: the rise is the import's own working memory
