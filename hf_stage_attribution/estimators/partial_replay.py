@@ -113,6 +113,7 @@ from .replay import (
     STEP_LIMITED_HOW,
     can_replay,
     load_state,
+    no_replay_data,
     replay_inputs_key,
     run_stage,
     stage_replay_problem,
@@ -143,8 +144,9 @@ def check_replayable(
                 f"form. {STEP_LIMITED_HOW} Or use budget=0 / estimator='replay'."
             )
         problem = stage_replay_problem(stage, **inputs) if fn is None else None
-        why = problem or "no stage function was given for it and the ledger holds no replay data for it"
-        record = "" if problem else "Record it with StageRecorder(..., save_replay_data=True), or pass "
+        why = problem or no_replay_data(stage)
+        unrecorded = not problem and stage.imported_from is None  # only then would recording replay data help
+        record = "Record it with StageRecorder(..., save_replay_data=True), or pass " if unrecorded else ""
         raise PartialReplayError(
             f"Partial replay of stage {removed!r} (budget {plan.budget:g}) needs to replay stage {stage.index} "
             f"{stage.name!r}, but {why}. {record or 'Pass '}"

@@ -463,12 +463,27 @@ def replay_data_problem(stage: Stage) -> str | None:
     return None
 
 
+def no_replay_data(stage: Stage) -> str:
+    """Why ``stage`` cannot be replayed when no stage function was given and it has no replay data: for a stage
+    imported from checkpoints (which hold none), where it came from — recording it is then no remedy."""
+    if stage.imported_from is not None:
+        return (
+            f"it was imported from checkpoints ({stage.imported_from}), which hold no replay data, and no stage "
+            "function was given for it"
+        )
+    return "no stage function was given for it and the ledger holds no replay data for it"
+
+
 def _no_replay_message(stage: Stage) -> str:
+    record = (
+        ""
+        if stage.imported_from is not None
+        else ", or record the stage with StageRecorder(..., save_replay_data=True)"
+    )
     return (
-        f"Cannot replay stage {stage.index} {stage.name!r}: no stage function was given for it and the ledger holds "
-        "no replay data for it. Pass stage_fns={'" + stage.name + "': fn} where fn(model) trains the model in place "
-        "as that stage did (for partial replay, fn(model, max_steps=None) that can stop after max_steps optimizer "
-        "steps), or record the stage with StageRecorder(..., save_replay_data=True)."
+        f"Cannot replay stage {stage.index} {stage.name!r}: {no_replay_data(stage)}. Pass stage_fns={{{stage.name!r}: "
+        "fn} where fn(model) trains the model in place as that stage did (for partial replay, fn(model, "
+        f"max_steps=None) that can stop after max_steps optimizer steps){record}."
     )
 
 

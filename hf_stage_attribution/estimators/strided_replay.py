@@ -78,6 +78,7 @@ from .propagation.stage import trains
 from .replay import (
     can_replay,
     no_gradient_reuse_message,
+    no_replay_data,
     replay_inputs_key,
     run_stage,
     stage_replay_problem,
@@ -162,8 +163,9 @@ def check_strided_replayable(
         elif fn is None and stage.replay_dir is not None:
             why = f"it is a {stage.kind} stage, which generates its training data inside the training step"
         else:
-            why = "no stage function was given for it and the ledger holds no replay data for it"
-        unrecorded = not problem and stage.replay_dir is None  # only then would recording replay data help
+            why = no_replay_data(stage)
+        # only then would recording replay data help (an imported stage was never recorded)
+        unrecorded = not problem and stage.replay_dir is None and stage.imported_from is None
         record = "Record it with StageRecorder(..., save_replay_data=True), or pass " if unrecorded else "Pass "
         raise PartialReplayError(
             f"Strided replay of stage {removed!r} (budget {plan.budget:g}) needs to re-run stage {stage.index} "

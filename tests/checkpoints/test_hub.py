@@ -166,3 +166,21 @@ def test_what_an_imported_ledger_lacks_is_said_as_an_import_not_as_a_recording(h
     # the recorded run (same stages, no replay data) is still told how to record it
     (problem,) = replay_needs(hub["recorded"], [0]).problems
     assert "StageRecorder(..., save_replay_data=True)" in problem
+    # the replaying estimators refuse up front, saying the same (and not to record it)
+    from transformers import GPT2LMHeadModel
+
+    from hf_stage_attribution import estimators
+    from hf_stage_attribution.errors import PartialReplayError, ReplayError
+
+    model = GPT2LMHeadModel.from_pretrained(hub["root"] / "ckpt-2")
+    behavior = lambda m: m(input_ids=torch.tensor([[1, 2, 3]])).logits[0, -1, :4].float()  # noqa: E731
+    quiet = {"check_model": False, "prepare_behavior": False}
+    imported = r"'s2', but it was imported from checkpoints \(org/tiny\), which hold no replay data, and no stage"
+    for name, error, options in (("partial-replay", PartialReplayError, {"budget": 1.0}),
+                                 ("strided-replay", PartialReplayError, {"budget": 1.0})):  # fmt: skip
+        with pytest.raises(error, match=imported) as refused:
+            estimators.get(name).estimate(ledger, model, behavior, **options, **quiet)
+        assert "StageRecorder" not in str(refused.value) and "stage_fns={'s2': fn}" in str(refused.value)
+    with pytest.raises(ReplayError, match=r"stage 's2' was imported from checkpoints \(org/tiny\)") as refused:
+        estimators.get("replay").estimate(ledger, model, behavior, **quiet)
+    assert "StageRecorder" not in str(refused.value) and "stage_fns={'s2': fn}" in str(refused.value)
