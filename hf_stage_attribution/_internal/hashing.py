@@ -7,21 +7,28 @@ import os
 import stat
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a tensor (contiguous, on CPU): a view of its memory, not a copy, where the
-    tensor is already contiguous on the CPU (files, hashes and ``bytes(...)`` all take it). A ``bytes`` copy per
-    tensor was, beside the tensor itself, the largest allocation of every ledger write and digest (SmolLM2-135M's
-    embedding: 113 MB).
+def byte_view(t: torch.Tensor) -> np.ndarray:
+    """The bytes of the contiguous CPU tensor ``t`` as a uint8 array sharing its memory (any dtype, bfloat16
+    included): what a file write, a hash or a ``pread`` into ``t`` takes, without a copy. ``t`` must already be
+    contiguous and on the CPU (a copy made here would be filled instead of ``t``)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The raw little-endian bytes of a tensor (made contiguous on the CPU first): :func:`byte_view`, so no copy
+    where the tensor already is one (files, hashes and ``bytes(...)`` all take it). A ``bytes`` copy per tensor was,
+    beside the tensor itself, the largest allocation of every ledger write and digest (SmolLM2-135M's embedding:
+    113 MB).
 
     Example:
         >>> bytes(tensor_bytes(torch.tensor([1.0, -2.0], dtype=torch.bfloat16))).hex()
         '803f00c0'
     """
-    t = tensor.detach().to("cpu").contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return byte_view(tensor.detach().to("cpu").contiguous())
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

@@ -79,6 +79,7 @@ from typing import Any
 
 import torch
 
+from .._internal.hashing import byte_view
 from .._internal.memory import collections_of_new_objects, human_bytes, release_freed_memory
 from .._internal.params import iter_merged_state
 from .._internal.reuse import kept_replays, reusing
@@ -94,7 +95,6 @@ from .curvature.scratch import (
     read_into,
     scratch_dir,
     scratch_free_bytes,
-    tensor_bytes,
     write_from,
 )
 from .embeddings.cache import StageEmbeddings, require_optimizer_information, stage_embeddings
@@ -191,7 +191,7 @@ class ScratchTensors:
         """Append ``(name, tensor)`` pairs (each copied to the CPU and written, one at a time)."""
         for name, tensor in tensors:
             t = tensor.detach().to("cpu").contiguous()
-            raw = tensor_bytes(t)
+            raw = byte_view(t)
             write_from(self._fd, raw, self._end)
             self._index[name] = (self._end, int(raw.size), t.dtype, tuple(t.shape))
             self._end += int(raw.size)
@@ -206,7 +206,7 @@ class ScratchTensors:
         """The tensor ``name``, read from disk into a fresh CPU tensor."""
         offset, _, dtype, shape = self._index[name]
         out = torch.empty(shape, dtype=dtype)
-        read_into(self._fd, tensor_bytes(out), offset)
+        read_into(self._fd, byte_view(out), offset)
         return out
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..._internal.hashing import byte_view
 from ...errors import EstimatorMemoryError
 
 #: Largest basis (bytes) kept in RAM by default: below it the disk round trips would cost time for no real saving.
@@ -411,12 +412,6 @@ class VectorStore:
         return out
 
 
-def tensor_bytes(t: torch.Tensor) -> np.ndarray:
-    """The bytes of the contiguous CPU tensor ``t`` as a uint8 array sharing its memory (any dtype, bfloat16
-    included): what :func:`read_into` fills and :func:`write_from` writes."""
-    return t.reshape(-1).view(torch.uint8).numpy()
-
-
 class TensorFile(Mapping):
     """``{name: tensor}`` of one dtype (default float64) kept in a scratch file (``pread``/``pwrite``, no memory map)
     instead of RAM: the carried perturbation, first-moment difference and preconditioner of the curvature propagation
@@ -451,7 +446,7 @@ class TensorFile(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         offset, shape = self._index[name]
         out = torch.empty(int(np.prod(shape)) if shape else 1, dtype=self.dtype)
-        read_into(self._fd, tensor_bytes(out), offset)
+        read_into(self._fd, byte_view(out), offset)
         return out.reshape(shape)
 
     def read_flat(self, name: str, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -459,7 +454,7 @@ class TensorFile(Mapping):
         dtype and ``hi − lo`` values): a part of it without reading it all."""
         offset, _ = self._index[name]
         out = torch.empty(max(0, hi - lo), dtype=self.dtype) if out is None else out
-        read_into(self._fd, tensor_bytes(out), offset + lo * self._item)
+        read_into(self._fd, byte_view(out), offset + lo * self._item)
         return out
 
     def shape_of(self, name: str) -> tuple[int, ...]:
@@ -481,7 +476,7 @@ class TensorFile(Mapping):
         flat = values.detach().to("cpu", self.dtype).reshape(-1).contiguous()
         if lo + flat.numel() > (int(np.prod(shape)) if shape else 1):
             raise ValueError(f"{name!r}: coordinates {lo}..{lo + flat.numel()} past its size")
-        write_from(self._fd, tensor_bytes(flat), offset + lo * self._item)
+        write_from(self._fd, byte_view(flat), offset + lo * self._item)
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         flat = value.detach().to("cpu", self.dtype).reshape(-1).contiguous()
@@ -493,7 +488,7 @@ class TensorFile(Mapping):
         else:
             offset, self._end = self._end, self._end + flat.numel() * self._item
         self._index[name] = (offset, shape)
-        write_from(self._fd, tensor_bytes(flat), offset)
+        write_from(self._fd, byte_view(flat), offset)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
