@@ -28,8 +28,15 @@ DEFERRED = {
     "trl",
 }
 
-# Our own modules that exist to subclass a heavy dependency's class (transformers.TrainerCallback): deferred like it.
-DEFERRED_OWN = {"hf_stage_attribution.model_card.callback", "hf_stage_attribution.cli.step_progress"}
+# Our own modules that exist to subclass a heavy dependency's class (transformers.TrainerCallback, PreTrainedModel) or
+# to train with it (the example pipelines): deferred like it.
+DEFERRED_OWN = {
+    "hf_stage_attribution.model_card.callback",
+    "hf_stage_attribution.cli.step_progress",
+    "hf_stage_attribution.examples.spurious_digits_model",
+    "hf_stage_attribution.examples.spurious_digits",
+    "hf_stage_attribution.examples.lm_pipeline",
+}
 
 
 def _module_name(path: Path) -> str:

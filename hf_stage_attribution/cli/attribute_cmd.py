@@ -14,7 +14,6 @@ from ..errors import ReplayError, ReportError
 from ..estimators import names as estimator_names
 from ..estimators.curvature.config import CurvatureConfig
 from ..estimators.second_opinion import SECOND_OPINIONS
-from ..examples.spurious_digits_model import MODEL_TYPE, DigitsMLP
 from ..integrations.model_loading import load_model, model_load_errors
 from ..ledger import StageLedger
 from ..report import REPORT_FORMAT
@@ -274,6 +273,8 @@ def load_cli_model(path: str | Path, trust_code: bool = False) -> Any:
     """The final model of ``--model``: what :func:`~hf_stage_attribution.integrations.model_loading.load_model`
     reads (a transformers or PEFT folder), or the package's example ``DigitsMLP`` (``demo``, the ``spurious_digits``
     recipe), which is not a transformers class; an unreadable folder raises the one-line ModelMismatchError."""
+    from ..examples.spurious_digits_model import MODEL_TYPE, DigitsMLP  # transformers: not for `attribute --help`
+
     config = Path(path) / "config.json"
     with model_load_errors(path):
         if config.exists() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE:

@@ -1,7 +1,8 @@
 """The sub-commands of ``hf-stage-attribution``: which module defines each, and its one line in the top-level help.
 
-``main`` imports only the module of the command being run (``attribute`` imports the estimators, transformers and
-the rest: 8 s before any work on this machine; ``card`` needs none of that), and lists the others from this table.
+``main`` imports only the module of the command being run (``attribute`` imports the estimators and torch, 4 s on
+this machine, and transformers only once it loads a model; ``card`` needs none of that), and lists the others from
+this table.
 
 Example:
     >>> command_module("validate"), command_help("card")

@@ -19,8 +19,6 @@ from typing import Any
 
 from ..attributor import StageAttributor
 from ..errors import LedgerError
-from ..examples.lm_pipeline import build_lm_pipeline
-from ..examples.spurious_digits import build_spurious_digits, demo_behaviors, make_stages, train_stage
 from ..model_card import write_model_card
 from ..report.attribution import AttributionReport
 from ..report.text import render_fidelity_table
@@ -106,10 +104,14 @@ DIGITS_SIZE, DIGITS_SEED = "small", 0
 
 @functools.lru_cache(maxsize=1)
 def _digits_stages() -> dict[str, Any]:
+    from ..examples.spurious_digits import make_stages  # the pipelines import transformers: not for `demo --help`
+
     return {s.name: s for s in make_stages(DIGITS_SIZE, DIGITS_SEED)[0]}
 
 
 def _replay_digits(name: str, model: Any, max_steps: int | None, grad_every: int) -> tuple[Any, Any]:
+    from ..examples.spurious_digits import train_stage
+
     return model, train_stage(model, _digits_stages()[name], max_steps=max_steps, grad_every=grad_every)
 
 
@@ -150,6 +152,7 @@ def _attribute(console: Console, attributor: StageAttributor, behaviors: dict, v
 
 
 def run_lm(out: Path, size: str, validate: bool, console: Console | None = None) -> Path:
+    from ..examples.lm_pipeline import build_lm_pipeline
 
     console = console or Console()
     _section("Language model: pretraining -> SFT (half toxic) -> LoRA -> DPO (tiny GPT-2)")
@@ -173,6 +176,7 @@ def run_lm(out: Path, size: str, validate: bool, console: Console | None = None)
 
 
 def run_digits(out: Path, size: str, validate: bool, console: Console | None = None) -> Path:
+    from ..examples.spurious_digits import build_spurious_digits, demo_behaviors
 
     console = console or Console()
     _section("Digits classifier: pretraining -> patch (a spurious corner patch on every 7) -> finetune")
