@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -311,14 +311,18 @@ ROUNDED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def rounded_digests(
-    model: torch.nn.Module, recorded: dict[str, str], half_checked: bool = False
+    model: torch.nn.Module,
+    recorded: dict[str, str],
+    half_checked: bool = False,
+    exact: Collection[str] | None = None,
 ) -> dict[str, dict[str, str]]:
     """``{dtype name: {name: digest}}`` of the effective parameters of ``model`` rounded to each of
     :data:`ROUNDED_DTYPES`: what a save of the model in that dtype hashes to. A model card's weights check compares
     weights saved in half precision with them (``model_card/weights.py``).
 
     A tensor is rounded to both dtypes where its float32 digest is the ``recorded`` one (the recorded float32
-    weights). A tensor that is half precision in ``model`` is the recorded one only to a rounding step, which
+    weights; ``exact``, what ``LedgerCore.check_model`` returns, names those it found so, which are not hashed again).
+    A tensor that is half precision in ``model`` is the recorded one only to a rounding step, which
     ``LedgerCore.check_model`` checks: with ``half_checked`` (that check passed) it counts in its own dtype. Any other
     tensor is left out: its rounding would describe another model.
 
@@ -330,6 +334,8 @@ def rounded_digests(
         True
         >>> rounded_digests(model, {"weight": "0" * 32})["float16"]  # not the recorded weights: nothing to round
         {}
+        >>> sorted(rounded_digests(model, {}, exact={"weight"})["float16"])  # what check_model found exact, unhashed
+        ['weight']
         >>> half = torch.nn.Linear(2, 1).to(torch.bfloat16)  # checked against a float32 record, to a rounding step
         >>> sorted(rounded_digests(half, {}, half_checked=True)["bfloat16"]), rounded_digests(half, {})["bfloat16"]
         (['bias', 'weight'], {})
@@ -338,7 +344,7 @@ def rounded_digests(
     names = {dtype: name for name, dtype in ROUNDED_DTYPES.items()}
     dtypes = {name: param.dtype for name, param in base_parameters(model).items()}
     for name, value in iter_merged_state(model):
-        if recorded.get(name) == tensor_digest(value):
+        if name in exact if exact is not None else recorded.get(name) == tensor_digest(value):
             for dtype_name, dtype in ROUNDED_DTYPES.items():
                 out[dtype_name][name] = tensor_digest(value.to(dtype))
         elif half_checked and dtypes.get(name) in names:

@@ -227,8 +227,9 @@ class LedgerCore:
     def final_state(self) -> LazyState:
         return self.state_at(len(self.stages) - 1)
 
-    def check_model(self, model: torch.nn.Module, rtol: float = 1e-4, atol: float = 1e-6) -> None:
-        """Raise :class:`ModelMismatchError` naming the first tensor where ``model`` is not θ_K.
+    def check_model(self, model: torch.nn.Module, rtol: float = 1e-4, atol: float = 1e-6) -> frozenset[str]:
+        """Raise :class:`ModelMismatchError` naming the first tensor where ``model`` is not θ_K; else return the names
+        of the tensors that are θ_K's exactly (their digest is the recorded one; the others are within tolerance).
 
         A half-precision tensor (bf16/fp16) is compared within one rounding step of its dtype (``rtol`` =
         ``torch.finfo(dtype).eps``): a bf16 LoRA model merged with ``merge_and_unload()`` rounds the float32 adapter's
@@ -238,6 +239,7 @@ class LedgerCore:
         expected = self.final_digests
         final = None
         seen = set()
+        exact = set()
         dtypes = {name: param.dtype for name, param in base_parameters(model).items()}
         for name, value in iter_merged_state(model):
             if name not in names:
@@ -253,6 +255,7 @@ class LedgerCore:
                 )
 
             if expected.get(name) == tensor_digest(value):
+                exact.add(name)
                 continue
             final = final or self.final_state()
             ref = final[name]
@@ -271,6 +274,7 @@ class LedgerCore:
             raise ModelMismatchError(
                 f"The model lacks {len(missing)} parameter(s) the ledger records, e.g. {sorted(missing)[0]!r}."
             )
+        return frozenset(exact)
 
     # --- writing (used by the recorder) ----------------------------------------------------------------
 
