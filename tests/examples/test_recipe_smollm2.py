@@ -2,7 +2,8 @@
 ledger fits in (K + 1.1) × the model's float32 size, the LoRA stage is recorded as ``lora`` without ``stage_kind``,
 ``validate`` with the default estimator completes, the card is written, and the attribution's peak RSS rise is
 reported per parameter byte; then the stages' releases (saved by ``train``) imported from an offline hub cache give the
-recorded deltas, within the same ledger bound, and the same estimates as the recorded ledger."""
+recorded deltas, within the same ledger bound, and the same estimates as the recorded ledger; and ``intervene`` scales
+the SFT stage down with the replay without it beside the sweep, within the replay's memory bound."""
 
 from __future__ import annotations
 
@@ -55,3 +56,16 @@ def test_smollm2_recipe_fits_and_validates(tmp_path):
         effects[ledger] = [row["effect"] for row in report["rows"]]
     assert effects["imported-ledger"] == pytest.approx(effects["ledger"], rel=1e-5, abs=1e-8)
     assert (tmp_path / "report-auto-imported-ledger" / "README.md").exists()  # its card beside its report
+
+    # the accountable stage scaled down: α = 1 of aa-linear against the replay without the stage, at real scale
+    subprocess.run([sys.executable, str(RECIPE), "--output-dir", str(tmp_path), "--phase", "intervene"], check=True,
+                   env=env, timeout=1800)  # fmt: skip
+    sweep = json.loads((tmp_path / "intervene-sft.json").read_text())
+    original, replay = sweep["original_target"], sweep["replay_target"]
+    estimate = sweep["alpha_1_targets"]["aa-linear"]
+    assert estimate < original and replay < original  # removing SFT (part toxic) lowers the toxicity
+    assert abs(estimate - replay) <= 0.2 * abs(replay - original), sweep  # 2026-12-07: 0.33 of a 6.33 change
+    assert sweep["saved"] and sweep["reloaded_max_difference"] <= 1e-4
+    # the replay bound (one DPO training step + one model copy: 6.31×, BENCHMARKS.md) + the model the command loads;
+    # measured 7.07× on 2026-12-07
+    assert sweep["peak_rss_rise_over_param_bytes"] <= 7.5
