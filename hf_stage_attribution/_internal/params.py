@@ -344,7 +344,8 @@ def rounded_digests(
     names = {dtype: name for name, dtype in ROUNDED_DTYPES.items()}
     dtypes = {name: param.dtype for name, param in base_parameters(model).items()}
     for name, value in iter_merged_state(model):
-        if name in exact if exact is not None else recorded.get(name) == tensor_digest(value):
+        recorded_value = name in exact if exact is not None else recorded.get(name) == tensor_digest(value)
+        if recorded_value:
             for dtype_name, dtype in ROUNDED_DTYPES.items():
                 out[dtype_name][name] = tensor_digest(value.to(dtype))
         elif half_checked and dtypes.get(name) in names:

@@ -68,6 +68,11 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def float32_bytes(ledger) -> int:
+    """The bytes of the ledger's model in float32 (what the recipe's figures divide by)."""
+    return 4 * sum(math.prod(shape) for shape in ledger.parameter_shapes.values())
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -355,7 +360,7 @@ def import_published(out: Path) -> dict:
     if code:
         raise SystemExit(code)
     imported, recorded = StageLedger.load(ledger_dir), StageLedger.load(out / "ledger")
-    model_bytes = 4 * sum(math.prod(s) for s in recorded.parameter_shapes.values())
+    model_bytes = float32_bytes(recorded)
     differences = {}
     for a, b in zip(imported.stages, recorded.stages):
         worst = largest = 0.0
@@ -412,7 +417,7 @@ def intervene(out: Path, stage_name: str) -> dict:
         raise SystemExit(code)
     sweep = json.loads((folder / "intervention.json").read_text())
     full = {p["variant"]: p["target"] for p in sweep["points"] if p["alpha"] == 1.0}
-    model_bytes = 4 * sum(math.prod(s) for s in StageLedger.load(out / "ledger").parameter_shapes.values())
+    model_bytes = float32_bytes(StageLedger.load(out / "ledger"))
     result = {
         "stage": stage_name, "seconds": seconds, "param_bytes": model_bytes, "peak_rss_rise_bytes": rise,
         "peak_rss_rise_over_param_bytes": rise / model_bytes, "original_target": sweep["baseline"]["target"],
