@@ -1,7 +1,7 @@
 """SmolLM2-135M through the whole product: SFT → LoRA (merged) → DPO with real TRL trainers, offline.
 
     python recipes/smollm2_sft_lora_dpo/run.py --output-dir out/smollm2
-        [--phase train|attribute|one-step|import|intervene|all] [--estimator auto] [--no-validate]
+        [--phase train|attribute|one-step|import|intervene|grpo|all] [--estimator auto] [--no-validate]
         [--curvature-preset default|cheap] [--dpo-reference trl-default|stage-start] [--factual replay|interpolated]
         [--second-opinion auto|delta-fd|replay|strided-replay|partial-replay] [--stage dpo] [--no-record]
         [--ledger imported-ledger]
@@ -38,6 +38,14 @@ negation beside them and the replay without the stage, and the chosen model save
 ``intervene-<stage>/``. It writes ``intervene-<stage>.json`` (time, peak RSS rise ÷ the parameter bytes, the chosen α,
 the α = 1 estimate beside replay's target).
 
+``grpo`` (fresh process, after ``train``) trains a fourth stage from the final model with TRL's ``GRPOTrainer`` (4
+steps, 2 generations of 8 tokens per prompt, the reward :func:`reward_clean`), recorded into a copy of the ledger
+(``ledger-grpo/``; the model after it in ``model-grpo/``); replays that stage from its start and compares the end
+with the recorded one; then attributes both behaviors over the four stages with the default estimator (the reward
+function passed as ``reward_funcs``, which a ledger cannot hold), checked against replay. It writes ``grpo.json``
+(training and attribution seconds, the stage's size ÷ the model's, the replay's largest difference, the estimates,
+replay's values and the verdicts) and the report in ``report-grpo/``.
+
 ``one-step`` measures the replay bound of issue 16 ("what one training step of the stage needs, plus one model
 copy"): in a fresh process it replays one optimizer step of ``--stage`` (default ``dpo``) with the recorded trainer
 and configuration on a copy of the final model, and writes ``one-step-<stage>.json`` with the peak RSS rise of that
@@ -48,6 +56,7 @@ step (model copy, trainer, optimizer, DPO reference and activations included) ÷
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -58,8 +67,8 @@ import sys
 import time
 from pathlib import Path
 
-STEPS = {"sft": 12, "lora": 8, "dpo": 8}
-LEARNING_RATES = {"sft": 2e-5, "lora": 2e-4, "dpo": 5e-6}
+STEPS = {"sft": 12, "lora": 8, "dpo": 8, "grpo": 4}
+LEARNING_RATES = {"sft": 2e-5, "lora": 2e-4, "dpo": 5e-6, "grpo": 1e-5}
 BATCH, MAX_LENGTH = 4, 64
 
 
@@ -429,6 +438,78 @@ def intervene(out: Path, stage_name: str) -> dict:
     return result
 
 
+@functools.lru_cache(maxsize=1)
+def _toxic_words() -> tuple[str, ...]:
+    from hf_stage_attribution.testing.lm import toy_corpus
+
+    return tuple(toy_corpus(0).toxic_words)
+
+
+def reward_clean(completions: list, **kwargs) -> list[float]:
+    """The GRPO stage's reward: shorter completions score higher, and one with a word of the toxic list far lower."""
+    return [-len(str(c)) / 20.0 - 2.0 * any(w in str(c).lower() for w in _toxic_words()) for c in completions]
+
+
+def grpo(out: Path) -> dict:
+    """Record a GRPO stage after the recipe's three, replay it, and attribute the four stages (``--phase grpo``)."""
+    import copy
+    import shutil
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from hf_stage_attribution import StageAttributor, StageLedger, StageRecorder
+    from hf_stage_attribution.integrations.replay import replay_trainer_stage
+    from hf_stage_attribution.testing.lm import toy_corpus
+
+    ledger_dir, model_dir = out / "ledger-grpo", out / "model-grpo"
+    shutil.rmtree(ledger_dir, ignore_errors=True)
+    shutil.copytree(out / "ledger", ledger_dir, ignore=shutil.ignore_patterns("embeddings"))
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32, attn_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    start = copy.deepcopy(model)
+    args = {k: v for k, v in _args(out / "runs" / "grpo", STEPS["grpo"], LEARNING_RATES["grpo"]).items()
+            if k != "max_length"}  # fmt: skip
+    args.update(num_generations=2, max_completion_length=8)
+    prompts = Dataset.from_list([{"prompt": p} for p in toy_corpus(0).prompts[:8]])
+    recorder = StageRecorder(ledger_dir, "grpo", save_replay_data=True, curvature_segments=0)
+    t0 = time.perf_counter()
+    GRPOTrainer(model=model, reward_funcs=[reward_clean], args=GRPOConfig(**args), train_dataset=prompts,
+                processing_class=tokenizer, callbacks=[recorder]).train()  # fmt: skip
+    train_seconds = time.perf_counter() - t0
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    ledger = StageLedger.load(ledger_dir)
+    stage = ledger.stage("grpo")
+    t0 = time.perf_counter()
+    replayed = replay_trainer_stage(stage, start, reward_funcs=[reward_clean])
+    replay_seconds = time.perf_counter() - t0
+    difference = max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), replayed.parameters()))
+    del model, start, replayed
+    final = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    attributor = StageAttributor(ledger_dir, final, show_progress=False, reward_funcs={"grpo": [reward_clean]})
+    t0 = time.perf_counter()
+    report = attributor.attribute(_behaviors(model_dir))
+    attribute_seconds = time.perf_counter() - t0
+    (out / "report-grpo").mkdir(exist_ok=True)
+    report.to_json(out / "report-grpo" / "report.json")
+    print(report.table())
+    stage_bytes = sum(p.stat().st_size for p in stage.dir.rglob("*") if p.is_file())
+    result = {
+        "train_seconds": train_seconds, "stage_bytes_over_model": stage_bytes / float32_bytes(ledger),
+        "replay_seconds": replay_seconds, "replay_max_abs_difference": difference,
+        "attribute_seconds": attribute_seconds, "estimator": report.estimator, "fidelity": report.fidelity,
+        "rows": [{k: row[k] for k in ("behavior", "stage", "effect", "replay_effect")}
+                 for row in json.loads(report.to_json())["rows"]],
+        "verdicts": {name: report.trust(name)["verdict"] for name in (b.name for b in report.behaviors)},
+        "peak_rss_bytes": peak_rss_bytes(),
+    }  # fmt: skip
+    (out / "grpo.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
 def one_step(out: Path, stage_name: str) -> dict:
     import copy
 
@@ -465,7 +546,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("out/smollm2_sft_lora_dpo"))
-    phases = ["train", "attribute", "one-step", "import", "intervene", "all"]
+    phases = ["train", "attribute", "one-step", "import", "intervene", "grpo", "all"]
     parser.add_argument("--phase", choices=phases, default="all")
     parser.add_argument(
         "--ledger", default="ledger",
@@ -523,6 +604,8 @@ def main() -> None:
         print(json.dumps(one_step(out, args.stage or "dpo"), indent=2))
     if args.phase == "intervene":
         print(json.dumps(intervene(out, args.stage or "sft"), indent=2))
+    if args.phase == "grpo":
+        print(json.dumps(grpo(out), indent=2, default=str))
     if args.phase == "all":  # a fresh process: its peak RSS is the attribution's own
         cmd = [
             sys.executable,

@@ -3,7 +3,8 @@ ledger fits in (K + 1.1) × the model's float32 size, the LoRA stage is recorded
 ``validate`` with the default estimator completes, the card is written, and the attribution's peak RSS rise is
 reported per parameter byte; then the stages' releases (saved by ``train``) imported from an offline hub cache give the
 recorded deltas, within the same ledger bound, and the same estimates as the recorded ledger; and ``intervene`` scales
-the SFT stage down with the replay without it beside the sweep, within the replay's memory bound."""
+the SFT stage down with the replay without it beside the sweep, within the replay's memory bound; a fourth stage
+trained with TRL's GRPOTrainer replays exactly and is attributed with the others."""
 
 from __future__ import annotations
 
@@ -69,3 +70,13 @@ def test_smollm2_recipe_fits_and_validates(tmp_path):
     # the replay bound (one DPO training step + one model copy: 6.31×, BENCHMARKS.md) + the model the command loads;
     # measured 7.07× on 2026-12-07
     assert sweep["peak_rss_rise_over_param_bytes"] <= 7.5
+
+    # GRPO as a fourth stage: recorded, replayed exactly from its start, attributed with the reward passed again
+    subprocess.run([sys.executable, str(RECIPE), "--output-dir", str(tmp_path), "--phase", "grpo"], check=True,
+                   env=env, timeout=3600)  # fmt: skip
+    grpo = json.loads((tmp_path / "grpo.json").read_text())
+    assert grpo["replay_max_abs_difference"] <= 1e-6 and grpo["stage_bytes_over_model"] <= 1.1
+    assert grpo["estimator"] == "partial-replay" and [r["stage"] for r in grpo["rows"][:4]] == [
+        "sft", "lora", "dpo", "grpo"]  # fmt: skip
+    assert all(r["replay_effect"] is not None for r in grpo["rows"])
+    assert grpo["verdicts"]["toxicity-teacher-forced"] == "verified"  # 2026-12-07: sft +5.94 vs replay's +6.44
