@@ -503,7 +503,7 @@ def grpo(out: Path) -> dict:
         "attribute_seconds": attribute_seconds, "estimator": report.estimator, "fidelity": report.fidelity,
         "rows": [{k: row[k] for k in ("behavior", "stage", "effect", "replay_effect")}
                  for row in json.loads(report.to_json())["rows"]],
-        "verdicts": {name: report.trust(name)["verdict"] for name in (b.name for b in report.behaviors)},
+        "verdicts": {b.name: report.trust(b.name)["verdict"] for b in report.behaviors},
         "peak_rss_bytes": peak_rss_bytes(),
     }  # fmt: skip
     (out / "grpo.json").write_text(json.dumps(result, indent=2, default=str))
