@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .hashing import tensor_bytes
+from .hashing import byte_view
 
 __all__ = ["callable_fingerprint", "value_fingerprint"]
 
@@ -83,7 +83,7 @@ def _value(value: Any, h: Any, depth: int) -> None:
     elif isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
-        h.update(tensor_bytes(t))
+        h.update(byte_view(t))
     elif isinstance(value, torch.dtype):
         h.update(f"dtype:{value};".encode())
     elif isinstance(value, types.ModuleType):

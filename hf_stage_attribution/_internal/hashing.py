@@ -35,7 +35,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     """sha256 (first 32 hex digits) of a tensor's float32 values and shape."""
     t = tensor.detach().to("cpu", torch.float32).contiguous()
     h = hashlib.sha256(str(tuple(t.shape)).encode())
-    h.update(tensor_bytes(t))
+    h.update(byte_view(t))
     return h.hexdigest()[:32]
 
 

@@ -114,6 +114,7 @@ from .replay import (
     can_replay,
     load_state,
     no_replay_data,
+    recording_helps,
     replay_inputs_key,
     run_stage,
     stage_replay_problem,
@@ -145,11 +146,11 @@ def check_replayable(
             )
         problem = stage_replay_problem(stage, **inputs) if fn is None else None
         why = problem or no_replay_data(stage)
-        unrecorded = not problem and stage.imported_from is None  # only then would recording replay data help
-        record = "Record it with StageRecorder(..., save_replay_data=True), or pass " if unrecorded else ""
+        unrecorded = not problem and recording_helps(stage)
+        record = "Record it with StageRecorder(..., save_replay_data=True), or pass " if unrecorded else "Pass "
         raise PartialReplayError(
             f"Partial replay of stage {removed!r} (budget {plan.budget:g}) needs to replay stage {stage.index} "
-            f"{stage.name!r}, but {why}. {record or 'Pass '}"
+            f"{stage.name!r}, but {why}. {record}"
             f"stage_fns={{{stage.name!r}: fn}} with fn(model, max_steps=None) training the model in place as that "
             "stage did; or use budget=0 (aa-fd / aa-linear)."
         )

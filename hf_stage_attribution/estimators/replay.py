@@ -202,18 +202,16 @@ def replay_needs(
         if problem:
             problems.append(f"stage {stage.name!r} cannot be replayed {unreplayable_route(stage)}: {problem}")
             continue
-        if stage.replay_dir is None and stage.imported_from is not None:  # a checkpoint holds no replay data
+        if stage.replay_dir is None:  # a checkpoint holds none: recording is then no remedy
+            missing, remedy = (
+                ("has no function in stage_fns and no replay data", " or record it with StageRecorder(..., "
+                 "save_replay_data=True)") if recording_helps(stage) else
+                (f"was imported from checkpoints ({stage.imported_from}) and has no function in stage_fns",
+                 ", a function that re-runs its training")
+            )  # fmt: skip
             problems.append(
-                f"stage {stage.name!r} was imported from checkpoints ({stage.imported_from}) and has no function in "
-                f"stage_fns (pass stage_fns={{{stage.name!r}: fn}} (CLI: --stage-fn {stage.name}=MODULE:FUNCTION), "
-                "a function that re-runs its training)"
-            )
-            continue
-        if stage.replay_dir is None:
-            problems.append(
-                f"stage {stage.name!r} has no function in stage_fns and no replay data (pass stage_fns={{"
-                f"{stage.name!r}: fn}} (CLI: --stage-fn {stage.name}=MODULE:FUNCTION) or record it with "
-                "StageRecorder(..., save_replay_data=True))"
+                f"stage {stage.name!r} {missing} (pass stage_fns={{{stage.name!r}: fn}} (CLI: --stage-fn "
+                f"{stage.name}=MODULE:FUNCTION){remedy})"
             )
             continue
         problem = trainer_input_problem(stage, ref_models, reward_funcs)
@@ -474,12 +472,14 @@ def no_replay_data(stage: Stage) -> str:
     return "no stage function was given for it and the ledger holds no replay data for it"
 
 
+def recording_helps(stage: Stage) -> bool:
+    """Whether recording ``stage`` with replay data is a remedy: it has none, and it was recorded (an imported
+    stage's training never ran under a recorder)."""
+    return stage.replay_dir is None and stage.imported_from is None
+
+
 def _no_replay_message(stage: Stage) -> str:
-    record = (
-        ""
-        if stage.imported_from is not None
-        else ", or record the stage with StageRecorder(..., save_replay_data=True)"
-    )
+    record = ", or record the stage with StageRecorder(..., save_replay_data=True)" if recording_helps(stage) else ""
     return (
         f"Cannot replay stage {stage.index} {stage.name!r}: {no_replay_data(stage)}. Pass stage_fns={{{stage.name!r}: "
         "fn} where fn(model) trains the model in place as that stage did (for partial replay, fn(model, "

@@ -79,6 +79,7 @@ from .replay import (
     can_replay,
     no_gradient_reuse_message,
     no_replay_data,
+    recording_helps,
     replay_inputs_key,
     run_stage,
     stage_replay_problem,
@@ -164,8 +165,7 @@ def check_strided_replayable(
             why = f"it is a {stage.kind} stage, which generates its training data inside the training step"
         else:
             why = no_replay_data(stage)
-        # only then would recording replay data help (an imported stage was never recorded)
-        unrecorded = not problem and stage.replay_dir is None and stage.imported_from is None
+        unrecorded = not problem and recording_helps(stage)
         record = "Record it with StageRecorder(..., save_replay_data=True), or pass " if unrecorded else "Pass "
         raise PartialReplayError(
             f"Strided replay of stage {removed!r} (budget {plan.budget:g}) needs to re-run stage {stage.index} "

@@ -77,6 +77,20 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def cli_measured(argv: list[str]) -> tuple[float, int]:
+    """Run ``hf-stage-attribution argv`` in this process (load the libraries it uses first): its seconds and the peak
+    RSS rise over the RSS before it; a failing command exits with its code."""
+    from hf_stage_attribution.cli.main import main as cli
+
+    base_rss = rss_bytes()
+    t0 = time.perf_counter()
+    code = cli(argv)
+    seconds, rise = time.perf_counter() - t0, peak_rss_bytes() - base_rss
+    if code:
+        raise SystemExit(code)
+    return seconds, rise
+
+
 def float32_bytes(ledger) -> int:
     """The bytes of the ledger's model in float32 (what the recipe's figures divide by)."""
     return 4 * sum(math.prod(shape) for shape in ledger.parameter_shapes.values())
@@ -343,7 +357,6 @@ def import_published(out: Path) -> dict:
 
     from hf_stage_attribution import StageLedger
     from hf_stage_attribution.checkpoints.cache import lay_out_hub_cache
-    from hf_stage_attribution.cli.main import main as cli
 
     releases = out / "releases"
     if not (releases / "sft" / "model.safetensors").exists() or not (releases / "lora").is_dir():
@@ -360,14 +373,8 @@ def import_published(out: Path) -> dict:
 
     import hf_stage_attribution.checkpoints.importer  # noqa: F401
 
-    base_rss = rss_bytes()
-    t0 = time.perf_counter()
-    code = cli(["import-checkpoints", str(spec), "--output", str(ledger_dir), "--cache-dir", str(cache), "--offline",
-                "--no-progress", "--overwrite"])  # fmt: skip
-    seconds = time.perf_counter() - t0
-    rise = peak_rss_bytes() - base_rss
-    if code:
-        raise SystemExit(code)
+    seconds, rise = cli_measured(["import-checkpoints", str(spec), "--output", str(ledger_dir), "--cache-dir",
+                                  str(cache), "--offline", "--no-progress", "--overwrite"])  # fmt: skip
     imported, recorded = StageLedger.load(ledger_dir), StageLedger.load(out / "ledger")
     model_bytes = float32_bytes(recorded)
     differences = {}
@@ -394,7 +401,6 @@ def intervene(out: Path, stage_name: str) -> dict:
     """Scale ``stage_name`` down on the final model with the ``intervene`` command line (its own defaults: aa-linear,
     α in 0.25, 0.5, 0.75, 1, replay without the stage) and write ``intervene-<stage>.json``."""
     from hf_stage_attribution import StageLedger
-    from hf_stage_attribution.cli.main import main as cli
 
     model_dir, folder = out / "model", out / f"intervene-{stage_name}"
     target = next(s for s in _behavior_specs(model_dir) if s["kind"] == "lm-toxicity-teacher-forced")
@@ -415,15 +421,11 @@ def intervene(out: Path, stage_name: str) -> dict:
     import hf_stage_attribution.cli.intervene_cmd  # noqa: F401
     import hf_stage_attribution.integrations.replay  # noqa: F401
 
-    base_rss = rss_bytes()
-    t0 = time.perf_counter()
-    code = cli(["intervene", str(out / "ledger"), "--model", str(model_dir), "--stage", stage_name,
-                "--target", str(specs / "target.json"), "--utility", str(specs / "utility.json"),
-                "--max-drop", "fluency=2.0", "--output-dir", str(folder), "--overwrite"])  # fmt: skip
-    seconds = time.perf_counter() - t0
-    rise = peak_rss_bytes() - base_rss
-    if code:
-        raise SystemExit(code)
+    seconds, rise = cli_measured([
+        "intervene", str(out / "ledger"), "--model", str(model_dir), "--stage", stage_name, "--target",
+        str(specs / "target.json"), "--utility", str(specs / "utility.json"), "--max-drop", "fluency=2.0",
+        "--output-dir", str(folder), "--overwrite",
+    ])  # fmt: skip
     sweep = json.loads((folder / "intervention.json").read_text())
     full = {p["variant"]: p["target"] for p in sweep["points"] if p["alpha"] == 1.0}
     model_bytes = float32_bytes(StageLedger.load(out / "ledger"))
