@@ -6,6 +6,8 @@ each estimator, the embedding cache is deleted and the attributor runs in a fres
 ``PartialState(cpu=True)``, as the attributor itself does on a machine without an accelerator; one extra launch
 initialises a plain ``PartialState()`` first instead, which does not see torchrun's processes there, and the
 attributor then reuses that single-process state (``plain_partial_state_processes_seen``).
+``partial-replay`` is ``auto`` given the stage functions, with its diagnostics (the default: replay checks it), whose
+replays are split between the processes by stage rather than by example.
 Behaviors are splittable (``behaviors.PerExample``) with example counts that do not divide by 2. Reported: the
 largest relative difference of per-example and mean effects (2 vs 1), the wall time of the ``attribute`` call on the
 main process and of the whole launch (start-up included), and their ratios.
@@ -27,7 +29,9 @@ from typing import Any
 
 from .common import child_env, quiet
 
-ESTIMATORS = ("aa-linear", "auto")
+#: ``partial-replay``: ``auto`` given the stage functions (rebuilt in each process from the recorded settings), so
+#: the replaying default, checked by replay: its work is split by stage, not by example
+ESTIMATORS = ("aa-linear", "auto", "partial-replay")
 N_EXAMPLES = 61  # per behavior: odd, so 2 processes get unequal shares
 
 
@@ -41,7 +45,7 @@ def prepare(root: Path, settings: Any) -> dict[str, Any]:
     p = build_digits_pipeline("hf", root / "ledger", seed=settings.distributed_seed, steps_scale=scale,
                               base_steps_scale=scale)  # fmt: skip
     save_file({k: v.contiguous() for k, v in p.model.state_dict().items()}, str(root / "model.safetensors"))
-    info = {"seed": settings.distributed_seed, "stages": [s.name for s in p.ledger.stages]}
+    info = {"seed": settings.distributed_seed, "stages": [s.name for s in p.ledger.stages], "steps_scale": scale}
     (root / "info.json").write_text(json.dumps(info))
     return info
 
@@ -95,7 +99,14 @@ def worker(root: Path, out: Path, estimator: str, cpu_state: bool = True) -> Non
     from safetensors.torch import load_file
 
     from hf_stage_attribution import StageAttributor
-    from hf_stage_attribution.testing.digits import digits_mlp, forward, loss
+    from hf_stage_attribution.testing.digits import (
+        digits_data,
+        digits_mlp,
+        digits_stage_fns,
+        forward,
+        loss,
+        stage_specs,
+    )
 
     torch.set_num_threads(1)
     info = json.loads((root / "info.json").read_text())
@@ -103,11 +114,16 @@ def worker(root: Path, out: Path, estimator: str, cpu_state: bool = True) -> Non
         model = digits_mlp(info["seed"])
         model.load_state_dict(load_file(str(root / "model.safetensors")))
         state = PartialState(cpu=True) if cpu_state else PartialState()
+        fns = {}  # with them (and its diagnostics, as users run it) auto is partial replay checked by replay
+        if estimator == "partial-replay":
+            scale = info["steps_scale"]
+            specs = stage_specs("hf", steps_scale=scale, base_steps_scale=scale)
+            fns, estimator = digits_stage_fns(specs, digits_data(info["seed"]), info["seed"]), "auto"
         state.wait_for_everyone()
         start = time.perf_counter()
         report = StageAttributor(
-            root / "ledger", model, estimator=estimator, diagnostics=False, show_progress=False,
-            loss_fns={name: (forward, loss) for name in info["stages"]},
+            root / "ledger", model, estimator=estimator, diagnostics=bool(fns), show_progress=False,
+            loss_fns={name: (forward, loss) for name in info["stages"]}, stage_fns=fns,
         ).attribute(_behaviors(info["seed"]))  # fmt: skip
         state.wait_for_everyone()
         seconds = time.perf_counter() - start

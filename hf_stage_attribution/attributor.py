@@ -3,7 +3,9 @@
 Behavior examples are split across processes (``split_between_processes``), each process runs the estimator on
 its share, and per-example effects are gathered back in input order; means are taken over the gathered values,
 so 2 processes give the answer of 1. Stage embeddings are computed once, on the main process, cached beside the
-ledger, and then streamed tensor by tensor by every process.
+ledger, and then streamed tensor by tensor by every process. A replaying estimator (replay, partial and strided
+replay), whose cost is the re-run training, splits the *stages* instead (:func:`stage_owners`): each process runs
+its stages' replays over every example, so each replay runs once in all, in one process, as it would alone.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import numbers
 import os
+import pickle
 import re
 import warnings
 from collections import Counter
@@ -32,13 +35,14 @@ from ._internal.reuse import reusing_replays
 from .behaviors import as_behavior
 from .behaviors.base import needs_preparing
 from .errors import BehaviorError, ReportError, StageAttributionError, did_you_mean
-from .estimators.base import check_finite, eval_mode, evaluate
+from .estimators.base import check_finite, eval_mode, evaluate, merge_diagnostics
 from .estimators.curvature.config import CurvatureConfig, resolve_curvature
 from .estimators.fidelity import fidelity
 from .estimators.partial_replay import check_budget
 from .estimators.replay import check_replayable, replay_inputs, replay_needs
 from .estimators.second_opinion import DEFAULT_SECOND_OPINION, REPLAY, check_second_opinion
 from .estimators.selection import PARTIAL_REPLAY_BUDGET, choice_inputs
+from .integrations.replay import replays_each_alone
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
 from .report.build import FD_READINGS, ledger_summary, min_resamples
@@ -349,6 +353,11 @@ class StageAttributor:
         # a behavior that cannot be split (a bare f(model)) is evaluated whole in every process: not gathered
         unsplit = {name for name, b in prepared.items() if not getattr(b, "splittable", False)}
         joint = _Joint(locals_, unsplit if self.state.num_processes > 1 else set())
+        first = min(s.index for s in stage_objs)
+        # a replaying estimator's work is split by stage, over every example, where each replay runs in one process
+        # (not where a stage replays as recorded across the processes: every process must then run it together)
+        if self.state.num_processes > 1 and replays_each_alone(self.ledger.stages[first + 1 :]):
+            joint.whole, joint.stages = _Joint(prepared, set(prepared)), stage_objs
         runs = ["main"]
         resolved = self._resolved_name(options, stage_names)
         second = self._second_opinion(resolved, options, stage_objs, validate) if self.diagnostics else None
@@ -485,11 +494,15 @@ class StageAttributor:
         return self._rounded
 
     def _resolved_name(self, options: Mapping[str, Any], stage_names: list[str]) -> str:
-        resolve = getattr(self.estimator, "resolve", None)
-        if callable(resolve):
-            inputs = choice_inputs(options)
-            return resolve(self.ledger, options.get("loss_fns"), options.get("stage_fns"), **inputs).name
-        return getattr(self.estimator, "name", self.estimator_name)
+        return getattr(self._resolved(self.estimator, options), "name", self.estimator_name)
+
+    def _resolved(self, estimator: Any, options: Mapping[str, Any]) -> Any:
+        """The estimator that runs: ``auto`` resolved as its ``estimate`` resolves it (with ``stage_fns``, the
+        replay inputs and the budget), any other estimator itself."""
+        resolve = getattr(estimator, "resolve", None)
+        if not callable(resolve):
+            return estimator
+        return resolve(self.ledger, options.get("loss_fns"), options.get("stage_fns"), **choice_inputs(options))
 
     def _precompute(self, estimator: Any, options: Mapping[str, Any], stage_names: list[str]) -> None:
         """Compute and cache stage embeddings on the main process first; the others then read the cache.
@@ -497,10 +510,7 @@ class StageAttributor:
         ``auto`` is resolved here as :meth:`attribute` resolves it (with ``stage_fns``), so only the embeddings of
         the estimator that will run are computed (without them, a replayable ledger with curvature material had
         ``aa-ggn`` embeddings precomputed for a ``partial-replay`` run)."""
-        resolve = getattr(estimator, "resolve", None)
-        if callable(resolve):
-            inputs = replay_inputs(options)
-            estimator = resolve(self.ledger, options.get("loss_fns"), options.get("stage_fns"), **inputs)
+        estimator = self._resolved(estimator, options)
         prepare = getattr(estimator, "prepare", None)
         if not callable(prepare):
             return
@@ -520,7 +530,28 @@ class StageAttributor:
         return behavior.select(mine) if mine else None
 
     def _run(self, estimator: Any, joint: _Joint, stage_names: list[str], options: Mapping[str, Any]) -> dict:
-        """Run ``estimator`` on this process's examples; ``{behavior: result}`` gathered in input order."""
+        """Run ``estimator`` on this process's examples; ``{behavior: result}`` gathered in input order.
+
+        A replaying estimator (:attr:`~.estimators.base.Estimator.per_stage_work`) under several processes runs
+        instead on this process's stages (:func:`stage_owners`) and every example: each replay runs in one process,
+        as it would alone, and the numbers are those of one process at the same thread count."""
+        resolved = self._resolved(estimator, options)
+        if joint.whole is not None and getattr(resolved, "per_stage_work", False):
+            # shared out over every attributed stage, so that an estimator's two read-outs (the finite-difference
+            # estimate and, for the verdict, its linear sibling on fewer stages) give a stage to the same process,
+            # which replays it once for both (estimators.reusing_replays)
+            work = {s.name: resolved.stage_work(self.ledger, s.index, options) for s in joint.stages}
+            owners = stage_owners(work, self.state.num_processes)
+            mine = [s for s in stage_names if owners[s] == self.state.process_index]
+            result, error = None, None
+            if mine:
+                try:
+                    result = estimator.estimate(self.ledger, self.model, joint.whole, stages=mine, **options)
+                except Exception as exc:  # raised in every process (below), not left waiting for this one
+                    error = exc
+                release_freed_memory()
+            merge = getattr(resolved, "merge_diagnostics", merge_diagnostics)
+            return _gathered_by_stage(result, error, joint.whole, stage_names, merge, self.state)
         local_result = None
         if joint.parts:
             local_result = estimator.estimate(self.ledger, self.model, joint, stages=stage_names, **options)
@@ -659,6 +690,10 @@ class _Joint:
         self.parts = {name: b for name, b in locals_.items() if b is not None}
         self.sizes: dict[str, int] = {}
         self._kept: dict[tuple, torch.Tensor] = {}  # fingerprint of the parameters -> values, oldest first
+        #: under several processes: every behavior whole, and the attributed stages, for a replaying estimator's
+        #: work split by stage (:meth:`StageAttributor._run`)
+        self.whole: _Joint | None = None
+        self.stages: list[Any] = []
 
     def cached_values(self, model: torch.nn.Module, where: str = "evaluated on the final model") -> torch.Tensor:
         """The values of every part at the parameters ``model`` holds now (float64, concatenated), evaluated once per
@@ -752,6 +787,79 @@ def _gathered(local_result: Any, joint: _Joint, stage_names: list[str], state: A
         name: _Gathered(template, {s: torch.tensor(values(name, s), dtype=torch.float64) for s in stage_names})
         for name in joint.names
     }
+
+
+def stage_owners(work: Mapping[str, float], processes: int) -> dict[str, int]:
+    """``{stage name: process index}`` for stages of the given ``work`` (an estimator's ``stage_work``, e.g. the
+    recorded seconds of the optimizer steps it re-runs): most work first, each stage to the process with the least
+    work so far (the lowest index on ties); a stage's read-out counts as the mean work of a stage, so stages without
+    later steps are shared out too. The same answer in every process.
+
+    Example:
+        >>> stage_owners({"sft": 27.0, "lora": 22.8, "dpo": 0.0}, 2)
+        {'sft': 0, 'lora': 1, 'dpo': 1}
+        >>> stage_owners({"a": 1.0, "b": 1.0, "c": 1.0}, 3)
+        {'a': 0, 'b': 1, 'c': 2}
+    """
+    read_out = sum(work.values()) / len(work) if work else 0.0
+    load = [0.0] * processes
+    owners: dict[str, int] = {}
+    for name in sorted(work, key=lambda stage: -work[stage]):  # stable: equal work in the given order
+        owner = min(range(processes), key=lambda p: (load[p], p))
+        owners[name] = owner
+        load[owner] += work[name] + read_out
+    return {name: owners[name] for name in work}
+
+
+def _gathered_by_stage(
+    result: Any, error: Exception | None, whole: _Joint, stage_names: list[str], merge: Callable[..., dict], state: Any
+) -> dict[str, _Gathered]:
+    """Every process's stages (``result``: this process's, over every example) gathered: each stage's effects from
+    the process that ran it, the diagnostics merged (``merge``: the estimator's ``merge_diagnostics``), the
+    approximations of all in order, without repeats. ``error``: what this process's estimate raised; any process's
+    error is raised in every process (its own first), so none waits for a result that will not come."""
+    from accelerate.utils import gather_object
+
+    mine: dict[str, dict[str, list[float]]] = {}
+    if result is not None:
+        for stage, values in result.per_example.items():
+            mine[stage] = {n: v.tolist() for n, v in whole.split(values.detach().double().reshape(-1)).items()}
+    summary = _summary(result) if result is not None else None
+    every = gather_object([{"values": mine, "summary": summary, "error": _sendable(error)}])
+    if error is not None:
+        raise error
+    raised = [payload["error"] for payload in every if payload["error"] is not None]
+    if raised:
+        raise raised[0]
+    values = {stage: part for payload in every for stage, part in payload["values"].items()}
+    summaries = [payload["summary"] for payload in every if payload["summary"] is not None]
+    template = _Summary(
+        summaries[0].estimator,
+        summaries[0].reason,
+        merge([s.diagnostics for s in summaries], order=stage_names),
+        list(dict.fromkeys(a for s in summaries for a in s.approximations)),
+    )
+    return {
+        name: _Gathered(template, {s: torch.tensor(values[s][name], dtype=torch.float64) for s in stage_names})
+        for name in whole.names
+    }
+
+
+def _sendable(error: Exception | None) -> Exception | None:
+    """``error`` as it can be sent to the other processes (``gather_object`` pickles it): itself, or a
+    StageAttributionError with its type and message where it does not pickle.
+
+    Example:
+        >>> _sendable(ValueError("bad")).args, type(_sendable(type("Local", (Exception,), {})("x"))).__name__
+        (('bad',), 'StageAttributionError')
+    """
+    if error is None:
+        return None
+    try:
+        pickle.dumps(error)
+    except Exception:  # a class defined in a function, an argument that does not pickle
+        return StageAttributionError(f"{type(error).__name__} in another process: {error}")
+    return error
 
 
 _PRECISION_NOTE = re.compile(r"The stage trains (?:in (?P<mixed>[^:]+)|(?P<weights>b?float16) weights):")

@@ -94,6 +94,47 @@ def test_two_processes_give_the_answer_of_one(pipeline, tmp_path):
 
 
 @pytest.mark.distributed
+def test_two_processes_split_the_replays_by_stage_and_give_the_answer_of_one(pipeline, tmp_path):
+    """A replaying estimator (auto -> partial replay, checked by replay) under two processes: each stage's replays run
+    in one process over every example, so the stage functions run as often as in one process, not once per process,
+    and the numbers, verdicts and merged diagnostics are one process's."""
+    root, _, _ = pipeline
+    two = _run_worker(2, root, tmp_path / "two.json", "auto", mode="replay")
+    one = _run_worker(1, root, tmp_path / "one.json", "auto", mode="replay")
+    assert two["estimator"] == one["estimator"] == "partial-replay"
+    runs = {rank: json.loads((tmp_path / f"two.json.runs{rank}").read_text()) for rank in (0, 1)}
+    alone = json.loads((tmp_path / "one.json.runs0").read_text())
+    assert runs[0] and runs[1], runs  # both processes replayed
+    assert sorted(map(str, runs[0] + runs[1])) == sorted(map(str, alone)), (runs, alone)  # ... none ran twice
+    assert one["rows"].keys() == two["rows"].keys()
+    for key, row in one["rows"].items():
+        for field in ("per_example", "ci", "effect", "replay"):
+            assert two["rows"][key][field] == row[field], (key, field)
+    assert two["verdicts"] == one["verdicts"] and set(one["verdicts"].values()) == {"verified"}
+    # the total change is still split by example (another batching of the same examples: float32 rounding)
+    assert two["totals"] == pytest.approx(one["totals"], rel=1e-5)
+
+    def settings(notes: dict) -> dict:  # seconds and call counts are each process's own
+        plan = {k: v for k, v in notes["partial_replay"].items() if k != "seconds"}
+        return {**{k: v for k, v in notes.items() if k != "calls"}, "partial_replay": plan}
+
+    for name, notes in one["notes"].items():
+        assert settings(two["notes"][name]) == settings(notes)
+        assert list(two["notes"][name]["partial_replay"]["plans"]) == ["stage0", "stage1", "stage2"]
+    assert sorted(two["approximations"]) == sorted(one["approximations"])
+
+
+@pytest.mark.distributed
+def test_an_error_in_one_process_s_stages_is_raised_in_every_process(pipeline, tmp_path):
+    """With the stages split, a replay that fails runs in one process only: the error is raised in both (the other
+    does not wait for its result), and no report is written."""
+    root, _, _ = pipeline
+    _run_worker(2, root, tmp_path / "two.json", "auto", mode="failing", ok=False)
+    for rank in (0, 1):
+        assert "stage2 cannot be re-run without stage1" in (tmp_path / f"two.json.error{rank}").read_text()
+
+
+@pytest.mark.distributed
 def test_a_bare_function_behavior_is_counted_once_in_two_processes(pipeline, tmp_path):
     root, _, _ = pipeline
     two = _run_worker(2, root, tmp_path / "two.json", "aa-fd", mode="bare")

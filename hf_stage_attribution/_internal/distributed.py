@@ -102,8 +102,8 @@ def world_size() -> int:
 def replays_alone(recorded_world_size: Any) -> bool:
     """Whether a training recorded in a world of ``recorded_world_size`` processes (``None``: not recorded, taken as
     1) must be replayed as a single-process run here (:func:`single_process_world`): the current world has more than
-    one process and a different size. Each process of a multi-process attribution replays every stage whole on its
-    share of the behaviour examples, so a replay of a 1-process recording must not be spread over the processes;
+    one process and a different size. Each process of a multi-process attribution replays its own stages' later stages
+    whole, so a replay of a 1-process recording must not be spread over the processes;
     a recording made in a world of the current size replays in that world, as it was trained.
 
     Example:

@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -89,6 +89,13 @@ class Estimator:
     #: the option names :meth:`estimate` reads (``None``: not declared, every name is passed on unchecked — a
     #: third-party estimator); :func:`check_options` refuses any other name before any work
     options: ClassVar[frozenset[str] | None] = None
+    #: each stage's estimate is its own work (a replay of the later stages from that stage's start), which dominates
+    #: the cost: under several processes the attributor gives each process whole stages and every example, rather
+    #: than every stage and a share of the examples (each replay then runs once, not once per process)
+    per_stage_work: ClassVar[bool] = False
+    #: diagnostics keys (at any depth) that count work, summed when results on disjoint stages are merged
+    #: (:meth:`merge_diagnostics`); every other number is a setting and must agree
+    additive_diagnostics: ClassVar[frozenset[str]] = frozenset({"forward", "backward", "jvp", "double_backward"})
 
     @classmethod
     def accepted_options(cls) -> frozenset[str] | None:
@@ -100,6 +107,18 @@ class Estimator:
     ):
         raise NotImplementedError
 
+    def stage_work(self, ledger: LedgerCore, index: int, options: Mapping[str, Any]) -> float:
+        """The relative work of the estimate for stage ``index`` with ``options``, by which the attributor shares a
+        :attr:`per_stage_work` estimator's stages between processes; the replaying estimators count their re-run
+        optimizer steps at the recorded cost of each (:func:`~.replay.step_costs`). Here: 1 per stage."""
+        return 1.0
+
+    @classmethod
+    def merge_diagnostics(cls, parts: Sequence[Mapping[str, Any]], order: Sequence[str] = ()) -> dict[str, Any]:
+        """The diagnostics of this estimator's results on disjoint sets of stages (one per process, when the work is
+        split by stage) as those of one result: :func:`merge_diagnostics` with :attr:`additive_diagnostics`."""
+        return merge_diagnostics(parts, cls.additive_diagnostics, order)
+
     def prepare(
         self, ledger: LedgerCore, stages: Any = None, model: torch.nn.Module | None = None, **options: Any
     ) -> None:
@@ -110,6 +129,39 @@ class Estimator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def merge_diagnostics(
+    parts: Sequence[Mapping[str, Any]], additive: Collection[str] = (), order: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Diagnostics of results on disjoint sets of stages merged into one: mappings key by key (a mapping by stage
+    gets every part's stages, in ``order`` where its keys are all in it), the counts named in ``additive`` summed,
+    and every other value kept where the parts agree; where they do not, the list of the parts' values.
+
+    Example:
+        >>> a = {"calls": {"forward": 2}, "norms": {"sft": 1.0}, "kind": "aa-linear", "budget": 0.25}
+        >>> b = {"calls": {"forward": 3}, "norms": {"base": 2.0}, "kind": "aa-linear", "budget": 0.25}
+        >>> merge_diagnostics([a, b], {"forward"}, order=["base", "sft"])
+        {'calls': {'forward': 5}, 'norms': {'base': 2.0, 'sft': 1.0}, 'kind': 'aa-linear', 'budget': 0.25}
+    """
+    keys: dict[str, None] = {}
+    for part in parts:
+        keys.update(dict.fromkeys(part))
+    rank = {name: i for i, name in enumerate(order)}
+    if keys and all(k in rank for k in keys):
+        keys = dict.fromkeys(sorted(keys, key=rank.__getitem__))
+    merged: dict[str, Any] = {}
+    for key in keys:
+        values = [part[key] for part in parts if key in part]
+        if all(isinstance(v, Mapping) for v in values):
+            merged[key] = merge_diagnostics(values, additive, order)
+        elif key in additive and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            merged[key] = sum(values)
+        elif all(v == values[0] for v in values):
+            merged[key] = values[0]
+        else:
+            merged[key] = list(values)
+    return merged
 
 
 _REGISTRY: dict[str, type[Estimator]] = {}

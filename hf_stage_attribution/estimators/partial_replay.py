@@ -118,6 +118,7 @@ from .replay import (
     replay_inputs_key,
     run_stage,
     stage_replay_problem,
+    step_costs,
     step_limitable,
     working_copy,
 )
@@ -888,6 +889,28 @@ class _PartialReplayMixin:
     (``per_example``, ``check_model``, ``prepare_behavior``)."""
 
     kind = "partial-replay"
+    per_stage_work = True
+    additive_diagnostics = FiniteDifferenceEstimator.additive_diagnostics | {"steps_run", "replay_steps"}
+
+    def stage_work(self, ledger, index, options):
+        """The recorded cost (:func:`~.replay.step_costs`) of the steps the plan of stage ``index`` replays, per
+        branch."""
+        plan = plan_partial_replay(
+            ledger, index, check_budget(options.get("budget", DEFAULT_BUDGET), options.get("budget_unit", "steps")),
+            options.get("budget_unit", "steps"), bool(options.get("use_checkpoints", False)),
+            bool(options.get("use_early_checkpoints", True)), options.get("factual", "replay"),
+        )  # fmt: skip
+        costs = step_costs(ledger)
+        return sum((1 if leg.one_branch else 2) * leg.steps * costs[leg.index] for leg in plan.legs)
+
+    @classmethod
+    def merge_diagnostics(cls, parts, order=()):
+        """As :meth:`Estimator.merge_diagnostics`, with the cost fraction of the merged steps."""
+        merged = super().merge_diagnostics(parts, order)
+        plan = merged.get("partial_replay")
+        if plan and "replay_steps" in plan:
+            plan["cost_fraction"] = plan["steps_run"] / plan["replay_steps"] if plan["replay_steps"] else 0.0
+        return merged
 
     def embeddings(self, ledger, stages, options, model):
         return partial_replay_embeddings(

@@ -31,12 +31,14 @@ Trainer gets the form from ``integrations.replay.with_gradient_reuse(TrainerClas
 stages with replay data support it through ``replay_trainer_stage(stage, model, grad_every=s)`` (not GRPO/RLOO,
 which generate inside the training step).
 
-**Several processes.** Under torchrun / ``accelerate launch`` every process replays every stage whole (the
-attributor splits the behaviour examples, not the training): a stage recorded in a world of another size
-(typically one process) is re-run as a single-process run inside each process
+**Several processes.** Under torchrun / ``accelerate launch`` the attributor gives each process whole stages to
+attribute (:func:`~hf_stage_attribution.attributor.stage_owners`: the replays of one removed stage run in one process,
+over every example) and never splits one stage's training between processes: a stage recorded in a world of another
+size (typically one process) is re-run as a single-process run inside the process that replays it
 (:func:`~hf_stage_attribution.integrations.replay.replay_world`: its Trainer neither wraps the model in DDP nor
 splits the data), so 2 processes give the answer of 1; a stage recorded in a world of the current size is re-run
-in that world (2 Trainer stages recorded in 2 processes replay to θ_K within 4e-9 there). A stage recorded in
+in that world (2 Trainer stages recorded in 2 processes replay to θ_K within 4e-9 there; every process runs such a
+replay together, so the attributor splits the examples there, not the stages). A stage recorded in
 several processes and replayed in a world of another size trains on other data per step (0.06 from θ_K in one
 process): that replay warns, naming the number of processes that replays it as recorded.
 
@@ -628,6 +630,32 @@ def replay_model(
     return work
 
 
+def step_costs(ledger: LedgerCore) -> list[float]:
+    """The relative cost of one optimizer step of each stage, by which replay work is shared between processes: its
+    recorded seconds per step where every stage that trained recorded its wall time (SmolLM2-135M: a DPO step cost
+    5.5 × a LoRA SFT step), else 1 per step. A stage without optimizer steps costs nothing (its delta is re-applied).
+
+    Example:
+        >>> from types import SimpleNamespace as S
+        >>> ledger = S(stages=[S(num_steps=8, info={"wall_time_seconds": 4.0}), S(num_steps=4, info={})])
+        >>> step_costs(ledger)
+        [1.0, 1.0]
+        >>> ledger.stages[1].info["wall_time_seconds"] = 6.0
+        >>> step_costs(ledger)
+        [0.5, 1.5]
+    """
+    steps = [int(s.num_steps or 0) for s in ledger.stages]
+    seconds = [(s.info or {}).get("wall_time_seconds") for s in ledger.stages]
+    timed = all(isinstance(t, int | float) and t > 0 for t, n in zip(seconds, steps) if n)
+    return [(float(t) / n if timed else 1.0) if n else 0.0 for t, n in zip(seconds, steps)]
+
+
+def replay_work(ledger: LedgerCore, index: int) -> float:
+    """The recorded cost (:func:`step_costs`) of every optimizer step after stage ``index``: what replay re-runs."""
+    costs = step_costs(ledger)
+    return sum(int(s.num_steps or 0) * costs[j] for j, s in enumerate(ledger.stages) if j > index)
+
+
 def replay_gap(ledger: LedgerCore, model: torch.nn.Module, *, stage_fns: Mapping[str, StageFn] | None = None) -> float:
     """Max abs difference between the ledger's ``θ_K`` and replaying every stage from ``θ_0`` (should be ~0)."""
 
@@ -672,6 +700,11 @@ class Replay(Estimator):
     name = "replay"
     options = COMMON_OPTIONS | {"stage_fns", "ref_models", "reward_funcs"}
     description = "Remove stage k, re-run stages k+1..K with their recorded recipe, evaluate (ground truth)."
+    per_stage_work = True
+    additive_diagnostics = frozenset({"stages_replayed"})
+
+    def stage_work(self, ledger, index, options):
+        return replay_work(ledger, index)
 
     def estimate(self, ledger, model, behavior, stages=None, **options):
         chosen = resolve_stages(ledger, stages)

@@ -25,7 +25,7 @@ import inspect
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,7 @@ def replay_world(stage: Any, model: Any = None) -> Iterator[None]:
     """The process world a replay of ``stage`` trains in: in a multi-process world (torchrun, ``accelerate
     launch``) whose size differs from the stage's recorded one (:func:`recorded_world_size`, typically 1), a
     single-process run (:func:`~hf_stage_attribution._internal.distributed.single_process_world`): each process of a
-    multi-process attribution replays the whole stage for its share of the behaviour examples, so its Trainer must
+    multi-process attribution replays the whole stage for the stages it attributes, so its Trainer must
     neither wrap the model in DDP nor split the data across the processes — the trajectory is the recorded one and
     2 processes give the answer of 1. A stage recorded in a world of the current size replays in that world, as it
     was trained. Elsewhere (one process) nothing changes.
@@ -152,6 +152,19 @@ def replay_world(stage: Any, model: Any = None) -> Iterator[None]:
         yield
     if device is not None and any(p.device != device for p in model.parameters()):
         model.to(device)
+
+
+def replays_each_alone(stages: Iterable[Any]) -> bool:
+    """Whether every one of ``stages`` replays as a single-process run in this multi-process world
+    (:func:`replay_world`), so that processes may replay different stages at the same time; False where one replays
+    across the processes (recorded in a world of this size: every process must run it together), and in one process.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> replays_each_alone([SimpleNamespace(info={"world_size": 1})])  # one process here
+        False
+    """
+    return all(replays_alone(recorded_world_size(stage)) for stage in stages)
 
 
 def import_class(entry: dict, what: str) -> Any:

@@ -310,6 +310,21 @@ def build_digits_pipeline(
                   early_checkpoint=early_checkpoint)  # fmt: skip
         seconds[spec.name] = time.perf_counter() - start
 
+    fns = digits_stage_fns(specs, data, seed)
+    return DigitsPipeline(config, seed, ledger, model, specs, data, digits_behaviors(data), fns, seconds=seconds)
+
+
+def digits_stage_fns(specs: list[StageSpec], data: DigitsData, seed: int) -> dict[str, Callable[..., Any]]:
+    """``{stage name: fn(model, max_steps=None, grad_every=1)}`` re-running the stages :func:`build_digits_pipeline`
+    recorded from ``specs``, ``data`` and ``seed`` (the same data order and seeds): for replay, in the step-limited
+    and gradient-reuse forms. A process that did not record the pipeline rebuilds them from the same arguments.
+
+    Example:
+        >>> specs = stage_specs("hf", steps_scale=0.05, base_steps_scale=0.05)
+        >>> sorted(digits_stage_fns(specs, digits_data(0), 0)) == sorted(s.name for s in specs)
+        True
+    """
+
     def stage_fn(index: int) -> Callable[..., tuple[torch.nn.Module, torch.optim.Optimizer]]:
         def fn(
             m: torch.nn.Module, max_steps: int | None = None, grad_every: int = 1
@@ -318,8 +333,7 @@ def build_digits_pipeline(
 
         return fn
 
-    fns = {spec.name: stage_fn(i) for i, spec in enumerate(specs)}
-    return DigitsPipeline(config, seed, ledger, model, specs, data, digits_behaviors(data), fns, seconds=seconds)
+    return {spec.name: stage_fn(i) for i, spec in enumerate(specs)}
 
 
 # --- fidelity against replay ----------------------------------------------------------------------------------------

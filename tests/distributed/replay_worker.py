@@ -16,7 +16,7 @@ from hf_stage_attribution import StageAttributor
 from hf_stage_attribution._internal.distributed import close_process_group
 from hf_stage_attribution.behaviors import PerExample
 
-#: five token sequences (not divisible by 2 processes): each process replays every stage for its share
+#: five token sequences (not divisible by 2 processes); the replaying estimators split the stages between them
 SEQUENCES = [[1, 5, 9, 12, 7], [3, 4, 8, 2, 6], [2, 2, 7, 9, 1], [6, 1, 3, 5, 11], [4, 10, 2, 8, 3]]
 
 

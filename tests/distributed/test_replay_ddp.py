@@ -1,6 +1,6 @@
 """Replaying estimators under ``torchrun`` (2 processes, CPU, gloo) give the answer of 1 process on a ledger
-recorded by the Trainer callback in one process: each process replays every stage whole as a single-process run
-(``integrations.replay.replay_world``), never with DDP or its data split across the processes."""
+recorded by the Trainer callback in one process: each process replays its share of the stages whole, as a
+single-process run (``integrations.replay.replay_world``), never with DDP or its data split across the processes."""
 
 from __future__ import annotations
 

@@ -36,15 +36,18 @@ OPTIMIZERS = [
 
 
 def stage_fns(steps: int = 8) -> dict:
-    """``{stage name: fn(model)}`` re-training a model in place as :func:`record_pipeline`'s stages did (replay)."""
+    """``{stage name: fn(model, max_steps=None)}`` re-training a model in place as :func:`record_pipeline`'s stages
+    did (replay), or their first ``max_steps`` steps (the step-limited form partial replay needs); each returns
+    ``(None, optimizer)`` so that a stopped stage hands on its moments."""
 
     def make(k: int):
-        def train(model: torch.nn.Module) -> None:
+        def train(model: torch.nn.Module, max_steps: int | None = None) -> tuple[None, torch.optim.Optimizer]:
             opt, batch = OPTIMIZERS[k](model.parameters()), _data(k)
-            for _ in range(steps):
+            for _ in range(steps if max_steps is None else min(steps, max_steps)):
                 opt.zero_grad()
                 loss(forward(model, batch), batch).backward()
                 opt.step()
+            return None, opt
 
         return train
 
