@@ -87,7 +87,7 @@ from ..errors import BudgetError, EstimatorMemoryError, PartialReplayError
 from ..ledger.core import LedgerCore
 from ..ledger.segments import lr_mass_fraction
 from ..ledger.state import LazyState
-from .base import COMMON_OPTIONS, register
+from .base import COMMON_OPTIONS, register, resolve_stages
 from .curvature.propagation import curvature_settings, propagate
 from .curvature.scratch import (
     SCRATCH_DIR_ENV,
@@ -895,13 +895,9 @@ class _PartialReplayMixin:
     def stage_work(self, ledger, index, options):
         """The recorded cost (:func:`~.replay.step_costs`) of the steps the plan of stage ``index`` replays, per
         branch."""
-        plan = plan_partial_replay(
-            ledger, index, check_budget(options.get("budget", DEFAULT_BUDGET), options.get("budget_unit", "steps")),
-            options.get("budget_unit", "steps"), bool(options.get("use_checkpoints", False)),
-            bool(options.get("use_early_checkpoints", True)), options.get("factual", "replay"),
-        )  # fmt: skip
         costs = step_costs(ledger)
-        return sum((1 if leg.one_branch else 2) * leg.steps * costs[leg.index] for leg in plan.legs)
+        legs = _planned(ledger, index, options).legs
+        return sum((1 if leg.one_branch else 2) * leg.steps * costs[leg.index] for leg in legs)
 
     @classmethod
     def merge_diagnostics(cls, parts, order=()):
@@ -928,8 +924,24 @@ class _PartialReplayMixin:
         )  # fmt: skip
 
     def prepare(self, ledger, stages=None, model=None, **options):
-        """Validate the budget; the replays need the stage functions, so they run in ``estimate``."""
+        """Validate the budget and cache the ``aa-linear`` embeddings of the stages the plans leave to propagation
+        (:func:`propagated_embeddings`); the replays need the stage functions, so they run in ``estimate``. The
+        attributor prepares on the main process first: processes that attribute different stages then read the
+        cache, and none writes it beside another (which left a process reading another's file without its stage)."""
         check_budget(options.get("budget", DEFAULT_BUDGET), options.get("budget_unit", "steps"))
+        indices = [s.index for s in resolve_stages(ledger, stages)]
+        replayed = {k for k in indices if _planned(ledger, k, options).legs}
+        propagated_embeddings(ledger, indices, replayed, bool(options.get("allow_identity_propagation", False)))
+
+
+def _planned(ledger: LedgerCore, index: int, options: Mapping[str, Any]) -> PartialReplayPlan:
+    """The plan of stage ``index`` under the estimator's ``options`` (as :func:`partial_replay_embeddings` plans)."""
+    unit = options.get("budget_unit", "steps")
+    return plan_partial_replay(
+        ledger, index, check_budget(options.get("budget", DEFAULT_BUDGET), unit), unit,
+        bool(options.get("use_checkpoints", False)), bool(options.get("use_early_checkpoints", True)),
+        options.get("factual", "replay"),
+    )  # fmt: skip
 
 
 @register

@@ -61,7 +61,7 @@ from .._internal.params import iter_merged_state
 from .._internal.reuse import kept_replays, reusing
 from ..errors import PartialReplayError
 from ..ledger.core import LedgerCore
-from .base import COMMON_OPTIONS, register
+from .base import COMMON_OPTIONS, register, resolve_stages
 from .finite_difference import FiniteDifferenceEstimator
 from .partial_replay import (
     DEFAULT_BUDGET,
@@ -351,8 +351,12 @@ class StridedReplay(FiniteDifferenceEstimator):
         )  # fmt: skip
 
     def prepare(self, ledger, stages=None, model=None, **options):
-        """Validate the budget; the replays need the stage functions, so they run in ``estimate``."""
-        check_budget(options.get("budget", DEFAULT_BUDGET))
+        """Validate the budget and cache the ``aa-linear`` embeddings of the stages left to propagation (as partial
+        replay's ``prepare``); the replays need the stage functions, so they run in ``estimate``."""
+        budget = check_budget(options.get("budget", DEFAULT_BUDGET))
+        indices = [s.index for s in resolve_stages(ledger, stages)]
+        strided = {k for k in indices if plan_strided_replay(ledger, k, budget).stride}
+        propagated_embeddings(ledger, indices, strided, bool(options.get("allow_identity_propagation", False)))
 
 
 __all__ = ["StridedReplay", "StridedReplayPlan", "plan_strided_replay", "strided_replay_embeddings"]

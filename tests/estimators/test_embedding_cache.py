@@ -183,3 +183,17 @@ def test_globals_a_loss_reads_are_fingerprinted_by_content_or_make_it_unkeyable(
     assert len({before, after_tensor, after_dict}) == 3
     assert callable_fingerprint(weighted_loss) == before
     assert callable_fingerprint(criterion_loss) is None
+
+
+def test_a_stage_the_cache_file_does_not_hold_is_an_error_not_zeros(ledger_and_model):
+    """A process that opened a cache file another process wrote for other stages (the race the attributor's
+    main-process-first ``prepare`` avoids) would have read ``v_k = 0``: it is refused, naming what the file holds."""
+    from hf_stage_attribution.errors import EstimatorError
+
+    ledger, _ = ledger_and_model
+    emb = stage_embeddings(ledger, "aa-linear", [1])
+    assert emb.stage_indices == [1] and emb.norm(1) > 0
+    name = ledger.parameter_names[0]
+    for read in (lambda: emb.get(0, name), lambda: emb.names(0)):
+        with pytest.raises(EstimatorError, match=r"to hold stage 0, found stages \[1\]"):
+            read()

@@ -44,7 +44,7 @@ import torch
 from ..._internal.fingerprint import value_fingerprint
 from ..._internal.hashing import file_identity
 from ..._version import __version__
-from ...errors import UnsupportedOptimizerError, unknown_name
+from ...errors import EstimatorError, UnsupportedOptimizerError, unknown_name
 from ...ledger.core import LedgerCore
 from ...ledger.storage import atomic_write_bytes, file_sha256, open_safetensors
 from ..curvature.propagation import curvature_settings
@@ -100,8 +100,18 @@ class StageEmbeddings:
         for index, names in json.loads(meta.get("unchanged", "{}")).items():
             self._unchanged[int(index)] = set(names)
 
+    def _check_stage(self, k: int) -> None:
+        """An EstimatorError for a stage this file does not hold (its tensors would read as zeros)."""
+        if k not in self.stage_indices:
+            raise EstimatorError(
+                f"Expected the {self.kind} embeddings in {self.path} to hold stage {k}, found stages "
+                f"{self.stage_indices}: the cache was replaced while it was read (two processes writing it at once?). "
+                "Compute it on one process first (StageAttributor does), or recompute (recompute_embeddings=True)."
+            )
+
     def names(self, k: int) -> list[str]:
         """Names of the tensors where ``v_k`` may be non-zero."""
+        self._check_stage(k)
         if self._handle is None:
             return self.ledger.stages[k].delta_names()
         stored, same = self._keys.get(k, []), self._unchanged.get(k, set())
@@ -111,6 +121,7 @@ class StageEmbeddings:
 
     def get(self, k: int, name: str) -> torch.Tensor:
         """``v_k`` of one tensor (float32; zeros where the embedding does not touch it)."""
+        self._check_stage(k)
         if self._handle is None or name in self._unchanged.get(k, ()):
             return self.ledger.stages[k].delta_tensor(name)
         if name in self._keys.get(k, ()):
