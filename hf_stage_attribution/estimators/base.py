@@ -96,6 +96,9 @@ class Estimator:
     #: diagnostics keys (at any depth) that count work, summed when results on disjoint stages are merged
     #: (:meth:`merge_diagnostics`); every other number is a setting and must agree
     additive_diagnostics: ClassVar[frozenset[str]] = frozenset({"forward", "backward", "jvp", "double_backward"})
+    #: diagnostics keys that are the ratio of two others beside them (``{key: (numerator, denominator)}``), computed
+    #: again from the merged counts
+    ratio_diagnostics: ClassVar[Mapping[str, tuple[str, str]]] = {}
 
     @classmethod
     def accepted_options(cls) -> frozenset[str] | None:
@@ -116,8 +119,9 @@ class Estimator:
     @classmethod
     def merge_diagnostics(cls, parts: Sequence[Mapping[str, Any]], order: Sequence[str] = ()) -> dict[str, Any]:
         """The diagnostics of this estimator's results on disjoint sets of stages (one per process, when the work is
-        split by stage) as those of one result: :func:`merge_diagnostics` with :attr:`additive_diagnostics`."""
-        return merge_diagnostics(parts, cls.additive_diagnostics, order)
+        split by stage) as those of one result: :func:`merge_diagnostics` with :attr:`additive_diagnostics` and
+        :attr:`ratio_diagnostics`."""
+        return merge_diagnostics(parts, cls.additive_diagnostics, order, cls.ratio_diagnostics)
 
     def prepare(
         self, ledger: LedgerCore, stages: Any = None, model: torch.nn.Module | None = None, **options: Any
@@ -132,18 +136,27 @@ class Estimator:
 
 
 def merge_diagnostics(
-    parts: Sequence[Mapping[str, Any]], additive: Collection[str] = (), order: Sequence[str] = ()
+    parts: Sequence[Mapping[str, Any]],
+    additive: Collection[str] = (),
+    order: Sequence[str] = (),
+    ratios: Mapping[str, tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Diagnostics of results on disjoint sets of stages merged into one: mappings key by key (a mapping by stage
-    gets every part's stages, in ``order`` where its keys are all in it), the counts named in ``additive`` summed,
-    and every other value kept where the parts agree; where they do not, the list of the parts' values.
+    gets every part's stages, in ``order`` where its keys are all in it), the counts named in ``additive`` summed, the
+    ratios named in ``ratios`` (``{key: (numerator, denominator)}``, 0 for a zero denominator) computed again from
+    them, and every other value kept where the parts agree; where they do not, the list of the parts' values.
 
     Example:
         >>> a = {"calls": {"forward": 2}, "norms": {"sft": 1.0}, "kind": "aa-linear", "budget": 0.25}
         >>> b = {"calls": {"forward": 3}, "norms": {"base": 2.0}, "kind": "aa-linear", "budget": 0.25}
         >>> merge_diagnostics([a, b], {"forward"}, order=["base", "sft"])
         {'calls': {'forward': 5}, 'norms': {'base': 2.0, 'sft': 1.0}, 'kind': 'aa-linear', 'budget': 0.25}
+        >>> plan = {"run": {"steps": 2, "of": 8, "fraction": 0.25}}
+        >>> merge_diagnostics([plan, {"run": {"steps": 1, "of": 4, "fraction": 0.25}}], {"steps", "of"},
+        ...                   ratios={"fraction": ("steps", "of")})
+        {'run': {'steps': 3, 'of': 12, 'fraction': 0.25}}
     """
+    ratios = dict(ratios or {})
     keys: dict[str, None] = {}
     for part in parts:
         keys.update(dict.fromkeys(part))
@@ -154,13 +167,18 @@ def merge_diagnostics(
     for key in keys:
         values = [part[key] for part in parts if key in part]
         if all(isinstance(v, Mapping) for v in values):
-            merged[key] = merge_diagnostics(values, additive, order)
+            merged[key] = merge_diagnostics(values, additive, order, ratios)
+        elif key in ratios and all(part in keys for part in ratios[key]):
+            merged[key] = None  # in its place; computed below, from the merged counts
         elif key in additive and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             merged[key] = sum(values)
         elif all(v == values[0] for v in values):
             merged[key] = values[0]
         else:
             merged[key] = list(values)
+    for key, (numerator, denominator) in ratios.items():
+        if merged.get(key, 0) is None:
+            merged[key] = merged[numerator] / merged[denominator] if merged[denominator] else 0.0
     return merged
 
 

@@ -891,6 +891,7 @@ class _PartialReplayMixin:
     kind = "partial-replay"
     per_stage_work = True
     additive_diagnostics = FiniteDifferenceEstimator.additive_diagnostics | {"steps_run", "replay_steps"}
+    ratio_diagnostics = {"cost_fraction": ("steps_run", "replay_steps")}
 
     def stage_work(self, ledger, index, options):
         """The recorded cost (:func:`~.replay.step_costs`) of the steps the plan of stage ``index`` replays, per
@@ -898,15 +899,6 @@ class _PartialReplayMixin:
         costs = step_costs(ledger)
         legs = _planned(ledger, index, options).legs
         return sum((1 if leg.one_branch else 2) * leg.steps * costs[leg.index] for leg in legs)
-
-    @classmethod
-    def merge_diagnostics(cls, parts, order=()):
-        """As :meth:`Estimator.merge_diagnostics`, with the cost fraction of the merged steps."""
-        merged = super().merge_diagnostics(parts, order)
-        plan = merged.get("partial_replay")
-        if plan and "replay_steps" in plan:
-            plan["cost_fraction"] = plan["steps_run"] / plan["replay_steps"] if plan["replay_steps"] else 0.0
-        return merged
 
     def embeddings(self, ledger, stages, options, model):
         return partial_replay_embeddings(

@@ -330,18 +330,10 @@ class StridedReplay(FiniteDifferenceEstimator):
     )
     per_stage_work = True
     additive_diagnostics = FiniteDifferenceEstimator.additive_diagnostics | {"passes_run", "replay_passes"}
+    ratio_diagnostics = {"cost_fraction": ("passes_run", "replay_passes")}
 
     def stage_work(self, ledger, index, options):
         return replay_work(ledger, index)  # both branches over every later stage, thinned alike by the stride
-
-    @classmethod
-    def merge_diagnostics(cls, parts, order=()):
-        """As :meth:`Estimator.merge_diagnostics`, with the cost fraction of the merged passes."""
-        merged = super().merge_diagnostics(parts, order)
-        plan = merged.get("strided_replay")
-        if plan and "replay_passes" in plan:
-            plan["cost_fraction"] = plan["passes_run"] / plan["replay_passes"] if plan["replay_passes"] else 0.0
-        return merged
 
     def embeddings(self, ledger, stages, options, model):
         return strided_replay_embeddings(
