@@ -122,6 +122,8 @@ def _legend(result: Any) -> str:
         parts.append(f"`{result.kind}` subtracts α·v_k, {_KIND_TEXT.get(result.kind, result.kind)}")
         if any(p.variant == "delta" for p in result.points):
             parts.append("`delta` subtracts α·Δ_k (task-vector negation, for comparison)")
+        elif result.delta_note:
+            parts.append(result.delta_note)
     if result.replay is not None:
         parts.append("`replay` is the pipeline re-trained without the stage")
     return "`variant`: " + ", ".join(parts) + "."

@@ -96,6 +96,8 @@ class InterventionResult:
     chosen: SweepPoint | None = None
     message: str = ""
     accuracy_metrics: dict[str, str] = field(default_factory=dict)
+    #: why the comparison variant ``delta`` was not swept (it is the same edit as ``kind``), or ""
+    delta_note: str = ""
     ledger: LedgerCore = field(default=None, repr=False, compare=False)
     model: Any = field(default=None, repr=False, compare=False)
     embedding_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -176,7 +178,7 @@ class InterventionResult:
 
         table = render_table(self.header(groups), self.rows(groups))
         lines = [self.message] if self.chosen is None else [self.message, self.headline()]  # the same sentence once
-        return "\n".join([table, "", *lines, self.replay_note])
+        return "\n".join([table, "", *lines, self.replay_note, *([self.delta_note] if self.delta_note else [])])
 
     def to_markdown(self) -> str:
         head = self.header()
@@ -203,6 +205,7 @@ class InterventionResult:
             "message": self.message,
             "headline": self.headline(),
             "accuracy_metrics": dict(self.accuracy_metrics),
+            "delta_note": self.delta_note,
         }
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -231,7 +234,7 @@ class InterventionResult:
             d["target"]["direction"], SweepPoint.from_dict(d["baseline"]), points,
             SweepPoint.from_dict(d["replay"]) if d.get("replay") else None, d.get("replay_note", ""),
             Constraint(**d["constraint"]) if d.get("constraint") else None, d.get("objective", "target"), chosen,
-            d.get("message", ""), dict(d.get("accuracy_metrics", {})),
+            d.get("message", ""), dict(d.get("accuracy_metrics", {})), d.get("delta_note", ""),
         )  # fmt: skip
 
     # --- plot and models ---------------------------------------------------------------------------------------

@@ -264,11 +264,20 @@ def scale_stage(
         baseline = _evaluate(model, target, metrics, "original", 0.0)
         _check_names(baseline, constraint, objective)
         k = chosen_stage.index
-        points = _sweep(model, stage_vectors(ledger, model, chosen_stage, kind, embedding_options), k, sweep, target,
-                        metrics, kind)  # fmt: skip
+        vectors = stage_vectors(ledger, model, chosen_stage, kind, embedding_options)
+        points = _sweep(model, vectors, k, sweep, target, metrics, kind)
+        delta_note = ""
         if compare_delta and kind != "delta":
-            delta = stage_vectors(ledger, model, chosen_stage, "delta")
-            points += _sweep(model, delta, k, sweep, target, metrics, "delta")
+            equals_delta = getattr(vectors, "equals_delta", None)
+            if callable(equals_delta) and equals_delta(k):  # the same edit: its sweep would repeat every row
+                delta_note = (
+                    f"`delta` (task-vector negation) is the same edit as `{kind}` here: the stage's embedding is its "
+                    "recorded delta tensor for tensor (the later stages' updates carry it unchanged, e.g. Adam(W) "
+                    "without weight decay), so it was not swept twice"
+                )
+            else:
+                delta = stage_vectors(ledger, model, chosen_stage, "delta")
+                points += _sweep(model, delta, k, sweep, target, metrics, "delta")
         replay_point, replay_model_, replay_note = _replay_point(
             ledger, model, chosen_stage, target, metrics, stage_fns, replay
         )
@@ -290,6 +299,7 @@ def scale_stage(
         points=points,
         replay=replay_point,
         replay_note=replay_note,
+        delta_note=delta_note,
         constraint=constraint,
         objective=objective,
         chosen=chosen,

@@ -308,6 +308,24 @@ def test_lora_stage_is_saved_as_an_adapter_and_reloads(lora_pipeline, tmp_path):
     assert state_digests(model) == before
 
 
+def test_a_stage_whose_embedding_is_its_delta_is_not_swept_twice(lora_pipeline):
+    """The last stage's embedding is its recorded delta: the `delta` comparison would repeat every row of the
+    `aa-linear` sweep (SmolLM2-135M's intervene card showed both, equal point for point). It is swept once, and the
+    table, the JSON and the card say why."""
+    from hf_stage_attribution.interventions.card import render_section
+
+    root, model, target, clean = lora_pipeline
+    result = scale_stage(root / "ledger", model, "lora-patch", [0.5, 1.0], target=target, utilities=[Accuracy(clean)])
+    assert {p.variant for p in result.points} == {"aa-linear"}
+    assert result.delta_note.startswith("`delta` (task-vector negation) is the same edit as `aa-linear` here")
+    assert result.delta_note in result.table()
+    assert InterventionResult.from_json(result.to_json()).delta_note == result.delta_note
+    assert result.delta_note in render_section(result)
+    # a stage whose embedding the later stages change keeps its comparison rows
+    first = scale_stage(root / "ledger", model, 0, [1.0], target=target, utilities=[Accuracy(clean)])
+    assert {p.variant for p in first.points} == {"aa-linear", "delta"} and first.delta_note == ""
+
+
 # --- command line --------------------------------------------------------------------------------------------------
 
 

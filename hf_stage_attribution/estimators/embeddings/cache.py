@@ -109,6 +109,27 @@ class StageEmbeddings:
                 "Compute it on one process first (StageAttributor does), or recompute (recompute_embeddings=True)."
             )
 
+    def equals_delta(self, k: int) -> bool:
+        """Whether ``v_k`` is stage ``k``'s recorded delta ``Δ_k`` tensor for tensor, as the cache records it (the
+        later stages carry it unchanged: e.g. ``aa-linear`` through Adam(W) without weight decay).
+
+        Example:
+            >>> import tempfile, torch
+            >>> from hf_stage_attribution import StageLedger
+            >>> model, ledger = torch.nn.Linear(2, 1), StageLedger(tempfile.mkdtemp())
+            >>> for name, decay in (("a", 0.0), ("b", 0.5), ("c", 0.0)):
+            ...     opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=decay)
+            ...     with ledger.record_stage(name, model=model, optimizer=opt) as rec:
+            ...         opt.zero_grad(); model(torch.ones(1, 2)).sum().backward(); opt.step(); rec.step()
+            >>> emb = stage_embeddings(ledger, "aa-linear")
+            >>> emb.equals_delta(1), emb.equals_delta(0)  # carried on through no decay / through decay
+            (True, False)
+        """
+        self._check_stage(k)
+        if self._handle is None:
+            return self.kind == "delta"
+        return not self._keys.get(k) and set(self.ledger.stages[k].delta_names()) <= self._unchanged.get(k, set())
+
     def names(self, k: int) -> list[str]:
         """Names of the tensors where ``v_k`` may be non-zero."""
         self._check_stage(k)
