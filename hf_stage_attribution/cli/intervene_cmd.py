@@ -73,7 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="whether the intervention should lower the target behavior (default: decrease) or raise it (increase); "
         "α is chosen to move the target's mean that way",
     )
-    p.add_argument("--no-compare-delta", action="store_true", help="skip the θ_K − α·Δ_k comparison sweep")
+    p.add_argument(
+        "--no-compare-delta",
+        action="store_true",
+        help="skip the θ_K − α·Δ_k comparison sweep (skipped anyway where v_k = Δ_k: the card says so)",
+    )
     p.add_argument("--no-replay", action="store_true", help="skip the replay-without-stage model")
     p.add_argument("--no-save", action="store_true", help="only evaluate the sweep; save no model")
     p.add_argument(
