@@ -45,7 +45,7 @@ from .estimators.selection import PARTIAL_REPLAY_BUDGET, choice_inputs
 from .integrations.replay import replays_each_alone
 from .ledger import StageLedger
 from .report.attribution import AttributionReport
-from .report.build import FD_READINGS, ledger_summary, min_resamples
+from .report.build import FD_READINGS, ledger_summary, min_resamples, ordered_union
 
 #: how a model with bf16/fp16 weights is evaluated (``StageAttributor(half_precision=...)``)
 HALF_PRECISION_MODES = ("float32-copy", "native")
@@ -837,7 +837,7 @@ def _gathered_by_stage(
         summaries[0].estimator,
         summaries[0].reason,
         merge([s.diagnostics for s in summaries], order=stage_names),
-        list(dict.fromkeys(a for s in summaries for a in s.approximations)),
+        ordered_union([s.approximations for s in summaries]),
     )
     return {
         name: _Gathered(template, {s: torch.tensor(values[s][name], dtype=torch.float64) for s in stage_names})

@@ -287,7 +287,13 @@ def _per_behavior(value: Any, behavior: str, default: Any) -> Any:
     return value.get(behavior, default) if isinstance(value, Mapping) else (default if value is None else value)
 
 
-def _ordered_union(lists: Sequence[Sequence[str]]) -> list[str]:
+def ordered_union(lists: Sequence[Sequence[str]]) -> list[str]:
+    """The sentences of ``lists`` in order of first appearance, each once.
+
+    Example:
+        >>> ordered_union([["a", "b"], ["b", "c"]])
+        ['a', 'b', 'c']
+    """
     out: list[str] = []
     for items in lists:
         out.extend(str(item) for item in items if str(item) not in out)
@@ -474,7 +480,7 @@ def build_report(
                 )
             )
         summaries.append(behavior_summary(behavior, given.get(behavior), int(matrix.shape[1])))
-        approx = _ordered_union([_per_behavior(approximations, behavior, [])])
+        approx = ordered_union([_per_behavior(approximations, behavior, [])])
         all_approx.append(approx)
         pair, gaps = _linearisation(behavior, estimator, effects, alternates, last_stage)
         stage_means = {stage: float(means[k]) for k, stage in enumerate(names)}
@@ -513,7 +519,7 @@ def build_report(
         "behaviors": summaries,
         "estimator": str(estimator),
         "estimator_reason": str(estimator_reason),
-        "approximations": _ordered_union(all_approx),
+        "approximations": ordered_union(all_approx),
         "diagnostics": diagnostics,
         "fidelity": None if fidelity is None else json_safe(_as_mapping(fidelity)),
         "ledger": ledger_summary(ledger),
